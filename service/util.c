@@ -1,0 +1,422 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <ctype.h>
+#include <inttypes.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "util.h"
+
+char **strv_free(char **l) {
+        if (!l)
+                return NULL;
+        for (char **i = l; *i; i++)
+                free(*i);
+        free(l);
+        return NULL;
+}
+
+size_t strv_length(char *const *l) {
+        size_t n = 0;
+        if (l)
+                while (l[n])
+                        n++;
+        return n;
+}
+
+int strv_push(char ***l, char *value) {
+        size_t n = strv_length(*l);
+        char **c;
+
+        if (!value)
+                return -EINVAL;
+        c = reallocarray(*l, n + 2, sizeof(char *));
+        if (!c) {
+                free(value);
+                return -ENOMEM;
+        }
+        c[n] = value;
+        c[n + 1] = NULL;
+        *l = c;
+        return 0;
+}
+
+char **strv_copy(char *const *l) {
+        size_t n = strv_length(l);
+        char **c = calloc(n + 1, sizeof(char *));
+
+        if (!c)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                c[i] = strdup(l[i]);
+                if (!c[i])
+                        return strv_free(c);
+        }
+        return c;
+}
+
+bool strv_equal(char *const *a, char *const *b) {
+        size_t n = strv_length(a);
+
+        if (n != strv_length(b))
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!streq(a[i], b[i]))
+                        return false;
+        return true;
+}
+
+bool strv_contains(char *const *l, const char *s) {
+        if (l)
+                for (char *const *i = l; *i; i++)
+                        if (streq(*i, s))
+                                return true;
+        return false;
+}
+
+/* Logging */
+
+static const char *log_ident = "blockstream";
+static int log_max_level = LOG_LEVEL_INFO;
+static bool log_prefix_prio;
+
+void log_setup(const char *ident) {
+        const char *e;
+
+        log_ident = ident;
+        /* Under systemd stderr is the journal: prefix priorities instead of decorating. */
+        log_prefix_prio = !!getenv("JOURNAL_STREAM");
+        e = getenv("BLOCKSTREAM_LOG_LEVEL");
+        if (e) {
+                if (streq(e, "debug"))
+                        log_max_level = LOG_LEVEL_DEBUG;
+                else if (streq(e, "info"))
+                        log_max_level = LOG_LEVEL_INFO;
+                else if (streq(e, "notice"))
+                        log_max_level = LOG_LEVEL_NOTICE;
+                else if (streq(e, "warning"))
+                        log_max_level = LOG_LEVEL_WARNING;
+                else if (streq(e, "err"))
+                        log_max_level = LOG_LEVEL_ERR;
+        }
+}
+
+void log_set_max_level(int level) {
+        log_max_level = level;
+}
+
+int log_get_max_level(void) {
+        return log_max_level;
+}
+
+int log_internal(int level, int error, const char *format, ...) {
+        char buf[2048];
+        va_list ap;
+        int saved = errno;
+
+        error = abs(error);
+        if (level > log_max_level)
+                return -error;
+
+        errno = error;
+        va_start(ap, format);
+        vsnprintf(buf, sizeof(buf), format, ap);
+        va_end(ap);
+
+        if (log_prefix_prio)
+                fprintf(stderr, "<%d>%s\n", level, buf);
+        else
+                fprintf(stderr, "%s: %s\n", log_ident, buf);
+
+        errno = saved;
+        return -error;
+}
+
+/* Names */
+
+bool guest_name_is_valid(const char *s) {
+        size_t n;
+
+        if (!s)
+                return false;
+        n = strlen(s);
+        if (n < 1 || n > GUEST_NAME_MAX)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!(isascii((unsigned char) *p) && (isalnum((unsigned char) *p) || strchr("_.-", *p))))
+                        return false;
+        return true;
+}
+
+bool qemu_id_is_valid(const char *s) {
+        if (!s || !isascii((unsigned char) s[0]) || !isalpha((unsigned char) s[0]))
+                return false;
+        if (strlen(s) > 128)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!(isascii((unsigned char) *p) && (isalnum((unsigned char) *p) || strchr("_.-", *p))))
+                        return false;
+        return true;
+}
+
+bool path_is_safe_absolute(const char *p, size_t max_len) {
+        size_t n;
+
+        if (!p || p[0] != '/')
+                return false;
+        n = strlen(p);
+        if (n > max_len || n > PATH_MAX - 1)
+                return false;
+        for (const char *c = p; *c; c++)
+                if ((unsigned char) *c < 0x20 || *c == 0x7f)
+                        return false;
+        if (strstr(p, "//"))
+                return false;
+        if (n > 1 && p[n - 1] == '/')
+                return false;
+        /* No "." or ".." components. */
+        for (const char *c = p; c; c = strchr(c + 1, '/')) {
+                const char *comp = c + 1;
+                size_t l = strcspn(comp, "/");
+                if ((l == 1 && comp[0] == '.') || (l == 2 && comp[0] == '.' && comp[1] == '.'))
+                        return false;
+        }
+        return true;
+}
+
+bool path_is_below(const char *path, const char *dir) {
+        size_t n = strlen(dir);
+
+        if (streq(dir, "/"))
+                return path[0] == '/';
+        if (strncmp(path, dir, n) != 0)
+                return false;
+        return path[n] == '/' || path[n] == 0;
+}
+
+/* Sizes */
+
+int parse_size(const char *s, uint64_t *ret) {
+        static const struct {
+                const char *suffix;
+                uint64_t factor;
+        } table[] = {
+                { "B", 1ULL },
+                { "K", 1ULL << 10 }, { "Ki", 1ULL << 10 }, { "KiB", 1ULL << 10 }, { "KB", 1000ULL },
+                { "M", 1ULL << 20 }, { "Mi", 1ULL << 20 }, { "MiB", 1ULL << 20 }, { "MB", 1000000ULL },
+                { "G", 1ULL << 30 }, { "Gi", 1ULL << 30 }, { "GiB", 1ULL << 30 }, { "GB", 1000000000ULL },
+                { "T", 1ULL << 40 }, { "Ti", 1ULL << 40 }, { "TiB", 1ULL << 40 }, { "TB", 1000000000000ULL },
+                { "P", 1ULL << 50 }, { "Pi", 1ULL << 50 }, { "PiB", 1ULL << 50 }, { "PB", 1000000000000000ULL },
+                { "E", 1ULL << 60 }, { "Ei", 1ULL << 60 }, { "EiB", 1ULL << 60 }, { "EB", 1000000000000000000ULL },
+        };
+        uint64_t whole = 0, factor = 1, frac_num = 0, frac_den = 1, result;
+        const char *p = s;
+        bool have_digits = false, have_frac = false;
+
+        if (!s)
+                return -EINVAL;
+        while (*p == ' ')
+                p++;
+        if (!isdigit((unsigned char) *p))
+                return -EINVAL; /* no sign, no empty string */
+        for (; isdigit((unsigned char) *p); p++) {
+                have_digits = true;
+                if (__builtin_mul_overflow(whole, 10, &whole) || __builtin_add_overflow(whole, (uint64_t) (*p - '0'), &whole))
+                        return -ERANGE;
+        }
+        if (*p == '.') {
+                p++;
+                for (; isdigit((unsigned char) *p); p++) {
+                        have_frac = true;
+                        if (frac_den >= 1000000000000ULL)
+                                continue; /* ignore digits beyond 12 places */
+                        frac_num = frac_num * 10 + (uint64_t) (*p - '0');
+                        frac_den *= 10;
+                }
+                if (!have_frac)
+                        return -EINVAL;
+        }
+        if (!have_digits)
+                return -EINVAL;
+        while (*p == ' ')
+                p++;
+        if (*p) {
+                size_t i;
+                for (i = 0; i < ELEMENTSOF(table); i++)
+                        if (streq(p, table[i].suffix))
+                                break;
+                if (i >= ELEMENTSOF(table))
+                        return -EINVAL;
+                factor = table[i].factor;
+        } else if (have_frac)
+                return -EINVAL; /* "1.5" bytes makes no sense */
+
+        if (__builtin_mul_overflow(whole, factor, &result))
+                return -ERANGE;
+        if (frac_num > 0) {
+                /* frac_num/frac_den * factor, without overflowing: factor ≤ 2^60, frac_den ≤ 10^12. */
+                long double f = (long double) frac_num / (long double) frac_den * (long double) factor;
+                if (__builtin_add_overflow(result, (uint64_t) f, &result))
+                        return -ERANGE;
+        }
+        *ret = result;
+        return 0;
+}
+
+char *format_bytes(char *buf, size_t len, uint64_t n) {
+        static const char *units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+        size_t i = 0;
+        long double v = (long double) n;
+
+        while (v >= 1024.0L && i < ELEMENTSOF(units) - 1) {
+                v /= 1024.0L;
+                i++;
+        }
+        if (i == 0)
+                snprintf(buf, len, "%" PRIu64 " B", n);
+        else
+                snprintf(buf, len, "%.1Lf %s", v, units[i]);
+        return buf;
+}
+
+usec_t now_usec(int clock_id) {
+        struct timespec ts;
+
+        if (clock_gettime(clock_id, &ts) < 0)
+                abort(); /* cannot happen for the clocks we use */
+        return (usec_t) ts.tv_sec * USEC_PER_SEC + (usec_t) ts.tv_nsec / 1000;
+}
+
+char *strdup_printf(const char *format, ...) {
+        va_list ap;
+        char *s;
+        int r;
+
+        va_start(ap, format);
+        r = vasprintf(&s, format, ap);
+        va_end(ap);
+        return r < 0 ? NULL : s;
+}
+
+int loop_write(int fd, const void *buf, size_t len) {
+        const uint8_t *p = buf;
+
+        while (len > 0) {
+                ssize_t k = write(fd, p, len);
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        return -EIO;
+                p += k;
+                len -= (size_t) k;
+        }
+        return 0;
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
+        _cleanup_free_ char *tmp = NULL, *dir = NULL;
+        _cleanup_close_ int fd = -1, dfd = -1;
+        char *slash;
+        int r;
+
+        tmp = strdup_printf("%s.tmpXXXXXX", path);
+        dir = strdup(path);
+        if (!tmp || !dir)
+                return -ENOMEM;
+        slash = strrchr(dir, '/');
+        if (!slash)
+                return -EINVAL;
+        if (slash == dir)
+                slash[1] = 0;
+        else
+                *slash = 0;
+
+        fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        if (fchmod(fd, mode) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        r = loop_write(fd, data, len);
+        if (r < 0)
+                goto fail;
+        if (fsync(fd) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        if (rename(tmp, path) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+                (void) fsync(dfd);
+        return 0;
+
+fail:
+        (void) unlink(tmp);
+        return r;
+}
+
+int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len) {
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *buf = NULL;
+        struct stat st;
+        size_t n = 0;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (!S_ISREG(st.st_mode))
+                return -EBADF;
+        if ((uint64_t) st.st_size > max)
+                return -EFBIG;
+        buf = malloc(max + 1);
+        if (!buf)
+                return -ENOMEM;
+        for (;;) {
+                ssize_t k = read(fd, buf + n, max + 1 - n);
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+                if (n > max)
+                        return -EFBIG;
+        }
+        buf[n] = 0;
+        *ret = TAKE_PTR(buf);
+        if (ret_len)
+                *ret_len = n;
+        return 0;
+}
+
+int mkdir_p(const char *path, mode_t mode) {
+        _cleanup_free_ char *p = strdup(path);
+
+        if (!p)
+                return -ENOMEM;
+        for (char *s = p + 1; *s; s++) {
+                if (*s != '/')
+                        continue;
+                *s = 0;
+                if (mkdir(p, mode) < 0 && errno != EEXIST)
+                        return -errno;
+                *s = '/';
+        }
+        if (mkdir(p, mode) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
+}

@@ -1,0 +1,150 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Small helpers shared by the daemon, its helpers, the CLI and the tests:
+ * cleanup attributes, logging in systemd's style, name and size parsing. */
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+typedef uint64_t usec_t;
+#define USEC_PER_SEC ((usec_t) 1000000ULL)
+#define USEC_PER_MSEC ((usec_t) 1000ULL)
+#define USEC_INFINITY ((usec_t) UINT64_MAX)
+
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _unused_ __attribute__((unused))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline void closep(int *fd) {
+        if (*fd >= 0) {
+                int saved = errno;
+                close(*fd);
+                errno = saved;
+        }
+}
+#define _cleanup_close_ _cleanup_(closep)
+
+static inline void fclosep(FILE **f) {
+        if (*f)
+                fclose(*f);
+}
+#define _cleanup_fclose_ _cleanup_(fclosep)
+
+/* Hand ownership out of a cleanup-managed variable. */
+#define TAKE_PTR(p)                                \
+        ({                                         \
+                __typeof__(p) _tp = (p);           \
+                (p) = NULL;                        \
+                _tp;                               \
+        })
+#define TAKE_FD(fd)                                \
+        ({                                         \
+                int _tf = (fd);                    \
+                (fd) = -1;                         \
+                _tf;                               \
+        })
+
+static inline bool streq(const char *a, const char *b) {
+        return strcmp(a, b) == 0;
+}
+static inline bool streq_ptr(const char *a, const char *b) {
+        if (!a || !b)
+                return a == b;
+        return strcmp(a, b) == 0;
+}
+static inline bool isempty(const char *s) {
+        return !s || !*s;
+}
+static inline const char *strempty(const char *s) {
+        return s ?: "";
+}
+
+/* NULL-terminated string vectors. */
+char **strv_free(char **l);
+static inline void strv_freep(char ***l) {
+        strv_free(*l);
+}
+#define _cleanup_strv_free_ _cleanup_(strv_freep)
+size_t strv_length(char *const *l);
+int strv_push(char ***l, char *value); /* takes value, also on failure */
+char **strv_copy(char *const *l);
+bool strv_equal(char *const *a, char *const *b);
+bool strv_contains(char *const *l, const char *s);
+
+/* Logging: "<prio>" prefixes when stderr is the journal, plain text otherwise.
+ * The _errno variants set errno for %m and return -abs(error). */
+enum { LOG_LEVEL_ERR = 3, LOG_LEVEL_WARNING = 4, LOG_LEVEL_NOTICE = 5, LOG_LEVEL_INFO = 6, LOG_LEVEL_DEBUG = 7 };
+void log_setup(const char *ident);
+void log_set_max_level(int level);
+int log_get_max_level(void);
+int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
+
+#define log_full_errno(level, error, ...) log_internal((level), (error), __VA_ARGS__)
+#define log_debug(...) log_internal(LOG_LEVEL_DEBUG, 0, __VA_ARGS__)
+#define log_info(...) log_internal(LOG_LEVEL_INFO, 0, __VA_ARGS__)
+#define log_notice(...) log_internal(LOG_LEVEL_NOTICE, 0, __VA_ARGS__)
+#define log_warning(...) log_internal(LOG_LEVEL_WARNING, 0, __VA_ARGS__)
+#define log_error(...) log_internal(LOG_LEVEL_ERR, 0, __VA_ARGS__)
+#define log_debug_errno(e, ...) log_internal(LOG_LEVEL_DEBUG, (e), __VA_ARGS__)
+#define log_info_errno(e, ...) log_internal(LOG_LEVEL_INFO, (e), __VA_ARGS__)
+#define log_warning_errno(e, ...) log_internal(LOG_LEVEL_WARNING, (e), __VA_ARGS__)
+#define log_error_errno(e, ...) log_internal(LOG_LEVEL_ERR, (e), __VA_ARGS__)
+#define log_oom() log_internal(LOG_LEVEL_ERR, ENOMEM, "Out of memory.")
+
+/* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md). */
+#define GUEST_NAME_MAX 64
+bool guest_name_is_valid(const char *s);
+/* A QEMU identifier (job id, node name): a letter, then [A-Za-z0-9._-]. */
+bool qemu_id_is_valid(const char *s);
+/* An absolute, normalized path without "..", "//", control characters, of bounded length. */
+bool path_is_safe_absolute(const char *p, size_t max_len);
+/* Is path inside (or equal to) directory dir? Both must be normalized absolute paths. */
+bool path_is_below(const char *path, const char *dir);
+
+/* Sizes: decimal integer with an optional suffix. K M G T P E and Ki Mi … and KiB MiB …
+ * are powers of 1024; KB MB GB TB PB EB powers of 1000; B or none is bytes. A fractional
+ * part ("1.5G") is allowed with a suffix. Fails with -ERANGE on overflow, -EINVAL otherwise. */
+int parse_size(const char *s, uint64_t *ret);
+/* "1.5 GiB", "512 B". */
+char *format_bytes(char *buf, size_t len, uint64_t n);
+#define FORMAT_BYTES_MAX 32
+
+/* Checked arithmetic. */
+static inline bool add_overflows_u64(uint64_t a, uint64_t b, uint64_t *sum) {
+        return __builtin_add_overflow(a, b, sum);
+}
+
+usec_t now_usec(int clock_id);
+
+/* printf into a fresh string; NULL on OOM. */
+char *strdup_printf(const char *format, ...) _printf_(1, 2);
+
+/* Write all, retrying on EINTR; -errno on failure. */
+int loop_write(int fd, const void *buf, size_t len);
+
+/* Write a file atomically: temp file in the same directory, fsync, rename, fsync dir. */
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+
+/* Read a whole regular file of at most max bytes; NUL-terminated. */
+int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len);
+
+/* Create a directory and its parents (mode for the ones created). */
+int mkdir_p(const char *path, mode_t mode);
