@@ -1,0 +1,153 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Bad input on the BlockStream and Manager interfaces: every call gets a clear error and
+changes nothing (no property, no state file, no job in QEMU)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import T, U, S, opts, MiB, U64_MAX  # noqa: E402
+
+SIZE = 64 * MiB
+
+
+class BadInputTest(h.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.g = self.new_guest(size=SIZE)
+        self.d = self.g.disk()
+        self.before = self.snapshot()
+
+    def assertUnchanged(self, what):
+        self.assertSnapshotEqual(self.before, self.snapshot(), what)
+        self.assertEqual(self.d.prop('State'), 'idle')
+        self.assertEqual(self.g.qemu.qmp.jobs(), [], '%s left a job in QEMU' % what)
+        self.assertEqual(self.d.finished(), [], '%s emitted Finished' % what)
+
+    def call_raw(self, path, iface, member, sig, *args):
+        return self.client.call(path, iface, member, sig, *args)
+
+    # -- unknown objects
+
+    def test_unknown_guest(self):
+        c = self.client
+        for member in ('GetGuest', 'UnregisterGuest'):
+            e = self.assertDBusError(h.ERR_NO_SUCH_GUEST, c.call, h.MANAGER_PATH, h.IFACE_MANAGER, member, 's',
+                                     'nobody')
+            self.assertIn('nobody', e.message)
+        # Names that cannot exist: refused as invalid or simply not found.
+        for name in ('', 'a/b', 'x' * 65, '..'):
+            self.assertDBusError({h.ERR_NO_SUCH_GUEST, h.ERR_INVALID_ARGS}, c.call, h.MANAGER_PATH,
+                                 h.IFACE_MANAGER, 'GetGuest', 's', name)
+        # Objects of an unknown guest. By object path the D-Bus convention is UnknownObject; the
+        # project's own errors are as good.
+        gone = h.guest_path('nobody')
+        self.assertDBusError({h.ERR_NO_SUCH_GUEST, h.ERR_UNKNOWN_OBJECT}, c.call, gone, h.IFACE_GUEST, 'Unregister')
+        self.assertDBusError({h.ERR_NO_SUCH_GUEST, h.ERR_NO_SUCH_DISK, h.ERR_UNKNOWN_OBJECT}, c.call,
+                             gone + '/vda', h.IFACE_STREAM, 'Start', 'tta{sv}', T(0), T(0), h.no_opts())
+        self.assertUnchanged('calls on an unknown guest')
+
+    def test_unknown_disk(self):
+        c = self.client
+        p = self.g.path + '/vdz'
+        self.assertDBusError({h.ERR_NO_SUCH_DISK, h.ERR_UNKNOWN_OBJECT}, c.call, p, h.IFACE_STREAM, 'Start',
+                             'tta{sv}', T(0), T(0), h.no_opts())
+        self.assertDBusError({h.ERR_NO_SUCH_DISK, h.ERR_UNKNOWN_OBJECT}, c.call, p, h.IFACE_STREAM, 'Cancel')
+        self.assertDBusError({h.ERR_NO_SUCH_DISK, h.ERR_UNKNOWN_OBJECT}, c.call, p, h.IFACE_STREAM, 'SetBandwidth',
+                             't', T(1))
+        self.assertDBusError({h.ERR_NO_SUCH_DISK, h.ERR_UNKNOWN_OBJECT, h.ERR_INVALID_ARGS}, c.call, p,
+                             h.IFACE_PROPS, 'Get', 'ss', h.IFACE_STREAM, 'State')
+        self.assertUnchanged('calls on an unknown disk')
+
+    # -- numbers
+
+    def test_huge_bandwidth(self):
+        d = self.d
+        for bw in (U64_MAX, 1 << 63):
+            with self.subTest(bandwidth=bw):
+                e = self.assertDBusError(h.ERR_INVALID_ARGS, d.start, 0, 0, opts(bandwidth=T(bw)))
+                self.assertUnchanged('Start with bandwidth %d' % bw)
+                self.assertDBusError(h.ERR_INVALID_ARGS, d.set_bandwidth, bw)
+                self.assertUnchanged('SetBandwidth(%d)' % bw)
+                self.assertEqual(d.prop('Bandwidth'), 0)
+                self.assertTrue(e.message)
+
+    def test_bad_ranges(self):
+        d = self.d
+        # Past the end or overflowing: InvalidArgs (api.md) or InvalidRange (the XML's error list);
+        # NotSupported while range streaming is not there yet.
+        refused = {h.ERR_INVALID_ARGS, h.ERR_INVALID_RANGE, h.ERR_NOT_SUPPORTED}
+        for off, ln in ((U64_MAX, 2), (U64_MAX, 0), (SIZE, 0), (SIZE, 1), (0, SIZE + 1), (SIZE - 4096, 8192),
+                        (1 << 63, 1 << 63), (4096, U64_MAX)):
+            with self.subTest(offset=off, length=ln):
+                self.assertDBusError(refused, d.start, off, ln, h.no_opts())
+                self.assertUnchanged('Start(%d, %d)' % (off, ln))
+
+    # -- types and options
+
+    def test_wrong_signatures(self):
+        c = self.client
+        d = self.d
+        cases = [(d.path, h.IFACE_STREAM, 'Start', 'ss', ('0', '0')),
+                 (d.path, h.IFACE_STREAM, 'Start', 'tt', (T(0), T(0))),
+                 (d.path, h.IFACE_STREAM, 'Start', 'tta{ss}', (T(0), T(0), h.dbus.Dictionary({}, signature='ss'))),
+                 (d.path, h.IFACE_STREAM, 'Start', 'uua{sv}', (U(0), U(0), h.no_opts())),
+                 (d.path, h.IFACE_STREAM, 'SetBandwidth', 's', ('4M',)),
+                 (d.path, h.IFACE_STREAM, 'SetBandwidth', 'i', (h.dbus.Int32(-1),)),
+                 (d.path, h.IFACE_STREAM, 'SetBandwidth', '', ()),
+                 (d.path, h.IFACE_STREAM, 'Cancel', 's', ('now',)),
+                 (h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ss', ('x', self.g.qemu.daemon_socket)),
+                 (h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'sss', ('x', self.g.qemu.daemon_socket, '')),
+                 (h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 'u', (U(1),)),
+                 (h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', '', ())]
+        for path, iface, member, sig, args in cases:
+            with self.subTest(member=member, signature=sig):
+                self.assertDBusError(h.ERR_INVALID_ARGS, c.call, path, iface, member, sig, *args)
+                self.assertUnchanged('%s(%s)' % (member, sig))
+
+    def test_bad_start_options(self):
+        d = self.d
+        ch = self.g.chains['vda']
+        cases = {'unknown key': opts(frobnicate=T(1)),
+                 'unknown key next to a good one': opts(bandwidth=T(MiB), speed=T(MiB)),
+                 'bandwidth as a string': opts(bandwidth=S('4M')),
+                 'bandwidth as int32': opts(bandwidth=h.dbus.Int32(4)),
+                 'base as a number': opts(base=T(1)),
+                 'base not in the chain': opts(base=S('/nonexistent/base.qcow2')),
+                 'base is an unrelated image': opts(base=S(os.path.join(self.env.images, 'other.qcow2'))),
+                 'base is the top image': opts(base=S(ch.top)),
+                 'base is the top node': opts(base=S('disk0')),
+                 'base is an unknown node': opts(base=S('no-such-node')),
+                 'base is empty': opts(base=S(''))}
+        h.qemu_img('create', '-q', '-f', 'qcow2', os.path.join(self.env.images, 'other.qcow2'), '64M')
+        # A node name could be handed to QEMU as it is: then QEMU's refusal (QemuFailed) is fine too.
+        node_cases = {'base is the top node', 'base is an unknown node'}
+        for what, o in cases.items():
+            with self.subTest(what):
+                errs = {h.ERR_INVALID_ARGS} | ({h.ERR_QEMU_FAILED} if what in node_cases else set())
+                self.assertDBusError(errs, d.start, 0, 0, o)
+                self.assertUnchanged('Start with %s' % what)
+
+    def test_job_control_without_a_job(self):
+        d = self.d
+        for member in ('Cancel', 'Pause', 'Resume'):
+            with self.subTest(member):
+                self.assertDBusError(h.ERR_NOT_RUNNING, d.call, member)
+                self.assertUnchanged('%s without a job' % member)
+
+    def test_start_when_qemu_is_gone(self):
+        q = self.g.qemu
+        q.kill()
+        self.client.wait_prop(self.g.path, h.IFACE_GUEST, 'Running', False, timeout=10)
+        before = self.snapshot()
+        self.assertDBusError(h.ERR_NOT_RUNNING, self.d.start)
+        self.assertSnapshotEqual(before, self.snapshot(), 'Start on a guest whose QEMU is gone')
+        self.assertEqual(self.d.prop('State'), 'idle')
+        self.assertEqual(self.d.finished(), [])
+
+
+if __name__ == '__main__':
+    h.main()

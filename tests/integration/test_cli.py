@@ -1,0 +1,241 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""blockstreamctl against the real daemon: every verb, --json output, exit codes (0 ok,
+1 failure, 2 usage), sizes with suffixes; effects checked through D-Bus and on the images."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import T, opts, MiB  # noqa: E402
+
+SIZE = 64 * MiB
+
+
+def json_values(obj):
+    """Every scalar anywhere in a JSON document."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from json_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from json_values(v)
+    else:
+        yield obj
+
+
+class CliTest(h.TestCase):
+    needs_cli = True
+
+    def ctl(self, *args, user=None, timeout=120):
+        env = {'DBUS_SYSTEM_BUS_ADDRESS': self.env.bus.address}
+        if user is not None:
+            return h.run_as(user, [h.BLOCKSTREAMCTL] + list(args), env=env, timeout=timeout)
+        return h.run([h.BLOCKSTREAMCTL] + list(args), check=False, timeout=timeout,
+                     env=dict(os.environ, **env))
+
+    def ok(self, *args, **kw):
+        r = self.ctl(*args, **kw)
+        self.assertEqual(r.returncode, 0, 'blockstreamctl %s: exit %d\nstdout: %s\nstderr: %s'
+                         % (' '.join(args), r.returncode, r.stdout, r.stderr))
+        return r
+
+    def json_of(self, *args):
+        r = self.ok('--json', *args)
+        try:
+            return json.loads(r.stdout)
+        except ValueError as e:
+            self.fail('blockstreamctl --json %s printed no valid JSON (%s): %r' % (' '.join(args), e, r.stdout))
+
+    def fails(self, code, *args, mention=None, **kw):
+        r = self.ctl(*args, **kw)
+        self.assertEqual(r.returncode, code, 'blockstreamctl %s: expected exit %d, got %d\nstdout: %s\nstderr: %s'
+                         % (' '.join(args), code, r.returncode, r.stdout, r.stderr))
+        self.assertTrue(r.stderr.strip(), 'blockstreamctl %s failed without a message' % ' '.join(args))
+        if mention:
+            self.assertIn(mention, r.stderr, 'the message does not mention %r' % mention)
+        return r
+
+    # -- usage
+
+    def test_help_and_usage_errors(self):
+        r = self.ok('--help')
+        for verb in ('list', 'status', 'register', 'unregister', 'pull', 'pause', 'resume', 'cancel',
+                     'set-bandwidth'):
+            self.assertIn(verb, r.stdout, '--help does not mention %s' % verb)
+        self.fails(2, 'frobnicate')
+        self.fails(2, '--no-such-option', 'list')
+        self.fails(2, 'pull')                      # missing GUEST DISK
+        self.fails(2, 'status', 'a', 'b', 'c')     # too many
+        self.fails(2, 'set-bandwidth', 'g', 'vda')
+        self.fails(2, 'set-bandwidth', 'g', 'vda', '4X')
+        self.fails(2, 'set-bandwidth', 'g', 'vda', '-1')
+        self.fails(2, 'set-bandwidth', 'g', 'vda', '99999999999999999999999')
+        self.fails(2, 'pull', 'g', 'vda', '--bandwidth=fast')
+
+    # -- register / list / status / unregister
+
+    def test_register_list_status_unregister(self):
+        c = self.client
+        name = self.unique_name()
+        chains = self.make_chains(('vda', 'vdb'), SIZE)
+        q = self.start_qemu(chains, name=name)
+        self.addCleanup(self.unregister_quietly, name)
+        self.ok('register', name, q.daemon_socket)
+        self.assertEqual(c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name), h.guest_path(name))
+        self.assertIs(c.get(h.guest_path(name), h.IFACE_GUEST, 'Running'), True)
+        self.assertEqual(c.get(h.guest_path(name), h.IFACE_GUEST, 'Owner'), 0)
+
+        r = self.ok('list')
+        self.assertIn(name, r.stdout)
+        j = self.json_of('list')
+        self.assertIn(name, list(json_values(j)))
+
+        r = self.ok('status', name)
+        self.assertIn('vda', r.stdout)
+        self.assertIn('vdb', r.stdout)
+        j = self.json_of('status', name)
+        vals = list(json_values(j))
+        self.assertIn('vda', vals)
+        self.assertIn('vdb', vals)
+        j = self.json_of('status', name, 'vda')
+        vals = list(json_values(j))
+        self.assertIn(chains['vda'].top, vals)
+        self.assertIn('idle', vals)
+        self.assertNotIn(chains['vdb'].top, vals)
+        # A disk by its image path.
+        j2 = self.json_of('status', name, chains['vda'].top)
+        self.assertEqual(j2, j)
+
+        self.fails(1, 'register', name, q.daemon_socket, mention=name)      # exists
+        self.fails(1, 'status', 'no-such-guest', mention='no-such-guest')
+        self.fails(1, 'status', name, 'vdz', mention='vdz')
+        self.fails(1, 'register', 'a/b', q.daemon_socket)
+        self.fails(1, 'unregister', 'no-such-guest', mention='no-such-guest')
+
+        self.ok('unregister', name)
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, c.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)
+        self.assertNotIn(name, self.ok('list').stdout)
+
+    def test_register_options(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        q = self.start_qemu(chains, name=name)
+        self.addCleanup(self.unregister_quietly, name)
+        u = '0e3c5a1e-6a53-4d0c-8f0e-4b1f3f4b9a77'
+        self.ok('register', name, q.daemon_socket, '--uuid=' + u, '--owner=4242')
+        self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'UUID'), u)
+        self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'Owner'), 4242)
+
+    # -- streaming
+
+    def test_pull_wait(self):
+        g = self.new_guest(size=SIZE)
+        ch = g.chains['vda']
+        since = time.monotonic()
+        self.ok('pull', g.name, 'vda', '--wait')
+        d = g.disk()
+        self.assertEqual(d.prop('State'), 'completed')
+        self.assertEqual(d.prop('BackingChain'), [])
+        self.assertEqual(len(d.finished(since)), 1)
+        j = self.json_of('status', g.name, 'vda')
+        self.assertIn('completed', list(json_values(j)))
+        g.qemu.quit()
+        self.assertIsNone(h.image_backing(ch.top))
+        self.assertEqual(ch.compare()[0], 0)
+
+    def test_pull_with_base_by_path(self):
+        g = self.new_guest(size=SIZE)
+        ch = g.chains['vda']
+        self.ok('pull', g.name, ch.top, '--base=' + ch.base, '--wait')
+        self.assertEqual(g.disk().prop('BackingChain'), [ch.base])
+        self.assertEqual(h.image_backing(ch.top), ch.base)
+
+    def test_pull_pause_resume_set_bandwidth_cancel(self):
+        g = self.new_guest(size=256 * MiB)
+        d = g.disk()
+        q = g.qemu
+        since = time.monotonic()
+        self.ok('pull', g.name, 'vda', '--bandwidth=4M')
+        self.assertIn(d.prop('Bandwidth'), (4 * 1000 * 1000, 4 * MiB))
+        self.assertIn(q.qmp.jobs()[0]['speed'], (4 * 1000 * 1000, 4 * MiB))
+        d.wait_state('running', 10)
+        self.fails(1, 'pull', g.name, 'vda')                       # Busy
+        self.ok('pause', g.name, 'vda')
+        d.wait_state('paused', 5)
+        self.ok('resume', g.name, 'vda')
+        d.wait_state('running', 5)
+        self.ok('set-bandwidth', g.name, 'vda', '2Mi')
+        self.assertEqual(d.prop('Bandwidth'), 2 * MiB)
+        self.assertEqual(q.qmp.jobs()[0]['speed'], 2 * MiB)
+        self.ok('set-bandwidth', g.name, 'vda', '512K')
+        self.assertIn(d.prop('Bandwidth'), (512 * 1000, 512 * 1024))
+        self.ok('set-bandwidth', g.name, 'vda', '1048576')
+        self.assertEqual(d.prop('Bandwidth'), 1048576)
+        self.ok('set-bandwidth', g.name, 'vda', '1Ki')
+        self.assertEqual(d.prop('Bandwidth'), 1024)
+        j = self.json_of('status', g.name, 'vda')
+        self.assertIn('running', list(json_values(j)))
+        self.ok('cancel', g.name, 'vda')
+        res = d.wait_finished(30, since)
+        self.assertEqual(res[0], 'cancelled')
+        self.assertEqual(d.prop('State'), 'cancelled')
+        self.fails(1, 'cancel', g.name, 'vda')                      # no job any more
+        self.fails(1, 'pause', g.name, 'vda')
+
+    def test_pull_wait_reports_cancellation(self):
+        g = self.new_guest(size=256 * MiB)
+        d = g.disk()
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = h.spawn([h.BLOCKSTREAMCTL, 'pull', g.name, 'vda', '--bandwidth=1M', '--wait'], env=env,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        d.wait_state('running', 10)
+        self.assertIsNone(p.poll(), 'pull --wait returned while the job runs')
+        self.ok('cancel', g.name, 'vda')
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.fail('pull --wait did not return after the job was cancelled')
+        self.assertEqual(p.returncode, 1, 'pull --wait of a cancelled job: exit %d, stderr %r' % (p.returncode, err))
+        self.assertIn('cancel', (out + err).decode().lower())
+
+    def test_set_bandwidth_suffixes_while_idle(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        for arg, want in (('4M', (4 * 10**6, 4 * MiB)), ('4Mi', (4 * MiB,)), ('1G', (10**9, 1 << 30)),
+                          ('1Gi', (1 << 30,)), ('8K', (8000, 8192)), ('8Ki', (8192,)), ('12345', (12345,)),
+                          ('0', (0,))):
+            with self.subTest(arg):
+                self.ok('set-bandwidth', g.name, 'vda', arg)
+                self.assertIn(d.prop('Bandwidth'), want)
+        self.assertEqual(d.prop('State'), 'idle')
+
+    # -- access
+
+    def test_stranger(self):
+        g = self.new_guest(size=SIZE)
+        r = self.ok('list', user=h.STRANGER)            # reading is for everyone
+        self.assertIn(g.name, r.stdout)
+        self.ok('status', g.name, 'vda', user=h.STRANGER)
+        self.fails(1, 'pull', g.name, 'vda', user=h.STRANGER)
+        self.fails(1, 'unregister', g.name, user=h.STRANGER)
+        self.assertEqual(g.disk().prop('State'), 'idle')
+        self.assertEqual(g.qemu.qmp.jobs(), [])
+        self.assertIs(g.prop('Running'), True)
+
+    def test_daemon_not_running(self):
+        self.env.stop_daemon()
+        self.addCleanup(self.env.start_daemon)
+        r = self.ctl('list')
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertTrue(r.stderr.strip())
+
+
+if __name__ == '__main__':
+    h.main()
