@@ -5,6 +5,7 @@
  * cleanup attributes, logging in systemd's style, name and size parsing. */
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -14,6 +15,8 @@
 #include <string.h>
 #include <sys/types.h>
 #include <unistd.h>
+
+#define UID_FMT "%" PRIu32
 
 typedef uint64_t usec_t;
 #define USEC_PER_SEC ((usec_t) 1000000ULL)
@@ -27,6 +30,11 @@ typedef uint64_t usec_t;
 #define _cleanup_(f) __attribute__((cleanup(f)))
 #define _unused_ __attribute__((unused))
 #define _printf_(a, b) __attribute__((format(printf, a, b)))
+
+static inline void *mfree(void *p) {
+        free(p);
+        return NULL;
+}
 
 static inline void freep(void *p) {
         free(*(void **) p);

@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <ctype.h>
+#include <limits.h>
+
+#include "config.h"
+#include "qmp.h"
+
+void config_init(Config *c) {
+        *c = (Config) {
+                .qmp_timeout_usec = QMP_TIMEOUT_DEFAULT_USEC,
+        };
+}
+
+void config_done(Config *c) {
+        c->image_dirs = strv_free(c->image_dirs);
+}
+
+static char *strip(char *s) {
+        char *e;
+
+        while (isspace((unsigned char) *s))
+                s++;
+        e = s + strlen(s);
+        while (e > s && isspace((unsigned char) e[-1]))
+                *--e = 0;
+        return s;
+}
+
+static int parse_image_dirs(Config *c, char *value, const char *source, unsigned line) {
+        _cleanup_strv_free_ char **dirs = NULL;
+        char *save = NULL;
+        int r;
+
+        for (char *w = strtok_r(value, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                if (!path_is_safe_absolute(w, PATH_MAX - 1))
+                        return log_error_errno(EINVAL, "%s:%u: ImageDirectories= needs normalized absolute paths, got '%s'.",
+                                source, line, w);
+                if (strv_contains(dirs, w))
+                        continue;
+                r = strv_push(&dirs, strdup(w));
+                if (r < 0)
+                        return log_oom();
+        }
+        /* Later assignments replace earlier ones, like systemd's list settings do on "". */
+        strv_free(c->image_dirs);
+        c->image_dirs = TAKE_PTR(dirs);
+        return 0;
+}
+
+static int parse_seconds(const char *value, usec_t *ret) {
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(value, &end, 10);
+        if (errno != 0 || end == value || *end || value[0] == '-' || v < 1 || v > 3600)
+                return -EINVAL;
+        *ret = (usec_t) v * USEC_PER_SEC;
+        return 0;
+}
+
+int config_parse(Config *c, const char *text, const char *source) {
+        _cleanup_free_ char *copy = strdup(text);
+        unsigned line = 0;
+        int r;
+
+        if (!copy)
+                return log_oom();
+        for (char *p = copy, *next; p; p = next) {
+                char *l, *eq, *key, *value;
+
+                next = strchr(p, '\n');
+                if (next)
+                        *next++ = 0;
+                line++;
+                l = strip(p);
+                if (!*l || *l == '#' || *l == ';')
+                        continue;
+                if (*l == '[') {
+                        if (!streq(l, "[Daemon]"))
+                                log_warning("%s:%u: unknown section %s, reading on.", source, line, l);
+                        continue;
+                }
+                eq = strchr(l, '=');
+                if (!eq)
+                        return log_error_errno(EINVAL, "%s:%u: expected Key=Value, got '%s'.", source, line, l);
+                *eq = 0;
+                key = strip(l);
+                value = strip(eq + 1);
+                if (streq(key, "ImageDirectories")) {
+                        r = parse_image_dirs(c, value, source, line);
+                        if (r < 0)
+                                return r;
+                } else if (streq(key, "QMPTimeoutSec")) {
+                        if (parse_seconds(value, &c->qmp_timeout_usec) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: QMPTimeoutSec= must be 1…3600 seconds, got '%s'.",
+                                        source, line, value);
+                } else
+                        log_warning("%s:%u: unknown key '%s', ignoring.", source, line, key);
+        }
+        return 0;
+}
+
+int config_load(Config *c, const char *path, bool must_exist) {
+        _cleanup_free_ char *text = NULL;
+        int r;
+
+        r = read_file_bounded(path, CONFIG_FILE_MAX, &text, NULL);
+        if (r == -ENOENT && !must_exist) {
+                log_debug("No configuration file %s, using defaults.", path);
+                return 0;
+        }
+        if (r < 0)
+                return log_error_errno(r, "Failed to read configuration file %s: %m", path);
+        return config_parse(c, text, path);
+}

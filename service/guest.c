@@ -1,0 +1,765 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <inttypes.h>
+#include <systemd/sd-id128.h>
+
+#include "bus-error.h"
+#include "guest.h"
+#include "manager.h"
+#include "polkit.h"
+#include "state.h"
+#include "stream.h"
+#include "util.h"
+
+#define GUEST_INTERFACE "org.blockstream1.Guest"
+#define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
+#define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
+#define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
+
+static void guest_on_state(Qmp *q, int error, void *userdata);
+static void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata);
+
+int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid) {
+        Guest *g;
+
+        g = calloc(1, sizeof(Guest));
+        if (!g)
+                return -ENOMEM;
+        g->manager = m;
+        g->owner = owner;
+        g->name = strdup(name);
+        g->qmp_socket = strdup(qmp_socket);
+        if (!g->name || !g->qmp_socket || sd_bus_path_encode(GUEST_PATH_PREFIX, name, &g->object_path) < 0)
+                goto oom;
+        if (uuid) {
+                g->uuid = strdup(uuid);
+        } else {
+                sd_id128_t id;
+                char buf[SD_ID128_UUID_STRING_MAX];
+                if (sd_id128_randomize(&id) < 0)
+                        goto oom;
+                g->uuid = strdup(sd_id128_to_uuid_string(id, buf));
+        }
+        if (!g->uuid)
+                goto oom;
+        *ret = g;
+        return 0;
+oom:
+        guest_free(g);
+        return -ENOMEM;
+}
+
+Guest *guest_free(Guest *g) {
+        if (!g)
+                return NULL;
+        /* Closing drops pending QMP callbacks before anything they point to goes away. */
+        g->qmp = qmp_close_unref(g->qmp);
+        g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
+        g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
+        if (g->register_call) {
+                (void) sd_bus_reply_method_errorf(g->register_call, BS_ERROR_NOT_RUNNING,
+                        "The daemon is shutting down; guest '%s' was not registered.", g->name);
+                g->register_call = sd_bus_message_unref(g->register_call);
+        }
+        for (size_t i = 0; i < g->n_disks; i++)
+                disk_free(g->disks[i]);
+        free(g->disks);
+        free(g->name);
+        free(g->uuid);
+        free(g->qmp_socket);
+        free(g->object_path);
+        free(g);
+        return NULL;
+}
+
+Disk *guest_find_disk(Guest *g, const char *name) {
+        if (!name)
+                return NULL;
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (streq(g->disks[i]->alias, name))
+                        return g->disks[i];
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (!isempty(g->disks[i]->path) && streq(g->disks[i]->path, name))
+                        return g->disks[i];
+        return NULL;
+}
+
+bool guest_has_active_job(Guest *g) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                if (job_is_active(&d->job) || d->starting || d->finalizing)
+                        return true;
+        }
+        return false;
+}
+
+int guest_save(Guest *g) {
+        int r;
+
+        if (!g->published)
+                return 0;
+        r = state_save_guest(g);
+        if (r < 0)
+                return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
+        return 0;
+}
+
+static void guest_emit_changed(Guest *g, const char *property) {
+        int r;
+
+        if (!g->published)
+                return;
+        r = sd_bus_emit_properties_changed(g->manager->bus, g->object_path, GUEST_INTERFACE, property, NULL);
+        if (r < 0)
+                log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", g->object_path);
+}
+
+/* Disks */
+
+static int guest_add_disk(Guest *g, Disk *d) {
+        Disk **l = reallocarray(g->disks, g->n_disks + 1, sizeof(Disk *));
+
+        if (!l)
+                return -ENOMEM;
+        g->disks = l;
+        g->disks[g->n_disks++] = d;
+        return 0;
+}
+
+static void guest_remove_disk(Guest *g, size_t i) {
+        Disk *d = g->disks[i];
+
+        if (g->published)
+                (void) sd_bus_emit_object_removed(g->manager->bus, d->object_path);
+        memmove(g->disks + i, g->disks + i + 1, (g->n_disks - i - 1) * sizeof(Disk *));
+        g->n_disks--;
+        disk_free(d);
+}
+
+/* Make our disks what QEMU says they are: update, add, remove. */
+static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
+        bool list_changed = false;
+        int r;
+
+        for (size_t i = 0; i < n; i++) {
+                Disk *d = NULL;
+
+                for (size_t j = 0; j < g->n_disks; j++)
+                        if (streq(g->disks[j]->alias, qd[i].alias))
+                                d = g->disks[j];
+                if (d) {
+                        r = disk_update_from_qemu(d, &qd[i], true);
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
+                r = disk_new(&d, g, qd[i].alias);
+                if (r < 0)
+                        return r;
+                r = disk_update_from_qemu(d, &qd[i], false);
+                if (r >= 0)
+                        r = guest_add_disk(g, d);
+                if (r < 0) {
+                        disk_free(d);
+                        return r;
+                }
+                list_changed = true;
+                if (g->published)
+                        (void) sd_bus_emit_object_added(g->manager->bus, d->object_path);
+        }
+
+        for (size_t j = g->n_disks; j > 0; j--) {
+                Disk *d = g->disks[j - 1];
+                bool present = false;
+
+                for (size_t i = 0; i < n && !present; i++)
+                        present = streq(qd[i].alias, d->alias);
+                if (present)
+                        continue;
+                log_info("Guest %s: disk %s is gone from QEMU.", g->name, d->alias);
+                if (job_is_active(&d->job) || d->finalizing) {
+                        /* Let clients hear how it ended before the object goes. */
+                        disk_fail_job(d, "The disk was removed from the guest during the job.");
+                }
+                guest_remove_disk(g, j - 1);
+                list_changed = true;
+        }
+        if (list_changed)
+                guest_emit_changed(g, "Disks");
+        return 0;
+}
+
+/* Refresh: re-read the disks. */
+
+typedef struct RefreshCtx {
+        Guest *guest;
+        guest_refresh_handler_t handler;
+        void *userdata;
+        void (*destroy)(void *);
+} RefreshCtx;
+
+static void refresh_ctx_free(void *p) {
+        RefreshCtx *c = p;
+
+        if (!c)
+                return;
+        if (c->destroy)
+                c->destroy(c->userdata);
+        free(c);
+}
+
+static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata) {
+        RefreshCtx *c = userdata;
+        Guest *g = c->guest;
+        int r = error;
+
+        if (r >= 0) {
+                r = guest_apply_disks(g, disks, n);
+                if (r < 0)
+                        log_error_errno(r, "Guest %s: failed to apply QEMU's disks: %m", g->name);
+                else
+                        (void) guest_save(g);
+        } else
+                log_warning("Guest %s: failed to read disks: %s", g->name, desc ?: strerror(-r));
+        if (c->handler)
+                c->handler(g, r, desc, c->userdata);
+}
+
+int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *)) {
+        RefreshCtx *c;
+        int r;
+
+        if (!g->running)
+                return -ENOTCONN;
+        c = calloc(1, sizeof(RefreshCtx));
+        if (!c)
+                return -ENOMEM;
+        *c = (RefreshCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
+        r = qemu_query_disks(g->qmp, refresh_reply, c, refresh_ctx_free);
+        if (r < 0) {
+                free(c); /* not the caller's destroy: on failure the caller keeps userdata */
+                return r;
+        }
+        return 0;
+}
+
+/* Jobs: events, polling, reconciliation. */
+
+static void guest_poll_now(Guest *g);
+
+static void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
+        Guest *g = userdata;
+        usec_t mono = now_usec(CLOCK_MONOTONIC);
+        QemuJobEvent ev;
+        int r;
+
+        r = qemu_parse_job_event(event, data, &ev);
+        if (r < 0) {
+                log_warning("Guest %s: ignoring malformed %s event from QEMU.", g->name, event);
+                return;
+        }
+        if (r == 0)
+                return;
+        log_debug("Guest %s: %s %s %s", g->name, event, strempty(ev.id),
+                ev.kind == QEMU_EVENT_JOB_STATUS_CHANGE ? qemu_job_status_to_string(ev.status) : "");
+        /* A disk's callback may finalize (and even remove) disks: walk by index with re-checks. */
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                unsigned changed = job_apply_event(&d->job, &ev, mono);
+
+                if (changed & JOB_NEEDS_QUERY)
+                        guest_poll_now(g);
+                if (changed & ~JOB_NEEDS_QUERY)
+                        disk_apply_job_changes(d, changed & ~JOB_NEEDS_QUERY);
+        }
+}
+
+/* Apply query-block-jobs to our disks. reconcile: after a (re)connect, jobs QEMU no longer
+ * lists are lost, and concluded jobs of ours that no disk claims are dismissed. */
+static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool reconcile) {
+        usec_t mono = now_usec(CLOCK_MONOTONIC);
+
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                const QemuBlockJob *found = NULL;
+
+                if (d->starting || !d->job.id)
+                        continue;
+                for (size_t k = 0; k < n; k++)
+                        if (streq(jobs[k].id, d->job.id))
+                                found = &jobs[k];
+
+                if (d->job.concluded) {
+                        /* Concluded before a restart, not yet published: finish it now. */
+                        if (reconcile)
+                                disk_apply_job_changes(d, JOB_NOW_CONCLUDED);
+                        continue;
+                }
+                if (!job_is_active(&d->job) || d->finalizing)
+                        continue;
+                if (found) {
+                        unsigned changed = job_apply_info(&d->job, found, mono);
+                        if (changed)
+                                disk_apply_job_changes(d, changed);
+                } else
+                        disk_fail_job(d, "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU "
+                                         "was restarted.");
+        }
+
+        if (!reconcile || !g->running)
+                return;
+        for (size_t k = 0; k < n; k++) {
+                bool claimed = false;
+
+                if (jobs[k].status != QEMU_JOB_CONCLUDED || strncmp(jobs[k].id, "bsd-", 4) != 0)
+                        continue;
+                for (size_t i = 0; i < g->n_disks && !claimed; i++)
+                        claimed = streq_ptr(g->disks[i]->job.id, jobs[k].id);
+                if (!claimed) {
+                        log_info("Guest %s: dismissing leftover job %s.", g->name, jobs[k].id);
+                        (void) qemu_job_dismiss(g->qmp, jobs[k].id, NULL, NULL, NULL);
+                }
+        }
+}
+
+static void poll_reply(Qmp *q, int error, const char *desc, QemuBlockJob *jobs, size_t n, void *userdata) {
+        Guest *g = userdata;
+
+        g->poll_pending = false;
+        if (error < 0) {
+                log_debug("Guest %s: query-block-jobs failed: %s", g->name, desc ?: strerror(-error));
+                return;
+        }
+        guest_apply_jobs(g, jobs, n, false);
+}
+
+static void guest_poll_now(Guest *g) {
+        int r;
+
+        if (!g->running || g->poll_pending)
+                return;
+        r = qemu_query_block_jobs(g->qmp, poll_reply, g, NULL);
+        if (r < 0)
+                log_debug_errno(r, "Guest %s: failed to send query-block-jobs: %m", g->name);
+        else
+                g->poll_pending = true;
+}
+
+static int poll_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        guest_poll_now(g);
+        (void) sd_event_source_set_time_relative(s, POLL_INTERVAL_USEC);
+        return 0;
+}
+
+void guest_update_polling(Guest *g) {
+        bool want = false;
+        int r;
+
+        for (size_t i = 0; i < g->n_disks && !want; i++)
+                want = job_is_active(&g->disks[i]->job) && !g->disks[i]->finalizing && g->disks[i]->job.id;
+        want = want && g->running;
+
+        if (!want) {
+                if (g->poll_timer)
+                        (void) sd_event_source_set_enabled(g->poll_timer, SD_EVENT_OFF);
+                return;
+        }
+        if (!g->poll_timer) {
+                r = sd_event_add_time_relative(g->manager->event, &g->poll_timer, CLOCK_MONOTONIC, POLL_INTERVAL_USEC,
+                        10 * USEC_PER_MSEC, poll_timer_handler, g);
+                if (r < 0) {
+                        log_error_errno(r, "Guest %s: failed to set up progress polling: %m", g->name);
+                        return;
+                }
+        } else if (sd_event_source_get_enabled(g->poll_timer, NULL) == 0) {
+                (void) sd_event_source_set_time_relative(g->poll_timer, POLL_INTERVAL_USEC);
+        }
+        (void) sd_event_source_set_enabled(g->poll_timer, SD_EVENT_ON);
+}
+
+/* Connection */
+
+static void guest_fail_jobs(Guest *g, const char *why) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                if (job_is_active(&d->job) && !d->job.concluded)
+                        disk_fail_job(d, why);
+                else if (d->job.concluded)
+                        disk_apply_job_changes(d, JOB_NOW_CONCLUDED);
+        }
+}
+
+static void guest_schedule_reconnect(Guest *g);
+
+static int reconnect_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        (void) guest_connect(g);
+        return 0;
+}
+
+static void guest_schedule_reconnect(Guest *g) {
+        usec_t delay = RECONNECT_MIN_USEC;
+        int r;
+
+        for (unsigned i = 0; i < g->reconnect_attempts && delay < RECONNECT_MAX_USEC; i++)
+                delay *= 2;
+        delay = MIN(delay, RECONNECT_MAX_USEC);
+        g->reconnect_attempts++;
+
+        if (!g->reconnect_timer)
+                r = sd_event_add_time_relative(g->manager->event, &g->reconnect_timer, CLOCK_MONOTONIC, delay,
+                        100 * USEC_PER_MSEC, reconnect_handler, g);
+        else {
+                r = sd_event_source_set_time_relative(g->reconnect_timer, delay);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(g->reconnect_timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0)
+                log_error_errno(r, "Guest %s: failed to schedule a reconnect: %m", g->name);
+}
+
+/* A RegisterGuest call waiting on the first connection: answer it and drop the guest. */
+static void guest_register_failed(Guest *g, const char *what, const char *detail) {
+        Manager *m = g->manager;
+        sd_bus_message *call = TAKE_PTR(g->register_call);
+
+        (void) sd_bus_reply_method_errorf(call, BS_ERROR_QEMU_FAILED, "Guest '%s' not registered: %s %s: %s", g->name,
+                what, g->qmp_socket, detail);
+        sd_bus_message_unref(call);
+        manager_unlink_guest(m, g);
+        guest_free(g);
+}
+
+static void guest_connection_failed(Guest *g, int error) {
+        _cleanup_free_ char *why = NULL;
+        bool was_running = g->running;
+
+        g->running = false;
+        g->poll_pending = false;
+        g->qmp = qmp_close_unref(g->qmp);
+        guest_update_polling(g);
+
+        if (g->register_call) {
+                guest_register_failed(g, "could not talk QMP (is QEMU running with this monitor, and no other client connected to it?) on",
+                        strerror(-error));
+                return;
+        }
+        if (was_running) {
+                log_warning("Guest %s: lost the QMP connection (%s).", g->name, strerror(-error));
+                guest_emit_changed(g, "Running");
+                /* Maybe only the connection broke and QEMU lives on: try at once before failing its jobs. */
+                g->reconnect_attempts = 0;
+                if (guest_connect(g) >= 0)
+                        return;
+                /* guest_connect failed synchronously and already failed the jobs and scheduled a retry. */
+                return;
+        }
+        if (g->reconnect_attempts == 0)
+                log_warning("Guest %s: cannot connect to QMP socket %s: %s; retrying.", g->name, g->qmp_socket,
+                        strerror(-error));
+        why = strdup_printf("QEMU went away: the QMP connection to %s is gone (%s).", g->qmp_socket, strerror(-error));
+        guest_fail_jobs(g, why ?: "QEMU went away.");
+        guest_schedule_reconnect(g);
+}
+
+static void connect_disks_reply(Guest *g, int error, const char *desc, void *userdata);
+
+static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob *jobs, size_t n, void *userdata) {
+        Guest *g = userdata;
+
+        if (error < 0) {
+                log_warning("Guest %s: query-block-jobs failed: %s", g->name, desc ?: strerror(-error));
+                return;
+        }
+        guest_apply_jobs(g, jobs, n, true);
+        guest_update_polling(g);
+}
+
+static void connect_disks_reply(Guest *g, int error, const char *desc, void *userdata) {
+        Manager *m = g->manager;
+        sd_bus_message *call;
+        int r;
+
+        if (error < 0) {
+                if (g->register_call) {
+                        guest_register_failed(g, "could not list the disks of QEMU at", desc ?: strerror(-error));
+                        return;
+                }
+                return;
+        }
+
+        if (g->register_call) {
+                call = TAKE_PTR(g->register_call);
+                r = guest_publish(g);
+                if (r < 0) {
+                        (void) sd_bus_reply_method_errorf(call, SD_BUS_ERROR_FAILED,
+                                "Failed to save guest '%s' in %s: %s", g->name, m->guest_state_dir, strerror(-r));
+                        sd_bus_message_unref(call);
+                        manager_unlink_guest(m, g);
+                        guest_free(g);
+                        return;
+                }
+                log_info("Guest %s registered (QMP %s, %zu disk%s, owner uid " UID_FMT ").", g->name, g->qmp_socket,
+                        g->n_disks, g->n_disks == 1 ? "" : "s", g->owner);
+                (void) sd_bus_reply_method_return(call, "o", g->object_path);
+                sd_bus_message_unref(call);
+        }
+
+        r = qemu_query_block_jobs(g->qmp, connect_jobs_reply, g, NULL);
+        if (r < 0)
+                log_warning_errno(r, "Guest %s: failed to query jobs: %m", g->name);
+}
+
+static void guest_on_state(Qmp *q, int error, void *userdata) {
+        Guest *g = userdata;
+        int r;
+
+        if (error < 0) {
+                guest_connection_failed(g, error);
+                return;
+        }
+        log_info("Guest %s: connected to QEMU %u.%u.%u.", g->name, qmp_qemu_version(q) / 10000,
+                qmp_qemu_version(q) / 100 % 100, qmp_qemu_version(q) % 100);
+        g->running = true;
+        g->had_connection = true;
+        g->reconnect_attempts = 0;
+        guest_emit_changed(g, "Running");
+        r = guest_refresh(g, connect_disks_reply, NULL, NULL);
+        if (r < 0) {
+                if (g->register_call)
+                        guest_register_failed(g, "could not ask for the disks of QEMU at", strerror(-r));
+                else
+                        log_error_errno(r, "Guest %s: failed to query disks: %m", g->name);
+        }
+}
+
+int guest_connect(Guest *g) {
+        _cleanup_free_ char *why = NULL;
+        int r;
+
+        if (g->reconnect_timer)
+                (void) sd_event_source_set_enabled(g->reconnect_timer, SD_EVENT_OFF);
+        if (g->qmp) /* connected or connecting already */
+                return 0;
+        if (isempty(g->qmp_socket))
+                return -EOPNOTSUPP;
+
+        r = qmp_connect(&g->qmp, g->manager->event, g->qmp_socket,
+                &(QmpHandlers) { .on_state = guest_on_state, .on_event = guest_on_event, .userdata = g });
+        if (r >= 0) {
+                qmp_set_timeout(g->qmp, g->manager->config.qmp_timeout_usec);
+                return 0;
+        }
+        g->qmp = NULL;
+        if (g->register_call)
+                return r; /* the caller reports it */
+        if (g->reconnect_attempts == 0)
+                log_warning_errno(r, "Guest %s: cannot connect to QMP socket %s: %m; retrying.", g->name, g->qmp_socket);
+        why = strdup_printf("QEMU went away: cannot connect to its QMP socket %s (%s).", g->qmp_socket, strerror(-r));
+        guest_fail_jobs(g, why ?: "QEMU went away.");
+        guest_schedule_reconnect(g);
+        return r;
+}
+
+int guest_publish(Guest *g) {
+        Manager *m = g->manager;
+        int r;
+
+        g->published = true;
+        r = state_save_guest(g);
+        if (r < 0) {
+                g->published = false;
+                return r;
+        }
+        (void) sd_bus_emit_object_added(m->bus, g->object_path);
+        for (size_t i = 0; i < g->n_disks; i++)
+                (void) sd_bus_emit_object_added(m->bus, g->disks[i]->object_path);
+        return 0;
+}
+
+void guest_unregister(Guest *g) {
+        Manager *m = g->manager;
+        int r;
+
+        log_info("Guest %s unregistered.", g->name);
+        if (g->published) {
+                for (size_t i = 0; i < g->n_disks; i++)
+                        (void) sd_bus_emit_object_removed(m->bus, g->disks[i]->object_path);
+                (void) sd_bus_emit_object_removed(m->bus, g->object_path);
+        }
+        r = state_remove_guest(m, g->name);
+        if (r < 0)
+                log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);
+        manager_unlink_guest(m, g);
+        guest_free(g);
+}
+
+/* D-Bus */
+
+static int method_unregister(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Guest *g = userdata;
+        int r;
+
+        r = bus_authorize(g->manager, msg, ACTION_MANAGE,
+                &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
+        if (r <= 0)
+                return r;
+        if (guest_has_active_job(g))
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "A stream of guest '%s' is running; Cancel it first, then unregister.", g->name);
+        guest_unregister(g);
+        return sd_bus_reply_method_return(msg, NULL);
+}
+
+typedef struct RefreshCall {
+        sd_bus_message *msg;
+        bool replied;
+} RefreshCall;
+
+static void refresh_call_free(void *p) {
+        RefreshCall *c = p;
+
+        if (!c)
+                return;
+        if (!c->replied)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NOT_RUNNING,
+                        "The connection to QEMU closed before it answered.");
+        sd_bus_message_unref(c->msg);
+        free(c);
+}
+
+static void refresh_call_done(Guest *g, int error, const char *desc, void *userdata) {
+        RefreshCall *c = userdata;
+
+        c->replied = true;
+        if (error < 0)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_QEMU_FAILED, "QEMU could not list its disks: %s",
+                        desc ?: strerror(-error));
+        else
+                (void) sd_bus_reply_method_return(c->msg, NULL);
+}
+
+static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Guest *g = userdata;
+        RefreshCall *c;
+        int r;
+
+        r = bus_authorize(g->manager, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
+                error);
+        if (r <= 0)
+                return r;
+        if (!g->running) {
+                g->reconnect_attempts = 0;
+                r = guest_connect(g);
+                if (r == -EOPNOTSUPP)
+                        return sd_bus_reply_method_return(msg, NULL); /* offline: nothing to re-read */
+                if (r < 0)
+                        return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                                "Guest '%s' is not running: cannot connect to %s (%s).", g->name, g->qmp_socket,
+                                strerror(-r));
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "Guest '%s' was not connected; reconnecting to %s now, watch the Running property.", g->name,
+                        g->qmp_socket);
+        }
+        c = calloc(1, sizeof(RefreshCall));
+        if (!c)
+                return -ENOMEM;
+        c->msg = sd_bus_message_ref(msg);
+        r = guest_refresh(g, refresh_call_done, c, refresh_call_free);
+        if (r < 0) {
+                c->replied = true;
+                refresh_call_free(c);
+                return sd_bus_error_set_errnof(error, -r, "Failed to ask QEMU for its disks: %m");
+        }
+        return 1;
+}
+
+static int property_get_disks(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Guest *g = userdata;
+        int r;
+
+        r = sd_bus_message_open_container(reply, 'a', "o");
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                r = sd_bus_message_append(reply, "o", g->disks[i]->object_path);
+                if (r < 0)
+                        return r;
+        }
+        return sd_bus_message_close_container(reply);
+}
+
+static int property_get_sandbox_label(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "s", "");
+}
+
+static int property_get_owner(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Guest *g = userdata;
+        return sd_bus_message_append(reply, "u", (uint32_t) g->owner);
+}
+
+static int property_get_str(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        char **s = userdata;
+        return sd_bus_message_append(reply, "s", strempty(*s));
+}
+
+const sd_bus_vtable guest_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("Name", "s", property_get_str, offsetof(Guest, name), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("UUID", "s", property_get_str, offsetof(Guest, uuid), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Owner", "u", property_get_owner, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Running", "b", NULL, offsetof(Guest, running), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("QMPSocket", "s", property_get_str, offsetof(Guest, qmp_socket), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Disks", "ao", property_get_disks, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("SandboxLabel", "s", property_get_sandbox_label, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_METHOD("Unregister", NULL, NULL, method_unregister, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Refresh", NULL, NULL, method_refresh, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};
+
+int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
+        sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_free_ char *name = NULL;
+        Guest *g;
+        int r;
+
+        r = sd_bus_path_decode(path, GUEST_PATH_PREFIX, &name);
+        if (r <= 0)
+                return 0;
+        g = manager_find_guest(m, name);
+        if (!g || !g->published)
+                return 0;
+        *found = g;
+        return 1;
+}
+
+int guest_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_strv_free_ char **l = NULL;
+        int r;
+
+        for (Guest *g = m->guests; g; g = g->next) {
+                if (!g->published)
+                        continue;
+                r = strv_push(&l, strdup(g->object_path));
+                if (r < 0)
+                        return r;
+                for (size_t i = 0; i < g->n_disks; i++) {
+                        r = strv_push(&l, strdup(g->disks[i]->object_path));
+                        if (r < 0)
+                                return r;
+                }
+        }
+        if (!l && !(l = calloc(1, sizeof(char *))))
+                return -ENOMEM;
+        *nodes = TAKE_PTR(l);
+        return 1;
+}

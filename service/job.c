@@ -1,0 +1,231 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include "job.h"
+
+static const char *const state_table[_STREAM_STATE_MAX] = {
+        [STREAM_IDLE] = "idle",
+        [STREAM_RUNNING] = "running",
+        [STREAM_PAUSED] = "paused",
+        [STREAM_COMPLETED] = "completed",
+        [STREAM_FAILED] = "failed",
+        [STREAM_CANCELLED] = "cancelled",
+};
+
+static const char *const mode_table[_STREAM_MODE_MAX] = {
+        [STREAM_MODE_NONE] = "",
+        [STREAM_MODE_FULL] = "full",
+        [STREAM_MODE_RANGE] = "range",
+};
+
+const char *stream_state_to_string(StreamState s) {
+        return s >= 0 && s < _STREAM_STATE_MAX ? state_table[s] : NULL;
+}
+
+StreamState stream_state_from_string(const char *s) {
+        for (int i = 0; s && i < _STREAM_STATE_MAX; i++)
+                if (streq(s, state_table[i]))
+                        return (StreamState) i;
+        return _STREAM_STATE_INVALID;
+}
+
+const char *stream_mode_to_string(StreamMode m) {
+        return m >= 0 && m < _STREAM_MODE_MAX ? mode_table[m] : NULL;
+}
+
+StreamMode stream_mode_from_string(const char *s) {
+        for (int i = 0; s && i < _STREAM_MODE_MAX; i++)
+                if (streq(s, mode_table[i]))
+                        return (StreamMode) i;
+        return _STREAM_MODE_INVALID;
+}
+
+void job_done(Job *j) {
+        j->id = mfree(j->id);
+        j->error = mfree(j->error);
+}
+
+int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t length, uint64_t total,
+        uint64_t bandwidth, usec_t realtime) {
+        char *copy = strdup(id);
+
+        if (!copy)
+                return -ENOMEM;
+        job_done(j);
+        *j = (Job) {
+                .id = copy,
+                .state = STREAM_RUNNING,
+                .mode = mode,
+                .offset = offset,
+                .length = length,
+                .total = total,
+                .bandwidth = bandwidth,
+                .start_time = realtime,
+        };
+        return 0;
+}
+
+bool job_is_active(const Job *j) {
+        return j->state == STREAM_RUNNING || j->state == STREAM_PAUSED;
+}
+
+static void job_sample(Job *j, usec_t mono) {
+        j->samples[j->sample_next] = (JobSample) { .t = mono, .done = j->done };
+        j->sample_next = (j->sample_next + 1) % JOB_SAMPLES;
+        if (j->n_samples < JOB_SAMPLES)
+                j->n_samples++;
+}
+
+unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono) {
+        uint64_t old_done = j->done, old_total = j->total;
+
+        if (!job_is_active(j) || j->concluded)
+                return 0;
+        /* QEMU reports len = offset = 0 in a job's first moments: that is "unknown", not "nothing". */
+        if (total > 0)
+                j->total = total;
+        /* Progress never runs backwards, and never past the total. */
+        if (done > j->done)
+                j->done = done;
+        if (j->done > j->total)
+                j->done = j->total;
+        if (mono > 0)
+                job_sample(j, mono);
+        return (j->done != old_done || j->total != old_total) ? JOB_CHANGED_PROGRESS : 0;
+}
+
+static unsigned job_set_status(Job *j, QemuJobStatus status) {
+        StreamState s = j->state;
+
+        if (j->concluded)
+                return 0;
+        switch (status) {
+        case QEMU_JOB_PAUSED:
+        case QEMU_JOB_STANDBY:
+                s = STREAM_PAUSED;
+                break;
+        case QEMU_JOB_CREATED:
+        case QEMU_JOB_RUNNING:
+        case QEMU_JOB_READY:
+        case QEMU_JOB_WAITING:
+        case QEMU_JOB_PENDING:
+        case QEMU_JOB_ABORTING:
+                s = STREAM_RUNNING;
+                break;
+        case QEMU_JOB_CONCLUDED:
+        case QEMU_JOB_NULL:
+                /* The outcome comes from BLOCK_JOB_COMPLETED/CANCELLED or query-block-jobs. */
+                return JOB_NEEDS_QUERY;
+        default:
+                return 0;
+        }
+        if (s == j->state)
+                return 0;
+        j->state = s;
+        if (s == STREAM_PAUSED)
+                j->n_samples = 0; /* the rate restarts from the resume */
+        return JOB_CHANGED_STATE;
+}
+
+static int set_error(Job *j, const char *error) {
+        char *e = NULL;
+
+        if (error) {
+                e = strdup(error);
+                if (!e)
+                        return -ENOMEM;
+        }
+        free(j->error);
+        j->error = e;
+        return 0;
+}
+
+unsigned job_conclude(Job *j, StreamState outcome, const char *error) {
+        if (j->concluded || !job_is_active(j))
+                return 0;
+        j->concluded = true;
+        j->outcome = outcome;
+        if (set_error(j, outcome == STREAM_FAILED ? (error ?: "unknown error") : NULL) < 0)
+                j->error = NULL; /* out of memory: lose the text, never the outcome */
+        return JOB_NOW_CONCLUDED;
+}
+
+unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono) {
+        unsigned changed = 0;
+
+        if (!j->id || !streq(info->id, j->id))
+                return 0;
+        if (info->status == QEMU_JOB_CONCLUDED) {
+                if (info->len > 0 || info->offset > 0)
+                        changed |= job_apply_progress(j, info->offset, info->len, 0);
+                if (!info->error)
+                        return changed | job_conclude(j, STREAM_COMPLETED, NULL);
+                /* QEMU says "Operation canceled" (strerror(ECANCELED)) for a cancelled job. */
+                if (j->cancel_requested || streq(info->error, "Operation canceled"))
+                        return changed | job_conclude(j, STREAM_CANCELLED, NULL);
+                return changed | job_conclude(j, STREAM_FAILED, info->error);
+        }
+        changed |= job_apply_progress(j, info->offset, info->len, mono);
+        return changed | (job_set_status(j, info->status) & ~JOB_NEEDS_QUERY);
+}
+
+unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono) {
+        unsigned changed = 0;
+
+        if (!j->id || !ev->id || !streq(ev->id, j->id))
+                return 0;
+        switch (ev->kind) {
+        case QEMU_EVENT_JOB_STATUS_CHANGE:
+                return job_set_status(j, ev->status);
+        case QEMU_EVENT_BLOCK_JOB_COMPLETED:
+                changed |= job_apply_progress(j, ev->offset, ev->len, mono);
+                return changed | job_conclude(j, ev->error ? STREAM_FAILED : STREAM_COMPLETED, ev->error);
+        case QEMU_EVENT_BLOCK_JOB_CANCELLED:
+                changed |= job_apply_progress(j, ev->offset, ev->len, mono);
+                return changed | job_conclude(j, STREAM_CANCELLED, NULL);
+        default:
+                return 0;
+        }
+}
+
+bool job_publish_outcome(Job *j) {
+        if (!j->concluded || j->finished)
+                return false;
+        j->state = j->outcome;
+        if (j->state == STREAM_COMPLETED)
+                j->done = j->total;
+        j->n_samples = 0;
+        j->finished = true;
+        j->concluded = false;
+        return true;
+}
+
+uint64_t job_rate(const Job *j) {
+        const JobSample *last, *first = NULL;
+
+        if (j->state != STREAM_RUNNING || j->n_samples < 2)
+                return 0;
+        last = &j->samples[(j->sample_next + JOB_SAMPLES - 1) % JOB_SAMPLES];
+        /* The oldest sample inside the window. */
+        for (unsigned i = j->n_samples; i >= 2; i--) {
+                const JobSample *s = &j->samples[(j->sample_next + JOB_SAMPLES - i) % JOB_SAMPLES];
+                if (last->t - s->t <= JOB_RATE_WINDOW_USEC) {
+                        first = s;
+                        break;
+                }
+        }
+        if (!first || last->t <= first->t || last->t - first->t < 200 * USEC_PER_MSEC || last->done < first->done)
+                return 0;
+        return (uint64_t) ((long double) (last->done - first->done) * USEC_PER_SEC / (long double) (last->t - first->t));
+}
+
+usec_t job_expected_end(const Job *j, usec_t realtime_now) {
+        uint64_t rate = job_rate(j);
+        long double left;
+
+        if (rate == 0 || j->total <= j->done)
+                return 0;
+        left = (long double) (j->total - j->done) / (long double) rate * USEC_PER_SEC;
+        if (left > (long double) (UINT64_MAX - realtime_now))
+                return 0;
+        return realtime_now + (usec_t) left;
+}

@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The state machine of one disk's stream job, free of I/O: QEMU's job reports and events go
+ * in, what clients see comes out (State, BytesDone/BytesTotal, Rate, ExpectedEndTime, and
+ * when Finished is due). stream.c feeds it and publishes it. */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "qemu.h"
+#include "util.h"
+
+typedef enum StreamState {
+        STREAM_IDLE,
+        STREAM_RUNNING,
+        STREAM_PAUSED,
+        STREAM_COMPLETED,
+        STREAM_FAILED,
+        STREAM_CANCELLED,
+        _STREAM_STATE_MAX,
+        _STREAM_STATE_INVALID = -1,
+} StreamState;
+
+typedef enum StreamMode {
+        STREAM_MODE_NONE,
+        STREAM_MODE_FULL,
+        STREAM_MODE_RANGE,
+        _STREAM_MODE_MAX,
+        _STREAM_MODE_INVALID = -1,
+} StreamMode;
+
+const char *stream_state_to_string(StreamState s);
+StreamState stream_state_from_string(const char *s);
+const char *stream_mode_to_string(StreamMode m);
+StreamMode stream_mode_from_string(const char *s);
+
+#define JOB_SAMPLES 32
+#define JOB_RATE_WINDOW_USEC (5 * USEC_PER_SEC)
+
+typedef struct JobSample {
+        usec_t t; /* CLOCK_MONOTONIC */
+        uint64_t done;
+} JobSample;
+
+typedef struct Job {
+        char *id; /* QEMU's job id while QEMU may still know the job; NULL otherwise */
+        StreamState state;
+        StreamMode mode;
+        uint64_t offset, length;
+        uint64_t done, total;
+        uint64_t bandwidth;
+        usec_t start_time; /* CLOCK_REALTIME */
+        char *error;
+
+        /* QEMU concluded the job: the outcome is known, but not yet published. */
+        bool concluded;
+        StreamState outcome;
+        /* Finished was emitted (persisted, so a restart does not emit it again). */
+        bool finished;
+        bool cancel_requested;
+
+        JobSample samples[JOB_SAMPLES];
+        unsigned n_samples, sample_next;
+} Job;
+
+enum {
+        JOB_CHANGED_STATE = 1 << 0,
+        JOB_CHANGED_PROGRESS = 1 << 1,
+        JOB_NOW_CONCLUDED = 1 << 2, /* outcome known: persist, dismiss, then job_publish_outcome() */
+        JOB_NEEDS_QUERY = 1 << 3,   /* concluded without telling how: ask query-block-jobs */
+};
+
+void job_done(Job *j);
+/* A new job; total is the best estimate before QEMU reports one (the range or the disk size). */
+int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t length, uint64_t total,
+        uint64_t bandwidth, usec_t realtime);
+bool job_is_active(const Job *j); /* running or paused, as clients see it */
+
+unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono);
+unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono);
+/* Progress reported by something else than QEMU's job (the range helper). */
+unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono);
+/* Set the outcome without QEMU (QEMU gone, job lost, helper failed). */
+unsigned job_conclude(Job *j, StreamState outcome, const char *error);
+/* Publish the concluded outcome: true if Finished must be emitted now (at most once per job). */
+bool job_publish_outcome(Job *j);
+
+uint64_t job_rate(const Job *j);
+usec_t job_expected_end(const Job *j, usec_t realtime_now);

@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The Manager object and the registry of guests. */
+
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+
+typedef struct Guest Guest;
+typedef struct PolkitQuery PolkitQuery;
+
+#define MANAGER_PATH "/org/blockstream1"
+#define GUEST_PATH_PREFIX "/org/blockstream1/guest"
+#define BUS_NAME "org.blockstream1"
+
+typedef struct Manager {
+        sd_event *event;
+        sd_bus *bus;
+        Config config;
+        char *state_dir;
+        char *runtime_dir;
+        char *guest_state_dir; /* state_dir/guests */
+
+        Guest *guests; /* doubly linked, registration order */
+        unsigned n_guests;
+
+        PolkitQuery *polkit_queries; /* outstanding CheckAuthorization calls */
+} Manager;
+
+int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
+        const char *runtime_dir);
+Manager *manager_free(Manager *m);
+int manager_connect_bus(Manager *m);
+/* Load persisted guests (before the bus), then connect them to QEMU (after). */
+int manager_load_state(Manager *m);
+void manager_start_guests(Manager *m);
+
+Guest *manager_find_guest(Manager *m, const char *name);
+void manager_link_guest(Manager *m, Guest *g);
+void manager_unlink_guest(Manager *m, Guest *g);

@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The single authorization step every method goes through. */
+
+#include <systemd/sd-bus.h>
+#include <sys/types.h>
+
+typedef struct Manager Manager;
+
+#define ACTION_MANAGE "org.blockstream1.manage"
+#define ACTION_STREAM "org.blockstream1.stream"
+#define ACTION_INSPECT "org.blockstream1.inspect"
+#define ACTION_EXPORT "org.blockstream1.export"
+
+typedef struct AuthDetails {
+        const char *guest; /* NULL where no guest is concerned (ProvisionDisk) */
+        const char *disk;
+        uid_t owner; /* the guest's owner; (uid_t) -1 if none */
+} AuthDetails;
+
+/* 1: allowed, go on. 0: the answer is pending: return 0 from the method handler, the call will
+ * be dispatched again once the answer is in. <0: refused or failed; error is set. */
+int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
+        sd_bus_error *error);
+
+void polkit_registry_free(Manager *m);

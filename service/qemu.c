@@ -1,0 +1,573 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <inttypes.h>
+
+#include "qemu.h"
+#include "util.h"
+
+static const char *const job_status_table[] = {
+        [QEMU_JOB_UNKNOWN] = "unknown",
+        [QEMU_JOB_CREATED] = "created",
+        [QEMU_JOB_RUNNING] = "running",
+        [QEMU_JOB_PAUSED] = "paused",
+        [QEMU_JOB_READY] = "ready",
+        [QEMU_JOB_STANDBY] = "standby",
+        [QEMU_JOB_WAITING] = "waiting",
+        [QEMU_JOB_PENDING] = "pending",
+        [QEMU_JOB_ABORTING] = "aborting",
+        [QEMU_JOB_CONCLUDED] = "concluded",
+        [QEMU_JOB_NULL] = "null",
+};
+
+QemuJobStatus qemu_job_status_from_string(const char *s) {
+        for (size_t i = QEMU_JOB_CREATED; i < ELEMENTSOF(job_status_table); i++)
+                if (streq(s, job_status_table[i]))
+                        return (QemuJobStatus) i;
+        return QEMU_JOB_UNKNOWN;
+}
+
+const char *qemu_job_status_to_string(QemuJobStatus s) {
+        if ((size_t) s >= ELEMENTSOF(job_status_table))
+                return "unknown";
+        return job_status_table[s];
+}
+
+/* Accessors */
+
+int json_get_string(json_object *o, const char *key, bool required, const char **ret) {
+        json_object *v;
+        const char *s;
+
+        if (!json_object_object_get_ex(o, key, &v))
+                return required ? -ENODATA : 0;
+        if (!json_object_is_type(v, json_type_string))
+                return -EBADMSG;
+        s = json_object_get_string(v);
+        if ((size_t) json_object_get_string_len(v) != strlen(s) || strlen(s) > QEMU_STRING_MAX)
+                return -EBADMSG;
+        *ret = s;
+        return 1;
+}
+
+int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret) {
+        json_object *v;
+
+        if (!json_object_object_get_ex(o, key, &v))
+                return required ? -ENODATA : 0;
+        if (!json_object_is_type(v, json_type_int))
+                return -EBADMSG;
+        /* json-c keeps values beyond INT64_MAX as uint64 and clamps beyond UINT64_MAX. */
+        if (json_object_get_int64(v) < 0)
+                return -EBADMSG;
+        *ret = json_object_get_uint64(v);
+        if (*ret == UINT64_MAX)
+                return -EBADMSG; /* saturated: not a value QEMU would send */
+        return 1;
+}
+
+int json_get_bool(json_object *o, const char *key, bool required, bool *ret) {
+        json_object *v;
+
+        if (!json_object_object_get_ex(o, key, &v))
+                return required ? -ENODATA : 0;
+        if (!json_object_is_type(v, json_type_boolean))
+                return -EBADMSG;
+        *ret = json_object_get_boolean(v);
+        return 1;
+}
+
+static int strdup_checked(const char *s, char **ret) {
+        if (!s) {
+                *ret = NULL;
+                return 0;
+        }
+        *ret = strdup(s);
+        return *ret ? 0 : -ENOMEM;
+}
+
+/* Block jobs */
+
+void qemu_block_jobs_free(QemuBlockJob *jobs, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                free(jobs[i].id);
+                free(jobs[i].type);
+                free(jobs[i].error);
+        }
+        free(jobs);
+}
+
+static int parse_block_job(json_object *o, QemuBlockJob *j) {
+        const char *id = NULL, *type = NULL, *status = NULL, *error = NULL;
+        int r;
+
+        if (!json_object_is_type(o, json_type_object))
+                return -EBADMSG;
+        if ((r = json_get_string(o, "device", true, &id)) < 0 || (r = json_get_string(o, "type", true, &type)) < 0 ||
+                (r = json_get_string(o, "status", true, &status)) < 0 ||
+                (r = json_get_u64(o, "len", true, &j->len)) < 0 ||
+                (r = json_get_u64(o, "offset", true, &j->offset)) < 0 ||
+                (r = json_get_u64(o, "speed", true, &j->speed)) < 0 || (r = json_get_string(o, "error", false, &error)) < 0)
+                return -EBADMSG;
+        j->status = qemu_job_status_from_string(status);
+        if (strdup_checked(id, &j->id) < 0 || strdup_checked(type, &j->type) < 0 || strdup_checked(error, &j->error) < 0)
+                return -ENOMEM;
+        return 0;
+}
+
+int qemu_parse_block_jobs(json_object *ret, QemuBlockJob **jobs, size_t *n_jobs) {
+        QemuBlockJob *l;
+        size_t n;
+        int r;
+
+        if (!json_object_is_type(ret, json_type_array))
+                return -EBADMSG;
+        n = json_object_array_length(ret);
+        if (n > QEMU_JOBS_MAX)
+                return -E2BIG;
+        l = calloc(n ?: 1, sizeof(QemuBlockJob));
+        if (!l)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                r = parse_block_job(json_object_array_get_idx(ret, i), &l[i]);
+                if (r < 0) {
+                        qemu_block_jobs_free(l, n);
+                        return r;
+                }
+        }
+        *jobs = l;
+        *n_jobs = n;
+        return 0;
+}
+
+/* Events */
+
+int qemu_parse_job_event(const char *name, json_object *data, QemuJobEvent *ev) {
+        const char *status = NULL;
+        int r = 0;
+
+        *ev = (QemuJobEvent) {};
+        if (streq(name, "JOB_STATUS_CHANGE")) {
+                ev->kind = QEMU_EVENT_JOB_STATUS_CHANGE;
+                if (json_get_string(data, "id", true, &ev->id) < 0 || json_get_string(data, "status", true, &status) < 0)
+                        return -EBADMSG;
+                ev->status = qemu_job_status_from_string(status);
+                return 1;
+        }
+        if (streq(name, "BLOCK_JOB_COMPLETED"))
+                ev->kind = QEMU_EVENT_BLOCK_JOB_COMPLETED;
+        else if (streq(name, "BLOCK_JOB_CANCELLED"))
+                ev->kind = QEMU_EVENT_BLOCK_JOB_CANCELLED;
+        else if (streq(name, "BLOCK_JOB_READY"))
+                ev->kind = QEMU_EVENT_BLOCK_JOB_READY;
+        else if (streq(name, "BLOCK_JOB_ERROR"))
+                ev->kind = QEMU_EVENT_BLOCK_JOB_ERROR;
+        else
+                return 0;
+
+        if (json_get_string(data, "device", true, &ev->id) < 0)
+                return -EBADMSG;
+        if (ev->kind == QEMU_EVENT_BLOCK_JOB_ERROR) {
+                if (json_get_string(data, "action", true, &ev->action) < 0)
+                        return -EBADMSG;
+                return 1;
+        }
+        if ((r = json_get_u64(data, "len", true, &ev->len)) < 0 || (r = json_get_u64(data, "offset", true, &ev->offset)) < 0 ||
+                (r = json_get_u64(data, "speed", false, &ev->speed)) < 0 ||
+                (r = json_get_string(data, "error", false, &ev->error)) < 0)
+                return -EBADMSG;
+        ev->has_progress = true;
+        return 1;
+}
+
+/* Disks */
+
+static void qemu_image_done(QemuImage *i) {
+        free(i->filename);
+        free(i->format);
+        free(i->node_name);
+}
+
+void qemu_disks_free(QemuDisk *disks, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                QemuDisk *d = &disks[i];
+                free(d->alias);
+                free(d->node_name);
+                free(d->filename);
+                free(d->format);
+                for (size_t j = 0; j < d->n_chain; j++)
+                        qemu_image_done(&d->chain[j]);
+                free(d->chain);
+        }
+        free(disks);
+}
+
+/* The node that holds filename in format fmt: a format node, not the protocol node below it
+ * (both report the same file). */
+static const char *find_node(json_object *nodes, const char *filename, const char *fmt) {
+        size_t n = json_object_array_length(nodes);
+
+        for (size_t i = 0; i < n; i++) {
+                json_object *o = json_object_array_get_idx(nodes, i);
+                const char *file = NULL, *drv = NULL, *name = NULL;
+
+                if (!json_object_is_type(o, json_type_object))
+                        continue;
+                if (json_get_string(o, "file", true, &file) < 0 || json_get_string(o, "drv", true, &drv) < 0 ||
+                        json_get_string(o, "node-name", true, &name) < 0)
+                        continue;
+                if (streq(file, filename) && streq(drv, fmt))
+                        return name;
+        }
+        return NULL;
+}
+
+static char *alias_from_qdev(const char *qdev) {
+        static const char prefix[] = "/machine/peripheral/";
+        const char *s;
+        size_t n;
+
+        if (!qdev || strncmp(qdev, prefix, sizeof(prefix) - 1) != 0)
+                return NULL;
+        s = qdev + sizeof(prefix) - 1;
+        n = strcspn(s, "/");
+        if (n == 0)
+                return NULL;
+        return strndup(s, n);
+}
+
+static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint64_t *cluster) {
+        const char *filename = NULL, *format = NULL;
+
+        if (!json_object_is_type(image, json_type_object))
+                return -EBADMSG;
+        if (json_get_string(image, "filename", true, &filename) < 0 || json_get_string(image, "format", true, &format) < 0)
+                return -EBADMSG;
+        if (size && json_get_u64(image, "virtual-size", true, size) < 0)
+                return -EBADMSG;
+        if (cluster && json_get_u64(image, "cluster-size", false, cluster) < 0)
+                return -EBADMSG;
+        if (isempty(filename) || isempty(format))
+                return -EBADMSG;
+        if (strdup_checked(filename, &ret->filename) < 0 || strdup_checked(format, &ret->format) < 0)
+                return -ENOMEM;
+        return 0;
+}
+
+static int parse_disk(json_object *block, json_object *nodes, QemuDisk *d) {
+        json_object *inserted, *image, *backing;
+        const char *qdev = NULL, *device = NULL, *node = NULL;
+        QemuImage top = {};
+        int r;
+
+        if (!json_object_is_type(block, json_type_object))
+                return -EBADMSG;
+        if (!json_object_object_get_ex(block, "inserted", &inserted))
+                return 0; /* an empty drive: nothing to stream */
+        if (!json_object_is_type(inserted, json_type_object))
+                return -EBADMSG;
+        if (json_get_string(block, "qdev", false, &qdev) < 0 || json_get_string(block, "device", false, &device) < 0 ||
+                json_get_string(inserted, "node-name", true, &node) < 0 ||
+                json_get_bool(inserted, "ro", false, &d->read_only) < 0)
+                return -EBADMSG;
+        if (!json_object_object_get_ex(inserted, "image", &image))
+                return -EBADMSG;
+
+        d->alias = alias_from_qdev(qdev);
+        if (!d->alias)
+                d->alias = strdup(!isempty(device) ? device : node);
+        if (!d->alias)
+                return -ENOMEM;
+        if (!qemu_id_is_valid(d->alias) && !streq(d->alias, node))
+                return -EBADMSG;
+        if (!(d->node_name = strdup(node)))
+                return -ENOMEM;
+
+        r = parse_image(image, &top, &d->virtual_size, &d->cluster_size);
+        if (r < 0)
+                return r;
+        d->filename = TAKE_PTR(top.filename);
+        d->format = TAKE_PTR(top.format);
+
+        /* Walk the nested backing images iteratively: the depth is QEMU's to choose, ours to bound. */
+        for (json_object *cur = image; json_object_object_get_ex(cur, "backing-image", &backing); cur = backing) {
+                QemuImage *c;
+                const char *nn;
+
+                if (d->n_chain >= QEMU_CHAIN_MAX)
+                        return -E2BIG;
+                c = reallocarray(d->chain, d->n_chain + 1, sizeof(QemuImage));
+                if (!c)
+                        return -ENOMEM;
+                d->chain = c;
+                c = &d->chain[d->n_chain];
+                *c = (QemuImage) {};
+                r = parse_image(backing, c, NULL, NULL);
+                if (r < 0) {
+                        qemu_image_done(c);
+                        return r;
+                }
+                d->n_chain++;
+                nn = nodes ? find_node(nodes, c->filename, c->format) : NULL;
+                if (nn && !(c->node_name = strdup(nn)))
+                        return -ENOMEM;
+        }
+        return 1;
+}
+
+int qemu_parse_disks(json_object *blocks, json_object *nodes, QemuDisk **ret, size_t *n_ret) {
+        QemuDisk *l;
+        size_t n, k = 0;
+        int r;
+
+        if (!json_object_is_type(blocks, json_type_array))
+                return -EBADMSG;
+        if (nodes && (!json_object_is_type(nodes, json_type_array) || json_object_array_length(nodes) > QEMU_NODES_MAX))
+                return -EBADMSG;
+        n = json_object_array_length(blocks);
+        if (n > QEMU_DISKS_MAX)
+                return -E2BIG;
+        l = calloc(n ?: 1, sizeof(QemuDisk));
+        if (!l)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                r = parse_disk(json_object_array_get_idx(blocks, i), nodes, &l[k]);
+                if (r < 0) {
+                        qemu_disks_free(l, k + 1);
+                        return r;
+                }
+                if (r == 0)
+                        continue;
+                /* Two disks with one alias would make addressing ambiguous. */
+                for (size_t j = 0; j < k; j++)
+                        if (streq(l[j].alias, l[k].alias)) {
+                                qemu_disks_free(l, k + 1);
+                                return -EBADMSG;
+                        }
+                k++;
+        }
+        *ret = l;
+        *n_ret = k;
+        return 0;
+}
+
+/* Asynchronous typed calls */
+
+typedef struct Request {
+        unsigned n_ref;
+        union {
+                qemu_result_handler_t result;
+                qemu_disks_handler_t disks;
+                qemu_jobs_handler_t jobs;
+        } handler;
+        void *userdata;
+        qemu_destroy_t destroy;
+        json_object *blocks; /* query_disks: the first reply, kept for the second */
+} Request;
+
+static Request *request_new(void *userdata, qemu_destroy_t destroy) {
+        Request *r = calloc(1, sizeof(Request));
+
+        if (!r)
+                return NULL;
+        r->n_ref = 1;
+        r->userdata = userdata;
+        r->destroy = destroy;
+        return r;
+}
+
+static void request_unref(void *p) {
+        Request *r = p;
+
+        if (!r || --r->n_ref > 0)
+                return;
+        if (r->destroy)
+                r->destroy(r->userdata);
+        if (r->blocks)
+                json_object_put(r->blocks);
+        free(r);
+}
+
+/* Submit; on failure the request is freed without running the caller's destroy. */
+static int request_submit(Qmp *q, const char *command, json_object *args, Request *req, qmp_reply_handler_t h) {
+        int r = qmp_call(q, command, args, -1, h, req, request_unref);
+        if (r < 0) {
+                req->destroy = NULL;
+                request_unref(req);
+        }
+        return r;
+}
+
+static void result_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+
+        if (req->handler.result)
+                req->handler.result(q, error, desc, req->userdata);
+}
+
+static int simple_call(Qmp *q, const char *command, json_object *args, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        Request *req;
+
+        if (!args)
+                return -ENOMEM; /* every typed call has arguments: a NULL here is a failed allocation */
+        req = request_new(userdata, destroy);
+        if (!req) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        req->handler.result = handler;
+        return request_submit(q, command, args, req, result_reply);
+}
+
+static json_object *args_with_string(const char *key, const char *value) {
+        json_object *o = json_object_new_object();
+
+        if (o && json_object_object_add(o, key, json_object_new_string(value)) < 0) {
+                json_object_put(o);
+                return NULL;
+        }
+        return o;
+}
+
+int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o;
+
+        if (a->speed > INT64_MAX)
+                return -ERANGE;
+        o = json_object_new_object();
+        if (!o || json_object_object_add(o, "job-id", json_object_new_string(a->job_id)) < 0 ||
+                json_object_object_add(o, "device", json_object_new_string(a->node_name)) < 0 ||
+                (a->base_node && json_object_object_add(o, "base-node", json_object_new_string(a->base_node)) < 0) ||
+                (a->speed > 0 && json_object_object_add(o, "speed", json_object_new_int64((int64_t) a->speed)) < 0) ||
+                json_object_object_add(o, "auto-finalize", json_object_new_boolean(true)) < 0 ||
+                json_object_object_add(o, "auto-dismiss", json_object_new_boolean(false)) < 0 ||
+                json_object_object_add(o, "on-error", json_object_new_string("report")) < 0) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        return simple_call(q, "block-stream", o, handler, userdata, destroy);
+}
+
+int qemu_block_job_pause(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return simple_call(q, "block-job-pause", args_with_string("device", job_id), handler, userdata, destroy);
+}
+
+int qemu_block_job_resume(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return simple_call(q, "block-job-resume", args_with_string("device", job_id), handler, userdata, destroy);
+}
+
+int qemu_block_job_cancel(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o = args_with_string("device", job_id);
+
+        /* force: QEMU refuses to cancel a paused job otherwise. */
+        if (o && json_object_object_add(o, "force", json_object_new_boolean(true)) < 0) {
+                json_object_put(o);
+                o = NULL;
+        }
+        return simple_call(q, "block-job-cancel", o, handler, userdata, destroy);
+}
+
+int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_result_handler_t handler,
+        void *userdata, qemu_destroy_t destroy) {
+        json_object *o;
+
+        if (speed > INT64_MAX)
+                return -ERANGE;
+        o = args_with_string("device", job_id);
+        if (o && json_object_object_add(o, "speed", json_object_new_int64((int64_t) speed)) < 0) {
+                json_object_put(o);
+                o = NULL;
+        }
+        return simple_call(q, "block-job-set-speed", o, handler, userdata, destroy);
+}
+
+int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return simple_call(q, "job-dismiss", args_with_string("id", job_id), handler, userdata, destroy);
+}
+
+static void jobs_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        QemuBlockJob *jobs = NULL;
+        size_t n = 0;
+        int r;
+
+        if (error < 0) {
+                req->handler.jobs(q, error, desc, NULL, 0, req->userdata);
+                return;
+        }
+        r = qemu_parse_block_jobs(result, &jobs, &n);
+        if (r < 0) {
+                req->handler.jobs(q, r, "QEMU sent a malformed query-block-jobs reply", NULL, 0, req->userdata);
+                return;
+        }
+        req->handler.jobs(q, 0, NULL, jobs, n, req->userdata);
+        qemu_block_jobs_free(jobs, n);
+}
+
+int qemu_query_block_jobs(Qmp *q, qemu_jobs_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.jobs = handler;
+        return request_submit(q, "query-block-jobs", NULL, req, jobs_reply);
+}
+
+static void nodes_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        QemuDisk *disks = NULL;
+        size_t n = 0;
+        int r;
+
+        if (error < 0) {
+                req->handler.disks(q, error, desc, NULL, 0, req->userdata);
+                return;
+        }
+        r = qemu_parse_disks(req->blocks, result, &disks, &n);
+        if (r < 0) {
+                req->handler.disks(q, r, "QEMU sent a malformed query-block or query-named-block-nodes reply", NULL, 0,
+                        req->userdata);
+                return;
+        }
+        req->handler.disks(q, 0, NULL, disks, n, req->userdata);
+        qemu_disks_free(disks, n);
+}
+
+static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        json_object *args;
+        int r;
+
+        if (error < 0) {
+                req->handler.disks(q, error, desc, NULL, 0, req->userdata);
+                return;
+        }
+        req->blocks = json_object_get(result);
+        args = json_object_new_object();
+        if (!args || json_object_object_add(args, "flat", json_object_new_boolean(true)) < 0) {
+                json_object_put(args);
+                req->handler.disks(q, -ENOMEM, NULL, NULL, 0, req->userdata);
+                return;
+        }
+        /* The second call takes its own reference; this call's reference drops after we return. */
+        req->n_ref++;
+        r = qmp_call(q, "query-named-block-nodes", args, -1, nodes_reply, req, request_unref);
+        if (r < 0) {
+                req->n_ref--;
+                req->handler.disks(q, r, NULL, NULL, 0, req->userdata);
+        }
+}
+
+int qemu_query_disks(Qmp *q, qemu_disks_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.disks = handler;
+        return request_submit(q, "query-block", NULL, req, blocks_reply);
+}

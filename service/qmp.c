@@ -1,0 +1,735 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "qmp.h"
+#include "qemu.h"
+#include "util.h"
+
+enum QmpState {
+        QMP_CONNECTING,
+        QMP_GREETING,
+        QMP_NEGOTIATING,
+        QMP_READY,
+        QMP_CLOSED,
+};
+
+typedef struct QmpCall {
+        struct QmpCall *next;
+        uint64_t id;
+        char *command;
+        char *data; /* serialized message until fully sent, then NULL */
+        size_t size, sent;
+        int fd;
+        usec_t deadline; /* set once sent */
+        qmp_reply_handler_t handler;
+        void *userdata;
+        void (*destroy)(void *userdata);
+} QmpCall;
+
+struct Qmp {
+        unsigned n_ref;
+        sd_event *event;
+        sd_event_source *io, *timer;
+        int fd;
+        enum QmpState state;
+        json_tokener *tok;
+        size_t msg_bytes;
+        QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
+        unsigned n_calls;
+        uint64_t next_id;
+        QmpHandlers h;
+        usec_t timeout;
+        usec_t setup_deadline;
+        unsigned version;
+};
+
+static void qmp_call_free(QmpCall *c) {
+        if (!c)
+                return;
+        if (c->destroy)
+                c->destroy(c->userdata);
+        free(c->command);
+        free(c->data);
+        closep(&c->fd);
+        free(c);
+}
+
+static int qmp_update_io(Qmp *q);
+static int qmp_update_timer(Qmp *q);
+static void qmp_fail(Qmp *q, int error);
+
+Qmp *qmp_ref(Qmp *q) {
+        if (q)
+                q->n_ref++;
+        return q;
+}
+
+static void qmp_disconnect(Qmp *q) {
+        q->io = sd_event_source_disable_unref(q->io);
+        q->timer = sd_event_source_disable_unref(q->timer);
+        closep(&q->fd);
+        q->fd = -1;
+        q->state = QMP_CLOSED;
+}
+
+/* Unlink and return all calls; the caller disposes of them. */
+static QmpCall *qmp_steal_calls(Qmp *q) {
+        QmpCall *l = q->calls;
+
+        q->calls = q->calls_tail = NULL;
+        q->n_calls = 0;
+        return l;
+}
+
+static void qmp_free(Qmp *q) {
+        QmpCall *l;
+
+        qmp_disconnect(q);
+        l = qmp_steal_calls(q);
+        while (l) {
+                QmpCall *n = l->next;
+                qmp_call_free(l);
+                l = n;
+        }
+        if (q->tok)
+                json_tokener_free(q->tok);
+        sd_event_unref(q->event);
+        free(q);
+}
+
+Qmp *qmp_unref(Qmp *q) {
+        if (!q)
+                return NULL;
+        if (--q->n_ref == 0)
+                qmp_free(q);
+        return NULL;
+}
+
+Qmp *qmp_close_unref(Qmp *q) {
+        QmpCall *l;
+
+        if (!q)
+                return NULL;
+        q->h = (QmpHandlers) {};
+        qmp_disconnect(q);
+        /* Dropped silently: the owner is going away and wants no callbacks. */
+        l = qmp_steal_calls(q);
+        while (l) {
+                QmpCall *n = l->next;
+                l->handler = NULL;
+                qmp_call_free(l);
+                l = n;
+        }
+        return qmp_unref(q);
+}
+
+bool qmp_is_ready(Qmp *q) {
+        return q && q->state == QMP_READY;
+}
+
+void qmp_set_timeout(Qmp *q, uint64_t usec) {
+        q->timeout = usec;
+}
+
+unsigned qmp_qemu_version(Qmp *q) {
+        return q->version;
+}
+
+static void qmp_append(Qmp *q, QmpCall *c) {
+        c->next = NULL;
+        if (q->calls_tail)
+                q->calls_tail->next = c;
+        else
+                q->calls = c;
+        q->calls_tail = c;
+        q->n_calls++;
+}
+
+static QmpCall *qmp_unlink(Qmp *q, uint64_t id) {
+        QmpCall *prev = NULL;
+
+        for (QmpCall *c = q->calls; c; prev = c, c = c->next) {
+                if (c->id != id || c->data) /* a reply to something not yet sent is bogus */
+                        continue;
+                if (prev)
+                        prev->next = c->next;
+                else
+                        q->calls = c->next;
+                if (q->calls_tail == c)
+                        q->calls_tail = prev;
+                q->n_calls--;
+                c->next = NULL;
+                return c;
+        }
+        return NULL;
+}
+
+static int qmp_enqueue(Qmp *q, const char *command, json_object *args, int fd, qmp_reply_handler_t handler,
+        void *userdata, void (*destroy)(void *)) {
+        _cleanup_(json_object_putp) json_object *msg = NULL;
+        _cleanup_close_ int fd_owned = fd;
+        QmpCall *c;
+        const char *s;
+        int r;
+
+        if (q->n_calls >= QMP_PENDING_MAX) {
+                json_object_put(args);
+                return -EBUSY;
+        }
+        msg = json_object_new_object();
+        if (!msg) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        if (json_object_object_add(msg, "execute", json_object_new_string(command)) < 0) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        if (args && json_object_object_add(msg, "arguments", args) < 0) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        if (json_object_object_add(msg, "id", json_object_new_int64((int64_t) q->next_id)) < 0)
+                return -ENOMEM;
+
+        s = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+        if (!s)
+                return -ENOMEM;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->fd = -1;
+        c->id = q->next_id++;
+        c->command = strdup(command);
+        c->data = strdup_printf("%s\r\n", s);
+        if (!c->command || !c->data) {
+                qmp_call_free(c);
+                return -ENOMEM;
+        }
+        c->size = strlen(c->data);
+        c->fd = TAKE_FD(fd_owned);
+        c->handler = handler;
+        c->userdata = userdata;
+        c->destroy = destroy;
+        qmp_append(q, c);
+
+        r = qmp_update_io(q);
+        if (r < 0) {
+                /* Leave the call queued: the connection is broken and qmp_fail will run. */
+                log_debug_errno(r, "QMP: failed to arm write: %m");
+        }
+        return 0;
+}
+
+int qmp_call(Qmp *q, const char *command, json_object *args, int fd, qmp_reply_handler_t handler, void *userdata,
+        void (*destroy)(void *userdata)) {
+        if (!q || !command) {
+                json_object_put(args);
+                closep(&fd);
+                return -EINVAL;
+        }
+        if (q->state != QMP_READY) {
+                json_object_put(args);
+                closep(&fd);
+                return -ENOTCONN;
+        }
+        return qmp_enqueue(q, command, args, fd, handler, userdata, destroy);
+}
+
+/* Writing */
+
+static QmpCall *qmp_first_unsent(Qmp *q) {
+        for (QmpCall *c = q->calls; c; c = c->next)
+                if (c->data)
+                        return c;
+        return NULL;
+}
+
+static int qmp_write(Qmp *q) {
+        QmpCall *c;
+
+        while ((c = qmp_first_unsent(q))) {
+                struct iovec iov = { .iov_base = c->data + c->sent, .iov_len = c->size - c->sent };
+                union {
+                        struct cmsghdr hdr;
+                        char buf[CMSG_SPACE(sizeof(int))];
+                } control = {};
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+                ssize_t k;
+
+                if (c->fd >= 0 && c->sent == 0) {
+                        struct cmsghdr *cmsg;
+                        mh.msg_control = &control;
+                        mh.msg_controllen = sizeof(control.buf);
+                        cmsg = CMSG_FIRSTHDR(&mh);
+                        cmsg->cmsg_level = SOL_SOCKET;
+                        cmsg->cmsg_type = SCM_RIGHTS;
+                        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+                        memcpy(CMSG_DATA(cmsg), &c->fd, sizeof(int));
+                }
+                k = sendmsg(q->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (k < 0) {
+                        if (errno == EAGAIN || errno == EINTR)
+                                return 0;
+                        return -errno;
+                }
+                if (c->fd >= 0) {
+                        /* The kernel holds its own reference now. */
+                        closep(&c->fd);
+                        c->fd = -1;
+                }
+                c->sent += (size_t) k;
+                if (c->sent >= c->size) {
+                        c->data = mfree(c->data);
+                        c->deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
+                }
+        }
+        return 0;
+}
+
+/* Reading and dispatching */
+
+static int qmp_protocol_error(Qmp *q, const char *what) {
+        log_warning("QMP: protocol violation (%s), closing the connection.", what);
+        return -EPROTO;
+}
+
+/* QEMU's error text ends up in D-Bus error messages and logs: keep it short and printable. */
+static void sanitize_text(char *dst, size_t size, const char *src) {
+        size_t n = 0;
+
+        for (const unsigned char *s = (const unsigned char *) src; *s && n + 1 < size; s++) {
+                if (*s >= 0x80) {
+                        /* Copy a whole (already validated) UTF-8 sequence or stop. */
+                        size_t len = (*s & 0xE0) == 0xC0 ? 2 : (*s & 0xF0) == 0xE0 ? 3 : 4;
+                        if (n + len + 1 > size)
+                                break;
+                        memcpy(dst + n, s, len);
+                        n += len;
+                        s += len - 1;
+                        continue;
+                }
+                dst[n++] = (*s < 0x20 || *s == 0x7f) ? ' ' : (char) *s;
+        }
+        dst[n] = 0;
+}
+
+static int qmp_handle_greeting(Qmp *q, json_object *msg);
+
+static void qmp_capabilities_reply(Qmp *q, int error, json_object *result, const char *error_class,
+        const char *error_desc, void *userdata) {
+        if (error < 0) {
+                log_warning("QMP: qmp_capabilities failed: %s", error == -EREMOTEIO ? error_desc : strerror(-error));
+                qmp_fail(q, error == -EREMOTEIO ? -EPROTO : error);
+                return;
+        }
+        q->state = QMP_READY;
+        q->setup_deadline = USEC_INFINITY;
+        (void) qmp_update_timer(q);
+        if (q->h.on_state)
+                q->h.on_state(q, 0, q->h.userdata);
+}
+
+static int qmp_handle_greeting(Qmp *q, json_object *msg) {
+        json_object *greeting, *version, *qemu, *v;
+        int64_t parts[3] = {};
+        const char *keys[3] = { "major", "minor", "micro" };
+
+        if (!json_object_object_get_ex(msg, "QMP", &greeting) || !json_object_is_type(greeting, json_type_object))
+                return qmp_protocol_error(q, "first message is not a QMP greeting");
+        if (json_object_object_get_ex(greeting, "version", &version) &&
+                json_object_is_type(version, json_type_object) &&
+                json_object_object_get_ex(version, "qemu", &qemu) && json_object_is_type(qemu, json_type_object)) {
+                for (size_t i = 0; i < 3; i++)
+                        if (json_object_object_get_ex(qemu, keys[i], &v) && json_object_is_type(v, json_type_int)) {
+                                parts[i] = json_object_get_int64(v);
+                                if (parts[i] < 0 || parts[i] > 99)
+                                        parts[i] = 0;
+                        }
+                q->version = (unsigned) (parts[0] * 10000 + parts[1] * 100 + parts[2]);
+        }
+        q->state = QMP_NEGOTIATING;
+        return qmp_enqueue(q, "qmp_capabilities", NULL, -1, qmp_capabilities_reply, NULL, NULL);
+}
+
+static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_object *err) {
+        json_object *id, *cls = NULL, *desc = NULL;
+        char class_buf[64], desc_buf[512];
+        QmpCall *c;
+        int64_t n;
+
+        if (!json_object_object_get_ex(msg, "id", &id) || !json_object_is_type(id, json_type_int))
+                return qmp_protocol_error(q, "reply without a valid id");
+        n = json_object_get_int64(id);
+        if (n < 0)
+                return qmp_protocol_error(q, "reply with a negative id");
+        if (err) {
+                if (!json_object_is_type(err, json_type_object) ||
+                        !json_object_object_get_ex(err, "class", &cls) || !json_object_is_type(cls, json_type_string) ||
+                        !json_object_object_get_ex(err, "desc", &desc) || !json_object_is_type(desc, json_type_string))
+                        return qmp_protocol_error(q, "malformed error reply");
+        }
+
+        c = qmp_unlink(q, (uint64_t) n);
+        if (!c) {
+                /* A reply to a call that timed out, or invented: not fatal, not trusted either. */
+                log_debug("QMP: reply to unknown id %" PRIi64 " ignored.", n);
+                return 0;
+        }
+        if (c->handler) {
+                if (err) {
+                        sanitize_text(class_buf, sizeof(class_buf), json_object_get_string(cls));
+                        sanitize_text(desc_buf, sizeof(desc_buf), json_object_get_string(desc));
+                        c->handler(q, -EREMOTEIO, NULL, class_buf, desc_buf, c->userdata);
+                } else
+                        c->handler(q, 0, ret, NULL, NULL, c->userdata);
+        }
+        qmp_call_free(c);
+        return 0;
+}
+
+static int qmp_dispatch(Qmp *q, json_object *msg) {
+        json_object *ret = NULL, *err = NULL, *ev;
+
+        if (!json_object_is_type(msg, json_type_object))
+                return qmp_protocol_error(q, "message is not a JSON object");
+
+        if (q->state == QMP_GREETING)
+                return qmp_handle_greeting(q, msg);
+
+        if (json_object_object_get_ex(msg, "event", &ev)) {
+                json_object *data = NULL;
+                const char *name;
+
+                if (!json_object_is_type(ev, json_type_string))
+                        return qmp_protocol_error(q, "event name is not a string");
+                name = json_object_get_string(ev);
+                if ((size_t) json_object_get_string_len(ev) != strlen(name) || strlen(name) > 128)
+                        return qmp_protocol_error(q, "bad event name");
+                if (json_object_object_get_ex(msg, "data", &data) && !json_object_is_type(data, json_type_object))
+                        return qmp_protocol_error(q, "event data is not an object");
+                if (q->state != QMP_READY || !q->h.on_event)
+                        return 0;
+                if (!data) {
+                        _cleanup_(json_object_putp) json_object *empty = json_object_new_object();
+                        if (!empty)
+                                return -ENOMEM;
+                        q->h.on_event(q, name, empty, q->h.userdata);
+                } else
+                        q->h.on_event(q, name, data, q->h.userdata);
+                return 0;
+        }
+
+        json_object_object_get_ex(msg, "return", &ret);
+        json_object_object_get_ex(msg, "error", &err);
+        if ((ret != NULL) == (err != NULL)) {
+                /* "return": null would give ret == NULL with the key present: treat as protocol error too. */
+                return qmp_protocol_error(q, "message is neither a reply nor an event");
+        }
+        return qmp_handle_reply(q, msg, ret, err);
+}
+
+int qmp_feed(Qmp *q, const char *buf, size_t len) {
+        int r = 0;
+
+        qmp_ref(q);
+        while (len > 0 && q->state != QMP_CLOSED) {
+                _cleanup_(json_object_putp) json_object *msg = NULL;
+                enum json_tokener_error jerr;
+                size_t chunk, used;
+
+                if (q->msg_bytes == 0) {
+                        /* Whitespace between messages does not count towards a message. */
+                        while (len > 0 && (*buf == ' ' || *buf == '\r' || *buf == '\n' || *buf == '\t')) {
+                                buf++;
+                                len--;
+                        }
+                        if (len == 0)
+                                break;
+                }
+
+                /* Never hand the tokener more than one byte beyond the cap. */
+                chunk = MIN(len, (size_t) QMP_MESSAGE_MAX + 1 - q->msg_bytes);
+                msg = json_tokener_parse_ex(q->tok, buf, (int) chunk);
+                jerr = json_tokener_get_error(q->tok);
+                if (!msg) {
+                        if (jerr != json_tokener_continue) {
+                                log_warning("QMP: malformed JSON from QEMU: %s", json_tokener_error_desc(jerr));
+                                r = -EBADMSG;
+                                break;
+                        }
+                        q->msg_bytes += chunk;
+                        buf += chunk;
+                        len -= chunk;
+                        if (q->msg_bytes > QMP_MESSAGE_MAX) {
+                                log_warning("QMP: message from QEMU exceeds %u bytes.", QMP_MESSAGE_MAX);
+                                r = -EMSGSIZE;
+                                break;
+                        }
+                        continue;
+                }
+
+                used = (size_t) json_tokener_get_parse_end(q->tok);
+                if (used == 0 || used > chunk) {
+                        r = -EBADMSG;
+                        break;
+                }
+                buf += used;
+                len -= used;
+                q->msg_bytes = 0;
+                json_tokener_reset(q->tok);
+
+                r = qmp_dispatch(q, msg);
+                if (r < 0)
+                        break;
+        }
+        if (r < 0 && q->state != QMP_CLOSED)
+                qmp_fail(q, r);
+        qmp_unref(q);
+        return r;
+}
+
+static int qmp_read(Qmp *q) {
+        char buf[65536];
+
+        /* Bounded work per wakeup so that an event flood cannot starve other clients. */
+        for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED; i++) {
+                ssize_t k = recv(q->fd, buf, sizeof(buf), MSG_DONTWAIT);
+                if (k < 0) {
+                        if (errno == EAGAIN || errno == EINTR)
+                                return 0;
+                        return -errno;
+                }
+                if (k == 0)
+                        return -ECONNRESET;
+                if (qmp_feed(q, buf, (size_t) k) < 0)
+                        return 0; /* qmp_feed already failed the connection */
+        }
+        return 0;
+}
+
+static int qmp_finish_connect(Qmp *q) {
+        int error = 0;
+        socklen_t sl = sizeof(error);
+
+        if (getsockopt(q->fd, SOL_SOCKET, SO_ERROR, &error, &sl) < 0)
+                return -errno;
+        if (error != 0)
+                return -error;
+        q->state = QMP_GREETING;
+        return 0;
+}
+
+static int qmp_io_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Qmp *q = userdata;
+        int r = 0;
+
+        qmp_ref(q);
+        if (q->state == QMP_CONNECTING) {
+                r = qmp_finish_connect(q);
+                if (r < 0)
+                        goto finish;
+        }
+        if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+                r = qmp_read(q);
+                if (r < 0)
+                        goto finish;
+        }
+        if (q->state != QMP_CLOSED && q->state != QMP_CONNECTING) {
+                r = qmp_write(q);
+                if (r < 0)
+                        goto finish;
+        }
+        if (q->state != QMP_CLOSED) {
+                r = qmp_update_io(q);
+                if (r >= 0)
+                        r = qmp_update_timer(q);
+        }
+finish:
+        if (r < 0 && q->state != QMP_CLOSED)
+                qmp_fail(q, r);
+        qmp_unref(q);
+        return 0;
+}
+
+static int qmp_update_io(Qmp *q) {
+        uint32_t events = EPOLLIN;
+
+        if (!q->io)
+                return -ENOTCONN;
+        if (q->state == QMP_CONNECTING)
+                events = EPOLLOUT;
+        else if (qmp_first_unsent(q))
+                events |= EPOLLOUT;
+        return sd_event_source_set_io_events(q->io, events);
+}
+
+static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Qmp *q = userdata;
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        qmp_ref(q);
+        if (q->setup_deadline != USEC_INFINITY && now >= q->setup_deadline) {
+                log_warning("QMP: no greeting from QEMU within %" PRIu64 " s (is another client connected to this monitor?).",
+                        q->timeout / USEC_PER_SEC);
+                qmp_fail(q, -ETIMEDOUT);
+                goto finish;
+        }
+        /* Expire calls that were sent and have waited too long. */
+        for (;;) {
+                QmpCall *c = NULL;
+                for (QmpCall *i = q->calls; i; i = i->next)
+                        if (!i->data && i->deadline <= now) {
+                                c = qmp_unlink(q, i->id);
+                                break;
+                        }
+                if (!c)
+                        break;
+                log_warning("QMP: command '%s' got no reply within %" PRIu64 " s.", c->command, q->timeout / USEC_PER_SEC);
+                if (c->handler)
+                        c->handler(q, -ETIMEDOUT, NULL, NULL, NULL, c->userdata);
+                qmp_call_free(c);
+                if (q->state == QMP_CLOSED)
+                        goto finish;
+        }
+        (void) qmp_update_timer(q);
+finish:
+        qmp_unref(q);
+        return 0;
+}
+
+static int qmp_update_timer(Qmp *q) {
+        usec_t next = q->setup_deadline;
+
+        for (QmpCall *c = q->calls; c; c = c->next)
+                if (!c->data)
+                        next = MIN(next, c->deadline);
+        if (next == USEC_INFINITY)
+                return q->timer ? sd_event_source_set_enabled(q->timer, SD_EVENT_OFF) : 0;
+        if (!q->timer)
+                return sd_event_add_time(q->event, &q->timer, CLOCK_MONOTONIC, next, 0, qmp_timer_handler, q);
+        if (sd_event_source_set_time(q->timer, next) < 0)
+                return -EIO;
+        return sd_event_source_set_enabled(q->timer, SD_EVENT_ONESHOT);
+}
+
+static void qmp_fail(Qmp *q, int error) {
+        QmpCall *l;
+        qmp_state_handler_t on_state = q->h.on_state;
+        void *userdata = q->h.userdata;
+
+        if (q->state == QMP_CLOSED)
+                return;
+        qmp_ref(q);
+        qmp_disconnect(q);
+        q->h = (QmpHandlers) {};
+        l = qmp_steal_calls(q);
+        while (l) {
+                QmpCall *n = l->next;
+                if (l->handler)
+                        l->handler(q, -ECONNRESET, NULL, NULL, NULL, l->userdata);
+                qmp_call_free(l);
+                l = n;
+        }
+        if (on_state)
+                on_state(q, error < 0 ? error : -ECONNRESET, userdata);
+        qmp_unref(q);
+}
+
+static int qmp_new(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
+        Qmp *q;
+        int r;
+
+        q = calloc(1, sizeof(*q));
+        if (!q)
+                return -ENOMEM;
+        q->n_ref = 1;
+        q->fd = fd;
+        q->event = sd_event_ref(e);
+        q->next_id = 1;
+        q->timeout = QMP_TIMEOUT_DEFAULT_USEC;
+        q->state = QMP_GREETING;
+        if (h)
+                q->h = *h;
+        q->tok = json_tokener_new_ex(QMP_DEPTH_MAX);
+        if (!q->tok) {
+                q->fd = -1;
+                qmp_free(q);
+                return -ENOMEM;
+        }
+        /* Trailing bytes are the next messages: we feed a stream, one value at a time. */
+        json_tokener_set_flags(q->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS | JSON_TOKENER_VALIDATE_UTF8);
+        q->setup_deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
+        if (fd >= 0) {
+                r = sd_event_add_io(e, &q->io, fd, EPOLLIN, qmp_io_handler, q);
+                if (r < 0) {
+                        q->fd = -1;
+                        qmp_free(q);
+                        return r;
+                }
+        }
+        *ret = q;
+        return 0;
+}
+
+int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
+        Qmp *q;
+        int r;
+
+        if (fd < 0)
+                return -EBADF;
+        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0)
+                return -errno;
+        r = qmp_new(&q, e, fd, h);
+        if (r < 0)
+                return r;
+        r = qmp_update_timer(q);
+        if (r < 0) {
+                q->fd = -1;
+                qmp_free(q);
+                return r;
+        }
+        *ret = q;
+        return 0;
+}
+
+int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        bool in_progress;
+        Qmp *q;
+        int r;
+
+        if (!path || strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        strcpy(sa.sun_path, path);
+
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        r = connect(fd, (struct sockaddr *) &sa, sizeof(sa));
+        if (r < 0 && errno != EINPROGRESS)
+                return -errno;
+        in_progress = r < 0;
+
+        r = qmp_new(&q, e, fd, h);
+        if (r < 0)
+                return r;
+        TAKE_FD(fd);
+        if (in_progress)
+                q->state = QMP_CONNECTING;
+        r = qmp_update_io(q);
+        if (r >= 0)
+                r = qmp_update_timer(q);
+        if (r < 0) {
+                qmp_free(q);
+                return r;
+        }
+        *ret = q;
+        return 0;
+}

@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* An asynchronous QMP client on sd-event: the protocol only, no D-Bus and no knowledge of
+ * what the commands mean (that is qemu.c).
+ *
+ * The peer is untrusted: a compromised guest may own its QEMU. Every message is bounded
+ * (QMP_MESSAGE_MAX bytes, QMP_DEPTH_MAX nesting), parsed strictly, and anything that is not a
+ * well-formed greeting, reply or event closes the connection. */
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#define QMP_MESSAGE_MAX (10U * 1024U * 1024U) /* libvirt's figure */
+#define QMP_DEPTH_MAX 256                      /* backing chains nest two levels per image */
+#define QMP_TIMEOUT_DEFAULT_USEC (60ULL * 1000000ULL)
+#define QMP_PENDING_MAX 1024
+
+typedef struct Qmp Qmp;
+
+static inline void json_object_putp(json_object **o) {
+        if (*o)
+                json_object_put(*o);
+}
+
+/* A reply. error == 0: "result" is the command's "return" value (borrowed, valid during the
+ * call). error == -EREMOTEIO: QEMU refused; error_desc holds QEMU's "desc" text (bounded,
+ * printable) and error_class its "class". Any other negative errno: the command never got an
+ * answer (-ECONNRESET: connection lost, -ETIMEDOUT, -ECANCELED: client closed). */
+typedef void (*qmp_reply_handler_t)(Qmp *q, int error, json_object *result, const char *error_class,
+        const char *error_desc, void *userdata);
+
+/* An event: name and its "data" object (borrowed; an empty object if QEMU sent none). */
+typedef void (*qmp_event_handler_t)(Qmp *q, const char *event, json_object *data, void *userdata);
+
+/* The connection's fate: error == 0 once the greeting and qmp_capabilities went through
+ * (the client is ready), a negative errno once when it is gone; after that nothing else is
+ * called. */
+typedef void (*qmp_state_handler_t)(Qmp *q, int error, void *userdata);
+
+typedef struct QmpHandlers {
+        qmp_state_handler_t on_state;
+        qmp_event_handler_t on_event;
+        void *userdata;
+} QmpHandlers;
+
+/* Connect to a QMP unix socket (non-blocking). The returned object holds one reference. */
+int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h);
+/* Take over an already connected socket (for instance one end of a socketpair). */
+int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);
+
+Qmp *qmp_ref(Qmp *q);
+Qmp *qmp_unref(Qmp *q);
+/* Drop all handlers and pending callbacks (their destroy functions run), close the socket and
+ * drop the caller's reference. Safe from inside any callback of the same object. */
+Qmp *qmp_close_unref(Qmp *q);
+static inline void qmp_close_unrefp(Qmp **q) {
+        if (*q)
+                qmp_close_unref(*q);
+}
+
+bool qmp_is_ready(Qmp *q);
+void qmp_set_timeout(Qmp *q, uint64_t usec);
+/* QEMU's version from the greeting, 0 before. major*10000 + minor*100 + micro. */
+unsigned qmp_qemu_version(Qmp *q);
+
+/* Send a command. args (may be NULL) and fd (may be -1; passed with SCM_RIGHTS, for add-fd and
+ * getfd) are always consumed. handler may be NULL. On success destroy(userdata) runs after
+ * the handler ran or the call was dropped; on failure the caller keeps userdata. */
+int qmp_call(Qmp *q, const char *command, json_object *args, int fd, qmp_reply_handler_t handler, void *userdata,
+        void (*destroy)(void *userdata));
+
+/* Parse-only entry point for tests and fuzzing: feed raw bytes as if read from the socket. */
+int qmp_feed(Qmp *q, const char *buf, size_t len);

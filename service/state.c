@@ -1,0 +1,325 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <dirent.h>
+#include <limits.h>
+
+#include "guest.h"
+#include "manager.h"
+#include "qemu.h"
+#include "state.h"
+#include "stream.h"
+#include "util.h"
+
+#define STATE_FORMAT_VERSION 1
+
+static void closedirp_(DIR **d) {
+        if (*d)
+                closedir(*d);
+}
+
+static char *state_path(Manager *m, const char *name) {
+        return strdup_printf("%s/%s.json", m->guest_state_dir, name);
+}
+
+/* Saving */
+
+static int add(json_object *o, const char *key, json_object *v) {
+        if (!v)
+                return -ENOMEM;
+        if (json_object_object_add(o, key, v) < 0) {
+                json_object_put(v);
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+static json_object *strv_to_json(char **l) {
+        json_object *a = json_object_new_array();
+
+        if (!a)
+                return NULL;
+        for (char **i = l; i && *i; i++)
+                if (json_object_array_add(a, json_object_new_string(*i)) < 0) {
+                        json_object_put(a);
+                        return NULL;
+                }
+        return a;
+}
+
+static json_object *job_to_json(const Job *j) {
+        json_object *o = json_object_new_object();
+
+        if (!o)
+                return NULL;
+        if ((j->id && add(o, "id", json_object_new_string(j->id)) < 0) ||
+                add(o, "state", json_object_new_string(stream_state_to_string(j->state))) < 0 ||
+                add(o, "mode", json_object_new_string(stream_mode_to_string(j->mode))) < 0 ||
+                add(o, "offset", json_object_new_uint64(j->offset)) < 0 ||
+                add(o, "length", json_object_new_uint64(j->length)) < 0 ||
+                add(o, "done", json_object_new_uint64(j->done)) < 0 ||
+                add(o, "total", json_object_new_uint64(j->total)) < 0 ||
+                add(o, "bandwidth", json_object_new_uint64(j->bandwidth)) < 0 ||
+                add(o, "start_time", json_object_new_uint64(j->start_time)) < 0 ||
+                (j->error && add(o, "error", json_object_new_string(j->error)) < 0) ||
+                add(o, "concluded", json_object_new_boolean(j->concluded)) < 0 ||
+                add(o, "outcome", json_object_new_string(stream_state_to_string(j->concluded ? j->outcome : STREAM_IDLE))) < 0 ||
+                add(o, "finished", json_object_new_boolean(j->finished)) < 0 ||
+                add(o, "cancel_requested", json_object_new_boolean(j->cancel_requested)) < 0) {
+                json_object_put(o);
+                return NULL;
+        }
+        return o;
+}
+
+static json_object *disk_to_json(const Disk *d) {
+        json_object *o = json_object_new_object();
+
+        if (!o)
+                return NULL;
+        if (add(o, "alias", json_object_new_string(d->alias)) < 0 ||
+                add(o, "node_name", json_object_new_string(d->node_name)) < 0 ||
+                add(o, "path", json_object_new_string(d->path)) < 0 ||
+                add(o, "format", json_object_new_string(d->format)) < 0 || add(o, "chain", strv_to_json(d->chain)) < 0 ||
+                add(o, "chain_nodes", strv_to_json(d->chain_nodes)) < 0 ||
+                add(o, "size", json_object_new_uint64(d->size)) < 0 ||
+                add(o, "cluster_size", json_object_new_uint64(d->cluster_size)) < 0 ||
+                add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 || add(o, "job", job_to_json(&d->job)) < 0) {
+                json_object_put(o);
+                return NULL;
+        }
+        return o;
+}
+
+int state_save_guest(Guest *g) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        _cleanup_free_ char *path = NULL;
+        json_object *disks;
+        const char *text;
+        int r;
+
+        o = json_object_new_object();
+        disks = json_object_new_array();
+        if (!o || add(o, "disks", disks) < 0)
+                return -ENOMEM;
+        if (add(o, "version", json_object_new_int(STATE_FORMAT_VERSION)) < 0 ||
+                add(o, "name", json_object_new_string(g->name)) < 0 || add(o, "uuid", json_object_new_string(g->uuid)) < 0 ||
+                add(o, "owner", json_object_new_uint64(g->owner)) < 0 ||
+                add(o, "qmp_socket", json_object_new_string(g->qmp_socket)) < 0 ||
+                add(o, "job_seq", json_object_new_uint64(g->job_seq)) < 0)
+                return -ENOMEM;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                json_object *d = disk_to_json(g->disks[i]);
+                if (!d || json_object_array_add(disks, d) < 0) {
+                        json_object_put(d);
+                        return -ENOMEM;
+                }
+        }
+        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE);
+        path = state_path(g->manager, g->name);
+        if (!text || !path)
+                return -ENOMEM;
+        r = write_file_atomic(path, text, strlen(text), 0600);
+        return r;
+}
+
+int state_remove_guest(Manager *m, const char *name) {
+        _cleanup_free_ char *path = state_path(m, name);
+
+        if (!path)
+                return -ENOMEM;
+        if (unlink(path) < 0 && errno != ENOENT)
+                return -errno;
+        return 0;
+}
+
+/* Loading: every field checked as if a stranger wrote the file. */
+
+static int get_strv(json_object *o, const char *key, size_t max, char ***ret) {
+        _cleanup_strv_free_ char **l = NULL;
+        json_object *a;
+        size_t n;
+
+        if (!json_object_object_get_ex(o, key, &a) || !json_object_is_type(a, json_type_array))
+                return -EBADMSG;
+        n = json_object_array_length(a);
+        if (n > max)
+                return -EBADMSG;
+        l = calloc(n + 1, sizeof(char *));
+        if (!l)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                json_object *s = json_object_array_get_idx(a, i);
+                if (!json_object_is_type(s, json_type_string) ||
+                        (size_t) json_object_get_string_len(s) != strlen(json_object_get_string(s)) ||
+                        strlen(json_object_get_string(s)) > QEMU_STRING_MAX)
+                        return -EBADMSG;
+                l[i] = strdup(json_object_get_string(s));
+                if (!l[i])
+                        return -ENOMEM;
+        }
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+static int dup_field(json_object *o, const char *key, bool required, char **ret) {
+        const char *s = NULL;
+        int r;
+
+        r = json_get_string(o, key, required, &s);
+        if (r < 0)
+                return -EBADMSG;
+        if (!s)
+                return 0;
+        free(*ret);
+        *ret = strdup(s);
+        return *ret ? 0 : -ENOMEM;
+}
+
+static int job_from_json(json_object *o, Job *j) {
+        const char *state = NULL, *mode = NULL, *outcome = NULL;
+        bool concluded = false, finished = false, cancel = false;
+
+        if (!json_object_is_type(o, json_type_object))
+                return -EBADMSG;
+        if (json_get_string(o, "state", true, &state) < 0 || json_get_string(o, "mode", true, &mode) < 0 ||
+                json_get_string(o, "outcome", false, &outcome) < 0 || json_get_u64(o, "offset", true, &j->offset) < 0 ||
+                json_get_u64(o, "length", true, &j->length) < 0 || json_get_u64(o, "done", true, &j->done) < 0 ||
+                json_get_u64(o, "total", true, &j->total) < 0 || json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
+                json_get_u64(o, "start_time", true, &j->start_time) < 0 ||
+                json_get_bool(o, "concluded", false, &concluded) < 0 || json_get_bool(o, "finished", false, &finished) < 0 ||
+                json_get_bool(o, "cancel_requested", false, &cancel) < 0)
+                return -EBADMSG;
+        j->state = stream_state_from_string(state);
+        j->mode = stream_mode_from_string(mode);
+        j->outcome = outcome ? stream_state_from_string(outcome) : STREAM_IDLE;
+        if (j->state < 0 || j->mode < 0 || j->outcome < 0 || j->done > j->total)
+                return -EBADMSG;
+        j->concluded = concluded;
+        j->finished = finished;
+        j->cancel_requested = cancel;
+        if (concluded && (j->outcome != STREAM_COMPLETED && j->outcome != STREAM_FAILED && j->outcome != STREAM_CANCELLED))
+                return -EBADMSG;
+        if (dup_field(o, "id", false, &j->id) < 0 || dup_field(o, "error", false, &j->error) < 0)
+                return -EBADMSG;
+        if (j->id && !qemu_id_is_valid(j->id))
+                return -EBADMSG;
+        return 0;
+}
+
+static int disk_from_json(Guest *g, json_object *o) {
+        const char *alias = NULL;
+        json_object *job;
+        Disk *d = NULL, **l;
+        int r;
+
+        if (!json_object_is_type(o, json_type_object) || json_get_string(o, "alias", true, &alias) < 0 || isempty(alias))
+                return -EBADMSG;
+        if (guest_find_disk(g, alias))
+                return -EBADMSG;
+        r = disk_new(&d, g, alias);
+        if (r < 0)
+                return r;
+        strv_free(d->chain);
+        strv_free(d->chain_nodes);
+        d->chain = d->chain_nodes = NULL;
+        if (dup_field(o, "node_name", true, &d->node_name) < 0 || dup_field(o, "path", true, &d->path) < 0 ||
+                dup_field(o, "format", true, &d->format) < 0 || get_strv(o, "chain", QEMU_CHAIN_MAX, &d->chain) < 0 ||
+                get_strv(o, "chain_nodes", QEMU_CHAIN_MAX, &d->chain_nodes) < 0 ||
+                strv_length(d->chain) != strv_length(d->chain_nodes) || json_get_u64(o, "size", true, &d->size) < 0 ||
+                json_get_u64(o, "cluster_size", true, &d->cluster_size) < 0 ||
+                json_get_u64(o, "bandwidth", true, &d->bandwidth) < 0 || d->bandwidth > INT64_MAX ||
+                !json_object_object_get_ex(o, "job", &job) || job_from_json(job, &d->job) < 0) {
+                disk_free(d);
+                return -EBADMSG;
+        }
+        l = reallocarray(g->disks, g->n_disks + 1, sizeof(Disk *));
+        if (!l) {
+                disk_free(d);
+                return -ENOMEM;
+        }
+        g->disks = l;
+        g->disks[g->n_disks++] = d;
+        return 0;
+}
+
+static int guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
+        const char *name = NULL, *uuid = NULL, *sock = NULL;
+        uint64_t owner = 0, version = 0, seq = 0;
+        json_object *disks;
+        Guest *g;
+        int r;
+
+        if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0 ||
+                version != STATE_FORMAT_VERSION || json_get_string(o, "name", true, &name) < 0 ||
+                json_get_string(o, "uuid", true, &uuid) < 0 || json_get_string(o, "qmp_socket", true, &sock) < 0 ||
+                json_get_u64(o, "owner", true, &owner) < 0 || json_get_u64(o, "job_seq", true, &seq) < 0 ||
+                !json_object_object_get_ex(o, "disks", &disks) || !json_object_is_type(disks, json_type_array) ||
+                json_object_array_length(disks) > QEMU_DISKS_MAX)
+                return -EBADMSG;
+        /* The file name must match the guest inside it. */
+        if (!guest_name_is_valid(name) || strncmp(file_name, name, strlen(name)) != 0 ||
+                !streq(file_name + strlen(name), ".json") || owner >= UINT32_MAX)
+                return -EBADMSG;
+        if (!isempty(sock) && !path_is_safe_absolute(sock, 107))
+                return -EBADMSG;
+        if (manager_find_guest(m, name))
+                return -EEXIST;
+
+        r = guest_new(&g, m, name, sock, (uid_t) owner, uuid);
+        if (r < 0)
+                return r;
+        g->job_seq = seq;
+        for (size_t i = 0; i < json_object_array_length(disks); i++) {
+                r = disk_from_json(g, json_object_array_get_idx(disks, i));
+                if (r < 0) {
+                        guest_free(g);
+                        return r;
+                }
+        }
+        *ret = g;
+        return 0;
+}
+
+int state_load_guests(Manager *m) {
+        _cleanup_(closedirp_) DIR *dir = NULL;
+        struct dirent *de;
+
+        dir = opendir(m->guest_state_dir);
+        if (!dir)
+                return log_error_errno(errno, "Failed to open state directory %s: %m", m->guest_state_dir);
+
+        while ((de = readdir(dir))) {
+                _cleanup_(json_object_putp) json_object *o = NULL;
+                _cleanup_free_ char *path = NULL, *text = NULL;
+                size_t len = strlen(de->d_name);
+                Guest *g;
+                int r;
+
+                if (len < 6 || !streq(de->d_name + len - 5, ".json") || de->d_name[0] == '.')
+                        continue;
+                path = strdup_printf("%s/%s", m->guest_state_dir, de->d_name);
+                if (!path)
+                        return log_oom();
+                r = read_file_bounded(path, STATE_FILE_MAX, &text, NULL);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to read %s, skipping this guest: %m", path);
+                        continue;
+                }
+                o = json_tokener_parse(text);
+                if (!o) {
+                        log_error("State file %s is not valid JSON, skipping this guest.", path);
+                        continue;
+                }
+                r = guest_from_json(m, o, de->d_name, &g);
+                if (r == -ENOMEM)
+                        return log_oom();
+                if (r < 0) {
+                        log_error_errno(r, "State file %s is invalid, skipping this guest: %m", path);
+                        continue;
+                }
+                g->published = true;
+                manager_link_guest(m, g);
+                log_info("Guest %s restored from %s.", g->name, path);
+        }
+        return 0;
+}

@@ -1,0 +1,765 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <inttypes.h>
+#include <stdarg.h>
+
+#include "bus-error.h"
+#include "guest.h"
+#include "manager.h"
+#include "polkit.h"
+#include "state.h"
+#include "stream.h"
+#include "util.h"
+
+#define STREAM_INTERFACE "org.blockstream1.BlockStream"
+#define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
+
+int disk_new(Disk **ret, Guest *g, const char *alias) {
+        Disk *d;
+
+        d = calloc(1, sizeof(Disk));
+        if (!d)
+                return -ENOMEM;
+        d->guest = g;
+        d->alias = strdup(alias);
+        d->node_name = strdup("");
+        d->path = strdup("");
+        d->format = strdup("");
+        d->chain = calloc(1, sizeof(char *));
+        d->chain_nodes = calloc(1, sizeof(char *));
+        if (!d->alias || !d->node_name || !d->path || !d->format || !d->chain || !d->chain_nodes ||
+                sd_bus_path_encode_many(&d->object_path, GUEST_PATH_PREFIX "/%/%", g->name, alias) < 0) {
+                disk_free(d);
+                return -ENOMEM;
+        }
+        *ret = d;
+        return 0;
+}
+
+Disk *disk_free(Disk *d) {
+        if (!d)
+                return NULL;
+        job_done(&d->job);
+        free(d->alias);
+        free(d->object_path);
+        free(d->node_name);
+        free(d->path);
+        free(d->format);
+        strv_free(d->chain);
+        strv_free(d->chain_nodes);
+        free(d);
+        return NULL;
+}
+
+static int replace_string(char **s, const char *v, bool *changed) {
+        char *c;
+
+        if (streq_ptr(*s, v))
+                return 0;
+        c = strdup(v);
+        if (!c)
+                return -ENOMEM;
+        free(*s);
+        *s = c;
+        *changed = true;
+        return 0;
+}
+
+int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
+        _cleanup_strv_free_ char **chain = NULL, **nodes = NULL;
+        bool node_changed = false, path_changed = false, chain_changed = false, size_changed = false, dummy = false;
+        int r;
+
+        chain = calloc(q->n_chain + 1, sizeof(char *));
+        nodes = calloc(q->n_chain + 1, sizeof(char *));
+        if (!chain || !nodes)
+                return -ENOMEM;
+        for (size_t i = 0; i < q->n_chain; i++) {
+                chain[i] = strdup(q->chain[i].filename);
+                nodes[i] = strdup(strempty(q->chain[i].node_name));
+                if (!chain[i] || !nodes[i])
+                        return -ENOMEM;
+        }
+
+        if ((r = replace_string(&d->node_name, q->node_name, &node_changed)) < 0 ||
+                (r = replace_string(&d->path, q->filename, &path_changed)) < 0 ||
+                (r = replace_string(&d->format, q->format, &dummy)) < 0)
+                return r;
+        if (!strv_equal(chain, d->chain)) {
+                strv_free(d->chain);
+                d->chain = TAKE_PTR(chain);
+                chain_changed = true;
+        }
+        strv_free(d->chain_nodes);
+        d->chain_nodes = TAKE_PTR(nodes);
+        if (d->size != q->virtual_size) {
+                d->size = q->virtual_size;
+                size_changed = true;
+        }
+        d->cluster_size = q->cluster_size;
+
+        if (emit) {
+                if (node_changed)
+                        disk_emit_changed(d, "NodeName", NULL);
+                if (path_changed)
+                        disk_emit_changed(d, "Path", NULL);
+                if (chain_changed)
+                        disk_emit_changed(d, "BackingChain", NULL);
+                if (size_changed)
+                        disk_emit_changed(d, "Size", NULL);
+        }
+        return node_changed || path_changed || chain_changed || size_changed;
+}
+
+void disk_emit_changed(Disk *d, const char *first, ...) {
+        _cleanup_strv_free_ char **names = NULL;
+        va_list ap;
+        int r;
+
+        if (!d->guest->published)
+                return;
+        va_start(ap, first);
+        for (const char *n = first; n; n = va_arg(ap, const char *))
+                if (strv_push(&names, strdup(n)) < 0) {
+                        va_end(ap);
+                        log_oom();
+                        return;
+                }
+        va_end(ap);
+        r = sd_bus_emit_properties_changed_strv(d->guest->manager->bus, d->object_path, STREAM_INTERFACE, names);
+        if (r < 0)
+                log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", d->object_path);
+}
+
+static void disk_emit_job(Disk *d) {
+        disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
+                "StartTime", "ExpectedEndTime", "Error", NULL);
+}
+
+static void disk_save(Disk *d) {
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save(d->guest);
+}
+
+/* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
+ * changed, and only then publish, so that a client woken by Finished sees the new chain. */
+
+typedef struct FinalizeCtx {
+        Guest *guest;
+        char *alias;
+} FinalizeCtx;
+
+static void finalize_ctx_free(void *p) {
+        FinalizeCtx *c = p;
+
+        if (!c)
+                return;
+        free(c->alias);
+        free(c);
+}
+
+static FinalizeCtx *finalize_ctx_new(Disk *d) {
+        FinalizeCtx *c = calloc(1, sizeof(FinalizeCtx));
+
+        if (!c)
+                return NULL;
+        c->guest = d->guest;
+        c->alias = strdup(d->alias);
+        if (!c->alias)
+                return mfree(c);
+        return c;
+}
+
+static void disk_publish_outcome(Disk *d) {
+        Manager *m = d->guest->manager;
+        int r;
+
+        d->finalizing = false;
+        if (!job_publish_outcome(&d->job))
+                return;
+        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->guest->name, d->alias,
+                stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
+                strempty(d->job.error));
+        disk_save(d);
+        disk_emit_job(d);
+        if (d->guest->published) {
+                r = sd_bus_emit_signal(m->bus, d->object_path, STREAM_INTERFACE, "Finished", "sts",
+                        stream_state_to_string(d->job.state), d->job.done, strempty(d->job.error));
+                if (r < 0)
+                        log_warning_errno(r, "Failed to emit Finished for %s: %m", d->object_path);
+        }
+        guest_update_polling(d->guest);
+}
+
+static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
+        FinalizeCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+
+        if (error < 0)
+                log_warning_errno(error, "Guest %s: could not re-read disks after a stream: %s", g->name,
+                        desc ?: strerror(-error));
+        if (d)
+                disk_publish_outcome(d);
+}
+
+static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userdata) {
+        FinalizeCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+        FinalizeCtx *c2;
+
+        if (!d)
+                return;
+        if (error < 0 && error != -EREMOTEIO)
+                log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->guest->name, d->alias);
+        d->job.id = mfree(d->job.id);
+        if (d->job.outcome == STREAM_COMPLETED && c->guest->running) {
+                c2 = finalize_ctx_new(d);
+                if (c2 && guest_refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
+                        return;
+                finalize_ctx_free(c2);
+        }
+        disk_publish_outcome(d);
+}
+
+static void disk_finalize(Disk *d) {
+        Guest *g = d->guest;
+        FinalizeCtx *c;
+
+        if (d->finalizing)
+                return;
+        d->finalizing = true;
+        disk_save(d); /* the outcome survives a crash from here on */
+        guest_update_polling(g);
+
+        if (d->job.id && g->running) {
+                c = finalize_ctx_new(d);
+                if (c && qemu_job_dismiss(g->qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
+                        return;
+                finalize_ctx_free(c);
+        }
+        d->job.id = mfree(d->job.id);
+        disk_publish_outcome(d);
+}
+
+void disk_apply_job_changes(Disk *d, unsigned changed) {
+        if (changed & JOB_NOW_CONCLUDED) {
+                disk_finalize(d);
+                return;
+        }
+        if (changed & JOB_CHANGED_STATE) {
+                disk_emit_job(d);
+                disk_save(d);
+        } else if (changed & JOB_CHANGED_PROGRESS) {
+                disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
+                if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
+                        disk_save(d);
+        }
+}
+
+void disk_fail_job(Disk *d, const char *error) {
+        unsigned changed = job_conclude(&d->job, STREAM_FAILED, error);
+
+        if (changed & JOB_NOW_CONCLUDED) {
+                /* Nothing left to dismiss: QEMU no longer has the job. */
+                d->job.id = mfree(d->job.id);
+                disk_apply_job_changes(d, changed);
+        }
+}
+
+/* Method plumbing */
+
+static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_bus_error *error) {
+        AuthDetails details = {
+                .guest = d->guest->name,
+                .disk = d->alias,
+                .owner = d->guest->owner,
+        };
+        return bus_authorize(d->guest->manager, msg, action, &details, error);
+}
+
+/* A D-Bus call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP
+ * connection drops them), the Disk may not: look it up again by alias. */
+typedef struct CallCtx {
+        sd_bus_message *msg;
+        Guest *guest;
+        char *alias;
+        bool replied;
+        uint64_t value;
+        char *job_id;
+} CallCtx;
+
+static void call_ctx_free(void *p) {
+        CallCtx *c = p;
+
+        if (!c)
+                return;
+        if (!c->replied)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NOT_RUNNING,
+                        "The connection to QEMU closed before it answered; check the guest's Running property.");
+        sd_bus_message_unref(c->msg);
+        free(c->alias);
+        free(c->job_id);
+        free(c);
+}
+
+static CallCtx *call_ctx_new(Disk *d, sd_bus_message *msg) {
+        CallCtx *c = calloc(1, sizeof(CallCtx));
+
+        if (!c)
+                return NULL;
+        c->msg = sd_bus_message_ref(msg);
+        c->guest = d->guest;
+        c->alias = strdup(d->alias);
+        if (!c->alias) {
+                sd_bus_message_unref(c->msg);
+                return mfree(c);
+        }
+        return c;
+}
+
+static void call_reply(CallCtx *c, int error, const char *desc, const char *what) {
+        c->replied = true;
+        if (error == -EREMOTEIO)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_QEMU_FAILED, "QEMU refused to %s: %s", what, desc);
+        else if (error < 0)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_QEMU_FAILED, "Failed to %s: QEMU did not answer (%s).",
+                        what, strerror(-error));
+        else
+                (void) sd_bus_reply_method_return(c->msg, NULL);
+}
+
+static int require_running(Disk *d, sd_bus_error *error) {
+        if (!d->guest->running)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "Guest '%s' is not running (no QMP connection to %s); start its QEMU, then call Refresh().",
+                        d->guest->name, d->guest->qmp_socket);
+        return 0;
+}
+
+static int require_job(Disk *d, sd_bus_error *error) {
+        if (!job_is_active(&d->job) || d->finalizing || !d->job.id)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "No job is running on disk '%s' of guest '%s'.",
+                        d->alias, d->guest->name);
+        return 0;
+}
+
+/* Start */
+
+/* "bsd-<alias>-<n>": recognisable as ours, unique per guest, and a valid QEMU id whatever the alias. */
+static char *job_id_new(const char *alias, uint64_t seq) {
+        char *id = strdup_printf("bsd-%s-%" PRIu64, alias, seq);
+
+        if (id)
+                for (char *p = id; *p; p++)
+                        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                                    *p == '-' || *p == '.' || *p == '_'))
+                                *p = '_';
+        return id;
+}
+
+static int read_start_options(sd_bus_message *msg, uint64_t *bandwidth, bool *have_bandwidth, const char **base,
+        sd_bus_error *error) {
+        int r;
+
+        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
+                const char *key;
+
+                r = sd_bus_message_read(msg, "s", &key);
+                if (r < 0)
+                        return r;
+                if (streq(key, "bandwidth")) {
+                        r = sd_bus_message_read(msg, "v", "t", bandwidth);
+                        if (r < 0)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option 'bandwidth' must be of type t (bytes/s).");
+                        *have_bandwidth = true;
+                } else if (streq(key, "base")) {
+                        r = sd_bus_message_read(msg, "v", "s", base);
+                        if (r < 0)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option 'base' must be of type s (image path or node name).");
+                } else
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Unknown option '%s'; Start takes 'bandwidth' (t) and 'base' (s).", key);
+                r = sd_bus_message_exit_container(msg);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        return sd_bus_message_exit_container(msg);
+}
+
+static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
+        if (bw > INT64_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Bandwidth %" PRIu64 " bytes/s is out of range (at most %" PRIi64 "; 0 means unlimited).", bw,
+                        INT64_MAX);
+        return 0;
+}
+
+static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        CallCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+        int r;
+
+        if (!d) {
+                c->replied = true;
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NO_SUCH_DISK, "Disk '%s' went away while starting.",
+                        c->alias);
+                return;
+        }
+        d->starting = false;
+        if (error < 0) {
+                call_reply(c, error, desc, "start the stream");
+                return;
+        }
+
+        r = job_begin(&d->job, c->job_id, STREAM_MODE_FULL, 0, d->size, d->size, c->value, now_usec(CLOCK_REALTIME));
+        if (r < 0) {
+                /* QEMU runs the job; we could not record it. Tell the caller the truth. */
+                c->replied = true;
+                (void) sd_bus_reply_method_errorf(c->msg, SD_BUS_ERROR_NO_MEMORY,
+                        "Out of memory after QEMU started the job; it runs unobserved.");
+                return;
+        }
+        d->bandwidth = c->value;
+        log_info("Guest %s disk %s: stream started (job %s).", c->guest->name, d->alias, d->job.id);
+        disk_save(d);
+        disk_emit_job(d);
+        guest_update_polling(c->guest);
+        call_reply(c, 0, NULL, NULL);
+}
+
+static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        Guest *g = d->guest;
+        uint64_t offset, length, bandwidth = d->bandwidth, end;
+        bool have_bandwidth = false;
+        const char *base = NULL, *base_node = NULL;
+        _cleanup_free_ char *job_id = NULL;
+        CallCtx *c;
+        int r;
+
+        r = sd_bus_message_read(msg, "tt", &offset, &length);
+        if (r < 0)
+                return r;
+        r = read_start_options(msg, &bandwidth, &have_bandwidth, &base, error);
+        if (r < 0)
+                return r;
+        r = check_bandwidth(bandwidth, error);
+        if (r < 0)
+                return r;
+        if (base && isempty(base))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'base' is empty; give an image path or node name from BackingChain.");
+        if (offset > d->size || add_overflows_u64(offset, length, &end) || end > d->size)
+                return sd_bus_error_setf(error, BS_ERROR_INVALID_RANGE,
+                        "Range [%" PRIu64 ", +%" PRIu64 ") lies outside disk '%s' of %" PRIu64 " bytes.", offset, length,
+                        d->alias, d->size);
+
+        r = disk_authorize(d, msg, ACTION_STREAM, error);
+        if (r <= 0)
+                return r;
+
+        if (offset != 0 || length != 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                        "Byte-range streaming is not supported yet; use offset 0 and length 0 for the whole disk.");
+        r = require_running(d, error);
+        if (r < 0)
+                return r;
+        if (job_is_active(&d->job) || d->starting || d->finalizing)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "A job is already running on disk '%s' of guest '%s'; Cancel it or wait for Finished.", d->alias,
+                        g->name);
+        if (base) {
+                size_t n = strv_length(d->chain);
+                for (size_t i = 0; i < n; i++)
+                        if (streq(d->chain[i], base) || (!isempty(d->chain_nodes[i]) && streq(d->chain_nodes[i], base))) {
+                                base_node = d->chain_nodes[i];
+                                break;
+                        }
+                if (!base_node)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "'%s' is not in the backing chain of disk '%s' (see its BackingChain property).", base,
+                                d->alias);
+                if (isempty(base_node))
+                        return sd_bus_error_setf(error, BS_ERROR_QEMU_FAILED,
+                                "QEMU reports no block node for '%s'; cannot use it as base.", base);
+        }
+
+        g->job_seq++;
+        job_id = job_id_new(d->alias, g->job_seq);
+        c = call_ctx_new(d, msg);
+        if (!job_id || !c) {
+                if (c)
+                        c->replied = true;
+                call_ctx_free(c);
+                return -ENOMEM;
+        }
+        c->value = bandwidth;
+        c->job_id = strdup(job_id);
+        if (!c->job_id) {
+                c->replied = true;
+                call_ctx_free(c);
+                return -ENOMEM;
+        }
+        r = qemu_block_stream(g->qmp,
+                &(QemuStreamArgs) {
+                        .job_id = job_id,
+                        .node_name = d->node_name,
+                        .base_node = base_node,
+                        .speed = bandwidth,
+                },
+                start_reply, c, call_ctx_free);
+        if (r < 0) {
+                c->replied = true;
+                call_ctx_free(c);
+                return sd_bus_error_set_errnof(error, -r, "Failed to send block-stream to QEMU: %m");
+        }
+        d->starting = true;
+        return 1;
+}
+
+/* Cancel, Pause, Resume */
+
+static void simple_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        CallCtx *c = userdata;
+        const char *what = c->value == 0 ? "cancel the job" : c->value == 1 ? "pause the job" : "resume the job";
+
+        if (error < 0 && c->value == 0) {
+                Disk *d = guest_find_disk(c->guest, c->alias);
+                if (d)
+                        d->job.cancel_requested = false;
+        }
+        call_reply(c, error, desc, what);
+}
+
+static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *error) {
+        int (*const ops[])(Qmp *, const char *, qemu_result_handler_t, void *, qemu_destroy_t) = {
+                qemu_block_job_cancel,
+                qemu_block_job_pause,
+                qemu_block_job_resume,
+        };
+        CallCtx *c;
+        int r;
+
+        r = disk_authorize(d, msg, ACTION_STREAM, error);
+        if (r <= 0)
+                return r;
+        r = require_running(d, error);
+        if (r < 0)
+                return r;
+        r = require_job(d, error);
+        if (r < 0)
+                return r;
+        /* Already where the caller wants it: nothing to ask QEMU. */
+        if ((op == 1 && d->job.state == STREAM_PAUSED) || (op == 2 && d->job.state == STREAM_RUNNING))
+                return sd_bus_reply_method_return(msg, NULL);
+
+        c = call_ctx_new(d, msg);
+        if (!c)
+                return -ENOMEM;
+        c->value = op;
+        if (op == 0)
+                d->job.cancel_requested = true;
+        r = ops[op](d->guest->qmp, d->job.id, simple_reply, c, call_ctx_free);
+        if (r < 0) {
+                c->replied = true;
+                call_ctx_free(c);
+                if (op == 0)
+                        d->job.cancel_requested = false;
+                return sd_bus_error_set_errnof(error, -r, "Failed to send the command to QEMU: %m");
+        }
+        return 1;
+}
+
+static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return job_method(msg, userdata, 0, error);
+}
+
+static int method_pause(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return job_method(msg, userdata, 1, error);
+}
+
+static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return job_method(msg, userdata, 2, error);
+}
+
+/* SetBandwidth */
+
+static void set_speed_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        CallCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+
+        if (error == 0 && d) {
+                d->bandwidth = c->value;
+                d->job.bandwidth = c->value;
+                disk_emit_changed(d, "Bandwidth", NULL);
+                disk_save(d);
+        }
+        call_reply(c, error, desc, "change the bandwidth");
+}
+
+static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        uint64_t bw;
+        CallCtx *c;
+        int r;
+
+        r = sd_bus_message_read(msg, "t", &bw);
+        if (r < 0)
+                return r;
+        r = check_bandwidth(bw, error);
+        if (r < 0)
+                return r;
+        r = disk_authorize(d, msg, ACTION_STREAM, error);
+        if (r <= 0)
+                return r;
+
+        if (!job_is_active(&d->job) || d->finalizing || !d->job.id || !d->guest->running) {
+                /* No job to tell: it becomes the default of the next one. */
+                if (d->bandwidth != bw) {
+                        d->bandwidth = bw;
+                        disk_emit_changed(d, "Bandwidth", NULL);
+                        disk_save(d);
+                }
+                return sd_bus_reply_method_return(msg, NULL);
+        }
+        c = call_ctx_new(d, msg);
+        if (!c)
+                return -ENOMEM;
+        c->value = bw;
+        r = qemu_block_job_set_speed(d->guest->qmp, d->job.id, bw, set_speed_reply, c, call_ctx_free);
+        if (r < 0) {
+                c->replied = true;
+                call_ctx_free(c);
+                return sd_bus_error_set_errnof(error, -r, "Failed to send block-job-set-speed to QEMU: %m");
+        }
+        return 1;
+}
+
+static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                "The allocation map is not supported yet; it arrives with byte-range streaming.");
+}
+
+static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                "NBD exports are not supported yet; they arrive with the sandboxed helpers.");
+}
+
+/* Properties */
+
+static int property_get_guest(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "o", d->guest->object_path);
+}
+
+static int property_get_state(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", stream_state_to_string(d->job.state));
+}
+
+static int property_get_mode(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", stream_mode_to_string(d->job.mode));
+}
+
+static int property_get_error(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", d->job.state == STREAM_FAILED ? strempty(d->job.error) : "");
+}
+
+static int property_get_rate(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "t", job_rate(&d->job));
+}
+
+static int property_get_expected_end(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "t",
+                job_is_active(&d->job) ? job_expected_end(&d->job, now_usec(CLOCK_REALTIME)) : (usec_t) 0);
+}
+
+static int property_get_string_ptr(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        char **s = userdata;
+        return sd_bus_message_append(reply, "s", strempty(*s));
+}
+
+static int property_get_strv_ptr(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        char ***l = userdata;
+        return sd_bus_message_append_strv(reply, *l);
+}
+
+const sd_bus_vtable stream_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("Guest", "o", property_get_guest, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Device", "s", property_get_string_ptr, offsetof(Disk, alias), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("NodeName", "s", property_get_string_ptr, offsetof(Disk, node_name),
+                SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Path", "s", property_get_string_ptr, offsetof(Disk, path), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("BackingChain", "as", property_get_strv_ptr, offsetof(Disk, chain),
+                SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Size", "t", NULL, offsetof(Disk, size), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Mode", "s", property_get_mode, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Offset", "t", NULL, offsetof(Disk, job.offset), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Length", "t", NULL, offsetof(Disk, job.length), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("BytesDone", "t", NULL, offsetof(Disk, job.done), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("BytesTotal", "t", NULL, offsetof(Disk, job.total), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Bandwidth", "t", NULL, offsetof(Disk, bandwidth), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Rate", "t", property_get_rate, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("StartTime", "t", NULL, offsetof(Disk, job.start_time), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("ExpectedEndTime", "t", property_get_expected_end, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Error", "s", property_get_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+
+        SD_BUS_METHOD_WITH_ARGS("Start", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options), SD_BUS_NO_RESULT,
+                method_start, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Cancel", NULL, NULL, method_cancel, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Pause", NULL, NULL, method_pause, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Resume", NULL, NULL, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("SetBandwidth", SD_BUS_ARGS("t", bytes_per_second), SD_BUS_NO_RESULT,
+                method_set_bandwidth, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("GetAllocationMap", SD_BUS_ARGS("t", offset, "t", length),
+                SD_BUS_RESULT("a(ttus)", extents), method_get_allocation_map, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Export", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", export, "s", uri),
+                method_export, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_SIGNAL_WITH_ARGS("Finished", SD_BUS_ARGS("s", result, "t", bytes_done, "s", error), 0),
+        SD_BUS_VTABLE_END,
+};
+
+int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
+        sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_free_ char *name = NULL, *alias = NULL;
+        Guest *g;
+        Disk *d;
+        int r;
+
+        r = sd_bus_path_decode_many(path, GUEST_PATH_PREFIX "/%/%", &name, &alias);
+        if (r <= 0)
+                return 0;
+        g = manager_find_guest(m, name);
+        if (!g || !g->published)
+                return 0;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                d = g->disks[i];
+                if (streq(d->alias, alias)) {
+                        *found = d;
+                        return 1;
+                }
+        }
+        return 0;
+}

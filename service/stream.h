@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The BlockStream object (one per disk) and its job. */
+
+#include <systemd/sd-bus.h>
+
+#include "job.h"
+#include "qemu.h"
+
+typedef struct Guest Guest;
+
+extern const sd_bus_vtable stream_vtable[];
+
+typedef struct Disk {
+        Guest *guest;
+        char *alias;
+        char *object_path;
+        char *node_name;
+        char *path;
+        char *format;
+        char **chain;       /* backing image files, nearest first */
+        char **chain_nodes; /* their node names ("" when QEMU has none) */
+        uint64_t size;
+        uint64_t cluster_size;
+        uint64_t bandwidth; /* Bandwidth: of the running job, else the default for the next */
+
+        Job job;
+        bool starting;   /* Start sent to QEMU, no answer yet */
+        bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
+        usec_t last_saved;
+} Disk;
+
+int disk_new(Disk **ret, Guest *g, const char *alias);
+Disk *disk_free(Disk *d);
+/* Take QEMU's view of the disk; returns true if a published property changed. */
+int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
+
+/* Job plumbing, called by guest.c as QEMU reports. */
+void disk_apply_job_changes(Disk *d, unsigned changed);
+void disk_fail_job(Disk *d, const char *error);
+void disk_emit_changed(Disk *d, const char *first, ...);
+
+int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
+        sd_bus_error *error);
