@@ -605,8 +605,10 @@ static int method_unregister(sd_bus_message *msg, void *userdata, sd_bus_error *
 
         r = bus_authorize(g->manager, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         if (guest_has_active_job(g))
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A stream of guest '%s' is running; Cancel it first, then unregister.", g->name);
@@ -649,8 +651,10 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
 
         r = bus_authorize(g->manager, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
                 error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         if (!g->running) {
                 g->reconnect_attempts = 0;
                 r = guest_connect(g);

@@ -246,8 +246,10 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
 
         r = bus_authorize(m, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = name, .owner = o.have_owner ? (uid_t) o.owner : caller }, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
 
         /* Checked after the (possibly slow) authorization: the world may have changed meanwhile. */
         if (manager_find_guest(m, name))
@@ -292,8 +294,10 @@ static int method_unregister_guest(sd_bus_message *msg, void *userdata, sd_bus_e
         if (!g)
                 return sd_bus_error_setf(error, BS_ERROR_NO_SUCH_GUEST, "No guest named '%s' is registered.", name);
         r = bus_authorize(m, msg, ACTION_MANAGE, &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         if (guest_has_active_job(g))
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A stream of guest '%s' is running; Cancel it first, then unregister.", name);

@@ -19,8 +19,9 @@ typedef struct AuthDetails {
         uid_t owner; /* the guest's owner; (uid_t) -1 if none */
 } AuthDetails;
 
-/* 1: allowed, go on. 0: the answer is pending: return 0 from the method handler, the call will
- * be dispatched again once the answer is in. <0: refused or failed; error is set. */
+/* 1: allowed, go on. 0: the answer is pending: return 1 from the method handler (0 would make
+ * sd-bus answer UnknownMethod); the call is dispatched again once the answer is in.
+ * <0: refused or failed; error is set. */
 int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
         sd_bus_error *error);
 

@@ -462,8 +462,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                         d->alias, d->size);
 
         r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
 
         if (offset != 0 || length != 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
@@ -548,8 +550,10 @@ static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *e
         int r;
 
         r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         r = require_running(d, error);
         if (r < 0)
                 return r;
@@ -617,8 +621,10 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         if (r < 0)
                 return r;
         r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r <= 0)
+        if (r < 0)
                 return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
 
         if (!job_is_active(&d->job) || d->finalizing || !d->job.id || !d->guest->running) {
                 /* No job to tell: it becomes the default of the next one. */
