@@ -3,8 +3,11 @@
 """Bad input on the BlockStream and Manager interfaces: every call gets a clear error and
 changes nothing (no property, no state file, no job in QEMU)."""
 
+import json
 import os
+import socket
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -147,6 +150,117 @@ class BadInputTest(h.TestCase):
         self.assertSnapshotEqual(before, self.snapshot(), 'Start on a guest whose QEMU is gone')
         self.assertEqual(self.d.prop('State'), 'idle')
         self.assertEqual(self.d.finished(), [])
+
+
+class HostileQMPTest(h.TestCase):
+    """A QMP peer that is no honest QEMU (a compromised guest may own its QEMU): RegisterGuest
+    fails with QemuFailed in reasonable time, the daemon survives, nothing is registered."""
+
+    env_per_test = True     # one daemon per case: a crash in one must not hide the others
+
+    GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, ' \
+               b'"capabilities": []}}\r\n'
+
+    def serve(self, path, after_caps):
+        """Accept connections on path; greet, accept qmp_capabilities, then hand the connection
+        and the next command to after_caps(conn, cmd)."""
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(4)
+        srv.settimeout(0.2)
+        done = threading.Event()
+        conns = []
+
+        def handle(conn):
+            f = conn.makefile('rb')
+            try:
+                if after_caps is None:
+                    conn.sendall(self.GREETING[:20])
+                    conn.close()
+                    return
+                conn.sendall(self.GREETING)
+                first = json.loads(f.readline())
+                conn.sendall(json.dumps({'return': {}, 'id': first.get('id')}).encode() + b'\r\n')
+                while not done.is_set():
+                    line = f.readline()
+                    if not line:
+                        return
+                    after_caps(conn, json.loads(line))
+            except (OSError, ValueError):
+                pass
+
+        def loop():
+            while not done.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                conns.append(conn)
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+
+        def stop():
+            done.set()
+            t.join(2)
+            srv.close()
+            for c in conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+        self.addCleanup(stop)
+
+    def check_refused(self, mode, after_caps):
+        path = os.path.join(self.env.dir, 'hostile-%s.sock' % mode)
+        self.serve(path, after_caps)
+        before = self.snapshot()
+        name = self.unique_name(mode)
+        t = h.time.monotonic()
+        self.assertDBusError(h.ERR_QEMU_FAILED, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest',
+                             'ssa{sv}', name, path, h.no_opts())
+        self.assertLess(h.time.monotonic() - t, 30)
+        self.client.pump(0.5)
+        self.assertTrue(self.env.daemon.running(), 'blockstreamd died on a hostile QMP peer (%s): exit status %s'
+                        % (mode, self.env.daemon.proc.returncode))
+        self.assertTrue(self.client.get(h.MANAGER_PATH, h.IFACE_MANAGER, 'Version'))
+        self.assertSnapshotEqual(before, self.snapshot(), 'a refused hostile peer (%s)' % mode)
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
+                             name)
+
+    def test_greeting_cut_short(self):
+        self.check_refused('cut', None)
+
+    def test_wrong_types_in_replies(self):
+        def reply(conn, cmd):
+            conn.sendall(json.dumps({'return': 42, 'id': cmd.get('id')}).encode() + b'\r\n')
+        self.check_refused('types', reply)
+
+    def test_wrong_types_inside_query_block(self):
+        def reply(conn, cmd):
+            r = [{'device': 7, 'qdev': ['x'], 'inserted': 'yes', 'locked': 'no'}]
+            if cmd.get('execute') not in ('query-block', 'query-named-block-nodes'):
+                r = {}
+            conn.sendall(json.dumps({'return': r, 'id': cmd.get('id')}).encode() + b'\r\n')
+        self.check_refused('fields', reply)
+
+    def test_oversized_message(self):
+        def reply(conn, cmd):
+            conn.sendall(b'{"return": "' + b'A' * (11 * MiB))
+        self.check_refused('huge', reply)
+
+    def test_deep_nesting(self):
+        def reply(conn, cmd):
+            conn.sendall(b'{"return": ' + b'[' * 200000)
+        self.check_refused('deep', reply)
+
+    def test_garbage_after_greeting(self):
+        def reply(conn, cmd):
+            conn.sendall(b'\x00\xff}{][ garbage \r\n{"return": [1, 2, \r\n')
+            conn.close()
+        self.check_refused('garbage', reply)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,20 @@ def json_values(obj):
         yield obj
 
 
+def dicts_with(obj, key, value):
+    """Every JSON object anywhere in the document that has key == value."""
+    out = []
+    if isinstance(obj, dict):
+        if obj.get(key) == value:
+            out.append(obj)
+        for v in obj.values():
+            out += dicts_with(v, key, value)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += dicts_with(v, key, value)
+    return out
+
+
 class CliTest(h.TestCase):
     needs_cli = True
 
@@ -77,6 +91,9 @@ class CliTest(h.TestCase):
         self.fails(2, 'set-bandwidth', 'g', 'vda', '-1')
         self.fails(2, 'set-bandwidth', 'g', 'vda', '99999999999999999999999')
         self.fails(2, 'pull', 'g', 'vda', '--bandwidth=fast')
+        self.fails(2, 'pull', 'g', 'vda', '--bandwidth=4Q/s')
+        r = self.ok('--version')
+        self.assertIn(self.client.get(h.MANAGER_PATH, h.IFACE_MANAGER, 'Version'), r.stdout)
 
     # -- register / list / status / unregister
 
@@ -86,7 +103,8 @@ class CliTest(h.TestCase):
         chains = self.make_chains(('vda', 'vdb'), SIZE)
         q = self.start_qemu(chains, name=name)
         self.addCleanup(self.unregister_quietly, name)
-        self.ok('register', name, q.daemon_socket)
+        r = self.ok('register', name, q.daemon_socket)
+        self.assertIn(h.guest_path(name), r.stdout, 'register does not print the object path')
         self.assertEqual(c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name), h.guest_path(name))
         self.assertIs(c.get(h.guest_path(name), h.IFACE_GUEST, 'Running'), True)
         self.assertEqual(c.get(h.guest_path(name), h.IFACE_GUEST, 'Owner'), 0)
@@ -94,7 +112,7 @@ class CliTest(h.TestCase):
         r = self.ok('list')
         self.assertIn(name, r.stdout)
         j = self.json_of('list')
-        self.assertIn(name, list(json_values(j)))
+        self.assertTrue(dicts_with(j, 'Name', name), '%s not in list --json: %r' % (name, j))
 
         r = self.ok('status', name)
         self.assertIn('vda', r.stdout)
@@ -105,9 +123,13 @@ class CliTest(h.TestCase):
         self.assertIn('vdb', vals)
         j = self.json_of('status', name, 'vda')
         vals = list(json_values(j))
-        self.assertIn(chains['vda'].top, vals)
-        self.assertIn('idle', vals)
         self.assertNotIn(chains['vdb'].top, vals)
+        disk = dicts_with(j, 'Path', chains['vda'].top)
+        self.assertEqual(len(disk), 1, 'no object with "Path" in %r' % j)
+        self.assertEqual(disk[0].get('Device'), 'vda')
+        self.assertEqual(disk[0].get('State'), 'idle')
+        self.assertEqual(disk[0].get('BackingChain'), chains['vda'].backing_files)
+        self.assertEqual(disk[0].get('Size'), SIZE)
         # A disk by its image path.
         j2 = self.json_of('status', name, chains['vda'].top)
         self.assertEqual(j2, j)
@@ -115,7 +137,7 @@ class CliTest(h.TestCase):
         self.fails(1, 'register', name, q.daemon_socket, mention=name)      # exists
         self.fails(1, 'status', 'no-such-guest', mention='no-such-guest')
         self.fails(1, 'status', name, 'vdz', mention='vdz')
-        self.fails(1, 'register', 'a/b', q.daemon_socket)
+        self.fails(2, 'register', 'a/b', q.daemon_socket)             # a bad name is a bad argument
         self.fails(1, 'unregister', 'no-such-guest', mention='no-such-guest')
 
         self.ok('unregister', name)
@@ -131,6 +153,13 @@ class CliTest(h.TestCase):
         self.ok('register', name, q.daemon_socket, '--uuid=' + u, '--owner=4242')
         self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'UUID'), u)
         self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'Owner'), 4242)
+        # An owner by user name.
+        other = self.unique_name()
+        q2 = self.start_qemu(self.make_chains(('vda',), SIZE), name=other)
+        self.addCleanup(self.unregister_quietly, other)
+        uid, _ = h.ensure_user(h.STRANGER)
+        self.ok('register', other, q2.daemon_socket, '--owner=' + h.STRANGER)
+        self.assertEqual(self.client.get(h.guest_path(other), h.IFACE_GUEST, 'Owner'), uid)
 
     # -- streaming
 
@@ -144,7 +173,13 @@ class CliTest(h.TestCase):
         self.assertEqual(d.prop('BackingChain'), [])
         self.assertEqual(len(d.finished(since)), 1)
         j = self.json_of('status', g.name, 'vda')
-        self.assertIn('completed', list(json_values(j)))
+        disk = dicts_with(j, 'Device', 'vda')
+        self.assertTrue(disk, j)
+        self.assertEqual(disk[0].get('State'), 'completed')
+        self.assertEqual(disk[0].get('BackingChain'), [])
+        self.assertEqual(disk[0].get('BytesDone'), disk[0].get('BytesTotal'))
+        # wait on an ended job tells how it ended: completed is success.
+        self.ok('wait', g.name, 'vda')
         g.qemu.quit()
         self.assertIsNone(h.image_backing(ch.top))
         self.assertEqual(ch.compare()[0], 0)
@@ -162,8 +197,8 @@ class CliTest(h.TestCase):
         q = g.qemu
         since = time.monotonic()
         self.ok('pull', g.name, 'vda', '--bandwidth=4M')
-        self.assertIn(d.prop('Bandwidth'), (4 * 1000 * 1000, 4 * MiB))
-        self.assertIn(q.qmp.jobs()[0]['speed'], (4 * 1000 * 1000, 4 * MiB))
+        self.assertEqual(d.prop('Bandwidth'), 4 * MiB)
+        self.assertEqual(q.qmp.jobs()[0]['speed'], 4 * MiB)
         d.wait_state('running', 10)
         self.fails(1, 'pull', g.name, 'vda')                       # Busy
         self.ok('pause', g.name, 'vda')
@@ -174,17 +209,21 @@ class CliTest(h.TestCase):
         self.assertEqual(d.prop('Bandwidth'), 2 * MiB)
         self.assertEqual(q.qmp.jobs()[0]['speed'], 2 * MiB)
         self.ok('set-bandwidth', g.name, 'vda', '512K')
-        self.assertIn(d.prop('Bandwidth'), (512 * 1000, 512 * 1024))
+        self.assertEqual(d.prop('Bandwidth'), 512 * 1024)
         self.ok('set-bandwidth', g.name, 'vda', '1048576')
         self.assertEqual(d.prop('Bandwidth'), 1048576)
         self.ok('set-bandwidth', g.name, 'vda', '1Ki')
         self.assertEqual(d.prop('Bandwidth'), 1024)
         j = self.json_of('status', g.name, 'vda')
-        self.assertIn('running', list(json_values(j)))
-        self.ok('cancel', g.name, 'vda')
+        disk = dicts_with(j, 'Device', 'vda')
+        self.assertTrue(disk, j)
+        self.assertEqual(disk[0].get('State'), 'running')
+        self.assertEqual(disk[0].get('Bandwidth'), 1024)
+        self.ok('cancel', g.name, 'vda', '--wait')
+        self.assertEqual(d.prop('State'), 'cancelled', 'cancel --wait returned before the job stopped')
         res = d.wait_finished(30, since)
         self.assertEqual(res[0], 'cancelled')
-        self.assertEqual(d.prop('State'), 'cancelled')
+        self.fails(1, 'wait', g.name, 'vda')                       # the last job was cancelled
         self.fails(1, 'cancel', g.name, 'vda')                      # no job any more
         self.fails(1, 'pause', g.name, 'vda')
 
@@ -208,12 +247,13 @@ class CliTest(h.TestCase):
     def test_set_bandwidth_suffixes_while_idle(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
-        for arg, want in (('4M', (4 * 10**6, 4 * MiB)), ('4Mi', (4 * MiB,)), ('1G', (10**9, 1 << 30)),
-                          ('1Gi', (1 << 30,)), ('8K', (8000, 8192)), ('8Ki', (8192,)), ('12345', (12345,)),
-                          ('0', (0,))):
+        for arg, want in (('4M', 4 * MiB), ('4Mi', 4 * MiB), ('4MiB', 4 * MiB), ('4MB', 4 * 10**6),
+                          ('1G', 1 << 30), ('1Gi', 1 << 30), ('8K', 8192), ('8Ki', 8192), ('8KB', 8000),
+                          ('12345', 12345), ('12345B', 12345), ('1.5M', 3 * MiB // 2), ('100MiB/s', 100 * MiB),
+                          ('unlimited', 0), ('7', 7), ('0', 0)):
             with self.subTest(arg):
                 self.ok('set-bandwidth', g.name, 'vda', arg)
-                self.assertIn(d.prop('Bandwidth'), want)
+                self.assertEqual(d.prop('Bandwidth'), want)
         self.assertEqual(d.prop('State'), 'idle')
 
     # -- access

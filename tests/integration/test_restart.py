@@ -160,6 +160,7 @@ class RestartTest(h.TestCase):
         h.wait_until(lambda: q.qmp.jobs() == [], 10, 'the daemon to dismiss the concluded job')
 
     def test_qemu_killed_mid_stream(self):
+        """Finished("failed", bytes > 0, "…QEMU…"), State failed, Running false, images intact."""
         c = self.client
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -169,7 +170,6 @@ class RestartTest(h.TestCase):
         d.wait_state('running', 10)
         d.wait_bytes_done(1 * MiB, 20)
         g.qemu.kill(signal.SIGKILL)
-        c.wait_prop(g.path, h.IFACE_GUEST, 'Running', False, timeout=10)
         res, done, err = d.wait_finished(15, since)
         self.assertEqual(res, 'failed')
         self.assertGreater(done, 0, 'a failed job must say how far it got')
@@ -181,6 +181,7 @@ class RestartTest(h.TestCase):
         self.assertEqual(p['Error'], err)
         self.assertEqual(p['BytesDone'], done)
         self.assertLess(done, p['BytesTotal'])
+        c.wait_prop(g.path, h.IFACE_GUEST, 'Running', False, timeout=10)
         rc, out = h.image_check(ch.top)
         self.assertIn(rc, (0, 3), 'qemu-img check found corruption: ' + out)
         self.assertEqual(ch.compare()[0], 0)
