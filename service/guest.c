@@ -465,18 +465,8 @@ static void guest_connection_failed(Guest *g, int error) {
         guest_schedule_reconnect(g);
 }
 
-static void connect_disks_reply(Guest *g, int error, const char *desc, void *userdata);
-
-static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob *jobs, size_t n, void *userdata) {
-        Guest *g = userdata;
-
-        if (error < 0) {
-                log_warning("Guest %s: query-block-jobs failed: %s", g->name, desc ?: strerror(-error));
-                return;
-        }
-        guest_apply_jobs(g, jobs, n, true);
-        guest_update_polling(g);
-}
+/* After a (re)connect: first the jobs (a finished job of ours is recorded and dismissed before
+ * anything else: QEMU 7.2 must not be asked for node names while it lingers), then the disks. */
 
 static void connect_disks_reply(Guest *g, int error, const char *desc, void *userdata) {
         Manager *m = g->manager;
@@ -484,13 +474,10 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
         int r;
 
         if (error < 0) {
-                if (g->register_call) {
+                if (g->register_call)
                         guest_register_failed(g, "could not list the disks of QEMU at", desc ?: strerror(-error));
-                        return;
-                }
                 return;
         }
-
         if (g->register_call) {
                 call = TAKE_PTR(g->register_call);
                 r = guest_publish(g);
@@ -507,10 +494,28 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
                 (void) sd_bus_reply_method_return(call, "o", g->object_path);
                 sd_bus_message_unref(call);
         }
+        guest_update_polling(g);
+}
 
-        r = qemu_query_block_jobs(g->qmp, connect_jobs_reply, g, NULL);
-        if (r < 0)
-                log_warning_errno(r, "Guest %s: failed to query jobs: %m", g->name);
+static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob *jobs, size_t n, void *userdata) {
+        Guest *g = userdata;
+        int r;
+
+        if (error < 0) {
+                if (g->register_call)
+                        guest_register_failed(g, "could not list the block jobs of QEMU at", desc ?: strerror(-error));
+                else
+                        log_warning("Guest %s: query-block-jobs failed: %s", g->name, desc ?: strerror(-error));
+                return;
+        }
+        guest_apply_jobs(g, jobs, n, true);
+        r = guest_refresh(g, connect_disks_reply, NULL, NULL);
+        if (r < 0) {
+                if (g->register_call)
+                        guest_register_failed(g, "could not ask for the disks of QEMU at", strerror(-r));
+                else
+                        log_error_errno(r, "Guest %s: failed to query disks: %m", g->name);
+        }
 }
 
 static void guest_on_state(Qmp *q, int error, void *userdata) {
@@ -527,12 +532,12 @@ static void guest_on_state(Qmp *q, int error, void *userdata) {
         g->had_connection = true;
         g->reconnect_attempts = 0;
         guest_emit_changed(g, "Running");
-        r = guest_refresh(g, connect_disks_reply, NULL, NULL);
+        r = qemu_query_block_jobs(q, connect_jobs_reply, g, NULL);
         if (r < 0) {
                 if (g->register_call)
-                        guest_register_failed(g, "could not ask for the disks of QEMU at", strerror(-r));
+                        guest_register_failed(g, "could not ask for the block jobs of QEMU at", strerror(-r));
                 else
-                        log_error_errno(r, "Guest %s: failed to query disks: %m", g->name);
+                        log_error_errno(r, "Guest %s: failed to query jobs: %m", g->name);
         }
 }
 
@@ -708,6 +713,13 @@ static int property_get_owner(sd_bus *bus, const char *path, const char *interfa
         return sd_bus_message_append(reply, "u", (uint32_t) g->owner);
 }
 
+/* Not by offset: sd-bus reads "b" as a 4-byte int, our field is a bool. */
+static int property_get_running(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Guest *g = userdata;
+        return sd_bus_message_append(reply, "b", (int) g->running);
+}
+
 static int property_get_str(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         char **s = userdata;
@@ -719,7 +731,7 @@ const sd_bus_vtable guest_vtable[] = {
         SD_BUS_PROPERTY("Name", "s", property_get_str, offsetof(Guest, name), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("UUID", "s", property_get_str, offsetof(Guest, uuid), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Owner", "u", property_get_owner, 0, SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Running", "b", NULL, offsetof(Guest, running), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Running", "b", property_get_running, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("QMPSocket", "s", property_get_str, offsetof(Guest, qmp_socket), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Disks", "ao", property_get_disks, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("SandboxLabel", "s", property_get_sandbox_label, 0, SD_BUS_VTABLE_PROPERTY_CONST),

@@ -361,7 +361,8 @@ typedef struct Request {
         } handler;
         void *userdata;
         qemu_destroy_t destroy;
-        json_object *blocks; /* query_disks: the first reply, kept for the second */
+        json_object *blocks; /* query_disks: query-block's reply, kept for the node names */
+        bool skip_nodes;     /* query_disks: asking for node names now would crash QEMU */
 } Request;
 
 static Request *request_new(void *userdata, qemu_destroy_t destroy) {
@@ -548,6 +549,10 @@ static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls
                 return;
         }
         req->blocks = json_object_get(result);
+        if (req->skip_nodes) {
+                nodes_reply(q, 0, NULL, NULL, NULL, req); /* disks without node names for the chain */
+                return;
+        }
         args = json_object_new_object();
         if (!args || json_object_object_add(args, "flat", json_object_new_boolean(true)) < 0) {
                 json_object_put(args);
@@ -563,11 +568,53 @@ static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls
         }
 }
 
+/* QEMU 7.2 segfaults in query-named-block-nodes while a block job that has stopped running is
+ * not yet dismissed (seen for completed and for cancelled streams; checked by hand and in
+ * test_restart). So look at the jobs first and skip the node names while any job is past
+ * running; callers dismiss their own finished jobs before they read disks. */
+static bool job_status_unsafe_for_node_query(QemuJobStatus s) {
+        return s == QEMU_JOB_WAITING || s == QEMU_JOB_PENDING || s == QEMU_JOB_ABORTING || s == QEMU_JOB_CONCLUDED ||
+               s == QEMU_JOB_NULL || s == QEMU_JOB_UNKNOWN;
+}
+
+static void disks_jobs_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc,
+        void *userdata) {
+        Request *req = userdata;
+        QemuBlockJob *jobs = NULL;
+        size_t n = 0;
+        int r;
+
+        if (error < 0) {
+                req->handler.disks(q, error, desc, NULL, 0, req->userdata);
+                return;
+        }
+        r = qemu_parse_block_jobs(result, &jobs, &n);
+        if (r < 0) {
+                req->handler.disks(q, r, "QEMU sent a malformed query-block-jobs reply", NULL, 0, req->userdata);
+                return;
+        }
+        for (size_t i = 0; i < n && !req->skip_nodes; i++)
+                if (job_status_unsafe_for_node_query(jobs[i].status)) {
+                        log_warning("QEMU has job '%s' in state %s awaiting dismissal; reading disks without node "
+                                    "names (QEMU 7.2 crashes on query-named-block-nodes then).",
+                                jobs[i].id, qemu_job_status_to_string(jobs[i].status));
+                        req->skip_nodes = true;
+                }
+        qemu_block_jobs_free(jobs, n);
+
+        req->n_ref++;
+        r = qmp_call(q, "query-block", NULL, -1, blocks_reply, req, request_unref);
+        if (r < 0) {
+                req->n_ref--;
+                req->handler.disks(q, r, NULL, NULL, 0, req->userdata);
+        }
+}
+
 int qemu_query_disks(Qmp *q, qemu_disks_handler_t handler, void *userdata, qemu_destroy_t destroy) {
         Request *req = request_new(userdata, destroy);
 
         if (!req)
                 return -ENOMEM;
         req->handler.disks = handler;
-        return request_submit(q, "query-block", NULL, req, blocks_reply);
+        return request_submit(q, "query-block-jobs", NULL, req, disks_jobs_reply);
 }

@@ -42,6 +42,7 @@ struct Qmp {
         unsigned n_calls;
         uint64_t next_id;
         QmpHandlers h;
+        bool detached; /* the owner called qmp_close_unref(): no callback of any kind any more */
         usec_t timeout;
         usec_t setup_deadline;
         unsigned version;
@@ -115,6 +116,7 @@ Qmp *qmp_close_unref(Qmp *q) {
         if (!q)
                 return NULL;
         q->h = (QmpHandlers) {};
+        q->detached = true;
         qmp_disconnect(q);
         /* Dropped silently: the owner is going away and wants no callbacks. */
         l = qmp_steal_calls(q);
@@ -212,6 +214,7 @@ static int qmp_enqueue(Qmp *q, const char *command, json_object *args, int fd, q
                 return -ENOMEM;
         }
         c->size = strlen(c->data);
+        log_debug("QMP -> %.300s", s);
         c->fd = TAKE_FD(fd_owned);
         c->handler = handler;
         c->userdata = userdata;
@@ -484,6 +487,8 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 q->msg_bytes = 0;
                 json_tokener_reset(q->tok);
 
+                if (log_get_max_level() >= LOG_LEVEL_DEBUG)
+                        log_debug("QMP <- %.300s", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
                 r = qmp_dispatch(q, msg);
                 if (r < 0)
                         break;
@@ -505,8 +510,10 @@ static int qmp_read(Qmp *q) {
                                 return 0;
                         return -errno;
                 }
-                if (k == 0)
+                if (k == 0) {
+                        log_debug("QMP: QEMU closed the connection.");
                         return -ECONNRESET;
+                }
                 if (qmp_feed(q, buf, (size_t) k) < 0)
                         return 0; /* qmp_feed already failed the connection */
         }
@@ -619,25 +626,31 @@ static int qmp_update_timer(Qmp *q) {
 }
 
 static void qmp_fail(Qmp *q, int error) {
+        qmp_state_handler_t on_state;
         QmpCall *l;
-        qmp_state_handler_t on_state = q->h.on_state;
-        void *userdata = q->h.userdata;
 
         if (q->state == QMP_CLOSED)
                 return;
         qmp_ref(q);
         qmp_disconnect(q);
-        q->h = (QmpHandlers) {};
+        /* Pending calls learn first. A handler may free the owner; an owner that goes away
+         * calls qmp_close_unref(), which detaches, so on_state below is never a dangling call. */
         l = qmp_steal_calls(q);
         while (l) {
                 QmpCall *n = l->next;
-                if (l->handler)
+                if (l->handler && !q->detached)
                         l->handler(q, -ECONNRESET, NULL, NULL, NULL, l->userdata);
+                else
+                        l->handler = NULL;
                 qmp_call_free(l);
                 l = n;
         }
-        if (on_state)
+        on_state = q->detached ? NULL : q->h.on_state;
+        if (on_state) {
+                void *userdata = q->h.userdata;
+                q->h = (QmpHandlers) {};
                 on_state(q, error < 0 ? error : -ECONNRESET, userdata);
+        }
         qmp_unref(q);
 }
 
