@@ -21,7 +21,6 @@
 
 #define BUS_NAME "org.blockstream1"
 #define MANAGER_PATH "/org/blockstream1"
-#define GUEST_PATH_PREFIX "/org/blockstream1/guest"
 #define EXPORT_PATH_PREFIX "/org/blockstream1/export"
 #define MANAGER_IFACE "org.blockstream1.Manager"
 #define GUEST_IFACE "org.blockstream1.Guest"
@@ -772,6 +771,7 @@ static int check_disk_args(char **args) {
 /* DISK on the command line is an alias ("vda") or an image path, like the server accepts. */
 static int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **ret_guest, DiskInfo **ret) {
         _cleanup_(guest_info_freep) GuestInfo *g = NULL;
+        _cleanup_(disk_info_freep) DiskInfo *found = NULL;
         _cleanup_free_ char *abs = NULL, *names = NULL;
         size_t names_len = 0;
         int r;
@@ -791,10 +791,8 @@ static int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestI
                 if (r < 0)
                         return r;
                 if (disk_matches(d, disk, abs)) {
-                        if (ret_guest)
-                                *ret_guest = TAKE_PTR(g);
-                        *ret = TAKE_PTR(d);
-                        return 0;
+                        found = TAKE_PTR(d);
+                        break;
                 }
                 label = !isempty(d->device) ? d->device : strempty(d->path);
                 n = realloc(names, names_len + strlen(label) + 3);
@@ -803,8 +801,14 @@ static int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestI
                 names = n;
                 names_len += (size_t) sprintf(names + names_len, "%s%s", names_len > 0 ? ", " : "", label);
         }
-        log_error("No disk '%s' in guest '%s' (disks: %s).", disk, guest, names ? names : "none");
-        return -ENXIO;
+        if (!found) {
+                log_error("No disk '%s' in guest '%s' (disks: %s).", disk, guest, names ? names : "none");
+                return -ENXIO;
+        }
+        if (ret_guest)
+                *ret_guest = TAKE_PTR(g);
+        *ret = TAKE_PTR(found);
+        return 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1582,7 +1586,7 @@ static void draw_progress(WaitState *ws) {
         ws->drawn = true;
 }
 
-/* mode: 0 = waiting for a job we started or found, 1 = for the job we cancel. */
+/* The exit status: after_cancel, the job we stopped ending as cancelled is a success. */
 static int report_result(WaitState *ws, bool after_cancel) {
         const DiskInfo *d = ws->disk;
         char a[FORMAT_BYTES_MAX], b[FORMAT_BYTES_MAX];
@@ -1973,7 +1977,16 @@ static Kind kind_from_string(const char *s) {
         return KIND_OTHER;
 }
 
-static int read_extents(sd_bus_message *reply, Extent **extents, size_t *n, size_t *n_read) {
+typedef struct ExtentList {
+        Extent *items;
+        size_t n, allocated;
+} ExtentList;
+
+static void extent_list_done(ExtentList *l) {
+        free(l->items);
+}
+
+static int read_extents(sd_bus_message *reply, ExtentList *list, size_t *n_read) {
         const char *kind;
         uint64_t o, l;
         uint32_t depth;
@@ -1985,11 +1998,18 @@ static int read_extents(sd_bus_message *reply, Extent **extents, size_t *n, size
                 return r;
         while ((r = sd_bus_message_read(reply, "(ttus)", &o, &l, &depth, &kind)) > 0) {
                 Extent *e;
+                size_t *n = &list->n;
 
-                e = reallocarray(*extents, *n + 1, sizeof(Extent));
-                if (!e)
-                        return -ENOMEM;
-                *extents = e;
+                if (list->n >= list->allocated) {
+                        size_t a = MAX((size_t) 1024, list->allocated * 2);
+
+                        e = reallocarray(list->items, a, sizeof(Extent));
+                        if (!e)
+                                return -ENOMEM;
+                        list->items = e;
+                        list->allocated = a;
+                }
+                e = list->items;
                 e[*n] = (Extent){.offset = o, .length = l, .depth = depth, .kind = kind_from_string(kind)};
                 snprintf(e[*n].name, sizeof(e[*n].name), "%s", kind);
                 (*n)++;
@@ -2058,10 +2078,11 @@ static int verb_map(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
         _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
-        _cleanup_free_ Extent *extents = NULL;
+        _cleanup_(extent_list_done) ExtentList list = {};
         _cleanup_free_ char *verb = NULL;
         uint64_t cur = arg_offset, end = 0;
-        size_t n = 0;
+        const Extent *extents;
+        size_t n;
         int r;
 
         if ((arg_given & OPT_LENGTH) && add_overflows_u64(arg_offset, arg_length, &end))
@@ -2087,9 +2108,11 @@ static int verb_map(char **args) {
                 r = call_simple(bus, d->object, STREAM_IFACE, "GetAllocationMap", 0, verb, &reply, "tt", cur, length);
                 if (r < 0)
                         return r;
-                r = read_extents(reply, &extents, &n, &n_read);
+                r = read_extents(reply, &list, &n_read);
                 if (r < 0)
                         return log_parse_error(r);
+                extents = list.items;
+                n = list.n;
                 /* A full reply means the server stopped at its cap: go on from where it ended. */
                 if (n_read < MAP_EXTENTS_MAX)
                         break;
