@@ -1,0 +1,569 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "util.h"
+#include "tap.h"
+
+/* parse_size */
+
+static void test_parse_size_valid(void) {
+        static const struct {
+                const char *s;
+                uint64_t v;
+        } t[] = {
+                {"0", 0},
+                {"1", 1},
+                {"512", 512},
+                {"1B", 1},
+                {"1K", 1024},
+                {"1Ki", 1024},
+                {"1KiB", 1024},
+                {"1KB", 1000},
+                {"2M", 2ULL << 20},
+                {"2Mi", 2ULL << 20},
+                {"2MiB", 2ULL << 20},
+                {"2MB", 2000000ULL},
+                {"3G", 3ULL << 30},
+                {"3GiB", 3ULL << 30},
+                {"3GB", 3000000000ULL},
+                {"1T", 1ULL << 40},
+                {"1TB", 1000000000000ULL},
+                {"1P", 1ULL << 50},
+                {"1PiB", 1ULL << 50},
+                {"1PB", 1000000000000000ULL},
+                {"1E", 1ULL << 60},
+                {"15E", 15ULL << 60},
+                {"1EB", 1000000000000000000ULL},
+                {"18EB", 18000000000000000000ULL},
+                {"18446744073709551615", UINT64_MAX},
+                {"18446744073709551615B", UINT64_MAX},
+                {"1.5G", 1610612736ULL},
+                {"1.5K", 1536},
+                {"0.5M", 524288},
+                {"1.25KB", 1250},
+                {"0.1K", 102}, /* 102.4, truncated */
+                {"00010", 10},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                uint64_t v = 0xdeadbeef;
+                int r = parse_size(t[i].s, &v);
+                if (r != 0)
+                        TAP_FAIL("parse_size(\"%s\") = %d (%s), expected success", t[i].s, r, strerror(-r));
+                else if (v != t[i].v)
+                        TAP_FAIL("parse_size(\"%s\") = %" PRIu64 ", expected %" PRIu64, t[i].s, v, t[i].v);
+        }
+}
+
+static void test_parse_size_overflow(void) {
+        static const char *const t[] = {
+                "16E",
+                "16EiB",
+                "17E",
+                "19EB",
+                "18446744073709551616",
+                "99999999999999999999",
+                "999999999999999999999999999999",
+                "18446744073709551615K",
+                "16384P",
+                "16.0E",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                uint64_t v = 4242;
+                int r = parse_size(t[i], &v);
+                if (r != -ERANGE)
+                        TAP_FAIL(
+                                "parse_size(\"%s\") = %d (%s), expected -ERANGE", t[i], r, r < 0 ? strerror(-r) : "ok");
+                if (v != 4242)
+                        TAP_FAIL("parse_size(\"%s\") wrote its result on failure", t[i]);
+        }
+}
+
+static void test_parse_size_garbage(void) {
+        static const char *const t[] = {
+                "",
+                "-1",
+                "-0",
+                "+1",
+                "1.5", /* a fraction of a byte count */
+                "1.",  /* no digits after the point */
+                ".5K", /* no digits before it */
+                "1..5K",
+                "1.5.5K",
+                "1Q",
+                "1k", /* suffixes are upper case */
+                "1kb",
+                "1KiBB",
+                "1KK",
+                "1iB",
+                "K",
+                "B",
+                "0x10",
+                "1e3",
+                "1,5G",
+                "1_000",
+                "1\n",
+                "1\t",
+                "\t1",
+                "1K\n",
+                "one",
+                "1\xc2\xa0K",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                uint64_t v = 4242;
+                int r = parse_size(t[i], &v);
+                if (r != -EINVAL)
+                        TAP_FAIL(
+                                "parse_size(\"%s\") = %d (%s), expected -EINVAL", t[i], r, r < 0 ? strerror(-r) : "ok");
+                if (v != 4242)
+                        TAP_FAIL("parse_size(\"%s\") wrote its result on failure", t[i]);
+        }
+        ASSERT_ERRNO(parse_size(NULL, &(uint64_t){0}), -EINVAL);
+}
+
+/* The grammar is "decimal integer with an optional suffix": no whitespace anywhere. */
+static void test_parse_size_whitespace(void) {
+        static const char *const t[] = {" 1K", "1 K", "1K ", " 1", "1 "};
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                uint64_t v = 4242;
+                int r = parse_size(t[i], &v);
+                if (r != -EINVAL)
+                        TAP_FAIL("parse_size(\"%s\") = %d (value %" PRIu64 "), expected -EINVAL", t[i], r, v);
+        }
+}
+
+/* format_bytes */
+
+static void test_format_bytes(void) {
+        static const struct {
+                uint64_t n;
+                const char *s;
+        } t[] = {
+                {0, "0 B"},
+                {1, "1 B"},
+                {512, "512 B"},
+                {1023, "1023 B"},
+                {1024, "1.0 KiB"},
+                {1536, "1.5 KiB"},
+                {1ULL << 20, "1.0 MiB"},
+                {3ULL << 29, "1.5 GiB"},
+                {1ULL << 40, "1.0 TiB"},
+                {1ULL << 50, "1.0 PiB"},
+                {1ULL << 60, "1.0 EiB"},
+                {UINT64_MAX, "16.0 EiB"},
+        };
+        char buf[FORMAT_BYTES_MAX];
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                memset(buf, 'x', sizeof(buf));
+                ASSERT_TRUE(format_bytes(buf, sizeof(buf), t[i].n) == buf);
+                ASSERT_STREQ(buf, t[i].s);
+        }
+
+        /* A short buffer truncates, never overflows (ASan watches). */
+        {
+                char *small = malloc(4);
+                ASSERT_NOT_NULL(small);
+                if (small) {
+                        format_bytes(small, 4, UINT64_MAX);
+                        ASSERT_EQ(strlen(small), 3);
+                        format_bytes(small, 4, 123456);
+                        ASSERT_EQ(strlen(small), 3);
+                        free(small);
+                }
+        }
+}
+
+/* Just below a unit boundary the value must not print as "1024.0" of the smaller unit. */
+static void test_format_bytes_rounding(void) {
+        static const uint64_t t[] = {
+                (1ULL << 20) - 1,
+                (1ULL << 30) - 1,
+                (1ULL << 40) - 1,
+                (1ULL << 20) - 20,
+        };
+        char buf[FORMAT_BYTES_MAX];
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                format_bytes(buf, sizeof(buf), t[i]);
+                if (strncmp(buf, "1024.0 ", 7) == 0)
+                        TAP_FAIL("format_bytes(%" PRIu64 ") = \"%s\"", t[i], buf);
+        }
+}
+
+/* Names */
+
+static void test_guest_name(void) {
+        char n64[65], n65[66];
+
+        memset(n64, 'a', 64);
+        n64[64] = 0;
+        memset(n65, 'b', 65);
+        n65[65] = 0;
+
+        ASSERT_TRUE(guest_name_is_valid("a"));
+        ASSERT_TRUE(guest_name_is_valid("vm-01_test.x"));
+        ASSERT_TRUE(guest_name_is_valid("ABC.def-123_"));
+        ASSERT_TRUE(guest_name_is_valid(n64));
+        ASSERT_FALSE(guest_name_is_valid(n65));
+        ASSERT_FALSE(guest_name_is_valid(""));
+        ASSERT_FALSE(guest_name_is_valid(NULL));
+        ASSERT_FALSE(guest_name_is_valid("a/b"));
+        ASSERT_FALSE(guest_name_is_valid("/"));
+        ASSERT_FALSE(guest_name_is_valid("a b"));
+        ASSERT_FALSE(guest_name_is_valid("a\n"));
+        ASSERT_FALSE(guest_name_is_valid("a\t"));
+        ASSERT_FALSE(guest_name_is_valid("a:b"));
+        ASSERT_FALSE(guest_name_is_valid("a\\b"));
+        ASSERT_FALSE(guest_name_is_valid("a*"));
+        ASSERT_FALSE(guest_name_is_valid("caf\xc3\xa9"));
+        ASSERT_FALSE(guest_name_is_valid("\xff"));
+        ASSERT_FALSE(guest_name_is_valid("a\x80"));
+        ASSERT_FALSE(guest_name_is_valid("a\x7f"));
+        /* The documented pattern [A-Za-z0-9_.-]{1,64} admits these; whoever builds paths from a
+         * name must cope (see the report on state.c). */
+        ASSERT_TRUE(guest_name_is_valid("."));
+        ASSERT_TRUE(guest_name_is_valid(".."));
+        ASSERT_TRUE(guest_name_is_valid("-"));
+}
+
+static void test_qemu_id(void) {
+        char id128[129], id129[130];
+
+        memset(id128, 'x', 128);
+        id128[128] = 0;
+        memset(id129, 'x', 129);
+        id129[129] = 0;
+
+        ASSERT_TRUE(qemu_id_is_valid("vda"));
+        ASSERT_TRUE(qemu_id_is_valid("j1"));
+        ASSERT_TRUE(qemu_id_is_valid("bsd-vda-1"));
+        ASSERT_TRUE(qemu_id_is_valid("a.b_c-d"));
+        ASSERT_TRUE(qemu_id_is_valid("Z"));
+        ASSERT_TRUE(qemu_id_is_valid(id128));
+        ASSERT_FALSE(qemu_id_is_valid(id129));
+        ASSERT_FALSE(qemu_id_is_valid(NULL));
+        ASSERT_FALSE(qemu_id_is_valid(""));
+        ASSERT_FALSE(qemu_id_is_valid("1abc"));
+        ASSERT_FALSE(qemu_id_is_valid("-abc"));
+        ASSERT_FALSE(qemu_id_is_valid(".abc"));
+        ASSERT_FALSE(qemu_id_is_valid("_abc"));
+        ASSERT_FALSE(qemu_id_is_valid("#block123")); /* QEMU's generated node names */
+        ASSERT_FALSE(qemu_id_is_valid("a b"));
+        ASSERT_FALSE(qemu_id_is_valid("a/b"));
+        ASSERT_FALSE(qemu_id_is_valid("a,b"));
+        ASSERT_FALSE(qemu_id_is_valid("a\"b"));
+        ASSERT_FALSE(qemu_id_is_valid("\xc3\xa9"));
+        ASSERT_FALSE(qemu_id_is_valid("a\xc3\xa9"));
+}
+
+/* Paths */
+
+static void test_path_is_safe_absolute(void) {
+        char *long_path;
+
+        ASSERT_TRUE(path_is_safe_absolute("/", 100));
+        ASSERT_TRUE(path_is_safe_absolute("/a", 100));
+        ASSERT_TRUE(path_is_safe_absolute("/srv/images/vm1.qcow2", 100));
+        ASSERT_TRUE(path_is_safe_absolute("/a/.b/c..", 100));
+        ASSERT_TRUE(path_is_safe_absolute("/...", 100));
+        ASSERT_TRUE(path_is_safe_absolute("/a b/caf\xc3\xa9", 100));
+
+        ASSERT_FALSE(path_is_safe_absolute(NULL, 100));
+        ASSERT_FALSE(path_is_safe_absolute("", 100));
+        ASSERT_FALSE(path_is_safe_absolute("a/b", 100));
+        ASSERT_FALSE(path_is_safe_absolute("./a", 100));
+        ASSERT_FALSE(path_is_safe_absolute("~/a", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a/../b", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a/./b", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/..", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/.", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a/..", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a/.", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/../a", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a//b", 100));
+        ASSERT_FALSE(path_is_safe_absolute("//a", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a/", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a\nb", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a\tb", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a\rb", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a\x1b[0m", 100));
+        ASSERT_FALSE(path_is_safe_absolute("/a\x7f", 100));
+
+        /* Length: max_len inclusive, and never beyond PATH_MAX - 1 whatever max_len says. */
+        ASSERT_TRUE(path_is_safe_absolute("/abcdefghi", 10));
+        ASSERT_FALSE(path_is_safe_absolute("/abcdefghij", 10));
+        long_path = malloc(PATH_MAX + 2);
+        ASSERT_NOT_NULL(long_path);
+        if (long_path) {
+                long_path[0] = '/';
+                memset(long_path + 1, 'a', PATH_MAX);
+                long_path[PATH_MAX + 1] = 0;
+                ASSERT_FALSE(path_is_safe_absolute(long_path, SIZE_MAX));
+                long_path[PATH_MAX - 1] = 0; /* strlen PATH_MAX - 1 */
+                ASSERT_TRUE(path_is_safe_absolute(long_path, SIZE_MAX));
+                free(long_path);
+        }
+}
+
+static void test_path_is_below(void) {
+        ASSERT_TRUE(path_is_below("/srv/images/a.qcow2", "/srv/images"));
+        ASSERT_TRUE(path_is_below("/srv/images/sub/a.qcow2", "/srv/images"));
+        ASSERT_TRUE(path_is_below("/srv/images", "/srv/images"));
+        ASSERT_FALSE(path_is_below("/srv/img", "/srv/images"));
+        ASSERT_FALSE(path_is_below("/srv/images", "/srv/img"));
+        ASSERT_FALSE(path_is_below("/srv/images2/a.qcow2", "/srv/images"));
+        ASSERT_FALSE(path_is_below("/srv/images-old/a", "/srv/images"));
+        ASSERT_FALSE(path_is_below("/srv", "/srv/images"));
+        ASSERT_FALSE(path_is_below("/other/images/a", "/srv/images"));
+        ASSERT_TRUE(path_is_below("/anything", "/"));
+        ASSERT_TRUE(path_is_below("/", "/"));
+}
+
+/* String vectors */
+
+static void test_strv(void) {
+        _cleanup_strv_free_ char **l = NULL, **c = NULL;
+
+        ASSERT_EQ(strv_length(NULL), 0);
+        ASSERT_FALSE(strv_contains(NULL, "a"));
+        ASSERT_TRUE(strv_equal(NULL, NULL));
+        ASSERT_NULL(strv_free(NULL));
+
+        ASSERT_ERRNO(strv_push(&l, NULL), -EINVAL);
+        ASSERT_NULL(l);
+        ASSERT_OK(strv_push(&l, strdup("a")));
+        ASSERT_OK(strv_push(&l, strdup("b")));
+        ASSERT_OK(strv_push(&l, strdup("c")));
+        ASSERT_EQ(strv_length(l), 3);
+        ASSERT_NULL(l[3]);
+        ASSERT_STREQ(l[0], "a");
+        ASSERT_STREQ(l[2], "c");
+        ASSERT_TRUE(strv_contains(l, "b"));
+        ASSERT_FALSE(strv_contains(l, "d"));
+        ASSERT_FALSE(strv_contains(l, ""));
+
+        c = strv_copy(l);
+        ASSERT_NOT_NULL(c);
+        ASSERT_TRUE(strv_equal(l, c));
+        ASSERT_TRUE(c != l && c[0] != l[0]);
+        free(c[2]);
+        c[2] = strdup("x");
+        ASSERT_FALSE(strv_equal(l, c));
+        ASSERT_FALSE(strv_equal(l, NULL));
+
+        {
+                _cleanup_strv_free_ char **e = strv_copy(NULL);
+                ASSERT_NOT_NULL(e);
+                ASSERT_EQ(strv_length(e), 0);
+                ASSERT_TRUE(strv_equal(e, NULL));
+        }
+}
+
+/* Files */
+
+static char *make_tmpdir(void) {
+        char *d = strdup("/tmp/bsd-unit-util-XXXXXX");
+
+        if (!d || !mkdtemp(d)) {
+                free(d);
+                return NULL;
+        }
+        return d;
+}
+
+static void rm_rf_flat(const char *dir) {
+        DIR *d = opendir(dir);
+        struct dirent *de;
+
+        if (d) {
+                while ((de = readdir(d))) {
+                        _cleanup_free_ char *p = NULL;
+                        if (streq(de->d_name, ".") || streq(de->d_name, ".."))
+                                continue;
+                        p = strdup_printf("%s/%s", dir, de->d_name);
+                        if (p && unlink(p) < 0)
+                                rmdir(p);
+                }
+                closedir(d);
+        }
+        rmdir(dir);
+}
+
+static unsigned count_entries(const char *dir) {
+        DIR *d = opendir(dir);
+        struct dirent *de;
+        unsigned n = 0;
+
+        if (!d)
+                return 0;
+        while ((de = readdir(d)))
+                if (!streq(de->d_name, ".") && !streq(de->d_name, ".."))
+                        n++;
+        closedir(d);
+        return n;
+}
+
+static void test_write_read_file(void) {
+        _cleanup_free_ char *dir = make_tmpdir(), *p = NULL, *q = NULL, *text = NULL;
+        struct stat st;
+        size_t len = 99;
+
+        ASSERT_NOT_NULL(dir);
+        if (!dir)
+                return;
+        p = strdup_printf("%s/state.json", dir);
+
+        ASSERT_OK(write_file_atomic(p, "hello", 5, 0600));
+        ASSERT_OK(stat(p, &st));
+        ASSERT_EQ(st.st_mode & 07777, 0600);
+        ASSERT_EQ(st.st_size, 5);
+        ASSERT_OK(read_file_bounded(p, 5, &text, &len));
+        ASSERT_STREQ(text, "hello");
+        ASSERT_EQ(len, 5);
+        text = mfree(text);
+
+        /* Exactly the limit is fine, one byte over is not. */
+        ASSERT_ERRNO(read_file_bounded(p, 4, &text, &len), -EFBIG);
+        ASSERT_NULL(text);
+
+        /* Replacing keeps no temp file behind and changes the mode as asked. */
+        ASSERT_OK(write_file_atomic(p, "second version", 14, 0644));
+        ASSERT_OK(stat(p, &st));
+        ASSERT_EQ(st.st_mode & 07777, 0644);
+        ASSERT_OK(read_file_bounded(p, 100, &text, NULL));
+        ASSERT_STREQ(text, "second version");
+        text = mfree(text);
+        ASSERT_EQ(count_entries(dir), 1);
+
+        /* Empty file: empty NUL-terminated string. */
+        ASSERT_OK(write_file_atomic(p, "", 0, 0600));
+        ASSERT_OK(read_file_bounded(p, 0, &text, &len));
+        ASSERT_NOT_NULL(text);
+        ASSERT_STREQ(text, "");
+        ASSERT_EQ(len, 0);
+        text = mfree(text);
+
+        /* Binary content with NULs survives with its length. */
+        ASSERT_OK(write_file_atomic(p, "a\0b", 3, 0600));
+        ASSERT_OK(read_file_bounded(p, 3, &text, &len));
+        ASSERT_EQ(len, 3);
+        ASSERT_TRUE(text && memcmp(text, "a\0b", 4) == 0);
+        text = mfree(text);
+
+        /* A symlink is refused (O_NOFOLLOW), not followed. */
+        q = strdup_printf("%s/link", dir);
+        ASSERT_OK(symlink(p, q));
+        ASSERT_ERRNO(read_file_bounded(q, 100, &text, &len), -ELOOP);
+        ASSERT_NULL(text);
+
+        /* Writing through a symlink replaces the link, it does not write to its target. */
+        ASSERT_OK(write_file_atomic(q, "via link", 8, 0600));
+        ASSERT_OK(lstat(q, &st));
+        ASSERT_TRUE(S_ISREG(st.st_mode));
+        ASSERT_OK(read_file_bounded(p, 100, &text, NULL));
+        ASSERT_TRUE(text && memcmp(text, "a\0b", 4) == 0);
+        text = mfree(text);
+
+        /* Not a regular file. */
+        ASSERT_ERRNO(read_file_bounded(dir, 100, &text, &len), -EBADF);
+        ASSERT_ERRNO(read_file_bounded("/dev/null", 100, &text, &len), -EBADF);
+        ASSERT_NULL(text);
+
+        /* Missing. */
+        {
+                _cleanup_free_ char *m = strdup_printf("%s/missing", dir);
+                ASSERT_ERRNO(read_file_bounded(m, 100, &text, &len), -ENOENT);
+        }
+
+        /* A file whose size stat() does not know (procfs) is still bounded by what is read. */
+        ASSERT_ERRNO(read_file_bounded("/proc/self/status", 16, &text, &len), -EFBIG);
+        ASSERT_NULL(text);
+        ASSERT_OK(read_file_bounded("/proc/self/status", 1 << 20, &text, &len));
+        ASSERT_TRUE(len > 16 && text && strlen(text) == len);
+        text = mfree(text);
+
+        /* Bad targets for writing. */
+        ASSERT_ERRNO(write_file_atomic("relative-no-slash", "x", 1, 0600), -EINVAL);
+        {
+                _cleanup_free_ char *m = strdup_printf("%s/nodir/file", dir);
+                ASSERT_ERRNO(write_file_atomic(m, "x", 1, 0600), -ENOENT);
+        }
+        ASSERT_EQ(count_entries(dir), 2); /* state.json and link: no temp file left */
+
+        rm_rf_flat(dir);
+}
+
+static void test_mkdir_p(void) {
+        _cleanup_free_ char *dir = make_tmpdir(), *p = NULL;
+        struct stat st;
+
+        ASSERT_NOT_NULL(dir);
+        if (!dir)
+                return;
+        p = strdup_printf("%s/a/b/c", dir);
+        ASSERT_OK(mkdir_p(p, 0700));
+        ASSERT_OK(stat(p, &st));
+        ASSERT_TRUE(S_ISDIR(st.st_mode));
+        ASSERT_OK(mkdir_p(p, 0700)); /* exists: fine */
+        {
+                _cleanup_free_ char *a = strdup_printf("%s/a/b/c", dir), *b = strdup_printf("%s/a/b", dir),
+                                    *c = strdup_printf("%s/a", dir);
+                rmdir(a);
+                rmdir(b);
+                rmdir(c);
+        }
+        rmdir(dir);
+}
+
+static void test_misc(void) {
+        _cleanup_free_ char *s = strdup_printf("%s-%d", "x", 42);
+        usec_t a, b;
+
+        ASSERT_STREQ(s, "x-42");
+        ASSERT_TRUE(streq_ptr(NULL, NULL));
+        ASSERT_FALSE(streq_ptr("a", NULL));
+        ASSERT_TRUE(isempty(NULL) && isempty(""));
+        ASSERT_STREQ(strempty(NULL), "");
+        a = now_usec(CLOCK_MONOTONIC);
+        b = now_usec(CLOCK_MONOTONIC);
+        ASSERT_TRUE(b >= a);
+        {
+                uint64_t sum;
+                ASSERT_TRUE(add_overflows_u64(UINT64_MAX, 1, &sum));
+                ASSERT_FALSE(add_overflows_u64(UINT64_MAX - 1, 1, &sum));
+                ASSERT_EQ_U64(sum, UINT64_MAX);
+        }
+        /* The _errno log helpers return -abs(error). */
+        log_set_max_level(LOG_LEVEL_ERR);
+        ASSERT_EQ(log_debug_errno(EIO, "ignored"), -EIO);
+        ASSERT_EQ(log_debug_errno(-EIO, "ignored"), -EIO);
+        log_set_max_level(LOG_LEVEL_INFO);
+}
+
+int main(int argc, char **argv) {
+        tap_init(argc, argv);
+        TAP_RUN(test_parse_size_valid);
+        TAP_RUN(test_parse_size_overflow);
+        TAP_RUN(test_parse_size_garbage);
+        TAP_RUN(test_parse_size_whitespace);
+        TAP_RUN(test_format_bytes);
+        TAP_RUN(test_format_bytes_rounding);
+        TAP_RUN(test_guest_name);
+        TAP_RUN(test_qemu_id);
+        TAP_RUN(test_path_is_safe_absolute);
+        TAP_RUN(test_path_is_below);
+        TAP_RUN(test_strv);
+        TAP_RUN(test_write_read_file);
+        TAP_RUN(test_mkdir_p);
+        TAP_RUN(test_misc);
+        return tap_finish();
+}
