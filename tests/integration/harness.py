@@ -586,7 +586,11 @@ class QMP:
         return self.cmd('query-named-block-nodes')
 
     def node_of_file(self, path):
-        """Node name of the format node whose image file is `path`."""
+        """Node name of the format node whose image file is `path`.
+
+        Beware: QEMU 7.2 segfaults on query-named-block-nodes while a stream job is concluded
+        but not yet dismissed (completed or cancelled, auto-dismiss false). Checked here:
+        block-stream, wait for "concluded", query-named-block-nodes -> SIGSEGV."""
         for n in self.named_nodes():
             if n.get('file') == path and n.get('drv') not in ('file', 'host_device'):
                 return n['node-name']
