@@ -88,7 +88,8 @@ unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono) 
                 j->done = done;
         if (j->done > j->total)
                 j->done = j->total;
-        if (mono > 0)
+        /* The rate is of running time: a paused job's samples would dilute it after the resume. */
+        if (mono > 0 && j->state == STREAM_RUNNING)
                 job_sample(j, mono);
         return (j->done != old_done || j->total != old_total) ? JOB_CHANGED_PROGRESS : 0;
 }
@@ -121,8 +122,7 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
         if (s == j->state)
                 return 0;
         j->state = s;
-        if (s == STREAM_PAUSED)
-                j->n_samples = 0; /* the rate restarts from the resume */
+        j->n_samples = 0; /* the rate restarts with every pause and resume */
         return JOB_CHANGED_STATE;
 }
 
@@ -164,8 +164,9 @@ unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono) {
                         return changed | job_conclude(j, STREAM_CANCELLED, NULL);
                 return changed | job_conclude(j, STREAM_FAILED, info->error);
         }
-        changed |= job_apply_progress(j, info->offset, info->len, mono);
-        return changed | (job_set_status(j, info->status) & ~JOB_NEEDS_QUERY);
+        /* Status first: a sample belongs to the state the job is in now. */
+        changed |= job_set_status(j, info->status) & ~JOB_NEEDS_QUERY;
+        return changed | job_apply_progress(j, info->offset, info->len, mono);
 }
 
 unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono) {

@@ -43,7 +43,7 @@ int json_get_string(json_object *o, const char *key, bool required, const char *
         if (!json_object_is_type(v, json_type_string))
                 return -EBADMSG;
         s = json_object_get_string(v);
-        if ((size_t) json_object_get_string_len(v) != strlen(s) || strlen(s) > QEMU_STRING_MAX)
+        if ((size_t) json_object_get_string_len(v) != strlen(s) || strlen(s) > QEMU_STRING_MAX || !utf8_is_valid(s))
                 return -EBADMSG;
         *ret = s;
         return 1;

@@ -24,7 +24,7 @@ typedef struct QmpCall {
         char *data; /* serialized message until fully sent, then NULL */
         size_t size, sent;
         int fd;
-        usec_t deadline; /* set once sent */
+        usec_t deadline; /* CLOCK_MONOTONIC, from submission */
         qmp_reply_handler_t handler;
         void *userdata;
         void (*destroy)(void *userdata);
@@ -38,6 +38,7 @@ struct Qmp {
         enum QmpState state;
         json_tokener *tok;
         size_t msg_bytes;
+        Utf8State utf8; /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
         unsigned n_calls;
         uint64_t next_id;
@@ -134,7 +135,14 @@ bool qmp_is_ready(Qmp *q) {
 }
 
 void qmp_set_timeout(Qmp *q, uint64_t usec) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
         q->timeout = usec;
+        if (q->state != QMP_READY && q->state != QMP_CLOSED)
+                q->setup_deadline = now + usec;
+        for (QmpCall *c = q->calls; c; c = c->next)
+                c->deadline = MIN(c->deadline, now + usec);
+        (void) qmp_update_timer(q);
 }
 
 unsigned qmp_qemu_version(Qmp *q) {
@@ -219,7 +227,10 @@ static int qmp_enqueue(Qmp *q, const char *command, json_object *args, int fd, q
         c->handler = handler;
         c->userdata = userdata;
         c->destroy = destroy;
+        /* From submission, not from sending: a QEMU that stops reading must not hold calls forever. */
+        c->deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
         qmp_append(q, c);
+        (void) qmp_update_timer(q);
 
         r = qmp_update_io(q);
         if (r < 0) {
@@ -287,10 +298,8 @@ static int qmp_write(Qmp *q) {
                         c->fd = -1;
                 }
                 c->sent += (size_t) k;
-                if (c->sent >= c->size) {
+                if (c->sent >= c->size)
                         c->data = mfree(c->data);
-                        c->deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
-                }
         }
         return 0;
 }
@@ -441,6 +450,11 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         int r = 0;
 
         qmp_ref(q);
+        if (!utf8_feed(&q->utf8, buf, len)) {
+                log_warning("QMP: QEMU sent bytes that are not UTF-8.");
+                r = -EBADMSG;
+                len = 0;
+        }
         while (len > 0 && q->state != QMP_CLOSED) {
                 _cleanup_(json_object_putp) json_object *msg = NULL;
                 enum json_tokener_error jerr;
@@ -587,6 +601,15 @@ static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) 
                 qmp_fail(q, -ETIMEDOUT);
                 goto finish;
         }
+        /* A call QEMU did not even read in time: it no longer reads its monitor, and half a
+         * command may be on the wire. Nothing more can be said on this connection. */
+        for (QmpCall *i = q->calls; i; i = i->next)
+                if (i->data && i->deadline <= now) {
+                        log_warning("QMP: QEMU did not read command '%s' within %" PRIu64 " s; closing the connection.",
+                                i->command, q->timeout / USEC_PER_SEC);
+                        qmp_fail(q, -ETIMEDOUT);
+                        goto finish;
+                }
         /* Expire calls that were sent and have waited too long. */
         for (;;) {
                 QmpCall *c = NULL;
@@ -614,8 +637,7 @@ static int qmp_update_timer(Qmp *q) {
         usec_t next = q->setup_deadline;
 
         for (QmpCall *c = q->calls; c; c = c->next)
-                if (!c->data)
-                        next = MIN(next, c->deadline);
+                next = MIN(next, c->deadline);
         if (next == USEC_INFINITY)
                 return q->timer ? sd_event_source_set_enabled(q->timer, SD_EVENT_OFF) : 0;
         if (!q->timer)
@@ -675,8 +697,9 @@ static int qmp_new(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
                 qmp_free(q);
                 return -ENOMEM;
         }
-        /* Trailing bytes are the next messages: we feed a stream, one value at a time. */
-        json_tokener_set_flags(q->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS | JSON_TOKENER_VALIDATE_UTF8);
+        /* Trailing bytes are the next messages: we feed a stream, one value at a time. UTF-8 is
+         * checked on the raw stream by us: json-c's check misses characters split across reads. */
+        json_tokener_set_flags(q->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
         q->setup_deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
         if (fd >= 0) {
                 r = sd_event_add_io(e, &q->io, fd, EPOLLIN, qmp_io_handler, q);

@@ -295,7 +295,8 @@ int state_load_guests(Manager *m) {
                 Guest *g;
                 int r;
 
-                if (len < 6 || !streq(de->d_name + len - 5, ".json") || de->d_name[0] == '.')
+                /* Temp files of write_file_atomic() end in .tmpXXXXXX; guest names may start with a dot. */
+                if (len < 6 || !streq(de->d_name + len - 5, ".json"))
                         continue;
                 path = strdup_printf("%s/%s", m->guest_state_dir, de->d_name);
                 if (!path)

@@ -197,6 +197,56 @@ bool path_is_below(const char *path, const char *dir) {
         return path[n] == '/' || path[n] == 0;
 }
 
+/* UTF-8 */
+
+bool utf8_feed(Utf8State *s, const void *buf, size_t len) {
+        const uint8_t *p = buf;
+
+        for (size_t i = 0; i < len; i++) {
+                uint8_t c = p[i];
+
+                if (s->need > 0) {
+                        if (c < s->lo || c > s->hi)
+                                return false;
+                        s->need--;
+                        s->lo = 0x80;
+                        s->hi = 0xBF;
+                        continue;
+                }
+                if (c < 0x80)
+                        continue;
+                s->lo = 0x80;
+                s->hi = 0xBF;
+                if (c >= 0xC2 && c <= 0xDF)
+                        s->need = 1;
+                else if (c == 0xE0) {
+                        s->need = 2;
+                        s->lo = 0xA0; /* no overlong forms */
+                } else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF)
+                        s->need = 2;
+                else if (c == 0xED) {
+                        s->need = 2;
+                        s->hi = 0x9F; /* no UTF-16 surrogates */
+                } else if (c == 0xF0) {
+                        s->need = 3;
+                        s->lo = 0x90;
+                } else if (c >= 0xF1 && c <= 0xF3)
+                        s->need = 3;
+                else if (c == 0xF4) {
+                        s->need = 3;
+                        s->hi = 0x8F; /* nothing past U+10FFFF */
+                } else
+                        return false;
+        }
+        return true;
+}
+
+bool utf8_is_valid(const char *str) {
+        Utf8State s = {};
+
+        return utf8_feed(&s, str, strlen(str)) && s.need == 0;
+}
+
 /* Sizes */
 
 int parse_size(const char *s, uint64_t *ret) {
@@ -218,8 +268,6 @@ int parse_size(const char *s, uint64_t *ret) {
 
         if (!s)
                 return -EINVAL;
-        while (*p == ' ')
-                p++;
         if (!isdigit((unsigned char) *p))
                 return -EINVAL; /* no sign, no empty string */
         for (; isdigit((unsigned char) *p); p++) {
@@ -241,8 +289,6 @@ int parse_size(const char *s, uint64_t *ret) {
         }
         if (!have_digits)
                 return -EINVAL;
-        while (*p == ' ')
-                p++;
         if (*p) {
                 size_t i;
                 for (i = 0; i < ELEMENTSOF(table); i++)
@@ -271,7 +317,8 @@ char *format_bytes(char *buf, size_t len, uint64_t n) {
         size_t i = 0;
         long double v = (long double) n;
 
-        while (v >= 1024.0L && i < ELEMENTSOF(units) - 1) {
+        /* 1023.96 KiB would print as "1024.0 KiB": move up a unit before rounding does. */
+        while (v >= 1023.95L && i < ELEMENTSOF(units) - 1) {
                 v /= 1024.0L;
                 i++;
         }

@@ -127,9 +127,18 @@ bool path_is_safe_absolute(const char *p, size_t max_len);
 /* Is path inside (or equal to) directory dir? Both must be normalized absolute paths. */
 bool path_is_below(const char *path, const char *dir);
 
-/* Sizes: decimal integer with an optional suffix. K M G T P E and Ki Mi … and KiB MiB …
- * are powers of 1024; KB MB GB TB PB EB powers of 1000; B or none is bytes. A fractional
- * part ("1.5G") is allowed with a suffix. Fails with -ERANGE on overflow, -EINVAL otherwise. */
+/* Strict UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing past U+10FFFF), fed in
+ * pieces: a character may be split across calls. */
+typedef struct Utf8State {
+        uint8_t need;   /* continuation bytes still expected */
+        uint8_t lo, hi; /* allowed range of the next one */
+} Utf8State;
+bool utf8_feed(Utf8State *s, const void *buf, size_t len);
+bool utf8_is_valid(const char *s);
+
+/* Sizes: decimal integer with an optional suffix, no spaces. K M G T P E and Ki Mi … and
+ * KiB MiB … are powers of 1024; KB MB GB TB PB EB powers of 1000; B or none is bytes. A
+ * fractional part ("1.5G") is allowed with a suffix. -ERANGE on overflow, -EINVAL otherwise. */
 int parse_size(const char *s, uint64_t *ret);
 /* "1.5 GiB", "512 B". */
 char *format_bytes(char *buf, size_t len, uint64_t n);
