@@ -228,9 +228,6 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (o.uuid && normalize_uuid(o.uuid, &uuid) < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'uuid' must be a UUID like 123e4567-e89b-12d3-a456-426614174000, got '%.64s'.", o.uuid);
-        if (isempty(socket_path) || o.have_disks)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                        "Offline guests (empty QMP socket, 'disks' option) are not supported yet.");
         if (o.have_owner && o.owner == (uint32_t) -1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'owner' is not a valid uid.");
 
@@ -251,6 +248,9 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
 
+        if (isempty(socket_path) || o.have_disks)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                        "Offline guests (empty QMP socket, 'disks' option) are not supported yet.");
         /* Checked after the (possibly slow) authorization: the world may have changed meanwhile. */
         if (manager_find_guest(m, name))
                 return sd_bus_error_setf(error, BS_ERROR_GUEST_EXISTS,
@@ -324,6 +324,13 @@ static int method_get_guest(sd_bus_message *msg, void *userdata, sd_bus_error *e
 }
 
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        int r;
+
+        r = bus_authorize(userdata, msg, ACTION_MANAGE, NULL, error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED, "ProvisionDisk is not supported yet.");
 }
 

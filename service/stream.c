@@ -649,11 +649,25 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
 }
 
 static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        int r;
+
+        r = disk_authorize(userdata, msg, ACTION_INSPECT, error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
                 "The allocation map is not supported yet; it arrives with byte-range streaming.");
 }
 
 static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        int r;
+
+        r = disk_authorize(userdata, msg, ACTION_EXPORT, error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
         return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
                 "NBD exports are not supported yet; they arrive with the sandboxed helpers.");
 }
