@@ -21,6 +21,7 @@ struct PolkitQuery {
         Manager *manager;
         sd_bus_message *request; /* the method call being authorized */
         sd_bus_slot *slot;       /* the CheckAuthorization call, while pending */
+        sd_bus_track *track;     /* the caller: if it leaves the bus meanwhile, its call is dropped */
         char *action;
         bool answered;
         usec_t answered_at;
@@ -32,6 +33,7 @@ static PolkitQuery *polkit_query_free(PolkitQuery *q) {
         if (!q)
                 return NULL;
         sd_bus_slot_unref(q->slot);
+        sd_bus_track_unref(q->track);
         sd_bus_message_unref(q->request);
         sd_bus_error_free(&q->error);
         free(q->action);
@@ -75,6 +77,18 @@ static unsigned registry_size(Manager *m) {
         return n;
 }
 
+/* The caller left before polkit answered: whatever the answer, nobody asked any more, and
+ * acting on the call would leave a change behind for no one. */
+static int caller_gone(sd_bus_track *t, void *userdata) {
+        PolkitQuery *q = userdata;
+        Manager *m = q->manager;
+
+        log_debug("Caller of an authorization for %s left the bus; dropping its call.", q->action);
+        registry_remove(m, q);
+        polkit_query_free(q);
+        return 0;
+}
+
 static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         PolkitQuery *q = userdata;
         Manager *m = q->manager;
@@ -82,6 +96,7 @@ static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_
         int authorized, challenge, r;
 
         q->slot = sd_bus_slot_unref(q->slot);
+        q->track = sd_bus_track_unref(q->track);
         q->answered = true;
         q->answered_at = now_usec(CLOCK_MONOTONIC);
 
@@ -214,6 +229,13 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
         if (!q->action) {
                 polkit_query_free(q);
                 return -ENOMEM;
+        }
+        r = sd_bus_track_new(m->bus, &q->track, caller_gone, q);
+        if (r >= 0)
+                r = sd_bus_track_add_name(q->track, sender);
+        if (r < 0) {
+                polkit_query_free(q);
+                return r;
         }
         r = sd_bus_call_async(m->bus, &q->slot, call, check_reply, q, POLKIT_TIMEOUT_USEC);
         if (r < 0) {
