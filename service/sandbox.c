@@ -1,0 +1,484 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <selinux/selinux.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include "sandbox.h"
+#include "util.h"
+
+/* The child reports a failed step to the parent through a CLOEXEC pipe: exec closes it
+ * (success), anything written is the step and errno. */
+typedef struct SpawnFailure {
+        int step;
+        int error;
+} SpawnFailure;
+
+enum {
+        STEP_SIGNALS,
+        STEP_FDS,
+        STEP_NAMESPACES,
+        STEP_MOUNTS,
+        STEP_RLIMITS,
+        STEP_CAPABILITIES,
+        STEP_IDS,
+        STEP_NNP,
+        STEP_PDEATHSIG,
+        STEP_SELINUX,
+        STEP_SECCOMP,
+        STEP_EXEC,
+        _STEP_MAX,
+};
+
+static const char *const step_names[_STEP_MAX] = {
+        [STEP_SIGNALS] = "resetting signals",
+        [STEP_FDS] = "arranging file descriptors",
+        [STEP_NAMESPACES] = "creating namespaces",
+        [STEP_MOUNTS] = "building the file system view",
+        [STEP_RLIMITS] = "setting resource limits",
+        [STEP_CAPABILITIES] = "dropping capabilities",
+        [STEP_IDS] = "changing to the helper's uid/gid",
+        [STEP_NNP] = "setting no_new_privs",
+        [STEP_PDEATHSIG] = "setting the parent-death signal",
+        [STEP_SELINUX] = "setting the SELinux exec label",
+        [STEP_SECCOMP] = "installing the seccomp filter",
+        [STEP_EXEC] = "executing the helper",
+};
+
+bool sandbox_selinux_enabled(void) {
+        return is_selinux_enabled() > 0;
+}
+
+/* Child side. Only async-signal-safe-ish work is not required here (we are single-threaded),
+ * but nothing may return into the parent's code: every path ends in execve or _exit. */
+
+static _Noreturn void child_fail(int errfd, int step, int error) {
+        SpawnFailure f = { .step = step, .error = error > 0 ? error : EIO };
+
+        (void) !write(errfd, &f, sizeof(f));
+        _exit(127);
+}
+
+static int bind_mount(const char *src, const char *dst, unsigned long extra) {
+        if (mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
+                return -errno;
+        /* Flags of a bind mount only take with a remount. */
+        if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | extra, NULL) < 0)
+                return -errno;
+        return 0;
+}
+
+static int touch(const char *path) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644);
+        if (fd < 0)
+                return -errno;
+        close(fd);
+        return 0;
+}
+
+static int mkdir_under(const char *root, const char *path, mode_t mode, char *buf, size_t size) {
+        int n = snprintf(buf, size, "%s%s", root, path);
+        if (n < 0 || (size_t) n >= size)
+                return -ENAMETOOLONG;
+        return mkdir_p(buf, mode);
+}
+
+static int setup_mounts(const SandboxSpec *s) {
+        static const char *const links[] = { "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32" };
+        static const char *const devices[] = { "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom" };
+        const char *root = "/tmp"; /* any directory will do: the tmpfs lives in our namespace only */
+        char path[PATH_MAX], target[PATH_MAX], source[64];
+        _cleanup_close_ int runtime_fd = -1;
+        struct stat st;
+        int r;
+
+        /* Held open before the tmpfs goes on: the runtime dir may itself lie below root. */
+        if (s->runtime_dir) {
+                runtime_fd = open(s->runtime_dir, O_PATH | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+                if (runtime_fd < 0)
+                        return -errno;
+        }
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+                return -errno;
+        if (mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=4m") < 0)
+                return -errno;
+
+        /* /usr read-only; the top-level links or directories of a merged or split /usr. */
+        if ((r = mkdir_under(root, "/usr", 0755, path, sizeof(path))) < 0 || (r = bind_mount("/usr", path, MS_RDONLY | MS_NODEV)) < 0)
+                return r;
+        for (size_t i = 0; i < ELEMENTSOF(links); i++) {
+                ssize_t n;
+
+                if (lstat(links[i], &st) < 0)
+                        continue;
+                snprintf(path, sizeof(path), "%s%s", root, links[i]);
+                if (S_ISLNK(st.st_mode)) {
+                        n = readlink(links[i], target, sizeof(target) - 1);
+                        if (n < 0)
+                                return -errno;
+                        target[n] = 0;
+                        if (symlink(target, path) < 0)
+                                return -errno;
+                } else if (S_ISDIR(st.st_mode)) {
+                        if ((r = mkdir_p(path, 0755)) < 0 || (r = bind_mount(links[i], path, MS_RDONLY | MS_NODEV)) < 0)
+                                return r;
+                }
+        }
+
+        /* The dynamic linker's cache: the only file of /etc a helper needs. */
+        if ((r = mkdir_under(root, "/etc", 0755, path, sizeof(path))) < 0)
+                return r;
+        if (access("/etc/ld.so.cache", F_OK) == 0) {
+                snprintf(path, sizeof(path), "%s/etc/ld.so.cache", root);
+                if ((r = touch(path)) < 0 || (r = bind_mount("/etc/ld.so.cache", path, MS_RDONLY | MS_NODEV)) < 0)
+                        return r;
+        }
+
+        /* A /dev with the harmless character devices only. */
+        if ((r = mkdir_under(root, "/dev", 0755, path, sizeof(path))) < 0)
+                return r;
+        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k") < 0)
+                return -errno;
+        for (size_t i = 0; i < ELEMENTSOF(devices); i++) {
+                snprintf(path, sizeof(path), "%s%s", root, devices[i]);
+                if ((r = touch(path)) < 0 || (r = bind_mount(devices[i], path, MS_NOEXEC)) < 0)
+                        return r;
+        }
+
+        /* /proc showing its own processes only (other uids' are invisible, no /proc/sys). */
+        if ((r = mkdir_under(root, "/proc", 0555, path, sizeof(path))) < 0)
+                return r;
+        if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible,subset=pid") < 0)
+                return -errno;
+
+        /* An empty, private /tmp. */
+        if ((r = mkdir_under(root, "/tmp", 01777, path, sizeof(path))) < 0)
+                return r;
+        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=16m") < 0)
+                return -errno;
+
+        if (s->runtime_dir) {
+                snprintf(source, sizeof(source), "/proc/self/fd/%i", runtime_fd);
+                if ((r = mkdir_under(root, s->runtime_dir, 0755, path, sizeof(path))) < 0 ||
+                        (r = bind_mount(source, path, MS_NODEV | MS_NOEXEC)) < 0)
+                        return r;
+        }
+
+        /* Move in, and let go of the old root entirely. */
+        snprintf(path, sizeof(path), "%s/.oldroot", root);
+        if (mkdir(path, 0700) < 0)
+                return -errno;
+        if (syscall(SYS_pivot_root, root, path) < 0)
+                return -errno;
+        if (chdir("/") < 0)
+                return -errno;
+        if (umount2("/.oldroot", MNT_DETACH) < 0)
+                return -errno;
+        if (rmdir("/.oldroot") < 0)
+                return -errno;
+        if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+                return -errno;
+        return 0;
+}
+
+static int drop_capabilities(void) {
+        struct __user_cap_header_struct h = { .version = _LINUX_CAPABILITY_VERSION_3 };
+        struct __user_cap_data_struct d[2] = {};
+
+        for (unsigned long cap = 0; cap <= 63; cap++)
+                if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+                        return -errno;
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
+                return -errno;
+        if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0)
+                return -errno;
+        /* The inheritable set too: with the bounding set empty nothing can be regained. */
+        if (syscall(SYS_capget, &h, d) < 0)
+                return -errno;
+        d[0].inheritable = d[1].inheritable = 0;
+        if (syscall(SYS_capset, &h, d) < 0)
+                return -errno;
+        return 0;
+}
+
+static int change_ids(uid_t uid, gid_t gid) {
+        struct __user_cap_header_struct h = { .version = _LINUX_CAPABILITY_VERSION_3 };
+        struct __user_cap_data_struct d[2] = {};
+        uid_t ru, eu, su;
+        gid_t rg, eg, sg;
+
+        if (uid == 0 || gid == 0)
+                return -EPERM; /* a helper never runs as root */
+        if (setgroups(0, NULL) < 0)
+                return -errno;
+        if (setresgid(gid, gid, gid) < 0)
+                return -errno;
+        if (setresuid(uid, uid, uid) < 0)
+                return -errno;
+        /* Trust, but verify: every id changed, no supplementary group, no capability left. */
+        if (getresuid(&ru, &eu, &su) < 0 || getresgid(&rg, &eg, &sg) < 0)
+                return -errno;
+        if (ru != uid || eu != uid || su != uid || rg != gid || eg != gid || sg != gid || getgroups(0, NULL) != 0)
+                return -EPERM;
+        if (syscall(SYS_capget, &h, d) < 0)
+                return -errno;
+        if (d[0].effective || d[1].effective || d[0].permitted || d[1].permitted || d[0].inheritable || d[1].inheritable)
+                return -EPERM;
+        return 0;
+}
+
+static int install_denylist(void) {
+        /* Kill on anything a storage or NBD helper never needs and an attacker would love. */
+        static const char *const deny[] = {
+                /* mounts and namespaces */
+                "mount", "umount", "umount2", "pivot_root", "chroot", "setns", "unshare", "move_mount", "open_tree",
+                "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+                /* modules, reboot, swap, kexec */
+                "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "kexec_load",
+                "kexec_file_load",
+                /* raw I/O */
+                "iopl", "ioperm", "pciconfig_read", "pciconfig_write", "pciconfig_iobase",
+                /* clock */
+                "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "stime",
+                /* debugging other processes */
+                "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "perf_event_open",
+                /* kernel attack surface */
+                "bpf", "keyctl", "add_key", "request_key", "userfaultfd", "lookup_dcookie", "open_by_handle_at",
+                "name_to_handle_at", "acct", "quotactl", "syslog", "vhangup", "mknod", "mknodat",
+                /* identity */
+                "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "setfsuid",
+                "setfsgid",
+                /* obsolete */
+                "uselib", "ustat", "sysfs", "_sysctl", "create_module", "get_kernel_syms", "query_module", "nfsservctl",
+                "vm86", "vm86old", "afs_syscall", "break", "ftime", "getpmsg", "putpmsg", "gtty", "stty", "lock", "mpx",
+                "prof", "profil", "security", "tuxcall", "vserver", "idle",
+        };
+        const uint64_t ns_flags = CLONE_NEWNS | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS |
+                                  CLONE_NEWIPC | CLONE_NEWCGROUP;
+        scmp_filter_ctx ctx;
+        int r;
+
+        ctx = seccomp_init(SCMP_ACT_ALLOW);
+        if (!ctx)
+                return -ENOMEM;
+        for (size_t i = 0; i < ELEMENTSOF(deny); i++) {
+                int nr = seccomp_syscall_resolve_name(deny[i]);
+                if (nr == __NR_SCMP_ERROR)
+                        continue; /* not on this architecture */
+                r = seccomp_rule_add(ctx, SCMP_ACT_KILL_PROCESS, nr, 0);
+                if (r < 0 && r != -EDOM)
+                        goto finish;
+        }
+        /* Threads are fine, new namespaces are not. clone3 hides its flags in memory: make the
+         * C library fall back to clone. */
+        /* Any namespace bit: one rule per flag. */
+        for (uint64_t bit = 1; bit; bit <<= 1) {
+                if (!(ns_flags & bit))
+                        continue;
+                r = seccomp_rule_add(ctx, SCMP_ACT_KILL_PROCESS, SCMP_SYS(clone), 1, SCMP_A0(SCMP_CMP_MASKED_EQ, bit, bit));
+                if (r < 0 && r != -EEXIST)
+                        goto finish;
+        }
+        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
+        if (r < 0)
+                goto finish;
+        r = seccomp_load(ctx);
+finish:
+        seccomp_release(ctx);
+        return r;
+}
+
+static int arrange_fds(const SandboxSpec *s, int *errfd) {
+        int devnull, err = -1, tmp[16];
+
+        if (s->n_fds > ELEMENTSOF(tmp))
+                return -E2BIG;
+        if (s->stderr_fd >= 0) {
+                err = fcntl(s->stderr_fd, F_DUPFD_CLOEXEC, 64);
+                if (err < 0)
+                        return -errno;
+        }
+        /* First out of the way (no overlap with 0..3+n), then into place. */
+        for (size_t i = 0; i < s->n_fds; i++) {
+                tmp[i] = fcntl(s->fds[i], F_DUPFD_CLOEXEC, 64);
+                if (tmp[i] < 0)
+                        return -errno;
+        }
+        if (*errfd < 64) {
+                int e = fcntl(*errfd, F_DUPFD_CLOEXEC, 64);
+                if (e < 0)
+                        return -errno;
+                *errfd = e;
+        }
+        devnull = open("/dev/null", O_RDWR | O_CLOEXEC | O_NOCTTY);
+        if (devnull < 0)
+                return -errno;
+        if (dup2(devnull, STDIN_FILENO) < 0 || dup2(devnull, STDOUT_FILENO) < 0 ||
+                dup2(err >= 0 ? err : devnull, STDERR_FILENO) < 0)
+                return -errno;
+        for (size_t i = 0; i < s->n_fds; i++)
+                if (dup2(tmp[i], 3 + (int) i) < 0) /* dup2 clears CLOEXEC on the copy */
+                        return -errno;
+        /* Everything else goes; the error pipe stays until exec (it is CLOEXEC). */
+        if (syscall(SYS_close_range, 3 + s->n_fds, *errfd - 1, 0) < 0 ||
+                syscall(SYS_close_range, *errfd + 1, ~0U, 0) < 0)
+                return -errno;
+        return 0;
+}
+
+static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
+        char *env[34];
+        size_t n_env = 0;
+        sigset_t all;
+        int r;
+
+        sigfillset(&all);
+        if (sigprocmask(SIG_UNBLOCK, &all, NULL) < 0)
+                child_fail(errfd, STEP_SIGNALS, errno);
+        for (int sig = 1; sig < _NSIG; sig++)
+                if (sig != SIGKILL && sig != SIGSTOP)
+                        (void) signal(sig, SIG_DFL);
+        if (setsid() < 0)
+                child_fail(errfd, STEP_SIGNALS, errno);
+
+        r = arrange_fds(s, &errfd);
+        if (r < 0)
+                child_fail(errfd, STEP_FDS, -r);
+
+        if (unshare(CLONE_NEWNS | CLONE_NEWIPC | (s->host_network ? 0 : CLONE_NEWNET)) < 0)
+                child_fail(errfd, STEP_NAMESPACES, errno);
+        r = setup_mounts(s);
+        if (r < 0)
+                child_fail(errfd, STEP_MOUNTS, -r);
+
+        {
+                struct rlimit core = { 0, 0 };
+                struct rlimit nofile = { s->max_files ?: 1024, s->max_files ?: 1024 };
+                struct rlimit nproc = { s->max_processes ?: 512, s->max_processes ?: 512 };
+                if (setrlimit(RLIMIT_CORE, &core) < 0 || setrlimit(RLIMIT_NOFILE, &nofile) < 0 ||
+                        setrlimit(RLIMIT_NPROC, &nproc) < 0)
+                        child_fail(errfd, STEP_RLIMITS, errno);
+        }
+
+        r = drop_capabilities();
+        if (r < 0)
+                child_fail(errfd, STEP_CAPABILITIES, -r);
+        r = change_ids(s->uid, s->gid);
+        if (r < 0)
+                child_fail(errfd, STEP_IDS, -r);
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+                child_fail(errfd, STEP_NNP, errno);
+        /* The uid change cleared any earlier death signal: set it now, then make sure the
+         * parent did not die in between (we would be orphaned and never killed). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+                child_fail(errfd, STEP_PDEATHSIG, errno);
+        if (getppid() != parent)
+                child_fail(errfd, STEP_PDEATHSIG, ESRCH);
+        if (s->selinux_label && sandbox_selinux_enabled() && setexeccon(s->selinux_label) < 0)
+                child_fail(errfd, STEP_SELINUX, errno);
+        r = install_denylist();
+        if (r < 0)
+                child_fail(errfd, STEP_SECCOMP, -r);
+
+        env[n_env++] = (char *) "PATH=/usr/bin:/bin";
+        env[n_env++] = (char *) "LANG=C.UTF-8";
+        for (size_t i = 0; s->env && s->env[i] && n_env < ELEMENTSOF(env) - 1; i++)
+                env[n_env++] = s->env[i];
+        env[n_env] = NULL;
+        execve(s->argv[0], s->argv, env);
+        child_fail(errfd, STEP_EXEC, errno);
+}
+
+int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
+        _cleanup_close_ int rfd = -1, wfd = -1;
+        SpawnFailure f;
+        int pipefd[2];
+        pid_t parent = getpid(), pid;
+        ssize_t n;
+
+        if (!s->argv || !s->argv[0] || s->argv[0][0] != '/')
+                return -EINVAL;
+        if (s->uid == 0 || s->gid == 0)
+                return -EPERM;
+        if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return -errno;
+        rfd = pipefd[0];
+        wfd = pipefd[1];
+
+        pid = fork();
+        if (pid < 0)
+                return -errno;
+        if (pid == 0)
+                child(s, wfd, parent);
+
+        closep(&wfd);
+        wfd = -1;
+        do
+                n = read(rfd, &f, sizeof(f));
+        while (n < 0 && errno == EINTR);
+        if (n == 0) {
+                *ret_pid = pid;
+                return 0;
+        }
+        /* It failed before exec: collect it and tell why. */
+        (void) waitpid(pid, NULL, 0);
+        if (n != sizeof(f) || f.step < 0 || f.step >= _STEP_MAX)
+                return log_error_errno(EIO, "Sandbox for %s: the child failed without saying why.", s->name);
+        return log_error_errno(f.error, "Sandbox for %s: failed while %s: %m", s->name, step_names[f.step]);
+}
+
+/* SELinux: every call guarded, so where SELinux is off nothing is ever asked or written. */
+
+int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
+        char **ret_process, char **ret_image) {
+        _cleanup_free_ char *con = NULL;
+        char *user, *role, *save = NULL, *p, *i;
+
+        *ret_process = *ret_image = NULL;
+        if (!sandbox_selinux_enabled())
+                return 0;
+        if (c1 >= c2 || c2 >= SANDBOX_MCS_CATEGORIES)
+                return -EINVAL;
+        {
+                char *c = NULL;
+                if (getcon(&c) < 0)
+                        return -errno;
+                con = strdup(c);
+                freecon(c);
+                if (!con)
+                        return -ENOMEM;
+        }
+        user = strtok_r(con, ":", &save);
+        role = strtok_r(NULL, ":", &save);
+        if (!user || !role)
+                return -EINVAL;
+        p = strdup_printf("%s:%s:%s:s0:c%u,c%u", user, role, process_type, c1, c2);
+        i = strdup_printf("system_u:object_r:%s:s0:c%u,c%u", image_type, c1, c2);
+        if (!p || !i) {
+                free(p);
+                free(i);
+                return -ENOMEM;
+        }
+        *ret_process = p;
+        *ret_image = i;
+        return 1;
+}
+
+int sandbox_selinux_label_fd(int fd, const char *label) {
+        if (!label || !sandbox_selinux_enabled())
+                return 0;
+        if (fsetfilecon(fd, label) < 0)
+                return -errno;
+        return 0;
+}

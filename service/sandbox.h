@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Spawning a helper inside its guest's sandbox. One function applies every layer in the child,
+ * in a fixed order, and any failure kills the spawn: a helper never runs half-confined.
+ *
+ *  1. signals reset, new session, the passed fds moved to 3, 4, …, every other fd closed
+ *  2. private mount, IPC and (unless it serves TCP itself) network namespaces
+ *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only, /etc/ld.so.cache,
+ *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
+ *     runtime dir; nothing else (no images: they arrive as fds, no /home, no /root)
+ *  4. rlimits: no core dumps, bounded open files and processes
+ *  5. capabilities: bounding and ambient sets emptied; then the guest's own uid/gid with
+ *     supplementary groups cleared (which empties the effective and permitted sets)
+ *  6. no_new_privs; PR_SET_PDEATHSIG(SIGKILL) after the uid change (which clears it), then
+ *     getppid() re-checked
+ *  7. SELinux exec label, only where SELinux is enabled
+ *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
+ *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls.
+ *     Our own helpers install an allow-list on top once they have set up.
+ *  9. execve with a minimal environment. */
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+/* What a helper's uid/gid and MCS categories are drawn from. */
+#define SANDBOX_MCS_CATEGORIES 1024
+
+typedef struct SandboxSpec {
+        const char *name; /* for messages */
+        uid_t uid;
+        gid_t gid;
+        const char *runtime_dir; /* its guest's runtime dir, bound read-write at the same path; NULL: none */
+        bool host_network;       /* keep the host's network namespace (the helper serves TCP itself) */
+        const char *selinux_label; /* exec label; ignored unless SELinux is enabled */
+        const int *fds;            /* become fds 3, 4, … in the helper */
+        size_t n_fds;
+        int stderr_fd;             /* the helper's stderr, e.g. a log pipe; -1: /dev/null */
+        char *const *argv;         /* argv[0]: absolute path */
+        char *const *env;          /* added to PATH and LANG; may be NULL */
+        unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
+        unsigned max_processes;    /* RLIMIT_NPROC of its uid (threads count), 0: 512 */
+} SandboxSpec;
+
+/* Fork, confine, exec. Returns once the helper exec'd (or failed to: then -errno, with what
+ * failed logged, and nothing left running). */
+int sandbox_spawn(const SandboxSpec *spec, pid_t *ret_pid);
+
+/* The SELinux labels of a guest's sandbox for MCS categories c1 < c2: the process label and
+ * the label of its writable images. NULL/0 where SELinux is off; no SELinux call is made then. */
+int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
+        char **ret_process, char **ret_image);
+/* Label a file descriptor's file (a writable image); a no-op where SELinux is off. */
+int sandbox_selinux_label_fd(int fd, const char *label);
+bool sandbox_selinux_enabled(void);
