@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Disk images of a guest that is not running: opened by us (root), handed to a sandboxed QEMU as fds.
+ *
+ * An image header is user data. Formats are never probed, and a backing file named in a header is
+ * opened only if it lies inside a configured image directory, reached without any symlink and without
+ * crossing a mount. No D-Bus, no QEMU: only files and headers. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct Image {
+        char *path;   /* normalized absolute path as named (not resolved through symlinks) */
+        char *format; /* "qcow2" or "raw" */
+        int fd;       /* opened by image_chain_open(), -1 otherwise */
+        uint64_t virtual_size;
+        uint32_t cluster_size; /* qcow2: from the header; raw: 0 */
+        char *backing;         /* absolute normalized path of the backing file, NULL if none */
+        char *backing_format;  /* from the qcow2 header extension; NULL if none */
+} Image;
+
+typedef struct ImageChain {
+        Image *images;
+        size_t n;
+} ImageChain; /* [0] = top, then backings */
+
+/* Close every fd of the chain and free it; c->images = NULL, c->n = 0 afterwards. NULL and an
+ * already emptied chain are fine. */
+void image_chain_done(ImageChain *c);
+
+/* Open path for reading (and writing if writable) beneath one of dirs without following any symlink
+ * and without leaving the directory: openat2() with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|
+ * RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV relative to an O_PATH fd of the matching directory (the
+ * longest one of dirs that path lies strictly below). The directories themselves are configuration
+ * and trusted; everything below them is not.
+ *
+ * path must be a normalized absolute path. The file must be a regular file or a block device (it is
+ * looked at through an O_PATH fd first, so a FIFO or a character device is never opened). O_CLOEXEC|O_NOCTTY
+ * always, never O_CREAT; the fd is returned blocking.
+ *
+ * Returns 0 and *ret_fd, or -errno and a malloc'd message in *ret_error (if ret_error is not NULL;
+ * untouched on success): -EPERM if path is not inside any dir, -ELOOP if path is or passes through a
+ * symlink, -EXDEV if it crosses a mount, -EISDIR/-EINVAL for a directory/other file types, -ESTALE if
+ * the file was replaced between the look and the open, -EINVAL if path is not normalized, -ENOSYS
+ * without openat2(), other -errno from the kernel. */
+int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error);
+
+/* Parse the header of an open image of the given format, "qcow2" or "raw" (no probing: the caller says
+ * which). Reads are bounded (at most the first cluster, with pread) and every field is validated:
+ * qcow2 magic, version 2 or 3, cluster_bits 9..21, header_length, size against the L1 table, table
+ * offsets, refcount order, compression type; the backing file name (offset/size inside the first
+ * cluster, size 1..1023, no NUL, valid UTF-8, no control characters); header extensions walked with
+ * bounds (length, 8-byte alignment, end marker, never past the backing file name or the first
+ * cluster); unknown incompatible features, encrypted images, external data files and images marked
+ * corrupt are refused. raw: the size of the regular file, or BLKGETSIZE64 of a block device.
+ *
+ * A relative backing name is resolved against the directory of image_path (a normalized absolute
+ * path), then normalized lexically: ".." is allowed in the header, the result must be a normalized
+ * absolute path. Since image_open_beneath() refuses every symlink, the lexical result is the file
+ * the kernel would reach. A "proto:" name (a colon with no slash before it: "json:{…}", "nbd://…",
+ * "file:…") is refused: offline guests take file backings only.
+ *
+ * Fills format, virtual_size, cluster_size, backing and backing_format of *ret (overwritten, not
+ * freed); path and fd are left as they are. On failure *ret is untouched and -errno is returned with
+ * a message in *ret_error: -EBADMSG for a malformed header, -EOPNOTSUPP for something valid we do not
+ * take (version, features, encryption, protocol backings, an unknown format), -EUCLEAN for an image
+ * marked corrupt, -EINVAL for a bad image_path or an fd that is neither a regular file nor a block
+ * device, other -errno from the kernel. */
+int image_read_header(int fd, const char *format, const char *image_path, Image *ret, char **ret_error);
+
+/* The whole chain, top first: opens every image with image_open_beneath() (the top read-write if
+ * writable, backings read-only), reads each header, follows the backing files. At most 32 images.
+ *
+ * Refused with a message in *ret_error, and nothing left open: a backing outside dirs (-EPERM), a
+ * symlink anywhere below a directory (-ELOOP), a backing without a recorded backing format (we never
+ * probe: "rebase with -F"; -EINVAL), a format other than qcow2/raw (-EOPNOTSUPP), a loop: the same
+ * path or the same st_dev/st_ino twice (-ELOOP), more than 32 images (-E2BIG), an image that is the
+ * same file (st_dev/st_ino of the opened fd, not the name) as a path in forbidden, other guests'
+ * writable disks (-EBUSY), and everything image_read_header() refuses. forbidden may be NULL; its
+ * paths are trusted (our own state) and stat()ed, missing ones are skipped.
+ *
+ * On success *ret owns the images and their fds (free with image_chain_done()); on failure *ret is
+ * untouched. */
+int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
+        ImageChain *ret, char **ret_error);
