@@ -9,11 +9,72 @@
 void config_init(Config *c) {
         *c = (Config) {
                 .qmp_timeout_usec = QMP_TIMEOUT_DEFAULT_USEC,
+                .helper_uid_min = HELPER_UID_MIN_DEFAULT,
+                .helper_uid_max = HELPER_UID_MAX_DEFAULT,
         };
 }
 
 void config_done(Config *c) {
         c->image_dirs = strv_free(c->image_dirs);
+        c->qemu_binary = mfree(c->qemu_binary);
+        c->selinux_helper_type = mfree(c->selinux_helper_type);
+        c->selinux_image_type = mfree(c->selinux_image_type);
+        c->helper_dir = mfree(c->helper_dir);
+}
+
+const char *config_qemu_binary(const Config *c) {
+        return c->qemu_binary ?: "/usr/bin/qemu-system-x86_64";
+}
+
+const char *config_selinux_helper_type(const Config *c) {
+        return c->selinux_helper_type ?: "blockstream_helper_t";
+}
+
+const char *config_selinux_image_type(const Config *c) {
+        return c->selinux_image_type ?: "blockstream_image_t";
+}
+
+static int parse_uid_range(const char *value, uint32_t *min, uint32_t *max) {
+        unsigned long a, b;
+        char *end;
+
+        errno = 0;
+        a = strtoul(value, &end, 10);
+        if (errno != 0 || end == value || *end != '-' || value[0] == '-')
+                return -EINVAL;
+        b = strtoul(end + 1, &end, 10);
+        if (errno != 0 || *end || a == 0 || b < a || b >= UINT32_MAX)
+                return -EINVAL;
+        *min = (uint32_t) a;
+        *max = (uint32_t) b;
+        return 0;
+}
+
+static int set_string(char **field, const char *value, bool (*valid)(const char *)) {
+        char *c;
+
+        if (!valid(value))
+                return -EINVAL;
+        c = strdup(value);
+        if (!c)
+                return -ENOMEM;
+        free(*field);
+        *field = c;
+        return 0;
+}
+
+static bool executable_path_valid(const char *s) {
+        return path_is_safe_absolute(s, 4000);
+}
+
+static bool selinux_type_valid(const char *s) {
+        size_t n = strlen(s);
+        if (n < 3 || n > 128 || strcmp(s + n - 2, "_t") != 0)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!(isalnum((unsigned char) *p) || *p == '_'))
+                        return false;
+        return true;
 }
 
 static char *strip(char *s) {
@@ -96,6 +157,23 @@ int config_parse(Config *c, const char *text, const char *source) {
                         if (parse_seconds(value, &c->qmp_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: QMPTimeoutSec= must be 1…3600 seconds, got '%s'.",
                                         source, line, value);
+                } else if (streq(key, "HelperUIDRange")) {
+                        if (parse_uid_range(value, &c->helper_uid_min, &c->helper_uid_max) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: HelperUIDRange= must be FIRST-LAST with 0 < FIRST <= LAST < 4294967295, got '%s'.",
+                                        source, line, value);
+                } else if (streq(key, "HelperDirectory")) {
+                        if (set_string(&c->helper_dir, value, executable_path_valid) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: HelperDirectory= needs an absolute path, got '%s'.",
+                                        source, line, value);
+                } else if (streq(key, "QEMUBinary")) {
+                        if (set_string(&c->qemu_binary, value, executable_path_valid) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: QEMUBinary= needs an absolute path, got '%s'.", source,
+                                        line, value);
+                } else if (streq(key, "SELinuxHelperType") || streq(key, "SELinuxImageType")) {
+                        if (set_string(streq(key, "SELinuxHelperType") ? &c->selinux_helper_type : &c->selinux_image_type,
+                                    value, selinux_type_valid) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: %s= needs an SELinux type name like foo_t, got '%s'.",
+                                        source, line, key, value);
                 } else
                         log_warning("%s:%u: unknown key '%s', ignoring.", source, line, key);
         }

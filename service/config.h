@@ -11,14 +11,26 @@
 #define CONFIG_FILE_DEFAULT "/etc/blockstream/blockstreamd.conf"
 #define CONFIG_FILE_MAX (64U * 1024U)
 
+#define HELPER_UID_MIN_DEFAULT 2147418112U /* 0x7FFF0000: far from users and container ranges */
+#define HELPER_UID_MAX_DEFAULT 2147483646U
+
 typedef struct Config {
         char **image_dirs;       /* ImageDirectories=: where images and overlays may live */
         usec_t qmp_timeout_usec; /* QMPTimeoutSec=: how long a QEMU may take to answer */
+        uint32_t helper_uid_min, helper_uid_max; /* HelperUIDRange=: one uid (= gid) per guest */
+        char *qemu_binary;       /* QEMUBinary=: the storage helper */
+        char *selinux_helper_type; /* SELinuxHelperType=: helpers' process type (MCS-confined) */
+        char *selinux_image_type;  /* SELinuxImageType=: writable images' type */
+        char *helper_dir;          /* HelperDirectory=: our helper binaries (tests: the build dir) */
 } Config;
 
 void config_init(Config *c);
 void config_done(Config *c);
 /* must_exist: fail with -ENOENT if path is missing (an explicit --config=). */
 int config_load(Config *c, const char *path, bool must_exist);
+const char *config_qemu_binary(const Config *c);
+const char *config_selinux_helper_type(const Config *c);
+const char *config_selinux_image_type(const Config *c);
+
 /* Parse from memory (unit tests); source names the origin in messages. */
 int config_parse(Config *c, const char *text, const char *source);

@@ -1,10 +1,15 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <inttypes.h>
+#include <sys/stat.h>
 #include <systemd/sd-id128.h>
 
 #include "bus-error.h"
+#include "export.h"
+#include "range.h"
 #include "guest.h"
+#include "image.h"
+#include "storage.h"
 #include "manager.h"
 #include "polkit.h"
 #include "state.h"
@@ -16,8 +21,12 @@
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
 
-static void guest_on_state(Qmp *q, int error, void *userdata);
-static void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata);
+struct GuestWaiter {
+        GuestWaiter *next;
+        guest_ready_handler_t handler;
+        void *userdata;
+        void (*destroy)(void *);
+};
 
 int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid) {
         Guest *g;
@@ -54,6 +63,14 @@ Guest *guest_free(Guest *g) {
                 return NULL;
         /* Closing drops pending QMP callbacks before anything they point to goes away. */
         g->qmp = qmp_close_unref(g->qmp);
+        storage_helper_kill(g);
+        while (g->waiters) {
+                GuestWaiter *w = g->waiters;
+                g->waiters = w->next;
+                if (w->destroy)
+                        w->destroy(w->userdata);
+                free(w);
+        }
         g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
         g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
         if (g->register_call) {
@@ -68,8 +85,88 @@ Guest *guest_free(Guest *g) {
         free(g->uuid);
         free(g->qmp_socket);
         free(g->object_path);
+        free(g->selinux_process_label);
+        free(g->selinux_image_label);
+        free(g->runtime_dir);
+        free(g->nbd_socket);
         free(g);
         return NULL;
+}
+
+bool guest_qmp_ready(Guest *g) {
+        return g->qmp && qmp_is_ready(g->qmp) && (!g->offline || storage_helper_attached(g));
+}
+
+int guest_ensure_runtime_dir(Guest *g) {
+        int r;
+
+        if (!g->runtime_dir) {
+                g->runtime_dir = strdup_printf("%s/guests/%s", g->manager->runtime_dir, g->name);
+                if (!g->runtime_dir)
+                        return -ENOMEM;
+        }
+        r = mkdir_p(g->runtime_dir, 0755);
+        if (r < 0)
+                return log_error_errno(r, "Failed to create %s: %m", g->runtime_dir);
+        return 0;
+}
+
+void guest_run_waiters(Guest *g, int error, const char *error_text) {
+        GuestWaiter *l = TAKE_PTR(g->waiters);
+
+        while (l) {
+                GuestWaiter *w = l;
+                l = w->next;
+                w->handler(g, error, error_text, w->userdata);
+                if (w->destroy)
+                        w->destroy(w->userdata);
+                free(w);
+        }
+}
+
+int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *)) {
+        GuestWaiter *w;
+        int r;
+
+        if (guest_qmp_ready(g) || !g->offline) {
+                handler(g, guest_qmp_ready(g) ? 0 : -ENOTCONN, NULL, userdata);
+                if (destroy)
+                        destroy(userdata);
+                return 0;
+        }
+        if (!g->helper) {
+                r = storage_helper_start(g);
+                if (r < 0)
+                        return r;
+        }
+        w = calloc(1, sizeof(GuestWaiter));
+        if (!w)
+                return -ENOMEM;
+        *w = (GuestWaiter) { .next = g->waiters, .handler = handler, .userdata = userdata, .destroy = destroy };
+        g->waiters = w;
+        return 0;
+}
+
+void guest_release_helper_if_idle(Guest *g) {
+        if (!g->offline || !g->helper || g->waiters || guest_has_active_job(g) || export_guest_has_exports(g) ||
+                range_guest_busy(g))
+                return;
+        storage_helper_stop(g);
+}
+
+char **guest_forbidden_images(Guest *g) {
+        _cleanup_strv_free_ char **l = NULL;
+
+        for (Guest *o = g->manager->guests; o; o = o->next) {
+                if (o == g)
+                        continue;
+                for (size_t i = 0; i < o->n_disks; i++)
+                        if (!isempty(o->disks[i]->path) && strv_push(&l, strdup(o->disks[i]->path)) < 0)
+                                return NULL;
+        }
+        if (!l)
+                l = calloc(1, sizeof(char *));
+        return TAKE_PTR(l);
 }
 
 Disk *guest_find_disk(Guest *g, const char *name) {
@@ -225,10 +322,44 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
                 c->handler(g, r, desc, c->userdata);
 }
 
+/* An offline guest's disks come from the image headers, read by us. */
+static int guest_refresh_offline(Guest *g) {
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g);
+        int r;
+
+        if (!forbidden)
+                return -ENOMEM;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                _cleanup_(image_chain_done) ImageChain chain = {};
+                _cleanup_free_ char *error = NULL;
+                Disk *d = g->disks[i];
+
+                r = image_chain_open(g->manager->config.image_dirs, d->path, d->format, false, forbidden, &chain, &error);
+                if (r < 0) {
+                        log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
+                                error ?: strerror(-r));
+                        continue;
+                }
+                r = disk_update_from_chain(d, &chain, true);
+                if (r < 0)
+                        return r;
+        }
+        (void) guest_save(g);
+        return 0;
+}
+
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *)) {
         RefreshCtx *c;
         int r;
 
+        if (g->offline) {
+                r = guest_refresh_offline(g);
+                if (handler)
+                        handler(g, r, NULL, userdata);
+                if (destroy)
+                        destroy(userdata);
+                return 0;
+        }
         if (!g->running)
                 return -ENOTCONN;
         c = calloc(1, sizeof(RefreshCtx));
@@ -247,12 +378,19 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
 
 static void guest_poll_now(Guest *g);
 
-static void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
+void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
         Guest *g = userdata;
         usec_t mono = now_usec(CLOCK_MONOTONIC);
         QemuJobEvent ev;
         int r;
 
+        {
+                const char *id = NULL;
+                if (qemu_parse_export_deleted(event, data, &id) > 0) {
+                        range_on_export_deleted(g, id);
+                        return;
+                }
+        }
         r = qemu_parse_job_event(event, data, &ev);
         if (r < 0) {
                 log_warning("Guest %s: ignoring malformed %s event from QEMU.", g->name, event);
@@ -306,7 +444,7 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                                          "was restarted.");
         }
 
-        if (!reconcile || !g->running)
+        if (!reconcile || !guest_qmp_ready(g))
                 return;
         for (size_t k = 0; k < n; k++) {
                 bool claimed = false;
@@ -336,7 +474,7 @@ static void poll_reply(Qmp *q, int error, const char *desc, QemuBlockJob *jobs, 
 static void guest_poll_now(Guest *g) {
         int r;
 
-        if (!g->running || g->poll_pending)
+        if (!guest_qmp_ready(g) || g->poll_pending)
                 return;
         r = qemu_query_block_jobs(g->qmp, poll_reply, g, NULL);
         if (r < 0)
@@ -359,7 +497,7 @@ void guest_update_polling(Guest *g) {
 
         for (size_t i = 0; i < g->n_disks && !want; i++)
                 want = job_is_active(&g->disks[i]->job) && !g->disks[i]->finalizing && g->disks[i]->job.id;
-        want = want && g->running;
+        want = want && guest_qmp_ready(g);
 
         if (!want) {
                 if (g->poll_timer)
@@ -440,6 +578,8 @@ static void guest_connection_failed(Guest *g, int error) {
         g->running = false;
         g->poll_pending = false;
         g->qmp = qmp_close_unref(g->qmp);
+        export_guest_lost(g);
+        range_guest_lost(g);
         guest_update_polling(g);
 
         if (g->register_call) {
@@ -509,6 +649,7 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
                 return;
         }
         guest_apply_jobs(g, jobs, n, true);
+        range_cleanup_leftovers(g);
         r = guest_refresh(g, connect_disks_reply, NULL, NULL);
         if (r < 0) {
                 if (g->register_call)
@@ -518,10 +659,17 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
         }
 }
 
-static void guest_on_state(Qmp *q, int error, void *userdata) {
+void guest_on_state(Qmp *q, int error, void *userdata) {
         Guest *g = userdata;
         int r;
 
+        if (g->offline) {
+                if (error < 0)
+                        storage_helper_lost(g, error);
+                else
+                        storage_helper_attach(g);
+                return;
+        }
         if (error < 0) {
                 guest_connection_failed(g, error);
                 return;
@@ -595,9 +743,13 @@ void guest_unregister(Guest *g) {
                         (void) sd_bus_emit_object_removed(m->bus, g->disks[i]->object_path);
                 (void) sd_bus_emit_object_removed(m->bus, g->object_path);
         }
+        export_guest_removed(g);
+        range_guest_removed(g);
         r = state_remove_guest(m, g->name);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);
+        if (g->runtime_dir)
+                (void) rmdir(g->runtime_dir);
         manager_unlink_guest(m, g);
         guest_free(g);
 }

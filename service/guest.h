@@ -13,6 +13,12 @@
 
 typedef struct Manager Manager;
 typedef struct Disk Disk;
+typedef struct Guest Guest;
+typedef struct StorageHelper StorageHelper;
+typedef struct GuestWaiter GuestWaiter;
+
+/* Something waiting for the guest's QMP peer (an offline guest's storage helper) to be ready. */
+typedef void (*guest_ready_handler_t)(Guest *g, int error, const char *error_text, void *userdata);
 
 extern const sd_bus_vtable guest_vtable[];
 
@@ -41,6 +47,24 @@ typedef struct Guest {
 
         Disk **disks;
         size_t n_disks;
+
+        /* The guest's sandbox: its helpers' uid (= gid) and MCS categories, for life. */
+        uid_t helper_uid;
+        unsigned mcs_c1, mcs_c2;
+        char *selinux_process_label; /* NULL where SELinux is off */
+        char *selinux_image_label;
+        char *runtime_dir;           /* <runtime-dir>/guests/<name>: what its helpers see */
+
+        /* A guest that is not running: its disks are served by a sandboxed storage helper (a
+         * QEMU with no guest), started on demand; g->qmp then talks to it. */
+        bool offline;
+        StorageHelper *helper;
+        GuestWaiter *waiters;
+
+        /* The private NBD server of its QMP peer (export.c). */
+        bool nbd_server;
+        char *nbd_socket;
+        unsigned nbd_users; /* exports in QEMU using it */
 } Guest;
 
 int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);
@@ -54,6 +78,16 @@ int guest_publish(Guest *g);
 void guest_unregister(Guest *g);
 
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
+/* The QMP peer (QEMU, or an offline guest's storage helper) can take commands now. */
+bool guest_qmp_ready(Guest *g);
+/* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after
+ * starting the storage helper for an offline one. destroy(userdata) runs after the handler. */
+int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
+/* An offline guest's helper goes away once nothing needs it. */
+void guest_release_helper_if_idle(Guest *g);
+/* Where an image given by a client or found in a header may live, and which files are
+ * another guest's writable disks. */
+char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
@@ -62,6 +96,12 @@ void guest_update_polling(Guest *g);
 /* Re-read disks from QEMU; handler gets 0 or -errno (error text if QEMU said why). */
 typedef void (*guest_refresh_handler_t)(Guest *g, int error, const char *error_desc, void *userdata);
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *));
+
+/* QMP handlers of the guest's peer (QEMU or the storage helper). */
+void guest_on_state(Qmp *q, int error, void *userdata);
+void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata);
+void guest_run_waiters(Guest *g, int error, const char *error_text);
+int guest_ensure_runtime_dir(Guest *g);
 
 int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

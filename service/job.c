@@ -126,6 +126,10 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
         return JOB_CHANGED_STATE;
 }
 
+unsigned job_set_paused(Job *j, bool paused) {
+        return job_set_status(j, paused ? QEMU_JOB_PAUSED : QEMU_JOB_RUNNING);
+}
+
 static int set_error(Job *j, const char *error) {
         char *e = NULL;
 

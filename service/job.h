@@ -81,6 +81,8 @@ unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono);
 unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono);
 /* Progress reported by something else than QEMU's job (the range helper). */
 unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono);
+/* Paused or running as reported by something else than QEMU's job (the range helper). */
+unsigned job_set_paused(Job *j, bool paused);
 /* Set the outcome without QEMU (QEMU gone, job lost, helper failed). */
 unsigned job_conclude(Job *j, StreamState outcome, const char *error);
 /* Publish the concluded outcome: true if Finished must be emitted now (at most once per job). */

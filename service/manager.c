@@ -1,11 +1,19 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <ctype.h>
+#include <limits.h>
+#include <grp.h>
+#include <pwd.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
 #include "bus-error.h"
+#include "export.h"
+#include "range.h"
 #include "guest.h"
+#include "image.h"
+#include "sandbox.h"
 #include "manager.h"
 #include "polkit.h"
 #include "state.h"
@@ -14,6 +22,8 @@
 
 #define MANAGER_INTERFACE "org.blockstream1.Manager"
 #define GUESTS_MAX 4096
+#define OFFLINE_DISKS_MAX 16
+#define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
 
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
         const char *runtime_dir) {
@@ -56,6 +66,8 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
 Manager *manager_free(Manager *m) {
         if (!m)
                 return NULL;
+        export_free_all(m);
+        range_free_all(m);
         while (m->guests) {
                 Guest *g = m->guests;
                 manager_unlink_guest(m, g);
@@ -73,6 +85,10 @@ Manager *manager_free(Manager *m) {
         sd_event_unref(m->event);
         free(m);
         return NULL;
+}
+
+const char *manager_helper_dir(Manager *m) {
+        return m->config.helper_dir ?: LIBEXECDIR;
 }
 
 Guest *manager_find_guest(Manager *m, const char *name) {
@@ -109,6 +125,86 @@ void manager_unlink_guest(Manager *m, Guest *g) {
                 g->next->prev = g->prev;
         g->prev = g->next = NULL;
         m->n_guests--;
+}
+
+/* Sandbox identities: a uid (= gid) of the configured range that neither another guest nor a
+ * real account uses, and an MCS category pair c1 < c2 that no other guest has. */
+
+static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
+        struct passwd pw, *pwr = NULL;
+        struct group gr, *grr = NULL;
+        char buf[4096];
+
+        for (Guest *g = m->guests; g; g = g->next)
+                if (g != self && g->helper_uid == uid)
+                        return true;
+        if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr)
+                return true;
+        if (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr)
+                return true;
+        return false;
+}
+
+static bool mcs_taken(Manager *m, Guest *self, unsigned c1, unsigned c2) {
+        for (Guest *g = m->guests; g; g = g->next)
+                if (g != self && g->helper_uid != 0 && g->mcs_c1 == c1 && g->mcs_c2 == c2)
+                        return true;
+        return false;
+}
+
+bool manager_identity_valid(Manager *m, Guest *g) {
+        return g->helper_uid != 0 && g->mcs_c1 < g->mcs_c2 && g->mcs_c2 < SANDBOX_MCS_CATEGORIES &&
+               !uid_taken(m, g, g->helper_uid) && !mcs_taken(m, g, g->mcs_c1, g->mcs_c2);
+}
+
+int manager_allocate_identity(Manager *m, Guest *g) {
+        uint64_t span = (uint64_t) m->config.helper_uid_max - m->config.helper_uid_min + 1;
+        bool found = false;
+
+        for (uint64_t i = 0; i < span; i++) {
+                uid_t uid = (uid_t) (m->config.helper_uid_min + i);
+                if (!uid_taken(m, g, uid)) {
+                        g->helper_uid = uid;
+                        found = true;
+                        break;
+                }
+        }
+        if (!found)
+                return -ENOSPC;
+
+        /* Random pairs, like libvirt's, so labels do not tell the order of registration. */
+        found = false;
+        for (unsigned tries = 0; tries < 4096 && !found; tries++) {
+                uint32_t v[2];
+                unsigned a, b;
+
+                if (getrandom(v, sizeof(v), 0) != sizeof(v))
+                        return -EIO;
+                a = v[0] % SANDBOX_MCS_CATEGORIES;
+                b = v[1] % SANDBOX_MCS_CATEGORIES;
+                if (a == b)
+                        continue;
+                g->mcs_c1 = MIN(a, b);
+                g->mcs_c2 = MAX(a, b);
+                found = !mcs_taken(m, g, g->mcs_c1, g->mcs_c2);
+        }
+        for (unsigned a = 0; a < SANDBOX_MCS_CATEGORIES && !found; a++)
+                for (unsigned b = a + 1; b < SANDBOX_MCS_CATEGORIES && !found; b++)
+                        if (!mcs_taken(m, g, a, b)) {
+                                g->mcs_c1 = a;
+                                g->mcs_c2 = b;
+                                found = true;
+                        }
+        if (!found)
+                return -ENOSPC;
+        return manager_identity_labels(m, g);
+}
+
+int manager_identity_labels(Manager *m, Guest *g) {
+        g->selinux_process_label = mfree(g->selinux_process_label);
+        g->selinux_image_label = mfree(g->selinux_image_label);
+        return sandbox_selinux_labels(config_selinux_helper_type(&m->config), config_selinux_image_type(&m->config),
+                g->mcs_c1, g->mcs_c2, &g->selinux_process_label, &g->selinux_image_label);
 }
 
 static Guest *find_published_guest(Manager *m, const char *name) {
@@ -148,7 +244,46 @@ typedef struct RegisterOptions {
         bool have_owner;
         const char *uuid;
         bool have_disks;
+        char **disks;   /* alias, path, alias, path, … */
+        char **formats; /* alias, format, … */
 } RegisterOptions;
+
+static void register_options_done(RegisterOptions *o) {
+        o->disks = strv_free(o->disks);
+        o->formats = strv_free(o->formats);
+}
+
+static int read_string_dict(sd_bus_message *msg, const char *key, char ***ret, sd_bus_error *error) {
+        _cleanup_strv_free_ char **l = NULL;
+        const char *k, *v;
+        int r;
+
+        r = sd_bus_message_enter_container(msg, 'v', "a{ss}");
+        if (r < 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' must be of type a{ss}.", key);
+        r = sd_bus_message_enter_container(msg, 'a', "{ss}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_read(msg, "{ss}", &k, &v)) > 0) {
+                if (strv_length(l) >= 2 * OFFLINE_DISKS_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' has more than %d entries.",
+                                key, OFFLINE_DISKS_MAX);
+                if (strv_push(&l, strdup(k)) < 0 || strv_push(&l, strdup(v)) < 0)
+                        return -ENOMEM;
+        }
+        if (r < 0)
+                return r;
+        r = sd_bus_message_exit_container(msg);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_exit_container(msg);
+        if (r < 0)
+                return r;
+        if (!l && !(l = calloc(1, sizeof(char *))))
+                return -ENOMEM;
+        *ret = TAKE_PTR(l);
+        return 0;
+}
 
 static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus_error *error) {
         int r;
@@ -174,13 +309,18 @@ static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                         "Option 'uuid' must be of type s.");
                 } else if (streq(key, "disks")) {
-                        r = sd_bus_message_skip(msg, "v");
+                        r = read_string_dict(msg, key, &o->disks, error);
                         if (r < 0)
                                 return r;
                         o->have_disks = true;
+                } else if (streq(key, "formats")) {
+                        r = read_string_dict(msg, key, &o->formats, error);
+                        if (r < 0)
+                                return r;
                 } else
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Unknown option '%.64s'; RegisterGuest takes 'owner' (u), 'uuid' (s) and 'disks' (a{ss}).",
+                                "Unknown option '%.64s'; RegisterGuest takes 'owner' (u), 'uuid' (s), 'disks' (a{ss}) "
+                                "and 'formats' (a{ss}).",
                                 key);
                 r = sd_bus_message_exit_container(msg);
                 if (r < 0)
@@ -206,11 +346,106 @@ static int check_qmp_socket(const char *path, sd_bus_error *error) {
         return 0;
 }
 
+static const char *lookup_pair(char **l, const char *key) {
+        for (size_t i = 0; l && l[i] && l[i + 1]; i += 2)
+                if (streq(l[i], key))
+                        return l[i + 1];
+        return NULL;
+}
+
+static int check_offline_disks(Manager *m, const RegisterOptions *o, sd_bus_error *error) {
+        size_t n = strv_length(o->disks) / 2;
+
+        if (n == 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "A guest that is not running needs its disks: option 'disks' (a{ss}, alias -> image path).");
+        if (strv_isempty(m->config.image_dirs))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "No ImageDirectories= are configured, so no image may be used; configure them in the daemon's "
+                        "configuration file.");
+        for (size_t i = 0; i < n; i++) {
+                const char *alias = o->disks[2 * i], *path = o->disks[2 * i + 1];
+                if (!qemu_id_is_valid(alias) || strlen(alias) > OFFLINE_ALIAS_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Invalid disk alias '%.64s': a letter, then up to %d letters, digits, '-', '.', '_'.", alias,
+                                OFFLINE_ALIAS_MAX - 1);
+                if (!path_is_safe_absolute(path, PATH_MAX - 1))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Disk '%s': '%.200s' is not a normalized absolute path.", alias, path);
+                for (size_t j = 0; j < i; j++)
+                        if (streq(o->disks[2 * j + 1], path))
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Image %s is given twice.", path);
+        }
+        for (size_t i = 0; o->formats && o->formats[i]; i += 2) {
+                const char *f = o->formats[i + 1];
+                if (!lookup_pair(o->disks, o->formats[i]))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'formats' names disk '%.64s', which is not in 'disks'.", o->formats[i]);
+                if (!streq(f, "qcow2") && !streq(f, "raw"))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Format '%.32s' of disk '%s' is not supported; use qcow2 or raw.", f, o->formats[i]);
+        }
+        return 0;
+}
+
+/* Read every chain now, as untrusted headers, and refuse the registration if one is unsafe. */
+static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_bus_error *error) {
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g);
+        size_t n = strv_length(o->disks) / 2;
+        int r;
+
+        if (!forbidden)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                _cleanup_(image_chain_done) ImageChain chain = {};
+                _cleanup_free_ char *why = NULL;
+                const char *alias = o->disks[2 * i], *path = o->disks[2 * i + 1];
+                const char *format = lookup_pair(o->formats, alias) ?: "qcow2";
+                Disk *d, **l;
+
+                r = image_chain_open(m->config.image_dirs, path, format, false, forbidden, &chain, &why);
+                if (r == -ENOMEM)
+                        return r;
+                if (r < 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s", alias,
+                                why ?: strerror(-r));
+                r = disk_new(&d, g, alias);
+                if (r < 0)
+                        return r;
+                r = disk_update_from_chain(d, &chain, false);
+                l = r >= 0 ? reallocarray(g->disks, g->n_disks + 1, sizeof(Disk *)) : NULL;
+                if (!l) {
+                        disk_free(d);
+                        return r < 0 ? r : -ENOMEM;
+                }
+                g->disks = l;
+                g->disks[g->n_disks++] = d;
+        }
+        return 0;
+}
+
+static int register_offline_guest(Manager *m, Guest *g, const RegisterOptions *o, sd_bus_message *msg,
+        sd_bus_error *error) {
+        int r;
+
+        g->offline = true;
+        r = add_offline_disks(m, g, o, error);
+        if (r < 0)
+                return r;
+        r = guest_publish(g);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Failed to save guest '%s': %m", g->name);
+        log_info("Guest %s registered, not running (%zu disk%s, owner uid " UID_FMT ", helper uid " UID_FMT ").",
+                g->name, g->n_disks, g->n_disks == 1 ? "" : "s", g->owner, g->helper_uid);
+        return sd_bus_reply_method_return(msg, "o", g->object_path);
+}
+
 static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_(register_options_done) RegisterOptions o = {};
         _cleanup_free_ char *uuid = NULL;
         Manager *m = userdata;
-        RegisterOptions o = {};
         const char *name, *socket_path;
         uid_t caller;
         Guest *g;
@@ -230,6 +465,15 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                         "Option 'uuid' must be a UUID like 123e4567-e89b-12d3-a456-426614174000, got '%.64s'.", o.uuid);
         if (o.have_owner && o.owner == (uint32_t) -1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'owner' is not a valid uid.");
+        if (!isempty(socket_path) && (o.have_disks || o.formats))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Options 'disks' and 'formats' are for guests that are not running (empty QMP socket); a running "
+                        "guest's disks come from its QEMU.");
+        if (isempty(socket_path)) {
+                r = check_offline_disks(m, &o, error);
+                if (r < 0)
+                        return r;
+        }
 
         r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
         if (r < 0)
@@ -248,9 +492,6 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
 
-        if (isempty(socket_path) || o.have_disks)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                        "Offline guests (empty QMP socket, 'disks' option) are not supported yet.");
         /* Checked after the (possibly slow) authorization: the world may have changed meanwhile. */
         if (manager_find_guest(m, name))
                 return sd_bus_error_setf(error, BS_ERROR_GUEST_EXISTS,
@@ -258,14 +499,33 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (m->n_guests >= GUESTS_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Too many guests (at most %d).",
                         GUESTS_MAX);
-        r = check_qmp_socket(socket_path, error);
-        if (r < 0)
-                return r;
+        if (!isempty(socket_path)) {
+                r = check_qmp_socket(socket_path, error);
+                if (r < 0)
+                        return r;
+        }
 
         r = guest_new(&g, m, name, socket_path, o.have_owner ? (uid_t) o.owner : caller, uuid);
         if (r < 0)
                 return r;
         manager_link_guest(m, g);
+        r = manager_allocate_identity(m, g);
+        if (r < 0) {
+                manager_unlink_guest(m, g);
+                guest_free(g);
+                if (r == -ENOSPC)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                "No sandbox identity left: HelperUIDRange= or the MCS categories are exhausted.");
+                return sd_bus_error_set_errnof(error, -r, "Failed to set up the guest's sandbox identity: %m");
+        }
+        if (isempty(socket_path)) {
+                r = register_offline_guest(m, g, &o, msg, error);
+                if (r < 0 || sd_bus_error_is_set(error)) {
+                        manager_unlink_guest(m, g);
+                        guest_free(g);
+                }
+                return r;
+        }
         g->register_call = sd_bus_message_ref(msg);
         r = guest_connect(g);
         if (r < 0) {
@@ -373,6 +633,13 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_node_enumerator(m->bus, NULL, GUEST_PATH_PREFIX, guest_node_enumerator, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the node enumerator: %m");
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, "org.blockstream1.Export", export_vtable,
+                export_object_find, m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the export objects: %m");
+        r = sd_bus_add_node_enumerator(m->bus, NULL, EXPORT_PATH_PREFIX, export_node_enumerator, m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the export enumerator: %m");
         r = sd_bus_add_object_manager(m->bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
@@ -392,5 +659,8 @@ int manager_load_state(Manager *m) {
 void manager_start_guests(Manager *m) {
         /* Safe against guests going away: a failed connect never frees a published guest. */
         for (Guest *g = m->guests; g; g = g->next)
-                (void) guest_connect(g);
+                if (g->offline)
+                        range_cleanup_leftovers(g); /* its helper died with the old daemon */
+                else
+                        (void) guest_connect(g);
 }

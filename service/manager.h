@@ -27,7 +27,15 @@ typedef struct Manager {
         unsigned n_guests;
 
         PolkitQuery *polkit_queries; /* outstanding CheckAuthorization calls */
+
+        struct Export *exports;
+        unsigned export_seq;
+        struct RangeOp *range_ops;
+        unsigned range_seq;
 } Manager;
+
+/* Where our own helper binaries are (HelperDirectory=, default the libexec dir). */
+const char *manager_helper_dir(Manager *m);
 
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
         const char *runtime_dir);
@@ -38,5 +46,9 @@ int manager_load_state(Manager *m);
 void manager_start_guests(Manager *m);
 
 Guest *manager_find_guest(Manager *m, const char *name);
+/* A guest's sandbox identity (helper uid, MCS pair, SELinux labels where enabled). */
+int manager_allocate_identity(Manager *m, Guest *g);
+bool manager_identity_valid(Manager *m, Guest *g);
+int manager_identity_labels(Manager *m, Guest *g);
 void manager_link_guest(Manager *m, Guest *g);
 void manager_unlink_guest(Manager *m, Guest *g);

@@ -358,6 +358,7 @@ typedef struct Request {
                 qemu_result_handler_t result;
                 qemu_disks_handler_t disks;
                 qemu_jobs_handler_t jobs;
+                qemu_exports_handler_t exports;
         } handler;
         void *userdata;
         qemu_destroy_t destroy;
@@ -489,6 +490,218 @@ int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_re
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
         return simple_call(q, "job-dismiss", args_with_string("id", job_id), handler, userdata, destroy);
+}
+
+int qemu_add_fd(Qmp *q, unsigned fdset_id, int fd, const char *opaque, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o = json_object_new_object();
+        Request *req;
+        int r;
+
+        if (!o || json_object_object_add(o, "fdset-id", json_object_new_int64(fdset_id)) < 0 ||
+                (opaque && json_object_object_add(o, "opaque", json_object_new_string(opaque)) < 0)) {
+                json_object_put(o);
+                closep(&fd);
+                return -ENOMEM;
+        }
+        req = request_new(userdata, destroy);
+        if (!req) {
+                json_object_put(o);
+                closep(&fd);
+                return -ENOMEM;
+        }
+        req->handler.result = handler;
+        r = qmp_call(q, "add-fd", o, fd, result_reply, req, request_unref);
+        if (r < 0) {
+                req->destroy = NULL;
+                request_unref(req);
+        }
+        return r;
+}
+
+int qemu_blockdev_add_file(Qmp *q, const char *node_name, unsigned fdset_id, bool read_only,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        _cleanup_free_ char *filename = strdup_printf("/dev/fdset/%u", fdset_id);
+        json_object *o = json_object_new_object();
+
+        if (!filename || !o || json_object_object_add(o, "driver", json_object_new_string("file")) < 0 ||
+                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
+                json_object_object_add(o, "filename", json_object_new_string(filename)) < 0 ||
+                json_object_object_add(o, "read-only", json_object_new_boolean(read_only)) < 0) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+}
+
+int qemu_blockdev_add_format(Qmp *q, const char *driver, const char *node_name, const char *file_node,
+        const char *backing, bool read_only, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        json_object *o = json_object_new_object();
+        bool has_backing = !streq(driver, "raw");
+
+        if (!o || json_object_object_add(o, "driver", json_object_new_string(driver)) < 0 ||
+                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
+                json_object_object_add(o, "file", json_object_new_string(file_node)) < 0 ||
+                json_object_object_add(o, "read-only", json_object_new_boolean(read_only)) < 0 ||
+                /* Explicit, never from the header: null means no backing at all. */
+                (has_backing && json_object_object_add(o, "backing", backing ? json_object_new_string(backing) : NULL) < 0)) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+}
+
+int qemu_getfd(Qmp *q, const char *fdname, int fd, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o = args_with_string("fdname", fdname);
+        Request *req;
+        int r;
+
+        req = o ? request_new(userdata, destroy) : NULL;
+        if (!req) {
+                json_object_put(o);
+                closep(&fd);
+                return -ENOMEM;
+        }
+        req->handler.result = handler;
+        r = qmp_call(q, "getfd", o, fd, result_reply, req, request_unref);
+        if (r < 0) {
+                req->destroy = NULL;
+                request_unref(req);
+        }
+        return r;
+}
+
+int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o = json_object_new_object(), *addr = json_object_new_object(), *data = args_with_string("str", fdname);
+
+        if (!o || !addr || !data || json_object_object_add(addr, "type", json_object_new_string("fd")) < 0 ||
+                json_object_object_add(addr, "data", data) < 0) {
+                json_object_put(o);
+                json_object_put(addr);
+                json_object_put(data);
+                return -ENOMEM;
+        }
+        if (json_object_object_add(o, "addr", addr) < 0) {
+                json_object_put(o);
+                json_object_put(addr);
+                return -ENOMEM;
+        }
+        return simple_call(q, "nbd-server-start", o, handler, userdata, destroy);
+}
+
+int qemu_nbd_server_stop(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.result = handler;
+        return request_submit(q, "nbd-server-stop", NULL, req, result_reply);
+}
+
+int qemu_block_export_add_nbd(Qmp *q, const char *id, const char *node_name, const char *name,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        json_object *o = json_object_new_object();
+
+        if (!o || json_object_object_add(o, "type", json_object_new_string("nbd")) < 0 ||
+                json_object_object_add(o, "id", json_object_new_string(id)) < 0 ||
+                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
+                json_object_object_add(o, "name", json_object_new_string(name)) < 0 ||
+                json_object_object_add(o, "writable", json_object_new_boolean(false)) < 0 ||
+                json_object_object_add(o, "allocation-depth", json_object_new_boolean(true)) < 0) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        return simple_call(q, "block-export-add", o, handler, userdata, destroy);
+}
+
+int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        json_object *o = args_with_string("id", id);
+
+        /* hard: a connected client (a migration destination) must not keep it alive. */
+        if (o && json_object_object_add(o, "mode", json_object_new_string("hard")) < 0) {
+                json_object_put(o);
+                o = NULL;
+        }
+        return simple_call(q, "block-export-del", o, handler, userdata, destroy);
+}
+
+static void exports_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        _cleanup_strv_free_ char **ids = NULL;
+        size_t n;
+
+        if (error < 0) {
+                req->handler.exports(q, error, desc, NULL, req->userdata);
+                return;
+        }
+        if (!json_object_is_type(result, json_type_array) || (n = json_object_array_length(result)) > QEMU_JOBS_MAX)
+                goto bad;
+        ids = calloc(n + 1, sizeof(char *));
+        if (!ids) {
+                req->handler.exports(q, -ENOMEM, NULL, NULL, req->userdata);
+                return;
+        }
+        for (size_t i = 0; i < n; i++) {
+                const char *id = NULL;
+                if (json_get_string(json_object_array_get_idx(result, i), "id", true, &id) < 0)
+                        goto bad;
+                if (!(ids[i] = strdup(id))) {
+                        req->handler.exports(q, -ENOMEM, NULL, NULL, req->userdata);
+                        return;
+                }
+        }
+        req->handler.exports(q, 0, NULL, ids, req->userdata);
+        return;
+bad:
+        req->handler.exports(q, -EBADMSG, "QEMU sent a malformed query-block-exports reply", NULL, req->userdata);
+}
+
+int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.exports = handler;
+        return request_submit(q, "query-block-exports", NULL, req, exports_reply);
+}
+
+int qemu_blockdev_add_cor(Qmp *q, const char *node_name, const char *file, const char *bottom,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        json_object *o = json_object_new_object();
+
+        if (!o || json_object_object_add(o, "driver", json_object_new_string("copy-on-read")) < 0 ||
+                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
+                json_object_object_add(o, "file", json_object_new_string(file)) < 0 ||
+                (bottom && json_object_object_add(o, "bottom", json_object_new_string(bottom)) < 0)) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+}
+
+int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return simple_call(q, "blockdev-del", args_with_string("node-name", node_name), handler, userdata, destroy);
+}
+
+int qemu_parse_export_deleted(const char *name, json_object *data, const char **ret_id) {
+        if (!streq(name, "BLOCK_EXPORT_DELETED"))
+                return 0;
+        if (json_get_string(data, "id", true, ret_id) < 0)
+                return -EBADMSG;
+        return 1;
+}
+
+int qemu_quit(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.result = handler;
+        return request_submit(q, "quit", NULL, req, result_reply);
 }
 
 static void jobs_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {

@@ -123,6 +123,41 @@ int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_re
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy);
 
+/* An offline guest's images, attached to the storage helper as fds: add-fd (fd passed with
+ * SCM_RIGHTS into fd set fdset_id), then a "file" node on /dev/fdset/N and a format node on it.
+ * backing: the backing format node's name; NULL: none (no "backing" key for raw). */
+int qemu_add_fd(Qmp *q, unsigned fdset_id, int fd, const char *opaque, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+int qemu_blockdev_add_file(Qmp *q, const char *node_name, unsigned fdset_id, bool read_only,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_blockdev_add_format(Qmp *q, const char *driver, const char *node_name, const char *file_node,
+        const char *backing, bool read_only, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_quit(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+
+/* The NBD server on a listening socket we made (getfd, then nbd-server-start with type fd),
+ * and read-only exports on it. */
+int qemu_getfd(Qmp *q, const char *fdname, int fd, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+int qemu_nbd_server_stop(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_block_export_add_nbd(Qmp *q, const char *id, const char *node_name, const char *name,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+/* query-block-exports: the export ids (a NULL-terminated list). */
+typedef void (*qemu_exports_handler_t)(Qmp *q, int error, const char *error_desc, char **ids, void *userdata);
+int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userdata, qemu_destroy_t destroy);
+
+/* The copy-on-read filter of range streaming: over file (the disk's top node), copying from the
+ * images down to bottom (inclusive; NULL: all). */
+int qemu_blockdev_add_cor(Qmp *q, const char *node_name, const char *file, const char *bottom,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+/* BLOCK_EXPORT_DELETED: 1 and the export's id (borrowed), 0 for another event, <0 malformed. */
+int qemu_parse_export_deleted(const char *name, json_object *data, const char **ret_id);
+
 /* Field accessors with type checks, shared with the other typed layers. A missing optional
  * field leaves *ret untouched and returns 0; a present field of the wrong type or range is
  * -EBADMSG; a missing required one -ENODATA. Strings are bounded, NUL-free, borrowed. */

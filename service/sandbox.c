@@ -299,7 +299,7 @@ finish:
         return r;
 }
 
-static int arrange_fds(const SandboxSpec *s, int *errfd) {
+static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
         int devnull, err = -1, tmp[16];
 
         if (s->n_fds > ELEMENTSOF(tmp))
@@ -314,6 +314,13 @@ static int arrange_fds(const SandboxSpec *s, int *errfd) {
                 tmp[i] = fcntl(s->fds[i], F_DUPFD_CLOEXEC, 64);
                 if (tmp[i] < 0)
                         return -errno;
+        }
+        if (s->exec_fd >= 0 && s->exec_fd < 64) {
+                /* Out of the way of 0..3+n; CLOEXEC is fine for execveat of an ELF binary. */
+                int e = fcntl(s->exec_fd, F_DUPFD_CLOEXEC, 64);
+                if (e < 0)
+                        return -errno;
+                *exec_fd = e;
         }
         if (*errfd < 64) {
                 int e = fcntl(*errfd, F_DUPFD_CLOEXEC, 64);
@@ -330,10 +337,22 @@ static int arrange_fds(const SandboxSpec *s, int *errfd) {
         for (size_t i = 0; i < s->n_fds; i++)
                 if (dup2(tmp[i], 3 + (int) i) < 0) /* dup2 clears CLOEXEC on the copy */
                         return -errno;
-        /* Everything else goes; the error pipe stays until exec (it is CLOEXEC). */
-        if (syscall(SYS_close_range, 3 + s->n_fds, *errfd - 1, 0) < 0 ||
-                syscall(SYS_close_range, *errfd + 1, ~0U, 0) < 0)
-                return -errno;
+        /* Everything else goes; the error pipe and the binary stay until exec (both CLOEXEC,
+         * both >= 64 by now). */
+        {
+                int keep[2] = { *errfd, *exec_fd >= 0 ? *exec_fd : *errfd };
+                unsigned first = 3 + (unsigned) s->n_fds;
+
+                if (keep[0] > keep[1]) {
+                        int t = keep[0];
+                        keep[0] = keep[1];
+                        keep[1] = t;
+                }
+                if (syscall(SYS_close_range, first, (unsigned) keep[0] - 1, 0) < 0 ||
+                        (keep[1] > keep[0] + 1 && syscall(SYS_close_range, (unsigned) keep[0] + 1, (unsigned) keep[1] - 1, 0) < 0) ||
+                        syscall(SYS_close_range, (unsigned) keep[1] + 1, ~0U, 0) < 0)
+                        return -errno;
+        }
         return 0;
 }
 
@@ -341,7 +360,7 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         char *env[34];
         size_t n_env = 0;
         sigset_t all;
-        int r;
+        int exec_fd, r;
 
         sigfillset(&all);
         if (sigprocmask(SIG_UNBLOCK, &all, NULL) < 0)
@@ -352,7 +371,8 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         if (setsid() < 0)
                 child_fail(errfd, STEP_SIGNALS, errno);
 
-        r = arrange_fds(s, &errfd);
+        exec_fd = s->exec_fd;
+        r = arrange_fds(s, &errfd, &exec_fd);
         if (r < 0)
                 child_fail(errfd, STEP_FDS, -r);
 
@@ -396,7 +416,10 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         for (size_t i = 0; s->env && s->env[i] && n_env < ELEMENTSOF(env) - 1; i++)
                 env[n_env++] = s->env[i];
         env[n_env] = NULL;
-        execve(s->argv[0], s->argv, env);
+        if (exec_fd >= 0)
+                syscall(SYS_execveat, exec_fd, "", s->argv, env, AT_EMPTY_PATH);
+        else
+                execve(s->argv[0], s->argv, env);
         child_fail(errfd, STEP_EXEC, errno);
 }
 
@@ -407,7 +430,7 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
         pid_t parent = getpid(), pid;
         ssize_t n;
 
-        if (!s->argv || !s->argv[0] || s->argv[0][0] != '/')
+        if (!s->argv || !s->argv[0] || (s->exec_fd < 0 && s->argv[0][0] != '/'))
                 return -EINVAL;
         if (s->uid == 0 || s->gid == 0)
                 return -EPERM;
@@ -436,6 +459,82 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
         if (n != sizeof(f) || f.step < 0 || f.step >= _STEP_MAX)
                 return log_error_errno(EIO, "Sandbox for %s: the child failed without saying why.", s->name);
         return log_error_errno(f.error, "Sandbox for %s: failed while %s: %m", s->name, step_names[f.step]);
+}
+
+/* Helper logs */
+
+struct HelperLog {
+        sd_event_source *source;
+        int fd;
+        char *prefix;
+        char line[512];
+        size_t len;
+};
+
+HelperLog *helper_log_free(HelperLog *l) {
+        if (!l)
+                return NULL;
+        sd_event_source_disable_unref(l->source);
+        closep(&l->fd);
+        free(l->prefix);
+        free(l);
+        return NULL;
+}
+
+static void helper_log_flush(HelperLog *l) {
+        l->line[l->len] = 0;
+        if (l->len > 0)
+                log_info("%s: %s", l->prefix, l->line);
+        l->len = 0;
+}
+
+static int helper_log_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        HelperLog *l = userdata;
+        char buf[4096];
+        ssize_t n;
+
+        n = read(fd, buf, sizeof(buf));
+        if (n <= 0) {
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                helper_log_flush(l);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                return 0;
+        }
+        for (ssize_t i = 0; i < n; i++) {
+                unsigned char c = (unsigned char) buf[i];
+                if (c == '\n') {
+                        helper_log_flush(l);
+                        continue;
+                }
+                if (l->len >= sizeof(l->line) - 1)
+                        helper_log_flush(l);
+                l->line[l->len++] = (c < 0x20 || c == 0x7f) ? ' ' : (char) c;
+        }
+        return 0;
+}
+
+int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
+        HelperLog *l = calloc(1, sizeof(HelperLog));
+        int r;
+
+        if (!l) {
+                closep(&fd);
+                return -ENOMEM;
+        }
+        l->fd = fd;
+        l->prefix = strdup(prefix);
+        if (!l->prefix || fcntl(fd, F_SETFL, O_NONBLOCK) < 0) {
+                helper_log_free(l);
+                return -ENOMEM;
+        }
+        r = sd_event_add_io(e, &l->source, fd, EPOLLIN, helper_log_handler, l);
+        if (r < 0) {
+                helper_log_free(l);
+                return r;
+        }
+        *ret = l;
+        return 0;
 }
 
 /* SELinux: every call guarded, so where SELinux is off nothing is ever asked or written. */

@@ -22,6 +22,7 @@
 
 #include <stdbool.h>
 #include <sys/types.h>
+#include <systemd/sd-event.h>
 
 /* What a helper's uid/gid and MCS categories are drawn from. */
 #define SANDBOX_MCS_CATEGORIES 1024
@@ -36,7 +37,8 @@ typedef struct SandboxSpec {
         const int *fds;            /* become fds 3, 4, … in the helper */
         size_t n_fds;
         int stderr_fd;             /* the helper's stderr, e.g. a log pipe; -1: /dev/null */
-        char *const *argv;         /* argv[0]: absolute path */
+        char *const *argv;         /* argv[0]: absolute path (as seen inside, if exec_fd is -1) */
+        int exec_fd;               /* >= 0: run this opened binary (execveat), so it needs no path inside */
         char *const *env;          /* added to PATH and LANG; may be NULL */
         unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
         unsigned max_processes;    /* RLIMIT_NPROC of its uid (threads count), 0: 512 */
@@ -50,6 +52,11 @@ int sandbox_spawn(const SandboxSpec *spec, pid_t *ret_pid);
  * the label of its writable images. NULL/0 where SELinux is off; no SELinux call is made then. */
 int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
         char **ret_process, char **ret_image);
+/* A helper's stderr, read line by line into our log with a prefix (bounded, printable). */
+typedef struct HelperLog HelperLog;
+int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
+HelperLog *helper_log_free(HelperLog *l);
+
 /* Label a file descriptor's file (a writable image); a no-op where SELinux is off. */
 int sandbox_selinux_label_fd(int fd, const char *label);
 bool sandbox_selinux_enabled(void);

@@ -83,7 +83,9 @@ static json_object *disk_to_json(const Disk *d) {
                 add(o, "chain_nodes", strv_to_json(d->chain_nodes)) < 0 ||
                 add(o, "size", json_object_new_uint64(d->size)) < 0 ||
                 add(o, "cluster_size", json_object_new_uint64(d->cluster_size)) < 0 ||
-                add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 || add(o, "job", job_to_json(&d->job)) < 0) {
+                add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 || add(o, "job", job_to_json(&d->job)) < 0 ||
+                (d->range_node && add(o, "range_node", json_object_new_string(d->range_node)) < 0) ||
+                (d->range_export && add(o, "range_export", json_object_new_string(d->range_export)) < 0)) {
                 json_object_put(o);
                 return NULL;
         }
@@ -105,7 +107,11 @@ int state_save_guest(Guest *g) {
                 add(o, "name", json_object_new_string(g->name)) < 0 || add(o, "uuid", json_object_new_string(g->uuid)) < 0 ||
                 add(o, "owner", json_object_new_uint64(g->owner)) < 0 ||
                 add(o, "qmp_socket", json_object_new_string(g->qmp_socket)) < 0 ||
-                add(o, "job_seq", json_object_new_uint64(g->job_seq)) < 0)
+                add(o, "job_seq", json_object_new_uint64(g->job_seq)) < 0 ||
+                add(o, "offline", json_object_new_boolean(g->offline)) < 0 ||
+                add(o, "helper_uid", json_object_new_uint64(g->helper_uid)) < 0 ||
+                add(o, "mcs_c1", json_object_new_uint64(g->mcs_c1)) < 0 ||
+                add(o, "mcs_c2", json_object_new_uint64(g->mcs_c2)) < 0)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
                 json_object *d = disk_to_json(g->disks[i]);
@@ -228,7 +234,10 @@ static int disk_from_json(Guest *g, json_object *o) {
                 strv_length(d->chain) != strv_length(d->chain_nodes) || json_get_u64(o, "size", true, &d->size) < 0 ||
                 json_get_u64(o, "cluster_size", true, &d->cluster_size) < 0 ||
                 json_get_u64(o, "bandwidth", true, &d->bandwidth) < 0 || d->bandwidth > INT64_MAX ||
-                !json_object_object_get_ex(o, "job", &job) || job_from_json(job, &d->job) < 0) {
+                !json_object_object_get_ex(o, "job", &job) || job_from_json(job, &d->job) < 0 ||
+                dup_field(o, "range_node", false, &d->range_node) < 0 ||
+                dup_field(o, "range_export", false, &d->range_export) < 0 ||
+                (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export))) {
                 disk_free(d);
                 return -EBADMSG;
         }
@@ -244,7 +253,8 @@ static int disk_from_json(Guest *g, json_object *o) {
 
 static int guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
         const char *name = NULL, *uuid = NULL, *sock = NULL;
-        uint64_t owner = 0, version = 0, seq = 0;
+        uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
+        bool offline = false;
         json_object *disks;
         Guest *g;
         int r;
@@ -254,7 +264,11 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
                 json_get_string(o, "uuid", true, &uuid) < 0 || json_get_string(o, "qmp_socket", true, &sock) < 0 ||
                 json_get_u64(o, "owner", true, &owner) < 0 || json_get_u64(o, "job_seq", true, &seq) < 0 ||
                 !json_object_object_get_ex(o, "disks", &disks) || !json_object_is_type(disks, json_type_array) ||
-                json_object_array_length(disks) > QEMU_DISKS_MAX)
+                json_object_array_length(disks) > QEMU_DISKS_MAX || json_get_bool(o, "offline", false, &offline) < 0 ||
+                json_get_u64(o, "helper_uid", false, &helper_uid) < 0 || json_get_u64(o, "mcs_c1", false, &c1) < 0 ||
+                json_get_u64(o, "mcs_c2", false, &c2) < 0 || helper_uid >= UINT32_MAX || c1 > 4096 || c2 > 4096)
+                return -EBADMSG;
+        if (offline != isempty(sock))
                 return -EBADMSG;
         /* The file name must match the guest inside it. */
         if (!guest_name_is_valid(name) || strncmp(file_name, name, strlen(name)) != 0 ||
@@ -269,6 +283,10 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
         if (r < 0)
                 return r;
         g->job_seq = seq;
+        g->offline = offline;
+        g->helper_uid = (uid_t) helper_uid;
+        g->mcs_c1 = (unsigned) c1;
+        g->mcs_c2 = (unsigned) c2;
         for (size_t i = 0; i < json_object_array_length(disks); i++) {
                 r = disk_from_json(g, json_object_array_get_idx(disks, i));
                 if (r < 0) {
@@ -318,8 +336,22 @@ int state_load_guests(Manager *m) {
                         log_error_errno(r, "State file %s is invalid, skipping this guest: %m", path);
                         continue;
                 }
-                g->published = true;
+                /* Its sandbox identity is its own for life; a missing or clashing one (hand-edited
+                 * files) is replaced before anything runs under it. */
                 manager_link_guest(m, g);
+                if (!manager_identity_valid(m, g)) {
+                        log_warning("Guest %s: sandbox identity in %s missing or taken, allocating a new one.", g->name, path);
+                        r = manager_allocate_identity(m, g);
+                } else
+                        r = manager_identity_labels(m, g);
+                if (r < 0) {
+                        log_error_errno(r, "Guest %s: no sandbox identity, skipping this guest: %m", g->name);
+                        manager_unlink_guest(m, g);
+                        guest_free(g);
+                        continue;
+                }
+                g->published = true;
+                (void) guest_save(g); /* logs on failure */
                 log_info("Guest %s restored from %s.", g->name, path);
         }
         return 0;

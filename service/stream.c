@@ -4,9 +4,12 @@
 #include <stdarg.h>
 
 #include "bus-error.h"
+#include "export.h"
 #include "guest.h"
+#include "image.h"
 #include "manager.h"
 #include "polkit.h"
+#include "range.h"
 #include "state.h"
 #include "stream.h"
 #include "util.h"
@@ -40,6 +43,8 @@ Disk *disk_free(Disk *d) {
         if (!d)
                 return NULL;
         job_done(&d->job);
+        free(d->range_node);
+        free(d->range_export);
         free(d->alias);
         free(d->object_path);
         free(d->node_name);
@@ -109,6 +114,46 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
                         disk_emit_changed(d, "Size", NULL);
         }
         return node_changed || path_changed || chain_changed || size_changed;
+}
+
+int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit) {
+        _cleanup_free_ char *node = strdup_printf("bs-%s", d->alias);
+        QemuDisk q = {
+                .alias = d->alias,
+                .node_name = node,
+                .filename = c->images[0].path,
+                .format = c->images[0].format,
+                .virtual_size = c->images[0].virtual_size,
+                .cluster_size = c->images[0].cluster_size,
+        };
+        QemuImage *chain = NULL;
+        int r;
+
+        if (!node)
+                return -ENOMEM;
+        if (c->n > 1) {
+                chain = calloc(c->n - 1, sizeof(QemuImage));
+                if (!chain)
+                        return -ENOMEM;
+                for (size_t k = 1; k < c->n; k++) {
+                        chain[k - 1].filename = c->images[k].path;
+                        chain[k - 1].format = c->images[k].format;
+                        /* The storage helper names them so (storage.c). */
+                        chain[k - 1].node_name = strdup_printf("bs-%s-%zu", d->alias, k);
+                        if (!chain[k - 1].node_name) {
+                                r = -ENOMEM;
+                                goto finish;
+                        }
+                }
+        }
+        q.chain = chain;
+        q.n_chain = c->n ? c->n - 1 : 0;
+        r = disk_update_from_qemu(d, &q, emit);
+finish:
+        for (size_t k = 0; chain && k + 1 < c->n; k++)
+                free(chain[k].node_name);
+        free(chain);
+        return r;
 }
 
 void disk_emit_changed(Disk *d, const char *first, ...) {
@@ -189,6 +234,7 @@ static void disk_publish_outcome(Disk *d) {
                         log_warning_errno(r, "Failed to emit Finished for %s: %m", d->object_path);
         }
         guest_update_polling(d->guest);
+        guest_release_helper_if_idle(d->guest);
 }
 
 static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
@@ -212,7 +258,7 @@ static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userda
         if (error < 0 && error != -EREMOTEIO)
                 log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->guest->name, d->alias);
         d->job.id = mfree(d->job.id);
-        if (d->job.outcome == STREAM_COMPLETED && c->guest->running) {
+        if (d->job.outcome == STREAM_COMPLETED && (guest_qmp_ready(c->guest) || c->guest->offline)) {
                 c2 = finalize_ctx_new(d);
                 if (c2 && guest_refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
                         return;
@@ -231,7 +277,7 @@ static void disk_finalize(Disk *d) {
         disk_save(d); /* the outcome survives a crash from here on */
         guest_update_polling(g);
 
-        if (d->job.id && g->running) {
+        if (d->job.id && guest_qmp_ready(g)) {
                 c = finalize_ctx_new(d);
                 if (c && qemu_job_dismiss(g->qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
                         return;
@@ -286,6 +332,7 @@ typedef struct CallCtx {
         bool replied;
         uint64_t value;
         char *job_id;
+        char *base_node;
 } CallCtx;
 
 static void call_ctx_free(void *p) {
@@ -299,6 +346,7 @@ static void call_ctx_free(void *p) {
         sd_bus_message_unref(c->msg);
         free(c->alias);
         free(c->job_id);
+        free(c->base_node);
         free(c);
 }
 
@@ -329,7 +377,7 @@ static void call_reply(CallCtx *c, int error, const char *desc, const char *what
 }
 
 static int require_running(Disk *d, sd_bus_error *error) {
-        if (!d->guest->running)
+        if (!guest_qmp_ready(d->guest) && !d->guest->offline)
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection to %s); start its QEMU, then call Refresh().",
                         d->guest->name, d->guest->qmp_socket);
@@ -337,7 +385,7 @@ static int require_running(Disk *d, sd_bus_error *error) {
 }
 
 static int require_job(Disk *d, sd_bus_error *error) {
-        if (!job_is_active(&d->job) || d->finalizing || !d->job.id)
+        if (!job_is_active(&d->job) || d->finalizing || (!d->job.id && !range_running(d)))
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "No job is running on disk '%s' of guest '%s'.",
                         d->alias, d->guest->name);
         return 0;
@@ -415,6 +463,7 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         d->starting = false;
         if (error < 0) {
                 call_reply(c, error, desc, "start the stream");
+                guest_release_helper_if_idle(c->guest);
                 return;
         }
 
@@ -432,6 +481,60 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         disk_emit_job(d);
         guest_update_polling(c->guest);
         call_reply(c, 0, NULL, NULL);
+}
+
+static void start_when_ready(Guest *g, int error, const char *error_text, void *userdata) {
+        CallCtx *c = userdata;
+        Disk *d = guest_find_disk(g, c->alias);
+        CallCtx *send;
+        int r;
+
+        if (!d) {
+                c->replied = true;
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NO_SUCH_DISK, "Disk '%s' went away while starting.",
+                        c->alias);
+                return;
+        }
+        if (error < 0) {
+                d->starting = false;
+                c->replied = true;
+                if (g->offline)
+                        (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_HELPER_FAILED,
+                                "The storage helper of guest '%s' could not take the disks: %s", g->name,
+                                error_text ?: strerror(-error));
+                else
+                        (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NOT_RUNNING,
+                                "Guest '%s' is not running (no QMP connection).", g->name);
+                guest_release_helper_if_idle(g);
+                return;
+        }
+        /* The waiter's context is freed after this returns: the QMP call gets its own. */
+        send = call_ctx_new(d, c->msg);
+        if (!send || !(send->job_id = strdup(c->job_id)) || (c->base_node && !(send->base_node = strdup(c->base_node)))) {
+                d->starting = false;
+                if (send)
+                        send->replied = true;
+                call_ctx_free(send);
+                return; /* c's destroy answers the caller */
+        }
+        send->value = c->value;
+        c->replied = true; /* from here on, send answers */
+        r = qemu_block_stream(g->qmp,
+                &(QemuStreamArgs) {
+                        .job_id = send->job_id,
+                        .node_name = d->node_name,
+                        .base_node = send->base_node,
+                        .speed = send->value,
+                },
+                start_reply, send, call_ctx_free);
+        if (r < 0) {
+                d->starting = false;
+                send->replied = true;
+                (void) sd_bus_reply_method_errorf(send->msg, BS_ERROR_QEMU_FAILED, "Failed to send block-stream: %s",
+                        strerror(-r));
+                call_ctx_free(send);
+                guest_release_helper_if_idle(g);
+        }
 }
 
 static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
@@ -461,15 +564,17 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                         "Range [%" PRIu64 ", +%" PRIu64 ") lies outside disk '%s' of %" PRIu64 " bytes.", offset, length,
                         d->alias, d->size);
 
+        if ((offset != 0 || length != 0) && offset >= d->size)
+                return sd_bus_error_setf(error, BS_ERROR_INVALID_RANGE,
+                        "Range starts at %" PRIu64 ", at or past the end of disk '%s' (%" PRIu64 " bytes).", offset,
+                        d->alias, d->size);
+
         r = disk_authorize(d, msg, ACTION_STREAM, error);
         if (r < 0)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
 
-        if (offset != 0 || length != 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                        "Byte-range streaming is not supported yet; use offset 0 and length 0 for the whole disk.");
         r = require_running(d, error);
         if (r < 0)
                 return r;
@@ -493,6 +598,25 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
 
+        if (offset != 0 || length != 0) {
+                /* A range: widened to whole clusters; the filter copies from the images above base. */
+                uint64_t cs = d->cluster_size ?: 65536, start = offset / cs * cs, stop = length == 0 ? d->size : end;
+                const char *bottom = NULL;
+
+                stop = stop % cs ? MIN(d->size, (stop / cs + 1) * cs) : stop;
+                if (base) {
+                        size_t n = strv_length(d->chain);
+                        for (size_t i = 0; i < n; i++)
+                                if (streq(d->chain_nodes[i], base_node))
+                                        bottom = i == 0 ? NULL : d->chain_nodes[i - 1];
+                        if (!bottom)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "'%s' is the direct backing image of disk '%s': nothing lies above it to stream.",
+                                        base, d->alias);
+                }
+                return range_start(d, msg, start, stop - start, bandwidth, bottom, error);
+        }
+
         g->job_seq++;
         job_id = job_id_new(d->alias, g->job_seq);
         c = call_ctx_new(d, msg);
@@ -503,26 +627,21 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 return -ENOMEM;
         }
         c->value = bandwidth;
-        c->job_id = strdup(job_id);
-        if (!c->job_id) {
+        c->job_id = TAKE_PTR(job_id);
+        if (base_node && !(c->base_node = strdup(base_node))) {
                 c->replied = true;
                 call_ctx_free(c);
                 return -ENOMEM;
         }
-        r = qemu_block_stream(g->qmp,
-                &(QemuStreamArgs) {
-                        .job_id = job_id,
-                        .node_name = d->node_name,
-                        .base_node = base_node,
-                        .speed = bandwidth,
-                },
-                start_reply, c, call_ctx_free);
+        d->starting = true;
+        /* A running guest: at once. An offline one: once its storage helper is up. */
+        r = guest_when_ready(g, start_when_ready, c, call_ctx_free);
         if (r < 0) {
+                d->starting = false;
                 c->replied = true;
                 call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "Failed to send block-stream to QEMU: %m");
+                return sd_bus_error_set_errnof(error, -r, "Failed to start the storage helper of guest '%s': %m", g->name);
         }
-        d->starting = true;
         return 1;
 }
 
@@ -563,6 +682,12 @@ static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *e
         /* Already where the caller wants it: nothing to ask QEMU. */
         if ((op == 1 && d->job.state == STREAM_PAUSED) || (op == 2 && d->job.state == STREAM_RUNNING))
                 return sd_bus_reply_method_return(msg, NULL);
+        if (range_running(d)) {
+                r = op == 0 ? range_cancel(d) : range_pause(d, op == 1);
+                if (r < 0)
+                        return sd_bus_error_set_errnof(error, -r, "Failed to tell the pull helper: %m");
+                return sd_bus_reply_method_return(msg, NULL);
+        }
 
         c = call_ctx_new(d, msg);
         if (!c)
@@ -626,7 +751,16 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
 
-        if (!job_is_active(&d->job) || d->finalizing || !d->job.id || !d->guest->running) {
+        if (range_running(d) && job_is_active(&d->job)) {
+                r = range_set_bandwidth(d, bw);
+                if (r < 0)
+                        return sd_bus_error_set_errnof(error, -r, "Failed to tell the pull helper: %m");
+                d->bandwidth = d->job.bandwidth = bw;
+                disk_emit_changed(d, "Bandwidth", NULL);
+                disk_save(d);
+                return sd_bus_reply_method_return(msg, NULL);
+        }
+        if (!job_is_active(&d->job) || d->finalizing || !d->job.id || !guest_qmp_ready(d->guest)) {
                 /* No job to tell: it becomes the default of the next one. */
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
@@ -649,27 +783,68 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
 }
 
 static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        uint64_t offset, length, end;
         int r;
 
-        r = disk_authorize(userdata, msg, ACTION_INSPECT, error);
+        r = sd_bus_message_read(msg, "tt", &offset, &length);
+        if (r < 0)
+                return r;
+        if (offset > d->size || add_overflows_u64(offset, length, &end) || end > d->size)
+                return sd_bus_error_setf(error, BS_ERROR_INVALID_RANGE,
+                        "Range [%" PRIu64 ", +%" PRIu64 ") lies outside disk '%s' of %" PRIu64 " bytes.", offset, length,
+                        d->alias, d->size);
+        r = disk_authorize(d, msg, ACTION_INSPECT, error);
         if (r < 0)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                "The allocation map is not supported yet; it arrives with byte-range streaming.");
+        if (length == 0)
+                length = d->size - offset;
+        if (length == 0)
+                return sd_bus_reply_method_return(msg, "a(ttus)", 0);
+        return range_map(d, msg, offset, length, error);
 }
 
 static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        const char *listen = "unix";
         int r;
 
-        r = disk_authorize(userdata, msg, ACTION_EXPORT, error);
+        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
+                const char *key;
+
+                r = sd_bus_message_read(msg, "s", &key);
+                if (r < 0)
+                        return r;
+                if (!streq(key, "listen"))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Unknown option '%.64s'; Export takes 'listen' (s).", key);
+                r = sd_bus_message_read(msg, "v", "s", &listen);
+                if (r < 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'listen' must be of type s.");
+                r = sd_bus_message_exit_container(msg);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        r = sd_bus_message_exit_container(msg);
+        if (r < 0)
+                return r;
+        r = export_listen_valid(listen, error);
+        if (r < 0)
+                return r;
+
+        r = disk_authorize(d, msg, ACTION_EXPORT, error);
         if (r < 0)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                "NBD exports are not supported yet; they arrive with the sandboxed helpers.");
+        return export_create(d, msg, listen, error);
 }
 
 /* Properties */

@@ -9,6 +9,7 @@
 #include "qemu.h"
 
 typedef struct Guest Guest;
+typedef struct ImageChain ImageChain;
 
 extern const sd_bus_vtable stream_vtable[];
 
@@ -26,6 +27,8 @@ typedef struct Disk {
         uint64_t bandwidth; /* Bandwidth: of the running job, else the default for the next */
 
         Job job;
+        char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
+        char *range_export;
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         usec_t last_saved;
@@ -35,6 +38,8 @@ int disk_new(Disk **ret, Guest *g, const char *alias);
 Disk *disk_free(Disk *d);
 /* Take QEMU's view of the disk; returns true if a published property changed. */
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
+/* Take an offline disk's chain as read from the image headers. */
+int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
 
 /* Job plumbing, called by guest.c as QEMU reports. */
 void disk_apply_job_changes(Disk *d, unsigned changed);

@@ -92,6 +92,9 @@ static inline void strv_freep(char ***l) {
 }
 #define _cleanup_strv_free_ _cleanup_(strv_freep)
 size_t strv_length(char *const *l);
+static inline bool strv_isempty(char *const *l) {
+        return !l || !*l;
+}
 int strv_push(char ***l, char *value); /* takes value, also on failure */
 char **strv_copy(char *const *l);
 bool strv_equal(char *const *a, char *const *b);

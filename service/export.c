@@ -1,0 +1,697 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include "bus-error.h"
+#include "export.h"
+#include "guest.h"
+#include "manager.h"
+#include "polkit.h"
+#include "qemu.h"
+#include "sandbox.h"
+#include "stream.h"
+#include "util.h"
+
+#define EXPORT_INTERFACE "org.blockstream1.Export"
+#define CONTROL_MESSAGE_MAX 256
+#define RELAY_BINARY "blockstream-nbd-relay"
+#define NBD_FDNAME "bsd-nbd"
+
+typedef enum ExportState {
+        EXPORT_STARTING,
+        EXPORT_SERVING,
+        EXPORT_STOPPED,
+        EXPORT_FAILED,
+} ExportState;
+
+static const char *const export_state_table[] = {
+        [EXPORT_STARTING] = "starting",
+        [EXPORT_SERVING] = "serving",
+        [EXPORT_STOPPED] = "stopped",
+        [EXPORT_FAILED] = "failed",
+};
+
+struct Export {
+        Manager *manager;
+        Export *next;
+        unsigned id;
+        char *object_path;
+        Guest *guest;
+        char *alias;
+        char *disk_path; /* the disk's object path */
+        char *qemu_id;   /* block export id in QEMU */
+        char *name;      /* NBD export name */
+        char *uri;
+        char *unix_path; /* our listening socket, unlinked at the end */
+        ExportState state;
+        bool published;
+        bool in_qemu;
+        uint32_t clients;
+
+        int listen_fd;
+        pid_t relay_pid;
+        sd_event_source *relay_child;
+        int control_fd;
+        sd_event_source *control_source;
+        HelperLog *log;
+        sd_bus_message *create_call; /* the Export() call, answered once the relay is ready */
+};
+
+/* The private NBD server of a guest's QMP peer */
+
+static void server_started(Qmp *q, int error, const char *desc, void *userdata) {
+        Guest *g = userdata;
+
+        if (error < 0) {
+                log_warning("Guest %s: cannot start the NBD server: %s", g->name, desc ?: strerror(-error));
+                g->nbd_server = false;
+        }
+}
+
+int export_server_ensure(Guest *g) {
+        Manager *m = g->manager;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_free_ char *dir = NULL, *path = NULL;
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        if (g->nbd_server)
+                return 0;
+        if (!guest_qmp_ready(g))
+                return -ENOTCONN;
+        dir = strdup_printf("%s/nbd", m->runtime_dir);
+        path = strdup_printf("%s/nbd/%s.sock", m->runtime_dir, g->name);
+        if (!dir || !path)
+                return -ENOMEM;
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        r = mkdir_p(dir, 0700); /* only root reaches the private servers */
+        if (r < 0)
+                return r;
+        (void) chmod(dir, 0700);
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        (void) unlink(path);
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
+                return -errno;
+        /* Commands run in order: the exports added after this find the server running. */
+        r = qemu_getfd(g->qmp, NBD_FDNAME, TAKE_FD(fd), NULL, NULL, NULL);
+        if (r >= 0)
+                r = qemu_nbd_server_start_fd(g->qmp, NBD_FDNAME, server_started, g, NULL);
+        if (r < 0) {
+                (void) unlink(path);
+                return r;
+        }
+        free(g->nbd_socket);
+        g->nbd_socket = TAKE_PTR(path);
+        g->nbd_server = true;
+        return 0;
+}
+
+int export_server_connect(Guest *g) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+
+        if (!g->nbd_server || !g->nbd_socket || strlen(g->nbd_socket) >= sizeof(sa.sun_path))
+                return -ENOTCONN;
+        strcpy(sa.sun_path, g->nbd_socket);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return -errno;
+        return TAKE_FD(fd);
+}
+
+void export_server_release_if_unused(Guest *g) {
+        if (!g->nbd_server || g->nbd_users > 0)
+                return;
+        if (guest_qmp_ready(g))
+                (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
+        if (g->nbd_socket)
+                (void) unlink(g->nbd_socket);
+        g->nbd_socket = mfree(g->nbd_socket);
+        g->nbd_server = false;
+}
+
+/* Export objects */
+
+static void export_emit(Export *e, const char *property) {
+        if (e->published)
+                (void) sd_bus_emit_properties_changed(e->manager->bus, e->object_path, EXPORT_INTERFACE, property, NULL);
+}
+
+static void export_unlink(Export *e) {
+        for (Export **p = &e->manager->exports; *p; p = &(*p)->next)
+                if (*p == e) {
+                        *p = e->next;
+                        return;
+                }
+}
+
+static Export *export_free(Export *e) {
+        if (!e)
+                return NULL;
+        if (e->create_call) {
+                (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
+                        "The export of disk '%s' could not be set up.", e->alias);
+                sd_bus_message_unref(e->create_call);
+        }
+        sd_event_source_disable_unref(e->control_source);
+        sd_event_source_disable_unref(e->relay_child);
+        if (e->relay_pid > 0) {
+                (void) kill(e->relay_pid, SIGKILL);
+                (void) waitpid(e->relay_pid, NULL, 0);
+        }
+        helper_log_free(e->log);
+        closep(&e->control_fd);
+        closep(&e->listen_fd);
+        if (e->unix_path)
+                (void) unlink(e->unix_path);
+        free(e->unix_path);
+        free(e->object_path);
+        free(e->alias);
+        free(e->disk_path);
+        free(e->qemu_id);
+        free(e->name);
+        free(e->uri);
+        free(e);
+        return NULL;
+}
+
+/* Take it out of QEMU, off the bus if asked, and free it. */
+static void export_end(Export *e, ExportState final, bool remove_object) {
+        Guest *g = e->guest;
+
+        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING) {
+                e->state = final;
+                export_emit(e, "State");
+        }
+        if (e->control_fd >= 0)
+                (void) send(e->control_fd, "stop\n", 5, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (e->in_qemu && guest_qmp_ready(g))
+                (void) qemu_block_export_del(g->qmp, e->qemu_id, NULL, NULL, NULL);
+        if (e->in_qemu) {
+                e->in_qemu = false;
+                g->nbd_users--;
+        }
+        if (!remove_object) {
+                /* A failed export stays visible until Stop(): clean up everything but the object. */
+                e->control_source = sd_event_source_disable_unref(e->control_source);
+                closep(&e->control_fd);
+                e->control_fd = -1;
+                closep(&e->listen_fd);
+                e->listen_fd = -1;
+                if (e->unix_path)
+                        (void) unlink(e->unix_path);
+                export_server_release_if_unused(g);
+                guest_release_helper_if_idle(g);
+                return;
+        }
+        if (e->published)
+                (void) sd_bus_emit_object_removed(e->manager->bus, e->object_path);
+        export_unlink(e);
+        export_free(e);
+        export_server_release_if_unused(g);
+        guest_release_helper_if_idle(g);
+}
+
+static void export_fail(Export *e, const char *why) {
+        log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
+        if (e->create_call) {
+                (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
+                        "Cannot export disk '%s' of guest '%s': %s", e->alias, e->guest->name, why);
+                e->create_call = sd_bus_message_unref(e->create_call);
+                export_end(e, EXPORT_FAILED, true);
+                return;
+        }
+        export_end(e, EXPORT_FAILED, false);
+}
+
+static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        Export *e = userdata;
+
+        e->relay_pid = 0;
+        e->relay_child = sd_event_source_disable_unref(e->relay_child);
+        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+                export_fail(e, si->si_code == CLD_EXITED ? "the NBD relay helper exited" : "the NBD relay helper was killed");
+        return 0;
+}
+
+/* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
+static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Export *e = userdata;
+        char buf[CONTROL_MESSAGE_MAX + 1];
+        unsigned long n;
+        ssize_t k;
+        char *end;
+
+        k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (k < 0) {
+                if (errno == EAGAIN || errno == EINTR)
+                        return 0;
+                export_fail(e, "the control connection to the NBD relay broke");
+                return 0;
+        }
+        if (k == 0) {
+                if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+                        export_fail(e, "the NBD relay helper went away");
+                return 0;
+        }
+        if ((size_t) k > CONTROL_MESSAGE_MAX || buf[k - 1] != '\n' || memchr(buf, 0, (size_t) k)) {
+                export_fail(e, "the NBD relay helper sent a malformed message");
+                return 0;
+        }
+        buf[k - 1] = 0;
+
+        if (streq(buf, "ready")) {
+                if (!e->create_call)
+                        return 0;
+                e->state = EXPORT_SERVING;
+                e->published = true;
+                (void) sd_bus_emit_object_added(e->manager->bus, e->object_path);
+                log_info("Guest %s disk %s: exported as %s.", e->guest->name, e->alias, e->uri);
+                (void) sd_bus_reply_method_return(e->create_call, "os", e->object_path, e->uri);
+                e->create_call = sd_bus_message_unref(e->create_call);
+                /* The relay holds the listener now. */
+                closep(&e->listen_fd);
+                e->listen_fd = -1;
+        } else if (strncmp(buf, "connect ", 8) == 0) {
+                errno = 0;
+                n = strtoul(buf + 8, &end, 10);
+                if (errno != 0 || *end || end == buf + 8) {
+                        export_fail(e, "the NBD relay helper sent a malformed request");
+                        return 0;
+                }
+                int up = export_server_connect(e->guest);
+                if (up < 0) {
+                        char reply[CONTROL_MESSAGE_MAX];
+                        int len = snprintf(reply, sizeof(reply), "refused %lu %s\n", n, strerror(-up));
+                        (void) send(fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
+                } else {
+                        char reply[64];
+                        int len = snprintf(reply, sizeof(reply), "upstream %lu\n", n);
+                        struct iovec iov = { .iov_base = reply, .iov_len = (size_t) len };
+                        union {
+                                struct cmsghdr h;
+                                char b[CMSG_SPACE(sizeof(int))];
+                        } control = {};
+                        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control.b) };
+                        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+                        c->cmsg_level = SOL_SOCKET;
+                        c->cmsg_type = SCM_RIGHTS;
+                        c->cmsg_len = CMSG_LEN(sizeof(int));
+                        memcpy(CMSG_DATA(c), &up, sizeof(int));
+                        if (sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+                                log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
+                        close(up);
+                }
+        } else if (strncmp(buf, "clients ", 8) == 0) {
+                errno = 0;
+                n = strtoul(buf + 8, &end, 10);
+                if (errno != 0 || *end || n > 1000000) {
+                        export_fail(e, "the NBD relay helper sent a malformed count");
+                        return 0;
+                }
+                if (e->clients != (uint32_t) n) {
+                        e->clients = (uint32_t) n;
+                        export_emit(e, "Clients");
+                }
+        } else if (strncmp(buf, "error ", 6) == 0)
+                log_warning("Export %u relay: %s", e->id, buf + 6);
+        else
+                export_fail(e, "the NBD relay helper sent an unknown message");
+        return 0;
+}
+
+/* The user's listening socket: unix in the guest's runtime dir, or TCP (numeric, no DNS). */
+static int listen_socket(Export *e, const char *spec_listen, char **ret_uri, sd_bus_error *error) {
+        Guest *g = e->guest;
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        if (streq(spec_listen, "unix")) {
+                struct sockaddr_un sa = { .sun_family = AF_UNIX };
+                _cleanup_free_ char *path = NULL;
+
+                r = guest_ensure_runtime_dir(g);
+                if (r < 0)
+                        return sd_bus_error_set_errnof(error, -r, "Cannot create the guest's runtime directory: %m");
+                path = strdup_printf("%s/%s-%u.nbd", g->runtime_dir, e->alias, e->id);
+                if (!path)
+                        return -ENOMEM;
+                if (strlen(path) >= sizeof(sa.sun_path))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Socket path %s is too long.", path);
+                strcpy(sa.sun_path, path);
+                fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if (fd < 0)
+                        return -errno;
+                (void) unlink(path);
+                if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 16) < 0)
+                        return sd_bus_error_set_errnof(error, errno, "Cannot listen on %s: %m", path);
+                *ret_uri = strdup_printf("nbd+unix:///%s?socket=%s", e->name, path);
+                e->unix_path = TAKE_PTR(path);
+        } else {
+                /* "tcp:ADDR:PORT": ADDR an IPv4 address or [IPv6]. */
+                _cleanup_free_ char *host = NULL;
+                const char *spec = spec_listen + 4, *colon, *port;
+                struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+                int one = 1;
+
+                if (spec[0] == '[') {
+                        const char *close_br = strchr(spec, ']');
+                        if (!close_br || close_br[1] != ':')
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Bad listen address '%s'.", spec_listen);
+                        host = strndup(spec + 1, (size_t) (close_br - spec - 1));
+                        port = close_br + 2;
+                } else {
+                        colon = strrchr(spec, ':');
+                        if (!colon)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Bad listen address '%s'.", spec_listen);
+                        host = strndup(spec, (size_t) (colon - spec));
+                        port = colon + 1;
+                }
+                if (!host)
+                        return -ENOMEM;
+                r = getaddrinfo(host, port, &hints, &ai);
+                if (r != 0 || !ai)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Bad listen address '%s': %s", spec_listen,
+                                gai_strerror(r));
+                fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+                        bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 16) < 0) {
+                        r = errno;
+                        freeaddrinfo(ai);
+                        return sd_bus_error_set_errnof(error, r, "Cannot listen on %s: %m", spec_listen + 4);
+                }
+                *ret_uri = ai->ai_family == AF_INET6 ? strdup_printf("nbd://[%s]:%s/%s", host, port, e->name)
+                                                     : strdup_printf("nbd://%s:%s/%s", host, port, e->name);
+                freeaddrinfo(ai);
+        }
+        if (!*ret_uri)
+                return -ENOMEM;
+        e->listen_fd = TAKE_FD(fd);
+        return 0;
+}
+
+int export_listen_valid(const char *listen, sd_bus_error *error) {
+        const char *p;
+
+        if (streq(listen, "unix"))
+                return 0;
+        if (strncmp(listen, "tcp:", 4) != 0 || strlen(listen) > 64)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'listen' must be \"unix\" or \"tcp:ADDR:PORT\", got '%.64s'.", listen);
+        p = strrchr(listen, ':');
+        if (!p || p == listen + 3 || !p[1] || strspn(p + 1, "0123456789") != strlen(p + 1) || atoi(p + 1) < 1 ||
+                atoi(p + 1) > 65535)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'listen' needs a port 1-65535: \"tcp:ADDR:PORT\", got '%.64s'.", listen);
+        return 0;
+}
+
+static int spawn_relay(Export *e) {
+        Manager *m = e->manager;
+        Guest *g = e->guest;
+        _cleanup_free_ char *binary = strdup_printf("%s/%s", manager_helper_dir(m), RELAY_BINARY), *prefix = NULL;
+        _cleanup_close_ int exec_fd = -1, log_r = -1, log_w = -1, ours = -1, theirs = -1;
+        char *argv[] = { (char *) RELAY_BINARY, NULL };
+        int pair[2], pipefd[2], fds[2], r;
+
+        if (!binary)
+                return -ENOMEM;
+        exec_fd = open(binary, O_PATH | O_CLOEXEC);
+        if (exec_fd < 0)
+                return log_error_errno(errno, "Cannot open %s: %m", binary);
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+                return -errno;
+        ours = pair[0];
+        theirs = pair[1];
+        if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return -errno;
+        log_r = pipefd[0];
+        log_w = pipefd[1];
+        r = guest_ensure_runtime_dir(g);
+        if (r < 0)
+                return r;
+        fds[0] = e->listen_fd;
+        fds[1] = theirs;
+        r = sandbox_spawn(
+                &(SandboxSpec) {
+                        .name = g->name,
+                        .uid = g->helper_uid,
+                        .gid = g->helper_uid,
+                        .runtime_dir = g->runtime_dir,
+                        .selinux_label = g->selinux_process_label,
+                        .fds = fds,
+                        .n_fds = 2,
+                        .stderr_fd = log_w,
+                        .argv = argv,
+                        .exec_fd = exec_fd,
+                        .max_processes = 16,
+                },
+                &e->relay_pid);
+        if (r < 0)
+                return r;
+        r = sd_event_add_child(m->event, &e->relay_child, e->relay_pid, WEXITED, relay_exited, e);
+        if (r < 0)
+                return r;
+        prefix = strdup_printf("Guest %s export %u relay", g->name, e->id);
+        if (prefix && helper_log_new(&e->log, m->event, TAKE_FD(log_r), prefix) < 0)
+                log_warning("Export %u: cannot read the relay's log.", e->id);
+        r = sd_event_add_io(m->event, &e->control_source, ours, EPOLLIN, control_handler, e);
+        if (r < 0)
+                return r;
+        e->control_fd = TAKE_FD(ours);
+        return 0;
+}
+
+static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
+        Export *e = userdata;
+        int r;
+
+        if (error < 0) {
+                _cleanup_free_ char *why = strdup_printf("QEMU refused the export: %s", desc ?: strerror(-error));
+                e->guest->nbd_users--;
+                e->in_qemu = false;
+                export_fail(e, why ?: "QEMU refused the export");
+                return;
+        }
+        r = spawn_relay(e);
+        if (r < 0) {
+                _cleanup_free_ char *why = strdup_printf("cannot start the NBD relay helper: %s", strerror(-r));
+                export_fail(e, why ?: "cannot start the NBD relay helper");
+        }
+        /* Answered when the relay says "ready" (control_handler) or dies. */
+}
+
+static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
+        Manager *m = g->manager;
+        Export *e = NULL;
+        int r;
+
+        /* The export may have been dropped while the storage helper started. */
+        for (Export *i = m->exports; i; i = i->next)
+                if (i == userdata)
+                        e = i;
+        if (!e)
+                return;
+        if (error < 0) {
+                export_fail(e, error_text ?: (g->offline ? "the storage helper could not take the disks" : "the guest is not running"));
+                return;
+        }
+        r = export_server_ensure(g);
+        if (r < 0) {
+                export_fail(e, "cannot start QEMU's NBD server");
+                return;
+        }
+        {
+                Disk *d = guest_find_disk(g, e->alias);
+                if (!d) {
+                        export_fail(e, "the disk went away");
+                        return;
+                }
+                r = qemu_block_export_add_nbd(g->qmp, e->qemu_id, d->node_name, e->name, export_added, e, NULL);
+        }
+        if (r < 0) {
+                export_fail(e, "cannot send block-export-add");
+                return;
+        }
+        e->in_qemu = true;
+        g->nbd_users++;
+}
+
+static bool export_name_taken(Guest *g, const char *name) {
+        for (Export *e = g->manager->exports; e; e = e->next)
+                if (e->guest == g && streq(e->name, name))
+                        return true;
+        return false;
+}
+
+int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error *error) {
+        Guest *g = d->guest;
+        Manager *m = g->manager;
+        _cleanup_free_ char *uri = NULL;
+        Export *e;
+        int r;
+
+        if (!guest_qmp_ready(g) && !g->offline)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
+
+        e = calloc(1, sizeof(Export));
+        if (!e)
+                return -ENOMEM;
+        e->manager = m;
+        e->guest = g;
+        e->listen_fd = e->control_fd = -1;
+        e->id = ++m->export_seq;
+        e->alias = strdup(d->alias);
+        e->disk_path = strdup(d->object_path);
+        e->qemu_id = strdup_printf("bsx-%u", e->id);
+        e->name = export_name_taken(g, d->alias) ? strdup_printf("%s-%u", d->alias, e->id) : strdup(d->alias);
+        e->object_path = strdup_printf(EXPORT_PATH_PREFIX "/%u", e->id);
+        if (!e->alias || !e->disk_path || !e->qemu_id || !e->name || !e->object_path) {
+                export_free(e);
+                return -ENOMEM;
+        }
+        r = listen_socket(e, listen, &uri, error);
+        if (r < 0) {
+                export_free(e);
+                return r;
+        }
+        e->uri = TAKE_PTR(uri);
+        e->create_call = sd_bus_message_ref(msg);
+        e->next = m->exports;
+        m->exports = e;
+
+        r = guest_when_ready(g, export_backend_ready, e, NULL);
+        if (r < 0) {
+                e->create_call = sd_bus_message_unref(e->create_call);
+                export_unlink(e);
+                export_free(e);
+                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
+        }
+        return 1;
+}
+
+void export_guest_lost(Guest *g) {
+        Manager *m = g->manager;
+
+        g->nbd_server = false;
+        g->nbd_users = 0;
+        for (Export *e = m->exports, *next; e; e = next) {
+                next = e->next;
+                if (e->guest != g)
+                        continue;
+                e->in_qemu = false;
+                if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+                        export_fail(e, g->offline ? "the storage helper went away" : "the QMP connection to QEMU was lost");
+        }
+}
+
+void export_guest_removed(Guest *g) {
+        Manager *m = g->manager;
+
+        for (Export *e = m->exports, *next; e; e = next) {
+                next = e->next;
+                if (e->guest == g)
+                        export_end(e, EXPORT_STOPPED, true);
+        }
+}
+
+bool export_guest_has_exports(Guest *g) {
+        for (Export *e = g->manager->exports; e; e = e->next)
+                if (e->guest == g && (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING))
+                        return true;
+        return false;
+}
+
+void export_free_all(Manager *m) {
+        while (m->exports) {
+                Export *e = m->exports;
+                m->exports = e->next;
+                export_free(e);
+        }
+}
+
+/* D-Bus */
+
+static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Export *e = userdata;
+        Disk *d = guest_find_disk(e->guest, e->alias);
+        int r;
+
+        r = bus_authorize(e->manager, msg, ACTION_EXPORT,
+                &(AuthDetails) { .guest = e->guest->name, .disk = e->alias, .owner = e->guest->owner }, error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
+        (void) d;
+        log_info("Export %u of guest %s disk %s stopped.", e->id, e->guest->name, e->alias);
+        export_end(e, EXPORT_STOPPED, true);
+        return sd_bus_reply_method_return(msg, NULL);
+}
+
+static int property_get_state(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Export *e = userdata;
+        return sd_bus_message_append(reply, "s", export_state_table[e->state]);
+}
+
+static int property_get_string(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        char **s = userdata;
+        return sd_bus_message_append(reply, "s", strempty(*s));
+}
+
+static int property_get_disk(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Export *e = userdata;
+        return sd_bus_message_append(reply, "o", e->disk_path);
+}
+
+const sd_bus_vtable export_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("URI", "s", property_get_string, offsetof(Export, uri), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Disk", "o", property_get_disk, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Clients", "u", NULL, offsetof(Export, clients), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_METHOD("Stop", NULL, NULL, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};
+
+int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
+        sd_bus_error *error) {
+        Manager *m = userdata;
+
+        for (Export *e = m->exports; e; e = e->next)
+                if (e->published && streq(e->object_path, path)) {
+                        *found = e;
+                        return 1;
+                }
+        return 0;
+}
+
+int export_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_strv_free_ char **l = NULL;
+
+        for (Export *e = m->exports; e; e = e->next)
+                if (e->published && strv_push(&l, strdup(e->object_path)) < 0)
+                        return -ENOMEM;
+        if (!l && !(l = calloc(1, sizeof(char *))))
+                return -ENOMEM;
+        *nodes = TAKE_PTR(l);
+        return 1;
+}

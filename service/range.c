@@ -1,0 +1,730 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <ctype.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include "bus-error.h"
+#include "export.h"
+#include "guest.h"
+#include "manager.h"
+#include "qemu.h"
+#include "range.h"
+#include "sandbox.h"
+#include "stream.h"
+#include "util.h"
+
+#define PULL_BINARY "blockstream-pull"
+#define CONTROL_MESSAGE_MAX 256
+#define EXPORT_GONE_TIMEOUT_USEC (10 * USEC_PER_SEC)
+
+typedef struct Extent {
+        uint64_t offset, length;
+        uint32_t depth;
+        uint8_t kind;
+} Extent;
+
+static const char *const kind_table[] = { "local", "zero", "backing", "absent" };
+
+struct RangeOp {
+        Manager *manager;
+        RangeOp *next;
+        Guest *guest;
+        char *alias;
+        bool map;
+        unsigned id;
+        char *node;      /* copy-on-read filter (pull) */
+        char *export_id; /* also the export's name */
+        char *bottom;
+        uint64_t offset, length, bandwidth;
+        sd_bus_message *call; /* Start or GetAllocationMap, until answered */
+
+        unsigned pending; /* QEMU commands of the setup still unanswered */
+        char *setup_error;
+        bool node_added, export_added;
+
+        pid_t pid;
+        sd_event_source *child;
+        int control_fd;
+        sd_event_source *control_source;
+        HelperLog *log;
+        bool ready, stop_requested, got_done;
+
+        Extent *extents;
+        size_t n_extents;
+
+        bool ending;
+        StreamState outcome;
+        char *error;
+        sd_event_source *cleanup_timer;
+};
+
+static RangeOp *op_free(RangeOp *op) {
+        if (!op)
+                return NULL;
+        if (op->call) {
+                (void) sd_bus_reply_method_errorf(op->call, BS_ERROR_HELPER_FAILED, "The operation on disk '%s' was dropped.",
+                        op->alias);
+                sd_bus_message_unref(op->call);
+        }
+        sd_event_source_disable_unref(op->child);
+        if (op->pid > 0) {
+                (void) kill(op->pid, SIGKILL);
+                (void) waitpid(op->pid, NULL, 0);
+        }
+        sd_event_source_disable_unref(op->control_source);
+        sd_event_source_disable_unref(op->cleanup_timer);
+        closep(&op->control_fd);
+        helper_log_free(op->log);
+        free(op->alias);
+        free(op->node);
+        free(op->export_id);
+        free(op->bottom);
+        free(op->setup_error);
+        free(op->extents);
+        free(op->error);
+        free(op);
+        return NULL;
+}
+
+static void op_unlink(RangeOp *op) {
+        for (RangeOp **p = &op->manager->range_ops; *p; p = &(*p)->next)
+                if (*p == op) {
+                        *p = op->next;
+                        return;
+                }
+}
+
+static bool op_alive(Manager *m, RangeOp *op) {
+        for (RangeOp *i = m->range_ops; i; i = i->next)
+                if (i == op)
+                        return true;
+        return false;
+}
+
+static RangeOp *disk_pull_op(Disk *d) {
+        for (RangeOp *op = d->guest->manager->range_ops; op; op = op->next)
+                if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && !op->ending)
+                        return op;
+        return NULL;
+}
+
+bool range_running(Disk *d) {
+        return disk_pull_op(d) != NULL;
+}
+
+bool range_guest_busy(Guest *g) {
+        for (RangeOp *op = g->manager->range_ops; op; op = op->next)
+                if (op->guest == g)
+                        return true;
+        return false;
+}
+
+static int op_send(RangeOp *op, const char *fmt, ...) _printf_(2, 3);
+static int op_send(RangeOp *op, const char *fmt, ...) {
+        char buf[CONTROL_MESSAGE_MAX];
+        va_list ap;
+        int n;
+
+        if (op->control_fd < 0)
+                return -ENOTCONN;
+        va_start(ap, fmt);
+        n = vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        if (n < 0 || (size_t) n >= sizeof(buf))
+                return -EINVAL;
+        if (send(op->control_fd, buf, (size_t) n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+                return -errno;
+        return 0;
+}
+
+/* The end: helper gone, export and filter out of QEMU, then the outcome is told. */
+
+static void op_finish(RangeOp *op) {
+        Manager *m = op->manager;
+        Guest *g = op->guest;
+        Disk *d = guest_find_disk(g, op->alias);
+
+        if (d && !op->map) {
+                d->range_node = mfree(d->range_node);
+                d->range_export = mfree(d->range_export);
+                if (op->ready) {
+                        unsigned changed = job_conclude(&d->job, op->outcome, op->error);
+                        disk_apply_job_changes(d, changed); /* persists, publishes, Finished */
+                } else {
+                        d->starting = false;
+                        (void) guest_save(g);
+                }
+        }
+        if (op->call) {
+                if (op->map && op->outcome == STREAM_COMPLETED) {
+                        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+                        int r = sd_bus_message_new_method_return(op->call, &reply);
+                        if (r >= 0)
+                                r = sd_bus_message_open_container(reply, 'a', "(ttus)");
+                        for (size_t i = 0; r >= 0 && i < op->n_extents; i++)
+                                r = sd_bus_message_append(reply, "(ttus)", op->extents[i].offset, op->extents[i].length,
+                                        op->extents[i].depth, kind_table[op->extents[i].kind]);
+                        if (r >= 0)
+                                r = sd_bus_message_close_container(reply);
+                        if (r >= 0)
+                                r = sd_bus_send(NULL, reply, NULL);
+                        if (r < 0)
+                                (void) sd_bus_reply_method_errorf(op->call, SD_BUS_ERROR_FAILED,
+                                        "Failed to send the allocation map: %s", strerror(-r));
+                } else
+                        (void) sd_bus_reply_method_errorf(op->call,
+                                op->outcome == STREAM_CANCELLED ? BS_ERROR_NOT_RUNNING : BS_ERROR_HELPER_FAILED, "%s %s: %s",
+                                op->map ? "Cannot read the allocation map of disk" : "Cannot stream a range of disk",
+                                op->alias, op->error ?: "the pull helper failed");
+                op->call = sd_bus_message_unref(op->call);
+        }
+        op_unlink(op);
+        op_free(op);
+        export_server_release_if_unused(g);
+        guest_release_helper_if_idle(g);
+        (void) m;
+}
+
+static void node_deleted(Qmp *q, int error, const char *desc, void *userdata) {
+        RangeOp *op = userdata;
+
+        if (!op_alive(q ? op->manager : op->manager, op))
+                return;
+        if (error < 0)
+                log_warning("Guest %s: cannot remove filter node %s: %s", op->guest->name, op->node,
+                        desc ?: strerror(-error));
+        op_finish(op);
+}
+
+/* The export is gone from QEMU (BLOCK_EXPORT_DELETED, or it never was): the filter can go. */
+static void op_export_gone(RangeOp *op) {
+        Guest *g = op->guest;
+
+        op->cleanup_timer = sd_event_source_disable_unref(op->cleanup_timer);
+        if (op->export_added) {
+                op->export_added = false;
+                g->nbd_users--;
+        }
+        if (op->node_added && guest_qmp_ready(g)) {
+                op->node_added = false;
+                if (qemu_blockdev_del(g->qmp, op->node, node_deleted, op, NULL) >= 0)
+                        return;
+        }
+        op_finish(op);
+}
+
+static int cleanup_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        RangeOp *op = userdata;
+
+        log_warning("Guest %s: export %s did not go away in time; removing the filter anyway.", op->guest->name,
+                op->export_id);
+        op_export_gone(op);
+        return 0;
+}
+
+static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        RangeOp *op = userdata;
+
+        if (!op_alive(op->manager, op))
+                return;
+        /* Refused (already gone): no event will come. */
+        if (error < 0 && op->export_added)
+                op_export_gone(op);
+}
+
+static void op_end(RangeOp *op, StreamState outcome, const char *error) {
+        Guest *g = op->guest;
+
+        if (op->ending)
+                return;
+        op->ending = true;
+        op->outcome = outcome;
+        if (error && !op->error)
+                op->error = strdup(error);
+        if (op->pid > 0)
+                (void) op_send(op, "stop\n");
+        op->control_source = sd_event_source_disable_unref(op->control_source);
+        closep(&op->control_fd);
+        op->control_fd = -1;
+
+        if (op->export_added && guest_qmp_ready(g)) {
+                if (qemu_block_export_del(g->qmp, op->export_id, export_del_reply, op, NULL) >= 0) {
+                        (void) sd_event_add_time_relative(op->manager->event, &op->cleanup_timer, CLOCK_MONOTONIC,
+                                EXPORT_GONE_TIMEOUT_USEC, 0, cleanup_timeout, op);
+                        return;
+                }
+        }
+        op_export_gone(op);
+}
+
+void range_on_export_deleted(Guest *g, const char *id) {
+        for (RangeOp *op = g->manager->range_ops; op; op = op->next)
+                if (op->guest == g && op->ending && op->export_added && streq(op->export_id, id)) {
+                        op_export_gone(op);
+                        return;
+                }
+}
+
+/* The helper */
+
+static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        RangeOp *op = userdata;
+
+        op->pid = 0;
+        op->child = sd_event_source_disable_unref(op->child);
+        if (op->ending)
+                return 0;
+        if (op->got_done)
+                op_end(op, STREAM_COMPLETED, NULL);
+        else if (op->stop_requested && si->si_code == CLD_EXITED && si->si_status == 0)
+                op_end(op, STREAM_CANCELLED, NULL);
+        else {
+                _cleanup_free_ char *why = si->si_code == CLD_EXITED
+                                                   ? strdup_printf("the pull helper exited with status %i", si->si_status)
+                                                   : strdup_printf("the pull helper was killed by signal %s",
+                                                             sigabbrev_np(si->si_status) ?: "?");
+                op_end(op, STREAM_FAILED, op->error ?: why);
+        }
+        return 0;
+}
+
+static int parse_u64(const char *s, char **end, uint64_t *ret) {
+        unsigned long long v;
+
+        if (!isdigit((unsigned char) *s))
+                return -EINVAL;
+        errno = 0;
+        v = strtoull(s, end, 10);
+        if (errno != 0)
+                return -ERANGE;
+        *ret = v;
+        return 0;
+}
+
+static int handle_extent(RangeOp *op, char *args) {
+        uint64_t off, len, depth;
+        char *p = args, *end;
+        Extent *e, *l;
+        size_t k;
+
+        if (parse_u64(p, &end, &off) < 0 || *end != ' ' || parse_u64(end + 1, &end, &len) < 0 || *end != ' ' ||
+                parse_u64(end + 1, &end, &depth) < 0 || *end != ' ')
+                return -EBADMSG;
+        p = end + 1;
+        for (k = 0; k < ELEMENTSOF(kind_table); k++)
+                if (streq(p, kind_table[k]))
+                        break;
+        /* In order, contiguous, inside the range, sane: the helper is untrusted too. */
+        if (k >= ELEMENTSOF(kind_table) || len == 0 || depth > 4096 || op->n_extents >= RANGE_EXTENTS_MAX)
+                return -EBADMSG;
+        if (off != (op->n_extents > 0 ? op->extents[op->n_extents - 1].offset + op->extents[op->n_extents - 1].length
+                                      : op->offset) ||
+                len > op->offset + op->length - off)
+                return -EBADMSG;
+        if ((k == 0 || k == 1) != (depth == 1) || (k == 2) != (depth >= 2) || (k == 3) != (depth == 0))
+                return -EBADMSG;
+        e = op->n_extents > 0 ? &op->extents[op->n_extents - 1] : NULL;
+        if (e && e->depth == depth && e->kind == k) {
+                e->length += len; /* merged, should the helper not have */
+                return 0;
+        }
+        if ((op->n_extents & 255) == 0) {
+                l = reallocarray(op->extents, op->n_extents + 256, sizeof(Extent));
+                if (!l)
+                        return -ENOMEM;
+                op->extents = l;
+        }
+        op->extents[op->n_extents++] = (Extent) { .offset = off, .length = len, .depth = (uint32_t) depth, .kind = (uint8_t) k };
+        return 0;
+}
+
+static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        RangeOp *op = userdata;
+        Guest *g = op->guest;
+        char buf[CONTROL_MESSAGE_MAX + 1];
+        ssize_t k;
+        Disk *d;
+
+        k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (k < 0 && (errno == EAGAIN || errno == EINTR))
+                return 0;
+        if (k <= 0) {
+                /* Its exit status tells the rest. */
+                op->control_source = sd_event_source_disable_unref(op->control_source);
+                return 0;
+        }
+        if ((size_t) k > CONTROL_MESSAGE_MAX || buf[k - 1] != '\n' || memchr(buf, 0, (size_t) k)) {
+                op_end(op, STREAM_FAILED, "the pull helper sent a malformed message");
+                return 0;
+        }
+        buf[k - 1] = 0;
+        d = guest_find_disk(g, op->alias);
+        if (!d) {
+                op_end(op, STREAM_FAILED, "the disk went away");
+                return 0;
+        }
+
+        if (streq(buf, "ready")) {
+                if (op->ready)
+                        return 0;
+                op->ready = true;
+                if (op->map)
+                        return 0;
+                if (job_begin(&d->job, "", STREAM_MODE_RANGE, op->offset, op->length, op->length, op->bandwidth,
+                            now_usec(CLOCK_REALTIME)) < 0) {
+                        op_end(op, STREAM_FAILED, "out of memory");
+                        return 0;
+                }
+                d->job.id = mfree(d->job.id); /* no QEMU job behind a range stream */
+                d->starting = false;
+                d->bandwidth = op->bandwidth;
+                log_info("Guest %s disk %s: range stream of [%" PRIu64 ", +%" PRIu64 ") started.", g->name, d->alias,
+                        op->offset, op->length);
+                disk_apply_job_changes(d, JOB_CHANGED_STATE);
+                (void) sd_bus_reply_method_return(op->call, NULL);
+                op->call = sd_bus_message_unref(op->call);
+        } else if (strncmp(buf, "progress ", 9) == 0 && !op->map && op->ready) {
+                uint64_t done, total;
+                char *end;
+                if (parse_u64(buf + 9, &end, &done) < 0 || *end != ' ' || parse_u64(end + 1, &end, &total) < 0 || *end ||
+                        total != op->length || done > total) {
+                        op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
+                        return 0;
+                }
+                disk_apply_job_changes(d, job_apply_progress(&d->job, done, total, now_usec(CLOCK_MONOTONIC)));
+        } else if (strncmp(buf, "extent ", 7) == 0 && op->map) {
+                if (handle_extent(op, buf + 7) < 0)
+                        op_end(op, STREAM_FAILED, "the pull helper sent a malformed extent");
+        } else if (streq(buf, "done")) {
+                op->got_done = true;
+        } else if (strncmp(buf, "error ", 6) == 0) {
+                free(op->error);
+                op->error = strdup(buf + 6);
+        } else
+                op_end(op, STREAM_FAILED, "the pull helper sent an unknown message");
+        return 0;
+}
+
+static int spawn_helper(RangeOp *op) {
+        Manager *m = op->manager;
+        Guest *g = op->guest;
+        _cleanup_free_ char *binary = strdup_printf("%s/%s", manager_helper_dir(m), PULL_BINARY), *prefix = NULL,
+                            *a_export = NULL, *a_offset = NULL, *a_length = NULL, *a_bw = NULL;
+        _cleanup_close_ int exec_fd = -1, nbd = -1, ours = -1, theirs = -1, log_r = -1, log_w = -1;
+        int pair[2], pipefd[2], fds[2], r;
+
+        a_export = strdup_printf("--export=%s", op->export_id);
+        a_offset = strdup_printf("--offset=%" PRIu64, op->offset);
+        a_length = strdup_printf("--length=%" PRIu64, op->length);
+        a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth);
+        if (!binary || !a_export || !a_offset || !a_length || !a_bw)
+                return -ENOMEM;
+        char *argv[] = { (char *) PULL_BINARY, (char *) (op->map ? "--map" : "--pull"), a_export, a_offset, a_length, a_bw, NULL };
+
+        exec_fd = open(binary, O_PATH | O_CLOEXEC);
+        if (exec_fd < 0)
+                return log_error_errno(errno, "Cannot open %s: %m", binary);
+        nbd = export_server_connect(g);
+        if (nbd < 0)
+                return nbd;
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+                return -errno;
+        ours = pair[0];
+        theirs = pair[1];
+        if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return -errno;
+        log_r = pipefd[0];
+        log_w = pipefd[1];
+        r = guest_ensure_runtime_dir(g);
+        if (r < 0)
+                return r;
+        fds[0] = nbd;
+        fds[1] = theirs;
+        r = sandbox_spawn(
+                &(SandboxSpec) {
+                        .name = g->name,
+                        .uid = g->helper_uid,
+                        .gid = g->helper_uid,
+                        .runtime_dir = g->runtime_dir,
+                        .selinux_label = g->selinux_process_label,
+                        .fds = fds,
+                        .n_fds = 2,
+                        .stderr_fd = log_w,
+                        .argv = argv,
+                        .exec_fd = exec_fd,
+                        .max_processes = 16,
+                },
+                &op->pid);
+        if (r < 0)
+                return r;
+        r = sd_event_add_child(m->event, &op->child, op->pid, WEXITED, helper_exited, op);
+        if (r < 0)
+                return r;
+        prefix = strdup_printf("Guest %s %s helper", g->name, op->map ? "map" : "pull");
+        if (prefix && helper_log_new(&op->log, m->event, TAKE_FD(log_r), prefix) < 0)
+                log_warning("Cannot read the pull helper's log.");
+        r = sd_event_add_io(m->event, &op->control_source, ours, EPOLLIN, control_handler, op);
+        if (r < 0)
+                return r;
+        op->control_fd = TAKE_FD(ours);
+        return 0;
+}
+
+static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        RangeOp *op = userdata;
+        int r;
+
+        if (!op_alive(op->manager, op) || op->ending)
+                return;
+        if (error < 0 && !op->setup_error)
+                op->setup_error = strdup_printf("QEMU refused: %s", desc ?: strerror(-error));
+        if (--op->pending > 0)
+                return;
+        if (op->setup_error) {
+                op_end(op, STREAM_FAILED, op->setup_error);
+                return;
+        }
+        r = spawn_helper(op);
+        if (r < 0) {
+                _cleanup_free_ char *why = strdup_printf("cannot start the pull helper: %s", strerror(-r));
+                op_end(op, STREAM_FAILED, why ?: "cannot start the pull helper");
+        }
+}
+
+/* QEMU answered the node; the export is sent right after it, in order. */
+static void node_added_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        RangeOp *op = userdata;
+
+        if (op_alive(op->manager, op) && error < 0)
+                op->node_added = false;
+        setup_reply(q, error, desc, userdata);
+}
+
+static void export_added_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        RangeOp *op = userdata;
+
+        if (op_alive(op->manager, op) && error < 0 && op->export_added) {
+                op->export_added = false;
+                op->guest->nbd_users--;
+        }
+        setup_reply(q, error, desc, userdata);
+}
+
+static void backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
+        RangeOp *op = userdata;
+        Disk *d;
+        int r;
+
+        if (!op_alive(g->manager, op))
+                return;
+        d = guest_find_disk(g, op->alias);
+        if (error < 0 || !d) {
+                op_end(op, STREAM_FAILED, !d ? "the disk went away" : error_text ?: "the guest's QMP peer is not available");
+                return;
+        }
+        r = export_server_ensure(g);
+        if (r < 0) {
+                op_end(op, STREAM_FAILED, "cannot start QEMU's NBD server");
+                return;
+        }
+        if (!op->map) {
+                /* Recorded before QEMU has them, so that a restart can always clean up. */
+                free(d->range_node);
+                free(d->range_export);
+                d->range_node = strdup(op->node);
+                d->range_export = strdup(op->export_id);
+                (void) guest_save(g);
+                r = qemu_blockdev_add_cor(g->qmp, op->node, d->node_name, op->bottom, node_added_reply, op, NULL);
+                if (r < 0) {
+                        op_end(op, STREAM_FAILED, "cannot send blockdev-add");
+                        return;
+                }
+                op->node_added = true;
+                op->pending++;
+        }
+        r = qemu_block_export_add_nbd(g->qmp, op->export_id, op->map ? d->node_name : op->node, op->export_id,
+                export_added_reply, op, NULL);
+        if (r < 0) {
+                op_end(op, STREAM_FAILED, "cannot send block-export-add");
+                return;
+        }
+        op->export_added = true;
+        g->nbd_users++;
+        op->pending++;
+}
+
+static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint64_t length, RangeOp **ret) {
+        Manager *m = d->guest->manager;
+        RangeOp *op = calloc(1, sizeof(RangeOp));
+
+        if (!op)
+                return -ENOMEM;
+        op->manager = m;
+        op->guest = d->guest;
+        op->map = map;
+        op->id = ++m->range_seq;
+        op->offset = offset;
+        op->length = length;
+        op->control_fd = -1;
+        op->alias = strdup(d->alias);
+        op->export_id = strdup_printf("%s-%u", map ? "bsm" : "bsr", op->id);
+        op->node = map ? NULL : strdup_printf("bscor-%u", op->id);
+        if (!op->alias || !op->export_id || (!map && !op->node)) {
+                op_free(op);
+                return -ENOMEM;
+        }
+        op->call = sd_bus_message_ref(msg);
+        op->next = m->range_ops;
+        m->range_ops = op;
+        *ret = op;
+        return 0;
+}
+
+int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t bandwidth,
+        const char *bottom, sd_bus_error *error) {
+        RangeOp *op;
+        int r;
+
+        r = op_new(d, msg, false, offset, length, &op);
+        if (r < 0)
+                return r;
+        op->bandwidth = bandwidth;
+        if (bottom && !(op->bottom = strdup(bottom))) {
+                op->call = sd_bus_message_unref(op->call);
+                op_unlink(op);
+                op_free(op);
+                return -ENOMEM;
+        }
+        d->starting = true;
+        r = guest_when_ready(d->guest, backend_ready, op, NULL);
+        if (r < 0) {
+                d->starting = false;
+                op->call = sd_bus_message_unref(op->call);
+                op_unlink(op);
+                op_free(op);
+                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
+        }
+        return 1;
+}
+
+int range_map(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
+        RangeOp *op;
+        int r;
+
+        if (!guest_qmp_ready(d->guest) && !d->guest->offline)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "Guest '%s' is not running (no QMP connection); its allocation map cannot be read now.",
+                        d->guest->name);
+        r = op_new(d, msg, true, offset, length, &op);
+        if (r < 0)
+                return r;
+        r = guest_when_ready(d->guest, backend_ready, op, NULL);
+        if (r < 0) {
+                op->call = sd_bus_message_unref(op->call);
+                op_unlink(op);
+                op_free(op);
+                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
+        }
+        return 1;
+}
+
+int range_pause(Disk *d, bool pause) {
+        RangeOp *op = disk_pull_op(d);
+        int r;
+
+        if (!op || !op->ready)
+                return -ENOTCONN;
+        r = op_send(op, pause ? "pause\n" : "resume\n");
+        if (r < 0)
+                return r;
+        disk_apply_job_changes(d, job_set_paused(&d->job, pause));
+        return 0;
+}
+
+int range_cancel(Disk *d) {
+        RangeOp *op = disk_pull_op(d);
+
+        if (!op)
+                return -ENOTCONN;
+        op->stop_requested = true;
+        if (!op->ready) {
+                op_end(op, STREAM_CANCELLED, NULL);
+                return 0;
+        }
+        return op_send(op, "stop\n");
+}
+
+int range_set_bandwidth(Disk *d, uint64_t bandwidth) {
+        RangeOp *op = disk_pull_op(d);
+
+        if (!op || !op->ready)
+                return -ENOTCONN;
+        op->bandwidth = bandwidth;
+        return op_send(op, "bandwidth %" PRIu64 "\n", bandwidth);
+}
+
+void range_guest_lost(Guest *g) {
+        Manager *m = g->manager;
+
+        for (RangeOp *op = m->range_ops, *next; op; op = next) {
+                next = op->next;
+                if (op->guest != g)
+                        continue;
+                /* QEMU took the filter and the export with it. */
+                op->node_added = false;
+                if (op->export_added) {
+                        op->export_added = false;
+                        g->nbd_users--;
+                }
+                op_end(op, STREAM_FAILED, g->offline ? "the storage helper went away" : "QEMU went away");
+        }
+}
+
+void range_guest_removed(Guest *g) {
+        Manager *m = g->manager;
+
+        for (RangeOp *op = m->range_ops, *next; op; op = next) {
+                next = op->next;
+                if (op->guest != g)
+                        continue;
+                op_unlink(op);
+                op_free(op);
+        }
+}
+
+void range_free_all(Manager *m) {
+        while (m->range_ops) {
+                RangeOp *op = m->range_ops;
+                m->range_ops = op->next;
+                op_free(op);
+        }
+}
+
+/* After a restart: the filter and export a range job of ours left behind (recorded before
+ * QEMU got them), and the job itself, which died with its helper. */
+void range_cleanup_leftovers(Guest *g) {
+        bool changed = false;
+
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
+                if (d->range_export && guest_qmp_ready(g))
+                        (void) qemu_block_export_del(g->qmp, d->range_export, NULL, NULL, NULL);
+                if (d->range_node && guest_qmp_ready(g))
+                        (void) qemu_blockdev_del(g->qmp, d->range_node, NULL, NULL, NULL);
+                if (d->range_node || d->range_export) {
+                        d->range_node = mfree(d->range_node);
+                        d->range_export = mfree(d->range_export);
+                        changed = true;
+                }
+                if (d->job.mode == STREAM_MODE_RANGE && job_is_active(&d->job) && !disk_pull_op(d))
+                        disk_fail_job(d, "The daemon restarted during the range stream; what was copied stays copied. "
+                                         "Start it again to copy the rest.");
+        }
+        if (changed)
+                (void) guest_save(g);
+}

@@ -1,0 +1,341 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include "export.h"
+#include "range.h"
+#include "guest.h"
+#include "image.h"
+#include "manager.h"
+#include "qemu.h"
+#include "sandbox.h"
+#include "storage.h"
+#include "stream.h"
+#include "util.h"
+
+#define HELPER_LOG_LINE_MAX 512
+#define SHARED_CONTENT_LABEL "system_u:object_r:blockstream_content_t:s0"
+
+struct StorageHelper {
+        Guest *guest;
+        pid_t pid;
+        sd_event_source *child_source;
+        int log_fd;
+        sd_event_source *log_source;
+        char log_buf[HELPER_LOG_LINE_MAX];
+        size_t log_len;
+        unsigned pending;  /* attach commands not yet answered */
+        unsigned fdset_seq;
+        bool attached;
+        bool lost;         /* its QMP connection is gone */
+        char *error;       /* why attaching failed */
+};
+
+static void helper_free(StorageHelper *h) {
+        if (!h)
+                return;
+        sd_event_source_disable_unref(h->child_source);
+        sd_event_source_disable_unref(h->log_source);
+        closep(&h->log_fd);
+        free(h->error);
+        free(h);
+}
+
+bool storage_helper_attached(Guest *g) {
+        return g->helper && g->helper->attached && !g->helper->lost;
+}
+
+/* Its stderr, a line at a time, into our log: bounded lines, printable only. */
+static int log_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        StorageHelper *h = userdata;
+        char buf[4096];
+        ssize_t n;
+
+        n = read(fd, buf, sizeof(buf));
+        if (n <= 0) {
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                h->log_source = sd_event_source_disable_unref(h->log_source);
+                return 0;
+        }
+        for (ssize_t i = 0; i < n; i++) {
+                char c = buf[i];
+                if (c == '\n' || h->log_len >= sizeof(h->log_buf) - 1) {
+                        h->log_buf[h->log_len] = 0;
+                        if (h->log_len > 0)
+                                log_info("Guest %s storage helper: %s", h->guest->name, h->log_buf);
+                        h->log_len = 0;
+                        if (c == '\n')
+                                continue;
+                }
+                h->log_buf[h->log_len++] = ((unsigned char) c < 0x20 || c == 0x7f) ? ' ' : c;
+        }
+        return 0;
+}
+
+static void fail_waiters_and_jobs(Guest *g, const char *why) {
+        export_guest_lost(g);
+        range_guest_lost(g);
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                if (job_is_active(&d->job) && !d->job.concluded)
+                        disk_fail_job(d, why);
+                else if (d->job.concluded)
+                        disk_apply_job_changes(d, JOB_NOW_CONCLUDED);
+        }
+        guest_run_waiters(g, -ECONNRESET, why);
+}
+
+static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        StorageHelper *h = userdata;
+        Guest *g = h->guest;
+        _cleanup_free_ char *why = NULL;
+
+        if (si->si_code == CLD_EXITED)
+                why = strdup_printf("The storage helper exited with status %i.", si->si_status);
+        else
+                why = strdup_printf("The storage helper was killed by signal %s.", sigabbrev_np(si->si_status) ?: "?");
+        if (si->si_code == CLD_EXITED && si->si_status == 0)
+                log_info("Guest %s: storage helper exited.", g->name);
+        else
+                log_warning("Guest %s: %s", g->name, why ?: "The storage helper died.");
+
+        g->helper = NULL;
+        if (!h->lost) {
+                h->lost = true;
+                g->qmp = qmp_close_unref(g->qmp);
+        }
+        helper_free(h);
+        /* Jobs and waiters learn it, unless they already did through QMP. */
+        fail_waiters_and_jobs(g, why ?: "The storage helper died.");
+        guest_update_polling(g);
+        return 0;
+}
+
+void storage_helper_lost(Guest *g, int error) {
+        StorageHelper *h = g->helper;
+        _cleanup_free_ char *why = NULL;
+
+        g->qmp = qmp_close_unref(g->qmp);
+        if (!h || h->lost)
+                return;
+        h->lost = true;
+        /* Whatever it is doing without a monitor, it does not do it for us any more. */
+        (void) kill(h->pid, SIGKILL);
+        why = strdup_printf("The storage helper went away (%s).", h->error ?: strerror(-error));
+        fail_waiters_and_jobs(g, why ?: "The storage helper went away.");
+        guest_update_polling(g);
+}
+
+int storage_helper_start(Guest *g) {
+        Manager *m = g->manager;
+        _cleanup_close_ int qmp_ours = -1, qmp_theirs = -1, log_r = -1, log_w = -1;
+        char *argv[] = {
+                (char *) config_qemu_binary(&m->config),
+                (char *) "-machine", (char *) "none",
+                (char *) "-nodefaults",
+                (char *) "-no-user-config",
+                (char *) "-display", (char *) "none",
+                (char *) "-sandbox", (char *) "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                (char *) "-chardev", (char *) "socket,id=m0,fd=3",
+                (char *) "-mon", (char *) "chardev=m0,mode=control",
+                NULL,
+        };
+        int pair[2], pipefd[2], fds[1];
+        StorageHelper *h;
+        pid_t pid;
+        int r;
+
+        if (g->helper)
+                return 0;
+        r = guest_ensure_runtime_dir(g);
+        if (r < 0)
+                return r;
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
+                return -errno;
+        qmp_ours = pair[0];
+        qmp_theirs = pair[1];
+        if (pipe2(pipefd, O_CLOEXEC) < 0)
+                return -errno;
+        log_r = pipefd[0];
+        log_w = pipefd[1];
+
+        fds[0] = qmp_theirs;
+        r = sandbox_spawn(
+                &(SandboxSpec) {
+                        .name = g->name,
+                        .uid = g->helper_uid,
+                        .gid = g->helper_uid,
+                        .runtime_dir = g->runtime_dir,
+                        .selinux_label = g->selinux_process_label,
+                        .fds = fds,
+                        .n_fds = 1,
+                        .stderr_fd = log_w,
+                        .argv = argv,
+                        .exec_fd = -1,
+                },
+                &pid);
+        if (r < 0)
+                return r;
+
+        h = calloc(1, sizeof(StorageHelper));
+        if (!h) {
+                (void) kill(pid, SIGKILL);
+                (void) waitpid(pid, NULL, 0);
+                return -ENOMEM;
+        }
+        h->guest = g;
+        h->pid = pid;
+        h->log_fd = TAKE_FD(log_r);
+        if (fcntl(h->log_fd, F_SETFL, O_NONBLOCK) < 0 ||
+                sd_event_add_io(m->event, &h->log_source, h->log_fd, EPOLLIN, log_handler, h) < 0)
+                log_warning("Guest %s: cannot read the storage helper's log.", g->name);
+        r = sd_event_add_child(m->event, &h->child_source, pid, WEXITED, child_handler, h);
+        if (r < 0) {
+                (void) kill(pid, SIGKILL);
+                (void) waitpid(pid, NULL, 0);
+                helper_free(h);
+                return r;
+        }
+        g->helper = h;
+
+        r = qmp_new_from_fd(&g->qmp, m->event, qmp_ours, &(QmpHandlers) { .on_state = guest_on_state, .on_event = guest_on_event, .userdata = g });
+        if (r < 0) {
+                g->qmp = NULL;
+                (void) kill(pid, SIGKILL); /* the child handler cleans up */
+                return r;
+        }
+        TAKE_FD(qmp_ours);
+        qmp_set_timeout(g->qmp, m->config.qmp_timeout_usec);
+        log_info("Guest %s: storage helper started (pid %i, uid " UID_FMT ").", g->name, pid, g->helper_uid);
+        return 0;
+}
+
+/* Attaching the disks */
+
+static void attach_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        Guest *g = userdata;
+        StorageHelper *h = g->helper;
+
+        if (!h || h->lost)
+                return;
+        if (error < 0 && !h->error)
+                h->error = strdup_printf("QEMU refused to attach the images: %s", desc ?: strerror(-error));
+        if (--h->pending > 0)
+                return;
+        if (h->error) {
+                log_error("Guest %s: %s", g->name, h->error);
+                storage_helper_lost(g, -EIO);
+                return;
+        }
+        h->attached = true;
+        log_info("Guest %s: storage helper has the disks.", g->name);
+        guest_run_waiters(g, 0, NULL);
+}
+
+static char *node_name(const Disk *d, size_t k, bool file) {
+        /* QEMU node names are at most 31 characters; aliases of offline disks are short. */
+        if (k == 0)
+                return strdup_printf(file ? "bsf-%s" : "bs-%s", d->alias);
+        return strdup_printf(file ? "bsf-%s-%zu" : "bs-%s-%zu", d->alias, k);
+}
+
+static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
+        Manager *m = g->manager;
+        StorageHelper *h = g->helper;
+        _cleanup_(image_chain_done) ImageChain chain = {};
+        int r;
+
+        r = image_chain_open(m->config.image_dirs, d->path, d->format, true, forbidden, &chain, ret_error);
+        if (r < 0)
+                return r;
+        for (size_t k = chain.n; k-- > 0;) {
+                _cleanup_free_ char *file = node_name(d, k, true), *fmt = node_name(d, k, false),
+                                    *backing = k + 1 < chain.n ? node_name(d, k + 1, false) : NULL;
+                Image *im = &chain.images[k];
+                unsigned fdset = ++h->fdset_seq;
+                int fd;
+
+                if (!file || !fmt || (k + 1 < chain.n && !backing))
+                        return -ENOMEM;
+                r = sandbox_selinux_label_fd(im->fd, k == 0 ? g->selinux_image_label : SHARED_CONTENT_LABEL);
+                if (r < 0) {
+                        *ret_error = strdup_printf("Cannot label %s for the sandbox: %s", im->path, strerror(-r));
+                        return r;
+                }
+                fd = fcntl(im->fd, F_DUPFD_CLOEXEC, 3);
+                if (fd < 0)
+                        return -errno;
+                r = qemu_add_fd(g->qmp, fdset, fd, d->alias, attach_reply, g, NULL);
+                if (r < 0)
+                        return r;
+                h->pending++;
+                r = qemu_blockdev_add_file(g->qmp, file, fdset, k > 0, attach_reply, g, NULL);
+                if (r < 0)
+                        return r;
+                h->pending++;
+                r = qemu_blockdev_add_format(g->qmp, im->format, fmt, file, backing, k > 0, attach_reply, g, NULL);
+                if (r < 0)
+                        return r;
+                h->pending++;
+        }
+        return 0;
+}
+
+void storage_helper_attach(Guest *g) {
+        StorageHelper *h = g->helper;
+        _cleanup_strv_free_ char **forbidden = NULL;
+        int r = 0;
+
+        if (!h)
+                return;
+        forbidden = guest_forbidden_images(g);
+        for (size_t i = 0; i < g->n_disks && r >= 0; i++) {
+                _cleanup_free_ char *error = NULL;
+                r = attach_disk(g, g->disks[i], forbidden, &error);
+                if (r < 0) {
+                        free(h->error);
+                        h->error = strdup_printf("Cannot attach disk %s (%s): %s", g->disks[i]->alias, g->disks[i]->path,
+                                error ?: strerror(-r));
+                }
+        }
+        if (r < 0) {
+                log_error("Guest %s: %s", g->name, h->error ?: "cannot attach disks");
+                storage_helper_lost(g, r);
+                return;
+        }
+        if (h->pending == 0) {
+                h->attached = true;
+                guest_run_waiters(g, 0, NULL);
+        }
+}
+
+static void quit_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        /* Its exit comes through the child handler. */
+}
+
+void storage_helper_stop(Guest *g) {
+        StorageHelper *h = g->helper;
+
+        if (!h || h->lost)
+                return;
+        log_info("Guest %s: nothing left for the storage helper to do, stopping it.", g->name);
+        if (!g->qmp || qemu_quit(g->qmp, quit_reply, NULL, NULL) < 0)
+                (void) kill(h->pid, SIGTERM); /* SIGTERM is a clean QEMU shutdown too */
+}
+
+void storage_helper_kill(Guest *g) {
+        StorageHelper *h = g->helper;
+
+        if (!h)
+                return;
+        g->qmp = qmp_close_unref(g->qmp);
+        (void) kill(h->pid, SIGKILL);
+        /* Reap it now: the guest (and so the child source's userdata) is going away. */
+        (void) waitpid(h->pid, NULL, 0);
+        g->helper = NULL;
+        helper_free(h);
+}
