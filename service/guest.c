@@ -155,18 +155,7 @@ void guest_release_helper_if_idle(Guest *g) {
 }
 
 char **guest_forbidden_images(Guest *g) {
-        _cleanup_strv_free_ char **l = NULL;
-
-        for (Guest *o = g->manager->guests; o; o = o->next) {
-                if (o == g)
-                        continue;
-                for (size_t i = 0; i < o->n_disks; i++)
-                        if (!isempty(o->disks[i]->path) && strv_push(&l, strdup(o->disks[i]->path)) < 0)
-                                return NULL;
-        }
-        if (!l)
-                l = calloc(1, sizeof(char *));
-        return TAKE_PTR(l);
+        return manager_guest_images(g->manager, g);
 }
 
 Disk *guest_find_disk(Guest *g, const char *name) {

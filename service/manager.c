@@ -16,6 +16,7 @@
 #include "sandbox.h"
 #include "manager.h"
 #include "polkit.h"
+#include "provision.h"
 #include "state.h"
 #include "stream.h"
 #include "util.h"
@@ -135,6 +136,8 @@ static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
         struct group gr, *grr = NULL;
         char buf[4096];
 
+        if (uid == m->config.helper_uid_max)
+                return true; /* reserved for provisioning's sandbox */
         for (Guest *g = m->guests; g; g = g->next)
                 if (g != self && g->helper_uid == uid)
                         return true;
@@ -583,15 +586,72 @@ static int method_get_guest(sd_bus_message *msg, void *userdata, sd_bus_error *e
         return sd_bus_reply_method_return(msg, "o", g->object_path);
 }
 
+char **manager_guest_images(Manager *m, Guest *except) {
+        _cleanup_strv_free_ char **l = NULL;
+
+        for (Guest *g = m->guests; g; g = g->next)
+                for (size_t i = 0; g != except && i < g->n_disks; i++)
+                        if (!isempty(g->disks[i]->path) && strv_push(&l, strdup(g->disks[i]->path)) < 0)
+                                return NULL;
+        if (!l)
+                l = calloc(1, sizeof(char *));
+        return TAKE_PTR(l);
+}
+
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        Manager *m = userdata;
+        const char *template, *target, *format = NULL;
+        uint64_t size = 0;
+        uid_t caller;
         int r;
 
-        r = bus_authorize(userdata, msg, ACTION_MANAGE, NULL, error);
+        r = sd_bus_message_read(msg, "ss", &template, &target);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
+                const char *key;
+
+                r = sd_bus_message_read(msg, "s", &key);
+                if (r < 0)
+                        return r;
+                if (streq(key, "template_format")) {
+                        if (sd_bus_message_read(msg, "v", "s", &format) < 0)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option 'template_format' must be of type s.");
+                } else if (streq(key, "size")) {
+                        if (sd_bus_message_read(msg, "v", "t", &size) < 0)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'size' must be of type t.");
+                        if (size == 0 || size > (UINT64_C(1) << 60) || size % 512)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option 'size' must be a positive multiple of 512 bytes, at most 1 EiB.");
+                } else
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Unknown option '%.64s'; ProvisionDisk takes 'template_format' (s) and 'size' (t).", key);
+                r = sd_bus_message_exit_container(msg);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        r = sd_bus_message_exit_container(msg);
+        if (r < 0)
+                return r;
+
+        r = bus_authorize(m, msg, ACTION_MANAGE, NULL, error);
         if (r < 0)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED, "ProvisionDisk is not supported yet.");
+        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
+        if (r >= 0)
+                r = sd_bus_creds_get_euid(creds, &caller);
+        if (r < 0)
+                return r;
+        return provision_disk(m, msg, template, target, format, size, caller, error);
 }
 
 static int property_get_version(sd_bus *bus, const char *path, const char *interface, const char *property,

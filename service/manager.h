@@ -50,5 +50,7 @@ Guest *manager_find_guest(Manager *m, const char *name);
 int manager_allocate_identity(Manager *m, Guest *g);
 bool manager_identity_valid(Manager *m, Guest *g);
 int manager_identity_labels(Manager *m, Guest *g);
+/* Every guest's disk image paths but except's (for "is this another guest's disk?"). */
+char **manager_guest_images(Manager *m, Guest *except);
 void manager_link_guest(Manager *m, Guest *g);
 void manager_unlink_guest(Manager *m, Guest *g);

@@ -695,6 +695,25 @@ int qemu_parse_export_deleted(const char *name, json_object *data, const char **
         return 1;
 }
 
+int qemu_parse_image_size(const char *text, size_t len, uint64_t *ret) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        json_tokener *tok;
+        uint64_t size = 0;
+
+        if (len > 1024 * 1024)
+                return -E2BIG;
+        tok = json_tokener_new_ex(64);
+        if (!tok)
+                return -ENOMEM;
+        json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+        o = json_tokener_parse_ex(tok, text, (int) len);
+        json_tokener_free(tok);
+        if (!o || !json_object_is_type(o, json_type_object) || json_get_u64(o, "virtual-size", true, &size) < 0)
+                return -EBADMSG;
+        *ret = size;
+        return 0;
+}
+
 int qemu_quit(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
         Request *req = request_new(userdata, destroy);
 

@@ -158,6 +158,9 @@ int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handl
 /* BLOCK_EXPORT_DELETED: 1 and the export's id (borrowed), 0 for another event, <0 malformed. */
 int qemu_parse_export_deleted(const char *name, json_object *data, const char **ret_id);
 
+/* `qemu-img info --output=json`'s virtual size (text from an untrusted, sandboxed qemu-img). */
+int qemu_parse_image_size(const char *text, size_t len, uint64_t *ret);
+
 /* Field accessors with type checks, shared with the other typed layers. A missing optional
  * field leaves *ret untouched and returns 0; a present field of the wrong type or range is
  * -EBADMSG; a missing required one -ENODATA. Strings are bounded, NUL-free, borrowed. */

@@ -300,11 +300,17 @@ finish:
 }
 
 static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
-        int devnull, err = -1, tmp[16];
+        int devnull, out = -1, err = -1, tmp[16];
 
+        /* Optional fds count only above 2: a zeroed spec never means "the daemon's fd 0". */
         if (s->n_fds > ELEMENTSOF(tmp))
                 return -E2BIG;
-        if (s->stderr_fd >= 0) {
+        if (s->stdout_fd > 2) {
+                out = fcntl(s->stdout_fd, F_DUPFD_CLOEXEC, 64);
+                if (out < 0)
+                        return -errno;
+        }
+        if (s->stderr_fd > 2) {
                 err = fcntl(s->stderr_fd, F_DUPFD_CLOEXEC, 64);
                 if (err < 0)
                         return -errno;
@@ -315,7 +321,7 @@ static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
                 if (tmp[i] < 0)
                         return -errno;
         }
-        if (s->exec_fd >= 0 && s->exec_fd < 64) {
+        if (s->exec_fd > 2 && s->exec_fd < 64) {
                 /* Out of the way of 0..3+n; CLOEXEC is fine for execveat of an ELF binary. */
                 int e = fcntl(s->exec_fd, F_DUPFD_CLOEXEC, 64);
                 if (e < 0)
@@ -331,7 +337,7 @@ static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
         devnull = open("/dev/null", O_RDWR | O_CLOEXEC | O_NOCTTY);
         if (devnull < 0)
                 return -errno;
-        if (dup2(devnull, STDIN_FILENO) < 0 || dup2(devnull, STDOUT_FILENO) < 0 ||
+        if (dup2(devnull, STDIN_FILENO) < 0 || dup2(out >= 0 ? out : devnull, STDOUT_FILENO) < 0 ||
                 dup2(err >= 0 ? err : devnull, STDERR_FILENO) < 0)
                 return -errno;
         for (size_t i = 0; i < s->n_fds; i++)
@@ -371,7 +377,7 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         if (setsid() < 0)
                 child_fail(errfd, STEP_SIGNALS, errno);
 
-        exec_fd = s->exec_fd;
+        exec_fd = s->exec_fd > 2 ? s->exec_fd : -1;
         r = arrange_fds(s, &errfd, &exec_fd);
         if (r < 0)
                 child_fail(errfd, STEP_FDS, -r);
@@ -430,7 +436,7 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
         pid_t parent = getpid(), pid;
         ssize_t n;
 
-        if (!s->argv || !s->argv[0] || (s->exec_fd < 0 && s->argv[0][0] != '/'))
+        if (!s->argv || !s->argv[0] || (s->exec_fd <= 2 && s->argv[0][0] != '/'))
                 return -EINVAL;
         if (s->uid == 0 || s->gid == 0)
                 return -EPERM;

@@ -36,9 +36,10 @@ typedef struct SandboxSpec {
         const char *selinux_label; /* exec label; ignored unless SELinux is enabled */
         const int *fds;            /* become fds 3, 4, … in the helper */
         size_t n_fds;
-        int stderr_fd;             /* the helper's stderr, e.g. a log pipe; -1: /dev/null */
+        int stdout_fd;             /* > 2: the helper's stdout; otherwise /dev/null */
+        int stderr_fd;             /* > 2: the helper's stderr, e.g. a log pipe; otherwise /dev/null */
         char *const *argv;         /* argv[0]: absolute path (as seen inside, if exec_fd is -1) */
-        int exec_fd;               /* >= 0: run this opened binary (execveat), so it needs no path inside */
+        int exec_fd;               /* > 2: run this opened binary (execveat), so it needs no path inside */
         char *const *env;          /* added to PATH and LANG; may be NULL */
         unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
         unsigned max_processes;    /* RLIMIT_NPROC of its uid (threads count), 0: 512 */
