@@ -4,14 +4,18 @@
  * so anything it does can also be done with busctl or any other client. */
 
 #include <ctype.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <langinfo.h>
 #include <locale.h>
+#include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #include <systemd/sd-bus.h>
@@ -27,6 +31,21 @@
 #define STREAM_IFACE "org.blockstream1.BlockStream"
 #define EXPORT_IFACE "org.blockstream1.Export"
 #define PROPERTIES_IFACE "org.freedesktop.DBus.Properties"
+
+/* The polkit actions of blockstreamd (org.blockstream1.policy), for the hint when one is missing. */
+#define ACTION_MANAGE BUS_NAME ".manage"
+#define ACTION_STREAM BUS_NAME ".stream"
+#define ACTION_INSPECT BUS_NAME ".inspect"
+#define ACTION_EXPORT BUS_NAME ".export"
+
+/* polkit's text agent (Debian: pkexec, polkitd). */
+#ifndef POLKIT_AGENT_PATH
+#define POLKIT_AGENT_PATH "/usr/bin/pkttyagent"
+#endif
+/* How long the agent may take to register with polkitd; the call goes ahead after that anyway. */
+#define POLKIT_AGENT_START_TIMEOUT (10 * USEC_PER_SEC)
+/* How long it may take to restore the terminal and exit once told to, before SIGKILL. */
+#define POLKIT_AGENT_STOP_TIMEOUT (5 * USEC_PER_SEC)
 
 /* RegisterGuest waits for QEMU to list its disks, Start for QEMU to accept the job, Export
  * and ProvisionDisk for a helper to come up: all can take longer than sd-bus' 25 s default. */
@@ -583,9 +602,176 @@ static void json_properties(
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* The polkit agent: on a terminal, polkit may ask for a password during a call. The server
+ * asks polkitd, which asks the agent registered for our process; pkttyagent registers for
+ * its parent, so it is our own child, and lives only while a call that needs it runs. */
+
+static pid_t agent_pid = 0;
+static bool agent_started = false; /* at most once per process */
+static unsigned agent_users = 0;
+
+/* In the child, between fork() and exec(). Never returns. */
+static _Noreturn void agent_exec(int notify_fd, const char *notify_arg, pid_t parent) {
+        struct sigaction sa = {.sa_handler = SIG_DFL};
+        sigset_t none;
+
+        /* Signals as a new program expects them: whoever started us may have ignored SIGTERM. */
+        for (int sig = 1; sig < NSIG; sig++)
+                if (sig != SIGKILL && sig != SIGSTOP)
+                        (void) sigaction(sig, &sa, NULL);
+        sigemptyset(&none);
+        (void) sigprocmask(SIG_SETMASK, &none, NULL);
+        /* It dies with us, whatever kills us. */
+        if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent)
+                _exit(EXIT_FAILURE);
+
+        /* Of our descriptors it gets only the notification pipe (old kernels: all are CLOEXEC). */
+        (void) close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+        if (fcntl(notify_fd, F_SETFD, 0) < 0)
+                _exit(EXIT_FAILURE);
+
+        /* It talks to the terminal only: a pipe on our stdout or stderr must not stay open in it. */
+        if (!isatty(STDOUT_FILENO) || !isatty(STDERR_FILENO)) {
+                int tty = open("/dev/tty", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+
+                if (tty >= 0) {
+                        if (!isatty(STDOUT_FILENO))
+                                (void) dup2(tty, STDOUT_FILENO);
+                        if (!isatty(STDERR_FILENO))
+                                (void) dup2(tty, STDERR_FILENO);
+                }
+        }
+
+        execl(POLKIT_AGENT_PATH, POLKIT_AGENT_PATH, "--notify-fd", notify_arg, "--fallback", (char *) NULL);
+        _exit(EXIT_FAILURE);
+}
+
+/* Starts pkttyagent and waits (bounded) until it is registered. Everything that goes wrong
+ * here only means no password can be asked for: the call goes ahead and polkit decides. */
+static void polkit_agent_open(void) {
+        char notify_arg[16];
+        int pipefd[2], status;
+        pid_t parent = getpid(), pid;
+        usec_t deadline;
+
+        if (agent_started)
+                return;
+        agent_started = true;
+        /* Not without a terminal to ask on or when told not to ask; not for a remote host, whose
+         * polkitd cannot reach an agent here; not for root, whom blockstreamd never asks. */
+        if (!arg_ask_password || is_remote() || !isatty(STDIN_FILENO) || geteuid() == 0)
+                return;
+        if (access(POLKIT_AGENT_PATH, X_OK) < 0) {
+                log_debug_errno(errno, "Not starting a polkit agent, %s: %m", POLKIT_AGENT_PATH);
+                return;
+        }
+        if (pipe2(pipefd, O_CLOEXEC) < 0) {
+                log_debug_errno(errno, "Failed to create the polkit agent's pipe: %m");
+                return;
+        }
+        snprintf(notify_arg, sizeof(notify_arg), "%d", pipefd[1]);
+
+        pid = fork();
+        if (pid < 0) {
+                log_debug_errno(errno, "Failed to start the polkit agent: %m");
+                close(pipefd[0]);
+                close(pipefd[1]);
+                return;
+        }
+        if (pid == 0)
+                agent_exec(pipefd[1], notify_arg, parent);
+        close(pipefd[1]);
+        agent_pid = pid;
+        log_debug("Started %s as process %d.", POLKIT_AGENT_PATH, (int) pid);
+
+        /* pkttyagent closes its end once registered, or exits if it cannot register (no polkitd,
+         * no controlling terminal): either way our end reports a hangup. */
+        deadline = now_usec(CLOCK_MONOTONIC) + POLKIT_AGENT_START_TIMEOUT;
+        for (;;) {
+                struct pollfd p = {.fd = pipefd[0], .events = POLLIN};
+                usec_t now = now_usec(CLOCK_MONOTONIC);
+                int n;
+
+                if (now >= deadline) {
+                        log_debug("The polkit agent did not register in time; going on.");
+                        break;
+                }
+                n = poll(&p, 1, (int) ((deadline - now + USEC_PER_MSEC - 1) / USEC_PER_MSEC));
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        log_debug_errno(errno, "Failed to wait for the polkit agent: %m");
+                if (n != 0)
+                        break;
+        }
+        close(pipefd[0]);
+
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+                agent_pid = 0;
+                log_debug("The polkit agent exited with status %d; going on without it.",
+                        WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        }
+}
+
+static void polkit_agent_close(void) {
+        struct timespec delay = {.tv_nsec = 1000 * 1000};
+        pid_t pid = agent_pid;
+        usec_t deadline;
+
+        if (pid <= 0)
+                return;
+        agent_pid = 0;
+        /* SIGTERM lets it restore the terminal; SIGCONT in case it stopped (SIGTTOU). */
+        (void) kill(pid, SIGTERM);
+        (void) kill(pid, SIGCONT);
+        deadline = now_usec(CLOCK_MONOTONIC) + POLKIT_AGENT_STOP_TIMEOUT;
+        for (;;) {
+                pid_t r = waitpid(pid, NULL, WNOHANG);
+
+                if (r == pid || (r < 0 && errno != EINTR))
+                        break;
+                if (r == 0 && now_usec(CLOCK_MONOTONIC) >= deadline) {
+                        log_debug("The polkit agent did not exit; killing it.");
+                        (void) kill(pid, SIGKILL);
+                        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+                                ;
+                        break;
+                }
+                (void) nanosleep(&delay, NULL);
+                delay.tv_nsec = MIN(delay.tv_nsec * 2, 50L * 1000 * 1000);
+        }
+        log_debug("Stopped the polkit agent (process %d).", (int) pid);
+}
+
+/* Every call that may need authorization holds the agent while it runs; a verb that makes
+ * several such calls holds it across all of them. */
+static void polkit_agent_acquire(void) {
+        if (agent_users++ == 0)
+                polkit_agent_open();
+}
+
+static void polkit_agent_release(void) {
+        if (agent_users > 0 && --agent_users == 0)
+                polkit_agent_close();
+}
+
+static void polkit_agent_releasep(bool *held) {
+        if (*held)
+                polkit_agent_release();
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Bus calls */
 
-static int log_bus_error(const sd_bus_error *error, int r, const char *verb) {
+/* action: the polkit action the server checked, for the hint when it wanted to ask for a password. */
+static int log_bus_error(const sd_bus_error *error, int r, const char *verb, const char *action) {
+        if (sd_bus_error_has_name(error, SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED)) {
+                log_error("Failed to %s: %s", verb, error->message ?: error->name);
+                return log_error_errno(r,
+                        "Authentication is required; run as root, or on a terminal without --no-ask-password, or "
+                        "ask an administrator to grant you %s (see blockstreamctl --help).",
+                        action ?: "the " BUS_NAME " action");
+        }
         if (sd_bus_error_has_names(error, SD_BUS_ERROR_SERVICE_UNKNOWN, SD_BUS_ERROR_NAME_HAS_NO_OWNER))
                 return log_error_errno(
                         r, "Failed to %s: blockstreamd is not running (" BUS_NAME " not on the bus).", verb);
@@ -618,7 +804,8 @@ static int connect_bus(sd_bus **ret) {
                         return log_error_errno(r, "Failed to connect to the system bus at %s: %m", addr);
                 return log_error_errno(r, "Failed to connect to the system bus: %m");
         }
-        /* Lets polkit ask for a password on this terminal once the agent support arrives. */
+        /* Lets polkit ask for a password, on this terminal through the agent that call() starts
+         * (with --host, through an agent on that host if there is one). */
         if (arg_ask_password && isatty(STDIN_FILENO)) {
                 r = sd_bus_set_allow_interactive_authorization(bus, true);
                 if (r < 0) {
@@ -639,19 +826,26 @@ static int new_call(sd_bus *bus, const char *path, const char *iface, const char
         return 0;
 }
 
-static int call(sd_bus *bus, sd_bus_message *m, uint64_t timeout, const char *verb, sd_bus_message **reply) {
+/* action: the polkit action the server checks for this call (ACTION_*), or NULL for the calls
+ * anyone may make (GetGuest, properties, GetManagedObjects): only the former start the agent. */
+static int call(sd_bus *bus, sd_bus_message *m, const char *action, uint64_t timeout, const char *verb,
+        sd_bus_message **reply) {
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         int r;
 
+        if (action)
+                polkit_agent_acquire();
         r = sd_bus_call(bus, m, timeout, &error, reply);
+        if (action)
+                polkit_agent_release();
         if (r < 0)
-                return log_bus_error(&error, r, verb);
+                return log_bus_error(&error, r, verb, action);
         return 0;
 }
 
 /* A call whose arguments are all of fixed types. */
-static int call_simple(sd_bus *bus, const char *path, const char *iface, const char *member, uint64_t timeout,
-        const char *verb, sd_bus_message **reply, const char *types, ...) {
+static int call_simple(sd_bus *bus, const char *path, const char *iface, const char *member, const char *action,
+        uint64_t timeout, const char *verb, sd_bus_message **reply, const char *types, ...) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
         va_list ap;
         int r;
@@ -666,7 +860,7 @@ static int call_simple(sd_bus *bus, const char *path, const char *iface, const c
                 if (r < 0)
                         return log_error_errno(r, "Failed to append %s arguments: %m", member);
         }
-        return call(bus, m, timeout, verb, reply);
+        return call(bus, m, action, timeout, verb, reply);
 }
 
 static int log_parse_error(int r) {
@@ -683,7 +877,7 @@ static int get_all_properties(sd_bus *bus, const char *path, const char *iface, 
         verb = strdup_printf("get properties of %s", path);
         if (!verb)
                 return log_oom();
-        r = call_simple(bus, path, PROPERTIES_IFACE, "GetAll", 0, verb, &reply, "s", iface);
+        r = call_simple(bus, path, PROPERTIES_IFACE, "GetAll", NULL, 0, verb, &reply, "s", iface);
         if (r < 0)
                 return r;
         r = map_properties(reply, props, n, data, present);
@@ -714,7 +908,7 @@ static int get_guest(sd_bus *bus, const char *name, GuestInfo **ret) {
         verb = strdup_printf("look up guest '%s'", name);
         if (!verb)
                 return log_oom();
-        r = call_simple(bus, MANAGER_PATH, MANAGER_IFACE, "GetGuest", 0, verb, &reply, "s", name);
+        r = call_simple(bus, MANAGER_PATH, MANAGER_IFACE, "GetGuest", NULL, 0, verb, &reply, "s", name);
         if (r < 0)
                 return r;
         r = sd_bus_message_read(reply, "o", &path);
@@ -902,8 +1096,8 @@ static int load_registry(sd_bus *bus, Registry *reg) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         int r;
 
-        r = call_simple(bus, MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", 0, "list guests",
-                &reply, NULL);
+        r = call_simple(bus, MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", NULL, 0,
+                "list guests", &reply, NULL);
         if (r < 0)
                 return r;
         r = sd_bus_message_enter_container(reply, 'a', "{oa{sa{sv}}}");
@@ -1304,7 +1498,7 @@ static int verb_register(char **args) {
         verb = strdup_printf("register guest '%s'", name);
         if (!verb)
                 return log_oom();
-        r = call(bus, m, SLOW_CALL_TIMEOUT, verb, &reply);
+        r = call(bus, m, ACTION_MANAGE, SLOW_CALL_TIMEOUT, verb, &reply);
         if (r < 0)
                 return r;
         r = sd_bus_message_read(reply, "o", &path);
@@ -1337,7 +1531,8 @@ static int verb_unregister(char **args) {
         verb = strdup_printf("unregister guest '%s'", args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(bus, MANAGER_PATH, MANAGER_IFACE, "UnregisterGuest", 0, verb, NULL, "s", args[0]);
+        return call_simple(
+                bus, MANAGER_PATH, MANAGER_IFACE, "UnregisterGuest", ACTION_MANAGE, 0, verb, NULL, "s", args[0]);
 }
 
 static int verb_provision(char **args) {
@@ -1380,7 +1575,7 @@ static int verb_provision(char **args) {
         if (r < 0)
                 return log_error_errno(r, "Failed to append ProvisionDisk arguments: %m");
 
-        r = call(bus, m, SLOW_CALL_TIMEOUT, "provision disk", &reply);
+        r = call(bus, m, ACTION_MANAGE, SLOW_CALL_TIMEOUT, "provision disk", &reply);
         if (r < 0)
                 return r;
         r = sd_bus_message_read(reply, "t", &size);
@@ -1793,7 +1988,7 @@ static int verb_pull(char **args) {
         verb = strdup_printf("start streaming %s of guest '%s'", strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        r = call(bus, m, SLOW_CALL_TIMEOUT, verb, &reply);
+        r = call(bus, m, ACTION_STREAM, SLOW_CALL_TIMEOUT, verb, &reply);
         if (r < 0)
                 return r;
 
@@ -1871,7 +2066,7 @@ static int simple_disk_call(char **args, const char *member, const char *what) {
         verb = strdup_printf("%s %s of guest '%s'", what, strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(bus, d->object, STREAM_IFACE, member, 0, verb, NULL, NULL);
+        return call_simple(bus, d->object, STREAM_IFACE, member, ACTION_STREAM, 0, verb, NULL, NULL);
 }
 
 static int verb_pause(char **args) {
@@ -1912,7 +2107,7 @@ static int verb_cancel(char **args) {
         if (!verb)
                 return log_oom();
         /* min_cookie stays 0: the Finished of the job we cancel may come before Cancel's reply. */
-        r = call_simple(bus, d->object, STREAM_IFACE, "Cancel", 0, verb, NULL, NULL);
+        r = call_simple(bus, d->object, STREAM_IFACE, "Cancel", ACTION_STREAM, 0, verb, NULL, NULL);
         if (r < 0)
                 return r;
         return wait_loop(&ws, true);
@@ -1943,7 +2138,7 @@ static int verb_set_bandwidth(char **args) {
         verb = strdup_printf("set the bandwidth of %s of guest '%s'", strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(bus, d->object, STREAM_IFACE, "SetBandwidth", 0, verb, NULL, "t", bw);
+        return call_simple(bus, d->object, STREAM_IFACE, "SetBandwidth", ACTION_STREAM, 0, verb, NULL, "t", bw);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -2079,6 +2274,7 @@ static int verb_map(char **args) {
         _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
         _cleanup_(extent_list_done) ExtentList list = {};
+        _cleanup_(polkit_agent_releasep) bool agent_held = false;
         _cleanup_free_ char *verb = NULL;
         uint64_t cur = arg_offset, end = 0;
         const Extent *extents;
@@ -2100,12 +2296,16 @@ static int verb_map(char **args) {
         if (!verb)
                 return log_oom();
 
+        /* Each page is authorized on its own: one agent for all of them. */
+        polkit_agent_acquire();
+        agent_held = true;
         for (;;) {
                 _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
                 uint64_t length = arg_length > 0 ? end - cur : 0, last_end;
                 size_t n_read;
 
-                r = call_simple(bus, d->object, STREAM_IFACE, "GetAllocationMap", 0, verb, &reply, "tt", cur, length);
+                r = call_simple(bus, d->object, STREAM_IFACE, "GetAllocationMap", ACTION_INSPECT, 0, verb, &reply, "tt",
+                        cur, length);
                 if (r < 0)
                         return r;
                 r = read_extents(reply, &list, &n_read);
@@ -2122,6 +2322,8 @@ static int verb_map(char **args) {
                         break;
                 cur = last_end;
         }
+        polkit_agent_release();
+        agent_held = false;
 
         if (arg_json) {
                 JsonWriter w = {.f = stdout};
@@ -2200,7 +2402,7 @@ static int verb_export(char **args) {
         verb = strdup_printf("export %s of guest '%s'", strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        r = call(bus, m, SLOW_CALL_TIMEOUT, verb, &reply);
+        r = call(bus, m, ACTION_EXPORT, SLOW_CALL_TIMEOUT, verb, &reply);
         if (r < 0)
                 return r;
         r = sd_bus_message_read(reply, "os", &path, &uri);
@@ -2251,7 +2453,7 @@ static int verb_export_stop(char **args) {
         r = connect_bus(&bus);
         if (r < 0)
                 return r;
-        return call_simple(bus, path, EXPORT_IFACE, "Stop", 0, verb, NULL, NULL);
+        return call_simple(bus, path, EXPORT_IFACE, "Stop", ACTION_EXPORT, 0, verb, NULL, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -2336,10 +2538,28 @@ static int help(void) {
                "     --version              Show the version\n"
                "     --json                 Print one JSON document on stdout (see below)\n"
                "  -H --host=[USER@]HOST     Operate on a remote host, over ssh\n"
-               "     --no-ask-password      Never ask for a password to authorize an action\n"
+               "     --no-ask-password      Never ask for a password to authorize an action: no\n"
+               "                            polkit agent; an action that needs one fails\n"
                "  -q --quiet                Print only results and errors\n"
                "\n"
                "Options go anywhere on the line; '--' ends them.\n"
+               "\n"
+               "Authorization:\n"
+               "  root may do everything. For anyone else blockstreamd asks polkit, per action:\n"
+               "    org.blockstream1.manage   register, unregister, provision\n"
+               "    org.blockstream1.stream   pull, pause, resume, cancel, set-bandwidth\n"
+               "    org.blockstream1.inspect  map\n"
+               "    org.blockstream1.export   export, export-stop\n"
+               "  list, status and wait only read, which everyone may.\n"
+               "  On a terminal (standard input), a command that needs an action lets polkit\n"
+               "  ask for a password: its call allows interactive authorization, and polkit's\n"
+               "  text agent " POLKIT_AGENT_PATH " runs while the call lasts (not with --host:\n"
+               "  an agent here cannot answer for another host; not as root; not if it is not\n"
+               "  installed). --no-ask-password, or no terminal, turns both off: an action\n"
+               "  that needs a password then fails with \"Authentication is required\". An\n"
+               "  administrator can grant actions with polkit rules (the shipped\n"
+               "  50-blockstream.rules lets group \"blockstream\" and a guest's owner stream\n"
+               "  and inspect).\n"
                "\n"
                "GUEST is a guest's name: 1 to 64 characters of A-Z a-z 0-9 _ . -\n"
                "DISK is a disk's device alias (vda: QEMU's qdev id) or its top image's path.\n"
@@ -2590,6 +2810,7 @@ int main(int argc, char *argv[]) {
         else if (r < 0)
                 r = EXIT_USAGE;
         arg_disks = strv_free(arg_disks);
+        polkit_agent_close(); /* in case a verb returned while holding it */
 
         if (fflush(stdout) != 0 || ferror(stdout)) {
                 log_error_errno(errno ?: EIO, "Failed to write to standard output: %m");

@@ -3,10 +3,15 @@
 """blockstreamctl against the real daemon: every verb, --json output, exit codes (0 ok,
 1 failure, 2 usage), sizes with suffixes; effects checked through D-Bus and on the images."""
 
+import errno
+import fcntl
 import json
 import os
+import re
+import select
 import subprocess
 import sys
+import termios
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -275,6 +280,157 @@ class CliTest(h.TestCase):
         r = self.ctl('list')
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertTrue(r.stderr.strip())
+
+
+HINT = 'Authentication is required; run as root, or on a terminal without --no-ask-password'
+AGENT = '/usr/bin/pkttyagent'
+AGENT_STARTED = re.compile(r'Started %s as process (\d+)\.' % re.escape(AGENT))
+
+
+class CliAuthorizationTest(h.TestCase):
+    """blockstreamctl as a user whom polkit would ask for a password (bstest-stranger; polkitd on
+    the bus with our policy): the hint when it cannot ask, and polkit's text agent only on a
+    terminal, only for a call that needs authorization, and gone when the call returns. The
+    agent's own debug messages tell whether it ran (BLOCKSTREAM_LOG_LEVEL=debug)."""
+
+    needs_cli = True
+    needs_polkit = True
+
+    def env_vars(self):
+        return {'DBUS_SYSTEM_BUS_ADDRESS': self.env.bus.address, 'BLOCKSTREAM_LOG_LEVEL': 'debug'}
+
+    def ctl(self, *args):
+        """Not on a terminal: standard input is /dev/null."""
+        r = h.run_as(h.STRANGER, [h.BLOCKSTREAMCTL] + list(args), env=self.env_vars())
+        return r.returncode, r.stderr
+
+    def ctl_on_terminal(self, *args, user=h.STRANGER, timeout=60):
+        """Run as `user` on a new pseudo-terminal: its standard input, output and error and its
+        controlling terminal, as script(1) gives. If the agent asks for a password (polkitd uses a
+        fallback agent only for a caller in a logind session, so only where the tests run inside
+        one), answer a wrong one once the terminal stopped echoing. Returns (exit status, all
+        the terminal showed)."""
+        uid, gid = h.ensure_user(user)
+        env = {'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/', 'LANG': 'C.UTF-8', 'TERM': 'dumb'}
+        env.update(self.env_vars())
+        master, slave = os.openpty()
+        try:
+            p = subprocess.Popen(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--init-groups',
+                                  h.BLOCKSTREAMCTL] + list(args),
+                                 stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+                                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        finally:
+            os.close(slave)
+        out = b''
+        answered = False
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.fail('blockstreamctl %s on a terminal did not end within %ds; it showed: %r'
+                              % (' '.join(args), timeout, out))
+                ready, _, _ = select.select([master], [], [], min(left, 0.1))
+                if ready:
+                    try:
+                        data = os.read(master, 4096)
+                    except OSError as e:
+                        if e.errno != errno.EIO:    # EIO: nobody has the terminal open any more
+                            raise
+                        data = b''
+                    if not data:
+                        break
+                    out += data
+                if (not answered and b'Password:' in out and
+                        not termios.tcgetattr(master)[3] & termios.ECHO):
+                    os.write(master, b'not-the-password\n')
+                    answered = True
+            p.wait(timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            os.close(master)
+        return p.returncode, out.decode(errors='replace').replace('\r\n', '\n')
+
+    def assertHint(self, code, text, action):
+        self.assertEqual(code, 1, text)
+        self.assertIn(HINT, text)
+        self.assertIn('ask an administrator to grant you %s (see blockstreamctl --help).' % action, text)
+        self.assertRegex(text, r'Failed to [^\n]*: [^\n]*%s' % re.escape(action))
+
+    def assertNoAgent(self, text):
+        self.assertNotIn(AGENT, text, 'a polkit agent was started')
+        self.assertNotIn('polkit agent', text, 'a polkit agent was started')
+
+    def assertAgentCameAndWent(self, text):
+        m = AGENT_STARTED.search(text)
+        self.assertTrue(m, 'no polkit agent was started: %r' % text)
+        pid = int(m.group(1))
+        self.assertIn('Stopped the polkit agent (process %d).' % pid, text)
+        self.assertFalse(os.path.exists('/proc/%d' % pid) and
+                         os.path.basename(os.readlink('/proc/%d/exe' % pid)) == os.path.basename(AGENT),
+                         'the polkit agent %d outlived blockstreamctl' % pid)
+
+    def assertAgentInstalled(self):
+        self.assertTrue(os.access(AGENT, os.X_OK), '%s not found (apt-get install pkexec)' % AGENT)
+
+    def test_no_ask_password_hint(self):
+        g = self.new_guest(size=SIZE)
+        for args, action in ((('provision', '/nonexistent/base.qcow2', '/nonexistent/top.qcow2'),
+                              'org.blockstream1.manage'),
+                             (('unregister', g.name), 'org.blockstream1.manage'),
+                             (('pull', g.name, 'vda'), 'org.blockstream1.stream'),
+                             (('set-bandwidth', g.name, 'vda', '1M'), 'org.blockstream1.stream'),
+                             (('map', g.name, 'vda'), 'org.blockstream1.inspect'),
+                             (('export', g.name, 'vda'), 'org.blockstream1.export')):
+            with self.subTest(args[0]):
+                code, err = self.ctl('--no-ask-password', *args)
+                self.assertHint(code, err, action)
+                self.assertNoAgent(err)
+                # Not on a terminal, the same without the option.
+                code, err = self.ctl(*args)
+                self.assertHint(code, err, action)
+                self.assertNoAgent(err)
+        self.assertEqual(g.disk().prop('State'), 'idle')
+        self.assertEqual(g.disk().prop('Bandwidth'), 0)
+        self.assertEqual(g.qemu.qmp.jobs(), [])
+        self.assertIs(g.prop('Running'), True)
+
+    def test_agent_on_terminal_only(self):
+        self.assertAgentInstalled()
+        g = self.new_guest(size=SIZE)
+        # --no-ask-password: no agent, and polkit is not allowed to ask.
+        code, text = self.ctl_on_terminal('--no-ask-password', 'pull', g.name, 'vda')
+        self.assertHint(code, text, 'org.blockstream1.stream')
+        self.assertNoAgent(text)
+        # Reading needs no authorization: no agent.
+        for args in (('list',), ('status', g.name, 'vda')):
+            code, text = self.ctl_on_terminal(*args)
+            self.assertEqual(code, 0, text)
+            self.assertNoAgent(text)
+        # root is never asked: no agent.
+        code, text = self.ctl_on_terminal('set-bandwidth', g.name, 'vda', '2M', user='root')
+        self.assertEqual(code, 0, text)
+        self.assertNoAgent(text)
+        self.assertEqual(g.disk().prop('Bandwidth'), 2 * MiB)
+        # A call that needs authorization: the agent runs while it does and is gone after. Outside
+        # a logind session polkitd does not use it (see ctl_on_terminal) and the hint follows;
+        # inside one it asks, is answered wrongly, and access is denied.
+        for args in (('pull', g.name, 'vda'), ('set-bandwidth', g.name, 'vda', '1M'), ('map', g.name, 'vda')):
+            with self.subTest(args[0]):
+                code, text = self.ctl_on_terminal(*args)
+                self.assertEqual(code, 1, text)
+                self.assertAgentCameAndWent(text)
+                self.assertEqual(len(AGENT_STARTED.findall(text)), 1, text)
+                self.assertTrue(HINT in text or 'Access denied' in text, text)
+                # A single call: stopped as soon as it returned, before the error was printed (map
+                # keeps it across its pages and stops it after).
+                if args[0] != 'map':
+                    self.assertLess(text.index('Stopped the polkit agent'), text.index('Failed to '), text)
+        self.assertEqual(g.disk().prop('State'), 'idle')
+        self.assertEqual(g.disk().prop('Bandwidth'), 2 * MiB)
+        self.assertEqual(g.qemu.qmp.jobs(), [])
 
 
 if __name__ == '__main__':
