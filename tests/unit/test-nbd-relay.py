@@ -1,0 +1,757 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""blockstream-nbd-relay, driven the way blockstreamd drives it, without the daemon.
+
+The test plays the daemon: it binds the listening socket (fd 3), holds the other end of the
+SOCK_SEQPACKET control socket (fd 4), and answers "connect <n>" by connecting to a real NBD
+server (qemu-nbd on a private unix socket) and passing the fd. Real NBD clients (nbdinfo,
+nbdcopy from libnbd-bin) then read the image through the relay; raw sockets check the byte
+pipe itself (half-close, both directions at once, limits, timeouts).
+
+Usage: test-nbd-relay.py RELAY [SELFTEST-RELAY] [--valgrind]
+  RELAY           the installed binary
+  SELFTEST-RELAY  the same source built with -DRELAY_SELFTEST (hooks for the seccomp and
+                  timeout tests); those tests are skipped without it
+  --valgrind      run every relay under memcheck (the selftest build, which then also allows
+                  valgrind's own syscalls); any memcheck error fails the test
+Prints TAP."""
+
+import hashlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+VALGRIND = "--valgrind" in sys.argv[1:]
+RELAY = args[0]
+SELFTEST = args[1] if len(args) > 1 else None
+VALGRIND_ERROR = 99
+TIMEOUT = 60 if VALGRIND else 10  # for anything that should happen "at once"
+
+tmpdir = tempfile.mkdtemp(prefix="test-nbd-relay-")
+
+
+sock_counter = itertools.count()
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Failure(what)
+
+
+def wait_until(pred, what, timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise Failure("timed out waiting for " + what)
+
+
+class Daemon(threading.Thread):
+    """The daemon's end of the control socket. Records every line; with an upstream path,
+    answers each "connect <n>" with a fresh connection to it."""
+
+    def __init__(self, sock, upstream=None):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.upstream = upstream
+        self.lines = []
+        self.cond = threading.Condition()
+        self.eof = False
+        self.reading = threading.Event()
+        self.reading.set()
+        self.start()
+
+    def run(self):
+        while True:
+            self.reading.wait()
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                with self.cond:
+                    self.eof = True
+                    self.cond.notify_all()
+                return
+            line = data.decode("ascii")
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+            if line.startswith("connect ") and self.upstream:
+                n = int(line.split()[1])
+                up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                up.connect(self.upstream)
+                socket.send_fds(self.sock, [b"upstream %d\n" % n], [up.fileno()])
+                up.close()
+
+    def wait_line(self, pred, what, timeout=TIMEOUT):
+        """The first recorded line matching pred (a prefix string or a function)."""
+        if isinstance(pred, str):
+            prefix = pred
+            pred = lambda l: l.startswith(prefix)  # noqa: E731
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for l in self.lines:
+                    if pred(l):
+                        return l
+                left = end - time.monotonic()
+                if left <= 0 or self.eof:
+                    raise Failure("no %s from the relay (got %r)" % (what, self.lines))
+                self.cond.wait(left)
+
+    def clients(self):
+        with self.cond:
+            c = [int(l.split()[1]) for l in self.lines if l.startswith("clients ")]
+        return c[-1] if c else 0
+
+    def wait_clients(self, k):
+        wait_until(lambda: self.clients() == k, "clients %d (now %d)" % (k, self.clients()))
+
+    def connects(self):
+        with self.cond:
+            return [int(l.split()[1]) for l in self.lines if l.startswith("connect ")]
+
+    def send(self, line, fds=()):
+        socket.send_fds(self.sock, [line], list(fds)) if fds else self.sock.send(line)
+
+
+class Relay:
+    """A relay on a listening socket, with the test as its daemon."""
+
+    def __init__(self, listener=None, upstream=None, selftest=None, wait_ready=True, fd3=None, fd4=None,
+                 extra_fds=(), ctrl_sndbuf=None):
+        exe = RELAY
+        env = {"PATH": "/usr/bin:/bin", "BLOCKSTREAM_LOG_LEVEL": "debug"}
+        words = list(selftest or [])
+        if VALGRIND:
+            words.append("valgrind")
+        if words:
+            if not SELFTEST:
+                raise Skip("no selftest build of the relay")
+            exe = SELFTEST
+            env["BLOCKSTREAM_RELAY_SELFTEST"] = ",".join(words)
+        if "ASAN_OPTIONS" in os.environ:
+            env["ASAN_OPTIONS"] = os.environ["ASAN_OPTIONS"]
+        if "UBSAN_OPTIONS" in os.environ:
+            env["UBSAN_OPTIONS"] = os.environ["UBSAN_OPTIONS"]
+
+        if listener is None:
+            path = os.path.join(tmpdir, "relay-%d.sock" % next(sock_counter))
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(128)
+            self.address = path
+        self.listener = listener
+        self.ctrl, child_ctrl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if ctrl_sndbuf:
+            child_ctrl.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ctrl_sndbuf)
+        self.log_r, log_w = os.pipe()
+
+        argv = [exe]
+        if VALGRIND:
+            argv = ["valgrind", "-q", "--vgdb=no", "--error-exitcode=%d" % VALGRIND_ERROR, "--leak-check=full",
+                    "--show-leak-kinds=definite,indirect", "--errors-for-leak-kinds=definite,indirect",
+                    "--track-fds=no"] + argv
+            exe = shutil.which("valgrind")
+        # posix_spawn, not preexec_fn: the Daemon threads make fork+Python unsafe. Everything the
+        # test holds is close-on-exec; the dup2 targets are not.
+        hi = [os.dup(x) if isinstance(x, int) else os.dup(x.fileno())
+              for x in [fd3 if fd3 is not None else listener, fd4 if fd4 is not None else child_ctrl]]
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, log_w, 2),
+            (os.POSIX_SPAWN_DUP2, hi[0], 3),
+            (os.POSIX_SPAWN_DUP2, hi[1], 4),
+        ] + [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in extra_fds]
+        self.pid = os.posix_spawn(exe, argv, env, file_actions=actions)
+        for fd in hi + [log_w]:
+            os.close(fd)
+        child_ctrl.close()
+        self.status = None
+        self.log = b""
+        self.log_thread = threading.Thread(target=self._read_log, daemon=True)
+        self.log_thread.start()
+        self.daemon = Daemon(self.ctrl, upstream)
+        if wait_ready:
+            self.daemon.wait_line(lambda l: l == "ready\n", "ready")
+
+    def _read_log(self):
+        while True:
+            b = os.read(self.log_r, 65536)
+            if not b:
+                break
+            self.log += b
+        os.close(self.log_r)
+
+    def connect(self):
+        s = socket.socket(self.listener.family, socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        s.connect(self.address)
+        return s
+
+    def wait(self, timeout=TIMEOUT):
+        """Exit status: code >= 0, or -signal."""
+        if self.status is None:
+            end = time.monotonic() + timeout
+            while True:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.status = os.waitstatus_to_exitcode(st)
+                    break
+                if time.monotonic() > end:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    raise Failure("the relay did not exit")
+                time.sleep(0.01)
+            self.log_thread.join(TIMEOUT)
+        return self.status
+
+    def alive(self):
+        return self.status is None and os.waitpid(self.pid, os.WNOHANG)[0] == 0
+
+    def close(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait()
+        self.ctrl.close()
+        self.listener.close()
+        if VALGRIND and self.status == VALGRIND_ERROR:
+            raise Failure("memcheck found errors:\n" + self.log.decode(errors="replace"))
+
+    def stop(self):
+        """Ask it to stop; it must exit 0 (and, under valgrind, without memcheck errors)."""
+        self.daemon.send(b"stop\n")
+        st = self.wait()
+        check(st == 0, "stop: exit status %r, log:\n%s" % (st, self.log.decode(errors="replace")))
+
+
+class Skip(Exception):
+    pass
+
+
+# The upstream: qemu-nbd serving a random image read-only, like QEMU's own NBD server would.
+IMAGE_SIZE = 3 * 1024 * 1024 + 4096
+image = os.path.join(tmpdir, "image.raw")
+upstream_path = os.path.join(tmpdir, "upstream.sock")
+qemu_nbd = None
+
+
+def start_upstream():
+    global qemu_nbd, image_sha
+    data = os.urandom(IMAGE_SIZE)
+    image_sha = hashlib.sha256(data).hexdigest()
+    with open(image, "wb") as f:
+        f.write(data)
+    qemu_nbd = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared=16", "-k", upstream_path,
+                                 "-f", "raw", image], stdin=subprocess.DEVNULL)
+    wait_until(lambda: os.path.exists(upstream_path), "qemu-nbd's socket")
+
+
+def need_tools(*tools):
+    for t in tools:
+        if not shutil.which(t):
+            raise Skip(t + " not installed")
+
+
+def uri(relay):
+    if relay.listener.family == socket.AF_UNIX:
+        return "nbd+unix:///?socket=" + relay.address
+    host, port = relay.address
+    return "nbd://%s:%d" % (host, port)
+
+
+def nbdcopy_sha(relay):
+    out = subprocess.run(["nbdcopy", uri(relay), "-"], stdout=subprocess.PIPE, timeout=TIMEOUT * 3, check=True)
+    return hashlib.sha256(out.stdout).hexdigest()
+
+
+# ---- the tests ----
+
+def test_help_version():
+    for a in ["--help", "--version"]:
+        r = subprocess.run([RELAY, a], stdout=subprocess.PIPE, timeout=TIMEOUT)
+        check(r.returncode == 0 and r.stdout, "%s: %r" % (a, r))
+    r = subprocess.run([RELAY, "--bogus"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
+    check(r.returncode == 1, "an argument must fail: %r" % r)
+
+
+def test_fds_closed():
+    """Only 0-4 survive; fds 5 and 9 given at start are closed."""
+    extra = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    relay = Relay(extra_fds=[(extra, 5), (extra, 9)])
+    os.close(extra)
+    try:
+        if not VALGRIND:  # valgrind keeps fds of its own
+            fds = sorted(int(x) for x in os.listdir("/proc/%d/fd" % relay.pid))
+            check(fds == [0, 1, 2, 3, 4], "open fds: %r" % fds)
+        with open("/proc/%d/status" % relay.pid) as f:
+            st = dict(l.split(":", 1) for l in f.read().splitlines())
+        check(st["NoNewPrivs"].strip() == "1", "NoNewPrivs: %r" % st["NoNewPrivs"])
+        check(st["Seccomp"].strip() == "2", "Seccomp: %r" % st["Seccomp"])
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_nbd_unix():
+    need_tools("nbdinfo", "nbdcopy")
+    relay = Relay(upstream=upstream_path)
+    try:
+        out = subprocess.run(["nbdinfo", "--size", uri(relay)], stdout=subprocess.PIPE, timeout=TIMEOUT,
+                             check=True).stdout
+        check(int(out) == IMAGE_SIZE, "nbdinfo --size: %r" % out)
+        check(nbdcopy_sha(relay) == image_sha, "nbdcopy read different bytes")
+        relay.daemon.wait_clients(0)
+        check(relay.daemon.connects() == [1, 2], "connect ids: %r" % relay.daemon.connects())
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_nbd_tcp():
+    need_tools("nbdcopy")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    relay = Relay(listener=listener, upstream=upstream_path)
+    relay.address = listener.getsockname()
+    try:
+        check(nbdcopy_sha(relay) == image_sha, "nbdcopy over TCP read different bytes")
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_nbd_concurrent():
+    """Three nbdcopy at once, each reading the whole image."""
+    need_tools("nbdcopy")
+    relay = Relay(upstream=upstream_path)
+    try:
+        procs = [subprocess.Popen(["nbdcopy", uri(relay), "-"], stdout=subprocess.PIPE) for _ in range(3)]
+        shas = []
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT * 3)
+            check(p.returncode == 0, "nbdcopy failed")
+            shas.append(hashlib.sha256(out).hexdigest())
+        check(shas == [image_sha] * 3, "a concurrent nbdcopy read different bytes")
+        relay.daemon.wait_clients(0)
+        counts = [int(l.split()[1]) for l in relay.daemon.lines if l.startswith("clients ")]
+        check(max(counts) >= 1 and counts[-1] == 0, "clients messages: %r" % counts)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_clients_count():
+    """"clients k" tracks connections, waiting or relaying."""
+    relay = Relay()
+    try:
+        socks = [relay.connect() for _ in range(3)]
+        relay.daemon.wait_clients(3)
+        wait_until(lambda: len(relay.daemon.connects()) == 3, "three connect messages")
+        check(relay.daemon.connects() == [1, 2, 3], "connect ids: %r" % relay.daemon.connects())
+        socks.pop().close()
+        relay.daemon.wait_clients(2)
+        for s in socks:
+            s.close()
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def pair_with_fake_upstream(relay):
+    """A client, and the test's end of its upstream: a socketpair handed over as the upstream."""
+    seen = len(relay.daemon.connects())
+    c = relay.connect()
+    n = wait_until(lambda: relay.daemon.connects()[seen:], "connect")[0]
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.daemon.send(b"upstream %d\n" % n, [theirs.fileno()])
+    theirs.close()
+    mine.settimeout(TIMEOUT)
+    return c, mine
+
+
+def recv_all(s):
+    data = b""
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return data
+        data += b
+
+
+def test_control_backpressure():
+    """The daemon reads late: the relay's messages wait, none is lost."""
+    relay = Relay(ctrl_sndbuf=1)  # the minimum: a few messages fill it
+    try:
+        relay.daemon.reading.clear()
+        time.sleep(0.1)  # let the reader block in reading.wait()
+        socks = [relay.connect() for _ in range(40)]
+        time.sleep(0.3)
+        check(relay.alive(), "relay died")
+        relay.daemon.reading.set()
+        wait_until(lambda: len(relay.daemon.connects()) == 40, "40 connect messages")
+        check(relay.daemon.connects() == list(range(1, 41)), "connect ids: %r" % relay.daemon.connects())
+        relay.daemon.wait_clients(40)
+        for s in socks:
+            s.close()
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_half_close():
+    """shutdown(SHUT_WR) is passed on each way; data before it arrives complete."""
+    relay = Relay()
+    try:
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(b"request")
+        c.shutdown(socket.SHUT_WR)
+        check(recv_all(up) == b"request", "upstream did not get the request then EOF")
+        up.sendall(b"reply" * 1000)
+        time.sleep(0.1)
+        check(relay.daemon.clients() == 1, "a half-closed pair is still a client")
+        up.shutdown(socket.SHUT_WR)
+        check(recv_all(c) == b"reply" * 1000, "client did not get the reply then EOF")
+        relay.daemon.wait_clients(0)
+        c.close()
+        up.close()
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_bulk_both_ways():
+    """8 MiB each way at once, through the bounded pipes, byte-exact."""
+    relay = Relay()
+    try:
+        c, up = pair_with_fake_upstream(relay)
+        a, b = os.urandom(8 << 20), os.urandom(8 << 20)
+        got = {}
+
+        def pump(src, data, dst, key):
+            src.sendall(data)
+            src.shutdown(socket.SHUT_WR)
+            got[key] = None
+
+        def sink(s, key):
+            got[key] = recv_all(s)
+
+        ts = [threading.Thread(target=pump, args=(c, a, up, "a")), threading.Thread(target=pump, args=(up, b, c, "b")),
+              threading.Thread(target=sink, args=(up, "ra")), threading.Thread(target=sink, args=(c, "rb"))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(TIMEOUT * 3)
+        check(got.get("ra") == a, "client → upstream bytes differ")
+        check(got.get("rb") == b, "upstream → client bytes differ")
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_error_closes_pair_only():
+    """A reset on one pair leaves the others running."""
+    relay = Relay()
+    try:
+        c1, up1 = pair_with_fake_upstream(relay)
+        c2, up2 = pair_with_fake_upstream(relay)
+        relay.daemon.wait_clients(2)
+        up1.sendall(b"x" * 100000)
+        up1.close()
+        c1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        c1.close()
+        relay.daemon.wait_clients(1)
+        c2.sendall(b"ping")
+        check(up2.recv(4) == b"ping", "the other pair stopped")
+        up2.sendall(b"pong")
+        check(c2.recv(4) == b"pong", "the other pair stopped")
+        relay.stop()
+        check(c2.recv(1) == b"", "stop did not close the client")
+    finally:
+        relay.close()
+
+
+def test_refused():
+    relay = Relay()
+    try:
+        c = relay.connect()
+        n = wait_until(lambda: relay.daemon.connects(), "connect")[0]
+        relay.daemon.wait_clients(1)
+        relay.daemon.send(b"refused %d no exports today\n" % n)
+        check(c.recv(1) == b"", "refused client not closed")
+        relay.daemon.wait_clients(0)
+        check(b"no exports today" in relay.log, "reason not logged")
+        # A late upstream for it is dropped, not an error.
+        a, b = socket.socketpair()
+        relay.daemon.send(b"upstream %d\n" % n, [b.fileno()])
+        b.close()
+        check(a.recv(1) == b"", "late upstream not closed")
+        check(relay.alive(), "relay died on a late upstream")
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_longest_message():
+    """256 bytes with the newline is the limit, and allowed."""
+    relay = Relay()
+    try:
+        c = relay.connect()
+        n = wait_until(lambda: relay.daemon.connects(), "connect")[0]
+        msg = b"refused %d " % n
+        msg += b"x" * (255 - len(msg)) + b"\n"
+        check(len(msg) == 256, "length %d" % len(msg))
+        relay.daemon.send(msg)
+        check(c.recv(1) == b"", "refused client not closed")
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_client_gone_while_waiting():
+    relay = Relay()
+    try:
+        c = relay.connect()
+        relay.daemon.wait_clients(1)
+        c.close()
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_limit():
+    """64 clients; the 65th is accepted and closed at once, the 64 stay."""
+    relay = Relay()
+    try:
+        socks = [relay.connect() for _ in range(64)]
+        relay.daemon.wait_clients(64)
+        extra = relay.connect()
+        check(extra.recv(1) == b"", "65th client not closed")
+        check(b"Too many clients" in relay.log or wait_until(lambda: b"Too many clients" in relay.log, "log"),
+              "not logged")
+        check(relay.daemon.clients() == 64, "count changed")
+        socks.pop().close()
+        relay.daemon.wait_clients(63)
+        again = relay.connect()  # room again
+        relay.daemon.wait_clients(64)
+        for s in socks + [again, extra]:
+            s.close()
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_upstream_timeout():
+    relay = Relay(selftest=["timeout"])  # 1 s instead of 10
+    try:
+        c = relay.connect()
+        relay.daemon.wait_clients(1)
+        t = time.monotonic()
+        check(c.recv(1) == b"", "client not closed")
+        check(0.5 < time.monotonic() - t < TIMEOUT, "closed after %.1f s" % (time.monotonic() - t))
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_stop():
+    relay = Relay(upstream=upstream_path)
+    try:
+        c = relay.connect()
+        c.recv(8)  # NBD greeting: relaying
+        w = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        relay.daemon.upstream = None
+        w.connect(relay.address)
+        relay.daemon.wait_clients(2)
+        relay.stop()
+        recv_all(c)  # the rest of the greeting, then EOF (not a timeout)
+        check(w.recv(1) == b"", "waiting client not closed")
+    finally:
+        relay.close()
+
+
+def test_control_eof():
+    relay = Relay()
+    try:
+        c = relay.connect()
+        relay.daemon.wait_clients(1)
+        relay.ctrl.shutdown(socket.SHUT_RDWR)
+        check(relay.wait() == 0, "exit status %r on EOF" % relay.status)
+        check(b"error" not in relay.log.lower(), "EOF logged an error: %r" % relay.log)
+        check(c.recv(1) == b"", "client not closed")
+    finally:
+        relay.close()
+
+
+def test_listener_shut_down():
+    """A listening socket shut down under it: nothing more can come, exit 1 (not spin)."""
+    relay = Relay()
+    try:
+        relay.listener.shutdown(socket.SHUT_RDWR)
+        check(relay.wait() == 1, "exit status %r" % relay.status)
+        relay.daemon.wait_line("error ", "error line")
+    finally:
+        relay.close()
+
+
+def garbage(msg, fds=(), what="", error="Unexpected message"):
+    relay = Relay()
+    c = relay.connect()
+    try:
+        relay.daemon.wait_clients(1)
+        relay.daemon.send(msg, fds)
+        st = relay.wait()
+        check(st == 1, "%s: exit status %r" % (what, st))
+        line = relay.daemon.wait_line("error ", "error line")
+        check(error in line, "%s: %r" % (what, line))
+        check(c.recv(1) == b"", "%s: client not closed" % what)
+    finally:
+        relay.close()
+        c.close()
+
+
+def test_garbage():
+    a, b = socket.socketpair()
+    garbage(b"hello\n", what="unknown")
+    garbage(b"stop", what="no newline")
+    garbage(b"stop\nstop\n", what="two lines")
+    garbage(b"stop\0\n", what="NUL")
+    garbage(b"refused 1 " + b"x" * 246 + b"\n", what="257 bytes", error="Oversized")
+    garbage(b"stop\n", [b.fileno()], what="fd with stop")
+    garbage(b"refused 1 x\n", [b.fileno()], what="fd with refused")
+    garbage(b"upstream 1\n", what="upstream without fd")
+    garbage(b"upstream 1\n", [b.fileno(), b.fileno()], what="upstream with two fds")
+    garbage(b"upstream 7\n", [b.fileno()], what="upstream for a client never announced")
+    garbage(b"upstream 01\n", [b.fileno()], what="leading zero")
+    garbage(b"upstream -1\n", [b.fileno()], what="sign")
+    garbage(b"upstream 99999999999999999999999\n", [b.fileno()], what="overflow")
+    garbage(b"\n", what="empty line")
+    a.close()
+    b.close()
+
+
+def test_upstream_twice():
+    relay = Relay()
+    try:
+        c, up = pair_with_fake_upstream(relay)
+        a, b = socket.socketpair()
+        relay.daemon.send(b"upstream 1\n", [b.fileno()])
+        check(relay.wait() == 1, "second upstream accepted")
+        a.close()
+        b.close()
+    finally:
+        relay.close()
+
+
+def test_bad_fds():
+    # fd 3 not listening: reported on fd 4.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay = Relay(listener=a, wait_ready=False)
+    try:
+        relay.daemon.wait_line("error ", "error line")
+        check(relay.wait() == 1, "exit status %r" % relay.status)
+    finally:
+        relay.close()
+        b.close()
+    # fd 4 not SEQPACKET: only the log.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay = Relay(fd4=a, wait_ready=False)
+    try:
+        check(relay.wait() == 1, "exit status %r" % relay.status)
+        check(b"SOCK_SEQPACKET" in relay.log, "not logged: %r" % relay.log)
+    finally:
+        relay.close()
+        a.close()
+        b.close()
+
+
+def forbidden(call):
+    if VALGRIND:
+        raise Skip("valgrind handles SIGSYS itself")
+    relay = Relay(selftest=[call], wait_ready=False)
+    try:
+        relay.daemon.wait_line(lambda l: l == "ready\n", "ready")
+        check(relay.wait() == -signal.SIGSYS, "%s after setup: exit status %r, not SIGSYS" % (call, relay.status))
+    finally:
+        relay.close()
+
+
+def test_seccomp_open():
+    forbidden("open")
+
+
+def test_seccomp_socket():
+    forbidden("socket")
+
+
+def test_seccomp_sendmsg_other_fd():
+    forbidden("sendmsg")
+
+
+def test_seccomp_write_other_fd():
+    forbidden("write")
+
+
+TESTS = [v for k, v in list(globals().items())
+         if k.startswith("test_") and os.environ.get("RELAY_TEST_ONLY", k[5:]) == k[5:]]
+
+
+def main():
+    print("1..%d" % len(TESTS), flush=True)
+    failed = 0
+    try:
+        if shutil.which("qemu-nbd"):
+            start_upstream()
+        for i, t in enumerate(TESTS, 1):
+            name = t.__name__[5:]
+            start = time.monotonic()
+            try:
+                if t in (test_nbd_unix, test_nbd_tcp, test_nbd_concurrent, test_stop) and not qemu_nbd:
+                    raise Skip("qemu-nbd not installed")
+                t()
+                print("ok %d - %s (%.1f s)" % (i, name, time.monotonic() - start), flush=True)
+            except Skip as e:
+                print("ok %d - %s # SKIP %s" % (i, name, e), flush=True)
+            except Exception as e:
+                failed += 1
+                print("not ok %d - %s" % (i, name), flush=True)
+                for l in ("%s\n%s" % (e, traceback.format_exc())).splitlines():
+                    print("# " + l, file=sys.stderr, flush=True)
+    finally:
+        if qemu_nbd:
+            qemu_nbd.terminate()
+            qemu_nbd.wait()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
