@@ -311,8 +311,13 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         c->cmsg_type = SCM_RIGHTS;
                         c->cmsg_len = CMSG_LEN(sizeof(int));
                         memcpy(CMSG_DATA(c), &up, sizeof(int));
-                        if (sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+                        if (sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+                                /* Tell it, or its client waits out the relay's timeout for nothing. */
+                                char refused[64];
+                                int rl = snprintf(refused, sizeof(refused), "refused %lu\n", n);
                                 log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
+                                (void) send(fd, refused, (size_t) rl, MSG_NOSIGNAL | MSG_DONTWAIT);
+                        }
                         close(up);
                 }
         } else if (strncmp(buf, "clients ", 8) == 0) {
