@@ -19,6 +19,8 @@ void config_done(Config *c) {
         c->qemu_binary = mfree(c->qemu_binary);
         c->selinux_helper_type = mfree(c->selinux_helper_type);
         c->selinux_image_type = mfree(c->selinux_image_type);
+        c->selinux_content_type = mfree(c->selinux_content_type);
+        c->selinux_relay_type = mfree(c->selinux_relay_type);
         c->helper_dir = mfree(c->helper_dir);
 }
 
@@ -32,6 +34,14 @@ const char *config_selinux_helper_type(const Config *c) {
 
 const char *config_selinux_image_type(const Config *c) {
         return c->selinux_image_type ?: "blockstream_image_t";
+}
+
+const char *config_selinux_content_type(const Config *c) {
+        return c->selinux_content_type ?: "blockstream_content_t";
+}
+
+const char *config_selinux_relay_type(const Config *c) {
+        return c->selinux_relay_type ?: "blockstream_relay_t";
 }
 
 static int parse_uid_range(const char *value, uint32_t *min, uint32_t *max) {
@@ -169,9 +179,13 @@ int config_parse(Config *c, const char *text, const char *source) {
                         if (set_string(&c->qemu_binary, value, executable_path_valid) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: QEMUBinary= needs an absolute path, got '%s'.", source,
                                         line, value);
-                } else if (streq(key, "SELinuxHelperType") || streq(key, "SELinuxImageType")) {
-                        if (set_string(streq(key, "SELinuxHelperType") ? &c->selinux_helper_type : &c->selinux_image_type,
-                                    value, selinux_type_valid) < 0)
+                } else if (streq(key, "SELinuxHelperType") || streq(key, "SELinuxImageType") ||
+                           streq(key, "SELinuxContentType") || streq(key, "SELinuxRelayType")) {
+                        char **field = streq(key, "SELinuxHelperType")    ? &c->selinux_helper_type
+                                       : streq(key, "SELinuxImageType")   ? &c->selinux_image_type
+                                       : streq(key, "SELinuxContentType") ? &c->selinux_content_type
+                                                                          : &c->selinux_relay_type;
+                        if (set_string(field, value, selinux_type_valid) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: %s= needs an SELinux type name like foo_t, got '%s'.",
                                         source, line, key, value);
                 } else

@@ -21,6 +21,8 @@ typedef struct Config {
         char *qemu_binary;       /* QEMUBinary=: the storage helper */
         char *selinux_helper_type; /* SELinuxHelperType=: helpers' process type (MCS-confined) */
         char *selinux_image_type;  /* SELinuxImageType=: writable images' type */
+        char *selinux_content_type; /* SELinuxContentType=: read-only backing images' type (at s0) */
+        char *selinux_relay_type;  /* SELinuxRelayType=: the NBD relay's type (at s0, no image access) */
         char *helper_dir;          /* HelperDirectory=: our helper binaries (tests: the build dir) */
 } Config;
 
@@ -31,6 +33,8 @@ int config_load(Config *c, const char *path, bool must_exist);
 const char *config_qemu_binary(const Config *c);
 const char *config_selinux_helper_type(const Config *c);
 const char *config_selinux_image_type(const Config *c);
+const char *config_selinux_content_type(const Config *c);
+const char *config_selinux_relay_type(const Config *c);
 
 /* Parse from memory (unit tests); source names the origin in messages. */
 int config_parse(Config *c, const char *text, const char *source);

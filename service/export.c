@@ -429,11 +429,16 @@ static int spawn_relay(Export *e) {
         Guest *g = e->guest;
         _cleanup_free_ char *binary = strdup_printf("%s/%s", manager_helper_dir(m), RELAY_BINARY), *prefix = NULL;
         _cleanup_close_ int exec_fd = -1, log_r = -1, log_w = -1, ours = -1, theirs = -1;
+        _cleanup_free_ char *label = NULL;
         char *argv[] = { (char *) RELAY_BINARY, NULL };
         int pair[2], pipefd[2], fds[2], r;
 
         if (!binary)
                 return -ENOMEM;
+        /* The relay touches no image: a plain s0 type, so that clients with a range can talk to it. */
+        r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);
+        if (r < 0)
+                return r;
         exec_fd = open(binary, O_PATH | O_CLOEXEC);
         if (exec_fd < 0)
                 return log_error_errno(errno, "Cannot open %s: %m", binary);
@@ -456,7 +461,7 @@ static int spawn_relay(Export *e) {
                         .uid = g->helper_uid,
                         .gid = g->helper_uid,
                         .runtime_dir = g->runtime_dir,
-                        .selinux_label = g->selinux_process_label,
+                        .selinux_label = label,
                         .fds = fds,
                         .n_fds = 2,
                         .stderr_fd = log_w,

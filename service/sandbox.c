@@ -411,7 +411,7 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
                 child_fail(errfd, STEP_PDEATHSIG, errno);
         if (getppid() != parent)
                 child_fail(errfd, STEP_PDEATHSIG, ESRCH);
-        if (s->selinux_label && sandbox_selinux_enabled() && setexeccon(s->selinux_label) < 0)
+        if (s->selinux_label && sandbox_selinux_enabled() && setexeccon_raw(s->selinux_label) < 0)
                 child_fail(errfd, STEP_SELINUX, errno);
         r = install_denylist();
         if (r < 0)
@@ -557,7 +557,7 @@ int sandbox_selinux_labels(const char *process_type, const char *image_type, uns
                 return -EINVAL;
         {
                 char *c = NULL;
-                if (getcon(&c) < 0)
+                if (getcon_raw(&c) < 0)
                         return -errno;
                 con = strdup(c);
                 freecon(c);
@@ -580,10 +580,31 @@ int sandbox_selinux_labels(const char *process_type, const char *image_type, uns
         return 1;
 }
 
+int sandbox_selinux_plain_label(const char *process_type, char **ret) {
+        _cleanup_free_ char *con = NULL;
+        char *c = NULL, *user, *role, *save = NULL;
+
+        *ret = NULL;
+        if (!sandbox_selinux_enabled())
+                return 0;
+        if (getcon_raw(&c) < 0)
+                return -errno;
+        con = strdup(c);
+        freecon(c);
+        if (!con)
+                return -ENOMEM;
+        user = strtok_r(con, ":", &save);
+        role = strtok_r(NULL, ":", &save);
+        if (!user || !role)
+                return -EINVAL;
+        *ret = strdup_printf("%s:%s:%s:s0", user, role, process_type);
+        return *ret ? 1 : -ENOMEM;
+}
+
 int sandbox_selinux_label_fd(int fd, const char *label) {
         if (!label || !sandbox_selinux_enabled())
                 return 0;
-        if (fsetfilecon(fd, label) < 0)
+        if (fsetfilecon_raw(fd, label) < 0)
                 return -errno;
         return 0;
 }

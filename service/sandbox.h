@@ -58,6 +58,10 @@ typedef struct HelperLog HelperLog;
 int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
 HelperLog *helper_log_free(HelperLog *l);
 
+/* A process label of the given type at plain s0 (for helpers that touch no image, like the
+ * NBD relay: a unix client with a range must be able to talk to it). NULL where SELinux is off. */
+int sandbox_selinux_plain_label(const char *process_type, char **ret);
+
 /* Label a file descriptor's file (a writable image); a no-op where SELinux is off. */
 int sandbox_selinux_label_fd(int fd, const char *label);
 bool sandbox_selinux_enabled(void);

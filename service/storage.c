@@ -17,7 +17,6 @@
 #include "util.h"
 
 #define HELPER_LOG_LINE_MAX 512
-#define SHARED_CONTENT_LABEL "system_u:object_r:blockstream_content_t:s0"
 
 struct StorageHelper {
         Guest *guest;
@@ -247,8 +246,12 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
         Manager *m = g->manager;
         StorageHelper *h = g->helper;
         _cleanup_(image_chain_done) ImageChain chain = {};
+        _cleanup_free_ char *content_label = NULL;
         int r;
 
+        if (sandbox_selinux_enabled() &&
+                !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(&m->config))))
+                return -ENOMEM;
         r = image_chain_open(m->config.image_dirs, d->path, d->format, true, forbidden, &chain, ret_error);
         if (r < 0)
                 return r;
@@ -261,7 +264,7 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
 
                 if (!file || !fmt || (k + 1 < chain.n && !backing))
                         return -ENOMEM;
-                r = sandbox_selinux_label_fd(im->fd, k == 0 ? g->selinux_image_label : SHARED_CONTENT_LABEL);
+                r = sandbox_selinux_label_fd(im->fd, k == 0 ? g->selinux_image_label : content_label);
                 if (r < 0) {
                         *ret_error = strdup_printf("Cannot label %s for the sandbox: %s", im->path, strerror(-r));
                         return r;
