@@ -17,6 +17,7 @@ Run with /usr/bin/python3 (Debian's python3-dbus and python3-gi are needed).
 
 import atexit
 import ctypes
+import grp
 import hashlib
 import json
 import os
@@ -47,6 +48,9 @@ SOURCE_ROOT = os.path.abspath(os.environ.get('BLOCKSTREAM_SOURCE_ROOT') or os.pa
 BLOCKSTREAMD = os.environ.get('BLOCKSTREAMD') or os.path.join(SOURCE_ROOT, 'build', 'service', 'blockstreamd')
 BLOCKSTREAMCTL = os.environ.get('BLOCKSTREAMCTL') or os.path.join(SOURCE_ROOT, 'build', 'ctl', 'blockstreamctl')
 BUS_POLICY = os.path.join(SOURCE_ROOT, 'dbus', 'org.blockstream1.conf')
+POLKIT_POLICY = os.path.join(SOURCE_ROOT, 'policy', 'org.blockstream1.policy')
+POLKIT_RULES = os.path.join(SOURCE_ROOT, 'policy', '50-blockstream.rules')
+POLKITD = '/usr/lib/polkit-1/polkitd'
 KEEP = os.environ.get('BLOCKSTREAM_TEST_KEEP') == '1'
 
 KiB = 1 << 10
@@ -78,6 +82,9 @@ ERR_UNKNOWN_OBJECT = 'org.freedesktop.DBus.Error.UnknownObject'
 ERR_UNKNOWN_METHOD = 'org.freedesktop.DBus.Error.UnknownMethod'
 
 STRANGER = 'bstest-stranger'
+OWNER = 'bstest-owner'          # owns guests that root registers for it (option owner)
+MEMBER = 'bstest-member'        # member of BLOCKSTREAM_GROUP
+BLOCKSTREAM_GROUP = 'blockstream'
 
 DBusGMainLoop(set_as_default=True)
 
@@ -153,7 +160,7 @@ def wait_until(pred, timeout, what, interval=0.05):
 # ---------------------------------------------------------------------------------------------
 # Prerequisites: missing ones are failures with a clear message, never silent skips.
 
-def check_prerequisites(daemon=True, cli=False):
+def check_prerequisites(daemon=True, cli=False, polkit=False):
     problems = []
     if os.geteuid() != 0:
         problems.append('the integration tests must run as root (the daemon owns a system-bus name '
@@ -167,6 +174,15 @@ def check_prerequisites(daemon=True, cli=False):
     if daemon and not os.access(BLOCKSTREAMD, os.X_OK):
         problems.append('daemon binary %s not found or not executable (build it: meson setup build '
                         '&& ninja -C build, or set BLOCKSTREAMD)' % BLOCKSTREAMD)
+    if polkit:
+        if not os.access(POLKITD, os.X_OK):
+            problems.append('%s not found (apt-get install polkitd)' % POLKITD)
+        for tool in ('unshare', 'mount', 'groupadd', 'usermod'):
+            if shutil.which(tool) is None:
+                problems.append('%s not found (apt-get install util-linux mount passwd)' % tool)
+        for f in (POLKIT_POLICY, POLKIT_RULES):
+            if not os.path.exists(f):
+                problems.append('%s not found (set BLOCKSTREAM_SOURCE_ROOT)' % f)
     if cli and not os.access(BLOCKSTREAMCTL, os.X_OK):
         problems.append('CLI binary %s not found or not executable (set BLOCKSTREAMCTL)' % BLOCKSTREAMCTL)
     if problems:
@@ -585,6 +601,16 @@ class QMP:
     def named_nodes(self):
         return self.cmd('query-named-block-nodes')
 
+    def block_graph(self):
+        """{node name: (driver, file, backing file, read-only)} of query-named-block-nodes, refusing
+        to ask while a job is concluded but not dismissed (QEMU 7.2 crashes then, see below)."""
+        concluded = [j for j in self.cmd('query-jobs') if j.get('status') == 'concluded']
+        if concluded:
+            raise AssertionError('not asking query-named-block-nodes while a job is concluded (QEMU 7.2 '
+                                 'crashes): %r' % concluded)
+        return {n.get('node-name'): (n.get('drv'), n.get('file'), n.get('backing_file'), n.get('ro'))
+                for n in self.named_nodes()}
+
     def node_of_file(self, path):
         """Node name of the format node whose image file is `path`.
 
@@ -865,6 +891,217 @@ def call_as(user, address, path, iface, member, sig='', args_expr='()', dest=BUS
                                                                             r.stderr))
 
 
+def ensure_group(name):
+    """gid of group `name`, created (groupadd) when missing."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        run(['groupadd', name])
+        return grp.getgrnam(name).gr_gid
+
+
+def ensure_test_users():
+    """The users of the authorization tests: {name: uid}. bstest-member is in group blockstream
+    (polkit's subject.isInGroup() reads the group database, not the caller's groups)."""
+    ensure_group(BLOCKSTREAM_GROUP)
+    out = {}
+    for name in (OWNER, MEMBER, STRANGER):
+        out[name] = ensure_user(name)[0]
+    if MEMBER not in grp.getgrnam(BLOCKSTREAM_GROUP).gr_mem:
+        run(['usermod', '-a', '-G', BLOCKSTREAM_GROUP, MEMBER])
+    for name in (OWNER, STRANGER):
+        if name in grp.getgrnam(BLOCKSTREAM_GROUP).gr_mem:
+            raise AssertionError('test user %s must not be in group %s (remove it: gpasswd -d %s %s)'
+                                 % (name, BLOCKSTREAM_GROUP, name, BLOCKSTREAM_GROUP))
+    return out
+
+
+def setpriv_argv(user):
+    uid, gid = ensure_user(user)
+    return ['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--init-groups']
+
+
+_USER_SESSION_WORKER = r"""
+import json, os, sys, time
+from gi.repository import Gio, GLib
+conn = Gio.DBusConnection.new_for_address_sync(sys.argv[1],
+    Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
+def emit(d):
+    sys.stdout.write(json.dumps(d, default=repr) + "\n")
+    sys.stdout.flush()
+emit({"ready": True, "uid": os.getuid(), "unique_name": conn.get_unique_name()})
+for line in sys.stdin:
+    req = json.loads(line)
+    params = None
+    if req["sig"]:
+        params = GLib.Variant.parse(GLib.VariantType.new("(" + req["sig"] + ")"), req["args"], None, None)
+    flags = Gio.DBusCallFlags.NO_AUTO_START
+    if req.get("interactive"):
+        flags |= Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION
+    t0 = time.monotonic()
+    try:
+        r = conn.call_sync(req["dest"], req["path"], req["iface"], req["member"], params, None, flags,
+                           int(req.get("timeout", 30) * 1000), None)
+        res = {"ok": True, "result": r.unpack() if r is not None else None,
+               "text": r.print_(True) if r is not None else ""}
+    except GLib.Error as e:
+        name = Gio.DBusError.get_remote_error(e)
+        if name:
+            Gio.DBusError.strip_remote_error(e)
+        res = {"ok": False, "error": name or ("local:" + str(e.domain) + ":" + str(e.code)), "message": e.message}
+    res["elapsed"] = time.monotonic() - t0
+    res["uid"] = os.getuid()
+    emit(res)
+"""
+
+
+class UserSession:
+    """A long-lived D-Bus connection of another user (a GDBus client run through setpriv):
+    calls are sent one at a time, each optionally with ALLOW_INTERACTIVE_AUTHORIZATION.
+    Arguments are in GVariant text format, typed by `sig` ('(0, 0, {})' for 'tta{sv}')."""
+
+    def __init__(self, user, address):
+        self.user = user
+        self.address = address
+        self.proc = spawn(setpriv_argv(user) + ['/usr/bin/python3', '-c', _USER_SESSION_WORKER, address],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={'PATH': '/usr/sbin:/usr/bin:/sbin:/bin', 'HOME': '/', 'LANG': 'C.UTF-8'})
+        hello = self._read(30)
+        self.uid = hello['uid']
+        self.unique_name = hello['unique_name']
+
+    def _read(self, timeout):
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if r else ''
+        if not line:
+            err = ''
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors='replace')
+            raise AssertionError('the D-Bus session of %s did not answer within %ss (exit %s): %s'
+                                 % (self.user, timeout, self.proc.poll(), err))
+        return json.loads(line)
+
+    def send(self, path, iface, member, sig='', args='()', interactive=False, dest=BUS_NAME, timeout=30):
+        """Start a call; receive() returns its answer."""
+        req = {'dest': dest, 'path': path, 'iface': iface, 'member': member, 'sig': sig, 'args': args,
+               'interactive': interactive, 'timeout': timeout}
+        self.proc.stdin.write((json.dumps(req) + '\n').encode())
+        self.proc.stdin.flush()
+
+    def receive(self, timeout=40):
+        return self._read(timeout)
+
+    def call(self, path, iface, member, sig='', args='()', interactive=False, dest=BUS_NAME, timeout=30):
+        """{"ok", "uid", "elapsed", "result"/"text" | "error", "message"}"""
+        self.send(path, iface, member, sig, args, interactive, dest, timeout)
+        return self._read(timeout + 10)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(5)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Polkit:
+    """polkitd (/usr/lib/polkit-1/polkitd) on the private bus. It runs in a mount namespace of
+    its own (unshare -m --propagation private) where temporary directories are bind-mounted over
+    /usr/share/polkit-1/actions (the machine's actions plus ours) and over /etc/polkit-1/rules.d
+    (our 50-blockstream.rules and a test's own rules) and /usr/share/polkit-1/rules.d (the
+    distribution's 50-default.rules only): only polkitd sees them, the machine's own polkit
+    configuration is never touched. polkitd drops to the user polkitd by itself, so the
+    directories are world-readable.
+
+    extra_rules: {file name: JavaScript} added to the rules directory."""
+
+    ACTIONS = '/usr/share/polkit-1/actions'
+    ETC_RULES = '/etc/polkit-1/rules.d'
+    USR_RULES = '/usr/share/polkit-1/rules.d'
+    DEFAULT_RULES = '/usr/share/polkit-1/rules.d/50-default.rules'
+
+    def __init__(self, env, extra_rules=None):
+        self.env = env
+        self.dir = os.path.join(env.dir, 'polkit')
+        self.actions_dir = os.path.join(self.dir, 'actions')
+        self.rules_dir = os.path.join(self.dir, 'etc-rules.d')
+        self.usr_rules_dir = os.path.join(self.dir, 'usr-rules.d')
+        self.log = os.path.join(env.dir, 'polkitd.log')
+        self.extra_rules = dict(extra_rules or {})
+        self.proc = None
+        self.starts = 0
+
+    def prepare(self):
+        for d in (self.dir, self.actions_dir, self.rules_dir, self.usr_rules_dir):
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, 0o755)
+        for fn in os.listdir(self.ACTIONS):
+            if fn.endswith('.policy') and fn != os.path.basename(POLKIT_POLICY):
+                shutil.copy(os.path.join(self.ACTIONS, fn), self.actions_dir)
+        shutil.copy(POLKIT_POLICY, self.actions_dir)
+        shutil.copy(POLKIT_RULES, self.rules_dir)
+        # The distribution's rules directory is root:polkitd 0700; read it as root here.
+        if os.path.exists(self.DEFAULT_RULES):
+            shutil.copy(self.DEFAULT_RULES, self.usr_rules_dir)
+        for fn, text in self.extra_rules.items():
+            with open(os.path.join(self.rules_dir, fn), 'w') as f:
+                f.write(text)
+        for d in (self.actions_dir, self.rules_dir, self.usr_rules_dir):
+            for fn in os.listdir(d):
+                os.chmod(os.path.join(d, fn), 0o644)
+
+    def argv(self):
+        script = ('set -e; mount --bind "$1" %s; mount --bind "$2" %s; mount --bind "$3" %s; exec %s --no-debug'
+                  % (self.ACTIONS, self.ETC_RULES, self.USR_RULES, POLKITD))
+        return ['unshare', '-m', '--propagation', 'private', 'sh', '-c', script, 'polkit-ns',
+                self.actions_dir, self.rules_dir, self.usr_rules_dir]
+
+    def start(self, timeout=15):
+        assert not self.running(), 'polkitd already running'
+        if self.starts == 0:
+            self.prepare()
+        self.starts += 1
+        client = self.env.client
+        with open(self.log, 'ab') as logf:
+            logf.write(('\n===== harness: polkitd start #%d at %s\n' % (self.starts, time.strftime('%H:%M:%S'))).encode())
+            logf.flush()
+            env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+            self.proc = spawn(self.argv(), stdout=logf, stderr=logf, env=env)
+        deadline = time.monotonic() + timeout
+        while not client.name_has_owner('org.freedesktop.PolicyKit1'):
+            if self.proc.poll() is not None:
+                raise AssertionError('polkitd exited with status %s before owning org.freedesktop.PolicyKit1; '
+                                     'log:\n%s' % (self.proc.returncode, _tail(self.log)))
+            if time.monotonic() > deadline:
+                raise AssertionError('polkitd did not own org.freedesktop.PolicyKit1 within %ds; log:\n%s'
+                                     % (timeout, _tail(self.log)))
+            time.sleep(0.05)
+        return self.proc
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop polkitd (it runs as user polkitd and outlives PR_SET_PDEATHSIG: stop it by pid) and
+        wait until org.freedesktop.PolicyKit1 has no owner."""
+        if self.running():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        client = self.env.client
+        if client is not None:
+            wait_until(lambda: not client.name_has_owner('org.freedesktop.PolicyKit1'), 5,
+                       'org.freedesktop.PolicyKit1 to lose its owner')
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------
 # The environment of a test class (or of a single test)
 
@@ -906,16 +1143,21 @@ class Env:
         self.bus = None
         self.client = None
         self.daemon = None
+        self.polkit = None
         self.qemus = []
         self.saved_logs = None
         self.closed = False
         if KEEP:
             log('keeping %s' % self.dir)
 
-    def start(self, daemon=True):
+    def start(self, daemon=True, polkit=False, polkit_rules=None):
+        """polkit=True: run polkitd on the bus (see Polkit) before the daemon starts."""
         self.bus = Bus(self)
         self.bus.start()
         self.client = Client(self.bus.address)
+        if polkit:
+            self.polkit = Polkit(self, polkit_rules)
+            self.polkit.start()
         self.daemon = Daemon(self)
         if daemon:
             self.daemon.start()
@@ -938,6 +1180,8 @@ class Env:
     def log_files(self):
         files = [('blockstreamd', os.path.join(self.dir, 'blockstreamd.log'), 300),
                  ('dbus-daemon', os.path.join(self.dir, 'dbus-daemon.log'), 30)]
+        if self.polkit is not None:
+            files.append(('polkitd', self.polkit.log, 30))
         for q in self.qemus:
             files.append(('qemu ' + q.name, q.log, 30))
         return files
@@ -968,6 +1212,11 @@ class Env:
                     self.daemon.proc.kill()
                 except Exception:
                     pass
+        if self.polkit is not None:
+            try:
+                self.polkit.stop(timeout=5)
+            except Exception:
+                pass
         if self.client is not None:
             self.client.close()
         if self.bus is not None:
@@ -1050,16 +1299,18 @@ class TestCase(unittest.TestCase):
 
     needs_daemon = True
     needs_cli = False
+    needs_polkit = False       # polkitd on the private bus, with our actions and rules (see Polkit)
+    polkit_rules = None        # {file name: JavaScript}: a test class's own extra polkit rules
     env_per_test = False
     env = None
 
     @classmethod
     def setUpClass(cls):
-        check_prerequisites(daemon=cls.needs_daemon, cli=cls.needs_cli)
+        check_prerequisites(daemon=cls.needs_daemon, cli=cls.needs_cli, polkit=cls.needs_polkit)
         if not cls.env_per_test:
             env = Env(cls.__name__)
             try:
-                env.start(daemon=cls.needs_daemon)
+                env.start(daemon=cls.needs_daemon, polkit=cls.needs_polkit, polkit_rules=cls.polkit_rules)
             except BaseException:
                 sys.stderr.write(env.logs_text() + '\n')
                 env.close()
@@ -1075,7 +1326,7 @@ class TestCase(unittest.TestCase):
         if self.env_per_test:
             self.env = Env(self._testMethodName)
             self.addCleanup(self.env.close)
-            self.env.start(daemon=self.needs_daemon)
+            self.env.start(daemon=self.needs_daemon, polkit=self.needs_polkit, polkit_rules=self.polkit_rules)
 
     def run(self, result=None):
         if result is None:
@@ -1157,19 +1408,27 @@ class TestCase(unittest.TestCase):
         self.fail('expected D-Bus error %s, but the call succeeded (returned %r)' % (' or '.join(sorted(names)),
                                                                                       r))
 
-    def snapshot(self):
-        """Everything a client or the disk could see: objects + properties, state dir, QEMU jobs."""
+    def snapshot(self, block_graph=False):
+        """Everything a client or the disk could see: objects + properties, state dir, QEMU jobs
+        (and with block_graph=True QEMU's block nodes, see QMP.block_graph)."""
         snap = {'objects': self.client.managed_objects(), 'state': tree_snapshot(self.env.daemon.state_dir)}
         jobs = {}
+        graphs = {}
         for q in self.env.qemus:
             if q.running() and q.qmp is not None:
                 jobs[q.name] = q.qmp.jobs()
+                if block_graph:
+                    graphs[q.name] = q.qmp.block_graph()
         snap['jobs'] = jobs
+        if block_graph:
+            snap['graph'] = graphs
         return snap
 
     def assertSnapshotEqual(self, before, after, what):
         self.assertEqual(before['state'], after['state'], '%s changed the state directory' % what)
         self.assertEqual(before['jobs'], after['jobs'], '%s changed the block jobs in QEMU' % what)
+        if 'graph' in before and 'graph' in after:
+            self.assertEqual(before['graph'], after['graph'], "%s changed QEMU's block graph" % what)
         self.assertEqual(sorted(before['objects']), sorted(after['objects']),
                          '%s added or removed objects' % what)
         for p in before['objects']:
