@@ -114,6 +114,10 @@ int export_server_ensure(Guest *g) {
         free(g->nbd_socket);
         g->nbd_socket = TAKE_PTR(path);
         g->nbd_server = true;
+        if (!g->offline && !g->nbd_server_started) {
+                g->nbd_server_started = true;
+                (void) guest_save(g);
+        }
         return 0;
 }
 
@@ -141,6 +145,22 @@ void export_server_release_if_unused(Guest *g) {
                 (void) unlink(g->nbd_socket);
         g->nbd_socket = mfree(g->nbd_socket);
         g->nbd_server = false;
+        if (g->nbd_server_started) {
+                g->nbd_server_started = false;
+                (void) guest_save(g);
+        }
+}
+
+/* Called first after a (re)connect, before anything can start a server: a server of ours that
+ * survived a restart or a broken connection goes, and with it every NBD export on it (all ours:
+ * QEMU runs one server, and we could only start ours where none ran). */
+void export_cleanup_leftovers(Guest *g) {
+        if (!g->nbd_server_started || !guest_qmp_ready(g))
+                return;
+        log_info("Guest %s: stopping the NBD server left from before.", g->name);
+        (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
+        g->nbd_server_started = false;
+        (void) guest_save(g);
 }
 
 /* Export objects */

@@ -42,6 +42,9 @@ int export_server_connect(Guest *g);
 void export_server_release_if_unused(Guest *g);
 
 void export_free_all(Manager *m);
+/* Right after a (re)connect: stop a server of ours (and its exports) left by a restart or a
+ * broken connection. */
+void export_cleanup_leftovers(Guest *g);
 
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

@@ -669,6 +669,7 @@ void guest_on_state(Qmp *q, int error, void *userdata) {
         g->had_connection = true;
         g->reconnect_attempts = 0;
         guest_emit_changed(g, "Running");
+        export_cleanup_leftovers(g); /* first: commands run in order */
         r = qemu_query_block_jobs(q, connect_jobs_reply, g, NULL);
         if (r < 0) {
                 if (g->register_call)

@@ -63,6 +63,7 @@ typedef struct Guest {
 
         /* The private NBD server of its QMP peer (export.c). */
         bool nbd_server;
+        bool nbd_server_started; /* persisted: a server of ours may run in this QEMU */
         char *nbd_socket;
         unsigned nbd_users; /* exports in QEMU using it */
 } Guest;

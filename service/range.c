@@ -30,6 +30,8 @@ typedef struct Extent {
 static const char *const kind_table[] = { "local", "zero", "backing", "absent" };
 
 struct RangeOp {
+        unsigned n_ref; /* pending QMP calls hold one each: their replies may outlive the op */
+        bool dead;      /* finished: replies find nothing to do */
         Manager *manager;
         RangeOp *next;
         Guest *guest;
@@ -62,9 +64,8 @@ struct RangeOp {
         sd_event_source *cleanup_timer;
 };
 
-static RangeOp *op_free(RangeOp *op) {
-        if (!op)
-                return NULL;
+/* Let go of everything the op holds but its memory. */
+static void op_release(RangeOp *op) {
         if (op->call) {
                 (void) sd_bus_reply_method_errorf(op->call, BS_ERROR_HELPER_FAILED, "The operation on disk '%s' was dropped.",
                         op->alias);
@@ -77,8 +78,19 @@ static RangeOp *op_free(RangeOp *op) {
         }
         sd_event_source_disable_unref(op->control_source);
         sd_event_source_disable_unref(op->cleanup_timer);
+        op->child = NULL;
+        op->control_source = op->cleanup_timer = NULL;
+        op->call = NULL;
+        op->pid = 0;
         closep(&op->control_fd);
-        helper_log_free(op->log);
+        op->control_fd = -1;
+        op->log = helper_log_free(op->log);
+}
+
+static RangeOp *op_unref(RangeOp *op) {
+        if (!op || --op->n_ref > 0)
+                return NULL;
+        op_release(op);
         free(op->alias);
         free(op->node);
         free(op->export_id);
@@ -90,6 +102,18 @@ static RangeOp *op_free(RangeOp *op) {
         return NULL;
 }
 
+static void op_unref_void(void *p) {
+        op_unref(p);
+}
+
+static RangeOp *op_ref(RangeOp *op) {
+        op->n_ref++;
+        return op;
+}
+
+/* Done with it: out of the list, resources released; memory goes with the last reference. */
+static void op_kill(RangeOp *op);
+
 static void op_unlink(RangeOp *op) {
         for (RangeOp **p = &op->manager->range_ops; *p; p = &(*p)->next)
                 if (*p == op) {
@@ -98,7 +122,15 @@ static void op_unlink(RangeOp *op) {
                 }
 }
 
-static bool op_alive(Manager *m, RangeOp *op) {
+static void op_kill(RangeOp *op) {
+        op->dead = true;
+        op_unlink(op);
+        op_release(op);
+        op_unref(op);
+}
+
+/* For waiters that hold no reference: is it still on the list? */
+static bool op_listed(Manager *m, RangeOp *op) {
         for (RangeOp *i = m->range_ops; i; i = i->next)
                 if (i == op)
                         return true;
@@ -182,8 +214,7 @@ static void op_finish(RangeOp *op) {
                                 op->alias, op->error ?: "the pull helper failed");
                 op->call = sd_bus_message_unref(op->call);
         }
-        op_unlink(op);
-        op_free(op);
+        op_kill(op);
         export_server_release_if_unused(g);
         guest_release_helper_if_idle(g);
         (void) m;
@@ -192,7 +223,7 @@ static void op_finish(RangeOp *op) {
 static void node_deleted(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
-        if (!op_alive(q ? op->manager : op->manager, op))
+        if (op->dead)
                 return;
         if (error < 0)
                 log_warning("Guest %s: cannot remove filter node %s: %s", op->guest->name, op->node,
@@ -211,8 +242,9 @@ static void op_export_gone(RangeOp *op) {
         }
         if (op->node_added && guest_qmp_ready(g)) {
                 op->node_added = false;
-                if (qemu_blockdev_del(g->qmp, op->node, node_deleted, op, NULL) >= 0)
+                if (qemu_blockdev_del(g->qmp, op->node, node_deleted, op_ref(op), op_unref_void) >= 0)
                         return;
+                op_unref(op);
         }
         op_finish(op);
 }
@@ -229,7 +261,7 @@ static int cleanup_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
 static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
-        if (!op_alive(op->manager, op))
+        if (op->dead)
                 return;
         /* Refused (already gone): no event will come. */
         if (error < 0 && op->export_added)
@@ -252,11 +284,12 @@ static void op_end(RangeOp *op, StreamState outcome, const char *error) {
         op->control_fd = -1;
 
         if (op->export_added && guest_qmp_ready(g)) {
-                if (qemu_block_export_del(g->qmp, op->export_id, export_del_reply, op, NULL) >= 0) {
+                if (qemu_block_export_del(g->qmp, op->export_id, export_del_reply, op_ref(op), op_unref_void) >= 0) {
                         (void) sd_event_add_time_relative(op->manager->event, &op->cleanup_timer, CLOCK_MONOTONIC,
                                 EXPORT_GONE_TIMEOUT_USEC, 0, cleanup_timeout, op);
                         return;
                 }
+                op_unref(op);
         }
         op_export_gone(op);
 }
@@ -271,9 +304,16 @@ void range_on_export_deleted(Guest *g, const char *id) {
 
 /* The helper */
 
+static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata);
+
 static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
         RangeOp *op = userdata;
 
+        /* Its last words ("done", "error …") may still sit in the socket: the exit can be
+         * dispatched before them. Read them first. */
+        for (unsigned i = 0; i < 64 && op->control_source && !op->ending; i++)
+                if (control_handler(op->control_source, op->control_fd, EPOLLIN, op) <= 0)
+                        break;
         op->pid = 0;
         op->child = sd_event_source_disable_unref(op->child);
         if (op->ending)
@@ -357,6 +397,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->control_source = sd_event_source_disable_unref(op->control_source);
                 return 0;
         }
+        /* 1 below: a message was handled (helper_exited drains with it). */
         if ((size_t) k > CONTROL_MESSAGE_MAX || buf[k - 1] != '\n' || memchr(buf, 0, (size_t) k)) {
                 op_end(op, STREAM_FAILED, "the pull helper sent a malformed message");
                 return 0;
@@ -370,10 +411,10 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 
         if (streq(buf, "ready")) {
                 if (op->ready)
-                        return 0;
+                        return 1;
                 op->ready = true;
                 if (op->map)
-                        return 0;
+                        return 1;
                 if (job_begin(&d->job, "", STREAM_MODE_RANGE, op->offset, op->length, op->length, op->bandwidth,
                             now_usec(CLOCK_REALTIME)) < 0) {
                         op_end(op, STREAM_FAILED, "out of memory");
@@ -406,7 +447,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->error = strdup(buf + 6);
         } else
                 op_end(op, STREAM_FAILED, "the pull helper sent an unknown message");
-        return 0;
+        return 1;
 }
 
 static int spawn_helper(RangeOp *op) {
@@ -478,7 +519,7 @@ static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
         int r;
 
-        if (!op_alive(op->manager, op) || op->ending)
+        if (op->dead || op->ending)
                 return;
         if (error < 0 && !op->setup_error)
                 op->setup_error = strdup_printf("QEMU refused: %s", desc ?: strerror(-error));
@@ -499,7 +540,7 @@ static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
 static void node_added_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
-        if (op_alive(op->manager, op) && error < 0)
+        if (!op->dead && error < 0)
                 op->node_added = false;
         setup_reply(q, error, desc, userdata);
 }
@@ -507,7 +548,7 @@ static void node_added_reply(Qmp *q, int error, const char *desc, void *userdata
 static void export_added_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
-        if (op_alive(op->manager, op) && error < 0 && op->export_added) {
+        if (!op->dead && error < 0 && op->export_added) {
                 op->export_added = false;
                 op->guest->nbd_users--;
         }
@@ -519,7 +560,7 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
         Disk *d;
         int r;
 
-        if (!op_alive(g->manager, op))
+        if (!op_listed(g->manager, op))
                 return;
         d = guest_find_disk(g, op->alias);
         if (error < 0 || !d) {
@@ -538,8 +579,10 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
                 d->range_node = strdup(op->node);
                 d->range_export = strdup(op->export_id);
                 (void) guest_save(g);
-                r = qemu_blockdev_add_cor(g->qmp, op->node, d->node_name, op->bottom, node_added_reply, op, NULL);
+                r = qemu_blockdev_add_cor(g->qmp, op->node, d->node_name, op->bottom, node_added_reply, op_ref(op),
+                        op_unref_void);
                 if (r < 0) {
+                        op_unref(op);
                         op_end(op, STREAM_FAILED, "cannot send blockdev-add");
                         return;
                 }
@@ -547,8 +590,9 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
                 op->pending++;
         }
         r = qemu_block_export_add_nbd(g->qmp, op->export_id, op->map ? d->node_name : op->node, op->export_id,
-                export_added_reply, op, NULL);
+                export_added_reply, op_ref(op), op_unref_void);
         if (r < 0) {
+                op_unref(op);
                 op_end(op, STREAM_FAILED, "cannot send block-export-add");
                 return;
         }
@@ -563,6 +607,7 @@ static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint6
 
         if (!op)
                 return -ENOMEM;
+        op->n_ref = 1;
         op->manager = m;
         op->guest = d->guest;
         op->map = map;
@@ -574,7 +619,7 @@ static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint6
         op->export_id = strdup_printf("%s-%u", map ? "bsm" : "bsr", op->id);
         op->node = map ? NULL : strdup_printf("bscor-%u", op->id);
         if (!op->alias || !op->export_id || (!map && !op->node)) {
-                op_free(op);
+                op_unref(op);
                 return -ENOMEM;
         }
         op->call = sd_bus_message_ref(msg);
@@ -595,8 +640,7 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         op->bandwidth = bandwidth;
         if (bottom && !(op->bottom = strdup(bottom))) {
                 op->call = sd_bus_message_unref(op->call);
-                op_unlink(op);
-                op_free(op);
+                op_kill(op);
                 return -ENOMEM;
         }
         d->starting = true;
@@ -604,8 +648,7 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         if (r < 0) {
                 d->starting = false;
                 op->call = sd_bus_message_unref(op->call);
-                op_unlink(op);
-                op_free(op);
+                op_kill(op);
                 return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
         }
         return 1;
@@ -625,8 +668,7 @@ int range_map(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd
         r = guest_when_ready(d->guest, backend_ready, op, NULL);
         if (r < 0) {
                 op->call = sd_bus_message_unref(op->call);
-                op_unlink(op);
-                op_free(op);
+                op_kill(op);
                 return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
         }
         return 1;
@@ -691,17 +733,74 @@ void range_guest_removed(Guest *g) {
                 next = op->next;
                 if (op->guest != g)
                         continue;
-                op_unlink(op);
-                op_free(op);
+                op_kill(op);
         }
 }
 
 void range_free_all(Manager *m) {
         while (m->range_ops) {
-                RangeOp *op = m->range_ops;
-                m->range_ops = op->next;
-                op_free(op);
+                op_kill(m->range_ops);
         }
+}
+
+/* Deleting a leftover filter: its export (closed with the server) may take a moment to let
+ * go of it, so "in use" is retried a few times. */
+typedef struct LeftoverNode {
+        Manager *manager;
+        char *guest; /* by name: a retry may come after the guest went away */
+        char *node;
+        unsigned tries;
+        sd_event_source *timer;
+} LeftoverNode;
+
+static void leftover_free(void *p) {
+        LeftoverNode *l = p;
+
+        if (!l)
+                return;
+        sd_event_source_disable_unref(l->timer);
+        free(l->guest);
+        free(l->node);
+        free(l);
+}
+
+static void leftover_del(LeftoverNode *l);
+
+static int leftover_retry(sd_event_source *s, uint64_t usec, void *userdata) {
+        LeftoverNode *l = userdata;
+
+        l->timer = sd_event_source_disable_unref(l->timer);
+        leftover_del(l);
+        return 0;
+}
+
+static void leftover_deleted(Qmp *q, int error, const char *desc, void *userdata) {
+        LeftoverNode *l = userdata;
+        LeftoverNode *again;
+
+        if (error == -EREMOTEIO && desc && strstr(desc, "in use") && l->tries < 20) {
+                /* The reply's context is freed after this returns: carry on with a copy. */
+                again = calloc(1, sizeof(LeftoverNode));
+                if (!again || !(again->node = strdup(l->node)) || !(again->guest = strdup(l->guest))) {
+                        leftover_free(again);
+                        return;
+                }
+                again->manager = l->manager;
+                again->tries = l->tries + 1;
+                if (sd_event_add_time_relative(l->manager->event, &again->timer, CLOCK_MONOTONIC,
+                            100 * USEC_PER_MSEC, 0, leftover_retry, again) < 0)
+                        leftover_free(again);
+                return;
+        }
+        if (error < 0 && error != -EREMOTEIO)
+                log_debug("Guest %s: leftover filter %s: %s", l->guest, l->node, strerror(-error));
+}
+
+static void leftover_del(LeftoverNode *l) {
+        Guest *g = manager_find_guest(l->manager, l->guest);
+
+        if (!g || !guest_qmp_ready(g) || qemu_blockdev_del(g->qmp, l->node, leftover_deleted, l, leftover_free) < 0)
+                leftover_free(l);
 }
 
 /* After a restart: the filter and export a range job of ours left behind (recorded before
@@ -714,8 +813,14 @@ void range_cleanup_leftovers(Guest *g) {
 
                 if (d->range_export && guest_qmp_ready(g))
                         (void) qemu_block_export_del(g->qmp, d->range_export, NULL, NULL, NULL);
-                if (d->range_node && guest_qmp_ready(g))
-                        (void) qemu_blockdev_del(g->qmp, d->range_node, NULL, NULL, NULL);
+                if (d->range_node && guest_qmp_ready(g)) {
+                        LeftoverNode *l = calloc(1, sizeof(LeftoverNode));
+                        if (l && (l->node = strdup(d->range_node)) && (l->guest = strdup(g->name))) {
+                                l->manager = g->manager;
+                                leftover_del(l);
+                        } else
+                                leftover_free(l);
+                }
                 if (d->range_node || d->range_export) {
                         d->range_node = mfree(d->range_node);
                         d->range_export = mfree(d->range_export);

@@ -109,6 +109,7 @@ int state_save_guest(Guest *g) {
                 add(o, "qmp_socket", json_object_new_string(g->qmp_socket)) < 0 ||
                 add(o, "job_seq", json_object_new_uint64(g->job_seq)) < 0 ||
                 add(o, "offline", json_object_new_boolean(g->offline)) < 0 ||
+                add(o, "nbd_server_started", json_object_new_boolean(g->nbd_server_started)) < 0 ||
                 add(o, "helper_uid", json_object_new_uint64(g->helper_uid)) < 0 ||
                 add(o, "mcs_c1", json_object_new_uint64(g->mcs_c1)) < 0 ||
                 add(o, "mcs_c2", json_object_new_uint64(g->mcs_c2)) < 0)
@@ -254,7 +255,7 @@ static int disk_from_json(Guest *g, json_object *o) {
 static int guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
         const char *name = NULL, *uuid = NULL, *sock = NULL;
         uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
-        bool offline = false;
+        bool offline = false, nbd_started = false;
         json_object *disks;
         Guest *g;
         int r;
@@ -266,7 +267,8 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
                 !json_object_object_get_ex(o, "disks", &disks) || !json_object_is_type(disks, json_type_array) ||
                 json_object_array_length(disks) > QEMU_DISKS_MAX || json_get_bool(o, "offline", false, &offline) < 0 ||
                 json_get_u64(o, "helper_uid", false, &helper_uid) < 0 || json_get_u64(o, "mcs_c1", false, &c1) < 0 ||
-                json_get_u64(o, "mcs_c2", false, &c2) < 0 || helper_uid >= UINT32_MAX || c1 > 4096 || c2 > 4096)
+                json_get_u64(o, "mcs_c2", false, &c2) < 0 || helper_uid >= UINT32_MAX || c1 > 4096 || c2 > 4096 ||
+                json_get_bool(o, "nbd_server_started", false, &nbd_started) < 0)
                 return -EBADMSG;
         if (offline != isempty(sock))
                 return -EBADMSG;
@@ -284,6 +286,7 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
                 return r;
         g->job_seq = seq;
         g->offline = offline;
+        g->nbd_server_started = nbd_started;
         g->helper_uid = (uid_t) helper_uid;
         g->mcs_c1 = (unsigned) c1;
         g->mcs_c2 = (unsigned) c2;
