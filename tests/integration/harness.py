@@ -47,6 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_ROOT = os.path.abspath(os.environ.get('BLOCKSTREAM_SOURCE_ROOT') or os.path.dirname(os.path.dirname(HERE)))
 BLOCKSTREAMD = os.environ.get('BLOCKSTREAMD') or os.path.join(SOURCE_ROOT, 'build', 'service', 'blockstreamd')
 BLOCKSTREAMCTL = os.environ.get('BLOCKSTREAMCTL') or os.path.join(SOURCE_ROOT, 'build', 'ctl', 'blockstreamctl')
+HELPER_DIRECTORY = os.path.dirname(os.path.abspath(BLOCKSTREAMD))
 BUS_POLICY = os.path.join(SOURCE_ROOT, 'dbus', 'org.blockstream1.conf')
 POLKIT_POLICY = os.path.join(SOURCE_ROOT, 'policy', 'org.blockstream1.policy')
 POLKIT_RULES = os.path.join(SOURCE_ROOT, 'policy', '50-blockstream.rules')
@@ -469,6 +470,8 @@ class Daemon:
         with open(self.conf, 'w') as f:
             f.write('# written by the blockstreamd integration tests\n')
             f.write('ImageDirectories=%s\n' % env.images)
+            # Its helpers (blockstream-pull, blockstream-nbd-relay) are built beside it.
+            f.write('HelperDirectory=%s\n' % HELPER_DIRECTORY)
             f.write(config_extra)
 
     def argv(self):
