@@ -1,0 +1,270 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Offline guests, NBD exports and the sandboxed helpers, for the integration tests.
+
+On top of harness.py: registering guests that are not running (RegisterGuest with an empty QMP
+socket and the disks as an option), their state files, the daemon's helper processes as the
+kernel sees them (/proc: parent, uids, gids, groups, capabilities, seccomp), Export objects,
+and the NBD client tools (nbdinfo, nbdcopy from libnbd-bin; qemu-io/qemu-img).
+
+Helpers are found as children of *our* daemon: other daemons (other test runs on the same
+machine) allocate helper uids from the same default range."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import dbus
+
+import harness as h
+from harness import MiB
+
+IFACE_EXPORT = 'org.blockstream1.Export'
+EXPORT_PREFIX = '/org/blockstream1/export/'
+ERR_LIMITS_EXCEEDED = 'org.freedesktop.DBus.Error.LimitsExceeded'
+ERR_HELPER_FAILED = 'org.blockstream1.Error.HelperFailed'
+RELAY = 'blockstream-nbd-relay'
+
+
+def check_nbd_tools():
+    missing = [t for t in ('nbdinfo', 'nbdcopy', 'getfattr', 'qemu-io', 'qemu-img') if shutil.which(t) is None]
+    if missing:
+        raise AssertionError('%s not found (apt-get install libnbd-bin attr qemu-utils)' % ' '.join(missing))
+    relay = os.path.join(h.HELPER_DIRECTORY, RELAY)
+    if not os.access(relay, os.X_OK):
+        raise AssertionError('%s not found or not executable (build the tree: ninja -C <build>)' % relay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline guests
+
+def disks_opt(disks):
+    """{alias: path} as the a{ss} the daemon wants."""
+    return dbus.Dictionary(dict(disks), signature='ss')
+
+
+def offline_options(disks, formats=None, **extra):
+    o = {'disks': disks_opt(disks)}
+    if formats:
+        o['formats'] = dbus.Dictionary(dict(formats), signature='ss')
+    o.update(extra)
+    return dbus.Dictionary(o, signature='sv')
+
+
+def state_file(env, name):
+    return os.path.join(env.daemon.state_dir, 'guests', name + '.json')
+
+
+def read_state(env, name):
+    with open(state_file(env, name)) as f:
+        return json.load(f)
+
+
+def identity(env, name):
+    """(helper_uid, mcs_c1, mcs_c2) from the guest's state file."""
+    s = read_state(env, name)
+    return s['helper_uid'], s['mcs_c1'], s['mcs_c2']
+
+
+def raw_image(path, size=1 * MiB):
+    """A sparse raw image, made like an administrator would (truncate)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    h.run(['truncate', '-s', str(size), path])
+    return path
+
+
+def chain_sha256(path, fmt='qcow2'):
+    """sha256 of what the chain at `path` reads as (qemu-img convert -O raw)."""
+    out = path + '.sha-tmp.raw'
+    try:
+        h.qemu_img('convert', '-U', '-f', fmt, '-O', 'raw', path, out)
+        return file_sha256(out)
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+def file_sha256(path):
+    d = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''):
+            d.update(b)
+    return d.hexdigest()
+
+
+def getfattr_selinux(*dirs):
+    """The lines of `getfattr -d -m - -R DIR...` that name security.selinux (and the whole output)."""
+    r = h.run(['getfattr', '-d', '-m', '-', '-R', '--absolute-names'] + list(dirs), check=False)
+    text = r.stdout + r.stderr
+    return [l for l in text.splitlines() if 'security.selinux' in l], text
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, as the kernel sees them
+
+class Proc:
+    def __init__(self, pid):
+        self.pid = pid
+        with open('/proc/%d/stat' % pid) as f:
+            stat = f.read()
+        # comm may contain spaces and parentheses: the fields after the last ')'.
+        self.ppid = int(stat[stat.rindex(')') + 2:].split()[1])
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            self.argv = [a.decode(errors='replace') for a in f.read().split(b'\0')[:-1]]
+        self.status = {}
+        with open('/proc/%d/status' % pid) as f:
+            for line in f:
+                k, _, v = line.partition(':')
+                self.status[k] = v.strip()
+
+    @property
+    def uids(self):
+        return [int(x) for x in self.status['Uid'].split()]
+
+    @property
+    def gids(self):
+        return [int(x) for x in self.status['Gid'].split()]
+
+    @property
+    def groups(self):
+        return [int(x) for x in self.status.get('Groups', '').split()]
+
+    def __repr__(self):
+        return 'Proc(pid=%d ppid=%d uids=%s argv=%r)' % (self.pid, self.ppid, self.status.get('Uid'), self.argv)
+
+
+def processes():
+    out = []
+    for e in os.listdir('/proc'):
+        if e.isdigit():
+            try:
+                out.append(Proc(int(e)))
+            except (OSError, ValueError, IndexError):
+                pass     # gone meanwhile, or a kernel thread without cmdline
+    return out
+
+
+def daemon_children(env):
+    pid = env.daemon.proc.pid
+    return [p for p in processes() if p.ppid == pid]
+
+
+def is_storage_helper(p):
+    return 'qemu-system' in (p.argv[0] if p.argv else '') and '-machine' in p.argv and \
+        p.argv[p.argv.index('-machine') + 1] == 'none'
+
+
+def storage_helpers(env, uid=None):
+    """The daemon's `qemu-system-x86_64 -machine none` children (of the guest with helper uid `uid`)."""
+    return [p for p in daemon_children(env) if is_storage_helper(p) and (uid is None or p.uids[0] == uid)]
+
+
+def relays(env, uid=None):
+    return [p for p in daemon_children(env) if p.argv and os.path.basename(p.argv[0]) == RELAY and
+            (uid is None or p.uids[0] == uid)]
+
+
+def wait_gone(pid, timeout, what):
+    def gone():
+        try:
+            with open('/proc/%d/stat' % pid) as f:
+                return f.read().split(') ')[-1].startswith('Z')
+        except OSError:
+            return True
+    h.wait_until(gone, timeout, what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports and NBD clients
+
+def export(disk, listen=None):
+    """Disk.Export → (object path, uri)."""
+    o = dbus.Dictionary({'listen': dbus.String(listen)} if listen is not None else {}, signature='sv')
+    return tuple(disk.call('Export', 'a{sv}', o))
+
+
+def export_props(client, path):
+    return client.get_all(path, IFACE_EXPORT)
+
+
+def exports_on_bus(client):
+    return sorted(p for p in client.managed_objects() if p.startswith(EXPORT_PREFIX))
+
+
+def unix_socket_of(uri):
+    assert uri.startswith('nbd+unix://') and '?socket=' in uri, uri
+    return uri.split('?socket=', 1)[1]
+
+
+def nbd(argv, check=True, timeout=120):
+    return h.run(argv, check=check, timeout=timeout)
+
+
+def nbd_size(uri):
+    return int(nbd(['nbdinfo', '--size', uri]).stdout.strip())
+
+
+def nbd_info(uri):
+    return json.loads(nbd(['nbdinfo', '--json', uri]).stdout)
+
+
+def nbd_sha256(uri, connections=None):
+    """sha256 of everything `nbdcopy URI -` reads."""
+    argv = ['nbdcopy']
+    if connections:
+        argv.append('--connections=%d' % connections)
+    d = hashlib.sha256()
+    with subprocess.Popen(argv + [uri, '-'], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        for b in iter(lambda: p.stdout.read(1 << 20), b''):
+            d.update(b)
+        err = p.stderr.read().decode(errors='replace')
+        rc = p.wait(120)
+    if rc != 0:
+        raise AssertionError('nbdcopy %s - failed (exit %d): %s' % (uri, rc, err))
+    return d.hexdigest()
+
+
+def free_tcp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class SlowReader:
+    """`nbdcopy --connections=1 URI -` into a pipe we do not read until release(): nbdcopy blocks
+    on the full pipe with its one connection open."""
+
+    def __init__(self, uri):
+        self.proc = h.spawn(['nbdcopy', '--connections=1', '--requests=1', uri, '-'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def release(self, timeout=120):
+        d = hashlib.sha256()
+        for b in iter(lambda: self.proc.stdout.read(1 << 20), b''):
+            d.update(b)
+        err = self.proc.stderr.read().decode(errors='replace')
+        rc = self.proc.wait(timeout)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc, d.hexdigest(), err
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def kill_and_reap_check(pid, sig=signal.SIGKILL):
+    os.kill(pid, sig)
+    wait_gone(pid, 10, 'process %d to die' % pid)
+
+
+def now():
+    return time.monotonic()

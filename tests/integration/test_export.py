@@ -1,0 +1,252 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""org.blockstream1.BlockStream.Export and org.blockstream1.Export, end to end: a running guest
+(QEMU's own NBD server) and an offline one (the sandboxed storage helper), each behind the
+sandboxed blockstream-nbd-relay. Real NBD clients (nbdinfo, nbdcopy, qemu-io) read exactly the
+disk's content and cannot write; Clients counts them; Stop closes everything; a killed relay
+makes the export "failed" and leaves the daemon and QEMU clean."""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+import offline as o  # noqa: E402
+from harness import MiB  # noqa: E402
+
+SIZE = 64 * MiB
+ZERO_CAPS = '0000000000000000'
+
+
+class ExportTest(h.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+
+    # -- guests
+
+    def running_guest(self):
+        g = self.new_guest(size=SIZE)
+        # The reference was made before QEMU started (Chain does that).
+        g.expected_sha = o.file_sha256(g.chains['vda'].ref)
+        return g
+
+    def offline_guest(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        path = self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, name)
+        g = h.Guest(self, name, None, chains, path)
+        g.expected_sha = o.chain_sha256(chains['vda'].top)
+        return g
+
+    def helper_uid(self, g):
+        return o.identity(self.env, g.name)[0]
+
+    def new_export(self, g, listen=None):
+        since = time.monotonic()
+        path, uri = o.export(g.disk(), listen)
+        self.addCleanup(self._stop_quietly, path)
+        self.client.wait_for(lambda: [s for s in self.client.signals_of('InterfacesAdded', since=since)
+                                      if s['args'][0] == path], 5, 'InterfacesAdded for %s' % path)
+        return path, uri
+
+    def _stop_quietly(self, path):
+        if self.env.daemon.running():
+            self.client.try_call(path, o.IFACE_EXPORT, 'Stop', timeout=10)
+
+    def assert_no_qemu_exports(self, g):
+        if g.qemu is not None:
+            h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 5,
+                         'no block export left in QEMU (query-block-exports: %r)'
+                         % g.qemu.qmp.cmd('query-block-exports'))
+
+    def the_relay(self, g):
+        uid = self.helper_uid(g)
+        rs = h.wait_until(lambda: o.relays(self.env, uid), 5, 'the relay of %s (uid %d)' % (g.name, uid))
+        self.assertEqual(len(rs), 1, rs)
+        return rs[0]
+
+    # -- the whole life of an export
+
+    def _serve_read_stop(self, g):
+        d = g.disk()
+        c = g.chains['vda']
+        path, uri = self.new_export(g)
+        sock = o.unix_socket_of(uri)
+        self.assertTrue(uri.startswith('nbd+unix:///'), uri)
+        self.assertTrue(sock.startswith(self.env.daemon.runtime_dir + '/'), 'socket %s outside the runtime dir' % sock)
+        self.assertTrue(os.path.exists(sock))
+        p = o.export_props(self.client, path)
+        self.assertEqual(p, {'URI': uri, 'Disk': d.path, 'Clients': 0, 'State': 'serving'})
+        self.assertIn(path, o.exports_on_bus(self.client))
+        # Exactly the disk.
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export does not read as the disk')
+        # Read-only.
+        info = o.nbd_info(uri)
+        exports = info.get('exports') or [info]
+        self.assertTrue(exports[0].get('is_read_only'), 'the export is not read-only: %r' % info)
+        r = h.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x99 0 512', uri], check=False)
+        self.assertNotEqual(r.returncode, 0, 'qemu-io wrote to the export: %s%s' % (r.stdout, r.stderr))
+        r = h.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x99 0 512', '--image-opts',
+                   'driver=nbd,path=%s,export=%s' % (sock, uri.split('///')[1].split('?')[0])], check=False)
+        self.assertNotEqual(r.returncode, 0, 'qemu-io wrote to the export: %s%s' % (r.stdout, r.stderr))
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export changed')
+        # The relay: the guest's helper uid, confined.
+        relay = self.the_relay(g)
+        uid = self.helper_uid(g)
+        self.assertEqual(relay.uids, [uid] * 4)
+        self.assertEqual(relay.gids, [uid] * 4)
+        self.assertEqual(relay.groups, [])
+        for k in ('CapPrm', 'CapEff', 'CapBnd'):
+            self.assertEqual(relay.status[k], ZERO_CAPS, '%s of the relay' % k)
+        self.assertEqual((relay.status['NoNewPrivs'], relay.status['Seccomp']), ('1', '2'))
+        for ns in ('mnt', 'net'):
+            self.assertNotEqual(os.readlink('/proc/%d/ns/%s' % (relay.pid, ns)), os.readlink('/proc/self/ns/%s' % ns),
+                                'the relay shares our %s namespace' % ns)
+        self.assertFalse(os.path.exists('/proc/%d/root%s' % (relay.pid, c.top)), 'the image is visible to the relay')
+        # Stop.
+        since = time.monotonic()
+        self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+        self.client.wait_for(lambda: [s for s in self.client.signals_of('InterfacesRemoved', since=since)
+                                      if s['args'][0] == path], 5, 'InterfacesRemoved for %s' % path)
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        self.assertDBusError((h.ERR_UNKNOWN_OBJECT, h.ERR_UNKNOWN_METHOD, 'org.freedesktop.DBus.Error.UnknownInterface'),
+                             self.client.get_all, path, o.IFACE_EXPORT)
+        self.assertFalse(os.path.exists(sock), 'Stop left the socket %s' % sock)
+        r = h.run(['nbdinfo', uri], check=False)
+        self.assertNotEqual(r.returncode, 0, 'nbdinfo still reads a stopped export')
+        o.wait_gone(relay.pid, 5, 'the relay to exit after Stop')
+        self.assert_no_qemu_exports(g)
+        return path
+
+    def test_running_guest(self):
+        g = self.running_guest()
+        self._serve_read_stop(g)
+        self.assertTrue(g.qemu.running(), 'the guest died')
+        self.assertEqual(g.disk().prop('State'), 'idle')
+
+    def test_offline_guest(self):
+        g = self.offline_guest()
+        self._serve_read_stop(g)
+        h.wait_until(lambda: not o.storage_helpers(self.env, self.helper_uid(g)), 10,
+                     'the storage helper to exit once its export stopped')
+        self.assertEqual(h.image_check(g.chains['vda'].top)[0], 0)
+        lines, text = o.getfattr_selinux(self.env.images, self.env.daemon.state_dir, self.env.daemon.runtime_dir)
+        self.assertEqual(lines, [], 'security.selinux written although SELinux is off:\n' + text)
+
+    def test_two_exports_of_one_disk(self):
+        g = self.running_guest()
+        p1, u1 = self.new_export(g)
+        p2, u2 = self.new_export(g)
+        self.assertNotEqual(p1, p2)
+        self.assertNotEqual(u1, u2)
+        self.assertEqual(o.nbd_sha256(u1), g.expected_sha)
+        self.assertEqual(o.nbd_sha256(u2), g.expected_sha)
+        self.client.call(p1, o.IFACE_EXPORT, 'Stop')
+        self.assertEqual(o.nbd_sha256(u2), g.expected_sha, 'stopping one export broke the other')
+        self.client.call(p2, o.IFACE_EXPORT, 'Stop')
+        self.assert_no_qemu_exports(g)
+
+    # -- TCP and Clients
+
+    def _tcp_clients(self, g):
+        port = o.free_tcp_port()
+        path, uri = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
+        self.assertEqual(uri, 'nbd://127.0.0.1:%d/vda' % port)
+        self.assertEqual(o.export_props(self.client, path)['URI'], uri)
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 0, 5)
+        since = time.monotonic()
+        reader = o.SlowReader(uri)
+        self.addCleanup(reader.kill)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 1, 10)
+        self.client.pump(0.5)
+        self.assertEqual(self.client.get(path, o.IFACE_EXPORT, 'Clients'), 1, 'nbdcopy --connections=1 is one client')
+        rc, sha, err = reader.release()
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(sha, g.expected_sha)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 0, 10)
+        seen = [ch['Clients'] for _, ch, _ in self.client.props_changed(path, o.IFACE_EXPORT, since) if 'Clients' in ch]
+        self.assertIn(1, seen, 'no PropertiesChanged announced Clients 1')
+        self.assertEqual(seen[-1], 0, 'the last Clients announced is %r' % seen)
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        r = h.run(['nbdinfo', uri], check=False)
+        self.assertNotEqual(r.returncode, 0, 'the TCP port still serves after Stop')
+        self.assert_no_qemu_exports(g)
+
+    def test_tcp_running_guest(self):
+        self._tcp_clients(self.running_guest())
+
+    def test_tcp_offline_guest(self):
+        self._tcp_clients(self.offline_guest())
+
+    # -- a relay that dies
+
+    def _kill_relay(self, g):
+        path, uri = self.new_export(g)
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        relay = self.the_relay(g)
+        since = time.monotonic()
+        daemon_pid = self.env.daemon.proc.pid
+        os.kill(relay.pid, signal.SIGKILL)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'failed', 10)
+        self.client.wait_for(lambda: [ch for _, ch, _ in self.client.props_changed(path, o.IFACE_EXPORT, since)
+                                      if ch.get('State') == 'failed'], 5,
+                             'a PropertiesChanged signal with State "failed"')
+        self.assertTrue(self.env.daemon.running(), 'the daemon died with the relay')
+        self.assertEqual(self.env.daemon.proc.pid, daemon_pid)
+        self.assertEqual(self.client.get(g.path, h.IFACE_GUEST, 'Name'), g.name, 'the daemon does not answer')
+        o.wait_gone(relay.pid, 5, 'the killed relay to be reaped')
+        r = h.run(['nbdinfo', uri], check=False)
+        self.assertNotEqual(r.returncode, 0, 'a failed export still serves')
+        self.assertFalse(os.path.exists(o.unix_socket_of(uri)), 'a failed export left its socket')
+        self.assert_no_qemu_exports(g)
+        # Stop removes the failed object.
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        # And a new export works.
+        p2, u2 = self.new_export(g)
+        self.assertEqual(o.nbd_sha256(u2), g.expected_sha)
+        self.client.call(p2, o.IFACE_EXPORT, 'Stop')
+        self.assert_no_qemu_exports(g)
+
+    def test_kill_relay_running_guest(self):
+        g = self.running_guest()
+        self._kill_relay(g)
+        self.assertTrue(g.qemu.running())
+
+    def test_kill_relay_offline_guest(self):
+        g = self.offline_guest()
+        self._kill_relay(g)
+        h.wait_until(lambda: not o.storage_helpers(self.env, self.helper_uid(g)), 10,
+                     'the storage helper to exit once no export is left')
+
+    # -- bad options
+
+    def test_bad_listen_refused(self):
+        g = self.running_guest()
+        d = g.disk()
+        before = self.snapshot()
+        bad = ['', 'tcp', 'tcp:', 'tcp:127.0.0.1', 'tcp:127.0.0.1:', 'tcp:127.0.0.1:0', 'tcp:127.0.0.1:65536',
+               'tcp:127.0.0.1:-1', 'tcp:127.0.0.1:80x', 'tcp:localhost:10809', 'tcp:999.1.1.1:10809',
+               'tcp:[::1:10809', 'unix:/tmp/evil.sock', 'udp:127.0.0.1:10809', 'vsock:2:10809',
+               'tcp:127.0.0.1:10809' + 'x' * 100]
+        for listen in bad:
+            self.assertDBusError(h.ERR_INVALID_ARGS, o.export, d, listen)
+        # Wrong types and unknown options.
+        for opt in (h.opts(listen=h.U(1)), h.opts(port=h.S('10809')), h.opts(listen=h.S('unix'), writable=True)):
+            self.assertDBusError(h.ERR_INVALID_ARGS, d.call, 'Export', 'a{sv}', opt)
+        self.assertEqual(o.exports_on_bus(self.client), [])
+        self.assertEqual(o.relays(self.env), [])
+        self.assertSnapshotEqual(before, self.snapshot(), 'refused Export calls')
+        self.assert_no_qemu_exports(g)
+
+
+if __name__ == '__main__':
+    h.main()

@@ -1,0 +1,379 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Guests that are not running: RegisterGuest with an empty QMP socket and the disks as an option,
+streamed through D-Bus by the real sandboxed storage helper (`qemu-system-x86_64 -machine none`,
+images passed as fds), checked like the running-guest tests check theirs (test_stream.py); the
+helper's identity and confinement as the kernel shows them; a helper killed mid-job; image trust
+at registration (backings outside the image directories, symlinks, other guests' disks)."""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+import offline as o  # noqa: E402
+from harness import T, S, opts, MiB  # noqa: E402
+
+SIZE = 64 * MiB
+ZERO_CAPS = '0000000000000000'
+
+
+class OfflineTest(h.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+
+    # -- helpers
+
+    def new_offline_guest(self, aliases=('vda',), size=SIZE, name=None):
+        name = name or self.unique_name()
+        chains = self.make_chains(aliases, size)
+        path = self.register(name, '', o.offline_options({a: c.top for a, c in chains.items()}))
+        self.addCleanup(self.unregister_quietly, name)
+        return h.Guest(self, name, None, chains, path)
+
+    def helper_uid(self, g):
+        return o.identity(self.env, g.name)[0]
+
+    def the_helper(self, g, timeout=10):
+        uid = self.helper_uid(g)
+        hs = h.wait_until(lambda: o.storage_helpers(self.env, uid), timeout,
+                          'the storage helper of %s (uid %d) to run' % (g.name, uid))
+        self.assertEqual(len(hs), 1, 'more than one storage helper for %s: %r' % (g.name, hs))
+        return hs[0]
+
+    def assert_helper_gone(self, g, timeout=10):
+        uid = self.helper_uid(g)
+        h.wait_until(lambda: not o.storage_helpers(self.env, uid), timeout,
+                     'the storage helper of %s to exit after its job' % g.name)
+
+    def assert_one_finished(self, d, since, result, settle=1.0):
+        self.client.pump(settle)
+        f = d.finished(since)
+        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
+        self.assertEqual(f[0][0], result, 'Finished%r' % (f[0],))
+        return f[0]
+
+    def states_announced(self, d, since):
+        return [ch['State'] for _, ch, _ in self.client.props_changed(d.path, h.IFACE_STREAM, since) if 'State' in ch]
+
+    def assert_not_registered(self, name, before, what):
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest',
+                             's', name)
+        self.assertFalse(os.path.exists(o.state_file(self.env, name)), '%s left a state file' % what)
+        self.assertNotIn(h.guest_path(name), self.client.managed_objects(), '%s left an object' % what)
+        self.assertSnapshotEqual(before, self.snapshot(), what)
+
+    def assert_no_selinux_xattrs(self):
+        lines, text = o.getfattr_selinux(self.env.images, self.env.daemon.state_dir, self.env.daemon.runtime_dir)
+        self.assertEqual(lines, [], 'security.selinux written although SELinux is off:\n' + text)
+
+    # -- properties
+
+    def test_idle_properties(self):
+        g = self.new_offline_guest()
+        c = g.chains['vda']
+        gp = self.client.get_all(g.path, h.IFACE_GUEST)
+        self.assertEqual(gp['Name'], g.name)
+        self.assertEqual(gp['QMPSocket'], '')
+        self.assertFalse(gp['Running'], 'a guest that is not running shows Running')
+        self.assertEqual(gp['Disks'], [h.disk_path(g.name, 'vda')])
+        self.assertEqual(gp['SandboxLabel'], '', 'SandboxLabel must be "" where SELinux is off')
+        p = g.disk().props()
+        expect = {'Guest': g.path, 'Device': 'vda', 'Path': c.top, 'BackingChain': [c.mid, c.base], 'Size': SIZE,
+                  'State': 'idle', 'Mode': '', 'BytesDone': 0, 'BytesTotal': 0, 'Bandwidth': 0, 'Rate': 0,
+                  'StartTime': 0, 'ExpectedEndTime': 0, 'Error': ''}
+        for k, v in expect.items():
+            self.assertEqual(p.get(k), v, 'property %s' % k)
+        uid, c1, c2 = o.identity(self.env, g.name)
+        self.assertTrue(2147418112 <= uid < 2147483646, 'helper uid %d outside the default HelperUIDRange' % uid)
+        self.assertLess(c1, c2)
+        self.assertLess(c2, 1024)
+        # Nothing runs for a guest without a job.
+        self.assertEqual(o.storage_helpers(self.env, uid), [])
+
+    # -- full stream
+
+    def test_full_stream(self):
+        g = self.new_offline_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = time.monotonic()
+        self.assertIsNone(d.start(0, 0, h.no_opts()))
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assert_one_finished(d, since, 'completed')
+        p = d.props()
+        self.assertEqual(p['State'], 'completed')
+        self.assertEqual(p['Mode'], 'full')
+        self.assertGreater(p['BytesTotal'], 0)
+        self.assertEqual(p['BytesDone'], p['BytesTotal'])
+        self.assertEqual(done, p['BytesDone'])
+        self.assertEqual(p['BackingChain'], [], 'BackingChain not re-read after completion')
+        self.assertEqual(p['Error'], '')
+        states = self.states_announced(d, since)
+        self.assertIn('running', states)
+        self.assertEqual(states[-1], 'completed')
+        self.assert_helper_gone(g)
+        self.assertIsNone(h.image_backing(c.top), 'the top image still has a backing file')
+        rc, out = c.compare()
+        self.assertEqual(rc, 0, 'streamed image differs from the original chain: ' + out)
+        rc, out = h.image_check(c.top)
+        self.assertEqual(rc, 0, out)
+        self.assert_no_selinux_xattrs()
+        # The guest's own QEMU can have it now.
+        q = self.start_qemu({'vda': c})
+        q.quit()
+
+    def test_stream_with_base(self):
+        g = self.new_offline_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = time.monotonic()
+        d.start(0, 0, opts(base=S(c.base)))
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assert_one_finished(d, since, 'completed')
+        self.assert_helper_gone(g)
+        # The header names the base by its path: the helper only knew it as an fd, but the guest's
+        # own QEMU (and qemu-img) must find it after the helper is gone.
+        self.assertEqual(h.image_backing(c.top), c.base,
+                         'after the stream the top image names its backing file %r, not the base %s'
+                         % (h.image_backing(c.top), c.base))
+        p = d.props()
+        self.assertEqual(p['BackingChain'], [c.base], 'the chain must keep the base')
+        self.assertEqual(p['BytesDone'], p['BytesTotal'])
+        rc, out = c.compare()
+        self.assertEqual(rc, 0, out)
+        u = c.u
+        self.assertEqual(h.depths_in(c.top, 64 * u, 32 * u), {0}, "mid's data was not copied into the top")
+        self.assertEqual(h.depths_in(c.top, 176 * u, 16 * u), {1}, "base's data must stay in the base")
+        self.assertEqual(h.image_check(c.top)[0], 0)
+
+    def test_two_disks(self):
+        g = self.new_offline_guest(aliases=('vda', 'vdb'), size=32 * MiB)
+        a, b = g.disk('vda'), g.disk('vdb')
+        since = time.monotonic()
+        a.start(0, 0, opts(bandwidth=T(1 * MiB)))
+        a.wait_state('running', 10)
+        b.start()
+        res, _, err = b.wait_finished(30, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(b.prop('BackingChain'), [])
+        # One helper serves both disks, and stays while vda's job runs.
+        self.the_helper(g)
+        self.assertEqual(a.prop('State'), 'running')
+        a.set_bandwidth(0)
+        res, _, err = a.wait_finished(30, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assert_helper_gone(g)
+        for c in g.chains.values():
+            self.assertEqual(c.compare()[0], 0)
+            self.assertEqual(h.image_check(c.top)[0], 0)
+
+    # -- the helper: identity and confinement, seen from outside
+
+    def test_helper_identity_while_running(self):
+        g = self.new_offline_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        uid = self.helper_uid(g)
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.wait_state('running', 10)
+        hp = self.the_helper(g)
+        self.assertEqual(hp.uids, [uid] * 4, 'the helper runs as %s, not as the guest\'s helper uid %d'
+                         % (hp.status['Uid'], uid))
+        self.assertEqual(hp.gids, [uid] * 4, 'the helper\'s gids are %s, expected %d' % (hp.status['Gid'], uid))
+        self.assertEqual(hp.groups, [], 'the helper kept supplementary groups')
+        for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb'):
+            self.assertEqual(hp.status[k], ZERO_CAPS, '%s of the helper' % k)
+        self.assertEqual(hp.status['NoNewPrivs'], '1')
+        self.assertEqual(hp.status['Seccomp'], '2')
+        self.assertIn('-sandbox', hp.argv)
+        # Its own mount and network namespaces; no image is reachable by path from inside.
+        for ns in ('mnt', 'net'):
+            self.assertNotEqual(os.readlink('/proc/%d/ns/%s' % (hp.pid, ns)), os.readlink('/proc/self/ns/%s' % ns),
+                                'the helper shares our %s namespace' % ns)
+        root = '/proc/%d/root' % hp.pid
+        for img in (c.top, c.mid, c.base, self.env.images):
+            self.assertFalse(os.path.exists(root + img), '%s is visible inside the helper' % img)
+        self.assertFalse(os.path.exists(root + self.env.daemon.state_dir), 'the state dir is visible inside')
+        with open('/proc/%d/limits' % hp.pid) as f:
+            core = [l for l in f if l.startswith('Max core file size')][0].split()
+        self.assertEqual(core[4:6], ['0', '0'], 'RLIMIT_CORE of the helper: %r' % core)
+        # The images are open in it all the same: as fds.
+        targets = set()
+        for fd in os.listdir('/proc/%d/fd' % hp.pid):
+            try:
+                targets.add(os.readlink('/proc/%d/fd/%s' % (hp.pid, fd)))
+            except OSError:
+                pass
+        self.assertTrue({c.top, c.mid, c.base} <= targets, 'the helper does not hold the images: %r' % targets)
+        d.cancel()
+        res, done, err = d.wait_finished(30, since)
+        self.assertEqual(res, 'cancelled')
+        self.assertGreater(done, 0)
+        self.assert_one_finished(d, since, 'cancelled')
+        self.assertEqual(d.prop('BackingChain'), [c.mid, c.base], 'a cancelled stream dropped the chain')
+        self.assert_helper_gone(g)
+        self.assertEqual(h.image_backing(c.top), c.mid)
+        self.assertEqual(h.image_check(c.top)[0], 0)
+        self.assertEqual(c.compare()[0], 0)
+
+    def test_kill_helper_mid_job(self):
+        g = self.new_offline_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.wait_bytes_done(1 * MiB, 20)
+        hp = self.the_helper(g)
+        os.kill(hp.pid, signal.SIGKILL)
+        d.wait_state('failed', 10)
+        res, done, err = d.wait_finished(10, since)
+        self.assertEqual(res, 'failed')
+        self.assertGreater(done, 0, 'a failed job must say how far it got')
+        self.assertIn('storage helper', err, 'the error does not name the storage helper: %r' % err)
+        self.assert_one_finished(d, since, 'failed')
+        p = d.props()
+        self.assertEqual(p['State'], 'failed')
+        self.assertEqual(p['BytesDone'], done)
+        self.assertEqual(p['Error'], err)
+        self.assertEqual(p['BackingChain'], [c.mid, c.base])
+        self.assertTrue(self.env.daemon.running(), 'the daemon died with its helper')
+        self.assert_helper_gone(g)
+        rc, out = h.image_check(c.top)
+        self.assertIn(rc, (0, 3), 'the image is corrupt after the helper was killed: ' + out)
+        self.assertEqual(h.image_backing(c.top), c.mid)
+        self.assertEqual(c.compare()[0], 0, 'the killed stream changed what the chain reads')
+        # The guest's own QEMU finds the image unlocked and consistent.
+        q = self.start_qemu({'vda': c})
+        self.assertTrue(q.running())
+        q.quit()
+        # And a new job gets a new helper and finishes.
+        since2 = time.monotonic()
+        d.start()
+        res, done, err = d.wait_finished(60, since2)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(d.prop('BackingChain'), [])
+        self.assert_helper_gone(g)
+        self.assertEqual(c.compare()[0], 0)
+        self.assertEqual(h.image_check(c.top)[0], 0)
+
+    # -- the daemon goes away during an offline job
+
+    def test_daemon_restart_during_job(self):
+        """The storage helper dies with the daemon (PDEATHSIG, or the shutdown): after the restart
+        the job must show how it ended, not run forever, and the disk must be usable again."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with self.subTest(signal=sig.name):
+                g = self.new_offline_guest()
+                d = g.disk()
+                c = g.chains['vda']
+                since = time.monotonic()
+                d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+                d.wait_bytes_done(1 * MiB, 20)
+                hp = self.the_helper(g)
+                self.env.daemon.stop(sig)
+                o.wait_gone(hp.pid, 5, 'the storage helper to die with the daemon (%s)' % sig.name)
+                self.assertIn(h.image_check(c.top)[0], (0, 3))
+                self.env.daemon.start()
+                self.client.pump(2)
+                p = d.props()
+                self.assertNotEqual(p['State'], 'running',
+                                    'after a restart (%s) the job of an offline guest, whose helper died with the '
+                                    'daemon, still shows "running" (BytesDone %d); Start/Cancel/Unregister: %r'
+                                    % (sig.name, p['BytesDone'], self._probe_stuck(g)))
+                self.assertEqual(p['State'], 'failed')
+                self.assertEqual(p['BackingChain'], [c.mid, c.base])
+                since2 = time.monotonic()
+                d.start()
+                res, done, err = d.wait_finished(60, since2)
+                self.assertEqual((res, err), ('completed', ''))
+                self.assertEqual(c.compare()[0], 0)
+                self.assertEqual(h.image_check(c.top)[0], 0)
+                self.unregister_quietly(g.name)
+
+    def _probe_stuck(self, g):
+        """What a client can do with a disk that claims to be running: Start, Cancel, Unregister."""
+        d = g.disk()
+        out = {}
+        for what, fn in (('Start', lambda: d.start(0, 0, h.no_opts())), ('Cancel', d.cancel),
+                         ('UnregisterGuest', lambda: self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER,
+                                                                      'UnregisterGuest', 's', g.name))):
+            try:
+                fn()
+                out[what] = 'ok'
+            except h.DBusError as e:
+                out[what] = '%s: %s' % (e.name, e.message)
+        return out
+
+    # -- image trust at registration
+
+    def _refused(self, name, disks, expect_in_message, formats=None):
+        before = self.snapshot()
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, name, '', o.offline_options(disks, formats))
+        for s in expect_in_message:
+            self.assertIn(s, e.message, 'the error does not say %r: %s' % (s, e.message))
+        self.assert_not_registered(name, before, 'a refused registration')
+        return e
+
+    def test_backing_outside_image_dirs_refused(self):
+        chains = self.make_chains(size=16 * MiB)
+        c = chains['vda']
+        h.qemu_img('rebase', '-u', '-b', '/etc/passwd', '-F', 'raw', c.top)
+        self._refused(self.unique_name(), {'vda': c.top}, ['/etc/passwd', 'outside'])
+        # Relative, climbing out.
+        h.qemu_img('rebase', '-u', '-b', '../../../../../../etc/shadow', '-F', 'raw', c.top)
+        self._refused(self.unique_name(), {'vda': c.top}, ['/etc/shadow', 'outside'])
+        # The top itself outside.
+        self._refused(self.unique_name(), {'vda': '/etc/passwd'}, ['/etc/passwd', 'outside'], {'vda': 'raw'})
+
+    def test_symlink_in_chain_refused(self):
+        chains = self.make_chains(size=16 * MiB)
+        c = chains['vda']
+        link = os.path.join(os.path.dirname(c.mid), 'mid-link.qcow2')
+        os.symlink(c.mid, link)
+        h.qemu_img('rebase', '-u', '-b', link, '-F', 'qcow2', c.top)
+        self._refused(self.unique_name(), {'vda': c.top}, [link, 'symbolic link'])
+        # The top named through a symlink.
+        h.qemu_img('rebase', '-u', '-b', c.mid, '-F', 'qcow2', c.top)
+        toplink = os.path.join(os.path.dirname(c.top), 'top-link.qcow2')
+        os.symlink(c.top, toplink)
+        self._refused(self.unique_name(), {'vda': toplink}, [toplink, 'symbolic link'])
+        # A directory of the chain that is a symlink.
+        dirlink = os.path.join(self.env.images, self.unique_name('dirlink'))
+        os.symlink(os.path.dirname(c.top), dirlink)
+        self._refused(self.unique_name(), {'vda': os.path.join(dirlink, 'top.qcow2')}, ['symbolic link'])
+        # The chain itself is fine once named by its real paths.
+        name = self.unique_name()
+        self.register(name, '', o.offline_options({'vda': c.top}))
+        self.unregister_quietly(name)
+
+    def test_other_guests_disk_refused(self):
+        a = self.new_offline_guest(size=16 * MiB)
+        top_a = a.chains['vda'].top
+        # Its disk given directly.
+        self._refused(self.unique_name(), {'vda': top_a}, [top_a, 'another guest'])
+        # As the backing of another chain.
+        other = self.make_chains(size=16 * MiB)['vda']
+        h.qemu_img('rebase', '-u', '-b', top_a, '-F', 'qcow2', other.top)
+        self._refused(self.unique_name(), {'vda': other.top}, [top_a, 'another guest'])
+        # Through a hard link.
+        hard = os.path.join(os.path.dirname(other.top), 'hardlink.qcow2')
+        os.link(top_a, hard)
+        self._refused(self.unique_name(), {'vda': hard}, ['another guest'])
+        # A running guest's disk too.
+        r = self.new_guest(size=16 * MiB)
+        self._refused(self.unique_name(), {'vda': r.chains['vda'].top}, [r.chains['vda'].top, 'another guest'])
+        # And the same image twice in one guest.
+        self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
+
+
+if __name__ == '__main__':
+    h.main()
