@@ -283,8 +283,8 @@ class MatrixTest(PolkitTestCase):
 
             def range_started(r, what, d=d, g=g):
                 self.assertPastAuth(r, what)
-                if r['ok']:      # a 1 MiB range ends soon
-                    d.wait_finished(since=time.monotonic() - 5)
+                if r['ok']:      # a 1 MiB range ends soon; the disk had no job before
+                    d.wait_finished()
                     self.wait_job_gone(g)
             check(STREAM, 'Start (range)',
                   lambda: do(d.path, h.IFACE_STREAM, 'Start', 'tta{sv}', '(%d, %d, {})' % (h.MiB, h.MiB)),
@@ -300,9 +300,11 @@ class MatrixTest(PolkitTestCase):
                 self.assertOk(do(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(%d,)' % (512 * h.KiB)),
                               'SetBandwidth on a running job ' + here)
                 self.assertEqual(d.prop('Bandwidth'), 512 * h.KiB)
-                since = time.monotonic() - 1
+                self.client.pump(0.1)
+                n = len(d.finished())
                 self.assertOk(do(d.path, h.IFACE_STREAM, 'Cancel'), 'Cancel ' + here)
-                result = d.wait_finished(since=since)
+                self.client.wait_for(lambda: len(d.finished()) > n, 30, 'Finished after Cancel ' + here)
+                result = d.finished()[n]
                 self.assertEqual(result[0], 'cancelled', result)
                 self.wait_job_gone(g)
             check(STREAM, 'Start', lambda: do(d.path, h.IFACE_STREAM, 'Start', 'tta{sv}',
