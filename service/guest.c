@@ -520,6 +520,12 @@ static void guest_fail_jobs(Guest *g, const char *why) {
 
 static void guest_schedule_reconnect(Guest *g);
 
+void guest_fail_orphaned_jobs(Guest *g) {
+        range_cleanup_leftovers(g);
+        guest_fail_jobs(g, "The daemon stopped while the job ran, and the storage helper with it; what was copied "
+                           "stays copied. Start the job again.");
+}
+
 static int reconnect_handler(sd_event_source *s, uint64_t usec, void *userdata) {
         Guest *g = userdata;
 

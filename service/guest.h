@@ -102,6 +102,9 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
 void guest_on_state(Qmp *q, int error, void *userdata);
 void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata);
 void guest_run_waiters(Guest *g, int error, const char *error_text);
+/* An offline guest at daemon start: its storage helper (and every job in it) died with the old
+ * daemon. Jobs are reported failed, finished ones published. */
+void guest_fail_orphaned_jobs(Guest *g);
 int guest_ensure_runtime_dir(Guest *g);
 
 int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,

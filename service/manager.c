@@ -720,7 +720,7 @@ void manager_start_guests(Manager *m) {
         /* Safe against guests going away: a failed connect never frees a published guest. */
         for (Guest *g = m->guests; g; g = g->next)
                 if (g->offline)
-                        range_cleanup_leftovers(g); /* its helper died with the old daemon */
+                        guest_fail_orphaned_jobs(g); /* its helper died with the old daemon */
                 else
                         (void) guest_connect(g);
 }

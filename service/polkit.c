@@ -13,6 +13,10 @@
 
 #define POLKIT_TIMEOUT_USEC (25 * USEC_PER_SEC)
 #define POLKIT_QUERIES_MAX 4096
+/* dbus-daemon lets one connection wait for at most max_replies_per_connection replies (128 by
+ * default, on the system bus too); more checks than that at once would be refused by the bus.
+ * Keep well below it and queue the rest. */
+#define POLKIT_IN_FLIGHT_MAX 64
 /* An answer nobody picked up (the object vanished before the re-dispatch) is dropped after this. */
 #define POLKIT_ANSWER_TTL_USEC (60 * USEC_PER_SEC)
 
@@ -20,6 +24,7 @@ struct PolkitQuery {
         PolkitQuery *next;
         Manager *manager;
         sd_bus_message *request; /* the method call being authorized */
+        sd_bus_message *check;   /* the CheckAuthorization call, until sent (queued) */
         sd_bus_slot *slot;       /* the CheckAuthorization call, while pending */
         sd_bus_track *track;     /* the caller: if it leaves the bus meanwhile, its call is dropped */
         char *action;
@@ -34,6 +39,7 @@ static PolkitQuery *polkit_query_free(PolkitQuery *q) {
                 return NULL;
         sd_bus_slot_unref(q->slot);
         sd_bus_track_unref(q->track);
+        sd_bus_message_unref(q->check);
         sd_bus_message_unref(q->request);
         sd_bus_error_free(&q->error);
         free(q->action);
@@ -70,6 +76,46 @@ static void registry_expire(Manager *m) {
         }
 }
 
+static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error);
+
+static unsigned in_flight(Manager *m) {
+        unsigned n = 0;
+        for (PolkitQuery *q = m->polkit_queries; q; q = q->next)
+                if (q->slot)
+                        n++;
+        return n;
+}
+
+/* Send queued checks, oldest first, while there is room. */
+static void registry_dispatch(Manager *m) {
+        unsigned n = in_flight(m);
+        PolkitQuery *order[POLKIT_IN_FLIGHT_MAX];
+        size_t k = 0;
+
+        if (n >= POLKIT_IN_FLIGHT_MAX)
+                return;
+        /* The list is newest first: collect the oldest queued ones. */
+        for (PolkitQuery *q = m->polkit_queries; q; q = q->next)
+                if (q->check && !q->slot) {
+                        if (k < ELEMENTSOF(order))
+                                order[k++] = q;
+                        else {
+                                memmove(order, order + 1, (ELEMENTSOF(order) - 1) * sizeof(order[0]));
+                                order[ELEMENTSOF(order) - 1] = q;
+                        }
+                }
+        for (size_t i = k; i > 0 && n < POLKIT_IN_FLIGHT_MAX; i--) {
+                PolkitQuery *q = order[i - 1];
+                int r = sd_bus_call_async(m->bus, &q->slot, q->check, check_reply, q, POLKIT_TIMEOUT_USEC);
+                if (r < 0) {
+                        log_warning_errno(r, "Failed to ask polkit: %m");
+                        continue; /* stays queued; retried with the next answer */
+                }
+                q->check = sd_bus_message_unref(q->check);
+                n++;
+        }
+}
+
 static unsigned registry_size(Manager *m) {
         unsigned n = 0;
         for (PolkitQuery *q = m->polkit_queries; q; q = q->next)
@@ -86,6 +132,7 @@ static int caller_gone(sd_bus_track *t, void *userdata) {
         log_debug("Caller of an authorization for %s left the bus; dropping its call.", q->action);
         registry_remove(m, q);
         polkit_query_free(q);
+        registry_dispatch(m);
         return 0;
 }
 
@@ -99,6 +146,7 @@ static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_
         q->track = sd_bus_track_unref(q->track);
         q->answered = true;
         q->answered_at = now_usec(CLOCK_MONOTONIC);
+        registry_dispatch(m);
 
         e = sd_bus_message_get_error(reply);
         if (e) {
@@ -237,13 +285,9 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
                 polkit_query_free(q);
                 return r;
         }
-        r = sd_bus_call_async(m->bus, &q->slot, call, check_reply, q, POLKIT_TIMEOUT_USEC);
-        if (r < 0) {
-                polkit_query_free(q);
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                        "Access denied: could not ask polkit (%s).", strerror(-r));
-        }
+        q->check = TAKE_PTR(call);
         q->next = m->polkit_queries;
         m->polkit_queries = q;
+        registry_dispatch(m);
         return 0;
 }

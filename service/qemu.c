@@ -441,6 +441,7 @@ int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t han
         if (!o || json_object_object_add(o, "job-id", json_object_new_string(a->job_id)) < 0 ||
                 json_object_object_add(o, "device", json_object_new_string(a->node_name)) < 0 ||
                 (a->base_node && json_object_object_add(o, "base-node", json_object_new_string(a->base_node)) < 0) ||
+                (a->backing_file && json_object_object_add(o, "backing-file", json_object_new_string(a->backing_file)) < 0) ||
                 (a->speed > 0 && json_object_object_add(o, "speed", json_object_new_int64((int64_t) a->speed)) < 0) ||
                 json_object_object_add(o, "auto-finalize", json_object_new_boolean(true)) < 0 ||
                 json_object_object_add(o, "auto-dismiss", json_object_new_boolean(false)) < 0 ||

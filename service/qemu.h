@@ -107,6 +107,8 @@ typedef struct QemuStreamArgs {
         const char *job_id;
         const char *node_name;
         const char *base_node; /* NULL: the whole chain */
+        const char *backing_file; /* what the top's header names as its new backing; NULL: QEMU's
+                                   * idea (the base node's filename, /dev/fdset/N for fd-fed images) */
         uint64_t speed;        /* 0: unlimited */
 } QemuStreamArgs;
 

@@ -30,6 +30,8 @@ struct StorageHelper {
         unsigned fdset_seq;
         bool attached;
         bool lost;         /* its QMP connection is gone */
+        bool stopping;     /* we asked it to quit: its end is expected */
+        sd_event_source *stop_timer;
         char *error;       /* why attaching failed */
 };
 
@@ -38,6 +40,7 @@ static void helper_free(StorageHelper *h) {
                 return;
         sd_event_source_disable_unref(h->child_source);
         sd_event_source_disable_unref(h->log_source);
+        sd_event_source_disable_unref(h->stop_timer);
         closep(&h->log_fd);
         free(h->error);
         free(h);
@@ -92,12 +95,13 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
         StorageHelper *h = userdata;
         Guest *g = h->guest;
         _cleanup_free_ char *why = NULL;
+        bool expected;
 
         if (si->si_code == CLD_EXITED)
                 why = strdup_printf("The storage helper exited with status %i.", si->si_status);
         else
                 why = strdup_printf("The storage helper was killed by signal %s.", sigabbrev_np(si->si_status) ?: "?");
-        if (si->si_code == CLD_EXITED && si->si_status == 0)
+        if ((si->si_code == CLD_EXITED && si->si_status == 0) || h->stopping)
                 log_info("Guest %s: storage helper exited.", g->name);
         else
                 log_warning("Guest %s: %s", g->name, why ?: "The storage helper died.");
@@ -107,7 +111,11 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
                 h->lost = true;
                 g->qmp = qmp_close_unref(g->qmp);
         }
+        expected = h->stopping;
         helper_free(h);
+        /* Asked for again while it was quitting: a fresh one for them. */
+        if (expected && g->waiters && storage_helper_start(g) >= 0)
+                return 0;
         /* Jobs and waiters learn it, unless they already did through QMP. */
         fail_waiters_and_jobs(g, why ?: "The storage helper died.");
         guest_update_polling(g);
@@ -122,6 +130,8 @@ void storage_helper_lost(Guest *g, int error) {
         if (!h || h->lost)
                 return;
         h->lost = true;
+        if (h->stopping)
+                return; /* it is on its way out, as asked; the child handler sees it go */
         /* Whatever it is doing without a monitor, it does not do it for us any more. */
         (void) kill(h->pid, SIGKILL);
         why = strdup_printf("The storage helper went away (%s).", h->error ?: strerror(-error));
@@ -320,14 +330,25 @@ static void quit_reply(Qmp *q, int error, const char *desc, void *userdata) {
         /* Its exit comes through the child handler. */
 }
 
+static int stop_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        StorageHelper *h = userdata;
+
+        log_warning("Guest %s: the storage helper did not quit in time, killing it.", h->guest->name);
+        (void) kill(h->pid, SIGKILL);
+        return 0;
+}
+
 void storage_helper_stop(Guest *g) {
         StorageHelper *h = g->helper;
 
-        if (!h || h->lost)
+        if (!h || h->lost || h->stopping)
                 return;
         log_info("Guest %s: nothing left for the storage helper to do, stopping it.", g->name);
+        h->stopping = true;
         if (!g->qmp || qemu_quit(g->qmp, quit_reply, NULL, NULL) < 0)
                 (void) kill(h->pid, SIGTERM); /* SIGTERM is a clean QEMU shutdown too */
+        (void) sd_event_add_time_relative(g->manager->event, &h->stop_timer, CLOCK_MONOTONIC, 10 * USEC_PER_SEC, 0,
+                stop_timeout, h);
 }
 
 void storage_helper_kill(Guest *g) {

@@ -333,6 +333,7 @@ typedef struct CallCtx {
         uint64_t value;
         char *job_id;
         char *base_node;
+        char *backing_file;
 } CallCtx;
 
 static void call_ctx_free(void *p) {
@@ -347,6 +348,7 @@ static void call_ctx_free(void *p) {
         free(c->alias);
         free(c->job_id);
         free(c->base_node);
+        free(c->backing_file);
         free(c);
 }
 
@@ -510,7 +512,8 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
         }
         /* The waiter's context is freed after this returns: the QMP call gets its own. */
         send = call_ctx_new(d, c->msg);
-        if (!send || !(send->job_id = strdup(c->job_id)) || (c->base_node && !(send->base_node = strdup(c->base_node)))) {
+        if (!send || !(send->job_id = strdup(c->job_id)) || (c->base_node && !(send->base_node = strdup(c->base_node))) ||
+                (c->backing_file && !(send->backing_file = strdup(c->backing_file)))) {
                 d->starting = false;
                 if (send)
                         send->replied = true;
@@ -524,6 +527,7 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
                         .job_id = send->job_id,
                         .node_name = d->node_name,
                         .base_node = send->base_node,
+                        .backing_file = send->backing_file,
                         .speed = send->value,
                 },
                 start_reply, send, call_ctx_free);
@@ -633,6 +637,16 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 call_ctx_free(c);
                 return -ENOMEM;
         }
+        /* An offline guest's helper knows its images as /dev/fdset/N: the header must name the
+         * base by its real path, or the image is unusable outside the helper. */
+        if (base_node && g->offline) {
+                for (size_t i = 0; d->chain[i]; i++)
+                        if (streq(d->chain_nodes[i], base_node) && !(c->backing_file = strdup(d->chain[i]))) {
+                                c->replied = true;
+                                call_ctx_free(c);
+                                return -ENOMEM;
+                        }
+        }
         d->starting = true;
         /* A running guest: at once. An offline one: once its storage helper is up. */
         r = guest_when_ready(g, start_when_ready, c, call_ctx_free);
@@ -673,12 +687,12 @@ static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *e
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        r = require_running(d, error);
-        if (r < 0)
-                return r;
         r = require_job(d, error);
         if (r < 0)
                 return r;
+        if (!range_running(d) && !guest_qmp_ready(d->guest))
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.", d->alias);
         /* Already where the caller wants it: nothing to ask QEMU. */
         if ((op == 1 && d->job.state == STREAM_PAUSED) || (op == 2 && d->job.state == STREAM_RUNNING))
                 return sd_bus_reply_method_return(msg, NULL);
