@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pwd
+import random
 import re
 import select
 import shutil
@@ -48,6 +49,9 @@ SOURCE_ROOT = os.path.abspath(os.environ.get('BLOCKSTREAM_SOURCE_ROOT') or os.pa
 BLOCKSTREAMD = os.environ.get('BLOCKSTREAMD') or os.path.join(SOURCE_ROOT, 'build', 'service', 'blockstreamd')
 BLOCKSTREAMCTL = os.environ.get('BLOCKSTREAMCTL') or os.path.join(SOURCE_ROOT, 'build', 'ctl', 'blockstreamctl')
 HELPER_DIRECTORY = os.path.dirname(os.path.abspath(BLOCKSTREAMD))
+HELPER_UID_FIRST = 0x7FFF0000     # the daemon's default HelperUIDRange=, 0x7FFF0000-0x7FFFFFFE
+HELPER_UID_SPAN = 256
+HELPER_UID_SLOTS = (0x7FFFFFFE - HELPER_UID_FIRST + 1) // HELPER_UID_SPAN
 BUS_POLICY = os.path.join(SOURCE_ROOT, 'dbus', 'org.blockstream1.conf')
 POLKIT_POLICY = os.path.join(SOURCE_ROOT, 'policy', 'org.blockstream1.policy')
 POLKIT_RULES = os.path.join(SOURCE_ROOT, 'policy', '50-blockstream.rules')
@@ -472,6 +476,12 @@ class Daemon:
             f.write('ImageDirectories=%s\n' % env.images)
             # Its helpers (blockstream-pull, blockstream-nbd-relay) are built beside it.
             f.write('HelperDirectory=%s\n' % HELPER_DIRECTORY)
+            # Helper uids of this daemon only: RLIMIT_NPROC counts a uid's processes (threads too)
+            # machine-wide, and every daemon starts at the first uid of the default range, so a
+            # storage helper of another test run would make our helpers' exec fail with EAGAIN.
+            # A config_extra with HelperUIDRange= comes later and wins.
+            first = HELPER_UID_FIRST + random.randrange(HELPER_UID_SLOTS) * HELPER_UID_SPAN
+            f.write('HelperUIDRange=%d-%d\n' % (first, first + HELPER_UID_SPAN - 1))
             f.write(config_extra)
 
     def argv(self):

@@ -1,0 +1,792 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Byte-range streaming (Start with an offset and a length) and GetAllocationMap, against the real
+daemon, its sandboxed blockstream-pull helper and real QEMU: the map after a range shows exactly
+the range's clusters local and nothing else changed, the data still reads as the chain's, guest
+writes during a range survive, Pause/Resume/Cancel/SetBandwidth work live, maps agree with
+qemu-img map on random chains, and whatever ends a job leaves no filter node or export in QEMU."""
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+import ranges as r  # noqa: E402
+from harness import KiB, MiB, T, S, opts  # noqa: E402
+
+SIZE = r.SIZE
+U = SIZE // 256     # harness.Chain's unit: 1 MiB here
+CS = r.CLUSTER
+
+
+# Two races of the daemon, each with a test of its own (test_back_to_back_operations,
+# test_offline_back_to_back_calls), are kept out of the other tests so that each of those fails
+# for what it checks: a Start or GetAllocationMap right after an earlier range or map ended
+#  - on a running guest waits SETTLE seconds (the daemon stops QEMU's NBD server after every
+#    operation and starts a new one at the same socket path; QEMU's nbd-server-stop unlinks that
+#    path when it gets to it, which may be after the new server was bound there);
+#  - on an offline guest waits until the storage helper, stopped when idle, has exited (a call
+#    that comes while it quits fails with "the storage helper went away").
+SETTLE = 0.3
+
+
+class SettledDisk(h.Disk):
+    """A BlockStream object whose Start and GetAllocationMap first let the last operation settle."""
+
+    def __init__(self, client, path, env, offline=False):
+        super().__init__(client, path)
+        self.env = env
+        self.offline = offline
+
+    def settle(self):
+        if self.offline:
+            # No child at all: a zombie's exit is not yet known to the daemon.
+            h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the idle storage helper to exit')
+        elif self.client.get(self.path, h.IFACE_STREAM, 'State') not in ('running', 'paused'):
+            time.sleep(SETTLE)
+
+    def call(self, member, sig='', *args):
+        if member in ('Start', 'GetAllocationMap'):
+            self.settle()
+        return super().call(member, sig, *args)
+
+    def try_call(self, member, sig='', *args):
+        if member in ('Start', 'GetAllocationMap'):
+            self.settle()
+        return super().try_call(member, sig, *args)
+
+
+class RangeBase(h.TestCase):
+    """Guests whose every test ends with no filter node, no export and no pull helper left."""
+
+    def guest(self, **kw):
+        g = self.new_guest(size=SIZE, **kw)
+        g.disk = lambda alias='vda': SettledDisk(self.client, h.disk_path(g.name, alias), self.env)
+        # Cleanups run last-in first-out: this one before the guest is dropped.
+        self.addCleanup(self.assert_no_leftovers, g)
+        return g
+
+    def raw_disk(self, g, alias='vda'):
+        """The disk without the settling (for the tests of the races themselves)."""
+        return h.Disk(self.client, h.disk_path(g.name, alias))
+
+    def assert_no_leftovers(self, g, what='the test'):
+        if g.qemu.running() and g.qemu.qmp is not None:
+            nodes, exports = r.leftovers(g.qemu.qmp)
+            self.assertEqual(nodes, [], 'filter nodes left in QEMU after %s' % what)
+            self.assertEqual(exports, [], 'NBD exports left in QEMU after %s' % what)
+        helpers = r.pull_helpers(self.env)
+        self.assertEqual(helpers, [], 'blockstream-pull processes left after %s' % what)
+        socks = self.server_sockets(g)
+        self.assertEqual(socks, [], 'NBD server sockets left in the runtime directory after %s' % what)
+
+    def server_sockets(self, g):
+        """The daemon's listening sockets for QEMU's NBD server of guest g (<runtime>/nbd/<name>.sock)."""
+        nbd_dir = os.path.join(self.env.daemon.runtime_dir, 'nbd')
+        if not os.path.isdir(nbd_dir):
+            return []
+        return [os.path.join(nbd_dir, f) for f in os.listdir(nbd_dir) if f.startswith(g.name + '.')]
+
+    def api_map(self, d, offset=0, length=0):
+        m = r.get_map(d, offset, length)
+        size = d.prop('Size')
+        ln = (size - offset) if length == 0 else length
+        self.assertEqual(r.map_problems(m, offset, ln), [], 'GetAllocationMap(%d, %d) = %r' % (offset, length, m))
+        return m
+
+    def assert_map_is_qemu_img(self, g, m, what, alias='vda'):
+        """The map equals qemu-img map -U of the top image (after a flush of QEMU's caches)."""
+        r.flush(g.qemu, alias)
+        expect = r.expected_map(g.chains[alias].top, 0, SIZE)
+        self.assertEqual(m, expect, '%s: GetAllocationMap differs from qemu-img map --output=json -U' % what)
+
+    def assert_data_is_chain(self, g, start, end, alias='vda', ref=None):
+        """What the guest reads over [start, end) is the chain's data (its raw reference)."""
+        ref = ref or g.chains[alias].ref
+        for off, ln, v in r.pattern_runs(ref, start, end):
+            self.assertIsNotNone(v, 'the reference has mixed data at [%d, +%d)' % (off, ln))
+            self.assertTrue(g.qemu.guest_read(alias, v, off, ln),
+                            'the guest does not read 0x%02x over [%d, +%d) after the range stream' % (v, off, ln))
+
+    def assert_one_finished(self, d, since, settle=1.0):
+        self.client.pump(settle)
+        f = d.finished(since)
+        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
+        return f[0]
+
+    def stream_range(self, g, offset, length, options=None, timeout=60, alias='vda'):
+        """Start a range, wait for Finished; check what every completed range must show."""
+        d = g.disk(alias)
+        size = d.prop('Size')
+        a, b = r.widen(offset, length, size)
+        since = time.monotonic()
+        self.assertIsNone(d.start(offset, length, options if options is not None else h.no_opts()))
+        res, done, err = d.wait_finished(timeout, since)
+        self.assertEqual((res, err), ('completed', ''), 'range [%d, +%d) ended %s' % (offset, length, res))
+        f = self.assert_one_finished(d, since, settle=0.3)
+        p = d.props()
+        self.assertEqual(p['State'], 'completed')
+        self.assertEqual(p['Mode'], 'range')
+        self.assertEqual(p['BytesTotal'], b - a, 'BytesTotal is not the widened range [%d, %d)' % (a, b))
+        self.assertEqual(p['BytesDone'], p['BytesTotal'], 'BytesDone != BytesTotal at completion')
+        self.assertEqual(f[1], p['BytesDone'], 'Finished bytes_done differs from BytesDone')
+        self.assertEqual(p['Error'], '')
+        # api.md: Offset/Length are "the range asked for"; the daemon may show it widened.
+        self.assertIn((p['Offset'], p['Length']), {(a, b - a), (offset, (size - offset) if length == 0 else length)},
+                      'Offset/Length are neither the range asked for nor the widened one')
+        # The export and the filter go before Finished.
+        self.assert_no_leftovers(g, 'Finished of range [%d, +%d)' % (offset, length))
+        return a, b, p
+
+    def check_range_effect(self, g, before, a, b, what, alias='vda'):
+        """After [a, b) was streamed: exactly its backing clusters became local, nothing else
+        changed, the map is qemu-img's, the data is the chain's."""
+        d = g.disk(alias)
+        after = self.api_map(d)
+        zeros = r.zero_clusters(g.chains[alias].ref, a, b)
+        bad = r.mismatches(r.after_range(before, a, b, zeros, SIZE), after, SIZE)
+        self.assertEqual(bad, [], '%s: the map changed where it should not, or not where it should:\n  %s\n'
+                         'before: %r\nafter: %r' % (what, '\n  '.join(bad), before, after))
+        self.assert_map_is_qemu_img(g, after, what, alias)
+        self.assert_data_is_chain(g, a, b, alias)
+        return after
+
+
+class RangeTest(RangeBase):
+
+    def test_range_makes_exactly_its_clusters_local(self):
+        g = self.guest()
+        d = g.disk()
+        before = self.api_map(d)
+        self.assert_map_is_qemu_img(g, before, 'before any range')
+        # Unaligned at both ends: [10M+5000, 40M+12345) covers base data, mid data above base,
+        # the top's own [36M, 38M) and ends inside base's data.
+        offset, end = 10 * U + 5000, 40 * U + 12345
+        a, b, p = self.stream_range(g, offset, end - offset)
+        self.assertEqual((a, b), (10 * U, 40 * U + CS))
+        self.check_range_effect(g, before, a, b, 'range [10M+5000, 40M+12345)')
+        # Outside the range the guest still reads the chain (through its backing files).
+        self.assert_data_is_chain(g, 0, a)
+        self.assert_data_is_chain(g, b, 64 * U)
+        self.assertEqual(p['BackingChain'], [g.chains['vda'].mid, g.chains['vda'].base],
+                         'a range stream must keep the backing chain')
+        r.flush(g.qemu)
+        rc, out = r.image_compare_shared(g.chains['vda'].top, g.chains['vda'].ref)
+        self.assertEqual(rc, 0, 'the chain no longer reads as before: ' + out)
+        rc, out = r.image_check_shared(g.chains['vda'].top)
+        self.assertEqual(rc, 0, 'qemu-img check after a range: ' + out)
+
+    def test_adjacent_and_overlapping_ranges(self):
+        g = self.guest()
+        d = g.disk()
+        m = self.api_map(d)
+        steps = [
+            (4 * U, 4 * U),                  # base data
+            (8 * U, 4 * U),                  # adjacent, after it
+            (2 * U, 3 * U),                  # adjacent before, overlapping the first
+            (10 * U + 1, 8 * U),             # overlapping the second, unaligned
+            (46 * U, 8 * U),                 # mid's zeros [48M, 52M) inside
+            (94 * U + 70000, 4 * U),         # mid's data into the absent [96M, ...)
+            (94 * U, 2 * U),                 # already local: nothing to copy
+        ]
+        for off, ln in steps:
+            a, b, p = self.stream_range(g, off, ln)
+            m = self.check_range_effect(g, m, a, b, 'range [%d, +%d)' % (off, ln))
+        local = r.local_bytes(m, 2 * U, 18 * U + CS)
+        self.assertEqual(local, 16 * U + CS, 'the ranges [2M, 18M+64K) should all be local now: %r' % m)
+
+    def test_length_zero_is_to_the_end(self):
+        g = self.guest()
+        d = g.disk()
+        before = self.api_map(d)
+        offset = 180 * U + 1
+        a, b, p = self.stream_range(g, offset, 0)
+        self.assertEqual((a, b), (180 * U, SIZE))
+        self.assertEqual(p['BytesTotal'], SIZE - 180 * U)
+        self.check_range_effect(g, before, a, b, 'range [180M+1, end)')
+        # The last cluster alone, by length 0.
+        a, b, p = self.stream_range(g, SIZE - 1, 0)
+        self.assertEqual((a, b), (SIZE - CS, SIZE))
+
+    def test_invalid_ranges(self):
+        g = self.guest()
+        d = g.disk()
+        snap = self.snapshot()
+        since = time.monotonic()
+        cases = [
+            (SIZE, 0, 'offset == Size, length 0'),
+            (SIZE, 1, 'offset == Size'),
+            (SIZE + CS, 0, 'offset past the end'),
+            (SIZE - 1, 2, 'one byte past the end'),
+            (SIZE - CS, 2 * CS, 'a cluster past the end'),
+            (0, SIZE + 1, 'length past the end'),
+            (1, h.U64_MAX, 'offset + length overflows'),
+            (h.U64_MAX, 1, 'offset + length overflows (2)'),
+            (h.U64_MAX, h.U64_MAX, 'both at the maximum'),
+            (1 << 63, 1 << 63, 'offset + length wraps to 0'),
+        ]
+        for off, ln, what in cases:
+            e = self.assertDBusError(h.ERR_INVALID_RANGE, d.start, off, ln, h.no_opts())
+            self.assertIn(str(SIZE), e.message, 'the InvalidRange message should give the size (%s)' % what)
+        for off, ln, what in cases[1:]:
+            self.assertDBusError(h.ERR_INVALID_RANGE, d.call, 'GetAllocationMap', 'tt', T(off), T(ln))
+        self.client.pump(0.5)
+        self.assertEqual(d.finished(since), [], 'a refused Start emitted Finished')
+        self.assertSnapshotEqual(snap, self.snapshot(), 'refused range Starts')
+        self.assertEqual(d.prop('State'), 'idle')
+        # The map at the very end is empty, not an error; a valid range still works afterwards.
+        self.assertEqual(r.get_map(d, SIZE, 0), [])
+        self.stream_range(g, SIZE - CS, CS)
+
+    def test_cancel_mid_range_then_start_finishes_only_the_rest(self):
+        g = self.guest()
+        d = g.disk()
+        ch = g.chains['vda']
+        bw = 4 * MiB
+        off, ln = 0, 32 * U           # base data throughout
+        before = self.api_map(d)
+        self.assertEqual(r.local_bytes(before, off, off + ln), 0)
+        since = time.monotonic()
+        d.start(off, ln, opts(bandwidth=T(bw)))
+        d.wait_state('running', 10)
+        d.wait_bytes_done(10 * MiB, 20)
+        d.cancel()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'cancelled', 'Finished%r' % ((res, done, err),))
+        self.assert_one_finished(d, since)
+        self.assertEqual(d.prop('State'), 'cancelled')
+        self.assertGreaterEqual(done, 10 * MiB)
+        self.assertLess(done, ln, 'the cancel came after everything was copied: slow the stream down')
+        self.assert_no_leftovers(g, 'a cancelled range')
+        mid = self.api_map(d)
+        self.assert_map_is_qemu_img(g, mid, 'after the cancel')
+        # A prefix is local: starts at the range's start, at least what Finished counted, no gaps
+        # but the reads that were in flight (never more than 8 at a time).
+        loc = [(o, l) for o, l, dep, k in r.clip(mid, off, ln) if k == 'local']
+        self.assertTrue(loc and loc[0][0] == off, 'no local prefix after the cancel: %r' % mid)
+        local_before = r.local_bytes(mid, off, off + ln)
+        self.assertGreaterEqual(local_before, done, 'Finished says %d bytes were done, %d are local' % (done, local_before))
+        self.assertLess(local_before, ln)
+        prefix_end = loc[0][0] + loc[0][1]
+        self.assertLessEqual(local_before - loc[0][1], 8 * MiB, 'local clusters scattered far after the prefix: %r' % loc)
+        for o, l, dep, k in r.clip(mid, off, ln):
+            self.assertIn(k, ('local', 'backing'), mid)
+        r.flush(g.qemu)
+        rc, out = r.image_check_shared(ch.top)
+        self.assertEqual(rc, 0, 'qemu-img check after a cancelled range: ' + out)
+        self.assert_data_is_chain(g, off, off + ln)
+
+        # Again: only the rest is copied, at the same bandwidth.
+        rest = ln - local_before
+        since = time.monotonic()
+        t0 = time.monotonic()
+        d.start(off, ln, opts(bandwidth=T(bw)))
+        res, done2, err = d.wait_finished(30, since)
+        elapsed = time.monotonic() - t0
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(done2, ln, 'the second run counts the whole range as done')
+        after = self.api_map(d)
+        self.assertEqual(r.local_bytes(after, off, off + ln), ln, 'the range is not all local: %r' % after)
+        self.assertEqual(r.mismatches(r.after_range(mid, off, off + ln, set(), SIZE), after, SIZE), [])
+        # What was already local counts as done at once: the second run takes ~rest/bw.
+        early = [c.get('BytesDone') for t, c, i in self.client.props_changed(d.path, h.IFACE_STREAM, since)
+                 if t - since < 1.0 and 'BytesDone' in c]
+        self.assertTrue(early and max(early) >= local_before,
+                        'the already-local %d bytes were not counted within 1 s: %r' % (local_before, early))
+        expect = rest / bw
+        full = ln / bw
+        log_line = ('cancel after %d of %d bytes local; second run %.2f s for the remaining %d bytes at %d B/s '
+                    '(expected ~%.2f s; the whole range would take %.2f s)' % (local_before, ln, elapsed, rest, bw,
+                                                                                 expect, full))
+        h.log(log_line)
+        self.assertLess(elapsed, expect + 2.0, log_line)
+        self.assertGreater(elapsed, max(0.0, (rest - 2 * MiB) / bw - 0.5), log_line)
+        self.assertLess(elapsed, full - 0.5 * (full - expect), log_line)
+        self.check_range_effect(g, mid, off, off + ln, 'the second run')
+
+    def test_guest_writes_during_a_range_are_preserved(self):
+        g = self.guest()
+        d = g.disk()
+        q = g.qemu
+        ch = g.chains['vda']
+        off, ln = 0, 32 * U
+        since = time.monotonic()
+        d.start(off, ln, opts(bandwidth=T(4 * MiB)))
+        d.wait_state('running', 10)
+        d.wait_bytes_done(2 * MiB, 20)
+        writes = [
+            (0x5a, 28 * U, 2 * CS),              # whole clusters, not yet streamed
+            (0x5b, 30 * U + 4096, 4096),         # inside a cluster not yet streamed (COW from base)
+            (0x5c, 0, 8192),                     # already streamed
+            (0x5d, 31 * U - 512, 1024),          # across a cluster boundary, not yet streamed
+        ]
+        pos = d.prop('BytesDone')
+        self.assertLess(pos, 20 * MiB, 'the stream ran too fast to write ahead of it')
+        m = self.api_map(d, 28 * U, 4 * U)
+        self.assertEqual([k for o, l, dep, k in m], ['backing'],
+                         'the clusters to write are already local before the write: %r' % m)
+        for pat, o, l in writes:
+            q.guest_write('vda', pat, o, l)
+            ch.apply_to_reference(pat, o, l)
+        self.assertEqual(d.prop('State'), 'running', 'the writes came after the stream ended')
+        res, done, err = d.wait_finished(30, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assert_one_finished(d, since)
+        for pat, o, l in writes:
+            self.assertTrue(q.guest_read('vda', pat, o, l),
+                            'guest write 0x%02x at [%d, +%d) was overwritten by the range stream' % (pat, o, l))
+        # Around the sub-cluster writes, base's data.
+        self.assertTrue(q.guest_read('vda', 0x11, 30 * U, 4096))
+        self.assertTrue(q.guest_read('vda', 0x11, 30 * U + 8192, CS - 8192))
+        self.assertTrue(q.guest_read('vda', 0x11, 31 * U - CS, CS - 512))
+        self.assertTrue(q.guest_read('vda', 0x11, 31 * U + 512, CS - 512))
+        m = self.api_map(d, off, ln)
+        self.assertEqual([k for o, l, dep, k in m], ['local'], 'the range is not all local: %r' % m)
+        r.flush(q)
+        rc, out = r.image_compare_shared(ch.top, ch.ref)
+        self.assertEqual(rc, 0, 'the disk differs from the chain plus the guest writes: ' + out)
+        rc, out = r.image_check_shared(ch.top)
+        self.assertEqual(rc, 0, out)
+
+    def test_pause_resume_set_bandwidth(self):
+        g = self.guest()
+        d = g.disk()
+        off, ln = 0, 64 * U
+        since = time.monotonic()
+        d.start(off, ln, opts(bandwidth=T(4 * MiB)))
+        p = d.props()
+        self.assertEqual(p['Mode'], 'range')
+        self.assertEqual((p['Offset'], p['Length']), (off, ln))
+        self.assertEqual(p['BytesTotal'], ln)
+        self.assertEqual(p['Bandwidth'], 4 * MiB)
+        self.assertIn(p['State'], ('running',))
+        self.assertGreater(p['StartTime'], 0)
+        d.wait_bytes_done(4 * MiB, 20)
+        # Pause: BytesDone stops (once the reads in flight are in).
+        d.pause()
+        d.wait_state('paused', 5)
+        self.client.pump(0.6)
+        v1 = d.prop('BytesDone')
+        m1 = self.api_map(d, off, ln)
+        self.client.pump(1.5)
+        v2 = d.prop('BytesDone')
+        m2 = self.api_map(d, off, ln)
+        self.assertEqual(v1, v2, 'BytesDone grew while paused')
+        self.assertEqual(m1, m2, 'the map changed while paused')
+        self.assertEqual(d.prop('State'), 'paused')
+        d.resume()
+        d.wait_state('running', 5)
+        d.wait_bytes_done(v2 + 1, 5)
+        # SetBandwidth live: 1 MiB/s holds, 0 lets it run out.
+        d.set_bandwidth(1 * MiB)
+        self.assertEqual(d.prop('Bandwidth'), 1 * MiB)
+        self.client.pump(1.0)
+        b0, t0 = d.prop('BytesDone'), time.monotonic()
+        self.client.pump(3.0)
+        b1, t1 = d.prop('BytesDone'), time.monotonic()
+        rate = (b1 - b0) / (t1 - t0)
+        h.log('range at 1 MiB/s: measured %.2f MiB/s' % (rate / MiB))
+        self.assertLess(rate, 1.6 * MiB, 'SetBandwidth(1 MiB/s) did not slow the range down (%.0f B/s)' % rate)
+        self.assertGreater(rate, 0.5 * MiB, 'SetBandwidth(1 MiB/s): the range crawls at %.0f B/s' % rate)
+        self.assertLess(b1, ln, 'the range ended before 0 was set')
+        t_unlimited = time.monotonic()
+        d.set_bandwidth(0)
+        self.assertEqual(d.prop('Bandwidth'), 0)
+        res, done, err = d.wait_finished(30, since)
+        self.assertEqual((res, done, err), ('completed', ln, ''))
+        self.assertLess(time.monotonic() - t_unlimited, 10, 'SetBandwidth(0) did not lift the limit')
+        self.assert_one_finished(d, since)
+        p = d.props()
+        self.assertEqual((p['State'], p['BytesDone'], p['BytesTotal']), ('completed', ln, ln))
+        states = [c['State'] for t, c, i in self.client.props_changed(d.path, h.IFACE_STREAM, since) if 'State' in c]
+        self.assertEqual(states, ['running', 'paused', 'running', 'completed'], 'State changes announced')
+        # BytesDone never goes backwards.
+        seen = [c['BytesDone'] for t, c, i in self.client.props_changed(d.path, h.IFACE_STREAM, since)
+                if 'BytesDone' in c]
+        self.assertEqual(seen, sorted(seen), 'BytesDone went backwards')
+
+    def test_busy_while_a_range_runs(self):
+        g = self.guest()
+        d = g.disk()
+        since = time.monotonic()
+        d.start(0, 32 * U, opts(bandwidth=T(4 * MiB)))
+        d.wait_state('running', 10)
+        self.assertDBusError(h.ERR_BUSY, d.start, 64 * U, U, h.no_opts())
+        self.assertDBusError(h.ERR_BUSY, d.start, 0, 0, h.no_opts())
+        # A map while the range runs works, and shows part of it local already.
+        d.wait_bytes_done(2 * MiB, 20)
+        m = self.api_map(d)
+        self.assertGreater(r.local_bytes(m, 0, 32 * U), 0)
+        d.cancel()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'cancelled')
+        self.assert_one_finished(d, since)
+
+    def test_back_to_back_operations(self):
+        """A map, then at once a range, a map, a range...: each must find QEMU's NBD server up."""
+        g = self.guest()
+        d = self.raw_disk(g)
+        failures = []
+        for i in range(12):
+            m, e = d.try_call('GetAllocationMap', 'tt', T(0), T(0))
+            if e is not None:
+                failures.append('round %d: GetAllocationMap right after the last operation: %s' % (i, e))
+            since = time.monotonic()
+            off = (i * 4 + 1) * U
+            _, e = d.try_call('Start', 'tta{sv}', T(off), T(2 * U), h.no_opts())
+            if e is not None:
+                failures.append('round %d: Start(%d, %d) right after a map: %s' % (i, off, 2 * U, e))
+                continue
+            f = d.wait_finished(30, since)
+            if f[0] != 'completed':
+                failures.append('round %d: range ended %r' % (i, f))
+        if failures:
+            self.fail('%d of 24 calls failed:\n  %s' % (len(failures), '\n  '.join(failures)))
+
+
+class RangeFailureTest(RangeBase):
+    """Whatever ends a range job, no filter node, export or helper stays."""
+
+    env_per_test = True
+
+    def start_slow(self, g, ln=64 * U):
+        d = g.disk()
+        since = time.monotonic()
+        d.start(0, ln, opts(bandwidth=T(2 * MiB)))
+        d.wait_state('running', 10)
+        d.wait_bytes_done(1, 20)
+        nodes, exports = r.leftovers(g.qemu.qmp)
+        self.assertEqual(len(nodes), 1, 'one filter node while a range runs: %r' % nodes)
+        self.assertEqual(len(exports), 1, 'one export while a range runs: %r' % exports)
+        self.assertEqual(exports[0].get('node-name'), nodes[0], exports)
+        return d, since
+
+    def test_helper_killed(self):
+        g = self.guest()
+        d, since = self.start_slow(g)
+        helpers = r.pull_helpers(self.env)
+        self.assertEqual(len(helpers), 1, 'one blockstream-pull child while a range runs: %r' % helpers)
+        pid, argv = helpers[0]
+        self.assertIn('--pull', argv)
+        os.kill(pid, signal.SIGKILL)
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'failed', 'Finished%r' % ((res, done, err),))
+        self.assertTrue(err, 'a failed range carries no error text')
+        self.assert_one_finished(d, since)
+        p = d.props()
+        self.assertEqual(p['State'], 'failed')
+        self.assertEqual(p['Error'], err)
+        self.assert_no_leftovers(g, 'the helper was killed')
+        # And the disk works again.
+        self.stream_range(g, 0, 2 * U)
+
+    def test_qemu_killed(self):
+        g = self.guest()
+        d, since = self.start_slow(g)
+        g.qemu.kill()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'failed', 'Finished%r' % ((res, done, err),))
+        self.assertTrue(err)
+        self.assert_one_finished(d, since)
+        self.assertEqual(d.prop('State'), 'failed')
+        h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the pull helper to go')
+        try:
+            h.wait_until(lambda: self.server_sockets(g) == [], 5, 'the NBD server socket to go')
+        except AssertionError:
+            self.fail('the daemon left its NBD server socket %s behind after QEMU died mid-range'
+                      % self.server_sockets(g))
+
+    def test_daemon_killed_and_restarted(self):
+        g = self.guest()
+        d, since = self.start_slow(g)
+        helpers = r.pull_helpers(self.env)
+        self.assertEqual(len(helpers), 1, helpers)
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        # The helper follows its daemon (its control socket closes).
+        pid = helpers[0][0]
+        h.wait_until(lambda: not r.alive(pid), 10, 'the pull helper to exit after its daemon died')
+        since = time.monotonic()
+        self.env.start_daemon()
+        c = self.client
+        c.wait_for(lambda: c.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                   15, 'guest %s to be republished' % g.name)
+        c.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed', timeout=15)
+        p = d.props()
+        self.assertIn('restart', p['Error'].lower(), 'the error should say the daemon restarted: %r' % p['Error'])
+        self.assertEqual(p['Mode'], 'range')
+        res, done, err = d.wait_finished(10, since)
+        self.assertEqual(res, 'failed')
+        self.assertEqual(err, p['Error'])
+        self.assert_one_finished(d, since)
+        c.wait_prop(g.path, h.IFACE_GUEST, 'Running', True, timeout=10)
+        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 10,
+                     'the filter node and export of the dead job to go from QEMU')
+        # What was copied stays copied, and the disk works again: map, range.
+        m = self.api_map(d)
+        self.assertGreater(r.local_bytes(m, 0, 64 * U), 0)
+        self.stream_range(g, 0, 64 * U)
+
+
+def dbus_dict(d, sig='sv'):
+    import dbus
+    return dbus.Dictionary(d, signature=sig)
+
+
+class OfflineBase(RangeBase):
+
+    def offline_guest(self, top, name=None, settled=True):
+        """Register a guest that is not running, with the chain at `top` as vda: (name, disk)."""
+        name = name or self.unique_name()
+        o = dbus_dict({'disks': dbus_dict({'vda': top}, 'ss'), 'formats': dbus_dict({'vda': 'qcow2'}, 'ss')})
+        path = self.register(name, '', o)
+        self.addCleanup(self.unregister_quietly, name)
+        self.assertEqual(self.client.get(path, h.IFACE_GUEST, 'Running'), False)
+        dp = h.disk_path(name, 'vda')
+        return name, (SettledDisk(self.client, dp, self.env, offline=True) if settled else h.Disk(self.client, dp))
+
+
+class MapTest(OfflineBase):
+
+    cap_image = None
+
+    def test_random_chains_offline(self):
+        for seed in (1, 2, 3, 4, 5):
+            with self.subTest(seed=seed):
+                ch = r.RandomChain(os.path.join(self.env.images, 'rnd%d' % seed), seed, size=32 * MiB)
+                name, d = self.offline_guest(ch.top)
+                whole = r.expected_map(ch.top)
+                kinds = {k for o, l, dep, k in whole}
+                self.assertEqual(kinds, set(r.KINDS), 'seed %d makes no chain with all four kinds' % seed)
+                self.assertTrue(any(dep == 3 for o, l, dep, k in whole), 'nothing at depth 3')
+                m = self.api_map(d)
+                self.assertEqual(m, whole, 'seed %d: GetAllocationMap(0, 0) differs from qemu-img map' % seed)
+                rng = random.Random(seed * 1000)
+                subs = [(0, ch.size), (ch.size - 1, 1), (0, 1), (12345, 0)]
+                for _ in range(12):
+                    o = rng.randrange(0, ch.size)
+                    ln = rng.randrange(1, ch.size - o + 1)
+                    if rng.random() < 0.5:
+                        o -= o % 512
+                    subs.append((o, ln))
+                for o, ln in subs:
+                    got = self.api_map(d, o, ln)
+                    want = r.api_from_qemu_img(r.qemu_img_map(ch.top), o, (ch.size - o) if ln == 0 else ln)
+                    self.assertEqual(got, want, 'seed %d: GetAllocationMap(%d, %d)' % (seed, o, ln))
+                self.assertEqual(r.pull_helpers(self.env), [])
+                h.wait_until(lambda: r.daemon_children(self.env) == [], 15,
+                             'the storage helper to exit after the maps')
+
+    def test_offline_back_to_back_calls(self):
+        """Calls that come as soon as the one before was answered: each starts the storage helper
+        again if it needs to, none fails because the idle helper is on its way out."""
+        ch = h.Chain(os.path.join(self.env.images, 'b2b'), SIZE)
+        name, d = self.offline_guest(ch.top, settled=False)
+        want = r.expected_map(ch.top)
+        failures = []
+        for i in range(8):
+            got, e = d.try_call('GetAllocationMap', 'tt', T(0), T(0))
+            if e is not None:
+                failures.append('round %d: GetAllocationMap: %s' % (i, e))
+            elif [tuple(x) for x in got] != want:
+                failures.append('round %d: GetAllocationMap differs from qemu-img map' % i)
+        since = time.monotonic()
+        _, e = d.try_call('Start', 'tta{sv}', T(0), T(U), h.no_opts())
+        if e is not None:
+            failures.append('Start right after a map: %s' % e)
+        else:
+            f = d.wait_finished(30, since)
+            if f[0] != 'completed':
+                failures.append('Start right after a map ended %r' % (f,))
+            _, e = d.try_call('GetAllocationMap', 'tt', T(0), T(U))
+            if e is not None:
+                failures.append('GetAllocationMap right after Finished: %s' % e)
+        if failures:
+            self.fail('%d calls failed:\n  %s' % (len(failures), '\n  '.join(failures)))
+
+    def test_random_chain_running(self):
+        ch = r.RandomChain(os.path.join(self.env.images, 'rnd-run'), 7, size=32 * MiB)
+        q = self.start_qemu({'vda': ch}, name=self.unique_name('rq'))
+        name = self.unique_name()
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self.unregister_quietly, name)
+        d = SettledDisk(self.client, h.disk_path(name, 'vda'), self.env)
+        m = self.api_map(d)
+        self.assertEqual(m, r.expected_map(ch.top), 'GetAllocationMap of a running guest differs from qemu-img map')
+        for o, ln in ((5 * MiB + 3, 7 * MiB), (31 * MiB, 0)):
+            self.assertEqual(self.api_map(d, o, ln), r.api_from_qemu_img(r.qemu_img_map(ch.top), o,
+                                                                        ln or ch.size - o))
+        self.assertEqual(r.leftovers(q.qmp), ([], []))
+
+    def test_semantics_on_the_standard_chain(self):
+        g = self.guest()
+        d = g.disk()
+        m = self.api_map(d)
+        at = {k: [(o, l) for o, l, dep, kk in m if kk == k] for k in r.KINDS}
+        # harness.Chain: top's own data local, base's and mid's backing (depth 3 and 2), mid's
+        # zeros backing too, [96M, 128M) absent. No zero clusters in the top yet: make some.
+        self.assertIn((36 * U, 2 * U), at['local'])
+        self.assertIn((0, 32 * U), at['backing'])
+        self.assertIn((96 * U, 32 * U), at['absent'])
+        self.assertEqual(at['zero'], [])
+        depth = {(o, l): dep for o, l, dep, k in m}
+        self.assertEqual(depth[(0, 32 * U)], 3)
+        self.assertEqual(depth[(48 * U, 4 * U)], 2, 'the zeros of mid are backing, depth 2: %r' % m)
+        self.assertEqual(depth[(96 * U, 32 * U)], 0)
+        self.assertEqual(depth[(36 * U, 2 * U)], 1)
+        r.hmp_qemu_io(g.qemu, 'vda', 'write -z %d %d' % (200 * U, 4 * U))
+        m = self.api_map(d)
+        self.assertIn((200 * U, 4 * U, 1, 'zero'), m)
+        self.assert_map_is_qemu_img(g, m, 'after a zero write')
+
+    # -- more than 65536 extents
+
+    CAP_CLUSTER = 4096
+    CAP_RUNS = 70000
+
+    def cap_chain(self):
+        """A 573 MB chain with 4 KiB clusters whose map has 140000 extents: every other cluster of
+        the top holds data or zeros in turn, the one between nothing (absent), but for one
+        cluster of the base (backing). Made once per class."""
+        cls = type(self)
+        if cls.cap_image is None:
+            cs, n = self.CAP_CLUSTER, self.CAP_RUNS
+            size = 2 * n * cs
+            dd = os.path.join(self.env.images, 'cap')
+            os.makedirs(dd)
+            base, top = os.path.join(dd, 'base.qcow2'), os.path.join(dd, 'top.qcow2')
+            h.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=%d' % cs, base, str(size))
+            h.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=%d' % cs, '-b', base, '-F', 'qcow2',
+                       top, str(size))
+            r.script_qemu_io(top, ['write -z %d %d' % (2 * i * cs, cs) if i % 2 else
+                                   'write -P 0x%02x %d %d' % (1 + i % 250, 2 * i * cs, cs) for i in range(n)])
+            h.qemu_io(base, 'write -P 0x42 %d %d' % (cs, cs))
+            want = r.expected_map(top)
+            self.assertEqual(len(want), 2 * n)
+            cls.cap_image = (top, size, want)
+        return cls.cap_image
+
+    def test_extent_cap_and_continuation(self):
+        """More than 65536 extents: a reply holds exactly 65536, the next call goes on from the
+        end of the last one, and the pages together are qemu-img's map."""
+        top, size, want = self.cap_chain()
+        name, d = self.offline_guest(top)
+        t0 = time.monotonic()
+        first = r.get_map(d)
+        h.log('GetAllocationMap with %d extents in the reply: %.2f s' % (len(first), time.monotonic() - t0))
+        self.assertEqual(len(first), r.MAP_EXTENTS_MAX, 'a reply must hold at most (and here exactly) 65536 extents')
+        self.assertEqual(r.map_problems(first, 0, size), [])
+        self.assertEqual(first, want[:r.MAP_EXTENTS_MAX])
+        whole, pages = r.get_whole_map(d, size=size)
+        self.assertEqual([len(p) for p in pages], [65536, 65536, 2 * self.CAP_RUNS - 2 * 65536])
+        for p in pages:
+            self.assertEqual(r.map_problems(p, p[0][0], size - p[0][0]), [])
+        self.assertEqual(whole, want, 'the pages together differ from qemu-img map')
+        # A page that starts inside an extent and has a length.
+        o = pages[1][0][0] + 100
+        page = r.get_map(d, o, size - o - 5)
+        self.assertEqual(len(page), r.MAP_EXTENTS_MAX)
+        self.assertEqual(page, r.clip(want, o, size - o - 5)[:r.MAP_EXTENTS_MAX])
+        # The last page, by an offset and length that end in the middle of the last extent.
+        o = pages[2][0][0]
+        page = r.get_map(d, o, size - o - 1)
+        self.assertEqual(page, r.clip(want, o, size - o - 1))
+
+    def test_cli_map_pages_through_the_cap(self):
+        top, size, want = self.cap_chain()
+        name, d = self.offline_guest(top)
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        res = h.run([h.BLOCKSTREAMCTL, '--json', 'map', name, 'vda'], check=False, env=env, timeout=300)
+        self.assertEqual(res.returncode, 0, 'blockstreamctl --json map: %s' % res.stderr)
+        cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
+        self.assertEqual(len(cli), len(want))
+        self.assertEqual(cli, want, 'blockstreamctl --json map over %d extents' % len(want))
+
+
+class OfflineRangeTest(OfflineBase):
+
+    def test_range_on_an_offline_guest(self):
+        ch = h.Chain(os.path.join(self.env.images, self.unique_name('img')), SIZE)
+        name, d = self.offline_guest(ch.top)
+        before = self.api_map(d)
+        self.assertEqual(before, r.expected_map(ch.top))
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the storage helper to exit after the map')
+        since = time.monotonic()
+        off, ln = 20 * U + 777, 30 * U
+        a, b = r.widen(off, ln, SIZE)
+        d.start(off, ln, h.no_opts())
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, done, err), ('completed', b - a, ''))
+        self.assert_one_finished(d, since)
+        p = d.props()
+        self.assertEqual((p['State'], p['Mode'], p['BytesDone'], p['BytesTotal']), ('completed', 'range', b - a, b - a))
+        self.assertEqual(r.pull_helpers(self.env), [])
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the storage helper to exit after the range')
+        self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'Running'), False)
+        after = r.expected_map(ch.top)
+        zeros = r.zero_clusters(ch.ref, a, b)
+        bad = r.mismatches(r.after_range(before, a, b, zeros, SIZE), after, SIZE)
+        self.assertEqual(bad, [], 'offline range: the image map changed where it should not:\n  ' + '\n  '.join(bad))
+        self.assertEqual(self.api_map(d), after)
+        rc, out = h.image_check(ch.top)
+        self.assertEqual(rc, 0, out)
+        rc, out = ch.compare()
+        self.assertEqual(rc, 0, out)
+        self.assertEqual(h.image_backing(ch.top), ch.mid, 'a range must keep the backing file')
+        # A rate-limited one, cancelled: the helpers go away too.
+        since = time.monotonic()
+        d.start(64 * U, 32 * U, opts(bandwidth=T(2 * MiB)))
+        d.wait_bytes_done(1, 20)
+        self.assertEqual(len(r.storage_helpers(self.env)), 1)
+        self.assertEqual(len(r.pull_helpers(self.env)), 1)
+        d.cancel()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'cancelled')
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15,
+                     'the helpers to exit after a cancelled range')
+        self.assertEqual(h.image_check(ch.top)[0], 0)
+        self.assertEqual(ch.compare()[0], 0)
+
+
+class CliRangeTest(RangeBase):
+    needs_cli = True
+
+    def ctl(self, *args, timeout=120):
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        return h.run([h.BLOCKSTREAMCTL] + list(args), check=False, timeout=timeout, env=env)
+
+    def test_pull_range_and_map(self):
+        g = self.guest()
+        d = g.disk()
+        before = self.api_map(d)
+        d.settle()
+        res = self.ctl('pull', g.name, 'vda', '--offset=64M', '--length=32M', '--wait')
+        self.assertEqual(res.returncode, 0, 'blockstreamctl pull --wait: %s %s' % (res.stdout, res.stderr))
+        p = d.props()
+        self.assertEqual((p['State'], p['Mode'], p['Offset'], p['Length']), ('completed', 'range', 64 * MiB, 32 * MiB))
+        self.assertEqual((p['BytesDone'], p['BytesTotal']), (32 * MiB, 32 * MiB))
+        self.check_range_effect(g, before, 64 * MiB, 96 * MiB, 'blockstreamctl pull --offset=64M --length=32M')
+        d.settle()
+        res = self.ctl('--json', 'map', g.name, 'vda')
+        self.assertEqual(res.returncode, 0, res.stderr)
+        cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
+        self.assertEqual(cli, self.api_map(d), 'blockstreamctl --json map differs from GetAllocationMap')
+        d.settle()
+        res = self.ctl('--json', 'map', g.name, 'vda', '--offset=60M', '--length=40M')
+        self.assertEqual(res.returncode, 0, res.stderr)
+        cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
+        self.assertEqual(cli, self.api_map(d, 60 * MiB, 40 * MiB))
+        # Plain output: one line per extent with the kind last.
+        d.settle()
+        res = self.ctl('map', g.name, 'vda')
+        self.assertEqual(res.returncode, 0, res.stderr)
+        lines = [l.split() for l in res.stdout.splitlines() if l.strip() and l.split()[0].isdigit()]
+        self.assertEqual([(int(l[0]), int(l[1]), l[-1]) for l in lines],
+                         [(o, ln, k) for o, ln, dep, k in self.api_map(d)])
+
+
+if __name__ == '__main__':
+    h.main()
