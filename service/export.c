@@ -487,7 +487,6 @@ static int spawn_relay(Export *e) {
                         .stderr_fd = log_w,
                         .argv = argv,
                         .exec_fd = exec_fd,
-                        .max_processes = 16,
                 },
                 &e->relay_pid);
         if (r < 0)

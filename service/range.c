@@ -20,6 +20,7 @@
 #define PULL_BINARY "blockstream-pull"
 #define CONTROL_MESSAGE_MAX 256
 #define EXPORT_GONE_TIMEOUT_USEC (10 * USEC_PER_SEC)
+#define MAPS_PER_GUEST_MAX 8 /* each runs a helper: a flood of GetAllocationMap gets Busy */
 
 typedef struct Extent {
         uint64_t offset, length;
@@ -497,7 +498,6 @@ static int spawn_helper(RangeOp *op) {
                         .stderr_fd = log_w,
                         .argv = argv,
                         .exec_fd = exec_fd,
-                        .max_processes = 16,
                 },
                 &op->pid);
         if (r < 0)
@@ -655,8 +655,17 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
 }
 
 int range_map(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
+        unsigned maps = 0;
         RangeOp *op;
         int r;
+
+        for (RangeOp *i = d->guest->manager->range_ops; i; i = i->next)
+                if (i->map && i->guest == d->guest)
+                        maps++;
+        if (maps >= MAPS_PER_GUEST_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u allocation maps of guest '%s' are being read already; try again shortly.", maps,
+                        d->guest->name);
 
         if (!guest_qmp_ready(d->guest) && !d->guest->offline)
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,

@@ -42,7 +42,8 @@ typedef struct SandboxSpec {
         int exec_fd;               /* > 2: run this opened binary (execveat), so it needs no path inside */
         char *const *env;          /* added to PATH and LANG; may be NULL */
         unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
-        unsigned max_processes;    /* RLIMIT_NPROC of its uid (threads count), 0: 512 */
+        unsigned max_processes;    /* RLIMIT_NPROC: processes and threads of its uid, all helpers of the
+                                    * guest together (a storage helper's QEMU has many threads); 0: 512 */
 } SandboxSpec;
 
 /* Fork, confine, exec. Returns once the helper exec'd (or failed to: then -errno, with what

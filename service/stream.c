@@ -738,6 +738,9 @@ static void set_speed_reply(Qmp *q, int error, const char *desc, void *userdata)
         CallCtx *c = userdata;
         Disk *d = guest_find_disk(c->guest, c->alias);
 
+        /* The job ended meanwhile: then there was no job to tell, and the value is the next one's. */
+        if (error == -EREMOTEIO && d && (d->job.concluded || d->finalizing || !job_is_active(&d->job)))
+                error = 0;
         if (error == 0 && d) {
                 d->bandwidth = c->value;
                 d->job.bandwidth = c->value;
