@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import ranges as r  # noqa: E402
-from harness import KiB, MiB, T, S, opts  # noqa: E402
+from harness import MiB, T, opts  # noqa: E402
 
 SIZE = r.SIZE
 U = SIZE // 256     # harness.Chain's unit: 1 MiB here
@@ -271,7 +271,6 @@ class RangeTest(RangeBase):
         local_before = r.local_bytes(mid, off, off + ln)
         self.assertGreaterEqual(local_before, done, 'Finished says %d bytes were done, %d are local' % (done, local_before))
         self.assertLess(local_before, ln)
-        prefix_end = loc[0][0] + loc[0][1]
         self.assertLessEqual(local_before - loc[0][1], 8 * MiB, 'local clusters scattered far after the prefix: %r' % loc)
         for o, l, dep, k in r.clip(mid, off, ln):
             self.assertIn(k, ('local', 'backing'), mid)
@@ -765,6 +764,7 @@ class CliRangeTest(RangeBase):
         d.settle()
         res = self.ctl('pull', g.name, 'vda', '--offset=64M', '--length=32M', '--wait')
         self.assertEqual(res.returncode, 0, 'blockstreamctl pull --wait: %s %s' % (res.stdout, res.stderr))
+        self.assertIn('completed', res.stdout, 'blockstreamctl pull --wait printed: %r' % res.stdout)
         p = d.props()
         self.assertEqual((p['State'], p['Mode'], p['Offset'], p['Length']), ('completed', 'range', 64 * MiB, 32 * MiB))
         self.assertEqual((p['BytesDone'], p['BytesTotal']), (32 * MiB, 32 * MiB))
@@ -779,6 +779,15 @@ class CliRangeTest(RangeBase):
         self.assertEqual(res.returncode, 0, res.stderr)
         cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
         self.assertEqual(cli, self.api_map(d, 60 * MiB, 40 * MiB))
+        # --json pull --wait: the Finished signal as JSON.
+        since = time.monotonic()
+        d.settle()
+        res = self.ctl('--json', 'pull', g.name, 'vda', '--offset=%d' % (176 * MiB + 5), '--length=1M', '--wait')
+        self.assertEqual(res.returncode, 0, res.stderr)
+        out = json.loads(res.stdout)
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [(out['result'], out['bytes_done'], out['error'])])
+        self.assertEqual(out, {'result': 'completed', 'bytes_done': MiB + r.CLUSTER, 'error': ''})
         # Plain output: one line per extent with the kind last.
         d.settle()
         res = self.ctl('map', g.name, 'vda')
