@@ -9,6 +9,7 @@
 #include <sys/un.h>
 
 #include "bus-error.h"
+#include "bus-util.h"
 #include "export.h"
 #include "range.h"
 #include "guest.h"
@@ -256,82 +257,16 @@ static void register_options_done(RegisterOptions *o) {
         o->formats = strv_free(o->formats);
 }
 
-static int read_string_dict(sd_bus_message *msg, const char *key, char ***ret, sd_bus_error *error) {
-        _cleanup_strv_free_ char **l = NULL;
-        const char *k, *v;
-        int r;
-
-        r = sd_bus_message_enter_container(msg, 'v', "a{ss}");
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' must be of type a{ss}.", key);
-        r = sd_bus_message_enter_container(msg, 'a', "{ss}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_read(msg, "{ss}", &k, &v)) > 0) {
-                if (strv_length(l) >= 2 * OFFLINE_DISKS_MAX)
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' has more than %d entries.",
-                                key, OFFLINE_DISKS_MAX);
-                if (strv_push(&l, strdup(k)) < 0 || strv_push(&l, strdup(v)) < 0)
-                        return -ENOMEM;
-        }
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(msg);
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(msg);
-        if (r < 0)
-                return r;
-        if (!l && !(l = calloc(1, sizeof(char *))))
-                return -ENOMEM;
-        *ret = TAKE_PTR(l);
-        return 0;
-}
-
 static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus_error *error) {
-        int r;
-
-        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
-                const char *key;
-
-                r = sd_bus_message_read(msg, "s", &key);
-                if (r < 0)
-                        return r;
-                if (streq(key, "owner")) {
-                        r = sd_bus_message_read(msg, "v", "u", &o->owner);
-                        if (r < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'owner' must be of type u (a uid).");
-                        o->have_owner = true;
-                } else if (streq(key, "uuid")) {
-                        r = sd_bus_message_read(msg, "v", "s", &o->uuid);
-                        if (r < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'uuid' must be of type s.");
-                } else if (streq(key, "disks")) {
-                        r = read_string_dict(msg, key, &o->disks, error);
-                        if (r < 0)
-                                return r;
-                        o->have_disks = true;
-                } else if (streq(key, "formats")) {
-                        r = read_string_dict(msg, key, &o->formats, error);
-                        if (r < 0)
-                                return r;
-                } else
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Unknown option '%.64s'; RegisterGuest takes 'owner' (u), 'uuid' (s), 'disks' (a{ss}) "
-                                "and 'formats' (a{ss}).",
-                                key);
-                r = sd_bus_message_exit_container(msg);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        return sd_bus_message_exit_container(msg);
+        return bus_read_options(msg, "RegisterGuest",
+                (const BusOption[]) {
+                        { "owner", "u", &o->owner, &o->have_owner },
+                        { "uuid", "s", &o->uuid },
+                        { "disks", "a{ss}", &o->disks, &o->have_disks, OFFLINE_DISKS_MAX },
+                        { "formats", "a{ss}", &o->formats, NULL, OFFLINE_DISKS_MAX },
+                        {},
+                },
+                error);
 }
 
 static int check_qmp_socket(const char *path, sd_bus_error *error) {
@@ -603,43 +538,25 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
         Manager *m = userdata;
         const char *template, *target, *format = NULL;
         uint64_t size = 0;
+        bool have_size = false;
         uid_t caller;
         int r;
 
         r = sd_bus_message_read(msg, "ss", &template, &target);
         if (r < 0)
                 return r;
-        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
+        r = bus_read_options(msg, "ProvisionDisk",
+                (const BusOption[]) {
+                        { "template_format", "s", &format },
+                        { "size", "t", &size, &have_size },
+                        {},
+                },
+                error);
         if (r < 0)
                 return r;
-        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
-                const char *key;
-
-                r = sd_bus_message_read(msg, "s", &key);
-                if (r < 0)
-                        return r;
-                if (streq(key, "template_format")) {
-                        if (sd_bus_message_read(msg, "v", "s", &format) < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'template_format' must be of type s.");
-                } else if (streq(key, "size")) {
-                        if (sd_bus_message_read(msg, "v", "t", &size) < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'size' must be of type t.");
-                        if (size == 0 || size > (UINT64_C(1) << 60) || size % 512)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'size' must be a positive multiple of 512 bytes, at most 1 EiB.");
-                } else
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Unknown option '%.64s'; ProvisionDisk takes 'template_format' (s) and 'size' (t).", key);
-                r = sd_bus_message_exit_container(msg);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(msg);
-        if (r < 0)
-                return r;
+        if (have_size && (size == 0 || size > (UINT64_C(1) << 60) || size % 512))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'size' must be a positive multiple of 512 bytes, at most 1 EiB.");
 
         r = bus_authorize(m, msg, ACTION_MANAGE, NULL, error);
         if (r < 0)

@@ -545,29 +545,45 @@ int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
 
 /* SELinux: every call guarded, so where SELinux is off nothing is ever asked or written. */
 
+/* The daemon's own SELinux user and role, which its helpers keep. */
+static int own_user_role(char **ret_user, char **ret_role) {
+        _cleanup_free_ char *con = NULL;
+        char *c = NULL, *user, *role, *save = NULL;
+
+        if (getcon_raw(&c) < 0)
+                return -errno;
+        con = strdup(c);
+        freecon(c);
+        if (!con)
+                return -ENOMEM;
+        user = strtok_r(con, ":", &save);
+        role = strtok_r(NULL, ":", &save);
+        if (!user || !role)
+                return -EINVAL;
+        *ret_user = strdup(user);
+        *ret_role = strdup(role);
+        if (!*ret_user || !*ret_role) {
+                *ret_user = mfree(*ret_user);
+                *ret_role = mfree(*ret_role);
+                return -ENOMEM;
+        }
+        return 0;
+}
+
 int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
         char **ret_process, char **ret_image) {
-        _cleanup_free_ char *con = NULL;
-        char *user, *role, *save = NULL, *p, *i;
+        _cleanup_free_ char *user = NULL, *role = NULL;
+        char *p, *i;
+        int r;
 
         *ret_process = *ret_image = NULL;
         if (!sandbox_selinux_enabled())
                 return 0;
         if (c1 >= c2 || c2 >= SANDBOX_MCS_CATEGORIES)
                 return -EINVAL;
-        {
-                char *c = NULL;
-                if (getcon_raw(&c) < 0)
-                        return -errno;
-                con = strdup(c);
-                freecon(c);
-                if (!con)
-                        return -ENOMEM;
-        }
-        user = strtok_r(con, ":", &save);
-        role = strtok_r(NULL, ":", &save);
-        if (!user || !role)
-                return -EINVAL;
+        r = own_user_role(&user, &role);
+        if (r < 0)
+                return r;
         p = strdup_printf("%s:%s:%s:s0:c%u,c%u", user, role, process_type, c1, c2);
         i = strdup_printf("system_u:object_r:%s:s0:c%u,c%u", image_type, c1, c2);
         if (!p || !i) {
@@ -581,22 +597,15 @@ int sandbox_selinux_labels(const char *process_type, const char *image_type, uns
 }
 
 int sandbox_selinux_plain_label(const char *process_type, char **ret) {
-        _cleanup_free_ char *con = NULL;
-        char *c = NULL, *user, *role, *save = NULL;
+        _cleanup_free_ char *user = NULL, *role = NULL;
+        int r;
 
         *ret = NULL;
         if (!sandbox_selinux_enabled())
                 return 0;
-        if (getcon_raw(&c) < 0)
-                return -errno;
-        con = strdup(c);
-        freecon(c);
-        if (!con)
-                return -ENOMEM;
-        user = strtok_r(con, ":", &save);
-        role = strtok_r(NULL, ":", &save);
-        if (!user || !role)
-                return -EINVAL;
+        r = own_user_role(&user, &role);
+        if (r < 0)
+                return r;
         *ret = strdup_printf("%s:%s:%s:s0", user, role, process_type);
         return *ret ? 1 : -ENOMEM;
 }

@@ -16,16 +16,12 @@
 #include "stream.h"
 #include "util.h"
 
-#define HELPER_LOG_LINE_MAX 512
 
 struct StorageHelper {
         Guest *guest;
         pid_t pid;
         sd_event_source *child_source;
-        int log_fd;
-        sd_event_source *log_source;
-        char log_buf[HELPER_LOG_LINE_MAX];
-        size_t log_len;
+        HelperLog *log;
         unsigned pending;  /* attach commands not yet answered */
         unsigned fdset_seq;
         bool attached;
@@ -39,43 +35,14 @@ static void helper_free(StorageHelper *h) {
         if (!h)
                 return;
         sd_event_source_disable_unref(h->child_source);
-        sd_event_source_disable_unref(h->log_source);
         sd_event_source_disable_unref(h->stop_timer);
-        closep(&h->log_fd);
+        helper_log_free(h->log);
         free(h->error);
         free(h);
 }
 
 bool storage_helper_attached(Guest *g) {
         return g->helper && g->helper->attached && !g->helper->lost;
-}
-
-/* Its stderr, a line at a time, into our log: bounded lines, printable only. */
-static int log_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        StorageHelper *h = userdata;
-        char buf[4096];
-        ssize_t n;
-
-        n = read(fd, buf, sizeof(buf));
-        if (n <= 0) {
-                if (n < 0 && (errno == EAGAIN || errno == EINTR))
-                        return 0;
-                h->log_source = sd_event_source_disable_unref(h->log_source);
-                return 0;
-        }
-        for (ssize_t i = 0; i < n; i++) {
-                char c = buf[i];
-                if (c == '\n' || h->log_len >= sizeof(h->log_buf) - 1) {
-                        h->log_buf[h->log_len] = 0;
-                        if (h->log_len > 0)
-                                log_info("Guest %s storage helper: %s", h->guest->name, h->log_buf);
-                        h->log_len = 0;
-                        if (c == '\n')
-                                continue;
-                }
-                h->log_buf[h->log_len++] = ((unsigned char) c < 0x20 || c == 0x7f) ? ' ' : c;
-        }
-        return 0;
 }
 
 static void fail_waiters_and_jobs(Guest *g, const char *why) {
@@ -198,10 +165,11 @@ int storage_helper_start(Guest *g) {
         }
         h->guest = g;
         h->pid = pid;
-        h->log_fd = TAKE_FD(log_r);
-        if (fcntl(h->log_fd, F_SETFL, O_NONBLOCK) < 0 ||
-                sd_event_add_io(m->event, &h->log_source, h->log_fd, EPOLLIN, log_handler, h) < 0)
-                log_warning("Guest %s: cannot read the storage helper's log.", g->name);
+        {
+                _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", g->name);
+                if (!prefix || helper_log_new(&h->log, m->event, TAKE_FD(log_r), prefix) < 0)
+                        log_warning("Guest %s: cannot read the storage helper's log.", g->name);
+        }
         r = sd_event_add_child(m->event, &h->child_source, pid, WEXITED, child_handler, h);
         if (r < 0) {
                 (void) kill(pid, SIGKILL);

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 
 #include "bus-error.h"
+#include "bus-util.h"
 #include "export.h"
 #include "guest.h"
 #include "image.h"
@@ -407,42 +408,6 @@ static char *job_id_new(const char *alias, uint64_t seq) {
         return id;
 }
 
-static int read_start_options(sd_bus_message *msg, uint64_t *bandwidth, bool *have_bandwidth, const char **base,
-        sd_bus_error *error) {
-        int r;
-
-        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
-                const char *key;
-
-                r = sd_bus_message_read(msg, "s", &key);
-                if (r < 0)
-                        return r;
-                if (streq(key, "bandwidth")) {
-                        r = sd_bus_message_read(msg, "v", "t", bandwidth);
-                        if (r < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'bandwidth' must be of type t (bytes/s).");
-                        *have_bandwidth = true;
-                } else if (streq(key, "base")) {
-                        r = sd_bus_message_read(msg, "v", "s", base);
-                        if (r < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                        "Option 'base' must be of type s (image path or node name).");
-                } else
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Unknown option '%s'; Start takes 'bandwidth' (t) and 'base' (s).", key);
-                r = sd_bus_message_exit_container(msg);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        return sd_bus_message_exit_container(msg);
-}
-
 static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         if (bw > INT64_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -554,7 +519,13 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         r = sd_bus_message_read(msg, "tt", &offset, &length);
         if (r < 0)
                 return r;
-        r = read_start_options(msg, &bandwidth, &have_bandwidth, &base, error);
+        r = bus_read_options(msg, "Start",
+                (const BusOption[]) {
+                        { "bandwidth", "t", &bandwidth, &have_bandwidth },
+                        { "base", "s", &base },
+                        {},
+                },
+                error);
         if (r < 0)
                 return r;
         r = check_bandwidth(bandwidth, error);
@@ -828,28 +799,7 @@ static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         const char *listen = "unix";
         int r;
 
-        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
-                const char *key;
-
-                r = sd_bus_message_read(msg, "s", &key);
-                if (r < 0)
-                        return r;
-                if (!streq(key, "listen"))
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Unknown option '%.64s'; Export takes 'listen' (s).", key);
-                r = sd_bus_message_read(msg, "v", "s", &listen);
-                if (r < 0)
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option 'listen' must be of type s.");
-                r = sd_bus_message_exit_container(msg);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(msg);
+        r = bus_read_options(msg, "Export", (const BusOption[]) { { "listen", "s", &listen }, {} }, error);
         if (r < 0)
                 return r;
         r = export_listen_valid(listen, error);
