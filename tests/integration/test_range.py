@@ -641,6 +641,49 @@ class MapTest(OfflineBase):
         self.assertIn((200 * U, 4 * U, 1, 'zero'), m)
         self.assert_map_is_qemu_img(g, m, 'after a zero write')
 
+    def test_map_read_late_by_the_daemon(self):
+        """The helper sends its extents and exits before the daemon gets to read them (the
+        daemon stopped for a moment, as on a loaded machine): the map must still arrive whole.
+        200 extents, all of which fit in the control socket's buffer."""
+        dd = os.path.join(self.env.images, 'late')
+        os.makedirs(dd)
+        top = os.path.join(dd, 'top.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', top, str(SIZE))
+        r.script_qemu_io(top, ['write -P 0x11 %d %d' % (2 * i * CS, CS) for i in range(100)])
+        want = r.expected_map(top)
+        self.assertEqual(len(want), 200)
+        q = self.start_qemu({'vda': type('Chain', (), {'top': top})()}, name=self.unique_name('q'))
+        name = self.unique_name()
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self.unregister_quietly, name)
+        path = h.disk_path(name, 'vda')
+        daemon = self.env.daemon.proc.pid
+        results = []
+        for rnd in range(4):
+            time.sleep(SETTLE)
+            box = {}
+            self.client.conn.call_async(h.BUS_NAME, path, h.IFACE_STREAM, 'GetAllocationMap', 'tt', (T(0), T(0)),
+                                        lambda *a: box.setdefault('ok', a),
+                                        lambda e: box.setdefault('err', e))
+            helper = r.wait_for_value(lambda: r.children(daemon), bool, 10, 'the map helper to start', interval=0)
+            os.kill(daemon, signal.SIGSTOP)
+            try:
+                late = r.wait_for_value(lambda: not r.alive(helper[0]), bool, 5, 'the helper to exit', interval=0.01)
+            except AssertionError:
+                late = False
+            finally:
+                os.kill(daemon, signal.SIGCONT)
+            self.client.wait_for(lambda: box, 30, 'the reply of GetAllocationMap')
+            if 'err' in box:
+                results.append('round %d (helper gone before the daemon read%s): %s: %s'
+                               % (rnd, '' if late else ' (?)', box['err'].get_dbus_name(),
+                                  box['err'].get_dbus_message()))
+            elif [tuple(h.unwrap(e)) for e in box['ok'][0]] != want:
+                results.append('round %d: the map differs from qemu-img map' % rnd)
+        self.assertEqual(r.leftovers(q.qmp), ([], []))
+        if results:
+            self.fail('%d of 4 maps failed:\n  %s' % (len(results), '\n  '.join(results)))
+
     # -- more than 65536 extents
 
     CAP_CLUSTER = 4096
