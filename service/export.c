@@ -87,7 +87,9 @@ int export_server_ensure(Guest *g) {
         if (!guest_qmp_ready(g))
                 return -ENOTCONN;
         dir = strdup_printf("%s/nbd", m->runtime_dir);
-        path = strdup_printf("%s/nbd/%s.sock", m->runtime_dir, g->name);
+        /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
+         * back from the socket), which could otherwise be the one we just bound anew. */
+        path = strdup_printf("%s/nbd/%s.%u.sock", m->runtime_dir, g->name, ++m->nbd_seq);
         if (!dir || !path)
                 return -ENOMEM;
         if (strlen(path) >= sizeof(sa.sun_path))
@@ -618,6 +620,9 @@ void export_guest_lost(Guest *g) {
 
         g->nbd_server = false;
         g->nbd_users = 0;
+        if (g->nbd_socket)
+                (void) unlink(g->nbd_socket); /* its server died with the QMP peer */
+        g->nbd_socket = mfree(g->nbd_socket);
         for (Export *e = m->exports, *next; e; e = next) {
                 next = e->next;
                 if (e->guest != g)

@@ -32,6 +32,7 @@ typedef struct Manager {
         unsigned export_seq;
         struct RangeOp *range_ops;
         unsigned range_seq;
+        unsigned nbd_seq;
 } Manager;
 
 /* Where our own helper binaries are (HelperDirectory=, default the libexec dir). */

@@ -312,9 +312,9 @@ static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata
 
         /* Its last words ("done", "error …") may still sit in the socket: the exit can be
          * dispatched before them. Read them first. */
-        for (unsigned i = 0; i < 64 && op->control_source && !op->ending; i++)
-                if (control_handler(op->control_source, op->control_fd, EPOLLIN, op) <= 0)
-                        break;
+        while (op->control_source && !op->ending &&
+                control_handler(op->control_source, op->control_fd, EPOLLIN, op) > 0)
+                ; /* all of them: a map's extents come one message each (finite: the writer is gone) */
         op->pid = 0;
         op->child = sd_event_source_disable_unref(op->child);
         if (op->ending)

@@ -42,7 +42,8 @@ static void helper_free(StorageHelper *h) {
 }
 
 bool storage_helper_attached(Guest *g) {
-        return g->helper && g->helper->attached && !g->helper->lost;
+        /* One that was asked to quit takes nothing new: callers wait for a fresh one. */
+        return g->helper && g->helper->attached && !g->helper->lost && !g->helper->stopping;
 }
 
 static void fail_waiters_and_jobs(Guest *g, const char *why) {
