@@ -23,56 +23,14 @@ U = SIZE // 256     # harness.Chain's unit: 1 MiB here
 CS = r.CLUSTER
 
 
-# Two races of the daemon, each with a test of its own (test_back_to_back_operations,
-# test_offline_back_to_back_calls), are kept out of the other tests so that each of those fails
-# for what it checks: a Start or GetAllocationMap right after an earlier range or map ended
-#  - on a running guest waits SETTLE seconds (the daemon stops QEMU's NBD server after every
-#    operation and starts a new one at the same socket path; QEMU's nbd-server-stop unlinks that
-#    path when it gets to it, which may be after the new server was bound there);
-#  - on an offline guest waits until the storage helper, stopped when idle, has exited (a call
-#    that comes while it quits fails with "the storage helper went away").
-SETTLE = 0.3
-
-
-class SettledDisk(h.Disk):
-    """A BlockStream object whose Start and GetAllocationMap first let the last operation settle."""
-
-    def __init__(self, client, path, env, offline=False):
-        super().__init__(client, path)
-        self.env = env
-        self.offline = offline
-
-    def settle(self):
-        if self.offline:
-            # No child at all: a zombie's exit is not yet known to the daemon.
-            h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the idle storage helper to exit')
-        elif self.client.get(self.path, h.IFACE_STREAM, 'State') not in ('running', 'paused'):
-            time.sleep(SETTLE)
-
-    def call(self, member, sig='', *args):
-        if member in ('Start', 'GetAllocationMap'):
-            self.settle()
-        return super().call(member, sig, *args)
-
-    def try_call(self, member, sig='', *args):
-        if member in ('Start', 'GetAllocationMap'):
-            self.settle()
-        return super().try_call(member, sig, *args)
-
-
 class RangeBase(h.TestCase):
     """Guests whose every test ends with no filter node, no export and no pull helper left."""
 
     def guest(self, **kw):
         g = self.new_guest(size=SIZE, **kw)
-        g.disk = lambda alias='vda': SettledDisk(self.client, h.disk_path(g.name, alias), self.env)
         # Cleanups run last-in first-out: this one before the guest is dropped.
         self.addCleanup(self.assert_no_leftovers, g)
         return g
-
-    def raw_disk(self, g, alias='vda'):
-        """The disk without the settling (for the tests of the races themselves)."""
-        return h.Disk(self.client, h.disk_path(g.name, alias))
 
     def assert_no_leftovers(self, g, what='the test'):
         if g.qemu.running() and g.qemu.qmp is not None:
@@ -428,7 +386,7 @@ class RangeTest(RangeBase):
     def test_back_to_back_operations(self):
         """A map, then at once a range, a map, a range...: each must find QEMU's NBD server up."""
         g = self.guest()
-        d = self.raw_disk(g)
+        d = g.disk()
         failures = []
         for i in range(12):
             m, e = d.try_call('GetAllocationMap', 'tt', T(0), T(0))
@@ -537,7 +495,7 @@ def dbus_dict(d, sig='sv'):
 
 class OfflineBase(RangeBase):
 
-    def offline_guest(self, top, name=None, settled=True):
+    def offline_guest(self, top, name=None):
         """Register a guest that is not running, with the chain at `top` as vda: (name, disk)."""
         name = name or self.unique_name()
         o = dbus_dict({'disks': dbus_dict({'vda': top}, 'ss'), 'formats': dbus_dict({'vda': 'qcow2'}, 'ss')})
@@ -545,7 +503,7 @@ class OfflineBase(RangeBase):
         self.addCleanup(self.unregister_quietly, name)
         self.assertEqual(self.client.get(path, h.IFACE_GUEST, 'Running'), False)
         dp = h.disk_path(name, 'vda')
-        return name, (SettledDisk(self.client, dp, self.env, offline=True) if settled else h.Disk(self.client, dp))
+        return name, h.Disk(self.client, dp)
 
 
 class MapTest(OfflineBase):
@@ -583,7 +541,7 @@ class MapTest(OfflineBase):
         """Calls that come as soon as the one before was answered: each starts the storage helper
         again if it needs to, none fails because the idle helper is on its way out."""
         ch = h.Chain(os.path.join(self.env.images, 'b2b'), SIZE)
-        name, d = self.offline_guest(ch.top, settled=False)
+        name, d = self.offline_guest(ch.top)
         want = r.expected_map(ch.top)
         failures = []
         for i in range(8):
@@ -612,7 +570,7 @@ class MapTest(OfflineBase):
         name = self.unique_name()
         self.register(name, q.daemon_socket)
         self.addCleanup(self.unregister_quietly, name)
-        d = SettledDisk(self.client, h.disk_path(name, 'vda'), self.env)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
         m = self.api_map(d)
         self.assertEqual(m, r.expected_map(ch.top), 'GetAllocationMap of a running guest differs from qemu-img map')
         for o, ln in ((5 * MiB + 3, 7 * MiB), (31 * MiB, 0)):
@@ -660,7 +618,6 @@ class MapTest(OfflineBase):
         daemon = self.env.daemon.proc.pid
         results = []
         for rnd in range(4):
-            time.sleep(SETTLE)
             box = {}
             self.client.conn.call_async(h.BUS_NAME, path, h.IFACE_STREAM, 'GetAllocationMap', 'tt', (T(0), T(0)),
                                         lambda *a: box.setdefault('ok', a),
@@ -804,7 +761,6 @@ class CliRangeTest(RangeBase):
         g = self.guest()
         d = g.disk()
         before = self.api_map(d)
-        d.settle()
         res = self.ctl('pull', g.name, 'vda', '--offset=64M', '--length=32M', '--wait')
         self.assertEqual(res.returncode, 0, 'blockstreamctl pull --wait: %s %s' % (res.stdout, res.stderr))
         self.assertIn('completed', res.stdout, 'blockstreamctl pull --wait printed: %r' % res.stdout)
@@ -812,19 +768,16 @@ class CliRangeTest(RangeBase):
         self.assertEqual((p['State'], p['Mode'], p['Offset'], p['Length']), ('completed', 'range', 64 * MiB, 32 * MiB))
         self.assertEqual((p['BytesDone'], p['BytesTotal']), (32 * MiB, 32 * MiB))
         self.check_range_effect(g, before, 64 * MiB, 96 * MiB, 'blockstreamctl pull --offset=64M --length=32M')
-        d.settle()
         res = self.ctl('--json', 'map', g.name, 'vda')
         self.assertEqual(res.returncode, 0, res.stderr)
         cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
         self.assertEqual(cli, self.api_map(d), 'blockstreamctl --json map differs from GetAllocationMap')
-        d.settle()
         res = self.ctl('--json', 'map', g.name, 'vda', '--offset=60M', '--length=40M')
         self.assertEqual(res.returncode, 0, res.stderr)
         cli = [(e['offset'], e['length'], e['depth'], e['kind']) for e in json.loads(res.stdout)]
         self.assertEqual(cli, self.api_map(d, 60 * MiB, 40 * MiB))
         # --json pull --wait: the Finished signal as JSON.
         since = time.monotonic()
-        d.settle()
         res = self.ctl('--json', 'pull', g.name, 'vda', '--offset=%d' % (176 * MiB + 5), '--length=1M', '--wait')
         self.assertEqual(res.returncode, 0, res.stderr)
         out = json.loads(res.stdout)
@@ -832,7 +785,6 @@ class CliRangeTest(RangeBase):
         self.assertEqual(d.finished(since), [(out['result'], out['bytes_done'], out['error'])])
         self.assertEqual(out, {'result': 'completed', 'bytes_done': MiB + r.CLUSTER, 'error': ''})
         # Plain output: one line per extent with the kind last.
-        d.settle()
         res = self.ctl('map', g.name, 'vda')
         self.assertEqual(res.returncode, 0, res.stderr)
         lines = [l.split() for l in res.stdout.splitlines() if l.strip() and l.split()[0].isdigit()]
