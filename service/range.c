@@ -42,7 +42,8 @@ struct RangeOp {
         char *node;      /* copy-on-read filter (pull) */
         char *export_id; /* also the export's name */
         char *bottom;
-        uint64_t offset, length, bandwidth;
+        uint64_t offset, length, bandwidth;  /* what the helper works on */
+        uint64_t asked_offset, asked_length; /* what the caller asked for (Offset/Length) */
         sd_bus_message *call; /* Start or GetAllocationMap, until answered */
 
         unsigned pending; /* QEMU commands of the setup still unanswered */
@@ -416,8 +417,8 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->ready = true;
                 if (op->map)
                         return 1;
-                if (job_begin(&d->job, "", STREAM_MODE_RANGE, op->offset, op->length, op->length, op->bandwidth,
-                            now_usec(CLOCK_REALTIME)) < 0) {
+                if (job_begin(&d->job, "", STREAM_MODE_RANGE, op->asked_offset, op->asked_length, op->length,
+                            op->bandwidth, now_usec(CLOCK_REALTIME)) < 0) {
                         op_end(op, STREAM_FAILED, "out of memory");
                         return 0;
                 }
@@ -629,14 +630,16 @@ static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint6
         return 0;
 }
 
-int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t bandwidth,
-        const char *bottom, sd_bus_error *error) {
+int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
+        uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error) {
         RangeOp *op;
         int r;
 
         r = op_new(d, msg, false, offset, length, &op);
         if (r < 0)
                 return r;
+        op->asked_offset = asked_offset;
+        op->asked_length = asked_length;
         op->bandwidth = bandwidth;
         if (bottom && !(op->bottom = strdup(bottom))) {
                 op->call = sd_bus_message_unref(op->call);

@@ -18,10 +18,11 @@ typedef struct RangeOp RangeOp;
 
 #define RANGE_EXTENTS_MAX 65536
 
-/* Start streaming [offset, offset+length) (already validated and widened); bottom: the lowest
- * node to copy from (NULL: all). Answers msg once the helper runs. */
-int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t bandwidth,
-        const char *bottom, sd_bus_error *error);
+/* Start streaming [offset, offset+length) (already validated and widened to whole clusters);
+ * asked_offset/asked_length: the range as the caller gave it, which Offset/Length show; bottom:
+ * the lowest node to copy from (NULL: all). Answers msg once the helper runs. */
+int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
+        uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error);
 /* The running range job of d: "pause", "resume", "stop", or a bandwidth. */
 int range_pause(Disk *d, bool pause);
 int range_cancel(Disk *d);

@@ -589,7 +589,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                         "'%s' is the direct backing image of disk '%s': nothing lies above it to stream.",
                                         base, d->alias);
                 }
-                return range_start(d, msg, start, stop - start, bandwidth, bottom, error);
+                /* Offset/Length show the range asked for ("to the end" spelled out); the work
+                 * covers whole clusters. */
+                return range_start(d, msg, start, stop - start, offset, (length == 0 ? d->size : end) - offset, bandwidth,
+                        bottom, error);
         }
 
         g->job_seq++;
