@@ -163,6 +163,7 @@ struct Pull {
         bool have_pending;
         uint64_t n_extents;
         bool map_full;
+        bool can_cache; /* the server takes NBD_CMD_CACHE: copy without transferring */
 };
 
 static bool control_ok;   /* fd 4 is the daemon's socket */
@@ -667,12 +668,18 @@ static int pull_issue(Pull *p, usec_t now, usec_t *ret_wait) {
                 slot->length = n;
                 slot->busy = true;
                 p->n_busy++;
-                /* "Don't fragment": otherwise QEMU's server answers the parts it knows to be zero
-                 * with holes, without reading them, and the copy-on-read filter never sees them. */
-                cookie = nbd_aio_pread_structured(p->nbd, slot->buf, n, t->offset,
-                        (nbd_chunk_callback) { .callback = read_chunk },
-                        (nbd_completion_callback) { .callback = read_complete, .user_data = slot },
-                        LIBNBD_CMD_FLAG_DF);
+                if (p->can_cache)
+                        /* NBD_CMD_CACHE: QEMU's server prefetches through the copy-on-read filter
+                         * (BDRV_REQ_PREFETCH), which copies without sending us the data. */
+                        cookie = nbd_aio_cache(p->nbd, n, t->offset,
+                                (nbd_completion_callback) { .callback = read_complete, .user_data = slot }, 0);
+                else
+                        /* "Don't fragment": otherwise QEMU's server answers the parts it knows to be
+                         * zero with holes, without reading them, and the filter never sees them. */
+                        cookie = nbd_aio_pread_structured(p->nbd, slot->buf, n, t->offset,
+                                (nbd_chunk_callback) { .callback = read_chunk },
+                                (nbd_completion_callback) { .callback = read_complete, .user_data = slot },
+                                LIBNBD_CMD_FLAG_DF);
                 if (cookie < 0) {
                         slot->busy = false;
                         p->n_busy--;
@@ -994,6 +1001,13 @@ static int nbd_open(Pull *p) {
         }
 
         if (args->mode == MODE_PULL) {
+                r = nbd_can_cache(p->nbd);
+                if (r < 0)
+                        return nbd_fail("Failed to query the NBD server's flags");
+                /* Offered is not enough: a prefetch needs something below that copies (the
+                 * copy-on-read filter); a plain read-only export refuses it. Try it once, on the
+                 * range's own first bytes (copying them is the job anyway). */
+                p->can_cache = r > 0 && args->length > 0 && nbd_cache(p->nbd, MIN(args->length, 4096), args->offset, 0) == 0;
                 r = nbd_can_df(p->nbd);
                 if (r < 0)
                         return nbd_fail("Failed to query the NBD server's flags");
