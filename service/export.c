@@ -449,61 +449,23 @@ int export_listen_valid(const char *listen, sd_bus_error *error) {
 static int spawn_relay(Export *e) {
         Manager *m = e->manager;
         Guest *g = e->guest;
-        _cleanup_free_ char *binary = strdup_printf("%s/%s", manager_helper_dir(m), RELAY_BINARY), *prefix = NULL;
-        _cleanup_close_ int exec_fd = -1, log_r = -1, log_w = -1, ours = -1, theirs = -1;
-        _cleanup_free_ char *label = NULL;
+        _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id);
         char *argv[] = { (char *) RELAY_BINARY, NULL };
-        int pair[2], pipefd[2], fds[2], r;
+        int r;
 
-        if (!binary)
+        if (!prefix)
                 return -ENOMEM;
         /* The relay touches no image: a plain s0 type, so that clients with a range can talk to it. */
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);
         if (r < 0)
                 return r;
-        exec_fd = open(binary, O_PATH | O_CLOEXEC);
-        if (exec_fd < 0)
-                return log_error_errno(errno, "Cannot open %s: %m", binary);
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
-                return -errno;
-        ours = pair[0];
-        theirs = pair[1];
-        if (pipe2(pipefd, O_CLOEXEC) < 0)
-                return -errno;
-        log_r = pipefd[0];
-        log_w = pipefd[1];
-        r = guest_ensure_runtime_dir(g);
-        if (r < 0)
-                return r;
-        fds[0] = e->listen_fd;
-        fds[1] = theirs;
-        r = sandbox_spawn(
-                &(SandboxSpec) {
-                        .name = g->name,
-                        .uid = g->helper_uid,
-                        .gid = g->helper_uid,
-                        .runtime_dir = g->runtime_dir,
-                        .selinux_label = label,
-                        .fds = fds,
-                        .n_fds = 2,
-                        .stderr_fd = log_w,
-                        .argv = argv,
-                        .exec_fd = exec_fd,
-                },
-                &e->relay_pid);
+        r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, &e->relay_pid, &e->control_fd, &e->log);
         if (r < 0)
                 return r;
         r = sd_event_add_child(m->event, &e->relay_child, e->relay_pid, WEXITED, relay_exited, e);
         if (r < 0)
                 return r;
-        prefix = strdup_printf("Guest %s export %u relay", g->name, e->id);
-        if (prefix && helper_log_new(&e->log, m->event, TAKE_FD(log_r), prefix) < 0)
-                log_warning("Export %u: cannot read the relay's log.", e->id);
-        r = sd_event_add_io(m->event, &e->control_source, ours, EPOLLIN, control_handler, e);
-        if (r < 0)
-                return r;
-        e->control_fd = TAKE_FD(ours);
-        return 0;
+        return sd_event_add_io(m->event, &e->control_source, e->control_fd, EPOLLIN, control_handler, e);
 }
 
 static void export_added(Qmp *q, int error, const char *desc, void *userdata) {

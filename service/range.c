@@ -455,65 +455,29 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 static int spawn_helper(RangeOp *op) {
         Manager *m = op->manager;
         Guest *g = op->guest;
-        _cleanup_free_ char *binary = strdup_printf("%s/%s", manager_helper_dir(m), PULL_BINARY), *prefix = NULL,
-                            *a_export = NULL, *a_offset = NULL, *a_length = NULL, *a_bw = NULL;
-        _cleanup_close_ int exec_fd = -1, nbd = -1, ours = -1, theirs = -1, log_r = -1, log_w = -1;
-        int pair[2], pipefd[2], fds[2], r;
+        _cleanup_free_ char *prefix = strdup_printf("Guest %s %s helper", g->name, op->map ? "map" : "pull"),
+                            *a_export = strdup_printf("--export=%s", op->export_id),
+                            *a_offset = strdup_printf("--offset=%" PRIu64, op->offset),
+                            *a_length = strdup_printf("--length=%" PRIu64, op->length),
+                            *a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth);
+        _cleanup_close_ int nbd = -1;
+        int r;
 
-        a_export = strdup_printf("--export=%s", op->export_id);
-        a_offset = strdup_printf("--offset=%" PRIu64, op->offset);
-        a_length = strdup_printf("--length=%" PRIu64, op->length);
-        a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth);
-        if (!binary || !a_export || !a_offset || !a_length || !a_bw)
+        if (!prefix || !a_export || !a_offset || !a_length || !a_bw)
                 return -ENOMEM;
         char *argv[] = { (char *) PULL_BINARY, (char *) (op->map ? "--map" : "--pull"), a_export, a_offset, a_length, a_bw, NULL };
 
-        exec_fd = open(binary, O_PATH | O_CLOEXEC);
-        if (exec_fd < 0)
-                return log_error_errno(errno, "Cannot open %s: %m", binary);
         nbd = export_server_connect(g);
         if (nbd < 0)
                 return nbd;
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
-                return -errno;
-        ours = pair[0];
-        theirs = pair[1];
-        if (pipe2(pipefd, O_CLOEXEC) < 0)
-                return -errno;
-        log_r = pipefd[0];
-        log_w = pipefd[1];
-        r = guest_ensure_runtime_dir(g);
-        if (r < 0)
-                return r;
-        fds[0] = nbd;
-        fds[1] = theirs;
-        r = sandbox_spawn(
-                &(SandboxSpec) {
-                        .name = g->name,
-                        .uid = g->helper_uid,
-                        .gid = g->helper_uid,
-                        .runtime_dir = g->runtime_dir,
-                        .selinux_label = g->selinux_process_label,
-                        .fds = fds,
-                        .n_fds = 2,
-                        .stderr_fd = log_w,
-                        .argv = argv,
-                        .exec_fd = exec_fd,
-                },
-                &op->pid);
+        r = guest_spawn_helper(g, PULL_BINARY, argv, nbd, g->selinux_process_label, prefix, &op->pid, &op->control_fd,
+                &op->log);
         if (r < 0)
                 return r;
         r = sd_event_add_child(m->event, &op->child, op->pid, WEXITED, helper_exited, op);
         if (r < 0)
                 return r;
-        prefix = strdup_printf("Guest %s %s helper", g->name, op->map ? "map" : "pull");
-        if (prefix && helper_log_new(&op->log, m->event, TAKE_FD(log_r), prefix) < 0)
-                log_warning("Cannot read the pull helper's log.");
-        r = sd_event_add_io(m->event, &op->control_source, ours, EPOLLIN, control_handler, op);
-        if (r < 0)
-                return r;
-        op->control_fd = TAKE_FD(ours);
-        return 0;
+        return sd_event_add_io(m->event, &op->control_source, op->control_fd, EPOLLIN, control_handler, op);
 }
 
 static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
