@@ -1351,6 +1351,15 @@ class TestCase(unittest.TestCase):
             if env is not None:
                 sys.stderr.write('\n===== logs of failed test %s =====\n%s\n===== end of logs =====\n'
                                  % (self.id(), env.logs_text()))
+                # A test that failed half-way through a daemon restart leaves the class's shared
+                # daemon stopped: start it again, so that one failure does not fail every later
+                # test of the class. (After a test that passed, a daemon that is gone is not
+                # restarted: the next test fails, which is how an unnoticed crash shows.)
+                if (not self.env_per_test and env.daemon is not None and not env.daemon.running()):
+                    try:
+                        env.daemon.start()
+                    except Exception as e:  # noqa: BLE001 - reported, the next test fails anyway
+                        sys.stderr.write('could not restart the daemon after the failure: %s\n' % e)
         return r
 
     # -- helpers

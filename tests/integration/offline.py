@@ -170,10 +170,16 @@ def relays(env, uid=None):
 
 
 def wait_gone(pid, timeout, what):
+    """Wait until process `pid` has exited with all its threads (its files, and so its image locks,
+    are released then): reaped, or a zombie leader whose other threads are gone too. A killed
+    multi-threaded QEMU shows its leader as a zombie while the other threads still exit and still
+    hold the process's files."""
     def gone():
         try:
             with open('/proc/%d/stat' % pid) as f:
-                return f.read().split(') ')[-1].startswith('Z')
+                if not f.read().split(') ')[-1].startswith('Z'):
+                    return False
+            return os.listdir('/proc/%d/task' % pid) == [str(pid)]
         except OSError:
             return True
     h.wait_until(gone, timeout, what)
