@@ -465,7 +465,8 @@ static int spawn_helper(RangeOp *op) {
 
         if (!prefix || !a_export || !a_offset || !a_length || !a_bw)
                 return -ENOMEM;
-        char *argv[] = { (char *) PULL_BINARY, (char *) (op->map ? "--map" : "--pull"), a_export, a_offset, a_length, a_bw, NULL };
+        char *argv[] = { (char *) PULL_BINARY, (char *) (op->map ? "--map" : "--pull"), a_export, a_offset, a_length, a_bw,
+                op->node ? (char *) "--no-cache" : NULL, NULL };
 
         nbd = export_server_connect(g);
         if (nbd < 0)
@@ -541,9 +542,11 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
                 /* Recorded before QEMU has them, so that a restart can always clean up. */
                 free(d->range_node);
                 free(d->range_export);
-                d->range_node = strdup(op->node);
+                d->range_node = op->node ? strdup(op->node) : NULL;
                 d->range_export = strdup(op->export_id);
                 (void) guest_save(g);
+        }
+        if (op->node) {
                 r = qemu_blockdev_add_cor(g->qmp, op->node, d->node_name, op->bottom, node_added_reply, op_ref(op),
                         op_unref_void);
                 if (r < 0) {
@@ -554,7 +557,7 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
                 op->node_added = true;
                 op->pending++;
         }
-        r = qemu_block_export_add_nbd(g->qmp, op->export_id, op->map ? d->node_name : op->node, op->export_id,
+        r = qemu_block_export_add_nbd(g->qmp, op->export_id, op->node ?: d->node_name, op->export_id,
                 export_added_reply, op_ref(op), op_unref_void);
         if (r < 0) {
                 op_unref(op);
@@ -582,8 +585,7 @@ static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint6
         op->control_fd = -1;
         op->alias = strdup(d->alias);
         op->export_id = strdup_printf("%s-%u", map ? "bsm" : "bsr", op->id);
-        op->node = map ? NULL : strdup_printf("bscor-%u", op->id);
-        if (!op->alias || !op->export_id || (!map && !op->node)) {
+        if (!op->alias || !op->export_id) {
                 op_unref(op);
                 return -ENOMEM;
         }
@@ -605,7 +607,14 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         op->asked_offset = asked_offset;
         op->asked_length = asked_length;
         op->bandwidth = bandwidth;
-        if (bottom && !(op->bottom = strdup(bottom))) {
+        /* Only a range that keeps the images from `bottom` down needs the copy-on-read filter
+         * (its `bottom` limits what is copied). Without one the export is on the top node itself:
+         * NBD_CMD_CACHE there is QEMU's own copy-on-read of that node, one read and one write,
+         * serialised against the guest's writes to the same clusters. Through the filter a CACHE
+         * would copy twice (the filter's inner copy-on-read, then the outer one writing the same
+         * data again to the top node, where a guest write in between would be overwritten with
+         * the old data), so the helper reads instead (--no-cache). */
+        if (bottom && (!(op->bottom = strdup(bottom)) || !(op->node = strdup_printf("bscor-%u", op->id)))) {
                 op->call = sd_bus_message_unref(op->call);
                 op_kill(op);
                 return -ENOMEM;

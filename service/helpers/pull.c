@@ -100,6 +100,7 @@ typedef struct Args {
         uint64_t chunk;
         uint64_t parallel;
         uint64_t max_extents;
+        bool no_cache;
 } Args;
 
 typedef struct Range {
@@ -819,9 +820,11 @@ static int pull_run(Pull *p) {
 
 static void help(void) {
         printf("%s --pull|--map --export=NAME --offset=BYTES --length=BYTES [OPTIONS]\n\n"
-               "Reads a range of a disk through QEMU's NBD server so that its copy-on-read filter\n"
-               "copies the range into the top image (--pull), or reports the range's allocation map\n"
-               "(--map). Talks NBD on fd 3 and to blockstreamd on fd 4. Started by blockstreamd only.\n\n"
+               "Makes QEMU's NBD server copy the parts of a range that are still in a backing image\n"
+               "into the top image (--pull): NBD_CMD_CACHE on an export of the top node, which QEMU\n"
+               "serves with its copy-on-read, or reads through a copy-on-read filter (--no-cache).\n"
+               "Or reports the range's allocation map (--map). Talks NBD on fd 3 and to blockstreamd\n"
+               "on fd 4. Started by blockstreamd only.\n\n"
                "  -h --help               Show this help\n"
                "     --version            Show the version\n"
                "     --pull               Read the parts of the range still in a backing image\n"
@@ -832,6 +835,8 @@ static void help(void) {
                "     --bandwidth=BYTES    Bytes per second, 0 for no limit (--pull; default 0)\n"
                "     --chunk=BYTES        Largest read, 4 KiB to 32 MiB (--pull; default 2 MiB)\n"
                "     --parallel=N         Reads in flight, 1 to 64 (--pull; default 8)\n"
+               "     --no-cache           Read the data instead of NBD_CMD_CACHE (--pull; for an\n"
+               "                          export of a copy-on-read filter, where a CACHE copies twice)\n"
                "     --max-extents=N      Stop after N extents (--map; default 65536)\n",
                 program_invocation_short_name);
 }
@@ -849,6 +854,7 @@ static int parse_argv(int argc, char *argv[], Args *args) {
                 ARG_CHUNK,
                 ARG_PARALLEL,
                 ARG_MAX_EXTENTS,
+                ARG_NO_CACHE,
         };
         static const struct option options[] = {
                 { "help", no_argument, NULL, 'h' },
@@ -862,6 +868,7 @@ static int parse_argv(int argc, char *argv[], Args *args) {
                 { "chunk", required_argument, NULL, ARG_CHUNK },
                 { "parallel", required_argument, NULL, ARG_PARALLEL },
                 { "max-extents", required_argument, NULL, ARG_MAX_EXTENTS },
+                { "no-cache", no_argument, NULL, ARG_NO_CACHE },
                 {},
         };
         uint64_t end;
@@ -913,6 +920,9 @@ static int parse_argv(int argc, char *argv[], Args *args) {
                         break;
                 case ARG_MAX_EXTENTS:
                         v = &args->max_extents, name = "--max-extents";
+                        break;
+                case ARG_NO_CACHE:
+                        args->no_cache = true;
                         break;
                 case '?':
                         if (optopt != 0)
@@ -1001,12 +1011,12 @@ static int nbd_open(Pull *p) {
         }
 
         if (args->mode == MODE_PULL) {
-                r = nbd_can_cache(p->nbd);
+                r = args->no_cache ? 0 : nbd_can_cache(p->nbd);
                 if (r < 0)
                         return nbd_fail("Failed to query the NBD server's flags");
-                /* Offered is not enough: a prefetch needs something below that copies (the
-                 * copy-on-read filter); a plain read-only export refuses it. Try it once, on the
-                 * range's own first bytes (copying them is the job anyway). */
+                /* Offered is not enough: a server may still refuse a prefetch (one whose export
+                 * cannot write, say). Try it once, on the range's own first bytes (copying them is
+                 * the job anyway); reads are the fallback. */
                 p->can_cache = r > 0 && args->length > 0 && nbd_cache(p->nbd, MIN(args->length, 4096), args->offset, 0) == 0;
                 r = nbd_can_df(p->nbd);
                 if (r < 0)

@@ -23,6 +23,15 @@ U = SIZE // 256     # harness.Chain's unit: 1 MiB here
 CS = r.CLUSTER
 
 
+def wchar(pid):
+    """Bytes process `pid` has written with write(2) and its relatives (/proc/PID/io)."""
+    with open('/proc/%d/io' % pid) as f:
+        for line in f:
+            if line.startswith('wchar:'):
+                return int(line.split()[1])
+    raise AssertionError('no wchar in /proc/%d/io' % pid)
+
+
 class RangeBase(h.TestCase):
     """Guests whose every test ends with no filter node, no export and no pull helper left."""
 
@@ -137,6 +146,62 @@ class RangeTest(RangeBase):
         self.assertEqual(rc, 0, 'the chain no longer reads as before: ' + out)
         rc, out = r.image_check_shared(g.chains['vda'].top)
         self.assertEqual(rc, 0, 'qemu-img check after a range: ' + out)
+
+    def test_range_copies_each_byte_once(self):
+        """QEMU writes what a range copies once. The range is NBD_CMD_CACHE on an export of the top
+        node, which QEMU serves with the top node's own copy-on-read, serialised against the
+        guest's writes to the same clusters. (Through a copy-on-read filter a CACHE copies twice:
+        the filter's copy-on-read, then the outer one writing the same old data again, over any
+        guest write that came in between.) Counted with the write bytes of QEMU's process."""
+        g = self.guest()
+        d = g.disk()
+        a, b = 0, 64 * U
+        before = self.api_map(d)
+        copied = sum(ln for off, ln, dep, k in r.clip(before, a, b - a) if k == 'backing')
+        zeros = r.zero_clusters(g.chains['vda'].ref, a, b)
+        data = copied - sum(CS for c in zeros
+                            if any(o <= c < o + ln and k == 'backing' for o, ln, dep, k in before))
+        self.assertGreater(data, 32 * MiB, 'the chain has too little backing data in [%d, %d)' % (a, b))
+        w0 = wchar(g.qemu.proc.pid)
+        self.stream_range(g, a, b - a)
+        written = wchar(g.qemu.proc.pid) - w0
+        self.assertLessEqual(written, copied * 1.1 + MiB,
+                             'QEMU wrote %d bytes to copy %d bytes of backing data: the range copied twice'
+                             % (written, copied))
+        self.assertGreaterEqual(written, data * 0.9,
+                                'QEMU wrote only %d bytes for %d bytes of backing data (is the counter '
+                                'right?)' % (written, data))
+        self.check_range_effect(g, before, a, b, 'range [0, 64M)')
+
+    def test_range_with_base_keeps_the_base(self):
+        """Start(offset, length, {base}): only the images above `base` are copied from (through a
+        copy-on-read filter whose bottom is the image above base); what is in base stays there."""
+        g = self.guest()
+        d = g.disk()
+        ch = g.chains['vda']
+        before = self.api_map(d)
+        a, b = 0, 96 * U
+        # Above base: mid (depth 2). base's own data (depth 3) stays in the backing.
+        a, b, p = self.stream_range(g, a, b - a, opts(base=h.S(ch.base)))
+        after = self.api_map(d)
+        zeros = r.zero_clusters(ch.ref, a, b)
+        expected = {}
+        for c, v in r.per_cluster(before, 0, SIZE).items():
+            if a <= c < b and v == (2, 'backing'):
+                expected[c] = {(1, 'local'), (1, 'zero')} if c in zeros else {(1, 'local')}
+            else:
+                expected[c] = {v}
+        self.assertIn((3, 'backing'), {v for c, v in r.per_cluster(after, a, b).items()},
+                      'nothing of base is left in the range: the test chain does not test base')
+        bad = r.mismatches(expected, after, SIZE)
+        self.assertEqual(bad, [], 'a range with base=%s changed what it should not, or not what it should:\n  %s'
+                         % (ch.base, '\n  '.join(bad)))
+        self.assert_map_is_qemu_img(g, after, 'range with base')
+        self.assert_data_is_chain(g, 0, SIZE)
+        self.assertEqual(p['BackingChain'], [ch.mid, ch.base], 'a range stream must keep the backing chain')
+        r.flush(g.qemu)
+        rc, out = r.image_check_shared(ch.top)
+        self.assertEqual(rc, 0, 'qemu-img check after a range with base: ' + out)
 
     def test_adjacent_and_overlapping_ranges(self):
         g = self.guest()
@@ -410,21 +475,37 @@ class RangeFailureTest(RangeBase):
 
     env_per_test = True
 
-    def start_slow(self, g, ln=64 * U):
+    # Each failure in both shapes of a range: an export of the top node (no base), or of a
+    # copy-on-read filter whose bottom keeps the base (base given).
+    MODES = (False, True)
+
+    def start_slow(self, g, base, ln=64 * U):
         d = g.disk()
         since = time.monotonic()
-        d.start(0, ln, opts(bandwidth=T(2 * MiB)))
+        o = {'bandwidth': T(2 * MiB)}
+        if base:
+            o['base'] = h.S(g.chains['vda'].base)
+        d.start(0, ln, opts(**o))
         d.wait_state('running', 10)
         d.wait_bytes_done(1, 20)
         nodes, exports = r.leftovers(g.qemu.qmp)
-        self.assertEqual(len(nodes), 1, 'one filter node while a range runs: %r' % nodes)
         self.assertEqual(len(exports), 1, 'one export while a range runs: %r' % exports)
-        self.assertEqual(exports[0].get('node-name'), nodes[0], exports)
+        if base:
+            self.assertEqual(len(nodes), 1, 'one filter node while a range with base runs: %r' % nodes)
+            self.assertEqual(exports[0].get('node-name'), nodes[0], exports)
+        else:
+            self.assertEqual(nodes, [], 'a filter node while a range without base runs: %r' % nodes)
+            self.assertEqual(exports[0].get('node-name'), d.prop('NodeName'), exports)
         return d, since
 
     def test_helper_killed(self):
+        for base in self.MODES:
+            with self.subTest(base=base):
+                self._helper_killed(base)
+
+    def _helper_killed(self, base):
         g = self.guest()
-        d, since = self.start_slow(g)
+        d, since = self.start_slow(g, base)
         helpers = r.pull_helpers(self.env)
         self.assertEqual(len(helpers), 1, 'one blockstream-pull child while a range runs: %r' % helpers)
         pid, argv = helpers[0]
@@ -442,8 +523,13 @@ class RangeFailureTest(RangeBase):
         self.stream_range(g, 0, 2 * U)
 
     def test_qemu_killed(self):
+        for base in self.MODES:
+            with self.subTest(base=base):
+                self._qemu_killed(base)
+
+    def _qemu_killed(self, base):
         g = self.guest()
-        d, since = self.start_slow(g)
+        d, since = self.start_slow(g, base)
         g.qemu.kill()
         res, done, err = d.wait_finished(20, since)
         self.assertEqual(res, 'failed', 'Finished%r' % ((res, done, err),))
@@ -458,8 +544,13 @@ class RangeFailureTest(RangeBase):
                       % self.server_sockets(g))
 
     def test_daemon_killed_and_restarted(self):
+        for base in self.MODES:
+            with self.subTest(base=base):
+                self._daemon_killed_and_restarted(base)
+
+    def _daemon_killed_and_restarted(self, base):
         g = self.guest()
-        d, since = self.start_slow(g)
+        d, since = self.start_slow(g, base)
         helpers = r.pull_helpers(self.env)
         self.assertEqual(len(helpers), 1, helpers)
         self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)

@@ -586,10 +586,30 @@ def test_valgrind():
     check(rc == 0, 'stop under valgrind: exit %d\n%s' % (rc, h.stderr))
 
 
-def test_pull_copy_on_read():
-    """The real thing: QEMU, a copy-on-read filter over the top node, exported with allocation
-    depth; the helper pulls [a, b); afterwards exactly the backing clusters in [a, b) are local."""
-    d = os.path.join(tmp, 'cor')
+def wchar(pid):
+    with open('/proc/%d/io' % pid) as f:
+        for line in f:
+            if line.startswith('wchar:'):
+                return int(line.split()[1])
+    raise Fail('no wchar in /proc/%d/io' % pid)
+
+
+def test_pull_cache_top():
+    """The real thing, as the daemon runs a range without base: QEMU exports the top node with
+    allocation depth; the helper pulls [a, b) with NBD_CMD_CACHE, which QEMU serves with the top
+    node's copy-on-read: afterwards exactly the backing clusters in [a, b) are local, and QEMU
+    wrote each copied byte once."""
+    pull_copy_on_read('cache-top', filter_node=False, extra=[])
+
+
+def test_pull_filter_no_cache():
+    """As the daemon runs a range with base: a copy-on-read filter over the top node, read with
+    --no-cache (a CACHE there would copy twice)."""
+    pull_copy_on_read('filter-read', filter_node=True, extra=['--no-cache'])
+
+
+def pull_copy_on_read(name, filter_node, extra):
+    d = os.path.join(tmp, name)
     os.mkdir(d)
     make_chain(d)
     img = os.path.join(d, 'top.qcow2')
@@ -603,12 +623,17 @@ def test_pull_copy_on_read():
     try:
         qemu.cmd('blockdev-add', driver='qcow2', **{'node-name': 'top'},
                  file={'driver': 'file', 'filename': img})
-        qemu.cmd('blockdev-add', driver='copy-on-read', **{'node-name': 'cor0'}, file='top')
+        node = 'top'
+        if filter_node:
+            qemu.cmd('blockdev-add', driver='copy-on-read', **{'node-name': 'cor0'}, file='top')
+            node = 'cor0'
         qemu.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
-        qemu.cmd('block-export-add', type='nbd', id='exp0', **{'node-name': 'cor0', 'allocation-depth': True},
+        qemu.cmd('block-export-add', type='nbd', id='exp0', **{'node-name': node, 'allocation-depth': True},
                  name='cor0', writable=False)
+        w0 = wchar(qemu.proc.pid)
         h, rc = run_helper(['--pull', '--export=cor0', '--offset=%d' % a, '--length=%d' % (b - a),
-                            '--chunk=%d' % (512 * KIB), '--parallel=4'], sock)
+                            '--chunk=%d' % (512 * KIB), '--parallel=4'] + extra, sock)
+        written = wchar(qemu.proc.pid) - w0
         check(rc == 0, 'exit %d: %s' % (rc, h.stderr))
         check(h.msgs[-2][1] == 'progress %d %d' % (b - a, b - a) and h.msgs[-1][1] == 'done', str(h.msgs[-3:]))
         # While QEMU still runs: the map through the export says the range is local now.
@@ -638,7 +663,12 @@ def test_pull_copy_on_read():
     check(not wrong, 'not copied: %s' % wrong[:5])
     check(not changed, 'changed outside what was to copy: %s' % changed[:5])
     copied = sum(CLUSTER for c in range(a, b, CLUSTER) if pb[c][1] == 'backing')
-    print('# copy-on-read pull of [%d, %d): %d clusters copied, nothing else changed' % (a, b, copied // CLUSTER))
+    print('# copy-on-read pull of [%d, %d): %d clusters copied, nothing else changed; QEMU wrote %d bytes'
+          % (a, b, copied // CLUSTER, written))
+    # wchar counts write(2)/pwrite(2) and their vector forms, not sendmsg(2): the image's writes.
+    # A CACHE through the filter shows twice the copy here.
+    check(written <= copied * 11 // 10 + 64 * KIB,
+          'QEMU wrote %d bytes for %d copied: not a single copy-on-read per byte' % (written, copied))
 
     after_raw = os.path.join(d, 'after.raw')
     run('qemu-img', 'convert', '-O', 'raw', img, after_raw)
@@ -655,7 +685,7 @@ def test_pull_copy_on_read():
 TESTS = [test_args, test_no_allocation_depth, test_map_whole, test_map_ranges, test_map_max_extents,
          test_small_clusters, test_pull_progress_plain, test_bandwidth, test_bandwidth_change, test_pause_resume_stop,
          test_control_eof, test_control_malformed, test_server_gone, test_fds_closed, test_seccomp_kills,
-         test_valgrind, test_pull_copy_on_read]
+         test_valgrind, test_pull_cache_top, test_pull_filter_no_cache]
 
 
 def main():
