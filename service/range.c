@@ -41,6 +41,8 @@ struct RangeOp {
         unsigned id;
         char *node;      /* copy-on-read filter (pull) */
         char *export_id; /* also the export's name */
+        char *export_node;  /* the node it exports */
+        bool shared_export; /* a map on the disk's map_export: not ours to remove */
         char *bottom;
         uint64_t offset, length, bandwidth;  /* what the helper works on */
         uint64_t asked_offset, asked_length; /* what the caller asked for (Offset/Length) */
@@ -96,6 +98,7 @@ static RangeOp *op_unref(RangeOp *op) {
         free(op->alias);
         free(op->node);
         free(op->export_id);
+        free(op->export_node);
         free(op->bottom);
         free(op->setup_error);
         free(op->extents);
@@ -270,6 +273,64 @@ static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata
                 op_export_gone(op);
 }
 
+/* GetAllocationMap during a full stream. Adding or removing an export attaches a BlockBackend to
+ * the top node or detaches it, which drains the node, and QEMU 7.2's stream job, woken from its
+ * rate-limit sleep by the drain, copies its next chunk at once instead of sleeping on: a client
+ * polling maps made a stream limited to 4 MiB/s copy at 80 MiB/s. So while QEMU streams the disk,
+ * the first map's export stays (the disk's map_export) and later maps use it; it goes when the
+ * job ends. Range jobs pace themselves in the helper and are not affected. */
+static bool map_export_wanted(Disk *d) {
+        return d->job.id && !d->job.concluded && !d->finalizing && job_is_active(&d->job);
+}
+
+/* A map's own export, at its end: keep it as the disk's map_export if that is wanted. */
+static bool map_export_park(RangeOp *op) {
+        Guest *g = op->guest;
+        Disk *d = guest_find_disk(g, op->alias);
+        char *id, *node;
+
+        if (!d || d->map_export || !guest_qmp_ready(g) || !map_export_wanted(d) || !op->export_node ||
+                !streq_ptr(op->export_node, d->node_name))
+                return false;
+        id = strdup(op->export_id);
+        node = strdup(op->export_node);
+        if (!id || !node) {
+                free(id);
+                free(node);
+                return false;
+        }
+        d->map_export = id;
+        d->map_export_node = node;
+        d->map_export_users = 0;
+        return true;
+}
+
+static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint64_t length, RangeOp **ret);
+static void op_end(RangeOp *op, StreamState outcome, const char *error);
+
+void range_map_export_release(Disk *d) {
+        RangeOp *op;
+
+        if (!d->map_export || d->map_export_users > 0)
+                return;
+        if (!guest_qmp_ready(d->guest) || op_new(d, NULL, true, 0, 0, &op) < 0) {
+                /* QEMU is gone (and the export with it), or no memory: the NBD server's stop
+                 * takes the export with it. */
+                d->map_export = mfree(d->map_export);
+                d->map_export_node = mfree(d->map_export_node);
+                if (d->guest->nbd_users > 0)
+                        d->guest->nbd_users--;
+                export_server_release_if_unused(d->guest);
+                return;
+        }
+        /* An op without a call whose only work is the removal. */
+        free(op->export_id);
+        op->export_id = TAKE_PTR(d->map_export);
+        d->map_export_node = mfree(d->map_export_node);
+        op->export_added = true;
+        op_end(op, STREAM_COMPLETED, NULL);
+}
+
 static void op_end(RangeOp *op, StreamState outcome, const char *error) {
         Guest *g = op->guest;
 
@@ -284,6 +345,18 @@ static void op_end(RangeOp *op, StreamState outcome, const char *error) {
         op->control_source = sd_event_source_disable_unref(op->control_source);
         closep(&op->control_fd);
         op->control_fd = -1;
+
+        if (op->shared_export) {
+                Disk *d = guest_find_disk(g, op->alias);
+
+                op->shared_export = false;
+                if (d && d->map_export && streq(d->map_export, op->export_id) && d->map_export_users > 0) {
+                        d->map_export_users--;
+                        if (!map_export_wanted(d))
+                                range_map_export_release(d);
+                }
+        } else if (op->export_added && op->map && map_export_park(op))
+                op->export_added = false; /* the disk holds it now, and its share of nbd_users */
 
         if (op->export_added && guest_qmp_ready(g)) {
                 if (qemu_block_export_del(g->qmp, op->export_id, export_del_reply, op_ref(op), op_unref_void) >= 0) {
@@ -481,9 +554,10 @@ static int spawn_helper(RangeOp *op) {
         return sd_event_add_io(m->event, &op->control_source, op->control_fd, EPOLLIN, control_handler, op);
 }
 
+static void setup_done(RangeOp *op);
+
 static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
-        int r;
 
         if (op->dead || op->ending)
                 return;
@@ -491,6 +565,12 @@ static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 op->setup_error = strdup_printf("QEMU refused: %s", desc ?: strerror(-error));
         if (--op->pending > 0)
                 return;
+        setup_done(op);
+}
+
+static void setup_done(RangeOp *op) {
+        int r;
+
         if (op->setup_error) {
                 op_end(op, STREAM_FAILED, op->setup_error);
                 return;
@@ -536,6 +616,25 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
         r = export_server_ensure(g);
         if (r < 0) {
                 op_end(op, STREAM_FAILED, "cannot start QEMU's NBD server");
+                return;
+        }
+        if (op->map && d->map_export && streq_ptr(d->map_export_node, d->node_name)) {
+                char *id = strdup(d->map_export);
+
+                if (!id) {
+                        op_end(op, STREAM_FAILED, "out of memory");
+                        return;
+                }
+                free(op->export_id);
+                op->export_id = id;
+                op->shared_export = true;
+                d->map_export_users++;
+                setup_done(op);
+                return;
+        }
+        op->export_node = strdup(op->node ?: d->node_name);
+        if (!op->export_node) {
+                op_end(op, STREAM_FAILED, "out of memory");
                 return;
         }
         if (!op->map) {
@@ -696,6 +795,13 @@ int range_set_bandwidth(Disk *d, uint64_t bandwidth) {
 
 void range_guest_lost(Guest *g) {
         Manager *m = g->manager;
+
+        /* QEMU took the maps' export with it (export_guest_lost zeroes nbd_users). */
+        for (size_t i = 0; i < g->n_disks; i++) {
+                g->disks[i]->map_export = mfree(g->disks[i]->map_export);
+                g->disks[i]->map_export_node = mfree(g->disks[i]->map_export_node);
+                g->disks[i]->map_export_users = 0;
+        }
 
         for (RangeOp *op = m->range_ops, *next; op; op = next) {
                 next = op->next;

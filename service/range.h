@@ -41,6 +41,8 @@ void range_free_all(Manager *m);
 
 /* BLOCK_EXPORT_DELETED from the guest's QMP peer. */
 void range_on_export_deleted(Guest *g, const char *id);
+/* The disk's QEMU stream job is over: remove the export its maps shared, once unused. */
+void range_map_export_release(Disk *d);
 
 /* After a (re)connect: remove what a range job of ours left in QEMU before a restart. */
 void range_cleanup_leftovers(Guest *g);

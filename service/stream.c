@@ -46,6 +46,8 @@ Disk *disk_free(Disk *d) {
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);
+        free(d->map_export);
+        free(d->map_export_node);
         free(d->alias);
         free(d->object_path);
         free(d->node_name);
@@ -275,6 +277,7 @@ static void disk_finalize(Disk *d) {
         if (d->finalizing)
                 return;
         d->finalizing = true;
+        range_map_export_release(d); /* the job no longer runs: maps may drain the node again */
         disk_save(d); /* the outcome survives a crash from here on */
         guest_update_polling(g);
 

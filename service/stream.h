@@ -29,6 +29,11 @@ typedef struct Disk {
         Job job;
         char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
         char *range_export;
+        /* While QEMU streams the whole disk: one export of the top node kept for every
+         * GetAllocationMap (see range.c), with the maps using it now. */
+        char *map_export;
+        char *map_export_node;
+        unsigned map_export_users;
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         usec_t last_saved;

@@ -203,6 +203,38 @@ class RangeTest(RangeBase):
         rc, out = r.image_check_shared(ch.top)
         self.assertEqual(rc, 0, 'qemu-img check after a range with base: ' + out)
 
+    def test_maps_do_not_speed_up_a_limited_stream(self):
+        """GetAllocationMap polled during a full stream with a bandwidth limit. Each map used to add
+        and remove an NBD export on the top node; every attach or detach drains the node, and QEMU
+        7.2's stream job, woken early from its rate-limit sleep, copies its next chunk at once: a
+        stream limited to 4 MiB/s ran at 80 MiB/s. The maps share one export while the stream runs;
+        it goes when the stream ends."""
+        g = self.guest()
+        d = g.disk()
+        limit = 2 * MiB
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(limit)))
+        d.wait_state('running', 10)
+        d.wait_bytes_done(1, 20)
+        maps, b0, t0 = 0, d.prop('BytesDone'), time.monotonic()
+        while time.monotonic() - t0 < 3:
+            self.api_map(d)
+            maps += 1
+        b1, t1 = d.prop('BytesDone'), time.monotonic()
+        rate = (b1 - b0) / (t1 - t0)
+        self.assertGreater(maps, 10, 'too few maps to tell')
+        self.assertLess(rate, limit * 1.5, '%d maps in %.1f s made a stream limited to %d B/s copy %d B/s'
+                        % (maps, t1 - t0, limit, rate))
+        nodes, exports = r.leftovers(g.qemu.qmp)
+        self.assertEqual(len(exports), 1, 'the maps during the stream should share one export: %r' % exports)
+        self.assertEqual(exports[0].get('node-name'), d.prop('NodeName'), exports)
+        d.cancel()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'cancelled')
+        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 5, 'the shared export to go after the stream')
+        self.api_map(d)
+        self.assertEqual(r.leftovers(g.qemu.qmp), ([], []), 'a map with no stream running left its export')
+
     def test_adjacent_and_overlapping_ranges(self):
         g = self.guest()
         d = g.disk()
