@@ -778,6 +778,7 @@ int guest_publish(Guest *g) {
 
 void guest_unregister(Guest *g) {
         Manager *m = g->manager;
+        bool had_server = g->nbd_server || g->nbd_server_started;
         int r;
 
         log_info("Guest %s unregistered.", g->name);
@@ -788,6 +789,12 @@ void guest_unregister(Guest *g) {
         }
         export_guest_removed(g);
         range_guest_removed(g);
+        /* QEMU runs on without us: our NBD server goes, and with it every export on it (of the
+         * Export objects, and of maps still being read). Sent before the connection closes. */
+        if (had_server && guest_qmp_ready(g))
+                (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
+        if (g->qmp)
+                qmp_flush(g->qmp);
         r = state_remove_guest(m, g->name);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);

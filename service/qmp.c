@@ -130,6 +130,13 @@ Qmp *qmp_close_unref(Qmp *q) {
         return qmp_unref(q);
 }
 
+static int qmp_write(Qmp *q);
+
+void qmp_flush(Qmp *q) {
+        if (q && q->fd >= 0 && q->state == QMP_READY)
+                (void) qmp_write(q);
+}
+
 bool qmp_is_ready(Qmp *q) {
         return q && q->state == QMP_READY;
 }

@@ -62,6 +62,9 @@ static inline void qmp_close_unrefp(Qmp **q) {
 }
 
 bool qmp_is_ready(Qmp *q);
+/* Write what is queued now, as far as the socket takes it without blocking: for commands that
+ * must reach QEMU before the connection is closed. */
+void qmp_flush(Qmp *q);
 void qmp_set_timeout(Qmp *q, uint64_t usec);
 /* QEMU's version from the greeting, 0 before. major*10000 + minor*100 + micro. */
 unsigned qmp_qemu_version(Qmp *q);

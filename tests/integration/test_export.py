@@ -131,6 +131,34 @@ class ExportTest(h.TestCase):
         self.assertTrue(g.qemu.running(), 'the guest died')
         self.assertEqual(g.disk().prop('State'), 'idle')
 
+    def test_unregister_while_serving_leaves_nothing_in_qemu(self):
+        """UnregisterGuest with an export serving: the export object goes, the relay exits, and the
+        guest's QEMU keeps neither our NBD server nor its exports (which would hold the disk's node
+        and leave a listener nobody can reach)."""
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        q = self.start_qemu(chains, name=name)
+        self.addCleanup(q.kill)
+        path = self.register(name, q.daemon_socket)
+        g = h.Guest(self, name, q, chains, path)
+        epath, uri = self.new_export(g)
+        relay = self.the_relay(g)
+        self.assertNotEqual(q.qmp.cmd('query-block-exports'), [])
+        self.assertIsNone(self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', name))
+        o.wait_gone(relay.pid, 5, 'the relay to exit after UnregisterGuest')
+        self.assertNotIn(epath, o.exports_on_bus(self.client))
+        self.assert_no_qemu_exports(g)
+        # QEMU runs no NBD server any more: the test's own can start one.
+        sock = os.path.join(self.env.dir, name + '-probe.sock')
+        def server_free():
+            try:
+                q.qmp.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+                return True
+            except h.QMPError:
+                return False
+        h.wait_until(server_free, 5, 'our NBD server to be stopped in QEMU after UnregisterGuest')
+        q.qmp.cmd('nbd-server-stop')
+
     def test_offline_guest(self):
         g = self.offline_guest()
         self._serve_read_stop(g)
