@@ -264,6 +264,9 @@ static void guest_remove_disk(Guest *g, size_t i) {
 
         if (g->published)
                 (void) sd_bus_emit_object_removed(g->manager->bus, d->object_path);
+        /* The maps' shared export goes too (maps still reading it fail: the disk is gone). */
+        d->map_export_users = 0;
+        range_map_export_release(d);
         memmove(g->disks + i, g->disks + i + 1, (g->n_disks - i - 1) * sizeof(Disk *));
         g->n_disks--;
         disk_free(d);
