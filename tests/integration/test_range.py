@@ -611,6 +611,35 @@ class RangeFailureTest(RangeBase):
         self.stream_range(g, 0, 64 * U)
 
 
+class SharedMapExportTest(RangeBase):
+    """The export that maps share during a full stream, when the daemon dies."""
+
+    env_per_test = True
+
+    def test_daemon_killed_while_maps_share_an_export(self):
+        g = self.guest()
+        d = g.disk()
+        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.wait_state('running', 10)
+        self.api_map(d)
+        self.assertEqual(len(r.leftovers(g.qemu.qmp)[1]), 1, 'the maps\' export is not kept during the stream')
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        self.env.start_daemon()
+        c = self.client
+        c.wait_prop(g.path, h.IFACE_GUEST, 'Running', True, timeout=10)
+        # The restarted daemon stops the NBD server it left in QEMU, and the export with it.
+        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 10, 'the export of the dead daemon to go')
+        # The stream ran on in QEMU; the daemon follows it, and maps work as before.
+        self.assertIn(d.prop('State'), ('running', 'completed'))
+        self.api_map(d)
+        since = time.monotonic()
+        if d.prop('State') == 'running':
+            d.cancel()
+            res, done, err = d.wait_finished(20, since)
+            self.assertEqual(res, 'cancelled')
+        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 5, 'the shared export to go after the stream')
+
+
 def dbus_dict(d, sig='sv'):
     import dbus
     return dbus.Dictionary(d, signature=sig)
