@@ -561,6 +561,8 @@ void guest_update_polling(Guest *g) {
 static void guest_fail_jobs(Guest *g, const char *why) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
+                if (range_running(d))
+                        continue; /* a range job resumed after the restart: its own helper */
                 if (job_is_active(&d->job) && !d->job.concluded)
                         disk_fail_job(d, why);
                 else if (d->job.concluded)

@@ -36,6 +36,10 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
         if (!m)
                 return log_oom();
         m->event = sd_event_ref(e);
+        /* The names of our filter nodes and exports in QEMU count from here: from a random start,
+         * so that a restarted daemon's names never meet those a killed one left behind (they are
+         * removed asynchronously while a range job resumes). */
+        m->range_seq = random_u32() >> 8;
         config_init(&m->config);
         m->state_dir = strdup(state_dir);
         m->runtime_dir = strdup(runtime_dir);

@@ -58,6 +58,7 @@ struct RangeOp {
         sd_event_source *control_source;
         HelperLog *log;
         bool ready, stop_requested, got_done;
+        bool resume, resume_paused; /* a range job of before a daemon restart, carried on */
 
         Extent *extents;
         size_t n_extents;
@@ -188,7 +189,8 @@ static void op_finish(RangeOp *op) {
         if (d && !op->map) {
                 d->range_node = mfree(d->range_node);
                 d->range_export = mfree(d->range_export);
-                if (op->ready) {
+                d->range_bottom = mfree(d->range_bottom);
+                if (op->ready || op->resume) {
                         unsigned changed = job_conclude(&d->job, op->outcome, op->error);
                         disk_apply_job_changes(d, changed); /* persists, publishes, Finished */
                 } else {
@@ -490,6 +492,18 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->ready = true;
                 if (op->map)
                         return 1;
+                if (op->resume) {
+                        /* The job goes on as it was: same StartTime, the progress so far (the helper
+                         * counts what is local already as done). */
+                        d->starting = false;
+                        log_info("Guest %s disk %s: range stream of [%" PRIu64 ", +%" PRIu64 ") resumed after a restart.",
+                                g->name, d->alias, op->offset, op->length);
+                        if (op->resume_paused && op_send(op, "pause\n") < 0) {
+                                op_end(op, STREAM_FAILED, "cannot pause the pull helper again");
+                                return 0;
+                        }
+                        return 1;
+                }
                 if (job_begin(&d->job, "", STREAM_MODE_RANGE, op->asked_offset, op->asked_length, op->length,
                             op->bandwidth, now_usec(CLOCK_REALTIME)) < 0) {
                         op_end(op, STREAM_FAILED, "out of memory");
@@ -641,8 +655,10 @@ static void backend_ready(Guest *g, int error, const char *error_text, void *use
                 /* Recorded before QEMU has them, so that a restart can always clean up. */
                 free(d->range_node);
                 free(d->range_export);
+                free(d->range_bottom);
                 d->range_node = op->node ? strdup(op->node) : NULL;
                 d->range_export = strdup(op->export_id);
+                d->range_bottom = op->bottom ? strdup(op->bottom) : NULL;
                 (void) guest_save(g);
         }
         if (op->node) {
@@ -894,8 +910,41 @@ static void leftover_del(LeftoverNode *l) {
                 leftover_free(l);
 }
 
+/* A range job that was running (or paused) when the daemon went away: its helper died with the
+ * daemon, its filter and export are being removed; a new helper carries on from where the image
+ * is (what is local already is skipped). The job keeps its identity: one Finished at the end. */
+static int range_resume(Disk *d) {
+        uint64_t cs = d->cluster_size ?: 65536, a, b, end;
+        RangeOp *op;
+        int r;
+
+        if (d->job.length == 0 || __builtin_add_overflow(d->job.offset, d->job.length, &end) || end > d->size)
+                return -EINVAL;
+        a = d->job.offset / cs * cs;
+        b = end % cs ? MIN(d->size, (end / cs + 1) * cs) : end;
+        r = op_new(d, NULL, false, a, b - a, &op);
+        if (r < 0)
+                return r;
+        op->asked_offset = d->job.offset;
+        op->asked_length = d->job.length;
+        op->bandwidth = d->job.bandwidth;
+        op->resume = true;
+        op->resume_paused = d->job.state == STREAM_PAUSED;
+        if (d->range_bottom &&
+                (!(op->bottom = strdup(d->range_bottom)) || !(op->node = strdup_printf("bscor-%u", op->id)))) {
+                op_kill(op);
+                return -ENOMEM;
+        }
+        r = guest_when_ready(d->guest, backend_ready, op, NULL);
+        if (r < 0) {
+                op_kill(op);
+                return r;
+        }
+        return 0;
+}
+
 /* After a restart: the filter and export a range job of ours left behind (recorded before
- * QEMU got them), and the job itself, which died with its helper. */
+ * QEMU got them), and the job itself, which died with its helper: resumed. */
 void range_cleanup_leftovers(Guest *g) {
         bool changed = false;
 
@@ -917,9 +966,19 @@ void range_cleanup_leftovers(Guest *g) {
                         d->range_export = mfree(d->range_export);
                         changed = true;
                 }
-                if (d->job.mode == STREAM_MODE_RANGE && job_is_active(&d->job) && !disk_pull_op(d))
-                        disk_fail_job(d, "The daemon restarted during the range stream; what was copied stays copied. "
-                                         "Start it again to copy the rest.");
+                if (d->job.mode == STREAM_MODE_RANGE && job_is_active(&d->job) && !d->job.concluded && !disk_pull_op(d)) {
+                        int r = range_resume(d);
+                        if (r < 0) {
+                                log_warning_errno(r, "Guest %s disk %s: cannot resume the range stream: %m", g->name,
+                                        d->alias);
+                                disk_fail_job(d, "The daemon restarted during the range stream and could not carry it "
+                                                 "on; what was copied stays copied. Start it again to copy the rest.");
+                        }
+                }
+                if (d->range_bottom && !disk_pull_op(d)) {
+                        d->range_bottom = mfree(d->range_bottom);
+                        changed = true;
+                }
         }
         if (changed)
                 (void) guest_save(g);

@@ -46,6 +46,7 @@ Disk *disk_free(Disk *d) {
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);
+        free(d->range_bottom);
         free(d->map_export);
         free(d->map_export_node);
         free(d->alias);

@@ -29,6 +29,7 @@ typedef struct Disk {
         Job job;
         char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
         char *range_export;
+        char *range_bottom; /* its filter's bottom (a range with base): to resume it after a restart */
         /* While QEMU streams the whole disk: one export of the top node kept for every
          * GetAllocationMap (see range.c), with the maps using it now. */
         char *map_export;

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -466,4 +467,12 @@ int mkdir_p(const char *path, mode_t mode) {
         if (mkdir(p, mode) < 0 && errno != EEXIST)
                 return -errno;
         return 0;
+}
+
+uint32_t random_u32(void) {
+        uint32_t v;
+
+        if (getrandom(&v, sizeof(v), GRND_NONBLOCK) == (ssize_t) sizeof(v))
+                return v;
+        return (uint32_t) now_usec(CLOCK_MONOTONIC) ^ (uint32_t) now_usec(CLOCK_REALTIME);
 }

@@ -153,6 +153,8 @@ static inline bool add_overflows_u64(uint64_t a, uint64_t b, uint64_t *sum) {
 }
 
 usec_t now_usec(int clock_id);
+/* Not for secrets: getrandom() without blocking, the clock where that fails. */
+uint32_t random_u32(void);
 
 /* printf into a fresh string; NULL on OOM. */
 char *strdup_printf(const char *format, ...) _printf_(1, 2);

@@ -578,39 +578,81 @@ class RangeFailureTest(RangeBase):
                       % self.server_sockets(g))
 
     def test_daemon_killed_and_restarted(self):
+        """A range job survives its daemon: the helper dies with it, the restarted daemon removes
+        the old filter and export and carries the same job on with a new helper (what is local is
+        skipped), and Finished comes once, at the real end. Without base: SIGKILL while running;
+        with base: SIGTERM while paused, and it stays paused until Resume."""
         for base in self.MODES:
             with self.subTest(base=base):
                 self._daemon_killed_and_restarted(base)
 
     def _daemon_killed_and_restarted(self, base):
         g = self.guest()
+        ch = g.chains['vda']
+        before_map = self.api_map(g.disk())
         d, since = self.start_slow(g, base)
+        d.wait_bytes_done(2 * MiB, 20)
+        p0 = d.props()
         helpers = r.pull_helpers(self.env)
         self.assertEqual(len(helpers), 1, helpers)
-        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        old_nodes, old_exports = r.leftovers(g.qemu.qmp)
+        if base:
+            self.assertIsNone(d.call('Pause'))
+            self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'paused', timeout=10)
+            self.assertEqual(self.env.stop_daemon(signal.SIGTERM), 0)
+        else:
+            self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
         # The helper follows its daemon (its control socket closes).
         pid = helpers[0][0]
         h.wait_until(lambda: not r.alive(pid), 10, 'the pull helper to exit after its daemon died')
-        since = time.monotonic()
+        restart = time.monotonic()
         self.env.start_daemon()
         c = self.client
         c.wait_for(lambda: c.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
                    15, 'guest %s to be republished' % g.name)
-        c.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed', timeout=15)
-        p = d.props()
-        self.assertIn('restart', p['Error'].lower(), 'the error should say the daemon restarted: %r' % p['Error'])
-        self.assertEqual(p['Mode'], 'range')
-        res, done, err = d.wait_finished(10, since)
-        self.assertEqual(res, 'failed')
-        self.assertEqual(err, p['Error'])
-        self.assert_one_finished(d, since)
         c.wait_prop(g.path, h.IFACE_GUEST, 'Running', True, timeout=10)
-        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 10,
-                     'the filter node and export of the dead job to go from QEMU')
-        # What was copied stays copied, and the disk works again: map, range.
-        m = self.api_map(d)
-        self.assertGreater(r.local_bytes(m, 0, 64 * U), 0)
-        self.stream_range(g, 0, 64 * U)
+        helpers = h.wait_until(lambda: r.pull_helpers(self.env), 10, 'a new pull helper to carry the range on')
+        self.assertEqual(len(helpers), 1, helpers)
+        self.assertNotEqual(helpers[0][0], pid)
+        # The old filter and export go; the resumed job has its own.
+        def only_new():
+            nodes, exports = r.leftovers(g.qemu.qmp)
+            return (len(exports) == 1 and exports[0]['id'] not in [e['id'] for e in old_exports]
+                    and len(nodes) == (1 if base else 0) and not set(nodes) & set(old_nodes))
+        h.wait_until(only_new, 10, 'only the resumed job\'s export (and filter) in QEMU')
+        p = d.props()
+        self.assertEqual((p['State'], p['Mode'], p['Offset'], p['Length'], p['StartTime'], p['Bandwidth']),
+                         ('paused' if base else 'running', 'range', p0['Offset'], p0['Length'], p0['StartTime'],
+                          p0['Bandwidth']), 'the job after the restart is not the job before it')
+        self.assertEqual(p['Error'], '')
+        self.assertEqual(d.finished(restart), [], 'Finished for a job that goes on')
+        if base:
+            # Paused it stays: nothing more becomes local. (BytesDone may still catch up once with
+            # what was copied after the last save before the restart.)
+            local = r.local_bytes(self.api_map(d), 0, 64 * U)
+            c.pump(1.0)
+            self.assertEqual(r.local_bytes(self.api_map(d), 0, 64 * U), local, 'a paused job copies after the restart')
+            self.assertEqual(d.prop('State'), 'paused')
+            self.assertIsNone(d.call('Resume'))
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        res, done, err = d.wait_finished(60, restart)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assert_one_finished(d, restart)
+        p = d.props()
+        self.assertEqual((p['State'], p['BytesDone'], p['BytesTotal'], p['StartTime']),
+                         ('completed', 64 * U, 64 * U, p0['StartTime']))
+        self.assert_no_leftovers(g, 'the resumed range')
+        # Exactly what a range does, with or without a restart in the middle.
+        after = self.api_map(g.disk())
+        if base:
+            still = [c_ for c_, v in r.per_cluster(after, 0, 64 * U).items() if v[0] == 2 and v[1] == 'backing']
+            self.assertEqual(still, [], 'the resumed range with base left mid\'s data in the backing')
+            self.assertIn((3, 'backing'), set(r.per_cluster(after, 0, 64 * U).values()), 'base was copied')
+        else:
+            self.check_range_effect(g, before_map, 0, 64 * U, 'a range resumed after a restart')
+        self.assert_data_is_chain(g, 0, 64 * U)
+        rc, out = r.image_check_shared(ch.top)
+        self.assertEqual(rc, 0, out)
 
 
 class SharedMapExportTest(RangeBase):
@@ -900,6 +942,45 @@ class OfflineRangeTest(OfflineBase):
         self.assertEqual(res, 'cancelled')
         h.wait_until(lambda: r.daemon_children(self.env) == [], 15,
                      'the helpers to exit after a cancelled range')
+        self.assertEqual(h.image_check(ch.top)[0], 0)
+        self.assertEqual(ch.compare()[0], 0)
+
+
+class OfflineRangeRestartTest(OfflineBase):
+    env_per_test = True
+
+    def test_range_of_an_offline_guest_survives_a_restart(self):
+        """The storage helper and the pull helper die with the daemon (SIGKILL); the restarted
+        daemon starts new ones and carries the same range job to its end."""
+        ch = h.Chain(os.path.join(self.env.images, self.unique_name('img')), SIZE)
+        name, d = self.offline_guest(ch.top)
+        before = self.api_map(d)
+        since = time.monotonic()
+        a, b = 0, 64 * U
+        d.start(a, b - a, opts(bandwidth=T(2 * MiB)))
+        d.wait_bytes_done(2 * MiB, 20)
+        p0 = d.props()
+        old = [pid for pid, argv in r.daemon_children(self.env)]
+        self.assertEqual(len(old), 2, 'a storage helper and a pull helper: %r' % r.daemon_children(self.env))
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        for pid in old:
+            h.wait_until(lambda: not r.alive(pid), 10, 'helper %d to die with the daemon' % pid)
+        restart = time.monotonic()
+        self.env.start_daemon()
+        h.wait_until(lambda: len(r.pull_helpers(self.env)) == 1 and len(r.storage_helpers(self.env)) == 1, 15,
+                     'a new storage helper and pull helper to carry the range on')
+        p = d.props()
+        self.assertEqual((p['State'], p['Mode'], p['StartTime'], p['Error']), ('running', 'range', p0['StartTime'], ''))
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        res, done, err = d.wait_finished(60, restart)
+        self.assertEqual((res, done, err), ('completed', b - a, ''))
+        self.assert_one_finished(d, restart)
+        self.assertEqual(len(d.finished(since)), 1, 'Finished more than once for one job')
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the helpers to exit after the range')
+        after = r.expected_map(ch.top)
+        bad = r.mismatches(r.after_range(before, a, b, r.zero_clusters(ch.ref, a, b), SIZE), after, SIZE)
+        self.assertEqual(bad, [], 'the resumed offline range: the map changed where it should not:\n  '
+                         + '\n  '.join(bad))
         self.assertEqual(h.image_check(ch.top)[0], 0)
         self.assertEqual(ch.compare()[0], 0)
 
