@@ -711,6 +711,13 @@ static int op_new(Disk *d, sd_bus_message *msg, bool map, uint64_t offset, uint6
         return 0;
 }
 
+void range_widen(uint64_t offset, uint64_t end, uint64_t cs, uint64_t size, uint64_t *ret_start, uint64_t *ret_stop) {
+        if (cs == 0)
+                cs = 65536;
+        *ret_start = offset / cs * cs;
+        *ret_stop = end % cs ? MIN(size, (end / cs + 1) * cs) : end;
+}
+
 int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
         uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error) {
         RangeOp *op;
@@ -914,14 +921,13 @@ static void leftover_del(LeftoverNode *l) {
  * daemon, its filter and export are being removed; a new helper carries on from where the image
  * is (what is local already is skipped). The job keeps its identity: one Finished at the end. */
 static int range_resume(Disk *d) {
-        uint64_t cs = d->cluster_size ?: 65536, a, b, end;
+        uint64_t a, b, end;
         RangeOp *op;
         int r;
 
-        if (d->job.length == 0 || __builtin_add_overflow(d->job.offset, d->job.length, &end) || end > d->size)
+        if (d->job.length == 0 || add_overflows_u64(d->job.offset, d->job.length, &end) || end > d->size)
                 return -EINVAL;
-        a = d->job.offset / cs * cs;
-        b = end % cs ? MIN(d->size, (end / cs + 1) * cs) : end;
+        range_widen(d->job.offset, end, d->cluster_size, d->size, &a, &b);
         r = op_new(d, NULL, false, a, b - a, &op);
         if (r < 0)
                 return r;

@@ -21,6 +21,9 @@ typedef struct RangeOp RangeOp;
 /* Start streaming [offset, offset+length) (already validated and widened to whole clusters);
  * asked_offset/asked_length: the range as the caller gave it, which Offset/Length show; bottom:
  * the lowest node to copy from (NULL: all). Answers msg once the helper runs. */
+/* [offset, end) widened to whole clusters of size cs, the end capped at the disk's size. */
+void range_widen(uint64_t offset, uint64_t end, uint64_t cs, uint64_t size, uint64_t *ret_start, uint64_t *ret_stop);
+
 int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
         uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error);
 /* The running range job of d: "pause", "resume", "stop", or a bandwidth. */

@@ -579,10 +579,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
 
         if (offset != 0 || length != 0) {
                 /* A range: widened to whole clusters; the filter copies from the images above base. */
-                uint64_t cs = d->cluster_size ?: 65536, start = offset / cs * cs, stop = length == 0 ? d->size : end;
+                uint64_t start, stop;
                 const char *bottom = NULL;
 
-                stop = stop % cs ? MIN(d->size, (stop / cs + 1) * cs) : stop;
+                range_widen(offset, length == 0 ? d->size : end, d->cluster_size, d->size, &start, &stop);
                 if (base) {
                         size_t n = strv_length(d->chain);
                         for (size_t i = 0; i < n; i++)
