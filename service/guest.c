@@ -574,6 +574,7 @@ static void guest_schedule_reconnect(Guest *g);
 
 void guest_fail_orphaned_jobs(Guest *g) {
         range_cleanup_leftovers(g);
+        range_resume_orphans(g);
         guest_fail_jobs(g, "The daemon stopped while the job ran, and the storage helper with it; what was copied "
                            "stays copied. Start the job again.");
 }
@@ -660,6 +661,8 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
         sd_bus_message *call;
         int r;
 
+        /* With the disks as QEMU has them now (a new QEMU may name its nodes differently). */
+        range_resume_orphans(g);
         if (error < 0) {
                 if (g->register_call)
                         guest_register_failed(g, "could not list the disks of QEMU at", desc ?: strerror(-error));
@@ -701,8 +704,10 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
         if (r < 0) {
                 if (g->register_call)
                         guest_register_failed(g, "could not ask for the disks of QEMU at", strerror(-r));
-                else
+                else {
                         log_error_errno(r, "Guest %s: failed to query disks: %m", g->name);
+                        range_resume_orphans(g);
+                }
         }
 }
 

@@ -950,7 +950,8 @@ static int range_resume(Disk *d) {
 }
 
 /* After a restart: the filter and export a range job of ours left behind (recorded before
- * QEMU got them), and the job itself, which died with its helper: resumed. */
+ * QEMU got them). The job itself, which died with its helper, is resumed by
+ * range_resume_orphans() once the disks are known again. */
 void range_cleanup_leftovers(Guest *g) {
         bool changed = false;
 
@@ -972,6 +973,17 @@ void range_cleanup_leftovers(Guest *g) {
                         d->range_export = mfree(d->range_export);
                         changed = true;
                 }
+        }
+        if (changed)
+                (void) guest_save(g);
+}
+
+void range_resume_orphans(Guest *g) {
+        bool changed = false;
+
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
                 if (d->job.mode == STREAM_MODE_RANGE && job_is_active(&d->job) && !d->job.concluded && !disk_pull_op(d)) {
                         int r = range_resume(d);
                         if (r < 0) {

@@ -49,3 +49,6 @@ void range_map_export_release(Disk *d);
 
 /* After a (re)connect: remove what a range job of ours left in QEMU before a restart. */
 void range_cleanup_leftovers(Guest *g);
+/* Then, with the disks re-read: range jobs that were running when the daemon went away go on
+ * with new helpers (or fail, saying why). */
+void range_resume_orphans(Guest *g);
