@@ -561,8 +561,8 @@ void guest_update_polling(Guest *g) {
 static void guest_fail_jobs(Guest *g, const char *why) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                if (range_running(d))
-                        continue; /* a range job resumed after the restart: its own helper */
+                if (range_running(d) || d->starting)
+                        continue; /* a job carried on after the restart, or a Start on its way */
                 if (job_is_active(&d->job) && !d->job.concluded)
                         disk_fail_job(d, why);
                 else if (d->job.concluded)
@@ -575,6 +575,18 @@ static void guest_schedule_reconnect(Guest *g);
 void guest_fail_orphaned_jobs(Guest *g) {
         range_cleanup_leftovers(g);
         range_resume_orphans(g);
+        /* Full streams ran in the storage helper that died with the old daemon: a new helper
+         * carries them on (what is local is skipped). */
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                int r;
+
+                if (d->job.mode != STREAM_MODE_FULL || !job_is_active(&d->job) || d->job.concluded)
+                        continue;
+                r = stream_resume_offline(d);
+                if (r < 0)
+                        log_warning_errno(r, "Guest %s disk %s: cannot carry the stream on: %m", g->name, d->alias);
+        }
         guest_fail_jobs(g, "The daemon stopped while the job ran, and the storage helper with it; what was copied "
                            "stays copied. Start the job again.");
 }

@@ -86,7 +86,8 @@ static json_object *disk_to_json(const Disk *d) {
                 add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 || add(o, "job", job_to_json(&d->job)) < 0 ||
                 (d->range_node && add(o, "range_node", json_object_new_string(d->range_node)) < 0) ||
                 (d->range_export && add(o, "range_export", json_object_new_string(d->range_export)) < 0) ||
-                (d->range_bottom && add(o, "range_bottom", json_object_new_string(d->range_bottom)) < 0)) {
+                (d->range_bottom && add(o, "range_bottom", json_object_new_string(d->range_bottom)) < 0) ||
+                (d->job_base && add(o, "job_base", json_object_new_string(d->job_base)) < 0)) {
                 json_object_put(o);
                 return NULL;
         }
@@ -240,6 +241,7 @@ static int disk_from_json(Guest *g, json_object *o) {
                 dup_field(o, "range_node", false, &d->range_node) < 0 ||
                 dup_field(o, "range_export", false, &d->range_export) < 0 ||
                 dup_field(o, "range_bottom", false, &d->range_bottom) < 0 ||
+                dup_field(o, "job_base", false, &d->job_base) < 0 || (d->job_base && !qemu_id_is_valid(d->job_base)) ||
                 (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
                 /* a node name of QEMU's own ("#block123") or one given to it */
                 (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#')))) {

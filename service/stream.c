@@ -47,6 +47,7 @@ Disk *disk_free(Disk *d) {
         free(d->range_node);
         free(d->range_export);
         free(d->range_bottom);
+        free(d->job_base);
         free(d->map_export);
         free(d->map_export_node);
         free(d->alias);
@@ -339,6 +340,7 @@ typedef struct CallCtx {
         char *job_id;
         char *base_node;
         char *backing_file;
+        bool resume, resume_paused; /* stream_resume_offline(): nobody to answer, the job goes on */
 } CallCtx;
 
 static void call_ctx_free(void *p) {
@@ -420,6 +422,41 @@ static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         return 0;
 }
 
+static void resume_failed(Disk *d, const char *detail) {
+        _cleanup_free_ char *why = strdup_printf(
+                "The daemon restarted during the stream, and its storage helper with it; carrying the stream on in a "
+                "new helper failed: %s. What was copied stays copied; Start it again.", detail);
+
+        d->starting = false;
+        disk_fail_job(d, why ?: "The daemon restarted during the stream and could not carry it on.");
+        guest_release_helper_if_idle(d->guest);
+}
+
+/* QEMU's answer to the block-stream of a resumed job. */
+static void resume_started(Disk *d, CallCtx *c, int error, const char *desc) {
+        Guest *g = d->guest;
+        char *id;
+
+        if (error < 0) {
+                _cleanup_free_ char *detail = strdup_printf("QEMU refused: %s", desc ?: strerror(-error));
+                resume_failed(d, detail ?: "QEMU refused");
+                return;
+        }
+        id = strdup(c->job_id);
+        if (!id) {
+                (void) qemu_block_job_cancel(g->qmp, c->job_id, NULL, NULL, NULL);
+                resume_failed(d, "out of memory");
+                return;
+        }
+        free(d->job.id);
+        d->job.id = id;
+        log_info("Guest %s disk %s: stream carried on after a restart (job %s).", g->name, d->alias, d->job.id);
+        if (c->resume_paused)
+                (void) qemu_block_job_pause(g->qmp, d->job.id, NULL, NULL, NULL);
+        disk_save(d);
+        guest_update_polling(g);
+}
+
 static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         CallCtx *c = userdata;
         Disk *d = guest_find_disk(c->guest, c->alias);
@@ -432,12 +469,20 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         d->starting = false;
+        if (c->resume) {
+                resume_started(d, c, error, desc);
+                return;
+        }
         if (error < 0) {
                 call_reply(c, error, desc, "start the stream");
                 guest_release_helper_if_idle(c->guest);
                 return;
         }
 
+        free(d->job_base);
+        d->job_base = NULL;
+        if (c->base_node && !(d->job_base = strdup(c->base_node)))
+                log_oom(); /* only a resume after a restart would miss it */
         r = job_begin(&d->job, c->job_id, STREAM_MODE_FULL, 0, d->size, d->size, c->value, now_usec(CLOCK_REALTIME));
         if (r < 0) {
                 /* QEMU runs the job; we could not record it. Tell the caller the truth. */
@@ -466,6 +511,10 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
                         c->alias);
                 return;
         }
+        if (error < 0 && c->resume) {
+                resume_failed(d, error_text ?: strerror(-error));
+                return;
+        }
         if (error < 0) {
                 d->starting = false;
                 c->replied = true;
@@ -487,9 +536,14 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
                 if (send)
                         send->replied = true;
                 call_ctx_free(send);
+                if (c->resume)
+                        resume_failed(d, "out of memory");
                 return; /* c's destroy answers the caller */
         }
         send->value = c->value;
+        send->resume = c->resume;
+        send->resume_paused = c->resume_paused;
+        send->replied = c->resume; /* a resume answers nobody */
         c->replied = true; /* from here on, send answers */
         r = qemu_block_stream(g->qmp,
                 &(QemuStreamArgs) {
@@ -501,13 +555,60 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
                 },
                 start_reply, send, call_ctx_free);
         if (r < 0) {
+                bool resume = send->resume;
+
                 d->starting = false;
                 send->replied = true;
                 (void) sd_bus_reply_method_errorf(send->msg, BS_ERROR_QEMU_FAILED, "Failed to send block-stream: %s",
                         strerror(-r));
                 call_ctx_free(send);
-                guest_release_helper_if_idle(g);
+                if (resume)
+                        resume_failed(d, "cannot send block-stream");
+                else
+                        guest_release_helper_if_idle(g);
         }
+}
+
+int stream_resume_offline(Disk *d) {
+        Guest *g = d->guest;
+        CallCtx *c;
+        int r;
+
+        if (!g->offline || d->job.mode != STREAM_MODE_FULL || !job_is_active(&d->job) || d->job.concluded)
+                return -EINVAL;
+        c = call_ctx_new(d, NULL);
+        if (!c)
+                return -ENOMEM;
+        c->replied = true;
+        c->resume = true;
+        c->resume_paused = d->job.state == STREAM_PAUSED;
+        c->value = d->job.bandwidth;
+        g->job_seq++;
+        c->job_id = job_id_new(d->alias, g->job_seq);
+        if (!c->job_id || (d->job_base && !(c->base_node = strdup(d->job_base)))) {
+                call_ctx_free(c);
+                return -ENOMEM;
+        }
+        if (d->job_base)
+                for (size_t i = 0; d->chain[i]; i++)
+                        if (streq(d->chain_nodes[i], d->job_base) && !(c->backing_file = strdup(d->chain[i]))) {
+                                call_ctx_free(c);
+                                return -ENOMEM;
+                        }
+        if (d->job_base && !c->backing_file) {
+                call_ctx_free(c);
+                return -ENOENT; /* the base is no longer in the chain */
+        }
+        /* The old job died with the old helper's QEMU. */
+        d->job.id = mfree(d->job.id);
+        d->starting = true;
+        r = guest_when_ready(g, start_when_ready, c, call_ctx_free);
+        if (r < 0) {
+                d->starting = false;
+                call_ctx_free(c);
+                return r;
+        }
+        return 0;
 }
 
 static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

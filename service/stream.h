@@ -30,6 +30,7 @@ typedef struct Disk {
         char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
         char *range_export;
         char *range_bottom; /* its filter's bottom (a range with base): to resume it after a restart */
+        char *job_base;     /* a full stream's base node, to carry it on in a new storage helper */
         /* While QEMU streams the whole disk: one export of the top node kept for every
          * GetAllocationMap (see range.c), with the maps using it now. */
         char *map_export;
@@ -42,6 +43,9 @@ typedef struct Disk {
 
 int disk_new(Disk **ret, Guest *g, const char *alias);
 Disk *disk_free(Disk *d);
+/* An offline guest's full stream whose storage helper died with the daemon: start it again in
+ * a new helper as the same job (what is local is skipped). < 0: it could not even be tried. */
+int stream_resume_offline(Disk *d);
 /* Take QEMU's view of the disk; returns true if a published property changed. */
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
 /* Take an offline disk's chain as read from the image headers. */
