@@ -422,6 +422,17 @@ static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         return 0;
 }
 
+/* An offline guest's helper knows its images as /dev/fdset/N: the header must name the base by
+ * its real path, or the image is unusable outside the helper. -ENOENT: not in the chain. */
+static int offline_backing_file(Disk *d, const char *base_node, char **ret) {
+        for (size_t i = 0; d->chain[i]; i++)
+                if (streq(d->chain_nodes[i], base_node)) {
+                        *ret = strdup(d->chain[i]);
+                        return *ret ? 0 : -ENOMEM;
+                }
+        return -ENOENT;
+}
+
 static void resume_failed(Disk *d, const char *detail) {
         _cleanup_free_ char *why = strdup_printf(
                 "The daemon restarted during the stream, and its storage helper with it; carrying the stream on in a "
@@ -589,15 +600,10 @@ int stream_resume_offline(Disk *d) {
                 call_ctx_free(c);
                 return -ENOMEM;
         }
-        if (d->job_base)
-                for (size_t i = 0; d->chain[i]; i++)
-                        if (streq(d->chain_nodes[i], d->job_base) && !(c->backing_file = strdup(d->chain[i]))) {
-                                call_ctx_free(c);
-                                return -ENOMEM;
-                        }
-        if (d->job_base && !c->backing_file) {
+        r = d->job_base ? offline_backing_file(d, d->job_base, &c->backing_file) : 0;
+        if (r < 0) {
                 call_ctx_free(c);
-                return -ENOENT; /* the base is no longer in the chain */
+                return r; /* -ENOENT: the base is no longer in the chain */
         }
         /* The old job died with the old helper's QEMU. */
         d->job.id = mfree(d->job.id);
@@ -716,15 +722,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 call_ctx_free(c);
                 return -ENOMEM;
         }
-        /* An offline guest's helper knows its images as /dev/fdset/N: the header must name the
-         * base by its real path, or the image is unusable outside the helper. */
-        if (base_node && g->offline) {
-                for (size_t i = 0; d->chain[i]; i++)
-                        if (streq(d->chain_nodes[i], base_node) && !(c->backing_file = strdup(d->chain[i]))) {
-                                c->replied = true;
-                                call_ctx_free(c);
-                                return -ENOMEM;
-                        }
+        if (base_node && g->offline && offline_backing_file(d, base_node, &c->backing_file) == -ENOMEM) {
+                c->replied = true;
+                call_ctx_free(c);
+                return -ENOMEM;
         }
         d->starting = true;
         /* A running guest: at once. An offline one: once its storage helper is up. */
