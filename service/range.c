@@ -718,6 +718,21 @@ void range_widen(uint64_t offset, uint64_t end, uint64_t cs, uint64_t size, uint
         *ret_stop = end % cs ? MIN(size, (end / cs + 1) * cs) : end;
 }
 
+/* Only a range that keeps the images from `bottom` down needs the copy-on-read filter (its
+ * `bottom` limits what is copied). Without one the export is on the top node itself:
+ * NBD_CMD_CACHE there is QEMU's own copy-on-read of that node, one read and one write,
+ * serialised against the guest's writes to the same clusters. Through the filter a CACHE would
+ * copy twice (the filter's inner copy-on-read, then the outer one writing the same data again to
+ * the top node, where a guest write in between would be overwritten with the old data), so the
+ * helper reads instead (--no-cache). */
+static int op_set_bottom(RangeOp *op, const char *bottom) {
+        if (!bottom)
+                return 0;
+        if (!(op->bottom = strdup(bottom)) || !(op->node = strdup_printf("bscor-%u", op->id)))
+                return -ENOMEM;
+        return 0;
+}
+
 int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
         uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error) {
         RangeOp *op;
@@ -729,14 +744,7 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         op->asked_offset = asked_offset;
         op->asked_length = asked_length;
         op->bandwidth = bandwidth;
-        /* Only a range that keeps the images from `bottom` down needs the copy-on-read filter
-         * (its `bottom` limits what is copied). Without one the export is on the top node itself:
-         * NBD_CMD_CACHE there is QEMU's own copy-on-read of that node, one read and one write,
-         * serialised against the guest's writes to the same clusters. Through the filter a CACHE
-         * would copy twice (the filter's inner copy-on-read, then the outer one writing the same
-         * data again to the top node, where a guest write in between would be overwritten with
-         * the old data), so the helper reads instead (--no-cache). */
-        if (bottom && (!(op->bottom = strdup(bottom)) || !(op->node = strdup_printf("bscor-%u", op->id)))) {
+        if (op_set_bottom(op, bottom) < 0) {
                 op->call = sd_bus_message_unref(op->call);
                 op_kill(op);
                 return -ENOMEM;
@@ -936,8 +944,7 @@ static int range_resume(Disk *d) {
         op->bandwidth = d->job.bandwidth;
         op->resume = true;
         op->resume_paused = d->job.state == STREAM_PAUSED;
-        if (d->range_bottom &&
-                (!(op->bottom = strdup(d->range_bottom)) || !(op->node = strdup_printf("bscor-%u", op->id)))) {
+        if (op_set_bottom(op, d->range_bottom) < 0) {
                 op_kill(op);
                 return -ENOMEM;
         }
