@@ -798,9 +798,56 @@ int guest_publish(Guest *g) {
         return 0;
 }
 
-void guest_unregister(Guest *g) {
+/* An unregistered guest's QMP connection, kept until QEMU answered what we last asked of it. */
+typedef struct UnregisterDrain {
+        struct UnregisterDrain *next;
+        Manager *manager;
+        Qmp *qmp;
+        sd_bus_message *reply_to;
+        char *name;
+} UnregisterDrain;
+
+#define UNREGISTER_DRAIN_MAX_USEC (10ULL * USEC_PER_SEC)
+
+static void unregister_drain_free(UnregisterDrain *d) {
+        UnregisterDrain **p;
+
+        for (p = &d->manager->unregister_drains; *p; p = &(*p)->next)
+                if (*p == d) {
+                        *p = d->next;
+                        break;
+                }
+        if (d->reply_to)
+                (void) sd_bus_reply_method_return(d->reply_to, NULL);
+        sd_bus_message_unref(d->reply_to);
+        free(d->name);
+        free(d);
+}
+
+static void unregister_drained(int error, void *userdata) {
+        UnregisterDrain *d = userdata;
+
+        d->qmp = NULL; /* closed and released by qmp.c */
+        if (error < 0)
+                log_warning("Guest %s: QEMU did not confirm the removal of our NBD server and exports (%s); "
+                            "check its query-block-exports.", d->name, strerror(-error));
+        else
+                log_debug("Guest %s: QEMU confirmed our last commands.", d->name);
+        unregister_drain_free(d);
+}
+
+void guest_unregister_drains_free(Manager *m) {
+        while (m->unregister_drains) {
+                UnregisterDrain *d = m->unregister_drains;
+                d->qmp = qmp_close_unref(d->qmp);
+                unregister_drain_free(d);
+        }
+}
+
+void guest_unregister(Guest *g, sd_bus_message *reply_to) {
         Manager *m = g->manager;
         bool had_server = g->nbd_server || g->nbd_server_started;
+        UnregisterDrain *d = NULL;
         int r;
 
         log_info("Guest %s unregistered.", g->name);
@@ -812,11 +859,28 @@ void guest_unregister(Guest *g) {
         export_guest_removed(g);
         range_guest_removed(g);
         /* QEMU runs on without us: our NBD server goes, and with it every export on it (of the
-         * Export objects, and of maps still being read). Sent before the connection closes. */
+         * Export objects, and of maps still being read). */
         if (had_server && guest_qmp_ready(g))
                 (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
-        if (g->qmp)
-                qmp_flush(g->qmp);
+        /* QEMU drops commands it has not yet dispatched when its client disconnects: keep the
+         * connection (bounded) until it answered them. An offline guest's storage helper is
+         * killed below, and everything it served with it. */
+        if (g->qmp && !g->offline && guest_qmp_ready(g)) {
+                d = calloc(1, sizeof(*d));
+                if (d) {
+                        d->name = strdup(g->name);
+                        if (!d->name)
+                                d = mfree(d);
+                }
+                if (d) {
+                        d->manager = m;
+                        d->reply_to = sd_bus_message_ref(reply_to);
+                        d->qmp = TAKE_PTR(g->qmp);
+                        d->next = m->unregister_drains;
+                        m->unregister_drains = d;
+                } else
+                        qmp_flush(g->qmp);
+        }
         r = state_remove_guest(m, g->name);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);
@@ -824,6 +888,11 @@ void guest_unregister(Guest *g) {
                 (void) rmdir(g->runtime_dir);
         manager_unlink_guest(m, g);
         guest_free(g);
+        if (d)
+                qmp_close_drained(d->qmp, MIN(m->config.qmp_timeout_usec, UNREGISTER_DRAIN_MAX_USEC),
+                        unregister_drained, d);
+        else if (reply_to)
+                (void) sd_bus_reply_method_return(reply_to, NULL);
 }
 
 /* D-Bus */
@@ -841,8 +910,8 @@ static int method_unregister(sd_bus_message *msg, void *userdata, sd_bus_error *
         if (guest_has_active_job(g))
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A stream of guest '%s' is running; Cancel it first, then unregister.", g->name);
-        guest_unregister(g);
-        return sd_bus_reply_method_return(msg, NULL);
+        guest_unregister(g, msg);
+        return 1; /* answered once QEMU confirmed */
 }
 
 typedef struct RefreshCall {

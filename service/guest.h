@@ -76,8 +76,12 @@ Guest *guest_free(Guest *g);
 int guest_connect(Guest *g);
 /* Put a registered guest on the bus and into the state dir. */
 int guest_publish(Guest *g);
-/* Take a guest off the bus, delete its state, free it. */
-void guest_unregister(Guest *g);
+/* Take a guest off the bus, delete its state, free it. reply_to (may be NULL) gets its empty
+ * reply once QEMU answered the removal of what we added to it (bounded by QMPTimeoutSec=, at most
+ * 10 s; a QEMU that never answers is logged). */
+void guest_unregister(Guest *g, sd_bus_message *reply_to);
+/* At exit: drop the connections of unregistered guests still waiting for QEMU's answers. */
+void guest_unregister_drains_free(Manager *m);
 
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
 /* The QMP peer (QEMU, or an offline guest's storage helper) can take commands now. */

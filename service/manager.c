@@ -74,6 +74,7 @@ Manager *manager_free(Manager *m) {
                 return NULL;
         export_free_all(m);
         range_free_all(m);
+        guest_unregister_drains_free(m);
         while (m->guests) {
                 Guest *g = m->guests;
                 manager_unlink_guest(m, g);
@@ -503,8 +504,8 @@ static int method_unregister_guest(sd_bus_message *msg, void *userdata, sd_bus_e
         if (guest_has_active_job(g))
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A stream of guest '%s' is running; Cancel it first, then unregister.", name);
-        guest_unregister(g);
-        return sd_bus_reply_method_return(msg, NULL);
+        guest_unregister(g, msg);
+        return 1; /* answered once QEMU confirmed */
 }
 
 static int method_get_guest(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

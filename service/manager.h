@@ -27,6 +27,7 @@ typedef struct Manager {
         unsigned n_guests;
 
         PolkitQuery *polkit_queries; /* outstanding CheckAuthorization calls */
+        struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */
 
         struct Export *exports;
         unsigned export_seq;

@@ -44,6 +44,9 @@ struct Qmp {
         uint64_t next_id;
         QmpHandlers h;
         bool detached; /* the owner called qmp_close_unref(): no callback of any kind any more */
+        bool draining; /* qmp_close_drained(): waiting for the last answers */
+        qmp_drained_handler_t drained;
+        void *drained_userdata;
         usec_t timeout;
         usec_t setup_deadline;
         unsigned version;
@@ -118,6 +121,8 @@ Qmp *qmp_close_unref(Qmp *q) {
                 return NULL;
         q->h = (QmpHandlers) {};
         q->detached = true;
+        q->draining = false;
+        q->drained = NULL;
         qmp_disconnect(q);
         /* Dropped silently: the owner is going away and wants no callbacks. */
         l = qmp_steal_calls(q);
@@ -135,6 +140,54 @@ static int qmp_write(Qmp *q);
 void qmp_flush(Qmp *q) {
         if (q && q->fd >= 0 && q->state == QMP_READY)
                 (void) qmp_write(q);
+}
+
+/* The end of a qmp_close_drained(): close, tell, and drop the reference it took over. */
+static void qmp_drain_finish(Qmp *q, int error) {
+        qmp_drained_handler_t done = q->drained;
+        void *userdata = q->drained_userdata;
+
+        if (!q->draining)
+                return;
+        q->draining = false;
+        q->drained = NULL;
+        qmp_disconnect(q);
+        if (done)
+                done(error, userdata);
+        qmp_unref(q);
+}
+
+void qmp_close_drained(Qmp *q, uint64_t timeout, qmp_drained_handler_t done, void *userdata) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+        usec_t deadline = timeout > USEC_INFINITY - now ? USEC_INFINITY : now + timeout;
+        int r;
+
+        if (!q) {
+                if (done)
+                        done(0, userdata);
+                return;
+        }
+        q->h = (QmpHandlers) {};
+        q->detached = true;
+        for (QmpCall *c = q->calls; c; c = c->next) {
+                c->handler = NULL;
+                if (c->destroy)
+                        c->destroy(c->userdata);
+                c->destroy = NULL;
+                c->deadline = MIN(c->deadline, deadline);
+        }
+        q->draining = true;
+        q->drained = done;
+        q->drained_userdata = userdata;
+        if (q->state != QMP_READY || !q->calls) {
+                qmp_drain_finish(q, q->state == QMP_READY ? 0 : -ENOTCONN);
+                return;
+        }
+        r = qmp_update_io(q);
+        if (r >= 0)
+                r = qmp_update_timer(q);
+        if (r < 0)
+                qmp_drain_finish(q, r);
 }
 
 bool qmp_is_ready(Qmp *q) {
@@ -409,6 +462,8 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
                         c->handler(q, 0, ret, NULL, NULL, c->userdata);
         }
         qmp_call_free(c);
+        if (q->draining && !q->calls)
+                qmp_drain_finish(q, 0);
         return 0;
 }
 
@@ -627,12 +682,16 @@ static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) 
                         }
                 if (!c)
                         break;
-                log_warning("QMP: command '%s' got no reply within %" PRIu64 " s.", c->command, q->timeout / USEC_PER_SEC);
+                log_warning("QMP: command '%s' got no reply in time.", c->command);
                 if (c->handler)
                         c->handler(q, -ETIMEDOUT, NULL, NULL, NULL, c->userdata);
                 qmp_call_free(c);
                 if (q->state == QMP_CLOSED)
                         goto finish;
+                if (q->draining && !q->calls) {
+                        qmp_drain_finish(q, -ETIMEDOUT);
+                        goto finish;
+                }
         }
         (void) qmp_update_timer(q);
 finish:
@@ -680,6 +739,8 @@ static void qmp_fail(Qmp *q, int error) {
                 q->h = (QmpHandlers) {};
                 on_state(q, error < 0 ? error : -ECONNRESET, userdata);
         }
+        if (q->draining)
+                qmp_drain_finish(q, error < 0 ? error : -ECONNRESET);
         qmp_unref(q);
 }
 

@@ -61,6 +61,16 @@ static inline void qmp_close_unrefp(Qmp **q) {
                 qmp_close_unref(*q);
 }
 
+/* Let the calls already queued reach QEMU and be answered, then close and drop the caller's
+ * reference. QEMU drops the commands it has read but not yet dispatched when its client goes
+ * away, so a command that must take effect (nbd-server-stop when a guest is unregistered) needs
+ * its answer before the close. The owner's handlers and the calls' callbacks are dropped at
+ * once (their destroy functions run now). done (may be NULL) runs exactly once, possibly from
+ * within this call: with 0 once every call was answered, -ETIMEDOUT when QEMU did not answer
+ * within timeout, or another negative errno when the connection failed first. */
+typedef void (*qmp_drained_handler_t)(int error, void *userdata);
+void qmp_close_drained(Qmp *q, uint64_t timeout, qmp_drained_handler_t done, void *userdata);
+
 bool qmp_is_ready(Qmp *q);
 /* Write what is queued now, as far as the socket takes it without blocking: for commands that
  * must reach QEMU before the connection is closed. */

@@ -145,19 +145,16 @@ class ExportTest(h.TestCase):
         relay = self.the_relay(g)
         self.assertNotEqual(q.qmp.cmd('query-block-exports'), [])
         self.assertIsNone(self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', name))
-        o.wait_gone(relay.pid, 5, 'the relay to exit after UnregisterGuest')
-        self.assertNotIn(epath, o.exports_on_bus(self.client))
-        self.assert_no_qemu_exports(g)
+        # UnregisterGuest answers once QEMU confirmed: no waiting here. (QEMU drops commands it
+        # has read but not dispatched when the client goes: a daemon that closed right after
+        # writing them left the export behind.)
+        self.assertEqual(q.qmp.cmd('query-block-exports'), [])
         # QEMU runs no NBD server any more: the test's own can start one.
         sock = os.path.join(self.env.dir, name + '-probe.sock')
-        def server_free():
-            try:
-                q.qmp.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
-                return True
-            except h.QMPError:
-                return False
-        h.wait_until(server_free, 5, 'our NBD server to be stopped in QEMU after UnregisterGuest')
+        q.qmp.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
         q.qmp.cmd('nbd-server-stop')
+        o.wait_gone(relay.pid, 5, 'the relay to exit after UnregisterGuest')
+        self.assertNotIn(epath, o.exports_on_bus(self.client))
 
     def test_offline_guest(self):
         g = self.offline_guest()

@@ -1432,6 +1432,112 @@ static void test_destroy_paths(void) {
         ASSERT_NULL(qmp_ref(NULL));
 }
 
+/* qmp_close_drained(): what was queued reaches QEMU and is answered before the close (QEMU drops
+ * undispatched commands of a client that went), the owner hears nothing more, done runs once. */
+typedef struct Drained {
+        unsigned n;
+        int error;
+} Drained;
+
+static void drained_handler(int error, void *userdata) {
+        Drained *d = userdata;
+        d->n++;
+        d->error = error;
+}
+
+static bool cond_drained(Fake *f, void *arg) {
+        return ((Drained *) arg)->n > 0;
+}
+
+static void test_close_drained(void) {
+        Fake f;
+        FakeCall c[2] = {};
+        Drained d = {};
+        json_object *cmd, *cmd2;
+
+        /* Answered: done(0) only after the last answer, and then the socket closes. */
+        if (setup(&f)) {
+                cmd = call_and_receive(&f, &c[0], "block-export-del", NULL);
+                ASSERT_OK(fake_call(&f, &c[1], "nbd-server-stop", NULL, -1));
+                qmp_close_drained(TAKE_PTR(f.q), 5 * SEC, drained_handler, &d);
+                f.closed = true;
+                for (size_t i = 0; i < 2; i++) {
+                        ASSERT_EQ(c[i].n_destroy, 1);
+                        ASSERT_EQ(c[i].n_handler, 0);
+                }
+                cmd2 = fake_next_command(&f, 5 * SEC);
+                ASSERT_NOT_NULL(cmd2);
+                ASSERT_STREQ(fake_command_name(cmd2), "nbd-server-stop");
+                ASSERT_OK(fake_reply(&f, cmd, "{}"));
+                fake_run(&f, 50 * MSEC);
+                ASSERT_EQ(d.n, 0); /* one answer is still missing */
+                ASSERT_FALSE(f.peer_eof);
+                ASSERT_OK(fake_reply(&f, cmd2, "{}"));
+                ASSERT_TRUE(fake_run_until(&f, cond_drained, &d, 5 * SEC));
+                ASSERT_EQ(d.n, 1);
+                ASSERT_EQ(d.error, 0);
+                ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+                ASSERT_EQ(f.n_failed, 0);
+                for (size_t i = 0; i < 2; i++)
+                        ASSERT_EQ(c[i].n_handler, 0);
+                json_object_put(cmd);
+                json_object_put(cmd2);
+                fake_free(&f);
+                for (size_t i = 0; i < 2; i++)
+                        fake_call_done(&c[i]);
+        }
+
+        /* Never answered: done(-ETIMEDOUT) after the deadline, and the socket closes. */
+        memset(c, 0, sizeof(c));
+        d = (Drained) {};
+        if (setup(&f)) {
+                cmd = call_and_receive(&f, &c[0], "nbd-server-stop", NULL);
+                qmp_close_drained(TAKE_PTR(f.q), 100 * MSEC, drained_handler, &d);
+                f.closed = true;
+                ASSERT_TRUE(fake_run_until(&f, cond_drained, &d, 5 * SEC));
+                ASSERT_EQ(d.n, 1);
+                ASSERT_ERRNO(d.error, -ETIMEDOUT);
+                ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+                ASSERT_EQ(c[0].n_handler, 0);
+                ASSERT_EQ(c[0].n_destroy, 1);
+                json_object_put(cmd);
+                fake_free(&f);
+                fake_call_done(&c[0]);
+        }
+
+        /* QEMU hangs up first: done with that error, once. */
+        memset(c, 0, sizeof(c));
+        d = (Drained) {};
+        if (setup(&f)) {
+                cmd = call_and_receive(&f, &c[0], "nbd-server-stop", NULL);
+                qmp_close_drained(TAKE_PTR(f.q), 5 * SEC, drained_handler, &d);
+                f.closed = true;
+                closep(&f.peer);
+                ASSERT_TRUE(fake_run_until(&f, cond_drained, &d, 5 * SEC));
+                fake_run(&f, 20 * MSEC);
+                ASSERT_EQ(d.n, 1);
+                ASSERT_TRUE(d.error < 0);
+                ASSERT_EQ(f.n_failed, 0);
+                json_object_put(cmd);
+                fake_free(&f);
+                fake_call_done(&c[0]);
+        }
+
+        /* Nothing pending: done(0) at once. */
+        d = (Drained) {};
+        if (setup(&f)) {
+                qmp_close_drained(TAKE_PTR(f.q), 5 * SEC, drained_handler, &d);
+                f.closed = true;
+                ASSERT_EQ(d.n, 1);
+                ASSERT_EQ(d.error, 0);
+                ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+                fake_free(&f);
+        }
+        d = (Drained) {};
+        qmp_close_drained(NULL, 0, drained_handler, &d);
+        ASSERT_EQ(d.n, 1);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
@@ -1472,5 +1578,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_close_in_handler_on_connection_loss);
         TAP_RUN(test_close_in_handler_on_timeout);
         TAP_RUN(test_destroy_paths);
+        TAP_RUN(test_close_drained);
         return tap_finish();
 }
