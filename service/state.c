@@ -319,6 +319,7 @@ int state_load_guests(Manager *m) {
                 _cleanup_(json_object_putp) json_object *o = NULL;
                 _cleanup_free_ char *path = NULL, *text = NULL;
                 size_t len = strlen(de->d_name);
+                bool reallocated;
                 Guest *g;
                 int r;
 
@@ -348,7 +349,8 @@ int state_load_guests(Manager *m) {
                 /* Its sandbox identity is its own for life; a missing or clashing one (hand-edited
                  * files) is replaced before anything runs under it. */
                 manager_link_guest(m, g);
-                if (!manager_identity_valid(m, g)) {
+                reallocated = !manager_identity_valid(m, g);
+                if (reallocated) {
                         log_warning("Guest %s: sandbox identity in %s missing or taken, allocating a new one.", g->name, path);
                         r = manager_allocate_identity(m, g);
                 } else
@@ -360,7 +362,10 @@ int state_load_guests(Manager *m) {
                         continue;
                 }
                 g->published = true;
-                (void) guest_save(g); /* logs on failure */
+                /* Only a new identity needs writing: a save is two fsyncs, and a thousand guests'
+                 * worth of them kept a restarted daemon off the bus for many seconds. */
+                if (reallocated)
+                        (void) guest_save(g); /* logs on failure */
                 log_info("Guest %s restored from %s.", g->name, path);
         }
         return 0;
