@@ -488,7 +488,7 @@ class Daemon:
         return [BLOCKSTREAMD, '--config=' + self.conf, '--state-dir=' + self.state_dir,
                 '--runtime-dir=' + self.runtime_dir]
 
-    def start(self, timeout=10):
+    def start(self, timeout=60):
         assert self.proc is None or self.proc.poll() is not None, 'daemon already running'
         self.starts += 1
         with open(self.log, 'ab') as logf:
