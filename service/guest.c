@@ -75,6 +75,7 @@ Guest *guest_free(Guest *g) {
         }
         g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
         g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
+        g->release_check = sd_event_source_disable_unref(g->release_check);
         if (g->register_call) {
                 (void) sd_bus_reply_method_errorf(g->register_call, BS_ERROR_NOT_RUNNING,
                         "The daemon is shutting down; guest '%s' was not registered.", g->name);
@@ -194,11 +195,62 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
         return 0;
 }
 
+/* Does anything but outcomes waiting for the images' release need the storage helper? */
+static bool guest_helper_needed(Guest *g) {
+        if (g->waiters || export_guest_has_exports(g) || range_guest_busy(g))
+                return true;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                if ((job_is_active(&d->job) && !d->releasing) || d->starting || d->finalizing)
+                        return true;
+        }
+        return false;
+}
+
+void guest_publish_released(Guest *g) {
+        g->release_check = sd_event_source_disable_unref(g->release_check);
+        /* Publishing may start or free things: walk by index with re-checks. */
+        for (size_t i = 0; i < g->n_disks; i++)
+                disk_publish_released(g->disks[i]);
+}
+
+static bool guest_has_releasing(Guest *g) {
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (g->disks[i]->releasing)
+                        return true;
+        return false;
+}
+
+/* After the current event: whatever finished a job (a range helper, say) has let go of the
+ * helper by then, or something else really keeps it. */
+static int release_check(sd_event_source *s, void *userdata) {
+        Guest *g = userdata;
+
+        if (g->helper && !guest_helper_needed(g)) {
+                g->release_check = sd_event_source_disable_unref(g->release_check);
+                storage_helper_stop(g); /* the outcomes are told once it is gone */
+                return 0;
+        }
+        /* Another job, an export or a map of this guest keeps the helper (and the images): tell
+         * the outcome now rather than when that ends. */
+        guest_publish_released(g);
+        return 0;
+}
+
 void guest_release_helper_if_idle(Guest *g) {
-        if (!g->offline || !g->helper || g->waiters || guest_has_active_job(g) || export_guest_has_exports(g) ||
-                range_guest_busy(g))
+        if (!g->offline)
                 return;
-        storage_helper_stop(g);
+        if (!g->helper) {
+                guest_publish_released(g);
+                return;
+        }
+        if (!guest_helper_needed(g)) {
+                storage_helper_stop(g);
+                return;
+        }
+        if (guest_has_releasing(g) && !g->release_check &&
+                sd_event_add_defer(g->manager->event, &g->release_check, release_check, g) < 0)
+                guest_publish_released(g); /* cannot wait: tell now */
 }
 
 char **guest_forbidden_images(Guest *g) {

@@ -61,6 +61,7 @@ typedef struct Guest {
         bool offline;
         StorageHelper *helper;
         GuestWaiter *waiters;
+        sd_event_source *release_check; /* outcomes waiting for the helper: is it idle now? */
 
         /* The private NBD server of its QMP peer (export.c). */
         bool nbd_server;
@@ -89,8 +90,11 @@ bool guest_qmp_ready(Guest *g);
 /* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after
  * starting the storage helper for an offline one. destroy(userdata) runs after the handler. */
 int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
-/* An offline guest's helper goes away once nothing needs it. */
+/* An offline guest's helper goes away once nothing needs it; outcomes of its jobs are told
+ * once it is gone (the images' locks with it), or at once if other work keeps it. */
 void guest_release_helper_if_idle(Guest *g);
+/* The helper is gone: tell the outcomes that waited for it. */
+void guest_publish_released(Guest *g);
 /* Where an image given by a client or found in a header may live, and which files are
  * another guest's writable disks. */
 char **guest_forbidden_images(Guest *g);

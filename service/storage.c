@@ -81,6 +81,9 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
         }
         expected = h->stopping;
         helper_free(h);
+        /* Its threads are gone, and the images' locks with them (a child's exit is reported once
+         * its last thread exited): outcomes that waited for that can be told. */
+        guest_publish_released(g);
         /* Asked for again while it was quitting: a fresh one for them. */
         if (expected && g->waiters && storage_helper_start(g) >= 0)
                 return 0;

@@ -220,11 +220,12 @@ static FinalizeCtx *finalize_ctx_new(Disk *d) {
         return c;
 }
 
-static void disk_publish_outcome(Disk *d) {
+static void disk_publish_now(Disk *d) {
         Manager *m = d->guest->manager;
         int r;
 
         d->finalizing = false;
+        d->releasing = false;
         if (!job_publish_outcome(&d->job))
                 return;
         log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->guest->name, d->alias,
@@ -240,6 +241,26 @@ static void disk_publish_outcome(Disk *d) {
         }
         guest_update_polling(d->guest);
         guest_release_helper_if_idle(d->guest);
+}
+
+static void disk_publish_outcome(Disk *d) {
+        Guest *g = d->guest;
+
+        d->finalizing = false;
+        /* A guest that is not running: its storage helper holds the images' locks until it quits.
+         * Whoever starts the VM at Finished (pull --wait, then boot) must find them free, so the
+         * outcome waits for the helper to go when nothing else needs it. */
+        if (g->offline && g->helper && d->job.concluded) {
+                d->releasing = true;
+                guest_release_helper_if_idle(g);
+                return;
+        }
+        disk_publish_now(d);
+}
+
+void disk_publish_released(Disk *d) {
+        if (d->releasing)
+                disk_publish_now(d);
 }
 
 static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
@@ -664,7 +685,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         r = require_running(d, error);
         if (r < 0)
                 return r;
-        if (job_is_active(&d->job) || d->starting || d->finalizing)
+        if (job_is_active(&d->job) || d->starting || d->finalizing || d->releasing)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A job is already running on disk '%s' of guest '%s'; Cancel it or wait for Finished.", d->alias,
                         g->name);

@@ -38,6 +38,7 @@ typedef struct Disk {
         unsigned map_export_users;
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
+        bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
         usec_t last_saved;
 } Disk;
 
@@ -54,6 +55,9 @@ int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
 /* Job plumbing, called by guest.c as QEMU reports. */
 void disk_apply_job_changes(Disk *d, unsigned changed);
 void disk_fail_job(Disk *d, const char *error);
+/* The storage helper let go of the images (or something else keeps it): publish an outcome that
+ * waited for that. */
+void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
 
 int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,

@@ -774,6 +774,21 @@ def image_check(path):
     return r.returncode, r.stdout + r.stderr
 
 
+def image_locked(path):
+    """Does any process hold a lock on the image? (QEMU takes OFD locks on bytes of its images
+    while it has them open.) Asked in-process, so no spawn delays the answer."""
+    import fcntl
+    import struct
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # struct flock on x86_64: l_type, l_whence, l_start, l_len (0: to the end), l_pid.
+        req = struct.pack('@hhqqi4x', fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        typ = struct.unpack('@hhqqi4x', fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req))[0]
+        return typ != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
 def image_compare(path, ref):
     """(exit status, output) of qemu-img compare against a raw reference: 0 identical."""
     r = qemu_img('compare', '-f', 'qcow2', '-F', 'raw', path, ref, check=False)

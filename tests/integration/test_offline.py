@@ -105,6 +105,10 @@ class OfflineTest(h.TestCase):
         since = time.monotonic()
         self.assertIsNone(d.start(0, 0, h.no_opts()))
         res, done, err = d.wait_finished(60, since)
+        # Finished means the images are free: whoever starts the VM now must not find them
+        # locked by the storage helper.
+        for path in (c.top, c.mid, c.base):
+            self.assertFalse(h.image_locked(path), '%s still locked when Finished arrived' % path)
         self.assertEqual((res, err), ('completed', ''))
         self.assert_one_finished(d, since, 'completed')
         p = d.props()
@@ -136,6 +140,8 @@ class OfflineTest(h.TestCase):
         since = time.monotonic()
         d.start(0, 0, opts(base=S(c.base)))
         res, done, err = d.wait_finished(60, since)
+        for path in (c.top, c.mid, c.base):
+            self.assertFalse(h.image_locked(path), '%s still locked when Finished arrived' % path)
         self.assertEqual((res, err), ('completed', ''))
         self.assert_one_finished(d, since, 'completed')
         self.assert_helper_gone(g)

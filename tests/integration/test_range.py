@@ -914,6 +914,9 @@ class OfflineRangeTest(OfflineBase):
         a, b = r.widen(off, ln, SIZE)
         d.start(off, ln, h.no_opts())
         res, done, err = d.wait_finished(60, since)
+        # Finished means the storage helper let go of the images (and of their locks).
+        for path in (ch.top, ch.mid, ch.base):
+            self.assertFalse(h.image_locked(path), '%s still locked when Finished arrived' % path)
         self.assertEqual((res, done, err), ('completed', b - a, ''))
         self.assert_one_finished(d, since)
         p = d.props()
