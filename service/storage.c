@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -29,13 +31,20 @@ struct StorageHelper {
         bool stopping;     /* we asked it to quit: its end is expected */
         sd_event_source *stop_timer;
         char *error;       /* why attaching failed */
+        /* pid 0: waiting for an earlier daemon's helpers of this guest to be gone. */
+        sd_event_source *leftover_timer;
+        usec_t leftover_deadline;
 };
+
+#define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
+#define LEFTOVER_WAIT_USEC (10 * USEC_PER_SEC)
 
 static void helper_free(StorageHelper *h) {
         if (!h)
                 return;
         sd_event_source_disable_unref(h->child_source);
         sd_event_source_disable_unref(h->stop_timer);
+        sd_event_source_disable_unref(h->leftover_timer);
         helper_log_free(h->log);
         free(h->error);
         free(h);
@@ -104,13 +113,142 @@ void storage_helper_lost(Guest *g, int error) {
         if (h->stopping)
                 return; /* it is on its way out, as asked; the child handler sees it go */
         /* Whatever it is doing without a monitor, it does not do it for us any more. */
-        (void) kill(h->pid, SIGKILL);
+        if (h->pid > 0)
+                (void) kill(h->pid, SIGKILL);
         why = strdup_printf("The storage helper went away (%s).", h->error ?: strerror(-error));
         fail_waiters_and_jobs(g, why ?: "The storage helper went away.");
         guest_update_polling(g);
 }
 
+/* Processes of the guest's helper uid that are not our children: helpers of an earlier daemon
+ * (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked until their last
+ * thread exited). The uid is this guest's alone (HelperUIDRange= is ours), so each is SIGKILLed.
+ * Returns how many still have a live thread, or -errno. */
+static void closedirp(DIR **d) {
+        if (*d)
+                closedir(*d);
+}
+
+static int kill_leftovers(uid_t uid) {
+        _cleanup_(closedirp) DIR *proc = NULL;
+        pid_t self = getpid();
+        struct dirent *de;
+        int n = 0;
+
+        proc = opendir("/proc");
+        if (!proc)
+                return -errno;
+        while ((de = readdir(proc))) {
+                _cleanup_close_ int fd = -1;
+                char buf[4096], path[64], *p, *end;
+                unsigned long ruid = ULONG_MAX, threads = 0;
+                long ppid = -1, pid;
+                char state = 0;
+                ssize_t k;
+
+                if (de->d_name[0] < '1' || de->d_name[0] > '9')
+                        continue;
+                errno = 0;
+                pid = strtol(de->d_name, &end, 10);
+                if (errno != 0 || *end || pid <= 0 || pid > INT_MAX)
+                        continue;
+                snprintf(path, sizeof(path), "%ld/status", pid);
+                fd = openat(dirfd(proc), path, O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                        continue; /* gone meanwhile */
+                k = read(fd, buf, sizeof(buf) - 1);
+                if (k <= 0)
+                        continue;
+                buf[k] = 0;
+                if ((p = strstr(buf, "\nState:\t")))
+                        state = p[8];
+                if ((p = strstr(buf, "\nPPid:\t")))
+                        ppid = strtol(p + 7, NULL, 10);
+                if ((p = strstr(buf, "\nUid:\t")))
+                        ruid = strtoul(p + 6, NULL, 10);
+                if ((p = strstr(buf, "\nThreads:\t")))
+                        threads = strtoul(p + 10, NULL, 10);
+                if (ruid != (unsigned long) uid || ppid == (long) self)
+                        continue;
+                if ((state == 'Z' || state == 'X') && threads <= 1)
+                        continue; /* exited: holds nothing, only waits to be reaped by its parent */
+                log_info("Killing pid %ld of uid " UID_FMT ", a helper left by an earlier daemon.", pid, uid);
+                (void) kill((pid_t) pid, SIGKILL);
+                n++;
+        }
+        return n;
+}
+
+static int helper_spawn(StorageHelper *h);
+
+static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
+        StorageHelper *h = userdata;
+        Guest *g = h->guest;
+        int r;
+
+        r = kill_leftovers(g->helper_uid);
+        if (r > 0 && now_usec(CLOCK_MONOTONIC) < h->leftover_deadline) {
+                (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        h->leftover_timer = sd_event_source_disable_unref(h->leftover_timer);
+        if (r == 0) {
+                r = helper_spawn(h);
+                if (r < 0 && h->child_source)
+                        return 0; /* it runs: its child handler tells everyone */
+        }
+        if (r != 0) {
+                _cleanup_free_ char *why = r > 0 ? strdup_printf("Processes of the guest's helper uid " UID_FMT
+                                                                 " left by an earlier daemon did not exit.", g->helper_uid)
+                                                 : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
+                log_error("Guest %s: %s", g->name, why ?: "out of memory");
+                g->helper = NULL;
+                helper_free(h);
+                fail_waiters_and_jobs(g, why ?: "Cannot start the storage helper.");
+                guest_update_polling(g);
+        }
+        return 0;
+}
+
 int storage_helper_start(Guest *g) {
+        StorageHelper *h;
+        int r;
+
+        if (g->helper)
+                return 0;
+        r = guest_ensure_runtime_dir(g);
+        if (r < 0)
+                return r;
+        h = calloc(1, sizeof(StorageHelper));
+        if (!h)
+                return -ENOMEM;
+        h->guest = g;
+        /* A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's helper
+         * still exiting, with the images' locks: wait for it rather than fail on those locks. */
+        r = kill_leftovers(g->helper_uid);
+        if (r > 0) {
+                h->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
+                r = sd_event_add_time_relative(g->manager->event, &h->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC,
+                        0, leftover_check, h);
+                if (r >= 0) {
+                        g->helper = h;
+                        return 0;
+                }
+        }
+        if (r < 0) {
+                helper_free(h);
+                return r;
+        }
+        r = helper_spawn(h);
+        if (r < 0 && !h->child_source)
+                helper_free(h); /* else it runs, as g->helper, and its child handler cleans up */
+        return r;
+}
+
+/* Spawn it for h (not yet g->helper, or g->helper waiting for leftovers); on success it is g->helper. */
+static int helper_spawn(StorageHelper *h) {
+        Guest *g = h->guest;
         Manager *m = g->manager;
         _cleanup_close_ int qmp_ours = -1, qmp_theirs = -1, log_r = -1, log_w = -1;
         char *argv[] = {
@@ -125,15 +263,9 @@ int storage_helper_start(Guest *g) {
                 NULL,
         };
         int pair[2], pipefd[2], fds[1];
-        StorageHelper *h;
         pid_t pid;
         int r;
 
-        if (g->helper)
-                return 0;
-        r = guest_ensure_runtime_dir(g);
-        if (r < 0)
-                return r;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
                 return -errno;
         qmp_ours = pair[0];
@@ -161,13 +293,6 @@ int storage_helper_start(Guest *g) {
         if (r < 0)
                 return r;
 
-        h = calloc(1, sizeof(StorageHelper));
-        if (!h) {
-                (void) kill(pid, SIGKILL);
-                (void) waitpid(pid, NULL, 0);
-                return -ENOMEM;
-        }
-        h->guest = g;
         h->pid = pid;
         {
                 _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", g->name);
@@ -178,7 +303,7 @@ int storage_helper_start(Guest *g) {
         if (r < 0) {
                 (void) kill(pid, SIGKILL);
                 (void) waitpid(pid, NULL, 0);
-                helper_free(h);
+                h->pid = 0;
                 return r;
         }
         g->helper = h;
@@ -315,6 +440,13 @@ void storage_helper_stop(Guest *g) {
 
         if (!h || h->lost || h->stopping)
                 return;
+        if (h->pid == 0) {
+                /* Still waiting for an earlier daemon's helpers: nothing of ours to stop. */
+                g->helper = NULL;
+                helper_free(h);
+                guest_publish_released(g);
+                return;
+        }
         log_info("Guest %s: nothing left for the storage helper to do, stopping it.", g->name);
         h->stopping = true;
         if (!g->qmp || qemu_quit(g->qmp, quit_reply, NULL, NULL) < 0)
@@ -329,9 +461,11 @@ void storage_helper_kill(Guest *g) {
         if (!h)
                 return;
         g->qmp = qmp_close_unref(g->qmp);
-        (void) kill(h->pid, SIGKILL);
-        /* Reap it now: the guest (and so the child source's userdata) is going away. */
-        (void) waitpid(h->pid, NULL, 0);
+        if (h->pid > 0) {
+                (void) kill(h->pid, SIGKILL);
+                /* Reap it now: the guest (and so the child source's userdata) is going away. */
+                (void) waitpid(h->pid, NULL, 0);
+        }
         g->helper = NULL;
         helper_free(h);
 }

@@ -8,6 +8,7 @@ at registration (backings outside the image directories, symlinks, other guests'
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -321,6 +322,40 @@ class OfflineTest(h.TestCase):
                 self.assertEqual(c.compare()[0], 0)
                 self.assertEqual(h.image_check(c.top)[0], 0)
                 self.unregister_quietly(g.name)
+
+    def test_restart_waits_for_an_earlier_helper(self):
+        """A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's storage
+        helper still exiting, the images still locked. It must wait for that helper to be gone
+        (killing what is left of it) and carry the job on, not fail it on the lock. The leftover
+        is played by a process of the guest's helper uid that holds a lock on the top image."""
+        g = self.new_offline_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.wait_bytes_done(1 * MiB, 20)
+        hp = self.the_helper(g)
+        uid = self.helper_uid(g)
+        self.env.daemon.stop(signal.SIGKILL)
+        o.wait_gone(hp.pid, 5, 'the storage helper to die with the daemon')
+        script = ('import fcntl, os, struct, sys, time\n'
+                  'fd = os.open(sys.argv[1], os.O_RDWR)\n'
+                  'fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))\n'
+                  'os.setgroups([]); os.setresgid(%d, %d, %d); os.setresuid(%d, %d, %d)\n'
+                  'print("locked", flush=True)\n'
+                  'time.sleep(600)\n' % ((uid,) * 6))
+        leftover = h.spawn(['/usr/bin/python3', '-c', script, c.top], stdout=subprocess.PIPE)
+        self.addCleanup(lambda: leftover.poll() is None and leftover.kill())
+        self.assertEqual(leftover.stdout.readline(), b'locked\n')
+        self.assertTrue(h.image_locked(c.top))
+        self.env.daemon.start()
+        restart = time.monotonic()
+        res, done, err = d.wait_finished(90, restart)  # ~27 MiB to copy at 2 MiB/s
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(leftover.wait(5), -signal.SIGKILL, 'the leftover of the helper uid was not killed')
+        self.assertEqual(len(d.finished(since)), 1, 'Finished more than once for one job')
+        self.assertEqual(c.compare()[0], 0)
+        self.assertEqual(h.image_check(c.top)[0], 0)
 
     # -- image trust at registration
 
