@@ -123,7 +123,7 @@ static int parse_image_dirs(Config *c, char *value, const char *source, unsigned
 #define TEMPLATE_URL_MAX 1024
 
 static const char *url_scheme_end(const char *s) {
-        static const char *const schemes[] = { "nbd://", "nbd+unix://", "http://", "https://" };
+        static const char *const schemes[] = {"nbd://", "nbd+unix://", "http://", "https://"};
 
         for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
                 if (strncmp(s, schemes[i], strlen(schemes[i])) == 0)

@@ -43,8 +43,8 @@ typedef struct Provision {
         char *target;
         uid_t caller;
         uint64_t size;
-        int dir_fd;  /* the target's directory, opened beneath its image directory */
-        char *leaf;  /* the target's name in it */
+        int dir_fd; /* the target's directory, opened beneath its image directory */
+        char *leaf; /* the target's name in it */
         pid_t pid;
         sd_event_source *child;
         int out_fd; /* the child's stdout (info) or stderr (create) */
@@ -283,10 +283,11 @@ static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t *
         gid_t gid;
         int r, n;
 
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS,
-                &creds);
-        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid && sd_bus_creds_get_egid(creds, &gid) >= 0 &&
-            (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 && n <= CALLER_GROUPS_MAX) {
+        r = sd_bus_query_sender_creds(
+                msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &creds);
+        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid &&
+                sd_bus_creds_get_egid(creds, &gid) >= 0 && (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 &&
+                n <= CALLER_GROUPS_MAX) {
                 gids = malloc(sizeof(gid_t) * ((size_t) n + 1));
                 if (!gids)
                         return -ENOMEM;
@@ -343,7 +344,8 @@ static int caller_can_read(sd_bus_message *msg, uid_t uid, const ImageChain *cha
                 return -errno;
         if (pid == 0) {
                 if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || setgroups(n_gids, gids) < 0 ||
-                    setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid || getegid() != gid)
+                        setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid ||
+                        getegid() != gid)
                         _exit(1);
                 for (size_t i = 0; i < chain->n; i++) {
                         struct stat st;
@@ -390,7 +392,8 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target %s lies outside the image directories; pick a path in one of them.", target);
         if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Target %s: %s", target, why ?: strerror(-r));
+                return sd_bus_error_setf(
+                        error, SD_BUS_ERROR_INVALID_ARGS, "Target %s: %s", target, why ?: strerror(-r));
         if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
                         "Target %s exists already (or is a symbolic link); refusing to overwrite it.", target);
@@ -462,15 +465,15 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 if (r == -EACCES) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                                "Template %s: you may not read %s yourself, so no overlay on it is made for you.", template,
-                                chain.images[denied < chain.n ? denied : 0].path);
+                                "Template %s: you may not read %s yourself, so no overlay on it is made for you.",
+                                template, chain.images[denied < chain.n ? denied : 0].path);
                 }
                 if (r < 0) {
                         provision_free(p);
                         if (r == -ENOMEM)
                                 return r;
-                        return sd_bus_error_set_errnof(error, -r, "Cannot check whether you may read template %s: %m",
-                                template);
+                        return sd_bus_error_set_errnof(
+                                error, -r, "Cannot check whether you may read template %s: %m", template);
                 }
                 if (p->size == 0)
                         p->size = chain.images[0].virtual_size;
