@@ -293,6 +293,7 @@ static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t *
                         return -ENOMEM;
                 if (n > 0)
                         memcpy(gids, l, sizeof(gid_t) * (size_t) n);
+                log_debug("Caller uid %u: gid %u and %d groups from the bus.", (unsigned) uid, (unsigned) gid, n);
                 *ret_gid = gid;
                 *ret_n = (size_t) n;
                 *ret_gids = TAKE_PTR(gids);
@@ -308,6 +309,8 @@ static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t *
                 return -ENOMEM;
         if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) < 0)
                 return -E2BIG;
+        log_debug(
+                "Caller uid %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
         *ret_gid = pw.pw_gid;
         *ret_n = (size_t) n;
         *ret_gids = TAKE_PTR(gids);
@@ -315,9 +318,11 @@ static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t *
 }
 
 /* Whether the caller could open every image of the chain for reading itself: a child takes the
- * caller's uid, gid and groups (and with them loses every capability), opens each path and checks
- * that it reached the very file we opened. Returns 0 if so, -EACCES and *ret_index if not. */
-static int caller_can_read(sd_bus_message *msg, uid_t uid, const ImageChain *chain, size_t *ret_index) {
+ * caller's uid, gid and groups (and with them loses every capability), opens each path beneath its
+ * image directory as we did and checks that it reached the very file we opened. Returns 0 if so, -EACCES and *ret_index
+ * if not. */
+static int caller_can_read(
+        sd_bus_message *msg, char *const *dirs, uid_t uid, const ImageChain *chain, size_t *ret_index) {
         _cleanup_free_ gid_t *gids = NULL;
         _cleanup_free_ struct stat *want = NULL;
         size_t n_gids = 0;
@@ -347,10 +352,13 @@ static int caller_can_read(sd_bus_message *msg, uid_t uid, const ImageChain *cha
                         setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid ||
                         getegid() != gid)
                         _exit(1);
+                /* The same walk as ours (no symlink, no mount crossed, so nothing the caller
+                 * controls can make it wait), with the caller's search and read permissions. */
                 for (size_t i = 0; i < chain->n; i++) {
                         struct stat st;
-                        int fd = open(chain->images[i].path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW);
-                        if (fd < 0 || fstat(fd, &st) < 0 || st.st_dev != want[i].st_dev || st.st_ino != want[i].st_ino)
+                        int fd = -1;
+                        if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 ||
+                                fstat(fd, &st) < 0 || st.st_dev != want[i].st_dev || st.st_ino != want[i].st_ino)
                                 _exit(10 + (int) i);
                         (void) close(fd);
                 }
@@ -461,7 +469,7 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                                 why ?: strerror(-r));
                 }
                 /* Root reads what the caller names: only what the caller could read itself. */
-                r = caller_can_read(msg, caller, &chain, &denied);
+                r = caller_can_read(msg, m->config.image_dirs, caller, &chain, &denied);
                 if (r == -EACCES) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,

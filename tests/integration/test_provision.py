@@ -272,11 +272,11 @@ class ProvisionRemoteTest(ProvisionBase):
 
 OWNER_MAY_MANAGE = '''// blockstreamd tests only (test_provision.py)
 polkit.addRule(function(action, subject) {
-    if (action.id == "org.blockstream1.manage" && subject.user == "%s")
+    if (action.id == "org.blockstream1.manage" && (subject.user == "%s" || subject.user == "%s"))
         return polkit.Result.YES;
     return polkit.Result.NOT_HANDLED;
 });
-''' % h.OWNER
+''' % (h.OWNER, h.MEMBER)
 
 
 class ProvisionCallerTest(h.TestCase):
@@ -331,6 +331,25 @@ class ProvisionCallerTest(h.TestCase):
         r = self.provision_as(h.OWNER, os.path.join(hidden, 'tpl.qcow2'), target)
         self.assertEqual(r.get('error'), h.ERR_ACCESS_DENIED, r)
         self.assertFalse(os.path.lexists(target))
+
+    def test_template_readable_through_a_group(self):
+        """The caller's groups count: a template of group blockstream, mode 0640, is readable by
+        bstest-member (in that group) and not by bstest-owner."""
+        c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+        d = os.path.dirname(c.top)
+        gid = h.grp.getgrnam(h.BLOCKSTREAM_GROUP).gr_gid
+        for img in (c.base, c.mid, c.top):
+            os.chown(img, 0, gid)
+            os.chmod(img, 0o640)
+        target = os.path.join(d, 'owner.qcow2')
+        r = self.provision_as(h.OWNER, c.top, target)
+        self.assertEqual(r.get('error'), h.ERR_ACCESS_DENIED, r)
+        self.assertFalse(os.path.lexists(target))
+        target = os.path.join(d, 'member.qcow2')
+        r = self.provision_as(h.MEMBER, c.top, target)
+        self.assertTrue(r['ok'], r)
+        st = os.lstat(target)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (self.uids[h.MEMBER], 0o600))
 
 
 if __name__ == '__main__':
