@@ -43,6 +43,7 @@ typedef struct Provision {
         char *target;
         uid_t caller;
         uint64_t size;
+        char **chain_paths; /* a template file's chain, for the caller's read check */
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
         pid_t pid;
@@ -70,6 +71,7 @@ static Provision *provision_free(Provision *p) {
         closep(&p->out_fd);
         closep(&p->dir_fd);
         free(p->leaf);
+        strv_free(p->chain_paths);
         free(p->template);
         free(p->format);
         free(p->target);
@@ -317,21 +319,42 @@ static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t *
         return 0;
 }
 
+static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        Provision *p = userdata;
+        char text[512];
+        size_t i;
+
+        p->pid = 0;
+        p->child = sd_event_source_disable_unref(p->child);
+        if (si->si_code == CLD_EXITED && si->si_status == 0) {
+                provision_finish(p);
+                return 0;
+        }
+        if (si->si_code != CLD_EXITED || si->si_status < 10) {
+                provision_fail(p, SD_BUS_ERROR_FAILED, "could not check whether you may read the template");
+                return 0;
+        }
+        i = (size_t) si->si_status - 10;
+        snprintf(text, sizeof(text), "you may not read %.400s yourself, so no overlay on it is made for you",
+                i < strv_length(p->chain_paths) ? p->chain_paths[i] : p->template);
+        provision_fail(p, SD_BUS_ERROR_ACCESS_DENIED, text);
+        return 0;
+}
+
 /* Whether the caller could open every image of the chain for reading itself: a child takes the
  * caller's uid, gid and groups (and with them loses every capability), opens each path beneath its
- * image directory as we did and checks that it reached the very file we opened. Returns 0 if so, -EACCES and *ret_index
- * if not. */
-static int caller_can_read(
-        sd_bus_message *msg, char *const *dirs, uid_t uid, const ImageChain *chain, size_t *ret_index) {
+ * image directory as we did and checks that it reached the very file we opened. It exits 0 if so,
+ * 10 + i if image i is not readable, 1 if it could not become the caller. Watched like the probe,
+ * so a slow file system keeps no other client waiting. */
+static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain *chain) {
         _cleanup_free_ gid_t *gids = NULL;
         _cleanup_free_ struct stat *want = NULL;
+        char *const *dirs = p->manager->config.image_dirs;
+        uid_t uid = p->caller;
         size_t n_gids = 0;
         gid_t gid;
-        pid_t pid;
-        int r, status;
+        int r;
 
-        if (uid == 0)
-                return 0;
         if (chain->n > 200)
                 return -E2BIG;
         r = caller_groups(msg, uid, &gid, &gids, &n_gids);
@@ -340,20 +363,24 @@ static int caller_can_read(
         want = calloc(chain->n, sizeof(struct stat));
         if (!want)
                 return -ENOMEM;
-        for (size_t i = 0; i < chain->n; i++)
+        for (size_t i = 0; i < chain->n; i++) {
                 if (fstat(chain->images[i].fd, &want[i]) < 0)
                         return -errno;
+                r = strv_push(&p->chain_paths, strdup(chain->images[i].path));
+                if (r < 0)
+                        return r;
+        }
 
-        pid = fork();
-        if (pid < 0)
+        p->pid = fork();
+        if (p->pid < 0)
                 return -errno;
-        if (pid == 0) {
+        if (p->pid == 0) {
                 if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || setgroups(n_gids, gids) < 0 ||
                         setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid ||
                         getegid() != gid)
                         _exit(1);
-                /* The same walk as ours (no symlink, no mount crossed, so nothing the caller
-                 * controls can make it wait), with the caller's search and read permissions. */
+                /* The same walk as ours (no symlink, no mount crossed), with the caller's search
+                 * and read permissions. */
                 for (size_t i = 0; i < chain->n; i++) {
                         struct stat st;
                         int fd = -1;
@@ -364,15 +391,7 @@ static int caller_can_read(
                 }
                 _exit(0);
         }
-        while (waitpid(pid, &status, 0) < 0)
-                if (errno != EINTR)
-                        return -errno;
-        if (!WIFEXITED(status) || WEXITSTATUS(status) == 1 || (WEXITSTATUS(status) != 0 && WEXITSTATUS(status) < 10))
-                return -ECHILD;
-        if (WEXITSTATUS(status) == 0)
-                return 0;
-        *ret_index = (size_t) WEXITSTATUS(status) - 10;
-        return -EACCES;
+        return sd_event_add_child(p->manager->event, &p->child, p->pid, WEXITED, read_checked, p);
 }
 
 int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const char *target, const char *format,
@@ -449,7 +468,6 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 }
         } else {
                 _cleanup_(image_chain_done) ImageChain chain = {};
-                size_t denied = 0;
 
                 if (!path_is_safe_absolute(template, BACKING_NAME_MAX)) {
                         provision_free(p);
@@ -468,30 +486,31 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Template %s: %s", template,
                                 why ?: strerror(-r));
                 }
-                /* Root reads what the caller names: only what the caller could read itself. */
-                r = caller_can_read(msg, m->config.image_dirs, caller, &chain, &denied);
-                if (r == -EACCES) {
-                        provision_free(p);
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                                "Template %s: you may not read %s yourself, so no overlay on it is made for you.",
-                                template, chain.images[denied < chain.n ? denied : 0].path);
-                }
-                if (r < 0) {
-                        provision_free(p);
-                        if (r == -ENOMEM)
-                                return r;
-                        return sd_bus_error_set_errnof(
-                                error, -r, "Cannot check whether you may read template %s: %m", template);
-                }
                 if (p->size == 0)
                         p->size = chain.images[0].virtual_size;
+                if (p->size > UINT64_MAX - 511) {
+                        provision_free(p);
+                        return sd_bus_error_setf(
+                                error, SD_BUS_ERROR_INVALID_ARGS, "The template's size is not usable.");
+                }
+                p->size = (p->size + 511) & ~UINT64_C(511);
+                /* Root reads what the caller names: only what the caller could read itself. */
+                if (caller != 0) {
+                        p->call = sd_bus_message_ref(msg);
+                        r = spawn_read_check(p, msg, &chain);
+                        if (r < 0) {
+                                p->call = sd_bus_message_unref(p->call);
+                                provision_free(p);
+                                if (r == -ENOMEM)
+                                        return r;
+                                return sd_bus_error_set_errnof(
+                                        error, -r, "Cannot check whether you may read template %s: %m", template);
+                        }
+                        return 1;
+                }
         }
 
-        if (p->size > UINT64_MAX - 511) {
-                provision_free(p);
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "The template's size is not usable.");
-        }
-        p->size = (p->size + 511) & ~UINT64_C(511);
+        /* Option 'size' is a multiple of 512 already; a template's size was rounded up above. */
         if (p->size > 0) {
                 uint64_t done = p->size;
 
