@@ -48,7 +48,7 @@ typedef struct Provision {
         char *leaf; /* the target's name in it */
         pid_t pid;
         sd_event_source *child;
-        int out_fd; /* the child's stdout (info) or stderr (create) */
+        int out_fd; /* the probe's stdout */
         sd_event_source *out_source;
         char *out;
         size_t out_len;
