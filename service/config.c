@@ -22,6 +22,7 @@ void config_done(Config *c) {
         c->selinux_content_type = mfree(c->selinux_content_type);
         c->selinux_relay_type = mfree(c->selinux_relay_type);
         c->helper_dir = mfree(c->helper_dir);
+        c->template_url_prefixes = strv_free(c->template_url_prefixes);
 }
 
 const char *config_qemu_binary(const Config *c) {
@@ -119,6 +120,89 @@ static int parse_image_dirs(Config *c, char *value, const char *source, unsigned
         return 0;
 }
 
+#define TEMPLATE_URL_MAX 1024
+
+static const char *url_scheme_end(const char *s) {
+        static const char *const schemes[] = {"nbd://", "nbd+unix://", "http://", "https://"};
+
+        for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
+                if (strncmp(s, schemes[i], strlen(schemes[i])) == 0)
+                        return s + strlen(schemes[i]);
+        return NULL;
+}
+
+static bool template_url_prefix_valid(const char *s) {
+        const char *rest = url_scheme_end(s);
+
+        if (!rest || !*rest || strlen(s) > TEMPLATE_URL_MAX)
+                return false;
+        for (const char *p = s; *p; p++)
+                if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f || *p == '\\')
+                        return false;
+        return true;
+}
+
+static int parse_template_url_prefixes(Config *c, char *value, const char *source, unsigned line) {
+        _cleanup_strv_free_ char **l = NULL;
+        char *save = NULL;
+        int r;
+
+        for (char *w = strtok_r(value, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                if (!template_url_prefix_valid(w))
+                        return log_error_errno(EINVAL,
+                                "%s:%u: TemplateURLPrefixes= needs nbd://, nbd+unix://, http:// or https:// URL prefixes with "
+                                "more than the scheme, got '%.200s'.",
+                                source, line, w);
+                if (strv_contains(l, w))
+                        continue;
+                r = strv_push(&l, strdup(w));
+                if (r < 0)
+                        return log_oom();
+        }
+        strv_free(c->template_url_prefixes);
+        c->template_url_prefixes = TAKE_PTR(l);
+        return 0;
+}
+
+/* What follows an allowed prefix must not climb out of it, on the server or in a socket path. */
+static bool template_url_tail_safe(const char *tail) {
+        const char *seg = tail;
+
+        for (const char *p = tail;; p++) {
+                if (*p == '\\')
+                        return false;
+                if (*p == '%' && p[1] == '2' && (p[2] == 'e' || p[2] == 'E' || p[2] == 'f' || p[2] == 'F'))
+                        return false;
+                if (!*p || *p == '/' || *p == '?' || *p == '&' || *p == '=' || *p == '#') {
+                        size_t n = (size_t) (p - seg);
+                        if ((n == 1 && seg[0] == '.') || (n == 2 && seg[0] == '.' && seg[1] == '.'))
+                                return false;
+                        if (!*p)
+                                return true;
+                        seg = p + 1;
+                }
+        }
+}
+
+bool config_template_url_allowed(const Config *c, const char *url) {
+        if (!url || !url_scheme_end(url) || strlen(url) > TEMPLATE_URL_MAX)
+                return false;
+        for (char **p = c->template_url_prefixes; p && *p; p++) {
+                size_t n = strlen(*p);
+                const char *tail = url + n;
+
+                if (strncmp(url, *p, n) != 0)
+                        continue;
+                if (strchr(*p, '?') && *tail)
+                        continue;
+                if ((*p)[n - 1] != '/' && *tail && *tail != '/' && *tail != '?')
+                        continue;
+                if (template_url_tail_safe(tail))
+                        return true;
+        }
+        return false;
+}
+
 static int parse_seconds(const char *value, usec_t *ret) {
         char *end;
         unsigned long v;
@@ -161,6 +245,10 @@ int config_parse(Config *c, const char *text, const char *source) {
                 value = strip(eq + 1);
                 if (streq(key, "ImageDirectories")) {
                         r = parse_image_dirs(c, value, source, line);
+                        if (r < 0)
+                                return r;
+                } else if (streq(key, "TemplateURLPrefixes")) {
+                        r = parse_template_url_prefixes(c, value, source, line);
                         if (r < 0)
                                 return r;
                 } else if (streq(key, "QMPTimeoutSec")) {

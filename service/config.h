@@ -24,6 +24,7 @@ typedef struct Config {
         char *selinux_content_type; /* SELinuxContentType=: read-only backing images' type (at s0) */
         char *selinux_relay_type;  /* SELinuxRelayType=: the NBD relay's type (at s0, no image access) */
         char *helper_dir;          /* HelperDirectory=: our helper binaries (tests: the build dir) */
+        char **template_url_prefixes; /* TemplateURLPrefixes=: remote templates allowed (none by default) */
 } Config;
 
 void config_init(Config *c);
@@ -35,6 +36,12 @@ const char *config_selinux_helper_type(const Config *c);
 const char *config_selinux_image_type(const Config *c);
 const char *config_selinux_content_type(const Config *c);
 const char *config_selinux_relay_type(const Config *c);
+
+/* Whether ProvisionDisk may use the remote template url: one of TemplateURLPrefixes= is a prefix
+ * of it that ends at a boundary (the prefix ends with '/', or url goes on with '/' or '?' or ends
+ * there; a prefix with a query matches only itself), and the rest of url holds no "." or ".."
+ * segment, no backslash and no percent-encoded '.' or '/'. */
+bool config_template_url_allowed(const Config *c, const char *url);
 
 /* Parse from memory (unit tests); source names the origin in messages. */
 int config_parse(Config *c, const char *text, const char *source);

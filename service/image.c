@@ -751,3 +751,179 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
         c = (ImageChain){};
         return 0;
 }
+
+int image_open_parent_beneath(
+        char *const *dirs, const char *path, int *ret_dir_fd, const char **ret_leaf, char **ret_error) {
+        _cleanup_close_ int dfd = -1, pfd = -1;
+        _cleanup_free_ char *list = NULL, *rel_dir = NULL;
+        const char *dir, *rel, *slash;
+
+        if (!path || !path_is_safe_absolute(path, PATH_MAX - 1))
+                return image_error(ret_error, -EINVAL,
+                        "Path '%s' is not a normalized absolute path (no '.', '..', '//', trailing '/' or control characters).",
+                        printable(path));
+        dir = find_dir(dirs, path);
+        if (!dir) {
+                list = dirs_to_string(dirs);
+                if (!list)
+                        return -ENOMEM;
+                return image_error(ret_error, -EPERM, "%s lies outside the image directories (%s).", path, list);
+        }
+        rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
+
+        /* The directory is configuration, trusted; everything below it is not. */
+        dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
+                return image_error(ret_error, -errno, "Failed to open image directory %s: %m", dir);
+
+        slash = strrchr(rel, '/');
+        if (!slash) {
+                *ret_dir_fd = TAKE_FD(dfd);
+                *ret_leaf = rel;
+                return 0;
+        }
+        rel_dir = strndup(rel, (size_t) (slash - rel));
+        if (!rel_dir)
+                return -ENOMEM;
+        pfd = openat2_beneath(dfd, rel_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (pfd == -ENOTDIR)
+                return image_error(ret_error, pfd, "A component of the directory of %s is not a directory.", path);
+        if (pfd == -ENOENT)
+                return image_error(ret_error, pfd, "The directory of %s does not exist.", path);
+        if (pfd < 0)
+                return open_error(ret_error, pfd, path, dir);
+        *ret_dir_fd = TAKE_FD(pfd);
+        *ret_leaf = slash + 1;
+        return 0;
+}
+
+static void put_be32(uint8_t *p, uint32_t v) {
+        p[0] = (uint8_t) (v >> 24);
+        p[1] = (uint8_t) (v >> 16);
+        p[2] = (uint8_t) (v >> 8);
+        p[3] = (uint8_t) v;
+}
+
+static void put_be64(uint8_t *p, uint64_t v) {
+        put_be32(p, (uint32_t) (v >> 32));
+        put_be32(p + 4, (uint32_t) v);
+}
+
+static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
+        size_t done = 0;
+
+        while (done < len) {
+                ssize_t n = pwrite(fd, (const uint8_t *) buf + done, len - done, (off_t) (off + done));
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return -errno;
+                if (n == 0)
+                        return -EIO;
+                done += (size_t) n;
+        }
+        return 0;
+}
+
+/* The layout of `qemu-img create -f qcow2 -u -b BACKING -F FORMAT` (QEMU 7.2, compat 1.1): cluster 0
+ * the header, its extensions and the backing file name; cluster 1 the refcount table; cluster 2 its
+ * one refcount block; from cluster 3 the L1 table (all zero: nothing allocated, every read goes to
+ * the backing file). */
+#define OVERLAY_CLUSTER_BITS 16U
+#define OVERLAY_CLUSTER_SIZE (UINT32_C(1) << OVERLAY_CLUSTER_BITS)
+
+int image_write_qcow2_overlay(
+        int fd, uint64_t size, const char *backing, const char *backing_format, char **ret_error) {
+        _cleanup_free_ uint8_t *cluster = NULL;
+        uint64_t l1_entries, l1_bytes, l1_clusters, n_clusters, l2_coverage, off;
+        size_t backing_len, format_len, ext_len, backing_off;
+        struct stat st;
+        int r;
+
+        if (fstat(fd, &st) < 0)
+                return image_error(ret_error, -errno, "Failed to stat the new image: %m");
+        if (!S_ISREG(st.st_mode) || st.st_size != 0)
+                return image_error(ret_error, -EINVAL, "The new image is not an empty regular file.");
+        if (size == 0 || size > UINT64_MAX - 511)
+                return image_error(ret_error, -EINVAL, "Virtual size %" PRIu64 " is not valid.", size);
+        size = (size + 511) & ~UINT64_C(511);
+        if (!backing || !backing_format)
+                return image_error(ret_error, -EINVAL, "An overlay needs a backing file and its format.");
+        backing_len = strlen(backing);
+        format_len = strlen(backing_format);
+        if (backing_len == 0 || backing_len > QCOW2_BACKING_NAME_MAX || has_control_chars(backing, backing_len) ||
+                !utf8_is_valid(backing))
+                return image_error(ret_error, -ENAMETOOLONG,
+                        "The backing file name must be 1 to %u printable bytes (qcow2's limit).",
+                        QCOW2_BACKING_NAME_MAX);
+        if (format_len == 0 || format_len > QCOW2_BACKING_FORMAT_MAX || !format_supported(backing_format))
+                return image_error(
+                        ret_error, -EINVAL, "Backing format '%s' is not supported.", printable(backing_format));
+
+        /* One L2 table (a cluster of 8-byte entries) maps cluster_size/8 clusters. */
+        l2_coverage = (uint64_t) OVERLAY_CLUSTER_SIZE * (OVERLAY_CLUSTER_SIZE / 8);
+        l1_entries = size / l2_coverage + (size % l2_coverage != 0);
+        l1_bytes = l1_entries * 8;
+        if (l1_bytes > QCOW2_MAX_L1_SIZE)
+                return image_error(ret_error, -EFBIG,
+                        "A virtual size of %" PRIu64
+                        " bytes needs a larger L1 table than QEMU opens (%u MiB); at most %" PRIu64
+                        " bytes are possible.",
+                        size, QCOW2_MAX_L1_SIZE >> 20, (uint64_t) QCOW2_MAX_L1_SIZE / 8 * l2_coverage);
+        l1_clusters = (l1_bytes + OVERLAY_CLUSTER_SIZE - 1) / OVERLAY_CLUSTER_SIZE;
+        n_clusters = 3 + l1_clusters; /* ≤ 515: one refcount block (32768 16-bit entries) holds them */
+
+        cluster = calloc(1, OVERLAY_CLUSTER_SIZE);
+        if (!cluster)
+                return -ENOMEM;
+
+        /* Cluster 0: header (v3, 112 bytes), backing format extension, end extension, backing name. */
+        put_be32(cluster + 0, QCOW2_MAGIC);
+        put_be32(cluster + 4, 3);
+        ext_len = (format_len + 7) & ~(size_t) 7;
+        backing_off = QCOW2_HEADER_READ + 8 + ext_len + 8;
+        put_be64(cluster + 8, backing_off);
+        put_be32(cluster + 16, (uint32_t) backing_len);
+        put_be32(cluster + 20, OVERLAY_CLUSTER_BITS);
+        put_be64(cluster + 24, size);
+        put_be32(cluster + 32, QCOW2_CRYPT_NONE);
+        put_be32(cluster + 36, (uint32_t) l1_entries);
+        put_be64(cluster + 40, 3 * (uint64_t) OVERLAY_CLUSTER_SIZE); /* L1 table */
+        put_be64(cluster + 48, 1 * (uint64_t) OVERLAY_CLUSTER_SIZE); /* refcount table */
+        put_be32(cluster + 56, 1);                                   /* its clusters */
+        /* 60: no snapshots; 72, 80, 88: no incompatible, compatible or autoclear features */
+        put_be32(cluster + 96, 4);                  /* refcount order: 16-bit refcounts */
+        put_be32(cluster + 100, QCOW2_HEADER_READ); /* header length; 104: zlib, then padding */
+        off = QCOW2_HEADER_READ;
+        put_be32(cluster + off, QCOW2_EXT_BACKING_FORMAT);
+        put_be32(cluster + off + 4, (uint32_t) format_len);
+        memcpy(cluster + off + 8, backing_format, format_len);
+        off += 8 + ext_len;
+        put_be32(cluster + off, QCOW2_EXT_END); /* and a length of 0 */
+        memcpy(cluster + backing_off, backing, backing_len);
+        r = pwrite_full(fd, cluster, backing_off + backing_len, 0);
+        if (r < 0)
+                return image_error(ret_error, r, "Failed to write the qcow2 header: %s", strerror(-r));
+
+        /* Cluster 1: the refcount table, one entry: the block in cluster 2. */
+        memset(cluster, 0, OVERLAY_CLUSTER_SIZE);
+        put_be64(cluster, 2 * (uint64_t) OVERLAY_CLUSTER_SIZE);
+        r = pwrite_full(fd, cluster, 8, 1 * (uint64_t) OVERLAY_CLUSTER_SIZE);
+        if (r < 0)
+                return image_error(ret_error, r, "Failed to write the refcount table: %s", strerror(-r));
+
+        /* Cluster 2: every cluster of the file is used once. */
+        memset(cluster, 0, OVERLAY_CLUSTER_SIZE);
+        for (uint64_t i = 0; i < n_clusters; i++) {
+                cluster[2 * i] = 0;
+                cluster[2 * i + 1] = 1;
+        }
+        r = pwrite_full(fd, cluster, 2 * n_clusters, 2 * (uint64_t) OVERLAY_CLUSTER_SIZE);
+        if (r < 0)
+                return image_error(ret_error, r, "Failed to write the refcount block: %s", strerror(-r));
+
+        /* The L1 table: zeros, so the file only needs to reach its end. */
+        if (ftruncate(fd, (off_t) (3 * (uint64_t) OVERLAY_CLUSTER_SIZE + l1_bytes)) < 0)
+                return image_error(ret_error, -errno, "Failed to extend the new image over its L1 table: %m");
+        return 0;
+}

@@ -85,3 +85,17 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
  * untouched. */
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error);
+
+/* The directory that is to hold a new file path, opened (O_PATH) beneath one of dirs exactly as
+ * image_open_beneath() opens images: no symlink, no "..", no mount crossed below the directory.
+ * *ret_leaf points into path: the last component, to be created with openat(*ret_dir_fd, leaf,
+ * O_CREAT|O_EXCL|O_NOFOLLOW, …). Errors as image_open_beneath(), with a message in *ret_error. */
+int image_open_parent_beneath(
+        char *const *dirs, const char *path, int *ret_dir_fd, const char **ret_leaf, char **ret_error);
+
+/* Write a qcow2 v3 overlay of the given virtual size (rounded up to 512) on backing (a path or a
+ * URL, stored as given, at most 1023 bytes) of backing_format ("qcow2" or "raw") into fd, an empty
+ * regular file opened for writing: the same layout as `qemu-img create -f qcow2 -u -b … -F …` with
+ * 64 KiB clusters, nothing allocated. No process, no path: only fd is written. -EFBIG for a size
+ * whose L1 table QEMU would not open, -EINVAL/-ENAMETOOLONG for bad arguments, -errno from writes. */
+int image_write_qcow2_overlay(int fd, uint64_t size, const char *backing, const char *backing_format, char **ret_error);

@@ -2,13 +2,21 @@
 
 /* ProvisionDisk: a thin qcow2 overlay on a template, the "instant-on" step.
  *
- * Nothing untrusted is ever opened as root. A template that is a file is read by image.c (its
- * whole chain inside the image directories, no symlinks, no other guest's disk); a template
- * behind a URL is asked for its size by `qemu-img info` in a sandbox with the reserved
- * provisioning uid (a remote server's answers are untrusted); the overlay itself is written by
- * `qemu-img create -u` with an explicit size, which never opens the backing file. */
+ * Nothing untrusted is ever opened as root by path, and no root process is given a path:
+ *  - the target is created through file descriptors from its image directory down: the parent
+ *    directory opened with openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_XDEV), the file
+ *    with openat(O_CREAT|O_EXCL|O_NOFOLLOW), owner and mode set on that fd, the qcow2 header
+ *    written into it by image.c; a failure removes it only if the name still is that file;
+ *  - a template that is a file is read by image.c (its whole chain inside the image directories,
+ *    no symlinks, no other guest's disk), and only if the caller could read every image of the
+ *    chain itself (checked by a child with the caller's uid and groups);
+ *  - a template behind a URL must match the administrator's TemplateURLPrefixes=, and is asked
+ *    for its size by `qemu-img info` in a sandbox with the reserved provisioning uid (a remote
+ *    server's answers are untrusted). */
 
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -24,7 +32,8 @@
 #include "util.h"
 
 #define OUTPUT_MAX (256U * 1024U)
-#define URL_MAX 1024
+#define BACKING_NAME_MAX 1023 /* qcow2's limit for the backing file name */
+#define CALLER_GROUPS_MAX 1024
 
 typedef struct Provision {
         Manager *manager;
@@ -34,10 +43,12 @@ typedef struct Provision {
         char *target;
         uid_t caller;
         uint64_t size;
-        bool created; /* qemu-img create ran: the target is ours to remove on failure */
+        char **chain_paths; /* a template file's chain, for the caller's read check */
+        int dir_fd; /* the target's directory, opened beneath its image directory */
+        char *leaf; /* the target's name in it */
         pid_t pid;
         sd_event_source *child;
-        int out_fd; /* the child's stdout (info) or stderr (create) */
+        int out_fd; /* the probe's stdout */
         sd_event_source *out_source;
         char *out;
         size_t out_len;
@@ -58,6 +69,9 @@ static Provision *provision_free(Provision *p) {
                 (void) waitpid(p->pid, NULL, 0);
         }
         closep(&p->out_fd);
+        closep(&p->dir_fd);
+        free(p->leaf);
+        strv_free(p->chain_paths);
         free(p->template);
         free(p->format);
         free(p->target);
@@ -67,8 +81,6 @@ static Provision *provision_free(Provision *p) {
 }
 
 static void provision_fail(Provision *p, const char *name, const char *what) {
-        if (p->created)
-                (void) unlink(p->target);
         (void) sd_bus_reply_method_errorf(p->call, name, "Cannot provision %s: %s", p->target, what);
         p->call = sd_bus_message_unref(p->call);
         provision_free(p);
@@ -80,7 +92,7 @@ static bool is_url(const char *s) {
 }
 
 static bool url_valid(const char *s) {
-        if (strlen(s) > URL_MAX)
+        if (strlen(s) > BACKING_NAME_MAX)
                 return false;
         for (const char *c = s; *c; c++)
                 if ((unsigned char) *c <= 0x20 || (unsigned char) *c >= 0x7f)
@@ -138,66 +150,66 @@ static int watch_child(Provision *p, int out_fd, sd_event_child_handler_t handle
         return sd_event_add_child(p->manager->event, &p->child, p->pid, WEXITED, handler, p);
 }
 
-/* Step 2: qemu-img create -u, as root (it opens nothing but the new file). */
+/* Step 2: the overlay, created and written through file descriptors only. */
 
-static int created(sd_event_source *s, const siginfo_t *si, void *userdata) {
-        Provision *p = userdata;
-        char text[512];
+/* Remove what we created, if the name still is that file (someone may have renamed it away and
+ * put something else there: that is not ours to remove). */
+static void remove_created(Provision *p, const struct stat *created) {
+        struct stat st;
 
-        p->pid = 0;
-        out_drain(p);
-        if (si->si_code != CLD_EXITED || si->si_status != 0) {
-                snprintf(text, sizeof(text), "qemu-img create failed: %.400s", p->out_len ? p->out : "no message");
-                for (char *c = text; *c; c++)
-                        if ((unsigned char) *c < 0x20)
-                                *c = ' ';
-                provision_fail(p, BS_ERROR_QEMU_FAILED, text);
-                return 0;
-        }
+        if (fstatat(p->dir_fd, p->leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                return;
+        if (st.st_dev != created->st_dev || st.st_ino != created->st_ino)
+                return (void) log_warning("%s was replaced after we created it; leaving it alone.", p->target);
+        if (unlinkat(p->dir_fd, p->leaf, 0) < 0)
+                log_warning_errno(errno, "Failed to remove %s after a failed provisioning: %m", p->target);
+}
+
+static int create_overlay(Provision *p, sd_bus_error *error) {
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *why = NULL;
+        struct stat st;
+        int r;
+
+        fd = openat(p->dir_fd, p->leaf, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
+        if (fd < 0 && errno == EEXIST)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
+                        "Target %s exists already (or is a symbolic link); refusing to overwrite it.", p->target);
+        if (fd < 0)
+                return sd_bus_error_set_errnof(error, errno, "Cannot create target %s: %m", p->target);
+        if (fstat(fd, &st) < 0)
+                return sd_bus_error_set_errnof(error, errno, "Cannot stat the new target %s: %m", p->target);
+
+        r = image_write_qcow2_overlay(fd, p->size, p->template, p->format, &why);
         /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use. */
-        if ((p->caller != 0 && chown(p->target, p->caller, (gid_t) -1) < 0) || chmod(p->target, 0600) < 0) {
-                provision_fail(p, SD_BUS_ERROR_FAILED, strerror(errno));
-                return 0;
+        if (r >= 0 && p->caller != 0 && fchown(fd, p->caller, (gid_t) -1) < 0)
+                r = -errno;
+        if (r >= 0 && fchmod(fd, 0600) < 0)
+                r = -errno;
+        if (r < 0) {
+                remove_created(p, &st);
+                if (r == -ENOMEM)
+                        return r;
+                return sd_bus_error_setf(error, r == -EFBIG ? SD_BUS_ERROR_INVALID_ARGS : SD_BUS_ERROR_FAILED,
+                        "Cannot provision %s: %s", p->target, why ?: strerror(-r));
         }
         log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, p->template, p->format, p->size);
-        (void) sd_bus_reply_method_return(p->call, "t", p->size);
-        p->call = sd_bus_message_unref(p->call);
-        provision_free(p);
         return 0;
 }
 
-static int run_create(Provision *p) {
-        char size[32];
-        _cleanup_close_ int err_r = -1, err_w = -1;
-        int pipefd[2];
-        char *argv[] = { (char *) "/usr/bin/qemu-img", (char *) "create", (char *) "-q", (char *) "-f", (char *) "qcow2",
-                (char *) "-u", (char *) "-b", p->template, (char *) "-F", p->format, p->target, size, NULL };
-        char *env[] = { (char *) "PATH=/usr/bin:/bin", (char *) "LANG=C.UTF-8", NULL };
+static void provision_finish(Provision *p) {
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        int r;
 
-        snprintf(size, sizeof(size), "%" PRIu64, p->size);
-        if (pipe2(pipefd, O_CLOEXEC) < 0)
-                return -errno;
-        err_r = pipefd[0];
-        err_w = pipefd[1];
-        p->created = true;
-        p->pid = fork();
-        if (p->pid < 0)
-                return -errno;
-        if (p->pid == 0) {
-                sigset_t all;
-                int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-                sigfillset(&all);
-                (void) sigprocmask(SIG_UNBLOCK, &all, NULL);
-                if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 || dup2(err_w, 2) < 0)
-                        _exit(127);
-                (void) prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-                execve(argv[0], argv, env);
-                _exit(127);
-        }
-        closep(&err_w);
-        err_w = -1;
-        return watch_child(p, TAKE_FD(err_r), created);
+        r = create_overlay(p, &error);
+        if (r < 0 && !sd_bus_error_is_set(&error))
+                (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);
+        if (r < 0)
+                (void) sd_bus_reply_method_error(p->call, &error);
+        else
+                (void) sd_bus_reply_method_return(p->call, "t", p->size);
+        p->call = sd_bus_message_unref(p->call);
+        provision_free(p);
 }
 
 /* Step 1 for URLs: the size, from a sandboxed qemu-img info. */
@@ -218,12 +230,15 @@ static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
                 provision_fail(p, BS_ERROR_QEMU_FAILED, "qemu-img info gave no usable virtual size for the template");
                 return 0;
         }
+        if (p->size > UINT64_MAX - 511) {
+                provision_fail(p, BS_ERROR_QEMU_FAILED, "qemu-img info gave no usable virtual size for the template");
+                return 0;
+        }
+        p->size = (p->size + 511) & ~UINT64_C(511);
         p->out_source = sd_event_source_disable_unref(p->out_source);
         p->child = sd_event_source_disable_unref(p->child);
         closep(&p->out_fd);
-        r = run_create(p);
-        if (r < 0)
-                provision_fail(p, SD_BUS_ERROR_FAILED, strerror(-r));
+        provision_finish(p);
         return 0;
 }
 
@@ -258,12 +273,136 @@ static int run_probe(Provision *p) {
         return watch_child(p, TAKE_FD(out_r), probed);
 }
 
+/* The caller's groups: from the bus where it tells them, else from the user database (as polkit's
+ * isInGroup() reads them). */
+static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_free_ gid_t *gids = NULL;
+        const gid_t *l = NULL;
+        struct passwd pw, *pwr = NULL;
+        char buf[16384];
+        uid_t euid;
+        gid_t gid;
+        int r, n;
+
+        r = sd_bus_query_sender_creds(
+                msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &creds);
+        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid &&
+                sd_bus_creds_get_egid(creds, &gid) >= 0 && (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 &&
+                n <= CALLER_GROUPS_MAX) {
+                gids = malloc(sizeof(gid_t) * ((size_t) n + 1));
+                if (!gids)
+                        return -ENOMEM;
+                if (n > 0)
+                        memcpy(gids, l, sizeof(gid_t) * (size_t) n);
+                log_debug("Caller uid %u: gid %u and %d groups from the bus.", (unsigned) uid, (unsigned) gid, n);
+                *ret_gid = gid;
+                *ret_n = (size_t) n;
+                *ret_gids = TAKE_PTR(gids);
+                return 0;
+        }
+
+        r = getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr);
+        if (r != 0 || !pwr)
+                return -ESRCH; /* no account: no groups we could vouch for */
+        n = CALLER_GROUPS_MAX;
+        gids = malloc(sizeof(gid_t) * (size_t) n);
+        if (!gids)
+                return -ENOMEM;
+        if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) < 0)
+                return -E2BIG;
+        log_debug(
+                "Caller uid %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
+        *ret_gid = pw.pw_gid;
+        *ret_n = (size_t) n;
+        *ret_gids = TAKE_PTR(gids);
+        return 0;
+}
+
+static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        Provision *p = userdata;
+        char text[512];
+        size_t i;
+
+        p->pid = 0;
+        p->child = sd_event_source_disable_unref(p->child);
+        if (si->si_code == CLD_EXITED && si->si_status == 0) {
+                provision_finish(p);
+                return 0;
+        }
+        if (si->si_code != CLD_EXITED || si->si_status < 10) {
+                provision_fail(p, SD_BUS_ERROR_FAILED, "could not check whether you may read the template");
+                return 0;
+        }
+        i = (size_t) si->si_status - 10;
+        snprintf(text, sizeof(text), "you may not read %.400s yourself, so no overlay on it is made for you",
+                i < strv_length(p->chain_paths) ? p->chain_paths[i] : p->template);
+        provision_fail(p, SD_BUS_ERROR_ACCESS_DENIED, text);
+        return 0;
+}
+
+/* Whether the caller could open every image of the chain for reading itself: a child takes the
+ * caller's uid, gid and groups (and with them loses every capability), opens each path beneath its
+ * image directory as we did and checks that it reached the very file we opened. It exits 0 if so,
+ * 10 + i if image i is not readable, 1 if it could not become the caller. Watched like the probe,
+ * so a slow file system keeps no other client waiting. */
+static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain *chain) {
+        _cleanup_free_ gid_t *gids = NULL;
+        _cleanup_free_ struct stat *want = NULL;
+        char *const *dirs = p->manager->config.image_dirs;
+        uid_t uid = p->caller;
+        size_t n_gids = 0;
+        gid_t gid;
+        int r;
+
+        if (chain->n > 200)
+                return -E2BIG;
+        r = caller_groups(msg, uid, &gid, &gids, &n_gids);
+        if (r < 0)
+                return r;
+        want = calloc(chain->n, sizeof(struct stat));
+        if (!want)
+                return -ENOMEM;
+        for (size_t i = 0; i < chain->n; i++) {
+                if (fstat(chain->images[i].fd, &want[i]) < 0)
+                        return -errno;
+                r = strv_push(&p->chain_paths, strdup(chain->images[i].path));
+                if (r < 0)
+                        return r;
+        }
+
+        p->pid = fork();
+        if (p->pid < 0)
+                return -errno;
+        if (p->pid == 0) {
+                if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || setgroups(n_gids, gids) < 0 ||
+                        setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid ||
+                        getegid() != gid)
+                        _exit(1);
+                /* The same walk as ours (no symlink, no mount crossed), with the caller's search
+                 * and read permissions. */
+                for (size_t i = 0; i < chain->n; i++) {
+                        struct stat st;
+                        int fd = -1;
+                        if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 ||
+                                fstat(fd, &st) < 0 || st.st_dev != want[i].st_dev || st.st_ino != want[i].st_ino)
+                                _exit(10 + (int) i);
+                        (void) close(fd);
+                }
+                _exit(0);
+        }
+        return sd_event_add_child(p->manager->event, &p->child, p->pid, WEXITED, read_checked, p);
+}
+
 int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const char *target, const char *format,
         uint64_t size, uid_t caller, sd_bus_error *error) {
         _cleanup_strv_free_ char **forbidden = NULL;
+        _cleanup_free_ char *why = NULL;
+        _cleanup_close_ int dir_fd = -1;
+        const char *leaf;
         Provision *p;
         struct stat st;
-        bool url = is_url(template), below = false;
+        bool url = is_url(template);
         int r;
 
         if (strv_isempty(m->config.image_dirs))
@@ -272,24 +411,19 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
         if (!path_is_safe_absolute(target, 4000))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target '%.200s' must be a normalized absolute path.", target);
-        for (char **d = m->config.image_dirs; *d; d++)
-                if (path_is_below(target, *d) && !streq(target, *d))
-                        below = true;
-        if (!below)
+        /* From the image directory down through fds: no symlink, no "..", no other mount. */
+        r = image_open_parent_beneath(m->config.image_dirs, target, &dir_fd, &leaf, &why);
+        if (r == -ENOMEM)
+                return r;
+        if (r == -EPERM)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target %s lies outside the image directories; pick a path in one of them.", target);
-        if (lstat(target, &st) == 0 || errno != ENOENT)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS, "Target %s exists already; refusing to overwrite it.",
-                        target);
-        {
-                _cleanup_free_ char *dir = strdup(target);
-                if (!dir)
-                        return -ENOMEM;
-                *strrchr(dir, '/') = 0;
-                if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "The directory of target %s does not exist (or is a symlink).", target);
-        }
+        if (r < 0)
+                return sd_bus_error_setf(
+                        error, SD_BUS_ERROR_INVALID_ARGS, "Target %s: %s", target, why ?: strerror(-r));
+        if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
+                        "Target %s exists already (or is a symbolic link); refusing to overwrite it.", target);
         if (format && !streq(format, "qcow2") && !streq(format, "raw"))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Template format '%.32s' is not supported; use qcow2 or raw.", format);
@@ -301,12 +435,14 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 return -ENOMEM;
         p->manager = m;
         p->out_fd = -1;
+        p->dir_fd = TAKE_FD(dir_fd);
         p->caller = caller;
         p->size = size;
         p->template = strdup(template);
         p->format = strdup(format);
         p->target = strdup(target);
-        if (!p->template || !p->format || !p->target) {
+        p->leaf = strdup(leaf);
+        if (!p->template || !p->format || !p->target || !p->leaf) {
                 provision_free(p);
                 return -ENOMEM;
         }
@@ -315,7 +451,15 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 if (!url_valid(template)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Template URL '%.200s' has spaces or non-ASCII characters, or is too long.", template);
+                                "Template URL '%.200s' has spaces or non-ASCII characters, or is longer than %d bytes.",
+                                template, BACKING_NAME_MAX);
+                }
+                if (!config_template_url_allowed(&m->config, template)) {
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "Template URL %s is not allowed: no prefix in TemplateURLPrefixes= of the daemon's "
+                                "configuration matches it (remote templates are refused unless an administrator lists them there).",
+                                template);
                 }
                 if (p->size == 0 && strncmp(template, "nbd+unix://", 11) == 0) {
                         provision_free(p);
@@ -324,16 +468,16 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 }
         } else {
                 _cleanup_(image_chain_done) ImageChain chain = {};
-                _cleanup_free_ char *why = NULL;
 
-                if (!path_is_safe_absolute(template, 4000)) {
+                if (!path_is_safe_absolute(template, BACKING_NAME_MAX)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                "Template '%.200s' is neither a normalized absolute path nor an nbd://, nbd+unix://, "
-                                "http:// or https:// URL.",
-                                template);
+                                "Template '%.200s' is neither a normalized absolute path of at most %d bytes nor an nbd://, "
+                                "nbd+unix://, http:// or https:// URL.",
+                                template, BACKING_NAME_MAX);
                 }
                 forbidden = manager_guest_images(m, NULL);
+                why = mfree(why);
                 r = forbidden ? image_chain_open(m->config.image_dirs, template, format, false, forbidden, &chain, &why) : -ENOMEM;
                 if (r < 0) {
                         provision_free(p);
@@ -344,12 +488,42 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                 }
                 if (p->size == 0)
                         p->size = chain.images[0].virtual_size;
+                if (p->size > UINT64_MAX - 511) {
+                        provision_free(p);
+                        return sd_bus_error_setf(
+                                error, SD_BUS_ERROR_INVALID_ARGS, "The template's size is not usable.");
+                }
+                p->size = (p->size + 511) & ~UINT64_C(511);
+                /* Root reads what the caller names: only what the caller could read itself. */
+                if (caller != 0) {
+                        p->call = sd_bus_message_ref(msg);
+                        r = spawn_read_check(p, msg, &chain);
+                        if (r < 0) {
+                                p->call = sd_bus_message_unref(p->call);
+                                provision_free(p);
+                                if (r == -ENOMEM)
+                                        return r;
+                                return sd_bus_error_set_errnof(
+                                        error, -r, "Cannot check whether you may read template %s: %m", template);
+                        }
+                        return 1;
+                }
+        }
+
+        /* Option 'size' is a multiple of 512 already; a template's size was rounded up above. */
+        if (p->size > 0) {
+                uint64_t done = p->size;
+
+                r = create_overlay(p, error);
+                provision_free(p);
+                if (r < 0)
+                        return r;
+                return sd_bus_reply_method_return(msg, "t", done);
         }
 
         p->call = sd_bus_message_ref(msg);
-        r = p->size > 0 ? run_create(p) : run_probe(p);
+        r = run_probe(p);
         if (r < 0) {
-                p->created = p->created && p->pid > 0;
                 p->call = sd_bus_message_unref(p->call);
                 provision_free(p);
                 return sd_bus_error_set_errnof(error, -r, "Cannot run qemu-img: %m");

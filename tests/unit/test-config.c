@@ -188,6 +188,63 @@ static void test_load(void) {
         unlink(path);
 }
 
+static void test_template_url_prefixes(void) {
+        Config c;
+
+        /* None by default: every remote template is refused. */
+        config_init(&c);
+        ASSERT_NULL(c.template_url_prefixes);
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/t.qcow2"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd+unix:///t?socket=/run/t.sock"));
+        config_done(&c);
+
+        ASSERT_OK(parse(&c, "TemplateURLPrefixes=http://repo/templates/ nbd://10.0.0.1:10809 "
+                            "nbd+unix:///base?socket=/run/t.sock https://mirror\n"));
+        ASSERT_EQ(strv_length(c.template_url_prefixes), 4);
+        ASSERT_TRUE(config_template_url_allowed(&c, "http://repo/templates/debian.qcow2"));
+        ASSERT_TRUE(config_template_url_allowed(&c, "http://repo/templates/a/b.raw"));
+        ASSERT_TRUE(config_template_url_allowed(&c, "nbd://10.0.0.1:10809/base"));
+        ASSERT_TRUE(config_template_url_allowed(&c, "nbd://10.0.0.1:10809"));
+        ASSERT_TRUE(config_template_url_allowed(&c, "nbd+unix:///base?socket=/run/t.sock"));
+        ASSERT_TRUE(config_template_url_allowed(&c, "https://mirror/x.qcow2"));
+        /* A prefix ends at a boundary: no other host, port or user info. */
+        ASSERT_FALSE(config_template_url_allowed(&c, "https://mirror.evil/x.qcow2"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "https://mirror@evil/x.qcow2"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "https://mirror:8443/x.qcow2"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd://10.0.0.1:108090/base"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd://10.0.0.11:10809/base"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templatesX/a"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/other/a"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "https://repo/templates/a")); /* another scheme */
+        /* A prefix with a query matches only itself: no other socket. */
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd+unix:///base?socket=/run/t.sock2"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd+unix:///base?socket=/run/t.sock/../x"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "nbd+unix:///base?socket=/run/t.sock&socket=/x"));
+        /* Nothing climbs out of a prefix. */
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/../secret"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/a/.."));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/./a"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/%2e%2e/secret"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/%2F"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "http://repo/templates/..\\x"));
+        ASSERT_FALSE(config_template_url_allowed(&c, "file:///etc/shadow"));
+        ASSERT_FALSE(config_template_url_allowed(&c, NULL));
+        config_done(&c);
+
+        /* An empty assignment resets; invalid prefixes are errors. */
+        ASSERT_OK(parse(&c, "TemplateURLPrefixes=http://a/\nTemplateURLPrefixes=\n"));
+        ASSERT_NULL(c.template_url_prefixes);
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "TemplateURLPrefixes=http://\n")); /* would allow every host */
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "TemplateURLPrefixes=file:///srv\n"));
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "TemplateURLPrefixes=/srv/templates\n"));
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "TemplateURLPrefixes=http://a\\b/\n"));
+        config_done(&c);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         /* The invalid cases log errors by design: keep the output to the TAP lines. */
@@ -198,5 +255,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_timeout_bounds);
         TAP_RUN(test_unknown_keys_and_sections);
         TAP_RUN(test_load);
+        TAP_RUN(test_template_url_prefixes);
         return tap_finish();
 }

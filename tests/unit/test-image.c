@@ -1095,6 +1095,125 @@ static void test_fuzz(void) {
         ASSERT_TRUE(accepted > 0);
 }
 
+/* The overlay ProvisionDisk writes: read back by our parser and by qemu-img check; refusals
+ * before anything is written. */
+static void test_write_overlay(void) {
+        _cleanup_free_ char *err = NULL;
+        Image img = {};
+        struct stat st;
+        int fd, r;
+
+        fd = open(P("%s/overlay.qcow2", img_dir), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+        ASSERT_TRUE(fd >= 0);
+        ASSERT_OK(image_write_qcow2_overlay(
+                fd, (UINT64_C(5) << 30) + 1, "/srv/templates/base image.qcow2", "qcow2", &err));
+        ASSERT_OK(image_read_header(fd, "qcow2", P("%s/overlay.qcow2", img_dir), &img, &err));
+        ASSERT_STREQ(img.format, "qcow2");
+        ASSERT_EQ_U64(img.virtual_size, (UINT64_C(5) << 30) + 512); /* rounded up to a sector */
+        ASSERT_EQ(img.cluster_size, 65536);
+        ASSERT_STREQ(img.backing, "/srv/templates/base image.qcow2");
+        ASSERT_STREQ(img.backing_format, "qcow2");
+        ASSERT_OK(fstat(fd, &st));
+        ASSERT_EQ_U64(st.st_size, 3 * 65536 + 11 * 8); /* header, refcounts, L1 of 11 entries */
+        free(img.format);
+        free(img.backing);
+        free(img.backing_format);
+        img = (Image){};
+        /* Written once only: the fd must be an empty file. */
+        err = mfree(err);
+        ASSERT_ERRNO(image_write_qcow2_overlay(fd, 1 << 20, "/a", "raw", &err), -EINVAL);
+        close(fd);
+        if (have_qemu_img) /* the backing does not exist: check the overlay alone */
+                ASSERT_OK(run("qemu-img check -q 'json:{\"driver\":\"qcow2\",\"backing\":null,"
+                              "\"file\":{\"driver\":\"file\",\"filename\":\"%s/overlay.qcow2\"}}'",
+                        img_dir));
+
+        /* The largest size QEMU opens (an L1 table of 32 MiB), a raw URL backing. */
+        fd = open(P("%s/overlay-max.qcow2", img_dir), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+        ASSERT_TRUE(fd >= 0);
+        err = mfree(err);
+        ASSERT_OK(image_write_qcow2_overlay(fd, UINT64_C(1) << 51, "nbd+unix:///?socket=/run/t.sock", "raw", &err));
+        close(fd);
+        if (have_qemu_img)
+                ASSERT_OK(run("qemu-img check -q 'json:{\"driver\":\"qcow2\",\"backing\":null,"
+                              "\"file\":{\"driver\":\"file\",\"filename\":\"%s/overlay-max.qcow2\"}}' && "
+                              "qemu-img info -U %s/overlay-max.qcow2 | grep -q 'backing file format: raw'",
+                        img_dir, img_dir));
+
+#define OVERLAY_REFUSED(size, backing, format, expected) \
+        do { \
+                err = mfree(err); \
+                fd = open(P("%s/overlay-bad.qcow2", img_dir), O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0600); \
+                ASSERT_TRUE(fd >= 0); \
+                r = image_write_qcow2_overlay(fd, (size), (backing), (format), &err); \
+                ASSERT_ERRNO(r, (expected)); \
+                ASSERT_NOT_NULL(err); \
+                ASSERT_OK(fstat(fd, &st)); \
+                ASSERT_EQ_U64(st.st_size, 0); \
+                close(fd); \
+        } while (0)
+
+        OVERLAY_REFUSED((UINT64_C(1) << 51) + 1, "/a", "qcow2", -EFBIG);
+        OVERLAY_REFUSED(0, "/a", "qcow2", -EINVAL);
+        OVERLAY_REFUSED(1 << 20, "", "qcow2", -ENAMETOOLONG);
+        OVERLAY_REFUSED(1 << 20, "/a\nb", "qcow2", -ENAMETOOLONG);
+        OVERLAY_REFUSED(1 << 20, "/a\xff", "qcow2", -ENAMETOOLONG);
+        OVERLAY_REFUSED(1 << 20, "/a", "vmdk", -EINVAL);
+        OVERLAY_REFUSED(1 << 20, "/a", NULL, -EINVAL);
+        {
+                char longname[1100];
+                memset(longname, 'a', sizeof(longname) - 1);
+                longname[0] = '/';
+                longname[sizeof(longname) - 1] = 0;
+                OVERLAY_REFUSED(1 << 20, longname, "qcow2", -ENAMETOOLONG);
+        }
+        unlink(P("%s/overlay.qcow2", img_dir));
+        unlink(P("%s/overlay-max.qcow2", img_dir));
+        unlink(P("%s/overlay-bad.qcow2", img_dir));
+}
+
+/* The directory of a new file, beneath an image directory and through no symlink. */
+static void test_open_parent_beneath(void) {
+        _cleanup_free_ char *err = NULL;
+        const char *leaf = NULL;
+        unsigned before = count_fds();
+        struct stat a, b;
+        int fd = -1;
+
+        ASSERT_OK(mkdir(P("%s/pdir", img_dir), 0755));
+        ASSERT_OK(mkdir(P("%s/pdir/sub", img_dir), 0755));
+        ASSERT_OK(symlink(outside_dir, P("%s/plink", img_dir)));
+        ASSERT_OK(symlink(P("%s/pdir", img_dir), P("%s/pinner", img_dir)));
+
+        ASSERT_OK(image_open_parent_beneath(dirs_img(), P("%s/pdir/sub/new", img_dir), &fd, &leaf, &err));
+        ASSERT_STREQ(leaf, "new");
+        ASSERT_OK(fstat(fd, &a));
+        ASSERT_OK(stat(P("%s/pdir/sub", img_dir), &b));
+        ASSERT_TRUE(a.st_ino == b.st_ino && a.st_dev == b.st_dev);
+        close(fd);
+        ASSERT_OK(image_open_parent_beneath(dirs_img(), P("%s/new", img_dir), &fd, &leaf, &err));
+        ASSERT_STREQ(leaf, "new");
+        close(fd);
+
+#define PARENT_REFUSED(path, expected) \
+        do { \
+                fd = -1; \
+                err = mfree(err); \
+                ASSERT_ERRNO(image_open_parent_beneath(dirs_img(), (path), &fd, &leaf, &err), (expected)); \
+                ASSERT_EQ(fd, -1); \
+                ASSERT_NOT_NULL(err); \
+        } while (0)
+
+        PARENT_REFUSED(P("%s/plink/new", img_dir), -ELOOP);
+        PARENT_REFUSED(P("%s/plink/sub/new", img_dir), -ELOOP);
+        PARENT_REFUSED(P("%s/pinner/sub/new", img_dir), -ELOOP);
+        PARENT_REFUSED(P("%s/nothing/new", img_dir), -ENOENT);
+        PARENT_REFUSED(P("%s/x.qcow2", outside_dir), -EPERM);
+        PARENT_REFUSED(img_dir, -EPERM);
+        PARENT_REFUSED(P("%s/pdir/../new", img_dir), -EINVAL);
+        ASSERT_EQ(count_fds(), before);
+}
+
 static int setup(void) {
         const char *t = getenv("TMPDIR");
 
@@ -1134,6 +1253,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_chain_hostile);
         TAP_RUN(test_block_device);
         TAP_RUN(test_fuzz);
+        TAP_RUN(test_write_overlay);
+        TAP_RUN(test_open_parent_beneath);
 
         if (!getenv("TEST_IMAGE_KEEP"))
                 (void) run("rm -rf %s", tmp);

@@ -1,0 +1,356 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""ProvisionDisk as an attacker would call it: the target is created only inside the image
+directories, through file descriptors (no symlink anywhere below the directory, nothing
+overwritten, nothing left behind on failure); the overlay is a valid qcow2 that QEMU reads
+through; a caller gets no overlay on a template it may not read; remote templates only from
+the administrator's TemplateURLPrefixes=."""
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import T, MiB  # noqa: E402
+
+SIZE = 32 * MiB
+ERR_FILE_EXISTS = 'org.freedesktop.DBus.Error.FileExists'
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class ProvisionBase(h.TestCase):
+    """A daemon whose TemplateURLPrefixes= allows one qemu-nbd socket and one TCP port."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.nbd_socket = os.path.join(env.dir, 'tpl-nbd.sock')
+            cls.nbd_port = free_tcp_port()
+            cls.unix_url = 'nbd+unix:///?socket=%s' % cls.nbd_socket
+            cls.tcp_url = 'nbd://127.0.0.1:%d' % cls.nbd_port
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s %s/\n' % (cls.unix_url, cls.tcp_url))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def provision(self, template, target, options=None):
+        return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,
+                                options if options is not None else h.no_opts(), timeout=60)
+
+    def try_provision(self, expected, template, target, options=None):
+        return self.assertDBusError(expected, self.provision, template, target, options)
+
+    def chain(self):
+        return h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+
+    def assertOverlay(self, target, template, fmt, size):
+        """A clean qcow2 on template, the size asked for, reading exactly the template's data."""
+        rc, out = h.image_check(target)
+        self.assertEqual(rc, 0, 'qemu-img check of %s: %s' % (target, out))
+        info = h.image_info(target)
+        self.assertEqual(info['format'], 'qcow2')
+        self.assertEqual(info['virtual-size'], size)
+        self.assertEqual(info.get('backing-filename'), template)
+        self.assertEqual(info.get('backing-filename-format'), fmt)
+        self.assertEqual(info.get('cluster-size'), 64 * 1024)
+        self.assertEqual(info['format-specific']['data']['compat'], '1.1')
+
+
+class ProvisionTargetTest(ProvisionBase):
+
+    def test_symlinked_directory_is_refused(self):
+        """Issue 9, item 1: /X/link -> /elsewhere, /elsewhere/sub exists: /X/link/sub/new.qcow2
+        must not reach /elsewhere/sub/new.qcow2 (only the last components were lstat()ed)."""
+        c = self.chain()
+        elsewhere = os.path.join(self.env.dir, self.unique_name('elsewhere'))
+        os.makedirs(os.path.join(elsewhere, 'sub'))
+        link = os.path.join(self.env.images, self.unique_name('link'))
+        os.symlink(elsewhere, link)
+        # A symlink deeper down, and one to a directory inside the image directories, too.
+        real = os.path.join(self.env.images, self.unique_name('real'))
+        os.makedirs(os.path.join(real, 'sub'))
+        inner = os.path.join(real, 'inner')
+        os.symlink(os.path.join(elsewhere, 'sub'), inner)
+        alias = os.path.join(self.env.images, self.unique_name('alias'))
+        os.symlink(real, alias)
+        for target in (os.path.join(link, 'sub', 'new.qcow2'), os.path.join(link, 'new.qcow2'),
+                       os.path.join(inner, 'new.qcow2'), os.path.join(alias, 'sub', 'new.qcow2')):
+            with self.subTest(target=target):
+                e = self.try_provision(h.ERR_INVALID_ARGS, c.top, target)
+                self.assertIn(target, e.message)
+                self.assertEqual(h.tree_snapshot(elsewhere), {'sub': 'dir'}, 'a file appeared outside the image '
+                                 'directories through %s' % target)
+                self.assertEqual(os.listdir(os.path.join(real, 'sub')), [])
+        # The same name without the symlink works.
+        target = os.path.join(real, 'sub', 'new.qcow2')
+        self.assertEqual(self.provision(c.top, target), SIZE)
+        self.assertOverlay(target, c.top, 'qcow2', SIZE)
+
+    def test_existing_target_is_left_alone(self):
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        target = os.path.join(d, 'existing.qcow2')
+        with open(target, 'wb') as f:
+            f.write(b'precious')
+        os.chmod(target, 0o640)
+        e = self.try_provision(ERR_FILE_EXISTS, c.top, target)
+        self.assertIn(target, e.message)
+        with open(target, 'rb') as f:
+            self.assertEqual(f.read(), b'precious')
+        st = os.stat(target)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (0, 0o640))
+        # One of the template's own images.
+        self.try_provision(ERR_FILE_EXISTS, c.top, c.base)
+        self.assertEqual(h.image_backing(c.base), None)
+
+    def test_symlink_target_is_refused(self):
+        """A target that is a symlink, dangling or not, is neither followed nor replaced."""
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        outside = os.path.join(self.env.dir, self.unique_name('outside'))
+        os.makedirs(outside)
+        victim = os.path.join(outside, 'victim')
+        with open(victim, 'wb') as f:
+            f.write(b'victim')
+        for name, dest in (('dangling.qcow2', os.path.join(outside, 'new.qcow2')), ('victim.qcow2', victim),
+                           ('inside.qcow2', os.path.join(d, 'nothing-yet.qcow2'))):
+            target = os.path.join(d, name)
+            os.symlink(dest, target)
+            with self.subTest(target=name):
+                self.try_provision({ERR_FILE_EXISTS, h.ERR_INVALID_ARGS}, c.top, target)
+                self.assertTrue(os.path.islink(target))
+                self.assertEqual(os.readlink(target), dest)
+                self.assertFalse(os.path.exists(os.path.join(outside, 'new.qcow2')))
+                self.assertFalse(os.path.exists(os.path.join(d, 'nothing-yet.qcow2')))
+                with open(victim, 'rb') as f:
+                    self.assertEqual(f.read(), b'victim')
+
+    def test_outside_and_missing_directories(self):
+        c = self.chain()
+        for target in ('/tmp/x.qcow2', self.env.images, os.path.join(self.env.images, 'no', 'such', 'x.qcow2'),
+                       os.path.join(self.env.images, '..', 'x.qcow2'), os.path.join(c.top, 'x.qcow2')):
+            with self.subTest(target=target):
+                self.try_provision(h.ERR_INVALID_ARGS, c.top, target)
+        self.assertFalse(os.path.exists('/tmp/x.qcow2'))
+        self.assertFalse(os.path.exists(os.path.join(self.env.dir, 'x.qcow2')))
+
+    def test_failed_provision_leaves_nothing(self):
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        corrupt = os.path.join(d, 'corrupt.qcow2')
+        with open(corrupt, 'wb') as f:
+            f.write(b'QFI\xfb' + b'\xff' * 4096)
+        cases = [
+            ('corrupt template', corrupt, {}),
+            ('missing template', os.path.join(d, 'missing.qcow2'), {}),
+            ('template outside the image directories', '/usr/bin/qemu-img', {}),
+            ('raw template named as qcow2', c.ref, {}),
+            # Created, then refused while writing: more than QEMU opens (2 PiB with 64 KiB clusters).
+            ('virtual size too large', c.top, {'size': T(1 << 60)}),
+        ]
+        for what, template, o in cases:
+            target = os.path.join(d, 'failed-%s.qcow2' % what.replace(' ', '-'))
+            with self.subTest(what=what):
+                self.try_provision(h.ERR_INVALID_ARGS, template, target, h.opts(**o) if o else None)
+                self.assertFalse(os.path.lexists(target), '%s left %s behind' % (what, target))
+        self.assertEqual(sorted(os.listdir(d)), sorted(['base.qcow2', 'mid.qcow2', 'top.qcow2', 'ref.raw',
+                                                        'corrupt.qcow2']))
+
+    def test_overlay_is_valid_and_read_by_qemu(self):
+        """The header writer's overlay: what qemu-img create -u would make, read through by a real QEMU."""
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        target = os.path.join(d, 'vm.qcow2')
+        self.assertEqual(self.provision(c.top, target), SIZE)
+        self.assertOverlay(target, c.top, 'qcow2', SIZE)
+        st = os.stat(target)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (0, 0o600))
+        rc, out = h.image_compare(target, c.ref)
+        self.assertEqual(rc, 0, out)
+        # A larger overlay (option size), and a raw template.
+        big = os.path.join(d, 'big.qcow2')
+        self.assertEqual(self.provision(c.top, big, h.opts(size=T(3 << 40))), 3 << 40)
+        self.assertOverlay(big, c.top, 'qcow2', 3 << 40)
+        raw = os.path.join(d, 'on-raw.qcow2')
+        self.assertEqual(self.provision(c.ref, raw, h.opts(template_format=h.S('raw'))), SIZE)
+        self.assertOverlay(raw, c.ref, 'raw', SIZE)
+        rc, out = h.image_compare(raw, c.ref)
+        self.assertEqual(rc, 0, out)
+        # A real QEMU boots on it: reads go to the template, writes to the overlay.
+        q = self.env.new_qemu(self.unique_name('q'), [('vda', target)])
+        self.addCleanup(q.kill)
+        self.assertTrue(q.guest_read('vda', 0x11, 0, c.u), "QEMU does not read the template's data")
+        self.assertTrue(q.guest_read('vda', 0x33, 128 * c.u, c.u))
+        q.guest_write('vda', 0x77, 0, c.u)
+        self.assertTrue(q.guest_read('vda', 0x77, 0, c.u))
+        q.quit()
+        rc, out = h.image_check(target)
+        self.assertEqual(rc, 0, out)
+        self.assertTrue(h.read_matches(c.top, 0x11, 0, c.u), 'the template was written to')
+
+
+class ProvisionRemoteTest(ProvisionBase):
+
+    def serve(self, image, *where):
+        """qemu-nbd serving image (raw, read-only), until the end of the test."""
+        p = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=4', '-f', 'raw'] + list(where) + [image],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def stop():
+            p.kill()
+            p.wait(10)
+        self.addCleanup(stop)
+        return p
+
+    def wait_connectable(self, family, addr):
+        def ok():
+            with socket.socket(family) as s:
+                try:
+                    s.connect(addr)
+                    return True
+                except OSError:
+                    return False
+        h.wait_until(ok, 20, 'qemu-nbd to listen on %s' % (addr,))
+
+    def test_remote_template_not_allowed(self):
+        """Issue 9, item 10: without a matching TemplateURLPrefixes= nothing is probed or made."""
+        d = os.path.join(self.env.images, self.unique_name('remote'))
+        os.makedirs(d)
+        other_socket = os.path.join(self.env.dir, 'other.sock')
+        for url in ('nbd+unix:///?socket=%s' % other_socket,
+                    'nbd+unix:///?socket=%s/../x' % self.nbd_socket,
+                    'nbd://127.0.0.1:%d/x' % (self.nbd_port + 1 if self.nbd_port < 65535 else 1),
+                    'nbd://127.0.0.1:%d0/x' % self.nbd_port,
+                    'nbd://127.0.0.1:%d@10.0.0.1/x' % self.nbd_port,
+                    'http://127.0.0.1:1/template.qcow2',
+                    'https://example.invalid/template.qcow2'):
+            target = os.path.join(d, 'x.qcow2')
+            with self.subTest(url=url):
+                e = self.try_provision(h.ERR_ACCESS_DENIED, url, target, h.opts(size=T(SIZE)))
+                self.assertIn('TemplateURLPrefixes=', e.message)
+                self.assertFalse(os.path.lexists(target))
+                e = self.try_provision(h.ERR_ACCESS_DENIED, url, target)
+                self.assertIn('TemplateURLPrefixes=', e.message)
+                self.assertFalse(os.path.lexists(target))
+
+    def test_remote_template_allowed(self):
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        # A local NBD socket (no probe: the size is given).
+        self.serve(c.ref, '-k', self.nbd_socket)
+        self.wait_connectable(socket.AF_UNIX, self.nbd_socket)
+        target = os.path.join(d, 'on-unix.qcow2')
+        self.assertEqual(self.provision(self.unix_url, target, h.opts(size=T(SIZE))), SIZE)
+        self.assertOverlay(target, self.unix_url, 'raw', SIZE)
+        rc, out = h.image_compare(target, c.ref)
+        self.assertEqual(rc, 0, out)
+        # TCP: the size probed by the sandboxed qemu-img info.
+        self.serve(c.ref, '-b', '127.0.0.1', '-p', str(self.nbd_port))
+        self.wait_connectable(socket.AF_INET, ('127.0.0.1', self.nbd_port))
+        target = os.path.join(d, 'on-tcp.qcow2')
+        url = self.tcp_url + '/'
+        self.assertEqual(self.provision(url, target), SIZE)
+        self.assertOverlay(target, url, 'raw', SIZE)
+        rc, out = h.image_compare(target, c.ref)
+        self.assertEqual(rc, 0, out)
+
+
+OWNER_MAY_MANAGE = '''// blockstreamd tests only (test_provision.py)
+polkit.addRule(function(action, subject) {
+    if (action.id == "org.blockstream1.manage" && (subject.user == "%s" || subject.user == "%s"))
+        return polkit.Result.YES;
+    return polkit.Result.NOT_HANDLED;
+});
+''' % (h.OWNER, h.MEMBER)
+
+
+class ProvisionCallerTest(h.TestCase):
+    """An unprivileged caller whom polkit lets manage."""
+
+    needs_polkit = True
+    polkit_rules = {'10-bstest-provision.rules': OWNER_MAY_MANAGE}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.uids = h.ensure_test_users()
+        super().setUpClass()
+
+    def provision_as(self, user, template, target):
+        return h.call_as(user, self.env.bus.address, h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+                         '(%r, %r, {})' % (template, target))
+
+    def test_unreadable_template_is_refused(self):
+        """Issue 9, item 10: root must not read a template for a caller who may not read it."""
+        c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+        d = os.path.dirname(c.top)
+        os.chmod(d, 0o755)
+        for img in (c.base, c.mid, c.top):
+            os.chmod(img, 0o644)
+        for secret in (c.top, c.base):
+            os.chmod(secret, 0o600)
+            target = os.path.join(d, 'secret-%s.qcow2' % os.path.basename(secret))
+            with self.subTest(unreadable=secret):
+                r = self.provision_as(h.OWNER, c.top, target)
+                self.assertEqual(r['uid'], self.uids[h.OWNER])
+                self.assertFalse(r['ok'], r)
+                self.assertEqual(r['error'], h.ERR_ACCESS_DENIED, r)
+                self.assertIn(secret, r['message'])
+                self.assertFalse(os.path.lexists(target))
+            os.chmod(secret, 0o644)
+        # Readable: the overlay is made, and it is the caller's, 0600.
+        target = os.path.join(d, 'mine.qcow2')
+        r = self.provision_as(h.OWNER, c.top, target)
+        self.assertTrue(r['ok'], r)
+        st = os.lstat(target)
+        self.assertTrue(stat.S_ISREG(st.st_mode))
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (self.uids[h.OWNER], 0o600))
+        rc, out = h.image_check(target)
+        self.assertEqual(rc, 0, out)
+        # A template the caller reaches only through a directory it may not search.
+        hidden = os.path.join(self.env.images, self.unique_name('hidden'))
+        os.makedirs(hidden)
+        h.qemu_img('create', '-q', '-f', 'qcow2', os.path.join(hidden, 'tpl.qcow2'), str(SIZE))
+        os.chmod(os.path.join(hidden, 'tpl.qcow2'), 0o644)
+        os.chmod(hidden, 0o700)
+        target = os.path.join(d, 'hidden.qcow2')
+        r = self.provision_as(h.OWNER, os.path.join(hidden, 'tpl.qcow2'), target)
+        self.assertEqual(r.get('error'), h.ERR_ACCESS_DENIED, r)
+        self.assertFalse(os.path.lexists(target))
+
+    def test_template_readable_through_a_group(self):
+        """The caller's groups count: a template of group blockstream, mode 0640, is readable by
+        bstest-member (in that group) and not by bstest-owner."""
+        c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+        d = os.path.dirname(c.top)
+        gid = h.grp.getgrnam(h.BLOCKSTREAM_GROUP).gr_gid
+        for img in (c.base, c.mid, c.top):
+            os.chown(img, 0, gid)
+            os.chmod(img, 0o640)
+        target = os.path.join(d, 'owner.qcow2')
+        r = self.provision_as(h.OWNER, c.top, target)
+        self.assertEqual(r.get('error'), h.ERR_ACCESS_DENIED, r)
+        self.assertFalse(os.path.lexists(target))
+        target = os.path.join(d, 'member.qcow2')
+        r = self.provision_as(h.MEMBER, c.top, target)
+        self.assertTrue(r['ok'], r)
+        st = os.lstat(target)
+        self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (self.uids[h.MEMBER], 0o600))
+
+
+if __name__ == '__main__':
+    h.main()
