@@ -9,7 +9,7 @@
  *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only, /etc/ld.so.cache,
  *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
  *     runtime dir; nothing else (no images: they arrive as fds, no /home, no /root)
- *  4. rlimits: no core dumps, bounded open files and processes
+ *  4. rlimits: no core dumps, bounded open files, processes, address space and file size
  *  5. capabilities: bounding and ambient sets emptied; then the guest's own uid/gid with
  *     supplementary groups cleared (which empties the effective and permitted sets)
  *  6. no_new_privs; PR_SET_PDEATHSIG(SIGKILL) after the uid change (which clears it), then
@@ -21,11 +21,23 @@
  *  9. execve with a minimal environment. */
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <systemd/sd-event.h>
 
 /* What a helper's uid/gid and MCS categories are drawn from. */
 #define SANDBOX_MCS_CATEGORIES 1024
+
+/* RLIMIT_AS of our own helpers: under the integration tests blockstream-nbd-relay peaks at 2.6 MiB
+ * of address space and blockstream-pull (libnbd) at 62 MiB (VmPeak); four times that. */
+#define SANDBOX_ADDRESS_SPACE_DEFAULT (UINT64_C(256) << 20)
+/* RLIMIT_AS of QEMU's binaries (the storage helper, qemu-img): 1.5 GiB of VmPeak at rest, most of
+ * it TCG's reserved code buffer, and every thread of its block layer's pool (up to 64) reserves an
+ * 8 MiB stack and a 64 MiB malloc arena: 1.5 + 64 * 72 MiB = 6 GiB at worst. A failed thread
+ * creation aborts QEMU, so the limit sits above that; it stops a runaway, the unit's MemoryMax=
+ * bounds what is really used. */
+#define SANDBOX_ADDRESS_SPACE_QEMU (UINT64_C(8) << 30)
+#define SANDBOX_LIMIT_NONE UINT64_MAX /* for max_address_space or max_file_size: no limit */
 
 typedef struct SandboxSpec {
         const char *name; /* for messages */
@@ -44,6 +56,10 @@ typedef struct SandboxSpec {
         unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
         unsigned max_processes;    /* RLIMIT_NPROC: processes and threads of its uid, all helpers of the
                                     * guest together (a storage helper's QEMU has many threads); 0: 512 */
+        uint64_t max_address_space; /* RLIMIT_AS in bytes; 0: SANDBOX_ADDRESS_SPACE_DEFAULT */
+        uint64_t max_file_size;     /* RLIMIT_FSIZE in bytes: how far it may write into any regular file,
+                                     * fds it was given included; 0: no file at all (pipes and sockets are
+                                     * not files; a write past the limit kills with SIGXFSZ) */
 } SandboxSpec;
 
 /* Fork, confine, exec. Returns once the helper exec'd (or failed to: then -errno, with what

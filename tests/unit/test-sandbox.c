@@ -10,6 +10,9 @@
  * The probe's path comes from $SANDBOX_PROBE (meson sets it). */
 
 #include <dirent.h>
+#include <sys/mount.h>
+#include <inttypes.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pwd.h>
@@ -35,6 +38,7 @@ static char base[64];                   /* /var/tmp/bst-sandbox-XXXXXX */
 static char images[128];                /* base/images: another guest's image lives here */
 static char other_image[192];           /* base/images/other-guest.qcow2, root 0600 */
 static char rundir[128];                /* base/run: the probe's runtime dir, owned by helper_uid */
+static const char *usr_submount;        /* a tmpfs (mode 0777) mounted below /usr in our private mount namespace */
 
 typedef struct Outcome {
         int r;            /* sandbox_spawn()'s result */
@@ -48,6 +52,8 @@ typedef struct ProbeOptions {
         uid_t uid;               /* 0: helper_uid */
         const char *runtime_dir; /* NULL: rundir; "" : none */
         bool host_network;
+        uint64_t max_address_space; /* as in SandboxSpec: 0 is the helpers' default */
+        uint64_t max_file_size;     /* 0: no file writes (the default of our helpers) */
 } ProbeOptions;
 
 static int make_spec_argv(char **argv, size_t max, const char *const *args) {
@@ -124,6 +130,8 @@ static int spawn_probe(const ProbeOptions *po, const char *const *args, Outcome 
                         .gid = po && po->uid ? po->uid : helper_uid,
                         .runtime_dir = po && po->runtime_dir ? (po->runtime_dir[0] ? po->runtime_dir : NULL) : rundir,
                         .host_network = po && po->host_network,
+                        .max_address_space = po ? po->max_address_space : 0,
+                        .max_file_size = po ? po->max_file_size : 0,
                         .fds = fds,
                         .n_fds = 1,
                         .argv = argv,
@@ -307,6 +315,7 @@ static void test_setuid_killed(void) {
 
 static void test_writes_outside_refused(void) {
         const char *refused[] = { "/bst-probe", "/usr/bst-probe", "/etc/bst-probe", "/var/bst-probe", NULL };
+        ProbeOptions writer = { .max_file_size = 4096 }; /* a helper that may write files at all */
         const char *mine;
         struct stat st;
         Outcome o;
@@ -324,13 +333,59 @@ static void test_writes_outside_refused(void) {
         expect_report(&o, "write /dev/bst-probe: EACCES");
 
         /* Its private /tmp and its runtime dir are writable; the runtime dir is the real one. */
-        RUN(&o, "write", "/tmp/bst-probe");
+        RUN_WITH(&writer, &o, "write", "/tmp/bst-probe");
         expect_report(&o, "write /tmp/bst-probe: ok");
         mine = fmt("%s/bst-probe", rundir);
-        RUN(&o, "write", mine);
+        RUN_WITH(&writer, &o, "write", mine);
         expect_report(&o, fmt("write %s: ok", mine));
         ASSERT_TRUE(stat(mine, &st) == 0 && st.st_uid == helper_uid && st.st_gid == helper_uid);
         (void) unlink(mine);
+}
+
+/* A mount below /usr is as read-only as /usr itself (a bind remount only changes the top mount). */
+static void test_usr_submounts_read_only(void) {
+        ProbeOptions writer = { .max_file_size = 4096 };
+        const char *target = fmt("%s/bst-probe", usr_submount);
+        Outcome o;
+
+        /* The control: outside, the submount is writable to anybody. */
+        ASSERT_TRUE(access(usr_submount, W_OK) == 0);
+        RUN_WITH(&writer, &o, "write", target);
+        expect_report(&o, fmt("write %s: EROFS", target));
+        ASSERT_TRUE(access(target, F_OK) < 0);
+        (void) unlink(target);
+}
+
+static void test_rlimits(void) {
+#ifdef __SANITIZE_ADDRESS__
+        const char *as_default = "inf/inf", *as_qemu = "inf/inf"; /* ASan's shadow memory: see sandbox.c */
+#else
+        const char *as_default = fmt("%" PRIu64 "/%" PRIu64, SANDBOX_ADDRESS_SPACE_DEFAULT, SANDBOX_ADDRESS_SPACE_DEFAULT);
+        const char *as_qemu = fmt("%" PRIu64 "/%" PRIu64, SANDBOX_ADDRESS_SPACE_QEMU, SANDBOX_ADDRESS_SPACE_QEMU);
+#endif
+        ProbeOptions qemu = { .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, .max_file_size = SANDBOX_LIMIT_NONE };
+        ProbeOptions writer = { .max_file_size = 4096 };
+        Outcome o;
+
+        /* Our own helpers: a bounded address space, no file to write. */
+        RUN(&o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=0/0", as_default));
+        /* QEMU's: more room, and the storage helper writes its images. */
+        RUN_WITH(&qemu, &o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=inf/inf", as_qemu));
+        RUN_WITH(&writer, &o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=4096/4096", as_default));
+        /* A helper without file writes dies on its first byte into a file, even in its own /tmp. */
+        RUN(&o, "write", "/tmp/bst-probe");
+        expect_killed(&o, SIGXFSZ, NULL);
+}
+
+static void test_io_uring_denied(void) {
+        Outcome o;
+
+        /* Not killed (QEMU probes it and falls back to epoll), but never there. */
+        RUN(&o, "io_uring");
+        expect_report(&o, "io_uring_setup: ENOSYS");
 }
 
 static void test_exec_under_allowlist_killed(void) {
@@ -563,8 +618,32 @@ static bool uid_free(uid_t uid) {
         return !getpwuid(uid);
 }
 
+/* A private mount namespace for this test, with a writable tmpfs below /usr that nobody else sees. */
+static int setup_usr_submount(void) {
+        static const char *const candidates[] = { "/usr/src", "/usr/games", "/usr/local/src", "/usr/local" };
+
+        if (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+                return -errno;
+        for (size_t i = 0; i < ELEMENTSOF(candidates); i++) {
+                struct stat st;
+
+                if (stat(candidates[i], &st) < 0 || !S_ISDIR(st.st_mode))
+                        continue;
+                if (mount("tmpfs", candidates[i], "tmpfs", MS_NOSUID | MS_NODEV, "mode=0777,size=1m") < 0)
+                        return -errno;
+                usr_submount = candidates[i];
+                return 0;
+        }
+        return -ENOENT;
+}
+
 static int setup(void) {
         int fd;
+        int r;
+
+        r = setup_usr_submount();
+        if (r < 0)
+                return r;
 
         probe = getenv("SANDBOX_PROBE");
         if (!probe || access(probe, X_OK) < 0) {
@@ -623,6 +702,9 @@ int main(int argc, char **argv) {
                 printf("Bail out! PR_SET_CHILD_SUBREAPER: %s\n", strerror(errno));
                 return 1;
         }
+        /* The daemon's umask (blockstreamd.service's UMask=, and main.c): the sandbox's view must
+         * not depend on a permissive one. */
+        umask(0077);
         signal(SIGTERM, on_fatal_signal);
         signal(SIGINT, on_fatal_signal);
         signal(SIGALRM, on_fatal_signal);
@@ -643,6 +725,9 @@ int main(int argc, char **argv) {
         TAP_RUN(test_unshare_killed);
         TAP_RUN(test_setuid_killed);
         TAP_RUN(test_writes_outside_refused);
+        TAP_RUN(test_usr_submounts_read_only);
+        TAP_RUN(test_rlimits);
+        TAP_RUN(test_io_uring_denied);
         TAP_RUN(test_exec_under_allowlist_killed);
         TAP_RUN(test_no_core_dump);
         TAP_RUN(test_capabilities_and_ids);
