@@ -70,6 +70,17 @@ int sandbox_spawn(const SandboxSpec *spec, pid_t *ret_pid);
  * the label of its writable images. NULL/0 where SELinux is off; no SELinux call is made then. */
 int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
         char **ret_process, char **ret_image);
+/* A label of the given type and MLS level (e.g. "s0:c1,c2") with the user and role of `context`
+ * (the daemon's own, "user:role:type:level"). Pure: no SELinux call. -EINVAL for anything that
+ * is not a plain label part. */
+int sandbox_selinux_label_from_context(const char *context, const char *type, const char *level, char **ret);
+
+/* Tests only: treat SELinux as enabled, with `own_context` as the daemon's context, and have the
+ * child call apply(label) (after its fds are in place) where it would call setexeccon(); no
+ * SELinux call is made. NULL: back to the real thing. */
+typedef int (*SandboxExecLabelApply)(const char *label);
+void sandbox_selinux_test_override(const char *own_context, SandboxExecLabelApply apply);
+
 /* A helper's stderr, read line by line into our log with a prefix (bounded, printable). */
 typedef struct HelperLog HelperLog;
 int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
