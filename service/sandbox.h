@@ -6,7 +6,8 @@
  *
  *  1. signals reset, new session, the passed fds moved to 3, 4, …, every other fd closed
  *  2. private mount, IPC and (unless it serves TCP itself) network namespaces
- *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only, /etc/ld.so.cache,
+ *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only with every mount
+ *     below them, /etc/ld.so.cache,
  *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
  *     runtime dir; nothing else (no images: they arrive as fds, no /home, no /root)
  *  4. rlimits: no core dumps, bounded open files, processes, address space and file size
@@ -16,7 +17,8 @@
  *     getppid() re-checked
  *  7. SELinux exec label, only where SELinux is enabled
  *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
- *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls.
+ *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls;
+ *     io_uring fails with ENOSYS instead (QEMU probes it and falls back to epoll).
  *     Our own helpers install an allow-list on top once they have set up.
  *  9. execve with a minimal environment. */
 
@@ -28,14 +30,14 @@
 /* What a helper's uid/gid and MCS categories are drawn from. */
 #define SANDBOX_MCS_CATEGORIES 1024
 
-/* RLIMIT_AS of our own helpers: under the integration tests blockstream-nbd-relay peaks at 2.6 MiB
- * of address space and blockstream-pull (libnbd) at 62 MiB (VmPeak); four times that. */
+/* RLIMIT_AS of our own helpers: under the integration tests blockstream-nbd-relay peaks at 3.1 MiB
+ * of address space (VmPeak) and blockstream-pull (libnbd) at 62 MiB; four times that. */
 #define SANDBOX_ADDRESS_SPACE_DEFAULT (UINT64_C(256) << 20)
-/* RLIMIT_AS of QEMU's binaries (the storage helper, qemu-img): 1.5 GiB of VmPeak at rest, most of
- * it TCG's reserved code buffer, and every thread of its block layer's pool (up to 64) reserves an
- * 8 MiB stack and a 64 MiB malloc arena: 1.5 + 64 * 72 MiB = 6 GiB at worst. A failed thread
- * creation aborts QEMU, so the limit sits above that; it stops a runaway, the unit's MemoryMax=
- * bounds what is really used. */
+/* RLIMIT_AS of QEMU's binaries (the storage helper, qemu-img): 1.5-2.3 GiB of VmPeak under the
+ * integration tests, most of it TCG's reserved code buffer, and every thread of its block layer's
+ * pool (up to 64) reserves an 8 MiB stack and a 64 MiB malloc arena: 2.3 GiB + 64 * 72 MiB = 7 GiB
+ * at worst. A failed thread creation aborts QEMU, so the limit sits above that; it stops a runaway,
+ * the unit's MemoryMax= bounds what is really used. */
 #define SANDBOX_ADDRESS_SPACE_QEMU (UINT64_C(8) << 30)
 #define SANDBOX_LIMIT_NONE UINT64_MAX /* for max_address_space or max_file_size: no limit */
 
