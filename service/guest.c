@@ -152,7 +152,7 @@ int guest_ensure_runtime_dir(Guest *g) {
                 if (!g->runtime_dir)
                         return -ENOMEM;
         }
-        r = mkdir_p(g->runtime_dir, 0755);
+        r = mkdir_p(g->runtime_dir, 0700); /* root's: helpers get it bound in, they need nothing of it */
         if (r < 0)
                 return log_error_errno(r, "Failed to create %s: %m", g->runtime_dir);
         return 0;
