@@ -228,9 +228,15 @@ static int setup_mounts(const SandboxSpec *s) {
 }
 
 static int set_rlimits(const SandboxSpec *s) {
+#ifdef __SANITIZE_ADDRESS__
+        /* ASan reserves terabytes of shadow memory: a sanitizer build (never shipped) runs
+         * sanitized helpers without an address-space limit. */
+        rlim_t as = RLIM_INFINITY;
+#else
         rlim_t as = s->max_address_space == SANDBOX_LIMIT_NONE
                             ? RLIM_INFINITY
                             : (s->max_address_space ?: SANDBOX_ADDRESS_SPACE_DEFAULT);
+#endif
         rlim_t fsize = s->max_file_size == SANDBOX_LIMIT_NONE ? RLIM_INFINITY : s->max_file_size;
         const struct {
                 int resource;
@@ -243,11 +249,6 @@ static int set_rlimits(const SandboxSpec *s) {
                 { RLIMIT_FSIZE, fsize },
         };
 
-#ifdef __SANITIZE_ADDRESS__
-        /* ASan reserves terabytes of shadow memory: a sanitizer build (never shipped) runs
-         * sanitized helpers without an address-space limit. */
-        as = RLIM_INFINITY;
-#endif
         /* Soft = hard: a helper cannot raise any of them again. */
         for (size_t i = 0; i < ELEMENTSOF(limits); i++)
                 if (setrlimit(limits[i].resource, &(struct rlimit) { limits[i].value, limits[i].value }) < 0)
