@@ -153,7 +153,7 @@ int guest_ensure_runtime_dir(Guest *g) {
                 if (!g->runtime_dir)
                         return -ENOMEM;
         }
-        r = mkdir_p(g->runtime_dir, 0755);
+        r = mkdir_p(g->runtime_dir, 0700); /* root's: helpers get it bound in, they need nothing of it */
         if (r < 0)
                 return log_error_errno(r, "Failed to create %s: %m", g->runtime_dir);
         return 0;
@@ -1047,9 +1047,11 @@ static int property_get_disks(sd_bus *bus, const char *path, const char *interfa
         return sd_bus_message_close_container(reply);
 }
 
+/* The very string its helpers get as their exec label (storage.c, range.c): "" where SELinux is off. */
 static int property_get_sandbox_label(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        return sd_bus_message_append(reply, "s", "");
+        Guest *g = userdata;
+        return sd_bus_message_append(reply, "s", strempty(g->selinux_process_label));
 }
 
 static int property_get_owner(sd_bus *bus, const char *path, const char *interface, const char *property,

@@ -114,7 +114,9 @@ int main(int argc, char *argv[]) {
         if (r <= 0)
                 return r < 0 ? 2 : 0;
 
-        umask(0022);
+        /* Whatever starts us (the unit has UMask=0077, a shell may not): nothing the daemon creates
+         * is for others unless it says so with an explicit mode. */
+        umask(0077);
         /* sd-event wants the signals it watches blocked; SIGCHLD for the helpers we watch. */
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);

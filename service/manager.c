@@ -59,7 +59,7 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
                 manager_free(m);
                 return r;
         }
-        r = mkdir_p(m->runtime_dir, 0755);
+        r = mkdir_p(m->runtime_dir, 0700);
         if (r < 0) {
                 log_error_errno(r, "Failed to create runtime directory %s: %m", m->runtime_dir);
                 manager_free(m);

@@ -266,6 +266,7 @@ static int run_probe(Provision *p) {
                         .argv = argv,
                         .exec_fd = -1,
                         .env = (char *[]) { NULL },
+                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, /* no file writes: the default */
                 },
                 &p->pid);
         if (r < 0)

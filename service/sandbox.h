@@ -6,26 +6,40 @@
  *
  *  1. signals reset, new session, the passed fds moved to 3, 4, …, every other fd closed
  *  2. private mount, IPC and (unless it serves TCP itself) network namespaces
- *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only, /etc/ld.so.cache,
+ *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only with every mount
+ *     below them, /etc/ld.so.cache,
  *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
  *     runtime dir; nothing else (no images: they arrive as fds, no /home, no /root)
- *  4. rlimits: no core dumps, bounded open files and processes
+ *  4. rlimits: no core dumps, bounded open files, processes, address space and file size
  *  5. capabilities: bounding and ambient sets emptied; then the guest's own uid/gid with
  *     supplementary groups cleared (which empties the effective and permitted sets)
  *  6. no_new_privs; PR_SET_PDEATHSIG(SIGKILL) after the uid change (which clears it), then
  *     getppid() re-checked
  *  7. SELinux exec label, only where SELinux is enabled
  *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
- *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls.
+ *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls;
+ *     io_uring fails with ENOSYS instead (QEMU probes it and falls back to epoll).
  *     Our own helpers install an allow-list on top once they have set up.
  *  9. execve with a minimal environment. */
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <systemd/sd-event.h>
 
 /* What a helper's uid/gid and MCS categories are drawn from. */
 #define SANDBOX_MCS_CATEGORIES 1024
+
+/* RLIMIT_AS of our own helpers: under the integration tests blockstream-nbd-relay peaks at 3.1 MiB
+ * of address space (VmPeak) and blockstream-pull (libnbd) at 62 MiB; four times that. */
+#define SANDBOX_ADDRESS_SPACE_DEFAULT (UINT64_C(256) << 20)
+/* RLIMIT_AS of QEMU's binaries (the storage helper, qemu-img): 1.5-2.3 GiB of VmPeak under the
+ * integration tests, most of it TCG's reserved code buffer, and every thread of its block layer's
+ * pool (up to 64) reserves an 8 MiB stack and a 64 MiB malloc arena: 2.3 GiB + 64 * 72 MiB = 7 GiB
+ * at worst. A failed thread creation aborts QEMU, so the limit sits above that; it stops a runaway,
+ * the unit's MemoryMax= bounds what is really used. */
+#define SANDBOX_ADDRESS_SPACE_QEMU (UINT64_C(8) << 30)
+#define SANDBOX_LIMIT_NONE UINT64_MAX /* for max_address_space or max_file_size: no limit */
 
 typedef struct SandboxSpec {
         const char *name; /* for messages */
@@ -44,6 +58,10 @@ typedef struct SandboxSpec {
         unsigned max_files;        /* RLIMIT_NOFILE, 0: 1024 */
         unsigned max_processes;    /* RLIMIT_NPROC: processes and threads of its uid, all helpers of the
                                     * guest together (a storage helper's QEMU has many threads); 0: 512 */
+        uint64_t max_address_space; /* RLIMIT_AS in bytes; 0: SANDBOX_ADDRESS_SPACE_DEFAULT */
+        uint64_t max_file_size;     /* RLIMIT_FSIZE in bytes: how far it may write into any regular file,
+                                     * fds it was given included; 0: no file at all (pipes and sockets are
+                                     * not files; a write past the limit kills with SIGXFSZ) */
 } SandboxSpec;
 
 /* Fork, confine, exec. Returns once the helper exec'd (or failed to: then -errno, with what
@@ -54,6 +72,17 @@ int sandbox_spawn(const SandboxSpec *spec, pid_t *ret_pid);
  * the label of its writable images. NULL/0 where SELinux is off; no SELinux call is made then. */
 int sandbox_selinux_labels(const char *process_type, const char *image_type, unsigned c1, unsigned c2,
         char **ret_process, char **ret_image);
+/* A label of the given type and MLS level (e.g. "s0:c1,c2") with the user and role of `context`
+ * (the daemon's own, "user:role:type:level"). Pure: no SELinux call. -EINVAL for anything that
+ * is not a plain label part. */
+int sandbox_selinux_label_from_context(const char *context, const char *type, const char *level, char **ret);
+
+/* Tests only: treat SELinux as enabled, with `own_context` as the daemon's context, and have the
+ * child call apply(label) (after its fds are in place) where it would call setexeccon(); no
+ * SELinux call is made. NULL: back to the real thing. */
+typedef int (*SandboxExecLabelApply)(const char *label);
+void sandbox_selinux_test_override(const char *own_context, SandboxExecLabelApply apply);
+
 /* A helper's stderr, read line by line into our log with a prefix (bounded, printable). */
 typedef struct HelperLog HelperLog;
 int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);

@@ -288,6 +288,11 @@ static int helper_spawn(StorageHelper *h) {
                         .stderr_fd = log_w,
                         .argv = argv,
                         .exec_fd = -1,
+                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
+                        /* It writes the images through their fds: a top image grows by up to
+                         * its virtual size plus metadata, and may already be larger than that
+                         * (internal snapshots). Its only writable files are those images. */
+                        .max_file_size = SANDBOX_LIMIT_NONE,
                 },
                 &pid);
         if (r < 0)

@@ -26,6 +26,9 @@
  *                          "allow-list installed, exec PROGRAM"
  *   core DIR               report RLIMIT_CORE (/proc/self/limits) and an attempt to raise it,
  *                          chdir DIR, raise SIGSEGV
+ *   limits                 "AS=SOFT/HARD DATA=SOFT/HARD FSIZE=SOFT/HARD" from getrlimit(), "inf" for
+ *                          RLIM_INFINITY
+ *   io_uring               io_uring_setup(): "io_uring_setup: ok" or "io_uring_setup: ERRNO"
  *   status                 "uid=R,E,S,F gid=R,E,S,F groups=[...] CapInh=... CapPrm=... CapEff=...
  *                          CapBnd=... CapAmb=... NoNewPrivs=N Seccomp=N" from /proc/self/status
  *   fds                    the open fds from /proc/self/fd, without the listing's own: "fds: 0 1 2 3"
@@ -236,6 +239,43 @@ static int attempt_core(const char *dir) {
         return 0;
 }
 
+static void add_limit(const char *name, int resource) {
+        struct rlimit rl;
+
+        if (getrlimit(resource, &rl) < 0) {
+                add("%s=%s", name, errname(errno));
+                return;
+        }
+        add("%s=", name);
+        if (rl.rlim_cur == RLIM_INFINITY)
+                add("inf");
+        else
+                add("%llu", (unsigned long long) rl.rlim_cur);
+        if (rl.rlim_max == RLIM_INFINITY)
+                add("/inf");
+        else
+                add("/%llu", (unsigned long long) rl.rlim_max);
+}
+
+static int attempt_limits(void) {
+        add_limit("AS", RLIMIT_AS);
+        add(" ");
+        add_limit("DATA", RLIMIT_DATA);
+        add(" ");
+        add_limit("FSIZE", RLIMIT_FSIZE);
+        return 0;
+}
+
+static int attempt_io_uring(void) {
+        char params[120] = {}; /* struct io_uring_params, zeroed */
+        long fd = syscall(__NR_io_uring_setup, 4, params);
+
+        add("io_uring_setup: %s", outcome(fd));
+        if (fd >= 0)
+                close((int) fd);
+        return 0;
+}
+
 static int attempt_status(void) {
         static const char *const keys[] = { "Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:",
                                             "CapAmb:", "NoNewPrivs:", "Seccomp:" };
@@ -391,6 +431,10 @@ int main(int argc, char **argv) {
                 attempt_core(argv[2]);
         else if (!strcmp(what, "status"))
                 attempt_status();
+        else if (!strcmp(what, "limits"))
+                attempt_limits();
+        else if (!strcmp(what, "io_uring"))
+                attempt_io_uring();
         else if (!strcmp(what, "fds"))
                 attempt_fds();
         else if (!strcmp(what, "procs"))

@@ -138,6 +138,27 @@ class Proc:
         return 'Proc(pid=%d ppid=%d uids=%s argv=%r)' % (self.pid, self.ppid, self.status.get('Uid'), self.argv)
 
 
+def limits(pid):
+    """{'Max address space': ('268435456', '268435456'), ...} from /proc/PID/limits (soft, hard)."""
+    out = {}
+    with open('/proc/%d/limits' % pid) as f:
+        for line in f.readlines()[1:]:
+            name, soft, hard = line[:26].strip(), line[26:47].strip(), line[47:68].strip()
+            out[name] = (soft, hard)
+    return out
+
+
+# The helpers' RLIMIT_AS and RLIMIT_FSIZE (service/sandbox.h): ours get 256 MiB and no file writes,
+# QEMU's storage helper 8 GiB and its images.
+OWN_HELPER_LIMITS = {'Max address space': (str(256 * MiB),) * 2, 'Max file size': ('0', '0')}
+STORAGE_HELPER_LIMITS = {'Max address space': (str(8 << 30),) * 2, 'Max file size': ('unlimited', 'unlimited')}
+
+
+def assert_limits(test, pid, expected, what):
+    got = limits(pid)
+    test.assertEqual({k: got.get(k) for k in expected}, expected, 'rlimits of %s' % what)
+
+
 def processes():
     out = []
     for e in os.listdir('/proc'):

@@ -110,6 +110,7 @@ class ExportTest(h.TestCase):
             self.assertNotEqual(os.readlink('/proc/%d/ns/%s' % (relay.pid, ns)), os.readlink('/proc/self/ns/%s' % ns),
                                 'the relay shares our %s namespace' % ns)
         self.assertFalse(os.path.exists('/proc/%d/root%s' % (relay.pid, c.top)), 'the image is visible to the relay')
+        o.assert_limits(self, relay.pid, o.OWN_HELPER_LIMITS, 'the relay')
         # Stop.
         since = time.monotonic()
         self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
@@ -124,6 +125,34 @@ class ExportTest(h.TestCase):
         o.wait_gone(relay.pid, 5, 'the relay to exit after Stop')
         self.assert_no_qemu_exports(g)
         return path
+
+    def test_daemon_files_are_root_only(self):
+        """Started from a shell's umask 022, the daemon still runs with 077 (as its unit's UMask=
+        says): its state files, runtime directories and the export's socket are root's only."""
+        self.env.stop_daemon()
+        old = os.umask(0o022)
+        try:
+            self.env.start_daemon()
+        finally:
+            os.umask(old)
+        with open('/proc/%d/status' % self.env.daemon.proc.pid) as f:
+            umask = [line.split()[1] for line in f if line.startswith('Umask:')]
+        self.assertEqual(umask, ['0077'], 'the daemon\'s umask')
+        g = self.offline_guest()
+        path, uri = self.new_export(g)
+        sock = o.unix_socket_of(uri)
+        self.the_relay(g)
+        seen, open_to_others = [], []
+        for top in (self.env.daemon.state_dir, self.env.daemon.runtime_dir):
+            for d, dirs, files in os.walk(top):
+                for p in [d] + [os.path.join(d, n) for n in files]:
+                    st = os.lstat(p)
+                    seen.append(p)
+                    if st.st_mode & 0o077:
+                        open_to_others.append('%s %o' % (p, st.st_mode & 0o7777))
+        self.assertIn(sock, seen)
+        self.assertIn(o.state_file(self.env, g.name), seen)
+        self.assertEqual(open_to_others, [], 'the daemon made files others may use')
 
     def test_running_guest(self):
         g = self.running_guest()

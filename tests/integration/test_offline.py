@@ -213,6 +213,7 @@ class OfflineTest(h.TestCase):
         with open('/proc/%d/limits' % hp.pid) as f:
             core = [l for l in f if l.startswith('Max core file size')][0].split()
         self.assertEqual(core[4:6], ['0', '0'], 'RLIMIT_CORE of the helper: %r' % core)
+        o.assert_limits(self, hp.pid, o.STORAGE_HELPER_LIMITS, 'the storage helper')
         # The images are open in it all the same: as fds.
         targets = set()
         for fd in os.listdir('/proc/%d/fd' % hp.pid):

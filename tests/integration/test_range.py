@@ -15,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import offline  # noqa: E402
 import ranges as r  # noqa: E402
 from harness import MiB, T, opts  # noqa: E402
 
@@ -544,6 +545,7 @@ class RangeFailureTest(RangeBase):
         self.assertEqual(len(helpers), 1, 'one blockstream-pull child while a range runs: %r' % helpers)
         pid, argv = helpers[0]
         self.assertIn('--pull', argv)
+        offline.assert_limits(self, pid, offline.OWN_HELPER_LIMITS, 'blockstream-pull')
         os.kill(pid, signal.SIGKILL)
         res, done, err = d.wait_finished(20, since)
         self.assertEqual(res, 'failed', 'Finished%r' % ((res, done, err),))

@@ -10,6 +10,9 @@
  * The probe's path comes from $SANDBOX_PROBE (meson sets it). */
 
 #include <dirent.h>
+#include <sys/mount.h>
+#include <inttypes.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pwd.h>
@@ -22,6 +25,11 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include <systemd/sd-bus.h>
+
+#include "config.h"
+#include "guest.h"
+#include "manager.h"
 #include "sandbox.h"
 #include "util.h"
 #include "tap.h"
@@ -35,6 +43,7 @@ static char base[64];                   /* /var/tmp/bst-sandbox-XXXXXX */
 static char images[128];                /* base/images: another guest's image lives here */
 static char other_image[192];           /* base/images/other-guest.qcow2, root 0600 */
 static char rundir[128];                /* base/run: the probe's runtime dir, owned by helper_uid */
+static const char *usr_submount;        /* a tmpfs (mode 0777) mounted below /usr in our private mount namespace */
 
 typedef struct Outcome {
         int r;            /* sandbox_spawn()'s result */
@@ -48,6 +57,8 @@ typedef struct ProbeOptions {
         uid_t uid;               /* 0: helper_uid */
         const char *runtime_dir; /* NULL: rundir; "" : none */
         bool host_network;
+        uint64_t max_address_space; /* as in SandboxSpec: 0 is the helpers' default */
+        uint64_t max_file_size;     /* 0: no file writes (the default of our helpers) */
 } ProbeOptions;
 
 static int make_spec_argv(char **argv, size_t max, const char *const *args) {
@@ -124,6 +135,8 @@ static int spawn_probe(const ProbeOptions *po, const char *const *args, Outcome 
                         .gid = po && po->uid ? po->uid : helper_uid,
                         .runtime_dir = po && po->runtime_dir ? (po->runtime_dir[0] ? po->runtime_dir : NULL) : rundir,
                         .host_network = po && po->host_network,
+                        .max_address_space = po ? po->max_address_space : 0,
+                        .max_file_size = po ? po->max_file_size : 0,
                         .fds = fds,
                         .n_fds = 1,
                         .argv = argv,
@@ -307,6 +320,7 @@ static void test_setuid_killed(void) {
 
 static void test_writes_outside_refused(void) {
         const char *refused[] = { "/bst-probe", "/usr/bst-probe", "/etc/bst-probe", "/var/bst-probe", NULL };
+        ProbeOptions writer = { .max_file_size = 4096 }; /* a helper that may write files at all */
         const char *mine;
         struct stat st;
         Outcome o;
@@ -324,13 +338,59 @@ static void test_writes_outside_refused(void) {
         expect_report(&o, "write /dev/bst-probe: EACCES");
 
         /* Its private /tmp and its runtime dir are writable; the runtime dir is the real one. */
-        RUN(&o, "write", "/tmp/bst-probe");
+        RUN_WITH(&writer, &o, "write", "/tmp/bst-probe");
         expect_report(&o, "write /tmp/bst-probe: ok");
         mine = fmt("%s/bst-probe", rundir);
-        RUN(&o, "write", mine);
+        RUN_WITH(&writer, &o, "write", mine);
         expect_report(&o, fmt("write %s: ok", mine));
         ASSERT_TRUE(stat(mine, &st) == 0 && st.st_uid == helper_uid && st.st_gid == helper_uid);
         (void) unlink(mine);
+}
+
+/* A mount below /usr is as read-only as /usr itself (a bind remount only changes the top mount). */
+static void test_usr_submounts_read_only(void) {
+        ProbeOptions writer = { .max_file_size = 4096 };
+        const char *target = fmt("%s/bst-probe", usr_submount);
+        Outcome o;
+
+        /* The control: outside, the submount is writable to anybody. */
+        ASSERT_TRUE(access(usr_submount, W_OK) == 0);
+        RUN_WITH(&writer, &o, "write", target);
+        expect_report(&o, fmt("write %s: EROFS", target));
+        ASSERT_TRUE(access(target, F_OK) < 0);
+        (void) unlink(target);
+}
+
+static void test_rlimits(void) {
+#ifdef __SANITIZE_ADDRESS__
+        const char *as_default = "inf/inf", *as_qemu = "inf/inf"; /* ASan's shadow memory: see sandbox.c */
+#else
+        const char *as_default = fmt("%" PRIu64 "/%" PRIu64, SANDBOX_ADDRESS_SPACE_DEFAULT, SANDBOX_ADDRESS_SPACE_DEFAULT);
+        const char *as_qemu = fmt("%" PRIu64 "/%" PRIu64, SANDBOX_ADDRESS_SPACE_QEMU, SANDBOX_ADDRESS_SPACE_QEMU);
+#endif
+        ProbeOptions qemu = { .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, .max_file_size = SANDBOX_LIMIT_NONE };
+        ProbeOptions writer = { .max_file_size = 4096 };
+        Outcome o;
+
+        /* Our own helpers: a bounded address space, no file to write. */
+        RUN(&o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=0/0", as_default));
+        /* QEMU's: more room, and the storage helper writes its images. */
+        RUN_WITH(&qemu, &o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=inf/inf", as_qemu));
+        RUN_WITH(&writer, &o, "limits");
+        expect_report(&o, fmt("AS=%s DATA=inf/inf FSIZE=4096/4096", as_default));
+        /* A helper without file writes dies on its first byte into a file, even in its own /tmp. */
+        RUN(&o, "write", "/tmp/bst-probe");
+        expect_killed(&o, SIGXFSZ, NULL);
+}
+
+static void test_io_uring_denied(void) {
+        Outcome o;
+
+        /* Not killed (QEMU probes it and falls back to epoll), but never there. */
+        RUN(&o, "io_uring");
+        expect_report(&o, "io_uring_setup: ENOSYS");
 }
 
 static void test_exec_under_allowlist_killed(void) {
@@ -544,6 +604,143 @@ static void test_pdeathsig(void) {
         close(report[0]);
 }
 
+/* -- SELinux labels, computed and applied as where SELinux is on (it is off on the test machines) */
+
+#define FAKE_CONTEXT "system_u:system_r:blockstreamd_t:s0-s0:c0.c1023"
+#define LABEL_FD 4 /* in the child: the second fd given, where record_label() writes */
+
+/* Stands in for setexeccon() in the child, fds in place: the label goes to the test. */
+static int record_label(const char *label) {
+        size_t n = strlen(label);
+        return write(LABEL_FD, label, n) == (ssize_t) n ? 0 : -EIO;
+}
+
+static void test_selinux_label_from_context(void) {
+        _cleanup_free_ char *l = NULL;
+
+        ASSERT_OK(sandbox_selinux_label_from_context(FAKE_CONTEXT, "blockstream_helper_t", "s0:c3,c700", &l));
+        ASSERT_STREQ(l, "system_u:system_r:blockstream_helper_t:s0:c3,c700");
+        l = mfree(l);
+        ASSERT_OK(sandbox_selinux_label_from_context("unconfined_u:unconfined_r:unconfined_t:s0", "t_t", "s0", &l));
+        ASSERT_STREQ(l, "unconfined_u:unconfined_r:t_t:s0");
+        l = mfree(l);
+        /* Not a context, or parts that would make another label. */
+        ASSERT_ERRNO(sandbox_selinux_label_from_context("system_u", "t_t", "s0", &l), -EINVAL);
+        ASSERT_ERRNO(sandbox_selinux_label_from_context("::t:s0", "t_t", "s0", &l), -EINVAL);
+        ASSERT_ERRNO(sandbox_selinux_label_from_context(FAKE_CONTEXT, "t_t:s0", "s0", &l), -EINVAL);
+        ASSERT_ERRNO(sandbox_selinux_label_from_context(FAKE_CONTEXT, "t_t", "s0 c1", &l), -EINVAL);
+        ASSERT_ERRNO(sandbox_selinux_label_from_context(FAKE_CONTEXT, "", "s0", &l), -EINVAL);
+        ASSERT_NULL(l);
+}
+
+/* Serve the guest's Guest interface on one end of a socketpair (in a child) and read its
+ * SandboxLabel property through sd-bus from the other, as any client does. */
+static int get_sandbox_label(Guest *g, char **ret) {
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *client = NULL;
+        sd_bus_error error = SD_BUS_ERROR_NULL;
+        sd_id128_t id;
+        int pair[2], status, r;
+        pid_t pid;
+
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
+                return -errno;
+        pid = fork();
+        if (pid < 0)
+                return -errno;
+        if (pid == 0) {
+                sd_bus *server = NULL;
+
+                close(pair[0]);
+                if (sd_id128_randomize(&id) < 0 || sd_bus_new(&server) < 0 || sd_bus_set_fd(server, pair[1], pair[1]) < 0 ||
+                        sd_bus_set_server(server, 1, id) < 0 ||
+                        sd_bus_add_object_vtable(server, NULL, "/org/blockstream1/guest/label", "org.blockstream1.Guest",
+                                guest_vtable, g) < 0 ||
+                        sd_bus_start(server) < 0)
+                        _exit(1);
+                for (;;) {
+                        r = sd_bus_process(server, NULL);
+                        if (r < 0)
+                                _exit(0); /* the client went */
+                        if (r == 0 && sd_bus_wait(server, 10 * USEC_PER_SEC) <= 0)
+                                _exit(2);
+                }
+        }
+        close(pair[1]);
+        r = sd_bus_new(&client);
+        if (r >= 0)
+                r = sd_bus_set_fd(client, pair[0], pair[0]);
+        else
+                close(pair[0]);
+        if (r >= 0)
+                r = sd_bus_start(client);
+        if (r >= 0)
+                r = sd_bus_get_property_string(client, NULL, "/org/blockstream1/guest/label", "org.blockstream1.Guest",
+                        "SandboxLabel", &error, ret);
+        if (r < 0)
+                fprintf(stderr, "# Get SandboxLabel: %s\n", error.message ?: strerror(-r));
+        sd_bus_error_free(&error);
+        client = sd_bus_flush_close_unref(client);
+        (void) waitpid(pid, &status, 0);
+        return r;
+}
+
+/* Where SELinux is on, the guest's SandboxLabel is exactly the label its helpers are given and the
+ * spawn applies: the guest's own MCS pair, with the helper type. */
+static void test_sandbox_label_is_the_applied_label(void) {
+        _cleanup_close_ int exec_fd = open(probe, O_PATH | O_CLOEXEC);
+        _cleanup_free_ char *property = NULL, *expect = NULL;
+        char *argv[] = { (char *) "sandbox-probe", (char *) "status", NULL };
+        char applied[512] = "";
+        Manager m = {};
+        Guest g = { .manager = &m, .name = (char *) "label", .helper_uid = helper_uid, .mcs_c1 = 17, .mcs_c2 = 900 };
+        int report[2], labels[2];
+        Outcome o = {};
+        pid_t pid = -1;
+
+        config_init(&m.config);
+        sandbox_selinux_test_override(FAKE_CONTEXT, record_label);
+        ASSERT_TRUE(sandbox_selinux_enabled());
+        ASSERT_EQ(manager_identity_labels(&m, &g), 1);
+        expect = strdup_printf("system_u:system_r:%s:s0:c17,c900", config_selinux_helper_type(&m.config));
+        ASSERT_STREQ(g.selinux_process_label, expect);
+
+        /* What a client reads... */
+        ASSERT_OK(get_sandbox_label(&g, &property));
+        ASSERT_STREQ(property, expect);
+
+        /* ...is what the spawn applies, given the guest's label as the storage helper and the pull
+         * helper get it. */
+        ASSERT_TRUE(pipe2(report, O_CLOEXEC) == 0 && pipe2(labels, O_CLOEXEC) == 0);
+        ASSERT_OK(sandbox_spawn(&(SandboxSpec) { .name = "probe", .uid = helper_uid, .gid = helper_uid, .runtime_dir = rundir,
+                                        .selinux_label = g.selinux_process_label, .fds = (int[]) { report[1], labels[1] },
+                                        .n_fds = 2, .argv = argv, .exec_fd = exec_fd },
+                &pid));
+        close(report[1]);
+        close(labels[1]);
+        o.pid = pid;
+        if (pid > 0)
+                finish_probe(report[0], &o);
+        else
+                close(report[0]);
+        ASSERT_TRUE(read_all(labels[0], applied, sizeof(applied), PROBE_TIMEOUT_MS));
+        close(labels[0]);
+        ASSERT_STREQ(applied, property);
+        ASSERT_TRUE(o.r == 0 && !o.timed_out && WIFEXITED(o.status) && WEXITSTATUS(o.status) == 0);
+
+        /* SELinux off: no label, and the property says so. */
+        sandbox_selinux_test_override(NULL, NULL);
+        if (!sandbox_selinux_enabled()) {
+                property = mfree(property);
+                ASSERT_EQ(manager_identity_labels(&m, &g), 0);
+                ASSERT_NULL(g.selinux_process_label);
+                ASSERT_OK(get_sandbox_label(&g, &property));
+                ASSERT_STREQ(property, "");
+        }
+        free(g.selinux_process_label);
+        free(g.selinux_image_label);
+        config_done(&m.config);
+}
+
 static void test_never_as_root(void) {
         char *argv[] = { (char *) "sandbox-probe", (char *) "status", NULL };
         _cleanup_close_ int exec_fd = open(probe, O_PATH | O_CLOEXEC);
@@ -563,8 +760,32 @@ static bool uid_free(uid_t uid) {
         return !getpwuid(uid);
 }
 
+/* A private mount namespace for this test, with a writable tmpfs below /usr that nobody else sees. */
+static int setup_usr_submount(void) {
+        static const char *const candidates[] = { "/usr/src", "/usr/games", "/usr/local/src", "/usr/local" };
+
+        if (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+                return -errno;
+        for (size_t i = 0; i < ELEMENTSOF(candidates); i++) {
+                struct stat st;
+
+                if (stat(candidates[i], &st) < 0 || !S_ISDIR(st.st_mode))
+                        continue;
+                if (mount("tmpfs", candidates[i], "tmpfs", MS_NOSUID | MS_NODEV, "mode=0777,size=1m") < 0)
+                        return -errno;
+                usr_submount = candidates[i];
+                return 0;
+        }
+        return -ENOENT;
+}
+
 static int setup(void) {
         int fd;
+        int r;
+
+        r = setup_usr_submount();
+        if (r < 0)
+                return r;
 
         probe = getenv("SANDBOX_PROBE");
         if (!probe || access(probe, X_OK) < 0) {
@@ -623,6 +844,9 @@ int main(int argc, char **argv) {
                 printf("Bail out! PR_SET_CHILD_SUBREAPER: %s\n", strerror(errno));
                 return 1;
         }
+        /* The daemon's umask (blockstreamd.service's UMask=, and main.c): the sandbox's view must
+         * not depend on a permissive one. */
+        umask(0077);
         signal(SIGTERM, on_fatal_signal);
         signal(SIGINT, on_fatal_signal);
         signal(SIGALRM, on_fatal_signal);
@@ -643,6 +867,9 @@ int main(int argc, char **argv) {
         TAP_RUN(test_unshare_killed);
         TAP_RUN(test_setuid_killed);
         TAP_RUN(test_writes_outside_refused);
+        TAP_RUN(test_usr_submounts_read_only);
+        TAP_RUN(test_rlimits);
+        TAP_RUN(test_io_uring_denied);
         TAP_RUN(test_exec_under_allowlist_killed);
         TAP_RUN(test_no_core_dump);
         TAP_RUN(test_capabilities_and_ids);
@@ -650,6 +877,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_proc_shows_own_processes_only);
         TAP_RUN(test_pdeathsig);
         TAP_RUN(test_never_as_root);
+        TAP_RUN(test_selinux_label_from_context);
+        TAP_RUN(test_sandbox_label_is_the_applied_label);
 
         cleanup();
         return tap_finish();
