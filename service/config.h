@@ -24,6 +24,8 @@ typedef struct Config {
         char *selinux_content_type; /* SELinuxContentType=: read-only backing images' type (at s0) */
         char *selinux_relay_type;  /* SELinuxRelayType=: the NBD relay's type (at s0, no image access) */
         char *helper_dir;          /* HelperDirectory=: our helper binaries (tests: the build dir) */
+        uid_t *qemu_users;         /* QEMUUsers=: uids whose QEMU may serve any user's guest */
+        size_t n_qemu_users;
 } Config;
 
 void config_init(Config *c);
@@ -35,6 +37,8 @@ const char *config_selinux_helper_type(const Config *c);
 const char *config_selinux_image_type(const Config *c);
 const char *config_selinux_content_type(const Config *c);
 const char *config_selinux_relay_type(const Config *c);
+/* May a QEMU running as uid serve a guest of another owner (QEMUUsers=)? */
+bool config_qemu_user_allowed(const Config *c, uid_t uid);
 
 /* Parse from memory (unit tests); source names the origin in messages. */
 int config_parse(Config *c, const char *text, const char *source);
