@@ -50,21 +50,6 @@ def daemon_monitor_connected(q, socket_path):
     raise AssertionError('QEMU %s has no chardev on %s: %r' % (q.name, socket_path, q.qmp.cmd('query-chardev')))
 
 
-class UserQemu(h.Qemu):
-    """A QEMU run as another user (setpriv), owning its directory and the top images."""
-
-    def __init__(self, env, name, disks, user):
-        super().__init__(env, name, disks)
-        self.user = user
-        uid, gid = h.ensure_user(user)
-        os.chown(self.dir, uid, gid)
-        for _, path in self.disks:
-            os.chown(path, uid, gid)
-
-    def argv(self):
-        return h.setpriv_argv(self.user) + super().argv()
-
-
 class QmpSocketCase(h.TestCase):
 
     def restart_daemon(self, qemu_users=None):
@@ -159,12 +144,7 @@ class PeerTest(QmpSocketCase):
         super().tearDownClass()
 
     def user_qemu(self, user):
-        chains = self.make_chains(('vda',), 64 * h.MiB)
-        q = UserQemu(self.env, self.unique_name('q'), [(a, c.top) for a, c in chains.items()], user)
-        self.env.qemus.append(q)
-        q.start()
-        self.addCleanup(q.kill)
-        return q
+        return self.start_qemu(self.make_chains(('vda',), 64 * h.MiB), user=user)
 
     def register_as_member(self, name, socket_path):
         self.addCleanup(self.unregister_quietly, name)
