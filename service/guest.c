@@ -22,8 +22,12 @@
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
-/* A connect refused on purpose (a swapped path, a socket that is not one), not a QEMU that is not there yet. */
-#define IN_SET_REFUSAL(r) ((r) == -ELOOP || (r) == -EXDEV || (r) == -ENOTSOCK || (r) == -EPROTO)
+
+/* A connect refused on purpose (a swapped path, a socket that is not one), not a QEMU that is
+ * not there yet: worth a warning on every attempt. */
+static bool connect_refused(int r) {
+        return r == -ELOOP || r == -EXDEV || r == -ENOTSOCK || r == -EPROTO;
+}
 
 struct GuestWaiter {
         GuestWaiter *next;
@@ -784,7 +788,7 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         if (r < 0) {
                 g->connect_error = strdup_printf("cannot connect to its QMP socket %s: %s", g->qmp_socket,
                         qmp_socket_strerror(r));
-                if (IN_SET_REFUSAL(r))
+                if (connect_refused(r))
                         log_warning("Guest %s: not connecting to %s: %s.", g->name, g->qmp_socket,
                                 qmp_socket_strerror(r));
                 return r;
@@ -795,8 +799,8 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
                                                  "; it must run as that user, or as a uid that QEMUUsers= in the "
                                                  "daemon's configuration allows",
                         g->qmp_socket, (int) peer.pid, (uint32_t) peer.uid, (uint32_t) g->owner);
-                log_warning("Guest %s: refusing the QEMU on %s (pid %d, uid " UID_FMT "): the guest's owner is uid " UID_FMT
-                            " and QEMUUsers= does not allow uid " UID_FMT ".",
+                log_warning("Guest %s: refusing the QEMU on %s (pid %d, uid " UID_FMT
+                            "): the guest's owner is uid " UID_FMT " and QEMUUsers= does not allow uid " UID_FMT ".",
                         g->name, g->qmp_socket, (int) peer.pid, (uint32_t) peer.uid, (uint32_t) g->owner,
                         (uint32_t) peer.uid);
                 return -EPERM;

@@ -346,12 +346,13 @@ static int check_caller_may_connect(sd_bus_message *msg, const char *path, int d
         r = qmp_socket_check_access(path, dir_fd, sock_fd, uid, gid, gids, (size_t) n);
         if (r == -EACCES)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                        "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search permission on its "
-                        "directories and write permission on the socket), so blockstreamd will not connect to it for you.",
+                        "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search permission "
+                        "on its directories and write permission on the socket), so blockstreamd will not connect "
+                        "to it for you.",
                         uid, path);
         if (r < 0)
-                return sd_bus_error_set_errnof(error, -r, "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s: %m",
-                        uid, path);
+                return sd_bus_error_set_errnof(error, -r,
+                        "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s: %m", uid, path);
         return 0;
 }
 

@@ -291,8 +291,10 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
                 return -EBADMSG;
         if (offline != isempty(sock))
                 return -EBADMSG;
-        if (json_get_string(o, "qmp_boot_id", false, &boot) < 0 || json_get_u64(o, "qmp_dir_dev", !!boot, &dir_dev) < 0 ||
-                json_get_u64(o, "qmp_dir_ino", !!boot, &dir_ino) < 0 || (boot && sd_id128_from_string(boot, &boot_id) < 0) ||
+        if (json_get_string(o, "qmp_boot_id", false, &boot) < 0 ||
+                json_get_u64(o, "qmp_dir_dev", !!boot, &dir_dev) < 0 ||
+                json_get_u64(o, "qmp_dir_ino", !!boot, &dir_ino) < 0 ||
+                (boot && sd_id128_from_string(boot, &boot_id) < 0) ||
                 json_get_u64(o, "qmp_uid", false, &qmp_uid) < 0 || qmp_uid > UINT32_MAX)
                 return -EBADMSG;
         /* The file name must match the guest inside it. */
