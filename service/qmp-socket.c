@@ -3,7 +3,10 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
@@ -11,6 +14,9 @@
 #include "util.h"
 
 #define PROC_FD_PATH_MAX 40
+/* The access check resolves a path as the caller, who might make that slow (a FUSE mount of
+ * its own): the daemon waits this long at most, then kills the check and refuses. */
+#define ACCESS_CHECK_TIMEOUT_MSEC 5000
 
 static int split_path(const char *path, char **ret_dir, const char **ret_leaf) {
         const char *slash;
@@ -126,7 +132,7 @@ int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid
         _cleanup_free_ char *dir = NULL;
         const char *leaf;
         pid_t pid;
-        int status, r;
+        int pidfd, status, r;
 
         r = split_path(path, &dir, &leaf);
         if (r < 0)
@@ -138,9 +144,26 @@ int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid
                 return -errno;
         if (pid == 0)
                 check_access_child(dir, dir_fd, sock_fd, uid, gid, gids, n_gids);
+        pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
+        if (pidfd >= 0) {
+                struct pollfd p = { .fd = pidfd, .events = POLLIN };
+                int k;
+
+                do
+                        k = poll(&p, 1, ACCESS_CHECK_TIMEOUT_MSEC);
+                while (k < 0 && errno == EINTR);
+                if (k <= 0) {
+                        log_warning("Checking whether uid " UID_FMT " may connect to %s took too long; refusing.", uid,
+                                path);
+                        (void) kill(pid, SIGKILL);
+                }
+                close(pidfd);
+        }
         while (waitpid(pid, &status, 0) < 0)
                 if (errno != EINTR)
                         return -errno;
+        if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+                return -ETIMEDOUT;
         if (!WIFEXITED(status))
                 return -EIO;
         switch (WEXITSTATUS(status)) {
