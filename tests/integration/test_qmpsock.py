@@ -67,6 +67,10 @@ class QmpSocketCase(h.TestCase):
     def refresh(self, name):
         return self.client.try_call(h.guest_path(name), h.IFACE_GUEST, 'Refresh')
 
+    def wait_hung_up(self, q):
+        h.wait_until(lambda: not daemon_monitor_connected(q, q.daemon_socket), 10,
+                     "the daemon to hang up on %s's monitor" % q.name)
+
 
 class SwappedPathTest(QmpSocketCase):
     """Root registers a guest; then whoever controls the socket's directory swaps the path."""
@@ -125,6 +129,46 @@ class SwappedPathTest(QmpSocketCase):
         self.swap_and_refuse(swap, undo, 'not the directory it had at registration')
 
 
+    def test_symlink_refused_at_registration(self):
+        q = self.start_qemu(self.make_chains(('vda',), 64 * h.MiB))
+        link = os.path.join(self.env.dir, self.unique_name('link') + '.sock')
+        os.symlink(q.daemon_socket, link)
+        self.addCleanup(os.unlink, link)
+        name = self.unique_name()
+        self.addCleanup(self.unregister_quietly, name)
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, name, link)
+        self.assertIn('a symbolic link, which is never followed', e.message)
+        self.assertFalse(daemon_monitor_connected(q, q.daemon_socket))
+        # Its own path is fine.
+        self.register(name, q.daemon_socket)
+
+    def test_root_registration_pins_the_uid(self):
+        """Root registered the guest with a QEMU of uid 0: a QEMU of another uid at the same
+        path later is refused, also after a restart of the daemon, until QEMUUsers= allows it."""
+        g = self.new_guest(size=64 * h.MiB)
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', True)
+        g.qemu.kill()
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', False)
+        q2 = self.env.new_qemu(g.qemu.name, g.qemu.disks, user=h.STRANGER)
+        self.addCleanup(q2.kill)
+        stranger = pwd.getpwnam(h.STRANGER).pw_uid
+        for restart in (False, True):
+            with self.subTest(restart=restart):
+                if restart:
+                    self.restart_daemon(None)
+                _, err = self.refresh(g.name)
+                self.assertIsNotNone(err, 'a QEMU of uid %d now serves a guest registered with one of uid 0'
+                                     % stranger)
+                self.assertEqual(err.name, h.ERR_NOT_RUNNING, err)
+                self.assertIn('uid %d' % stranger, err.message)
+                self.assertFalse(g.prop('Running'))
+                self.wait_hung_up(q2)
+        self.addCleanup(self.restart_daemon, None)
+        self.restart_daemon(h.STRANGER)
+        self.refresh(g.name)
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', True)
+
+
 class PeerTest(QmpSocketCase):
     """Registrations by bstest-member (polkit lets it manage qsock-* guests)."""
 
@@ -150,10 +194,6 @@ class PeerTest(QmpSocketCase):
         self.addCleanup(self.unregister_quietly, name)
         return self.member.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
                                 '(%s, %s, {})' % (gv(name), gv(socket_path)))
-
-    def wait_hung_up(self, q):
-        h.wait_until(lambda: not daemon_monitor_connected(q, q.daemon_socket), 10,
-                     "the daemon to hang up on %s's monitor" % q.name)
 
     def assertNoGuest(self, name):
         self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest',
