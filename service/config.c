@@ -2,6 +2,7 @@
 
 #include <ctype.h>
 #include <limits.h>
+#include <pwd.h>
 
 #include "config.h"
 #include "qmp.h"
@@ -23,6 +24,8 @@ void config_done(Config *c) {
         c->selinux_relay_type = mfree(c->selinux_relay_type);
         c->helper_dir = mfree(c->helper_dir);
         c->template_url_prefixes = strv_free(c->template_url_prefixes);
+        c->qemu_users = mfree(c->qemu_users);
+        c->n_qemu_users = 0;
 }
 
 const char *config_qemu_binary(const Config *c) {
@@ -203,6 +206,70 @@ bool config_template_url_allowed(const Config *c, const char *url) {
         return false;
 }
 
+bool config_qemu_user_allowed(const Config *c, uid_t uid) {
+        for (size_t i = 0; i < c->n_qemu_users; i++)
+                if (c->qemu_users[i] == uid)
+                        return true;
+        return false;
+}
+
+static bool user_name_valid(const char *s) {
+        size_t n = strlen(s);
+
+        if (n < 1 || n > 32 || s[0] == '-')
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '-' || *p == '.'))
+                        return false;
+        return true;
+}
+
+/* QEMUUsers=: user names or uids. A name unknown here is skipped with a warning (the user of a
+ * virtualization stack that is not installed), a malformed one is an error. */
+static int parse_qemu_users(Config *c, char *value, const char *source, unsigned line) {
+        _cleanup_free_ uid_t *l = NULL;
+        size_t n = 0;
+        char *save = NULL;
+
+        for (char *w = strtok_r(value, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                unsigned long v;
+                uid_t *nl;
+                char *end;
+
+                if (isdigit((unsigned char) w[0])) {
+                        errno = 0;
+                        v = strtoul(w, &end, 10);
+                        if (errno != 0 || *end || v >= UINT32_MAX)
+                                return log_error_errno(EINVAL, "%s:%u: QEMUUsers= needs user names or uids, got '%s'.",
+                                        source, line, w);
+                } else {
+                        struct passwd pw, *pwr = NULL;
+                        char buf[4096];
+
+                        if (!user_name_valid(w))
+                                return log_error_errno(EINVAL, "%s:%u: QEMUUsers= needs user names or uids, got '%s'.",
+                                        source, line, w);
+                        if (getpwnam_r(w, &pw, buf, sizeof(buf), &pwr) != 0 || !pwr) {
+                                log_warning("%s:%u: QEMUUsers=: no user '%s' here, ignoring it.", source, line, w);
+                                continue;
+                        }
+                        v = pwr->pw_uid;
+                }
+                if (n >= 256)
+                        return log_error_errno(EINVAL, "%s:%u: QEMUUsers= lists more than 256 users.", source, line);
+                nl = reallocarray(l, n + 1, sizeof(uid_t));
+                if (!nl)
+                        return log_oom();
+                l = nl;
+                l[n++] = (uid_t) v;
+        }
+        /* Later assignments replace earlier ones; an empty one clears the list. */
+        free(c->qemu_users);
+        c->qemu_users = TAKE_PTR(l);
+        c->n_qemu_users = n;
+        return 0;
+}
+
 static int parse_seconds(const char *value, usec_t *ret) {
         char *end;
         unsigned long v;
@@ -259,6 +326,10 @@ int config_parse(Config *c, const char *text, const char *source) {
                         if (parse_uid_range(value, &c->helper_uid_min, &c->helper_uid_max) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: HelperUIDRange= must be FIRST-LAST with 0 < FIRST <= LAST < 4294967295, got '%s'.",
                                         source, line, value);
+                } else if (streq(key, "QEMUUsers")) {
+                        r = parse_qemu_users(c, value, source, line);
+                        if (r < 0)
+                                return r;
                 } else if (streq(key, "HelperDirectory")) {
                         if (set_string(&c->helper_dir, value, executable_path_valid) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: HelperDirectory= needs an absolute path, got '%s'.",

@@ -24,6 +24,8 @@ typedef struct Config {
         char *selinux_content_type; /* SELinuxContentType=: read-only backing images' type (at s0) */
         char *selinux_relay_type;  /* SELinuxRelayType=: the NBD relay's type (at s0, no image access) */
         char *helper_dir;          /* HelperDirectory=: our helper binaries (tests: the build dir) */
+        uid_t *qemu_users;         /* QEMUUsers=: uids whose QEMU may serve any user's guest */
+        size_t n_qemu_users;
         char **template_url_prefixes; /* TemplateURLPrefixes=: remote templates allowed (none by default) */
 } Config;
 
@@ -36,6 +38,8 @@ const char *config_selinux_helper_type(const Config *c);
 const char *config_selinux_image_type(const Config *c);
 const char *config_selinux_content_type(const Config *c);
 const char *config_selinux_relay_type(const Config *c);
+/* May a QEMU running as uid serve a guest of another owner (QEMUUsers=)? */
+bool config_qemu_user_allowed(const Config *c, uid_t uid);
 
 /* Whether ProvisionDisk may use the remote template url: one of TemplateURLPrefixes= is a prefix
  * of it that ends at a boundary (the prefix ends with '/', or url goes on with '/' or '?' or ends

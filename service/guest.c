@@ -23,6 +23,12 @@
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
 
+/* A connect refused on purpose (a swapped path, a socket that is not one), not a QEMU that is
+ * not there yet: worth a warning on every attempt. */
+static bool connect_refused(int r) {
+        return r == -ELOOP || r == -EXDEV || r == -ENOTSOCK || r == -EPROTO;
+}
+
 struct GuestWaiter {
         GuestWaiter *next;
         guest_ready_handler_t handler;
@@ -38,6 +44,7 @@ int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket,
                 return -ENOMEM;
         g->manager = m;
         g->owner = owner;
+        g->qmp_uid = UID_INVALID;
         g->name = strdup(name);
         g->qmp_socket = strdup(qmp_socket);
         if (!g->name || !g->qmp_socket || sd_bus_path_encode(GUEST_PATH_PREFIX, name, &g->object_path) < 0)
@@ -87,6 +94,7 @@ Guest *guest_free(Guest *g) {
         free(g->name);
         free(g->uuid);
         free(g->qmp_socket);
+        free(g->connect_error);
         free(g->object_path);
         free(g->selinux_process_label);
         free(g->selinux_image_label);
@@ -806,8 +814,74 @@ void guest_on_state(Qmp *q, int error, void *userdata) {
         }
 }
 
+/* Which QEMU may serve the guest: the owner's own, one of a uid the administrator allowed
+ * (QEMUUsers=), or the one a registration by root found (its uid pinned then). */
+static bool guest_peer_allowed(Guest *g, uid_t uid) {
+        return uid == g->owner || config_qemu_user_allowed(&g->manager->config, uid) ||
+               (g->qmp_uid != UID_INVALID && uid == g->qmp_uid) || g->qmp_uid_pin_next;
+}
+
+/* Connect to the guest's QMP socket as pinned at registration, and check who listens. On
+ * failure g->connect_error says why. */
+static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_seen, int *ret_fd) {
+        _cleanup_close_ int sock_fd = -1, fd = -1;
+        QmpSocketPin seen = {};
+        struct ucred peer = {};
+        bool changed = false;
+        int r = 0;
+
+        g->connect_error = mfree(g->connect_error);
+        if (opened_fd >= 0)
+                seen = *opened_seen;
+        else
+                r = qmp_socket_open(g->qmp_socket, &g->qmp_pin, &seen, NULL, &sock_fd);
+        if (r >= 0)
+                r = qmp_socket_connect(opened_fd >= 0 ? opened_fd : sock_fd, &fd, &peer);
+        if (r < 0) {
+                g->connect_error = strdup_printf("cannot connect to its QMP socket %s: %s", g->qmp_socket,
+                        qmp_socket_strerror(r));
+                if (connect_refused(r))
+                        log_warning("Guest %s: not connecting to %s: %s.", g->name, g->qmp_socket,
+                                qmp_socket_strerror(r));
+                return r;
+        }
+        if (!guest_peer_allowed(g, peer.uid)) {
+                g->connect_error = strdup_printf("the QEMU listening on %s (pid %d) runs as uid " UID_FMT
+                                                 ", which may not serve a guest of uid " UID_FMT
+                                                 "; it must run as that user, or as a uid that QEMUUsers= in the "
+                                                 "daemon's configuration allows",
+                        g->qmp_socket, (int) peer.pid, (uint32_t) peer.uid, (uint32_t) g->owner);
+                log_warning("Guest %s: refusing the QEMU on %s (pid %d, uid " UID_FMT
+                            "): the guest's owner is uid " UID_FMT " and QEMUUsers= does not allow uid " UID_FMT ".",
+                        g->name, g->qmp_socket, (int) peer.pid, (uint32_t) peer.uid, (uint32_t) g->owner,
+                        (uint32_t) peer.uid);
+                return -EPERM;
+        }
+        log_debug("Guest %s: QMP peer on %s is pid %d, uid " UID_FMT ".", g->name, g->qmp_socket, (int) peer.pid,
+                (uint32_t) peer.uid);
+        /* Pinned only now that what was found is trusted. */
+        if (!g->qmp_pin.set || !sd_id128_equal(g->qmp_pin.boot_id, seen.boot_id)) {
+                g->qmp_pin = seen;
+                changed = true;
+        }
+        if (g->qmp_uid_pin_next) {
+                g->qmp_uid = peer.uid;
+                g->qmp_uid_pin_next = false;
+                changed = true;
+        }
+        if (changed)
+                (void) guest_save(g);
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
 int guest_connect(Guest *g) {
+        return guest_connect_opened(g, -1, NULL);
+}
+
+int guest_connect_opened(Guest *g, int sock_fd, const QmpSocketPin *seen) {
         _cleanup_free_ char *why = NULL;
+        _cleanup_close_ int fd = -1;
         int r;
 
         if (g->reconnect_timer)
@@ -817,18 +891,25 @@ int guest_connect(Guest *g) {
         if (isempty(g->qmp_socket))
                 return -EOPNOTSUPP;
 
-        r = qmp_connect(&g->qmp, g->manager->event, g->qmp_socket,
-                &(QmpHandlers) { .on_state = guest_on_state, .on_event = guest_on_event, .userdata = g });
+        r = guest_open_qmp(g, sock_fd, seen, &fd);
         if (r >= 0) {
-                qmp_set_timeout(g->qmp, g->manager->config.qmp_timeout_usec);
-                return 0;
+                r = qmp_new_from_fd(&g->qmp, g->manager->event, fd,
+                        &(QmpHandlers) { .on_state = guest_on_state, .on_event = guest_on_event, .userdata = g });
+                if (r >= 0) {
+                        TAKE_FD(fd);
+                        qmp_set_timeout(g->qmp, g->manager->config.qmp_timeout_usec);
+                        return 0;
+                }
         }
         g->qmp = NULL;
+        if (!g->connect_error)
+                g->connect_error = strdup_printf("cannot connect to its QMP socket %s: %s", g->qmp_socket,
+                        strerror(-r));
         if (g->register_call)
                 return r; /* the caller reports it */
         if (g->reconnect_attempts == 0)
                 log_warning_errno(r, "Guest %s: cannot connect to QMP socket %s: %m; retrying.", g->name, g->qmp_socket);
-        why = strdup_printf("QEMU went away: cannot connect to its QMP socket %s (%s).", g->qmp_socket, strerror(-r));
+        why = strdup_printf("QEMU went away: %s.", g->connect_error ?: strerror(-r));
         guest_fail_jobs(g, why ?: "QEMU went away.");
         guest_schedule_reconnect(g);
         return r;
@@ -1011,9 +1092,8 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
                 if (r == -EOPNOTSUPP)
                         return sd_bus_reply_method_return(msg, NULL); /* offline: nothing to re-read */
                 if (r < 0)
-                        return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
-                                "Guest '%s' is not running: cannot connect to %s (%s).", g->name, g->qmp_socket,
-                                strerror(-r));
+                        return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "Guest '%s' is not running: %s.",
+                                g->name, g->connect_error ?: strerror(-r));
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' was not connected; reconnecting to %s now, watch the Running property.", g->name,
                         g->qmp_socket);

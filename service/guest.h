@@ -10,6 +10,7 @@
 
 #include "qemu.h"
 #include "qmp.h"
+#include "qmp-socket.h"
 #include "sandbox.h"
 
 typedef struct Manager Manager;
@@ -37,6 +38,15 @@ typedef struct Guest {
         /* On the bus (and in the state dir). A guest being registered is not yet. */
         bool published;
         sd_bus_message *register_call; /* RegisterGuest waiting for the first connect */
+
+        /* Who the daemon talks QMP to (qmp-socket.h): the socket's directory as pinned at
+         * registration; the uid whose QEMU a registration by root found (UID_INVALID: none, so
+         * only the owner's own QEMU and QEMUUsers= serve it); whether the next peer's uid is to
+         * be pinned (a registration by root). connect_error: why the last connect failed. */
+        QmpSocketPin qmp_pin;
+        uid_t qmp_uid;
+        bool qmp_uid_pin_next;
+        char *connect_error;
 
         Qmp *qmp;
         bool running; /* QMP ready */
@@ -75,6 +85,9 @@ Guest *guest_free(Guest *g);
 
 /* Connect (or reconnect) to QEMU; on success the disks are read and jobs reconciled. */
 int guest_connect(Guest *g);
+/* The same with the socket as RegisterGuest opened and checked it (an O_PATH fd, kept by the
+ * caller; its directory's identity in *seen). */
+int guest_connect_opened(Guest *g, int sock_fd, const QmpSocketPin *seen);
 /* Put a registered guest on the bus and into the state dir. */
 int guest_publish(Guest *g);
 /* Take a guest off the bus, delete its state, free it. reply_to (may be NULL) gets its empty

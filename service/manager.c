@@ -18,6 +18,7 @@
 #include "manager.h"
 #include "polkit.h"
 #include "provision.h"
+#include "qmp-socket.h"
 #include "state.h"
 #include "stream.h"
 #include "util.h"
@@ -274,18 +275,85 @@ static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus
                 error);
 }
 
-static int check_qmp_socket(const char *path, sd_bus_error *error) {
-        struct stat st;
+/* The socket as the registration found it: its directory pinned, the leaf a socket (no symlink). */
+static int open_qmp_socket(const char *path, QmpSocketPin *ret_pin, int *ret_dir_fd, int *ret_sock_fd,
+        sd_bus_error *error) {
+        int r;
 
         if (!path_is_safe_absolute(path, sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "QMP socket '%.200s' must be a normalized absolute path of at most %zu bytes.", path,
                         sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1);
-        if (stat(path, &st) < 0)
+        r = qmp_socket_open(path, NULL, ret_pin, ret_dir_fd, ret_sock_fd);
+        if (r == -ENOMEM)
+                return r;
+        if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "QMP socket '%s' cannot be used: %s.", path,
-                        strerror(errno));
-        if (!S_ISSOCK(st.st_mode))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s' is not a socket.", path);
+                        qmp_socket_strerror(r));
+        return 0;
+}
+
+/* A caller other than root registers only a socket it could connect to itself: the daemon
+ * never reaches a monitor on its behalf that the caller could not. */
+static int check_caller_may_connect(sd_bus_message *msg, const char *path, int dir_fd, int sock_fd,
+        sd_bus_error *error) {
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_free_ gid_t *groups = NULL;
+        const gid_t *gids = NULL;
+        uid_t uid;
+        gid_t gid;
+        int n = 0, r;
+
+        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS,
+                &creds);
+        if (r < 0)
+                return r;
+        r = sd_bus_creds_get_euid(creds, &uid);
+        if (r < 0)
+                return r;
+        if (uid == 0)
+                return 0;
+        if (sd_bus_creds_get_egid(creds, &gid) >= 0)
+                n = sd_bus_creds_get_supplementary_gids(creds, &gids);
+        else
+                n = -ENODATA;
+        if (n < 0) {
+                /* The bus did not tell: the user database's groups of that uid. */
+                struct passwd pw, *pwr = NULL;
+                char buf[4096];
+                int ng = 64;
+
+                if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) != 0 || !pwr)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", uid, path);
+                gid = pwr->pw_gid;
+                for (;;) {
+                        gid_t *l = reallocarray(groups, ng, sizeof(gid_t));
+                        int k = ng;
+
+                        if (!l)
+                                return -ENOMEM;
+                        groups = l;
+                        if (getgrouplist(pwr->pw_name, gid, groups, &k) >= 0) {
+                                n = k;
+                                break;
+                        }
+                        if (k <= ng || k > 65536)
+                                return -EINVAL;
+                        ng = k;
+                }
+                gids = groups;
+        }
+        r = qmp_socket_check_access(path, dir_fd, sock_fd, uid, gid, gids, (size_t) n);
+        if (r == -EACCES)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                        "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search permission "
+                        "on its directories and write permission on the socket), so blockstreamd will not connect "
+                        "to it for you.",
+                        uid, path);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r,
+                        "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s: %m", uid, path);
         return 0;
 }
 
@@ -388,6 +456,8 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_(register_options_done) RegisterOptions o = {};
         _cleanup_free_ char *uuid = NULL;
+        _cleanup_close_ int dir_fd = -1, sock_fd = -1;
+        QmpSocketPin pin = {};
         Manager *m = userdata;
         const char *name, *socket_path;
         uid_t caller;
@@ -443,7 +513,10 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Too many guests (at most %d).",
                         GUESTS_MAX);
         if (!isempty(socket_path)) {
-                r = check_qmp_socket(socket_path, error);
+                r = open_qmp_socket(socket_path, &pin, &dir_fd, &sock_fd, error);
+                if (r < 0)
+                        return r;
+                r = check_caller_may_connect(msg, socket_path, dir_fd, sock_fd, error);
                 if (r < 0)
                         return r;
         }
@@ -470,13 +543,16 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return r;
         }
         g->register_call = sd_bus_message_ref(msg);
-        r = guest_connect(g);
+        /* A registration by root vouches for the QEMU it finds: its uid is pinned. */
+        g->qmp_uid_pin_next = caller == 0;
+        r = guest_connect_opened(g, sock_fd, &pin);
         if (r < 0) {
+                r = sd_bus_error_setf(error, r == -EPERM ? SD_BUS_ERROR_ACCESS_DENIED : BS_ERROR_QEMU_FAILED,
+                        "Guest '%s' not registered: %s.", name, g->connect_error ?: strerror(-r));
                 g->register_call = sd_bus_message_unref(g->register_call);
                 manager_unlink_guest(m, g);
                 guest_free(g);
-                return sd_bus_error_setf(error, BS_ERROR_QEMU_FAILED, "Cannot connect to QMP socket %s: %s.",
-                        socket_path, strerror(-r));
+                return r;
         }
         return 1; /* answered once QEMU told us its disks */
 }

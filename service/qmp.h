@@ -46,7 +46,8 @@ typedef struct QmpHandlers {
         void *userdata;
 } QmpHandlers;
 
-/* Connect to a QMP unix socket (non-blocking). The returned object holds one reference. */
+/* Connect to a QMP unix socket by path (non-blocking). The returned object holds one reference.
+ * A guest's QEMU is never reached this way: see qmp-socket.h, then qmp_new_from_fd(). */
 int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h);
 /* Take over an already connected socket (for instance one end of a socketpair). */
 int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);

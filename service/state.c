@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <limits.h>
+#include <systemd/sd-id128.h>
 
 #include "guest.h"
 #include "manager.h"
@@ -115,6 +116,16 @@ int state_save_guest(Guest *g) {
                 add(o, "helper_uid", json_object_new_uint64(g->helper_uid)) < 0 ||
                 add(o, "mcs_c1", json_object_new_uint64(g->mcs_c1)) < 0 ||
                 add(o, "mcs_c2", json_object_new_uint64(g->mcs_c2)) < 0)
+                return -ENOMEM;
+        /* Who may answer on the QMP socket (qmp-socket.h): its directory and a pinned uid. */
+        if (g->qmp_pin.set) {
+                char boot[SD_ID128_STRING_MAX];
+                if (add(o, "qmp_dir_dev", json_object_new_uint64(g->qmp_pin.dir_dev)) < 0 ||
+                        add(o, "qmp_dir_ino", json_object_new_uint64(g->qmp_pin.dir_ino)) < 0 ||
+                        add(o, "qmp_boot_id", json_object_new_string(sd_id128_to_string(g->qmp_pin.boot_id, boot))) < 0)
+                        return -ENOMEM;
+        }
+        if (g->qmp_uid != UID_INVALID && add(o, "qmp_uid", json_object_new_uint64(g->qmp_uid)) < 0)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
                 json_object *d = disk_to_json(g->disks[i]);
@@ -259,8 +270,10 @@ static int disk_from_json(Guest *g, json_object *o) {
 }
 
 static int guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
-        const char *name = NULL, *uuid = NULL, *sock = NULL;
+        const char *name = NULL, *uuid = NULL, *sock = NULL, *boot = NULL;
         uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
+        uint64_t dir_dev = 0, dir_ino = 0, qmp_uid = UID_INVALID;
+        sd_id128_t boot_id = {};
         bool offline = false, nbd_started = false;
         json_object *disks;
         Guest *g;
@@ -277,6 +290,12 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
                 json_get_bool(o, "nbd_server_started", false, &nbd_started) < 0)
                 return -EBADMSG;
         if (offline != isempty(sock))
+                return -EBADMSG;
+        if (json_get_string(o, "qmp_boot_id", false, &boot) < 0 ||
+                json_get_u64(o, "qmp_dir_dev", !!boot, &dir_dev) < 0 ||
+                json_get_u64(o, "qmp_dir_ino", !!boot, &dir_ino) < 0 ||
+                (boot && sd_id128_from_string(boot, &boot_id) < 0) ||
+                json_get_u64(o, "qmp_uid", false, &qmp_uid) < 0 || qmp_uid > UINT32_MAX)
                 return -EBADMSG;
         /* The file name must match the guest inside it. */
         if (!guest_name_is_valid(name) || strncmp(file_name, name, strlen(name)) != 0 ||
@@ -296,6 +315,13 @@ static int guest_from_json(Manager *m, json_object *o, const char *file_name, Gu
         g->helper_uid = (uid_t) helper_uid;
         g->mcs_c1 = (unsigned) c1;
         g->mcs_c2 = (unsigned) c2;
+        if (boot)
+                g->qmp_pin = (QmpSocketPin) { .set = true, .dir_dev = dir_dev, .dir_ino = dir_ino, .boot_id = boot_id };
+        g->qmp_uid = (uid_t) qmp_uid;
+        /* A state file from before peers were checked: a root-owned guest's QEMU is pinned at the
+         * first connect; any other owner's must be the owner's own or allowed by QEMUUsers=. */
+        if (!offline && !json_object_object_get_ex(o, "qmp_uid", NULL) && owner == 0)
+                g->qmp_uid_pin_next = true;
         for (size_t i = 0; i < json_object_array_length(disks); i++) {
                 r = disk_from_json(g, json_object_array_get_idx(disks, i));
                 if (r < 0) {

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #define UID_FMT "%" PRIu32
+#define UID_INVALID ((uid_t) -1)
 
 typedef uint64_t usec_t;
 #define USEC_PER_SEC ((usec_t) 1000000ULL)

@@ -637,14 +637,21 @@ class QMP:
 
 
 class Qemu:
-    """qemu-system-x86_64 -S with virtio-blk disks and two QMP monitors."""
+    """qemu-system-x86_64 -S with virtio-blk disks and two QMP monitors. With user: run as that
+    user (setpriv), who then owns its directory (and so its sockets) and its top images."""
 
-    def __init__(self, env, name, disks, extra_args=()):
+    def __init__(self, env, name, disks, extra_args=(), user=None):
         self.env = env
         self.name = name
         self.disks = list(disks)       # [(alias, image path)]
         self.dir = os.path.join(env.dir, 'qemu-' + name)
+        self.user = user
         os.makedirs(self.dir, exist_ok=True)
+        if user is not None:
+            uid, gid = ensure_user(user)
+            os.chown(self.dir, uid, gid)
+            for _, path in self.disks:
+                os.chown(path, uid, gid)
         self.daemon_socket = os.path.join(self.dir, 'qmp-daemon.sock')
         self.test_socket = os.path.join(self.dir, 'qmp-test.sock')
         self.log = os.path.join(self.dir, 'qemu.log')
@@ -661,7 +668,7 @@ class Qemu:
                   '-device', 'virtio-blk-pci,drive=disk%d,id=%s' % (i, alias)]
         a += ['-qmp', 'unix:%s,server=on,wait=off' % self.daemon_socket,
               '-qmp', 'unix:%s,server=on,wait=off' % self.test_socket]
-        return a + self.extra_args
+        return (setpriv_argv(self.user) if self.user is not None else []) + a + self.extra_args
 
     def start(self, timeout=30):
         with open(self.log, 'ab') as logf:
@@ -1200,8 +1207,8 @@ class Env:
     def kill_daemon(self):
         return self.daemon.kill()
 
-    def new_qemu(self, name, disks, extra_args=()):
-        q = Qemu(self, name, disks, extra_args)
+    def new_qemu(self, name, disks, extra_args=(), user=None):
+        q = Qemu(self, name, disks, extra_args, user)
         self.qemus.append(q)
         return q.start()
 
@@ -1391,9 +1398,9 @@ class TestCase(unittest.TestCase):
         d = os.path.join(self.env.images, subdir or self.unique_name('img'))
         return {a: Chain(os.path.join(d, a), size) for a in aliases}
 
-    def start_qemu(self, chains, name=None, extra_args=()):
+    def start_qemu(self, chains, name=None, extra_args=(), user=None):
         q = self.env.new_qemu(name or self.unique_name('q'), [(a, c.top) for a, c in chains.items()],
-                              extra_args)
+                              extra_args, user)
         self.addCleanup(q.kill)
         return q
 

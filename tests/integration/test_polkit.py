@@ -187,8 +187,8 @@ class PolkitTestCase(h.TestCase):
         self.assertEqual(g.prop('Owner'), self.uid(owner) if owner else 0)
         return g
 
-    def spare_qemu(self):
-        return self.start_qemu(self.make_chains(('vda',), 64 * h.MiB))
+    def spare_qemu(self, user=None):
+        return self.start_qemu(self.make_chains(('vda',), 64 * h.MiB), user=user)
 
     def wait_job_gone(self, g, timeout=20):
         h.wait_until(lambda: g.qemu.qmp.jobs() == [], timeout, 'the job to leave QEMU')
@@ -570,8 +570,9 @@ class PolkitBehaviourTest(PolkitTestCase):
 
     def test_polkitd_dies_during_a_check(self):
         """polkitd killed while it thinks (the slow rule): the caller is refused at once,
-        nothing is registered, later checks work with a new polkitd."""
-        q = self.spare_qemu()
+        nothing is registered, later checks work with a new polkitd. (The member registers its
+        own QEMU: one it can reach, running as itself.)"""
+        q = self.spare_qemu(user=MEMBER)
         name = SLOW_PREFIX + self.unique_name()
         s = self.session(MEMBER)
         before = self.snapshot()
@@ -715,7 +716,7 @@ class VanishingCallerTest(PolkitTestCase):
 
     def test_caller_exits_before_polkit_answers(self):
         g = self.owned_guest(None)
-        q = self.spare_qemu()
+        q = self.spare_qemu(user=MEMBER)    # the member's own QEMU, which it may register
         mon = PolkitMonitor(self.client)
         self.addCleanup(mon.close)
         self.client.pump(0.1)

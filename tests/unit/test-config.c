@@ -129,6 +129,51 @@ static void test_timeout_bounds(void) {
         }
 }
 
+/* QEMUUsers=: names or uids, replaced by a later assignment, emptied by an empty one. */
+static void test_qemu_users(void) {
+        Config c;
+
+        config_init(&c);
+        ASSERT_EQ(c.n_qemu_users, 0);
+        ASSERT_FALSE(config_qemu_user_allowed(&c, 0));
+        config_done(&c);
+
+        ASSERT_OK(parse(&c, "QEMUUsers=root 1234\t64055\n"));
+        ASSERT_EQ(c.n_qemu_users, 3);
+        ASSERT_TRUE(config_qemu_user_allowed(&c, 0));
+        ASSERT_TRUE(config_qemu_user_allowed(&c, 1234));
+        ASSERT_TRUE(config_qemu_user_allowed(&c, 64055));
+        ASSERT_FALSE(config_qemu_user_allowed(&c, 1235));
+        config_done(&c);
+
+        /* A user that does not exist here is skipped, not an error. */
+        ASSERT_OK(parse(&c, "QEMUUsers=bstest-no-such-user-here 7\n"));
+        ASSERT_EQ(c.n_qemu_users, 1);
+        ASSERT_TRUE(config_qemu_user_allowed(&c, 7));
+        config_done(&c);
+
+        ASSERT_OK(parse(&c, "QEMUUsers=1 2\nQEMUUsers=3\n"));
+        ASSERT_EQ(c.n_qemu_users, 1);
+        ASSERT_TRUE(config_qemu_user_allowed(&c, 3));
+        ASSERT_FALSE(config_qemu_user_allowed(&c, 1));
+        config_done(&c);
+
+        ASSERT_OK(parse(&c, "QEMUUsers=1 2\nQEMUUsers=\n"));
+        ASSERT_EQ(c.n_qemu_users, 0);
+        config_done(&c);
+
+        /* The invalid uid (-1), overflow, signs, junk and malformed names are errors. */
+        static const char *const bad[] = { "4294967295", "99999999999999999999", "-1", "+5", "12abc", "a/b",
+                "-root", "r$t", "x y/z", "0x10" };
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                _cleanup_free_ char *text = strdup_printf("QEMUUsers=%s\n", bad[i]);
+                int r = parse(&c, text);
+                if (r != -EINVAL)
+                        TAP_FAIL("QEMUUsers=%s: config_parse() = %d, expected -EINVAL", bad[i], r);
+                config_done(&c);
+        }
+}
+
 static void test_unknown_keys_and_sections(void) {
         Config c;
 
@@ -253,6 +298,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_valid);
         TAP_RUN(test_image_dirs_invalid);
         TAP_RUN(test_timeout_bounds);
+        TAP_RUN(test_qemu_users);
         TAP_RUN(test_unknown_keys_and_sections);
         TAP_RUN(test_load);
         TAP_RUN(test_template_url_prefixes);

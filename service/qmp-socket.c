@@ -1,0 +1,193 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include "qmp-socket.h"
+#include "util.h"
+
+#define PROC_FD_PATH_MAX 40
+/* The access check resolves a path as the caller, who might make that slow (a FUSE mount of
+ * its own): the daemon waits this long at most, then kills the check and refuses. */
+#define ACCESS_CHECK_TIMEOUT_MSEC 5000
+
+static int split_path(const char *path, char **ret_dir, const char **ret_leaf) {
+        const char *slash;
+
+        if (!path_is_safe_absolute(path, sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1) || streq(path, "/"))
+                return -EINVAL;
+        slash = strrchr(path, '/');
+        *ret_dir = slash == path ? strdup("/") : strndup(path, (size_t) (slash - path));
+        if (!*ret_dir)
+                return -ENOMEM;
+        *ret_leaf = slash + 1;
+        return 0;
+}
+
+int qmp_socket_open(const char *path, const QmpSocketPin *pin, QmpSocketPin *ret_seen, int *ret_dir_fd,
+        int *ret_sock_fd) {
+        _cleanup_free_ char *dir = NULL;
+        _cleanup_close_ int dir_fd = -1, sock_fd = -1;
+        QmpSocketPin seen = { .set = true };
+        const char *leaf;
+        struct stat st;
+        int r;
+
+        r = split_path(path, &dir, &leaf);
+        if (r < 0)
+                return r;
+        r = sd_id128_get_boot(&seen.boot_id);
+        if (r < 0)
+                return r;
+        /* The directory part is resolved like any path (the registrant's symlinks included) and
+         * then known by its identity only. */
+        dir_fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (dir_fd < 0)
+                return -errno;
+        if (fstat(dir_fd, &st) < 0)
+                return -errno;
+        seen.dir_dev = (uint64_t) st.st_dev;
+        seen.dir_ino = (uint64_t) st.st_ino;
+        if (pin && pin->set && sd_id128_equal(pin->boot_id, seen.boot_id) &&
+                (pin->dir_dev != seen.dir_dev || pin->dir_ino != seen.dir_ino))
+                return -EXDEV;
+
+        sock_fd = openat(dir_fd, leaf, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (sock_fd < 0)
+                return -errno;
+        if (fstat(sock_fd, &st) < 0)
+                return -errno;
+        if (S_ISLNK(st.st_mode))
+                return -ELOOP;
+        if (!S_ISSOCK(st.st_mode))
+                return -ENOTSOCK;
+
+        if (ret_seen)
+                *ret_seen = seen;
+        if (ret_dir_fd)
+                *ret_dir_fd = TAKE_FD(dir_fd);
+        *ret_sock_fd = TAKE_FD(sock_fd);
+        return 0;
+}
+
+int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        socklen_t sl = sizeof(struct ucred);
+
+        /* The magic link is the inode we checked, not a name to look up again. */
+        (void) snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d", sock_fd);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                /* A unix stream connect completes at once or fails; never EINPROGRESS. */
+                return errno == EINPROGRESS ? -EAGAIN : -errno;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ret_peer, &sl) < 0)
+                return -errno;
+        if (sl != sizeof(struct ucred) || ret_peer->pid <= 0)
+                return -EPROTO; /* no credentials: never trust an anonymous peer */
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+/* In the child, with the caller's credentials: exit 0 if they may connect, 1 if not, 2 on error. */
+static _Noreturn void check_access_child(const char *dir, int dir_fd, int sock_fd, uid_t uid, gid_t gid,
+        const gid_t *gids, size_t n_gids) {
+        char p[PROC_FD_PATH_MAX];
+        struct stat a, b;
+        int fd;
+
+        if (setgroups(n_gids, gids) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0)
+                _exit(2);
+        if (geteuid() != uid || getegid() != gid)
+                _exit(2);
+        /* Search permission down to the directory, as that user resolves it: the same one. */
+        fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+                _exit(errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? 1 : 2);
+        if (fstat(fd, &a) < 0 || fstat(dir_fd, &b) < 0)
+                _exit(2);
+        if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+                _exit(1);
+        /* Search permission on the directory itself, write permission on the socket. */
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", dir_fd);
+        if (faccessat(AT_FDCWD, p, X_OK, AT_EACCESS) < 0)
+                _exit(errno == EACCES ? 1 : 2);
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", sock_fd);
+        if (faccessat(AT_FDCWD, p, W_OK, AT_EACCESS) < 0)
+                _exit(errno == EACCES ? 1 : 2);
+        _exit(0);
+}
+
+int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
+        size_t n_gids) {
+        _cleanup_free_ char *dir = NULL;
+        const char *leaf;
+        pid_t pid;
+        int pidfd, status, r;
+
+        r = split_path(path, &dir, &leaf);
+        if (r < 0)
+                return r;
+        if (uid == 0)
+                return 0;
+        pid = fork();
+        if (pid < 0)
+                return -errno;
+        if (pid == 0)
+                check_access_child(dir, dir_fd, sock_fd, uid, gid, gids, n_gids);
+        pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
+        if (pidfd >= 0) {
+                struct pollfd p = { .fd = pidfd, .events = POLLIN };
+                int k;
+
+                do
+                        k = poll(&p, 1, ACCESS_CHECK_TIMEOUT_MSEC);
+                while (k < 0 && errno == EINTR);
+                if (k <= 0) {
+                        log_warning("Checking whether uid " UID_FMT " may connect to %s took too long; refusing.", uid,
+                                path);
+                        (void) kill(pid, SIGKILL);
+                }
+                close(pidfd);
+        }
+        while (waitpid(pid, &status, 0) < 0)
+                if (errno != EINTR)
+                        return -errno;
+        if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+                return -ETIMEDOUT;
+        if (!WIFEXITED(status))
+                return -EIO;
+        switch (WEXITSTATUS(status)) {
+        case 0:
+                return 0;
+        case 1:
+                return -EACCES;
+        default:
+                return -EIO;
+        }
+}
+
+const char *qmp_socket_strerror(int error) {
+        switch (error) {
+        case -ELOOP:
+                return "the socket path is a symbolic link, which is never followed (give the socket's own path)";
+        case -EXDEV:
+                return "the socket's directory is not the directory it had at registration (re-register the guest "
+                       "if it moved)";
+        case -ENOTSOCK:
+                return "the path is not a socket";
+        case -EPROTO:
+                return "the listener's credentials are unknown";
+        default:
+                return strerror(-error);
+        }
+}

@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* A running guest's QMP socket: found without trusting its path twice, and who listens on it.
+ *
+ * The socket's directory is resolved once, at registration, and pinned by identity (dev/ino,
+ * within one boot: a directory on /run is new after a reboot). Every (re)connect opens the
+ * directory again and refuses another one, opens the leaf with O_PATH|O_NOFOLLOW (a symlink is
+ * refused, whenever it was planted) and connects through /proc/self/fd/<that fd>, so nothing
+ * is resolved by path between the check and the connect. The leaf's own identity is not
+ * pinned: QEMU re-creates its socket on every start. Who listens is then checked with
+ * SO_PEERCRED by the caller (guest.c decides which uids may serve a guest). */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <systemd/sd-id128.h>
+
+typedef struct QmpSocketPin {
+        bool set;
+        uint64_t dir_dev, dir_ino;
+        sd_id128_t boot_id;
+} QmpSocketPin;
+
+/* Open path's directory and its leaf (O_PATH). With pin->set (and the same boot) the directory
+ * must be the pinned one (-EXDEV otherwise). The leaf must be a socket: -ELOOP for a symlink,
+ * -ENOTSOCK for anything else. *ret_seen gets the directory's identity, for the caller to pin
+ * once it trusts what it found. ret_dir_fd may be NULL. */
+int qmp_socket_open(const char *path, const QmpSocketPin *pin, QmpSocketPin *ret_seen, int *ret_dir_fd,
+        int *ret_sock_fd);
+
+/* Connect (non-blocking socket) to the socket inode behind sock_fd, an O_PATH fd from
+ * qmp_socket_open(); *ret_peer: the listener's credentials. A full backlog is -EAGAIN. */
+int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer);
+
+/* Could uid/gid/gids connect to that socket themselves: search permission on every directory
+ * of path down to the one behind dir_fd (the same one, reached by that user) and write
+ * permission on the socket inode behind sock_fd. Evaluated by the kernel in a child that takes
+ * those credentials, killed after a few seconds (-ETIMEDOUT). 0: yes, -EACCES: no, other
+ * -errno: could not tell. */
+int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
+        size_t n_gids);
+
+/* What a refusal of qmp_socket_open() or _connect() means, for logs and D-Bus errors. */
+const char *qmp_socket_strerror(int error);

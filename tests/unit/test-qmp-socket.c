@@ -1,0 +1,161 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* qmp-socket.c: a guest's QMP socket is found through its pinned directory, never through a
+ * symlink, and the listener's credentials come with the connection. */
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "qmp-socket.h"
+#include "util.h"
+#include "tap.h"
+
+static char base[] = "/tmp/test-qmp-socket.XXXXXX";
+
+static int listen_at(const char *path) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+        if (fd < 0)
+                return -errno;
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 4) < 0) {
+                close(fd);
+                return -errno;
+        }
+        return fd;
+}
+
+static int close_fd(int fd) {
+        if (fd >= 0)
+                close(fd);
+        return -1;
+}
+
+static char *at(const char *rel) {
+        return strdup_printf("%s/%s", base, rel);
+}
+
+static void test_open_and_connect(void) {
+        _cleanup_free_ char *dir = at("a"), *sock = at("a/qmp.sock"), *link = at("a/link.sock"),
+                                *file = at("a/file");
+        _cleanup_close_ int srv = -1, dir_fd = -1, sock_fd = -1, fd = -1, f = -1;
+        QmpSocketPin pin = {};
+        struct ucred peer = {};
+
+        ASSERT_OK(mkdir(dir, 0755));
+        srv = listen_at(sock);
+        ASSERT_TRUE(srv >= 0);
+        ASSERT_OK(qmp_socket_open(sock, NULL, &pin, &dir_fd, &sock_fd));
+        ASSERT_TRUE(pin.set);
+        ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
+        ASSERT_EQ(peer.uid, getuid());
+        ASSERT_EQ(peer.pid, getpid());
+        ASSERT_TRUE(fd >= 0 && (fcntl(fd, F_GETFL) & O_NONBLOCK));
+
+        /* A symlink at the socket's name, to the very same socket: refused. */
+        ASSERT_OK(symlink(sock, link));
+        ASSERT_ERRNO(qmp_socket_open(link, &pin, NULL, NULL, &sock_fd), -ELOOP);
+        f = open(file, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+        ASSERT_TRUE(f >= 0);
+        ASSERT_ERRNO(qmp_socket_open(file, &pin, NULL, NULL, &sock_fd), -ENOTSOCK);
+        ASSERT_ERRNO(qmp_socket_open(dir, NULL, NULL, NULL, &sock_fd), -ENOTSOCK);
+        ASSERT_ERRNO(qmp_socket_connect(-1, &fd, &peer), -ENOENT);
+
+        /* Not normalized, relative, "/": refused before anything is opened. */
+        ASSERT_ERRNO(qmp_socket_open("relative.sock", NULL, NULL, NULL, &sock_fd), -EINVAL);
+        ASSERT_ERRNO(qmp_socket_open("/", NULL, NULL, NULL, &sock_fd), -EINVAL);
+        ASSERT_ERRNO(qmp_socket_open("/tmp/../x.sock", NULL, NULL, NULL, &sock_fd), -EINVAL);
+}
+
+static void test_directory_pinned(void) {
+        _cleanup_free_ char *dir = at("b"), *old = at("b.old"), *other = at("c"), *sock = at("b/qmp.sock"),
+                                *other_sock = at("c/qmp.sock");
+        _cleanup_close_ int s1 = -1, s2 = -1, s3 = -1, sock_fd = -1;
+        QmpSocketPin pin = {}, seen = {};
+
+        ASSERT_OK(mkdir(dir, 0755));
+        ASSERT_OK(mkdir(other, 0755));
+        s1 = listen_at(sock);
+        s2 = listen_at(other_sock);
+        ASSERT_TRUE(s1 >= 0 && s2 >= 0);
+        ASSERT_OK(qmp_socket_open(sock, NULL, &pin, NULL, &sock_fd));
+        sock_fd = close_fd(sock_fd);
+
+        /* The socket re-created in the same directory (QEMU restarted): fine. */
+        s1 = close_fd(s1);
+        ASSERT_OK(unlink(sock));
+        s1 = listen_at(sock);
+        ASSERT_OK(qmp_socket_open(sock, &pin, &seen, NULL, &sock_fd));
+        sock_fd = close_fd(sock_fd);
+        ASSERT_TRUE(seen.dir_dev == pin.dir_dev && seen.dir_ino == pin.dir_ino);
+
+        /* The directory replaced by a symlink to another one with a socket of the same name. */
+        ASSERT_OK(rename(dir, old));
+        ASSERT_OK(symlink(other, dir));
+        ASSERT_ERRNO(qmp_socket_open(sock, &pin, NULL, NULL, &sock_fd), -EXDEV);
+        ASSERT_OK(unlink(dir));
+        /* ... or by a new directory. */
+        ASSERT_OK(mkdir(dir, 0755));
+        s3 = listen_at(sock);
+        ASSERT_ERRNO(qmp_socket_open(sock, &pin, NULL, NULL, &sock_fd), -EXDEV);
+        /* After a reboot (another boot id) the pin is taken afresh by the caller. */
+        pin.boot_id.bytes[0] ^= 0xff;
+        ASSERT_OK(qmp_socket_open(sock, &pin, &seen, NULL, &sock_fd));
+        ASSERT_FALSE(seen.dir_ino == pin.dir_ino && seen.dir_dev == pin.dir_dev);
+}
+
+static void test_caller_access(void) {
+        _cleanup_free_ char *dir = at("d"), *sock = at("d/qmp.sock");
+        _cleanup_close_ int srv = -1, dir_fd = -1, sock_fd = -1;
+        const uid_t nobody = 65534;
+        const gid_t group = 65534;
+
+        if (geteuid() != 0) {
+                printf("# not root: the access check needs to take another uid, skipped\n");
+                return;
+        }
+        ASSERT_OK(chmod(base, 0755));
+        ASSERT_OK(mkdir(dir, 0700));
+        srv = listen_at(sock);
+        ASSERT_TRUE(srv >= 0);
+        ASSERT_OK(chmod(sock, 0600));
+        ASSERT_OK(qmp_socket_open(sock, NULL, NULL, &dir_fd, &sock_fd));
+        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, 0, 0, NULL, 0));
+        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
+        ASSERT_OK(chmod(dir, 0755));
+        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
+        ASSERT_OK(chmod(sock, 0666));
+        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0));
+        /* Through a group: the socket writable by group 4242 only, which nobody gets as a
+         * supplementary group. */
+        ASSERT_OK(chown(sock, 0, 4242));
+        ASSERT_OK(chmod(sock, 0660));
+        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
+        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, (const gid_t[]) { 4242 }, 1));
+        /* Search permission on a parent directory counts too. */
+        ASSERT_OK(chmod(base, 0700));
+        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, (const gid_t[]) { 4242 }, 1),
+                -EACCES);
+        ASSERT_OK(chmod(base, 0755));
+}
+
+int main(int argc, char **argv) {
+        _cleanup_free_ char *cmd = NULL;
+
+        tap_init(argc, argv);
+        log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
+        if (!mkdtemp(base)) {
+                perror("mkdtemp");
+                return 1;
+        }
+        TAP_RUN(test_open_and_connect);
+        TAP_RUN(test_directory_pinned);
+        TAP_RUN(test_caller_access);
+        cmd = strdup_printf("rm -rf '%s'", base);
+        if (cmd)
+                (void) system(cmd);
+        return tap_finish();
+}
