@@ -449,11 +449,14 @@ int export_listen_valid(const char *listen, sd_bus_error *error) {
 static int spawn_relay(Export *e) {
         Manager *m = e->manager;
         Guest *g = e->guest;
-        _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id);
-        char *argv[] = { (char *) RELAY_BINARY, NULL };
+        _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id),
+                            *a_export = strdup_printf("--export=%s", e->name);
+        /* The relay pins the export: QEMU's one server also carries the guest's other disks and
+         * our private map and range exports. */
+        char *argv[] = { (char *) RELAY_BINARY, a_export, NULL };
         int r;
 
-        if (!prefix)
+        if (!prefix || !a_export)
                 return -ENOMEM;
         /* The relay touches no image: a plain s0 type, so that clients with a range can talk to it. */
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);

@@ -6,6 +6,7 @@ sandboxed blockstream-nbd-relay. Real NBD clients (nbdinfo, nbdcopy, qemu-io) re
 disk's content and cannot write; Clients counts them; Stop closes everything; a killed relay
 makes the export "failed" and leaves the daemon and QEMU clean."""
 
+import json
 import os
 import signal
 import sys
@@ -47,9 +48,9 @@ class ExportTest(h.TestCase):
     def helper_uid(self, g):
         return o.identity(self.env, g.name)[0]
 
-    def new_export(self, g, listen=None):
+    def new_export(self, g, listen=None, disk='vda'):
         since = time.monotonic()
-        path, uri = o.export(g.disk(), listen)
+        path, uri = o.export(g.disk(disk), listen)
         self.addCleanup(self._stop_quietly, path)
         self.client.wait_for(lambda: [s for s in self.client.signals_of('InterfacesAdded', since=since)
                                       if s['args'][0] == path], 5, 'InterfacesAdded for %s' % path)
@@ -180,6 +181,44 @@ class ExportTest(h.TestCase):
         self.assertEqual(o.nbd_sha256(u2), g.expected_sha, 'stopping one export broke the other')
         self.client.call(p2, o.IFACE_EXPORT, 'Stop')
         self.assert_no_qemu_exports(g)
+
+    # -- an export serves its disk and nothing else
+
+    def test_export_serves_only_its_disk(self):
+        """Two disks, both exported, and a private export of QEMU's NBD server (like the daemon's
+        map and range exports): vda's socket lists only vda, opens nothing else under any name,
+        reads vda, and takes no write."""
+        g = self.new_guest(aliases=('vda', 'vdb'), size=SIZE)
+        g.expected_sha = o.file_sha256(g.chains['vda'].ref)
+        pa, ua = self.new_export(g, disk='vda')
+        pb, ub = self.new_export(g, disk='vdb')
+        sock = o.unix_socket_of(ua)
+        node = g.disk('vdb').prop('NodeName')
+        g.qemu.qmp.cmd('block-export-add', {'type': 'nbd', 'id': 'bsm-test', 'name': 'bsm-test', 'writable': False,
+                                            'node-name': node})
+        self.addCleanup(lambda: g.qemu.qmp.cmd('block-export-del', id='bsm-test') if g.qemu.running() else None)
+        # The export is what the listing shows, whatever name the URI carries.
+        for u in (ua, 'nbd+unix:///?socket=' + sock, 'nbd+unix:///vdb?socket=' + sock):
+            listed = json.loads(o.nbd(['nbdinfo', '--list', '--json', u]).stdout)
+            names = [e.get('export-name') for e in listed.get('exports', [])]
+            self.assertEqual(names, ['vda'], 'nbdinfo --list %s' % u)
+        # Nothing else opens through it.
+        for name in ('vdb', 'bsm-test', 'x', 'vda ', 'VDA'):
+            r = h.run(['nbdinfo', '--json', 'nbd+unix:///%s?socket=%s' % (name, sock)], check=False)
+            self.assertNotEqual(r.returncode, 0, 'export %r opened through vda\'s socket: %s' % (name, r.stdout))
+        # Its own disk reads, under its name and as the default ("").
+        info = o.nbd_info(ua)
+        self.assertEqual(info['exports'][0]['export-name'], 'vda')
+        self.assertTrue(info['exports'][0]['is_read_only'], info)
+        self.assertEqual(o.nbd_sha256(ua), g.expected_sha)
+        self.assertEqual(o.nbd_sha256('nbd+unix:///?socket=' + sock), g.expected_sha)
+        # And a write fails.
+        r = h.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x99 0 512', ua], check=False)
+        self.assertNotEqual(r.returncode, 0, 'qemu-io wrote to the export: %s%s' % (r.stdout, r.stderr))
+        self.assertEqual(o.nbd_sha256(ua), g.expected_sha, 'the export changed')
+        # vdb's own socket serves vdb.
+        listed = json.loads(o.nbd(['nbdinfo', '--list', '--json', ub]).stdout)
+        self.assertEqual([e.get('export-name') for e in listed.get('exports', [])], ['vdb'])
 
     # -- TCP and Clients
 
