@@ -632,6 +632,10 @@ static bool neg_reads_upstream(const Negotiation *n) {
                 n->state == NEG_EXPORT_REPLY;
 }
 
+static bool neg_waits_upstream(const Negotiation *n) {
+        return n->state == NEG_WRITE ? n->to_upstream : neg_reads_upstream(n);
+}
+
 /* Moves the handshake on as far as the sockets let it. Returns 1 once the transmission phase
  * starts, 0 to wait, -errno to close the pair. */
 static int neg_step(Client *c) {
@@ -756,7 +760,7 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
 
         if (c->state == CLIENT_WAITING) {
                 /* Polled for nothing but hangups and errors until its upstream arrives. */
-                if (revents & trouble)
+                if (revents & (trouble | POLLRDHUP))
                         client_close(relay, c, "left before its upstream arrived");
                 return;
         }
@@ -764,6 +768,8 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
                 if ((revents | upstream_revents) == 0)
                         return;
                 r = neg_step(c);
+                if (r == 0 && (revents & (trouble | POLLRDHUP)) && neg_waits_upstream(&c->neg))
+                        r = -ECONNRESET; /* the client left */
                 if (r == 0)
                         return;
                 if (r < 0) {
@@ -1126,15 +1132,18 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 p[0] = p[1] = (struct pollfd) { .fd = -1 };
                 if (c->state == CLIENT_WAITING) {
                         /* No POLLIN: what it sends waits in its socket until the upstream is there. */
-                        p[0] = (struct pollfd) { .fd = c->fd, .events = 0 };
+                        p[0] = (struct pollfd) { .fd = c->fd, .events = POLLRDHUP };
                         next = MIN(next, c->deadline);
                 } else if (c->state == CLIENT_NEGOTIATING) {
                         /* Lock-step: one fd, one direction at a time. */
                         const Negotiation *n = &c->neg;
-                        bool up = n->state == NEG_WRITE ? n->to_upstream : neg_reads_upstream(n);
+                        bool up = neg_waits_upstream(n);
 
                         p[up] = (struct pollfd) { .fd = up ? c->upstream_fd : c->fd,
                                 .events = n->state == NEG_WRITE ? POLLOUT : POLLIN };
+                        /* A client that leaves while the server is slow must free its slot now. */
+                        if (up)
+                                p[0] = (struct pollfd) { .fd = c->fd, .events = POLLRDHUP };
                         next = MIN(next, c->deadline);
                 } else if (c->state == CLIENT_RELAYING) {
                         short ev[2];

@@ -766,6 +766,23 @@ def test_handshake_timeout():
         server.close()
 
 
+def test_client_gone_while_server_silent():
+    """A client that leaves while the server has not even sent its greeting frees its slot at
+    once, not when the handshake's time is up (a QEMU that does not accept would otherwise let
+    64 departed clients lock everyone out)."""
+    relay = Relay()
+    try:
+        c, up = pair_with_fake_upstream(relay, handshake=False)
+        relay.daemon.wait_clients(1)
+        c.close()
+        relay.daemon.wait_clients(0)
+        check(up.recv(1) == b"", "the upstream of a departed client was not closed")
+        up.close()
+        relay.stop()
+    finally:
+        relay.close()
+
+
 def test_bad_export_names():
     for a in (["--export="], ["--export=a b"], ["--export=" + "x" * 257], ["--export=\x7f"], [],
               ["--export=disk", "--export=disk"]):
