@@ -8,7 +8,9 @@ makes the export "failed" and leaves the daemon and QEMU clean."""
 
 import json
 import os
+import resource
 import signal
+import socket
 import sys
 import time
 
@@ -219,6 +221,67 @@ class ExportTest(h.TestCase):
         # vdb's own socket serves vdb.
         listed = json.loads(o.nbd(['nbdinfo', '--list', '--json', ub]).stdout)
         self.assertEqual([e.get('export-name') for e in listed.get('exports', [])], ['vdb'])
+
+    # -- a QEMU that stops accepting
+
+    def test_qemu_not_accepting_blocks_nobody(self):
+        """A guest's QEMU that stops accepting on its NBD listener (here: stopped, with its backlog
+        full, as a hostile QEMU gets with listen(fd, 0)) must not hang the daemon in connect():
+        another guest's properties are still served, the export's client is refused with a
+        reason, and the export works again once QEMU accepts."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        somaxconn = int(open('/proc/sys/net/core/somaxconn').read())
+        if hard < somaxconn + 1000:
+            self.skipTest('RLIMIT_NOFILE %d is too small to fill a backlog of %d' % (hard, somaxconn))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        g = self.running_guest()
+        other = self.running_guest()
+        path, uri = self.new_export(g)
+        sock = o.unix_socket_of(uri)
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        # Every Clients change so far is in (a Get answers after the signals sent before it).
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 0, 10)
+        nbd_dir = os.path.join(self.env.daemon.runtime_dir, 'nbd')
+        servers = [os.path.join(nbd_dir, f) for f in os.listdir(nbd_dir) if f.startswith(g.name + '.')]
+        self.assertEqual(len(servers), 1, servers)
+        os.kill(g.qemu.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(g.qemu.proc.pid, signal.SIGCONT))
+        fillers = []
+        self.addCleanup(lambda: [f.close() for f in fillers])
+        while len(fillers) < somaxconn + 1000:
+            f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                f.connect(servers[0])
+            except BlockingIOError:
+                f.close()
+                break
+            fillers.append(f)
+        self.assertLessEqual(len(fillers), somaxconn + 1, 'the backlog of QEMU\'s NBD listener never filled')
+        # A client of the export: the relay asks the daemon for a connection to QEMU. "Clients"
+        # comes after that request, in order: once it shows 1, the daemon has handled it.
+        since = time.monotonic()
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(60)
+        c.connect(sock)
+        self.client.wait_for(
+            lambda: [ch for _, ch, _ in self.client.props_changed(path, o.IFACE_EXPORT, since) if ch.get('Clients') == 1],
+            30, 'the daemon to take a client of an export whose QEMU does not accept')
+        # The daemon answers about another guest at once (a hung daemon: a D-Bus timeout).
+        self.assertEqual(self.client.call(other.path, h.IFACE_PROPS, 'Get', 'ss', h.IFACE_GUEST, 'Name', timeout=10),
+                         other.name)
+        # The client is refused (the daemon gives up on QEMU), not left hanging.
+        self.assertEqual(c.recv(1), b'', 'the client of a QEMU that does not accept was not closed')
+        c.close()
+        h.wait_until(lambda: 'accepts no connection' in open(self.env.daemon.log, errors='replace').read(), 10,
+                     'the daemon to log why it refused the client')
+        self.assertEqual(self.client.get(path, o.IFACE_EXPORT, 'State'), 'serving')
+        for f in fillers:
+            f.close()
+        os.kill(g.qemu.proc.pid, signal.SIGCONT)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export does not serve once QEMU accepts again')
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        self.assert_no_qemu_exports(g)
 
     # -- TCP and Clients
 
