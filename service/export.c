@@ -280,9 +280,11 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 
 static void upstream_refuse(Export *e, unsigned long n, const char *why) {
         char reply[CONTROL_MESSAGE_MAX];
-        int len = snprintf(reply, sizeof(reply), "refused %lu %s\n", n, why);
+        /* Always whole, newline included: the relay takes a cut line for garbage. */
+        int len = snprintf(reply, sizeof(reply), "refused %lu %.200s\n", n, why);
 
-        (void) send(e->control_fd, reply, (size_t) MIN(len, (int) sizeof(reply) - 1), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (len > 0 && (size_t) len < sizeof(reply))
+                (void) send(e->control_fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 /* Hands a fresh connection to QEMU's NBD server to the relay for its client n. Returns -EAGAIN
