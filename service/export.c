@@ -23,6 +23,11 @@
 #define CONTROL_MESSAGE_MAX 256
 #define RELAY_BINARY "blockstream-nbd-relay"
 #define NBD_FDNAME "bsd-nbd"
+/* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
+ * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
+#define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
+#define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
+#define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
 
 typedef enum ExportState {
         EXPORT_STARTING,
@@ -62,6 +67,14 @@ struct Export {
         sd_event_source *control_source;
         HelperLog *log;
         sd_bus_message *create_call; /* the Export() call, answered once the relay is ready */
+
+        /* "connect" requests that met a full backlog, retried until their deadline */
+        struct {
+                unsigned long id;
+                usec_t deadline;
+        } pending[UPSTREAM_PENDING_MAX];
+        size_t n_pending;
+        sd_event_source *retry_source;
 };
 
 /* The private NBD server of a guest's QMP peer */
@@ -123,19 +136,12 @@ int export_server_ensure(Guest *g) {
         return 0;
 }
 
+/* Never waits: QEMU owns the listener, and a QEMU that stops accepting would otherwise hold the
+ * whole daemon in connect(). -EAGAIN while its backlog is full. */
 int export_server_connect(Guest *g) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        _cleanup_close_ int fd = -1;
-
-        if (!g->nbd_server || !g->nbd_socket || strlen(g->nbd_socket) >= sizeof(sa.sun_path))
+        if (!g->nbd_server || !g->nbd_socket)
                 return -ENOTCONN;
-        strcpy(sa.sun_path, g->nbd_socket);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
-                return -errno;
-        return TAKE_FD(fd);
+        return connect_unix_nonblock(g->nbd_socket);
 }
 
 void export_server_release_if_unused(Guest *g) {
@@ -189,6 +195,7 @@ static Export *export_free(Export *e) {
                 sd_bus_message_unref(e->create_call);
         }
         sd_event_source_disable_unref(e->control_source);
+        sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->relay_child);
         if (e->relay_pid > 0) {
                 (void) kill(e->relay_pid, SIGKILL);
@@ -229,6 +236,8 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
         if (!remove_object) {
                 /* A failed export stays visible until Stop(): clean up everything but the object. */
                 e->control_source = sd_event_source_disable_unref(e->control_source);
+                e->retry_source = sd_event_source_disable_unref(e->retry_source);
+                e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
                 closep(&e->listen_fd);
@@ -267,6 +276,108 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
         if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
                 export_fail(e, si->si_code == CLD_EXITED ? "the NBD relay helper exited" : "the NBD relay helper was killed");
         return 0;
+}
+
+static void upstream_refuse(Export *e, unsigned long n, const char *why) {
+        char reply[CONTROL_MESSAGE_MAX];
+        /* Always whole, newline included: the relay takes a cut line for garbage. */
+        int len = snprintf(reply, sizeof(reply), "refused %lu %.200s\n", n, why);
+
+        if (len > 0 && (size_t) len < sizeof(reply))
+                (void) send(e->control_fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+/* Hands a fresh connection to QEMU's NBD server to the relay for its client n. Returns -EAGAIN
+ * (and hands nothing) while the server's backlog is full. */
+static int upstream_try(Export *e, unsigned long n) {
+        char reply[64];
+        union {
+                struct cmsghdr h;
+                char b[CMSG_SPACE(sizeof(int))];
+        } control = {};
+        struct iovec iov = { .iov_base = reply };
+        struct msghdr mh = {
+                .msg_iov = &iov,
+                .msg_iovlen = 1,
+                .msg_control = &control,
+                .msg_controllen = sizeof(control.b),
+        };
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        _cleanup_close_ int up = -1;
+
+        up = export_server_connect(e->guest);
+        if (up == -EAGAIN)
+                return up;
+        if (up < 0) {
+                upstream_refuse(e, n, strerror(-up));
+                return 0;
+        }
+        iov.iov_len = (size_t) snprintf(reply, sizeof(reply), "upstream %lu\n", n);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &up, sizeof(int));
+        if (sendmsg(e->control_fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+                /* Tell it, or its client waits out the relay's timeout for nothing. */
+                log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
+                upstream_refuse(e, n, "");
+        }
+        return 0;
+}
+
+static int upstream_retry(sd_event_source *s, uint64_t usec, void *userdata) {
+        Export *e = userdata;
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+        size_t k = 0;
+        int r;
+
+        for (size_t i = 0; i < e->n_pending; i++) {
+                if (upstream_try(e, e->pending[i].id) != -EAGAIN)
+                        continue;
+                if (now >= e->pending[i].deadline) {
+                        log_warning("Guest %s: QEMU's NBD server accepts no connection (its backlog is full); "
+                                    "refused a client of export %u.",
+                                e->guest->name, e->id);
+                        upstream_refuse(e, e->pending[i].id, "QEMU's NBD server does not accept connections");
+                        continue;
+                }
+                e->pending[k++] = e->pending[i];
+        }
+        e->n_pending = k;
+        if (k == 0)
+                return sd_event_source_set_enabled(s, SD_EVENT_OFF);
+        r = sd_event_source_set_time(s, now + UPSTREAM_RETRY_USEC);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return r;
+}
+
+/* A connection for the relay's client n, now or, while QEMU's backlog is full, from a timer
+ * until the deadline: never a blocking connect() to a socket a guest's QEMU owns. */
+static void upstream_connect(Export *e, unsigned long n, usec_t deadline) {
+        int r;
+
+        if (upstream_try(e, n) != -EAGAIN)
+                return;
+        if (e->n_pending >= UPSTREAM_PENDING_MAX) {
+                upstream_refuse(e, n, "QEMU's NBD server does not accept connections");
+                return;
+        }
+        e->pending[e->n_pending++] = (typeof(e->pending[0])) { .id = n, .deadline = deadline };
+        if (!e->retry_source)
+                r = sd_event_add_time_relative(e->manager->event, &e->retry_source, CLOCK_MONOTONIC,
+                        UPSTREAM_RETRY_USEC, 0, upstream_retry, e);
+        else if (sd_event_source_get_enabled(e->retry_source, NULL) > 0)
+                r = 0;
+        else {
+                r = sd_event_source_set_time_relative(e->retry_source, UPSTREAM_RETRY_USEC);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(e->retry_source, SD_EVENT_ONESHOT);
+        }
+        if (r < 0) {
+                e->n_pending--;
+                upstream_refuse(e, n, strerror(-r));
+        }
 }
 
 /* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
@@ -314,34 +425,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         export_fail(e, "the NBD relay helper sent a malformed request");
                         return 0;
                 }
-                int up = export_server_connect(e->guest);
-                if (up < 0) {
-                        char reply[CONTROL_MESSAGE_MAX];
-                        int len = snprintf(reply, sizeof(reply), "refused %lu %s\n", n, strerror(-up));
-                        (void) send(fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
-                } else {
-                        char reply[64];
-                        int len = snprintf(reply, sizeof(reply), "upstream %lu\n", n);
-                        struct iovec iov = { .iov_base = reply, .iov_len = (size_t) len };
-                        union {
-                                struct cmsghdr h;
-                                char b[CMSG_SPACE(sizeof(int))];
-                        } control = {};
-                        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control.b) };
-                        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-                        c->cmsg_level = SOL_SOCKET;
-                        c->cmsg_type = SCM_RIGHTS;
-                        c->cmsg_len = CMSG_LEN(sizeof(int));
-                        memcpy(CMSG_DATA(c), &up, sizeof(int));
-                        if (sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
-                                /* Tell it, or its client waits out the relay's timeout for nothing. */
-                                char refused[64];
-                                int rl = snprintf(refused, sizeof(refused), "refused %lu\n", n);
-                                log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
-                                (void) send(fd, refused, (size_t) rl, MSG_NOSIGNAL | MSG_DONTWAIT);
-                        }
-                        close(up);
-                }
+                upstream_connect(e, n, now_usec(CLOCK_MONOTONIC) + UPSTREAM_DEADLINE_USEC);
         } else if (strncmp(buf, "clients ", 8) == 0) {
                 errno = 0;
                 n = strtoul(buf + 8, &end, 10);
@@ -449,11 +533,14 @@ int export_listen_valid(const char *listen, sd_bus_error *error) {
 static int spawn_relay(Export *e) {
         Manager *m = e->manager;
         Guest *g = e->guest;
-        _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id);
-        char *argv[] = { (char *) RELAY_BINARY, NULL };
+        _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id),
+                            *a_export = strdup_printf("--export=%s", e->name);
+        /* The relay pins the export: QEMU's one server also carries the guest's other disks and
+         * our private map and range exports. */
+        char *argv[] = { (char *) RELAY_BINARY, a_export, NULL };
         int r;
 
-        if (!prefix)
+        if (!prefix || !a_export)
                 return -ENOMEM;
         /* The relay touches no image: a plain s0 type, so that clients with a range can talk to it. */
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);

@@ -6,7 +6,9 @@
 #include <limits.h>
 #include <math.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include "util.h"
@@ -365,6 +367,28 @@ int loop_write(int fd, const void *buf, size_t len) {
                 len -= (size_t) k;
         }
         return 0;
+}
+
+int connect_unix_nonblock(const char *path) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        int flags;
+
+        if (!path || strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                /* AF_UNIX either queues the connection at once or says EAGAIN (the backlog is
+                 * full); EINPROGRESS would be a wait all the same. */
+                return errno == EINPROGRESS ? -EAGAIN : -errno;
+        /* Handed over as a plain blocking socket, as before. */
+        flags = fcntl(fd, F_GETFL);
+        if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0)
+                return -errno;
+        return TAKE_FD(fd);
 }
 
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {

@@ -163,6 +163,11 @@ char *strdup_printf(const char *format, ...) _printf_(1, 2);
 /* Write all, retrying on EINTR; -errno on failure. */
 int loop_write(int fd, const void *buf, size_t len);
 
+/* Connect to a unix stream socket without ever waiting: a listener whose owner stops accepting
+ * fills its backlog, and a blocking connect() would then wait for it forever. Returns the
+ * connected fd (blocking, close-on-exec), -EAGAIN while the backlog is full, or -errno. */
+int connect_unix_nonblock(const char *path);
+
 /* Write a file atomically: temp file in the same directory, fsync, rename, fsync dir. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
 

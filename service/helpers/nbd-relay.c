@@ -1,8 +1,24 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* blockstream-nbd-relay: moves bytes between the clients of a user-facing NBD address and
- * QEMU's private NBD server, one upstream connection per client, which the daemon opens and
- * hands over. It never parses NBD, so a hostile client meets only QEMU's own server.
+/* blockstream-nbd-relay: serves one export of a guest's private QEMU NBD server to the clients
+ * of a user-facing NBD address, one upstream connection per client, which the daemon opens and
+ * hands over. QEMU 7.2 runs one NBD server per process, carrying every export of that QEMU (the
+ * guest's other disks, the daemon's private map and range exports), so the relay proxies the
+ * fixed-newstyle handshake option by option and pins the export name given with --export:
+ *   NBD_OPT_LIST                      answered here, listing the pinned name only
+ *   EXPORT_NAME, INFO, GO,
+ *   LIST_META_CONTEXT, SET_META_CONTEXT  forwarded if they name the pinned export ("" means it
+ *                                     too, and is sent on as its name), else NBD_REP_ERR_UNKNOWN
+ *                                     here (EXPORT_NAME: the connection is closed)
+ *   STRUCTURED_REPLY                  forwarded
+ *   ABORT                             acknowledged here, and the pair is closed
+ *   STARTTLS, anything else           NBD_REP_ERR_POLICY / NBD_REP_ERR_UNSUP here
+ * Options longer than NBD_OPT_DATA_MAX get NBD_REP_ERR_TOO_BIG and the connection is closed;
+ * the server's replies are checked (magic, option, type, a bounded length) and the export's
+ * transmission flags always carry NBD_FLAG_READ_ONLY (QEMU's export is read-only as well).
+ * After the final reply of GO, or EXPORT_NAME's, the transmission phase is moved as raw bytes.
+ * The handshake is lock-step: one option at a time, exactly the bytes it has, so that nothing
+ * is left in our buffers when the splicing starts.
  *
  * fd 3: the listening socket (bound and listening, AF_UNIX/AF_INET/AF_INET6 stream)
  * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes:
@@ -10,9 +26,11 @@
  *   daemon → relay: "upstream <n>" + one fd (SCM_RIGHTS), "refused <n> <text>", "stop"
  *
  * After checking its fds it confines itself with a seccomp allow-list: from then on it can
- * accept on fd 3, talk on fd 4, splice, make pipes, poll, close and shut down, and nothing
- * else. One poll loop, one thread, a fixed client table: no allocation after setup. */
+ * accept on fd 3, talk on fd 4, send and receive on its sockets, splice, make pipes, poll, close
+ * and shut down, and nothing else. One poll loop, one thread, a fixed client table: no
+ * allocation after setup. */
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -22,6 +40,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <endian.h>
 
 #include "util.h"
 
@@ -42,6 +61,8 @@
 #define CONTROL_MSG_MAX 256
 #define CONTROL_FDS_MAX 8 /* room to see (and close) fds beyond the one expected */
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
+/* From the upstream's arrival to the transmission phase. */
+#define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)
 #define ACCEPT_BATCH 16
 #define ACCEPT_PAUSE_USEC (1 * USEC_PER_SEC)
 #define REJECT_LOG_INTERVAL_USEC (1 * USEC_PER_SEC)
@@ -53,6 +74,43 @@
 #define ACCEPT_FLAGS (SOCK_NONBLOCK | SOCK_CLOEXEC)
 #define PIPE_FLAGS (O_NONBLOCK | O_CLOEXEC)
 
+/* The NBD handshake (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) */
+#define NBD_MAGIC UINT64_C(0x4e42444d41474943)      /* "NBDMAGIC" */
+#define NBD_OPTS_MAGIC UINT64_C(0x49484156454f5054) /* "IHAVEOPT" */
+#define NBD_REP_MAGIC UINT64_C(0x0003e889045565a9)
+#define NBD_OPT_EXPORT_NAME 1
+#define NBD_OPT_ABORT 2
+#define NBD_OPT_LIST 3
+#define NBD_OPT_STARTTLS 5
+#define NBD_OPT_INFO 6
+#define NBD_OPT_GO 7
+#define NBD_OPT_STRUCTURED_REPLY 8
+#define NBD_OPT_LIST_META_CONTEXT 9
+#define NBD_OPT_SET_META_CONTEXT 10
+#define NBD_REP_ACK 1
+#define NBD_REP_SERVER 2
+#define NBD_REP_INFO 3
+#define NBD_REP_META_CONTEXT 4
+#define NBD_REP_FLAG_ERROR (UINT32_C(1) << 31)
+#define NBD_REP_ERR_UNSUP (NBD_REP_FLAG_ERROR | 1)
+#define NBD_REP_ERR_POLICY (NBD_REP_FLAG_ERROR | 2)
+#define NBD_REP_ERR_INVALID (NBD_REP_FLAG_ERROR | 3)
+#define NBD_REP_ERR_UNKNOWN (NBD_REP_FLAG_ERROR | 6)
+#define NBD_REP_ERR_TOO_BIG (NBD_REP_FLAG_ERROR | 9)
+#define NBD_INFO_EXPORT 0
+#define NBD_FLAG_HAS_FLAGS (1 << 0)
+#define NBD_FLAG_READ_ONLY (1 << 1)
+
+#define NBD_GREETING_SIZE 18     /* NBDMAGIC, IHAVEOPT, 16-bit handshake flags */
+#define NBD_OPT_HEADER_SIZE 16   /* IHAVEOPT, option, length */
+#define NBD_REP_HEADER_SIZE 20   /* magic, option, type, length */
+#define NBD_EXPORT_REPLY_SIZE 10 /* EXPORT_NAME: size, flags (the zeroes after them pass as data) */
+#define NBD_OPT_DATA_MAX 4096    /* a client's option: the protocol's longest name, and room */
+#define NBD_REP_DATA_MAX 4160    /* the server's reply: a name or context of 4 KiB, and room */
+#define EXPORT_NAME_MAX 256      /* the pinned name */
+#define NEG_IN_MAX (NBD_REP_HEADER_SIZE + NBD_REP_DATA_MAX)
+#define NEG_OUT_MAX (NBD_OPT_HEADER_SIZE + NBD_OPT_DATA_MAX + EXPORT_NAME_MAX + 256)
+
 /* What the main loop does next, besides carrying on (0) or failing (-errno). */
 enum {
         RELAY_EXIT = 1, /* "stop", or the daemon went away: exit 0 */
@@ -60,9 +118,34 @@ enum {
 
 typedef enum ClientState {
         CLIENT_FREE,
-        CLIENT_WAITING, /* accepted, waiting for its upstream */
+        CLIENT_WAITING,     /* accepted, waiting for its upstream */
+        CLIENT_NEGOTIATING, /* the handshake, option by option */
         CLIENT_RELAYING,
 } ClientState;
+
+/* The handshake step: what is read (and from whom) or written next. */
+typedef enum NegState {
+        NEG_GREETING,     /* upstream → us, then on to the client */
+        NEG_CLIENT_FLAGS, /* client → us, then on to the upstream */
+        NEG_OPT_HEADER,   /* client → us */
+        NEG_OPT_DATA,     /* client → us */
+        NEG_REP_HEADER,   /* upstream → us */
+        NEG_REP_DATA,     /* upstream → us */
+        NEG_EXPORT_REPLY, /* upstream → us: EXPORT_NAME's answer */
+        NEG_WRITE,        /* us → out_fd_upstream ? upstream : client, then after_write */
+        NEG_DONE,         /* transmission: splice */
+        NEG_CLOSE,        /* nothing more: close the pair */
+} NegState;
+
+typedef struct Negotiation {
+        NegState state, after_write;
+        bool to_upstream;
+        uint32_t option; /* the option being answered */
+        size_t in_len, in_want;
+        size_t out_len, out_done;
+        uint8_t in[NEG_IN_MAX];
+        uint8_t out[NEG_OUT_MAX];
+} Negotiation;
 
 /* One direction of a pair: source → pipe → destination. */
 typedef struct Flow {
@@ -78,9 +161,10 @@ typedef struct Client {
         uint64_t id;
         int fd;
         int upstream_fd;
-        usec_t deadline;     /* CLIENT_WAITING: close it if no upstream by then */
+        usec_t deadline;     /* CLIENT_WAITING, CLIENT_NEGOTIATING: close it if not further by then */
         bool connect_queued; /* "connect <id>" not sent yet */
         Flow flows[2];       /* client → upstream, upstream → client */
+        Negotiation neg;
 } Client;
 
 typedef struct Relay {
@@ -97,12 +181,15 @@ typedef struct Relay {
 } Relay;
 
 static usec_t upstream_timeout_usec = UPSTREAM_TIMEOUT_USEC;
+static usec_t negotiation_timeout_usec = NEGOTIATION_TIMEOUT_USEC;
+static char export_name[EXPORT_NAME_MAX + 1];
+static size_t export_name_len;
 
 #ifdef RELAY_SELFTEST
 /* Test builds only: BLOCKSTREAM_RELAY_SELFTEST=word,… with
  *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
  *   sendmsg, write the same on an fd the filter does not allow it on
- *   timeout        wait 1 s instead of 10 s for an upstream
+ *   timeout        wait 1 s instead of 10 s for an upstream, and 1 s instead of 30 s for a handshake
  *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
 static bool selftest_has(const char *word) {
         const char *e = getenv("BLOCKSTREAM_RELAY_SELFTEST");
@@ -189,19 +276,441 @@ static Client *client_find(Relay *relay, uint64_t id) {
         return NULL;
 }
 
-/* Takes upstream_fd. */
-static int client_start_relaying(Client *c, int upstream_fd) {
+static void neg_expect(Negotiation *n, NegState state, size_t want) {
+        n->state = state;
+        n->in_len = 0;
+        n->in_want = want;
+}
+
+/* Takes upstream_fd. The handshake starts with the server's greeting. */
+static int client_start_negotiating(Client *c, int upstream_fd, usec_t now) {
         int flags;
 
         c->upstream_fd = upstream_fd;
         flags = fcntl(c->upstream_fd, F_GETFL);
         if (flags < 0 || fcntl(c->upstream_fd, F_SETFL, flags | O_NONBLOCK) < 0)
                 return -errno;
+        c->state = CLIENT_NEGOTIATING;
+        c->deadline = now + negotiation_timeout_usec;
+        neg_expect(&c->neg, NEG_GREETING, NBD_GREETING_SIZE);
+        return 0;
+}
+
+static int client_start_relaying(Client *c) {
         for (size_t i = 0; i < ELEMENTSOF(c->flows); i++)
                 if (pipe2(c->flows[i].pipe, PIPE_FLAGS) < 0)
                         return -errno;
         c->state = CLIENT_RELAYING;
         return 0;
+}
+
+static uint32_t get_be32(const uint8_t *p) {
+        uint32_t v;
+        memcpy(&v, p, sizeof(v));
+        return be32toh(v);
+}
+
+static uint64_t get_be64(const uint8_t *p) {
+        uint64_t v;
+        memcpy(&v, p, sizeof(v));
+        return be64toh(v);
+}
+
+static void put_be16(uint8_t *p, uint16_t v) {
+        v = htobe16(v);
+        memcpy(p, &v, sizeof(v));
+}
+
+static void put_be32(uint8_t *p, uint32_t v) {
+        v = htobe32(v);
+        memcpy(p, &v, sizeof(v));
+}
+
+static void put_be64(uint8_t *p, uint64_t v) {
+        v = htobe64(v);
+        memcpy(p, &v, sizeof(v));
+}
+
+/* An export's transmission flags, read-only whatever the server says: QEMU refuses writes to
+ * our exports anyway, and a client told so does not try. */
+static uint16_t read_only_flags(const uint8_t *p) {
+        return (uint16_t) (((p[0] << 8) | p[1]) | NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY);
+}
+
+/* Appends to what goes out next; the callers' sizes are all bounded well below NEG_OUT_MAX. */
+static void neg_put(Negotiation *n, const void *data, size_t len) {
+        if (len == 0)
+                return; /* data may be NULL then, which memcpy() must not see */
+        assert(n->out_len + len <= sizeof(n->out));
+        memcpy(n->out + n->out_len, data, len);
+        n->out_len += len;
+}
+
+static void neg_put_reply(Negotiation *n, uint32_t option, uint32_t type, const void *data, size_t len) {
+        uint8_t h[NBD_REP_HEADER_SIZE];
+
+        put_be64(h, NBD_REP_MAGIC);
+        put_be32(h + 8, option);
+        put_be32(h + 12, type);
+        put_be32(h + 16, (uint32_t) len);
+        neg_put(n, h, sizeof(h));
+        neg_put(n, data, len);
+}
+
+static void neg_put_error(Negotiation *n, uint32_t option, uint32_t type, const char *message) {
+        neg_put_reply(n, option, type, message, strlen(message));
+}
+
+/* An option to the upstream, with the pinned name in place of the one the client gave. */
+static void neg_put_option_pinned(Negotiation *n, uint32_t option, bool length_prefix, const uint8_t *rest,
+        size_t rest_len) {
+        uint8_t h[NBD_OPT_HEADER_SIZE], l[4];
+
+        put_be64(h, NBD_OPTS_MAGIC);
+        put_be32(h + 8, option);
+        put_be32(h + 12, (uint32_t) ((length_prefix ? 4 : 0) + export_name_len + rest_len));
+        neg_put(n, h, sizeof(h));
+        if (length_prefix) {
+                put_be32(l, (uint32_t) export_name_len);
+                neg_put(n, l, sizeof(l));
+        }
+        neg_put(n, export_name, export_name_len);
+        neg_put(n, rest, rest_len);
+}
+
+static void neg_write(Negotiation *n, bool to_upstream, NegState after) {
+        n->state = NEG_WRITE;
+        n->to_upstream = to_upstream;
+        n->out_done = 0;
+        n->after_write = after;
+}
+
+/* The name a client gave is ours: the pinned one, or "" which means it. */
+static bool name_is_pinned(const uint8_t *name, size_t len) {
+        return len == 0 || (len == export_name_len && memcmp(name, export_name, len) == 0);
+}
+
+/* INFO and GO: name, then a 16-bit count of 16-bit info requests. Returns the offset of what
+ * follows the name, or -EBADMSG. */
+static ssize_t parse_info_request(const uint8_t *d, size_t len) {
+        uint32_t name_len;
+        size_t rest;
+
+        if (len < 6)
+                return -EBADMSG;
+        name_len = get_be32(d);
+        if (name_len > len - 6)
+                return -EBADMSG;
+        rest = 4 + name_len;
+        if (len != rest + 2 + 2 * (size_t) ((d[rest] << 8) | d[rest + 1]))
+                return -EBADMSG;
+        return (ssize_t) rest;
+}
+
+/* LIST/SET_META_CONTEXT: name, then a 32-bit count of length-prefixed queries, exactly. */
+static ssize_t parse_meta_request(const uint8_t *d, size_t len) {
+        uint32_t name_len, n_queries;
+        size_t rest, p;
+
+        if (len < 8)
+                return -EBADMSG;
+        name_len = get_be32(d);
+        if (name_len > len - 8)
+                return -EBADMSG;
+        rest = 4 + name_len;
+        n_queries = get_be32(d + rest);
+        p = rest + 4;
+        for (uint32_t i = 0; i < n_queries; i++) {
+                uint32_t q;
+
+                if (len - p < 4)
+                        return -EBADMSG;
+                q = get_be32(d + p);
+                p += 4;
+                if (q > len - p)
+                        return -EBADMSG;
+                p += q;
+        }
+        if (p != len)
+                return -EBADMSG;
+        return (ssize_t) rest;
+}
+
+/* A whole option from the client is in n->in: answer it here, or send it on. */
+static int neg_handle_option(Client *c) {
+        Negotiation *n = &c->neg;
+        const uint8_t *d = n->in + NBD_OPT_HEADER_SIZE;
+        size_t len = n->in_len - NBD_OPT_HEADER_SIZE;
+        uint32_t option = n->option;
+        ssize_t rest;
+
+        n->out_len = 0;
+        switch (option) {
+
+        case NBD_OPT_EXPORT_NAME:
+                if (!name_is_pinned(d, len)) {
+                        /* No way to say no but to hang up. */
+                        log_debug("Client %" PRIu64 ": EXPORT_NAME of another export.", c->id);
+                        return -ENOENT;
+                }
+                neg_put_option_pinned(n, option, false, NULL, 0);
+                neg_write(n, true, NEG_EXPORT_REPLY);
+                return 0;
+
+        case NBD_OPT_ABORT:
+                neg_put_reply(n, option, NBD_REP_ACK, NULL, 0);
+                neg_write(n, false, NEG_CLOSE);
+                return 0;
+
+        case NBD_OPT_LIST: {
+                uint8_t l[4];
+
+                if (len != 0) {
+                        neg_put_error(n, option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data.");
+                        break;
+                }
+                put_be32(l, (uint32_t) export_name_len);
+                neg_put_reply(n, option, NBD_REP_SERVER, NULL, 0);
+                /* The header said 0: write the length of what follows into it. */
+                put_be32(n->out + 16, (uint32_t) (sizeof(l) + export_name_len));
+                neg_put(n, l, sizeof(l));
+                neg_put(n, export_name, export_name_len);
+                neg_put_reply(n, option, NBD_REP_ACK, NULL, 0);
+                break;
+        }
+
+        case NBD_OPT_INFO:
+        case NBD_OPT_GO:
+        case NBD_OPT_LIST_META_CONTEXT:
+        case NBD_OPT_SET_META_CONTEXT:
+                if (option == NBD_OPT_INFO || option == NBD_OPT_GO)
+                        rest = parse_info_request(d, len);
+                else
+                        rest = parse_meta_request(d, len);
+                if (rest < 0) {
+                        neg_put_error(n, option, NBD_REP_ERR_INVALID, "Malformed option.");
+                        break;
+                }
+                if (!name_is_pinned(d + 4, (size_t) rest - 4)) {
+                        log_debug("Client %" PRIu64 ": option %" PRIu32 " for another export.", c->id, option);
+                        neg_put_error(n, option, NBD_REP_ERR_UNKNOWN, "No such export here.");
+                        break;
+                }
+                neg_put_option_pinned(n, option, true, d + rest, len - (size_t) rest);
+                neg_write(n, true, NEG_REP_HEADER);
+                return 0;
+
+        case NBD_OPT_STRUCTURED_REPLY: {
+                uint8_t h[NBD_OPT_HEADER_SIZE];
+
+                put_be64(h, NBD_OPTS_MAGIC);
+                put_be32(h + 8, option);
+                put_be32(h + 12, (uint32_t) len);
+                neg_put(n, h, sizeof(h));
+                neg_put(n, d, len);
+                neg_write(n, true, NEG_REP_HEADER);
+                return 0;
+        }
+
+        case NBD_OPT_STARTTLS:
+                neg_put_error(n, option, NBD_REP_ERR_POLICY, "TLS is not offered here.");
+                break;
+
+        default:
+                neg_put_error(n, option, NBD_REP_ERR_UNSUP, "Unsupported option.");
+                break;
+        }
+
+        /* Answered here: on to the next option. */
+        neg_write(n, false, NEG_OPT_HEADER);
+        return 0;
+}
+
+/* One of the server's replies to the option we sent on is in n->in: check it, pass it on. */
+static int neg_handle_reply(Client *c) {
+        Negotiation *n = &c->neg;
+        uint32_t type = get_be32(n->in + 12), len = get_be32(n->in + 16);
+        uint8_t *d = n->in + NBD_REP_HEADER_SIZE;
+        NegState next;
+
+        if (type == NBD_REP_ACK)
+                next = n->option == NBD_OPT_GO ? NEG_DONE : NEG_OPT_HEADER;
+        else if (type & NBD_REP_FLAG_ERROR)
+                next = NEG_OPT_HEADER;
+        else if (type == NBD_REP_INFO && (n->option == NBD_OPT_INFO || n->option == NBD_OPT_GO)) {
+                next = NEG_REP_HEADER;
+                if (len >= 2 && ((d[0] << 8) | d[1]) == NBD_INFO_EXPORT) {
+                        if (len != 12)
+                                return -EBADMSG;
+                        put_be16(d + 10, read_only_flags(d + 10));
+                }
+        } else if (type == NBD_REP_META_CONTEXT &&
+                (n->option == NBD_OPT_LIST_META_CONTEXT || n->option == NBD_OPT_SET_META_CONTEXT))
+                next = NEG_REP_HEADER;
+        else
+                return -EBADMSG;
+
+        n->out_len = 0;
+        neg_put(n, n->in, n->in_len);
+        neg_write(n, false, next);
+        return 0;
+}
+
+/* n->in has what the current step waited for. */
+static int neg_input_done(Client *c) {
+        Negotiation *n = &c->neg;
+        uint32_t len;
+
+        switch (n->state) {
+
+        case NEG_GREETING:
+                if (get_be64(n->in) != NBD_MAGIC || get_be64(n->in + 8) != NBD_OPTS_MAGIC)
+                        return -EBADMSG;
+                n->out_len = 0;
+                neg_put(n, n->in, n->in_len);
+                neg_write(n, false, NEG_CLIENT_FLAGS);
+                return 0;
+
+        case NEG_CLIENT_FLAGS:
+                n->out_len = 0;
+                neg_put(n, n->in, n->in_len);
+                neg_write(n, true, NEG_OPT_HEADER);
+                return 0;
+
+        case NEG_OPT_HEADER:
+                if (get_be64(n->in) != NBD_OPTS_MAGIC) {
+                        log_debug("Client %" PRIu64 ": not an option.", c->id);
+                        return -EBADMSG;
+                }
+                n->option = get_be32(n->in + 8);
+                len = get_be32(n->in + 12);
+                if (len > NBD_OPT_DATA_MAX) {
+                        log_debug("Client %" PRIu64 ": option %" PRIu32 " of %" PRIu32 " bytes.", c->id, n->option,
+                                len);
+                        n->out_len = 0;
+                        neg_put_error(n, n->option, NBD_REP_ERR_TOO_BIG, "Option too long.");
+                        neg_write(n, false, NEG_CLOSE);
+                        return 0;
+                }
+                n->state = NEG_OPT_DATA;
+                n->in_want = NBD_OPT_HEADER_SIZE + len;
+                return n->in_len == n->in_want ? neg_handle_option(c) : 0;
+
+        case NEG_OPT_DATA:
+                return neg_handle_option(c);
+
+        case NEG_REP_HEADER:
+                len = get_be32(n->in + 16);
+                if (get_be64(n->in) != NBD_REP_MAGIC || get_be32(n->in + 8) != n->option || len > NBD_REP_DATA_MAX) {
+                        log_warning("Client %" PRIu64 ": the server sent a malformed reply, closing.", c->id);
+                        return -EBADMSG;
+                }
+                n->state = NEG_REP_DATA;
+                n->in_want = NBD_REP_HEADER_SIZE + len;
+                return n->in_len == n->in_want ? neg_input_done(c) : 0;
+
+        case NEG_REP_DATA:
+                if (neg_handle_reply(c) < 0) {
+                        log_warning("Client %" PRIu64 ": the server sent an unexpected reply, closing.", c->id);
+                        return -EBADMSG;
+                }
+                return 0;
+
+        case NEG_EXPORT_REPLY:
+                /* size, flags: read-only whatever the server says */
+                put_be16(n->in + 8, read_only_flags(n->in + 8));
+                n->out_len = 0;
+                neg_put(n, n->in, n->in_len);
+                neg_write(n, false, NEG_DONE);
+                return 0;
+
+        default:
+                return -EINVAL;
+        }
+}
+
+static bool neg_reads_upstream(const Negotiation *n) {
+        return n->state == NEG_GREETING || n->state == NEG_REP_HEADER || n->state == NEG_REP_DATA ||
+                n->state == NEG_EXPORT_REPLY;
+}
+
+static bool neg_waits_upstream(const Negotiation *n) {
+        return n->state == NEG_WRITE ? n->to_upstream : neg_reads_upstream(n);
+}
+
+/* Moves the handshake on as far as the sockets let it. Returns 1 once the transmission phase
+ * starts, 0 to wait, -errno to close the pair. */
+static int neg_step(Client *c) {
+        Negotiation *n = &c->neg;
+        ssize_t k;
+        int r;
+
+        for (;;) {
+                switch (n->state) {
+
+                case NEG_DONE:
+                        return 1;
+
+                case NEG_CLOSE:
+                        return -ECONNRESET;
+
+                case NEG_WRITE:
+                        if (n->out_done < n->out_len) {
+                                k = send(n->to_upstream ? c->upstream_fd : c->fd, n->out + n->out_done,
+                                        n->out_len - n->out_done, MSG_DONTWAIT | MSG_NOSIGNAL);
+                                if (k < 0) {
+                                        if (errno == EAGAIN)
+                                                return 0;
+                                        if (errno == EINTR)
+                                                continue;
+                                        return -errno;
+                                }
+                                n->out_done += (size_t) k;
+                                continue;
+                        }
+                        n->out_len = n->out_done = 0;
+                        switch (n->after_write) {
+                        case NEG_CLIENT_FLAGS:
+                                neg_expect(n, NEG_CLIENT_FLAGS, 4);
+                                break;
+                        case NEG_OPT_HEADER:
+                                neg_expect(n, NEG_OPT_HEADER, NBD_OPT_HEADER_SIZE);
+                                break;
+                        case NEG_REP_HEADER:
+                                neg_expect(n, NEG_REP_HEADER, NBD_REP_HEADER_SIZE);
+                                break;
+                        case NEG_EXPORT_REPLY:
+                                neg_expect(n, NEG_EXPORT_REPLY, NBD_EXPORT_REPLY_SIZE);
+                                break;
+                        default:
+                                n->state = n->after_write;
+                        }
+                        continue;
+
+                default:
+                        /* Exactly what this step needs, never more: what follows stays in the
+                         * socket for the next step, or for the splicing. */
+                        if (n->in_len < n->in_want) {
+                                k = recv(neg_reads_upstream(n) ? c->upstream_fd : c->fd, n->in + n->in_len,
+                                        n->in_want - n->in_len, MSG_DONTWAIT);
+                                if (k < 0) {
+                                        if (errno == EAGAIN)
+                                                return 0;
+                                        if (errno == EINTR)
+                                                continue;
+                                        return -errno;
+                                }
+                                if (k == 0)
+                                        return -ECONNRESET;
+                                n->in_len += (size_t) k;
+                                if (n->in_len < n->in_want)
+                                        continue;
+                        }
+                        r = neg_input_done(c);
+                        if (r < 0)
+                                return r;
+                }
+        }
 }
 
 /* Source → pipe. */
@@ -253,8 +762,31 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
 
         if (c->state == CLIENT_WAITING) {
                 /* Polled for nothing but hangups and errors until its upstream arrives. */
-                if (revents & trouble)
+                if (revents & (trouble | POLLRDHUP))
                         client_close(relay, c, "left before its upstream arrived");
+                return;
+        }
+        if (c->state == CLIENT_NEGOTIATING) {
+                if ((revents | upstream_revents) == 0)
+                        return;
+                r = neg_step(c);
+                if (r == 0 && (revents & (trouble | POLLRDHUP)) && neg_waits_upstream(&c->neg))
+                        r = -ECONNRESET; /* the client left */
+                if (r == 0)
+                        return;
+                if (r < 0) {
+                        if (r != -ECONNRESET)
+                                log_debug_errno(r, "Client %" PRIu64 ": handshake failed: %m", c->id);
+                        client_close(relay, c, "handshake ended");
+                        return;
+                }
+                r = client_start_relaying(c);
+                if (r < 0) {
+                        log_warning_errno(r, "Client %" PRIu64 ": failed to set up relaying: %m", c->id);
+                        client_close(relay, c, "setup failed");
+                        return;
+                }
+                log_debug("Client %" PRIu64 ": handshake done, relaying.", c->id);
                 return;
         }
         if (c->state != CLIENT_RELAYING || (revents | upstream_revents) == 0)
@@ -431,14 +963,14 @@ static int control_handle(Relay *relay, char *msg, size_t len, int *fds, size_t 
                 }
                 if (c->state != CLIENT_WAITING || c->connect_queued)
                         goto garbage; /* a second upstream, or one nobody asked for yet */
-                r = client_start_relaying(c, fds[0]);
+                r = client_start_negotiating(c, fds[0], now_usec(CLOCK_MONOTONIC));
                 fds[0] = -1;
                 if (r < 0) {
                         log_warning_errno(r, "Client %" PRIu64 ": failed to set up relaying: %m", id);
                         client_close(relay, c, "setup failed");
                         return 0;
                 }
-                log_debug("Client %" PRIu64 ": upstream arrived, relaying.", id);
+                log_debug("Client %" PRIu64 ": upstream arrived, negotiating.", id);
                 return 0;
         }
 
@@ -578,6 +1110,10 @@ static void relay_expire(Relay *relay, usec_t now) {
                         log_info("Client %" PRIu64 ": no upstream within %" PRIu64 " s.", c->id,
                                 upstream_timeout_usec / USEC_PER_SEC);
                         client_close(relay, c, "timed out");
+                } else if (c->state == CLIENT_NEGOTIATING && now >= c->deadline) {
+                        log_info("Client %" PRIu64 ": no export chosen within %" PRIu64 " s.", c->id,
+                                negotiation_timeout_usec / USEC_PER_SEC);
+                        client_close(relay, c, "handshake timed out");
                 }
         }
 }
@@ -598,7 +1134,18 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 p[0] = p[1] = (struct pollfd) { .fd = -1 };
                 if (c->state == CLIENT_WAITING) {
                         /* No POLLIN: what it sends waits in its socket until the upstream is there. */
-                        p[0] = (struct pollfd) { .fd = c->fd, .events = 0 };
+                        p[0] = (struct pollfd) { .fd = c->fd, .events = POLLRDHUP };
+                        next = MIN(next, c->deadline);
+                } else if (c->state == CLIENT_NEGOTIATING) {
+                        /* Lock-step: one fd, one direction at a time. */
+                        const Negotiation *n = &c->neg;
+                        bool up = neg_waits_upstream(n);
+
+                        p[up] = (struct pollfd) { .fd = up ? c->upstream_fd : c->fd,
+                                .events = n->state == NEG_WRITE ? POLLOUT : POLLIN };
+                        /* A client that leaves while the server is slow must free its slot now. */
+                        if (up)
+                                p[0] = (struct pollfd) { .fd = c->fd, .events = POLLRDHUP };
                         next = MIN(next, c->deadline);
                 } else if (c->state == CLIENT_RELAYING) {
                         short ev[2];
@@ -721,6 +1268,12 @@ static int install_allowlist(void) {
                  * that no fd can be passed on to anybody else */
                 { "recvmsg", 1, { SCMP_A0(SCMP_CMP_EQ, CONTROL_FD) } },
                 { "sendmsg", 1, { SCMP_A0(SCMP_CMP_EQ, CONTROL_FD) } },
+                /* the handshake: plain reads and writes on the sockets, never blocking, no address */
+                { "recvfrom", 3,
+                        { SCMP_A3(SCMP_CMP_EQ, MSG_DONTWAIT), SCMP_A4(SCMP_CMP_EQ, 0), SCMP_A5(SCMP_CMP_EQ, 0) } },
+                { "sendto", 3,
+                        { SCMP_A3(SCMP_CMP_EQ, MSG_DONTWAIT | MSG_NOSIGNAL), SCMP_A4(SCMP_CMP_EQ, 0),
+                                SCMP_A5(SCMP_CMP_EQ, 0) } },
                 /* the relaying itself: no file offsets, never blocking */
                 { "splice", 3,
                         { SCMP_A1(SCMP_CMP_EQ, 0), SCMP_A3(SCMP_CMP_EQ, 0), SCMP_A5(SCMP_CMP_EQ, SPLICE_FLAGS) } },
@@ -846,47 +1399,79 @@ static int relay_setup(void) {
         return 0;
 }
 
+/* The pinned name comes from the daemon; still, only what fits and prints. */
+static int parse_export_name(const char *name) {
+        size_t l = strlen(name);
+
+        if (l == 0 || l > EXPORT_NAME_MAX)
+                return -EINVAL;
+        for (size_t i = 0; i < l; i++)
+                if (name[i] <= 0x20 || name[i] >= 0x7f)
+                        return -EINVAL;
+        memcpy(export_name, name, l + 1);
+        export_name_len = l;
+        return 0;
+}
+
 static void help(void) {
         printf("%s\n\n"
                "Relays the clients of a listening socket (fd 3) to upstream NBD connections handed\n"
-               "over by blockstreamd on a control socket (fd 4). Started by blockstreamd only.\n\n"
+               "over by blockstreamd on a control socket (fd 4), for one export only. Started by\n"
+               "blockstreamd only.\n\n"
+               "     --export=NAME  The only export its clients may list, open and read\n"
                "  -h --help     Show this help\n"
                "     --version  Show the version\n",
                 program_invocation_short_name);
 }
 
 int main(int argc, char *argv[]) {
-        static Relay relay;
+        /* On the heap, allocated before the filter: a global this large would make
+         * AddressSanitizer's destructors mmap() its shadow at exit, which the filter kills. */
+        static Relay *relay;
         int r;
 
         log_setup("blockstream-nbd-relay");
-        if (argc > 1) {
-                if (argc == 2 && (streq(argv[1], "--help") || streq(argv[1], "-h"))) {
-                        help();
-                        return EXIT_SUCCESS;
-                }
-                if (argc == 2 && streq(argv[1], "--version")) {
-                        printf("blockstream-nbd-relay %s\n", VERSION);
-                        return EXIT_SUCCESS;
-                }
-                log_error("This program takes no arguments (see --help).");
+        if (argc == 2 && (streq(argv[1], "--help") || streq(argv[1], "-h"))) {
+                help();
+                return EXIT_SUCCESS;
+        }
+        if (argc == 2 && streq(argv[1], "--version")) {
+                printf("blockstream-nbd-relay %s\n", VERSION);
+                return EXIT_SUCCESS;
+        }
+        if (argc != 2 || strncmp(argv[1], "--export=", 9) != 0) {
+                log_error("This program takes one argument, --export=NAME (see --help).");
+                return EXIT_FAILURE;
+        }
+        r = parse_export_name(argv[1] + 9);
+        if (r < 0) {
+                log_error_errno(r, "Invalid export name: 1-%u printable ASCII characters, no space.", EXPORT_NAME_MAX);
                 return EXIT_FAILURE;
         }
 
 #ifdef RELAY_SELFTEST
         if (selftest_has("timeout"))
-                upstream_timeout_usec = 1 * USEC_PER_SEC;
+                upstream_timeout_usec = negotiation_timeout_usec = 1 * USEC_PER_SEC;
 #endif
 
-        relay.next_id = 1;
-        for (size_t i = 0; i < CLIENTS_MAX; i++)
-                relay.clients[i] = (Client) { .fd = -1, .upstream_fd = -1 };
+        relay = calloc(1, sizeof(Relay));
+        if (!relay) {
+                log_error("Out of memory.");
+                return EXIT_FAILURE;
+        }
+        relay->next_id = 1;
+        for (size_t i = 0; i < CLIENTS_MAX; i++) {
+                relay->clients[i].fd = relay->clients[i].upstream_fd = -1;
+                for (size_t j = 0; j < ELEMENTSOF(relay->clients[i].flows); j++)
+                        flow_init(&relay->clients[i].flows[j]);
+        }
 
         r = relay_setup();
         if (r < 0)
                 return EXIT_FAILURE;
         if (r == 0)
-                r = relay_run(&relay);
-        relay_close_all(&relay);
+                r = relay_run(relay);
+        relay_close_all(relay);
+        /* Not freed: free() could give memory back to the kernel, which the filter forbids. */
         return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -6,8 +6,11 @@ sandboxed blockstream-nbd-relay. Real NBD clients (nbdinfo, nbdcopy, qemu-io) re
 disk's content and cannot write; Clients counts them; Stop closes everything; a killed relay
 makes the export "failed" and leaves the daemon and QEMU clean."""
 
+import json
 import os
+import resource
 import signal
+import socket
 import sys
 import time
 
@@ -47,9 +50,9 @@ class ExportTest(h.TestCase):
     def helper_uid(self, g):
         return o.identity(self.env, g.name)[0]
 
-    def new_export(self, g, listen=None):
+    def new_export(self, g, listen=None, disk='vda'):
         since = time.monotonic()
-        path, uri = o.export(g.disk(), listen)
+        path, uri = o.export(g.disk(disk), listen)
         self.addCleanup(self._stop_quietly, path)
         self.client.wait_for(lambda: [s for s in self.client.signals_of('InterfacesAdded', since=since)
                                       if s['args'][0] == path], 5, 'InterfacesAdded for %s' % path)
@@ -205,6 +208,105 @@ class ExportTest(h.TestCase):
         self.client.call(p1, o.IFACE_EXPORT, 'Stop')
         self.assertEqual(o.nbd_sha256(u2), g.expected_sha, 'stopping one export broke the other')
         self.client.call(p2, o.IFACE_EXPORT, 'Stop')
+        self.assert_no_qemu_exports(g)
+
+    # -- an export serves its disk and nothing else
+
+    def test_export_serves_only_its_disk(self):
+        """Two disks, both exported, and a private export of QEMU's NBD server (like the daemon's
+        map and range exports): vda's socket lists only vda, opens nothing else under any name,
+        reads vda, and takes no write."""
+        g = self.new_guest(aliases=('vda', 'vdb'), size=SIZE)
+        g.expected_sha = o.file_sha256(g.chains['vda'].ref)
+        pa, ua = self.new_export(g, disk='vda')
+        pb, ub = self.new_export(g, disk='vdb')
+        sock = o.unix_socket_of(ua)
+        node = g.disk('vdb').prop('NodeName')
+        g.qemu.qmp.cmd('block-export-add', {'type': 'nbd', 'id': 'bsm-test', 'name': 'bsm-test', 'writable': False,
+                                            'node-name': node})
+        self.addCleanup(lambda: g.qemu.qmp.cmd('block-export-del', id='bsm-test') if g.qemu.running() else None)
+        # The export is what the listing shows, whatever name the URI carries.
+        for u in (ua, 'nbd+unix:///?socket=' + sock, 'nbd+unix:///vdb?socket=' + sock):
+            listed = json.loads(o.nbd(['nbdinfo', '--list', '--json', u]).stdout)
+            names = [e.get('export-name') for e in listed.get('exports', [])]
+            self.assertEqual(names, ['vda'], 'nbdinfo --list %s' % u)
+        # Nothing else opens through it.
+        for name in ('vdb', 'bsm-test', 'x', 'vda ', 'VDA'):
+            r = h.run(['nbdinfo', '--json', 'nbd+unix:///%s?socket=%s' % (name, sock)], check=False)
+            self.assertNotEqual(r.returncode, 0, 'export %r opened through vda\'s socket: %s' % (name, r.stdout))
+        # Its own disk reads, under its name and as the default ("").
+        info = o.nbd_info(ua)
+        self.assertEqual(info['exports'][0]['export-name'], 'vda')
+        self.assertTrue(info['exports'][0]['is_read_only'], info)
+        self.assertEqual(o.nbd_sha256(ua), g.expected_sha)
+        self.assertEqual(o.nbd_sha256('nbd+unix:///?socket=' + sock), g.expected_sha)
+        # And a write fails.
+        r = h.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x99 0 512', ua], check=False)
+        self.assertNotEqual(r.returncode, 0, 'qemu-io wrote to the export: %s%s' % (r.stdout, r.stderr))
+        self.assertEqual(o.nbd_sha256(ua), g.expected_sha, 'the export changed')
+        # vdb's own socket serves vdb.
+        listed = json.loads(o.nbd(['nbdinfo', '--list', '--json', ub]).stdout)
+        self.assertEqual([e.get('export-name') for e in listed.get('exports', [])], ['vdb'])
+
+    # -- a QEMU that stops accepting
+
+    def test_qemu_not_accepting_blocks_nobody(self):
+        """A guest's QEMU that stops accepting on its NBD listener (here: stopped, with its backlog
+        full, as a hostile QEMU gets with listen(fd, 0)) must not hang the daemon in connect():
+        another guest's properties are still served, the export's client is refused with a
+        reason, and the export works again once QEMU accepts."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        somaxconn = int(open('/proc/sys/net/core/somaxconn').read())
+        if hard < somaxconn + 1000:
+            self.skipTest('RLIMIT_NOFILE %d is too small to fill a backlog of %d' % (hard, somaxconn))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        g = self.running_guest()
+        other = self.running_guest()
+        path, uri = self.new_export(g)
+        sock = o.unix_socket_of(uri)
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        # Every Clients change so far is in (a Get answers after the signals sent before it).
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 0, 10)
+        nbd_dir = os.path.join(self.env.daemon.runtime_dir, 'nbd')
+        servers = [os.path.join(nbd_dir, f) for f in os.listdir(nbd_dir) if f.startswith(g.name + '.')]
+        self.assertEqual(len(servers), 1, servers)
+        os.kill(g.qemu.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(g.qemu.proc.pid, signal.SIGCONT))
+        fillers = []
+        self.addCleanup(lambda: [f.close() for f in fillers])
+        while len(fillers) < somaxconn + 1000:
+            f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                f.connect(servers[0])
+            except BlockingIOError:
+                f.close()
+                break
+            fillers.append(f)
+        self.assertLessEqual(len(fillers), somaxconn + 1, 'the backlog of QEMU\'s NBD listener never filled')
+        # A client of the export: the relay asks the daemon for a connection to QEMU. "Clients"
+        # comes after that request, in order: once it shows 1, the daemon has handled it.
+        since = time.monotonic()
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(60)
+        c.connect(sock)
+        self.client.wait_for(
+            lambda: [ch for _, ch, _ in self.client.props_changed(path, o.IFACE_EXPORT, since) if ch.get('Clients') == 1],
+            30, 'the daemon to take a client of an export whose QEMU does not accept')
+        # The daemon answers about another guest at once (a hung daemon: a D-Bus timeout).
+        self.assertEqual(self.client.call(other.path, h.IFACE_PROPS, 'Get', 'ss', h.IFACE_GUEST, 'Name', timeout=10),
+                         other.name)
+        # The client is refused (the daemon gives up on QEMU), not left hanging.
+        self.assertEqual(c.recv(1), b'', 'the client of a QEMU that does not accept was not closed')
+        c.close()
+        h.wait_until(lambda: 'accepts no connection' in open(self.env.daemon.log, errors='replace').read(), 10,
+                     'the daemon to log why it refused the client')
+        self.assertEqual(self.client.get(path, o.IFACE_EXPORT, 'State'), 'serving')
+        for f in fillers:
+            f.close()
+        os.kill(g.qemu.proc.pid, signal.SIGCONT)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export does not serve once QEMU accepts again')
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
         self.assert_no_qemu_exports(g)
 
     # -- TCP and Clients

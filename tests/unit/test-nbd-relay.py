@@ -4,9 +4,11 @@
 
 The test plays the daemon: it binds the listening socket (fd 3), holds the other end of the
 SOCK_SEQPACKET control socket (fd 4), and answers "connect <n>" by connecting to a real NBD
-server (qemu-nbd on a private unix socket) and passing the fd. Real NBD clients (nbdinfo,
-nbdcopy from libnbd-bin) then read the image through the relay; raw sockets check the byte
-pipe itself (half-close, both directions at once, limits, timeouts).
+server (qemu-nbd on a private unix socket, or a permissive fake server that offers several
+exports) and passing the fd. Real NBD clients (nbdinfo, nbdcopy from libnbd-bin) then read the
+image through the relay; raw sockets check the handshake the relay proxies (only the pinned
+export can be listed or opened, whatever a client sends) and the byte pipe after it
+(half-close, both directions at once, limits, timeouts).
 
 Usage: test-nbd-relay.py RELAY [SELFTEST-RELAY] [--valgrind]
   RELAY           the installed binary
@@ -18,10 +20,12 @@ Prints TAP."""
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ tmpdir = tempfile.mkdtemp(prefix="test-nbd-relay-")
 
 
 sock_counter = itertools.count()
+EXPORT = "disk"  # the pinned name; qemu-nbd serves its image under it
 
 
 class Failure(Exception):
@@ -135,7 +140,7 @@ class Relay:
     """A relay on a listening socket, with the test as its daemon."""
 
     def __init__(self, listener=None, upstream=None, selftest=None, wait_ready=True, fd3=None, fd4=None,
-                 extra_fds=(), ctrl_sndbuf=None):
+                 extra_fds=(), ctrl_sndbuf=None, export=EXPORT):
         exe = RELAY
         env = {"PATH": "/usr/bin:/bin", "BLOCKSTREAM_LOG_LEVEL": "debug"}
         words = list(selftest or [])
@@ -163,7 +168,7 @@ class Relay:
             child_ctrl.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ctrl_sndbuf)
         self.log_r, log_w = os.pipe()
 
-        argv = [exe]
+        argv = [exe, "--export=" + export]
         if VALGRIND:
             argv = ["valgrind", "-q", "--vgdb=no", "--error-exitcode=%d" % VALGRIND_ERROR, "--leak-check=full",
                     "--show-leak-kinds=definite,indirect", "--errors-for-leak-kinds=definite,indirect",
@@ -263,7 +268,7 @@ def start_upstream():
     with open(image, "wb") as f:
         f.write(data)
     qemu_nbd = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared=16", "-k", upstream_path,
-                                 "-f", "raw", image], stdin=subprocess.DEVNULL)
+                                 "-x", EXPORT, "-f", "raw", image], stdin=subprocess.DEVNULL)
     wait_until(lambda: os.path.exists(upstream_path), "qemu-nbd's socket")
 
 
@@ -273,11 +278,11 @@ def need_tools(*tools):
             raise Skip(t + " not installed")
 
 
-def uri(relay):
+def uri(relay, name=EXPORT):
     if relay.listener.family == socket.AF_UNIX:
-        return "nbd+unix:///?socket=" + relay.address
+        return "nbd+unix:///%s?socket=%s" % (name, relay.address)
     host, port = relay.address
-    return "nbd://%s:%d" % (host, port)
+    return "nbd://%s:%d/%s" % (host, port, name)
 
 
 def nbdcopy_sha(relay):
@@ -321,8 +326,18 @@ def test_nbd_unix():
                              check=True).stdout
         check(int(out) == IMAGE_SIZE, "nbdinfo --size: %r" % out)
         check(nbdcopy_sha(relay) == image_sha, "nbdcopy read different bytes")
+        out = subprocess.run(["nbdcopy", uri(relay, ""), "-"], stdout=subprocess.PIPE, timeout=TIMEOUT * 3,
+                             check=True).stdout
+        check(hashlib.sha256(out).hexdigest() == image_sha, "nbdcopy of \"\" read different bytes")
+        r = subprocess.run(["nbdinfo", "--list", "--json", uri(relay)], stdout=subprocess.PIPE, timeout=TIMEOUT,
+                           check=True)
+        names = [e["export-name"] for e in json.loads(r.stdout)["exports"]]
+        check(names == [EXPORT], "nbdinfo --list: %r" % names)
+        r = subprocess.run(["nbdinfo", uri(relay, "other")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=TIMEOUT)
+        check(r.returncode != 0, "nbdinfo opened another export: %r" % r)
         relay.daemon.wait_clients(0)
-        check(relay.daemon.connects() == [1, 2], "connect ids: %r" % relay.daemon.connects())
+        check(relay.daemon.connects() == [1, 2, 3, 4, 5], "connect ids: %r" % relay.daemon.connects())
         relay.stop()
     finally:
         relay.close()
@@ -380,8 +395,9 @@ def test_clients_count():
         relay.close()
 
 
-def pair_with_fake_upstream(relay):
-    """A client, and the test's end of its upstream: a socketpair handed over as the upstream."""
+def pair_with_fake_upstream(relay, handshake=True):
+    """A client, and the test's end of its upstream: a socketpair handed over as the upstream.
+    With handshake, the two ends have gone through NBD_OPT_GO: what follows is raw bytes."""
     seen = len(relay.daemon.connects())
     c = relay.connect()
     n = wait_until(lambda: relay.daemon.connects()[seen:], "connect")[0]
@@ -389,7 +405,87 @@ def pair_with_fake_upstream(relay):
     relay.daemon.send(b"upstream %d\n" % n, [theirs.fileno()])
     theirs.close()
     mine.settimeout(TIMEOUT)
+    if handshake:
+        go_through(c, mine)
     return c, mine
+
+
+# ---- the NBD handshake, raw ----
+
+NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4e42444d41474943, 0x49484156454f5054, 0x3e889045565a9
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 1, 2, 3, 5, 6, 7, 8
+OPT_LIST_META, OPT_SET_META = 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
+ERR = 1 << 31
+ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN, ERR_TOO_BIG = ERR | 1, ERR | 2, ERR | 3, ERR | 6, ERR | 9
+FLAG_HAS_FLAGS, FLAG_READ_ONLY = 1, 2
+
+
+def recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        b = s.recv(n - len(data))
+        if not b:
+            raise Failure("EOF after %d of %d bytes" % (len(data), n))
+        data += b
+    return data
+
+
+def greeting(flags=3):
+    return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags)
+
+
+def option(opt, data=b""):
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def name_data(name, info=()):
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(info)) + b"".join(
+        struct.pack(">H", i) for i in info)
+
+
+def meta_data(name, queries=()):
+    return struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries)) + b"".join(
+        struct.pack(">I", len(q)) + q for q in queries)
+
+
+def reply(opt, typ, data=b""):
+    return struct.pack(">QIII", REPLY_MAGIC, opt, typ, len(data)) + data
+
+
+def read_reply(s):
+    magic, opt, typ, n = struct.unpack(">QIII", recv_exact(s, 20))
+    check(magic == REPLY_MAGIC, "reply magic %x" % magic)
+    return opt, typ, recv_exact(s, n)
+
+
+def read_option(s):
+    magic, opt, n = struct.unpack(">QII", recv_exact(s, 16))
+    check(magic == IHAVEOPT, "option magic %x" % magic)
+    return opt, recv_exact(s, n)
+
+
+def client_start(c):
+    """The client's side of the greeting: returns once options can be sent."""
+    check(recv_exact(c, 18)[:16] == greeting()[:16], "no NBD greeting")
+    c.sendall(struct.pack(">I", 3))
+
+
+def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS):
+    """Both sides of a fixed-newstyle handshake through the relay, up to the transmission phase."""
+    up.sendall(greeting())
+    client_start(c)
+    check(recv_exact(up, 4) == struct.pack(">I", 3), "client flags not passed on")
+    c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
+    opt, data = read_option(up)
+    check((opt, data) == (OPT_GO, name_data(EXPORT.encode())), "GO passed on as %r %r" % (opt, data))
+    up.sendall(reply(OPT_GO, REP_INFO, struct.pack(">HQH", 0, size, flags)) + reply(OPT_GO, REP_ACK))
+    opt, typ, data = read_reply(c)
+    check((opt, typ) == (OPT_GO, REP_INFO), "GO's info: %r" % ((opt, typ),))
+    _, got_size, got_flags = struct.unpack(">HQH", data)
+    check(got_size == size and got_flags == flags | FLAG_READ_ONLY | FLAG_HAS_FLAGS,
+          "export info %r %r" % (got_size, got_flags))
+    check(read_reply(c)[:2] == (OPT_GO, REP_ACK), "GO's ACK")
 
 
 def recv_all(s):
@@ -399,6 +495,299 @@ def recv_all(s):
         if not b:
             return data
         data += b
+
+
+class FakeServer:
+    """A permissive NBD server that offers several exports and opens any name: what QEMU's one
+    server per process looks like to the relay. Records every option it gets; after GO or
+    EXPORT_NAME it echoes bytes back. hostile= makes its replies to INFO/GO break the rules."""
+
+    EXPORTS = [b"disk", b"other", b"bsm-1"]
+    SIZE = 1 << 20
+
+    def __init__(self, hostile=None):
+        self.path = os.path.join(tmpdir, "fake-%d.sock" % next(sock_counter))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.hostile = hostile
+        self.seen = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def options(self):
+        with self.lock:
+            return list(self.seen)
+
+    def _accept(self):
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s):
+        try:
+            s.sendall(greeting())
+            (cflags,) = struct.unpack(">I", recv_exact(s, 4))
+            while True:
+                opt, data = read_option(s)
+                with self.lock:
+                    self.seen.append((opt, data))
+                if opt == OPT_LIST:
+                    s.sendall(b"".join(reply(opt, REP_SERVER, struct.pack(">I", len(e)) + e) for e in self.EXPORTS)
+                              + reply(opt, REP_ACK))
+                elif opt in (OPT_INFO, OPT_GO):
+                    if self.hostile == "long":
+                        s.sendall(struct.pack(">QIII", REPLY_MAGIC, opt, REP_INFO, 1 << 20) + b"x" * 65536)
+                    elif self.hostile == "wrong-option":
+                        s.sendall(reply(OPT_LIST, REP_ACK))
+                    elif self.hostile == "server-list":
+                        s.sendall(reply(opt, REP_SERVER, struct.pack(">I", 5) + b"other"))
+                    s.sendall(reply(opt, REP_INFO, struct.pack(">HQH", 0, self.SIZE, FLAG_HAS_FLAGS))
+                              + reply(opt, REP_ACK))
+                    if opt == OPT_GO:
+                        break
+                elif opt == OPT_EXPORT_NAME:
+                    s.sendall(struct.pack(">QH", self.SIZE, FLAG_HAS_FLAGS) + (b"" if cflags & 2 else b"\0" * 124))
+                    break
+                elif opt in (OPT_LIST_META, OPT_SET_META):
+                    s.sendall(reply(opt, REP_META, struct.pack(">I", 1) + b"base:allocation") + reply(opt, REP_ACK))
+                elif opt == OPT_STRUCTURED_REPLY:
+                    s.sendall(reply(opt, REP_ACK))
+                elif opt == OPT_ABORT:
+                    s.sendall(reply(opt, REP_ACK))
+                    return
+                else:
+                    s.sendall(reply(opt, ERR_UNSUP))
+            while True:  # transmission: an echo
+                b = s.recv(65536)
+                if not b:
+                    return
+                s.sendall(b)
+        except (OSError, Failure):
+            pass
+        finally:
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def relay_with_fake(**kw):
+    server = FakeServer(**kw)
+    return Relay(upstream=server.path), server
+
+
+def started_client(relay):
+    c = relay.connect()
+    client_start(c)
+    return c
+
+
+def check_closed(c, what):
+    try:
+        rest = recv_all(c)
+    except ConnectionResetError:
+        rest = b""
+    check(rest == b"", "%s: not closed (got %r)" % (what, rest[:64]))
+
+
+def check_serves(relay):
+    """A well-behaved client still gets the pinned export, to the transmission phase."""
+    c = started_client(relay)
+    c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
+    check(read_reply(c)[1] == REP_INFO, "GO: no INFO")
+    check(read_reply(c)[1] == REP_ACK, "GO: no ACK")
+    c.sendall(b"ping")
+    check(recv_exact(c, 4) == b"ping", "no transmission phase after GO")
+    c.close()
+
+
+def test_pinned_list():
+    """NBD_OPT_LIST names the pinned export only, answered by the relay itself."""
+    relay, server = relay_with_fake()
+    try:
+        c = started_client(relay)
+        c.sendall(option(OPT_LIST))
+        opt, typ, data = read_reply(c)
+        check((opt, typ) == (OPT_LIST, REP_SERVER), "LIST: %r" % ((opt, typ),))
+        check(data == struct.pack(">I", len(EXPORT)) + EXPORT.encode(), "LIST named %r" % data)
+        check(read_reply(c)[:2] == (OPT_LIST, REP_ACK), "LIST: no ACK after the one export")
+        # Still negotiating: GO for the pinned name works on the same connection.
+        c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
+        check(read_reply(c)[1] == REP_INFO and read_reply(c)[1] == REP_ACK, "GO after LIST")
+        check([o for o, _ in server.options()] == [OPT_GO], "the server saw %r" % server.options())
+        c.close()
+        relay.stop()
+    finally:
+        relay.close()
+        server.close()
+
+
+def test_pinned_other_names():
+    """INFO, GO and the meta-context options for any other name are refused by the relay (the
+    server never sees them); "" means the pinned export and goes on under its name."""
+    relay, server = relay_with_fake()
+    try:
+        c = started_client(relay)
+        for opt, data in ((OPT_INFO, name_data(b"other")), (OPT_GO, name_data(b"bsm-1", [0, 1])),
+                          (OPT_GO, name_data(b"disk ")), (OPT_GO, name_data(b"Disk")), (OPT_INFO, name_data(b"x")),
+                          (OPT_LIST_META, meta_data(b"other", [b"base:"])), (OPT_SET_META, meta_data(b"other"))):
+            c.sendall(option(opt, data))
+            check(read_reply(c)[:2] == (opt, ERR_UNKNOWN), "option %d for %r not refused" % (opt, data))
+        check(server.options() == [], "the server saw %r" % server.options())
+        # The pinned name, and "" for it.
+        c.sendall(option(OPT_LIST_META, meta_data(b"", [b"base:"])))
+        check(read_reply(c)[:2] == (OPT_LIST_META, REP_META), "LIST_META_CONTEXT for \"\"")
+        check(read_reply(c)[:2] == (OPT_LIST_META, REP_ACK), "LIST_META_CONTEXT's ACK")
+        c.sendall(option(OPT_INFO, name_data(b"", [0])))
+        opt, typ, data = read_reply(c)
+        check((opt, typ) == (OPT_INFO, REP_INFO), "INFO for \"\": %r" % ((opt, typ),))
+        check(struct.unpack(">HQH", data)[2] & FLAG_READ_ONLY, "the export is not announced read-only")
+        check(read_reply(c)[:2] == (OPT_INFO, REP_ACK), "INFO's ACK")
+        check(server.options() == [(OPT_LIST_META, meta_data(b"disk", [b"base:"])), (OPT_INFO, name_data(b"disk", [0]))],
+              "the server saw %r" % server.options())
+        c.sendall(option(OPT_GO, name_data(b"")))
+        check(read_reply(c)[1] == REP_INFO and read_reply(c)[1] == REP_ACK, "GO for \"\"")
+        c.sendall(b"echo")
+        check(recv_exact(c, 4) == b"echo", "no transmission phase")
+        c.close()
+        relay.stop()
+    finally:
+        relay.close()
+        server.close()
+
+
+def test_export_name_other():
+    """NBD_OPT_EXPORT_NAME of another export: the connection is closed and the server never sees
+    it; the pinned one (and "") opens, read-only."""
+    relay, server = relay_with_fake()
+    try:
+        for name in (b"other", b"bsm-1", b"x" * 4096):
+            c = started_client(relay)
+            c.sendall(option(OPT_EXPORT_NAME, name))
+            check_closed(c, "EXPORT_NAME %r" % name[:16])
+        check(server.options() == [], "the server saw %r" % server.options())
+        for name in (EXPORT.encode(), b""):
+            c = started_client(relay)
+            c.sendall(option(OPT_EXPORT_NAME, name))
+            size, flags = struct.unpack(">QH", recv_exact(c, 10))
+            check(size == FakeServer.SIZE and flags & FLAG_READ_ONLY, "EXPORT_NAME %r: %r %r" % (name, size, flags))
+            c.sendall(b"echo")
+            check(recv_exact(c, 4) == b"echo", "no transmission phase after EXPORT_NAME")
+            c.close()
+        check(server.options() == [(OPT_EXPORT_NAME, EXPORT.encode())] * 2, "the server saw %r" % server.options())
+        relay.stop()
+    finally:
+        relay.close()
+        server.close()
+
+
+def test_hostile_options():
+    """Oversize, malformed and unknown options, TLS and ABORT: refused or closed by the relay,
+    which stays up for the next client."""
+    relay, server = relay_with_fake()
+    try:
+        # One connection, answered and still negotiating.
+        c = started_client(relay)
+        for opt, data, want in ((OPT_STARTTLS, b"", ERR_POLICY), (99, b"junk" * 100, ERR_UNSUP),
+                                (OPT_LIST, b"x", ERR_INVALID), (OPT_INFO, struct.pack(">I", 100) + b"disk", ERR_INVALID),
+                                (OPT_GO, name_data(b"disk", [1, 2])[:-2], ERR_INVALID),
+                                (OPT_SET_META, meta_data(b"disk", [b"a", b"b"])[:-1], ERR_INVALID),
+                                (OPT_LIST_META, meta_data(b"disk") + b"!", ERR_INVALID)):
+            c.sendall(option(opt, data))
+            check(read_reply(c)[:2] == (opt, want), "option %d %r: not answered %x" % (opt, data[:16], want))
+        c.close()
+        # Oversize: ERR_TOO_BIG, then closed.
+        c = started_client(relay)
+        c.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 4097) + b"x" * 4097)
+        check(read_reply(c)[:2] == (OPT_GO, ERR_TOO_BIG), "oversize option not refused")
+        check_closed(c, "oversize option")
+        c = started_client(relay)
+        c.sendall(struct.pack(">QII", IHAVEOPT, 99, 0xffffffff))
+        check(read_reply(c)[:2] == (99, ERR_TOO_BIG), "4 GiB option not refused")
+        check_closed(c, "4 GiB option")
+        # Garbage instead of an option.
+        c = started_client(relay)
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        check_closed(c, "garbage")
+        # ABORT: acknowledged, closed.
+        c = started_client(relay)
+        c.sendall(option(OPT_ABORT))
+        check(read_reply(c)[:2] == (OPT_ABORT, REP_ACK), "ABORT not acknowledged")
+        check_closed(c, "ABORT")
+        # A client that leaves halfway through an option.
+        c = started_client(relay)
+        c.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 100) + b"x")
+        c.close()
+        check(server.options() == [], "the server saw %r" % server.options())
+        check(relay.alive(), "the relay died")
+        check_serves(relay)
+        relay.daemon.wait_clients(0)
+        relay.stop()
+    finally:
+        relay.close()
+        server.close()
+
+
+def test_hostile_server_replies():
+    """A server that breaks the rules (an endless reply, a reply to another option, a reply type
+    that does not belong) costs its client the connection, nothing more."""
+    for hostile in ("long", "wrong-option", "server-list"):
+        relay, server = relay_with_fake(hostile=hostile)
+        try:
+            c = started_client(relay)
+            c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
+            check_closed(c, "server reply %s" % hostile)
+            check(relay.alive(), "the relay died of %s" % hostile)
+            relay.daemon.wait_clients(0)
+            relay.stop()
+        finally:
+            relay.close()
+            server.close()
+
+
+def test_handshake_timeout():
+    """A client that never picks an export is closed when the handshake's time is up."""
+    relay, server = Relay(upstream=None, selftest=["timeout"]), FakeServer()
+    relay.daemon.upstream = server.path
+    try:
+        c = started_client(relay)
+        relay.daemon.wait_clients(1)
+        check_closed(c, "a silent client")
+        relay.daemon.wait_clients(0)
+        check(b"no export chosen" in relay.log or wait_until(lambda: b"no export chosen" in relay.log, "log"),
+              "not logged")
+        relay.stop()
+    finally:
+        relay.close()
+        server.close()
+
+
+def test_client_gone_while_server_silent():
+    """A client that leaves while the server has not even sent its greeting frees its slot at
+    once, not when the handshake's time is up (a QEMU that does not accept would otherwise let
+    64 departed clients lock everyone out)."""
+    relay = Relay()
+    try:
+        c, up = pair_with_fake_upstream(relay, handshake=False)
+        relay.daemon.wait_clients(1)
+        c.close()
+        relay.daemon.wait_clients(0)
+        check(up.recv(1) == b"", "the upstream of a departed client was not closed")
+        up.close()
+        relay.stop()
+    finally:
+        relay.close()
+
+
+def test_bad_export_names():
+    for a in (["--export="], ["--export=a b"], ["--export=" + "x" * 257], ["--export=\x7f"], [],
+              ["--export=disk", "--export=disk"]):
+        r = subprocess.run([RELAY] + a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
+        check(r.returncode == 1, "%r must fail: %r" % (a, r))
 
 
 def test_control_backpressure():

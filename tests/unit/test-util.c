@@ -3,7 +3,9 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include "util.h"
@@ -524,6 +526,52 @@ static void test_mkdir_p(void) {
         rmdir(dir);
 }
 
+/* A listener that accepts nothing: the connection queues at once or it is -EAGAIN, never a
+ * wait (a blocking connect() would hang this test). */
+static void test_connect_unix_nonblock(void) {
+        _cleanup_free_ char *dir = make_tmpdir(), *path = NULL, *long_path = NULL;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int l = -1;
+        int fds[16], n = 0, r = 0;
+
+        ASSERT_NOT_NULL(dir);
+        if (!dir)
+                return;
+        path = strdup_printf("%s/l.sock", dir);
+        ASSERT_EQ(connect_unix_nonblock(path), -ENOENT);
+        strcpy(sa.sun_path, path);
+        l = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        ASSERT_OK(bind(l, (struct sockaddr *) &sa, sizeof(sa)));
+        ASSERT_OK(listen(l, 0));
+        while (n < (int) ELEMENTSOF(fds)) {
+                r = connect_unix_nonblock(path);
+                if (r < 0)
+                        break;
+                ASSERT_EQ(fcntl(r, F_GETFL) & O_NONBLOCK, 0);
+                ASSERT_TRUE(fcntl(r, F_GETFD) & FD_CLOEXEC);
+                fds[n++] = r;
+        }
+        ASSERT_EQ(r, -EAGAIN);
+        ASSERT_TRUE(n >= 1 && n < (int) ELEMENTSOF(fds));
+        /* Room again once one is accepted. */
+        {
+                _cleanup_close_ int a = accept4(l, NULL, NULL, SOCK_CLOEXEC);
+                ASSERT_TRUE(a >= 0);
+                r = connect_unix_nonblock(path);
+                ASSERT_TRUE(r >= 0);
+                if (r >= 0)
+                        close(r);
+        }
+        for (int i = 0; i < n; i++)
+                close(fds[i]);
+        long_path = calloc(1, sizeof(sa.sun_path) + 2);
+        if (long_path)
+                memset(long_path, 'x', sizeof(sa.sun_path) + 1);
+        ASSERT_EQ(connect_unix_nonblock(long_path), -ENAMETOOLONG);
+        unlink(path);
+        rmdir(dir);
+}
+
 static void test_misc(void) {
         _cleanup_free_ char *s = strdup_printf("%s-%d", "x", 42);
         usec_t a, b;
@@ -564,6 +612,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_strv);
         TAP_RUN(test_write_read_file);
         TAP_RUN(test_mkdir_p);
+        TAP_RUN(test_connect_unix_nonblock);
         TAP_RUN(test_misc);
         return tap_finish();
 }
