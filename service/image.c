@@ -169,6 +169,29 @@ static int open_error(char **ret_error, int r, const char *path, const char *dir
         }
 }
 
+/* The identity of a file named by a path we did not check ourselves (a QEMU reports it): looked up
+ * like an image, beneath an image directory without following anything, never stat()ed by name. */
+static int file_id_beneath(char *const *dirs, const char *path, struct stat *ret) {
+        _cleanup_close_ int dfd = -1, fd = -1;
+        const char *dir, *rel;
+
+        if (!path || !path_is_safe_absolute(path, PATH_MAX - 1))
+                return -EINVAL;
+        dir = find_dir(dirs, path);
+        if (!dir)
+                return -EPERM;
+        rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
+        dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
+                return -errno;
+        fd = openat2_beneath(dfd, rel, O_PATH | O_CLOEXEC);
+        if (fd < 0)
+                return fd;
+        if (fstat(fd, ret) < 0)
+                return -errno;
+        return 0;
+}
+
 int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error) {
         _cleanup_close_ int dfd = -1, pfd = -1, fd = -1;
         _cleanup_free_ char *list = NULL;
@@ -651,7 +674,9 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                         "The format '%s' of %s is not supported; images must be qcow2 or raw.", printable(format),
                         path);
 
-        /* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk. */
+        /* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk.
+         * A path outside the image directories cannot be the same file as one inside them but for a
+         * hard link across, which only who may write there can make; it is not looked at. */
         if (strv_length(forbidden) > 0) {
                 bad = calloc(strv_length(forbidden), sizeof(FileId));
                 if (!bad)
@@ -659,8 +684,11 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                 for (char *const *f = forbidden; *f; f++) {
                         struct stat st;
 
-                        if (stat(*f, &st) < 0) {
-                                log_debug_errno(errno, "Cannot stat %s, not comparing against it: %m", *f);
+                        r = file_id_beneath(dirs, *f, &st);
+                        if (r < 0) {
+                                log_debug_errno(r,
+                                        "Cannot look up %s beneath the image directories, not comparing against it: %m",
+                                        printable(*f));
                                 continue;
                         }
                         bad[n_bad++] = (FileId){.dev = st.st_dev, .ino = st.st_ino, .path = *f};

@@ -79,7 +79,8 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
  * path or the same st_dev/st_ino twice (-ELOOP), more than 32 images (-E2BIG), an image that is the
  * same file (st_dev/st_ino of the opened fd, not the name) as a path in forbidden, other guests'
  * writable disks (-EBUSY), and everything image_read_header() refuses. forbidden may be NULL; its
- * paths are trusted (our own state) and stat()ed, missing ones are skipped.
+ * paths need not be trusted (a QEMU reports some): each is looked up like an image, beneath an
+ * image directory without following symlinks, and one that is not found so is skipped.
  *
  * On success *ret owns the images and their fds (free with image_chain_done()); on failure *ret is
  * untouched. */

@@ -529,9 +529,18 @@ char **manager_guest_images(Manager *m, Guest *except) {
         _cleanup_strv_free_ char **l = NULL;
 
         for (Guest *g = m->guests; g; g = g->next)
-                for (size_t i = 0; g != except && i < g->n_disks; i++)
-                        if (!isempty(g->disks[i]->path) && strv_push(&l, strdup(g->disks[i]->path)) < 0)
+                for (size_t i = 0; g != except && i < g->n_disks; i++) {
+                        const char *p = g->disks[i]->path;
+
+                        if (isempty(p))
+                                continue;
+                        /* A running guest's paths are its QEMU's word, which may be a lie: it never
+                         * takes from a guest of ours an image we registered for that guest. */
+                        if (!g->offline && except && except->offline && guest_find_disk(except, p))
+                                continue;
+                        if (strv_push(&l, strdup(p)) < 0)
                                 return NULL;
+                }
         if (!l)
                 l = calloc(1, sizeof(char *));
         return TAKE_PTR(l);

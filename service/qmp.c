@@ -318,26 +318,6 @@ static int qmp_protocol_error(Qmp *q, const char *what) {
         return -EPROTO;
 }
 
-/* QEMU's error text ends up in D-Bus error messages and logs: keep it short and printable. */
-static void sanitize_text(char *dst, size_t size, const char *src) {
-        size_t n = 0;
-
-        for (const unsigned char *s = (const unsigned char *) src; *s && n + 1 < size; s++) {
-                if (*s >= 0x80) {
-                        /* Copy a whole (already validated) UTF-8 sequence or stop. */
-                        size_t len = (*s & 0xE0) == 0xC0 ? 2 : (*s & 0xF0) == 0xE0 ? 3 : 4;
-                        if (n + len + 1 > size)
-                                break;
-                        memcpy(dst + n, s, len);
-                        n += len;
-                        s += len - 1;
-                        continue;
-                }
-                dst[n++] = (*s < 0x20 || *s == 0x7f) ? ' ' : (char) *s;
-        }
-        dst[n] = 0;
-}
-
 static int qmp_handle_greeting(Qmp *q, json_object *msg);
 
 static void qmp_capabilities_reply(Qmp *q, int error, json_object *result, const char *error_class,
@@ -402,8 +382,11 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
         }
         if (c->handler) {
                 if (err) {
-                        sanitize_text(class_buf, sizeof(class_buf), json_object_get_string(cls));
-                        sanitize_text(desc_buf, sizeof(desc_buf), json_object_get_string(desc));
+                        /* QEMU's text ends up in D-Bus error messages and logs. */
+                        (void) text_sanitize_buf(class_buf, sizeof(class_buf), json_object_get_string(cls),
+                                (size_t) json_object_get_string_len(cls));
+                        (void) text_sanitize_buf(desc_buf, sizeof(desc_buf), json_object_get_string(desc),
+                                (size_t) json_object_get_string_len(desc));
                         c->handler(q, -EREMOTEIO, NULL, class_buf, desc_buf, c->userdata);
                 } else
                         c->handler(q, 0, ret, NULL, NULL, c->userdata);

@@ -163,6 +163,10 @@ bool qemu_id_is_valid(const char *s) {
         return true;
 }
 
+bool qemu_node_name_is_valid(const char *s) {
+        return qemu_id_is_valid(s && s[0] == '#' ? s + 1 : s);
+}
+
 bool path_is_safe_absolute(const char *p, size_t max_len) {
         size_t n;
 

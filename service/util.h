@@ -123,8 +123,11 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
 /* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md). */
 #define GUEST_NAME_MAX 64
 bool guest_name_is_valid(const char *s);
-/* A QEMU identifier (job id, node name): a letter, then [A-Za-z0-9._-]. */
+/* A QEMU identifier (job id, qdev id, export id, a node name given to it): a letter, then
+ * [A-Za-z0-9._-], at most 128 characters. */
 bool qemu_id_is_valid(const char *s);
+/* A node name as QEMU reports it: an identifier, or one QEMU made up itself ("#block123"). */
+bool qemu_node_name_is_valid(const char *s);
 /* An absolute, normalized path without "..", "//", control characters, of bounded length. */
 bool path_is_safe_absolute(const char *p, size_t max_len);
 /* Is path inside (or equal to) directory dir? Both must be normalized absolute paths. */

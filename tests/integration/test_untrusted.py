@@ -115,5 +115,147 @@ class HostileHelperTest(h.TestCase):
         self.assertIn(g.disk().path, objs)
 
 
+class FakeQemu:
+    """A QMP peer that plays QEMU with the disks it is given (query-block's entries) and says yes
+    to everything else: a guest that owns its QEMU."""
+
+    GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, ' \
+               b'"capabilities": []}}\r\n'
+
+    def __init__(self, test, path, blocks):
+        self.blocks = blocks
+        self.commands = []
+        self.done = threading.Event()
+        self.conns = []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.srv.settimeout(0.2)
+        self.path = path
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def _answer(self, cmd):
+        name = cmd.get('execute', '')
+        self.commands.append(name)
+        if name == 'query-block':
+            return self.blocks
+        if name.startswith('query-'):
+            return []
+        return {}
+
+    def _handle(self, conn):
+        f = conn.makefile('rb')
+        try:
+            conn.sendall(self.GREETING)
+            while not self.done.is_set():
+                line = f.readline()
+                if not line:
+                    return
+                cmd = json.loads(line)
+                conn.sendall(json.dumps({'return': self._answer(cmd), 'id': cmd.get('id')}).encode() + b'\r\n')
+        except (OSError, ValueError):
+            pass
+
+    def _loop(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(2)
+        self.srv.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def block(node, filename, qdev=None, device='', size=16 * MiB):
+    b = {'device': device, 'locked': False, 'removable': False, 'type': 'unknown',
+         'inserted': {'node-name': node, 'ro': False, 'drv': 'qcow2', 'file': filename, 'backing_file_depth': 0,
+                      'image': {'filename': filename, 'format': 'qcow2', 'virtual-size': size,
+                                'cluster-size': 65536}}}
+    if qdev:
+        b['qdev'] = '/machine/peripheral/%s/virtio-backend' % qdev
+    return b
+
+
+def offline_disks(disks):
+    return h.dbus.Dictionary({'disks': h.dbus.Dictionary(dict(disks), signature='ss')}, signature='sv')
+
+
+class HostileQemuTest(h.TestCase):
+    """QEMUs that lie about their disks (issue 9, item 9)."""
+
+    def fake(self, blocks):
+        path = os.path.join(self.env.dir, self.unique_name('fake') + '.sock')
+        return FakeQemu(self, path, blocks)
+
+    def escaped(self):
+        return sorted(f for f in os.listdir(self.env.dir) if f.startswith('escaped'))
+
+    def test_disk_names_never_reach_the_file_system(self):
+        # The guest's runtime directory is <dir>/run/guests/<name>: three levels up is <dir>.
+        img = os.path.join(self.env.images, 'some.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', img, '16M')
+        cases = {'node name as the alias': block('../../../escaped-node', img),
+                 'node name behind a good qdev id': block('../../../escaped-qdev', img, qdev='vda'),
+                 'BlockBackend name': block('top', img, device='../../../escaped-dev'),
+                 'a dot': block('.', img)}
+        for what, b in cases.items():
+            with self.subTest(what):
+                name = self.unique_name('evil')
+                q = self.fake([b])
+                _, err = self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name,
+                                              q.path, h.no_opts())
+                if err is None:
+                    self.addCleanup(self.unregister_quietly, name)
+                    # Whatever got registered: export every disk it has, on a unix socket.
+                    objs = self.client.managed_objects()
+                    disks = [p for p in objs if p.startswith(h.guest_path(name) + '/')
+                             and h.IFACE_STREAM in objs[p]]
+                    for p in disks:
+                        self.client.try_call(p, h.IFACE_STREAM, 'Export', 'a{sv}',
+                                             h.dbus.Dictionary({'listen': S('unix')}, signature='sv'), timeout=30)
+                    for p in disks:
+                        alias = objs[p][h.IFACE_STREAM]['Device']
+                        self.assertRegex(alias, r'^[A-Za-z][A-Za-z0-9._-]*$', 'a disk named %r got through' % alias)
+                else:
+                    self.assertEqual(err.name, h.ERR_QEMU_FAILED, err.message)
+                self.assertEqual(self.escaped(), [], 'a socket was made outside the runtime directory')
+                self.assertTrue(self.env.daemon.running())
+                self.assertTrue(self.client.get(h.MANAGER_PATH, h.IFACE_MANAGER, 'Version'))
+
+    def test_qemu_claims_another_guests_image(self):
+        victim = self.unique_name('victim')
+        top = self.make_chains(size=16 * MiB)['vda'].top
+        self.register(victim, '', offline_disks({'vda': top}))
+        self.addCleanup(self.unregister_quietly, victim)
+        vda = h.disk_path(victim, 'vda')
+
+        # A running guest whose QEMU says the victim's image is its disk.
+        evil = self.unique_name('evil')
+        q = self.fake([block('top', top, qdev='vda')])
+        self.register(evil, q.path)
+        self.addCleanup(self.unregister_quietly, evil)
+        self.assertEqual(self.client.get(h.disk_path(evil, 'vda'), h.IFACE_STREAM, 'Path'), top)
+
+        # The victim still gets its own disk: a map needs its storage helper, which opens it.
+        extents = self.client.call(vda, h.IFACE_STREAM, 'GetAllocationMap', 'tt', T(0), T(16 * MiB))
+        self.assertTrue(extents)
+        self.assertEqual(sum(e[1] for e in extents), 16 * MiB)
+        self.assertEqual(self.client.get(vda, h.IFACE_STREAM, 'Path'), top)
+
+
 if __name__ == '__main__':
     h.main()

@@ -263,6 +263,19 @@ static void test_qemu_id(void) {
         ASSERT_FALSE(qemu_id_is_valid("a\"b"));
         ASSERT_FALSE(qemu_id_is_valid("\xc3\xa9"));
         ASSERT_FALSE(qemu_id_is_valid("a\xc3\xa9"));
+
+        /* Node names: the same, or QEMU's own "#block123". */
+        ASSERT_TRUE(qemu_node_name_is_valid("disk0"));
+        ASSERT_TRUE(qemu_node_name_is_valid("#block123"));
+        ASSERT_FALSE(qemu_node_name_is_valid(NULL));
+        ASSERT_FALSE(qemu_node_name_is_valid(""));
+        ASSERT_FALSE(qemu_node_name_is_valid("#"));
+        ASSERT_FALSE(qemu_node_name_is_valid("##block1"));
+        ASSERT_FALSE(qemu_node_name_is_valid("#1"));
+        ASSERT_FALSE(qemu_node_name_is_valid(".."));
+        ASSERT_FALSE(qemu_node_name_is_valid("../../x"));
+        ASSERT_FALSE(qemu_node_name_is_valid("a/b"));
+        ASSERT_FALSE(qemu_node_name_is_valid("#a/b"));
 }
 
 /* Paths */
