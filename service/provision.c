@@ -142,15 +142,14 @@ static int watch_child(Provision *p, int out_fd, sd_event_child_handler_t handle
 
 static int created(sd_event_source *s, const siginfo_t *si, void *userdata) {
         Provision *p = userdata;
-        char text[512];
+        char msg[401], text[512];
 
         p->pid = 0;
         out_drain(p);
         if (si->si_code != CLD_EXITED || si->si_status != 0) {
-                snprintf(text, sizeof(text), "qemu-img create failed: %.400s", p->out_len ? p->out : "no message");
-                for (char *c = text; *c; c++)
-                        if ((unsigned char) *c < 0x20)
-                                *c = ' ';
+                /* Its words reach the caller: valid UTF-8, cut at a character, no controls. */
+                (void) text_sanitize_buf(msg, sizeof(msg), p->out, p->out_len);
+                snprintf(text, sizeof(text), "qemu-img create failed: %s", p->out_len ? msg : "no message");
                 provision_fail(p, BS_ERROR_QEMU_FAILED, text);
                 return 0;
         }
