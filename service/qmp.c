@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <ctype.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <sys/socket.h>
@@ -395,6 +396,16 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
         return 0;
 }
 
+/* QEMU's event names are upper case words ("BLOCK_JOB_COMPLETED"); they reach logs. */
+static bool event_name_is_valid(const char *s) {
+        if (!*s)
+                return false;
+        for (; *s; s++)
+                if (!(isascii((unsigned char) *s) && (isalnum((unsigned char) *s) || *s == '_' || *s == '-')))
+                        return false;
+        return true;
+}
+
 static int qmp_dispatch(Qmp *q, json_object *msg) {
         json_object *ret = NULL, *err = NULL, *ev;
 
@@ -411,7 +422,8 @@ static int qmp_dispatch(Qmp *q, json_object *msg) {
                 if (!json_object_is_type(ev, json_type_string))
                         return qmp_protocol_error(q, "event name is not a string");
                 name = json_object_get_string(ev);
-                if ((size_t) json_object_get_string_len(ev) != strlen(name) || strlen(name) > 128)
+                if ((size_t) json_object_get_string_len(ev) != strlen(name) || strlen(name) > 128 ||
+                        !event_name_is_valid(name))
                         return qmp_protocol_error(q, "bad event name");
                 if (json_object_object_get_ex(msg, "data", &data) && !json_object_is_type(data, json_type_object))
                         return qmp_protocol_error(q, "event data is not an object");
