@@ -656,10 +656,35 @@ typedef struct FileId {
         dev_t dev;
         ino_t ino;
         const char *path;
+        bool top_only;
 } FileId;
+
+/* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk.
+ * forbidden holds paths we checked ourselves, and is stat()ed; claimed holds what QEMUs report,
+ * looked up like an image, beneath an image directory and through fds only: a path outside them
+ * cannot be the same file as an image inside but for a hard link across, which only who may write
+ * there can make. */
+static void add_file_ids(char *const *dirs, char *const *paths, bool claimed, FileId *ids, size_t *n) {
+        for (char *const *f = paths; f && *f; f++) {
+                struct stat st;
+                int r;
+
+                r = claimed ? file_id_beneath(dirs, *f, &st) : (stat(*f, &st) < 0 ? -errno : 0);
+                if (r < 0) {
+                        log_debug_errno(r, "Cannot look up %s, not comparing against it: %m", printable(*f));
+                        continue;
+                }
+                ids[(*n)++] = (FileId){.dev = st.st_dev, .ino = st.st_ino, .path = *f, .top_only = claimed};
+        }
+}
 
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error) {
+        return image_chain_open_claimed(dirs, path, format, writable, forbidden, NULL, ret, ret_error);
+}
+
+int image_chain_open_claimed(char *const *dirs, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error) {
         _cleanup_(image_chain_done) ImageChain c = {};
         _cleanup_free_ FileId *bad = NULL;
         FileId ids[IMAGE_CHAIN_MAX];
@@ -674,25 +699,12 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                         "The format '%s' of %s is not supported; images must be qcow2 or raw.", printable(format),
                         path);
 
-        /* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk.
-         * A path outside the image directories cannot be the same file as one inside them but for a
-         * hard link across, which only who may write there can make; it is not looked at. */
-        if (strv_length(forbidden) > 0) {
-                bad = calloc(strv_length(forbidden), sizeof(FileId));
+        if (strv_length(forbidden) + strv_length(claimed) > 0) {
+                bad = calloc(strv_length(forbidden) + strv_length(claimed), sizeof(FileId));
                 if (!bad)
                         return -ENOMEM;
-                for (char *const *f = forbidden; *f; f++) {
-                        struct stat st;
-
-                        r = file_id_beneath(dirs, *f, &st);
-                        if (r < 0) {
-                                log_debug_errno(r,
-                                        "Cannot look up %s beneath the image directories, not comparing against it: %m",
-                                        printable(*f));
-                                continue;
-                        }
-                        bad[n_bad++] = (FileId){.dev = st.st_dev, .ino = st.st_ino, .path = *f};
-                }
+                add_file_ids(dirs, forbidden, false, bad, &n_bad);
+                add_file_ids(dirs, claimed, true, bad, &n_bad);
         }
 
         c.images = calloc(IMAGE_CHAIN_MAX, sizeof(Image));
@@ -750,7 +762,7 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                                         "The backing chain of %s loops: %s is the same file as %s, already in the chain.",
                                         path, p, ids[i].path);
                 for (size_t i = 0; i < n_bad; i++) {
-                        if (bad[i].dev != st.st_dev || bad[i].ino != st.st_ino)
+                        if (bad[i].dev != st.st_dev || bad[i].ino != st.st_ino || (bad[i].top_only && parent))
                                 continue;
                         if (streq(bad[i].path, p))
                                 return image_error(ret_error, -EBUSY,

@@ -79,10 +79,15 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
  * path or the same st_dev/st_ino twice (-ELOOP), more than 32 images (-E2BIG), an image that is the
  * same file (st_dev/st_ino of the opened fd, not the name) as a path in forbidden, other guests'
  * writable disks (-EBUSY), and everything image_read_header() refuses. forbidden may be NULL; its
- * paths need not be trusted (a QEMU reports some): each is looked up like an image, beneath an
- * image directory without following symlinks, and one that is not found so is skipped.
+ * paths are trusted (our own state) and stat()ed, missing ones are skipped.
  *
  * On success *ret owns the images and their fds (free with image_chain_done()); on failure *ret is
  * untouched. */
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error);
+/* The same, with the disks other guests' QEMUs say they have: their word, which may be a lie, so
+ * it only keeps the top (the image we would write) from being one of them, never a backing; and
+ * the paths are never stat()ed by name: looked up like an image (beneath an image directory,
+ * without following symlinks), and one not found so is skipped. */
+int image_chain_open_claimed(char *const *dirs, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error);

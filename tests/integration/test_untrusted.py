@@ -238,24 +238,39 @@ class HostileQemuTest(h.TestCase):
 
     def test_qemu_claims_another_guests_image(self):
         victim = self.unique_name('victim')
-        top = self.make_chains(size=16 * MiB)['vda'].top
-        self.register(victim, '', offline_disks({'vda': top}))
+        chain = self.make_chains(size=16 * MiB)['vda']
+        self.register(victim, '', offline_disks({'vda': chain.top}))
         self.addCleanup(self.unregister_quietly, victim)
         vda = h.disk_path(victim, 'vda')
+        fresh = self.make_chains(size=16 * MiB)['vda']
 
-        # A running guest whose QEMU says the victim's image is its disk.
+        # A running guest whose QEMU says the victim's image, the victim's backing and a fresh
+        # image are its disks.
         evil = self.unique_name('evil')
-        q = self.fake([block('top', top, qdev='vda')])
+        q = self.fake([block('n1', chain.top, qdev='vda'), block('n2', chain.mid, qdev='vdb'),
+                       block('n3', fresh.top, qdev='vdc')])
         self.register(evil, q.path)
         self.addCleanup(self.unregister_quietly, evil)
-        self.assertEqual(self.client.get(h.disk_path(evil, 'vda'), h.IFACE_STREAM, 'Path'), top)
+        self.assertEqual(self.client.get(h.disk_path(evil, 'vda'), h.IFACE_STREAM, 'Path'), chain.top)
 
         # The victim still gets its own disk: a map needs its storage helper, which opens it.
         extents = self.client.call(vda, h.IFACE_STREAM, 'GetAllocationMap', 'tt', T(0), T(16 * MiB))
-        self.assertTrue(extents)
         self.assertEqual(sum(e[1] for e in extents), 16 * MiB)
-        self.assertEqual(self.client.get(vda, h.IFACE_STREAM, 'Path'), top)
+        self.assertEqual(self.client.get(vda, h.IFACE_STREAM, 'Path'), chain.top)
 
+        # A new guest on the same backing: a claim keeps no one from reading an image.
+        other = self.make_chains(size=16 * MiB)['vda']
+        h.qemu_img('rebase', '-u', '-b', chain.mid, '-F', 'qcow2', other.top)
+        newcomer = self.unique_name('newcomer')
+        self.register(newcomer, '', offline_disks({'vda': other.top}))
+        self.addCleanup(self.unregister_quietly, newcomer)
+        self.assertEqual(self.client.get(h.disk_path(newcomer, 'vda'), h.IFACE_STREAM, 'BackingChain')[0],
+                         chain.mid)
+
+        # What a running guest says it writes, no one else registers to write (test_offline's rule).
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, self.unique_name('late'), '',
+                                 offline_disks({'vda': fresh.top}))
+        self.assertIn('another guest', e.message)
 
 if __name__ == '__main__':
     h.main()
