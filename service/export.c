@@ -437,9 +437,12 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         e->clients = (uint32_t) n;
                         export_emit(e, "Clients");
                 }
-        } else if (strncmp(buf, "error ", 6) == 0)
-                log_warning("Export %u relay: %s", e->id, buf + 6);
-        else
+        } else if (strncmp(buf, "error ", 6) == 0) {
+                char text[TEXT_SANITIZE_MAX + 1];
+
+                (void) text_sanitize_buf(text, sizeof(text), buf + 6, (size_t) k - 7);
+                log_warning("Export %u relay: %s", e->id, text);
+        } else
                 export_fail(e, "the NBD relay helper sent an unknown message");
         return 0;
 }

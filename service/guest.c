@@ -423,17 +423,19 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
 
 /* An offline guest's disks come from the image headers, read by us. */
 static int guest_refresh_offline(Guest *g) {
-        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g);
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g),
+                                 **claimed = manager_guest_claims(g->manager, g);
         int r;
 
-        if (!forbidden)
+        if (!forbidden || !claimed)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
                 _cleanup_(image_chain_done) ImageChain chain = {};
                 _cleanup_free_ char *error = NULL;
                 Disk *d = g->disks[i];
 
-                r = image_chain_open(g->manager->config.image_dirs, d->path, d->format, false, forbidden, &chain, &error);
+                r = image_chain_open_claimed(
+                        g->manager->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));

@@ -169,6 +169,29 @@ static int open_error(char **ret_error, int r, const char *path, const char *dir
         }
 }
 
+/* The identity of a file named by a path we did not check ourselves (a QEMU reports it): looked up
+ * like an image, beneath an image directory without following anything, never stat()ed by name. */
+static int file_id_beneath(char *const *dirs, const char *path, struct stat *ret) {
+        _cleanup_close_ int dfd = -1, fd = -1;
+        const char *dir, *rel;
+
+        if (!path || !path_is_safe_absolute(path, PATH_MAX - 1))
+                return -EINVAL;
+        dir = find_dir(dirs, path);
+        if (!dir)
+                return -EPERM;
+        rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
+        dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
+                return -errno;
+        fd = openat2_beneath(dfd, rel, O_PATH | O_CLOEXEC);
+        if (fd < 0)
+                return fd;
+        if (fstat(fd, ret) < 0)
+                return -errno;
+        return 0;
+}
+
 int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error) {
         _cleanup_close_ int dfd = -1, pfd = -1, fd = -1;
         _cleanup_free_ char *list = NULL;
@@ -633,10 +656,35 @@ typedef struct FileId {
         dev_t dev;
         ino_t ino;
         const char *path;
+        bool top_only;
 } FileId;
+
+/* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk.
+ * forbidden holds paths we checked ourselves, and is stat()ed; claimed holds what QEMUs report,
+ * looked up like an image, beneath an image directory and through fds only: a path outside them
+ * cannot be the same file as an image inside but for a hard link across, which only who may write
+ * there can make. */
+static void add_file_ids(char *const *dirs, char *const *paths, bool claimed, FileId *ids, size_t *n) {
+        for (char *const *f = paths; f && *f; f++) {
+                struct stat st;
+                int r;
+
+                r = claimed ? file_id_beneath(dirs, *f, &st) : (stat(*f, &st) < 0 ? -errno : 0);
+                if (r < 0) {
+                        log_debug_errno(r, "Cannot look up %s, not comparing against it: %m", printable(*f));
+                        continue;
+                }
+                ids[(*n)++] = (FileId){.dev = st.st_dev, .ino = st.st_ino, .path = *f, .top_only = claimed};
+        }
+}
 
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error) {
+        return image_chain_open_claimed(dirs, path, format, writable, forbidden, NULL, ret, ret_error);
+}
+
+int image_chain_open_claimed(char *const *dirs, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error) {
         _cleanup_(image_chain_done) ImageChain c = {};
         _cleanup_free_ FileId *bad = NULL;
         FileId ids[IMAGE_CHAIN_MAX];
@@ -651,20 +699,12 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                         "The format '%s' of %s is not supported; images must be qcow2 or raw.", printable(format),
                         path);
 
-        /* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk. */
-        if (strv_length(forbidden) > 0) {
-                bad = calloc(strv_length(forbidden), sizeof(FileId));
+        if (strv_length(forbidden) + strv_length(claimed) > 0) {
+                bad = calloc(strv_length(forbidden) + strv_length(claimed), sizeof(FileId));
                 if (!bad)
                         return -ENOMEM;
-                for (char *const *f = forbidden; *f; f++) {
-                        struct stat st;
-
-                        if (stat(*f, &st) < 0) {
-                                log_debug_errno(errno, "Cannot stat %s, not comparing against it: %m", *f);
-                                continue;
-                        }
-                        bad[n_bad++] = (FileId){.dev = st.st_dev, .ino = st.st_ino, .path = *f};
-                }
+                add_file_ids(dirs, forbidden, false, bad, &n_bad);
+                add_file_ids(dirs, claimed, true, bad, &n_bad);
         }
 
         c.images = calloc(IMAGE_CHAIN_MAX, sizeof(Image));
@@ -722,7 +762,7 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
                                         "The backing chain of %s loops: %s is the same file as %s, already in the chain.",
                                         path, p, ids[i].path);
                 for (size_t i = 0; i < n_bad; i++) {
-                        if (bad[i].dev != st.st_dev || bad[i].ino != st.st_ino)
+                        if (bad[i].dev != st.st_dev || bad[i].ino != st.st_ino || (bad[i].top_only && parent))
                                 continue;
                         if (streq(bad[i].path, p))
                                 return image_error(ret_error, -EBUSY,

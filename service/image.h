@@ -99,3 +99,9 @@ int image_open_parent_beneath(
  * 64 KiB clusters, nothing allocated. No process, no path: only fd is written. -EFBIG for a size
  * whose L1 table QEMU would not open, -EINVAL/-ENAMETOOLONG for bad arguments, -errno from writes. */
 int image_write_qcow2_overlay(int fd, uint64_t size, const char *backing, const char *backing_format, char **ret_error);
+/* The same, with the disks other guests' QEMUs say they have: their word, which may be a lie, so
+ * it only keeps the top (the image we would write) from being one of them, never a backing; and
+ * the paths are never stat()ed by name: looked up like an image (beneath an image directory,
+ * without following symlinks), and one not found so is skipped. */
+int image_chain_open_claimed(char *const *dirs, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error);

@@ -402,11 +402,11 @@ static int check_offline_disks(Manager *m, const RegisterOptions *o, sd_bus_erro
 
 /* Read every chain now, as untrusted headers, and refuse the registration if one is unsafe. */
 static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_bus_error *error) {
-        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g);
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g), **claimed = manager_guest_claims(m, g);
         size_t n = strv_length(o->disks) / 2;
         int r;
 
-        if (!forbidden)
+        if (!forbidden || !claimed)
                 return -ENOMEM;
         for (size_t i = 0; i < n; i++) {
                 _cleanup_(image_chain_done) ImageChain chain = {};
@@ -415,7 +415,8 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                 const char *format = lookup_pair(o->formats, alias) ?: "qcow2";
                 Disk *d, **l;
 
-                r = image_chain_open(m->config.image_dirs, path, format, false, forbidden, &chain, &why);
+                r = image_chain_open_claimed(
+                        m->config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)
@@ -602,16 +603,38 @@ static int method_get_guest(sd_bus_message *msg, void *userdata, sd_bus_error *e
         return sd_bus_reply_method_return(msg, "o", g->object_path);
 }
 
-char **manager_guest_images(Manager *m, Guest *except) {
+static bool guest_has_image(Guest *g, const char *path) {
+        for (size_t i = 0; g && i < g->n_disks; i++)
+                if (streq(g->disks[i]->path, path) || strv_contains(g->disks[i]->chain, path))
+                        return true;
+        return false;
+}
+
+/* offline: the disks we registered (paths we checked ourselves); else what running guests' QEMUs
+ * report, which may be a lie: never an image we registered for except. */
+static char **guest_images(Manager *m, Guest *except, bool offline) {
         _cleanup_strv_free_ char **l = NULL;
 
         for (Guest *g = m->guests; g; g = g->next)
-                for (size_t i = 0; g != except && i < g->n_disks; i++)
-                        if (!isempty(g->disks[i]->path) && strv_push(&l, strdup(g->disks[i]->path)) < 0)
+                for (size_t i = 0; g != except && g->offline == offline && i < g->n_disks; i++) {
+                        const char *p = g->disks[i]->path;
+
+                        if (isempty(p) || (!offline && guest_has_image(except, p)))
+                                continue;
+                        if (strv_push(&l, strdup(p)) < 0)
                                 return NULL;
+                }
         if (!l)
                 l = calloc(1, sizeof(char *));
         return TAKE_PTR(l);
+}
+
+char **manager_guest_images(Manager *m, Guest *except) {
+        return guest_images(m, except, true);
+}
+
+char **manager_guest_claims(Manager *m, Guest *except) {
+        return guest_images(m, except, false);
 }
 
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

@@ -52,7 +52,9 @@ Guest *manager_find_guest(Manager *m, const char *name);
 int manager_allocate_identity(Manager *m, Guest *g);
 bool manager_identity_valid(Manager *m, Guest *g);
 int manager_identity_labels(Manager *m, Guest *g);
-/* Every guest's disk image paths but except's (for "is this another guest's disk?"). */
+/* The disks of guests that are not running (registered and checked by us), and those that
+ * running guests' QEMUs report (their word: see image_chain_open_claimed()); but except's. */
 char **manager_guest_images(Manager *m, Guest *except);
+char **manager_guest_claims(Manager *m, Guest *except);
 void manager_link_guest(Manager *m, Guest *g);
 void manager_unlink_guest(Manager *m, Guest *g);

@@ -108,8 +108,12 @@ static int parse_block_job(json_object *o, QemuBlockJob *j) {
                 (r = json_get_u64(o, "offset", true, &j->offset)) < 0 ||
                 (r = json_get_u64(o, "speed", true, &j->speed)) < 0 || (r = json_get_string(o, "error", false, &error)) < 0)
                 return -EBADMSG;
+        if (!qemu_id_is_valid(id))
+                return -EBADMSG;
         j->status = qemu_job_status_from_string(status);
-        if (strdup_checked(id, &j->id) < 0 || strdup_checked(type, &j->type) < 0 || strdup_checked(error, &j->error) < 0)
+        if (strdup_checked(id, &j->id) < 0 || strdup_checked(type, &j->type) < 0)
+                return -ENOMEM;
+        if (error && !(j->error = text_sanitize_str(error)))
                 return -ENOMEM;
         return 0;
 }
@@ -148,7 +152,8 @@ int qemu_parse_job_event(const char *name, json_object *data, QemuJobEvent *ev) 
         *ev = (QemuJobEvent) {};
         if (streq(name, "JOB_STATUS_CHANGE")) {
                 ev->kind = QEMU_EVENT_JOB_STATUS_CHANGE;
-                if (json_get_string(data, "id", true, &ev->id) < 0 || json_get_string(data, "status", true, &status) < 0)
+                if (json_get_string(data, "id", true, &ev->id) < 0 ||
+                        json_get_string(data, "status", true, &status) < 0 || !qemu_id_is_valid(ev->id))
                         return -EBADMSG;
                 ev->status = qemu_job_status_from_string(status);
                 return 1;
@@ -164,7 +169,7 @@ int qemu_parse_job_event(const char *name, json_object *data, QemuJobEvent *ev) 
         else
                 return 0;
 
-        if (json_get_string(data, "device", true, &ev->id) < 0)
+        if (json_get_string(data, "device", true, &ev->id) < 0 || !qemu_id_is_valid(ev->id))
                 return -EBADMSG;
         if (ev->kind == QEMU_EVENT_BLOCK_JOB_ERROR) {
                 if (json_get_string(data, "action", true, &ev->action) < 0)
@@ -175,6 +180,11 @@ int qemu_parse_job_event(const char *name, json_object *data, QemuJobEvent *ev) 
                 (r = json_get_u64(data, "speed", false, &ev->speed)) < 0 ||
                 (r = json_get_string(data, "error", false, &ev->error)) < 0)
                 return -EBADMSG;
+        if (ev->error) {
+                /* It becomes the job's Error: QEMU's words, made fit to show. */
+                (void) text_sanitize_buf(ev->error_text, sizeof(ev->error_text), ev->error, strlen(ev->error));
+                ev->error = ev->error_text;
+        }
         ev->has_progress = true;
         return 1;
 }
@@ -213,7 +223,7 @@ static const char *find_node(json_object *nodes, const char *filename, const cha
                 if (!json_object_is_type(o, json_type_object))
                         continue;
                 if (json_get_string(o, "file", true, &file) < 0 || json_get_string(o, "drv", true, &drv) < 0 ||
-                        json_get_string(o, "node-name", true, &name) < 0)
+                        json_get_string(o, "node-name", true, &name) < 0 || !qemu_node_name_is_valid(name))
                         continue;
                 if (streq(file, filename) && streq(drv, fmt))
                         return name;
@@ -272,12 +282,17 @@ static int parse_disk(json_object *block, json_object *nodes, QemuDisk *d) {
         if (!json_object_object_get_ex(inserted, "image", &image))
                 return -EBADMSG;
 
+        /* Every name QEMU gives is checked here, so that nothing downstream sees one that is not
+         * valid: an alias names sockets, object paths, URIs and polkit's details; a node name goes
+         * back to QEMU and into the state file. An honest QEMU only makes valid ones. */
+        if (!qemu_node_name_is_valid(node))
+                return -EBADMSG;
         d->alias = alias_from_qdev(qdev);
         if (!d->alias)
                 d->alias = strdup(!isempty(device) ? device : node);
         if (!d->alias)
                 return -ENOMEM;
-        if (!qemu_id_is_valid(d->alias) && !streq(d->alias, node))
+        if (!qemu_id_is_valid(d->alias))
                 return -EBADMSG;
         if (!(d->node_name = strdup(node)))
                 return -ENOMEM;
@@ -647,7 +662,7 @@ static void exports_reply(Qmp *q, int error, json_object *result, const char *cl
         }
         for (size_t i = 0; i < n; i++) {
                 const char *id = NULL;
-                if (json_get_string(json_object_array_get_idx(result, i), "id", true, &id) < 0)
+                if (json_get_string(json_object_array_get_idx(result, i), "id", true, &id) < 0 || !qemu_id_is_valid(id))
                         goto bad;
                 if (!(ids[i] = strdup(id))) {
                         req->handler.exports(q, -ENOMEM, NULL, NULL, req->userdata);
@@ -691,7 +706,7 @@ int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handl
 int qemu_parse_export_deleted(const char *name, json_object *data, const char **ret_id) {
         if (!streq(name, "BLOCK_EXPORT_DELETED"))
                 return 0;
-        if (json_get_string(data, "id", true, ret_id) < 0)
+        if (json_get_string(data, "id", true, ret_id) < 0 || !qemu_id_is_valid(*ret_id))
                 return -EBADMSG;
         return 1;
 }

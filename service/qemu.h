@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "qmp.h"
+#include "util.h"
 
 #define QEMU_DISKS_MAX 256
 #define QEMU_CHAIN_MAX 128
@@ -53,15 +54,17 @@ typedef enum QemuEventKind {
         QEMU_EVENT_BLOCK_JOB_READY,
 } QemuEventKind;
 
-/* A job event; the strings are borrowed from the event's JSON. */
+/* A job event; the strings are borrowed from the event's JSON, but for the error. Ids are valid
+ * QEMU identifiers (else -EBADMSG). */
 typedef struct QemuJobEvent {
         QemuEventKind kind;
         const char *id;
         QemuJobStatus status; /* JOB_STATUS_CHANGE */
         uint64_t len, offset, speed;
         bool has_progress;
-        const char *error;  /* BLOCK_JOB_COMPLETED: set if the job failed */
+        const char *error;  /* BLOCK_JOB_COMPLETED: set if the job failed (points to error_text) */
         const char *action; /* BLOCK_JOB_ERROR */
+        char error_text[TEXT_SANITIZE_MAX + 1]; /* QEMU's error, sanitized (text_sanitize) */
 } QemuJobEvent;
 
 /* 0: not a job event (ret->kind == QEMU_EVENT_OTHER); 1: parsed; -EBADMSG: malformed. */

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <ctype.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <sys/socket.h>
@@ -371,26 +372,6 @@ static int qmp_protocol_error(Qmp *q, const char *what) {
         return -EPROTO;
 }
 
-/* QEMU's error text ends up in D-Bus error messages and logs: keep it short and printable. */
-static void sanitize_text(char *dst, size_t size, const char *src) {
-        size_t n = 0;
-
-        for (const unsigned char *s = (const unsigned char *) src; *s && n + 1 < size; s++) {
-                if (*s >= 0x80) {
-                        /* Copy a whole (already validated) UTF-8 sequence or stop. */
-                        size_t len = (*s & 0xE0) == 0xC0 ? 2 : (*s & 0xF0) == 0xE0 ? 3 : 4;
-                        if (n + len + 1 > size)
-                                break;
-                        memcpy(dst + n, s, len);
-                        n += len;
-                        s += len - 1;
-                        continue;
-                }
-                dst[n++] = (*s < 0x20 || *s == 0x7f) ? ' ' : (char) *s;
-        }
-        dst[n] = 0;
-}
-
 static int qmp_handle_greeting(Qmp *q, json_object *msg);
 
 static void qmp_capabilities_reply(Qmp *q, int error, json_object *result, const char *error_class,
@@ -455,8 +436,11 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
         }
         if (c->handler) {
                 if (err) {
-                        sanitize_text(class_buf, sizeof(class_buf), json_object_get_string(cls));
-                        sanitize_text(desc_buf, sizeof(desc_buf), json_object_get_string(desc));
+                        /* QEMU's text ends up in D-Bus error messages and logs. */
+                        (void) text_sanitize_buf(class_buf, sizeof(class_buf), json_object_get_string(cls),
+                                (size_t) json_object_get_string_len(cls));
+                        (void) text_sanitize_buf(desc_buf, sizeof(desc_buf), json_object_get_string(desc),
+                                (size_t) json_object_get_string_len(desc));
                         c->handler(q, -EREMOTEIO, NULL, class_buf, desc_buf, c->userdata);
                 } else
                         c->handler(q, 0, ret, NULL, NULL, c->userdata);
@@ -465,6 +449,16 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
         if (q->draining && !q->calls)
                 qmp_drain_finish(q, 0);
         return 0;
+}
+
+/* QEMU's event names are upper case words ("BLOCK_JOB_COMPLETED"); they reach logs. */
+static bool event_name_is_valid(const char *s) {
+        if (!*s)
+                return false;
+        for (; *s; s++)
+                if (!(isascii((unsigned char) *s) && (isalnum((unsigned char) *s) || *s == '_' || *s == '-')))
+                        return false;
+        return true;
 }
 
 static int qmp_dispatch(Qmp *q, json_object *msg) {
@@ -483,7 +477,8 @@ static int qmp_dispatch(Qmp *q, json_object *msg) {
                 if (!json_object_is_type(ev, json_type_string))
                         return qmp_protocol_error(q, "event name is not a string");
                 name = json_object_get_string(ev);
-                if ((size_t) json_object_get_string_len(ev) != strlen(name) || strlen(name) > 128)
+                if ((size_t) json_object_get_string_len(ev) != strlen(name) || strlen(name) > 128 ||
+                        !event_name_is_valid(name))
                         return qmp_protocol_error(q, "bad event name");
                 if (json_object_object_get_ex(msg, "data", &data) && !json_object_is_type(data, json_type_object))
                         return qmp_protocol_error(q, "event data is not an object");

@@ -532,8 +532,9 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         } else if (streq(buf, "done")) {
                 op->got_done = true;
         } else if (strncmp(buf, "error ", 6) == 0) {
+                /* Its words become the job's Error, a method error and a log line. */
                 free(op->error);
-                op->error = strdup(buf + 6);
+                op->error = text_sanitize(buf + 6, (size_t) k - 7, TEXT_SANITIZE_MAX);
         } else
                 op_end(op, STREAM_FAILED, "the pull helper sent an unknown message");
         return 1;

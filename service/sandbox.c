@@ -563,9 +563,12 @@ HelperLog *helper_log_free(HelperLog *l) {
 }
 
 static void helper_log_flush(HelperLog *l) {
-        l->line[l->len] = 0;
-        if (l->len > 0)
-                log_info("%s: %s", l->prefix, l->line);
+        char text[sizeof(l->line) * 3]; /* room for a U+FFFD per byte */
+
+        if (l->len > 0) {
+                (void) text_sanitize_buf(text, sizeof(text), l->line, l->len);
+                log_info("%s: %s", l->prefix, text);
+        }
         l->len = 0;
 }
 

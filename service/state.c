@@ -195,6 +195,24 @@ static int dup_field(json_object *o, const char *key, bool required, char **ret)
         return *ret ? 0 : -ENOMEM;
 }
 
+/* A text that is only shown (a job's Error, first said by a helper or QEMU): a bad byte in it,
+ * which an older daemon may have written, costs the byte, not the guest. */
+static int text_field(json_object *o, const char *key, char **ret) {
+        json_object *v;
+        char *t;
+
+        if (!json_object_object_get_ex(o, key, &v))
+                return 0;
+        if (!json_object_is_type(v, json_type_string))
+                return -EBADMSG;
+        t = text_sanitize(json_object_get_string(v), (size_t) json_object_get_string_len(v), TEXT_SANITIZE_MAX);
+        if (!t)
+                return -ENOMEM;
+        free(*ret);
+        *ret = t;
+        return 0;
+}
+
 static int job_from_json(json_object *o, Job *j) {
         const char *state = NULL, *mode = NULL, *outcome = NULL;
         bool concluded = false, finished = false, cancel = false;
@@ -219,7 +237,7 @@ static int job_from_json(json_object *o, Job *j) {
         j->cancel_requested = cancel;
         if (concluded && (j->outcome != STREAM_COMPLETED && j->outcome != STREAM_FAILED && j->outcome != STREAM_CANCELLED))
                 return -EBADMSG;
-        if (dup_field(o, "id", false, &j->id) < 0 || dup_field(o, "error", false, &j->error) < 0)
+        if (dup_field(o, "id", false, &j->id) < 0 || text_field(o, "error", &j->error) < 0)
                 return -EBADMSG;
         if (j->id && !qemu_id_is_valid(j->id))
                 return -EBADMSG;

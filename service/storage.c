@@ -354,7 +354,7 @@ static char *node_name(const Disk *d, size_t k, bool file) {
         return strdup_printf(file ? "bsf-%s-%zu" : "bs-%s-%zu", d->alias, k);
 }
 
-static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
+static int attach_disk(Guest *g, Disk *d, char **forbidden, char **claimed, char **ret_error) {
         Manager *m = g->manager;
         StorageHelper *h = g->helper;
         _cleanup_(image_chain_done) ImageChain chain = {};
@@ -364,7 +364,8 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(&m->config))))
                 return -ENOMEM;
-        r = image_chain_open(m->config.image_dirs, d->path, d->format, true, forbidden, &chain, ret_error);
+        r = image_chain_open_claimed(
+                m->config.image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {
@@ -402,15 +403,16 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **ret_error) {
 
 void storage_helper_attach(Guest *g) {
         StorageHelper *h = g->helper;
-        _cleanup_strv_free_ char **forbidden = NULL;
+        _cleanup_strv_free_ char **forbidden = NULL, **claimed = NULL;
         int r = 0;
 
         if (!h)
                 return;
         forbidden = guest_forbidden_images(g);
+        claimed = manager_guest_claims(g->manager, g);
         for (size_t i = 0; i < g->n_disks && r >= 0; i++) {
                 _cleanup_free_ char *error = NULL;
-                r = attach_disk(g, g->disks[i], forbidden, &error);
+                r = attach_disk(g, g->disks[i], forbidden, claimed, &error);
                 if (r < 0) {
                         free(h->error);
                         h->error = strdup_printf("Cannot attach disk %s (%s): %s", g->disks[i]->alias, g->disks[i]->path,

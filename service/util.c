@@ -165,6 +165,10 @@ bool qemu_id_is_valid(const char *s) {
         return true;
 }
 
+bool qemu_node_name_is_valid(const char *s) {
+        return qemu_id_is_valid(s && s[0] == '#' ? s + 1 : s);
+}
+
 bool path_is_safe_absolute(const char *p, size_t max_len) {
         size_t n;
 
@@ -248,6 +252,68 @@ bool utf8_is_valid(const char *str) {
         Utf8State s = {};
 
         return utf8_feed(&s, str, strlen(str)) && s.need == 0;
+}
+
+/* The length of the valid UTF-8 sequence at p (at most n bytes available), 0 if none starts there. */
+static size_t utf8_sequence_length(const uint8_t *p, size_t n) {
+        Utf8State s = {};
+
+        if (n == 0 || !utf8_feed(&s, p, 1))
+                return 0;
+        for (size_t i = 1; s.need > 0; i++) {
+                if (i >= n || !utf8_feed(&s, p + i, 1))
+                        return 0;
+                if (s.need == 0)
+                        return i + 1;
+        }
+        return 1;
+}
+
+size_t text_sanitize_buf(char *dst, size_t size, const char *src, size_t len) {
+        static const char replacement[] = "\xEF\xBF\xBD"; /* U+FFFD */
+        const uint8_t *p = (const uint8_t *) src;
+        size_t n = 0;
+
+        if (size == 0)
+                return 0;
+        if (!src)
+                len = 0;
+        for (size_t i = 0; i < len && p[i] != 0;) {
+                size_t k = utf8_sequence_length(p + i, len - i);
+                const char *out = (const char *) p + i;
+                size_t out_len = k;
+
+                if (k == 0) {
+                        out = replacement;
+                        out_len = sizeof(replacement) - 1;
+                        k = 1;
+                } else if (k == 1 && (p[i] < 0x20 || p[i] == 0x7F)) {
+                        out = " ";
+                } else if (k == 2 && p[i] == 0xC2 && p[i + 1] < 0xA0) {
+                        /* C1 controls, U+0080..U+009F: CSI and friends for some terminals. */
+                        out = " ";
+                        out_len = 1;
+                }
+                if (n + out_len > size - 1)
+                        break;
+                memcpy(dst + n, out, out_len);
+                n += out_len;
+                i += k;
+        }
+        dst[n] = 0;
+        return n;
+}
+
+char *text_sanitize(const char *src, size_t len, size_t max) {
+        _cleanup_free_ char *buf = NULL;
+
+        if (max >= SIZE_MAX)
+                return NULL;
+        buf = malloc(max + 1);
+        if (!buf)
+                return NULL;
+        (void) text_sanitize_buf(buf, max + 1, src, len);
+        return TAKE_PTR(buf);
 }
 
 /* Sizes */

@@ -124,8 +124,11 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
 /* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md). */
 #define GUEST_NAME_MAX 64
 bool guest_name_is_valid(const char *s);
-/* A QEMU identifier (job id, node name): a letter, then [A-Za-z0-9._-]. */
+/* A QEMU identifier (job id, qdev id, export id, a node name given to it): a letter, then
+ * [A-Za-z0-9._-], at most 128 characters. */
 bool qemu_id_is_valid(const char *s);
+/* A node name as QEMU reports it: an identifier, or one QEMU made up itself ("#block123"). */
+bool qemu_node_name_is_valid(const char *s);
 /* An absolute, normalized path without "..", "//", control characters, of bounded length. */
 bool path_is_safe_absolute(const char *p, size_t max_len);
 /* Is path inside (or equal to) directory dir? Both must be normalized absolute paths. */
@@ -139,6 +142,19 @@ typedef struct Utf8State {
 } Utf8State;
 bool utf8_feed(Utf8State *s, const void *buf, size_t len);
 bool utf8_is_valid(const char *s);
+
+/* Text from a peer we do not trust (a helper, QEMU, a state file) made fit for D-Bus, logs and
+ * terminals, where it enters the daemon: valid UTF-8 (each byte that does not start a valid
+ * sequence becomes U+FFFD), no control character (C0, DEL, C1: each becomes a space), no NUL (len
+ * bytes are read, a NUL among them ends the text), and at most max bytes, cut at a character
+ * boundary. text_sanitize_buf() writes into dst of size bytes (max = size - 1) and returns the
+ * length; text_sanitize() returns a new string (NULL on OOM). */
+#define TEXT_SANITIZE_MAX 512
+size_t text_sanitize_buf(char *dst, size_t size, const char *src, size_t len);
+char *text_sanitize(const char *src, size_t len, size_t max);
+static inline char *text_sanitize_str(const char *src) {
+        return text_sanitize(strempty(src), strlen(strempty(src)), TEXT_SANITIZE_MAX);
+}
 
 /* Sizes: decimal integer with an optional suffix, no spaces. K M G T P E and Ki Mi … and
  * KiB MiB … are powers of 1024; KB MB GB TB PB EB powers of 1000; B or none is bytes. A

@@ -569,6 +569,53 @@ static void test_forbidden(void) {
         }
 }
 
+/* What another guest's QEMU says it has is its word: it keeps us from writing that image (the top),
+ * never from reading it as a backing, and its paths are never followed out of the image
+ * directories (issue 9, item 9). */
+static void test_claimed(void) {
+        ImageChain c = {};
+        _cleanup_free_ char *err = NULL;
+        int r;
+
+        ASSERT_OK(mkdir(P("%s/cl", img_dir), 0755));
+        craft_file(P("%s/cl/base.qcow2", img_dir), &(Craft){});
+        craft_file(P("%s/cl/top.qcow2", img_dir), &(Craft){.backing = "base.qcow2", .backing_fmt = "qcow2"});
+        {
+                char *claimed[] = {(char *) P("%s/cl/top.qcow2", img_dir), NULL};
+
+                r = image_chain_open_claimed(dirs_img(), P("%s/cl/top.qcow2", img_dir), "qcow2", true, NULL, claimed, &c, &err);
+                ASSERT_EQ(r, -EBUSY);
+                ASSERT_TRUE(err && strstr(err, "another guest"));
+                ASSERT_EQ(c.n, 0);
+                err = mfree(err);
+        }
+        {
+                char *claimed[] = {(char *) P("%s/cl/base.qcow2", img_dir), NULL};
+
+                r = image_chain_open_claimed(dirs_img(), P("%s/cl/top.qcow2", img_dir), "qcow2", true, NULL, claimed, &c, &err);
+                ASSERT_OK(r);
+                ASSERT_EQ(c.n, 2);
+                image_chain_done(&c);
+                err = mfree(err);
+        }
+        {
+                /* Named through a symlink from outside: not followed, so not compared. */
+                char *claimed[] = {(char *) P("%s/cl-top-elsewhere", outside_dir), NULL};
+
+                ASSERT_OK(symlink(P("%s/cl/top.qcow2", img_dir), claimed[0]));
+                r = image_chain_open_claimed(dirs_img(), P("%s/cl/top.qcow2", img_dir), "qcow2", true, NULL, claimed, &c, &err);
+                ASSERT_OK(r);
+                image_chain_done(&c);
+                err = mfree(err);
+        }
+        {
+                /* The same, forbidden (our own record): still the same file. */
+                char *forbidden[] = {(char *) P("%s/cl/base.qcow2", img_dir), NULL};
+
+                REFUSED(dirs_img(), P("%s/cl/top.qcow2", img_dir), "qcow2", forbidden, -EBUSY, "another guest");
+        }
+}
+
 /* image_read_header() on a crafted file; returns r, fills *ret_err. */
 static int read_crafted(const char *image_path, const char *format, Image *img, char **ret_err) {
         _cleanup_close_ int fd = -1;
@@ -1249,6 +1296,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_loops);
         TAP_RUN(test_depth);
         TAP_RUN(test_forbidden);
+        TAP_RUN(test_claimed);
         TAP_RUN(test_header_hostile);
         TAP_RUN(test_chain_hostile);
         TAP_RUN(test_block_device);

@@ -326,6 +326,72 @@ static void test_disks_alias_fallbacks(void) {
         }
 }
 
+/* Names QEMU reports become socket paths, object paths, URIs, polkit details and QEMU arguments:
+ * one that is not a valid QEMU name is refused wherever it sits, also a node name that doubles as
+ * the alias (issue 9, item 9). */
+static void test_disks_hostile_names(void) {
+        static const char *const ins[] = {"inserted", NULL};
+        static const char *const bad_nodes[] = {"../../x", "..", ".", "a/b", "x y", "#", "#../x", "vda\n", "-x"};
+
+        for (size_t i = 0; i < ELEMENTSOF(bad_nodes); i++) {
+                _cleanup_free_ char *v = strdup_printf("\"%s\"", bad_nodes[i]);
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                        *nodes = load("query-named-block-nodes-chain3.json");
+                json_object *b = json_object_array_get_idx(blocks, 0), *in = block0(blocks, ins);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+                int r;
+
+                /* With a qdev id: the node name alone. */
+                ASSERT_NOT_NULL(v);
+                if (!v || !in)
+                        continue;
+                json_object_object_add(in, "node-name", json_object_new_string(bad_nodes[i]));
+                r = qemu_parse_disks(blocks, nodes, &d, &n);
+                if (r != -EBADMSG) {
+                        TAP_FAIL("node-name %s with qdev vda: got %d, expected -EBADMSG", bad_nodes[i], r);
+                        if (r >= 0)
+                                qemu_disks_free(d, n);
+                }
+                /* Without one: the node name is the alias too. */
+                json_object_object_del(b, "qdev");
+                json_object_object_del(b, "device");
+                r = qemu_parse_disks(blocks, nodes, &d, &n);
+                if (r != -EBADMSG) {
+                        TAP_FAIL("node-name %s as the alias: got %d, expected -EBADMSG", bad_nodes[i], r);
+                        if (r >= 0)
+                                qemu_disks_free(d, n);
+                }
+        }
+
+        /* A BlockBackend name that is no valid id. */
+        {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json");
+                json_object *b = json_object_array_get_idx(blocks, 0);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+
+                json_object_object_del(b, "qdev");
+                json_object_object_add(b, "device", json_object_new_string("../../tmp/x"));
+                ASSERT_ERRNO(qemu_parse_disks(blocks, NULL, &d, &n), -EBADMSG);
+        }
+
+        /* A chain node whose name is no valid node name is not taken for one of the chain. */
+        {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                        *nodes = parse(
+                                                                "[{\"node-name\": \"../evil\", \"drv\": \"qcow2\", \"file\": \"/tmp/exp/mid.qcow2\"}]");
+                QemuDisk *d = NULL;
+                size_t n = 0;
+
+                ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+                ASSERT_EQ(n, 1);
+                if (n == 1 && d[0].n_chain == 2)
+                        ASSERT_NULL(d[0].chain[0].node_name);
+                qemu_disks_free(d, n);
+        }
+}
+
 /* A synthetic disk with a chain of depth images below the top. */
 static json_object *make_chain(size_t depth) {
         json_object *image = NULL, *blocks, *block, *inserted;
@@ -642,6 +708,50 @@ static void test_job_events_invalid(void) {
                 int r = parse_event(t[i].name, t[i].data, &ev);
                 if (r != -EBADMSG)
                         TAP_FAIL("%s %s: got %d, expected -EBADMSG", t[i].name, t[i].data, r);
+        }
+}
+
+/* QEMU's job error text becomes the job's Error: sanitized on the way in; job ids are names. */
+static void test_jobs_hostile_text_and_ids(void) {
+        QemuJobEvent ev;
+        json_object *o;
+
+        o = parse("{\"device\": \"j3\", \"len\": 1, \"offset\": 0, \"speed\": 0, \"type\": \"stream\", "
+                  "\"error\": \"bad \\u001b[31mred\\u001b[0m\\nline \\u009b2J end\"}");
+        ASSERT_EQ(qemu_parse_job_event("BLOCK_JOB_COMPLETED", o, &ev), 1);
+        ASSERT_STREQ(ev.error, "bad  [31mred [0m line  2J end");
+        json_object_put(o);
+
+        ASSERT_EQ(parse_event("JOB_STATUS_CHANGE", "{\"status\": \"running\", \"id\": \"../x\"}", &ev), -EBADMSG);
+        ASSERT_EQ(parse_event("BLOCK_JOB_COMPLETED", "{\"device\": \"a b\", \"len\": 1, \"offset\": 1}", &ev), -EBADMSG);
+        ASSERT_EQ(parse_event("BLOCK_JOB_ERROR", "{\"device\": \"\", \"action\": \"stop\"}", &ev), -EBADMSG);
+
+        {
+                _cleanup_(json_object_putp) json_object *jobs = parse(
+                        "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"concluded\", \"len\": 1, \"offset\": 0, "
+                        "\"speed\": 0, \"error\": \"\\u001b]0;owned\\u0007x\"}]");
+                QemuBlockJob *j = NULL;
+                size_t n = 0;
+
+                ASSERT_OK(qemu_parse_block_jobs(jobs, &j, &n));
+                if (n == 1)
+                        ASSERT_STREQ(j[0].error, " ]0;owned x");
+                qemu_block_jobs_free(j, n);
+        }
+        {
+                _cleanup_(json_object_putp) json_object *jobs = parse(
+                        "[{\"device\": \"../../x\", \"type\": \"stream\", \"status\": \"running\", \"len\": 1, "
+                        "\"offset\": 0, \"speed\": 0}]");
+                QemuBlockJob *j = NULL;
+                size_t n = 0;
+
+                ASSERT_ERRNO(qemu_parse_block_jobs(jobs, &j, &n), -EBADMSG);
+        }
+        {
+                const char *id = NULL;
+                _cleanup_(json_object_putp) json_object *data = parse("{\"id\": \"../x\"}");
+
+                ASSERT_EQ(qemu_parse_export_deleted("BLOCK_EXPORT_DELETED", data, &id), -EBADMSG);
         }
 }
 
@@ -1104,6 +1214,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_disks_bad_containers);
         TAP_RUN(test_disks_duplicate_alias);
         TAP_RUN(test_disks_alias_fallbacks);
+        TAP_RUN(test_disks_hostile_names);
+        TAP_RUN(test_jobs_hostile_text_and_ids);
         TAP_RUN(test_disks_chain_max);
         TAP_RUN(test_chain_max_fits_qmp_depth);
         TAP_RUN(test_disks_limits);

@@ -618,6 +618,20 @@ static void test_hostile_structure(void) {
         run_hostile(t, ELEMENTSOF(t));
 }
 
+/* Event names reach logs: QEMU's are words, anything else is a violation. */
+static void test_hostile_event_names(void) {
+        static const Hostile t[] = {
+                {"event name with an escape", "{\"event\": \"STOP\\u001b[2J\", \"data\": {}}\r\n"},
+                {"event name with a newline", "{\"event\": \"STOP\\nGuest vm1: fake log line\"}\r\n"},
+                {"event name with a space", "{\"event\": \"BLOCK JOB\"}\r\n"},
+                {"event name with a slash", "{\"event\": \"../x\"}\r\n"},
+                {"empty event name", "{\"event\": \"\"}\r\n"},
+                {"event name not ASCII", "{\"event\": \"STOP\xc3\xa9\"}\r\n"},
+        };
+
+        run_hostile(t, ELEMENTSOF(t));
+}
+
 static void test_hostile_utf8(void) {
         static const Hostile t[] = {
                 {"invalid UTF-8: 0xff", "{\"event\": \"X\", \"data\": {\"s\": \"a\xff"
@@ -1556,6 +1570,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_hostile_syntax);
         TAP_RUN(test_hostile_structure);
         TAP_RUN(test_hostile_utf8);
+        TAP_RUN(test_hostile_event_names);
         TAP_RUN(test_hostile_utf8_nonshortest);
         TAP_RUN(test_nesting);
         TAP_RUN(test_huge_numbers);

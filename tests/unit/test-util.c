@@ -265,6 +265,19 @@ static void test_qemu_id(void) {
         ASSERT_FALSE(qemu_id_is_valid("a\"b"));
         ASSERT_FALSE(qemu_id_is_valid("\xc3\xa9"));
         ASSERT_FALSE(qemu_id_is_valid("a\xc3\xa9"));
+
+        /* Node names: the same, or QEMU's own "#block123". */
+        ASSERT_TRUE(qemu_node_name_is_valid("disk0"));
+        ASSERT_TRUE(qemu_node_name_is_valid("#block123"));
+        ASSERT_FALSE(qemu_node_name_is_valid(NULL));
+        ASSERT_FALSE(qemu_node_name_is_valid(""));
+        ASSERT_FALSE(qemu_node_name_is_valid("#"));
+        ASSERT_FALSE(qemu_node_name_is_valid("##block1"));
+        ASSERT_FALSE(qemu_node_name_is_valid("#1"));
+        ASSERT_FALSE(qemu_node_name_is_valid(".."));
+        ASSERT_FALSE(qemu_node_name_is_valid("../../x"));
+        ASSERT_FALSE(qemu_node_name_is_valid("a/b"));
+        ASSERT_FALSE(qemu_node_name_is_valid("#a/b"));
 }
 
 /* Paths */
@@ -597,6 +610,70 @@ static void test_misc(void) {
         log_set_max_level(LOG_LEVEL_INFO);
 }
 
+/* text_sanitize: whatever bytes come in, what comes out is valid UTF-8 without control
+ * characters, bounded, and cut at a character boundary. */
+static void test_text_sanitize(void) {
+        static const struct {
+                const char *in;
+                size_t len;
+                const char *out;
+        } t[] = {
+                {"plain text", 10, "plain text"},
+                {"", 0, ""},
+                {"caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80", 14, "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"},
+                {"a\xFF" "b", 3, "a\xEF\xBF\xBD" "b"},
+                {"\xFF\xFE", 2, "\xEF\xBF\xBD\xEF\xBF\xBD"},
+                {"\xC0\xAF", 2, "\xEF\xBF\xBD\xEF\xBF\xBD"},           /* overlong '/' */
+                {"\xED\xA0\x80", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"}, /* a surrogate */
+                {"\xF4\x90\x80\x80", 4, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"}, /* past U+10FFFF */
+                {"x\xE2\x82", 3, "x\xEF\xBF\xBD\xEF\xBF\xBD"},         /* cut short */
+                {"line\nnext\r\tend", 15, "line next  end"},
+                {"\x1B[31mred\x7F", 9, " [31mred "},
+                {"\xC2\x9B" "1m", 4, " 1m"},                              /* C1 CSI */
+                {"\xC2\xA0nbsp", 6, "\xC2\xA0nbsp"},
+                {"ab\0cd", 5, "ab"},                                       /* NUL ends it */
+        };
+        char buf[8];
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_free_ char *s = text_sanitize(t[i].in, t[i].len, TEXT_SANITIZE_MAX);
+                ASSERT_NOT_NULL(s);
+                if (!s)
+                        continue;
+                ASSERT_STREQ(s, t[i].out);
+                ASSERT_TRUE(utf8_is_valid(s));
+        }
+
+        /* Bounded: the cut never splits a character. */
+        ASSERT_EQ(text_sanitize_buf(buf, sizeof(buf), "abcdefghij", 10), 7);
+        ASSERT_STREQ(buf, "abcdefg");
+        ASSERT_EQ(text_sanitize_buf(buf, sizeof(buf), "abcde\xE2\x82\xAC", 8), 5);
+        ASSERT_STREQ(buf, "abcde");
+        ASSERT_EQ(text_sanitize_buf(buf, sizeof(buf), "abcde\xFF", 6), 5);
+        ASSERT_STREQ(buf, "abcde");
+        ASSERT_EQ(text_sanitize_buf(buf, 1, "abc", 3), 0);
+        ASSERT_STREQ(buf, "");
+        ASSERT_EQ(text_sanitize_buf(buf, sizeof(buf), NULL, 5), 0);
+        {
+                _cleanup_free_ char *big = malloc(4096), *s = NULL;
+                ASSERT_NOT_NULL(big);
+                if (big) {
+                        for (size_t i = 0; i < 4096; i++)
+                                big[i] = (char) (0x80 + i % 0x80); /* continuation bytes and worse */
+                        s = text_sanitize(big, 4096, TEXT_SANITIZE_MAX);
+                        ASSERT_NOT_NULL(s);
+                        if (s) {
+                                ASSERT_TRUE(strlen(s) <= TEXT_SANITIZE_MAX);
+                                ASSERT_TRUE(utf8_is_valid(s));
+                        }
+                }
+        }
+        {
+                _cleanup_free_ char *s = text_sanitize_str(NULL);
+                ASSERT_STREQ(s, "");
+        }
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_parse_size_valid);
@@ -614,5 +691,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_mkdir_p);
         TAP_RUN(test_connect_unix_nonblock);
         TAP_RUN(test_misc);
+        TAP_RUN(test_text_sanitize);
         return tap_finish();
 }

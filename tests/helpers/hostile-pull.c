@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* hostile-pull: a compromised blockstream-pull. The tests put it in a HelperDirectory= of its
+ * own under the real helper's name; the daemon spawns it like the real one (fd 3: the NBD
+ * socket, fd 4: the control socket) and it says, in the control protocol's words, things no
+ * honest helper says: an error text that is not UTF-8 and carries terminal escapes.
+ *
+ *   --pull ...  "ready", then "error TEXT", then exit 1: a range job that fails with TEXT
+ *   --map ...   "error TEXT", then exit 1: a GetAllocationMap that fails with TEXT
+ */
+
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define CONTROL_FD 4
+
+/* Not UTF-8 (a lone 0xFF, an overlong '/', a cut sequence), an ANSI escape, a C1 CSI, a tab. */
+static const char hostile[] = "error \xff\xfe bad \xc0\xaf bytes \x1b[31mred\x1b[0m \xc2\x9b"
+                              "2J\ttab \xe2\x82\n";
+
+static void say(const char *line, size_t len) {
+        (void) send(CONTROL_FD, line, len, MSG_NOSIGNAL);
+}
+
+int main(int argc, char **argv) {
+        int map = argc > 1 && strcmp(argv[1], "--map") == 0;
+
+        if (!map)
+                say("ready\n", 6);
+        say(hostile, sizeof(hostile) - 1);
+        return 1;
+}

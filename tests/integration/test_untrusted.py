@@ -1,0 +1,276 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""What a compromised helper or a hostile QEMU says never turns the daemon (issue 9, items 8
+and 9).
+
+- A pull helper that sends bytes that are not UTF-8, and terminal escapes, in its error: the
+  job's Error, the Finished signal and the method errors carry a sanitized text; GetManagedObjects
+  keeps working for every client; the guest survives a daemon restart, also from a state file
+  that already holds such bytes.
+- A QEMU that names a disk or a node '../../x': nothing of that name reaches the file system, the
+  bus or a URI.
+- A QEMU that reports another guest's image as its own disk: the other guest still gets it."""
+
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import unicodedata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import T, S, MiB  # noqa: E402
+
+HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
+                                                              'hostile-pull')
+ERR_HELPER_FAILED = 'org.blockstream1.Error.HelperFailed'
+
+
+def assert_clean_text(test, text, what):
+    """Valid UTF-8 (a str from dbus-python at all), no control characters, bounded."""
+    test.assertIsInstance(text, str, what)
+    bad = [c for c in text if unicodedata.category(c) == 'Cc']
+    test.assertEqual(bad, [], '%s carries control characters: %r' % (what, text))
+    test.assertLessEqual(len(text.encode('utf-8')), 1024, '%s is not bounded: %d bytes' % (what, len(text)))
+
+
+class HostileHelperTest(h.TestCase):
+    """blockstream-pull replaced by tests/helpers/hostile-pull.c."""
+
+    env_per_test = True
+    needs_daemon = False
+
+    def setUp(self):
+        super().setUp()
+        if not os.path.exists(HOSTILE_PULL):
+            self.skipTest('%s is not built' % HOSTILE_PULL)
+        helpers = os.path.join(self.env.dir, 'hostile-helpers')
+        os.makedirs(helpers)
+        os.chmod(helpers, 0o755)
+        shutil.copy(HOSTILE_PULL, os.path.join(helpers, 'blockstream-pull'))
+        os.chmod(os.path.join(helpers, 'blockstream-pull'), 0o755)
+        # A later HelperDirectory= wins over the harness's own.
+        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
+        self.env.daemon.start()
+
+    def state_file(self, name):
+        return os.path.join(self.env.daemon.state_dir, 'guests', name + '.json')
+
+    def check_disk_error(self, g, what):
+        d = g.disk()
+        err = d.prop('Error')
+        assert_clean_text(self, err, what)
+        self.assertIn('\ufffd', err, '%s: the invalid bytes are not marked: %r' % (what, err))
+        self.assertIn('red', err, '%s: the helper\'s words are lost: %r' % (what, err))
+        # Every client, not only this one, still gets the whole tree.
+        other = h.Client(self.env.bus.address)
+        try:
+            objs = other.managed_objects()
+        finally:
+            other.close()
+        self.assertIn(d.path, objs)
+        self.assertEqual(objs[d.path][h.IFACE_STREAM]['Error'], err)
+        return err
+
+    def test_range_job_error_not_utf8(self):
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        d.start(0, MiB)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed')
+        err = self.check_disk_error(g, 'Error after a hostile helper')
+        result, _, ferr = d.wait_finished(timeout=20)
+        self.assertEqual(result, 'failed')
+        self.assertEqual(ferr, err)
+
+        # The record survives a restart.
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed')
+        self.assertEqual(self.check_disk_error(g, 'Error after a restart'), err)
+
+        # And a state file that already holds such bytes (written by an older daemon) loses the
+        # bytes, not the guest.
+        self.env.stop_daemon()
+        path = self.state_file(g.name)
+        with open(path) as f:
+            rec = json.load(f)
+        rec['disks'][0]['job']['error'] = 'PLACEHOLDER'
+        raw = json.dumps(rec).encode().replace(b'PLACEHOLDER', b'old \\u001b[31mred \xff\xfe\xc0\xaf')
+        with open(path, 'wb') as f:
+            f.write(raw)
+        self.env.start_daemon()
+        self.assertTrue(self.client.get(g.path, h.IFACE_GUEST, 'Name'), 'the guest vanished after a restart')
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed')
+        self.check_disk_error(g, 'Error loaded from an old state file')
+
+    def test_map_error_not_utf8(self):
+        g = self.new_guest(size=64 * MiB)
+        e = self.assertDBusError(ERR_HELPER_FAILED, self.client.call, g.disk().path, h.IFACE_STREAM,
+                                 'GetAllocationMap', 'tt', T(0), T(MiB), timeout=30)
+        assert_clean_text(self, e.message, 'the error of GetAllocationMap')
+        self.assertIn('\ufffd', e.message)
+        objs = self.client.managed_objects()
+        self.assertIn(g.disk().path, objs)
+
+
+class FakeQemu:
+    """A QMP peer that plays QEMU with the disks it is given (query-block's entries) and says yes
+    to everything else: a guest that owns its QEMU."""
+
+    GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, ' \
+               b'"capabilities": []}}\r\n'
+
+    def __init__(self, test, path, blocks):
+        self.blocks = blocks
+        self.commands = []
+        self.done = threading.Event()
+        self.conns = []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.srv.settimeout(0.2)
+        self.path = path
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def _answer(self, cmd):
+        name = cmd.get('execute', '')
+        self.commands.append(name)
+        if name == 'query-block':
+            return self.blocks
+        if name.startswith('query-'):
+            return []
+        return {}
+
+    def _handle(self, conn):
+        f = conn.makefile('rb')
+        try:
+            conn.sendall(self.GREETING)
+            while not self.done.is_set():
+                line = f.readline()
+                if not line:
+                    return
+                cmd = json.loads(line)
+                conn.sendall(json.dumps({'return': self._answer(cmd), 'id': cmd.get('id')}).encode() + b'\r\n')
+        except (OSError, ValueError):
+            pass
+
+    def _loop(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(2)
+        self.srv.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def block(node, filename, qdev=None, device='', size=16 * MiB):
+    b = {'device': device, 'locked': False, 'removable': False, 'type': 'unknown',
+         'inserted': {'node-name': node, 'ro': False, 'drv': 'qcow2', 'file': filename, 'backing_file_depth': 0,
+                      'image': {'filename': filename, 'format': 'qcow2', 'virtual-size': size,
+                                'cluster-size': 65536}}}
+    if qdev:
+        b['qdev'] = '/machine/peripheral/%s/virtio-backend' % qdev
+    return b
+
+
+def offline_disks(disks):
+    return h.dbus.Dictionary({'disks': h.dbus.Dictionary(dict(disks), signature='ss')}, signature='sv')
+
+
+class HostileQemuTest(h.TestCase):
+    """QEMUs that lie about their disks (issue 9, item 9)."""
+
+    def fake(self, blocks):
+        path = os.path.join(self.env.dir, self.unique_name('fake') + '.sock')
+        return FakeQemu(self, path, blocks)
+
+    def escaped(self):
+        return sorted(f for f in os.listdir(self.env.dir) if f.startswith('escaped'))
+
+    def test_disk_names_never_reach_the_file_system(self):
+        # The guest's runtime directory is <dir>/run/guests/<name>: three levels up is <dir>.
+        img = os.path.join(self.env.images, 'some.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', img, '16M')
+        cases = {'node name as the alias': block('../../../escaped-node', img),
+                 'node name behind a good qdev id': block('../../../escaped-qdev', img, qdev='vda'),
+                 'BlockBackend name': block('top', img, device='../../../escaped-dev'),
+                 'a dot': block('.', img)}
+        for what, b in cases.items():
+            with self.subTest(what):
+                name = self.unique_name('evil')
+                q = self.fake([b])
+                _, err = self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name,
+                                              q.path, h.no_opts())
+                if err is None:
+                    self.addCleanup(self.unregister_quietly, name)
+                    # Whatever got registered: export every disk it has, on a unix socket.
+                    objs = self.client.managed_objects()
+                    disks = [p for p in objs if p.startswith(h.guest_path(name) + '/')
+                             and h.IFACE_STREAM in objs[p]]
+                    for p in disks:
+                        self.client.try_call(p, h.IFACE_STREAM, 'Export', 'a{sv}',
+                                             h.dbus.Dictionary({'listen': S('unix')}, signature='sv'), timeout=30)
+                    for p in disks:
+                        alias = objs[p][h.IFACE_STREAM]['Device']
+                        self.assertRegex(alias, r'^[A-Za-z][A-Za-z0-9._-]*$', 'a disk named %r got through' % alias)
+                else:
+                    self.assertEqual(err.name, h.ERR_QEMU_FAILED, err.message)
+                self.assertEqual(self.escaped(), [], 'a socket was made outside the runtime directory')
+                self.assertTrue(self.env.daemon.running())
+                self.assertTrue(self.client.get(h.MANAGER_PATH, h.IFACE_MANAGER, 'Version'))
+
+    def test_qemu_claims_another_guests_image(self):
+        victim = self.unique_name('victim')
+        chain = self.make_chains(size=16 * MiB)['vda']
+        self.register(victim, '', offline_disks({'vda': chain.top}))
+        self.addCleanup(self.unregister_quietly, victim)
+        vda = h.disk_path(victim, 'vda')
+        fresh = self.make_chains(size=16 * MiB)['vda']
+
+        # A running guest whose QEMU says the victim's image, the victim's backing and a fresh
+        # image are its disks.
+        evil = self.unique_name('evil')
+        q = self.fake([block('n1', chain.top, qdev='vda'), block('n2', chain.mid, qdev='vdb'),
+                       block('n3', fresh.top, qdev='vdc')])
+        self.register(evil, q.path)
+        self.addCleanup(self.unregister_quietly, evil)
+        self.assertEqual(self.client.get(h.disk_path(evil, 'vda'), h.IFACE_STREAM, 'Path'), chain.top)
+
+        # The victim still gets its own disk: a map needs its storage helper, which opens it.
+        extents = self.client.call(vda, h.IFACE_STREAM, 'GetAllocationMap', 'tt', T(0), T(16 * MiB))
+        self.assertEqual(sum(e[1] for e in extents), 16 * MiB)
+        self.assertEqual(self.client.get(vda, h.IFACE_STREAM, 'Path'), chain.top)
+
+        # A new guest on the same backing: a claim keeps no one from reading an image.
+        other = self.make_chains(size=16 * MiB)['vda']
+        h.qemu_img('rebase', '-u', '-b', chain.mid, '-F', 'qcow2', other.top)
+        newcomer = self.unique_name('newcomer')
+        self.register(newcomer, '', offline_disks({'vda': other.top}))
+        self.addCleanup(self.unregister_quietly, newcomer)
+        self.assertEqual(self.client.get(h.disk_path(newcomer, 'vda'), h.IFACE_STREAM, 'BackingChain')[0],
+                         chain.mid)
+
+        # What a running guest says it writes, no one else registers to write (test_offline's rule).
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, self.unique_name('late'), '',
+                                 offline_disks({'vda': fresh.top}))
+        self.assertIn('another guest', e.message)
+
+if __name__ == '__main__':
+    h.main()
