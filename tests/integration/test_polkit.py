@@ -42,11 +42,12 @@ MANAGE = 'org.blockstream1.manage'
 STREAM = 'org.blockstream1.stream'
 INSPECT = 'org.blockstream1.inspect'
 EXPORT = 'org.blockstream1.export'
-# api.md, "polkit actions": defaults (any, inactive, active)
+# api.md, "polkit actions": defaults (any, inactive, active). inspect is not "yes" for active
+# sessions (issue 9, item 12: any console user read every guest's maps): it follows stream.
 ACTION_DEFAULTS = {
     MANAGE: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
     STREAM: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
-    INSPECT: ('auth_admin', 'auth_admin', 'yes'),
+    INSPECT: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
     EXPORT: ('auth_admin', 'auth_admin', 'auth_admin'),
 }
 
