@@ -34,8 +34,12 @@
  * default, on the system bus too); more checks than that at once would be refused by the bus.
  * Keep well below it and queue the rest. */
 #define POLKIT_IN_FLIGHT_MAX 64
-/* Checks of one user in flight at once; the rest of theirs wait in the queue. */
+/* Every user may have this many checks in flight at once; more only while fewer than
+ * POLKIT_IN_FLIGHT_SHARED_MAX are in flight in all, so that the rest of the places stay for
+ * users below their share: a busy user gets its answers quickly, and one whose checks polkit
+ * keeps pending (an agent that never answers) cannot hold the places others need. */
 #define POLKIT_IN_FLIGHT_PER_USER_MAX 4
+#define POLKIT_IN_FLIGHT_SHARED_MAX 32
 /* An answer nobody picked up (the object vanished before the re-dispatch) is dropped after this. */
 #define POLKIT_ANSWER_TTL_USEC (60 * USEC_PER_SEC)
 
@@ -102,8 +106,7 @@ static void registry_expire(Manager *m) {
 static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error);
 
 /* Send queued checks, oldest first, while there is room: in all (dbus-daemon's limit), and for
- * each user, so that one whose checks polkit keeps pending (an agent that never answers) cannot
- * hold every check in flight while the others' wait behind. */
+ * each user (see POLKIT_IN_FLIGHT_SHARED_MAX). */
 static void registry_dispatch(Manager *m) {
         struct {
                 uid_t uid;
@@ -147,7 +150,7 @@ static void registry_dispatch(Manager *m) {
 
                 for (i = 0; i < n_users && users[i].uid != q->uid; i++)
                         ;
-                if (i < n_users && users[i].n >= POLKIT_IN_FLIGHT_PER_USER_MAX)
+                if (i < n_users && users[i].n >= POLKIT_IN_FLIGHT_PER_USER_MAX && n >= POLKIT_IN_FLIGHT_SHARED_MAX)
                         continue;
                 r = sd_bus_call_async(m->bus, &q->slot, q->check, check_reply, q, POLKIT_TIMEOUT_USEC);
                 if (r < 0) {
