@@ -636,6 +636,9 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_object_manager(m->bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
+        r = polkit_registry_attach(m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to watch callers leaving the bus: %m");
         r = sd_bus_attach_event(m->bus, m->event, SD_EVENT_PRIORITY_NORMAL);
         if (r < 0)
                 return log_error_errno(r, "Failed to attach the bus to the event loop: %m");

@@ -49,9 +49,9 @@ struct PolkitQuery {
         sd_bus_message *request; /* the method call being authorized */
         sd_bus_message *check;   /* the CheckAuthorization call, until sent (queued) */
         sd_bus_slot *slot;       /* the CheckAuthorization call, while pending */
-        sd_bus_track *track;     /* the caller: if it leaves the bus meanwhile, its call is dropped */
         char *action;
-        char *sender;            /* the caller's unique name */
+        char *sender;            /* the caller's unique name: if it leaves the bus before the
+                                  * answer, the call is dropped (name_owner_changed) */
         uid_t uid;               /* the caller's uid */
         size_t weight;           /* bytes the request pins, as counted by request_weight() */
         bool answered;
@@ -64,7 +64,6 @@ static PolkitQuery *polkit_query_free(PolkitQuery *q) {
         if (!q)
                 return NULL;
         sd_bus_slot_unref(q->slot);
-        sd_bus_track_unref(q->track);
         sd_bus_message_unref(q->check);
         sd_bus_message_unref(q->request);
         sd_bus_error_free(&q->error);
@@ -253,17 +252,39 @@ static int request_weight(sd_bus_message *msg, size_t *ret) {
         return 0;
 }
 
-/* The caller left before polkit answered: whatever the answer, nobody asked any more, and
- * acting on the call would leave a change behind for no one. */
-static int caller_gone(sd_bus_track *t, void *userdata) {
-        PolkitQuery *q = userdata;
-        Manager *m = q->manager;
+/* A caller left the bus: its calls that polkit has not answered yet go (whatever the answer,
+ * nobody asked any more, and acting on the call would leave a change behind for no one), and
+ * their places with them. One match for every caller: dbus-daemon allows a connection 512 match
+ * rules, and a rule per waiting caller (sd_bus_track) let waiting callers get the daemon
+ * disconnected from the bus. The bus sends a caller's calls before the signal of its leaving. */
+static int name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
+        Manager *m = userdata;
+        const char *name, *old_owner, *new_owner;
+        bool dropped = false;
 
-        log_debug("Caller of an authorization for %s left the bus; dropping its call.", q->action);
-        registry_remove(m, q);
-        polkit_query_free(q);
-        registry_dispatch(m);
+        if (sd_bus_message_read(msg, "sss", &name, &old_owner, &new_owner) < 0)
+                return 0;
+        if (name[0] != ':' || !isempty(new_owner))
+                return 0; /* only unique names leaving */
+        for (PolkitQuery **p = &m->polkit_queries; *p;) {
+                PolkitQuery *q = *p;
+
+                if (!q->answered && streq(q->sender, name)) {
+                        log_debug("Caller of an authorization for %s left the bus; dropping its call.", q->action);
+                        *p = q->next;
+                        polkit_query_free(q);
+                        dropped = true;
+                } else
+                        p = &q->next;
+        }
+        if (dropped)
+                registry_dispatch(m);
         return 0;
+}
+
+int polkit_registry_attach(Manager *m) {
+        return sd_bus_match_signal_async(m->bus, NULL, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                "org.freedesktop.DBus", "NameOwnerChanged", name_owner_changed, NULL, m);
 }
 
 static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
@@ -273,7 +294,6 @@ static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_
         int authorized, challenge, r;
 
         q->slot = sd_bus_slot_unref(q->slot);
-        q->track = sd_bus_track_unref(q->track);
         q->answered = true;
         q->answered_at = now_usec(CLOCK_MONOTONIC);
         registry_dispatch(m);
@@ -438,13 +458,6 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
         if (!q->action || !q->sender) {
                 polkit_query_free(q);
                 return -ENOMEM;
-        }
-        r = sd_bus_track_new(m->bus, &q->track, caller_gone, q);
-        if (r >= 0)
-                r = sd_bus_track_add_name(q->track, sender);
-        if (r < 0) {
-                polkit_query_free(q);
-                return r;
         }
         q->check = TAKE_PTR(call);
         q->next = m->polkit_queries;

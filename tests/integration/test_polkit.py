@@ -755,10 +755,10 @@ class FloodTest(PolkitTestCase):
     PER_USER = 256          # polkit.c: POLKIT_QUERIES_PER_USER_MAX
     REGISTRY = 4096         # polkit.c: POLKIT_QUERIES_MAX
 
-    def flood(self, d, connections, per_connection):
+    def flood(self, d, connections, per_connection, user=STRANGER):
         req = json.dumps({'address': self.env.bus.address, 'path': d.path, 'connections': connections,
                           'per_connection': per_connection, 'bandwidth': 7 * h.MiB})
-        p = h.spawn(h.setpriv_argv(STRANGER) + ['/usr/bin/python3', '-c', _FLOODER, req], stdout=subprocess.PIPE,
+        p = h.spawn(h.setpriv_argv(user) + ['/usr/bin/python3', '-c', _FLOODER, req], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, env={'PATH': '/usr/bin:/bin', 'HOME': '/', 'LANG': 'C.UTF-8'})
         self.addCleanup(lambda: (p.kill(), p.wait(10)))
         line = p.stdout.readline()      # bounded: every call and Ping has a 120 s timeout
@@ -766,8 +766,8 @@ class FloodTest(PolkitTestCase):
             p.kill()
             self.fail('the flooder did not report: %s' % p.stderr.read().decode(errors='replace'))
         res = json.loads(line)
-        h.log('flood of %d x %d calls: outcomes %r, agent asked %d times'
-              % (connections, per_connection, res['outcomes'], res['asked']))
+        h.log('flood of %d x %d calls as %s: outcomes %r, agent asked %d times'
+              % (connections, per_connection, user, res['outcomes'], res['asked']))
         return p, res
 
     def assertFloodRefused(self, res, refused):
@@ -791,29 +791,38 @@ class FloodTest(PolkitTestCase):
                           'SetBandwidth as a user without the right during the flood')
 
     def test_flood_leaves_room_for_others(self):
-        """One user, more pending calls than the whole registry holds, over as many connections
-        as it takes (dbus-daemon lets a connection wait for 128 replies): the others are served,
-        the flooder gets its share and LimitsExceeded for the rest; once it leaves, its places
-        are free again."""
+        """Two users, more pending calls than the whole registry holds, over as many connections
+        as it takes (dbus-daemon lets a connection wait for 128 replies): a third user is
+        served, each flooder gets its share and LimitsExceeded for the rest, and the daemon
+        stays on the bus (dbus-daemon allows a connection 512 match rules: watching each
+        waiting caller with a match rule of its own would get the daemon disconnected); once
+        the flooders leave, their places are free again."""
         g = self.owned_guest(None)
         d = g.disk()
-        conns, per_conn = 48, 96
-        self.assertGreater(conns * per_conn, self.REGISTRY)
-        p, res = self.flood(d, conns, per_conn)
+        conns, per_conn = 24, 96
+        flooders = (STRANGER, OWNER)
+        self.assertGreater(len(flooders) * conns * per_conn, self.REGISTRY)
+        procs = []
+        for user in flooders:
+            p, res = self.flood(d, conns, per_conn, user)
+            procs.append(p)
+            self.assertFloodRefused(res, conns * per_conn - self.PER_USER)
         # Another user is served at once, by polkit's answer.
         r = self.session(MEMBER).call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(%d,)' % (2 * h.MiB))
-        self.assertOk(r, 'SetBandwidth as member while %d calls of a stranger are waiting' % (conns * per_conn))
+        self.assertOk(r, 'SetBandwidth as member while %d calls of others are waiting'
+                      % (len(flooders) * conns * per_conn))
         self.assertEqual(d.prop('Bandwidth'), 2 * h.MiB)
-        self.assertFloodRefused(res, conns * per_conn - self.PER_USER)
         self.assertDaemonAlive('the flood')
-        # The flooder leaves: its calls go (caller_gone), and the same user is asked again.
-        p.kill()
-        p.wait(10)
-        s = self.session(STRANGER)
-        self.client.wait_for(lambda: s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)')['error'] !=
-                             'org.freedesktop.DBus.Error.LimitsExceeded', 30, "the flooder's places to be freed")
-        self.assertDenied(s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)'), STREAM,
-                          'SetBandwidth as stranger after the flood')
+        # The flooders leave: their calls go, and the same users are asked again.
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        for user in flooders:
+            s = self.session(user)
+            self.client.wait_for(lambda: s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)')['error'] !=
+                                 'org.freedesktop.DBus.Error.LimitsExceeded', 30, "the flooder's places to be freed")
+            self.assertDenied(s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)'), STREAM,
+                              'SetBandwidth as %s after the flood' % user)
         self.assertEqual(d.prop('Bandwidth'), 2 * h.MiB)
 
     def test_arguments_bounded_before_polkit(self):
