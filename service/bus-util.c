@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <limits.h>
+
 #include "bus-util.h"
 #include "util.h"
 
@@ -29,6 +31,9 @@ static int read_dict(sd_bus_message *m, const BusOption *o, sd_bus_error *error)
                 if (strv_length(l) >= 2 * (size_t) o->max)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' has more than %u entries.",
                                 o->name, o->max);
+                if (strlen(k) >= PATH_MAX || strlen(v) >= PATH_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option '%s' has an entry of %zu bytes or more.", o->name, (size_t) PATH_MAX);
                 if (strv_push(&l, strdup(k)) < 0 || strv_push(&l, strdup(v)) < 0)
                         return -ENOMEM;
         }
@@ -45,6 +50,7 @@ static int read_dict(sd_bus_message *m, const BusOption *o, sd_bus_error *error)
 }
 
 int bus_read_options(sd_bus_message *m, const char *method, const BusOption *options, sd_bus_error *error) {
+        uint64_t seen = 0; /* one bit per option: a key given twice is refused, so a{sv} stays small */
         int r;
 
         r = sd_bus_message_enter_container(m, 'a', "{sv}");
@@ -62,6 +68,10 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
                                 break;
                 if (!o->name)
                         return unknown_option(method, options, key, error);
+                if (seen & (UINT64_C(1) << (o - options)))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option '%s' is given more than once.",
+                                o->name);
+                seen |= UINT64_C(1) << (o - options);
 
                 r = sd_bus_message_enter_container(m, 'v', o->type);
                 if (r < 0)
@@ -69,8 +79,12 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
                                 o->name, o->type);
                 if (streq(o->type, "a{ss}"))
                         r = read_dict(m, o, error);
-                else
+                else {
                         r = sd_bus_message_read_basic(m, o->type[0], o->ret);
+                        if (r >= 0 && o->type[0] == 's' && strlen(*(const char **) o->ret) >= PATH_MAX)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option '%s' is %zu bytes long or more.", o->name, (size_t) PATH_MAX);
+                }
                 if (r < 0)
                         return r;
                 r = sd_bus_message_exit_container(m);

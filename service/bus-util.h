@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-/* Reading a method's a{sv} options from a table: unknown keys and wrongly typed values are
- * refused (InvalidArgs) with a message naming what the method takes. */
+/* Reading a method's a{sv} options from a table: unknown keys, keys given twice, wrongly typed
+ * values and strings of PATH_MAX bytes or more are refused (InvalidArgs) with a message naming
+ * what the method takes. A table has at most 64 options. */
 
 #include <stdbool.h>
 #include <systemd/sd-bus.h>

@@ -10,6 +10,7 @@
 void config_init(Config *c) {
         *c = (Config) {
                 .qmp_timeout_usec = QMP_TIMEOUT_DEFAULT_USEC,
+                .map_timeout_usec = MAP_TIMEOUT_DEFAULT_USEC,
                 .helper_uid_min = HELPER_UID_MIN_DEFAULT,
                 .helper_uid_max = HELPER_UID_MAX_DEFAULT,
         };
@@ -321,6 +322,10 @@ int config_parse(Config *c, const char *text, const char *source) {
                 } else if (streq(key, "QMPTimeoutSec")) {
                         if (parse_seconds(value, &c->qmp_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: QMPTimeoutSec= must be 1…3600 seconds, got '%s'.",
+                                        source, line, value);
+                } else if (streq(key, "MapTimeoutSec")) {
+                        if (parse_seconds(value, &c->map_timeout_usec) < 0)
+                                return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",
                                         source, line, value);
                 } else if (streq(key, "HelperUIDRange")) {
                         if (parse_uid_range(value, &c->helper_uid_min, &c->helper_uid_max) < 0)

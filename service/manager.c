@@ -275,15 +275,22 @@ static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus
                 error);
 }
 
+static int check_qmp_socket_path(const char *path, sd_bus_error *error) {
+        if (!path_is_safe_absolute(path, sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "QMP socket '%.200s' must be a normalized absolute path of at most %zu bytes.", path,
+                        sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1);
+        return 0;
+}
+
 /* The socket as the registration found it: its directory pinned, the leaf a socket (no symlink). */
 static int open_qmp_socket(const char *path, QmpSocketPin *ret_pin, int *ret_dir_fd, int *ret_sock_fd,
         sd_bus_error *error) {
         int r;
 
-        if (!path_is_safe_absolute(path, sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                        "QMP socket '%.200s' must be a normalized absolute path of at most %zu bytes.", path,
-                        sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1);
+        r = check_qmp_socket_path(path, error);
+        if (r < 0)
+                return r;
         r = qmp_socket_open(path, NULL, ret_pin, ret_dir_fd, ret_sock_fd);
         if (r == -ENOMEM)
                 return r;
@@ -483,11 +490,12 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Options 'disks' and 'formats' are for guests that are not running (empty QMP socket); a running "
                         "guest's disks come from its QEMU.");
-        if (isempty(socket_path)) {
+        if (isempty(socket_path))
                 r = check_offline_disks(m, &o, error);
-                if (r < 0)
-                        return r;
-        }
+        else
+                r = check_qmp_socket_path(socket_path, error); /* bounded before it may wait for polkit */
+        if (r < 0)
+                return r;
 
         r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
         if (r < 0)
@@ -661,6 +669,9 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
         if (have_size && (size == 0 || size > (UINT64_C(1) << 60) || size % 512))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'size' must be a positive multiple of 512 bytes, at most 1 EiB.");
+        if (strlen(template) >= PATH_MAX || strlen(target) >= PATH_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "The template and the target must each be shorter than %d bytes.", PATH_MAX);
 
         r = bus_authorize(m, msg, ACTION_MANAGE, NULL, error);
         if (r < 0)
@@ -724,6 +735,9 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_object_manager(m->bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
+        r = polkit_registry_attach(m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to watch callers leaving the bus: %m");
         r = sd_bus_attach_event(m->bus, m->event, SD_EVENT_PRIORITY_NORMAL);
         if (r < 0)
                 return log_error_errno(r, "Failed to attach the bus to the event loop: %m");

@@ -25,4 +25,6 @@ typedef struct AuthDetails {
 int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
         sd_bus_error *error);
 
+/* Watch callers leaving the bus (one match rule); before the bus name is requested. */
+int polkit_registry_attach(Manager *m);
 void polkit_registry_free(Manager *m);

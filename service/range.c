@@ -21,6 +21,9 @@
 #define CONTROL_MESSAGE_MAX 256
 #define EXPORT_GONE_TIMEOUT_USEC (10 * USEC_PER_SEC)
 #define MAPS_PER_GUEST_MAX 8 /* each runs a helper: a flood of GetAllocationMap gets Busy */
+/* And in all, whatever the number of guests: each map runs a pull helper, and a map of a guest
+ * that is not running starts a storage helper (a whole QEMU) too. */
+#define MAPS_MAX 16
 
 typedef struct Extent {
         uint64_t offset, length;
@@ -67,6 +70,7 @@ struct RangeOp {
         StreamState outcome;
         char *error;
         sd_event_source *cleanup_timer;
+        sd_event_source *deadline; /* a map: MapTimeoutSec= */
 };
 
 /* Let go of everything the op holds but its memory. */
@@ -83,8 +87,9 @@ static void op_release(RangeOp *op) {
         }
         sd_event_source_disable_unref(op->control_source);
         sd_event_source_disable_unref(op->cleanup_timer);
+        sd_event_source_disable_unref(op->deadline);
         op->child = NULL;
-        op->control_source = op->cleanup_timer = NULL;
+        op->control_source = op->cleanup_timer = op->deadline = NULL;
         op->call = NULL;
         op->pid = 0;
         closep(&op->control_fd);
@@ -761,18 +766,51 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         return 1;
 }
 
+/* A map that takes too long (a QEMU that serves its NBD export slowly, or not at all, a helper
+ * that hangs) holds a helper, an export and a place among MAPS_MAX: it is failed, its helper
+ * killed at once, and the export removed as for any other end. */
+static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        RangeOp *op = userdata;
+        Manager *m = op->manager;
+
+        op->deadline = sd_event_source_disable_unref(op->deadline);
+        if (op->ending)
+                return 0;
+        log_warning("Guest %s disk %s: the allocation map took longer than %" PRIu64 " s; stopping it.",
+                op->guest->name, op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
+        if (op->call) {
+                (void) sd_bus_reply_method_errorf(op->call, SD_BUS_ERROR_TIMEOUT,
+                        "Reading the allocation map of disk '%s' took longer than %" PRIu64
+                        " s (MapTimeoutSec=) and was stopped; ask for a smaller range, or try again later.",
+                        op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
+                op->call = sd_bus_message_unref(op->call);
+        }
+        if (op->pid > 0)
+                (void) kill(op->pid, SIGKILL); /* reaped by helper_exited() */
+        op_end(op, STREAM_FAILED, "the allocation map took too long");
+        return 0;
+}
+
 int range_map(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
-        unsigned maps = 0;
+        Manager *m = d->guest->manager;
+        unsigned maps = 0, all = 0;
         RangeOp *op;
         int r;
 
-        for (RangeOp *i = d->guest->manager->range_ops; i; i = i->next)
-                if (i->map && i->guest == d->guest)
-                        maps++;
+        for (RangeOp *i = m->range_ops; i; i = i->next)
+                if (i->map) {
+                        all++;
+                        if (i->guest == d->guest)
+                                maps++;
+                }
         if (maps >= MAPS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "%u allocation maps of guest '%s' are being read already; try again shortly.", maps,
                         d->guest->name);
+        if (all >= MAPS_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u allocation maps are being read already (at most %u at once); try again shortly.", all,
+                        MAPS_MAX);
 
         if (!guest_qmp_ready(d->guest) && !d->guest->offline)
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
@@ -781,6 +819,13 @@ int range_map(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd
         r = op_new(d, msg, true, offset, length, &op);
         if (r < 0)
                 return r;
+        r = sd_event_add_time_relative(m->event, &op->deadline, CLOCK_MONOTONIC, m->config.map_timeout_usec, 0,
+                map_deadline, op);
+        if (r < 0) {
+                op->call = sd_bus_message_unref(op->call);
+                op_kill(op);
+                return r;
+        }
         r = guest_when_ready(d->guest, backend_ready, op, NULL);
         if (r < 0) {
                 op->call = sd_bus_message_unref(op->call);

@@ -148,6 +148,10 @@ bool guest_name_is_valid(const char *s) {
         n = strlen(s);
         if (n < 1 || n > GUEST_NAME_MAX)
                 return false;
+        /* The name is a path component (state file, runtime directory bind-mounted into the
+         * guest's sandboxes): "." and ".." would name the parent or the directory itself. */
+        if (streq(s, ".") || streq(s, ".."))
+                return false;
         for (const char *p = s; *p; p++)
                 if (!(isascii((unsigned char) *p) && (isalnum((unsigned char) *p) || strchr("_.-", *p))))
                         return false;

@@ -121,7 +121,8 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
 #define log_error_errno(e, ...) log_internal(LOG_LEVEL_ERR, (e), __VA_ARGS__)
 #define log_oom() log_internal(LOG_LEVEL_ERR, ENOMEM, "Out of memory.")
 
-/* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md). */
+/* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md), but neither "." nor "..": it is a path
+ * component. */
 #define GUEST_NAME_MAX 64
 bool guest_name_is_valid(const char *s);
 /* A QEMU identifier (job id, qdev id, export id, a node name given to it): a letter, then

@@ -53,6 +53,34 @@ class BadInputTest(h.TestCase):
                              gone + '/vda', h.IFACE_STREAM, 'Start', 'tta{sv}', T(0), T(0), h.no_opts())
         self.assertUnchanged('calls on an unknown guest')
 
+    def test_path_special_guest_names(self):
+        """'.' and '..' would be path components of the state file and of the runtime directory
+        that is bind-mounted into the guest's sandboxes: refused like any invalid name, by
+        RegisterGuest (running and not running) and by every other method that takes a name."""
+        c = self.client
+        top = self.g.chains['vda'].top
+        for name in ('.', '..'):
+            for label, sock, options in (('running', self.g.qemu.daemon_socket, h.no_opts()),
+                                         ('not running', '', opts(disks=h.dbus.Dictionary(
+                                             {'vda': top}, signature='ss', variant_level=1)))):
+                with self.subTest(name=name, guest=label):
+                    e = self.assertDBusError(h.ERR_INVALID_ARGS, c.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                                             'RegisterGuest', 'ssa{sv}', name, sock, options)
+                    self.assertIn('Invalid guest name', e.message)
+                    self.assertUnchanged('RegisterGuest(%r, %s)' % (name, label))
+                    self.assertNotIn(h.guest_path(name), c.managed_objects())
+            for member in ('GetGuest', 'UnregisterGuest'):
+                with self.subTest(name=name, member=member):
+                    self.assertDBusError(h.ERR_INVALID_ARGS, c.call, h.MANAGER_PATH, h.IFACE_MANAGER, member, 's',
+                                         name)
+        # Names of dots that are no path component of their own stay valid.
+        name = '...'
+        other = self.make_chains(('vda',), SIZE)['vda'].top
+        self.assertEqual(c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, '',
+                                opts(disks=h.dbus.Dictionary({'vda': other}, signature='ss', variant_level=1))),
+                         h.guest_path(name))
+        c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', name)
+
     def test_unknown_disk(self):
         c = self.client
         p = self.g.path + '/vdz'
@@ -261,6 +289,39 @@ class HostileQMPTest(h.TestCase):
             conn.sendall(b'\x00\xff}{][ garbage \r\n{"return": [1, 2, \r\n')
             conn.close()
         self.check_refused('garbage', reply)
+
+
+class StateReloadNameTest(h.TestCase):
+    """A state file naming a guest '.' or '..' (hand-edited, or written by a daemon that accepted
+    the name) is rejected on load like any other invalid file; the valid ones beside it load."""
+
+    env_per_test = True
+
+    def test_state_file_with_path_special_name(self):
+        c = self.client
+        chains = self.make_chains(('vda',), SIZE)
+        good = self.unique_name('good')
+        c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', good, '',
+               opts(disks=h.dbus.Dictionary({'vda': chains['vda'].top}, signature='ss', variant_level=1)))
+        guests = os.path.join(self.env.daemon.state_dir, 'guests')
+        with open(os.path.join(guests, good + '.json')) as f:
+            record = json.load(f)
+        self.assertEqual(self.env.stop_daemon(), 0)
+        for name in ('.', '..'):
+            bad = dict(record, name=name, uuid='00000000-0000-4000-8000-00000000000%d' % len(name),
+                       disks=[], helper_uid=0)
+            with open(os.path.join(guests, name + '.json'), 'w') as f:
+                json.dump(bad, f)
+        self.env.start_daemon()
+        objects = c.managed_objects()
+        self.assertIn(h.guest_path(good), objects)
+        for name in ('.', '..'):
+            self.assertNotIn(h.guest_path(name), objects, 'a state file naming the guest %r was loaded' % name)
+        with open(self.env.daemon.log, errors='replace') as f:
+            log = f.read()
+        for name in ('.', '..'):
+            self.assertIn('State file %s/%s.json is invalid' % (guests, name), log)
+            self.assertNotIn('Guest %s restored' % name, log)
 
 
 if __name__ == '__main__':

@@ -166,12 +166,13 @@ class ManagerTest(h.TestCase):
             self.assertEqual(p['Size'], 64 * h.MiB)
 
     def test_valid_unusual_names(self):
-        """Names that match [A-Za-z0-9_.-]{1,64}, including '..x' and 64 characters: accepted,
-        escaped in the object path, and their state kept inside the state directory."""
+        """Names that match [A-Za-z0-9_.-]{1,64}, including '..x', '...' and 64 characters:
+        accepted, escaped in the object path, and their state kept inside the state directory.
+        ('.' and '..' are path components of their own and refused: test_badinput.py.)"""
         chains = self.make_chains(('vda',), 64 * h.MiB)
         q = self.start_qemu(chains)
         outside_before = self._outside_state()
-        for name in ('..x', '.', '-', '_', 'x' * 64, '0', 'A.b-C_9'):
+        for name in ('..x', '...', '-', '_', 'x' * 64, '0', 'A.b-C_9'):
             path = self.register(name, q.daemon_socket)
             self.addCleanup(self.unregister_quietly, name)
             self.assertEqual(path, h.guest_path(name))

@@ -42,11 +42,12 @@ MANAGE = 'org.blockstream1.manage'
 STREAM = 'org.blockstream1.stream'
 INSPECT = 'org.blockstream1.inspect'
 EXPORT = 'org.blockstream1.export'
-# api.md, "polkit actions": defaults (any, inactive, active)
+# api.md, "polkit actions": defaults (any, inactive, active). inspect is not "yes" for active
+# sessions (issue 9, item 12: any console user read every guest's maps): it follows stream.
 ACTION_DEFAULTS = {
     MANAGE: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
     STREAM: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
-    INSPECT: ('auth_admin', 'auth_admin', 'yes'),
+    INSPECT: ('auth_admin', 'auth_admin', 'auth_admin_keep'),
     EXPORT: ('auth_admin', 'auth_admin', 'auth_admin'),
 }
 
@@ -673,6 +674,195 @@ print(json.dumps({"sent": pending[0]}), flush=True)
 loop.run()
 print(json.dumps({"outcomes": outcomes, "messages": messages}), flush=True)
 '''
+
+
+# ---------------------------------------------------------------------------------------------
+
+# A caller that floods: it registers itself as its own polkit authentication agent (for its own
+# process, as pkttyagent --process does) and never answers BeginAuthentication, so each of its
+# calls that polkit challenges stays pending (in polkitd, and in the daemon's registry) until
+# the caller goes. Then it sends `per_connection` calls with ALLOW_INTERACTIVE_AUTHORIZATION on
+# each of `connections` connections, and a Peer.Ping to the daemon on each: the daemon handles
+# a connection's messages in order, so once every Ping is answered every call has been either
+# queued or refused. It prints what it got by then, and stays until it is killed.
+_FLOODER = r"""
+import json, os, sys
+from gi.repository import Gio, GLib
+cfg = json.loads(sys.argv[1])
+flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
+def connect():
+    return Gio.DBusConnection.new_for_address_sync(cfg["address"], flags, None, None)
+AGENT = ('<node><interface name="org.freedesktop.PolicyKit1.AuthenticationAgent">'
+         '<method name="BeginAuthentication"><arg type="s" direction="in"/><arg type="s" direction="in"/>'
+         '<arg type="s" direction="in"/><arg type="a{ss}" direction="in"/><arg type="s" direction="in"/>'
+         '<arg type="a(sa{sv})" direction="in"/></method>'
+         '<method name="CancelAuthentication"><arg type="s" direction="in"/></method></interface></node>')
+held, asked = [], [0]
+def agent_call(conn, sender, path, iface, method, params, invocation):
+    if method == "BeginAuthentication":
+        asked[0] += 1
+        held.append(invocation)      # never answered
+    else:
+        invocation.return_value(None)
+agent = connect()
+agent.register_object("/bstest/agent", Gio.DBusNodeInfo.new_for_xml(AGENT).interfaces[0], agent_call, None, None)
+with open("/proc/self/stat") as f:
+    start_time = int(f.read().rsplit(")", 1)[1].split()[19])
+subject = ("unix-process", {"pid": GLib.Variant("u", os.getpid()), "start-time": GLib.Variant("t", start_time)})
+agent.call_sync("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+                "org.freedesktop.PolicyKit1.Authority", "RegisterAuthenticationAgent",
+                GLib.Variant("((sa{sv})ss)", (subject, "C", "/bstest/agent")), None, 0, -1, None)
+conns = [connect() for _ in range(cfg["connections"])]
+outcomes, messages = {}, {}
+pings = [len(conns)]
+def done(conn, res, data):
+    try:
+        conn.call_finish(res)
+        o = "ok"
+    except GLib.Error as e:
+        o = Gio.DBusError.get_remote_error(e) or "local"
+        Gio.DBusError.strip_remote_error(e)
+        messages.setdefault(o, e.message)
+    outcomes[o] = outcomes.get(o, 0) + 1
+def pinged(conn, res, data):
+    conn.call_finish(res)
+    pings[0] -= 1
+    if pings[0] == 0:
+        # Let the agent's connection take in what polkitd sent it so far.
+        ctx = GLib.MainContext.default()
+        while ctx.pending():
+            ctx.iteration(False)
+        print(json.dumps({"outcomes": outcomes, "messages": messages, "asked": asked[0],
+                          "unique_names": [c.get_unique_name() for c in conns]}), flush=True)
+call_flags = Gio.DBusCallFlags.NO_AUTO_START | Gio.DBusCallFlags.ALLOW_INTERACTIVE_AUTHORIZATION
+for c in conns:
+    for i in range(cfg["per_connection"]):
+        c.call("org.blockstream1", cfg["path"], "org.blockstream1.BlockStream", "SetBandwidth",
+               GLib.Variant("(t)", (cfg["bandwidth"] + i,)), None, call_flags, 120000, None, done, None)
+for c in conns:
+    c.call("org.blockstream1", "/org/blockstream1", "org.freedesktop.DBus.Peer", "Ping", None, None,
+           Gio.DBusCallFlags.NO_AUTO_START, 120000, None, pinged, None)
+GLib.MainLoop().run()
+"""
+
+
+class FloodTest(PolkitTestCase):
+    """The authorization registry is shared out per caller: one user whose calls polkit keeps
+    pending (an authentication agent of its own that never answers) cannot take the places of
+    the others, and gets LimitsExceeded beyond its share; arguments are bounded before a call
+    may wait for polkit at all."""
+
+    PER_CONNECTION = 64     # polkit.c: POLKIT_QUERIES_PER_CONNECTION_MAX
+    PER_USER = 256          # polkit.c: POLKIT_QUERIES_PER_USER_MAX
+    REGISTRY = 4096         # polkit.c: POLKIT_QUERIES_MAX
+
+    def flood(self, d, connections, per_connection, user=STRANGER):
+        req = json.dumps({'address': self.env.bus.address, 'path': d.path, 'connections': connections,
+                          'per_connection': per_connection, 'bandwidth': 7 * h.MiB})
+        p = h.spawn(h.setpriv_argv(user) + ['/usr/bin/python3', '-c', _FLOODER, req], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env={'PATH': '/usr/bin:/bin', 'HOME': '/', 'LANG': 'C.UTF-8'})
+        self.addCleanup(lambda: (p.kill(), p.wait(10)))
+        line = p.stdout.readline()      # bounded: every call and Ping has a 120 s timeout
+        if not line:
+            p.kill()
+            self.fail('the flooder did not report: %s' % p.stderr.read().decode(errors='replace'))
+        res = json.loads(line)
+        h.log('flood of %d x %d calls as %s: outcomes %r, agent asked %d times'
+              % (connections, per_connection, user, res['outcomes'], res['asked']))
+        return p, res
+
+    def assertFloodRefused(self, res, refused):
+        self.assertEqual(res['outcomes'], {'org.freedesktop.DBus.Error.LimitsExceeded': refused},
+                         "the calls beyond the caller's share must be refused at once, the others wait: %r"
+                         % res['outcomes'])
+        self.assertIn('waiting for authorization', res['messages']['org.freedesktop.DBus.Error.LimitsExceeded'])
+
+    def test_one_connection_over_its_share(self):
+        g = self.owned_guest(None)
+        d = g.disk()
+        p, res = self.flood(d, 1, self.PER_CONNECTION + 36)
+        # Its calls really wait: polkit challenged them and asked the flooder's agent.
+        self.client.wait_for(lambda: os.path.exists('/proc/%d' % p.pid), 1, 'the flooder')
+        self.assertFloodRefused(res, 36)
+        # Other users are served meanwhile.
+        self.assertOk(self.session(MEMBER).call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(%d,)' % h.MiB),
+                      'SetBandwidth as member during the flood')
+        self.assertEqual(d.prop('Bandwidth'), h.MiB)
+        self.assertDenied(self.session(OWNER).call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)'), STREAM,
+                          'SetBandwidth as a user without the right during the flood')
+
+    def test_flood_leaves_room_for_others(self):
+        """Two users, more pending calls than the whole registry holds, over as many connections
+        as it takes (dbus-daemon lets a connection wait for 128 replies): a third user is
+        served, each flooder gets its share and LimitsExceeded for the rest, and the daemon
+        stays on the bus (dbus-daemon allows a connection 512 match rules: watching each
+        waiting caller with a match rule of its own would get the daemon disconnected); once
+        the flooders leave, their places are free again."""
+        g = self.owned_guest(None)
+        d = g.disk()
+        conns, per_conn = 24, 96
+        flooders = (STRANGER, OWNER)
+        self.assertGreater(len(flooders) * conns * per_conn, self.REGISTRY)
+        procs = []
+        for user in flooders:
+            p, res = self.flood(d, conns, per_conn, user)
+            procs.append(p)
+            self.assertFloodRefused(res, conns * per_conn - self.PER_USER)
+        # Another user is served at once, by polkit's answer.
+        r = self.session(MEMBER).call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(%d,)' % (2 * h.MiB))
+        self.assertOk(r, 'SetBandwidth as member while %d calls of others are waiting'
+                      % (len(flooders) * conns * per_conn))
+        self.assertEqual(d.prop('Bandwidth'), 2 * h.MiB)
+        self.assertDaemonAlive('the flood')
+        # The flooders leave: their calls go, and the same users are asked again.
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        for user in flooders:
+            s = self.session(user)
+            self.client.wait_for(lambda: s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)')['error'] !=
+                                 'org.freedesktop.DBus.Error.LimitsExceeded', 30, "the flooder's places to be freed")
+            self.assertDenied(s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)'), STREAM,
+                              'SetBandwidth as %s after the flood' % user)
+        self.assertEqual(d.prop('Bandwidth'), 2 * h.MiB)
+
+    def test_arguments_bounded_before_polkit(self):
+        """An unauthorized caller's oversized arguments are refused before polkit is asked (and
+        before the call could wait, pinning them): strings of PATH_MAX bytes or more, an option
+        given over and over."""
+        g = self.owned_guest(None)
+        d = g.disk()
+        mon = PolkitMonitor(self.client)
+        self.addCleanup(mon.close)
+        self.client.pump(0.1)
+        s = self.session(STRANGER)
+        big = '/' + 'x' * 70000
+        repeated = '{%s}' % ', '.join(["'bandwidth': <uint64 1>"] * 20000)
+        cases = [
+            ('Start base', d.path, h.IFACE_STREAM, 'Start', 'tta{sv}', "(0, 0, {'base': <%s>})" % gv(big)),
+            ('Start repeated option', d.path, h.IFACE_STREAM, 'Start', 'tta{sv}', '(0, 0, %s)' % repeated),
+            ('RegisterGuest socket', h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
+             '(%s, %s, {})' % (gv(self.unique_name()), gv(big))),
+            ('RegisterGuest disks', h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
+             "(%s, '', {'disks': <{'vda': %s}>})" % (gv(self.unique_name()), gv(big))),
+            ('ProvisionDisk template', h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+             '(%s, %s, {})' % (gv('http://example.invalid/' + 'x' * 70000),
+                               gv(os.path.join(self.env.images, 'p.qcow2')))),
+            ('ProvisionDisk target', h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+             '(%s, %s, {})' % (gv(g.chains['vda'].base), gv(self.env.images + big))),
+        ]
+        for label, path, iface, member, sig, args in cases:
+            with self.subTest(label):
+                n = len(mon.calls)
+                r = self.denied_changes_nothing(lambda: s.call(path, iface, member, sig, args), None,
+                                                '%s as stranger' % label, errors=(h.ERR_INVALID_ARGS,))
+                self.assertTrue(r['message'])
+                # A call that is checked is seen by the monitor by the time it is answered: this
+                # one is, so the oversized one before it would have been seen too.
+                s.call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1,)')
+                calls = mon.wait(n + 1)
+                self.assertEqual([c['args'][1] for c in calls[n:]], [STREAM],
+                                 '%s: polkit was asked about an oversized call' % label)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -691,6 +691,88 @@ def dbus_dict(d, sig='sv'):
     return dbus.Dictionary(d, signature=sig)
 
 
+class MapLimitsTest(RangeBase):
+    """Allocation maps hold a helper and an export each (and, for a guest that is not running, a
+    storage helper): at most 16 at once across all guests, and each one stopped after
+    MapTimeoutSec=. Maps are held up deterministically by stopping the guests' QEMU (SIGSTOP):
+    QEMU then answers no QMP command, so a map waits in its setup until QEMU goes on."""
+
+    MAPS_MAX = 16              # range.c
+    MAPS_PER_GUEST_MAX = 8     # range.c
+    MAP_TIMEOUT = 3            # MapTimeoutSec= of this class's daemon
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        try:
+            env.daemon = h.Daemon(env, config_extra='MapTimeoutSec=%d\n' % cls.MAP_TIMEOUT)
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def stopped(self, q):
+        os.kill(q.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: q.running() and os.kill(q.proc.pid, signal.SIGCONT))
+
+    def send_maps(self, d, n, box):
+        for _ in range(n):
+            self.client.conn.call_async(h.BUS_NAME, d.path, h.IFACE_STREAM, 'GetAllocationMap', 'tt', (T(0), T(0)),
+                                        lambda *a: box.append(('ok', a)),
+                                        lambda e: box.append((e.get_dbus_name(), e.get_dbus_message())),
+                                        timeout=120)
+
+    def barrier(self):
+        """Every call sent before is handled by the daemon (queued, answered or refused) once
+        this returns: it handles the messages of one connection in order."""
+        self.client.call(h.MANAGER_PATH, 'org.freedesktop.DBus.Peer', 'Ping')
+
+    def test_global_cap(self):
+        guests = [self.guest() for _ in range(3)]
+        for g in guests:
+            self.stopped(g.qemu)
+        box = []
+        for g in guests:
+            self.send_maps(g.disk(), self.MAPS_PER_GUEST_MAX, box)
+        self.barrier()
+        sent = len(guests) * self.MAPS_PER_GUEST_MAX
+        refused = sent - self.MAPS_MAX
+        self.client.wait_for(lambda: len(box) >= refused, 10, 'the refusals of the maps beyond %d' % self.MAPS_MAX)
+        self.barrier()
+        self.client.pump(0)
+        self.assertEqual(len(box), refused, 'maps answered while every QEMU is stopped: %r' % box)
+        self.assertEqual({b[0] for b in box}, {h.ERR_BUSY}, box)
+        self.assertIn('at most %d at once' % self.MAPS_MAX, box[0][1])
+        # QEMU goes on: the 16 that were taken complete.
+        for g in guests:
+            os.kill(g.qemu.proc.pid, signal.SIGCONT)
+        self.client.wait_for(lambda: len(box) == sent, 60, 'the %d maps to complete' % self.MAPS_MAX)
+        self.assertEqual([b[0] for b in box[refused:]], ['ok'] * self.MAPS_MAX, box[refused:])
+        # Places are free again.
+        self.assertTrue(self.api_map(guests[0].disk()))
+
+    def test_deadline(self):
+        g = self.guest()
+        d = g.disk()
+        self.stopped(g.qemu)
+        box = []
+        self.send_maps(d, 1, box)
+        self.client.wait_for(lambda: box, 3 * self.MAP_TIMEOUT + 20, 'the map to be stopped at its deadline')
+        self.assertEqual(box[0][0], 'org.freedesktop.DBus.Error.Timeout', box)
+        self.assertIn('MapTimeoutSec', box[0][1])
+        # QEMU goes on: the map's export goes from QEMU, no helper is left, and maps work again.
+        os.kill(g.qemu.proc.pid, signal.SIGCONT)
+        h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 30, "the map's export to leave QEMU")
+        h.wait_until(lambda: r.pull_helpers(self.env) == [], 30, "the map's helper to go")
+        self.assertTrue(self.api_map(d))
+        self.assertTrue(self.env.daemon.running())
+
+
 class OfflineBase(RangeBase):
 
     def offline_guest(self, top, name=None):

@@ -22,8 +22,23 @@ static void test_defaults(void) {
         ASSERT_OK(config_parse(&c, "", "empty"));
         ASSERT_NULL(c.image_dirs);
         ASSERT_EQ_U64(c.qmp_timeout_usec, QMP_TIMEOUT_DEFAULT_USEC);
+        ASSERT_EQ_U64(c.map_timeout_usec, 60 * USEC_PER_SEC);
         config_done(&c);
         config_done(&c); /* twice is harmless */
+}
+
+static void test_map_timeout(void) {
+        Config c;
+
+        ASSERT_OK(parse(&c, "MapTimeoutSec=7\n"));
+        ASSERT_EQ_U64(c.map_timeout_usec, 7 * USEC_PER_SEC);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "MapTimeoutSec=0\n") < 0);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "MapTimeoutSec=3601\n") < 0);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "MapTimeoutSec=-1\n") < 0);
+        config_done(&c);
 }
 
 static void test_valid(void) {
@@ -299,6 +314,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_image_dirs_invalid);
         TAP_RUN(test_timeout_bounds);
         TAP_RUN(test_qemu_users);
+        TAP_RUN(test_map_timeout);
         TAP_RUN(test_unknown_keys_and_sections);
         TAP_RUN(test_load);
         TAP_RUN(test_template_url_prefixes);

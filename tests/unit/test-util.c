@@ -230,10 +230,13 @@ static void test_guest_name(void) {
         ASSERT_FALSE(guest_name_is_valid("\xff"));
         ASSERT_FALSE(guest_name_is_valid("a\x80"));
         ASSERT_FALSE(guest_name_is_valid("a\x7f"));
-        /* The documented pattern [A-Za-z0-9_.-]{1,64} admits these; whoever builds paths from a
-         * name must cope (see the report on state.c). */
-        ASSERT_TRUE(guest_name_is_valid("."));
-        ASSERT_TRUE(guest_name_is_valid(".."));
+        /* A name is a path component (state file, runtime directory): the pattern's "." and ".."
+         * would name a directory itself or its parent. Other names of dots are plain names. */
+        ASSERT_FALSE(guest_name_is_valid("."));
+        ASSERT_FALSE(guest_name_is_valid(".."));
+        ASSERT_TRUE(guest_name_is_valid("..."));
+        ASSERT_TRUE(guest_name_is_valid(".a"));
+        ASSERT_TRUE(guest_name_is_valid("a.."));
         ASSERT_TRUE(guest_name_is_valid("-"));
 }
 
