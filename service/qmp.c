@@ -17,6 +17,68 @@ enum QmpState {
         QMP_CLOSED,
 };
 
+/* A lexical pass over the bytes of one message before json-c sees them: where the message ends
+ * (a top-level container closes) and what json-c's tree of it will cost. Strings are skipped
+ * (escapes included); their bytes count like any byte. */
+typedef struct QmpScan {
+        size_t depth;
+        uint64_t cost;
+        bool in_string, escape;
+} QmpScan;
+
+typedef enum QmpScanResult {
+        QMP_SCAN_MORE, /* all bytes belong to the message, which goes on */
+        QMP_SCAN_END,  /* the message ends at *ret_used bytes */
+        QMP_SCAN_OVER, /* the message costs more than QMP_MESSAGE_COST_MAX */
+} QmpScanResult;
+
+static QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used) {
+        for (size_t i = 0; i < len; i++) {
+                char c = buf[i];
+
+                s->cost++;
+                if (s->in_string) {
+                        if (s->escape)
+                                s->escape = false;
+                        else if (c == '\\')
+                                s->escape = true;
+                        else if (c == '"')
+                                s->in_string = false;
+                        continue;
+                }
+                switch (c) {
+                case '"':
+                        s->in_string = true;
+                        break;
+                case '{':
+                        s->cost += QMP_COST_OBJECT + QMP_COST_VALUE;
+                        s->depth++;
+                        break;
+                case '[':
+                        s->cost += QMP_COST_ARRAY + QMP_COST_VALUE;
+                        s->depth++;
+                        break;
+                case ',':
+                        s->cost += QMP_COST_VALUE;
+                        break;
+                case '}':
+                case ']':
+                        /* A stray closer at the top is json-c's to refuse: end the scan there. */
+                        if (s->depth <= 1) {
+                                s->depth = 0;
+                                *ret_used = i + 1;
+                                return s->cost > QMP_MESSAGE_COST_MAX ? QMP_SCAN_OVER : QMP_SCAN_END;
+                        }
+                        s->depth--;
+                        break;
+                }
+                if (s->cost > QMP_MESSAGE_COST_MAX)
+                        return QMP_SCAN_OVER;
+        }
+        *ret_used = len;
+        return QMP_SCAN_MORE;
+}
+
 typedef struct QmpCall {
         struct QmpCall *next;
         uint64_t id;
@@ -38,6 +100,7 @@ struct Qmp {
         enum QmpState state;
         json_tokener *tok;
         size_t msg_bytes;
+        QmpScan scan; /* the message json-c is being fed, pre-scanned */
         Utf8State utf8; /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
         unsigned n_calls;
@@ -477,8 +540,16 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                                 break;
                 }
 
-                /* Never hand the tokener more than one byte beyond the cap. */
+                /* Never hand the tokener more than one byte beyond the cap, nor a byte of a
+                 * message whose tree would cost more than the budget. */
                 chunk = MIN(len, (size_t) QMP_MESSAGE_MAX + 1 - q->msg_bytes);
+                if (qmp_scan(&q->scan, buf, chunk, &chunk) == QMP_SCAN_OVER) {
+                        log_warning("QMP: message from QEMU would take more than %u MiB of memory to parse; "
+                                    "closing the connection.",
+                                QMP_MESSAGE_COST_MAX >> 20);
+                        r = -E2BIG;
+                        break;
+                }
                 msg = json_tokener_parse_ex(q->tok, buf, (int) chunk);
                 jerr = json_tokener_get_error(q->tok);
                 if (!msg) {
@@ -506,6 +577,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 buf += used;
                 len -= used;
                 q->msg_bytes = 0;
+                q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 
                 if (log_get_max_level() >= LOG_LEVEL_DEBUG)

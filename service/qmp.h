@@ -5,16 +5,28 @@
  * what the commands mean (that is qemu.c).
  *
  * The peer is untrusted: a compromised guest may own its QEMU. Every message is bounded
- * (QMP_MESSAGE_MAX bytes, QMP_DEPTH_MAX nesting), parsed strictly, and anything that is not a
- * well-formed greeting, reply or event closes the connection. */
+ * (QMP_MESSAGE_MAX bytes, QMP_DEPTH_MAX nesting, QMP_MESSAGE_COST_MAX estimated heap, checked
+ * by a lexical pre-scan before json-c builds anything), parsed strictly, and anything that is
+ * not a well-formed greeting, reply or event closes the connection. */
 
 #include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
-#define QMP_MESSAGE_MAX (10U * 1024U * 1024U) /* libvirt's figure */
-#define QMP_DEPTH_MAX 256                      /* backing chains nest two levels per image */
+/* The bytes of one message. The largest reply we ask for, query-named-block-nodes (flat) of
+ * 256 disks with 3-image chains (1536 nodes of ~700 bytes), is about 1.1 MiB; 4 MiB leaves room. */
+#define QMP_MESSAGE_MAX (4U * 1024U * 1024U)
+#define QMP_DEPTH_MAX 256 /* backing chains nest two levels per image */
+/* What json-c's tree of one message may cost, estimated before json-c sees it (see qmp.c): the
+ * bytes are not the limit, the values are. json-c 0.16 spends ~800 bytes on an object, ~150 on
+ * an array, ~90 on a scalar: 1 MB of [{},{},...] became 270 MB. The largest reply above is
+ * estimated at ~11 MiB (one node: ~7.4 KiB, measured on tests/unit/data); 24 MiB leaves
+ * twice that, and refuses [{},{},...] after its first 24k objects (~72 KiB of text). */
+#define QMP_MESSAGE_COST_MAX (24U * 1024U * 1024U)
+#define QMP_COST_OBJECT 1024U /* an object: its hash table (16 entries) and the object */
+#define QMP_COST_ARRAY 192U   /* an array: its 32 slots and the object */
+#define QMP_COST_VALUE 128U   /* any member or element: its json_object (and key, if any) */
 #define QMP_TIMEOUT_DEFAULT_USEC (60ULL * 1000000ULL)
 #define QMP_PENDING_MAX 1024
 
