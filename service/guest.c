@@ -22,6 +22,7 @@
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
+#define GUEST_SAVE_INTERVAL_USEC (100 * USEC_PER_MSEC)
 
 struct GuestWaiter {
         GuestWaiter *next;
@@ -75,6 +76,9 @@ Guest *guest_free(Guest *g) {
         }
         g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
         g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
+        if (g->save_pending) /* the daemon stops: what was deferred is written now */
+                (void) guest_save(g);
+        g->save_timer = sd_event_source_disable_unref(g->save_timer);
         if (g->register_call) {
                 (void) sd_bus_reply_method_errorf(g->register_call, BS_ERROR_NOT_RUNNING,
                         "The daemon is shutting down; guest '%s' was not registered.", g->name);
@@ -229,12 +233,46 @@ bool guest_has_active_job(Guest *g) {
 int guest_save(Guest *g) {
         int r;
 
+        /* Whatever was deferred is in this write too. */
+        g->save_pending = false;
+        if (g->save_timer)
+                (void) sd_event_source_set_enabled(g->save_timer, SD_EVENT_OFF);
         if (!g->published)
                 return 0;
+        g->last_save = now_usec(CLOCK_MONOTONIC);
         r = state_save_guest(g);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
+}
+
+static int save_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        (void) guest_save(g); /* logs on failure */
+        return 0;
+}
+
+void guest_save_later(Guest *g) {
+        usec_t when;
+        int r;
+
+        if (!g->published || g->save_pending)
+                return;
+        when = MAX(now_usec(CLOCK_MONOTONIC), g->last_save + GUEST_SAVE_INTERVAL_USEC);
+        if (!g->save_timer)
+                r = sd_event_add_time(g->manager->event, &g->save_timer, CLOCK_MONOTONIC, when, 0, save_handler, g);
+        else {
+                r = sd_event_source_set_time(g->save_timer, when);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(g->save_timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0) {
+                log_debug_errno(r, "Guest %s: cannot defer a state save, saving now: %m", g->name);
+                (void) guest_save(g);
+                return;
+        }
+        g->save_pending = true;
 }
 
 static void guest_emit_changed(Guest *g, const char *property) {
@@ -817,6 +855,9 @@ void guest_unregister(Guest *g) {
                 (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
         if (g->qmp)
                 qmp_flush(g->qmp);
+        /* A deferred save must not bring the state file back. */
+        g->save_pending = false;
+        g->save_timer = sd_event_source_disable_unref(g->save_timer);
         r = state_remove_guest(m, g->name);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);

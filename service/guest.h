@@ -45,6 +45,10 @@ typedef struct Guest {
         unsigned reconnect_attempts;
         sd_event_source *poll_timer;
         bool poll_pending;
+        sd_event_source *save_timer; /* guest_save_later(): one write for many changes */
+        bool save_pending;
+        uint64_t last_save;    /* CLOCK_MONOTONIC µs */
+        uint64_t connected_at; /* CLOCK_MONOTONIC µs, when QMP got ready */
 
         Disk **disks;
         size_t n_disks;
@@ -93,6 +97,10 @@ char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
+/* The same, coalesced: at most one write per GUEST_SAVE_INTERVAL_USEC, whatever QEMU sends (a
+ * job flapping between paused and running must not cost an fsync per event). For changes whose
+ * loss in a crash costs nothing that the next connect does not recover from. */
+void guest_save_later(Guest *g);
 /* Poll QEMU's jobs at 4 Hz while one runs. */
 void guest_update_polling(Guest *g);
 /* Re-read disks from QEMU; handler gets 0 or -errno (error text if QEMU said why). */

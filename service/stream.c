@@ -191,6 +191,11 @@ static void disk_save(Disk *d) {
         (void) guest_save(d->guest);
 }
 
+static void disk_save_later(Disk *d) {
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        guest_save_later(d->guest);
+}
+
 /* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
  * changed, and only then publish, so that a client woken by Finished sees the new chain. */
 
@@ -298,13 +303,14 @@ void disk_apply_job_changes(Disk *d, unsigned changed) {
                 disk_finalize(d);
                 return;
         }
+        /* QEMU decides how often these come: the signal goes per change, the write is coalesced. */
         if (changed & JOB_CHANGED_STATE) {
                 disk_emit_job(d);
-                disk_save(d);
+                disk_save_later(d);
         } else if (changed & JOB_CHANGED_PROGRESS) {
                 disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
                 if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
-                        disk_save(d);
+                        disk_save_later(d);
         }
 }
 

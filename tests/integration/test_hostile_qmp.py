@@ -1,0 +1,98 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A guest's QEMU that does its worst to the daemon (issue 9, item 4): it must cost the daemon
+neither its memory, nor its thread, nor its disk. The QEMU is a fake (fakeqemu.py): real replies
+of QEMU 7.2, then hostile ones."""
+
+import ctypes
+import os
+import struct
+import unittest
+
+import harness as h
+from fakeqemu import FakeQemu
+
+IN_CREATE = 0x100
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+
+
+class Inotify:
+    """The files created in a directory. The state store writes a guest's file as a new temporary
+    file (a unique name) renamed over the old one; the renames themselves cannot be counted, as
+    inotify merges identical events (same name) that were not read yet."""
+
+    def __init__(self, path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), 'inotify_init1')
+        if self.libc.inotify_add_watch(self.fd, path.encode(), IN_CREATE) < 0:
+            raise OSError(ctypes.get_errno(), 'inotify_add_watch')
+        self.names = []
+
+    def drain(self):
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return self.names
+            off = 0
+            while off < len(buf):
+                _, mask, _, n = struct.unpack_from('iIII', buf, off)
+                name = buf[off + 16:off + 16 + n].rstrip(b'\0').decode()
+                if mask & IN_CREATE:
+                    self.names.append(name)
+                off += 16 + n
+
+    def close(self):
+        os.close(self.fd)
+
+
+class HostileQemuTest(h.TestCase):
+    env_per_test = True
+
+    def register_fake(self, **kw):
+        path = os.path.join(self.env.dir, '%s.sock' % self._testMethodName)
+        fake = FakeQemu(path, self.env.images, **kw)
+        self.addCleanup(fake.close)
+        name = self.unique_name()
+        gpath = self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, path,
+                                 h.no_opts())
+        return fake, name, gpath
+
+    def test_flapping_job_coalesces_state_saves(self):
+        """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
+        but not one fsync'ed state file per event."""
+        fake, name, _ = self.register_fake()
+        vda = h.disk_path(name, 'vda')
+        self.client.call(vda, h.IFACE_STREAM, 'Start', 'tta{sv}', h.T(0), h.T(0), h.no_opts())
+        self.client.wait_prop(vda, h.IFACE_STREAM, 'State', 'running')
+        job = self.client.wait_for(lambda: next(iter(fake.jobs), None), 10, 'block-stream at the fake')
+
+        guests = os.path.join(self.env.daemon.state_dir, 'guests')
+        watch = Inotify(guests)
+        self.addCleanup(watch.close)
+        since = h.time.monotonic()
+        n = 200
+        sent = fake.flap(job, n)
+
+        def states():
+            return [c['State'] for _, c, _ in self.client.props_changed(vda, h.IFACE_STREAM, since) if 'State' in c]
+        self.client.wait_for(lambda: len(states()) >= len(sent), 60, '%d State changes' % len(sent))
+        self.assertEqual(states(), sent)
+
+        # The last change reaches the disk too, in bounded time.
+        def saved_state():
+            with open(os.path.join(guests, name + '.json')) as f:
+                return h.json.load(f)['disks'][0]['job']['state']
+        self.client.wait_for(lambda: saved_state() == 'paused', 10, 'the state file to say paused')
+        writes = [f for f in watch.drain() if f.startswith(name + '.json.tmp')]
+        h.log('%d job state changes, %d state file writes' % (len(sent), len(writes)))
+        self.assertLess(len(writes), n // 2, 'the state file was written %d times for %d events'
+                        % (len(writes), len(sent)))
+        self.assertTrue(self.env.daemon.running())
+
+
+if __name__ == '__main__':
+    h.main()
