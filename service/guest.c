@@ -23,6 +23,8 @@
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
 #define GUEST_SAVE_INTERVAL_USEC (100 * USEC_PER_MSEC)
+/* A connection that lasted this long was a working QEMU: if it breaks, reconnect at once. */
+#define RECONNECT_STABLE_USEC (60 * USEC_PER_SEC)
 
 struct GuestWaiter {
         GuestWaiter *next;
@@ -688,6 +690,14 @@ static void guest_connection_failed(Guest *g, int error) {
         if (was_running) {
                 log_warning("Guest %s: lost the QMP connection (%s).", g->name, strerror(-error));
                 guest_emit_changed(g, "Running");
+                /* A QEMU that breaks the protocol, or drops every connection soon after the
+                 * greeting, would have us reconnect and re-read all its disks in a loop: it waits
+                 * out the backoff, and its jobs stay as they were until a connection tells. */
+                if (qmp_error_is_protocol(error) ||
+                        now_usec(CLOCK_MONOTONIC) - g->connected_at < RECONNECT_STABLE_USEC) {
+                        guest_schedule_reconnect(g);
+                        return;
+                }
                 /* Maybe only the connection broke and QEMU lives on: try at once before failing its jobs. */
                 g->reconnect_attempts = 0;
                 if (guest_connect(g) >= 0)
@@ -780,7 +790,8 @@ void guest_on_state(Qmp *q, int error, void *userdata) {
                 qmp_qemu_version(q) / 100 % 100, qmp_qemu_version(q) % 100);
         g->running = true;
         g->had_connection = true;
-        g->reconnect_attempts = 0;
+        g->connected_at = now_usec(CLOCK_MONOTONIC);
+        /* reconnect_attempts is reset only once this connection proved stable (above). */
         guest_emit_changed(g, "Running");
         export_cleanup_leftovers(g); /* first: commands run in order */
         r = qemu_query_block_jobs(q, connect_jobs_reply, g, NULL);

@@ -9,6 +9,7 @@
  * by a lexical pre-scan before json-c builds anything), parsed strictly, and anything that is
  * not a well-formed greeting, reply or event closes the connection. */
 
+#include <errno.h>
 #include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -31,6 +32,12 @@
 #define QMP_PENDING_MAX 1024
 
 typedef struct Qmp Qmp;
+
+/* The errors with which the client closes a connection whose peer broke the protocol (bad JSON,
+ * over a bound, not QMP), as opposed to one that went away. */
+static inline bool qmp_error_is_protocol(int error) {
+        return error == -EPROTO || error == -EBADMSG || error == -EMSGSIZE || error == -E2BIG;
+}
 
 static inline void json_object_putp(json_object **o) {
         if (*o)

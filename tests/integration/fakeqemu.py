@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'unit', 'data')
 
@@ -30,6 +31,7 @@ class FakeQemu:
         self.lock = threading.Lock()
         self.conn = None             # the current connection
         self.connections = 0         # accepted so far
+        self.connect_times = []      # time.monotonic() of each accept
         self.commands = {}           # name -> count
         self.jobs = {}               # job id -> status
         self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
@@ -43,37 +45,45 @@ class FakeQemu:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    # The disks: the captured chain of 3 (top, mid, base), renamed per disk and cut to depth.
+    # The disks: shaped like the captured chain of 3 (each image and node as QEMU 7.2 reports
+    # them), with chain_depth backing images below each top, named per disk.
     @staticmethod
     def _disks(image_dir, n_disks, chain_depth):
         block0 = _load('query-block-chain3.json')[0]
         nodes0 = _load('query-named-block-nodes-chain3.json')
+        image0 = copy.deepcopy(block0['inserted']['image'])
+        for k in ('backing-image', 'backing-filename', 'full-backing-filename', 'backing-filename-format'):
+            image0.pop(k, None)
+        fmt0 = next(n for n in nodes0 if n['drv'] == 'qcow2')
+        file0 = next(n for n in nodes0 if n['drv'] == 'file')
         blocks, nodes = [], []
         for i in range(n_disks):
             alias = 'vd%s' % chr(ord('a') + i) if i < 26 else 'disk%d' % i
+            files = [os.path.join(image_dir, '%s-%d.qcow2' % (alias, level)) for level in range(chain_depth + 1)]
+            image = None
+            for level in range(chain_depth, -1, -1):
+                img = copy.deepcopy(image0)
+                img['filename'] = files[level]
+                if image is not None:
+                    img['backing-image'] = image
+                    img['backing-filename'] = os.path.basename(files[level + 1])
+                    img['full-backing-filename'] = files[level + 1]
+                    img['backing-filename-format'] = 'qcow2'
+                image = img
+                for tmpl, drv in ((fmt0, 'qcow2'), (file0, 'file')):
+                    n = copy.deepcopy(tmpl)
+                    n['file'] = files[level]
+                    n['node-name'] = 'top%d' % i if (level == 0 and drv == 'qcow2') else '%s-%d-%s' % (alias, level, drv)
+                    n['image'] = copy.deepcopy(image0)
+                    n['image']['filename'] = files[level]
+                    n['backing_file_depth'] = chain_depth - level
+                    nodes.append(n)
             b = copy.deepcopy(block0)
             b['device'] = ''
             b['qdev'] = '/machine/peripheral/%s/virtio-backend' % alias
             b['inserted']['node-name'] = 'top%d' % i
-            img = b['inserted']['image']
-            names = ['top', 'mid', 'base']
-            level = img
-            for depth, name in enumerate(names):
-                f = os.path.join(image_dir, '%s-%s.qcow2' % (alias, name))
-                level['filename'] = f
-                if depth == chain_depth:
-                    level.pop('backing-image', None)
-                    break
-                if 'backing-image' not in level:
-                    break
-                level['full-backing-filename'] = os.path.join(image_dir, '%s-%s.qcow2' % (alias, names[depth + 1]))
-                level = level['backing-image']
-            for n in nodes0:
-                n = copy.deepcopy(n)
-                base = os.path.basename(n['file']).split('.')[0]
-                n['file'] = os.path.join(image_dir, '%s-%s.qcow2' % (alias, base))
-                n['node-name'] = '%s-%s-%s' % (alias, base, n['drv'])
-                nodes.append(n)
+            b['inserted']['file'] = files[0]
+            b['inserted']['image'] = image
             blocks.append(b)
         return blocks, nodes
 
@@ -144,6 +154,7 @@ class FakeQemu:
                 return
             with self.lock:
                 self.connections += 1
+                self.connect_times.append(time.monotonic())
                 self.conn = conn
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
@@ -160,6 +171,17 @@ class FakeQemu:
             self.jobs[job_id] = 'paused'
         self._send(conn, ev)
         return states
+
+    def send_raw(self, data):
+        """Bytes on the current connection, unasked."""
+        with self.lock:
+            conn = self.conn
+        self._send(conn, data)
+
+    @staticmethod
+    def many_values_message(n=333333):
+        """An event whose data holds n empty objects: ~3 bytes each on the wire, ~800 in json-c."""
+        return b'{"event": "X", "data": {"v": [' + b','.join([b'{}'] * n) + b']}}\r\n'
 
     def close(self):
         self._done.set()

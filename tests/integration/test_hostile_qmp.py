@@ -53,13 +53,50 @@ class HostileQemuTest(h.TestCase):
     env_per_test = True
 
     def register_fake(self, **kw):
-        path = os.path.join(self.env.dir, '%s.sock' % self._testMethodName)
-        fake = FakeQemu(path, self.env.images, **kw)
+        return self.register_fake_named(None, **kw)
+
+    def register_fake_named(self, hint, **kw):
+        name = self.unique_name(hint)
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FakeQemu(path, os.path.join(self.env.images, name), **kw)
         self.addCleanup(fake.close)
-        name = self.unique_name()
         gpath = self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, path,
                                  h.no_opts())
         return fake, name, gpath
+
+    def daemon_peak_rss(self):
+        with open('/proc/%d/status' % self.env.daemon.proc.pid) as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def test_many_values_message(self):
+        """1 MB of [{},{},...] (json-c: ~270 MB of heap) from a guest's QEMU, and the same again
+        on every reconnect: the daemon refuses it unparsed, drops the connection (Running goes
+        false), and reconnects with a growing delay, not in a loop; its peak RSS stays under
+        64 MiB, and another guest is served meanwhile."""
+        fake, name, gpath = self.register_fake()
+        other, other_name, other_path = self.register_fake_named('other')
+        huge = FakeQemu.many_values_message()
+        fake.hostile_replies = lambda cmd: huge
+        first = fake.connections
+        fake.send_raw(huge)
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False)
+        self.assertTrue(self.client.get(other_path, h.IFACE_GUEST, 'Running'))
+        # Three more connections, each answered with the same message.
+        self.client.wait_for(lambda: fake.connections >= first + 3, 60, 'three reconnects')
+        times = fake.connect_times[first - 1:]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        h.log('reconnect gaps: %s' % ', '.join('%.2fs' % g for g in gaps))
+        # A lower bound only (a slow machine makes gaps longer, never shorter): the backoff
+        # starts at 1 s and doubles. Reconnecting at once made these a few ms.
+        self.assertGreaterEqual(gaps[-1], 1.0, 'the daemon reconnected to a hostile QEMU without delay')
+        self.assertTrue(self.env.daemon.running())
+        self.assertTrue(self.client.get(other_path, h.IFACE_GUEST, 'Running'))
+        peak = self.daemon_peak_rss()
+        h.log('daemon peak RSS %.1f MiB' % (peak / 1048576))
+        self.assertLess(peak, 64 * 1024 * 1024)
 
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
