@@ -63,11 +63,14 @@ oom:
         return -ENOMEM;
 }
 
+static void refresh_waiters_free(struct RefreshWaiter *l);
+
 Guest *guest_free(Guest *g) {
         if (!g)
                 return NULL;
         /* Closing drops pending QMP callbacks before anything they point to goes away. */
         g->qmp = qmp_close_unref(g->qmp);
+        refresh_waiters_free(TAKE_PTR(g->refresh_pending));
         storage_helper_kill(g);
         while (g->waiters) {
                 GuestWaiter *w = g->waiters;
@@ -365,30 +368,81 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
         return 0;
 }
 
-/* Refresh: re-read the disks. */
+/* Refresh: re-read the disks. One query in flight per guest: each costs QEMU's whole
+ * query-block reply held until query-named-block-nodes answers, so a caller calling Refresh
+ * in a loop (or a QEMU slow to answer) must not multiply it. Who asks while one is out waits
+ * for the next one, sent after the first returns: the answer they get is never older than
+ * their request (finalize_dismissed relies on that). */
 
-typedef struct RefreshCtx {
-        Guest *guest;
+typedef struct RefreshWaiter {
+        struct RefreshWaiter *next;
         guest_refresh_handler_t handler;
         void *userdata;
         void (*destroy)(void *);
+} RefreshWaiter;
+
+typedef struct RefreshCtx {
+        Guest *guest;
+        RefreshWaiter *waiters;
+        bool answered; /* refresh_reply ran and detached it from the guest */
 } RefreshCtx;
+
+static void refresh_waiters_free(RefreshWaiter *l) {
+        while (l) {
+                RefreshWaiter *n = l->next;
+                if (l->destroy)
+                        l->destroy(l->userdata);
+                free(l);
+                l = n;
+        }
+}
 
 static void refresh_ctx_free(void *p) {
         RefreshCtx *c = p;
 
         if (!c)
                 return;
-        if (c->destroy)
-                c->destroy(c->userdata);
+        /* Never answered: the connection was closed by the guest's own code (the guest lives). */
+        if (!c->answered && c->guest->refresh_inflight == c)
+                c->guest->refresh_inflight = NULL;
+        refresh_waiters_free(c->waiters);
         free(c);
+}
+
+static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata);
+
+/* On success the query owns the waiters; on failure the caller keeps them. */
+static int refresh_send(Guest *g, RefreshWaiter *waiters) {
+        RefreshCtx *c = calloc(1, sizeof(RefreshCtx));
+        int r;
+
+        if (!c)
+                return -ENOMEM;
+        *c = (RefreshCtx) { .guest = g, .waiters = waiters };
+        r = qemu_query_disks(g->qmp, refresh_reply, c, refresh_ctx_free);
+        if (r < 0) {
+                free(c); /* request_submit dropped it without calling refresh_ctx_free */
+                return r;
+        }
+        g->refresh_inflight = c;
+        return 0;
+}
+
+static void refresh_notify(Guest *g, RefreshWaiter *l, int error, const char *desc) {
+        for (RefreshWaiter *w = l; w; w = w->next)
+                if (w->handler)
+                        w->handler(g, error, desc, w->userdata);
+        refresh_waiters_free(l);
 }
 
 static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata) {
         RefreshCtx *c = userdata;
         Guest *g = c->guest;
+        RefreshWaiter *waiters = TAKE_PTR(c->waiters), *pending = TAKE_PTR(g->refresh_pending);
         int r = error;
 
+        c->answered = true;
+        g->refresh_inflight = NULL;
         if (r >= 0) {
                 r = guest_apply_disks(g, disks, n);
                 if (r < 0)
@@ -397,8 +451,14 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
                         (void) guest_save(g);
         } else
                 log_warning("Guest %s: failed to read disks: %s", g->name, desc ?: strerror(-r));
-        if (c->handler)
-                c->handler(g, r, desc, c->userdata);
+
+        /* Before any handler runs (one may end the guest): the next query for those who waited. */
+        if (pending) {
+                int k = r < 0 ? r : !g->running ? -ENOTCONN : refresh_send(g, pending);
+                if (k < 0)
+                        refresh_notify(g, pending, k, r < 0 ? desc : NULL);
+        }
+        refresh_notify(g, waiters, r, desc);
 }
 
 /* An offline guest's disks come from the image headers, read by us. */
@@ -428,7 +488,7 @@ static int guest_refresh_offline(Guest *g) {
 }
 
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *)) {
-        RefreshCtx *c;
+        RefreshWaiter *w;
         int r;
 
         if (g->offline) {
@@ -441,13 +501,20 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
         }
         if (!g->running)
                 return -ENOTCONN;
-        c = calloc(1, sizeof(RefreshCtx));
-        if (!c)
+        w = calloc(1, sizeof(RefreshWaiter));
+        if (!w)
                 return -ENOMEM;
-        *c = (RefreshCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
-        r = qemu_query_disks(g->qmp, refresh_reply, c, refresh_ctx_free);
+        *w = (RefreshWaiter) { .handler = handler, .userdata = userdata, .destroy = destroy };
+        if (g->refresh_inflight) {
+                RefreshWaiter **tail = &g->refresh_pending;
+                while (*tail)
+                        tail = &(*tail)->next;
+                *tail = w;
+                return 0;
+        }
+        r = refresh_send(g, w);
         if (r < 0) {
-                free(c); /* not the caller's destroy: on failure the caller keeps userdata */
+                free(w); /* not the caller's destroy: on failure the caller keeps userdata */
                 return r;
         }
         return 0;

@@ -49,6 +49,9 @@ typedef struct Guest {
         bool save_pending;
         uint64_t last_save;    /* CLOCK_MONOTONIC µs */
         uint64_t connected_at; /* CLOCK_MONOTONIC µs, when QMP got ready */
+        /* One re-read of the disks in flight at a time; who asks meanwhile waits for the next. */
+        struct RefreshCtx *refresh_inflight;
+        struct RefreshWaiter *refresh_pending;
 
         Disk **disks;
         size_t n_disks;

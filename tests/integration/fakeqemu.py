@@ -36,6 +36,8 @@ class FakeQemu:
         self.jobs = {}               # job id -> status
         self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
         self.hang_up_after_caps = False
+        self.hold = set()            # command names left unanswered until release()
+        self.held = []
         self._done = threading.Event()
         self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -131,6 +133,10 @@ class FakeQemu:
                 name = cmd.get('execute')
                 with self.lock:
                     self.commands[name] = self.commands.get(name, 0) + 1
+                with self.lock:
+                    if name in self.hold:
+                        self.held.append((conn, cmd))
+                        continue
                 hostile = self.hostile_replies(cmd) if self.hostile_replies else None
                 if hostile is not None:
                     self._send(conn, hostile)
@@ -171,6 +177,14 @@ class FakeQemu:
             self.jobs[job_id] = 'paused'
         self._send(conn, ev)
         return states
+
+    def release(self):
+        """Answer the held commands, and hold nothing any more."""
+        with self.lock:
+            self.hold = set()
+            held, self.held = self.held, []
+        for conn, cmd in held:
+            self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
 
     def send_raw(self, data):
         """Bytes on the current connection, unasked."""

@@ -98,6 +98,29 @@ class HostileQemuTest(h.TestCase):
         h.log('daemon peak RSS %.1f MiB' % (peak / 1048576))
         self.assertLess(peak, 64 * 1024 * 1024)
 
+    def test_refresh_calls_share_one_query(self):
+        """Refresh called 20 times while QEMU sits on its answer: one disks query in flight per
+        guest (each holds QEMU's whole query-block reply until the node names come), the
+        callers who came meanwhile share the next one, and every call gets its answer."""
+        fake, name, gpath = self.register_fake()
+        base = fake.commands.get('query-block', 0)
+        fake.hold = {'query-block'}
+        # No introspection first: dbus-python would hold the calls back until it returns.
+        g = h.dbus.Interface(self.client.conn.get_object(h.BUS_NAME, gpath, introspect=False), h.IFACE_GUEST)
+        done = []
+        n = 20
+        for _ in range(n):
+            g.Refresh(reply_handler=lambda: done.append(None), error_handler=done.append, timeout=60)
+        # Calls of one connection are dispatched in order: once this returns, all 20 were.
+        self.client.get(h.MANAGER_PATH, h.IFACE_MANAGER, 'Version')
+        self.client.wait_for(lambda: fake.held, 20, 'the first query-block')
+        fake.release()
+        self.client.wait_for(lambda: len(done) == n, 60, 'all %d Refresh replies' % n)
+        self.assertEqual(done, [None] * n)
+        queries = fake.commands.get('query-block', 0) - base
+        h.log('%d Refresh calls, %d query-block' % (n, queries))
+        self.assertLessEqual(queries, 2)
+
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
         but not one fsync'ed state file per event."""
