@@ -100,8 +100,8 @@ struct Qmp {
         enum QmpState state;
         json_tokener *tok;
         size_t msg_bytes;
-        QmpScan scan; /* the message json-c is being fed, pre-scanned */
-        Utf8State utf8; /* across reads: a character may straddle two */
+        QmpScan scan;                /* the message json-c is being fed, pre-scanned */
+        Utf8State utf8;              /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
         unsigned n_calls;
         uint64_t next_id;

@@ -818,8 +818,8 @@ static void test_message_max_socket(void) {
 
 /* Feed a reply to cmd as QEMU would write it: in pieces, through the socket. */
 static void send_reply_text(Fake *f, json_object *cmd, const char *ret_json) {
-        _cleanup_free_ char *msg = strdup_printf("{\"return\": %s, \"id\": %" PRIi64 "}\r\n", ret_json,
-                fake_command_id(cmd));
+        _cleanup_free_ char *msg =
+                strdup_printf("{\"return\": %s, \"id\": %" PRIi64 "}\r\n", ret_json, fake_command_id(cmd));
         size_t len = msg ? strlen(msg) : 0;
 
         for (size_t off = 0; off < len;) {
