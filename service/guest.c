@@ -25,6 +25,17 @@
 #define GUEST_SAVE_INTERVAL_USEC (100 * USEC_PER_MSEC)
 /* A connection that lasted this long was a working QEMU: if it breaks, reconnect at once. */
 #define RECONNECT_STABLE_USEC (60 * USEC_PER_SEC)
+/* Backpressure: QEMU's events turn into signals, state writes and work. A guest's QEMU gets
+ * EVENT_RATE events a second (bursts of EVENT_BURST); beyond that, or while more than
+ * BUS_BACKLOG_MAX messages wait for the bus, we stop reading it until the budget is back and
+ * the queue down to a quarter (checked every 10 ms). Every event is still handled and every
+ * state change still signalled, at our pace: a QEMU flapping a job as fast as it can no
+ * longer floods the bus, and other clients' calls do not wait behind its signals. A real
+ * QEMU sends a handful of events a second. */
+#define EVENT_RATE 200.0
+#define EVENT_BURST 400.0
+#define BUS_BACKLOG_MAX 256U
+#define BUS_DRAIN_CHECK_USEC (10 * USEC_PER_MSEC)
 
 struct GuestWaiter {
         GuestWaiter *next;
@@ -81,6 +92,7 @@ Guest *guest_free(Guest *g) {
         }
         g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
         g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
+        g->bus_drain_timer = sd_event_source_disable_unref(g->bus_drain_timer);
         if (g->save_pending) /* the daemon stops: what was deferred is written now */
                 (void) guest_save(g);
         g->save_timer = sd_event_source_disable_unref(g->save_timer);
@@ -448,7 +460,7 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
                 if (r < 0)
                         log_error_errno(r, "Guest %s: failed to apply QEMU's disks: %m", g->name);
                 else
-                        (void) guest_save(g);
+                        guest_save_later(g); /* QEMU tells them again on every connect */
         } else
                 log_warning("Guest %s: failed to read disks: %s", g->name, desc ?: strerror(-r));
 
@@ -524,11 +536,72 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
 
 static void guest_poll_now(Guest *g);
 
+static uint64_t bus_backlog(Guest *g) {
+        uint64_t n = 0;
+
+        if (!g->manager->bus || sd_bus_get_n_queued_write(g->manager->bus, &n) < 0)
+                return 0;
+        return n;
+}
+
+static void event_tokens_refill(Guest *g) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (g->event_tokens_at == 0)
+                g->event_tokens = EVENT_BURST;
+        else
+                g->event_tokens = MIN(EVENT_BURST,
+                        g->event_tokens + (double) (now - g->event_tokens_at) * EVENT_RATE / USEC_PER_SEC);
+        g->event_tokens_at = now;
+}
+
+static bool guest_must_wait(Guest *g) {
+        event_tokens_refill(g);
+        return g->event_tokens < 1.0 || bus_backlog(g) > BUS_BACKLOG_MAX / 4;
+}
+
+static int bus_drain_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        if (guest_must_wait(g)) {
+                if (sd_event_source_set_time_relative(s, BUS_DRAIN_CHECK_USEC) >= 0 &&
+                        sd_event_source_set_enabled(s, SD_EVENT_ONESHOT) >= 0)
+                        return 0;
+        }
+        qmp_set_reading(g->qmp, true);
+        return 0;
+}
+
+/* After each event: one token spent; out of them, or the bus behind, pause reading QEMU. */
+static void guest_pace_events(Guest *g) {
+        int r;
+
+        event_tokens_refill(g);
+        g->event_tokens -= 1.0;
+        if (!g->qmp || (g->event_tokens >= 0.0 && bus_backlog(g) <= BUS_BACKLOG_MAX))
+                return;
+        if (!g->bus_drain_timer)
+                r = sd_event_add_time_relative(g->manager->event, &g->bus_drain_timer, CLOCK_MONOTONIC,
+                        BUS_DRAIN_CHECK_USEC, 0, bus_drain_handler, g);
+        else {
+                r = sd_event_source_set_time_relative(g->bus_drain_timer, BUS_DRAIN_CHECK_USEC);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(g->bus_drain_timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0) {
+                log_debug_errno(r, "Guest %s: cannot pace QEMU's events: %m", g->name);
+                return; /* read on: better late signals than a stuck guest */
+        }
+        qmp_set_reading(g->qmp, false);
+}
+
 void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
         Guest *g = userdata;
         usec_t mono = now_usec(CLOCK_MONOTONIC);
         QemuJobEvent ev;
         int r;
+
+        guest_pace_events(g); /* every event counts; this one is handled all the same */
 
         {
                 const char *id = NULL;

@@ -49,6 +49,9 @@ typedef struct Guest {
         bool save_pending;
         uint64_t last_save;    /* CLOCK_MONOTONIC µs */
         uint64_t connected_at; /* CLOCK_MONOTONIC µs, when QMP got ready */
+        sd_event_source *bus_drain_timer; /* QMP reading paused: events over budget, or the bus is behind */
+        double event_tokens;              /* QEMU's event budget (guest_on_event) */
+        uint64_t event_tokens_at;         /* CLOCK_MONOTONIC µs of the last refill */
         /* One re-read of the disks in flight at a time; who asks meanwhile waits for the next. */
         struct RefreshCtx *refresh_inflight;
         struct RefreshWaiter *refresh_pending;

@@ -107,6 +107,7 @@ struct Qmp {
         uint64_t next_id;
         QmpHandlers h;
         bool detached; /* the owner called qmp_close_unref(): no callback of any kind any more */
+        bool paused;   /* qmp_set_reading(false) */
         usec_t timeout;
         usec_t setup_deadline;
         unsigned version;
@@ -122,6 +123,8 @@ static void qmp_call_free(QmpCall *c) {
         closep(&c->fd);
         free(c);
 }
+
+#define QMP_LOG_MESSAGE_MAX 4096U
 
 static int qmp_update_io(Qmp *q);
 static int qmp_update_timer(Qmp *q);
@@ -528,7 +531,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         while (len > 0 && q->state != QMP_CLOSED) {
                 _cleanup_(json_object_putp) json_object *msg = NULL;
                 enum json_tokener_error jerr;
-                size_t chunk, used;
+                size_t chunk, used, size;
 
                 if (q->msg_bytes == 0) {
                         /* Whitespace between messages does not count towards a message. */
@@ -576,12 +579,18 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 }
                 buf += used;
                 len -= used;
+                size = q->msg_bytes + used;
                 q->msg_bytes = 0;
                 q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 
-                if (log_get_max_level() >= LOG_LEVEL_DEBUG)
-                        log_debug("QMP <- %.300s", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+                /* Serializing a big reply again to log its first bytes cost more than parsing it. */
+                if (log_get_max_level() >= LOG_LEVEL_DEBUG) {
+                        if (size <= QMP_LOG_MESSAGE_MAX)
+                                log_debug("QMP <- %.300s", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+                        else
+                                log_debug("QMP <- (a message of %zu bytes)", size);
+                }
                 r = qmp_dispatch(q, msg);
                 if (r < 0)
                         break;
@@ -592,11 +601,11 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         return r;
 }
 
-static int qmp_read(Qmp *q) {
+static int qmp_read(Qmp *q, bool hangup) {
         char buf[65536];
 
         /* Bounded work per wakeup so that an event flood cannot starve other clients. */
-        for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED; i++) {
+        for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED && (!q->paused || hangup); i++) {
                 ssize_t k = recv(q->fd, buf, sizeof(buf), MSG_DONTWAIT);
                 if (k < 0) {
                         if (errno == EAGAIN || errno == EINTR)
@@ -636,7 +645,8 @@ static int qmp_io_handler(sd_event_source *s, int fd, uint32_t revents, void *us
                         goto finish;
         }
         if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                r = qmp_read(q);
+                /* A hangup is read to its end even while paused: it would wake us in a loop. */
+                r = qmp_read(q, revents & (EPOLLHUP | EPOLLERR));
                 if (r < 0)
                         goto finish;
         }
@@ -657,8 +667,16 @@ finish:
         return 0;
 }
 
+void qmp_set_reading(Qmp *q, bool reading) {
+        if (!q || q->paused == !reading)
+                return;
+        q->paused = !reading;
+        if (q->state != QMP_CLOSED)
+                (void) qmp_update_io(q);
+}
+
 static int qmp_update_io(Qmp *q) {
-        uint32_t events = EPOLLIN;
+        uint32_t events = q->paused ? 0 : EPOLLIN;
 
         if (!q->io)
                 return -ENOTCONN;

@@ -70,6 +70,10 @@ int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h);
 /* Take over an already connected socket (for instance one end of a socketpair). */
 int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);
 
+/* Stop (false) or resume reading what QEMU sends: the owner's backpressure, when what QEMU's
+ * messages cause (signals on the bus) piles up faster than it drains. Writing goes on. */
+void qmp_set_reading(Qmp *q, bool reading);
+
 Qmp *qmp_ref(Qmp *q);
 Qmp *qmp_unref(Qmp *q);
 /* Drop all handlers and pending callbacks (their destroy functions run), close the socket and
