@@ -627,7 +627,7 @@ void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata
                 if (changed & JOB_NEEDS_QUERY)
                         guest_poll_now(g);
                 if (changed & ~JOB_NEEDS_QUERY)
-                        disk_apply_job_changes(d, changed & ~JOB_NEEDS_QUERY);
+                        disk_apply_qemu_job_changes(d, changed & ~JOB_NEEDS_QUERY);
         }
 }
 
@@ -657,7 +657,7 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 if (found) {
                         unsigned changed = job_apply_info(&d->job, found, mono);
                         if (changed)
-                                disk_apply_job_changes(d, changed);
+                                disk_apply_qemu_job_changes(d, changed);
                 } else
                         disk_fail_job(d, "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU "
                                          "was restarted.");

@@ -298,20 +298,33 @@ static void disk_finalize(Disk *d) {
         disk_publish_outcome(d);
 }
 
-void disk_apply_job_changes(Disk *d, unsigned changed) {
+static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
         if (changed & JOB_NOW_CONCLUDED) {
                 disk_finalize(d);
                 return;
         }
-        /* QEMU decides how often these come: the signal goes per change, the write is coalesced. */
         if (changed & JOB_CHANGED_STATE) {
                 disk_emit_job(d);
-                disk_save_later(d);
+                if (lazy)
+                        disk_save_later(d);
+                else
+                        disk_save(d);
         } else if (changed & JOB_CHANGED_PROGRESS) {
                 disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
                 if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
                         disk_save_later(d);
         }
+}
+
+void disk_apply_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, false);
+}
+
+/* QEMU decides how often these come: the signal goes per change, the write is coalesced (a
+ * crash within GUEST_SAVE_INTERVAL_USEC loses a pause or resume that the next connect reads
+ * from QEMU again). Our own changes (a job begun, Pause of a range) are written at once. */
+void disk_apply_qemu_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, true);
 }
 
 void disk_fail_job(Disk *d, const char *error) {
