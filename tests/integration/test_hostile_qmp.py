@@ -121,6 +121,28 @@ class HostileQemuTest(h.TestCase):
         h.log('%d Refresh calls, %d query-block' % (n, queries))
         self.assertLessEqual(queries, 2)
 
+    def test_event_flood_is_paced(self):
+        """A QEMU flapping a job as fast as it can: every state change is still signalled, in
+        order, but the daemon reads that QEMU at its own pace (200 events a second after a burst
+        of 400), so the bus is not flooded. Checked by a lower bound only: a slow machine makes it
+        slower, never faster. The old daemon signalled all 2401 changes as fast as it read them."""
+        fake, name, _ = self.register_fake()
+        vda = h.disk_path(name, 'vda')
+        self.client.call(vda, h.IFACE_STREAM, 'Start', 'tta{sv}', h.T(0), h.T(0), h.no_opts())
+        self.client.wait_prop(vda, h.IFACE_STREAM, 'State', 'running')
+        job = self.client.wait_for(lambda: next(iter(fake.jobs), None), 10, 'block-stream at the fake')
+        since = h.time.monotonic()
+        sent = fake.flap(job, 1200)
+
+        def states():
+            return [c['State'] for _, c, _ in self.client.props_changed(vda, h.IFACE_STREAM, since) if 'State' in c]
+        self.client.wait_for(lambda: len(states()) >= len(sent), 120, '%d State changes' % len(sent))
+        took = h.time.monotonic() - since
+        self.assertEqual(states(), sent)
+        h.log('%d state changes signalled in %.1f s' % (len(sent), took))
+        # (2401 - 400) / 200 = 10 s at the budget; half of it as the bound.
+        self.assertGreaterEqual(took, 5.0, 'the daemon took %d events in %.1f s: not paced' % (len(sent), took))
+
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
         but not one fsync'ed state file per event."""
