@@ -22,6 +22,20 @@
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
+#define GUEST_SAVE_INTERVAL_USEC (100 * USEC_PER_MSEC)
+/* A connection that lasted this long was a working QEMU: if it breaks, reconnect at once. */
+#define RECONNECT_STABLE_USEC (60 * USEC_PER_SEC)
+/* Backpressure: QEMU's events turn into signals, state writes and work. A guest's QEMU gets
+ * EVENT_RATE events a second (bursts of EVENT_BURST); beyond that, or while more than
+ * BUS_BACKLOG_MAX messages wait for the bus, we stop reading it until the budget is back and
+ * the queue down to a quarter (checked every 10 ms). Every event is still handled and every
+ * state change still signalled, at our pace: a QEMU flapping a job as fast as it can no
+ * longer floods the bus, and other clients' calls do not wait behind its signals. A real
+ * QEMU sends a handful of events a second. */
+#define EVENT_RATE 200.0
+#define EVENT_BURST 400.0
+#define BUS_BACKLOG_MAX 256U
+#define BUS_DRAIN_CHECK_USEC (10 * USEC_PER_MSEC)
 
 /* A connect refused on purpose (a swapped path, a socket that is not one), not a QEMU that is
  * not there yet: worth a warning on every attempt. */
@@ -67,11 +81,14 @@ oom:
         return -ENOMEM;
 }
 
+static void refresh_waiters_free(struct RefreshWaiter *l);
+
 Guest *guest_free(Guest *g) {
         if (!g)
                 return NULL;
         /* Closing drops pending QMP callbacks before anything they point to goes away. */
         g->qmp = qmp_close_unref(g->qmp);
+        refresh_waiters_free(TAKE_PTR(g->refresh_pending));
         storage_helper_kill(g);
         while (g->waiters) {
                 GuestWaiter *w = g->waiters;
@@ -83,6 +100,10 @@ Guest *guest_free(Guest *g) {
         g->reconnect_timer = sd_event_source_disable_unref(g->reconnect_timer);
         g->poll_timer = sd_event_source_disable_unref(g->poll_timer);
         g->release_check = sd_event_source_disable_unref(g->release_check);
+        g->bus_drain_timer = sd_event_source_disable_unref(g->bus_drain_timer);
+        if (g->save_pending) /* the daemon stops: what was deferred is written now */
+                (void) guest_save(g);
+        g->save_timer = sd_event_source_disable_unref(g->save_timer);
         if (g->register_call) {
                 (void) sd_bus_reply_method_errorf(g->register_call, BS_ERROR_NOT_RUNNING,
                         "The daemon is shutting down; guest '%s' was not registered.", g->name);
@@ -289,12 +310,46 @@ bool guest_has_active_job(Guest *g) {
 int guest_save(Guest *g) {
         int r;
 
+        /* Whatever was deferred is in this write too. */
+        g->save_pending = false;
+        if (g->save_timer)
+                (void) sd_event_source_set_enabled(g->save_timer, SD_EVENT_OFF);
         if (!g->published)
                 return 0;
+        g->last_save = now_usec(CLOCK_MONOTONIC);
         r = state_save_guest(g);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
+}
+
+static int save_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        (void) guest_save(g); /* logs on failure */
+        return 0;
+}
+
+void guest_save_later(Guest *g) {
+        usec_t when;
+        int r;
+
+        if (!g->published || g->save_pending)
+                return;
+        when = MAX(now_usec(CLOCK_MONOTONIC), g->last_save + GUEST_SAVE_INTERVAL_USEC);
+        if (!g->save_timer)
+                r = sd_event_add_time(g->manager->event, &g->save_timer, CLOCK_MONOTONIC, when, 0, save_handler, g);
+        else {
+                r = sd_event_source_set_time(g->save_timer, when);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(g->save_timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0) {
+                log_debug_errno(r, "Guest %s: cannot defer a state save, saving now: %m", g->name);
+                (void) guest_save(g);
+                return;
+        }
+        g->save_pending = true;
 }
 
 static void guest_emit_changed(Guest *g, const char *property) {
@@ -385,40 +440,97 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
         return 0;
 }
 
-/* Refresh: re-read the disks. */
+/* Refresh: re-read the disks. One query in flight per guest: each costs QEMU's whole
+ * query-block reply held until query-named-block-nodes answers, so a caller calling Refresh
+ * in a loop (or a QEMU slow to answer) must not multiply it. Who asks while one is out waits
+ * for the next one, sent after the first returns: the answer they get is never older than
+ * their request (finalize_dismissed relies on that). */
 
-typedef struct RefreshCtx {
-        Guest *guest;
+typedef struct RefreshWaiter {
+        struct RefreshWaiter *next;
         guest_refresh_handler_t handler;
         void *userdata;
         void (*destroy)(void *);
+} RefreshWaiter;
+
+typedef struct RefreshCtx {
+        Guest *guest;
+        RefreshWaiter *waiters;
+        bool answered; /* refresh_reply ran and detached it from the guest */
 } RefreshCtx;
+
+static void refresh_waiters_free(RefreshWaiter *l) {
+        while (l) {
+                RefreshWaiter *n = l->next;
+                if (l->destroy)
+                        l->destroy(l->userdata);
+                free(l);
+                l = n;
+        }
+}
 
 static void refresh_ctx_free(void *p) {
         RefreshCtx *c = p;
 
         if (!c)
                 return;
-        if (c->destroy)
-                c->destroy(c->userdata);
+        /* Never answered: the connection was closed by the guest's own code (the guest lives). */
+        if (!c->answered && c->guest->refresh_inflight == c)
+                c->guest->refresh_inflight = NULL;
+        refresh_waiters_free(c->waiters);
         free(c);
+}
+
+static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata);
+
+/* On success the query owns the waiters; on failure the caller keeps them. */
+static int refresh_send(Guest *g, RefreshWaiter *waiters) {
+        RefreshCtx *c = calloc(1, sizeof(RefreshCtx));
+        int r;
+
+        if (!c)
+                return -ENOMEM;
+        *c = (RefreshCtx) { .guest = g, .waiters = waiters };
+        r = qemu_query_disks(g->qmp, refresh_reply, c, refresh_ctx_free);
+        if (r < 0) {
+                free(c); /* request_submit dropped it without calling refresh_ctx_free */
+                return r;
+        }
+        g->refresh_inflight = c;
+        return 0;
+}
+
+static void refresh_notify(Guest *g, RefreshWaiter *l, int error, const char *desc) {
+        for (RefreshWaiter *w = l; w; w = w->next)
+                if (w->handler)
+                        w->handler(g, error, desc, w->userdata);
+        refresh_waiters_free(l);
 }
 
 static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata) {
         RefreshCtx *c = userdata;
         Guest *g = c->guest;
+        RefreshWaiter *waiters = TAKE_PTR(c->waiters), *pending = TAKE_PTR(g->refresh_pending);
         int r = error;
 
+        c->answered = true;
+        g->refresh_inflight = NULL;
         if (r >= 0) {
                 r = guest_apply_disks(g, disks, n);
                 if (r < 0)
                         log_error_errno(r, "Guest %s: failed to apply QEMU's disks: %m", g->name);
                 else
-                        (void) guest_save(g);
+                        guest_save_later(g); /* QEMU tells them again on every connect */
         } else
                 log_warning("Guest %s: failed to read disks: %s", g->name, desc ?: strerror(-r));
-        if (c->handler)
-                c->handler(g, r, desc, c->userdata);
+
+        /* Before any handler runs (one may end the guest): the next query for those who waited. */
+        if (pending) {
+                int k = r < 0 ? r : !g->running ? -ENOTCONN : refresh_send(g, pending);
+                if (k < 0)
+                        refresh_notify(g, pending, k, r < 0 ? desc : NULL);
+        }
+        refresh_notify(g, waiters, r, desc);
 }
 
 /* An offline guest's disks come from the image headers, read by us. */
@@ -450,7 +562,7 @@ static int guest_refresh_offline(Guest *g) {
 }
 
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *)) {
-        RefreshCtx *c;
+        RefreshWaiter *w;
         int r;
 
         if (g->offline) {
@@ -463,13 +575,20 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
         }
         if (!g->running)
                 return -ENOTCONN;
-        c = calloc(1, sizeof(RefreshCtx));
-        if (!c)
+        w = calloc(1, sizeof(RefreshWaiter));
+        if (!w)
                 return -ENOMEM;
-        *c = (RefreshCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
-        r = qemu_query_disks(g->qmp, refresh_reply, c, refresh_ctx_free);
+        *w = (RefreshWaiter) { .handler = handler, .userdata = userdata, .destroy = destroy };
+        if (g->refresh_inflight) {
+                RefreshWaiter **tail = &g->refresh_pending;
+                while (*tail)
+                        tail = &(*tail)->next;
+                *tail = w;
+                return 0;
+        }
+        r = refresh_send(g, w);
         if (r < 0) {
-                free(c); /* not the caller's destroy: on failure the caller keeps userdata */
+                free(w); /* not the caller's destroy: on failure the caller keeps userdata */
                 return r;
         }
         return 0;
@@ -479,11 +598,72 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
 
 static void guest_poll_now(Guest *g);
 
+static uint64_t bus_backlog(Guest *g) {
+        uint64_t n = 0;
+
+        if (!g->manager->bus || sd_bus_get_n_queued_write(g->manager->bus, &n) < 0)
+                return 0;
+        return n;
+}
+
+static void event_tokens_refill(Guest *g) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (g->event_tokens_at == 0)
+                g->event_tokens = EVENT_BURST;
+        else
+                g->event_tokens = MIN(EVENT_BURST,
+                        g->event_tokens + (double) (now - g->event_tokens_at) * EVENT_RATE / USEC_PER_SEC);
+        g->event_tokens_at = now;
+}
+
+static bool guest_must_wait(Guest *g) {
+        event_tokens_refill(g);
+        return g->event_tokens < 1.0 || bus_backlog(g) > BUS_BACKLOG_MAX / 4;
+}
+
+static int bus_drain_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Guest *g = userdata;
+
+        if (guest_must_wait(g)) {
+                if (sd_event_source_set_time_relative(s, BUS_DRAIN_CHECK_USEC) >= 0 &&
+                        sd_event_source_set_enabled(s, SD_EVENT_ONESHOT) >= 0)
+                        return 0;
+        }
+        qmp_set_reading(g->qmp, true);
+        return 0;
+}
+
+/* After each event: one token spent; out of them, or the bus behind, pause reading QEMU. */
+static void guest_pace_events(Guest *g) {
+        int r;
+
+        event_tokens_refill(g);
+        g->event_tokens -= 1.0;
+        if (!g->qmp || (g->event_tokens >= 0.0 && bus_backlog(g) <= BUS_BACKLOG_MAX))
+                return;
+        if (!g->bus_drain_timer)
+                r = sd_event_add_time_relative(g->manager->event, &g->bus_drain_timer, CLOCK_MONOTONIC,
+                        BUS_DRAIN_CHECK_USEC, 0, bus_drain_handler, g);
+        else {
+                r = sd_event_source_set_time_relative(g->bus_drain_timer, BUS_DRAIN_CHECK_USEC);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(g->bus_drain_timer, SD_EVENT_ONESHOT);
+        }
+        if (r < 0) {
+                log_debug_errno(r, "Guest %s: cannot pace QEMU's events: %m", g->name);
+                return; /* read on: better late signals than a stuck guest */
+        }
+        qmp_set_reading(g->qmp, false);
+}
+
 void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
         Guest *g = userdata;
         usec_t mono = now_usec(CLOCK_MONOTONIC);
         QemuJobEvent ev;
         int r;
+
+        guest_pace_events(g); /* every event counts; this one is handled all the same */
 
         {
                 const char *id = NULL;
@@ -509,7 +689,7 @@ void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata
                 if (changed & JOB_NEEDS_QUERY)
                         guest_poll_now(g);
                 if (changed & ~JOB_NEEDS_QUERY)
-                        disk_apply_job_changes(d, changed & ~JOB_NEEDS_QUERY);
+                        disk_apply_qemu_job_changes(d, changed & ~JOB_NEEDS_QUERY);
         }
 }
 
@@ -539,7 +719,7 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 if (found) {
                         unsigned changed = job_apply_info(&d->job, found, mono);
                         if (changed)
-                                disk_apply_job_changes(d, changed);
+                                disk_apply_qemu_job_changes(d, changed);
                 } else
                         disk_fail_job(d, "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU "
                                          "was restarted.");
@@ -712,6 +892,14 @@ static void guest_connection_failed(Guest *g, int error) {
         if (was_running) {
                 log_warning("Guest %s: lost the QMP connection (%s).", g->name, strerror(-error));
                 guest_emit_changed(g, "Running");
+                /* A QEMU that breaks the protocol, or drops every connection soon after the
+                 * greeting, would have us reconnect and re-read all its disks in a loop: it waits
+                 * out the backoff, and its jobs stay as they were until a connection tells. */
+                if (qmp_error_is_protocol(error) ||
+                        now_usec(CLOCK_MONOTONIC) - g->connected_at < RECONNECT_STABLE_USEC) {
+                        guest_schedule_reconnect(g);
+                        return;
+                }
                 /* Maybe only the connection broke and QEMU lives on: try at once before failing its jobs. */
                 g->reconnect_attempts = 0;
                 if (guest_connect(g) >= 0)
@@ -804,7 +992,8 @@ void guest_on_state(Qmp *q, int error, void *userdata) {
                 qmp_qemu_version(q) / 100 % 100, qmp_qemu_version(q) % 100);
         g->running = true;
         g->had_connection = true;
-        g->reconnect_attempts = 0;
+        g->connected_at = now_usec(CLOCK_MONOTONIC);
+        /* reconnect_attempts is reset only once this connection proved stable (above). */
         guest_emit_changed(g, "Running");
         export_cleanup_leftovers(g); /* first: commands run in order */
         r = qemu_query_block_jobs(q, connect_jobs_reply, g, NULL);
@@ -1016,6 +1205,9 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
                 } else
                         qmp_flush(g->qmp);
         }
+        /* A deferred save must not bring the state file back. */
+        g->save_pending = false;
+        g->save_timer = sd_event_source_disable_unref(g->save_timer);
         r = state_remove_guest(m, g->name);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);

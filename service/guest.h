@@ -55,6 +55,16 @@ typedef struct Guest {
         unsigned reconnect_attempts;
         sd_event_source *poll_timer;
         bool poll_pending;
+        sd_event_source *save_timer; /* guest_save_later(): one write for many changes */
+        bool save_pending;
+        uint64_t last_save;    /* CLOCK_MONOTONIC µs */
+        uint64_t connected_at; /* CLOCK_MONOTONIC µs, when QMP got ready */
+        sd_event_source *bus_drain_timer; /* QMP reading paused: events over budget, or the bus is behind */
+        double event_tokens;              /* QEMU's event budget (guest_on_event) */
+        uint64_t event_tokens_at;         /* CLOCK_MONOTONIC µs of the last refill */
+        /* One re-read of the disks in flight at a time; who asks meanwhile waits for the next. */
+        struct RefreshCtx *refresh_inflight;
+        struct RefreshWaiter *refresh_pending;
 
         Disk **disks;
         size_t n_disks;
@@ -114,6 +124,10 @@ char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
+/* The same, coalesced: at most one write per GUEST_SAVE_INTERVAL_USEC, whatever QEMU sends (a
+ * job flapping between paused and running must not cost an fsync per event). For changes whose
+ * loss in a crash costs nothing that the next connect does not recover from. */
+void guest_save_later(Guest *g);
 /* Poll QEMU's jobs at 4 Hz while one runs. */
 void guest_update_polling(Guest *g);
 /* Re-read disks from QEMU; handler gets 0 or -errno (error text if QEMU said why). */

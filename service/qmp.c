@@ -18,6 +18,68 @@ enum QmpState {
         QMP_CLOSED,
 };
 
+/* A lexical pass over the bytes of one message before json-c sees them: where the message ends
+ * (a top-level container closes) and what json-c's tree of it will cost. Strings are skipped
+ * (escapes included); their bytes count like any byte. */
+typedef struct QmpScan {
+        size_t depth;
+        uint64_t cost;
+        bool in_string, escape;
+} QmpScan;
+
+typedef enum QmpScanResult {
+        QMP_SCAN_MORE, /* all bytes belong to the message, which goes on */
+        QMP_SCAN_END,  /* the message ends at *ret_used bytes */
+        QMP_SCAN_OVER, /* the message costs more than QMP_MESSAGE_COST_MAX */
+} QmpScanResult;
+
+static QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used) {
+        for (size_t i = 0; i < len; i++) {
+                char c = buf[i];
+
+                s->cost++;
+                if (s->in_string) {
+                        if (s->escape)
+                                s->escape = false;
+                        else if (c == '\\')
+                                s->escape = true;
+                        else if (c == '"')
+                                s->in_string = false;
+                        continue;
+                }
+                switch (c) {
+                case '"':
+                        s->in_string = true;
+                        break;
+                case '{':
+                        s->cost += QMP_COST_OBJECT + QMP_COST_VALUE;
+                        s->depth++;
+                        break;
+                case '[':
+                        s->cost += QMP_COST_ARRAY + QMP_COST_VALUE;
+                        s->depth++;
+                        break;
+                case ',':
+                        s->cost += QMP_COST_VALUE;
+                        break;
+                case '}':
+                case ']':
+                        /* A stray closer at the top is json-c's to refuse: end the scan there. */
+                        if (s->depth <= 1) {
+                                s->depth = 0;
+                                *ret_used = i + 1;
+                                return s->cost > QMP_MESSAGE_COST_MAX ? QMP_SCAN_OVER : QMP_SCAN_END;
+                        }
+                        s->depth--;
+                        break;
+                }
+                if (s->cost > QMP_MESSAGE_COST_MAX)
+                        return QMP_SCAN_OVER;
+        }
+        *ret_used = len;
+        return QMP_SCAN_MORE;
+}
+
 typedef struct QmpCall {
         struct QmpCall *next;
         uint64_t id;
@@ -39,7 +101,8 @@ struct Qmp {
         enum QmpState state;
         json_tokener *tok;
         size_t msg_bytes;
-        Utf8State utf8; /* across reads: a character may straddle two */
+        QmpScan scan;                /* the message json-c is being fed, pre-scanned */
+        Utf8State utf8;              /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
         unsigned n_calls;
         uint64_t next_id;
@@ -48,6 +111,7 @@ struct Qmp {
         bool draining; /* qmp_close_drained(): waiting for the last answers */
         qmp_drained_handler_t drained;
         void *drained_userdata;
+        bool paused;   /* qmp_set_reading(false) */
         usec_t timeout;
         usec_t setup_deadline;
         unsigned version;
@@ -63,6 +127,8 @@ static void qmp_call_free(QmpCall *c) {
         closep(&c->fd);
         free(c);
 }
+
+#define QMP_LOG_MESSAGE_MAX 4096U
 
 static int qmp_update_io(Qmp *q);
 static int qmp_update_timer(Qmp *q);
@@ -180,6 +246,7 @@ void qmp_close_drained(Qmp *q, uint64_t timeout, qmp_drained_handler_t done, voi
         q->draining = true;
         q->drained = done;
         q->drained_userdata = userdata;
+        q->paused = false; /* nobody paces it any more: its answers are read at once */
         if (q->state != QMP_READY || !q->calls) {
                 qmp_drain_finish(q, q->state == QMP_READY ? 0 : -ENOTCONN);
                 return;
@@ -515,7 +582,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         while (len > 0 && q->state != QMP_CLOSED) {
                 _cleanup_(json_object_putp) json_object *msg = NULL;
                 enum json_tokener_error jerr;
-                size_t chunk, used;
+                size_t chunk, used, size;
 
                 if (q->msg_bytes == 0) {
                         /* Whitespace between messages does not count towards a message. */
@@ -527,8 +594,16 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                                 break;
                 }
 
-                /* Never hand the tokener more than one byte beyond the cap. */
+                /* Never hand the tokener more than one byte beyond the cap, nor a byte of a
+                 * message whose tree would cost more than the budget. */
                 chunk = MIN(len, (size_t) QMP_MESSAGE_MAX + 1 - q->msg_bytes);
+                if (qmp_scan(&q->scan, buf, chunk, &chunk) == QMP_SCAN_OVER) {
+                        log_warning("QMP: message from QEMU would take more than %u MiB of memory to parse; "
+                                    "closing the connection.",
+                                QMP_MESSAGE_COST_MAX >> 20);
+                        r = -E2BIG;
+                        break;
+                }
                 msg = json_tokener_parse_ex(q->tok, buf, (int) chunk);
                 jerr = json_tokener_get_error(q->tok);
                 if (!msg) {
@@ -555,11 +630,18 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 }
                 buf += used;
                 len -= used;
+                size = q->msg_bytes + used;
                 q->msg_bytes = 0;
+                q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 
-                if (log_get_max_level() >= LOG_LEVEL_DEBUG)
-                        log_debug("QMP <- %.300s", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+                /* Serializing a big reply again to log its first bytes cost more than parsing it. */
+                if (log_get_max_level() >= LOG_LEVEL_DEBUG) {
+                        if (size <= QMP_LOG_MESSAGE_MAX)
+                                log_debug("QMP <- %.300s", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+                        else
+                                log_debug("QMP <- (a message of %zu bytes)", size);
+                }
                 r = qmp_dispatch(q, msg);
                 if (r < 0)
                         break;
@@ -570,11 +652,11 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         return r;
 }
 
-static int qmp_read(Qmp *q) {
+static int qmp_read(Qmp *q, bool hangup) {
         char buf[65536];
 
         /* Bounded work per wakeup so that an event flood cannot starve other clients. */
-        for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED; i++) {
+        for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED && (!q->paused || hangup); i++) {
                 ssize_t k = recv(q->fd, buf, sizeof(buf), MSG_DONTWAIT);
                 if (k < 0) {
                         if (errno == EAGAIN || errno == EINTR)
@@ -614,7 +696,8 @@ static int qmp_io_handler(sd_event_source *s, int fd, uint32_t revents, void *us
                         goto finish;
         }
         if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                r = qmp_read(q);
+                /* A hangup is read to its end even while paused: it would wake us in a loop. */
+                r = qmp_read(q, revents & (EPOLLHUP | EPOLLERR));
                 if (r < 0)
                         goto finish;
         }
@@ -635,8 +718,16 @@ finish:
         return 0;
 }
 
+void qmp_set_reading(Qmp *q, bool reading) {
+        if (!q || q->paused == !reading)
+                return;
+        q->paused = !reading;
+        if (q->state != QMP_CLOSED)
+                (void) qmp_update_io(q);
+}
+
 static int qmp_update_io(Qmp *q) {
-        uint32_t events = EPOLLIN;
+        uint32_t events = q->paused ? 0 : EPOLLIN;
 
         if (!q->io)
                 return -ENOTCONN;

@@ -5,20 +5,39 @@
  * what the commands mean (that is qemu.c).
  *
  * The peer is untrusted: a compromised guest may own its QEMU. Every message is bounded
- * (QMP_MESSAGE_MAX bytes, QMP_DEPTH_MAX nesting), parsed strictly, and anything that is not a
- * well-formed greeting, reply or event closes the connection. */
+ * (QMP_MESSAGE_MAX bytes, QMP_DEPTH_MAX nesting, QMP_MESSAGE_COST_MAX estimated heap, checked
+ * by a lexical pre-scan before json-c builds anything), parsed strictly, and anything that is
+ * not a well-formed greeting, reply or event closes the connection. */
 
+#include <errno.h>
 #include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
-#define QMP_MESSAGE_MAX (10U * 1024U * 1024U) /* libvirt's figure */
-#define QMP_DEPTH_MAX 256                      /* backing chains nest two levels per image */
+/* The bytes of one message. The largest reply we ask for, query-named-block-nodes (flat) of
+ * 256 disks with 3-image chains (1536 nodes of ~700 bytes), is about 1.1 MiB; 4 MiB leaves room. */
+#define QMP_MESSAGE_MAX (4U * 1024U * 1024U)
+#define QMP_DEPTH_MAX 256 /* backing chains nest two levels per image */
+/* What json-c's tree of one message may cost, estimated before json-c sees it (see qmp.c): the
+ * bytes are not the limit, the values are. json-c 0.16 spends ~800 bytes on an object, ~150 on
+ * an array, ~90 on a scalar: 1 MB of [{},{},...] became 270 MB. The largest reply above is
+ * estimated at ~11 MiB (one node: ~7.4 KiB, measured on tests/unit/data); 24 MiB leaves
+ * twice that, and refuses [{},{},...] after its first 24k objects (~72 KiB of text). */
+#define QMP_MESSAGE_COST_MAX (24U * 1024U * 1024U)
+#define QMP_COST_OBJECT 1024U /* an object: its hash table (16 entries) and the object */
+#define QMP_COST_ARRAY 192U   /* an array: its 32 slots and the object */
+#define QMP_COST_VALUE 128U   /* any member or element: its json_object (and key, if any) */
 #define QMP_TIMEOUT_DEFAULT_USEC (60ULL * 1000000ULL)
 #define QMP_PENDING_MAX 1024
 
 typedef struct Qmp Qmp;
+
+/* The errors with which the client closes a connection whose peer broke the protocol (bad JSON,
+ * over a bound, not QMP), as opposed to one that went away. */
+static inline bool qmp_error_is_protocol(int error) {
+        return error == -EPROTO || error == -EBADMSG || error == -EMSGSIZE || error == -E2BIG;
+}
 
 static inline void json_object_putp(json_object **o) {
         if (*o)
@@ -51,6 +70,10 @@ typedef struct QmpHandlers {
 int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h);
 /* Take over an already connected socket (for instance one end of a socketpair). */
 int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);
+
+/* Stop (false) or resume reading what QEMU sends: the owner's backpressure, when what QEMU's
+ * messages cause (signals on the bus) piles up faster than it drains. Writing goes on. */
+void qmp_set_reading(Qmp *q, bool reading);
 
 Qmp *qmp_ref(Qmp *q);
 Qmp *qmp_unref(Qmp *q);

@@ -191,6 +191,11 @@ static void disk_save(Disk *d) {
         (void) guest_save(d->guest);
 }
 
+static void disk_save_later(Disk *d) {
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        guest_save_later(d->guest);
+}
+
 /* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
  * changed, and only then publish, so that a client woken by Finished sees the new chain. */
 
@@ -314,19 +319,33 @@ static void disk_finalize(Disk *d) {
         disk_publish_outcome(d);
 }
 
-void disk_apply_job_changes(Disk *d, unsigned changed) {
+static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
         if (changed & JOB_NOW_CONCLUDED) {
                 disk_finalize(d);
                 return;
         }
         if (changed & JOB_CHANGED_STATE) {
                 disk_emit_job(d);
-                disk_save(d);
+                if (lazy)
+                        disk_save_later(d);
+                else
+                        disk_save(d);
         } else if (changed & JOB_CHANGED_PROGRESS) {
                 disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
                 if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
-                        disk_save(d);
+                        disk_save_later(d);
         }
+}
+
+void disk_apply_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, false);
+}
+
+/* QEMU decides how often these come: the signal goes per change, the write is coalesced (a
+ * crash within GUEST_SAVE_INTERVAL_USEC loses a pause or resume that the next connect reads
+ * from QEMU again). Our own changes (a job begun, Pause of a range) are written at once. */
+void disk_apply_qemu_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, true);
 }
 
 void disk_fail_job(Disk *d, const char *error) {

@@ -54,6 +54,8 @@ int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
 
 /* Job plumbing, called by guest.c as QEMU reports. */
 void disk_apply_job_changes(Disk *d, unsigned changed);
+/* The same for changes QEMU reported (events, polls): the state write is coalesced. */
+void disk_apply_qemu_job_changes(Disk *d, unsigned changed);
 void disk_fail_job(Disk *d, const char *error);
 /* The storage helper let go of the images (or something else keeps it): publish an outcome that
  * waited for that. */

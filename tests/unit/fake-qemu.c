@@ -377,6 +377,25 @@ uint64_t fake_rss(void) {
         return (uint64_t) resident * (uint64_t) sysconf(_SC_PAGESIZE);
 }
 
+int fake_peak_rss_reset(void) {
+        _cleanup_close_ int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+
+        if (fd < 0)
+                return -errno;
+        return write(fd, "5", 1) == 1 ? 0 : -errno;
+}
+
+uint64_t fake_peak_rss(void) {
+        _cleanup_fclose_ FILE *f = fopen("/proc/self/status", "re");
+        char line[256];
+        unsigned long long kib;
+
+        while (f && fgets(line, sizeof(line), f))
+                if (sscanf(line, "VmHWM: %llu kB", &kib) == 1)
+                        return (uint64_t) kib * 1024U;
+        return 0;
+}
+
 char *fake_load_text(const char *name) {
         _cleanup_free_ char *path = strdup_printf("%s/%s", UNIT_DATA_DIR, name);
         char *text = NULL;

@@ -104,6 +104,9 @@ void fake_close(Fake *f);
 
 /* Resident set size of this process in bytes (0 if unknown). */
 uint64_t fake_rss(void);
+/* The peak of it since the last fake_peak_rss_reset() (VmHWM; 0 if unknown). */
+int fake_peak_rss_reset(void);
+uint64_t fake_peak_rss(void);
 
 /* A fixture file under tests/unit/data, parsed. */
 json_object *fake_load_json(const char *name);

@@ -1202,12 +1202,98 @@ static void test_job_commands(void) {
         }
 }
 
+/* Chain images find their nodes through an index built once: the most a QEMU may send (256 disks,
+ * 128 images each, 4096 nodes, names near the string cap) costs one pass over the nodes. Matching
+ * by a scan of every node for every image took 32768 x 4096 string checks of 4 KiB: minutes, far
+ * beyond this test's timeout (the bound is structural: the work, not a clock). */
+static void test_disks_many_nodes_linear(void) {
+        enum { N_DISKS = QEMU_DISKS_MAX, DEPTH = QEMU_CHAIN_MAX, N_NODES = QEMU_NODES_MAX };
+        _cleanup_(json_object_putp) json_object *blocks = json_object_new_array(), *nodes = json_object_new_array();
+        json_object *match[N_NODES], *miss[N_NODES];
+        _cleanup_free_ char *pad = malloc(QEMU_STRING_MAX);
+        size_t n = 0, wrong = 0, found = 0, expected = 0;
+        QemuDisk *d = NULL;
+
+        if (!blocks || !nodes || !pad) {
+                TAP_FAIL("out of memory");
+                return;
+        }
+        /* Long names that differ only at their end: every comparison reads all of them. */
+        memset(pad, 'p', QEMU_STRING_MAX - 32);
+        pad[QEMU_STRING_MAX - 32] = 0;
+        for (size_t k = 0; k < N_NODES; k++) {
+                _cleanup_free_ char *f = strdup_printf("/images/%s/%zu.qcow2", pad, k);
+                _cleanup_free_ char *g = strdup_printf("/images/%s/%zu.gone", pad, k);
+                _cleanup_free_ char *name = strdup_printf("n%zu", k);
+                json_object *node = json_object_new_object();
+
+                match[k] = json_object_new_string(f);
+                miss[k] = json_object_new_string(g);
+                json_object_object_add(node, "file", json_object_get(match[k]));
+                json_object_object_add(node, "drv", json_object_new_string("qcow2"));
+                json_object_object_add(node, "node-name", json_object_new_string(name));
+                json_object_array_add(nodes, node);
+        }
+        for (size_t i = 0; i < N_DISKS; i++) {
+                _cleanup_free_ char *qdev = strdup_printf("/machine/peripheral/vd%zu/virtio-backend", i);
+                _cleanup_free_ char *top = strdup_printf("top%zu", i);
+                json_object *image = NULL, *block = json_object_new_object(), *inserted = json_object_new_object();
+
+                /* Built from the bottom up; one image in eight is a node QEMU lists. */
+                for (size_t j = DEPTH + 1; j > 0; j--) {
+                        size_t idx = i * (DEPTH + 1) + j - 1;
+                        json_object *o = json_object_new_object();
+
+                        json_object_object_add(o, "filename",
+                                json_object_get(idx % 8 == 0 ? match[(idx / 8) % N_NODES] : miss[idx % N_NODES]));
+                        json_object_object_add(o, "format", json_object_new_string("qcow2"));
+                        json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
+                        if (image)
+                                json_object_object_add(o, "backing-image", image);
+                        image = o;
+                }
+                json_object_object_add(inserted, "node-name", json_object_new_string(top));
+                json_object_object_add(inserted, "image", image);
+                json_object_object_add(block, "qdev", json_object_new_string(qdev));
+                json_object_object_add(block, "inserted", inserted);
+                json_object_array_add(blocks, block);
+        }
+        for (size_t k = 0; k < N_NODES; k++) {
+                json_object_put(match[k]);
+                json_object_put(miss[k]);
+        }
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, N_DISKS);
+        for (size_t i = 0; d && i < n; i++) {
+                if (d[i].n_chain != DEPTH) {
+                        wrong++;
+                        continue;
+                }
+                for (size_t j = 0; j < d[i].n_chain; j++) {
+                        size_t idx = i * (DEPTH + 1) + j + 1;
+                        _cleanup_free_ char *want = idx % 8 == 0 ? strdup_printf("n%zu", (idx / 8) % N_NODES) : NULL;
+
+                        expected += want != NULL;
+                        if (!streq_ptr(d[i].chain[j].node_name, want))
+                                wrong++;
+                        else if (want)
+                                found++;
+                }
+        }
+        ASSERT_EQ(wrong, 0);
+        ASSERT_EQ(found, expected);
+        ASSERT_TRUE(expected > 0);
+        qemu_disks_free(d, n);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
 
         TAP_RUN(test_disks_chain3);
         TAP_RUN(test_disks_format_node_chosen);
+        TAP_RUN(test_disks_many_nodes_linear);
         TAP_RUN(test_disks_empty_drive_skipped);
         TAP_RUN(test_disks_streamed);
         TAP_RUN(test_disks_wrong_types);

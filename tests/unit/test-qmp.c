@@ -830,6 +830,118 @@ static void test_message_max_socket(void) {
         fake_free(&f);
 }
 
+/* Feed a reply to cmd as QEMU would write it: in pieces, through the socket. */
+static void send_reply_text(Fake *f, json_object *cmd, const char *ret_json) {
+        _cleanup_free_ char *msg =
+                strdup_printf("{\"return\": %s, \"id\": %" PRIi64 "}\r\n", ret_json, fake_command_id(cmd));
+        size_t len = msg ? strlen(msg) : 0;
+
+        for (size_t off = 0; off < len;) {
+                size_t k = MIN((size_t) 65536, len - off);
+                if (fake_send(f, msg + off, k) < 0)
+                        break;
+                off += k;
+        }
+}
+
+/* Bytes are not what costs: json-c turns 1 MB of [{},{},...] (333k empty objects, well under
+ * the byte cap) into ~270 MB of heap. The pre-scan refuses such a message before json-c builds
+ * it, and the connection goes as for any protocol violation. */
+static void test_message_cost(void) {
+        enum { N = 333333 };
+        Fake f;
+        FakeCall c = {};
+        json_object *cmd;
+        _cleanup_free_ char *arr = malloc((size_t) N * 3 + 2);
+        uint64_t before, peak;
+        bool hwm;
+        size_t p = 0;
+
+        if (!arr || !setup(&f))
+                return;
+        arr[p++] = '[';
+        for (unsigned i = 0; i < N; i++) {
+                memcpy(arr + p, i ? ",{}" : "{}", i ? 3 : 2);
+                p += i ? 3 : 2;
+        }
+        arr[p++] = ']';
+        arr[p] = 0;
+        ASSERT_TRUE(p < QMP_MESSAGE_MAX);
+
+        cmd = call_and_receive(&f, &c, "query-named-block-nodes", NULL);
+        hwm = rss_checks_enabled() && fake_peak_rss_reset() >= 0;
+        before = fake_rss();
+        send_reply_text(&f, cmd, arr);
+        fake_run_until(&f, cond_call_done, &c, 60 * SEC);
+        peak = fake_peak_rss();
+        ASSERT_EQ(c.n_handler, 1);
+        ASSERT_NEG(c.error);
+        ASSERT_NULL(c.result);
+        ASSERT_EQ(f.n_failed, 1);
+        ASSERT_ERRNO(f.fail_error, -E2BIG);
+        ASSERT_FALSE(qmp_is_ready(f.q));
+        if (hwm && peak > before + (32U << 20))
+                TAP_FAIL("peak RSS grew by %" PRIu64 " MiB for a %zu KiB message", (peak - before) >> 20, p >> 10);
+        if (hwm)
+                fprintf(stderr, "# %zu KiB of [{},...] refused, peak RSS %+.1f MiB\n", p >> 10,
+                        ((double) peak - (double) before) / 1048576.0);
+        ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+        json_object_put(cmd);
+        fake_call_done(&c);
+        fake_free(&f);
+}
+
+/* The budget is well above what a real QEMU sends: query-named-block-nodes of 256 disks with
+ * 3-image chains (QEMU 7.2's 6 nodes of such a disk, 256 times: 1536 nodes) is accepted. */
+static void test_message_cost_legitimate(void) {
+        _cleanup_free_ char *fixture = fake_load_text("query-named-block-nodes-chain3.json");
+        _cleanup_free_ char *big = NULL;
+        size_t flen, p = 0, n = 256;
+        Fake f;
+        FakeCall c = {};
+        json_object *cmd, *result;
+        char *open_bracket, *close_bracket;
+
+        if (!fixture) {
+                TAP_FAIL("cannot load the fixture");
+                return;
+        }
+        /* The fixture is one array: repeat its elements. */
+        open_bracket = strchr(fixture, '[');
+        close_bracket = strrchr(fixture, ']');
+        if (!open_bracket || !close_bracket || close_bracket < open_bracket) {
+                TAP_FAIL("fixture is not an array");
+                return;
+        }
+        flen = (size_t) (close_bracket - open_bracket - 1);
+        big = malloc(n * (flen + 1) + 3);
+        big[p++] = '[';
+        for (size_t i = 0; i < n; i++) {
+                if (i)
+                        big[p++] = ',';
+                memcpy(big + p, open_bracket + 1, flen);
+                p += flen;
+        }
+        big[p++] = ']';
+        big[p] = 0;
+
+        if (!setup(&f))
+                return;
+        cmd = call_and_receive(&f, &c, "query-named-block-nodes", NULL);
+        send_reply_text(&f, cmd, big);
+        fake_run_until(&f, cond_call_done, &c, 60 * SEC);
+        ASSERT_EQ(c.n_handler, 1);
+        ASSERT_EQ(c.error, 0);
+        ASSERT_EQ(f.n_failed, 0);
+        result = c.result ? json_tokener_parse(c.result) : NULL;
+        ASSERT_TRUE(result && json_object_array_length(result) == 6 * n);
+        fprintf(stderr, "# %zu nodes in %zu KiB accepted\n", result ? json_object_array_length(result) : 0, p >> 10);
+        json_object_put(result);
+        json_object_put(cmd);
+        fake_call_done(&c);
+        fake_free(&f);
+}
+
 static void test_pending_max(void) {
         Fake f;
         FakeCall *c;
@@ -1576,6 +1688,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_huge_numbers);
         TAP_RUN(test_message_max_feed);
         TAP_RUN(test_message_max_socket);
+        TAP_RUN(test_message_cost);
+        TAP_RUN(test_message_cost_legitimate);
         TAP_RUN(test_pending_max);
         TAP_RUN(test_event_flood);
         TAP_RUN(test_disconnect_every_offset);

@@ -1,0 +1,210 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A QMP peer that plays QEMU 7.2 with a scripted disk set, and turns hostile on request.
+
+Used by test_hostile_qmp.py and bench/hostile-qmp-bench. It answers what blockstreamd asks on a
+(re)connect (query-block-jobs, query-block, query-named-block-nodes) from the real QEMU 7.2
+replies captured in tests/unit/data, with `n_disks` disks, and accepts block-stream. Hostile
+behaviours, each a method: flap() a job between paused and running, huge-value replies, many
+nodes, dropping every connection. Everything it saw is counted (connections, commands)."""
+
+import copy
+import json
+import os
+import socket
+import threading
+import time
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'unit', 'data')
+
+GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+            b'"capabilities": ["oob"]}}\r\n')
+
+
+def _load(name):
+    with open(os.path.join(DATA, name)) as f:
+        return json.load(f)
+
+
+class FakeQemu:
+    def __init__(self, path, image_dir, n_disks=1, chain_depth=2):
+        self.path = path
+        self.lock = threading.Lock()
+        self.conn = None             # the current connection
+        self.connections = 0         # accepted so far
+        self.connect_times = []      # time.monotonic() of each accept
+        self.commands = {}           # name -> count
+        self.jobs = {}               # job id -> status
+        self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
+        self.hang_up_after_caps = False
+        self.hold = set()            # command names left unanswered until release()
+        self.held = []
+        self._done = threading.Event()
+        self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(path)
+        self._srv.listen(16)
+        self._srv.settimeout(0.2)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    # The disks: shaped like the captured chain of 3 (each image and node as QEMU 7.2 reports
+    # them), with chain_depth backing images below each top, named per disk.
+    @staticmethod
+    def _disks(image_dir, n_disks, chain_depth):
+        block0 = _load('query-block-chain3.json')[0]
+        nodes0 = _load('query-named-block-nodes-chain3.json')
+        image0 = copy.deepcopy(block0['inserted']['image'])
+        for k in ('backing-image', 'backing-filename', 'full-backing-filename', 'backing-filename-format'):
+            image0.pop(k, None)
+        fmt0 = next(n for n in nodes0 if n['drv'] == 'qcow2')
+        file0 = next(n for n in nodes0 if n['drv'] == 'file')
+        blocks, nodes = [], []
+        for i in range(n_disks):
+            alias = 'vd%s' % chr(ord('a') + i) if i < 26 else 'disk%d' % i
+            files = [os.path.join(image_dir, '%s-%d.qcow2' % (alias, level)) for level in range(chain_depth + 1)]
+            image = None
+            for level in range(chain_depth, -1, -1):
+                img = copy.deepcopy(image0)
+                img['filename'] = files[level]
+                if image is not None:
+                    img['backing-image'] = image
+                    img['backing-filename'] = os.path.basename(files[level + 1])
+                    img['full-backing-filename'] = files[level + 1]
+                    img['backing-filename-format'] = 'qcow2'
+                image = img
+                for tmpl, drv in ((fmt0, 'qcow2'), (file0, 'file')):
+                    n = copy.deepcopy(tmpl)
+                    n['file'] = files[level]
+                    n['node-name'] = 'top%d' % i if (level == 0 and drv == 'qcow2') else '%s-%d-%s' % (alias, level, drv)
+                    n['image'] = copy.deepcopy(image0)
+                    n['image']['filename'] = files[level]
+                    n['backing_file_depth'] = chain_depth - level
+                    nodes.append(n)
+            b = copy.deepcopy(block0)
+            b['device'] = ''
+            b['qdev'] = '/machine/peripheral/%s/virtio-backend' % alias
+            b['inserted']['node-name'] = 'top%d' % i
+            b['inserted']['file'] = files[0]
+            b['inserted']['image'] = image
+            blocks.append(b)
+        return blocks, nodes
+
+    def _send(self, conn, obj_or_bytes):
+        data = obj_or_bytes if isinstance(obj_or_bytes, bytes) else json.dumps(obj_or_bytes).encode() + b'\r\n'
+        try:
+            conn.sendall(data)
+        except OSError:
+            pass
+
+    def answer(self, cmd):
+        name = cmd.get('execute')
+        args = cmd.get('arguments') or {}
+        if name == 'query-block-jobs':
+            with self.lock:
+                return [{'auto-finalize': True, 'io-status': 'ok', 'device': j, 'auto-dismiss': False,
+                         'busy': False, 'len': 268435456, 'offset': 0, 'status': s, 'paused': s == 'paused',
+                         'speed': 0, 'ready': False, 'type': 'stream'} for j, s in self.jobs.items()]
+        if name == 'query-block':
+            return self._blocks
+        if name == 'query-named-block-nodes':
+            return self._nodes
+        if name == 'block-stream':
+            with self.lock:
+                self.jobs[args.get('job-id')] = 'running'
+            return {}
+        if name in ('query-block-exports',):
+            return []
+        return {}
+
+    def _handle(self, conn):
+        f = conn.makefile('rb')
+        try:
+            self._send(conn, GREETING)
+            first = json.loads(f.readline())
+            self._send(conn, {'return': {}, 'id': first.get('id')})
+            if self.hang_up_after_caps:
+                conn.shutdown(socket.SHUT_RDWR)
+                return
+            while not self._done.is_set():
+                line = f.readline()
+                if not line:
+                    return
+                cmd = json.loads(line)
+                name = cmd.get('execute')
+                with self.lock:
+                    self.commands[name] = self.commands.get(name, 0) + 1
+                with self.lock:
+                    if name in self.hold:
+                        self.held.append((conn, cmd))
+                        continue
+                hostile = self.hostile_replies(cmd) if self.hostile_replies else None
+                if hostile is not None:
+                    self._send(conn, hostile)
+                    continue
+                self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _loop(self):
+        while not self._done.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.connect_times.append(time.monotonic())
+                self.conn = conn
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def event(self, name, data):
+        return (json.dumps({'timestamp': {'seconds': 1, 'microseconds': 0}, 'event': name, 'data': data})
+                + '\r\n').encode()
+
+    def flap(self, job_id, n):
+        """n times paused then running, then paused, in one write; the job ends paused."""
+        states = ['paused', 'running'] * n + ['paused']
+        ev = b''.join(self.event('JOB_STATUS_CHANGE', {'id': job_id, 'status': s}) for s in states)
+        with self.lock:
+            conn = self.conn
+            self.jobs[job_id] = 'paused'
+        self._send(conn, ev)
+        return states
+
+    def release(self):
+        """Answer the held commands, and hold nothing any more."""
+        with self.lock:
+            self.hold = set()
+            held, self.held = self.held, []
+        for conn, cmd in held:
+            self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
+
+    def send_raw(self, data):
+        """Bytes on the current connection, unasked."""
+        with self.lock:
+            conn = self.conn
+        self._send(conn, data)
+
+    @staticmethod
+    def many_values_message(n=333333):
+        """An event whose data holds n empty objects: ~3 bytes each on the wire, ~800 in json-c."""
+        return b'{"event": "X", "data": {"v": [' + b','.join([b'{}'] * n) + b']}}\r\n'
+
+    def close(self):
+        self._done.set()
+        self._thread.join(2)
+        self._srv.close()
+        with self.lock:
+            conn = self.conn
+        if conn:
+            try:
+                conn.close()
+            except OSError:
+                pass
