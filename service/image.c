@@ -192,32 +192,45 @@ static int file_id_beneath(char *const *dirs, const char *path, struct stat *ret
         return 0;
 }
 
-int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error) {
-        _cleanup_close_ int dfd = -1, pfd = -1, fd = -1;
+/* The image directory that holds path, opened (O_PATH), and path relative to it. what names the
+ * path in messages ("Image", "Target"). The directory is configuration, trusted: it may itself
+ * be reached through a symlink; everything below it is not. */
+static int open_image_dir(char *const *dirs, const char *path, const char *what, int *ret_dfd, const char **ret_dir,
+        const char **ret_rel, char **ret_error) {
         _cleanup_free_ char *list = NULL;
-        struct stat pst, st;
-        const char *dir, *rel;
-        int fl;
+        const char *dir;
+        int dfd;
 
         if (!path || !path_is_safe_absolute(path, PATH_MAX - 1))
                 return image_error(ret_error, -EINVAL,
-                        "Image path '%s' is not a normalized absolute path (no '.', '..', '//', trailing '/' or control characters).",
-                        printable(path));
-
+                        "%s path '%s' is not a normalized absolute path (no '.', '..', '//', trailing '/' or control characters).",
+                        what, printable(path));
         dir = find_dir(dirs, path);
         if (!dir) {
                 list = dirs_to_string(dirs);
                 if (!list)
                         return -ENOMEM;
-                return image_error(ret_error, -EPERM,
-                        "Image %s lies outside the image directories (%s); refusing to open it.", path, list);
+                return image_error(ret_error, -EPERM, "%s %s lies outside the image directories (%s); refusing to open it.",
+                        what, path, list);
         }
-        rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
-
-        /* The directory is configuration, trusted: it may itself be reached through a symlink. */
         dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (dfd < 0)
                 return image_error(ret_error, -errno, "Failed to open image directory %s: %m", dir);
+        *ret_dfd = dfd;
+        *ret_dir = dir;
+        *ret_rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
+        return 0;
+}
+
+int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error) {
+        _cleanup_close_ int dfd = -1, pfd = -1, fd = -1;
+        struct stat pst, st;
+        const char *dir, *rel;
+        int fl, r;
+
+        r = open_image_dir(dirs, path, "Image", &dfd, &dir, &rel, ret_error);
+        if (r < 0)
+                return r;
 
         /* Look before opening: opening a FIFO would block, opening a device may have side effects. */
         pfd = openat2_beneath(dfd, rel, O_PATH | O_CLOEXEC);
@@ -795,26 +808,13 @@ int image_chain_open_claimed(char *const *dirs, const char *path, const char *fo
 int image_open_parent_beneath(
         char *const *dirs, const char *path, int *ret_dir_fd, const char **ret_leaf, char **ret_error) {
         _cleanup_close_ int dfd = -1, pfd = -1;
-        _cleanup_free_ char *list = NULL, *rel_dir = NULL;
+        _cleanup_free_ char *rel_dir = NULL;
         const char *dir, *rel, *slash;
+        int r;
 
-        if (!path || !path_is_safe_absolute(path, PATH_MAX - 1))
-                return image_error(ret_error, -EINVAL,
-                        "Path '%s' is not a normalized absolute path (no '.', '..', '//', trailing '/' or control characters).",
-                        printable(path));
-        dir = find_dir(dirs, path);
-        if (!dir) {
-                list = dirs_to_string(dirs);
-                if (!list)
-                        return -ENOMEM;
-                return image_error(ret_error, -EPERM, "%s lies outside the image directories (%s).", path, list);
-        }
-        rel = streq(dir, "/") ? path + 1 : path + strlen(dir) + 1;
-
-        /* The directory is configuration, trusted; everything below it is not. */
-        dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0)
-                return image_error(ret_error, -errno, "Failed to open image directory %s: %m", dir);
+        r = open_image_dir(dirs, path, "Target", &dfd, &dir, &rel, ret_error);
+        if (r < 0)
+                return r;
 
         slash = strrchr(rel, '/');
         if (!slash) {
