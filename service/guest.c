@@ -902,9 +902,8 @@ static void guest_connection_failed(Guest *g, int error) {
                 }
                 /* Maybe only the connection broke and QEMU lives on: try at once before failing its jobs. */
                 g->reconnect_attempts = 0;
-                if (guest_connect(g) >= 0)
-                        return;
-                /* guest_connect failed synchronously and already failed the jobs and scheduled a retry. */
+                /* A synchronous failure has failed the jobs and scheduled a retry already. */
+                (void) guest_connect(g);
                 return;
         }
         if (g->reconnect_attempts == 0)

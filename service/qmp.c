@@ -7,7 +7,6 @@
 #include <sys/un.h>
 
 #include "qmp.h"
-#include "qemu.h"
 #include "util.h"
 
 enum QmpState {

@@ -661,7 +661,6 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         Disk *d = userdata;
         Guest *g = d->guest;
         uint64_t offset, length, bandwidth = d->bandwidth, end;
-        bool have_bandwidth = false;
         const char *base = NULL, *base_node = NULL;
         _cleanup_free_ char *job_id = NULL;
         CallCtx *c;
@@ -672,7 +671,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 return r;
         r = bus_read_options(msg, "Start",
                 (const BusOption[]) {
-                        { "bandwidth", "t", &bandwidth, &have_bandwidth },
+                        { "bandwidth", "t", &bandwidth },
                         { "base", "s", &base },
                         {},
                 },
