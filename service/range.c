@@ -62,6 +62,7 @@ struct RangeOp {
         HelperLog *log;
         bool ready, stop_requested, got_done;
         bool resume, resume_paused; /* a range job of before a daemon restart, carried on */
+        bool bandwidth_changed;     /* SetBandwidth before the helper was ready: tell it then */
 
         Extent *extents;
         size_t n_extents;
@@ -497,6 +498,10 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->ready = true;
                 if (op->map)
                         return 1;
+                if (op->bandwidth_changed && op_send(op, "bandwidth %" PRIu64 "\n", op->bandwidth) < 0) {
+                        op_end(op, STREAM_FAILED, "cannot tell the pull helper its bandwidth");
+                        return 0;
+                }
                 if (op->resume) {
                         /* The job goes on as it was: same StartTime, the progress so far (the helper
                          * counts what is local already as done). */
@@ -839,6 +844,12 @@ int range_pause(Disk *d, bool pause) {
         RangeOp *op = disk_pull_op(d);
         int r;
 
+        if (op && !op->ready && op->resume) {
+                /* A job carried on after a restart, its new helper not yet up: it starts as asked. */
+                op->resume_paused = pause;
+                disk_apply_job_changes(d, job_set_paused(&d->job, pause));
+                return 0;
+        }
         if (!op || !op->ready)
                 return -ENOTCONN;
         r = op_send(op, pause ? "pause\n" : "resume\n");
@@ -864,9 +875,14 @@ int range_cancel(Disk *d) {
 int range_set_bandwidth(Disk *d, uint64_t bandwidth) {
         RangeOp *op = disk_pull_op(d);
 
-        if (!op || !op->ready)
+        if (!op)
                 return -ENOTCONN;
         op->bandwidth = bandwidth;
+        if (!op->ready) {
+                /* Its helper is not up yet (a job carried on after a restart): it is told once it is. */
+                op->bandwidth_changed = true;
+                return 0;
+        }
         return op_send(op, "bandwidth %" PRIu64 "\n", bandwidth);
 }
 
