@@ -39,6 +39,7 @@ class FakeQemu:
         self.hold = set()            # command names left unanswered until release()
         self.held = []
         self._done = threading.Event()
+        self._send_lock = threading.Lock()
         self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._srv.bind(path)
@@ -91,10 +92,14 @@ class FakeQemu:
 
     def _send(self, conn, obj_or_bytes):
         data = obj_or_bytes if isinstance(obj_or_bytes, bytes) else json.dumps(obj_or_bytes).encode() + b'\r\n'
-        try:
-            conn.sendall(data)
-        except OSError:
-            pass
+        # One message at a time, as QEMU's monitor writes them: flap() sends from the test's
+        # thread while the connection's thread answers polls, and a sendall() that blocks (the
+        # daemon paces its reading) would otherwise let an answer land inside an event.
+        with self._send_lock:
+            try:
+                conn.sendall(data)
+            except OSError:
+                pass
 
     def answer(self, cmd):
         name = cmd.get('execute')
