@@ -2,9 +2,12 @@
 /* The QMP reader and dispatcher on arbitrary bytes, as a hostile QEMU would send them: the
  * greeting, qmp_capabilities' reply, then typed calls (query-block + query-named-block-nodes,
  * query-block-jobs, a raw call) whose replies go through the typed parsers, and events. The first
- * byte picks how the rest is cut into reads, so a message split anywhere is exercised too. */
+ * byte picks how the rest is cut into reads, so a message split anywhere is exercised too; a read
+ * also ends at a newline, and the event loop runs between reads: what the client queued (its
+ * commands) is written before the next line comes, as with a QEMU that answers what it was sent. */
 
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -68,12 +71,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (qmp_new_from_fd(&q, e, fds[0], &h) < 0)
                 abort();
         while (size > 0) {
+                const uint8_t *nl;
                 size_t n = MIN(step, size);
 
+                nl = memchr(data, '\n', n);
+                if (nl)
+                        n = (size_t) (nl - data) + 1;
                 if (qmp_feed(q, (const char *) data, n) < 0)
                         break;
                 data += n;
                 size -= n;
+                /* Writes what was queued; nothing is ever readable (we write nothing to fds[1]) and
+                 * no timer is due, so this returns at once. */
+                for (unsigned i = 0; i < 8 && sd_event_run(e, 0) > 0; i++)
+                        ;
         }
         qmp_close_unref(q);
         close(fds[1]);
