@@ -3,7 +3,7 @@
  * greeting, qmp_capabilities' reply, then typed calls (query-block + query-named-block-nodes,
  * query-block-jobs, a raw call) whose replies go through the typed parsers, and events. The first
  * byte picks how the rest is cut into reads, so a message split anywhere is exercised too; a read
- * also ends at a newline, and the event loop runs between reads: what the client queued (its
+ * also ends at a newline, and the event loop runs after each line: what the client queued (its
  * commands) is written before the next line comes, as with a QEMU that answers what it was sent. */
 
 #include <stdlib.h>
@@ -81,10 +81,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         break;
                 data += n;
                 size -= n;
-                /* Writes what was queued; nothing is ever readable (we write nothing to fds[1]) and
-                 * no timer is due, so this returns at once. */
-                for (unsigned i = 0; i < 8 && sd_event_run(e, 0) > 0; i++)
-                        ;
+                /* At the end of a line, write what was queued; nothing is ever readable (we write
+                 * nothing to fds[1]) and no timer is due, so this returns at once. */
+                if (nl)
+                        for (unsigned i = 0; i < 8 && sd_event_run(e, 0) > 0; i++)
+                                ;
         }
         qmp_close_unref(q);
         close(fds[1]);
