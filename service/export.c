@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 
 #include "bus-error.h"
+#include "control.h"
 #include "export.h"
 #include "guest.h"
 #include "manager.h"
@@ -20,7 +21,6 @@
 #include "util.h"
 
 #define EXPORT_INTERFACE "org.blockstream1.Export"
-#define CONTROL_MESSAGE_MAX 256
 #define RELAY_BINARY "blockstream-nbd-relay"
 #define NBD_FDNAME "bsd-nbd"
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
@@ -384,9 +384,9 @@ static void upstream_connect(Export *e, unsigned long n, usec_t deadline) {
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Export *e = userdata;
         char buf[CONTROL_MESSAGE_MAX + 1];
-        unsigned long n;
+        ControlRelayMessage msg;
         ssize_t k;
-        char *end;
+        int r;
 
         k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (k < 0) {
@@ -400,13 +400,13 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         export_fail(e, "the NBD relay helper went away");
                 return 0;
         }
-        if ((size_t) k > CONTROL_MESSAGE_MAX || buf[k - 1] != '\n' || memchr(buf, 0, (size_t) k)) {
+        if (control_frame(buf, (size_t) k) < 0) {
                 export_fail(e, "the NBD relay helper sent a malformed message");
                 return 0;
         }
-        buf[k - 1] = 0;
+        r = control_parse_relay(buf, &msg);
 
-        if (streq(buf, "ready")) {
+        if (msg.kind == CONTROL_RELAY_READY) {
                 if (!e->create_call)
                         return 0;
                 e->state = EXPORT_SERVING;
@@ -418,29 +418,25 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 /* The relay holds the listener now. */
                 closep(&e->listen_fd);
                 e->listen_fd = -1;
-        } else if (strncmp(buf, "connect ", 8) == 0) {
-                errno = 0;
-                n = strtoul(buf + 8, &end, 10);
-                if (errno != 0 || *end || end == buf + 8) {
+        } else if (msg.kind == CONTROL_RELAY_CONNECT) {
+                if (r < 0) {
                         export_fail(e, "the NBD relay helper sent a malformed request");
                         return 0;
                 }
-                upstream_connect(e, n, now_usec(CLOCK_MONOTONIC) + UPSTREAM_DEADLINE_USEC);
-        } else if (strncmp(buf, "clients ", 8) == 0) {
-                errno = 0;
-                n = strtoul(buf + 8, &end, 10);
-                if (errno != 0 || *end || n > 1000000) {
+                upstream_connect(e, msg.number, now_usec(CLOCK_MONOTONIC) + UPSTREAM_DEADLINE_USEC);
+        } else if (msg.kind == CONTROL_RELAY_CLIENTS) {
+                if (r < 0 || msg.number > 1000000) {
                         export_fail(e, "the NBD relay helper sent a malformed count");
                         return 0;
                 }
-                if (e->clients != (uint32_t) n) {
-                        e->clients = (uint32_t) n;
+                if (e->clients != (uint32_t) msg.number) {
+                        e->clients = (uint32_t) msg.number;
                         export_emit(e, "Clients");
                 }
-        } else if (strncmp(buf, "error ", 6) == 0) {
+        } else if (msg.kind == CONTROL_RELAY_ERROR) {
                 char text[TEXT_SANITIZE_MAX + 1];
 
-                (void) text_sanitize_buf(text, sizeof(text), buf + 6, (size_t) k - 7);
+                (void) text_sanitize_buf(text, sizeof(text), msg.text, msg.text_len);
                 log_warning("Export %u relay: %s", e->id, text);
         } else
                 export_fail(e, "the NBD relay helper sent an unknown message");

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include "bus-error.h"
+#include "control.h"
 #include "export.h"
 #include "guest.h"
 #include "manager.h"
@@ -18,7 +19,6 @@
 #include "util.h"
 
 #define PULL_BINARY "blockstream-pull"
-#define CONTROL_MESSAGE_MAX 256
 #define EXPORT_GONE_TIMEOUT_USEC (10 * USEC_PER_SEC)
 #define MAPS_PER_GUEST_MAX 8 /* each runs a helper: a flood of GetAllocationMap gets Busy */
 /* And in all, whatever the number of guests: each map runs a pull helper, and a map of a guest
@@ -30,8 +30,6 @@ typedef struct Extent {
         uint32_t depth;
         uint8_t kind;
 } Extent;
-
-static const char *const kind_table[] = { "local", "zero", "backing", "absent" };
 
 struct RangeOp {
         unsigned n_ref; /* pending QMP calls hold one each: their replies may outlive the op */
@@ -212,7 +210,7 @@ static void op_finish(RangeOp *op) {
                                 r = sd_bus_message_open_container(reply, 'a', "(ttus)");
                         for (size_t i = 0; r >= 0 && i < op->n_extents; i++)
                                 r = sd_bus_message_append(reply, "(ttus)", op->extents[i].offset, op->extents[i].length,
-                                        op->extents[i].depth, kind_table[op->extents[i].kind]);
+                                        op->extents[i].depth, control_extent_kind_to_string(op->extents[i].kind));
                         if (r >= 0)
                                 r = sd_bus_message_close_container(reply);
                         if (r >= 0)
@@ -415,40 +413,20 @@ static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata
         return 0;
 }
 
-static int parse_u64(const char *s, char **end, uint64_t *ret) {
-        unsigned long long v;
-
-        if (!isdigit((unsigned char) *s))
-                return -EINVAL;
-        errno = 0;
-        v = strtoull(s, end, 10);
-        if (errno != 0)
-                return -ERANGE;
-        *ret = v;
-        return 0;
-}
-
-static int handle_extent(RangeOp *op, char *args) {
-        uint64_t off, len, depth;
-        char *p = args, *end;
+static int handle_extent(RangeOp *op, const ControlPullMessage *msg) {
+        uint64_t off = msg->offset, len = msg->length, depth = msg->depth;
+        ControlExtentKind k = msg->extent_kind;
         Extent *e, *l;
-        size_t k;
 
-        if (parse_u64(p, &end, &off) < 0 || *end != ' ' || parse_u64(end + 1, &end, &len) < 0 || *end != ' ' ||
-                parse_u64(end + 1, &end, &depth) < 0 || *end != ' ')
-                return -EBADMSG;
-        p = end + 1;
-        for (k = 0; k < ELEMENTSOF(kind_table); k++)
-                if (streq(p, kind_table[k]))
-                        break;
         /* In order, contiguous, inside the range, sane: the helper is untrusted too. */
-        if (k >= ELEMENTSOF(kind_table) || len == 0 || depth > 4096 || op->n_extents >= RANGE_EXTENTS_MAX)
+        if (len == 0 || depth > 4096 || op->n_extents >= RANGE_EXTENTS_MAX)
                 return -EBADMSG;
         if (off != (op->n_extents > 0 ? op->extents[op->n_extents - 1].offset + op->extents[op->n_extents - 1].length
                                       : op->offset) ||
                 len > op->offset + op->length - off)
                 return -EBADMSG;
-        if ((k == 0 || k == 1) != (depth == 1) || (k == 2) != (depth >= 2) || (k == 3) != (depth == 0))
+        if ((k == CONTROL_EXTENT_LOCAL || k == CONTROL_EXTENT_ZERO) != (depth == 1) ||
+                (k == CONTROL_EXTENT_BACKING) != (depth >= 2) || (k == CONTROL_EXTENT_ABSENT) != (depth == 0))
                 return -EBADMSG;
         e = op->n_extents > 0 ? &op->extents[op->n_extents - 1] : NULL;
         if (e && e->depth == depth && e->kind == k) {
@@ -469,8 +447,10 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         RangeOp *op = userdata;
         Guest *g = op->guest;
         char buf[CONTROL_MESSAGE_MAX + 1];
+        ControlPullMessage msg;
         ssize_t k;
         Disk *d;
+        int r;
 
         k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (k < 0 && (errno == EAGAIN || errno == EINTR))
@@ -481,18 +461,18 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         /* 1 below: a message was handled (helper_exited drains with it). */
-        if ((size_t) k > CONTROL_MESSAGE_MAX || buf[k - 1] != '\n' || memchr(buf, 0, (size_t) k)) {
+        if (control_frame(buf, (size_t) k) < 0) {
                 op_end(op, STREAM_FAILED, "the pull helper sent a malformed message");
                 return 0;
         }
-        buf[k - 1] = 0;
+        r = control_parse_pull(buf, &msg);
         d = guest_find_disk(g, op->alias);
         if (!d) {
                 op_end(op, STREAM_FAILED, "the disk went away");
                 return 0;
         }
 
-        if (streq(buf, "ready")) {
+        if (msg.kind == CONTROL_PULL_READY) {
                 if (op->ready)
                         return 1;
                 op->ready = true;
@@ -527,24 +507,21 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 disk_apply_job_changes(d, JOB_CHANGED_STATE);
                 (void) sd_bus_reply_method_return(op->call, NULL);
                 op->call = sd_bus_message_unref(op->call);
-        } else if (strncmp(buf, "progress ", 9) == 0 && !op->map && op->ready) {
-                uint64_t done, total;
-                char *end;
-                if (parse_u64(buf + 9, &end, &done) < 0 || *end != ' ' || parse_u64(end + 1, &end, &total) < 0 || *end ||
-                        total != op->length || done > total) {
+        } else if (msg.kind == CONTROL_PULL_PROGRESS && !op->map && op->ready) {
+                if (r < 0 || msg.total != op->length || msg.done > msg.total) {
                         op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
                         return 0;
                 }
-                disk_apply_job_changes(d, job_apply_progress(&d->job, done, total, now_usec(CLOCK_MONOTONIC)));
-        } else if (strncmp(buf, "extent ", 7) == 0 && op->map) {
-                if (handle_extent(op, buf + 7) < 0)
+                disk_apply_job_changes(d, job_apply_progress(&d->job, msg.done, msg.total, now_usec(CLOCK_MONOTONIC)));
+        } else if (msg.kind == CONTROL_PULL_EXTENT && op->map) {
+                if (r < 0 || handle_extent(op, &msg) < 0)
                         op_end(op, STREAM_FAILED, "the pull helper sent a malformed extent");
-        } else if (streq(buf, "done")) {
+        } else if (msg.kind == CONTROL_PULL_DONE) {
                 op->got_done = true;
-        } else if (strncmp(buf, "error ", 6) == 0) {
+        } else if (msg.kind == CONTROL_PULL_ERROR) {
                 /* Its words become the job's Error, a method error and a log line. */
                 free(op->error);
-                op->error = text_sanitize(buf + 6, (size_t) k - 7, TEXT_SANITIZE_MAX);
+                op->error = text_sanitize(msg.text, msg.text_len, TEXT_SANITIZE_MAX);
         } else
                 op_end(op, STREAM_FAILED, "the pull helper sent an unknown message");
         return 1;

@@ -287,7 +287,7 @@ static int disk_from_json(Guest *g, json_object *o) {
         return 0;
 }
 
-static int guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
+int state_guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
         const char *name = NULL, *uuid = NULL, *sock = NULL, *boot = NULL;
         uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
         uint64_t dir_dev = 0, dir_ino = 0, qmp_uid = UID_INVALID;
@@ -383,7 +383,7 @@ int state_load_guests(Manager *m) {
                         log_error("State file %s is not valid JSON, skipping this guest.", path);
                         continue;
                 }
-                r = guest_from_json(m, o, de->d_name, &g);
+                r = state_guest_from_json(m, o, de->d_name, &g);
                 if (r == -ENOMEM)
                         return log_oom();
                 if (r < 0) {
