@@ -198,6 +198,35 @@ class FaultsTest(h.TestCase):
         rc, out = c.compare()
         self.assertEqual(rc, 0, out)
 
+    def test_full_disk_pause_survives_a_daemon_restart(self):
+        """Paused for space while the daemon restarts: the job, its state and its reason are
+        read back from QEMU, and Resume still completes it."""
+        c, d_small = self.chain_on_small_fs()
+        name = self.unique_name()
+        q = self.start_qemu({'vda': c}, name=name)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        ballast = self.fill(d_small)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        since = time.monotonic()
+        d.start()
+        self.wait_paused_for_space(d)
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True, timeout=30)
+        self.assertEqual(d.prop('State'), 'paused')
+        self.assertIn('No space left on device', d.prop('Error'))
+        os.unlink(ballast)
+        d.resume()
+        f = d.wait_finished(timeout=60, since=since)
+        self.assertEqual(f[0], 'completed', 'Finished%r' % (f,))
+        self.assertEqual(len(d.finished(since)), 1, 'Finished once: %r' % (d.finished(since),))
+        self.assert_guest_alive(q)
+        q.quit()
+        self.assert_image_clean(c.top)
+        rc, out = c.compare()
+        self.assertEqual(rc, 0, out)
+
     def test_full_disk_range_fails_cleanly_and_restart_completes(self):
         """A range goes through NBD CACHE: QEMU has no job to pause, so the range fails with the
         cause, and a new Start of the same range after space is freed completes."""
