@@ -68,6 +68,10 @@ bool job_is_active(const Job *j) {
         return j->state == STREAM_RUNNING || j->state == STREAM_PAUSED;
 }
 
+const char *job_error(const Job *j) {
+        return j->state == STREAM_FAILED || j->state == STREAM_PAUSED ? strempty(j->error) : "";
+}
+
 static void job_sample(Job *j, usec_t mono) {
         j->samples[j->sample_next] = (JobSample) { .t = mono, .done = j->done };
         j->sample_next = (j->sample_next + 1) % JOB_SAMPLES;
@@ -92,6 +96,19 @@ unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono) 
         if (mono > 0 && j->state == STREAM_RUNNING)
                 job_sample(j, mono);
         return (j->done != old_done || j->total != old_total) ? JOB_CHANGED_PROGRESS : 0;
+}
+
+static int set_error(Job *j, const char *error) {
+        char *e = NULL;
+
+        if (error) {
+                e = strdup(error);
+                if (!e)
+                        return -ENOMEM;
+        }
+        free(j->error);
+        j->error = e;
+        return 0;
 }
 
 static unsigned job_set_status(Job *j, QemuJobStatus status) {
@@ -121,6 +138,10 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
         }
         if (s == j->state)
                 return 0;
+        /* QEMU clears the reason of a pause on an error when the job resumes (and pauses it
+         * again, with a new BLOCK_JOB_ERROR, if the error is still there). */
+        if (s == STREAM_RUNNING)
+                (void) set_error(j, NULL);
         j->state = s;
         j->n_samples = 0; /* the rate restarts with every pause and resume */
         return JOB_CHANGED_STATE;
@@ -128,19 +149,6 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
 
 unsigned job_set_paused(Job *j, bool paused) {
         return job_set_status(j, paused ? QEMU_JOB_PAUSED : QEMU_JOB_RUNNING);
-}
-
-static int set_error(Job *j, const char *error) {
-        char *e = NULL;
-
-        if (error) {
-                e = strdup(error);
-                if (!e)
-                        return -ENOMEM;
-        }
-        free(j->error);
-        j->error = e;
-        return 0;
 }
 
 unsigned job_conclude(Job *j, StreamState outcome, const char *error) {
@@ -151,6 +159,22 @@ unsigned job_conclude(Job *j, StreamState outcome, const char *error) {
         if (set_error(j, outcome == STREAM_FAILED ? (error ?: "unknown error") : NULL) < 0)
                 j->error = NULL; /* out of memory: lose the text, never the outcome */
         return JOB_NOW_CONCLUDED;
+}
+
+#define JOB_PAUSED_NOSPACE \
+        "No space left on device: QEMU paused the job; free space on the file system of the disk's image, " \
+        "then call Resume."
+#define JOB_PAUSED_IO_ERROR "I/O error: QEMU paused the job; repair the storage, then call Resume."
+
+/* QEMU's io-status of a job says why it paused the job on an error (on-error=enospc: a full disk). */
+static unsigned job_set_pause_reason(Job *j, QemuIoStatus io) {
+        const char *e = io == QEMU_IO_NOSPACE ? JOB_PAUSED_NOSPACE : io == QEMU_IO_FAILED ? JOB_PAUSED_IO_ERROR : NULL;
+
+        if (j->concluded || streq_ptr(e, j->error))
+                return 0;
+        if (set_error(j, e) < 0)
+                return 0; /* out of memory: the reason shows with the next poll */
+        return JOB_CHANGED_ERROR;
 }
 
 unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono) {
@@ -170,6 +194,7 @@ unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono) {
         }
         /* Status first: a sample belongs to the state the job is in now. */
         changed |= job_set_status(j, info->status) & ~JOB_NEEDS_QUERY;
+        changed |= job_set_pause_reason(j, info->io_status);
         return changed | job_apply_progress(j, info->offset, info->len, mono);
 }
 
@@ -187,6 +212,9 @@ unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono) {
         case QEMU_EVENT_BLOCK_JOB_CANCELLED:
                 changed |= job_apply_progress(j, ev->offset, ev->len, mono);
                 return changed | job_conclude(j, STREAM_CANCELLED, NULL);
+        case QEMU_EVENT_BLOCK_JOB_ERROR:
+                /* "stop": QEMU pauses the job; the event does not say why, its io-status does. */
+                return streq_ptr(ev->action, "stop") && !j->concluded ? JOB_NEEDS_QUERY : 0;
         default:
                 return 0;
         }

@@ -51,7 +51,7 @@ typedef struct Job {
         uint64_t done, total;
         uint64_t bandwidth;
         usec_t start_time; /* CLOCK_REALTIME */
-        char *error;
+        char *error;       /* why it failed; while active, why QEMU paused it on an error (NULL: it did not) */
 
         /* QEMU concluded the job: the outcome is known, but not yet published. */
         bool concluded;
@@ -68,7 +68,8 @@ enum {
         JOB_CHANGED_STATE = 1 << 0,
         JOB_CHANGED_PROGRESS = 1 << 1,
         JOB_NOW_CONCLUDED = 1 << 2, /* outcome known: persist, dismiss, then job_publish_outcome() */
-        JOB_NEEDS_QUERY = 1 << 3,   /* concluded without telling how: ask query-block-jobs */
+        JOB_NEEDS_QUERY = 1 << 3,   /* concluded without telling how, or paused on an error: ask query-block-jobs */
+        JOB_CHANGED_ERROR = 1 << 4, /* the reason of a pause on an error came or went */
 };
 
 void job_done(Job *j);
@@ -76,6 +77,8 @@ void job_done(Job *j);
 int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t length, uint64_t total,
         uint64_t bandwidth, usec_t realtime);
 bool job_is_active(const Job *j); /* running or paused, as clients see it */
+/* What the Error property shows: why it failed, or why QEMU paused it; "" otherwise. */
+const char *job_error(const Job *j);
 
 unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono);
 unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono);

@@ -97,7 +97,7 @@ void qemu_block_jobs_free(QemuBlockJob *jobs, size_t n) {
 }
 
 static int parse_block_job(json_object *o, QemuBlockJob *j) {
-        const char *id = NULL, *type = NULL, *status = NULL, *error = NULL;
+        const char *id = NULL, *type = NULL, *status = NULL, *error = NULL, *io_status = NULL;
         int r;
 
         if (!json_object_is_type(o, json_type_object))
@@ -106,11 +106,17 @@ static int parse_block_job(json_object *o, QemuBlockJob *j) {
                 (r = json_get_string(o, "status", true, &status)) < 0 ||
                 (r = json_get_u64(o, "len", true, &j->len)) < 0 ||
                 (r = json_get_u64(o, "offset", true, &j->offset)) < 0 ||
-                (r = json_get_u64(o, "speed", true, &j->speed)) < 0 || (r = json_get_string(o, "error", false, &error)) < 0)
+                (r = json_get_u64(o, "speed", true, &j->speed)) < 0 ||
+                (r = json_get_string(o, "error", false, &error)) < 0 ||
+                (r = json_get_string(o, "io-status", false, &io_status)) < 0)
                 return -EBADMSG;
         if (!qemu_id_is_valid(id))
                 return -EBADMSG;
         j->status = qemu_job_status_from_string(status);
+        /* Anything else than these two (or none) is "ok": it only decides what Error says. */
+        j->io_status = streq_ptr(io_status, "nospace")  ? QEMU_IO_NOSPACE
+                       : streq_ptr(io_status, "failed") ? QEMU_IO_FAILED
+                                                        : QEMU_IO_OK;
         if (strdup_checked(id, &j->id) < 0 || strdup_checked(type, &j->type) < 0)
                 return -ENOMEM;
         if (error && !(j->error = text_sanitize_str(error)))
@@ -518,11 +524,14 @@ int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t han
         if (!o || json_object_object_add(o, "job-id", json_object_new_string(a->job_id)) < 0 ||
                 json_object_object_add(o, "device", json_object_new_string(a->node_name)) < 0 ||
                 (a->base_node && json_object_object_add(o, "base-node", json_object_new_string(a->base_node)) < 0) ||
-                (a->backing_file && json_object_object_add(o, "backing-file", json_object_new_string(a->backing_file)) < 0) ||
+                (a->backing_file &&
+                        json_object_object_add(o, "backing-file", json_object_new_string(a->backing_file)) < 0) ||
                 (a->speed > 0 && json_object_object_add(o, "speed", json_object_new_int64((int64_t) a->speed)) < 0) ||
                 json_object_object_add(o, "auto-finalize", json_object_new_boolean(true)) < 0 ||
                 json_object_object_add(o, "auto-dismiss", json_object_new_boolean(false)) < 0 ||
-                json_object_object_add(o, "on-error", json_object_new_string("report")) < 0) {
+                /* A full disk pauses the job (Resume retries once space is freed); any other
+                 * error, a failing template above all, fails it with QEMU's reason. */
+                json_object_object_add(o, "on-error", json_object_new_string("enospc")) < 0) {
                 json_object_put(o);
                 return -ENOMEM;
         }

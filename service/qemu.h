@@ -33,6 +33,13 @@ typedef enum QemuJobStatus {
 QemuJobStatus qemu_job_status_from_string(const char *s);
 const char *qemu_job_status_to_string(QemuJobStatus s);
 
+/* A job's io-status: why QEMU paused it on an error (block-stream's on-error). */
+typedef enum QemuIoStatus {
+        QEMU_IO_OK,      /* also when QEMU does not say */
+        QEMU_IO_FAILED,  /* an I/O error */
+        QEMU_IO_NOSPACE, /* ENOSPC */
+} QemuIoStatus;
+
 /* One entry of query-block-jobs. */
 typedef struct QemuBlockJob {
         char *id;
@@ -40,6 +47,7 @@ typedef struct QemuBlockJob {
         QemuJobStatus status;
         uint64_t len, offset, speed;
         char *error; /* NULL: none */
+        QemuIoStatus io_status;
 } QemuBlockJob;
 
 void qemu_block_jobs_free(QemuBlockJob *jobs, size_t n);

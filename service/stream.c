@@ -335,6 +335,10 @@ static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
                 if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
                         disk_save_later(d);
         }
+        if ((changed & JOB_CHANGED_ERROR) && !(changed & JOB_CHANGED_STATE)) {
+                disk_emit_changed(d, "Error", NULL);
+                disk_save_later(d);
+        }
 }
 
 void disk_apply_job_changes(Disk *d, unsigned changed) {
@@ -985,7 +989,7 @@ static int property_get_mode(sd_bus *bus, const char *path, const char *interfac
 static int property_get_error(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         Disk *d = userdata;
-        return sd_bus_message_append(reply, "s", d->job.state == STREAM_FAILED ? strempty(d->job.error) : "");
+        return sd_bus_message_append(reply, "s", job_error(&d->job));
 }
 
 static int property_get_rate(sd_bus *bus, const char *path, const char *interface, const char *property,

@@ -758,6 +758,12 @@ static int pull_run(Pull *p) {
                         if (r < 0)
                                 return r;
                 }
+                /* A pull's read is QEMU's copy-on-read: a read of the backing chain and a write
+                 * into the image (a full disk fails the write), not just a read. */
+                if (p->read_error != 0 && p->args->mode == MODE_PULL)
+                        return pull_fail(p->read_error,
+                                "Failed to copy [%" PRIu64 ", +%" PRIu64 ") from the backing chain into the image: %m",
+                                p->read_error_offset, p->read_error_length);
                 if (p->read_error != 0)
                         return pull_fail(p->read_error, "Failed to read %" PRIu64 "+%" PRIu64 ": %m",
                                 p->read_error_offset, p->read_error_length);

@@ -490,6 +490,63 @@ static void test_expected_end(void) {
         job_done(&j);
 }
 
+/* on-error=enospc: QEMU pauses the job on a full disk and says why only in query-block-jobs'
+ * io-status; the Error shows it while paused, and goes when the job runs again. */
+static void test_paused_on_error(void) {
+        Job j;
+        QemuJobEvent e;
+        QemuBlockJob i;
+
+        begin(&j);
+        e = (QemuJobEvent){.kind = QEMU_EVENT_BLOCK_JOB_ERROR, .id = "bsd-vda-1", .action = "stop"};
+        ASSERT_EQ(job_apply_event(&j, &e, T0), JOB_NEEDS_QUERY);
+        e.action = "report"; /* the job fails; BLOCK_JOB_COMPLETED says how */
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        e.id = "bsd-vdb-1";
+        e.action = "stop";
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+
+        /* The query may still see the job running: the reason is kept, shown once paused. */
+        i = info("bsd-vda-1", QEMU_JOB_RUNNING, DISK, MiB, NULL);
+        i.io_status = QEMU_IO_NOSPACE;
+        ASSERT_TRUE(job_apply_info(&j, &i, T0 + SEC) & JOB_CHANGED_ERROR);
+        ASSERT_STREQ(job_error(&j), "");
+        e = status_event("bsd-vda-1", QEMU_JOB_PAUSED);
+        ASSERT_TRUE(job_apply_event(&j, &e, T0) & JOB_CHANGED_STATE);
+        ASSERT_TRUE(strstr(job_error(&j), "No space left on device"));
+        ASSERT_TRUE(strstr(job_error(&j), "Resume"));
+        i.status = QEMU_JOB_PAUSED;
+        ASSERT_EQ(job_apply_info(&j, &i, T0 + 2 * SEC) & JOB_CHANGED_ERROR, 0); /* no change twice */
+
+        /* Resumed: QEMU clears its io-status, and so do we. */
+        e = status_event("bsd-vda-1", QEMU_JOB_RUNNING);
+        ASSERT_TRUE(job_apply_event(&j, &e, T0) & JOB_CHANGED_STATE);
+        ASSERT_NULL(j.error);
+        ASSERT_STREQ(job_error(&j), "");
+
+        /* Another kind of I/O error, and then none (a Resume seen only by a poll). */
+        i = info("bsd-vda-1", QEMU_JOB_PAUSED, DISK, MiB, NULL);
+        i.io_status = QEMU_IO_FAILED;
+        ASSERT_TRUE(job_apply_info(&j, &i, T0 + 3 * SEC) & JOB_CHANGED_ERROR);
+        ASSERT_TRUE(strstr(job_error(&j), "I/O error"));
+        i.io_status = QEMU_IO_OK;
+        ASSERT_TRUE(job_apply_info(&j, &i, T0 + 4 * SEC) & JOB_CHANGED_ERROR);
+        ASSERT_STREQ(job_error(&j), "");
+
+        /* A user's pause has no reason to show. */
+        ASSERT_EQ(j.state, STREAM_PAUSED);
+        ASSERT_NULL(j.error);
+
+        /* A failure's own error wins over any pause reason. */
+        e = end_event(QEMU_EVENT_BLOCK_JOB_COMPLETED, "bsd-vda-1", DISK, MiB, "Input/output error");
+        ASSERT_TRUE(job_apply_event(&j, &e, T0) & JOB_NOW_CONCLUDED);
+        i.io_status = QEMU_IO_NOSPACE;
+        ASSERT_EQ(job_apply_info(&j, &i, T0 + 5 * SEC), 0);
+        ASSERT_TRUE(job_publish_outcome(&j));
+        ASSERT_STREQ(job_error(&j), "Input/output error");
+        job_done(&j);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_strings);
@@ -497,6 +554,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_early_zero_progress);
         TAP_RUN(test_progress_monotonic);
         TAP_RUN(test_pause_resume);
+        TAP_RUN(test_paused_on_error);
         TAP_RUN(test_completed_event);
         TAP_RUN(test_completed_empty);
         TAP_RUN(test_completed_with_error);

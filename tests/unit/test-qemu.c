@@ -526,6 +526,41 @@ static void test_block_jobs_fixtures(void) {
         }
 }
 
+/* io-status says why QEMU paused a job on an error (on-error=enospc); as QEMU 7.2 reports a
+ * stream paused on a full disk. */
+static void test_block_jobs_io_status(void) {
+        static const struct {
+                const char *value;
+                QemuIoStatus expect;
+        } t[] = {
+                {"\"nospace\"", QEMU_IO_NOSPACE},
+                {"\"failed\"", QEMU_IO_FAILED},
+                {"\"ok\"", QEMU_IO_OK},
+                {"\"exploded\"", QEMU_IO_OK},
+                {NULL, QEMU_IO_OK},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                char text[512];
+                QemuBlockJob *j = NULL;
+                size_t n = 0;
+
+                snprintf(text, sizeof(text),
+                        "[{\"auto-finalize\": true, %s%s%s\"device\": \"bsd-vda-1\", \"auto-dismiss\": false, "
+                        "\"busy\": false, \"len\": 33554432, \"offset\": 2621440, \"status\": \"paused\", "
+                        "\"paused\": true, \"speed\": 0, \"ready\": false, \"type\": \"stream\"}]",
+                        t[i].value ? "\"io-status\": " : "", strempty(t[i].value), t[i].value ? ", " : "");
+                _cleanup_(json_object_putp) json_object *o = parse(text);
+                ASSERT_OK(qemu_parse_block_jobs(o, &j, &n));
+                ASSERT_EQ(n, 1);
+                if (n == 1) {
+                        ASSERT_EQ(j[0].status, QEMU_JOB_PAUSED);
+                        ASSERT_EQ(j[0].io_status, t[i].expect);
+                }
+                qemu_block_jobs_free(j, n);
+        }
+}
+
 static void test_block_jobs_invalid(void) {
         static const char *const bad[] = {
                 "{}",
@@ -544,6 +579,7 @@ static void test_block_jobs_invalid(void) {
                 "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"running\", \"len\": 18446744073709551616, \"offset\": 0, \"speed\": 0}]",
                 "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"running\", \"len\": 1, \"offset\": 0}]",
                 "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"running\", \"len\": 1, \"offset\": 0, \"speed\": 0, \"error\": 5}]",
+                "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"paused\", \"len\": 1, \"offset\": 0, \"speed\": 0, \"io-status\": 5}]",
                 "[{\"device\": \"j\\u0000k\", \"type\": \"stream\", \"status\": \"running\", \"len\": 1, \"offset\": 0, \"speed\": 0}]",
                 /* A good one followed by a bad one: all or nothing. */
                 "[{\"device\": \"j\", \"type\": \"stream\", \"status\": \"running\", \"len\": 1, \"offset\": 0, \"speed\": 0},"
@@ -1307,6 +1343,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_disks_limits);
         TAP_RUN(test_block_jobs_fixtures);
         TAP_RUN(test_block_jobs_invalid);
+        TAP_RUN(test_block_jobs_io_status);
         TAP_RUN(test_job_status_strings);
         TAP_RUN(test_job_events_valid);
         TAP_RUN(test_job_events_invalid);
