@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <grp.h>
 #include <limits.h>
+#include <pwd.h>
 
 #include "bus-util.h"
 #include "util.h"
@@ -99,4 +101,60 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
         if (r < 0)
                 return r;
         return sd_bus_message_exit_container(m);
+}
+
+int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_free_ gid_t *gids = NULL;
+        const gid_t *l = NULL;
+        struct passwd pw, *pwr = NULL;
+        char buf[16384];
+        size_t cap = 64;
+        uid_t euid;
+        gid_t gid;
+        int r, n;
+
+        if (max > INT_MAX)
+                max = INT_MAX;
+        r = sd_bus_query_sender_creds(
+                msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &creds);
+        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid &&
+                sd_bus_creds_get_egid(creds, &gid) >= 0 && (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 &&
+                (size_t) n <= max) {
+                gids = malloc(sizeof(gid_t) * ((size_t) n + 1));
+                if (!gids)
+                        return -ENOMEM;
+                if (n > 0)
+                        memcpy(gids, l, sizeof(gid_t) * (size_t) n);
+                log_debug("Caller uid %u: gid %u and %d groups from the bus.", (unsigned) uid, (unsigned) gid, n);
+                *ret_gid = gid;
+                *ret_n = (size_t) n;
+                *ret_gids = TAKE_PTR(gids);
+                return 0;
+        }
+
+        r = getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr);
+        if (r != 0 || !pwr)
+                return -ESRCH; /* no account: no groups we could vouch for */
+        for (;;) {
+                gid_t *g;
+
+                cap = MIN(cap, max);
+                n = (int) cap;
+                g = reallocarray(gids, cap ?: 1, sizeof(gid_t));
+                if (!g)
+                        return -ENOMEM;
+                gids = g;
+                if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) >= 0)
+                        break;
+                if ((size_t) n <= cap || cap >= max)
+                        return -E2BIG;
+                cap = (size_t) n;
+        }
+        log_debug(
+                "Caller uid %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
+        *ret_gid = pw.pw_gid;
+        *ret_n = (size_t) n;
+        *ret_gids = TAKE_PTR(gids);
+        return 0;
 }

@@ -6,6 +6,7 @@
  * what the method takes. A table has at most 64 options. */
 
 #include <stdbool.h>
+#include <sys/types.h>
 #include <systemd/sd-bus.h>
 
 typedef struct BusOption {
@@ -17,3 +18,8 @@ typedef struct BusOption {
 } BusOption;
 
 int bus_read_options(sd_bus_message *m, const char *method, const BusOption *options, sd_bus_error *error);
+
+/* The primary gid and supplementary groups of the caller of msg, whose uid is uid: from the bus
+ * where it tells them (for that very uid, at most max groups), else from the user database, as
+ * polkit's isInGroup() reads them. -ESRCH: no account for uid; -E2BIG: more than max groups. */
+int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n);

@@ -305,14 +305,13 @@ static int open_qmp_socket(const char *path, QmpSocketPin *ret_pin, int *ret_dir
 static int check_caller_may_connect(sd_bus_message *msg, const char *path, int dir_fd, int sock_fd,
         sd_bus_error *error) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
-        _cleanup_free_ gid_t *groups = NULL;
-        const gid_t *gids = NULL;
+        _cleanup_free_ gid_t *gids = NULL;
+        size_t n = 0;
         uid_t uid;
         gid_t gid;
-        int n = 0, r;
+        int r;
 
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS,
-                &creds);
+        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
         if (r < 0)
                 return r;
         r = sd_bus_creds_get_euid(creds, &uid);
@@ -320,38 +319,13 @@ static int check_caller_may_connect(sd_bus_message *msg, const char *path, int d
                 return r;
         if (uid == 0)
                 return 0;
-        if (sd_bus_creds_get_egid(creds, &gid) >= 0)
-                n = sd_bus_creds_get_supplementary_gids(creds, &gids);
-        else
-                n = -ENODATA;
-        if (n < 0) {
-                /* The bus did not tell: the user database's groups of that uid. */
-                struct passwd pw, *pwr = NULL;
-                char buf[4096];
-                int ng = 64;
-
-                if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) != 0 || !pwr)
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                                "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", uid, path);
-                gid = pwr->pw_gid;
-                for (;;) {
-                        gid_t *l = reallocarray(groups, ng, sizeof(gid_t));
-                        int k = ng;
-
-                        if (!l)
-                                return -ENOMEM;
-                        groups = l;
-                        if (getgrouplist(pwr->pw_name, gid, groups, &k) >= 0) {
-                                n = k;
-                                break;
-                        }
-                        if (k <= ng || k > 65536)
-                                return -EINVAL;
-                        ng = k;
-                }
-                gids = groups;
-        }
-        r = qmp_socket_check_access(path, dir_fd, sock_fd, uid, gid, gids, (size_t) n);
+        r = bus_caller_groups(msg, uid, NGROUPS_MAX, &gid, &gids, &n);
+        if (r == -ESRCH)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                        "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", uid, path);
+        if (r < 0)
+                return r;
+        r = qmp_socket_check_access(path, dir_fd, sock_fd, uid, gid, gids, n);
         if (r == -EACCES)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search permission "

@@ -16,13 +16,13 @@
 
 #include <fcntl.h>
 #include <grp.h>
-#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "bus-error.h"
+#include "bus-util.h"
 #include "guest.h"
 #include "image.h"
 #include "manager.h"
@@ -274,52 +274,6 @@ static int run_probe(Provision *p) {
         return watch_child(p, TAKE_FD(out_r), probed);
 }
 
-/* The caller's groups: from the bus where it tells them, else from the user database (as polkit's
- * isInGroup() reads them). */
-static int caller_groups(sd_bus_message *msg, uid_t uid, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
-        _cleanup_free_ gid_t *gids = NULL;
-        const gid_t *l = NULL;
-        struct passwd pw, *pwr = NULL;
-        char buf[16384];
-        uid_t euid;
-        gid_t gid;
-        int r, n;
-
-        r = sd_bus_query_sender_creds(
-                msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &creds);
-        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid &&
-                sd_bus_creds_get_egid(creds, &gid) >= 0 && (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 &&
-                n <= CALLER_GROUPS_MAX) {
-                gids = malloc(sizeof(gid_t) * ((size_t) n + 1));
-                if (!gids)
-                        return -ENOMEM;
-                if (n > 0)
-                        memcpy(gids, l, sizeof(gid_t) * (size_t) n);
-                log_debug("Caller uid %u: gid %u and %d groups from the bus.", (unsigned) uid, (unsigned) gid, n);
-                *ret_gid = gid;
-                *ret_n = (size_t) n;
-                *ret_gids = TAKE_PTR(gids);
-                return 0;
-        }
-
-        r = getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr);
-        if (r != 0 || !pwr)
-                return -ESRCH; /* no account: no groups we could vouch for */
-        n = CALLER_GROUPS_MAX;
-        gids = malloc(sizeof(gid_t) * (size_t) n);
-        if (!gids)
-                return -ENOMEM;
-        if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) < 0)
-                return -E2BIG;
-        log_debug(
-                "Caller uid %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
-        *ret_gid = pw.pw_gid;
-        *ret_n = (size_t) n;
-        *ret_gids = TAKE_PTR(gids);
-        return 0;
-}
-
 static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata) {
         Provision *p = userdata;
         char text[512];
@@ -358,7 +312,7 @@ static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain 
 
         if (chain->n > 200)
                 return -E2BIG;
-        r = caller_groups(msg, uid, &gid, &gids, &n_gids);
+        r = bus_caller_groups(msg, uid, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
         if (r < 0)
                 return r;
         want = calloc(chain->n, sizeof(struct stat));
