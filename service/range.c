@@ -11,6 +11,7 @@
 #include "control.h"
 #include "export.h"
 #include "guest.h"
+#include "helper.h"
 #include "manager.h"
 #include "qemu.h"
 #include "range.h"
@@ -79,11 +80,7 @@ static void op_release(RangeOp *op) {
                         op->alias);
                 sd_bus_message_unref(op->call);
         }
-        sd_event_source_disable_unref(op->child);
-        if (op->pid > 0) {
-                (void) kill(op->pid, SIGKILL);
-                (void) waitpid(op->pid, NULL, 0);
-        }
+        helper_release(op->child); /* killed and reaped if still running */
         sd_event_source_disable_unref(op->control_source);
         sd_event_source_disable_unref(op->cleanup_timer);
         sd_event_source_disable_unref(op->deadline);
@@ -546,11 +543,8 @@ static int spawn_helper(RangeOp *op) {
         nbd = export_server_connect(g);
         if (nbd < 0)
                 return nbd;
-        r = guest_spawn_helper(g, PULL_BINARY, argv, nbd, g->selinux_process_label, prefix, &op->pid, &op->control_fd,
-                &op->log);
-        if (r < 0)
-                return r;
-        r = sd_event_add_child(m->event, &op->child, op->pid, WEXITED, helper_exited, op);
+        r = guest_spawn_helper(g, PULL_BINARY, argv, nbd, g->selinux_process_label, prefix, helper_exited, op, &op->pid,
+                &op->child, &op->control_fd, &op->log);
         if (r < 0)
                 return r;
         return sd_event_add_io(m->event, &op->control_source, op->control_fd, EPOLLIN, control_handler, op);
@@ -767,8 +761,7 @@ static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
                         op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
                 op->call = sd_bus_message_unref(op->call);
         }
-        if (op->pid > 0)
-                (void) kill(op->pid, SIGKILL); /* reaped by helper_exited() */
+        (void) helper_kill(op->child); /* its end comes through helper_exited() */
         op_end(op, STREAM_FAILED, "the allocation map took too long");
         return 0;
 }
