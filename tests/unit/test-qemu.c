@@ -3,6 +3,8 @@
 /* The typed QEMU layer: parsers on replies captured from QEMU 7.2 (tests/unit/data/) and on
  * hostile variations of them, and the typed calls against a scripted QEMU. */
 
+#include <fcntl.h>
+
 #include "fake-qemu.h"
 #include "qemu.h"
 #include "qmp.h"
@@ -1238,6 +1240,79 @@ static void test_job_commands(void) {
         }
 }
 
+/* The command and its arguments exactly as sent (json-c keeps the order keys were added in). */
+static void expect_command(Fake *f, const char *name, const char *args) {
+        json_object *cmd = fake_next_command(f, 3 * SEC), *a = NULL;
+
+        ASSERT_STREQ(fake_command_name(cmd), name);
+        if (args) {
+                ASSERT_TRUE(json_object_object_get_ex(cmd, "arguments", &a));
+                ASSERT_STREQ(json_object_to_json_string_ext(a, JSON_C_TO_STRING_PLAIN), args);
+        } else
+                ASSERT_FALSE(json_object_object_get_ex(cmd, "arguments", &a));
+        json_object_put(cmd);
+}
+
+/* Every typed command, to the letter, and the fd of those that pass one. */
+static void test_command_builders(void) {
+        QemuStreamArgs a = {.job_id = "j1", .node_name = "top", .backing_file = "/b.qcow2", .speed = 7};
+        size_t fds;
+        Fake f;
+
+        if (!setup(&f))
+                return;
+        ASSERT_OK(qemu_block_stream(f.q, &a, NULL, NULL, NULL));
+        expect_command(&f, "block-stream",
+                "{\"job-id\":\"j1\",\"device\":\"top\",\"backing-file\":\"\\/b.qcow2\",\"speed\":7,"
+                "\"auto-finalize\":true,\"auto-dismiss\":false,\"on-error\":\"enospc\"}");
+        ASSERT_OK(qemu_block_job_cancel(f.q, "j1", NULL, NULL, NULL));
+        expect_command(&f, "block-job-cancel", "{\"device\":\"j1\",\"force\":true}");
+        ASSERT_OK(qemu_block_job_set_speed(f.q, "j1", 0, NULL, NULL, NULL));
+        expect_command(&f, "block-job-set-speed", "{\"device\":\"j1\",\"speed\":0}");
+
+        fds = f.n_fds;
+        ASSERT_OK(qemu_add_fd(f.q, 3, open("/dev/null", O_RDONLY | O_CLOEXEC), "vda", NULL, NULL, NULL));
+        expect_command(&f, "add-fd", "{\"fdset-id\":3,\"opaque\":\"vda\"}");
+        ASSERT_OK(qemu_add_fd(f.q, 4, open("/dev/null", O_RDONLY | O_CLOEXEC), NULL, NULL, NULL, NULL));
+        expect_command(&f, "add-fd", "{\"fdset-id\":4}");
+        ASSERT_OK(qemu_getfd(f.q, "nbd0", open("/dev/null", O_RDONLY | O_CLOEXEC), NULL, NULL, NULL));
+        expect_command(&f, "getfd", "{\"fdname\":\"nbd0\"}");
+        ASSERT_EQ(f.n_fds, fds + 3);
+
+        ASSERT_OK(qemu_blockdev_add_file(f.q, "f0", 3, true, NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add",
+                "{\"driver\":\"file\",\"node-name\":\"f0\",\"filename\":\"\\/dev\\/fdset\\/3\",\"read-only\":true}");
+        ASSERT_OK(qemu_blockdev_add_format(f.q, "qcow2", "q0", "f0", "q1", false, NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add",
+                "{\"driver\":\"qcow2\",\"node-name\":\"q0\",\"file\":\"f0\",\"read-only\":false,\"backing\":\"q1\"}");
+        ASSERT_OK(qemu_blockdev_add_format(f.q, "qcow2", "q1", "f1", NULL, true, NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add",
+                "{\"driver\":\"qcow2\",\"node-name\":\"q1\",\"file\":\"f1\",\"read-only\":true,\"backing\":null}");
+        ASSERT_OK(qemu_blockdev_add_format(f.q, "raw", "r0", "f2", NULL, true, NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add", "{\"driver\":\"raw\",\"node-name\":\"r0\",\"file\":\"f2\",\"read-only\":true}");
+        ASSERT_OK(qemu_blockdev_add_cor(f.q, "cor0", "q0", "q1", NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add",
+                "{\"driver\":\"copy-on-read\",\"node-name\":\"cor0\",\"file\":\"q0\",\"bottom\":\"q1\"}");
+        ASSERT_OK(qemu_blockdev_add_cor(f.q, "cor1", "q0", NULL, NULL, NULL, NULL));
+        expect_command(&f, "blockdev-add", "{\"driver\":\"copy-on-read\",\"node-name\":\"cor1\",\"file\":\"q0\"}");
+        ASSERT_OK(qemu_blockdev_del(f.q, "cor0", NULL, NULL, NULL));
+        expect_command(&f, "blockdev-del", "{\"node-name\":\"cor0\"}");
+
+        ASSERT_OK(qemu_nbd_server_start_fd(f.q, "nbd0", NULL, NULL, NULL));
+        expect_command(&f, "nbd-server-start", "{\"addr\":{\"type\":\"fd\",\"data\":{\"str\":\"nbd0\"}}}");
+        ASSERT_OK(qemu_block_export_add_nbd(f.q, "e0", "q0", "disk", NULL, NULL, NULL));
+        expect_command(&f, "block-export-add",
+                "{\"type\":\"nbd\",\"id\":\"e0\",\"node-name\":\"q0\",\"name\":\"disk\",\"writable\":false,"
+                "\"allocation-depth\":true}");
+        ASSERT_OK(qemu_block_export_del(f.q, "e0", NULL, NULL, NULL));
+        expect_command(&f, "block-export-del", "{\"id\":\"e0\",\"mode\":\"hard\"}");
+        ASSERT_OK(qemu_nbd_server_stop(f.q, NULL, NULL, NULL));
+        expect_command(&f, "nbd-server-stop", NULL);
+        ASSERT_OK(qemu_quit(f.q, NULL, NULL, NULL));
+        expect_command(&f, "quit", NULL);
+        fake_free(&f);
+}
+
 /* Chain images find their nodes through an index built once: the most a QEMU may send (256 disks,
  * 128 images each, 4096 nodes, names near the string cap) costs one pass over the nodes. Matching
  * by a scan of every node for every image took 32768 x 4096 string checks of 4 KiB: minutes, far
@@ -1352,5 +1427,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_query_disks_with_finished_job);
         TAP_RUN(test_query_jobs_call);
         TAP_RUN(test_job_commands);
+        TAP_RUN(test_command_builders);
         return tap_finish();
 }
