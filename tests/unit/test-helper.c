@@ -146,16 +146,28 @@ static bool reaped(pid_t pid) {
         return waitpid(pid, NULL, WNOHANG) < 0 && errno == ECHILD;
 }
 
-/* Start this binary in mode through helper_start(), with a pipe to us as its fd 3 (read end in
- * *ret_data) and a control socket as fd 4. */
-static int start(sd_event *e, const char *mode, const char *log_prefix, Exit *x, pid_t *ret_pid,
-        sd_event_source **ret_child, int *ret_control, HelperLog **ret_log, int *ret_data) {
+/* One child of this binary, started through helper_start(), and what it is wired to. */
+typedef struct Child {
+        sd_event *e;
+        sd_event_source *child;
+        HelperLog *log;
+        int control; /* our end of its control socket (its fd 4) */
+        int data;    /* the read end of a pipe that is its fd 3 */
+        pid_t pid;
+        Exit x;
+} Child;
+
+static int child_start(Child *c, const char *mode, const char *log_prefix) {
         char *argv[] = {(char *) "test-helper", (char *) mode, NULL};
         int p[2], r;
 
+        *c = (Child){.control = -1, .data = -1};
+        r = sd_event_new(&c->e);
+        if (r < 0)
+                return r;
         if (pipe2(p, O_CLOEXEC) < 0)
                 return -errno;
-        r = helper_start(e,
+        r = helper_start(c->e,
                 &(HelperSpec){
                         .sandbox =
                                 {
@@ -170,30 +182,51 @@ static int start(sd_event *e, const char *mode, const char *log_prefix, Exit *x,
                         .control_type = SOCK_SEQPACKET,
                         .log_prefix = log_prefix,
                         .on_exit = on_exit_cb,
-                        .userdata = x,
+                        .userdata = &c->x,
                 },
-                ret_pid, ret_child, ret_control, ret_log);
+                &c->pid, &c->child, &c->control, &c->log);
         close(p[1]);
         if (r < 0) {
                 close(p[0]);
                 return r;
         }
-        *ret_data = p[0];
+        c->data = p[0];
         return 0;
 }
 
+/* It said "ready" on its data pipe: its signal handlers are in place. */
+static void child_wait_ready(Child *c) {
+        char buf[64];
+
+        read_line(c->data, buf, sizeof(buf));
+        ASSERT_STREQ(buf, "ready");
+}
+
+/* Its exit came through the callback, once, as code/status, and sd-event reaped it. */
+static void child_check_end(Child *c, int code, int status) {
+        wait_for(c->e, &c->x.calls);
+        ASSERT_EQ(c->x.calls, 1);
+        ASSERT_EQ(c->x.code, code);
+        ASSERT_EQ(c->x.status, status);
+        (void) sd_event_run(c->e, 0);
+        ASSERT_TRUE(reaped(c->pid));
+}
+
+static void child_free(Child *c) {
+        c->child = helper_release(c->child);
+        c->log = helper_log_free(c->log);
+        closep(&c->control);
+        closep(&c->data);
+        c->e = sd_event_unref(c->e);
+}
+
 static void test_start_fds_log_exit(void) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        HelperLog *log = NULL;
-        int control = -1, data = -1, memfd, saved_stderr;
+        int memfd, saved_stderr;
         size_t fds_before = count_fds();
         char buf[4096];
-        Exit x = {};
-        pid_t pid = 0;
         ssize_t n;
+        Child c;
 
-        ASSERT_OK(sd_event_new(&e));
         /* Our log goes to stderr: catch it to see the child's lines arrive under the prefix. */
         memfd = memfd_create("log", MFD_CLOEXEC);
         saved_stderr = dup(STDERR_FILENO);
@@ -201,23 +234,19 @@ static void test_start_fds_log_exit(void) {
         fflush(stderr);
         (void) dup2(memfd, STDERR_FILENO);
 
-        ASSERT_OK(start(e, "--child=exit7", "Test child", &x, &pid, &child, &control, &log, &data));
-        ASSERT_TRUE(pid > 0);
-        ASSERT_NOT_NULL(child);
-        ASSERT_NOT_NULL(log);
-        ASSERT_EQ(send(control, "ping", 4, 0), 4);
-        n = recv(control, buf, sizeof(buf), 0);
+        ASSERT_OK(child_start(&c, "--child=exit7", "Test child"));
+        ASSERT_TRUE(c.pid > 0);
+        ASSERT_NOT_NULL(c.child);
+        ASSERT_NOT_NULL(c.log);
+        ASSERT_EQ(send(c.control, "ping", 4, 0), 4);
+        n = recv(c.control, buf, sizeof(buf), 0);
         ASSERT_EQ(n, 4);
-        read_line(data, buf, sizeof(buf));
+        read_line(c.data, buf, sizeof(buf));
         ASSERT_STREQ(buf, "data");
-        wait_for(e, &x.calls);
-        ASSERT_EQ(x.calls, 1);
-        ASSERT_EQ(x.code, CLD_EXITED);
-        ASSERT_EQ(x.status, 7);
+        child_check_end(&c, CLD_EXITED, 7);
         /* The log pipe's end comes after the exit: run until the log source saw EOF. */
-        for (int i = 0; i < 100 && sd_event_run(e, 0) > 0; i++)
+        for (int i = 0; i < 100 && sd_event_run(c.e, 0) > 0; i++)
                 ;
-        ASSERT_TRUE(reaped(pid)); /* sd-event reaped it after the handler */
 
         fflush(stderr);
         (void) dup2(saved_stderr, STDERR_FILENO);
@@ -228,75 +257,43 @@ static void test_start_fds_log_exit(void) {
         ASSERT_NOT_NULL(strstr(buf, "Test child: hello from the child's stderr"));
         ASSERT_NOT_NULL(strstr(buf, "Test child: second line"));
 
-        child = helper_release(child);
-        log = helper_log_free(log);
-        close(control);
-        close(data);
-        sd_event_unref(e);
-        ASSERT_EQ(x.calls, 1);
+        child_free(&c);
+        ASSERT_EQ(c.x.calls, 1);
         ASSERT_EQ(count_fds(), fds_before);
 }
 
 static void test_child_gets_only_its_fds(void) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        HelperLog *log = NULL;
-        int control = -1, data = -1, stray;
         char buf[256];
-        Exit x = {};
+        int stray;
+        Child c;
 
-        ASSERT_OK(sd_event_new(&e));
         stray = open("/dev/null", O_RDONLY); /* not close-on-exec: must not reach it all the same */
-        ASSERT_OK(start(e, "--child=fds", "Test fds", &x, NULL, &child, &control, &log, &data));
-        read_line(data, buf, sizeof(buf));
+        ASSERT_OK(child_start(&c, "--child=fds", "Test fds"));
+        read_line(c.data, buf, sizeof(buf));
         ASSERT_STREQ(buf, "0 1 2 3 4 ");
-        wait_for(e, &x.calls);
-        ASSERT_EQ(x.code, CLD_EXITED);
-        ASSERT_EQ(x.status, 0);
+        child_check_end(&c, CLD_EXITED, 0);
         close(stray);
-        helper_release(child);
-        helper_log_free(log);
-        close(control);
-        close(data);
-        sd_event_unref(e);
+        child_free(&c);
 }
 
 /* stop: SIGTERM first; one that exits on it ends with SIGTERM, one that goes on gets SIGKILL at the
  * deadline. Both said "term", so both got the SIGTERM before anything else. */
 static void stop_one(const char *mode, int expected_signal) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        HelperLog *log = NULL;
-        int control = -1, data = -1;
         char buf[64];
-        Exit x = {};
-        pid_t pid = 0;
+        Child c;
 
-        ASSERT_OK(sd_event_new(&e));
-        ASSERT_OK(start(e, mode, "Test stop", &x, &pid, &child, &control, &log, &data));
-        read_line(data, buf, sizeof(buf));
-        ASSERT_STREQ(buf, "ready"); /* its SIGTERM handler is in place */
+        ASSERT_OK(child_start(&c, mode, "Test stop"));
+        child_wait_ready(&c);
         /* One that exits on SIGTERM gets all the time it needs (a deadline past our own wait limit); one
          * that ignores it is killed at the deadline, however short. */
-        ASSERT_OK(helper_stop(child, expected_signal == 0 ? 2 * WAIT_LIMIT_USEC : 50 * USEC_PER_MSEC));
-        read_line(data, buf, sizeof(buf));
+        ASSERT_OK(helper_stop(c.child, expected_signal == 0 ? 2 * WAIT_LIMIT_USEC : 50 * USEC_PER_MSEC));
+        read_line(c.data, buf, sizeof(buf));
         ASSERT_STREQ(buf, "term");
-        wait_for(e, &x.calls);
-        ASSERT_EQ(x.calls, 1);
-        if (expected_signal == 0) {
-                ASSERT_EQ(x.code, CLD_EXITED);
-                ASSERT_EQ(x.status, 0);
-        } else {
-                ASSERT_EQ(x.code, CLD_KILLED);
-                ASSERT_EQ(x.status, expected_signal);
-        }
-        (void) sd_event_run(e, 0);
-        ASSERT_TRUE(reaped(pid));
-        helper_release(child);
-        helper_log_free(log);
-        close(control);
-        close(data);
-        sd_event_unref(e);
+        if (expected_signal == 0)
+                child_check_end(&c, CLD_EXITED, 0);
+        else
+                child_check_end(&c, CLD_KILLED, expected_signal);
+        child_free(&c);
 }
 
 static void test_stop_term_then_kill(void) {
@@ -305,57 +302,31 @@ static void test_stop_term_then_kill(void) {
 }
 
 static void test_kill(void) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        HelperLog *log = NULL;
-        int control = -1, data = -1;
-        char buf[64];
-        Exit x = {};
-        pid_t pid = 0;
+        Child c;
 
-        ASSERT_OK(sd_event_new(&e));
-        ASSERT_OK(start(e, "--child=block", "Test kill", &x, &pid, &child, &control, &log, &data));
-        read_line(data, buf, sizeof(buf));
-        ASSERT_STREQ(buf, "ready");
-        ASSERT_OK(helper_kill(child));
-        wait_for(e, &x.calls);
-        ASSERT_EQ(x.code, CLD_KILLED);
-        ASSERT_EQ(x.status, SIGKILL);
-        (void) sd_event_run(e, 0);
-        ASSERT_TRUE(reaped(pid));
+        ASSERT_OK(child_start(&c, "--child=block", "Test kill"));
+        child_wait_ready(&c);
+        ASSERT_OK(helper_kill(c.child));
+        child_check_end(&c, CLD_KILLED, SIGKILL);
         /* Signals after the end are no error, and reach nobody. */
-        ASSERT_OK(helper_kill(child));
-        helper_release(child);
-        helper_log_free(log);
-        close(control);
-        close(data);
-        sd_event_unref(e);
+        ASSERT_OK(helper_kill(c.child));
+        child_free(&c);
 }
 
 /* The owner goes away while its child runs: killed and reaped at once, no call back. */
 static void test_release_running(void) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        HelperLog *log = NULL;
-        int control = -1, data = -1;
         size_t fds_before = count_fds();
         char buf[64];
-        Exit x = {};
-        pid_t pid = 0;
+        Child c;
 
-        ASSERT_OK(sd_event_new(&e));
-        ASSERT_OK(start(e, "--child=block", "Test release", &x, &pid, &child, &control, &log, &data));
-        read_line(data, buf, sizeof(buf));
-        ASSERT_STREQ(buf, "ready");
-        ASSERT_NULL(helper_release(child));
-        ASSERT_TRUE(reaped(pid));
-        ASSERT_EQ(read(data, buf, sizeof(buf)), 0); /* its end of the pipe is gone */
-        (void) sd_event_run(e, 0);
-        ASSERT_EQ(x.calls, 0);
-        helper_log_free(log);
-        close(control);
-        close(data);
-        sd_event_unref(e);
+        ASSERT_OK(child_start(&c, "--child=block", "Test release"));
+        child_wait_ready(&c);
+        ASSERT_NULL(c.child = helper_release(c.child));
+        ASSERT_TRUE(reaped(c.pid));
+        ASSERT_EQ(read(c.data, buf, sizeof(buf)), 0); /* its end of the pipe is gone */
+        (void) sd_event_run(c.e, 0);
+        ASSERT_EQ(c.x.calls, 0);
+        child_free(&c);
         ASSERT_EQ(count_fds(), fds_before);
 }
 

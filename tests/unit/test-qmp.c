@@ -1324,6 +1324,17 @@ static void test_fd_passing(void) {
 
 /* Closing from inside callbacks */
 
+/* The client was closed from one of its callbacks: pending call b was dropped (destroyed, never
+ * answered), nothing failed, no state change came after the close, and QEMU sees the end. */
+static void check_closed_from_callback(Fake *f, FakeCall *b) {
+        ASSERT_TRUE(f->closed);
+        ASSERT_EQ(b->n_handler, 0);
+        ASSERT_EQ(b->n_destroy, 1);
+        ASSERT_EQ(f->n_failed, 0);
+        ASSERT_EQ(f->n_state_after_close, 0);
+        ASSERT_TRUE(fake_wait_peer_eof(f, 3 * SEC));
+}
+
 static void test_close_in_reply_handler(void) {
         Fake f;
         FakeCall a = {.close_in_handler = true}, b = {};
@@ -1340,16 +1351,11 @@ static void test_close_in_reply_handler(void) {
                 fake_command_id(ca), fake_command_id(cb)));
         fake_run_until(&f, cond_call_done, &a, 3 * SEC);
         fake_run(&f, 50 * MSEC);
-        ASSERT_TRUE(f.closed);
         ASSERT_EQ(a.n_handler, 1);
         ASSERT_EQ(a.error, 0);
         ASSERT_EQ(a.n_destroy, 1);
-        ASSERT_EQ(b.n_handler, 0);
-        ASSERT_EQ(b.n_destroy, 1);
         ASSERT_EQ(f.n_events, 0);
-        ASSERT_EQ(f.n_failed, 0);
-        ASSERT_EQ(f.n_state_after_close, 0);
-        ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+        check_closed_from_callback(&f, &b);
         json_object_put(ca);
         json_object_put(cb);
         fake_call_done(&a);
@@ -1370,14 +1376,9 @@ static void test_close_in_event_handler(void) {
                 "{\"event\": \"STOP\"}\r\n{\"event\": \"RESUME\"}\r\n{\"return\": {}, \"id\": %" PRIi64 "}\r\n",
                 fake_command_id(cb)));
         fake_run(&f, 100 * MSEC);
-        ASSERT_TRUE(f.closed);
         ASSERT_EQ(f.n_events, 1);
         ASSERT_EQ(f.n_events_after_close, 0);
-        ASSERT_EQ(b.n_handler, 0);
-        ASSERT_EQ(b.n_destroy, 1);
-        ASSERT_EQ(f.n_failed, 0);
-        ASSERT_EQ(f.n_state_after_close, 0);
-        ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+        check_closed_from_callback(&f, &b);
         json_object_put(cb);
         fake_call_done(&b);
         fake_free(&f);
@@ -1427,23 +1428,29 @@ static void test_close_in_state_handler(void) {
         }
 }
 
-/* QEMU dies with two calls pending; the owner closes the client from the first call's
- * handler (it tears the guest down). From then on nothing may be called: not the second
- * call's handler, not on_state (its userdata may be gone). */
-static void test_close_in_handler_on_connection_loss(void) {
+/* Two calls pending; the owner closes the client from the first call's handler (it tears the
+ * guest down) when QEMU dies, or when the call times out. From then on nothing may be called:
+ * not the second call's handler, not on_state (its userdata may be gone). */
+static void close_in_handler(bool by_timeout) {
         Fake f;
         FakeCall a = {.close_in_handler = true}, b = {};
         json_object *ca, *cb;
 
         if (!setup(&f))
                 return;
+        if (by_timeout)
+                qmp_set_timeout(f.q, 100 * MSEC);
         ca = call_and_receive(&f, &a, "query-status", NULL);
         cb = call_and_receive(&f, &b, "query-status", NULL);
-        closep(&f.peer);
+        if (!by_timeout)
+                closep(&f.peer);
         fake_run_until(&f, cond_call_done, &a, 3 * SEC);
-        fake_run(&f, 50 * MSEC);
+        fake_run(&f, by_timeout ? 300 * MSEC : 50 * MSEC);
         ASSERT_EQ(a.n_handler, 1);
-        ASSERT_NEG(a.error);
+        if (by_timeout)
+                ASSERT_ERRNO(a.error, -ETIMEDOUT);
+        else
+                ASSERT_NEG(a.error);
         ASSERT_EQ(a.n_destroy, 1);
         ASSERT_TRUE(f.closed);
         ASSERT_FALSE(b.handler_after_close);
@@ -1456,30 +1463,12 @@ static void test_close_in_handler_on_connection_loss(void) {
         fake_free(&f);
 }
 
-static void test_close_in_handler_on_timeout(void) {
-        Fake f;
-        FakeCall a = {.close_in_handler = true}, b = {};
-        json_object *ca, *cb;
+static void test_close_in_handler_on_connection_loss(void) {
+        close_in_handler(false);
+}
 
-        if (!setup(&f))
-                return;
-        qmp_set_timeout(f.q, 100 * MSEC);
-        ca = call_and_receive(&f, &a, "query-status", NULL);
-        cb = call_and_receive(&f, &b, "query-status", NULL);
-        fake_run_until(&f, cond_call_done, &a, 3 * SEC);
-        fake_run(&f, 300 * MSEC);
-        ASSERT_EQ(a.n_handler, 1);
-        ASSERT_ERRNO(a.error, -ETIMEDOUT);
-        ASSERT_EQ(a.n_destroy, 1);
-        ASSERT_TRUE(f.closed);
-        ASSERT_FALSE(b.handler_after_close);
-        ASSERT_EQ(b.n_destroy, 1);
-        ASSERT_EQ(f.n_state_after_close, 0);
-        json_object_put(ca);
-        json_object_put(cb);
-        fake_call_done(&a);
-        fake_call_done(&b);
-        fake_free(&f);
+static void test_close_in_handler_on_timeout(void) {
+        close_in_handler(true);
 }
 
 /* destroy runs exactly once on every path. */
