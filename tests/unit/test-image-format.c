@@ -601,21 +601,14 @@ static void test_write_overlay(void) {
 }
 
 int main(int argc, char **argv) {
-        int r;
-
         tap_init(argc, argv);
-        r = image_test_setup();
-        if (r < 0) {
-                printf("Bail out! cannot make a temporary directory: %s\n", strerror(-r));
-                return EXIT_FAILURE;
-        }
+        image_test_setup();
 
         TAP_RUN(test_header_hostile);
         TAP_RUN(test_block_device);
         TAP_RUN(test_fuzz);
         TAP_RUN(test_write_overlay);
 
-        if (!getenv("TEST_IMAGE_KEEP"))
-                (void) run("rm -rf %s", tmp);
+        image_test_cleanup();
         return tap_finish();
 }

@@ -137,7 +137,7 @@ char **dirs_both(void) {
         return d;
 }
 
-int image_test_setup(void) {
+static int make_dirs(void) {
         const char *t = getenv("TMPDIR");
 
         snprintf(tmp, sizeof(tmp), "%s/test-image-XXXXXX", isempty(t) ? "/tmp" : t);
@@ -150,6 +150,20 @@ int image_test_setup(void) {
                 return -errno;
         if (!path_is_safe_absolute(img_dir, PATH_MAX - 1))
                 return -EINVAL; /* TMPDIR not normalized */
-        have_qemu_img = system("qemu-img --version >/dev/null 2>&1") == 0;
         return 0;
+}
+
+void image_test_setup(void) {
+        int r = make_dirs();
+
+        if (r < 0) {
+                printf("Bail out! cannot make a temporary directory: %s\n", strerror(-r));
+                exit(EXIT_FAILURE);
+        }
+        have_qemu_img = system("qemu-img --version >/dev/null 2>&1") == 0;
+}
+
+void image_test_cleanup(void) {
+        if (!getenv("TEST_IMAGE_KEEP"))
+                (void) run("rm -rf %s", tmp);
 }

@@ -20,8 +20,10 @@ extern char other_dir[PATH_MAX];   /* listed in some tests */
 extern char outside_dir[PATH_MAX]; /* never listed */
 extern bool have_qemu_img;
 
-/* The directories below $TMPDIR (or /tmp); 0 or -errno. */
-int image_test_setup(void);
+/* The directories below $TMPDIR (or /tmp); a TAP bail-out if they cannot be made. Removed by
+ * image_test_cleanup() unless $TEST_IMAGE_KEEP is set. */
+void image_test_setup(void);
+void image_test_cleanup(void);
 
 /* Paths for the tests, from a ring of buffers: no freeing in every check. */
 const char *P(const char *format, ...) _printf_(1, 2);

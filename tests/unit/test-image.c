@@ -475,14 +475,8 @@ static void test_open_parent_beneath(void) {
 }
 
 int main(int argc, char **argv) {
-        int r;
-
         tap_init(argc, argv);
-        r = image_test_setup();
-        if (r < 0) {
-                printf("Bail out! cannot make a temporary directory: %s\n", strerror(-r));
-                return EXIT_FAILURE;
-        }
+        image_test_setup();
 
         TAP_RUN(test_open_beneath);
         TAP_RUN(test_open_beneath_xdev);
@@ -496,7 +490,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_chain_hostile);
         TAP_RUN(test_open_parent_beneath);
 
-        if (!getenv("TEST_IMAGE_KEEP"))
-                (void) run("rm -rf %s", tmp);
+        image_test_cleanup();
         return tap_finish();
 }
