@@ -44,7 +44,7 @@ static int watch(sd_event *e, pid_t pid, const char *name, sd_event_child_handle
         int r;
 
         w = calloc(1, sizeof(HelperWatch));
-        if (!w || !(w->name = strdup(name))) {
+        if (!w || !(w->name = strdup(name ?: "helper"))) {
                 watch_free(w);
                 r = -ENOMEM;
                 goto fail;
@@ -86,7 +86,9 @@ int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_s
         pid_t pid;
         int r;
 
+        /* A log pipe nobody reads would end the helper with SIGPIPE: ret_log goes with log_prefix. */
         if (!e || !spec->on_exit || !ret_child || (spec->control_type != 0 && !ret_control) ||
+                (spec->log_prefix && !ret_log) ||
                 sb.n_fds > (spec->control_type != 0 ? HELPER_FDS_MAX - 1 : HELPER_FDS_MAX) || (sb.n_fds > 0 && !sb.fds))
                 return -EINVAL;
         for (size_t i = 0; i < sb.n_fds; i++)

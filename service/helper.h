@@ -42,8 +42,8 @@ typedef struct HelperSpec {
 
 /* Start it. On success *ret_child watches it (see above); *ret_control is our end of the control
  * socket (if asked for), *ret_log its log (NULL if that could not be set up: a warning is logged,
- * the helper runs). Any of ret_pid, ret_control, ret_log may be NULL when not wanted. On failure
- * -errno, and nothing is left running. */
+ * the helper runs). ret_pid may be NULL, ret_control without a control socket, ret_log without a
+ * log_prefix (-EINVAL otherwise). On failure -errno, and nothing is left running. */
 int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
         HelperLog **ret_log);
 

@@ -353,6 +353,14 @@ static void test_start_failure_leaves_nothing(void) {
         ASSERT_EQ(control, -1);
         ASSERT_TRUE(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD);
         ASSERT_ERRNO(helper_start(e, &(HelperSpec){.sandbox = {.argv = argv}}, NULL, &child, NULL, NULL), -EINVAL);
+        /* A log nobody would read (its helper would die of SIGPIPE): refused before anything runs. */
+        ASSERT_ERRNO(
+                helper_start(e,
+                        &(HelperSpec){.sandbox = {.name = "test", .uid = helper_uid, .gid = helper_uid, .argv = argv},
+                                .log_prefix = "Test unread",
+                                .on_exit = on_exit_cb},
+                        NULL, &child, NULL, NULL),
+                -EINVAL);
         sd_event_unref(e);
         ASSERT_EQ(count_fds(), fds_before);
 }
