@@ -178,6 +178,9 @@ static int child_start(Child *c, const char *mode, const char *log_prefix) {
                                         .n_fds = 1,
                                         .argv = argv,
                                         .exec_fd = self_fd,
+                                        /* In the sanitizer build the child is sanitized too: LeakSanitizer's
+                                         * exit check would ptrace, which the sandbox denies. */
+                                        .env = (char *[]){(char *) "ASAN_OPTIONS=detect_leaks=0", NULL},
                                 },
                         .control_type = SOCK_SEQPACKET,
                         .log_prefix = log_prefix,
