@@ -713,7 +713,7 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         Disk *d = guest_find_disk(e->guest, e->alias);
         int r;
 
-        r = bus_authorize(e->manager, msg, ACTION_EXPORT,
+        r = bus_authorize(e->manager->polkit, msg, ACTION_EXPORT,
                 &(AuthDetails) { .guest = e->guest->name, .disk = e->alias, .owner = e->guest->owner }, error);
         if (r < 0)
                 return r;

@@ -9,7 +9,7 @@
 #include "config.h"
 
 typedef struct Guest Guest;
-typedef struct PolkitQuery PolkitQuery;
+typedef struct PolkitRegistry PolkitRegistry;
 
 #define MANAGER_PATH "/org/blockstream1"
 #define GUEST_PATH_PREFIX "/org/blockstream1/guest"
@@ -26,7 +26,7 @@ typedef struct Manager {
         Guest *guests; /* doubly linked, registration order */
         unsigned n_guests;
 
-        PolkitQuery *polkit_queries; /* outstanding CheckAuthorization calls */
+        PolkitRegistry *polkit; /* authorizations in flight (polkit.h) */
         struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */
 
         struct Export *exports;

@@ -370,7 +370,7 @@ static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_b
                 .disk = d->alias,
                 .owner = d->guest->owner,
         };
-        return bus_authorize(d->guest->manager, msg, action, &details, error);
+        return bus_authorize(d->guest->manager->polkit, msg, action, &details, error);
 }
 
 /* A D-Bus call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP
