@@ -2,7 +2,7 @@
 /* The test guest's workload: random 4 KiB reads of a block device with O_DIRECT (no guest page
  * cache, so every read reaches the virtual disk), each read's latency printed on stdout (the
  * serial console), with a periodic summary. Runs until "stop" arrives on stdin or the guest is
- * powered off. Built with gcc -static by tests/guest/build-guest; runs as the guest's init's child.
+ * powered off; "pause" on stdin makes the guest idle (no I/O at all) until "go". Built with gcc -static by tests/guest/build-guest; runs as the guest's init's child.
  *
  *   latency-reader [--rate=N] [--summary-ms=N] [--offset=B] [--span=B] [--count=N] [--quiet] DEVICE
  *
@@ -16,6 +16,7 @@
  *   READER start size=<device bytes> offset=<B> span=<B> rate=<N>
  *   LAT <seq> <usec>
  *   SUM n=<reads> p50=<usec> p99=<usec> max=<usec> errors=<N>      (over the last period)
+ *   READER paused / READER resumed
  *   READER stop reads=<N> errors=<N>
  */
 
@@ -74,24 +75,68 @@ static bool parse_u64(const char *arg, const char *name, uint64_t *ret) {
         return true;
 }
 
-/* "stop" on stdin ends the run; anything else is ignored. */
-static bool stop_requested(int timeout_ms) {
+typedef enum Command {
+        CMD_NONE,
+        CMD_STOP,
+        CMD_PAUSE,
+        CMD_GO,
+} Command;
+
+/* One command line on stdin ("stop", "pause", "go"), waiting up to timeout_ms (-1: forever);
+ * anything else is ignored. */
+static Command next_command(int timeout_ms) {
         static char buf[64];
         static size_t len;
         struct pollfd p = {.fd = STDIN_FILENO, .events = POLLIN};
+        Command c = CMD_NONE;
+        char *nl;
         ssize_t n;
 
-        if (poll(&p, 1, timeout_ms) <= 0 || !(p.revents & POLLIN))
-                return false;
-        n = read(STDIN_FILENO, buf + len, sizeof(buf) - 1 - len);
-        if (n <= 0)
-                return false;
-        len += (size_t) n;
-        buf[len] = '\0';
+        /* A line already buffered (two arrived at once) comes first. */
+        if (!strpbrk(buf, "\r\n")) {
+                if (poll(&p, 1, timeout_ms) <= 0 || !(p.revents & POLLIN))
+                        return CMD_NONE;
+                n = read(STDIN_FILENO, buf + len, sizeof(buf) - 1 - len);
+                if (n <= 0)
+                        return CMD_NONE;
+                len += (size_t) n;
+                buf[len] = '\0';
+        }
+        nl = strpbrk(buf, "\r\n");
+        if (!nl) {
+                if (len == sizeof(buf) - 1)
+                        len = 0; /* an overlong line: dropped */
+                return CMD_NONE;
+        }
+        *nl = '\0';
         if (strstr(buf, "stop"))
+                c = CMD_STOP;
+        else if (strstr(buf, "pause"))
+                c = CMD_PAUSE;
+        else if (strstr(buf, "go"))
+                c = CMD_GO;
+        len -= (size_t) (nl + 1 - buf);
+        memmove(buf, nl + 1, len);
+        buf[len] = '\0';
+        return c;
+}
+
+/* Handles a command; true: stop the run. While paused, nothing but waiting for "go" or "stop". */
+static bool handle_command(Command c, uint64_t *next) {
+        if (c == CMD_STOP)
                 return true;
-        if (strchr(buf, '\n') || strchr(buf, '\r') || len == sizeof(buf) - 1)
-                len = 0;
+        if (c != CMD_PAUSE)
+                return false;
+        printf("READER paused\n");
+        for (;;) {
+                c = next_command(-1);
+                if (c == CMD_STOP)
+                        return true;
+                if (c == CMD_GO)
+                        break;
+        }
+        printf("READER resumed\n");
+        *next = now_ns();
         return false;
 }
 
@@ -181,7 +226,7 @@ int main(int argc, char **argv) {
                         if (next > t)
                                 wait_ms = (int) ((next - t + 999999) / 1000000);
                 }
-                if (stop_requested(wait_ms))
+                if (handle_command(next_command(wait_ms), &next))
                         break;
                 if (rate > 0) {
                         struct timespec ts = {.tv_sec = (time_t) (next / 1000000000ULL),

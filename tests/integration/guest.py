@@ -163,6 +163,19 @@ class Guest(h.Qemu):
         self.wait_line(pred, timeout, '%d guest reads' % n, start)
         return self.lat_since(start)
 
+    def _command(self, word, expect, timeout):
+        start = self.mark()
+        self.proc.stdin.write(word.encode() + b'\n')
+        self.proc.stdin.flush()
+        return self.wait_line(lambda l: l.startswith(expect), timeout, '"%s"' % expect, start)
+
+    def pause(self, timeout=60):
+        """The guest goes idle (no I/O at all) until resume()."""
+        return self._command('pause', 'READER paused', timeout)
+
+    def resume(self, timeout=60):
+        return self._command('go', 'READER resumed', timeout)
+
     def stop_reader(self, timeout=60):
         """Tell the reader to stop; the guest then powers off and QEMU exits (-no-reboot)."""
         start = self.mark()
