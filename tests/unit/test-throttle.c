@@ -358,6 +358,18 @@ static void test_psi_parse(void) {
                 ASSERT_ERRNO(psi_parse(big, sizeof(big), &q), -EBADMSG);
         }
 
+        /* This machine's own, where the kernel has PSI. */
+        {
+                _cleanup_fclose_ FILE *f = fopen("/proc/pressure/io", "re");
+                char text[4096];
+                size_t n;
+
+                if (f) {
+                        n = fread(text, 1, sizeof(text), f);
+                        ASSERT_OK(psi_parse(text, n, &q));
+                }
+        }
+
         /* The stall share of a window. */
         q = p;
         q.some.total_us += 250000;
