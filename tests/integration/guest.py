@@ -131,8 +131,11 @@ class Guest(h.Qemu):
 
     def wait_started(self, timeout=300):
         """Wait for the reader's start line (a boot under TCG on a busy 2-core machine is slow)."""
-        return self.wait_line(lambda l: l.startswith('READER start') or 'GUEST error' in l or
-                              l.startswith('READER error'), timeout, 'the latency reader to start')
+        i = self.wait_line(lambda l: l.startswith('READER start') or 'GUEST error' in l or
+                           l.startswith('READER error'), timeout, 'the latency reader to start')
+        if not self.lines[i][1].startswith('READER start'):
+            raise AssertionError('the guest failed: %s\nconsole:\n%s' % (self.lines[i][1], self.console_tail()))
+        return i
 
     def mark(self):
         """A position in the console, for lat_since."""

@@ -71,6 +71,11 @@ class GuestTest(h.TestCase):
         g.wait_reads(20, READS_TIMEOUT, start=after)
         self.assertNotIn('READER read error', '\n'.join(l for _, l in g.lines if l))
 
+        # An idle guest for the benchmark: paused, then reading again.
+        g.pause()
+        g.resume()
+        g.wait_reads(5, READS_TIMEOUT)
+
         g.stop_reader()
         g.proc.wait(60)
         self.assertEqual(h.image_backing(top), None)
