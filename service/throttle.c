@@ -286,3 +286,71 @@ int psi_some_permille(const Psi *prev, const Psi *cur, uint64_t window_us, unsig
         *ret = x > 1000 ? 1000 : (unsigned) x;
         return 0;
 }
+
+/* Sampler */
+
+static void sampler_keep(
+        ThrottleSampler *s, const QemuBlockStats *stats, const Psi *psi, uint64_t offset, uint64_t now_usec) {
+        s->primed = true;
+        s->t_usec = now_usec;
+        s->rd_operations = stats->rd_operations;
+        s->wr_operations = stats->wr_operations;
+        s->flush_operations = stats->flush_operations;
+        s->histogram = stats->rd_histogram;
+        s->has_psi = psi != NULL;
+        if (psi)
+                s->psi = *psi;
+        s->has_offset = offset != UINT64_MAX;
+        s->offset = offset;
+}
+
+int throttle_sampler_feed(ThrottleSampler *s, const QemuBlockStats *stats, const Psi *psi, uint64_t offset,
+        uint64_t now_usec, ThrottleSample *ret) {
+        ThrottleSample out = {};
+        QemuLatencyHistogram delta;
+        uint64_t window, ns;
+        unsigned pm;
+        int r;
+
+        if (!s->primed) {
+                sampler_keep(s, stats, psi, offset, now_usec);
+                return -EAGAIN;
+        }
+        if (now_usec <= s->t_usec)
+                return -EINVAL;
+        if (stats->rd_operations < s->rd_operations || stats->wr_operations < s->wr_operations ||
+                stats->flush_operations < s->flush_operations) {
+                sampler_keep(s, stats, psi, offset, now_usec);
+                return -ESTALE;
+        }
+        window = now_usec - s->t_usec;
+
+        out.guest_active = stats->rd_operations > s->rd_operations || stats->wr_operations > s->wr_operations ||
+                           stats->flush_operations > s->flush_operations;
+
+        r = qemu_latency_histogram_delta(&s->histogram, &stats->rd_histogram, &delta);
+        if (r == -ESTALE && s->histogram.n_bins > 0 && stats->rd_histogram.n_bins > 0) {
+                /* The operation counters went on but the histogram went back: set anew. */
+                sampler_keep(s, stats, psi, offset, now_usec);
+                return -ESTALE;
+        }
+        if (r >= 0 && qemu_latency_histogram_percentile(&delta, 990, &ns) >= 0) {
+                out.has_p99 = true;
+                out.p99_us = ns / 1000 + (ns % 1000 != 0);
+        }
+
+        if (psi && s->has_psi && psi_some_permille(&s->psi, psi, window, &pm) >= 0) {
+                out.has_pressure = true;
+                out.pressure_permille = pm;
+        }
+
+        if (offset != UINT64_MAX && s->has_offset && offset >= s->offset) {
+                unsigned __int128 rate = (unsigned __int128) (offset - s->offset) * 1000000 / window;
+
+                out.stream_rate = rate > THROTTLE_SPEED_MAX ? THROTTLE_SPEED_MAX : (uint64_t) rate;
+        }
+
+        sampler_keep(s, stats, psi, offset, now_usec);
+        *ret = out;
+        return 0;
+}

@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qemu-stats.h"
+
 typedef enum ThrottleReason {
         THROTTLE_IDLE,     /* the guest did no I/O in the window: full speed (the ceiling, if any) */
         THROTTLE_YIELDING, /* the guest's p99 or the host's pressure is over its target: slowed down */
@@ -86,3 +88,26 @@ int psi_parse(const char *text, size_t len, Psi *ret);
 /* The share (‰, 0..1000) of a window of window_us in which some task stalled on I/O, from two
  * readings' totals. -ESTALE if the total went backwards, -EINVAL for an empty window. */
 int psi_some_permille(const Psi *prev, const Psi *cur, uint64_t window_us, unsigned *ret);
+
+/* From successive readings to samples: the glue between what the daemon reads each window
+ * (query-blockstats of the guest's device, /proc/pressure/io, the job's offset) and
+ * throttle_update(). Pure: the caller reads and passes the time. */
+typedef struct ThrottleSampler {
+        bool primed;
+        uint64_t t_usec;
+        uint64_t rd_operations, wr_operations, flush_operations;
+        QemuLatencyHistogram histogram;
+        bool has_psi;
+        Psi psi;
+        bool has_offset;
+        uint64_t offset;
+} ThrottleSampler;
+
+/* One reading taken at now_usec (monotonic). psi may be NULL (no PSI in this kernel), offset
+ * UINT64_MAX when the job's offset is unknown. The first reading, and the first after a reset,
+ * only primes: -EAGAIN. Counters that went back (QEMU restarted, the histogram was set anew):
+ * re-primed with this reading, -ESTALE. A clock that did not advance: -EINVAL, nothing kept.
+ * Else 0 and *ret: the guest was active if it issued any read, write or flush; p99 from the
+ * histogram's delta if it saw reads (µs, rounded up); the stall share; the job's rate. */
+int throttle_sampler_feed(ThrottleSampler *s, const QemuBlockStats *stats, const Psi *psi, uint64_t offset,
+        uint64_t now_usec, ThrottleSample *ret);

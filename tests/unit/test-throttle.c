@@ -307,6 +307,90 @@ static void test_hostile_samples(void) {
         ASSERT_EQ_U64(t.limit, THROTTLE_SPEED_MAX);
 }
 
+/* The sampler: readings in, samples out. */
+
+static QemuBlockStats reading(uint64_t rd, uint64_t wr, uint64_t fast, uint64_t slow) {
+        QemuBlockStats st = {.rd_operations = rd, .wr_operations = wr};
+
+        st.rd_histogram.n_bins = 3;
+        st.rd_histogram.boundaries[0] = 1000000;  /* 1 ms */
+        st.rd_histogram.boundaries[1] = 10000000; /* 10 ms */
+        st.rd_histogram.bins[0] = fast;
+        st.rd_histogram.bins[1] = slow;
+        return st;
+}
+
+static void test_sampler(void) {
+        ThrottleSampler sm = {};
+        ThrottleSample out;
+        QemuBlockStats st;
+        Psi psi = {}, psi2;
+
+        st = reading(10, 0, 10, 0);
+        ASSERT_ERRNO(throttle_sampler_feed(&sm, &st, &psi, 0, 1000000, &out), -EAGAIN);
+
+        /* 100 reads, 2 of them slow: p99 in the slow bin; 1 s, 64 MiB copied, 25 % stalled. */
+        st = reading(110, 0, 108, 2);
+        psi2 = psi;
+        psi2.some.total_us = 250000;
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, &psi2, 64 * MiB, 2000000, &out));
+        ASSERT_TRUE(out.guest_active);
+        ASSERT_TRUE(out.has_p99);
+        ASSERT_EQ_U64(out.p99_us, 1000 + 9000 * 1 / 2);
+        ASSERT_TRUE(out.has_pressure);
+        ASSERT_EQ(out.pressure_permille, 250);
+        ASSERT_EQ_U64(out.stream_rate, 64 * MiB);
+
+        /* Nothing happened: idle, no p99; the job's offset unknown: no rate. */
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, &psi2, UINT64_MAX, 2500000, &out));
+        ASSERT_FALSE(out.guest_active);
+        ASSERT_FALSE(out.has_p99);
+        ASSERT_EQ_U64(out.stream_rate, 0);
+        ASSERT_EQ(out.pressure_permille, 0);
+
+        /* Writes only: active, but no read latency to judge by. */
+        st.wr_operations += 5;
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, NULL, 0, 3000000, &out));
+        ASSERT_TRUE(out.guest_active);
+        ASSERT_FALSE(out.has_p99);
+        ASSERT_FALSE(out.has_pressure);
+
+        /* The clock did not advance: nothing kept. */
+        ASSERT_ERRNO(throttle_sampler_feed(&sm, &st, NULL, 0, 3000000, &out), -EINVAL);
+
+        /* QEMU restarted: counters back to small values; re-primed, then samples again. */
+        st = reading(3, 0, 3, 0);
+        ASSERT_ERRNO(throttle_sampler_feed(&sm, &st, NULL, 0, 4000000, &out), -ESTALE);
+        st = reading(4, 0, 4, 0);
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, NULL, 0, 5000000, &out));
+        ASSERT_TRUE(out.has_p99);
+        ASSERT_EQ_U64(out.p99_us, 1000);
+
+        /* The histogram set anew (other boundaries) while the counters go on. */
+        st.rd_operations++;
+        st.rd_histogram.boundaries[1] = 20000000;
+        ASSERT_ERRNO(throttle_sampler_feed(&sm, &st, NULL, 0, 6000000, &out), -ESTALE);
+        /* Switched off: active, no p99. */
+        st.rd_operations++;
+        st.rd_histogram.n_bins = 0;
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, NULL, 0, 7000000, &out));
+        ASSERT_TRUE(out.guest_active);
+        ASSERT_FALSE(out.has_p99);
+
+        /* Hostile: counters near the top, a job offset leaping, a 1 µs window: saturated. */
+        sm = (ThrottleSampler){};
+        st = reading(0, 0, 0, 0);
+        ASSERT_ERRNO(throttle_sampler_feed(&sm, &st, NULL, 0, 1, &out), -EAGAIN);
+        st = reading(UINT64_MAX - 1, UINT64_MAX - 1, UINT64_MAX - 1, UINT64_MAX - 1);
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, NULL, UINT64_MAX - 1, 2, &out));
+        ASSERT_EQ_U64(out.stream_rate, THROTTLE_SPEED_MAX);
+        ASSERT_TRUE(out.has_p99);
+        ASSERT_LE_U64(out.p99_us, 10000);
+        /* An offset that went back (a new job): no rate. */
+        ASSERT_OK(throttle_sampler_feed(&sm, &st, NULL, 5, 3, &out));
+        ASSERT_EQ_U64(out.stream_rate, 0);
+}
+
 /* /proc/pressure/io */
 
 static void test_psi_parse(void) {
@@ -731,6 +815,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_min_speed_floor);
         TAP_RUN(test_pressure_yields);
         TAP_RUN(test_hostile_samples);
+        TAP_RUN(test_sampler);
         TAP_RUN(test_psi_parse);
         TAP_RUN(test_blockstats_fixture);
         TAP_RUN(test_blockstats_hostile);
