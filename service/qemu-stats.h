@@ -29,8 +29,9 @@ typedef struct QemuBlockStats {
 } QemuBlockStats;
 
 /* query-blockstats' reply → the stats of the guest device with qdev id `alias` (the entry whose
- * "qdev" is /machine/peripheral/ALIAS or below it). -ENOENT: no such device; -EBADMSG: a
- * malformed reply, or two entries claiming the device. */
+ * "qdev" is /machine/peripheral/ALIAS or below it). -ENOENT: no such device (a disk known only by
+ * its BlockBackend name has no guest device, and block-latency-histogram-set takes devices
+ * only); -EBADMSG: a malformed reply, or two entries claiming the device. */
 int qemu_parse_blockstats(json_object *reply, const char *alias, QemuBlockStats *ret);
 
 /* cur - prev, bin by bin. -ESTALE when they cannot be compared (other boundaries, a counter that
