@@ -21,22 +21,11 @@
 #include <systemd/sd-bus.h>
 #include <systemd/sd-id128.h>
 
+#include "blockstream-api.h"
 #include "util.h"
 
-#define BUS_NAME "org.blockstream1"
-#define MANAGER_PATH "/org/blockstream1"
-#define EXPORT_PATH_PREFIX "/org/blockstream1/export"
-#define MANAGER_IFACE "org.blockstream1.Manager"
-#define GUEST_IFACE "org.blockstream1.Guest"
-#define STREAM_IFACE "org.blockstream1.BlockStream"
-#define EXPORT_IFACE "org.blockstream1.Export"
 #define PROPERTIES_IFACE "org.freedesktop.DBus.Properties"
-
-/* The polkit actions of blockstreamd (org.blockstream1.policy), for the hint when one is missing. */
-#define ACTION_MANAGE BUS_NAME ".manage"
-#define ACTION_STREAM BUS_NAME ".stream"
-#define ACTION_INSPECT BUS_NAME ".inspect"
-#define ACTION_EXPORT BUS_NAME ".export"
+#define OBJECT_MANAGER_IFACE "org.freedesktop.DBus.ObjectManager"
 
 /* polkit's text agent (Debian: pkexec, polkitd). */
 #ifndef POLKIT_AGENT_PATH
@@ -404,13 +393,13 @@ typedef struct GuestInfo {
 } GuestInfo;
 
 static const Property guest_properties[] = {
-        {"Name", "s", offsetof(GuestInfo, name)},
-        {"UUID", "s", offsetof(GuestInfo, uuid)},
-        {"Owner", "u", offsetof(GuestInfo, owner)},
-        {"Running", "b", offsetof(GuestInfo, running)},
-        {"QMPSocket", "s", offsetof(GuestInfo, qmp_socket)},
-        {"Disks", "ao", offsetof(GuestInfo, disks)},
-        {"SandboxLabel", "s", offsetof(GuestInfo, sandbox_label)},
+        {BS_GUEST_PROPERTY_NAME, "s", offsetof(GuestInfo, name)},
+        {BS_GUEST_PROPERTY_UUID, "s", offsetof(GuestInfo, uuid)},
+        {BS_GUEST_PROPERTY_OWNER, "u", offsetof(GuestInfo, owner)},
+        {BS_GUEST_PROPERTY_RUNNING, "b", offsetof(GuestInfo, running)},
+        {BS_GUEST_PROPERTY_QMP_SOCKET, "s", offsetof(GuestInfo, qmp_socket)},
+        {BS_GUEST_PROPERTY_DISKS, "ao", offsetof(GuestInfo, disks)},
+        {BS_GUEST_PROPERTY_SANDBOX_LABEL, "s", offsetof(GuestInfo, sandbox_label)},
 };
 
 typedef struct DiskInfo {
@@ -432,23 +421,23 @@ typedef struct DiskInfo {
 } DiskInfo;
 
 static const Property disk_properties[] = {
-        {"Guest", "o", offsetof(DiskInfo, guest)},
-        {"Device", "s", offsetof(DiskInfo, device)},
-        {"NodeName", "s", offsetof(DiskInfo, node_name)},
-        {"Path", "s", offsetof(DiskInfo, path)},
-        {"BackingChain", "as", offsetof(DiskInfo, backing_chain)},
-        {"Size", "t", offsetof(DiskInfo, size)},
-        {"State", "s", offsetof(DiskInfo, state)},
-        {"Mode", "s", offsetof(DiskInfo, mode)},
-        {"Offset", "t", offsetof(DiskInfo, offset)},
-        {"Length", "t", offsetof(DiskInfo, length)},
-        {"BytesDone", "t", offsetof(DiskInfo, bytes_done)},
-        {"BytesTotal", "t", offsetof(DiskInfo, bytes_total)},
-        {"Bandwidth", "t", offsetof(DiskInfo, bandwidth)},
-        {"Rate", "t", offsetof(DiskInfo, rate)},
-        {"StartTime", "t", offsetof(DiskInfo, start_time)},
-        {"ExpectedEndTime", "t", offsetof(DiskInfo, expected_end_time)},
-        {"Error", "s", offsetof(DiskInfo, error)},
+        {BS_STREAM_PROPERTY_GUEST, "o", offsetof(DiskInfo, guest)},
+        {BS_STREAM_PROPERTY_DEVICE, "s", offsetof(DiskInfo, device)},
+        {BS_STREAM_PROPERTY_NODE_NAME, "s", offsetof(DiskInfo, node_name)},
+        {BS_STREAM_PROPERTY_PATH, "s", offsetof(DiskInfo, path)},
+        {BS_STREAM_PROPERTY_BACKING_CHAIN, "as", offsetof(DiskInfo, backing_chain)},
+        {BS_STREAM_PROPERTY_SIZE, "t", offsetof(DiskInfo, size)},
+        {BS_STREAM_PROPERTY_STATE, "s", offsetof(DiskInfo, state)},
+        {BS_STREAM_PROPERTY_MODE, "s", offsetof(DiskInfo, mode)},
+        {BS_STREAM_PROPERTY_OFFSET, "t", offsetof(DiskInfo, offset)},
+        {BS_STREAM_PROPERTY_LENGTH, "t", offsetof(DiskInfo, length)},
+        {BS_STREAM_PROPERTY_BYTES_DONE, "t", offsetof(DiskInfo, bytes_done)},
+        {BS_STREAM_PROPERTY_BYTES_TOTAL, "t", offsetof(DiskInfo, bytes_total)},
+        {BS_STREAM_PROPERTY_BANDWIDTH, "t", offsetof(DiskInfo, bandwidth)},
+        {BS_STREAM_PROPERTY_RATE, "t", offsetof(DiskInfo, rate)},
+        {BS_STREAM_PROPERTY_START_TIME, "t", offsetof(DiskInfo, start_time)},
+        {BS_STREAM_PROPERTY_EXPECTED_END_TIME, "t", offsetof(DiskInfo, expected_end_time)},
+        {BS_STREAM_PROPERTY_ERROR, "s", offsetof(DiskInfo, error)},
 };
 
 static void properties_free(const Property *props, size_t n, void *data) {
@@ -908,7 +897,8 @@ static int get_guest(sd_bus *bus, const char *name, GuestInfo **ret) {
         verb = strdup_printf("look up guest '%s'", name);
         if (!verb)
                 return log_oom();
-        r = call_simple(bus, MANAGER_PATH, MANAGER_IFACE, "GetGuest", NULL, 0, verb, &reply, "s", name);
+        r = call_simple(
+                bus, MANAGER_PATH, MANAGER_INTERFACE, BS_MANAGER_METHOD_GET_GUEST, NULL, 0, verb, &reply, "s", name);
         if (r < 0)
                 return r;
         r = sd_bus_message_read(reply, "o", &path);
@@ -921,7 +911,7 @@ static int get_guest(sd_bus *bus, const char *name, GuestInfo **ret) {
         if (!g->object)
                 return log_oom();
         r = get_all_properties(
-                bus, path, GUEST_IFACE, guest_properties, ELEMENTSOF(guest_properties), g, &g->present, NULL);
+                bus, path, GUEST_INTERFACE, guest_properties, ELEMENTSOF(guest_properties), g, &g->present, NULL);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(g);
@@ -939,7 +929,7 @@ static int get_disk(sd_bus *bus, const char *path, DiskInfo **ret) {
         if (!d->object)
                 return log_oom();
         r = get_all_properties(
-                bus, path, STREAM_IFACE, disk_properties, ELEMENTSOF(disk_properties), d, &d->present, NULL);
+                bus, path, STREAM_INTERFACE, disk_properties, ELEMENTSOF(disk_properties), d, &d->present, NULL);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(d);
@@ -1051,7 +1041,7 @@ static int read_managed_object(sd_bus_message *reply, Registry *reg) {
                 r = sd_bus_message_read_basic(reply, 's', &iface);
                 if (r < 0)
                         return r;
-                if (streq(iface, GUEST_IFACE)) {
+                if (streq(iface, GUEST_INTERFACE)) {
                         GuestInfo *g = calloc(1, sizeof(*g));
 
                         if (!g || registry_add((void ***) &reg->guests, &reg->n_guests, g) < 0) {
@@ -1062,7 +1052,7 @@ static int read_managed_object(sd_bus_message *reply, Registry *reg) {
                         if (!g->object)
                                 return -ENOMEM;
                         r = map_properties(reply, guest_properties, ELEMENTSOF(guest_properties), g, &g->present);
-                } else if (streq(iface, STREAM_IFACE)) {
+                } else if (streq(iface, STREAM_INTERFACE)) {
                         DiskInfo *d = calloc(1, sizeof(*d));
 
                         if (!d || registry_add((void ***) &reg->disks, &reg->n_disks, d) < 0) {
@@ -1096,8 +1086,8 @@ static int load_registry(sd_bus *bus, Registry *reg) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         int r;
 
-        r = call_simple(bus, MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", NULL, 0,
-                "list guests", &reply, NULL);
+        r = call_simple(
+                bus, MANAGER_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects", NULL, 0, "list guests", &reply, NULL);
         if (r < 0)
                 return r;
         r = sd_bus_message_enter_container(reply, 'a', "{oa{sa{sv}}}");
@@ -1129,7 +1119,7 @@ static DiskInfo *registry_find_disk(const Registry *reg, const char *path) {
 }
 
 static bool state_is_active(const char *state) {
-        return streq_ptr(state, "running") || streq_ptr(state, "paused");
+        return streq_ptr(state, BS_STATE_RUNNING) || streq_ptr(state, BS_STATE_PAUSED);
 }
 
 /* One guest as list and status print it in JSON: its properties, with "Disks" expanded
@@ -1138,8 +1128,8 @@ static void json_guest(JsonWriter *w, const GuestInfo *g, DiskInfo *const *disks
         json_open(w, '{');
         json_key(w, "ObjectPath");
         json_string(w, g->object);
-        json_properties(w, guest_properties, ELEMENTSOF(guest_properties), g, g->present, "Disks");
-        json_key(w, "Disks");
+        json_properties(w, guest_properties, ELEMENTSOF(guest_properties), g, g->present, BS_GUEST_PROPERTY_DISKS);
+        json_key(w, BS_GUEST_PROPERTY_DISKS);
         json_open(w, '[');
         for (size_t i = 0; i < n_disks; i++) {
                 json_open(w, '{');
@@ -1309,7 +1299,7 @@ static void print_disk(const DiskInfo *d) {
                                 p == d->backing_chain ? ':' : ' ', *p);
         print_field("Size", "%s (%" PRIu64 " bytes)", format_bytes(a, sizeof(a), d->size), d->size);
 
-        if (streq_ptr(d->mode, "range"))
+        if (streq_ptr(d->mode, BS_MODE_RANGE))
                 print_field("State", "%s (range %s at offset %" PRIu64 ")", strempty(d->state),
                         format_bytes(a, sizeof(a), d->length), d->offset);
         else if (!isempty(d->mode))
@@ -1317,7 +1307,7 @@ static void print_disk(const DiskInfo *d) {
         else
                 print_field("State", "%s", strempty(d->state));
 
-        if (!streq_ptr(d->state, "idle") && !isempty(d->state))
+        if (!streq_ptr(d->state, BS_STATE_IDLE) && !isempty(d->state))
                 print_field("Progress", "%s of %s (%u%%)", format_bytes(a, sizeof(a), d->bytes_done),
                         format_bytes(b, sizeof(b), d->bytes_total), percent(d->bytes_done, d->bytes_total));
         print_field("Bandwidth", "%s", format_rate(t, sizeof(t), d->bandwidth, "unlimited"));
@@ -1453,20 +1443,20 @@ static int verb_register(char **args) {
         if (r < 0)
                 return r;
 
-        r = new_call(bus, MANAGER_PATH, MANAGER_IFACE, "RegisterGuest", &m);
+        r = new_call(bus, MANAGER_PATH, MANAGER_INTERFACE, BS_MANAGER_METHOD_REGISTER_GUEST, &m);
         if (r < 0)
                 return r;
         r = sd_bus_message_append(m, "ss", name, strempty(qmp));
         if (r >= 0)
                 r = append_options_begin(m);
         if (r >= 0 && arg_owner)
-                r = sd_bus_message_append(m, "{sv}", "owner", "u", owner);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_OWNER, "u", owner);
         if (r >= 0 && arg_uuid)
-                r = sd_bus_message_append(m, "{sv}", "uuid", "s", arg_uuid);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_UUID, "s", arg_uuid);
         if (r >= 0 && arg_disks) {
                 r = sd_bus_message_open_container(m, 'e', "sv");
                 if (r >= 0)
-                        r = sd_bus_message_append(m, "s", "disks");
+                        r = sd_bus_message_append(m, "s", BS_OPTION_DISKS);
                 if (r >= 0)
                         r = sd_bus_message_open_container(m, 'v', "a{ss}");
                 if (r >= 0)
@@ -1531,8 +1521,8 @@ static int verb_unregister(char **args) {
         verb = strdup_printf("unregister guest '%s'", args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(
-                bus, MANAGER_PATH, MANAGER_IFACE, "UnregisterGuest", ACTION_MANAGE, 0, verb, NULL, "s", args[0]);
+        return call_simple(bus, MANAGER_PATH, MANAGER_INTERFACE, BS_MANAGER_METHOD_UNREGISTER_GUEST, ACTION_MANAGE, 0,
+                verb, NULL, "s", args[0]);
 }
 
 static int verb_provision(char **args) {
@@ -1562,14 +1552,14 @@ static int verb_provision(char **args) {
         if (r < 0)
                 return r;
 
-        r = new_call(bus, MANAGER_PATH, MANAGER_IFACE, "ProvisionDisk", &m);
+        r = new_call(bus, MANAGER_PATH, MANAGER_INTERFACE, BS_MANAGER_METHOD_PROVISION_DISK, &m);
         if (r < 0)
                 return r;
         r = sd_bus_message_append(m, "ss", template, target);
         if (r >= 0)
                 r = append_options_begin(m);
         if (r >= 0 && arg_template_format)
-                r = sd_bus_message_append(m, "{sv}", "template_format", "s", arg_template_format);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_TEMPLATE_FORMAT, "s", arg_template_format);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)
@@ -1631,7 +1621,8 @@ static bool signal_is_stale(const WaitState *ws, sd_bus_message *m) {
 }
 
 static bool state_is_terminal(const char *state) {
-        return streq_ptr(state, "completed") || streq_ptr(state, "failed") || streq_ptr(state, "cancelled");
+        return streq_ptr(state, BS_STATE_COMPLETED) || streq_ptr(state, BS_STATE_FAILED) ||
+               streq_ptr(state, BS_STATE_CANCELLED);
 }
 
 static int set_finished(WaitState *ws, const char *result, uint64_t bytes_done, const char *error) {
@@ -1672,7 +1663,7 @@ static int on_properties_changed(sd_bus_message *m, void *userdata, _unused_ sd_
         if (ws->finished || signal_is_stale(ws, m))
                 return 0;
         r = sd_bus_message_read(m, "s", &iface);
-        if (r < 0 || !streq(iface, STREAM_IFACE))
+        if (r < 0 || !streq(iface, STREAM_INTERFACE))
                 return 0;
         r = map_properties(m, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
         if (r >= 0) {
@@ -1681,7 +1672,7 @@ static int on_properties_changed(sd_bus_message *m, void *userdata, _unused_ sd_
                         r = sd_bus_message_at_end(m, false);
                 /* Invalidated properties come without values: fetch them all again. */
                 if (r == 0)
-                        r = get_all_properties(ws->bus, d->object, STREAM_IFACE, disk_properties,
+                        r = get_all_properties(ws->bus, d->object, STREAM_INTERFACE, disk_properties,
                                 ELEMENTSOF(disk_properties), d, &d->present, NULL);
         }
         if (r < 0) {
@@ -1711,8 +1702,8 @@ static int wait_subscribe(
         WaitState *ws, sd_bus_slot **ret_finished, sd_bus_slot **ret_changed, sd_bus_slot **ret_owner) {
         int r;
 
-        r = sd_bus_match_signal(
-                ws->bus, ret_finished, BUS_NAME, ws->disk->object, STREAM_IFACE, "Finished", on_finished, ws);
+        r = sd_bus_match_signal(ws->bus, ret_finished, BUS_NAME, ws->disk->object, STREAM_INTERFACE,
+                BS_STREAM_SIGNAL_FINISHED, on_finished, ws);
         if (r < 0)
                 return log_error_errno(r, "Failed to subscribe to Finished: %m");
         r = sd_bus_match_signal(ws->bus, ret_changed, BUS_NAME, ws->disk->object, PROPERTIES_IFACE, "PropertiesChanged",
@@ -1746,7 +1737,7 @@ static void draw_progress(WaitState *ws) {
         if (!ws->draw)
                 return;
         eta[0] = 0;
-        if (streq_ptr(d->state, "paused"))
+        if (streq_ptr(d->state, BS_STATE_PAUSED))
                 snprintf(rate, sizeof(rate), "paused");
         else {
                 usec_t now = now_usec(CLOCK_REALTIME);
@@ -1790,7 +1781,7 @@ static int report_result(WaitState *ws, bool after_cancel) {
 
         clear_progress(ws);
 
-        if (streq(ws->result, "completed") || (after_cancel && streq(ws->result, "cancelled")))
+        if (streq(ws->result, BS_STATE_COMPLETED) || (after_cancel && streq(ws->result, BS_STATE_CANCELLED)))
                 ret = 0;
         else
                 ret = 1;
@@ -1808,18 +1799,18 @@ static int report_result(WaitState *ws, bool after_cancel) {
                 json_close(&w, '}');
         }
 
-        if (streq(ws->result, "completed")) {
+        if (streq(ws->result, BS_STATE_COMPLETED)) {
                 if (!arg_json && !arg_quiet)
                         printf("Stream of %s (guest %s) completed: %s copied.\n", device, ws->guest,
                                 format_bytes(a, sizeof(a), ws->bytes_done));
-        } else if (streq(ws->result, "cancelled")) {
+        } else if (streq(ws->result, BS_STATE_CANCELLED)) {
                 if (ret != 0)
                         log_error("Stream of %s (guest %s) was cancelled after %s of %s.", device, ws->guest,
                                 format_bytes(a, sizeof(a), ws->bytes_done), format_bytes(b, sizeof(b), d->bytes_total));
                 else if (!arg_json && !arg_quiet)
                         printf("Stream of %s (guest %s) cancelled after %s; what was copied stays.\n", device,
                                 ws->guest, format_bytes(a, sizeof(a), ws->bytes_done));
-        } else if (streq(ws->result, "idle")) {
+        } else if (streq(ws->result, BS_STATE_IDLE)) {
                 if (!arg_quiet)
                         log_info("No stream job has run on %s (guest %s).", device, ws->guest);
         } else
@@ -1970,16 +1961,16 @@ static int verb_pull(char **args) {
                         return r;
         }
 
-        r = new_call(bus, d->object, STREAM_IFACE, "Start", &m);
+        r = new_call(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_START, &m);
         if (r < 0)
                 return r;
         r = sd_bus_message_append(m, "tt", arg_offset, arg_length);
         if (r >= 0)
                 r = append_options_begin(m);
         if (r >= 0 && (arg_given & OPT_BANDWIDTH))
-                r = sd_bus_message_append(m, "{sv}", "bandwidth", "t", arg_bandwidth);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_BANDWIDTH, "t", arg_bandwidth);
         if (r >= 0 && base)
-                r = sd_bus_message_append(m, "{sv}", "base", "s", base);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_BASE, "s", base);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)
@@ -2004,7 +1995,7 @@ static int verb_pull(char **args) {
                 return log_parse_error(r);
         /* Progress of this job, for the bar; the end still comes as Finished. */
         r = get_all_properties(
-                bus, d->object, STREAM_IFACE, disk_properties, ELEMENTSOF(disk_properties), d, &d->present, NULL);
+                bus, d->object, STREAM_INTERFACE, disk_properties, ELEMENTSOF(disk_properties), d, &d->present, NULL);
         if (r < 0)
                 return r;
         return wait_loop(&ws, false);
@@ -2034,12 +2025,12 @@ static int verb_wait(char **args) {
                 return r;
         /* Read the state only now that we are subscribed: a job ending in between shows here or
          * in a signal newer than this reply. */
-        r = get_all_properties(bus, d->object, STREAM_IFACE, disk_properties, ELEMENTSOF(disk_properties), d,
+        r = get_all_properties(bus, d->object, STREAM_INTERFACE, disk_properties, ELEMENTSOF(disk_properties), d,
                 &d->present, &ws.min_cookie);
         if (r < 0)
                 return r;
         if (!state_is_active(d->state)) {
-                r = set_finished(&ws, isempty(d->state) ? "idle" : d->state, d->bytes_done, strempty(d->error));
+                r = set_finished(&ws, isempty(d->state) ? BS_STATE_IDLE : d->state, d->bytes_done, strempty(d->error));
                 if (r < 0)
                         return log_oom();
                 return report_result(&ws, false);
@@ -2066,15 +2057,15 @@ static int simple_disk_call(char **args, const char *member, const char *what) {
         verb = strdup_printf("%s %s of guest '%s'", what, strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(bus, d->object, STREAM_IFACE, member, ACTION_STREAM, 0, verb, NULL, NULL);
+        return call_simple(bus, d->object, STREAM_INTERFACE, member, ACTION_STREAM, 0, verb, NULL, NULL);
 }
 
 static int verb_pause(char **args) {
-        return simple_disk_call(args, "Pause", "pause streaming");
+        return simple_disk_call(args, BS_STREAM_METHOD_PAUSE, "pause streaming");
 }
 
 static int verb_resume(char **args) {
-        return simple_disk_call(args, "Resume", "resume streaming");
+        return simple_disk_call(args, BS_STREAM_METHOD_RESUME, "resume streaming");
 }
 
 static int verb_cancel(char **args) {
@@ -2087,7 +2078,7 @@ static int verb_cancel(char **args) {
         int r;
 
         if (!arg_wait)
-                return simple_disk_call(args, "Cancel", "cancel streaming");
+                return simple_disk_call(args, BS_STREAM_METHOD_CANCEL, "cancel streaming");
 
         r = check_disk_args(args);
         if (r != 0)
@@ -2107,7 +2098,7 @@ static int verb_cancel(char **args) {
         if (!verb)
                 return log_oom();
         /* min_cookie stays 0: the Finished of the job we cancel may come before Cancel's reply. */
-        r = call_simple(bus, d->object, STREAM_IFACE, "Cancel", ACTION_STREAM, 0, verb, NULL, NULL);
+        r = call_simple(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_CANCEL, ACTION_STREAM, 0, verb, NULL, NULL);
         if (r < 0)
                 return r;
         return wait_loop(&ws, true);
@@ -2138,7 +2129,8 @@ static int verb_set_bandwidth(char **args) {
         verb = strdup_printf("set the bandwidth of %s of guest '%s'", strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
-        return call_simple(bus, d->object, STREAM_IFACE, "SetBandwidth", ACTION_STREAM, 0, verb, NULL, "t", bw);
+        return call_simple(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_SET_BANDWIDTH, ACTION_STREAM, 0, verb,
+                NULL, "t", bw);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -2151,10 +2143,10 @@ static const struct {
         const char *color; /* background */
         const char *letter;
 } kind_table[_KIND_MAX] = {
-        [KIND_LOCAL] = {"local", "\x1b[42m", "L"},
-        [KIND_ZERO] = {"zero", "\x1b[44m", "Z"},
-        [KIND_BACKING] = {"backing", "\x1b[43m", "B"},
-        [KIND_ABSENT] = {"absent", "\x1b[100m", "."},
+        [KIND_LOCAL] = {BS_EXTENT_LOCAL, "\x1b[42m", "L"},
+        [KIND_ZERO] = {BS_EXTENT_ZERO, "\x1b[44m", "Z"},
+        [KIND_BACKING] = {BS_EXTENT_BACKING, "\x1b[43m", "B"},
+        [KIND_ABSENT] = {BS_EXTENT_ABSENT, "\x1b[100m", "."},
         [KIND_OTHER] = {"other", "\x1b[45m", "?"},
 };
 
@@ -2304,8 +2296,8 @@ static int verb_map(char **args) {
                 uint64_t length = arg_length > 0 ? end - cur : 0, last_end;
                 size_t n_read;
 
-                r = call_simple(bus, d->object, STREAM_IFACE, "GetAllocationMap", ACTION_INSPECT, 0, verb, &reply, "tt",
-                        cur, length);
+                r = call_simple(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_GET_ALLOCATION_MAP, ACTION_INSPECT,
+                        0, verb, &reply, "tt", cur, length);
                 if (r < 0)
                         return r;
                 r = read_extents(reply, &list, &n_read);
@@ -2389,12 +2381,12 @@ static int verb_export(char **args) {
         if (r != 0)
                 return r;
 
-        r = new_call(bus, d->object, STREAM_IFACE, "Export", &m);
+        r = new_call(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_EXPORT, &m);
         if (r < 0)
                 return r;
         r = append_options_begin(m);
         if (r >= 0 && arg_listen)
-                r = sd_bus_message_append(m, "{sv}", "listen", "s", arg_listen);
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_LISTEN, "s", arg_listen);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)
@@ -2453,7 +2445,7 @@ static int verb_export_stop(char **args) {
         r = connect_bus(&bus);
         if (r < 0)
                 return r;
-        return call_simple(bus, path, EXPORT_IFACE, "Stop", ACTION_EXPORT, 0, verb, NULL, NULL);
+        return call_simple(bus, path, EXPORT_INTERFACE, BS_EXPORT_METHOD_STOP, ACTION_EXPORT, 0, verb, NULL, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------- */
