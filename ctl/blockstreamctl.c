@@ -1,7 +1,12 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* blockstreamctl: the command-line client of blockstreamd. It speaks D-Bus only (api.md),
- * so anything it does can also be done with busctl or any other client. */
+/* blockstreamctl: the command-line client of blockstreamd. It speaks D-Bus only (docs/api.md),
+ * so anything it does can also be done with busctl or any other client.
+ *
+ * This file is main: help, option parsing and dispatch to the verbs (verbs-guest.c,
+ * verbs-stream.c, verbs-map.c). Below them: progress.c (following a job), objects.c (the
+ * daemon's objects as properties), bus.c (calls and their errors), polkit-agent.c, output.c
+ * (fields, JSON) and args.c (the parsed command line). Includes only go down that list. */
 
 #include <getopt.h>
 #include <locale.h>

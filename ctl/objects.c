@@ -316,6 +316,15 @@ int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **r
         return 0;
 }
 
+int connect_disk(const char *guest, const char *disk, sd_bus **ret_bus, DiskInfo **ret) {
+        int r;
+
+        r = connect_bus(ret_bus);
+        if (r < 0)
+                return r;
+        return resolve_disk(*ret_bus, guest, disk, NULL, ret);
+}
+
 void registry_done(Registry *reg) {
         for (size_t i = 0; i < reg->n_guests; i++)
                 guest_info_free(reg->guests[i]);

@@ -68,6 +68,9 @@ int get_guest(sd_bus *bus, const char *name, GuestInfo **ret);
 int get_disk(sd_bus *bus, const char *path, DiskInfo **ret);
 /* DISK on the command line is an alias ("vda") or an image path, like the server accepts. */
 int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **ret_guest, DiskInfo **ret);
+/* connect_bus() and resolve_disk(): how every command on one disk begins. *ret_bus is the
+ * caller's to close as soon as it is connected, also on failure. */
+int connect_disk(const char *guest, const char *disk, sd_bus **ret_bus, DiskInfo **ret);
 
 void registry_done(Registry *reg);
 /* All guests (sorted by name) and disks, from GetManagedObjects. */

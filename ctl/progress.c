@@ -93,18 +93,20 @@ static int on_name_owner_changed(sd_bus_message *m, void *userdata, _unused_ sd_
         return 0;
 }
 
-int wait_subscribe(WaitState *ws, sd_bus_slot **ret_finished, sd_bus_slot **ret_changed, sd_bus_slot **ret_owner) {
+int wait_subscribe(WaitState *ws, sd_bus *bus, DiskInfo *d) {
         int r;
 
-        r = sd_bus_match_signal(ws->bus, ret_finished, BUS_NAME, ws->disk->object, STREAM_INTERFACE,
+        ws->bus = bus;
+        ws->disk = d;
+        r = sd_bus_match_signal(ws->bus, &ws->slots[0], BUS_NAME, ws->disk->object, STREAM_INTERFACE,
                 BS_STREAM_SIGNAL_FINISHED, on_finished, ws);
         if (r < 0)
                 return log_error_errno(r, "Failed to subscribe to Finished: %m");
-        r = sd_bus_match_signal(ws->bus, ret_changed, BUS_NAME, ws->disk->object, PROPERTIES_IFACE, "PropertiesChanged",
-                on_properties_changed, ws);
+        r = sd_bus_match_signal(ws->bus, &ws->slots[1], BUS_NAME, ws->disk->object, PROPERTIES_IFACE,
+                "PropertiesChanged", on_properties_changed, ws);
         if (r < 0)
                 return log_error_errno(r, "Failed to subscribe to PropertiesChanged: %m");
-        r = sd_bus_add_match(ws->bus, ret_owner,
+        r = sd_bus_add_match(ws->bus, &ws->slots[2],
                 "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
                 "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='" BUS_NAME "'",
                 on_name_owner_changed, ws);
@@ -287,6 +289,8 @@ int wait_loop(WaitState *ws, bool after_cancel) {
 }
 
 void wait_state_done(WaitState *ws) {
+        for (size_t i = 0; i < ELEMENTSOF(ws->slots); i++)
+                ws->slots[i] = sd_bus_slot_unref(ws->slots[i]);
         free(ws->result);
         free(ws->error);
 }

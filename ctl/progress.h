@@ -13,6 +13,7 @@
 typedef struct WaitState {
         sd_bus *bus;
         DiskInfo *disk;
+        sd_bus_slot *slots[3]; /* Finished, PropertiesChanged, NameOwnerChanged */
         const char *guest;
         /* Signals sent before this serial describe an earlier job (or are already in the
          * properties we read): the daemon's serials only grow. */
@@ -29,8 +30,9 @@ typedef struct WaitState {
 } WaitState;
 
 int set_finished(WaitState *ws, const char *result, uint64_t bytes_done, const char *error);
-/* Installed before the method that starts or stops the job, so that no signal is missed. */
-int wait_subscribe(WaitState *ws, sd_bus_slot **ret_finished, sd_bus_slot **ret_changed, sd_bus_slot **ret_owner);
+/* Follows disk d on bus: installed before the method that starts or stops the job, so that no
+ * signal is missed. wait_state_done() removes the matches: declare ws after the bus and the disk. */
+int wait_subscribe(WaitState *ws, sd_bus *bus, DiskInfo *d);
 /* The exit status: after_cancel, the job we stopped ending as cancelled is a success. */
 int report_result(WaitState *ws, bool after_cancel);
 int wait_loop(WaitState *ws, bool after_cancel);

@@ -140,7 +140,6 @@ static void print_map_bar(const Extent *extents, size_t n) {
 
 int verb_map(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
         _cleanup_(extent_list_done) ExtentList list = {};
         _cleanup_(polkit_agent_releasep) bool agent_held = false;
@@ -155,10 +154,7 @@ int verb_map(char **args) {
         r = check_disk_args(args);
         if (r != 0)
                 return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
+        r = connect_disk(args[0], args[1], &bus, &d);
         if (r != 0)
                 return r;
         verb = strdup_printf("get the allocation map of %s of guest '%s'", strempty(d->device), args[0]);
@@ -238,7 +234,6 @@ int verb_map(char **args) {
 
 int verb_export(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL, *reply = NULL;
         _cleanup_free_ char *verb = NULL;
@@ -251,10 +246,7 @@ int verb_export(char **args) {
         r = check_disk_args(args);
         if (r != 0)
                 return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
+        r = connect_disk(args[0], args[1], &bus, &d);
         if (r != 0)
                 return r;
 

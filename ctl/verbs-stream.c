@@ -10,10 +10,8 @@
 
 int verb_pull(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL, *reply = NULL;
-        _cleanup_(sd_bus_slot_unrefp) sd_bus_slot *s1 = NULL, *s2 = NULL, *s3 = NULL;
         _cleanup_(wait_state_done) WaitState ws = {.guest = args[0]};
         _cleanup_free_ char *base = NULL, *verb = NULL;
         uint64_t end;
@@ -37,17 +35,12 @@ int verb_pull(char **args) {
                 }
         }
 
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
+        r = connect_disk(args[0], args[1], &bus, &d);
         if (r != 0)
                 return r;
-        ws.bus = bus;
-        ws.disk = d;
 
         if (arg_wait) {
-                r = wait_subscribe(&ws, &s1, &s2, &s3);
+                r = wait_subscribe(&ws, bus, d);
                 if (r < 0)
                         return r;
         }
@@ -93,24 +86,17 @@ int verb_pull(char **args) {
 
 int verb_wait(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
-        _cleanup_(sd_bus_slot_unrefp) sd_bus_slot *s1 = NULL, *s2 = NULL, *s3 = NULL;
         _cleanup_(wait_state_done) WaitState ws = {.guest = args[0]};
         int r;
 
         r = check_disk_args(args);
         if (r != 0)
                 return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
+        r = connect_disk(args[0], args[1], &bus, &d);
         if (r != 0)
                 return r;
-        ws.bus = bus;
-        ws.disk = d;
-        r = wait_subscribe(&ws, &s1, &s2, &s3);
+        r = wait_subscribe(&ws, bus, d);
         if (r < 0)
                 return r;
         /* Read the state only now that we are subscribed: a job ending in between shows here or
@@ -127,77 +113,52 @@ int verb_wait(char **args) {
         return wait_loop(&ws, false);
 }
 
-static int simple_disk_call(char **args, const char *member, const char *what) {
+/* A method on one disk: Pause, Resume, Cancel (value NULL) or SetBandwidth (*value). With
+ * follow (cancel --wait), waits for the job to end; a job ending as cancelled is a success. */
+static int simple_disk_call(char **args, const char *member, const char *what, const uint64_t *value, bool follow) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *d = NULL;
-        _cleanup_free_ char *verb = NULL;
-        int r;
-
-        r = check_disk_args(args);
-        if (r != 0)
-                return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
-        if (r != 0)
-                return r;
-        verb = strdup_printf("%s %s of guest '%s'", what, strempty(d->device), args[0]);
-        if (!verb)
-                return log_oom();
-        return call_simple(bus, d->object, STREAM_INTERFACE, member, ACTION_STREAM, 0, verb, NULL, NULL);
-}
-
-int verb_pause(char **args) {
-        return simple_disk_call(args, BS_STREAM_METHOD_PAUSE, "pause streaming");
-}
-
-int verb_resume(char **args) {
-        return simple_disk_call(args, BS_STREAM_METHOD_RESUME, "resume streaming");
-}
-
-int verb_cancel(char **args) {
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
-        _cleanup_(disk_info_freep) DiskInfo *d = NULL;
-        _cleanup_(sd_bus_slot_unrefp) sd_bus_slot *s1 = NULL, *s2 = NULL, *s3 = NULL;
         _cleanup_(wait_state_done) WaitState ws = {.guest = args[0]};
         _cleanup_free_ char *verb = NULL;
         int r;
 
-        if (!arg_wait)
-                return simple_disk_call(args, BS_STREAM_METHOD_CANCEL, "cancel streaming");
-
         r = check_disk_args(args);
         if (r != 0)
                 return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
+        r = connect_disk(args[0], args[1], &bus, &d);
         if (r != 0)
                 return r;
-        ws.bus = bus;
-        ws.disk = d;
-        r = wait_subscribe(&ws, &s1, &s2, &s3);
-        if (r < 0)
-                return r;
-        verb = strdup_printf("cancel streaming %s of guest '%s'", strempty(d->device), args[0]);
+        if (follow) {
+                r = wait_subscribe(&ws, bus, d);
+                if (r < 0)
+                        return r;
+        }
+        verb = strdup_printf("%s %s of guest '%s'", what, strempty(d->device), args[0]);
         if (!verb)
                 return log_oom();
         /* min_cookie stays 0: the Finished of the job we cancel may come before Cancel's reply. */
-        r = call_simple(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_CANCEL, ACTION_STREAM, 0, verb, NULL, NULL);
-        if (r < 0)
+        if (value)
+                r = call_simple(bus, d->object, STREAM_INTERFACE, member, ACTION_STREAM, 0, verb, NULL, "t", *value);
+        else
+                r = call_simple(bus, d->object, STREAM_INTERFACE, member, ACTION_STREAM, 0, verb, NULL, NULL);
+        if (r < 0 || !follow)
                 return r;
         return wait_loop(&ws, true);
 }
 
+int verb_pause(char **args) {
+        return simple_disk_call(args, BS_STREAM_METHOD_PAUSE, "pause streaming", NULL, false);
+}
+
+int verb_resume(char **args) {
+        return simple_disk_call(args, BS_STREAM_METHOD_RESUME, "resume streaming", NULL, false);
+}
+
+int verb_cancel(char **args) {
+        return simple_disk_call(args, BS_STREAM_METHOD_CANCEL, "cancel streaming", NULL, arg_wait);
+}
+
 int verb_set_bandwidth(char **args) {
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(guest_info_freep) GuestInfo *g = NULL;
-        _cleanup_(disk_info_freep) DiskInfo *d = NULL;
-        _cleanup_free_ char *verb = NULL;
         uint64_t bw;
         int r;
 
@@ -206,18 +167,5 @@ int verb_set_bandwidth(char **args) {
                 return usage_error("Invalid bandwidth '%s': expected SIZE[/s] such as 50M, 1.5GiB/s or 0 for "
                                    "unlimited.",
                         args[2]);
-        r = check_disk_args(args);
-        if (r != 0)
-                return r;
-        r = connect_bus(&bus);
-        if (r < 0)
-                return r;
-        r = resolve_disk(bus, args[0], args[1], &g, &d);
-        if (r != 0)
-                return r;
-        verb = strdup_printf("set the bandwidth of %s of guest '%s'", strempty(d->device), args[0]);
-        if (!verb)
-                return log_oom();
-        return call_simple(bus, d->object, STREAM_INTERFACE, BS_STREAM_METHOD_SET_BANDWIDTH, ACTION_STREAM, 0, verb,
-                NULL, "t", bw);
+        return simple_disk_call(args, BS_STREAM_METHOD_SET_BANDWIDTH, "set the bandwidth of", &bw, false);
 }
