@@ -17,7 +17,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define GUEST_INTERFACE "org.blockstream1.Guest"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)

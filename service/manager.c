@@ -23,7 +23,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define MANAGER_INTERFACE "org.blockstream1.Manager"
 #define GUESTS_MAX 4096
 #define OFFLINE_DISKS_MAX 16
 #define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
@@ -693,18 +692,18 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_object_vtable(m->bus, NULL, MANAGER_PATH, MANAGER_INTERFACE, manager_vtable, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the manager object: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, "org.blockstream1.Guest", guest_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, GUEST_INTERFACE, guest_vtable,
                 guest_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the guest objects: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, "org.blockstream1.BlockStream", stream_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, STREAM_INTERFACE, stream_vtable,
                 disk_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the disk objects: %m");
         r = sd_bus_add_node_enumerator(m->bus, NULL, GUEST_PATH_PREFIX, guest_node_enumerator, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the node enumerator: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, "org.blockstream1.Export", export_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, EXPORT_INTERFACE, export_vtable,
                 export_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the export objects: %m");

@@ -11,9 +11,7 @@
 typedef struct Guest Guest;
 typedef struct PolkitRegistry PolkitRegistry;
 
-#define MANAGER_PATH "/org/blockstream1"
-#define GUEST_PATH_PREFIX "/org/blockstream1/guest"
-#define BUS_NAME "org.blockstream1"
+#include "blockstream-api.h" /* BUS_NAME, MANAGER_PATH, GUEST_PATH_PREFIX */
 
 typedef struct Manager {
         sd_event *event;

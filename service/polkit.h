@@ -9,10 +9,7 @@
 /* The authorizations in flight: one registry for the daemon, on its bus connection. Opaque. */
 typedef struct PolkitRegistry PolkitRegistry;
 
-#define ACTION_MANAGE "org.blockstream1.manage"
-#define ACTION_STREAM "org.blockstream1.stream"
-#define ACTION_INSPECT "org.blockstream1.inspect"
-#define ACTION_EXPORT "org.blockstream1.export"
+#include "blockstream-api.h" /* ACTION_* */
 
 typedef struct AuthDetails {
         const char *guest; /* NULL where no guest is concerned (ProvisionDisk) */

@@ -15,7 +15,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define STREAM_INTERFACE "org.blockstream1.BlockStream"
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
 
 int disk_new(Disk **ret, Guest *g, const char *alias) {
