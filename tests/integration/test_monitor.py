@@ -172,6 +172,28 @@ class Desktop:
         return path if r.returncode == 0 else None
 
 
+class PolkitCalls:
+    """Records the daemon's CheckAuthorization calls on the bus (root may BecomeMonitor), to see
+    whether the window's calls allowed interactive authorization (the daemon passes it on as
+    flags=1). Messages arrive while the harness client pumps the main loop (client.wait_for)."""
+
+    def __init__(self, client):
+        self.calls = []
+        self.conn = h.dbus.bus.BusConnection(client.address, mainloop=h.DBusGMainLoop())
+        self.conn.add_message_filter(self._filter)
+        self.conn.call_blocking('org.freedesktop.DBus', '/org/freedesktop/DBus', 'org.freedesktop.DBus.Monitoring',
+                                'BecomeMonitor', 'asu',
+                                (["type='method_call',interface='org.freedesktop.PolicyKit1.Authority',"
+                                  "member='CheckAuthorization'"], h.dbus.UInt32(0)))
+
+    def _filter(self, conn, msg):
+        if msg.get_member() == 'CheckAuthorization':
+            self.calls.append(h.unwrap(msg.get_args_list()))
+
+    def close(self):
+        self.conn.close()
+
+
 # ---- reading and driving the accessibility tree
 
 def children(node):
@@ -219,8 +241,19 @@ def text_of(node):
         return node.name or ''
 
 
+# Exports are for administrators by default; this desktop's user may export its own guests.
+EXPORT_RULES = '''
+polkit.addRule(function(action, subject) {
+        if (action.id == "org.blockstream1.export" && subject.user == "%s" && action.lookup("owner") == subject.user)
+                return polkit.Result.YES;
+        return polkit.Result.NOT_HANDLED;
+});
+''' % h.OWNER
+
+
 class MonitorTest(h.TestCase):
     needs_polkit = True
+    polkit_rules = {'60-bstest-monitor-export.rules': EXPORT_RULES}
 
     @classmethod
     def setUpClass(cls):
@@ -353,19 +386,49 @@ class MonitorTest(h.TestCase):
             self.assertTrue(self.desktop.screenshot(SCREENSHOT, crop=WINDOW), 'no screenshot')
             h.log('screenshot mid-stream: %s' % SCREENSHOT)
 
-        # Pause: the window shows it, as does the daemon; then Cancel.
+        # Pause: the window shows it, as does the daemon; Resume; a new bandwidth; then Cancel.
         self.click(row, 'Pause')
         self.wait_label(row, 'State: paused')
         self.assertEqual(d.prop('State'), 'paused')
+        self.click(row, 'Resume')
+        self.wait_label(row, 'State: running')
+        self.type_into(row, 'Bandwidth', '2M')
+        self.click(row, 'Set bandwidth')
+        self.wait_label(row, 'Set bandwidth: done')
+        self.assertEqual(d.prop('Bandwidth'), 2 * MiB)
+        h.wait_until(lambda: any('Bandwidth: 2.0 MiB/s' in t for t in self.labels(row)), 10,
+                     'the new bandwidth in the row', interval=0.1)
+        self.click(row, 'Pause')
+        self.wait_label(row, 'State: paused')
         paused_at = self.progress(row)
         self.click(row, 'Cancel')
         self.wait_label(row, 'State: cancelled')
         self.wait_label(row, 'The job ended: cancelled')
         self.assertGreaterEqual(self.progress(row), paused_at)
+        # The map was read again at the job's end: more of the disk is local now.
+        h.wait_until(lambda: (lambda t: t and t != legend and 'not read' not in t)(
+            self.label_starting(row, 'Allocation:')), 30, 'the map read again after the job', interval=0.1)
+
+        # Export: the URI is shown (and copyable); Stop export clears it.
+        self.click(row, 'Export')
+        uri_entry = self.widget(row, 'text', 'Export URI')
+        uri = h.wait_until(lambda: (lambda t: t if t.startswith('nbd') else None)(text_of(uri_entry)), 30,
+                           'the export URI in the row', interval=0.1)
+        exports = [p for p, ifaces in self.client.managed_objects().items() if 'org.blockstream1.Export' in ifaces]
+        self.assertEqual([self.client.get(p, 'org.blockstream1.Export', 'URI') for p in exports], [uri])
+        self.click(row, 'Copy URI')
+        self.wait_label(row, 'The URI is on the clipboard')
+        self.click(row, 'Stop export')
+        h.wait_until(lambda: text_of(uri_entry) == '', 30, 'the URI to go', interval=0.1)
 
         # A polkit refusal: polkit's reason is shown in the row, and nothing started.
         other = self.row(theirs.name)
+        calls = PolkitCalls(self.client)
+        self.addCleanup(calls.close)
         self.click(other, 'Pull')
+        asked = self.client.wait_for(lambda: [c for c in calls.calls if c[1] == 'org.blockstream1.stream'], 30,
+                                     'the daemon to ask polkit about the Pull')
+        self.assertEqual(asked[0][3], 1, 'the Pull did not allow interactive authorization: %r' % (asked[0],))
         refusal = self.wait_label(other, 'Pull failed: ')
         self.assertTrue(h.ERR_INTERACTIVE in refusal or h.ERR_ACCESS_DENIED in refusal,
                         'the refusal does not name the D-Bus error: %r' % refusal)
