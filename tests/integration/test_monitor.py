@@ -80,10 +80,27 @@ class Desktop:
         self.display = None
         self.a11y_address = None
         self.monitor = None
+        self.procs = []         # stopped in reverse order, Xvfb last (so it removes its lock file)
 
     def _spawn(self, argv, log=None, **kw):
         with open(log or self.log, 'ab') as f:
-            return h.spawn(argv, stdout=f, stderr=f, **kw)
+            p = h.spawn(argv, stdout=f, stderr=f, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for p in (getattr(self, 'a11y_bus', None),) + tuple(getattr(self, 'session_buses', ())):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(10)
 
     def start(self):
         r, w = os.pipe()
@@ -153,6 +170,7 @@ class Desktop:
         line = bus.stdout.readline().decode().strip() if ready else ''
         if not line.startswith('unix:'):
             raise AssertionError('the session bus of %s did not start (%r)' % (user, line))
+        self.session_buses = getattr(self, 'session_buses', []) + [bus]
         return line
 
     def start_monitor(self, user):
@@ -265,10 +283,16 @@ class MonitorTest(h.TestCase):
             cls.desktop.start()
         except BaseException:
             sys.stderr.write(h._tail(cls.desktop.log) + '\n')
+            cls.desktop.stop()
             cls.env.close()
             raise
         import pyatspi
         cls.pyatspi = pyatspi
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.desktop.stop()
+        super().tearDownClass()
 
     def failed(self):
         """On a failure, before the test's cleanups change the window: a screenshot, the
