@@ -382,7 +382,6 @@ class MonitorTest(h.TestCase):
     def monitor_session(self):
         users = h.ensure_test_users()
         mine = self.new_guest(size=256 * MiB, options=h.opts(owner=h.U(users[h.OWNER])))
-        theirs = self.new_guest(size=64 * MiB)        # root's: the owner may not stream it
         d = mine.disk()
 
         self.desktop.start_monitor(h.OWNER)
@@ -445,6 +444,19 @@ class MonitorTest(h.TestCase):
         self.click(row, 'Stop export')
         h.wait_until(lambda: text_of(uri_entry) == '', 30, 'the URI to go', interval=0.1)
 
+        # A range: Offset and Length typed, unlimited bandwidth; it completes and the chain stays.
+        self.type_into(row, 'Bandwidth', '0')
+        self.type_into(row, 'Offset', '1M')
+        self.type_into(row, 'Length', '16M')
+        self.click(row, 'Pull')
+        self.wait_label(row, 'The job ended: completed', timeout=60)
+        self.assertEqual((d.prop('Mode'), d.prop('Offset'), d.prop('Length')), ('range', 1 * MiB, 16 * MiB))
+        self.assertTrue(d.prop('BackingChain'), 'a range stream dropped the backing chain')
+        h.wait_until(lambda: any('Mode: range (16.0 MiB from 1.0 MiB)' in t for t in self.labels(row)), 10,
+                     'the range in the row', interval=0.1)
+
+        # A guest that appears while the window is open (root's: the owner may not stream it).
+        theirs = self.new_guest(size=64 * MiB)
         # A polkit refusal: polkit's reason is shown in the row, and nothing started.
         other = self.row(theirs.name)
         calls = PolkitCalls(self.client)
@@ -458,6 +470,10 @@ class MonitorTest(h.TestCase):
                         'the refusal does not name the D-Bus error: %r' % refusal)
         self.assertEqual(theirs.disk().prop('State'), 'idle')
         self.wait_label(other, 'State: idle')
+        # ... and leaves.
+        self.client.call(theirs.path, h.IFACE_GUEST, 'Unregister')
+        h.wait_until(lambda: not find_all(self.app(), lambda n: n.name == '%s/vda' % theirs.name), 30,
+                     'the row of the unregistered guest to go', interval=0.2)
 
         # The daemon goes away and comes back: shown live, the rows come back.
         self.env.stop_daemon()
