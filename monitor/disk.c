@@ -245,6 +245,10 @@ static gboolean entry_size(
         return TRUE;
 }
 
+static void on_started(DiskView *d, GVariant *reply) {
+        set_message(d, FALSE, "Pull: started (QEMU accepted the job).");
+}
+
 static void on_pull(GtkButton *b, DiskView *d) {
         guint64 offset, length, bandwidth;
         gboolean has_offset, has_length, has_bandwidth;
@@ -262,7 +266,7 @@ static void on_pull(GtkButton *b, DiskView *d) {
         if (base != GTK_INVALID_LIST_POSITION && base > 0 && d->base_chain && base <= g_strv_length(d->base_chain))
                 g_variant_builder_add(&opts, "{sv}", "base", g_variant_new_string(d->base_chain[base - 1]));
         call(d, offset || length ? "Pull (range)" : "Pull", "Start", g_variant_new("(tta{sv})", offset, length, &opts),
-                NULL, NULL);
+                NULL, on_started);
 }
 
 static void on_pause(GtkButton *b, DiskView *d) {
