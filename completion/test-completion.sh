@@ -66,6 +66,8 @@ complete_line 'blockstreamctl map vm1 vda --' --help --version --json --host= --
 complete_line 'blockstreamctl export vm1 vda --listen=t' tcp:
 complete_line 'blockstreamctl set-bandwidth vm1 vda ' unlimited 0
 complete_line 'blockstreamctl unregister v' vm1
+complete_line 'blockstreamctl export-stop ' 1
+complete_line 'blockstreamctl export-stop 1 '
 complete_line 'blockstreamctl pull vm1 vda ' 
 : >"$BUSCTL_ARGS_LOG"
 complete_line 'blockstreamctl -H admin@host2 pause ' vm1 web-2.prod

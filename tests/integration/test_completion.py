@@ -40,6 +40,10 @@ class CompletionTest(h.TestCase):
         self.assertEqual(self.complete('pull', other.name, ''), ['vda'])
         self.assertEqual(self.complete('unregister', 'desk'), [g.name])
         self.assertEqual(self.complete('pull', 'no-such-guest', ''), [])
+        # export-stop: the IDs of the exports
+        export, _uri = g.disk('vda').call('Export', 'a{sv}', h.no_opts())
+        self.addCleanup(self.client.try_call, export, 'org.blockstream1.Export', 'Stop')
+        self.assertEqual(self.complete('export-stop', ''), [h.unwrap(export).rsplit('/', 1)[1]])
 
 
 if __name__ == '__main__':
