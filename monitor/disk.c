@@ -223,7 +223,7 @@ static void call(DiskView *d, const char *what, const char *method, GVariant *pa
         call_full(d, what, d->path, BS_IFACE_STREAM, method, params, reply_type, handler, TRUE);
 }
 
-/* An entry's size; an empty entry is `fallback`. FALSE (with the reason shown) if it is no size. */
+/* An entry's size (*given FALSE if it is empty). FALSE, with the reason shown, if it is no size. */
 static gboolean entry_size(
         DiskView *d, GtkEntry *entry, const char *what, gboolean rate, gboolean *given, guint64 *ret) {
         const char *text = gtk_editable_get_text(GTK_EDITABLE(entry));
