@@ -123,6 +123,8 @@ static usec_t negotiation_timeout_usec = NEGOTIATION_TIMEOUT_USEC;
 /* Test builds only: BLOCKSTREAM_RELAY_SELFTEST=word,… with
  *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
  *   sendmsg, write the same on an fd the filter does not allow it on
+ *   sendmsg-control  sendmsg on the daemon's socket, which no longer needs it (nothing can pass
+ *                  an fd from here to anybody)
  *   timeout        wait 1 s instead of 10 s for an upstream, and 1 s instead of 30 s for a handshake
  *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
 static bool selftest_has(const char *word) {
@@ -721,8 +723,10 @@ static int relay_setup(void) {
                 (void) openat(AT_FDCWD, "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (selftest_has("socket"))
                 (void) socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (selftest_has("sendmsg")) /* allowed on fd 4 only */
+        if (selftest_has("sendmsg")) /* allowed on no fd */
                 (void) sendmsg(LISTEN_FD, &(struct msghdr) {}, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (selftest_has("sendmsg-control"))
+                (void) sendmsg(CONTROL_FD, &(struct msghdr) {}, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (selftest_has("write")) /* allowed on fd 2 only */
                 (void) write(STDOUT_FILENO, "", 0);
 #endif

@@ -1025,6 +1025,12 @@ def test_seccomp_sendmsg_other_fd():
     forbidden("sendmsg")
 
 
+def test_seccomp_sendmsg_control():
+    """The relay talks to the daemon with send(): sendmsg, which could pass an fd, is not even
+    allowed on the control socket."""
+    forbidden("sendmsg-control")
+
+
 def test_seccomp_write_other_fd():
     forbidden("write")
 
