@@ -74,6 +74,16 @@ static int parse_u64s(const char *s, uint64_t *const *v, size_t n, const char **
         return 0;
 }
 
+/* An extent's kind follows from its depth: 0 absent, 1 local or zero (in the top image), 2 and
+ * more backing. */
+static bool extent_kind_fits_depth(ControlExtentKind k, uint64_t depth) {
+        if (k == CONTROL_EXTENT_LOCAL || k == CONTROL_EXTENT_ZERO)
+                return depth == 1;
+        if (k == CONTROL_EXTENT_BACKING)
+                return depth >= 2;
+        return depth == 0;
+}
+
 static const char *verb_args(const char *line, const char *verb) {
         size_t n = strlen(verb);
 
@@ -112,7 +122,7 @@ int control_parse_pull(const char *line, ControlPullMessage *ret) {
                 for (ControlExtentKind k = 0; k < _CONTROL_EXTENT_MAX; k++)
                         if (streq(rest + 1, extent_kind_table[k])) {
                                 ret->extent_kind = k;
-                                return 0;
+                                return extent_kind_fits_depth(k, ret->depth) ? 0 : -EBADMSG;
                         }
                 return -EBADMSG;
         }

@@ -64,7 +64,8 @@ typedef struct ControlPullMessage {
 
 /* A line of blockstream-pull (framed by control_frame). ret->kind is always set: to the verb
  * when the line starts with a known one, else CONTROL_PULL_UNKNOWN. 0, or -EBADMSG when a known
- * verb's arguments are malformed. */
+ * verb's arguments are malformed (an extent's kind that contradicts its depth included: depth 0
+ * absent, 1 local or zero, 2 and more backing). */
 int control_parse_pull(const char *line, ControlPullMessage *ret);
 
 typedef enum ControlRelayKind {

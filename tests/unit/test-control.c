@@ -86,6 +86,17 @@ static void test_pull(void) {
                         ASSERT_EQ(m.kind, CONTROL_PULL_UNKNOWN);
                 }
         }
+        /* An extent's kind follows from its depth. */
+        const char *contradictions[] = { "extent 0 1 0 local", "extent 0 1 2 zero", "extent 0 1 1 backing",
+                "extent 0 1 0 backing", "extent 0 1 1 absent", "extent 0 1 7 absent" };
+        for (size_t i = 0; i < ELEMENTSOF(contradictions); i++) {
+                ASSERT_ERRNO(control_parse_pull(contradictions[i], &m), -EBADMSG);
+                ASSERT_EQ(m.kind, CONTROL_PULL_EXTENT);
+        }
+        const char *fits[] = { "extent 0 1 0 absent", "extent 0 1 1 local", "extent 0 1 1 zero", "extent 0 1 2 backing",
+                "extent 0 1 4096 backing" };
+        for (size_t i = 0; i < ELEMENTSOF(fits); i++)
+                ASSERT_OK(control_parse_pull(fits[i], &m));
         const char *unknown[] = { "", "ready ", "Ready", "done now", "error", "errors x", "stop", "extent" };
         for (size_t i = 0; i < ELEMENTSOF(unknown); i++) {
                 ASSERT_OK(control_parse_pull(unknown[i], &m));
@@ -160,9 +171,10 @@ static void test_helper_lines_hostile(void) {
         ASSERT_EQ(rm.kind, CONTROL_RELAY_ERROR);
         ASSERT_EQ_U64(rm.text_len, CONTROL_MESSAGE_MAX - 7);
         /* Numbers at and past the edge, in each place one stands. */
-        ASSERT_OK(control_parse_pull("extent 18446744073709551615 18446744073709551615 18446744073709551615 absent", &pm));
+        ASSERT_OK(control_parse_pull("extent 18446744073709551615 18446744073709551615 18446744073709551615 backing", &pm));
         ASSERT_EQ_U64(pm.offset, UINT64_MAX);
-        ASSERT_EQ(pm.extent_kind, CONTROL_EXTENT_ABSENT);
+        ASSERT_EQ_U64(pm.depth, UINT64_MAX);
+        ASSERT_EQ(pm.extent_kind, CONTROL_EXTENT_BACKING);
         ASSERT_ERRNO(control_parse_pull("extent 18446744073709551616 1 1 local", &pm), -EBADMSG);
         ASSERT_ERRNO(control_parse_pull("extent 0 18446744073709551616 1 local", &pm), -EBADMSG);
         ASSERT_ERRNO(control_parse_pull("extent 0 1 18446744073709551616 local", &pm), -EBADMSG);
@@ -488,7 +500,9 @@ static void test_send_receive(void) {
         ASSERT_OK(send_with_fds(s[0], line, CONTROL_MESSAGE_MAX + 1, s[0], 2, false));
         ASSERT_ERRNO(control_receive_datagram(s[1], &d), -EMSGSIZE);
         ASSERT_EQ(count_open_fds(), fds_before);
-        ASSERT_OK(control_send(s[0], MSG_DONTWAIT | MSG_NOSIGNAL, line, 4096));
+        static char page[4096];
+        memset(page, 'p', sizeof(page));
+        ASSERT_OK(control_send(s[0], MSG_DONTWAIT | MSG_NOSIGNAL, page, sizeof(page)));
         ASSERT_ERRNO(control_receive_datagram(s[1], &d), -EMSGSIZE);
 
         /* More fds than anybody sends: refused, none left open. */
