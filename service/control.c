@@ -328,6 +328,31 @@ int control_send_fd(int fd, int flags, const char *buf, size_t len, int pass_fd)
         }
 }
 
+/* n: the builder's answer for line, a length or -errno. */
+static int send_built(int fd, int flags, const char *line, int n, int pass_fd) {
+        if (n < 0)
+                return n;
+        return control_send_fd(fd, flags, line, (size_t) n, pass_fd);
+}
+
+int control_send_pull(int fd, int flags, const ControlPullMessage *m) {
+        char line[CONTROL_MESSAGE_MAX + 1];
+
+        return send_built(fd, flags, line, control_format_pull(line, sizeof(line), m), -1);
+}
+
+int control_send_relay(int fd, int flags, const ControlRelayMessage *m) {
+        char line[CONTROL_MESSAGE_MAX + 1];
+
+        return send_built(fd, flags, line, control_format_relay(line, sizeof(line), m), -1);
+}
+
+int control_send_command(int fd, int flags, const ControlCommand *m, int pass_fd) {
+        char line[CONTROL_MESSAGE_MAX + 1];
+
+        return send_built(fd, flags, line, control_format_command(line, sizeof(line), m), pass_fd);
+}
+
 int control_send_error(int fd, const char *text) {
         const int flags = MSG_DONTWAIT | MSG_NOSIGNAL;
         char line[CONTROL_MESSAGE_MAX + 1];

@@ -129,6 +129,11 @@ int control_format_command(char *buf, size_t size, const ControlCommand *m);
 int control_send(int fd, int flags, const char *buf, size_t len);
 int control_send_fd(int fd, int flags, const char *buf, size_t len, int pass_fd);
 
+/* A builder's line, sent at once (control_send_fd()). 0 or -errno (the builder's too). */
+int control_send_pull(int fd, int flags, const ControlPullMessage *m);
+int control_send_relay(int fd, int flags, const ControlRelayMessage *m);
+int control_send_command(int fd, int flags, const ControlCommand *m, int pass_fd);
+
 /* A helper's last words, "error TEXT": without blocking, but waiting up to
  * CONTROL_ERROR_SEND_TIMEOUT_MSEC for room should the daemon's queue be full. 0 or -errno. */
 int control_send_error(int fd, const char *text);

@@ -219,13 +219,7 @@ static Export *export_free(Export *e) {
 
 /* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
 static int relay_send(Export *e, const ControlCommand *c, int pass_fd) {
-        char buf[CONTROL_MESSAGE_MAX + 1];
-        int n;
-
-        n = control_format_command(buf, sizeof(buf), c);
-        if (n < 0)
-                return n;
-        return control_send_fd(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, buf, (size_t) n, pass_fd);
+        return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
 }
 
 /* Take it out of QEMU, off the bus if asked, and free it. */

@@ -167,15 +167,10 @@ bool range_guest_busy(Guest *g) {
 
 /* A command to the pull helper (control.c builds it); number: the bandwidth's. */
 static int op_send(RangeOp *op, ControlCommandKind kind, uint64_t number) {
-        char buf[CONTROL_MESSAGE_MAX + 1];
-        int n;
-
         if (op->control_fd < 0)
                 return -ENOTCONN;
-        n = control_format_command(buf, sizeof(buf), &(ControlCommand) { .kind = kind, .number = number });
-        if (n < 0)
-                return n;
-        return control_send(op->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, buf, (size_t) n);
+        return control_send_command(op->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT,
+                &(ControlCommand) { .kind = kind, .number = number }, -1);
 }
 
 /* The end: helper gone, export and filter out of QEMU, then the outcome is told. */

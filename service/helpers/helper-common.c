@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <sys/socket.h>
 
@@ -114,4 +115,11 @@ bool helper_selftest_has(const char *env, const char *word) {
                 if (strncmp(p, word, l) == 0 && (p[l] == ',' || p[l] == 0))
                         return true;
         return false;
+}
+
+void helper_selftest_try_forbidden(const char *env) {
+        if (helper_selftest_has(env, "open"))
+                (void) openat(AT_FDCWD, "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (helper_selftest_has(env, "socket"))
+                (void) socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 }

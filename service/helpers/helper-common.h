@@ -43,3 +43,7 @@ int helper_install_allowlist(const SyscallRule *rules, size_t n_rules, bool valg
 /* Test builds only: whether the comma-separated list in the environment variable env names
  * word. */
 bool helper_selftest_has(const char *env, const char *word);
+
+/* Test builds only, right after confinement: with "open" or "socket" in env, tries that
+ * syscall, which the allow-list must answer with SIGSYS. */
+void helper_selftest_try_forbidden(const char *env);

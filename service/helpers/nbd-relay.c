@@ -127,19 +127,14 @@ static usec_t negotiation_timeout_usec = NEGOTIATION_TIMEOUT_USEC;
  *                  an fd from here to anybody)
  *   timeout        wait 1 s instead of 10 s for an upstream, and 1 s instead of 30 s for a handshake
  *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
+#define SELFTEST_ENV "BLOCKSTREAM_RELAY_SELFTEST"
 static bool selftest_has(const char *word) {
-        return helper_selftest_has("BLOCKSTREAM_RELAY_SELFTEST", word);
+        return helper_selftest_has(SELFTEST_ENV, word);
 }
 #endif
 
 static int control_send_message(const ControlRelayMessage *m) {
-        char line[CONTROL_MESSAGE_MAX + 1];
-        int n;
-
-        n = control_format_relay(line, sizeof(line), m);
-        if (n < 0)
-                return n;
-        return control_send(CONTROL_FD, MSG_DONTWAIT | MSG_NOSIGNAL, line, (size_t) n);
+        return control_send_relay(CONTROL_FD, MSG_DONTWAIT | MSG_NOSIGNAL, m);
 }
 
 static void flow_init(Flow *f) {
@@ -719,10 +714,7 @@ static int relay_setup(void) {
                 return log_error_errno(r, "Failed to tell the daemon we are ready: %m");
 
 #ifdef RELAY_SELFTEST
-        if (selftest_has("open"))
-                (void) openat(AT_FDCWD, "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (selftest_has("socket"))
-                (void) socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        helper_selftest_try_forbidden(SELFTEST_ENV);
         if (selftest_has("sendmsg")) /* allowed on no fd */
                 (void) sendmsg(LISTEN_FD, &(struct msghdr) {}, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (selftest_has("sendmsg-control"))

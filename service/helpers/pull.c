@@ -96,20 +96,17 @@ struct Pull {
 /* Test builds only: BLOCKSTREAM_PULL_SELFTEST=word,… with
  *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
  *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
+#define SELFTEST_ENV "BLOCKSTREAM_PULL_SELFTEST"
 static bool selftest_has(const char *word) {
-        return helper_selftest_has("BLOCKSTREAM_PULL_SELFTEST", word);
+        return helper_selftest_has(SELFTEST_ENV, word);
 }
 #endif
 
 static int control_send_message(const ControlPullMessage *m) {
-        char line[CONTROL_MESSAGE_MAX + 1];
-        int n, r;
+        int r;
 
-        n = control_format_pull(line, sizeof(line), m);
-        if (n < 0)
-                return n;
         /* Blocking: the daemon reads what we send, and one that stops reading kills us. */
-        r = control_send(CONTROL_FD, MSG_NOSIGNAL, line, (size_t) n);
+        r = control_send_pull(CONTROL_FD, MSG_NOSIGNAL, m);
         if (r == -EPIPE || r == -ECONNRESET)
                 helper_control_gone = true;
         return r;
@@ -696,10 +693,7 @@ static int pull_setup(Pull *p, const Args *args) {
                 return log_error_errno(r, "Failed to tell the daemon we are ready: %m");
 
 #ifdef PULL_SELFTEST
-        if (selftest_has("open"))
-                (void) openat(AT_FDCWD, "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (selftest_has("socket"))
-                (void) socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        helper_selftest_try_forbidden(SELFTEST_ENV);
 #endif
         return 0;
 }
