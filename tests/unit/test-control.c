@@ -4,7 +4,6 @@
  * and of the daemon's commands (as the helpers read them), and the send and receive of one
  * datagram with its fds over a real SOCK_SEQPACKET pair. */
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -196,29 +195,29 @@ static void test_command(void) {
         char buf[CONTROL_MESSAGE_MAX + 2];
         ControlCommand c;
 
-        ASSERT_OK(COMMAND("stop\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_STOP);
-        ASSERT_OK(COMMAND("pause\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_PAUSE);
-        ASSERT_OK(COMMAND("resume\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_RESUME);
-        ASSERT_OK(COMMAND("bandwidth 0\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_BANDWIDTH);
-        ASSERT_EQ_U64(c.number, 0);
-        ASSERT_OK(COMMAND("bandwidth 18446744073709551615\n", &c));
-        ASSERT_EQ_U64(c.number, UINT64_MAX);
-        ASSERT_OK(COMMAND("upstream 1\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_UPSTREAM);
-        ASSERT_EQ_U64(c.number, 1);
-        ASSERT_OK(COMMAND("refused 3\n", &c));
-        ASSERT_EQ(c.kind, CONTROL_COMMAND_REFUSED);
-        ASSERT_EQ_U64(c.number, 3);
-        ASSERT_STREQ(c.text, "");
-        ASSERT_OK(COMMAND("refused 3 no exports today\n", &c));
-        ASSERT_EQ_U64(c.number, 3);
-        ASSERT_STREQ(c.text, "no exports today");
-        ASSERT_OK(COMMAND("refused 3 \n", &c));
-        ASSERT_STREQ(c.text, "");
+        const struct {
+                const char *line;
+                ControlCommandKind kind;
+                uint64_t number;
+                const char *text;
+        } valid[] = {
+                { "stop\n", CONTROL_COMMAND_STOP },
+                { "pause\n", CONTROL_COMMAND_PAUSE },
+                { "resume\n", CONTROL_COMMAND_RESUME },
+                { "bandwidth 0\n", CONTROL_COMMAND_BANDWIDTH, 0 },
+                { "bandwidth 18446744073709551615\n", CONTROL_COMMAND_BANDWIDTH, UINT64_MAX },
+                { "upstream 1\n", CONTROL_COMMAND_UPSTREAM, 1 },
+                { "refused 3\n", CONTROL_COMMAND_REFUSED, 3, "" },
+                { "refused 3 no exports today\n", CONTROL_COMMAND_REFUSED, 3, "no exports today" },
+                { "refused 3 \n", CONTROL_COMMAND_REFUSED, 3, "" },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(valid); i++) {
+                ASSERT_OK(command(valid[i].line, strlen(valid[i].line), &c, buf));
+                ASSERT_EQ(c.kind, valid[i].kind);
+                ASSERT_EQ_U64(c.number, valid[i].number);
+                if (valid[i].text)
+                        ASSERT_STREQ(c.text, valid[i].text);
+        }
 
         /* Only upstream brings an fd. */
         ASSERT_EQ(control_command_n_fds(CONTROL_COMMAND_UPSTREAM), 1);
@@ -399,18 +398,6 @@ static void test_format_limits(void) {
         ASSERT_TRUE(line[n - 1] == '\n');
 }
 
-static unsigned count_open_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        unsigned n = 0;
-
-        if (!d)
-                return 0;
-        while (readdir(d))
-                n++;
-        closedir(d);
-        return n;
-}
-
 /* Sends a datagram with n copies of fd (and SCM_CREDENTIALS too, if asked). */
 static int send_with_fds(int sock, const char *data, size_t len, int fd, size_t n, bool creds) {
         union {
@@ -455,27 +442,26 @@ static void test_send_receive(void) {
         ControlCommand c;
         int s[2], fds_before, one = 1;
         char line[CONTROL_MESSAGE_MAX + 2];
-        int n;
 
         ASSERT_OK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, s));
-        fds_before = (int) count_open_fds();
+        fds_before = (int) count_fds();
 
         /* Nothing waiting. */
         ASSERT_EQ(control_receive_datagram(s[1], &d), 0);
 
         /* A line, as the daemon sends it and a helper reads it. */
-        n = control_format_command(line, sizeof(line), &(ControlCommand) { .kind = CONTROL_COMMAND_BANDWIDTH, .number = 1048576 });
-        ASSERT_OK(control_send(s[0], MSG_DONTWAIT | MSG_NOSIGNAL, line, (size_t) n));
+        ASSERT_OK(control_send_command(s[0], MSG_DONTWAIT | MSG_NOSIGNAL,
+                &(ControlCommand) { .kind = CONTROL_COMMAND_BANDWIDTH, .number = 1048576 }, -1));
         ASSERT_EQ(control_receive_datagram(s[1], &d), 1);
-        ASSERT_EQ_U64(d.len, (size_t) n);
+        ASSERT_EQ_U64(d.len, strlen("bandwidth 1048576\n"));
         ASSERT_EQ_U64(d.n_fds, 0);
         ASSERT_OK(control_parse_command(d.buf, d.len, &c));
         ASSERT_EQ(c.kind, CONTROL_COMMAND_BANDWIDTH);
         ASSERT_EQ_U64(c.number, 1048576);
 
         /* With an fd: it arrives, close-on-exec. */
-        n = control_format_command(line, sizeof(line), &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = 3 });
-        ASSERT_OK(control_send_fd(s[0], MSG_DONTWAIT | MSG_NOSIGNAL, line, (size_t) n, s[0]));
+        ASSERT_OK(control_send_command(s[0], MSG_DONTWAIT | MSG_NOSIGNAL,
+                &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = 3 }, s[0]));
         ASSERT_EQ(control_receive_datagram(s[1], &d), 1);
         ASSERT_EQ_U64(d.n_fds, 1);
         ASSERT_TRUE(d.n_fds == 1 && d.fds[0] >= 0 && (fcntl(d.fds[0], F_GETFD) & FD_CLOEXEC));
@@ -484,7 +470,7 @@ static void test_send_receive(void) {
         ASSERT_EQ_U64(d.n_fds, control_command_n_fds(c.kind));
         control_datagram_close_fds(&d);
         ASSERT_EQ(d.fds[0], -1);
-        ASSERT_EQ(count_open_fds(), fds_before);
+        ASSERT_EQ(count_fds(), fds_before);
 
         /* An fd with an empty datagram is no EOF: a datagram the parser refuses. */
         ASSERT_OK(send_with_fds(s[0], "", 0, s[0], 1, false));
@@ -499,7 +485,7 @@ static void test_send_receive(void) {
         line[CONTROL_MESSAGE_MAX] = '\n';
         ASSERT_OK(send_with_fds(s[0], line, CONTROL_MESSAGE_MAX + 1, s[0], 2, false));
         ASSERT_ERRNO(control_receive_datagram(s[1], &d), -EMSGSIZE);
-        ASSERT_EQ(count_open_fds(), fds_before);
+        ASSERT_EQ(count_fds(), fds_before);
         static char page[4096];
         memset(page, 'p', sizeof(page));
         ASSERT_OK(control_send(s[0], MSG_DONTWAIT | MSG_NOSIGNAL, page, sizeof(page)));
@@ -508,15 +494,26 @@ static void test_send_receive(void) {
         /* More fds than anybody sends: refused, none left open. */
         ASSERT_OK(send_with_fds(s[0], "upstream 1\n", 11, s[0], CONTROL_FDS_MAX + 4, false));
         ASSERT_ERRNO(control_receive_datagram(s[1], &d), -EBADMSG);
-        ASSERT_EQ(count_open_fds(), fds_before);
+        ASSERT_EQ(count_fds(), fds_before);
 
         /* Ancillary data other than fds (credentials, once the receiver asks for them). */
         ASSERT_OK(setsockopt(s[1], SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)));
         ASSERT_OK(send_with_fds(s[0], "stop\n", 5, s[0], 1, true));
         ASSERT_ERRNO(control_receive_datagram(s[1], &d), -EBADMSG);
-        ASSERT_EQ(count_open_fds(), fds_before);
+        ASSERT_EQ(count_fds(), fds_before);
         one = 0;
         ASSERT_OK(setsockopt(s[1], SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)));
+
+        /* Each helper's lines, as it sends them. */
+        ASSERT_OK(control_send_pull(s[1], MSG_DONTWAIT | MSG_NOSIGNAL,
+                &(ControlPullMessage) { .kind = CONTROL_PULL_PROGRESS, .done = 1, .total = 2 }));
+        ASSERT_EQ(recv(s[0], line, sizeof(line), MSG_DONTWAIT), 13);
+        ASSERT_OK(control_send_relay(s[1], MSG_DONTWAIT | MSG_NOSIGNAL,
+                &(ControlRelayMessage) { .kind = CONTROL_RELAY_CLIENTS, .number = 64 }));
+        ASSERT_EQ(recv(s[0], line, sizeof(line), MSG_DONTWAIT), 11);
+        ASSERT_ERRNO(control_send_relay(s[1], MSG_DONTWAIT | MSG_NOSIGNAL,
+                &(ControlRelayMessage) { .kind = CONTROL_RELAY_UNKNOWN }), -EINVAL);
+        ASSERT_EQ(recv(s[0], line, sizeof(line), MSG_DONTWAIT), -1);
 
         /* A helper's last words: printable, one line. */
         ASSERT_OK(control_send_error(s[1], "broken \x1b[0m pipe"));
