@@ -40,6 +40,17 @@ static void answer(Status *s, uint64_t offset, uint64_t length, const uint32_t *
         s->n_entries[CTX_DEPTH] = n_depth;
 }
 
+/* Walks an answer; it must succeed, end at want_pos and hand on want_n pieces. */
+static void walk(Status *s, Pieces *ps, uint64_t want_pos, size_t want_n) {
+        uint64_t pos = 0;
+
+        ps->n = 0;
+        ASSERT_OK(status_process(s, collect, ps, &pos));
+        ASSERT_FALSE(s->complete);
+        ASSERT_EQ_U64(pos, want_pos);
+        ASSERT_EQ(ps->n, want_n);
+}
+
 static void expect_piece(const Pieces *ps, size_t i, uint64_t offset, uint64_t length, uint32_t depth, uint32_t flags) {
         ASSERT_TRUE(i < ps->n);
         if (i >= ps->n)
@@ -54,14 +65,10 @@ static void test_cut_at_both_boundaries(void) {
         const uint32_t alloc[] = { 100, 0, 50, LIBNBD_STATE_ZERO };
         const uint32_t depth[] = { 60, 1, 90, 2 };
         Pieces ps = {};
-        uint64_t pos = 0;
         Status s;
 
         answer(&s, 1000, 150, alloc, 4, depth, 4);
-        ASSERT_OK(status_process(&s, collect, &ps, &pos));
-        ASSERT_FALSE(s.complete);
-        ASSERT_EQ_U64(pos, 1150);
-        ASSERT_EQ(ps.n, 3);
+        walk(&s, &ps, 1150, 3);
         expect_piece(&ps, 0, 1000, 60, 1, 0);
         expect_piece(&ps, 1, 1060, 40, 2, 0);
         expect_piece(&ps, 2, 1100, 50, 2, LIBNBD_STATE_ZERO);
@@ -74,20 +81,14 @@ static void test_partial_answers(void) {
         const uint32_t depth[] = { 40, 1 };
         const uint32_t alloc_long[] = { 4096, 0 };
         Pieces ps = {};
-        uint64_t pos = 0;
         Status s;
 
         answer(&s, 0, 100, alloc, 2, depth, 2);
-        ASSERT_OK(status_process(&s, collect, &ps, &pos));
-        ASSERT_EQ_U64(pos, 40);
-        ASSERT_EQ(ps.n, 1);
+        walk(&s, &ps, 40, 1);
         expect_piece(&ps, 0, 0, 40, 1, 0);
 
-        ps = (Pieces) {};
         answer(&s, 0, 30, alloc_long, 2, depth, 2);
-        ASSERT_OK(status_process(&s, collect, &ps, &pos));
-        ASSERT_EQ_U64(pos, 30);
-        ASSERT_EQ(ps.n, 1);
+        walk(&s, &ps, 30, 1);
         expect_piece(&ps, 0, 0, 30, 1, 0);
 }
 
@@ -96,20 +97,15 @@ static void test_zero_lengths_and_stop(void) {
         const uint32_t alloc[] = { 0, 0, 50, 0, 0, LIBNBD_STATE_ZERO, 50, LIBNBD_STATE_ZERO };
         const uint32_t depth[] = { 100, 1 };
         Pieces ps = { .stop_after = 1 };
-        uint64_t pos = 0;
         Status s;
 
         answer(&s, 0, 100, alloc, 8, depth, 2);
-        ASSERT_OK(status_process(&s, collect, &ps, &pos));
-        ASSERT_EQ(ps.n, 1);
-        ASSERT_EQ_U64(pos, 50);
+        walk(&s, &ps, 50, 1);
         expect_piece(&ps, 0, 0, 50, 1, 0);
 
-        ps = (Pieces) {};
+        ps.stop_after = 0;
         answer(&s, 0, 100, alloc, 8, depth, 2);
-        ASSERT_OK(status_process(&s, collect, &ps, &pos));
-        ASSERT_EQ(ps.n, 2);
-        ASSERT_EQ_U64(pos, 100);
+        walk(&s, &ps, 100, 2);
         expect_piece(&ps, 1, 50, 50, 1, LIBNBD_STATE_ZERO);
 }
 
