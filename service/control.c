@@ -6,14 +6,15 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "blockstream-api.h"
 #include "control.h"
 #include "util.h"
 
 static const char *const extent_kind_table[_CONTROL_EXTENT_MAX] = {
-        [CONTROL_EXTENT_LOCAL] = "local",
-        [CONTROL_EXTENT_ZERO] = "zero",
-        [CONTROL_EXTENT_BACKING] = "backing",
-        [CONTROL_EXTENT_ABSENT] = "absent",
+        [CONTROL_EXTENT_LOCAL] = BS_EXTENT_LOCAL,
+        [CONTROL_EXTENT_ZERO] = BS_EXTENT_ZERO,
+        [CONTROL_EXTENT_BACKING] = BS_EXTENT_BACKING,
+        [CONTROL_EXTENT_ABSENT] = BS_EXTENT_ABSENT,
 };
 
 const char *control_extent_kind_to_string(ControlExtentKind k) {

@@ -20,7 +20,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define EXPORT_INTERFACE "org.blockstream1.Export"
 #define RELAY_BINARY "blockstream-nbd-relay"
 #define NBD_FDNAME "bsd-nbd"
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
@@ -38,9 +37,9 @@ typedef enum ExportState {
 
 static const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
-        [EXPORT_SERVING] = "serving",
-        [EXPORT_STOPPED] = "stopped",
-        [EXPORT_FAILED] = "failed",
+        [EXPORT_SERVING] = BS_EXPORT_STATE_SERVING,
+        [EXPORT_STOPPED] = BS_EXPORT_STATE_STOPPED,
+        [EXPORT_FAILED] = BS_EXPORT_STATE_FAILED,
 };
 
 struct Export {
@@ -702,7 +701,7 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         Disk *d = guest_find_disk(e->guest, e->alias);
         int r;
 
-        r = bus_authorize(e->manager, msg, ACTION_EXPORT,
+        r = bus_authorize(e->manager->polkit, msg, ACTION_EXPORT,
                 &(AuthDetails) { .guest = e->guest->name, .disk = e->alias, .owner = e->guest->owner }, error);
         if (r < 0)
                 return r;

@@ -19,7 +19,7 @@ typedef struct Guest Guest;
 typedef struct Manager Manager;
 typedef struct Export Export;
 
-#define EXPORT_PATH_PREFIX "/org/blockstream1/export"
+#include "blockstream-api.h" /* EXPORT_PATH_PREFIX */
 
 extern const sd_bus_vtable export_vtable[];
 

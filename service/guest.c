@@ -14,11 +14,9 @@
 #include "storage.h"
 #include "manager.h"
 #include "polkit.h"
-#include "state.h"
 #include "stream.h"
 #include "util.h"
 
-#define GUEST_INTERFACE "org.blockstream1.Guest"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
@@ -317,7 +315,7 @@ int guest_save(Guest *g) {
         if (!g->published)
                 return 0;
         g->last_save = now_usec(CLOCK_MONOTONIC);
-        r = state_save_guest(g);
+        r = guest_write_state(g, g->manager->guest_state_dir);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
@@ -1110,7 +1108,7 @@ int guest_publish(Guest *g) {
         int r;
 
         g->published = true;
-        r = state_save_guest(g);
+        r = guest_write_state(g, g->manager->guest_state_dir);
         if (r < 0) {
                 g->published = false;
                 return r;
@@ -1207,7 +1205,7 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
         /* A deferred save must not bring the state file back. */
         g->save_pending = false;
         g->save_timer = sd_event_source_disable_unref(g->save_timer);
-        r = state_remove_guest(m, g->name);
+        r = guest_remove_state(g, m->guest_state_dir);
         if (r < 0)
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);
         if (g->runtime_dir)
@@ -1227,7 +1225,7 @@ static int method_unregister(sd_bus_message *msg, void *userdata, sd_bus_error *
         Guest *g = userdata;
         int r;
 
-        r = bus_authorize(g->manager, msg, ACTION_MANAGE,
+        r = bus_authorize(g->manager->polkit, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
         if (r < 0)
                 return r;
@@ -1273,7 +1271,7 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
         RefreshCall *c;
         int r;
 
-        r = bus_authorize(g->manager, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
+        r = bus_authorize(g->manager->polkit, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
                 error);
         if (r < 0)
                 return r;

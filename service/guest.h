@@ -122,6 +122,12 @@ void guest_publish_released(Guest *g);
  * another guest's writable disks. */
 char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
+/* The guest as a record of state.h, written to <dir>/<name>.json; its file removed; a guest
+ * (unpublished, unlinked) made of a loaded record, whose contents it takes (guest-state.c). */
+typedef struct StateGuest StateGuest;
+int guest_write_state(Guest *g, const char *dir);
+int guest_remove_state(Guest *g, const char *dir);
+int guest_from_state(Manager *m, StateGuest *s, Guest **ret);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
 /* The same, coalesced: at most one write per GUEST_SAVE_INTERVAL_USEC, whatever QEMU sends (a

@@ -1,20 +1,21 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include "blockstream-api.h"
 #include "job.h"
 
 static const char *const state_table[_STREAM_STATE_MAX] = {
-        [STREAM_IDLE] = "idle",
-        [STREAM_RUNNING] = "running",
-        [STREAM_PAUSED] = "paused",
-        [STREAM_COMPLETED] = "completed",
-        [STREAM_FAILED] = "failed",
-        [STREAM_CANCELLED] = "cancelled",
+        [STREAM_IDLE] = BS_STATE_IDLE,
+        [STREAM_RUNNING] = BS_STATE_RUNNING,
+        [STREAM_PAUSED] = BS_STATE_PAUSED,
+        [STREAM_COMPLETED] = BS_STATE_COMPLETED,
+        [STREAM_FAILED] = BS_STATE_FAILED,
+        [STREAM_CANCELLED] = BS_STATE_CANCELLED,
 };
 
 static const char *const mode_table[_STREAM_MODE_MAX] = {
-        [STREAM_MODE_NONE] = "",
-        [STREAM_MODE_FULL] = "full",
-        [STREAM_MODE_RANGE] = "range",
+        [STREAM_MODE_NONE] = BS_MODE_NONE,
+        [STREAM_MODE_FULL] = BS_MODE_FULL,
+        [STREAM_MODE_RANGE] = BS_MODE_RANGE,
 };
 
 const char *stream_state_to_string(StreamState s) {

@@ -23,7 +23,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define MANAGER_INTERFACE "org.blockstream1.Manager"
 #define GUESTS_MAX 4096
 #define OFFLINE_DISKS_MAX 16
 #define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
@@ -81,7 +80,7 @@ Manager *manager_free(Manager *m) {
                 manager_unlink_guest(m, g);
                 guest_free(g);
         }
-        polkit_registry_free(m);
+        m->polkit = polkit_registry_free(m->polkit);
         if (m->bus) {
                 sd_bus_flush(m->bus);
                 m->bus = sd_bus_close_unref(m->bus);
@@ -481,7 +480,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "Only root may register a guest for another user (uid %" PRIu32 ").", o.owner);
 
-        r = bus_authorize(m, msg, ACTION_MANAGE,
+        r = bus_authorize(m->polkit, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = name, .owner = o.have_owner ? (uid_t) o.owner : caller }, error);
         if (r < 0)
                 return r;
@@ -555,7 +554,7 @@ static int method_unregister_guest(sd_bus_message *msg, void *userdata, sd_bus_e
         g = find_published_guest(m, name);
         if (!g)
                 return sd_bus_error_setf(error, BS_ERROR_NO_SUCH_GUEST, "No guest named '%s' is registered.", name);
-        r = bus_authorize(m, msg, ACTION_MANAGE, &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
+        r = bus_authorize(m->polkit, msg, ACTION_MANAGE, &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -621,6 +620,7 @@ char **manager_guest_claims(Manager *m, Guest *except) {
 
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_strv_free_ char **forbidden = NULL;
         Manager *m = userdata;
         const char *template, *target, *format = NULL;
         uint64_t size = 0;
@@ -647,7 +647,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "The template and the target must each be shorter than %d bytes.", PATH_MAX);
 
-        r = bus_authorize(m, msg, ACTION_MANAGE, NULL, error);
+        r = bus_authorize(m->polkit, msg, ACTION_MANAGE, NULL, error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -657,7 +657,11 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
                 r = sd_bus_creds_get_euid(creds, &caller);
         if (r < 0)
                 return r;
-        return provision_disk(m, msg, template, target, format, size, caller, error);
+        forbidden = manager_guest_images(m, NULL);
+        if (!forbidden)
+                return -ENOMEM;
+        return provision_disk(&(ProvisionContext) { .event = m->event, .config = &m->config, .forbidden_images = forbidden },
+                msg, template, target, format, size, caller, error);
 }
 
 static int property_get_version(sd_bus *bus, const char *path, const char *interface, const char *property,
@@ -688,18 +692,18 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_object_vtable(m->bus, NULL, MANAGER_PATH, MANAGER_INTERFACE, manager_vtable, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the manager object: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, "org.blockstream1.Guest", guest_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, GUEST_INTERFACE, guest_vtable,
                 guest_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the guest objects: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, "org.blockstream1.BlockStream", stream_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, STREAM_INTERFACE, stream_vtable,
                 disk_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the disk objects: %m");
         r = sd_bus_add_node_enumerator(m->bus, NULL, GUEST_PATH_PREFIX, guest_node_enumerator, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the node enumerator: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, "org.blockstream1.Export", export_vtable,
+        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, EXPORT_INTERFACE, export_vtable,
                 export_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the export objects: %m");
@@ -709,7 +713,10 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_object_manager(m->bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
-        r = polkit_registry_attach(m);
+        r = polkit_registry_new(&m->polkit, m->bus);
+        if (r < 0)
+                return log_oom();
+        r = polkit_registry_attach(m->polkit);
         if (r < 0)
                 return log_error_errno(r, "Failed to watch callers leaving the bus: %m");
         r = sd_bus_attach_event(m->bus, m->event, SD_EVENT_PRIORITY_NORMAL);
@@ -721,8 +728,45 @@ int manager_connect_bus(Manager *m) {
         return 0;
 }
 
+static int load_guest(StateGuest *s, const char *path, void *userdata) {
+        Manager *m = userdata;
+        bool reallocated;
+        Guest *g;
+        int r;
+
+        if (manager_find_guest(m, s->name)) {
+                log_error("State file %s names guest %s a second time, skipping it.", path, s->name);
+                return 0;
+        }
+        r = guest_from_state(m, s, &g);
+        if (r < 0)
+                return log_oom();
+        /* Its sandbox identity is its own for life; a missing or clashing one (hand-edited
+         * files) is replaced before anything runs under it. */
+        manager_link_guest(m, g);
+        reallocated = !manager_identity_valid(m, g);
+        if (reallocated) {
+                log_warning("Guest %s: sandbox identity in %s missing or taken, allocating a new one.", g->name, path);
+                r = manager_allocate_identity(m, g);
+        } else
+                r = manager_identity_labels(m, g);
+        if (r < 0) {
+                log_error_errno(r, "Guest %s: no sandbox identity, skipping this guest: %m", g->name);
+                manager_unlink_guest(m, g);
+                guest_free(g);
+                return 0;
+        }
+        g->published = true;
+        /* Only a new identity needs writing: a save is two fsyncs, and a thousand guests' worth
+         * of them kept a restarted daemon off the bus for many seconds. */
+        if (reallocated)
+                (void) guest_save(g); /* logs on failure */
+        log_info("Guest %s restored from %s.", g->name, path);
+        return 0;
+}
+
 int manager_load_state(Manager *m) {
-        return state_load_guests(m);
+        return state_load(m->guest_state_dir, load_guest, m);
 }
 
 void manager_start_guests(Manager *m) {

@@ -9,11 +9,9 @@
 #include "config.h"
 
 typedef struct Guest Guest;
-typedef struct PolkitQuery PolkitQuery;
+typedef struct PolkitRegistry PolkitRegistry;
 
-#define MANAGER_PATH "/org/blockstream1"
-#define GUEST_PATH_PREFIX "/org/blockstream1/guest"
-#define BUS_NAME "org.blockstream1"
+#include "blockstream-api.h" /* BUS_NAME, MANAGER_PATH, GUEST_PATH_PREFIX */
 
 typedef struct Manager {
         sd_event *event;
@@ -26,7 +24,7 @@ typedef struct Manager {
         Guest *guests; /* doubly linked, registration order */
         unsigned n_guests;
 
-        PolkitQuery *polkit_queries; /* outstanding CheckAuthorization calls */
+        PolkitRegistry *polkit; /* authorizations in flight (polkit.h) */
         struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */
 
         struct Export *exports;

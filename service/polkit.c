@@ -8,7 +8,6 @@
 #include <limits.h>
 #include <pwd.h>
 
-#include "manager.h"
 #include "polkit.h"
 #include "util.h"
 
@@ -43,9 +42,17 @@
 /* An answer nobody picked up (the object vanished before the re-dispatch) is dropped after this. */
 #define POLKIT_ANSWER_TTL_USEC (60 * USEC_PER_SEC)
 
+typedef struct PolkitQuery PolkitQuery;
+
+struct PolkitRegistry {
+        sd_bus *bus;
+        PolkitQuery *queries; /* outstanding CheckAuthorization calls, and answers not yet picked up */
+        sd_bus_slot *match;   /* callers leaving the bus */
+};
+
 struct PolkitQuery {
         PolkitQuery *next;
-        Manager *manager;
+        PolkitRegistry *registry;
         sd_bus_message *request; /* the method call being authorized */
         sd_bus_message *check;   /* the CheckAuthorization call, until sent (queued) */
         sd_bus_slot *slot;       /* the CheckAuthorization call, while pending */
@@ -73,26 +80,43 @@ static PolkitQuery *polkit_query_free(PolkitQuery *q) {
         return NULL;
 }
 
-static void registry_remove(Manager *m, PolkitQuery *q) {
-        for (PolkitQuery **p = &m->polkit_queries; *p; p = &(*p)->next)
+static void registry_remove(PolkitRegistry *m, PolkitQuery *q) {
+        for (PolkitQuery **p = &m->queries; *p; p = &(*p)->next)
                 if (*p == q) {
                         *p = q->next;
                         return;
                 }
 }
 
-void polkit_registry_free(Manager *m) {
-        while (m->polkit_queries) {
-                PolkitQuery *q = m->polkit_queries;
-                m->polkit_queries = q->next;
-                polkit_query_free(q);
-        }
+
+int polkit_registry_new(PolkitRegistry **ret, sd_bus *bus) {
+        PolkitRegistry *m = calloc(1, sizeof(PolkitRegistry));
+
+        if (!m)
+                return -ENOMEM;
+        m->bus = sd_bus_ref(bus);
+        *ret = m;
+        return 0;
 }
 
-static void registry_expire(Manager *m) {
+PolkitRegistry *polkit_registry_free(PolkitRegistry *m) {
+        if (!m)
+                return NULL;
+        while (m->queries) {
+                PolkitQuery *q = m->queries;
+                m->queries = q->next;
+                polkit_query_free(q);
+        }
+        sd_bus_slot_unref(m->match);
+        sd_bus_unref(m->bus);
+        free(m);
+        return NULL;
+}
+
+static void registry_expire(PolkitRegistry *m) {
         usec_t now = now_usec(CLOCK_MONOTONIC);
 
-        for (PolkitQuery **p = &m->polkit_queries; *p;) {
+        for (PolkitQuery **p = &m->queries; *p;) {
                 PolkitQuery *q = *p;
                 if (q->answered && now - q->answered_at > POLKIT_ANSWER_TTL_USEC) {
                         *p = q->next;
@@ -106,7 +130,7 @@ static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_
 
 /* Send queued checks, oldest first, while there is room: in all (dbus-daemon's limit), and for
  * each user (see POLKIT_IN_FLIGHT_SHARED_MAX). */
-static void registry_dispatch(Manager *m) {
+static void registry_dispatch(PolkitRegistry *m) {
         struct {
                 uid_t uid;
                 unsigned n;
@@ -115,7 +139,7 @@ static void registry_dispatch(Manager *m) {
         size_t n_users = 0, queued = 0, k = 0;
         unsigned n = 0;
 
-        for (PolkitQuery *q = m->polkit_queries; q; q = q->next)
+        for (PolkitQuery *q = m->queries; q; q = q->next)
                 if (q->slot) {
                         size_t i;
 
@@ -139,7 +163,7 @@ static void registry_dispatch(Manager *m) {
                 return;
         }
         /* The list is newest first. */
-        for (PolkitQuery *q = m->polkit_queries; q; q = q->next)
+        for (PolkitQuery *q = m->queries; q; q = q->next)
                 if (q->check && !q->slot)
                         order[k++] = q;
         for (size_t j = k; j > 0 && n < POLKIT_IN_FLIGHT_MAX; j--) {
@@ -172,10 +196,10 @@ typedef struct RegistryUse {
         size_t bytes, user_bytes;
 } RegistryUse;
 
-static RegistryUse registry_use(Manager *m, const char *sender, uid_t uid) {
+static RegistryUse registry_use(PolkitRegistry *m, const char *sender, uid_t uid) {
         RegistryUse u = {};
 
-        for (PolkitQuery *q = m->polkit_queries; q; q = q->next) {
+        for (PolkitQuery *q = m->queries; q; q = q->next) {
                 u.total++;
                 u.bytes += q->weight;
                 if (streq(q->sender, sender))
@@ -258,7 +282,7 @@ static int request_weight(sd_bus_message *msg, size_t *ret) {
  * rules, and a rule per waiting caller (sd_bus_track) let waiting callers get the daemon
  * disconnected from the bus. The bus sends a caller's calls before the signal of its leaving. */
 static int name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
-        Manager *m = userdata;
+        PolkitRegistry *m = userdata;
         const char *name, *old_owner, *new_owner;
         bool dropped = false;
 
@@ -266,7 +290,7 @@ static int name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error 
                 return 0;
         if (name[0] != ':' || !isempty(new_owner))
                 return 0; /* only unique names leaving */
-        for (PolkitQuery **p = &m->polkit_queries; *p;) {
+        for (PolkitQuery **p = &m->queries; *p;) {
                 PolkitQuery *q = *p;
 
                 if (!q->answered && streq(q->sender, name)) {
@@ -282,14 +306,14 @@ static int name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error 
         return 0;
 }
 
-int polkit_registry_attach(Manager *m) {
-        return sd_bus_match_signal_async(m->bus, NULL, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+int polkit_registry_attach(PolkitRegistry *m) {
+        return sd_bus_match_signal_async(m->bus, &m->match, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                 "org.freedesktop.DBus", "NameOwnerChanged", name_owner_changed, NULL, m);
 }
 
 static int check_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         PolkitQuery *q = userdata;
-        Manager *m = q->manager;
+        PolkitRegistry *m = q->registry;
         const sd_bus_error *e;
         int authorized, challenge, r;
 
@@ -349,7 +373,7 @@ static int owner_name(uid_t uid, char *buf, size_t size) {
         return 0;
 }
 
-int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
+int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
         sd_bus_error *error) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *call = NULL;
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
@@ -363,7 +387,7 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
         int r;
 
         /* The answer to an earlier question about this very message? */
-        for (q = m->polkit_queries; q; q = q->next)
+        for (q = m->queries; q; q = q->next)
                 if (q->request == msg && streq(q->action, action))
                         break;
         if (q) {
@@ -449,7 +473,7 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
         q = calloc(1, sizeof(PolkitQuery));
         if (!q)
                 return -ENOMEM;
-        q->manager = m;
+        q->registry = m;
         q->request = sd_bus_message_ref(msg);
         q->uid = uid;
         q->weight = weight;
@@ -460,8 +484,8 @@ int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const Aut
                 return -ENOMEM;
         }
         q->check = TAKE_PTR(call);
-        q->next = m->polkit_queries;
-        m->polkit_queries = q;
+        q->next = m->queries;
+        m->queries = q;
         registry_dispatch(m);
         return 0;
 }

@@ -6,12 +6,10 @@
 #include <systemd/sd-bus.h>
 #include <sys/types.h>
 
-typedef struct Manager Manager;
+/* The authorizations in flight: one registry for the daemon, on its bus connection. Opaque. */
+typedef struct PolkitRegistry PolkitRegistry;
 
-#define ACTION_MANAGE "org.blockstream1.manage"
-#define ACTION_STREAM "org.blockstream1.stream"
-#define ACTION_INSPECT "org.blockstream1.inspect"
-#define ACTION_EXPORT "org.blockstream1.export"
+#include "blockstream-api.h" /* ACTION_* */
 
 typedef struct AuthDetails {
         const char *guest; /* NULL where no guest is concerned (ProvisionDisk) */
@@ -22,9 +20,10 @@ typedef struct AuthDetails {
 /* 1: allowed, go on. 0: the answer is pending: return 1 from the method handler (0 would make
  * sd-bus answer UnknownMethod); the call is dispatched again once the answer is in.
  * <0: refused or failed; error is set. */
-int bus_authorize(Manager *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
+int bus_authorize(PolkitRegistry *registry, sd_bus_message *msg, const char *action, const AuthDetails *details,
         sd_bus_error *error);
 
+int polkit_registry_new(PolkitRegistry **ret, sd_bus *bus);
+PolkitRegistry *polkit_registry_free(PolkitRegistry *registry);
 /* Watch callers leaving the bus (one match rule); before the bus name is requested. */
-int polkit_registry_attach(Manager *m);
-void polkit_registry_free(Manager *m);
+int polkit_registry_attach(PolkitRegistry *registry);

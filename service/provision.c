@@ -23,9 +23,7 @@
 
 #include "bus-error.h"
 #include "bus-util.h"
-#include "guest.h"
 #include "image.h"
-#include "manager.h"
 #include "provision.h"
 #include "qemu.h"
 #include "sandbox.h"
@@ -36,7 +34,8 @@
 #define CALLER_GROUPS_MAX 1024
 
 typedef struct Provision {
-        Manager *manager;
+        const Config *config;
+        sd_event *event;
         sd_bus_message *call;
         char *template;
         char *format;
@@ -144,10 +143,10 @@ static int watch_child(Provision *p, int out_fd, sd_event_child_handler_t handle
         p->out[0] = 0;
         if (fcntl(out_fd, F_SETFL, O_NONBLOCK) < 0)
                 return -errno;
-        r = sd_event_add_io(p->manager->event, &p->out_source, out_fd, EPOLLIN, out_handler, p);
+        r = sd_event_add_io(p->event, &p->out_source, out_fd, EPOLLIN, out_handler, p);
         if (r < 0)
                 return r;
-        return sd_event_add_child(p->manager->event, &p->child, p->pid, WEXITED, handler, p);
+        return sd_event_add_child(p->event, &p->child, p->pid, WEXITED, handler, p);
 }
 
 /* Step 2: the overlay, created and written through file descriptors only. */
@@ -243,7 +242,7 @@ static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
 }
 
 static int run_probe(Provision *p) {
-        Manager *m = p->manager;
+        const Config *c = p->config;
         _cleanup_close_ int out_r = -1, out_w = -1;
         int pipefd[2], r;
         char *argv[] = { (char *) "/usr/bin/qemu-img", (char *) "info", (char *) "--output=json", (char *) "-f", p->format,
@@ -258,8 +257,8 @@ static int run_probe(Provision *p) {
         r = sandbox_spawn(
                 &(SandboxSpec) {
                         .name = "provisioning",
-                        .uid = m->config.helper_uid_max,
-                        .gid = m->config.helper_uid_max,
+                        .uid = c->helper_uid_max,
+                        .gid = c->helper_uid_max,
                         .host_network = true,
                         .stdout_fd = out_w,
                         .stderr_fd = -1,
@@ -304,7 +303,7 @@ static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata)
 static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain *chain) {
         _cleanup_free_ gid_t *gids = NULL;
         _cleanup_free_ struct stat *want = NULL;
-        char *const *dirs = p->manager->config.image_dirs;
+        char *const *dirs = p->config->image_dirs;
         uid_t uid = p->caller;
         size_t n_gids = 0;
         gid_t gid;
@@ -346,28 +345,28 @@ static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain 
                 }
                 _exit(0);
         }
-        return sd_event_add_child(p->manager->event, &p->child, p->pid, WEXITED, read_checked, p);
+        return sd_event_add_child(p->event, &p->child, p->pid, WEXITED, read_checked, p);
 }
 
-int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const char *target, const char *format,
+int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char *template, const char *target, const char *format,
         uint64_t size, uid_t caller, sd_bus_error *error) {
-        _cleanup_strv_free_ char **forbidden = NULL;
         _cleanup_free_ char *why = NULL;
         _cleanup_close_ int dir_fd = -1;
         const char *leaf;
         Provision *p;
         struct stat st;
+        const Config *c = ctx->config;
         bool url = is_url(template);
         int r;
 
-        if (strv_isempty(m->config.image_dirs))
+        if (strv_isempty(c->image_dirs))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "No ImageDirectories= are configured; configure them in the daemon's configuration file.");
         if (!path_is_safe_absolute(target, 4000))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target '%.200s' must be a normalized absolute path.", target);
         /* From the image directory down through fds: no symlink, no "..", no other mount. */
-        r = image_open_parent_beneath(m->config.image_dirs, target, &dir_fd, &leaf, &why);
+        r = image_open_parent_beneath(c->image_dirs, target, &dir_fd, &leaf, &why);
         if (r == -ENOMEM)
                 return r;
         if (r == -EPERM)
@@ -388,7 +387,8 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
         p = calloc(1, sizeof(Provision));
         if (!p)
                 return -ENOMEM;
-        p->manager = m;
+        p->config = c;
+        p->event = ctx->event;
         p->out_fd = -1;
         p->dir_fd = TAKE_FD(dir_fd);
         p->caller = caller;
@@ -409,7 +409,7 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                                 "Template URL '%.200s' has spaces or non-ASCII characters, or is longer than %d bytes.",
                                 template, BACKING_NAME_MAX);
                 }
-                if (!config_template_url_allowed(&m->config, template)) {
+                if (!config_template_url_allowed(c, template)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                                 "Template URL %s is not allowed: no prefix in TemplateURLPrefixes= of the daemon's "
@@ -431,9 +431,8 @@ int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const 
                                 "nbd+unix://, http:// or https:// URL.",
                                 template, BACKING_NAME_MAX);
                 }
-                forbidden = manager_guest_images(m, NULL);
                 why = mfree(why);
-                r = forbidden ? image_chain_open(m->config.image_dirs, template, format, false, forbidden, &chain, &why) : -ENOMEM;
+                r = image_chain_open(c->image_dirs, template, format, false, ctx->forbidden_images, &chain, &why);
                 if (r < 0) {
                         provision_free(p);
                         if (r == -ENOMEM)

@@ -4,10 +4,20 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
 
-typedef struct Manager Manager;
+#include "config.h"
+
+/* What a provisioning needs of the daemon: its event loop, its configuration (which outlives
+ * every provisioning), and the images of registered guests, which no template may be (borrowed:
+ * used before provision_disk() returns). */
+typedef struct ProvisionContext {
+        sd_event *event;
+        const Config *config;
+        char **forbidden_images;
+} ProvisionContext;
 
 /* ProvisionDisk: validates, then answers msg with the overlay's virtual size once it exists.
  * format: the template's (NULL: qcow2 for a file, raw for a URL); size: 0 = the template's. */
-int provision_disk(Manager *m, sd_bus_message *msg, const char *template, const char *target, const char *format,
+int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char *template, const char *target, const char *format,
         uint64_t size, uid_t caller, sd_bus_error *error);

@@ -4,11 +4,8 @@
 #include <limits.h>
 #include <systemd/sd-id128.h>
 
-#include "guest.h"
-#include "manager.h"
 #include "qemu.h"
 #include "state.h"
-#include "stream.h"
 #include "util.h"
 
 #define STATE_FORMAT_VERSION 1
@@ -18,8 +15,8 @@ static void closedirp_(DIR **d) {
                 closedir(*d);
 }
 
-static char *state_path(Manager *m, const char *name) {
-        return strdup_printf("%s/%s.json", m->guest_state_dir, name);
+static char *state_path(const char *dir, const char *name) {
+        return strdup_printf("%s/%s.json", dir, name);
 }
 
 /* Saving */
@@ -72,7 +69,7 @@ static json_object *job_to_json(const Job *j) {
         return o;
 }
 
-static json_object *disk_to_json(const Disk *d) {
+static json_object *disk_to_json(const StateDisk *d) {
         json_object *o = json_object_new_object();
 
         if (!o)
@@ -95,12 +92,11 @@ static json_object *disk_to_json(const Disk *d) {
         return o;
 }
 
-int state_save_guest(Guest *g) {
+int state_save(const char *dir, const StateGuest *g) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_free_ char *path = NULL;
         json_object *disks;
         const char *text;
-        int r;
 
         o = json_object_new_object();
         disks = json_object_new_array();
@@ -128,22 +124,21 @@ int state_save_guest(Guest *g) {
         if (g->qmp_uid != UID_INVALID && add(o, "qmp_uid", json_object_new_uint64(g->qmp_uid)) < 0)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
-                json_object *d = disk_to_json(g->disks[i]);
+                json_object *d = disk_to_json(&g->disks[i]);
                 if (!d || json_object_array_add(disks, d) < 0) {
                         json_object_put(d);
                         return -ENOMEM;
                 }
         }
         text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE);
-        path = state_path(g->manager, g->name);
+        path = state_path(dir, g->name);
         if (!text || !path)
                 return -ENOMEM;
-        r = write_file_atomic(path, text, strlen(text), 0600);
-        return r;
+        return write_file_atomic(path, text, strlen(text), 0600);
 }
 
-int state_remove_guest(Manager *m, const char *name) {
-        _cleanup_free_ char *path = state_path(m, name);
+int state_remove(const char *dir, const char *name) {
+        _cleanup_free_ char *path = state_path(dir, name);
 
         if (!path)
                 return -ENOMEM;
@@ -244,22 +239,15 @@ static int job_from_json(json_object *o, Job *j) {
         return 0;
 }
 
-static int disk_from_json(Guest *g, json_object *o) {
+static int disk_from_json(json_object *o, StateDisk *d) {
         const char *alias = NULL;
         json_object *job;
-        Disk *d = NULL, **l;
-        int r;
 
         if (!json_object_is_type(o, json_type_object) || json_get_string(o, "alias", true, &alias) < 0 || isempty(alias))
                 return -EBADMSG;
-        if (guest_find_disk(g, alias))
-                return -EBADMSG;
-        r = disk_new(&d, g, alias);
-        if (r < 0)
-                return r;
-        strv_free(d->chain);
-        strv_free(d->chain_nodes);
-        d->chain = d->chain_nodes = NULL;
+        d->alias = strdup(alias);
+        if (!d->alias)
+                return -ENOMEM;
         if (dup_field(o, "node_name", true, &d->node_name) < 0 || dup_field(o, "path", true, &d->path) < 0 ||
                 dup_field(o, "format", true, &d->format) < 0 || get_strv(o, "chain", QEMU_CHAIN_MAX, &d->chain) < 0 ||
                 get_strv(o, "chain_nodes", QEMU_CHAIN_MAX, &d->chain_nodes) < 0 ||
@@ -273,28 +261,45 @@ static int disk_from_json(Guest *g, json_object *o) {
                 dup_field(o, "job_base", false, &d->job_base) < 0 || (d->job_base && !qemu_id_is_valid(d->job_base)) ||
                 (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
                 /* a node name of QEMU's own ("#block123") or one given to it */
-                (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#')))) {
-                disk_free(d);
+                (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))))
                 return -EBADMSG;
-        }
-        l = reallocarray(g->disks, g->n_disks + 1, sizeof(Disk *));
-        if (!l) {
-                disk_free(d);
-                return -ENOMEM;
-        }
-        g->disks = l;
-        g->disks[g->n_disks++] = d;
         return 0;
 }
 
-int state_guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret) {
+static void state_disk_done(StateDisk *d) {
+        free(d->alias);
+        free(d->node_name);
+        free(d->path);
+        free(d->format);
+        strv_free(d->chain);
+        strv_free(d->chain_nodes);
+        job_done(&d->job);
+        free(d->range_node);
+        free(d->range_export);
+        free(d->range_bottom);
+        free(d->job_base);
+        *d = (StateDisk) {};
+}
+
+void state_guest_done(StateGuest *g) {
+        free(g->name);
+        free(g->uuid);
+        free(g->qmp_socket);
+        for (size_t i = 0; i < g->n_disks; i++)
+                state_disk_done(&g->disks[i]);
+        free(g->disks);
+        *g = (StateGuest) {};
+}
+
+int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret) {
+        _cleanup_(state_guest_done) StateGuest g = {};
         const char *name = NULL, *uuid = NULL, *sock = NULL, *boot = NULL;
         uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
         uint64_t dir_dev = 0, dir_ino = 0, qmp_uid = UID_INVALID;
         sd_id128_t boot_id = {};
         bool offline = false, nbd_started = false;
         json_object *disks;
-        Guest *g;
+        size_t n;
         int r;
 
         if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0 ||
@@ -321,56 +326,63 @@ int state_guest_from_json(Manager *m, json_object *o, const char *file_name, Gue
                 return -EBADMSG;
         if (!isempty(sock) && !path_is_safe_absolute(sock, 107))
                 return -EBADMSG;
-        if (manager_find_guest(m, name))
-                return -EEXIST;
 
-        r = guest_new(&g, m, name, sock, (uid_t) owner, uuid);
-        if (r < 0)
-                return r;
-        g->job_seq = seq;
-        g->offline = offline;
-        g->nbd_server_started = nbd_started;
-        g->helper_uid = (uid_t) helper_uid;
-        g->mcs_c1 = (unsigned) c1;
-        g->mcs_c2 = (unsigned) c2;
+        g.name = strdup(name);
+        g.uuid = strdup(uuid);
+        g.qmp_socket = strdup(sock);
+        if (!g.name || !g.uuid || !g.qmp_socket)
+                return -ENOMEM;
+        g.owner = (uid_t) owner;
+        g.job_seq = seq;
+        g.offline = offline;
+        g.nbd_server_started = nbd_started;
+        g.helper_uid = (uid_t) helper_uid;
+        g.mcs_c1 = (unsigned) c1;
+        g.mcs_c2 = (unsigned) c2;
         if (boot)
-                g->qmp_pin = (QmpSocketPin) { .set = true, .dir_dev = dir_dev, .dir_ino = dir_ino, .boot_id = boot_id };
-        g->qmp_uid = (uid_t) qmp_uid;
+                g.qmp_pin = (QmpSocketPin) { .set = true, .dir_dev = dir_dev, .dir_ino = dir_ino, .boot_id = boot_id };
+        g.qmp_uid = (uid_t) qmp_uid;
         /* A state file from before peers were checked: a root-owned guest's QEMU is pinned at the
          * first connect; any other owner's must be the owner's own or allowed by QEMUUsers=. */
-        if (!offline && !json_object_object_get_ex(o, "qmp_uid", NULL) && owner == 0)
-                g->qmp_uid_pin_next = true;
-        for (size_t i = 0; i < json_object_array_length(disks); i++) {
-                r = disk_from_json(g, json_object_array_get_idx(disks, i));
-                if (r < 0) {
-                        guest_free(g);
+        g.qmp_uid_pin_next = !offline && !json_object_object_get_ex(o, "qmp_uid", NULL) && owner == 0;
+
+        n = json_object_array_length(disks);
+        g.disks = calloc(n, sizeof(StateDisk));
+        if (n > 0 && !g.disks)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                r = disk_from_json(json_object_array_get_idx(disks, i), &g.disks[g.n_disks++]);
+                if (r < 0)
                         return r;
-                }
+                /* One disk per alias (at most QEMU_DISKS_MAX of them). */
+                for (size_t j = 0; j + 1 < g.n_disks; j++)
+                        if (streq(g.disks[j].alias, g.disks[g.n_disks - 1].alias))
+                                return -EBADMSG;
         }
         *ret = g;
+        g = (StateGuest) {};
         return 0;
 }
 
-int state_load_guests(Manager *m) {
+int state_load(const char *dir_path, state_load_handler_t handler, void *userdata) {
         _cleanup_(closedirp_) DIR *dir = NULL;
         struct dirent *de;
 
-        dir = opendir(m->guest_state_dir);
+        dir = opendir(dir_path);
         if (!dir)
-                return log_error_errno(errno, "Failed to open state directory %s: %m", m->guest_state_dir);
+                return log_error_errno(errno, "Failed to open state directory %s: %m", dir_path);
 
         while ((de = readdir(dir))) {
                 _cleanup_(json_object_putp) json_object *o = NULL;
+                _cleanup_(state_guest_done) StateGuest g = {};
                 _cleanup_free_ char *path = NULL, *text = NULL;
                 size_t len = strlen(de->d_name);
-                bool reallocated;
-                Guest *g;
                 int r;
 
                 /* Temp files of write_file_atomic() end in .tmpXXXXXX; guest names may start with a dot. */
                 if (len < 6 || !streq(de->d_name + len - 5, ".json"))
                         continue;
-                path = strdup_printf("%s/%s", m->guest_state_dir, de->d_name);
+                path = strdup_printf("%s/%s", dir_path, de->d_name);
                 if (!path)
                         return log_oom();
                 r = read_file_bounded(path, STATE_FILE_MAX, &text, NULL);
@@ -383,34 +395,16 @@ int state_load_guests(Manager *m) {
                         log_error("State file %s is not valid JSON, skipping this guest.", path);
                         continue;
                 }
-                r = state_guest_from_json(m, o, de->d_name, &g);
+                r = state_guest_from_json(o, de->d_name, &g);
                 if (r == -ENOMEM)
                         return log_oom();
                 if (r < 0) {
                         log_error_errno(r, "State file %s is invalid, skipping this guest: %m", path);
                         continue;
                 }
-                /* Its sandbox identity is its own for life; a missing or clashing one (hand-edited
-                 * files) is replaced before anything runs under it. */
-                manager_link_guest(m, g);
-                reallocated = !manager_identity_valid(m, g);
-                if (reallocated) {
-                        log_warning("Guest %s: sandbox identity in %s missing or taken, allocating a new one.", g->name, path);
-                        r = manager_allocate_identity(m, g);
-                } else
-                        r = manager_identity_labels(m, g);
-                if (r < 0) {
-                        log_error_errno(r, "Guest %s: no sandbox identity, skipping this guest: %m", g->name);
-                        manager_unlink_guest(m, g);
-                        guest_free(g);
-                        continue;
-                }
-                g->published = true;
-                /* Only a new identity needs writing: a save is two fsyncs, and a thousand guests'
-                 * worth of them kept a restarted daemon off the bus for many seconds. */
-                if (reallocated)
-                        (void) guest_save(g); /* logs on failure */
-                log_info("Guest %s restored from %s.", g->name, path);
+                r = handler(&g, path, userdata);
+                if (r < 0)
+                        return r;
         }
         return 0;
 }

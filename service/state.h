@@ -2,19 +2,69 @@
 #pragma once
 
 /* Persistence of registered guests: one JSON file per guest in <state-dir>/guests, written
- * atomically. A file is our own output, but read back as untrusted input all the same. */
+ * atomically. A file is our own output, but read back as untrusted input all the same.
+ *
+ * This layer knows plain records only, not the objects made of them: a guest saves itself as a
+ * StateGuest (guest-state.c), and the manager makes guests of the records state_load() reads. */
 
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
 #include <json-c/json.h>
 
-typedef struct Guest Guest;
-typedef struct Manager Manager;
+#include "job.h"
+#include "qmp-socket.h"
 
 #define STATE_FILE_MAX (4U * 1024U * 1024U)
 
-int state_save_guest(Guest *g);
-int state_remove_guest(Manager *m, const char *name);
-/* Create a guest object for every valid state file (unpublished, not connected). */
-int state_load_guests(Manager *m);
-/* One state file's JSON (file_name: its name, which must match the guest inside) to a guest of m,
- * neither linked nor published: the loader's parse alone (tests/fuzz/fuzz-state.c). */
-int state_guest_from_json(Manager *m, json_object *o, const char *file_name, Guest **ret);
+typedef struct StateDisk {
+        char *alias;
+        char *node_name;
+        char *path;
+        char *format;
+        char **chain;       /* backing image files, nearest first */
+        char **chain_nodes; /* their node names */
+        uint64_t size;
+        uint64_t cluster_size;
+        uint64_t bandwidth;
+        Job job;
+        char *range_node; /* NULL: none (as the job_base and range_* fields below) */
+        char *range_export;
+        char *range_bottom;
+        char *job_base;
+} StateDisk;
+
+typedef struct StateGuest {
+        char *name;
+        char *uuid;
+        char *qmp_socket; /* "" for an offline guest */
+        uid_t owner;
+        uint64_t job_seq;
+        bool offline;
+        bool nbd_server_started;
+        uid_t helper_uid;
+        unsigned mcs_c1, mcs_c2;
+        QmpSocketPin qmp_pin;
+        uid_t qmp_uid;          /* UID_INVALID: none pinned */
+        bool qmp_uid_pin_next;  /* loaded only: a file from before peers were checked */
+        StateDisk *disks;
+        size_t n_disks;
+} StateGuest;
+
+/* Frees what a loaded record owns. A record filled for state_save() may borrow every string
+ * from its guest instead, and is then not given to this. */
+void state_guest_done(StateGuest *g);
+
+/* Write g to <dir>/<name>.json, atomically. */
+int state_save(const char *dir, const StateGuest *g);
+int state_remove(const char *dir, const char *name);
+
+/* One state file's JSON (file_name: its name, which must match the guest inside) to a record,
+ * every field checked: the loader's parse alone (tests/fuzz/fuzz-state.c). -EBADMSG if invalid. */
+int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret);
+
+/* Read every valid state file of dir into a record and hand it to handler, which may take its
+ * contents (leaving the fields it took NULL). Invalid files are logged and skipped; a handler's
+ * error < 0 ends the load with it. */
+typedef int (*state_load_handler_t)(StateGuest *g, const char *path, void *userdata);
+int state_load(const char *dir, state_load_handler_t handler, void *userdata);

@@ -15,7 +15,6 @@
 #include "stream.h"
 #include "util.h"
 
-#define STREAM_INTERFACE "org.blockstream1.BlockStream"
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
 
 int disk_new(Disk **ret, Guest *g, const char *alias) {
@@ -370,7 +369,7 @@ static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_b
                 .disk = d->alias,
                 .owner = d->guest->owner,
         };
-        return bus_authorize(d->guest->manager, msg, action, &details, error);
+        return bus_authorize(d->guest->manager->polkit, msg, action, &details, error);
 }
 
 /* A D-Bus call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP

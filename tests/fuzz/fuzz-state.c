@@ -1,13 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* The state-file loader's parse (state_guest_from_json) on arbitrary bytes, parsed by json-c the
- * way state_load_guests() does. The file name is the guest's own name (when there is one) plus
- * ".json", so that the fuzzer gets past the name check into the disks and jobs. */
+ * way state_load() does. The file name is the guest's own name (when there is one) plus ".json",
+ * so that the fuzzer gets past the name check into the disks and jobs. */
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "guest.h"
-#include "manager.h"
 #include "state.h"
 #include "util.h"
 
@@ -17,8 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_free_ char *text = NULL, *file_name = NULL;
         json_object *name;
-        Manager m = {};
-        Guest *g = NULL;
+        StateGuest g = {};
 
         if (size > STATE_FILE_MAX)
                 return 0;
@@ -36,7 +33,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 file_name = strdup("vm1.json");
         if (!file_name)
                 abort();
-        if (state_guest_from_json(&m, o, file_name, &g) >= 0)
-                guest_free(g);
+        if (state_guest_from_json(o, file_name, &g) >= 0)
+                state_guest_done(&g);
         return 0;
 }

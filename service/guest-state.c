@@ -1,0 +1,123 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* A guest and its disks as a state record, and back: state.c reads and writes records only. */
+
+#include <stdlib.h>
+
+#include "guest.h"
+#include "state.h"
+#include "stream.h"
+#include "util.h"
+
+int guest_write_state(Guest *g, const char *dir) {
+        _cleanup_free_ StateDisk *disks = NULL;
+        StateGuest s;
+
+        disks = calloc(g->n_disks ?: 1, sizeof(StateDisk));
+        if (!disks)
+                return -ENOMEM;
+        /* Borrowed: the guest's strings, for the length of the write. */
+        for (size_t i = 0; i < g->n_disks; i++) {
+                const Disk *d = g->disks[i];
+                disks[i] = (StateDisk) {
+                        .alias = d->alias,
+                        .node_name = d->node_name,
+                        .path = d->path,
+                        .format = d->format,
+                        .chain = d->chain,
+                        .chain_nodes = d->chain_nodes,
+                        .size = d->size,
+                        .cluster_size = d->cluster_size,
+                        .bandwidth = d->bandwidth,
+                        .job = d->job,
+                        .range_node = d->range_node,
+                        .range_export = d->range_export,
+                        .range_bottom = d->range_bottom,
+                        .job_base = d->job_base,
+                };
+        }
+        s = (StateGuest) {
+                .name = g->name,
+                .uuid = g->uuid,
+                .qmp_socket = g->qmp_socket,
+                .owner = g->owner,
+                .job_seq = g->job_seq,
+                .offline = g->offline,
+                .nbd_server_started = g->nbd_server_started,
+                .helper_uid = g->helper_uid,
+                .mcs_c1 = g->mcs_c1,
+                .mcs_c2 = g->mcs_c2,
+                .qmp_pin = g->qmp_pin,
+                .qmp_uid = g->qmp_uid,
+                .disks = disks,
+                .n_disks = g->n_disks,
+        };
+        return state_save(dir, &s);
+}
+
+int guest_remove_state(Guest *g, const char *dir) {
+        return state_remove(dir, g->name);
+}
+
+static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
+        Disk *d;
+        int r;
+
+        r = disk_new(&d, g, s->alias);
+        if (r < 0)
+                return r;
+        free(d->node_name);
+        free(d->path);
+        free(d->format);
+        strv_free(d->chain);
+        strv_free(d->chain_nodes);
+        d->node_name = TAKE_PTR(s->node_name);
+        d->path = TAKE_PTR(s->path);
+        d->format = TAKE_PTR(s->format);
+        d->chain = TAKE_PTR(s->chain);
+        d->chain_nodes = TAKE_PTR(s->chain_nodes);
+        d->size = s->size;
+        d->cluster_size = s->cluster_size;
+        d->bandwidth = s->bandwidth;
+        d->job = s->job;
+        s->job = (Job) {};
+        d->range_node = TAKE_PTR(s->range_node);
+        d->range_export = TAKE_PTR(s->range_export);
+        d->range_bottom = TAKE_PTR(s->range_bottom);
+        d->job_base = TAKE_PTR(s->job_base);
+        *ret = d;
+        return 0;
+}
+
+int guest_from_state(Manager *m, StateGuest *s, Guest **ret) {
+        Guest *g;
+        int r;
+
+        r = guest_new(&g, m, s->name, s->qmp_socket, s->owner, s->uuid);
+        if (r < 0)
+                return r;
+        g->job_seq = s->job_seq;
+        g->offline = s->offline;
+        g->nbd_server_started = s->nbd_server_started;
+        g->helper_uid = s->helper_uid;
+        g->mcs_c1 = s->mcs_c1;
+        g->mcs_c2 = s->mcs_c2;
+        g->qmp_pin = s->qmp_pin;
+        g->qmp_uid = s->qmp_uid;
+        g->qmp_uid_pin_next = s->qmp_uid_pin_next;
+        g->disks = calloc(s->n_disks ?: 1, sizeof(Disk *));
+        if (!g->disks) {
+                guest_free(g);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < s->n_disks; i++) {
+                r = disk_from_state(g, &s->disks[i], &g->disks[g->n_disks]);
+                if (r < 0) {
+                        guest_free(g);
+                        return r;
+                }
+                g->n_disks++;
+        }
+        *ret = g;
+        return 0;
+}
