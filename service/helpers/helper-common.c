@@ -108,7 +108,7 @@ finish:
 }
 
 bool helper_selftest_has(const char *env, const char *word) {
-        const char *e = getenv(env);
+        const char *e = env ? getenv(env) : NULL;
         size_t l = strlen(word);
 
         for (const char *p = e; p && *p; p += strcspn(p, ","), p += !!*p)

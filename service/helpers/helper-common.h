@@ -41,7 +41,10 @@ typedef struct SyscallRule {
 int helper_install_allowlist(const SyscallRule *rules, size_t n_rules, bool valgrind);
 
 /* Test builds only: whether the comma-separated list in the environment variable env names
- * word. */
+ * word; false for env NULL (what a helper passes outside its test build). Words both helpers
+ * know:
+ *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
+ *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
 bool helper_selftest_has(const char *env, const char *word);
 
 /* Test builds only, right after confinement: with "open" or "socket" in env, tries that

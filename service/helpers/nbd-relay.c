@@ -120,18 +120,17 @@ static usec_t upstream_timeout_usec = UPSTREAM_TIMEOUT_USEC;
 static usec_t negotiation_timeout_usec = NEGOTIATION_TIMEOUT_USEC;
 
 #ifdef RELAY_SELFTEST
-/* Test builds only: BLOCKSTREAM_RELAY_SELFTEST=word,… with
- *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
- *   sendmsg, write the same on an fd the filter does not allow it on
- *   sendmsg-control  sendmsg on the daemon's socket, which no longer needs it (nothing can pass
- *                  an fd from here to anybody)
- *   timeout        wait 1 s instead of 10 s for an upstream, and 1 s instead of 30 s for a handshake
- *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
+/* Test builds only: BLOCKSTREAM_RELAY_SELFTEST=word,… with the words of helper-common.h, and
+ *   sendmsg, write     the same on an fd the filter does not allow it on
+ *   sendmsg-control    sendmsg on the daemon's socket, which no longer needs it (nothing can
+ *                      pass an fd from here to anybody)
+ *   timeout            wait 1 s instead of 10 s for an upstream, and 1 s instead of 30 s for a
+ *                      handshake */
 #define SELFTEST_ENV "BLOCKSTREAM_RELAY_SELFTEST"
-static bool selftest_has(const char *word) {
-        return helper_selftest_has(SELFTEST_ENV, word);
-}
+#else
+#define SELFTEST_ENV NULL
 #endif
+#define selftest_has(word) helper_selftest_has(SELFTEST_ENV, word)
 
 static int control_send_message(const ControlRelayMessage *m) {
         return control_send_relay(CONTROL_FD, MSG_DONTWAIT | MSG_NOSIGNAL, m);
@@ -659,12 +658,7 @@ static int install_allowlist(void) {
                 { "rt_sigreturn" },
                 { "restart_syscall" },
         };
-        bool valgrind = false;
-
-#ifdef RELAY_SELFTEST
-        valgrind = selftest_has("valgrind");
-#endif
-        return helper_install_allowlist(rules, ELEMENTSOF(rules), valgrind);
+        return helper_install_allowlist(rules, ELEMENTSOF(rules), selftest_has("valgrind"));
 }
 
 /* Returns 0 to run, RELAY_EXIT if the daemon is already gone, -errno on failure. */

@@ -93,14 +93,12 @@ struct Pull {
 };
 
 #ifdef PULL_SELFTEST
-/* Test builds only: BLOCKSTREAM_PULL_SELFTEST=word,… with
- *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
- *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
+/* Test builds only: BLOCKSTREAM_PULL_SELFTEST=word,… with the words of helper-common.h. */
 #define SELFTEST_ENV "BLOCKSTREAM_PULL_SELFTEST"
-static bool selftest_has(const char *word) {
-        return helper_selftest_has(SELFTEST_ENV, word);
-}
+#else
+#define SELFTEST_ENV NULL
 #endif
+#define selftest_has(word) helper_selftest_has(SELFTEST_ENV, word)
 
 static int control_send_message(const ControlPullMessage *m) {
         int r;
@@ -637,12 +635,7 @@ static int install_allowlist(void) {
                 /* malloc's large blocks, never executable. */
                 { "mmap", 1, { SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0) } },
         };
-        bool valgrind = false;
-
-#ifdef PULL_SELFTEST
-        valgrind = selftest_has("valgrind");
-#endif
-        return helper_install_allowlist(rules, ELEMENTSOF(rules), valgrind);
+        return helper_install_allowlist(rules, ELEMENTSOF(rules), selftest_has("valgrind"));
 }
 
 static int pull_setup(Pull *p, const Args *args) {
