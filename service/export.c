@@ -216,6 +216,11 @@ static Export *export_free(Export *e) {
         return NULL;
 }
 
+/* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
+static int relay_send(Export *e, const ControlCommand *c, int pass_fd) {
+        return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
+}
+
 /* Take it out of QEMU, off the bus if asked, and free it. */
 static void export_end(Export *e, ExportState final, bool remove_object) {
         Guest *g = e->guest;
@@ -225,7 +230,7 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
                 export_emit(e, "State");
         }
         if (e->control_fd >= 0)
-                (void) send(e->control_fd, "stop\n", 5, MSG_NOSIGNAL | MSG_DONTWAIT);
+                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_STOP }, -1);
         if (e->in_qemu && guest_qmp_ready(g))
                 (void) qemu_block_export_del(g->qmp, e->qemu_id, NULL, NULL, NULL);
         if (e->in_qemu) {
@@ -278,31 +283,19 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 }
 
 static void upstream_refuse(Export *e, unsigned long n, const char *why) {
-        char reply[CONTROL_MESSAGE_MAX];
-        /* Always whole, newline included: the relay takes a cut line for garbage. */
-        int len = snprintf(reply, sizeof(reply), "refused %lu %.200s\n", n, why);
+        ControlCommand c = { .kind = CONTROL_COMMAND_REFUSED, .number = n, .text = why };
 
-        if (len > 0 && (size_t) len < sizeof(reply))
-                (void) send(e->control_fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        /* control.c cuts the reason, never the line: the relay takes a cut line for garbage. A
+         * reason it would not take (not printable ASCII) is left out. */
+        if (relay_send(e, &c, -1) == -EINVAL)
+                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_REFUSED, .number = n }, -1);
 }
 
 /* Hands a fresh connection to QEMU's NBD server to the relay for its client n. Returns -EAGAIN
  * (and hands nothing) while the server's backlog is full. */
 static int upstream_try(Export *e, unsigned long n) {
-        char reply[64];
-        union {
-                struct cmsghdr h;
-                char b[CMSG_SPACE(sizeof(int))];
-        } control = {};
-        struct iovec iov = { .iov_base = reply };
-        struct msghdr mh = {
-                .msg_iov = &iov,
-                .msg_iovlen = 1,
-                .msg_control = &control,
-                .msg_controllen = sizeof(control.b),
-        };
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
         _cleanup_close_ int up = -1;
+        int r;
 
         up = export_server_connect(e->guest);
         if (up == -EAGAIN)
@@ -311,14 +304,10 @@ static int upstream_try(Export *e, unsigned long n) {
                 upstream_refuse(e, n, strerror(-up));
                 return 0;
         }
-        iov.iov_len = (size_t) snprintf(reply, sizeof(reply), "upstream %lu\n", n);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &up, sizeof(int));
-        if (sendmsg(e->control_fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        r = relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = n }, up);
+        if (r < 0) {
                 /* Tell it, or its client waits out the relay's timeout for nothing. */
-                log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
+                log_debug_errno(r, "Export %u: cannot hand a connection to the relay: %m", e->id);
                 upstream_refuse(e, n, "");
         }
         return 0;

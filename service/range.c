@@ -165,22 +165,12 @@ bool range_guest_busy(Guest *g) {
         return false;
 }
 
-static int op_send(RangeOp *op, const char *fmt, ...) _printf_(2, 3);
-static int op_send(RangeOp *op, const char *fmt, ...) {
-        char buf[CONTROL_MESSAGE_MAX];
-        va_list ap;
-        int n;
-
+/* A command to the pull helper (control.c builds it); number: the bandwidth's. */
+static int op_send(RangeOp *op, ControlCommandKind kind, uint64_t number) {
         if (op->control_fd < 0)
                 return -ENOTCONN;
-        va_start(ap, fmt);
-        n = vsnprintf(buf, sizeof(buf), fmt, ap);
-        va_end(ap);
-        if (n < 0 || (size_t) n >= sizeof(buf))
-                return -EINVAL;
-        if (send(op->control_fd, buf, (size_t) n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-                return -errno;
-        return 0;
+        return control_send_command(op->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT,
+                &(ControlCommand) { .kind = kind, .number = number }, -1);
 }
 
 /* The end: helper gone, export and filter out of QEMU, then the outcome is told. */
@@ -347,7 +337,7 @@ static void op_end(RangeOp *op, StreamState outcome, const char *error) {
         if (error && !op->error)
                 op->error = strdup(error);
         if (op->pid > 0)
-                (void) op_send(op, "stop\n");
+                (void) op_send(op, CONTROL_COMMAND_STOP, 0);
         op->control_source = sd_event_source_disable_unref(op->control_source);
         closep(&op->control_fd);
         op->control_fd = -1;
@@ -425,9 +415,6 @@ static int handle_extent(RangeOp *op, const ControlPullMessage *msg) {
                                       : op->offset) ||
                 len > op->offset + op->length - off)
                 return -EBADMSG;
-        if ((k == CONTROL_EXTENT_LOCAL || k == CONTROL_EXTENT_ZERO) != (depth == 1) ||
-                (k == CONTROL_EXTENT_BACKING) != (depth >= 2) || (k == CONTROL_EXTENT_ABSENT) != (depth == 0))
-                return -EBADMSG;
         e = op->n_extents > 0 ? &op->extents[op->n_extents - 1] : NULL;
         if (e && e->depth == depth && e->kind == k) {
                 e->length += len; /* merged, should the helper not have */
@@ -478,7 +465,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 op->ready = true;
                 if (op->map)
                         return 1;
-                if (op->bandwidth_changed && op_send(op, "bandwidth %" PRIu64 "\n", op->bandwidth) < 0) {
+                if (op->bandwidth_changed && op_send(op, CONTROL_COMMAND_BANDWIDTH, op->bandwidth) < 0) {
                         op_end(op, STREAM_FAILED, "cannot tell the pull helper its bandwidth");
                         return 0;
                 }
@@ -488,7 +475,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         d->starting = false;
                         log_info("Guest %s disk %s: range stream of [%" PRIu64 ", +%" PRIu64 ") resumed after a restart.",
                                 g->name, d->alias, op->offset, op->length);
-                        if (op->resume_paused && op_send(op, "pause\n") < 0) {
+                        if (op->resume_paused && op_send(op, CONTROL_COMMAND_PAUSE, 0) < 0) {
                                 op_end(op, STREAM_FAILED, "cannot pause the pull helper again");
                                 return 0;
                         }
@@ -829,7 +816,7 @@ int range_pause(Disk *d, bool pause) {
         }
         if (!op || !op->ready)
                 return -ENOTCONN;
-        r = op_send(op, pause ? "pause\n" : "resume\n");
+        r = op_send(op, pause ? CONTROL_COMMAND_PAUSE : CONTROL_COMMAND_RESUME, 0);
         if (r < 0)
                 return r;
         disk_apply_job_changes(d, job_set_paused(&d->job, pause));
@@ -846,7 +833,7 @@ int range_cancel(Disk *d) {
                 op_end(op, STREAM_CANCELLED, NULL);
                 return 0;
         }
-        return op_send(op, "stop\n");
+        return op_send(op, CONTROL_COMMAND_STOP, 0);
 }
 
 int range_set_bandwidth(Disk *d, uint64_t bandwidth) {
@@ -860,7 +847,7 @@ int range_set_bandwidth(Disk *d, uint64_t bandwidth) {
                 op->bandwidth_changed = true;
                 return 0;
         }
-        return op_send(op, "bandwidth %" PRIu64 "\n", bandwidth);
+        return op_send(op, CONTROL_COMMAND_BANDWIDTH, bandwidth);
 }
 
 void range_guest_lost(Guest *g) {
