@@ -29,22 +29,7 @@ int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error
 /* Check a listen option without doing anything. */
 int export_listen_valid(const char *listen, sd_bus_error *error);
 
-/* The guest's QMP peer went away or came back: exports on it fail, the server is gone. */
-void export_guest_lost(Guest *g);
-/* The guest goes away: stop and forget its exports. */
-void export_guest_removed(Guest *g);
-bool export_guest_has_exports(Guest *g);
-
-/* The private NBD server of a guest's QMP peer (started on demand), and a connection to it. */
-typedef void (*export_server_handler_t)(Guest *g, int error, const char *error_text, void *userdata);
-int export_server_ensure(Guest *g);
-int export_server_connect(Guest *g);
-void export_server_release_if_unused(Guest *g);
-
 void export_free_all(Manager *m);
-/* Right after a (re)connect: stop a server of ours (and its exports) left by a restart or a
- * broken connection. */
-void export_cleanup_leftovers(Guest *g);
 
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

@@ -11,6 +11,8 @@
 typedef struct Guest Guest;
 typedef struct ImageChain ImageChain;
 
+#define STREAM_INTERFACE "org.blockstream1.BlockStream"
+
 extern const sd_bus_vtable stream_vtable[];
 
 typedef struct Disk {
@@ -61,6 +63,11 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
+
+/* disk.c, for stream.c: the job's properties changed; the guest's state written now, or coalesced. */
+void disk_emit_job(Disk *d);
+void disk_save(Disk *d);
+void disk_save_later(Disk *d);
 
 int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);
