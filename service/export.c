@@ -17,7 +17,6 @@
 #include "polkit.h"
 #include "qemu.h"
 #include "sandbox.h"
-#include "stream.h"
 #include "util.h"
 
 #define EXPORT_INTERFACE "org.blockstream1.Export"
@@ -504,12 +503,12 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
                 return;
         }
         {
-                Disk *d = guest_find_disk(g, e->alias);
-                if (!d) {
+                const char *node = guest_disk_node_name(g, e->alias);
+                if (!node) {
                         export_fail(e, "the disk went away");
                         return;
                 }
-                r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, d->node_name, e->name, export_added, e, NULL);
+                r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, e, NULL);
         }
         if (r < 0) {
                 export_fail(e, "cannot send block-export-add");
@@ -546,8 +545,8 @@ static bool export_peer_busy(void *userdata) {
         return e->state == EXPORT_STARTING || e->state == EXPORT_SERVING;
 }
 
-int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error *error) {
-        Guest *g = d->guest;
+int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
+        sd_bus_error *error) {
         Manager *m = g->manager;
         _cleanup_free_ char *uri = NULL;
         Export *e;
@@ -564,10 +563,10 @@ int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error
         e->guest = g;
         e->listen_fd = e->control_fd = -1;
         e->id = ++m->export_seq;
-        e->alias = strdup(d->alias);
-        e->disk_path = strdup(d->object_path);
+        e->alias = strdup(alias);
+        e->disk_path = strdup(disk_path);
         e->qemu_id = strdup_printf("bsx-%u", e->id);
-        e->name = export_name_taken(g, d->alias) ? strdup_printf("%s-%u", d->alias, e->id) : strdup(d->alias);
+        e->name = export_name_taken(g, alias) ? strdup_printf("%s-%u", alias, e->id) : strdup(alias);
         e->object_path = strdup_printf(EXPORT_PATH_PREFIX "/%u", e->id);
         if (!e->alias || !e->disk_path || !e->qemu_id || !e->name || !e->object_path) {
                 export_free(e);
@@ -612,7 +611,6 @@ void export_free_all(Manager *m) {
 
 static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Export *e = userdata;
-        Disk *d = guest_find_disk(e->guest, e->alias);
         int r;
 
         r = bus_authorize(e->manager, msg, ACTION_EXPORT,
@@ -621,7 +619,6 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        (void) d;
         log_info("Export %u of guest %s disk %s stopped.", e->id, e->guest->name, e->alias);
         export_end(e, EXPORT_STOPPED, true);
         return sd_bus_reply_method_return(msg, NULL);

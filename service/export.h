@@ -14,7 +14,6 @@
 #include <stdbool.h>
 #include <systemd/sd-bus.h>
 
-typedef struct Disk Disk;
 typedef struct Guest Guest;
 typedef struct Manager Manager;
 typedef struct Export Export;
@@ -23,9 +22,11 @@ typedef struct Export Export;
 
 extern const sd_bus_vtable export_vtable[];
 
-/* Export(options): listen is "unix" (default) or "tcp:ADDR:PORT"; the method call is answered
- * once the export serves (or failed). Authorization is the caller's. */
-int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error *error);
+/* Export(options) of g's disk alias (its BlockStream object at disk_path): listen is "unix"
+ * (default) or "tcp:ADDR:PORT"; the method call is answered once the export serves (or failed).
+ * Authorization is the caller's. */
+int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
+        sd_bus_error *error);
 /* Check a listen option without doing anything. */
 int export_listen_valid(const char *listen, sd_bus_error *error);
 

@@ -206,6 +206,12 @@ Disk *guest_find_disk(Guest *g, const char *name) {
         return NULL;
 }
 
+const char *guest_disk_node_name(Guest *g, const char *name) {
+        Disk *d = guest_find_disk(g, name);
+
+        return d ? d->node_name : NULL;
+}
+
 bool guest_has_active_job(Guest *g) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];

@@ -102,6 +102,8 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to);
 void guest_unregister_drains_free(Manager *m);
 
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
+/* The QEMU node name of the disk (NULL: no such disk). */
+const char *guest_disk_node_name(Guest *g, const char *alias_or_path);
 /* The QMP peer (QEMU, or an offline guest's storage helper) can take commands now. */
 bool guest_qmp_ready(Guest *g);
 /* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after

@@ -599,7 +599,7 @@ static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        return export_create(d, msg, listen, error);
+        return export_create(d->guest, d->alias, d->object_path, msg, listen, error);
 }
 
 /* Properties */
