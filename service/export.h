@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-/* NBD exports (org.blockstream1.Export) and the guests' NBD servers.
+/* NBD exports (org.blockstream1.Export).
  *
  * QEMU 7.2 runs one NBD server per process. Every guest's QMP peer (its QEMU, or the storage
  * helper of an offline guest) gets that one server on a unix socket only root can reach: the
- * daemon binds it and hands QEMU the listening fd (getfd + nbd-server-start type fd). All
+ * daemon binds it and hands QEMU the listening fd (getfd + nbd-server-start type fd; peer.c). All
  * exports, private ones for range streaming and the users' ones, live on it under their own
  * names. A user's export listens where the user asked (a unix socket in the guest's runtime dir,
  * or TCP), on a socket the daemon binds; a sandboxed relay helper accepts clients there and, for
