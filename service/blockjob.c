@@ -6,7 +6,7 @@
 #include "backend.h"
 #include "guest.h"
 #include "qemu.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 /* A call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP connection

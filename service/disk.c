@@ -12,7 +12,7 @@
 #include "image.h"
 #include "manager.h"
 #include "map.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)

@@ -13,7 +13,7 @@
 #include "manager.h"
 #include "polkit.h"
 #include "state.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 #define GUEST_INTERFACE "org.blockstream1.Guest"

@@ -11,7 +11,7 @@
 #include "manager.h"
 #include "map.h"
 #include "rangeop.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 #define MAPS_PER_GUEST_MAX 8 /* each runs a helper: a flood of GetAllocationMap gets Busy */

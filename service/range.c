@@ -14,7 +14,7 @@
 #include "qemu.h"
 #include "range.h"
 #include "rangeop.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 static int range_setup(RangeOp *op, Disk *d) {

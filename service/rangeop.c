@@ -13,7 +13,7 @@
 #include "qemu.h"
 #include "rangeop.h"
 #include "sandbox.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 #define PULL_BINARY "blockstream-pull"
