@@ -11,7 +11,6 @@
 #include "guest.h"
 #include "image.h"
 #include "manager.h"
-#include "map.h"
 #include "disk.h"
 #include "util.h"
 
@@ -180,6 +179,11 @@ void disk_emit_changed(Disk *d, const char *first, ...) {
                 log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", d->object_path);
 }
 
+void disk_release_map_export(Disk *d) {
+        if (d->map_export && d->map_export_release)
+                d->map_export_release(d);
+}
+
 void disk_emit_job(Disk *d) {
         disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
                 "StartTime", "ExpectedEndTime", "Error", NULL);
@@ -304,7 +308,7 @@ static void disk_finalize(Disk *d) {
         if (d->finalizing)
                 return;
         d->finalizing = true;
-        map_export_release(d); /* the job no longer runs: maps may drain the node again */
+        disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
         disk_save(d); /* the outcome survives a crash from here on */
         guest_update_polling(g);
 

@@ -39,6 +39,9 @@ typedef struct Disk {
         char *map_export;
         char *map_export_node;
         unsigned map_export_users;
+        /* Removes map_export once unused: set by map.c along with it (the disk calls down into
+         * no map code). */
+        void (*map_export_release)(struct Disk *d);
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
@@ -61,6 +64,9 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
+/* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
+ * removed once its maps are done with it. */
+void disk_release_map_export(Disk *d);
 
 /* For stream.c: the job's properties changed; the guest's state written now, or coalesced. */
 void disk_emit_job(Disk *d);

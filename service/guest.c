@@ -7,7 +7,6 @@
 #include <systemd/sd-id128.h>
 
 #include "bus-error.h"
-#include "map.h"
 #include "guest.h"
 #include "image.h"
 #include "manager.h"
@@ -295,7 +294,7 @@ static void guest_remove_disk(Guest *g, size_t i) {
                 (void) sd_bus_emit_object_removed(g->manager->bus, d->object_path);
         /* The maps' shared export goes too (maps still reading it fail: the disk is gone). */
         d->map_export_users = 0;
-        map_export_release(d);
+        disk_release_map_export(d);
         memmove(g->disks + i, g->disks + i + 1, (g->n_disks - i - 1) * sizeof(Disk *));
         g->n_disks--;
         disk_free(d);
