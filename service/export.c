@@ -18,11 +18,9 @@
 #include "polkit.h"
 #include "qemu.h"
 #include "sandbox.h"
-#include "stream.h"
 #include "util.h"
 
 #define RELAY_BINARY "blockstream-nbd-relay"
-#define NBD_FDNAME "bsd-nbd"
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
  * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
 #define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
@@ -75,101 +73,9 @@ struct Export {
         } pending[UPSTREAM_PENDING_MAX];
         size_t n_pending;
         sd_event_source *retry_source;
+
+        PeerListener listener; /* on the guest's peer, while listed */
 };
-
-/* The private NBD server of a guest's QMP peer */
-
-static void server_started(Qmp *q, int error, const char *desc, void *userdata) {
-        Guest *g = userdata;
-
-        if (error < 0) {
-                log_warning("Guest %s: cannot start the NBD server: %s", g->name, desc ?: strerror(-error));
-                g->nbd_server = false;
-        }
-}
-
-int export_server_ensure(Guest *g) {
-        Manager *m = g->manager;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        _cleanup_free_ char *dir = NULL, *path = NULL;
-        _cleanup_close_ int fd = -1;
-        int r;
-
-        if (g->nbd_server)
-                return 0;
-        if (!guest_qmp_ready(g))
-                return -ENOTCONN;
-        dir = strdup_printf("%s/nbd", m->runtime_dir);
-        /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
-         * back from the socket), which could otherwise be the one we just bound anew. */
-        path = strdup_printf("%s/nbd/%s.%u.sock", m->runtime_dir, g->name, ++m->nbd_seq);
-        if (!dir || !path)
-                return -ENOMEM;
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        r = mkdir_p(dir, 0700); /* only root reaches the private servers */
-        if (r < 0)
-                return r;
-        (void) chmod(dir, 0700);
-        strcpy(sa.sun_path, path);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        (void) unlink(path);
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
-                return -errno;
-        /* Commands run in order: the exports added after this find the server running. */
-        r = qemu_getfd(g->qmp, NBD_FDNAME, TAKE_FD(fd), NULL, NULL, NULL);
-        if (r >= 0)
-                r = qemu_nbd_server_start_fd(g->qmp, NBD_FDNAME, server_started, g, NULL);
-        if (r < 0) {
-                (void) unlink(path);
-                return r;
-        }
-        free(g->nbd_socket);
-        g->nbd_socket = TAKE_PTR(path);
-        g->nbd_server = true;
-        if (!g->offline && !g->nbd_server_started) {
-                g->nbd_server_started = true;
-                (void) guest_save(g);
-        }
-        return 0;
-}
-
-/* Never waits: QEMU owns the listener, and a QEMU that stops accepting would otherwise hold the
- * whole daemon in connect(). -EAGAIN while its backlog is full. */
-int export_server_connect(Guest *g) {
-        if (!g->nbd_server || !g->nbd_socket)
-                return -ENOTCONN;
-        return connect_unix_nonblock(g->nbd_socket);
-}
-
-void export_server_release_if_unused(Guest *g) {
-        if (!g->nbd_server || g->nbd_users > 0)
-                return;
-        if (guest_qmp_ready(g))
-                (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
-        if (g->nbd_socket)
-                (void) unlink(g->nbd_socket);
-        g->nbd_socket = mfree(g->nbd_socket);
-        g->nbd_server = false;
-        if (g->nbd_server_started) {
-                g->nbd_server_started = false;
-                (void) guest_save(g);
-        }
-}
-
-/* Called first after a (re)connect, before anything can start a server: a server of ours that
- * survived a restart or a broken connection goes, and with it every NBD export on it (all ours:
- * QEMU runs one server, and we could only start ours where none ran). */
-void export_cleanup_leftovers(Guest *g) {
-        if (!g->nbd_server_started || !guest_qmp_ready(g))
-                return;
-        log_info("Guest %s: stopping the NBD server left from before.", g->name);
-        (void) qemu_nbd_server_stop(g->qmp, NULL, NULL, NULL);
-        g->nbd_server_started = false;
-        (void) guest_save(g);
-}
 
 /* Export objects */
 
@@ -179,6 +85,7 @@ static void export_emit(Export *e, const char *property) {
 }
 
 static void export_unlink(Export *e) {
+        peer_unlisten(&e->guest->peer, &e->listener);
         for (Export **p = &e->manager->exports; *p; p = &(*p)->next)
                 if (*p == e) {
                         *p = e->next;
@@ -189,6 +96,8 @@ static void export_unlink(Export *e) {
 static Export *export_free(Export *e) {
         if (!e)
                 return NULL;
+        if (e->guest)
+                peer_unlisten(&e->guest->peer, &e->listener);
         if (e->create_call) {
                 (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
                         "The export of disk '%s' could not be set up.", e->alias);
@@ -213,6 +122,11 @@ static Export *export_free(Export *e) {
         return NULL;
 }
 
+/* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
+static int relay_send(Export *e, const ControlCommand *c, int pass_fd) {
+        return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
+}
+
 /* Take it out of QEMU, off the bus if asked, and free it. */
 static void export_end(Export *e, ExportState final, bool remove_object) {
         Guest *g = e->guest;
@@ -222,12 +136,12 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
                 export_emit(e, "State");
         }
         if (e->control_fd >= 0)
-                (void) send(e->control_fd, "stop\n", 5, MSG_NOSIGNAL | MSG_DONTWAIT);
+                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_STOP }, -1);
         if (e->in_qemu && guest_qmp_ready(g))
-                (void) qemu_block_export_del(g->qmp, e->qemu_id, NULL, NULL, NULL);
+                (void) qemu_block_export_del(g->peer.qmp, e->qemu_id, NULL, NULL, NULL);
         if (e->in_qemu) {
                 e->in_qemu = false;
-                g->nbd_users--;
+                peer_nbd_drop(&g->peer);
         }
         if (!remove_object) {
                 /* A failed export stays visible until Stop(): clean up everything but the object. */
@@ -240,16 +154,16 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
                 e->listen_fd = -1;
                 if (e->unix_path)
                         (void) unlink(e->unix_path);
-                export_server_release_if_unused(g);
-                guest_release_helper_if_idle(g);
+                peer_nbd_server_release_if_unused(&g->peer);
+                peer_release_helper_if_idle(&g->peer);
                 return;
         }
         if (e->published)
                 (void) sd_bus_emit_object_removed(e->manager->bus, e->object_path);
         export_unlink(e);
         export_free(e);
-        export_server_release_if_unused(g);
-        guest_release_helper_if_idle(g);
+        peer_nbd_server_release_if_unused(&g->peer);
+        peer_release_helper_if_idle(&g->peer);
 }
 
 static void export_fail(Export *e, const char *why) {
@@ -275,47 +189,31 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 }
 
 static void upstream_refuse(Export *e, unsigned long n, const char *why) {
-        char reply[CONTROL_MESSAGE_MAX];
-        /* Always whole, newline included: the relay takes a cut line for garbage. */
-        int len = snprintf(reply, sizeof(reply), "refused %lu %.200s\n", n, why);
+        ControlCommand c = { .kind = CONTROL_COMMAND_REFUSED, .number = n, .text = why };
 
-        if (len > 0 && (size_t) len < sizeof(reply))
-                (void) send(e->control_fd, reply, (size_t) len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        /* control.c cuts the reason, never the line: the relay takes a cut line for garbage. A
+         * reason it would not take (not printable ASCII) is left out. */
+        if (relay_send(e, &c, -1) == -EINVAL)
+                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_REFUSED, .number = n }, -1);
 }
 
 /* Hands a fresh connection to QEMU's NBD server to the relay for its client n. Returns -EAGAIN
  * (and hands nothing) while the server's backlog is full. */
 static int upstream_try(Export *e, unsigned long n) {
-        char reply[64];
-        union {
-                struct cmsghdr h;
-                char b[CMSG_SPACE(sizeof(int))];
-        } control = {};
-        struct iovec iov = { .iov_base = reply };
-        struct msghdr mh = {
-                .msg_iov = &iov,
-                .msg_iovlen = 1,
-                .msg_control = &control,
-                .msg_controllen = sizeof(control.b),
-        };
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
         _cleanup_close_ int up = -1;
+        int r;
 
-        up = export_server_connect(e->guest);
+        up = peer_nbd_server_connect(&e->guest->peer);
         if (up == -EAGAIN)
                 return up;
         if (up < 0) {
                 upstream_refuse(e, n, strerror(-up));
                 return 0;
         }
-        iov.iov_len = (size_t) snprintf(reply, sizeof(reply), "upstream %lu\n", n);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &up, sizeof(int));
-        if (sendmsg(e->control_fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        r = relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = n }, up);
+        if (r < 0) {
                 /* Tell it, or its client waits out the relay's timeout for nothing. */
-                log_debug_errno(errno, "Export %u: cannot hand a connection to the relay: %m", e->id);
+                log_debug_errno(r, "Export %u: cannot hand a connection to the relay: %m", e->id);
                 upstream_refuse(e, n, "");
         }
         return 0;
@@ -554,7 +452,7 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
 
         if (error < 0) {
                 _cleanup_free_ char *why = strdup_printf("QEMU refused the export: %s", desc ?: strerror(-error));
-                e->guest->nbd_users--;
+                peer_nbd_drop(&e->guest->peer);
                 e->in_qemu = false;
                 export_fail(e, why ?: "QEMU refused the export");
                 return;
@@ -582,25 +480,25 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
                 export_fail(e, error_text ?: (g->offline ? "the storage helper could not take the disks" : "the guest is not running"));
                 return;
         }
-        r = export_server_ensure(g);
+        r = peer_nbd_server_ensure(&g->peer);
         if (r < 0) {
                 export_fail(e, "cannot start QEMU's NBD server");
                 return;
         }
         {
-                Disk *d = guest_find_disk(g, e->alias);
-                if (!d) {
+                const char *node = guest_disk_node_name(g, e->alias);
+                if (!node) {
                         export_fail(e, "the disk went away");
                         return;
                 }
-                r = qemu_block_export_add_nbd(g->qmp, e->qemu_id, d->node_name, e->name, export_added, e, NULL);
+                r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, e, NULL);
         }
         if (r < 0) {
                 export_fail(e, "cannot send block-export-add");
                 return;
         }
         e->in_qemu = true;
-        g->nbd_users++;
+        peer_nbd_hold(&g->peer);
 }
 
 static bool export_name_taken(Guest *g, const char *name) {
@@ -610,8 +508,28 @@ static bool export_name_taken(Guest *g, const char *name) {
         return false;
 }
 
-int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error *error) {
-        Guest *g = d->guest;
+/* The guest's QMP peer went away: the export in it is gone. */
+static void export_peer_lost(void *userdata) {
+        Export *e = userdata;
+
+        e->in_qemu = false;
+        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+                export_fail(e, e->guest->offline ? "the storage helper went away" : "the QMP connection to QEMU was lost");
+}
+
+/* The guest goes away: stop and forget the export. */
+static void export_peer_removed(void *userdata) {
+        export_end(userdata, EXPORT_STOPPED, true);
+}
+
+/* An export keeps an offline guest's storage helper while it serves. */
+static bool export_peer_busy(void *userdata) {
+        Export *e = userdata;
+        return e->state == EXPORT_STARTING || e->state == EXPORT_SERVING;
+}
+
+int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
+        sd_bus_error *error) {
         Manager *m = g->manager;
         _cleanup_free_ char *uri = NULL;
         Export *e;
@@ -628,10 +546,10 @@ int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error
         e->guest = g;
         e->listen_fd = e->control_fd = -1;
         e->id = ++m->export_seq;
-        e->alias = strdup(d->alias);
-        e->disk_path = strdup(d->object_path);
+        e->alias = strdup(alias);
+        e->disk_path = strdup(disk_path);
         e->qemu_id = strdup_printf("bsx-%u", e->id);
-        e->name = export_name_taken(g, d->alias) ? strdup_printf("%s-%u", d->alias, e->id) : strdup(d->alias);
+        e->name = export_name_taken(g, alias) ? strdup_printf("%s-%u", alias, e->id) : strdup(alias);
         e->object_path = strdup_printf(EXPORT_PATH_PREFIX "/%u", e->id);
         if (!e->alias || !e->disk_path || !e->qemu_id || !e->name || !e->object_path) {
                 export_free(e);
@@ -646,6 +564,13 @@ int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error
         e->create_call = sd_bus_message_ref(msg);
         e->next = m->exports;
         m->exports = e;
+        e->listener = (PeerListener) {
+                .userdata = e,
+                .lost = export_peer_lost,
+                .busy = export_peer_busy,
+                .removed = export_peer_removed,
+        };
+        peer_listen(&g->peer, &e->listener);
 
         r = guest_when_ready(g, export_backend_ready, e, NULL);
         if (r < 0) {
@@ -655,41 +580,6 @@ int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error
                 return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
         }
         return 1;
-}
-
-void export_guest_lost(Guest *g) {
-        Manager *m = g->manager;
-
-        g->nbd_server = false;
-        g->nbd_users = 0;
-        if (g->nbd_socket)
-                (void) unlink(g->nbd_socket); /* its server died with the QMP peer */
-        g->nbd_socket = mfree(g->nbd_socket);
-        for (Export *e = m->exports, *next; e; e = next) {
-                next = e->next;
-                if (e->guest != g)
-                        continue;
-                e->in_qemu = false;
-                if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
-                        export_fail(e, g->offline ? "the storage helper went away" : "the QMP connection to QEMU was lost");
-        }
-}
-
-void export_guest_removed(Guest *g) {
-        Manager *m = g->manager;
-
-        for (Export *e = m->exports, *next; e; e = next) {
-                next = e->next;
-                if (e->guest == g)
-                        export_end(e, EXPORT_STOPPED, true);
-        }
-}
-
-bool export_guest_has_exports(Guest *g) {
-        for (Export *e = g->manager->exports; e; e = e->next)
-                if (e->guest == g && (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING))
-                        return true;
-        return false;
 }
 
 void export_free_all(Manager *m) {
@@ -704,7 +594,6 @@ void export_free_all(Manager *m) {
 
 static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Export *e = userdata;
-        Disk *d = guest_find_disk(e->guest, e->alias);
         int r;
 
         r = bus_authorize(e->manager->polkit, msg, ACTION_EXPORT,
@@ -713,7 +602,6 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        (void) d;
         log_info("Export %u of guest %s disk %s stopped.", e->id, e->guest->name, e->alias);
         export_end(e, EXPORT_STOPPED, true);
         return sd_bus_reply_method_return(msg, NULL);

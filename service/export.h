@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-/* NBD exports (org.blockstream1.Export) and the guests' NBD servers.
+/* NBD exports (org.blockstream1.Export).
  *
  * QEMU 7.2 runs one NBD server per process. Every guest's QMP peer (its QEMU, or the storage
  * helper of an offline guest) gets that one server on a unix socket only root can reach: the
- * daemon binds it and hands QEMU the listening fd (getfd + nbd-server-start type fd). All
+ * daemon binds it and hands QEMU the listening fd (getfd + nbd-server-start type fd; peer.c). All
  * exports, private ones for range streaming and the users' ones, live on it under their own
  * names. A user's export listens where the user asked (a unix socket in the guest's runtime dir,
  * or TCP), on a socket the daemon binds; a sandboxed relay helper accepts clients there and, for
@@ -14,7 +14,6 @@
 #include <stdbool.h>
 #include <systemd/sd-bus.h>
 
-typedef struct Disk Disk;
 typedef struct Guest Guest;
 typedef struct Manager Manager;
 typedef struct Export Export;
@@ -23,28 +22,15 @@ typedef struct Export Export;
 
 extern const sd_bus_vtable export_vtable[];
 
-/* Export(options): listen is "unix" (default) or "tcp:ADDR:PORT"; the method call is answered
- * once the export serves (or failed). Authorization is the caller's. */
-int export_create(Disk *d, sd_bus_message *msg, const char *listen, sd_bus_error *error);
+/* Export(options) of g's disk alias (its BlockStream object at disk_path): listen is "unix"
+ * (default) or "tcp:ADDR:PORT"; the method call is answered once the export serves (or failed).
+ * Authorization is the caller's. */
+int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
+        sd_bus_error *error);
 /* Check a listen option without doing anything. */
 int export_listen_valid(const char *listen, sd_bus_error *error);
 
-/* The guest's QMP peer went away or came back: exports on it fail, the server is gone. */
-void export_guest_lost(Guest *g);
-/* The guest goes away: stop and forget its exports. */
-void export_guest_removed(Guest *g);
-bool export_guest_has_exports(Guest *g);
-
-/* The private NBD server of a guest's QMP peer (started on demand), and a connection to it. */
-typedef void (*export_server_handler_t)(Guest *g, int error, const char *error_text, void *userdata);
-int export_server_ensure(Guest *g);
-int export_server_connect(Guest *g);
-void export_server_release_if_unused(Guest *g);
-
 void export_free_all(Manager *m);
-/* Right after a (re)connect: stop a server of ours (and its exports) left by a restart or a
- * broken connection. */
-void export_cleanup_leftovers(Guest *g);
 
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

@@ -6,7 +6,7 @@
 
 #include "guest.h"
 #include "state.h"
-#include "stream.h"
+#include "disk.h"
 #include "util.h"
 
 int guest_write_state(Guest *g, const char *dir) {

@@ -8,6 +8,7 @@
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
+#include "peer.h"
 #include "qemu.h"
 #include "qmp.h"
 #include "qmp-socket.h"
@@ -17,8 +18,6 @@
 typedef struct Manager Manager;
 typedef struct Disk Disk;
 typedef struct Guest Guest;
-typedef struct StorageHelper StorageHelper;
-typedef struct GuestWaiter GuestWaiter;
 
 /* Something waiting for the guest's QMP peer (an offline guest's storage helper) to be ready. */
 typedef void (*guest_ready_handler_t)(Guest *g, int error, const char *error_text, void *userdata);
@@ -49,7 +48,9 @@ typedef struct Guest {
         bool qmp_uid_pin_next;
         char *connect_error;
 
-        Qmp *qmp;
+        /* Its QMP peer (peer.h): the QEMU, or an offline guest's storage helper; the private
+         * NBD server on it. */
+        Peer peer;
         bool running; /* QMP ready */
         bool had_connection;
         sd_event_source *reconnect_timer;
@@ -78,17 +79,10 @@ typedef struct Guest {
         char *runtime_dir;           /* <runtime-dir>/guests/<name>: what its helpers see */
 
         /* A guest that is not running: its disks are served by a sandboxed storage helper (a
-         * QEMU with no guest), started on demand; g->qmp then talks to it. */
+         * QEMU with no guest), started on demand; its peer then talks to it. */
         bool offline;
-        StorageHelper *helper;
-        GuestWaiter *waiters;
-        sd_event_source *release_check; /* outcomes waiting for the helper: is it idle now? */
 
-        /* The private NBD server of its QMP peer (export.c). */
-        bool nbd_server;
-        bool nbd_server_started; /* persisted: a server of ours may run in this QEMU */
-        char *nbd_socket;
-        unsigned nbd_users; /* exports in QEMU using it */
+        bool nbd_server_started; /* persisted: a server of ours may run in this QEMU (peer.c) */
 } Guest;
 
 int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);
@@ -109,6 +103,8 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to);
 void guest_unregister_drains_free(Manager *m);
 
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
+/* The QEMU node name of the disk (NULL: no such disk). */
+const char *guest_disk_node_name(Guest *g, const char *alias_or_path);
 /* The QMP peer (QEMU, or an offline guest's storage helper) can take commands now. */
 bool guest_qmp_ready(Guest *g);
 /* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after
@@ -117,8 +113,6 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
 /* An offline guest's helper goes away once nothing needs it; outcomes of its jobs are told
  * once it is gone (the images' locks with it), or at once if other work keeps it. */
 void guest_release_helper_if_idle(Guest *g);
-/* The helper is gone: tell the outcomes that waited for it. */
-void guest_publish_released(Guest *g);
 /* Where an image given by a client or found in a header may live, and which files are
  * another guest's writable disks. */
 char **guest_forbidden_images(Guest *g);
@@ -141,10 +135,6 @@ void guest_update_polling(Guest *g);
 typedef void (*guest_refresh_handler_t)(Guest *g, int error, const char *error_desc, void *userdata);
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *));
 
-/* QMP handlers of the guest's peer (QEMU or the storage helper). */
-void guest_on_state(Qmp *q, int error, void *userdata);
-void guest_on_event(Qmp *q, const char *event, json_object *data, void *userdata);
-void guest_run_waiters(Guest *g, int error, const char *error_text);
 /* An offline guest at daemon start: its storage helper (and every job in it) died with the old
  * daemon. Jobs are reported failed, finished ones published. */
 void guest_fail_orphaned_jobs(Guest *g);
@@ -156,6 +146,12 @@ int guest_ensure_runtime_dir(Guest *g);
 int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data_fd, const char *label,
         const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
         sd_event_source **ret_child, int *ret_control, HelperLog **ret_log);
+
+/* guest-peer.c: the guest's side of its QMP peer. */
+extern const PeerOwner guest_peer_owner;
+extern const StorageSource guest_storage_source;
+/* guest.c, for guest-peer.c */
+void guest_emit_changed(Guest *g, const char *property);
 
 int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

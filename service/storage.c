@@ -7,21 +7,17 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 
-#include "export.h"
-#include "range.h"
-#include "guest.h"
 #include "helper.h"
 #include "image.h"
-#include "manager.h"
 #include "qemu.h"
 #include "sandbox.h"
 #include "storage.h"
-#include "stream.h"
 #include "util.h"
 
 
 struct StorageHelper {
-        Guest *guest;
+        const StorageHost *host;
+        uid_t uid; /* the guest's helper uid */
         pid_t pid;
         sd_event_source *child_source;
         HelperLog *log;
@@ -51,27 +47,21 @@ static void helper_free(StorageHelper *h) {
         free(h);
 }
 
-bool storage_helper_attached(Guest *g) {
+bool storage_helper_attached(const StorageHost *host) {
+        StorageHelper *h = *host->helper;
+
         /* One that was asked to quit takes nothing new: callers wait for a fresh one. */
-        return g->helper && g->helper->attached && !g->helper->lost && !g->helper->stopping;
+        return h && h->attached && !h->lost && !h->stopping;
 }
 
-static void fail_waiters_and_jobs(Guest *g, const char *why) {
-        export_guest_lost(g);
-        range_guest_lost(g);
-        for (size_t i = 0; i < g->n_disks; i++) {
-                Disk *d = g->disks[i];
-                if (job_is_active(&d->job) && !d->job.concluded)
-                        disk_fail_job(d, why);
-                else if (d->job.concluded)
-                        disk_apply_job_changes(d, JOB_NOW_CONCLUDED);
-        }
-        guest_run_waiters(g, -ECONNRESET, why);
+/* Exports, range jobs, the disks' jobs and the waiters learn it (the peer tells them all). */
+static void fail_waiters_and_jobs(const StorageHost *host, const char *why) {
+        host->failed(host->userdata, why);
 }
 
 static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata) {
         StorageHelper *h = userdata;
-        Guest *g = h->guest;
+        const StorageHost *host = h->host;
         _cleanup_free_ char *why = NULL;
         bool expected;
 
@@ -80,34 +70,33 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
         else
                 why = strdup_printf("The storage helper was killed by signal %s.", sigabbrev_np(si->si_status) ?: "?");
         if ((si->si_code == CLD_EXITED && si->si_status == 0) || h->stopping)
-                log_info("Guest %s: storage helper exited.", g->name);
+                log_info("Guest %s: storage helper exited.", host->name);
         else
-                log_warning("Guest %s: %s", g->name, why ?: "The storage helper died.");
+                log_warning("Guest %s: %s", host->name, why ?: "The storage helper died.");
 
-        g->helper = NULL;
+        *host->helper = NULL;
         if (!h->lost) {
                 h->lost = true;
-                g->qmp = qmp_close_unref(g->qmp);
+                *host->qmp = qmp_close_unref(*host->qmp);
         }
         expected = h->stopping;
         helper_free(h);
         /* Its threads are gone, and the images' locks with them (a child's exit is reported once
          * its last thread exited): outcomes that waited for that can be told. */
-        guest_publish_released(g);
+        host->released(host->userdata);
         /* Asked for again while it was quitting: a fresh one for them. */
-        if (expected && g->waiters && storage_helper_start(g) >= 0)
+        if (expected && host->wanted(host->userdata) && storage_helper_start(host) >= 0)
                 return 0;
         /* Jobs and waiters learn it, unless they already did through QMP. */
-        fail_waiters_and_jobs(g, why ?: "The storage helper died.");
-        guest_update_polling(g);
+        fail_waiters_and_jobs(host, why ?: "The storage helper died.");
         return 0;
 }
 
-void storage_helper_lost(Guest *g, int error) {
-        StorageHelper *h = g->helper;
+void storage_helper_lost(const StorageHost *host, int error) {
+        StorageHelper *h = *host->helper;
         _cleanup_free_ char *why = NULL;
 
-        g->qmp = qmp_close_unref(g->qmp);
+        *host->qmp = qmp_close_unref(*host->qmp);
         if (!h || h->lost)
                 return;
         h->lost = true;
@@ -116,8 +105,7 @@ void storage_helper_lost(Guest *g, int error) {
         /* Whatever it is doing without a monitor, it does not do it for us any more. */
         (void) helper_kill(h->child_source);
         why = strdup_printf("The storage helper went away (%s).", h->error ?: strerror(-error));
-        fail_waiters_and_jobs(g, why ?: "The storage helper went away.");
-        guest_update_polling(g);
+        fail_waiters_and_jobs(host, why ?: "The storage helper went away.");
 }
 
 /* Processes of the guest's helper uid that are not our children: helpers of an earlier daemon
@@ -183,10 +171,10 @@ static int helper_spawn(StorageHelper *h);
 
 static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
         StorageHelper *h = userdata;
-        Guest *g = h->guest;
+        const StorageHost *host = h->host;
         int r;
 
-        r = kill_leftovers(g->helper_uid);
+        r = kill_leftovers(h->uid);
         if (r > 0 && now_usec(CLOCK_MONOTONIC) < h->leftover_deadline) {
                 (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
                 (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -200,39 +188,40 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
         }
         if (r != 0) {
                 _cleanup_free_ char *why = r > 0 ? strdup_printf("Processes of the guest's helper uid " UID_FMT
-                                                                 " left by an earlier daemon did not exit.", g->helper_uid)
+                                                                 " left by an earlier daemon did not exit.", h->uid)
                                                  : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
-                log_error("Guest %s: %s", g->name, why ?: "out of memory");
-                g->helper = NULL;
+                log_error("Guest %s: %s", host->name, why ?: "out of memory");
+                *host->helper = NULL;
                 helper_free(h);
-                fail_waiters_and_jobs(g, why ?: "Cannot start the storage helper.");
-                guest_update_polling(g);
+                fail_waiters_and_jobs(host, why ?: "Cannot start the storage helper.");
         }
         return 0;
 }
 
-int storage_helper_start(Guest *g) {
+int storage_helper_start(const StorageHost *host) {
+        StorageSandbox sb = {};
         StorageHelper *h;
         int r;
 
-        if (g->helper)
+        if (*host->helper)
                 return 0;
-        r = guest_ensure_runtime_dir(g);
+        r = host->source->sandbox(host->source->userdata, &sb); /* creates the runtime dir */
         if (r < 0)
                 return r;
         h = calloc(1, sizeof(StorageHelper));
         if (!h)
                 return -ENOMEM;
-        h->guest = g;
+        h->host = host;
+        h->uid = sb.uid;
         /* A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's helper
          * still exiting, with the images' locks: wait for it rather than fail on those locks. */
-        r = kill_leftovers(g->helper_uid);
+        r = kill_leftovers(h->uid);
         if (r > 0) {
                 h->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
-                r = sd_event_add_time_relative(g->manager->event, &h->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC,
+                r = sd_event_add_time_relative(host->event, &h->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC,
                         0, leftover_check, h);
                 if (r >= 0) {
-                        g->helper = h;
+                        *host->helper = h;
                         return 0;
                 }
         }
@@ -242,18 +231,19 @@ int storage_helper_start(Guest *g) {
         }
         r = helper_spawn(h);
         if (r < 0 && !h->child_source)
-                helper_free(h); /* else it runs, as g->helper, and its child handler cleans up */
+                helper_free(h); /* else it runs, as *host->helper, and its child handler cleans up */
         return r;
 }
 
-/* Spawn it for h (not yet g->helper, or g->helper waiting for leftovers); on success it is g->helper. */
+/* Spawn it for h (not yet *host->helper, or *host->helper waiting for leftovers); on success it is
+ * *host->helper. */
 static int helper_spawn(StorageHelper *h) {
-        Guest *g = h->guest;
-        Manager *m = g->manager;
-        _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", g->name);
+        const StorageHost *host = h->host;
+        StorageSandbox sb = {};
+        _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", host->name);
         _cleanup_close_ int qmp_ours = -1;
         char *argv[] = {
-                (char *) config_qemu_binary(&m->config),
+                (char *) config_qemu_binary(host->config),
                 (char *) "-machine", (char *) "none",
                 (char *) "-nodefaults",
                 (char *) "-no-user-config",
@@ -268,15 +258,18 @@ static int helper_spawn(StorageHelper *h) {
 
         if (!prefix)
                 return -ENOMEM;
+        r = host->source->sandbox(host->source->userdata, &sb);
+        if (r < 0)
+                return r;
         /* Its QMP socket is its fd 3. */
-        r = helper_start(m->event,
+        r = helper_start(host->event,
                 &(HelperSpec) {
                         .sandbox = {
-                                .name = g->name,
-                                .uid = g->helper_uid,
-                                .gid = g->helper_uid,
-                                .runtime_dir = g->runtime_dir,
-                                .selinux_label = g->selinux_process_label,
+                                .name = host->name,
+                                .uid = sb.uid,
+                                .gid = sb.uid,
+                                .runtime_dir = sb.runtime_dir,
+                                .selinux_label = sb.process_label,
                                 .argv = argv,
                                 .exec_fd = -1,
                                 .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
@@ -294,25 +287,25 @@ static int helper_spawn(StorageHelper *h) {
         if (r < 0)
                 return r;
         h->pid = pid;
-        g->helper = h;
+        *host->helper = h;
 
-        r = qmp_new_from_fd(&g->qmp, m->event, qmp_ours, &(QmpHandlers) { .on_state = guest_on_state, .on_event = guest_on_event, .userdata = g });
+        r = qmp_new_from_fd(host->qmp, host->event, qmp_ours, &host->qmp_handlers);
         if (r < 0) {
-                g->qmp = NULL;
+                *host->qmp = NULL;
                 (void) helper_kill(h->child_source); /* the child handler cleans up */
                 return r;
         }
         TAKE_FD(qmp_ours);
-        qmp_set_timeout(g->qmp, m->config.qmp_timeout_usec);
-        log_info("Guest %s: storage helper started (pid %i, uid " UID_FMT ").", g->name, pid, g->helper_uid);
+        qmp_set_timeout(*host->qmp, host->config->qmp_timeout_usec);
+        log_info("Guest %s: storage helper started (pid %i, uid " UID_FMT ").", host->name, pid, sb.uid);
         return 0;
 }
 
 /* Attaching the disks */
 
 static void attach_reply(Qmp *q, int error, const char *desc, void *userdata) {
-        Guest *g = userdata;
-        StorageHelper *h = g->helper;
+        const StorageHost *host = userdata;
+        StorageHelper *h = *host->helper;
 
         if (!h || h->lost)
                 return;
@@ -321,34 +314,34 @@ static void attach_reply(Qmp *q, int error, const char *desc, void *userdata) {
         if (--h->pending > 0)
                 return;
         if (h->error) {
-                log_error("Guest %s: %s", g->name, h->error);
-                storage_helper_lost(g, -EIO);
+                log_error("Guest %s: %s", host->name, h->error);
+                storage_helper_lost(host, -EIO);
                 return;
         }
         h->attached = true;
-        log_info("Guest %s: storage helper has the disks.", g->name);
-        guest_run_waiters(g, 0, NULL);
+        log_info("Guest %s: storage helper has the disks.", host->name);
+        host->attached(host->userdata);
 }
 
-static char *node_name(const Disk *d, size_t k, bool file) {
+static char *node_name(const StorageDisk *d, size_t k, bool file) {
         /* QEMU node names are at most 31 characters; aliases of offline disks are short. */
         if (k == 0)
                 return strdup_printf(file ? "bsf-%s" : "bs-%s", d->alias);
         return strdup_printf(file ? "bsf-%s-%zu" : "bs-%s-%zu", d->alias, k);
 }
 
-static int attach_disk(Guest *g, Disk *d, char **forbidden, char **claimed, char **ret_error) {
-        Manager *m = g->manager;
-        StorageHelper *h = g->helper;
+static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const StorageDisk *d, char **forbidden,
+        char **claimed, char **ret_error) {
+        StorageHelper *h = *host->helper;
         _cleanup_(image_chain_done) ImageChain chain = {};
         _cleanup_free_ char *content_label = NULL;
         int r;
 
         if (sandbox_selinux_enabled() &&
-                !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(&m->config))))
+                !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
         r = image_chain_open_claimed(
-                m->config.image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
+                host->config->image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {
@@ -360,7 +353,7 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **claimed, char
 
                 if (!file || !fmt || (k + 1 < chain.n && !backing))
                         return -ENOMEM;
-                r = sandbox_selinux_label_fd(im->fd, k == 0 ? g->selinux_image_label : content_label);
+                r = sandbox_selinux_label_fd(im->fd, k == 0 ? sb->image_label : content_label);
                 if (r < 0) {
                         *ret_error = strdup_printf("Cannot label %s for the sandbox: %s", im->path, strerror(-r));
                         return r;
@@ -368,15 +361,16 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **claimed, char
                 fd = fcntl(im->fd, F_DUPFD_CLOEXEC, 3);
                 if (fd < 0)
                         return -errno;
-                r = qemu_add_fd(g->qmp, fdset, fd, d->alias, attach_reply, g, NULL);
+                r = qemu_add_fd(*host->qmp, fdset, fd, d->alias, attach_reply, (void *) host, NULL);
                 if (r < 0)
                         return r;
                 h->pending++;
-                r = qemu_blockdev_add_file(g->qmp, file, fdset, k > 0, attach_reply, g, NULL);
+                r = qemu_blockdev_add_file(*host->qmp, file, fdset, k > 0, attach_reply, (void *) host, NULL);
                 if (r < 0)
                         return r;
                 h->pending++;
-                r = qemu_blockdev_add_format(g->qmp, im->format, fmt, file, backing, k > 0, attach_reply, g, NULL);
+                r = qemu_blockdev_add_format(*host->qmp, im->format, fmt, file, backing, k > 0, attach_reply, (void *) host,
+                        NULL);
                 if (r < 0)
                         return r;
                 h->pending++;
@@ -384,32 +378,39 @@ static int attach_disk(Guest *g, Disk *d, char **forbidden, char **claimed, char
         return 0;
 }
 
-void storage_helper_attach(Guest *g) {
-        StorageHelper *h = g->helper;
+void storage_helper_attach(const StorageHost *host) {
+        const StorageSource *src = host->source;
+        StorageHelper *h = *host->helper;
         _cleanup_strv_free_ char **forbidden = NULL, **claimed = NULL;
-        int r = 0;
+        StorageSandbox sb = {};
+        size_t n;
+        int r;
 
         if (!h)
                 return;
-        forbidden = guest_forbidden_images(g);
-        claimed = manager_guest_claims(g->manager, g);
-        for (size_t i = 0; i < g->n_disks && r >= 0; i++) {
+        forbidden = src->forbidden_images(src->userdata);
+        claimed = src->claimed_images(src->userdata);
+        r = src->sandbox(src->userdata, &sb);
+        n = src->n_disks(src->userdata);
+        for (size_t i = 0; i < n && r >= 0; i++) {
                 _cleanup_free_ char *error = NULL;
-                r = attach_disk(g, g->disks[i], forbidden, claimed, &error);
+                StorageDisk d = {};
+
+                src->disk(src->userdata, i, &d);
+                r = attach_disk(host, &sb, &d, forbidden, claimed, &error);
                 if (r < 0) {
                         free(h->error);
-                        h->error = strdup_printf("Cannot attach disk %s (%s): %s", g->disks[i]->alias, g->disks[i]->path,
-                                error ?: strerror(-r));
+                        h->error = strdup_printf("Cannot attach disk %s (%s): %s", d.alias, d.path, error ?: strerror(-r));
                 }
         }
         if (r < 0) {
-                log_error("Guest %s: %s", g->name, h->error ?: "cannot attach disks");
-                storage_helper_lost(g, r);
+                log_error("Guest %s: %s", host->name, h->error ?: "cannot attach disks");
+                storage_helper_lost(host, r);
                 return;
         }
         if (h->pending == 0) {
                 h->attached = true;
-                guest_run_waiters(g, 0, NULL);
+                host->attached(host->userdata);
         }
 }
 
@@ -417,35 +418,35 @@ static void quit_reply(Qmp *q, int error, const char *desc, void *userdata) {
         /* Its exit comes through the child handler. */
 }
 
-void storage_helper_stop(Guest *g) {
-        StorageHelper *h = g->helper;
+void storage_helper_stop(const StorageHost *host) {
+        StorageHelper *h = *host->helper;
 
         if (!h || h->lost || h->stopping)
                 return;
         if (h->pid == 0) {
                 /* Still waiting for an earlier daemon's helpers: nothing of ours to stop. */
-                g->helper = NULL;
+                *host->helper = NULL;
                 helper_free(h);
-                guest_publish_released(g);
+                host->released(host->userdata);
                 return;
         }
-        log_info("Guest %s: nothing left for the storage helper to do, stopping it.", g->name);
+        log_info("Guest %s: nothing left for the storage helper to do, stopping it.", host->name);
         h->stopping = true;
         /* SIGTERM is a clean QEMU shutdown too; SIGKILL if it did not quit in 10 s. */
-        if (!g->qmp || qemu_quit(g->qmp, quit_reply, NULL, NULL) < 0)
+        if (!*host->qmp || qemu_quit(*host->qmp, quit_reply, NULL, NULL) < 0)
                 (void) helper_stop(h->child_source, 10 * USEC_PER_SEC);
         else
                 (void) helper_kill_after(h->child_source, 10 * USEC_PER_SEC);
 }
 
-void storage_helper_kill(Guest *g) {
-        StorageHelper *h = g->helper;
+void storage_helper_kill(const StorageHost *host) {
+        StorageHelper *h = *host->helper;
 
         if (!h)
                 return;
-        g->qmp = qmp_close_unref(g->qmp);
+        *host->qmp = qmp_close_unref(*host->qmp);
         /* Killed and reaped now: the guest (and so the child source's userdata) is going away. */
         h->child_source = helper_release(h->child_source);
-        g->helper = NULL;
+        *host->helper = NULL;
         helper_free(h);
 }

@@ -4,18 +4,79 @@
 /* The storage helper of a guest that is not running: a sandboxed
  * `qemu-system-x86_64 -machine none` (no guest, QEMU's own -sandbox on) that takes QMP on a
  * socketpair and the images as fds (add-fd), so it needs no path to anything. It runs the same
- * block jobs and NBD exports as a guest's own QEMU, and goes away when nothing needs it. */
+ * block jobs and NBD exports as a guest's own QEMU, and goes away when nothing needs it.
+ *
+ * It belongs to the guest's QMP peer (peer.c), and knows nothing of the Guest object: the
+ * guest's identity and disks come through a StorageSource, and what happens to the helper goes
+ * back through the StorageHost's callbacks. */
 
-typedef struct Guest Guest;
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <systemd/sd-event.h>
 
-/* Spawn it; the guest's waiters run once its disks are attached (or it failed). */
-int storage_helper_start(Guest *g);
+#include "config.h"
+#include "qmp.h"
+
+typedef struct StorageHelper StorageHelper;
+
+/* The sandbox a guest's helpers run in: its helpers' uid (= gid), SELinux labels (NULL where
+ * SELinux is off) and runtime dir (created by whoever fills it in). */
+typedef struct StorageSandbox {
+        uid_t uid;
+        const char *process_label;
+        const char *image_label;
+        const char *runtime_dir;
+} StorageSandbox;
+
+/* One disk to attach: its alias, image path and format as registered. */
+typedef struct StorageDisk {
+        const char *alias;
+        const char *path;
+        const char *format;
+} StorageDisk;
+
+/* What the helper needs of the guest, asked when needed. */
+typedef struct StorageSource {
+        void *userdata;
+        int (*sandbox)(void *userdata, StorageSandbox *ret);
+        size_t (*n_disks)(void *userdata);
+        void (*disk)(void *userdata, size_t i, StorageDisk *ret);
+        /* Where an image may not live (other guests' writable disks), and what running guests
+         * claim (strv, NULL on OOM). */
+        char **(*forbidden_images)(void *userdata);
+        char **(*claimed_images)(void *userdata);
+} StorageSource;
+
+typedef struct StorageHost {
+        sd_event *event;
+        const Config *config;
+        const char *name; /* the guest's, for logs */
+        /* The slots the helper and its QMP connection live in (the peer's). */
+        StorageHelper **helper;
+        Qmp **qmp;
+        QmpHandlers qmp_handlers;
+        const StorageSource *source;
+
+        void *userdata;
+        /* Its disks are attached: waiters can run. */
+        void (*attached)(void *userdata);
+        /* It failed or went away: jobs and waiters learn it, unless they did through QMP. */
+        void (*failed)(void *userdata, const char *why);
+        /* It is gone, and the images' locks with it. */
+        void (*released)(void *userdata);
+        /* Something asked for it again while it was quitting. */
+        bool (*wanted)(void *userdata);
+} StorageHost;
+
+/* Spawn it; host->attached or host->failed tells once its disks are attached (or it failed). */
+int storage_helper_start(const StorageHost *host);
 /* QMP is up: attach the guest's disks. */
-void storage_helper_attach(Guest *g);
+void storage_helper_attach(const StorageHost *host);
 /* QMP went away: the helper is dead or dying. */
-void storage_helper_lost(Guest *g, int error);
+void storage_helper_lost(const StorageHost *host, int error);
 /* Ask it to quit (QEMU flushes and unlocks the images on the way out). */
-void storage_helper_stop(Guest *g);
+void storage_helper_stop(const StorageHost *host);
 /* Kill it at once and forget it (guest going away). */
-void storage_helper_kill(Guest *g);
-bool storage_helper_attached(Guest *g);
+void storage_helper_kill(const StorageHost *host);
+bool storage_helper_attached(const StorageHost *host);

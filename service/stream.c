@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 
+#include "backend.h"
 #include "bus-error.h"
 #include "bus-util.h"
 #include "export.h"
@@ -10,356 +11,11 @@
 #include "image.h"
 #include "manager.h"
 #include "polkit.h"
+#include "map.h"
 #include "range.h"
-#include "state.h"
 #include "stream.h"
 #include "util.h"
 
-#define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
-
-int disk_new(Disk **ret, Guest *g, const char *alias) {
-        Disk *d;
-
-        d = calloc(1, sizeof(Disk));
-        if (!d)
-                return -ENOMEM;
-        d->guest = g;
-        d->alias = strdup(alias);
-        d->node_name = strdup("");
-        d->path = strdup("");
-        d->format = strdup("");
-        d->chain = calloc(1, sizeof(char *));
-        d->chain_nodes = calloc(1, sizeof(char *));
-        if (!d->alias || !d->node_name || !d->path || !d->format || !d->chain || !d->chain_nodes ||
-                sd_bus_path_encode_many(&d->object_path, GUEST_PATH_PREFIX "/%/%", g->name, alias) < 0) {
-                disk_free(d);
-                return -ENOMEM;
-        }
-        *ret = d;
-        return 0;
-}
-
-Disk *disk_free(Disk *d) {
-        if (!d)
-                return NULL;
-        job_done(&d->job);
-        free(d->range_node);
-        free(d->range_export);
-        free(d->range_bottom);
-        free(d->job_base);
-        free(d->map_export);
-        free(d->map_export_node);
-        free(d->alias);
-        free(d->object_path);
-        free(d->node_name);
-        free(d->path);
-        free(d->format);
-        strv_free(d->chain);
-        strv_free(d->chain_nodes);
-        free(d);
-        return NULL;
-}
-
-static int replace_string(char **s, const char *v, bool *changed) {
-        char *c;
-
-        if (streq_ptr(*s, v))
-                return 0;
-        c = strdup(v);
-        if (!c)
-                return -ENOMEM;
-        free(*s);
-        *s = c;
-        *changed = true;
-        return 0;
-}
-
-int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
-        _cleanup_strv_free_ char **chain = NULL, **nodes = NULL;
-        bool node_changed = false, path_changed = false, chain_changed = false, size_changed = false, dummy = false;
-        int r;
-
-        chain = calloc(q->n_chain + 1, sizeof(char *));
-        nodes = calloc(q->n_chain + 1, sizeof(char *));
-        if (!chain || !nodes)
-                return -ENOMEM;
-        for (size_t i = 0; i < q->n_chain; i++) {
-                chain[i] = strdup(q->chain[i].filename);
-                nodes[i] = strdup(strempty(q->chain[i].node_name));
-                if (!chain[i] || !nodes[i])
-                        return -ENOMEM;
-        }
-
-        if ((r = replace_string(&d->node_name, q->node_name, &node_changed)) < 0 ||
-                (r = replace_string(&d->path, q->filename, &path_changed)) < 0 ||
-                (r = replace_string(&d->format, q->format, &dummy)) < 0)
-                return r;
-        if (!strv_equal(chain, d->chain)) {
-                strv_free(d->chain);
-                d->chain = TAKE_PTR(chain);
-                chain_changed = true;
-        }
-        strv_free(d->chain_nodes);
-        d->chain_nodes = TAKE_PTR(nodes);
-        if (d->size != q->virtual_size) {
-                d->size = q->virtual_size;
-                size_changed = true;
-        }
-        d->cluster_size = q->cluster_size;
-
-        if (emit) {
-                if (node_changed)
-                        disk_emit_changed(d, "NodeName", NULL);
-                if (path_changed)
-                        disk_emit_changed(d, "Path", NULL);
-                if (chain_changed)
-                        disk_emit_changed(d, "BackingChain", NULL);
-                if (size_changed)
-                        disk_emit_changed(d, "Size", NULL);
-        }
-        return node_changed || path_changed || chain_changed || size_changed;
-}
-
-int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit) {
-        _cleanup_free_ char *node = strdup_printf("bs-%s", d->alias);
-        QemuDisk q = {
-                .alias = d->alias,
-                .node_name = node,
-                .filename = c->images[0].path,
-                .format = c->images[0].format,
-                .virtual_size = c->images[0].virtual_size,
-                .cluster_size = c->images[0].cluster_size,
-        };
-        QemuImage *chain = NULL;
-        int r;
-
-        if (!node)
-                return -ENOMEM;
-        if (c->n > 1) {
-                chain = calloc(c->n - 1, sizeof(QemuImage));
-                if (!chain)
-                        return -ENOMEM;
-                for (size_t k = 1; k < c->n; k++) {
-                        chain[k - 1].filename = c->images[k].path;
-                        chain[k - 1].format = c->images[k].format;
-                        /* The storage helper names them so (storage.c). */
-                        chain[k - 1].node_name = strdup_printf("bs-%s-%zu", d->alias, k);
-                        if (!chain[k - 1].node_name) {
-                                r = -ENOMEM;
-                                goto finish;
-                        }
-                }
-        }
-        q.chain = chain;
-        q.n_chain = c->n ? c->n - 1 : 0;
-        r = disk_update_from_qemu(d, &q, emit);
-finish:
-        for (size_t k = 0; chain && k + 1 < c->n; k++)
-                free(chain[k].node_name);
-        free(chain);
-        return r;
-}
-
-void disk_emit_changed(Disk *d, const char *first, ...) {
-        _cleanup_strv_free_ char **names = NULL;
-        va_list ap;
-        int r;
-
-        if (!d->guest->published)
-                return;
-        va_start(ap, first);
-        for (const char *n = first; n; n = va_arg(ap, const char *))
-                if (strv_push(&names, strdup(n)) < 0) {
-                        va_end(ap);
-                        log_oom();
-                        return;
-                }
-        va_end(ap);
-        r = sd_bus_emit_properties_changed_strv(d->guest->manager->bus, d->object_path, STREAM_INTERFACE, names);
-        if (r < 0)
-                log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", d->object_path);
-}
-
-static void disk_emit_job(Disk *d) {
-        disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
-                "StartTime", "ExpectedEndTime", "Error", NULL);
-}
-
-static void disk_save(Disk *d) {
-        d->last_saved = now_usec(CLOCK_MONOTONIC);
-        (void) guest_save(d->guest);
-}
-
-static void disk_save_later(Disk *d) {
-        d->last_saved = now_usec(CLOCK_MONOTONIC);
-        guest_save_later(d->guest);
-}
-
-/* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
- * changed, and only then publish, so that a client woken by Finished sees the new chain. */
-
-typedef struct FinalizeCtx {
-        Guest *guest;
-        char *alias;
-} FinalizeCtx;
-
-static void finalize_ctx_free(void *p) {
-        FinalizeCtx *c = p;
-
-        if (!c)
-                return;
-        free(c->alias);
-        free(c);
-}
-
-static FinalizeCtx *finalize_ctx_new(Disk *d) {
-        FinalizeCtx *c = calloc(1, sizeof(FinalizeCtx));
-
-        if (!c)
-                return NULL;
-        c->guest = d->guest;
-        c->alias = strdup(d->alias);
-        if (!c->alias)
-                return mfree(c);
-        return c;
-}
-
-static void disk_publish_now(Disk *d) {
-        Manager *m = d->guest->manager;
-        int r;
-
-        d->finalizing = false;
-        d->releasing = false;
-        if (!job_publish_outcome(&d->job))
-                return;
-        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->guest->name, d->alias,
-                stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
-                strempty(d->job.error));
-        disk_save(d);
-        disk_emit_job(d);
-        if (d->guest->published) {
-                r = sd_bus_emit_signal(m->bus, d->object_path, STREAM_INTERFACE, "Finished", "sts",
-                        stream_state_to_string(d->job.state), d->job.done, strempty(d->job.error));
-                if (r < 0)
-                        log_warning_errno(r, "Failed to emit Finished for %s: %m", d->object_path);
-        }
-        guest_update_polling(d->guest);
-        guest_release_helper_if_idle(d->guest);
-}
-
-static void disk_publish_outcome(Disk *d) {
-        Guest *g = d->guest;
-
-        d->finalizing = false;
-        /* A guest that is not running: its storage helper holds the images' locks until it quits.
-         * Whoever starts the VM at Finished (pull --wait, then boot) must find them free, so the
-         * outcome waits for the helper to go when nothing else needs it. */
-        if (g->offline && g->helper && d->job.concluded) {
-                d->releasing = true;
-                guest_release_helper_if_idle(g);
-                return;
-        }
-        disk_publish_now(d);
-}
-
-void disk_publish_released(Disk *d) {
-        if (d->releasing)
-                disk_publish_now(d);
-}
-
-static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
-        FinalizeCtx *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
-
-        if (error < 0)
-                log_warning_errno(error, "Guest %s: could not re-read disks after a stream: %s", g->name,
-                        desc ?: strerror(-error));
-        if (d)
-                disk_publish_outcome(d);
-}
-
-static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userdata) {
-        FinalizeCtx *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
-        FinalizeCtx *c2;
-
-        if (!d)
-                return;
-        if (error < 0 && error != -EREMOTEIO)
-                log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->guest->name, d->alias);
-        d->job.id = mfree(d->job.id);
-        if (d->job.outcome == STREAM_COMPLETED && (guest_qmp_ready(c->guest) || c->guest->offline)) {
-                c2 = finalize_ctx_new(d);
-                if (c2 && guest_refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
-                        return;
-                finalize_ctx_free(c2);
-        }
-        disk_publish_outcome(d);
-}
-
-static void disk_finalize(Disk *d) {
-        Guest *g = d->guest;
-        FinalizeCtx *c;
-
-        if (d->finalizing)
-                return;
-        d->finalizing = true;
-        range_map_export_release(d); /* the job no longer runs: maps may drain the node again */
-        disk_save(d); /* the outcome survives a crash from here on */
-        guest_update_polling(g);
-
-        if (d->job.id && guest_qmp_ready(g)) {
-                c = finalize_ctx_new(d);
-                if (c && qemu_job_dismiss(g->qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
-                        return;
-                finalize_ctx_free(c);
-        }
-        d->job.id = mfree(d->job.id);
-        disk_publish_outcome(d);
-}
-
-static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
-        if (changed & JOB_NOW_CONCLUDED) {
-                disk_finalize(d);
-                return;
-        }
-        if (changed & JOB_CHANGED_STATE) {
-                disk_emit_job(d);
-                if (lazy)
-                        disk_save_later(d);
-                else
-                        disk_save(d);
-        } else if (changed & JOB_CHANGED_PROGRESS) {
-                disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
-                if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
-                        disk_save_later(d);
-        }
-        if ((changed & JOB_CHANGED_ERROR) && !(changed & JOB_CHANGED_STATE)) {
-                disk_emit_changed(d, "Error", NULL);
-                disk_save_later(d);
-        }
-}
-
-void disk_apply_job_changes(Disk *d, unsigned changed) {
-        apply_job_changes(d, changed, false);
-}
-
-/* QEMU decides how often these come: the signal goes per change, the write is coalesced (a
- * crash within GUEST_SAVE_INTERVAL_USEC loses a pause or resume that the next connect reads
- * from QEMU again). Our own changes (a job begun, Pause of a range) are written at once. */
-void disk_apply_qemu_job_changes(Disk *d, unsigned changed) {
-        apply_job_changes(d, changed, true);
-}
-
-void disk_fail_job(Disk *d, const char *error) {
-        unsigned changed = job_conclude(&d->job, STREAM_FAILED, error);
-
-        if (changed & JOB_NOW_CONCLUDED) {
-                /* Nothing left to dismiss: QEMU no longer has the job. */
-                d->job.id = mfree(d->job.id);
-                disk_apply_job_changes(d, changed);
-        }
-}
 
 /* Method plumbing */
 
@@ -379,7 +35,8 @@ typedef struct CallCtx {
         Guest *guest;
         char *alias;
         bool replied;
-        uint64_t value;
+        uint64_t bandwidth;   /* Start and SetBandwidth: the job's bandwidth */
+        JobControl control;   /* Cancel, Pause, Resume */
         char *job_id;
         char *base_node;
         char *backing_file;
@@ -437,7 +94,7 @@ static int require_running(Disk *d, sd_bus_error *error) {
 }
 
 static int require_job(Disk *d, sd_bus_error *error) {
-        if (!job_is_active(&d->job) || d->finalizing || (!d->job.id && !range_running(d)))
+        if (!job_is_active(&d->job) || d->finalizing || !job_backend_of(d)->runs(d))
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "No job is running on disk '%s' of guest '%s'.",
                         d->alias, d->guest->name);
         return 0;
@@ -498,7 +155,7 @@ static void resume_started(Disk *d, CallCtx *c, int error, const char *desc) {
         }
         id = strdup(c->job_id);
         if (!id) {
-                (void) qemu_block_job_cancel(g->qmp, c->job_id, NULL, NULL, NULL);
+                (void) qemu_block_job_cancel(g->peer.qmp, c->job_id, NULL, NULL, NULL);
                 resume_failed(d, "out of memory");
                 return;
         }
@@ -506,7 +163,7 @@ static void resume_started(Disk *d, CallCtx *c, int error, const char *desc) {
         d->job.id = id;
         log_info("Guest %s disk %s: stream carried on after a restart (job %s).", g->name, d->alias, d->job.id);
         if (c->resume_paused)
-                (void) qemu_block_job_pause(g->qmp, d->job.id, NULL, NULL, NULL);
+                (void) qemu_block_job_pause(g->peer.qmp, d->job.id, NULL, NULL, NULL);
         disk_save(d);
         guest_update_polling(g);
 }
@@ -537,7 +194,7 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         d->job_base = NULL;
         if (c->base_node && !(d->job_base = strdup(c->base_node)))
                 log_oom(); /* only a resume after a restart would miss it */
-        r = job_begin(&d->job, c->job_id, STREAM_MODE_FULL, 0, d->size, d->size, c->value, now_usec(CLOCK_REALTIME));
+        r = job_begin(&d->job, c->job_id, STREAM_MODE_FULL, 0, d->size, d->size, c->bandwidth, now_usec(CLOCK_REALTIME));
         if (r < 0) {
                 /* QEMU runs the job; we could not record it. Tell the caller the truth. */
                 c->replied = true;
@@ -545,7 +202,7 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
                         "Out of memory after QEMU started the job; it runs unobserved.");
                 return;
         }
-        d->bandwidth = c->value;
+        d->bandwidth = c->bandwidth;
         log_info("Guest %s disk %s: stream started (job %s).", c->guest->name, d->alias, d->job.id);
         disk_save(d);
         disk_emit_job(d);
@@ -594,18 +251,18 @@ static void start_when_ready(Guest *g, int error, const char *error_text, void *
                         resume_failed(d, "out of memory");
                 return; /* c's destroy answers the caller */
         }
-        send->value = c->value;
+        send->bandwidth = c->bandwidth;
         send->resume = c->resume;
         send->resume_paused = c->resume_paused;
         send->replied = c->resume; /* a resume answers nobody */
         c->replied = true; /* from here on, send answers */
-        r = qemu_block_stream(g->qmp,
+        r = qemu_block_stream(g->peer.qmp,
                 &(QemuStreamArgs) {
                         .job_id = send->job_id,
                         .node_name = d->node_name,
                         .base_node = send->base_node,
                         .backing_file = send->backing_file,
-                        .speed = send->value,
+                        .speed = send->bandwidth,
                 },
                 start_reply, send, call_ctx_free);
         if (r < 0) {
@@ -636,7 +293,7 @@ int stream_resume_offline(Disk *d) {
         c->replied = true;
         c->resume = true;
         c->resume_paused = d->job.state == STREAM_PAUSED;
-        c->value = d->job.bandwidth;
+        c->bandwidth = d->job.bandwidth;
         g->job_seq++;
         c->job_id = job_id_new(d->alias, g->job_seq);
         if (!c->job_id || (d->job_base && !(c->base_node = strdup(d->job_base)))) {
@@ -757,7 +414,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 call_ctx_free(c);
                 return -ENOMEM;
         }
-        c->value = bandwidth;
+        c->bandwidth = bandwidth;
         c->job_id = TAKE_PTR(job_id);
         if (base_node && !(c->base_node = strdup(base_node))) {
                 c->replied = true;
@@ -783,24 +440,19 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
 
 /* Cancel, Pause, Resume */
 
-static void simple_reply(Qmp *q, int error, const char *desc, void *userdata) {
+static void control_reply(int error, const char *desc, void *userdata) {
+        static const char *const what[_JOB_CONTROL_MAX] = {
+                [JOB_CONTROL_CANCEL] = "cancel the job",
+                [JOB_CONTROL_PAUSE] = "pause the job",
+                [JOB_CONTROL_RESUME] = "resume the job",
+        };
         CallCtx *c = userdata;
-        const char *what = c->value == 0 ? "cancel the job" : c->value == 1 ? "pause the job" : "resume the job";
 
-        if (error < 0 && c->value == 0) {
-                Disk *d = guest_find_disk(c->guest, c->alias);
-                if (d)
-                        d->job.cancel_requested = false;
-        }
-        call_reply(c, error, desc, what);
+        call_reply(c, error, desc, what[c->control]);
 }
 
-static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *error) {
-        int (*const ops[])(Qmp *, const char *, qemu_result_handler_t, void *, qemu_destroy_t) = {
-                qemu_block_job_cancel,
-                qemu_block_job_pause,
-                qemu_block_job_resume,
-        };
+static int job_method(sd_bus_message *msg, Disk *d, JobControl op, sd_bus_error *error) {
+        const JobBackend *b = job_backend_of(d);
         CallCtx *c;
         int r;
 
@@ -812,51 +464,42 @@ static int job_method(sd_bus_message *msg, Disk *d, unsigned op, sd_bus_error *e
         r = require_job(d, error);
         if (r < 0)
                 return r;
-        if (!range_running(d) && !guest_qmp_ready(d->guest))
+        if (!b->reachable(d))
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.", d->alias);
         /* Already where the caller wants it: nothing to ask QEMU. */
-        if ((op == 1 && d->job.state == STREAM_PAUSED) || (op == 2 && d->job.state == STREAM_RUNNING))
+        if ((op == JOB_CONTROL_PAUSE && d->job.state == STREAM_PAUSED) ||
+                (op == JOB_CONTROL_RESUME && d->job.state == STREAM_RUNNING))
                 return sd_bus_reply_method_return(msg, NULL);
-        if (range_running(d)) {
-                r = op == 0 ? range_cancel(d) : range_pause(d, op == 1);
-                if (r < 0)
-                        return sd_bus_error_set_errnof(error, -r, "Failed to tell the pull helper: %m");
-                return sd_bus_reply_method_return(msg, NULL);
-        }
 
         c = call_ctx_new(d, msg);
         if (!c)
                 return -ENOMEM;
-        c->value = op;
-        if (op == 0)
-                d->job.cancel_requested = true;
-        r = ops[op](d->guest->qmp, d->job.id, simple_reply, c, call_ctx_free);
+        c->control = op;
+        r = b->control(d, op, control_reply, c, call_ctx_free);
         if (r < 0) {
                 c->replied = true;
                 call_ctx_free(c);
-                if (op == 0)
-                        d->job.cancel_requested = false;
-                return sd_bus_error_set_errnof(error, -r, "Failed to send the command to QEMU: %m");
+                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->control_error);
         }
         return 1;
 }
 
 static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, 0, error);
+        return job_method(msg, userdata, JOB_CONTROL_CANCEL, error);
 }
 
 static int method_pause(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, 1, error);
+        return job_method(msg, userdata, JOB_CONTROL_PAUSE, error);
 }
 
 static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, 2, error);
+        return job_method(msg, userdata, JOB_CONTROL_RESUME, error);
 }
 
 /* SetBandwidth */
 
-static void set_speed_reply(Qmp *q, int error, const char *desc, void *userdata) {
+static void set_speed_reply(int error, const char *desc, void *userdata) {
         CallCtx *c = userdata;
         Disk *d = guest_find_disk(c->guest, c->alias);
 
@@ -864,8 +507,8 @@ static void set_speed_reply(Qmp *q, int error, const char *desc, void *userdata)
         if (error == -EREMOTEIO && d && (d->job.concluded || d->finalizing || !job_is_active(&d->job)))
                 error = 0;
         if (error == 0 && d) {
-                d->bandwidth = c->value;
-                d->job.bandwidth = c->value;
+                d->bandwidth = c->bandwidth;
+                d->job.bandwidth = c->bandwidth;
                 disk_emit_changed(d, "Bandwidth", NULL);
                 disk_save(d);
         }
@@ -873,6 +516,7 @@ static void set_speed_reply(Qmp *q, int error, const char *desc, void *userdata)
 }
 
 static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        const JobBackend *b;
         Disk *d = userdata;
         uint64_t bw;
         CallCtx *c;
@@ -890,16 +534,8 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
 
-        if (range_running(d) && job_is_active(&d->job)) {
-                r = range_set_bandwidth(d, bw);
-                if (r < 0)
-                        return sd_bus_error_set_errnof(error, -r, "Failed to tell the pull helper: %m");
-                d->bandwidth = d->job.bandwidth = bw;
-                disk_emit_changed(d, "Bandwidth", NULL);
-                disk_save(d);
-                return sd_bus_reply_method_return(msg, NULL);
-        }
-        if (!job_is_active(&d->job) || d->finalizing || !d->job.id || !guest_qmp_ready(d->guest)) {
+        b = job_backend_of(d);
+        if (!job_is_active(&d->job) || d->finalizing || !b->runs(d) || !b->reachable(d)) {
                 /* No job to tell: it becomes the default of the next one. */
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
@@ -911,12 +547,12 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         c = call_ctx_new(d, msg);
         if (!c)
                 return -ENOMEM;
-        c->value = bw;
-        r = qemu_block_job_set_speed(d->guest->qmp, d->job.id, bw, set_speed_reply, c, call_ctx_free);
+        c->bandwidth = bw;
+        r = b->set_speed(d, bw, set_speed_reply, c, call_ctx_free);
         if (r < 0) {
                 c->replied = true;
                 call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "Failed to send block-job-set-speed to QEMU: %m");
+                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
         }
         return 1;
 }
@@ -942,7 +578,7 @@ static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus
                 length = d->size - offset;
         if (length == 0)
                 return sd_bus_reply_method_return(msg, "a(ttus)", 0);
-        return range_map(d, msg, offset, length, error);
+        return map_get(d, msg, offset, length, error);
 }
 
 static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
@@ -962,7 +598,7 @@ static int method_export(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        return export_create(d, msg, listen, error);
+        return export_create(d->guest, d->alias, d->object_path, msg, listen, error);
 }
 
 /* Properties */

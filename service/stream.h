@@ -1,66 +1,18 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-/* The BlockStream object (one per disk) and its job. */
+/* The BlockStream object (one per disk): its methods and properties over the disk record and
+ * its job (disk.h). */
 
 #include <systemd/sd-bus.h>
 
-#include "job.h"
-#include "qemu.h"
-
-typedef struct Guest Guest;
-typedef struct ImageChain ImageChain;
+#include "disk.h"
 
 extern const sd_bus_vtable stream_vtable[];
 
-typedef struct Disk {
-        Guest *guest;
-        char *alias;
-        char *object_path;
-        char *node_name;
-        char *path;
-        char *format;
-        char **chain;       /* backing image files, nearest first */
-        char **chain_nodes; /* their node names ("" when QEMU has none) */
-        uint64_t size;
-        uint64_t cluster_size;
-        uint64_t bandwidth; /* Bandwidth: of the running job, else the default for the next */
-
-        Job job;
-        char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
-        char *range_export;
-        char *range_bottom; /* its filter's bottom (a range with base): to resume it after a restart */
-        char *job_base;     /* a full stream's base node, to carry it on in a new storage helper */
-        /* While QEMU streams the whole disk: one export of the top node kept for every
-         * GetAllocationMap (see range.c), with the maps using it now. */
-        char *map_export;
-        char *map_export_node;
-        unsigned map_export_users;
-        bool starting;   /* Start sent to QEMU, no answer yet */
-        bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
-        bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
-        usec_t last_saved;
-} Disk;
-
-int disk_new(Disk **ret, Guest *g, const char *alias);
-Disk *disk_free(Disk *d);
 /* An offline guest's full stream whose storage helper died with the daemon: start it again in
  * a new helper as the same job (what is local is skipped). < 0: it could not even be tried. */
 int stream_resume_offline(Disk *d);
-/* Take QEMU's view of the disk; returns true if a published property changed. */
-int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
-/* Take an offline disk's chain as read from the image headers. */
-int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
-
-/* Job plumbing, called by guest.c as QEMU reports. */
-void disk_apply_job_changes(Disk *d, unsigned changed);
-/* The same for changes QEMU reported (events, polls): the state write is coalesced. */
-void disk_apply_qemu_job_changes(Disk *d, unsigned changed);
-void disk_fail_job(Disk *d, const char *error);
-/* The storage helper let go of the images (or something else keeps it): publish an outcome that
- * waited for that. */
-void disk_publish_released(Disk *d);
-void disk_emit_changed(Disk *d, const char *first, ...);
 
 int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

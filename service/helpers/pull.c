@@ -6,7 +6,8 @@
  * copying. Started by blockstreamd only, in the guest's sandbox.
  *
  * fd 3: a connected NBD socket (AF_UNIX stream), nothing sent on it yet
- * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes:
+ * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes
+ *       (control.c, shared with the daemon and blockstream-nbd-relay):
  *   pull → daemon: "ready", "progress DONE TOTAL", "extent OFFSET LENGTH DEPTH KIND", "done",
  *                  "error TEXT"
  *   daemon → pull: "bandwidth N", "pause", "resume", "stop"
@@ -17,47 +18,27 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <libnbd.h>
 #include <limits.h>
 #include <poll.h>
-#include <seccomp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 
+#include "control.h"
+#include "helper-common.h"
+#include "pull-args.h"
+#include "pull-status.h"
 #include "util.h"
 
 #define NBD_FD 3
-#define CONTROL_FD 4
-#define CONTROL_MSG_MAX 256
-#define CONTROL_FDS_MAX 8 /* room to see (and close) fds the daemon should not have sent */
 
-#define KIB ((uint64_t) 1024)
-#define MIB (1024 * KIB)
-#define GIB (1024 * MIB)
-
-#define CHUNK_DEFAULT (2 * MIB)
-#define CHUNK_MIN (4 * KIB)
-#define CHUNK_MAX (32 * MIB) /* what QEMU's NBD server takes in one read */
-#define PARALLEL_DEFAULT 8
-#define PARALLEL_MAX 64
-#define MAX_EXTENTS_DEFAULT 65536
-#define NBD_NAME_MAX 4096 /* the NBD protocol's limit on export names */
-
-/* One block status request asks about at most this much: NBD lengths are 32 bits, and a server
- * may scan less than asked anyway (we continue from where its answer ends). */
-#define STATUS_WINDOW (1 * GIB)
 /* Reads are cut to multiples of this where the chunk allows: qcow2's default cluster size, the
  * unit in which QEMU's copy-on-read copies anyway. */
 #define CLUSTER_HINT (64 * KIB)
 #define PROGRESS_INTERVAL_USEC (250 * USEC_PER_MSEC)
-#define ERROR_SEND_TIMEOUT_MSEC 1000
-
-#define CONTEXT_ALLOCATION LIBNBD_CONTEXT_BASE_ALLOCATION
-#define CONTEXT_DEPTH "qemu:allocation-depth"
 
 /* What the loop does next, besides carrying on (0) or failing (-errno). */
 enum {
@@ -65,64 +46,9 @@ enum {
         PULL_STOP,     /* "stop", or the daemon went away: exit 0 at once, no "done" */
 };
 
-typedef enum Mode {
-        MODE_NONE,
-        MODE_PULL,
-        MODE_MAP,
-} Mode;
-
-typedef enum Kind {
-        KIND_LOCAL,
-        KIND_ZERO,
-        KIND_BACKING,
-        KIND_ABSENT,
-} Kind;
-
-static const char *const kind_names[] = {
-        [KIND_LOCAL] = "local",
-        [KIND_ZERO] = "zero",
-        [KIND_BACKING] = "backing",
-        [KIND_ABSENT] = "absent",
-};
-
-enum {
-        CTX_ALLOCATION,
-        CTX_DEPTH,
-        _CTX_MAX,
-};
-
-typedef struct Args {
-        Mode mode;
-        const char *export_name;
-        uint64_t offset, length;
-        bool have_offset, have_length;
-        uint64_t bandwidth;
-        uint64_t chunk;
-        uint64_t parallel;
-        uint64_t max_extents;
-        bool no_cache;
-} Args;
-
 typedef struct Range {
         uint64_t offset, length;
 } Range;
-
-typedef struct Extent {
-        uint64_t offset, length;
-        uint32_t depth;
-        Kind kind;
-} Extent;
-
-/* The answer to one block status request, both contexts as the server sent them. */
-typedef struct Status {
-        uint64_t offset, length;     /* what we asked about */
-        uint32_t *entries[_CTX_MAX]; /* (length, flags) pairs */
-        size_t n_entries[_CTX_MAX], allocated[_CTX_MAX];
-        bool seen[_CTX_MAX];
-        bool busy;     /* in flight */
-        bool complete; /* answered, not looked at yet */
-        int error;
-} Status;
 
 typedef struct Pull Pull;
 
@@ -160,107 +86,28 @@ struct Pull {
         usec_t refilled_at;
 
         /* --map */
-        Extent pending; /* the extent being grown by its equal neighbours */
-        bool have_pending;
+        MapMerge merge;
         uint64_t n_extents;
         bool map_full;
         bool can_cache; /* the server takes NBD_CMD_CACHE: copy without transferring */
 };
 
-static bool control_ok;   /* fd 4 is the daemon's socket */
-static bool control_gone; /* ... and the daemon closed it: exit at once, nobody to tell */
-
 #ifdef PULL_SELFTEST
-/* Test builds only: BLOCKSTREAM_PULL_SELFTEST=word,… with
- *   open, socket   try that syscall right after "ready" (the filter must kill us with SIGSYS)
- *   valgrind       also allow what valgrind's own machinery needs, so memcheck can run */
-static bool selftest_has(const char *word) {
-        const char *e = getenv("BLOCKSTREAM_PULL_SELFTEST");
-        size_t l = strlen(word);
-
-        for (const char *p = e; p && *p; p += strcspn(p, ","), p += !!*p)
-                if (strncmp(p, word, l) == 0 && (p[l] == ',' || p[l] == 0))
-                        return true;
-        return false;
-}
+/* Test builds only: BLOCKSTREAM_PULL_SELFTEST=word,… with the words of helper-common.h. */
+#define SELFTEST_ENV "BLOCKSTREAM_PULL_SELFTEST"
+#else
+#define SELFTEST_ENV NULL
 #endif
+#define selftest_has(word) helper_selftest_has(SELFTEST_ENV, word)
 
-/* Printable ASCII for a message or a log line; anything else becomes '?'. */
-static char *sanitize(char *s) {
-        for (char *p = s; *p; p++)
-                if (*p < 0x20 || *p >= 0x7f)
-                        *p = '?';
-        return s;
-}
+static int control_send_message(const ControlPullMessage *m) {
+        int r;
 
-static int control_send_line(const char *line) {
-        size_t len = strlen(line);
-
-        for (;;) {
-                /* Blocking: the daemon reads what we send, and one that stops reading kills us. */
-                if (send(CONTROL_FD, line, len, MSG_NOSIGNAL) >= 0)
-                        return 0;
-                if (errno == EPIPE || errno == ECONNRESET)
-                        control_gone = true;
-                if (errno != EINTR)
-                        return -errno;
-        }
-}
-
-_printf_(1, 2) static int control_send(const char *format, ...) {
-        char line[CONTROL_MSG_MAX + 1];
-        va_list ap;
-        int n;
-
-        va_start(ap, format);
-        n = vsnprintf(line, sizeof(line), format, ap);
-        va_end(ap);
-        if (n < 0 || (size_t) n > CONTROL_MSG_MAX)
-                return -EMSGSIZE;
-        return control_send_line(line);
-}
-
-/* A fatal error: log it, tell the daemon, and return -error for main to exit with. */
-_printf_(2, 3) static int pull_fail(int error, const char *format, ...) {
-        char text[CONTROL_MSG_MAX - sizeof("error \n") + 1];
-        va_list ap;
-
-        error = abs(error) ?: EIO;
-        errno = error;
-        va_start(ap, format);
-        vsnprintf(text, sizeof(text), format, ap);
-        va_end(ap);
-        sanitize(text);
-        log_error("%s", text);
-
-        if (control_ok && !control_gone) {
-                struct pollfd p = { .fd = CONTROL_FD, .events = POLLOUT };
-
-                /* Blocking send, but the daemon may be gone or stuck: don't wait for it forever. */
-                if (poll(&p, 1, ERROR_SEND_TIMEOUT_MSEC) > 0 && (p.revents & POLLOUT))
-                        (void) control_send("error %s\n", text);
-        }
-        return -error;
-}
-
-static int nbd_fail(const char *what) {
-        return pull_fail(nbd_get_errno() ?: EIO, "%s: %s", what, strempty(nbd_get_error()));
-}
-
-/* Strictly decimal, as the protocol says: digits only, no sign, no spaces, no suffix. */
-static int parse_decimal(const char *s, uint64_t *ret) {
-        uint64_t v = 0;
-
-        if (!*s || strlen(s) > 20)
-                return -EINVAL;
-        for (const char *p = s; *p; p++) {
-                if (*p < '0' || *p > '9')
-                        return -EINVAL;
-                if (__builtin_mul_overflow(v, 10, &v) || __builtin_add_overflow(v, (uint64_t) (*p - '0'), &v))
-                        return -ERANGE;
-        }
-        *ret = v;
-        return 0;
+        /* Blocking: the daemon reads what we send, and one that stops reading kills us. */
+        r = control_send_pull(CONTROL_FD, MSG_NOSIGNAL, m);
+        if (r == -EPIPE || r == -ECONNRESET)
+                helper_control_gone = true;
+        return r;
 }
 
 static uint64_t align_down(uint64_t v, uint64_t a) {
@@ -305,176 +152,74 @@ static void pull_set_rate(Pull *p, uint64_t rate, usec_t now) {
         log_debug("Bandwidth limit %" PRIu64 " B/s, reads of %" PRIu64 " bytes.", rate, read_size(p));
 }
 
-/* msg has room for a NUL after len bytes. */
-static int control_handle(Pull *p, char *msg, size_t len) {
-        uint64_t v;
+/* One message from the daemon (control.c has the form, this the sense). */
+static int control_handle(Pull *p, ControlDatagram *d) {
+        char safe[CONTROL_MESSAGE_MAX + 1];
+        ControlCommand cmd;
 
-        if (len == 0 || msg[len - 1] != '\n')
+        helper_sanitize(safe, sizeof(safe), d->buf, d->len > 0 && d->buf[d->len - 1] == '\n' ? d->len - 1 : d->len);
+        if (control_parse_command(d->buf, d->len, &cmd) < 0)
                 goto malformed;
-        msg[--len] = 0;
-        for (size_t i = 0; i < len; i++)
-                if (msg[i] < 0x20 || msg[i] >= 0x7f)
-                        goto malformed;
 
-        if (streq(msg, "stop"))
+        if (cmd.kind == CONTROL_COMMAND_STOP)
                 return PULL_STOP;
         if (p->args->mode != MODE_PULL)
                 goto malformed;
-        if (streq(msg, "pause"))
+        if (cmd.kind == CONTROL_COMMAND_PAUSE)
                 p->paused = true;
-        else if (streq(msg, "resume"))
+        else if (cmd.kind == CONTROL_COMMAND_RESUME)
                 p->paused = false;
-        else if (strncmp(msg, "bandwidth ", 10) == 0 && parse_decimal(msg + 10, &v) >= 0)
-                pull_set_rate(p, v, now_usec(CLOCK_MONOTONIC));
+        else if (cmd.kind == CONTROL_COMMAND_BANDWIDTH)
+                pull_set_rate(p, cmd.number, now_usec(CLOCK_MONOTONIC));
         else
                 goto malformed;
         return 0;
 
 malformed:
-        msg[len] = 0;
-        return pull_fail(EBADMSG, "Malformed message from the daemon: \"%s\"", sanitize(msg));
-}
-
-static void close_passed_fds(struct msghdr *mh) {
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c))
-                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-                        for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
-                                int fd;
-
-                                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-                                close(fd);
-                        }
+        return helper_fail(EBADMSG, "Malformed message from the daemon: \"%s\"", safe);
 }
 
 /* Everything the daemon has sent. */
 static int control_receive(Pull *p) {
         for (;;) {
-                char buf[CONTROL_MSG_MAX + 2]; /* one byte more than allowed, and a NUL */
-                union {
-                        struct cmsghdr align;
-                        char buf[CMSG_SPACE(sizeof(int) * CONTROL_FDS_MAX)];
-                } control;
-                struct iovec iov = { .iov_base = buf, .iov_len = CONTROL_MSG_MAX + 1 };
-                struct msghdr mh = {
-                        .msg_iov = &iov,
-                        .msg_iovlen = 1,
-                        .msg_control = &control,
-                        .msg_controllen = sizeof(control),
-                };
-                ssize_t n;
+                ControlDatagram d;
                 int r;
 
-                n = recvmsg(CONTROL_FD, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno == EAGAIN)
-                                return 0;
-                        if (errno == ECONNRESET) {
-                                control_gone = true;
-                                return PULL_STOP;
-                        }
-                        return pull_fail(errno, "Failed to receive from the daemon: %m");
-                }
-                if (n == 0) {
+                r = control_receive_datagram(CONTROL_FD, &d);
+                if (r == 0)
+                        return 0;
+                if (r == -ECONNRESET) {
                         log_debug("The daemon went away, exiting.");
-                        control_gone = true;
+                        helper_control_gone = true;
                         return PULL_STOP;
                 }
-                if (mh.msg_controllen > 0) {
-                        close_passed_fds(&mh);
-                        return pull_fail(EBADMSG, "Malformed message from the daemon: unexpected ancillary data.");
+                if (r == -EMSGSIZE)
+                        return helper_fail(EBADMSG, "Malformed message from the daemon: longer than %d bytes.",
+                                CONTROL_MESSAGE_MAX);
+                if (r == -EBADMSG || (r > 0 && d.n_fds > 0)) {
+                        if (r > 0)
+                                control_datagram_close_fds(&d);
+                        return helper_fail(EBADMSG, "Malformed message from the daemon: unexpected ancillary data.");
                 }
-                if ((mh.msg_flags & MSG_TRUNC) || n > CONTROL_MSG_MAX)
-                        return pull_fail(EBADMSG, "Malformed message from the daemon: longer than %d bytes.",
-                                CONTROL_MSG_MAX);
+                if (r < 0)
+                        return helper_fail(r, "Failed to receive from the daemon: %m");
 
-                r = control_handle(p, buf, (size_t) n);
+                r = control_handle(p, &d);
                 if (r != 0)
                         return r;
         }
 }
 
-static void status_reset(Status *s) {
-        for (size_t i = 0; i < _CTX_MAX; i++) {
-                s->n_entries[i] = 0;
-                s->seen[i] = false;
-        }
-        s->busy = s->complete = false;
-        s->error = 0;
-}
-
-static int status_extent(void *userdata, const char *metacontext, uint64_t offset, uint32_t *entries,
-        size_t n_entries, int *error) {
-        Status *s = userdata;
-        size_t c;
-
-        if (streq(metacontext, CONTEXT_ALLOCATION))
-                c = CTX_ALLOCATION;
-        else if (streq(metacontext, CONTEXT_DEPTH))
-                c = CTX_DEPTH;
-        else
-                return 0; /* not asked for */
-
-        /* One answer per context, for what we asked. */
-        if (s->seen[c] || offset != s->offset || n_entries % 2 != 0) {
-                *error = EPROTO;
-                return -1;
-        }
-        s->seen[c] = true;
-
-        if (n_entries > s->allocated[c]) {
-                uint32_t *e = reallocarray(s->entries[c], n_entries, sizeof(uint32_t));
-                if (!e) {
-                        *error = ENOMEM;
-                        return -1;
-                }
-                s->entries[c] = e;
-                s->allocated[c] = n_entries;
-        }
-        memcpy(s->entries[c], entries, n_entries * sizeof(uint32_t));
-        s->n_entries[c] = n_entries;
-        return 0;
-}
-
-static int status_complete(void *userdata, int *error) {
-        Status *s = userdata;
-
-        s->busy = false;
-        s->complete = true;
-        s->error = *error;
-        return 1; /* retire the command */
-}
-
-static int status_issue(Pull *p) {
-        Status *s = &p->status;
-        int64_t cookie;
-
-        status_reset(s);
-        s->offset = p->status_pos;
-        s->length = MIN(p->end - p->status_pos, STATUS_WINDOW);
-        cookie = nbd_aio_block_status(p->nbd, s->length, s->offset,
-                (nbd_extent_callback) { .callback = status_extent, .user_data = s },
-                (nbd_completion_callback) { .callback = status_complete, .user_data = s }, 0);
-        if (cookie < 0)
-                return nbd_fail("Failed to ask for block status");
-        s->busy = true;
-        return 0;
-}
-
-static Kind classify(uint32_t depth, uint32_t flags) {
-        if (depth == 0)
-                return KIND_ABSENT;
-        if (depth >= 2)
-                return KIND_BACKING;
-        return flags & LIBNBD_STATE_ZERO ? KIND_ZERO : KIND_LOCAL;
-}
-
 static int map_emit(Pull *p, const Extent *e) {
         int r;
 
-        r = control_send("extent %" PRIu64 " %" PRIu64 " %" PRIu32 " %s\n", e->offset, e->length, e->depth,
-                kind_names[e->kind]);
+        r = control_send_message(&(ControlPullMessage) {
+                .kind = CONTROL_PULL_EXTENT,
+                .offset = e->offset,
+                .length = e->length,
+                .depth = e->depth,
+                .extent_kind = e->kind,
+        });
         if (r < 0)
                 return r;
         p->n_extents++;
@@ -483,28 +228,26 @@ static int map_emit(Pull *p, const Extent *e) {
         return 0;
 }
 
-/* Adjacent pieces with the same depth and kind are one extent; one is sent once the next
- * differs, or at the end. */
-static int map_add(Pull *p, uint64_t offset, uint64_t length, uint32_t depth, uint32_t flags) {
-        Kind kind = classify(depth, flags);
+/* Block status of the next window of the range. */
+static int status_issue_next(Pull *p) {
+        return status_issue(&p->status, p->nbd, p->status_pos, MIN(p->end - p->status_pos, STATUS_WINDOW));
+}
+
+/* A piece of the map: an extent is sent once the next differs, or at the end. */
+static int map_piece(void *userdata, uint64_t offset, uint64_t length, uint32_t depth, uint32_t flags) {
+        Pull *p = userdata;
+        Extent e;
         int r;
 
-        if (p->have_pending && p->pending.depth == depth && p->pending.kind == kind &&
-                p->pending.offset + p->pending.length == offset) {
-                p->pending.length += length;
+        if (map_merge_add(&p->merge, offset, length, depth, flags, &e) == 0)
                 return 0;
+        r = map_emit(p, &e);
+        if (r < 0)
+                return r;
+        if (p->map_full) {
+                p->merge.have_pending = false;
+                return PULL_DONE;
         }
-        if (p->have_pending) {
-                r = map_emit(p, &p->pending);
-                if (r < 0)
-                        return r;
-                if (p->map_full) {
-                        p->have_pending = false;
-                        return PULL_DONE;
-                }
-        }
-        p->pending = (Extent) { .offset = offset, .length = length, .depth = depth, .kind = kind };
-        p->have_pending = true;
         return 0;
 }
 
@@ -540,65 +283,15 @@ static int todo_push(Pull *p, uint64_t offset, uint64_t length) {
         return 0;
 }
 
-static int pull_add(Pull *p, uint64_t offset, uint64_t length, uint32_t depth, uint32_t flags) {
+static int pull_add(void *userdata, uint64_t offset, uint64_t length, uint32_t depth, uint32_t flags) {
+        Pull *p = userdata;
+
         /* Only what is still in a backing image needs reading; the rest is done already. (Through
          * QEMU 7.2's copy-on-read filter the backing images' depths read one more than through
          * the top node itself, but the top is still 1.) */
         if (depth >= 2)
                 return todo_push(p, offset, length);
         p->done += length;
-        return 0;
-}
-
-/* Cut the answer at every boundary of either context and hand on the pieces in order. The two
- * contexts may end at different places: only what both describe is used, the rest is asked
- * again. */
-static int status_process(Pull *p) {
-        Status *s = &p->status;
-        const uint32_t *a = s->entries[CTX_ALLOCATION], *d = s->entries[CTX_DEPTH];
-        size_t na = s->n_entries[CTX_ALLOCATION] / 2, nd = s->n_entries[CTX_DEPTH] / 2, ia = 0, id = 0;
-        uint64_t pos = s->offset, end = s->offset + s->length, a_end, d_end;
-        int r;
-
-        s->complete = false;
-        if (s->error != 0)
-                return pull_fail(s->error, "Block status of %" PRIu64 "+%" PRIu64 " failed: %m", s->offset,
-                        s->length);
-        if (na == 0 || nd == 0)
-                return pull_fail(EPROTO, "The NBD server sent no %s for %" PRIu64 "+%" PRIu64 ".",
-                        na == 0 ? CONTEXT_ALLOCATION : CONTEXT_DEPTH, s->offset, s->length);
-
-        a_end = pos + a[0];
-        d_end = pos + d[0];
-        for (;;) {
-                uint64_t piece_end;
-
-                /* Zero-length extents are a server's bug; pass over them. */
-                while (ia < na && a_end <= pos)
-                        if (++ia < na)
-                                a_end += a[2 * ia];
-                while (id < nd && d_end <= pos)
-                        if (++id < nd)
-                                d_end += d[2 * id];
-                if (ia >= na || id >= nd || pos >= end)
-                        break;
-
-                piece_end = MIN(MIN(a_end, d_end), end);
-                if (p->args->mode == MODE_MAP)
-                        r = map_add(p, pos, piece_end - pos, d[2 * id + 1], a[2 * ia + 1]);
-                else
-                        r = pull_add(p, pos, piece_end - pos, d[2 * id + 1], a[2 * ia + 1]);
-                if (r < 0)
-                        return r == -ENOMEM ? pull_fail(r, "Out of memory.") : r;
-                pos = piece_end;
-                if (r == PULL_DONE)
-                        break;
-        }
-
-        if (pos == s->offset)
-                return pull_fail(EPROTO, "The NBD server's block status for %" PRIu64 "+%" PRIu64 " is empty.",
-                        s->offset, s->length);
-        p->status_pos = pos;
         return 0;
 }
 
@@ -640,7 +333,7 @@ static int pull_issue(Pull *p, usec_t now, usec_t *ret_wait) {
 
         /* Keep the list of what to read a window ahead of the reads. */
         if (!p->status.busy && !p->status.complete && p->status_pos < p->end && p->todo_bytes < STATUS_WINDOW) {
-                int r = status_issue(p);
+                int r = status_issue_next(p);
                 if (r < 0)
                         return r;
         }
@@ -699,7 +392,7 @@ static int pull_issue(Pull *p, usec_t now, usec_t *ret_wait) {
 static int map_issue(Pull *p) {
         if (p->status.busy || p->status.complete || p->map_full || p->status_pos >= p->end)
                 return 0;
-        return status_issue(p);
+        return status_issue_next(p);
 }
 
 static bool pull_finished(const Pull *p) {
@@ -713,7 +406,8 @@ static bool pull_finished(const Pull *p) {
 static int progress_send(Pull *p, usec_t now) {
         int r;
 
-        r = control_send("progress %" PRIu64 " %" PRIu64 "\n", p->done, p->end - p->start);
+        r = control_send_message(
+                &(ControlPullMessage) { .kind = CONTROL_PULL_PROGRESS, .done = p->done, .total = p->end - p->start });
         if (r < 0)
                 return r;
         p->reported = p->done;
@@ -725,11 +419,11 @@ static int pull_finish(Pull *p) {
         int r;
 
         if (p->args->mode == MODE_MAP) {
-                if (p->have_pending && !p->map_full) {
-                        r = map_emit(p, &p->pending);
+                if (p->merge.have_pending && !p->map_full) {
+                        r = map_emit(p, &p->merge.pending);
                         if (r < 0)
                                 return r;
-                        p->have_pending = false;
+                        p->merge.have_pending = false;
                 }
         } else {
                 r = progress_send(p, now_usec(CLOCK_MONOTONIC));
@@ -741,7 +435,7 @@ static int pull_finish(Pull *p) {
          * for the server to close its end. */
         if (nbd_aio_disconnect(p->nbd, 0) < 0)
                 log_debug("NBD disconnect failed: %s", strempty(nbd_get_error()));
-        return control_send("done\n");
+        return control_send_message(&(ControlPullMessage) { .kind = CONTROL_PULL_DONE });
 }
 
 static int pull_run(Pull *p) {
@@ -754,18 +448,19 @@ static int pull_run(Pull *p) {
                 int timeout;
 
                 if (p->status.complete) {
-                        r = status_process(p);
+                        r = status_process(&p->status, p->args->mode == MODE_MAP ? map_piece : pull_add, p,
+                                &p->status_pos);
                         if (r < 0)
                                 return r;
                 }
                 /* A pull's read is QEMU's copy-on-read: a read of the backing chain and a write
                  * into the image (a full disk fails the write), not just a read. */
                 if (p->read_error != 0 && p->args->mode == MODE_PULL)
-                        return pull_fail(p->read_error,
+                        return helper_fail(p->read_error,
                                 "Failed to copy [%" PRIu64 ", +%" PRIu64 ") from the backing chain into the image: %m",
                                 p->read_error_offset, p->read_error_length);
                 if (p->read_error != 0)
-                        return pull_fail(p->read_error, "Failed to read %" PRIu64 "+%" PRIu64 ": %m",
+                        return helper_fail(p->read_error, "Failed to read %" PRIu64 "+%" PRIu64 ": %m",
                                 p->read_error_offset, p->read_error_length);
                 if (pull_finished(p))
                         return PULL_DONE;
@@ -788,7 +483,7 @@ static int pull_run(Pull *p) {
                 }
 
                 if (nbd_aio_is_dead(p->nbd) > 0 || nbd_aio_is_closed(p->nbd) > 0)
-                        return pull_fail(ECONNRESET, "The NBD server closed the connection.");
+                        return helper_fail(ECONNRESET, "The NBD server closed the connection.");
 
                 dir = nbd_aio_get_direction(p->nbd);
                 pfd[0] = (struct pollfd) {
@@ -803,7 +498,7 @@ static int pull_run(Pull *p) {
                 if (poll(pfd, ELEMENTSOF(pfd), timeout) < 0) {
                         if (errno == EINTR)
                                 continue;
-                        return pull_fail(errno, "poll() failed: %m");
+                        return helper_fail(errno, "poll() failed: %m");
                 }
 
                 /* The daemon first: a "stop" or its going away ends us at once. */
@@ -824,161 +519,13 @@ static int pull_run(Pull *p) {
         }
 }
 
-static void help(void) {
-        printf("%s --pull|--map --export=NAME --offset=BYTES --length=BYTES [OPTIONS]\n\n"
-               "Makes QEMU's NBD server copy the parts of a range that are still in a backing image\n"
-               "into the top image (--pull): NBD_CMD_CACHE on an export of the top node, which QEMU\n"
-               "serves with its copy-on-read, or reads through a copy-on-read filter (--no-cache).\n"
-               "Or reports the range's allocation map (--map). Talks NBD on fd 3 and to blockstreamd\n"
-               "on fd 4. Started by blockstreamd only.\n\n"
-               "  -h --help               Show this help\n"
-               "     --version            Show the version\n"
-               "     --pull               Read the parts of the range still in a backing image\n"
-               "     --map                Report extents: offset, length, depth, kind\n"
-               "     --export=NAME        NBD export name\n"
-               "     --offset=BYTES       Start of the range\n"
-               "     --length=BYTES       Length of the range\n"
-               "     --bandwidth=BYTES    Bytes per second, 0 for no limit (--pull; default 0)\n"
-               "     --chunk=BYTES        Largest read, 4 KiB to 32 MiB (--pull; default 2 MiB)\n"
-               "     --parallel=N         Reads in flight, 1 to 64 (--pull; default 8)\n"
-               "     --no-cache           Read the data instead of NBD_CMD_CACHE (--pull; for an\n"
-               "                          export of a copy-on-read filter, where a CACHE copies twice)\n"
-               "     --max-extents=N      Stop after N extents (--map; default 65536)\n",
-                program_invocation_short_name);
-}
-
-/* > 0: carry on; 0: exit successfully (--help); < 0: error. */
-static int parse_argv(int argc, char *argv[], Args *args) {
-        enum {
-                ARG_VERSION = 0x100,
-                ARG_PULL,
-                ARG_MAP,
-                ARG_EXPORT,
-                ARG_OFFSET,
-                ARG_LENGTH,
-                ARG_BANDWIDTH,
-                ARG_CHUNK,
-                ARG_PARALLEL,
-                ARG_MAX_EXTENTS,
-                ARG_NO_CACHE,
-        };
-        static const struct option options[] = {
-                { "help", no_argument, NULL, 'h' },
-                { "version", no_argument, NULL, ARG_VERSION },
-                { "pull", no_argument, NULL, ARG_PULL },
-                { "map", no_argument, NULL, ARG_MAP },
-                { "export", required_argument, NULL, ARG_EXPORT },
-                { "offset", required_argument, NULL, ARG_OFFSET },
-                { "length", required_argument, NULL, ARG_LENGTH },
-                { "bandwidth", required_argument, NULL, ARG_BANDWIDTH },
-                { "chunk", required_argument, NULL, ARG_CHUNK },
-                { "parallel", required_argument, NULL, ARG_PARALLEL },
-                { "max-extents", required_argument, NULL, ARG_MAX_EXTENTS },
-                { "no-cache", no_argument, NULL, ARG_NO_CACHE },
-                {},
-        };
-        uint64_t end;
-        int c, r;
-
-        *args = (Args) {
-                .chunk = CHUNK_DEFAULT,
-                .parallel = PARALLEL_DEFAULT,
-                .max_extents = MAX_EXTENTS_DEFAULT,
-        };
-
-        opterr = 0;
-        while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0) {
-                uint64_t *v = NULL;
-                const char *name = NULL;
-
-                switch (c) {
-                case 'h':
-                        help();
-                        return 0;
-                case ARG_VERSION:
-                        printf("blockstream-pull %s\n", VERSION);
-                        return 0;
-                case ARG_PULL:
-                case ARG_MAP:
-                        if (args->mode != MODE_NONE)
-                                return pull_fail(EINVAL, "Only one of --pull and --map may be given.");
-                        args->mode = c == ARG_PULL ? MODE_PULL : MODE_MAP;
-                        break;
-                case ARG_EXPORT:
-                        args->export_name = optarg;
-                        break;
-                case ARG_OFFSET:
-                        v = &args->offset, name = "--offset";
-                        args->have_offset = true;
-                        break;
-                case ARG_LENGTH:
-                        v = &args->length, name = "--length";
-                        args->have_length = true;
-                        break;
-                case ARG_BANDWIDTH:
-                        v = &args->bandwidth, name = "--bandwidth";
-                        break;
-                case ARG_CHUNK:
-                        v = &args->chunk, name = "--chunk";
-                        break;
-                case ARG_PARALLEL:
-                        v = &args->parallel, name = "--parallel";
-                        break;
-                case ARG_MAX_EXTENTS:
-                        v = &args->max_extents, name = "--max-extents";
-                        break;
-                case ARG_NO_CACHE:
-                        args->no_cache = true;
-                        break;
-                case '?':
-                        if (optopt != 0)
-                                return pull_fail(EINVAL, "Option %s needs an argument or takes none.",
-                                        argv[optind - 1]);
-                        return pull_fail(EINVAL, "Unknown option %s.", argv[optind - 1]);
-                default:
-                        return pull_fail(EINVAL, "Unknown option.");
-                }
-                if (v) {
-                        r = parse_size(optarg, v);
-                        if (r < 0)
-                                return pull_fail(r, "Invalid value for %s: %s", name, optarg);
-                }
-        }
-        if (optind < argc)
-                return pull_fail(EINVAL, "This program takes no positional arguments (see --help).");
-
-        if (args->mode == MODE_NONE)
-                return pull_fail(EINVAL, "One of --pull and --map is needed.");
-        /* "" is allowed: NBD's default export. */
-        if (!args->export_name || strlen(args->export_name) > NBD_NAME_MAX)
-                return pull_fail(EINVAL, "--export needs a name of at most %d bytes.", NBD_NAME_MAX);
-        if (!args->have_offset || !args->have_length)
-                return pull_fail(EINVAL, "--offset and --length are needed.");
-        if (add_overflows_u64(args->offset, args->length, &end) || end > INT64_MAX)
-                return pull_fail(ERANGE, "--offset plus --length is too large.");
-        if (args->chunk < CHUNK_MIN || args->chunk > CHUNK_MAX)
-                return pull_fail(ERANGE, "--chunk must be between %" PRIu64 " and %" PRIu64 " bytes.", CHUNK_MIN,
-                        CHUNK_MAX);
-        if (args->parallel < 1 || args->parallel > PARALLEL_MAX)
-                return pull_fail(ERANGE, "--parallel must be between 1 and %d.", PARALLEL_MAX);
-        if (args->max_extents < 1)
-                return pull_fail(ERANGE, "--max-extents must be at least 1.");
-        return 1;
-}
-
 static int check_socket(int fd, int want_type, int want_domain) {
-        int type, domain;
-        socklen_t l;
+        int domain, r;
 
-        l = sizeof(type);
-        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l) < 0)
-                return -errno;
-        l = sizeof(domain);
-        if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) < 0)
-                return -errno;
-        if (type != want_type || domain != want_domain)
-                return -EINVAL;
-        return 0;
+        r = helper_check_socket(fd, want_type, false, &domain);
+        if (r < 0)
+                return r;
+        return domain == want_domain ? 0 : -EINVAL;
 }
 
 static int nbd_open(Pull *p) {
@@ -1002,7 +549,7 @@ static int nbd_open(Pull *p) {
                 return nbd_fail("NBD handshake failed");
         /* The seccomp filter lets libnbd talk on fd 3 only. */
         if (nbd_aio_get_fd(p->nbd) != NBD_FD)
-                return pull_fail(EBADF, "libnbd does not use fd %d as it was given.", NBD_FD);
+                return helper_fail(EBADF, "libnbd does not use fd %d as it was given.", NBD_FD);
 
         for (size_t i = 0; i < 2; i++) {
                 const char *ctx = i == 0 ? CONTEXT_ALLOCATION : CONTEXT_DEPTH;
@@ -1011,7 +558,7 @@ static int nbd_open(Pull *p) {
                 if (r < 0)
                         return nbd_fail("Failed to query the NBD meta contexts");
                 if (r == 0)
-                        return pull_fail(EPROTONOSUPPORT,
+                        return helper_fail(EPROTONOSUPPORT,
                                 "NBD export \"%s\" does not offer the %s context%s.", args->export_name, ctx,
                                 i == 0 ? "" : " (export it with allocation-depth)");
         }
@@ -1028,7 +575,7 @@ static int nbd_open(Pull *p) {
                 if (r < 0)
                         return nbd_fail("Failed to query the NBD server's flags");
                 if (r == 0)
-                        return pull_fail(EPROTONOSUPPORT,
+                        return helper_fail(EPROTONOSUPPORT,
                                 "NBD export \"%s\" does not take unfragmented reads: zeros in the backing would not be copied.",
                                 args->export_name);
         }
@@ -1037,7 +584,7 @@ static int nbd_open(Pull *p) {
         if (size < 0)
                 return nbd_fail("Failed to get the export's size");
         if ((uint64_t) size < p->end)
-                return pull_fail(ERANGE, "Range %" PRIu64 "+%" PRIu64 " is beyond the export's end (%" PRId64 ").",
+                return helper_fail(ERANGE, "Range %" PRIu64 "+%" PRIu64 " is beyond the export's end (%" PRId64 ").",
                         args->offset, args->length, size);
 
         minimum = nbd_get_block_size(p->nbd, LIBNBD_SIZE_MINIMUM);
@@ -1047,7 +594,7 @@ static int nbd_open(Pull *p) {
         /* QEMU always advertises one; without, libnbd checks nothing either. */
         p->align = minimum > 0 ? (uint64_t) minimum : 1;
         if (p->start % p->align != 0 || p->end % p->align != 0)
-                return pull_fail(EINVAL, "Range %" PRIu64 "+%" PRIu64 " is not aligned to %" PRIu64 " bytes.",
+                return helper_fail(EINVAL, "Range %" PRIu64 "+%" PRIu64 " is not aligned to %" PRIu64 " bytes.",
                         args->offset, args->length, p->align);
         p->chunk = args->chunk;
         if (maximum > 0)
@@ -1060,86 +607,35 @@ static int nbd_open(Pull *p) {
  * connect, no exec, no clone: even with the loop compromised, this process can only talk on the
  * two sockets it was given. */
 static int install_allowlist(void) {
-        static const char *const plain[] = {
-                "poll",            /* the loop */
-                "ppoll",           /* poll() where the architecture has no poll syscall */
-                "clock_gettime",   /* the bucket and progress timing; normally the vDSO */
-                "clock_gettime64", /* the same on 32-bit architectures */
-                "brk",             /* malloc: libnbd allocates per command, we grow the read list */
-                "munmap",
-                "mremap",
-                "madvise",         /* free() handing memory back */
-                "futex",           /* libnbd's handle lock, should it ever be contended */
-                "close",           /* nbd_close() at the end; fds the daemon should not have sent */
-                "exit",
-                "exit_group",
-                "rt_sigreturn",
-                "restart_syscall",
+        const SyscallRule rules[] = {
+                { "poll" },            /* the loop */
+                { "ppoll" },           /* poll() where the architecture has no poll syscall */
+                { "clock_gettime" },   /* the bucket and progress timing; normally the vDSO */
+                { "clock_gettime64" }, /* the same on 32-bit architectures */
+                { "brk" },             /* malloc: libnbd allocates per command, we grow the read list */
+                { "munmap" },
+                { "mremap" },
+                { "madvise" },         /* free() handing memory back */
+                { "futex" },           /* libnbd's handle lock, should it ever be contended */
+                { "close" },           /* nbd_close() at the end; fds the daemon should not have sent */
+                { "exit" },
+                { "exit_group" },
+                { "rt_sigreturn" },
+                { "restart_syscall" },
+                /* NBD: libnbd's send() and recv() on its socket only. */
+                { "sendto", 1, { SCMP_A0(SCMP_CMP_EQ, NBD_FD) } },
+                { "recvfrom", 1, { SCMP_A0(SCMP_CMP_EQ, NBD_FD) } },
+                /* nbd_aio_disconnect(): NBD_CMD_DISC, then a half-close of its socket. */
+                { "shutdown", 2, { SCMP_A0(SCMP_CMP_EQ, NBD_FD), SCMP_A1(SCMP_CMP_EQ, SHUT_WR) } },
+                /* The daemon: our send(), its messages by recvmsg() (to see fds it should not send). */
+                { "sendto", 1, { SCMP_A0(SCMP_CMP_EQ, CONTROL_FD) } },
+                { "recvmsg", 1, { SCMP_A0(SCMP_CMP_EQ, CONTROL_FD) } },
+                /* Log lines. */
+                { "write", 1, { SCMP_A0(SCMP_CMP_EQ, STDERR_FILENO) } },
+                /* malloc's large blocks, never executable. */
+                { "mmap", 1, { SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0) } },
         };
-        uint32_t deny = SCMP_ACT_KILL_PROCESS;
-        scmp_filter_ctx ctx;
-        int k;
-
-#ifdef PULL_SELFTEST
-        /* valgrind knows prctl(PR_SET_SECCOMP) but not seccomp(2), without which libseccomp
-         * cannot tell that KILL_PROCESS exists. One thread: killing it kills the process. */
-        if (selftest_has("valgrind"))
-                deny = SCMP_ACT_KILL_THREAD;
-#endif
-        ctx = seccomp_init(deny);
-        if (!ctx)
-                return -ENOMEM;
-
-        for (size_t i = 0; i < ELEMENTSOF(plain); i++) {
-                int nr = seccomp_syscall_resolve_name(plain[i]);
-                if (nr == __NR_SCMP_ERROR)
-                        continue; /* not on this architecture */
-                k = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0);
-                if (k < 0 && k != -EDOM)
-                        goto finish;
-        }
-
-#define ALLOW(call, n, ...)                                                                     \
-        do {                                                                                    \
-                k = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(call), n, __VA_ARGS__);      \
-                if (k < 0)                                                                      \
-                        goto finish;                                                            \
-        } while (0)
-
-        /* NBD: libnbd's send() and recv() on its socket only. */
-        ALLOW(sendto, 1, SCMP_A0(SCMP_CMP_EQ, NBD_FD));
-        ALLOW(recvfrom, 1, SCMP_A0(SCMP_CMP_EQ, NBD_FD));
-        /* nbd_aio_disconnect(): NBD_CMD_DISC, then a half-close of its socket. */
-        ALLOW(shutdown, 2, SCMP_A0(SCMP_CMP_EQ, NBD_FD), SCMP_A1(SCMP_CMP_EQ, SHUT_WR));
-        /* The daemon: our send(), its messages by recvmsg() (to see fds it should not send). */
-        ALLOW(sendto, 1, SCMP_A0(SCMP_CMP_EQ, CONTROL_FD));
-        ALLOW(recvmsg, 1, SCMP_A0(SCMP_CMP_EQ, CONTROL_FD));
-        /* Log lines. */
-        ALLOW(write, 1, SCMP_A0(SCMP_CMP_EQ, STDERR_FILENO));
-        /* malloc's large blocks, never executable. */
-        ALLOW(mmap, 1, SCMP_A2(SCMP_CMP_MASKED_EQ, PROT_EXEC, 0));
-#undef ALLOW
-
-#ifdef PULL_SELFTEST
-        if (selftest_has("valgrind")) {
-                /* valgrind runs its machinery in our process: signal masks and its scheduler's
-                 * pipe lock around each syscall, polling for signals, memory for translations. */
-                static const char *const vg[] = {
-                        "rt_sigprocmask", "rt_sigtimedwait", "gettid", "getpid", "read", "write", "futex", "mmap",
-                        "munmap", "mprotect", "brk",
-                };
-                for (size_t i = 0; i < ELEMENTSOF(vg); i++) {
-                        k = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, seccomp_syscall_resolve_name(vg[i]), 0);
-                        if (k < 0 && k != -EEXIST)
-                                goto finish;
-                }
-        }
-#endif
-
-        k = seccomp_load(ctx);
-finish:
-        seccomp_release(ctx);
-        return k;
+        return helper_install_allowlist(rules, ELEMENTSOF(rules), selftest_has("valgrind"));
 }
 
 static int pull_setup(Pull *p, const Args *args) {
@@ -1154,11 +650,11 @@ static int pull_setup(Pull *p, const Args *args) {
 
         r = check_socket(NBD_FD, SOCK_STREAM, AF_UNIX);
         if (r < 0)
-                return pull_fail(r, "fd %d is not a connected AF_UNIX stream socket.", NBD_FD);
+                return helper_fail(r, "fd %d is not a connected AF_UNIX stream socket.", NBD_FD);
 
         /* A peer that goes away must cost an EPIPE, not our life. */
         if (signal(SIGPIPE, SIG_IGN) == SIG_ERR)
-                return pull_fail(errno, "Failed to ignore SIGPIPE: %m");
+                return helper_fail(errno, "Failed to ignore SIGPIPE: %m");
 
         r = nbd_open(p);
         if (r < 0)
@@ -1168,11 +664,11 @@ static int pull_setup(Pull *p, const Args *args) {
                 p->n_slots = args->parallel;
                 p->slots = calloc(p->n_slots, sizeof(Slot));
                 if (!p->slots)
-                        return pull_fail(ENOMEM, "Out of memory.");
+                        return helper_fail(ENOMEM, "Out of memory.");
                 for (size_t i = 0; i < p->n_slots; i++) {
                         p->slots[i].buf = malloc(p->chunk);
                         if (!p->slots[i].buf)
-                                return pull_fail(ENOMEM, "Out of memory.");
+                                return helper_fail(ENOMEM, "Out of memory.");
                 }
                 p->rate = args->bandwidth;
                 p->refilled_at = now_usec(CLOCK_MONOTONIC);
@@ -1180,20 +676,17 @@ static int pull_setup(Pull *p, const Args *args) {
         }
 
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-                return pull_fail(errno, "Failed to set no_new_privs: %m");
+                return helper_fail(errno, "Failed to set no_new_privs: %m");
         r = install_allowlist();
         if (r < 0)
-                return pull_fail(r, "Failed to install the seccomp filter: %m");
+                return helper_fail(r, "Failed to install the seccomp filter: %m");
 
-        r = control_send("ready\n");
+        r = control_send_message(&(ControlPullMessage) { .kind = CONTROL_PULL_READY });
         if (r < 0)
                 return log_error_errno(r, "Failed to tell the daemon we are ready: %m");
 
 #ifdef PULL_SELFTEST
-        if (selftest_has("open"))
-                (void) openat(AT_FDCWD, "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (selftest_has("socket"))
-                (void) socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        helper_selftest_try_forbidden(SELFTEST_ENV);
 #endif
         return 0;
 }
@@ -1207,8 +700,7 @@ static void pull_free(Pull *p) {
                         free(p->slots[i].buf);
         free(p->slots);
         free(p->todo);
-        for (size_t i = 0; i < _CTX_MAX; i++)
-                free(p->status.entries[i]);
+        status_free(&p->status);
         *p = (Pull) {};
 }
 
@@ -1224,14 +716,14 @@ int main(int argc, char *argv[]) {
                 log_error_errno(errno, "Failed to close stray file descriptors: %m");
                 return EXIT_FAILURE;
         }
-        control_ok = check_socket(CONTROL_FD, SOCK_SEQPACKET, AF_UNIX) >= 0;
+        helper_control_ok = check_socket(CONTROL_FD, SOCK_SEQPACKET, AF_UNIX) >= 0;
 
         r = parse_argv(argc, argv, &args);
         if (r <= 0)
                 return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 
         /* Without the daemon there is nobody to tell: only the log. */
-        if (!control_ok) {
+        if (!helper_control_ok) {
                 log_error("fd %d is not an AF_UNIX SOCK_SEQPACKET socket.", CONTROL_FD);
                 return EXIT_FAILURE;
         }
@@ -1241,7 +733,7 @@ int main(int argc, char *argv[]) {
                 r = pull_run(&pull);
         if (r == PULL_DONE)
                 r = pull_finish(&pull);
-        if (r == PULL_STOP || control_gone)
+        if (r == PULL_STOP || helper_control_gone)
                 r = 0;
         pull_free(&pull);
         return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* The helpers' control protocol as the daemon reads it (control.c): one datagram framed by
- * control_frame, then parsed as a line of blockstream-pull or blockstream-nbd-relay (first byte:
- * which), as a hostile helper could send any bytes. */
+/* The helpers' control protocol (control.c), both ends: one datagram framed by control_frame,
+ * then parsed as a line of blockstream-pull or blockstream-nbd-relay, as a hostile helper could
+ * send any bytes; or parsed as a helper parses the daemon's commands (first byte: which). */
 
 #include <stdlib.h>
 #include <string.h>
@@ -12,16 +12,29 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        char buf[CONTROL_MESSAGE_MAX + 1];
-        bool relay;
+        char buf[CONTROL_MESSAGE_MAX + 2];
+        bool relay, command;
 
         if (size == 0)
                 return 0;
         relay = data[0] & 1;
+        command = data[0] & 2;
         data++;
         size--;
+        if (command) {
+                ControlCommand c;
+
+                /* What one recvmsg() into a helper's buffer can hold. */
+                size = MIN(size, CONTROL_MESSAGE_MAX + 1);
+                memcpy(buf, data, size);
+                buf[size] = 0;
+                if (control_parse_command(buf, size, &c) >= 0 && c.kind == CONTROL_COMMAND_REFUSED &&
+                        (c.text < buf || c.text > buf + strlen(buf)))
+                        abort();
+                return 0;
+        }
         /* What one recv() into the daemon's buffer can hold. */
-        size = MIN(size, sizeof(buf));
+        size = MIN(size, CONTROL_MESSAGE_MAX + 1);
         memcpy(buf, data, size);
         if (control_frame(buf, size) < 0)
                 return 0;

@@ -6,6 +6,7 @@
  * anything failed. A failed check does not stop the test: the rest of it still runs, so one
  * run shows every broken expectation. */
 
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -133,6 +134,19 @@ static const char *tap_only _unused_tap_;
                         printf("ok %u - %s\n", tap_n_tests, #fn); \
                 fflush(stdout); \
         } while (0)
+
+/* The fds this process has open, for a leak check: the same count before and after. */
+static inline unsigned count_fds(void) {
+        DIR *d = opendir("/proc/self/fd");
+        unsigned n = 0;
+
+        if (!d)
+                return 0;
+        while (readdir(d))
+                n++;
+        closedir(d);
+        return n;
+}
 
 static inline void tap_init(int argc, char **argv) {
         setvbuf(stdout, NULL, _IOLBF, 0);

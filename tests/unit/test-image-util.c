@@ -52,18 +52,6 @@ int run(const char *format, ...) {
         return r == 0 ? 0 : -EIO;
 }
 
-unsigned count_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        unsigned n = 0;
-
-        if (!d)
-                return 0;
-        while (readdir(d))
-                n++;
-        closedir(d);
-        return n;
-}
-
 int write_file(const char *path, const void *buf, size_t len) {
         _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 

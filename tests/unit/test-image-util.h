@@ -29,7 +29,6 @@ void image_test_cleanup(void);
 const char *P(const char *format, ...) _printf_(1, 2);
 /* A shell command, its stdout discarded (stdout is TAP); 0 or -EIO. */
 int run(const char *format, ...) _printf_(1, 2);
-unsigned count_fds(void);
 int write_file(const char *path, const void *buf, size_t len);
 void put_be32(uint8_t *p, uint32_t v);
 void put_be64(uint8_t *p, uint64_t v);

@@ -18,6 +18,7 @@ Usage: test-nbd-relay.py RELAY [SELFTEST-RELAY] [--valgrind]
                   valgrind's own syscalls); any memcheck error fails the test
 Prints TAP."""
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -197,6 +198,12 @@ class Relay:
         if wait_ready:
             self.daemon.wait_line(lambda l: l == "ready\n", "ready")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _read_log(self):
         while True:
             b = os.read(self.log_r, 65536)
@@ -303,9 +310,8 @@ def test_help_version():
 def test_fds_closed():
     """Only 0-4 survive; fds 5 and 9 given at start are closed."""
     extra = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-    relay = Relay(extra_fds=[(extra, 5), (extra, 9)])
-    os.close(extra)
-    try:
+    with Relay(extra_fds=[(extra, 5), (extra, 9)]) as relay:
+        os.close(extra)
         if not VALGRIND:  # valgrind keeps fds of its own
             fds = sorted(int(x) for x in os.listdir("/proc/%d/fd" % relay.pid))
             check(fds == [0, 1, 2, 3, 4], "open fds: %r" % fds)
@@ -314,14 +320,11 @@ def test_fds_closed():
         check(st["NoNewPrivs"].strip() == "1", "NoNewPrivs: %r" % st["NoNewPrivs"])
         check(st["Seccomp"].strip() == "2", "Seccomp: %r" % st["Seccomp"])
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_nbd_unix():
     need_tools("nbdinfo", "nbdcopy")
-    relay = Relay(upstream=upstream_path)
-    try:
+    with Relay(upstream=upstream_path) as relay:
         out = subprocess.run(["nbdinfo", "--size", uri(relay)], stdout=subprocess.PIPE, timeout=TIMEOUT,
                              check=True).stdout
         check(int(out) == IMAGE_SIZE, "nbdinfo --size: %r" % out)
@@ -339,8 +342,6 @@ def test_nbd_unix():
         relay.daemon.wait_clients(0)
         check(relay.daemon.connects() == [1, 2, 3, 4, 5], "connect ids: %r" % relay.daemon.connects())
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_nbd_tcp():
@@ -348,20 +349,16 @@ def test_nbd_tcp():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
-    relay = Relay(listener=listener, upstream=upstream_path)
-    relay.address = listener.getsockname()
-    try:
+    with Relay(listener=listener, upstream=upstream_path) as relay:
+        relay.address = listener.getsockname()
         check(nbdcopy_sha(relay) == image_sha, "nbdcopy over TCP read different bytes")
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_nbd_concurrent():
     """Three nbdcopy at once, each reading the whole image."""
     need_tools("nbdcopy")
-    relay = Relay(upstream=upstream_path)
-    try:
+    with Relay(upstream=upstream_path) as relay:
         procs = [subprocess.Popen(["nbdcopy", uri(relay), "-"], stdout=subprocess.PIPE) for _ in range(3)]
         shas = []
         for p in procs:
@@ -373,14 +370,11 @@ def test_nbd_concurrent():
         counts = [int(l.split()[1]) for l in relay.daemon.lines if l.startswith("clients ")]
         check(max(counts) >= 1 and counts[-1] == 0, "clients messages: %r" % counts)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_clients_count():
     """"clients k" tracks connections, waiting or relaying."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         socks = [relay.connect() for _ in range(3)]
         relay.daemon.wait_clients(3)
         wait_until(lambda: len(relay.daemon.connects()) == 3, "three connect messages")
@@ -391,16 +385,20 @@ def test_clients_count():
             s.close()
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
+
+
+def connect_announced(relay):
+    """A new client, and its id once the relay has asked the daemon to connect it."""
+    seen = len(relay.daemon.connects())
+    c = relay.connect()
+    n = wait_until(lambda: relay.daemon.connects()[seen:], "connect")[0]
+    return c, n
 
 
 def pair_with_fake_upstream(relay, handshake=True):
     """A client, and the test's end of its upstream: a socketpair handed over as the upstream.
     With handshake, the two ends have gone through NBD_OPT_GO: what follows is raw bytes."""
-    seen = len(relay.daemon.connects())
-    c = relay.connect()
-    n = wait_until(lambda: relay.daemon.connects()[seen:], "connect")[0]
+    c, n = connect_announced(relay)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     relay.daemon.send(b"upstream %d\n" % n, [theirs.fileno()])
     theirs.close()
@@ -575,9 +573,15 @@ class FakeServer:
         self.sock.close()
 
 
-def relay_with_fake(**kw):
-    server = FakeServer(**kw)
-    return Relay(upstream=server.path), server
+@contextlib.contextmanager
+def relay_with_fake(hostile=None, **relay_kw):
+    """A relay whose daemon connects its clients to a FakeServer; both closed at the end."""
+    server = FakeServer(hostile=hostile)
+    try:
+        with Relay(upstream=server.path, **relay_kw) as relay:
+            yield relay, server
+    finally:
+        server.close()
 
 
 def started_client(relay):
@@ -607,8 +611,7 @@ def check_serves(relay):
 
 def test_pinned_list():
     """NBD_OPT_LIST names the pinned export only, answered by the relay itself."""
-    relay, server = relay_with_fake()
-    try:
+    with relay_with_fake() as (relay, server):
         c = started_client(relay)
         c.sendall(option(OPT_LIST))
         opt, typ, data = read_reply(c)
@@ -621,16 +624,12 @@ def test_pinned_list():
         check([o for o, _ in server.options()] == [OPT_GO], "the server saw %r" % server.options())
         c.close()
         relay.stop()
-    finally:
-        relay.close()
-        server.close()
 
 
 def test_pinned_other_names():
     """INFO, GO and the meta-context options for any other name are refused by the relay (the
     server never sees them); "" means the pinned export and goes on under its name."""
-    relay, server = relay_with_fake()
-    try:
+    with relay_with_fake() as (relay, server):
         c = started_client(relay)
         for opt, data in ((OPT_INFO, name_data(b"other")), (OPT_GO, name_data(b"bsm-1", [0, 1])),
                           (OPT_GO, name_data(b"disk ")), (OPT_GO, name_data(b"Disk")), (OPT_INFO, name_data(b"x")),
@@ -655,16 +654,12 @@ def test_pinned_other_names():
         check(recv_exact(c, 4) == b"echo", "no transmission phase")
         c.close()
         relay.stop()
-    finally:
-        relay.close()
-        server.close()
 
 
 def test_export_name_other():
     """NBD_OPT_EXPORT_NAME of another export: the connection is closed and the server never sees
     it; the pinned one (and "") opens, read-only."""
-    relay, server = relay_with_fake()
-    try:
+    with relay_with_fake() as (relay, server):
         for name in (b"other", b"bsm-1", b"x" * 4096):
             c = started_client(relay)
             c.sendall(option(OPT_EXPORT_NAME, name))
@@ -680,16 +675,12 @@ def test_export_name_other():
             c.close()
         check(server.options() == [(OPT_EXPORT_NAME, EXPORT.encode())] * 2, "the server saw %r" % server.options())
         relay.stop()
-    finally:
-        relay.close()
-        server.close()
 
 
 def test_hostile_options():
     """Oversize, malformed and unknown options, TLS and ABORT: refused or closed by the relay,
     which stays up for the next client."""
-    relay, server = relay_with_fake()
-    try:
+    with relay_with_fake() as (relay, server):
         # One connection, answered and still negotiating.
         c = started_client(relay)
         for opt, data, want in ((OPT_STARTTLS, b"", ERR_POLICY), (99, b"junk" * 100, ERR_UNSUP),
@@ -727,33 +718,24 @@ def test_hostile_options():
         check_serves(relay)
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
-        server.close()
 
 
 def test_hostile_server_replies():
     """A server that breaks the rules (an endless reply, a reply to another option, a reply type
     that does not belong) costs its client the connection, nothing more."""
     for hostile in ("long", "wrong-option", "server-list"):
-        relay, server = relay_with_fake(hostile=hostile)
-        try:
+        with relay_with_fake(hostile=hostile) as (relay, server):
             c = started_client(relay)
             c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
             check_closed(c, "server reply %s" % hostile)
             check(relay.alive(), "the relay died of %s" % hostile)
             relay.daemon.wait_clients(0)
             relay.stop()
-        finally:
-            relay.close()
-            server.close()
 
 
 def test_handshake_timeout():
     """A client that never picks an export is closed when the handshake's time is up."""
-    relay, server = Relay(upstream=None, selftest=["timeout"]), FakeServer()
-    relay.daemon.upstream = server.path
-    try:
+    with relay_with_fake(selftest=["timeout"]) as (relay, server):
         c = started_client(relay)
         relay.daemon.wait_clients(1)
         check_closed(c, "a silent client")
@@ -761,17 +743,13 @@ def test_handshake_timeout():
         check(b"no export chosen" in relay.log or wait_until(lambda: b"no export chosen" in relay.log, "log"),
               "not logged")
         relay.stop()
-    finally:
-        relay.close()
-        server.close()
 
 
 def test_client_gone_while_server_silent():
     """A client that leaves while the server has not even sent its greeting frees its slot at
     once, not when the handshake's time is up (a QEMU that does not accept would otherwise let
     64 departed clients lock everyone out)."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c, up = pair_with_fake_upstream(relay, handshake=False)
         relay.daemon.wait_clients(1)
         c.close()
@@ -779,8 +757,6 @@ def test_client_gone_while_server_silent():
         check(up.recv(1) == b"", "the upstream of a departed client was not closed")
         up.close()
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_bad_export_names():
@@ -792,8 +768,7 @@ def test_bad_export_names():
 
 def test_control_backpressure():
     """The daemon reads late: the relay's messages wait, none is lost."""
-    relay = Relay(ctrl_sndbuf=1)  # the minimum: a few messages fill it
-    try:
+    with Relay(ctrl_sndbuf=1) as relay:  # the minimum: a few messages fill it
         relay.daemon.reading.clear()
         time.sleep(0.1)  # let the reader block in reading.wait()
         socks = [relay.connect() for _ in range(40)]
@@ -807,14 +782,11 @@ def test_control_backpressure():
             s.close()
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_half_close():
     """shutdown(SHUT_WR) is passed on each way; data before it arrives complete."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
         c.sendall(b"request")
         c.shutdown(socket.SHUT_WR)
@@ -828,14 +800,11 @@ def test_half_close():
         c.close()
         up.close()
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_bulk_both_ways():
     """8 MiB each way at once, through the bounded pipes, byte-exact."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
         a, b = os.urandom(8 << 20), os.urandom(8 << 20)
         got = {}
@@ -858,14 +827,11 @@ def test_bulk_both_ways():
         check(got.get("rb") == b, "upstream → client bytes differ")
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_error_closes_pair_only():
     """A reset on one pair leaves the others running."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c1, up1 = pair_with_fake_upstream(relay)
         c2, up2 = pair_with_fake_upstream(relay)
         relay.daemon.wait_clients(2)
@@ -880,15 +846,11 @@ def test_error_closes_pair_only():
         check(c2.recv(4) == b"pong", "the other pair stopped")
         relay.stop()
         check(c2.recv(1) == b"", "stop did not close the client")
-    finally:
-        relay.close()
 
 
 def test_refused():
-    relay = Relay()
-    try:
-        c = relay.connect()
-        n = wait_until(lambda: relay.daemon.connects(), "connect")[0]
+    with Relay() as relay:
+        c, n = connect_announced(relay)
         relay.daemon.wait_clients(1)
         relay.daemon.send(b"refused %d no exports today\n" % n)
         check(c.recv(1) == b"", "refused client not closed")
@@ -903,16 +865,12 @@ def test_refused():
         check(a.recv(1) == b"", "late upstream not closed")
         check(relay.alive(), "relay died on a late upstream")
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_longest_message():
     """256 bytes with the newline is the limit, and allowed."""
-    relay = Relay()
-    try:
-        c = relay.connect()
-        n = wait_until(lambda: relay.daemon.connects(), "connect")[0]
+    with Relay() as relay:
+        c, n = connect_announced(relay)
         msg = b"refused %d " % n
         msg += b"x" * (255 - len(msg)) + b"\n"
         check(len(msg) == 256, "length %d" % len(msg))
@@ -920,26 +878,20 @@ def test_longest_message():
         check(c.recv(1) == b"", "refused client not closed")
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_client_gone_while_waiting():
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c = relay.connect()
         relay.daemon.wait_clients(1)
         c.close()
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_limit():
     """64 clients; the 65th is accepted and closed at once, the 64 stay."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         socks = [relay.connect() for _ in range(64)]
         relay.daemon.wait_clients(64)
         extra = relay.connect()
@@ -955,13 +907,10 @@ def test_limit():
             s.close()
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_upstream_timeout():
-    relay = Relay(selftest=["timeout"])  # 1 s instead of 10
-    try:
+    with Relay(selftest=["timeout"]) as relay:  # 1 s instead of 10
         c = relay.connect()
         relay.daemon.wait_clients(1)
         t = time.monotonic()
@@ -969,13 +918,10 @@ def test_upstream_timeout():
         check(0.5 < time.monotonic() - t < TIMEOUT, "closed after %.1f s" % (time.monotonic() - t))
         relay.daemon.wait_clients(0)
         relay.stop()
-    finally:
-        relay.close()
 
 
 def test_stop():
-    relay = Relay(upstream=upstream_path)
-    try:
+    with Relay(upstream=upstream_path) as relay:
         c = relay.connect()
         c.recv(8)  # NBD greeting: relaying
         w = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -985,38 +931,28 @@ def test_stop():
         relay.stop()
         recv_all(c)  # the rest of the greeting, then EOF (not a timeout)
         check(w.recv(1) == b"", "waiting client not closed")
-    finally:
-        relay.close()
 
 
 def test_control_eof():
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c = relay.connect()
         relay.daemon.wait_clients(1)
         relay.ctrl.shutdown(socket.SHUT_RDWR)
         check(relay.wait() == 0, "exit status %r on EOF" % relay.status)
         check(b"error" not in relay.log.lower(), "EOF logged an error: %r" % relay.log)
         check(c.recv(1) == b"", "client not closed")
-    finally:
-        relay.close()
 
 
 def test_listener_shut_down():
     """A listening socket shut down under it: nothing more can come, exit 1 (not spin)."""
-    relay = Relay()
-    try:
+    with Relay() as relay:
         relay.listener.shutdown(socket.SHUT_RDWR)
         check(relay.wait() == 1, "exit status %r" % relay.status)
         relay.daemon.wait_line("error ", "error line")
-    finally:
-        relay.close()
 
 
 def garbage(msg, fds=(), what="", error="Unexpected message"):
-    relay = Relay()
-    c = relay.connect()
-    try:
+    with Relay() as relay, relay.connect() as c:
         relay.daemon.wait_clients(1)
         relay.daemon.send(msg, fds)
         st = relay.wait()
@@ -1024,9 +960,6 @@ def garbage(msg, fds=(), what="", error="Unexpected message"):
         line = relay.daemon.wait_line("error ", "error line")
         check(error in line, "%s: %r" % (what, line))
         check(c.recv(1) == b"", "%s: client not closed" % what)
-    finally:
-        relay.close()
-        c.close()
 
 
 def test_garbage():
@@ -1050,49 +983,34 @@ def test_garbage():
 
 
 def test_upstream_twice():
-    relay = Relay()
-    try:
+    with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
         a, b = socket.socketpair()
         relay.daemon.send(b"upstream 1\n", [b.fileno()])
         check(relay.wait() == 1, "second upstream accepted")
         a.close()
         b.close()
-    finally:
-        relay.close()
 
 
 def test_bad_fds():
     # fd 3 not listening: reported on fd 4.
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    relay = Relay(listener=a, wait_ready=False)
-    try:
+    with b, Relay(listener=a, wait_ready=False) as relay:
         relay.daemon.wait_line("error ", "error line")
         check(relay.wait() == 1, "exit status %r" % relay.status)
-    finally:
-        relay.close()
-        b.close()
     # fd 4 not SEQPACKET: only the log.
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    relay = Relay(fd4=a, wait_ready=False)
-    try:
+    with a, b, Relay(fd4=a, wait_ready=False) as relay:
         check(relay.wait() == 1, "exit status %r" % relay.status)
         check(b"SOCK_SEQPACKET" in relay.log, "not logged: %r" % relay.log)
-    finally:
-        relay.close()
-        a.close()
-        b.close()
 
 
 def forbidden(call):
     if VALGRIND:
         raise Skip("valgrind handles SIGSYS itself")
-    relay = Relay(selftest=[call], wait_ready=False)
-    try:
+    with Relay(selftest=[call], wait_ready=False) as relay:
         relay.daemon.wait_line(lambda l: l == "ready\n", "ready")
         check(relay.wait() == -signal.SIGSYS, "%s after setup: exit status %r, not SIGSYS" % (call, relay.status))
-    finally:
-        relay.close()
 
 
 def test_seccomp_open():
@@ -1105,6 +1023,12 @@ def test_seccomp_socket():
 
 def test_seccomp_sendmsg_other_fd():
     forbidden("sendmsg")
+
+
+def test_seccomp_sendmsg_control():
+    """The relay talks to the daemon with send(): sendmsg, which could pass an fd, is not even
+    allowed on the control socket."""
+    forbidden("sendmsg-control")
 
 
 def test_seccomp_write_other_fd():

@@ -1,0 +1,367 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* A guest's disk and the life of its job as QEMU (or a range helper) reports it: its record
+ * kept in step with QEMU's view, the job's changes applied and signalled, and a concluded job
+ * finalized (recorded, dismissed, the chain re-read) and published. The BlockStream object's
+ * methods and properties are stream.c's. */
+
+#include <inttypes.h>
+#include <stdarg.h>
+
+#include "guest.h"
+#include "image.h"
+#include "manager.h"
+#include "blockstream-api.h"
+#include "disk.h"
+#include "util.h"
+
+#define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
+
+int disk_new(Disk **ret, Guest *g, const char *alias) {
+        Disk *d;
+
+        d = calloc(1, sizeof(Disk));
+        if (!d)
+                return -ENOMEM;
+        d->guest = g;
+        d->alias = strdup(alias);
+        d->node_name = strdup("");
+        d->path = strdup("");
+        d->format = strdup("");
+        d->chain = calloc(1, sizeof(char *));
+        d->chain_nodes = calloc(1, sizeof(char *));
+        if (!d->alias || !d->node_name || !d->path || !d->format || !d->chain || !d->chain_nodes ||
+                sd_bus_path_encode_many(&d->object_path, GUEST_PATH_PREFIX "/%/%", g->name, alias) < 0) {
+                disk_free(d);
+                return -ENOMEM;
+        }
+        *ret = d;
+        return 0;
+}
+
+Disk *disk_free(Disk *d) {
+        if (!d)
+                return NULL;
+        job_done(&d->job);
+        free(d->range_node);
+        free(d->range_export);
+        free(d->range_bottom);
+        free(d->job_base);
+        free(d->map_export);
+        free(d->map_export_node);
+        free(d->alias);
+        free(d->object_path);
+        free(d->node_name);
+        free(d->path);
+        free(d->format);
+        strv_free(d->chain);
+        strv_free(d->chain_nodes);
+        free(d);
+        return NULL;
+}
+
+static int replace_string(char **s, const char *v, bool *changed) {
+        char *c;
+
+        if (streq_ptr(*s, v))
+                return 0;
+        c = strdup(v);
+        if (!c)
+                return -ENOMEM;
+        free(*s);
+        *s = c;
+        *changed = true;
+        return 0;
+}
+
+int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
+        _cleanup_strv_free_ char **chain = NULL, **nodes = NULL;
+        bool node_changed = false, path_changed = false, chain_changed = false, size_changed = false, dummy = false;
+        int r;
+
+        chain = calloc(q->n_chain + 1, sizeof(char *));
+        nodes = calloc(q->n_chain + 1, sizeof(char *));
+        if (!chain || !nodes)
+                return -ENOMEM;
+        for (size_t i = 0; i < q->n_chain; i++) {
+                chain[i] = strdup(q->chain[i].filename);
+                nodes[i] = strdup(strempty(q->chain[i].node_name));
+                if (!chain[i] || !nodes[i])
+                        return -ENOMEM;
+        }
+
+        if ((r = replace_string(&d->node_name, q->node_name, &node_changed)) < 0 ||
+                (r = replace_string(&d->path, q->filename, &path_changed)) < 0 ||
+                (r = replace_string(&d->format, q->format, &dummy)) < 0)
+                return r;
+        if (!strv_equal(chain, d->chain)) {
+                strv_free(d->chain);
+                d->chain = TAKE_PTR(chain);
+                chain_changed = true;
+        }
+        strv_free(d->chain_nodes);
+        d->chain_nodes = TAKE_PTR(nodes);
+        if (d->size != q->virtual_size) {
+                d->size = q->virtual_size;
+                size_changed = true;
+        }
+        d->cluster_size = q->cluster_size;
+
+        if (emit) {
+                if (node_changed)
+                        disk_emit_changed(d, "NodeName", NULL);
+                if (path_changed)
+                        disk_emit_changed(d, "Path", NULL);
+                if (chain_changed)
+                        disk_emit_changed(d, "BackingChain", NULL);
+                if (size_changed)
+                        disk_emit_changed(d, "Size", NULL);
+        }
+        return node_changed || path_changed || chain_changed || size_changed;
+}
+
+int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit) {
+        _cleanup_free_ char *node = strdup_printf("bs-%s", d->alias);
+        QemuDisk q = {
+                .alias = d->alias,
+                .node_name = node,
+                .filename = c->images[0].path,
+                .format = c->images[0].format,
+                .virtual_size = c->images[0].virtual_size,
+                .cluster_size = c->images[0].cluster_size,
+        };
+        QemuImage *chain = NULL;
+        int r;
+
+        if (!node)
+                return -ENOMEM;
+        if (c->n > 1) {
+                chain = calloc(c->n - 1, sizeof(QemuImage));
+                if (!chain)
+                        return -ENOMEM;
+                for (size_t k = 1; k < c->n; k++) {
+                        chain[k - 1].filename = c->images[k].path;
+                        chain[k - 1].format = c->images[k].format;
+                        /* The storage helper names them so (storage.c). */
+                        chain[k - 1].node_name = strdup_printf("bs-%s-%zu", d->alias, k);
+                        if (!chain[k - 1].node_name) {
+                                r = -ENOMEM;
+                                goto finish;
+                        }
+                }
+        }
+        q.chain = chain;
+        q.n_chain = c->n ? c->n - 1 : 0;
+        r = disk_update_from_qemu(d, &q, emit);
+finish:
+        for (size_t k = 0; chain && k + 1 < c->n; k++)
+                free(chain[k].node_name);
+        free(chain);
+        return r;
+}
+
+void disk_emit_changed(Disk *d, const char *first, ...) {
+        _cleanup_strv_free_ char **names = NULL;
+        va_list ap;
+        int r;
+
+        if (!d->guest->published)
+                return;
+        va_start(ap, first);
+        for (const char *n = first; n; n = va_arg(ap, const char *))
+                if (strv_push(&names, strdup(n)) < 0) {
+                        va_end(ap);
+                        log_oom();
+                        return;
+                }
+        va_end(ap);
+        r = sd_bus_emit_properties_changed_strv(d->guest->manager->bus, d->object_path, STREAM_INTERFACE, names);
+        if (r < 0)
+                log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", d->object_path);
+}
+
+void disk_release_map_export(Disk *d) {
+        if (d->map_export && d->map_export_release)
+                d->map_export_release(d);
+}
+
+void disk_emit_job(Disk *d) {
+        disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
+                "StartTime", "ExpectedEndTime", "Error", NULL);
+}
+
+void disk_save(Disk *d) {
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save(d->guest);
+}
+
+void disk_save_later(Disk *d) {
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        guest_save_later(d->guest);
+}
+
+/* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
+ * changed, and only then publish, so that a client woken by Finished sees the new chain. */
+
+typedef struct FinalizeCtx {
+        Guest *guest;
+        char *alias;
+} FinalizeCtx;
+
+static void finalize_ctx_free(void *p) {
+        FinalizeCtx *c = p;
+
+        if (!c)
+                return;
+        free(c->alias);
+        free(c);
+}
+
+static FinalizeCtx *finalize_ctx_new(Disk *d) {
+        FinalizeCtx *c = calloc(1, sizeof(FinalizeCtx));
+
+        if (!c)
+                return NULL;
+        c->guest = d->guest;
+        c->alias = strdup(d->alias);
+        if (!c->alias)
+                return mfree(c);
+        return c;
+}
+
+static void disk_publish_now(Disk *d) {
+        Manager *m = d->guest->manager;
+        int r;
+
+        d->finalizing = false;
+        d->releasing = false;
+        if (!job_publish_outcome(&d->job))
+                return;
+        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->guest->name, d->alias,
+                stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
+                strempty(d->job.error));
+        disk_save(d);
+        disk_emit_job(d);
+        if (d->guest->published) {
+                r = sd_bus_emit_signal(m->bus, d->object_path, STREAM_INTERFACE, "Finished", "sts",
+                        stream_state_to_string(d->job.state), d->job.done, strempty(d->job.error));
+                if (r < 0)
+                        log_warning_errno(r, "Failed to emit Finished for %s: %m", d->object_path);
+        }
+        guest_update_polling(d->guest);
+        guest_release_helper_if_idle(d->guest);
+}
+
+static void disk_publish_outcome(Disk *d) {
+        Guest *g = d->guest;
+
+        d->finalizing = false;
+        /* A guest that is not running: its storage helper holds the images' locks until it quits.
+         * Whoever starts the VM at Finished (pull --wait, then boot) must find them free, so the
+         * outcome waits for the helper to go when nothing else needs it. */
+        if (g->offline && peer_has_helper(&g->peer) && d->job.concluded) {
+                d->releasing = true;
+                guest_release_helper_if_idle(g);
+                return;
+        }
+        disk_publish_now(d);
+}
+
+void disk_publish_released(Disk *d) {
+        if (d->releasing)
+                disk_publish_now(d);
+}
+
+static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
+        FinalizeCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+
+        if (error < 0)
+                log_warning_errno(error, "Guest %s: could not re-read disks after a stream: %s", g->name,
+                        desc ?: strerror(-error));
+        if (d)
+                disk_publish_outcome(d);
+}
+
+static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userdata) {
+        FinalizeCtx *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+        FinalizeCtx *c2;
+
+        if (!d)
+                return;
+        if (error < 0 && error != -EREMOTEIO)
+                log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->guest->name, d->alias);
+        d->job.id = mfree(d->job.id);
+        if (d->job.outcome == STREAM_COMPLETED && (guest_qmp_ready(c->guest) || c->guest->offline)) {
+                c2 = finalize_ctx_new(d);
+                if (c2 && guest_refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
+                        return;
+                finalize_ctx_free(c2);
+        }
+        disk_publish_outcome(d);
+}
+
+static void disk_finalize(Disk *d) {
+        Guest *g = d->guest;
+        FinalizeCtx *c;
+
+        if (d->finalizing)
+                return;
+        d->finalizing = true;
+        disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
+        disk_save(d); /* the outcome survives a crash from here on */
+        guest_update_polling(g);
+
+        if (d->job.id && guest_qmp_ready(g)) {
+                c = finalize_ctx_new(d);
+                if (c && qemu_job_dismiss(g->peer.qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
+                        return;
+                finalize_ctx_free(c);
+        }
+        d->job.id = mfree(d->job.id);
+        disk_publish_outcome(d);
+}
+
+static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
+        if (changed & JOB_NOW_CONCLUDED) {
+                disk_finalize(d);
+                return;
+        }
+        if (changed & JOB_CHANGED_STATE) {
+                disk_emit_job(d);
+                if (lazy)
+                        disk_save_later(d);
+                else
+                        disk_save(d);
+        } else if (changed & JOB_CHANGED_PROGRESS) {
+                disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
+                if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
+                        disk_save_later(d);
+        }
+        if ((changed & JOB_CHANGED_ERROR) && !(changed & JOB_CHANGED_STATE)) {
+                disk_emit_changed(d, "Error", NULL);
+                disk_save_later(d);
+        }
+}
+
+void disk_apply_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, false);
+}
+
+/* QEMU decides how often these come: the signal goes per change, the write is coalesced (a
+ * crash within GUEST_SAVE_INTERVAL_USEC loses a pause or resume that the next connect reads
+ * from QEMU again). Our own changes (a job begun, Pause of a range) are written at once. */
+void disk_apply_qemu_job_changes(Disk *d, unsigned changed) {
+        apply_job_changes(d, changed, true);
+}
+
+void disk_fail_job(Disk *d, const char *error) {
+        unsigned changed = job_conclude(&d->job, STREAM_FAILED, error);
+
+        if (changed & JOB_NOW_CONCLUDED) {
+                /* Nothing left to dismiss: QEMU no longer has the job. */
+                d->job.id = mfree(d->job.id);
+                disk_apply_job_changes(d, changed);
+        }
+}

@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* A guest's disk: its record kept in step with QEMU (or its image headers), and the life of its
+ * job (disk.c). The BlockStream object around it (its methods and properties) is stream.h's. */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "job.h"
+#include "qemu.h"
+
+typedef struct Guest Guest;
+typedef struct ImageChain ImageChain;
+
+
+typedef struct Disk {
+        Guest *guest;
+        char *alias;
+        char *object_path;
+        char *node_name;
+        char *path;
+        char *format;
+        char **chain;       /* backing image files, nearest first */
+        char **chain_nodes; /* their node names ("" when QEMU has none) */
+        uint64_t size;
+        uint64_t cluster_size;
+        uint64_t bandwidth; /* Bandwidth: of the running job, else the default for the next */
+
+        Job job;
+        char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
+        char *range_export;
+        char *range_bottom; /* its filter's bottom (a range with base): to resume it after a restart */
+        char *job_base;     /* a full stream's base node, to carry it on in a new storage helper */
+        /* While QEMU streams the whole disk: one export of the top node kept for every
+         * GetAllocationMap (see map.c), with the maps using it now. */
+        char *map_export;
+        char *map_export_node;
+        unsigned map_export_users;
+        /* Removes map_export once unused: set by map.c along with it (the disk calls down into
+         * no map code). */
+        void (*map_export_release)(struct Disk *d);
+        bool starting;   /* Start sent to QEMU, no answer yet */
+        bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
+        bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
+        usec_t last_saved;
+} Disk;
+
+int disk_new(Disk **ret, Guest *g, const char *alias);
+Disk *disk_free(Disk *d);
+/* Take QEMU's view of the disk; returns true if a published property changed. */
+int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
+/* Take an offline disk's chain as read from the image headers. */
+int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
+
+/* Job plumbing, called by guest.c as QEMU reports. */
+void disk_apply_job_changes(Disk *d, unsigned changed);
+/* The same for changes QEMU reported (events, polls): the state write is coalesced. */
+void disk_apply_qemu_job_changes(Disk *d, unsigned changed);
+void disk_fail_job(Disk *d, const char *error);
+/* The storage helper let go of the images (or something else keeps it): publish an outcome that
+ * waited for that. */
+void disk_publish_released(Disk *d);
+void disk_emit_changed(Disk *d, const char *first, ...);
+/* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
+ * removed once its maps are done with it. */
+void disk_release_map_export(Disk *d);
+
+/* For stream.c: the job's properties changed; the guest's state written now, or coalesced. */
+void disk_emit_job(Disk *d);
+void disk_save(Disk *d);
+void disk_save_later(Disk *d);

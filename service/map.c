@@ -1,0 +1,214 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* GetAllocationMap: block status of a byte range of the disk, read by the pull helper in map
+ * mode through an export of the disk (see rangeop.h); and the disk's shared map export kept
+ * while QEMU streams the disk. */
+
+#include <inttypes.h>
+
+#include "bus-error.h"
+#include "guest.h"
+#include "helper.h"
+#include "manager.h"
+#include "map.h"
+#include "rangeop.h"
+#include "disk.h"
+#include "util.h"
+
+#define MAPS_PER_GUEST_MAX 8 /* each runs a helper: a flood of GetAllocationMap gets Busy */
+/* And in all, whatever the number of guests: each map runs a pull helper, and a map of a guest
+ * that is not running starts a storage helper (a whole QEMU) too. */
+#define MAPS_MAX 16
+
+/* GetAllocationMap during a full stream. Adding or removing an export attaches a BlockBackend to
+ * the top node or detaches it, which drains the node, and QEMU 7.2's stream job, woken from its
+ * rate-limit sleep by the drain, copies its next chunk at once instead of sleeping on: a client
+ * polling maps made a stream limited to 4 MiB/s copy at 80 MiB/s. So while QEMU streams the disk,
+ * the first map's export stays (the disk's map_export) and later maps use it; it goes when the
+ * job ends. Range jobs pace themselves in the helper and are not affected. */
+static bool map_export_wanted(Disk *d) {
+        return d->job.id && !d->job.concluded && !d->finalizing && job_is_active(&d->job);
+}
+
+/* A map's own export, at its end: keep it as the disk's map_export if that is wanted. */
+static bool map_export_park(RangeOp *op) {
+        Guest *g = op->guest;
+        Disk *d = guest_find_disk(g, op->alias);
+        char *id, *node;
+
+        if (!d || d->map_export || !guest_qmp_ready(g) || !map_export_wanted(d) || !op->export_node ||
+                !streq_ptr(op->export_node, d->node_name))
+                return false;
+        id = strdup(op->export_id);
+        node = strdup(op->export_node);
+        if (!id || !node) {
+                free(id);
+                free(node);
+                return false;
+        }
+        d->map_export = id;
+        d->map_export_node = node;
+        d->map_export_users = 0;
+        d->map_export_release = map_export_release;
+        return true;
+}
+
+static const RangeOpKind map_kind;
+
+void map_export_release(Disk *d) {
+        RangeOp *op;
+
+        if (!d->map_export || d->map_export_users > 0)
+                return;
+        if (!guest_qmp_ready(d->guest) || range_op_new(d, &map_kind, NULL, true, 0, 0, &op) < 0) {
+                /* QEMU is gone (and the export with it), or no memory: the NBD server's stop
+                 * takes the export with it. */
+                d->map_export = mfree(d->map_export);
+                d->map_export_node = mfree(d->map_export_node);
+                peer_nbd_drop(&d->guest->peer);
+                peer_nbd_server_release_if_unused(&d->guest->peer);
+                return;
+        }
+        /* An op without a call whose only work is the removal. */
+        free(op->export_id);
+        op->export_id = TAKE_PTR(d->map_export);
+        d->map_export_node = mfree(d->map_export_node);
+        op->export_added = true;
+        range_op_end(op, STREAM_COMPLETED, NULL);
+}
+
+/* While QEMU streams the disk, a map reads the disk's shared export if there is one. */
+static int map_setup(RangeOp *op, Disk *d) {
+        char *id;
+
+        if (!d->map_export || !streq_ptr(d->map_export_node, d->node_name))
+                return 0;
+        id = strdup(d->map_export);
+        if (!id) {
+                range_op_end(op, STREAM_FAILED, "out of memory");
+                return 1;
+        }
+        free(op->export_id);
+        op->export_id = id;
+        op->shared_export = true;
+        d->map_export_users++;
+        range_op_setup_done(op);
+        return 1;
+}
+
+/* A map on the disk's shared export lets go of it; a map's own export may become the disk's. */
+static void map_end(RangeOp *op) {
+        Guest *g = op->guest;
+
+        if (op->shared_export) {
+                Disk *d = guest_find_disk(g, op->alias);
+
+                op->shared_export = false;
+                if (d && d->map_export && streq(d->map_export, op->export_id) && d->map_export_users > 0) {
+                        d->map_export_users--;
+                        if (!map_export_wanted(d))
+                                map_export_release(d);
+                }
+        } else if (op->export_added && op->map && map_export_park(op))
+                op->export_added = false; /* the disk holds it now, and its share of nbd_users */
+}
+
+/* The map's extents go to the caller. */
+static void map_finish(RangeOp *op, Disk *d) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+        int r;
+
+        if (!op->call || op->outcome != STREAM_COMPLETED)
+                return;
+        {
+                r = sd_bus_message_new_method_return(op->call, &reply);
+                if (r >= 0)
+                        r = sd_bus_message_open_container(reply, 'a', "(ttus)");
+                for (size_t i = 0; r >= 0 && i < op->n_extents; i++)
+                        r = sd_bus_message_append(reply, "(ttus)", op->extents[i].offset, op->extents[i].length,
+                                op->extents[i].depth, control_extent_kind_to_string(op->extents[i].kind));
+                if (r >= 0)
+                        r = sd_bus_message_close_container(reply);
+                if (r >= 0)
+                        r = sd_bus_send(NULL, reply, NULL);
+                if (r < 0)
+                        (void) sd_bus_reply_method_errorf(op->call, SD_BUS_ERROR_FAILED,
+                                "Failed to send the allocation map: %s", strerror(-r));
+        }
+        op->call = sd_bus_message_unref(op->call);
+}
+
+static const RangeOpKind map_kind = {
+        .fail_text = "Cannot read the allocation map of disk",
+        .setup = map_setup,
+        .end = map_end,
+        .finish = map_finish,
+};
+
+/* A map that takes too long (a QEMU that serves its NBD export slowly, or not at all, a helper
+ * that hangs) holds a helper, an export and a place among MAPS_MAX: it is failed, its helper
+ * killed at once, and the export removed as for any other end. */
+static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        RangeOp *op = userdata;
+        Manager *m = op->manager;
+
+        op->deadline = sd_event_source_disable_unref(op->deadline);
+        if (op->ending)
+                return 0;
+        log_warning("Guest %s disk %s: the allocation map took longer than %" PRIu64 " s; stopping it.",
+                op->guest->name, op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
+        if (op->call) {
+                (void) sd_bus_reply_method_errorf(op->call, SD_BUS_ERROR_TIMEOUT,
+                        "Reading the allocation map of disk '%s' took longer than %" PRIu64
+                        " s (MapTimeoutSec=) and was stopped; ask for a smaller range, or try again later.",
+                        op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
+                op->call = sd_bus_message_unref(op->call);
+        }
+        (void) helper_kill(op->child); /* its end comes through helper_exited() */
+        range_op_end(op, STREAM_FAILED, "the allocation map took too long");
+        return 0;
+}
+
+int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
+        Manager *m = d->guest->manager;
+        unsigned maps = 0, all = 0;
+        RangeOp *op;
+        int r;
+
+        for (RangeOp *i = m->range_ops; i; i = i->next)
+                if (i->map) {
+                        all++;
+                        if (i->guest == d->guest)
+                                maps++;
+                }
+        if (maps >= MAPS_PER_GUEST_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u allocation maps of guest '%s' are being read already; try again shortly.", maps,
+                        d->guest->name);
+        if (all >= MAPS_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u allocation maps are being read already (at most %u at once); try again shortly.", all,
+                        MAPS_MAX);
+
+        if (!guest_qmp_ready(d->guest) && !d->guest->offline)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "Guest '%s' is not running (no QMP connection); its allocation map cannot be read now.",
+                        d->guest->name);
+        r = range_op_new(d, &map_kind, msg, true, offset, length, &op);
+        if (r < 0)
+                return r;
+        r = sd_event_add_time_relative(m->event, &op->deadline, CLOCK_MONOTONIC, m->config.map_timeout_usec, 0,
+                map_deadline, op);
+        if (r < 0) {
+                op->call = sd_bus_message_unref(op->call);
+                range_op_kill(op);
+                return r;
+        }
+        r = range_op_start(op);
+        if (r < 0) {
+                op->call = sd_bus_message_unref(op->call);
+                range_op_kill(op);
+                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
+        }
+        return 1;
+}

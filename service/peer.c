@@ -1,0 +1,385 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "peer.h"
+#include "qemu.h"
+#include "util.h"
+
+#define NBD_FDNAME "bsd-nbd"
+
+struct PeerWaiter {
+        PeerWaiter *next;
+        peer_ready_handler_t handler;
+        void *userdata;
+        void (*destroy)(void *);
+};
+
+/* Every private server gets a new socket name (see peer_nbd_server_ensure()). */
+static unsigned nbd_seq;
+
+static void peer_run_waiters(Peer *p, int error, const char *error_text);
+
+static void storage_attached(void *userdata) {
+        Peer *p = userdata;
+
+        peer_run_waiters(p, 0, NULL);
+}
+
+static void storage_failed(void *userdata, const char *why) {
+        Peer *p = userdata;
+
+        peer_lost(p);
+        p->owner->helper_failed(p->userdata, why);
+        peer_run_waiters(p, -ECONNRESET, why);
+}
+
+static void storage_released(void *userdata) {
+        peer_publish_released(userdata);
+}
+
+static bool storage_wanted(void *userdata) {
+        Peer *p = userdata;
+
+        return p->waiters;
+}
+
+static void peer_on_state(Qmp *q, int error, void *userdata) {
+        Peer *p = userdata;
+
+        if (peer_offline(p)) {
+                if (error < 0)
+                        storage_helper_lost(&p->storage, error);
+                else
+                        storage_helper_attach(&p->storage);
+                return;
+        }
+        p->owner->connection(p->userdata, error);
+}
+
+static void peer_on_event(Qmp *q, const char *event, json_object *data, void *userdata) {
+        Peer *p = userdata;
+
+        p->owner->event(p->userdata, event, data);
+}
+
+void peer_init(Peer *p, sd_event *event, const Config *config, const char *name, const char *runtime_root,
+        const PeerOwner *owner, const StorageSource *storage, void *userdata) {
+        *p = (Peer){
+                .event = event,
+                .config = config,
+                .name = name,
+                .runtime_root = runtime_root,
+                .owner = owner,
+                .userdata = userdata,
+                .storage_source = *storage,
+        };
+        p->storage_source.userdata = userdata;
+        p->storage = (StorageHost){
+                .event = event,
+                .config = config,
+                .name = name,
+                .helper = &p->helper,
+                .qmp = &p->qmp,
+                .qmp_handlers = {.on_state = peer_on_state, .on_event = peer_on_event, .userdata = p},
+                .source = &p->storage_source,
+                .userdata = p,
+                .attached = storage_attached,
+                .failed = storage_failed,
+                .released = storage_released,
+                .wanted = storage_wanted,
+        };
+}
+
+void peer_done(Peer *p) {
+        /* Closing drops pending QMP callbacks before anything they point to goes away. */
+        p->qmp = qmp_close_unref(p->qmp);
+        storage_helper_kill(&p->storage);
+        while (p->waiters) {
+                PeerWaiter *w = p->waiters;
+                p->waiters = w->next;
+                if (w->destroy)
+                        w->destroy(w->userdata);
+                free(w);
+        }
+        p->release_check = sd_event_source_disable_unref(p->release_check);
+        p->nbd_socket = mfree(p->nbd_socket);
+}
+
+bool peer_offline(Peer *p) {
+        return p->owner->offline(p->userdata);
+}
+
+bool peer_ready(Peer *p) {
+        return p->qmp && qmp_is_ready(p->qmp) && (!peer_offline(p) || storage_helper_attached(&p->storage));
+}
+
+bool peer_has_helper(Peer *p) {
+        return p->helper;
+}
+
+int peer_connect_fd(Peer *p, int fd) {
+        int r;
+
+        r = qmp_new_from_fd(&p->qmp, p->event, fd,
+                &(QmpHandlers){.on_state = peer_on_state, .on_event = peer_on_event, .userdata = p});
+        if (r < 0) {
+                p->qmp = NULL;
+                return r;
+        }
+        qmp_set_timeout(p->qmp, p->config->qmp_timeout_usec);
+        return 0;
+}
+
+void peer_close(Peer *p) {
+        p->qmp = qmp_close_unref(p->qmp);
+}
+
+void peer_lost(Peer *p) {
+        p->owner->lost(p->userdata);
+        p->nbd_server = false;
+        if (p->nbd_socket)
+                (void) unlink(p->nbd_socket); /* its server died with the QMP peer */
+        p->nbd_socket = mfree(p->nbd_socket);
+        /* Whatever ran in it is gone. A listener may end (and unlisten) itself: the next one is
+         * taken first. */
+        for (PeerListener *l = p->listeners, *next; l; l = next) {
+                next = l->next;
+                if (l->lost)
+                        l->lost(l->userdata);
+        }
+        /* The maps' shared exports went with QEMU too: nobody uses the server. */
+        p->nbd_users = 0;
+}
+
+/* Waiters */
+
+static void peer_run_waiters(Peer *p, int error, const char *error_text) {
+        PeerWaiter *l = TAKE_PTR(p->waiters);
+
+        while (l) {
+                PeerWaiter *w = l;
+                l = w->next;
+                w->handler(p, error, error_text, w->userdata);
+                if (w->destroy)
+                        w->destroy(w->userdata);
+                free(w);
+        }
+}
+
+int peer_when_ready(Peer *p, peer_ready_handler_t handler, void *userdata, void (*destroy)(void *)) {
+        PeerWaiter *w;
+        int r;
+
+        if (peer_ready(p) || !peer_offline(p)) {
+                handler(p, peer_ready(p) ? 0 : -ENOTCONN, NULL, userdata);
+                if (destroy)
+                        destroy(userdata);
+                return 0;
+        }
+        if (!p->helper) {
+                r = storage_helper_start(&p->storage);
+                if (r < 0)
+                        return r;
+        }
+        w = calloc(1, sizeof(PeerWaiter));
+        if (!w)
+                return -ENOMEM;
+        *w = (PeerWaiter){.next = p->waiters, .handler = handler, .userdata = userdata, .destroy = destroy};
+        p->waiters = w;
+        return 0;
+}
+
+/* Does anything but outcomes waiting for the images' release need the storage helper? */
+static bool peer_helper_needed(Peer *p) {
+        if (p->waiters)
+                return true;
+        for (PeerListener *l = p->listeners; l; l = l->next)
+                if (l->busy && l->busy(l->userdata))
+                        return true;
+        return p->owner->helper_needed(p->userdata);
+}
+
+void peer_publish_released(Peer *p) {
+        p->release_check = sd_event_source_disable_unref(p->release_check);
+        p->owner->released(p->userdata);
+}
+
+/* After the current event: whatever finished a job (a range helper, say) has let go of the
+ * helper by then, or something else really keeps it. */
+static int release_check(sd_event_source *s, void *userdata) {
+        Peer *p = userdata;
+
+        if (p->helper && !peer_helper_needed(p)) {
+                p->release_check = sd_event_source_disable_unref(p->release_check);
+                storage_helper_stop(&p->storage); /* the outcomes are told once it is gone */
+                return 0;
+        }
+        /* Another job, an export or a map of this guest keeps the helper (and the images): tell
+         * the outcome now rather than when that ends. */
+        peer_publish_released(p);
+        return 0;
+}
+
+void peer_release_helper_if_idle(Peer *p) {
+        if (!peer_offline(p))
+                return;
+        if (!p->helper) {
+                peer_publish_released(p);
+                return;
+        }
+        if (!peer_helper_needed(p)) {
+                storage_helper_stop(&p->storage);
+                return;
+        }
+        if (p->owner->releasing(p->userdata) && !p->release_check &&
+                sd_event_add_defer(p->event, &p->release_check, release_check, p) < 0)
+                peer_publish_released(p); /* cannot wait: tell now */
+}
+
+/* Listeners */
+
+void peer_listen(Peer *p, PeerListener *l) {
+        l->prev = NULL;
+        l->next = p->listeners;
+        if (p->listeners)
+                p->listeners->prev = l;
+        p->listeners = l;
+}
+
+void peer_unlisten(Peer *p, PeerListener *l) {
+        if (l->prev)
+                l->prev->next = l->next;
+        else if (p->listeners == l)
+                p->listeners = l->next;
+        else
+                return; /* not listening */
+        if (l->next)
+                l->next->prev = l->prev;
+        l->next = l->prev = NULL;
+}
+
+void peer_remove_all(Peer *p) {
+        for (PeerListener *l = p->listeners, *next; l; l = next) {
+                next = l->next;
+                if (l->removed)
+                        l->removed(l->userdata);
+        }
+}
+
+int peer_dispatch_event(Peer *p, const char *event, json_object *data) {
+        const char *id = NULL;
+
+        if (qemu_parse_export_deleted(event, data, &id) <= 0)
+                return 0;
+        for (PeerListener *l = p->listeners, *next; l; l = next) {
+                next = l->next;
+                if (l->export_deleted)
+                        l->export_deleted(l->userdata, id);
+        }
+        return 1;
+}
+
+/* The private NBD server of a guest's QMP peer */
+
+static void server_started(Qmp *q, int error, const char *desc, void *userdata) {
+        Peer *p = userdata;
+
+        if (error < 0) {
+                log_warning("Guest %s: cannot start the NBD server: %s", p->name, desc ?: strerror(-error));
+                p->nbd_server = false;
+        }
+}
+
+int peer_nbd_server_ensure(Peer *p) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        _cleanup_free_ char *dir = NULL, *path = NULL;
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        if (p->nbd_server)
+                return 0;
+        if (!peer_ready(p))
+                return -ENOTCONN;
+        dir = strdup_printf("%s/nbd", p->runtime_root);
+        /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
+         * back from the socket), which could otherwise be the one we just bound anew. */
+        path = strdup_printf("%s/nbd/%s.%u.sock", p->runtime_root, p->name, ++nbd_seq);
+        if (!dir || !path)
+                return -ENOMEM;
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        r = mkdir_p(dir, 0700); /* only root reaches the private servers */
+        if (r < 0)
+                return r;
+        (void) chmod(dir, 0700);
+        strcpy(sa.sun_path, path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        (void) unlink(path);
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
+                return -errno;
+        /* Commands run in order: the exports added after this find the server running. */
+        r = qemu_getfd(p->qmp, NBD_FDNAME, TAKE_FD(fd), NULL, NULL, NULL);
+        if (r >= 0)
+                r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, server_started, p, NULL);
+        if (r < 0) {
+                (void) unlink(path);
+                return r;
+        }
+        free(p->nbd_socket);
+        p->nbd_socket = TAKE_PTR(path);
+        p->nbd_server = true;
+        if (!peer_offline(p) && !p->owner->nbd_server_started(p->userdata))
+                p->owner->set_nbd_server_started(p->userdata, true);
+        return 0;
+}
+
+/* Never waits: QEMU owns the listener, and a QEMU that stops accepting would otherwise hold the
+ * whole daemon in connect(). -EAGAIN while its backlog is full. */
+int peer_nbd_server_connect(Peer *p) {
+        if (!p->nbd_server || !p->nbd_socket)
+                return -ENOTCONN;
+        return connect_unix_nonblock(p->nbd_socket);
+}
+
+void peer_nbd_hold(Peer *p) {
+        p->nbd_users++;
+}
+
+void peer_nbd_drop(Peer *p) {
+        /* After a loss the count restarted at 0: what was in QEMU went with it. */
+        if (p->nbd_users > 0)
+                p->nbd_users--;
+}
+
+void peer_nbd_server_release_if_unused(Peer *p) {
+        if (!p->nbd_server || p->nbd_users > 0)
+                return;
+        if (peer_ready(p))
+                (void) qemu_nbd_server_stop(p->qmp, NULL, NULL, NULL);
+        if (p->nbd_socket)
+                (void) unlink(p->nbd_socket);
+        p->nbd_socket = mfree(p->nbd_socket);
+        p->nbd_server = false;
+        if (p->owner->nbd_server_started(p->userdata))
+                p->owner->set_nbd_server_started(p->userdata, false);
+}
+
+/* Called first after a (re)connect, before anything can start a server: a server of ours that
+ * survived a restart or a broken connection goes, and with it every NBD export on it (all ours:
+ * QEMU runs one server, and we could only start ours where none ran). */
+void peer_nbd_cleanup_leftovers(Peer *p) {
+        if (!p->owner->nbd_server_started(p->userdata) || !peer_ready(p))
+                return;
+        log_info("Guest %s: stopping the NBD server left from before.", p->name);
+        (void) qemu_nbd_server_stop(p->qmp, NULL, NULL, NULL);
+        p->owner->set_nbd_server_started(p->userdata, false);
+}
+
+bool peer_nbd_server_running(Peer *p) {
+        return p->nbd_server || p->owner->nbd_server_started(p->userdata);
+}

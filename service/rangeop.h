@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* What a range job (range.c) and an allocation map (map.c) share: an export of the disk (for a
+ * range with a base, of a copy-on-read filter node over it) on the guest's private NBD server,
+ * the sandboxed pull helper (blockstream-pull, libnbd) reading it, and, whatever ends the op,
+ * the export and the filter removed again. What differs between the two comes through the op's
+ * RangeOpKind. */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+
+#include "control.h"
+#include "job.h"
+#include "peer.h"
+#include "helper.h"
+
+typedef struct Disk Disk;
+typedef struct Guest Guest;
+typedef struct Manager Manager;
+typedef struct RangeOp RangeOp;
+
+#define RANGE_EXTENTS_MAX 65536
+
+/* What a kind of op does at each step; any may be NULL. */
+typedef struct RangeOpKind {
+        /* How its failure starts: "Cannot stream a range of disk" (then the alias and why). */
+        const char *fail_text;
+        /* The peer is ready, the export not yet added: > 0 if the op needs none of its own (it
+         * went on with range_op_setup_done(), or ended). */
+        int (*setup)(RangeOp *op, Disk *d);
+        /* The helper is up. Returns 0 if the op ended, 1 otherwise. */
+        int (*ready)(RangeOp *op, Disk *d);
+        /* A progress report (parse_error: control_parse_pull()'s result). Returns as ready(). Without
+         * it, progress reports are a protocol error. */
+        int (*progress)(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error);
+        /* The op ends, before its export is removed. */
+        void (*end)(RangeOp *op);
+        /* The export is gone: tell the outcome (d may be NULL: the disk went away). An op->call
+         * left unanswered gets the failure. */
+        void (*finish)(RangeOp *op, Disk *d);
+} RangeOpKind;
+
+typedef struct Extent {
+        uint64_t offset, length;
+        uint32_t depth;
+        uint8_t kind;
+} Extent;
+
+struct RangeOp {
+        const RangeOpKind *kind;
+        unsigned n_ref; /* pending QMP calls hold one each: their replies may outlive the op */
+        bool dead;      /* finished: replies find nothing to do */
+        Manager *manager;
+        RangeOp *next;
+        Guest *guest;
+        char *alias;
+        bool map;
+        unsigned id;
+        char *node;         /* copy-on-read filter (pull) */
+        char *export_id;    /* also the export's name */
+        char *export_node;  /* the node it exports */
+        bool shared_export; /* a map on the disk's map_export: not ours to remove */
+        char *bottom;
+        uint64_t offset, length, bandwidth;  /* what the helper works on */
+        uint64_t asked_offset, asked_length; /* what the caller asked for (Offset/Length) */
+        sd_bus_message *call;                /* Start or GetAllocationMap, until answered */
+
+        unsigned pending; /* QEMU commands of the setup still unanswered */
+        char *setup_error;
+        bool node_added, export_added;
+
+        pid_t pid;
+        sd_event_source *child;
+        int control_fd;
+        sd_event_source *control_source;
+        HelperLog *log;
+        bool ready, stop_requested, got_done;
+        bool resume, resume_paused; /* a range job of before a daemon restart, carried on */
+        bool bandwidth_changed;     /* SetBandwidth before the helper was ready: tell it then */
+
+        Extent *extents;
+        size_t n_extents;
+
+        bool ending;
+        StreamState outcome;
+        char *error;
+        sd_event_source *cleanup_timer;
+        sd_event_source *deadline; /* a map: MapTimeoutSec= */
+
+        PeerListener listener; /* on the guest's peer, while listed */
+};
+
+RangeOp *range_op_ref(RangeOp *op);
+RangeOp *range_op_unref(RangeOp *op);
+void range_op_unref_void(void *p);
+/* Done with it: out of the list, resources released; memory goes with the last reference. */
+void range_op_kill(RangeOp *op);
+/* The disk's running range op (not a map), if any. */
+RangeOp *range_op_of_disk(Disk *d);
+/* A command to the pull helper (control.c builds it); number: the bandwidth's. */
+int range_op_send(RangeOp *op, ControlCommandKind kind, uint64_t number);
+/* The end: helper stopped, export and filter out of QEMU, then the outcome is told. */
+void range_op_end(RangeOp *op, StreamState outcome, const char *error);
+/* A new op on the list (map: the helper reads block status rather than the data); msg is
+ * answered when it ends, or by the kind. */
+int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map, uint64_t offset, uint64_t length,
+        RangeOp **ret);
+/* Set it up once the guest's peer is ready: export (and filter), then the helper. */
+int range_op_start(RangeOp *op);
+/* The export is in place: start the helper. */
+void range_op_setup_done(RangeOp *op);
