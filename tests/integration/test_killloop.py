@@ -57,7 +57,6 @@ class RangeVictimErrorTest(h.TestCase):
         return since
 
     # bench/kill-loop: range x qemu (trial seed 106813218 of --seed=2).
-    @unittest.expectedFailure  # bug: range_guest_lost() keeps the pull helper's error (range.c op_end)
     def test_range_error_says_qemu_went_away(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -71,7 +70,6 @@ class RangeVictimErrorTest(h.TestCase):
         h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the pull helper to go')
 
     # bench/kill-loop: range x storage (trial seed 6627665 of --seed=3).
-    @unittest.expectedFailure  # bug: range_guest_lost() keeps the pull helper's error (range.c op_end)
     def test_range_error_says_the_storage_helper_went_away(self):
         o.check_nbd_tools()
         name = self.unique_name()
