@@ -197,7 +197,6 @@ class ReconnectCleanupTest(h.TestCase):
 
     env_per_test = True
 
-    @unittest.expectedFailure  # bug: range_cleanup_leftovers() deletes a range started after the reconnect (range.c)
     def test_reconnect_cleanup_spares_a_range_started_meanwhile(self):
         name = self.unique_name('recon')
         path = os.path.join(self.env.dir, '%s.sock' % name)
