@@ -527,7 +527,10 @@ int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t han
                 (a->backing_file &&
                         json_object_object_add(o, "backing-file", json_object_new_string(a->backing_file)) < 0) ||
                 (a->speed > 0 && json_object_object_add(o, "speed", json_object_new_int64((int64_t) a->speed)) < 0) ||
-                json_object_object_add(o, "auto-finalize", json_object_new_boolean(true)) < 0 ||
+                /* QEMU 7.2 drops the backing file from the header at finalization while the
+                 * copied clusters' L2 entries may still wait in its cache: the daemon flushes the
+                 * node first, then finalizes (JOB_NEEDS_FINALIZE). */
+                json_object_object_add(o, "auto-finalize", json_object_new_boolean(false)) < 0 ||
                 json_object_object_add(o, "auto-dismiss", json_object_new_boolean(false)) < 0 ||
                 /* A full disk pauses the job (Resume retries once space is freed); any other
                  * error, a failing template above all, fails it with QEMU's reason. */
@@ -577,6 +580,66 @@ int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_re
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
         return simple_call(q, "job-dismiss", args_with_string("id", job_id), handler, userdata, destroy);
+}
+
+int qemu_job_finalize(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return simple_call(q, "job-finalize", args_with_string("id", job_id), handler, userdata, destroy);
+}
+
+/* HMP answers with text: nothing on success, the error otherwise (a QMP error only if HMP
+ * itself failed). */
+static void hmp_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        _cleanup_free_ char *text = NULL;
+        const char *s;
+
+        if (!req->handler.result)
+                return;
+        if (error < 0) {
+                req->handler.result(q, error, desc, req->userdata);
+                return;
+        }
+        if (!json_object_is_type(result, json_type_string)) {
+                req->handler.result(q, -EBADMSG, "QEMU's monitor answered with something else than text", req->userdata);
+                return;
+        }
+        s = json_object_get_string(result);
+        if (strspn(s, " \t\r\n") == strlen(s)) {
+                req->handler.result(q, 0, NULL, req->userdata);
+                return;
+        }
+        text = text_sanitize(s, strlen(s), TEXT_SANITIZE_MAX);
+        req->handler.result(q, -EIO, text ?: "QEMU's monitor reported an error", req->userdata);
+}
+
+int qemu_flush_node(Qmp *q, const char *node_name, const char *qdev_id, qemu_result_handler_t handler,
+        void *userdata, qemu_destroy_t destroy) {
+        _cleanup_free_ char *line = NULL;
+        json_object *o;
+        Request *req;
+
+        /* QEMU 7.2 has no QMP command that flushes one node; HMP's qemu-io does, and takes a node
+         * name (or, with -d, a device's qdev id). The name goes into a command line: only a valid
+         * one ([#]letter, then letters, digits, "_.-": no blank, no quote) may. */
+        if (qemu_node_name_is_valid(node_name))
+                line = strdup_printf("qemu-io %s flush", node_name);
+        else if (qemu_id_is_valid(qdev_id))
+                line = strdup_printf("qemu-io -d %s flush", qdev_id);
+        else
+                return -EINVAL;
+        if (!line)
+                return -ENOMEM;
+        o = args_with_string("command-line", line);
+        if (!o)
+                return -ENOMEM;
+        req = request_new(userdata, destroy);
+        if (!req) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        req->handler.result = handler;
+        return request_submit(q, "human-monitor-command", o, req, hmp_reply);
 }
 
 int qemu_add_fd(Qmp *q, unsigned fdset_id, int fd, const char *opaque, qemu_result_handler_t handler, void *userdata,

@@ -102,7 +102,6 @@ class CompletedStreamDurableTest(h.TestCase):
 
     env_per_test = True
 
-    @unittest.expectedFailure  # bug: a completed stream is not durable until the guest flushes (stream.c/guest.c)
     def test_overlay_intact_when_qemu_dies_right_after_completion(self):
         g = self.new_guest(size=SIZE, name=self.unique_name('durable'))
         d = g.disk()

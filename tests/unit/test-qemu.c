@@ -1158,7 +1158,7 @@ static void test_job_commands(void) {
         ASSERT_STREQ(arg_str(cmd, "base-node"), "#block354");
         ASSERT_EQ(arg_int(cmd, "speed"), 1 << 20);
         ASSERT_EQ(arg_bool(cmd, "auto-dismiss"), 0); /* the outcome survives a daemon restart */
-        ASSERT_EQ(arg_bool(cmd, "auto-finalize"), 1);
+        ASSERT_EQ(arg_bool(cmd, "auto-finalize"), 0); /* the daemon flushes, then finalizes */
         ASSERT_OK(fake_reply(&f, cmd, "{}"));
         json_object_put(cmd);
         fake_run_until(&f, cond_result, &r, 3 * SEC);
