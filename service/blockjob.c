@@ -162,10 +162,12 @@ static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 log_error("Guest %s disk %s: cannot flush its image: %s; cancelling job %s.", c->guest->name, c->alias,
                         desc ?: strerror(-error), d->job.id);
                 free(d->job.abort_reason);
-                d->job.abort_reason = why ? TAKE_PTR(why) : strdup("Cannot flush the image before dropping its backing file.");
+                d->job.abort_reason =
+                        why ? TAKE_PTR(why) : strdup("Cannot flush the image before dropping its backing file.");
                 r = qemu_block_job_cancel(q, d->job.id, NULL, NULL, NULL);
                 if (r < 0)
-                        log_error_errno(r, "Guest %s disk %s: cannot send block-job-cancel: %m", c->guest->name, c->alias);
+                        log_error_errno(
+                                r, "Guest %s disk %s: cannot send block-job-cancel: %m", c->guest->name, c->alias);
                 return;
         }
         next = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
@@ -192,14 +194,15 @@ void blockjob_finalize(Disk *d) {
         if (!c)
                 r = -ENOMEM;
         else {
-                /* By node name; a disk read without node names (see guest.c) by its device. */
-                r = qemu_flush_node(d->guest->peer.qmp, d->node_name, d->alias, flush_reply, c, call_free);
+                /* query-block always names the top node, even when the chain is read without
+                 * node names; the name is also in the state file. */
+                r = qemu_flush_node(d->guest->peer.qmp, d->node_name, flush_reply, c, call_free);
                 if (r < 0)
                         call_free(c);
         }
         if (r < 0) {
-                log_error_errno(r, "Guest %s disk %s: cannot flush the image before finalizing: %m", d->guest->name,
-                        d->alias);
+                log_error_errno(
+                        r, "Guest %s disk %s: cannot flush the image before finalizing: %m", d->guest->name, d->alias);
                 return; /* the next poll tries again */
         }
         d->job.finalize_sent = true;

@@ -601,7 +601,7 @@ static void hmp_reply(Qmp *q, int error, json_object *result, const char *cls, c
                 return;
         }
         if (!json_object_is_type(result, json_type_string)) {
-                req->handler.result(q, -EBADMSG, "QEMU's monitor answered with something else than text", req->userdata);
+                req->handler.result(q, -EBADMSG, "QEMU's monitor did not answer with text", req->userdata);
                 return;
         }
         s = json_object_get_string(result);
@@ -613,21 +613,18 @@ static void hmp_reply(Qmp *q, int error, json_object *result, const char *cls, c
         req->handler.result(q, -EIO, text ?: "QEMU's monitor reported an error", req->userdata);
 }
 
-int qemu_flush_node(Qmp *q, const char *node_name, const char *qdev_id, qemu_result_handler_t handler,
-        void *userdata, qemu_destroy_t destroy) {
+int qemu_flush_node(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
         _cleanup_free_ char *line = NULL;
         json_object *o;
         Request *req;
 
         /* QEMU 7.2 has no QMP command that flushes one node; HMP's qemu-io does, and takes a node
-         * name (or, with -d, a device's qdev id). The name goes into a command line: only a valid
-         * one ([#]letter, then letters, digits, "_.-": no blank, no quote) may. */
-        if (qemu_node_name_is_valid(node_name))
-                line = strdup_printf("qemu-io %s flush", node_name);
-        else if (qemu_id_is_valid(qdev_id))
-                line = strdup_printf("qemu-io -d %s flush", qdev_id);
-        else
+         * name. The name goes into a command line: only a valid one ([#]letter, then letters,
+         * digits, "_.-": no blank, no quote) may. */
+        if (!qemu_node_name_is_valid(node_name))
                 return -EINVAL;
+        line = strdup_printf("qemu-io %s flush", node_name);
         if (!line)
                 return -ENOMEM;
         o = args_with_string("command-line", line);
