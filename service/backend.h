@@ -47,3 +47,7 @@ extern const JobBackend range_backend;
 
 /* The backend that runs d's job: the range backend while a range job of d runs, else QEMU's job. */
 const JobBackend *job_backend_of(Disk *d);
+
+/* QEMU's job of d waits in "pending" (JOB_NEEDS_FINALIZE): make the copied data durable (flush
+ * the top node), then finalize, which drops the backing file. */
+void blockjob_finalize(Disk *d);

@@ -118,6 +118,96 @@ static int blockjob_set_speed(
         return 0;
 }
 
+/* Finalizing. QEMU 7.2's stream job rewrites the header without the backing file when it is
+ * finalized, but the L2 entries of the clusters it copied may still sit in QEMU's qcow2 cache:
+ * killed before the next flush, QEMU would leave an image that neither has the backing file nor
+ * maps the copied clusters (zeros where the guest's data was). The job runs with auto-finalize
+ * off; in "pending" the daemon flushes the top node, and only then finalizes. A job the daemon
+ * never finalizes (it died and was not restarted) waits in "pending", the guest running on, until
+ * a daemon connects again (the reconnect's query-block-jobs finds it pending). */
+
+static void finalize_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        BlockJobCall *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+
+        if (!d)
+                return;
+        if (error < 0) {
+                /* The poll or the next connection finds it pending again, or concluded. */
+                log_warning("Guest %s disk %s: job-finalize of %s failed: %s", c->guest->name, c->alias,
+                        strempty(d->job.id), desc ?: strerror(-error));
+                d->job.finalize_sent = false;
+        }
+}
+
+static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        BlockJobCall *c = userdata;
+        Disk *d = guest_find_disk(c->guest, c->alias);
+        BlockJobCall *next;
+        int r;
+
+        if (!d || !d->job.id || d->job.concluded)
+                return;
+        if (error == -ECONNRESET) {
+                d->job.finalize_sent = false; /* the next connection's reconciliation does it */
+                return;
+        }
+        if (error < 0) {
+                /* Finalizing now would drop the backing file under clusters that may not be
+                 * mapped on disk: cancel instead (the copied data stays, the chain too), and
+                 * the job fails with why. */
+                _cleanup_free_ char *why = strdup_printf("Cannot flush the image before dropping its backing file: %s. "
+                                                         "The chain was kept; Start the stream again.",
+                        desc ?: strerror(-error));
+                log_error("Guest %s disk %s: cannot flush its image: %s; cancelling job %s.", c->guest->name, c->alias,
+                        desc ?: strerror(-error), d->job.id);
+                free(d->job.abort_reason);
+                d->job.abort_reason =
+                        why ? TAKE_PTR(why) : strdup("Cannot flush the image before dropping its backing file.");
+                r = qemu_block_job_cancel(q, d->job.id, NULL, NULL, NULL);
+                if (r < 0)
+                        log_error_errno(
+                                r, "Guest %s disk %s: cannot send block-job-cancel: %m", c->guest->name, c->alias);
+                return;
+        }
+        next = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
+        if (!next)
+                r = -ENOMEM;
+        else {
+                r = qemu_job_finalize(q, d->job.id, finalize_reply, next, call_free);
+                if (r < 0)
+                        call_free(next);
+        }
+        if (r < 0) {
+                log_error_errno(r, "Guest %s disk %s: cannot send job-finalize: %m", c->guest->name, c->alias);
+                d->job.finalize_sent = false;
+        }
+}
+
+void blockjob_finalize(Disk *d) {
+        BlockJobCall *c;
+        int r;
+
+        if (!d->job.id || d->job.finalize_sent || d->job.concluded || !guest_qmp_ready(d->guest))
+                return;
+        c = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
+        if (!c)
+                r = -ENOMEM;
+        else {
+                /* query-block always names the top node, even when the chain is read without
+                 * node names; the name is also in the state file. */
+                r = qemu_flush_node(d->guest->peer.qmp, d->node_name, flush_reply, c, call_free);
+                if (r < 0)
+                        call_free(c);
+        }
+        if (r < 0) {
+                log_error_errno(
+                        r, "Guest %s disk %s: cannot flush the image before finalizing: %m", d->guest->name, d->alias);
+                return; /* the next poll tries again */
+        }
+        d->job.finalize_sent = true;
+}
+
 const JobBackend blockjob_backend = {
         .name = "QEMU",
         .control_error = "Failed to send the command to QEMU",

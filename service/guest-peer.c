@@ -155,6 +155,8 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                 Disk *d = g->disks[i];
                 unsigned changed = job_apply_event(&d->job, &ev, mono);
 
+                if (changed & JOB_NEEDS_FINALIZE)
+                        blockjob_finalize(d);
                 if (changed & JOB_NEEDS_QUERY)
                         guest_poll_now(g);
                 if (changed & ~JOB_NEEDS_QUERY)
@@ -171,6 +173,8 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 Disk *d = g->disks[i];
                 const QemuBlockJob *found = NULL;
 
+                if (reconcile)
+                        d->job.finalize_sent = false; /* a job left "pending" is finalized now */
                 if (d->starting || !d->job.id)
                         continue;
                 for (size_t k = 0; k < n; k++)
@@ -187,6 +191,8 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                         continue;
                 if (found) {
                         unsigned changed = job_apply_info(&d->job, found, mono);
+                        if (changed & JOB_NEEDS_FINALIZE)
+                                blockjob_finalize(d);
                         if (changed)
                                 disk_apply_qemu_job_changes(d, changed);
                 } else

@@ -43,6 +43,7 @@ StreamMode stream_mode_from_string(const char *s) {
 void job_done(Job *j) {
         j->id = mfree(j->id);
         j->error = mfree(j->error);
+        j->abort_reason = mfree(j->abort_reason);
 }
 
 int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t length, uint64_t total,
@@ -114,6 +115,7 @@ static int set_error(Job *j, const char *error) {
 
 static unsigned job_set_status(Job *j, QemuJobStatus status) {
         StreamState s = j->state;
+        unsigned changed = 0;
 
         if (j->concluded)
                 return 0;
@@ -126,8 +128,13 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
         case QEMU_JOB_RUNNING:
         case QEMU_JOB_READY:
         case QEMU_JOB_WAITING:
-        case QEMU_JOB_PENDING:
         case QEMU_JOB_ABORTING:
+                s = STREAM_RUNNING;
+                break;
+        case QEMU_JOB_PENDING:
+                /* Our jobs run with auto-finalize off: QEMU waits for the daemon to make the
+                 * copied data durable before the backing file goes (see blockjob_finalize()). */
+                changed = j->finalize_sent ? 0 : JOB_NEEDS_FINALIZE;
                 s = STREAM_RUNNING;
                 break;
         case QEMU_JOB_CONCLUDED:
@@ -138,18 +145,25 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
                 return 0;
         }
         if (s == j->state)
-                return 0;
+                return changed;
         /* QEMU clears the reason of a pause on an error when the job resumes (and pauses it
          * again, with a new BLOCK_JOB_ERROR, if the error is still there). */
         if (s == STREAM_RUNNING)
                 (void) set_error(j, NULL);
         j->state = s;
         j->n_samples = 0; /* the rate restarts with every pause and resume */
-        return JOB_CHANGED_STATE;
+        return changed | JOB_CHANGED_STATE;
 }
 
 unsigned job_set_paused(Job *j, bool paused) {
         return job_set_status(j, paused ? QEMU_JOB_PAUSED : QEMU_JOB_RUNNING);
+}
+
+/* A cancelled job failed if the daemon cancelled it for a reason (blockjob_finalize()). */
+static unsigned job_conclude_cancelled(Job *j) {
+        if (j->abort_reason)
+                return job_conclude(j, STREAM_FAILED, j->abort_reason);
+        return job_conclude(j, STREAM_CANCELLED, NULL);
 }
 
 unsigned job_conclude(Job *j, StreamState outcome, const char *error) {
@@ -190,7 +204,7 @@ unsigned job_apply_info(Job *j, const QemuBlockJob *info, usec_t mono) {
                         return changed | job_conclude(j, STREAM_COMPLETED, NULL);
                 /* QEMU says "Operation canceled" (strerror(ECANCELED)) for a cancelled job. */
                 if (j->cancel_requested || streq(info->error, "Operation canceled"))
-                        return changed | job_conclude(j, STREAM_CANCELLED, NULL);
+                        return changed | job_conclude_cancelled(j);
                 return changed | job_conclude(j, STREAM_FAILED, info->error);
         }
         /* Status first: a sample belongs to the state the job is in now. */
@@ -212,7 +226,7 @@ unsigned job_apply_event(Job *j, const QemuJobEvent *ev, usec_t mono) {
                 return changed | job_conclude(j, ev->error ? STREAM_FAILED : STREAM_COMPLETED, ev->error);
         case QEMU_EVENT_BLOCK_JOB_CANCELLED:
                 changed |= job_apply_progress(j, ev->offset, ev->len, mono);
-                return changed | job_conclude(j, STREAM_CANCELLED, NULL);
+                return changed | job_conclude_cancelled(j);
         case QEMU_EVENT_BLOCK_JOB_ERROR:
                 /* "stop": QEMU pauses the job; the event does not say why, its io-status does. */
                 return streq_ptr(ev->action, "stop") && !j->concluded ? JOB_NEEDS_QUERY : 0;

@@ -59,6 +59,10 @@ typedef struct Job {
         /* Finished was emitted (persisted, so a restart does not emit it again). */
         bool finished;
         bool cancel_requested;
+        /* "pending": the flush and block-job-finalize are on their way (per connection). */
+        bool finalize_sent;
+        /* Cancelled by the daemon because the image could not be made durable: it failed. */
+        char *abort_reason;
 
         JobSample samples[JOB_SAMPLES];
         unsigned n_samples, sample_next;
@@ -70,6 +74,7 @@ enum {
         JOB_NOW_CONCLUDED = 1 << 2, /* outcome known: persist, dismiss, then job_publish_outcome() */
         JOB_NEEDS_QUERY = 1 << 3,   /* concluded without telling how, or paused on an error: ask query-block-jobs */
         JOB_CHANGED_ERROR = 1 << 4, /* the reason of a pause on an error came or went */
+        JOB_NEEDS_FINALIZE = 1 << 5, /* QEMU waits in "pending" (auto-finalize off): flush, then finalize */
 };
 
 void job_done(Job *j);

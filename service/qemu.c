@@ -169,7 +169,10 @@ int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t han
                         A_STR_OPT("base-node", a->base_node),
                         A_STR_OPT("backing-file", a->backing_file),
                         { .key = "speed", .type = ARG_U64, .u = a->speed, .omit = a->speed == 0 },
-                        A_BOOL("auto-finalize", true),
+                        /* QEMU 7.2 drops the backing file from the header at finalization while
+                         * the copied clusters' L2 entries may still wait in its cache: the daemon
+                         * flushes the node first, then finalizes (JOB_NEEDS_FINALIZE). */
+                        A_BOOL("auto-finalize", false),
                         A_BOOL("auto-dismiss", false),
                         /* A full disk pauses the job (Resume retries once space is freed); any other
                          * error, a failing template above all, fails it with QEMU's reason. */
@@ -203,6 +206,64 @@ int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_re
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
         return call(q, "job-dismiss", ARGS(A_STR("id", job_id)), -1, handler, userdata, destroy);
+}
+
+int qemu_job_finalize(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return call(q, "job-finalize", ARGS(A_STR("id", job_id)), -1, handler, userdata, destroy);
+}
+
+/* HMP answers with text: nothing on success, the error otherwise (a QMP error only if HMP
+ * itself failed). */
+static void hmp_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Request *req = userdata;
+        _cleanup_free_ char *text = NULL;
+        const char *s;
+
+        if (!req->handler.result)
+                return;
+        if (error < 0) {
+                req->handler.result(q, error, desc, req->userdata);
+                return;
+        }
+        if (!json_object_is_type(result, json_type_string)) {
+                req->handler.result(q, -EBADMSG, "QEMU's monitor did not answer with text", req->userdata);
+                return;
+        }
+        s = json_object_get_string(result);
+        if (strspn(s, " \t\r\n") == strlen(s)) {
+                req->handler.result(q, 0, NULL, req->userdata);
+                return;
+        }
+        text = text_sanitize(s, strlen(s), TEXT_SANITIZE_MAX);
+        req->handler.result(q, -EIO, text ?: "QEMU's monitor reported an error", req->userdata);
+}
+
+int qemu_flush_node(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        _cleanup_free_ char *line = NULL;
+        json_object *o = NULL;
+        Request *req;
+        int r;
+
+        /* QEMU 7.2 has no QMP command that flushes one node; HMP's qemu-io does, and takes a node
+         * name. The name goes into a command line: only a valid one ([#]letter, then letters,
+         * digits, "_.-": no blank, no quote) may. */
+        if (!qemu_node_name_is_valid(node_name))
+                return -EINVAL;
+        line = strdup_printf("qemu-io %s flush", node_name);
+        if (!line)
+                return -ENOMEM;
+        r = args_build(ARGS(A_STR("command-line", line)), &o);
+        if (r < 0)
+                return r;
+        req = request_new(userdata, destroy);
+        if (!req) {
+                json_object_put(o);
+                return -ENOMEM;
+        }
+        req->handler.result = handler;
+        return request_submit(q, "human-monitor-command", o, req, hmp_reply);
 }
 
 int qemu_add_fd(Qmp *q, unsigned fdset_id, int fd, const char *opaque, qemu_result_handler_t handler, void *userdata,

@@ -45,6 +45,13 @@ int qemu_block_job_cancel(Qmp *q, const char *job_id, qemu_result_handler_t hand
         qemu_destroy_t destroy);
 int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_result_handler_t handler,
         void *userdata, qemu_destroy_t destroy);
+/* job-finalize of a job started with auto-finalize off, once it is "pending". */
+int qemu_job_finalize(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
+/* Flush one node (its format's metadata caches and its file) through HMP's qemu-io; an error
+ * printed by QEMU comes as -EIO with its text. */
+int qemu_flush_node(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy);
 

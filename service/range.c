@@ -331,8 +331,20 @@ static int range_resume(Disk *d) {
         return 0;
 }
 
-/* After a restart: the filter and export a range job of ours left behind (recorded before
- * QEMU got them). The job itself, which died with its helper, is resumed by
+/* Is the disk's record that of an op alive now? The loss of a connection ends every op on it
+ * (op_peer_lost()), so a live op was started on the current connection, and what it recorded
+ * (range_setup()) is in use, not left over, even if it was recorded before the reconnect's
+ * cleanup came: Start is served as soon as QMP is up, before query-block-jobs has answered. */
+static bool range_record_in_use(Disk *d) {
+        for (RangeOp *op = d->guest->manager->range_ops; op; op = op->next)
+                if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && d->range_export &&
+                        streq(op->export_id, d->range_export))
+                        return true;
+        return false;
+}
+
+/* After a restart or a reconnect: the filter and export a range job of ours left behind
+ * (recorded before QEMU got them). The job itself, which died with its helper, is resumed by
  * range_resume_orphans() once the disks are known again. */
 void range_cleanup_leftovers(Guest *g) {
         bool changed = false;
@@ -340,6 +352,8 @@ void range_cleanup_leftovers(Guest *g) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
 
+                if (range_record_in_use(d))
+                        continue;
                 if (d->range_export && guest_qmp_ready(g))
                         (void) qemu_block_export_del(g->peer.qmp, d->range_export, NULL, NULL, NULL);
                 if (d->range_node && guest_qmp_ready(g)) {

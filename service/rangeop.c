@@ -129,11 +129,28 @@ static void op_finish(RangeOp *op) {
         (void) m;
 }
 
+/* The guest's QMP peer (its QEMU, or an offline guest's storage helper) is gone. That is why a
+ * failing op failed, whatever the pull helper, which lost its NBD connection with it, said
+ * first, and whichever of its exit, its last words and the QMP hang-up came first. */
+static void op_blame_peer(RangeOp *op) {
+        char *why;
+
+        if (op->ending && op->outcome != STREAM_FAILED)
+                return; /* it completed, or was cancelled, before */
+        why = strdup(op->guest->offline ? "the storage helper went away" : "QEMU went away");
+        if (!why)
+                return; /* the helper's words then */
+        free(op->error);
+        op->error = why;
+}
+
 static void node_deleted(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
         if (op->dead)
                 return;
+        if (error == -ECONNRESET)
+                op_blame_peer(op);
         if (error < 0)
                 log_warning("Guest %s: cannot remove filter node %s: %s", op->guest->name, op->node,
                         desc ?: strerror(-error));
@@ -172,6 +189,10 @@ static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata
 
         if (op->dead)
                 return;
+        /* The connection broke under the op's end (qmp_fail() tells pending calls before the
+         * peer's listeners): QEMU took the export with it. */
+        if (error == -ECONNRESET)
+                op_blame_peer(op);
         /* Refused (already gone): no event will come. */
         if (error < 0 && op->export_added)
                 op_export_gone(op);
@@ -486,6 +507,13 @@ static void op_peer_lost(void *userdata) {
         if (op->export_added) {
                 op->export_added = false;
                 peer_nbd_drop(&g->peer);
+        }
+        op_blame_peer(op);
+        if (op->ending) {
+                /* Its end waited for the export to go: it went with the peer. */
+                if (op->cleanup_timer)
+                        op_export_gone(op);
+                return;
         }
         range_op_end(op, STREAM_FAILED, g->offline ? "the storage helper went away" : "QEMU went away");
 }

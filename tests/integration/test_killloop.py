@@ -57,7 +57,6 @@ class RangeVictimErrorTest(h.TestCase):
         return since
 
     # bench/kill-loop: range x qemu (trial seed 106813218 of --seed=2).
-    @unittest.expectedFailure  # bug: range_guest_lost() keeps the pull helper's error (range.c op_end)
     def test_range_error_says_qemu_went_away(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -70,8 +69,33 @@ class RangeVictimErrorTest(h.TestCase):
         self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', False, timeout=10)
         h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the pull helper to go')
 
+    def test_range_error_says_qemu_went_away_when_the_helper_ended_first(self):
+        """The other order: the helper's error and exit are handled first (the range ends, its
+        export is being removed), then the QMP connection breaks before QEMU answered the
+        block-export-del. A fake QEMU holds that answer, so the order is fixed; the hostile-pull
+        helper (plain --pull) says "ready", an error, and exits."""
+        name = self.unique_name('order')
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FdKeepingFakeQemu(path, os.path.join(self.env.images, name))
+        self.addCleanup(fake.close)
+        gpath = self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        fake.hold = {'block-export-del'}
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        since = time.monotonic()
+        self.assertIsNone(d.start(0, 1 * MiB, h.no_opts()))
+        self.client.wait_for(lambda: fake.held, 20, 'the range to remove its export after the helper failed')
+        self.assertEqual(d.finished(since), [], 'Finished came before the export was gone')
+        with fake.lock:
+            conn = fake.conn
+        conn.shutdown(2)
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'failed')
+        self.assertIn('qemu', err.lower(), 'the QMP peer went away under the range, but its Error does not say '
+                      'so: %r' % err)
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, timeout=10)
+
     # bench/kill-loop: range x storage (trial seed 6627665 of --seed=3).
-    @unittest.expectedFailure  # bug: range_guest_lost() keeps the pull helper's error (range.c op_end)
     def test_range_error_says_the_storage_helper_went_away(self):
         o.check_nbd_tools()
         name = self.unique_name()
@@ -104,7 +128,6 @@ class CompletedStreamDurableTest(h.TestCase):
 
     env_per_test = True
 
-    @unittest.expectedFailure  # bug: a completed stream is not durable until the guest flushes (stream.c/guest.c)
     def test_overlay_intact_when_qemu_dies_right_after_completion(self):
         g = self.new_guest(size=SIZE, name=self.unique_name('durable'))
         d = g.disk()
@@ -199,7 +222,6 @@ class ReconnectCleanupTest(h.TestCase):
 
     env_per_test = True
 
-    @unittest.expectedFailure  # bug: range_cleanup_leftovers() deletes a range started after the reconnect (range.c)
     def test_reconnect_cleanup_spares_a_range_started_meanwhile(self):
         name = self.unique_name('recon')
         path = os.path.join(self.env.dir, '%s.sock' % name)

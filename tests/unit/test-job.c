@@ -184,9 +184,16 @@ static void test_pause_resume(void) {
         job_apply_event(&j, &e, T0);
         e = status_event("bsd-vda-1", QEMU_JOB_WAITING);
         ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        /* pending (auto-finalize off): the daemon is to flush and finalize, once per connection. */
         e = status_event("bsd-vda-1", QEMU_JOB_PENDING);
-        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        ASSERT_EQ(job_apply_event(&j, &e, T0), JOB_NEEDS_FINALIZE);
         ASSERT_EQ(j.state, STREAM_RUNNING);
+        i = info("bsd-vda-1", QEMU_JOB_PENDING, DISK, DISK, NULL);
+        ASSERT_TRUE(job_apply_info(&j, &i, T0) & JOB_NEEDS_FINALIZE);
+        j.finalize_sent = true;
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        ASSERT_EQ(job_apply_info(&j, &i, T0) & JOB_NEEDS_FINALIZE, 0);
+        j.finalize_sent = false;
 
         /* concluded/null: ask QEMU how it ended, change nothing yet. */
         e = status_event("bsd-vda-1", QEMU_JOB_CONCLUDED);
@@ -279,6 +286,32 @@ static void test_cancelled_event(void) {
         ASSERT_EQ_U64(j.done, MiB); /* partial progress kept */
         ASSERT_EQ_U64(j.total, DISK);
         ASSERT_NULL(j.error);
+        job_done(&j);
+}
+
+/* Cancelled by the daemon because the image could not be flushed before finalizing: failed, with why. */
+static void test_cancelled_for_a_reason(void) {
+        Job j;
+        QemuJobEvent e;
+        QemuBlockJob i = info("bsd-vda-1", QEMU_JOB_CONCLUDED, DISK, DISK, "Operation canceled");
+
+        begin(&j);
+        j.abort_reason = strdup("Cannot flush the image");
+        ASSERT_NOT_NULL(j.abort_reason);
+        e = end_event(QEMU_EVENT_BLOCK_JOB_CANCELLED, "bsd-vda-1", DISK, DISK, NULL);
+        ASSERT_TRUE(job_apply_event(&j, &e, T0) & JOB_NOW_CONCLUDED);
+        ASSERT_TRUE(job_publish_outcome(&j));
+        ASSERT_EQ(j.state, STREAM_FAILED);
+        ASSERT_STREQ(j.error, "Cannot flush the image");
+        job_done(&j);
+
+        /* The same found by query-block-jobs (after a reconnect). */
+        begin(&j);
+        j.abort_reason = strdup("Cannot flush the image");
+        ASSERT_TRUE(job_apply_info(&j, &i, T0) & JOB_NOW_CONCLUDED);
+        ASSERT_TRUE(job_publish_outcome(&j));
+        ASSERT_EQ(j.state, STREAM_FAILED);
+        ASSERT_STREQ(j.error, "Cannot flush the image");
         job_done(&j);
 }
 
@@ -559,6 +592,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_completed_empty);
         TAP_RUN(test_completed_with_error);
         TAP_RUN(test_cancelled_event);
+        TAP_RUN(test_cancelled_for_a_reason);
         TAP_RUN(test_concluded_in_query);
         TAP_RUN(test_other_jobs_ignored);
         TAP_RUN(test_conclude_without_qemu);

@@ -321,7 +321,7 @@ static void test_job_commands(void) {
         ASSERT_STREQ(arg_str(cmd, "base-node"), "#block354");
         ASSERT_EQ(arg_int(cmd, "speed"), 1 << 20);
         ASSERT_EQ(arg_bool(cmd, "auto-dismiss"), 0); /* the outcome survives a daemon restart */
-        ASSERT_EQ(arg_bool(cmd, "auto-finalize"), 1);
+        ASSERT_EQ(arg_bool(cmd, "auto-finalize"), 0); /* the daemon flushes, then finalizes */
         ASSERT_OK(fake_reply(&f, cmd, "{}"));
         json_object_put(cmd);
         fake_run_until(&f, cond_result, &r, 3 * SEC);
@@ -414,6 +414,61 @@ static void expect_command(Fake *f, const char *name, const char *args) {
         json_object_put(cmd);
 }
 
+/* Finalizing a pending job: the node is flushed through HMP's qemu-io (QEMU 7.2 has no QMP
+ * command for one node), whose answer is text: empty on success, QEMU's error otherwise. The node
+ * name goes into a command line, so nothing but a valid name is sent. */
+static void test_flush_node_and_finalize(void) {
+        static const char *const bad[] = { NULL, "", "top flush; quit", "top\"", "1top", "top\nquit", "#", "a b" };
+        Result r = {};
+        json_object *cmd;
+        Fake f;
+
+        if (!setup(&f))
+                return;
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                ASSERT_ERRNO(qemu_flush_node(f.q, bad[i], on_result, &r, on_destroy), -EINVAL);
+        ASSERT_EQ(r.n_destroy + r.n_handler, 0);
+
+        ASSERT_OK(qemu_flush_node(f.q, "#block354", on_result, &r, on_destroy));
+        cmd = fake_next_command(&f, 3 * SEC);
+        ASSERT_STREQ(fake_command_name(cmd), "human-monitor-command");
+        ASSERT_STREQ(arg_str(cmd, "command-line"), "qemu-io #block354 flush");
+        ASSERT_OK(fake_reply(&f, cmd, "\"\""));
+        json_object_put(cmd);
+        fake_run_until(&f, cond_result, &r, 3 * SEC);
+        ASSERT_EQ(r.error, 0);
+        ASSERT_EQ(r.n_destroy, 1);
+        result_free(&r);
+
+        /* What qemu-io prints on failure is the error, made printable. */
+        ASSERT_OK(qemu_flush_node(f.q, "top", on_result, &r, on_destroy));
+        cmd = fake_next_command(&f, 3 * SEC);
+        ASSERT_OK(fake_reply(&f, cmd, "\"Error: Cannot find device='' nor node-name='top'\\r\\n\""));
+        json_object_put(cmd);
+        fake_run_until(&f, cond_result, &r, 3 * SEC);
+        ASSERT_ERRNO(r.error, -EIO);
+        ASSERT_NOT_NULL(r.desc);
+        if (r.desc)
+                ASSERT_TRUE(strstr(r.desc, "Cannot find device") && !strchr(r.desc, '\r') && !strchr(r.desc, '\n'));
+        result_free(&r);
+
+        /* Anything else than text is no success either. */
+        ASSERT_OK(qemu_flush_node(f.q, "top", on_result, &r, on_destroy));
+        cmd = fake_next_command(&f, 3 * SEC);
+        ASSERT_OK(fake_reply(&f, cmd, "{}"));
+        json_object_put(cmd);
+        fake_run_until(&f, cond_result, &r, 3 * SEC);
+        ASSERT_NEG(r.error);
+        result_free(&r);
+
+        ASSERT_OK(qemu_job_finalize(f.q, "bsd-vda-1", NULL, NULL, NULL));
+        cmd = fake_next_command(&f, 3 * SEC);
+        ASSERT_STREQ(fake_command_name(cmd), "job-finalize");
+        ASSERT_STREQ(arg_str(cmd, "id"), "bsd-vda-1");
+        json_object_put(cmd);
+        fake_free(&f);
+}
+
 /* Every typed command, to the letter, and the fd of those that pass one. */
 static void test_command_builders(void) {
         QemuStreamArgs a = {.job_id = "j1", .node_name = "top", .backing_file = "/b.qcow2", .speed = 7};
@@ -425,7 +480,7 @@ static void test_command_builders(void) {
         ASSERT_OK(qemu_block_stream(f.q, &a, NULL, NULL, NULL));
         expect_command(&f, "block-stream",
                 "{\"job-id\":\"j1\",\"device\":\"top\",\"backing-file\":\"\\/b.qcow2\",\"speed\":7,"
-                "\"auto-finalize\":true,\"auto-dismiss\":false,\"on-error\":\"enospc\"}");
+                "\"auto-finalize\":false,\"auto-dismiss\":false,\"on-error\":\"enospc\"}");
         ASSERT_OK(qemu_block_job_cancel(f.q, "j1", NULL, NULL, NULL));
         expect_command(&f, "block-job-cancel", "{\"device\":\"j1\",\"force\":true}");
         ASSERT_OK(qemu_block_job_set_speed(f.q, "j1", 0, NULL, NULL, NULL));
@@ -482,6 +537,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_query_disks_with_finished_job);
         TAP_RUN(test_query_jobs_call);
         TAP_RUN(test_job_commands);
+        TAP_RUN(test_flush_node_and_finalize);
         TAP_RUN(test_command_builders);
         return tap_finish();
 }
