@@ -14,6 +14,7 @@
 #include "export.h"
 #include "guest.h"
 #include "engine.h"
+#include "helper.h"
 #include "polkit.h"
 #include "qemu.h"
 #include "sandbox.h"
@@ -104,11 +105,7 @@ static Export *export_free(Export *e) {
         }
         sd_event_source_disable_unref(e->control_source);
         sd_event_source_disable_unref(e->retry_source);
-        sd_event_source_disable_unref(e->relay_child);
-        if (e->relay_pid > 0) {
-                (void) kill(e->relay_pid, SIGKILL);
-                (void) waitpid(e->relay_pid, NULL, 0);
-        }
+        helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
         closep(&e->control_fd);
         closep(&e->listen_fd);
@@ -442,10 +439,8 @@ static int spawn_relay(Export *e) {
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);
         if (r < 0)
                 return r;
-        r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, &e->relay_pid, &e->control_fd, &e->log);
-        if (r < 0)
-                return r;
-        r = sd_event_add_child(m->event, &e->relay_child, e->relay_pid, WEXITED, relay_exited, e);
+        r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, relay_exited, e, &e->relay_pid,
+                &e->relay_child, &e->control_fd, &e->log);
         if (r < 0)
                 return r;
         return sd_event_add_io(m->event, &e->control_source, e->control_fd, EPOLLIN, control_handler, e);

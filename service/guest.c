@@ -90,48 +90,40 @@ bool guest_qmp_ready(Guest *g) {
 }
 
 int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data_fd, const char *label,
-        const char *log_prefix, pid_t *ret_pid, int *ret_control, HelperLog **ret_log) {
+        const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
+        sd_event_source **ret_child, int *ret_control, HelperLog **ret_log) {
         Engine *m = g->engine;
         _cleanup_free_ char *path = strdup_printf("%s/%s", engine_helper_dir(m), binary);
-        _cleanup_close_ int exec_fd = -1, log_r = -1, log_w = -1, ours = -1, theirs = -1;
-        int pair[2], pipefd[2], r;
+        _cleanup_close_ int exec_fd = -1;
+        int r;
 
         if (!path)
                 return -ENOMEM;
         exec_fd = open(path, O_PATH | O_CLOEXEC);
         if (exec_fd < 0)
                 return log_error_errno(errno, "Cannot open %s: %m", path);
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
-                return -errno;
-        ours = pair[0];
-        theirs = pair[1];
-        if (pipe2(pipefd, O_CLOEXEC) < 0)
-                return -errno;
-        log_r = pipefd[0];
-        log_w = pipefd[1];
         r = guest_ensure_runtime_dir(g);
         if (r < 0)
                 return r;
-        r = sandbox_spawn(
-                &(SandboxSpec) {
-                        .name = g->name,
-                        .uid = g->helper_uid,
-                        .gid = g->helper_uid,
-                        .runtime_dir = g->runtime_dir,
-                        .selinux_label = label,
-                        .fds = (int[]) { data_fd, theirs },
-                        .n_fds = 2,
-                        .stderr_fd = log_w,
-                        .argv = argv,
-                        .exec_fd = exec_fd,
+        return helper_start(m->event,
+                &(HelperSpec) {
+                        .sandbox = {
+                                .name = g->name,
+                                .uid = g->helper_uid,
+                                .gid = g->helper_uid,
+                                .runtime_dir = g->runtime_dir,
+                                .selinux_label = label,
+                                .fds = &data_fd,
+                                .n_fds = 1,
+                                .argv = argv,
+                                .exec_fd = exec_fd,
+                        },
+                        .control_type = SOCK_SEQPACKET,
+                        .log_prefix = log_prefix,
+                        .on_exit = on_exit,
+                        .userdata = userdata,
                 },
-                ret_pid);
-        if (r < 0)
-                return r;
-        if (helper_log_new(ret_log, m->event, TAKE_FD(log_r), log_prefix) < 0)
-                log_warning("%s: cannot read its log.", log_prefix);
-        *ret_control = TAKE_FD(ours);
-        return 0;
+                ret_pid, ret_child, ret_control, ret_log);
 }
 
 int guest_ensure_runtime_dir(Guest *g) {

@@ -12,6 +12,7 @@
 #include "qemu.h"
 #include "qmp.h"
 #include "qmp-socket.h"
+#include "helper.h"
 #include "sandbox.h"
 
 typedef struct Engine Engine;
@@ -141,11 +142,13 @@ extern const DiskHost guest_disk_host;
  * daemon. Jobs are reported failed, finished ones published. */
 void guest_fail_orphaned_jobs(Guest *g);
 int guest_ensure_runtime_dir(Guest *g);
-/* Spawn one of our own helpers (a binary in HelperDirectory=) in the guest's sandbox: data_fd
- * becomes its fd 3, a SOCK_SEQPACKET control socket its fd 4 (our end in *ret_control), its
- * stderr goes to our log under log_prefix. label: its SELinux exec label (NULL: none). */
+/* Spawn one of our own helpers (a binary in HelperDirectory=) in the guest's sandbox through
+ * helper_start(): data_fd becomes its fd 3, a SOCK_SEQPACKET control socket its fd 4 (our end in
+ * *ret_control), its stderr goes to our log under log_prefix, *ret_child watches it and calls
+ * on_exit(userdata). label: its SELinux exec label (NULL: none). */
 int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data_fd, const char *label,
-        const char *log_prefix, pid_t *ret_pid, int *ret_control, HelperLog **ret_log);
+        const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
+        sd_event_source **ret_child, int *ret_control, HelperLog **ret_log);
 
 /* guest-peer.c: the guest's side of its QMP peer. */
 extern const PeerOwner guest_peer_owner;

@@ -5,21 +5,13 @@
  *
  * An image header is user data. Formats are never probed, and a backing file named in a header is
  * opened only if it lies inside a configured image directory, reached without any symlink and without
- * crossing a mount. No D-Bus, no QEMU: only files and headers. */
+ * crossing a mount. What a header says is image-format.h's. No D-Bus, no QEMU: only files and headers. */
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct Image {
-        char *path;   /* normalized absolute path as named (not resolved through symlinks) */
-        char *format; /* "qcow2" or "raw" */
-        int fd;       /* opened by image_chain_open(), -1 otherwise */
-        uint64_t virtual_size;
-        uint32_t cluster_size; /* qcow2: from the header; raw: 0 */
-        char *backing;         /* absolute normalized path of the backing file, NULL if none */
-        char *backing_format;  /* from the qcow2 header extension; NULL if none */
-} Image;
+#include "image-format.h"
 
 typedef struct ImageChain {
         Image *images;
@@ -47,29 +39,6 @@ void image_chain_done(ImageChain *c);
  * without openat2(), other -errno from the kernel. */
 int image_open_beneath(char *const *dirs, const char *path, bool writable, int *ret_fd, char **ret_error);
 
-/* Parse the header of an open image of the given format, "qcow2" or "raw" (no probing: the caller says
- * which). Reads are bounded (at most the first cluster, with pread) and every field is validated:
- * qcow2 magic, version 2 or 3, cluster_bits 9..21, header_length, size against the L1 table, table
- * offsets, refcount order, compression type; the backing file name (offset/size inside the first
- * cluster, size 1..1023, no NUL, valid UTF-8, no control characters); header extensions walked with
- * bounds (length, 8-byte alignment, end marker, never past the backing file name or the first
- * cluster); unknown incompatible features, encrypted images, external data files and images marked
- * corrupt are refused. raw: the size of the regular file, or BLKGETSIZE64 of a block device.
- *
- * A relative backing name is resolved against the directory of image_path (a normalized absolute
- * path), then normalized lexically: ".." is allowed in the header, the result must be a normalized
- * absolute path. Since image_open_beneath() refuses every symlink, the lexical result is the file
- * the kernel would reach. A "proto:" name (a colon with no slash before it: "json:{…}", "nbd://…",
- * "file:…") is refused: offline guests take file backings only.
- *
- * Fills format, virtual_size, cluster_size, backing and backing_format of *ret (overwritten, not
- * freed); path and fd are left as they are. On failure *ret is untouched and -errno is returned with
- * a message in *ret_error: -EBADMSG for a malformed header, -EOPNOTSUPP for something valid we do not
- * take (version, features, encryption, protocol backings, an unknown format), -EUCLEAN for an image
- * marked corrupt, -EINVAL for a bad image_path or an fd that is neither a regular file nor a block
- * device, other -errno from the kernel. */
-int image_read_header(int fd, const char *format, const char *image_path, Image *ret, char **ret_error);
-
 /* The whole chain, top first: opens every image with image_open_beneath() (the top read-write if
  * writable, backings read-only), reads each header, follows the backing files. At most 32 images.
  *
@@ -93,12 +62,6 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
 int image_open_parent_beneath(
         char *const *dirs, const char *path, int *ret_dir_fd, const char **ret_leaf, char **ret_error);
 
-/* Write a qcow2 v3 overlay of the given virtual size (rounded up to 512) on backing (a path or a
- * URL, stored as given, at most 1023 bytes) of backing_format ("qcow2" or "raw") into fd, an empty
- * regular file opened for writing: the same layout as `qemu-img create -f qcow2 -u -b … -F …` with
- * 64 KiB clusters, nothing allocated. No process, no path: only fd is written. -EFBIG for a size
- * whose L1 table QEMU would not open, -EINVAL/-ENAMETOOLONG for bad arguments, -errno from writes. */
-int image_write_qcow2_overlay(int fd, uint64_t size, const char *backing, const char *backing_format, char **ret_error);
 /* The same, with the disks other guests' QEMUs say they have: their word, which may be a lie, so
  * it only keeps the top (the image we would write) from being one of them, never a backing; and
  * the paths are never stat()ed by name: looked up like an image (beneath an image directory,

@@ -9,6 +9,7 @@
 #include "bus-error.h"
 #include "guest.h"
 #include "engine.h"
+#include "helper.h"
 #include "map.h"
 #include "rangeop.h"
 #include "disk.h"
@@ -163,8 +164,7 @@ static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
                         op->alias, m->config.map_timeout_usec / USEC_PER_SEC);
                 op->call = sd_bus_message_unref(op->call);
         }
-        if (op->pid > 0)
-                (void) kill(op->pid, SIGKILL); /* reaped by helper_exited() */
+        (void) helper_kill(op->child); /* its end comes through helper_exited() */
         range_op_end(op, STREAM_FAILED, "the allocation map took too long");
         return 0;
 }

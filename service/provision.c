@@ -23,6 +23,7 @@
 
 #include "bus-error.h"
 #include "bus-util.h"
+#include "helper.h"
 #include "image.h"
 #include "provision.h"
 #include "qemu.h"
@@ -61,12 +62,8 @@ static Provision *provision_free(Provision *p) {
                         p->target);
                 sd_bus_message_unref(p->call);
         }
-        sd_event_source_disable_unref(p->child);
+        helper_release(p->child); /* killed and reaped if still running */
         sd_event_source_disable_unref(p->out_source);
-        if (p->pid > 0) {
-                (void) kill(p->pid, SIGKILL);
-                (void) waitpid(p->pid, NULL, 0);
-        }
         closep(&p->out_fd);
         closep(&p->dir_fd);
         free(p->leaf);
@@ -133,9 +130,8 @@ static void out_drain(Provision *p) {
         }
 }
 
-static int watch_child(Provision *p, int out_fd, sd_event_child_handler_t handler) {
-        int r;
-
+/* Collect the child's stdout from out_fd (taken) into p->out. */
+static int watch_output(Provision *p, int out_fd) {
         p->out_fd = out_fd;
         p->out_len = 0;
         if (!p->out && !(p->out = malloc(OUTPUT_MAX + 1)))
@@ -143,10 +139,7 @@ static int watch_child(Provision *p, int out_fd, sd_event_child_handler_t handle
         p->out[0] = 0;
         if (fcntl(out_fd, F_SETFL, O_NONBLOCK) < 0)
                 return -errno;
-        r = sd_event_add_io(p->event, &p->out_source, out_fd, EPOLLIN, out_handler, p);
-        if (r < 0)
-                return r;
-        return sd_event_add_child(p->event, &p->child, p->pid, WEXITED, handler, p);
+        return sd_event_add_io(p->event, &p->out_source, out_fd, EPOLLIN, out_handler, p);
 }
 
 /* Step 2: the overlay, created and written through file descriptors only. */
@@ -254,23 +247,27 @@ static int run_probe(Provision *p) {
         out_w = pipefd[1];
         /* The server's answers are untrusted: parse them unprivileged, in a sandbox, with the
          * host network (it must reach the server) and nothing else. */
-        r = sandbox_spawn(
-                &(SandboxSpec) {
-                        .name = "provisioning",
-                        .uid = c->helper_uid_max,
-                        .gid = c->helper_uid_max,
-                        .host_network = true,
-                        .stdout_fd = out_w,
-                        .stderr_fd = -1,
-                        .argv = argv,
-                        .exec_fd = -1,
-                        .env = (char *[]) { NULL },
-                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, /* no file writes: the default */
+        r = helper_start(p->event,
+                &(HelperSpec) {
+                        .sandbox = {
+                                .name = "provisioning",
+                                .uid = c->helper_uid_max,
+                                .gid = c->helper_uid_max,
+                                .host_network = true,
+                                .stdout_fd = out_w,
+                                .stderr_fd = -1,
+                                .argv = argv,
+                                .exec_fd = -1,
+                                .env = (char *[]) { NULL },
+                                .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, /* no file writes: the default */
+                        },
+                        .on_exit = probed,
+                        .userdata = p,
                 },
-                &p->pid);
+                &p->pid, &p->child, NULL, NULL);
         if (r < 0)
                 return r;
-        return watch_child(p, TAKE_FD(out_r), probed);
+        return watch_output(p, TAKE_FD(out_r));
 }
 
 static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata) {
@@ -295,6 +292,40 @@ static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata)
         return 0;
 }
 
+/* What the read check's child needs: a copy of it lives in the child. */
+typedef struct ReadCheck {
+        pid_t parent;
+        uid_t uid;
+        gid_t gid;
+        const gid_t *gids;
+        size_t n_gids;
+        char *const *dirs;
+        const ImageChain *chain;
+        const struct stat *want;
+} ReadCheck;
+
+static int read_check(void *arg) {
+        const ReadCheck *c = arg;
+
+        if (setgroups(c->n_gids, c->gids) < 0 || setresgid(c->gid, c->gid, c->gid) < 0 ||
+                setresuid(c->uid, c->uid, c->uid) < 0 || geteuid() != c->uid || getegid() != c->gid)
+                return 1;
+        /* The uid change cleared the death signal helper_fork() set: set it again. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != c->parent)
+                return 1;
+        /* The same walk as ours (no symlink, no mount crossed), with the caller's search
+         * and read permissions. */
+        for (size_t i = 0; i < c->chain->n; i++) {
+                struct stat st;
+                int fd = -1;
+                if (image_open_beneath(c->dirs, c->chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
+                        st.st_dev != c->want[i].st_dev || st.st_ino != c->want[i].st_ino)
+                        return 10 + (int) i;
+                (void) close(fd);
+        }
+        return 0;
+}
+
 /* Whether the caller could open every image of the chain for reading itself: a child takes the
  * caller's uid, gid and groups (and with them loses every capability), opens each path beneath its
  * image directory as we did and checks that it reached the very file we opened. It exits 0 if so,
@@ -303,15 +334,13 @@ static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata)
 static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain *chain) {
         _cleanup_free_ gid_t *gids = NULL;
         _cleanup_free_ struct stat *want = NULL;
-        char *const *dirs = p->config->image_dirs;
-        uid_t uid = p->caller;
         size_t n_gids = 0;
         gid_t gid;
         int r;
 
         if (chain->n > 200)
                 return -E2BIG;
-        r = bus_caller_groups(msg, uid, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
+        r = bus_caller_groups(msg, p->caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
         if (r < 0)
                 return r;
         want = calloc(chain->n, sizeof(struct stat));
@@ -324,28 +353,18 @@ static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain 
                 if (r < 0)
                         return r;
         }
-
-        p->pid = fork();
-        if (p->pid < 0)
-                return -errno;
-        if (p->pid == 0) {
-                if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || setgroups(n_gids, gids) < 0 ||
-                        setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 || geteuid() != uid ||
-                        getegid() != gid)
-                        _exit(1);
-                /* The same walk as ours (no symlink, no mount crossed), with the caller's search
-                 * and read permissions. */
-                for (size_t i = 0; i < chain->n; i++) {
-                        struct stat st;
-                        int fd = -1;
-                        if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 ||
-                                fstat(fd, &st) < 0 || st.st_dev != want[i].st_dev || st.st_ino != want[i].st_ino)
-                                _exit(10 + (int) i);
-                        (void) close(fd);
-                }
-                _exit(0);
-        }
-        return sd_event_add_child(p->event, &p->child, p->pid, WEXITED, read_checked, p);
+        return helper_fork(p->event, "Provisioning read check", read_check,
+                &(ReadCheck) {
+                        .parent = getpid(),
+                        .uid = p->caller,
+                        .gid = gid,
+                        .gids = gids,
+                        .n_gids = n_gids,
+                        .dirs = p->config->image_dirs,
+                        .chain = chain,
+                        .want = want,
+                },
+                read_checked, p, &p->pid, &p->child);
 }
 
 int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char *template, const char *target, const char *format,

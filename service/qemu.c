@@ -5,434 +5,6 @@
 #include "qemu.h"
 #include "util.h"
 
-static const char *const job_status_table[] = {
-        [QEMU_JOB_UNKNOWN] = "unknown",
-        [QEMU_JOB_CREATED] = "created",
-        [QEMU_JOB_RUNNING] = "running",
-        [QEMU_JOB_PAUSED] = "paused",
-        [QEMU_JOB_READY] = "ready",
-        [QEMU_JOB_STANDBY] = "standby",
-        [QEMU_JOB_WAITING] = "waiting",
-        [QEMU_JOB_PENDING] = "pending",
-        [QEMU_JOB_ABORTING] = "aborting",
-        [QEMU_JOB_CONCLUDED] = "concluded",
-        [QEMU_JOB_NULL] = "null",
-};
-
-QemuJobStatus qemu_job_status_from_string(const char *s) {
-        for (size_t i = QEMU_JOB_CREATED; i < ELEMENTSOF(job_status_table); i++)
-                if (streq(s, job_status_table[i]))
-                        return (QemuJobStatus) i;
-        return QEMU_JOB_UNKNOWN;
-}
-
-const char *qemu_job_status_to_string(QemuJobStatus s) {
-        if ((size_t) s >= ELEMENTSOF(job_status_table))
-                return "unknown";
-        return job_status_table[s];
-}
-
-/* Accessors */
-
-int json_get_string(json_object *o, const char *key, bool required, const char **ret) {
-        json_object *v;
-        const char *s;
-
-        if (!json_object_object_get_ex(o, key, &v))
-                return required ? -ENODATA : 0;
-        if (!json_object_is_type(v, json_type_string))
-                return -EBADMSG;
-        s = json_object_get_string(v);
-        if ((size_t) json_object_get_string_len(v) != strlen(s) || strlen(s) > QEMU_STRING_MAX || !utf8_is_valid(s))
-                return -EBADMSG;
-        *ret = s;
-        return 1;
-}
-
-int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret) {
-        json_object *v;
-
-        if (!json_object_object_get_ex(o, key, &v))
-                return required ? -ENODATA : 0;
-        if (!json_object_is_type(v, json_type_int))
-                return -EBADMSG;
-        /* json-c keeps values beyond INT64_MAX as uint64 and clamps beyond UINT64_MAX. */
-        if (json_object_get_int64(v) < 0)
-                return -EBADMSG;
-        *ret = json_object_get_uint64(v);
-        if (*ret == UINT64_MAX)
-                return -EBADMSG; /* saturated: not a value QEMU would send */
-        return 1;
-}
-
-int json_get_bool(json_object *o, const char *key, bool required, bool *ret) {
-        json_object *v;
-
-        if (!json_object_object_get_ex(o, key, &v))
-                return required ? -ENODATA : 0;
-        if (!json_object_is_type(v, json_type_boolean))
-                return -EBADMSG;
-        *ret = json_object_get_boolean(v);
-        return 1;
-}
-
-static int strdup_checked(const char *s, char **ret) {
-        if (!s) {
-                *ret = NULL;
-                return 0;
-        }
-        *ret = strdup(s);
-        return *ret ? 0 : -ENOMEM;
-}
-
-/* Block jobs */
-
-void qemu_block_jobs_free(QemuBlockJob *jobs, size_t n) {
-        for (size_t i = 0; i < n; i++) {
-                free(jobs[i].id);
-                free(jobs[i].type);
-                free(jobs[i].error);
-        }
-        free(jobs);
-}
-
-static int parse_block_job(json_object *o, QemuBlockJob *j) {
-        const char *id = NULL, *type = NULL, *status = NULL, *error = NULL, *io_status = NULL;
-        int r;
-
-        if (!json_object_is_type(o, json_type_object))
-                return -EBADMSG;
-        if ((r = json_get_string(o, "device", true, &id)) < 0 || (r = json_get_string(o, "type", true, &type)) < 0 ||
-                (r = json_get_string(o, "status", true, &status)) < 0 ||
-                (r = json_get_u64(o, "len", true, &j->len)) < 0 ||
-                (r = json_get_u64(o, "offset", true, &j->offset)) < 0 ||
-                (r = json_get_u64(o, "speed", true, &j->speed)) < 0 ||
-                (r = json_get_string(o, "error", false, &error)) < 0 ||
-                (r = json_get_string(o, "io-status", false, &io_status)) < 0)
-                return -EBADMSG;
-        if (!qemu_id_is_valid(id))
-                return -EBADMSG;
-        j->status = qemu_job_status_from_string(status);
-        /* Anything else than these two (or none) is "ok": it only decides what Error says. */
-        j->io_status = streq_ptr(io_status, "nospace")  ? QEMU_IO_NOSPACE
-                       : streq_ptr(io_status, "failed") ? QEMU_IO_FAILED
-                                                        : QEMU_IO_OK;
-        if (strdup_checked(id, &j->id) < 0 || strdup_checked(type, &j->type) < 0)
-                return -ENOMEM;
-        if (error && !(j->error = text_sanitize_str(error)))
-                return -ENOMEM;
-        return 0;
-}
-
-int qemu_parse_block_jobs(json_object *ret, QemuBlockJob **jobs, size_t *n_jobs) {
-        QemuBlockJob *l;
-        size_t n;
-        int r;
-
-        if (!json_object_is_type(ret, json_type_array))
-                return -EBADMSG;
-        n = json_object_array_length(ret);
-        if (n > QEMU_JOBS_MAX)
-                return -E2BIG;
-        l = calloc(n ?: 1, sizeof(QemuBlockJob));
-        if (!l)
-                return -ENOMEM;
-        for (size_t i = 0; i < n; i++) {
-                r = parse_block_job(json_object_array_get_idx(ret, i), &l[i]);
-                if (r < 0) {
-                        qemu_block_jobs_free(l, n);
-                        return r;
-                }
-        }
-        *jobs = l;
-        *n_jobs = n;
-        return 0;
-}
-
-/* Events */
-
-int qemu_parse_job_event(const char *name, json_object *data, QemuJobEvent *ev) {
-        const char *status = NULL;
-        int r = 0;
-
-        *ev = (QemuJobEvent) {};
-        if (streq(name, "JOB_STATUS_CHANGE")) {
-                ev->kind = QEMU_EVENT_JOB_STATUS_CHANGE;
-                if (json_get_string(data, "id", true, &ev->id) < 0 ||
-                        json_get_string(data, "status", true, &status) < 0 || !qemu_id_is_valid(ev->id))
-                        return -EBADMSG;
-                ev->status = qemu_job_status_from_string(status);
-                return 1;
-        }
-        if (streq(name, "BLOCK_JOB_COMPLETED"))
-                ev->kind = QEMU_EVENT_BLOCK_JOB_COMPLETED;
-        else if (streq(name, "BLOCK_JOB_CANCELLED"))
-                ev->kind = QEMU_EVENT_BLOCK_JOB_CANCELLED;
-        else if (streq(name, "BLOCK_JOB_READY"))
-                ev->kind = QEMU_EVENT_BLOCK_JOB_READY;
-        else if (streq(name, "BLOCK_JOB_ERROR"))
-                ev->kind = QEMU_EVENT_BLOCK_JOB_ERROR;
-        else
-                return 0;
-
-        if (json_get_string(data, "device", true, &ev->id) < 0 || !qemu_id_is_valid(ev->id))
-                return -EBADMSG;
-        if (ev->kind == QEMU_EVENT_BLOCK_JOB_ERROR) {
-                if (json_get_string(data, "action", true, &ev->action) < 0)
-                        return -EBADMSG;
-                return 1;
-        }
-        if ((r = json_get_u64(data, "len", true, &ev->len)) < 0 || (r = json_get_u64(data, "offset", true, &ev->offset)) < 0 ||
-                (r = json_get_u64(data, "speed", false, &ev->speed)) < 0 ||
-                (r = json_get_string(data, "error", false, &ev->error)) < 0)
-                return -EBADMSG;
-        if (ev->error) {
-                /* It becomes the job's Error: QEMU's words, made fit to show. */
-                (void) text_sanitize_buf(ev->error_text, sizeof(ev->error_text), ev->error, strlen(ev->error));
-                ev->error = ev->error_text;
-        }
-        ev->has_progress = true;
-        return 1;
-}
-
-/* Disks */
-
-static void qemu_image_done(QemuImage *i) {
-        free(i->filename);
-        free(i->format);
-        free(i->node_name);
-}
-
-void qemu_disks_free(QemuDisk *disks, size_t n) {
-        for (size_t i = 0; i < n; i++) {
-                QemuDisk *d = &disks[i];
-                free(d->alias);
-                free(d->node_name);
-                free(d->filename);
-                free(d->format);
-                for (size_t j = 0; j < d->n_chain; j++)
-                        qemu_image_done(&d->chain[j]);
-                free(d->chain);
-        }
-        free(disks);
-}
-
-/* query-named-block-nodes, indexed once by (file, drv): a chain image finds its node by binary
- * search. Scanning every node for every image made a QEMU with many disks and deep chains cost
- * the daemon seconds of CPU per reply (256 disks x 128 images x 4096 nodes). */
-typedef struct NodeRef {
-        const char *file, *drv, *name; /* borrowed from the reply */
-        size_t idx;                    /* position in the reply: the first one listed wins */
-} NodeRef;
-
-typedef struct NodeIndex {
-        NodeRef *refs;
-        size_t n;
-} NodeIndex;
-
-static int node_ref_cmp(const void *a, const void *b) {
-        const NodeRef *x = a, *y = b;
-        int c = strcmp(x->file, y->file);
-
-        if (c == 0)
-                c = strcmp(x->drv, y->drv);
-        if (c == 0)
-                c = x->idx < y->idx ? -1 : x->idx > y->idx;
-        return c;
-}
-
-static void node_index_done(NodeIndex *ix) {
-        ix->refs = mfree(ix->refs);
-        ix->n = 0;
-}
-
-/* Every node's fields are read and checked once here; malformed nodes are left out, as before. */
-static int node_index_build(NodeIndex *ix, json_object *nodes) {
-        size_t n;
-
-        *ix = (NodeIndex) {};
-        if (!nodes)
-                return 0;
-        n = json_object_array_length(nodes);
-        ix->refs = calloc(n ?: 1, sizeof(NodeRef));
-        if (!ix->refs)
-                return -ENOMEM;
-        for (size_t i = 0; i < n; i++) {
-                json_object *o = json_object_array_get_idx(nodes, i);
-                const char *file = NULL, *drv = NULL, *name = NULL;
-
-                if (!json_object_is_type(o, json_type_object))
-                        continue;
-                if (json_get_string(o, "file", true, &file) < 0 || json_get_string(o, "drv", true, &drv) < 0 ||
-                        json_get_string(o, "node-name", true, &name) < 0 || !qemu_node_name_is_valid(name))
-                        continue;
-                ix->refs[ix->n++] = (NodeRef) { .file = file, .drv = drv, .name = name, .idx = i };
-        }
-        qsort(ix->refs, ix->n, sizeof(NodeRef), node_ref_cmp);
-        return 0;
-}
-
-/* The node that holds filename in format fmt: a format node, not the protocol node below it
- * (both report the same file). */
-static const char *find_node(const NodeIndex *ix, const char *filename, const char *fmt) {
-        size_t lo = 0, hi = ix->n;
-
-        /* The first entry not below (filename, fmt, 0): the earliest listed match, if any. */
-        while (lo < hi) {
-                size_t mid = lo + (hi - lo) / 2;
-                const NodeRef *r = &ix->refs[mid];
-                int c = strcmp(r->file, filename);
-
-                if (c == 0)
-                        c = strcmp(r->drv, fmt);
-                if (c < 0)
-                        lo = mid + 1;
-                else
-                        hi = mid;
-        }
-        if (lo < ix->n && streq(ix->refs[lo].file, filename) && streq(ix->refs[lo].drv, fmt))
-                return ix->refs[lo].name;
-        return NULL;
-}
-
-static char *alias_from_qdev(const char *qdev) {
-        static const char prefix[] = "/machine/peripheral/";
-        const char *s;
-        size_t n;
-
-        if (!qdev || strncmp(qdev, prefix, sizeof(prefix) - 1) != 0)
-                return NULL;
-        s = qdev + sizeof(prefix) - 1;
-        n = strcspn(s, "/");
-        if (n == 0)
-                return NULL;
-        return strndup(s, n);
-}
-
-static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint64_t *cluster) {
-        const char *filename = NULL, *format = NULL;
-
-        if (!json_object_is_type(image, json_type_object))
-                return -EBADMSG;
-        if (json_get_string(image, "filename", true, &filename) < 0 || json_get_string(image, "format", true, &format) < 0)
-                return -EBADMSG;
-        if (size && json_get_u64(image, "virtual-size", true, size) < 0)
-                return -EBADMSG;
-        if (cluster && json_get_u64(image, "cluster-size", false, cluster) < 0)
-                return -EBADMSG;
-        if (isempty(filename) || isempty(format))
-                return -EBADMSG;
-        if (strdup_checked(filename, &ret->filename) < 0 || strdup_checked(format, &ret->format) < 0)
-                return -ENOMEM;
-        return 0;
-}
-
-static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
-        json_object *inserted, *image, *backing;
-        const char *qdev = NULL, *device = NULL, *node = NULL;
-        QemuImage top = {};
-        int r;
-
-        if (!json_object_is_type(block, json_type_object))
-                return -EBADMSG;
-        if (!json_object_object_get_ex(block, "inserted", &inserted))
-                return 0; /* an empty drive: nothing to stream */
-        if (!json_object_is_type(inserted, json_type_object))
-                return -EBADMSG;
-        if (json_get_string(block, "qdev", false, &qdev) < 0 || json_get_string(block, "device", false, &device) < 0 ||
-                json_get_string(inserted, "node-name", true, &node) < 0 ||
-                json_get_bool(inserted, "ro", false, &d->read_only) < 0)
-                return -EBADMSG;
-        if (!json_object_object_get_ex(inserted, "image", &image))
-                return -EBADMSG;
-
-        /* Every name QEMU gives is checked here, so that nothing downstream sees one that is not
-         * valid: an alias names sockets, object paths, URIs and polkit's details; a node name goes
-         * back to QEMU and into the state file. An honest QEMU only makes valid ones. */
-        if (!qemu_node_name_is_valid(node))
-                return -EBADMSG;
-        d->alias = alias_from_qdev(qdev);
-        if (!d->alias)
-                d->alias = strdup(!isempty(device) ? device : node);
-        if (!d->alias)
-                return -ENOMEM;
-        if (!qemu_id_is_valid(d->alias))
-                return -EBADMSG;
-        if (!(d->node_name = strdup(node)))
-                return -ENOMEM;
-
-        r = parse_image(image, &top, &d->virtual_size, &d->cluster_size);
-        if (r < 0)
-                return r;
-        d->filename = TAKE_PTR(top.filename);
-        d->format = TAKE_PTR(top.format);
-
-        /* Walk the nested backing images iteratively: the depth is QEMU's to choose, ours to bound. */
-        for (json_object *cur = image; json_object_object_get_ex(cur, "backing-image", &backing); cur = backing) {
-                QemuImage *c;
-                const char *nn;
-
-                if (d->n_chain >= QEMU_CHAIN_MAX)
-                        return -E2BIG;
-                c = reallocarray(d->chain, d->n_chain + 1, sizeof(QemuImage));
-                if (!c)
-                        return -ENOMEM;
-                d->chain = c;
-                c = &d->chain[d->n_chain];
-                *c = (QemuImage) {};
-                r = parse_image(backing, c, NULL, NULL);
-                if (r < 0) {
-                        qemu_image_done(c);
-                        return r;
-                }
-                d->n_chain++;
-                nn = nodes ? find_node(nodes, c->filename, c->format) : NULL;
-                if (nn && !(c->node_name = strdup(nn)))
-                        return -ENOMEM;
-        }
-        return 1;
-}
-
-int qemu_parse_disks(json_object *blocks, json_object *nodes, QemuDisk **ret, size_t *n_ret) {
-        _cleanup_(node_index_done) NodeIndex ix = {};
-        QemuDisk *l;
-        size_t n, k = 0;
-        int r;
-
-        if (!json_object_is_type(blocks, json_type_array))
-                return -EBADMSG;
-        if (nodes && (!json_object_is_type(nodes, json_type_array) || json_object_array_length(nodes) > QEMU_NODES_MAX))
-                return -EBADMSG;
-        n = json_object_array_length(blocks);
-        if (n > QEMU_DISKS_MAX)
-                return -E2BIG;
-        r = node_index_build(&ix, nodes);
-        if (r < 0)
-                return r;
-        l = calloc(n ?: 1, sizeof(QemuDisk));
-        if (!l)
-                return -ENOMEM;
-        for (size_t i = 0; i < n; i++) {
-                r = parse_disk(json_object_array_get_idx(blocks, i), nodes ? &ix : NULL, &l[k]);
-                if (r < 0) {
-                        qemu_disks_free(l, k + 1);
-                        return r;
-                }
-                if (r == 0)
-                        continue;
-                /* Two disks with one alias would make addressing ambiguous. */
-                for (size_t j = 0; j < k; j++)
-                        if (streq(l[j].alias, l[k].alias)) {
-                                qemu_disks_free(l, k + 1);
-                                return -EBADMSG;
-                        }
-                k++;
-        }
-        *ret = l;
-        *n_ret = k;
-        return 0;
-}
-
 /* Asynchronous typed calls */
 
 typedef struct Request {
@@ -489,230 +61,213 @@ static void result_reply(Qmp *q, int error, json_object *result, const char *cls
                 req->handler.result(q, error, desc, req->userdata);
 }
 
-static int simple_call(Qmp *q, const char *command, json_object *args, qemu_result_handler_t handler, void *userdata,
-        qemu_destroy_t destroy) {
-        Request *req;
+/* Every typed command's arguments in one shape: a table of keys and typed values, ended by a
+ * NULL key (ARGS(...)). An entry with .omit is left out; a number above INT64_MAX is -ERANGE
+ * (QMP's integers are signed). */
+typedef enum ArgType {
+        ARG_STRING,
+        ARG_STRING_OR_NULL, /* a NULL string is sent as JSON null */
+        ARG_BOOL,
+        ARG_U64,
+        ARG_OBJECT, /* nested: .sub is another table */
+} ArgType;
 
-        if (!args)
-                return -ENOMEM; /* every typed call has arguments: a NULL here is a failed allocation */
+typedef struct Arg {
+        const char *key;
+        ArgType type;
+        bool omit;
+        const char *s;
+        bool b;
+        uint64_t u;
+        const struct Arg *sub;
+} Arg;
+
+#define ARGS(...) ((const Arg[]) { __VA_ARGS__, {} })
+#define A_STR(k, v) { .key = (k), .type = ARG_STRING, .s = (v) }
+#define A_STR_OPT(k, v) { .key = (k), .type = ARG_STRING, .s = (v), .omit = !(v) }
+#define A_BOOL(k, v) { .key = (k), .type = ARG_BOOL, .b = (v) }
+#define A_U64(k, v) { .key = (k), .type = ARG_U64, .u = (v) }
+#define A_OBJ(k, ...) { .key = (k), .type = ARG_OBJECT, .sub = ARGS(__VA_ARGS__) }
+
+static int args_build(const Arg *args, json_object **ret) {
+        _cleanup_(json_object_putp) json_object *o = json_object_new_object();
+        int r;
+
+        if (!o)
+                return -ENOMEM;
+        for (const Arg *a = args; a->key; a++) {
+                json_object *v = NULL;
+
+                if (a->omit)
+                        continue;
+                switch (a->type) {
+                case ARG_STRING:
+                case ARG_STRING_OR_NULL:
+                        if (!a->s && a->type == ARG_STRING)
+                                return -EINVAL;
+                        if (a->s && !(v = json_object_new_string(a->s)))
+                                return -ENOMEM;
+                        break;
+                case ARG_BOOL:
+                        if (!(v = json_object_new_boolean(a->b)))
+                                return -ENOMEM;
+                        break;
+                case ARG_U64:
+                        if (a->u > INT64_MAX)
+                                return -ERANGE;
+                        if (!(v = json_object_new_int64((int64_t) a->u)))
+                                return -ENOMEM;
+                        break;
+                case ARG_OBJECT:
+                        r = args_build(a->sub, &v);
+                        if (r < 0)
+                                return r;
+                        break;
+                }
+                if (json_object_object_add(o, a->key, v) < 0) {
+                        json_object_put(v);
+                        return -ENOMEM;
+                }
+        }
+        *ret = TAKE_PTR(o);
+        return 0;
+}
+
+/* Send command with args (a table, or NULL for none) and fd (-1: none; always consumed); the
+ * reply goes to handler. */
+static int call(Qmp *q, const char *command, const Arg *args, int fd, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        _cleanup_close_ int fd_ = fd;
+        json_object *o = NULL;
+        Request *req;
+        int r;
+
+        if (args) {
+                r = args_build(args, &o);
+                if (r < 0)
+                        return r;
+        }
         req = request_new(userdata, destroy);
         if (!req) {
-                json_object_put(args);
+                json_object_put(o);
                 return -ENOMEM;
         }
         req->handler.result = handler;
-        return request_submit(q, command, args, req, result_reply);
-}
-
-static json_object *args_with_string(const char *key, const char *value) {
-        json_object *o = json_object_new_object();
-
-        if (o && json_object_object_add(o, key, json_object_new_string(value)) < 0) {
-                json_object_put(o);
-                return NULL;
+        r = qmp_call(q, command, o, TAKE_FD(fd_), result_reply, req, request_unref);
+        if (r < 0) {
+                req->destroy = NULL;
+                request_unref(req);
         }
-        return o;
+        return r;
 }
 
 int qemu_block_stream(Qmp *q, const QemuStreamArgs *a, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o;
-
-        if (a->speed > INT64_MAX)
-                return -ERANGE;
-        o = json_object_new_object();
-        if (!o || json_object_object_add(o, "job-id", json_object_new_string(a->job_id)) < 0 ||
-                json_object_object_add(o, "device", json_object_new_string(a->node_name)) < 0 ||
-                (a->base_node && json_object_object_add(o, "base-node", json_object_new_string(a->base_node)) < 0) ||
-                (a->backing_file &&
-                        json_object_object_add(o, "backing-file", json_object_new_string(a->backing_file)) < 0) ||
-                (a->speed > 0 && json_object_object_add(o, "speed", json_object_new_int64((int64_t) a->speed)) < 0) ||
-                json_object_object_add(o, "auto-finalize", json_object_new_boolean(true)) < 0 ||
-                json_object_object_add(o, "auto-dismiss", json_object_new_boolean(false)) < 0 ||
-                /* A full disk pauses the job (Resume retries once space is freed); any other
-                 * error, a failing template above all, fails it with QEMU's reason. */
-                json_object_object_add(o, "on-error", json_object_new_string("enospc")) < 0) {
-                json_object_put(o);
-                return -ENOMEM;
-        }
-        return simple_call(q, "block-stream", o, handler, userdata, destroy);
+        return call(q, "block-stream",
+                ARGS(A_STR("job-id", a->job_id),
+                        A_STR("device", a->node_name),
+                        A_STR_OPT("base-node", a->base_node),
+                        A_STR_OPT("backing-file", a->backing_file),
+                        { .key = "speed", .type = ARG_U64, .u = a->speed, .omit = a->speed == 0 },
+                        A_BOOL("auto-finalize", true),
+                        A_BOOL("auto-dismiss", false),
+                        /* A full disk pauses the job (Resume retries once space is freed); any other
+                         * error, a failing template above all, fails it with QEMU's reason. */
+                        A_STR("on-error", "enospc")),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_block_job_pause(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        return simple_call(q, "block-job-pause", args_with_string("device", job_id), handler, userdata, destroy);
+        return call(q, "block-job-pause", ARGS(A_STR("device", job_id)), -1, handler, userdata, destroy);
 }
 
 int qemu_block_job_resume(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        return simple_call(q, "block-job-resume", args_with_string("device", job_id), handler, userdata, destroy);
+        return call(q, "block-job-resume", ARGS(A_STR("device", job_id)), -1, handler, userdata, destroy);
 }
 
 int qemu_block_job_cancel(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o = args_with_string("device", job_id);
-
         /* force: QEMU refuses to cancel a paused job otherwise. */
-        if (o && json_object_object_add(o, "force", json_object_new_boolean(true)) < 0) {
-                json_object_put(o);
-                o = NULL;
-        }
-        return simple_call(q, "block-job-cancel", o, handler, userdata, destroy);
+        return call(q, "block-job-cancel", ARGS(A_STR("device", job_id), A_BOOL("force", true)), -1, handler, userdata,
+                destroy);
 }
 
 int qemu_block_job_set_speed(Qmp *q, const char *job_id, uint64_t speed, qemu_result_handler_t handler,
         void *userdata, qemu_destroy_t destroy) {
-        json_object *o;
-
-        if (speed > INT64_MAX)
-                return -ERANGE;
-        o = args_with_string("device", job_id);
-        if (o && json_object_object_add(o, "speed", json_object_new_int64((int64_t) speed)) < 0) {
-                json_object_put(o);
-                o = NULL;
-        }
-        return simple_call(q, "block-job-set-speed", o, handler, userdata, destroy);
+        return call(q, "block-job-set-speed", ARGS(A_STR("device", job_id), A_U64("speed", speed)), -1, handler,
+                userdata, destroy);
 }
 
 int qemu_job_dismiss(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        return simple_call(q, "job-dismiss", args_with_string("id", job_id), handler, userdata, destroy);
+        return call(q, "job-dismiss", ARGS(A_STR("id", job_id)), -1, handler, userdata, destroy);
 }
 
 int qemu_add_fd(Qmp *q, unsigned fdset_id, int fd, const char *opaque, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o = json_object_new_object();
-        Request *req;
-        int r;
-
-        if (!o || json_object_object_add(o, "fdset-id", json_object_new_int64(fdset_id)) < 0 ||
-                (opaque && json_object_object_add(o, "opaque", json_object_new_string(opaque)) < 0)) {
-                json_object_put(o);
-                closep(&fd);
-                return -ENOMEM;
-        }
-        req = request_new(userdata, destroy);
-        if (!req) {
-                json_object_put(o);
-                closep(&fd);
-                return -ENOMEM;
-        }
-        req->handler.result = handler;
-        r = qmp_call(q, "add-fd", o, fd, result_reply, req, request_unref);
-        if (r < 0) {
-                req->destroy = NULL;
-                request_unref(req);
-        }
-        return r;
+        return call(q, "add-fd", ARGS(A_U64("fdset-id", fdset_id), A_STR_OPT("opaque", opaque)), fd, handler, userdata,
+                destroy);
 }
 
 int qemu_blockdev_add_file(Qmp *q, const char *node_name, unsigned fdset_id, bool read_only,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        _cleanup_free_ char *filename = strdup_printf("/dev/fdset/%u", fdset_id);
-        json_object *o = json_object_new_object();
+        char filename[32];
 
-        if (!filename || !o || json_object_object_add(o, "driver", json_object_new_string("file")) < 0 ||
-                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
-                json_object_object_add(o, "filename", json_object_new_string(filename)) < 0 ||
-                json_object_object_add(o, "read-only", json_object_new_boolean(read_only)) < 0) {
-                json_object_put(o);
-                return -ENOMEM;
-        }
-        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+        snprintf(filename, sizeof(filename), "/dev/fdset/%u", fdset_id);
+        return call(q, "blockdev-add",
+                ARGS(A_STR("driver", "file"),
+                        A_STR("node-name", node_name),
+                        A_STR("filename", filename),
+                        A_BOOL("read-only", read_only)),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_blockdev_add_format(Qmp *q, const char *driver, const char *node_name, const char *file_node,
         const char *backing, bool read_only, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        json_object *o = json_object_new_object();
-        bool has_backing = !streq(driver, "raw");
-
-        if (!o || json_object_object_add(o, "driver", json_object_new_string(driver)) < 0 ||
-                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
-                json_object_object_add(o, "file", json_object_new_string(file_node)) < 0 ||
-                json_object_object_add(o, "read-only", json_object_new_boolean(read_only)) < 0 ||
-                /* Explicit, never from the header: null means no backing at all. */
-                (has_backing && json_object_object_add(o, "backing", backing ? json_object_new_string(backing) : NULL) < 0)) {
-                json_object_put(o);
-                return -ENOMEM;
-        }
-        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+        return call(q, "blockdev-add",
+                ARGS(A_STR("driver", driver),
+                        A_STR("node-name", node_name),
+                        A_STR("file", file_node),
+                        A_BOOL("read-only", read_only),
+                        /* Explicit, never from the header: null means no backing at all. */
+                        { .key = "backing", .type = ARG_STRING_OR_NULL, .s = backing, .omit = streq(driver, "raw") }),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_getfd(Qmp *q, const char *fdname, int fd, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o = args_with_string("fdname", fdname);
-        Request *req;
-        int r;
-
-        req = o ? request_new(userdata, destroy) : NULL;
-        if (!req) {
-                json_object_put(o);
-                closep(&fd);
-                return -ENOMEM;
-        }
-        req->handler.result = handler;
-        r = qmp_call(q, "getfd", o, fd, result_reply, req, request_unref);
-        if (r < 0) {
-                req->destroy = NULL;
-                request_unref(req);
-        }
-        return r;
+        return call(q, "getfd", ARGS(A_STR("fdname", fdname)), fd, handler, userdata, destroy);
 }
 
 int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o = json_object_new_object(), *addr = json_object_new_object(), *data = args_with_string("str", fdname);
-
-        if (!o || !addr || !data || json_object_object_add(addr, "type", json_object_new_string("fd")) < 0 ||
-                json_object_object_add(addr, "data", data) < 0) {
-                json_object_put(o);
-                json_object_put(addr);
-                json_object_put(data);
-                return -ENOMEM;
-        }
-        if (json_object_object_add(o, "addr", addr) < 0) {
-                json_object_put(o);
-                json_object_put(addr);
-                return -ENOMEM;
-        }
-        return simple_call(q, "nbd-server-start", o, handler, userdata, destroy);
+        return call(q, "nbd-server-start", ARGS(A_OBJ("addr", A_STR("type", "fd"), A_OBJ("data", A_STR("str", fdname)))),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_nbd_server_stop(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        Request *req = request_new(userdata, destroy);
-
-        if (!req)
-                return -ENOMEM;
-        req->handler.result = handler;
-        return request_submit(q, "nbd-server-stop", NULL, req, result_reply);
+        return call(q, "nbd-server-stop", NULL, -1, handler, userdata, destroy);
 }
 
 int qemu_block_export_add_nbd(Qmp *q, const char *id, const char *node_name, const char *name,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        json_object *o = json_object_new_object();
-
-        if (!o || json_object_object_add(o, "type", json_object_new_string("nbd")) < 0 ||
-                json_object_object_add(o, "id", json_object_new_string(id)) < 0 ||
-                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
-                json_object_object_add(o, "name", json_object_new_string(name)) < 0 ||
-                json_object_object_add(o, "writable", json_object_new_boolean(false)) < 0 ||
-                json_object_object_add(o, "allocation-depth", json_object_new_boolean(true)) < 0) {
-                json_object_put(o);
-                return -ENOMEM;
-        }
-        return simple_call(q, "block-export-add", o, handler, userdata, destroy);
+        return call(q, "block-export-add",
+                ARGS(A_STR("type", "nbd"),
+                        A_STR("id", id),
+                        A_STR("node-name", node_name),
+                        A_STR("name", name),
+                        A_BOOL("writable", false),
+                        A_BOOL("allocation-depth", true)),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        json_object *o = args_with_string("id", id);
-
         /* hard: a connected client (a migration destination) must not keep it alive. */
-        if (o && json_object_object_add(o, "mode", json_object_new_string("hard")) < 0) {
-                json_object_put(o);
-                o = NULL;
-        }
-        return simple_call(q, "block-export-del", o, handler, userdata, destroy);
+        return call(q, "block-export-del", ARGS(A_STR("id", id), A_STR("mode", "hard")), -1, handler, userdata,
+                destroy);
 }
 
 static void exports_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
@@ -757,57 +312,21 @@ int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userd
 
 int qemu_blockdev_add_cor(Qmp *q, const char *node_name, const char *file, const char *bottom,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        json_object *o = json_object_new_object();
-
-        if (!o || json_object_object_add(o, "driver", json_object_new_string("copy-on-read")) < 0 ||
-                json_object_object_add(o, "node-name", json_object_new_string(node_name)) < 0 ||
-                json_object_object_add(o, "file", json_object_new_string(file)) < 0 ||
-                (bottom && json_object_object_add(o, "bottom", json_object_new_string(bottom)) < 0)) {
-                json_object_put(o);
-                return -ENOMEM;
-        }
-        return simple_call(q, "blockdev-add", o, handler, userdata, destroy);
+        return call(q, "blockdev-add",
+                ARGS(A_STR("driver", "copy-on-read"),
+                        A_STR("node-name", node_name),
+                        A_STR("file", file),
+                        A_STR_OPT("bottom", bottom)),
+                -1, handler, userdata, destroy);
 }
 
 int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        return simple_call(q, "blockdev-del", args_with_string("node-name", node_name), handler, userdata, destroy);
-}
-
-int qemu_parse_export_deleted(const char *name, json_object *data, const char **ret_id) {
-        if (!streq(name, "BLOCK_EXPORT_DELETED"))
-                return 0;
-        if (json_get_string(data, "id", true, ret_id) < 0 || !qemu_id_is_valid(*ret_id))
-                return -EBADMSG;
-        return 1;
-}
-
-int qemu_parse_image_size(const char *text, size_t len, uint64_t *ret) {
-        _cleanup_(json_object_putp) json_object *o = NULL;
-        json_tokener *tok;
-        uint64_t size = 0;
-
-        if (len > 1024 * 1024)
-                return -E2BIG;
-        tok = json_tokener_new_ex(64);
-        if (!tok)
-                return -ENOMEM;
-        json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
-        o = json_tokener_parse_ex(tok, text, (int) len);
-        json_tokener_free(tok);
-        if (!o || !json_object_is_type(o, json_type_object) || json_get_u64(o, "virtual-size", true, &size) < 0)
-                return -EBADMSG;
-        *ret = size;
-        return 0;
+        return call(q, "blockdev-del", ARGS(A_STR("node-name", node_name)), -1, handler, userdata, destroy);
 }
 
 int qemu_quit(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        Request *req = request_new(userdata, destroy);
-
-        if (!req)
-                return -ENOMEM;
-        req->handler.result = handler;
-        return request_submit(q, "quit", NULL, req, result_reply);
+        return call(q, "quit", NULL, -1, handler, userdata, destroy);
 }
 
 static void jobs_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {

@@ -5,11 +5,13 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include "helper.h"
 #include "qmp-socket.h"
 #include "util.h"
 
@@ -98,75 +100,86 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer) {
         return 0;
 }
 
-/* In the child, with the caller's credentials: exit 0 if they may connect, 1 if not, 2 on error. */
-static _Noreturn void check_access_child(const char *dir, int dir_fd, int sock_fd, uid_t uid, gid_t gid,
-        const gid_t *gids, size_t n_gids) {
+/* What the access check's child needs: a copy of it lives in the child. */
+typedef struct AccessCheck {
+        pid_t parent;
+        const char *dir;
+        int dir_fd, sock_fd;
+        uid_t uid;
+        gid_t gid;
+        const gid_t *gids;
+        size_t n_gids;
+} AccessCheck;
+
+/* In the child, with the caller's credentials: 0 if they may connect, 1 if not, 2 on error. */
+static int check_access_child(void *arg) {
+        const AccessCheck *c = arg;
         char p[PROC_FD_PATH_MAX];
         struct stat a, b;
         int fd;
 
-        if (setgroups(n_gids, gids) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0)
-                _exit(2);
-        if (geteuid() != uid || getegid() != gid)
-                _exit(2);
+        if (setgroups(c->n_gids, c->gids) < 0 || setresgid(c->gid, c->gid, c->gid) < 0 ||
+                setresuid(c->uid, c->uid, c->uid) < 0)
+                return 2;
+        if (geteuid() != c->uid || getegid() != c->gid)
+                return 2;
+        /* The uid change cleared the death signal helper_run() set: set it again. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != c->parent)
+                return 2;
         /* Search permission down to the directory, as that user resolves it: the same one. */
-        fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        fd = open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (fd < 0)
-                _exit(errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? 1 : 2);
-        if (fstat(fd, &a) < 0 || fstat(dir_fd, &b) < 0)
-                _exit(2);
+                return errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? 1 : 2;
+        if (fstat(fd, &a) < 0 || fstat(c->dir_fd, &b) < 0)
+                return 2;
         if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
-                _exit(1);
+                return 1;
         /* Search permission on the directory itself, write permission on the socket. */
-        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", dir_fd);
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->dir_fd);
         if (faccessat(AT_FDCWD, p, X_OK, AT_EACCESS) < 0)
-                _exit(errno == EACCES ? 1 : 2);
-        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", sock_fd);
+                return errno == EACCES ? 1 : 2;
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->sock_fd);
         if (faccessat(AT_FDCWD, p, W_OK, AT_EACCESS) < 0)
-                _exit(errno == EACCES ? 1 : 2);
-        _exit(0);
+                return errno == EACCES ? 1 : 2;
+        return 0;
 }
 
 int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
         size_t n_gids) {
         _cleanup_free_ char *dir = NULL;
         const char *leaf;
-        pid_t pid;
-        int pidfd, status, r;
+        siginfo_t si;
+        int r;
 
         r = split_path(path, &dir, &leaf);
         if (r < 0)
                 return r;
         if (uid == 0)
                 return 0;
-        pid = fork();
-        if (pid < 0)
-                return -errno;
-        if (pid == 0)
-                check_access_child(dir, dir_fd, sock_fd, uid, gid, gids, n_gids);
-        pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
-        if (pidfd >= 0) {
-                struct pollfd p = { .fd = pidfd, .events = POLLIN };
-                int k;
-
-                do
-                        k = poll(&p, 1, ACCESS_CHECK_TIMEOUT_MSEC);
-                while (k < 0 && errno == EINTR);
-                if (k <= 0) {
-                        log_warning("Checking whether uid " UID_FMT " may connect to %s took too long; refusing.", uid,
-                                path);
-                        (void) kill(pid, SIGKILL);
-                }
-                close(pidfd);
-        }
-        while (waitpid(pid, &status, 0) < 0)
-                if (errno != EINTR)
-                        return -errno;
-        if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+        if (dir_fd < 3 || sock_fd < 3 || dir_fd == sock_fd)
+                return -EBADF;
+        r = helper_run("QMP socket access check", check_access_child,
+                &(AccessCheck) {
+                        .parent = getpid(),
+                        .dir = dir,
+                        .dir_fd = dir_fd,
+                        .sock_fd = sock_fd,
+                        .uid = uid,
+                        .gid = gid,
+                        .gids = gids,
+                        .n_gids = n_gids,
+                },
+                (const int[]) { MIN(dir_fd, sock_fd), MAX(dir_fd, sock_fd) }, 2,
+                ACCESS_CHECK_TIMEOUT_MSEC * USEC_PER_MSEC, &si);
+        if (r < 0)
+                return r;
+        if (si.si_code == CLD_KILLED && si.si_status == SIGKILL) {
+                log_warning("Checking whether uid " UID_FMT " may connect to %s took too long; refusing.", uid, path);
                 return -ETIMEDOUT;
-        if (!WIFEXITED(status))
+        }
+        if (si.si_code != CLD_EXITED)
                 return -EIO;
-        switch (WEXITSTATUS(status)) {
+        switch (si.si_status) {
         case 0:
                 return 0;
         case 1:

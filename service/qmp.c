@@ -4,13 +4,11 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 
 #include "qmp.h"
 #include "util.h"
 
 enum QmpState {
-        QMP_CONNECTING,
         QMP_GREETING,
         QMP_NEGOTIATING,
         QMP_READY,
@@ -672,35 +670,18 @@ static int qmp_read(Qmp *q, bool hangup) {
         return 0;
 }
 
-static int qmp_finish_connect(Qmp *q) {
-        int error = 0;
-        socklen_t sl = sizeof(error);
-
-        if (getsockopt(q->fd, SOL_SOCKET, SO_ERROR, &error, &sl) < 0)
-                return -errno;
-        if (error != 0)
-                return -error;
-        q->state = QMP_GREETING;
-        return 0;
-}
-
 static int qmp_io_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Qmp *q = userdata;
         int r = 0;
 
         qmp_ref(q);
-        if (q->state == QMP_CONNECTING) {
-                r = qmp_finish_connect(q);
-                if (r < 0)
-                        goto finish;
-        }
         if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
                 /* A hangup is read to its end even while paused: it would wake us in a loop. */
                 r = qmp_read(q, revents & (EPOLLHUP | EPOLLERR));
                 if (r < 0)
                         goto finish;
         }
-        if (q->state != QMP_CLOSED && q->state != QMP_CONNECTING) {
+        if (q->state != QMP_CLOSED) {
                 r = qmp_write(q);
                 if (r < 0)
                         goto finish;
@@ -730,9 +711,7 @@ static int qmp_update_io(Qmp *q) {
 
         if (!q->io)
                 return -ENOTCONN;
-        if (q->state == QMP_CONNECTING)
-                events = EPOLLOUT;
-        else if (qmp_first_unsent(q))
+        if (qmp_first_unsent(q))
                 events |= EPOLLOUT;
         return sd_event_source_set_io_events(q->io, events);
 }
@@ -880,42 +859,6 @@ int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
         r = qmp_update_timer(q);
         if (r < 0) {
                 q->fd = -1;
-                qmp_free(q);
-                return r;
-        }
-        *ret = q;
-        return 0;
-}
-
-int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        _cleanup_close_ int fd = -1;
-        bool in_progress;
-        Qmp *q;
-        int r;
-
-        if (!path || strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        strcpy(sa.sun_path, path);
-
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return -errno;
-        r = connect(fd, (struct sockaddr *) &sa, sizeof(sa));
-        if (r < 0 && errno != EINPROGRESS)
-                return -errno;
-        in_progress = r < 0;
-
-        r = qmp_new(&q, e, fd, h);
-        if (r < 0)
-                return r;
-        TAKE_FD(fd);
-        if (in_progress)
-                q->state = QMP_CONNECTING;
-        r = qmp_update_io(q);
-        if (r >= 0)
-                r = qmp_update_timer(q);
-        if (r < 0) {
                 qmp_free(q);
                 return r;
         }

@@ -65,10 +65,8 @@ typedef struct QmpHandlers {
         void *userdata;
 } QmpHandlers;
 
-/* Connect to a QMP unix socket by path (non-blocking). The returned object holds one reference.
- * A guest's QEMU is never reached this way: see qmp-socket.h, then qmp_new_from_fd(). */
-int qmp_connect(Qmp **ret, sd_event *e, const char *path, const QmpHandlers *h);
-/* Take over an already connected socket (for instance one end of a socketpair). */
+/* Take over an already connected socket: a guest's QEMU reached through qmp-socket.h, the
+ * storage helper's end of a socketpair. The returned object holds one reference. */
 int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);
 
 /* Stop (false) or resume reading what QEMU sends: the owner's backpressure, when what QEMU's

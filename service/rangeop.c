@@ -10,6 +10,7 @@
 #include "control.h"
 #include "guest.h"
 #include "engine.h"
+#include "helper.h"
 #include "qemu.h"
 #include "rangeop.h"
 #include "sandbox.h"
@@ -30,11 +31,7 @@ static void op_release(RangeOp *op) {
                         op->alias);
                 sd_bus_message_unref(op->call);
         }
-        sd_event_source_disable_unref(op->child);
-        if (op->pid > 0) {
-                (void) kill(op->pid, SIGKILL);
-                (void) waitpid(op->pid, NULL, 0);
-        }
+        helper_release(op->child); /* killed and reaped if still running */
         sd_event_source_disable_unref(op->control_source);
         sd_event_source_disable_unref(op->cleanup_timer);
         sd_event_source_disable_unref(op->deadline);
@@ -344,11 +341,8 @@ static int spawn_helper(RangeOp *op) {
         nbd = peer_nbd_server_connect(&g->peer);
         if (nbd < 0)
                 return nbd;
-        r = guest_spawn_helper(g, PULL_BINARY, argv, nbd, g->selinux_process_label, prefix, &op->pid, &op->control_fd,
-                &op->log);
-        if (r < 0)
-                return r;
-        r = sd_event_add_child(m->event, &op->child, op->pid, WEXITED, helper_exited, op);
+        r = guest_spawn_helper(g, PULL_BINARY, argv, nbd, g->selinux_process_label, prefix, helper_exited, op, &op->pid,
+                &op->child, &op->control_fd, &op->log);
         if (r < 0)
                 return r;
         return sd_event_add_io(m->event, &op->control_source, op->control_fd, EPOLLIN, control_handler, op);

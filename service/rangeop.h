@@ -16,7 +16,7 @@
 #include "control.h"
 #include "job.h"
 #include "peer.h"
-#include "sandbox.h"
+#include "helper.h"
 
 typedef struct Disk Disk;
 typedef struct Guest Guest;

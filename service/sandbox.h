@@ -25,7 +25,6 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
-#include <systemd/sd-event.h>
 
 /* What a helper's uid/gid and MCS categories are drawn from. */
 #define SANDBOX_MCS_CATEGORIES 1024
@@ -82,11 +81,6 @@ int sandbox_selinux_label_from_context(const char *context, const char *type, co
  * SELinux call is made. NULL: back to the real thing. */
 typedef int (*SandboxExecLabelApply)(const char *label);
 void sandbox_selinux_test_override(const char *own_context, SandboxExecLabelApply apply);
-
-/* A helper's stderr, read line by line into our log with a prefix (bounded, printable). */
-typedef struct HelperLog HelperLog;
-int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
-HelperLog *helper_log_free(HelperLog *l);
 
 /* A process label of the given type at plain s0 (for helpers that touch no image, like the
  * NBD relay: a unix client with a range must be able to talk to it). NULL where SELinux is off. */

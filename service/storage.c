@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 
+#include "helper.h"
 #include "image.h"
 #include "qemu.h"
 #include "sandbox.h"
@@ -102,8 +103,7 @@ void storage_helper_lost(const StorageHost *host, int error) {
         if (h->stopping)
                 return; /* it is on its way out, as asked; the child handler sees it go */
         /* Whatever it is doing without a monitor, it does not do it for us any more. */
-        if (h->pid > 0)
-                (void) kill(h->pid, SIGKILL);
+        (void) helper_kill(h->child_source);
         why = strdup_printf("The storage helper went away (%s).", h->error ?: strerror(-error));
         fail_waiters_and_jobs(host, why ?: "The storage helper went away.");
 }
@@ -240,7 +240,8 @@ int storage_helper_start(const StorageHost *host) {
 static int helper_spawn(StorageHelper *h) {
         const StorageHost *host = h->host;
         StorageSandbox sb = {};
-        _cleanup_close_ int qmp_ours = -1, qmp_theirs = -1, log_r = -1, log_w = -1;
+        _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", host->name);
+        _cleanup_close_ int qmp_ours = -1;
         char *argv[] = {
                 (char *) config_qemu_binary(host->config),
                 (char *) "-machine", (char *) "none",
@@ -252,64 +253,46 @@ static int helper_spawn(StorageHelper *h) {
                 (char *) "-mon", (char *) "chardev=m0,mode=control",
                 NULL,
         };
-        int pair[2], pipefd[2], fds[1];
         pid_t pid;
         int r;
 
+        if (!prefix)
+                return -ENOMEM;
         r = host->source->sandbox(host->source->userdata, &sb);
         if (r < 0)
                 return r;
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
-                return -errno;
-        qmp_ours = pair[0];
-        qmp_theirs = pair[1];
-        if (pipe2(pipefd, O_CLOEXEC) < 0)
-                return -errno;
-        log_r = pipefd[0];
-        log_w = pipefd[1];
-
-        fds[0] = qmp_theirs;
-        r = sandbox_spawn(
-                &(SandboxSpec) {
-                        .name = host->name,
-                        .uid = sb.uid,
-                        .gid = sb.uid,
-                        .runtime_dir = sb.runtime_dir,
-                        .selinux_label = sb.process_label,
-                        .fds = fds,
-                        .n_fds = 1,
-                        .stderr_fd = log_w,
-                        .argv = argv,
-                        .exec_fd = -1,
-                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
-                        /* It writes the images through their fds: a top image grows by up to
-                         * its virtual size plus metadata, and may already be larger than that
-                         * (internal snapshots). Its only writable files are those images. */
-                        .max_file_size = SANDBOX_LIMIT_NONE,
+        /* Its QMP socket is its fd 3. */
+        r = helper_start(host->event,
+                &(HelperSpec) {
+                        .sandbox = {
+                                .name = host->name,
+                                .uid = sb.uid,
+                                .gid = sb.uid,
+                                .runtime_dir = sb.runtime_dir,
+                                .selinux_label = sb.process_label,
+                                .argv = argv,
+                                .exec_fd = -1,
+                                .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
+                                /* It writes the images through their fds: a top image grows by up to
+                                 * its virtual size plus metadata, and may already be larger than that
+                                 * (internal snapshots). Its only writable files are those images. */
+                                .max_file_size = SANDBOX_LIMIT_NONE,
+                        },
+                        .control_type = SOCK_STREAM,
+                        .log_prefix = prefix,
+                        .on_exit = child_handler,
+                        .userdata = h,
                 },
-                &pid);
+                &pid, &h->child_source, &qmp_ours, &h->log);
         if (r < 0)
                 return r;
-
         h->pid = pid;
-        {
-                _cleanup_free_ char *prefix = strdup_printf("Guest %s storage helper", host->name);
-                if (!prefix || helper_log_new(&h->log, host->event, TAKE_FD(log_r), prefix) < 0)
-                        log_warning("Guest %s: cannot read the storage helper's log.", host->name);
-        }
-        r = sd_event_add_child(host->event, &h->child_source, pid, WEXITED, child_handler, h);
-        if (r < 0) {
-                (void) kill(pid, SIGKILL);
-                (void) waitpid(pid, NULL, 0);
-                h->pid = 0;
-                return r;
-        }
         *host->helper = h;
 
         r = qmp_new_from_fd(host->qmp, host->event, qmp_ours, &host->qmp_handlers);
         if (r < 0) {
                 *host->qmp = NULL;
-                (void) kill(pid, SIGKILL); /* the child handler cleans up */
+                (void) helper_kill(h->child_source); /* the child handler cleans up */
                 return r;
         }
         TAKE_FD(qmp_ours);
@@ -435,14 +418,6 @@ static void quit_reply(Qmp *q, int error, const char *desc, void *userdata) {
         /* Its exit comes through the child handler. */
 }
 
-static int stop_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
-        StorageHelper *h = userdata;
-
-        log_warning("Guest %s: the storage helper did not quit in time, killing it.", h->host->name);
-        (void) kill(h->pid, SIGKILL);
-        return 0;
-}
-
 void storage_helper_stop(const StorageHost *host) {
         StorageHelper *h = *host->helper;
 
@@ -457,10 +432,11 @@ void storage_helper_stop(const StorageHost *host) {
         }
         log_info("Guest %s: nothing left for the storage helper to do, stopping it.", host->name);
         h->stopping = true;
+        /* SIGTERM is a clean QEMU shutdown too; SIGKILL if it did not quit in 10 s. */
         if (!*host->qmp || qemu_quit(*host->qmp, quit_reply, NULL, NULL) < 0)
-                (void) kill(h->pid, SIGTERM); /* SIGTERM is a clean QEMU shutdown too */
-        (void) sd_event_add_time_relative(host->event, &h->stop_timer, CLOCK_MONOTONIC, 10 * USEC_PER_SEC, 0,
-                stop_timeout, h);
+                (void) helper_stop(h->child_source, 10 * USEC_PER_SEC);
+        else
+                (void) helper_kill_after(h->child_source, 10 * USEC_PER_SEC);
 }
 
 void storage_helper_kill(const StorageHost *host) {
@@ -469,11 +445,8 @@ void storage_helper_kill(const StorageHost *host) {
         if (!h)
                 return;
         *host->qmp = qmp_close_unref(*host->qmp);
-        if (h->pid > 0) {
-                (void) kill(h->pid, SIGKILL);
-                /* Reap it now: the guest (and so the child source's userdata) is going away. */
-                (void) waitpid(h->pid, NULL, 0);
-        }
+        /* Killed and reaped now: the guest (and so the child source's userdata) is going away. */
+        h->child_source = helper_release(h->child_source);
         *host->helper = NULL;
         helper_free(h);
 }

@@ -507,11 +507,30 @@ fail:
         return r;
 }
 
+ssize_t loop_read(int fd, void *buf, size_t len, int64_t off) {
+        size_t done = 0;
+
+        while (done < len) {
+                ssize_t k = off < 0 ? read(fd, (uint8_t *) buf + done, len - done)
+                                    : pread(fd, (uint8_t *) buf + done, len - done, (off_t) ((uint64_t) off + done));
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        break;
+                done += (size_t) k;
+        }
+        return (ssize_t) done;
+}
+
 int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len) {
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *buf = NULL;
         struct stat st;
-        size_t n = 0;
+        ssize_t k;
+        size_t n;
 
         fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
         if (fd < 0)
@@ -525,19 +544,12 @@ int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len)
         buf = malloc(max + 1);
         if (!buf)
                 return -ENOMEM;
-        for (;;) {
-                ssize_t k = read(fd, buf + n, max + 1 - n);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (k == 0)
-                        break;
-                n += (size_t) k;
-                if (n > max)
-                        return -EFBIG;
-        }
+        k = loop_read(fd, buf, max + 1, -1);
+        if (k < 0)
+                return (int) k;
+        n = (size_t) k;
+        if (n > max)
+                return -EFBIG;
         buf[n] = 0;
         *ret = TAKE_PTR(buf);
         if (ret_len)

@@ -188,6 +188,10 @@ int connect_unix_nonblock(const char *path);
 /* Write a file atomically: temp file in the same directory, fsync, rename, fsync dir. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
 
+/* Read up to len bytes (at offset off with pread(), or from the file position if off < 0), retrying
+ * on EINTR; fewer only at the end of the file. The count, or -errno. */
+ssize_t loop_read(int fd, void *buf, size_t len, int64_t off);
+
 /* Read a whole regular file of at most max bytes; NUL-terminated. */
 int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len);
 

@@ -7,6 +7,12 @@
  *
  *   --pull ...  "ready", then "error TEXT", then exit 1: a range job that fails with TEXT
  *   --map ...   "error TEXT", then exit 1: a GetAllocationMap that fails with TEXT
+ *   --pull ... --bandwidth=1234567
+ *               "error The NBD server closed the connection.", then "ready", then waits until
+ *               the daemon closes the control socket: the honest helper's last words when its
+ *               NBD server (QEMU) dies, held in the window before its exit, so that the
+ *               daemon has read them by the time Start returns (bench/kill-loop's race, made
+ *               deterministic)
  */
 
 #include <string.h>
@@ -25,6 +31,17 @@ static void say(const char *line, size_t len) {
 
 int main(int argc, char **argv) {
         int map = argc > 1 && strcmp(argv[1], "--map") == 0;
+        static const char lost[] = "error The NBD server closed the connection.\n";
+        char buf[256];
+
+        for (int i = 1; i < argc && !map; i++)
+                if (strcmp(argv[i], "--bandwidth=1234567") == 0) {
+                        say(lost, sizeof(lost) - 1);
+                        say("ready\n", 6);
+                        while (recv(CONTROL_FD, buf, sizeof(buf), 0) > 0)
+                                ;
+                        return 1;
+                }
 
         if (!map)
                 say("ready\n", 6);

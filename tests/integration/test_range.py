@@ -1013,6 +1013,8 @@ class OfflineRangeTest(OfflineBase):
         bad = r.mismatches(r.after_range(before, a, b, zeros, SIZE), after, SIZE)
         self.assertEqual(bad, [], 'offline range: the image map changed where it should not:\n  ' + '\n  '.join(bad))
         self.assertEqual(self.api_map(d), after)
+        # A map answers before its storage helper quits (only a job's Finished waits for that).
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the storage helper to exit after the last map')
         rc, out = h.image_check(ch.top)
         self.assertEqual(rc, 0, out)
         rc, out = ch.compare()

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "fake-qemu.h"
+#include "qmp-socket.h"
 
 #ifndef UNIT_DATA_DIR
 #error "UNIT_DATA_DIR must be defined"
@@ -74,7 +75,8 @@ int fake_new(Fake *f) {
 int fake_new_connect(Fake *f, const char *path) {
         QmpHandlers h = {.on_state = on_state, .on_event = on_event, .userdata = f};
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        _cleanup_close_ int listener = -1;
+        _cleanup_close_ int listener = -1, sock_fd = -1, fd = -1;
+        struct ucred peer;
         int r;
 
         *f = (Fake){.peer = -1, .keep_events = true};
@@ -92,9 +94,15 @@ int fake_new_connect(Fake *f, const char *path) {
         (void) unlink(path);
         if (bind(listener, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(listener, 1) < 0)
                 return -errno;
-        r = qmp_connect(&f->q, f->event, path, &h);
+        /* The daemon's way to a guest's QEMU (guest.c). */
+        r = qmp_socket_open(path, NULL, NULL, NULL, &sock_fd);
+        if (r >= 0)
+                r = qmp_socket_connect(sock_fd, &fd, &peer);
+        if (r >= 0)
+                r = qmp_new_from_fd(&f->q, f->event, fd, &h);
         if (r < 0)
                 return r;
+        TAKE_FD(fd);
         f->peer = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         (void) unlink(path);
         if (f->peer < 0)

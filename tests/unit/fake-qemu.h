@@ -63,7 +63,8 @@ struct Fake {
 };
 
 int fake_new(Fake *f);
-/* Same, but through qmp_connect() to a listening unix socket at path. */
+/* Same, but to a listening unix socket at path, reached the way the daemon reaches a guest's
+ * QEMU: qmp_socket_open(), qmp_socket_connect(), qmp_new_from_fd(). */
 int fake_new_connect(Fake *f, const char *path);
 void fake_free(Fake *f);
 

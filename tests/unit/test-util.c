@@ -520,6 +520,30 @@ static void test_write_read_file(void) {
         rm_rf_flat(dir);
 }
 
+/* loop_read(): at an offset or from the position, every byte up to len, fewer only at the end,
+ * across a pipe's separate writes. */
+static void test_loop_read(void) {
+        char buf[32];
+        int p[2];
+
+        ASSERT_OK(pipe(p));
+        ASSERT_EQ(write(p[1], "abc", 3), 3);
+        ASSERT_EQ(write(p[1], "defg", 4), 4);
+        close(p[1]);
+        ASSERT_EQ(loop_read(p[0], buf, 5, -1), 5);
+        ASSERT_TRUE(memcmp(buf, "abcde", 5) == 0);
+        ASSERT_EQ(loop_read(p[0], buf, sizeof(buf), -1), 2); /* the end */
+        ASSERT_EQ(loop_read(p[0], buf, sizeof(buf), -1), 0);
+        close(p[0]);
+
+        p[0] = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+        ASSERT_EQ(loop_read(p[0], buf, 4, 1), 4);
+        ASSERT_TRUE(memcmp(buf, "ELF\x02", 4) == 0);
+        ASSERT_EQ(loop_read(p[0], buf, 4, INT64_C(1) << 40), 0); /* past the end */
+        close(p[0]);
+        ASSERT_ERRNO(loop_read(-1, buf, 4, -1), -EBADF);
+}
+
 static void test_mkdir_p(void) {
         _cleanup_free_ char *dir = make_tmpdir(), *p = NULL;
         struct stat st;
@@ -691,6 +715,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_path_is_below);
         TAP_RUN(test_strv);
         TAP_RUN(test_write_read_file);
+        TAP_RUN(test_loop_read);
         TAP_RUN(test_mkdir_p);
         TAP_RUN(test_connect_unix_nonblock);
         TAP_RUN(test_misc);

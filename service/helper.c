@@ -1,0 +1,346 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include "helper.h"
+
+/* The child source's userdata: the owner's handler, and the SIGKILL deadline of a stop. */
+typedef struct HelperWatch {
+        sd_event_source *child; /* not a reference: the watch lives as long as the source */
+        sd_event_child_handler_t on_exit;
+        void *userdata;
+        sd_event_source *deadline;
+        char *name;
+} HelperWatch;
+
+static void watch_free(void *p) {
+        HelperWatch *w = p;
+
+        if (!w)
+                return;
+        sd_event_source_disable_unref(w->deadline);
+        free(w->name);
+        free(w);
+}
+
+static int watch_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        HelperWatch *w = userdata;
+
+        w->deadline = sd_event_source_disable_unref(w->deadline);
+        /* sd-event reaps the zombie once this returns, also if the owner dropped s meanwhile. */
+        return w->on_exit(s, si, w->userdata);
+}
+
+/* Watch pid (a child of ours, not yet reaped) with on_exit; on failure it is killed and reaped. */
+static int watch(sd_event *e, pid_t pid, const char *name, sd_event_child_handler_t on_exit, void *userdata,
+        sd_event_source **ret_child) {
+        _cleanup_(sd_event_source_disable_unrefp) sd_event_source *s = NULL;
+        HelperWatch *w;
+        int r;
+
+        w = calloc(1, sizeof(HelperWatch));
+        if (!w || !(w->name = strdup(name ?: "helper"))) {
+                watch_free(w);
+                r = -ENOMEM;
+                goto fail;
+        }
+        w->on_exit = on_exit;
+        w->userdata = userdata;
+        r = sd_event_add_child(e, &s, pid, WEXITED, watch_exited, w);
+        if (r < 0) {
+                watch_free(w);
+                goto fail;
+        }
+        w->child = s;
+        /* From here on the source owns both: dropping it kills and reaps the child, frees w. */
+        r = sd_event_source_set_destroy_callback(s, watch_free);
+        if (r < 0) {
+                watch_free(w);
+                (void) sd_event_source_set_userdata(s, NULL);
+                goto fail;
+        }
+        r = sd_event_source_set_child_process_own(s, true);
+        if (r < 0)
+                goto fail; /* the source's end kills and reaps nothing: do it below */
+        (void) sd_event_source_set_description(s, name);
+        *ret_child = TAKE_PTR(s);
+        return 0;
+fail:
+        s = sd_event_source_disable_unref(s);
+        (void) kill(pid, SIGKILL);
+        (void) waitpid(pid, NULL, 0);
+        return log_error_errno(r, "%s: cannot watch the child (pid %i): %m", name, (int) pid);
+}
+
+int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
+        HelperLog **ret_log) {
+        _cleanup_close_ int ours = -1, theirs = -1, log_r = -1, log_w = -1;
+        _cleanup_(sd_event_source_disable_unrefp) sd_event_source *child = NULL;
+        SandboxSpec sb = spec->sandbox;
+        int fds[HELPER_FDS_MAX];
+        pid_t pid;
+        int r;
+
+        /* A log pipe nobody reads would end the helper with SIGPIPE: ret_log goes with log_prefix. */
+        if (!e || !spec->on_exit || !ret_child || (spec->control_type != 0 && !ret_control) ||
+                (spec->log_prefix && !ret_log) ||
+                sb.n_fds > (spec->control_type != 0 ? HELPER_FDS_MAX - 1 : HELPER_FDS_MAX) || (sb.n_fds > 0 && !sb.fds))
+                return -EINVAL;
+        for (size_t i = 0; i < sb.n_fds; i++)
+                fds[i] = sb.fds[i];
+        if (spec->control_type != 0) {
+                int pair[2];
+                if (socketpair(AF_UNIX, spec->control_type | SOCK_CLOEXEC, 0, pair) < 0)
+                        return -errno;
+                ours = pair[0];
+                theirs = pair[1];
+                fds[sb.n_fds++] = theirs;
+        }
+        sb.fds = fds;
+        if (spec->log_prefix) {
+                int pipefd[2];
+                if (pipe2(pipefd, O_CLOEXEC) < 0)
+                        return -errno;
+                log_r = pipefd[0];
+                log_w = pipefd[1];
+                sb.stderr_fd = log_w;
+        }
+
+        r = sandbox_spawn(&sb, &pid);
+        if (r < 0)
+                return r;
+        r = watch(e, pid, spec->log_prefix ?: sb.name, spec->on_exit, spec->userdata, &child);
+        if (r < 0)
+                return r;
+        if (ret_log) {
+                *ret_log = NULL;
+                if (log_r >= 0 && helper_log_new(ret_log, e, TAKE_FD(log_r), spec->log_prefix) < 0)
+                        log_warning("%s: cannot read its log.", spec->log_prefix);
+        }
+        if (ret_control)
+                *ret_control = TAKE_FD(ours);
+        if (ret_pid)
+                *ret_pid = pid;
+        *ret_child = TAKE_PTR(child);
+        return 0;
+}
+
+/* In a forked child: signals reset, every fd from 3 up closed but keep (ascending), the death
+ * signal set, then fn(arg)'s value as the exit status. */
+static _Noreturn void fork_child(helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, pid_t parent) {
+        unsigned lo = 3;
+        sigset_t all;
+
+        sigfillset(&all);
+        if (sigprocmask(SIG_UNBLOCK, &all, NULL) < 0)
+                _exit(EXIT_FAILURE);
+        for (int sig = 1; sig < _NSIG; sig++)
+                if (sig != SIGKILL && sig != SIGSTOP)
+                        (void) signal(sig, SIG_DFL);
+        /* Nothing of ours (the bus, QMP connections, images) stays open in it but what it is given. */
+        for (size_t i = 0; i <= n_keep; i++) {
+                unsigned hi = i < n_keep ? (unsigned) keep[i] : ~0U;
+                if (i < n_keep && (keep[i] < (int) lo || (i > 0 && keep[i] <= keep[i - 1])))
+                        _exit(EXIT_FAILURE); /* not ascending, or below 3 */
+                if (hi > lo && syscall(SYS_close_range, lo, hi - 1, 0U) < 0)
+                        _exit(EXIT_FAILURE);
+                lo = hi + 1;
+        }
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
+                _exit(EXIT_FAILURE);
+        _exit(fn(arg) & 0xff);
+}
+
+int helper_fork(sd_event *e, const char *name, helper_fork_fn_t fn, void *arg, sd_event_child_handler_t on_exit,
+        void *userdata, pid_t *ret_pid, sd_event_source **ret_child) {
+        pid_t parent = getpid(), pid;
+        int r;
+
+        if (!e || !fn || !on_exit || !ret_child)
+                return -EINVAL;
+        pid = fork();
+        if (pid < 0)
+                return log_error_errno(errno, "%s: cannot fork: %m", name);
+        if (pid == 0)
+                fork_child(fn, arg, NULL, 0, parent);
+        r = watch(e, pid, name, on_exit, userdata, ret_child);
+        if (r < 0)
+                return r;
+        if (ret_pid)
+                *ret_pid = pid;
+        return 0;
+}
+
+int helper_run(const char *name, helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, usec_t timeout,
+        siginfo_t *ret) {
+        pid_t parent = getpid(), pid;
+        siginfo_t si = {};
+        int pidfd;
+
+        if (!fn || !ret || (n_keep > 0 && !keep))
+                return -EINVAL;
+        pid = fork();
+        if (pid < 0)
+                return log_error_errno(errno, "%s: cannot fork: %m", name);
+        if (pid == 0)
+                fork_child(fn, arg, keep, n_keep, parent);
+        /* Not reaped before waitid() below: pid is ours until then, never another process's. */
+        pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
+        if (pidfd >= 0) {
+                struct pollfd p = { .fd = pidfd, .events = POLLIN };
+                int k;
+
+                do
+                        k = poll(&p, 1, (int) MIN(timeout / USEC_PER_MSEC, (usec_t) INT32_MAX));
+                while (k < 0 && errno == EINTR);
+                if (k <= 0) {
+                        log_warning("%s: did not finish in time, killing it.", name);
+                        (void) kill(pid, SIGKILL);
+                }
+                close(pidfd);
+        } else
+                log_debug_errno(errno, "%s: no pidfd, waiting without a deadline: %m", name);
+        while (waitid(P_PID, (id_t) pid, &si, WEXITED) < 0)
+                if (errno != EINTR)
+                        return -errno;
+        *ret = si;
+        return 0;
+}
+
+static int send_signal(sd_event_source *child, int sig) {
+        int r;
+
+        r = sd_event_source_send_child_signal(child, sig, NULL, 0);
+        if (r == -ESRCH)
+                return 0; /* exited already: its end is on the way to the handler */
+        return r;
+}
+
+static int deadline_reached(sd_event_source *s, uint64_t usec, void *userdata) {
+        HelperWatch *w = userdata;
+
+        w->deadline = sd_event_source_disable_unref(w->deadline);
+        log_warning("%s: did not exit in time, killing it.", w->name);
+        (void) send_signal(w->child, SIGKILL);
+        return 0;
+}
+
+int helper_kill_after(sd_event_source *child, usec_t timeout) {
+        HelperWatch *w;
+
+        if (!child)
+                return 0;
+        w = sd_event_source_get_userdata(child);
+        if (!w)
+                return -EINVAL;
+        if (w->deadline)
+                return 0; /* an earlier deadline stands */
+        return sd_event_add_time_relative(
+                sd_event_source_get_event(child), &w->deadline, CLOCK_MONOTONIC, timeout, 0, deadline_reached, w);
+}
+
+int helper_stop(sd_event_source *child, usec_t timeout) {
+        int r;
+
+        if (!child)
+                return 0;
+        r = send_signal(child, SIGTERM);
+        if (r < 0)
+                return r;
+        return helper_kill_after(child, timeout);
+}
+
+int helper_kill(sd_event_source *child) {
+        if (!child)
+                return 0;
+        return send_signal(child, SIGKILL);
+}
+
+sd_event_source *helper_release(sd_event_source *child) {
+        return sd_event_source_disable_unref(child);
+}
+
+/* Helper logs */
+
+struct HelperLog {
+        sd_event_source *source;
+        int fd;
+        char *prefix;
+        char line[512];
+        size_t len;
+};
+
+HelperLog *helper_log_free(HelperLog *l) {
+        if (!l)
+                return NULL;
+        sd_event_source_disable_unref(l->source);
+        closep(&l->fd);
+        free(l->prefix);
+        free(l);
+        return NULL;
+}
+
+static void helper_log_flush(HelperLog *l) {
+        char text[sizeof(l->line) * 3]; /* room for a U+FFFD per byte */
+
+        if (l->len > 0) {
+                (void) text_sanitize_buf(text, sizeof(text), l->line, l->len);
+                log_info("%s: %s", l->prefix, text);
+        }
+        l->len = 0;
+}
+
+static int helper_log_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        HelperLog *l = userdata;
+        char buf[4096];
+        ssize_t n;
+
+        n = read(fd, buf, sizeof(buf));
+        if (n <= 0) {
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                helper_log_flush(l);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                return 0;
+        }
+        for (ssize_t i = 0; i < n; i++) {
+                unsigned char c = (unsigned char) buf[i];
+                if (c == '\n') {
+                        helper_log_flush(l);
+                        continue;
+                }
+                if (l->len >= sizeof(l->line) - 1)
+                        helper_log_flush(l);
+                l->line[l->len++] = (c < 0x20 || c == 0x7f) ? ' ' : (char) c;
+        }
+        return 0;
+}
+
+int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
+        HelperLog *l = calloc(1, sizeof(HelperLog));
+        int r;
+
+        if (!l) {
+                closep(&fd);
+                return -ENOMEM;
+        }
+        l->fd = fd;
+        l->prefix = strdup(prefix);
+        if (!l->prefix || fcntl(fd, F_SETFL, O_NONBLOCK) < 0) {
+                helper_log_free(l);
+                return -ENOMEM;
+        }
+        r = sd_event_add_io(e, &l->source, fd, EPOLLIN, helper_log_handler, l);
+        if (r < 0) {
+                helper_log_free(l);
+                return r;
+        }
+        *ret = l;
+        return 0;
+}

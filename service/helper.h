@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The one way the daemon starts a child and lets it go (style.md):
+ *  - helper_start(): an exec'd helper confined by sandbox_spawn(), its fds wired here once: the
+ *    data fds first (3, 4, …), then the other end of a control socket of ours if asked for; its
+ *    stderr into our log, line by line under a prefix (HelperLog);
+ *  - helper_fork(): a child running a function of ours without exec, for a check that must run
+ *    with another identity than ours: signals reset, every fd but 0-2 closed, PR_SET_PDEATHSIG;
+ *    helper_run() the same, waited for at once with a deadline;
+ *  - either is watched by an sd-event child source, which is the handle its owner keeps: the
+ *    owner's handler is called once the child exited, and the zombie is reaped after it returns;
+ *  - stopped one way: helper_stop() sends SIGTERM and SIGKILL after a deadline, helper_kill()
+ *    SIGKILL at once; the child source still reports the end. Dropping the source
+ *    (helper_release(), or sd_event_source_disable_unref()) SIGKILLs a child still running and
+ *    reaps it at once, without calling back: no child outlives its owner.
+ * Signals go through the source (a pidfd where the kernel has them): never to a recycled pid.
+ * SIGCHLD must be blocked (sd-event's rule for child sources). */
+
+#include <stdbool.h>
+#include <sys/types.h>
+#include <systemd/sd-event.h>
+
+#include "sandbox.h"
+#include "util.h"
+
+/* A helper's stderr, read line by line into our log with a prefix (bounded, printable). */
+typedef struct HelperLog HelperLog;
+int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
+HelperLog *helper_log_free(HelperLog *l);
+
+#define HELPER_FDS_MAX 8
+
+typedef struct HelperSpec {
+        SandboxSpec sandbox;    /* what runs, confined how; its .fds become 3, 4, … (at most HELPER_FDS_MAX - 1) */
+        int control_type;       /* SOCK_SEQPACKET or SOCK_STREAM: a socket pair, whose other end is the helper's
+                                 * fd after sandbox.fds; 0: none */
+        const char *log_prefix; /* its stderr into our log under this prefix (sandbox.stderr_fd is ignored then);
+                                 * NULL: sandbox.stderr_fd as given */
+        sd_event_child_handler_t on_exit; /* called with userdata once it exited */
+        void *userdata;
+} HelperSpec;
+
+/* Start it. On success *ret_child watches it (see above); *ret_control is our end of the control
+ * socket (if asked for), *ret_log its log (NULL if that could not be set up: a warning is logged,
+ * the helper runs). ret_pid may be NULL, ret_control without a control socket, ret_log without a
+ * log_prefix (-EINVAL otherwise). On failure -errno, and nothing is left running. */
+int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
+        HelperLog **ret_log);
+
+/* Fork a child that runs fn(arg) and exits with its return value (0-255). The same watch and
+ * stop as helper_start(). */
+typedef int (*helper_fork_fn_t)(void *arg);
+int helper_fork(sd_event *e, const char *name, helper_fork_fn_t fn, void *arg, sd_event_child_handler_t on_exit,
+        void *userdata, pid_t *ret_pid, sd_event_source **ret_child);
+
+/* The same child, waited for at once (at most timeout, then SIGKILL): for a check whose answer is
+ * needed now. keep: fds (ascending, from 3) left open in it. 0 and how it ended in *ret, or
+ * -errno (nothing left running). */
+int helper_run(const char *name, helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, usec_t timeout,
+        siginfo_t *ret);
+
+/* SIGTERM now, SIGKILL once timeout has passed without its exit. */
+int helper_stop(sd_event_source *child, usec_t timeout);
+/* Only the SIGKILL at the deadline: for a child asked to quit some other way (QEMU's "quit"). */
+int helper_kill_after(sd_event_source *child, usec_t timeout);
+/* SIGKILL now. */
+int helper_kill(sd_event_source *child);
+/* SIGKILL if still running, reaped now, the owner not called back; returns NULL. */
+sd_event_source *helper_release(sd_event_source *child);

@@ -1,0 +1,583 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* query-block and query-named-block-nodes parsed into disks and chains (service/qemu-reply.c):
+ * replies captured from QEMU 7.2 (tests/unit/data/) and hostile variations of them. */
+
+#include "fake-qemu.h"
+#include "qemu.h"
+#include "qmp.h"
+#include "util.h"
+#include "tap.h"
+#include "test-qemu-fixtures.h"
+
+#define SEC USEC_PER_SEC
+
+/* The object at a path of keys ("inserted", "image", ...) inside blocks[0]. */
+static json_object *block0(json_object *blocks, const char *const *path) {
+        json_object *o = json_object_array_get_idx(blocks, 0);
+
+        for (; o && *path; path++)
+                if (!json_object_object_get_ex(o, *path, &o))
+                        return NULL;
+        return o;
+}
+
+/* Disks */
+
+static void test_disks_chain3(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json");
+        QemuDisk *d = NULL;
+        size_t n = 99;
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n != 1 || !d)
+                return;
+        ASSERT_STREQ(d[0].alias, "vda");
+        ASSERT_STREQ(d[0].node_name, "top");
+        ASSERT_STREQ(d[0].filename, "/tmp/exp/top.qcow2");
+        ASSERT_STREQ(d[0].format, "qcow2");
+        ASSERT_EQ_U64(d[0].virtual_size, 268435456);
+        ASSERT_EQ_U64(d[0].cluster_size, 65536);
+        ASSERT_FALSE(d[0].read_only);
+        ASSERT_EQ(d[0].n_chain, 2);
+        if (d[0].n_chain == 2) {
+                /* Nearest first; the format node (qcow2), not the protocol node ("file") below it. */
+                ASSERT_STREQ(d[0].chain[0].filename, "/tmp/exp/mid.qcow2");
+                ASSERT_STREQ(d[0].chain[0].format, "qcow2");
+                ASSERT_STREQ(d[0].chain[0].node_name, "#block165");
+                ASSERT_STREQ(d[0].chain[1].filename, "/tmp/exp/base.qcow2");
+                ASSERT_STREQ(d[0].chain[1].format, "qcow2");
+                ASSERT_STREQ(d[0].chain[1].node_name, "#block354");
+        }
+        qemu_disks_free(d, n);
+}
+
+static void test_disks_format_node_chosen(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json"),
+                                                *reversed = json_object_new_array(),
+                                                *protocol_only = json_object_new_array();
+        QemuDisk *d = NULL;
+        size_t n = 0, k = json_object_array_length(nodes);
+
+        /* Protocol nodes listed before their format nodes must not win. */
+        for (size_t i = k; i > 0; i--)
+                json_object_array_add(reversed, json_object_get(json_object_array_get_idx(nodes, i - 1)));
+        ASSERT_OK(qemu_parse_disks(blocks, reversed, &d, &n));
+        if (n == 1 && d[0].n_chain == 2) {
+                ASSERT_STREQ(d[0].chain[0].node_name, "#block165");
+                ASSERT_STREQ(d[0].chain[1].node_name, "#block354");
+        } else
+                TAP_FAIL("unexpected disks: n=%zu", n);
+        qemu_disks_free(d, n);
+
+        /* Only protocol nodes: no node name rather than the wrong one. */
+        for (size_t i = 0; i < k; i++) {
+                json_object *o = json_object_array_get_idx(nodes, i), *drv;
+                if (json_object_object_get_ex(o, "drv", &drv) && streq(json_object_get_string(drv), "file"))
+                        json_object_array_add(protocol_only, json_object_get(o));
+        }
+        d = NULL;
+        n = 0;
+        ASSERT_OK(qemu_parse_disks(blocks, protocol_only, &d, &n));
+        if (n == 1 && d[0].n_chain == 2) {
+                ASSERT_NULL(d[0].chain[0].node_name);
+                ASSERT_NULL(d[0].chain[1].node_name);
+        } else
+                TAP_FAIL("unexpected disks: n=%zu", n);
+        qemu_disks_free(d, n);
+
+        /* No node list at all. */
+        d = NULL;
+        n = 0;
+        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1 && d[0].n_chain == 2)
+                ASSERT_NULL(d[0].chain[0].node_name);
+        qemu_disks_free(d, n);
+}
+
+static void test_disks_empty_drive_skipped(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-cdrom.json"),
+                                                *nodes = load("query-named-block-nodes-cdrom.json"),
+                                                *empty = json_object_new_array();
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        /* An empty CD-ROM drive (no "inserted") and a read-only disk without backing. */
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1) {
+                ASSERT_STREQ(d[0].alias, "vdb");
+                ASSERT_STREQ(d[0].node_name, "b0");
+                ASSERT_STREQ(d[0].filename, "/tmp/exp/base.qcow2");
+                ASSERT_TRUE(d[0].read_only);
+                ASSERT_EQ(d[0].n_chain, 0);
+        }
+        qemu_disks_free(d, n);
+
+        /* No disks at all. */
+        d = NULL;
+        n = 99;
+        ASSERT_OK(qemu_parse_disks(empty, empty, &d, &n));
+        ASSERT_EQ(n, 0);
+        qemu_disks_free(d, n);
+}
+
+static void test_disks_streamed(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-streamed.json");
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1)
+                ASSERT_EQ(d[0].n_chain, 0);
+        qemu_disks_free(d, n);
+}
+
+/* Replace the value at path (under blocks[0]) with the JSON value text; NULL text: remove. */
+static int parse_mutated(const char *const *path, const char *key, const char *value) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json");
+        json_object *parent = block0(blocks, path);
+        QemuDisk *d = NULL;
+        size_t n = 0;
+        int r;
+
+        if (!parent) {
+                TAP_FAIL("fixture path missing for key %s", key);
+                return 0;
+        }
+        if (value)
+                json_object_object_add(parent, key, parse(value));
+        else
+                json_object_object_del(parent, key);
+        r = qemu_parse_disks(blocks, nodes, &d, &n);
+        if (r >= 0)
+                qemu_disks_free(d, n);
+        return r;
+}
+
+static void test_disks_wrong_types(void) {
+        static const char *const root[] = {NULL};
+        static const char *const ins[] = {"inserted", NULL};
+        static const char *const img[] = {"inserted", "image", NULL};
+        static const char *const back[] = {"inserted", "image", "backing-image", NULL};
+        static const char *const back2[] = {"inserted", "image", "backing-image", "backing-image", NULL};
+        static const struct {
+                const char *const *path;
+                const char *key;
+                const char *value;
+        } t[] = {
+                {img, "virtual-size", "\"268435456\""},
+                {img, "virtual-size", "-1"},
+                {img, "virtual-size", "-9223372036854775808"},
+                {img, "virtual-size", "268435456.0"},
+                {img, "virtual-size", "2.5e8"},
+                {img, "virtual-size", "1e400"},
+                {img, "virtual-size", "18446744073709551616"},
+                {img, "virtual-size", "99999999999999999999999"},
+                {img, "virtual-size", "null"},
+                {img, "virtual-size", "true"},
+                {img, "virtual-size", "{}"},
+                {img, "virtual-size", NULL},
+                {img, "cluster-size", "\"65536\""},
+                {img, "cluster-size", "-65536"},
+                {img, "cluster-size", "0.5"},
+                {img, "filename", NULL},
+                {img, "filename", "42"},
+                {img, "filename", "\"\""},
+                {img, "filename", "\"/a\\u0000b\""},
+                {img, "format", NULL},
+                {img, "format", "\"\""},
+                {img, "format", "[]"},
+                {img, "backing-image", "\"/tmp/exp/mid.qcow2\""},
+                {img, "backing-image", "[]"},
+                {back, "filename", NULL},
+                {back, "filename", "1"},
+                {back, "format", "{}"},
+                {back2, "format", NULL},
+                {back2, "filename", "\"x\\u0000\""},
+                {ins, "image", NULL},
+                {ins, "image", "\"top.qcow2\""},
+                {ins, "node-name", NULL},
+                {ins, "node-name", "7"},
+                {ins, "ro", "\"false\""},
+                {ins, "ro", "0"},
+                {root, "inserted", "\"yes\""},
+                {root, "inserted", "[]"},
+                {root, "qdev", "42"},
+                {root, "device", "[]"},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                int r = parse_mutated(t[i].path, t[i].key, t[i].value);
+                if (r != -EBADMSG)
+                        TAP_FAIL("%s = %s: qemu_parse_disks() = %d, expected -EBADMSG", t[i].key,
+                                t[i].value ?: "(removed)", r);
+        }
+
+        /* And these are fine. */
+        ASSERT_OK(parse_mutated(img, "cluster-size", NULL));
+        ASSERT_OK(parse_mutated(img, "virtual-size", "9223372036854775807"));
+        ASSERT_OK(parse_mutated(ins, "ro", NULL));
+        ASSERT_OK(parse_mutated(root, "qdev", NULL));
+}
+
+static void test_disks_bad_containers(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json"),
+                                                *obj = json_object_new_object(), *arr = json_object_new_array();
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        ASSERT_ERRNO(qemu_parse_disks(obj, nodes, &d, &n), -EBADMSG);
+        ASSERT_ERRNO(qemu_parse_disks(blocks, obj, &d, &n), -EBADMSG);
+        ASSERT_ERRNO(qemu_parse_disks(NULL, nodes, &d, &n), -EBADMSG);
+        json_object_array_add(arr, json_object_new_string("disk"));
+        ASSERT_ERRNO(qemu_parse_disks(arr, nodes, &d, &n), -EBADMSG);
+
+        /* Garbage entries in the node list are skipped, not trusted. */
+        {
+                _cleanup_(json_object_putp) json_object *junk = parse(
+                        "[42, \"x\", null, {\"node-name\": 1, \"drv\": \"qcow2\", \"file\": \"/tmp/exp/mid.qcow2\"},"
+                        " {\"node-name\": \"evil\", \"drv\": [], \"file\": \"/tmp/exp/mid.qcow2\"}]");
+                ASSERT_OK(qemu_parse_disks(blocks, junk, &d, &n));
+                if (n == 1 && d[0].n_chain == 2)
+                        ASSERT_NULL(d[0].chain[0].node_name);
+                qemu_disks_free(d, n);
+        }
+}
+
+static void test_disks_duplicate_alias(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json");
+        json_object *copy = NULL, *ins;
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        ASSERT_OK(json_object_deep_copy(json_object_array_get_idx(blocks, 0), &copy, NULL));
+        /* Another node, same qdev id. */
+        if (json_object_object_get_ex(copy, "inserted", &ins))
+                json_object_object_add(ins, "node-name", json_object_new_string("other"));
+        json_object_array_add(blocks, copy);
+        ASSERT_ERRNO(qemu_parse_disks(blocks, nodes, &d, &n), -EBADMSG);
+}
+
+static void test_disks_alias_fallbacks(void) {
+        static const struct {
+                const char *qdev;   /* NULL: absent */
+                const char *device; /* NULL: absent */
+                const char *alias;  /* NULL: refused */
+        } t[] = {
+                {"/machine/peripheral/vda/virtio-backend", "", "vda"},
+                {"/machine/peripheral/disk0", "", "disk0"},
+                {NULL, "drive0", "drive0"},
+                {"", "drive0", "drive0"},
+                {"/machine/peripheral-anon/device[0]/virtio-backend", "", "top"},
+                {"/machine/peripheral-anon/device[0]/virtio-backend", "ide0-hd0", "ide0-hd0"},
+                {NULL, NULL, "top"},
+                {"/machine/peripheral//virtio-backend", "", "top"},
+                {"/machine/peripheral/v da/virtio-backend", "", NULL},
+                {"/machine/peripheral/../virtio-backend", "", NULL},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json");
+                json_object *b = json_object_array_get_idx(blocks, 0);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+                int r;
+
+                json_object_object_del(b, "qdev");
+                json_object_object_del(b, "device");
+                if (t[i].qdev)
+                        json_object_object_add(b, "qdev", json_object_new_string(t[i].qdev));
+                if (t[i].device)
+                        json_object_object_add(b, "device", json_object_new_string(t[i].device));
+                r = qemu_parse_disks(blocks, NULL, &d, &n);
+                if (!t[i].alias) {
+                        if (r != -EBADMSG)
+                                TAP_FAIL("qdev=%s: got %d, expected -EBADMSG", t[i].qdev, r);
+                } else if (r < 0 || n != 1)
+                        TAP_FAIL("qdev=%s device=%s: got %d", strempty(t[i].qdev), strempty(t[i].device), r);
+                else if (!streq(d[0].alias, t[i].alias))
+                        TAP_FAIL("qdev=%s device=%s: alias %s, expected %s", strempty(t[i].qdev), strempty(t[i].device),
+                                d[0].alias, t[i].alias);
+                if (r >= 0)
+                        qemu_disks_free(d, n);
+        }
+}
+
+/* Names QEMU reports become socket paths, object paths, URIs, polkit details and QEMU arguments:
+ * one that is not a valid QEMU name is refused wherever it sits, also a node name that doubles as
+ * the alias (issue 9, item 9). */
+static void test_disks_hostile_names(void) {
+        static const char *const ins[] = {"inserted", NULL};
+        static const char *const bad_nodes[] = {"../../x", "..", ".", "a/b", "x y", "#", "#../x", "vda\n", "-x"};
+
+        for (size_t i = 0; i < ELEMENTSOF(bad_nodes); i++) {
+                _cleanup_free_ char *v = strdup_printf("\"%s\"", bad_nodes[i]);
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                        *nodes = load("query-named-block-nodes-chain3.json");
+                json_object *b = json_object_array_get_idx(blocks, 0), *in = block0(blocks, ins);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+                int r;
+
+                /* With a qdev id: the node name alone. */
+                ASSERT_NOT_NULL(v);
+                if (!v || !in)
+                        continue;
+                json_object_object_add(in, "node-name", json_object_new_string(bad_nodes[i]));
+                r = qemu_parse_disks(blocks, nodes, &d, &n);
+                if (r != -EBADMSG) {
+                        TAP_FAIL("node-name %s with qdev vda: got %d, expected -EBADMSG", bad_nodes[i], r);
+                        if (r >= 0)
+                                qemu_disks_free(d, n);
+                }
+                /* Without one: the node name is the alias too. */
+                json_object_object_del(b, "qdev");
+                json_object_object_del(b, "device");
+                r = qemu_parse_disks(blocks, nodes, &d, &n);
+                if (r != -EBADMSG) {
+                        TAP_FAIL("node-name %s as the alias: got %d, expected -EBADMSG", bad_nodes[i], r);
+                        if (r >= 0)
+                                qemu_disks_free(d, n);
+                }
+        }
+
+        /* A BlockBackend name that is no valid id. */
+        {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json");
+                json_object *b = json_object_array_get_idx(blocks, 0);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+
+                json_object_object_del(b, "qdev");
+                json_object_object_add(b, "device", json_object_new_string("../../tmp/x"));
+                ASSERT_ERRNO(qemu_parse_disks(blocks, NULL, &d, &n), -EBADMSG);
+        }
+
+        /* A chain node whose name is no valid node name is not taken for one of the chain. */
+        {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                        *nodes = parse(
+                                                                "[{\"node-name\": \"../evil\", \"drv\": \"qcow2\", \"file\": \"/tmp/exp/mid.qcow2\"}]");
+                QemuDisk *d = NULL;
+                size_t n = 0;
+
+                ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+                ASSERT_EQ(n, 1);
+                if (n == 1 && d[0].n_chain == 2)
+                        ASSERT_NULL(d[0].chain[0].node_name);
+                qemu_disks_free(d, n);
+        }
+}
+
+/* A synthetic disk with a chain of depth images below the top. */
+static json_object *make_chain(size_t depth) {
+        json_object *image = NULL, *blocks, *block, *inserted;
+
+        for (size_t i = depth + 1; i > 0; i--) {
+                json_object *o = json_object_new_object();
+                char name[64];
+
+                snprintf(name, sizeof(name), "/img/%zu.qcow2", i - 1);
+                json_object_object_add(o, "filename", json_object_new_string(name));
+                json_object_object_add(o, "format", json_object_new_string("qcow2"));
+                json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
+                if (image)
+                        json_object_object_add(o, "backing-image", image);
+                image = o;
+        }
+        inserted = json_object_new_object();
+        json_object_object_add(inserted, "node-name", json_object_new_string("top"));
+        json_object_object_add(inserted, "image", image);
+        block = json_object_new_object();
+        json_object_object_add(block, "device", json_object_new_string(""));
+        json_object_object_add(block, "qdev", json_object_new_string("/machine/peripheral/vda/virtio-backend"));
+        json_object_object_add(block, "inserted", inserted);
+        blocks = json_object_new_array();
+        json_object_array_add(blocks, block);
+        return blocks;
+}
+
+static void test_disks_chain_max(void) {
+        _cleanup_(json_object_putp) json_object *ok = make_chain(QEMU_CHAIN_MAX),
+                                                *deep = make_chain(QEMU_CHAIN_MAX + 1), *deeper = make_chain(5000);
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        ASSERT_OK(qemu_parse_disks(ok, NULL, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1) {
+                ASSERT_EQ(d[0].n_chain, QEMU_CHAIN_MAX);
+                ASSERT_STREQ(d[0].chain[0].filename, "/img/1.qcow2");
+                ASSERT_STREQ(d[0].chain[QEMU_CHAIN_MAX - 1].filename, "/img/128.qcow2");
+        }
+        qemu_disks_free(d, n);
+        ASSERT_ERRNO(qemu_parse_disks(deep, NULL, &d, &n), -E2BIG);
+        ASSERT_ERRNO(qemu_parse_disks(deeper, NULL, &d, &n), -E2BIG);
+}
+
+/* The deepest chain the parser accepts must also get through the QMP layer's nesting limit,
+ * with the nesting a real query-block reply has (format-specific data inside each image). */
+static void test_chain_max_fits_qmp_depth(void) {
+        _cleanup_(json_object_putp) json_object *blocks = make_chain(QEMU_CHAIN_MAX);
+        json_object *img = block0(blocks, (const char *const[]){"inserted", "image", NULL});
+        _cleanup_free_ char *msg = NULL;
+        Fake f;
+
+        while (img) {
+                json_object *fs = json_object_new_object(), *data = json_object_new_object(),
+                            *bitmaps = json_object_new_array(), *bm = json_object_new_object(),
+                            *flags = json_object_new_array();
+                json_object_array_add(flags, json_object_new_string("auto"));
+                json_object_object_add(bm, "flags", flags);
+                json_object_array_add(bitmaps, bm);
+                json_object_object_add(data, "bitmaps", bitmaps);
+                json_object_object_add(fs, "type", json_object_new_string("qcow2"));
+                json_object_object_add(fs, "data", data);
+                json_object_object_add(img, "format-specific", fs);
+                if (!json_object_object_get_ex(img, "backing-image", &img))
+                        break;
+        }
+        msg = strdup_printf("{\"event\": \"X\", \"data\": {\"reply\": %s}}\r\n",
+                json_object_to_json_string_ext(blocks, JSON_C_TO_STRING_PLAIN));
+        ASSERT_OK(fake_new(&f));
+        ASSERT_OK(fake_handshake(&f));
+        ASSERT_OK(qmp_feed(f.q, msg, strlen(msg)));
+        ASSERT_EQ(f.n_failed, 0);
+        ASSERT_EQ(f.n_events, 1);
+        fake_free(&f);
+}
+
+static void test_disks_limits(void) {
+        _cleanup_(json_object_putp) json_object *blocks = json_object_new_array(), *nodes = json_object_new_array(),
+                                                *one = load("query-block-chain3.json");
+        QemuDisk *d = NULL;
+        size_t n = 0;
+
+        for (size_t i = 0; i < QEMU_DISKS_MAX + 1; i++)
+                json_object_array_add(blocks, json_object_new_object());
+        ASSERT_ERRNO(qemu_parse_disks(blocks, NULL, &d, &n), -E2BIG);
+        for (size_t i = 0; i < QEMU_NODES_MAX + 1; i++)
+                json_object_array_add(nodes, json_object_new_object());
+        ASSERT_NEG(qemu_parse_disks(one, nodes, &d, &n));
+        /* An object in place of a block entry that has no "inserted" is an error, not a skip. */
+        {
+                _cleanup_(json_object_putp) json_object *a = parse("[null]");
+                ASSERT_ERRNO(qemu_parse_disks(a, NULL, &d, &n), -EBADMSG);
+        }
+}
+
+/* Block jobs */
+
+/* Chain images find their nodes through an index built once: the most a QEMU may send (256 disks,
+ * 128 images each, 4096 nodes, names near the string cap) costs one pass over the nodes. Matching
+ * by a scan of every node for every image took 32768 x 4096 string checks of 4 KiB: minutes, far
+ * beyond this test's timeout (the bound is structural: the work, not a clock). */
+static void test_disks_many_nodes_linear(void) {
+        enum { N_DISKS = QEMU_DISKS_MAX, DEPTH = QEMU_CHAIN_MAX, N_NODES = QEMU_NODES_MAX };
+        _cleanup_(json_object_putp) json_object *blocks = json_object_new_array(), *nodes = json_object_new_array();
+        json_object *match[N_NODES], *miss[N_NODES];
+        _cleanup_free_ char *pad = malloc(QEMU_STRING_MAX);
+        size_t n = 0, wrong = 0, found = 0, expected = 0;
+        QemuDisk *d = NULL;
+
+        if (!blocks || !nodes || !pad) {
+                TAP_FAIL("out of memory");
+                return;
+        }
+        /* Long names that differ only at their end: every comparison reads all of them. */
+        memset(pad, 'p', QEMU_STRING_MAX - 32);
+        pad[QEMU_STRING_MAX - 32] = 0;
+        for (size_t k = 0; k < N_NODES; k++) {
+                _cleanup_free_ char *f = strdup_printf("/images/%s/%zu.qcow2", pad, k);
+                _cleanup_free_ char *g = strdup_printf("/images/%s/%zu.gone", pad, k);
+                _cleanup_free_ char *name = strdup_printf("n%zu", k);
+                json_object *node = json_object_new_object();
+
+                match[k] = json_object_new_string(f);
+                miss[k] = json_object_new_string(g);
+                json_object_object_add(node, "file", json_object_get(match[k]));
+                json_object_object_add(node, "drv", json_object_new_string("qcow2"));
+                json_object_object_add(node, "node-name", json_object_new_string(name));
+                json_object_array_add(nodes, node);
+        }
+        for (size_t i = 0; i < N_DISKS; i++) {
+                _cleanup_free_ char *qdev = strdup_printf("/machine/peripheral/vd%zu/virtio-backend", i);
+                _cleanup_free_ char *top = strdup_printf("top%zu", i);
+                json_object *image = NULL, *block = json_object_new_object(), *inserted = json_object_new_object();
+
+                /* Built from the bottom up; one image in eight is a node QEMU lists. */
+                for (size_t j = DEPTH + 1; j > 0; j--) {
+                        size_t idx = i * (DEPTH + 1) + j - 1;
+                        json_object *o = json_object_new_object();
+
+                        json_object_object_add(o, "filename",
+                                json_object_get(idx % 8 == 0 ? match[(idx / 8) % N_NODES] : miss[idx % N_NODES]));
+                        json_object_object_add(o, "format", json_object_new_string("qcow2"));
+                        json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
+                        if (image)
+                                json_object_object_add(o, "backing-image", image);
+                        image = o;
+                }
+                json_object_object_add(inserted, "node-name", json_object_new_string(top));
+                json_object_object_add(inserted, "image", image);
+                json_object_object_add(block, "qdev", json_object_new_string(qdev));
+                json_object_object_add(block, "inserted", inserted);
+                json_object_array_add(blocks, block);
+        }
+        for (size_t k = 0; k < N_NODES; k++) {
+                json_object_put(match[k]);
+                json_object_put(miss[k]);
+        }
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, N_DISKS);
+        for (size_t i = 0; d && i < n; i++) {
+                if (d[i].n_chain != DEPTH) {
+                        wrong++;
+                        continue;
+                }
+                for (size_t j = 0; j < d[i].n_chain; j++) {
+                        size_t idx = i * (DEPTH + 1) + j + 1;
+                        _cleanup_free_ char *want = idx % 8 == 0 ? strdup_printf("n%zu", (idx / 8) % N_NODES) : NULL;
+
+                        expected += want != NULL;
+                        if (!streq_ptr(d[i].chain[j].node_name, want))
+                                wrong++;
+                        else if (want)
+                                found++;
+                }
+        }
+        ASSERT_EQ(wrong, 0);
+        ASSERT_EQ(found, expected);
+        ASSERT_TRUE(expected > 0);
+        qemu_disks_free(d, n);
+}
+
+int main(int argc, char **argv) {
+        tap_init(argc, argv);
+        log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
+
+        TAP_RUN(test_disks_chain3);
+        TAP_RUN(test_disks_format_node_chosen);
+        TAP_RUN(test_disks_many_nodes_linear);
+        TAP_RUN(test_disks_empty_drive_skipped);
+        TAP_RUN(test_disks_streamed);
+        TAP_RUN(test_disks_wrong_types);
+        TAP_RUN(test_disks_bad_containers);
+        TAP_RUN(test_disks_duplicate_alias);
+        TAP_RUN(test_disks_alias_fallbacks);
+        TAP_RUN(test_disks_hostile_names);
+        TAP_RUN(test_disks_chain_max);
+        TAP_RUN(test_chain_max_fits_qmp_depth);
+        TAP_RUN(test_disks_limits);
+        return tap_finish();
+}
