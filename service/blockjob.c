@@ -4,7 +4,7 @@
  * the guest's QMP peer. */
 
 #include "backend.h"
-#include "guest.h"
+#include "peer.h"
 #include "qemu.h"
 #include "disk.h"
 #include "util.h"
@@ -13,6 +13,7 @@
  * drops them), the Disk may not: look it up again by alias. */
 typedef struct BlockJobCall {
         Guest *guest;
+        const DiskHost *host;
         char *alias;
         JobControl control;
         job_backend_reply_t reply;
@@ -39,6 +40,7 @@ static BlockJobCall *call_new(
                 return NULL;
         *c = (BlockJobCall){
                 .guest = d->guest,
+                .host = d->host,
                 .alias = strdup(d->alias),
                 .control = control,
                 .reply = reply,
@@ -55,14 +57,14 @@ static bool blockjob_runs(Disk *d) {
 }
 
 static bool blockjob_reachable(Disk *d) {
-        return guest_qmp_ready(d->guest);
+        return d->host->qmp_ready(d->guest);
 }
 
 static void control_reply(Qmp *q, int error, const char *desc, void *userdata) {
         BlockJobCall *c = userdata;
 
         if (error < 0 && c->control == JOB_CONTROL_CANCEL) {
-                Disk *d = guest_find_disk(c->guest, c->alias);
+                Disk *d = c->host->find_disk(c->guest, c->alias);
                 if (d)
                         d->job.cancel_requested = false;
         }
@@ -84,7 +86,7 @@ static int blockjob_control(
                 return -ENOMEM;
         if (what == JOB_CONTROL_CANCEL)
                 d->job.cancel_requested = true;
-        r = ops[what](d->guest->peer.qmp, d->job.id, control_reply, c, call_free);
+        r = ops[what](d->host->peer(d->guest)->qmp, d->job.id, control_reply, c, call_free);
         if (r < 0) {
                 c->destroy = NULL; /* the caller keeps userdata */
                 call_free(c);
@@ -109,7 +111,7 @@ static int blockjob_set_speed(
         c = call_new(d, _JOB_CONTROL_MAX, reply, userdata, destroy);
         if (!c)
                 return -ENOMEM;
-        r = qemu_block_job_set_speed(d->guest->peer.qmp, d->job.id, bandwidth, speed_reply, c, call_free);
+        r = qemu_block_job_set_speed(d->host->peer(d->guest)->qmp, d->job.id, bandwidth, speed_reply, c, call_free);
         if (r < 0) {
                 c->destroy = NULL; /* the caller keeps userdata */
                 call_free(c);

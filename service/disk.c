@@ -8,22 +8,22 @@
 #include <inttypes.h>
 #include <stdarg.h>
 
-#include "guest.h"
 #include "image.h"
-#include "manager.h"
+#include "peer.h"
 #include "blockstream-api.h"
 #include "disk.h"
 #include "util.h"
 
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
 
-int disk_new(Disk **ret, Guest *g, const char *alias) {
+int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         Disk *d;
 
         d = calloc(1, sizeof(Disk));
         if (!d)
                 return -ENOMEM;
         d->guest = g;
+        d->host = host;
         d->alias = strdup(alias);
         d->node_name = strdup("");
         d->path = strdup("");
@@ -31,7 +31,7 @@ int disk_new(Disk **ret, Guest *g, const char *alias) {
         d->chain = calloc(1, sizeof(char *));
         d->chain_nodes = calloc(1, sizeof(char *));
         if (!d->alias || !d->node_name || !d->path || !d->format || !d->chain || !d->chain_nodes ||
-                sd_bus_path_encode_many(&d->object_path, GUEST_PATH_PREFIX "/%/%", g->name, alias) < 0) {
+                sd_bus_path_encode_many(&d->object_path, GUEST_PATH_PREFIX "/%/%", host->name(g), alias) < 0) {
                 disk_free(d);
                 return -ENOMEM;
         }
@@ -165,7 +165,7 @@ void disk_emit_changed(Disk *d, const char *first, ...) {
         va_list ap;
         int r;
 
-        if (!d->guest->published)
+        if (!d->host->published(d->guest))
                 return;
         va_start(ap, first);
         for (const char *n = first; n; n = va_arg(ap, const char *))
@@ -175,7 +175,7 @@ void disk_emit_changed(Disk *d, const char *first, ...) {
                         return;
                 }
         va_end(ap);
-        r = sd_bus_emit_properties_changed_strv(d->guest->manager->bus, d->object_path, STREAM_INTERFACE, names);
+        r = sd_bus_emit_properties_changed_strv(d->host->bus(d->guest), d->object_path, STREAM_INTERFACE, names);
         if (r < 0)
                 log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", d->object_path);
 }
@@ -192,12 +192,12 @@ void disk_emit_job(Disk *d) {
 
 void disk_save(Disk *d) {
         d->last_saved = now_usec(CLOCK_MONOTONIC);
-        (void) guest_save(d->guest);
+        (void) d->host->save(d->guest);
 }
 
 void disk_save_later(Disk *d) {
         d->last_saved = now_usec(CLOCK_MONOTONIC);
-        guest_save_later(d->guest);
+        d->host->save_later(d->guest);
 }
 
 /* Finishing a job: persist the outcome, dismiss the job in QEMU, re-read the chain if it
@@ -205,6 +205,7 @@ void disk_save_later(Disk *d) {
 
 typedef struct FinalizeCtx {
         Guest *guest;
+        const DiskHost *host;
         char *alias;
 } FinalizeCtx;
 
@@ -223,6 +224,7 @@ static FinalizeCtx *finalize_ctx_new(Disk *d) {
         if (!c)
                 return NULL;
         c->guest = d->guest;
+        c->host = d->host;
         c->alias = strdup(d->alias);
         if (!c->alias)
                 return mfree(c);
@@ -230,26 +232,25 @@ static FinalizeCtx *finalize_ctx_new(Disk *d) {
 }
 
 static void disk_publish_now(Disk *d) {
-        Manager *m = d->guest->manager;
         int r;
 
         d->finalizing = false;
         d->releasing = false;
         if (!job_publish_outcome(&d->job))
                 return;
-        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->guest->name, d->alias,
-                stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
+        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->host->name(d->guest),
+                d->alias, stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
                 strempty(d->job.error));
         disk_save(d);
         disk_emit_job(d);
-        if (d->guest->published) {
-                r = sd_bus_emit_signal(m->bus, d->object_path, STREAM_INTERFACE, "Finished", "sts",
+        if (d->host->published(d->guest)) {
+                r = sd_bus_emit_signal(d->host->bus(d->guest), d->object_path, STREAM_INTERFACE, "Finished", "sts",
                         stream_state_to_string(d->job.state), d->job.done, strempty(d->job.error));
                 if (r < 0)
                         log_warning_errno(r, "Failed to emit Finished for %s: %m", d->object_path);
         }
-        guest_update_polling(d->guest);
-        guest_release_helper_if_idle(d->guest);
+        d->host->update_polling(d->guest);
+        d->host->release_helper_if_idle(d->guest);
 }
 
 static void disk_publish_outcome(Disk *d) {
@@ -259,9 +260,9 @@ static void disk_publish_outcome(Disk *d) {
         /* A guest that is not running: its storage helper holds the images' locks until it quits.
          * Whoever starts the VM at Finished (pull --wait, then boot) must find them free, so the
          * outcome waits for the helper to go when nothing else needs it. */
-        if (g->offline && peer_has_helper(&g->peer) && d->job.concluded) {
+        if (d->host->offline(g) && peer_has_helper(d->host->peer(g)) && d->job.concluded) {
                 d->releasing = true;
-                guest_release_helper_if_idle(g);
+                d->host->release_helper_if_idle(g);
                 return;
         }
         disk_publish_now(d);
@@ -274,10 +275,10 @@ void disk_publish_released(Disk *d) {
 
 static void finalize_refreshed(Guest *g, int error, const char *desc, void *userdata) {
         FinalizeCtx *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
+        Disk *d = c->host->find_disk(c->guest, c->alias);
 
         if (error < 0)
-                log_warning_errno(error, "Guest %s: could not re-read disks after a stream: %s", g->name,
+                log_warning_errno(error, "Guest %s: could not re-read disks after a stream: %s", c->host->name(g),
                         desc ?: strerror(-error));
         if (d)
                 disk_publish_outcome(d);
@@ -285,17 +286,18 @@ static void finalize_refreshed(Guest *g, int error, const char *desc, void *user
 
 static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userdata) {
         FinalizeCtx *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
+        Disk *d = c->host->find_disk(c->guest, c->alias);
         FinalizeCtx *c2;
 
         if (!d)
                 return;
         if (error < 0 && error != -EREMOTEIO)
-                log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->guest->name, d->alias);
+                log_debug_errno(error, "Guest %s disk %s: job-dismiss got no answer: %m", c->host->name(c->guest),
+                        d->alias);
         d->job.id = mfree(d->job.id);
-        if (d->job.outcome == STREAM_COMPLETED && (guest_qmp_ready(c->guest) || c->guest->offline)) {
+        if (d->job.outcome == STREAM_COMPLETED && (c->host->qmp_ready(c->guest) || c->host->offline(c->guest))) {
                 c2 = finalize_ctx_new(d);
-                if (c2 && guest_refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
+                if (c2 && c->host->refresh(c->guest, finalize_refreshed, c2, finalize_ctx_free) >= 0)
                         return;
                 finalize_ctx_free(c2);
         }
@@ -311,11 +313,12 @@ static void disk_finalize(Disk *d) {
         d->finalizing = true;
         disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
         disk_save(d); /* the outcome survives a crash from here on */
-        guest_update_polling(g);
+        d->host->update_polling(g);
 
-        if (d->job.id && guest_qmp_ready(g)) {
+        if (d->job.id && d->host->qmp_ready(g)) {
                 c = finalize_ctx_new(d);
-                if (c && qemu_job_dismiss(g->peer.qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
+                if (c &&
+                        qemu_job_dismiss(d->host->peer(g)->qmp, d->job.id, finalize_dismissed, c, finalize_ctx_free) >= 0)
                         return;
                 finalize_ctx_free(c);
         }

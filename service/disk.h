@@ -6,16 +6,38 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <systemd/sd-bus.h>
 
 #include "job.h"
 #include "qemu.h"
 
 typedef struct Guest Guest;
 typedef struct ImageChain ImageChain;
+typedef struct Disk Disk;
+typedef struct Peer Peer;
 
+/* What a disk needs of the guest it belongs to (guest.c's guest_disk_host): the disk calls up
+ * into no guest code. */
+typedef void (*disk_refreshed_t)(Guest *g, int error, const char *error_desc, void *userdata);
+typedef struct DiskHost {
+        const char *(*name)(Guest *g);
+        bool (*published)(Guest *g);
+        bool (*offline)(Guest *g);
+        Peer *(*peer)(Guest *g);
+        sd_bus *(*bus)(Guest *g);
+        bool (*qmp_ready)(Guest *g);
+        int (*save)(Guest *g);
+        void (*save_later)(Guest *g);
+        void (*update_polling)(Guest *g);
+        void (*release_helper_if_idle)(Guest *g);
+        Disk *(*find_disk)(Guest *g, const char *alias);
+        /* Re-read the guest's disks; handler gets 0 or -errno (see guest_refresh()). */
+        int (*refresh)(Guest *g, disk_refreshed_t handler, void *userdata, void (*destroy)(void *));
+} DiskHost;
 
 typedef struct Disk {
         Guest *guest;
+        const DiskHost *host;
         char *alias;
         char *object_path;
         char *node_name;
@@ -46,7 +68,7 @@ typedef struct Disk {
         usec_t last_saved;
 } Disk;
 
-int disk_new(Disk **ret, Guest *g, const char *alias);
+int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias);
 Disk *disk_free(Disk *d);
 /* Take QEMU's view of the disk; returns true if a published property changed. */
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);

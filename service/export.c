@@ -13,8 +13,8 @@
 #include "control.h"
 #include "export.h"
 #include "guest.h"
+#include "engine.h"
 #include "helper.h"
-#include "manager.h"
 #include "polkit.h"
 #include "qemu.h"
 #include "sandbox.h"
@@ -42,7 +42,7 @@ static const char *const export_state_table[] = {
 };
 
 struct Export {
-        Manager *manager;
+        Engine *engine;
         Export *next;
         unsigned id;
         char *object_path;
@@ -81,12 +81,12 @@ struct Export {
 
 static void export_emit(Export *e, const char *property) {
         if (e->published)
-                (void) sd_bus_emit_properties_changed(e->manager->bus, e->object_path, EXPORT_INTERFACE, property, NULL);
+                (void) sd_bus_emit_properties_changed(e->engine->bus, e->object_path, EXPORT_INTERFACE, property, NULL);
 }
 
 static void export_unlink(Export *e) {
         peer_unlisten(&e->guest->peer, &e->listener);
-        for (Export **p = &e->manager->exports; *p; p = &(*p)->next)
+        for (Export **p = &e->engine->exports; *p; p = &(*p)->next)
                 if (*p == e) {
                         *p = e->next;
                         return;
@@ -159,7 +159,7 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
                 return;
         }
         if (e->published)
-                (void) sd_bus_emit_object_removed(e->manager->bus, e->object_path);
+                (void) sd_bus_emit_object_removed(e->engine->bus, e->object_path);
         export_unlink(e);
         export_free(e);
         peer_nbd_server_release_if_unused(&g->peer);
@@ -259,7 +259,7 @@ static void upstream_connect(Export *e, unsigned long n, usec_t deadline) {
         }
         e->pending[e->n_pending++] = (typeof(e->pending[0])) { .id = n, .deadline = deadline };
         if (!e->retry_source)
-                r = sd_event_add_time_relative(e->manager->event, &e->retry_source, CLOCK_MONOTONIC,
+                r = sd_event_add_time_relative(e->engine->event, &e->retry_source, CLOCK_MONOTONIC,
                         UPSTREAM_RETRY_USEC, 0, upstream_retry, e);
         else if (sd_event_source_get_enabled(e->retry_source, NULL) > 0)
                 r = 0;
@@ -305,7 +305,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         return 0;
                 e->state = EXPORT_SERVING;
                 e->published = true;
-                (void) sd_bus_emit_object_added(e->manager->bus, e->object_path);
+                (void) sd_bus_emit_object_added(e->engine->bus, e->object_path);
                 log_info("Guest %s disk %s: exported as %s.", e->guest->name, e->alias, e->uri);
                 (void) sd_bus_reply_method_return(e->create_call, "os", e->object_path, e->uri);
                 e->create_call = sd_bus_message_unref(e->create_call);
@@ -424,7 +424,7 @@ int export_listen_valid(const char *listen, sd_bus_error *error) {
 }
 
 static int spawn_relay(Export *e) {
-        Manager *m = e->manager;
+        Engine *m = e->engine;
         Guest *g = e->guest;
         _cleanup_free_ char *label = NULL, *prefix = strdup_printf("Guest %s export %u relay", g->name, e->id),
                             *a_export = strdup_printf("--export=%s", e->name);
@@ -466,7 +466,7 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
 }
 
 static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         Export *e = NULL;
         int r;
 
@@ -502,7 +502,7 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
 }
 
 static bool export_name_taken(Guest *g, const char *name) {
-        for (Export *e = g->manager->exports; e; e = e->next)
+        for (Export *e = g->engine->exports; e; e = e->next)
                 if (e->guest == g && streq(e->name, name))
                         return true;
         return false;
@@ -530,7 +530,7 @@ static bool export_peer_busy(void *userdata) {
 
 int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
         sd_bus_error *error) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         _cleanup_free_ char *uri = NULL;
         Export *e;
         int r;
@@ -542,7 +542,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         e = calloc(1, sizeof(Export));
         if (!e)
                 return -ENOMEM;
-        e->manager = m;
+        e->engine = m;
         e->guest = g;
         e->listen_fd = e->control_fd = -1;
         e->id = ++m->export_seq;
@@ -582,7 +582,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         return 1;
 }
 
-void export_free_all(Manager *m) {
+void export_free_all(Engine *m) {
         while (m->exports) {
                 Export *e = m->exports;
                 m->exports = e->next;
@@ -596,7 +596,7 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         Export *e = userdata;
         int r;
 
-        r = bus_authorize(e->manager->polkit, msg, ACTION_EXPORT,
+        r = bus_authorize(e->engine->polkit, msg, ACTION_EXPORT,
                 &(AuthDetails) { .guest = e->guest->name, .disk = e->alias, .owner = e->guest->owner }, error);
         if (r < 0)
                 return r;
@@ -637,7 +637,7 @@ const sd_bus_vtable export_vtable[] = {
 
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error) {
-        Manager *m = userdata;
+        Engine *m = userdata;
 
         for (Export *e = m->exports; e; e = e->next)
                 if (e->published && streq(e->object_path, path)) {
@@ -648,7 +648,7 @@ int export_object_find(sd_bus *bus, const char *path, const char *interface, voi
 }
 
 int export_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
-        Manager *m = userdata;
+        Engine *m = userdata;
         _cleanup_strv_free_ char **l = NULL;
 
         for (Export *e = m->exports; e; e = e->next)

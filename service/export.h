@@ -15,7 +15,7 @@
 #include <systemd/sd-bus.h>
 
 typedef struct Guest Guest;
-typedef struct Manager Manager;
+typedef struct Engine Engine;
 typedef struct Export Export;
 
 #include "blockstream-api.h" /* EXPORT_PATH_PREFIX */
@@ -30,7 +30,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
 /* Check a listen option without doing anything. */
 int export_listen_valid(const char *listen, sd_bus_error *error);
 
-void export_free_all(Manager *m);
+void export_free_all(Engine *m);
 
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);

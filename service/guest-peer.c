@@ -11,7 +11,7 @@
 #include "bus-error.h"
 #include "range.h"
 #include "guest.h"
-#include "manager.h"
+#include "engine.h"
 #include "stream.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
@@ -75,7 +75,7 @@ static void guest_poll_now(Guest *g);
 static uint64_t bus_backlog(Guest *g) {
         uint64_t n = 0;
 
-        if (!g->manager->bus || sd_bus_get_n_queued_write(g->manager->bus, &n) < 0)
+        if (!g->engine->bus || sd_bus_get_n_queued_write(g->engine->bus, &n) < 0)
                 return 0;
         return n;
 }
@@ -117,7 +117,7 @@ static void guest_pace_events(Guest *g) {
         if (!g->peer.qmp || (g->event_tokens >= 0.0 && bus_backlog(g) <= BUS_BACKLOG_MAX))
                 return;
         if (!g->bus_drain_timer)
-                r = sd_event_add_time_relative(g->manager->event, &g->bus_drain_timer, CLOCK_MONOTONIC,
+                r = sd_event_add_time_relative(g->engine->event, &g->bus_drain_timer, CLOCK_MONOTONIC,
                         BUS_DRAIN_CHECK_USEC, 0, bus_drain_handler, g);
         else {
                 r = sd_event_source_set_time_relative(g->bus_drain_timer, BUS_DRAIN_CHECK_USEC);
@@ -261,7 +261,7 @@ void guest_update_polling(Guest *g) {
                 return;
         }
         if (!g->poll_timer) {
-                r = sd_event_add_time_relative(g->manager->event, &g->poll_timer, CLOCK_MONOTONIC, POLL_INTERVAL_USEC,
+                r = sd_event_add_time_relative(g->engine->event, &g->poll_timer, CLOCK_MONOTONIC, POLL_INTERVAL_USEC,
                         10 * USEC_PER_MSEC, poll_timer_handler, g);
                 if (r < 0) {
                         log_error_errno(r, "Guest %s: failed to set up progress polling: %m", g->name);
@@ -325,7 +325,7 @@ static void guest_schedule_reconnect(Guest *g) {
         g->reconnect_attempts++;
 
         if (!g->reconnect_timer)
-                r = sd_event_add_time_relative(g->manager->event, &g->reconnect_timer, CLOCK_MONOTONIC, delay,
+                r = sd_event_add_time_relative(g->engine->event, &g->reconnect_timer, CLOCK_MONOTONIC, delay,
                         100 * USEC_PER_MSEC, reconnect_handler, g);
         else {
                 r = sd_event_source_set_time_relative(g->reconnect_timer, delay);
@@ -338,13 +338,13 @@ static void guest_schedule_reconnect(Guest *g) {
 
 /* A RegisterGuest call waiting on the first connection: answer it and drop the guest. */
 static void guest_register_failed(Guest *g, const char *what, const char *detail) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         sd_bus_message *call = TAKE_PTR(g->register_call);
 
         (void) sd_bus_reply_method_errorf(call, BS_ERROR_QEMU_FAILED, "Guest '%s' not registered: %s %s: %s", g->name,
                 what, g->qmp_socket, detail);
         sd_bus_message_unref(call);
-        manager_unlink_guest(m, g);
+        engine_unlink_guest(m, g);
         guest_free(g);
 }
 
@@ -392,7 +392,7 @@ static void guest_connection_failed(Guest *g, int error) {
  * anything else: QEMU 7.2 must not be asked for node names while it lingers), then the disks. */
 
 static void connect_disks_reply(Guest *g, int error, const char *desc, void *userdata) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         sd_bus_message *call;
         int r;
 
@@ -410,7 +410,7 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
                         (void) sd_bus_reply_method_errorf(call, SD_BUS_ERROR_FAILED,
                                 "Failed to save guest '%s' in %s: %s", g->name, m->guest_state_dir, strerror(-r));
                         sd_bus_message_unref(call);
-                        manager_unlink_guest(m, g);
+                        engine_unlink_guest(m, g);
                         guest_free(g);
                         return;
                 }
@@ -477,7 +477,7 @@ static void guest_on_state(void *userdata, int error) {
 /* Which QEMU may serve the guest: the owner's own, one of a uid the administrator allowed
  * (QEMUUsers=), or the one a registration by root found (its uid pinned then). */
 static bool guest_peer_allowed(Guest *g, uid_t uid) {
-        return uid == g->owner || config_qemu_user_allowed(&g->manager->config, uid) ||
+        return uid == g->owner || config_qemu_user_allowed(&g->engine->config, uid) ||
                (g->qmp_uid != UID_INVALID && uid == g->qmp_uid) || g->qmp_uid_pin_next;
 }
 
@@ -662,7 +662,7 @@ static char **guest_storage_forbidden(void *userdata) {
 
 static char **guest_storage_claimed(void *userdata) {
         Guest *g = userdata;
-        return manager_guest_claims(g->manager, g);
+        return engine_guest_claims(g->engine, g);
 }
 
 const StorageSource guest_storage_source = {

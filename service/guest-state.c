@@ -63,7 +63,7 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         Disk *d;
         int r;
 
-        r = disk_new(&d, g, s->alias);
+        r = disk_new(&d, g, &guest_disk_host, s->alias);
         if (r < 0)
                 return r;
         free(d->node_name);
@@ -89,7 +89,7 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         return 0;
 }
 
-int guest_from_state(Manager *m, StateGuest *s, Guest **ret) {
+int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
         Guest *g;
         int r;
 

@@ -9,7 +9,7 @@
 #include "bus-error.h"
 #include "guest.h"
 #include "image.h"
-#include "manager.h"
+#include "engine.h"
 #include "polkit.h"
 #include "disk.h"
 #include "util.h"
@@ -17,13 +17,13 @@
 #define GUEST_SAVE_INTERVAL_USEC (100 * USEC_PER_MSEC)
 
 
-int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid) {
+int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid) {
         Guest *g;
 
         g = calloc(1, sizeof(Guest));
         if (!g)
                 return -ENOMEM;
-        g->manager = m;
+        g->engine = m;
         g->owner = owner;
         g->qmp_uid = UID_INVALID;
         g->name = strdup(name);
@@ -92,8 +92,8 @@ bool guest_qmp_ready(Guest *g) {
 int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data_fd, const char *label,
         const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
         sd_event_source **ret_child, int *ret_control, HelperLog **ret_log) {
-        Manager *m = g->manager;
-        _cleanup_free_ char *path = strdup_printf("%s/%s", manager_helper_dir(m), binary);
+        Engine *m = g->engine;
+        _cleanup_free_ char *path = strdup_printf("%s/%s", engine_helper_dir(m), binary);
         _cleanup_close_ int exec_fd = -1;
         int r;
 
@@ -130,7 +130,7 @@ int guest_ensure_runtime_dir(Guest *g) {
         int r;
 
         if (!g->runtime_dir) {
-                g->runtime_dir = strdup_printf("%s/guests/%s", g->manager->runtime_dir, g->name);
+                g->runtime_dir = strdup_printf("%s/guests/%s", g->engine->runtime_dir, g->name);
                 if (!g->runtime_dir)
                         return -ENOMEM;
         }
@@ -180,7 +180,7 @@ void guest_release_helper_if_idle(Guest *g) {
 }
 
 char **guest_forbidden_images(Guest *g) {
-        return manager_guest_images(g->manager, g);
+        return engine_guest_images(g->engine, g);
 }
 
 Disk *guest_find_disk(Guest *g, const char *name) {
@@ -220,7 +220,7 @@ int guest_save(Guest *g) {
         if (!g->published)
                 return 0;
         g->last_save = now_usec(CLOCK_MONOTONIC);
-        r = guest_write_state(g, g->manager->guest_state_dir);
+        r = guest_write_state(g, g->engine->guest_state_dir);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
@@ -241,7 +241,7 @@ void guest_save_later(Guest *g) {
                 return;
         when = MAX(now_usec(CLOCK_MONOTONIC), g->last_save + GUEST_SAVE_INTERVAL_USEC);
         if (!g->save_timer)
-                r = sd_event_add_time(g->manager->event, &g->save_timer, CLOCK_MONOTONIC, when, 0, save_handler, g);
+                r = sd_event_add_time(g->engine->event, &g->save_timer, CLOCK_MONOTONIC, when, 0, save_handler, g);
         else {
                 r = sd_event_source_set_time(g->save_timer, when);
                 if (r >= 0)
@@ -260,7 +260,7 @@ void guest_emit_changed(Guest *g, const char *property) {
 
         if (!g->published)
                 return;
-        r = sd_bus_emit_properties_changed(g->manager->bus, g->object_path, GUEST_INTERFACE, property, NULL);
+        r = sd_bus_emit_properties_changed(g->engine->bus, g->object_path, GUEST_INTERFACE, property, NULL);
         if (r < 0)
                 log_debug_errno(r, "Failed to emit PropertiesChanged for %s: %m", g->object_path);
 }
@@ -281,7 +281,7 @@ static void guest_remove_disk(Guest *g, size_t i) {
         Disk *d = g->disks[i];
 
         if (g->published)
-                (void) sd_bus_emit_object_removed(g->manager->bus, d->object_path);
+                (void) sd_bus_emit_object_removed(g->engine->bus, d->object_path);
         /* The maps' shared export goes too (maps still reading it fail: the disk is gone). */
         d->map_export_users = 0;
         disk_release_map_export(d);
@@ -307,7 +307,7 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
                                 return r;
                         continue;
                 }
-                r = disk_new(&d, g, qd[i].alias);
+                r = disk_new(&d, g, &guest_disk_host, qd[i].alias);
                 if (r < 0)
                         return r;
                 r = disk_update_from_qemu(d, &qd[i], false);
@@ -319,7 +319,7 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
                 }
                 list_changed = true;
                 if (g->published)
-                        (void) sd_bus_emit_object_added(g->manager->bus, d->object_path);
+                        (void) sd_bus_emit_object_added(g->engine->bus, d->object_path);
         }
 
         for (size_t j = g->n_disks; j > 0; j--) {
@@ -439,7 +439,7 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
 /* An offline guest's disks come from the image headers, read by us. */
 static int guest_refresh_offline(Guest *g) {
         _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g),
-                                 **claimed = manager_guest_claims(g->manager, g);
+                                 **claimed = engine_guest_claims(g->engine, g);
         int r;
 
         if (!forbidden || !claimed)
@@ -450,7 +450,7 @@ static int guest_refresh_offline(Guest *g) {
                 Disk *d = g->disks[i];
 
                 r = image_chain_open_claimed(
-                        g->manager->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
+                        g->engine->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));
@@ -497,12 +497,49 @@ int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, voi
         return 0;
 }
 
+/* What a disk needs of its guest (disk.h). */
+
+static const char *disk_host_name(Guest *g) {
+        return g->name;
+}
+
+static bool disk_host_published(Guest *g) {
+        return g->published;
+}
+
+static bool disk_host_offline(Guest *g) {
+        return g->offline;
+}
+
+static Peer *disk_host_peer(Guest *g) {
+        return &g->peer;
+}
+
+static sd_bus *disk_host_bus(Guest *g) {
+        return g->engine->bus;
+}
+
+const DiskHost guest_disk_host = {
+        .name = disk_host_name,
+        .published = disk_host_published,
+        .offline = disk_host_offline,
+        .peer = disk_host_peer,
+        .bus = disk_host_bus,
+        .qmp_ready = guest_qmp_ready,
+        .save = guest_save,
+        .save_later = guest_save_later,
+        .update_polling = guest_update_polling,
+        .release_helper_if_idle = guest_release_helper_if_idle,
+        .find_disk = guest_find_disk,
+        .refresh = guest_refresh,
+};
+
 int guest_publish(Guest *g) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         int r;
 
         g->published = true;
-        r = guest_write_state(g, g->manager->guest_state_dir);
+        r = guest_write_state(g, g->engine->guest_state_dir);
         if (r < 0) {
                 g->published = false;
                 return r;
@@ -516,7 +553,7 @@ int guest_publish(Guest *g) {
 /* An unregistered guest's QMP connection, kept until QEMU answered what we last asked of it. */
 typedef struct UnregisterDrain {
         struct UnregisterDrain *next;
-        Manager *manager;
+        Engine *engine;
         Qmp *qmp;
         sd_bus_message *reply_to;
         char *name;
@@ -527,7 +564,7 @@ typedef struct UnregisterDrain {
 static void unregister_drain_free(UnregisterDrain *d) {
         UnregisterDrain **p;
 
-        for (p = &d->manager->unregister_drains; *p; p = &(*p)->next)
+        for (p = &d->engine->unregister_drains; *p; p = &(*p)->next)
                 if (*p == d) {
                         *p = d->next;
                         break;
@@ -551,7 +588,7 @@ static void unregister_drained(int error, void *userdata) {
         unregister_drain_free(d);
 }
 
-void guest_unregister_drains_free(Manager *m) {
+void guest_unregister_drains_free(Engine *m) {
         while (m->unregister_drains) {
                 UnregisterDrain *d = m->unregister_drains;
                 d->qmp = qmp_close_unref(d->qmp);
@@ -560,7 +597,7 @@ void guest_unregister_drains_free(Manager *m) {
 }
 
 void guest_unregister(Guest *g, sd_bus_message *reply_to) {
-        Manager *m = g->manager;
+        Engine *m = g->engine;
         bool had_server = peer_nbd_server_running(&g->peer);
         UnregisterDrain *d = NULL;
         int r;
@@ -587,7 +624,7 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
                                 d = mfree(d);
                 }
                 if (d) {
-                        d->manager = m;
+                        d->engine = m;
                         d->reply_to = sd_bus_message_ref(reply_to);
                         d->qmp = TAKE_PTR(g->peer.qmp);
                         d->next = m->unregister_drains;
@@ -603,7 +640,7 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
                 log_warning_errno(r, "Failed to remove the state file of guest %s: %m", g->name);
         if (g->runtime_dir)
                 (void) rmdir(g->runtime_dir);
-        manager_unlink_guest(m, g);
+        engine_unlink_guest(m, g);
         guest_free(g);
         if (d)
                 qmp_close_drained(d->qmp, MIN(m->config.qmp_timeout_usec, UNREGISTER_DRAIN_MAX_USEC),
@@ -618,7 +655,7 @@ static int method_unregister(sd_bus_message *msg, void *userdata, sd_bus_error *
         Guest *g = userdata;
         int r;
 
-        r = bus_authorize(g->manager->polkit, msg, ACTION_MANAGE,
+        r = bus_authorize(g->engine->polkit, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
         if (r < 0)
                 return r;
@@ -664,7 +701,7 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
         RefreshCall *c;
         int r;
 
-        r = bus_authorize(g->manager->polkit, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
+        r = bus_authorize(g->engine->polkit, msg, ACTION_INSPECT, &(AuthDetails) { .guest = g->name, .owner = g->owner },
                 error);
         if (r < 0)
                 return r;
@@ -750,43 +787,3 @@ const sd_bus_vtable guest_vtable[] = {
         SD_BUS_METHOD("Refresh", NULL, NULL, method_refresh, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };
-
-int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
-        sd_bus_error *error) {
-        Manager *m = userdata;
-        _cleanup_free_ char *name = NULL;
-        Guest *g;
-        int r;
-
-        r = sd_bus_path_decode(path, GUEST_PATH_PREFIX, &name);
-        if (r <= 0)
-                return 0;
-        g = manager_find_guest(m, name);
-        if (!g || !g->published)
-                return 0;
-        *found = g;
-        return 1;
-}
-
-int guest_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
-        Manager *m = userdata;
-        _cleanup_strv_free_ char **l = NULL;
-        int r;
-
-        for (Guest *g = m->guests; g; g = g->next) {
-                if (!g->published)
-                        continue;
-                r = strv_push(&l, strdup(g->object_path));
-                if (r < 0)
-                        return r;
-                for (size_t i = 0; i < g->n_disks; i++) {
-                        r = strv_push(&l, strdup(g->disks[i]->object_path));
-                        if (r < 0)
-                                return r;
-                }
-        }
-        if (!l && !(l = calloc(1, sizeof(char *))))
-                return -ENOMEM;
-        *nodes = TAKE_PTR(l);
-        return 1;
-}

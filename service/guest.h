@@ -15,7 +15,7 @@
 #include "helper.h"
 #include "sandbox.h"
 
-typedef struct Manager Manager;
+typedef struct Engine Engine;
 typedef struct Disk Disk;
 typedef struct Guest Guest;
 
@@ -25,7 +25,7 @@ typedef void (*guest_ready_handler_t)(Guest *g, int error, const char *error_tex
 extern const sd_bus_vtable guest_vtable[];
 
 typedef struct Guest {
-        Manager *manager;
+        Engine *engine;
         struct Guest *prev, *next;
 
         char *name;
@@ -85,7 +85,7 @@ typedef struct Guest {
         bool nbd_server_started; /* persisted: a server of ours may run in this QEMU (peer.c) */
 } Guest;
 
-int guest_new(Guest **ret, Manager *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);
+int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);
 Guest *guest_free(Guest *g);
 
 /* Connect (or reconnect) to QEMU; on success the disks are read and jobs reconciled. */
@@ -100,7 +100,7 @@ int guest_publish(Guest *g);
  * 10 s; a QEMU that never answers is logged). */
 void guest_unregister(Guest *g, sd_bus_message *reply_to);
 /* At exit: drop the connections of unregistered guests still waiting for QEMU's answers. */
-void guest_unregister_drains_free(Manager *m);
+void guest_unregister_drains_free(Engine *m);
 
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
 /* The QEMU node name of the disk (NULL: no such disk). */
@@ -122,7 +122,7 @@ bool guest_has_active_job(Guest *g);
 typedef struct StateGuest StateGuest;
 int guest_write_state(Guest *g, const char *dir);
 int guest_remove_state(Guest *g, const char *dir);
-int guest_from_state(Manager *m, StateGuest *s, Guest **ret);
+int guest_from_state(Engine *m, StateGuest *s, Guest **ret);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
 /* The same, coalesced: at most one write per GUEST_SAVE_INTERVAL_USEC, whatever QEMU sends (a
@@ -134,6 +134,9 @@ void guest_update_polling(Guest *g);
 /* Re-read disks from QEMU; handler gets 0 or -errno (error text if QEMU said why). */
 typedef void (*guest_refresh_handler_t)(Guest *g, int error, const char *error_desc, void *userdata);
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *));
+/* What a disk needs of its guest (disk.h), for disk_new(). */
+typedef struct DiskHost DiskHost;
+extern const DiskHost guest_disk_host;
 
 /* An offline guest at daemon start: its storage helper (and every job in it) died with the old
  * daemon. Jobs are reported failed, finished ones published. */
@@ -153,6 +156,3 @@ extern const StorageSource guest_storage_source;
 /* guest.c, for guest-peer.c */
 void guest_emit_changed(Guest *g, const char *property);
 
-int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
-        sd_bus_error *error);
-int guest_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error);

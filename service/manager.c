@@ -27,6 +27,35 @@
 #define OFFLINE_DISKS_MAX 16
 #define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
 
+/* The registry as the objects below see it (engine.h). */
+
+static Manager *manager_of(Engine *e) {
+        return (Manager *) ((char *) e - offsetof(Manager, engine));
+}
+
+static Guest *registry_find_guest(Engine *e, const char *name) {
+        return manager_find_guest(manager_of(e), name);
+}
+
+static char **registry_guest_images(Engine *e, Guest *except) {
+        return manager_guest_images(manager_of(e), except);
+}
+
+static char **registry_guest_claims(Engine *e, Guest *except) {
+        return manager_guest_claims(manager_of(e), except);
+}
+
+static void registry_unlink_guest(Engine *e, Guest *g) {
+        manager_unlink_guest(manager_of(e), g);
+}
+
+static const EngineRegistry manager_registry = {
+        .find_guest = registry_find_guest,
+        .guest_images = registry_guest_images,
+        .guest_claims = registry_guest_claims,
+        .unlink_guest = registry_unlink_guest,
+};
+
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
         const char *runtime_dir) {
         Manager *m;
@@ -35,33 +64,34 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
         m = calloc(1, sizeof(Manager));
         if (!m)
                 return log_oom();
-        m->event = sd_event_ref(e);
+        m->engine.event = sd_event_ref(e);
+        m->engine.registry = &manager_registry;
         /* The names of our filter nodes and exports in QEMU count from here: from a random start,
          * so that a restarted daemon's names never meet those a killed one left behind (they are
          * removed asynchronously while a range job resumes). */
-        m->range_seq = random_u32() >> 8;
-        config_init(&m->config);
-        m->state_dir = strdup(state_dir);
-        m->runtime_dir = strdup(runtime_dir);
-        m->guest_state_dir = strdup_printf("%s/guests", state_dir);
-        if (!m->state_dir || !m->runtime_dir || !m->guest_state_dir) {
+        m->engine.range_seq = random_u32() >> 8;
+        config_init(&m->engine.config);
+        m->engine.state_dir = strdup(state_dir);
+        m->engine.runtime_dir = strdup(runtime_dir);
+        m->engine.guest_state_dir = strdup_printf("%s/guests", state_dir);
+        if (!m->engine.state_dir || !m->engine.runtime_dir || !m->engine.guest_state_dir) {
                 manager_free(m);
                 return log_oom();
         }
-        r = config_load(&m->config, config_path, config_explicit);
+        r = config_load(&m->engine.config, config_path, config_explicit);
         if (r < 0) {
                 manager_free(m);
                 return r;
         }
-        r = mkdir_p(m->guest_state_dir, 0700);
+        r = mkdir_p(m->engine.guest_state_dir, 0700);
         if (r < 0) {
-                log_error_errno(r, "Failed to create state directory %s: %m", m->guest_state_dir);
+                log_error_errno(r, "Failed to create state directory %s: %m", m->engine.guest_state_dir);
                 manager_free(m);
                 return r;
         }
-        r = mkdir_p(m->runtime_dir, 0700);
+        r = mkdir_p(m->engine.runtime_dir, 0700);
         if (r < 0) {
-                log_error_errno(r, "Failed to create runtime directory %s: %m", m->runtime_dir);
+                log_error_errno(r, "Failed to create runtime directory %s: %m", m->engine.runtime_dir);
                 manager_free(m);
                 return r;
         }
@@ -72,30 +102,30 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
 Manager *manager_free(Manager *m) {
         if (!m)
                 return NULL;
-        export_free_all(m);
-        range_free_all(m);
-        guest_unregister_drains_free(m);
+        export_free_all(&m->engine);
+        range_free_all(&m->engine);
+        guest_unregister_drains_free(&m->engine);
         while (m->guests) {
                 Guest *g = m->guests;
                 manager_unlink_guest(m, g);
                 guest_free(g);
         }
-        m->polkit = polkit_registry_free(m->polkit);
-        if (m->bus) {
-                sd_bus_flush(m->bus);
-                m->bus = sd_bus_close_unref(m->bus);
+        m->engine.polkit = polkit_registry_free(m->engine.polkit);
+        if (m->engine.bus) {
+                sd_bus_flush(m->engine.bus);
+                m->engine.bus = sd_bus_close_unref(m->engine.bus);
         }
-        config_done(&m->config);
-        free(m->state_dir);
-        free(m->runtime_dir);
-        free(m->guest_state_dir);
-        sd_event_unref(m->event);
+        config_done(&m->engine.config);
+        free(m->engine.state_dir);
+        free(m->engine.runtime_dir);
+        free(m->engine.guest_state_dir);
+        sd_event_unref(m->engine.event);
         free(m);
         return NULL;
 }
 
 const char *manager_helper_dir(Manager *m) {
-        return m->config.helper_dir ?: LIBEXECDIR;
+        return engine_helper_dir(&m->engine);
 }
 
 Guest *manager_find_guest(Manager *m, const char *name) {
@@ -142,7 +172,7 @@ static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
         struct group gr, *grr = NULL;
         char buf[4096];
 
-        if (uid == m->config.helper_uid_max)
+        if (uid == m->engine.config.helper_uid_max)
                 return true; /* reserved for provisioning's sandbox */
         for (Guest *g = m->guests; g; g = g->next)
                 if (g != self && g->helper_uid == uid)
@@ -167,11 +197,11 @@ bool manager_identity_valid(Manager *m, Guest *g) {
 }
 
 int manager_allocate_identity(Manager *m, Guest *g) {
-        uint64_t span = (uint64_t) m->config.helper_uid_max - m->config.helper_uid_min + 1;
+        uint64_t span = (uint64_t) m->engine.config.helper_uid_max - m->engine.config.helper_uid_min + 1;
         bool found = false;
 
         for (uint64_t i = 0; i < span; i++) {
-                uid_t uid = (uid_t) (m->config.helper_uid_min + i);
+                uid_t uid = (uid_t) (m->engine.config.helper_uid_min + i);
                 if (!uid_taken(m, g, uid)) {
                         g->helper_uid = uid;
                         found = true;
@@ -212,8 +242,9 @@ int manager_allocate_identity(Manager *m, Guest *g) {
 int manager_identity_labels(Manager *m, Guest *g) {
         g->selinux_process_label = mfree(g->selinux_process_label);
         g->selinux_image_label = mfree(g->selinux_image_label);
-        return sandbox_selinux_labels(config_selinux_helper_type(&m->config), config_selinux_image_type(&m->config),
-                g->mcs_c1, g->mcs_c2, &g->selinux_process_label, &g->selinux_image_label);
+        return sandbox_selinux_labels(config_selinux_helper_type(&m->engine.config),
+                config_selinux_image_type(&m->engine.config), g->mcs_c1, g->mcs_c2, &g->selinux_process_label,
+                &g->selinux_image_label);
 }
 
 static Guest *find_published_guest(Manager *m, const char *name) {
@@ -350,7 +381,7 @@ static int check_offline_disks(Manager *m, const RegisterOptions *o, sd_bus_erro
         if (n == 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "A guest that is not running needs its disks: option 'disks' (a{ss}, alias -> image path).");
-        if (strv_isempty(m->config.image_dirs))
+        if (strv_isempty(m->engine.config.image_dirs))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "No ImageDirectories= are configured, so no image may be used; configure them in the daemon's "
                         "configuration file.");
@@ -396,13 +427,13 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                 Disk *d, **l;
 
                 r = image_chain_open_claimed(
-                        m->config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
+                        m->engine.config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s", alias,
                                 why ?: strerror(-r));
-                r = disk_new(&d, g, alias);
+                r = disk_new(&d, g, &guest_disk_host, alias);
                 if (r < 0)
                         return r;
                 r = disk_update_from_chain(d, &chain, false);
@@ -480,7 +511,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "Only root may register a guest for another user (uid %" PRIu32 ").", o.owner);
 
-        r = bus_authorize(m->polkit, msg, ACTION_MANAGE,
+        r = bus_authorize(m->engine.polkit, msg, ACTION_MANAGE,
                 &(AuthDetails) { .guest = name, .owner = o.have_owner ? (uid_t) o.owner : caller }, error);
         if (r < 0)
                 return r;
@@ -503,7 +534,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                         return r;
         }
 
-        r = guest_new(&g, m, name, socket_path, o.have_owner ? (uid_t) o.owner : caller, uuid);
+        r = guest_new(&g, &m->engine, name, socket_path, o.have_owner ? (uid_t) o.owner : caller, uuid);
         if (r < 0)
                 return r;
         manager_link_guest(m, g);
@@ -554,7 +585,7 @@ static int method_unregister_guest(sd_bus_message *msg, void *userdata, sd_bus_e
         g = find_published_guest(m, name);
         if (!g)
                 return sd_bus_error_setf(error, BS_ERROR_NO_SUCH_GUEST, "No guest named '%s' is registered.", name);
-        r = bus_authorize(m->polkit, msg, ACTION_MANAGE, &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
+        r = bus_authorize(m->engine.polkit, msg, ACTION_MANAGE, &(AuthDetails) { .guest = g->name, .owner = g->owner }, error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -647,7 +678,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "The template and the target must each be shorter than %d bytes.", PATH_MAX);
 
-        r = bus_authorize(m->polkit, msg, ACTION_MANAGE, NULL, error);
+        r = bus_authorize(m->engine.polkit, msg, ACTION_MANAGE, NULL, error);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -660,7 +691,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
         forbidden = manager_guest_images(m, NULL);
         if (!forbidden)
                 return -ENOMEM;
-        return provision_disk(&(ProvisionContext) { .event = m->event, .config = &m->config, .forbidden_images = forbidden },
+        return provision_disk(&(ProvisionContext) { .event = m->engine.event, .config = &m->engine.config, .forbidden_images = forbidden },
                 msg, template, target, format, size, caller, error);
 }
 
@@ -683,46 +714,86 @@ static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_VTABLE_END,
 };
 
+static int guest_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
+        sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_free_ char *name = NULL;
+        Guest *g;
+        int r;
+
+        r = sd_bus_path_decode(path, GUEST_PATH_PREFIX, &name);
+        if (r <= 0)
+                return 0;
+        g = manager_find_guest(m, name);
+        if (!g || !g->published)
+                return 0;
+        *found = g;
+        return 1;
+}
+
+static int guest_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
+        Manager *m = userdata;
+        _cleanup_strv_free_ char **l = NULL;
+        int r;
+
+        for (Guest *g = m->guests; g; g = g->next) {
+                if (!g->published)
+                        continue;
+                r = strv_push(&l, strdup(g->object_path));
+                if (r < 0)
+                        return r;
+                for (size_t i = 0; i < g->n_disks; i++) {
+                        r = strv_push(&l, strdup(g->disks[i]->object_path));
+                        if (r < 0)
+                                return r;
+                }
+        }
+        if (!l && !(l = calloc(1, sizeof(char *))))
+                return -ENOMEM;
+        *nodes = TAKE_PTR(l);
+        return 1;
+}
+
 int manager_connect_bus(Manager *m) {
         int r;
 
-        r = sd_bus_open_system_with_description(&m->bus, "blockstreamd");
+        r = sd_bus_open_system_with_description(&m->engine.bus, "blockstreamd");
         if (r < 0)
                 return log_error_errno(r, "Failed to connect to the system bus: %m");
-        r = sd_bus_add_object_vtable(m->bus, NULL, MANAGER_PATH, MANAGER_INTERFACE, manager_vtable, m);
+        r = sd_bus_add_object_vtable(m->engine.bus, NULL, MANAGER_PATH, MANAGER_INTERFACE, manager_vtable, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the manager object: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, GUEST_INTERFACE, guest_vtable,
+        r = sd_bus_add_fallback_vtable(m->engine.bus, NULL, GUEST_PATH_PREFIX, GUEST_INTERFACE, guest_vtable,
                 guest_object_find, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the guest objects: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, GUEST_PATH_PREFIX, STREAM_INTERFACE, stream_vtable,
-                disk_object_find, m);
+        r = sd_bus_add_fallback_vtable(m->engine.bus, NULL, GUEST_PATH_PREFIX, STREAM_INTERFACE, stream_vtable,
+                disk_object_find, &m->engine);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the disk objects: %m");
-        r = sd_bus_add_node_enumerator(m->bus, NULL, GUEST_PATH_PREFIX, guest_node_enumerator, m);
+        r = sd_bus_add_node_enumerator(m->engine.bus, NULL, GUEST_PATH_PREFIX, guest_node_enumerator, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the node enumerator: %m");
-        r = sd_bus_add_fallback_vtable(m->bus, NULL, EXPORT_PATH_PREFIX, EXPORT_INTERFACE, export_vtable,
-                export_object_find, m);
+        r = sd_bus_add_fallback_vtable(m->engine.bus, NULL, EXPORT_PATH_PREFIX, EXPORT_INTERFACE, export_vtable,
+                export_object_find, &m->engine);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the export objects: %m");
-        r = sd_bus_add_node_enumerator(m->bus, NULL, EXPORT_PATH_PREFIX, export_node_enumerator, m);
+        r = sd_bus_add_node_enumerator(m->engine.bus, NULL, EXPORT_PATH_PREFIX, export_node_enumerator, &m->engine);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the export enumerator: %m");
-        r = sd_bus_add_object_manager(m->bus, NULL, MANAGER_PATH);
+        r = sd_bus_add_object_manager(m->engine.bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
-        r = polkit_registry_new(&m->polkit, m->bus);
+        r = polkit_registry_new(&m->engine.polkit, m->engine.bus);
         if (r < 0)
                 return log_oom();
-        r = polkit_registry_attach(m->polkit);
+        r = polkit_registry_attach(m->engine.polkit);
         if (r < 0)
                 return log_error_errno(r, "Failed to watch callers leaving the bus: %m");
-        r = sd_bus_attach_event(m->bus, m->event, SD_EVENT_PRIORITY_NORMAL);
+        r = sd_bus_attach_event(m->engine.bus, m->engine.event, SD_EVENT_PRIORITY_NORMAL);
         if (r < 0)
                 return log_error_errno(r, "Failed to attach the bus to the event loop: %m");
-        r = sd_bus_request_name(m->bus, BUS_NAME, 0);
+        r = sd_bus_request_name(m->engine.bus, BUS_NAME, 0);
         if (r < 0)
                 return log_error_errno(r, "Failed to acquire the bus name %s: %m", BUS_NAME);
         return 0;
@@ -738,7 +809,7 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
                 log_error("State file %s names guest %s a second time, skipping it.", path, s->name);
                 return 0;
         }
-        r = guest_from_state(m, s, &g);
+        r = guest_from_state(&m->engine, s, &g);
         if (r < 0)
                 return log_oom();
         /* Its sandbox identity is its own for life; a missing or clashing one (hand-edited
@@ -766,7 +837,7 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
 }
 
 int manager_load_state(Manager *m) {
-        return state_load(m->guest_state_dir, load_guest, m);
+        return state_load(m->engine.guest_state_dir, load_guest, m);
 }
 
 void manager_start_guests(Manager *m) {

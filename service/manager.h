@@ -7,31 +7,17 @@
 #include <systemd/sd-event.h>
 
 #include "config.h"
+#include "engine.h"
 
 typedef struct Guest Guest;
-typedef struct PolkitRegistry PolkitRegistry;
 
 #include "blockstream-api.h" /* BUS_NAME, MANAGER_PATH, GUEST_PATH_PREFIX */
 
 typedef struct Manager {
-        sd_event *event;
-        sd_bus *bus;
-        Config config;
-        char *state_dir;
-        char *runtime_dir;
-        char *guest_state_dir; /* state_dir/guests */
+        Engine engine; /* what the objects below share (engine.h) */
 
         Guest *guests; /* doubly linked, registration order */
         unsigned n_guests;
-
-        PolkitRegistry *polkit; /* authorizations in flight (polkit.h) */
-        struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */
-
-        struct Export *exports;
-        unsigned export_seq;
-        struct RangeOp *range_ops;
-        unsigned range_seq;
-        unsigned nbd_seq;
 } Manager;
 
 /* Where our own helper binaries are (HelperDirectory=, default the libexec dir). */

@@ -8,8 +8,8 @@
 
 #include "bus-error.h"
 #include "guest.h"
+#include "engine.h"
 #include "helper.h"
-#include "manager.h"
 #include "map.h"
 #include "rangeop.h"
 #include "disk.h"
@@ -150,7 +150,7 @@ static const RangeOpKind map_kind = {
  * killed at once, and the export removed as for any other end. */
 static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         RangeOp *op = userdata;
-        Manager *m = op->manager;
+        Engine *m = op->engine;
 
         op->deadline = sd_event_source_disable_unref(op->deadline);
         if (op->ending)
@@ -170,7 +170,7 @@ static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
-        Manager *m = d->guest->manager;
+        Engine *m = d->guest->engine;
         unsigned maps = 0, all = 0;
         RangeOp *op;
         int r;

@@ -10,7 +10,7 @@
 #include "backend.h"
 #include "bus-error.h"
 #include "guest.h"
-#include "manager.h"
+#include "engine.h"
 #include "qemu.h"
 #include "range.h"
 #include "rangeop.h"
@@ -234,7 +234,7 @@ const JobBackend range_backend = {
         .set_speed = range_set_speed,
 };
 
-void range_free_all(Manager *m) {
+void range_free_all(Engine *m) {
         while (m->range_ops) {
                 range_op_kill(m->range_ops);
         }
@@ -243,7 +243,7 @@ void range_free_all(Manager *m) {
 /* Deleting a leftover filter: its export (closed with the server) may take a moment to let
  * go of it, so "in use" is retried a few times. */
 typedef struct LeftoverNode {
-        Manager *manager;
+        Engine *engine;
         char *guest; /* by name: a retry may come after the guest went away */
         char *node;
         unsigned tries;
@@ -282,9 +282,9 @@ static void leftover_deleted(Qmp *q, int error, const char *desc, void *userdata
                         leftover_free(again);
                         return;
                 }
-                again->manager = l->manager;
+                again->engine = l->engine;
                 again->tries = l->tries + 1;
-                if (sd_event_add_time_relative(l->manager->event, &again->timer, CLOCK_MONOTONIC,
+                if (sd_event_add_time_relative(l->engine->event, &again->timer, CLOCK_MONOTONIC,
                             100 * USEC_PER_MSEC, 0, leftover_retry, again) < 0)
                         leftover_free(again);
                 return;
@@ -294,7 +294,7 @@ static void leftover_deleted(Qmp *q, int error, const char *desc, void *userdata
 }
 
 static void leftover_del(LeftoverNode *l) {
-        Guest *g = manager_find_guest(l->manager, l->guest);
+        Guest *g = engine_find_guest(l->engine, l->guest);
 
         if (!g || !guest_qmp_ready(g) || qemu_blockdev_del(g->peer.qmp, l->node, leftover_deleted, l, leftover_free) < 0)
                 leftover_free(l);
@@ -359,7 +359,7 @@ void range_cleanup_leftovers(Guest *g) {
                 if (d->range_node && guest_qmp_ready(g)) {
                         LeftoverNode *l = calloc(1, sizeof(LeftoverNode));
                         if (l && (l->node = strdup(d->range_node)) && (l->guest = strdup(g->name))) {
-                                l->manager = g->manager;
+                                l->engine = g->engine;
                                 leftover_del(l);
                         } else
                                 leftover_free(l);

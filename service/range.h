@@ -14,7 +14,7 @@
 
 typedef struct Disk Disk;
 typedef struct Guest Guest;
-typedef struct Manager Manager;
+typedef struct Engine Engine;
 
 /* [offset, end) widened to whole clusters of size cs, the end capped at the disk's size. */
 void range_widen(uint64_t offset, uint64_t end, uint64_t cs, uint64_t size, uint64_t *ret_start, uint64_t *ret_stop);
@@ -26,7 +26,7 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
         uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error);
 
 /* Every range job and map, at exit. */
-void range_free_all(Manager *m);
+void range_free_all(Engine *m);
 
 /* After a (re)connect: remove what a range job of ours left in QEMU before a restart. */
 void range_cleanup_leftovers(Guest *g);

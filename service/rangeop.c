@@ -9,8 +9,8 @@
 #include "bus-error.h"
 #include "control.h"
 #include "guest.h"
+#include "engine.h"
 #include "helper.h"
-#include "manager.h"
 #include "qemu.h"
 #include "rangeop.h"
 #include "sandbox.h"
@@ -72,7 +72,7 @@ RangeOp *range_op_ref(RangeOp *op) {
 
 static void op_unlink(RangeOp *op) {
         peer_unlisten(&op->guest->peer, &op->listener);
-        for (RangeOp **p = &op->manager->range_ops; *p; p = &(*p)->next)
+        for (RangeOp **p = &op->engine->range_ops; *p; p = &(*p)->next)
                 if (*p == op) {
                         *p = op->next;
                         return;
@@ -87,7 +87,7 @@ void range_op_kill(RangeOp *op) {
 }
 
 /* For waiters that hold no reference: is it still on the list? */
-static bool op_listed(Manager *m, RangeOp *op) {
+static bool op_listed(Engine *m, RangeOp *op) {
         for (RangeOp *i = m->range_ops; i; i = i->next)
                 if (i == op)
                         return true;
@@ -95,7 +95,7 @@ static bool op_listed(Manager *m, RangeOp *op) {
 }
 
 RangeOp *range_op_of_disk(Disk *d) {
-        for (RangeOp *op = d->guest->manager->range_ops; op; op = op->next)
+        for (RangeOp *op = d->guest->engine->range_ops; op; op = op->next)
                 if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && !op->ending)
                         return op;
         return NULL;
@@ -111,7 +111,7 @@ int range_op_send(RangeOp *op, ControlCommandKind kind, uint64_t number) {
 /* The end: helper gone, export and filter out of QEMU, then the outcome is told. */
 
 static void op_finish(RangeOp *op) {
-        Manager *m = op->manager;
+        Engine *m = op->engine;
         Guest *g = op->guest;
         Disk *d = guest_find_disk(g, op->alias);
 
@@ -218,7 +218,7 @@ void range_op_end(RangeOp *op, StreamState outcome, const char *error) {
 
         if (op->export_added && guest_qmp_ready(g)) {
                 if (qemu_block_export_del(g->peer.qmp, op->export_id, export_del_reply, range_op_ref(op), range_op_unref_void) >= 0) {
-                        (void) sd_event_add_time_relative(op->manager->event, &op->cleanup_timer, CLOCK_MONOTONIC,
+                        (void) sd_event_add_time_relative(op->engine->event, &op->cleanup_timer, CLOCK_MONOTONIC,
                                 EXPORT_GONE_TIMEOUT_USEC, 0, cleanup_timeout, op);
                         return;
                 }
@@ -344,7 +344,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 }
 
 static int spawn_helper(RangeOp *op) {
-        Manager *m = op->manager;
+        Engine *m = op->engine;
         Guest *g = op->guest;
         _cleanup_free_ char *prefix = strdup_printf("Guest %s %s helper", g->name, op->map ? "map" : "pull"),
                             *a_export = strdup_printf("--export=%s", op->export_id),
@@ -419,7 +419,7 @@ static void op_peer_ready(Guest *g, int error, const char *error_text, void *use
         Disk *d;
         int r;
 
-        if (!op_listed(g->manager, op))
+        if (!op_listed(g->engine, op))
                 return;
         d = guest_find_disk(g, op->alias);
         if (error < 0 || !d) {
@@ -463,14 +463,14 @@ static void op_peer_ready(Guest *g, int error, const char *error_text, void *use
 
 int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map, uint64_t offset, uint64_t length,
         RangeOp **ret) {
-        Manager *m = d->guest->manager;
+        Engine *m = d->guest->engine;
         RangeOp *op = calloc(1, sizeof(RangeOp));
 
         if (!op)
                 return -ENOMEM;
         op->kind = kind;
         op->n_ref = 1;
-        op->manager = m;
+        op->engine = m;
         op->guest = d->guest;
         op->map = map;
         op->id = ++m->range_seq;

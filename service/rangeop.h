@@ -20,7 +20,7 @@
 
 typedef struct Disk Disk;
 typedef struct Guest Guest;
-typedef struct Manager Manager;
+typedef struct Engine Engine;
 typedef struct RangeOp RangeOp;
 
 #define RANGE_EXTENTS_MAX 65536
@@ -54,7 +54,7 @@ struct RangeOp {
         const RangeOpKind *kind;
         unsigned n_ref; /* pending QMP calls hold one each: their replies may outlive the op */
         bool dead;      /* finished: replies find nothing to do */
-        Manager *manager;
+        Engine *engine;
         RangeOp *next;
         Guest *guest;
         char *alias;

@@ -9,7 +9,7 @@
 #include "export.h"
 #include "guest.h"
 #include "image.h"
-#include "manager.h"
+#include "engine.h"
 #include "polkit.h"
 #include "map.h"
 #include "range.h"
@@ -25,7 +25,7 @@ static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_b
                 .disk = d->alias,
                 .owner = d->guest->owner,
         };
-        return bus_authorize(d->guest->manager->polkit, msg, action, &details, error);
+        return bus_authorize(d->guest->engine->polkit, msg, action, &details, error);
 }
 
 /* A D-Bus call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP
@@ -691,7 +691,7 @@ const sd_bus_vtable stream_vtable[] = {
 
 int disk_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error) {
-        Manager *m = userdata;
+        Engine *m = userdata;
         _cleanup_free_ char *name = NULL, *alias = NULL;
         Guest *g;
         Disk *d;
@@ -700,7 +700,7 @@ int disk_object_find(sd_bus *bus, const char *path, const char *interface, void 
         r = sd_bus_path_decode_many(path, GUEST_PATH_PREFIX "/%/%", &name, &alias);
         if (r <= 0)
                 return 0;
-        g = manager_find_guest(m, name);
+        g = engine_find_guest(m, name);
         if (!g || !g->published)
                 return 0;
         for (size_t i = 0; i < g->n_disks; i++) {

@@ -692,16 +692,18 @@ static void test_sandbox_label_is_the_applied_label(void) {
         char *argv[] = { (char *) "sandbox-probe", (char *) "status", NULL };
         char applied[512] = "";
         Manager m = {};
-        Guest g = { .manager = &m, .name = (char *) "label", .helper_uid = helper_uid, .mcs_c1 = 17, .mcs_c2 = 900 };
+        Guest g = {
+                .engine = &m.engine, .name = (char *) "label", .helper_uid = helper_uid, .mcs_c1 = 17, .mcs_c2 = 900
+        };
         int report[2], labels[2];
         Outcome o = {};
         pid_t pid = -1;
 
-        config_init(&m.config);
+        config_init(&m.engine.config);
         sandbox_selinux_test_override(FAKE_CONTEXT, record_label);
         ASSERT_TRUE(sandbox_selinux_enabled());
         ASSERT_EQ(manager_identity_labels(&m, &g), 1);
-        expect = strdup_printf("system_u:system_r:%s:s0:c17,c900", config_selinux_helper_type(&m.config));
+        expect = strdup_printf("system_u:system_r:%s:s0:c17,c900", config_selinux_helper_type(&m.engine.config));
         ASSERT_STREQ(g.selinux_process_label, expect);
 
         /* What a client reads... */
@@ -738,7 +740,7 @@ static void test_sandbox_label_is_the_applied_label(void) {
         }
         free(g.selinux_process_label);
         free(g.selinux_image_label);
-        config_done(&m.config);
+        config_done(&m.engine.config);
 }
 
 static void test_never_as_root(void) {

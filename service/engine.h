@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* What the daemon's objects share, owned by the Manager (manager.c): the event loop, the bus, the
+ * configuration, the directories, the lists of exports and range operations with their counters.
+ * The objects below the Manager (guest.c, stream.c, export.c, range.c, rangeop.c, map.c) take this
+ * instead of the Manager, and reach the registry of guests above them through its callbacks. */
+
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+
+typedef struct Guest Guest;
+typedef struct PolkitRegistry PolkitRegistry;
+typedef struct Engine Engine;
+
+/* The registry of guests (manager.c), for the objects below it. */
+typedef struct EngineRegistry {
+        Guest *(*find_guest)(Engine *e, const char *name);
+        /* The disks of guests that are not running, and those running guests' QEMUs report,
+         * but except's (manager_guest_images(), manager_guest_claims()). */
+        char **(*guest_images)(Engine *e, Guest *except);
+        char **(*guest_claims)(Engine *e, Guest *except);
+        void (*unlink_guest)(Engine *e, Guest *g);
+} EngineRegistry;
+
+struct Engine {
+        sd_event *event;
+        sd_bus *bus;
+        Config config;
+        char *state_dir;
+        char *runtime_dir;
+        char *guest_state_dir; /* state_dir/guests */
+
+        PolkitRegistry *polkit;                    /* authorizations in flight (polkit.h) */
+        struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */
+
+        struct Export *exports;
+        unsigned export_seq;
+        struct RangeOp *range_ops;
+        unsigned range_seq;
+        unsigned nbd_seq;
+
+        const EngineRegistry *registry;
+};
+
+/* Where our own helper binaries are (HelperDirectory=, default the libexec dir). */
+static inline const char *engine_helper_dir(Engine *e) {
+        return e->config.helper_dir ?: LIBEXECDIR;
+}
+
+static inline Guest *engine_find_guest(Engine *e, const char *name) {
+        return e->registry->find_guest(e, name);
+}
+
+static inline char **engine_guest_images(Engine *e, Guest *except) {
+        return e->registry->guest_images(e, except);
+}
+
+static inline char **engine_guest_claims(Engine *e, Guest *except) {
+        return e->registry->guest_claims(e, except);
+}
+
+static inline void engine_unlink_guest(Engine *e, Guest *g) {
+        e->registry->unlink_guest(e, g);
+}
