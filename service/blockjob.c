@@ -130,13 +130,13 @@ static int blockjob_set_speed(
 
 static void finalize_reply(Qmp *q, int error, const char *desc, void *userdata) {
         BlockJobCall *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
+        Disk *d = c->host->find_disk(c->guest, c->alias);
 
         if (!d)
                 return;
         if (error < 0) {
                 /* The poll or the next connection finds it pending again, or concluded. */
-                log_warning("Guest %s disk %s: job-finalize of %s failed: %s", c->guest->name, c->alias,
+                log_warning("Guest %s disk %s: job-finalize of %s failed: %s", c->host->name(c->guest), c->alias,
                         strempty(d->job.id), desc ?: strerror(-error));
                 d->job.finalize_sent = false;
         }
@@ -144,7 +144,7 @@ static void finalize_reply(Qmp *q, int error, const char *desc, void *userdata) 
 
 static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
         BlockJobCall *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
+        Disk *d = c->host->find_disk(c->guest, c->alias);
         BlockJobCall *next;
         int r;
 
@@ -161,7 +161,7 @@ static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 _cleanup_free_ char *why = strdup_printf("Cannot flush the image before dropping its backing file: %s. "
                                                          "The chain was kept; Start the stream again.",
                         desc ?: strerror(-error));
-                log_error("Guest %s disk %s: cannot flush its image: %s; cancelling job %s.", c->guest->name, c->alias,
+                log_error("Guest %s disk %s: cannot flush its image: %s; cancelling job %s.", c->host->name(c->guest), c->alias,
                         desc ?: strerror(-error), d->job.id);
                 free(d->job.abort_reason);
                 d->job.abort_reason =
@@ -169,7 +169,7 @@ static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 r = qemu_block_job_cancel(q, d->job.id, NULL, NULL, NULL);
                 if (r < 0)
                         log_error_errno(
-                                r, "Guest %s disk %s: cannot send block-job-cancel: %m", c->guest->name, c->alias);
+                                r, "Guest %s disk %s: cannot send block-job-cancel: %m", c->host->name(c->guest), c->alias);
                 return;
         }
         next = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
@@ -181,7 +181,7 @@ static void flush_reply(Qmp *q, int error, const char *desc, void *userdata) {
                         call_free(next);
         }
         if (r < 0) {
-                log_error_errno(r, "Guest %s disk %s: cannot send job-finalize: %m", c->guest->name, c->alias);
+                log_error_errno(r, "Guest %s disk %s: cannot send job-finalize: %m", c->host->name(c->guest), c->alias);
                 d->job.finalize_sent = false;
         }
 }
@@ -190,7 +190,7 @@ void blockjob_finalize(Disk *d) {
         BlockJobCall *c;
         int r;
 
-        if (!d->job.id || d->job.finalize_sent || d->job.concluded || !guest_qmp_ready(d->guest))
+        if (!d->job.id || d->job.finalize_sent || d->job.concluded || !d->host->qmp_ready(d->guest))
                 return;
         c = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
         if (!c)
@@ -198,13 +198,13 @@ void blockjob_finalize(Disk *d) {
         else {
                 /* query-block always names the top node, even when the chain is read without
                  * node names; the name is also in the state file. */
-                r = qemu_flush_node(d->guest->peer.qmp, d->node_name, flush_reply, c, call_free);
+                r = qemu_flush_node(d->host->peer(d->guest)->qmp, d->node_name, flush_reply, c, call_free);
                 if (r < 0)
                         call_free(c);
         }
         if (r < 0) {
                 log_error_errno(
-                        r, "Guest %s disk %s: cannot flush the image before finalizing: %m", d->guest->name, d->alias);
+                        r, "Guest %s disk %s: cannot flush the image before finalizing: %m", d->host->name(d->guest), d->alias);
                 return; /* the next poll tries again */
         }
         d->job.finalize_sent = true;

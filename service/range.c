@@ -336,7 +336,7 @@ static int range_resume(Disk *d) {
  * (range_setup()) is in use, not left over, even if it was recorded before the reconnect's
  * cleanup came: Start is served as soon as QMP is up, before query-block-jobs has answered. */
 static bool range_record_in_use(Disk *d) {
-        for (RangeOp *op = d->guest->manager->range_ops; op; op = op->next)
+        for (RangeOp *op = d->guest->engine->range_ops; op; op = op->next)
                 if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && d->range_export &&
                         streq(op->export_id, d->range_export))
                         return true;
