@@ -88,12 +88,14 @@ class Libvirt:
         self.virtlogd_pid = os.path.join(self.run_dir, 'virtlogd.pid')   # not /run/virtlogd.pid: ours
         self.proc = None
 
-    def start(self):
+    def start(self, virtlogd=True):
+        # A restarted libvirtd (virtlogd=False) keeps the first virtlogd: its socket is in run_dir.
         script = ('set -e; mkdir -p /etc/blockstream /run/libvirt /etc/libvirt/hooks; '
                   'mount --bind "$1" /run/libvirt; mount --bind "$2" /etc/libvirt/hooks; '
                   'mount --bind "$3" /etc/blockstream; '
-                  '%s --pid-file=%s & exec %s --pid-file=%s'
-                  % (VIRTLOGD, self.virtlogd_pid, LIBVIRTD, os.path.join(self.run_dir, 'libvirtd.pid')))
+                  '%s exec %s --pid-file=%s'
+                  % ('%s --pid-file=%s &' % (VIRTLOGD, self.virtlogd_pid) if virtlogd else '',
+                     LIBVIRTD, os.path.join(self.run_dir, 'libvirtd.pid')))
         with open(self.log, 'ab') as log:
             self.proc = h.spawn(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script, 'sh',
                                  self.run_dir, self.hooks_dir, self.etc_dir],
@@ -105,7 +107,7 @@ class Libvirt:
             return self.virsh('version', check=False).returncode == 0
         h.wait_until(up, 120, 'libvirtd to answer on %s' % self.uri, interval=0.2)
 
-    def stop(self):
+    def stop_libvirtd(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -113,6 +115,14 @@ class Libvirt:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def restart_libvirtd(self):
+        """SIGTERM leaves the domains running; the new libvirtd reconnects to them."""
+        self.stop_libvirtd()
+        self.start(virtlogd=False)
+
+    def stop(self):
+        self.stop_libvirtd()
         try:
             with open(self.virtlogd_pid) as f:
                 pid = int(f.read().strip())
@@ -256,6 +266,48 @@ class LibvirtTest(h.TestCase):
         os.unlink(template)   # the overlay stands alone
         self.assertEqual(h.image_compare(overlay, ref)[0], 0)
         self.assertEqual(h.image_check(overlay)[0], 0)
+
+    def test_libvirtd_restart_and_daemon_down(self):
+        name, template, overlay, ref, sock = self.define_domain()
+        self.start_domain(name)
+        # reconnect/begin: the guest is registered already; the hook says so and the guest stays.
+        self.libvirt.restart_libvirtd()
+        self.assertEqual(self.libvirt.virsh('domstate', name).stdout.strip(), 'running')
+        self.guest_running(name)
+        self.libvirt.virsh('destroy', name)
+        self.guest_gone(name)
+        # blockstreamd down: the domain starts all the same (Required=no), unregistered.
+        self.env.daemon.stop()
+        try:
+            self.libvirt.virsh('start', name)
+            self.assertEqual(self.libvirt.virsh('domstate', name).stdout.strip(), 'running')
+        finally:
+            self.env.daemon.start()
+        self.assertEqual(self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)[0], None)
+
+    def test_hook_ignores_and_refuses(self):
+        # Run as libvirtd runs it, without libvirtd: a domain without our monitor is left alone,
+        # a socket outside SocketDirectory= is refused before any directory is made.
+        hook = os.path.join(self.libvirt.hooks_dir, 'qemu')
+        conf = os.path.join(self.env.dir, 'hook-alone')
+        os.makedirs(conf)
+
+        def run_hook(xml, op, sub):
+            return subprocess.run([hook, 'x', op, sub, '-'], input=xml, universal_newlines=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        plain = DOMAIN_XML.format(name='plain', overlay='/nonexistent', socket='/x/y.sock')
+        plain = re.sub(r'<qemu:commandline>.*</qemu:commandline>', '', plain, flags=re.S)
+        for op, sub in (('prepare', 'begin'), ('started', 'begin'), ('release', 'end')):
+            r = run_hook(plain, op, sub)
+            self.assertEqual((r.returncode, r.stderr), (0, ''), '%s/%s of a domain without our monitor' % (op, sub))
+        for bad in ('/etc/evil/qmp.sock', os.path.join(self.libvirt.sock_root, '..', 'evil', 'qmp.sock'),
+                    os.path.join(self.libvirt.sock_root, 'a', 'b', 'qmp.sock'), os.path.join(conf, 'qmp.sock')):
+            xml = DOMAIN_XML.format(name='evil', overlay='/nonexistent', socket=bad)
+            r = run_hook(xml, 'prepare', 'begin')
+            self.assertEqual(r.returncode, 1, 'prepare with socket %s: %r' % (bad, r))
+            self.assertIn('SocketDirectory', r.stderr)
+        self.assertFalse(os.path.exists('/etc/evil'))
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.libvirt.sock_root), 'evil')))
 
     @unittest.expectedFailure
     def test_disk_by_libvirt_target_name(self):
