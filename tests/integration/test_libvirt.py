@@ -284,6 +284,29 @@ class LibvirtTest(h.TestCase):
         finally:
             self.env.daemon.start()
         self.assertEqual(self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)[0], None)
+        # The documented way to catch up: a libvirtd restart runs reconnect/begin, which registers.
+        self.libvirt.restart_libvirtd()
+        self.guest_running(name)
+        self.assertIn('virtio-disk0', self.ok('status', name).stdout)
+
+    def test_libvirt_job_refused_while_streaming(self):
+        # QEMU, not libvirt, keeps the two apart: libvirt's own job on the disk is refused while
+        # ours exists (paused here, so that it exists for sure), and ours then completes.
+        name, template, overlay, ref, sock = self.define_domain()
+        self.start_domain(name)
+        self.ok('pull', name, 'virtio-disk0', '--bandwidth=64K')
+        self.ok('pause', name, 'virtio-disk0')
+        r = self.libvirt.virsh('blockpull', name, 'vda', check=False)
+        self.assertNotEqual(r.returncode, 0, 'libvirt started a second job on a streaming disk: %r' % r)
+        self.assertIn('in use by block job', r.stderr)
+        self.ok('set-bandwidth', name, 'virtio-disk0', '0')
+        self.ok('resume', name, 'virtio-disk0')
+        self.ok('wait', name, 'virtio-disk0')
+        self.libvirt.virsh('blockpull', name, 'vda', '--wait', timeout=300)
+        self.libvirt.virsh('destroy', name)
+        self.guest_gone(name)
+        self.assertIsNone(h.image_backing(overlay))
+        self.assertEqual(h.image_compare(overlay, ref)[0], 0)
 
     def test_hook_ignores_and_refuses(self):
         # Run as libvirtd runs it, without libvirtd: a domain without our monitor is left alone,
