@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +36,7 @@ DOMAIN_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domai
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='qcow2'{driver}/>
       <source file='{overlay}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -186,7 +185,7 @@ class LibvirtTest(h.TestCase):
                          % (' '.join(args), r.returncode, r.stdout, r.stderr, self.env.logs_text()))
         return r
 
-    def define_domain(self):
+    def define_domain(self, driver=''):
         """A template with known data, an overlay on it, a domain on the overlay."""
         name = self.unique_name('lv')
         d = os.path.join(self.env.images, name)
@@ -203,7 +202,7 @@ class LibvirtTest(h.TestCase):
         sock = os.path.join(self.libvirt.sock_root, name, 'qmp.sock')
         xml = os.path.join(self.env.dir, name + '.xml')
         with open(xml, 'w') as f:
-            f.write(DOMAIN_XML.format(name=name, overlay=overlay, socket=sock))
+            f.write(DOMAIN_XML.format(name=name, overlay=overlay, socket=sock, driver=driver))
         self.libvirt.virsh('define', xml)
         self.addCleanup(self.libvirt.virsh, 'undefine', name, check=False)
         self.addCleanup(self.libvirt.virsh, 'destroy', name, check=False)
@@ -318,19 +317,26 @@ class LibvirtTest(h.TestCase):
         def run_hook(xml, op, sub):
             return subprocess.run([hook, 'x', op, sub, '-'], input=xml, universal_newlines=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        plain = DOMAIN_XML.format(name='plain', overlay='/nonexistent', socket='/x/y.sock')
+        plain = DOMAIN_XML.format(name='plain', overlay='/nonexistent', socket='/x/y.sock', driver='')
         plain = re.sub(r'<qemu:commandline>.*</qemu:commandline>', '', plain, flags=re.S)
         for op, sub in (('prepare', 'begin'), ('started', 'begin'), ('release', 'end')):
             r = run_hook(plain, op, sub)
             self.assertEqual((r.returncode, r.stderr), (0, ''), '%s/%s of a domain without our monitor' % (op, sub))
         for bad in ('/etc/evil/qmp.sock', os.path.join(self.libvirt.sock_root, '..', 'evil', 'qmp.sock'),
                     os.path.join(self.libvirt.sock_root, 'a', 'b', 'qmp.sock'), os.path.join(conf, 'qmp.sock')):
-            xml = DOMAIN_XML.format(name='evil', overlay='/nonexistent', socket=bad)
+            xml = DOMAIN_XML.format(name='evil', overlay='/nonexistent', socket=bad, driver='')
             r = run_hook(xml, 'prepare', 'begin')
             self.assertEqual(r.returncode, 1, 'prepare with socket %s: %r' % (bad, r))
             self.assertIn('SocketDirectory', r.stderr)
         self.assertFalse(os.path.exists('/etc/evil'))
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.libvirt.sock_root), 'evil')))
+
+    def test_disk_by_image_path_virt_manager_driver(self):
+        # virt-manager's disks: discard='unmap' detect_zeroes='unmap' on the driver.
+        name, template, overlay, ref, sock = self.define_domain(" discard='unmap' detect_zeroes='unmap'")
+        self.start_domain(name)
+        self.ok('pull', name, overlay, '--wait')
+        self.assertEqual(h.image_backing(overlay), None)
 
     @unittest.expectedFailure
     def test_disk_by_libvirt_target_name(self):
