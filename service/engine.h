@@ -12,6 +12,7 @@
 #include "config.h"
 
 typedef struct Guest Guest;
+typedef struct Disk Disk;
 typedef struct PolkitRegistry PolkitRegistry;
 typedef struct Engine Engine;
 
@@ -23,6 +24,14 @@ typedef struct EngineRegistry {
         char **(*guest_images)(Engine *e, Guest *except);
         char **(*guest_claims)(Engine *e, Guest *except);
         void (*unlink_guest)(Engine *e, Guest *g);
+        /* What a guest's (re)connect asks of the job layers above it (range.c, stream.c), wired by
+         * manager.c, which sits above them all: remove what range jobs of before left in QEMU;
+         * carry on the range jobs of before; carry on an offline guest's full stream in a new
+         * storage helper (< 0: it could not even be tried); and whether a range job runs d's job. */
+        void (*cleanup_leftovers)(Guest *g);
+        void (*resume_orphans)(Guest *g);
+        int (*resume_offline_stream)(Disk *d);
+        bool (*range_runs)(Disk *d);
 } EngineRegistry;
 
 struct Engine {

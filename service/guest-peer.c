@@ -9,10 +9,9 @@
 
 #include "backend.h"
 #include "bus-error.h"
-#include "range.h"
+#include "disk.h"
 #include "guest.h"
 #include "engine.h"
-#include "stream.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
@@ -278,7 +277,7 @@ void guest_update_polling(Guest *g) {
 static void guest_fail_jobs(Guest *g, const char *why) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                if (range_backend.runs(d) || d->starting)
+                if (g->engine->registry->range_runs(d) || d->starting)
                         continue; /* a job carried on after the restart, or a Start on its way */
                 if (job_is_active(&d->job) && !d->job.concluded)
                         disk_fail_job(d, why);
@@ -290,8 +289,8 @@ static void guest_fail_jobs(Guest *g, const char *why) {
 static void guest_schedule_reconnect(Guest *g);
 
 void guest_fail_orphaned_jobs(Guest *g) {
-        range_cleanup_leftovers(g);
-        range_resume_orphans(g);
+        g->engine->registry->cleanup_leftovers(g);
+        g->engine->registry->resume_orphans(g);
         /* Full streams ran in the storage helper that died with the old daemon: a new helper
          * carries them on (what is local is skipped). */
         for (size_t i = 0; i < g->n_disks; i++) {
@@ -300,7 +299,7 @@ void guest_fail_orphaned_jobs(Guest *g) {
 
                 if (d->job.mode != STREAM_MODE_FULL || !job_is_active(&d->job) || d->job.concluded)
                         continue;
-                r = stream_resume_offline(d);
+                r = g->engine->registry->resume_offline_stream(d);
                 if (r < 0)
                         log_warning_errno(r, "Guest %s disk %s: cannot carry the stream on: %m", g->name, d->alias);
         }
@@ -397,7 +396,7 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
         int r;
 
         /* With the disks as QEMU has them now (a new QEMU may name its nodes differently). */
-        range_resume_orphans(g);
+        g->engine->registry->resume_orphans(g);
         if (error < 0) {
                 if (g->register_call)
                         guest_register_failed(g, "could not list the disks of QEMU at", desc ?: strerror(-error));
@@ -434,14 +433,14 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
                 return;
         }
         guest_apply_jobs(g, jobs, n, true);
-        range_cleanup_leftovers(g);
+        g->engine->registry->cleanup_leftovers(g);
         r = guest_refresh(g, connect_disks_reply, NULL, NULL);
         if (r < 0) {
                 if (g->register_call)
                         guest_register_failed(g, "could not ask for the disks of QEMU at", strerror(-r));
                 else {
                         log_error_errno(r, "Guest %s: failed to query disks: %m", g->name);
-                        range_resume_orphans(g);
+                        g->engine->registry->resume_orphans(g);
                 }
         }
 }

@@ -11,6 +11,7 @@
 #include "bus-error.h"
 #include "bus-util.h"
 #include "export.h"
+#include "backend.h"
 #include "range.h"
 #include "guest.h"
 #include "image.h"
@@ -49,11 +50,19 @@ static void registry_unlink_guest(Engine *e, Guest *g) {
         manager_unlink_guest(manager_of(e), g);
 }
 
+static bool registry_range_runs(Disk *d) {
+        return range_backend.runs(d);
+}
+
 static const EngineRegistry manager_registry = {
         .find_guest = registry_find_guest,
         .guest_images = registry_guest_images,
         .guest_claims = registry_guest_claims,
         .unlink_guest = registry_unlink_guest,
+        .cleanup_leftovers = range_cleanup_leftovers,
+        .resume_orphans = range_resume_orphans,
+        .resume_offline_stream = stream_resume_offline,
+        .range_runs = registry_range_runs,
 };
 
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
