@@ -146,3 +146,26 @@ char *bs_format_progress(guint64 done, guint64 total, guint64 rate, guint64 end_
                 g_string_append_printf(s, " · ends at %s", when);
         return g_string_free(s, FALSE);
 }
+
+/* The name an object path ends in, decoded from sd-bus' escaping (a guest's or a disk's). */
+char *bs_path_name(const char *path) {
+        const char *last = strrchr(path, '/');
+        GString *s = g_string_new(NULL);
+
+        last = last ? last + 1 : path;
+        if (strcmp(last, "_") == 0) /* sd-bus' encoding of the empty string */
+                return g_string_free(s, FALSE);
+        for (const char *p = last; *p; p++) {
+                if (*p == '_' && g_ascii_isxdigit(p[1]) && g_ascii_isxdigit(p[2])) {
+                        char c = (char) (g_ascii_xdigit_value(p[1]) << 4 | g_ascii_xdigit_value(p[2]));
+                        /* A name with a NUL or a control byte is shown escaped, not cut. */
+                        if (g_ascii_iscntrl(c))
+                                g_string_append_printf(s, "\\x%02x", (unsigned char) c);
+                        else
+                                g_string_append_c(s, c);
+                        p += 2;
+                } else
+                        g_string_append_c(s, *p);
+        }
+        return g_string_free(s, FALSE);
+}

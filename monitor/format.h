@@ -21,3 +21,5 @@ char *bs_format_time(guint64 usec, gint64 now_usec);
 /* The text of a disk's progress bar: "done of total · rate · ends at TIME" (parts omitted when
  * unknown). */
 char *bs_format_progress(guint64 done, guint64 total, guint64 rate, guint64 end_usec, gint64 now_usec);
+/* The last element of an object path, unescaped as sd-bus escapes it. */
+char *bs_path_name(const char *path);

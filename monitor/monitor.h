@@ -5,6 +5,7 @@
 
 /* The bus names, paths, interfaces and members of docs/api.md */
 #include "blockstream-api.h"
+#include "format.h"
 
 /* A call may wait for a person typing a password into the polkit agent: no D-Bus timeout. */
 #define BS_CALL_TIMEOUT_MSEC G_MAXINT
@@ -43,5 +44,3 @@ void disk_view_set_guest_name(DiskView *d, const char *guest_name);
 /* Exports changed: the row shows the URI of a serving export of its disk, if any. */
 void disk_view_exports_changed(DiskView *d);
 
-/* The last path component, path-unescaped (sd_bus_path_decode's escaping: _XX for a byte). */
-char *bs_path_name(const char *path);

@@ -181,8 +181,8 @@ void disk_emit_changed(Disk *d, const char *first, ...) {
 }
 
 void disk_release_map_export(Disk *d) {
-        if (d->map_export && d->map_export_release)
-                d->map_export_release(d);
+        if (d->map_export && d->map_export_releaser)
+                d->map_export_releaser(d);
 }
 
 void disk_emit_job(Disk *d) {

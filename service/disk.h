@@ -61,7 +61,7 @@ typedef struct Disk {
         unsigned map_export_users;
         /* Removes map_export once unused: set by map.c along with it (the disk calls down into
          * no map code). */
-        void (*map_export_release)(struct Disk *d);
+        void (*map_export_releaser)(struct Disk *d);
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */

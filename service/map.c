@@ -49,7 +49,7 @@ static bool map_export_park(RangeOp *op) {
         d->map_export = id;
         d->map_export_node = node;
         d->map_export_users = 0;
-        d->map_export_release = map_export_release;
+        d->map_export_releaser = map_export_release;
         return true;
 }
 

@@ -12,5 +12,5 @@ typedef struct Disk Disk;
 /* GetAllocationMap: answers msg with a(ttus). */
 int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error);
 /* The disk's QEMU stream job is over: remove the export its maps shared, once unused (the
- * disk calls it through d->map_export_release). */
+ * disk calls it through d->map_export_releaser). */
 void map_export_release(Disk *d);
