@@ -49,7 +49,6 @@ struct Engine {
         unsigned export_seq;
         struct RangeOp *range_ops;
         unsigned range_seq;
-        unsigned nbd_seq;
 
         const EngineRegistry *registry;
 };

@@ -26,7 +26,6 @@ struct StorageHelper {
         bool attached;
         bool lost;         /* its QMP connection is gone */
         bool stopping;     /* we asked it to quit: its end is expected */
-        sd_event_source *stop_timer;
         char *error;       /* why attaching failed */
         /* pid 0: waiting for an earlier daemon's helpers of this guest to be gone. */
         sd_event_source *leftover_timer;
@@ -40,7 +39,6 @@ static void helper_free(StorageHelper *h) {
         if (!h)
                 return;
         sd_event_source_disable_unref(h->child_source);
-        sd_event_source_disable_unref(h->stop_timer);
         sd_event_source_disable_unref(h->leftover_timer);
         helper_log_free(h->log);
         free(h->error);
