@@ -775,7 +775,14 @@ def test_control_backpressure():
         time.sleep(0.3)
         check(relay.alive(), "relay died")
         relay.daemon.reading.set()
-        wait_until(lambda: len(relay.daemon.connects()) == 40, "40 connect messages")
+        try:
+            wait_until(lambda: len(relay.daemon.connects()) == 40, "40 connect messages")
+        except Failure as e:
+            # Say what the relay did: which connects arrived, and its own account (a client it
+            # expired, a send that failed), so that a failure on a loaded machine explains itself.
+            log = [l for l in relay.log.decode(errors="replace").splitlines() if "connected" not in l]
+            raise Failure("%s: got %r, relay %s; its log: %r" % (
+                e, relay.daemon.connects(), "alive" if relay.alive() else "dead", log[-20:]))
         check(relay.daemon.connects() == list(range(1, 41)), "connect ids: %r" % relay.daemon.connects())
         relay.daemon.wait_clients(40)
         for s in socks:
