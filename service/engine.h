@@ -41,6 +41,7 @@ struct Engine {
         char *state_dir;
         char *runtime_dir;
         char *guest_state_dir; /* state_dir/guests */
+        struct StateWriter *state_writer; /* writes the files there (state-writer.h) */
 
         PolkitRegistry *polkit;                    /* authorizations in flight (polkit.h) */
         struct UnregisterDrain *unregister_drains; /* unregistered guests' QMP, closing */

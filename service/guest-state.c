@@ -7,9 +7,10 @@
 #include "guest.h"
 #include "state.h"
 #include "disk.h"
+#include "engine.h"
 #include "util.h"
 
-int guest_write_state(Guest *g, const char *dir) {
+int guest_write_state(Guest *g, const char *dir, bool wait) {
         _cleanup_free_ StateDisk *disks = NULL;
         StateGuest s;
 
@@ -52,11 +53,11 @@ int guest_write_state(Guest *g, const char *dir) {
                 .disks = disks,
                 .n_disks = g->n_disks,
         };
-        return state_save(dir, &s);
+        return state_save(g->engine->state_writer, dir, &s, wait);
 }
 
 int guest_remove_state(Guest *g, const char *dir) {
-        return state_remove(dir, g->name);
+        return state_remove(g->engine->state_writer, dir, g->name);
 }
 
 static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {

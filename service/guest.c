@@ -210,7 +210,7 @@ bool guest_has_active_job(Guest *g) {
         return false;
 }
 
-int guest_save(Guest *g) {
+static int save(Guest *g, bool wait) {
         int r;
 
         /* Whatever was deferred is in this write too. */
@@ -220,16 +220,21 @@ int guest_save(Guest *g) {
         if (!g->published)
                 return 0;
         g->last_save = now_usec(CLOCK_MONOTONIC);
-        r = guest_write_state(g, g->engine->guest_state_dir);
+        r = guest_write_state(g, g->engine->guest_state_dir, wait);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
 }
 
+int guest_save(Guest *g) {
+        return save(g, true);
+}
+
 static int save_handler(sd_event_source *s, uint64_t usec, void *userdata) {
         Guest *g = userdata;
 
-        (void) guest_save(g); /* logs on failure */
+        /* Nobody waits for a coalesced save: the writer thread does its fsyncs, not the loop. */
+        (void) save(g, false); /* logs on failure */
         return 0;
 }
 
@@ -539,7 +544,7 @@ int guest_publish(Guest *g) {
         int r;
 
         g->published = true;
-        r = guest_write_state(g, g->engine->guest_state_dir);
+        r = guest_write_state(g, g->engine->guest_state_dir, true);
         if (r < 0) {
                 g->published = false;
                 return r;

@@ -117,10 +117,11 @@ void guest_release_helper_if_idle(Guest *g);
  * another guest's writable disks. */
 char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
-/* The guest as a record of state.h, written to <dir>/<name>.json; its file removed; a guest
- * (unpublished, unlinked) made of a loaded record, whose contents it takes (guest-state.c). */
+/* The guest as a record of state.h, written to <dir>/<name>.json (on disk when this returns
+ * with wait; else queued to the engine's state writer); its file removed; a guest (unpublished,
+ * unlinked) made of a loaded record, whose contents it takes (guest-state.c). */
 typedef struct StateGuest StateGuest;
-int guest_write_state(Guest *g, const char *dir);
+int guest_write_state(Guest *g, const char *dir, bool wait);
 int guest_remove_state(Guest *g, const char *dir);
 int guest_from_state(Engine *m, StateGuest *s, Guest **ret);
 /* Write the guest's state file; logs on failure. */

@@ -98,6 +98,12 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
                 manager_free(m);
                 return r;
         }
+        r = state_writer_new(&m->engine.state_writer);
+        if (r < 0) {
+                log_error_errno(r, "Failed to start the state writer thread: %m");
+                manager_free(m);
+                return r;
+        }
         r = mkdir_p(m->engine.runtime_dir, 0700);
         if (r < 0) {
                 log_error_errno(r, "Failed to create runtime directory %s: %m", m->engine.runtime_dir);
@@ -124,6 +130,8 @@ Manager *manager_free(Manager *m) {
                 sd_bus_flush(m->engine.bus);
                 m->engine.bus = sd_bus_close_unref(m->engine.bus);
         }
+        /* What guests saved on their way out is written before we go. */
+        m->engine.state_writer = state_writer_free(m->engine.state_writer);
         config_done(&m->engine.config);
         free(m->engine.state_dir);
         free(m->engine.runtime_dir);

@@ -92,9 +92,10 @@ static json_object *disk_to_json(const StateDisk *d) {
         return o;
 }
 
-int state_save(const char *dir, const StateGuest *g) {
+int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_free_ char *path = NULL;
+        char *copy;
         json_object *disks;
         const char *text;
 
@@ -134,17 +135,18 @@ int state_save(const char *dir, const StateGuest *g) {
         path = state_path(dir, g->name);
         if (!text || !path)
                 return -ENOMEM;
-        return write_file_atomic(path, text, strlen(text), 0600);
+        copy = strdup(text);
+        if (!copy)
+                return -ENOMEM;
+        return state_writer_put(w, path, copy, strlen(copy), 0600, wait);
 }
 
-int state_remove(const char *dir, const char *name) {
+int state_remove(StateWriter *w, const char *dir, const char *name) {
         _cleanup_free_ char *path = state_path(dir, name);
 
         if (!path)
                 return -ENOMEM;
-        if (unlink(path) < 0 && errno != ENOENT)
-                return -errno;
-        return 0;
+        return state_writer_put(w, path, NULL, 0, 0, true);
 }
 
 /* Loading: every field checked as if a stranger wrote the file. */

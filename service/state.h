@@ -14,6 +14,7 @@
 
 #include "job.h"
 #include "qmp-socket.h"
+#include "state-writer.h"
 
 #define STATE_FILE_MAX (4U * 1024U * 1024U)
 
@@ -55,9 +56,10 @@ typedef struct StateGuest {
  * from its guest instead, and is then not given to this. */
 void state_guest_done(StateGuest *g);
 
-/* Write g to <dir>/<name>.json, atomically. */
-int state_save(const char *dir, const StateGuest *g);
-int state_remove(const char *dir, const char *name);
+/* Write g to <dir>/<name>.json, atomically, through w (state-writer.h): done before returning
+ * with wait, else queued. A removal is always done before returning. */
+int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait);
+int state_remove(StateWriter *w, const char *dir, const char *name);
 
 /* One state file's JSON (file_name: its name, which must match the guest inside) to a record,
  * every field checked: the loader's parse alone (tests/fuzz/fuzz-state.c). -EBADMSG if invalid. */

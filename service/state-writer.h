@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Writing state files off the event loop. A durable write is two fsyncs (the file, then its
+ * directory); on a disk that QEMUs are filling they take tens of milliseconds each, and with
+ * many guests saving at the start or end of their jobs the loop stalled for seconds while every
+ * D-Bus call waited. One writer thread does those writes in the order they were asked for.
+ *
+ * Only the event loop's thread calls in. A write asked for again before the thread got to it is
+ * done once, with the latest data; a removal supersedes a queued write of the same path. A
+ * caller that must know the file is on disk before it goes on (the order matters to a restart)
+ * asks to wait: its write then happens in its own thread, after whatever the writer was doing
+ * to that path, and replaces what was queued for it. */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+typedef struct StateWriter StateWriter;
+
+/* Starts the thread. */
+int state_writer_new(StateWriter **ret);
+
+/* Does what is queued, then stops the thread. */
+StateWriter *state_writer_free(StateWriter *w);
+
+/* Write data (len bytes; taken, freed by the writer) to path atomically with mode, or remove path
+ * (data NULL). wait: done before returning, and the result returned; otherwise queued, 0 returned
+ * and a failure logged by the thread. w NULL: done at once, as with wait. */
+int state_writer_put(StateWriter *w, const char *path, char *data, size_t len, mode_t mode, bool wait);
+
+/* Waits until everything queued so far is done. */
+void state_writer_flush(StateWriter *w);

@@ -1,0 +1,166 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* The state writer thread (service/state-writer.c): what lands on disk, in which order, whoever
+ * asked last. */
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include "state-writer.h"
+#include "util.h"
+#include "tap.h"
+
+static char dir[] = "/tmp/test-state-writer-XXXXXX";
+
+static char *path_of(const char *name) {
+        return strdup_printf("%s/%s", dir, name);
+}
+
+/* The file's contents, or NULL if there is none. */
+static char *contents(const char *name) {
+        _cleanup_free_ char *p = path_of(name);
+        char buf[256];
+        ssize_t n;
+        int fd;
+
+        fd = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return NULL;
+        n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n < 0)
+                return NULL;
+        buf[n] = 0;
+        return strdup(buf);
+}
+
+static int put(StateWriter *w, const char *name, const char *text, bool wait) {
+        _cleanup_free_ char *p = path_of(name);
+        char *data = text ? strdup(text) : NULL;
+
+        if (!p || (text && !data)) {
+                free(data);
+                return -ENOMEM;
+        }
+        return state_writer_put(w, p, data, text ? strlen(text) : 0, 0600, wait);
+}
+
+/* Many writes for other files first, so that what follows is still queued when the caller goes
+ * on (the thread fsyncs each). */
+static void fill_queue(StateWriter *w, const char *prefix, unsigned n) {
+        for (unsigned i = 0; i < n; i++) {
+                char name[64], text[64];
+                snprintf(name, sizeof(name), "%s-%u", prefix, i);
+                snprintf(text, sizeof(text), "%s %u", prefix, i);
+                ASSERT_OK(put(w, name, text, false));
+        }
+}
+
+static void test_latest_wins(void) {
+        StateWriter *w = NULL;
+        _cleanup_free_ char *c = NULL;
+
+        ASSERT_OK(state_writer_new(&w));
+        fill_queue(w, "a", 50);
+        ASSERT_OK(put(w, "g", "one", false));
+        ASSERT_OK(put(w, "g", "two", false));
+        ASSERT_OK(put(w, "g", "three", false));
+        state_writer_flush(w);
+        c = contents("g");
+        ASSERT_STREQ(c, "three");
+        for (unsigned i = 0; i < 50; i++) {
+                char name[64], text[64];
+                _cleanup_free_ char *got = NULL;
+                snprintf(name, sizeof(name), "a-%u", i);
+                snprintf(text, sizeof(text), "a %u", i);
+                got = contents(name);
+                ASSERT_STREQ(got, text);
+        }
+        state_writer_free(w);
+}
+
+static void test_waited_write_is_not_overtaken(void) {
+        StateWriter *w = NULL;
+        _cleanup_free_ char *now = NULL, *later = NULL;
+
+        ASSERT_OK(state_writer_new(&w));
+        fill_queue(w, "b", 200);
+        ASSERT_OK(put(w, "h", "old", false)); /* queued behind the 200 */
+        ASSERT_OK(put(w, "h", "new", true));
+        now = contents("h");
+        ASSERT_STREQ(now, "new"); /* on disk when the call returned */
+        state_writer_flush(w);
+        later = contents("h");
+        ASSERT_STREQ(later, "new"); /* and the queued "old" never landed over it */
+        state_writer_free(w);
+}
+
+static void test_remove_supersedes(void) {
+        StateWriter *w = NULL;
+        _cleanup_free_ char *c = NULL, *p = NULL;
+
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(put(w, "r", "there", true));
+        fill_queue(w, "c", 200);
+        ASSERT_OK(put(w, "r", "again", false));
+        ASSERT_OK(put(w, "r", NULL, true)); /* as state_remove() asks: done on return */
+        c = contents("r");
+        ASSERT_TRUE(c == NULL);
+        state_writer_flush(w);
+        p = contents("r");
+        ASSERT_TRUE(p == NULL); /* the queued write did not bring it back */
+        state_writer_free(w);
+}
+
+static void test_free_writes_what_is_queued(void) {
+        StateWriter *w = NULL;
+        _cleanup_free_ char *c = NULL;
+
+        ASSERT_OK(state_writer_new(&w));
+        fill_queue(w, "d", 100);
+        ASSERT_OK(put(w, "last", "yes", false));
+        state_writer_free(w);
+        c = contents("last");
+        ASSERT_STREQ(c, "yes");
+}
+
+static void test_errors(void) {
+        StateWriter *w = NULL;
+
+        ASSERT_OK(state_writer_new(&w));
+        /* Queued: logged by the thread, nothing to return. Waited: returned. */
+        ASSERT_OK(put(w, "no-such-dir/x", "x", false));
+        ASSERT_ERRNO(put(w, "no-such-dir/y", "y", true), -ENOENT);
+        state_writer_flush(w);
+        /* A removal of what is not there is not an error. */
+        ASSERT_OK(put(w, "never-written", NULL, true));
+        state_writer_free(w);
+        /* Without a writer: done in the caller. */
+        ASSERT_OK(put(NULL, "direct", "d", false));
+        {
+                _cleanup_free_ char *c = contents("direct");
+                ASSERT_STREQ(c, "d");
+        }
+}
+
+int main(int argc, char **argv) {
+        int r;
+
+        tap_init(argc, argv);
+        if (!mkdtemp(dir)) {
+                perror("mkdtemp");
+                return 1;
+        }
+        TAP_RUN(test_latest_wins);
+        TAP_RUN(test_waited_write_is_not_overtaken);
+        TAP_RUN(test_remove_supersedes);
+        TAP_RUN(test_free_writes_what_is_queued);
+        TAP_RUN(test_errors);
+        r = tap_finish();
+        {
+                _cleanup_free_ char *cmd = strdup_printf("rm -rf '%s'", dir);
+                if (cmd)
+                        (void) !system(cmd);
+        }
+        return r;
+}
