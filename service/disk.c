@@ -231,17 +231,17 @@ static FinalizeCtx *finalize_ctx_new(Disk *d) {
         return c;
 }
 
-static void disk_publish_now(Disk *d) {
+/* The outcome, recorded as published, is on disk: now Finished goes out (a crash before this
+ * point publishes it after the restart instead; never both). */
+static void publish_saved(void *userdata) {
+        FinalizeCtx *c = userdata;
+        Disk *d = c->host->find_disk(c->guest, c->alias);
         int r;
 
-        d->finalizing = false;
-        d->releasing = false;
-        if (!job_publish_outcome(&d->job))
+        if (!d || !d->publishing)
                 return;
-        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->host->name(d->guest),
-                d->alias, stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
-                strempty(d->job.error));
-        disk_save(d);
+        d->publishing = false;
+        d->finalizing = false;
         disk_emit_job(d);
         if (d->host->published(d->guest)) {
                 r = sd_bus_emit_signal(d->host->bus(d->guest), d->object_path, STREAM_INTERFACE, "Finished", "sts",
@@ -251,6 +251,36 @@ static void disk_publish_now(Disk *d) {
         }
         d->host->update_polling(d->guest);
         d->host->release_helper_if_idle(d->guest);
+}
+
+static void disk_publish_now(Disk *d) {
+        FinalizeCtx *c;
+
+        if (d->publishing)
+                return; /* on its way */
+        d->releasing = false;
+        if (!job_publish_outcome(&d->job)) {
+                d->finalizing = false;
+                return;
+        }
+        log_info("Guest %s disk %s: stream %s (%" PRIu64 " of %" PRIu64 " bytes)%s%s", d->host->name(d->guest),
+                d->alias, stream_state_to_string(d->job.state), d->job.done, d->job.total, d->job.error ? ": " : "",
+                strempty(d->job.error));
+        /* Still finalizing until Finished is out: no next job may begin before it, so the
+         * outcome Finished tells is this one's. */
+        d->finalizing = true;
+        d->publishing = true;
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        c = finalize_ctx_new(d);
+        if (c) {
+                (void) d->host->save_then(d->guest, publish_saved, c, finalize_ctx_free);
+                return;
+        }
+        disk_save(d);
+        {
+                FinalizeCtx now = { .guest = d->guest, .host = d->host, .alias = d->alias };
+                publish_saved(&now);
+        }
 }
 
 static void disk_publish_outcome(Disk *d) {
@@ -304,17 +334,16 @@ static void finalize_dismissed(Qmp *q, int error, const char *desc, void *userda
         disk_publish_outcome(d);
 }
 
-static void disk_finalize(Disk *d) {
-        Guest *g = d->guest;
+/* The outcome is on disk: a crash from here on finds it. Now QEMU may forget the job. */
+static void finalize_saved(void *userdata) {
+        FinalizeCtx *s = userdata;
+        Disk *d = s->host->find_disk(s->guest, s->alias);
+        Guest *g;
         FinalizeCtx *c;
 
-        if (d->finalizing)
+        if (!d || !d->finalizing)
                 return;
-        d->finalizing = true;
-        disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
-        disk_save(d); /* the outcome survives a crash from here on */
-        d->host->update_polling(g);
-
+        g = d->guest;
         if (d->job.id && d->host->qmp_ready(g)) {
                 c = finalize_ctx_new(d);
                 if (c &&
@@ -324,6 +353,29 @@ static void disk_finalize(Disk *d) {
         }
         d->job.id = mfree(d->job.id);
         disk_publish_outcome(d);
+}
+
+static void disk_finalize(Disk *d) {
+        FinalizeCtx *c;
+
+        if (d->finalizing)
+                return;
+        d->finalizing = true;
+        disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
+        d->host->update_polling(d->guest);
+        /* The outcome is written before the job is dismissed in QEMU, by the state writer: the
+         * loop serves other calls meanwhile (Start gets Busy while finalizing). */
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        c = finalize_ctx_new(d);
+        if (c) {
+                (void) d->host->save_then(d->guest, finalize_saved, c, finalize_ctx_free);
+                return;
+        }
+        disk_save(d);
+        {
+                FinalizeCtx now = { .guest = d->guest, .host = d->host, .alias = d->alias };
+                finalize_saved(&now);
+        }
 }
 
 static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {

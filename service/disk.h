@@ -28,6 +28,8 @@ typedef struct DiskHost {
         bool (*qmp_ready)(Guest *g);
         int (*save)(Guest *g);
         void (*save_later)(Guest *g);
+        /* Save, and go on in then once it is on disk (guest_save_then()). */
+        int (*save_then)(Guest *g, void (*then)(void *userdata), void *userdata, void (*destroy)(void *userdata));
         void (*update_polling)(Guest *g);
         void (*release_helper_if_idle)(Guest *g);
         Disk *(*find_disk)(Guest *g, const char *alias);
@@ -50,6 +52,7 @@ typedef struct Disk {
         uint64_t bandwidth; /* Bandwidth: of the running job, else the default for the next */
 
         Job job;
+        bool publishing; /* the outcome is being written; Finished follows (disk.c) */
         char *range_node;   /* a range job's filter and export, recorded before QEMU has them */
         char *range_export;
         char *range_bottom; /* its filter's bottom (a range with base): to resume it after a restart */

@@ -10,7 +10,8 @@
 #include "engine.h"
 #include "util.h"
 
-int guest_write_state(Guest *g, const char *dir, bool wait) {
+int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t then, void *userdata,
+        void (*destroy)(void *userdata)) {
         _cleanup_free_ StateDisk *disks = NULL;
         StateGuest s;
 
@@ -53,6 +54,8 @@ int guest_write_state(Guest *g, const char *dir, bool wait) {
                 .disks = disks,
                 .n_disks = g->n_disks,
         };
+        if (then)
+                return state_save_then(g->engine->state_writer, dir, &s, g, then, userdata, destroy);
         return state_save(g->engine->state_writer, dir, &s, wait);
 }
 

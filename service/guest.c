@@ -64,6 +64,8 @@ Guest *guest_free(Guest *g) {
         g->bus_drain_timer = sd_event_source_disable_unref(g->bus_drain_timer);
         if (g->save_pending) /* the daemon stops: what was deferred is written now */
                 (void) guest_save(g);
+        /* Steps that waited for a write of ours: they had this guest to go on with. */
+        state_writer_forget(g->engine->state_writer, g);
         g->save_timer = sd_event_source_disable_unref(g->save_timer);
         if (g->register_call) {
                 (void) sd_bus_reply_method_errorf(g->register_call, BS_ERROR_NOT_RUNNING,
@@ -210,7 +212,7 @@ bool guest_has_active_job(Guest *g) {
         return false;
 }
 
-static int save(Guest *g, bool wait) {
+static int save(Guest *g, bool wait, state_writer_then_t then, void *userdata, void (*destroy)(void *)) {
         int r;
 
         /* Whatever was deferred is in this write too. */
@@ -220,21 +222,42 @@ static int save(Guest *g, bool wait) {
         if (!g->published)
                 return 0;
         g->last_save = now_usec(CLOCK_MONOTONIC);
-        r = guest_write_state(g, g->engine->guest_state_dir, wait);
+        r = guest_write_state(g, g->engine->guest_state_dir, wait, then, userdata, destroy);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the state of guest %s: %m", g->name);
         return 0;
 }
 
 int guest_save(Guest *g) {
-        return save(g, true);
+        return save(g, true, NULL, NULL, NULL);
+}
+
+int guest_save_then(Guest *g, state_writer_then_t then, void *userdata, void (*destroy)(void *userdata)) {
+        int r;
+
+        if (!g->published) {
+                /* Nothing to write: the next step follows at once. */
+                then(userdata);
+                if (destroy)
+                        destroy(userdata);
+                return 0;
+        }
+        r = save(g, false, then, userdata, destroy);
+        if (r < 0) {
+                /* Not queued (no memory): the old way, the write done before the next step. */
+                (void) save(g, true, NULL, NULL, NULL);
+                then(userdata);
+                if (destroy)
+                        destroy(userdata);
+        }
+        return 0;
 }
 
 static int save_handler(sd_event_source *s, uint64_t usec, void *userdata) {
         Guest *g = userdata;
 
         /* Nobody waits for a coalesced save: the writer thread does its fsyncs, not the loop. */
-        (void) save(g, false); /* logs on failure */
+        (void) save(g, false, NULL, NULL, NULL); /* logs on failure */
         return 0;
 }
 
@@ -533,6 +556,7 @@ const DiskHost guest_disk_host = {
         .qmp_ready = guest_qmp_ready,
         .save = guest_save,
         .save_later = guest_save_later,
+        .save_then = guest_save_then,
         .update_polling = guest_update_polling,
         .release_helper_if_idle = guest_release_helper_if_idle,
         .find_disk = guest_find_disk,
@@ -544,7 +568,7 @@ int guest_publish(Guest *g) {
         int r;
 
         g->published = true;
-        r = guest_write_state(g, g->engine->guest_state_dir, true);
+        r = guest_write_state(g, g->engine->guest_state_dir, true, NULL, NULL, NULL);
         if (r < 0) {
                 g->published = false;
                 return r;

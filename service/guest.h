@@ -14,6 +14,7 @@
 #include "qmp-socket.h"
 #include "helper.h"
 #include "sandbox.h"
+#include "state-writer.h"
 
 typedef struct Engine Engine;
 typedef struct Disk Disk;
@@ -118,10 +119,12 @@ void guest_release_helper_if_idle(Guest *g);
 char **guest_forbidden_images(Guest *g);
 bool guest_has_active_job(Guest *g);
 /* The guest as a record of state.h, written to <dir>/<name>.json (on disk when this returns
- * with wait; else queued to the engine's state writer); its file removed; a guest (unpublished,
- * unlinked) made of a loaded record, whose contents it takes (guest-state.c). */
+ * with wait; else queued to the engine's state writer, then, if given, called on the loop once
+ * it is on disk: state_writer_put_then(), the guest its owner); its file removed; a guest
+ * (unpublished, unlinked) made of a loaded record, whose contents it takes (guest-state.c). */
 typedef struct StateGuest StateGuest;
-int guest_write_state(Guest *g, const char *dir, bool wait);
+int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t then, void *userdata,
+        void (*destroy)(void *userdata));
 int guest_remove_state(Guest *g, const char *dir);
 int guest_from_state(Engine *m, StateGuest *s, Guest **ret);
 /* Write the guest's state file; logs on failure. */
@@ -130,6 +133,11 @@ int guest_save(Guest *g);
  * job flapping between paused and running must not cost an fsync per event). For changes whose
  * loss in a crash costs nothing that the next connect does not recover from. */
 void guest_save_later(Guest *g);
+/* Written without waiting, for a next step that must follow the write: then(userdata) is called
+ * on the loop once the file is on disk (at once if the guest is not published), destroy(userdata)
+ * after it, or alone if the guest goes first. Always 0: a write that cannot be queued is done
+ * before then is called. */
+int guest_save_then(Guest *g, state_writer_then_t then, void *userdata, void (*destroy)(void *userdata));
 /* Poll QEMU's jobs at 4 Hz while one runs. */
 void guest_update_polling(Guest *g);
 /* Re-read disks from QEMU; handler gets 0 or -errno (error text if QEMU said why). */

@@ -99,6 +99,8 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
                 return r;
         }
         r = state_writer_new(&m->engine.state_writer);
+        if (r >= 0)
+                r = state_writer_attach(m->engine.state_writer, e);
         if (r < 0) {
                 log_error_errno(r, "Failed to start the state writer thread: %m");
                 manager_free(m);

@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
+#include <systemd/sd-event.h>
 
 typedef struct StateWriter StateWriter;
 
@@ -31,3 +32,17 @@ int state_writer_put(StateWriter *w, const char *path, char *data, size_t len, m
 
 /* Waits until everything queued so far is done. */
 void state_writer_flush(StateWriter *w);
+
+/* Continuations on the event loop: a caller whose next step must follow the write (a job
+ * dismissed in QEMU only once its outcome is on disk, Finished only once it is recorded as sent)
+ * queues the write and goes on in fn, called on e's loop once the write (or a later one of the
+ * same path) is on disk, whether it succeeded or not (a failure is logged). Then destroy, also
+ * when fn is never called: state_writer_forget(owner), or state_writer_free(). */
+typedef void (*state_writer_then_t)(void *userdata);
+int state_writer_attach(StateWriter *w, sd_event *e);
+/* Takes data. Without w or before attach: written and fn called before this returns. On error
+ * (-ENOMEM) nothing was queued, fn is not called and userdata stays the caller's. */
+int state_writer_put_then(StateWriter *w, const char *path, char *data, size_t len, mode_t mode, void *owner,
+        state_writer_then_t fn, void *userdata, void (*destroy)(void *userdata));
+/* Drops owner's continuations (destroy, not fn): owner goes away. */
+void state_writer_forget(StateWriter *w, void *owner);

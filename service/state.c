@@ -92,7 +92,8 @@ static json_object *disk_to_json(const StateDisk *d) {
         return o;
 }
 
-int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait) {
+/* g as the text of its file, and that file's path. */
+static int format(const char *dir, const StateGuest *g, char **ret_text, char **ret_path) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_free_ char *path = NULL;
         char *copy;
@@ -138,7 +139,32 @@ int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait) 
         copy = strdup(text);
         if (!copy)
                 return -ENOMEM;
-        return state_writer_put(w, path, copy, strlen(copy), 0600, wait);
+        *ret_text = copy;
+        *ret_path = TAKE_PTR(path);
+        return 0;
+}
+
+int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait) {
+        _cleanup_free_ char *path = NULL;
+        char *text;
+        int r;
+
+        r = format(dir, g, &text, &path);
+        if (r < 0)
+                return r;
+        return state_writer_put(w, path, text, strlen(text), 0600, wait);
+}
+
+int state_save_then(StateWriter *w, const char *dir, const StateGuest *g, void *owner, state_writer_then_t fn,
+        void *userdata, void (*destroy)(void *userdata)) {
+        _cleanup_free_ char *path = NULL;
+        char *text;
+        int r;
+
+        r = format(dir, g, &text, &path);
+        if (r < 0)
+                return r;
+        return state_writer_put_then(w, path, text, strlen(text), 0600, owner, fn, userdata, destroy);
 }
 
 int state_remove(StateWriter *w, const char *dir, const char *name) {

@@ -59,6 +59,9 @@ void state_guest_done(StateGuest *g);
 /* Write g to <dir>/<name>.json, atomically, through w (state-writer.h): done before returning
  * with wait, else queued. A removal is always done before returning. */
 int state_save(StateWriter *w, const char *dir, const StateGuest *g, bool wait);
+/* The same, going on in fn once it is on disk (state_writer_put_then()). */
+int state_save_then(StateWriter *w, const char *dir, const StateGuest *g, void *owner, state_writer_then_t fn,
+        void *userdata, void (*destroy)(void *userdata));
 int state_remove(StateWriter *w, const char *dir, const char *name);
 
 /* One state file's JSON (file_name: its name, which must match the guest inside) to a record,

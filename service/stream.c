@@ -168,8 +168,12 @@ static void resume_started(Disk *d, CallCtx *c, int error, const char *desc) {
         guest_update_polling(g);
 }
 
+static void start_saved(void *userdata) {
+        call_reply(userdata, 0, NULL, NULL);
+}
+
 static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
-        CallCtx *c = userdata;
+        CallCtx *c = userdata, *saved;
         Disk *d = guest_find_disk(c->guest, c->alias);
         int r;
 
@@ -204,10 +208,19 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         }
         d->bandwidth = c->bandwidth;
         log_info("Guest %s disk %s: stream started (job %s).", c->guest->name, d->alias, d->job.id);
-        disk_save(d);
         disk_emit_job(d);
         guest_update_polling(c->guest);
-        call_reply(c, 0, NULL, NULL);
+        /* The caller hears of the job once it is on disk (a restart then carries it on), from
+         * the state writer: the loop serves other calls meanwhile. */
+        saved = call_ctx_new(d, c->msg);
+        if (!saved) {
+                disk_save(d);
+                call_reply(c, 0, NULL, NULL);
+                return;
+        }
+        c->replied = true; /* the reply is saved's now */
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(c->guest, start_saved, saved, call_ctx_free);
 }
 
 static void start_when_ready(Guest *g, int error, const char *error_text, void *userdata) {

@@ -6,6 +6,8 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <systemd/sd-event.h>
+
 #include "state-writer.h"
 #include "util.h"
 #include "tap.h"
@@ -143,6 +145,102 @@ static void test_errors(void) {
         }
 }
 
+/* Continuations on an event loop. */
+
+typedef struct Seen {
+        const char *name;
+        const char *expect; /* what the file must hold when the continuation runs */
+        unsigned *order;
+        unsigned at;
+        bool called, destroyed;
+} Seen;
+
+static void seen_then(void *userdata) {
+        Seen *s = userdata;
+        _cleanup_free_ char *c = contents(s->name);
+
+        s->called = true;
+        s->at = ++*s->order;
+        ASSERT_STREQ(c, s->expect);
+}
+
+static void seen_destroy(void *userdata) {
+        ((Seen *) userdata)->destroyed = true;
+}
+
+static int put_then(StateWriter *w, Seen *s, const char *text, void *owner) {
+        _cleanup_free_ char *p = path_of(s->name);
+        char *data = strdup(text);
+
+        if (!p || !data) {
+                free(data);
+                return -ENOMEM;
+        }
+        return state_writer_put_then(w, p, data, strlen(text), 0600, owner, seen_then, s, seen_destroy);
+}
+
+static void run_until(sd_event *e, bool *done) {
+        for (unsigned i = 0; i < 10000 && !*done; i++)
+                ASSERT_OK(sd_event_run(e, 100 * USEC_PER_MSEC));
+        ASSERT_TRUE(*done);
+}
+
+static void test_then_after_the_write(void) {
+        _cleanup_(sd_event_unrefp) sd_event *e = NULL;
+        StateWriter *w = NULL;
+        unsigned order = 0;
+        int owner_a, owner_b;
+        Seen first = { .name = "t1", .expect = "one", .order = &order };
+        Seen second = { .name = "t2", .expect = "two", .order = &order };
+        Seen joined = { .name = "t1", .expect = "one", .order = &order }; /* the same write */
+        Seen forgotten = { .name = "t3", .expect = "three", .order = &order };
+
+        ASSERT_OK(sd_event_new(&e));
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(state_writer_attach(w, e));
+        fill_queue(w, "e", 100);
+        ASSERT_OK(put_then(w, &first, "zero", &owner_a));
+        ASSERT_OK(put_then(w, &joined, "one", &owner_a)); /* joins first's queued write */
+        first.expect = "one";
+        ASSERT_OK(put_then(w, &second, "two", &owner_a));
+        ASSERT_OK(put_then(w, &forgotten, "three", &owner_b));
+        ASSERT_FALSE(first.called); /* never before the write, never inside the call */
+        state_writer_forget(w, &owner_b);
+        ASSERT_TRUE(forgotten.destroyed && !forgotten.called);
+        run_until(e, &second.called);
+        ASSERT_TRUE(first.called && joined.called && first.destroyed && second.destroyed);
+        ASSERT_EQ(first.at, 1u); /* in the order asked */
+        ASSERT_EQ(joined.at, 2u);
+        ASSERT_EQ(second.at, 3u);
+        ASSERT_FALSE(forgotten.called);
+        state_writer_free(w);
+}
+
+static void test_then_dropped_by_free(void) {
+        _cleanup_(sd_event_unrefp) sd_event *e = NULL;
+        StateWriter *w = NULL;
+        unsigned order = 0;
+        int owner;
+        Seen s = { .name = "f1", .expect = "x", .order = &order };
+
+        ASSERT_OK(sd_event_new(&e));
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(state_writer_attach(w, e));
+        ASSERT_OK(put_then(w, &s, "x", &owner));
+        state_writer_free(w); /* the write lands; nobody runs the loop: dropped, not called */
+        ASSERT_TRUE(s.destroyed && !s.called);
+        {
+                _cleanup_free_ char *c = contents("f1");
+                ASSERT_STREQ(c, "x");
+        }
+        /* Unattached: written and called at once. */
+        {
+                Seen now = { .name = "f2", .expect = "y", .order = &order };
+                ASSERT_OK(put_then(NULL, &now, "y", &owner));
+                ASSERT_TRUE(now.called && now.destroyed);
+        }
+}
+
 int main(int argc, char **argv) {
         int r;
 
@@ -156,6 +254,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_remove_supersedes);
         TAP_RUN(test_free_writes_what_is_queued);
         TAP_RUN(test_errors);
+        TAP_RUN(test_then_after_the_write);
+        TAP_RUN(test_then_dropped_by_free);
         r = tap_finish();
         {
                 _cleanup_free_ char *cmd = strdup_printf("rm -rf '%s'", dir);
