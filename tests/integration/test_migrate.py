@@ -1,0 +1,190 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Post-copy block migration between two hosts, end to end (issue 14, item 1).
+
+Two hosts on this machine (fleet.py): network namespaces bst-src (10.77.0.1) and bst-dst
+(10.77.0.2) joined by a veth pair, each with its own private system bus, blockstreamd and QEMU.
+The test is the orchestrator (what libvirt or a user's script would do), and nothing else:
+
+  src: a guest on an overlay of a template; the guest writes to its disk;
+       Export the disk over TCP on 10.77.0.1;
+  dst: ProvisionDisk an overlay whose backing is that export's nbd:// URI;
+       start QEMU with -incoming, the overlay's backing the NBD export with reconnect-delay;
+  src: migrate (QEMU's own migration, memory only: the disk is shared through the export);
+  dst: cont; register the guest; Start a full stream; the guest writes during the stream;
+       on Finished: Export.Stop on src;
+and then every byte of the destination's disk is checked against the expected data (template,
+the source overlay, the source guest's writes, the destination guest's writes), with
+`qemu-img check`, and the overlay has no backing any more.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fleet  # noqa: E402
+import harness as h  # noqa: E402
+import offline as o  # noqa: E402
+from harness import MiB, T  # noqa: E402
+
+SIZE = 64 * MiB
+NBD_PORT = 10809
+MIGRATION_PORT = 4444
+RECONNECT_DELAY = 30    # seconds the destination's NBD client retries a lost connection
+
+
+class MigrateTest(h.TestCase):
+    env_per_test = True        # two hosts of each test's own instead of the harness's one environment
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        h.check_prerequisites(daemon=True)
+
+    def setUp(self):
+        self.net = fleet.Network().setup()
+        self.addCleanup(self.net.teardown)
+        self.src = self.new_host('src')
+        self.dst = self.new_host('dst', 'TemplateURLPrefixes=nbd://%s:%d\n' % (fleet.VETH['src'][2], NBD_PORT))
+
+    def new_host(self, role, config_extra=''):
+        host = fleet.Host(role, config_extra)
+        self.hosts = getattr(self, 'hosts', []) + [host]
+        # Cleanups run last-in first-out: the hosts go before the network.
+        self.addCleanup(host.close)
+        host.start()
+        return host
+
+    def run(self, result=None):
+        # On failure, the logs of both hosts (the harness shows self.env's only).
+        if result is None:
+            return super().run(result)
+        before = len(result.failures) + len(result.errors)
+        r = super().run(result)
+        if len(result.failures) + len(result.errors) > before:
+            for host in getattr(self, 'hosts', []):
+                sys.stderr.write('\n===== logs of host %s (%s) =====\n%s\n' % (host.role, host.dir, host.logs_text()))
+        return r
+
+    # -- the source
+
+    def source_guest(self, name):
+        """template.qcow2 <- overlay.qcow2 on src, the reference of their content, and the guest's
+        QEMU registered with src's daemon."""
+        d = os.path.join(self.src.images, name)
+        os.makedirs(d)
+        template = os.path.join(d, 'template.qcow2')
+        overlay = os.path.join(d, 'overlay.qcow2')
+        ref = os.path.join(d, 'ref.raw')
+        h.qemu_img('create', '-q', '-f', 'qcow2', template, str(SIZE))
+        h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x11 0 %d' % (24 * MiB),
+               '-c', 'write -P 0x12 %d %d' % (40 * MiB, 8 * MiB), template])
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', template, '-F', 'qcow2', overlay)
+        h.qemu_io(overlay, 'write -P 0x21 %d %d' % (8 * MiB, 4 * MiB))
+        h.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', overlay, ref)
+        q = self.src.new_qemu(name, [('vda', overlay)])
+        self.addCleanup(q.kill)
+        path = self.src.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name,
+                                    q.daemon_socket, h.no_opts())
+        self.assertEqual(path, h.guest_path(name))
+        return q, overlay, ref
+
+    def write(self, q, ref, pattern, offset, length):
+        """A guest write, mirrored into the reference."""
+        q.guest_write('vda', pattern, offset, length)
+        h.qemu_io(ref, 'write -P 0x%02x %d %d' % (pattern, offset, length), fmt='raw')
+
+    # -- the test
+
+    def test_postcopy_block_migration(self):
+        name = 'vm-migrate'
+        src_addr, dst_addr = fleet.VETH['src'][2], fleet.VETH['dst'][2]
+
+        # src: the running guest writes to its disk before the migration.
+        src_q, src_overlay, ref = self.source_guest(name)
+        self.write(src_q, ref, 0x31, 20 * MiB, 2 * MiB)        # over the template's data
+        self.write(src_q, ref, 0x32, 60 * MiB, 1 * MiB)        # where the template has none
+
+        # src: Export over TCP on the veth address.
+        src_disk = h.Disk(self.src.client, h.disk_path(name, 'vda'))
+        export_path, uri = o.export(src_disk, 'tcp:%s:%d' % (src_addr, NBD_PORT))
+        self.assertEqual(uri, 'nbd://%s:%d/vda' % (src_addr, NBD_PORT))
+
+        # dst: an overlay over the export, provisioned by dst's daemon (which asks the export for
+        # its size from dst's namespace: across the veth).
+        dst_dir = os.path.join(self.dst.images, name)
+        os.makedirs(dst_dir)
+        dst_overlay = os.path.join(dst_dir, 'overlay.qcow2')
+        size = self.dst.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', uri, dst_overlay,
+                                    h.no_opts())
+        self.assertEqual(size, SIZE)
+        info = h.image_info(dst_overlay)
+        self.assertEqual((info.get('backing-filename'), info.get('backing-filename-format')), (uri, 'raw'))
+
+        # dst: QEMU waiting for the migration, its disk's backing the export, with reconnect-delay.
+        blockdevs = [
+            '-blockdev', 'driver=nbd,node-name=remote0,server.type=inet,server.host=%s,server.port=%d,export=vda,'
+                         'reconnect-delay=%d,read-only=on' % (src_addr, NBD_PORT, RECONNECT_DELAY),
+            '-blockdev', 'driver=file,filename=%s,node-name=file0' % dst_overlay,
+            '-blockdev', 'driver=qcow2,file=file0,backing=remote0,node-name=disk0',
+            '-device', 'virtio-blk-pci,drive=disk0,id=vda',
+        ]
+        dst_q = self.dst.new_qemu(name, [('vda', dst_overlay)], ['-incoming', 'tcp:%s:%d' % (dst_addr, MIGRATION_PORT)],
+                                  blockdevs=blockdevs)
+        self.addCleanup(dst_q.kill)
+        self.assertEqual(dst_q.qmp.cmd('query-status')['status'], 'inmigrate')
+        # Its NBD client is connected to src's export, across the veth.
+        self.src.client.wait_prop(export_path, o.IFACE_EXPORT, 'Clients', lambda n: n >= 1, 30)
+
+        # src → dst: QEMU's migration of the memory and device state; no block migration.
+        src_q.qmp.cmd('migrate', uri='tcp:%s:%d' % (dst_addr, MIGRATION_PORT))
+        h.wait_until(lambda: src_q.qmp.cmd('query-migrate').get('status') in ('completed', 'failed', 'cancelled'),
+                     120, 'the migration to end')
+        mig = src_q.qmp.cmd('query-migrate')
+        self.assertEqual(mig.get('status'), 'completed', 'migration: %r' % mig)
+        self.assertEqual(src_q.qmp.cmd('query-status')['status'], 'postmigrate')
+        self.assertTrue(src_q.running(), 'the source QEMU died after the migration (status %s)' % src_q.proc.poll())
+        # The source never ran its CPUs (-S), so the destination takes over "prelaunch".
+        dst_q.wait_status(('paused', 'prelaunch'))
+        self.assertEqual(dst_q.qmp.cmd('query-migrate').get('status'), 'completed')
+        dst_q.qmp.cmd('cont')
+        dst_q.wait_status(('running',))
+
+        # dst: the guest runs on the export; it writes, then dst's daemon streams its disk.
+        self.write(dst_q, ref, 0x41, 0, 1 * MiB)
+        self.assertTrue(dst_q.guest_read('vda', 0x12, 40 * MiB, 8 * MiB), 'dst reads the template through the export')
+        self.assertTrue(dst_q.guest_read('vda', 0x31, 20 * MiB, 2 * MiB), "dst reads src guest's write")
+        self.dst.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, dst_q.daemon_socket,
+                             h.no_opts())
+        disk = h.Disk(self.dst.client, h.disk_path(name, 'vda'))
+        disk.client.wait_prop(disk.path, h.IFACE_STREAM, 'BackingChain',
+                              lambda v: v and v[0].startswith(uri), 30)
+        disk.start(0, 0, h.opts(bandwidth=T(1 * MiB)))
+        disk.pause()
+        disk.wait_state('paused', 60)
+        # A guest write in the middle of the stream: where it has not copied yet, and where it has.
+        self.write(dst_q, ref, 0x42, 44 * MiB, 1 * MiB)
+        self.write(dst_q, ref, 0x43, 0, 512 * 1024)
+        disk.resume()
+        disk.set_bandwidth(0)
+        fin = disk.wait_finished(300)
+        self.assertEqual(fin[0], 'completed', 'the stream ended: %r' % (fin,))
+        self.assertEqual(disk.prop('BackingChain'), [])
+
+        # src: the export is no longer needed.
+        self.src.client.call(export_path, o.IFACE_EXPORT, 'Stop')
+        self.assertTrue(dst_q.guest_read('vda', 0x12, 40 * MiB, 4 * MiB), 'dst reads without the export')
+        src_q.kill()
+
+        # Every byte, once dst's QEMU has flushed and closed its disk.
+        dst_q.quit()
+        rc, out = h.image_check(dst_overlay)
+        self.assertEqual(rc, 0, 'qemu-img check: %s' % out)
+        self.assertIsNone(h.image_backing(dst_overlay), "dst's overlay still has a backing file")
+        rc, out = h.image_compare(dst_overlay, ref)
+        self.assertEqual(rc, 0, "dst's disk differs from the expected data: %s" % out)
+        self.assertEqual(o.file_sha256(ref), o.chain_sha256(dst_overlay))
+
+
+if __name__ == '__main__':
+    h.main()
