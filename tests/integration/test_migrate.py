@@ -18,6 +18,7 @@ the source overlay, the source guest's writes, the destination guest's writes), 
 `qemu-img check`, and the overlay has no backing any more.
 """
 
+import json
 import os
 import sys
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fleet  # noqa: E402
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
-from harness import MiB, T  # noqa: E402
+from harness import MiB  # noqa: E402
 
 SIZE = 64 * MiB
 NBD_PORT = 10809
@@ -84,10 +85,14 @@ class MigrateTest(h.TestCase):
         h.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', overlay, ref)
         q = self.src.new_qemu(name, [('vda', overlay)])
         self.addCleanup(q.kill)
-        path = self.src.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name,
-                                    q.daemon_socket, h.no_opts())
-        self.assertEqual(path, h.guest_path(name))
+        self.assertEqual(self.ctl(self.src, 'register', name, q.daemon_socket), {'guest': h.guest_path(name)})
         return q, overlay, ref
+
+    def ctl(self, host, *args):
+        """blockstreamctl --json on host's bus, as the orchestrator runs it; its JSON output."""
+        r = h.run([h.BLOCKSTREAMCTL, '--no-ask-password', '--json'] + list(args),
+                  env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=host.bus.address))
+        return json.loads(r.stdout) if r.stdout.strip() else None
 
     def write(self, q, ref, pattern, offset, length):
         """A guest write, mirrored into the reference."""
@@ -106,8 +111,8 @@ class MigrateTest(h.TestCase):
         self.write(src_q, ref, 0x32, 60 * MiB, 1 * MiB)        # where the template has none
 
         # src: Export over TCP on the veth address.
-        src_disk = h.Disk(self.src.client, h.disk_path(name, 'vda'))
-        export_path, uri = o.export(src_disk, 'tcp:%s:%d' % (src_addr, NBD_PORT))
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (src_addr, NBD_PORT))
+        export_path, uri = out['export'], out['uri']
         self.assertEqual(uri, 'nbd://%s:%d/vda' % (src_addr, NBD_PORT))
 
         # dst: an overlay over the export, provisioned by dst's daemon (which asks the export for
@@ -115,9 +120,7 @@ class MigrateTest(h.TestCase):
         dst_dir = os.path.join(self.dst.images, name)
         os.makedirs(dst_dir)
         dst_overlay = os.path.join(dst_dir, 'overlay.qcow2')
-        size = self.dst.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', uri, dst_overlay,
-                                    h.no_opts())
-        self.assertEqual(size, SIZE)
+        self.assertEqual(self.ctl(self.dst, 'provision', uri, dst_overlay), {'size': SIZE})
         info = h.image_info(dst_overlay)
         self.assertEqual((info.get('backing-filename'), info.get('backing-filename-format')), (uri, 'raw'))
 
@@ -154,25 +157,28 @@ class MigrateTest(h.TestCase):
         self.write(dst_q, ref, 0x41, 0, 1 * MiB)
         self.assertTrue(dst_q.guest_read('vda', 0x12, 40 * MiB, 8 * MiB), 'dst reads the template through the export')
         self.assertTrue(dst_q.guest_read('vda', 0x31, 20 * MiB, 2 * MiB), "dst reads src guest's write")
-        self.dst.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, dst_q.daemon_socket,
-                             h.no_opts())
+        self.ctl(self.dst, 'register', name, dst_q.daemon_socket)
         disk = h.Disk(self.dst.client, h.disk_path(name, 'vda'))
-        disk.client.wait_prop(disk.path, h.IFACE_STREAM, 'BackingChain',
-                              lambda v: v and v[0].startswith(uri), 30)
-        disk.start(0, 0, h.opts(bandwidth=T(1 * MiB)))
-        disk.pause()
+        disk.client.wait_prop(disk.path, h.IFACE_STREAM, 'BackingChain', lambda v: v and v[0].startswith(uri), 30)
+        # Throttled, so that the guest's writes below land on both sides of the stream's progress.
+        self.ctl(self.dst, 'pull', name, 'vda', '--bandwidth=1M')
+        disk.wait_bytes_done(2 * MiB, 120)
+        self.ctl(self.dst, 'pause', name, 'vda')
         disk.wait_state('paused', 60)
-        # A guest write in the middle of the stream: where it has not copied yet, and where it has.
-        self.write(dst_q, ref, 0x42, 44 * MiB, 1 * MiB)
+        done = disk.prop('BytesDone')
+        self.assertLess(done, 62 * MiB, 'the stream went too far for this test before it paused')
+        # Guest writes in the middle of the stream: where it has copied already, and where not yet.
         self.write(dst_q, ref, 0x43, 0, 512 * 1024)
-        disk.resume()
-        disk.set_bandwidth(0)
-        fin = disk.wait_finished(300)
-        self.assertEqual(fin[0], 'completed', 'the stream ended: %r' % (fin,))
+        self.write(dst_q, ref, 0x42, 62 * MiB, 1 * MiB)
+        self.ctl(self.dst, 'resume', name, 'vda')
+        self.ctl(self.dst, 'set-bandwidth', name, 'vda', '0')
+        fin = self.ctl(self.dst, 'wait', name, 'vda')
+        self.assertEqual(fin, {'result': 'completed', 'bytes_done': SIZE, 'error': ''})
         self.assertEqual(disk.prop('BackingChain'), [])
 
         # src: the export is no longer needed.
-        self.src.client.call(export_path, o.IFACE_EXPORT, 'Stop')
+        self.ctl(self.src, 'export-stop', export_path)
+        self.assertNotIn(export_path, self.src.client.managed_objects())
         self.assertTrue(dst_q.guest_read('vda', 0x12, 40 * MiB, 4 * MiB), 'dst reads without the export')
         src_q.kill()
 
