@@ -21,7 +21,6 @@ the source overlay, the source guest's writes, the destination guest's writes), 
 import json
 import os
 import sys
-import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fleet  # noqa: E402
@@ -223,37 +222,56 @@ class MigrateTest(h.TestCase):
         h.wait_until(lambda: not self.src.client.get(h.guest_path(r.name), h.IFACE_GUEST, 'Running'), 30,
                      'src guest to stop running')
 
-    @unittest.expectedFailure
     def test_source_qemu_quits_midstream(self):
-        """Issue 14, item 5 (not done yet): when the source QEMU exits after the migration, the
-        export must keep serving on the same address (handed to the guest's storage helper), so
-        that the destination's client, reconnecting, never sees an error. Today the daemon fails
-        the export the moment it loses the QMP connection: the relay and the listener go."""
+        """Issue 14, item 5: when the source QEMU exits after the migration, the export keeps
+        serving on the same address (handed to the guest's storage helper), so that the
+        destination's client, reconnecting, never sees an error. (The daemon used to fail the
+        export the moment it lost the QMP connection: the relay and the listener went.)"""
         r = self.migrate('vm-quits')
         self.start_stream_and_pause(r)
+        relays = o.relays(self.src)
+        self.assertEqual(len(relays), 1, relays)
         self.quit_source(r)
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
         self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual([p.pid for p in o.relays(self.src)], [relays[0].pid],
+                         'the relay (and so the listening socket) did not stay')
         self.finish_stream(r)
         self.check_destination(r)
 
-    def test_source_qemu_quits_manual_handoff(self):
-        """What an orchestrator does today when the source QEMU exits mid-stream: stop the failed
-        export, register the source disk as a guest that is not running, and export it again on
-        the same address, within the destination's reconnect-delay."""
-        r = self.migrate('vm-handoff')
+    def test_handoff_ends_with_the_export(self):
+        """After a handoff, Export.Stop lets the storage helper go, and the guest waits for its
+        QEMU again: a QEMU started anew on its socket is taken up as before."""
+        r = self.migrate('vm-again')
         self.start_stream_and_pause(r)
         self.quit_source(r)
-        # Today's behaviour: the export failed with the QMP connection.
-        self.src.client.wait_prop(r.export_path, o.IFACE_EXPORT, 'State', 'failed', 30)
-        self.ctl(self.src, 'export-stop', r.export_path)
-        self.ctl(self.src, 'unregister', r.name)
-        self.ctl(self.src, 'register', r.name, '--disk=vda=%s' % r.src_overlay)
-        out = self.ctl(self.src, 'export', r.name, 'vda', '--listen=tcp:%s:%d' % (fleet.VETH['src'][2], NBD_PORT))
-        self.assertEqual(out['uri'], r.uri)
-        r.export_path = out['export']
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
         self.finish_stream(r)
+        h.wait_until(lambda: not o.storage_helpers(self.src), 30, 'the storage helper to exit after Stop')
+        guest = h.guest_path(r.name)
+        self.assertFalse(self.src.client.get(guest, h.IFACE_GUEST, 'Running'))
+        q = self.src.new_qemu(r.name, [('vda', r.src_overlay)])
+        self.addCleanup(q.kill)
+        self.src.client.wait_prop(guest, h.IFACE_GUEST, 'Running', True, 90)
+        self.assertEqual(self.src.client.get(h.disk_path(r.name, 'vda'), h.IFACE_STREAM, 'NodeName'), 'disk0')
         self.check_destination(r)
 
+    def test_handoff_refuses_a_swapped_image(self):
+        """The handoff opens the disk by the path QEMU reported, as root: only if that path still
+        is the file QEMU had open when the export began (device and inode, from /proc/PID/fd).
+        An image renamed over it meanwhile is not served; the export fails as it used to."""
+        name = 'vm-swap'
+        q, overlay, _ = self.source_guest(name)
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (fleet.VETH['src'][2], NBD_PORT))
+        other = os.path.join(os.path.dirname(overlay), 'other.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', other, str(SIZE))
+        h.qemu_io(other, 'write -P 0x77 0 %d' % MiB)
+        os.rename(other, overlay)         # QEMU goes on with the file it opened
+        q.quit()
+        self.src.client.wait_prop(out['export'], o.IFACE_EXPORT, 'State', 'failed', 30)
+        self.assertEqual(o.storage_helpers(self.src), [])
+        with open(self.src.daemon.log, errors='replace') as f:
+            self.assertIn('is no longer the file its QEMU had open', f.read())
 
 if __name__ == '__main__':
     h.main()
