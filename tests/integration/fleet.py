@@ -19,7 +19,6 @@ import fcntl
 import shutil
 import os
 import signal
-import subprocess
 import time
 
 import harness as h
@@ -77,17 +76,21 @@ class Network:
                 if time.monotonic() > deadline:
                     raise AssertionError('another two-host test holds %s for more than %ds' % (LOCK_FILE, timeout))
                 time.sleep(0.5)
-        # We hold the lock, so whatever namespace of ours exists is a dead run's leftover.
-        remove_network()
-        (src_ns, src_veth, src_addr), (dst_ns, dst_veth, dst_addr) = VETH['src'], VETH['dst']
-        _ip('netns', 'add', src_ns)
-        _ip('netns', 'add', dst_ns)
-        _ip('link', 'add', src_veth, 'type', 'veth', 'peer', 'name', dst_veth)
-        for ns, veth, addr in (VETH['src'], VETH['dst']):
-            _ip('link', 'set', veth, 'netns', ns)
-            _ip('-n', ns, 'addr', 'add', addr + '/24', 'dev', veth)
-            _ip('-n', ns, 'link', 'set', veth, 'up')
-            _ip('-n', ns, 'link', 'set', 'lo', 'up')
+        try:
+            # We hold the lock, so whatever namespace of ours exists is a dead run's leftover.
+            remove_network()
+            (src_ns, src_veth, _), (dst_ns, dst_veth, _) = VETH['src'], VETH['dst']
+            _ip('netns', 'add', src_ns)
+            _ip('netns', 'add', dst_ns)
+            _ip('link', 'add', src_veth, 'type', 'veth', 'peer', 'name', dst_veth)
+            for ns, veth, addr in (VETH['src'], VETH['dst']):
+                _ip('link', 'set', veth, 'netns', ns)
+                _ip('-n', ns, 'addr', 'add', addr + '/24', 'dev', veth)
+                _ip('-n', ns, 'link', 'set', veth, 'up')
+                _ip('-n', ns, 'link', 'set', 'lo', 'up')
+        except BaseException:
+            self.teardown()
+            raise
         return self
 
     def teardown(self):
@@ -168,20 +171,3 @@ class Host(h.Env):
         q = HostQemu(self, name, disks, extra_args, blockdevs)
         self.qemus.append(q)
         return q.start()
-
-    def netns_pids(self):
-        return _netns_pids(self.netns)
-
-
-def in_netns(ns, argv):
-    """argv run in namespace ns."""
-    return nsenter(ns) + list(argv)
-
-
-def wait_subprocess(p, timeout):
-    try:
-        return p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
-        raise
