@@ -216,9 +216,13 @@ class MigrateTest(h.TestCase):
         r.src_q.kill()
         self.check_destination(r)
 
-    def quit_source(self, r):
-        """src: the source QEMU quits after the migration, as libvirt ends it, mid-stream."""
-        r.src_q.quit()
+    def quit_source(self, r, kill=False):
+        """src: the source QEMU quits after the migration (or is killed), as libvirt ends it,
+        mid-stream."""
+        if kill:
+            r.src_q.kill()
+        else:
+            r.src_q.quit()
         h.wait_until(lambda: not self.src.client.get(h.guest_path(r.name), h.IFACE_GUEST, 'Running'), 30,
                      'src guest to stop running')
 
@@ -236,6 +240,17 @@ class MigrateTest(h.TestCase):
         self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
         self.assertEqual([p.pid for p in o.relays(self.src)], [relays[0].pid],
                          'the relay (and so the listening socket) did not stay')
+        self.finish_stream(r)
+        self.check_destination(r)
+
+    def test_source_qemu_killed_midstream(self):
+        """The same with a source QEMU that is SIGKILLed (libvirt's last resort): it had let go
+        of its images when the migration completed, so the helper can take them at once."""
+        r = self.migrate('vm-killed')
+        self.start_stream_and_pause(r)
+        self.quit_source(r, kill=True)
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
+        self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
         self.finish_stream(r)
         self.check_destination(r)
 
