@@ -68,6 +68,9 @@ typedef struct Disk {
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
+        bool pinned;     /* its top image as its running QEMU had it open, when an export began */
+        dev_t pin_dev;
+        ino_t pin_ino;
         usec_t last_saved;
 } Disk;
 

@@ -56,6 +56,10 @@ struct Export {
         ExportState state;
         bool published;
         bool in_qemu;
+        /* The guest's QEMU went away while we served: its storage helper takes over (once per
+         * export), and clients wait for it in pending[] meanwhile. */
+        bool handed_over;
+        bool handing_over;
         uint32_t clients;
 
         int listen_fd;
@@ -203,6 +207,8 @@ static int upstream_try(Export *e, unsigned long n) {
         _cleanup_close_ int up = -1;
         int r;
 
+        if (e->handing_over)
+                return -EAGAIN;
         up = peer_nbd_server_connect(&e->guest->peer);
         if (up == -EAGAIN)
                 return up;
@@ -457,6 +463,14 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                 export_fail(e, why ?: "QEMU refused the export");
                 return;
         }
+        if (e->relay_pid > 0) {
+                /* Handed over: the relay kept the address and its clients; they reach the
+                 * storage helper's server from now on. */
+                e->handing_over = false;
+                log_info("Export %u of guest %s disk %s: served by the storage helper now, still at %s.", e->id,
+                        e->guest->name, e->alias, e->uri);
+                return;
+        }
         r = spawn_relay(e);
         if (r < 0) {
                 _cleanup_free_ char *why = strdup_printf("cannot start the NBD relay helper: %s", strerror(-r));
@@ -477,9 +491,14 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
         if (!e)
                 return;
         if (error < 0) {
-                export_fail(e, error_text ?: (g->offline ? "the storage helper could not take the disks" : "the guest is not running"));
+                export_fail(e, error_text
+                                       ?: (g->offline || g->handoff ? "the storage helper could not take the disks"
+                                                                    : "the guest is not running"));
                 return;
         }
+        /* What a handoff may open later, while QEMU shows it (it names the paths). */
+        if (!g->offline && !g->handoff)
+                guest_pin_disks(g);
         r = peer_nbd_server_ensure(&g->peer);
         if (r < 0) {
                 export_fail(e, "cannot start QEMU's NBD server");
@@ -511,10 +530,27 @@ static bool export_name_taken(Guest *g, const char *name) {
 /* The guest's QMP peer went away: the export in it is gone. */
 static void export_peer_lost(void *userdata) {
         Export *e = userdata;
+        Guest *g = e->guest;
+        int r;
 
         e->in_qemu = false;
+        /* A running guest's QEMU went away (the source after a migration, say): its clients
+         * (a destination reading its disk) must not notice. Once only: a helper that dies fails
+         * the export. */
+        if (e->state == EXPORT_SERVING && !g->offline && !e->handed_over) {
+                e->handed_over = e->handing_over = true;
+                r = guest_begin_handoff(g);
+                if (r >= 0)
+                        r = guest_when_ready(g, export_backend_ready, e, NULL);
+                if (r >= 0)
+                        return;
+                e->handing_over = false;
+                log_warning_errno(
+                        r, "Export %u of guest %s: cannot hand it over to the storage helper: %m", e->id, g->name);
+        }
         if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
-                export_fail(e, e->guest->offline ? "the storage helper went away" : "the QMP connection to QEMU was lost");
+                export_fail(e, g->offline || e->handed_over ? "the storage helper went away"
+                                                            : "the QMP connection to QEMU was lost");
 }
 
 /* The guest goes away: stop and forget the export. */

@@ -4,6 +4,7 @@
  * job reports applied to the disks (paced), the job polling, and what the peer (peer.c) asks of
  * the guest. The Guest object itself and its D-Bus face are guest.c's. */
 
+#include <dirent.h>
 #include <inttypes.h>
 #include <sys/stat.h>
 
@@ -12,6 +13,7 @@
 #include "disk.h"
 #include "guest.h"
 #include "engine.h"
+#include "image.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
@@ -56,6 +58,12 @@ static void guest_publish_released(void *userdata) {
         /* Publishing may start or free things: walk by index with re-checks. */
         for (size_t i = 0; i < g->n_disks; i++)
                 disk_publish_released(g->disks[i]);
+        if (g->handoff && !peer_has_helper(&g->peer)) {
+                /* The handed-over exports are done and the helper has let go of the images. */
+                g->handoff = false;
+                log_info("Guest %s: the storage helper let go of the disks; waiting for QEMU again.", g->name);
+                (void) guest_connect(g);
+        }
 }
 
 static bool guest_has_releasing(void *userdata) {
@@ -354,8 +362,18 @@ static void guest_connection_failed(Guest *g, int error) {
         g->running = false;
         g->poll_pending = false;
         peer_close(&g->peer);
-        peer_lost(&g->peer); /* exports and range jobs on it fail */
+        peer_lost(&g->peer); /* exports and range jobs on it fail, or an export is handed over */
         guest_update_polling(g);
+
+        if (g->handoff) {
+                /* The storage helper has the disks now: no QEMU to wait for until it lets go. */
+                if (was_running) {
+                        log_warning("Guest %s: lost the QMP connection (%s).", g->name, strerror(-error));
+                        guest_emit_changed(g, "Running");
+                }
+                guest_fail_jobs(g, "QEMU went away.");
+                return;
+        }
 
         if (g->register_call) {
                 guest_register_failed(g, "could not talk QMP (is QEMU running with this monitor, and no other client connected to it?) on",
@@ -518,6 +536,7 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         }
         log_debug("Guest %s: QMP peer on %s is pid %d, uid " UID_FMT ".", g->name, g->qmp_socket, (int) peer.pid,
                 (uint32_t) peer.uid);
+        g->qmp_pid = peer.pid;
         /* Pinned only now that what was found is trusted. */
         if (!g->qmp_pin.set || !sd_id128_equal(g->qmp_pin.boot_id, seen.boot_id)) {
                 g->qmp_pin = seen;
@@ -545,7 +564,7 @@ int guest_connect_opened(Guest *g, int sock_fd, const QmpSocketPin *seen) {
 
         if (g->reconnect_timer)
                 (void) sd_event_source_set_enabled(g->reconnect_timer, SD_EVENT_OFF);
-        if (g->peer.qmp) /* connected or connecting already */
+        if (g->peer.qmp || g->handoff) /* connected or connecting already, or the storage helper has the disks */
                 return 0;
         if (isempty(g->qmp_socket))
                 return -EOPNOTSUPP;
@@ -575,7 +594,7 @@ int guest_connect_opened(Guest *g, int sock_fd, const QmpSocketPin *seen) {
 
 static bool guest_peer_offline(void *userdata) {
         Guest *g = userdata;
-        return g->offline;
+        return g->offline || g->handoff;
 }
 
 /* The peer is gone: QEMU took the maps' shared exports with it. */
@@ -671,3 +690,91 @@ const StorageSource guest_storage_source = {
         .forbidden_images = guest_storage_forbidden,
         .claimed_images = guest_storage_claimed,
 };
+
+/* Pinning the disks a handoff may open */
+
+#define PIN_FDS_MAX 65536 /* a QEMU's open files we look through, at most */
+
+/* The (device, inode) of the regular file that process pid has open under the name path. */
+static int open_file_id(pid_t pid, const char *path, struct stat *ret) {
+        _cleanup_free_ char *dir_path = strdup_printf("/proc/%d/fd", (int) pid);
+        DIR *dir;
+        unsigned n = 0;
+        int r = 0;
+
+        if (!dir_path)
+                return -ENOMEM;
+        dir = opendir(dir_path);
+        if (!dir)
+                return -errno;
+        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                char target[4097];
+                ssize_t k;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
+                if (k <= 0 || (size_t) k >= sizeof(target) - 1)
+                        continue;
+                target[k] = 0;
+                /* fstatat() follows the fd's link to the file QEMU has open, whatever its name now. */
+                if (streq(target, path) && fstatat(dirfd(dir), de->d_name, ret, 0) == 0 && S_ISREG(ret->st_mode))
+                        r = 1;
+        }
+        closedir(dir);
+        return r;
+}
+
+void guest_pin_disks(Guest *g) {
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+                return;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                struct stat st;
+
+                d->pinned = false;
+                if (!isempty(d->path) && open_file_id(g->qmp_pid, d->path, &st) > 0) {
+                        d->pinned = true;
+                        d->pin_dev = st.st_dev;
+                        d->pin_ino = st.st_ino;
+                }
+        }
+}
+
+/* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had
+ * open when pinned: a path QEMU reported is never trusted alone. */
+int guest_check_pins(Guest *g) {
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g), **claimed = engine_guest_claims(g->engine, g);
+
+        if (!forbidden || !claimed)
+                return -ENOMEM;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                _cleanup_(image_chain_done) ImageChain chain = {};
+                _cleanup_free_ char *error = NULL;
+                Disk *d = g->disks[i];
+                struct stat st;
+                int r;
+
+                if (!d->pinned) {
+                        log_warning("Guest %s disk %s: its QEMU was never seen with %s open; not handing it over.",
+                                g->name, d->alias, d->path);
+                        return -EPERM;
+                }
+                r = image_chain_open_claimed(
+                        g->engine->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
+                if (r < 0) {
+                        log_warning("Guest %s disk %s: cannot hand over %s: %s", g->name, d->alias, d->path,
+                                error ?: strerror(-r));
+                        return r;
+                }
+                if (fstat(chain.images[0].fd, &st) < 0)
+                        return -errno;
+                if (st.st_dev != d->pin_dev || st.st_ino != d->pin_ino) {
+                        log_warning(
+                                "Guest %s disk %s: %s is no longer the file its QEMU had open; not handing it over.",
+                                g->name, d->alias, d->path);
+                        return -EPERM;
+                }
+        }
+        return 0;
+}

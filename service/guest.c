@@ -492,6 +492,27 @@ static int guest_refresh_offline(Guest *g) {
         return 0;
 }
 
+int guest_begin_handoff(Guest *g) {
+        int r;
+
+        if (g->offline)
+                return -EINVAL;
+        if (g->handoff)
+                return 0;
+        r = guest_check_pins(g);
+        if (r < 0)
+                return r;
+        g->handoff = true;
+        /* The disks as the helper will have them: chains from the headers, its node names. */
+        r = guest_refresh_offline(g);
+        if (r < 0) {
+                g->handoff = false;
+                return r;
+        }
+        log_info("Guest %s: QEMU went away while an export served; its storage helper takes the disks over.", g->name);
+        return 0;
+}
+
 int guest_refresh(Guest *g, guest_refresh_handler_t handler, void *userdata, void (*destroy)(void *)) {
         RefreshWaiter *w;
         int r;

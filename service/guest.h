@@ -47,6 +47,7 @@ typedef struct Guest {
         QmpSocketPin qmp_pin;
         uid_t qmp_uid;
         bool qmp_uid_pin_next;
+        pid_t qmp_pid; /* the connected QEMU's (SO_PEERCRED), 0: none */
         char *connect_error;
 
         /* Its QMP peer (peer.h): the QEMU, or an offline guest's storage helper; the private
@@ -82,6 +83,10 @@ typedef struct Guest {
         /* A guest that is not running: its disks are served by a sandboxed storage helper (a
          * QEMU with no guest), started on demand; its peer then talks to it. */
         bool offline;
+        /* A running guest whose QEMU went away while an export of its disk served: the storage
+         * helper serves that export on (its address unchanged) until nothing needs it; then the
+         * guest waits for its QEMU again. Not persisted. */
+        bool handoff;
 
         bool nbd_server_started; /* persisted: a server of ours may run in this QEMU (peer.c) */
 } Guest;
@@ -111,6 +116,14 @@ bool guest_qmp_ready(Guest *g);
 /* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after
  * starting the storage helper for an offline one. destroy(userdata) runs after the handler. */
 int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
+/* The guest's QEMU is gone and an export must go on: serve its disks from the storage helper,
+ * read from the image headers as for an offline guest (idempotent). */
+int guest_begin_handoff(Guest *g);
+/* Record which files (device, inode) the running QEMU has open at its disks' paths: a handoff
+ * opens a path QEMU reported only if it still is the file QEMU had open. */
+void guest_pin_disks(Guest *g);
+/* 0 if every disk's top image, opened as the storage helper will open it, is the file pinned. */
+int guest_check_pins(Guest *g);
 /* An offline guest's helper goes away once nothing needs it; outcomes of its jobs are told
  * once it is gone (the images' locks with it), or at once if other work keeps it. */
 void guest_release_helper_if_idle(Guest *g);

@@ -1,0 +1,292 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Post-copy block migration between two hosts, end to end (issue 14, item 1).
+
+Two hosts on this machine (fleet.py): network namespaces bst-src (10.77.0.1) and bst-dst
+(10.77.0.2) joined by a veth pair, each with its own private system bus, blockstreamd and QEMU.
+The test is the orchestrator (what libvirt or a user's script would do), and nothing else:
+
+  src: a guest on an overlay of a template; the guest writes to its disk;
+       Export the disk over TCP on 10.77.0.1;
+  dst: ProvisionDisk an overlay whose backing is that export's nbd:// URI;
+       start QEMU with -incoming, the overlay's backing the NBD export with reconnect-delay;
+  src: migrate (QEMU's own migration, memory only: the disk is shared through the export);
+  dst: cont; register the guest; Start a full stream; the guest writes during the stream;
+       on Finished: Export.Stop on src;
+and then every byte of the destination's disk is checked against the expected data (template,
+the source overlay, the source guest's writes, the destination guest's writes), with
+`qemu-img check`, and the overlay has no backing any more.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fleet  # noqa: E402
+import harness as h  # noqa: E402
+import offline as o  # noqa: E402
+from harness import MiB  # noqa: E402
+
+SIZE = 64 * MiB
+NBD_PORT = 10809
+MIGRATION_PORT = 4444
+RECONNECT_DELAY = 30    # seconds the destination's NBD client retries a lost connection
+
+
+class Run:
+    """One migration's pieces: the guest's name, QEMUs, images, reference, export."""
+
+
+class MigrateTest(h.TestCase):
+    env_per_test = True        # two hosts of each test's own instead of the harness's one environment
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        h.check_prerequisites(daemon=True)
+
+    def setUp(self):
+        self.net = fleet.Network().setup()
+        self.addCleanup(self.net.teardown)
+        self.src = self.new_host('src')
+        self.dst = self.new_host('dst', 'TemplateURLPrefixes=nbd://%s:%d\n' % (fleet.VETH['src'][2], NBD_PORT))
+
+    def new_host(self, role, config_extra=''):
+        host = fleet.Host(role, config_extra)
+        self.hosts = getattr(self, 'hosts', []) + [host]
+        # Cleanups run last-in first-out: the hosts go before the network.
+        self.addCleanup(host.close)
+        host.start()
+        return host
+
+    def run(self, result=None):
+        # On failure, the logs of both hosts (the harness shows self.env's only).
+        if result is None:
+            return super().run(result)
+        before = len(result.failures) + len(result.errors)
+        r = super().run(result)
+        if len(result.failures) + len(result.errors) > before:
+            for host in getattr(self, 'hosts', []):
+                sys.stderr.write('\n===== logs of host %s (%s) =====\n%s\n' % (host.role, host.dir, host.logs_text()))
+        return r
+
+    # -- the source
+
+    def source_guest(self, name):
+        """template.qcow2 <- overlay.qcow2 on src, the reference of their content, and the guest's
+        QEMU registered with src's daemon."""
+        d = os.path.join(self.src.images, name)
+        os.makedirs(d)
+        template = os.path.join(d, 'template.qcow2')
+        overlay = os.path.join(d, 'overlay.qcow2')
+        ref = os.path.join(d, 'ref.raw')
+        h.qemu_img('create', '-q', '-f', 'qcow2', template, str(SIZE))
+        h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x11 0 %d' % (24 * MiB),
+               '-c', 'write -P 0x12 %d %d' % (40 * MiB, 8 * MiB), template])
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', template, '-F', 'qcow2', overlay)
+        h.qemu_io(overlay, 'write -P 0x21 %d %d' % (8 * MiB, 4 * MiB))
+        h.qemu_img('convert', '-f', 'qcow2', '-O', 'raw', overlay, ref)
+        q = self.src.new_qemu(name, [('vda', overlay)])
+        self.addCleanup(q.kill)
+        self.assertEqual(self.ctl(self.src, 'register', name, q.daemon_socket), {'guest': h.guest_path(name)})
+        return q, overlay, ref
+
+    def ctl(self, host, *args):
+        """blockstreamctl --json on host's bus, as the orchestrator runs it; its JSON output."""
+        r = h.run([h.BLOCKSTREAMCTL, '--no-ask-password', '--json'] + list(args),
+                  env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=host.bus.address))
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    def write(self, q, ref, pattern, offset, length):
+        """A guest write, mirrored into the reference."""
+        q.guest_write('vda', pattern, offset, length)
+        h.qemu_io(ref, 'write -P 0x%02x %d %d' % (pattern, offset, length), fmt='raw')
+
+    # -- the orchestration, in phases
+
+    def migrate(self, name):
+        """Everything up to a running destination guest, migrated, on the export: returns a Run."""
+        r = Run()
+        r.name = name
+        src_addr, dst_addr = fleet.VETH['src'][2], fleet.VETH['dst'][2]
+
+        # src: the running guest writes to its disk before the migration.
+        r.src_q, r.src_overlay, r.ref = self.source_guest(name)
+        self.write(r.src_q, r.ref, 0x31, 20 * MiB, 2 * MiB)        # over the template's data
+        self.write(r.src_q, r.ref, 0x32, 60 * MiB, 1 * MiB)        # where the template has none
+
+        # src: Export over TCP on the veth address.
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (src_addr, NBD_PORT))
+        r.export_path, r.uri = out['export'], out['uri']
+        self.assertEqual(r.uri, 'nbd://%s:%d/vda' % (src_addr, NBD_PORT))
+
+        # dst: an overlay over the export, provisioned by dst's daemon (which asks the export for
+        # its size from dst's namespace: across the veth).
+        dst_dir = os.path.join(self.dst.images, name)
+        os.makedirs(dst_dir)
+        r.dst_overlay = os.path.join(dst_dir, 'overlay.qcow2')
+        self.assertEqual(self.ctl(self.dst, 'provision', r.uri, r.dst_overlay), {'size': SIZE})
+        info = h.image_info(r.dst_overlay)
+        self.assertEqual((info.get('backing-filename'), info.get('backing-filename-format')), (r.uri, 'raw'))
+
+        # dst: QEMU waiting for the migration, its disk's backing the export, with reconnect-delay.
+        blockdevs = [
+            '-blockdev', 'driver=nbd,node-name=remote0,server.type=inet,server.host=%s,server.port=%d,export=vda,'
+                         'reconnect-delay=%d,read-only=on' % (src_addr, NBD_PORT, RECONNECT_DELAY),
+            '-blockdev', 'driver=file,filename=%s,node-name=file0' % r.dst_overlay,
+            '-blockdev', 'driver=qcow2,file=file0,backing=remote0,node-name=disk0',
+            '-device', 'virtio-blk-pci,drive=disk0,id=vda',
+        ]
+        r.dst_q = self.dst.new_qemu(name, [('vda', r.dst_overlay)],
+                                    ['-incoming', 'tcp:%s:%d' % (dst_addr, MIGRATION_PORT)], blockdevs=blockdevs)
+        self.addCleanup(r.dst_q.kill)
+        self.assertEqual(r.dst_q.qmp.cmd('query-status')['status'], 'inmigrate')
+        # Its NBD client is connected to src's export, across the veth.
+        self.src.client.wait_prop(r.export_path, o.IFACE_EXPORT, 'Clients', lambda n: n >= 1, 30)
+
+        # src → dst: QEMU's migration of the memory and device state; no block migration.
+        r.src_q.qmp.cmd('migrate', uri='tcp:%s:%d' % (dst_addr, MIGRATION_PORT))
+        h.wait_until(lambda: r.src_q.qmp.cmd('query-migrate').get('status') in ('completed', 'failed', 'cancelled'),
+                     120, 'the migration to end')
+        mig = r.src_q.qmp.cmd('query-migrate')
+        self.assertEqual(mig.get('status'), 'completed', 'migration: %r' % mig)
+        self.assertEqual(r.src_q.qmp.cmd('query-status')['status'], 'postmigrate')
+        # The source never ran its CPUs (-S), so the destination takes over "prelaunch".
+        r.dst_q.wait_status(('paused', 'prelaunch'))
+        self.assertEqual(r.dst_q.qmp.cmd('query-migrate').get('status'), 'completed')
+        r.dst_q.qmp.cmd('cont')
+        r.dst_q.wait_status(('running',))
+
+        # dst: the guest runs on the export, and writes.
+        self.write(r.dst_q, r.ref, 0x41, 0, 1 * MiB)
+        self.assertTrue(r.dst_q.guest_read('vda', 0x12, 40 * MiB, 8 * MiB), 'dst reads the template through the export')
+        self.assertTrue(r.dst_q.guest_read('vda', 0x31, 20 * MiB, 2 * MiB), "dst reads src guest's write")
+        return r
+
+    def start_stream_and_pause(self, r):
+        """dst: register the guest, Start a full stream, paused once it has copied 2 MiB."""
+        self.ctl(self.dst, 'register', r.name, r.dst_q.daemon_socket)
+        r.disk = h.Disk(self.dst.client, h.disk_path(r.name, 'vda'))
+        r.disk.client.wait_prop(r.disk.path, h.IFACE_STREAM, 'BackingChain',
+                                lambda v: v and v[0].startswith(r.uri), 30)
+        # Throttled, so that the guest's writes below land on both sides of the stream's progress.
+        self.ctl(self.dst, 'pull', r.name, 'vda', '--bandwidth=1M')
+        r.disk.wait_bytes_done(2 * MiB, 120)
+        self.ctl(self.dst, 'pause', r.name, 'vda')
+        r.disk.wait_state('paused', 60)
+        self.assertLess(r.disk.prop('BytesDone'), 62 * MiB, 'the stream went too far for this test before it paused')
+
+    def finish_stream(self, r):
+        """dst: guest writes in the paused stream, where it has copied already and where not yet;
+        then the stream to its end; src: Export.Stop."""
+        self.write(r.dst_q, r.ref, 0x43, 0, 512 * 1024)
+        self.write(r.dst_q, r.ref, 0x42, 62 * MiB, 1 * MiB)
+        self.ctl(self.dst, 'resume', r.name, 'vda')
+        self.ctl(self.dst, 'set-bandwidth', r.name, 'vda', '0')
+        fin = self.ctl(self.dst, 'wait', r.name, 'vda')
+        self.assertEqual(fin, {'result': 'completed', 'bytes_done': SIZE, 'error': ''})
+        self.assertEqual(r.disk.prop('BackingChain'), [])
+        # src: the export is no longer needed.
+        self.ctl(self.src, 'export-stop', r.export_path)
+        self.assertNotIn(r.export_path, self.src.client.managed_objects())
+
+    def check_destination(self, r):
+        """Every byte of dst's disk, once its QEMU has flushed and closed it; and its NBD client
+        never saw an I/O error."""
+        self.assertTrue(r.dst_q.guest_read('vda', 0x12, 40 * MiB, 4 * MiB), 'dst reads without the export')
+        r.dst_q.quit()
+        with open(r.dst_q.log, errors='replace') as f:
+            log = f.read()
+        self.assertNotIn('error', log.lower(), "dst's QEMU logged an error")
+        rc, out = h.image_check(r.dst_overlay)
+        self.assertEqual(rc, 0, 'qemu-img check: %s' % out)
+        self.assertIsNone(h.image_backing(r.dst_overlay), "dst's overlay still has a backing file")
+        rc, out = h.image_compare(r.dst_overlay, r.ref)
+        self.assertEqual(rc, 0, "dst's disk differs from the expected data: %s" % out)
+        self.assertEqual(o.file_sha256(r.ref), o.chain_sha256(r.dst_overlay))
+
+    # -- the tests
+
+    def test_postcopy_block_migration(self):
+        """The whole sequence, the source QEMU kept (paused) until the export is stopped."""
+        r = self.migrate('vm-migrate')
+        self.start_stream_and_pause(r)
+        self.finish_stream(r)
+        r.src_q.kill()
+        self.check_destination(r)
+
+    def quit_source(self, r, kill=False):
+        """src: the source QEMU quits after the migration (or is killed), as libvirt ends it,
+        mid-stream."""
+        if kill:
+            r.src_q.kill()
+        else:
+            r.src_q.quit()
+        h.wait_until(lambda: not self.src.client.get(h.guest_path(r.name), h.IFACE_GUEST, 'Running'), 30,
+                     'src guest to stop running')
+
+    def test_source_qemu_quits_midstream(self):
+        """Issue 14, item 5: when the source QEMU exits after the migration, the export keeps
+        serving on the same address (handed to the guest's storage helper), so that the
+        destination's client, reconnecting, never sees an error. (The daemon used to fail the
+        export the moment it lost the QMP connection: the relay and the listener went.)"""
+        r = self.migrate('vm-quits')
+        self.start_stream_and_pause(r)
+        relays = o.relays(self.src)
+        self.assertEqual(len(relays), 1, relays)
+        self.quit_source(r)
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
+        self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual([p.pid for p in o.relays(self.src)], [relays[0].pid],
+                         'the relay (and so the listening socket) did not stay')
+        self.finish_stream(r)
+        self.check_destination(r)
+
+    def test_source_qemu_killed_midstream(self):
+        """The same with a source QEMU that is SIGKILLed (libvirt's last resort): it had let go
+        of its images when the migration completed, so the helper can take them at once."""
+        r = self.migrate('vm-killed')
+        self.start_stream_and_pause(r)
+        self.quit_source(r, kill=True)
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
+        self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.finish_stream(r)
+        self.check_destination(r)
+
+    def test_handoff_ends_with_the_export(self):
+        """After a handoff, Export.Stop lets the storage helper go, and the guest waits for its
+        QEMU again: a QEMU started anew on its socket is taken up as before."""
+        r = self.migrate('vm-again')
+        self.start_stream_and_pause(r)
+        self.quit_source(r)
+        h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
+        self.finish_stream(r)
+        h.wait_until(lambda: not o.storage_helpers(self.src), 30, 'the storage helper to exit after Stop')
+        guest = h.guest_path(r.name)
+        self.assertFalse(self.src.client.get(guest, h.IFACE_GUEST, 'Running'))
+        q = self.src.new_qemu(r.name, [('vda', r.src_overlay)])
+        self.addCleanup(q.kill)
+        self.src.client.wait_prop(guest, h.IFACE_GUEST, 'Running', True, 90)
+        self.assertEqual(self.src.client.get(h.disk_path(r.name, 'vda'), h.IFACE_STREAM, 'NodeName'), 'disk0')
+        self.check_destination(r)
+
+    def test_handoff_refuses_a_swapped_image(self):
+        """The handoff opens the disk by the path QEMU reported, as root: only if that path still
+        is the file QEMU had open when the export began (device and inode, from /proc/PID/fd).
+        An image renamed over it meanwhile is not served; the export fails as it used to."""
+        name = 'vm-swap'
+        q, overlay, _ = self.source_guest(name)
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (fleet.VETH['src'][2], NBD_PORT))
+        other = os.path.join(os.path.dirname(overlay), 'other.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', other, str(SIZE))
+        h.qemu_io(other, 'write -P 0x77 0 %d' % MiB)
+        os.rename(other, overlay)         # QEMU goes on with the file it opened
+        q.quit()
+        self.src.client.wait_prop(out['export'], o.IFACE_EXPORT, 'State', 'failed', 30)
+        self.assertEqual(o.storage_helpers(self.src), [])
+        with open(self.src.daemon.log, errors='replace') as f:
+            self.assertIn('is no longer the file its QEMU had open', f.read())
+
+if __name__ == '__main__':
+    h.main()
