@@ -338,13 +338,13 @@ class LibvirtTest(h.TestCase):
         self.ok('pull', name, overlay, '--wait')
         self.assertEqual(h.image_backing(overlay), None)
 
-    @unittest.expectedFailure
     def test_disk_by_libvirt_target_name(self):
-        # Bug (daemon, service/qemu-reply.c parse_disk): a disk is known only by its qdev id
-        # (virtio-disk0); libvirt's users name it by <target dev='vda'>, which QEMU does not know.
+        # Issue 15: a disk was known only by its qdev id (virtio-disk0); libvirt's users name it by
+        # <target dev='vda'>, which QEMU does not know. The hook passes it as --disk-name.
         name, template, overlay, ref, sock = self.define_domain()
         self.start_domain(name)
         self.assertIn('virtio-disk0', self.ok('status', name).stdout)
+        self.assertEqual(self.client.get(h.disk_path(name, 'virtio-disk0'), h.IFACE_STREAM, 'Target'), 'vda')
         r = self.ctl('pull', name, 'vda', '--wait')
         print('pull vda: exit %d: %s' % (r.returncode, r.stderr.strip()), file=sys.stderr)
         self.assertEqual(r.returncode, 0)
