@@ -416,6 +416,27 @@ class ManagerTest(h.TestCase):
         self.assertEqual(c.get(d1, h.IFACE_STREAM, 'Target'), 'vdb')
         self.assertEqual(g2.disk('vda').prop('Target'), '')
 
+    def test_disk_names_offline(self):
+        # A guest that is not running: its disks are known at registration, checked then.
+        c = self.client
+        chains = self.make_chains(('vda', 'vdb'), 64 * h.MiB)
+        disks = {a: ch.top for a, ch in chains.items()}
+
+        def names(d):
+            return h.dbus.Dictionary(d, signature='ss', variant_level=1)
+        before = self.snapshot()
+        bad = self.unique_name()
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, self.try_register_raise, bad, '',
+                                 o.offline_options(disks, disk_names=names({'vda': 'vdb'})))
+        self.assertIn('disk_names', e.message)
+        self.assertSnapshotEqual(before, self.snapshot(), 'RegisterGuest naming vda after vdb')
+        name = self.unique_name()
+        self.register(name, '', o.offline_options(disks, disk_names=names({'vdb': 'data'})))
+        self.addCleanup(self.unregister_quietly, name)
+        self.assertEqual(c.get(h.disk_path(name, 'vdb'), h.IFACE_STREAM, 'Target'), 'data')
+        self.assertEqual(c.get(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Target'), '')
+        self.assertEqual(o.read_state(self.env, name).get('disk_names'), {'vdb': 'data'})
+
     # -- access control
 
     def test_stranger_is_refused(self):
