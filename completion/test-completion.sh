@@ -10,6 +10,15 @@ trap 'rm -rf "$tmp"' EXIT
 cat >"$tmp/busctl" <<'FAKE'
 #!/bin/sh
 echo "$*" >>"$BUSCTL_ARGS_LOG"
+case " $* " in
+*" get-property "*)
+        # the Targets: vm1's vdb is named "root" by its manager, the others have none
+        case " $* " in
+        *" /org/blockstream1/guest/vm1/vdb "*) echo 's "root"' ;;
+        *) echo 's ""' ;;
+        esac
+        exit 0 ;;
+esac
 cat <<TREE
 /
 /org
@@ -57,7 +66,9 @@ complete_line 'blockstreamctl se' set-bandwidth
 complete_line 'blockstreamctl export' export export-stop
 complete_line 'blockstreamctl pull ' vm1 web-2.prod
 complete_line 'blockstreamctl pull w' web-2.prod
-complete_line 'blockstreamctl --json status vm1 ' vda vdb
+complete_line 'blockstreamctl --json status vm1 ' vda vdb root
+complete_line 'blockstreamctl pull vm1 r' root
+complete_line 'blockstreamctl register vm3 /run/q.sock --disk' --disk= --disk-name=
 complete_line 'blockstreamctl pull web-2.prod ' sda
 complete_line 'blockstreamctl pull vm1 vda --b' --bandwidth= --base=
 complete_line 'blockstreamctl pull vm1 vda --w' --wait
@@ -71,6 +82,11 @@ complete_line 'blockstreamctl export-stop 1 '
 complete_line 'blockstreamctl pull vm1 vda ' 
 : >"$BUSCTL_ARGS_LOG"
 complete_line 'blockstreamctl -H admin@host2 pause ' vm1 web-2.prod
+complete_line 'blockstreamctl -H admin@host2 pause vm1 ' vda vdb root
+if grep -v -q -- '--host=admin@host2 ' "$BUSCTL_ARGS_LOG"; then
+        echo "FAIL: with -H, busctl was asked here: $(cat "$BUSCTL_ARGS_LOG")"
+        failed=1
+fi
 if ! grep -q -- '--host=admin@host2 ' "$BUSCTL_ARGS_LOG"; then
         echo "FAIL: with -H, busctl was not asked on that host: $(cat "$BUSCTL_ARGS_LOG")"
         failed=1

@@ -12,6 +12,7 @@ unsigned arg_given = 0; /* OPT_* of the command-specific options seen */
 const char *arg_owner = NULL;
 const char *arg_uuid = NULL;
 char **arg_disks = NULL; /* "ALIAS=PATH" */
+char **arg_disk_names = NULL; /* "ALIAS=NAME" */
 uint64_t arg_bandwidth = 0;
 const char *arg_base = NULL;
 uint64_t arg_offset = 0;

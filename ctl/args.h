@@ -24,6 +24,7 @@ enum {
         OPT_WAIT = 1 << 7,
         OPT_LISTEN = 1 << 8,
         OPT_TEMPLATE_FORMAT = 1 << 9,
+        OPT_DISK_NAME = 1 << 10,
 };
 
 extern bool arg_json;
@@ -34,6 +35,7 @@ extern unsigned arg_given; /* OPT_* of the command-specific options seen */
 extern const char *arg_owner;
 extern const char *arg_uuid;
 extern char **arg_disks; /* "ALIAS=PATH" */
+extern char **arg_disk_names; /* "ALIAS=NAME" */
 extern uint64_t arg_bandwidth;
 extern const char *arg_base;
 extern uint64_t arg_offset;

@@ -24,6 +24,7 @@ static const struct {
         {OPT_OWNER, "--owner="},
         {OPT_UUID, "--uuid="},
         {OPT_DISK, "--disk="},
+        {OPT_DISK_NAME, "--disk-name="},
         {OPT_BANDWIDTH, "--bandwidth="},
         {OPT_BASE, "--base="},
         {OPT_OFFSET, "--offset="},
@@ -61,6 +62,10 @@ static int help(void) {
                "        --uuid=UUID         The guest's UUID (default: generated)\n"
                "        --disk=ALIAS=PATH   A disk of a guest that is not running, e.g.\n"
                "                            --disk=vda=/var/lib/images/a.qcow2; repeatable\n"
+               "        --disk-name=ALIAS=NAME\n"
+               "                            Another name for the disk ALIAS, as the guest's\n"
+               "                            manager calls it (libvirt's target: vda for\n"
+               "                            virtio-disk0); DISK may be it; repeatable\n"
                "  unregister NAME           Detach a guest (refused while a stream runs)\n"
                "\n"
                "Stream commands:\n"
@@ -139,7 +144,9 @@ static int help(void) {
                "  and inspect).\n"
                "\n"
                "GUEST is a guest's name: 1 to 64 characters of A-Z a-z 0-9 _ . -\n"
-               "DISK is a disk's device alias (vda: QEMU's qdev id) or its top image's path.\n"
+               "DISK is a disk's device alias (vda: QEMU's qdev id), the name given to it at\n"
+               "registration (--disk-name=, the Target shown by status) or its top image's\n"
+               "path, looked up in that order.\n"
                "Relative paths are made absolute here, except with --host.\n"
                "\n"
                "SIZE is a number of bytes with an optional suffix: K, M, G, T, P, E, their\n"
@@ -174,6 +181,7 @@ static int help(void) {
                "Examples:\n"
                "  %1$s register web1 /run/qemu/web1.qmp\n"
                "  %1$s register golden - --disk=vda=/var/lib/images/golden.qcow2\n"
+               "  %1$s register vm1 /run/vm1/qmp.sock --disk-name=virtio-disk0=vda\n"
                "  %1$s pull web1 vda --bandwidth=200M/s --wait\n"
                "  %1$s pull web1 /var/lib/images/web1.qcow2 --offset=1G --length=512M\n"
                "  %1$s set-bandwidth web1 vda 0\n"
@@ -197,7 +205,7 @@ typedef struct Verb {
 static const Verb verbs[] = {
         {"list", 0, 0, 0, verb_list},
         {"status", 1, 2, 0, verb_status},
-        {"register", 1, 2, OPT_OWNER | OPT_UUID | OPT_DISK, verb_register},
+        {"register", 1, 2, OPT_OWNER | OPT_UUID | OPT_DISK | OPT_DISK_NAME, verb_register},
         {"unregister", 1, 1, 0, verb_unregister},
         {"pull", 2, 2, OPT_BANDWIDTH | OPT_BASE | OPT_OFFSET | OPT_LENGTH | OPT_WAIT, verb_pull},
         {"wait", 2, 2, 0, verb_wait},
@@ -231,6 +239,7 @@ static int parse_argv(int argc, char *argv[]) {
                 ARG_OWNER,
                 ARG_UUID,
                 ARG_DISK,
+                ARG_DISK_NAME,
                 ARG_BANDWIDTH,
                 ARG_BASE,
                 ARG_OFFSET,
@@ -244,6 +253,7 @@ static int parse_argv(int argc, char *argv[]) {
                 {"host", required_argument, NULL, 'H'}, {"no-ask-password", no_argument, NULL, ARG_NO_ASK_PASSWORD},
                 {"quiet", no_argument, NULL, 'q'}, {"owner", required_argument, NULL, ARG_OWNER},
                 {"uuid", required_argument, NULL, ARG_UUID}, {"disk", required_argument, NULL, ARG_DISK},
+                {"disk-name", required_argument, NULL, ARG_DISK_NAME},
                 {"bandwidth", required_argument, NULL, ARG_BANDWIDTH}, {"base", required_argument, NULL, ARG_BASE},
                 {"offset", required_argument, NULL, ARG_OFFSET}, {"length", required_argument, NULL, ARG_LENGTH},
                 {"wait", no_argument, NULL, ARG_WAIT}, {"listen", required_argument, NULL, ARG_LISTEN},
@@ -296,6 +306,22 @@ static int parse_argv(int argc, char *argv[]) {
                         if (r < 0)
                                 return log_oom();
                         arg_given |= OPT_DISK;
+                        break;
+                }
+                case ARG_DISK_NAME: {
+                        const char *eq = strchr(optarg, '=');
+                        size_t l = eq ? (size_t) (eq - optarg) : 0;
+
+                        /* The daemon checks the names; this only splits them. */
+                        if (!eq || l == 0 || isempty(eq + 1))
+                                return log_error_errno(EINVAL, "Invalid --disk-name='%s': expected ALIAS=NAME.", optarg);
+                        for (char **d = arg_disk_names; d && *d; d++)
+                                if (strncmp(*d, optarg, l + 1) == 0)
+                                        return log_error_errno(EINVAL, "Disk '%.*s' named twice.", (int) l, optarg);
+                        r = strv_push(&arg_disk_names, strdup(optarg));
+                        if (r < 0)
+                                return log_oom();
+                        arg_given |= OPT_DISK_NAME;
                         break;
                 }
                 case ARG_BANDWIDTH:
@@ -387,6 +413,7 @@ int main(int argc, char *argv[]) {
         else if (r < 0)
                 r = EXIT_USAGE;
         arg_disks = strv_free(arg_disks);
+        arg_disk_names = strv_free(arg_disk_names);
         polkit_agent_close(); /* in case a verb returned while holding it */
 
         if (fflush(stdout) != 0 || ferror(stdout)) {

@@ -21,6 +21,7 @@ static const Property guest_properties[] = {
 static const Property disk_properties[] = {
         {BS_STREAM_PROPERTY_GUEST, "o", offsetof(DiskInfo, guest)},
         {BS_STREAM_PROPERTY_DEVICE, "s", offsetof(DiskInfo, device)},
+        {BS_STREAM_PROPERTY_TARGET, "s", offsetof(DiskInfo, target)},
         {BS_STREAM_PROPERTY_NODE_NAME, "s", offsetof(DiskInfo, node_name)},
         {BS_STREAM_PROPERTY_PATH, "s", offsetof(DiskInfo, path)},
         {BS_STREAM_PROPERTY_BACKING_CHAIN, "as", offsetof(DiskInfo, backing_chain)},
@@ -269,17 +270,25 @@ int get_disk(sd_bus *bus, const char *path, DiskInfo **ret) {
         return 0;
 }
 
-static bool disk_matches(const DiskInfo *d, const char *name, const char *abs) {
-        return streq_ptr(d->device, name) || streq_ptr(d->path, name) || (abs && streq_ptr(d->path, abs));
+/* How well d answers to name: 3 by its alias, 2 by its Target, 1 by its image path, 0 not. The
+ * daemon never lets a Target be another disk's alias; the order keeps a name unambiguous all
+ * the same. */
+static int disk_match(const DiskInfo *d, const char *name, const char *abs) {
+        if (streq_ptr(d->device, name))
+                return 3;
+        if (!isempty(d->target) && streq(d->target, name))
+                return 2;
+        if (streq_ptr(d->path, name) || (abs && streq_ptr(d->path, abs)))
+                return 1;
+        return 0;
 }
 
-/* DISK on the command line is an alias ("vda") or an image path, like the server accepts. */
 int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **ret_guest, DiskInfo **ret) {
         _cleanup_(guest_info_freep) GuestInfo *g = NULL;
         _cleanup_(disk_info_freep) DiskInfo *found = NULL;
         _cleanup_free_ char *abs = NULL, *names = NULL;
         size_t names_len = 0;
-        int r;
+        int best = 0, r;
 
         if (strchr(disk, '/') && !is_remote() && path_make_absolute(disk, &abs) < 0)
                 abs = NULL; /* matching against the name as given still works */
@@ -291,20 +300,28 @@ int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **r
                 _cleanup_(disk_info_freep) DiskInfo *d = NULL;
                 const char *label;
                 char *n;
+                int m;
 
                 r = get_disk(bus, *p, &d);
                 if (r < 0)
                         return r;
-                if (disk_matches(d, disk, abs)) {
+                m = disk_match(d, disk, abs);
+                if (m > best) {
+                        best = m;
+                        disk_info_free(found);
                         found = TAKE_PTR(d);
-                        break;
+                        if (best == 3)
+                                break;
+                        continue;
                 }
                 label = !isempty(d->device) ? d->device : strempty(d->path);
-                n = realloc(names, names_len + strlen(label) + 3);
+                n = realloc(names, names_len + strlen(label) + strlen(strempty(d->target)) + 6);
                 if (!n)
                         return log_oom();
                 names = n;
                 names_len += (size_t) sprintf(names + names_len, "%s%s", names_len > 0 ? ", " : "", label);
+                if (!isempty(d->target))
+                        names_len += (size_t) sprintf(names + names_len, " (%s)", d->target);
         }
         if (!found) {
                 log_error("No disk '%s' in guest '%s' (disks: %s).", disk, guest, names ? names : "none");

@@ -33,6 +33,7 @@ typedef struct DiskInfo {
         uint64_t present;
         char *guest;
         char *device;
+        char *target; /* the name the guest's manager gives it, "" if none */
         char *node_name;
         char *path;
         char **backing_chain;
@@ -66,7 +67,8 @@ int disk_info_update(sd_bus_message *m, DiskInfo *d);
 
 int get_guest(sd_bus *bus, const char *name, GuestInfo **ret);
 int get_disk(sd_bus *bus, const char *path, DiskInfo **ret);
-/* DISK on the command line is an alias ("vda") or an image path, like the server accepts. */
+/* DISK on the command line is an alias ("virtio-disk0"), the name given to it at registration
+ * (its Target, "vda"), or an image path, looked up in that order. */
 int resolve_disk(sd_bus *bus, const char *guest, const char *disk, GuestInfo **ret_guest, DiskInfo **ret);
 /* connect_bus() and resolve_disk(): how every command on one disk begins. *ret_bus is the
  * caller's to close as soon as it is connected, also on failure. */

@@ -148,6 +148,8 @@ static void print_disk(const DiskInfo *d) {
         bool active = state_is_active(d->state);
 
         printf("\n%s\n", !isempty(d->device) ? d->device : strempty(d->object));
+        if (!isempty(d->target))
+                print_field("Target", "%s", d->target);
         print_field("Object", "%s", d->object);
         print_field("Path", "%s", strempty(d->path));
         if (!isempty(d->node_name))
@@ -326,6 +328,30 @@ int verb_register(char **args) {
                         if (r < 0)
                                 return r;
                         r = sd_bus_message_append(m, "{ss}", alias, p);
+                }
+                if (r >= 0)
+                        r = sd_bus_message_close_container(m);
+                if (r >= 0)
+                        r = sd_bus_message_close_container(m);
+                if (r >= 0)
+                        r = sd_bus_message_close_container(m);
+        }
+        if (r >= 0 && arg_disk_names) {
+                r = sd_bus_message_open_container(m, 'e', "sv");
+                if (r >= 0)
+                        r = sd_bus_message_append(m, "s", BS_OPTION_DISK_NAMES);
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'v', "a{ss}");
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'a', "{ss}");
+                for (char **d = arg_disk_names; r >= 0 && *d; d++) {
+                        _cleanup_free_ char *alias = NULL;
+                        const char *eq = strchr(*d, '=');
+
+                        alias = strndup(*d, (size_t) (eq - *d)); /* '=' checked in parse_argv */
+                        if (!alias)
+                                return log_oom();
+                        r = sd_bus_message_append(m, "{ss}", alias, eq + 1);
                 }
                 if (r >= 0)
                         r = sd_bus_message_close_container(m);

@@ -119,13 +119,18 @@ static void update_base_choices(DiskView *d) {
 
 static void disk_view_update(DiskView *d) {
         g_autofree char *device = prop_str(d, "Device"), *path = prop_str(d, "Path"), *state = prop_str(d, "State"),
-                        *mode = prop_str(d, "Mode"), *error = prop_str(d, "Error"), *title = NULL, *state_text = NULL,
-                        *chain_text = NULL, *progress = NULL, *bw = NULL, *size = NULL, *detail = NULL;
+                        *target = prop_str(d, "Target"), *mode = prop_str(d, "Mode"), *error = prop_str(d, "Error"),
+                        *title = NULL, *state_text = NULL, *chain_text = NULL, *progress = NULL, *bw = NULL,
+                        *size = NULL, *detail = NULL;
         g_auto(GStrv) chain = prop_strv(d, "BackingChain");
         guint64 done = prop_u64(d, "BytesDone"), total = prop_u64(d, "BytesTotal");
         gboolean active = strcmp(state, "running") == 0 || strcmp(state, "paused") == 0;
 
-        title = g_markup_printf_escaped("<b>%s</b>  %s", device, path);
+        /* The name the guest's manager gives it (libvirt's vda) beside QEMU's (virtio-disk0). */
+        if (*target)
+                title = g_markup_printf_escaped("<b>%s</b> (%s)  %s", device, target, path);
+        else
+                title = g_markup_printf_escaped("<b>%s</b>  %s", device, path);
         gtk_label_set_markup(d->title, title);
         if (chain[0]) {
                 g_autofree char *joined = g_strjoinv(" ← ", chain);

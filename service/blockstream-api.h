@@ -53,6 +53,7 @@
 #define BS_STREAM_SIGNAL_FINISHED "Finished"
 #define BS_STREAM_PROPERTY_GUEST "Guest"
 #define BS_STREAM_PROPERTY_DEVICE "Device"
+#define BS_STREAM_PROPERTY_TARGET "Target"
 #define BS_STREAM_PROPERTY_NODE_NAME "NodeName"
 #define BS_STREAM_PROPERTY_PATH "Path"
 #define BS_STREAM_PROPERTY_BACKING_CHAIN "BackingChain"
@@ -81,6 +82,7 @@
 #define BS_OPTION_UUID "uuid"                       /* RegisterGuest, s */
 #define BS_OPTION_DISKS "disks"                     /* RegisterGuest, a{ss} alias → image path */
 #define BS_OPTION_FORMATS "formats"                 /* RegisterGuest, a{ss} alias → qcow2|raw */
+#define BS_OPTION_DISK_NAMES "disk_names"           /* RegisterGuest, a{ss} alias → name (Target) */
 #define BS_OPTION_TEMPLATE_FORMAT "template_format" /* ProvisionDisk, s */
 #define BS_OPTION_SIZE "size"                       /* ProvisionDisk, t */
 #define BS_OPTION_BANDWIDTH "bandwidth"             /* Start, t */

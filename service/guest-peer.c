@@ -421,6 +421,21 @@ static void connect_disks_reply(Guest *g, int error, const char *desc, void *use
                 return;
         }
         if (g->register_call) {
+                /* A name from disk_names that is the alias of another disk QEMU has: which disk
+                 * would the caller mean? Refused before anything is published. */
+                for (size_t i = 0; i < g->n_disks; i++) {
+                        const char *id = disk_names_id_of(g->disk_names, g->disks[i]->alias);
+                        if (!id || streq(id, g->disks[i]->alias))
+                                continue;
+                        call = TAKE_PTR(g->register_call);
+                        (void) sd_bus_reply_method_errorf(call, SD_BUS_ERROR_INVALID_ARGS,
+                                "Guest '%s' not registered: option 'disk_names', '%s' -> '%s': %s", g->name, id,
+                                g->disks[i]->alias, disk_names_problem_to_string(DISK_NAMES_NAME_IS_ID));
+                        sd_bus_message_unref(call);
+                        engine_unlink_guest(m, g);
+                        guest_free(g);
+                        return;
+                }
                 call = TAKE_PTR(g->register_call);
                 r = guest_publish(g);
                 if (r < 0) {

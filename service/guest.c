@@ -77,6 +77,7 @@ Guest *guest_free(Guest *g) {
         free(g->disks);
         free(g->name);
         free(g->uuid);
+        strv_free(g->disk_names);
         free(g->qmp_socket);
         free(g->connect_error);
         free(g->object_path);
@@ -186,15 +187,27 @@ char **guest_forbidden_images(Guest *g) {
 }
 
 Disk *guest_find_disk(Guest *g, const char *name) {
+        const char *id;
+
         if (!name)
                 return NULL;
         for (size_t i = 0; i < g->n_disks; i++)
                 if (streq(g->disks[i]->alias, name))
                         return g->disks[i];
+        /* The name the guest's manager gives it (RegisterGuest's disk_names): never another
+         * disk's alias, so the alias always wins. */
+        id = disk_names_id_of(g->disk_names, name);
+        for (size_t i = 0; id && i < g->n_disks; i++)
+                if (streq(g->disks[i]->alias, id))
+                        return g->disks[i];
         for (size_t i = 0; i < g->n_disks; i++)
                 if (!isempty(g->disks[i]->path) && streq(g->disks[i]->path, name))
                         return g->disks[i];
         return NULL;
+}
+
+const char *guest_disk_target(Guest *g, const char *alias) {
+        return strempty(disk_names_name_of(g->disk_names, alias));
 }
 
 const char *guest_disk_node_name(Guest *g, const char *name) {
@@ -324,6 +337,7 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
         int r;
 
         for (size_t i = 0; i < n; i++) {
+                const char *named;
                 Disk *d = NULL;
 
                 for (size_t j = 0; j < g->n_disks; j++)
@@ -346,6 +360,10 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
                         return r;
                 }
                 list_changed = true;
+                named = disk_names_id_of(g->disk_names, d->alias);
+                if (named && !streq(named, d->alias))
+                        log_warning("Guest %s: new disk %s has the name given to disk %s; that name means %s now.",
+                                g->name, d->alias, named, d->alias);
                 if (g->published)
                         (void) sd_bus_emit_object_added(g->engine->bus, d->object_path);
         }

@@ -35,6 +35,9 @@ typedef struct Guest {
         char *object_path;
         uid_t owner;
         uint64_t job_seq; /* makes every job id unique, persisted */
+        /* Names its manager gives its disks (util.h's disk_names_check()): qdev id, name, …;
+         * set at registration, persisted, kept for ids QEMU does not show (yet). NULL: none. */
+        char **disk_names;
 
         /* On the bus (and in the state dir). A guest being registered is not yet. */
         bool published;
@@ -108,7 +111,11 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to);
 /* At exit: drop the connections of unregistered guests still waiting for QEMU's answers. */
 void guest_unregister_drains_free(Engine *m);
 
+/* A disk by its alias (qdev id), the name its manager gives it (disk_names), or its image path,
+ * in that order. */
 Disk *guest_find_disk(Guest *g, const char *alias_or_path);
+/* The name the guest's manager gives the disk with this alias, "" if none. */
+const char *guest_disk_target(Guest *g, const char *alias);
 /* The QEMU node name of the disk (NULL: no such disk). */
 const char *guest_disk_node_name(Guest *g, const char *alias_or_path);
 /* The QMP peer (QEMU, or an offline guest's storage helper) can take commands now. */

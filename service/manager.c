@@ -305,11 +305,13 @@ typedef struct RegisterOptions {
         bool have_disks;
         char **disks;   /* alias, path, alias, path, … */
         char **formats; /* alias, format, … */
+        char **disk_names; /* alias, the name the guest's manager gives it, … */
 } RegisterOptions;
 
 static void register_options_done(RegisterOptions *o) {
         o->disks = strv_free(o->disks);
         o->formats = strv_free(o->formats);
+        o->disk_names = strv_free(o->disk_names);
 }
 
 static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus_error *error) {
@@ -319,6 +321,7 @@ static int read_register_options(sd_bus_message *msg, RegisterOptions *o, sd_bus
                         { "uuid", "s", &o->uuid },
                         { "disks", "a{ss}", &o->disks, &o->have_disks, OFFLINE_DISKS_MAX },
                         { "formats", "a{ss}", &o->formats, NULL, OFFLINE_DISKS_MAX },
+                        { "disk_names", "a{ss}", &o->disk_names, NULL, DISK_NAMES_MAX },
                         {},
                 },
                 error);
@@ -430,6 +433,31 @@ static int check_offline_disks(Manager *m, const RegisterOptions *o, sd_bus_erro
         return 0;
 }
 
+/* disk_names: alias -> the name the guest's manager gives the disk (libvirt's target). A name for an
+ * alias the guest does not have (yet) is kept: the disk may appear on Refresh. */
+static int check_disk_names(const RegisterOptions *o, sd_bus_error *error) {
+        DiskNamesProblem p;
+        size_t i = 0;
+
+        p = disk_names_check(o->disk_names, &i);
+        if (p == DISK_NAMES_TOO_MANY)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'disk_names' has more than %d entries.", DISK_NAMES_MAX);
+        if (p != DISK_NAMES_OK)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'disk_names', '%.64s' -> '%.80s': %s", o->disk_names[2 * i],
+                        strempty(o->disk_names[2 * i + 1]), disk_names_problem_to_string(p));
+        /* An offline guest's disks are known now. */
+        for (size_t j = 0; o->disks && o->disks[j] && o->disks[j + 1]; j += 2) {
+                const char *id = disk_names_id_of(o->disk_names, o->disks[j]);
+                if (id && !streq(id, o->disks[j]))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'disk_names', '%s' -> '%s': %s", id, o->disks[j],
+                                disk_names_problem_to_string(DISK_NAMES_NAME_IS_ID));
+        }
+        return 0;
+}
+
 /* Read every chain now, as untrusted headers, and refuse the registration if one is unsafe. */
 static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_bus_error *error) {
         _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g), **claimed = manager_guest_claims(m, g);
@@ -513,6 +541,9 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Options 'disks' and 'formats' are for guests that are not running (empty QMP socket); a running "
                         "guest's disks come from its QEMU.");
+        r = check_disk_names(&o, error);
+        if (r < 0)
+                return r;
         if (isempty(socket_path))
                 r = check_offline_disks(m, &o, error);
         else
@@ -556,6 +587,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         r = guest_new(&g, &m->engine, name, socket_path, o.have_owner ? (uid_t) o.owner : caller, uuid);
         if (r < 0)
                 return r;
+        g->disk_names = TAKE_PTR(o.disk_names);
         manager_link_guest(m, g);
         r = manager_allocate_identity(m, g);
         if (r < 0) {

@@ -44,6 +44,20 @@ static json_object *strv_to_json(char **l) {
         return a;
 }
 
+/* alias, name, … as {"alias": "name", …} */
+static json_object *pairs_to_json(char **l) {
+        json_object *o = json_object_new_object();
+
+        if (!o)
+                return NULL;
+        for (char **p = l; p && p[0] && p[1]; p += 2)
+                if (add(o, p[0], json_object_new_string(p[1])) < 0) {
+                        json_object_put(o);
+                        return NULL;
+                }
+        return o;
+}
+
 static json_object *job_to_json(const Job *j) {
         json_object *o = json_object_new_object();
 
@@ -124,6 +138,8 @@ static int format(const char *dir, const StateGuest *g, char **ret_text, char **
                         return -ENOMEM;
         }
         if (g->qmp_uid != UID_INVALID && add(o, "qmp_uid", json_object_new_uint64(g->qmp_uid)) < 0)
+                return -ENOMEM;
+        if (!strv_isempty(g->disk_names) && add(o, "disk_names", pairs_to_json(g->disk_names)) < 0)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
                 json_object *d = disk_to_json(&g->disks[i]);
@@ -236,6 +252,36 @@ static int text_field(json_object *o, const char *key, char **ret) {
         return 0;
 }
 
+/* "disk_names" (optional: older files have none), checked as RegisterGuest checks it. */
+static int disk_names_from_json(json_object *o, char ***ret) {
+        _cleanup_strv_free_ char **l = NULL;
+        json_object *names;
+        size_t n = 0, bad;
+
+        if (!json_object_object_get_ex(o, "disk_names", &names))
+                return 0;
+        if (!json_object_is_type(names, json_type_object) || json_object_object_length(names) > DISK_NAMES_MAX)
+                return -EBADMSG;
+        l = calloc(2 * (size_t) json_object_object_length(names) + 1, sizeof(char *));
+        if (!l)
+                return -ENOMEM;
+        json_object_object_foreach(names, k, v) {
+                if (!json_object_is_type(v, json_type_string) ||
+                        (size_t) json_object_get_string_len(v) != strlen(json_object_get_string(v)))
+                        return -EBADMSG;
+                l[n] = strdup(k);
+                if (!l[n++])
+                        return -ENOMEM;
+                l[n] = strdup(json_object_get_string(v));
+                if (!l[n++])
+                        return -ENOMEM;
+        }
+        if (disk_names_check(l, &bad) != DISK_NAMES_OK)
+                return -EBADMSG;
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
 static int job_from_json(json_object *o, Job *j) {
         const char *state = NULL, *mode = NULL, *outcome = NULL;
         bool concluded = false, finished = false, cancel = false;
@@ -313,6 +359,7 @@ void state_guest_done(StateGuest *g) {
         free(g->name);
         free(g->uuid);
         free(g->qmp_socket);
+        strv_free(g->disk_names);
         for (size_t i = 0; i < g->n_disks; i++)
                 state_disk_done(&g->disks[i]);
         free(g->disks);
@@ -373,6 +420,9 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         /* A state file from before peers were checked: a root-owned guest's QEMU is pinned at the
          * first connect; any other owner's must be the owner's own or allowed by QEMUUsers=. */
         g.qmp_uid_pin_next = !offline && !json_object_object_get_ex(o, "qmp_uid", NULL) && owner == 0;
+        r = disk_names_from_json(o, &g.disk_names);
+        if (r < 0)
+                return r;
 
         n = json_object_array_length(disks);
         g.disks = calloc(n, sizeof(StateDisk));

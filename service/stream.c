@@ -653,6 +653,12 @@ static int property_get_expected_end(sd_bus *bus, const char *path, const char *
                 job_is_active(&d->job) ? job_expected_end(&d->job, now_usec(CLOCK_REALTIME)) : (usec_t) 0);
 }
 
+static int property_get_target(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", guest_disk_target(d->guest, d->alias));
+}
+
 static int property_get_string_ptr(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         char **s = userdata;
@@ -669,6 +675,8 @@ const sd_bus_vtable stream_vtable[] = {
         SD_BUS_VTABLE_START(0),
         SD_BUS_PROPERTY("Guest", "o", property_get_guest, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Device", "s", property_get_string_ptr, offsetof(Disk, alias), SD_BUS_VTABLE_PROPERTY_CONST),
+        /* Set at registration, for the object's whole life. */
+        SD_BUS_PROPERTY("Target", "s", property_get_target, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("NodeName", "s", property_get_string_ptr, offsetof(Disk, node_name),
                 SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Path", "s", property_get_string_ptr, offsetof(Disk, path), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),

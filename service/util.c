@@ -158,6 +158,64 @@ bool guest_name_is_valid(const char *s) {
         return true;
 }
 
+DiskNamesProblem disk_names_check(char *const *l, size_t *ret_index) {
+        size_t n = 0;
+
+        for (char *const *p = l; p && p[0]; p += 2) {
+                *ret_index = n;
+                if (!p[1]) /* an odd list: the last id has no name */
+                        return DISK_NAMES_BAD_NAME;
+                if (++n > DISK_NAMES_MAX)
+                        return DISK_NAMES_TOO_MANY;
+        }
+        for (size_t i = 0; i < n; i++) {
+                const char *id = l[2 * i], *name = l[2 * i + 1];
+
+                *ret_index = i;
+                if (!qemu_id_is_valid(id))
+                        return DISK_NAMES_BAD_ID;
+                if (!guest_name_is_valid(name))
+                        return DISK_NAMES_BAD_NAME;
+                for (size_t j = 0; j < i; j++) {
+                        if (streq(l[2 * j], id))
+                                return DISK_NAMES_DUPLICATE_ID;
+                        if (streq(l[2 * j + 1], name))
+                                return DISK_NAMES_DUPLICATE_NAME;
+                }
+                for (size_t j = 0; j < n; j++)
+                        if (j != i && streq(l[2 * j], name))
+                                return DISK_NAMES_NAME_IS_ID;
+        }
+        return DISK_NAMES_OK;
+}
+
+const char *disk_names_problem_to_string(DiskNamesProblem p) {
+        static const char *const table[] = {
+                [DISK_NAMES_OK] = "valid.",
+                [DISK_NAMES_TOO_MANY] = "too many disks are named.",
+                [DISK_NAMES_BAD_ID] = "a disk alias is a letter, then at most 127 letters, digits, '-', '.', '_'.",
+                [DISK_NAMES_BAD_NAME] = "a disk's name is 1 to 64 of A-Z a-z 0-9 _ . -, and not . or ..",
+                [DISK_NAMES_DUPLICATE_ID] = "that disk is named twice.",
+                [DISK_NAMES_DUPLICATE_NAME] = "that name is given to two disks.",
+                [DISK_NAMES_NAME_IS_ID] = "that name is another disk's alias.",
+        };
+        return p >= 0 && (size_t) p < ELEMENTSOF(table) ? table[p] : "invalid.";
+}
+
+const char *disk_names_name_of(char *const *l, const char *id) {
+        for (char *const *p = l; id && p && p[0] && p[1]; p += 2)
+                if (streq(p[0], id))
+                        return p[1];
+        return NULL;
+}
+
+const char *disk_names_id_of(char *const *l, const char *name) {
+        for (char *const *p = l; name && p && p[0] && p[1]; p += 2)
+                if (streq(p[1], name))
+                        return p[0];
+        return NULL;
+}
+
 bool qemu_id_is_valid(const char *s) {
         if (!s || !isascii((unsigned char) s[0]) || !isalpha((unsigned char) s[0]))
                 return false;

@@ -125,6 +125,27 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
  * component. */
 #define GUEST_NAME_MAX 64
 bool guest_name_is_valid(const char *s);
+/* The names a guest's manager gives its disks (RegisterGuest's disk_names, e.g. libvirt's
+ * <target dev='vda'/> for qdev id virtio-disk0): a NULL-terminated list of qdev id, name pairs.
+ * An id is a QEMU identifier, a name is what a guest name may be; at most DISK_NAMES_MAX pairs,
+ * no id or name twice, and no name that is another pair's id (a disk is found by id first). */
+#define DISK_NAMES_MAX 256
+typedef enum DiskNamesProblem {
+        DISK_NAMES_OK,
+        DISK_NAMES_TOO_MANY,
+        DISK_NAMES_BAD_ID,
+        DISK_NAMES_BAD_NAME,
+        DISK_NAMES_DUPLICATE_ID,
+        DISK_NAMES_DUPLICATE_NAME,
+        DISK_NAMES_NAME_IS_ID,
+} DiskNamesProblem;
+/* *ret_index: the pair at fault (its id at l[2 * index]). */
+DiskNamesProblem disk_names_check(char *const *l, size_t *ret_index);
+/* Why, as a sentence. */
+const char *disk_names_problem_to_string(DiskNamesProblem p);
+/* The name given to qdev id (NULL: none); the qdev id named name (NULL: none). */
+const char *disk_names_name_of(char *const *l, const char *id);
+const char *disk_names_id_of(char *const *l, const char *name);
 /* A QEMU identifier (job id, qdev id, export id, a node name given to it): a letter, then
  * [A-Za-z0-9._-], at most 128 characters. */
 bool qemu_id_is_valid(const char *s);

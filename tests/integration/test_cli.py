@@ -166,6 +166,53 @@ class CliTest(h.TestCase):
         self.ok('register', other, q2.daemon_socket, '--owner=' + h.STRANGER)
         self.assertEqual(self.client.get(h.guest_path(other), h.IFACE_GUEST, 'Owner'), uid)
 
+    def test_disk_names(self):
+        # A guest managed by libvirt: QEMU knows its disks as virtio-disk0..., its users as vda...
+        name = self.unique_name()
+        chains = self.make_chains(('virtio-disk0', 'virtio-disk1'), SIZE)
+        q = self.start_qemu(chains, name=name)
+        self.addCleanup(self.unregister_quietly, name)
+        self.fails(2, 'register', name, q.daemon_socket, '--disk-name=virtio-disk0')
+        self.fails(2, 'register', name, q.daemon_socket, '--disk-name=virtio-disk0=')
+        self.fails(2, 'register', name, q.daemon_socket, '--disk-name=virtio-disk0=vda',
+                   '--disk-name=virtio-disk0=vdb')
+        self.fails(2, 'pull', name, 'vda', '--disk-name=virtio-disk0=vda')   # register's option only
+        self.fails(1, 'register', name, q.daemon_socket, '--disk-name=virtio-disk0=..', mention='disk_names')
+        self.fails(1, 'register', name, q.daemon_socket, '--disk-name=virtio-disk0=virtio-disk1',
+                   mention='disk_names')
+        self.assertEqual(self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)[0], None)
+        self.ok('register', name, q.daemon_socket, '--disk-name=virtio-disk0=vda', '--disk-name=virtio-disk1=vdb')
+
+        r = self.ok('status', name)
+        self.assertRegex(r.stdout, r'virtio-disk0\n\s*Target: vda\n')
+        self.assertRegex(r.stdout, r'virtio-disk1\n\s*Target: vdb\n')
+        for disk in ('vdb', 'virtio-disk1', chains['virtio-disk1'].top):
+            j = self.json_of('status', name, disk)
+            d = dicts_with(j, 'Device', 'virtio-disk1')
+            self.assertEqual(len(d), 1, 'status %s %s: %r' % (name, disk, j))
+            self.assertEqual(d[0].get('Target'), 'vdb')
+            self.assertEqual(dicts_with(j, 'Device', 'virtio-disk0'), [], 'status %s %s: %r' % (name, disk, j))
+        r = self.fails(1, 'status', name, 'vdz', mention='vdz')
+        self.assertIn('virtio-disk0 (vda)', r.stderr)
+
+        # Every verb on a disk takes the name.
+        self.ok('pull', name, 'vdb', '--bandwidth=64K')
+        self.ok('pause', name, 'vdb')
+        self.client.wait_prop(h.disk_path(name, 'virtio-disk1'), h.IFACE_STREAM, 'State', 'paused')
+        self.ok('set-bandwidth', name, 'vdb', '0')
+        self.ok('resume', name, 'vdb')
+        self.ok('wait', name, 'vdb')
+        self.assertEqual(self.client.get(h.disk_path(name, 'virtio-disk1'), h.IFACE_STREAM, 'BackingChain'), [])
+        self.assertTrue(self.json_of('map', name, 'vda'))
+        self.ok('pull', name, 'vda', '--bandwidth=64K')
+        self.ok('cancel', name, 'vda', '--wait')
+        j = self.json_of('export', name, 'vda')
+        self.assertEqual(self.client.get(j['export'], 'org.blockstream1.Export', 'Disk'),
+                         h.disk_path(name, 'virtio-disk0'))
+        self.ok('export-stop', j['export'])
+        self.ok('pull', name, 'vda', '--bandwidth=0', '--wait')
+        self.assertEqual(self.client.get(h.disk_path(name, 'virtio-disk0'), h.IFACE_STREAM, 'BackingChain'), [])
+
     # -- streaming
 
     def test_pull_wait(self):

@@ -45,6 +45,14 @@ class CompletionTest(h.TestCase):
         self.addCleanup(self.client.try_call, export, 'org.blockstream1.Export', 'Stop')
         self.assertEqual(self.complete('export-stop', ''), [h.unwrap(export).rsplit('/', 1)[1]])
 
+    def test_target_names_from_the_bus(self):
+        # Disks named at registration (libvirt's vda for virtio-disk0) complete by both names.
+        names = h.dbus.Dictionary({'virtio-disk0': 'vda'}, signature='ss', variant_level=1)
+        g = self.new_guest(aliases=('virtio-disk0', 'virtio-disk1'), size=64 * h.MiB,
+                           options=h.opts(disk_names=names))
+        self.assertEqual(self.complete('status', g.name, ''), ['vda', 'virtio-disk0', 'virtio-disk1'])
+        self.assertEqual(self.complete('pull', g.name, 'vd'), ['vda'])
+
 
 if __name__ == '__main__':
     h.main()

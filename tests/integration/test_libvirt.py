@@ -331,6 +331,38 @@ class LibvirtTest(h.TestCase):
         self.assertFalse(os.path.exists('/etc/evil'))
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.libvirt.sock_root), 'evil')))
 
+    def test_hook_registers_when_names_refused(self):
+        # Run as libvirtd runs it (started/begin, the live XML with <alias>), in a namespace that
+        # shows it the test's configuration: a target blockstreamd refuses as a name (another
+        # disk's qdev id) costs the names, not the registration.
+        name = self.unique_name('lv')
+        sock = os.path.join(self.libvirt.sock_root, name, 'qmp.sock')
+        hook = os.path.join(self.libvirt.hooks_dir, 'qemu')
+        xml = DOMAIN_XML.format(name=name, overlay='/nonexistent', socket=sock, driver='')
+        disks = ("<disk type='file' device='disk'><source file='/a.qcow2'/><target dev='virtio-disk1' bus='virtio'/>"
+                 "<alias name='virtio-disk0'/></disk>"
+                 "<disk type='file' device='disk'><source file='/b.qcow2'/><target dev='vdb' bus='virtio'/>"
+                 "<alias name='virtio-disk1'/></disk>")
+        xml = re.sub(r"<disk type='file'.*?</disk>", disks, xml, flags=re.S)
+
+        def run_hook(op, sub):
+            return subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                                   'mount --bind "$1" /etc/blockstream && shift && exec "$@"', 'sh',
+                                   self.libvirt.etc_dir, hook, name, op, sub, '-'],
+                                  input=xml, universal_newlines=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=120)
+        r = run_hook('prepare', 'begin')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        chains = self.make_chains(('virtio-disk0', 'virtio-disk1'), SIZE)
+        self.start_qemu(chains, name=name, extra_args=['-qmp', 'unix:%s,server=on,wait=off' % sock])
+        self.addCleanup(run_hook, 'release', 'end')
+        r = run_hook('started', 'begin')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn('names refused', r.stderr)
+        self.guest_running(name)
+        for alias in ('virtio-disk0', 'virtio-disk1'):
+            self.assertEqual(self.client.get(h.disk_path(name, alias), h.IFACE_STREAM, 'Target'), '')
+
     def test_disk_by_image_path_virt_manager_driver(self):
         # virt-manager's disks: discard='unmap' detect_zeroes='unmap' on the driver.
         name, template, overlay, ref, sock = self.define_domain(" discard='unmap' detect_zeroes='unmap'")
@@ -338,13 +370,13 @@ class LibvirtTest(h.TestCase):
         self.ok('pull', name, overlay, '--wait')
         self.assertEqual(h.image_backing(overlay), None)
 
-    @unittest.expectedFailure
     def test_disk_by_libvirt_target_name(self):
-        # Bug (daemon, service/qemu-reply.c parse_disk): a disk is known only by its qdev id
-        # (virtio-disk0); libvirt's users name it by <target dev='vda'>, which QEMU does not know.
+        # Issue 15: a disk was known only by its qdev id (virtio-disk0); libvirt's users name it by
+        # <target dev='vda'>, which QEMU does not know. The hook passes it as --disk-name.
         name, template, overlay, ref, sock = self.define_domain()
         self.start_domain(name)
         self.assertIn('virtio-disk0', self.ok('status', name).stdout)
+        self.assertEqual(self.client.get(h.disk_path(name, 'virtio-disk0'), h.IFACE_STREAM, 'Target'), 'vda')
         r = self.ctl('pull', name, 'vda', '--wait')
         print('pull vda: exit %d: %s' % (r.returncode, r.stderr.strip()), file=sys.stderr)
         self.assertEqual(r.returncode, 0)

@@ -457,9 +457,12 @@ class MonitorTest(h.TestCase):
                      'the range in the row', interval=0.1)
 
         # A guest that appears while the window is open (root's: the owner may not stream it).
-        theirs = self.new_guest(size=64 * MiB)
-        # A polkit refusal: polkit's reason is shown in the row, and nothing started.
+        # Its disk has a name from its manager (disk_names): shown beside the alias.
+        theirs = self.new_guest(size=64 * MiB, options=h.opts(disk_names=h.dbus.Dictionary(
+            {'vda': 'root'}, signature='ss', variant_level=1)))
         other = self.row(theirs.name)
+        self.wait_label(other, 'vda (root)')
+        # A polkit refusal: polkit's reason is shown in the row, and nothing started.
         calls = PolkitCalls(self.client)
         self.addCleanup(calls.close)
         self.click(other, 'Pull')

@@ -285,6 +285,51 @@ static void test_qemu_id(void) {
 
 /* Paths */
 
+static void test_disk_names(void) {
+        char *ok[] = {"virtio-disk0", "vda", "ua-data", "vdb", "scsi0-0-0-0", "sda", NULL};
+        char *same[] = {"vda", "vda", NULL};
+        char *bad_id[] = {"0disk", "vda", NULL};
+        char *bad_name[] = {"virtio-disk0", "a/b", NULL};
+        char *dot[] = {"virtio-disk0", "..", NULL};
+        char *odd[] = {"virtio-disk0", NULL};
+        char *dup_id[] = {"d0", "vda", "d0", "vdb", NULL};
+        char *dup_name[] = {"d0", "vda", "d1", "vda", NULL};
+        char *swap[] = {"d0", "d1", "d1", "d0", NULL};
+        char **many = calloc(2 * DISK_NAMES_MAX + 3, sizeof(char *));
+        size_t i = 99;
+
+        ASSERT_EQ(disk_names_check(NULL, &i), DISK_NAMES_OK);
+        ASSERT_EQ(disk_names_check(ok, &i), DISK_NAMES_OK);
+        ASSERT_EQ(disk_names_check(same, &i), DISK_NAMES_OK);
+        ASSERT_EQ(disk_names_check(bad_id, &i), DISK_NAMES_BAD_ID);
+        ASSERT_EQ(disk_names_check(bad_name, &i), DISK_NAMES_BAD_NAME);
+        ASSERT_EQ(disk_names_check(dot, &i), DISK_NAMES_BAD_NAME);
+        ASSERT_EQ(disk_names_check(odd, &i), DISK_NAMES_BAD_NAME);
+        ASSERT_EQ(disk_names_check(dup_id, &i), DISK_NAMES_DUPLICATE_ID);
+        ASSERT_EQ(i, 1);
+        ASSERT_EQ(disk_names_check(dup_name, &i), DISK_NAMES_DUPLICATE_NAME);
+        ASSERT_EQ(i, 1);
+        ASSERT_EQ(disk_names_check(swap, &i), DISK_NAMES_NAME_IS_ID);
+        ASSERT_EQ(i, 0);
+        ASSERT_STREQ(disk_names_name_of(ok, "ua-data"), "vdb");
+        ASSERT_STREQ(disk_names_id_of(ok, "sda"), "scsi0-0-0-0");
+        ASSERT_TRUE(disk_names_name_of(ok, "vda") == NULL);
+        ASSERT_TRUE(disk_names_id_of(ok, "virtio-disk0") == NULL);
+        ASSERT_TRUE(disk_names_id_of(NULL, "vda") == NULL);
+
+        ASSERT_TRUE(many != NULL);
+        for (size_t k = 0; many && k < DISK_NAMES_MAX + 1; k++) {
+                many[2 * k] = strdup_printf("d%zu", k);
+                many[2 * k + 1] = strdup_printf("n%zu", k);
+        }
+        ASSERT_EQ(disk_names_check(many, &i), DISK_NAMES_TOO_MANY);
+        free(many[2 * DISK_NAMES_MAX]);
+        free(many[2 * DISK_NAMES_MAX + 1]);
+        many[2 * DISK_NAMES_MAX] = many[2 * DISK_NAMES_MAX + 1] = NULL;
+        ASSERT_EQ(disk_names_check(many, &i), DISK_NAMES_OK);
+        strv_free(many);
+}
+
 static void test_path_is_safe_absolute(void) {
         char *long_path;
 
@@ -711,6 +756,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_format_bytes_rounding);
         TAP_RUN(test_guest_name);
         TAP_RUN(test_qemu_id);
+        TAP_RUN(test_disk_names);
         TAP_RUN(test_path_is_safe_absolute);
         TAP_RUN(test_path_is_below);
         TAP_RUN(test_strv);
