@@ -762,6 +762,8 @@ static int export_restore_one(StateExport *s, void *userdata) {
         m->export_seq = MAX(m->export_seq, e->id);
         r = export_rebind(e);
         if (r == -EADDRINUSE) {
+                log_info("Guest %s disk %s: the address of export %u (%s) is in use, waiting up to %u s for it.",
+                        g->name, e->alias, e->id, e->listen, (unsigned) (REBIND_DEADLINE_USEC / USEC_PER_SEC));
                 e->rebind_deadline = now_usec(CLOCK_MONOTONIC) + REBIND_DEADLINE_USEC;
                 r = sd_event_add_time_relative(m->event, &e->rebind_source, CLOCK_MONOTONIC, REBIND_RETRY_USEC, 0,
                         rebind_handler, e);

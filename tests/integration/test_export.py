@@ -586,6 +586,50 @@ class ExportRestartTest(h.TestCase):
         self.assertEqual(o.exports_on_bus(self.client), [])
         self.assertFalse(os.path.exists(sock))
 
+    # -- a TCP address still taken at the restart (the old relay dying, or anybody)
+
+    def _restart_with_port_taken(self):
+        g = self.running_guest()
+        port = o.free_tcp_port()
+        path, uri = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
+        record = os.path.join(self.env.daemon.state_dir, 'exports', path.rsplit('/', 1)[1] + '.json')
+        self.assertTrue(os.path.exists(record), 'no state record %s for a serving export' % record)
+        self.assertEqual(self.env.stop_daemon(), 0)
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(holder.close)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(('127.0.0.1', port))
+        holder.listen(1)
+        log_start = os.path.getsize(self.env.daemon.log)
+        self.env.start_daemon()
+        h.wait_until(lambda: 'is in use, waiting' in self.log_since(log_start), 30,
+                     'the daemon to wait for the address of the export')
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        return g, path, uri, record, holder
+
+    def log_since(self, offset):
+        with open(self.env.daemon.log, errors='replace') as f:
+            f.seek(offset)
+            return f.read()
+
+    def test_tcp_port_freed_late_is_served_again(self):
+        g, path, uri, record, holder = self._restart_with_port_taken()
+        holder.close()
+        self.wait_back([path])
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'serving', 10)
+        self.assertEqual(o.export_props(self.client, path)['URI'], uri)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha)
+
+    def test_tcp_port_kept_taken_drops_the_export(self):
+        g, path, uri, record, holder = self._restart_with_port_taken()
+        h.wait_until(lambda: not os.path.exists(record), 60, 'the export to be dropped (its record %s gone)' % record)
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        self.assertEqual(o.relays(self.env), [])
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'no block export left in QEMU')
+        # The guest and a new export of its disk are fine.
+        p2, u2 = self.new_export(g)
+        self.assertEqual(o.nbd_sha256(u2), g.expected_sha)
+
 
 if __name__ == '__main__':
     h.main()
