@@ -30,6 +30,9 @@ typedef struct EngineRegistry {
          * storage helper (< 0: it could not even be tried); and whether a range job runs d's job. */
         void (*cleanup_leftovers)(Guest *g);
         void (*resume_orphans)(Guest *g);
+        /* A running guest's QEMU could not be reached: what waited for it since the restart
+         * (exports) gives up. */
+        void (*unreachable)(Guest *g);
         int (*resume_offline_stream)(Disk *d);
         bool (*range_runs)(Disk *d);
 } EngineRegistry;

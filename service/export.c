@@ -11,6 +11,7 @@
 
 #include "bus-error.h"
 #include "control.h"
+#include "disk.h"
 #include "export.h"
 #include "guest.h"
 #include "engine.h"
@@ -18,6 +19,7 @@
 #include "polkit.h"
 #include "qemu.h"
 #include "sandbox.h"
+#include "state.h"
 #include "util.h"
 
 #define RELAY_BINARY "blockstream-nbd-relay"
@@ -26,6 +28,10 @@
 #define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
 #define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
 #define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
+/* A restored export's TCP address may still be held by the relay of the daemon before us, which
+ * dies with it (PR_SET_PDEATHSIG) but maybe not yet: bind again this often and for this long. */
+#define REBIND_RETRY_USEC (100 * USEC_PER_MSEC)
+#define REBIND_DEADLINE_USEC (10 * USEC_PER_SEC)
 
 typedef enum ExportState {
         EXPORT_STARTING,
@@ -53,6 +59,7 @@ struct Export {
         char *name;      /* NBD export name */
         char *uri;
         char *unix_path; /* our listening socket, unlinked at the end */
+        char *listen;    /* as Export() was given it */
         ExportState state;
         bool published;
         bool in_qemu;
@@ -61,6 +68,14 @@ struct Export {
         bool handed_over;
         bool handing_over;
         uint32_t clients;
+
+        /* Restored from the state after a restart: waiting for the guest's peer (resuming set
+         * once that was asked), and for its address while the old relay holds it. */
+        bool restored;
+        bool resuming;
+        bool relay_wanted; /* in QEMU already: spawn the relay once the address is ours */
+        sd_event_source *rebind_source;
+        usec_t rebind_deadline;
 
         int listen_fd;
         pid_t relay_pid;
@@ -109,6 +124,7 @@ static Export *export_free(Export *e) {
         }
         sd_event_source_disable_unref(e->control_source);
         sd_event_source_disable_unref(e->retry_source);
+        sd_event_source_disable_unref(e->rebind_source);
         helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
         closep(&e->control_fd);
@@ -116,6 +132,7 @@ static Export *export_free(Export *e) {
         if (e->unix_path)
                 (void) unlink(e->unix_path);
         free(e->unix_path);
+        free(e->listen);
         free(e->object_path);
         free(e->alias);
         free(e->disk_path);
@@ -131,10 +148,39 @@ static int relay_send(Export *e, const ControlCommand *c, int pass_fd) {
         return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
 }
 
+/* Persistence: an export that served is served again after a restart (export_restore_all()),
+ * until it ends. */
+
+static char *export_state_dir(Engine *m) {
+        return strdup_printf("%s/exports", m->state_dir);
+}
+
+static void export_save(Export *e) {
+        _cleanup_free_ char *dir = export_state_dir(e->engine);
+        StateExport s = {
+                .id = e->id, .guest = e->guest->name, .alias = e->alias, .name = e->name, .listen = e->listen
+        };
+        int r;
+
+        r = dir ? state_export_save(dir, &s) : -ENOMEM;
+        if (r < 0)
+                log_warning_errno(r, "Export %u: failed to save it, it will not survive a restart: %m", e->id);
+}
+
+static void export_forget(Export *e) {
+        _cleanup_free_ char *dir = export_state_dir(e->engine);
+        int r;
+
+        r = dir ? state_export_remove(dir, e->id) : -ENOMEM;
+        if (r < 0)
+                log_warning_errno(r, "Export %u: failed to remove its state file: %m", e->id);
+}
+
 /* Take it out of QEMU, off the bus if asked, and free it. */
 static void export_end(Export *e, ExportState final, bool remove_object) {
         Guest *g = e->guest;
 
+        export_forget(e);
         if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING) {
                 e->state = final;
                 export_emit(e, "State");
@@ -151,6 +197,7 @@ static void export_end(Export *e, ExportState final, bool remove_object) {
                 /* A failed export stays visible until Stop(): clean up everything but the object. */
                 e->control_source = sd_event_source_disable_unref(e->control_source);
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
+                e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
                 e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
@@ -176,10 +223,9 @@ static void export_fail(Export *e, const char *why) {
                 (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
                         "Cannot export disk '%s' of guest '%s': %s", e->alias, e->guest->name, why);
                 e->create_call = sd_bus_message_unref(e->create_call);
-                export_end(e, EXPORT_FAILED, true);
-                return;
         }
-        export_end(e, EXPORT_FAILED, false);
+        /* Nobody saw it yet (its Export() call failed, or it could not be restored): drop it. */
+        export_end(e, EXPORT_FAILED, !e->published);
 }
 
 static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
@@ -307,17 +353,23 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         r = control_parse_relay(buf, &msg);
 
         if (msg.kind == CONTROL_RELAY_READY) {
-                if (!e->create_call)
+                if (e->state != EXPORT_STARTING)
                         return 0;
                 e->state = EXPORT_SERVING;
-                e->published = true;
-                (void) sd_bus_emit_object_added(e->engine->bus, e->object_path);
-                log_info("Guest %s disk %s: exported as %s.", e->guest->name, e->alias, e->uri);
-                (void) sd_bus_reply_method_return(e->create_call, "os", e->object_path, e->uri);
-                e->create_call = sd_bus_message_unref(e->create_call);
+                if (!e->published) {
+                        e->published = true;
+                        (void) sd_bus_emit_object_added(e->engine->bus, e->object_path);
+                }
+                log_info("Guest %s disk %s: %s as %s.", e->guest->name, e->alias,
+                        e->restored ? "exported again" : "exported", e->uri);
+                if (e->create_call) {
+                        (void) sd_bus_reply_method_return(e->create_call, "os", e->object_path, e->uri);
+                        e->create_call = sd_bus_message_unref(e->create_call);
+                }
                 /* The relay holds the listener now. */
                 closep(&e->listen_fd);
                 e->listen_fd = -1;
+                export_save(e);
         } else if (msg.kind == CONTROL_RELAY_CONNECT) {
                 if (r < 0) {
                         export_fail(e, "the NBD relay helper sent a malformed request");
@@ -452,9 +504,24 @@ static int spawn_relay(Export *e) {
         return sd_event_add_io(m->event, &e->control_source, e->control_fd, EPOLLIN, control_handler, e);
 }
 
+static void export_start_relay(Export *e) {
+        int r;
+
+        if (e->listen_fd < 0) {
+                /* A restored export whose address is not ours again yet (rebind_handler). */
+                e->relay_wanted = true;
+                return;
+        }
+        e->relay_wanted = false;
+        r = spawn_relay(e);
+        if (r < 0) {
+                _cleanup_free_ char *why = strdup_printf("cannot start the NBD relay helper: %s", strerror(-r));
+                export_fail(e, why ?: "cannot start the NBD relay helper");
+        }
+}
+
 static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         Export *e = userdata;
-        int r;
 
         if (error < 0) {
                 _cleanup_free_ char *why = strdup_printf("QEMU refused the export: %s", desc ?: strerror(-error));
@@ -471,11 +538,7 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                         e->guest->name, e->alias, e->uri);
                 return;
         }
-        r = spawn_relay(e);
-        if (r < 0) {
-                _cleanup_free_ char *why = strdup_printf("cannot start the NBD relay helper: %s", strerror(-r));
-                export_fail(e, why ?: "cannot start the NBD relay helper");
-        }
+        export_start_relay(e);
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
 
@@ -564,6 +627,46 @@ static bool export_peer_busy(void *userdata) {
         return e->state == EXPORT_STARTING || e->state == EXPORT_SERVING;
 }
 
+static int export_new(Guest *g, unsigned id, const char *alias, const char *disk_path, const char *name,
+        const char *listen, Export **ret) {
+        Export *e;
+
+        e = calloc(1, sizeof(Export));
+        if (!e)
+                return -ENOMEM;
+        e->engine = g->engine;
+        e->guest = g;
+        e->listen_fd = e->control_fd = -1;
+        e->id = id;
+        e->alias = strdup(alias);
+        e->disk_path = strdup(disk_path);
+        e->qemu_id = strdup_printf("bsx-%u", e->id);
+        if (name)
+                e->name = strdup(name);
+        else
+                e->name = export_name_taken(g, alias) ? strdup_printf("%s-%u", alias, e->id) : strdup(alias);
+        e->object_path = strdup_printf(EXPORT_PATH_PREFIX "/%u", e->id);
+        e->listen = strdup(listen);
+        if (!e->alias || !e->disk_path || !e->qemu_id || !e->name || !e->object_path || !e->listen) {
+                export_free(e);
+                return -ENOMEM;
+        }
+        e->listener = (PeerListener) {
+                .userdata = e,
+                .lost = export_peer_lost,
+                .busy = export_peer_busy,
+                .removed = export_peer_removed,
+        };
+        *ret = e;
+        return 0;
+}
+
+static void export_link(Export *e) {
+        e->next = e->engine->exports;
+        e->engine->exports = e;
+        peer_listen(&e->guest->peer, &e->listener);
+}
+
 int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_message *msg, const char *listen,
         sd_bus_error *error) {
         Engine *m = g->engine;
@@ -575,22 +678,9 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
 
-        e = calloc(1, sizeof(Export));
-        if (!e)
-                return -ENOMEM;
-        e->engine = m;
-        e->guest = g;
-        e->listen_fd = e->control_fd = -1;
-        e->id = ++m->export_seq;
-        e->alias = strdup(alias);
-        e->disk_path = strdup(disk_path);
-        e->qemu_id = strdup_printf("bsx-%u", e->id);
-        e->name = export_name_taken(g, alias) ? strdup_printf("%s-%u", alias, e->id) : strdup(alias);
-        e->object_path = strdup_printf(EXPORT_PATH_PREFIX "/%u", e->id);
-        if (!e->alias || !e->disk_path || !e->qemu_id || !e->name || !e->object_path) {
-                export_free(e);
-                return -ENOMEM;
-        }
+        r = export_new(g, ++m->export_seq, alias, disk_path, NULL, listen, &e);
+        if (r < 0)
+                return r;
         r = listen_socket(e, listen, &uri, error);
         if (r < 0) {
                 export_free(e);
@@ -598,15 +688,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         }
         e->uri = TAKE_PTR(uri);
         e->create_call = sd_bus_message_ref(msg);
-        e->next = m->exports;
-        m->exports = e;
-        e->listener = (PeerListener) {
-                .userdata = e,
-                .lost = export_peer_lost,
-                .busy = export_peer_busy,
-                .removed = export_peer_removed,
-        };
-        peer_listen(&g->peer, &e->listener);
+        export_link(e);
 
         r = guest_when_ready(g, export_backend_ready, e, NULL);
         if (r < 0) {
@@ -616,6 +698,161 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
         }
         return 1;
+}
+
+/* Restoring after a restart: the exports come back on their addresses at once (a client's
+ * connection waits in the backlog), are set up in QEMU once their guest's peer is there again
+ * (export_resume()), and are published with the relay's "ready", as a new one is. */
+
+/* Bind the address again; -EADDRINUSE while the relay of the daemon before us still holds it. */
+static int export_rebind(Export *e) {
+        _cleanup_free_ char *uri = NULL;
+        int r;
+
+        e->unix_path = mfree(e->unix_path);
+        r = listen_socket(e, e->listen, &uri, NULL);
+        if (r < 0)
+                return r;
+        free(e->uri);
+        e->uri = TAKE_PTR(uri); /* the same options make the URI it had */
+        return 0;
+}
+
+static int rebind_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Export *e = userdata;
+        int r;
+
+        r = export_rebind(e);
+        if (r == -EADDRINUSE && now_usec(CLOCK_MONOTONIC) < e->rebind_deadline) {
+                r = sd_event_source_set_time_relative(s, REBIND_RETRY_USEC);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                if (r >= 0)
+                        return 0;
+        }
+        e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
+        if (r < 0) {
+                _cleanup_free_ char *why = strdup_printf("cannot listen on %s again: %s", e->listen, strerror(-r));
+                export_fail(e, why ?: "cannot listen on its address again");
+                return 0;
+        }
+        if (e->relay_wanted)
+                export_start_relay(e);
+        return 0;
+}
+
+/* A record's guest gone, or the record not fit to serve: drop it, with its socket. */
+static void export_drop_record(Engine *m, Guest *g, const StateExport *s, const char *why) {
+        _cleanup_free_ char *dir = export_state_dir(m);
+
+        log_warning("Export %u of guest %s disk %s is not restored: %s", s->id, s->guest, s->alias, why);
+        if (dir)
+                (void) state_export_remove(dir, s->id);
+        if (g && streq(s->listen, "unix")) {
+                _cleanup_free_ char *path = NULL;
+
+                /* Where listen_socket() put it (the alias is an identifier: state.c checked). */
+                path = strdup_printf("%s/guests/%s/%s-%u.nbd", m->runtime_dir, g->name, s->alias, s->id);
+                if (path)
+                        (void) unlink(path);
+        }
+}
+
+static int export_restore_one(StateExport *s, void *userdata) {
+        Engine *m = userdata;
+        _cleanup_free_ char *name_with_id = NULL;
+        Guest *g;
+        Disk *d = NULL;
+        Export *e;
+        int r;
+
+        g = engine_find_guest(m, s->guest);
+        if (!g) {
+                export_drop_record(m, NULL, s, "its guest is not registered");
+                return 0;
+        }
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (streq(g->disks[i]->alias, s->alias))
+                        d = g->disks[i];
+        name_with_id = strdup_printf("%s-%u", s->alias, s->id);
+        if (!name_with_id)
+                return -ENOMEM;
+        if (!d || !d->object_path) {
+                export_drop_record(m, g, s, "the guest has no such disk");
+                return 0;
+        }
+        if ((!streq(s->name, s->alias) && !streq(s->name, name_with_id)) || export_listen_valid(s->listen, NULL) < 0) {
+                export_drop_record(m, g, s, "its record is invalid");
+                return 0;
+        }
+        for (Export *i = m->exports; i; i = i->next)
+                if (i->id == s->id || (i->guest == g && streq(i->name, s->name))) {
+                        export_drop_record(m, g, s, "its record is a duplicate");
+                        return 0;
+                }
+
+        r = export_new(g, s->id, s->alias, d->object_path, s->name, s->listen, &e);
+        if (r < 0)
+                return r;
+        e->restored = true;
+        m->export_seq = MAX(m->export_seq, e->id);
+        r = export_rebind(e);
+        if (r == -EADDRINUSE) {
+                log_info("Guest %s disk %s: the address of export %u (%s) is in use, waiting up to %u s for it.",
+                        g->name, e->alias, e->id, e->listen, (unsigned) (REBIND_DEADLINE_USEC / USEC_PER_SEC));
+                e->rebind_deadline = now_usec(CLOCK_MONOTONIC) + REBIND_DEADLINE_USEC;
+                r = sd_event_add_time_relative(m->event, &e->rebind_source, CLOCK_MONOTONIC, REBIND_RETRY_USEC, 0,
+                        rebind_handler, e);
+        }
+        if (r < 0) {
+                log_warning_errno(r, "Export %u of guest %s disk %s is not restored: cannot listen on %s: %m", e->id,
+                        g->name, e->alias, e->listen);
+                export_forget(e);
+                export_free(e);
+                return 0;
+        }
+        export_link(e);
+        log_info("Guest %s disk %s: restoring export %u on %s.", g->name, e->alias, e->id, e->uri ?: e->listen);
+        return 0;
+}
+
+int export_restore_all(Engine *m) {
+        _cleanup_free_ char *dir = export_state_dir(m);
+
+        if (!dir)
+                return log_oom();
+        return state_export_load(dir, export_restore_one, m);
+}
+
+/* The next restored export of g still waiting for its peer; NULL if none. Each call of the two
+ * below starts again from the head: failing one may free others (their peer's helper going). */
+static Export *export_next_waiting(Guest *g) {
+        for (Export *e = g->engine->exports; e; e = e->next)
+                if (e->guest == g && e->restored && !e->resuming && e->state == EXPORT_STARTING)
+                        return e;
+        return NULL;
+}
+
+void export_resume(Guest *g) {
+        Export *e;
+
+        while ((e = export_next_waiting(g))) {
+                int r;
+
+                e->resuming = true;
+                r = guest_when_ready(g, export_backend_ready, e, NULL);
+                if (r < 0) {
+                        _cleanup_free_ char *why = strdup_printf("cannot start the storage helper: %s", strerror(-r));
+                        export_fail(e, why ?: "cannot start the storage helper");
+                }
+        }
+}
+
+void export_guest_unreachable(Guest *g) {
+        Export *e;
+
+        while ((e = export_next_waiting(g)))
+                export_fail(e, "its guest's QEMU is not there after the restart"); /* unpublished: freed */
 }
 
 void export_free_all(Engine *m) {

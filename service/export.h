@@ -32,6 +32,14 @@ int export_listen_valid(const char *listen, sd_bus_error *error);
 
 void export_free_all(Engine *m);
 
+/* After a restart: the exports of the state (their guests loaded already) listen again at once;
+ * export_resume() sets them up in QEMU once g's peer is there again (its (re)connect), and
+ * export_guest_unreachable() drops them if g's QEMU is not. An export that cannot be served
+ * again is dropped with its socket and record. */
+int export_restore_all(Engine *m);
+void export_resume(Guest *g);
+void export_guest_unreachable(Guest *g);
+
 int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
         sd_bus_error *error);
 int export_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error);

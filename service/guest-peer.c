@@ -402,6 +402,7 @@ static void guest_connection_failed(Guest *g, int error) {
                         strerror(-error));
         why = strdup_printf("QEMU went away: the QMP connection to %s is gone (%s).", g->qmp_socket, strerror(-error));
         guest_fail_jobs(g, why ?: "QEMU went away.");
+        g->engine->registry->unreachable(g);
         guest_schedule_reconnect(g);
 }
 
@@ -601,6 +602,7 @@ int guest_connect_opened(Guest *g, int sock_fd, const QmpSocketPin *seen) {
                 log_warning_errno(r, "Guest %s: cannot connect to QMP socket %s: %m; retrying.", g->name, g->qmp_socket);
         why = strdup_printf("QEMU went away: %s.", g->connect_error ?: strerror(-r));
         guest_fail_jobs(g, why ?: "QEMU went away.");
+        g->engine->registry->unreachable(g);
         guest_schedule_reconnect(g);
         return r;
 }

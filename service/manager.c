@@ -50,6 +50,12 @@ static void registry_unlink_guest(Engine *e, Guest *g) {
         manager_unlink_guest(manager_of(e), g);
 }
 
+/* The range jobs of before, then the exports of before (export.h). */
+static void registry_resume_orphans(Guest *g) {
+        range_resume_orphans(g);
+        export_resume(g);
+}
+
 static bool registry_range_runs(Disk *d) {
         return range_backend.runs(d);
 }
@@ -60,7 +66,8 @@ static const EngineRegistry manager_registry = {
         .guest_claims = registry_guest_claims,
         .unlink_guest = registry_unlink_guest,
         .cleanup_leftovers = range_cleanup_leftovers,
-        .resume_orphans = range_resume_orphans,
+        .resume_orphans = registry_resume_orphans,
+        .unreachable = export_guest_unreachable,
         .resume_offline_stream = stream_resume_offline,
         .range_runs = registry_range_runs,
 };
@@ -805,7 +812,12 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
 }
 
 int manager_load_state(Manager *m) {
-        return state_load(m->engine.guest_state_dir, load_guest, m);
+        int r;
+
+        r = state_load(m->engine.guest_state_dir, load_guest, m);
+        if (r < 0)
+                return r;
+        return export_restore_all(&m->engine); /* of the guests just loaded */
 }
 
 void manager_start_guests(Manager *m) {

@@ -486,3 +486,134 @@ int state_load(const char *dir_path, state_load_handler_t handler, void *userdat
         }
         return 0;
 }
+
+/* Exports */
+
+#define EXPORT_LISTEN_MAX 64
+
+static char *state_export_path(const char *dir, unsigned id) {
+        return strdup_printf("%s/%u.json", dir, id);
+}
+
+void state_export_done(StateExport *e) {
+        free(e->guest);
+        free(e->alias);
+        free(e->name);
+        free(e->listen);
+        *e = (StateExport) {};
+}
+
+int state_export_save(const char *dir, const StateExport *e) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        _cleanup_free_ char *path = NULL;
+        const char *text;
+        int r;
+
+        o = json_object_new_object();
+        if (!o)
+                return -ENOMEM;
+        if (add(o, "version", json_object_new_int(STATE_FORMAT_VERSION)) < 0 ||
+                add(o, "id", json_object_new_uint64(e->id)) < 0 || add(o, "guest", json_object_new_string(e->guest)) < 0 ||
+                add(o, "disk", json_object_new_string(e->alias)) < 0 || add(o, "name", json_object_new_string(e->name)) < 0 ||
+                add(o, "listen", json_object_new_string(e->listen)) < 0)
+                return -ENOMEM;
+        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE);
+        path = state_export_path(dir, e->id);
+        if (!text || !path)
+                return -ENOMEM;
+        r = mkdir_p(dir, 0700);
+        if (r < 0)
+                return r;
+        return write_file_atomic(path, text, strlen(text), 0600);
+}
+
+int state_export_remove(const char *dir, unsigned id) {
+        _cleanup_free_ char *path = state_export_path(dir, id);
+
+        if (!path)
+                return -ENOMEM;
+        if (unlink(path) < 0 && errno != ENOENT)
+                return -errno;
+        return 0;
+}
+
+static int printable_field(json_object *o, const char *key, size_t max, char **ret) {
+        const char *s = NULL;
+
+        if (json_get_string(o, key, true, &s) < 0 || !s || isempty(s) || strlen(s) > max)
+                return -EBADMSG;
+        for (const char *p = s; *p; p++)
+                if (*p <= ' ' || *p >= 127)
+                        return -EBADMSG;
+        *ret = strdup(s);
+        return *ret ? 0 : -ENOMEM;
+}
+
+int state_export_from_json(json_object *o, const char *file_name, StateExport *ret) {
+        _cleanup_(state_export_done) StateExport e = {};
+        _cleanup_free_ char *expected = NULL;
+        uint64_t version = 0, id = 0;
+        int r;
+
+        if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0 ||
+                version != STATE_FORMAT_VERSION || json_get_u64(o, "id", true, &id) < 0 || id == 0 || id >= UINT_MAX)
+                return -EBADMSG;
+        e.id = (unsigned) id;
+        expected = strdup_printf("%u.json", e.id);
+        if (!expected)
+                return -ENOMEM;
+        if (!streq(file_name, expected))
+                return -EBADMSG;
+        if ((r = printable_field(o, "guest", GUEST_NAME_MAX, &e.guest)) < 0 ||
+                (r = printable_field(o, "disk", QEMU_STRING_MAX, &e.alias)) < 0 ||
+                (r = printable_field(o, "name", QEMU_STRING_MAX, &e.name)) < 0 ||
+                (r = printable_field(o, "listen", EXPORT_LISTEN_MAX, &e.listen)) < 0)
+                return r;
+        /* The disk's alias names a socket file: an identifier as QEMU's are, nothing else. */
+        if (!guest_name_is_valid(e.guest) || !qemu_id_is_valid(e.alias))
+                return -EBADMSG;
+        *ret = e;
+        e = (StateExport) {};
+        return 0;
+}
+
+int state_export_load(const char *dir_path, state_export_handler_t handler, void *userdata) {
+        _cleanup_(closedirp_) DIR *dir = NULL;
+        struct dirent *de;
+
+        dir = opendir(dir_path);
+        if (!dir) {
+                if (errno == ENOENT)
+                        return 0;
+                return log_error_errno(errno, "Failed to open state directory %s: %m", dir_path);
+        }
+        while ((de = readdir(dir))) {
+                _cleanup_(json_object_putp) json_object *o = NULL;
+                _cleanup_(state_export_done) StateExport e = {};
+                _cleanup_free_ char *path = NULL, *text = NULL;
+                size_t len = strlen(de->d_name);
+                int r;
+
+                if (len < 6 || !streq(de->d_name + len - 5, ".json"))
+                        continue;
+                path = strdup_printf("%s/%s", dir_path, de->d_name);
+                if (!path)
+                        return log_oom();
+                r = read_file_bounded(path, STATE_FILE_MAX, &text, NULL);
+                if (r >= 0) {
+                        o = json_tokener_parse(text);
+                        r = o ? state_export_from_json(o, de->d_name, &e) : -EBADMSG;
+                }
+                if (r == -ENOMEM)
+                        return log_oom();
+                if (r < 0) {
+                        log_error_errno(r, "Export state file %s is invalid, dropping it: %m", path);
+                        (void) unlink(path);
+                        continue;
+                }
+                r = handler(&e, userdata);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}

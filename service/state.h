@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-/* Persistence of registered guests: one JSON file per guest in <state-dir>/guests, written
- * atomically. A file is our own output, but read back as untrusted input all the same.
+/* Persistence of registered guests: one JSON file per guest in <state-dir>/guests, and of the
+ * users' NBD exports: one per export in <state-dir>/exports, written atomically. A file is our own output, but read back as untrusted input all the same.
  *
  * This layer knows plain records only, not the objects made of them: a guest saves itself as a
  * StateGuest (guest-state.c), and the manager makes guests of the records state_load() reads. */
@@ -74,3 +74,24 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
  * error < 0 ends the load with it. */
 typedef int (*state_load_handler_t)(StateGuest *g, const char *path, void *userdata);
 int state_load(const char *dir, state_load_handler_t handler, void *userdata);
+
+/* A user's export, as much as serving it again after a restart takes: its socket path, URI,
+ * object path and QEMU's export id follow from these (export.c). */
+typedef struct StateExport {
+        unsigned id;
+        char *guest;
+        char *alias;  /* the disk */
+        char *name;   /* the NBD export name */
+        char *listen; /* "unix" or "tcp:ADDR:PORT", as the Export() call gave it */
+} StateExport;
+
+void state_export_done(StateExport *e);
+/* Write e to <dir>/<id>.json, atomically; remove it. */
+int state_export_save(const char *dir, const StateExport *e);
+int state_export_remove(const char *dir, unsigned id);
+/* One export's JSON (file_name: its name, "<id>.json") to a record, every field checked. */
+int state_export_from_json(json_object *o, const char *file_name, StateExport *ret);
+/* Every valid export file of dir to handler (which may take the strings). Invalid files are
+ * logged and removed: nothing could serve them again. */
+typedef int (*state_export_handler_t)(StateExport *e, void *userdata);
+int state_export_load(const char *dir, state_export_handler_t handler, void *userdata);

@@ -9,8 +9,10 @@ makes the export "failed" and leaves the daemon and QEMU clean."""
 import json
 import os
 import resource
+import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -402,6 +404,231 @@ class ExportTest(h.TestCase):
         self.assertEqual(o.relays(self.env), [])
         self.assertSnapshotEqual(before, self.snapshot(), 'refused Export calls')
         self.assert_no_qemu_exports(g)
+
+
+class QemuNbdClient:
+    """QEMU's own NBD client (qemu-io's block/nbd.c, as a migration destination's -blockdev uses
+    it) with reconnect-delay: one connection, kept open between commands, that re-opens the
+    same address after it broke and holds the requests meanwhile. Commands go in on stdin, one
+    at a time; each answer ends with the next prompt."""
+
+    PROMPT = b'qemu-io> '
+
+    def __init__(self, uri, reconnect_delay=90):
+        if uri.startswith('nbd+unix:///'):
+            name = uri[len('nbd+unix:///'):].split('?')[0]
+            server = 'server.type=unix,server.path=%s' % o.unix_socket_of(uri)
+        else:
+            hostport, name = uri[len('nbd://'):].split('/', 1)
+            host, port = hostport.rsplit(':', 1)
+            server = 'server.type=inet,server.host=%s,server.port=%s' % (host, port)
+        opts = 'driver=nbd,%s,export=%s,reconnect-delay=%d' % (server, name, reconnect_delay)
+        self.proc = h.spawn(['qemu-io', '-r', '--image-opts', opts], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.out = b''
+        self.answer(30)
+
+    def send(self, cmd):
+        self.proc.stdin.write(cmd.encode() + b'\n')
+        self.proc.stdin.flush()
+
+    def answer(self, timeout):
+        """Everything up to the next prompt, within timeout seconds."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while self.PROMPT not in self.out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError('qemu-io did not answer within %ds: %r' % (timeout, self.out))
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                b = os.read(fd, 65536)
+                if not b:
+                    raise AssertionError('qemu-io exited (%s): %r' % (self.proc.wait(5), self.out))
+                self.out += b
+        text, self.out = self.out.split(self.PROMPT, 1)
+        return text.decode(errors='replace')
+
+    def read_ok(self, test, pattern, offset, length, timeout):
+        text = self.answer(timeout)
+        test.assertIn('read %d/%d bytes at offset %d' % (length, length, offset), text,
+                      'the NBD client saw an error reading 0x%02x at %d: %s' % (pattern, offset, text))
+        test.assertNotIn('fail', text.lower(), text)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.send('quit')
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class ExportRestartTest(h.TestCase):
+    """An export outlives a daemon restart: the same object and URI come back, a client re-opens
+    the same address and reads the disk, and QEMU's NBD client with reconnect-delay, in the middle
+    of reading, sees no error."""
+
+    env_per_test = True
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+
+    def new_export(self, g, listen=None):
+        path, uri = o.export(g.disk(), listen)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'serving', 10)
+        return path, uri
+
+    def restart(self, sig):
+        if sig == signal.SIGKILL:
+            self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        else:
+            self.assertEqual(self.env.stop_daemon(sig), 0, 'blockstreamd did not exit cleanly')
+        self.env.start_daemon()
+
+    def wait_back(self, paths, timeout=60):
+        self.client.wait_for(lambda: set(paths) <= set(o.exports_on_bus(self.client)), timeout,
+                             'the exports %s back on the bus' % sorted(paths))
+
+    def _restart_while_reading(self, sig, g):
+        u = g.chains['vda'].u
+        port = o.free_tcp_port()
+        exports = [self.new_export(g), self.new_export(g, 'tcp:127.0.0.1:%d' % port)]
+        self.assertTrue(exports[1][1].startswith('nbd://127.0.0.1:%d/vda' % port), exports[1][1])
+        before = {p: o.export_props(self.client, p) for p, _ in exports}
+        # QEMU's NBD client on each, reading (base: 0x11 over [0, 64u)).
+        readers = []
+        for path, uri in exports:
+            r = QemuNbdClient(uri)
+            self.addCleanup(r.close)
+            r.send('read -P 0x11 0 %d' % u)
+            r.read_ok(self, 0x11, 0, u, 30)
+            self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 1, 10)
+            readers.append(r)
+        self.restart(sig)
+        # Asked while the daemon is down or starting: held by the client until it reconnected.
+        for r in readers:
+            r.send('read -P 0x11 %d %d' % (u, u))
+        self.wait_back([p for p, _ in exports])
+        for (path, uri), r in zip(exports, readers):
+            p = o.export_props(self.client, path)
+            self.assertEqual((p['URI'], p['Disk'], p['State']),
+                             (before[path]['URI'], before[path]['Disk'], 'serving'), 'the export after the restart')
+            r.read_ok(self, 0x11, u, u, 120)
+            # And it reads on: the same connection, re-opened.
+            r.send('read -P 0x11 %d %d' % (2 * u, 4 * u))
+            r.read_ok(self, 0x11, 2 * u, 4 * u, 30)
+            self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 1, 10)
+        # A new client of the same URI reads the whole disk.
+        for path, uri in exports:
+            self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export does not read as the disk after a restart')
+        for (path, uri), r in zip(exports, readers):
+            r.close()
+            self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 0, 10)
+        # Stop ends them for good: nothing left in QEMU, no socket, and not back after a restart.
+        for path, uri in exports:
+            self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        self.assertFalse(os.path.exists(o.unix_socket_of(exports[0][1])))
+        if g.qemu is not None:
+            h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'no block export left in QEMU')
+        self.restart(signal.SIGTERM)
+        self.client.wait_for(lambda: self.client.try_call(g.path, h.IFACE_PROPS, 'Get', 'ss', h.IFACE_GUEST,
+                                                          'Name')[0] == g.name, 30, 'the guest back')
+        self.assertEqual(o.exports_on_bus(self.client), [])
+        self.assertEqual(o.relays(self.env), [])
+
+    def running_guest(self):
+        g = self.new_guest(size=SIZE)
+        g.expected_sha = o.file_sha256(g.chains['vda'].ref)
+        return g
+
+    def test_sigterm_running_guest(self):
+        self._restart_while_reading(signal.SIGTERM, self.running_guest())
+
+    def test_sigkill_running_guest(self):
+        self._restart_while_reading(signal.SIGKILL, self.running_guest())
+
+    def test_sigkill_offline_guest(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        path = self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, name)
+        g = h.Guest(self, name, None, chains, path)
+        g.expected_sha = o.chain_sha256(chains['vda'].top)
+        self._restart_while_reading(signal.SIGKILL, g)
+
+    def test_export_of_a_gone_guest_is_dropped(self):
+        """The guest's QEMU went away while the daemon was down: its exports are not restored,
+        their socket is removed, and they stay gone."""
+        g = self.running_guest()
+        path, uri = self.new_export(g)
+        sock = o.unix_socket_of(uri)
+        self.env.kill_daemon()
+        g.qemu.kill()
+        self.env.start_daemon()
+        self.client.wait_for(lambda: self.client.try_call(g.path, h.IFACE_PROPS, 'Get', 'ss', h.IFACE_GUEST,
+                                                          'Name')[0] == g.name, 30, 'the guest back')
+        h.wait_until(lambda: not os.path.exists(sock), 30, 'the socket %s of the dropped export to go' % sock)
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        self.assertEqual(o.relays(self.env), [])
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        self.client.wait_for(lambda: self.client.try_call(g.path, h.IFACE_PROPS, 'Get', 'ss', h.IFACE_GUEST,
+                                                          'Name')[0] == g.name, 30, 'the guest back')
+        self.assertEqual(o.exports_on_bus(self.client), [])
+        self.assertFalse(os.path.exists(sock))
+
+    # -- a TCP address still taken at the restart (the old relay dying, or anybody)
+
+    def _restart_with_port_taken(self):
+        g = self.running_guest()
+        port = o.free_tcp_port()
+        path, uri = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
+        record = os.path.join(self.env.daemon.state_dir, 'exports', path.rsplit('/', 1)[1] + '.json')
+        self.assertTrue(os.path.exists(record), 'no state record %s for a serving export' % record)
+        self.assertEqual(self.env.stop_daemon(), 0)
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(holder.close)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(('127.0.0.1', port))
+        holder.listen(1)
+        log_start = os.path.getsize(self.env.daemon.log)
+        self.env.start_daemon()
+        h.wait_until(lambda: 'is in use, waiting' in self.log_since(log_start), 30,
+                     'the daemon to wait for the address of the export')
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        return g, path, uri, record, holder
+
+    def log_since(self, offset):
+        with open(self.env.daemon.log, errors='replace') as f:
+            f.seek(offset)
+            return f.read()
+
+    def test_tcp_port_freed_late_is_served_again(self):
+        g, path, uri, record, holder = self._restart_with_port_taken()
+        holder.close()
+        self.wait_back([path])
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'serving', 10)
+        self.assertEqual(o.export_props(self.client, path)['URI'], uri)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha)
+
+    def test_tcp_port_kept_taken_drops_the_export(self):
+        g, path, uri, record, holder = self._restart_with_port_taken()
+        h.wait_until(lambda: not os.path.exists(record), 60, 'the export to be dropped (its record %s gone)' % record)
+        self.assertNotIn(path, o.exports_on_bus(self.client))
+        self.assertEqual(o.relays(self.env), [])
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'no block export left in QEMU')
+        # The guest and a new export of its disk are fine.
+        p2, u2 = self.new_export(g)
+        self.assertEqual(o.nbd_sha256(u2), g.expected_sha)
 
 
 if __name__ == '__main__':

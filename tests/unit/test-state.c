@@ -1,0 +1,192 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* The export records of state.c: what a saved export reads back as, and that a record is
+ * checked as untrusted input (it names a socket file and an NBD export) before anything uses
+ * it; a bad file is removed, not retried at every start. */
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "state.h"
+#include "util.h"
+#include "tap.h"
+
+static char *make_tmpdir(void) {
+        char *d = strdup("/tmp/bsd-unit-state-XXXXXX");
+
+        if (!d || !mkdtemp(d)) {
+                free(d);
+                return NULL;
+        }
+        return d;
+}
+
+static void rm_rf_flat(const char *dir) {
+        DIR *d = opendir(dir);
+        struct dirent *de;
+
+        if (!d)
+                return;
+        while ((de = readdir(d)))
+                if (!streq(de->d_name, ".") && !streq(de->d_name, "..")) {
+                        _cleanup_free_ char *p = strdup_printf("%s/%s", dir, de->d_name);
+                        if (p)
+                                (void) unlink(p);
+                }
+        closedir(d);
+        (void) rmdir(dir);
+}
+
+typedef struct Loaded {
+        StateExport e[4];
+        size_t n;
+} Loaded;
+
+static int take(StateExport *e, void *userdata) {
+        Loaded *l = userdata;
+
+        if (l->n >= ELEMENTSOF(l->e))
+                return -E2BIG;
+        l->e[l->n++] = *e;
+        *e = (StateExport) {};
+        return 0;
+}
+
+static void loaded_done(Loaded *l) {
+        for (size_t i = 0; i < l->n; i++)
+                state_export_done(&l->e[i]);
+}
+
+static void test_roundtrip(void) {
+        _cleanup_free_ char *top = make_tmpdir(), *dir = NULL, *file = NULL;
+        StateExport in = { .id = 7, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda-7",
+                .listen = (char *) "tcp:[::1]:10809" };
+        Loaded l = {};
+        struct stat st;
+
+        ASSERT_NOT_NULL(top);
+        if (!top)
+                return;
+        /* The directory is made on the first save, root's only. */
+        dir = strdup_printf("%s/exports", top);
+        ASSERT_OK(state_export_save(dir, &in));
+        ASSERT_OK(stat(dir, &st));
+        ASSERT_EQ(st.st_mode & 07777, 0700);
+        file = strdup_printf("%s/7.json", dir);
+        ASSERT_OK(stat(file, &st));
+        ASSERT_EQ(st.st_mode & 07777, 0600);
+
+        ASSERT_OK(state_export_load(dir, take, &l));
+        ASSERT_EQ(l.n, 1);
+        if (l.n == 1) {
+                ASSERT_EQ(l.e[0].id, 7);
+                ASSERT_STREQ(l.e[0].guest, "vm1");
+                ASSERT_STREQ(l.e[0].alias, "vda");
+                ASSERT_STREQ(l.e[0].name, "vda-7");
+                ASSERT_STREQ(l.e[0].listen, "tcp:[::1]:10809");
+        }
+        loaded_done(&l);
+
+        ASSERT_OK(state_export_remove(dir, 7));
+        ASSERT_OK(state_export_remove(dir, 7)); /* gone already: fine */
+        l = (Loaded) {};
+        ASSERT_OK(state_export_load(dir, take, &l));
+        ASSERT_EQ(l.n, 0);
+        rm_rf_flat(dir);
+        rm_rf_flat(top);
+}
+
+static void test_missing_dir(void) {
+        Loaded l = {};
+
+        /* No export ever saved: nothing to load, no error. */
+        ASSERT_OK(state_export_load("/nonexistent/bsd-unit-state/exports", take, &l));
+        ASSERT_EQ(l.n, 0);
+}
+
+static int parse(const char *json, const char *file_name) {
+        _cleanup_(json_object_putp) json_object *o = json_tokener_parse(json);
+        StateExport e = {};
+        int r;
+
+        r = state_export_from_json(o, file_name, &e);
+        state_export_done(&e);
+        return r;
+}
+
+#define RECORD(id, guest, disk, name, listen) \
+        "{\"version\":1,\"id\":" id ",\"guest\":\"" guest "\",\"disk\":\"" disk "\",\"name\":\"" name \
+        "\",\"listen\":\"" listen "\"}"
+
+static void test_hostile_records(void) {
+        ASSERT_OK(parse(RECORD("3", "vm1", "vda", "vda", "unix"), "3.json"));
+        /* The file name is the id. */
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda", "unix"), "4.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda", "unix"), "03.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("0", "vm1", "vda", "vda", "unix"), "0.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("4294967295", "vm1", "vda", "vda", "unix"), "4294967295.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("-1", "vm1", "vda", "vda", "unix"), "-1.json"), -EBADMSG);
+        /* The alias names a socket file in the guest's runtime directory: an identifier only. */
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "../../../x", "vda", "unix"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "a/b", "vda", "unix"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "", "vda", "unix"), "3.json"), -EBADMSG);
+        /* The guest names a directory too. */
+        ASSERT_ERRNO(parse(RECORD("3", "..", "vda", "vda", "unix"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "a/b", "vda", "vda", "unix"), "3.json"), -EBADMSG);
+        /* Printable, no space, bounded. */
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda x", "unix"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda\\n", "unix"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda", "tcp:127.0.0.1:1 "), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(RECORD("3", "vm1", "vda", "vda",
+                                   "tcp:127.0.0.1:10809xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                             "3.json"),
+                -EBADMSG);
+        /* Types and missing fields. */
+        ASSERT_ERRNO(parse("{\"version\":1,\"id\":\"3\",\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
+                           "\"listen\":\"unix\"}",
+                             "3.json"),
+                -EBADMSG);
+        ASSERT_ERRNO(parse("{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\"}", "3.json"),
+                -EBADMSG);
+        ASSERT_ERRNO(parse("{\"version\":2,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
+                           "\"listen\":\"unix\"}",
+                             "3.json"),
+                -EBADMSG);
+        ASSERT_ERRNO(parse("[]", "3.json"), -EBADMSG);
+}
+
+static void test_bad_file_is_removed(void) {
+        _cleanup_free_ char *dir = make_tmpdir(), *bad = NULL, *good = NULL;
+        StateExport in = { .id = 2, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
+                .listen = (char *) "unix" };
+        /* A valid record but for its alias. */
+        const char *bad_text = "{\"version\":1,\"id\":5,\"guest\":\"vm1\",\"disk\":\"../x\",\"name\":\"x\","
+                               "\"listen\":\"unix\"}";
+        Loaded l = {};
+
+        ASSERT_NOT_NULL(dir);
+        if (!dir)
+                return;
+        bad = strdup_printf("%s/5.json", dir);
+        good = strdup_printf("%s/2.json", dir);
+        ASSERT_OK(write_file_atomic(bad, bad_text, strlen(bad_text), 0600));
+        ASSERT_OK(state_export_save(dir, &in));
+        ASSERT_OK(state_export_load(dir, take, &l));
+        ASSERT_EQ(l.n, 1);
+        if (l.n == 1)
+                ASSERT_EQ(l.e[0].id, 2);
+        ASSERT_ERRNO(access(bad, F_OK) < 0 ? -errno : 0, -ENOENT);
+        ASSERT_OK(access(good, F_OK));
+        loaded_done(&l);
+        rm_rf_flat(dir);
+}
+
+int main(int argc, char **argv) {
+        tap_init(argc, argv);
+        TAP_RUN(test_roundtrip);
+        TAP_RUN(test_missing_dir);
+        TAP_RUN(test_hostile_records);
+        TAP_RUN(test_bad_file_is_removed);
+        return tap_finish();
+}
