@@ -13,6 +13,7 @@
 #include "control.h"
 #include "disk.h"
 #include "export.h"
+#include "export-internal.h"
 #include "guest.h"
 #include "engine.h"
 #include "helper.h"
@@ -25,7 +26,6 @@
 #define RELAY_BINARY "blockstream-nbd-relay"
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
  * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
-#define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
 #define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
 #define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
 /* A restored export's TCP address may still be held by the relay of the daemon before us, which
@@ -33,68 +33,13 @@
 #define REBIND_RETRY_USEC (100 * USEC_PER_MSEC)
 #define REBIND_DEADLINE_USEC (10 * USEC_PER_SEC)
 
-typedef enum ExportState {
-        EXPORT_STARTING,
-        EXPORT_SERVING,
-        EXPORT_STOPPED,
-        EXPORT_FAILED,
-} ExportState;
-
-static const char *const export_state_table[] = {
+const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
         [EXPORT_SERVING] = BS_EXPORT_STATE_SERVING,
         [EXPORT_STOPPED] = BS_EXPORT_STATE_STOPPED,
         [EXPORT_FAILED] = BS_EXPORT_STATE_FAILED,
 };
 
-struct Export {
-        Engine *engine;
-        Export *next;
-        unsigned id;
-        char *object_path;
-        Guest *guest;
-        char *alias;
-        char *disk_path; /* the disk's object path */
-        char *qemu_id;   /* block export id in QEMU */
-        char *name;      /* NBD export name */
-        char *uri;
-        char *unix_path; /* our listening socket, unlinked at the end */
-        char *listen;    /* as Export() was given it */
-        ExportState state;
-        bool published;
-        bool in_qemu;
-        /* The guest's QEMU went away while we served: its storage helper takes over (once per
-         * export), and clients wait for it in pending[] meanwhile. */
-        bool handed_over;
-        bool handing_over;
-        uint32_t clients;
-
-        /* Restored from the state after a restart: waiting for the guest's peer (resuming set
-         * once that was asked), and for its address while the old relay holds it. */
-        bool restored;
-        bool resuming;
-        bool relay_wanted; /* in QEMU already: spawn the relay once the address is ours */
-        sd_event_source *rebind_source;
-        usec_t rebind_deadline;
-
-        int listen_fd;
-        pid_t relay_pid;
-        sd_event_source *relay_child;
-        int control_fd;
-        sd_event_source *control_source;
-        HelperLog *log;
-        sd_bus_message *create_call; /* the Export() call, answered once the relay is ready */
-
-        /* "connect" requests that met a full backlog, retried until their deadline */
-        struct {
-                unsigned long id;
-                usec_t deadline;
-        } pending[UPSTREAM_PENDING_MAX];
-        size_t n_pending;
-        sd_event_source *retry_source;
-
-        PeerListener listener; /* on the guest's peer, while listed */
-};
 
 /* Export objects */
 
@@ -177,7 +122,7 @@ static void export_forget(Export *e) {
 }
 
 /* Take it out of QEMU, off the bus if asked, and free it. */
-static void export_end(Export *e, ExportState final, bool remove_object) {
+void export_end(Export *e, ExportState final, bool remove_object) {
         Guest *g = e->guest;
 
         export_forget(e);
@@ -861,74 +806,4 @@ void export_free_all(Engine *m) {
                 m->exports = e->next;
                 export_free(e);
         }
-}
-
-/* D-Bus */
-
-static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        Export *e = userdata;
-        int r;
-
-        r = bus_authorize(e->engine->polkit, msg, ACTION_EXPORT,
-                &(AuthDetails) { .guest = e->guest->name, .disk = e->alias, .owner = e->guest->owner }, error);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return 1; /* polkit was asked; the call is dispatched again with its answer */
-        log_info("Export %u of guest %s disk %s stopped.", e->id, e->guest->name, e->alias);
-        export_end(e, EXPORT_STOPPED, true);
-        return sd_bus_reply_method_return(msg, NULL);
-}
-
-static int property_get_state(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Export *e = userdata;
-        return sd_bus_message_append(reply, "s", export_state_table[e->state]);
-}
-
-static int property_get_string(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        char **s = userdata;
-        return sd_bus_message_append(reply, "s", strempty(*s));
-}
-
-static int property_get_disk(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Export *e = userdata;
-        return sd_bus_message_append(reply, "o", e->disk_path);
-}
-
-const sd_bus_vtable export_vtable[] = {
-        SD_BUS_VTABLE_START(0),
-        SD_BUS_PROPERTY("URI", "s", property_get_string, offsetof(Export, uri), SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Disk", "o", property_get_disk, 0, SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Clients", "u", NULL, offsetof(Export, clients), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_METHOD("Stop", NULL, NULL, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_VTABLE_END,
-};
-
-int export_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
-        sd_bus_error *error) {
-        Engine *m = userdata;
-
-        for (Export *e = m->exports; e; e = e->next)
-                if (e->published && streq(e->object_path, path)) {
-                        *found = e;
-                        return 1;
-                }
-        return 0;
-}
-
-int export_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
-        Engine *m = userdata;
-        _cleanup_strv_free_ char **l = NULL;
-
-        for (Export *e = m->exports; e; e = e->next)
-                if (e->published && strv_push(&l, strdup(e->object_path)) < 0)
-                        return -ENOMEM;
-        if (!l && !(l = calloc(1, sizeof(char *))))
-                return -ENOMEM;
-        *nodes = TAKE_PTR(l);
-        return 1;
 }

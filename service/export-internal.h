@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* An export as export.c and its D-Bus face (export-bus.c) share it; nobody else includes this. */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <systemd/sd-event.h>
+
+#include "engine.h"
+#include "helper.h"
+#include "peer.h"
+
+typedef struct Export Export;
+
+/* A relay's client waits while QEMU's NBD listener has a full backlog: at most this many. */
+#define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
+
+typedef enum ExportState {
+        EXPORT_STARTING,
+        EXPORT_SERVING,
+        EXPORT_STOPPED,
+        EXPORT_FAILED,
+} ExportState;
+
+extern const char *const export_state_table[];
+
+struct Export {
+        Engine *engine;
+        Export *next;
+        unsigned id;
+        char *object_path;
+        Guest *guest;
+        char *alias;
+        char *disk_path; /* the disk's object path */
+        char *qemu_id;   /* block export id in QEMU */
+        char *name;      /* NBD export name */
+        char *uri;
+        char *unix_path; /* our listening socket, unlinked at the end */
+        char *listen;    /* as Export() was given it */
+        ExportState state;
+        bool published;
+        bool in_qemu;
+        /* The guest's QEMU went away while we served: its storage helper takes over (once per
+         * export), and clients wait for it in pending[] meanwhile. */
+        bool handed_over;
+        bool handing_over;
+        uint32_t clients;
+
+        /* Restored from the state after a restart: waiting for the guest's peer (resuming set
+         * once that was asked), and for its address while the old relay holds it. */
+        bool restored;
+        bool resuming;
+        bool relay_wanted; /* in QEMU already: spawn the relay once the address is ours */
+        sd_event_source *rebind_source;
+        usec_t rebind_deadline;
+
+        int listen_fd;
+        pid_t relay_pid;
+        sd_event_source *relay_child;
+        int control_fd;
+        sd_event_source *control_source;
+        HelperLog *log;
+        sd_bus_message *create_call; /* the Export() call, answered once the relay is ready */
+
+        /* "connect" requests that met a full backlog, retried until their deadline */
+        struct {
+                unsigned long id;
+                usec_t deadline;
+        } pending[UPSTREAM_PENDING_MAX];
+        size_t n_pending;
+        sd_event_source *retry_source;
+
+        PeerListener listener; /* on the guest's peer, while listed */
+};
+
+/* Ends the export: final state, relay and socket gone, QEMU's export removed; the object too
+ * with remove_object. */
+void export_end(Export *e, ExportState final, bool remove_object);
