@@ -79,6 +79,10 @@ class RestartTest(h.TestCase):
         self.env.start_daemon()
         self.wait_republished(g)
         c.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', timeout=10)
+        # State reads running from the state file at once; the progress there may be 0 (it is
+        # saved at most every few seconds), and QEMU's own figure comes with the first look at
+        # its jobs: wait for that, as a client would, rather than race it.
+        c.wait_prop(d.path, h.IFACE_STREAM, 'BytesDone', lambda v: v > 0, timeout=10)
         p = d.props()
         self.assertEqual(p['Mode'], 'full')
         self.assertGreater(p['BytesDone'], 0, 'the job found again shows no progress')
