@@ -59,6 +59,7 @@ struct Export {
         int listen_fd;
         pid_t relay_pid;
         sd_event_source *relay_child;
+        sd_event_source *ready_timer; /* the relay must say "ready" by then */
         int control_fd;
         sd_event_source *control_source;
         HelperLog *log;

@@ -32,6 +32,9 @@
  * dies with it (PR_SET_PDEATHSIG) but maybe not yet: bind again this often and for this long. */
 #define REBIND_RETRY_USEC (100 * USEC_PER_MSEC)
 #define REBIND_DEADLINE_USEC (10 * USEC_PER_SEC)
+/* From the relay's spawn to its "ready": it only sets up its sandbox and says so. A relay that
+ * hangs there would keep Export()'s caller waiting for ever. */
+#define RELAY_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
 
 const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
@@ -70,6 +73,7 @@ static Export *export_free(Export *e) {
         sd_event_source_disable_unref(e->control_source);
         sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->rebind_source);
+        sd_event_source_disable_unref(e->ready_timer);
         helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
         closep(&e->control_fd);
@@ -143,6 +147,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 e->control_source = sd_event_source_disable_unref(e->control_source);
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
                 e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
+                e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
                 e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
@@ -300,6 +305,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         if (msg.kind == CONTROL_RELAY_READY) {
                 if (e->state != EXPORT_STARTING)
                         return 0;
+                e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
                 e->state = EXPORT_SERVING;
                 if (!e->published) {
                         e->published = true;
@@ -426,6 +432,15 @@ int export_listen_valid(const char *listen, sd_bus_error *error) {
         return 0;
 }
 
+static int relay_ready_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        Export *e = userdata;
+
+        e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
+        if (e->state == EXPORT_STARTING)
+                export_fail(e, "the NBD relay helper did not start within 10 s");
+        return 0;
+}
+
 static int spawn_relay(Export *e) {
         Engine *m = e->engine;
         Guest *g = e->guest;
@@ -444,6 +459,10 @@ static int spawn_relay(Export *e) {
                 return r;
         r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, relay_exited, e, &e->relay_pid,
                 &e->relay_child, &e->control_fd, &e->log);
+        if (r < 0)
+                return r;
+        r = sd_event_add_time_relative(m->event, &e->ready_timer, CLOCK_MONOTONIC, RELAY_READY_TIMEOUT_USEC, 0,
+                relay_ready_timeout, e);
         if (r < 0)
                 return r;
         return sd_event_add_io(m->event, &e->control_source, e->control_fd, EPOLLIN, control_handler, e);

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -468,6 +469,45 @@ class QemuNbdClient:
                 f.close()
             except OSError:
                 pass
+
+
+SILENT_HELPER = os.environ.get('SILENT_HELPER') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
+                                                                  'silent-helper')
+
+
+class SilentRelayTest(h.TestCase):
+    """A relay that starts and never says "ready" (hung in its set-up, or compromised)."""
+    env_per_test = True
+    needs_daemon = False
+
+    def setUp(self):
+        super().setUp()
+        if not os.path.exists(SILENT_HELPER):
+            self.fail('%s is not built (ninja -C build)' % SILENT_HELPER)
+        helpers = os.path.join(self.env.dir, 'silent-helpers')
+        os.makedirs(helpers)
+        os.chmod(helpers, 0o755)
+        shutil.copy(SILENT_HELPER, os.path.join(helpers, o.RELAY))
+        os.chmod(os.path.join(helpers, o.RELAY), 0o755)
+        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
+        self.env.daemon.start()
+
+    def test_silent_relay(self):
+        """Export() is answered (HelperFailed) when the relay never says ready, and nothing is left."""
+        g = self.new_guest(size=SIZE)
+        t0 = time.monotonic()
+        res, err = self.client.try_call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
+        self.assertIsNone(res, 'Export() succeeded with a relay that never said ready')
+        self.assertEqual(err.name, o.ERR_HELPER_FAILED, err)
+        self.assertIn('did not start', str(err))
+        print('Export() answered after %.1f s' % (time.monotonic() - t0), file=sys.stderr)
+        # Nothing left: no object, no relay, nothing in QEMU, no socket.
+        self.assertEqual(o.exports_on_bus(self.client), [])
+        h.wait_until(lambda: o.relays(self.env) == [], 10, 'the silent relay to be stopped')
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'QEMU to drop the export')
+        leftovers = [os.path.join(d, f) for d, _, files in os.walk(self.env.daemon.runtime_dir) for f in files
+                     if f.endswith('.nbd')]
+        self.assertEqual(leftovers, [], 'the export\'s socket is left behind')
 
 
 class ExportRestartTest(h.TestCase):
