@@ -339,9 +339,10 @@ int stream_resume_offline(Disk *d) {
 static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Disk *d = userdata;
         Guest *g = d->guest;
-        uint64_t offset, length, bandwidth = d->bandwidth, end, max_latency = UINT64_MAX;
+        uint64_t offset, length, bandwidth = d->bandwidth, end, max_latency = 0;
         const char *base = NULL, *base_node = NULL;
         _cleanup_free_ char *job_id = NULL;
+        bool has_max_latency = false;
         CallCtx *c;
         int r;
 
@@ -352,7 +353,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 (const BusOption[]){
                         {"bandwidth", "t", &bandwidth},
                         {"base", "s", &base},
-                        {"max_guest_latency", "t", &max_latency},
+                        {"max_guest_latency", "t", &max_latency, &has_max_latency},
                         {},
                 },
                 error);
@@ -361,11 +362,9 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         r = check_bandwidth(bandwidth, error);
         if (r < 0)
                 return r;
-        if (max_latency != UINT64_MAX) {
-                r = check_max_guest_latency(max_latency, error);
-                if (r < 0)
-                        return r;
-        }
+        r = check_max_guest_latency(max_latency, error);
+        if (r < 0)
+                return r;
         if (base && isempty(base))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'base' is empty; give an image path or node name from BackingChain.");
@@ -388,7 +387,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         r = require_running(d, error);
         if (r < 0)
                 return r;
-        if (max_latency == UINT64_MAX)
+        if (!has_max_latency)
                 /* The default of the disk; an offline guest has no guest to follow. */
                 max_latency = g->offline ? 0 : d->max_guest_latency;
         else if (max_latency > 0 && g->offline)
