@@ -239,6 +239,11 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+void adaptive_job_began(Disk *d) {
+        if (d->adaptive && !d->adaptive->begun && job_is_active(&d->job))
+                begin(d->adaptive);
+}
+
 static void stopper(Disk *d) {
         adaptive_stop(d);
 }

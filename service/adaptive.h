@@ -21,6 +21,10 @@
  * -ENOMEM. The job keeps its speed until the first window says otherwise. */
 int adaptive_start(Disk *d, uint64_t target_us, uint64_t ceiling);
 
+/* The job the mode waited for began: its target becomes MaxGuestLatency now (else the first
+ * window does it). */
+void adaptive_job_began(Disk *d);
+
 /* Turn it off (no-op if off): the histogram it set is removed, the properties say "off". The job's
  * speed is the caller's to restore (SetMaxGuestLatency(0): the fixed Bandwidth). */
 void adaptive_stop(Disk *d);

@@ -222,6 +222,7 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         d->bandwidth = c->bandwidth;
+        adaptive_job_began(d);
         log_info("Guest %s disk %s: stream started (job %s).", c->guest->name, d->alias, d->job.id);
         disk_save(d);
         disk_emit_job(d);
