@@ -24,6 +24,7 @@ enum {
         OPT_WAIT = 1 << 7,
         OPT_LISTEN = 1 << 8,
         OPT_TEMPLATE_FORMAT = 1 << 9,
+        OPT_MAX_GUEST_LATENCY = 1 << 10,
 };
 
 extern bool arg_json;
@@ -35,6 +36,7 @@ extern const char *arg_owner;
 extern const char *arg_uuid;
 extern char **arg_disks; /* "ALIAS=PATH" */
 extern uint64_t arg_bandwidth;
+extern uint64_t arg_max_guest_latency; /* µs */
 extern const char *arg_base;
 extern uint64_t arg_offset;
 extern uint64_t arg_length;
@@ -52,3 +54,6 @@ int check_guest_name(const char *name);
 int check_disk_args(char **args);
 /* SIZE[/s], or "unlimited"/"infinity" for 0. */
 int parse_bandwidth(const char *s, uint64_t *ret);
+/* A duration in µs: a number (a fraction allowed) with "us", "ms" or "s" (none: µs), or "off" for
+ * 0. -EINVAL when malformed, -ERANGE when it does not fit. */
+int parse_latency(const char *s, uint64_t *ret);
