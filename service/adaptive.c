@@ -14,6 +14,10 @@
 
 #define PSI_IO_PATH "/proc/pressure/io"
 #define PSI_MAX_BYTES 4096
+/* The additive step: this share of the job's full-speed rate per window (at least the
+ * controller's default), so that a fast disk is probed back up in a few windows, not hundreds. */
+#define STEP_SHARE_DIVISOR 16
+#define STEP_MIN (UINT64_C(8) << 20)
 
 /* Reference-counted: a QMP call or a backend call in flight holds a reference, and finds it
  * detached (disk NULL) once the mode ended. The disk holds one while the mode is on. */
@@ -29,8 +33,9 @@ typedef struct Adaptive {
         bool histogram_ours;  /* we set the device's histogram: removed when the mode ends */
         bool warned;          /* a failure was logged once */
         char qdev[QEMU_QDEV_PATH_MAX];
-        uint64_t applied; /* the speed the job has, bytes/s (0: unlimited) */
-        uint64_t sending; /* the speed on its way */
+        uint64_t applied;   /* the speed the job has, bytes/s (0: unlimited) */
+        uint64_t sending;   /* the speed on its way */
+        uint64_t full_rate; /* the fastest rate the job was seen at unthrottled, bytes/s */
 } Adaptive;
 
 static Adaptive *adaptive_ref(Adaptive *a) {
@@ -179,6 +184,10 @@ static void stats_reply(Qmp *q, int error, const char *desc, const QemuBlockStat
                 &a->sampler, stats, has_psi ? &psi : NULL, d->job.done, now_usec(CLOCK_MONOTONIC), &sample);
         if (r < 0)
                 return; /* primed, or primed again */
+        if (a->throttle.reason == THROTTLE_IDLE && sample.stream_rate > a->full_rate) {
+                a->full_rate = sample.stream_rate;
+                a->throttle.config.step = MAX(STEP_MIN, a->full_rate / STEP_SHARE_DIVISOR);
+        }
         (void) throttle_update(&a->throttle, &sample);
         publish(d, sample.has_p99 ? sample.p99_us : 0, a->throttle.limit,
                 throttle_reason_to_string(a->throttle.reason));
@@ -195,6 +204,10 @@ static void begin(Adaptive *a) {
                 disk_emit_changed(d, "MaxGuestLatency", NULL);
         }
         publish(d, 0, a->throttle.limit, throttle_reason_to_string(a->throttle.reason));
+        /* The first reading at once: it only primes the window, and the job may be short. */
+        if (sd_event_source_set_time_relative(a->timer, 0) < 0)
+                log_debug("Guest %s disk %s: the first guest-latency window waits its turn.", d->host->name(d->guest),
+                        d->alias);
 }
 
 static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
