@@ -134,6 +134,9 @@ uint64_t throttle_update(Throttle *t, const ThrottleSample *s) {
 
         over = over_target(t, s, &cut);
         if (over) {
+                /* A limit above what the job did restrains nothing: cut from what it did. */
+                if (s->stream_rate > 0 && s->stream_rate < base)
+                        base = s->stream_rate;
                 next = scale_permille(base, cut);
                 t->reason = THROTTLE_YIELDING;
         } else if (s->has_p99 && c->steady_permille < 1000 &&
