@@ -32,6 +32,8 @@ typedef struct Adaptive {
         bool speed_in_flight; /* a set_speed sent, no answer yet */
         bool histogram_ours;  /* we set the device's histogram: removed when the mode ends */
         bool warned;          /* a failure was logged once */
+        bool adopt;           /* carried on after a restart: a histogram of our boundaries is ours (the daemon
+                               * of before set it) */
         char qdev[QEMU_QDEV_PATH_MAX];
         uint64_t applied;   /* the speed the job has, bytes/s (0: unlimited) */
         uint64_t sending;   /* the speed on its way */
@@ -160,6 +162,13 @@ static void stats_reply(Qmp *q, int error, const char *desc, const QemuBlockStat
                 a->warned = true;
                 return;
         }
+        if (a->adopt && !a->histogram_ours && stats->rd_histogram.n_bins == qemu_latency_boundaries_default_n + 1 &&
+                memcmp(stats->rd_histogram.boundaries, qemu_latency_boundaries_default,
+                        sizeof(uint64_t) * qemu_latency_boundaries_default_n) == 0) {
+                strcpy(a->qdev, stats->qdev); /* bounded and checked by qemu_parse_blockstats() */
+                a->histogram_ours = true;
+        }
+        a->adopt = false;
         if (stats->rd_histogram.n_bins == 0) {
                 /* No histogram on the device: set ours (the next reply primes with it). */
                 if (a->histogram_ours)
@@ -198,10 +207,13 @@ static void begin(Adaptive *a) {
         Disk *d = a->disk;
 
         a->begun = true;
-        a->applied = d->job.bandwidth;
+        /* Unknown (after a restart: whatever the controller of before set): the first limit is
+         * always sent. */
+        a->applied = UINT64_MAX;
         if (d->max_guest_latency != a->throttle.config.target_p99_us) {
                 d->max_guest_latency = a->throttle.config.target_p99_us;
                 disk_emit_changed(d, "MaxGuestLatency", NULL);
+                disk_save_later(d);
         }
         publish(d, 0, a->throttle.limit, throttle_reason_to_string(a->throttle.reason));
         /* The first reading at once: it only primes the window, and the job may be short. */
@@ -274,6 +286,7 @@ int adaptive_start(Disk *d, uint64_t target_us, uint64_t ceiling) {
                 if (a->begun && d->max_guest_latency != target_us) {
                         d->max_guest_latency = target_us;
                         disk_emit_changed(d, "MaxGuestLatency", NULL);
+                        disk_save_later(d);
                 }
                 return 0;
         }
@@ -298,6 +311,16 @@ int adaptive_start(Disk *d, uint64_t target_us, uint64_t ceiling) {
         d->adaptive_stopper = stopper;
         if (job_is_active(&d->job) && !d->finalizing && !d->starting)
                 begin(a);
+        return 0;
+}
+
+int adaptive_resume(Disk *d, uint64_t target_us, uint64_t ceiling) {
+        int r;
+
+        r = adaptive_start(d, target_us, ceiling);
+        if (r < 0)
+                return r;
+        d->adaptive->adopt = true;
         return 0;
 }
 

@@ -21,6 +21,10 @@
  * -ENOMEM. The job keeps its speed until the first window says otherwise. */
 int adaptive_start(Disk *d, uint64_t target_us, uint64_t ceiling);
 
+/* adaptive_start() for a job carried on after a restart: a histogram with our boundaries on the
+ * device is taken as the one the daemon of before set, and removed when the mode ends. */
+int adaptive_resume(Disk *d, uint64_t target_us, uint64_t ceiling);
+
 /* The job the mode waited for began: its target becomes MaxGuestLatency now (else the first
  * window does it). */
 void adaptive_job_began(Disk *d);

@@ -618,6 +618,7 @@ static void set_max_guest_latency(Disk *d, uint64_t usec) {
                 return;
         d->max_guest_latency = usec;
         disk_emit_changed(d, "MaxGuestLatency", NULL);
+        disk_save(d);
 }
 
 static int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

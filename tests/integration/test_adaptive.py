@@ -66,6 +66,30 @@ class AdaptiveRefusalTest(h.TestCase):
         d.start(0, 0, opts(max_guest_latency=T(0)))
         self.assertEqual(str(d.wait_finished(timeout=120)[0]), 'completed')
 
+    def test_restart_carries_the_mode_on(self):
+        """A job in the mode when the daemon is killed goes on in it: MaxGuestLatency is kept, and
+        the restarted controller sets its own limit rather than leave the job at whatever the
+        one before had set (a crawl, if the guest was busy then)."""
+        g = self.new_guest()
+        d = g.disk()
+        d.start(0, 0, opts(max_guest_latency=T(2000), bandwidth=T(h.MiB)))
+        # The -S guest does no I/O: idle, at the ceiling.
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        self.env.kill_daemon()
+        # What the daemon of before may have left: a yielding limit.
+        job = g.qemu.qmp.jobs()[0]['device']
+        g.qemu.qmp.cmd('block-job-set-speed', {'device': job, 'speed': 64 * 1024})
+        self.env.start_daemon()
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        self.client.wait_for(lambda: g.qemu.qmp.jobs()[0]['speed'] == h.MiB, 30, 'the ceiling on the job again')
+        d.call('SetMaxGuestLatency', 't', T(0))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertIsNone(histogram_of(g.qemu))
+        d.cancel()
+        d.wait_finished(60)
+
 
 if __name__ == '__main__':
     h.main()
