@@ -178,7 +178,7 @@ static void stats_reply(Qmp *q, int error, const char *desc, const QemuBlockStat
         if (stats->rd_histogram.n_bins == 0) {
                 /* No histogram on the device: set ours (the next reply primes with it). */
                 if (a->histogram_ours)
-                        return;               /* set, or refused: not asked twice */
+                        return;               /* sent, not yet in force (a refusal clears the flag: asked again) */
                 strcpy(a->qdev, stats->qdev); /* bounded and checked by qemu_parse_blockstats() */
                 a->histogram_ours = true;
                 r = qemu_block_latency_histogram_set(q, a->qdev, qemu_latency_boundaries_default,
