@@ -10,11 +10,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import json  # noqa: E402
 import offline as o  # noqa: E402
+from fakeqemu import FakeQemu  # noqa: E402
 from harness import T, S, opts  # noqa: E402
 
 INVALID = 'org.freedesktop.DBus.Error.InvalidArgs'
 QDEV = '/machine/peripheral/vda/virtio-backend'
+# service/qemu-stats.c's qemu_latency_boundaries_default (ns)
+BOUNDARIES = [50000, 100000, 200000, 300000, 500000, 750000, 1000000, 1500000, 2000000, 3000000, 5000000,
+              7500000, 10000000, 15000000, 20000000, 30000000, 50000000, 75000000, 100000000, 200000000,
+              500000000, 1000000000, 2000000000, 5000000000, 10000000000]
 
 
 def histogram_of(q):
@@ -89,6 +95,61 @@ class AdaptiveRefusalTest(h.TestCase):
         self.assertIsNone(histogram_of(g.qemu))
         d.cancel()
         d.wait_finished(60)
+
+
+class AdaptiveHostileQemuTest(h.TestCase):
+    """A guest's QEMU is untrusted (a compromised guest may own it): what it says in
+    query-blockstats steers nothing it should not."""
+
+    def test_hostile_blockstats(self):
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
+        self.addCleanup(fake.close)
+        self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        state = {'qdev': '/machine/peripheral/vda/../../../../etc', 'n': 0, 'hist': False}
+
+        def hostile(cmd):
+            if cmd.get('execute') != 'query-blockstats':
+                return None
+            state['n'] += 1
+            n = state['n'] * 1000
+            stats = {'rd_operations': n, 'wr_operations': 0, 'flush_operations': 0, 'rd_bytes': n * 4096,
+                     'wr_bytes': 0}
+            if state['hist']:
+                # Every read of every window in the last, open bin: "at least 10 s".
+                stats['rd_latency_histogram'] = {'boundaries': BOUNDARIES, 'bins': [0] * len(BOUNDARIES) + [n]}
+            return json.dumps({'return': [{'device': '', 'qdev': state['qdev'], 'stats': stats}],
+                               'id': cmd.get('id')}).encode() + b'\r\n'
+        fake.hostile_replies = hostile
+
+        def count(cmd):
+            with fake.lock:
+                return fake.commands.get(cmd, 0)
+
+        d.start(0, 0, opts(max_guest_latency=T(1000)))
+        # A device path that climbs out of /machine/peripheral: never handed back to QEMU.
+        self.client.wait_for(lambda: count('query-blockstats') >= 4, 60, 'four windows')
+        self.assertEqual(count('block-latency-histogram-set'), 0)
+        self.assertEqual(d.prop('GuestReadP99'), 0)
+        self.assertTrue(self.env.daemon.running())
+
+        # A histogram saying 10 s and more for every read: the controller yields, but to its
+        # floor at most, and the property shows the bounded estimate.
+        state['qdev'], state['hist'] = QDEV, True
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'yielding', 60)
+        self.assertEqual(d.prop('GuestReadP99'), 10 * 1000 * 1000)
+        self.assertGreaterEqual(d.prop('SpeedLimit'), h.MiB)
+        self.assertEqual(count('block-latency-histogram-set'), 0, 'a histogram QEMU had was replaced')
+        self.assertGreaterEqual(count('block-job-set-speed'), 1)
+
+        # Off: the histogram was not ours, so it is left alone.
+        d.call('SetMaxGuestLatency', 't', T(0))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertEqual(count('block-latency-histogram-set'), 0)
+        self.assertTrue(self.env.daemon.running())
 
 
 if __name__ == '__main__':
