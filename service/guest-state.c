@@ -21,7 +21,7 @@ int guest_write_state(Guest *g, const char *dir) {
         /* Borrowed: the guest's strings, for the length of the write. */
         for (size_t i = 0; i < g->n_disks; i++) {
                 const Disk *d = g->disks[i];
-                disks[i] = (StateDisk){
+                disks[i] = (StateDisk) {
                         .alias = d->alias,
                         .node_name = d->node_name,
                         .path = d->path,

@@ -77,13 +77,11 @@ static json_object *disk_to_json(const StateDisk *d) {
         if (add(o, "alias", json_object_new_string(d->alias)) < 0 ||
                 add(o, "node_name", json_object_new_string(d->node_name)) < 0 ||
                 add(o, "path", json_object_new_string(d->path)) < 0 ||
-                add(o, "format", json_object_new_string(d->format)) < 0 ||
-                add(o, "chain", strv_to_json(d->chain)) < 0 ||
+                add(o, "format", json_object_new_string(d->format)) < 0 || add(o, "chain", strv_to_json(d->chain)) < 0 ||
                 add(o, "chain_nodes", strv_to_json(d->chain_nodes)) < 0 ||
                 add(o, "size", json_object_new_uint64(d->size)) < 0 ||
                 add(o, "cluster_size", json_object_new_uint64(d->cluster_size)) < 0 ||
-                add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 ||
-                add(o, "job", job_to_json(&d->job)) < 0 ||
+                add(o, "bandwidth", json_object_new_uint64(d->bandwidth)) < 0 || add(o, "job", job_to_json(&d->job)) < 0 ||
                 (d->range_node && add(o, "range_node", json_object_new_string(d->range_node)) < 0) ||
                 (d->range_export && add(o, "range_export", json_object_new_string(d->range_export)) < 0) ||
                 (d->range_bottom && add(o, "range_bottom", json_object_new_string(d->range_bottom)) < 0) ||
@@ -264,8 +262,7 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 dup_field(o, "range_export", false, &d->range_export) < 0 ||
                 dup_field(o, "range_bottom", false, &d->range_bottom) < 0 ||
                 dup_field(o, "job_base", false, &d->job_base) < 0 || (d->job_base && !qemu_id_is_valid(d->job_base)) ||
-                (d->range_node && !qemu_id_is_valid(d->range_node)) ||
-                (d->range_export && !qemu_id_is_valid(d->range_export)) ||
+                (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
                 /* a node name of QEMU's own ("#block123") or one given to it */
                 (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))))
                 return -EBADMSG;

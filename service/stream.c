@@ -351,10 +351,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         if (r < 0)
                 return r;
         r = bus_read_options(msg, "Start",
-                (const BusOption[]){
-                        {"bandwidth", "t", &bandwidth},
-                        {"base", "s", &base},
-                        {"max_guest_latency", "t", &max_latency, &has_max_latency},
+                (const BusOption[]) {
+                        { "bandwidth", "t", &bandwidth },
+                        { "base", "s", &base },
+                        { "max_guest_latency", "t", &max_latency, &has_max_latency },
                         {},
                 },
                 error);
@@ -783,8 +783,7 @@ const sd_bus_vtable stream_vtable[] = {
         SD_BUS_PROPERTY("Device", "s", property_get_string_ptr, offsetof(Disk, alias), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("NodeName", "s", property_get_string_ptr, offsetof(Disk, node_name),
                 SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY(
-                "Path", "s", property_get_string_ptr, offsetof(Disk, path), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Path", "s", property_get_string_ptr, offsetof(Disk, path), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("BackingChain", "as", property_get_strv_ptr, offsetof(Disk, chain),
                 SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Size", "t", NULL, offsetof(Disk, size), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
