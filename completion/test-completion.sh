@@ -62,7 +62,7 @@ complete_line() {
 }
 
 complete_line 'blockstreamctl pa' pause
-complete_line 'blockstreamctl se' set-bandwidth
+complete_line 'blockstreamctl se' set-bandwidth set-latency
 complete_line 'blockstreamctl export' export export-stop
 complete_line 'blockstreamctl pull ' vm1 web-2.prod
 complete_line 'blockstreamctl pull w' web-2.prod
@@ -72,6 +72,8 @@ complete_line 'blockstreamctl register vm3 /run/q.sock --disk' --disk= --disk-na
 complete_line 'blockstreamctl pull web-2.prod ' sda
 complete_line 'blockstreamctl pull vm1 vda --b' --bandwidth= --base=
 complete_line 'blockstreamctl pull vm1 vda --w' --wait
+complete_line 'blockstreamctl pull vm1 vda --m' --max-guest-latency=
+complete_line 'blockstreamctl set-latency vm1 vda ' off 2ms
 complete_line 'blockstreamctl map vm1 vda --' --help --version --json --host= --no-ask-password --quiet \
         --offset= --length=
 complete_line 'blockstreamctl export vm1 vda --listen=t' tcp:

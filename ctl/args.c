@@ -14,6 +14,7 @@ const char *arg_uuid = NULL;
 char **arg_disks = NULL; /* "ALIAS=PATH" */
 char **arg_disk_names = NULL; /* "ALIAS=NAME" */
 uint64_t arg_bandwidth = 0;
+uint64_t arg_max_guest_latency = 0;
 const char *arg_base = NULL;
 uint64_t arg_offset = 0;
 uint64_t arg_length = 0;
@@ -120,6 +121,50 @@ int check_disk_args(char **args) {
         if (isempty(args[1]))
                 return usage_error("The disk must not be empty: give its alias (vda) or image path.");
         return 0;
+}
+
+int parse_latency(const char *s, uint64_t *ret) {
+        static const struct {
+                const char *suffix;
+                uint64_t usec;
+        } units[] = {
+                {"us", 1},
+                {"ms", 1000},
+                {"s", 1000000},
+                {"", 1},
+        };
+        uint64_t whole = 0, frac = 0, frac_div = 1;
+        const char *p = s;
+
+        if (streq(s, "off")) {
+                *ret = 0;
+                return 0;
+        }
+        if (*p < '0' || *p > '9')
+                return -EINVAL;
+        for (; *p >= '0' && *p <= '9'; p++) {
+                if (whole > (UINT64_MAX - 9) / 10)
+                        return -ERANGE;
+                whole = whole * 10 + (uint64_t) (*p - '0');
+        }
+        if (*p == '.') {
+                p++;
+                if (*p < '0' || *p > '9')
+                        return -EINVAL;
+                for (; *p >= '0' && *p <= '9'; p++)
+                        if (frac_div < 1000000) { /* finer than 1 µs in seconds means nothing */
+                                frac = frac * 10 + (uint64_t) (*p - '0');
+                                frac_div *= 10;
+                        }
+        }
+        for (size_t i = 0; i < ELEMENTSOF(units); i++)
+                if (streq(p, units[i].suffix)) {
+                        if (whole > UINT64_MAX / units[i].usec)
+                                return -ERANGE;
+                        *ret = whole * units[i].usec + frac * units[i].usec / frac_div;
+                        return 0;
+                }
+        return -EINVAL;
 }
 
 int parse_bandwidth(const char *s, uint64_t *ret) {

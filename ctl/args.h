@@ -25,6 +25,7 @@ enum {
         OPT_LISTEN = 1 << 8,
         OPT_TEMPLATE_FORMAT = 1 << 9,
         OPT_DISK_NAME = 1 << 10,
+        OPT_MAX_GUEST_LATENCY = 1 << 11,
 };
 
 extern bool arg_json;
@@ -37,6 +38,7 @@ extern const char *arg_uuid;
 extern char **arg_disks; /* "ALIAS=PATH" */
 extern char **arg_disk_names; /* "ALIAS=NAME" */
 extern uint64_t arg_bandwidth;
+extern uint64_t arg_max_guest_latency; /* µs */
 extern const char *arg_base;
 extern uint64_t arg_offset;
 extern uint64_t arg_length;
@@ -54,3 +56,6 @@ int check_guest_name(const char *name);
 int check_disk_args(char **args);
 /* SIZE[/s], or "unlimited"/"infinity" for 0. */
 int parse_bandwidth(const char *s, uint64_t *ret);
+/* A duration in µs: a number (a fraction allowed) with "us", "ms" or "s" (none: µs), or "off" for
+ * 0. -EINVAL when malformed, -ERANGE when it does not fit. */
+int parse_latency(const char *s, uint64_t *ret);

@@ -32,6 +32,7 @@ static const struct {
         {OPT_WAIT, "--wait"},
         {OPT_LISTEN, "--listen="},
         {OPT_TEMPLATE_FORMAT, "--template-format="},
+        {OPT_MAX_GUEST_LATENCY, "--max-guest-latency="},
 };
 
 /* ---------------------------------------------------------------------------------------- */
@@ -51,7 +52,8 @@ static int help(void) {
                "  list                      List the guests and their disks (the default)\n"
                "  status GUEST [DISK]       Show a guest and the state of its disks, or of one\n"
                "                            disk: path, backing chain, size, job state and mode,\n"
-               "                            progress, bandwidth, rate, start time, ETA, error\n"
+               "                            progress, bandwidth, rate, start time, ETA, error,\n"
+               "                            guest read p99, speed limit and why\n"
                "  register NAME [QMP_SOCKET]\n"
                "                            Attach a running QEMU by the path of a QMP socket\n"
                "                            reserved for blockstreamd, or a guest that is not\n"
@@ -72,6 +74,10 @@ static int help(void) {
                "  pull GUEST DISK           Start streaming DISK's backing data into its top\n"
                "                            image; it runs in the background\n"
                "        --bandwidth=SIZE[/s]  Limit to SIZE bytes per second (0: unlimited)\n"
+               "        --max-guest-latency=TIME\n"
+               "                            Follow the guest: keep its read p99 under TIME\n"
+               "                            (e.g. 2ms, 500us), full speed while it is idle;\n"
+               "                            --bandwidth stays a ceiling. Running guests only\n"
                "        --base=IMAGE        Stream only the images above IMAGE (a path in the\n"
                "                            backing chain or a node name); keep it and below\n"
                "        --offset=SIZE       Stream only from this byte offset ...\n"
@@ -89,6 +95,10 @@ static int help(void) {
                "  set-bandwidth GUEST DISK SIZE[/s]\n"
                "                            Change the limit, also of a running job (0 or\n"
                "                            'unlimited': no limit)\n"
+               "  set-latency GUEST DISK TIME\n"
+               "                            Switch the job to (TIME, e.g. 2ms) or from (0 or\n"
+               "                            'off') the guest-latency mode; with no job, the\n"
+               "                            default for the next one\n"
                "  map GUEST DISK            Show where DISK's data lies: each extent's offset,\n"
                "                            length, depth (1 = top image, N = Nth image down\n"
                "                            the chain, 0 = none) and kind: local (in the top\n"
@@ -129,7 +139,8 @@ static int help(void) {
                "Authorization:\n"
                "  root may do everything. For anyone else blockstreamd asks polkit, per action:\n"
                "    org.blockstream1.manage   register, unregister, provision\n"
-               "    org.blockstream1.stream   pull, pause, resume, cancel, set-bandwidth\n"
+               "    org.blockstream1.stream   pull, pause, resume, cancel, set-bandwidth,\n"
+               "                              set-latency\n"
                "    org.blockstream1.inspect  map\n"
                "    org.blockstream1.export   export, export-stop\n"
                "  list, status and wait only read, which everyone may.\n"
@@ -153,6 +164,7 @@ static int help(void) {
                "forms Ki, Mi, ... and KiB, MiB, ... are powers of 1024; KB, MB, GB, TB, PB, EB\n"
                "are powers of 1000; B or none means bytes. A suffix allows a fraction: 1.5G.\n"
                "A bandwidth may end in \"/s\": 100MiB/s.\n"
+               "TIME is a number with us, ms or s (none: us); a fraction is allowed: 1.5ms.\n"
                "\n"
                "JSON output uses the D-Bus names: properties under theirs (numbers as numbers,\n"
                "sizes in bytes, rates in bytes/s, times in microseconds since the epoch, 0 for\n"
@@ -185,6 +197,7 @@ static int help(void) {
                "  %1$s pull web1 vda --bandwidth=200M/s --wait\n"
                "  %1$s pull web1 /var/lib/images/web1.qcow2 --offset=1G --length=512M\n"
                "  %1$s set-bandwidth web1 vda 0\n"
+               "  %1$s pull web1 vda --max-guest-latency=2ms --wait\n"
                "  %1$s status web1 vda --json\n"
                "  %1$s map web1 vda --length=10G\n"
                "  %1$s export web1 vda --listen=tcp:127.0.0.1:10809\n"
@@ -207,12 +220,14 @@ static const Verb verbs[] = {
         {"status", 1, 2, 0, verb_status},
         {"register", 1, 2, OPT_OWNER | OPT_UUID | OPT_DISK | OPT_DISK_NAME, verb_register},
         {"unregister", 1, 1, 0, verb_unregister},
-        {"pull", 2, 2, OPT_BANDWIDTH | OPT_BASE | OPT_OFFSET | OPT_LENGTH | OPT_WAIT, verb_pull},
+        {"pull", 2, 2, OPT_BANDWIDTH | OPT_BASE | OPT_OFFSET | OPT_LENGTH | OPT_WAIT | OPT_MAX_GUEST_LATENCY,
+                verb_pull},
         {"wait", 2, 2, 0, verb_wait},
         {"pause", 2, 2, 0, verb_pause},
         {"resume", 2, 2, 0, verb_resume},
         {"cancel", 2, 2, OPT_WAIT, verb_cancel},
         {"set-bandwidth", 3, 3, 0, verb_set_bandwidth},
+        {"set-latency", 3, 3, 0, verb_set_latency},
         {"map", 2, 2, OPT_OFFSET | OPT_LENGTH, verb_map},
         {"export", 2, 2, OPT_LISTEN, verb_export},
         {"export-stop", 1, 1, 0, verb_export_stop},
@@ -247,6 +262,7 @@ static int parse_argv(int argc, char *argv[]) {
                 ARG_WAIT,
                 ARG_LISTEN,
                 ARG_TEMPLATE_FORMAT,
+                ARG_MAX_GUEST_LATENCY,
         };
         static const struct option options[] = {{"help", no_argument, NULL, 'h'},
                 {"version", no_argument, NULL, ARG_VERSION}, {"json", no_argument, NULL, ARG_JSON},
@@ -257,7 +273,8 @@ static int parse_argv(int argc, char *argv[]) {
                 {"bandwidth", required_argument, NULL, ARG_BANDWIDTH}, {"base", required_argument, NULL, ARG_BASE},
                 {"offset", required_argument, NULL, ARG_OFFSET}, {"length", required_argument, NULL, ARG_LENGTH},
                 {"wait", no_argument, NULL, ARG_WAIT}, {"listen", required_argument, NULL, ARG_LISTEN},
-                {"template-format", required_argument, NULL, ARG_TEMPLATE_FORMAT}, {}};
+                {"template-format", required_argument, NULL, ARG_TEMPLATE_FORMAT},
+                {"max-guest-latency", required_argument, NULL, ARG_MAX_GUEST_LATENCY}, {}};
         int c, r;
 
         /* Our own messages, not getopt's, so that they all look alike. */
@@ -331,6 +348,14 @@ static int parse_argv(int argc, char *argv[]) {
                                         "100M, 1.5GiB/s, 0 for unlimited).",
                                         optarg);
                         arg_given |= OPT_BANDWIDTH;
+                        break;
+                case ARG_MAX_GUEST_LATENCY:
+                        if (parse_latency(optarg, &arg_max_guest_latency) < 0)
+                                return log_error_errno(EINVAL,
+                                        "Invalid time for --max-guest-latency=: '%s' (expected e.g. 2ms, 500us, "
+                                        "0.5s, or 0 for off).",
+                                        optarg);
+                        arg_given |= OPT_MAX_GUEST_LATENCY;
                         break;
                 case ARG_BASE:
                         if (isempty(optarg))

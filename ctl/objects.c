@@ -37,6 +37,10 @@ static const Property disk_properties[] = {
         {BS_STREAM_PROPERTY_START_TIME, "t", offsetof(DiskInfo, start_time)},
         {BS_STREAM_PROPERTY_EXPECTED_END_TIME, "t", offsetof(DiskInfo, expected_end_time)},
         {BS_STREAM_PROPERTY_ERROR, "s", offsetof(DiskInfo, error)},
+        {BS_STREAM_PROPERTY_MAX_GUEST_LATENCY, "t", offsetof(DiskInfo, max_guest_latency)},
+        {BS_STREAM_PROPERTY_GUEST_READ_P99, "t", offsetof(DiskInfo, guest_read_p99)},
+        {BS_STREAM_PROPERTY_SPEED_LIMIT, "t", offsetof(DiskInfo, speed_limit)},
+        {BS_STREAM_PROPERTY_THROTTLE_REASON, "s", offsetof(DiskInfo, throttle_reason)},
 };
 
 static void properties_free(const Property *props, size_t n, void *data) {

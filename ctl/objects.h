@@ -45,6 +45,8 @@ typedef struct DiskInfo {
         uint64_t bandwidth, rate;
         uint64_t start_time, expected_end_time;
         char *error;
+        uint64_t max_guest_latency, guest_read_p99, speed_limit; /* µs, µs, bytes/s */
+        char *throttle_reason;
 } DiskInfo;
 
 typedef struct Registry {

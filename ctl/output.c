@@ -28,6 +28,16 @@ char *format_timespan(char *buf, size_t len, usec_t t) {
         return buf;
 }
 
+char *format_latency(char *buf, size_t len, uint64_t usec) {
+        if (usec < 1000)
+                snprintf(buf, len, "%" PRIu64 "us", usec);
+        else if (usec < USEC_PER_SEC)
+                snprintf(buf, len, "%" PRIu64 ".%" PRIu64 "ms", usec / 1000, usec % 1000 / 100);
+        else
+                snprintf(buf, len, "%" PRIu64 ".%" PRIu64 "s", usec / USEC_PER_SEC, usec % USEC_PER_SEC / 100000);
+        return buf;
+}
+
 char *format_timestamp(char *buf, size_t len, usec_t t) {
         time_t sec = (time_t) (t / USEC_PER_SEC);
         struct tm tm;

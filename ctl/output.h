@@ -12,6 +12,8 @@
 const char *yes_no(bool b);
 char *format_timespan(char *buf, size_t len, usec_t t);
 char *format_timestamp(char *buf, size_t len, usec_t t);
+/* A latency: "850us", "1.2ms", "3.5s". */
+char *format_latency(char *buf, size_t len, uint64_t usec);
 /* "1.5 GiB/s", or zero (e.g. "unlimited") for 0 when zero is not NULL. */
 char *format_rate(char *buf, size_t len, uint64_t bytes_per_second, const char *zero);
 unsigned percent(uint64_t done, uint64_t total);

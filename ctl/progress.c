@@ -125,7 +125,7 @@ static void clear_progress(WaitState *ws) {
 
 static void draw_progress(WaitState *ws) {
         const DiskInfo *d = ws->disk;
-        char a[FORMAT_BYTES_MAX], b[FORMAT_BYTES_MAX], rate[64], eta[64], text[256];
+        char a[FORMAT_BYTES_MAX], b[FORMAT_BYTES_MAX], rate[64], eta[64], guest[128], text[320];
         unsigned p = percent(d->bytes_done, d->bytes_total), columns, cells = 0;
         bool utf8 = utf8_enabled();
         size_t text_len;
@@ -150,8 +150,17 @@ static void draw_progress(WaitState *ws) {
                                         s, sizeof(s), (d->bytes_total - d->bytes_done) / d->rate * USEC_PER_SEC));
                 }
         }
-        snprintf(text, sizeof(text), " %3u%%  %s/%s  %s%s", p, format_bytes(a, sizeof(a), d->bytes_done),
-                format_bytes(b, sizeof(b), d->bytes_total), rate, eta);
+        guest[0] = 0;
+        if (!isempty(d->throttle_reason) && !streq(d->throttle_reason, BS_THROTTLE_OFF)) {
+                /* The guest-latency mode: the guest's p99, the limit it set, and why. */
+                char l[32], s[64];
+
+                snprintf(guest, sizeof(guest), "  p99 %s  limit %s (%s)",
+                        d->guest_read_p99 > 0 ? format_latency(l, sizeof(l), d->guest_read_p99) : "-",
+                        format_rate(s, sizeof(s), d->speed_limit, "none"), d->throttle_reason);
+        }
+        snprintf(text, sizeof(text), " %3u%%  %s/%s  %s%s%s", p, format_bytes(a, sizeof(a), d->bytes_done),
+                format_bytes(b, sizeof(b), d->bytes_total), rate, eta, guest);
 
         text_len = strlen(text) + strlen(strempty(d->device)) + 3;
         columns = terminal_columns(STDERR_FILENO);

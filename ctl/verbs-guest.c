@@ -176,6 +176,17 @@ static void print_disk(const DiskInfo *d) {
         print_field("Bandwidth", "%s", format_rate(t, sizeof(t), d->bandwidth, "unlimited"));
         if (active)
                 print_field("Rate", "%s", format_rate(t, sizeof(t), d->rate, NULL));
+        if (d->max_guest_latency > 0)
+                print_field(
+                        "Max latency", "%s (the guest's read p99)", format_latency(t, sizeof(t), d->max_guest_latency));
+        if (active && !isempty(d->throttle_reason) && !streq(d->throttle_reason, BS_THROTTLE_OFF)) {
+                if (d->guest_read_p99 > 0)
+                        print_field("Guest p99", "%s", format_latency(t, sizeof(t), d->guest_read_p99));
+                else
+                        print_field("Guest p99", "no reads");
+                print_field("Speed limit", "%s (%s)", format_rate(t, sizeof(t), d->speed_limit, "none"),
+                        d->throttle_reason);
+        }
         if (d->start_time > 0) {
                 if (now >= d->start_time)
                         print_field("Started", "%s (%s ago)", format_timestamp(t, sizeof(t), d->start_time),

@@ -55,6 +55,8 @@ int verb_pull(char **args) {
                 r = sd_bus_message_append(m, "{sv}", BS_OPTION_BANDWIDTH, "t", arg_bandwidth);
         if (r >= 0 && base)
                 r = sd_bus_message_append(m, "{sv}", BS_OPTION_BASE, "s", base);
+        if (r >= 0 && (arg_given & OPT_MAX_GUEST_LATENCY))
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_MAX_GUEST_LATENCY, "t", arg_max_guest_latency);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)
@@ -168,4 +170,17 @@ int verb_set_bandwidth(char **args) {
                                    "unlimited.",
                         args[2]);
         return simple_disk_call(args, BS_STREAM_METHOD_SET_BANDWIDTH, "set the bandwidth of", &bw, false);
+}
+
+int verb_set_latency(char **args) {
+        uint64_t usec;
+        int r;
+
+        r = parse_latency(args[2], &usec);
+        if (r < 0)
+                return usage_error("Invalid latency '%s': expected a duration such as 2ms, 500us, 0.5s, or 0 or 'off' "
+                                   "to turn the guest-latency mode off.",
+                        args[2]);
+        return simple_disk_call(
+                args, BS_STREAM_METHOD_SET_MAX_GUEST_LATENCY, "set the guest latency target of", &usec, false);
 }

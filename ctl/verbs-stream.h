@@ -9,3 +9,4 @@ int verb_pause(char **args);
 int verb_resume(char **args);
 int verb_cancel(char **args);
 int verb_set_bandwidth(char **args);
+int verb_set_latency(char **args);

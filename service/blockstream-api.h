@@ -48,6 +48,7 @@
 #define BS_STREAM_METHOD_PAUSE "Pause"
 #define BS_STREAM_METHOD_RESUME "Resume"
 #define BS_STREAM_METHOD_SET_BANDWIDTH "SetBandwidth"
+#define BS_STREAM_METHOD_SET_MAX_GUEST_LATENCY "SetMaxGuestLatency"
 #define BS_STREAM_METHOD_GET_ALLOCATION_MAP "GetAllocationMap"
 #define BS_STREAM_METHOD_EXPORT "Export"
 #define BS_STREAM_SIGNAL_FINISHED "Finished"
@@ -69,6 +70,10 @@
 #define BS_STREAM_PROPERTY_START_TIME "StartTime"
 #define BS_STREAM_PROPERTY_EXPECTED_END_TIME "ExpectedEndTime"
 #define BS_STREAM_PROPERTY_ERROR "Error"
+#define BS_STREAM_PROPERTY_MAX_GUEST_LATENCY "MaxGuestLatency"
+#define BS_STREAM_PROPERTY_GUEST_READ_P99 "GuestReadP99"
+#define BS_STREAM_PROPERTY_SPEED_LIMIT "SpeedLimit"
+#define BS_STREAM_PROPERTY_THROTTLE_REASON "ThrottleReason"
 
 /* org.blockstream1.Export */
 #define BS_EXPORT_METHOD_STOP "Stop"
@@ -87,6 +92,7 @@
 #define BS_OPTION_SIZE "size"                       /* ProvisionDisk, t */
 #define BS_OPTION_BANDWIDTH "bandwidth"             /* Start, t */
 #define BS_OPTION_BASE "base"                       /* Start, s */
+#define BS_OPTION_MAX_GUEST_LATENCY "max_guest_latency" /* Start, t (µs) */
 #define BS_OPTION_LISTEN "listen"                   /* Export, s: "unix" or "tcp:ADDR:PORT" */
 
 /* BlockStream.State, and Finished's result (one of the last three) */
@@ -101,6 +107,14 @@
 #define BS_MODE_NONE ""
 #define BS_MODE_FULL "full"
 #define BS_MODE_RANGE "range"
+
+/* BlockStream.ThrottleReason */
+#define BS_THROTTLE_OFF "off"
+#define BS_THROTTLE_IDLE "idle"
+#define BS_THROTTLE_PROBING "probing"
+#define BS_THROTTLE_STEADY "steady"
+#define BS_THROTTLE_YIELDING "yielding"
+#define BS_THROTTLE_CEILING "ceiling"
 
 /* Export.State */
 #define BS_EXPORT_STATE_SERVING "serving"

@@ -28,6 +28,7 @@ int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         d->node_name = strdup("");
         d->path = strdup("");
         d->format = strdup("");
+        d->throttle_reason = "off";
         d->chain = calloc(1, sizeof(char *));
         d->chain_nodes = calloc(1, sizeof(char *));
         if (!d->alias || !d->node_name || !d->path || !d->format || !d->chain || !d->chain_nodes ||
@@ -42,6 +43,8 @@ int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
 Disk *disk_free(Disk *d) {
         if (!d)
                 return NULL;
+        if (d->adaptive && d->adaptive_stopper)
+                d->adaptive_stopper(d);
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);
@@ -362,6 +365,8 @@ static void disk_finalize(Disk *d) {
                 return;
         d->finalizing = true;
         disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
+        if (d->adaptive && d->adaptive_stopper)
+                d->adaptive_stopper(d); /* the guest-latency mode ends with the job */
         d->host->update_polling(d->guest);
         /* The outcome is written before the job is dismissed in QEMU, by the state writer: the
          * loop serves other calls meanwhile (Start gets Busy while finalizing). */

@@ -65,6 +65,16 @@ typedef struct Disk {
         /* Removes map_export once unused: set by map.c along with it (the disk calls down into
          * no map code). */
         void (*map_export_releaser)(struct Disk *d);
+        /* The guest-latency mode (adaptive.c): its target (µs) of the running job, else the default
+         * for the next (0: off); what it measured over the last window (µs, 0: no reads), the limit
+         * it set (bytes/s, 0: none) and why (throttle_reason_to_string(), or "off"). adaptive_stopper
+         * is set by adaptive.c along with adaptive (the disk calls down into no adaptive code). */
+        uint64_t max_guest_latency;
+        uint64_t guest_read_p99;
+        uint64_t speed_limit;
+        const char *throttle_reason;
+        struct Adaptive *adaptive;
+        void (*adaptive_stopper)(struct Disk *d);
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */

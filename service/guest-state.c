@@ -6,8 +6,10 @@
 
 #include "guest.h"
 #include "state.h"
+#include "adaptive.h"
 #include "disk.h"
 #include "engine.h"
+#include "throttle.h"
 #include "util.h"
 
 int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t then, void *userdata,
@@ -31,6 +33,7 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                         .size = d->size,
                         .cluster_size = d->cluster_size,
                         .bandwidth = d->bandwidth,
+                        .max_guest_latency = d->max_guest_latency,
                         .job = d->job,
                         .range_node = d->range_node,
                         .range_export = d->range_export,
@@ -84,6 +87,8 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         d->size = s->size;
         d->cluster_size = s->cluster_size;
         d->bandwidth = s->bandwidth;
+        /* Out of range (a hand-edited file): off, not a refused guest. */
+        d->max_guest_latency = s->max_guest_latency <= THROTTLE_TARGET_MAX_US ? s->max_guest_latency : 0;
         d->job = s->job;
         s->job = (Job) {};
         d->range_node = TAKE_PTR(s->range_node);
@@ -123,6 +128,17 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
                         return r;
                 }
                 g->n_disks++;
+        }
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
+                /* A job that ran in the guest-latency mode goes on in it (from its ceiling: the
+                 * limit the controller last set is not known). */
+                if (!g->offline && d->max_guest_latency > 0 && job_is_active(&d->job) && !d->job.concluded &&
+                        adaptive_resume(d, d->max_guest_latency, d->bandwidth) < 0)
+                        log_warning("Guest %s disk %s: cannot carry on the guest-latency mode; the job runs at its "
+                                    "last speed.",
+                                g->name, d->alias);
         }
         *ret = g;
         return 0;

@@ -327,6 +327,29 @@ int qemu_block_latency_histogram_set(Qmp *q, const char *qdev, const uint64_t *b
         return stats_submit(q, "block-latency-histogram-set", args, req, result_reply);
 }
 
+int qemu_block_latency_histogram_clear(
+        Qmp *q, const char *qdev, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        StatsRequest *req;
+        json_object *args, *id;
+
+        if (!qdev || !qdev_path_is_valid(qdev))
+                return -EINVAL;
+        args = json_object_new_object();
+        id = json_object_new_string(qdev);
+        if (!args || !id || json_object_object_add(args, "id", id) < 0) {
+                json_object_put(args);
+                json_object_put(id);
+                return -ENOMEM;
+        }
+        req = calloc(1, sizeof(*req));
+        if (!req) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        *req = (StatsRequest){.result_handler = handler, .userdata = userdata, .destroy = destroy};
+        return stats_submit(q, "block-latency-histogram-set", args, req, result_reply);
+}
+
 static void blockstats_reply(
         Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
         StatsRequest *req = userdata;

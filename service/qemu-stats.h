@@ -65,3 +65,7 @@ typedef void (*qemu_blockstats_handler_t)(
         Qmp *q, int error, const char *error_desc, const QemuBlockStats *stats, void *userdata);
 int qemu_query_blockstats(
         Qmp *q, const char *alias, qemu_blockstats_handler_t handler, void *userdata, qemu_destroy_t destroy);
+
+/* block-latency-histogram-set with no boundaries: the device's read histogram removed again. */
+int qemu_block_latency_histogram_clear(
+        Qmp *q, const char *qdev, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);

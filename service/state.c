@@ -99,7 +99,9 @@ static json_object *disk_to_json(const StateDisk *d) {
                 (d->range_node && add(o, "range_node", json_object_new_string(d->range_node)) < 0) ||
                 (d->range_export && add(o, "range_export", json_object_new_string(d->range_export)) < 0) ||
                 (d->range_bottom && add(o, "range_bottom", json_object_new_string(d->range_bottom)) < 0) ||
-                (d->job_base && add(o, "job_base", json_object_new_string(d->job_base)) < 0)) {
+                (d->job_base && add(o, "job_base", json_object_new_string(d->job_base)) < 0) ||
+                (d->max_guest_latency > 0 &&
+                        add(o, "max_guest_latency", json_object_new_uint64(d->max_guest_latency)) < 0)) {
                 json_object_put(o);
                 return NULL;
         }
@@ -328,6 +330,7 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 strv_length(d->chain) != strv_length(d->chain_nodes) || json_get_u64(o, "size", true, &d->size) < 0 ||
                 json_get_u64(o, "cluster_size", true, &d->cluster_size) < 0 ||
                 json_get_u64(o, "bandwidth", true, &d->bandwidth) < 0 || d->bandwidth > INT64_MAX ||
+                json_get_u64(o, "max_guest_latency", false, &d->max_guest_latency) < 0 ||
                 !json_object_object_get_ex(o, "job", &job) || job_from_json(job, &d->job) < 0 ||
                 dup_field(o, "range_node", false, &d->range_node) < 0 ||
                 dup_field(o, "range_export", false, &d->range_export) < 0 ||

@@ -28,6 +28,7 @@ typedef struct StateDisk {
         uint64_t size;
         uint64_t cluster_size;
         uint64_t bandwidth;
+        uint64_t max_guest_latency; /* µs, 0: off (absent in files of before) */
         Job job;
         char *range_node; /* NULL: none (as the job_base and range_* fields below) */
         char *range_export;

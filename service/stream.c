@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 
+#include "adaptive.h"
 #include "backend.h"
 #include "bus-error.h"
 #include "bus-util.h"
@@ -14,6 +15,7 @@
 #include "map.h"
 #include "range.h"
 #include "stream.h"
+#include "throttle.h"
 #include "util.h"
 
 
@@ -36,6 +38,7 @@ typedef struct CallCtx {
         char *alias;
         bool replied;
         uint64_t bandwidth;   /* Start and SetBandwidth: the job's bandwidth */
+        uint64_t speed;       /* SetBandwidth, SetMaxGuestLatency: the speed sent (under the guest-latency limit) */
         JobControl control;   /* Cancel, Pause, Resume */
         char *job_id;
         char *base_node;
@@ -120,6 +123,22 @@ static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
                         "Bandwidth %" PRIu64 " bytes/s is out of range (at most %" PRIi64 "; 0 means unlimited).", bw,
                         INT64_MAX);
         return 0;
+}
+
+static int check_max_guest_latency(uint64_t usec, sd_bus_error *error) {
+        if (usec != 0 && (usec < THROTTLE_TARGET_MIN_US || usec > THROTTLE_TARGET_MAX_US))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "max_guest_latency %" PRIu64 " µs is out of range (%llu to %llu µs; 0 turns the mode off).",
+                        usec, THROTTLE_TARGET_MIN_US, THROTTLE_TARGET_MAX_US);
+        return 0;
+}
+
+/* The mode follows the guest's own I/O latency: a guest that is not running has none. */
+static int refuse_offline_latency(Disk *d, sd_bus_error *error) {
+        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                "Guest '%s' is not running: max_guest_latency follows the I/O latency of a running guest, and its disks "
+                "are served by a storage helper with no guest. Leave the option out (or 0), or use a fixed bandwidth.",
+                d->guest->name);
 }
 
 /* An offline guest's helper knows its images as /dev/fdset/N: the header must name the base by
@@ -207,6 +226,7 @@ static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         d->bandwidth = c->bandwidth;
+        adaptive_job_began(d);
         log_info("Guest %s disk %s: stream started (job %s).", c->guest->name, d->alias, d->job.id);
         disk_emit_job(d);
         guest_update_polling(c->guest);
@@ -333,9 +353,10 @@ int stream_resume_offline(Disk *d) {
 static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Disk *d = userdata;
         Guest *g = d->guest;
-        uint64_t offset, length, bandwidth = d->bandwidth, end;
+        uint64_t offset, length, bandwidth = d->bandwidth, end, max_latency = 0;
         const char *base = NULL, *base_node = NULL;
         _cleanup_free_ char *job_id = NULL;
+        bool has_max_latency = false;
         CallCtx *c;
         int r;
 
@@ -346,12 +367,16 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 (const BusOption[]) {
                         { "bandwidth", "t", &bandwidth },
                         { "base", "s", &base },
+                        { "max_guest_latency", "t", &max_latency, &has_max_latency },
                         {},
                 },
                 error);
         if (r < 0)
                 return r;
         r = check_bandwidth(bandwidth, error);
+        if (r < 0)
+                return r;
+        r = check_max_guest_latency(max_latency, error);
         if (r < 0)
                 return r;
         if (base && isempty(base))
@@ -376,6 +401,11 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         r = require_running(d, error);
         if (r < 0)
                 return r;
+        if (!has_max_latency)
+                /* The default of the disk; an offline guest has no guest to follow. */
+                max_latency = g->offline ? 0 : d->max_guest_latency;
+        else if (max_latency > 0 && g->offline)
+                return refuse_offline_latency(d, error);
         if (job_is_active(&d->job) || d->starting || d->finalizing || d->releasing)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "A job is already running on disk '%s' of guest '%s'; Cancel it or wait for Finished.", d->alias,
@@ -414,8 +444,12 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 }
                 /* Offset/Length show the range asked for ("to the end" spelled out); the work
                  * covers whole clusters. */
-                return range_start(d, msg, start, stop - start, offset, (length == 0 ? d->size : end) - offset, bandwidth,
+                r = range_start(d, msg, start, stop - start, offset, (length == 0 ? d->size : end) - offset, bandwidth,
                         bottom, error);
+                if (r >= 0 && max_latency > 0 && adaptive_start(d, max_latency, bandwidth) < 0)
+                        log_warning("Guest %s disk %s: out of memory: the range runs without its max_guest_latency.",
+                                g->name, d->alias);
+                return r;
         }
 
         g->job_seq++;
@@ -439,11 +473,22 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 call_ctx_free(c);
                 return -ENOMEM;
         }
+        /* The mode waits for the job: it samples nothing before the job runs, and goes if it never
+         * does. */
+        if (max_latency > 0) {
+                r = adaptive_start(d, max_latency, bandwidth);
+                if (r < 0) {
+                        c->replied = true;
+                        call_ctx_free(c);
+                        return r;
+                }
+        }
         d->starting = true;
         /* A running guest: at once. An offline one: once its storage helper is up. */
         r = guest_when_ready(g, start_when_ready, c, call_ctx_free);
         if (r < 0) {
                 d->starting = false;
+                adaptive_stop(d);
                 c->replied = true;
                 call_ctx_free(c);
                 return sd_bus_error_set_errnof(error, -r, "Failed to start the storage helper of guest '%s': %m", g->name);
@@ -522,6 +567,8 @@ static void set_speed_reply(int error, const char *desc, void *userdata) {
         if (error == 0 && d) {
                 d->bandwidth = c->bandwidth;
                 d->job.bandwidth = c->bandwidth;
+                /* The guest-latency mode keeps below the new ceiling. */
+                adaptive_ceiling_applied(d, c->bandwidth, c->speed);
                 disk_emit_changed(d, "Bandwidth", NULL);
                 disk_save(d);
         }
@@ -561,7 +608,79 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         if (!c)
                 return -ENOMEM;
         c->bandwidth = bw;
-        r = b->set_speed(d, bw, set_speed_reply, c, call_ctx_free);
+        c->speed = adaptive_speed_for_ceiling(d, bw);
+        r = b->set_speed(d, c->speed, set_speed_reply, c, call_ctx_free);
+        if (r < 0) {
+                c->replied = true;
+                call_ctx_free(c);
+                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
+        }
+        return 1;
+}
+
+/* SetMaxGuestLatency */
+
+static void latency_off_reply(int error, const char *desc, void *userdata) {
+        CallCtx *c = userdata;
+
+        call_reply(c, error, desc, "give the job its fixed bandwidth back");
+}
+
+static void set_max_guest_latency(Disk *d, uint64_t usec) {
+        if (d->max_guest_latency == usec)
+                return;
+        d->max_guest_latency = usec;
+        disk_emit_changed(d, "MaxGuestLatency", NULL);
+        disk_save(d);
+}
+
+static int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        const JobBackend *b;
+        Disk *d = userdata;
+        uint64_t usec;
+        CallCtx *c;
+        int r;
+
+        r = sd_bus_message_read(msg, "t", &usec);
+        if (r < 0)
+                return r;
+        r = check_max_guest_latency(usec, error);
+        if (r < 0)
+                return r;
+        r = disk_authorize(d, msg, ACTION_STREAM, error);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return 1; /* polkit was asked; the call is dispatched again with its answer */
+        if (usec > 0 && d->guest->offline)
+                return refuse_offline_latency(d, error);
+
+        b = job_backend_of(d);
+        if (!job_is_active(&d->job) || d->finalizing || !b->runs(d) || !b->reachable(d)) {
+                /* No job to steer: it becomes the default of the next one. */
+                set_max_guest_latency(d, usec);
+                return sd_bus_reply_method_return(msg, NULL);
+        }
+        if (usec > 0) {
+                /* The controller takes over from the next window on. */
+                r = adaptive_start(d, usec, d->bandwidth);
+                if (r < 0)
+                        return r;
+                set_max_guest_latency(d, usec);
+                return sd_bus_reply_method_return(msg, NULL);
+        }
+        if (!d->adaptive) {
+                set_max_guest_latency(d, 0);
+                return sd_bus_reply_method_return(msg, NULL);
+        }
+        /* Off: the job runs at its fixed Bandwidth again. */
+        c = call_ctx_new(d, msg);
+        if (!c)
+                return -ENOMEM;
+        adaptive_stop(d);
+        set_max_guest_latency(d, 0);
+        c->speed = d->bandwidth;
+        r = b->set_speed(d, d->bandwidth, latency_off_reply, c, call_ctx_free);
         if (r < 0) {
                 c->replied = true;
                 call_ctx_free(c);
@@ -659,6 +778,12 @@ static int property_get_target(sd_bus *bus, const char *path, const char *interf
         return sd_bus_message_append(reply, "s", guest_disk_target(d->guest, d->alias));
 }
 
+static int property_get_throttle_reason(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", d->throttle_reason ?: ADAPTIVE_REASON_OFF);
+}
+
 static int property_get_string_ptr(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         char **s = userdata;
@@ -694,6 +819,11 @@ const sd_bus_vtable stream_vtable[] = {
         SD_BUS_PROPERTY("StartTime", "t", NULL, offsetof(Disk, job.start_time), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("ExpectedEndTime", "t", property_get_expected_end, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Error", "s", property_get_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY(
+                "MaxGuestLatency", "t", NULL, offsetof(Disk, max_guest_latency), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("GuestReadP99", "t", NULL, offsetof(Disk, guest_read_p99), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("SpeedLimit", "t", NULL, offsetof(Disk, speed_limit), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("ThrottleReason", "s", property_get_throttle_reason, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
 
         SD_BUS_METHOD_WITH_ARGS("Start", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options), SD_BUS_NO_RESULT,
                 method_start, SD_BUS_VTABLE_UNPRIVILEGED),
@@ -702,6 +832,8 @@ const sd_bus_vtable stream_vtable[] = {
         SD_BUS_METHOD("Resume", NULL, NULL, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetBandwidth", SD_BUS_ARGS("t", bytes_per_second), SD_BUS_NO_RESULT,
                 method_set_bandwidth, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("SetMaxGuestLatency", SD_BUS_ARGS("t", usec), SD_BUS_NO_RESULT,
+                method_set_max_guest_latency, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetAllocationMap", SD_BUS_ARGS("t", offset, "t", length),
                 SD_BUS_RESULT("a(ttus)", extents), method_get_allocation_map, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Export", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", export, "s", uri),

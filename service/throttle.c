@@ -65,6 +65,8 @@ int throttle_init(Throttle *t, const ThrottleConfig *config) {
                 c.pressure_permille = DEFAULT_PRESSURE_PERMILLE;
         if (c.steady_permille == 0)
                 c.steady_permille = DEFAULT_STEADY_PERMILLE;
+        if (c.over_windows == 0)
+                c.over_windows = 1;
 
         *t = (Throttle){
                 .config = c,
@@ -118,6 +120,7 @@ uint64_t throttle_update(Throttle *t, const ThrottleSample *s) {
 
         if (!s->guest_active) {
                 /* Nobody to yield to. */
+                t->n_over = 0;
                 t->limit = c->ceiling;
                 t->reason = THROTTLE_IDLE;
                 return t->limit;
@@ -133,7 +136,16 @@ uint64_t throttle_update(Throttle *t, const ThrottleSample *s) {
                 base = t->limit;
 
         over = over_target(t, s, &cut);
-        if (over) {
+        t->n_over = over ? (t->n_over < UINT_MAX ? t->n_over + 1 : UINT_MAX) : 0;
+        if (over && t->n_over < c->over_windows) {
+                /* Over once: hold, and yield if the next window says so too. */
+                next = base;
+                t->reason = THROTTLE_STEADY;
+                over = false;
+        } else if (over) {
+                /* A limit above what the job did restrains nothing: cut from what it did. */
+                if (s->stream_rate > 0 && s->stream_rate < base)
+                        base = s->stream_rate;
                 next = scale_permille(base, cut);
                 t->reason = THROTTLE_YIELDING;
         } else if (s->has_p99 && c->steady_permille < 1000 &&

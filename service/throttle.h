@@ -41,6 +41,8 @@ typedef struct ThrottleConfig {
         unsigned decrease_permille; /* multiplicative decrease: the new limit is this ‰ of the old: 500 */
         unsigned pressure_permille; /* host "some" I/O stall share over which we yield: 600 (60 %); 1000+: never */
         unsigned steady_permille;   /* a p99 from this ‰ of the target up to it holds the limit: 850 */
+        unsigned over_windows;      /* windows over the target in a row before yielding (the first ones
+                                     * hold the limit: one noisy window is no trend): 1 */
 } ThrottleConfig;
 
 typedef struct ThrottleSample {
@@ -58,6 +60,7 @@ typedef struct Throttle {
         uint64_t busy_limit;   /* the last limit set while the guest was busy: resumed after idle */
         ThrottleReason reason;
         unsigned n_windows;
+        unsigned n_over; /* busy windows over the target in a row */
 } Throttle;
 
 /* -EINVAL for a target out of [THROTTLE_TARGET_MIN_US, THROTTLE_TARGET_MAX_US], a ceiling above

@@ -279,6 +279,35 @@ class CliTest(h.TestCase):
         self.fails(1, 'cancel', g.name, 'vda')                      # no job any more
         self.fails(1, 'pause', g.name, 'vda')
 
+    def test_max_guest_latency_and_set_latency(self):
+        for args in (('set-latency', 'g', 'vda'), ('set-latency', 'g', 'vda', '2x'),
+                     ('set-latency', 'g', 'vda', '-1ms'), ('set-latency', 'g', 'vda', 'ms'),
+                     ('set-latency', 'g', 'vda', '99999999999999999999999s'),
+                     ('pull', 'g', 'vda', '--max-guest-latency=fast'), ('pull', 'g', 'vda', '--max-guest-latency=1.ms')):
+            self.fails(2, *args)
+        self.assertIn('--max-guest-latency=', self.ok('--help').stdout)
+        g = self.new_guest(size=256 * MiB)
+        d = g.disk()
+        # With no job: the default for the next one, in any unit.
+        for arg, usec in (('2ms', 2000), ('1.5ms', 1500), ('500us', 500), ('0.25s', 250000), ('750', 750),
+                          ('off', 0), ('0', 0)):
+            self.ok('set-latency', g.name, 'vda', arg)
+            self.assertEqual(d.prop('MaxGuestLatency'), usec, arg)
+        self.fails(1, 'set-latency', g.name, 'vda', '61s', mention='out of range')
+        # A job in the mode (the -S guest does no I/O: idle, at the --bandwidth ceiling).
+        self.ok('pull', g.name, 'vda', '--max-guest-latency=2ms', '--bandwidth=1M')
+        self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        out = self.ok('status', g.name, 'vda').stdout
+        self.assertIn('2.0ms', out)
+        self.assertRegex(out, r'Speed limit: .*\(idle\)')
+        j = dicts_with(self.json_of('status', g.name, 'vda'), 'Device', 'vda')[0]
+        self.assertEqual((j.get('MaxGuestLatency'), j.get('ThrottleReason')), (2000, 'idle'))
+        self.ok('set-latency', g.name, 'vda', 'off')
+        self.assertEqual((d.prop('MaxGuestLatency'), d.prop('ThrottleReason')), (0, 'off'))
+        self.assertEqual(g.qemu.qmp.jobs()[0]['speed'], MiB)
+        self.ok('cancel', g.name, 'vda', '--wait')
+
     def test_pull_wait_reports_cancellation(self):
         g = self.new_guest(size=256 * MiB)
         d = g.disk()

@@ -16,6 +16,7 @@ import guest  # noqa: E402
 # The boot takes ~8 s of guest time; on a loaded 2-core machine under TCG several times that.
 BOOT_TIMEOUT = 300
 READS_TIMEOUT = 120
+QDEV = '/machine/peripheral/vda/virtio-backend'
 
 
 class GuestTest(h.TestCase):
@@ -81,6 +82,78 @@ class GuestTest(h.TestCase):
         self.assertEqual(h.image_backing(top), None)
         self.assertTrue(h.read_matches(top, 0x5a, 0, 64 * h.MiB))
         c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', 'g1')
+
+    def histogram(self, g):
+        stats = [s for s in g.qmp.cmd('query-blockstats') if s.get('qdev') == QDEV]
+        self.assertEqual(len(stats), 1, stats)
+        return stats[0]['stats'].get('rd_latency_histogram')
+
+    def test_guest_latency_mode_switches_while_the_stream_runs(self):
+        """max_guest_latency under a real guest (issue 13): the properties show the guest's read
+        p99 and a reason, the mode goes off and on again while the job runs, the histogram it set
+        goes with it, and the stream completes with the data right. Not timed: the job is
+        paused while the mode is switched, so it cannot end meanwhile, and waits are for events."""
+        base = os.path.join(self.env.images, 'g2-base.qcow2')
+        top = os.path.join(self.env.images, 'g2-top.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, '256M')
+        h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x6b 0 192M', base])
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
+        g = guest.boot(self.env, 'g2', [('vda', top)], reader_args=['--rate=50'], guest_dir=self.guest_dir)
+        g.wait_started(BOOT_TIMEOUT)
+        g.wait_reads(10, READS_TIMEOUT)
+        c = self.client
+        c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', 'g2', g.daemon_socket, h.no_opts())
+        d = h.Disk(c, h.disk_path('g2', 'vda'))
+        self.assertIsNone(self.histogram(g))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+
+        # A ceiling of 1 MiB/s keeps 192 MiB streaming for minutes: long enough to look.
+        since = h.time.monotonic()
+        d.start(0, 0, h.opts(max_guest_latency=h.T(2000), bandwidth=h.T(h.MiB)))
+        self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+        p99 = c.wait_prop(d.path, h.IFACE_STREAM, 'GuestReadP99', lambda v: v > 0, timeout=READS_TIMEOUT)
+        self.assertLess(p99, 60 * 1000 * 1000)
+        self.assertIn(d.prop('ThrottleReason'), ('yielding', 'probing', 'steady', 'ceiling'))
+        self.assertTrue(0 < d.prop('SpeedLimit') <= h.MiB, d.prop('SpeedLimit'))
+        self.assertEqual(d.prop('Bandwidth'), h.MiB)
+        changed = [ch for _, ch, _ in c.props_changed(d.path, h.IFACE_STREAM, since) if 'GuestReadP99' in ch]
+        self.assertTrue(changed, 'no PropertiesChanged for GuestReadP99')
+        self.assertIsNotNone(self.histogram(g), 'the mode samples a histogram the daemon set')
+
+        # Off while the job runs: the fixed Bandwidth again, the guest's device as found.
+        d.pause()
+        d.wait_state('paused')
+        d.call('SetMaxGuestLatency', 't', h.T(0))
+        self.assertEqual(d.prop('MaxGuestLatency'), 0)
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertEqual(d.prop('SpeedLimit'), 0)
+        self.assertEqual(d.prop('GuestReadP99'), 0)
+        self.assertIsNone(self.histogram(g))
+        jobs = g.qmp.cmd('query-block-jobs')
+        self.assertEqual([j['speed'] for j in jobs], [h.MiB], jobs)
+
+        # And on again, with another target.
+        d.call('SetMaxGuestLatency', 't', h.T(5000))
+        self.assertEqual(d.prop('MaxGuestLatency'), 5000)
+        d.resume()
+        c.wait_prop(d.path, h.IFACE_STREAM, 'GuestReadP99', lambda v: v > 0, timeout=READS_TIMEOUT)
+        self.assertIn(d.prop('ThrottleReason'), ('yielding', 'probing', 'steady', 'ceiling'))
+        self.assertEqual(d.prop('State'), 'running')
+
+        # Lift the ceiling and the mode: the stream completes; the mode ended with it.
+        d.call('SetMaxGuestLatency', 't', h.T(0))
+        d.set_bandwidth(0)
+        result = c.wait_finished(d.path, timeout=600, since=since)
+        self.assertEqual(str(result[0]), 'completed', result)
+        self.assertIsNone(self.histogram(g))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        g.wait_reads(10, READS_TIMEOUT)
+        self.assertNotIn('READER read error', '\n'.join(l for _, l in g.lines if l))
+        g.stop_reader()
+        g.proc.wait(60)
+        self.assertEqual(h.image_backing(top), None)
+        self.assertTrue(h.read_matches(top, 0x6b, 0, 192 * h.MiB))
+        c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', 'g2')
 
 
 if __name__ == '__main__':

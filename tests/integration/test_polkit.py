@@ -278,6 +278,14 @@ class MatrixTest(PolkitTestCase):
                 self.assertEqual(d.prop('Bandwidth'), bw)
             check(STREAM, 'SetBandwidth', lambda: do(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(%d,)' % bw),
                   bandwidth_set)
+            lat = 1000 + self.uid(caller)
+
+            def latency_set(r, what, lat=lat, d=d):
+                self.assertOk(r, what)
+                self.assertEqual(d.prop('MaxGuestLatency'), lat)
+                d.call('SetMaxGuestLatency', 't', h.T(0))   # as root: the next jobs run as before
+            check(STREAM, 'SetMaxGuestLatency',
+                  lambda: do(d.path, h.IFACE_STREAM, 'SetMaxGuestLatency', 't', '(%d,)' % lat), latency_set)
             for m in ('Cancel', 'Pause', 'Resume'):
                 check(STREAM, m + ' (idle)', lambda m=m: do(d.path, h.IFACE_STREAM, m),
                       lambda r, what: self.assertError(r, h.ERR_NOT_RUNNING, what))

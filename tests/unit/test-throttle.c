@@ -129,6 +129,41 @@ static void test_yields_from_measured_rate(void) {
         ASSERT_EQ_U64(throttle_update(&t, &s), 108 * MiB);
 }
 
+/* The disk, not the limit, held the job at 100 MiB/s under a 300 MiB/s limit: a p99 twice the
+ * target halves what the job did, not the limit that restrained nothing. */
+static void test_yields_from_actual_rate(void) {
+        ThrottleSample s = {.guest_active = true, .has_p99 = true, .p99_us = 3000, .stream_rate = 100 * MiB};
+        Throttle t;
+
+        ASSERT_OK(throttle_init(&t, &(ThrottleConfig){.target_p99_us = 1500}));
+        t.limit = t.busy_limit = 300 * MiB;
+        t.reason = THROTTLE_PROBING;
+        ASSERT_EQ_U64(throttle_update(&t, &s), 50 * MiB);
+        ASSERT_EQ(t.reason, THROTTLE_YIELDING);
+        /* Under the target, the limit goes on from where it is (the job may speed up again). */
+        s = (ThrottleSample){.guest_active = true, .has_p99 = true, .p99_us = 500, .stream_rate = 50 * MiB};
+        ASSERT_EQ_U64(throttle_update(&t, &s), 58 * MiB);
+}
+
+/* over_windows 2: one window over the target holds the limit, the second in a row yields, and a
+ * window under the target in between starts the count again. */
+static void test_over_windows(void) {
+        ThrottleSample over = {.guest_active = true, .has_p99 = true, .p99_us = 3000, .stream_rate = 100 * MiB};
+        ThrottleSample under = {.guest_active = true, .has_p99 = true, .p99_us = 500, .stream_rate = 100 * MiB};
+        Throttle t;
+
+        ASSERT_OK(throttle_init(&t, &(ThrottleConfig){.target_p99_us = 1500, .over_windows = 2}));
+        t.limit = t.busy_limit = 100 * MiB;
+        t.reason = THROTTLE_PROBING;
+        ASSERT_EQ_U64(throttle_update(&t, &over), 100 * MiB);
+        ASSERT_EQ(t.reason, THROTTLE_STEADY);
+        ASSERT_EQ_U64(throttle_update(&t, &under), 108 * MiB);
+        ASSERT_EQ_U64(throttle_update(&t, &over), 108 * MiB);
+        ASSERT_EQ_U64(throttle_update(&t, &over), 50 * MiB);
+        ASSERT_EQ(t.reason, THROTTLE_YIELDING);
+        ASSERT_EQ_U64(throttle_update(&t, &over), 25 * MiB); /* still over: yields on */
+}
+
 /* Noisy p99 (±30 %): the limit saws but stays bounded, the guest mostly under target and the
  * stream keeps a fair share. */
 static void test_noisy_no_blowup(void) {
@@ -809,6 +844,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_idle_runs_full_speed);
         TAP_RUN(test_converges_under_target);
         TAP_RUN(test_yields_from_measured_rate);
+        TAP_RUN(test_yields_from_actual_rate);
+        TAP_RUN(test_over_windows);
         TAP_RUN(test_noisy_no_blowup);
         TAP_RUN(test_recovers_when_idle);
         TAP_RUN(test_never_above_ceiling);

@@ -1,0 +1,156 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The guest-latency mode's refusals (issue 13): bad values of max_guest_latency and of
+SetMaxGuestLatency, and guests that are not running (no guest to follow), are refused with
+InvalidArgs and nothing half-done: no job, no histogram on the device, the same properties and
+state. The mode at work under a real guest is test_guest.py's."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+import json  # noqa: E402
+import offline as o  # noqa: E402
+from fakeqemu import FakeQemu  # noqa: E402
+from harness import T, S, opts  # noqa: E402
+
+INVALID = 'org.freedesktop.DBus.Error.InvalidArgs'
+QDEV = '/machine/peripheral/vda/virtio-backend'
+# service/qemu-stats.c's qemu_latency_boundaries_default (ns)
+BOUNDARIES = [50000, 100000, 200000, 300000, 500000, 750000, 1000000, 1500000, 2000000, 3000000, 5000000,
+              7500000, 10000000, 15000000, 20000000, 30000000, 50000000, 75000000, 100000000, 200000000,
+              500000000, 1000000000, 2000000000, 5000000000, 10000000000]
+
+
+def histogram_of(q):
+    stats = [s for s in q.qmp.cmd('query-blockstats') if s.get('qdev') == QDEV]
+    assert len(stats) == 1, stats
+    return stats[0]['stats'].get('rd_latency_histogram')
+
+
+class AdaptiveRefusalTest(h.TestCase):
+
+    def test_bad_values_are_refused_with_nothing_done(self):
+        g = self.new_guest()
+        d = g.disk()
+        before = self.snapshot(block_graph=True)
+        for bad in (T(60000001), T(2 ** 63), T(2 ** 64 - 1)):
+            self.assertDBusError(INVALID, d.start, 0, 0, opts(max_guest_latency=bad))
+            self.assertDBusError(INVALID, d.call, 'SetMaxGuestLatency', 't', bad)
+        # The wrong type is refused too, not ignored.
+        self.assertDBusError(INVALID, d.start, 0, 0, opts(max_guest_latency=S('2ms')))
+        self.assertSnapshotEqual(before, self.snapshot(block_graph=True), 'a refused max_guest_latency')
+        self.assertIsNone(histogram_of(g.qemu))
+        self.assertEqual(d.prop('MaxGuestLatency'), 0)
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+
+        # With no job, a good value is the default for the next job, and 0 takes it back.
+        d.call('SetMaxGuestLatency', 't', T(2000))
+        self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+        d.call('SetMaxGuestLatency', 't', T(0))
+        self.assertEqual(d.prop('MaxGuestLatency'), 0)
+        self.assertIsNone(histogram_of(g.qemu))
+
+    def test_offline_guest_refuses_the_mode(self):
+        o.check_nbd_tools()
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), 64 * h.MiB)
+        self.register(name, '', o.offline_options({a: c.top for a, c in chains.items()}))
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        before = self.snapshot()
+        e = self.assertDBusError(INVALID, d.start, 0, 0, opts(max_guest_latency=T(2000)))
+        self.assertIn('not running', e.message)
+        e = self.assertDBusError(INVALID, d.call, 'SetMaxGuestLatency', 't', T(2000))
+        self.assertIn('not running', e.message)
+        self.assertSnapshotEqual(before, self.snapshot(), 'a refused max_guest_latency on an offline guest')
+        self.assertEqual(d.prop('State'), 'idle')
+        self.assertEqual(o.storage_helpers(self.env, o.identity(self.env, name)[0]), [])
+        # 0 is "off", which an offline guest is anyway.
+        d.call('SetMaxGuestLatency', 't', T(0))
+        d.start(0, 0, opts(max_guest_latency=T(0)))
+        self.assertEqual(str(d.wait_finished(timeout=120)[0]), 'completed')
+
+    def test_restart_carries_the_mode_on(self):
+        """A job in the mode when the daemon is killed goes on in it: MaxGuestLatency is kept, and
+        the restarted controller sets its own limit rather than leave the job at whatever the
+        one before had set (a crawl, if the guest was busy then)."""
+        g = self.new_guest()
+        d = g.disk()
+        d.start(0, 0, opts(max_guest_latency=T(2000), bandwidth=T(h.MiB)))
+        # The -S guest does no I/O: idle, at the ceiling.
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        self.env.kill_daemon()
+        # What the daemon of before may have left: a yielding limit.
+        job = g.qemu.qmp.jobs()[0]['device']
+        g.qemu.qmp.cmd('block-job-set-speed', {'device': job, 'speed': 64 * 1024})
+        self.env.start_daemon()
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        self.client.wait_for(lambda: g.qemu.qmp.jobs()[0]['speed'] == h.MiB, 30, 'the ceiling on the job again')
+        d.call('SetMaxGuestLatency', 't', T(0))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertIsNone(histogram_of(g.qemu))
+        d.cancel()
+        d.wait_finished(60)
+
+
+class AdaptiveHostileQemuTest(h.TestCase):
+    """A guest's QEMU is untrusted (a compromised guest may own it): what it says in
+    query-blockstats steers nothing it should not."""
+
+    def test_hostile_blockstats(self):
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
+        self.addCleanup(fake.close)
+        self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        state = {'qdev': '/machine/peripheral/vda/../../../../etc', 'n': 0, 'hist': False}
+
+        def hostile(cmd):
+            if cmd.get('execute') != 'query-blockstats':
+                return None
+            state['n'] += 1
+            n = state['n'] * 1000
+            stats = {'rd_operations': n, 'wr_operations': 0, 'flush_operations': 0, 'rd_bytes': n * 4096,
+                     'wr_bytes': 0}
+            if state['hist']:
+                # Every read of every window in the last, open bin: "at least 10 s".
+                stats['rd_latency_histogram'] = {'boundaries': BOUNDARIES, 'bins': [0] * len(BOUNDARIES) + [n]}
+            return json.dumps({'return': [{'device': '', 'qdev': state['qdev'], 'stats': stats}],
+                               'id': cmd.get('id')}).encode() + b'\r\n'
+        fake.hostile_replies = hostile
+
+        def count(cmd):
+            with fake.lock:
+                return fake.commands.get(cmd, 0)
+
+        d.start(0, 0, opts(max_guest_latency=T(1000)))
+        # A device path that climbs out of /machine/peripheral: never handed back to QEMU.
+        self.client.wait_for(lambda: count('query-blockstats') >= 4, 60, 'four windows')
+        self.assertEqual(count('block-latency-histogram-set'), 0)
+        self.assertEqual(d.prop('GuestReadP99'), 0)
+        self.assertTrue(self.env.daemon.running())
+
+        # A histogram saying 10 s and more for every read: the controller yields, but to its
+        # floor at most, and the property shows the bounded estimate.
+        state['qdev'], state['hist'] = QDEV, True
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'yielding', 60)
+        self.assertEqual(d.prop('GuestReadP99'), 10 * 1000 * 1000)
+        self.assertGreaterEqual(d.prop('SpeedLimit'), h.MiB)
+        self.assertEqual(count('block-latency-histogram-set'), 0, 'a histogram QEMU had was replaced')
+        self.assertGreaterEqual(count('block-job-set-speed'), 1)
+
+        # Off: the histogram was not ours, so it is left alone.
+        d.call('SetMaxGuestLatency', 't', T(0))
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertEqual(count('block-latency-histogram-set'), 0)
+        self.assertTrue(self.env.daemon.running())
+
+
+if __name__ == '__main__':
+    h.main()
