@@ -68,6 +68,7 @@
 #define BS_STREAM_PROPERTY_START_TIME "StartTime"
 #define BS_STREAM_PROPERTY_EXPECTED_END_TIME "ExpectedEndTime"
 #define BS_STREAM_PROPERTY_ERROR "Error"
+#define BS_STREAM_PROPERTY_ENGINE "Engine"
 
 /* org.blockstream1.Export */
 #define BS_EXPORT_METHOD_STOP "Stop"
@@ -85,6 +86,7 @@
 #define BS_OPTION_SIZE "size"                       /* ProvisionDisk, t */
 #define BS_OPTION_BANDWIDTH "bandwidth"             /* Start, t */
 #define BS_OPTION_BASE "base"                       /* Start, s */
+#define BS_OPTION_ENGINE "engine"                   /* Start, s: auto, stream, prefetch, mirror */
 #define BS_OPTION_LISTEN "listen"                   /* Export, s: "unix" or "tcp:ADDR:PORT" */
 
 /* BlockStream.State, and Finished's result (one of the last three) */
@@ -99,6 +101,15 @@
 #define BS_MODE_NONE ""
 #define BS_MODE_FULL "full"
 #define BS_MODE_RANGE "range"
+
+/* BlockStream.Engine (which engine runs or ran the job), and Start's option "engine" (but "range"
+ * and ""; plus "auto", and "mirror", refused as not available yet) */
+#define BS_ENGINE_NONE ""
+#define BS_ENGINE_STREAM "stream"
+#define BS_ENGINE_PREFETCH "prefetch"
+#define BS_ENGINE_RANGE "range"
+#define BS_ENGINE_AUTO "auto"
+#define BS_ENGINE_MIRROR "mirror"
 
 /* Export.State */
 #define BS_EXPORT_STATE_SERVING "serving"

@@ -12,6 +12,7 @@
 #include "bus-util.h"
 #include "export.h"
 #include "backend.h"
+#include "prefetch.h"
 #include "range.h"
 #include "guest.h"
 #include "image.h"
@@ -54,13 +55,19 @@ static bool registry_range_runs(Disk *d) {
         return range_backend.runs(d);
 }
 
+/* Range jobs and prefetch jobs in their phase 1 both go on with a new pull helper. */
+static void registry_resume_orphans(Guest *g) {
+        range_resume_orphans(g);
+        prefetch_resume_orphans(g);
+}
+
 static const EngineRegistry manager_registry = {
         .find_guest = registry_find_guest,
         .guest_images = registry_guest_images,
         .guest_claims = registry_guest_claims,
         .unlink_guest = registry_unlink_guest,
         .cleanup_leftovers = range_cleanup_leftovers,
-        .resume_orphans = range_resume_orphans,
+        .resume_orphans = registry_resume_orphans,
         .resume_offline_stream = stream_resume_offline,
         .range_runs = registry_range_runs,
 };
