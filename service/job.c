@@ -108,6 +108,12 @@ unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono) 
         /* QEMU reports len = offset = 0 in a job's first moments: that is "unknown", not "nothing". */
         if (total > 0)
                 j->total = total;
+        /* A prefetch job makes two passes over the disk: its helper's (phase 1) counts as the first
+         * half of the total, QEMU's block-stream (phase 2) as the second. */
+        if (j->engine == STREAM_ENGINE_PREFETCH && j->phase == 1)
+                done = MIN(done, j->total) / 2;
+        else if (j->engine == STREAM_ENGINE_PREFETCH && j->phase == 2)
+                done = j->total / 2 + MIN(done, j->total) / 2 + (done >= j->total ? j->total % 2 : 0);
         /* Progress never runs backwards, and never past the total. */
         if (done > j->done)
                 j->done = done;
