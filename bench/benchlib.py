@@ -75,14 +75,14 @@ class Run:
         c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, self.q.daemon_socket, h.no_opts())
         self.disk = h.Disk(c, h.disk_path(name, 'vda'))
 
-    def stream(self, offset, length, limit=600):
+    def stream(self, offset, length, limit=600, options=None):
         """(seconds, done): done False when cancelled at the limit (seconds is then the limit,
         and self.fraction what BytesDone/BytesTotal had reached)."""
         c = self.env.client
         drop_caches()
         since = time.monotonic()
         t0 = time.monotonic()
-        self.disk.start(offset, length)
+        self.disk.start(offset, length, options)
         self.fraction = 1.0
         while not self.disk.finished(since):
             c.pump(0.005)

@@ -14,6 +14,7 @@ const char *arg_uuid = NULL;
 char **arg_disks = NULL; /* "ALIAS=PATH" */
 uint64_t arg_bandwidth = 0;
 const char *arg_base = NULL;
+const char *arg_engine = NULL;
 uint64_t arg_offset = 0;
 uint64_t arg_length = 0;
 bool arg_wait = false;

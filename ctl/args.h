@@ -24,6 +24,7 @@ enum {
         OPT_WAIT = 1 << 7,
         OPT_LISTEN = 1 << 8,
         OPT_TEMPLATE_FORMAT = 1 << 9,
+        OPT_ENGINE = 1 << 10,
 };
 
 extern bool arg_json;
@@ -36,6 +37,7 @@ extern const char *arg_uuid;
 extern char **arg_disks; /* "ALIAS=PATH" */
 extern uint64_t arg_bandwidth;
 extern const char *arg_base;
+extern const char *arg_engine;
 extern uint64_t arg_offset;
 extern uint64_t arg_length;
 extern bool arg_wait;
