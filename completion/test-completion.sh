@@ -61,6 +61,8 @@ complete_line 'blockstreamctl --json status vm1 ' vda vdb
 complete_line 'blockstreamctl pull web-2.prod ' sda
 complete_line 'blockstreamctl pull vm1 vda --b' --bandwidth= --base=
 complete_line 'blockstreamctl pull vm1 vda --w' --wait
+complete_line 'blockstreamctl pull vm1 vda --e' --engine=
+complete_line 'blockstreamctl pull vm1 vda --engine=p' prefetch
 complete_line 'blockstreamctl map vm1 vda --' --help --version --json --host= --no-ask-password --quiet \
         --offset= --length=
 complete_line 'blockstreamctl export vm1 vda --listen=t' tcp:

@@ -143,6 +143,55 @@ class PrefetchTest(PrefetchBase):
         self.assertEqual((res, err), ('completed', ''))
         self.assertEqual(d.prop('Engine'), 'stream')
 
+    def test_auto_picks_prefetch_for_a_remote_template_only(self):
+        # A local chain: QEMU's block-stream.
+        g = self.guest()
+        d = g.disk()
+        since = time.monotonic()
+        d.start(0, 0, h.no_opts())
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
+        # A template behind NBD: prefetch, then cut.
+        name = self.unique_name()
+        tdir = os.path.join(self.env.images, self.unique_name('tmpl'))
+        os.makedirs(tdir)
+        template = os.path.join(tdir, 'template.raw')
+        with open(template, 'wb') as f:
+            f.truncate(64 * MiB)
+            for i in range(4):
+                f.seek(i * 16 * MiB)
+                f.write(bytes([0x60 + i]) * (4 * MiB))
+        sock = os.path.join(tdir, 'nbd.sock')
+        pidfile = sock + '.pid'
+        with open(sock + '.log', 'ab') as logf:
+            srv = h.spawn(['nbdkit', '-f', '-U', sock, '-P', pidfile, 'file', template], stdout=logf, stderr=logf)
+        self.addCleanup(lambda: srv.poll() is None and (srv.kill(), srv.wait(10)))
+        h.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 or srv.poll() is not None,
+                     20, 'nbdkit to listen')
+        self.assertIsNone(srv.poll(), 'nbdkit exited')
+        top = os.path.join(tdir, 'top.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
+                   str(64 * MiB))
+        q = self.env.new_qemu(name, [], [
+            '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock,
+            '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,
+            '-blockdev', 'driver=qcow2,file=file0,backing=tmpl,node-name=disk0',
+            '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
+        self.addCleanup(q.kill)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        rd = h.Disk(self.client, h.disk_path(name, 'vda'))
+        since = time.monotonic()
+        rd.start(0, 0, h.no_opts())
+        self.assertEqual(rd.prop('Engine'), 'prefetch', 'auto did not pick prefetch for a remote template')
+        res, done, err = rd.wait_finished(120, since)
+        self.assertEqual((res, err), ('completed', ''), 'Finished%r' % ((res, done, err),))
+        self.assertEqual(list(rd.prop('BackingChain')), [])
+        q.quit()
+        res = h.qemu_img('compare', '-f', 'qcow2', '-F', 'raw', top, template, check=False)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        self.assertIsNone(h.image_backing(top), 'the overlay stands alone')
+
     def test_data_is_the_chain_and_guest_writes_survive(self):
         g = self.guest()
         d = g.disk()
