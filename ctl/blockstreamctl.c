@@ -251,9 +251,9 @@ static int parse_argv(int argc, char *argv[]) {
                 {"quiet", no_argument, NULL, 'q'}, {"owner", required_argument, NULL, ARG_OWNER},
                 {"uuid", required_argument, NULL, ARG_UUID}, {"disk", required_argument, NULL, ARG_DISK},
                 {"bandwidth", required_argument, NULL, ARG_BANDWIDTH}, {"base", required_argument, NULL, ARG_BASE},
-                {"engine", required_argument, NULL, ARG_ENGINE},
-                {"offset", required_argument, NULL, ARG_OFFSET}, {"length", required_argument, NULL, ARG_LENGTH},
-                {"wait", no_argument, NULL, ARG_WAIT}, {"listen", required_argument, NULL, ARG_LISTEN},
+                {"engine", required_argument, NULL, ARG_ENGINE}, {"offset", required_argument, NULL, ARG_OFFSET},
+                {"length", required_argument, NULL, ARG_LENGTH}, {"wait", no_argument, NULL, ARG_WAIT},
+                {"listen", required_argument, NULL, ARG_LISTEN},
                 {"template-format", required_argument, NULL, ARG_TEMPLATE_FORMAT}, {}};
         int c, r;
 
@@ -322,8 +322,8 @@ static int parse_argv(int argc, char *argv[]) {
                 case ARG_ENGINE:
                         if (!streq(optarg, BS_ENGINE_AUTO) && !streq(optarg, BS_ENGINE_STREAM) &&
                                 !streq(optarg, BS_ENGINE_PREFETCH) && !streq(optarg, BS_ENGINE_MIRROR))
-                                return log_error_errno(EINVAL,
-                                        "Invalid --engine='%s' (expected auto, stream or prefetch).", optarg);
+                                return log_error_errno(
+                                        EINVAL, "Invalid --engine='%s' (expected auto, stream or prefetch).", optarg);
                         arg_engine = optarg;
                         arg_given |= OPT_ENGINE;
                         break;

@@ -117,7 +117,7 @@ static int cut_start(Disk *d) {
         d->starting = true;
         disk_save(d);
         r = qemu_block_stream(g->peer.qmp,
-                &(QemuStreamArgs) {
+                &(QemuStreamArgs){
                         .job_id = c->job_id,
                         .node_name = d->node_name,
                         .base_node = d->job_base,
@@ -267,8 +267,8 @@ int prefetch_start(Disk *d, sd_bus_message *msg, uint64_t bandwidth, const char 
                         "'stream' or 'auto'.",
                         base_node, d->alias);
         if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s' is not in the backing chain of disk '%s'.",
-                        base_node, d->alias);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "'%s' is not in the backing chain of disk '%s'.", base_node, d->alias);
         if (base_node && !(base = strdup(base_node)))
                 return -ENOMEM;
         /* The base phase 2 keeps, and a restart of phase 1 finds its bottom by. */

@@ -229,10 +229,10 @@ static int job_from_json(json_object *o, Job *j) {
         j->state = stream_state_from_string(state);
         j->mode = stream_mode_from_string(mode);
         /* Files from before engines were recorded: the mode says which ran. */
-        j->engine = engine ? stream_engine_from_string(engine)
-                           : j->mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE
-                           : j->mode == STREAM_MODE_FULL  ? STREAM_ENGINE_STREAM
-                                                          : STREAM_ENGINE_NONE;
+        j->engine = engine                         ? stream_engine_from_string(engine)
+                    : j->mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE
+                    : j->mode == STREAM_MODE_FULL  ? STREAM_ENGINE_STREAM
+                                                   : STREAM_ENGINE_NONE;
         if (j->engine < 0 || phase > 2 || (phase > 0 && j->engine != STREAM_ENGINE_PREFETCH))
                 return -EBADMSG;
         j->phase = (unsigned) phase;
