@@ -37,11 +37,12 @@ def drop_caches():
         pass
 
 
-def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False):
+def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False, options=None):
     top = os.path.join(directory, name)
     if os.path.exists(top):
         os.unlink(top)
-    argv = ['create', '-q', '-f', 'qcow2'] + (['-u'] if unsafe else []) + ['-b', base, '-F', fmt, top]
+    argv = ['create', '-q', '-f', 'qcow2'] + (['-u'] if unsafe else []) + (['-o', options] if options else [])
+    argv += ['-b', base, '-F', fmt, top]
     if size is not None:
         argv.append(str(size))
     h.qemu_img(*argv)
