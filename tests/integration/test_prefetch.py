@@ -308,6 +308,39 @@ class PrefetchTest(PrefetchBase):
         rc, out = r.image_check_shared(ch.top)
         self.assertEqual(rc, 0, out)
 
+    def test_daemon_restarted_in_phase1_while_paused(self):
+        """SIGTERM while phase 1 is paused: the new helper starts paused, nothing more is copied
+        until Resume; then phase 2, one Finished."""
+        g = self.guest()
+        d = g.disk()
+        ch = g.chains['vda']
+        since = self.start(d, bandwidth=T(2 * MiB))
+        self.wait_phase1(g, d, 1)
+        d.pause()
+        d.wait_state('paused', 10)
+        p0 = d.props()
+        self.assertEqual(self.env.stop_daemon(signal.SIGTERM), 0)
+        restart = time.monotonic()
+        self.env.start_daemon()
+        c = self.client
+        c.wait_for(lambda: c.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                   15, 'guest %s to be republished' % g.name)
+        h.wait_until(lambda: r.pull_helpers(self.env), 15, 'a new pull helper to carry phase 1 on')
+        h.wait_until(lambda: len(r.leftovers(g.qemu.qmp)[1]) == 1, 15, 'the new helper\'s export only')
+        p = d.props()
+        self.assertEqual((p['State'], p['Engine'], p['StartTime']), ('paused', 'prefetch', p0['StartTime']))
+        local = r.local_bytes(r.get_map(d), 0, SIZE)
+        c.pump(1.0)
+        self.assertEqual(r.local_bytes(r.get_map(d), 0, SIZE), local, 'a paused prefetch copies after the restart')
+        self.assertEqual(self.qemu_jobs(g), [], 'phase 2 began while paused')
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        self.assertIsNone(d.call('Resume'))
+        self.assert_completed(g, d, restart, [])
+        self.assertEqual(d.finished(since), d.finished(restart), 'Finished before the restart')
+        r.flush(g.qemu)
+        rc, out = r.image_compare_shared(ch.top, ch.ref)
+        self.assertEqual(rc, 0, out)
+
 
 class PrefetchPhase2Test(PrefetchBase):
     """Phase 2 of a 1 TiB disk holding 48 MiB: QEMU's stream job walks the whole virtual size in
