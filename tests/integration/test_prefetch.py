@@ -143,6 +143,23 @@ class PrefetchTest(PrefetchBase):
         self.assertEqual((res, err), ('completed', ''))
         self.assertEqual(d.prop('Engine'), 'stream')
 
+    def test_cli_pull_engine(self):
+        g = self.guest()
+        d = g.disk()
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+
+        def ctl(*args):
+            return h.run([h.BLOCKSTREAMCTL] + list(args), check=False, timeout=120, env=env)
+        res = ctl('pull', g.name, 'vda', '--engine=fastest')
+        self.assertEqual(res.returncode, 2, res.stdout + res.stderr)
+        res = ctl('pull', g.name, 'vda', '--engine=mirror')
+        self.assertEqual(res.returncode, 1, res.stdout + res.stderr)
+        self.assertIn('not available', res.stderr)
+        res = ctl('pull', g.name, 'vda', '--engine=prefetch', '--wait')
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+        p = d.props()
+        self.assertEqual((p['State'], p['Engine'], list(p['BackingChain'])), ('completed', 'prefetch', []))
+
     def test_auto_picks_prefetch_for_a_remote_template_only(self):
         # A local chain: QEMU's block-stream.
         g = self.guest()
