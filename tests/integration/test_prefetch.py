@@ -367,8 +367,9 @@ class PrefetchPhase2Test(PrefetchBase):
         g = self.sparse_guest()
         d = g.disk()
         ch = g.chains['vda']
-        since = self.start(d)
+        since = self.start(d, bandwidth=T(64 * MiB))
         job = self.wait_phase2(g)
+        self.assertEqual(job['speed'], 64 * MiB, 'phase 2 does not run at the job\'s Bandwidth: %r' % job)
         mid = d.prop('BytesDone')
         self.assertGreaterEqual(mid, d.prop('BytesTotal') // 2, 'phase 2 began before phase 1\'s half was counted')
         d.pause()
