@@ -41,11 +41,12 @@ def drop_caches():
         pass
 
 
-def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False):
+def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False, options=None):
     top = os.path.join(directory, name)
     if os.path.exists(top):
         os.unlink(top)
-    argv = ['create', '-q', '-f', 'qcow2'] + (['-u'] if unsafe else []) + ['-b', base, '-F', fmt, top]
+    argv = ['create', '-q', '-f', 'qcow2'] + (['-u'] if unsafe else []) + (['-o', options] if options else [])
+    argv += ['-b', base, '-F', fmt, top]
     if size is not None:
         argv.append(str(size))
     h.qemu_img(*argv)
@@ -79,14 +80,14 @@ class Run:
         c.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, self.q.daemon_socket, h.no_opts())
         self.disk = h.Disk(c, h.disk_path(name, 'vda'))
 
-    def stream(self, offset, length, limit=600):
+    def stream(self, offset, length, limit=600, options=None):
         """(seconds, done): done False when cancelled at the limit (seconds is then the limit,
         and self.fraction what BytesDone/BytesTotal had reached)."""
         c = self.env.client
         drop_caches()
         since = time.monotonic()
         t0 = time.monotonic()
-        self.disk.start(offset, length)
+        self.disk.start(offset, length, options)
         self.fraction = 1.0
         while not self.disk.finished(since):
             c.pump(0.005)

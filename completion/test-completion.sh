@@ -74,6 +74,8 @@ complete_line 'blockstreamctl pull vm1 vda --b' --bandwidth= --base=
 complete_line 'blockstreamctl pull vm1 vda --w' --wait
 complete_line 'blockstreamctl pull vm1 vda --m' --max-guest-latency=
 complete_line 'blockstreamctl set-latency vm1 vda ' off 2ms
+complete_line 'blockstreamctl pull vm1 vda --e' --engine=
+complete_line 'blockstreamctl pull vm1 vda --engine=p' prefetch
 complete_line 'blockstreamctl map vm1 vda --' --help --version --json --host= --no-ask-password --quiet \
         --offset= --length=
 complete_line 'blockstreamctl export vm1 vda --listen=t' tcp:

@@ -16,6 +16,7 @@ char **arg_disk_names = NULL; /* "ALIAS=NAME" */
 uint64_t arg_bandwidth = 0;
 uint64_t arg_max_guest_latency = 0;
 const char *arg_base = NULL;
+const char *arg_engine = NULL;
 uint64_t arg_offset = 0;
 uint64_t arg_length = 0;
 bool arg_wait = false;

@@ -26,6 +26,7 @@ enum {
         OPT_TEMPLATE_FORMAT = 1 << 9,
         OPT_DISK_NAME = 1 << 10,
         OPT_MAX_GUEST_LATENCY = 1 << 11,
+        OPT_ENGINE = 1 << 12,
 };
 
 extern bool arg_json;
@@ -40,6 +41,7 @@ extern char **arg_disk_names; /* "ALIAS=NAME" */
 extern uint64_t arg_bandwidth;
 extern uint64_t arg_max_guest_latency; /* µs */
 extern const char *arg_base;
+extern const char *arg_engine;
 extern uint64_t arg_offset;
 extern uint64_t arg_length;
 extern bool arg_wait;

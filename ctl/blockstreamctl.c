@@ -12,6 +12,7 @@
 #include <locale.h>
 
 #include "args.h"
+#include "blockstream-api.h"
 #include "polkit-agent.h"
 #include "verbs-guest.h"
 #include "verbs-map.h"
@@ -27,6 +28,7 @@ static const struct {
         {OPT_DISK_NAME, "--disk-name="},
         {OPT_BANDWIDTH, "--bandwidth="},
         {OPT_BASE, "--base="},
+        {OPT_ENGINE, "--engine="},
         {OPT_OFFSET, "--offset="},
         {OPT_LENGTH, "--length="},
         {OPT_WAIT, "--wait"},
@@ -80,6 +82,9 @@ static int help(void) {
                "                            --bandwidth stays a ceiling. Running guests only\n"
                "        --base=IMAGE        Stream only the images above IMAGE (a path in the\n"
                "                            backing chain or a node name); keep it and below\n"
+               "        --engine=ENGINE     How a full stream copies: auto (default), stream\n"
+               "                            (QEMU's block-stream) or prefetch (the pull helper\n"
+               "                            copies the backing data, then block-stream cuts)\n"
                "        --offset=SIZE       Stream only from this byte offset ...\n"
                "        --length=SIZE       ... for this many bytes (0 or none: to the end);\n"
                "                            a range is widened to whole clusters, and the disk\n"
@@ -220,7 +225,7 @@ static const Verb verbs[] = {
         {"status", 1, 2, 0, verb_status},
         {"register", 1, 2, OPT_OWNER | OPT_UUID | OPT_DISK | OPT_DISK_NAME, verb_register},
         {"unregister", 1, 1, 0, verb_unregister},
-        {"pull", 2, 2, OPT_BANDWIDTH | OPT_BASE | OPT_OFFSET | OPT_LENGTH | OPT_WAIT | OPT_MAX_GUEST_LATENCY,
+        {"pull", 2, 2, OPT_BANDWIDTH | OPT_BASE | OPT_ENGINE | OPT_OFFSET | OPT_LENGTH | OPT_WAIT | OPT_MAX_GUEST_LATENCY,
                 verb_pull},
         {"wait", 2, 2, 0, verb_wait},
         {"pause", 2, 2, 0, verb_pause},
@@ -257,6 +262,7 @@ static int parse_argv(int argc, char *argv[]) {
                 ARG_DISK_NAME,
                 ARG_BANDWIDTH,
                 ARG_BASE,
+                ARG_ENGINE,
                 ARG_OFFSET,
                 ARG_LENGTH,
                 ARG_WAIT,
@@ -271,8 +277,9 @@ static int parse_argv(int argc, char *argv[]) {
                 {"uuid", required_argument, NULL, ARG_UUID}, {"disk", required_argument, NULL, ARG_DISK},
                 {"disk-name", required_argument, NULL, ARG_DISK_NAME},
                 {"bandwidth", required_argument, NULL, ARG_BANDWIDTH}, {"base", required_argument, NULL, ARG_BASE},
-                {"offset", required_argument, NULL, ARG_OFFSET}, {"length", required_argument, NULL, ARG_LENGTH},
-                {"wait", no_argument, NULL, ARG_WAIT}, {"listen", required_argument, NULL, ARG_LISTEN},
+                {"engine", required_argument, NULL, ARG_ENGINE}, {"offset", required_argument, NULL, ARG_OFFSET},
+                {"length", required_argument, NULL, ARG_LENGTH}, {"wait", no_argument, NULL, ARG_WAIT},
+                {"listen", required_argument, NULL, ARG_LISTEN},
                 {"template-format", required_argument, NULL, ARG_TEMPLATE_FORMAT},
                 {"max-guest-latency", required_argument, NULL, ARG_MAX_GUEST_LATENCY}, {}};
         int c, r;
@@ -362,6 +369,14 @@ static int parse_argv(int argc, char *argv[]) {
                                 return log_error_errno(EINVAL, "--base= needs an image path or node name.");
                         arg_base = optarg;
                         arg_given |= OPT_BASE;
+                        break;
+                case ARG_ENGINE:
+                        if (!streq(optarg, BS_ENGINE_AUTO) && !streq(optarg, BS_ENGINE_STREAM) &&
+                                !streq(optarg, BS_ENGINE_PREFETCH) && !streq(optarg, BS_ENGINE_MIRROR))
+                                return log_error_errno(
+                                        EINVAL, "Invalid --engine='%s' (expected auto, stream or prefetch).", optarg);
+                        arg_engine = optarg;
+                        arg_given |= OPT_ENGINE;
                         break;
                 case ARG_OFFSET:
                         if (parse_size_arg("--offset=", optarg, &arg_offset) < 0)

@@ -57,6 +57,8 @@ int verb_pull(char **args) {
                 r = sd_bus_message_append(m, "{sv}", BS_OPTION_BASE, "s", base);
         if (r >= 0 && (arg_given & OPT_MAX_GUEST_LATENCY))
                 r = sd_bus_message_append(m, "{sv}", BS_OPTION_MAX_GUEST_LATENCY, "t", arg_max_guest_latency);
+        if (r >= 0 && arg_engine)
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_ENGINE, "s", arg_engine);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)

@@ -3,7 +3,8 @@
 
 /* One interface for whatever runs a disk's job. Today two backends: QEMU's block-stream job
  * (blockjob.c: the whole disk, or down to a base) and the range backend (range.c: a pull
- * helper reading a byte range through a copy-on-read export). The BlockStream object asks
+ * helper reading a byte range through a copy-on-read export). The prefetch engine (prefetch.c)
+ * runs on both: its phase 1 is a range op, its phase 2 QEMU's job. The BlockStream object asks
  * job_backend_of() which one runs the disk's job and calls it; it never branches on the kind.
  * A new engine is one new file with one JobBackend.
  *

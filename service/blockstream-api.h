@@ -74,6 +74,7 @@
 #define BS_STREAM_PROPERTY_GUEST_READ_P99 "GuestReadP99"
 #define BS_STREAM_PROPERTY_SPEED_LIMIT "SpeedLimit"
 #define BS_STREAM_PROPERTY_THROTTLE_REASON "ThrottleReason"
+#define BS_STREAM_PROPERTY_ENGINE "Engine"
 
 /* org.blockstream1.Export */
 #define BS_EXPORT_METHOD_STOP "Stop"
@@ -93,6 +94,7 @@
 #define BS_OPTION_BANDWIDTH "bandwidth"             /* Start, t */
 #define BS_OPTION_BASE "base"                       /* Start, s */
 #define BS_OPTION_MAX_GUEST_LATENCY "max_guest_latency" /* Start, t (µs) */
+#define BS_OPTION_ENGINE "engine"                   /* Start, s: auto, stream, prefetch, mirror */
 #define BS_OPTION_LISTEN "listen"                   /* Export, s: "unix" or "tcp:ADDR:PORT" */
 
 /* BlockStream.State, and Finished's result (one of the last three) */
@@ -115,6 +117,15 @@
 #define BS_THROTTLE_STEADY "steady"
 #define BS_THROTTLE_YIELDING "yielding"
 #define BS_THROTTLE_CEILING "ceiling"
+
+/* BlockStream.Engine (which engine runs or ran the job), and Start's option "engine" (but "range"
+ * and ""; plus "auto", and "mirror", refused as not available yet) */
+#define BS_ENGINE_NONE ""
+#define BS_ENGINE_STREAM "stream"
+#define BS_ENGINE_PREFETCH "prefetch"
+#define BS_ENGINE_RANGE "range"
+#define BS_ENGINE_AUTO "auto"
+#define BS_ENGINE_MIRROR "mirror"
 
 /* Export.State */
 #define BS_EXPORT_STATE_SERVING "serving"

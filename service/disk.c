@@ -190,7 +190,7 @@ void disk_release_map_export(Disk *d) {
 
 void disk_emit_job(Disk *d) {
         disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
-                "StartTime", "ExpectedEndTime", "Error", NULL);
+                "StartTime", "ExpectedEndTime", "Error", "Engine", NULL);
 }
 
 void disk_save(Disk *d) {

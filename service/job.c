@@ -18,6 +18,24 @@ static const char *const mode_table[_STREAM_MODE_MAX] = {
         [STREAM_MODE_RANGE] = BS_MODE_RANGE,
 };
 
+static const char *const engine_table[_STREAM_ENGINE_MAX] = {
+        [STREAM_ENGINE_NONE] = BS_ENGINE_NONE,
+        [STREAM_ENGINE_STREAM] = BS_ENGINE_STREAM,
+        [STREAM_ENGINE_PREFETCH] = BS_ENGINE_PREFETCH,
+        [STREAM_ENGINE_RANGE] = BS_ENGINE_RANGE,
+};
+
+const char *stream_engine_to_string(StreamEngine e) {
+        return e >= 0 && e < _STREAM_ENGINE_MAX ? engine_table[e] : NULL;
+}
+
+StreamEngine stream_engine_from_string(const char *s) {
+        for (int i = 0; s && i < _STREAM_ENGINE_MAX; i++)
+                if (streq(s, engine_table[i]))
+                        return (StreamEngine) i;
+        return _STREAM_ENGINE_INVALID;
+}
+
 const char *stream_state_to_string(StreamState s) {
         return s >= 0 && s < _STREAM_STATE_MAX ? state_table[s] : NULL;
 }
@@ -57,6 +75,7 @@ int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t
                 .id = copy,
                 .state = STREAM_RUNNING,
                 .mode = mode,
+                .engine = mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE : STREAM_ENGINE_STREAM,
                 .offset = offset,
                 .length = length,
                 .total = total,
@@ -89,6 +108,12 @@ unsigned job_apply_progress(Job *j, uint64_t done, uint64_t total, usec_t mono) 
         /* QEMU reports len = offset = 0 in a job's first moments: that is "unknown", not "nothing". */
         if (total > 0)
                 j->total = total;
+        /* A prefetch job makes two passes over the disk: its helper's (phase 1) counts as the first
+         * half of the total, QEMU's block-stream (phase 2) as the second. */
+        if (j->engine == STREAM_ENGINE_PREFETCH && j->phase == 1)
+                done = MIN(done, j->total) / 2;
+        else if (j->engine == STREAM_ENGINE_PREFETCH && j->phase == 2)
+                done = j->total / 2 + MIN(done, j->total) / 2 + (done >= j->total ? j->total % 2 : 0);
         /* Progress never runs backwards, and never past the total. */
         if (done > j->done)
                 j->done = done;

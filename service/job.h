@@ -30,10 +30,22 @@ typedef enum StreamMode {
         _STREAM_MODE_INVALID = -1,
 } StreamMode;
 
+/* Which engine runs (or ran) a job: QEMU's block-stream, prefetch-then-cut (prefetch.c), a range. */
+typedef enum StreamEngine {
+        STREAM_ENGINE_NONE,
+        STREAM_ENGINE_STREAM,
+        STREAM_ENGINE_PREFETCH,
+        STREAM_ENGINE_RANGE,
+        _STREAM_ENGINE_MAX,
+        _STREAM_ENGINE_INVALID = -1,
+} StreamEngine;
+
 const char *stream_state_to_string(StreamState s);
 StreamState stream_state_from_string(const char *s);
 const char *stream_mode_to_string(StreamMode m);
 StreamMode stream_mode_from_string(const char *s);
+const char *stream_engine_to_string(StreamEngine e);
+StreamEngine stream_engine_from_string(const char *s);
 
 #define JOB_SAMPLES 32
 #define JOB_RATE_WINDOW_USEC (5 * USEC_PER_SEC)
@@ -47,6 +59,10 @@ typedef struct Job {
         char *id; /* QEMU's job id while QEMU may still know the job; NULL otherwise */
         StreamState state;
         StreamMode mode;
+        StreamEngine engine;
+        /* A prefetch job: 1 while the pull helper copies the backing chain's data, 2 once QEMU's
+         * block-stream (id) cuts the backing link; 0 for the other engines. */
+        unsigned phase;
         uint64_t offset, length;
         uint64_t done, total;
         uint64_t bandwidth;

@@ -12,6 +12,7 @@
 #include "bus-util.h"
 #include "export.h"
 #include "backend.h"
+#include "prefetch.h"
 #include "range.h"
 #include "guest.h"
 #include "image.h"
@@ -50,14 +51,17 @@ static void registry_unlink_guest(Engine *e, Guest *g) {
         manager_unlink_guest(manager_of(e), g);
 }
 
-/* The range jobs of before, then the exports of before (export.h). */
-static void registry_resume_orphans(Guest *g) {
-        range_resume_orphans(g);
-        export_resume(g);
-}
 
 static bool registry_range_runs(Disk *d) {
         return range_backend.runs(d);
+}
+
+/* What went on before a restart: range jobs and prefetch jobs in their phase 1 go on with a new
+ * pull helper, then the exports come back (export.h). */
+static void registry_resume_orphans(Guest *g) {
+        range_resume_orphans(g);
+        prefetch_resume_orphans(g);
+        export_resume(g);
 }
 
 static const EngineRegistry manager_registry = {

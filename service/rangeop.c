@@ -350,14 +350,17 @@ static int spawn_helper(RangeOp *op) {
                             *a_export = strdup_printf("--export=%s", op->export_id),
                             *a_offset = strdup_printf("--offset=%" PRIu64, op->offset),
                             *a_length = strdup_printf("--length=%" PRIu64, op->length),
-                            *a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth);
+                            *a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth),
+                            *a_parallel = op->parallel > 0 ? strdup_printf("--parallel=%u", op->parallel) : NULL;
         _cleanup_close_ int nbd = -1;
         int r;
 
         if (!prefix || !a_export || !a_offset || !a_length || !a_bw)
                 return -ENOMEM;
+        if (op->parallel > 0 && !a_parallel)
+                return -ENOMEM;
         char *argv[] = { (char *) PULL_BINARY, (char *) (op->map ? "--map" : "--pull"), a_export, a_offset, a_length, a_bw,
-                op->node ? (char *) "--no-cache" : NULL, NULL };
+                op->node ? (char *) "--no-cache" : a_parallel, op->node ? a_parallel : NULL, NULL };
 
         nbd = peer_nbd_server_connect(&g->peer);
         if (nbd < 0)

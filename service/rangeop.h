@@ -66,6 +66,7 @@ struct RangeOp {
         bool shared_export; /* a map on the disk's map_export: not ours to remove */
         char *bottom;
         uint64_t offset, length, bandwidth;  /* what the helper works on */
+        unsigned parallel;                   /* its reads in flight (0: its default) */
         uint64_t asked_offset, asked_length; /* what the caller asked for (Offset/Length) */
         sd_bus_message *call;                /* Start or GetAllocationMap, until answered */
 

@@ -66,6 +66,8 @@ static json_object *job_to_json(const Job *j) {
         if ((j->id && add(o, "id", json_object_new_string(j->id)) < 0) ||
                 add(o, "state", json_object_new_string(stream_state_to_string(j->state))) < 0 ||
                 add(o, "mode", json_object_new_string(stream_mode_to_string(j->mode))) < 0 ||
+                add(o, "engine", json_object_new_string(stream_engine_to_string(j->engine))) < 0 ||
+                add(o, "phase", json_object_new_uint64(j->phase)) < 0 ||
                 add(o, "offset", json_object_new_uint64(j->offset)) < 0 ||
                 add(o, "length", json_object_new_uint64(j->length)) < 0 ||
                 add(o, "done", json_object_new_uint64(j->done)) < 0 ||
@@ -285,7 +287,8 @@ static int disk_names_from_json(json_object *o, char ***ret) {
 }
 
 static int job_from_json(json_object *o, Job *j) {
-        const char *state = NULL, *mode = NULL, *outcome = NULL;
+        const char *state = NULL, *mode = NULL, *outcome = NULL, *engine = NULL;
+        uint64_t phase = 0;
         bool concluded = false, finished = false, cancel = false;
 
         if (!json_object_is_type(o, json_type_object))
@@ -296,10 +299,19 @@ static int job_from_json(json_object *o, Job *j) {
                 json_get_u64(o, "total", true, &j->total) < 0 || json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
                 json_get_u64(o, "start_time", true, &j->start_time) < 0 ||
                 json_get_bool(o, "concluded", false, &concluded) < 0 || json_get_bool(o, "finished", false, &finished) < 0 ||
-                json_get_bool(o, "cancel_requested", false, &cancel) < 0)
+                json_get_bool(o, "cancel_requested", false, &cancel) < 0 ||
+                json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0)
                 return -EBADMSG;
         j->state = stream_state_from_string(state);
         j->mode = stream_mode_from_string(mode);
+        /* Files from before engines were recorded: the mode says which ran. */
+        j->engine = engine                         ? stream_engine_from_string(engine)
+                    : j->mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE
+                    : j->mode == STREAM_MODE_FULL  ? STREAM_ENGINE_STREAM
+                                                   : STREAM_ENGINE_NONE;
+        if (j->engine < 0 || phase > 2 || (phase > 0 && j->engine != STREAM_ENGINE_PREFETCH))
+                return -EBADMSG;
+        j->phase = (unsigned) phase;
         j->outcome = outcome ? stream_state_from_string(outcome) : STREAM_IDLE;
         if (j->state < 0 || j->mode < 0 || j->outcome < 0 || j->done > j->total)
                 return -EBADMSG;

@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "polkit.h"
 #include "map.h"
+#include "prefetch.h"
 #include "range.h"
 #include "stream.h"
 #include "throttle.h"
@@ -139,6 +140,20 @@ static int refuse_offline_latency(Disk *d, sd_bus_error *error) {
                 "Guest '%s' is not running: max_guest_latency follows the I/O latency of a running guest, and its disks "
                 "are served by a storage helper with no guest. Leave the option out (or 0), or use a fixed bandwidth.",
                 d->guest->name);
+}
+
+/* Start's option "engine": which engine runs a full stream ("auto": prefetch_wins() decides). */
+static int check_engine(const char *engine, bool range, sd_bus_error *error) {
+        if (streq(engine, BS_ENGINE_MIRROR))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                        "Engine 'mirror' is not available yet; use 'auto', 'stream' or 'prefetch'.");
+        if (!streq(engine, BS_ENGINE_AUTO) && !streq(engine, BS_ENGINE_STREAM) && !streq(engine, BS_ENGINE_PREFETCH))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Unknown engine '%.64s'; use 'auto', 'stream' or 'prefetch'.", engine);
+        if (range && !streq(engine, BS_ENGINE_AUTO))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'engine' is for a full stream (Start(0, 0)); a range always runs through the pull helper.");
+        return 0;
 }
 
 /* An offline guest's helper knows its images as /dev/fdset/N: the header must name the base by
@@ -354,7 +369,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
         Disk *d = userdata;
         Guest *g = d->guest;
         uint64_t offset, length, bandwidth = d->bandwidth, end, max_latency = 0;
-        const char *base = NULL, *base_node = NULL;
+        const char *base = NULL, *base_node = NULL, *engine = BS_ENGINE_AUTO;
         _cleanup_free_ char *job_id = NULL;
         bool has_max_latency = false;
         CallCtx *c;
@@ -368,6 +383,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                         { "bandwidth", "t", &bandwidth },
                         { "base", "s", &base },
                         { "max_guest_latency", "t", &max_latency, &has_max_latency },
+                        { "engine", "s", &engine },
                         {},
                 },
                 error);
@@ -386,6 +402,9 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 return sd_bus_error_setf(error, BS_ERROR_INVALID_RANGE,
                         "Range [%" PRIu64 ", +%" PRIu64 ") lies outside disk '%s' of %" PRIu64 " bytes.", offset, length,
                         d->alias, d->size);
+        r = check_engine(engine, offset != 0 || length != 0, error);
+        if (r < 0)
+                return r;
 
         if ((offset != 0 || length != 0) && offset >= d->size)
                 return sd_bus_error_setf(error, BS_ERROR_INVALID_RANGE,
@@ -425,6 +444,13 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                         return sd_bus_error_setf(error, BS_ERROR_QEMU_FAILED,
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
+
+        /* A full stream: QEMU's block-stream, or prefetch then cut where that wins (prefetch.c). */
+        if (offset == 0 && length == 0 &&
+                (streq(engine, BS_ENGINE_PREFETCH) ||
+                        (streq(engine, BS_ENGINE_AUTO) && prefetch_wins(d) &&
+                                (!base_node || !streq_ptr(d->chain_nodes[0], base_node)))))
+                return prefetch_start(d, msg, bandwidth, base_node, error);
 
         if (offset != 0 || length != 0) {
                 /* A range: widened to whole clusters; the filter copies from the images above base. */
@@ -753,6 +779,12 @@ static int property_get_mode(sd_bus *bus, const char *path, const char *interfac
         return sd_bus_message_append(reply, "s", stream_mode_to_string(d->job.mode));
 }
 
+static int property_get_engine(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Disk *d = userdata;
+        return sd_bus_message_append(reply, "s", stream_engine_to_string(d->job.engine));
+}
+
 static int property_get_error(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         Disk *d = userdata;
@@ -824,6 +856,7 @@ const sd_bus_vtable stream_vtable[] = {
         SD_BUS_PROPERTY("GuestReadP99", "t", NULL, offsetof(Disk, guest_read_p99), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("SpeedLimit", "t", NULL, offsetof(Disk, speed_limit), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("ThrottleReason", "s", property_get_throttle_reason, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Engine", "s", property_get_engine, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
 
         SD_BUS_METHOD_WITH_ARGS("Start", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options), SD_BUS_NO_RESULT,
                 method_start, SD_BUS_VTABLE_UNPRIVILEGED),

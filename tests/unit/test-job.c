@@ -145,6 +145,38 @@ static void test_progress_monotonic(void) {
         job_done(&j);
 }
 
+/* A prefetch job: the helper's pass is the first half of the total, QEMU's block-stream the
+ * second; progress never runs backwards across the cut and ends at the total. */
+static void test_prefetch_progress(void) {
+        Job j = {};
+        QemuBlockJob i;
+
+        ASSERT_OK(job_begin(&j, "", STREAM_MODE_FULL, 0, DISK + 1, DISK + 1, 0, RT0));
+        ASSERT_EQ(j.engine, STREAM_ENGINE_STREAM);
+        j.engine = STREAM_ENGINE_PREFETCH;
+        j.phase = 1;
+        job_apply_progress(&j, DISK / 2, DISK + 1, T0);
+        ASSERT_EQ_U64(j.done, DISK / 4);
+        job_apply_progress(&j, DISK + 1, DISK + 1, T0 + SEC);
+        ASSERT_EQ_U64(j.done, (DISK + 1) / 2);
+
+        /* The cut: QEMU's job starts from offset 0, which is the middle. */
+        free(j.id);
+        j.id = strdup("bsd-vda-2");
+        ASSERT_TRUE(j.id);
+        j.phase = 2;
+        i = info("bsd-vda-2", QEMU_JOB_RUNNING, DISK + 1, 0, NULL);
+        job_apply_info(&j, &i, T0 + 2 * SEC);
+        ASSERT_EQ_U64(j.done, (DISK + 1) / 2);
+        i = info("bsd-vda-2", QEMU_JOB_RUNNING, DISK + 1, DISK / 2, NULL);
+        job_apply_info(&j, &i, T0 + 3 * SEC);
+        ASSERT_EQ_U64(j.done, (DISK + 1) / 2 + DISK / 4);
+        i = info("bsd-vda-2", QEMU_JOB_RUNNING, DISK + 1, DISK + 1, NULL);
+        job_apply_info(&j, &i, T0 + 4 * SEC);
+        ASSERT_EQ_U64(j.done, DISK + 1);
+        job_done(&j);
+}
+
 static void test_pause_resume(void) {
         Job j;
         QemuJobEvent e;
@@ -586,6 +618,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_begin);
         TAP_RUN(test_early_zero_progress);
         TAP_RUN(test_progress_monotonic);
+        TAP_RUN(test_prefetch_progress);
         TAP_RUN(test_pause_resume);
         TAP_RUN(test_paused_on_error);
         TAP_RUN(test_completed_event);
