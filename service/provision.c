@@ -43,6 +43,8 @@ typedef struct Provision {
         char *target;
         uid_t caller;
         uint64_t size;
+        bool use_cache;
+        ProvisionCache cache;
         char **chain_paths; /* a template file's chain, for the caller's read check */
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
@@ -157,7 +159,26 @@ static void remove_created(Provision *p, const struct stat *created) {
                 log_warning_errno(errno, "Failed to remove %s after a failed provisioning: %m", p->target);
 }
 
+static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error);
+
+/* With option "cache", over the host's cache of the template; a cache made for this overlay alone
+ * goes away if the overlay could not be made. */
 static int create_overlay(Provision *p, sd_bus_error *error) {
+        _cleanup_free_ char *backing = NULL;
+        void *handle = NULL;
+        int r;
+
+        if (!p->use_cache)
+                return create_overlay_on(p, p->template, p->format, error);
+        r = p->cache.acquire(p->cache.userdata, p->template, p->format, p->size, &backing, &handle, error);
+        if (r < 0)
+                return r;
+        r = create_overlay_on(p, backing, "raw", error);
+        p->cache.done(p->cache.userdata, handle, r >= 0);
+        return r;
+}
+
+static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error) {
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *why = NULL;
         struct stat st;
@@ -172,7 +193,7 @@ static int create_overlay(Provision *p, sd_bus_error *error) {
         if (fstat(fd, &st) < 0)
                 return sd_bus_error_set_errnof(error, errno, "Cannot stat the new target %s: %m", p->target);
 
-        r = image_write_qcow2_overlay(fd, p->size, p->template, p->format, &why);
+        r = image_write_qcow2_overlay(fd, p->size, backing, backing_format, &why);
         /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use. */
         if (r >= 0 && p->caller != 0 && fchown(fd, p->caller, (gid_t) -1) < 0)
                 r = -errno;
@@ -185,7 +206,7 @@ static int create_overlay(Provision *p, sd_bus_error *error) {
                 return sd_bus_error_setf(error, r == -EFBIG ? SD_BUS_ERROR_INVALID_ARGS : SD_BUS_ERROR_FAILED,
                         "Cannot provision %s: %s", p->target, why ?: strerror(-r));
         }
-        log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, p->template, p->format, p->size);
+        log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, backing, backing_format, p->size);
         return 0;
 }
 
@@ -412,6 +433,10 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         p->dir_fd = TAKE_FD(dir_fd);
         p->caller = caller;
         p->size = size;
+        if (ctx->cache) {
+                p->use_cache = true;
+                p->cache = *ctx->cache;
+        }
         p->template = strdup(template);
         p->format = strdup(format);
         p->target = strdup(target);
@@ -422,6 +447,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         }
 
         if (url) {
+                /* A cache is for what crosses the network; a local socket is local already. */
+                if (p->use_cache && strncmp(template, "nbd+unix://", 11) == 0) {
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
+                }
                 if (!url_valid(template)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -443,6 +474,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         } else {
                 _cleanup_(image_chain_done) ImageChain chain = {};
 
+                if (p->use_cache) {
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'cache' is for remote templates (nbd://, http://, https://) only; a local "
+                                "template is read from its file system.");
+                }
                 if (!path_is_safe_absolute(template, BACKING_NAME_MAX)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,

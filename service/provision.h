@@ -11,10 +11,21 @@
 /* What a provisioning needs of the daemon: its event loop, its configuration (which outlives
  * every provisioning), and the images of registered guests, which no template may be (borrowed:
  * used before provision_disk() returns). */
+/* Option "cache": the overlay is made over the host's cache of the remote template (cache.h), not
+ * over the remote itself. acquire() gives the NBD URL to name as the overlay's backing and a handle;
+ * done() says whether the overlay was made (a cache made for it alone goes away otherwise). */
+typedef struct ProvisionCache {
+        int (*acquire)(void *userdata, const char *url, const char *format, uint64_t size, char **ret_backing,
+                void **ret_handle, sd_bus_error *error);
+        void (*done)(void *userdata, void *handle, bool success);
+        void *userdata; /* outlives every provisioning */
+} ProvisionCache;
+
 typedef struct ProvisionContext {
         sd_event *event;
         const Config *config;
         char **forbidden_images;
+        const ProvisionCache *cache; /* NULL: no cache */
 } ProvisionContext;
 
 /* ProvisionDisk: validates, then answers msg with the overlay's virtual size once it exists.

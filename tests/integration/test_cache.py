@@ -1,0 +1,208 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The host template cache (issue 14 §2): overlays provisioned with option 'cache' read a remote
+template through one sandboxed helper per host and template, so each block crosses the network
+once; the cache is a D-Bus object (URL, Size, BytesFetched, Users, Socket, Stop, Warm), survives a
+daemon restart on the same socket, and once warmed no longer needs the remote.
+
+The remote is nbdkit serving a file over TCP with its log filter, which records every read the
+cache's helper makes: the bytes read from the remote are counted exactly. The readers are real
+QEMU processes (qemu-img compare) reading each overlay fully, against the template's file."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import dbus
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import MiB  # noqa: E402
+
+SIZE = 16 * MiB
+IFACE_CACHE = 'org.blockstream1.Cache'
+CACHE_PREFIX = '/org/blockstream1/cache/'
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Remote:
+    """nbdkit serving a file read-only on 127.0.0.1:port, every read logged."""
+
+    def __init__(self, directory, name, port, size):
+        self.file = os.path.join(directory, name + '.raw')
+        self.logfile = os.path.join(directory, name + '-nbdkit.log')
+        self.port = port
+        self.url = 'nbd://127.0.0.1:%d' % port
+        with open(self.file, 'wb') as f:
+            f.write(os.urandom(size))
+        self.proc = None
+
+    def start(self):
+        self.proc = h.spawn(['nbdkit', '-f', '-r', '--exit-with-parent', '-p', str(self.port), '-i', '127.0.0.1',
+                             '--filter=log', 'file', self.file, 'logfile=' + self.logfile],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up():
+            with socket.socket() as s:
+                try:
+                    s.connect(('127.0.0.1', self.port))
+                    return True
+                except OSError:
+                    return False
+        h.wait_until(up, 20, 'nbdkit to listen on port %d' % self.port)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def bytes_read(self):
+        if not os.path.exists(self.logfile):
+            return 0
+        with open(self.logfile) as f:
+            return sum(int(m.group(1), 16) for m in re.finditer(r' Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)',
+                                                                 f.read()))
+
+
+class CacheTest(h.TestCase):
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
+            cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/\n' % (cls.remote.url, cls.remote2.url))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def serve(self, remote):
+        remote.start()
+        self.addCleanup(remote.stop)
+
+    def provision(self, template, target, **options):
+        o = {'cache': dbus.Boolean(True)} if options.pop('cache', True) else {}
+        o.update(options)
+        o = dbus.Dictionary(o, signature='sv')
+        return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target, o,
+                                timeout=120)
+
+    def caches(self):
+        return sorted(p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX))
+
+    def read_all(self, overlay, template_file):
+        """A whole read of the overlay by QEMU, compared with the template's data."""
+        r = subprocess.run(['qemu-img', 'compare', '-f', 'raw', '-F', 'qcow2', template_file, overlay],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        self.assertEqual(r.returncode, 0, 'qemu-img compare: %s' % r.stdout.decode(errors='replace'))
+
+    def test_1_two_guests_read_the_template_once(self):
+        self.serve(self.remote)
+        a = os.path.join(self.env.images, 'a.qcow2')
+        b = os.path.join(self.env.images, 'b.qcow2')
+        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', a)), SIZE)
+        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', b)), SIZE)
+        paths = self.caches()
+        self.assertEqual(len(paths), 1, 'one cache for one template: %s' % paths)
+        path = paths[0]
+        props = h.unwrap(self.client.get_all(path, IFACE_CACHE))
+        self.assertEqual(props['URL'], self.remote.url + '/')
+        self.assertEqual(props['Size'], SIZE)
+        self.assertEqual(props['Users'], 2)
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = props['Socket']
+        for overlay in (a, b):
+            info = h.image_info(overlay)
+            self.assertEqual(info.get('backing-filename'), 'nbd+unix:///cache?socket=%s' % sock)
+        before = self.remote.bytes_read()  # the size probe's reads, if any
+        self.read_all(a, self.remote.file)
+        self.read_all(b, self.remote.file)
+        fetched = self.remote.bytes_read() - before
+        h.log('remote bytes read by two readers: %d (template %d)' % (fetched, SIZE))
+        self.assertGreaterEqual(fetched, SIZE)
+        self.assertLessEqual(fetched, SIZE * 1.05, 'two readers through the cache read the remote more than once')
+        self.assertGreaterEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'BytesFetched')), SIZE)
+
+        # A daemon restart keeps the cache, its object and its socket; reads go on through it.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.assertEqual(self.caches(), [path])
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        props = h.unwrap(self.client.get_all(path, IFACE_CACHE))
+        self.assertEqual(props['Socket'], sock)
+        self.assertEqual(props['Users'], 2)
+        before = self.remote.bytes_read()
+        self.read_all(a, self.remote.file)
+        self.assertEqual(self.remote.bytes_read() - before, 0, 'what the cache holds is not read again')
+
+        # In use: Stop is refused while a reader is connected (a QEMU holding the overlay open).
+        q = h.spawn(['qemu-io', '-r', '-f', 'qcow2', a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: (q.kill(), q.wait(10)))
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) > 0, 30,
+                             'the reader to connect to the cache')
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        q.communicate(b'quit\n', timeout=30)
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
+                             'the reader to disconnect')
+        self.client.call(path, IFACE_CACHE, 'Stop')
+        self.assertEqual(self.caches(), [])
+        self.assertFalse(os.path.exists(sock))
+
+    def test_2_warm_then_the_remote_goes_away(self):
+        self.serve(self.remote2)
+        c = os.path.join(self.env.images, 'c.qcow2')
+        self.provision(self.remote2.url + '/', c)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote2.url + '/'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        self.client.call(path, IFACE_CACHE, 'Warm', timeout=300)
+        self.assertGreaterEqual(self.remote2.bytes_read(), SIZE)
+        self.remote2.stop()
+        self.read_all(c, self.remote2.file)
+        # and after a restart too: the warmed image names no backing any more.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        self.read_all(c, self.remote2.file)
+
+    def test_3_bad_input_leaves_nothing(self):
+        before = self.caches()
+        tpl = os.path.join(self.env.images, 'local.raw')
+        with open(tpl, 'wb') as f:
+            f.truncate(SIZE)
+        cases = [
+            (tpl, 'InvalidArgs'),  # a local template: read from its file system, no cache
+            ('nbd+unix:///?socket=/tmp/x.sock', 'InvalidArgs'),  # local socket
+            ('nbd://127.0.0.1:1/', 'AccessDenied'),  # not in TemplateURLPrefixes=
+        ]
+        for template, err in cases:
+            target = os.path.join(self.env.images, 'bad.qcow2')
+            self.assertDBusError('org.freedesktop.DBus.Error.' + err, self.provision, template, target, size=h.T(SIZE))
+            self.assertFalse(os.path.exists(target))
+            self.assertEqual(self.caches(), before)
+        # A target that exists: the cache made for it is removed again.
+        self.serve(self.remote)
+        target = os.path.join(self.env.images, 'exists.qcow2')
+        with open(target, 'wb') as f:
+            f.write(b'x')
+        self.assertDBusError('org.freedesktop.DBus.Error.FileExists', self.provision, self.remote.url + '/x', target,
+                             size=h.T(SIZE))
+        self.assertEqual(self.caches(), before)
+
+
+if __name__ == '__main__':
+    h.main()
