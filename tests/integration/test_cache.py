@@ -19,6 +19,7 @@ import dbus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import test_manager as tm  # noqa: E402
 from harness import MiB  # noqa: E402
 
 SIZE = 16 * MiB
@@ -124,6 +125,11 @@ class CacheTest(h.TestCase):
         self.assertEqual(props['Users'], 2)
         self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
         sock = props['Socket']
+        with open(os.path.join(h.SOURCE_ROOT, 'dbus', 'org.blockstream1.Cache.xml')) as f:
+            want = tm.members(f.read(), IFACE_CACHE)
+        got = tm.members(self.client.call(path, 'org.freedesktop.DBus.Introspectable', 'Introspect'), IFACE_CACHE)
+        self.assertTrue(want)
+        self.assertEqual(want, got, 'dbus/org.blockstream1.Cache.xml and the live object differ')
         for overlay in (a, b):
             info = h.image_info(overlay)
             self.assertEqual(info.get('backing-filename'), 'nbd+unix:///cache?socket=%s' % sock)
