@@ -24,6 +24,7 @@ enum {
         OPT_WAIT = 1 << 7,
         OPT_LISTEN = 1 << 8,
         OPT_TEMPLATE_FORMAT = 1 << 9,
+        OPT_CACHE = 1 << 10,
 };
 
 extern bool arg_json;
@@ -41,6 +42,7 @@ extern uint64_t arg_length;
 extern bool arg_wait;
 extern const char *arg_listen;
 extern const char *arg_template_format;
+extern bool arg_cache;
 
 /* Verbs return <0 (-errno, already logged) for exit status 1, or the exit status itself. */
 _printf_(1, 2) int usage_error(const char *format, ...);
