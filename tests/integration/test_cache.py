@@ -9,6 +9,7 @@ The remote is nbdkit serving a file over TCP with its log filter, which records 
 cache's helper makes: the bytes read from the remote are counted exactly. The readers are real
 QEMU processes (qemu-img compare) reading each overlay fully, against the template's file."""
 
+import json
 import os
 import re
 import socket
@@ -101,6 +102,10 @@ class CacheTest(h.TestCase):
         return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target, o,
                                 timeout=120)
 
+    def ctl(self, *args):
+        return h.run([h.BLOCKSTREAMCTL] + list(args), check=False, timeout=300,
+                     env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address))
+
     def caches(self):
         return sorted(p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX))
 
@@ -115,7 +120,9 @@ class CacheTest(h.TestCase):
         a = os.path.join(self.env.images, 'a.qcow2')
         b = os.path.join(self.env.images, 'b.qcow2')
         self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', a)), SIZE)
-        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', b)), SIZE)
+        # The second through the CLI.
+        r = self.ctl('provision', '--cache', self.remote.url + '/', b)
+        self.assertEqual(r.returncode, 0, r.stderr)
         paths = self.caches()
         self.assertEqual(len(paths), 1, 'one cache for one template: %s' % paths)
         path = paths[0]
@@ -164,7 +171,13 @@ class CacheTest(h.TestCase):
         q.communicate(b'quit\n', timeout=30)
         self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
                              'the reader to disconnect')
-        self.client.call(path, IFACE_CACHE, 'Stop')
+        r = self.ctl('--json', 'caches')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listed = json.loads(r.stdout)
+        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
+                         [(path, self.remote.url + '/', 2, SIZE)])
+        r = self.ctl('cache-stop', path.rsplit('/', 1)[1])
+        self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(self.caches(), [])
         self.assertFalse(os.path.exists(sock))
 
