@@ -7,6 +7,7 @@
  * The daemon creates the qcow2 image through fds beneath its own state directory and the listening
  * socket itself; the helper gets both as fds. Nothing it says is used as a path. */
 
+#include <assert.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -22,6 +23,7 @@
 #include "helper.h"
 #include "image-format.h"
 #include "polkit.h"
+#include "provision.h"
 #include "qemu.h"
 #include "qmp.h"
 #include "sandbox.h"
@@ -47,6 +49,12 @@ static const char *const cache_state_table[] = {
         [CACHE_FAILED] = "failed",
 };
 
+typedef struct CacheWaiter {
+        struct CacheWaiter *next;
+        provision_cache_ready_t ready;
+        void *provision;
+} CacheWaiter;
+
 struct Cache {
         Engine *engine;
         Cache *next;
@@ -61,7 +69,9 @@ struct Cache {
         int image_fd;
         int listen_fd;
         CacheState state;
-        bool fresh;    /* made for a provisioning that has not finished yet */
+        bool fresh;    /* made for provisionings none of which has finished yet: no object */
+        CacheWaiter *waiters; /* provisionings waiting for it to serve */
+        unsigned in_flight;   /* provisionings told to go on, whose overlay is not yet made */
         bool stopping; /* its helper is being stopped for good */
         unsigned restarts;
         pid_t pid;
@@ -106,6 +116,31 @@ static void set_state(Cache *c, CacheState s) {
         emit_changed(c, BS_CACHE_PROPERTY_STATE);
 }
 
+static void cache_destroy(Cache *c);
+
+/* Tell the waiting provisionings: go on over the socket, or why not. */
+static void flush_waiters(Cache *c, int error, const char *why) {
+        _cleanup_free_ char *backing = NULL;
+        CacheWaiter *l = c->waiters;
+
+        c->waiters = NULL;
+        if (error == 0 && !(backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path)))
+                error = -ENOMEM, why = "out of memory";
+        while (l) {
+                CacheWaiter *w = l;
+                l = w->next;
+                if (error == 0)
+                        c->in_flight++;
+                w->ready(w->provision, error, why, backing, c);
+                free(w);
+        }
+}
+
+/* A cache made for provisionings that all failed, with nobody waiting any more, goes away. */
+static bool unwanted(Cache *c) {
+        return c->fresh && c->users == 0 && c->in_flight == 0 && !c->waiters;
+}
+
 static void warm_reply(Cache *c, const char *error_name, const char *why) {
         if (!c->warm_call)
                 return;
@@ -130,6 +165,8 @@ static void helper_gone(Cache *c) {
 static Cache *cache_free(Cache *c) {
         if (!c)
                 return NULL;
+        c->in_flight++; /* nothing a waiter does can free it again */
+        flush_waiters(c, -ECANCELED, "the daemon is stopping");
         warm_reply(c, BS_ERROR_HELPER_FAILED, "the cache went away");
         helper_gone(c);
         closep(&c->image_fd);
@@ -283,10 +320,16 @@ static int cache_listen(Cache *c) {
 
 /* The helper */
 
+/* Callers return at once: a cache nobody wants any more is gone after this. */
 static void cache_failed(Cache *c, const char *why) {
+        _cleanup_free_ char *text = strdup_printf("the template cache failed: %s", why);
+
         log_error("Template cache %u (%s): %s", c->id, c->url, why);
         warm_reply(c, BS_ERROR_HELPER_FAILED, why);
         set_state(c, CACHE_FAILED);
+        flush_waiters(c, -EIO, text ?: why);
+        if (unwanted(c))
+                cache_destroy(c);
 }
 
 static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
@@ -306,6 +349,11 @@ static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
         c->restarts = 0;
         log_info("Template cache %u: serving %s on %s.", c->id, c->url, c->socket_path);
         set_state(c, CACHE_SERVING);
+        c->in_flight++; /* held while the waiters make their overlays */
+        flush_waiters(c, 0, NULL);
+        c->in_flight--;
+        if (unwanted(c))
+                cache_destroy(c);
 }
 
 static void raw_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
@@ -543,8 +591,21 @@ static void cache_destroy(Cache *c) {
 
 /* ProvisionDisk's hooks */
 
-int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, char **ret_backing, void **ret_handle,
-        sd_bus_error *error) {
+static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
+        CacheWaiter *w;
+
+        w = calloc(1, sizeof(CacheWaiter));
+        if (!w)
+                return -ENOMEM;
+        w->ready = ready;
+        w->provision = provision;
+        w->next = c->waiters;
+        c->waiters = w;
+        return 0;
+}
+
+int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
+        void *provision, sd_bus_error *error) {
         _cleanup_free_ char *dir = NULL;
         _cleanup_free_ char *why = NULL;
         _cleanup_close_ int dir_fd = -1;
@@ -556,8 +617,19 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
         for (Cache *k = e->caches; k; k = k->next, n++)
-                if (!c && k->state != CACHE_FAILED && streq(k->url, url) && streq(k->format, format))
+                if (!c && streq(k->url, url) && streq(k->format, format))
                         c = k;
+        if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
+                /* Asked for again: another try, on the same socket. */
+                log_info("Template cache %u: starting its storage helper again.", c->id);
+                c->restarts = 0;
+                set_state(c, CACHE_STARTING);
+                r = cache_spawn(c);
+                if (r < 0) {
+                        set_state(c, CACHE_FAILED);
+                        return sd_bus_error_set_errnof(error, -r, "Cannot start the cache of %s: %m", url);
+                }
+        }
         if (!c) {
                 _cleanup_close_ int fd = -1;
 
@@ -605,18 +677,28 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 e->caches = c;
                 log_info("Template cache %u of %s made (%" PRIu64 " bytes).", c->id, url, size);
         }
-        *ret_backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
-        if (!*ret_backing)
-                return -ENOMEM;
-        *ret_handle = c;
-        return 0;
+        if (c->state == CACHE_SERVING) {
+                _cleanup_free_ char *backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
+
+                if (!backing)
+                        return -ENOMEM;
+                c->in_flight++;
+                ready(provision, 0, NULL, backing, c);
+                return 0;
+        }
+        r = wait_for(c, ready, provision);
+        if (r < 0 && unwanted(c))
+                cache_destroy(c);
+        return r;
 }
 
 void cache_provisioned(Engine *e, void *handle, bool success) {
         Cache *c = handle;
 
+        assert(c->in_flight > 0);
+        c->in_flight--;
         if (!success) {
-                if (c->fresh)
+                if (unwanted(c))
                         cache_destroy(c);
                 return;
         }
@@ -669,12 +751,12 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         c->next = e->caches;
         e->caches = c;
         e->cache_seq = MAX(e->cache_seq, c->id);
+        log_info("Template cache %u of %s restored.", c->id, url);
         r = cache_listen(c);
         if (r >= 0)
                 r = cache_spawn(c);
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
-        log_info("Template cache %u of %s restored.", c->id, url);
         return 0;
 }
 

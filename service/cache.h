@@ -13,13 +13,15 @@
 #include <systemd/sd-bus.h>
 
 #include "engine.h"
+#include "provision.h"
 
 typedef struct Cache Cache;
 
-/* ProvisionDisk's hook: the cache of url (made and started if there is none), and the URL an
- * overlay's header names to use it. *ret_handle is for cache_provisioned(). */
-int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, char **ret_backing, void **ret_handle,
-        sd_bus_error *error);
+/* ProvisionDisk's hooks (provision.h's ProvisionCache): the cache of url, made and started if there
+ * is none (or started again if it failed); ready() once it serves, with the URL an overlay's header
+ * names to use it and the handle for cache_provisioned(). */
+int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
+        void *provision, sd_bus_error *error);
 /* The overlay over handle's cache was made (success) or not: a cache made for it alone goes away. */
 void cache_provisioned(Engine *e, void *handle, bool success);
 

@@ -670,9 +670,9 @@ char **manager_guest_claims(Manager *m, Guest *except) {
         return guest_images(m, except, false);
 }
 
-static int cache_acquire_hook(void *userdata, const char *url, const char *format, uint64_t size, char **ret_backing,
-        void **ret_handle, sd_bus_error *error) {
-        return cache_acquire(userdata, url, format, size, ret_backing, ret_handle, error);
+static int cache_acquire_hook(void *userdata, const char *url, const char *format, uint64_t size,
+        provision_cache_ready_t ready, void *provision, sd_bus_error *error) {
+        return cache_acquire(userdata, url, format, size, ready, provision, error);
 }
 
 static void cache_done_hook(void *userdata, void *handle, bool success) {

@@ -161,21 +161,8 @@ static void remove_created(Provision *p, const struct stat *created) {
 
 static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error);
 
-/* With option "cache", over the host's cache of the template; a cache made for this overlay alone
- * goes away if the overlay could not be made. */
 static int create_overlay(Provision *p, sd_bus_error *error) {
-        _cleanup_free_ char *backing = NULL;
-        void *handle = NULL;
-        int r;
-
-        if (!p->use_cache)
-                return create_overlay_on(p, p->template, p->format, error);
-        r = p->cache.acquire(p->cache.userdata, p->template, p->format, p->size, &backing, &handle, error);
-        if (r < 0)
-                return r;
-        r = create_overlay_on(p, backing, "raw", error);
-        p->cache.done(p->cache.userdata, handle, r >= 0);
-        return r;
+        return create_overlay_on(p, p->template, p->format, error);
 }
 
 static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error) {
@@ -210,10 +197,44 @@ static int create_overlay_on(Provision *p, const char *backing, const char *back
         return 0;
 }
 
+/* With option "cache": the overlay over the host's cache of the template, once the cache serves; a
+ * cache made for it alone goes away if the overlay could not be made. */
+static void cache_ready(void *userdata, int error, const char *why, const char *backing, void *handle) {
+        _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
+        Provision *p = userdata;
+        int r;
+
+        if (error < 0) {
+                provision_fail(p, BS_ERROR_HELPER_FAILED, why ?: "the template cache failed");
+                return;
+        }
+        r = create_overlay_on(p, backing, "raw", &e);
+        p->cache.done(p->cache.userdata, handle, r >= 0);
+        if (r < 0 && !sd_bus_error_is_set(&e))
+                (void) sd_bus_error_set_errnof(&e, -r, "Cannot provision %s: %m", p->target);
+        if (r < 0)
+                (void) sd_bus_reply_method_error(p->call, &e);
+        else
+                (void) sd_bus_reply_method_return(p->call, "t", p->size);
+        p->call = sd_bus_message_unref(p->call);
+        provision_free(p);
+}
+
 static void provision_finish(Provision *p) {
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         int r;
 
+        if (p->use_cache) {
+                r = p->cache.acquire(p->cache.userdata, p->template, p->format, p->size, cache_ready, p, &error);
+                if (r < 0) {
+                        if (!sd_bus_error_is_set(&error))
+                                (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);
+                        (void) sd_bus_reply_method_error(p->call, &error);
+                        p->call = sd_bus_message_unref(p->call);
+                        provision_free(p);
+                }
+                return; /* cache_ready() answers */
+        }
         r = create_overlay(p, &error);
         if (r < 0 && !sd_bus_error_is_set(&error))
                 (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);
@@ -521,6 +542,11 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         }
 
         /* Option 'size' is a multiple of 512 already; a template's size was rounded up above. */
+        if (p->size > 0 && p->use_cache) {
+                p->call = sd_bus_message_ref(msg);
+                provision_finish(p); /* answers, now or once the cache serves */
+                return 1;
+        }
         if (p->size > 0) {
                 uint64_t done = p->size;
 

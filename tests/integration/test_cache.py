@@ -213,7 +213,16 @@ class CacheTest(h.TestCase):
             self.assertDBusError('org.freedesktop.DBus.Error.' + err, self.provision, template, target, size=h.T(SIZE))
             self.assertFalse(os.path.exists(target))
             self.assertEqual(self.caches(), before)
-        # A target that exists: the cache made for it is removed again.
+        # A cache that cannot serve (the remote is down): the provisioning fails once the helper
+        # found out, and neither the overlay nor the cache made for it stays.
+        target = os.path.join(self.env.images, 'down.qcow2')
+        self.assertDBusError('org.blockstream1.Error.HelperFailed', self.provision, self.remote.url + '/down', target,
+                             size=h.T(SIZE))
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(self.caches(), before)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.env.daemon.state_dir, 'caches'))),
+                         sorted('%s.qcow2' % p.rsplit('/', 1)[1] for p in before))
+        # A target that exists: refused before any cache is made.
         self.serve(self.remote)
         target = os.path.join(self.env.images, 'exists.qcow2')
         with open(target, 'wb') as f:
