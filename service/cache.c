@@ -481,6 +481,10 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
         return 0;
 }
 
+static uint64_t file_limit(uint64_t size) {
+        return size + size / 64 + (UINT64_C(64) << 20);
+}
+
 static int helper_spawn_now(Cache *c) {
         const Config *cfg = &c->engine->config;
         _cleanup_free_ char *prefix = strdup_printf("Template cache %u helper", c->id);
@@ -513,9 +517,11 @@ static int helper_spawn_now(Cache *c) {
                                 .argv = argv,
                                 .exec_fd = -1,
                                 .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
-                                /* It writes the cache image through its fd: up to the template's
-                                 * size plus metadata. */
-                                .max_file_size = SANDBOX_LIMIT_NONE,
+                                /* It writes the cache image through its fd, its only writable
+                                 * file: the template's size plus qcow2's metadata (with 64 KiB
+                                 * clusters well under 1/64 of it) and headroom; a remote that
+                                 * makes it write more is cut off (SIGXFSZ). */
+                                .max_file_size = file_limit(c->size),
                         },
                         .control_type = SOCK_STREAM,
                         .log_prefix = prefix,
@@ -616,6 +622,9 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
         if (!url_ok(url))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
+        if (size == 0 || size > (UINT64_C(1) << 60))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "A template of %" PRIu64 " bytes cannot be cached (at most 1 EiB).", size);
         for (Cache *k = e->caches; k; k = k->next, n++)
                 if (!c && streq(k->url, url) && streq(k->format, format))
                         c = k;

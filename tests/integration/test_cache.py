@@ -231,6 +231,44 @@ class CacheTest(h.TestCase):
                              size=h.T(SIZE))
         self.assertEqual(self.caches(), before)
 
+    def test_4_guest_reconnects_across_a_daemon_restart(self):
+        """A guest's QEMU with its cache backing opened with reconnect-delay reads on through a
+        daemon restart: the helper comes back on the same socket."""
+        self.serve(self.remote)
+        overlay = os.path.join(self.env.images, 'g.qcow2')
+        self.provision(self.remote.url + '/g', overlay)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote.url + '/g'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket'))
+        # The monitor's socket listens before QEMU starts: QEMU gets it as an fd.
+        mon = os.path.join(self.env.dir, 'g.qmp')
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(mon)
+        listener.listen(1)
+        q = h.spawn(['qemu-system-x86_64', '-machine', 'none', '-S', '-nodefaults', '-display', 'none',
+                     '-chardev', 'socket,id=mon0,fd=%d,server=on,wait=off' % listener.fileno(),
+                     '-mon', 'chardev=mon0,mode=control',
+                     '-blockdev', 'driver=nbd,node-name=tpl,server.type=unix,server.path=%s,export=cache,'
+                     'reconnect-delay=60,read-only=on' % sock,
+                     '-blockdev', 'driver=file,filename=%s,node-name=f0,read-only=on' % overlay,
+                     '-blockdev', 'driver=qcow2,file=f0,backing=tpl,node-name=d0,read-only=on'],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[listener.fileno()])
+        self.addCleanup(lambda: (q.kill(), q.wait(10)))
+        qmp = h.QMP(mon, timeout=300)
+        self.addCleanup(qmp.close)
+
+        def read(off, length):
+            out = qmp.hmp('qemu-io d0 "read -q %d %d"' % (off, length))
+            self.assertEqual(out, '', 'qemu-io read %d+%d: %s' % (off, length, out))
+        read(0, SIZE // 2)
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        read(SIZE // 2, SIZE // 2)
+        read(0, SIZE)
+
 
 if __name__ == '__main__':
     h.main()
