@@ -108,7 +108,7 @@ static int read_cache(sd_bus_message *m, CacheInfo *c) {
 int verb_caches(char **args) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
-        JsonWriter w = { .f = stdout };
+        JsonWriter w = {.f = stdout};
         unsigned n = 0;
         int r;
 

@@ -19,6 +19,7 @@
 #include "blockstream-api.h"
 #include "bus-error.h"
 #include "bus-util.h"
+#include "cache-internal.h"
 #include "cache.h"
 #include "helper.h"
 #include "image-format.h"
@@ -32,16 +33,9 @@
 
 #define CACHES_MAX 64
 #define CACHES_FILE_MAX (256U * 1024U)
-#define CACHE_EXPORT_NAME "cache"
 #define CACHE_RESTARTS_MAX 5
 #define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
 #define LEFTOVER_WAIT_USEC (10 * USEC_PER_SEC)
-
-typedef enum CacheState {
-        CACHE_STARTING,
-        CACHE_SERVING,
-        CACHE_FAILED,
-} CacheState;
 
 static const char *const cache_state_table[] = {
         [CACHE_STARTING] = "starting",
@@ -49,41 +43,9 @@ static const char *const cache_state_table[] = {
         [CACHE_FAILED] = "failed",
 };
 
-typedef struct CacheWaiter {
-        struct CacheWaiter *next;
-        provision_cache_ready_t ready;
-        void *provision;
-} CacheWaiter;
-
-struct Cache {
-        Engine *engine;
-        Cache *next;
-        unsigned id;
-        char *url;
-        char *format; /* the template's: raw or qcow2 */
-        uint64_t size;
-        unsigned users; /* overlays provisioned over it */
-        char *object_path;
-        char *socket_path;
-        char *image_name; /* in state_dir/caches */
-        int image_fd;
-        int listen_fd;
-        CacheState state;
-        bool fresh;    /* made for provisionings none of which has finished yet: no object */
-        CacheWaiter *waiters; /* provisionings waiting for it to serve */
-        unsigned in_flight;   /* provisionings told to go on, whose overlay is not yet made */
-        bool stopping; /* its helper is being stopped for good */
-        unsigned restarts;
-        pid_t pid;
-        sd_event_source *child;
-        HelperLog *log;
-        Qmp *qmp;
-        unsigned pending; /* setup commands not yet answered */
-        bool setup_failed;
-        sd_event_source *leftover_timer;
-        usec_t leftover_deadline;
-        sd_bus_message *warm_call; /* Warm() waiting for its job */
-};
+const char *cache_state_name(const Cache *c) {
+        return cache_state_table[c->state];
+}
 
 static int cache_spawn(Cache *c);
 
@@ -115,8 +77,6 @@ static void set_state(Cache *c, CacheState s) {
         c->state = s;
         emit_changed(c, BS_CACHE_PROPERTY_STATE);
 }
-
-static void cache_destroy(Cache *c);
 
 /* Tell the waiting provisionings: go on over the socket, or why not. */
 static void flush_waiters(Cache *c, int error, const char *why) {
@@ -192,7 +152,7 @@ static void cache_unlink(Cache *c) {
  * cache holds is still there for the next daemon (a SIGKILL would lose the clusters copied since the
  * last flush: correct, but fetched again). Waited for here, bounded: the loop is ending anyway. */
 static void helper_quit_sync(Cache *c) {
-        struct pollfd p = { .events = POLLIN };
+        struct pollfd p = {.events = POLLIN};
 
         if (!c->child || sd_event_source_send_child_signal(c->child, SIGTERM, NULL, 0) < 0)
                 return;
@@ -293,7 +253,7 @@ static int cache_new(Engine *e, unsigned id, const char *url, const char *format
 /* The listening socket, made by us (a stale one of an earlier daemon replaced): overlays' NBD
  * clients find the cache at the same path after a restart. */
 static int cache_listen(Cache *c) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
         _cleanup_free_ char *dir = strdup_printf("%s/caches", c->engine->runtime_dir);
         _cleanup_close_ int fd = -1;
         int r;
@@ -492,13 +452,18 @@ static int helper_spawn_now(Cache *c) {
         _cleanup_close_ int qmp_ours = -1;
         char *argv[] = {
                 (char *) config_qemu_binary(cfg),
-                (char *) "-machine", (char *) "none",
+                (char *) "-machine",
+                (char *) "none",
                 (char *) "-nodefaults",
                 (char *) "-no-user-config",
-                (char *) "-display", (char *) "none",
-                (char *) "-sandbox", (char *) "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-                (char *) "-chardev", (char *) "socket,id=m0,fd=3",
-                (char *) "-mon", (char *) "chardev=m0,mode=control",
+                (char *) "-display",
+                (char *) "none",
+                (char *) "-sandbox",
+                (char *) "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                (char *) "-chardev",
+                (char *) "socket,id=m0,fd=3",
+                (char *) "-mon",
+                (char *) "chardev=m0,mode=control",
                 NULL,
         };
         int r;
@@ -508,21 +473,22 @@ static int helper_spawn_now(Cache *c) {
         /* The reserved provisioning uid (never a guest's), with the host network: it reaches the
          * template's server, as the size probe does. */
         r = helper_start(c->engine->event,
-                &(HelperSpec) {
-                        .sandbox = {
-                                .name = name,
-                                .uid = cfg->helper_uid_max,
-                                .gid = cfg->helper_uid_max,
-                                .host_network = true,
-                                .argv = argv,
-                                .exec_fd = -1,
-                                .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
-                                /* It writes the cache image through its fd, its only writable
-                                 * file: the template's size plus qcow2's metadata (with 64 KiB
-                                 * clusters well under 1/64 of it) and headroom; a remote that
-                                 * makes it write more is cut off (SIGXFSZ). */
-                                .max_file_size = file_limit(c->size),
-                        },
+                &(HelperSpec){
+                        .sandbox =
+                                {
+                                        .name = name,
+                                        .uid = cfg->helper_uid_max,
+                                        .gid = cfg->helper_uid_max,
+                                        .host_network = true,
+                                        .argv = argv,
+                                        .exec_fd = -1,
+                                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
+                                        /* It writes the cache image through its fd, its only writable
+                                         * file: the template's size plus qcow2's metadata (with 64 KiB
+                                         * clusters well under 1/64 of it) and headroom; a remote that
+                                         * makes it write more is cut off (SIGXFSZ). */
+                                        .max_file_size = file_limit(c->size),
+                                },
                         .control_type = SOCK_STREAM,
                         .log_prefix = prefix,
                         .on_exit = child_handler,
@@ -532,7 +498,7 @@ static int helper_spawn_now(Cache *c) {
         if (r < 0)
                 return r;
         r = qmp_new_from_fd(&c->qmp, c->engine->event, qmp_ours,
-                &(QmpHandlers) { .on_state = on_qmp_state, .on_event = on_qmp_event, .userdata = c });
+                &(QmpHandlers){.on_state = on_qmp_state, .on_event = on_qmp_event, .userdata = c});
         if (r < 0) {
                 c->qmp = NULL;
                 helper_gone(c);
@@ -577,8 +543,7 @@ static int cache_spawn(Cache *c) {
                 c->engine->event, &c->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC, 0, leftover_check, c);
 }
 
-/* Remove a cache for good: its helper, socket, image and object. */
-static void cache_destroy(Cache *c) {
+void cache_destroy(Cache *c) {
         _cleanup_free_ char *dir = caches_dir(c->engine);
         _cleanup_close_ int dir_fd = -1;
         bool published = !c->fresh;
@@ -663,7 +628,8 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (r >= 0) {
                         /* A stale image of a cache that is no longer recorded is ours to replace. */
                         (void) unlinkat(dir_fd, c->image_name, 0);
-                        fd = openat(dir_fd, c->image_name, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
+                        fd = openat(dir_fd, c->image_name,
+                                O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
                         r = fd < 0 ? -errno : image_write_qcow2_overlay(fd, size, url, format, &why);
                 }
                 if (r >= 0) {
@@ -679,15 +645,16 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                         cache_free(c);
                         if (r == -ENOMEM)
                                 return r;
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Cannot make a cache of %s: %s", url,
-                                why ?: strerror(-r));
+                        return sd_bus_error_setf(
+                                error, SD_BUS_ERROR_FAILED, "Cannot make a cache of %s: %s", url, why ?: strerror(-r));
                 }
                 c->next = e->caches;
                 e->caches = c;
                 log_info("Template cache %u of %s made (%" PRIu64 " bytes).", c->id, url, size);
         }
         if (c->state == CACHE_SERVING) {
-                _cleanup_free_ char *backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
+                _cleanup_free_ char *backing =
+                        strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
 
                 if (!backing)
                         return -ENOMEM;
@@ -746,14 +713,16 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
                 return log_error_errno(-EEXIST, "Template cache %" PRIu64 " is recorded twice, skipping it.", id);
         if (!config_template_url_allowed(&e->config, url))
                 log_warning("Template cache %" PRIu64 ": %s is no longer in TemplateURLPrefixes=; overlays on it "
-                            "keep working, new ones are not made over it.", id, url);
+                            "keep working, new ones are not made over it.",
+                        id, url);
         r = cache_new(e, (unsigned) id, url, format, size, &c);
         if (r < 0)
                 return log_oom();
         c->users = (unsigned) users;
         c->image_fd = openat(dir_fd, c->image_name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
         if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-                log_error("Template cache %u: its image %s is missing or not a file, skipping it.", c->id, c->image_name);
+                log_error(
+                        "Template cache %u: its image %s is missing or not a file, skipping it.", c->id, c->image_name);
                 cache_free(c);
                 return 0;
         }
@@ -793,146 +762,4 @@ int cache_load_all(Engine *e) {
         for (size_t i = 0; i < json_object_array_length(a) && i < CACHES_MAX; i++)
                 (void) load_one(e, dir_fd, json_object_array_get_idx(a, i));
         return 0;
-}
-
-/* D-Bus */
-
-/* Connections to the socket now: the accepted ends, which carry the listener's path, in our network
- * namespace (the listener is ours); the listener itself has __SO_ACCEPTCON. */
-static unsigned count_clients(Cache *c) {
-        _cleanup_free_ char *text = NULL;
-        unsigned n = 0;
-        char *line, *save = NULL;
-
-        if (read_file_bounded("/proc/self/net/unix", 64U << 20, &text, NULL) < 0)
-                return 0;
-        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-                unsigned flags;
-                char path[sizeof(((struct sockaddr_un *) NULL)->sun_path) + 1];
-
-                if (sscanf(line, "%*s %*s %*s %x %*s %*s %*s %108s", &flags, path) != 2)
-                        continue;
-                if (streq(path, c->socket_path) && !(flags & 0x10000))
-                        n++;
-        }
-        return n;
-}
-
-static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
-        return bus_authorize(c->engine->polkit, msg, ACTION_MANAGE, NULL, error);
-}
-
-static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        Cache *c = userdata;
-        unsigned n;
-        int r;
-
-        r = authorize(c, msg, error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
-        if (c->warm_call)
-                return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed.", c->id);
-        n = count_clients(c);
-        if (n > 0)
-                return sd_bus_error_setf(error, BS_ERROR_BUSY,
-                        "Cache %u serves %u connection%s; stop the guests that use it first.", c->id, n, n == 1 ? "" : "s");
-        log_info("Template cache %u of %s stopped and removed.", c->id, c->url);
-        cache_destroy(c);
-        return sd_bus_reply_method_return(msg, NULL);
-}
-
-static int method_warm(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        Cache *c = userdata;
-        json_object *args;
-        int r;
-
-        r = authorize(c, msg, error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
-        if (c->warm_call)
-                return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed already.", c->id);
-        if (c->state != CACHE_SERVING || !c->qmp)
-                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "Cache %u is not serving.", c->id);
-        /* A block-stream job in the helper: every block of the template into the image, and then
-         * the backing dropped from its header, so neither the helper nor a restarted one needs the
-         * remote any more. QEMU's defaults finalize and dismiss it; the end comes as an event. */
-        args = json_object_new_object();
-        if (!args || json_object_object_add(args, "job-id", json_object_new_string("warm")) < 0 ||
-                json_object_object_add(args, "device", json_object_new_string("cache")) < 0) {
-                json_object_put(args);
-                return -ENOMEM;
-        }
-        r = qmp_call(c->qmp, "block-stream", args, -1, NULL, NULL, NULL);
-        if (r < 0)
-                return sd_bus_error_set_errnof(error, -r, "Cannot start warming cache %u: %m", c->id);
-        c->warm_call = sd_bus_message_ref(msg);
-        log_info("Template cache %u: warming.", c->id);
-        return 1;
-}
-
-static int property_get_string(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        char **s = userdata;
-        return sd_bus_message_append(reply, "s", strempty(*s));
-}
-
-static int property_get_state(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Cache *c = userdata;
-        return sd_bus_message_append(reply, "s", cache_state_table[c->state]);
-}
-
-static int property_get_fetched(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Cache *c = userdata;
-        struct stat st;
-
-        /* What was copied into the image: its allocated size (metadata included). */
-        if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0)
-                return sd_bus_message_append(reply, "t", UINT64_C(0));
-        return sd_bus_message_append(reply, "t", (uint64_t) st.st_blocks * 512);
-}
-
-static int property_get_clients(sd_bus *bus, const char *path, const char *interface, const char *property,
-        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        return sd_bus_message_append(reply, "u", count_clients(userdata));
-}
-
-const sd_bus_vtable cache_vtable[] = {
-        SD_BUS_VTABLE_START(0),
-        SD_BUS_PROPERTY("URL", "s", property_get_string, offsetof(Cache, url), SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Size", "t", NULL, offsetof(Cache, size), SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Socket", "s", property_get_string, offsetof(Cache, socket_path), SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Users", "u", NULL, offsetof(Cache, users), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("BytesFetched", "t", property_get_fetched, 0, 0),
-        SD_BUS_PROPERTY("Clients", "u", property_get_clients, 0, 0),
-        SD_BUS_METHOD("Stop", NULL, NULL, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD("Warm", NULL, NULL, method_warm, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_VTABLE_END,
-};
-
-int cache_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
-        sd_bus_error *error) {
-        Engine *e = userdata;
-
-        for (Cache *c = e->caches; c; c = c->next)
-                if (!c->fresh && streq(c->object_path, path)) {
-                        *found = c;
-                        return 1;
-                }
-        return 0;
-}
-
-int cache_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
-        Engine *e = userdata;
-        _cleanup_strv_free_ char **l = NULL;
-
-        for (Cache *c = e->caches; c; c = c->next)
-                if (!c->fresh && strv_push(&l, strdup(c->object_path)) < 0)
-                        return -ENOMEM;
-        if (!l && !(l = calloc(1, sizeof(char *))))
-                return -ENOMEM;
-        *nodes = TAKE_PTR(l);
-        return 1;
 }

@@ -30,6 +30,6 @@ int cache_load_all(Engine *e);
 void cache_free_all(Engine *e);
 
 extern const sd_bus_vtable cache_vtable[];
-int cache_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
-        sd_bus_error *error);
+int cache_object_find(
+        sd_bus *bus, const char *path, const char *interface, void *userdata, void **found, sd_bus_error *error);
 int cache_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error);
