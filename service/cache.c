@@ -126,7 +126,7 @@ static Cache *cache_free(Cache *c) {
         if (!c)
                 return NULL;
         c->in_flight++; /* nothing a waiter does can free it again */
-        flush_waiters(c, -ECANCELED, "the daemon is stopping");
+        flush_waiters(c, -ECANCELED, "the cache went away");
         warm_reply(c, BS_ERROR_HELPER_FAILED, "the cache went away");
         helper_gone(c);
         closep(&c->image_fd);
@@ -593,6 +593,11 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
         for (Cache *k = e->caches; k; k = k->next, n++)
                 if (!c && streq(k->url, url) && streq(k->format, format))
                         c = k;
+        if (c && c->size != size)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "The template %s has %" PRIu64 " bytes now, its cache %u was made for %" PRIu64
+                        " bytes: templates must not change; stop the cache first.",
+                        url, size, c->id, c->size);
         if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
                 /* Asked for again: another try, on the same socket. */
                 log_info("Template cache %u: starting its storage helper again.", c->id);

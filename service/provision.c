@@ -45,6 +45,7 @@ typedef struct Provision {
         uint64_t size;
         bool use_cache;
         ProvisionCache cache;
+        uint64_t requested; /* with a cache: option 'size' (0: none), the overlay's; p->size is the template's */
         char **chain_paths; /* a template file's chain, for the caller's read check */
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
@@ -208,6 +209,8 @@ static void cache_ready(void *userdata, int error, const char *why, const char *
                 provision_fail(p, BS_ERROR_HELPER_FAILED, why ?: "the template cache failed");
                 return;
         }
+        if (p->requested > 0)
+                p->size = p->requested;
         r = create_overlay_on(p, backing, "raw", &e);
         p->cache.done(p->cache.userdata, handle, r >= 0);
         if (r < 0 && !sd_bus_error_is_set(&e))
@@ -455,8 +458,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         p->caller = caller;
         p->size = size;
         if (ctx->cache) {
+                /* The cache is everyone's: its size is the template's, asked of the server, never
+                 * a caller's option (a smaller one would cut the template short for all). */
                 p->use_cache = true;
                 p->cache = *ctx->cache;
+                p->requested = p->size;
+                p->size = 0;
         }
         p->template = strdup(template);
         p->format = strdup(format);

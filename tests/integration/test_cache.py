@@ -45,10 +45,11 @@ class Remote:
         with open(self.file, 'wb') as f:
             f.write(os.urandom(size))
         self.proc = None
+        self.start_argv = []
 
     def start(self):
-        self.proc = h.spawn(['nbdkit', '-f', '-r', '--exit-with-parent', '-p', str(self.port), '-i', '127.0.0.1',
-                             '--filter=log', 'file', self.file, 'logfile=' + self.logfile],
+        self.proc = h.spawn(['nbdkit', '-f', '-r', '--exit-with-parent', '-p', str(self.port), '-i', '127.0.0.1']
+                            + self.start_argv + ['--filter=log', 'file', self.file, 'logfile=' + self.logfile],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def up():
@@ -119,7 +120,9 @@ class CacheTest(h.TestCase):
         self.serve(self.remote)
         a = os.path.join(self.env.images, 'a.qcow2')
         b = os.path.join(self.env.images, 'b.qcow2')
-        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', a)), SIZE)
+        # A caller's 'size' is its overlay's, never the cache's (which is everyone's): the cache
+        # holds the whole template, as the server reports it.
+        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', a, size=h.T(2 * SIZE))), 2 * SIZE)
         # The second through the CLI.
         r = self.ctl('provision', '--cache', self.remote.url + '/', b)
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -213,15 +216,21 @@ class CacheTest(h.TestCase):
             self.assertDBusError('org.freedesktop.DBus.Error.' + err, self.provision, template, target, size=h.T(SIZE))
             self.assertFalse(os.path.exists(target))
             self.assertEqual(self.caches(), before)
-        # A cache that cannot serve (the remote is down): the provisioning fails once the helper
-        # found out, and neither the overlay nor the cache made for it stays.
+        # A cache that cannot serve: the server answers the size probe, then exits (nbdkit's
+        # exitlast filter: once its last client left), so the helper cannot open the template. The
+        # provisioning fails once the helper found out, and neither the overlay nor the cache
+        # made for it stays.
+        once = Remote(self.env.dir, 'once', self.remote.port, MiB)
+        once.start_argv = ['--filter=exitlast']
+        once.start()
+        self.addCleanup(once.stop)
         target = os.path.join(self.env.images, 'down.qcow2')
-        self.assertDBusError('org.blockstream1.Error.HelperFailed', self.provision, self.remote.url + '/down', target,
-                             size=h.T(SIZE))
+        self.assertDBusError('org.blockstream1.Error.HelperFailed', self.provision, self.remote.url + '/down', target)
         self.assertFalse(os.path.exists(target))
         self.assertEqual(self.caches(), before)
         self.assertEqual(sorted(os.listdir(os.path.join(self.env.daemon.state_dir, 'caches'))),
                          sorted('%s.qcow2' % p.rsplit('/', 1)[1] for p in before))
+        once.stop()
         # A target that exists: refused before any cache is made.
         self.serve(self.remote)
         target = os.path.join(self.env.images, 'exists.qcow2')
