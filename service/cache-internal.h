@@ -48,6 +48,7 @@ struct Cache {
         CacheWaiter *waiters; /* provisionings waiting for it to serve */
         unsigned in_flight;   /* provisionings told to go on, whose overlay is not yet made */
         bool stopping;        /* its helper is being stopped for good */
+        bool warmed;          /* Warm() completed: the image holds all and names no backing */
         unsigned restarts;
         pid_t pid;
         sd_event_source *child;

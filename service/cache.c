@@ -201,7 +201,8 @@ static int caches_save(Engine *e) {
                         json_object_object_add(k, "url", json_object_new_string(c->url)) < 0 ||
                         json_object_object_add(k, "format", json_object_new_string(c->format)) < 0 ||
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
-                        json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0)
+                        json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
+                        json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0)
                         return log_oom();
         }
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
@@ -345,6 +346,34 @@ static json_object *blockdev(const char *driver, const char *node, const char *f
         return o;
 }
 
+/* The image's node. Without a "backing" key QEMU opens the header's: the template URL with its
+ * format (or nothing, once warmed). Over HTTP the backing is given, to turn off the curl driver's
+ * readahead: each copy-on-read fetches what it copies, and nothing is fetched twice. */
+static json_object *cache_blockdev(Cache *c) {
+        _cleanup_(json_object_putp) json_object *o = blockdev("qcow2", "cache", "cf");
+        json_object *backing, *file;
+        bool https = strncmp(c->url, "https://", 8) == 0;
+
+        if (!o || c->warmed || (!https && strncmp(c->url, "http://", 7) != 0))
+                return TAKE_PTR(o);
+        backing = json_object_new_object();
+        if (!backing || json_object_object_add(o, "backing", backing) < 0) {
+                json_object_put(backing);
+                return NULL;
+        }
+        file = json_object_new_object();
+        if (!file || json_object_object_add(backing, "file", file) < 0) {
+                json_object_put(file);
+                return NULL;
+        }
+        if (json_object_object_add(backing, "driver", json_object_new_string(c->format)) < 0 ||
+                json_object_object_add(file, "driver", json_object_new_string(https ? "https" : "http")) < 0 ||
+                json_object_object_add(file, "url", json_object_new_string(c->url)) < 0 ||
+                json_object_object_add(file, "readahead", json_object_new_int(0)) < 0)
+                return NULL;
+        return TAKE_PTR(o);
+}
+
 /* QMP is up: the image (fd) with its backing from its header (the remote template: opened by QEMU
  * here, in the sandbox), a copy-on-read filter on it, and that served read-only on our socket. */
 static int cache_setup(Cache *c) {
@@ -361,8 +390,7 @@ static int cache_setup(Cache *c) {
         if (r < 0)
                 return r;
         c->pending++;
-        /* No "backing" key: QEMU opens the header's, the template URL with its format. */
-        r = call_raw(c, "blockdev-add", blockdev("qcow2", "cache", "cf"));
+        r = call_raw(c, "blockdev-add", cache_blockdev(c));
         if (r < 0)
                 return r;
         r = call_raw(c, "blockdev-add", blockdev("copy-on-read", "cor", "cache"));
@@ -417,6 +445,8 @@ static void on_qmp_event(Qmp *q, const char *event, json_object *data, void *use
                 return warm_reply(c, BS_ERROR_QEMU_FAILED, why ?: "the job failed");
         }
         log_info("Template cache %u: warm, %s is no longer needed.", c->id, c->url);
+        c->warmed = true;
+        (void) caches_save(c->engine);
         warm_reply(c, NULL, NULL);
 }
 
@@ -724,6 +754,8 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         if (r < 0)
                 return log_oom();
         c->users = (unsigned) users;
+        c->warmed = json_object_object_get_ex(k, "warmed", &o) && json_object_is_type(o, json_type_boolean) &&
+                    json_object_get_boolean(o);
         c->image_fd = openat(dir_fd, c->image_name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
         if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
                 log_error(

@@ -9,12 +9,14 @@ The remote is nbdkit serving a file over TCP with its log filter, which records 
 cache's helper makes: the bytes read from the remote are counted exactly. The readers are real
 QEMU processes (qemu-img compare) reading each overlay fully, against the template's file."""
 
+import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 
 import dbus
 
@@ -74,6 +76,57 @@ class Remote:
                                                                  f.read()))
 
 
+class HttpRemote:
+    """A template over HTTP with byte ranges (what QEMU's curl driver needs), counting the bytes
+    it sends."""
+
+    def __init__(self, path):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self.sent = 0
+        self.lock = threading.Lock()
+        remote = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header('Content-Length', str(remote.size))
+                self.send_header('Accept-Ranges', 'bytes')
+                self.end_headers()
+
+            def do_GET(self):
+                m = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
+                if not m or int(m.group(1)) > int(m.group(2)) or int(m.group(1)) >= remote.size:
+                    self.send_error(416)
+                    return
+                start, end = int(m.group(1)), min(int(m.group(2)), remote.size - 1)
+                with open(remote.path, 'rb') as f:
+                    f.seek(start)
+                    data = f.read(end - start + 1)
+                self.send_response(206)
+                self.send_header('Content-Range', 'bytes %d-%d/%d' % (start, end, remote.size))
+                self.send_header('Content-Length', str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with remote.lock:
+                    remote.sent += len(data)
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.server.daemon_threads = True
+        self.url = 'http://127.0.0.1:%d' % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class CacheTest(h.TestCase):
     needs_daemon = False
 
@@ -84,7 +137,9 @@ class CacheTest(h.TestCase):
         try:
             cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
             cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
-            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/\n' % (cls.remote.url, cls.remote2.url))
+            cls.http = HttpRemote(Remote(env.dir, 'http', 0, SIZE).file)
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\n' % (
+                cls.remote.url, cls.remote2.url, cls.http.url))
             env.daemon.start()
         except BaseException:
             sys.stderr.write(env.logs_text() + '\n')
@@ -277,6 +332,25 @@ class CacheTest(h.TestCase):
         self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
         read(SIZE // 2, SIZE // 2)
         read(0, SIZE)
+
+    def test_5_http_template(self):
+        """A template over HTTP (QEMU's curl driver, in the helper): two readers, one fetch."""
+        if not os.path.exists('/usr/lib/x86_64-linux-gnu/qemu/block-curl.so'):
+            self.skipTest("QEMU's curl driver is not installed (qemu-block-extra, scripts/install-deps)")
+        url = self.http.url + '/tpl.raw'
+        a = os.path.join(self.env.images, 'ha.qcow2')
+        b = os.path.join(self.env.images, 'hb.qcow2')
+        self.assertEqual(h.unwrap(self.provision(url, a)), SIZE)
+        self.assertEqual(h.unwrap(self.provision(url, b)), SIZE)
+        path = [p for p in self.caches() if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == url][0]
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 2)
+        before = self.http.sent
+        self.read_all(a, self.http.path)
+        self.read_all(b, self.http.path)
+        fetched = self.http.sent - before
+        h.log('HTTP bytes sent for two readers: %d (template %d)' % (fetched, SIZE))
+        self.assertGreaterEqual(fetched, SIZE)
+        self.assertLessEqual(fetched, SIZE * 1.05)
 
 
 if __name__ == '__main__':
