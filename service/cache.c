@@ -426,7 +426,11 @@ static void on_qmp_state(Qmp *q, int error, void *userdata) {
                 }
                 return;
         }
-        /* The connection is gone: the child handler tells how the helper ended. */
+        /* The connection is gone (or QEMU did not answer in time): whatever the helper does
+         * without a monitor, it does not do it for us; its child handler tells the rest. */
+        c->qmp = qmp_close_unref(c->qmp);
+        if (c->child)
+                (void) helper_kill(c->child);
 }
 
 static void on_qmp_event(Qmp *q, const char *event, json_object *data, void *userdata) {
