@@ -332,6 +332,12 @@ class CacheTest(h.TestCase):
         self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
         read(SIZE // 2, SIZE // 2)
         read(0, SIZE)
+        # And through a daemon SIGKILLed: its helper dies with it (PDEATHSIG), the next one waits
+        # for that to be gone (the image's lock) and serves on the same socket.
+        self.env.daemon.kill()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        read(0, SIZE)
 
     def test_5_http_template(self):
         """A template over HTTP (QEMU's curl driver, in the helper): two readers, one fetch."""
