@@ -549,11 +549,6 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         }
 
         /* Option 'size' is a multiple of 512 already; a template's size was rounded up above. */
-        if (p->size > 0 && p->use_cache) {
-                p->call = sd_bus_message_ref(msg);
-                provision_finish(p); /* answers, now or once the cache serves */
-                return 1;
-        }
         if (p->size > 0) {
                 uint64_t done = p->size;
 
