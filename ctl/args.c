@@ -22,6 +22,7 @@ uint64_t arg_length = 0;
 bool arg_wait = false;
 const char *arg_listen = NULL;
 const char *arg_template_format = NULL;
+bool arg_cache = false;
 
 /* Verbs return <0 (-errno, already logged) for exit status 1, or the exit status itself. */
 _printf_(1, 2) int usage_error(const char *format, ...) {

@@ -27,6 +27,7 @@ enum {
         OPT_DISK_NAME = 1 << 10,
         OPT_MAX_GUEST_LATENCY = 1 << 11,
         OPT_ENGINE = 1 << 12,
+        OPT_CACHE = 1 << 13,
 };
 
 extern bool arg_json;
@@ -47,6 +48,7 @@ extern uint64_t arg_length;
 extern bool arg_wait;
 extern const char *arg_listen;
 extern const char *arg_template_format;
+extern bool arg_cache;
 
 /* Verbs return <0 (-errno, already logged) for exit status 1, or the exit status itself. */
 _printf_(1, 2) int usage_error(const char *format, ...);

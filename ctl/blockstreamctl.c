@@ -15,6 +15,7 @@
 #include "blockstream-api.h"
 #include "polkit-agent.h"
 #include "verbs-guest.h"
+#include "verbs-cache.h"
 #include "verbs-map.h"
 #include "verbs-stream.h"
 
@@ -128,6 +129,12 @@ static int help(void) {
                "        --template-format=FMT\n"
                "                            Format of TEMPLATE (default: qcow2 for a path, raw\n"
                "                            for a URL; never probed)\n"
+               "        --cache             Make the overlay over the host's cache of a remote\n"
+               "                            TEMPLATE (nbd://, http(s)://): read once per host\n"
+               "  caches                    List the host's template caches\n"
+               "  cache-warm ID             Copy the whole template into cache ID (returns when\n"
+               "                            done; the remote may then go away)\n"
+               "  cache-stop ID             Stop and remove cache ID (refused while in use)\n"
                "  help                      Show this help\n"
                "\n"
                "Options:\n"
@@ -143,7 +150,8 @@ static int help(void) {
                "\n"
                "Authorization:\n"
                "  root may do everything. For anyone else blockstreamd asks polkit, per action:\n"
-               "    org.blockstream1.manage   register, unregister, provision\n"
+               "    org.blockstream1.manage   register, unregister, provision, cache-warm,\n"
+               "                              cache-stop\n"
                "    org.blockstream1.stream   pull, pause, resume, cancel, set-bandwidth,\n"
                "                              set-latency\n"
                "    org.blockstream1.inspect  map\n"
@@ -236,7 +244,10 @@ static const Verb verbs[] = {
         {"map", 2, 2, OPT_OFFSET | OPT_LENGTH, verb_map},
         {"export", 2, 2, OPT_LISTEN, verb_export},
         {"export-stop", 1, 1, 0, verb_export_stop},
-        {"provision", 2, 2, OPT_TEMPLATE_FORMAT, verb_provision},
+        {"provision", 2, 2, OPT_TEMPLATE_FORMAT | OPT_CACHE, verb_provision},
+        {"caches", 0, 0, 0, verb_caches},
+        {"cache-warm", 1, 1, 0, verb_cache_warm},
+        {"cache-stop", 1, 1, 0, verb_cache_stop},
 };
 
 static int parse_size_arg(const char *option, const char *s, uint64_t *ret) {
@@ -269,6 +280,7 @@ static int parse_argv(int argc, char *argv[]) {
                 ARG_LISTEN,
                 ARG_TEMPLATE_FORMAT,
                 ARG_MAX_GUEST_LATENCY,
+                ARG_CACHE,
         };
         static const struct option options[] = {{"help", no_argument, NULL, 'h'},
                 {"version", no_argument, NULL, ARG_VERSION}, {"json", no_argument, NULL, ARG_JSON},
@@ -281,7 +293,8 @@ static int parse_argv(int argc, char *argv[]) {
                 {"length", required_argument, NULL, ARG_LENGTH}, {"wait", no_argument, NULL, ARG_WAIT},
                 {"listen", required_argument, NULL, ARG_LISTEN},
                 {"template-format", required_argument, NULL, ARG_TEMPLATE_FORMAT},
-                {"max-guest-latency", required_argument, NULL, ARG_MAX_GUEST_LATENCY}, {}};
+                {"max-guest-latency", required_argument, NULL, ARG_MAX_GUEST_LATENCY}, {"cache", no_argument, NULL, ARG_CACHE},
+                {}};
         int c, r;
 
         /* Our own messages, not getopt's, so that they all look alike. */
@@ -401,6 +414,10 @@ static int parse_argv(int argc, char *argv[]) {
                                 return log_error_errno(EINVAL, "--template-format= needs a format name.");
                         arg_template_format = optarg;
                         arg_given |= OPT_TEMPLATE_FORMAT;
+                        break;
+                case ARG_CACHE:
+                        arg_cache = true;
+                        arg_given |= OPT_CACHE;
                         break;
                 case ':':
                         return log_error_errno(EINVAL, "Option '%s' needs an argument.", argv[optind - 1]);

@@ -451,6 +451,8 @@ int verb_provision(char **args) {
                 r = append_options_begin(m);
         if (r >= 0 && arg_template_format)
                 r = sd_bus_message_append(m, "{sv}", BS_OPTION_TEMPLATE_FORMAT, "s", arg_template_format);
+        if (r >= 0 && arg_cache)
+                r = sd_bus_message_append(m, "{sv}", BS_OPTION_CACHE, "b", 1);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r < 0)

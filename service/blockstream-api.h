@@ -17,12 +17,15 @@
 #define GUEST_PATH_PREFIX "/org/blockstream1/guest"
 /* /org/blockstream1/export/<id>, the id unescaped ([A-Za-z0-9_]). */
 #define EXPORT_PATH_PREFIX "/org/blockstream1/export"
+/* /org/blockstream1/cache/<n>. */
+#define CACHE_PATH_PREFIX "/org/blockstream1/cache"
 
 /* Interfaces */
 #define MANAGER_INTERFACE "org.blockstream1.Manager"
 #define GUEST_INTERFACE "org.blockstream1.Guest"
 #define STREAM_INTERFACE "org.blockstream1.BlockStream"
 #define EXPORT_INTERFACE "org.blockstream1.Export"
+#define CACHE_INTERFACE "org.blockstream1.Cache"
 
 /* org.blockstream1.Manager */
 #define BS_MANAGER_METHOD_REGISTER_GUEST "RegisterGuest"
@@ -83,6 +86,17 @@
 #define BS_EXPORT_PROPERTY_CLIENTS "Clients"
 #define BS_EXPORT_PROPERTY_STATE "State"
 
+/* org.blockstream1.Cache */
+#define BS_CACHE_METHOD_STOP "Stop"
+#define BS_CACHE_METHOD_WARM "Warm"
+#define BS_CACHE_PROPERTY_URL "URL"
+#define BS_CACHE_PROPERTY_SIZE "Size"
+#define BS_CACHE_PROPERTY_SOCKET "Socket"
+#define BS_CACHE_PROPERTY_USERS "Users"
+#define BS_CACHE_PROPERTY_STATE "State"
+#define BS_CACHE_PROPERTY_BYTES_FETCHED "BytesFetched"
+#define BS_CACHE_PROPERTY_CLIENTS "Clients"
+
 /* The keys of the methods' a{sv} options */
 #define BS_OPTION_OWNER "owner"                     /* RegisterGuest, u */
 #define BS_OPTION_UUID "uuid"                       /* RegisterGuest, s */
@@ -91,6 +105,7 @@
 #define BS_OPTION_DISK_NAMES "disk_names"           /* RegisterGuest, a{ss} alias → name (Target) */
 #define BS_OPTION_TEMPLATE_FORMAT "template_format" /* ProvisionDisk, s */
 #define BS_OPTION_SIZE "size"                       /* ProvisionDisk, t */
+#define BS_OPTION_CACHE "cache"                     /* ProvisionDisk, b */
 #define BS_OPTION_BANDWIDTH "bandwidth"             /* Start, t */
 #define BS_OPTION_BASE "base"                       /* Start, s */
 #define BS_OPTION_MAX_GUEST_LATENCY "max_guest_latency" /* Start, t (µs) */

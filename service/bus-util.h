@@ -11,7 +11,7 @@
 
 typedef struct BusOption {
         const char *name;
-        const char *type; /* "s", "t", "u", or "a{ss}" (a NULL-terminated key, value, … list) */
+        const char *type; /* "s", "t", "u", "b" (into an int), or "a{ss}" (a NULL-terminated key, value, … list) */
         void *ret;        /* const char **, uint64_t *, uint32_t *, char *** */
         bool *seen;       /* set when the option was given; may be NULL */
         unsigned max;     /* a{ss}: at most this many entries */

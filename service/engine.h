@@ -53,6 +53,8 @@ struct Engine {
         unsigned export_seq;
         struct RangeOp *range_ops;
         unsigned range_seq;
+        struct Cache *caches; /* the host template caches (cache.h) */
+        unsigned cache_seq;
 
         const EngineRegistry *registry;
 };

@@ -10,6 +10,7 @@
 
 #include "bus-error.h"
 #include "bus-util.h"
+#include "cache.h"
 #include "export.h"
 #include "backend.h"
 #include "prefetch.h"
@@ -131,6 +132,7 @@ Manager *manager_free(Manager *m) {
         if (!m)
                 return NULL;
         export_free_all(&m->engine);
+        cache_free_all(&m->engine);
         range_free_all(&m->engine);
         guest_unregister_drains_free(&m->engine);
         while (m->guests) {
@@ -628,6 +630,15 @@ char **manager_guest_claims(Manager *m, Guest *except) {
         return guest_images(m, except, false);
 }
 
+static int cache_acquire_hook(void *userdata, const char *url, const char *format, uint64_t size,
+        provision_cache_ready_t ready, void *provision, sd_bus_error *error) {
+        return cache_acquire(userdata, url, format, size, ready, provision, error);
+}
+
+static void cache_done_hook(void *userdata, void *handle, bool success) {
+        cache_provisioned(userdata, handle, success);
+}
+
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_strv_free_ char **forbidden = NULL;
@@ -635,6 +646,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
         const char *template, *target, *format = NULL;
         uint64_t size = 0;
         bool have_size = false;
+        int cache = 0;
         uid_t caller;
         int r;
 
@@ -645,6 +657,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
                 (const BusOption[]) {
                         { "template_format", "s", &format },
                         { "size", "t", &size, &have_size },
+                        { "cache", "b", &cache },
                         {},
                 },
                 error);
@@ -670,7 +683,13 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
         forbidden = manager_guest_images(m, NULL);
         if (!forbidden)
                 return -ENOMEM;
-        return provision_disk(&(ProvisionContext) { .event = m->engine.event, .config = &m->engine.config, .forbidden_images = forbidden },
+        return provision_disk(&(ProvisionContext) { .event = m->engine.event,
+                                      .config = &m->engine.config,
+                                      .forbidden_images = forbidden,
+                                      .cache = cache ? &(ProvisionCache) { .acquire = cache_acquire_hook,
+                                                               .done = cache_done_hook,
+                                                               .userdata = &m->engine }
+                                                     : NULL },
                 msg, template, target, format, size, caller, error);
 }
 
@@ -760,6 +779,13 @@ int manager_connect_bus(Manager *m) {
         r = sd_bus_add_node_enumerator(m->engine.bus, NULL, EXPORT_PATH_PREFIX, export_node_enumerator, &m->engine);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the export enumerator: %m");
+        r = sd_bus_add_fallback_vtable(m->engine.bus, NULL, CACHE_PATH_PREFIX, CACHE_INTERFACE, cache_vtable,
+                cache_object_find, &m->engine);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the cache objects: %m");
+        r = sd_bus_add_node_enumerator(m->engine.bus, NULL, CACHE_PATH_PREFIX, cache_node_enumerator, &m->engine);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the cache enumerator: %m");
         r = sd_bus_add_object_manager(m->engine.bus, NULL, MANAGER_PATH);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the object manager: %m");
@@ -818,6 +844,7 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
 int manager_load_state(Manager *m) {
         int r;
 
+        (void) cache_load_all(&m->engine); /* logs; a cache that cannot come back does not stop the guests */
         r = state_load(m->engine.guest_state_dir, load_guest, m);
         if (r < 0)
                 return r;

@@ -43,6 +43,9 @@ typedef struct Provision {
         char *target;
         uid_t caller;
         uint64_t size;
+        bool use_cache;
+        ProvisionCache cache;
+        uint64_t requested; /* with a cache: option 'size' (0: none), the overlay's; p->size is the template's */
         char **chain_paths; /* a template file's chain, for the caller's read check */
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
@@ -157,7 +160,13 @@ static void remove_created(Provision *p, const struct stat *created) {
                 log_warning_errno(errno, "Failed to remove %s after a failed provisioning: %m", p->target);
 }
 
+static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error);
+
 static int create_overlay(Provision *p, sd_bus_error *error) {
+        return create_overlay_on(p, p->template, p->format, error);
+}
+
+static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error) {
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *why = NULL;
         struct stat st;
@@ -172,7 +181,7 @@ static int create_overlay(Provision *p, sd_bus_error *error) {
         if (fstat(fd, &st) < 0)
                 return sd_bus_error_set_errnof(error, errno, "Cannot stat the new target %s: %m", p->target);
 
-        r = image_write_qcow2_overlay(fd, p->size, p->template, p->format, &why);
+        r = image_write_qcow2_overlay(fd, p->size, backing, backing_format, &why);
         /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use. */
         if (r >= 0 && p->caller != 0 && fchown(fd, p->caller, (gid_t) -1) < 0)
                 r = -errno;
@@ -185,14 +194,50 @@ static int create_overlay(Provision *p, sd_bus_error *error) {
                 return sd_bus_error_setf(error, r == -EFBIG ? SD_BUS_ERROR_INVALID_ARGS : SD_BUS_ERROR_FAILED,
                         "Cannot provision %s: %s", p->target, why ?: strerror(-r));
         }
-        log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, p->template, p->format, p->size);
+        log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, backing, backing_format, p->size);
         return 0;
+}
+
+/* With option "cache": the overlay over the host's cache of the template, once the cache serves; a
+ * cache made for it alone goes away if the overlay could not be made. */
+static void cache_ready(void *userdata, int error, const char *why, const char *backing, void *handle) {
+        _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
+        Provision *p = userdata;
+        int r;
+
+        if (error < 0) {
+                provision_fail(p, BS_ERROR_HELPER_FAILED, why ?: "the template cache failed");
+                return;
+        }
+        if (p->requested > 0)
+                p->size = p->requested;
+        r = create_overlay_on(p, backing, "raw", &e);
+        p->cache.done(p->cache.userdata, handle, r >= 0);
+        if (r < 0 && !sd_bus_error_is_set(&e))
+                (void) sd_bus_error_set_errnof(&e, -r, "Cannot provision %s: %m", p->target);
+        if (r < 0)
+                (void) sd_bus_reply_method_error(p->call, &e);
+        else
+                (void) sd_bus_reply_method_return(p->call, "t", p->size);
+        p->call = sd_bus_message_unref(p->call);
+        provision_free(p);
 }
 
 static void provision_finish(Provision *p) {
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         int r;
 
+        if (p->use_cache) {
+                r = p->cache.acquire(p->cache.userdata, p->template, p->format, p->size, cache_ready, p, &error);
+                if (r < 0) {
+                        if (!sd_bus_error_is_set(&error))
+                                (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);
+                        (void) sd_bus_reply_method_error(p->call, &error);
+                        p->call = sd_bus_message_unref(p->call);
+                        provision_free(p);
+                }
+                return; /* cache_ready() answers */
+        }
         r = create_overlay(p, &error);
         if (r < 0 && !sd_bus_error_is_set(&error))
                 (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);
@@ -412,6 +457,14 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         p->dir_fd = TAKE_FD(dir_fd);
         p->caller = caller;
         p->size = size;
+        if (ctx->cache) {
+                /* The cache is everyone's: its size is the template's, asked of the server, never
+                 * a caller's option (a smaller one would cut the template short for all). */
+                p->use_cache = true;
+                p->cache = *ctx->cache;
+                p->requested = p->size;
+                p->size = 0;
+        }
         p->template = strdup(template);
         p->format = strdup(format);
         p->target = strdup(target);
@@ -422,6 +475,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         }
 
         if (url) {
+                /* A cache is for what crosses the network; a local socket is local already. */
+                if (p->use_cache && strncmp(template, "nbd+unix://", 11) == 0) {
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
+                }
                 if (!url_valid(template)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -443,6 +502,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         } else {
                 _cleanup_(image_chain_done) ImageChain chain = {};
 
+                if (p->use_cache) {
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Option 'cache' is for remote templates (nbd://, http://, https://) only; a local "
+                                "template is read from its file system.");
+                }
                 if (!path_is_safe_absolute(template, BACKING_NAME_MAX)) {
                         provision_free(p);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,

@@ -448,3 +448,7 @@ void storage_helper_kill(const StorageHost *host) {
         *host->helper = NULL;
         helper_free(h);
 }
+
+int storage_kill_leftovers(uid_t uid) {
+        return kill_leftovers(uid);
+}

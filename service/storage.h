@@ -80,3 +80,7 @@ void storage_helper_stop(const StorageHost *host);
 /* Kill it at once and forget it (guest going away). */
 void storage_helper_kill(const StorageHost *host);
 bool storage_helper_attached(const StorageHost *host);
+
+/* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
+ * exiting and holding their images' locks); how many still had a live thread, or -errno. */
+int storage_kill_leftovers(uid_t uid);

@@ -24,6 +24,7 @@ INTERFACES = {
     'org.blockstream1.Guest': 'GUEST',
     'org.blockstream1.BlockStream': 'STREAM',
     'org.blockstream1.Export': 'EXPORT',
+    'org.blockstream1.Cache': 'CACHE',
 }
 KINDS = {'Methods': 'method', 'Properties': 'property', 'Signals': 'signal'}
 

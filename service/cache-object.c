@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* The template caches' D-Bus objects: org.blockstream1.Cache at /org/blockstream1/cache/N. */
+
+#include <json-c/json.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "blockstream-api.h"
+#include "bus-error.h"
+#include "bus-util.h"
+#include "cache-internal.h"
+#include "cache.h"
+#include "polkit.h"
+#include "util.h"
+
+/* D-Bus */
+
+/* Connections to the socket now: the accepted ends, which carry the listener's path, in our network
+ * namespace (the listener is ours); the listener itself has __SO_ACCEPTCON. */
+static unsigned count_clients(Cache *c) {
+        _cleanup_free_ char *text = NULL;
+        unsigned n = 0;
+        char *line, *save = NULL;
+
+        if (read_file_bounded("/proc/self/net/unix", 64U << 20, &text, NULL) < 0)
+                return 0;
+        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                unsigned flags;
+                char path[sizeof(((struct sockaddr_un *) NULL)->sun_path) + 1];
+
+                if (sscanf(line, "%*s %*s %*s %x %*s %*s %*s %108s", &flags, path) != 2)
+                        continue;
+                if (streq(path, c->socket_path) && !(flags & 0x10000))
+                        n++;
+        }
+        return n;
+}
+
+static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
+        return bus_authorize(c->engine->polkit, msg, ACTION_MANAGE, NULL, error);
+}
+
+static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
+        unsigned n;
+        int r;
+
+        r = authorize(c, msg, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (c->warm_call)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed.", c->id);
+        n = count_clients(c);
+        if (n > 0)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "Cache %u serves %u connection%s; stop the guests that use it first.", c->id, n,
+                        n == 1 ? "" : "s");
+        log_info("Template cache %u of %s stopped and removed.", c->id, c->url);
+        cache_destroy(c);
+        return sd_bus_reply_method_return(msg, NULL);
+}
+
+static int method_warm(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
+        json_object *args;
+        int r;
+
+        r = authorize(c, msg, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (c->warm_call)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed already.", c->id);
+        if (c->state != CACHE_SERVING || !c->qmp)
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "Cache %u is not serving.", c->id);
+        /* A block-stream job in the helper: every block of the template into the image, and then
+         * the backing dropped from its header, so neither the helper nor a restarted one needs the
+         * remote any more. QEMU's defaults finalize and dismiss it; the end comes as an event. */
+        args = json_object_new_object();
+        if (!args || json_object_object_add(args, "job-id", json_object_new_string("warm")) < 0 ||
+                json_object_object_add(args, "device", json_object_new_string("cache")) < 0) {
+                json_object_put(args);
+                return -ENOMEM;
+        }
+        r = qmp_call(c->qmp, "block-stream", args, -1, NULL, NULL, NULL);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Cannot start warming cache %u: %m", c->id);
+        c->warm_call = sd_bus_message_ref(msg);
+        log_info("Template cache %u: warming.", c->id);
+        return 1;
+}
+
+static int property_get_string(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        char **s = userdata;
+        return sd_bus_message_append(reply, "s", strempty(*s));
+}
+
+static int property_get_state(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
+        return sd_bus_message_append(reply, "s", cache_state_name(c));
+}
+
+static int property_get_fetched(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
+        struct stat st;
+
+        /* What was copied into the image: its allocated size (metadata included). */
+        if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0)
+                return sd_bus_message_append(reply, "t", UINT64_C(0));
+        return sd_bus_message_append(reply, "t", (uint64_t) st.st_blocks * 512);
+}
+
+static int property_get_clients(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "u", count_clients(userdata));
+}
+
+const sd_bus_vtable cache_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("URL", "s", property_get_string, offsetof(Cache, url), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Size", "t", NULL, offsetof(Cache, size), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Socket", "s", property_get_string, offsetof(Cache, socket_path), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Users", "u", NULL, offsetof(Cache, users), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("BytesFetched", "t", property_get_fetched, 0, 0),
+        SD_BUS_PROPERTY("Clients", "u", property_get_clients, 0, 0),
+        SD_BUS_METHOD("Stop", NULL, NULL, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Warm", NULL, NULL, method_warm, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};
+
+int cache_object_find(
+        sd_bus *bus, const char *path, const char *interface, void *userdata, void **found, sd_bus_error *error) {
+        Engine *e = userdata;
+
+        for (Cache *c = e->caches; c; c = c->next)
+                if (!c->fresh && streq(c->object_path, path)) {
+                        *found = c;
+                        return 1;
+                }
+        return 0;
+}
+
+int cache_node_enumerator(sd_bus *bus, const char *path, void *userdata, char ***nodes, sd_bus_error *error) {
+        Engine *e = userdata;
+        _cleanup_strv_free_ char **l = NULL;
+
+        for (Cache *c = e->caches; c; c = c->next)
+                if (!c->fresh && strv_push(&l, strdup(c->object_path)) < 0)
+                        return -ENOMEM;
+        if (!l && !(l = calloc(1, sizeof(char *))))
+                return -ENOMEM;
+        *nodes = TAKE_PTR(l);
+        return 1;
+}

@@ -1,0 +1,806 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* The host template cache (cache.h).
+ *
+ * Trust: the remote template's data is untrusted, and only QEMU in the sandbox parses it (the
+ * image's backing is opened there, under the reserved provisioning uid, which guests never get).
+ * The daemon creates the qcow2 image through fds beneath its own state directory and the listening
+ * socket itself; the helper gets both as fds. Nothing it says is used as a path. */
+
+#include <assert.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <json-c/json.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "blockstream-api.h"
+#include "bus-error.h"
+#include "bus-util.h"
+#include "cache-internal.h"
+#include "cache.h"
+#include "helper.h"
+#include "image-format.h"
+#include "polkit.h"
+#include "provision.h"
+#include "qemu.h"
+#include "qmp.h"
+#include "sandbox.h"
+#include "storage.h"
+#include "util.h"
+
+#define CACHES_MAX 64
+#define CACHES_FILE_MAX (256U * 1024U)
+#define CACHE_RESTARTS_MAX 5
+#define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
+#define LEFTOVER_WAIT_USEC (10 * USEC_PER_SEC)
+
+static const char *const cache_state_table[] = {
+        [CACHE_STARTING] = "starting",
+        [CACHE_SERVING] = "serving",
+        [CACHE_FAILED] = "failed",
+};
+
+const char *cache_state_name(const Cache *c) {
+        return cache_state_table[c->state];
+}
+
+static int cache_spawn(Cache *c);
+
+static char *caches_dir(Engine *e) {
+        return strdup_printf("%s/caches", e->state_dir);
+}
+
+static int open_dir(const char *path, int *ret) {
+        int r, fd;
+
+        r = mkdir_p(path, 0700);
+        if (r < 0)
+                return r;
+        fd = open(path, O_DIRECTORY | O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        *ret = fd;
+        return 0;
+}
+
+static void emit_changed(Cache *c, const char *property) {
+        if (c->engine->bus && c->object_path)
+                (void) sd_bus_emit_properties_changed(c->engine->bus, c->object_path, CACHE_INTERFACE, property, NULL);
+}
+
+static void set_state(Cache *c, CacheState s) {
+        if (c->state == s)
+                return;
+        c->state = s;
+        emit_changed(c, BS_CACHE_PROPERTY_STATE);
+}
+
+/* Tell the waiting provisionings: go on over the socket, or why not. */
+static void flush_waiters(Cache *c, int error, const char *why) {
+        _cleanup_free_ char *backing = NULL;
+        CacheWaiter *l = c->waiters;
+
+        c->waiters = NULL;
+        if (error == 0 && !(backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path)))
+                error = -ENOMEM, why = "out of memory";
+        while (l) {
+                CacheWaiter *w = l;
+                l = w->next;
+                if (error == 0)
+                        c->in_flight++;
+                w->ready(w->provision, error, why, backing, c);
+                free(w);
+        }
+}
+
+/* A cache made for provisionings that all failed, with nobody waiting any more, goes away. */
+static bool unwanted(Cache *c) {
+        return c->fresh && c->users == 0 && c->in_flight == 0 && !c->waiters;
+}
+
+static void warm_reply(Cache *c, const char *error_name, const char *why) {
+        if (!c->warm_call)
+                return;
+        if (error_name)
+                (void) sd_bus_reply_method_errorf(c->warm_call, error_name, "Cannot warm cache %u: %s", c->id, why);
+        else
+                (void) sd_bus_reply_method_return(c->warm_call, NULL);
+        c->warm_call = sd_bus_message_unref(c->warm_call);
+}
+
+/* The helper goes (killed and reaped at once); the cache stays unless the caller frees it. */
+static void helper_gone(Cache *c) {
+        c->qmp = qmp_close_unref(c->qmp);
+        c->child = helper_release(c->child);
+        c->log = helper_log_free(c->log);
+        c->leftover_timer = sd_event_source_disable_unref(c->leftover_timer);
+        c->pid = 0;
+        c->pending = 0;
+        c->setup_failed = false;
+}
+
+static Cache *cache_free(Cache *c) {
+        if (!c)
+                return NULL;
+        c->in_flight++; /* nothing a waiter does can free it again */
+        flush_waiters(c, -ECANCELED, "the cache went away");
+        warm_reply(c, BS_ERROR_HELPER_FAILED, "the cache went away");
+        helper_gone(c);
+        closep(&c->image_fd);
+        closep(&c->listen_fd);
+        free(c->url);
+        free(c->format);
+        free(c->object_path);
+        free(c->socket_path);
+        free(c->image_name);
+        free(c);
+        return NULL;
+}
+
+static void cache_unlink(Cache *c) {
+        for (Cache **p = &c->engine->caches; *p; p = &(*p)->next)
+                if (*p == c) {
+                        *p = c->next;
+                        break;
+                }
+}
+
+/* At the daemon's exit: QEMU's clean shutdown on SIGTERM flushes the image's metadata, so what the
+ * cache holds is still there for the next daemon (a SIGKILL would lose the clusters copied since the
+ * last flush: correct, but fetched again). Waited for here, bounded: the loop is ending anyway. */
+static void helper_quit_sync(Cache *c) {
+        struct pollfd p = {.events = POLLIN};
+
+        if (!c->child || sd_event_source_send_child_signal(c->child, SIGTERM, NULL, 0) < 0)
+                return;
+        p.fd = sd_event_source_get_child_pidfd(c->child);
+        if (p.fd >= 0)
+                (void) poll(&p, 1, 10 * 1000);
+}
+
+void cache_free_all(Engine *e) {
+        while (e->caches) {
+                Cache *c = e->caches;
+                e->caches = c->next;
+                helper_quit_sync(c);
+                cache_free(c);
+        }
+}
+
+static Cache *cache_find_id(Engine *e, unsigned id) {
+        for (Cache *c = e->caches; c; c = c->next)
+                if (c->id == id)
+                        return c;
+        return NULL;
+}
+
+/* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users"}]}. */
+
+static int caches_save(Engine *e) {
+        _cleanup_(json_object_putp) json_object *o = json_object_new_object(), *a = json_object_new_array();
+        _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir);
+        const char *text;
+        int r;
+
+        if (!o || !a || !path)
+                return log_oom();
+        for (Cache *c = e->caches; c; c = c->next) {
+                json_object *k;
+
+                if (c->fresh)
+                        continue; /* not yet used by any overlay: not worth keeping */
+                k = json_object_new_object();
+                if (!k || json_object_array_add(a, k) < 0) {
+                        json_object_put(k);
+                        return log_oom();
+                }
+                if (json_object_object_add(k, "id", json_object_new_uint64(c->id)) < 0 ||
+                        json_object_object_add(k, "url", json_object_new_string(c->url)) < 0 ||
+                        json_object_object_add(k, "format", json_object_new_string(c->format)) < 0 ||
+                        json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
+                        json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
+                        json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0)
+                        return log_oom();
+        }
+        if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
+                return log_oom();
+        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
+        if (!text)
+                return log_oom();
+        r = write_file_atomic(path, text, strlen(text), 0600);
+        if (r < 0)
+                return log_error_errno(r, "Failed to save the template caches to %s: %m", path);
+        return 0;
+}
+
+static bool url_ok(const char *s) {
+        if (strncmp(s, "nbd://", 6) != 0 && strncmp(s, "http://", 7) != 0 && strncmp(s, "https://", 8) != 0)
+                return false;
+        if (strlen(s) > 1023)
+                return false;
+        for (const char *p = s; *p; p++)
+                if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f)
+                        return false;
+        return true;
+}
+
+static int cache_new(Engine *e, unsigned id, const char *url, const char *format, uint64_t size, Cache **ret) {
+        Cache *c;
+
+        c = calloc(1, sizeof(Cache));
+        if (!c)
+                return -ENOMEM;
+        c->engine = e;
+        c->id = id;
+        c->size = size;
+        c->image_fd = -1;
+        c->listen_fd = -1;
+        c->url = strdup(url);
+        c->format = strdup(format);
+        c->object_path = strdup_printf("%s/%u", CACHE_PATH_PREFIX, id);
+        c->socket_path = strdup_printf("%s/caches/%u.sock", e->runtime_dir, id);
+        c->image_name = strdup_printf("%u.qcow2", id);
+        if (!c->url || !c->format || !c->object_path || !c->socket_path || !c->image_name) {
+                cache_free(c);
+                return -ENOMEM;
+        }
+        *ret = c;
+        return 0;
+}
+
+/* The listening socket, made by us (a stale one of an earlier daemon replaced): overlays' NBD
+ * clients find the cache at the same path after a restart. */
+static int cache_listen(Cache *c) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        _cleanup_free_ char *dir = strdup_printf("%s/caches", c->engine->runtime_dir);
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        if (!dir)
+                return -ENOMEM;
+        if (strlen(c->socket_path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        r = mkdir_p(dir, 0755);
+        if (r < 0)
+                return r;
+        strcpy(sa.sun_path, c->socket_path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (unlink(c->socket_path) < 0 && errno != ENOENT)
+                return -errno;
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
+                return -errno;
+        closep(&c->listen_fd);
+        c->listen_fd = TAKE_FD(fd);
+        return 0;
+}
+
+/* The helper */
+
+/* Callers return at once: a cache nobody wants any more is gone after this. */
+static void cache_failed(Cache *c, const char *why) {
+        _cleanup_free_ char *text = strdup_printf("the template cache failed: %s", why);
+
+        log_error("Template cache %u (%s): %s", c->id, c->url, why);
+        warm_reply(c, BS_ERROR_HELPER_FAILED, why);
+        set_state(c, CACHE_FAILED);
+        flush_waiters(c, -EIO, text ?: why);
+        if (unwanted(c))
+                cache_destroy(c);
+}
+
+static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        Cache *c = userdata;
+
+        if (error < 0 && !c->setup_failed) {
+                c->setup_failed = true;
+                log_error("Template cache %u: QEMU refused the setup: %s", c->id, desc ?: strerror(-error));
+        }
+        if (c->pending == 0 || --c->pending > 0)
+                return;
+        if (c->setup_failed) {
+                helper_gone(c);
+                cache_failed(c, "its storage helper could not open the cache image or serve it");
+                return;
+        }
+        c->restarts = 0;
+        log_info("Template cache %u: serving %s on %s.", c->id, c->url, c->socket_path);
+        set_state(c, CACHE_SERVING);
+        c->in_flight++; /* held while the waiters make their overlays */
+        flush_waiters(c, 0, NULL);
+        c->in_flight--;
+        if (unwanted(c))
+                cache_destroy(c);
+}
+
+static void raw_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        setup_reply(q, error, desc, userdata);
+}
+
+static int call_raw(Cache *c, const char *command, json_object *args) {
+        int r;
+
+        if (!args)
+                return -ENOMEM;
+        r = qmp_call(c->qmp, command, args, -1, raw_reply, c, NULL);
+        if (r >= 0)
+                c->pending++;
+        return r;
+}
+
+static json_object *blockdev(const char *driver, const char *node, const char *file) {
+        json_object *o = json_object_new_object();
+
+        if (!o)
+                return NULL;
+        if (json_object_object_add(o, "driver", json_object_new_string(driver)) < 0 ||
+                json_object_object_add(o, "node-name", json_object_new_string(node)) < 0 ||
+                json_object_object_add(o, "file", json_object_new_string(file)) < 0) {
+                json_object_put(o);
+                return NULL;
+        }
+        return o;
+}
+
+/* The image's node. Without a "backing" key QEMU opens the header's: the template URL with its
+ * format (or nothing, once warmed). Over HTTP the backing is given, to turn off the curl driver's
+ * readahead: each copy-on-read fetches what it copies, and nothing is fetched twice. */
+static json_object *cache_blockdev(Cache *c) {
+        _cleanup_(json_object_putp) json_object *o = blockdev("qcow2", "cache", "cf");
+        json_object *backing, *file;
+        bool https = strncmp(c->url, "https://", 8) == 0;
+
+        if (!o || c->warmed || (!https && strncmp(c->url, "http://", 7) != 0))
+                return TAKE_PTR(o);
+        backing = json_object_new_object();
+        if (!backing || json_object_object_add(o, "backing", backing) < 0) {
+                json_object_put(backing);
+                return NULL;
+        }
+        file = json_object_new_object();
+        if (!file || json_object_object_add(backing, "file", file) < 0) {
+                json_object_put(file);
+                return NULL;
+        }
+        if (json_object_object_add(backing, "driver", json_object_new_string(c->format)) < 0 ||
+                json_object_object_add(file, "driver", json_object_new_string(https ? "https" : "http")) < 0 ||
+                json_object_object_add(file, "url", json_object_new_string(c->url)) < 0 ||
+                json_object_object_add(file, "readahead", json_object_new_int(0)) < 0)
+                return NULL;
+        return TAKE_PTR(o);
+}
+
+/* QMP is up: the image (fd) with its backing from its header (the remote template: opened by QEMU
+ * here, in the sandbox), a copy-on-read filter on it, and that served read-only on our socket. */
+static int cache_setup(Cache *c) {
+        int fd, r;
+
+        fd = fcntl(c->image_fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+                return -errno;
+        r = qemu_add_fd(c->qmp, 1, fd, "cache", setup_reply, c, NULL);
+        if (r < 0)
+                return r;
+        c->pending++;
+        r = qemu_blockdev_add_file(c->qmp, "cf", 1, false, setup_reply, c, NULL);
+        if (r < 0)
+                return r;
+        c->pending++;
+        r = call_raw(c, "blockdev-add", cache_blockdev(c));
+        if (r < 0)
+                return r;
+        r = call_raw(c, "blockdev-add", blockdev("copy-on-read", "cor", "cache"));
+        if (r < 0)
+                return r;
+        fd = fcntl(c->listen_fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+                return -errno;
+        r = qemu_getfd(c->qmp, "nbd", fd, setup_reply, c, NULL);
+        if (r < 0)
+                return r;
+        c->pending++;
+        r = qemu_nbd_server_start_fd(c->qmp, "nbd", setup_reply, c, NULL);
+        if (r < 0)
+                return r;
+        c->pending++;
+        r = qemu_block_export_add_nbd(c->qmp, "cache", "cor", CACHE_EXPORT_NAME, setup_reply, c, NULL);
+        if (r < 0)
+                return r;
+        c->pending++;
+        return 0;
+}
+
+static void on_qmp_state(Qmp *q, int error, void *userdata) {
+        Cache *c = userdata;
+        int r;
+
+        if (error == 0) {
+                r = cache_setup(c);
+                if (r < 0) {
+                        helper_gone(c);
+                        cache_failed(c, "cannot talk to its storage helper");
+                }
+                return;
+        }
+        /* The connection is gone (or QEMU did not answer in time): whatever the helper does
+         * without a monitor, it does not do it for us; its child handler tells the rest. */
+        c->qmp = qmp_close_unref(c->qmp);
+        if (c->child)
+                (void) helper_kill(c->child);
+}
+
+static void on_qmp_event(Qmp *q, const char *event, json_object *data, void *userdata) {
+        Cache *c = userdata;
+        json_object *o;
+
+        if (!streq(event, "BLOCK_JOB_COMPLETED") && !streq(event, "BLOCK_JOB_CANCELLED"))
+                return;
+        if (!json_object_object_get_ex(data, "device", &o) || !json_object_is_type(o, json_type_string) ||
+                !streq(json_object_get_string(o), "warm"))
+                return;
+        if (streq(event, "BLOCK_JOB_CANCELLED"))
+                return warm_reply(c, BS_ERROR_QEMU_FAILED, "the job was cancelled");
+        if (json_object_object_get_ex(data, "error", &o)) {
+                _cleanup_free_ char *why = text_sanitize(json_object_get_string(o), 1024, 200);
+                return warm_reply(c, BS_ERROR_QEMU_FAILED, why ?: "the job failed");
+        }
+        log_info("Template cache %u: warm, %s is no longer needed.", c->id, c->url);
+        c->warmed = true;
+        (void) caches_save(c->engine);
+        warm_reply(c, NULL, NULL);
+}
+
+static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        Cache *c = userdata;
+        bool was_serving = c->state == CACHE_SERVING;
+
+        c->child = sd_event_source_disable_unref(c->child);
+        helper_gone(c);
+        if (c->stopping)
+                return 0;
+        log_warning("Template cache %u: storage helper %s %i.", c->id,
+                si->si_code == CLD_EXITED ? "exited with status" : "was killed by signal", si->si_status);
+        warm_reply(c, BS_ERROR_HELPER_FAILED, "its storage helper went away");
+        /* One that served is brought back on the same socket; one that never did is not retried. */
+        if (was_serving && c->restarts++ < CACHE_RESTARTS_MAX) {
+                set_state(c, CACHE_STARTING);
+                if (cache_spawn(c) >= 0)
+                        return 0;
+        }
+        cache_failed(c, "its storage helper went away");
+        return 0;
+}
+
+static uint64_t file_limit(uint64_t size) {
+        return size + size / 64 + (UINT64_C(64) << 20);
+}
+
+static int helper_spawn_now(Cache *c) {
+        const Config *cfg = &c->engine->config;
+        _cleanup_free_ char *prefix = strdup_printf("Template cache %u helper", c->id);
+        _cleanup_free_ char *name = strdup_printf("cache-%u", c->id);
+        _cleanup_close_ int qmp_ours = -1;
+        char *argv[] = {
+                (char *) config_qemu_binary(cfg),
+                (char *) "-machine",
+                (char *) "none",
+                (char *) "-nodefaults",
+                (char *) "-no-user-config",
+                (char *) "-display",
+                (char *) "none",
+                (char *) "-sandbox",
+                (char *) "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                (char *) "-chardev",
+                (char *) "socket,id=m0,fd=3",
+                (char *) "-mon",
+                (char *) "chardev=m0,mode=control",
+                NULL,
+        };
+        int r;
+
+        if (!prefix || !name)
+                return -ENOMEM;
+        /* The reserved provisioning uid (never a guest's), with the host network: it reaches the
+         * template's server, as the size probe does. */
+        r = helper_start(c->engine->event,
+                &(HelperSpec){
+                        .sandbox =
+                                {
+                                        .name = name,
+                                        .uid = cfg->helper_uid_max,
+                                        .gid = cfg->helper_uid_max,
+                                        .host_network = true,
+                                        .argv = argv,
+                                        .exec_fd = -1,
+                                        .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
+                                        /* It writes the cache image through its fd, its only writable
+                                         * file: the template's size plus qcow2's metadata (with 64 KiB
+                                         * clusters well under 1/64 of it) and headroom; a remote that
+                                         * makes it write more is cut off (SIGXFSZ). */
+                                        .max_file_size = file_limit(c->size),
+                                },
+                        .control_type = SOCK_STREAM,
+                        .log_prefix = prefix,
+                        .on_exit = child_handler,
+                        .userdata = c,
+                },
+                &c->pid, &c->child, &qmp_ours, &c->log);
+        if (r < 0)
+                return r;
+        r = qmp_new_from_fd(&c->qmp, c->engine->event, qmp_ours,
+                &(QmpHandlers){.on_state = on_qmp_state, .on_event = on_qmp_event, .userdata = c});
+        if (r < 0) {
+                c->qmp = NULL;
+                helper_gone(c);
+                return r;
+        }
+        TAKE_FD(qmp_ours);
+        qmp_set_timeout(c->qmp, cfg->qmp_timeout_usec);
+        log_info("Template cache %u: storage helper started (pid %i).", c->id, c->pid);
+        return 0;
+}
+
+static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
+        Cache *c = userdata;
+        int r;
+
+        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        if (r > 0 && now_usec(CLOCK_MONOTONIC) < c->leftover_deadline) {
+                (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        c->leftover_timer = sd_event_source_disable_unref(c->leftover_timer);
+        if (r == 0)
+                r = helper_spawn_now(c);
+        if (r != 0)
+                cache_failed(c, "cannot start its storage helper");
+        return 0;
+}
+
+/* A daemon restarted at once may find its predecessor's helper still exiting, with the image's
+ * lock: wait for it to be gone, as the guests' storage helpers do. */
+static int cache_spawn(Cache *c) {
+        int r;
+
+        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return helper_spawn_now(c);
+        c->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
+        return sd_event_add_time_relative(
+                c->engine->event, &c->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC, 0, leftover_check, c);
+}
+
+void cache_destroy(Cache *c) {
+        _cleanup_free_ char *dir = caches_dir(c->engine);
+        _cleanup_close_ int dir_fd = -1;
+        bool published = !c->fresh;
+
+        c->stopping = true;
+        helper_gone(c);
+        (void) unlink(c->socket_path);
+        if (dir && open_dir(dir, &dir_fd) >= 0 && unlinkat(dir_fd, c->image_name, 0) < 0 && errno != ENOENT)
+                log_warning_errno(errno, "Failed to remove template cache image %s/%s: %m", dir, c->image_name);
+        cache_unlink(c);
+        if (published && c->engine->bus)
+                (void) sd_bus_emit_object_removed(c->engine->bus, c->object_path);
+        (void) caches_save(c->engine);
+        cache_free(c);
+}
+
+/* ProvisionDisk's hooks */
+
+static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
+        CacheWaiter *w;
+
+        w = calloc(1, sizeof(CacheWaiter));
+        if (!w)
+                return -ENOMEM;
+        w->ready = ready;
+        w->provision = provision;
+        w->next = c->waiters;
+        c->waiters = w;
+        return 0;
+}
+
+int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
+        void *provision, sd_bus_error *error) {
+        _cleanup_free_ char *dir = NULL;
+        _cleanup_free_ char *why = NULL;
+        _cleanup_close_ int dir_fd = -1;
+        unsigned n = 0, id;
+        Cache *c = NULL;
+        int r;
+
+        if (!url_ok(url))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
+        if (size == 0 || size > (UINT64_C(1) << 60))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "A template of %" PRIu64 " bytes cannot be cached (at most 1 EiB).", size);
+        for (Cache *k = e->caches; k; k = k->next, n++)
+                if (!c && streq(k->url, url) && streq(k->format, format))
+                        c = k;
+        if (c && c->size != size)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "The template %s has %" PRIu64 " bytes now, its cache %u was made for %" PRIu64
+                        " bytes: templates must not change; stop the cache first.",
+                        url, size, c->id, c->size);
+        if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
+                /* Asked for again: another try, on the same socket. */
+                log_info("Template cache %u: starting its storage helper again.", c->id);
+                c->restarts = 0;
+                set_state(c, CACHE_STARTING);
+                r = cache_spawn(c);
+                if (r < 0) {
+                        set_state(c, CACHE_FAILED);
+                        return sd_bus_error_set_errnof(error, -r, "Cannot start the cache of %s: %m", url);
+                }
+        }
+        if (!c) {
+                _cleanup_close_ int fd = -1;
+
+                if (n >= CACHES_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                "There are %u template caches already; stop one first.", n);
+                id = e->cache_seq;
+                do
+                        id = id >= 999999 ? 1 : id + 1;
+                while (cache_find_id(e, id));
+                e->cache_seq = id;
+                r = cache_new(e, id, url, format, size, &c);
+                if (r < 0)
+                        return r;
+                c->fresh = true;
+                dir = caches_dir(e);
+                if (!dir) {
+                        cache_free(c);
+                        return -ENOMEM;
+                }
+                r = open_dir(dir, &dir_fd);
+                if (r >= 0) {
+                        /* A stale image of a cache that is no longer recorded is ours to replace. */
+                        (void) unlinkat(dir_fd, c->image_name, 0);
+                        fd = openat(dir_fd, c->image_name,
+                                O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
+                        r = fd < 0 ? -errno : image_write_qcow2_overlay(fd, size, url, format, &why);
+                }
+                if (r >= 0) {
+                        c->image_fd = TAKE_FD(fd);
+                        r = cache_listen(c);
+                }
+                if (r >= 0)
+                        r = cache_spawn(c);
+                if (r < 0) {
+                        if (dir_fd >= 0)
+                                (void) unlinkat(dir_fd, c->image_name, 0);
+                        (void) unlink(c->socket_path);
+                        cache_free(c);
+                        if (r == -ENOMEM)
+                                return r;
+                        return sd_bus_error_setf(
+                                error, SD_BUS_ERROR_FAILED, "Cannot make a cache of %s: %s", url, why ?: strerror(-r));
+                }
+                c->next = e->caches;
+                e->caches = c;
+                log_info("Template cache %u of %s made (%" PRIu64 " bytes).", c->id, url, size);
+        }
+        if (c->state == CACHE_SERVING) {
+                _cleanup_free_ char *backing =
+                        strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
+
+                if (!backing)
+                        return -ENOMEM;
+                c->in_flight++;
+                ready(provision, 0, NULL, backing, c);
+                return 0;
+        }
+        r = wait_for(c, ready, provision);
+        if (r < 0 && unwanted(c))
+                cache_destroy(c);
+        return r;
+}
+
+void cache_provisioned(Engine *e, void *handle, bool success) {
+        Cache *c = handle;
+
+        assert(c->in_flight > 0);
+        c->in_flight--;
+        if (!success) {
+                if (unwanted(c))
+                        cache_destroy(c);
+                return;
+        }
+        c->users++;
+        if (c->fresh) {
+                c->fresh = false;
+                if (e->bus)
+                        (void) sd_bus_emit_object_added(e->bus, c->object_path);
+        } else
+                emit_changed(c, BS_CACHE_PROPERTY_USERS);
+        (void) caches_save(e);
+}
+
+/* Loading */
+
+static int load_one(Engine *e, int dir_fd, json_object *k) {
+        json_object *o;
+        const char *url, *format;
+        uint64_t id, size, users = 0;
+        struct stat st;
+        Cache *c;
+        int r;
+
+        if (!json_object_is_type(k, json_type_object) || !json_object_object_get_ex(k, "id", &o) ||
+                !json_object_is_type(o, json_type_int) || (id = json_object_get_uint64(o)) == 0 || id > 999999 ||
+                !json_object_object_get_ex(k, "url", &o) || !json_object_is_type(o, json_type_string) ||
+                !url_ok(url = json_object_get_string(o)) || !json_object_object_get_ex(k, "format", &o) ||
+                !json_object_is_type(o, json_type_string) ||
+                (!streq(format = json_object_get_string(o), "raw") && !streq(format, "qcow2")) ||
+                !json_object_object_get_ex(k, "size", &o) || !json_object_is_type(o, json_type_int) ||
+                (size = json_object_get_uint64(o)) == 0 || size % 512 || size > (UINT64_C(1) << 60))
+                return log_error_errno(-EINVAL, "A template cache in caches.json is malformed, skipping it.");
+        if (json_object_object_get_ex(k, "users", &o) && json_object_is_type(o, json_type_int))
+                users = MIN(json_object_get_uint64(o), (uint64_t) UINT32_MAX);
+        if (cache_find_id(e, (unsigned) id))
+                return log_error_errno(-EEXIST, "Template cache %" PRIu64 " is recorded twice, skipping it.", id);
+        if (!config_template_url_allowed(&e->config, url))
+                log_warning("Template cache %" PRIu64 ": %s is no longer in TemplateURLPrefixes=; overlays on it "
+                            "keep working, new ones are not made over it.",
+                        id, url);
+        r = cache_new(e, (unsigned) id, url, format, size, &c);
+        if (r < 0)
+                return log_oom();
+        c->users = (unsigned) users;
+        c->warmed = json_object_object_get_ex(k, "warmed", &o) && json_object_is_type(o, json_type_boolean) &&
+                    json_object_get_boolean(o);
+        c->image_fd = openat(dir_fd, c->image_name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+        if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                log_error(
+                        "Template cache %u: its image %s is missing or not a file, skipping it.", c->id, c->image_name);
+                cache_free(c);
+                return 0;
+        }
+        c->next = e->caches;
+        e->caches = c;
+        e->cache_seq = MAX(e->cache_seq, c->id);
+        log_info("Template cache %u of %s restored.", c->id, url);
+        r = cache_listen(c);
+        if (r >= 0)
+                r = cache_spawn(c);
+        if (r < 0)
+                cache_failed(c, "cannot listen on its socket or start its storage helper");
+        return 0;
+}
+
+int cache_load_all(Engine *e) {
+        _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir), *dir = caches_dir(e), *text = NULL;
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        _cleanup_close_ int dir_fd = -1;
+        json_object *a;
+        size_t len;
+        int r;
+
+        if (!path || !dir)
+                return log_oom();
+        r = read_file_bounded(path, CACHES_FILE_MAX, &text, &len);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0)
+                return log_error_errno(r, "Failed to read %s: %m", path);
+        o = json_tokener_parse(text);
+        if (!o || !json_object_object_get_ex(o, "caches", &a) || !json_object_is_type(a, json_type_array))
+                return log_error_errno(-EINVAL, "%s is malformed, no template cache restored.", path);
+        r = open_dir(dir, &dir_fd);
+        if (r < 0)
+                return log_error_errno(r, "Failed to open %s: %m", dir);
+        for (size_t i = 0; i < json_object_array_length(a) && i < CACHES_MAX; i++)
+                (void) load_one(e, dir_fd, json_object_array_get_idx(a, i));
+        return 0;
+}

@@ -1,0 +1,363 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The host template cache (issue 14 §2): overlays provisioned with option 'cache' read a remote
+template through one sandboxed helper per host and template, so each block crosses the network
+once; the cache is a D-Bus object (URL, Size, BytesFetched, Users, Socket, Stop, Warm), survives a
+daemon restart on the same socket, and once warmed no longer needs the remote.
+
+The remote is nbdkit serving a file over TCP with its log filter, which records every read the
+cache's helper makes: the bytes read from the remote are counted exactly. The readers are real
+QEMU processes (qemu-img compare) reading each overlay fully, against the template's file."""
+
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import dbus
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+import test_manager as tm  # noqa: E402
+from harness import MiB  # noqa: E402
+
+SIZE = 16 * MiB
+IFACE_CACHE = 'org.blockstream1.Cache'
+CACHE_PREFIX = '/org/blockstream1/cache/'
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Remote:
+    """nbdkit serving a file read-only on 127.0.0.1:port, every read logged."""
+
+    def __init__(self, directory, name, port, size):
+        self.file = os.path.join(directory, name + '.raw')
+        self.logfile = os.path.join(directory, name + '-nbdkit.log')
+        self.port = port
+        self.url = 'nbd://127.0.0.1:%d' % port
+        with open(self.file, 'wb') as f:
+            f.write(os.urandom(size))
+        self.proc = None
+        self.start_argv = []
+
+    def start(self):
+        self.proc = h.spawn(['nbdkit', '-f', '-r', '--exit-with-parent', '-p', str(self.port), '-i', '127.0.0.1']
+                            + self.start_argv + ['--filter=log', 'file', self.file, 'logfile=' + self.logfile],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up():
+            with socket.socket() as s:
+                try:
+                    s.connect(('127.0.0.1', self.port))
+                    return True
+                except OSError:
+                    return False
+        h.wait_until(up, 20, 'nbdkit to listen on port %d' % self.port)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def bytes_read(self):
+        if not os.path.exists(self.logfile):
+            return 0
+        with open(self.logfile) as f:
+            return sum(int(m.group(1), 16) for m in re.finditer(r' Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)',
+                                                                 f.read()))
+
+
+class HttpRemote:
+    """A template over HTTP with byte ranges (what QEMU's curl driver needs), counting the bytes
+    it sends."""
+
+    def __init__(self, path):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self.sent = 0
+        self.lock = threading.Lock()
+        remote = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header('Content-Length', str(remote.size))
+                self.send_header('Accept-Ranges', 'bytes')
+                self.end_headers()
+
+            def do_GET(self):
+                m = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
+                if not m or int(m.group(1)) > int(m.group(2)) or int(m.group(1)) >= remote.size:
+                    self.send_error(416)
+                    return
+                start, end = int(m.group(1)), min(int(m.group(2)), remote.size - 1)
+                with open(remote.path, 'rb') as f:
+                    f.seek(start)
+                    data = f.read(end - start + 1)
+                self.send_response(206)
+                self.send_header('Content-Range', 'bytes %d-%d/%d' % (start, end, remote.size))
+                self.send_header('Content-Length', str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with remote.lock:
+                    remote.sent += len(data)
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.server.daemon_threads = True
+        self.url = 'http://127.0.0.1:%d' % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class CacheTest(h.TestCase):
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
+            cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
+            cls.http = HttpRemote(Remote(env.dir, 'http', 0, SIZE).file)
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\n' % (
+                cls.remote.url, cls.remote2.url, cls.http.url))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def serve(self, remote):
+        remote.start()
+        self.addCleanup(remote.stop)
+
+    def provision(self, template, target, **options):
+        o = {'cache': dbus.Boolean(True)} if options.pop('cache', True) else {}
+        o.update(options)
+        o = dbus.Dictionary(o, signature='sv')
+        return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target, o,
+                                timeout=120)
+
+    def ctl(self, *args):
+        return h.run([h.BLOCKSTREAMCTL] + list(args), check=False, timeout=300,
+                     env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address))
+
+    def caches(self):
+        return sorted(p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX))
+
+    def read_all(self, overlay, template_file):
+        """A whole read of the overlay by QEMU, compared with the template's data."""
+        r = subprocess.run(['qemu-img', 'compare', '-f', 'raw', '-F', 'qcow2', template_file, overlay],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        self.assertEqual(r.returncode, 0, 'qemu-img compare: %s' % r.stdout.decode(errors='replace'))
+
+    def test_1_two_guests_read_the_template_once(self):
+        self.serve(self.remote)
+        a = os.path.join(self.env.images, 'a.qcow2')
+        b = os.path.join(self.env.images, 'b.qcow2')
+        # A caller's 'size' is its overlay's, never the cache's (which is everyone's): the cache
+        # holds the whole template, as the server reports it.
+        self.assertEqual(h.unwrap(self.provision(self.remote.url + '/', a, size=h.T(2 * SIZE))), 2 * SIZE)
+        # The second through the CLI.
+        r = self.ctl('provision', '--cache', self.remote.url + '/', b)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        paths = self.caches()
+        self.assertEqual(len(paths), 1, 'one cache for one template: %s' % paths)
+        path = paths[0]
+        props = h.unwrap(self.client.get_all(path, IFACE_CACHE))
+        self.assertEqual(props['URL'], self.remote.url + '/')
+        self.assertEqual(props['Size'], SIZE)
+        self.assertEqual(props['Users'], 2)
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = props['Socket']
+        with open(os.path.join(h.SOURCE_ROOT, 'dbus', 'org.blockstream1.Cache.xml')) as f:
+            want = tm.members(f.read(), IFACE_CACHE)
+        got = tm.members(self.client.call(path, 'org.freedesktop.DBus.Introspectable', 'Introspect'), IFACE_CACHE)
+        self.assertTrue(want)
+        self.assertEqual(want, got, 'dbus/org.blockstream1.Cache.xml and the live object differ')
+        for overlay in (a, b):
+            info = h.image_info(overlay)
+            self.assertEqual(info.get('backing-filename'), 'nbd+unix:///cache?socket=%s' % sock)
+        before = self.remote.bytes_read()  # the size probe's reads, if any
+        self.read_all(a, self.remote.file)
+        self.read_all(b, self.remote.file)
+        fetched = self.remote.bytes_read() - before
+        h.log('remote bytes read by two readers: %d (template %d)' % (fetched, SIZE))
+        self.assertGreaterEqual(fetched, SIZE)
+        self.assertLessEqual(fetched, SIZE * 1.05, 'two readers through the cache read the remote more than once')
+        self.assertGreaterEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'BytesFetched')), SIZE)
+
+        # A daemon restart keeps the cache, its object and its socket; reads go on through it.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.assertEqual(self.caches(), [path])
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        props = h.unwrap(self.client.get_all(path, IFACE_CACHE))
+        self.assertEqual(props['Socket'], sock)
+        self.assertEqual(props['Users'], 2)
+        before = self.remote.bytes_read()
+        self.read_all(a, self.remote.file)
+        self.assertEqual(self.remote.bytes_read() - before, 0, 'what the cache holds is not read again')
+
+        # In use: Stop is refused while a reader is connected (a QEMU holding the overlay open).
+        q = h.spawn(['qemu-io', '-r', '-f', 'qcow2', a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: (q.kill(), q.wait(10)))
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) > 0, 30,
+                             'the reader to connect to the cache')
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        q.communicate(b'quit\n', timeout=30)
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
+                             'the reader to disconnect')
+        r = self.ctl('--json', 'caches')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listed = json.loads(r.stdout)
+        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
+                         [(path, self.remote.url + '/', 2, SIZE)])
+        r = self.ctl('cache-stop', path.rsplit('/', 1)[1])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(self.caches(), [])
+        self.assertFalse(os.path.exists(sock))
+
+    def test_2_warm_then_the_remote_goes_away(self):
+        self.serve(self.remote2)
+        c = os.path.join(self.env.images, 'c.qcow2')
+        self.provision(self.remote2.url + '/', c)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote2.url + '/'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        self.client.call(path, IFACE_CACHE, 'Warm', timeout=300)
+        self.assertGreaterEqual(self.remote2.bytes_read(), SIZE)
+        self.remote2.stop()
+        self.read_all(c, self.remote2.file)
+        # and after a restart too: the warmed image names no backing any more.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        self.read_all(c, self.remote2.file)
+
+    def test_3_bad_input_leaves_nothing(self):
+        before = self.caches()
+        tpl = os.path.join(self.env.images, 'local.raw')
+        with open(tpl, 'wb') as f:
+            f.truncate(SIZE)
+        cases = [
+            (tpl, 'InvalidArgs'),  # a local template: read from its file system, no cache
+            ('nbd+unix:///?socket=/tmp/x.sock', 'InvalidArgs'),  # local socket
+            ('nbd://127.0.0.1:1/', 'AccessDenied'),  # not in TemplateURLPrefixes=
+        ]
+        for template, err in cases:
+            target = os.path.join(self.env.images, 'bad.qcow2')
+            self.assertDBusError('org.freedesktop.DBus.Error.' + err, self.provision, template, target, size=h.T(SIZE))
+            self.assertFalse(os.path.exists(target))
+            self.assertEqual(self.caches(), before)
+        # A cache that cannot serve: the server answers the size probe, then exits (nbdkit's
+        # exitlast filter: once its last client left), so the helper cannot open the template. The
+        # provisioning fails once the helper found out, and neither the overlay nor the cache
+        # made for it stays.
+        once = Remote(self.env.dir, 'once', self.remote.port, MiB)
+        once.start_argv = ['--filter=exitlast']
+        once.start()
+        self.addCleanup(once.stop)
+        target = os.path.join(self.env.images, 'down.qcow2')
+        self.assertDBusError('org.blockstream1.Error.HelperFailed', self.provision, self.remote.url + '/down', target)
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(self.caches(), before)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.env.daemon.state_dir, 'caches'))),
+                         sorted('%s.qcow2' % p.rsplit('/', 1)[1] for p in before))
+        once.stop()
+        # A target that exists: refused before any cache is made.
+        self.serve(self.remote)
+        target = os.path.join(self.env.images, 'exists.qcow2')
+        with open(target, 'wb') as f:
+            f.write(b'x')
+        self.assertDBusError('org.freedesktop.DBus.Error.FileExists', self.provision, self.remote.url + '/x', target,
+                             size=h.T(SIZE))
+        self.assertEqual(self.caches(), before)
+
+    def test_4_guest_reconnects_across_a_daemon_restart(self):
+        """A guest's QEMU with its cache backing opened with reconnect-delay reads on through a
+        daemon restart: the helper comes back on the same socket."""
+        self.serve(self.remote)
+        overlay = os.path.join(self.env.images, 'g.qcow2')
+        self.provision(self.remote.url + '/g', overlay)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote.url + '/g'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket'))
+        # The monitor's socket listens before QEMU starts: QEMU gets it as an fd.
+        mon = os.path.join(self.env.dir, 'g.qmp')
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(mon)
+        listener.listen(1)
+        q = h.spawn(['qemu-system-x86_64', '-machine', 'none', '-S', '-nodefaults', '-display', 'none',
+                     '-chardev', 'socket,id=mon0,fd=%d,server=on,wait=off' % listener.fileno(),
+                     '-mon', 'chardev=mon0,mode=control',
+                     '-blockdev', 'driver=nbd,node-name=tpl,server.type=unix,server.path=%s,export=cache,'
+                     'reconnect-delay=60,read-only=on' % sock,
+                     '-blockdev', 'driver=file,filename=%s,node-name=f0,read-only=on' % overlay,
+                     '-blockdev', 'driver=qcow2,file=f0,backing=tpl,node-name=d0,read-only=on'],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=[listener.fileno()])
+        self.addCleanup(lambda: (q.kill(), q.wait(10)))
+        qmp = h.QMP(mon, timeout=300)
+        self.addCleanup(qmp.close)
+
+        def read(off, length):
+            out = qmp.hmp('qemu-io d0 "read -q %d %d"' % (off, length))
+            self.assertEqual(out, '', 'qemu-io read %d+%d: %s' % (off, length, out))
+        read(0, SIZE // 2)
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        read(SIZE // 2, SIZE // 2)
+        read(0, SIZE)
+        # And through a daemon SIGKILLed: its helper dies with it (PDEATHSIG), the next one waits
+        # for that to be gone (the image's lock) and serves on the same socket.
+        self.env.daemon.kill()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        read(0, SIZE)
+
+    def test_5_http_template(self):
+        """A template over HTTP (QEMU's curl driver, in the helper): two readers, one fetch."""
+        if not os.path.exists('/usr/lib/x86_64-linux-gnu/qemu/block-curl.so'):
+            self.skipTest("QEMU's curl driver is not installed (qemu-block-extra, scripts/install-deps)")
+        url = self.http.url + '/tpl.raw'
+        a = os.path.join(self.env.images, 'ha.qcow2')
+        b = os.path.join(self.env.images, 'hb.qcow2')
+        self.assertEqual(h.unwrap(self.provision(url, a)), SIZE)
+        self.assertEqual(h.unwrap(self.provision(url, b)), SIZE)
+        path = [p for p in self.caches() if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == url][0]
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 2)
+        before = self.http.sent
+        self.read_all(a, self.http.path)
+        self.read_all(b, self.http.path)
+        fetched = self.http.sent - before
+        h.log('HTTP bytes sent for two readers: %d (template %d)' % (fetched, SIZE))
+        self.assertGreaterEqual(fetched, SIZE)
+        self.assertLessEqual(fetched, SIZE * 1.05)
+
+
+if __name__ == '__main__':
+    h.main()
