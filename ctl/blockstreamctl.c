@@ -36,6 +36,7 @@ static const struct {
         {OPT_LISTEN, "--listen="},
         {OPT_TEMPLATE_FORMAT, "--template-format="},
         {OPT_MAX_GUEST_LATENCY, "--max-guest-latency="},
+        {OPT_CACHE, "--cache"},
 };
 
 /* ---------------------------------------------------------------------------------------- */
