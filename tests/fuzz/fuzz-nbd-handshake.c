@@ -2,7 +2,9 @@
 /* The relay's NBD handshake (service/helpers/nbd-handshake.c) between a hostile client and a
  * hostile upstream server: neg_step() over two real socket pairs, as blockstream-nbd-relay runs
  * it, with arbitrary bytes from both sides. The input:
- *   byte 0        bit 0: the pinned name is EXPORT_NAME_MAX characters long (else "bsx-1")
+ *   byte 0        bit 0: the pinned name is EXPORT_NAME_MAX characters long (else "bsx-1");
+ *                 bit 1: the relay's send buffers are as small as the kernel allows, so that its
+ *                 writes stop half way and go on in a later step
  *   bytes 1-2     U, big-endian: how many of the bytes that follow come from the upstream
  *   U bytes       upstream → relay (greeting, replies)
  *   the rest      client → relay (flags, options)
@@ -256,6 +258,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
          * once the relay waits for more, so that what it did with each option can be told. */
         CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a) == 0);
         CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, b) == 0);
+        if (data[0] & 2) {
+                int one = 1;
+
+                CHECK(setsockopt(a[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0);
+                CHECK(setsockopt(b[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0);
+        }
         send_all(b[0], up, up_len);
         CHECK(shutdown(b[0], SHUT_WR) == 0);
 
