@@ -16,6 +16,13 @@ typedef struct Export Export;
 
 /* A relay's client waits while QEMU's NBD listener has a full backlog: at most this many. */
 #define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
+/* A handed-over export's storage helper that dies is started again this often in a row, after
+ * a back-off doubling from EXPORT_HELPER_BACKOFF_MIN_USEC; then the export fails. */
+#define EXPORT_HELPER_RESTARTS 5
+#define EXPORT_HELPER_BACKOFF_MIN_USEC (500 * USEC_PER_MSEC)
+#define EXPORT_HELPER_BACKOFF_MAX_USEC (8 * USEC_PER_SEC)
+/* A helper that served this long was a working one: its death starts a new series. */
+#define EXPORT_HELPER_STABLE_USEC (60 * USEC_PER_SEC)
 
 typedef enum ExportState {
         EXPORT_STARTING,
@@ -46,6 +53,13 @@ struct Export {
          * export), and clients wait for it in pending[] meanwhile. */
         bool handed_over;
         bool handing_over;
+        /* The storage helper of a handed-over export died: started again after restart_source's
+         * back-off, at most EXPORT_HELPER_RESTARTS times in a row (a helper that served for a
+         * while is a new series). */
+        unsigned helper_restarts;
+        usec_t helper_serving_since;
+        sd_event_source *restart_source;
+        char *error; /* why it failed, for the Error property; NULL while it did not */
         uint32_t clients;
 
         /* Restored from the state after a restart: waiting for the guest's peer (resuming set

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netdb.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -74,6 +75,7 @@ static Export *export_free(Export *e) {
         sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->rebind_source);
         sd_event_source_disable_unref(e->ready_timer);
+        sd_event_source_disable_unref(e->restart_source);
         helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
         closep(&e->control_fd);
@@ -88,6 +90,7 @@ static Export *export_free(Export *e) {
         free(e->qemu_id);
         free(e->name);
         free(e->uri);
+        free(e->error);
         free(e);
         return NULL;
 }
@@ -148,6 +151,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
                 e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
                 e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
+                e->restart_source = sd_event_source_disable_unref(e->restart_source);
                 e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
@@ -169,6 +173,10 @@ void export_end(Export *e, ExportState final, bool remove_object) {
 
 static void export_fail(Export *e, const char *why) {
         log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
+        if (!e->error) {
+                e->error = strdup(why);
+                export_emit(e, "Error");
+        }
         if (e->create_call) {
                 (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
                         "Cannot export disk '%s' of guest '%s': %s", e->alias, e->guest->name, why);
@@ -498,12 +506,70 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                 /* Handed over: the relay kept the address and its clients; they reach the
                  * storage helper's server from now on. */
                 e->handing_over = false;
+                e->helper_serving_since = now_usec(CLOCK_MONOTONIC);
                 log_info("Export %u of guest %s disk %s: served by the storage helper now, still at %s.", e->id,
                         e->guest->name, e->alias, e->uri);
                 return;
         }
         export_start_relay(e);
         /* Answered when the relay says "ready" (control_handler) or dies. */
+}
+
+/* A handed-over export whose storage helper died (or could not take the disks): its relay keeps
+ * the address and holds new clients (handing_over) while a new helper starts after a back-off;
+ * a helper that dies each time makes no spin: after EXPORT_HELPER_RESTARTS the export fails. */
+static bool export_helper_restartable(Export *e) {
+        return e->state == EXPORT_SERVING && e->handed_over && e->guest->handoff && e->relay_pid > 0;
+}
+
+static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
+static void export_helper_died(Export *e, const char *why);
+
+static int export_restart_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Export *e = userdata;
+        int r;
+
+        e->restart_source = sd_event_source_disable_unref(e->restart_source);
+        log_info("Export %u of guest %s disk %s: starting its storage helper again.", e->id, e->guest->name, e->alias);
+        r = guest_when_ready(e->guest, export_backend_ready, e, NULL);
+        if (r < 0) {
+                _cleanup_free_ char *why = strdup_printf("cannot start the storage helper: %s", strerror(-r));
+                export_helper_died(e, why ?: "cannot start the storage helper");
+        }
+        return 0;
+}
+
+static void export_helper_died(Export *e, const char *why) {
+        usec_t now = now_usec(CLOCK_MONOTONIC), delay;
+        int r;
+
+        /* One death reaches us up to three times (QMP, the waiters, the child's exit): the
+         * restart already due covers them all. */
+        if (e->restart_source)
+                return;
+        e->handing_over = true;
+        if (e->helper_serving_since > 0 && now - e->helper_serving_since >= EXPORT_HELPER_STABLE_USEC)
+                e->helper_restarts = 0;
+        e->helper_serving_since = 0;
+        if (e->helper_restarts >= EXPORT_HELPER_RESTARTS) {
+                _cleanup_free_ char *text =
+                        strdup_printf("the storage helper died %u times in a row (last: %s); not starting it again",
+                                e->helper_restarts + 1, why);
+                export_fail(e, text ?: "the storage helper died too often");
+                return;
+        }
+        delay = MIN(EXPORT_HELPER_BACKOFF_MIN_USEC << e->helper_restarts, EXPORT_HELPER_BACKOFF_MAX_USEC);
+        e->helper_restarts++;
+        r = sd_event_add_time_relative(
+                e->engine->event, &e->restart_source, CLOCK_MONOTONIC, delay, 0, export_restart_handler, e);
+        if (r < 0) {
+                e->restart_source = NULL;
+                export_fail(e, "the storage helper went away, and cannot be started again");
+                return;
+        }
+        log_warning("Export %u of guest %s disk %s: %s; starting it again in %" PRIu64 " ms (%u of %u), on %s.", e->id,
+                e->guest->name, e->alias, why, (uint64_t) (delay / USEC_PER_MSEC), e->helper_restarts,
+                (unsigned) EXPORT_HELPER_RESTARTS, e->uri);
 }
 
 static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
@@ -518,6 +584,10 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
         if (!e)
                 return;
         if (error < 0) {
+                if (export_helper_restartable(e)) {
+                        export_helper_died(e, error_text ?: "the storage helper could not take the disks");
+                        return;
+                }
                 export_fail(e, error_text
                                        ?: (g->offline || g->handoff ? "the storage helper could not take the disks"
                                                                     : "the guest is not running"));
@@ -561,6 +631,10 @@ static void export_peer_lost(void *userdata) {
         int r;
 
         e->in_qemu = false;
+        if (export_helper_restartable(e)) {
+                export_helper_died(e, "the storage helper went away");
+                return;
+        }
         /* A running guest's QEMU went away (the source after a migration, say): its clients
          * (a destination reading its disk) must not notice. Once only: a helper that dies fails
          * the export. */
