@@ -11,6 +11,7 @@
 #include "engine.h"
 #include "helper.h"
 #include "peer.h"
+#include "state.h"
 
 typedef struct Export Export;
 
@@ -67,6 +68,7 @@ struct Export {
         bool restored;
         bool resuming;
         bool relay_wanted; /* in QEMU already: spawn the relay once the address is ours */
+        bool restore_handoff; /* handed over before the restart (its record has the pins) */
         sd_event_source *rebind_source;
         usec_t rebind_deadline;
 
@@ -93,3 +95,18 @@ struct Export {
 /* Ends the export: final state, relay and socket gone, QEMU's export removed; the object too
  * with remove_object. */
 void export_end(Export *e, ExportState final, bool remove_object);
+
+/* export.c, for export-handoff.c */
+void export_fail(Export *e, const char *why);
+void export_save(Export *e);
+void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
+
+/* export-handoff.c: a handed-over export's storage helper that died (restartable: it may be
+ * started again), and the handoff across a daemon restart (the pins in its record). */
+bool export_helper_restartable(Export *e);
+void export_helper_died(Export *e, const char *why);
+int export_handoff_pins(Export *e, StateExportPin **ret, size_t *ret_n);
+void export_handoff_restore_pins(Export *e, const StateExport *s);
+/* A restored export that was handed over before the restart, its QEMU still gone: the storage
+ * helper takes the disks again, as when that QEMU went away. */
+int export_handoff_resume(Export *e);

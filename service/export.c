@@ -107,14 +107,18 @@ static char *export_state_dir(Engine *m) {
         return strdup_printf("%s/exports", m->state_dir);
 }
 
-static void export_save(Export *e) {
+void export_save(Export *e) {
         _cleanup_free_ char *dir = export_state_dir(e->engine);
+        _cleanup_free_ StateExportPin *pins = NULL;
         StateExport s = {
                 .id = e->id, .guest = e->guest->name, .alias = e->alias, .name = e->name, .listen = e->listen
         };
         int r;
 
-        r = dir ? state_export_save(dir, &s) : -ENOMEM;
+        r = export_handoff_pins(e, &pins, &s.n_pins);
+        s.pins = pins;
+        if (r >= 0)
+                r = dir ? state_export_save(dir, &s) : -ENOMEM;
         if (r < 0)
                 log_warning_errno(r, "Export %u: failed to save it, it will not survive a restart: %m", e->id);
 }
@@ -171,7 +175,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         peer_release_helper_if_idle(&g->peer);
 }
 
-static void export_fail(Export *e, const char *why) {
+void export_fail(Export *e, const char *why) {
         log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
         if (!e->error) {
                 e->error = strdup(why);
@@ -515,64 +519,7 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
 
-/* A handed-over export whose storage helper died (or could not take the disks): its relay keeps
- * the address and holds new clients (handing_over) while a new helper starts after a back-off;
- * a helper that dies each time makes no spin: after EXPORT_HELPER_RESTARTS the export fails. */
-static bool export_helper_restartable(Export *e) {
-        return e->state == EXPORT_SERVING && e->handed_over && e->guest->handoff && e->relay_pid > 0;
-}
-
-static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
-static void export_helper_died(Export *e, const char *why);
-
-static int export_restart_handler(sd_event_source *s, uint64_t usec, void *userdata) {
-        Export *e = userdata;
-        int r;
-
-        e->restart_source = sd_event_source_disable_unref(e->restart_source);
-        log_info("Export %u of guest %s disk %s: starting its storage helper again.", e->id, e->guest->name, e->alias);
-        r = guest_when_ready(e->guest, export_backend_ready, e, NULL);
-        if (r < 0) {
-                _cleanup_free_ char *why = strdup_printf("cannot start the storage helper: %s", strerror(-r));
-                export_helper_died(e, why ?: "cannot start the storage helper");
-        }
-        return 0;
-}
-
-static void export_helper_died(Export *e, const char *why) {
-        usec_t now = now_usec(CLOCK_MONOTONIC), delay;
-        int r;
-
-        /* One death reaches us up to three times (QMP, the waiters, the child's exit): the
-         * restart already due covers them all. */
-        if (e->restart_source)
-                return;
-        e->handing_over = true;
-        if (e->helper_serving_since > 0 && now - e->helper_serving_since >= EXPORT_HELPER_STABLE_USEC)
-                e->helper_restarts = 0;
-        e->helper_serving_since = 0;
-        if (e->helper_restarts >= EXPORT_HELPER_RESTARTS) {
-                _cleanup_free_ char *text =
-                        strdup_printf("the storage helper died %u times in a row (last: %s); not starting it again",
-                                e->helper_restarts + 1, why);
-                export_fail(e, text ?: "the storage helper died too often");
-                return;
-        }
-        delay = MIN(EXPORT_HELPER_BACKOFF_MIN_USEC << e->helper_restarts, EXPORT_HELPER_BACKOFF_MAX_USEC);
-        e->helper_restarts++;
-        r = sd_event_add_time_relative(
-                e->engine->event, &e->restart_source, CLOCK_MONOTONIC, delay, 0, export_restart_handler, e);
-        if (r < 0) {
-                e->restart_source = NULL;
-                export_fail(e, "the storage helper went away, and cannot be started again");
-                return;
-        }
-        log_warning("Export %u of guest %s disk %s: %s; starting it again in %" PRIu64 " ms (%u of %u), on %s.", e->id,
-                e->guest->name, e->alias, why, (uint64_t) (delay / USEC_PER_MSEC), e->helper_restarts,
-                (unsigned) EXPORT_HELPER_RESTARTS, e->uri);
-}
-
-static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
+void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
         Engine *m = g->engine;
         Export *e = NULL;
         int r;
@@ -641,8 +588,10 @@ static void export_peer_lost(void *userdata) {
         if (e->state == EXPORT_SERVING && !g->offline && !e->handed_over) {
                 e->handed_over = e->handing_over = true;
                 r = guest_begin_handoff(g);
-                if (r >= 0)
+                if (r >= 0) {
+                        export_save(e); /* a restarted daemon hands it over again */
                         r = guest_when_ready(g, export_backend_ready, e, NULL);
+                }
                 if (r >= 0)
                         return;
                 e->handing_over = false;
@@ -833,6 +782,10 @@ static int export_restore_one(StateExport *s, void *userdata) {
         if (r < 0)
                 return r;
         e->restored = true;
+        /* Handed over before the restart: its QEMU is gone. If it is still gone, the storage
+         * helper takes the disks again (export_guest_unreachable()), but only the files that
+         * QEMU had open: the pins come back with the record. */
+        export_handoff_restore_pins(e, s);
         m->export_seq = MAX(m->export_seq, e->id);
         r = export_rebind(e);
         if (r == -EADDRINUSE) {
@@ -889,8 +842,23 @@ void export_resume(Guest *g) {
 void export_guest_unreachable(Guest *g) {
         Export *e;
 
-        while ((e = export_next_waiting(g)))
-                export_fail(e, "its guest's QEMU is not there after the restart"); /* unpublished: freed */
+        while ((e = export_next_waiting(g))) {
+                int r;
+
+                if (!e->restore_handoff) {
+                        export_fail(e, "its guest's QEMU is not there after the restart"); /* unpublished: freed */
+                        continue;
+                }
+                r = export_handoff_resume(e);
+                if (r < 0) {
+                        _cleanup_free_ char *why =
+                                strdup_printf("its guest's QEMU is gone, and its storage helper cannot take the "
+                                              "disks again: %s",
+                                        strerror(-r));
+                        e->resuming = true; /* not asked again */
+                        export_fail(e, why ?: "its guest's QEMU is gone");
+                }
+        }
 }
 
 void export_free_all(Engine *m) {

@@ -345,6 +345,62 @@ class MigrateTest(h.TestCase):
         self.ctl(self.src, 'export-stop', path)
         self.assertNotIn(path, self.src.client.managed_objects())
 
+    def restart_source_daemon(self, sig):
+        if sig == signal.SIGKILL:
+            self.assertEqual(self.src.kill_daemon(), -signal.SIGKILL)
+        else:
+            self.assertEqual(self.src.stop_daemon(sig), 0, 'blockstreamd did not exit cleanly')
+        self.src.start_daemon()
+
+    def wait_export_back(self, r, timeout=90):
+        """src: the export is on the bus again, serving on the address it had."""
+        c = self.src.client
+        c.wait_for(lambda: c.try_call(r.export_path, h.IFACE_PROPS, 'Get', 'ss', o.IFACE_EXPORT, 'State')[0] ==
+                   'serving', timeout, 'the export back and serving')
+        self.assertEqual(c.get(r.export_path, o.IFACE_EXPORT, 'URI'), r.uri)
+
+    def test_source_daemon_restarted_midstream(self):
+        """Issue 14: the source daemon SIGKILLed and started again while the destination streams
+        and the export is still served by the (paused) source QEMU: the export comes back on the
+        same address, the destination's client reconnects and never sees an error."""
+        r = self.migrate('vm-restart')
+        self.start_stream_and_pause(r)
+        self.stream_on(r)
+        self.restart_source_daemon(signal.SIGKILL)
+        self.wait_export_back(r)
+        done = r.disk.prop('BytesDone')
+        r.disk.wait_bytes_done(done + 1 * MiB, 120)
+        self.pause_stream(r)
+        self.finish_stream(r)
+        r.src_q.kill()
+        self.check_destination(r)
+
+    def _restart_after_handoff(self, name, sig):
+        r = self.migrate(name)
+        self.start_stream_and_pause(r)
+        helper = self.handed_off(r)
+        self.stream_on(r)
+        self.restart_source_daemon(sig)
+        o.wait_gone(helper, 30, 'the storage helper of the daemon before')
+        self.wait_export_back(r)
+        self.assertTrue(o.storage_helpers(self.src), 'the export is not served by a new storage helper')
+        done = r.disk.prop('BytesDone')
+        r.disk.wait_bytes_done(done + 1 * MiB, 120)     # reading through the new helper
+        self.pause_stream(r)
+        self.finish_stream(r)
+        h.wait_until(lambda: not o.storage_helpers(self.src), 30, 'the storage helper to exit after Stop')
+        self.check_destination(r)
+
+    def test_source_daemon_sigterm_after_handoff(self):
+        """Issue 14: the source daemon restarted (SIGTERM) after the source QEMU exited, while the
+        storage helper serves the export mid-stream: the export is handed over again on the same
+        address (the daemon used to drop it: "its guest's QEMU is not there after the restart")."""
+        self._restart_after_handoff('vm-term', signal.SIGTERM)
+
+    def test_source_daemon_sigkill_after_handoff(self):
+        """The same with a SIGKILLed daemon (its relay and helper die with it)."""
+        self._restart_after_handoff('vm-kill', signal.SIGKILL)
+
     def test_handoff_refuses_a_swapped_image(self):
         """The handoff opens the disk by the path QEMU reported, as root: only if that path still
         is the file QEMU had open when the export began (device and inode, from /proc/PID/fd).
