@@ -515,6 +515,8 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                         e->guest->name, e->alias, e->uri);
                 return;
         }
+        if (e->handed_over)
+                e->helper_serving_since = now_usec(CLOCK_MONOTONIC); /* handed over again after a restart */
         export_start_relay(e);
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
