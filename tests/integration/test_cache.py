@@ -219,9 +219,29 @@ class CacheTest(h.TestCase):
         self.read_all(a, self.remote.file)
         self.assertEqual(self.remote.bytes_read() - before, 0, 'what the cache holds is not read again')
 
-        # In use: Stop is refused while a reader is connected (a QEMU holding the overlay open).
-        q = h.spawn(['qemu-io', '-r', '-f', 'qcow2', a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT)
+        r = self.ctl('--json', 'caches')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listed = json.loads(r.stdout)
+        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
+                         [(path, self.remote.url + '/', 2, SIZE)])
+
+        # Users counts down (issue 14 §4): an overlay removed, or no longer over the cache, is no
+        # user; a file put in an overlay's place is none either, even one naming the cache.
+        # Stop is refused while an overlay still needs the cache (it used to leave them without
+        # their backing).
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        os.unlink(b)
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 1)
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///cache?socket=%s' % sock, '-F', 'raw',
+                   b, str(SIZE))
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 1)
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        h.qemu_img('rebase', '-u', '-b', '', a)
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 0)
+
+        # In use: Stop is refused while a reader is connected (a QEMU on the cache's socket).
+        q = h.spawn(['qemu-io', '-r', '-f', 'raw', 'nbd+unix:///cache?socket=%s' % sock], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.addCleanup(lambda: (q.kill(), q.wait(10)))
         self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) > 0, 30,
                              'the reader to connect to the cache')
@@ -229,11 +249,6 @@ class CacheTest(h.TestCase):
         q.communicate(b'quit\n', timeout=30)
         self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
                              'the reader to disconnect')
-        r = self.ctl('--json', 'caches')
-        self.assertEqual(r.returncode, 0, r.stderr)
-        listed = json.loads(r.stdout)
-        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
-                         [(path, self.remote.url + '/', 2, SIZE)])
         r = self.ctl('cache-stop', path.rsplit('/', 1)[1])
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(self.caches(), [])
