@@ -30,6 +30,7 @@ typedef struct CacheUser {
         char *path;
         uint64_t dev;
         uint64_t ino;
+        uid_t uid; /* its owner: whose QEMU may reach the cache's socket */
 } CacheUser;
 
 typedef struct CacheWaiter {
@@ -88,3 +89,7 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count);
 void cache_users_free(Cache *c);
 /* Refresh the users, and tell the bus if their count changed. */
 void cache_users_update(Cache *c);
+/* Who may connect to the caches' sockets (cache-users.c): the owners of their overlays and the
+ * QEMUUsers= uids, by POSIX ACLs on each socket (read-write) and on the directories above it
+ * (search only); nobody else. Applied again whenever a socket is made or the users change. */
+void cache_access_update(Engine *e);

@@ -12,7 +12,10 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <json-c/json.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 
 #include "blockstream-api.h"
 #include "cache-internal.h"
@@ -39,7 +42,7 @@ void cache_users_free(Cache *c) {
         c->n_user_list = 0;
 }
 
-static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino) {
+static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino, uid_t uid) {
         CacheUser *l;
         char *p;
 
@@ -57,14 +60,14 @@ static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino) {
                 return -ENOMEM;
         }
         c->user_list = l;
-        c->user_list[c->n_user_list++] = (CacheUser){.path = p, .dev = dev, .ino = ino};
+        c->user_list[c->n_user_list++] = (CacheUser){.path = p, .dev = dev, .ino = ino, .uid = uid};
         return 0;
 }
 
 int cache_user_add(Cache *c, const char *path, const struct stat *st) {
         int r;
 
-        r = user_push(c, path, (uint64_t) st->st_dev, (uint64_t) st->st_ino);
+        r = user_push(c, path, (uint64_t) st->st_dev, (uint64_t) st->st_ino, st->st_uid);
         if (r < 0)
                 c->users_untracked++; /* as above: never counted down */
         c->users = (unsigned) (c->n_user_list + c->users_untracked);
@@ -142,7 +145,8 @@ int cache_users_to_json(Cache *c, json_object *k) {
                 }
                 if (json_object_object_add(u, "path", json_object_new_string(c->user_list[i].path)) < 0 ||
                         json_object_object_add(u, "dev", json_object_new_uint64(c->user_list[i].dev)) < 0 ||
-                        json_object_object_add(u, "ino", json_object_new_uint64(c->user_list[i].ino)) < 0)
+                        json_object_object_add(u, "ino", json_object_new_uint64(c->user_list[i].ino)) < 0 ||
+                        json_object_object_add(u, "uid", json_object_new_uint64(c->user_list[i].uid)) < 0)
                         return -ENOMEM;
         }
         return 0;
@@ -160,7 +164,8 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count) {
         }
         n = json_object_array_length(a);
         for (size_t i = 0; i < n && i < CACHE_USERS_MAX; i++) {
-                json_object *u = json_object_array_get_idx(a, i), *p, *dev, *ino;
+                json_object *u = json_object_array_get_idx(a, i), *p, *dev, *ino, *uid;
+                uint64_t owner = 0;
                 const char *path;
 
                 if (!json_object_is_type(u, json_type_object) || !json_object_object_get_ex(u, "path", &p) ||
@@ -173,7 +178,11 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count) {
                  * not a normalized absolute path is no overlay of ours. */
                 if (!path_is_safe_absolute(path, PATH_MAX - 1))
                         continue;
-                r = user_push(c, path, json_object_get_uint64(dev), json_object_get_uint64(ino));
+                if (json_object_object_get_ex(u, "uid", &uid) && json_object_is_type(uid, json_type_int))
+                        owner = json_object_get_uint64(uid);
+                if (owner >= UINT32_MAX)
+                        owner = 0; /* no uid: root's, as an overlay made by root */
+                r = user_push(c, path, json_object_get_uint64(dev), json_object_get_uint64(ino), (uid_t) owner);
                 if (r < 0)
                         return r;
         }
@@ -182,4 +191,117 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count) {
                 c->users_untracked = count - (unsigned) c->n_user_list;
         c->users = (unsigned) (c->n_user_list + c->users_untracked);
         return 0;
+}
+
+/* Who may connect: POSIX ACLs ("system.posix_acl_access", the kernel's format: a version, then
+ * entries sorted by tag and id). Unix sockets take write permission to connect. */
+
+#define ACL_XATTR "system.posix_acl_access"
+#define ACL_VERSION 2
+#define ACL_USER_OBJ 0x01
+#define ACL_USER 0x02
+#define ACL_GROUP_OBJ 0x04
+#define ACL_MASK 0x10
+#define ACL_OTHER 0x20
+#define ACL_NO_ID UINT32_MAX
+#define ACL_UIDS_MAX (CACHE_USERS_MAX + 256)
+
+static void acl_put(uint8_t *p, unsigned tag, unsigned perm, uint32_t id) {
+        p[0] = tag & 0xff, p[1] = tag >> 8, p[2] = perm & 0xff, p[3] = perm >> 8;
+        p[4] = id & 0xff, p[5] = (id >> 8) & 0xff, p[6] = (id >> 16) & 0xff, p[7] = id >> 24;
+}
+
+/* On the file fd names (an O_PATH fd is fine): the owner owner_perm, users[] perm, nobody else. */
+static int fd_set_acl(int fd, unsigned owner_perm, const uid_t *uids, size_t n, unsigned perm) {
+        char proc[64];
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t k = 4;
+
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%i", fd);
+        if (n == 0) {
+                if (removexattr(proc, ACL_XATTR) < 0 && errno != ENODATA)
+                        return -errno;
+                /* The group bits held the old mask: the owner's only again. */
+                if (chmod(proc, (mode_t) owner_perm << 6) < 0)
+                        return -errno;
+                return 0;
+        }
+        buf = malloc(4 + 8 * (n + 4));
+        if (!buf)
+                return -ENOMEM;
+        buf[0] = ACL_VERSION, buf[1] = buf[2] = buf[3] = 0;
+        acl_put(buf + k, ACL_USER_OBJ, owner_perm, ACL_NO_ID), k += 8;
+        for (size_t i = 0; i < n; i++)
+                acl_put(buf + k, ACL_USER, perm, (uint32_t) uids[i]), k += 8;
+        acl_put(buf + k, ACL_GROUP_OBJ, 0, ACL_NO_ID), k += 8;
+        acl_put(buf + k, ACL_MASK, perm, ACL_NO_ID), k += 8;
+        acl_put(buf + k, ACL_OTHER, 0, ACL_NO_ID), k += 8;
+        if (setxattr(proc, ACL_XATTR, buf, k, 0) < 0)
+                return -errno;
+        return 0;
+}
+
+static int uid_cmp(const void *a, const void *b) {
+        uid_t x = *(const uid_t *) a, y = *(const uid_t *) b;
+        return x < y ? -1 : x > y;
+}
+
+/* The uids for c (NULL: all caches), sorted, once each, root left out (it needs no entry). */
+static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
+        size_t n = 0, k = 0;
+
+        for (size_t i = 0; i < e->config.n_qemu_users && n < ACL_UIDS_MAX; i++)
+                uids[n++] = e->config.qemu_users[i];
+        for (Cache *c = e->caches; c; c = c->next)
+                if (!only || c == only)
+                        for (size_t i = 0; i < c->n_user_list && n < ACL_UIDS_MAX; i++)
+                                uids[n++] = c->user_list[i].uid;
+        qsort(uids, n, sizeof(uid_t), uid_cmp);
+        for (size_t i = 0; i < n; i++)
+                if (uids[i] != 0 && (k == 0 || uids[k - 1] != uids[i]))
+                        uids[k++] = uids[i];
+        return k;
+}
+
+static int path_set_acl(
+        const char *path, mode_t type, unsigned owner_perm, const uid_t *uids, size_t n, unsigned perm) {
+        _cleanup_close_ int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        struct stat st;
+
+        if (fd < 0)
+                return -errno;
+        /* Ours: made by us in directories only root could write to. */
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if ((st.st_mode & S_IFMT) != type || st.st_uid != 0)
+                return -EPERM;
+        return fd_set_acl(fd, owner_perm, uids, n, perm);
+}
+
+void cache_access_update(Engine *e) {
+        _cleanup_free_ uid_t *uids = calloc(ACL_UIDS_MAX, sizeof(uid_t));
+        _cleanup_free_ char *dir = strdup_printf("%s/caches", e->runtime_dir);
+        size_t n;
+        int r;
+
+        if (!uids || !dir) {
+                log_oom();
+                return;
+        }
+        /* The directories: search only, for the users of any cache; no listing, no writing. */
+        n = access_uids(e, NULL, uids);
+        r = path_set_acl(e->runtime_dir, S_IFDIR, 7, uids, n, 1);
+        if (r >= 0)
+                r = path_set_acl(dir, S_IFDIR, 7, uids, n, 1);
+        if (r < 0)
+                log_warning_errno(r, "Template caches: cannot let their users' QEMUs reach %s: %m", dir);
+        for (Cache *c = e->caches; c; c = c->next) {
+                if (c->listen_fd < 0)
+                        continue;
+                n = access_uids(e, c, uids);
+                r = path_set_acl(c->socket_path, S_IFSOCK, 7, uids, n, 6);
+                if (r < 0)
+                        log_warning_errno(r, "Template cache %u: cannot let its users' QEMUs reach %s: %m", c->id,
+                                c->socket_path);
+        }
 }

@@ -691,6 +691,7 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 }
                 c->next = e->caches;
                 e->caches = c;
+                cache_access_update(e);
                 log_info("Template cache %u of %s made (%" PRIu64 " bytes).", c->id, url, size);
         }
         if (c->state == CACHE_SERVING) {
@@ -714,6 +715,7 @@ void cache_users_update(Cache *c) {
                 return;
         emit_changed(c, BS_CACHE_PROPERTY_USERS);
         (void) caches_save(c->engine);
+        cache_access_update(c->engine);
 }
 
 void cache_provisioned(Engine *e, void *handle, bool success, const char *target, const struct stat *st) {
@@ -728,6 +730,7 @@ void cache_provisioned(Engine *e, void *handle, bool success, const char *target
         }
         if (cache_user_add(c, target, st) < 0)
                 log_oom(); /* counted still, never counted down */
+        cache_access_update(e); /* its owner's QEMU may connect */
         if (c->fresh) {
                 c->fresh = false;
                 if (e->bus)
@@ -786,8 +789,10 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         e->cache_seq = MAX(e->cache_seq, c->id);
         log_info("Template cache %u of %s restored.", c->id, url);
         r = cache_listen(c);
-        if (r >= 0)
+        if (r >= 0) {
+                cache_access_update(e);
                 r = cache_spawn(c);
+        }
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
         return 0;

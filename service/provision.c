@@ -197,7 +197,8 @@ static int create_overlay_on(
                         "Cannot provision %s: %s", p->target, why ?: strerror(-r));
         }
         log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, backing, backing_format, p->size);
-        if (ret_st)
+        /* Owned by the caller now: the cache lets that user's QEMU reach it. */
+        if (ret_st && fstat(fd, ret_st) < 0)
                 *ret_st = st;
         return 0;
 }
