@@ -85,6 +85,7 @@
 #define BS_EXPORT_PROPERTY_DISK "Disk"
 #define BS_EXPORT_PROPERTY_CLIENTS "Clients"
 #define BS_EXPORT_PROPERTY_STATE "State"
+#define BS_EXPORT_PROPERTY_ERROR "Error"
 
 /* org.blockstream1.Cache */
 #define BS_CACHE_METHOD_STOP "Stop"

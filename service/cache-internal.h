@@ -3,6 +3,7 @@
 
 /* What cache.c (caches, their helpers, state) and cache-object.c (their D-Bus objects) share. */
 
+#include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -24,6 +25,14 @@ typedef enum CacheState {
         CACHE_FAILED,
 } CacheState;
 
+/* An overlay made over the cache (cache-users.c): where, and which file. */
+typedef struct CacheUser {
+        char *path;
+        uint64_t dev;
+        uint64_t ino;
+        uid_t uid; /* its owner: whose QEMU may reach the cache's socket */
+} CacheUser;
+
 typedef struct CacheWaiter {
         struct CacheWaiter *next;
         provision_cache_ready_t ready;
@@ -37,7 +46,10 @@ struct Cache {
         char *url;
         char *format; /* the template's: raw or qcow2 */
         uint64_t size;
-        unsigned users; /* overlays provisioned over it */
+        unsigned users; /* overlays over it (cache-users.c): n_user_list + users_untracked */
+        CacheUser *user_list;
+        size_t n_user_list;
+        unsigned users_untracked; /* beyond the list, or from an older record: never counted down */
         char *object_path;
         char *socket_path;
         char *image_name; /* in state_dir/caches */
@@ -65,3 +77,19 @@ struct Cache {
 const char *cache_state_name(const Cache *c);
 /* Remove a cache for good: its helper, socket, image and object. */
 void cache_destroy(Cache *c);
+
+/* cache-users.c: the overlays over a cache. add: one made (st: its fstat); refresh: drop those
+ * that are no overlay over it any more, true if the count changed; to/from json: the record's
+ * "overlays" (count: its "users"). */
+struct stat;
+int cache_user_add(Cache *c, const char *path, const struct stat *st);
+bool cache_users_refresh(Cache *c);
+int cache_users_to_json(Cache *c, json_object *k);
+int cache_users_from_json(Cache *c, json_object *k, unsigned count);
+void cache_users_free(Cache *c);
+/* Refresh the users, and tell the bus if their count changed. */
+void cache_users_update(Cache *c);
+/* Who may connect to the caches' sockets (cache-users.c): the owners of their overlays and the
+ * QEMUUsers= uids, by POSIX ACLs on each socket (read-write) and on the directories above it
+ * (search only); nobody else. Applied again whenever a socket is made or the users change. */
+void cache_access_update(Engine *e);

@@ -53,6 +53,13 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 return r < 0 ? r : 1;
         if (c->warm_call)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed.", c->id);
+        cache_users_update(c);
+        if (c->users > 0)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "Cache %u is the backing of %u overlay%s%s%s; stream %s to the end (or remove %s) first.",
+                        c->id, c->users, c->users == 1 ? "" : "s", c->n_user_list > 0 ? ", " : "",
+                        c->n_user_list > 0 ? c->user_list[0].path : "", c->users == 1 ? "it" : "them",
+                        c->users == 1 ? "it" : "them");
         n = count_clients(c);
         if (n > 0)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
@@ -115,6 +122,14 @@ static int property_get_fetched(sd_bus *bus, const char *path, const char *inter
         return sd_bus_message_append(reply, "t", (uint64_t) st.st_blocks * 512);
 }
 
+static int property_get_users(sd_bus *bus, const char *path, const char *interface, const char *property,
+        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
+
+        cache_users_update(c);
+        return sd_bus_message_append(reply, "u", c->users);
+}
+
 static int property_get_clients(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "u", count_clients(userdata));
@@ -125,7 +140,7 @@ const sd_bus_vtable cache_vtable[] = {
         SD_BUS_PROPERTY("URL", "s", property_get_string, offsetof(Cache, url), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Size", "t", NULL, offsetof(Cache, size), SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Socket", "s", property_get_string, offsetof(Cache, socket_path), SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("Users", "u", NULL, offsetof(Cache, users), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Users", "u", property_get_users, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("State", "s", property_get_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("BytesFetched", "t", property_get_fetched, 0, 0),
         SD_BUS_PROPERTY("Clients", "u", property_get_clients, 0, 0),

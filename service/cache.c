@@ -131,6 +131,7 @@ static Cache *cache_free(Cache *c) {
         helper_gone(c);
         closep(&c->image_fd);
         closep(&c->listen_fd);
+        cache_users_free(c);
         free(c->url);
         free(c->format);
         free(c->object_path);
@@ -202,7 +203,8 @@ static int caches_save(Engine *e) {
                         json_object_object_add(k, "format", json_object_new_string(c->format)) < 0 ||
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
                         json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
-                        json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0)
+                        json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
+                        cache_users_to_json(c, k) < 0)
                         return log_oom();
         }
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
@@ -689,6 +691,7 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 }
                 c->next = e->caches;
                 e->caches = c;
+                cache_access_update(e);
                 log_info("Template cache %u of %s made (%" PRIu64 " bytes).", c->id, url, size);
         }
         if (c->state == CACHE_SERVING) {
@@ -707,7 +710,15 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
         return r;
 }
 
-void cache_provisioned(Engine *e, void *handle, bool success) {
+void cache_users_update(Cache *c) {
+        if (!cache_users_refresh(c))
+                return;
+        emit_changed(c, BS_CACHE_PROPERTY_USERS);
+        (void) caches_save(c->engine);
+        cache_access_update(c->engine);
+}
+
+void cache_provisioned(Engine *e, void *handle, bool success, const char *target, const struct stat *st) {
         Cache *c = handle;
 
         assert(c->in_flight > 0);
@@ -717,7 +728,9 @@ void cache_provisioned(Engine *e, void *handle, bool success) {
                         cache_destroy(c);
                 return;
         }
-        c->users++;
+        if (cache_user_add(c, target, st) < 0)
+                log_oom(); /* counted still, never counted down */
+        cache_access_update(e); /* its owner's QEMU may connect */
         if (c->fresh) {
                 c->fresh = false;
                 if (e->bus)
@@ -757,7 +770,11 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         r = cache_new(e, (unsigned) id, url, format, size, &c);
         if (r < 0)
                 return log_oom();
-        c->users = (unsigned) users;
+        r = cache_users_from_json(c, k, (unsigned) users);
+        if (r < 0) {
+                cache_free(c);
+                return log_oom();
+        }
         c->warmed = json_object_object_get_ex(k, "warmed", &o) && json_object_is_type(o, json_type_boolean) &&
                     json_object_get_boolean(o);
         c->image_fd = openat(dir_fd, c->image_name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
@@ -772,8 +789,10 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         e->cache_seq = MAX(e->cache_seq, c->id);
         log_info("Template cache %u of %s restored.", c->id, url);
         r = cache_listen(c);
-        if (r >= 0)
+        if (r >= 0) {
+                cache_access_update(e);
                 r = cache_spawn(c);
+        }
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
         return 0;

@@ -23,7 +23,8 @@ typedef struct Cache Cache;
 int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
         void *provision, sd_bus_error *error);
 /* The overlay over handle's cache was made (success) or not: a cache made for it alone goes away. */
-void cache_provisioned(Engine *e, void *handle, bool success);
+struct stat;
+void cache_provisioned(Engine *e, void *handle, bool success, const char *target, const struct stat *st);
 
 /* Load state_dir/caches.json and start each cache's helper (at start, before the bus). */
 int cache_load_all(Engine *e);

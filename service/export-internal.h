@@ -11,11 +11,19 @@
 #include "engine.h"
 #include "helper.h"
 #include "peer.h"
+#include "state.h"
 
 typedef struct Export Export;
 
 /* A relay's client waits while QEMU's NBD listener has a full backlog: at most this many. */
 #define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
+/* A handed-over export's storage helper that dies is started again this often in a row, after
+ * a back-off doubling from EXPORT_HELPER_BACKOFF_MIN_USEC; then the export fails. */
+#define EXPORT_HELPER_RESTARTS 5
+#define EXPORT_HELPER_BACKOFF_MIN_USEC (500 * USEC_PER_MSEC)
+#define EXPORT_HELPER_BACKOFF_MAX_USEC (8 * USEC_PER_SEC)
+/* A helper that served this long was a working one: its death starts a new series. */
+#define EXPORT_HELPER_STABLE_USEC (60 * USEC_PER_SEC)
 
 typedef enum ExportState {
         EXPORT_STARTING,
@@ -46,6 +54,13 @@ struct Export {
          * export), and clients wait for it in pending[] meanwhile. */
         bool handed_over;
         bool handing_over;
+        /* The storage helper of a handed-over export died: started again after restart_source's
+         * back-off, at most EXPORT_HELPER_RESTARTS times in a row (a helper that served for a
+         * while is a new series). */
+        unsigned helper_restarts;
+        usec_t helper_serving_since;
+        sd_event_source *restart_source;
+        char *error; /* why it failed, for the Error property; NULL while it did not */
         uint32_t clients;
 
         /* Restored from the state after a restart: waiting for the guest's peer (resuming set
@@ -53,6 +68,7 @@ struct Export {
         bool restored;
         bool resuming;
         bool relay_wanted; /* in QEMU already: spawn the relay once the address is ours */
+        bool restore_handoff; /* handed over before the restart (its record has the pins) */
         sd_event_source *rebind_source;
         usec_t rebind_deadline;
 
@@ -79,3 +95,18 @@ struct Export {
 /* Ends the export: final state, relay and socket gone, QEMU's export removed; the object too
  * with remove_object. */
 void export_end(Export *e, ExportState final, bool remove_object);
+
+/* export.c, for export-handoff.c */
+void export_fail(Export *e, const char *why);
+void export_save(Export *e);
+void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
+
+/* export-handoff.c: a handed-over export's storage helper that died (restartable: it may be
+ * started again), and the handoff across a daemon restart (the pins in its record). */
+bool export_helper_restartable(Export *e);
+void export_helper_died(Export *e, const char *why);
+int export_handoff_pins(Export *e, StateExportPin **ret, size_t *ret_n);
+void export_handoff_restore_pins(Export *e, const StateExport *s);
+/* A restored export that was handed over before the restart, its QEMU still gone: the storage
+ * helper takes the disks again, as when that QEMU went away. */
+int export_handoff_resume(Export *e);

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netdb.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -74,6 +75,7 @@ static Export *export_free(Export *e) {
         sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->rebind_source);
         sd_event_source_disable_unref(e->ready_timer);
+        sd_event_source_disable_unref(e->restart_source);
         helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
         closep(&e->control_fd);
@@ -88,6 +90,7 @@ static Export *export_free(Export *e) {
         free(e->qemu_id);
         free(e->name);
         free(e->uri);
+        free(e->error);
         free(e);
         return NULL;
 }
@@ -104,14 +107,18 @@ static char *export_state_dir(Engine *m) {
         return strdup_printf("%s/exports", m->state_dir);
 }
 
-static void export_save(Export *e) {
+void export_save(Export *e) {
         _cleanup_free_ char *dir = export_state_dir(e->engine);
+        _cleanup_free_ StateExportPin *pins = NULL;
         StateExport s = {
                 .id = e->id, .guest = e->guest->name, .alias = e->alias, .name = e->name, .listen = e->listen
         };
         int r;
 
-        r = dir ? state_export_save(dir, &s) : -ENOMEM;
+        r = export_handoff_pins(e, &pins, &s.n_pins);
+        s.pins = pins;
+        if (r >= 0)
+                r = dir ? state_export_save(dir, &s) : -ENOMEM;
         if (r < 0)
                 log_warning_errno(r, "Export %u: failed to save it, it will not survive a restart: %m", e->id);
 }
@@ -148,6 +155,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
                 e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
                 e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
+                e->restart_source = sd_event_source_disable_unref(e->restart_source);
                 e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
@@ -167,8 +175,12 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         peer_release_helper_if_idle(&g->peer);
 }
 
-static void export_fail(Export *e, const char *why) {
+void export_fail(Export *e, const char *why) {
         log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
+        if (!e->error) {
+                e->error = strdup(why);
+                export_emit(e, "Error");
+        }
         if (e->create_call) {
                 (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
                         "Cannot export disk '%s' of guest '%s': %s", e->alias, e->guest->name, why);
@@ -498,15 +510,18 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                 /* Handed over: the relay kept the address and its clients; they reach the
                  * storage helper's server from now on. */
                 e->handing_over = false;
+                e->helper_serving_since = now_usec(CLOCK_MONOTONIC);
                 log_info("Export %u of guest %s disk %s: served by the storage helper now, still at %s.", e->id,
                         e->guest->name, e->alias, e->uri);
                 return;
         }
+        if (e->handed_over)
+                e->helper_serving_since = now_usec(CLOCK_MONOTONIC); /* handed over again after a restart */
         export_start_relay(e);
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
 
-static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
+void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
         Engine *m = g->engine;
         Export *e = NULL;
         int r;
@@ -518,6 +533,10 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
         if (!e)
                 return;
         if (error < 0) {
+                if (export_helper_restartable(e)) {
+                        export_helper_died(e, error_text ?: "the storage helper could not take the disks");
+                        return;
+                }
                 export_fail(e, error_text
                                        ?: (g->offline || g->handoff ? "the storage helper could not take the disks"
                                                                     : "the guest is not running"));
@@ -561,14 +580,20 @@ static void export_peer_lost(void *userdata) {
         int r;
 
         e->in_qemu = false;
+        if (export_helper_restartable(e)) {
+                export_helper_died(e, "the storage helper went away");
+                return;
+        }
         /* A running guest's QEMU went away (the source after a migration, say): its clients
          * (a destination reading its disk) must not notice. Once only: a helper that dies fails
          * the export. */
         if (e->state == EXPORT_SERVING && !g->offline && !e->handed_over) {
                 e->handed_over = e->handing_over = true;
                 r = guest_begin_handoff(g);
-                if (r >= 0)
+                if (r >= 0) {
+                        export_save(e); /* a restarted daemon hands it over again */
                         r = guest_when_ready(g, export_backend_ready, e, NULL);
+                }
                 if (r >= 0)
                         return;
                 e->handing_over = false;
@@ -759,6 +784,10 @@ static int export_restore_one(StateExport *s, void *userdata) {
         if (r < 0)
                 return r;
         e->restored = true;
+        /* Handed over before the restart: its QEMU is gone. If it is still gone, the storage
+         * helper takes the disks again (export_guest_unreachable()), but only the files that
+         * QEMU had open: the pins come back with the record. */
+        export_handoff_restore_pins(e, s);
         m->export_seq = MAX(m->export_seq, e->id);
         r = export_rebind(e);
         if (r == -EADDRINUSE) {
@@ -815,8 +844,23 @@ void export_resume(Guest *g) {
 void export_guest_unreachable(Guest *g) {
         Export *e;
 
-        while ((e = export_next_waiting(g)))
-                export_fail(e, "its guest's QEMU is not there after the restart"); /* unpublished: freed */
+        while ((e = export_next_waiting(g))) {
+                int r;
+
+                if (!e->restore_handoff) {
+                        export_fail(e, "its guest's QEMU is not there after the restart"); /* unpublished: freed */
+                        continue;
+                }
+                r = export_handoff_resume(e);
+                if (r < 0) {
+                        _cleanup_free_ char *why =
+                                strdup_printf("its guest's QEMU is gone, and its storage helper cannot take the "
+                                              "disks again: %s",
+                                        strerror(-r));
+                        e->resuming = true; /* not asked again */
+                        export_fail(e, why ?: "its guest's QEMU is gone");
+                }
+        }
 }
 
 void export_free_all(Engine *m) {

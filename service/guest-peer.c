@@ -58,8 +58,9 @@ static void guest_publish_released(void *userdata) {
         /* Publishing may start or free things: walk by index with re-checks. */
         for (size_t i = 0; i < g->n_disks; i++)
                 disk_publish_released(g->disks[i]);
-        if (g->handoff && !peer_has_helper(&g->peer)) {
-                /* The handed-over exports are done and the helper has let go of the images. */
+        if (g->handoff && !peer_has_helper(&g->peer) && !peer_listeners_busy(&g->peer)) {
+                /* The handed-over exports are done and the helper has let go of the images (a
+                 * helper that died while one serves is started again: export.c). */
                 g->handoff = false;
                 log_info("Guest %s: the storage helper let go of the disks; waiting for QEMU again.", g->name);
                 (void) guest_connect(g);

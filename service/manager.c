@@ -635,8 +635,8 @@ static int cache_acquire_hook(void *userdata, const char *url, const char *forma
         return cache_acquire(userdata, url, format, size, ready, provision, error);
 }
 
-static void cache_done_hook(void *userdata, void *handle, bool success) {
-        cache_provisioned(userdata, handle, success);
+static void cache_done_hook(void *userdata, void *handle, bool success, const char *target, const struct stat *st) {
+        cache_provisioned(userdata, handle, success, target, st);
 }
 
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

@@ -192,13 +192,17 @@ int peer_when_ready(Peer *p, peer_ready_handler_t handler, void *userdata, void 
         return 0;
 }
 
-/* Does anything but outcomes waiting for the images' release need the storage helper? */
-static bool peer_helper_needed(Peer *p) {
-        if (p->waiters)
-                return true;
+bool peer_listeners_busy(Peer *p) {
         for (PeerListener *l = p->listeners; l; l = l->next)
                 if (l->busy && l->busy(l->userdata))
                         return true;
+        return false;
+}
+
+/* Does anything but outcomes waiting for the images' release need the storage helper? */
+static bool peer_helper_needed(Peer *p) {
+        if (p->waiters || peer_listeners_busy(p))
+                return true;
         return p->owner->helper_needed(p->userdata);
 }
 

@@ -115,6 +115,8 @@ void peer_release_helper_if_idle(Peer *p);
 /* Outcomes waiting for the helper: tell them now (the owner's released()). */
 void peer_publish_released(Peer *p);
 bool peer_has_helper(Peer *p);
+/* Does a listener (an export, a range job) still need the peer's work? */
+bool peer_listeners_busy(Peer *p);
 
 void peer_listen(Peer *p, PeerListener *l);
 void peer_unlisten(Peer *p, PeerListener *l);

@@ -160,13 +160,15 @@ static void remove_created(Provision *p, const struct stat *created) {
                 log_warning_errno(errno, "Failed to remove %s after a failed provisioning: %m", p->target);
 }
 
-static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error);
+static int create_overlay_on(
+        Provision *p, const char *backing, const char *backing_format, struct stat *ret_st, sd_bus_error *error);
 
 static int create_overlay(Provision *p, sd_bus_error *error) {
-        return create_overlay_on(p, p->template, p->format, error);
+        return create_overlay_on(p, p->template, p->format, NULL, error);
 }
 
-static int create_overlay_on(Provision *p, const char *backing, const char *backing_format, sd_bus_error *error) {
+static int create_overlay_on(
+        Provision *p, const char *backing, const char *backing_format, struct stat *ret_st, sd_bus_error *error) {
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *why = NULL;
         struct stat st;
@@ -195,6 +197,9 @@ static int create_overlay_on(Provision *p, const char *backing, const char *back
                         "Cannot provision %s: %s", p->target, why ?: strerror(-r));
         }
         log_info("Provisioned %s on %s (%s, %" PRIu64 " bytes).", p->target, backing, backing_format, p->size);
+        /* Owned by the caller now: the cache lets that user's QEMU reach it. */
+        if (ret_st && fstat(fd, ret_st) < 0)
+                *ret_st = st;
         return 0;
 }
 
@@ -203,6 +208,7 @@ static int create_overlay_on(Provision *p, const char *backing, const char *back
 static void cache_ready(void *userdata, int error, const char *why, const char *backing, void *handle) {
         _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
         Provision *p = userdata;
+        struct stat st = {};
         int r;
 
         if (error < 0) {
@@ -211,8 +217,8 @@ static void cache_ready(void *userdata, int error, const char *why, const char *
         }
         if (p->requested > 0)
                 p->size = p->requested;
-        r = create_overlay_on(p, backing, "raw", &e);
-        p->cache.done(p->cache.userdata, handle, r >= 0);
+        r = create_overlay_on(p, backing, "raw", &st, &e);
+        p->cache.done(p->cache.userdata, handle, r >= 0, p->target, &st);
         if (r < 0 && !sd_bus_error_is_set(&e))
                 (void) sd_bus_error_set_errnof(&e, -r, "Cannot provision %s: %m", p->target);
         if (r < 0)

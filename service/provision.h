@@ -2,6 +2,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
@@ -21,7 +22,8 @@ typedef void (*provision_cache_ready_t)(void *provision, int error, const char *
 typedef struct ProvisionCache {
         int (*acquire)(void *userdata, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
                 void *provision, sd_bus_error *error);
-        void (*done)(void *userdata, void *handle, bool success);
+        /* The overlay at target (st: its fstat) was made over the cache, or not (!success). */
+        void (*done)(void *userdata, void *handle, bool success, const char *target, const struct stat *st);
         void *userdata; /* outlives every provisioning */
 } ProvisionCache;
 

@@ -515,6 +515,9 @@ void state_export_done(StateExport *e) {
         free(e->alias);
         free(e->name);
         free(e->listen);
+        for (size_t i = 0; i < e->n_pins; i++)
+                free(e->pins[i].alias);
+        free(e->pins);
         *e = (StateExport) {};
 }
 
@@ -532,6 +535,24 @@ int state_export_save(const char *dir, const StateExport *e) {
                 add(o, "disk", json_object_new_string(e->alias)) < 0 || add(o, "name", json_object_new_string(e->name)) < 0 ||
                 add(o, "listen", json_object_new_string(e->listen)) < 0)
                 return -ENOMEM;
+        if (e->n_pins > 0) {
+                json_object *pins = json_object_new_array();
+
+                if (add(o, "handoff_pins", pins) < 0)
+                        return -ENOMEM;
+                for (size_t i = 0; i < e->n_pins; i++) {
+                        json_object *p = json_object_new_object();
+
+                        if (!p || json_object_array_add(pins, p) < 0) {
+                                json_object_put(p);
+                                return -ENOMEM;
+                        }
+                        if (add(p, "disk", json_object_new_string(e->pins[i].alias)) < 0 ||
+                                add(p, "dev", json_object_new_uint64(e->pins[i].dev)) < 0 ||
+                                add(p, "ino", json_object_new_uint64(e->pins[i].ino)) < 0)
+                                return -ENOMEM;
+                }
+        }
         text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE);
         path = state_export_path(dir, e->id);
         if (!text || !path)
@@ -564,6 +585,42 @@ static int printable_field(json_object *o, const char *key, size_t max, char **r
         return *ret ? 0 : -ENOMEM;
 }
 
+/* "handoff_pins": [{"disk": ALIAS, "dev": N, "ino": N}, …], optional, bounded, each alias once. */
+static int export_pins_from_json(json_object *o, StateExport *e) {
+        json_object *pins;
+        size_t n;
+        int r;
+
+        if (!json_object_object_get_ex(o, "handoff_pins", &pins))
+                return 0;
+        if (!json_object_is_type(pins, json_type_array))
+                return -EBADMSG;
+        n = json_object_array_length(pins);
+        if (n == 0 || n > STATE_EXPORT_PINS_MAX)
+                return -EBADMSG;
+        e->pins = calloc(n, sizeof(StateExportPin));
+        if (!e->pins)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+                json_object *p = json_object_array_get_idx(pins, i);
+                StateExportPin *pin = &e->pins[i];
+
+                if (!json_object_is_type(p, json_type_object))
+                        return -EBADMSG;
+                r = printable_field(p, "disk", QEMU_STRING_MAX, &pin->alias);
+                e->n_pins = i + 1; /* freed with e from here on */
+                if (r < 0)
+                        return r;
+                if (!qemu_id_is_valid(pin->alias) || json_get_u64(p, "dev", true, &pin->dev) < 0 ||
+                        json_get_u64(p, "ino", true, &pin->ino) < 0)
+                        return -EBADMSG;
+                for (size_t j = 0; j < i; j++)
+                        if (streq(e->pins[j].alias, pin->alias))
+                                return -EBADMSG;
+        }
+        return 0;
+}
+
 int state_export_from_json(json_object *o, const char *file_name, StateExport *ret) {
         _cleanup_(state_export_done) StateExport e = {};
         _cleanup_free_ char *expected = NULL;
@@ -587,6 +644,9 @@ int state_export_from_json(json_object *o, const char *file_name, StateExport *r
         /* The disk's alias names a socket file: an identifier as QEMU's are, nothing else. */
         if (!guest_name_is_valid(e.guest) || !qemu_id_is_valid(e.alias))
                 return -EBADMSG;
+        r = export_pins_from_json(o, &e);
+        if (r < 0)
+                return r;
         *ret = e;
         e = (StateExport) {};
         return 0;

@@ -78,12 +78,25 @@ int state_load(const char *dir, state_load_handler_t handler, void *userdata);
 
 /* A user's export, as much as serving it again after a restart takes: its socket path, URI,
  * object path and QEMU's export id follow from these (export.c). */
+#define STATE_EXPORT_PINS_MAX 256
+
+typedef struct StateExportPin {
+        char *alias;
+        uint64_t dev;
+        uint64_t ino;
+} StateExportPin;
+
 typedef struct StateExport {
         unsigned id;
         char *guest;
         char *alias;  /* the disk */
         char *name;   /* the NBD export name */
         char *listen; /* "unix" or "tcp:ADDR:PORT", as the Export() call gave it */
+        /* Handed over to the guest's storage helper (its QEMU exited while it served): the
+         * (device, inode) of each disk's top image as that QEMU had it open, so that the helper
+         * of a restarted daemon opens nothing else. n_pins == 0: not handed over. */
+        StateExportPin *pins;
+        size_t n_pins;
 } StateExport;
 
 void state_export_done(StateExport *e);

@@ -12,6 +12,7 @@ QEMU processes (qemu-img compare) reading each overlay fully, against the templa
 import http.server
 import json
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -127,6 +128,9 @@ class HttpRemote:
         self.server.server_close()
 
 
+QEMU_USER = 'bstest-cacheqemu'     # QEMUUsers= of the daemon: a non-root QEMU user
+
+
 class CacheTest(h.TestCase):
     needs_daemon = False
 
@@ -138,8 +142,9 @@ class CacheTest(h.TestCase):
             cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
             cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
             cls.http = HttpRemote(Remote(env.dir, 'http', 0, SIZE).file)
-            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\n' % (
-                cls.remote.url, cls.remote2.url, cls.http.url))
+            h.ensure_user(QEMU_USER)
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\nQEMUUsers=%s\n' % (
+                cls.remote.url, cls.remote2.url, cls.http.url, QEMU_USER))
             env.daemon.start()
         except BaseException:
             sys.stderr.write(env.logs_text() + '\n')
@@ -219,9 +224,29 @@ class CacheTest(h.TestCase):
         self.read_all(a, self.remote.file)
         self.assertEqual(self.remote.bytes_read() - before, 0, 'what the cache holds is not read again')
 
-        # In use: Stop is refused while a reader is connected (a QEMU holding the overlay open).
-        q = h.spawn(['qemu-io', '-r', '-f', 'qcow2', a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT)
+        r = self.ctl('--json', 'caches')
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listed = json.loads(r.stdout)
+        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
+                         [(path, self.remote.url + '/', 2, SIZE)])
+
+        # Users counts down (issue 14 §4): an overlay removed, or no longer over the cache, is no
+        # user; a file put in an overlay's place is none either, even one naming the cache.
+        # Stop is refused while an overlay still needs the cache (it used to leave them without
+        # their backing).
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        os.unlink(b)
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 1)
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///cache?socket=%s' % sock, '-F', 'raw',
+                   b, str(SIZE))
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 1)
+        self.assertDBusError(h.ERR_BUSY, self.client.call, path, IFACE_CACHE, 'Stop')
+        h.qemu_img('rebase', '-u', '-b', '', a)
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')), 0)
+
+        # In use: Stop is refused while a reader is connected (a QEMU on the cache's socket).
+        q = h.spawn(['qemu-io', '-r', '-f', 'raw', 'nbd+unix:///cache?socket=%s' % sock], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.addCleanup(lambda: (q.kill(), q.wait(10)))
         self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) > 0, 30,
                              'the reader to connect to the cache')
@@ -229,11 +254,6 @@ class CacheTest(h.TestCase):
         q.communicate(b'quit\n', timeout=30)
         self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
                              'the reader to disconnect')
-        r = self.ctl('--json', 'caches')
-        self.assertEqual(r.returncode, 0, r.stderr)
-        listed = json.loads(r.stdout)
-        self.assertEqual([(c['object'], c['url'], c['users'], c['size']) for c in listed],
-                         [(path, self.remote.url + '/', 2, SIZE)])
         r = self.ctl('cache-stop', path.rsplit('/', 1)[1])
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(self.caches(), [])
@@ -357,6 +377,41 @@ class CacheTest(h.TestCase):
         h.log('HTTP bytes sent for two readers: %d (template %d)' % (fetched, SIZE))
         self.assertGreaterEqual(fetched, SIZE)
         self.assertLessEqual(fetched, SIZE * 1.05)
+
+    def read_socket_as(self, user, sock):
+        """qemu-io as user, on the cache's socket directly: its exit status."""
+        pw = pwd.getpwnam(user)
+        return subprocess.run(['setpriv', '--reuid=%d' % pw.pw_uid, '--regid=%d' % pw.pw_gid, '--clear-groups',
+                               'qemu-io', '-r', '-f', 'raw', '-c', 'read 0 65536',
+                               'nbd+unix:///cache?socket=%s' % sock],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+
+    def test_6_a_non_root_qemu_reaches_the_cache(self):
+        """Issue 14 §4: the cache's socket is for the QEMUs it serves (QEMUUsers= here; an
+        overlay's owner too), by ACLs: a QEMU of such a user connects, anyone else is refused,
+        and neither the socket nor its directories are open to others. (The socket and its
+        directories were root's only: a non-root QEMU could not use a cache.)"""
+        self.serve(self.remote)
+        a = os.path.join(self.env.images, 'nonroot.qcow2')
+        self.provision(self.remote.url + '/', a)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote.url + '/'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket'))
+        for d in (self.env.daemon.runtime_dir, os.path.dirname(sock), sock):
+            self.assertEqual(os.stat(d).st_mode & 0o007, 0, '%s is open to others' % d)
+        r = self.read_socket_as(QEMU_USER, sock)
+        self.assertEqual(r.returncode, 0, 'a QEMUUsers= user cannot read the cache: %s' % r.stdout.decode(errors='replace'))
+        r = self.read_socket_as(h.STRANGER, sock)
+        self.assertNotEqual(r.returncode, 0, 'a stranger reads the cache')
+        # The socket made again by a restarted daemon is reachable as well.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        r = self.read_socket_as(QEMU_USER, sock)
+        self.assertEqual(r.returncode, 0, 'after a restart: %s' % r.stdout.decode(errors='replace'))
+        os.unlink(a)
+        self.client.call(path, IFACE_CACHE, 'Stop')
 
 
 if __name__ == '__main__':

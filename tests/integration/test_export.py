@@ -88,7 +88,7 @@ class ExportTest(h.TestCase):
         self.assertTrue(sock.startswith(self.env.daemon.runtime_dir + '/'), 'socket %s outside the runtime dir' % sock)
         self.assertTrue(os.path.exists(sock))
         p = o.export_props(self.client, path)
-        self.assertEqual(p, {'URI': uri, 'Disk': d.path, 'Clients': 0, 'State': 'serving'})
+        self.assertEqual(p, {'URI': uri, 'Disk': d.path, 'Clients': 0, 'State': 'serving', 'Error': ''})
         self.assertIn(path, o.exports_on_bus(self.client))
         # Exactly the disk.
         self.assertEqual(o.nbd_size(uri), SIZE)
@@ -358,6 +358,7 @@ class ExportTest(h.TestCase):
         self.client.wait_for(lambda: [ch for _, ch, _ in self.client.props_changed(path, o.IFACE_EXPORT, since)
                                       if ch.get('State') == 'failed'], 5,
                              'a PropertiesChanged signal with State "failed"')
+        self.assertIn('the NBD relay helper', self.client.get(path, o.IFACE_EXPORT, 'Error'))
         self.assertTrue(self.env.daemon.running(), 'the daemon died with the relay')
         self.assertEqual(self.env.daemon.proc.pid, daemon_pid)
         self.assertEqual(self.client.get(g.path, h.IFACE_GUEST, 'Name'), g.name, 'the daemon does not answer')

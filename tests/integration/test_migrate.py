@@ -20,6 +20,7 @@ the source overlay, the source guest's writes, the destination guest's writes), 
 
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ SIZE = 64 * MiB
 NBD_PORT = 10809
 MIGRATION_PORT = 4444
 RECONNECT_DELAY = 30    # seconds the destination's NBD client retries a lost connection
+HELPER_RESTARTS = 5     # a handed-off export's storage helper is restarted this often in a row (export.c)
 
 
 class Run:
@@ -270,6 +272,134 @@ class MigrateTest(h.TestCase):
         self.src.client.wait_prop(guest, h.IFACE_GUEST, 'Running', True, 90)
         self.assertEqual(self.src.client.get(h.disk_path(r.name, 'vda'), h.IFACE_STREAM, 'NodeName'), 'disk0')
         self.check_destination(r)
+
+    def stream_on(self, r, more=1 * MiB):
+        """dst: the paused stream runs again (throttled) until it has copied `more` bytes further."""
+        done = r.disk.prop('BytesDone')
+        self.ctl(self.dst, 'resume', r.name, 'vda')
+        r.disk.wait_bytes_done(done + more, 120)
+
+    def pause_stream(self, r):
+        self.ctl(self.dst, 'pause', r.name, 'vda')
+        r.disk.wait_state('paused', 120)
+        self.assertLess(r.disk.prop('BytesDone'), 62 * MiB, 'the stream went too far for this test before it paused')
+
+    def handed_off(self, r):
+        """src: the source QEMU quits mid-stream; the export is served by the storage helper, by
+        the same relay (and so on the same address). Returns the helper's pid."""
+        relays = [p.pid for p in o.relays(self.src)]
+        self.assertEqual(len(relays), 1, relays)
+        self.quit_source(r)
+        helpers = h.wait_until(lambda: o.storage_helpers(self.src), 30, "the source guest's storage helper")
+        self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual([p.pid for p in o.relays(self.src)], relays)
+        return helpers[0].pid
+
+    def test_source_helper_killed_midstream(self):
+        """Issue 14: the storage helper serving the export after the source QEMU exited is
+        SIGKILLed while the destination streams through it: the daemon starts a new one behind
+        the same relay (the same address), the destination's NBD client reconnects to it
+        (reconnect-delay) and never sees an error, and every byte of the destination's disk is
+        right. (The daemon used to fail the export: the destination lost its backing.)"""
+        r = self.migrate('vm-helper')
+        self.start_stream_and_pause(r)
+        relays = [p.pid for p in o.relays(self.src)]
+        helper = self.handed_off(r)
+        self.stream_on(r)                  # reading through the helper
+        os.kill(helper, signal.SIGKILL)
+        h.wait_until(lambda: [p for p in o.storage_helpers(self.src) if p.pid != helper], 60,
+                     'a new storage helper for the export')
+        done = r.disk.prop('BytesDone')
+        r.disk.wait_bytes_done(done + 1 * MiB, 120)    # and the stream goes on through the new one
+        self.assertEqual(self.src.client.get(r.export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual([p.pid for p in o.relays(self.src)], relays, 'the relay (the address) did not stay')
+        self.pause_stream(r)
+        self.finish_stream(r)
+        self.check_destination(r)
+
+    def test_source_helper_dying_each_time_fails_the_export(self):
+        """A handed-off export's storage helper that dies each time it is started is restarted a
+        bounded number of times, with a back-off, then the export fails and says why (Error);
+        nothing is left running."""
+        name = 'vm-dies'
+        q, _, _ = self.source_guest(name)
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (fleet.VETH['src'][2], NBD_PORT))
+        path = out['export']
+        q.quit()
+        killed = []
+
+        def kill_helpers():
+            for p in o.storage_helpers(self.src):
+                if p.pid not in killed:
+                    killed.append(p.pid)
+                    os.kill(p.pid, signal.SIGKILL)
+            return self.src.client.get(path, o.IFACE_EXPORT, 'State') != 'serving'
+        h.wait_until(kill_helpers, 180, 'the export to give up on its storage helper')
+        self.assertEqual(self.src.client.get(path, o.IFACE_EXPORT, 'State'), 'failed')
+        self.assertEqual(len(killed), 1 + HELPER_RESTARTS, 'helpers started: the handoff\'s and the restarts')
+        error = self.src.client.get(path, o.IFACE_EXPORT, 'Error')
+        self.assertIn('storage helper died %d times' % (1 + HELPER_RESTARTS), error)
+        h.wait_until(lambda: not o.storage_helpers(self.src) and not o.relays(self.src), 30,
+                     'no helper and no relay left')
+        # Stop removes the failed export; the guest waits for its QEMU again.
+        self.ctl(self.src, 'export-stop', path)
+        self.assertNotIn(path, self.src.client.managed_objects())
+
+    def restart_source_daemon(self, sig):
+        if sig == signal.SIGKILL:
+            self.assertEqual(self.src.kill_daemon(), -signal.SIGKILL)
+        else:
+            self.assertEqual(self.src.stop_daemon(sig), 0, 'blockstreamd did not exit cleanly')
+        self.src.start_daemon()
+
+    def wait_export_back(self, r, timeout=90):
+        """src: the export is on the bus again, serving on the address it had."""
+        c = self.src.client
+        c.wait_for(lambda: c.try_call(r.export_path, h.IFACE_PROPS, 'Get', 'ss', o.IFACE_EXPORT, 'State')[0] ==
+                   'serving', timeout, 'the export back and serving')
+        self.assertEqual(c.get(r.export_path, o.IFACE_EXPORT, 'URI'), r.uri)
+
+    def test_source_daemon_restarted_midstream(self):
+        """Issue 14: the source daemon SIGKILLed and started again while the destination streams
+        and the export is still served by the (paused) source QEMU: the export comes back on the
+        same address, the destination's client reconnects and never sees an error."""
+        r = self.migrate('vm-restart')
+        self.start_stream_and_pause(r)
+        self.stream_on(r)
+        self.restart_source_daemon(signal.SIGKILL)
+        self.wait_export_back(r)
+        done = r.disk.prop('BytesDone')
+        r.disk.wait_bytes_done(done + 1 * MiB, 120)
+        self.pause_stream(r)
+        self.finish_stream(r)
+        r.src_q.kill()
+        self.check_destination(r)
+
+    def _restart_after_handoff(self, name, sig):
+        r = self.migrate(name)
+        self.start_stream_and_pause(r)
+        helper = self.handed_off(r)
+        self.stream_on(r)
+        self.restart_source_daemon(sig)
+        o.wait_gone(helper, 30, 'the storage helper of the daemon before')
+        self.wait_export_back(r)
+        self.assertTrue(o.storage_helpers(self.src), 'the export is not served by a new storage helper')
+        done = r.disk.prop('BytesDone')
+        r.disk.wait_bytes_done(done + 1 * MiB, 120)     # reading through the new helper
+        self.pause_stream(r)
+        self.finish_stream(r)
+        h.wait_until(lambda: not o.storage_helpers(self.src), 30, 'the storage helper to exit after Stop')
+        self.check_destination(r)
+
+    def test_source_daemon_sigterm_after_handoff(self):
+        """Issue 14: the source daemon restarted (SIGTERM) after the source QEMU exited, while the
+        storage helper serves the export mid-stream: the export is handed over again on the same
+        address (the daemon used to drop it: "its guest's QEMU is not there after the restart")."""
+        self._restart_after_handoff('vm-term', signal.SIGTERM)
+
+    def test_source_daemon_sigkill_after_handoff(self):
+        """The same with a SIGKILLed daemon (its relay and helper die with it)."""
+        self._restart_after_handoff('vm-kill', signal.SIGKILL)
 
     def test_handoff_refuses_a_swapped_image(self):
         """The handoff opens the disk by the path QEMU reported, as root: only if that path still

@@ -156,6 +156,51 @@ static void test_hostile_records(void) {
         ASSERT_ERRNO(parse("[]", "3.json"), -EBADMSG);
 }
 
+/* A handed-over export's record keeps its pins: a restarted daemon's storage helper opens only
+ * the files the guest's QEMU had open. */
+static void test_handoff_pins(void) {
+        _cleanup_free_ char *dir = make_tmpdir();
+        StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567 },
+                { .alias = (char *) "vdb", .dev = UINT64_C(1) << 40, .ino = 1 } };
+        StateExport in = { .id = 9, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
+                .listen = (char *) "unix", .pins = pins, .n_pins = ELEMENTSOF(pins) };
+        Loaded l = {};
+
+        ASSERT_NOT_NULL(dir);
+        if (!dir)
+                return;
+        ASSERT_OK(state_export_save(dir, &in));
+        ASSERT_OK(state_export_load(dir, take, &l));
+        ASSERT_EQ(l.n, 1);
+        if (l.n == 1) {
+                ASSERT_EQ(l.e[0].n_pins, 2);
+                if (l.e[0].n_pins == 2) {
+                        ASSERT_STREQ(l.e[0].pins[0].alias, "vda");
+                        ASSERT_EQ(l.e[0].pins[0].dev, 2049);
+                        ASSERT_EQ(l.e[0].pins[0].ino, 1234567);
+                        ASSERT_STREQ(l.e[0].pins[1].alias, "vdb");
+                        ASSERT_EQ(l.e[0].pins[1].dev, UINT64_C(1) << 40);
+                }
+        }
+        loaded_done(&l);
+        rm_rf_flat(dir);
+
+#define PINNED(pins) \
+        "{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\",\"listen\":\"unix\"," \
+        "\"handoff_pins\":" pins "}"
+        ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2}]"), "3.json"));
+        ASSERT_ERRNO(parse(PINNED("[]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("{}"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[1]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"../x\",\"dev\":1,\"ino\":2}]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":-1,\"ino\":2}]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1}]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":\"2\"}]"), "3.json"), -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2},{\"disk\":\"vda\",\"dev\":1,\"ino\":3}]"),
+                             "3.json"),
+                -EBADMSG);
+}
+
 static void test_bad_file_is_removed(void) {
         _cleanup_free_ char *dir = make_tmpdir(), *bad = NULL, *good = NULL;
         StateExport in = { .id = 2, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
@@ -187,6 +232,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_roundtrip);
         TAP_RUN(test_missing_dir);
         TAP_RUN(test_hostile_records);
+        TAP_RUN(test_handoff_pins);
         TAP_RUN(test_bad_file_is_removed);
         return tap_finish();
 }
