@@ -42,6 +42,7 @@ struct Export {
         ExportState state;
         bool published;
         bool in_qemu;
+        bool deleted_in_qemu; /* BLOCK_EXPORT_DELETED seen for it: QEMU asked if it runs */
         /* The guest's QEMU went away while we served: its storage helper takes over (once per
          * export), and clients wait for it in pending[] meanwhile. */
         bool handed_over;
