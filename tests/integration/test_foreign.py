@@ -86,7 +86,7 @@ class ForeignTest(h.TestCase):
         g.qemu.qmp.cmd('nbd-server-stop')
         path, _ = self.export_ok(g)
         self.client.call(path, o.IFACE_EXPORT, 'Stop')
-        self.assertEqual(g.qemu.qmp.cmd('query-block-exports'), [])
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'our export to leave QEMU')
 
     # -- our export deleted behind our back
 
