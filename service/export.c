@@ -36,9 +36,6 @@
  * hangs there would keep Export()'s caller waiting for ever. */
 #define RELAY_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
 
-#define UINT_TO_PTR(u) ((void *) (uintptr_t) (u))
-#define PTR_TO_UINT(p) ((unsigned) (uintptr_t) (p))
-
 const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
         [EXPORT_SERVING] = BS_EXPORT_STATE_SERVING,
@@ -172,7 +169,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         peer_release_helper_if_idle(&g->peer);
 }
 
-static void export_fail_error(Export *e, const char *error_name, const char *why) {
+void export_fail_error(Export *e, const char *error_name, const char *why) {
         log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
         if (e->create_call) {
                 (void) sd_bus_reply_method_errorf(e->create_call, error_name,
@@ -183,7 +180,7 @@ static void export_fail_error(Export *e, const char *error_name, const char *why
         export_end(e, EXPORT_FAILED, !e->published);
 }
 
-static void export_fail(Export *e, const char *why) {
+void export_fail(Export *e, const char *why) {
         export_fail_error(e, BS_ERROR_HELPER_FAILED, why);
 }
 
@@ -493,7 +490,7 @@ static void export_start_relay(Export *e) {
         }
 }
 
-static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
+void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         Export *e = userdata;
 
         if (error < 0) {
@@ -515,65 +512,9 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
 
-static Export *export_by_id(Engine *m, unsigned id) {
-        for (Export *i = m->exports; i; i = i->next)
-                if (i->id == id)
-                        return i;
-        return NULL;
-}
-
-/* QEMU runs our NBD server (confirmed): add the export to it, on the disk's node as QEMU names
- * it now (a filter another manager put on top, then took away, is not remembered). */
-static void export_server_started(Peer *p, int error, const char *error_text, void *userdata) {
-        Export *e = userdata;
-        Guest *g = e->guest;
-        const char *node;
-        int r;
-
-        if (error < 0) {
-                export_fail_error(e, error == -EBUSY ? BS_ERROR_BUSY : BS_ERROR_HELPER_FAILED,
-                        error_text ?: "cannot start QEMU's NBD server");
-                return;
-        }
-        node = guest_disk_node_name(g, e->alias);
-        if (isempty(node)) {
-                export_fail(e, "the disk went away");
-                return;
-        }
-        r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, e, NULL);
-        if (r < 0) {
-                export_fail(e, "cannot send block-export-add");
-                return;
-        }
-        e->in_qemu = true;
-        peer_nbd_hold(&g->peer);
-}
-
-static void export_to_server(Export *e) {
-        int r;
-
-        r = peer_nbd_server_when_started(&e->guest->peer, export_server_started, e, NULL);
-        if (r < 0)
-                export_fail(e, "cannot start QEMU's NBD server");
-}
-
-static void export_disks_read(Guest *g, int error, const char *desc, void *userdata) {
-        Export *e = export_by_id(g->engine, PTR_TO_UINT(userdata));
-
-        if (!e || e->guest != g || e->state != EXPORT_STARTING)
-                return; /* dropped meanwhile */
-        if (error < 0) {
-                _cleanup_free_ char *why = strdup_printf("cannot read the guest's disks: %s", desc ?: strerror(-error));
-                export_fail(e, why ?: "cannot read the guest's disks");
-                return;
-        }
-        export_to_server(e);
-}
-
 static void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
         Engine *m = g->engine;
         Export *e = NULL;
-        int r;
 
         /* The export may have been dropped while the storage helper started. */
         for (Export *i = m->exports; i; i = i->next)
@@ -587,17 +528,12 @@ static void export_backend_ready(Guest *g, int error, const char *error_text, vo
                                                                     : "the guest is not running"));
                 return;
         }
-        if (g->offline || g->handoff) {
-                /* The storage helper's nodes are ours, named by us. */
-                export_to_server(e);
-                return;
-        }
         /* What a handoff may open later, while QEMU shows it (it names the paths). */
-        guest_pin_disks(g);
-        /* A running guest's QEMU may be managed by others too: its nodes as they are now. */
-        r = guest_refresh(g, export_disks_read, UINT_TO_PTR(e->id), NULL);
-        if (r < 0)
-                export_fail(e, "cannot read the guest's disks");
+        if (!g->offline && !g->handoff)
+                guest_pin_disks(g);
+        /* The storage helper's nodes are ours, named by us; a running guest's QEMU may be
+         * managed by others too: its disks are read again first. */
+        export_qemu_add(e, !g->offline && !g->handoff);
 }
 
 static bool export_name_taken(Guest *g, const char *name) {
@@ -631,52 +567,6 @@ static void export_peer_lost(void *userdata) {
         if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
                 export_fail(e, g->offline || e->handed_over ? "the storage helper went away"
                                                             : "the QMP connection to QEMU was lost");
-}
-
-typedef struct ExportRef {
-        Engine *engine;
-        unsigned id;
-} ExportRef;
-
-static void export_gone_checked(Qmp *q, int error, const char *desc, char **ids, void *userdata) {
-        ExportRef *ref = userdata;
-        Export *e = export_by_id(ref->engine, ref->id);
-
-        if (!e || !e->deleted_in_qemu)
-                return;
-        e->deleted_in_qemu = false;
-        /* No answer (QEMU quitting: the handoff is export_peer_lost's) or ours is still there. */
-        if (error < 0 || strv_contains(ids, e->qemu_id))
-                return;
-        if (!e->in_qemu || (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING))
-                return;
-        e->in_qemu = false;
-        peer_nbd_drop(&e->guest->peer);
-        export_fail(e, "QEMU removed the export (another client of QEMU deleted it or stopped the NBD server)");
-}
-
-/* BLOCK_EXPORT_DELETED: ours, deleted behind our back (block-export-del or nbd-server-stop by
- * another manager of this QEMU)? A QEMU that quits deletes its exports too, right before it goes
- * away, and that is a handoff, not a failure: ask QEMU, which answers only if it still runs. */
-static void export_peer_export_deleted(void *userdata, const char *id) {
-        Export *e = userdata;
-        ExportRef *ref;
-        int r;
-
-        if (!e->in_qemu || !streq(id, e->qemu_id) || e->deleted_in_qemu || !guest_qmp_ready(e->guest))
-                return;
-        ref = malloc(sizeof(ExportRef));
-        if (!ref) {
-                log_oom();
-                return;
-        }
-        *ref = (ExportRef) { .engine = e->engine, .id = e->id };
-        r = qemu_query_block_exports(e->guest->peer.qmp, export_gone_checked, ref, free);
-        if (r < 0) {
-                log_warning_errno(r, "Export %u: cannot ask QEMU whether it still serves it: %m", e->id);
-                return;
-        }
-        e->deleted_in_qemu = true;
 }
 
 /* The guest goes away: stop and forget the export. */
@@ -717,7 +607,7 @@ static int export_new(Guest *g, unsigned id, const char *alias, const char *disk
         e->listener = (PeerListener) {
                 .userdata = e,
                 .lost = export_peer_lost,
-                .export_deleted = export_peer_export_deleted,
+                .export_deleted = export_qemu_export_deleted,
                 .busy = export_peer_busy,
                 .removed = export_peer_removed,
         };
