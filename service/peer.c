@@ -346,8 +346,9 @@ static void server_started(Qmp *q, int error, const char *desc, void *userdata) 
         if (p->nbd_socket)
                 (void) unlink(p->nbd_socket);
         p->nbd_socket = mfree(p->nbd_socket);
-        /* Not ours: a cleanup after a restart must not stop it. */
-        if (!peer_offline(p) && p->owner->nbd_server_started(p->userdata))
+        /* QEMU refused it: whatever server runs is not ours, a cleanup after a restart must not
+         * stop it. (No answer at all, a broken connection, says nothing about that.) */
+        if (desc && !peer_offline(p) && p->owner->nbd_server_started(p->userdata))
                 p->owner->set_nbd_server_started(p->userdata, false);
         nbd_run_waiters(p, error, why);
 }
@@ -391,6 +392,8 @@ int peer_nbd_server_ensure(Peer *p) {
                 else {
                         *s = (ServerStart) { .peer = p, .generation = ++p->nbd_generation };
                         r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, server_started, s, free);
+                        if (r < 0)
+                                free(s); /* not sent: ours */
                 }
         }
         if (r < 0) {
