@@ -551,5 +551,5 @@ static bool op_peer_busy(void *userdata) {
 }
 
 int range_op_start(RangeOp *op) {
-        return guest_when_ready(op->guest, op_peer_ready, op, NULL);
+        return guest_when_ready_fresh(op->guest, op_peer_ready, op, NULL);
 }

@@ -188,6 +188,53 @@ class ForeignTest(h.TestCase):
         self.remove_backup_filter(g)
         path, _ = self.export_ok(g)
 
+    # -- the disk's node replaced behind our back
+
+    def replace_node(self, g):
+        """What `virsh blockcopy --shallow --pivot` does: a mirror of the top onto a new overlay
+        of the same backing, pivoted; the old node deleted. Nothing of ours is told."""
+        c = g.chains['vda']
+        q = g.qemu.qmp
+        copy = os.path.join(g.qemu.dir, 'copy.qcow2')
+        h.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', c.mid, '-F', 'qcow2', copy, str(SIZE)])
+        q.cmd('blockdev-add', {'driver': 'file', 'filename': copy, 'node-name': 'copy-file'})
+        q.cmd('blockdev-add', {'driver': 'qcow2', 'file': 'copy-file', 'node-name': 'copy0',
+                               'backing': q.node_of_file(c.mid)})
+        q.cmd('blockdev-mirror', {'job-id': 'foreign-copy', 'device': 'disk0', 'target': 'copy0', 'sync': 'top'})
+        h.wait_until(lambda: [j for j in q.cmd('query-block-jobs') if j.get('ready')], 30, 'the copy to be ready')
+        q.cmd('job-complete', id='foreign-copy')
+        h.wait_until(lambda: q.cmd('query-block-jobs') == [], 30, 'the copy to pivot')
+        self.assertEqual(q.cmd('query-block')[0]['inserted']['node-name'], 'copy0')
+        q.cmd('blockdev-del', **{'node-name': 'disk0'})
+        q.cmd('blockdev-del', **{'node-name': 'file0'})
+
+    def test_node_replaced_then_map_and_export(self):
+        """The disk's node replaced by another manager (a pivoted copy): GetAllocationMap, then
+        Export, use the node QEMU has now, not the one remembered."""
+        g = self.running_guest()
+        d = g.disk()
+        self.assertEqual(d.prop('NodeName'), 'disk0')
+        self.replace_node(g)
+        extents = d.call('GetAllocationMap', 'tt', h.T(0), h.T(SIZE))
+        self.assertTrue(extents, 'no allocation map after the node changed')
+        self.assertEqual(d.prop('NodeName'), 'copy0')
+        path, _ = self.export_ok(g)
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'our export to leave QEMU')
+
+    def test_node_replaced_then_start(self):
+        """The same, and Start first: the stream runs on the node QEMU has now."""
+        g = self.running_guest()
+        d = g.disk()
+        self.assertEqual(d.prop('NodeName'), 'disk0')
+        self.replace_node(g)
+        since = time.monotonic()
+        d.start()
+        res, _, err = d.wait_finished(120, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(d.prop('NodeName'), 'copy0')
+        self.assertEqual(list(d.prop('BackingChain')), [])
+
 
 if __name__ == '__main__':
     h.main()
