@@ -110,6 +110,26 @@ class ForeignTest(h.TestCase):
         # Our NBD server, unused now, is stopped: the test can start its own.
         h.wait_until(lambda: self._can_start_server(g), 10, 'QEMU to run no NBD server of ours')
 
+    def test_our_server_stopped_behind_our_back(self):
+        """Another monitor stops QEMU's NBD server (ours): the export stops saying "serving", and
+        the next Export starts a server again and works."""
+        g = self.running_guest()
+        path, uri = self.export_ok(g)
+        relay = h.wait_until(lambda: o.relays(self.env, self.helper_uid(g)), 5, 'the relay')[0]
+
+        g.qemu.qmp.cmd('nbd-server-stop')
+
+        def ended():
+            if path not in o.exports_on_bus(self.client):
+                return True
+            return o.export_props(self.client, path)['State'] == 'failed'
+        self.client.wait_for(ended, 10, 'the export to stop saying "serving" after nbd-server-stop')
+        o.wait_gone(relay.pid, 10, 'the relay to exit')
+        self.assertFalse(os.path.exists(o.unix_socket_of(uri)), 'the export\'s socket is left')
+        path2, _ = self.export_ok(g)
+        self.client.call(path2, o.IFACE_EXPORT, 'Stop')
+        h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'our export to leave QEMU')
+
     def _can_start_server(self, g):
         try:
             g.qemu.qmp.cmd('nbd-server-start',
