@@ -6,6 +6,7 @@
  * desktop's polkit agent may ask for a password), has no timeout for that reason, and is
  * cancelled when the row goes; a refusal or any other error is shown in the row. */
 
+#include <errno.h>
 #include <string.h>
 
 #include "format.h"
@@ -40,7 +41,7 @@ struct DiskView {
         gulong props_handler, signal_handler;
 
         GtkWidget *root;
-        GtkLabel *title, *chain, *state, *detail, *message;
+        GtkLabel *title, *chain, *state, *detail, *adaptive, *message;
         GtkProgressBar *progress;
         GtkWidget *map_area;
         GtkLabel *map_legend;
@@ -50,11 +51,11 @@ struct DiskView {
         guint64 pending_size;
         gboolean pending_interactive;
 
-        GtkEntry *offset, *length, *bandwidth;
+        GtkEntry *offset, *length, *bandwidth, *latency;
         GtkDropDown *base;
         GtkStringList *base_model;
         char **base_chain;
-        GtkWidget *pull, *pause, *resume, *cancel, *set_bw, *map_refresh, *export_btn, *stop_export, *copy;
+        GtkWidget *pull, *pause, *resume, *cancel, *set_bw, *set_latency, *map_refresh, *export_btn, *stop_export, *copy;
         GtkEntry *uri;
         char *export_path;
 };
@@ -117,6 +118,29 @@ static void update_base_choices(DiskView *d) {
         d->base_chain = g_steal_pointer(&chain);
 }
 
+/* A latency in µs as a person reads it; 0 is "off" for a target, "none yet" for a measurement. */
+static char *format_latency(guint64 usec, const char *zero) {
+        if (usec == 0)
+                return g_strdup(zero);
+        if (usec < 1000)
+                return g_strdup_printf("%" G_GUINT64_FORMAT " µs", usec);
+        return g_strdup_printf("%.1f ms", (double) usec / 1000.0);
+}
+
+/* The job's engine and the adaptive throttle's view, live from PropertiesChanged. */
+static void adaptive_update(DiskView *d) {
+        g_autofree char *engine = prop_str(d, "Engine"), *reason = prop_str(d, "ThrottleReason"),
+                        *target = format_latency(prop_u64(d, "MaxGuestLatency"), "off"),
+                        *p99 = format_latency(prop_u64(d, "GuestReadP99"), "not measured"),
+                        *limit_bytes = prop_u64(d, "SpeedLimit") ? bs_format_rate(prop_u64(d, "SpeedLimit"))
+                                                                  : g_strdup("none"),
+                        *text = NULL;
+
+        text = g_strdup_printf("Engine: %s · Latency target: %s · Guest read p99: %s · Speed limit: %s · Throttle: %s",
+                *engine ? engine : "none", target, p99, limit_bytes, *reason ? reason : "off");
+        gtk_label_set_text(d->adaptive, text);
+}
+
 static void disk_view_update(DiskView *d) {
         g_autofree char *device = prop_str(d, "Device"), *path = prop_str(d, "Path"), *state = prop_str(d, "State"),
                         *target = prop_str(d, "Target"), *mode = prop_str(d, "Mode"), *error = prop_str(d, "Error"),
@@ -151,6 +175,7 @@ static void disk_view_update(DiskView *d) {
         } else
                 detail = g_strdup_printf("Size: %s · Mode: %s · Bandwidth: %s", size, *mode ? mode : "none", bw);
         gtk_label_set_text(d->detail, detail);
+        adaptive_update(d);
 
         gtk_progress_bar_set_fraction(d->progress, total > 0 ? MIN(1.0, (double) done / (double) total) : 0.0);
         progress = bs_format_progress(done, total, active ? prop_u64(d, "Rate") : 0,
@@ -297,6 +322,52 @@ static void on_set_bandwidth(GtkButton *b, DiskView *d) {
                 return;
         }
         call(d, "Set bandwidth", "SetBandwidth", g_variant_new("(t)", bandwidth), NULL, NULL);
+}
+
+/* "20ms", "500us", "1s", "20" (ms), "0" or "off" (no target) → µs */
+static gboolean parse_latency(const char *s, guint64 *ret) {
+        g_autofree char *t = g_strstrip(g_strdup(s));
+        guint64 v, mult = 1000;
+        char *end = NULL;
+
+        if (g_ascii_strcasecmp(t, "off") == 0) {
+                *ret = 0;
+                return TRUE;
+        }
+        if (!g_ascii_isdigit(*t))
+                return FALSE;
+        errno = 0;
+        v = g_ascii_strtoull(t, &end, 10);
+        if (errno != 0)
+                return FALSE;
+        while (*end == ' ')
+                end++;
+        if (*end == 0 || g_ascii_strcasecmp(end, "ms") == 0)
+                mult = 1000;
+        else if (g_ascii_strcasecmp(end, "us") == 0 || strcmp(end, "µs") == 0)
+                mult = 1;
+        else if (g_ascii_strcasecmp(end, "s") == 0)
+                mult = 1000000;
+        else
+                return FALSE;
+        if (v > G_MAXUINT64 / mult)
+                return FALSE;
+        *ret = v * mult;
+        return TRUE;
+}
+
+static void on_set_latency(GtkButton *b, DiskView *d) {
+        const char *text = gtk_editable_get_text(GTK_EDITABLE(d->latency));
+        guint64 usec;
+
+        if (!parse_latency(text, &usec)) {
+                g_autofree char *msg = g_strdup_printf("Latency target: '%s' is not a latency (e.g. 20ms, 500us, "
+                                                       "1s; 0 or off: none)",
+                        text);
+                set_message(d, TRUE, msg);
+                return;
+        }
+        call(d, "Set latency target", "SetMaxGuestLatency", g_variant_new("(t)", usec), NULL, NULL);
 }
 
 /* ---- the allocation map */
@@ -561,6 +632,7 @@ DiskView *disk_view_new(Monitor *m, GDBusProxy *proxy, const char *guest_name) {
         gtk_accessible_update_property(GTK_ACCESSIBLE(d->progress), GTK_ACCESSIBLE_PROPERTY_LABEL, "Progress", -1);
         gtk_box_append(GTK_BOX(d->root), GTK_WIDGET(d->progress));
         d->detail = row_label(d->root);
+        d->adaptive = row_label(d->root);
 
         d->map_area = gtk_drawing_area_new();
         gtk_drawing_area_set_content_height(GTK_DRAWING_AREA(d->map_area), 18);
@@ -578,6 +650,9 @@ DiskView *disk_view_new(Monitor *m, GDBusProxy *proxy, const char *guest_name) {
         d->cancel = button(actions, "Cancel", "Stop the job; what was copied stays", G_CALLBACK(on_cancel), d);
         d->set_bw = button(actions, "Set bandwidth", "Apply the bandwidth below, also to a running job",
                 G_CALLBACK(on_set_bandwidth), d);
+        d->set_latency = button(actions, "Set latency target",
+                "Apply the latency target below: the job slows down while the guest's reads wait longer",
+                G_CALLBACK(on_set_latency), d);
         d->map_refresh = button(actions, "Refresh map", "Read the allocation map again", G_CALLBACK(on_map_refresh), d);
         gtk_box_append(GTK_BOX(d->root), actions);
 
@@ -589,6 +664,7 @@ DiskView *disk_view_new(Monitor *m, GDBusProxy *proxy, const char *guest_name) {
         d->offset = option_entry(GTK_GRID(grid), 0, "Offset", "0 (e.g. 1G)");
         d->length = option_entry(GTK_GRID(grid), 1, "Length", "empty or 0: the whole disk, or to its end");
         d->bandwidth = option_entry(GTK_GRID(grid), 2, "Bandwidth", "e.g. 100M/s; empty: the disk's; 0: unlimited");
+        d->latency = option_entry(GTK_GRID(grid), 4, "Latency target", "the guest's read p99, e.g. 20ms; 0: off");
         base_label = gtk_label_new("Base");
         gtk_label_set_xalign(GTK_LABEL(base_label), 0);
         d->base_model = gtk_string_list_new(NULL);

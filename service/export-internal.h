@@ -50,6 +50,7 @@ struct Export {
         ExportState state;
         bool published;
         bool in_qemu;
+        bool deleted_in_qemu; /* BLOCK_EXPORT_DELETED seen for it: QEMU asked if it runs */
         /* The guest's QEMU went away while we served: its storage helper takes over (once per
          * export), and clients wait for it in pending[] meanwhile. */
         bool handed_over;
@@ -92,12 +93,22 @@ struct Export {
         PeerListener listener; /* on the guest's peer, while listed */
 };
 
+/* Fails it: the Export() call, if not answered yet, gets error_name (export_fail: HelperFailed). */
+void export_fail_error(Export *e, const char *error_name, const char *why);
+void export_fail(Export *e, const char *why);
+/* block-export-add's reply (export.c): the relay starts next. */
+void export_added(Qmp *q, int error, const char *desc, void *userdata);
+
+/* export-qemu.c: add it to QEMU's NBD server (ours, confirmed), after reading the disks again
+ * with fresh_disks; and BLOCK_EXPORT_DELETED for it. */
+void export_qemu_add(Export *e, bool fresh_disks);
+void export_qemu_export_deleted(void *userdata, const char *id);
+
 /* Ends the export: final state, relay and socket gone, QEMU's export removed; the object too
  * with remove_object. */
 void export_end(Export *e, ExportState final, bool remove_object);
 
 /* export.c, for export-handoff.c */
-void export_fail(Export *e, const char *why);
 void export_save(Export *e);
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
 

@@ -64,8 +64,10 @@ static void export_unlink(Export *e) {
 static Export *export_free(Export *e) {
         if (!e)
                 return NULL;
-        if (e->guest)
+        if (e->guest) {
                 peer_unlisten(&e->guest->peer, &e->listener);
+                peer_nbd_unwait(&e->guest->peer, e);
+        }
         if (e->create_call) {
                 (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
                         "The export of disk '%s' could not be set up.", e->alias);
@@ -175,19 +177,23 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         peer_release_helper_if_idle(&g->peer);
 }
 
-void export_fail(Export *e, const char *why) {
+void export_fail_error(Export *e, const char *error_name, const char *why) {
         log_warning("Export %u of guest %s disk %s failed: %s", e->id, e->guest->name, e->alias, why);
         if (!e->error) {
                 e->error = strdup(why);
                 export_emit(e, "Error");
         }
         if (e->create_call) {
-                (void) sd_bus_reply_method_errorf(e->create_call, BS_ERROR_HELPER_FAILED,
+                (void) sd_bus_reply_method_errorf(e->create_call, error_name,
                         "Cannot export disk '%s' of guest '%s': %s", e->alias, e->guest->name, why);
                 e->create_call = sd_bus_message_unref(e->create_call);
         }
         /* Nobody saw it yet (its Export() call failed, or it could not be restored): drop it. */
         export_end(e, EXPORT_FAILED, !e->published);
+}
+
+void export_fail(Export *e, const char *why) {
+        export_fail_error(e, BS_ERROR_HELPER_FAILED, why);
 }
 
 static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
@@ -496,7 +502,7 @@ static void export_start_relay(Export *e) {
         }
 }
 
-static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
+void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         Export *e = userdata;
 
         if (error < 0) {
@@ -524,7 +530,6 @@ static void export_added(Qmp *q, int error, const char *desc, void *userdata) {
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
         Engine *m = g->engine;
         Export *e = NULL;
-        int r;
 
         /* The export may have been dropped while the storage helper started. */
         for (Export *i = m->exports; i; i = i->next)
@@ -545,25 +550,9 @@ void export_backend_ready(Guest *g, int error, const char *error_text, void *use
         /* What a handoff may open later, while QEMU shows it (it names the paths). */
         if (!g->offline && !g->handoff)
                 guest_pin_disks(g);
-        r = peer_nbd_server_ensure(&g->peer);
-        if (r < 0) {
-                export_fail(e, "cannot start QEMU's NBD server");
-                return;
-        }
-        {
-                const char *node = guest_disk_node_name(g, e->alias);
-                if (!node) {
-                        export_fail(e, "the disk went away");
-                        return;
-                }
-                r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, e, NULL);
-        }
-        if (r < 0) {
-                export_fail(e, "cannot send block-export-add");
-                return;
-        }
-        e->in_qemu = true;
-        peer_nbd_hold(&g->peer);
+        /* The storage helper's nodes are ours, named by us; a running guest's QEMU may be
+         * managed by others too: its disks are read again first. */
+        export_qemu_add(e, !g->offline && !g->handoff);
 }
 
 static bool export_name_taken(Guest *g, const char *name) {
@@ -643,6 +632,7 @@ static int export_new(Guest *g, unsigned id, const char *alias, const char *disk
         e->listener = (PeerListener) {
                 .userdata = e,
                 .lost = export_peer_lost,
+                .export_deleted = export_qemu_export_deleted,
                 .busy = export_peer_busy,
                 .removed = export_peer_removed,
         };

@@ -178,6 +178,29 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
         return r;
 }
 
+static void guest_ready_fresh(Guest *g, int error, const char *desc, void *userdata) {
+        GuestReadyCtx *c = userdata;
+
+        c->handler(g, error, error < 0 ? desc ?: "cannot read the guest's disks from QEMU" : NULL, c->userdata);
+}
+
+int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *)) {
+        GuestReadyCtx *c;
+        int r;
+
+        /* An offline guest's (or a handoff's) nodes are the storage helper's, named by us. */
+        if (g->offline || g->handoff || !guest_qmp_ready(g))
+                return guest_when_ready(g, handler, userdata, destroy);
+        c = calloc(1, sizeof(GuestReadyCtx));
+        if (!c)
+                return -ENOMEM;
+        *c = (GuestReadyCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
+        r = guest_refresh(g, guest_ready_fresh, c, guest_ready_ctx_free);
+        if (r < 0)
+                free(c); /* not queued: the caller keeps userdata */
+        return r;
+}
+
 void guest_release_helper_if_idle(Guest *g) {
         peer_release_helper_if_idle(&g->peer);
 }

@@ -123,6 +123,10 @@ bool guest_qmp_ready(Guest *g);
 /* Run handler once the QMP peer is ready: at once for a running guest (or -ENOTCONN), after
  * starting the storage helper for an offline one. destroy(userdata) runs after the handler. */
 int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
+/* The same, after the disks of a running guest were read from QEMU again: an operation that
+ * names a node uses the one QEMU has now (another manager of the QEMU may have put a filter over
+ * the disk, or pivoted it to a copy), never one remembered. */
+int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
 /* The guest's QEMU is gone and an export must go on: serve its disks from the storage helper,
  * read from the image headers as for an offline guest (idempotent). */
 int guest_begin_handoff(Guest *g);

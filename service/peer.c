@@ -17,10 +17,24 @@ struct PeerWaiter {
         void (*destroy)(void *);
 };
 
+struct PeerNbdWaiter {
+        PeerNbdWaiter *next;
+        peer_nbd_handler_t handler;
+        void *userdata;
+        void (*destroy)(void *);
+};
+
+typedef struct ServerStart {
+        Peer *peer;
+        unsigned generation;
+} ServerStart;
+
 /* Every private server gets a new socket name (see peer_nbd_server_ensure()). */
 static unsigned nbd_seq;
 
 static void peer_run_waiters(Peer *p, int error, const char *error_text);
+static void nbd_run_waiters(Peer *p, int error, const char *error_text);
+static void nbd_free_waiters(PeerNbdWaiter *l);
 
 static void storage_attached(void *userdata) {
         Peer *p = userdata;
@@ -105,6 +119,7 @@ void peer_done(Peer *p) {
                 free(w);
         }
         p->release_check = sd_event_source_disable_unref(p->release_check);
+        nbd_free_waiters(TAKE_PTR(p->nbd_waiters));
         p->nbd_socket = mfree(p->nbd_socket);
 }
 
@@ -139,7 +154,8 @@ void peer_close(Peer *p) {
 
 void peer_lost(Peer *p) {
         p->owner->lost(p->userdata);
-        p->nbd_server = false;
+        p->nbd_server = p->nbd_confirmed = false;
+        p->nbd_generation++;
         if (p->nbd_socket)
                 (void) unlink(p->nbd_socket); /* its server died with the QMP peer */
         p->nbd_socket = mfree(p->nbd_socket);
@@ -152,6 +168,8 @@ void peer_lost(Peer *p) {
         }
         /* The maps' shared exports went with QEMU too: nobody uses the server. */
         p->nbd_users = 0;
+        /* Whoever still waits for its start (a listener that failed has unwaited). */
+        nbd_run_waiters(p, -ENOTCONN, "the QMP connection to QEMU was lost");
 }
 
 /* Waiters */
@@ -288,13 +306,55 @@ int peer_dispatch_event(Peer *p, const char *event, json_object *data) {
 
 /* The private NBD server of a guest's QMP peer */
 
-static void server_started(Qmp *q, int error, const char *desc, void *userdata) {
-        Peer *p = userdata;
-
-        if (error < 0) {
-                log_warning("Guest %s: cannot start the NBD server: %s", p->name, desc ?: strerror(-error));
-                p->nbd_server = false;
+static void nbd_free_waiters(PeerNbdWaiter *l) {
+        while (l) {
+                PeerNbdWaiter *n = l->next;
+                if (l->destroy)
+                        l->destroy(l->userdata);
+                free(l);
+                l = n;
         }
+}
+
+static void nbd_run_waiters(Peer *p, int error, const char *error_text) {
+        PeerNbdWaiter *l = TAKE_PTR(p->nbd_waiters);
+
+        /* Taken first: a handler may wait again (a new server) or end other users. */
+        for (PeerNbdWaiter *w = l; w; w = w->next)
+                if (w->handler)
+                        w->handler(p, error, error_text, w->userdata);
+        nbd_free_waiters(l);
+}
+
+static void server_started(Qmp *q, int error, const char *desc, void *userdata) {
+        ServerStart *s = userdata;
+        Peer *p = s->peer;
+        const char *why;
+
+        if (s->generation != p->nbd_generation)
+                return; /* a server stopped or lost since: its waiters heard */
+        if (error >= 0) {
+                p->nbd_confirmed = true;
+                nbd_run_waiters(p, 0, NULL);
+                return;
+        }
+        /* QEMU runs one NBD server: an export added now would land on whoever's runs. */
+        if (desc && strstr(desc, "already running")) {
+                error = -EBUSY;
+                why = "QEMU already runs an NBD server that blockstreamd did not start";
+        } else
+                why = desc ?: strerror(-error);
+        log_warning("Guest %s: cannot start the NBD server: %s", p->name, desc ?: strerror(-error));
+        p->nbd_server = p->nbd_confirmed = false;
+        p->nbd_generation++;
+        if (p->nbd_socket)
+                (void) unlink(p->nbd_socket);
+        p->nbd_socket = mfree(p->nbd_socket);
+        /* QEMU refused it: whatever server runs is not ours, a cleanup after a restart must not
+         * stop it. (No answer at all, a broken connection, says nothing about that.) */
+        if (desc && !peer_offline(p) && p->owner->nbd_server_started(p->userdata))
+                p->owner->set_nbd_server_started(p->userdata, false);
+        nbd_run_waiters(p, error, why);
 }
 
 int peer_nbd_server_ensure(Peer *p) {
@@ -328,8 +388,18 @@ int peer_nbd_server_ensure(Peer *p) {
                 return -errno;
         /* Commands run in order: the exports added after this find the server running. */
         r = qemu_getfd(p->qmp, NBD_FDNAME, TAKE_FD(fd), NULL, NULL, NULL);
-        if (r >= 0)
-                r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, server_started, p, NULL);
+        if (r >= 0) {
+                ServerStart *s = calloc(1, sizeof(ServerStart));
+
+                if (!s)
+                        r = -ENOMEM;
+                else {
+                        *s = (ServerStart) { .peer = p, .generation = ++p->nbd_generation };
+                        r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, server_started, s, free);
+                        if (r < 0)
+                                free(s); /* not sent: ours */
+                }
+        }
         if (r < 0) {
                 (void) unlink(path);
                 return r;
@@ -337,9 +407,50 @@ int peer_nbd_server_ensure(Peer *p) {
         free(p->nbd_socket);
         p->nbd_socket = TAKE_PTR(path);
         p->nbd_server = true;
+        p->nbd_confirmed = false;
         if (!peer_offline(p) && !p->owner->nbd_server_started(p->userdata))
                 p->owner->set_nbd_server_started(p->userdata, true);
         return 0;
+}
+
+int peer_nbd_server_when_started(Peer *p, peer_nbd_handler_t handler, void *userdata, void (*destroy)(void *)) {
+        PeerNbdWaiter *w, **tail;
+        int r;
+
+        if (p->nbd_server && p->nbd_confirmed) {
+                handler(p, 0, NULL, userdata);
+                if (destroy)
+                        destroy(userdata);
+                return 0;
+        }
+        w = calloc(1, sizeof(PeerNbdWaiter));
+        if (!w)
+                return -ENOMEM;
+        r = peer_nbd_server_ensure(p);
+        if (r < 0) {
+                free(w);
+                return r;
+        }
+        *w = (PeerNbdWaiter) { .handler = handler, .userdata = userdata, .destroy = destroy };
+        for (tail = &p->nbd_waiters; *tail; tail = &(*tail)->next)
+                ;
+        *tail = w;
+        return 0;
+}
+
+void peer_nbd_unwait(Peer *p, void *userdata) {
+        for (PeerNbdWaiter **w = &p->nbd_waiters; *w;) {
+                PeerNbdWaiter *x = *w;
+
+                if (x->userdata != userdata) {
+                        w = &x->next;
+                        continue;
+                }
+                *w = x->next;
+                if (x->destroy)
+                        x->destroy(x->userdata);
+                free(x);
+        }
 }
 
 /* Never waits: QEMU owns the listener, and a QEMU that stops accepting would otherwise hold the
@@ -361,14 +472,15 @@ void peer_nbd_drop(Peer *p) {
 }
 
 void peer_nbd_server_release_if_unused(Peer *p) {
-        if (!p->nbd_server || p->nbd_users > 0)
+        if (!p->nbd_server || p->nbd_users > 0 || p->nbd_waiters)
                 return;
         if (peer_ready(p))
                 (void) qemu_nbd_server_stop(p->qmp, NULL, NULL, NULL);
         if (p->nbd_socket)
                 (void) unlink(p->nbd_socket);
         p->nbd_socket = mfree(p->nbd_socket);
-        p->nbd_server = false;
+        p->nbd_server = p->nbd_confirmed = false;
+        p->nbd_generation++;
         if (p->owner->nbd_server_started(p->userdata))
                 p->owner->set_nbd_server_started(p->userdata, false);
 }

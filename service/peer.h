@@ -24,6 +24,10 @@ typedef struct PeerListener PeerListener;
 
 /* Something waiting for the peer (an offline guest's storage helper) to be ready. */
 typedef void (*peer_ready_handler_t)(Peer *p, int error, const char *error_text, void *userdata);
+/* Something waiting for QEMU's answer to our nbd-server-start: 0 once it runs, -EBUSY if QEMU
+ * runs an NBD server that is not ours (libvirt's pull-mode backup starts one), < 0 otherwise. */
+typedef void (*peer_nbd_handler_t)(Peer *p, int error, const char *error_text, void *userdata);
+typedef struct PeerNbdWaiter PeerNbdWaiter;
 
 /* What the guest tells its peer. All take the owner's userdata. */
 typedef struct PeerOwner {
@@ -83,6 +87,9 @@ struct Peer {
 
         /* The private NBD server of the peer. */
         bool nbd_server;
+        bool nbd_confirmed;   /* QEMU answered our nbd-server-start with success */
+        unsigned nbd_generation; /* a reply for a server since stopped or lost is not this one's */
+        PeerNbdWaiter *nbd_waiters;
         char *nbd_socket;
         unsigned nbd_users; /* exports in QEMU using it */
 
@@ -127,6 +134,12 @@ int peer_dispatch_event(Peer *p, const char *event, json_object *data);
 
 /* The private NBD server (started on demand), its users, and a connection to it. */
 int peer_nbd_server_ensure(Peer *p);
+/* Ensure it and run handler once QEMU said whether it runs (at once if it was confirmed before):
+ * what QEMU adds to "the" NBD server must not be sent before, or it lands on a foreign server.
+ * destroy(userdata) runs after the handler, or when the wait is dropped. */
+int peer_nbd_server_when_started(Peer *p, peer_nbd_handler_t handler, void *userdata, void (*destroy)(void *));
+/* Drop the waits of userdata (it goes away): their handlers do not run. */
+void peer_nbd_unwait(Peer *p, void *userdata);
 int peer_nbd_server_connect(Peer *p);
 void peer_nbd_hold(Peer *p);
 /* One user less; the server stops once it has none. */

@@ -328,6 +328,47 @@ static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint6
         return 0;
 }
 
+/* QEMU's filter drivers (is_filter in 7.2): a node of theirs over a disk is someone else's
+ * (libvirt's backup puts a copy-before-write there), not the disk's image. query-block shows the
+ * filtered node as the filter's "backing-image". */
+static bool format_is_filter(const char *format) {
+        static const char *const filters[] = {
+                "blkdebug", "blklogwrites", "blkverify", "compress", "copy-before-write",
+                "copy-on-read", "preallocate", "throttle", "replication",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(filters); i++)
+                if (streq(format, filters[i]))
+                        return true;
+        return false;
+}
+
+/* Skip the filters on top of a disk: its image is the first node under them that is not one.
+ * Returns that node's image object and sets *node to its name (found among the named nodes);
+ * without the named nodes (or a name for it), the top stays as QEMU gave it. */
+static json_object *skip_filters(json_object *image, const NodeIndex *nodes, const char **node) {
+        json_object *cur = image;
+
+        for (unsigned depth = 0; depth < QEMU_CHAIN_MAX; depth++) {
+                json_object *below;
+                const char *format = NULL, *filename = NULL, *nn;
+
+                if (!json_object_is_type(cur, json_type_object) || json_get_string(cur, "format", true, &format) < 0 ||
+                        !format_is_filter(format) || !json_object_object_get_ex(cur, "backing-image", &below))
+                        break;
+                if (!json_object_is_type(below, json_type_object) ||
+                        json_get_string(below, "filename", true, &filename) < 0 ||
+                        json_get_string(below, "format", true, &format) < 0)
+                        break;
+                nn = nodes ? find_node(nodes, filename, format) : NULL;
+                if (!nn)
+                        break;
+                *node = nn;
+                cur = below;
+        }
+        return cur;
+}
+
 static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
         json_object *inserted, *image, *backing;
         const char *qdev = NULL, *device = NULL, *node = NULL;
@@ -346,6 +387,7 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 return -EBADMSG;
         if (!json_object_object_get_ex(inserted, "image", &image))
                 return -EBADMSG;
+        image = skip_filters(image, nodes, &node);
 
         /* Every name QEMU gives is checked here, so that nothing downstream sees one that is not
          * valid: an alias names sockets, object paths, URIs and polkit's details; a node name goes

@@ -417,6 +417,8 @@ static void export_added_reply(Qmp *q, int error, const char *desc, void *userda
         setup_reply(q, error, desc, userdata);
 }
 
+static void op_server_started(Peer *p, int error, const char *error_text, void *userdata);
+
 static void op_peer_ready(Guest *g, int error, const char *error_text, void *userdata) {
         RangeOp *op = userdata;
         Disk *d;
@@ -429,9 +431,26 @@ static void op_peer_ready(Guest *g, int error, const char *error_text, void *use
                 range_op_end(op, STREAM_FAILED, !d ? "the disk went away" : error_text ?: "the guest's QMP peer is not available");
                 return;
         }
-        r = peer_nbd_server_ensure(&g->peer);
+        /* Nothing goes to "the" NBD server before QEMU said it is ours: a foreign one (libvirt's
+         * pull-mode backup) would get our export. */
+        r = peer_nbd_server_when_started(&g->peer, op_server_started, range_op_ref(op), range_op_unref_void);
         if (r < 0) {
+                range_op_unref(op);
                 range_op_end(op, STREAM_FAILED, "cannot start QEMU's NBD server");
+        }
+}
+
+static void op_server_started(Peer *p, int error, const char *error_text, void *userdata) {
+        RangeOp *op = userdata;
+        Guest *g = op->guest;
+        Disk *d;
+        int r;
+
+        if (op->dead || !op_listed(op->engine, op))
+                return;
+        d = guest_find_disk(g, op->alias);
+        if (error < 0 || !d) {
+                range_op_end(op, STREAM_FAILED, !d ? "the disk went away" : error_text ?: "cannot start QEMU's NBD server");
                 return;
         }
         if (op->kind->setup && op->kind->setup(op, d) > 0)
@@ -532,5 +551,5 @@ static bool op_peer_busy(void *userdata) {
 }
 
 int range_op_start(RangeOp *op) {
-        return guest_when_ready(op->guest, op_peer_ready, op, NULL);
+        return guest_when_ready_fresh(op->guest, op_peer_ready, op, NULL);
 }

@@ -510,8 +510,8 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 }
         }
         d->starting = true;
-        /* A running guest: at once. An offline one: once its storage helper is up. */
-        r = guest_when_ready(g, start_when_ready, c, call_ctx_free);
+        /* A running guest: once its disks are read again. An offline one: once its helper is up. */
+        r = guest_when_ready_fresh(g, start_when_ready, c, call_ctx_free);
         if (r < 0) {
                 d->starting = false;
                 adaptive_stop(d);

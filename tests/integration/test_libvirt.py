@@ -52,6 +52,16 @@ DOMAIN_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domai
 </domain>
 """
 
+BACKUP_XML = """<domainbackup mode='pull'>
+  <server transport='unix' socket='{socket}'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file'>
+      <scratch file='{scratch}'/>
+    </disk>
+  </disks>
+</domainbackup>
+"""
+
 
 def missing_libvirt():
     for p in (LIBVIRTD, VIRTLOGD, VIRSH, '/usr/bin/unshare'):
@@ -390,6 +400,41 @@ class LibvirtTest(h.TestCase):
         self.assertIn('virtio-disk0', self.ok('status', name).stdout)
         self.ok('pull', name, overlay, '--wait')
         self.assertEqual(h.image_backing(overlay), None)
+
+    def test_export_during_pull_mode_backup(self):
+        """Issue 15: libvirt's pull-mode backup runs an NBD server in QEMU (and a filter over the
+        disk); Export reported success while its export landed on libvirt's server. Now it fails
+        with Busy, leaves nothing, and libvirt's backup serves on; once the backup ends, Export
+        works and reads the disk."""
+        import offline as o
+        name, template, overlay, ref, sock = self.define_domain()
+        self.start_domain(name)
+        backup_sock = os.path.join(os.path.dirname(sock), 'backup.sock')   # libvirt-qemu's directory
+        scratch = os.path.join(os.path.dirname(overlay), 'scratch.qcow2')
+        xml = os.path.join(self.env.dir, name + '-backup.xml')
+        with open(xml, 'w') as f:
+            f.write(BACKUP_XML.format(socket=backup_sock, scratch=scratch))
+        self.libvirt.virsh('backup-begin', name, xml)
+        self.addCleanup(self.libvirt.virsh, 'domjobabort', name, check=False)
+        backup_uri = 'nbd+unix:///vda?socket=' + backup_sock
+        self.assertEqual(o.nbd_size(backup_uri), SIZE)
+
+        disk = h.disk_path(name, 'virtio-disk0')
+        _, err = self.client.try_call(disk, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts())
+        self.assertIsNotNone(err, 'Export succeeded while libvirt\'s backup runs the NBD server')
+        self.assertEqual(err.name, h.ERR_BUSY, err)
+        self.assertEqual(o.exports_on_bus(self.client), [])
+        # libvirt's backup is untouched: its job runs and its server still serves the disk.
+        self.assertIn('Backup', self.libvirt.virsh('domjobinfo', name).stdout)
+        self.assertEqual(o.nbd_sha256(backup_uri), o.file_sha256(ref))
+
+        self.libvirt.virsh('domjobabort', name)
+        h.wait_until(lambda: 'None' in self.libvirt.virsh('domjobinfo', name).stdout, 60,
+                     'libvirt\'s backup job to end')
+        path, uri = o.export(h.Disk(self.client, disk))
+        self.addCleanup(self.client.try_call, path, o.IFACE_EXPORT, 'Stop')
+        self.assertEqual(o.nbd_sha256(uri), o.file_sha256(ref))
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
 
 
 if __name__ == '__main__':

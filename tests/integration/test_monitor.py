@@ -422,6 +422,24 @@ class MonitorTest(h.TestCase):
         self.assertEqual(d.prop('Bandwidth'), 2 * MiB)
         h.wait_until(lambda: any('Bandwidth: 2.0 MiB/s' in t for t in self.labels(row)), 10,
                      'the new bandwidth in the row', interval=0.1)
+        # The job's engine and the adaptive throttle's view, live; the latency target set from the
+        # window beside the bandwidth, and shown once the daemon says it (PropertiesChanged).
+        engine = d.prop('Engine')
+        self.assertTrue(engine, 'the daemon names no engine for a running job')
+        adaptive = self.wait_label(row, 'Engine: %s · ' % engine)
+        for part in ('Latency target: ', 'Guest read p99: ', 'Speed limit: ', 'Throttle: '):
+            self.assertIn(part, adaptive)
+        self.assertNotIn('Latency target: 50.0 ms', adaptive)
+        self.type_into(row, 'Latency target', '50ms')
+        self.click(row, 'Set latency target')
+        self.wait_label(row, 'Set latency target: done')
+        self.assertEqual(d.prop('MaxGuestLatency'), 50000)
+        h.wait_until(lambda: any('Latency target: 50.0 ms' in t for t in self.labels(row)), 10,
+                     'the latency target in the row', interval=0.1)
+        # The throttle's reason as the daemon says it now (it moves: wait for the two to agree).
+        h.wait_until(lambda: any(t.startswith('Engine: ') and t.endswith('Throttle: %s' % (d.prop('ThrottleReason')
+                                                                                          or 'off'))
+                                 for t in self.labels(row)), 10, 'the throttle reason in the row', interval=0.1)
         self.click(row, 'Pause')
         self.wait_label(row, 'State: paused')
         paused_at = self.progress(row)

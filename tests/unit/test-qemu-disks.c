@@ -54,6 +54,37 @@ static void test_disks_chain3(void) {
         qemu_disks_free(d, n);
 }
 
+/* A filter another manager put over the disk (libvirt's backup: copy-before-write) is not the
+ * disk: its node is the image under the filter, and the chain starts below that image. */
+static void test_disks_filter_skipped(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-filter.json"),
+                                                *nodes = load("query-named-block-nodes-filter.json");
+        QemuDisk *d = NULL;
+        size_t n = 99;
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n != 1 || !d)
+                return;
+        ASSERT_STREQ(d[0].alias, "vda");
+        ASSERT_STREQ(d[0].node_name, "disk0");
+        ASSERT_STREQ(d[0].filename, "/tmp/fx/top.qcow2");
+        ASSERT_STREQ(d[0].format, "qcow2");
+        ASSERT_EQ(d[0].n_chain, 1);
+        if (d[0].n_chain == 1)
+                ASSERT_STREQ(d[0].chain[0].filename, "/tmp/fx/base.qcow2");
+        qemu_disks_free(d, n);
+
+        /* Without the node names (QEMU 7.2 cannot be asked while a job awaits dismissal) the
+         * filter's node stays: never a name made up. */
+        d = NULL;
+        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1 && d)
+                ASSERT_STREQ(d[0].node_name, "foreign-cbw");
+        qemu_disks_free(d, n);
+}
+
 static void test_disks_format_node_chosen(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
                                                 *nodes = load("query-named-block-nodes-chain3.json"),
@@ -567,6 +598,7 @@ int main(int argc, char **argv) {
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
 
         TAP_RUN(test_disks_chain3);
+        TAP_RUN(test_disks_filter_skipped);
         TAP_RUN(test_disks_format_node_chosen);
         TAP_RUN(test_disks_many_nodes_linear);
         TAP_RUN(test_disks_empty_drive_skipped);
