@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "polkit.h"
 #include "map.h"
+#include "mirror.h"
 #include "prefetch.h"
 #include "range.h"
 #include "stream.h"
@@ -142,14 +143,13 @@ static int refuse_offline_latency(Disk *d, sd_bus_error *error) {
                 d->guest->name);
 }
 
-/* Start's option "engine": which engine runs a full stream ("auto": prefetch_wins() decides). */
+/* Start's option "engine": which engine runs a full stream ("auto": mirror_try_start() and
+ * prefetch_wins() decide). */
 static int check_engine(const char *engine, bool range, sd_bus_error *error) {
-        if (streq(engine, BS_ENGINE_MIRROR))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                        "Engine 'mirror' is not available yet; use 'auto', 'stream' or 'prefetch'.");
-        if (!streq(engine, BS_ENGINE_AUTO) && !streq(engine, BS_ENGINE_STREAM) && !streq(engine, BS_ENGINE_PREFETCH))
+        if (!streq(engine, BS_ENGINE_AUTO) && !streq(engine, BS_ENGINE_STREAM) && !streq(engine, BS_ENGINE_PREFETCH) &&
+                !streq(engine, BS_ENGINE_MIRROR))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                        "Unknown engine '%.64s'; use 'auto', 'stream' or 'prefetch'.", engine);
+                        "Unknown engine '%.64s'; use 'auto', 'stream', 'prefetch' or 'mirror'.", engine);
         if (range && !streq(engine, BS_ENGINE_AUTO))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'engine' is for a full stream (Start(0, 0)); a range always runs through the pull helper.");
@@ -445,7 +445,11 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
 
-        /* A full stream: QEMU's block-stream, or prefetch then cut where that wins (prefetch.c). */
+        /* A full stream: QEMU's block-stream, mirror and pivot where there is room (mirror.c), or
+         * prefetch then cut where that wins (prefetch.c). */
+        if (offset == 0 && length == 0 && (streq(engine, BS_ENGINE_MIRROR) || streq(engine, BS_ENGINE_AUTO)) &&
+                (r = mirror_try_start(d, msg, streq(engine, BS_ENGINE_MIRROR), base_node, bandwidth, error)) != 0)
+                return r;
         if (offset == 0 && length == 0 &&
                 (streq(engine, BS_ENGINE_PREFETCH) ||
                         (streq(engine, BS_ENGINE_AUTO) && prefetch_wins(d) &&
