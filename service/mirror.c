@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <selinux/selinux.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -39,6 +40,20 @@
 #define MIRROR_FDSET_BASE 1000000000ULL
 #define MIRROR_TMP_SUFFIX ".bs-mirror"
 
+/* Tests only (meson -Dtest_hooks=true): stop the daemon (SIGSTOP) right before a step runs, its
+ * record on disk, so that a test kills it exactly there. Never compiled into a production build. */
+static void test_stop_before(Disk *d, const char *step) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        const char *e = getenv("BLOCKSTREAM_TEST_MIRROR_STOP");
+
+        if (e && streq(e, step)) {
+                log_info("Guest %s disk %s: mirror stopped before step '%s' (test hook).", d->host->name(d->guest),
+                        d->alias, step);
+                (void) raise(SIGSTOP);
+        }
+#endif
+}
+
 /* What a step needs; named by the job id, so that a restart finds every name again. */
 typedef struct MirrorNames {
         char *file_node, *format_node, *create_job, *tmp;
@@ -53,25 +68,32 @@ static void mirror_names_done(MirrorNames *n) {
         *n = (MirrorNames) {};
 }
 
-static int mirror_names(const Job *j, MirrorNames *ret) {
+/* Named by the disk (one mirror at a time per disk), not by the job: a job QEMU lost has no id
+ * left, and what its preparation made must still be found. */
+static int mirror_names(const Disk *d, MirrorNames *ret) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
-        const char *leaf, *num;
-        uint64_t seq;
-        char *end;
+        _cleanup_free_ char *alias = strdup(d->alias);
+        const char *leaf;
+        uint32_t hash = 2166136261U;
 
-        if (!j->id || !j->overlay || !(num = strrchr(j->id, '-')) || !(leaf = strrchr(j->overlay, '/')))
-                return -EINVAL;
-        errno = 0;
-        seq = strtoull(num + 1, &end, 10);
-        if (errno != 0 || *end || end == num + 1)
+        if (!alias)
+                return -ENOMEM;
+        if (!d->job.overlay || !(leaf = strrchr(d->job.overlay, '/')))
                 return -EINVAL;
         leaf++;
         if (strlen(leaf) + strlen(MIRROR_TMP_SUFFIX) + 1 > 255)
                 return -ENAMETOOLONG;
-        n.fdset = (unsigned) (MIRROR_FDSET_BASE + seq % 1000000000ULL);
-        n.file_node = strdup_printf("bsmf-%s", j->id);
-        n.format_node = strdup_printf("bsmq-%s", j->id);
-        n.create_job = strdup_printf("bsmc-%s", j->id);
+        /* A QEMU id whatever the alias, as job ids are made. */
+        for (char *p = alias; *p; p++) {
+                hash = (hash ^ (uint8_t) *p) * 16777619U;
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                            *p == '.' || *p == '_'))
+                        *p = '_';
+        }
+        n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
+        n.file_node = strdup_printf("bsmf-%s", alias);
+        n.format_node = strdup_printf("bsmq-%s", alias);
+        n.create_job = strdup_printf("bsmc-%s", alias);
         n.tmp = strdup_printf(".%s" MIRROR_TMP_SUFFIX, leaf);
         if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
                 return -ENOMEM;
@@ -197,7 +219,7 @@ static void mirror_cleanup(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         Guest *g = d->guest;
 
-        if (mirror_names(&d->job, &n) < 0) {
+        if (mirror_names(d, &n) < 0) {
                 log_warning("Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name,
                         d->alias);
                 return;
@@ -269,12 +291,13 @@ static void copy_saved(void *userdata) {
 
         if (!d)
                 return;
-        r = mirror_names(&d->job, &n);
+        r = mirror_names(d, &n);
         if (r < 0 || !guest_qmp_ready(c->guest)) {
                 d->job.state = STREAM_IDLE;
                 prepare_failed(c, d, "start blockdev-mirror", r < 0 ? r : -ENOTCONN, NULL);
                 return;
         }
+        test_stop_before(d, "copy");
         next = mirror_call_new(d);
         if (!next) {
                 d->job.state = STREAM_IDLE;
@@ -305,6 +328,7 @@ static void format_added(Qmp *q, int error, const char *desc, void *userdata) {
                 prepare_failed(c, d, "open the new image", error, desc);
                 return;
         }
+        test_stop_before(d, "prepare");
         /* The job begins: from here on it is reported (Finished), whatever happens. */
         overlay = TAKE_PTR(d->job.overlay);
         dev = d->job.overlay_dev;
@@ -343,7 +367,7 @@ static void create_concluded(Disk *d) {
         c = pending_take(d->guest, d->alias);
         if (!c)
                 return;
-        r = mirror_names(&d->job, &n);
+        r = mirror_names(d, &n);
         if (r >= 0) {
                 (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
                 /* No backing at all: null, never the header's word. */
@@ -390,7 +414,7 @@ static void file_added(Qmp *q, int error, const char *desc, void *userdata) {
                 prepare_failed(c, d, "open the new image's file", error, desc);
                 return;
         }
-        r = mirror_names(&d->job, &n);
+        r = mirror_names(d, &n);
         next = r >= 0 ? mirror_call_new(d) : NULL;
         if (!next) {
                 prepare_failed(c, d, "format the new image", r < 0 ? r : -ENOMEM, NULL);
@@ -420,7 +444,7 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
                 prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
                 return;
         }
-        r = mirror_names(&d->job, &n);
+        r = mirror_names(d, &n);
         next = r >= 0 ? mirror_call_new(d) : NULL;
         if (!next) {
                 prepare_failed(c, d, "open the new image's file", r < 0 ? r : -ENOMEM, NULL);
@@ -467,7 +491,7 @@ static void prepare_saved(void *userdata) {
 
         if (!d)
                 return;
-        r = mirror_names(&d->job, &n);
+        r = mirror_names(d, &n);
         if (r < 0) {
                 prepare_failed(c, d, "name the new image", r, NULL);
                 return;
@@ -608,7 +632,7 @@ int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base
         d->job.overlay_ino = st.st_ino;
         {
                 _cleanup_(mirror_names_done) MirrorNames n = {};
-                r = mirror_names(&d->job, &n);
+                r = mirror_names(d, &n);
         }
         if (r < 0) {
                 d->job.phase = 0;
@@ -660,6 +684,7 @@ static void pivot_saved(void *userdata) {
                 d->mirror_busy = false;
                 return; /* the next connection finds it ready */
         }
+        test_stop_before(d, "pivot");
         next = mirror_call_new(d);
         if (next) {
                 r = qemu_job_complete(c->guest->peer.qmp, d->job.id, complete_reply, next, mirror_call_free);
@@ -741,6 +766,7 @@ static void done_saved(void *userdata) {
 
         if (!d)
                 return;
+        test_stop_before(d, "done");
         d->mirror_busy = false;
         log_info("Guest %s disk %s: %s now holds the new image, standing alone.", c->guest->name, d->alias,
                 d->job.overlay);
@@ -757,7 +783,8 @@ static void rename_saved(void *userdata) {
 
         if (!d)
                 return;
-        r = mirror_names(&d->job, &n);
+        test_stop_before(d, "rename");
+        r = mirror_names(d, &n);
         if (r >= 0)
                 r = rename_onto_overlay(c->guest, &d->job, n.tmp, &why);
         if (r < 0) {
@@ -823,7 +850,7 @@ unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
         if (d->job.engine != STREAM_ENGINE_MIRROR || !ev->id)
                 return changed;
         if (d->job.phase == MIRROR_STEP_PREPARE && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE &&
-                ev->status == QEMU_JOB_CONCLUDED && mirror_names(&d->job, &n) >= 0 && streq(ev->id, n.create_job)) {
+                ev->status == QEMU_JOB_CONCLUDED && mirror_names(d, &n) >= 0 && streq(ev->id, n.create_job)) {
                 create_concluded(d);
                 return changed;
         }

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -25,7 +26,7 @@ def tmp_of(path):
     return os.path.join(os.path.dirname(path), '.%s.bs-mirror' % os.path.basename(path))
 
 
-class MirrorTest(h.TestCase):
+class MirrorBase(h.TestCase):
 
     def start(self, d, **kw):
         since = time.monotonic()
@@ -64,6 +65,10 @@ class MirrorTest(h.TestCase):
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
         self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
         self.assertEqual(h.image_backing(c.top), c.mid)
+
+
+
+class MirrorTest(MirrorBase):
 
     def test_guest_writes_during_mirror(self):
         g = self.new_guest(size=SIZE)
@@ -107,11 +112,11 @@ class MirrorTest(h.TestCase):
         self.assert_untouched(c, st)
         self.assertEqual(list(d.prop('BackingChain')), [c.mid, c.base])
         # And QEMU dropped what the mirror added.
-        nodes = [n['node-name'] for n in g.qemu.qmp.command('query-named-block-nodes')]
+        nodes = [n['node-name'] for n in g.qemu.qmp.cmd('query-named-block-nodes')]
         self.assertEqual([n for n in nodes if n.startswith('bsm')], [])
         # A stream afterwards works as before.
         since = time.monotonic()
-        d.start(0, 0, opts(engine=S('stream')))
+        d.start(0, 0, opts(engine=S('stream'), bandwidth=T(0)))
         res, done, err = d.wait_finished(60, since)
         self.assertEqual((res, err), ('completed', ''))
 
@@ -126,8 +131,7 @@ class MirrorTest(h.TestCase):
 
     def test_not_enough_space(self):
         """The images on a small tmpfs: a clear error, nothing created, the overlay as it was."""
-        mnt = self.env.images
-        self.assertEqual(os.listdir(mnt), [])
+        mnt = self.env.images  # an image directory itself: a mount below one is refused (RESOLVE_NO_XDEV)
         subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % (64 * MiB), 'tmpfs', mnt], check=True)
         self.addCleanup(lambda: subprocess.run(['umount', '-l', mnt], check=False))
         name = self.unique_name()
@@ -159,6 +163,156 @@ class MirrorTest(h.TestCase):
         self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
         now = os.stat(top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino))
+
+
+    def test_swapped_overlay_is_swapped_back(self):
+        """Another file put at the overlay's path while the mirror runs: the rename finds it is not
+        the file QEMU had open, swaps it back untouched, and the job fails."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        os.rename(c.top, c.top + '.moved')
+        with open(c.top, 'wb') as f:
+            f.write(b'another file, not the overlay\n' * 100)
+        other = os.stat(c.top)
+        d.set_bandwidth(0)
+        res, done, err = d.wait_finished(180, since)
+        self.assertEqual(res, 'failed', (res, done, err))
+        self.assertIn('no longer names the file QEMU had open', err)
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(since)), 1)
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns),
+                         (other.st_dev, other.st_ino, other.st_size, other.st_mtime_ns), 'the other file was touched')
+        with open(c.top, 'rb') as f:
+            self.assertEqual(f.read(), b'another file, not the overlay\n' * 100)
+        # The guest runs on the new image, left beside it under its temporary name.
+        self.assertTrue(os.path.exists(tmp_of(c.top)))
+        self.assertTrue(os.path.exists(c.top + '.moved'))
+
+
+@unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                       'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+class MirrorKillTest(MirrorBase):
+    """SIGKILL of the daemon at each step of the mirror's journal, stopped there by its test hook
+    (BLOCKSTREAM_TEST_MIRROR_STOP: the daemon stops itself with SIGSTOP right before the step,
+    its record on disk); the new daemon recovers, Finished comes once or not at all."""
+
+    HOOK = 'BLOCKSTREAM_TEST_MIRROR_STOP'
+
+    def restart_with_hook(self, step):
+        self.env.stop_daemon()
+        os.environ[self.HOOK] = step
+        try:
+            self.env.start_daemon()
+        finally:
+            del os.environ[self.HOOK]
+
+    def wait_stopped(self):
+        pid = self.env.daemon.proc.pid
+
+        def stopped():
+            with open('/proc/%d/stat' % pid) as f:
+                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+        h.wait_until(stopped, 120, 'the daemon to stop at its test hook')
+
+    def kill_and_restart(self, g):
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        restart = time.monotonic()
+        self.env.start_daemon()
+        c = self.client
+        c.wait_for(lambda: c.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                   30, 'guest %s to be republished' % g.name)
+        return restart
+
+    def mirror_nodes(self, g):
+        return [n['node-name'] for n in g.qemu.qmp.cmd('query-named-block-nodes') if n['node-name'].startswith('bsm')]
+
+    def start_async(self, g):
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.Popen([h.BLOCKSTREAMCTL, 'pull', g.name, 'vda', '--engine=mirror', '--bandwidth=0'],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+        return p
+
+    def killed_before_the_job(self, step):
+        self.restart_with_hook(step)
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        st = os.stat(c.top)
+        since = time.monotonic()
+        p = self.start_async(g)
+        self.wait_stopped()
+        self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image is made before the step')
+        self.kill_and_restart(g)
+        p.wait(30)
+        self.assertNotEqual(p.returncode, 0, 'Start succeeded with its daemon killed before the job ran')
+        h.wait_until(lambda: not os.path.lexists(tmp_of(c.top)), 30, 'the mirror\'s image to be removed')
+        h.wait_until(lambda: self.mirror_nodes(g) == [], 30, 'the mirror\'s nodes to be removed')
+        self.assert_untouched(c, st)
+        return g, d, c, since
+
+    def test_killed_before_the_job_began(self):
+        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
+        g, d, c, since = self.killed_before_the_job('prepare')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        # Nothing stands in the way of the next mirror.
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+
+    def test_killed_before_qemu_had_the_job(self):
+        """The job recorded, blockdev-mirror not sent: QEMU does not know it, it failed (once), and
+        what was made is removed."""
+        g, d, c, since = self.killed_before_the_job('copy')
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual(res, 'failed', (res, done, err))
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(since)), 1)
+
+    def killed_after_the_copy(self, step):
+        self.restart_with_hook(step)
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        restart = self.kill_and_restart(g)
+        self.assert_completed(d, since)
+        self.assertEqual(len(d.finished(restart)), 1)
+        self.assertEqual(self.mirror_jobs(g), [])
+        self.assert_standalone(g, c)
+
+    def test_killed_before_the_pivot(self):
+        """Ready, job-complete not sent: the new daemon completes it (QEMU still has it ready)."""
+        self.killed_after_the_copy('pivot')
+
+    def test_killed_before_the_rename(self):
+        """QEMU pivoted, the rename not done: the new daemon does it."""
+        self.killed_after_the_copy('rename')
+
+    def test_killed_after_the_rename(self):
+        """Renamed, the outcome not yet recorded: the new daemon reports it completed."""
+        self.killed_after_the_copy('done')
+
+    def test_killed_while_copying(self):
+        """SIGKILL while QEMU's mirror copies: the job goes on, then pivot and rename."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        restart = self.kill_and_restart(g)
+        self.assertEqual((d.prop('State'), d.prop('Engine')), ('running', 'mirror'))
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        self.assert_completed(d, since)
+        self.assertEqual(len(d.finished(restart)), 1)
+        self.assert_standalone(g, c)
 
 
 if __name__ == '__main__':
