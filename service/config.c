@@ -327,7 +327,7 @@ int config_parse(Config *c, const char *text, const char *source) {
                         if (!streq(value, "auto") && !streq(value, "never"))
                                 return log_error_errno(EINVAL, "%s:%u: EngineMirror= must be 'auto' or 'never', got '%s'.",
                                         source, line, value);
-                        c->engine_mirror_never = streq(value, "never");
+                        c->engine_mirror_auto = streq(value, "auto");
                 } else if (streq(key, "MapTimeoutSec")) {
                         if (parse_seconds(value, &c->map_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",

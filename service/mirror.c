@@ -40,8 +40,7 @@
 #define MIRROR_FDSET_BASE 1000000000ULL
 #define MIRROR_TMP_SUFFIX ".bs-mirror"
 
-/* Tests only (meson -Dtest_hooks=true): stop the daemon (SIGSTOP) right before a step runs, its
- * record on disk, so that a test kills it exactly there. Never compiled into a production build. */
+/* Tests only (-Dtest_hooks=true): SIGSTOP right before a step, its record on disk, to be killed there. */
 static void test_stop_before(Disk *d, const char *step) {
 #ifdef BLOCKSTREAM_TEST_HOOKS
         const char *e = getenv("BLOCKSTREAM_TEST_MIRROR_STOP");
@@ -61,11 +60,8 @@ typedef struct MirrorNames {
 } MirrorNames;
 
 static void mirror_names_done(MirrorNames *n) {
-        free(n->file_node);
-        free(n->format_node);
-        free(n->create_job);
-        free(n->tmp);
-        *n = (MirrorNames) {};
+        free(n->file_node), free(n->format_node), free(n->create_job), free(n->tmp);
+        *n = (MirrorNames){};
 }
 
 /* Named by the disk (one mirror at a time per disk), not by the job: a job QEMU lost has no id
@@ -98,7 +94,7 @@ static int mirror_names(const Disk *d, MirrorNames *ret) {
         if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
                 return -ENOMEM;
         *ret = n;
-        n = (MirrorNames) {};
+        n = (MirrorNames){};
         return 0;
 }
 
@@ -139,7 +135,7 @@ static MirrorCall *mirror_call_new(Disk *d) {
 
         if (!c)
                 return NULL;
-        *c = (MirrorCall) { .guest = d->guest, .dir_fd = -EBADF, .image_fd = -EBADF, .overlay_fd = -EBADF };
+        *c = (MirrorCall){.guest = d->guest, .dir_fd = -EBADF, .image_fd = -EBADF, .overlay_fd = -EBADF};
         c->alias = strdup(d->alias);
         c->job_id = d->job.id ? strdup(d->job.id) : NULL;
         if (!c->alias || (d->job.id && !c->job_id)) {
@@ -184,8 +180,7 @@ static Disk *mirror_call_disk(MirrorCall *c) {
 
 /* Removing what a mirror made */
 
-/* The new image's entry, unlinked by the directory's fd if it is a regular file and not the
- * overlay (which a swapped-back failure may have left there under no other name). */
+/* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
 static void unlink_tmp(Guest *g, const Job *j, const char *tmp) {
         _cleanup_free_ char *error = NULL;
         _cleanup_close_ int dir_fd = -EBADF;
@@ -212,16 +207,15 @@ static void unlink_tmp(Guest *g, const Job *j, const char *tmp) {
                 log_warning_errno(errno, "Guest %s: cannot remove %s: %m", g->name, tmp);
 }
 
-/* Everything of a mirror that did not pivot, in QEMU's command order: the create job, the
- * mirror job (its target's user), the nodes, the fd set; then the new image's entry. Errors
- * mean "was not there". */
+/* All a mirror that did not pivot made, in QEMU's order: the create job, the mirror job (its
+ * target's user), the nodes, the fd set; then the new image. Errors mean "was not there". */
 static void mirror_cleanup(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         Guest *g = d->guest;
 
         if (mirror_names(d, &n) < 0) {
-                log_warning("Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name,
-                        d->alias);
+                log_warning(
+                        "Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name, d->alias);
                 return;
         }
         if (guest_qmp_ready(g)) {
@@ -244,7 +238,8 @@ static void prepare_failed(MirrorCall *c, Disk *d, const char *what, int error, 
         log_warning("Guest %s disk %s: the mirror could not %s: %s", c->guest->name, c->alias, what,
                 desc ?: strerror(-error));
         if (c->msg) {
-                (void) sd_bus_reply_method_errorf(c->msg, error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : SD_BUS_ERROR_FAILED,
+                (void) sd_bus_reply_method_errorf(c->msg,
+                        error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : SD_BUS_ERROR_FAILED,
                         "The mirror could not %s: %s. Nothing was changed.", what, desc ?: strerror(-error));
                 c->msg = sd_bus_message_unref(c->msg);
         }
@@ -371,8 +366,8 @@ static void create_concluded(Disk *d) {
         if (r >= 0) {
                 (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
                 /* No backing at all: null, never the header's word. */
-                r = qemu_blockdev_add_format(
-                        c->guest->peer.qmp, "qcow2", n.format_node, n.file_node, NULL, false, format_added, c, mirror_call_free);
+                r = qemu_blockdev_add_format(c->guest->peer.qmp, "qcow2", n.format_node, n.file_node, NULL, false,
+                        format_added, c, mirror_call_free);
                 if (r >= 0)
                         return;
         }
@@ -548,10 +543,11 @@ static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t
         return avail >= needed ? 0 : -ENOSPC;
 }
 
-int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth,
-        sd_bus_error *error) {
+int mirror_try_start(
+        Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error) {
         _cleanup_free_ char *err = NULL, *overlay = NULL, *id = NULL;
         _cleanup_close_ int dir_fd = -EBADF, overlay_fd = -EBADF;
+        _cleanup_(mirror_names_done) MirrorNames names = {};
         Guest *g = d->guest;
         uint64_t needed = 0, avail = 0;
         const char *leaf;
@@ -559,7 +555,7 @@ int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base
         MirrorCall *c;
         int r;
 
-        if (!forced && (g->engine->config.engine_mirror_never || base_node || g->offline || strv_isempty(d->chain) ||
+        if (!forced && (!g->engine->config.engine_mirror_auto || base_node || g->offline || strv_isempty(d->chain) ||
                                prefetch_wins(d)))
                 return 0;
         if (base_node)
@@ -580,7 +576,8 @@ int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base
         guest_pin_disks(g);
         if (!d->pinned)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
-                                        "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name, d->path)
+                                        "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name,
+                                        d->path)
                               : 0;
         r = image_open_beneath(g->engine->config.image_dirs, d->path, false, &overlay_fd, &err);
         if (r >= 0 && fstat(overlay_fd, &st) < 0)
@@ -600,8 +597,8 @@ int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base
                 if (!forced)
                         return 0;
                 if (r != -ENOSPC)
-                        return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot see the free space beside %s: %m",
-                                d->path);
+                        return sd_bus_error_set_errnof(
+                                error, -r, "Engine 'mirror' cannot see the free space beside %s: %m", d->path);
                 return sd_bus_error_setf(error, BS_ERROR_NO_SPACE,
                         "Engine 'mirror' needs %s free beside %s for the new image, and %s is free. Nothing was created; "
                         "free space there, or use engine 'stream' or 'prefetch'.",
@@ -630,14 +627,11 @@ int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base
         d->job.overlay = TAKE_PTR(overlay);
         d->job.overlay_dev = st.st_dev;
         d->job.overlay_ino = st.st_ino;
-        {
-                _cleanup_(mirror_names_done) MirrorNames n = {};
-                r = mirror_names(d, &n);
-        }
+        r = mirror_names(d, &names);
         if (r < 0) {
                 d->job.phase = 0;
-                return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot name the new image beside %s: %m",
-                        d->path);
+                return sd_bus_error_set_errnof(
+                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", d->path);
         }
         c = mirror_call_new(d);
         if (!c)

@@ -38,8 +38,8 @@ enum {
 /* Start's engine choice for a full stream: "mirror" forced, or "auto". Returns 1 when the mirror
  * took the call (answered once the job runs), 0 when "auto" picks another engine, < 0 with error
  * set when "mirror" cannot run here (and nothing was created). */
-int mirror_try_start(Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth,
-        sd_bus_error *error);
+int mirror_try_start(
+        Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error);
 
 /* QEMU's news of the disk's jobs (guest-peer.c), after job_apply_event()/job_apply_info(): the
  * mirror's own steps (the blockdev-create job, ready, the held completion). Returns the changes

@@ -165,6 +165,38 @@ class MirrorTest(MirrorBase):
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino))
 
 
+    def test_auto_picks_mirror_only_when_configured(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        # The default configuration: auto is QEMU's block-stream for a local chain.
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(0)))
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
+        # EngineMirror=auto: a running guest, a local chain, room beside the overlay: mirror.
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.addCleanup(self.default_daemon)
+        self.env.start_daemon()
+        g2 = self.new_guest(size=SIZE)
+        d2 = g2.disk()
+        since = time.monotonic()
+        d2.start(0, 0, opts(bandwidth=T(0)))
+        self.assert_completed(d2, since)
+        # auto never keeps a base with a mirror.
+        g3 = self.new_guest(size=SIZE)
+        d3 = g3.disk()
+        since = time.monotonic()
+        d3.start(0, 0, opts(bandwidth=T(0), base=S(g3.chains['vda'].base)))
+        res, done, err = d3.wait_finished(60, since)
+        self.assertEqual((res, err, d3.prop('Engine')), ('completed', '', 'stream'))
+        self.assert_standalone(g2, g2.chains['vda'])
+
+    def default_daemon(self):
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env)
+        self.env.start_daemon()
+
     def test_swapped_overlay_is_swapped_back(self):
         """Another file put at the overlay's path while the mirror runs: the rename finds it is not
         the file QEMU had open, swaps it back untouched, and the job fails."""
@@ -248,7 +280,7 @@ class MirrorKillTest(MirrorBase):
         self.wait_stopped()
         self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image is made before the step')
         self.kill_and_restart(g)
-        p.wait(30)
+        p.communicate(timeout=30)
         self.assertNotEqual(p.returncode, 0, 'Start succeeded with its daemon killed before the job ran')
         h.wait_until(lambda: not os.path.lexists(tmp_of(c.top)), 30, 'the mirror\'s image to be removed')
         h.wait_until(lambda: self.mirror_nodes(g) == [], 30, 'the mirror\'s nodes to be removed')
