@@ -484,8 +484,8 @@ static void prepare_saved(void *userdata) {
         Disk *d = mirror_call_disk(c);
         int r;
 
-        if (!d)
-                return;
+        if (!d || d->job.phase != MIRROR_STEP_PREPARE)
+                return; /* removed meanwhile (mirror_resume_orphans()) */
         r = mirror_names(d, &n);
         if (r < 0) {
                 prepare_failed(c, d, "name the new image", r, NULL);
@@ -874,6 +874,8 @@ void mirror_resume_orphans(Guest *g) {
 
                 if (d->job.engine != STREAM_ENGINE_MIRROR)
                         continue;
+                /* The old connection's calls are gone: a step waiting for one goes again. */
+                d->mirror_busy = false;
                 /* A preparation the connection (or the daemon) lost: its Start was never answered
                  * with a job, and nothing of it stays. */
                 if (d->job.phase == MIRROR_STEP_PREPARE && !job_is_active(&d->job)) {
@@ -881,9 +883,9 @@ void mirror_resume_orphans(Guest *g) {
                         if (c) {
                                 prepare_failed(c, d, "finish before the connection to QEMU closed", -ECONNRESET, NULL);
                                 mirror_call_free(c);
-                        } else if (!d->mirror_busy) {
-                                log_info("Guest %s disk %s: the daemon stopped while preparing a mirror; removing it.",
-                                        g->name, d->alias);
+                        } else {
+                                log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", g->name,
+                                        d->alias);
                                 mirror_cleanup(d);
                                 d->starting = false;
                                 d->job.phase = 0;
@@ -892,8 +894,7 @@ void mirror_resume_orphans(Guest *g) {
                         continue;
                 }
                 /* A job that ended (lost by QEMU, failed) before the rename: what it made goes. */
-                if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_RENAME && (d->job.concluded || d->job.finished) &&
-                        !d->mirror_busy)
+                if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_RENAME && (d->job.concluded || d->job.finished))
                         mirror_cleanup(d);
         }
 }
