@@ -96,6 +96,22 @@ class MirrorTest(MirrorBase):
         self.assertEqual(self.mirror_jobs(g), [], 'QEMU still has the job after Finished')
         self.assert_standalone(g, c, writes)
 
+    def test_pause_resume_bandwidth(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        self.assertEqual(self.mirror_jobs(g)[0]['speed'], 1 * MiB)
+        self.assertIsNone(d.call('Pause'))
+        d.wait_state('paused', 30)
+        h.wait_until(lambda: self.mirror_jobs(g)[0]['paused'], 30, 'QEMU to pause the mirror')
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        self.assertEqual(self.mirror_jobs(g)[0]['speed'], 0)
+        self.assertIsNone(d.call('Resume'))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+
     def test_cancel_leaves_the_overlay(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
