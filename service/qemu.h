@@ -92,8 +92,8 @@ int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, const char *file_node
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_blockdev_mirror(Qmp *q, const char *job_id, const char *device, const char *target, uint64_t speed,
         uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
-int qemu_job_complete(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
-        qemu_destroy_t destroy);
+int qemu_job_complete(
+        Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_remove_fd(Qmp *q, unsigned fdset_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_blockdev_del(Qmp *q, const char *node_name, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy);

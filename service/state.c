@@ -69,8 +69,9 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "engine", json_object_new_string(stream_engine_to_string(j->engine))) < 0 ||
                 add(o, "phase", json_object_new_uint64(j->phase)) < 0 ||
                 (j->overlay && add(o, "overlay", json_object_new_string(j->overlay)) < 0) ||
-                (j->engine == STREAM_ENGINE_MIRROR && (add(o, "overlay_dev", json_object_new_uint64(j->overlay_dev)) < 0 ||
-                                                              add(o, "overlay_ino", json_object_new_uint64(j->overlay_ino)) < 0)) ||
+                (j->engine == STREAM_ENGINE_MIRROR &&
+                        (add(o, "overlay_dev", json_object_new_uint64(j->overlay_dev)) < 0 ||
+                                add(o, "overlay_ino", json_object_new_uint64(j->overlay_ino)) < 0)) ||
                 add(o, "offset", json_object_new_uint64(j->offset)) < 0 ||
                 add(o, "length", json_object_new_uint64(j->length)) < 0 ||
                 add(o, "done", json_object_new_uint64(j->done)) < 0 ||
@@ -79,7 +80,8 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "start_time", json_object_new_uint64(j->start_time)) < 0 ||
                 (j->error && add(o, "error", json_object_new_string(j->error)) < 0) ||
                 add(o, "concluded", json_object_new_boolean(j->concluded)) < 0 ||
-                add(o, "outcome", json_object_new_string(stream_state_to_string(j->concluded ? j->outcome : STREAM_IDLE))) < 0 ||
+                add(o, "outcome",
+                        json_object_new_string(stream_state_to_string(j->concluded ? j->outcome : STREAM_IDLE))) < 0 ||
                 add(o, "finished", json_object_new_boolean(j->finished)) < 0 ||
                 add(o, "cancel_requested", json_object_new_boolean(j->cancel_requested)) < 0) {
                 json_object_put(o);
@@ -299,9 +301,11 @@ static int job_from_json(json_object *o, Job *j) {
         if (json_get_string(o, "state", true, &state) < 0 || json_get_string(o, "mode", true, &mode) < 0 ||
                 json_get_string(o, "outcome", false, &outcome) < 0 || json_get_u64(o, "offset", true, &j->offset) < 0 ||
                 json_get_u64(o, "length", true, &j->length) < 0 || json_get_u64(o, "done", true, &j->done) < 0 ||
-                json_get_u64(o, "total", true, &j->total) < 0 || json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
+                json_get_u64(o, "total", true, &j->total) < 0 ||
+                json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
                 json_get_u64(o, "start_time", true, &j->start_time) < 0 ||
-                json_get_bool(o, "concluded", false, &concluded) < 0 || json_get_bool(o, "finished", false, &finished) < 0 ||
+                json_get_bool(o, "concluded", false, &concluded) < 0 ||
+                json_get_bool(o, "finished", false, &finished) < 0 ||
                 json_get_bool(o, "cancel_requested", false, &cancel) < 0 ||
                 json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0 ||
                 json_get_u64(o, "overlay_dev", false, &j->overlay_dev) < 0 ||
