@@ -87,6 +87,7 @@ static int help(void) {
                "        --engine=ENGINE     How a full stream copies: auto (default), stream\n"
                "                            (QEMU's block-stream) or prefetch (the pull helper\n"
                "                            copies the backing data, then block-stream cuts)\n"
+               "                            or mirror (mirror, pivot, rename onto the overlay)\n"
                "        --offset=SIZE       Stream only from this byte offset ...\n"
                "        --length=SIZE       ... for this many bytes (0 or none: to the end);\n"
                "                            a range is widened to whole clusters, and the disk\n"
@@ -387,8 +388,8 @@ static int parse_argv(int argc, char *argv[]) {
                 case ARG_ENGINE:
                         if (!streq(optarg, BS_ENGINE_AUTO) && !streq(optarg, BS_ENGINE_STREAM) &&
                                 !streq(optarg, BS_ENGINE_PREFETCH) && !streq(optarg, BS_ENGINE_MIRROR))
-                                return log_error_errno(
-                                        EINVAL, "Invalid --engine='%s' (expected auto, stream or prefetch).", optarg);
+                                return log_error_errno(EINVAL,
+                                        "Invalid --engine='%s' (expected auto, stream, prefetch or mirror).", optarg);
                         arg_engine = optarg;
                         arg_given |= OPT_ENGINE;
                         break;

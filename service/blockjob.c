@@ -192,6 +192,17 @@ void blockjob_finalize(Disk *d) {
 
         if (!d->job.id || d->job.finalize_sent || d->job.concluded || !d->host->qmp_ready(d->guest))
                 return;
+        if (d->job.engine == STREAM_ENGINE_MIRROR) {
+                /* The mirror flushed its target before it became ready, and its source is drained
+                 * while it waits: a flush there would never return. Finalize (the pivot) now. */
+                c = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
+                if (!c)
+                        return (void) log_oom();
+                d->job.finalize_sent = true;
+                flush_reply(d->host->peer(d->guest)->qmp, 0, NULL, c);
+                call_free(c);
+                return;
+        }
         c = call_new(d, _JOB_CONTROL_MAX, NULL, NULL, NULL);
         if (!c)
                 r = -ENOMEM;

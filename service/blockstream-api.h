@@ -163,6 +163,7 @@
 #define BS_ERROR_INVALID_RANGE "org.blockstream1.Error.InvalidRange"
 #define BS_ERROR_QEMU_FAILED "org.blockstream1.Error.QemuFailed"
 #define BS_ERROR_HELPER_FAILED "org.blockstream1.Error.HelperFailed"
+#define BS_ERROR_NO_SPACE "org.blockstream1.Error.NoSpace"
 
 /* The polkit actions (policy/org.blockstream1.policy) */
 #define ACTION_MANAGE "org.blockstream1.manage"

@@ -323,6 +323,12 @@ int config_parse(Config *c, const char *text, const char *source) {
                         if (parse_seconds(value, &c->qmp_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: QMPTimeoutSec= must be 1…3600 seconds, got '%s'.",
                                         source, line, value);
+                } else if (streq(key, "EngineMirror")) {
+                        if (!streq(value, "auto") && !streq(value, "never"))
+                                return log_error_errno(EINVAL,
+                                        "%s:%u: EngineMirror= must be 'auto' or 'never', got '%s'.", source, line,
+                                        value);
+                        c->engine_mirror_auto = streq(value, "auto");
                 } else if (streq(key, "MapTimeoutSec")) {
                         if (parse_seconds(value, &c->map_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",

@@ -29,6 +29,7 @@ typedef struct Config {
         uid_t *qemu_users;         /* QEMUUsers=: uids whose QEMU may serve any user's guest */
         size_t n_qemu_users;
         char **template_url_prefixes; /* TemplateURLPrefixes=: remote templates allowed (none by default) */
+        bool engine_mirror_auto;      /* EngineMirror=auto: "auto" may pick the mirror engine (default: never) */
 } Config;
 
 void config_init(Config *c);

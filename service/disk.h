@@ -78,6 +78,7 @@ typedef struct Disk {
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
+        bool mirror_busy; /* mirror.c: a step of its journal is under way */
         bool pinned;     /* its top image as its running QEMU had it open, when an export began */
         dev_t pin_dev;
         ino_t pin_ino;

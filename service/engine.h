@@ -15,6 +15,8 @@ typedef struct Guest Guest;
 typedef struct Disk Disk;
 typedef struct PolkitRegistry PolkitRegistry;
 typedef struct Engine Engine;
+typedef struct QemuJobEvent QemuJobEvent;
+typedef struct QemuBlockJob QemuBlockJob;
 
 /* The registry of guests (manager.c), for the objects below it. */
 typedef struct EngineRegistry {
@@ -35,6 +37,10 @@ typedef struct EngineRegistry {
         void (*unreachable)(Guest *g);
         int (*resume_offline_stream)(Disk *d);
         bool (*range_runs)(Disk *d);
+        /* QEMU's news of d's jobs, after job.c applied it: an engine's own steps (mirror.c);
+         * returns the changes left for the disk. */
+        unsigned (*job_event)(Disk *d, const QemuJobEvent *ev, unsigned changed);
+        unsigned (*job_info)(Disk *d, const QemuBlockJob *info, unsigned changed);
 } EngineRegistry;
 
 struct Engine {

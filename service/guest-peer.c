@@ -161,7 +161,7 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
         /* A disk's callback may finalize (and even remove) disks: walk by index with re-checks. */
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                unsigned changed = job_apply_event(&d->job, &ev, mono);
+                unsigned changed = g->engine->registry->job_event(d, &ev, job_apply_event(&d->job, &ev, mono));
 
                 if (changed & JOB_NEEDS_FINALIZE)
                         blockjob_finalize(d);
@@ -198,7 +198,8 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 if (!job_is_active(&d->job) || d->finalizing)
                         continue;
                 if (found) {
-                        unsigned changed = job_apply_info(&d->job, found, mono);
+                        unsigned changed =
+                                g->engine->registry->job_info(d, found, job_apply_info(&d->job, found, mono));
                         if (changed & JOB_NEEDS_FINALIZE)
                                 blockjob_finalize(d);
                         if (changed)

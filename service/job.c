@@ -23,6 +23,7 @@ static const char *const engine_table[_STREAM_ENGINE_MAX] = {
         [STREAM_ENGINE_STREAM] = BS_ENGINE_STREAM,
         [STREAM_ENGINE_PREFETCH] = BS_ENGINE_PREFETCH,
         [STREAM_ENGINE_RANGE] = BS_ENGINE_RANGE,
+        [STREAM_ENGINE_MIRROR] = BS_ENGINE_MIRROR,
 };
 
 const char *stream_engine_to_string(StreamEngine e) {
@@ -62,6 +63,7 @@ void job_done(Job *j) {
         j->id = mfree(j->id);
         j->error = mfree(j->error);
         j->abort_reason = mfree(j->abort_reason);
+        j->overlay = mfree(j->overlay);
 }
 
 int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t length, uint64_t total,

@@ -36,6 +36,7 @@ typedef enum StreamEngine {
         STREAM_ENGINE_STREAM,
         STREAM_ENGINE_PREFETCH,
         STREAM_ENGINE_RANGE,
+        STREAM_ENGINE_MIRROR,
         _STREAM_ENGINE_MAX,
         _STREAM_ENGINE_INVALID = -1,
 } StreamEngine;
@@ -61,8 +62,12 @@ typedef struct Job {
         StreamMode mode;
         StreamEngine engine;
         /* A prefetch job: 1 while the pull helper copies the backing chain's data, 2 once QEMU's
-         * block-stream (id) cuts the backing link; 0 for the other engines. */
+         * block-stream (id) cuts the backing link. A mirror job: its journal step (mirror.h). 0 for the
+         * other engines. */
         unsigned phase;
+        /* A mirror job: the overlay it replaces, as its QEMU had it open when the job began. */
+        char *overlay; /* its path */
+        uint64_t overlay_dev, overlay_ino;
         uint64_t offset, length;
         uint64_t done, total;
         uint64_t bandwidth;

@@ -13,6 +13,7 @@
 #include "cache.h"
 #include "export.h"
 #include "backend.h"
+#include "mirror.h"
 #include "prefetch.h"
 #include "range.h"
 #include "guest.h"
@@ -62,6 +63,7 @@ static bool registry_range_runs(Disk *d) {
 static void registry_resume_orphans(Guest *g) {
         range_resume_orphans(g);
         prefetch_resume_orphans(g);
+        mirror_resume_orphans(g);
         export_resume(g);
 }
 
@@ -75,6 +77,8 @@ static const EngineRegistry manager_registry = {
         .unreachable = export_guest_unreachable,
         .resume_offline_stream = stream_resume_offline,
         .range_runs = registry_range_runs,
+        .job_event = mirror_on_event,
+        .job_info = mirror_on_info,
 };
 
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,

@@ -182,15 +182,6 @@ static int prefetch_ready(RangeOp *op, Disk *d) {
         return 1;
 }
 
-static int prefetch_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error) {
-        if (parse_error < 0 || msg->total != op->length || msg->done > msg->total) {
-                range_op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
-                return 0;
-        }
-        disk_apply_job_changes(d, job_apply_progress(&d->job, msg->done, msg->total, now_usec(CLOCK_MONOTONIC)));
-        return 1;
-}
-
 static void prefetch_finish(RangeOp *op, Disk *d) {
         int r;
 
@@ -221,7 +212,7 @@ static const RangeOpKind prefetch_kind = {
         .fail_text = "Cannot stream disk",
         .setup = prefetch_setup,
         .ready = prefetch_ready,
-        .progress = prefetch_progress,
+        .progress = range_op_job_progress,
         .finish = prefetch_finish,
 };
 

@@ -517,3 +517,35 @@ int qemu_query_disks(Qmp *q, qemu_disks_handler_t handler, void *userdata, qemu_
         req->handler.disks = handler;
         return request_submit(q, "query-block-jobs", NULL, req, disks_jobs_reply);
 }
+
+int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, const char *file_node, uint64_t size, uint64_t cluster_size,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        return call(q, "blockdev-create",
+                ARGS(A_STR("job-id", job_id),
+                        A_OBJ("options", A_STR("driver", "qcow2"), A_STR("file", file_node), A_U64("size", size),
+                                A_U64("cluster-size", cluster_size))),
+                -1, handler, userdata, destroy);
+}
+
+int qemu_blockdev_mirror(Qmp *q, const char *job_id, const char *device, const char *target, uint64_t speed,
+        uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        return call(q, "blockdev-mirror",
+                ARGS(A_STR("job-id", job_id),
+                        A_STR("device", device),
+                        A_STR("target", target),
+                        A_STR("sync", "full"),
+                        A_U64("speed", speed),
+                        A_U64("buf-size", buf_size),
+                        A_BOOL("auto-finalize", false),
+                        A_BOOL("auto-dismiss", false)),
+                -1, handler, userdata, destroy);
+}
+
+int qemu_job_complete(Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
+        return call(q, "job-complete", ARGS(A_STR("id", job_id)), -1, handler, userdata, destroy);
+}
+
+int qemu_remove_fd(Qmp *q, unsigned fdset_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        return call(q, "remove-fd", ARGS(A_U64("fdset-id", fdset_id)), -1, handler, userdata, destroy);
+}

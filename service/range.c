@@ -65,15 +65,6 @@ static int range_ready(RangeOp *op, Disk *d) {
         return 1;
 }
 
-static int range_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error) {
-        if (parse_error < 0 || msg->total != op->length || msg->done > msg->total) {
-                range_op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
-                return 0;
-        }
-        disk_apply_job_changes(d, job_apply_progress(&d->job, msg->done, msg->total, now_usec(CLOCK_MONOTONIC)));
-        return 1;
-}
-
 /* The outcome goes to the disk's job (persisted, published, Finished). */
 static void range_finish(RangeOp *op, Disk *d) {
         if (!d)
@@ -94,7 +85,7 @@ static const RangeOpKind range_kind = {
         .fail_text = "Cannot stream a range of disk",
         .setup = range_setup,
         .ready = range_ready,
-        .progress = range_progress,
+        .progress = range_op_job_progress,
         .finish = range_finish,
 };
 

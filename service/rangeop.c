@@ -553,3 +553,12 @@ static bool op_peer_busy(void *userdata) {
 int range_op_start(RangeOp *op) {
         return guest_when_ready_fresh(op->guest, op_peer_ready, op, NULL);
 }
+
+int range_op_job_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error) {
+        if (parse_error < 0 || msg->total != op->length || msg->done > msg->total) {
+                range_op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
+                return 0;
+        }
+        disk_apply_job_changes(d, job_apply_progress(&d->job, msg->done, msg->total, now_usec(CLOCK_MONOTONIC)));
+        return 1;
+}

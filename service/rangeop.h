@@ -114,3 +114,6 @@ int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map
 int range_op_start(RangeOp *op);
 /* The export is in place: start the helper. */
 void range_op_setup_done(RangeOp *op);
+/* A RangeOpKind's progress for an op that runs the disk's job (a range, prefetch's phase 1): the
+ * helper's report, checked against the op's length, goes to the job. */
+int range_op_job_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error);

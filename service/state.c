@@ -68,6 +68,10 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "mode", json_object_new_string(stream_mode_to_string(j->mode))) < 0 ||
                 add(o, "engine", json_object_new_string(stream_engine_to_string(j->engine))) < 0 ||
                 add(o, "phase", json_object_new_uint64(j->phase)) < 0 ||
+                (j->overlay && add(o, "overlay", json_object_new_string(j->overlay)) < 0) ||
+                (j->engine == STREAM_ENGINE_MIRROR &&
+                        (add(o, "overlay_dev", json_object_new_uint64(j->overlay_dev)) < 0 ||
+                                add(o, "overlay_ino", json_object_new_uint64(j->overlay_ino)) < 0)) ||
                 add(o, "offset", json_object_new_uint64(j->offset)) < 0 ||
                 add(o, "length", json_object_new_uint64(j->length)) < 0 ||
                 add(o, "done", json_object_new_uint64(j->done)) < 0 ||
@@ -76,7 +80,8 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "start_time", json_object_new_uint64(j->start_time)) < 0 ||
                 (j->error && add(o, "error", json_object_new_string(j->error)) < 0) ||
                 add(o, "concluded", json_object_new_boolean(j->concluded)) < 0 ||
-                add(o, "outcome", json_object_new_string(stream_state_to_string(j->concluded ? j->outcome : STREAM_IDLE))) < 0 ||
+                add(o, "outcome",
+                        json_object_new_string(stream_state_to_string(j->concluded ? j->outcome : STREAM_IDLE))) < 0 ||
                 add(o, "finished", json_object_new_boolean(j->finished)) < 0 ||
                 add(o, "cancel_requested", json_object_new_boolean(j->cancel_requested)) < 0) {
                 json_object_put(o);
@@ -296,11 +301,15 @@ static int job_from_json(json_object *o, Job *j) {
         if (json_get_string(o, "state", true, &state) < 0 || json_get_string(o, "mode", true, &mode) < 0 ||
                 json_get_string(o, "outcome", false, &outcome) < 0 || json_get_u64(o, "offset", true, &j->offset) < 0 ||
                 json_get_u64(o, "length", true, &j->length) < 0 || json_get_u64(o, "done", true, &j->done) < 0 ||
-                json_get_u64(o, "total", true, &j->total) < 0 || json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
+                json_get_u64(o, "total", true, &j->total) < 0 ||
+                json_get_u64(o, "bandwidth", true, &j->bandwidth) < 0 ||
                 json_get_u64(o, "start_time", true, &j->start_time) < 0 ||
-                json_get_bool(o, "concluded", false, &concluded) < 0 || json_get_bool(o, "finished", false, &finished) < 0 ||
+                json_get_bool(o, "concluded", false, &concluded) < 0 ||
+                json_get_bool(o, "finished", false, &finished) < 0 ||
                 json_get_bool(o, "cancel_requested", false, &cancel) < 0 ||
-                json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0)
+                json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0 ||
+                json_get_u64(o, "overlay_dev", false, &j->overlay_dev) < 0 ||
+                json_get_u64(o, "overlay_ino", false, &j->overlay_ino) < 0)
                 return -EBADMSG;
         j->state = stream_state_from_string(state);
         j->mode = stream_mode_from_string(mode);
@@ -309,7 +318,8 @@ static int job_from_json(json_object *o, Job *j) {
                     : j->mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE
                     : j->mode == STREAM_MODE_FULL  ? STREAM_ENGINE_STREAM
                                                    : STREAM_ENGINE_NONE;
-        if (j->engine < 0 || phase > 2 || (phase > 0 && j->engine != STREAM_ENGINE_PREFETCH))
+        if (j->engine < 0 || phase > (j->engine == STREAM_ENGINE_MIRROR ? 5 : 2) ||
+                (phase > 0 && j->engine != STREAM_ENGINE_PREFETCH && j->engine != STREAM_ENGINE_MIRROR))
                 return -EBADMSG;
         j->phase = (unsigned) phase;
         j->outcome = outcome ? stream_state_from_string(outcome) : STREAM_IDLE;
@@ -323,6 +333,9 @@ static int job_from_json(json_object *o, Job *j) {
         if (dup_field(o, "id", false, &j->id) < 0 || text_field(o, "error", &j->error) < 0)
                 return -EBADMSG;
         if (j->id && !qemu_id_is_valid(j->id))
+                return -EBADMSG;
+        /* A mirror's overlay: an absolute path, checked again where it is used (mirror.c). */
+        if (dup_field(o, "overlay", false, &j->overlay) < 0 || (j->overlay && !path_is_safe_absolute(j->overlay, 4096)))
                 return -EBADMSG;
         return 0;
 }

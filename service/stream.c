@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "polkit.h"
 #include "map.h"
+#include "mirror.h"
 #include "prefetch.h"
 #include "range.h"
 #include "stream.h"
@@ -142,14 +143,13 @@ static int refuse_offline_latency(Disk *d, sd_bus_error *error) {
                 d->guest->name);
 }
 
-/* Start's option "engine": which engine runs a full stream ("auto": prefetch_wins() decides). */
+/* Start's option "engine": which engine runs a full stream ("auto": mirror_try_start() and
+ * prefetch_wins() decide). */
 static int check_engine(const char *engine, bool range, sd_bus_error *error) {
-        if (streq(engine, BS_ENGINE_MIRROR))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
-                        "Engine 'mirror' is not available yet; use 'auto', 'stream' or 'prefetch'.");
-        if (!streq(engine, BS_ENGINE_AUTO) && !streq(engine, BS_ENGINE_STREAM) && !streq(engine, BS_ENGINE_PREFETCH))
+        if (!streq(engine, BS_ENGINE_AUTO) && !streq(engine, BS_ENGINE_STREAM) && !streq(engine, BS_ENGINE_PREFETCH) &&
+                !streq(engine, BS_ENGINE_MIRROR))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                        "Unknown engine '%.64s'; use 'auto', 'stream' or 'prefetch'.", engine);
+                        "Unknown engine '%.64s'; use 'auto', 'stream', 'prefetch' or 'mirror'.", engine);
         if (range && !streq(engine, BS_ENGINE_AUTO))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Option 'engine' is for a full stream (Start(0, 0)); a range always runs through the pull helper.");
@@ -445,7 +445,11 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
 
-        /* A full stream: QEMU's block-stream, or prefetch then cut where that wins (prefetch.c). */
+        /* A full stream: QEMU's block-stream, mirror and pivot where there is room (mirror.c), or
+         * prefetch then cut where that wins (prefetch.c). */
+        if (offset == 0 && length == 0 && (streq(engine, BS_ENGINE_MIRROR) || streq(engine, BS_ENGINE_AUTO)) &&
+                (r = mirror_try_start(d, msg, streq(engine, BS_ENGINE_MIRROR), base_node, bandwidth, error)) != 0)
+                return r;
         if (offset == 0 && length == 0 &&
                 (streq(engine, BS_ENGINE_PREFETCH) ||
                         (streq(engine, BS_ENGINE_AUTO) && prefetch_wins(d) &&
@@ -581,6 +585,45 @@ static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         return job_method(msg, userdata, JOB_CONTROL_RESUME, error);
 }
 
+/* SetBandwidth's and SetMaxGuestLatency's preamble: 0 when polkit was asked; *ret_backend NULL
+ * when no job can be told (the value is the next job's). */
+static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t, sd_bus_error *), uint64_t *ret,
+        const JobBackend **ret_backend, sd_bus_error *error) {
+        int r;
+
+        r = sd_bus_message_read(msg, "t", ret);
+        if (r < 0)
+                return r;
+        r = check(*ret, error);
+        if (r >= 0)
+                r = disk_authorize(d, msg, ACTION_STREAM, error);
+        if (r <= 0)
+                return r;
+        *ret_backend = job_backend_of(d);
+        if (!job_is_active(&d->job) || d->finalizing || !(*ret_backend)->runs(d) || !(*ret_backend)->reachable(d))
+                *ret_backend = NULL;
+        return 1;
+}
+
+/* Tell b the job's new speed (under the guest-latency limit); the reply answers msg. */
+static int send_speed(Disk *d, sd_bus_message *msg, const JobBackend *b, uint64_t bandwidth, uint64_t speed,
+        job_backend_reply_t reply, sd_bus_error *error) {
+        CallCtx *c = call_ctx_new(d, msg);
+        int r;
+
+        if (!c)
+                return -ENOMEM;
+        c->bandwidth = bandwidth;
+        c->speed = speed;
+        r = b->set_speed(d, speed, reply, c, call_ctx_free);
+        if (r < 0) {
+                c->replied = true;
+                call_ctx_free(c);
+                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
+        }
+        return 1;
+}
+
 /* SetBandwidth */
 
 static void set_speed_reply(int error, const char *desc, void *userdata) {
@@ -605,23 +648,12 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
         const JobBackend *b;
         Disk *d = userdata;
         uint64_t bw;
-        CallCtx *c;
         int r;
 
-        r = sd_bus_message_read(msg, "t", &bw);
-        if (r < 0)
-                return r;
-        r = check_bandwidth(bw, error);
-        if (r < 0)
-                return r;
-        r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return 1; /* polkit was asked; the call is dispatched again with its answer */
-
-        b = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing || !b->runs(d) || !b->reachable(d)) {
+        r = job_setting_begin(msg, d, check_bandwidth, &bw, &b, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (!b) {
                 /* No job to tell: it becomes the default of the next one. */
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
@@ -630,18 +662,7 @@ static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_erro
                 }
                 return sd_bus_reply_method_return(msg, NULL);
         }
-        c = call_ctx_new(d, msg);
-        if (!c)
-                return -ENOMEM;
-        c->bandwidth = bw;
-        c->speed = adaptive_speed_for_ceiling(d, bw);
-        r = b->set_speed(d, c->speed, set_speed_reply, c, call_ctx_free);
-        if (r < 0) {
-                c->replied = true;
-                call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
-        }
-        return 1;
+        return send_speed(d, msg, b, bw, adaptive_speed_for_ceiling(d, bw), set_speed_reply, error);
 }
 
 /* SetMaxGuestLatency */
@@ -664,25 +685,14 @@ static int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_
         const JobBackend *b;
         Disk *d = userdata;
         uint64_t usec;
-        CallCtx *c;
         int r;
 
-        r = sd_bus_message_read(msg, "t", &usec);
-        if (r < 0)
-                return r;
-        r = check_max_guest_latency(usec, error);
-        if (r < 0)
-                return r;
-        r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return 1; /* polkit was asked; the call is dispatched again with its answer */
+        r = job_setting_begin(msg, d, check_max_guest_latency, &usec, &b, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         if (usec > 0 && d->guest->offline)
                 return refuse_offline_latency(d, error);
-
-        b = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing || !b->runs(d) || !b->reachable(d)) {
+        if (!b) {
                 /* No job to steer: it becomes the default of the next one. */
                 set_max_guest_latency(d, usec);
                 return sd_bus_reply_method_return(msg, NULL);
@@ -700,19 +710,9 @@ static int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_
                 return sd_bus_reply_method_return(msg, NULL);
         }
         /* Off: the job runs at its fixed Bandwidth again. */
-        c = call_ctx_new(d, msg);
-        if (!c)
-                return -ENOMEM;
         adaptive_stop(d);
         set_max_guest_latency(d, 0);
-        c->speed = d->bandwidth;
-        r = b->set_speed(d, d->bandwidth, latency_off_reply, c, call_ctx_free);
-        if (r < 0) {
-                c->replied = true;
-                call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
-        }
-        return 1;
+        return send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
 }
 
 static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus_error *error) {

@@ -41,6 +41,25 @@ static void test_map_timeout(void) {
         config_done(&c);
 }
 
+static void test_engine_mirror(void) {
+        Config c;
+
+        /* "auto" never mirrors unless told to. */
+        config_init(&c);
+        ASSERT_FALSE(c.engine_mirror_auto);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "EngineMirror=auto\n"));
+        ASSERT_TRUE(c.engine_mirror_auto);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "EngineMirror=auto\nEngineMirror=never\n"));
+        ASSERT_FALSE(c.engine_mirror_auto);
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "EngineMirror=always\n"));
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "EngineMirror=\n"));
+        config_done(&c);
+}
+
 static void test_valid(void) {
         Config c;
 
@@ -315,6 +334,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_timeout_bounds);
         TAP_RUN(test_qemu_users);
         TAP_RUN(test_map_timeout);
+        TAP_RUN(test_engine_mirror);
         TAP_RUN(test_unknown_keys_and_sections);
         TAP_RUN(test_load);
         TAP_RUN(test_template_url_prefixes);

@@ -1,0 +1,900 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* Mirror, then pivot (mirror.h). The new image is the daemon's: created beside the overlay by an
+ * fd of the overlay's directory (opened beneath an image directory, no symlink followed), its
+ * owner, mode and SELinux label copied from the overlay so that a non-root QEMU can use it, handed
+ * to QEMU by fd (add-fd, a "file" node on /dev/fdset/N) and formatted by QEMU (blockdev-create).
+ * After the pivot the daemon swaps the directory entries (RENAME_EXCHANGE) and unlinks what it
+ * swapped out only if it is the file QEMU had open as the overlay when the job began; anything
+ * else is swapped back and the job fails. */
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <selinux/selinux.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include "bus-error.h"
+#include "disk.h"
+#include "engine.h"
+#include "guest.h"
+#include "image.h"
+#include "mirror.h"
+#include "prefetch.h"
+#include "qemu.h"
+#include "util.h"
+
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
+/* QEMU's mirror copies with this much in flight (its default: 16 MiB); measured in
+ * bench/stream-bench (README, Performance). */
+#define MIRROR_BUF_SIZE (128ULL << 20)
+/* The new image's metadata and what the guest writes meanwhile: beyond the data itself. */
+#define MIRROR_SPACE_MARGIN (256ULL << 20)
+/* Our fd sets in the guest's QEMU: this plus the job's number (QEMU's own start at 0). */
+#define MIRROR_FDSET_BASE 1000000000ULL
+#define MIRROR_TMP_SUFFIX ".bs-mirror"
+
+/* Tests only (-Dtest_hooks=true): SIGSTOP right before a step, its record on disk, to be killed there. */
+static void test_stop_before(Disk *d, const char *step) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        const char *e = getenv("BLOCKSTREAM_TEST_MIRROR_STOP");
+
+        if (e && streq(e, step)) {
+                log_info("Guest %s disk %s: mirror stopped before step '%s' (test hook).", d->host->name(d->guest),
+                        d->alias, step);
+                (void) raise(SIGSTOP);
+        }
+#endif
+}
+
+/* What a step needs; named by the job id, so that a restart finds every name again. */
+typedef struct MirrorNames {
+        char *file_node, *format_node, *create_job, *tmp;
+        unsigned fdset;
+} MirrorNames;
+
+static void mirror_names_done(MirrorNames *n) {
+        free(n->file_node), free(n->format_node), free(n->create_job), free(n->tmp);
+        *n = (MirrorNames){};
+}
+
+/* Named by the disk (one mirror at a time per disk), not by the job: a job QEMU lost has no id
+ * left, and what its preparation made must still be found. */
+static int mirror_names(const Disk *d, MirrorNames *ret) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        _cleanup_free_ char *alias = strdup(d->alias);
+        const char *leaf;
+        uint32_t hash = 2166136261U;
+
+        if (!alias)
+                return -ENOMEM;
+        if (!d->job.overlay || !(leaf = strrchr(d->job.overlay, '/')))
+                return -EINVAL;
+        leaf++;
+        if (strlen(leaf) + strlen(MIRROR_TMP_SUFFIX) + 1 > 255)
+                return -ENAMETOOLONG;
+        /* A QEMU id whatever the alias, as job ids are made. */
+        for (char *p = alias; *p; p++) {
+                hash = (hash ^ (uint8_t) *p) * 16777619U;
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                            *p == '.' || *p == '_'))
+                        *p = '_';
+        }
+        n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
+        n.file_node = strdup_printf("bsmf-%s", alias);
+        n.format_node = strdup_printf("bsmq-%s", alias);
+        n.create_job = strdup_printf("bsmc-%s", alias);
+        n.tmp = strdup_printf(".%s" MIRROR_TMP_SUFFIX, leaf);
+        if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
+                return -ENOMEM;
+        *ret = n;
+        n = (MirrorNames){};
+        return 0;
+}
+
+/* The overlay's directory, opened beneath an image directory, and the overlay's leaf in it. */
+static int open_dir(Guest *g, const char *overlay, int *ret_fd, const char **ret_leaf, char **ret_error) {
+        return image_open_parent_beneath(g->engine->config.image_dirs, overlay, ret_fd, ret_leaf, ret_error);
+}
+
+/* A step's context: the Guest outlives QMP callbacks, the Disk may not. */
+typedef struct MirrorCall {
+        Guest *guest;
+        char *alias;
+        char *job_id;
+        sd_bus_message *msg; /* Start, until answered */
+        int dir_fd, image_fd, overlay_fd;
+        uint64_t bandwidth;
+} MirrorCall;
+
+static void mirror_call_free(void *p) {
+        MirrorCall *c = p;
+
+        if (!c)
+                return;
+        if (c->msg)
+                (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NOT_RUNNING,
+                        "The connection to QEMU closed while the mirror was being prepared.");
+        sd_bus_message_unref(c->msg);
+        closep(&c->dir_fd);
+        closep(&c->image_fd);
+        closep(&c->overlay_fd);
+        free(c->alias);
+        free(c->job_id);
+        free(c);
+}
+
+static MirrorCall *mirror_call_new(Disk *d) {
+        MirrorCall *c = calloc(1, sizeof(MirrorCall));
+
+        if (!c)
+                return NULL;
+        *c = (MirrorCall){.guest = d->guest, .dir_fd = -EBADF, .image_fd = -EBADF, .overlay_fd = -EBADF};
+        c->alias = strdup(d->alias);
+        c->job_id = d->job.id ? strdup(d->job.id) : NULL;
+        if (!c->alias || (d->job.id && !c->job_id)) {
+                mirror_call_free(c);
+                return NULL;
+        }
+        return c;
+}
+
+/* Calls waiting for their blockdev-create job to conclude (its JOB_STATUS_CHANGE). */
+static MirrorCall **pending;
+static size_t n_pending;
+
+static int pending_add(MirrorCall *c) {
+        MirrorCall **p = reallocarray(pending, n_pending + 1, sizeof(MirrorCall *));
+
+        if (!p)
+                return -ENOMEM;
+        pending = p;
+        pending[n_pending++] = c;
+        return 0;
+}
+
+static MirrorCall *pending_take(Guest *g, const char *alias) {
+        for (size_t i = 0; i < n_pending; i++)
+                if (pending[i]->guest == g && streq(pending[i]->alias, alias)) {
+                        MirrorCall *c = pending[i];
+                        pending[i] = pending[--n_pending];
+                        return c;
+                }
+        return NULL;
+}
+
+/* The disk the call is for, if its mirror is still this one. */
+static Disk *mirror_call_disk(MirrorCall *c) {
+        Disk *d = guest_find_disk(c->guest, c->alias);
+
+        if (!d || d->job.engine != STREAM_ENGINE_MIRROR || !streq_ptr(d->job.id, c->job_id))
+                return NULL;
+        return d;
+}
+
+/* Removing what a mirror made */
+
+/* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
+static void unlink_tmp(Guest *g, const Job *j, const char *tmp) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int dir_fd = -EBADF;
+        const char *leaf;
+        struct stat st;
+        int r;
+
+        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
+        if (r < 0) {
+                log_warning("Guest %s: cannot open the directory of %s to remove the mirror's image: %s", g->name,
+                        j->overlay, error ?: strerror(-r));
+                return;
+        }
+        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno != ENOENT)
+                        log_warning_errno(errno, "Guest %s: cannot look at %s: %m", g->name, tmp);
+                return;
+        }
+        if (!S_ISREG(st.st_mode) || (st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
+                log_warning("Guest %s: %s beside %s is not the mirror's image; left alone.", g->name, tmp, j->overlay);
+                return;
+        }
+        if (unlinkat(dir_fd, tmp, 0) < 0)
+                log_warning_errno(errno, "Guest %s: cannot remove %s: %m", g->name, tmp);
+}
+
+/* All a mirror that did not pivot made, in QEMU's order: the create job, the mirror job (its
+ * target's user), the nodes, the fd set; then the new image. Errors mean "was not there". */
+static void mirror_cleanup(Disk *d) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        Guest *g = d->guest;
+
+        if (mirror_names(d, &n) < 0) {
+                log_warning(
+                        "Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name, d->alias);
+                return;
+        }
+        if (guest_qmp_ready(g)) {
+                Qmp *q = g->peer.qmp;
+                (void) qemu_job_dismiss(q, n.create_job, NULL, NULL, NULL);
+                if (d->job.id)
+                        (void) qemu_job_dismiss(q, d->job.id, NULL, NULL, NULL);
+                (void) qemu_blockdev_del(q, n.format_node, NULL, NULL, NULL);
+                (void) qemu_blockdev_del(q, n.file_node, NULL, NULL, NULL);
+                (void) qemu_remove_fd(q, n.fdset, NULL, NULL, NULL);
+        }
+        unlink_tmp(g, &d->job, n.tmp);
+        d->job.phase = 0; /* done: a restart has nothing left to remove */
+        log_info("Guest %s disk %s: the mirror's image %s removed; %s left as it was.", g->name, d->alias, n.tmp,
+                d->job.overlay);
+}
+
+/* A Start that fails before the job began: nothing is reported but the caller's error. */
+static void prepare_failed(MirrorCall *c, Disk *d, const char *what, int error, const char *desc) {
+        log_warning("Guest %s disk %s: the mirror could not %s: %s", c->guest->name, c->alias, what,
+                desc ?: strerror(-error));
+        if (c->msg) {
+                (void) sd_bus_reply_method_errorf(c->msg,
+                        error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : SD_BUS_ERROR_FAILED,
+                        "The mirror could not %s: %s. Nothing was changed.", what, desc ?: strerror(-error));
+                c->msg = sd_bus_message_unref(c->msg);
+        }
+        if (!d)
+                return;
+        mirror_cleanup(d);
+        d->starting = false;
+        d->mirror_busy = false;
+        d->job.phase = 0;
+        (void) guest_save(c->guest);
+}
+
+/* Preparing: the image, its fd set, its nodes, then QEMU's mirror job. */
+
+static void mirror_started(Qmp *q, int error, const char *desc, void *userdata) {
+        MirrorCall *c = userdata;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        if (error < 0) {
+                /* The job never ran: no Finished, the caller hears why. */
+                d->job.state = STREAM_IDLE;
+                prepare_failed(c, d, "start blockdev-mirror", error, desc);
+                return;
+        }
+        d->starting = false;
+        d->mirror_busy = false;
+        log_info("Guest %s disk %s: stream started (mirror into a new image, then pivot; job %s).", c->guest->name,
+                d->alias, d->job.id);
+        disk_emit_job(d);
+        guest_update_polling(c->guest);
+        (void) sd_bus_reply_method_return(c->msg, NULL);
+        c->msg = sd_bus_message_unref(c->msg);
+}
+
+/* Saved as COPY: the job exists for the state file before QEMU has it (a restart finds it, or
+ * finds QEMU does not know it: failed, reported once). */
+static void copy_saved(void *userdata) {
+        MirrorCall *c = userdata, *next;
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        Disk *d = mirror_call_disk(c);
+        int r;
+
+        if (!d)
+                return;
+        r = mirror_names(d, &n);
+        if (r < 0 || !guest_qmp_ready(c->guest)) {
+                d->job.state = STREAM_IDLE;
+                prepare_failed(c, d, "start blockdev-mirror", r < 0 ? r : -ENOTCONN, NULL);
+                return;
+        }
+        test_stop_before(d, "copy");
+        next = mirror_call_new(d);
+        if (!next) {
+                d->job.state = STREAM_IDLE;
+                prepare_failed(c, d, "start blockdev-mirror", -ENOMEM, NULL);
+                return;
+        }
+        next->msg = TAKE_PTR(c->msg);
+        r = qemu_blockdev_mirror(c->guest->peer.qmp, d->job.id, d->node_name, n.format_node, d->job.bandwidth,
+                MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
+        if (r < 0) {
+                c->msg = TAKE_PTR(next->msg);
+                mirror_call_free(next);
+                d->job.state = STREAM_IDLE;
+                prepare_failed(c, d, "send blockdev-mirror", r, NULL);
+        }
+}
+
+static void format_added(Qmp *q, int error, const char *desc, void *userdata) {
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        _cleanup_free_ char *overlay = NULL;
+        uint64_t dev, ino, bandwidth;
+        int r;
+
+        if (!d)
+                return;
+        if (error < 0) {
+                prepare_failed(c, d, "open the new image", error, desc);
+                return;
+        }
+        test_stop_before(d, "prepare");
+        /* The job begins: from here on it is reported (Finished), whatever happens. */
+        overlay = TAKE_PTR(d->job.overlay);
+        dev = d->job.overlay_dev;
+        ino = d->job.overlay_ino;
+        bandwidth = c->bandwidth;
+        r = job_begin(&d->job, c->job_id, STREAM_MODE_FULL, 0, d->size, d->size, bandwidth, now_usec(CLOCK_REALTIME));
+        if (r < 0) {
+                d->job.overlay = TAKE_PTR(overlay);
+                prepare_failed(c, d, "record the job", r, NULL);
+                return;
+        }
+        d->job.engine = STREAM_ENGINE_MIRROR;
+        d->job.phase = MIRROR_STEP_COPY;
+        d->job.overlay = TAKE_PTR(overlay);
+        d->job.overlay_dev = dev;
+        d->job.overlay_ino = ino;
+        d->bandwidth = bandwidth;
+        next = mirror_call_new(d);
+        if (!next) {
+                d->job.state = STREAM_IDLE;
+                prepare_failed(c, d, "record the job", -ENOMEM, NULL);
+                return;
+        }
+        next->msg = TAKE_PTR(c->msg);
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(c->guest, copy_saved, next, mirror_call_free);
+}
+
+/* The blockdev-create job concluded (mirror_on_event): its outcome shows as the qcow2 node opens,
+ * or does not. */
+static void create_concluded(Disk *d) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c;
+        int r;
+
+        c = pending_take(d->guest, d->alias);
+        if (!c)
+                return;
+        r = mirror_names(d, &n);
+        if (r >= 0) {
+                (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
+                /* No backing at all: null, never the header's word. */
+                r = qemu_blockdev_add_format(c->guest->peer.qmp, "qcow2", n.format_node, n.file_node, NULL, false,
+                        format_added, c, mirror_call_free);
+                if (r >= 0)
+                        return;
+        }
+        prepare_failed(c, d, "open the new image", r, NULL);
+        mirror_call_free(c);
+}
+
+static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
+        MirrorCall *c = userdata, *wait;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        if (error < 0) {
+                prepare_failed(c, d, "format the new image (blockdev-create)", error, desc);
+                return;
+        }
+        /* The job runs; its JOB_STATUS_CHANGE "concluded" goes on (create_concluded()). */
+        wait = mirror_call_new(d);
+        if (!wait || pending_add(wait) < 0) {
+                mirror_call_free(wait);
+                prepare_failed(c, d, "wait for blockdev-create", -ENOMEM, NULL);
+                return;
+        }
+        wait->msg = TAKE_PTR(c->msg);
+        wait->bandwidth = c->bandwidth;
+}
+
+static void file_added(Qmp *q, int error, const char *desc, void *userdata) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        uint64_t cs;
+        int r;
+
+        if (!d)
+                return;
+        if (error < 0) {
+                prepare_failed(c, d, "open the new image's file", error, desc);
+                return;
+        }
+        r = mirror_names(d, &n);
+        next = r >= 0 ? mirror_call_new(d) : NULL;
+        if (!next) {
+                prepare_failed(c, d, "format the new image", r < 0 ? r : -ENOMEM, NULL);
+                return;
+        }
+        next->msg = TAKE_PTR(c->msg);
+        next->bandwidth = c->bandwidth;
+        /* The overlay's cluster size (QEMU's default where it reports none). */
+        cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
+        r = qemu_blockdev_create_qcow2(q, n.create_job, n.file_node, d->size, cs, create_sent, next, mirror_call_free);
+        if (r < 0) {
+                c->msg = TAKE_PTR(next->msg);
+                mirror_call_free(next);
+                prepare_failed(c, d, "send blockdev-create", r, NULL);
+        }
+}
+
+static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        int r;
+
+        if (!d)
+                return;
+        if (error < 0) {
+                prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
+                return;
+        }
+        r = mirror_names(d, &n);
+        next = r >= 0 ? mirror_call_new(d) : NULL;
+        if (!next) {
+                prepare_failed(c, d, "open the new image's file", r < 0 ? r : -ENOMEM, NULL);
+                return;
+        }
+        next->msg = TAKE_PTR(c->msg);
+        next->bandwidth = c->bandwidth;
+        r = qemu_blockdev_add_file(q, n.file_node, n.fdset, false, file_added, next, mirror_call_free);
+        if (r < 0) {
+                c->msg = TAKE_PTR(next->msg);
+                mirror_call_free(next);
+                prepare_failed(c, d, "send blockdev-add", r, NULL);
+        }
+}
+
+/* The new image as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */
+static int copy_identity(int overlay_fd, int fd) {
+        struct stat st;
+
+        if (fstat(overlay_fd, &st) < 0)
+                return -errno;
+        if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 07777) < 0)
+                return -errno;
+        if (is_selinux_enabled() > 0) {
+                char *con = NULL;
+                int r = 0;
+
+                if (fgetfilecon(overlay_fd, &con) < 0)
+                        return -errno;
+                if (fsetfilecon(fd, con) < 0)
+                        r = -errno;
+                freecon(con);
+                return r;
+        }
+        return 0;
+}
+
+/* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
+static void prepare_saved(void *userdata) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        int r;
+
+        if (!d || d->job.phase != MIRROR_STEP_PREPARE)
+                return; /* removed meanwhile (mirror_resume_orphans()) */
+        r = mirror_names(d, &n);
+        if (r < 0) {
+                prepare_failed(c, d, "name the new image", r, NULL);
+                return;
+        }
+        c->image_fd = openat(c->dir_fd, n.tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0600);
+        if (c->image_fd < 0) {
+                r = -errno;
+                /* EEXIST: not ours (ours would have gone with its job): left alone. */
+                prepare_failed(c, NULL, "create the new image beside the overlay", r, NULL);
+                d->starting = false;
+                d->mirror_busy = false;
+                d->job.phase = 0;
+                (void) guest_save(c->guest);
+                return;
+        }
+        r = copy_identity(c->overlay_fd, c->image_fd);
+        if (r < 0) {
+                prepare_failed(c, d, "give the new image the overlay's owner, mode and label", r, NULL);
+                return;
+        }
+        next = mirror_call_new(d);
+        if (!next || !guest_qmp_ready(c->guest)) {
+                mirror_call_free(next);
+                prepare_failed(c, d, "hand the new image to QEMU", next ? -ENOTCONN : -ENOMEM, NULL);
+                return;
+        }
+        next->msg = TAKE_PTR(c->msg);
+        next->bandwidth = c->bandwidth;
+        /* The fd goes to QEMU (qemu_add_fd() takes it, sent or not). */
+        r = qemu_add_fd(c->guest->peer.qmp, n.fdset, TAKE_FD(c->image_fd), "blockstream-mirror", fd_added, next,
+                mirror_call_free);
+        if (r < 0) {
+                c->msg = TAKE_PTR(next->msg);
+                mirror_call_free(next);
+                prepare_failed(c, d, "send add-fd", r, NULL);
+        }
+}
+
+/* Is there room beside the overlay for the whole disk? -ENOSPC if not; *ret_needed, *ret_free. */
+static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
+        struct statvfs sv;
+        uint64_t needed, avail;
+
+        if (fstatvfs(dir_fd, &sv) < 0)
+                return -errno;
+        /* The copy is as large as the data of the whole chain: at most the virtual size. */
+        if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
+                needed = UINT64_MAX;
+        avail = (uint64_t) sv.f_bavail * (uint64_t) sv.f_frsize;
+        if (ret_needed)
+                *ret_needed = needed;
+        if (ret_free)
+                *ret_free = avail;
+        return avail >= needed ? 0 : -ENOSPC;
+}
+
+int mirror_try_start(
+        Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error) {
+        _cleanup_free_ char *err = NULL, *overlay = NULL, *id = NULL;
+        _cleanup_close_ int dir_fd = -EBADF, overlay_fd = -EBADF;
+        _cleanup_(mirror_names_done) MirrorNames names = {};
+        Guest *g = d->guest;
+        uint64_t needed = 0, avail = 0;
+        const char *leaf;
+        struct stat st;
+        MirrorCall *c;
+        int r;
+
+        if (!forced && (!g->engine->config.engine_mirror_auto || base_node || g->offline || strv_isempty(d->chain) ||
+                               prefetch_wins(d)))
+                return 0;
+        if (base_node)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                        "Engine 'mirror' copies the whole chain into one new image; it cannot keep base '%s'. Use "
+                        "engine 'stream' or 'prefetch' with a base.",
+                        base_node);
+        if (g->offline)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                        "Engine 'mirror' needs a running guest; guest '%s' is not running. Use engine 'stream' or 'auto'.",
+                        g->name);
+        if (!path_is_safe_absolute(d->path, 4096) || !streq_ptr(d->format, "qcow2"))
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
+                                        "Engine 'mirror' needs a qcow2 overlay named by an absolute path; disk '%s' is %s '%s'.",
+                                        d->alias, strempty(d->format), strempty(d->path))
+                              : 0;
+        /* The file QEMU has open, by its /proc fd: what the rename may replace, and nothing else. */
+        guest_pin_disks(g);
+        if (!d->pinned)
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
+                                        "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name,
+                                        d->path)
+                              : 0;
+        r = image_open_beneath(g->engine->config.image_dirs, d->path, false, &overlay_fd, &err);
+        if (r >= 0 && fstat(overlay_fd, &st) < 0)
+                r = -errno;
+        if (r >= 0 && (st.st_dev != d->pin_dev || st.st_ino != d->pin_ino))
+                r = -ESTALE;
+        if (r >= 0)
+                r = open_dir(g, d->path, &dir_fd, &leaf, err ? NULL : &err);
+        if (r < 0)
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", d->path,
+                                        r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
+                              : 0;
+        r = check_space(dir_fd, d, &needed, &avail);
+        if (r < 0) {
+                char a[32], b[32];
+
+                if (!forced)
+                        return 0;
+                if (r != -ENOSPC)
+                        return sd_bus_error_set_errnof(
+                                error, -r, "Engine 'mirror' cannot see the free space beside %s: %m", d->path);
+                return sd_bus_error_setf(error, BS_ERROR_NO_SPACE,
+                        "Engine 'mirror' needs %s free beside %s for the new image, and %s is free. Nothing was created; "
+                        "free space there, or use engine 'stream' or 'prefetch'.",
+                        format_bytes(a, sizeof(a), needed), d->path, format_bytes(b, sizeof(b), avail));
+        }
+
+        g->job_seq++;
+        id = strdup_printf("bsd-%s-%" PRIu64, d->alias, g->job_seq);
+        overlay = strdup(d->path);
+        if (!id || !overlay)
+                return -ENOMEM;
+        /* A QEMU id whatever the alias, as stream.c makes them. */
+        for (char *p = id; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                            *p == '.' || *p == '_'))
+                        *p = '_';
+        /* The journal's first record: the job is not begun (no Finished before it is), but its
+         * names are, so that a restart removes what exists of the image. */
+        job_done(&d->job);
+        d->job.state = STREAM_IDLE;
+        d->job.finished = false;
+        d->job.concluded = false;
+        d->job.id = TAKE_PTR(id);
+        d->job.engine = STREAM_ENGINE_MIRROR;
+        d->job.phase = MIRROR_STEP_PREPARE;
+        d->job.overlay = TAKE_PTR(overlay);
+        d->job.overlay_dev = st.st_dev;
+        d->job.overlay_ino = st.st_ino;
+        r = mirror_names(d, &names);
+        if (r < 0) {
+                d->job.phase = 0;
+                return sd_bus_error_set_errnof(
+                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", d->path);
+        }
+        c = mirror_call_new(d);
+        if (!c)
+                return -ENOMEM;
+        c->msg = sd_bus_message_ref(msg);
+        c->bandwidth = bandwidth;
+        c->dir_fd = TAKE_FD(dir_fd);
+        c->overlay_fd = TAKE_FD(overlay_fd);
+        d->starting = true;
+        d->mirror_busy = true;
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(g, prepare_saved, c, mirror_call_free);
+        return 1;
+}
+
+/* Ready: the pivot */
+
+static void complete_reply(Qmp *q, int error, const char *desc, void *userdata) {
+        MirrorCall *c = userdata;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        d->mirror_busy = false;
+        if (error < 0) {
+                /* Still ready: the mirror goes on; the next poll or event tries again. */
+                log_warning("Guest %s disk %s: job-complete of %s failed: %s", c->guest->name, d->alias, d->job.id,
+                        desc ?: strerror(-error));
+                return;
+        }
+        log_info("Guest %s disk %s: mirror in step, pivoting onto the new image (job %s).", c->guest->name, d->alias,
+                d->job.id);
+}
+
+/* Saved as PIVOT: a restart completes the job again if QEMU still has it ready. */
+static void pivot_saved(void *userdata) {
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        int r = -ENOMEM;
+
+        if (!d)
+                return;
+        if (!guest_qmp_ready(c->guest)) {
+                d->mirror_busy = false;
+                return; /* the next connection finds it ready */
+        }
+        test_stop_before(d, "pivot");
+        next = mirror_call_new(d);
+        if (next) {
+                r = qemu_job_complete(c->guest->peer.qmp, d->job.id, complete_reply, next, mirror_call_free);
+                if (r < 0)
+                        mirror_call_free(next);
+        }
+        if (r < 0) {
+                d->mirror_busy = false;
+                log_warning_errno(r, "Guest %s disk %s: cannot send job-complete: %m", c->guest->name, d->alias);
+        }
+}
+
+static void mirror_ready(Disk *d) {
+        MirrorCall *c;
+
+        if (d->mirror_busy || d->job.cancel_requested || d->job.concluded || !job_is_active(&d->job) ||
+                (d->job.phase != MIRROR_STEP_COPY && d->job.phase != MIRROR_STEP_PIVOT))
+                return;
+        c = mirror_call_new(d);
+        if (!c) {
+                log_oom();
+                return;
+        }
+        d->job.phase = MIRROR_STEP_PIVOT;
+        d->mirror_busy = true;
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(d->guest, pivot_saved, c, mirror_call_free);
+}
+
+/* Pivoted: the rename */
+
+/* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
+ * QEMU had open, else swap back. Idempotent for a restart at any point: 0 when the overlay's
+ * entry holds the new image and the old one is gone, -EBUSY (why in *ret_why) when the entry
+ * was not the overlay (it is back in place, untouched). */
+static int rename_onto_overlay(Guest *g, const Job *j, const char *tmp, const char **ret_why) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int dir_fd = -EBADF;
+        struct stat st;
+        const char *leaf;
+        int r;
+
+        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
+        if (r < 0) {
+                *ret_why = "the overlay's directory cannot be opened";
+                return r;
+        }
+        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno != ENOENT)
+                        return -errno;
+                /* Nothing under the temporary name: exchanged and unlinked before a restart. */
+                if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                        return -errno;
+                return st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino ? -ENOENT : 0;
+        }
+        if (!(st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
+                if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0) {
+                        *ret_why = "the exchange of the directory entries failed";
+                        return -errno;
+                }
+                if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                        return -errno;
+                if (!S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
+                        /* Someone put another file at the overlay's path: it goes back, untouched. */
+                        if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0)
+                                log_error_errno(errno, "Guest %s: cannot swap %s back: %m", g->name, j->overlay);
+                        *ret_why = "the overlay's path no longer names the file QEMU had open";
+                        return -EBUSY;
+                }
+        }
+        if (unlinkat(dir_fd, tmp, 0) < 0)
+                return -errno;
+        return 0;
+}
+
+static void done_saved(void *userdata) {
+        MirrorCall *c = userdata;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        test_stop_before(d, "done");
+        d->mirror_busy = false;
+        log_info("Guest %s disk %s: %s now holds the new image, standing alone.", c->guest->name, d->alias,
+                d->job.overlay);
+        disk_apply_job_changes(d, job_conclude(&d->job, STREAM_COMPLETED, NULL));
+}
+
+/* Saved as RENAME: now swap the entries. */
+static void rename_saved(void *userdata) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = userdata, *next;
+        Disk *d = mirror_call_disk(c);
+        const char *why = NULL;
+        int r;
+
+        if (!d)
+                return;
+        test_stop_before(d, "rename");
+        r = mirror_names(d, &n);
+        if (r >= 0)
+                r = rename_onto_overlay(c->guest, &d->job, n.tmp, &why);
+        if (r < 0) {
+                _cleanup_free_ char *text = strdup_printf(
+                        "QEMU runs on the new image %s beside the overlay, but it could not take the overlay's place: %s "
+                        "(%s). The file at %s was left as it is.",
+                        n.tmp ?: "", why ?: "the rename failed", strerror(-r), d->job.overlay);
+                log_error("Guest %s disk %s: %s", c->guest->name, d->alias, text ?: "the rename failed");
+                d->mirror_busy = false;
+                disk_apply_job_changes(d, job_conclude(&d->job, STREAM_FAILED, text ?: "the rename failed"));
+                return;
+        }
+        if (guest_qmp_ready(c->guest))
+                (void) qemu_remove_fd(c->guest->peer.qmp, n.fdset, NULL, NULL, NULL);
+        next = mirror_call_new(d);
+        d->job.phase = MIRROR_STEP_DONE;
+        if (!next) {
+                disk_save(d);
+                d->mirror_busy = false;
+                disk_apply_job_changes(d, job_conclude(&d->job, STREAM_COMPLETED, NULL));
+                return;
+        }
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(c->guest, done_saved, next, mirror_call_free);
+}
+
+/* QEMU concluded the job: hold a completion back until the rename is done; anything else ends
+ * the mirror, which leaves the overlay as it was. */
+static unsigned mirror_concluded(Disk *d, unsigned changed) {
+        MirrorCall *c;
+
+        if (d->job.outcome != STREAM_COMPLETED || d->job.phase < MIRROR_STEP_PIVOT) {
+                /* Cancelled after ready is "completed" by QEMU, without the pivot. */
+                if (d->job.outcome == STREAM_COMPLETED) {
+                        d->job.outcome = STREAM_CANCELLED;
+                        d->job.error = mfree(d->job.error);
+                }
+                if (d->job.phase < MIRROR_STEP_RENAME)
+                        mirror_cleanup(d);
+                return changed;
+        }
+        if (d->job.phase == MIRROR_STEP_DONE)
+                return changed;
+        d->job.concluded = false; /* not yet: after the rename */
+        changed &= ~JOB_NOW_CONCLUDED;
+        if (d->mirror_busy)
+                return changed;
+        c = mirror_call_new(d);
+        if (!c) {
+                log_oom();
+                return changed; /* the next poll tries again */
+        }
+        d->job.phase = MIRROR_STEP_RENAME;
+        d->mirror_busy = true;
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(d->guest, rename_saved, c, mirror_call_free);
+        return changed;
+}
+
+unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+
+        if (d->job.engine != STREAM_ENGINE_MIRROR || !ev->id)
+                return changed;
+        if (d->job.phase == MIRROR_STEP_PREPARE && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE &&
+                ev->status == QEMU_JOB_CONCLUDED && mirror_names(d, &n) >= 0 && streq(ev->id, n.create_job)) {
+                create_concluded(d);
+                return changed;
+        }
+        if (!streq_ptr(ev->id, d->job.id))
+                return changed;
+        if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_READY)
+                mirror_ready(d);
+        if (changed & JOB_NOW_CONCLUDED)
+                changed = mirror_concluded(d, changed);
+        return changed;
+}
+
+unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
+        if (d->job.engine != STREAM_ENGINE_MIRROR || !streq_ptr(info->id, d->job.id))
+                return changed;
+        if (info->status == QEMU_JOB_READY)
+                mirror_ready(d);
+        if (changed & JOB_NOW_CONCLUDED)
+                changed = mirror_concluded(d, changed);
+        return changed;
+}
+
+void mirror_resume_orphans(Guest *g) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+                MirrorCall *c;
+
+                if (d->job.engine != STREAM_ENGINE_MIRROR)
+                        continue;
+                /* The old connection's calls are gone: a step waiting for one goes again. */
+                d->mirror_busy = false;
+                /* A preparation the connection (or the daemon) lost: its Start was never answered
+                 * with a job, and nothing of it stays. */
+                if (d->job.phase == MIRROR_STEP_PREPARE && !job_is_active(&d->job)) {
+                        c = pending_take(g, d->alias);
+                        if (c) {
+                                prepare_failed(c, d, "finish before the connection to QEMU closed", -ECONNRESET, NULL);
+                                mirror_call_free(c);
+                        } else {
+                                log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", g->name,
+                                        d->alias);
+                                mirror_cleanup(d);
+                                d->starting = false;
+                                d->job.phase = 0;
+                                (void) guest_save(g);
+                        }
+                        continue;
+                }
+                /* A job that ended (lost by QEMU, failed) before the rename: what it made goes. */
+                if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_RENAME && (d->job.concluded || d->job.finished))
+                        mirror_cleanup(d);
+        }
+}

@@ -1,0 +1,51 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The "mirror, then pivot" engine of a full stream (mirror.c), for a running guest and no base:
+ * QEMU mirrors the running disk (sync=full) into a fresh image the daemon creates beside the
+ * overlay, pivots onto it (job-complete), and the daemon renames the new image onto the
+ * overlay's path (RENAME_EXCHANGE, checked, the old overlay unlinked). The job runs as QEMU's
+ * job (blockjob_backend: Pause, Resume, Cancel, SetBandwidth); its steps are journaled in
+ * job.phase, each saved before it runs, so a daemon killed at any step recovers on restart:
+ *
+ *   PREPARE  the new image, its fd set and nodes are being made; no mirror job yet. On restart:
+ *            all of it removed; the Start that was never answered is not reported.
+ *   COPY     QEMU's mirror job copies. On restart: it goes on (QEMU has it).
+ *   PIVOT    it was ready: job-complete, then the flush and job-finalize of every job.
+ *   RENAME   QEMU runs on the new image: the rename onto the overlay's path. On restart: done
+ *            (or finished, if the exchange happened).
+ *   DONE     renamed: Finished("completed").
+ *
+ * A mirror that fails or is cancelled before RENAME leaves the overlay as it was and removes
+ * the new image. */
+
+#include <stdbool.h>
+#include <systemd/sd-bus.h>
+
+#include "qemu-reply.h"
+
+typedef struct Disk Disk;
+typedef struct Guest Guest;
+
+enum {
+        MIRROR_STEP_PREPARE = 1,
+        MIRROR_STEP_COPY,
+        MIRROR_STEP_PIVOT,
+        MIRROR_STEP_RENAME,
+        MIRROR_STEP_DONE,
+};
+
+/* Start's engine choice for a full stream: "mirror" forced, or "auto". Returns 1 when the mirror
+ * took the call (answered once the job runs), 0 when "auto" picks another engine, < 0 with error
+ * set when "mirror" cannot run here (and nothing was created). */
+int mirror_try_start(
+        Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error);
+
+/* QEMU's news of the disk's jobs (guest-peer.c), after job_apply_event()/job_apply_info(): the
+ * mirror's own steps (the blockdev-create job, ready, the held completion). Returns the changes
+ * left for the disk. */
+unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed);
+unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed);
+
+/* After a (re)connect, the jobs applied: the journal's leftovers of a mirror (see above). */
+void mirror_resume_orphans(Guest *g);

@@ -1,0 +1,367 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The "mirror, then pivot" engine (Start option engine=mirror, service/mirror.c) against the real
+daemon and real QEMU: QEMU mirrors the running disk into a new image the daemon creates beside the
+overlay, pivots onto it, and the daemon renames it onto the overlay's path. Guest writes during the
+copy survive, the data is the flattened chain's, a cancel or a refusal leaves the overlay and no
+new file, a swapped overlay is swapped back, and a daemon killed at each step of the journal
+recovers. Nothing here is timed: each step waits for its event (a log line, a property)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+from harness import MiB, S, T, opts  # noqa: E402
+
+SIZE = 256 * MiB
+ERR_NO_SPACE = 'org.blockstream1.Error.NoSpace'
+
+
+def tmp_of(path):
+    return os.path.join(os.path.dirname(path), '.%s.bs-mirror' % os.path.basename(path))
+
+
+class MirrorBase(h.TestCase):
+
+    def start(self, d, **kw):
+        since = time.monotonic()
+        o = {'engine': S('mirror')}
+        o.update(kw)
+        self.assertIsNone(d.start(0, 0, opts(**o)))
+        return since
+
+    def mirror_jobs(self, g):
+        return [j for j in g.qemu.qmp.jobs() if j.get('type') == 'mirror']
+
+    def assert_completed(self, d, since):
+        res, done, err = d.wait_finished(180, since)
+        self.assertEqual((res, err), ('completed', ''), 'Finished%r' % ((res, done, err),))
+        self.client.pump(0.3)
+        f = d.finished(since)
+        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
+        p = d.props()
+        self.assertEqual((p['State'], p['Mode'], p['Engine']), ('completed', 'full', 'mirror'))
+        self.assertEqual(list(p['BackingChain']), [])
+        return p
+
+    def assert_standalone(self, g, c, writes=()):
+        """The overlay's path holds one image with the chain's data and the writes, checked clean."""
+        self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
+        g.qemu.quit()
+        self.assertIsNone(h.image_backing(c.top))
+        for pat, off, ln in writes:
+            self.assertTrue(h.read_matches(c.top, pat, off, ln), 'write 0x%02x at %d not in the image' % (pat, off))
+        rc, out = c.compare()
+        self.assertEqual(rc, 0, 'image differs from the chain plus the guest writes: ' + out)
+        self.assertEqual(h.image_check(c.top)[0], 0)
+
+    def assert_untouched(self, c, st):
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
+        self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
+        self.assertEqual(h.image_backing(c.top), c.mid)
+
+
+
+class MirrorTest(MirrorBase):
+
+    def test_guest_writes_during_mirror(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        q = g.qemu
+        u = c.u
+        owner = os.stat(c.top)
+        since = self.start(d, bandwidth=T(4 * MiB))
+        d.wait_bytes_done(1, 60)
+        self.assertEqual(d.prop('Engine'), 'mirror')
+        self.assertEqual(len(self.mirror_jobs(g)), 1)
+        new = os.stat(tmp_of(c.top))
+        self.assertEqual((new.st_uid, new.st_gid, new.st_mode), (owner.st_uid, owner.st_gid, owner.st_mode))
+        writes = [(0x77, 2 * u, 1 * u), (0x78, 60 * u, 1 * u), (0x79, 37 * u, 2 * u), (0x7a, 100 * u, 1 * u),
+                  (0x7b, 130 * u, 1 * u), (0x7c, 180 * u, 2 * u), (0x7d, 49 * u, 1 * u)]
+        for pat, off, ln in writes:
+            q.guest_write('vda', pat, off, ln)
+            c.apply_to_reference(pat, off, ln)
+        self.assertEqual(d.prop('State'), 'running', 'the writes did not land while the job ran')
+        d.set_bandwidth(0)
+        self.assert_completed(d, since)
+        for pat, off, ln in writes:
+            self.assertTrue(q.guest_read('vda', pat, off, ln), 'guest write 0x%02x at %d lost' % (pat, off))
+        self.assertEqual(self.mirror_jobs(g), [], 'QEMU still has the job after Finished')
+        self.assert_standalone(g, c, writes)
+
+    def test_pause_resume_bandwidth(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        self.assertEqual(self.mirror_jobs(g)[0]['speed'], 1 * MiB)
+        self.assertIsNone(d.call('Pause'))
+        d.wait_state('paused', 30)
+        h.wait_until(lambda: self.mirror_jobs(g)[0]['paused'], 30, 'QEMU to pause the mirror')
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        self.assertEqual(self.mirror_jobs(g)[0]['speed'], 0)
+        self.assertIsNone(d.call('Resume'))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+
+    def test_cancel_leaves_the_overlay(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        st = os.stat(c.top)
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        self.assertTrue(os.path.exists(tmp_of(c.top)))
+        d.cancel()
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual(res, 'cancelled', (res, done, err))
+        self.assertEqual(d.prop('Engine'), 'mirror')
+        h.wait_until(lambda: not os.path.lexists(tmp_of(c.top)), 10, 'the mirror\'s image to go')
+        self.assert_untouched(c, st)
+        self.assertEqual(list(d.prop('BackingChain')), [c.mid, c.base])
+        # And QEMU dropped what the mirror added.
+        nodes = [n['node-name'] for n in g.qemu.qmp.cmd('query-named-block-nodes')]
+        self.assertEqual([n for n in nodes if n.startswith('bsm')], [])
+        # A stream afterwards works as before.
+        since = time.monotonic()
+        d.start(0, 0, opts(engine=S('stream'), bandwidth=T(0)))
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''))
+
+    def test_base_refused(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        e = self.assertDBusError(h.ERR_INVALID_ARGS, d.start, 0, 0, opts(engine=S('mirror'), base=S(c.base)))
+        self.assertIn('base', e.message)
+        self.assertEqual(d.prop('State'), 'idle')
+        self.assertFalse(os.path.lexists(tmp_of(c.top)))
+
+    def test_not_enough_space(self):
+        """The images on a small tmpfs: a clear error, nothing created, the overlay as it was."""
+        mnt = self.env.images  # an image directory itself: a mount below one is refused (RESOLVE_NO_XDEV)
+        subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % (64 * MiB), 'tmpfs', mnt], check=True)
+        self.addCleanup(lambda: subprocess.run(['umount', '-l', mnt], check=False))
+        name = self.unique_name()
+        base = os.path.join(mnt, 'base.qcow2')
+        top = os.path.join(mnt, 'top.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(SIZE))
+        h.qemu_io(base, 'write -P 0x11 0 %d' % (8 * MiB))
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
+        q = self.env.new_qemu(name, [], [
+            '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % base,
+            '-blockdev', 'driver=qcow2,file=f1,node-name=b1,read-only=on',
+            '-blockdev', 'driver=file,filename=%s,node-name=f0' % top,
+            '-blockdev', 'driver=qcow2,file=f0,backing=b1,node-name=disk0',
+            '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
+        self.addCleanup(q.kill)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        st = os.stat(top)
+        before = sorted(os.listdir(mnt))
+        e = self.assertDBusError(ERR_NO_SPACE, d.start, 0, 0, opts(engine=S('mirror')))
+        self.assertIn('free', e.message)
+        self.assertEqual(sorted(os.listdir(mnt)), before, 'something was created beside the overlay')
+        self.assertEqual(d.prop('State'), 'idle')
+        # auto: falls back to what it picked before (QEMU's block-stream here).
+        since = time.monotonic()
+        d.start(0, 0, h.no_opts())
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
+        now = os.stat(top)
+        self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino))
+
+
+    def test_auto_picks_mirror_only_when_configured(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        # The default configuration: auto is QEMU's block-stream for a local chain.
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(0)))
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
+        # EngineMirror=auto: a running guest, a local chain, room beside the overlay: mirror.
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.addCleanup(self.default_daemon)
+        self.env.start_daemon()
+        g2 = self.new_guest(size=SIZE)
+        d2 = g2.disk()
+        since = time.monotonic()
+        d2.start(0, 0, opts(bandwidth=T(0)))
+        self.assert_completed(d2, since)
+        # auto never keeps a base with a mirror.
+        g3 = self.new_guest(size=SIZE)
+        d3 = g3.disk()
+        since = time.monotonic()
+        d3.start(0, 0, opts(bandwidth=T(0), base=S(g3.chains['vda'].base)))
+        res, done, err = d3.wait_finished(60, since)
+        self.assertEqual((res, err, d3.prop('Engine')), ('completed', '', 'stream'))
+        self.assert_standalone(g2, g2.chains['vda'])
+
+    def default_daemon(self):
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env)
+        self.env.start_daemon()
+
+    def test_swapped_overlay_is_swapped_back(self):
+        """Another file put at the overlay's path while the mirror runs: the rename finds it is not
+        the file QEMU had open, swaps it back untouched, and the job fails."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        os.rename(c.top, c.top + '.moved')
+        with open(c.top, 'wb') as f:
+            f.write(b'another file, not the overlay\n' * 100)
+        other = os.stat(c.top)
+        d.set_bandwidth(0)
+        res, done, err = d.wait_finished(180, since)
+        self.assertEqual(res, 'failed', (res, done, err))
+        self.assertIn('no longer names the file QEMU had open', err)
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(since)), 1)
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns),
+                         (other.st_dev, other.st_ino, other.st_size, other.st_mtime_ns), 'the other file was touched')
+        with open(c.top, 'rb') as f:
+            self.assertEqual(f.read(), b'another file, not the overlay\n' * 100)
+        # The guest runs on the new image, left beside it under its temporary name.
+        self.assertTrue(os.path.exists(tmp_of(c.top)))
+        self.assertTrue(os.path.exists(c.top + '.moved'))
+
+
+@unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                       'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+class MirrorKillTest(MirrorBase):
+    """SIGKILL of the daemon at each step of the mirror's journal, stopped there by its test hook
+    (BLOCKSTREAM_TEST_MIRROR_STOP: the daemon stops itself with SIGSTOP right before the step,
+    its record on disk); the new daemon recovers, Finished comes once or not at all."""
+
+    HOOK = 'BLOCKSTREAM_TEST_MIRROR_STOP'
+
+    def restart_with_hook(self, step):
+        self.env.stop_daemon()
+        os.environ[self.HOOK] = step
+        try:
+            self.env.start_daemon()
+        finally:
+            del os.environ[self.HOOK]
+
+    def wait_stopped(self):
+        pid = self.env.daemon.proc.pid
+
+        def stopped():
+            with open('/proc/%d/stat' % pid) as f:
+                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+        h.wait_until(stopped, 120, 'the daemon to stop at its test hook')
+
+    def kill_and_restart(self, g):
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        restart = time.monotonic()
+        self.env.start_daemon()
+        c = self.client
+        c.wait_for(lambda: c.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                   30, 'guest %s to be republished' % g.name)
+        return restart
+
+    def mirror_nodes(self, g):
+        return [n['node-name'] for n in g.qemu.qmp.cmd('query-named-block-nodes') if n['node-name'].startswith('bsm')]
+
+    def start_async(self, g):
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.Popen([h.BLOCKSTREAMCTL, 'pull', g.name, 'vda', '--engine=mirror', '--bandwidth=0'],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+        return p
+
+    def killed_before_the_job(self, step):
+        self.restart_with_hook(step)
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        st = os.stat(c.top)
+        since = time.monotonic()
+        p = self.start_async(g)
+        self.wait_stopped()
+        self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image is made before the step')
+        self.kill_and_restart(g)
+        p.communicate(timeout=30)
+        self.assertNotEqual(p.returncode, 0, 'Start succeeded with its daemon killed before the job ran')
+        h.wait_until(lambda: not os.path.lexists(tmp_of(c.top)), 30, 'the mirror\'s image to be removed')
+        h.wait_until(lambda: self.mirror_nodes(g) == [], 30, 'the mirror\'s nodes to be removed')
+        self.assert_untouched(c, st)
+        return g, d, c, since
+
+    def test_killed_before_the_job_began(self):
+        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
+        g, d, c, since = self.killed_before_the_job('prepare')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        # Nothing stands in the way of the next mirror.
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+
+    def test_killed_before_qemu_had_the_job(self):
+        """The job recorded, blockdev-mirror not sent: QEMU does not know it, it failed (once), and
+        what was made is removed."""
+        g, d, c, since = self.killed_before_the_job('copy')
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual(res, 'failed', (res, done, err))
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(since)), 1)
+
+    def killed_after_the_copy(self, step):
+        self.restart_with_hook(step)
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        restart = self.kill_and_restart(g)
+        self.assert_completed(d, since)
+        self.assertEqual(len(d.finished(restart)), 1)
+        self.assertEqual(self.mirror_jobs(g), [])
+        self.assert_standalone(g, c)
+
+    def test_killed_before_the_pivot(self):
+        """Ready, job-complete not sent: the new daemon completes it (QEMU still has it ready)."""
+        self.killed_after_the_copy('pivot')
+
+    def test_killed_before_the_rename(self):
+        """QEMU pivoted, the rename not done: the new daemon does it."""
+        self.killed_after_the_copy('rename')
+
+    def test_killed_after_the_rename(self):
+        """Renamed, the outcome not yet recorded: the new daemon reports it completed."""
+        self.killed_after_the_copy('done')
+
+    def test_killed_while_copying(self):
+        """SIGKILL while QEMU's mirror copies: the job goes on, then pivot and rename."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(1 * MiB))
+        d.wait_bytes_done(1, 60)
+        restart = self.kill_and_restart(g)
+        self.assertEqual((d.prop('State'), d.prop('Engine')), ('running', 'mirror'))
+        self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
+        self.assert_completed(d, since)
+        self.assertEqual(len(d.finished(restart)), 1)
+        self.assert_standalone(g, c)
+
+
+if __name__ == '__main__':
+    h.main()
