@@ -13,9 +13,11 @@
 
 #include "control.h"
 
-/* One block status request asks about at most this much: NBD lengths are 32 bits, and a server
+/* One block status request asks about at most this much: NBD lengths are 32 bits, so the largest
+ * multiple of 2 MiB (any cluster size) below 4 GiB. Each request costs a round trip and QEMU's
+ * per-request setup: 1 GiB windows made a 1 TiB map 1.3x slower than `qemu-img map`. A server
  * may scan less than asked anyway (we continue from where its answer ends). */
-#define STATUS_WINDOW (UINT64_C(1) << 30)
+#define STATUS_WINDOW ((UINT64_C(1) << 32) - (UINT64_C(1) << 21))
 
 #define CONTEXT_ALLOCATION LIBNBD_CONTEXT_BASE_ALLOCATION
 #define CONTEXT_DEPTH "qemu:allocation-depth"
