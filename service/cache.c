@@ -502,6 +502,7 @@ static int helper_spawn_now(Cache *c) {
                 (char *) "chardev=m0,mode=control",
                 NULL,
         };
+        char *env[] = {(char *) SANDBOX_QEMU_MALLOC_TUNABLES, NULL}; /* its copy-on-read buffers */
         int r;
 
         if (!prefix || !name)
@@ -517,6 +518,7 @@ static int helper_spawn_now(Cache *c) {
                                         .gid = cfg->helper_uid_max,
                                         .host_network = true,
                                         .argv = argv,
+                                        .env = env,
                                         .exec_fd = -1,
                                         .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU,
                                         /* It writes the cache image through its fd, its only writable

@@ -38,6 +38,15 @@
  * at worst. A failed thread creation aborts QEMU, so the limit sits above that; it stops a runaway,
  * the unit's MemoryMax= bounds what is really used. */
 #define SANDBOX_ADDRESS_SPACE_QEMU (UINT64_C(8) << 30)
+/* The environment of QEMU helpers run with "-machine none" (the storage helper, the template
+ * cache). QEMU's block jobs copy through bounce buffers of 512 KiB and more, freed after each
+ * chunk. glibc serves them with mmap() and munmap() until a large free raises its thresholds,
+ * which a guest's QEMU does while building its machine and "-machine none" never does: each chunk
+ * then faults in fresh pages (with TLB shootdowns across QEMU's threads at munmap), and
+ * block-stream ran 4-5x slower in the storage helper than in a guest's QEMU on the same chain.
+ * Fixed thresholds keep the buffers in the heap. */
+#define SANDBOX_QEMU_MALLOC_TUNABLES \
+        "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864"
 #define SANDBOX_LIMIT_NONE UINT64_MAX /* for max_address_space or max_file_size: no limit */
 
 typedef struct SandboxSpec {

@@ -251,16 +251,7 @@ static int helper_spawn(StorageHelper *h) {
                 (char *) "-mon", (char *) "chardev=m0,mode=control",
                 NULL,
         };
-        /* QEMU's block jobs copy through bounce buffers of 512 KiB and more, freed after each
-         * chunk. glibc serves them with mmap() and munmap() until a large free raises its
-         * thresholds, which a guest's QEMU does while building its machine and "-machine none"
-         * never does: each chunk then faults in fresh pages (with TLB shootdowns across QEMU's
-         * threads at munmap), and block-stream ran 4-5x slower here than in a guest's QEMU on the
-         * same chain. Fixed thresholds keep the buffers in the heap. */
-        char *env[] = {
-                (char *) "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864",
-                NULL,
-        };
+        char *env[] = {(char *) SANDBOX_QEMU_MALLOC_TUNABLES, NULL};
         pid_t pid;
         int r;
 
