@@ -121,9 +121,7 @@ static int read_property_value(sd_bus_message *m, const Property *prop, void *da
         return r < 0 ? r : 0;
 }
 
-/* Reads an a{sv} into data. Unknown properties and ones of an unexpected type are skipped:
- * a newer server may add some, and a wrong type is the server's bug, not a reason to fail. */
-static int map_properties(sd_bus_message *m, const Property *props, size_t n, void *data, uint64_t *present) {
+int properties_map(sd_bus_message *m, const Property *props, size_t n, void *data, uint64_t *present) {
         int r;
 
         r = sd_bus_message_enter_container(m, 'a', "{sv}");
@@ -206,7 +204,7 @@ static int get_all_properties(sd_bus *bus, const char *path, const char *iface, 
         r = call_simple(bus, path, PROPERTIES_IFACE, "GetAll", NULL, 0, verb, &reply, "s", iface);
         if (r < 0)
                 return r;
-        r = map_properties(reply, props, n, data, present);
+        r = properties_map(reply, props, n, data, present);
         if (r < 0)
                 return log_parse_error(r);
         if (ret_cookie) {
@@ -223,7 +221,7 @@ int disk_info_refresh(sd_bus *bus, DiskInfo *d, uint64_t *ret_cookie) {
 }
 
 int disk_info_update(sd_bus_message *m, DiskInfo *d) {
-        return map_properties(m, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
+        return properties_map(m, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
 }
 
 int get_guest(sd_bus *bus, const char *name, GuestInfo **ret) {
@@ -392,7 +390,7 @@ static int read_managed_object(sd_bus_message *reply, Registry *reg) {
                         g->object = strdup(path);
                         if (!g->object)
                                 return -ENOMEM;
-                        r = map_properties(reply, guest_properties, ELEMENTSOF(guest_properties), g, &g->present);
+                        r = properties_map(reply, guest_properties, ELEMENTSOF(guest_properties), g, &g->present);
                 } else if (streq(iface, STREAM_INTERFACE)) {
                         DiskInfo *d = calloc(1, sizeof(*d));
 
@@ -403,7 +401,7 @@ static int read_managed_object(sd_bus_message *reply, Registry *reg) {
                         d->object = strdup(path);
                         if (!d->object)
                                 return -ENOMEM;
-                        r = map_properties(reply, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
+                        r = properties_map(reply, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
                 } else
                         r = sd_bus_message_skip(reply, "a{sv}");
                 if (r < 0)
