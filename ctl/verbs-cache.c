@@ -42,36 +42,27 @@ static void cache_info_done(CacheInfo *c) {
         free(c->state);
 }
 
+typedef struct CacheRead {
+        CacheInfo *cache;
+        bool found;
+} CacheRead;
+
+static int read_cache_interface(sd_bus_message *m, const char *iface, void *userdata) {
+        CacheRead *cr = userdata;
+
+        if (!streq(iface, CACHE_INTERFACE))
+                return sd_bus_message_skip(m, "a{sv}");
+        cr->found = true;
+        return properties_map(m, cache_properties, ELEMENTSOF(cache_properties), cr->cache, &cr->cache->present);
+}
+
 /* One object's a{sa{sv}}: the Cache interface's properties, if it has it (1), else 0. */
 static int read_cache(sd_bus_message *m, CacheInfo *c) {
-        const char *iface;
-        int found = 0, r;
+        CacheRead cr = { .cache = c };
+        int r;
 
-        r = sd_bus_message_enter_container(m, 'a', "{sa{sv}}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
-                r = sd_bus_message_read(m, "s", &iface);
-                if (r < 0)
-                        return r;
-                if (!streq(iface, CACHE_INTERFACE)) {
-                        r = sd_bus_message_skip(m, "a{sv}");
-                        if (r < 0)
-                                return r;
-                } else {
-                        found = 1;
-                        r = properties_map(m, cache_properties, ELEMENTSOF(cache_properties), c, &c->present);
-                        if (r < 0)
-                                return r;
-                }
-                r = sd_bus_message_exit_container(m);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(m);
-        return r < 0 ? r : found;
+        r = object_interfaces_foreach(m, read_cache_interface, &cr);
+        return r < 0 ? r : cr.found;
 }
 
 int verb_caches(char **args) {
