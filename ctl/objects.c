@@ -121,9 +121,7 @@ static int read_property_value(sd_bus_message *m, const Property *prop, void *da
         return r < 0 ? r : 0;
 }
 
-/* Reads an a{sv} into data. Unknown properties and ones of an unexpected type are skipped:
- * a newer server may add some, and a wrong type is the server's bug, not a reason to fail. */
-static int map_properties(sd_bus_message *m, const Property *props, size_t n, void *data, uint64_t *present) {
+int properties_map(sd_bus_message *m, const Property *props, size_t n, void *data, uint64_t *present) {
         int r;
 
         r = sd_bus_message_enter_container(m, 'a', "{sv}");
@@ -206,7 +204,7 @@ static int get_all_properties(sd_bus *bus, const char *path, const char *iface, 
         r = call_simple(bus, path, PROPERTIES_IFACE, "GetAll", NULL, 0, verb, &reply, "s", iface);
         if (r < 0)
                 return r;
-        r = map_properties(reply, props, n, data, present);
+        r = properties_map(reply, props, n, data, present);
         if (r < 0)
                 return log_parse_error(r);
         if (ret_cookie) {
@@ -223,7 +221,7 @@ int disk_info_refresh(sd_bus *bus, DiskInfo *d, uint64_t *ret_cookie) {
 }
 
 int disk_info_update(sd_bus_message *m, DiskInfo *d) {
-        return map_properties(m, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
+        return properties_map(m, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
 }
 
 int get_guest(sd_bus *bus, const char *name, GuestInfo **ret) {
@@ -366,6 +364,66 @@ static int registry_add(void ***array, size_t *n, void *item) {
         return 0;
 }
 
+int object_interfaces_foreach(sd_bus_message *m, interface_handler_t fn, void *userdata) {
+        int r;
+
+        r = sd_bus_message_enter_container(m, 'a', "{sa{sv}}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
+                const char *iface;
+
+                r = sd_bus_message_read_basic(m, 's', &iface);
+                if (r < 0)
+                        return r;
+                r = fn(m, iface, userdata);
+                if (r < 0)
+                        return r;
+                r = sd_bus_message_exit_container(m);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        return sd_bus_message_exit_container(m);
+}
+
+typedef struct ManagedObject {
+        Registry *reg;
+        const char *path;
+} ManagedObject;
+
+static int read_managed_interface(sd_bus_message *reply, const char *iface, void *userdata) {
+        ManagedObject *mo = userdata;
+        Registry *reg = mo->reg;
+
+        if (streq(iface, GUEST_INTERFACE)) {
+                GuestInfo *g = calloc(1, sizeof(*g));
+
+                if (!g || registry_add((void ***) &reg->guests, &reg->n_guests, g) < 0) {
+                        free(g);
+                        return -ENOMEM;
+                }
+                g->object = strdup(mo->path);
+                if (!g->object)
+                        return -ENOMEM;
+                return properties_map(reply, guest_properties, ELEMENTSOF(guest_properties), g, &g->present);
+        }
+        if (streq(iface, STREAM_INTERFACE)) {
+                DiskInfo *d = calloc(1, sizeof(*d));
+
+                if (!d || registry_add((void ***) &reg->disks, &reg->n_disks, d) < 0) {
+                        free(d);
+                        return -ENOMEM;
+                }
+                d->object = strdup(mo->path);
+                if (!d->object)
+                        return -ENOMEM;
+                return properties_map(reply, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
+        }
+        return sd_bus_message_skip(reply, "a{sv}");
+}
+
 static int read_managed_object(sd_bus_message *reply, Registry *reg) {
         const char *path;
         int r;
@@ -373,48 +431,7 @@ static int read_managed_object(sd_bus_message *reply, Registry *reg) {
         r = sd_bus_message_read_basic(reply, 'o', &path);
         if (r < 0)
                 return r;
-        r = sd_bus_message_enter_container(reply, 'a', "{sa{sv}}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(reply, 'e', "sa{sv}")) > 0) {
-                const char *iface;
-
-                r = sd_bus_message_read_basic(reply, 's', &iface);
-                if (r < 0)
-                        return r;
-                if (streq(iface, GUEST_INTERFACE)) {
-                        GuestInfo *g = calloc(1, sizeof(*g));
-
-                        if (!g || registry_add((void ***) &reg->guests, &reg->n_guests, g) < 0) {
-                                free(g);
-                                return -ENOMEM;
-                        }
-                        g->object = strdup(path);
-                        if (!g->object)
-                                return -ENOMEM;
-                        r = map_properties(reply, guest_properties, ELEMENTSOF(guest_properties), g, &g->present);
-                } else if (streq(iface, STREAM_INTERFACE)) {
-                        DiskInfo *d = calloc(1, sizeof(*d));
-
-                        if (!d || registry_add((void ***) &reg->disks, &reg->n_disks, d) < 0) {
-                                free(d);
-                                return -ENOMEM;
-                        }
-                        d->object = strdup(path);
-                        if (!d->object)
-                                return -ENOMEM;
-                        r = map_properties(reply, disk_properties, ELEMENTSOF(disk_properties), d, &d->present);
-                } else
-                        r = sd_bus_message_skip(reply, "a{sv}");
-                if (r < 0)
-                        return r;
-                r = sd_bus_message_exit_container(reply);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        return sd_bus_message_exit_container(reply);
+        return object_interfaces_foreach(reply, read_managed_interface, &(ManagedObject) { reg, path });
 }
 
 static int guest_compare(const void *a, const void *b) {

@@ -16,6 +16,16 @@ typedef struct Property {
         size_t offset;
 } Property;
 
+/* Reads an a{sv} into data, each property at its offset; bit i of *present is set for props[i].
+ * Unknown properties and ones of an unexpected type are skipped: a newer server may add some,
+ * and a wrong type is the server's bug, not a reason to fail. */
+int properties_map(sd_bus_message *m, const Property *props, size_t n, void *data, uint64_t *present);
+
+/* Walks one object's a{sa{sv}} (its value in GetManagedObjects): fn gets each interface's name
+ * with the message at that interface's a{sv}, which it must read or skip. */
+typedef int (*interface_handler_t)(sd_bus_message *m, const char *iface, void *userdata);
+int object_interfaces_foreach(sd_bus_message *m, interface_handler_t fn, void *userdata);
+
 typedef struct GuestInfo {
         char *object;
         uint64_t present; /* bit i: properties[i] was sent by the server */

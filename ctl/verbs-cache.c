@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "args.h"
 #include "blockstream-api.h"
 #include "bus.h"
+#include "objects.h"
 #include "output.h"
 #include "util.h"
 #include "verbs-cache.h"
@@ -20,7 +22,18 @@ typedef struct CacheInfo {
         uint64_t fetched;
         uint32_t users;
         uint32_t clients;
+        uint64_t present; /* bit i: cache_properties[i] was sent */
 } CacheInfo;
+
+static const Property cache_properties[] = {
+        { BS_CACHE_PROPERTY_URL, "s", offsetof(CacheInfo, url) },
+        { BS_CACHE_PROPERTY_SOCKET, "s", offsetof(CacheInfo, socket) },
+        { BS_CACHE_PROPERTY_STATE, "s", offsetof(CacheInfo, state) },
+        { BS_CACHE_PROPERTY_SIZE, "t", offsetof(CacheInfo, size) },
+        { BS_CACHE_PROPERTY_BYTES_FETCHED, "t", offsetof(CacheInfo, fetched) },
+        { BS_CACHE_PROPERTY_USERS, "u", offsetof(CacheInfo, users) },
+        { BS_CACHE_PROPERTY_CLIENTS, "u", offsetof(CacheInfo, clients) },
+};
 
 static void cache_info_done(CacheInfo *c) {
         free(c->path);
@@ -29,80 +42,27 @@ static void cache_info_done(CacheInfo *c) {
         free(c->state);
 }
 
-static int read_string(sd_bus_message *m, char **ret) {
-        const char *s;
-        int r = sd_bus_message_read(m, "v", "s", &s);
+typedef struct CacheRead {
+        CacheInfo *cache;
+        bool found;
+} CacheRead;
 
-        if (r < 0)
-                return r;
-        free(*ret);
-        *ret = strdup(s);
-        return *ret ? 0 : -ENOMEM;
+static int read_cache_interface(sd_bus_message *m, const char *iface, void *userdata) {
+        CacheRead *cr = userdata;
+
+        if (!streq(iface, CACHE_INTERFACE))
+                return sd_bus_message_skip(m, "a{sv}");
+        cr->found = true;
+        return properties_map(m, cache_properties, ELEMENTSOF(cache_properties), cr->cache, &cr->cache->present);
 }
 
 /* One object's a{sa{sv}}: the Cache interface's properties, if it has it (1), else 0. */
 static int read_cache(sd_bus_message *m, CacheInfo *c) {
-        const char *iface;
-        int found = 0, r;
+        CacheRead cr = { .cache = c };
+        int r;
 
-        r = sd_bus_message_enter_container(m, 'a', "{sa{sv}}");
-        if (r < 0)
-                return r;
-        while ((r = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
-                r = sd_bus_message_read(m, "s", &iface);
-                if (r < 0)
-                        return r;
-                if (!streq(iface, CACHE_INTERFACE)) {
-                        r = sd_bus_message_skip(m, "a{sv}");
-                        if (r < 0)
-                                return r;
-                } else {
-                        const char *name;
-
-                        found = 1;
-                        r = sd_bus_message_enter_container(m, 'a', "{sv}");
-                        if (r < 0)
-                                return r;
-                        while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
-                                r = sd_bus_message_read(m, "s", &name);
-                                if (r < 0)
-                                        return r;
-                                if (streq(name, BS_CACHE_PROPERTY_URL))
-                                        r = read_string(m, &c->url);
-                                else if (streq(name, BS_CACHE_PROPERTY_SOCKET))
-                                        r = read_string(m, &c->socket);
-                                else if (streq(name, BS_CACHE_PROPERTY_STATE))
-                                        r = read_string(m, &c->state);
-                                else if (streq(name, BS_CACHE_PROPERTY_SIZE))
-                                        r = sd_bus_message_read(m, "v", "t", &c->size);
-                                else if (streq(name, BS_CACHE_PROPERTY_BYTES_FETCHED))
-                                        r = sd_bus_message_read(m, "v", "t", &c->fetched);
-                                else if (streq(name, BS_CACHE_PROPERTY_USERS))
-                                        r = sd_bus_message_read(m, "v", "u", &c->users);
-                                else if (streq(name, BS_CACHE_PROPERTY_CLIENTS))
-                                        r = sd_bus_message_read(m, "v", "u", &c->clients);
-                                else
-                                        r = sd_bus_message_skip(m, "v");
-                                if (r < 0)
-                                        return r;
-                                r = sd_bus_message_exit_container(m);
-                                if (r < 0)
-                                        return r;
-                        }
-                        if (r < 0)
-                                return r;
-                        r = sd_bus_message_exit_container(m);
-                        if (r < 0)
-                                return r;
-                }
-                r = sd_bus_message_exit_container(m);
-                if (r < 0)
-                        return r;
-        }
-        if (r < 0)
-                return r;
-        r = sd_bus_message_exit_container(m);
-        return r < 0 ? r : found;
+        r = object_interfaces_foreach(m, read_cache_interface, &cr);
+        return r < 0 ? r : cr.found;
 }
 
 int verb_caches(char **args) {

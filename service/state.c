@@ -470,49 +470,78 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         return 0;
 }
 
-int state_load(const char *dir_path, state_load_handler_t handler, void *userdata) {
+/* Calls fn for each NAME.json of dir_path, in directory order, with its path and its JSON; the JSON
+ * is NULL and error < 0 when the file cannot be read (-errno) or is not JSON (-EBADMSG). Temp files
+ * of write_file_atomic() end in .tmpXXXXXX and are passed over. fn returns < 0 to stop the walk
+ * with that error. A missing directory is an error unless missing_ok. */
+typedef int (*state_file_handler_t)(const char *path, const char *file_name, json_object *o, int error,
+        void *userdata);
+
+static int state_dir_foreach(const char *dir_path, bool missing_ok, state_file_handler_t fn, void *userdata) {
         _cleanup_(closedirp_) DIR *dir = NULL;
         struct dirent *de;
 
         dir = opendir(dir_path);
-        if (!dir)
+        if (!dir) {
+                if (errno == ENOENT && missing_ok)
+                        return 0;
                 return log_error_errno(errno, "Failed to open state directory %s: %m", dir_path);
-
+        }
         while ((de = readdir(dir))) {
                 _cleanup_(json_object_putp) json_object *o = NULL;
-                _cleanup_(state_guest_done) StateGuest g = {};
                 _cleanup_free_ char *path = NULL, *text = NULL;
                 size_t len = strlen(de->d_name);
                 int r;
 
-                /* Temp files of write_file_atomic() end in .tmpXXXXXX; guest names may start with a dot. */
+                /* Guest names may start with a dot: only the ending tells. */
                 if (len < 6 || !streq(de->d_name + len - 5, ".json"))
                         continue;
                 path = strdup_printf("%s/%s", dir_path, de->d_name);
                 if (!path)
                         return log_oom();
                 r = read_file_bounded(path, STATE_FILE_MAX, &text, NULL);
-                if (r < 0) {
-                        log_error_errno(r, "Failed to read %s, skipping this guest: %m", path);
-                        continue;
+                if (r >= 0) {
+                        o = json_tokener_parse(text);
+                        if (!o)
+                                r = -EBADMSG;
                 }
-                o = json_tokener_parse(text);
-                if (!o) {
-                        log_error("State file %s is not valid JSON, skipping this guest.", path);
-                        continue;
-                }
-                r = state_guest_from_json(o, de->d_name, &g);
-                if (r == -ENOMEM)
-                        return log_oom();
-                if (r < 0) {
-                        log_error_errno(r, "State file %s is invalid, skipping this guest: %m", path);
-                        continue;
-                }
-                r = handler(&g, path, userdata);
+                r = fn(path, de->d_name, o, r < 0 ? r : 0, userdata);
                 if (r < 0)
                         return r;
         }
         return 0;
+}
+
+typedef struct GuestLoad {
+        state_load_handler_t handler;
+        void *userdata;
+} GuestLoad;
+
+static int guest_file(const char *path, const char *file_name, json_object *o, int error, void *userdata) {
+        _cleanup_(state_guest_done) StateGuest g = {};
+        GuestLoad *l = userdata;
+        int r;
+
+        if (error == -EBADMSG) {
+                log_error("State file %s is not valid JSON, skipping this guest.", path);
+                return 0;
+        }
+        if (error < 0) {
+                log_error_errno(error, "Failed to read %s, skipping this guest: %m", path);
+                return 0;
+        }
+        r = state_guest_from_json(o, file_name, &g);
+        if (r == -ENOMEM)
+                return log_oom();
+        if (r < 0) {
+                log_error_errno(r, "State file %s is invalid, skipping this guest: %m", path);
+                return 0;
+        }
+        return l->handler(&g, path, l->userdata);
+}
+
+int state_load(const char *dir_path, state_load_handler_t handler, void *userdata) {
+        return state_dir_foreach(dir_path, false, guest_file, &(GuestLoad) { handler, userdata });
 }
 
 /* Exports */
@@ -665,43 +694,28 @@ int state_export_from_json(json_object *o, const char *file_name, StateExport *r
         return 0;
 }
 
+typedef struct ExportLoad {
+        state_export_handler_t handler;
+        void *userdata;
+} ExportLoad;
+
+static int export_file(const char *path, const char *file_name, json_object *o, int error, void *userdata) {
+        _cleanup_(state_export_done) StateExport e = {};
+        ExportLoad *l = userdata;
+        int r = error;
+
+        if (r >= 0)
+                r = state_export_from_json(o, file_name, &e);
+        if (r == -ENOMEM)
+                return log_oom();
+        if (r < 0) {
+                log_error_errno(r, "Export state file %s is invalid, dropping it: %m", path);
+                (void) unlink(path);
+                return 0;
+        }
+        return l->handler(&e, l->userdata);
+}
+
 int state_export_load(const char *dir_path, state_export_handler_t handler, void *userdata) {
-        _cleanup_(closedirp_) DIR *dir = NULL;
-        struct dirent *de;
-
-        dir = opendir(dir_path);
-        if (!dir) {
-                if (errno == ENOENT)
-                        return 0;
-                return log_error_errno(errno, "Failed to open state directory %s: %m", dir_path);
-        }
-        while ((de = readdir(dir))) {
-                _cleanup_(json_object_putp) json_object *o = NULL;
-                _cleanup_(state_export_done) StateExport e = {};
-                _cleanup_free_ char *path = NULL, *text = NULL;
-                size_t len = strlen(de->d_name);
-                int r;
-
-                if (len < 6 || !streq(de->d_name + len - 5, ".json"))
-                        continue;
-                path = strdup_printf("%s/%s", dir_path, de->d_name);
-                if (!path)
-                        return log_oom();
-                r = read_file_bounded(path, STATE_FILE_MAX, &text, NULL);
-                if (r >= 0) {
-                        o = json_tokener_parse(text);
-                        r = o ? state_export_from_json(o, de->d_name, &e) : -EBADMSG;
-                }
-                if (r == -ENOMEM)
-                        return log_oom();
-                if (r < 0) {
-                        log_error_errno(r, "Export state file %s is invalid, dropping it: %m", path);
-                        (void) unlink(path);
-                        continue;
-                }
-                r = handler(&e, userdata);
-                if (r < 0)
-                        return r;
-        }
-        return 0;
+        return state_dir_foreach(dir_path, true, export_file, &(ExportLoad) { handler, userdata });
 }

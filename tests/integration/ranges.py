@@ -379,3 +379,37 @@ def children(pid):
             return [int(x) for x in f.read().split()]
     except OSError:
         return []
+
+
+class RangeTestCase(h.TestCase):
+    """Guests of SIZE bytes whose every test ends with no filter node, no export, no pull helper
+    and no NBD server socket left (the range and prefetch engines share that machinery)."""
+
+    def guest(self, **kw):
+        g = self.new_guest(size=SIZE, **kw)
+        # Cleanups run last-in first-out: this one before the guest is dropped.
+        self.addCleanup(self.assert_no_leftovers, g)
+        return g
+
+    def assert_no_leftovers(self, g, what='the test'):
+        if g.qemu.running() and g.qemu.qmp is not None:
+            nodes, exports = leftovers(g.qemu.qmp)
+            self.assertEqual(nodes, [], 'filter nodes left in QEMU after %s' % what)
+            self.assertEqual(exports, [], 'NBD exports left in QEMU after %s' % what)
+        helpers = pull_helpers(self.env)
+        self.assertEqual(helpers, [], 'blockstream-pull processes left after %s' % what)
+        socks = self.server_sockets(g)
+        self.assertEqual(socks, [], 'NBD server sockets left in the runtime directory after %s' % what)
+
+    def server_sockets(self, g):
+        """The daemon's listening sockets for QEMU's NBD server of guest g (<runtime>/nbd/<name>.sock)."""
+        nbd_dir = os.path.join(self.env.daemon.runtime_dir, 'nbd')
+        if not os.path.isdir(nbd_dir):
+            return []
+        return [os.path.join(nbd_dir, f) for f in os.listdir(nbd_dir) if f.startswith(g.name + '.')]
+
+    def assert_one_finished(self, d, since, settle=1.0):
+        self.client.pump(settle)
+        f = d.finished(since)
+        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
+        return f[0]

@@ -46,12 +46,7 @@ def compare_with_base(top, base):
     return res.returncode, res.stdout + res.stderr
 
 
-class PrefetchBase(h.TestCase):
-
-    def guest(self, **kw):
-        g = self.new_guest(size=SIZE, **kw)
-        self.addCleanup(self.assert_no_leftovers, g)
-        return g
+class PrefetchBase(r.RangeTestCase):
 
     def sparse_guest(self, size=TIB):
         name = self.unique_name()
@@ -63,19 +58,6 @@ class PrefetchBase(h.TestCase):
         g = h.Guest(self, name, q, {'vda': ch}, path)
         self.addCleanup(self.assert_no_leftovers, g)
         return g
-
-    def assert_no_leftovers(self, g, what='the test'):
-        if g.qemu.running() and g.qemu.qmp is not None:
-            nodes, exports = r.leftovers(g.qemu.qmp)
-            self.assertEqual(nodes, [], 'filter nodes left in QEMU after %s' % what)
-            self.assertEqual(exports, [], 'NBD exports left in QEMU after %s' % what)
-        self.assertEqual(r.pull_helpers(self.env), [], 'blockstream-pull processes left after %s' % what)
-
-    def assert_one_finished(self, d, since, settle=1.0):
-        self.client.pump(settle)
-        f = d.finished(since)
-        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
-        return f[0]
 
     def start(self, d, **kw):
         since = time.monotonic()

@@ -33,31 +33,8 @@ def wchar(pid):
     raise AssertionError('no wchar in /proc/%d/io' % pid)
 
 
-class RangeBase(h.TestCase):
+class RangeBase(r.RangeTestCase):
     """Guests whose every test ends with no filter node, no export and no pull helper left."""
-
-    def guest(self, **kw):
-        g = self.new_guest(size=SIZE, **kw)
-        # Cleanups run last-in first-out: this one before the guest is dropped.
-        self.addCleanup(self.assert_no_leftovers, g)
-        return g
-
-    def assert_no_leftovers(self, g, what='the test'):
-        if g.qemu.running() and g.qemu.qmp is not None:
-            nodes, exports = r.leftovers(g.qemu.qmp)
-            self.assertEqual(nodes, [], 'filter nodes left in QEMU after %s' % what)
-            self.assertEqual(exports, [], 'NBD exports left in QEMU after %s' % what)
-        helpers = r.pull_helpers(self.env)
-        self.assertEqual(helpers, [], 'blockstream-pull processes left after %s' % what)
-        socks = self.server_sockets(g)
-        self.assertEqual(socks, [], 'NBD server sockets left in the runtime directory after %s' % what)
-
-    def server_sockets(self, g):
-        """The daemon's listening sockets for QEMU's NBD server of guest g (<runtime>/nbd/<name>.sock)."""
-        nbd_dir = os.path.join(self.env.daemon.runtime_dir, 'nbd')
-        if not os.path.isdir(nbd_dir):
-            return []
-        return [os.path.join(nbd_dir, f) for f in os.listdir(nbd_dir) if f.startswith(g.name + '.')]
 
     def api_map(self, d, offset=0, length=0):
         m = r.get_map(d, offset, length)
@@ -79,12 +56,6 @@ class RangeBase(h.TestCase):
             self.assertIsNotNone(v, 'the reference has mixed data at [%d, +%d)' % (off, ln))
             self.assertTrue(g.qemu.guest_read(alias, v, off, ln),
                             'the guest does not read 0x%02x over [%d, +%d) after the range stream' % (v, off, ln))
-
-    def assert_one_finished(self, d, since, settle=1.0):
-        self.client.pump(settle)
-        f = d.finished(since)
-        self.assertEqual(len(f), 1, 'Finished emitted %d times: %r' % (len(f), f))
-        return f[0]
 
     def stream_range(self, g, offset, length, options=None, timeout=60, alias='vda'):
         """Start a range, wait for Finished; check what every completed range must show."""
