@@ -53,6 +53,10 @@ struct Cache {
         char *object_path;
         char *socket_path;
         char *image_name; /* in state_dir/caches */
+        uid_t uid;        /* its helper's sandbox identity (uid = gid), its own: no guest's, no other cache's */
+        unsigned mcs_c1, mcs_c2;
+        char *process_label; /* SELinux, where enabled: its helper's, and its image's (same MCS pair) */
+        char *image_label;
         int image_fd;
         int listen_fd;
         CacheState state;

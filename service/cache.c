@@ -3,7 +3,11 @@
 /* The host template cache (cache.h).
  *
  * Trust: the remote template's data is untrusted, and only QEMU in the sandbox parses it (the
- * image's backing is opened there, under the reserved provisioning uid, which guests never get).
+ * image's backing is opened there). Each cache's helper has a sandbox identity of its own, from the
+ * guests' allocator (manager-identity.c): a helper taken over by a hostile remote cannot signal,
+ * trace or write into the memory of another cache's helper, a guest's or provisioning's (all of the
+ * same uid could: /proc/PID/mem), so it cannot reach their images. Its image stays root's (0600, in
+ * a directory of root's only): the helper gets it as an fd and needs no access by name.
  * The daemon creates the qcow2 image through fds beneath its own state directory and the listening
  * socket itself; the helper gets both as fds. Nothing it says is used as a path. */
 
@@ -137,6 +141,8 @@ static Cache *cache_free(Cache *c) {
         free(c->object_path);
         free(c->socket_path);
         free(c->image_name);
+        free(c->process_label);
+        free(c->image_label);
         free(c);
         return NULL;
 }
@@ -178,7 +184,43 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
         return NULL;
 }
 
-/* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users"}]}. */
+/* Sandbox identities: the caches in the list hold theirs; one is given back by leaving it. */
+
+bool cache_uid_taken(Engine *e, const void *self, uid_t uid) {
+        for (Cache *c = e->caches; c; c = c->next)
+                if ((const void *) c != self && c->uid == uid)
+                        return true;
+        return false;
+}
+
+bool cache_mcs_taken(Engine *e, const void *self, unsigned c1, unsigned c2) {
+        for (Cache *c = e->caches; c; c = c->next)
+                if ((const void *) c != self && c->uid != 0 && c->mcs_c1 == c1 && c->mcs_c2 == c2)
+                        return true;
+        return false;
+}
+
+static int cache_identity_labels(Cache *c) {
+        const Config *cfg = &c->engine->config;
+
+        c->process_label = mfree(c->process_label);
+        c->image_label = mfree(c->image_label);
+        return sandbox_selinux_labels(config_selinux_helper_type(cfg), config_selinux_image_type(cfg), c->mcs_c1,
+                c->mcs_c2, &c->process_label, &c->image_label);
+}
+
+/* A new identity for c (not yet in the list, or restored with one that is no longer free). */
+static int cache_identity_allocate(Cache *c) {
+        int r;
+
+        r = c->engine->registry->identity_allocate(c->engine, c, &c->uid, &c->mcs_c1, &c->mcs_c2);
+        if (r < 0)
+                return r;
+        return cache_identity_labels(c);
+}
+
+/* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
+ * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
 
 static int caches_save(Engine *e) {
         _cleanup_(json_object_putp) json_object *o = json_object_new_object(), *a = json_object_new_array();
@@ -204,6 +246,9 @@ static int caches_save(Engine *e) {
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
                         json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
                         json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
+                        json_object_object_add(k, "helper_uid", json_object_new_uint64(c->uid)) < 0 ||
+                        json_object_object_add(k, "mcs_c1", json_object_new_uint64(c->mcs_c1)) < 0 ||
+                        json_object_object_add(k, "mcs_c2", json_object_new_uint64(c->mcs_c2)) < 0 ||
                         cache_users_to_json(c, k) < 0)
                         return log_oom();
         }
@@ -507,16 +552,21 @@ static int helper_spawn_now(Cache *c) {
 
         if (!prefix || !name)
                 return -ENOMEM;
-        /* The reserved provisioning uid (never a guest's), with the host network: it reaches the
-         * template's server, as the size probe does. */
+        /* Its image labelled for its MCS pair on every start: a restored or new identity matches. */
+        r = sandbox_selinux_label_fd(c->image_fd, c->image_label);
+        if (r < 0)
+                return log_error_errno(r, "Template cache %u: cannot label its image for the sandbox: %m", c->id);
+        /* Its own identity, with the host network: it reaches the template's server, as the size
+         * probe does. */
         r = helper_start(c->engine->event,
                 &(HelperSpec){
                         .sandbox =
                                 {
                                         .name = name,
-                                        .uid = cfg->helper_uid_max,
-                                        .gid = cfg->helper_uid_max,
+                                        .uid = c->uid,
+                                        .gid = (gid_t) c->uid,
                                         .host_network = true,
+                                        .selinux_label = c->process_label,
                                         .argv = argv,
                                         .env = env,
                                         .exec_fd = -1,
@@ -552,7 +602,7 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
         Cache *c = userdata;
         int r;
 
-        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        r = storage_kill_leftovers(c->uid);
         if (r > 0 && now_usec(CLOCK_MONOTONIC) < c->leftover_deadline) {
                 (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
                 (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -571,7 +621,9 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
 static int cache_spawn(Cache *c) {
         int r;
 
-        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        if (c->uid == 0)
+                return -EINVAL; /* never: no identity, no helper (and no killing root's processes) */
+        r = storage_kill_leftovers(c->uid);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -662,6 +714,17 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (r < 0)
                         return r;
                 c->fresh = true;
+                r = cache_identity_allocate(c);
+                if (r < 0) {
+                        cache_free(c);
+                        if (r == -ENOSPC)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                        "No sandbox identity left for a cache of %s: HelperUIDRange= or the MCS "
+                                        "categories are exhausted.",
+                                        url);
+                        return sd_bus_error_set_errnof(
+                                error, -r, "Failed to set up the sandbox identity of a cache of %s: %m", url);
+                }
                 dir = caches_dir(e);
                 if (!dir) {
                         cache_free(c);
@@ -744,10 +807,24 @@ void cache_provisioned(Engine *e, void *handle, bool success, const char *target
 
 /* Loading */
 
+/* Its recorded identity, if it is one (untrusted: bounded here, checked against the others by the
+ * allocator's rules in load_one); 0 where missing or malformed. */
+static uint64_t record_u64(json_object *k, const char *key, uint64_t max) {
+        json_object *o;
+        uint64_t v;
+
+        if (!json_object_object_get_ex(k, key, &o) || !json_object_is_type(o, json_type_int))
+                return 0;
+        v = json_object_get_uint64(o);
+        return v <= max ? v : 0;
+}
+
+/* 1: the cache's identity was allocated anew (its record needs saving). */
 static int load_one(Engine *e, int dir_fd, json_object *k) {
         json_object *o;
         const char *url, *format;
         uint64_t id, size, users = 0;
+        bool reallocated = false;
         struct stat st;
         Cache *c;
         int r;
@@ -786,10 +863,30 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
                 cache_free(c);
                 return 0;
         }
+        /* Kept across restarts (the leftover of the earlier daemon's helper is found by it, and the
+         * image's label matches); one that is missing, out of HelperUIDRange=, or a guest's or another
+         * cache's (guests are loaded first and keep theirs) is replaced before anything runs under it.
+         * The image is root's either way: nothing to re-chown. */
+        c->uid = (uid_t) record_u64(k, "helper_uid", UINT32_MAX - 1);
+        c->mcs_c1 = (unsigned) record_u64(k, "mcs_c1", SANDBOX_MCS_CATEGORIES);
+        c->mcs_c2 = (unsigned) record_u64(k, "mcs_c2", SANDBOX_MCS_CATEGORIES);
+        if (!e->registry->identity_free(e, c, c->uid, c->mcs_c1, c->mcs_c2)) {
+                log_warning("Template cache %u: sandbox identity in caches.json missing or taken, allocating a new "
+                            "one.",
+                        c->id);
+                reallocated = true;
+                r = cache_identity_allocate(c);
+        } else
+                r = cache_identity_labels(c);
+        if (r < 0) {
+                log_error_errno(r, "Template cache %u: no sandbox identity, skipping it: %m", c->id);
+                cache_free(c);
+                return 0;
+        }
         c->next = e->caches;
         e->caches = c;
         e->cache_seq = MAX(e->cache_seq, c->id);
-        log_info("Template cache %u of %s restored.", c->id, url);
+        log_info("Template cache %u of %s restored (helper uid " UID_FMT ").", c->id, url, c->uid);
         r = cache_listen(c);
         if (r >= 0) {
                 cache_access_update(e);
@@ -797,13 +894,14 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         }
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
-        return 0;
+        return reallocated;
 }
 
 int cache_load_all(Engine *e) {
         _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir), *dir = caches_dir(e), *text = NULL;
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_close_ int dir_fd = -1;
+        bool reallocated = false;
         json_object *a;
         size_t len;
         int r;
@@ -822,6 +920,9 @@ int cache_load_all(Engine *e) {
         if (r < 0)
                 return log_error_errno(r, "Failed to open %s: %m", dir);
         for (size_t i = 0; i < json_object_array_length(a) && i < CACHES_MAX; i++)
-                (void) load_one(e, dir_fd, json_object_array_get_idx(a, i));
+                if (load_one(e, dir_fd, json_object_array_get_idx(a, i)) > 0)
+                        reallocated = true;
+        if (reallocated)
+                (void) caches_save(e); /* logs */
         return 0;
 }
