@@ -184,40 +184,6 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
         return NULL;
 }
 
-/* Sandbox identities: the caches in the list hold theirs; one is given back by leaving it. */
-
-bool cache_uid_taken(Engine *e, const void *self, uid_t uid) {
-        for (Cache *c = e->caches; c; c = c->next)
-                if ((const void *) c != self && c->uid == uid)
-                        return true;
-        return false;
-}
-
-bool cache_mcs_taken(Engine *e, const void *self, unsigned c1, unsigned c2) {
-        for (Cache *c = e->caches; c; c = c->next)
-                if ((const void *) c != self && c->uid != 0 && c->mcs_c1 == c1 && c->mcs_c2 == c2)
-                        return true;
-        return false;
-}
-
-static int cache_identity_labels(Cache *c) {
-        const Config *cfg = &c->engine->config;
-
-        c->process_label = mfree(c->process_label);
-        c->image_label = mfree(c->image_label);
-        return sandbox_selinux_labels(config_selinux_helper_type(cfg), config_selinux_image_type(cfg), c->mcs_c1,
-                c->mcs_c2, &c->process_label, &c->image_label);
-}
-
-/* A new identity for c (not yet in the list, or restored with one that is no longer free). */
-static int cache_identity_allocate(Cache *c) {
-        int r;
-
-        r = c->engine->registry->identity_allocate(c->engine, c, &c->uid, &c->mcs_c1, &c->mcs_c2);
-        if (r < 0)
-                return r;
-        return cache_identity_labels(c);
-}
 
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
  * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
@@ -246,10 +212,7 @@ static int caches_save(Engine *e) {
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
                         json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
                         json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
-                        json_object_object_add(k, "helper_uid", json_object_new_uint64(c->uid)) < 0 ||
-                        json_object_object_add(k, "mcs_c1", json_object_new_uint64(c->mcs_c1)) < 0 ||
-                        json_object_object_add(k, "mcs_c2", json_object_new_uint64(c->mcs_c2)) < 0 ||
-                        cache_users_to_json(c, k) < 0)
+                        cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k) < 0)
                         return log_oom();
         }
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
@@ -807,18 +770,6 @@ void cache_provisioned(Engine *e, void *handle, bool success, const char *target
 
 /* Loading */
 
-/* Its recorded identity, if it is one (untrusted: bounded here, checked against the others by the
- * allocator's rules in load_one); 0 where missing or malformed. */
-static uint64_t record_u64(json_object *k, const char *key, uint64_t max) {
-        json_object *o;
-        uint64_t v;
-
-        if (!json_object_object_get_ex(k, key, &o) || !json_object_is_type(o, json_type_int))
-                return 0;
-        v = json_object_get_uint64(o);
-        return v <= max ? v : 0;
-}
-
 /* 1: the cache's identity was allocated anew (its record needs saving). */
 static int load_one(Engine *e, int dir_fd, json_object *k) {
         json_object *o;
@@ -863,21 +814,9 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
                 cache_free(c);
                 return 0;
         }
-        /* Kept across restarts (the leftover of the earlier daemon's helper is found by it, and the
-         * image's label matches); one that is missing, out of HelperUIDRange=, or a guest's or another
-         * cache's (guests are loaded first and keep theirs) is replaced before anything runs under it.
-         * The image is root's either way: nothing to re-chown. */
-        c->uid = (uid_t) record_u64(k, "helper_uid", UINT32_MAX - 1);
-        c->mcs_c1 = (unsigned) record_u64(k, "mcs_c1", SANDBOX_MCS_CATEGORIES);
-        c->mcs_c2 = (unsigned) record_u64(k, "mcs_c2", SANDBOX_MCS_CATEGORIES);
-        if (!e->registry->identity_free(e, c, c->uid, c->mcs_c1, c->mcs_c2)) {
-                log_warning("Template cache %u: sandbox identity in caches.json missing or taken, allocating a new "
-                            "one.",
-                        c->id);
+        r = cache_identity_restore(c, k);
+        if (r > 0)
                 reallocated = true;
-                r = cache_identity_allocate(c);
-        } else
-                r = cache_identity_labels(c);
         if (r < 0) {
                 log_error_errno(r, "Template cache %u: no sandbox identity, skipping it: %m", c->id);
                 cache_free(c);
