@@ -66,19 +66,19 @@ static uint64_t record_u64(json_object *k, const char *key, uint64_t max) {
 
 /* Kept across restarts: the leftover of the earlier daemon's helper is found by its uid, and the
  * image's label matches. One that is missing, outside HelperUIDRange= (or its reserved top), or a
- * guest's or another cache's (guests are loaded first and keep theirs) is replaced before anything
- * runs under it. The image is root's either way (the helper gets it as an fd): nothing to re-chown. */
+ * guest's or another cache's (guests are loaded first and keep theirs) is dropped: uid 0, and
+ * cache_spawn() allocates a new one once all caches are loaded. The image is root's either way
+ * (the helper gets it as an fd): nothing to re-chown. */
 int cache_identity_restore(Cache *c, json_object *k) {
         Engine *e = c->engine;
-        int r;
 
         c->uid = (uid_t) record_u64(k, "helper_uid", UINT32_MAX - 1);
         c->mcs_c1 = (unsigned) record_u64(k, "mcs_c1", SANDBOX_MCS_CATEGORIES);
         c->mcs_c2 = (unsigned) record_u64(k, "mcs_c2", SANDBOX_MCS_CATEGORIES);
         if (e->registry->identity_free(e, c, c->uid, c->mcs_c1, c->mcs_c2))
                 return identity_labels(c);
-        log_warning(
-                "Template cache %u: sandbox identity in caches.json missing or taken, allocating a new one.", c->id);
-        r = cache_identity_allocate(c);
-        return r < 0 ? r : 1;
+        log_warning("Template cache %u: sandbox identity in caches.json missing or taken, it gets a new one.", c->id);
+        c->uid = 0;
+        c->mcs_c1 = c->mcs_c2 = 0;
+        return 1;
 }

@@ -99,8 +99,8 @@ void cache_users_update(Cache *c);
 void cache_access_update(Engine *e);
 
 /* cache-identity.c: its sandbox identity. allocate: a new one (-ENOSPC: none left); to_json: the
- * record's "helper_uid", "mcs_c1", "mcs_c2"; restore: from the record, or a new one if that is no
- * longer free (then 1: the record needs saving). The SELinux labels follow. */
+ * record's "helper_uid", "mcs_c1", "mcs_c2"; restore: from the record, or none (uid 0, returns 1)
+ * if that is not free, for cache_spawn() to allocate. The SELinux labels follow. */
 int cache_identity_allocate(Cache *c);
 int cache_identity_to_json(Cache *c, json_object *k);
 int cache_identity_restore(Cache *c, json_object *k);

@@ -184,7 +184,6 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
         return NULL;
 }
 
-
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
  * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
 
@@ -584,8 +583,15 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
 static int cache_spawn(Cache *c) {
         int r;
 
-        if (c->uid == 0)
-                return -EINVAL; /* never: no identity, no helper (and no killing root's processes) */
+        if (c->uid == 0) {
+                /* Restored without a usable one: a new identity before anything runs under it. */
+                r = cache_identity_allocate(c);
+                if (r < 0) {
+                        c->uid = 0;
+                        return log_error_errno(r, "Template cache %u: no sandbox identity: %m", c->id);
+                }
+                (void) caches_save(c->engine); /* logs */
+        }
         r = storage_kill_leftovers(c->uid);
         if (r < 0)
                 return r;
@@ -770,12 +776,11 @@ void cache_provisioned(Engine *e, void *handle, bool success, const char *target
 
 /* Loading */
 
-/* 1: the cache's identity was allocated anew (its record needs saving). */
+/* In the list, not started yet. */
 static int load_one(Engine *e, int dir_fd, json_object *k) {
         json_object *o;
         const char *url, *format;
         uint64_t id, size, users = 0;
-        bool reallocated = false;
         struct stat st;
         Cache *c;
         int r;
@@ -815,32 +820,35 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
                 return 0;
         }
         r = cache_identity_restore(c, k);
-        if (r > 0)
-                reallocated = true;
         if (r < 0) {
-                log_error_errno(r, "Template cache %u: no sandbox identity, skipping it: %m", c->id);
                 cache_free(c);
-                return 0;
+                return log_oom();
         }
         c->next = e->caches;
         e->caches = c;
         e->cache_seq = MAX(e->cache_seq, c->id);
-        log_info("Template cache %u of %s restored (helper uid " UID_FMT ").", c->id, url, c->uid);
+        log_info("Template cache %u of %s restored.", c->id, url);
+        return 0;
+}
+
+/* Once all are loaded: one whose recorded identity was unusable gets a new one only now, so that
+ * it never takes the identity another cache's record holds. */
+static void start_restored(Cache *c) {
+        int r;
+
         r = cache_listen(c);
         if (r >= 0) {
-                cache_access_update(e);
+                cache_access_update(c->engine);
                 r = cache_spawn(c);
         }
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
-        return reallocated;
 }
 
 int cache_load_all(Engine *e) {
         _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir), *dir = caches_dir(e), *text = NULL;
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_close_ int dir_fd = -1;
-        bool reallocated = false;
         json_object *a;
         size_t len;
         int r;
@@ -859,9 +867,10 @@ int cache_load_all(Engine *e) {
         if (r < 0)
                 return log_error_errno(r, "Failed to open %s: %m", dir);
         for (size_t i = 0; i < json_object_array_length(a) && i < CACHES_MAX; i++)
-                if (load_one(e, dir_fd, json_object_array_get_idx(a, i)) > 0)
-                        reallocated = true;
-        if (reallocated)
-                (void) caches_save(e); /* logs */
+                (void) load_one(e, dir_fd, json_object_array_get_idx(a, i));
+        for (Cache *c = e->caches, *next; c; c = next) {
+                next = c->next; /* a restored cache is never freed by a failure (it is not fresh) */
+                start_restored(c);
+        }
         return 0;
 }

@@ -554,6 +554,25 @@ class CacheIdentityTest(h.TestCase):
         self.assertEqual(self.helper(self.cache_of(url_b))[2], uid_b)
         self.assertEqual(o.identity(self.env, 'ident')[0], guest_uid)
 
+        # The record is read back as untrusted: a cache's uid edited to the guest's is replaced
+        # (the guest keeps its own), and the new one is written back.
+        records = os.path.join(self.env.daemon.state_dir, 'caches.json')
+        self.env.daemon.stop()
+        with open(records) as f:
+            state = json.load(f)
+        ids = {c['id']: c for c in state['caches']}
+        self.assertEqual(ids[int(pb.rsplit('/', 1)[1])]['helper_uid'], uid_b)
+        ids[int(pb.rsplit('/', 1)[1])]['helper_uid'] = guest_uid
+        with open(records, 'w') as f:
+            json.dump(state, f)
+        self.env.daemon.start()
+        uid_b = self.helper(self.cache_of(url_b))[2]
+        self.assertNotIn(uid_b, (guest_uid, uid_a, self.first + 3))
+        self.assertEqual(self.helper(self.cache_of(url_a))[2], uid_a)
+        self.assertEqual(o.identity(self.env, 'ident')[0], guest_uid)
+        with open(records) as f:
+            self.assertIn(uid_b, [c['helper_uid'] for c in json.load(f)['caches']])
+
         # All uids given out: neither a third cache nor another guest shares one.
         self.assertDBusError(o.ERR_LIMITS_EXCEEDED, self.provision, url_c, os.path.join(images, 'c.qcow2'))
         self.assertFalse(os.path.exists(os.path.join(images, 'c.qcow2')))
