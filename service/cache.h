@@ -2,12 +2,12 @@
 #pragma once
 
 /* The host template cache (issue 14 §2): one per remote template URL. A sandboxed storage helper
- * (`qemu-system-x86_64 -machine none`) opens a local qcow2 image whose
- * backing is the remote template, puts a copy-on-read filter on it and serves that read-only over NBD
- * on a unix socket of ours; each cache's helper runs in a sandbox identity of its own (uid and MCS
- * pair, from the guests' allocator); overlays provisioned with option "cache" are made over that socket, so
- * every block of the template crosses the network once per host. Recorded in state_dir/caches.json,
- * the image in state_dir/caches/N.qcow2; the socket is runtime_dir/caches/N.sock. */
+ * (`qemu-system-x86_64 -machine none`, in a sandbox identity of its own: uid and MCS pair from the
+ * guests' allocator) opens a local qcow2 image whose backing is the remote template, puts a
+ * copy-on-read filter on it and serves that read-only over NBD on a unix socket of ours; overlays
+ * provisioned with option "cache" are made over that socket, so every block of the template crosses
+ * the network once per host. Recorded in state_dir/caches.json, the image in
+ * state_dir/caches/N.qcow2; the socket is runtime_dir/caches/N.sock. */
 
 #include <stdbool.h>
 #include <stdint.h>
