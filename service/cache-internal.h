@@ -53,6 +53,10 @@ struct Cache {
         char *object_path;
         char *socket_path;
         char *image_name; /* in state_dir/caches */
+        uid_t uid;        /* its helper's sandbox identity (uid = gid), its own: no guest's, no other cache's */
+        unsigned mcs_c1, mcs_c2;
+        char *process_label; /* SELinux, where enabled: its helper's, and its image's (same MCS pair) */
+        char *image_label;
         int image_fd;
         int listen_fd;
         CacheState state;
@@ -93,3 +97,10 @@ void cache_users_update(Cache *c);
  * QEMUUsers= uids, by POSIX ACLs on each socket (read-write) and on the directories above it
  * (search only); nobody else. Applied again whenever a socket is made or the users change. */
 void cache_access_update(Engine *e);
+
+/* cache-identity.c: its sandbox identity. allocate: a new one (-ENOSPC: none left); to_json: the
+ * record's "helper_uid", "mcs_c1", "mcs_c2"; restore: from the record, or none (uid 0, returns 1)
+ * if that is not free, for cache_spawn() to allocate. The SELinux labels follow. */
+int cache_identity_allocate(Cache *c);
+int cache_identity_to_json(Cache *c, json_object *k);
+int cache_identity_restore(Cache *c, json_object *k);

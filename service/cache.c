@@ -3,7 +3,11 @@
 /* The host template cache (cache.h).
  *
  * Trust: the remote template's data is untrusted, and only QEMU in the sandbox parses it (the
- * image's backing is opened there, under the reserved provisioning uid, which guests never get).
+ * image's backing is opened there). Each cache's helper has a sandbox identity of its own, from the
+ * guests' allocator (manager-identity.c): a helper taken over by a hostile remote cannot signal,
+ * trace or write into the memory of another cache's helper, a guest's or provisioning's (all of the
+ * same uid could: /proc/PID/mem), so it cannot reach their images. Its image stays root's (0600, in
+ * a directory of root's only): the helper gets it as an fd and needs no access by name.
  * The daemon creates the qcow2 image through fds beneath its own state directory and the listening
  * socket itself; the helper gets both as fds. Nothing it says is used as a path. */
 
@@ -137,6 +141,8 @@ static Cache *cache_free(Cache *c) {
         free(c->object_path);
         free(c->socket_path);
         free(c->image_name);
+        free(c->process_label);
+        free(c->image_label);
         free(c);
         return NULL;
 }
@@ -178,7 +184,8 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
         return NULL;
 }
 
-/* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users"}]}. */
+/* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
+ * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
 
 static int caches_save(Engine *e) {
         _cleanup_(json_object_putp) json_object *o = json_object_new_object(), *a = json_object_new_array();
@@ -204,7 +211,7 @@ static int caches_save(Engine *e) {
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
                         json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
                         json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
-                        cache_users_to_json(c, k) < 0)
+                        cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k) < 0)
                         return log_oom();
         }
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
@@ -507,16 +514,21 @@ static int helper_spawn_now(Cache *c) {
 
         if (!prefix || !name)
                 return -ENOMEM;
-        /* The reserved provisioning uid (never a guest's), with the host network: it reaches the
-         * template's server, as the size probe does. */
+        /* Its image labelled for its MCS pair on every start: a restored or new identity matches. */
+        r = sandbox_selinux_label_fd(c->image_fd, c->image_label);
+        if (r < 0)
+                return log_error_errno(r, "Template cache %u: cannot label its image for the sandbox: %m", c->id);
+        /* Its own identity, with the host network: it reaches the template's server, as the size
+         * probe does. */
         r = helper_start(c->engine->event,
                 &(HelperSpec){
                         .sandbox =
                                 {
                                         .name = name,
-                                        .uid = cfg->helper_uid_max,
-                                        .gid = cfg->helper_uid_max,
+                                        .uid = c->uid,
+                                        .gid = (gid_t) c->uid,
                                         .host_network = true,
+                                        .selinux_label = c->process_label,
                                         .argv = argv,
                                         .env = env,
                                         .exec_fd = -1,
@@ -552,7 +564,7 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
         Cache *c = userdata;
         int r;
 
-        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        r = storage_kill_leftovers(c->uid);
         if (r > 0 && now_usec(CLOCK_MONOTONIC) < c->leftover_deadline) {
                 (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
                 (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -571,7 +583,16 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
 static int cache_spawn(Cache *c) {
         int r;
 
-        r = storage_kill_leftovers(c->engine->config.helper_uid_max);
+        if (c->uid == 0) {
+                /* Restored without a usable one: a new identity before anything runs under it. */
+                r = cache_identity_allocate(c);
+                if (r < 0) {
+                        c->uid = 0;
+                        return log_error_errno(r, "Template cache %u: no sandbox identity: %m", c->id);
+                }
+                (void) caches_save(c->engine); /* logs */
+        }
+        r = storage_kill_leftovers(c->uid);
         if (r < 0)
                 return r;
         if (r == 0)
@@ -662,6 +683,17 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (r < 0)
                         return r;
                 c->fresh = true;
+                r = cache_identity_allocate(c);
+                if (r < 0) {
+                        cache_free(c);
+                        if (r == -ENOSPC)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                        "No sandbox identity left for a cache of %s: HelperUIDRange= or the MCS "
+                                        "categories are exhausted.",
+                                        url);
+                        return sd_bus_error_set_errnof(
+                                error, -r, "Failed to set up the sandbox identity of a cache of %s: %m", url);
+                }
                 dir = caches_dir(e);
                 if (!dir) {
                         cache_free(c);
@@ -744,6 +776,7 @@ void cache_provisioned(Engine *e, void *handle, bool success, const char *target
 
 /* Loading */
 
+/* In the list, not started yet. */
 static int load_one(Engine *e, int dir_fd, json_object *k) {
         json_object *o;
         const char *url, *format;
@@ -786,18 +819,30 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
                 cache_free(c);
                 return 0;
         }
+        r = cache_identity_restore(c, k);
+        if (r < 0) {
+                cache_free(c);
+                return log_oom();
+        }
         c->next = e->caches;
         e->caches = c;
         e->cache_seq = MAX(e->cache_seq, c->id);
         log_info("Template cache %u of %s restored.", c->id, url);
+        return 0;
+}
+
+/* Once all are loaded: one whose recorded identity was unusable gets a new one only now, so that
+ * it never takes the identity another cache's record holds. */
+static void start_restored(Cache *c) {
+        int r;
+
         r = cache_listen(c);
         if (r >= 0) {
-                cache_access_update(e);
+                cache_access_update(c->engine);
                 r = cache_spawn(c);
         }
         if (r < 0)
                 cache_failed(c, "cannot listen on its socket or start its storage helper");
-        return 0;
 }
 
 int cache_load_all(Engine *e) {
@@ -823,5 +868,9 @@ int cache_load_all(Engine *e) {
                 return log_error_errno(r, "Failed to open %s: %m", dir);
         for (size_t i = 0; i < json_object_array_length(a) && i < CACHES_MAX; i++)
                 (void) load_one(e, dir_fd, json_object_array_get_idx(a, i));
+        for (Cache *c = e->caches, *next; c; c = next) {
+                next = c->next; /* a restored cache is never freed by a failure (it is not fresh) */
+                start_restored(c);
+        }
         return 0;
 }

@@ -41,6 +41,11 @@ typedef struct EngineRegistry {
          * returns the changes left for the disk. */
         unsigned (*job_event)(Disk *d, const QemuJobEvent *ev, unsigned changed);
         unsigned (*job_info)(Disk *d, const QemuBlockJob *info, unsigned changed);
+        /* A template cache's sandbox identity (manager-identity.c): a helper uid (= gid) of
+         * HelperUIDRange= and an MCS pair c1 < c2 that no guest and no other cache has (self: the
+         * cache asking); and whether a restored one still is such. */
+        int (*identity_allocate)(Engine *e, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2);
+        bool (*identity_free)(Engine *e, const void *self, uid_t uid, unsigned c1, unsigned c2);
 } EngineRegistry;
 
 struct Engine {

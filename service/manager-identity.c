@@ -6,15 +6,17 @@
 #include <pwd.h>
 #include <sys/random.h>
 
+#include "cache.h"
 #include "guest.h"
 #include "manager.h"
 #include "sandbox.h"
 #include "util.h"
 
-/* Sandbox identities: a uid (= gid) of the configured range that neither another guest nor a
- * real account uses, and an MCS category pair c1 < c2 that no other guest has. */
+/* Sandbox identities: a uid (= gid) of the configured range that neither another guest, nor a
+ * template cache's helper, nor a real account uses, and an MCS category pair c1 < c2 that no other
+ * guest or cache has. `self` is the guest or cache asking (its own identity does not count). */
 
-static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
+static bool uid_taken(Manager *m, const void *self, uid_t uid) {
         struct passwd pw, *pwr = NULL;
         struct group gr, *grr = NULL;
         char buf[4096];
@@ -22,8 +24,10 @@ static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
         if (uid == m->engine.config.helper_uid_max)
                 return true; /* reserved for provisioning's sandbox */
         for (Guest *g = m->guests; g; g = g->next)
-                if (g != self && g->helper_uid == uid)
+                if ((const void *) g != self && g->helper_uid == uid)
                         return true;
+        if (cache_uid_taken(&m->engine, self, uid))
+                return true;
         if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr)
                 return true;
         if (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr)
@@ -31,26 +35,31 @@ static bool uid_taken(Manager *m, Guest *self, uid_t uid) {
         return false;
 }
 
-static bool mcs_taken(Manager *m, Guest *self, unsigned c1, unsigned c2) {
+static bool mcs_taken(Manager *m, const void *self, unsigned c1, unsigned c2) {
         for (Guest *g = m->guests; g; g = g->next)
-                if (g != self && g->helper_uid != 0 && g->mcs_c1 == c1 && g->mcs_c2 == c2)
+                if ((const void *) g != self && g->helper_uid != 0 && g->mcs_c1 == c1 && g->mcs_c2 == c2)
                         return true;
-        return false;
+        return cache_mcs_taken(&m->engine, self, c1, c2);
+}
+
+static bool identity_valid(Manager *m, const void *self, uid_t uid, unsigned c1, unsigned c2) {
+        return uid != 0 && c1 < c2 && c2 < SANDBOX_MCS_CATEGORIES && !uid_taken(m, self, uid) &&
+               !mcs_taken(m, self, c1, c2);
 }
 
 bool manager_identity_valid(Manager *m, Guest *g) {
-        return g->helper_uid != 0 && g->mcs_c1 < g->mcs_c2 && g->mcs_c2 < SANDBOX_MCS_CATEGORIES &&
-               !uid_taken(m, g, g->helper_uid) && !mcs_taken(m, g, g->mcs_c1, g->mcs_c2);
+        return identity_valid(m, g, g->helper_uid, g->mcs_c1, g->mcs_c2);
 }
 
-int manager_allocate_identity(Manager *m, Guest *g) {
+static int identity_allocate(Manager *m, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2) {
         uint64_t span = (uint64_t) m->engine.config.helper_uid_max - m->engine.config.helper_uid_min + 1;
+        unsigned c1 = 0, c2 = 0;
         bool found = false;
+        uid_t uid = 0;
 
         for (uint64_t i = 0; i < span; i++) {
-                uid_t uid = (uid_t) (m->engine.config.helper_uid_min + i);
-                if (!uid_taken(m, g, uid)) {
-                        g->helper_uid = uid;
+                uid = (uid_t) (m->engine.config.helper_uid_min + i);
+                if (!uid_taken(m, self, uid)) {
                         found = true;
                         break;
                 }
@@ -70,20 +79,49 @@ int manager_allocate_identity(Manager *m, Guest *g) {
                 b = v[1] % SANDBOX_MCS_CATEGORIES;
                 if (a == b)
                         continue;
-                g->mcs_c1 = MIN(a, b);
-                g->mcs_c2 = MAX(a, b);
-                found = !mcs_taken(m, g, g->mcs_c1, g->mcs_c2);
+                c1 = MIN(a, b);
+                c2 = MAX(a, b);
+                found = !mcs_taken(m, self, c1, c2);
         }
         for (unsigned a = 0; a < SANDBOX_MCS_CATEGORIES && !found; a++)
                 for (unsigned b = a + 1; b < SANDBOX_MCS_CATEGORIES && !found; b++)
-                        if (!mcs_taken(m, g, a, b)) {
-                                g->mcs_c1 = a;
-                                g->mcs_c2 = b;
+                        if (!mcs_taken(m, self, a, b)) {
+                                c1 = a;
+                                c2 = b;
                                 found = true;
                         }
         if (!found)
                 return -ENOSPC;
+        *ret_uid = uid;
+        *ret_c1 = c1;
+        *ret_c2 = c2;
+        return 0;
+}
+
+int manager_allocate_identity(Manager *m, Guest *g) {
+        int r;
+
+        r = identity_allocate(m, g, &g->helper_uid, &g->mcs_c1, &g->mcs_c2);
+        if (r < 0)
+                return r;
         return manager_identity_labels(m, g);
+}
+
+/* The template caches' (engine.h's registry): the same allocator, so that no cache's helper ever
+ * shares a uid or an MCS pair with a guest's or another cache's. */
+
+static Manager *manager_of(Engine *e) {
+        return (Manager *) ((char *) e - offsetof(Manager, engine));
+}
+
+int manager_identity_allocate(Engine *e, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2) {
+        return identity_allocate(manager_of(e), self, ret_uid, ret_c1, ret_c2);
+}
+
+bool manager_identity_free(Engine *e, const void *self, uid_t uid, unsigned c1, unsigned c2) {
+        /* A restored record is untrusted: within HelperUIDRange= (the top uid is reserved) too. */
+        return uid >= e->config.helper_uid_min && uid < e->config.helper_uid_max &&
+               identity_valid(manager_of(e), self, uid, c1, c2);
 }
 
 int manager_identity_labels(Manager *m, Guest *g) {

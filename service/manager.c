@@ -79,6 +79,8 @@ static const EngineRegistry manager_registry = {
         .range_runs = registry_range_runs,
         .job_event = mirror_on_event,
         .job_info = mirror_on_info,
+        .identity_allocate = manager_identity_allocate,
+        .identity_free = manager_identity_free,
 };
 
 int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config_explicit, const char *state_dir,
@@ -848,10 +850,11 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
 int manager_load_state(Manager *m) {
         int r;
 
-        (void) cache_load_all(&m->engine); /* logs; a cache that cannot come back does not stop the guests */
         r = state_load(m->engine.guest_state_dir, load_guest, m);
         if (r < 0)
                 return r;
+        /* After the guests: a cache's recorded identity must not be any guest's (guests keep theirs). */
+        (void) cache_load_all(&m->engine); /* logs; a cache that cannot come back does not stop the guests */
         return export_restore_all(&m->engine); /* of the guests just loaded */
 }
 

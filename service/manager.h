@@ -36,6 +36,9 @@ Guest *manager_find_guest(Manager *m, const char *name);
 int manager_allocate_identity(Manager *m, Guest *g);
 bool manager_identity_valid(Manager *m, Guest *g);
 int manager_identity_labels(Manager *m, Guest *g);
+/* The same for a template cache (engine.h's identity_allocate, identity_free): self is the cache. */
+int manager_identity_allocate(Engine *e, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2);
+bool manager_identity_free(Engine *e, const void *self, uid_t uid, unsigned c1, unsigned c2);
 /* The disks of guests that are not running (registered and checked by us), and those that
  * running guests' QEMUs report (their word: see image_chain_open_claimed()); but except's. */
 char **manager_guest_images(Manager *m, Guest *except);

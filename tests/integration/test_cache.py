@@ -23,6 +23,7 @@ import dbus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import offline as o  # noqa: E402
 import test_manager as tm  # noqa: E402
 from harness import MiB  # noqa: E402
 
@@ -412,6 +413,178 @@ class CacheTest(h.TestCase):
         self.assertEqual(r.returncode, 0, 'after a restart: %s' % r.stdout.decode(errors='replace'))
         os.unlink(a)
         self.client.call(path, IFACE_CACHE, 'Stop')
+
+
+class CacheIdentityTest(h.TestCase):
+    """Issue 14: each template cache's helper in a sandbox identity of its own. The helper parses
+    what a remote template server sends; one taken over by a hostile server must not reach another
+    cache's image (and so poison the guests of another template). All caches' helpers used to run
+    under one uid (the reserved provisioning uid): one could signal another's QEMU and open its
+    /proc/PID/mem for writing (its own /proc shows its uid's processes, and QEMU's seccomp deny-list
+    has no rule against open and pwrite), i.e. run code in it, with its image's fd."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.remote = Remote(env.dir, 'ident', free_tcp_port(), SIZE)
+            # Four uids: one guest, two caches, and the top one reserved for provisioning.
+            cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\nHelperUIDRange=%d-%d\n' % (
+                cls.remote.url, cls.first, cls.first + 3))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def provision(self, template, target):
+        return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,
+                                dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+
+    def cache_of(self, url):
+        paths = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
+                 h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == url]
+        self.assertEqual(len(paths), 1, 'the cache of %s' % url)
+        self.client.wait_prop(paths[0], IFACE_CACHE, 'State', 'serving', timeout=60)
+        return str(paths[0])
+
+    def helper(self, path):
+        """(pid, image fd, uid, gid) of the cache's helper: the daemon's child holding its image open."""
+        image = os.path.join(self.env.daemon.state_dir, 'caches', path.rsplit('/', 1)[1] + '.qcow2')
+        found = []
+        for p in o.storage_helpers(self.env):
+            try:
+                for fd in os.listdir('/proc/%d/fd' % p.pid):
+                    if os.readlink('/proc/%d/fd/%s' % (p.pid, fd)) == image:
+                        found.append((p.pid, int(fd), p.uids, p.gids))
+                        break
+            except OSError:
+                pass     # gone meanwhile
+        self.assertEqual(len(found), 1, 'one helper holds %s: %s' % (image, found))
+        pid, fd, uids, gids = found[0]
+        self.assertEqual(len(set(uids)), 1, 'real, effective, saved and fs uids of %d' % pid)
+        self.assertEqual(len(set(gids)), 1, 'real, effective, saved and fs gids of %d' % pid)
+        return pid, fd, uids[0], gids[0], image
+
+    def reach_as(self, uid, gid, pid):
+        """What a process of uid/gid (no groups) can do to process pid: signal it, open its memory
+        for writing (that is: run code in it, with its fds)."""
+        script = ('import os, sys\n'
+                  'pid = int(sys.argv[1])\n'
+                  'done = []\n'
+                  'try:\n'
+                  '    os.kill(pid, 0)\n'
+                  '    done.append("signal")\n'
+                  'except PermissionError:\n'
+                  '    pass\n'
+                  'try:\n'
+                  '    os.close(os.open("/proc/%d/mem" % pid, os.O_RDWR))\n'
+                  '    done.append("write memory")\n'
+                  'except PermissionError:\n'
+                  '    pass\n'
+                  'print(",".join(done))\n')
+        r = subprocess.run(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--clear-groups',
+                            sys.executable, '-c', script, str(pid)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        out = r.stdout.decode(errors='replace').strip()
+        self.assertEqual(r.returncode, 0, out)
+        return [x for x in out.split(',') if x]
+
+    def open_as(self, uid, gid, path):
+        """Open path for writing as uid/gid with no groups (what a helper of that identity could do
+        with the file): True if it opened."""
+        r = subprocess.run(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--clear-groups',
+                            sys.executable, '-c', 'import os, sys; os.open(sys.argv[1], os.O_RDWR)', path],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        out = r.stdout.decode(errors='replace')
+        self.assertTrue(r.returncode == 0 or 'PermissionError' in out, 'open as %d: %s' % (uid, out))
+        return r.returncode == 0
+
+    def test_each_cache_its_own_identity(self):
+        self.remote.start()
+        self.addCleanup(self.remote.stop)
+        images = self.env.images
+        url_a, url_b, url_c = (self.remote.url + '/' + n for n in 'abc')
+        # A guest first: its uid is never a cache's.
+        raw = o.raw_image(os.path.join(images, 'guest.raw'))
+        self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', 'ident', '',
+                         o.offline_options({'vda': raw}, {'vda': 'raw'}))
+        guest_uid = o.identity(self.env, 'ident')[0]
+        self.provision(url_a, os.path.join(images, 'a.qcow2'))
+        self.provision(url_b, os.path.join(images, 'b.qcow2'))
+        pa, pb = self.cache_of(url_a), self.cache_of(url_b)
+        pid_a, fd_a, uid_a, gid_a, image_a = self.helper(pa)
+        pid_b, fd_b, uid_b, gid_b, image_b = self.helper(pb)
+
+        # A taken-over helper of cache A cannot reach cache B's helper (nor B's A's): no signal, no
+        # write into its memory (which has B's image open for writing).
+        self.assertEqual(self.reach_as(uid_a, gid_a, pid_b), [],
+                         "cache A's helper identity reaches cache B's helper (and so its image)")
+        self.assertEqual(self.reach_as(uid_b, gid_b, pid_a), [],
+                         "cache B's helper identity reaches cache A's helper (and so its image)")
+        # Nor B's image itself: by name, or reopened through B's QEMU's fd (root's file, 0600).
+        self.assertFalse(self.open_as(uid_a, gid_a, image_b))
+        self.assertFalse(self.open_as(uid_a, gid_a, '/proc/%d/fd/%d' % (pid_b, fd_b)))
+        # The test can tell: the helper's own identity reaches its own QEMU.
+        self.assertEqual(self.reach_as(uid_a, gid_a, pid_a), ['signal', 'write memory'])
+
+        # Each its own uid (= gid), from HelperUIDRange=, none of the guest's, nor the reserved one.
+        self.assertNotEqual(uid_a, uid_b)
+        for uid, gid in ((uid_a, gid_a), (uid_b, gid_b)):
+            self.assertEqual(uid, gid)
+            self.assertIn(uid, range(self.first, self.first + 3))
+            self.assertNotEqual(uid, guest_uid)
+        # Its image is root's, 0600 (the helper has it as an fd, and needs no access by name), in a
+        # directory of root's only.
+        for image in (image_a, image_b):
+            st = os.stat(image)
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (0, 0, 0o600), image)
+        st = os.stat(os.path.dirname(image_a))
+        self.assertEqual((st.st_uid, st.st_mode & 0o7777), (0, 0o700))
+
+        # A restart keeps them (and the images' owners).
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.assertEqual(self.helper(self.cache_of(url_a))[2], uid_a)
+        self.assertEqual(self.helper(self.cache_of(url_b))[2], uid_b)
+        self.assertEqual(o.identity(self.env, 'ident')[0], guest_uid)
+
+        # The record is read back as untrusted: a cache's uid edited to the guest's is replaced
+        # (the guest keeps its own), and the new one is written back.
+        records = os.path.join(self.env.daemon.state_dir, 'caches.json')
+        self.env.daemon.stop()
+        with open(records) as f:
+            state = json.load(f)
+        ids = {c['id']: c for c in state['caches']}
+        self.assertEqual(ids[int(pb.rsplit('/', 1)[1])]['helper_uid'], uid_b)
+        ids[int(pb.rsplit('/', 1)[1])]['helper_uid'] = guest_uid
+        with open(records, 'w') as f:
+            json.dump(state, f)
+        self.env.daemon.start()
+        uid_b = self.helper(self.cache_of(url_b))[2]
+        self.assertNotIn(uid_b, (guest_uid, uid_a, self.first + 3))
+        self.assertEqual(self.helper(self.cache_of(url_a))[2], uid_a)
+        self.assertEqual(o.identity(self.env, 'ident')[0], guest_uid)
+        with open(records) as f:
+            self.assertIn(uid_b, [c['helper_uid'] for c in json.load(f)['caches']])
+
+        # All uids given out: neither a third cache nor another guest shares one.
+        self.assertDBusError(o.ERR_LIMITS_EXCEEDED, self.provision, url_c, os.path.join(images, 'c.qcow2'))
+        self.assertFalse(os.path.exists(os.path.join(images, 'c.qcow2')))
+        self.assertDBusError(o.ERR_LIMITS_EXCEEDED, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                             'RegisterGuest', 'ssa{sv}', 'ident2', '', o.offline_options({'vda': raw}, {'vda': 'raw'}))
+
+        # Stop releases the uid: the next cache gets it.
+        os.unlink(os.path.join(images, 'a.qcow2'))
+        self.client.call(pa, IFACE_CACHE, 'Stop')
+        o.wait_gone(pid_a, 30, "cache A's helper")
+        self.provision(url_c, os.path.join(images, 'c.qcow2'))
+        self.assertEqual(self.helper(self.cache_of(url_c))[2], uid_a)
 
 
 if __name__ == '__main__':
