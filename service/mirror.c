@@ -22,14 +22,11 @@
 #include "engine.h"
 #include "guest.h"
 #include "image.h"
+#include "mirror-files.h"
 #include "mirror.h"
 #include "prefetch.h"
 #include "qemu.h"
 #include "util.h"
-
-#ifndef RENAME_EXCHANGE
-#define RENAME_EXCHANGE (1 << 1)
-#endif
 
 /* QEMU's mirror copies with this much in flight (its default: 16 MiB); measured in
  * bench/stream-bench (README, Performance). */
@@ -180,33 +177,6 @@ static Disk *mirror_call_disk(MirrorCall *c) {
 
 /* Removing what a mirror made */
 
-/* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
-static void unlink_tmp(Guest *g, const Job *j, const char *tmp) {
-        _cleanup_free_ char *error = NULL;
-        _cleanup_close_ int dir_fd = -EBADF;
-        const char *leaf;
-        struct stat st;
-        int r;
-
-        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
-        if (r < 0) {
-                log_warning("Guest %s: cannot open the directory of %s to remove the mirror's image: %s", g->name,
-                        j->overlay, error ?: strerror(-r));
-                return;
-        }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        log_warning_errno(errno, "Guest %s: cannot look at %s: %m", g->name, tmp);
-                return;
-        }
-        if (!S_ISREG(st.st_mode) || (st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
-                log_warning("Guest %s: %s beside %s is not the mirror's image; left alone.", g->name, tmp, j->overlay);
-                return;
-        }
-        if (unlinkat(dir_fd, tmp, 0) < 0)
-                log_warning_errno(errno, "Guest %s: cannot remove %s: %m", g->name, tmp);
-}
-
 /* All a mirror that did not pivot made, in QEMU's order: the create job, the mirror job (its
  * target's user), the nodes, the fd set; then the new image. Errors mean "was not there". */
 static void mirror_cleanup(Disk *d) {
@@ -227,7 +197,7 @@ static void mirror_cleanup(Disk *d) {
                 (void) qemu_blockdev_del(q, n.file_node, NULL, NULL, NULL);
                 (void) qemu_remove_fd(q, n.fdset, NULL, NULL, NULL);
         }
-        unlink_tmp(g, &d->job, n.tmp);
+        mirror_unlink_tmp(g->engine->config.image_dirs, g->name, &d->job, n.tmp);
         d->job.phase = 0; /* done: a restart has nothing left to remove */
         log_info("Guest %s disk %s: the mirror's image %s removed; %s left as it was.", g->name, d->alias, n.tmp,
                 d->job.overlay);
@@ -455,28 +425,6 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         }
 }
 
-/* The new image as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */
-static int copy_identity(int overlay_fd, int fd) {
-        struct stat st;
-
-        if (fstat(overlay_fd, &st) < 0)
-                return -errno;
-        if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 07777) < 0)
-                return -errno;
-        if (is_selinux_enabled() > 0) {
-                char *con = NULL;
-                int r = 0;
-
-                if (fgetfilecon(overlay_fd, &con) < 0)
-                        return -errno;
-                if (fsetfilecon(fd, con) < 0)
-                        r = -errno;
-                freecon(con);
-                return r;
-        }
-        return 0;
-}
-
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
 static void prepare_saved(void *userdata) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
@@ -502,7 +450,7 @@ static void prepare_saved(void *userdata) {
                 (void) guest_save(c->guest);
                 return;
         }
-        r = copy_identity(c->overlay_fd, c->image_fd);
+        r = mirror_copy_identity(c->overlay_fd, c->image_fd);
         if (r < 0) {
                 prepare_failed(c, d, "give the new image the overlay's owner, mode and label", r, NULL);
                 return;
@@ -710,50 +658,6 @@ static void mirror_ready(Disk *d) {
 
 /* Pivoted: the rename */
 
-/* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
- * QEMU had open, else swap back. Idempotent for a restart at any point: 0 when the overlay's
- * entry holds the new image and the old one is gone, -EBUSY (why in *ret_why) when the entry
- * was not the overlay (it is back in place, untouched). */
-static int rename_onto_overlay(Guest *g, const Job *j, const char *tmp, const char **ret_why) {
-        _cleanup_free_ char *error = NULL;
-        _cleanup_close_ int dir_fd = -EBADF;
-        struct stat st;
-        const char *leaf;
-        int r;
-
-        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
-        if (r < 0) {
-                *ret_why = "the overlay's directory cannot be opened";
-                return r;
-        }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        return -errno;
-                /* Nothing under the temporary name: exchanged and unlinked before a restart. */
-                if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
-                return st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino ? -ENOENT : 0;
-        }
-        if (!(st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
-                if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0) {
-                        *ret_why = "the exchange of the directory entries failed";
-                        return -errno;
-                }
-                if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
-                if (!S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
-                        /* Someone put another file at the overlay's path: it goes back, untouched. */
-                        if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0)
-                                log_error_errno(errno, "Guest %s: cannot swap %s back: %m", g->name, j->overlay);
-                        *ret_why = "the overlay's path no longer names the file QEMU had open";
-                        return -EBUSY;
-                }
-        }
-        if (unlinkat(dir_fd, tmp, 0) < 0)
-                return -errno;
-        return 0;
-}
-
 static void done_saved(void *userdata) {
         MirrorCall *c = userdata;
         Disk *d = mirror_call_disk(c);
@@ -772,7 +676,9 @@ static void rename_saved(void *userdata) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         MirrorCall *c = userdata, *next;
         Disk *d = mirror_call_disk(c);
+        _cleanup_free_ char *qemu_name = NULL;
         const char *why = NULL;
+        struct stat st;
         int r;
 
         if (!d)
@@ -780,7 +686,8 @@ static void rename_saved(void *userdata) {
         test_stop_before(d, "rename");
         r = mirror_names(d, &n);
         if (r >= 0)
-                r = rename_onto_overlay(c->guest, &d->job, n.tmp, &why);
+                r = mirror_rename_onto_overlay(
+                        c->guest->engine->config.image_dirs, c->guest->name, &d->job, n.tmp, &st, &why);
         if (r < 0) {
                 _cleanup_free_ char *text = strdup_printf(
                         "QEMU runs on the new image %s beside the overlay, but it could not take the overlay's place: %s "
@@ -791,6 +698,14 @@ static void rename_saved(void *userdata) {
                 disk_apply_job_changes(d, job_conclude(&d->job, STREAM_FAILED, text ?: "the rename failed"));
                 return;
         }
+        /* QEMU goes on calling the image by its fd set: Path, the export's pins and the handoff
+         * must see the overlay's path, as long as QEMU's node is this file (disk_set_pivot()). */
+        qemu_name = strdup_printf("/dev/fdset/%u", n.fdset);
+        r = qemu_name ? disk_set_pivot(d, qemu_name, d->job.overlay, (uint64_t) st.st_dev, (uint64_t) st.st_ino)
+                      : -ENOMEM;
+        if (r < 0)
+                log_warning_errno(r, "Guest %s disk %s: cannot record the new image's path; Path shows QEMU's name: %m",
+                        c->guest->name, d->alias);
         if (guest_qmp_ready(c->guest))
                 (void) qemu_remove_fd(c->guest->peer.qmp, n.fdset, NULL, NULL, NULL);
         next = mirror_call_new(d);

@@ -16,6 +16,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import offline as o  # noqa: E402
 from harness import MiB, S, T, opts  # noqa: E402
 
 SIZE = 256 * MiB
@@ -239,6 +240,40 @@ class MirrorTest(MirrorBase):
         # The guest runs on the new image, left beside it under its temporary name.
         self.assertTrue(os.path.exists(tmp_of(c.top)))
         self.assertTrue(os.path.exists(c.top + '.moved'))
+
+
+    def test_path_after_the_pivot(self):
+        """QEMU opened the new image as /dev/fdset/N: after the rename, Path is the overlay's path
+        again (also after a daemon restart), and an export handed to the storage helper when QEMU
+        quits opens that file and serves the flattened image."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assertEqual(d.prop('Path'), c.top, 'Path names what QEMU calls the new image')
+        # A restart reads the disks from QEMU again: the record carries the name across.
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        cl = self.client
+        cl.wait_for(lambda: cl.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                    30, 'guest %s to be republished' % g.name)
+        h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU again')
+        self.assertEqual(d.prop('Path'), c.top, 'Path after a restart')
+        # The handoff pins and opens the file QEMU has open, by its real path.
+        export_path, uri = o.export(d)
+        self.assertEqual(h.image_backing(c.top), None)
+        raw = os.path.join(self.env.dir, self.unique_name() + ".raw")
+        self.addCleanup(lambda: os.path.exists(raw) and os.unlink(raw))
+        h.qemu_img('convert', '-U', '-O', 'raw', c.top, raw)
+        want = o.file_sha256(raw)
+        g.qemu.quit()
+        h.wait_until(lambda: o.storage_helpers(self.env), 30, "the guest's storage helper to take the disk")
+        self.assertEqual(cl.get(export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual(o.nbd_sha256(uri), want, 'the handed-over export does not serve the flattened image')
+        self.assertEqual(cl.get(export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        # What it served is the chain's data: the image it was read from equals the reference.
+        self.assertEqual(want, o.file_sha256(c.ref), 'the flattened image is not the chain\'s data')
 
 
 @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
