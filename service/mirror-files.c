@@ -17,6 +17,29 @@
 #define RENAME_EXCHANGE (1 << 1)
 #endif
 
+int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret) {
+        _cleanup_(image_chain_done) ImageChain chain = {};
+        _cleanup_free_ char *error = NULL;
+        uint64_t sum = 0;
+        int r;
+
+        r = image_chain_open(image_dirs, path, format, false, NULL, &chain, &error);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < chain.n; i++) {
+                struct stat st;
+
+                if (fstat(chain.images[i].fd, &st) < 0)
+                        return -errno;
+                if (!S_ISREG(st.st_mode))
+                        return -EMEDIUMTYPE;
+                if (add_overflows_u64(sum, (uint64_t) st.st_blocks * 512U, &sum))
+                        return -EOVERFLOW;
+        }
+        *ret = sum;
+        return 0;
+}
+
 /* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
 void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j, const char *tmp) {
         _cleanup_free_ char *error = NULL;

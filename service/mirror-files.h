@@ -8,6 +8,11 @@
 
 #include "job.h"
 
+/* The bytes the images of path's chain (format: its top's) take on their file systems, summed:
+ * at least the data a flattened copy holds, read from the headers we trust (not QEMU's word).
+ * < 0 where that cannot be told: a chain we cannot open (a remote backing), or an image that is
+ * not a regular file (a block device has no st_blocks). */
+int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret);
 /* The new image's entry tmp, unlinked if it is a regular file and not the overlay. */
 void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j, const char *tmp);
 /* The new image (fd) as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */

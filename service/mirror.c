@@ -473,16 +473,29 @@ static void prepare_saved(void *userdata) {
         }
 }
 
-/* Is there room beside the overlay for the whole disk? -ENOSPC if not; *ret_needed, *ret_free. */
+/* Is there room beside the overlay for the copy? -ENOSPC if not; *ret_needed, *ret_free. */
 static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
+        uint64_t needed, avail, alloc, meta, cs;
         struct statvfs sv;
-        uint64_t needed, avail;
+        int r;
 
         if (fstatvfs(dir_fd, &sv) < 0)
                 return -errno;
-        /* The copy is as large as the data of the whole chain: at most the virtual size. */
+        /* The copy holds the data of the whole chain: at most the virtual size, plus its metadata. */
         if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
                 needed = UINT64_MAX;
+        /* At most what the chain's images take, too (a sparse 1 TiB disk holding 1 GiB needs about
+         * 1 GiB): plus the new image's L1/L2 tables for the whole virtual size, its refcounts, and
+         * the margin (what the guest writes meanwhile). */
+        r = mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
+        if (r >= 0) {
+                cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
+                meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;
+                if (!add_overflows_u64(alloc, alloc / 64 + meta + MIRROR_SPACE_MARGIN, &alloc))
+                        needed = MIN(needed, alloc);
+        } else
+                log_debug_errno(r, "Guest %s disk %s: the chain's allocation is unknown, counting the virtual size: %m",
+                        d->guest->name, d->alias);
         avail = (uint64_t) sv.f_bavail * (uint64_t) sv.f_frsize;
         if (ret_needed)
                 *ret_needed = needed;
