@@ -57,6 +57,8 @@ Disk *disk_free(Disk *d) {
         free(d->node_name);
         free(d->path);
         free(d->format);
+        free(d->pivot_qemu_name);
+        free(d->pivot_path);
         strv_free(d->chain);
         strv_free(d->chain_nodes);
         free(d);
@@ -77,9 +79,53 @@ static int replace_string(char **s, const char *v, bool *changed) {
         return 0;
 }
 
+/* What a pivot's record makes of QEMU's name for an image: its real path, if QEMU names the
+ * record's fd set and the file checks out (asked once per update: *checked, -1 unknown). */
+static const char *pivot_name(Disk *d, const char *name, bool *seen, int *checked) {
+        if (!d->pivot_qemu_name || !streq_ptr(name, d->pivot_qemu_name))
+                return name;
+        *seen = true;
+        if (*checked < 0) {
+                *checked = d->host->pivot_check &&
+                           d->host->pivot_check(d->guest, d->pivot_path, d->pivot_dev, d->pivot_ino);
+                if (!*checked)
+                        log_warning("Guest %s disk %s: QEMU names the image %s, but %s is no longer the file it "
+                                    "opened so; showing QEMU's name.",
+                                d->host->name(d->guest), d->alias, name, d->pivot_path);
+        }
+        return *checked ? d->pivot_path : name;
+}
+
+int disk_set_pivot(Disk *d, const char *qemu_name, const char *path, uint64_t dev, uint64_t ino) {
+        _cleanup_free_ char *n = strdup(qemu_name), *p = strdup(path);
+        bool changed = false;
+        int r;
+
+        if (!n || !p)
+                return -ENOMEM;
+        free(d->pivot_qemu_name);
+        free(d->pivot_path);
+        d->pivot_qemu_name = TAKE_PTR(n);
+        d->pivot_path = TAKE_PTR(p);
+        d->pivot_dev = dev;
+        d->pivot_ino = ino;
+        /* QEMU may have been asked since the pivot: its name goes now, not at the next refresh. */
+        if (streq_ptr(d->path, qemu_name)) {
+                r = replace_string(&d->path, path, &changed);
+                if (r < 0)
+                        return r;
+                if (changed)
+                        disk_emit_changed(d, "Path", NULL);
+        }
+        return 0;
+}
+
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
         _cleanup_strv_free_ char **chain = NULL, **nodes = NULL;
         bool node_changed = false, path_changed = false, chain_changed = false, size_changed = false, dummy = false;
+        bool pivot_seen = false;
+        int pivot_checked = -1;
+        const char *filename;
         int r;
 
         chain = calloc(q->n_chain + 1, sizeof(char *));
@@ -87,14 +133,15 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
         if (!chain || !nodes)
                 return -ENOMEM;
         for (size_t i = 0; i < q->n_chain; i++) {
-                chain[i] = strdup(q->chain[i].filename);
+                chain[i] = strdup(pivot_name(d, q->chain[i].filename, &pivot_seen, &pivot_checked));
                 nodes[i] = strdup(strempty(q->chain[i].node_name));
                 if (!chain[i] || !nodes[i])
                         return -ENOMEM;
         }
 
+        filename = pivot_name(d, q->filename, &pivot_seen, &pivot_checked);
         if ((r = replace_string(&d->node_name, q->node_name, &node_changed)) < 0 ||
-                (r = replace_string(&d->path, q->filename, &path_changed)) < 0 ||
+                (r = replace_string(&d->path, filename, &path_changed)) < 0 ||
                 (r = replace_string(&d->format, q->format, &dummy)) < 0)
                 return r;
         if (!strv_equal(chain, d->chain)) {
@@ -109,6 +156,11 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
                 size_changed = true;
         }
         d->cluster_size = q->cluster_size;
+        if (d->pivot_qemu_name && !pivot_seen) {
+                /* QEMU opened the image anew (by its path): the record has served. */
+                d->pivot_qemu_name = mfree(d->pivot_qemu_name);
+                d->pivot_path = mfree(d->pivot_path);
+        }
 
         if (emit) {
                 if (node_changed)

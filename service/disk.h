@@ -35,6 +35,9 @@ typedef struct DiskHost {
         Disk *(*find_disk)(Guest *g, const char *alias);
         /* Re-read the guest's disks; handler gets 0 or -errno (see guest_refresh()). */
         int (*refresh)(Guest *g, disk_refreshed_t handler, void *userdata, void (*destroy)(void *));
+        /* Does path (beneath an image directory) still name the file (dev, ino), and does the
+         * guest's QEMU have that file open under that name? */
+        bool (*pivot_check)(Guest *g, const char *path, uint64_t dev, uint64_t ino);
 } DiskHost;
 
 typedef struct Disk {
@@ -79,6 +82,13 @@ typedef struct Disk {
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
         bool mirror_busy; /* mirror.c: a step of its journal is under way */
+        /* After a mirror's pivot QEMU names the image by the fd set it opened it through
+         * ("/dev/fdset/N"); the file is the one at pivot_path, (pivot_dev, pivot_ino). Path and the
+         * chain show pivot_path only while QEMU names that fd set and the file is still that one
+         * (DiskHost.pivot_check); the record goes once QEMU no longer names it. */
+        char *pivot_qemu_name;
+        char *pivot_path;
+        uint64_t pivot_dev, pivot_ino;
         bool pinned;     /* its top image as its running QEMU had it open, when an export began */
         dev_t pin_dev;
         ino_t pin_ino;
@@ -89,6 +99,9 @@ int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias);
 Disk *disk_free(Disk *d);
 /* Take QEMU's view of the disk; returns true if a published property changed. */
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
+/* Record that QEMU names the file (dev, ino) at path qemu_name (a mirror's fd set), and show path
+ * for it from now on. */
+int disk_set_pivot(Disk *d, const char *qemu_name, const char *path, uint64_t dev, uint64_t ino);
 /* Take an offline disk's chain as read from the image headers. */
 int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
 

@@ -760,6 +760,19 @@ void guest_pin_disks(Guest *g) {
         }
 }
 
+bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        struct stat st;
+
+        if (g->offline || g->qmp_pid <= 0 || !path)
+                return false;
+        if (image_open_beneath(g->engine->config.image_dirs, path, false, &fd, &error) < 0 || fstat(fd, &st) < 0 ||
+                (uint64_t) st.st_dev != dev || (uint64_t) st.st_ino != ino)
+                return false;
+        return open_file_id(g->qmp_pid, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
+}
+
 /* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had
  * open when pinned: a path QEMU reported is never trusted alone. */
 int guest_check_pins(Guest *g) {

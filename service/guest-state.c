@@ -39,6 +39,10 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                         .range_export = d->range_export,
                         .range_bottom = d->range_bottom,
                         .job_base = d->job_base,
+                        .pivot_qemu_name = d->pivot_qemu_name,
+                        .pivot_path = d->pivot_path,
+                        .pivot_dev = d->pivot_dev,
+                        .pivot_ino = d->pivot_ino,
                 };
         }
         s = (StateGuest) {
@@ -95,6 +99,10 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         d->range_export = TAKE_PTR(s->range_export);
         d->range_bottom = TAKE_PTR(s->range_bottom);
         d->job_base = TAKE_PTR(s->job_base);
+        d->pivot_qemu_name = TAKE_PTR(s->pivot_qemu_name);
+        d->pivot_path = TAKE_PTR(s->pivot_path);
+        d->pivot_dev = s->pivot_dev;
+        d->pivot_ino = s->pivot_ino;
         *ret = d;
         return 0;
 }

@@ -623,6 +623,7 @@ const DiskHost guest_disk_host = {
         .release_helper_if_idle = guest_release_helper_if_idle,
         .find_disk = guest_find_disk,
         .refresh = guest_refresh,
+        .pivot_check = guest_pivot_check,
 };
 
 int guest_publish(Guest *g) {

@@ -135,6 +135,9 @@ int guest_begin_handoff(Guest *g);
 void guest_pin_disks(Guest *g);
 /* 0 if every disk's top image, opened as the storage helper will open it, is the file pinned. */
 int guest_check_pins(Guest *g);
+/* A mirror's pivot record (disk.h): path, opened beneath an image directory, is the file (dev,
+ * ino), and the guest's running QEMU has that file open under that name. */
+bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino);
 /* An offline guest's helper goes away once nothing needs it; outcomes of its jobs are told
  * once it is gone (the images' locks with it), or at once if other work keeps it. */
 void guest_release_helper_if_idle(Guest *g);

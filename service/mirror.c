@@ -2,10 +2,13 @@
 
 /* Mirror, then pivot (mirror.h). The new image is the daemon's: created beside the overlay by an
  * fd of the overlay's directory (opened beneath an image directory, no symlink followed), its
- * owner, mode and SELinux label copied from the overlay so that a non-root QEMU can use it, handed
- * to QEMU by fd (add-fd, a "file" node on /dev/fdset/N) and formatted by QEMU (blockdev-create).
- * After the pivot the daemon swaps the directory entries (RENAME_EXCHANGE) and unlinks what it
- * swapped out only if it is the file QEMU had open as the overlay when the job began; anything
+ * owner, mode and SELinux label copied from the overlay so that a non-root QEMU can use it, and
+ * handed to QEMU by fd (add-fd). drive-mirror formats it (a fresh qcow2 on /dev/fdset/N, mode
+ * absolute-paths): QEMU then knows the new image reads as zeroes, so its mirror marks only the
+ * chain's allocated extents and copies those, where blockdev-mirror sync=full writes zeroes over
+ * the whole virtual size first (qcow2 L2 tables for all of it: 1 TiB cost 12.6 s for 1 GiB of
+ * data). After the pivot the daemon swaps the directory entries (RENAME_EXCHANGE) and unlinks what
+ * it swapped out only if it is the file QEMU had open as the overlay when the job began; anything
  * else is swapped back and the job fails. */
 
 #include <fcntl.h>
@@ -22,14 +25,11 @@
 #include "engine.h"
 #include "guest.h"
 #include "image.h"
+#include "mirror-files.h"
 #include "mirror.h"
 #include "prefetch.h"
 #include "qemu.h"
 #include "util.h"
-
-#ifndef RENAME_EXCHANGE
-#define RENAME_EXCHANGE (1 << 1)
-#endif
 
 /* QEMU's mirror copies with this much in flight (its default: 16 MiB); measured in
  * bench/stream-bench (README, Performance). */
@@ -145,30 +145,6 @@ static MirrorCall *mirror_call_new(Disk *d) {
         return c;
 }
 
-/* Calls waiting for their blockdev-create job to conclude (its JOB_STATUS_CHANGE). */
-static MirrorCall **pending;
-static size_t n_pending;
-
-static int pending_add(MirrorCall *c) {
-        MirrorCall **p = reallocarray(pending, n_pending + 1, sizeof(MirrorCall *));
-
-        if (!p)
-                return -ENOMEM;
-        pending = p;
-        pending[n_pending++] = c;
-        return 0;
-}
-
-static MirrorCall *pending_take(Guest *g, const char *alias) {
-        for (size_t i = 0; i < n_pending; i++)
-                if (pending[i]->guest == g && streq(pending[i]->alias, alias)) {
-                        MirrorCall *c = pending[i];
-                        pending[i] = pending[--n_pending];
-                        return c;
-                }
-        return NULL;
-}
-
 /* The disk the call is for, if its mirror is still this one. */
 static Disk *mirror_call_disk(MirrorCall *c) {
         Disk *d = guest_find_disk(c->guest, c->alias);
@@ -179,33 +155,6 @@ static Disk *mirror_call_disk(MirrorCall *c) {
 }
 
 /* Removing what a mirror made */
-
-/* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
-static void unlink_tmp(Guest *g, const Job *j, const char *tmp) {
-        _cleanup_free_ char *error = NULL;
-        _cleanup_close_ int dir_fd = -EBADF;
-        const char *leaf;
-        struct stat st;
-        int r;
-
-        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
-        if (r < 0) {
-                log_warning("Guest %s: cannot open the directory of %s to remove the mirror's image: %s", g->name,
-                        j->overlay, error ?: strerror(-r));
-                return;
-        }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        log_warning_errno(errno, "Guest %s: cannot look at %s: %m", g->name, tmp);
-                return;
-        }
-        if (!S_ISREG(st.st_mode) || (st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
-                log_warning("Guest %s: %s beside %s is not the mirror's image; left alone.", g->name, tmp, j->overlay);
-                return;
-        }
-        if (unlinkat(dir_fd, tmp, 0) < 0)
-                log_warning_errno(errno, "Guest %s: cannot remove %s: %m", g->name, tmp);
-}
 
 /* All a mirror that did not pivot made, in QEMU's order: the create job, the mirror job (its
  * target's user), the nodes, the fd set; then the new image. Errors mean "was not there". */
@@ -227,7 +176,7 @@ static void mirror_cleanup(Disk *d) {
                 (void) qemu_blockdev_del(q, n.file_node, NULL, NULL, NULL);
                 (void) qemu_remove_fd(q, n.fdset, NULL, NULL, NULL);
         }
-        unlink_tmp(g, &d->job, n.tmp);
+        mirror_unlink_tmp(g->engine->config.image_dirs, g->name, &d->job, n.tmp);
         d->job.phase = 0; /* done: a restart has nothing left to remove */
         log_info("Guest %s disk %s: the mirror's image %s removed; %s left as it was.", g->name, d->alias, n.tmp,
                 d->job.overlay);
@@ -263,7 +212,7 @@ static void mirror_started(Qmp *q, int error, const char *desc, void *userdata) 
         if (error < 0) {
                 /* The job never ran: no Finished, the caller hears why. */
                 d->job.state = STREAM_IDLE;
-                prepare_failed(c, d, "start blockdev-mirror", error, desc);
+                prepare_failed(c, d, "start drive-mirror", error, desc);
                 return;
         }
         d->starting = false;
@@ -289,28 +238,28 @@ static void copy_saved(void *userdata) {
         r = mirror_names(d, &n);
         if (r < 0 || !guest_qmp_ready(c->guest)) {
                 d->job.state = STREAM_IDLE;
-                prepare_failed(c, d, "start blockdev-mirror", r < 0 ? r : -ENOTCONN, NULL);
+                prepare_failed(c, d, "start drive-mirror", r < 0 ? r : -ENOTCONN, NULL);
                 return;
         }
         test_stop_before(d, "copy");
         next = mirror_call_new(d);
         if (!next) {
                 d->job.state = STREAM_IDLE;
-                prepare_failed(c, d, "start blockdev-mirror", -ENOMEM, NULL);
+                prepare_failed(c, d, "start drive-mirror", -ENOMEM, NULL);
                 return;
         }
         next->msg = TAKE_PTR(c->msg);
-        r = qemu_blockdev_mirror(c->guest->peer.qmp, d->job.id, d->node_name, n.format_node, d->job.bandwidth,
-                MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
+        r = qemu_drive_mirror_new(c->guest->peer.qmp, d->job.id, d->node_name, n.fdset, n.format_node,
+                d->job.bandwidth, MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
         if (r < 0) {
                 c->msg = TAKE_PTR(next->msg);
                 mirror_call_free(next);
                 d->job.state = STREAM_IDLE;
-                prepare_failed(c, d, "send blockdev-mirror", r, NULL);
+                prepare_failed(c, d, "send drive-mirror", r, NULL);
         }
 }
 
-static void format_added(Qmp *q, int error, const char *desc, void *userdata) {
+static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         MirrorCall *c = userdata, *next;
         Disk *d = mirror_call_disk(c);
         _cleanup_free_ char *overlay = NULL;
@@ -320,7 +269,7 @@ static void format_added(Qmp *q, int error, const char *desc, void *userdata) {
         if (!d)
                 return;
         if (error < 0) {
-                prepare_failed(c, d, "open the new image", error, desc);
+                prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
                 return;
         }
         test_stop_before(d, "prepare");
@@ -352,131 +301,6 @@ static void format_added(Qmp *q, int error, const char *desc, void *userdata) {
         (void) guest_save_then(c->guest, copy_saved, next, mirror_call_free);
 }
 
-/* The blockdev-create job concluded (mirror_on_event): its outcome shows as the qcow2 node opens,
- * or does not. */
-static void create_concluded(Disk *d) {
-        _cleanup_(mirror_names_done) MirrorNames n = {};
-        MirrorCall *c;
-        int r;
-
-        c = pending_take(d->guest, d->alias);
-        if (!c)
-                return;
-        r = mirror_names(d, &n);
-        if (r >= 0) {
-                (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
-                /* No backing at all: null, never the header's word. */
-                r = qemu_blockdev_add_format(c->guest->peer.qmp, "qcow2", n.format_node, n.file_node, NULL, false,
-                        format_added, c, mirror_call_free);
-                if (r >= 0)
-                        return;
-        }
-        prepare_failed(c, d, "open the new image", r, NULL);
-        mirror_call_free(c);
-}
-
-static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
-        MirrorCall *c = userdata, *wait;
-        Disk *d = mirror_call_disk(c);
-
-        if (!d)
-                return;
-        if (error < 0) {
-                prepare_failed(c, d, "format the new image (blockdev-create)", error, desc);
-                return;
-        }
-        /* The job runs; its JOB_STATUS_CHANGE "concluded" goes on (create_concluded()). */
-        wait = mirror_call_new(d);
-        if (!wait || pending_add(wait) < 0) {
-                mirror_call_free(wait);
-                prepare_failed(c, d, "wait for blockdev-create", -ENOMEM, NULL);
-                return;
-        }
-        wait->msg = TAKE_PTR(c->msg);
-        wait->bandwidth = c->bandwidth;
-}
-
-static void file_added(Qmp *q, int error, const char *desc, void *userdata) {
-        _cleanup_(mirror_names_done) MirrorNames n = {};
-        MirrorCall *c = userdata, *next;
-        Disk *d = mirror_call_disk(c);
-        uint64_t cs;
-        int r;
-
-        if (!d)
-                return;
-        if (error < 0) {
-                prepare_failed(c, d, "open the new image's file", error, desc);
-                return;
-        }
-        r = mirror_names(d, &n);
-        next = r >= 0 ? mirror_call_new(d) : NULL;
-        if (!next) {
-                prepare_failed(c, d, "format the new image", r < 0 ? r : -ENOMEM, NULL);
-                return;
-        }
-        next->msg = TAKE_PTR(c->msg);
-        next->bandwidth = c->bandwidth;
-        /* The overlay's cluster size (QEMU's default where it reports none). */
-        cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
-        r = qemu_blockdev_create_qcow2(q, n.create_job, n.file_node, d->size, cs, create_sent, next, mirror_call_free);
-        if (r < 0) {
-                c->msg = TAKE_PTR(next->msg);
-                mirror_call_free(next);
-                prepare_failed(c, d, "send blockdev-create", r, NULL);
-        }
-}
-
-static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
-        _cleanup_(mirror_names_done) MirrorNames n = {};
-        MirrorCall *c = userdata, *next;
-        Disk *d = mirror_call_disk(c);
-        int r;
-
-        if (!d)
-                return;
-        if (error < 0) {
-                prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
-                return;
-        }
-        r = mirror_names(d, &n);
-        next = r >= 0 ? mirror_call_new(d) : NULL;
-        if (!next) {
-                prepare_failed(c, d, "open the new image's file", r < 0 ? r : -ENOMEM, NULL);
-                return;
-        }
-        next->msg = TAKE_PTR(c->msg);
-        next->bandwidth = c->bandwidth;
-        r = qemu_blockdev_add_file(q, n.file_node, n.fdset, false, file_added, next, mirror_call_free);
-        if (r < 0) {
-                c->msg = TAKE_PTR(next->msg);
-                mirror_call_free(next);
-                prepare_failed(c, d, "send blockdev-add", r, NULL);
-        }
-}
-
-/* The new image as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */
-static int copy_identity(int overlay_fd, int fd) {
-        struct stat st;
-
-        if (fstat(overlay_fd, &st) < 0)
-                return -errno;
-        if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 07777) < 0)
-                return -errno;
-        if (is_selinux_enabled() > 0) {
-                char *con = NULL;
-                int r = 0;
-
-                if (fgetfilecon(overlay_fd, &con) < 0)
-                        return -errno;
-                if (fsetfilecon(fd, con) < 0)
-                        r = -errno;
-                freecon(con);
-                return r;
-        }
-        return 0;
-}
-
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
 static void prepare_saved(void *userdata) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
@@ -502,7 +326,7 @@ static void prepare_saved(void *userdata) {
                 (void) guest_save(c->guest);
                 return;
         }
-        r = copy_identity(c->overlay_fd, c->image_fd);
+        r = mirror_copy_identity(c->overlay_fd, c->image_fd);
         if (r < 0) {
                 prepare_failed(c, d, "give the new image the overlay's owner, mode and label", r, NULL);
                 return;
@@ -525,16 +349,29 @@ static void prepare_saved(void *userdata) {
         }
 }
 
-/* Is there room beside the overlay for the whole disk? -ENOSPC if not; *ret_needed, *ret_free. */
+/* Is there room beside the overlay for the copy? -ENOSPC if not; *ret_needed, *ret_free. */
 static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
+        uint64_t needed, avail, alloc, meta, cs;
         struct statvfs sv;
-        uint64_t needed, avail;
+        int r;
 
         if (fstatvfs(dir_fd, &sv) < 0)
                 return -errno;
-        /* The copy is as large as the data of the whole chain: at most the virtual size. */
+        /* The copy holds the data of the whole chain: at most the virtual size, plus its metadata. */
         if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
                 needed = UINT64_MAX;
+        /* At most what the chain's images take, too (a sparse 1 TiB disk holding 1 GiB needs about
+         * 1 GiB): plus the new image's L1/L2 tables for the whole virtual size, its refcounts, and
+         * the margin (what the guest writes meanwhile). */
+        r = mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
+        if (r >= 0) {
+                cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
+                meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;
+                if (!add_overflows_u64(alloc, alloc / 64 + meta + MIRROR_SPACE_MARGIN, &alloc))
+                        needed = MIN(needed, alloc);
+        } else
+                log_debug_errno(r, "Guest %s disk %s: the chain's allocation is unknown, counting the virtual size: %m",
+                        d->guest->name, d->alias);
         avail = (uint64_t) sv.f_bavail * (uint64_t) sv.f_frsize;
         if (ret_needed)
                 *ret_needed = needed;
@@ -710,50 +547,6 @@ static void mirror_ready(Disk *d) {
 
 /* Pivoted: the rename */
 
-/* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
- * QEMU had open, else swap back. Idempotent for a restart at any point: 0 when the overlay's
- * entry holds the new image and the old one is gone, -EBUSY (why in *ret_why) when the entry
- * was not the overlay (it is back in place, untouched). */
-static int rename_onto_overlay(Guest *g, const Job *j, const char *tmp, const char **ret_why) {
-        _cleanup_free_ char *error = NULL;
-        _cleanup_close_ int dir_fd = -EBADF;
-        struct stat st;
-        const char *leaf;
-        int r;
-
-        r = open_dir(g, j->overlay, &dir_fd, &leaf, &error);
-        if (r < 0) {
-                *ret_why = "the overlay's directory cannot be opened";
-                return r;
-        }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        return -errno;
-                /* Nothing under the temporary name: exchanged and unlinked before a restart. */
-                if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
-                return st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino ? -ENOENT : 0;
-        }
-        if (!(st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
-                if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0) {
-                        *ret_why = "the exchange of the directory entries failed";
-                        return -errno;
-                }
-                if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
-                if (!S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
-                        /* Someone put another file at the overlay's path: it goes back, untouched. */
-                        if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0)
-                                log_error_errno(errno, "Guest %s: cannot swap %s back: %m", g->name, j->overlay);
-                        *ret_why = "the overlay's path no longer names the file QEMU had open";
-                        return -EBUSY;
-                }
-        }
-        if (unlinkat(dir_fd, tmp, 0) < 0)
-                return -errno;
-        return 0;
-}
-
 static void done_saved(void *userdata) {
         MirrorCall *c = userdata;
         Disk *d = mirror_call_disk(c);
@@ -772,7 +565,9 @@ static void rename_saved(void *userdata) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         MirrorCall *c = userdata, *next;
         Disk *d = mirror_call_disk(c);
+        _cleanup_free_ char *qemu_name = NULL;
         const char *why = NULL;
+        struct stat st;
         int r;
 
         if (!d)
@@ -780,7 +575,8 @@ static void rename_saved(void *userdata) {
         test_stop_before(d, "rename");
         r = mirror_names(d, &n);
         if (r >= 0)
-                r = rename_onto_overlay(c->guest, &d->job, n.tmp, &why);
+                r = mirror_rename_onto_overlay(
+                        c->guest->engine->config.image_dirs, c->guest->name, &d->job, n.tmp, &st, &why);
         if (r < 0) {
                 _cleanup_free_ char *text = strdup_printf(
                         "QEMU runs on the new image %s beside the overlay, but it could not take the overlay's place: %s "
@@ -791,6 +587,14 @@ static void rename_saved(void *userdata) {
                 disk_apply_job_changes(d, job_conclude(&d->job, STREAM_FAILED, text ?: "the rename failed"));
                 return;
         }
+        /* QEMU goes on calling the image by its fd set: Path, the export's pins and the handoff
+         * must see the overlay's path, as long as QEMU's node is this file (disk_set_pivot()). */
+        qemu_name = strdup_printf("/dev/fdset/%u", n.fdset);
+        r = qemu_name ? disk_set_pivot(d, qemu_name, d->job.overlay, (uint64_t) st.st_dev, (uint64_t) st.st_ino)
+                      : -ENOMEM;
+        if (r < 0)
+                log_warning_errno(r, "Guest %s disk %s: cannot record the new image's path; Path shows QEMU's name: %m",
+                        c->guest->name, d->alias);
         if (guest_qmp_ready(c->guest))
                 (void) qemu_remove_fd(c->guest->peer.qmp, n.fdset, NULL, NULL, NULL);
         next = mirror_call_new(d);
@@ -839,15 +643,8 @@ static unsigned mirror_concluded(Disk *d, unsigned changed) {
 }
 
 unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
-        _cleanup_(mirror_names_done) MirrorNames n = {};
-
         if (d->job.engine != STREAM_ENGINE_MIRROR || !ev->id)
                 return changed;
-        if (d->job.phase == MIRROR_STEP_PREPARE && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE &&
-                ev->status == QEMU_JOB_CONCLUDED && mirror_names(d, &n) >= 0 && streq(ev->id, n.create_job)) {
-                create_concluded(d);
-                return changed;
-        }
         if (!streq_ptr(ev->id, d->job.id))
                 return changed;
         if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_READY)
@@ -870,7 +667,6 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
 void mirror_resume_orphans(Guest *g) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                MirrorCall *c;
 
                 if (d->job.engine != STREAM_ENGINE_MIRROR)
                         continue;
@@ -879,18 +675,11 @@ void mirror_resume_orphans(Guest *g) {
                 /* A preparation the connection (or the daemon) lost: its Start was never answered
                  * with a job, and nothing of it stays. */
                 if (d->job.phase == MIRROR_STEP_PREPARE && !job_is_active(&d->job)) {
-                        c = pending_take(g, d->alias);
-                        if (c) {
-                                prepare_failed(c, d, "finish before the connection to QEMU closed", -ECONNRESET, NULL);
-                                mirror_call_free(c);
-                        } else {
-                                log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", g->name,
-                                        d->alias);
-                                mirror_cleanup(d);
-                                d->starting = false;
-                                d->job.phase = 0;
-                                (void) guest_save(g);
-                        }
+                        log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", g->name, d->alias);
+                        mirror_cleanup(d);
+                        d->starting = false;
+                        d->job.phase = 0;
+                        (void) guest_save(g);
                         continue;
                 }
                 /* A job that ended (lost by QEMU, failed) before the rename: what it made goes. */

@@ -42,7 +42,7 @@ int mirror_try_start(
         Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error);
 
 /* QEMU's news of the disk's jobs (guest-peer.c), after job_apply_event()/job_apply_info(): the
- * mirror's own steps (the blockdev-create job, ready, the held completion). Returns the changes
+ * mirror's own steps (ready, the held completion). Returns the changes
  * left for the disk. */
 unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed);
 unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed);

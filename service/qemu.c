@@ -518,21 +518,18 @@ int qemu_query_disks(Qmp *q, qemu_disks_handler_t handler, void *userdata, qemu_
         return request_submit(q, "query-block-jobs", NULL, req, disks_jobs_reply);
 }
 
-int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, const char *file_node, uint64_t size, uint64_t cluster_size,
-        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        return call(q, "blockdev-create",
-                ARGS(A_STR("job-id", job_id),
-                        A_OBJ("options", A_STR("driver", "qcow2"), A_STR("file", file_node), A_U64("size", size),
-                                A_U64("cluster-size", cluster_size))),
-                -1, handler, userdata, destroy);
-}
+int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, const char *node_name,
+        uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        char target[64];
 
-int qemu_blockdev_mirror(Qmp *q, const char *job_id, const char *device, const char *target, uint64_t speed,
-        uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
-        return call(q, "blockdev-mirror",
+        (void) snprintf(target, sizeof(target), "/dev/fdset/%u", fdset);
+        return call(q, "drive-mirror",
                 ARGS(A_STR("job-id", job_id),
                         A_STR("device", device),
                         A_STR("target", target),
+                        A_STR("format", "qcow2"),
+                        A_STR("mode", "absolute-paths"),
+                        A_STR("node-name", node_name),
                         A_STR("sync", "full"),
                         A_U64("speed", speed),
                         A_U64("buf-size", buf_size),

@@ -85,13 +85,11 @@ int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userd
  * images down to bottom (inclusive; NULL: all). */
 int qemu_blockdev_add_cor(Qmp *q, const char *node_name, const char *file, const char *bottom,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
-/* The mirror engine (mirror.c): format a new qcow2 image on file (a job: blockdev-create, ended by
- * its JOB_STATUS_CHANGE "concluded"), mirror device onto target (sync=full, auto-finalize and
- * auto-dismiss off), complete a job that is ready, and drop an fd set. */
-int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, const char *file_node, uint64_t size, uint64_t cluster_size,
-        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
-int qemu_blockdev_mirror(Qmp *q, const char *job_id, const char *device, const char *target, uint64_t speed,
-        uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+/* The mirror engine (mirror.c): mirror device (sync=full, auto-finalize and auto-dismiss off)
+ * onto a new qcow2 image that QEMU formats in fd set fdset (drive-mirror, mode absolute-paths,
+ * node node_name), complete a job that is ready, and drop an fd set. */
+int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, const char *node_name,
+        uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_job_complete(
         Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_remove_fd(Qmp *q, unsigned fdset_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);

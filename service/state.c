@@ -90,6 +90,21 @@ static json_object *job_to_json(const Job *j) {
         return o;
 }
 
+static json_object *pivot_to_json(const StateDisk *d) {
+        json_object *o = json_object_new_object();
+
+        if (!o)
+                return NULL;
+        if (add(o, "qemu_name", json_object_new_string(d->pivot_qemu_name)) < 0 ||
+                add(o, "path", json_object_new_string(d->pivot_path)) < 0 ||
+                add(o, "dev", json_object_new_uint64(d->pivot_dev)) < 0 ||
+                add(o, "ino", json_object_new_uint64(d->pivot_ino)) < 0) {
+                json_object_put(o);
+                return NULL;
+        }
+        return o;
+}
+
 static json_object *disk_to_json(const StateDisk *d) {
         json_object *o = json_object_new_object();
 
@@ -108,7 +123,8 @@ static json_object *disk_to_json(const StateDisk *d) {
                 (d->range_bottom && add(o, "range_bottom", json_object_new_string(d->range_bottom)) < 0) ||
                 (d->job_base && add(o, "job_base", json_object_new_string(d->job_base)) < 0) ||
                 (d->max_guest_latency > 0 &&
-                        add(o, "max_guest_latency", json_object_new_uint64(d->max_guest_latency)) < 0)) {
+                        add(o, "max_guest_latency", json_object_new_uint64(d->max_guest_latency)) < 0) ||
+                (d->pivot_qemu_name && d->pivot_path && add(o, "pivot", pivot_to_json(d)) < 0)) {
                 json_object_put(o);
                 return NULL;
         }
@@ -340,6 +356,27 @@ static int job_from_json(json_object *o, Job *j) {
         return 0;
 }
 
+/* A mirror's pivot record (optional): "/dev/fdset/<digits>" and an absolute path, both checked
+ * again against the file where they are used (disk.c). */
+static int pivot_from_json(json_object *o, StateDisk *d) {
+        const char *name = NULL, *path = NULL, *p;
+        json_object *v;
+
+        if (!json_object_object_get_ex(o, "pivot", &v))
+                return 0;
+        if (!json_object_is_type(v, json_type_object) || json_get_string(v, "qemu_name", true, &name) < 0 ||
+                json_get_string(v, "path", true, &path) < 0 || json_get_u64(v, "dev", true, &d->pivot_dev) < 0 ||
+                json_get_u64(v, "ino", true, &d->pivot_ino) < 0 || !path_is_safe_absolute(path, 4096) ||
+                strlen(name) > 32 || strncmp(name, "/dev/fdset/", strlen("/dev/fdset/")) != 0)
+                return -EBADMSG;
+        p = name + strlen("/dev/fdset/");
+        if (!*p || strspn(p, "0123456789") != strlen(p))
+                return -EBADMSG;
+        d->pivot_qemu_name = strdup(name);
+        d->pivot_path = strdup(path);
+        return d->pivot_qemu_name && d->pivot_path ? 0 : -ENOMEM;
+}
+
 static int disk_from_json(json_object *o, StateDisk *d) {
         const char *alias = NULL;
         json_object *job;
@@ -363,7 +400,8 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 dup_field(o, "job_base", false, &d->job_base) < 0 || (d->job_base && !qemu_id_is_valid(d->job_base)) ||
                 (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
                 /* a node name of QEMU's own ("#block123") or one given to it */
-                (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))))
+                (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))) ||
+                pivot_from_json(o, d) < 0)
                 return -EBADMSG;
         return 0;
 }
@@ -380,6 +418,8 @@ static void state_disk_done(StateDisk *d) {
         free(d->range_export);
         free(d->range_bottom);
         free(d->job_base);
+        free(d->pivot_qemu_name);
+        free(d->pivot_path);
         *d = (StateDisk) {};
 }
 

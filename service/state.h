@@ -34,6 +34,9 @@ typedef struct StateDisk {
         char *range_export;
         char *range_bottom;
         char *job_base;
+        char *pivot_qemu_name; /* a mirror's pivot (disk.h); NULL: none */
+        char *pivot_path;
+        uint64_t pivot_dev, pivot_ino;
 } StateDisk;
 
 typedef struct StateGuest {

@@ -16,6 +16,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import offline as o  # noqa: E402
 from harness import MiB, S, T, opts  # noqa: E402
 
 SIZE = 256 * MiB
@@ -181,6 +182,46 @@ class MirrorTest(MirrorBase):
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino))
 
 
+    def test_space_follows_the_data(self):
+        """A sparse 256 GiB disk holding 8 MiB, on a 384 MiB tmpfs: the check counts what the
+        chain's images take (plus the new image's metadata and the margin), not the virtual size,
+        so the mirror runs, and the flattened image is the chain's data."""
+        mnt = self.env.images  # an image directory itself (RESOLVE_NO_XDEV)
+        subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % (384 * MiB), 'tmpfs', mnt], check=True)
+        self.addCleanup(lambda: subprocess.run(['umount', '-l', mnt], check=False))
+        name = self.unique_name()
+        base = os.path.join(mnt, 'base.qcow2')
+        top = os.path.join(mnt, 'top.qcow2')
+        big = 256 * 1024 * MiB
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(big))
+        h.qemu_io(base, 'write -P 0x11 0 %d' % (4 * MiB))
+        h.qemu_io(base, 'write -P 0x22 %d %d' % (big - 4 * MiB, 4 * MiB))
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
+        q = self.env.new_qemu(name, [], [
+            '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % base,
+            '-blockdev', 'driver=qcow2,file=f1,node-name=b1,read-only=on',
+            '-blockdev', 'driver=file,filename=%s,node-name=f0' % top,
+            '-blockdev', 'driver=qcow2,file=f0,backing=b1,node-name=disk0',
+            '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
+        self.addCleanup(q.kill)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assertEqual(d.prop('Path'), top)
+        q.quit()
+        self.assertIsNone(h.image_backing(top))
+        self.assertFalse(os.path.lexists(tmp_of(top)))
+        self.assertTrue(h.read_matches(top, 0x11, 0, 4 * MiB))
+        self.assertTrue(h.read_matches(top, 0x22, big - 4 * MiB, 4 * MiB))
+        self.assertEqual(h.image_check(top)[0], 0)
+        # The copy follows the data: no zeroes written over the whole virtual size (that would be
+        # 32 MiB of L2 tables here, one entry per 64 KiB cluster), only the 8 MiB and its metadata.
+        used = os.stat(top).st_blocks * 512
+        self.assertLess(used, 16 * MiB, 'the new image takes %d bytes for 8 MiB of data' % used)
+
+
     def test_auto_picks_mirror_only_when_configured(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -239,6 +280,40 @@ class MirrorTest(MirrorBase):
         # The guest runs on the new image, left beside it under its temporary name.
         self.assertTrue(os.path.exists(tmp_of(c.top)))
         self.assertTrue(os.path.exists(c.top + '.moved'))
+
+
+    def test_path_after_the_pivot(self):
+        """QEMU opened the new image as /dev/fdset/N: after the rename, Path is the overlay's path
+        again (also after a daemon restart), and an export handed to the storage helper when QEMU
+        quits opens that file and serves the flattened image."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assertEqual(d.prop('Path'), c.top, 'Path names what QEMU calls the new image')
+        # A restart reads the disks from QEMU again: the record carries the name across.
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        cl = self.client
+        cl.wait_for(lambda: cl.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', g.name)[0] == g.path,
+                    30, 'guest %s to be republished' % g.name)
+        h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU again')
+        self.assertEqual(d.prop('Path'), c.top, 'Path after a restart')
+        # The handoff pins and opens the file QEMU has open, by its real path.
+        export_path, uri = o.export(d)
+        self.assertEqual(h.image_backing(c.top), None)
+        raw = os.path.join(self.env.dir, self.unique_name() + ".raw")
+        self.addCleanup(lambda: os.path.exists(raw) and os.unlink(raw))
+        h.qemu_img('convert', '-U', '-O', 'raw', c.top, raw)
+        want = o.file_sha256(raw)
+        g.qemu.quit()
+        h.wait_until(lambda: o.storage_helpers(self.env), 30, "the guest's storage helper to take the disk")
+        self.assertEqual(cl.get(export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual(o.nbd_sha256(uri), want, 'the handed-over export does not serve the flattened image')
+        self.assertEqual(cl.get(export_path, o.IFACE_EXPORT, 'State'), 'serving')
+        # What it served is the chain's data: the image it was read from equals the reference.
+        self.assertEqual(want, o.file_sha256(c.ref), 'the flattened image is not the chain\'s data')
 
 
 @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',

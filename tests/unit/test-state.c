@@ -227,6 +227,60 @@ static void test_bad_file_is_removed(void) {
         rm_rf_flat(dir);
 }
 
+/* A mirror's pivot record in a guest's file ("QEMU calls it /dev/fdset/N, it is this path"):
+ * read back as written, and refused unless it names an fd set and an absolute path. */
+static int parse_guest_pivot(const char *pivot, StateGuest *ret) {
+        _cleanup_free_ char *json = strdup_printf(
+                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
+                "\"job_seq\":1,\"disks\":[{\"alias\":\"vda\",\"node_name\":\"n\",\"path\":\"/img/top.qcow2\","
+                "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
+                "\"bandwidth\":0,\"job\":{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,\"length\":0,\"done\":0,"
+                "\"total\":0,\"bandwidth\":0,\"start_time\":0}%s%s}]}",
+                pivot ? ",\"pivot\":" : "", pivot ?: "");
+        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+
+        if (!o)
+                return -EINVAL;
+        return state_guest_from_json(o, "vm1.json", ret);
+}
+
+static void test_pivot_record(void) {
+        StateGuest g = {};
+
+        ASSERT_OK(parse_guest_pivot(NULL, &g));
+        ASSERT_NULL(g.n_disks == 1 ? g.disks[0].pivot_qemu_name : "no disk");
+        state_guest_done(&g);
+        ASSERT_OK(parse_guest_pivot(
+                "{\"qemu_name\":\"/dev/fdset/1503132418\",\"path\":\"/img/top.qcow2\",\"dev\":2049,\"ino\":77}", &g));
+        if (g.n_disks == 1) {
+                ASSERT_STREQ(g.disks[0].pivot_qemu_name, "/dev/fdset/1503132418");
+                ASSERT_STREQ(g.disks[0].pivot_path, "/img/top.qcow2");
+                ASSERT_EQ(g.disks[0].pivot_dev, 2049);
+                ASSERT_EQ(g.disks[0].pivot_ino, 77);
+        }
+        state_guest_done(&g);
+        /* Not an fd set, not absolute, a path that climbs, missing or mistyped fields. */
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/etc/shadow\",\"path\":\"/img/a\",\"dev\":1,\"ino\":1}", &g),
+                -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/dev/fdset/\",\"path\":\"/img/a\",\"dev\":1,\"ino\":1}", &g),
+                -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/dev/fdset/1/x\",\"path\":\"/img/a\",\"dev\":1,\"ino\":1}", &g),
+                -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/dev/fdset/1\",\"path\":\"img/a\",\"dev\":1,\"ino\":1}", &g),
+                -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/dev/fdset/1\",\"path\":\"/img/../a\",\"dev\":1,\"ino\":1}", &g),
+                -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("{\"qemu_name\":\"/dev/fdset/1\",\"path\":\"/img/a\",\"dev\":1}", &g), -EBADMSG);
+        state_guest_done(&g);
+        ASSERT_ERRNO(parse_guest_pivot("\"/dev/fdset/1\"", &g), -EBADMSG);
+        state_guest_done(&g);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_roundtrip);
@@ -234,5 +288,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_hostile_records);
         TAP_RUN(test_handoff_pins);
         TAP_RUN(test_bad_file_is_removed);
+        TAP_RUN(test_pivot_record);
         return tap_finish();
 }

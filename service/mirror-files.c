@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* The mirror's work on directory entries (mirror-files.h), by the fd of the overlay's directory,
+ * opened beneath an image directory with no symlink followed. */
+
+#include <fcntl.h>
+#include <selinux/selinux.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "image.h"
+#include "mirror-files.h"
+#include "util.h"
+
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
+int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret) {
+        _cleanup_(image_chain_done) ImageChain chain = {};
+        _cleanup_free_ char *error = NULL;
+        uint64_t sum = 0;
+        int r;
+
+        r = image_chain_open(image_dirs, path, format, false, NULL, &chain, &error);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < chain.n; i++) {
+                struct stat st;
+
+                if (fstat(chain.images[i].fd, &st) < 0)
+                        return -errno;
+                if (!S_ISREG(st.st_mode))
+                        return -EMEDIUMTYPE;
+                if (add_overflows_u64(sum, (uint64_t) st.st_blocks * 512U, &sum))
+                        return -EOVERFLOW;
+        }
+        *ret = sum;
+        return 0;
+}
+
+/* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
+void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j, const char *tmp) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int dir_fd = -EBADF;
+        const char *leaf;
+        struct stat st;
+        int r;
+
+        r = image_open_parent_beneath(image_dirs, j->overlay, &dir_fd, &leaf, &error);
+        if (r < 0) {
+                log_warning("Guest %s: cannot open the directory of %s to remove the mirror's image: %s", guest,
+                        j->overlay, error ?: strerror(-r));
+                return;
+        }
+        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno != ENOENT)
+                        log_warning_errno(errno, "Guest %s: cannot look at %s: %m", guest, tmp);
+                return;
+        }
+        if (!S_ISREG(st.st_mode) || (st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
+                log_warning("Guest %s: %s beside %s is not the mirror's image; left alone.", guest, tmp, j->overlay);
+                return;
+        }
+        if (unlinkat(dir_fd, tmp, 0) < 0)
+                log_warning_errno(errno, "Guest %s: cannot remove %s: %m", guest, tmp);
+}
+
+/* The new image as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */
+int mirror_copy_identity(int overlay_fd, int fd) {
+        struct stat st;
+
+        if (fstat(overlay_fd, &st) < 0)
+                return -errno;
+        if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 07777) < 0)
+                return -errno;
+        if (is_selinux_enabled() > 0) {
+                char *con = NULL;
+                int r = 0;
+
+                if (fgetfilecon(overlay_fd, &con) < 0)
+                        return -errno;
+                if (fsetfilecon(fd, con) < 0)
+                        r = -errno;
+                freecon(con);
+                return r;
+        }
+        return 0;
+}
+
+/* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
+ * QEMU had open, else swap back. Idempotent for a restart at any point: 0 when the overlay's
+ * entry holds the new image and the old one is gone, -EBUSY (why in *ret_why) when the entry
+ * was not the overlay (it is back in place, untouched). */
+int mirror_rename_onto_overlay(
+        char *const *image_dirs, const char *guest, const Job *j, const char *tmp, struct stat *ret_new, const char **ret_why) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int dir_fd = -EBADF;
+        struct stat st;
+        const char *leaf;
+        int r;
+
+        r = image_open_parent_beneath(image_dirs, j->overlay, &dir_fd, &leaf, &error);
+        if (r < 0) {
+                *ret_why = "the overlay's directory cannot be opened";
+                return r;
+        }
+        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno != ENOENT)
+                        return -errno;
+                /* Nothing under the temporary name: exchanged and unlinked before a restart. */
+                if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
+                        return -errno;
+                return ret_new->st_dev == j->overlay_dev && ret_new->st_ino == j->overlay_ino ? -ENOENT : 0;
+        }
+        if (!(st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
+                if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0) {
+                        *ret_why = "the exchange of the directory entries failed";
+                        return -errno;
+                }
+                if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                        return -errno;
+                if (!S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
+                        /* Someone put another file at the overlay's path: it goes back, untouched. */
+                        if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0)
+                                log_error_errno(errno, "Guest %s: cannot swap %s back: %m", guest, j->overlay);
+                        *ret_why = "the overlay's path no longer names the file QEMU had open";
+                        return -EBUSY;
+                }
+        }
+        if (unlinkat(dir_fd, tmp, 0) < 0)
+                return -errno;
+        /* What QEMU runs on now, under the overlay's name. */
+        if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
+                return -errno;
+        return 0;
+}
