@@ -17,13 +17,14 @@
 #include "prefetch.h"
 #include "range.h"
 #include "stream.h"
+#include "stream-internal.h"
 #include "throttle.h"
 #include "util.h"
 
 
 /* Method plumbing */
 
-static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_bus_error *error) {
+int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_bus_error *error) {
         AuthDetails details = {
                 .guest = d->guest->name,
                 .disk = d->alias,
@@ -32,23 +33,7 @@ static int disk_authorize(Disk *d, sd_bus_message *msg, const char *action, sd_b
         return bus_authorize(d->guest->engine->polkit, msg, action, &details, error);
 }
 
-/* A D-Bus call waiting for QEMU. The Guest outlives every QMP callback (closing the QMP
- * connection drops them), the Disk may not: look it up again by alias. */
-typedef struct CallCtx {
-        sd_bus_message *msg;
-        Guest *guest;
-        char *alias;
-        bool replied;
-        uint64_t bandwidth;   /* Start and SetBandwidth: the job's bandwidth */
-        uint64_t speed;       /* SetBandwidth, SetMaxGuestLatency: the speed sent (under the guest-latency limit) */
-        JobControl control;   /* Cancel, Pause, Resume */
-        char *job_id;
-        char *base_node;
-        char *backing_file;
-        bool resume, resume_paused; /* stream_resume_offline(): nobody to answer, the job goes on */
-} CallCtx;
-
-static void call_ctx_free(void *p) {
+void call_ctx_free(void *p) {
         CallCtx *c = p;
 
         if (!c)
@@ -64,7 +49,7 @@ static void call_ctx_free(void *p) {
         free(c);
 }
 
-static CallCtx *call_ctx_new(Disk *d, sd_bus_message *msg) {
+CallCtx *call_ctx_new(Disk *d, sd_bus_message *msg) {
         CallCtx *c = calloc(1, sizeof(CallCtx));
 
         if (!c)
@@ -79,7 +64,7 @@ static CallCtx *call_ctx_new(Disk *d, sd_bus_message *msg) {
         return c;
 }
 
-static void call_reply(CallCtx *c, int error, const char *desc, const char *what) {
+void call_reply(CallCtx *c, int error, const char *desc, const char *what) {
         c->replied = true;
         if (error == -EREMOTEIO)
                 (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_QEMU_FAILED, "QEMU refused to %s: %s", what, desc);
@@ -98,13 +83,6 @@ static int require_running(Disk *d, sd_bus_error *error) {
         return 0;
 }
 
-static int require_job(Disk *d, sd_bus_error *error) {
-        if (!job_is_active(&d->job) || d->finalizing || !job_backend_of(d)->runs(d))
-                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "No job is running on disk '%s' of guest '%s'.",
-                        d->alias, d->guest->name);
-        return 0;
-}
-
 /* Start */
 
 /* "bsd-<alias>-<n>": recognisable as ours, unique per guest, and a valid QEMU id whatever the alias. */
@@ -119,7 +97,7 @@ static char *job_id_new(const char *alias, uint64_t seq) {
         return id;
 }
 
-static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
+int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         if (bw > INT64_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Bandwidth %" PRIu64 " bytes/s is out of range (at most %" PRIi64 "; 0 means unlimited).", bw,
@@ -127,7 +105,7 @@ static int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         return 0;
 }
 
-static int check_max_guest_latency(uint64_t usec, sd_bus_error *error) {
+int check_max_guest_latency(uint64_t usec, sd_bus_error *error) {
         if (usec != 0 && (usec < THROTTLE_TARGET_MIN_US || usec > THROTTLE_TARGET_MAX_US))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "max_guest_latency %" PRIu64 " µs is out of range (%llu to %llu µs; 0 turns the mode off).",
@@ -136,7 +114,7 @@ static int check_max_guest_latency(uint64_t usec, sd_bus_error *error) {
 }
 
 /* The mode follows the guest's own I/O latency: a guest that is not running has none. */
-static int refuse_offline_latency(Disk *d, sd_bus_error *error) {
+int refuse_offline_latency(Disk *d, sd_bus_error *error) {
         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                 "Guest '%s' is not running: max_guest_latency follows the I/O latency of a running guest, and its disks "
                 "are served by a storage helper with no guest. Leave the option out (or 0), or use a fixed bandwidth.",
@@ -524,195 +502,6 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 return sd_bus_error_set_errnof(error, -r, "Failed to start the storage helper of guest '%s': %m", g->name);
         }
         return 1;
-}
-
-/* Cancel, Pause, Resume */
-
-static void control_reply(int error, const char *desc, void *userdata) {
-        static const char *const what[_JOB_CONTROL_MAX] = {
-                [JOB_CONTROL_CANCEL] = "cancel the job",
-                [JOB_CONTROL_PAUSE] = "pause the job",
-                [JOB_CONTROL_RESUME] = "resume the job",
-        };
-        CallCtx *c = userdata;
-
-        call_reply(c, error, desc, what[c->control]);
-}
-
-static int job_method(sd_bus_message *msg, Disk *d, JobControl op, sd_bus_error *error) {
-        const JobBackend *b = job_backend_of(d);
-        CallCtx *c;
-        int r;
-
-        r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return 1; /* polkit was asked; the call is dispatched again with its answer */
-        r = require_job(d, error);
-        if (r < 0)
-                return r;
-        if (!b->reachable(d))
-                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
-                        "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.", d->alias);
-        /* Already where the caller wants it: nothing to ask QEMU. */
-        if ((op == JOB_CONTROL_PAUSE && d->job.state == STREAM_PAUSED) ||
-                (op == JOB_CONTROL_RESUME && d->job.state == STREAM_RUNNING))
-                return sd_bus_reply_method_return(msg, NULL);
-
-        c = call_ctx_new(d, msg);
-        if (!c)
-                return -ENOMEM;
-        c->control = op;
-        r = b->control(d, op, control_reply, c, call_ctx_free);
-        if (r < 0) {
-                c->replied = true;
-                call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->control_error);
-        }
-        return 1;
-}
-
-static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, JOB_CONTROL_CANCEL, error);
-}
-
-static int method_pause(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, JOB_CONTROL_PAUSE, error);
-}
-
-static int method_resume(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return job_method(msg, userdata, JOB_CONTROL_RESUME, error);
-}
-
-/* SetBandwidth's and SetMaxGuestLatency's preamble: 0 when polkit was asked; *ret_backend NULL
- * when no job can be told (the value is the next job's). */
-static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t, sd_bus_error *), uint64_t *ret,
-        const JobBackend **ret_backend, sd_bus_error *error) {
-        int r;
-
-        r = sd_bus_message_read(msg, "t", ret);
-        if (r < 0)
-                return r;
-        r = check(*ret, error);
-        if (r >= 0)
-                r = disk_authorize(d, msg, ACTION_STREAM, error);
-        if (r <= 0)
-                return r;
-        *ret_backend = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing || !(*ret_backend)->runs(d) || !(*ret_backend)->reachable(d))
-                *ret_backend = NULL;
-        return 1;
-}
-
-/* Tell b the job's new speed (under the guest-latency limit); the reply answers msg. */
-static int send_speed(Disk *d, sd_bus_message *msg, const JobBackend *b, uint64_t bandwidth, uint64_t speed,
-        job_backend_reply_t reply, sd_bus_error *error) {
-        CallCtx *c = call_ctx_new(d, msg);
-        int r;
-
-        if (!c)
-                return -ENOMEM;
-        c->bandwidth = bandwidth;
-        c->speed = speed;
-        r = b->set_speed(d, speed, reply, c, call_ctx_free);
-        if (r < 0) {
-                c->replied = true;
-                call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "%s: %m", b->speed_error);
-        }
-        return 1;
-}
-
-/* SetBandwidth */
-
-static void set_speed_reply(int error, const char *desc, void *userdata) {
-        CallCtx *c = userdata;
-        Disk *d = guest_find_disk(c->guest, c->alias);
-
-        /* The job ended meanwhile: then there was no job to tell, and the value is the next one's. */
-        if (error == -EREMOTEIO && d && (d->job.concluded || d->finalizing || !job_is_active(&d->job)))
-                error = 0;
-        if (error == 0 && d) {
-                d->bandwidth = c->bandwidth;
-                d->job.bandwidth = c->bandwidth;
-                /* The guest-latency mode keeps below the new ceiling. */
-                adaptive_ceiling_applied(d, c->bandwidth, c->speed);
-                disk_emit_changed(d, "Bandwidth", NULL);
-                disk_save(d);
-        }
-        call_reply(c, error, desc, "change the bandwidth");
-}
-
-static int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        const JobBackend *b;
-        Disk *d = userdata;
-        uint64_t bw;
-        int r;
-
-        r = job_setting_begin(msg, d, check_bandwidth, &bw, &b, error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
-        if (!b) {
-                /* No job to tell: it becomes the default of the next one. */
-                if (d->bandwidth != bw) {
-                        d->bandwidth = bw;
-                        disk_emit_changed(d, "Bandwidth", NULL);
-                        disk_save(d);
-                }
-                return sd_bus_reply_method_return(msg, NULL);
-        }
-        return send_speed(d, msg, b, bw, adaptive_speed_for_ceiling(d, bw), set_speed_reply, error);
-}
-
-/* SetMaxGuestLatency */
-
-static void latency_off_reply(int error, const char *desc, void *userdata) {
-        CallCtx *c = userdata;
-
-        call_reply(c, error, desc, "give the job its fixed bandwidth back");
-}
-
-static void set_max_guest_latency(Disk *d, uint64_t usec) {
-        if (d->max_guest_latency == usec)
-                return;
-        d->max_guest_latency = usec;
-        disk_emit_changed(d, "MaxGuestLatency", NULL);
-        disk_save(d);
-}
-
-static int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        const JobBackend *b;
-        Disk *d = userdata;
-        uint64_t usec;
-        int r;
-
-        r = job_setting_begin(msg, d, check_max_guest_latency, &usec, &b, error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
-        if (usec > 0 && d->guest->offline)
-                return refuse_offline_latency(d, error);
-        if (!b) {
-                /* No job to steer: it becomes the default of the next one. */
-                set_max_guest_latency(d, usec);
-                return sd_bus_reply_method_return(msg, NULL);
-        }
-        if (usec > 0) {
-                /* The controller takes over from the next window on. */
-                r = adaptive_start(d, usec, d->bandwidth);
-                if (r < 0)
-                        return r;
-                set_max_guest_latency(d, usec);
-                return sd_bus_reply_method_return(msg, NULL);
-        }
-        if (!d->adaptive) {
-                set_max_guest_latency(d, 0);
-                return sd_bus_reply_method_return(msg, NULL);
-        }
-        /* Off: the job runs at its fixed Bandwidth again. */
-        adaptive_stop(d);
-        set_max_guest_latency(d, 0);
-        return send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
 }
 
 static int method_get_allocation_map(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
