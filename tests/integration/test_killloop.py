@@ -244,14 +244,20 @@ class ReconnectCleanupTest(h.TestCase):
         box = {}
         c.conn.call_async(h.BUS_NAME, d, h.IFACE_STREAM, 'Start', 'tta{sv}', (T(0), T(1 * MiB), h.no_opts()),
                           lambda *a: box.setdefault('ok', a), lambda e: box.setdefault('err', e), timeout=60)
+        # A range reads the guest's disks afresh before it names a node (foreign filters), and that
+        # query waits behind the held one: the range cannot add its export before the reconnect's
+        # cleanup has run. Either order must leave the range's export alone: release the jobs,
+        # then the range adds its export, and nothing deletes it. A Get answered after the Start
+        # means the daemon has dispatched the Start (one connection's calls are served in order).
+        c.get(gpath, h.IFACE_GUEST, 'Running')
+        fake.release()
         c.wait_for(lambda: fake.commands.get('block-export-add') or box, 10, 'the range to add its export')
         self.assertFalse(box, 'Start answered before adding an export (Running=%r): %r' % (running, box))
-        nodes_asked = fake.commands.get('query-named-block-nodes', 0)     # by the registration
-        fake.release()
-        # Whatever the reconnect does with leftovers, it must not delete the export just added.
-        # QMP keeps the order: a block-export-del of the cleanup comes before the disks are asked for.
+        # The disks asked for after the export was added: any cleanup of the reconnect is before.
+        nodes_asked = fake.commands.get('query-named-block-nodes', 0)
+        c.try_call(gpath, h.IFACE_GUEST, 'Refresh')
         c.wait_for(lambda: fake.commands.get('query-named-block-nodes', 0) > nodes_asked, 10,
-                   'the reconnect to go on to the disks')
+                   'the guest to read its disks again')
         self.assertEqual(fake.commands.get('block-export-del', 0), 0,
                          'the reconnect deleted the export of a range started after it (Running was %r)' % running)
 
