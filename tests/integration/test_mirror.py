@@ -146,16 +146,19 @@ class MirrorTest(MirrorBase):
         self.assertEqual(d.prop('State'), 'idle')
         self.assertFalse(os.path.lexists(tmp_of(c.top)))
 
-    def test_not_enough_space(self):
-        """The images on a small tmpfs: a clear error, nothing created, the overlay as it was."""
-        mnt = self.env.images  # an image directory itself: a mount below one is refused (RESOLVE_NO_XDEV)
-        subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % (64 * MiB), 'tmpfs', mnt], check=True)
+    def guest_on_tmpfs(self, tmpfs_size, virtual_size, base_writes):
+        """A running guest whose base and overlay are on a tmpfs of tmpfs_size mounted over the
+        image directory (a mount below one is refused: RESOLVE_NO_XDEV); the base holds
+        base_writes (qemu-io commands). Returns (mount point, overlay, QEMU, Disk)."""
+        mnt = self.env.images
+        subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % tmpfs_size, 'tmpfs', mnt], check=True)
         self.addCleanup(lambda: subprocess.run(['umount', '-l', mnt], check=False))
         name = self.unique_name()
         base = os.path.join(mnt, 'base.qcow2')
         top = os.path.join(mnt, 'top.qcow2')
-        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(SIZE))
-        h.qemu_io(base, 'write -P 0x11 0 %d' % (8 * MiB))
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(virtual_size))
+        for w in base_writes:
+            h.qemu_io(base, w)
         h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
         q = self.env.new_qemu(name, [], [
             '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % base,
@@ -166,7 +169,11 @@ class MirrorTest(MirrorBase):
         self.addCleanup(q.kill)
         self.register(name, q.daemon_socket)
         self.addCleanup(self._drop_guest, name, q)
-        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        return mnt, top, q, h.Disk(self.client, h.disk_path(name, 'vda'))
+
+    def test_not_enough_space(self):
+        """The images on a small tmpfs: a clear error, nothing created, the overlay as it was."""
+        mnt, top, _, d = self.guest_on_tmpfs(64 * MiB, SIZE, ['write -P 0x11 0 %d' % (8 * MiB)])
         st = os.stat(top)
         before = sorted(os.listdir(mnt))
         e = self.assertDBusError(ERR_NO_SPACE, d.start, 0, 0, opts(engine=S('mirror')))
@@ -186,27 +193,9 @@ class MirrorTest(MirrorBase):
         """A sparse 256 GiB disk holding 8 MiB, on a 384 MiB tmpfs: the check counts what the
         chain's images take (plus the new image's metadata and the margin), not the virtual size,
         so the mirror runs, and the flattened image is the chain's data."""
-        mnt = self.env.images  # an image directory itself (RESOLVE_NO_XDEV)
-        subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=%d,mode=0755' % (384 * MiB), 'tmpfs', mnt], check=True)
-        self.addCleanup(lambda: subprocess.run(['umount', '-l', mnt], check=False))
-        name = self.unique_name()
-        base = os.path.join(mnt, 'base.qcow2')
-        top = os.path.join(mnt, 'top.qcow2')
         big = 256 * 1024 * MiB
-        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(big))
-        h.qemu_io(base, 'write -P 0x11 0 %d' % (4 * MiB))
-        h.qemu_io(base, 'write -P 0x22 %d %d' % (big - 4 * MiB, 4 * MiB))
-        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
-        q = self.env.new_qemu(name, [], [
-            '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % base,
-            '-blockdev', 'driver=qcow2,file=f1,node-name=b1,read-only=on',
-            '-blockdev', 'driver=file,filename=%s,node-name=f0' % top,
-            '-blockdev', 'driver=qcow2,file=f0,backing=b1,node-name=disk0',
-            '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
-        self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
-        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        _, top, q, d = self.guest_on_tmpfs(384 * MiB, big, ['write -P 0x11 0 %d' % (4 * MiB),
+                                                            'write -P 0x22 %d %d' % (big - 4 * MiB, 4 * MiB)])
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assertEqual(d.prop('Path'), top)

@@ -34,6 +34,8 @@ import threading
 import time
 import traceback
 
+from unixsock import listening
+
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 VALGRIND = "--valgrind" in sys.argv[1:]
 RELAY = args[0]
@@ -277,17 +279,6 @@ def start_upstream():
     qemu_nbd = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared=16", "-k", upstream_path,
                                  "-x", EXPORT, "-f", "raw", image], stdin=subprocess.DEVNULL)
     wait_until(lambda: listening(upstream_path), "qemu-nbd listening")  # not only bound
-
-
-def listening(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def need_tools(*tools):

@@ -18,6 +18,8 @@ import tempfile
 import time
 import traceback
 
+from unixsock import listening
+
 PULL = os.environ.get('PULL', '')
 PULL_SELFTEST = os.environ.get('PULL_SELFTEST', '')
 SANITIZE = os.environ.get('PULL_SANITIZE') == 'true'
@@ -196,17 +198,6 @@ def parse_extents(h):
         _, o, n, d, k = l.split()
         out.append((int(o), int(n), int(d), k))
     return out
-
-
-def listening(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class QemuNbd:
