@@ -211,6 +211,40 @@ class MirrorTest(MirrorBase):
         self.assertLess(used, 16 * MiB, 'the new image takes %d bytes for 8 MiB of data' % used)
 
 
+    def test_new_image_takes_the_overlays_format(self):
+        """The new image replaces the overlay: it has the overlay's cluster size and the format
+        options a user chose for it (compat, lazy_refcounts, extended_l2, compression_type,
+        refcount_bits), not QEMU's defaults (64 KiB clusters, ...)."""
+        for options in ('cluster_size=131072,lazy_refcounts=on,compression_type=zstd,refcount_bits=64',
+                        'cluster_size=1048576,extended_l2=on'):
+            with self.subTest(options=options):
+                self.overlay_with(options)
+
+    def overlay_with(self, options):
+        chains = self.make_chains(('vda',), SIZE)
+        c = chains['vda']
+        # The overlay again, with those options, and the same writes.
+        os.unlink(c.top)
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-o', options, '-b', c.mid, '-F', 'qcow2', c.top)
+        h.run(['qemu-io', '-f', 'qcow2'] + sum((['-c', 'write -P 0x%02x %d %d' % (pat, off, ln)]
+                                                 for _, pat, off, ln in c.layers[c.top]), []) + [c.top])
+        want = h.image_info(c.top)
+        name = self.unique_name()
+        q = self.start_qemu(chains, name=name)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        g = h.Guest(self, name, q, chains, path)
+        d = g.disk()
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+        got = h.image_info(c.top)
+        self.assertEqual(got['cluster-size'], want['cluster-size'], 'the new image\'s cluster size')
+        keys = ('compat', 'lazy-refcounts', 'extended-l2', 'compression-type', 'refcount-bits')
+        self.assertEqual({k: got['format-specific']['data'].get(k) for k in keys},
+                         {k: want['format-specific']['data'].get(k) for k in keys},
+                         'the new image\'s format options')
+
     def test_auto_picks_mirror_only_when_configured(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
