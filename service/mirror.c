@@ -362,8 +362,12 @@ static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
         MirrorCall *c = userdata, *wait;
         Disk *d = mirror_call_disk(c);
 
-        if (!d || error >= 0)
+        if (!d)
+                return;
+        if (error >= 0) {
+                test_stop_before(d, "format");
                 return; /* the job runs; its end comes as an event */
+        }
         wait = mirror_wait_take(d);
         if (!wait)
                 return;

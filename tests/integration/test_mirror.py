@@ -61,6 +61,20 @@ class MirrorBase(h.TestCase):
         self.assertEqual(rc, 0, 'image differs from the chain plus the guest writes: ' + out)
         self.assertEqual(h.image_check(c.top)[0], 0)
 
+    def guest_with_overlay(self, options):
+        """A running guest whose overlay was made with these qemu-img -o options (the same writes)."""
+        chains = self.make_chains(('vda',), SIZE)
+        c = chains['vda']
+        os.unlink(c.top)
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-o', options, '-b', c.mid, '-F', 'qcow2', c.top)
+        h.run(['qemu-io', '-f', 'qcow2'] + sum((['-c', 'write -P 0x%02x %d %d' % (pat, off, ln)]
+                                                 for _, pat, off, ln in c.layers[c.top]), []) + [c.top])
+        name = self.unique_name()
+        q = self.start_qemu(chains, name=name)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        return h.Guest(self, name, q, chains, path)
+
     def assert_untouched(self, c, st):
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
@@ -221,19 +235,9 @@ class MirrorTest(MirrorBase):
                 self.overlay_with(options)
 
     def overlay_with(self, options):
-        chains = self.make_chains(('vda',), SIZE)
-        c = chains['vda']
-        # The overlay again, with those options, and the same writes.
-        os.unlink(c.top)
-        h.qemu_img('create', '-q', '-f', 'qcow2', '-o', options, '-b', c.mid, '-F', 'qcow2', c.top)
-        h.run(['qemu-io', '-f', 'qcow2'] + sum((['-c', 'write -P 0x%02x %d %d' % (pat, off, ln)]
-                                                 for _, pat, off, ln in c.layers[c.top]), []) + [c.top])
+        g = self.guest_with_overlay(options)
+        c = g.chains['vda']
         want = h.image_info(c.top)
-        name = self.unique_name()
-        q = self.start_qemu(chains, name=name)
-        path = self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
-        g = h.Guest(self, name, q, chains, path)
         d = g.disk()
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
@@ -383,9 +387,9 @@ class MirrorKillTest(MirrorBase):
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
         return p
 
-    def killed_before_the_job(self, step):
+    def killed_before_the_job(self, step, overlay_options=None):
         self.restart_with_hook(step)
-        g = self.new_guest(size=SIZE)
+        g = self.guest_with_overlay(overlay_options) if overlay_options else self.new_guest(size=SIZE)
         d = g.disk()
         c = g.chains['vda']
         st = os.stat(c.top)
@@ -411,6 +415,21 @@ class MirrorKillTest(MirrorBase):
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assert_standalone(g, c)
+
+    def test_killed_while_qemu_formats(self):
+        """An overlay with its own cluster size: killed once QEMU runs the blockdev-create job of
+        the new image; the job, the fd set and the image are removed, and the next mirror's image
+        has the overlay's cluster size."""
+        g, d, c, since = self.killed_before_the_job('format', 'cluster_size=262144')
+        h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
+                     'the blockdev-create job to be dismissed')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+        self.assertEqual(h.image_info(c.top)['cluster-size'], 262144)
 
     def test_killed_before_qemu_had_the_job(self):
         """The job recorded, blockdev-mirror not sent: QEMU does not know it, it failed (once), and
