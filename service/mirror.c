@@ -416,18 +416,18 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         d->mirror_wait_free = mirror_wait_free;
 }
 
-/* The new image takes the overlay's format options (read from the overlay QEMU has open, by our
- * fd): drive-mirror formats with QEMU's defaults only, so other options need blockdev-create
- * first, and drive-mirror then zeroes the whole existing image before it copies (L2 tables for
- * the whole virtual size, but per cluster: cheaper the larger the clusters). */
-static int overlay_format(MirrorCall *c, Disk *d) {
+/* The new image takes the overlay's format options, read from the overlay QEMU has open, by our
+ * fd. drive-mirror formats with QEMU 7.2's defaults only: returns 1 if the overlay's differ (then
+ * blockdev-create formats the image first, and drive-mirror zeroes all of it before it copies: an
+ * L2 entry per cluster of the virtual size), 0 if not, -errno. */
+static int overlay_format(int overlay_fd, const Disk *d, QemuQcow2Options *ret) {
         Image img = {};
         int r;
 
-        r = image_read_header(c->overlay_fd, "qcow2", d->job.overlay, &img, NULL);
+        r = image_read_header(overlay_fd, "qcow2", d->path, &img, NULL);
         if (r < 0)
                 return r;
-        c->format = (QemuQcow2Options){
+        *ret = (QemuQcow2Options){
                 .size = d->size,
                 .cluster_size = img.cluster_size,
                 .version = img.qcow2_version,
@@ -439,13 +439,8 @@ static int overlay_format(MirrorCall *c, Disk *d) {
         free(img.format);
         free(img.backing);
         free(img.backing_format);
-        /* What drive-mirror's own formatting writes (QEMU 7.2's qcow2 defaults). */
-        c->own_format = !(img.cluster_size == 65536 && img.qcow2_version == 3 && img.refcount_bits == 16 &&
-                !img.lazy_refcounts && !img.extended_l2 && !img.compression_zstd);
-        if (!c->own_format)
-                return 0;
-        c->check_fd = fcntl(c->image_fd, F_DUPFD_CLOEXEC, 3);
-        return c->check_fd < 0 ? -errno : 0;
+        return !(ret->cluster_size == 65536 && ret->version == 3 && ret->refcount_bits == 16 && !ret->lazy_refcounts &&
+                !ret->extended_l2 && !ret->zstd);
 }
 
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
@@ -478,10 +473,12 @@ static void prepare_saved(void *userdata) {
                 prepare_failed(c, d, "give the new image the overlay's owner, mode and label", r, NULL);
                 return;
         }
-        r = overlay_format(c, d);
-        if (r < 0) {
-                prepare_failed(c, d, "read the overlay's format options", r, NULL);
-                return;
+        if (c->own_format) {
+                c->check_fd = fcntl(c->image_fd, F_DUPFD_CLOEXEC, 3);
+                if (c->check_fd < 0) {
+                        prepare_failed(c, d, "keep an fd of the new image", -errno, NULL);
+                        return;
+                }
         }
         next = mirror_call_new(d);
         if (!next || !guest_qmp_ready(c->guest)) {
@@ -542,6 +539,8 @@ int mirror_try_start(
         _cleanup_(mirror_names_done) MirrorNames names = {};
         Guest *g = d->guest;
         uint64_t needed = 0, avail = 0;
+        QemuQcow2Options format;
+        bool own_format;
         const char *leaf;
         struct stat st;
         MirrorCall *c;
@@ -582,6 +581,14 @@ int mirror_try_start(
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", d->path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
                               : 0;
+        /* auto leaves an overlay of other options than QEMU's defaults to the stream engines,
+         * which keep it (and its options): the mirror would zero its whole virtual size first. */
+        r = overlay_format(overlay_fd, d, &format);
+        if (r != 0 && !forced)
+                return 0;
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", d->path);
+        own_format = r > 0;
         r = check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
                 char a[32], b[32];
@@ -632,6 +639,8 @@ int mirror_try_start(
         c->bandwidth = bandwidth;
         c->dir_fd = TAKE_FD(dir_fd);
         c->overlay_fd = TAKE_FD(overlay_fd);
+        c->format = format;
+        c->own_format = own_format;
         d->starting = true;
         d->mirror_busy = true;
         d->last_saved = now_usec(CLOCK_MONOTONIC);

@@ -267,6 +267,15 @@ class MirrorTest(MirrorBase):
         since = time.monotonic()
         d2.start(0, 0, opts(bandwidth=T(0)))
         self.assert_completed(d2, since)
+        # Not for an overlay with its own format options: the mirror would zero the whole new
+        # image first; the stream keeps the overlay, options and all.
+        g4 = self.guest_with_overlay('cluster_size=131072')
+        d4 = g4.disk()
+        since = time.monotonic()
+        d4.start(0, 0, opts(bandwidth=T(0)))
+        res, done, err = d4.wait_finished(60, since)
+        self.assertEqual((res, err, d4.prop('Engine')), ('completed', '', 'stream'))
+        self.assertEqual(h.image_info(g4.chains['vda'].top)['cluster-size'], 131072)
         # auto never keeps a base with a mirror.
         g3 = self.new_guest(size=SIZE)
         d3 = g3.disk()
