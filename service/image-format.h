@@ -20,11 +20,11 @@ typedef struct Image {
         char *backing;         /* absolute normalized path of the backing file, NULL if none */
         char *backing_format;  /* from the qcow2 header extension; NULL if none */
         /* qcow2: the format options a new image of the same kind takes (a mirror's copy). */
-        uint32_t qcow2_version;       /* 2 or 3 */
-        uint32_t refcount_bits;       /* 1..64 */
-        bool lazy_refcounts;          /* compatible feature bit 0 */
-        bool extended_l2;             /* incompatible feature bit 4 */
-        bool compression_zstd;        /* compression type 1 (else zlib) */
+        uint32_t qcow2_version; /* 2 or 3 */
+        uint32_t refcount_bits; /* 1..64 */
+        bool lazy_refcounts;    /* compatible feature bit 0 */
+        bool extended_l2;       /* incompatible feature bit 4 */
+        bool compression_zstd;  /* compression type 1 (else zlib) */
 } Image;
 
 /* Parse the header of an open image of the given format, "qcow2" or "raw" (no probing: the caller says

@@ -10,9 +10,9 @@
  * data). drive-mirror formats with QEMU's defaults only: an overlay with other format options
  * (cluster size, compat, lazy_refcounts, extended_l2, compression type, refcount bits) has the new
  * image formatted with them first (blockdev-create), and drive-mirror takes it as it exists (mode
- * existing), at the cost of that zeroing. After the pivot the daemon swaps the directory entries (RENAME_EXCHANGE) and unlinks what
- * it swapped out only if it is the file QEMU had open as the overlay when the job began; anything
- * else is swapped back and the job fails. */
+ * existing), at the cost of that zeroing. After the pivot the daemon swaps the directory entries
+ * (RENAME_EXCHANGE) and unlinks what it swapped out only if it is the file QEMU had open as the
+ * overlay when the job began; anything else is swapped back and the job fails. */
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -260,8 +260,8 @@ static void copy_saved(void *userdata) {
                 return;
         }
         next->msg = TAKE_PTR(c->msg);
-        r = qemu_drive_mirror_new(c->guest->peer.qmp, d->job.id, d->node_name, n.fdset, c->own_format,
-                n.format_node, d->job.bandwidth, MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
+        r = qemu_drive_mirror_new(c->guest->peer.qmp, d->job.id, d->node_name, n.fdset, c->own_format, n.format_node,
+                d->job.bandwidth, MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
         if (r < 0) {
                 c->msg = TAKE_PTR(next->msg);
                 mirror_call_free(next);
@@ -326,11 +326,11 @@ static int check_formatted(MirrorCall *c, Disk *d) {
         int r;
 
         r = image_read_header(c->check_fd, "qcow2", d->job.overlay, &img, NULL);
-        if (r >= 0 && (img.virtual_size != c->format.size || img.cluster_size != c->format.cluster_size ||
-                              img.qcow2_version != c->format.version || img.refcount_bits != c->format.refcount_bits ||
-                              img.lazy_refcounts != c->format.lazy_refcounts ||
-                              img.extended_l2 != c->format.extended_l2 || img.compression_zstd != c->format.zstd ||
-                              img.backing))
+        if (r >= 0 &&
+                (img.virtual_size != c->format.size || img.cluster_size != c->format.cluster_size ||
+                        img.qcow2_version != c->format.version || img.refcount_bits != c->format.refcount_bits ||
+                        img.lazy_refcounts != c->format.lazy_refcounts || img.extended_l2 != c->format.extended_l2 ||
+                        img.compression_zstd != c->format.zstd || img.backing))
                 r = -EPROTO;
         free(img.format);
         free(img.backing);
@@ -440,7 +440,7 @@ static int overlay_format(int overlay_fd, const Disk *d, QemuQcow2Options *ret) 
         free(img.backing);
         free(img.backing_format);
         return !(ret->cluster_size == 65536 && ret->version == 3 && ret->refcount_bits == 16 && !ret->lazy_refcounts &&
-                !ret->extended_l2 && !ret->zstd);
+                 !ret->extended_l2 && !ret->zstd);
 }
 
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
@@ -848,8 +848,8 @@ void mirror_resume_orphans(Guest *g) {
                 if (d->mirror_wait) {
                         MirrorCall *c = mirror_wait_take(d);
 
-                        prepare_failed(c, d, "format the new image before the connection to QEMU closed",
-                                -ECONNRESET, NULL);
+                        prepare_failed(
+                                c, d, "format the new image before the connection to QEMU closed", -ECONNRESET, NULL);
                         mirror_call_free(c);
                         continue;
                 }

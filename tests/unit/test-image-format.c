@@ -530,11 +530,11 @@ static void test_format_options(void) {
                 uint32_t cluster_size, version, refcount_bits;
                 bool lazy, extl2, zstd;
         } t[] = {
-                { "cluster_size=65536", 65536, 3, 16, false, false, false },
-                { "cluster_size=131072,lazy_refcounts=on,compression_type=zstd,refcount_bits=64", 131072, 3, 64, true,
-                        false, true },
-                { "cluster_size=1048576,extended_l2=on,refcount_bits=1", 1048576, 3, 1, false, true, false },
-                { "compat=0.10,cluster_size=4096", 4096, 2, 16, false, false, false },
+                {"cluster_size=65536", 65536, 3, 16, false, false, false},
+                {"cluster_size=131072,lazy_refcounts=on,compression_type=zstd,refcount_bits=64", 131072, 3, 64, true,
+                        false, true},
+                {"cluster_size=1048576,extended_l2=on,refcount_bits=1", 1048576, 3, 1, false, true, false},
+                {"compat=0.10,cluster_size=4096", 4096, 2, 16, false, false, false},
         };
 
         if (!have_qemu_img) {
