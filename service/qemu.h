@@ -80,6 +80,11 @@ int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler,
 /* query-block-exports: the export ids (a NULL-terminated list). */
 typedef void (*qemu_exports_handler_t)(Qmp *q, int error, const char *error_desc, char **ids, void *userdata);
 int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userdata, qemu_destroy_t destroy);
+/* The same, with the node each export reads now (nodes[i] for ids[i]): a filter put over a node
+ * takes its exports along. */
+typedef void (*qemu_export_nodes_handler_t)(
+        Qmp *q, int error, const char *error_desc, char **ids, char **nodes, void *userdata);
+int qemu_query_block_export_nodes(Qmp *q, qemu_export_nodes_handler_t handler, void *userdata, qemu_destroy_t destroy);
 
 /* The copy-on-read filter of range streaming: over file (the disk's top node), copying from the
  * images down to bottom (inclusive; NULL: all). */
