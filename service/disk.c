@@ -45,6 +45,8 @@ Disk *disk_free(Disk *d) {
                 return NULL;
         if (d->adaptive && d->adaptive_stopper)
                 d->adaptive_stopper(d);
+        if (d->mirror_wait && d->mirror_wait_free)
+                d->mirror_wait_free(d->mirror_wait);
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);

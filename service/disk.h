@@ -82,6 +82,10 @@ typedef struct Disk {
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
         bool mirror_busy; /* mirror.c: a step of its journal is under way */
+        /* mirror.c: its Start waiting for QEMU to format the new image (blockdev-create), freed
+         * with mirror_wait_free (the disk calls down into no mirror code). */
+        void *mirror_wait;
+        void (*mirror_wait_free)(void *p);
         /* After a mirror's pivot QEMU names the image by the fd set it opened it through
          * ("/dev/fdset/N"); the file is the one at pivot_path, (pivot_dev, pivot_ino). Path and the
          * chain show pivot_path only while QEMU names that fd set and the file is still that one

@@ -41,6 +41,7 @@
 #define QCOW2_CRYPT_AES 1U
 #define QCOW2_CRYPT_LUKS 2U
 
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (UINT64_C(1) << 0)
 #define QCOW2_COMPRESSION_ZLIB 0U
 #define QCOW2_COMPRESSION_ZSTD 1U
 
@@ -181,6 +182,7 @@ static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **
         uint64_t backing_offset, size, incompat, l1_offset, refcount_table_offset, snapshots_offset, l1_needed,
                 file_size, have, area_end;
         uint8_t compression_type = QCOW2_COMPRESSION_ZLIB;
+        uint64_t compat = 0;
         ssize_t k;
         int r;
 
@@ -230,6 +232,7 @@ static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **
                         return image_error(ret_error, -EBADMSG, "The qcow2 v3 header of %s is truncated (%zd bytes).",
                                 image_path, k);
                 incompat = be64(h + 72);
+                compat = be64(h + 80);
                 refcount_order = be32(h + 96);
                 header_length = be32(h + 100);
                 if (header_length < QCOW2_V3_HEADER_LENGTH_MIN || header_length % 8 != 0 ||
@@ -420,6 +423,11 @@ static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **
                 return -ENOMEM;
         ret->virtual_size = size;
         ret->cluster_size = cluster_size;
+        ret->qcow2_version = version;
+        ret->refcount_bits = UINT32_C(1) << refcount_order;
+        ret->lazy_refcounts = compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
+        ret->extended_l2 = incompat & QCOW2_INCOMPAT_EXTL2;
+        ret->compression_zstd = compression_type == QCOW2_COMPRESSION_ZSTD;
         ret->backing = TAKE_PTR(backing);
         ret->backing_format = TAKE_PTR(backing_format);
         return 0;
@@ -455,6 +463,11 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
         ret->format = tmp.format;
         ret->virtual_size = tmp.virtual_size;
         ret->cluster_size = tmp.cluster_size;
+        ret->qcow2_version = tmp.qcow2_version;
+        ret->refcount_bits = tmp.refcount_bits;
+        ret->lazy_refcounts = tmp.lazy_refcounts;
+        ret->extended_l2 = tmp.extended_l2;
+        ret->compression_zstd = tmp.compression_zstd;
         ret->backing = tmp.backing;
         ret->backing_format = tmp.backing_format;
         return 0;

@@ -19,6 +19,12 @@ typedef struct Image {
         uint32_t cluster_size; /* qcow2: from the header; raw: 0 */
         char *backing;         /* absolute normalized path of the backing file, NULL if none */
         char *backing_format;  /* from the qcow2 header extension; NULL if none */
+        /* qcow2: the format options a new image of the same kind takes (a mirror's copy). */
+        uint32_t qcow2_version; /* 2 or 3 */
+        uint32_t refcount_bits; /* 1..64 */
+        bool lazy_refcounts;    /* compatible feature bit 0 */
+        bool extended_l2;       /* incompatible feature bit 4 */
+        bool compression_zstd;  /* compression type 1 (else zlib) */
 } Image;
 
 /* Parse the header of an open image of the given format, "qcow2" or "raw" (no probing: the caller says
@@ -36,8 +42,8 @@ typedef struct Image {
  * the kernel would reach. A "proto:" name (a colon with no slash before it: "json:{…}", "nbd://…",
  * "file:…") is refused: offline guests take file backings only.
  *
- * Fills format, virtual_size, cluster_size, backing and backing_format of *ret (overwritten, not
- * freed); path and fd are left as they are. On failure *ret is untouched and -errno is returned with
+ * Fills format, virtual_size, cluster_size, backing, backing_format and the qcow2 options of *ret
+ * (overwritten, not freed); path and fd are left as they are. On failure *ret is untouched and -errno is returned with
  * a message in *ret_error: -EBADMSG for a malformed header, -EOPNOTSUPP for something valid we do not
  * take (version, features, encryption, protocol backings, an unknown format), -EUCLEAN for an image
  * marked corrupt, -EINVAL for a bad image_path or an fd that is neither a regular file nor a block

@@ -11,6 +11,7 @@
 #include "engine.h"
 #include "helper.h"
 #include "map.h"
+#include "qemu.h"
 #include "rangeop.h"
 #include "disk.h"
 #include "util.h"
@@ -138,9 +139,61 @@ static void map_finish(RangeOp *op, Disk *d) {
         op->call = sd_bus_message_unref(op->call);
 }
 
+/* The export a map read must still read the disk's node: a filter put over the node (a foreign
+ * backup's, say) takes the node's exports with it, and through the filter QEMU counts every
+ * allocation depth one deeper; a node replaced (a pivot) changes the map under the reads. No
+ * event tells either, so the map asks QEMU where its export is once the helper is done. */
+static void map_checked(Qmp *q, int error, const char *desc, char **ids, char **nodes, void *userdata) {
+        RangeOp *op = userdata;
+        Disk *d;
+        const char *want, *now = NULL;
+
+        if (op->dead || op->ending)
+                return;
+        if (error < 0) {
+                _cleanup_free_ char *why =
+                        strdup_printf("cannot check the export it was read through: %s", desc ?: strerror(-error));
+                range_op_end(op, STREAM_FAILED, why ?: "cannot check the export it was read through");
+                return;
+        }
+        d = guest_find_disk(op->guest, op->alias);
+        want = op->shared_export ? (d ? d->map_export_node : NULL) : op->export_node;
+        for (size_t i = 0; ids && ids[i]; i++)
+                if (streq(ids[i], op->export_id)) {
+                        now = nodes[i];
+                        break;
+                }
+        if (!want || !streq_ptr(now, want)) {
+                log_warning("Guest %s disk %s: the map's export %s reads node %s now, not %s; the map is refused.",
+                        op->guest->name, op->alias, op->export_id, now ?: "(none)", want ?: "(none)");
+                if (op->shared_export && d)
+                        d->map_export_node = mfree(d->map_export_node); /* not for the next maps either */
+                range_op_end(op, STREAM_FAILED,
+                        "the disk's node changed while its map was read (a filter was put over it, or it was "
+                        "replaced); read the map again");
+                return;
+        }
+        range_op_end(op, STREAM_COMPLETED, NULL);
+}
+
+static bool map_done(RangeOp *op) {
+        Guest *g = op->guest;
+        int r;
+
+        if (!guest_qmp_ready(g))
+                return false; /* QEMU went away: its end says so */
+        r = qemu_query_block_export_nodes(g->peer.qmp, map_checked, range_op_ref(op), range_op_unref_void);
+        if (r < 0) {
+                range_op_unref(op);
+                range_op_end(op, STREAM_FAILED, "cannot check the export it was read through");
+        }
+        return true;
+}
+
 static const RangeOpKind map_kind = {
         .fail_text = "Cannot read the allocation map of disk",
         .setup = map_setup,
+        .done = map_done,
         .end = map_end,
         .finish = map_finish,
 };

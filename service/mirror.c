@@ -7,9 +7,12 @@
  * absolute-paths): QEMU then knows the new image reads as zeroes, so its mirror marks only the
  * chain's allocated extents and copies those, where blockdev-mirror sync=full writes zeroes over
  * the whole virtual size first (qcow2 L2 tables for all of it: 1 TiB cost 12.6 s for 1 GiB of
- * data). After the pivot the daemon swaps the directory entries (RENAME_EXCHANGE) and unlinks what
- * it swapped out only if it is the file QEMU had open as the overlay when the job began; anything
- * else is swapped back and the job fails. */
+ * data). drive-mirror formats with QEMU's defaults only: an overlay with other format options
+ * (cluster size, compat, lazy_refcounts, extended_l2, compression type, refcount bits) has the new
+ * image formatted with them first (blockdev-create), and drive-mirror takes it as it exists (mode
+ * existing), at the cost of that zeroing. After the pivot the daemon swaps the directory entries
+ * (RENAME_EXCHANGE) and unlinks what it swapped out only if it is the file QEMU had open as the
+ * overlay when the job began; anything else is swapped back and the job fails. */
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -114,6 +117,12 @@ typedef struct MirrorCall {
         sd_bus_message *msg; /* Start, until answered */
         int dir_fd, image_fd, overlay_fd;
         uint64_t bandwidth;
+        /* The overlay's format options: if they are not QEMU's defaults, the new image is
+         * formatted with them (blockdev-create) before drive-mirror takes it as it exists, and
+         * check_fd (the new image) tells whether QEMU wrote what was asked for. */
+        QemuQcow2Options format;
+        bool own_format;
+        int check_fd;
 } MirrorCall;
 
 static void mirror_call_free(void *p) {
@@ -128,6 +137,7 @@ static void mirror_call_free(void *p) {
         closep(&c->dir_fd);
         closep(&c->image_fd);
         closep(&c->overlay_fd);
+        closep(&c->check_fd);
         free(c->alias);
         free(c->job_id);
         free(c);
@@ -138,7 +148,8 @@ static MirrorCall *mirror_call_new(Disk *d) {
 
         if (!c)
                 return NULL;
-        *c = (MirrorCall){.guest = d->guest, .dir_fd = -EBADF, .image_fd = -EBADF, .overlay_fd = -EBADF};
+        *c = (MirrorCall){
+                .guest = d->guest, .dir_fd = -EBADF, .image_fd = -EBADF, .overlay_fd = -EBADF, .check_fd = -EBADF};
         c->alias = strdup(d->alias);
         c->job_id = d->job.id ? strdup(d->job.id) : NULL;
         if (!c->alias || (d->job.id && !c->job_id)) {
@@ -252,7 +263,7 @@ static void copy_saved(void *userdata) {
                 return;
         }
         next->msg = TAKE_PTR(c->msg);
-        r = qemu_drive_mirror_new(c->guest->peer.qmp, d->job.id, d->node_name, n.fdset, n.format_node,
+        r = qemu_drive_mirror_new(c->guest->peer.qmp, d->job.id, d->node_name, n.fdset, c->own_format, n.format_node,
                 d->job.bandwidth, MIRROR_BUF_SIZE, mirror_started, next, mirror_call_free);
         if (r < 0) {
                 c->msg = TAKE_PTR(next->msg);
@@ -262,19 +273,13 @@ static void copy_saved(void *userdata) {
         }
 }
 
-static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
-        MirrorCall *c = userdata, *next;
-        Disk *d = mirror_call_disk(c);
+/* The new image is in QEMU's hands (and formatted, if it is ours to format): the job begins. */
+static void image_ready(MirrorCall *c, Disk *d) {
+        MirrorCall *next;
         _cleanup_free_ char *overlay = NULL;
         uint64_t dev, ino, bandwidth;
         int r;
 
-        if (!d)
-                return;
-        if (error < 0) {
-                prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
-                return;
-        }
         test_stop_before(d, "prepare");
         /* The job begins: from here on it is reported (Finished), whatever happens. */
         overlay = TAKE_PTR(d->job.overlay);
@@ -300,8 +305,145 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         next->msg = TAKE_PTR(c->msg);
+        next->own_format = c->own_format;
         d->last_saved = now_usec(CLOCK_MONOTONIC);
         (void) guest_save_then(c->guest, copy_saved, next, mirror_call_free);
+}
+
+static void mirror_wait_free(void *p) {
+        mirror_call_free(p);
+}
+
+/* The Start waiting for blockdev-create, if it still waits. */
+static MirrorCall *mirror_wait_take(Disk *d) {
+        MirrorCall *c = d->mirror_wait;
+
+        d->mirror_wait = NULL;
+        d->mirror_wait_free = NULL;
+        return c;
+}
+
+/* Does the image QEMU formatted have the size and options asked for? Read through our own fd. */
+static int check_formatted(MirrorCall *c, Disk *d) {
+        Image img = {};
+        int r;
+
+        r = image_read_header(c->check_fd, "qcow2", d->job.overlay, &img, NULL);
+        if (r >= 0 &&
+                (img.virtual_size != c->format.size || img.cluster_size != c->format.cluster_size ||
+                        img.qcow2_version != c->format.version || img.refcount_bits != c->format.refcount_bits ||
+                        img.lazy_refcounts != c->format.lazy_refcounts || img.extended_l2 != c->format.extended_l2 ||
+                        img.compression_zstd != c->format.zstd || img.backing))
+                r = -EPROTO;
+        free(img.format);
+        free(img.backing);
+        free(img.backing_format);
+        return r;
+}
+
+/* The blockdev-create job concluded (mirror_on_event()): a success shows in the image. */
+static void create_concluded(Disk *d) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = mirror_wait_take(d);
+        int r;
+
+        if (!c)
+                return;
+        if (mirror_names(d, &n) >= 0 && guest_qmp_ready(c->guest))
+                (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
+        r = check_formatted(c, d);
+        if (r < 0)
+                prepare_failed(c, d, "format the new image with the overlay's options (blockdev-create)", r,
+                        r == -EPROTO ? "QEMU did not write the image asked for" : NULL);
+        else
+                image_ready(c, d);
+        mirror_call_free(c);
+}
+
+/* blockdev-create refused: the Start waiting for its job fails. */
+static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
+        MirrorCall *c = userdata, *wait;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        if (error >= 0) {
+                test_stop_before(d, "format");
+                return; /* the job runs; its end comes as an event */
+        }
+        wait = mirror_wait_take(d);
+        if (!wait)
+                return;
+        prepare_failed(wait, d, "format the new image with the overlay's options (blockdev-create)", error, desc);
+        mirror_call_free(wait);
+}
+
+static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        MirrorCall *c = userdata, *sent, *wait;
+        Disk *d = mirror_call_disk(c);
+        int r;
+
+        if (!d)
+                return;
+        if (error < 0) {
+                prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
+                return;
+        }
+        if (!c->own_format) {
+                image_ready(c, d);
+                return;
+        }
+        /* The Start waits on the disk for the job's end (mirror_on_event()). */
+        r = mirror_names(d, &n);
+        sent = r >= 0 ? mirror_call_new(d) : NULL;
+        wait = sent ? mirror_call_new(d) : NULL;
+        if (!wait || d->mirror_wait) {
+                mirror_call_free(sent);
+                mirror_call_free(wait);
+                prepare_failed(c, d, "format the new image", r < 0 ? r : !wait ? -ENOMEM : -EBUSY, NULL);
+                return;
+        }
+        r = qemu_blockdev_create_qcow2(q, n.create_job, n.fdset, &c->format, create_sent, sent, mirror_call_free);
+        if (r < 0) {
+                mirror_call_free(wait);
+                prepare_failed(c, d, "send blockdev-create", r, NULL);
+                return;
+        }
+        wait->msg = TAKE_PTR(c->msg);
+        wait->bandwidth = c->bandwidth;
+        wait->format = c->format;
+        wait->own_format = true;
+        wait->check_fd = TAKE_FD(c->check_fd);
+        d->mirror_wait = wait;
+        d->mirror_wait_free = mirror_wait_free;
+}
+
+/* The new image takes the overlay's format options, read from the overlay QEMU has open, by our
+ * fd. drive-mirror formats with QEMU 7.2's defaults only: returns 1 if the overlay's differ (then
+ * blockdev-create formats the image first, and drive-mirror zeroes all of it before it copies: an
+ * L2 entry per cluster of the virtual size), 0 if not, -errno. */
+static int overlay_format(int overlay_fd, const Disk *d, QemuQcow2Options *ret) {
+        Image img = {};
+        int r;
+
+        r = image_read_header(overlay_fd, "qcow2", d->path, &img, NULL);
+        if (r < 0)
+                return r;
+        *ret = (QemuQcow2Options){
+                .size = d->size,
+                .cluster_size = img.cluster_size,
+                .version = img.qcow2_version,
+                .refcount_bits = img.refcount_bits,
+                .lazy_refcounts = img.lazy_refcounts,
+                .extended_l2 = img.extended_l2,
+                .zstd = img.compression_zstd,
+        };
+        free(img.format);
+        free(img.backing);
+        free(img.backing_format);
+        return !(ret->cluster_size == 65536 && ret->version == 3 && ret->refcount_bits == 16 && !ret->lazy_refcounts &&
+                 !ret->extended_l2 && !ret->zstd);
 }
 
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
@@ -334,6 +476,13 @@ static void prepare_saved(void *userdata) {
                 prepare_failed(c, d, "give the new image the overlay's owner, mode and label", r, NULL);
                 return;
         }
+        if (c->own_format) {
+                c->check_fd = fcntl(c->image_fd, F_DUPFD_CLOEXEC, 3);
+                if (c->check_fd < 0) {
+                        prepare_failed(c, d, "keep an fd of the new image", -errno, NULL);
+                        return;
+                }
+        }
         next = mirror_call_new(d);
         if (!next || !guest_qmp_ready(c->guest)) {
                 mirror_call_free(next);
@@ -342,6 +491,9 @@ static void prepare_saved(void *userdata) {
         }
         next->msg = TAKE_PTR(c->msg);
         next->bandwidth = c->bandwidth;
+        next->format = c->format;
+        next->own_format = c->own_format;
+        next->check_fd = TAKE_FD(c->check_fd);
         /* The fd goes to QEMU (qemu_add_fd() takes it, sent or not). */
         r = qemu_add_fd(c->guest->peer.qmp, n.fdset, TAKE_FD(c->image_fd), "blockstream-mirror", fd_added, next,
                 mirror_call_free);
@@ -390,6 +542,8 @@ int mirror_try_start(
         _cleanup_(mirror_names_done) MirrorNames names = {};
         Guest *g = d->guest;
         uint64_t needed = 0, avail = 0;
+        QemuQcow2Options format;
+        bool own_format;
         const char *leaf;
         struct stat st;
         MirrorCall *c;
@@ -432,6 +586,14 @@ int mirror_try_start(
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", d->path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
                               : 0;
+        /* auto leaves an overlay of other options than QEMU's defaults to the stream engines,
+         * which keep it (and its options): the mirror would zero its whole virtual size first. */
+        r = overlay_format(overlay_fd, d, &format);
+        if (r != 0 && !forced)
+                return 0;
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", d->path);
+        own_format = r > 0;
         r = check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
                 char a[32], b[32];
@@ -482,6 +644,8 @@ int mirror_try_start(
         c->bandwidth = bandwidth;
         c->dir_fd = TAKE_FD(dir_fd);
         c->overlay_fd = TAKE_FD(overlay_fd);
+        c->format = format;
+        c->own_format = own_format;
         d->starting = true;
         d->mirror_busy = true;
         d->last_saved = now_usec(CLOCK_MONOTONIC);
@@ -650,6 +814,14 @@ static unsigned mirror_concluded(Disk *d, unsigned changed) {
 unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
         if (d->job.engine != STREAM_ENGINE_MIRROR || !ev->id)
                 return changed;
+        if (d->mirror_wait && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_CONCLUDED) {
+                _cleanup_(mirror_names_done) MirrorNames n = {};
+
+                if (mirror_names(d, &n) >= 0 && streq(ev->id, n.create_job)) {
+                        create_concluded(d);
+                        return changed;
+                }
+        }
         if (!streq_ptr(ev->id, d->job.id))
                 return changed;
         if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_READY)
@@ -677,6 +849,15 @@ void mirror_resume_orphans(Guest *g) {
                         continue;
                 /* The old connection's calls are gone: a step waiting for one goes again. */
                 d->mirror_busy = false;
+                /* A Start waiting for blockdev-create: its job went with the connection. */
+                if (d->mirror_wait) {
+                        MirrorCall *c = mirror_wait_take(d);
+
+                        prepare_failed(
+                                c, d, "format the new image before the connection to QEMU closed", -ECONNRESET, NULL);
+                        mirror_call_free(c);
+                        continue;
+                }
                 /* A preparation the connection (or the daemon) lost: its Start was never answered
                  * with a job, and nothing of it stays. */
                 if (d->job.phase == MIRROR_STEP_PREPARE && !job_is_active(&d->job)) {

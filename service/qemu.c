@@ -14,7 +14,9 @@ typedef struct Request {
                 qemu_disks_handler_t disks;
                 qemu_jobs_handler_t jobs;
                 qemu_exports_handler_t exports;
+                qemu_export_nodes_handler_t export_nodes;
         } handler;
+        bool with_nodes;     /* query-block-exports: export_nodes, not exports */
         void *userdata;
         qemu_destroy_t destroy;
         json_object *blocks; /* query_disks: query-block's reply, kept for the node names */
@@ -331,35 +333,48 @@ int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler,
                 destroy);
 }
 
+static void exports_tell(Qmp *q, Request *req, int error, const char *desc, char **ids, char **nodes) {
+        if (req->with_nodes)
+                req->handler.export_nodes(q, error, desc, ids, nodes, req->userdata);
+        else
+                req->handler.exports(q, error, desc, ids, req->userdata);
+}
+
 static void exports_reply(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
         Request *req = userdata;
-        _cleanup_strv_free_ char **ids = NULL;
+        _cleanup_strv_free_ char **ids = NULL, **nodes = NULL;
         size_t n;
 
         if (error < 0) {
-                req->handler.exports(q, error, desc, NULL, req->userdata);
+                exports_tell(q, req, error, desc, NULL, NULL);
                 return;
         }
         if (!json_object_is_type(result, json_type_array) || (n = json_object_array_length(result)) > QEMU_JOBS_MAX)
                 goto bad;
         ids = calloc(n + 1, sizeof(char *));
-        if (!ids) {
-                req->handler.exports(q, -ENOMEM, NULL, NULL, req->userdata);
+        nodes = calloc(n + 1, sizeof(char *));
+        if (!ids || !nodes) {
+                exports_tell(q, req, -ENOMEM, NULL, NULL, NULL);
                 return;
         }
         for (size_t i = 0; i < n; i++) {
-                const char *id = NULL;
-                if (json_get_string(json_object_array_get_idx(result, i), "id", true, &id) < 0 || !qemu_id_is_valid(id))
+                json_object *e = json_object_array_get_idx(result, i);
+                const char *id = NULL, *node = NULL;
+
+                if (json_get_string(e, "id", true, &id) < 0 || !qemu_id_is_valid(id))
                         goto bad;
-                if (!(ids[i] = strdup(id))) {
-                        req->handler.exports(q, -ENOMEM, NULL, NULL, req->userdata);
+                if (req->with_nodes &&
+                        (json_get_string(e, "node-name", true, &node) < 0 || !qemu_node_name_is_valid(node)))
+                        goto bad;
+                if (!(ids[i] = strdup(id)) || (node && !(nodes[i] = strdup(node)))) {
+                        exports_tell(q, req, -ENOMEM, NULL, NULL, NULL);
                         return;
                 }
         }
-        req->handler.exports(q, 0, NULL, ids, req->userdata);
+        exports_tell(q, req, 0, NULL, ids, nodes);
         return;
 bad:
-        req->handler.exports(q, -EBADMSG, "QEMU sent a malformed query-block-exports reply", NULL, req->userdata);
+        exports_tell(q, req, -EBADMSG, "QEMU sent a malformed query-block-exports reply", NULL, NULL);
 }
 
 int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userdata, qemu_destroy_t destroy) {
@@ -368,6 +383,16 @@ int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userd
         if (!req)
                 return -ENOMEM;
         req->handler.exports = handler;
+        return request_submit(q, "query-block-exports", NULL, req, exports_reply);
+}
+
+int qemu_query_block_export_nodes(Qmp *q, qemu_export_nodes_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        Request *req = request_new(userdata, destroy);
+
+        if (!req)
+                return -ENOMEM;
+        req->handler.export_nodes = handler;
+        req->with_nodes = true;
         return request_submit(q, "query-block-exports", NULL, req, exports_reply);
 }
 
@@ -518,8 +543,34 @@ int qemu_query_disks(Qmp *q, qemu_disks_handler_t handler, void *userdata, qemu_
         return request_submit(q, "query-block-jobs", NULL, req, disks_jobs_reply);
 }
 
-int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, const char *node_name,
-        uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, unsigned fdset, const QemuQcow2Options *o,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy) {
+        char file[64];
+        bool v3 = o->version == 3;
+
+        if (o->version != 2 && o->version != 3)
+                return -EINVAL;
+        (void) snprintf(file, sizeof(file), "/dev/fdset/%u", fdset);
+        /* The v3 features are left out of a v2 image (QEMU refuses them there, even off). */
+        return call(q, "blockdev-create",
+                ARGS(A_STR("job-id", job_id),
+                        A_OBJ("options",
+                                A_STR("driver", "qcow2"),
+                                A_OBJ("file", A_STR("driver", "file"), A_STR("filename", file)),
+                                A_U64("size", o->size),
+                                A_STR("version", v3 ? "v3" : "v2"),
+                                A_U64("cluster-size", o->cluster_size),
+                                A_U64("refcount-bits", o->refcount_bits),
+                                { .key = "lazy-refcounts", .type = ARG_BOOL, .b = o->lazy_refcounts, .omit = !v3 },
+                                { .key = "extended-l2", .type = ARG_BOOL, .b = o->extended_l2, .omit = !v3 },
+                                { .key = "compression-type", .type = ARG_STRING, .s = o->zstd ? "zstd" : "zlib",
+                                        .omit = !v3 })),
+                -1, handler, userdata, destroy);
+}
+
+int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, bool existing,
+        const char *node_name, uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy) {
         char target[64];
 
         (void) snprintf(target, sizeof(target), "/dev/fdset/%u", fdset);
@@ -528,7 +579,7 @@ int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsign
                         A_STR("device", device),
                         A_STR("target", target),
                         A_STR("format", "qcow2"),
-                        A_STR("mode", "absolute-paths"),
+                        A_STR("mode", existing ? "existing" : "absolute-paths"),
                         A_STR("node-name", node_name),
                         A_STR("sync", "full"),
                         A_U64("speed", speed),

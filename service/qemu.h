@@ -80,16 +80,32 @@ int qemu_block_export_del(Qmp *q, const char *id, qemu_result_handler_t handler,
 /* query-block-exports: the export ids (a NULL-terminated list). */
 typedef void (*qemu_exports_handler_t)(Qmp *q, int error, const char *error_desc, char **ids, void *userdata);
 int qemu_query_block_exports(Qmp *q, qemu_exports_handler_t handler, void *userdata, qemu_destroy_t destroy);
+/* The same, with the node each export reads now (nodes[i] for ids[i]): a filter put over a node
+ * takes its exports along. */
+typedef void (*qemu_export_nodes_handler_t)(
+        Qmp *q, int error, const char *error_desc, char **ids, char **nodes, void *userdata);
+int qemu_query_block_export_nodes(Qmp *q, qemu_export_nodes_handler_t handler, void *userdata, qemu_destroy_t destroy);
 
 /* The copy-on-read filter of range streaming: over file (the disk's top node), copying from the
  * images down to bottom (inclusive; NULL: all). */
 int qemu_blockdev_add_cor(Qmp *q, const char *node_name, const char *file, const char *bottom,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 /* The mirror engine (mirror.c): mirror device (sync=full, auto-finalize and auto-dismiss off)
- * onto a new qcow2 image that QEMU formats in fd set fdset (drive-mirror, mode absolute-paths,
- * node node_name), complete a job that is ready, and drop an fd set. */
-int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, const char *node_name,
-        uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+ * onto a qcow2 image in fd set fdset, node node_name (drive-mirror): a new one QEMU formats with
+ * its defaults (mode absolute-paths), or, existing, the one formatted before by
+ * qemu_blockdev_create_qcow2() (a job: blockdev-create, ended by its JOB_STATUS_CHANGE
+ * "concluded"); complete a job that is ready, and drop an fd set. */
+typedef struct QemuQcow2Options {
+        uint64_t size, cluster_size;
+        uint32_t version; /* 2 or 3 */
+        uint32_t refcount_bits;
+        bool lazy_refcounts, extended_l2, zstd; /* v3 only */
+} QemuQcow2Options;
+int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, unsigned fdset, const QemuQcow2Options *o,
+        qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
+int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, bool existing,
+        const char *node_name, uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata,
+        qemu_destroy_t destroy);
 int qemu_job_complete(
         Qmp *q, const char *job_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_remove_fd(Qmp *q, unsigned fdset_id, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);

@@ -251,8 +251,10 @@ static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata
         op->child = sd_event_source_disable_unref(op->child);
         if (op->ending)
                 return 0;
-        if (op->got_done)
-                range_op_end(op, STREAM_COMPLETED, NULL);
+        if (op->got_done) {
+                if (!op->kind->done || !op->kind->done(op))
+                        range_op_end(op, STREAM_COMPLETED, NULL);
+        }
         else if (op->stop_requested && si->si_code == CLD_EXITED && si->si_status == 0)
                 range_op_end(op, STREAM_CANCELLED, NULL);
         else {
@@ -391,6 +393,14 @@ void range_op_setup_done(RangeOp *op) {
                 range_op_end(op, STREAM_FAILED, op->setup_error);
                 return;
         }
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        /* Tests only: SIGSTOP once a map's export is there, before its helper reads it. */
+        if (op->map && streq_ptr(getenv("BLOCKSTREAM_TEST_MAP_STOP"), "export")) {
+                log_info("Guest %s disk %s: map stopped with its export %s added (test hook).", op->guest->name,
+                        op->alias, op->export_id);
+                (void) raise(SIGSTOP);
+        }
+#endif
         r = spawn_helper(op);
         if (r < 0) {
                 _cleanup_free_ char *why = strdup_printf("cannot start the pull helper: %s", strerror(-r));

@@ -37,6 +37,9 @@ typedef struct RangeOpKind {
         /* A progress report (parse_error: control_parse_pull()'s result). Returns as ready(). Without
          * it, progress reports are a protocol error. */
         int (*progress)(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error);
+        /* The helper said it is done: true if the kind ends the op itself (after a check of its
+         * own), false to have it completed now. */
+        bool (*done)(RangeOp *op);
         /* The op ends, before its export is removed. */
         void (*end)(RangeOp *op);
         /* The export is gone: tell the outcome (d may be NULL: the disk went away). An op->call

@@ -9,11 +9,16 @@ backup does), set up with plain QEMU through the test's own QMP monitor:
   object stops saying "serving", its relay and socket go;
 - a foreign filter node on top of the disk (a backup job's copy-before-write filter): the disk's
   node is the image under it, and once the filter is gone the next operation works (node names
-  are looked up afresh, not remembered)."""
+  are looked up afresh, not remembered); a filter put over the disk while its map is read fails
+  the map with a clear error (through the filter QEMU counts every depth one deeper)."""
 
+import json
 import os
+import signal
+import subprocess
 import sys
 import time
+import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -207,6 +212,58 @@ class ForeignTest(h.TestCase):
         h.wait_until(lambda: g.qemu.qmp.cmd('query-block-exports') == [], 10, 'our export to leave QEMU')
         self.remove_backup_filter(g)
         path, _ = self.export_ok(g)
+
+    def base_depth(self, extents, c):
+        """The depth the map gives the base's 0x12 run, [176u, 192u): 3 (top, mid, base)."""
+        off = 180 * c.u
+        return [e[2] for e in extents if e[0] <= off < e[0] + e[1]]
+
+    @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                         'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+    def test_filter_put_over_the_disk_while_its_map_is_read(self):
+        """The daemon stopped once the map's export is in QEMU (test hook), a backup filter put over
+        the disk, the daemon let go: the export now reads through the filter, whose depths are one
+        deeper; the map fails with a clear error instead of that map. With the filter there before
+        the map, the map reads the disk under it and is right."""
+        self.env.stop_daemon()
+        os.environ['BLOCKSTREAM_TEST_MAP_STOP'] = 'export'
+        try:
+            self.env.start_daemon()
+        finally:
+            del os.environ['BLOCKSTREAM_TEST_MAP_STOP']
+        self.addCleanup(self.default_daemon)
+        g = self.running_guest()
+        c = g.chains['vda']
+        d = g.disk()
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.Popen(['busctl', '--system', '--json=short', 'call', h.BUS_NAME, d.path, h.IFACE_STREAM,
+                              'GetAllocationMap', 'tt', '0', '0'],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+        pid = self.env.daemon.proc.pid
+
+        def stopped():
+            with open('/proc/%d/stat' % pid) as f:
+                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+        h.wait_until(stopped, 60, 'the daemon to stop at its test hook')
+        self.add_backup_filter(g)
+        os.kill(pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=60)
+        if p.returncode == 0:
+            self.fail('the map read through the filter was returned (base depth %r, want [3])'
+                      % self.base_depth(json.loads(out)['data'][0], c))
+        self.assertIn('changed while its map was read', err)
+        # Without the hook: with the filter there before the call, the map is the disk's.
+        self.default_daemon()
+        self.client.wait_for(lambda: self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
+                                                          g.name)[0] == g.path, 30, 'the guest to be republished')
+        self.assertEqual(self.base_depth(d.call('GetAllocationMap', 'tt', h.T(0), h.T(0)), c), [3])
+        self.remove_backup_filter(g)
+        self.assertEqual(self.base_depth(d.call('GetAllocationMap', 'tt', h.T(0), h.T(0)), c), [3])
+
+    def default_daemon(self):
+        self.env.stop_daemon()
+        self.env.start_daemon()
 
     # -- the disk's node replaced behind our back
 

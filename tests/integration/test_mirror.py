@@ -61,6 +61,20 @@ class MirrorBase(h.TestCase):
         self.assertEqual(rc, 0, 'image differs from the chain plus the guest writes: ' + out)
         self.assertEqual(h.image_check(c.top)[0], 0)
 
+    def guest_with_overlay(self, options):
+        """A running guest whose overlay was made with these qemu-img -o options (the same writes)."""
+        chains = self.make_chains(('vda',), SIZE)
+        c = chains['vda']
+        os.unlink(c.top)
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-o', options, '-b', c.mid, '-F', 'qcow2', c.top)
+        h.run(['qemu-io', '-f', 'qcow2'] + sum((['-c', 'write -P 0x%02x %d %d' % (pat, off, ln)]
+                                                 for _, pat, off, ln in c.layers[c.top]), []) + [c.top])
+        name = self.unique_name()
+        q = self.start_qemu(chains, name=name)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        return h.Guest(self, name, q, chains, path)
+
     def assert_untouched(self, c, st):
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
@@ -211,6 +225,30 @@ class MirrorTest(MirrorBase):
         self.assertLess(used, 16 * MiB, 'the new image takes %d bytes for 8 MiB of data' % used)
 
 
+    def test_new_image_takes_the_overlays_format(self):
+        """The new image replaces the overlay: it has the overlay's cluster size and the format
+        options a user chose for it (compat, lazy_refcounts, extended_l2, compression_type,
+        refcount_bits), not QEMU's defaults (64 KiB clusters, ...)."""
+        for options in ('cluster_size=131072,lazy_refcounts=on,compression_type=zstd,refcount_bits=64',
+                        'cluster_size=1048576,extended_l2=on'):
+            with self.subTest(options=options):
+                self.overlay_with(options)
+
+    def overlay_with(self, options):
+        g = self.guest_with_overlay(options)
+        c = g.chains['vda']
+        want = h.image_info(c.top)
+        d = g.disk()
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+        got = h.image_info(c.top)
+        self.assertEqual(got['cluster-size'], want['cluster-size'], 'the new image\'s cluster size')
+        keys = ('compat', 'lazy-refcounts', 'extended-l2', 'compression-type', 'refcount-bits')
+        self.assertEqual({k: got['format-specific']['data'].get(k) for k in keys},
+                         {k: want['format-specific']['data'].get(k) for k in keys},
+                         'the new image\'s format options')
+
     def test_auto_picks_mirror_only_when_configured(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -229,6 +267,15 @@ class MirrorTest(MirrorBase):
         since = time.monotonic()
         d2.start(0, 0, opts(bandwidth=T(0)))
         self.assert_completed(d2, since)
+        # Not for an overlay with its own format options: the mirror would zero the whole new
+        # image first; the stream keeps the overlay, options and all.
+        g4 = self.guest_with_overlay('cluster_size=131072')
+        d4 = g4.disk()
+        since = time.monotonic()
+        d4.start(0, 0, opts(bandwidth=T(0)))
+        res, done, err = d4.wait_finished(60, since)
+        self.assertEqual((res, err, d4.prop('Engine')), ('completed', '', 'stream'))
+        self.assertEqual(h.image_info(g4.chains['vda'].top)['cluster-size'], 131072)
         # auto never keeps a base with a mirror.
         g3 = self.new_guest(size=SIZE)
         d3 = g3.disk()
@@ -413,9 +460,9 @@ class MirrorKillTest(MirrorBase):
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
         return p
 
-    def killed_before_the_job(self, step):
+    def killed_before_the_job(self, step, overlay_options=None):
         self.restart_with_hook(step)
-        g = self.new_guest(size=SIZE)
+        g = self.guest_with_overlay(overlay_options) if overlay_options else self.new_guest(size=SIZE)
         d = g.disk()
         c = g.chains['vda']
         st = os.stat(c.top)
@@ -441,6 +488,21 @@ class MirrorKillTest(MirrorBase):
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assert_standalone(g, c)
+
+    def test_killed_while_qemu_formats(self):
+        """An overlay with its own cluster size: killed once QEMU runs the blockdev-create job of
+        the new image; the job, the fd set and the image are removed, and the next mirror's image
+        has the overlay's cluster size."""
+        g, d, c, since = self.killed_before_the_job('format', 'cluster_size=262144')
+        h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
+                     'the blockdev-create job to be dismissed')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
+        self.assertEqual(h.image_info(c.top)['cluster-size'], 262144)
 
     def test_killed_before_qemu_had_the_job(self):
         """The job recorded, blockdev-mirror not sent: QEMU does not know it, it failed (once), and

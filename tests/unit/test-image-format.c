@@ -523,6 +523,43 @@ static void test_fuzz(void) {
         ASSERT_TRUE(accepted > 0);
 }
 
+/* The format options a mirror's new image copies (mirror.c), as qemu-img wrote them. */
+static void test_format_options(void) {
+        static const struct {
+                const char *options;
+                uint32_t cluster_size, version, refcount_bits;
+                bool lazy, extl2, zstd;
+        } t[] = {
+                {"cluster_size=65536", 65536, 3, 16, false, false, false},
+                {"cluster_size=131072,lazy_refcounts=on,compression_type=zstd,refcount_bits=64", 131072, 3, 64, true,
+                        false, true},
+                {"cluster_size=1048576,extended_l2=on,refcount_bits=1", 1048576, 3, 1, false, true, false},
+                {"compat=0.10,cluster_size=4096", 4096, 2, 16, false, false, false},
+        };
+
+        if (!have_qemu_img) {
+                printf("# no qemu-img; skipping\n");
+                return;
+        }
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_free_ char *err = NULL;
+                _cleanup_close_ int fd = -1;
+                Image img = {.fd = -1};
+
+                ASSERT_OK(run("qemu-img create -q -f qcow2 -o %s %s/opt%zu.qcow2 64M", t[i].options, img_dir, i));
+                fd = open(P("%s/opt%zu.qcow2", img_dir, i), O_RDONLY | O_CLOEXEC);
+                ASSERT_TRUE(fd >= 0);
+                ASSERT_OK(image_read_header(fd, "qcow2", P("%s/opt%zu.qcow2", img_dir, i), &img, &err));
+                ASSERT_EQ(img.cluster_size, t[i].cluster_size);
+                ASSERT_EQ(img.qcow2_version, t[i].version);
+                ASSERT_EQ(img.refcount_bits, t[i].refcount_bits);
+                ASSERT_EQ(img.lazy_refcounts, t[i].lazy);
+                ASSERT_EQ(img.extended_l2, t[i].extl2);
+                ASSERT_EQ(img.compression_zstd, t[i].zstd);
+                image_free(&img);
+        }
+}
+
 /* The overlay ProvisionDisk writes: read back by our parser and by qemu-img check; refusals
  * before anything is written. */
 static void test_write_overlay(void) {
@@ -608,6 +645,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_block_device);
         TAP_RUN(test_fuzz);
         TAP_RUN(test_write_overlay);
+        TAP_RUN(test_format_options);
 
         image_test_cleanup();
         return tap_finish();
