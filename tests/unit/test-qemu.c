@@ -515,10 +515,16 @@ static void test_command_builders(void) {
         expect_command(&f, "blockdev-del", "{\"node-name\":\"cor0\"}");
 
         /* The mirror: a new qcow2 in an fd set, QEMU's granularity (none sent), our buffer. */
-        ASSERT_OK(qemu_drive_mirror_new(f.q, "m1", "top", 1000000001, "mq", 5, 8 << 20, NULL, NULL, NULL));
+        ASSERT_OK(qemu_drive_mirror_new(f.q, "m1", "top", 1000000001, false, "mq", 5, 8 << 20, NULL, NULL, NULL));
         expect_command(&f, "drive-mirror",
                 "{\"job-id\":\"m1\",\"device\":\"top\",\"target\":\"\\/dev\\/fdset\\/1000000001\",\"format\":\"qcow2\","
                 "\"mode\":\"absolute-paths\",\"node-name\":\"mq\",\"sync\":\"full\",\"speed\":5,\"buf-size\":8388608,"
+                "\"auto-finalize\":false,\"auto-dismiss\":false}");
+        /* Into an image the daemon formatted first (the overlay's options). */
+        ASSERT_OK(qemu_drive_mirror_new(f.q, "m2", "top", 1000000002, true, "mq", 5, 8 << 20, NULL, NULL, NULL));
+        expect_command(&f, "drive-mirror",
+                "{\"job-id\":\"m2\",\"device\":\"top\",\"target\":\"\\/dev\\/fdset\\/1000000002\",\"format\":\"qcow2\","
+                "\"mode\":\"existing\",\"node-name\":\"mq\",\"sync\":\"full\",\"speed\":5,\"buf-size\":8388608,"
                 "\"auto-finalize\":false,\"auto-dismiss\":false}");
 
         ASSERT_OK(qemu_nbd_server_start_fd(f.q, "nbd0", NULL, NULL, NULL));
