@@ -173,7 +173,9 @@ static int check_table(const char *image_path, const char *what, uint64_t offset
         return 0;
 }
 
-static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **ret_error) {
+/* protocol_backing_ok: a "proto:" backing name is passed over (backing stays NULL) instead of
+ * refused; for callers that want the image's format options only. */
+static int qcow2_read_header(int fd, const char *image_path, bool protocol_backing_ok, Image *ret, char **ret_error) {
         _cleanup_free_ uint8_t *cluster = NULL;
         _cleanup_free_ char *name = NULL, *backing = NULL, *backing_format = NULL;
         uint8_t h[QCOW2_HEADER_READ] = {};
@@ -355,16 +357,20 @@ static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **
                 if (has_control_chars(name, backing_size))
                         return image_error(ret_error, -EBADMSG,
                                 "The backing file name of %s contains control characters.", image_path);
-                if (name_has_protocol(name))
-                        return image_error(ret_error, -EOPNOTSUPP,
-                                "The backing file of %s is '%s', a protocol and not a file; blockstreamd takes file backings only. Rebase the image onto a file with 'qemu-img rebase -u -b FILE -F FORMAT'.",
-                                image_path, name);
-                backing = backing_resolve(image_path, name);
-                if (!backing)
-                        return -ENOMEM;
-                if (!path_is_safe_absolute(backing, PATH_MAX - 1) || streq(backing, "/"))
-                        return image_error(ret_error, -EBADMSG,
-                                "The backing file '%s' of %s does not resolve to a valid file path.", name, image_path);
+                if (name_has_protocol(name)) {
+                        if (!protocol_backing_ok)
+                                return image_error(ret_error, -EOPNOTSUPP,
+                                        "The backing file of %s is '%s', a protocol and not a file; blockstreamd takes file backings only. Rebase the image onto a file with 'qemu-img rebase -u -b FILE -F FORMAT'.",
+                                        image_path, name);
+                } else {
+                        backing = backing_resolve(image_path, name);
+                        if (!backing)
+                                return -ENOMEM;
+                        if (!path_is_safe_absolute(backing, PATH_MAX - 1) || streq(backing, "/"))
+                                return image_error(ret_error, -EBADMSG,
+                                        "The backing file '%s' of %s does not resolve to a valid file path.", name,
+                                        image_path);
+                }
         }
 
         /* Header extensions: 8-byte aligned {type, length, data}, ended by type 0, never past the backing
@@ -433,7 +439,8 @@ static int qcow2_read_header(int fd, const char *image_path, Image *ret, char **
         return 0;
 }
 
-int image_read_header(int fd, const char *format, const char *image_path, Image *ret, char **ret_error) {
+static int read_header(int fd, const char *format, const char *image_path, bool protocol_backing_ok, Image *ret,
+        char **ret_error) {
         Image tmp = {};
         uint64_t size;
         int r;
@@ -455,7 +462,7 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
                         return -ENOMEM;
                 tmp.virtual_size = size;
         } else {
-                r = qcow2_read_header(fd, image_path, &tmp, ret_error);
+                r = qcow2_read_header(fd, image_path, protocol_backing_ok, &tmp, ret_error);
                 if (r < 0)
                         return r;
         }
@@ -471,6 +478,14 @@ int image_read_header(int fd, const char *format, const char *image_path, Image 
         ret->backing = tmp.backing;
         ret->backing_format = tmp.backing_format;
         return 0;
+}
+
+int image_read_header(int fd, const char *format, const char *image_path, Image *ret, char **ret_error) {
+        return read_header(fd, format, image_path, false, ret, ret_error);
+}
+
+int image_read_format_options(int fd, const char *image_path, Image *ret, char **ret_error) {
+        return read_header(fd, "qcow2", image_path, true, ret, ret_error);
 }
 
 static void put_be32(uint8_t *p, uint32_t v) {

@@ -50,6 +50,11 @@ typedef struct Image {
  * device, other -errno from the kernel. */
 int image_read_header(int fd, const char *format, const char *image_path, Image *ret, char **ret_error);
 
+/* The same for a qcow2 image whose options alone are wanted (a new image made like it): a "proto:"
+ * backing (an overlay of a remote template) is passed over, *ret's backing left NULL; everything
+ * else is checked as image_read_header() does. */
+int image_read_format_options(int fd, const char *image_path, Image *ret, char **ret_error);
+
 /* Write a qcow2 v3 overlay of the given virtual size (rounded up to 512) on backing (a path or a
  * URL, stored as given, at most 1023 bytes) of backing_format ("qcow2" or "raw") into fd, an empty
  * regular file opened for writing: the same layout as `qemu-img create -f qcow2 -u -b … -F …` with

@@ -427,7 +427,7 @@ static int overlay_format(int overlay_fd, const Disk *d, QemuQcow2Options *ret) 
         Image img = {};
         int r;
 
-        r = image_read_header(overlay_fd, "qcow2", d->path, &img, NULL);
+        r = image_read_format_options(overlay_fd, d->path, &img, NULL);
         if (r < 0)
                 return r;
         *ret = (QemuQcow2Options){

@@ -558,6 +558,27 @@ static void test_format_options(void) {
                 ASSERT_EQ(img.compression_zstd, t[i].zstd);
                 image_free(&img);
         }
+
+        /* An overlay of a remote template: its options are read, its protocol backing is passed over
+         * (backing NULL), and only there: image_read_header() still refuses it. */
+        {
+                _cleanup_free_ char *err = NULL;
+                _cleanup_close_ int fd = -1;
+                Image img = {.fd = -1};
+
+                ASSERT_OK(run("qemu-img create -q -f qcow2 -u -o cluster_size=131072 -b "
+                              "'nbd+unix:///?socket=/nonexistent' -F raw %s/remote.qcow2 64M",
+                        img_dir));
+                fd = open(P("%s/remote.qcow2", img_dir), O_RDONLY | O_CLOEXEC);
+                ASSERT_TRUE(fd >= 0);
+                ASSERT_EQ(image_read_header(fd, "qcow2", P("%s/remote.qcow2", img_dir), &img, &err), -EOPNOTSUPP);
+                ASSERT_TRUE(err && strstr(err, "a protocol and not a file"));
+                ASSERT_OK(image_read_format_options(fd, P("%s/remote.qcow2", img_dir), &img, NULL));
+                ASSERT_EQ(img.cluster_size, 131072u);
+                ASSERT_TRUE(img.backing == NULL);
+                ASSERT_STREQ(img.backing_format, "raw");
+                image_free(&img);
+        }
 }
 
 /* The overlay ProvisionDisk writes: read back by our parser and by qemu-img check; refusals
