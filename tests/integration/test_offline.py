@@ -40,15 +40,18 @@ class OfflineTest(h.TestCase):
     def helper_uid(self, g):
         return o.identity(self.env, g.name)[0]
 
+    def storage_uid(self, g):
+        return o.storage_identity(self.env, g.name)[0]
+
     def the_helper(self, g, timeout=10):
-        uid = self.helper_uid(g)
-        hs = h.wait_until(lambda: o.storage_helpers(self.env, uid), timeout,
-                          'the storage helper of %s (uid %d) to run' % (g.name, uid))
+        hs = h.wait_until(lambda: o.guest_storage_helpers(self.env, g.name), timeout,
+                          'the storage helper of %s to run' % g.name)
         self.assertEqual(len(hs), 1, 'more than one storage helper for %s: %r' % (g.name, hs))
         return hs[0]
 
     def assert_helper_gone(self, g, timeout=10):
-        uid = self.helper_uid(g)
+        uid = self.storage_uid(g)
+        self.assertNotEqual(uid, 0, 'no storage helper identity for %s' % g.name)
         h.wait_until(lambda: not o.storage_helpers(self.env, uid), timeout,
                      'the storage helper of %s to exit after its job' % g.name)
 
@@ -94,8 +97,9 @@ class OfflineTest(h.TestCase):
         self.assertTrue(2147418112 <= uid < 2147483646, 'helper uid %d outside the default HelperUIDRange' % uid)
         self.assertLess(c1, c2)
         self.assertLess(c2, 1024)
-        # Nothing runs for a guest without a job.
+        # Nothing runs for a guest without a job (nor has its storage helper an identity yet).
         self.assertEqual(o.storage_helpers(self.env, uid), [])
+        self.assertEqual(o.storage_identity(self.env, g.name), (0, 0, 0))
 
     # -- full stream
 
@@ -188,12 +192,14 @@ class OfflineTest(h.TestCase):
         g = self.new_offline_guest()
         d = g.disk()
         c = g.chains['vda']
-        uid = self.helper_uid(g)
         since = time.monotonic()
         d.start(0, 0, opts(bandwidth=T(2 * MiB)))
         d.wait_state('running', 10)
         hp = self.the_helper(g)
-        self.assertEqual(hp.uids, [uid] * 4, 'the helper runs as %s, not as the guest\'s helper uid %d'
+        # Its own identity: not the one of the guest's other helpers (relay, pull helper).
+        uid = self.storage_uid(g)
+        self.assertNotEqual(uid, self.helper_uid(g), 'the storage helper shares the guest\'s helper uid')
+        self.assertEqual(hp.uids, [uid] * 4, 'the helper runs as %s, not as the guest\'s storage helper uid %d'
                          % (hp.status['Uid'], uid))
         self.assertEqual(hp.gids, [uid] * 4, 'the helper\'s gids are %s, expected %d' % (hp.status['Gid'], uid))
         self.assertEqual(hp.groups, [], 'the helper kept supplementary groups')
@@ -336,7 +342,7 @@ class OfflineTest(h.TestCase):
         """A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's storage
         helper still exiting, the images still locked. It must wait for that helper to be gone
         (killing what is left of it) and carry the job on, not fail it on the lock. The leftover
-        is played by a process of the guest's helper uid that holds a lock on the top image."""
+        is played by a process of the guest's storage helper uid that holds a lock on the top image."""
         g = self.new_offline_guest()
         d = g.disk()
         c = g.chains['vda']
@@ -344,7 +350,7 @@ class OfflineTest(h.TestCase):
         d.start(0, 0, opts(bandwidth=T(2 * MiB)))
         d.wait_bytes_done(1 * MiB, 20)
         hp = self.the_helper(g)
-        uid = self.helper_uid(g)
+        uid = self.storage_uid(g)
         self.env.daemon.stop(signal.SIGKILL)
         o.wait_gone(hp.pid, 5, 'the storage helper to die with the daemon')
         script = ('import fcntl, os, struct, sys, time\n'
@@ -361,7 +367,7 @@ class OfflineTest(h.TestCase):
         restart = time.monotonic()
         res, done, err = d.wait_finished(90, restart)  # ~27 MiB to copy at 2 MiB/s
         self.assertEqual((res, err), ('completed', ''))
-        self.assertEqual(leftover.wait(5), -signal.SIGKILL, 'the leftover of the helper uid was not killed')
+        self.assertEqual(leftover.wait(5), -signal.SIGKILL, 'the leftover of the storage helper uid was not killed')
         self.assertEqual(len(d.finished(since)), 1, 'Finished more than once for one job')
         self.assertEqual(c.compare()[0], 0)
         self.assertEqual(h.image_check(c.top)[0], 0)
