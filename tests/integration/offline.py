@@ -80,6 +80,15 @@ def storage_identity(env, name):
     return s.get('storage_uid', 0), s.get('storage_mcs_c1', 0), s.get('storage_mcs_c2', 0)
 
 
+def helper_uid_range(env):
+    """The uids the daemon may give out: HelperUIDRange= of its config (the last line wins), less
+    its top uid (reserved for ProvisionDisk's probe)."""
+    with open(env.daemon.conf) as f:
+        line = [l for l in f if l.startswith('HelperUIDRange=')][-1]
+    lo, hi = [int(x) for x in line.split('=', 1)[1].split('-')]
+    return range(lo, hi)
+
+
 def raw_image(path, size=1 * MiB):
     """A sparse raw image, made like an administrator would (truncate)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -239,10 +239,8 @@ class ExportTest(h.TestCase):
         self.assertEqual(sid[0], suid, 'the storage uid in the state record')
         self.assertLess(sid[1], sid[2])
         self.assertNotEqual(sid[1:], o.identity(self.env, g.name)[1:], 'one MCS pair for both identities')
-        with open(self.env.daemon.conf) as f:
-            lo, hi = [int(x) for x in [l for l in f if l.startswith('HelperUIDRange=')][-1].split('=')[1].split('-')]
         for uid in (ruid, suid):
-            self.assertIn(uid, range(lo, hi), 'uid %d outside HelperUIDRange=%d-%d (or its reserved top)' % (uid, lo, hi))
+            self.assertIn(uid, o.helper_uid_range(self.env), 'uid outside HelperUIDRange= (or its reserved top)')
         # Nothing in the guest's runtime dir belongs to either helper uid: the daemon hands the
         # helpers their sockets as fds.
         for d, dirs, files in os.walk(self.env.daemon.runtime_dir):

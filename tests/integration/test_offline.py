@@ -6,6 +6,7 @@ images passed as fds), checked like the running-guest tests check theirs (test_s
 helper's identity and confinement as the kernel shows them; a helper killed mid-job; image trust
 at registration (backings outside the image directories, symlinks, other guests' disks)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -337,6 +338,54 @@ class OfflineTest(h.TestCase):
                 self.assertEqual(c.compare()[0], 0)
                 self.assertEqual(h.image_check(c.top)[0], 0)
                 self.unregister_quietly(g.name)
+
+    def test_storage_identity_of_the_record_is_untrusted(self):
+        """The storage helper's identity in the guest's state record is read back as untrusted:
+        one that is the guest's other helpers' (uid or MCS pair), outside HelperUIDRange=,
+        malformed or missing (a record from before it existed) is never run under; the storage
+        helper gets a fresh one, and the guest's helpers keep theirs."""
+        g = self.new_offline_guest()
+        helper = o.identity(self.env, g.name)
+
+        def serve():
+            path, uri = o.export(g.disk())
+            hp = self.the_helper(g)
+            self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+            o.wait_gone(hp.pid, 10, 'the storage helper to exit once its export stopped')
+            return hp
+
+        hp = serve()
+        sid = o.storage_identity(self.env, g.name)
+        self.assertEqual(hp.uids, [sid[0]] * 4)
+        self.assertNotEqual(sid[0], helper[0])
+        edits = [('the guest\'s helper uid', {'storage_uid': helper[0]}),
+                 ('the guest\'s MCS pair', {'storage_mcs_c1': helper[1], 'storage_mcs_c2': helper[2]}),
+                 ('uid 1, outside HelperUIDRange=', {'storage_uid': 1}),
+                 ('the reserved top uid', {'storage_uid': o.helper_uid_range(self.env).stop}),
+                 ('a negative uid', {'storage_uid': -5}),
+                 ('a string', {'storage_uid': 'x'}),
+                 ('no storage identity (an old record)', None)]
+        for what, edit in edits:
+            with self.subTest(what):
+                self.env.daemon.stop()
+                s = o.read_state(self.env, g.name)
+                if edit is None:
+                    for k in ('storage_uid', 'storage_mcs_c1', 'storage_mcs_c2'):
+                        s.pop(k, None)
+                else:
+                    s.update(edit)
+                with open(o.state_file(self.env, g.name), 'w') as f:
+                    json.dump(s, f)
+                self.env.daemon.start()
+                self.assertEqual(o.identity(self.env, g.name), helper, 'the guest\'s helpers lost their identity')
+                hp = serve()
+                now = o.storage_identity(self.env, g.name)
+                self.assertIn(now[0], o.helper_uid_range(self.env))
+                self.assertNotEqual(now[0], helper[0])
+                self.assertNotEqual(now[1:], helper[1:])
+                self.assertLess(now[1], now[2])
+                self.assertEqual(hp.uids, [now[0]] * 4, 'the storage helper ran under an identity of the record')
+                self.assertEqual(hp.gids, [now[0]] * 4)
 
     def test_restart_waits_for_an_earlier_helper(self):
         """A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's storage
