@@ -483,5 +483,62 @@ class OfflineTest(h.TestCase):
         self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
 
 
+class StorageIdentityRangeTest(h.TestCase):
+    """A guest's storage helper identity comes from HelperUIDRange= like its helpers' one: taken
+    while the guest is registered (no other guest gets it), released with the guest. The range
+    here has room for exactly one guest and its storage helper (its top uid is reserved)."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def guest(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, name)
+        return name, chains['vda'].top
+
+    def serve(self, name, top):
+        """Export its disk, read it, stop: the uids of its relay and of its storage helper."""
+        path, uri = o.export(h.Disk(self.client, h.disk_path(name, 'vda')))
+        storage = h.wait_until(lambda: o.storage_helper_of(self.env, top), 10, 'the storage helper of ' + name)[0]
+        relay = h.wait_until(lambda: o.relays(self.env), 10, 'the relay of ' + name)[0]
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+        o.wait_gone(storage.pid, 10, 'the storage helper to exit once its export stopped')
+        o.wait_gone(relay.pid, 10, 'the relay to exit once its export stopped')
+        return relay.uids[0], storage.uids[0]
+
+    def test_released_with_the_guest(self):
+        both = {self.first, self.first + 1}
+        a, top_a = self.guest()
+        self.assertEqual(set(self.serve(a, top_a)), both)
+        # Both uids are a's while it is registered: no room for another guest.
+        extra = o.raw_image(os.path.join(self.env.images, 'range-extra.raw'))
+        e = self.assertDBusError(o.ERR_LIMITS_EXCEEDED, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                                 'RegisterGuest', 'ssa{sv}', self.unique_name(), '',
+                                 o.offline_options({'vda': extra}, {'vda': 'raw'}))
+        self.assertIn('HelperUIDRange', e.message)
+        # Unregistered, a gives both back: the next guest and its storage helper get them.
+        self.assertIsNone(self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', a))
+        b, top_b = self.guest()
+        self.assertEqual(set(self.serve(b, top_b)), both)
+        self.assertIn(o.storage_identity(self.env, b)[0], both)
+
+
 if __name__ == '__main__':
     h.main()
