@@ -14,6 +14,7 @@
 #include "guest.h"
 #include "engine.h"
 #include "image.h"
+#include "sandbox.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
@@ -665,17 +666,59 @@ const PeerOwner guest_peer_owner = {
         .set_nbd_server_started = guest_set_nbd_server_started,
 };
 
+int guest_storage_identity_labels(Guest *g) {
+        const Config *cfg = &g->engine->config;
+
+        g->storage_process_label = mfree(g->storage_process_label);
+        g->storage_image_label = mfree(g->storage_image_label);
+        return sandbox_selinux_labels(config_selinux_helper_type(cfg), config_selinux_image_type(cfg),
+                g->storage_mcs_c1, g->storage_mcs_c2, &g->storage_process_label, &g->storage_image_label);
+}
+
+/* The storage helper's identity, allocated when one first runs for the guest (most guests never
+ * need one) and saved before anything runs under it: a restarted daemon finds the leftovers of its
+ * predecessor's storage helper by that uid (storage.c). */
+static int guest_storage_identity(Guest *g) {
+        Engine *e = g->engine;
+        unsigned c1, c2;
+        uid_t uid;
+        int r;
+
+        if (g->storage_uid != 0)
+                return 0;
+        r = e->registry->identity_allocate(e, &g->storage_uid, &uid, &c1, &c2);
+        if (r < 0)
+                return log_error_errno(r, "Guest %s: no sandbox identity left for its storage helper%s: %m", g->name,
+                        r == -ENOSPC ? " (HelperUIDRange= or the MCS categories are exhausted)" : "");
+        g->storage_uid = uid;
+        g->storage_mcs_c1 = c1;
+        g->storage_mcs_c2 = c2;
+        r = guest_storage_identity_labels(g);
+        if (r >= 0)
+                r = guest_save(g);
+        if (r < 0) {
+                g->storage_uid = 0;
+                g->storage_mcs_c1 = g->storage_mcs_c2 = 0;
+                return r;
+        }
+        log_info("Guest %s: storage helper identity uid " UID_FMT ".", g->name, uid);
+        return 0;
+}
+
 static int guest_storage_sandbox(void *userdata, StorageSandbox *ret) {
         Guest *g = userdata;
         int r;
 
+        r = guest_storage_identity(g);
+        if (r < 0)
+                return r;
         r = guest_ensure_runtime_dir(g);
         if (r < 0)
                 return r;
         *ret = (StorageSandbox) {
-                .uid = g->helper_uid,
-                .process_label = g->selinux_process_label,
-                .image_label = g->selinux_image_label,
+                .uid = g->storage_uid,
+                .process_label = g->storage_process_label,
+                .image_label = g->storage_image_label,
                 .runtime_dir = g->runtime_dir,
         };
         return 0;

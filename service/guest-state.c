@@ -56,6 +56,9 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                 .helper_uid = g->helper_uid,
                 .mcs_c1 = g->mcs_c1,
                 .mcs_c2 = g->mcs_c2,
+                .storage_uid = g->storage_uid,
+                .storage_mcs_c1 = g->storage_mcs_c1,
+                .storage_mcs_c2 = g->storage_mcs_c2,
                 .qmp_pin = g->qmp_pin,
                 .qmp_uid = g->qmp_uid,
                 .disk_names = g->disk_names,
@@ -120,6 +123,9 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
         g->helper_uid = s->helper_uid;
         g->mcs_c1 = s->mcs_c1;
         g->mcs_c2 = s->mcs_c2;
+        g->storage_uid = s->storage_uid;
+        g->storage_mcs_c1 = s->storage_mcs_c1;
+        g->storage_mcs_c2 = s->storage_mcs_c2;
         g->qmp_pin = s->qmp_pin;
         g->qmp_uid = s->qmp_uid;
         g->qmp_uid_pin_next = s->qmp_uid_pin_next;

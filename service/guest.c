@@ -83,6 +83,8 @@ Guest *guest_free(Guest *g) {
         free(g->object_path);
         free(g->selinux_process_label);
         free(g->selinux_image_label);
+        free(g->storage_process_label);
+        free(g->storage_image_label);
         free(g->runtime_dir);
         free(g);
         return NULL;

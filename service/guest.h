@@ -81,6 +81,14 @@ typedef struct Guest {
         unsigned mcs_c1, mcs_c2;
         char *selinux_process_label; /* NULL where SELinux is off */
         char *selinux_image_label;
+        /* Its storage helper's (the QEMU that holds its images read-write): a second identity from
+         * the same allocator, so that a relay or pull helper taken over (they face NBD clients and
+         * servers) can neither signal that QEMU nor write into its memory. 0 until a storage
+         * helper first runs (guest_storage_identity()), then the guest's for life. */
+        uid_t storage_uid;
+        unsigned storage_mcs_c1, storage_mcs_c2;
+        char *storage_process_label;
+        char *storage_image_label;
         char *runtime_dir;           /* <runtime-dir>/guests/<name>: what its helpers see */
 
         /* A guest that is not running: its disks are served by a sandboxed storage helper (a
@@ -154,6 +162,8 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
         void (*destroy)(void *userdata));
 int guest_remove_state(Guest *g, const char *dir);
 int guest_from_state(Engine *m, StateGuest *s, Guest **ret);
+/* The SELinux labels of the storage helper's identity (guest-peer.c); none where SELinux is off. */
+int guest_storage_identity_labels(Guest *g);
 /* Write the guest's state file; logs on failure. */
 int guest_save(Guest *g);
 /* The same, coalesced: at most one write per GUEST_SAVE_INTERVAL_USEC, whatever QEMU sends (a

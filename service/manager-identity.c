@@ -14,7 +14,10 @@
 
 /* Sandbox identities: a uid (= gid) of the configured range that neither another guest, nor a
  * template cache's helper, nor a real account uses, and an MCS category pair c1 < c2 that no other
- * guest or cache has. `self` is the guest or cache asking (its own identity does not count). */
+ * guest or cache has. A guest holds two: its helpers' (self: the Guest) and its storage helper's
+ * (self: &g->storage_uid, which never takes its helpers'). `self` is the identity asking (its own
+ * does not count; nor, for a guest's helpers', its storage helper's: a restored record's clash
+ * between the two drops the storage helper's, manager_storage_identity_restore()). */
 
 static bool uid_taken(Manager *m, const void *self, uid_t uid) {
         struct passwd pw, *pwr = NULL;
@@ -24,7 +27,8 @@ static bool uid_taken(Manager *m, const void *self, uid_t uid) {
         if (uid == m->engine.config.helper_uid_max)
                 return true; /* reserved for provisioning's sandbox */
         for (Guest *g = m->guests; g; g = g->next)
-                if ((const void *) g != self && g->helper_uid == uid)
+                if (((const void *) g != self && g->helper_uid == uid) ||
+                        (self != g && self != &g->storage_uid && g->storage_uid != 0 && g->storage_uid == uid))
                         return true;
         if (cache_uid_taken(&m->engine, self, uid))
                 return true;
@@ -37,7 +41,9 @@ static bool uid_taken(Manager *m, const void *self, uid_t uid) {
 
 static bool mcs_taken(Manager *m, const void *self, unsigned c1, unsigned c2) {
         for (Guest *g = m->guests; g; g = g->next)
-                if ((const void *) g != self && g->helper_uid != 0 && g->mcs_c1 == c1 && g->mcs_c2 == c2)
+                if (((const void *) g != self && g->helper_uid != 0 && g->mcs_c1 == c1 && g->mcs_c2 == c2) ||
+                        (self != g && self != &g->storage_uid && g->storage_uid != 0 && g->storage_mcs_c1 == c1 &&
+                                g->storage_mcs_c2 == c2))
                         return true;
         return cache_mcs_taken(&m->engine, self, c1, c2);
 }
@@ -122,6 +128,23 @@ bool manager_identity_free(Engine *e, const void *self, uid_t uid, unsigned c1, 
         /* A restored record is untrusted: within HelperUIDRange= (the top uid is reserved) too. */
         return uid >= e->config.helper_uid_min && uid < e->config.helper_uid_max &&
                identity_valid(manager_of(e), self, uid, c1, c2);
+}
+
+/* The storage helper's identity restored from the guest's record (untrusted): kept if it is in
+ * HelperUIDRange= (below its reserved top) and nobody else's, the guest's helpers' included;
+ * otherwise dropped, and guest_storage_identity() allocates a fresh one when a storage helper
+ * first runs. Returns 1 if it was dropped (the record wants rewriting). */
+int manager_storage_identity_restore(Manager *m, Guest *g) {
+        if (g->storage_uid == 0)
+                return 0; /* none yet: a record from before it existed, or no storage helper ran */
+        if (manager_identity_free(&m->engine, &g->storage_uid, g->storage_uid, g->storage_mcs_c1, g->storage_mcs_c2))
+                return guest_storage_identity_labels(g);
+        log_warning("Guest %s: storage helper's sandbox identity in its state file out of range or taken, "
+                    "dropping it.",
+                g->name);
+        g->storage_uid = 0;
+        g->storage_mcs_c1 = g->storage_mcs_c2 = 0;
+        return 1;
 }
 
 int manager_identity_labels(Manager *m, Guest *g) {

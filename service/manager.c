@@ -832,6 +832,11 @@ static int load_guest(StateGuest *s, const char *path, void *userdata) {
                 r = manager_allocate_identity(m, g);
         } else
                 r = manager_identity_labels(m, g);
+        if (r >= 0) {
+                r = manager_storage_identity_restore(m, g);
+                if (r > 0)
+                        reallocated = true;
+        }
         if (r < 0) {
                 log_error_errno(r, "Guest %s: no sandbox identity, skipping this guest: %m", g->name);
                 manager_unlink_guest(m, g);

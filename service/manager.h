@@ -36,6 +36,9 @@ Guest *manager_find_guest(Manager *m, const char *name);
 int manager_allocate_identity(Manager *m, Guest *g);
 bool manager_identity_valid(Manager *m, Guest *g);
 int manager_identity_labels(Manager *m, Guest *g);
+/* The storage helper's identity of a restored guest, checked (after its helpers' identity): 0 kept
+ * or none, 1 dropped (to be saved), or -errno. */
+int manager_storage_identity_restore(Manager *m, Guest *g);
 /* The same for a template cache (engine.h's identity_allocate, identity_free): self is the cache. */
 int manager_identity_allocate(Engine *e, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2);
 bool manager_identity_free(Engine *e, const void *self, uid_t uid, unsigned c1, unsigned c2);

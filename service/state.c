@@ -154,6 +154,10 @@ static int format(const char *dir, const StateGuest *g, char **ret_text, char **
                 add(o, "mcs_c1", json_object_new_uint64(g->mcs_c1)) < 0 ||
                 add(o, "mcs_c2", json_object_new_uint64(g->mcs_c2)) < 0)
                 return -ENOMEM;
+        if (g->storage_uid != 0 && (add(o, "storage_uid", json_object_new_uint64(g->storage_uid)) < 0 ||
+                                           add(o, "storage_mcs_c1", json_object_new_uint64(g->storage_mcs_c1)) < 0 ||
+                                           add(o, "storage_mcs_c2", json_object_new_uint64(g->storage_mcs_c2)) < 0))
+                return -ENOMEM;
         /* Who may answer on the QMP socket (qmp-socket.h): its directory and a pinned uid. */
         if (g->qmp_pin.set) {
                 char boot[SD_ID128_STRING_MAX];
@@ -437,7 +441,7 @@ void state_guest_done(StateGuest *g) {
 int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret) {
         _cleanup_(state_guest_done) StateGuest g = {};
         const char *name = NULL, *uuid = NULL, *sock = NULL, *boot = NULL;
-        uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0;
+        uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0, suid = 0, sc1 = 0, sc2 = 0;
         uint64_t dir_dev = 0, dir_ino = 0, qmp_uid = UID_INVALID;
         sd_id128_t boot_id = {};
         bool offline = false, nbd_started = false;
@@ -482,6 +486,15 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         g.helper_uid = (uid_t) helper_uid;
         g.mcs_c1 = (unsigned) c1;
         g.mcs_c2 = (unsigned) c2;
+        /* The storage helper's identity: a record from before it had one, or a malformed one,
+         * is no reason to refuse the guest: none (a fresh one is allocated when needed); the
+         * manager checks a well-formed one against the range and the other identities. */
+        if (json_get_u64(o, "storage_uid", false, &suid) < 0 || json_get_u64(o, "storage_mcs_c1", false, &sc1) < 0 ||
+                json_get_u64(o, "storage_mcs_c2", false, &sc2) < 0 || suid >= UINT32_MAX || sc1 > 4096 || sc2 > 4096)
+                suid = sc1 = sc2 = 0;
+        g.storage_uid = (uid_t) suid;
+        g.storage_mcs_c1 = (unsigned) sc1;
+        g.storage_mcs_c2 = (unsigned) sc2;
         if (boot)
                 g.qmp_pin = (QmpSocketPin) { .set = true, .dir_dev = dir_dev, .dir_ino = dir_ino, .boot_id = boot_id };
         g.qmp_uid = (uid_t) qmp_uid;

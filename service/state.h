@@ -49,6 +49,8 @@ typedef struct StateGuest {
         bool nbd_server_started;
         uid_t helper_uid;
         unsigned mcs_c1, mcs_c2;
+        uid_t storage_uid; /* the storage helper's identity; 0: none yet (or unusable in the file) */
+        unsigned storage_mcs_c1, storage_mcs_c2;
         QmpSocketPin qmp_pin;
         uid_t qmp_uid;          /* UID_INVALID: none pinned */
         bool qmp_uid_pin_next;  /* loaded only: a file from before peers were checked */

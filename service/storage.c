@@ -17,7 +17,7 @@
 
 struct StorageHelper {
         const StorageHost *host;
-        uid_t uid; /* the guest's helper uid */
+        uid_t uid; /* the guest's storage helper uid (none of its other helpers') */
         pid_t pid;
         sd_event_source *child_source;
         HelperLog *log;
@@ -106,9 +106,10 @@ void storage_helper_lost(const StorageHost *host, int error) {
         fail_waiters_and_jobs(host, why ?: "The storage helper went away.");
 }
 
-/* Processes of the guest's helper uid that are not our children: helpers of an earlier daemon
- * (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked until their last
- * thread exited). The uid is this guest's alone (HelperUIDRange= is ours), so each is SIGKILLed.
+/* Processes of the guest's storage helper uid that are not our children: storage helpers of an
+ * earlier daemon (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked
+ * until their last thread exited). The uid is this guest's storage helper's alone (HelperUIDRange=
+ * is ours), so each is SIGKILLed.
  * Returns how many still have a live thread, or -errno. */
 static void closedirp(DIR **d) {
         if (*d)
@@ -185,8 +186,9 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
                         return 0; /* it runs: its child handler tells everyone */
         }
         if (r != 0) {
-                _cleanup_free_ char *why = r > 0 ? strdup_printf("Processes of the guest's helper uid " UID_FMT
-                                                                 " left by an earlier daemon did not exit.", h->uid)
+                _cleanup_free_ char *why = r > 0 ? strdup_printf("Processes of the guest's storage helper uid " UID_FMT
+                                                                 " left by an earlier daemon did not exit.",
+                                                           h->uid)
                                                  : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
                 log_error("Guest %s: %s", host->name, why ?: "out of memory");
                 *host->helper = NULL;

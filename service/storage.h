@@ -20,8 +20,9 @@
 
 typedef struct StorageHelper StorageHelper;
 
-/* The sandbox a guest's helpers run in: its helpers' uid (= gid), SELinux labels (NULL where
- * SELinux is off) and runtime dir (created by whoever fills it in). */
+/* The sandbox the storage helper runs in: the uid (= gid) and SELinux labels (NULL where SELinux is
+ * off) of an identity the guest's other helpers do not share (this QEMU holds its images
+ * read-write), and its runtime dir (created by whoever fills it in). */
 typedef struct StorageSandbox {
         uid_t uid;
         const char *process_label;

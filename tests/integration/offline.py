@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import dbus
@@ -69,6 +70,23 @@ def identity(env, name):
     """(helper_uid, mcs_c1, mcs_c2) from the guest's state file."""
     s = read_state(env, name)
     return s['helper_uid'], s['mcs_c1'], s['mcs_c2']
+
+
+def storage_identity(env, name):
+    """(storage_uid, storage_mcs_c1, storage_mcs_c2) from the guest's state file: the identity of
+    its storage helper (the QEMU that holds its images read-write), apart from its other helpers';
+    (0, 0, 0) until a storage helper first ran for it."""
+    s = read_state(env, name)
+    return s.get('storage_uid', 0), s.get('storage_mcs_c1', 0), s.get('storage_mcs_c2', 0)
+
+
+def helper_uid_range(env):
+    """The uids the daemon may give out: HelperUIDRange= of its config (the last line wins), less
+    its top uid (reserved for ProvisionDisk's probe)."""
+    with open(env.daemon.conf) as f:
+        line = [l for l in f if l.startswith('HelperUIDRange=')][-1]
+    lo, hi = [int(x) for x in line.split('=', 1)[1].split('-')]
+    return range(lo, hi)
 
 
 def raw_image(path, size=1 * MiB):
@@ -194,8 +212,52 @@ def is_storage_helper(p):
 
 
 def storage_helpers(env, uid=None):
-    """The daemon's `qemu-system-x86_64 -machine none` children (of the guest with helper uid `uid`)."""
+    """The daemon's `qemu-system-x86_64 -machine none` children (of uid `uid`: a guest's storage
+    helper uid, see storage_identity())."""
     return [p for p in daemon_children(env) if is_storage_helper(p) and (uid is None or p.uids[0] == uid)]
+
+
+def storage_helper_of(env, image):
+    """The daemon's storage helpers that hold `image` open (found by their fds, not by uid)."""
+    out = []
+    for p in storage_helpers(env):
+        try:
+            if any(os.readlink('/proc/%d/fd/%s' % (p.pid, fd)) == image for fd in os.listdir('/proc/%d/fd' % p.pid)):
+                out.append(p)
+        except OSError:
+            pass     # gone meanwhile
+    return out
+
+
+def reach_as(test, uid, gid, pid):
+    """What a process of uid/gid (no groups) can do to process pid: signal it, open its memory
+    for writing (that is: run code in it, with its fds). As test_cache.py's CacheIdentityTest."""
+    script = ('import os, sys\n'
+              'pid = int(sys.argv[1])\n'
+              'done = []\n'
+              'try:\n'
+              '    os.kill(pid, 0)\n'
+              '    done.append("signal")\n'
+              'except PermissionError:\n'
+              '    pass\n'
+              'try:\n'
+              '    os.close(os.open("/proc/%d/mem" % pid, os.O_RDWR))\n'
+              '    done.append("write memory")\n'
+              'except PermissionError:\n'
+              '    pass\n'
+              'print(",".join(done))\n')
+    r = subprocess.run(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--clear-groups',
+                        sys.executable, '-c', script, str(pid)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    out = r.stdout.decode(errors='replace').strip()
+    test.assertEqual(r.returncode, 0, out)
+    return [x for x in out.split(',') if x]
+
+
+def guest_storage_helpers(env, name):
+    """The storage helpers of guest `name` (by its storage helper uid; none before it has one)."""
+    uid = storage_identity(env, name)[0]
+    return storage_helpers(env, uid) if uid else []
 
 
 def relays(env, uid=None):

@@ -66,7 +66,7 @@ class AdaptiveRefusalTest(h.TestCase):
         self.assertIn('not running', e.message)
         self.assertSnapshotEqual(before, self.snapshot(), 'a refused max_guest_latency on an offline guest')
         self.assertEqual(d.prop('State'), 'idle')
-        self.assertEqual(o.storage_helpers(self.env, o.identity(self.env, name)[0]), [])
+        self.assertEqual(o.storage_helper_of(self.env, chains['vda'].top), [])
         # 0 is "off", which an offline guest is anyway.
         d.call('SetMaxGuestLatency', 't', T(0))
         d.start(0, 0, opts(max_guest_latency=T(0)))

@@ -194,11 +194,71 @@ class ExportTest(h.TestCase):
     def test_offline_guest(self):
         g = self.offline_guest()
         self._serve_read_stop(g)
-        h.wait_until(lambda: not o.storage_helpers(self.env, self.helper_uid(g)), 10,
+        h.wait_until(lambda: not o.guest_storage_helpers(self.env, g.name), 10,
                      'the storage helper to exit once its export stopped')
         self.assertEqual(h.image_check(g.chains['vda'].top)[0], 0)
         lines, text = o.getfattr_selinux(self.env.images, self.env.daemon.state_dir, self.env.daemon.runtime_dir)
         self.assertEqual(lines, [], 'security.selinux written although SELinux is off:\n' + text)
+
+    def test_offline_relay_cannot_reach_the_storage_helper(self):
+        """Issue 11: the relay faces untrusted NBD clients; the storage helper's QEMU holds the
+        offline guest's image read-write. Both ran under the guest's one helper uid, so a relay
+        taken over by a hostile client could signal that QEMU and open its /proc/PID/mem for
+        writing (run code in it, with the image's fd). The storage helper has an identity of its
+        own (uid = gid, from HelperUIDRange=), kept across restarts."""
+        g = self.offline_guest()
+        top = g.chains['vda'].top
+        path, uri = self.new_export(g)
+        relay = self.the_relay(g)
+        storage = h.wait_until(lambda: o.storage_helper_of(self.env, top), 10, 'the storage helper holding ' + top)
+        self.assertEqual(len(storage), 1, storage)
+        storage = storage[0]
+        # The relay still reaches the storage helper's NBD server (through the fds the daemon hands it).
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha, 'the export does not read as the disk')
+        ruid, rgid = relay.uids[0], relay.gids[0]
+        suid, sgid = storage.uids[0], storage.gids[0]
+        self.assertEqual((len(set(relay.uids)), len(set(relay.gids))), (1, 1), relay)
+        self.assertEqual((len(set(storage.uids)), len(set(storage.gids))), (1, 1), storage)
+        self.assertEqual(storage.groups, [])
+        # Both processes alive at this moment: the relay's identity cannot touch the QEMU that holds
+        # the image, nor the other way round.
+        self.assertEqual(o.reach_as(self, ruid, rgid, storage.pid), [],
+                         "the relay's identity (uid %d) reaches the storage helper (uid %d), and so the image"
+                         % (ruid, suid))
+        self.assertEqual(o.reach_as(self, suid, sgid, relay.pid), [],
+                         "the storage helper's identity reaches the relay")
+        # The test can tell: each identity reaches its own process.
+        self.assertEqual(o.reach_as(self, suid, sgid, storage.pid), ['signal', 'write memory'])
+        self.assertEqual(o.reach_as(self, ruid, rgid, relay.pid), ['signal', 'write memory'])
+        # Two identities of the guest, both from HelperUIDRange= (not its reserved top uid), in its
+        # state record; uid = gid.
+        self.assertNotEqual(ruid, suid)
+        self.assertEqual((ruid, suid), (rgid, sgid))
+        self.assertEqual(ruid, self.helper_uid(g))
+        sid = o.storage_identity(self.env, g.name)
+        self.assertEqual(sid[0], suid, 'the storage uid in the state record')
+        self.assertLess(sid[1], sid[2])
+        self.assertNotEqual(sid[1:], o.identity(self.env, g.name)[1:], 'one MCS pair for both identities')
+        for uid in (ruid, suid):
+            self.assertIn(uid, o.helper_uid_range(self.env), 'uid outside HelperUIDRange= (or its reserved top)')
+        # Nothing in the guest's runtime dir belongs to either helper uid: the daemon hands the
+        # helpers their sockets as fds.
+        for d, dirs, files in os.walk(self.env.daemon.runtime_dir):
+            for p in [d] + [os.path.join(d, n) for n in files]:
+                st = os.lstat(p)
+                self.assertEqual((st.st_uid, st.st_gid), (0, 0), p)
+
+        # Stopped, the daemon restarted: the next storage helper of this guest has the same identity.
+        self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+        o.wait_gone(storage.pid, 10, 'the storage helper to exit once its export stopped')
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        path, uri = self.new_export(g)
+        relay = self.the_relay(g)
+        storage = h.wait_until(lambda: o.storage_helper_of(self.env, top), 10, 'the storage helper holding ' + top)
+        self.assertEqual((relay.uids[0], storage[0].uids[0]), (ruid, suid), 'identities after a restart')
+        self.assertEqual(o.storage_identity(self.env, g.name), sid)
+        self.assertEqual(o.nbd_sha256(uri), g.expected_sha)
 
     def test_two_exports_of_one_disk(self):
         g = self.running_guest()
@@ -384,7 +444,7 @@ class ExportTest(h.TestCase):
     def test_kill_relay_offline_guest(self):
         g = self.offline_guest()
         self._kill_relay(g)
-        h.wait_until(lambda: not o.storage_helpers(self.env, self.helper_uid(g)), 10,
+        h.wait_until(lambda: not o.guest_storage_helpers(self.env, g.name), 10,
                      'the storage helper to exit once no export is left')
 
     # -- bad options

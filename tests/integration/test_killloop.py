@@ -104,7 +104,7 @@ class RangeVictimErrorTest(h.TestCase):
         self.addCleanup(self.unregister_quietly, name)
         d = h.Disk(self.client, h.disk_path(name, 'vda'))
         since = self.start_range(d)
-        storage = o.storage_helpers(self.env, o.identity(self.env, name)[0])
+        storage = o.guest_storage_helpers(self.env, name)
         self.assertEqual(len(storage), 1, storage)
         os.kill(storage[0].pid, signal.SIGKILL)
         res, done, err = d.wait_finished(20, since)

@@ -6,6 +6,7 @@ images passed as fds), checked like the running-guest tests check theirs (test_s
 helper's identity and confinement as the kernel shows them; a helper killed mid-job; image trust
 at registration (backings outside the image directories, symlinks, other guests' disks)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -40,15 +41,18 @@ class OfflineTest(h.TestCase):
     def helper_uid(self, g):
         return o.identity(self.env, g.name)[0]
 
+    def storage_uid(self, g):
+        return o.storage_identity(self.env, g.name)[0]
+
     def the_helper(self, g, timeout=10):
-        uid = self.helper_uid(g)
-        hs = h.wait_until(lambda: o.storage_helpers(self.env, uid), timeout,
-                          'the storage helper of %s (uid %d) to run' % (g.name, uid))
+        hs = h.wait_until(lambda: o.guest_storage_helpers(self.env, g.name), timeout,
+                          'the storage helper of %s to run' % g.name)
         self.assertEqual(len(hs), 1, 'more than one storage helper for %s: %r' % (g.name, hs))
         return hs[0]
 
     def assert_helper_gone(self, g, timeout=10):
-        uid = self.helper_uid(g)
+        uid = self.storage_uid(g)
+        self.assertNotEqual(uid, 0, 'no storage helper identity for %s' % g.name)
         h.wait_until(lambda: not o.storage_helpers(self.env, uid), timeout,
                      'the storage helper of %s to exit after its job' % g.name)
 
@@ -94,8 +98,9 @@ class OfflineTest(h.TestCase):
         self.assertTrue(2147418112 <= uid < 2147483646, 'helper uid %d outside the default HelperUIDRange' % uid)
         self.assertLess(c1, c2)
         self.assertLess(c2, 1024)
-        # Nothing runs for a guest without a job.
+        # Nothing runs for a guest without a job (nor has its storage helper an identity yet).
         self.assertEqual(o.storage_helpers(self.env, uid), [])
+        self.assertEqual(o.storage_identity(self.env, g.name), (0, 0, 0))
 
     # -- full stream
 
@@ -188,12 +193,14 @@ class OfflineTest(h.TestCase):
         g = self.new_offline_guest()
         d = g.disk()
         c = g.chains['vda']
-        uid = self.helper_uid(g)
         since = time.monotonic()
         d.start(0, 0, opts(bandwidth=T(2 * MiB)))
         d.wait_state('running', 10)
         hp = self.the_helper(g)
-        self.assertEqual(hp.uids, [uid] * 4, 'the helper runs as %s, not as the guest\'s helper uid %d'
+        # Its own identity: not the one of the guest's other helpers (relay, pull helper).
+        uid = self.storage_uid(g)
+        self.assertNotEqual(uid, self.helper_uid(g), 'the storage helper shares the guest\'s helper uid')
+        self.assertEqual(hp.uids, [uid] * 4, 'the helper runs as %s, not as the guest\'s storage helper uid %d'
                          % (hp.status['Uid'], uid))
         self.assertEqual(hp.gids, [uid] * 4, 'the helper\'s gids are %s, expected %d' % (hp.status['Gid'], uid))
         self.assertEqual(hp.groups, [], 'the helper kept supplementary groups')
@@ -332,11 +339,59 @@ class OfflineTest(h.TestCase):
                 self.assertEqual(h.image_check(c.top)[0], 0)
                 self.unregister_quietly(g.name)
 
+    def test_storage_identity_of_the_record_is_untrusted(self):
+        """The storage helper's identity in the guest's state record is read back as untrusted:
+        one that is the guest's other helpers' (uid or MCS pair), outside HelperUIDRange=,
+        malformed or missing (a record from before it existed) is never run under; the storage
+        helper gets a fresh one, and the guest's helpers keep theirs."""
+        g = self.new_offline_guest()
+        helper = o.identity(self.env, g.name)
+
+        def serve():
+            path, uri = o.export(g.disk())
+            hp = self.the_helper(g)
+            self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+            o.wait_gone(hp.pid, 10, 'the storage helper to exit once its export stopped')
+            return hp
+
+        hp = serve()
+        sid = o.storage_identity(self.env, g.name)
+        self.assertEqual(hp.uids, [sid[0]] * 4)
+        self.assertNotEqual(sid[0], helper[0])
+        edits = [('the guest\'s helper uid', {'storage_uid': helper[0]}),
+                 ('the guest\'s MCS pair', {'storage_mcs_c1': helper[1], 'storage_mcs_c2': helper[2]}),
+                 ('uid 1, outside HelperUIDRange=', {'storage_uid': 1}),
+                 ('the reserved top uid', {'storage_uid': o.helper_uid_range(self.env).stop}),
+                 ('a negative uid', {'storage_uid': -5}),
+                 ('a string', {'storage_uid': 'x'}),
+                 ('no storage identity (an old record)', None)]
+        for what, edit in edits:
+            with self.subTest(what):
+                self.env.daemon.stop()
+                s = o.read_state(self.env, g.name)
+                if edit is None:
+                    for k in ('storage_uid', 'storage_mcs_c1', 'storage_mcs_c2'):
+                        s.pop(k, None)
+                else:
+                    s.update(edit)
+                with open(o.state_file(self.env, g.name), 'w') as f:
+                    json.dump(s, f)
+                self.env.daemon.start()
+                self.assertEqual(o.identity(self.env, g.name), helper, 'the guest\'s helpers lost their identity')
+                hp = serve()
+                now = o.storage_identity(self.env, g.name)
+                self.assertIn(now[0], o.helper_uid_range(self.env))
+                self.assertNotEqual(now[0], helper[0])
+                self.assertNotEqual(now[1:], helper[1:])
+                self.assertLess(now[1], now[2])
+                self.assertEqual(hp.uids, [now[0]] * 4, 'the storage helper ran under an identity of the record')
+                self.assertEqual(hp.gids, [now[0]] * 4)
+
     def test_restart_waits_for_an_earlier_helper(self):
         """A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's storage
         helper still exiting, the images still locked. It must wait for that helper to be gone
         (killing what is left of it) and carry the job on, not fail it on the lock. The leftover
-        is played by a process of the guest's helper uid that holds a lock on the top image."""
+        is played by a process of the guest's storage helper uid that holds a lock on the top image."""
         g = self.new_offline_guest()
         d = g.disk()
         c = g.chains['vda']
@@ -344,7 +399,7 @@ class OfflineTest(h.TestCase):
         d.start(0, 0, opts(bandwidth=T(2 * MiB)))
         d.wait_bytes_done(1 * MiB, 20)
         hp = self.the_helper(g)
-        uid = self.helper_uid(g)
+        uid = self.storage_uid(g)
         self.env.daemon.stop(signal.SIGKILL)
         o.wait_gone(hp.pid, 5, 'the storage helper to die with the daemon')
         script = ('import fcntl, os, struct, sys, time\n'
@@ -361,7 +416,7 @@ class OfflineTest(h.TestCase):
         restart = time.monotonic()
         res, done, err = d.wait_finished(90, restart)  # ~27 MiB to copy at 2 MiB/s
         self.assertEqual((res, err), ('completed', ''))
-        self.assertEqual(leftover.wait(5), -signal.SIGKILL, 'the leftover of the helper uid was not killed')
+        self.assertEqual(leftover.wait(5), -signal.SIGKILL, 'the leftover of the storage helper uid was not killed')
         self.assertEqual(len(d.finished(since)), 1, 'Finished more than once for one job')
         self.assertEqual(c.compare()[0], 0)
         self.assertEqual(h.image_check(c.top)[0], 0)
@@ -426,6 +481,63 @@ class OfflineTest(h.TestCase):
         self._refused(self.unique_name(), {'vda': r.chains['vda'].top}, [r.chains['vda'].top, 'another guest'])
         # And the same image twice in one guest.
         self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
+
+
+class StorageIdentityRangeTest(h.TestCase):
+    """A guest's storage helper identity comes from HelperUIDRange= like its helpers' one: taken
+    while the guest is registered (no other guest gets it), released with the guest. The range
+    here has room for exactly one guest and its storage helper (its top uid is reserved)."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+        env = cls.env
+        try:
+            cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
+            env.daemon.start()
+        except BaseException:
+            sys.stderr.write(env.logs_text() + '\n')
+            env.close()
+            cls.env = None
+            raise
+
+    def guest(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, name)
+        return name, chains['vda'].top
+
+    def serve(self, name, top):
+        """Export its disk, read it, stop: the uids of its relay and of its storage helper."""
+        path, uri = o.export(h.Disk(self.client, h.disk_path(name, 'vda')))
+        storage = h.wait_until(lambda: o.storage_helper_of(self.env, top), 10, 'the storage helper of ' + name)[0]
+        relay = h.wait_until(lambda: o.relays(self.env), 10, 'the relay of ' + name)[0]
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+        o.wait_gone(storage.pid, 10, 'the storage helper to exit once its export stopped')
+        o.wait_gone(relay.pid, 10, 'the relay to exit once its export stopped')
+        return relay.uids[0], storage.uids[0]
+
+    def test_released_with_the_guest(self):
+        both = {self.first, self.first + 1}
+        a, top_a = self.guest()
+        self.assertEqual(set(self.serve(a, top_a)), both)
+        # Both uids are a's while it is registered: no room for another guest.
+        extra = o.raw_image(os.path.join(self.env.images, 'range-extra.raw'))
+        e = self.assertDBusError(o.ERR_LIMITS_EXCEEDED, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                                 'RegisterGuest', 'ssa{sv}', self.unique_name(), '',
+                                 o.offline_options({'vda': extra}, {'vda': 'raw'}))
+        self.assertIn('HelperUIDRange', e.message)
+        # Unregistered, a gives both back: the next guest and its storage helper get them.
+        self.assertIsNone(self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', a))
+        b, top_b = self.guest()
+        self.assertEqual(set(self.serve(b, top_b)), both)
+        self.assertIn(o.storage_identity(self.env, b)[0], both)
 
 
 if __name__ == '__main__':

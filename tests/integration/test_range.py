@@ -1006,6 +1006,32 @@ class OfflineRangeTest(OfflineBase):
         self.assertEqual(ch.compare()[0], 0)
 
 
+    def test_pull_helper_cannot_reach_the_storage_helper(self):
+        """Issue 11: the pull helper parses NBD replies; the storage helper's QEMU holds the offline
+        guest's image read-write. Under one uid, a pull helper taken over could signal that QEMU
+        and open its /proc/PID/mem for writing. They run under two identities of the guest."""
+        ch = h.Chain(os.path.join(self.env.images, self.unique_name('img')), SIZE)
+        name, d = self.offline_guest(ch.top)
+        since = time.monotonic()
+        d.start(0, 64 * U, opts(bandwidth=T(2 * MiB)))
+        d.wait_bytes_done(1, 20)
+        pulls, stores = r.pull_helpers(self.env), offline.storage_helper_of(self.env, ch.top)
+        self.assertEqual((len(pulls), len(stores)), (1, 1), (pulls, stores))
+        pull, storage = offline.Proc(pulls[0][0]), stores[0]
+        puid, pgid, suid, sgid = pull.uids[0], pull.gids[0], storage.uids[0], storage.gids[0]
+        self.assertEqual(offline.reach_as(self, puid, pgid, storage.pid), [],
+                         "the pull helper's identity (uid %d) reaches the storage helper (uid %d)" % (puid, suid))
+        self.assertEqual(offline.reach_as(self, suid, sgid, pull.pid), [])
+        self.assertEqual(offline.reach_as(self, suid, sgid, storage.pid), ['signal', 'write memory'])
+        self.assertNotEqual(puid, suid)
+        self.assertEqual(puid, offline.identity(self.env, name)[0])
+        self.assertEqual(suid, offline.storage_identity(self.env, name)[0])
+        d.cancel()
+        res, done, err = d.wait_finished(20, since)
+        self.assertEqual(res, 'cancelled')
+        h.wait_until(lambda: r.daemon_children(self.env) == [], 15, 'the helpers to exit after a cancelled range')
+
+
 class OfflineRangeRestartTest(OfflineBase):
     env_per_test = True
 

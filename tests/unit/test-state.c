@@ -281,6 +281,51 @@ static void test_pivot_record(void) {
         state_guest_done(&g);
 }
 
+/* The storage helper's identity in a guest's record (extra: its fields, or ""): read back as
+ * written; a malformed one is dropped (0: a fresh one is allocated when needed), never a reason
+ * to lose the guest. */
+static int parse_guest_storage(const char *extra, StateGuest *ret) {
+        _cleanup_free_ char *json = strdup_printf(
+                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"\",\"offline\":true,\"owner\":0,"
+                "\"job_seq\":1,\"helper_uid\":2147418112,\"mcs_c1\":3,\"mcs_c2\":9,\"disks\":[]%s}",
+                extra);
+        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+
+        if (!o)
+                return -EINVAL;
+        return state_guest_from_json(o, "vm1.json", ret);
+}
+
+static void test_storage_identity_record(void) {
+        static const char *const bad[] = {
+                ",\"storage_uid\":-1,\"storage_mcs_c1\":4,\"storage_mcs_c2\":7",
+                ",\"storage_uid\":\"2147418113\",\"storage_mcs_c1\":4,\"storage_mcs_c2\":7",
+                ",\"storage_uid\":4294967295,\"storage_mcs_c1\":4,\"storage_mcs_c2\":7",
+                ",\"storage_uid\":18446744073709551616,\"storage_mcs_c1\":4,\"storage_mcs_c2\":7",
+                ",\"storage_uid\":2147418113,\"storage_mcs_c1\":4,\"storage_mcs_c2\":5000",
+                ",\"storage_uid\":2147418113,\"storage_mcs_c1\":null,\"storage_mcs_c2\":7",
+                "",
+        };
+        StateGuest g = {};
+
+        ASSERT_OK(parse_guest_storage(",\"storage_uid\":2147418113,\"storage_mcs_c1\":4,\"storage_mcs_c2\":7", &g));
+        ASSERT_EQ(g.storage_uid, 2147418113u);
+        ASSERT_EQ(g.storage_mcs_c1, 4u);
+        ASSERT_EQ(g.storage_mcs_c2, 7u);
+        ASSERT_EQ(g.helper_uid, 2147418112u);
+        state_guest_done(&g);
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                ASSERT_OK(parse_guest_storage(bad[i], &g));
+                ASSERT_EQ(g.storage_uid, 0u);
+                ASSERT_EQ(g.storage_mcs_c1, 0u);
+                ASSERT_EQ(g.storage_mcs_c2, 0u);
+                /* The guest's helpers keep theirs. */
+                ASSERT_EQ(g.helper_uid, 2147418112u);
+                ASSERT_EQ(g.mcs_c1, 3u);
+                state_guest_done(&g);
+        }
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_roundtrip);
@@ -289,5 +334,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_handoff_pins);
         TAP_RUN(test_bad_file_is_removed);
         TAP_RUN(test_pivot_record);
+        TAP_RUN(test_storage_identity_record);
         return tap_finish();
 }
