@@ -16,11 +16,6 @@
 #include "image.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
-/* Every guest's poll may be late by up to a whole interval, so that sd-event fires them all
- * at one tick (its 250 ms grid) instead of one wakeup per guest: with 20 guests, 4 wakeups a
- * second instead of 80, on a loop that then serves the bus sooner. Each poll is re-armed
- * from its due time, not from when it ran, so the rate stays 4 a second. */
-#define POLL_ACCURACY_USEC POLL_INTERVAL_USEC
 #define RECONNECT_MIN_USEC (1 * USEC_PER_SEC)
 #define RECONNECT_MAX_USEC (30 * USEC_PER_SEC)
 /* A connection that lasted this long was a working QEMU: if it breaks, reconnect at once. */
@@ -255,11 +250,9 @@ static void guest_poll_now(Guest *g) {
 
 static int poll_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) {
         Guest *g = userdata;
-        usec_t now = now_usec(CLOCK_MONOTONIC);
 
         guest_poll_now(g);
-        /* From the due time, on the shared grid; a loop that fell behind does not catch up. */
-        (void) sd_event_source_set_time(s, MAX(usec + POLL_INTERVAL_USEC, now));
+        (void) sd_event_source_set_time_relative(s, POLL_INTERVAL_USEC);
         return 0;
 }
 
@@ -278,7 +271,7 @@ void guest_update_polling(Guest *g) {
         }
         if (!g->poll_timer) {
                 r = sd_event_add_time_relative(g->engine->event, &g->poll_timer, CLOCK_MONOTONIC, POLL_INTERVAL_USEC,
-                        POLL_ACCURACY_USEC, poll_timer_handler, g);
+                        10 * USEC_PER_MSEC, poll_timer_handler, g);
                 if (r < 0) {
                         log_error_errno(r, "Guest %s: failed to set up progress polling: %m", g->name);
                         return;
