@@ -117,6 +117,9 @@ int main(int argc, char *argv[]) {
         /* Whatever starts us (the unit has UMask=0077, a shell may not): nothing the daemon creates
          * is for others unless it says so with an explicit mode. */
         umask(0077);
+        r = locale_use_c();
+        if (r < 0)
+                log_warning_errno(r, "Failed to use the C locale object, JSON parsing will be slower: %m");
         /* sd-event wants the signals it watches blocked; SIGCHLD for the helpers we watch. */
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);

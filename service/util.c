@@ -4,6 +4,7 @@
 #include <inttypes.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <locale.h>
 #include <math.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -78,6 +79,27 @@ bool strv_contains(char *const *l, const char *s) {
                         if (streq(*i, s))
                                 return true;
         return false;
+}
+
+/* json-c 0.16's json_tokener_parse_ex() switches LC_NUMERIC to "C" around every call:
+ * duplocale(uselocale(NULL)), newlocale(), uselocale(), freelocale(). On the global locale that is
+ * a copy of it under glibc's global locale lock and three allocations per call, i.e. per QMP
+ * message, or per byte of a QEMU that writes one byte at a time. On glibc's static "C" object all
+ * four return at once. We never call setlocale(), so the global locale is "C" already and using
+ * the "C" object for this thread changes nothing but that cost. */
+int locale_use_c(void) {
+        locale_t c;
+
+        c = newlocale(LC_ALL_MASK, "C", (locale_t) 0);
+        if (!c)
+                return -errno;
+        if (!uselocale(c)) {
+                int r = -errno;
+
+                freelocale(c);
+                return r;
+        }
+        return 0;
 }
 
 /* Logging */

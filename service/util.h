@@ -101,6 +101,9 @@ char **strv_copy(char *const *l);
 bool strv_equal(char *const *a, char *const *b);
 bool strv_contains(char *const *l, const char *s);
 
+/* The "C" locale for the calling thread (json-c's per-parse locale switch costs nothing then). */
+int locale_use_c(void);
+
 /* Logging: "<prio>" prefixes when stderr is the journal, plain text otherwise.
  * The _errno variants set errno for %m and return -abs(error). */
 enum { LOG_LEVEL_ERR = 3, LOG_LEVEL_WARNING = 4, LOG_LEVEL_NOTICE = 5, LOG_LEVEL_INFO = 6, LOG_LEVEL_DEBUG = 7 };

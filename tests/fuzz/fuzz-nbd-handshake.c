@@ -1,10 +1,19 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* The relay's NBD handshake (service/helpers/nbd-handshake.c) between a hostile client and a
- * hostile upstream server: neg_step() over two real socket pairs, as blockstream-nbd-relay runs
- * it, with arbitrary bytes from both sides. The input:
+ * hostile upstream server: neg_step() as blockstream-nbd-relay runs it, with arbitrary bytes from
+ * both sides. Its two sockets are modelled here, in memory: the binary is linked with
+ * -Wl,--wrap=recv,--wrap=send (tests/fuzz/build-and-run), so that neg_step()'s own recv() and
+ * send() calls, unchanged, land in __wrap_recv()/__wrap_send() below for the two fds it is given.
+ * A real socket pair costs ~15 system calls per input plus one per probe, which made this target
+ * spend most of its time in the kernel; the model keeps what the relay can observe of a unix
+ * stream socket: a read returns what is there (up to what was asked), 0 at the peer's EOF once
+ * all is read, EAGAIN otherwise; a write takes what fits in the socket buffer, EAGAIN when it is
+ * full (and both must be MSG_DONTWAIT: a blocking call would hang the relay).
+ * test-nbd-handshake.c runs the same code over real socket pairs. The input:
  *   byte 0        bit 0: the pinned name is EXPORT_NAME_MAX characters long (else "bsx-1");
- *                 bit 1: the relay's send buffers are as small as the kernel allows, so that its
- *                 writes stop half way and go on in a later step
+ *                 bit 1: the relay's send buffers are small (bits 2-7: 1 to ~4.6 KiB, the
+ *                 kernel's smallest SO_SNDBUF), so that its writes stop part way (anywhere) and
+ *                 go on in a later step
  *   bytes 1-2     U, big-endian: how many of the bytes that follow come from the upstream
  *   U bytes       upstream → relay (greeting, replies)
  *   the rest      client → relay (flags, options)
@@ -26,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <limits.h>
 #include <unistd.h>
 
 #include "nbd-handshake.h"
@@ -42,14 +52,74 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* What the relay wrote, kept for the checks; an option is amplified at most ~20 times (LIST with
  * the long name), so 64 KiB of input stays well below this. */
 #define SINK_MAX (4 * 1024 * 1024)
+/* A unix stream socket's default send buffer (net.core.wmem_default): the relay's messages
+ * (NEG_OUT_MAX) always fit. */
+#define SNDBUF_DEFAULT 212992
+/* The two fds neg_step() is given: no real fd has these numbers. */
+#define FD_CLIENT (INT_MAX - 1)
+#define FD_UPSTREAM (INT_MAX - 2)
 
+/* A peer's bytes on their way to the relay: data[0, avail) were sent, data[0, pos) read. */
+typedef struct Source {
+        const uint8_t *data;
+        size_t avail, pos;
+        bool eof; /* the peer shut down its side after avail bytes */
+} Source;
+
+/* The relay's bytes to a peer: all of them kept, of which `queued` are still in the socket
+ * buffer (cap bytes), not yet read by the peer. */
 typedef struct Sink {
-        size_t len;
+        size_t len, queued, cap;
         uint8_t buf[SINK_MAX];
 } Sink;
 
+static Source from_client, from_upstream;
 static Sink to_client, to_upstream;
 static char long_name[EXPORT_NAME_MAX + 1];
+
+ssize_t __real_recv(int fd, void *buf, size_t len, int flags);
+ssize_t __real_send(int fd, const void *buf, size_t len, int flags);
+ssize_t __wrap_recv(int fd, void *buf, size_t len, int flags);
+ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags);
+
+ssize_t __wrap_recv(int fd, void *buf, size_t len, int flags) {
+        Source *s = fd == FD_CLIENT ? &from_client : fd == FD_UPSTREAM ? &from_upstream : NULL;
+        size_t k;
+
+        if (!s)
+                return __real_recv(fd, buf, len, flags);
+        CHECK(flags & MSG_DONTWAIT);
+        if (s->pos == s->avail) {
+                if (s->eof)
+                        return 0;
+                errno = EAGAIN;
+                return -1;
+        }
+        k = MIN(len, s->avail - s->pos);
+        memcpy(buf, s->data + s->pos, k);
+        s->pos += k;
+        return (ssize_t) k;
+}
+
+ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags) {
+        Sink *s = fd == FD_CLIENT ? &to_client : fd == FD_UPSTREAM ? &to_upstream : NULL;
+        size_t k;
+
+        if (!s)
+                return __real_send(fd, buf, len, flags);
+        CHECK(flags & MSG_DONTWAIT);
+        CHECK(len > 0);
+        if (s->queued >= s->cap) {
+                errno = EAGAIN;
+                return -1;
+        }
+        k = MIN(len, s->cap - s->queued);
+        CHECK(k <= SINK_MAX - s->len); /* the sink is big enough for any input */
+        memcpy(s->buf + s->len, buf, k);
+        s->len += k;
+        s->queued += k;
+        return (ssize_t) k;
+}
 
 static uint32_t be32(const uint8_t *p) {
         uint32_t v;
@@ -63,36 +133,12 @@ static uint64_t be64(const uint8_t *p) {
         return be64toh(v);
 }
 
-static void send_all(int fd, const uint8_t *p, size_t len) {
-        while (len > 0) {
-                ssize_t k = send(fd, p, len, MSG_NOSIGNAL);
-                CHECK(k > 0);
-                p += k;
-                len -= (size_t) k;
-        }
-}
+/* The peer reads everything that is there now; returns how much. */
+static size_t drain(Sink *s) {
+        size_t k = s->queued;
 
-/* Everything that is there now; returns how much. */
-static size_t drain(int fd, Sink *s) {
-        size_t total = 0;
-
-        for (;;) {
-                uint8_t scratch[16384];
-                uint8_t *p = s && s->len < SINK_MAX ? s->buf + s->len : scratch;
-                size_t room = s && s->len < SINK_MAX ? MIN(SINK_MAX - s->len, sizeof(scratch)) : sizeof(scratch);
-                ssize_t k = recv(fd, p, room, MSG_DONTWAIT);
-
-                if (k < 0) {
-                        CHECK(errno == EAGAIN);
-                        return total;
-                }
-                if (k == 0)
-                        return total;
-                CHECK(!s || p != scratch); /* the sink is big enough for any input */
-                if (s)
-                        s->len += (size_t) k;
-                total += (size_t) k;
-        }
+        s->queued = 0;
+        return k;
 }
 
 static bool is_pinned(const uint8_t *name, size_t len, const char *pinned) {
@@ -236,10 +282,10 @@ static void check_forwarded(const uint8_t *c, size_t cl, const uint8_t *u, size_
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         static Negotiation n;
         const uint8_t *up, *client;
-        size_t up_len, client_len, sent = 0, option_at = 0, option_len = 0, mark = 0;
+        size_t up_len, client_len, sent = 0, option_at = 0, option_len = 0, mark = 0, cap;
         const char *pinned;
-        int a[2], b[2], r;
         bool export_name, shut = false;
+        int r;
 
         if (size < 3)
                 return 0;
@@ -248,36 +294,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 memset(long_name, 'x', EXPORT_NAME_MAX);
         pinned = data[0] & 1 ? long_name : "bsx-1";
         CHECK(neg_pin_export(pinned) == 0);
+        /* 1 .. 4600 bytes: the kernel's smallest send buffer (SO_SNDBUF 1) takes ~2-4 KiB. */
+        cap = data[0] & 2 ? 1 + (size_t) (data[0] >> 2) * 73 : SNDBUF_DEFAULT;
         up_len = MIN((size_t) ((data[1] << 8) | data[2]), size - 3);
         up = data + 3;
         client = up + up_len;
         client_len = size - 3 - up_len;
 
-        /* a: the client's end [0], the relay's [1]; b: the upstream's [0], the relay's [1]. The
-         * upstream's bytes are all there at once; the client's come one message at a time, each
-         * once the relay waits for more, so that what it did with each option can be told. */
-        CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a) == 0);
-        CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, b) == 0);
-        if (data[0] & 2) {
-                int one = 1;
+        /* The upstream's bytes are all there at once, then its EOF; the client's come one message
+         * at a time, each once the relay waits for more, so that what it did with each option can
+         * be told. */
+        from_upstream = (Source){.data = up, .avail = up_len, .eof = true};
+        from_client = (Source){.data = client};
+        to_client.len = to_client.queued = to_upstream.len = to_upstream.queued = 0;
+        to_client.cap = to_upstream.cap = cap;
 
-                CHECK(setsockopt(a[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0);
-                CHECK(setsockopt(b[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0);
-        }
-        send_all(b[0], up, up_len);
-        CHECK(shutdown(b[0], SHUT_WR) == 0);
-
-        to_client.len = to_upstream.len = 0;
         neg_start(&n);
         for (;;) {
                 size_t next;
 
-                r = neg_step(&n, 1, a[1], b[1]);
+                r = neg_step(&n, 1, FD_CLIENT, FD_UPSTREAM);
                 if (r != 0)
                         break;
                 /* A full socket buffer, or it waits for the client: the upstream's bytes are all
                  * there, and its EOF. */
-                if (drain(a[0], &to_client) + drain(b[0], &to_upstream) > 0)
+                if (drain(&to_client) + drain(&to_upstream) > 0)
                         continue;
                 CHECK(!shut && !neg_waits_upstream(&n));
                 /* The last option is done with: what did it send on? */
@@ -285,7 +326,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         check_forwarded(
                                 client + option_at, option_len, to_upstream.buf + mark, to_upstream.len - mark, pinned);
                 if (sent == client_len) {
-                        CHECK(shutdown(a[0], SHUT_WR) == 0);
+                        from_client.eof = true;
                         shut = true;
                         continue;
                 }
@@ -299,28 +340,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 option_at = sent;
                 option_len = sent < 4 ? 0 : next;
                 mark = to_upstream.len;
-                send_all(a[0], client + sent, next);
                 sent += next;
+                from_client.avail = sent;
         }
-        drain(a[0], &to_client);
-        drain(b[0], &to_upstream);
 
         export_name = check_upstream(client, client_len, pinned);
         check_client(up, up_len, r == 1 && export_name);
         if (r == 1) {
-                size_t client_left = drain(a[1], NULL), up_left = drain(b[1], NULL);
-
                 CHECK(n.state == NEG_DONE);
-                check_boundaries(client, sent - client_left, up, up_len - up_left, export_name);
+                check_boundaries(client, from_client.pos, up, from_upstream.pos, export_name);
         } else
                 CHECK(r < 0);
         /* The option it ended on: GO or EXPORT_NAME sent on, or one that closed the pair. */
         if (option_len > 0)
                 check_forwarded(client + option_at, option_len, to_upstream.buf + mark, to_upstream.len - mark, pinned);
-
-        close(a[0]);
-        close(a[1]);
-        close(b[0]);
-        close(b[1]);
         return 0;
 }

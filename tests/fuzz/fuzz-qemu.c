@@ -11,16 +11,30 @@
 #include "qemu.h"
 #include "util.h"
 
+int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* One tokener for the process, reset before each input, as qmp.c keeps one per connection and
+ * resets it after each message: its stack (QMP_DEPTH_MAX levels) is not allocated per input. */
+static json_tokener *tok;
+
+/* Once per process, as the daemon's main() does: the C locale object (see locale_use_c()). */
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+        log_set_max_level(0);
+        if (locale_use_c() < 0)
+                abort();
+        tok = json_tokener_new_ex(QMP_DEPTH_MAX);
+        if (!tok)
+                abort();
+        return 0;
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         _cleanup_(json_object_putp) json_object *o = NULL;
-        json_tokener *tok;
         unsigned kind;
 
         if (size == 0)
                 return 0;
-        log_set_max_level(0);
         kind = data[0] % 4;
         data++;
         size--;
@@ -32,11 +46,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 return 0;
         }
 
-        tok = json_tokener_new_ex(QMP_DEPTH_MAX);
-        if (!tok)
-                abort();
+        json_tokener_reset(tok);
         o = json_tokener_parse_ex(tok, (const char *) data, (int) MIN(size, (size_t) INT32_MAX));
-        json_tokener_free(tok);
+        /* Whatever json-c holds of an unfinished text (a partial tree, the string buffer) goes
+         * now, not with the next input: a leak of this input is this input's. */
+        json_tokener_reset(tok);
         if (!o)
                 return 0;
 

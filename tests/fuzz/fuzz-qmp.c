@@ -15,6 +15,7 @@
 #include "qmp.h"
 #include "util.h"
 
+int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static void on_disks(Qmp *q, int error, const char *desc, QemuDisk *disks, size_t n, void *userdata) {
@@ -48,18 +49,22 @@ static void on_event(Qmp *q, const char *event, json_object *d, void *userdata) 
         (void) qemu_parse_export_deleted(event, d, &id);
 }
 
+static sd_event *e = NULL;
+
+/* Once per process, as the daemon's main() does: the C locale object (see locale_use_c()). */
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+        log_set_max_level(0);
+        if (locale_use_c() < 0 || sd_event_new(&e) < 0)
+                abort();
+        return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        static sd_event *e = NULL;
         QmpHandlers h = { .on_state = on_state, .on_event = on_event };
         Qmp *q = NULL;
         size_t step;
         int fds[2];
 
-        if (!e) {
-                log_set_max_level(0);
-                if (sd_event_new(&e) < 0)
-                        abort();
-        }
         if (size == 0)
                 return 0;
         step = data[0] == 0 ? SIZE_MAX : data[0];

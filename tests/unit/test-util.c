@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <locale.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -746,6 +748,26 @@ static void test_text_sanitize(void) {
         }
 }
 
+/* json-c 0.16 does duplocale(uselocale(NULL)) + newlocale(LC_NUMERIC_MASK, "C", ...) +
+ * freelocale() around every json_tokener_parse_ex(): after locale_use_c() these must hand back
+ * the thread's own static object (no copy, nothing allocated), and numbers still read with '.'. */
+static void test_locale_use_c(void) {
+        locale_t cur, d, n;
+
+        ASSERT_TRUE(uselocale((locale_t) 0) == LC_GLOBAL_LOCALE);
+        ASSERT_OK(locale_use_c());
+        cur = uselocale((locale_t) 0);
+        ASSERT_TRUE(cur != LC_GLOBAL_LOCALE);
+        d = duplocale(cur);
+        ASSERT_TRUE(d == cur);
+        n = newlocale(LC_NUMERIC_MASK, "C", d);
+        ASSERT_TRUE(n == cur);
+        freelocale(n);
+        ASSERT_TRUE(uselocale((locale_t) 0) == cur);
+        ASSERT_TRUE(strtod("1.5", NULL) == 1.5);
+        ASSERT_TRUE(uselocale(LC_GLOBAL_LOCALE) == cur);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_parse_size_valid);
@@ -766,5 +788,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_connect_unix_nonblock);
         TAP_RUN(test_misc);
         TAP_RUN(test_text_sanitize);
+        TAP_RUN(test_locale_use_c);
         return tap_finish();
 }
