@@ -18,6 +18,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
+import ranges as r  # noqa: E402
 from harness import MiB, S, T, opts  # noqa: E402
 
 SIZE = 256 * MiB
@@ -412,6 +413,20 @@ class MirrorBlockdevTest(MirrorBase):
 
     def test_path_after_the_pivot(self):
         MirrorTest.path_after_the_pivot(self, self.blockdev_guest())
+
+    def test_map_after_the_pivot(self):
+        """GetAllocationMap of the disk, before the mirror (the chain QEMU reads, through the
+        explicit nodes) and after the pivot (one image, all of it local), as qemu-img map sees it."""
+        g = self.blockdev_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        before, _ = r.get_whole_map(d)
+        self.assertEqual(before, r.expected_map(c.top), 'the map before the mirror differs from qemu-img map')
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        after, _ = r.get_whole_map(d)
+        self.assertEqual(after, r.expected_map(c.top), 'the map after the pivot differs from qemu-img map')
+        self.assertNotIn('backing', [e[3] for e in after])
 
     def test_nbd_template_node(self):
         """The top's backing an NBD node (a template served by nbdkit over a unix socket), as
