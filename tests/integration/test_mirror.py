@@ -63,11 +63,40 @@ class MirrorBase(h.TestCase):
         self.assertEqual(rc, 0, 'image differs from the chain plus the guest writes: ' + out)
         self.assertEqual(h.image_check(c.top)[0], 0)
 
+    def blockdev_guest(self, template_args=None):
+        """A guest started the libvirt way: the Chain base <- mid <- top opened node by node, each
+        qcow2 node's backing an explicit node, the headers naming their backings relatively, so
+        QEMU names the top json:{...}. With template_args (the -blockdev arguments of a node named
+        "tmpl"), the top's backing is that node instead of the mid."""
+        name = self.unique_name()
+        c = self.make_chains(size=SIZE)['vda']
+        h.qemu_img('rebase', '-q', '-u', '-F', 'qcow2', '-b', os.path.basename(c.mid), c.top)
+        h.qemu_img('rebase', '-q', '-u', '-F', 'qcow2', '-b', os.path.basename(c.base), c.mid)
+        args = list(template_args or [
+            '-blockdev', 'driver=file,filename=%s,node-name=f2,read-only=on' % c.base,
+            '-blockdev', 'driver=qcow2,file=f2,node-name=b2,read-only=on',
+            '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % c.mid,
+            '-blockdev', 'driver=qcow2,file=f1,backing=b2,node-name=tmpl,read-only=on'])
+        args += ['-blockdev', 'driver=file,filename=%s,node-name=f0' % c.top,
+                 '-blockdev', 'driver=qcow2,file=f0,backing=tmpl,node-name=disk0',
+                 '-device', 'virtio-blk-pci,drive=disk0,id=vda']
+        q = self.env.new_qemu(name, [], args)
+        self.addCleanup(q.kill)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        g = h.Guest(self, name, q, {'vda': c}, path)
+        d = g.disk()
+        h.wait_until(lambda: d.prop('NodeName') == 'disk0', 30, 'the disk to be read from QEMU')
+        # The premise: QEMU does not name the overlay by its path.
+        self.assertTrue(d.prop('Path').startswith('json:{'), d.prop('Path'))
+        return g
+
     def assert_untouched(self, c, st):
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
         self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
-        self.assertEqual(h.image_backing(c.top), c.mid)
+        # A relative backing name (MirrorBase.blockdev_guest) is the header's own: as QEMU reads it.
+        self.assertEqual(os.path.join(os.path.dirname(c.top), h.image_backing(c.top) or ''), c.mid)
 
 
 
@@ -382,37 +411,26 @@ class MirrorBlockdevTest(MirrorBase):
     image json:{...}: the mirror finds the overlay through the qcow2 node's file child. The
     MirrorTest checks of a mirrored disk run again on such a guest."""
 
-    def blockdev_guest(self, template_args=None):
-        """The Chain base <- mid <- top opened node by node; with template_args (the -blockdev
-        arguments of a node named "tmpl"), the top's backing is that node instead of the mid."""
-        name = self.unique_name()
-        c = self.make_chains(size=SIZE)['vda']
-        h.qemu_img('rebase', '-q', '-u', '-F', 'qcow2', '-b', os.path.basename(c.mid), c.top)
-        h.qemu_img('rebase', '-q', '-u', '-F', 'qcow2', '-b', os.path.basename(c.base), c.mid)
-        args = list(template_args or [
-            '-blockdev', 'driver=file,filename=%s,node-name=f2,read-only=on' % c.base,
-            '-blockdev', 'driver=qcow2,file=f2,node-name=b2,read-only=on',
-            '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % c.mid,
-            '-blockdev', 'driver=qcow2,file=f1,backing=b2,node-name=tmpl,read-only=on'])
-        args += ['-blockdev', 'driver=file,filename=%s,node-name=f0' % c.top,
-                 '-blockdev', 'driver=qcow2,file=f0,backing=tmpl,node-name=disk0',
-                 '-device', 'virtio-blk-pci,drive=disk0,id=vda']
-        q = self.env.new_qemu(name, [], args)
-        self.addCleanup(q.kill)
-        path = self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
-        g = h.Guest(self, name, q, {'vda': c}, path)
-        d = g.disk()
-        h.wait_until(lambda: d.prop('NodeName') == 'disk0', 30, 'the disk to be read from QEMU')
-        # The premise: QEMU does not name the overlay by its path.
-        self.assertTrue(d.prop('Path').startswith('json:{'), d.prop('Path'))
-        return g
-
     def test_guest_writes_during_mirror(self):
         MirrorTest.guest_writes_during_mirror(self, self.blockdev_guest())
 
     def test_path_after_the_pivot(self):
         MirrorTest.path_after_the_pivot(self, self.blockdev_guest())
+
+    def test_auto_picks_mirror(self):
+        """EngineMirror=auto: auto mirrors such a guest as it does one opened by its path (it fell
+        back to block-stream, silently, when the overlay had no path)."""
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.addCleanup(MirrorTest.default_daemon, self)
+        self.env.start_daemon()
+        g = self.blockdev_guest()
+        d = g.disk()
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(0)))
+        self.assertEqual(d.prop('Engine'), 'mirror', 'auto did not pick the mirror')
+        self.assert_completed(d, since)
+        self.assert_standalone(g, g.chains['vda'])
 
     def test_map_after_the_pivot(self):
         """GetAllocationMap of the disk, before the mirror (the chain QEMU reads, through the
@@ -478,6 +496,9 @@ class MirrorKillTest(MirrorBase):
 
     HOOK = 'BLOCKSTREAM_TEST_MIRROR_STOP'
 
+    def guest(self):
+        return self.new_guest(size=SIZE)
+
     def restart_with_hook(self, step):
         self.env.stop_daemon()
         os.environ[self.HOOK] = step
@@ -515,7 +536,7 @@ class MirrorKillTest(MirrorBase):
 
     def killed_before_the_job(self, step):
         self.restart_with_hook(step)
-        g = self.new_guest(size=SIZE)
+        g = self.guest()
         d = g.disk()
         c = g.chains['vda']
         st = os.stat(c.top)
@@ -553,7 +574,7 @@ class MirrorKillTest(MirrorBase):
 
     def killed_after_the_copy(self, step):
         self.restart_with_hook(step)
-        g = self.new_guest(size=SIZE)
+        g = self.guest()
         d = g.disk()
         c = g.chains['vda']
         since = self.start(d, bandwidth=T(0))
@@ -578,7 +599,7 @@ class MirrorKillTest(MirrorBase):
 
     def test_killed_while_copying(self):
         """SIGKILL while QEMU's mirror copies: the job goes on, then pivot and rename."""
-        g = self.new_guest(size=SIZE)
+        g = self.guest()
         d = g.disk()
         c = g.chains['vda']
         since = self.start(d, bandwidth=T(1 * MiB))
@@ -589,6 +610,14 @@ class MirrorKillTest(MirrorBase):
         self.assert_completed(d, since)
         self.assertEqual(len(d.finished(restart)), 1)
         self.assert_standalone(g, c)
+
+
+class MirrorBlockdevKillTest(MirrorKillTest):
+    """The same kills at each step for a guest started the libvirt way (MirrorBase.blockdev_guest):
+    the journal carries the overlay's path, not QEMU's json:{...} name."""
+
+    def guest(self):
+        return self.blockdev_guest()
 
 
 if __name__ == '__main__':
