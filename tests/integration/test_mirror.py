@@ -419,7 +419,7 @@ class MirrorBlockdevTest(MirrorBase):
 
     def test_auto_picks_mirror(self):
         """EngineMirror=auto: auto mirrors such a guest as it does one opened by its path (it fell
-        back to block-stream, silently, when the overlay had no path)."""
+        back to prefetch, silently, when the overlay had no path)."""
         self.env.stop_daemon()
         self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
         self.addCleanup(MirrorTest.default_daemon, self)
