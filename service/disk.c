@@ -58,6 +58,7 @@ Disk *disk_free(Disk *d) {
         free(d->object_path);
         free(d->node_name);
         free(d->path);
+        free(d->file_path);
         free(d->format);
         free(d->pivot_qemu_name);
         free(d->pivot_path);
@@ -153,6 +154,10 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
         }
         strv_free(d->chain_nodes);
         d->chain_nodes = TAKE_PTR(nodes);
+        free(d->file_path);
+        d->file_path = NULL;
+        if (q->file && !(d->file_path = strdup(q->file)))
+                return -ENOMEM;
         if (d->size != q->virtual_size) {
                 d->size = q->virtual_size;
                 size_changed = true;

@@ -47,6 +47,7 @@ typedef struct Disk {
         char *object_path;
         char *node_name;
         char *path;
+        char *file_path; /* where QEMU names the top json:{…}: its file child (QemuDisk.file), else NULL */
         char *format;
         char **chain;       /* backing image files, nearest first */
         char **chain_nodes; /* their node names ("" when QEMU has none) */

@@ -787,6 +787,20 @@ static int open_file_id(pid_t pid, const char *path, struct stat *ret) {
         return r;
 }
 
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
+        struct stat st;
+        int r;
+
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g) || isempty(path))
+                return 0;
+        r = open_file_id(g->qmp_pid, path, &st);
+        if (r <= 0)
+                return r;
+        *ret_dev = st.st_dev;
+        *ret_ino = st.st_ino;
+        return 1;
+}
+
 void guest_pin_disks(Guest *g) {
         if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
                 return;

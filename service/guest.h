@@ -141,6 +141,9 @@ int guest_begin_handoff(Guest *g);
 /* Record which files (device, inode) the running QEMU has open at its disks' paths: a handoff
  * opens a path QEMU reported only if it still is the file QEMU had open. */
 void guest_pin_disks(Guest *g);
+/* 1 and the (device, inode) of the regular file the guest's running QEMU has open under the name
+ * path, 0 if it has none (or is not running), <0 on error. */
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino);
 /* 0 if every disk's top image, opened as the storage helper will open it, is the file pinned. */
 int guest_check_pins(Guest *g);
 /* A mirror's pivot record (disk.h): path, opened beneath an image directory, is the file (dev,

@@ -423,11 +423,11 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
  * fd. drive-mirror formats with QEMU 7.2's defaults only: returns 1 if the overlay's differ (then
  * blockdev-create formats the image first, and drive-mirror zeroes all of it before it copies: an
  * L2 entry per cluster of the virtual size), 0 if not, -errno. */
-static int overlay_format(int overlay_fd, const Disk *d, QemuQcow2Options *ret) {
+static int overlay_format(int overlay_fd, const char *path, const Disk *d, QemuQcow2Options *ret) {
         Image img = {};
         int r;
 
-        r = image_read_format_options(overlay_fd, d->path, &img, NULL);
+        r = image_read_format_options(overlay_fd, path, &img, NULL);
         if (r < 0)
                 return r;
         *ret = (QemuQcow2Options){
@@ -504,6 +504,16 @@ static void prepare_saved(void *userdata) {
         }
 }
 
+/* The overlay's file: QEMU's name for the top image, or where QEMU names it json:{…} (a guest
+ * started the libvirt way, -blockdev with an explicit backing node) the file of its qcow2 node's
+ * "file" child (qemu-reply.c). QEMU's word either way: used only once opened beneath an image
+ * directory and found to be the file QEMU has open under that name. */
+static const char *overlay_path(const Disk *d) {
+        if (!path_is_safe_absolute(d->path, 4096) && d->file_path)
+                return d->file_path;
+        return d->path;
+}
+
 /* Is there room beside the overlay for the copy? -ENOSPC if not; *ret_needed, *ret_free. */
 static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
         uint64_t needed, avail, alloc, meta, cs;
@@ -518,7 +528,10 @@ static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t
         /* At most what the chain's images take, too (a sparse 1 TiB disk holding 1 GiB needs about
          * 1 GiB): plus the new image's L1/L2 tables for the whole virtual size, its refcounts, and
          * the margin (what the guest writes meanwhile). */
-        r = mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
+        /* The headers' chain is what QEMU reads only when QEMU opened the overlay by its path; with
+         * explicit backing nodes (json:{…}) it may be another: the virtual size then. */
+        r = d->file_path ? -EMEDIUMTYPE
+                         : mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
         if (r >= 0) {
                 cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
                 meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;
@@ -544,7 +557,10 @@ int mirror_try_start(
         uint64_t needed = 0, avail = 0;
         QemuQcow2Options format;
         bool own_format;
-        const char *leaf;
+        const char *leaf, *path = overlay_path(d);
+        bool pinned;
+        dev_t pin_dev = 0;
+        ino_t pin_ino = 0;
         struct stat st;
         MirrorCall *c;
         int r;
@@ -563,36 +579,41 @@ int mirror_try_start(
                 return sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
                         "Engine 'mirror' needs a running guest; guest '%s' is not running. Use engine 'stream' or 'auto'.",
                         g->name);
-        if (!path_is_safe_absolute(d->path, 4096) || !streq_ptr(d->format, "qcow2"))
+        if (!path_is_safe_absolute(path, 4096) || !streq_ptr(d->format, "qcow2"))
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_NOT_SUPPORTED,
                                         "Engine 'mirror' needs a qcow2 overlay named by an absolute path; disk '%s' is %s '%s'.",
                                         d->alias, strempty(d->format), strempty(d->path))
                               : 0;
         /* The file QEMU has open, by its /proc fd: what the rename may replace, and nothing else. */
         guest_pin_disks(g);
-        if (!d->pinned)
+        if (path == d->path) {
+                pinned = d->pinned;
+                pin_dev = d->pin_dev;
+                pin_ino = d->pin_ino;
+        } else
+                pinned = guest_qemu_has_open(g, path, &pin_dev, &pin_ino) > 0;
+        if (!pinned)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
-                                        "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name,
-                                        d->path)
+                                        "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name, path)
                               : 0;
-        r = image_open_beneath(g->engine->config.image_dirs, d->path, false, &overlay_fd, &err);
+        r = image_open_beneath(g->engine->config.image_dirs, path, false, &overlay_fd, &err);
         if (r >= 0 && fstat(overlay_fd, &st) < 0)
                 r = -errno;
-        if (r >= 0 && (st.st_dev != d->pin_dev || st.st_ino != d->pin_ino))
+        if (r >= 0 && (st.st_dev != pin_dev || st.st_ino != pin_ino))
                 r = -ESTALE;
         if (r >= 0)
-                r = open_dir(g, d->path, &dir_fd, &leaf, err ? NULL : &err);
+                r = open_dir(g, path, &dir_fd, &leaf, err ? NULL : &err);
         if (r < 0)
-                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", d->path,
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
                               : 0;
         /* auto leaves an overlay of other options than QEMU's defaults to the stream engines,
          * which keep it (and its options): the mirror would zero its whole virtual size first. */
-        r = overlay_format(overlay_fd, d, &format);
+        r = overlay_format(overlay_fd, path, d, &format);
         if (r != 0 && !forced)
                 return 0;
         if (r < 0)
-                return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", d->path);
+                return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", path);
         own_format = r > 0;
         r = check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
@@ -602,16 +623,16 @@ int mirror_try_start(
                         return 0;
                 if (r != -ENOSPC)
                         return sd_bus_error_set_errnof(
-                                error, -r, "Engine 'mirror' cannot see the free space beside %s: %m", d->path);
+                                error, -r, "Engine 'mirror' cannot see the free space beside %s: %m", path);
                 return sd_bus_error_setf(error, BS_ERROR_NO_SPACE,
                         "Engine 'mirror' needs %s free beside %s for the new image, and %s is free. Nothing was created; "
                         "free space there, or use engine 'stream' or 'prefetch'.",
-                        format_bytes(a, sizeof(a), needed), d->path, format_bytes(b, sizeof(b), avail));
+                        format_bytes(a, sizeof(a), needed), path, format_bytes(b, sizeof(b), avail));
         }
 
         g->job_seq++;
         id = strdup_printf("bsd-%s-%" PRIu64, d->alias, g->job_seq);
-        overlay = strdup(d->path);
+        overlay = strdup(path);
         if (!id || !overlay)
                 return -ENOMEM;
         /* A QEMU id whatever the alias, as stream.c makes them. */
@@ -635,7 +656,7 @@ int mirror_try_start(
         if (r < 0) {
                 d->job.phase = 0;
                 return sd_bus_error_set_errnof(
-                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", d->path);
+                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", path);
         }
         c = mirror_call_new(d);
         if (!c)

@@ -211,6 +211,7 @@ void qemu_disks_free(QemuDisk *disks, size_t n) {
                 free(d->node_name);
                 free(d->filename);
                 free(d->format);
+                free(d->file);
                 for (size_t j = 0; j < d->n_chain; j++)
                         qemu_image_done(&d->chain[j]);
                 free(d->chain);
@@ -328,6 +329,45 @@ static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint6
         return 0;
 }
 
+/* A format node whose options QEMU cannot express as a file name is named "json:" and its full
+ * options: a qcow2 node opened with an explicit backing node other than the one its header names
+ * (libvirt's -blockdev chains; a relative backing name is enough) is
+ * json:{"backing": {…}, "driver": "qcow2", "file": {"driver": "file", "filename": "/…"}}.
+ * Its image file is that "file" child, taken only when it is a plain "file" driver node (no other
+ * option, an absolute path) and QEMU lists a "file" node of that path. *ret is NULL otherwise: a
+ * name we cannot read is not an error, the disk is just not known by a path. */
+static int json_name_file(const char *name, const char *format, const NodeIndex *nodes, char **ret) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        const char *driver = NULL, *filename = NULL, *text;
+        json_object *file;
+        json_tokener *tok;
+
+        *ret = NULL;
+        if (!nodes || strncmp(name, "json:", 5) != 0)
+                return 0;
+        text = name + 5;
+        /* The whole chain's options nest in the name: two levels per image, bounded by the length. */
+        tok = json_tokener_new_ex(2 * QEMU_CHAIN_MAX + 8);
+        if (!tok)
+                return -ENOMEM;
+        json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+        o = json_tokener_parse_ex(tok, text, (int) strlen(text));
+        if (o && (json_tokener_get_error(tok) != json_tokener_success ||
+                         json_tokener_get_parse_end(tok) != strlen(text))) {
+                json_object_put(o);
+                o = NULL;
+        }
+        json_tokener_free(tok);
+        if (!o || !json_object_is_type(o, json_type_object) || json_get_string(o, "driver", true, &driver) < 0 ||
+                !streq(driver, format) || !json_object_object_get_ex(o, "file", &file) ||
+                !json_object_is_type(file, json_type_object) || json_object_object_length(file) != 2 ||
+                json_get_string(file, "driver", true, &driver) < 0 || !streq(driver, "file") ||
+                json_get_string(file, "filename", true, &filename) < 0 || filename[0] != '/' ||
+                !find_node(nodes, filename, "file"))
+                return 0;
+        return strdup_checked(filename, ret);
+}
+
 /* QEMU's filter drivers (is_filter in 7.2): a node of theirs over a disk is someone else's
  * (libvirt's backup puts a copy-before-write there), not the disk's image. query-block shows the
  * filtered node as the filter's "backing-image". */
@@ -409,6 +449,9 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 return r;
         d->filename = TAKE_PTR(top.filename);
         d->format = TAKE_PTR(top.format);
+        r = json_name_file(d->filename, d->format, nodes, &d->file);
+        if (r < 0)
+                return r;
 
         /* Walk the nested backing images iteratively: the depth is QEMU's to choose, ours to bound. */
         for (json_object *cur = image; json_object_object_get_ex(cur, "backing-image", &backing); cur = backing) {

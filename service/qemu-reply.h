@@ -91,6 +91,10 @@ typedef struct QemuDisk {
         char *node_name; /* top node */
         char *filename;
         char *format;
+        /* Where QEMU names the top image json:{…} (a guest started with -blockdev and an explicit
+         * backing node): the file of its format node's "file" child, if that is a plain "file"
+         * driver node with an absolute path that QEMU lists; else NULL. QEMU's word only. */
+        char *file;
         uint64_t virtual_size, cluster_size;
         bool read_only;
         QemuImage *chain; /* backing images, nearest first */

@@ -409,6 +409,101 @@ static void test_disks_hostile_names(void) {
         }
 }
 
+/* A guest started the libvirt way (-blockdev, each qcow2 node's backing an explicit node; the
+ * headers name their backings relatively): QEMU names the top and the mid json:{…}. The top's
+ * file is its qcow2 node's "file" child; the chain still finds its nodes by QEMU's names. */
+static void test_disks_blockdev_file_child(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-blockdev.json"),
+                                                *nodes = load("query-named-block-nodes-blockdev.json");
+        QemuDisk *d = NULL;
+        size_t n = 99;
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n != 1 || !d)
+                return;
+        ASSERT_STREQ(d[0].node_name, "disk0");
+        ASSERT_TRUE(strncmp(d[0].filename, "json:{", 6) == 0);
+        ASSERT_STREQ(d[0].file, "/tmp/bd/top.qcow2");
+        ASSERT_EQ(d[0].n_chain, 2);
+        if (d[0].n_chain == 2) {
+                ASSERT_STREQ(d[0].chain[0].node_name, "b1");
+                ASSERT_STREQ(d[0].chain[1].filename, "/tmp/bd/base.qcow2");
+                ASSERT_STREQ(d[0].chain[1].node_name, "b2");
+        }
+        qemu_disks_free(d, n);
+
+        /* Without the named nodes, nothing vouches for a "file" node: no file. */
+        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
+        if (n == 1)
+                ASSERT_NULL(d[0].file);
+        qemu_disks_free(d, n);
+
+        /* A plain name has no file child to look for. */
+        {
+                _cleanup_(json_object_putp) json_object *b3 = load("query-block-chain3.json"),
+                                                        *n3 = load("query-named-block-nodes-chain3.json");
+
+                ASSERT_OK(qemu_parse_disks(b3, n3, &d, &n));
+                if (n == 1)
+                        ASSERT_NULL(d[0].file);
+                qemu_disks_free(d, n);
+        }
+}
+
+/* Names a hostile (or another) QEMU may give the top: the file is taken only from a qcow2 node's
+ * plain "file" child with an absolute path QEMU lists as a "file" node; anything else leaves the
+ * disk without one, and the reply is still read. */
+static void test_disks_blockdev_file_child_hostile(void) {
+        static const char *const image[] = {"inserted", "image", NULL};
+        static const struct {
+                const char *name, *want;
+        } t[] = {
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/tmp/bd/top.qcow2\"}}",
+                        "/tmp/bd/top.qcow2"},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"nbd\", \"filename\": \"/tmp/bd/top.qcow2\"}}",
+                        NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"tmp/bd/top.qcow2\"}}",
+                        NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/tmp/bd/top.qcow2\", "
+                 "\"locking\": \"off\"}}",
+                        NULL},
+                /* A path QEMU does not list as a "file" node. */
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/etc/shadow\"}}", NULL},
+                {"json:{\"driver\": \"raw\", \"file\": {\"driver\": \"file\", \"filename\": \"/tmp/bd/top.qcow2\"}}",
+                        NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": \"f0\"}", NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": 7}}", NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/tmp/bd/top.qcow2\"}",
+                        NULL},
+                {"json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/tmp/bd/top.qcow2\"}}x",
+                        NULL},
+                {"json:[\"/tmp/bd/top.qcow2\"]", NULL},
+                {"json:", NULL},
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(t); i++) {
+                _cleanup_(json_object_putp) json_object *blocks = load("query-block-blockdev.json"),
+                                                        *nodes = load("query-named-block-nodes-blockdev.json");
+                json_object *img = block0(blocks, image);
+                QemuDisk *d = NULL;
+                size_t n = 0;
+                int r;
+
+                if (!img)
+                        continue;
+                json_object_object_add(img, "filename", json_object_new_string(t[i].name));
+                r = qemu_parse_disks(blocks, nodes, &d, &n);
+                if (r < 0 || n != 1) {
+                        TAP_FAIL("%s: qemu_parse_disks() = %d, n = %zu", t[i].name, r, n);
+                        continue;
+                }
+                if (!streq_ptr(d[0].file, t[i].want))
+                        TAP_FAIL("%s: file %s, expected %s", t[i].name, d[0].file ?: "(none)", t[i].want ?: "(none)");
+                qemu_disks_free(d, n);
+        }
+}
+
 /* A synthetic disk with a chain of depth images below the top. */
 static json_object *make_chain(size_t depth) {
         json_object *image = NULL, *blocks, *block, *inserted;
@@ -608,6 +703,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_disks_duplicate_alias);
         TAP_RUN(test_disks_alias_fallbacks);
         TAP_RUN(test_disks_hostile_names);
+        TAP_RUN(test_disks_blockdev_file_child);
+        TAP_RUN(test_disks_blockdev_file_child_hostile);
         TAP_RUN(test_disks_chain_max);
         TAP_RUN(test_chain_max_fits_qmp_depth);
         TAP_RUN(test_disks_limits);
