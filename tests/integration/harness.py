@@ -16,6 +16,7 @@ Run with /usr/bin/python3 (Debian's python3-dbus and python3-gi are needed).
 """
 
 import atexit
+import contextlib
 import ctypes
 import grp
 import hashlib
@@ -1352,6 +1353,20 @@ class TestCase(unittest.TestCase):
                 env.close()
                 raise
             cls.env = env
+
+    @classmethod
+    @contextlib.contextmanager
+    def class_setup(cls):
+        """The rest of a setUpClass, after super().setUpClass() (a daemon of its own config, servers
+        it needs): a failure inside prints the logs and closes the class's env, which
+        tearDownClass would not, as it does not run when setUpClass fails."""
+        try:
+            yield cls.env
+        except BaseException:
+            sys.stderr.write(cls.env.logs_text() + '\n')
+            cls.env.close()
+            cls.env = None
+            raise
 
     @classmethod
     def tearDownClass(cls):

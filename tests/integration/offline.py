@@ -231,7 +231,8 @@ def storage_helper_of(env, image):
 
 def reach_as(test, uid, gid, pid):
     """What a process of uid/gid (no groups) can do to process pid: signal it, open its memory
-    for writing (that is: run code in it, with its fds). As test_cache.py's CacheIdentityTest."""
+    for writing (that is: run code in it, with its fds). The identity tests of caches, storage
+    helpers, relays and pull helpers all ask this."""
     script = ('import os, sys\n'
               'pid = int(sys.argv[1])\n'
               'done = []\n'

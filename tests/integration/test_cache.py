@@ -139,7 +139,7 @@ class CacheTest(h.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
             cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
             cls.http = HttpRemote(Remote(env.dir, 'http', 0, SIZE).file)
@@ -147,11 +147,6 @@ class CacheTest(h.TestCase):
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\nQEMUUsers=%s\n' % (
                 cls.remote.url, cls.remote2.url, cls.http.url, QEMU_USER))
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     def serve(self, remote):
         remote.start()
@@ -429,18 +424,13 @@ class CacheIdentityTest(h.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             cls.remote = Remote(env.dir, 'ident', free_tcp_port(), SIZE)
             # Four uids: one guest, two caches, and the top one reserved for provisioning.
             cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\nHelperUIDRange=%d-%d\n' % (
                 cls.remote.url, cls.first, cls.first + 3))
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     def provision(self, template, target):
         return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,
@@ -471,30 +461,6 @@ class CacheIdentityTest(h.TestCase):
         self.assertEqual(len(set(gids)), 1, 'real, effective, saved and fs gids of %d' % pid)
         return pid, fd, uids[0], gids[0], image
 
-    def reach_as(self, uid, gid, pid):
-        """What a process of uid/gid (no groups) can do to process pid: signal it, open its memory
-        for writing (that is: run code in it, with its fds)."""
-        script = ('import os, sys\n'
-                  'pid = int(sys.argv[1])\n'
-                  'done = []\n'
-                  'try:\n'
-                  '    os.kill(pid, 0)\n'
-                  '    done.append("signal")\n'
-                  'except PermissionError:\n'
-                  '    pass\n'
-                  'try:\n'
-                  '    os.close(os.open("/proc/%d/mem" % pid, os.O_RDWR))\n'
-                  '    done.append("write memory")\n'
-                  'except PermissionError:\n'
-                  '    pass\n'
-                  'print(",".join(done))\n')
-        r = subprocess.run(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--clear-groups',
-                            sys.executable, '-c', script, str(pid)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        out = r.stdout.decode(errors='replace').strip()
-        self.assertEqual(r.returncode, 0, out)
-        return [x for x in out.split(',') if x]
-
     def open_as(self, uid, gid, path):
         """Open path for writing as uid/gid with no groups (what a helper of that identity could do
         with the file): True if it opened."""
@@ -523,15 +489,15 @@ class CacheIdentityTest(h.TestCase):
 
         # A taken-over helper of cache A cannot reach cache B's helper (nor B's A's): no signal, no
         # write into its memory (which has B's image open for writing).
-        self.assertEqual(self.reach_as(uid_a, gid_a, pid_b), [],
+        self.assertEqual(o.reach_as(self, uid_a, gid_a, pid_b), [],
                          "cache A's helper identity reaches cache B's helper (and so its image)")
-        self.assertEqual(self.reach_as(uid_b, gid_b, pid_a), [],
+        self.assertEqual(o.reach_as(self, uid_b, gid_b, pid_a), [],
                          "cache B's helper identity reaches cache A's helper (and so its image)")
         # Nor B's image itself: by name, or reopened through B's QEMU's fd (root's file, 0600).
         self.assertFalse(self.open_as(uid_a, gid_a, image_b))
         self.assertFalse(self.open_as(uid_a, gid_a, '/proc/%d/fd/%d' % (pid_b, fd_b)))
         # The test can tell: the helper's own identity reaches its own QEMU.
-        self.assertEqual(self.reach_as(uid_a, gid_a, pid_a), ['signal', 'write memory'])
+        self.assertEqual(o.reach_as(self, uid_a, gid_a, pid_a), ['signal', 'write memory'])
 
         # Each its own uid (= gid), from HelperUIDRange=, none of the guest's, nor the reserved one.
         self.assertNotEqual(uid_a, uid_b)

@@ -35,14 +35,9 @@ class McsTest(h.TestCase):
             raise AssertionError('getfattr not found (apt-get install attr)')
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (UID_FIRST, UID_LAST))
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     # -- batched calls
 

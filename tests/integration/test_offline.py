@@ -495,15 +495,10 @@ class StorageIdentityRangeTest(h.TestCase):
         o.check_nbd_tools()
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
             env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     def guest(self):
         name = self.unique_name()

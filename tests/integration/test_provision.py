@@ -35,18 +35,13 @@ class ProvisionBase(h.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             cls.nbd_socket = os.path.join(env.dir, 'tpl-nbd.sock')
             cls.nbd_port = free_tcp_port()
             cls.unix_url = 'nbd+unix:///?socket=%s' % cls.nbd_socket
             cls.tcp_url = 'nbd://127.0.0.1:%d' % cls.nbd_port
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s %s/\n' % (cls.unix_url, cls.tcp_url))
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     def provision(self, template, target, options=None):
         return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,

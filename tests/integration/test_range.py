@@ -681,14 +681,9 @@ class MapLimitsTest(RangeBase):
     def setUpClass(cls):
         super().setUpClass()
         env = cls.env
-        try:
+        with cls.class_setup():
             env.daemon = h.Daemon(env, config_extra='MapTimeoutSec=%d\n' % cls.MAP_TIMEOUT)
             env.daemon.start()
-        except BaseException:
-            sys.stderr.write(env.logs_text() + '\n')
-            env.close()
-            cls.env = None
-            raise
 
     def stopped(self, q):
         os.kill(q.proc.pid, signal.SIGSTOP)
