@@ -717,6 +717,9 @@ static int guest_storage_sandbox(void *userdata, StorageSandbox *ret) {
                 return r;
         *ret = (StorageSandbox) {
                 .uid = g->storage_uid,
+                /* Processes of it that are not this daemon's children are not this daemon's
+                 * relays or pull helpers (storage.c kills only those). */
+                .earlier_uid = g->helper_uid,
                 .process_label = g->storage_process_label,
                 .image_label = g->storage_image_label,
                 .runtime_dir = g->runtime_dir,

@@ -18,6 +18,7 @@
 struct StorageHelper {
         const StorageHost *host;
         uid_t uid; /* the guest's storage helper uid (none of its other helpers') */
+        uid_t earlier_uid; /* StorageSandbox.earlier_uid */
         pid_t pid;
         sd_event_source *child_source;
         HelperLog *log;
@@ -168,12 +169,25 @@ static int kill_leftovers(uid_t uid) {
 
 static int helper_spawn(StorageHelper *h);
 
+/* The leftovers of both of h's identities: how many still live, or -errno. */
+static int kill_helper_leftovers(const StorageHelper *h) {
+        int r, k = 0;
+
+        r = kill_leftovers(h->uid);
+        if (r >= 0 && h->earlier_uid != 0 && h->earlier_uid != h->uid) {
+                k = kill_leftovers(h->earlier_uid);
+                if (k < 0)
+                        r = k;
+        }
+        return r < 0 ? r : r + k;
+}
+
 static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
         StorageHelper *h = userdata;
         const StorageHost *host = h->host;
         int r;
 
-        r = kill_leftovers(h->uid);
+        r = kill_helper_leftovers(h);
         if (r > 0 && now_usec(CLOCK_MONOTONIC) < h->leftover_deadline) {
                 (void) sd_event_source_set_time_relative(s, LEFTOVER_POLL_USEC);
                 (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -213,9 +227,11 @@ int storage_helper_start(const StorageHost *host) {
                 return -ENOMEM;
         h->host = host;
         h->uid = sb.uid;
+        h->earlier_uid = sb.earlier_uid;
         /* A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's helper
-         * still exiting, with the images' locks: wait for it rather than fail on those locks. */
-        r = kill_leftovers(h->uid);
+         * still exiting, with the images' locks: wait for it rather than fail on those locks. The
+         * predecessor may be older than the storage helper's own identity (earlier_uid). */
+        r = kill_helper_leftovers(h);
         if (r > 0) {
                 h->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
                 r = sd_event_add_time_relative(host->event, &h->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC,

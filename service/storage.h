@@ -25,6 +25,9 @@ typedef struct StorageHelper StorageHelper;
  * read-write), and its runtime dir (created by whoever fills it in). */
 typedef struct StorageSandbox {
         uid_t uid;
+        /* Another uid an earlier daemon's storage helper of this host may still run under, or 0:
+         * a guest's helper uid, which daemons before the storage helper's own identity used. */
+        uid_t earlier_uid;
         const char *process_label;
         const char *image_label;
         const char *runtime_dir;

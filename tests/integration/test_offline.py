@@ -392,6 +392,15 @@ class OfflineTest(h.TestCase):
         helper still exiting, the images still locked. It must wait for that helper to be gone
         (killing what is left of it) and carry the job on, not fail it on the lock. The leftover
         is played by a process of the guest's storage helper uid that holds a lock on the top image."""
+        self.restart_with_a_leftover(older_daemon=False)
+
+    def test_upgrade_waits_for_a_helper_of_the_old_identity(self):
+        """The same after an upgrade: daemons before the storage helper's own identity ran it
+        under the guest's helper uid, and their record has no storage identity. The new daemon
+        allocates one, and must still find (and kill) the leftover under the old uid."""
+        self.restart_with_a_leftover(older_daemon=True)
+
+    def restart_with_a_leftover(self, older_daemon):
         g = self.new_offline_guest()
         d = g.disk()
         c = g.chains['vda']
@@ -402,6 +411,14 @@ class OfflineTest(h.TestCase):
         uid = self.storage_uid(g)
         self.env.daemon.stop(signal.SIGKILL)
         o.wait_gone(hp.pid, 5, 'the storage helper to die with the daemon')
+        if older_daemon:
+            uid = o.identity(self.env, g.name)[0]
+            s = o.read_state(self.env, g.name)
+            for k in ('storage_uid', 'storage_mcs_c1', 'storage_mcs_c2'):
+                self.assertIn(k, s)
+                del s[k]
+            with open(o.state_file(self.env, g.name), 'w') as f:
+                json.dump(s, f)
         script = ('import fcntl, os, struct, sys, time\n'
                   'fd = os.open(sys.argv[1], os.O_RDWR)\n'
                   'fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))\n'
