@@ -809,14 +809,8 @@ void guest_pin_disks(Guest *g) {
                 return;
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                struct stat st;
 
-                d->pinned = false;
-                if (!isempty(d->path) && open_file_id(g->qmp_pid, d->path, &st) > 0) {
-                        d->pinned = true;
-                        d->pin_dev = st.st_dev;
-                        d->pin_ino = st.st_ino;
-                }
+                d->pinned = guest_qemu_has_open(g, d->path, &d->pin_dev, &d->pin_ino) > 0;
         }
 }
 
