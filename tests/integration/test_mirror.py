@@ -574,16 +574,20 @@ class MirrorKillTest(MirrorBase):
         self.assert_untouched(c, st)
         return g, d, c, since
 
-    def test_killed_before_the_job_began(self):
-        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
-        g, d, c, since = self.killed_before_the_job('prepare')
+    def assert_unanswered_then_mirrored(self, g, d, c, since):
+        """No Finished (Start was never answered), the disk idle, and nothing stands in the way
+        of the next mirror."""
         self.client.pump(0.3)
         self.assertEqual(d.finished(since), [])
         self.assertEqual(d.prop('State'), 'idle')
-        # Nothing stands in the way of the next mirror.
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assert_standalone(g, c)
+
+    def test_killed_before_the_job_began(self):
+        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
+        g, d, c, since = self.killed_before_the_job('prepare')
+        self.assert_unanswered_then_mirrored(g, d, c, since)
 
     def test_killed_while_qemu_formats(self):
         """An overlay with its own cluster size: killed once QEMU runs the blockdev-create job of
@@ -592,12 +596,7 @@ class MirrorKillTest(MirrorBase):
         g, d, c, since = self.killed_before_the_job('format', 'cluster_size=262144')
         h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
                      'the blockdev-create job to be dismissed')
-        self.client.pump(0.3)
-        self.assertEqual(d.finished(since), [])
-        self.assertEqual(d.prop('State'), 'idle')
-        since = self.start(d, bandwidth=T(0))
-        self.assert_completed(d, since)
-        self.assert_standalone(g, c)
+        self.assert_unanswered_then_mirrored(g, d, c, since)
         self.assertEqual(h.image_info(c.top)['cluster-size'], 262144)
 
     def test_killed_before_qemu_had_the_job(self):
