@@ -22,8 +22,8 @@ static void help(void) {
                "     --offset=BYTES       Start of the range\n"
                "     --length=BYTES       Length of the range\n"
                "     --bandwidth=BYTES    Bytes per second, 0 for no limit (--pull; default 0)\n"
-               "     --chunk=BYTES        Largest read, 4 KiB to 32 MiB (--pull; default 2 MiB)\n"
-               "     --parallel=N         Reads in flight, 1 to 64 (--pull; default 8)\n"
+               "     --chunk=BYTES        Largest read, 4 KiB to 32 MiB (--pull; default 128 KiB)\n"
+               "     --parallel=N         Reads in flight, 1 to 64 (--pull; default 64)\n"
                "     --no-cache           Read the data instead of NBD_CMD_CACHE (--pull; for an\n"
                "                          export of a copy-on-read filter, where a CACHE copies twice)\n"
                "     --max-extents=N      Stop after N extents (--map; default 65536)\n",

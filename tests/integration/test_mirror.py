@@ -17,6 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import nbdtemplate  # noqa: E402
 import offline as o  # noqa: E402
 import ranges as r  # noqa: E402
 from harness import MiB, S, T, opts  # noqa: E402
@@ -323,23 +324,10 @@ class MirrorTest(MirrorBase):
         socket as its backing (nbd+unix://): 64 MiB holding 16 MiB. QEMU opens the overlay and
         follows its header to the template. Returns (overlay, template, Disk)."""
         name = self.unique_name()
-        template = os.path.join(tdir, 'template.raw')
-        with open(template, 'wb') as f:
-            f.truncate(64 * MiB)
-            for i in range(4):
-                f.seek(i * 16 * MiB)
-                f.write(bytes([0x60 + i]) * (4 * MiB))
-        sock = os.path.join(tdir, 'nbd.sock')
-        pidfile = sock + '.pid'
-        with open(os.path.join(self.env.dir, name + '-nbdkit.log'), 'ab') as logf:
-            srv = h.spawn(['nbdkit', '-f', '-U', sock, '-P', pidfile, 'file', template], stdout=logf, stderr=logf)
-        self.addCleanup(lambda: srv.poll() is None and (srv.kill(), srv.wait(10)))
-        h.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 or srv.poll() is not None,
-                     20, 'nbdkit to listen')
-        self.assertIsNone(srv.poll(), 'nbdkit exited')
+        template, sock = nbdtemplate.template_behind_nbd(self, tdir)
         top = os.path.join(tdir, 'top.qcow2')
         h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
-                   str(64 * MiB))
+                   str(nbdtemplate.SIZE))
         q = self.env.new_qemu(name, [('vda', top)])
         self.addCleanup(q.kill)
         self.register(name, q.daemon_socket)
@@ -498,20 +486,7 @@ class MirrorBlockdevTest(MirrorBase):
         libvirt opens a network template: the mirror flattens it, no backing link left."""
         tdir = os.path.join(self.env.images, self.unique_name('tmpl'))
         os.makedirs(tdir)
-        template = os.path.join(tdir, 'template.raw')
-        with open(template, 'wb') as f:
-            f.truncate(SIZE)
-            for i in range(4):
-                f.seek(i * 16 * MiB)
-                f.write(bytes([0x60 + i]) * (4 * MiB))
-        sock = os.path.join(tdir, 'nbd.sock')
-        pidfile = sock + '.pid'
-        with open(os.path.join(self.env.dir, self.unique_name('nbdkit') + '.log'), 'ab') as logf:
-            srv = h.spawn(['nbdkit', '-f', '-U', sock, '-P', pidfile, 'file', template], stdout=logf, stderr=logf)
-        self.addCleanup(lambda: srv.poll() is None and (srv.kill(), srv.wait(10)))
-        h.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 or srv.poll() is not None,
-                     20, 'nbdkit to listen')
-        self.assertIsNone(srv.poll(), 'nbdkit exited')
+        template, sock = nbdtemplate.template_behind_nbd(self, tdir, SIZE)
         g = self.blockdev_guest([
             '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock])
         c = g.chains['vda']
@@ -599,16 +574,20 @@ class MirrorKillTest(MirrorBase):
         self.assert_untouched(c, st)
         return g, d, c, since
 
-    def test_killed_before_the_job_began(self):
-        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
-        g, d, c, since = self.killed_before_the_job('prepare')
+    def assert_unanswered_then_mirrored(self, g, d, c, since):
+        """No Finished (Start was never answered), the disk idle, and nothing stands in the way
+        of the next mirror."""
         self.client.pump(0.3)
         self.assertEqual(d.finished(since), [])
         self.assertEqual(d.prop('State'), 'idle')
-        # Nothing stands in the way of the next mirror.
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assert_standalone(g, c)
+
+    def test_killed_before_the_job_began(self):
+        """Image, fd set and nodes made, no job yet: all removed, no Finished (Start was never answered)."""
+        g, d, c, since = self.killed_before_the_job('prepare')
+        self.assert_unanswered_then_mirrored(g, d, c, since)
 
     def test_killed_while_qemu_formats(self):
         """An overlay with its own cluster size: killed once QEMU runs the blockdev-create job of
@@ -617,12 +596,7 @@ class MirrorKillTest(MirrorBase):
         g, d, c, since = self.killed_before_the_job('format', 'cluster_size=262144')
         h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
                      'the blockdev-create job to be dismissed')
-        self.client.pump(0.3)
-        self.assertEqual(d.finished(since), [])
-        self.assertEqual(d.prop('State'), 'idle')
-        since = self.start(d, bandwidth=T(0))
-        self.assert_completed(d, since)
-        self.assert_standalone(g, c)
+        self.assert_unanswered_then_mirrored(g, d, c, since)
         self.assertEqual(h.image_info(c.top)['cluster-size'], 262144)
 
     def test_killed_before_qemu_had_the_job(self):

@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import nbdtemplate  # noqa: E402
 import ranges as r  # noqa: E402
 from harness import GiB, MiB, T, opts  # noqa: E402
 
@@ -156,23 +157,10 @@ class PrefetchTest(PrefetchBase):
         name = self.unique_name()
         tdir = os.path.join(self.env.images, self.unique_name('tmpl'))
         os.makedirs(tdir)
-        template = os.path.join(tdir, 'template.raw')
-        with open(template, 'wb') as f:
-            f.truncate(64 * MiB)
-            for i in range(4):
-                f.seek(i * 16 * MiB)
-                f.write(bytes([0x60 + i]) * (4 * MiB))
-        sock = os.path.join(tdir, 'nbd.sock')
-        pidfile = sock + '.pid'
-        with open(sock + '.log', 'ab') as logf:
-            srv = h.spawn(['nbdkit', '-f', '-U', sock, '-P', pidfile, 'file', template], stdout=logf, stderr=logf)
-        self.addCleanup(lambda: srv.poll() is None and (srv.kill(), srv.wait(10)))
-        h.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0 or srv.poll() is not None,
-                     20, 'nbdkit to listen')
-        self.assertIsNone(srv.poll(), 'nbdkit exited')
+        template, sock = nbdtemplate.template_behind_nbd(self, tdir)
         top = os.path.join(tdir, 'top.qcow2')
         h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
-                   str(64 * MiB))
+                   str(nbdtemplate.SIZE))
         q = self.env.new_qemu(name, [], [
             '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock,
             '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,

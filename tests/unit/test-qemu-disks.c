@@ -24,15 +24,38 @@ static json_object *block0(json_object *blocks, const char *const *path) {
 
 /* Disks */
 
+/* qemu_parse_disks() of a reply that holds one disk: that disk (free it with free_one()), or
+ * NULL with the failure reported. */
+static QemuDisk *parse_one(json_object *blocks, json_object *nodes) {
+        QemuDisk *d = NULL;
+        size_t n = 99;
+        int r;
+
+        r = qemu_parse_disks(blocks, nodes, &d, &n);
+        ASSERT_OK(r);
+        if (r < 0)
+                return NULL;
+        ASSERT_EQ(n, 1);
+        ASSERT_NOT_NULL(d);
+        if (n != 1 || !d) {
+                if (d)
+                        qemu_disks_free(d, n);
+                return NULL;
+        }
+        return d;
+}
+
+static void free_one(QemuDisk *d) {
+        if (d)
+                qemu_disks_free(d, 1);
+}
+
 static void test_disks_chain3(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
                                                 *nodes = load("query-named-block-nodes-chain3.json");
-        QemuDisk *d = NULL;
-        size_t n = 99;
+        QemuDisk *d = parse_one(blocks, nodes);
 
-        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n != 1 || !d)
+        if (!d)
                 return;
         ASSERT_STREQ(d[0].alias, "vda");
         ASSERT_STREQ(d[0].node_name, "top");
@@ -51,7 +74,7 @@ static void test_disks_chain3(void) {
                 ASSERT_STREQ(d[0].chain[1].format, "qcow2");
                 ASSERT_STREQ(d[0].chain[1].node_name, "#block354");
         }
-        qemu_disks_free(d, n);
+        free_one(d);
 }
 
 /* A filter another manager put over the disk (libvirt's backup: copy-before-write) is not the
@@ -59,12 +82,9 @@ static void test_disks_chain3(void) {
 static void test_disks_filter_skipped(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-filter.json"),
                                                 *nodes = load("query-named-block-nodes-filter.json");
-        QemuDisk *d = NULL;
-        size_t n = 99;
+        QemuDisk *d = parse_one(blocks, nodes);
 
-        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n != 1 || !d)
+        if (!d)
                 return;
         ASSERT_STREQ(d[0].alias, "vda");
         ASSERT_STREQ(d[0].node_name, "disk0");
@@ -73,16 +93,14 @@ static void test_disks_filter_skipped(void) {
         ASSERT_EQ(d[0].n_chain, 1);
         if (d[0].n_chain == 1)
                 ASSERT_STREQ(d[0].chain[0].filename, "/tmp/fx/base.qcow2");
-        qemu_disks_free(d, n);
+        free_one(d);
 
         /* Without the node names (QEMU 7.2 cannot be asked while a job awaits dismissal) the
          * filter's node stays: never a name made up. */
-        d = NULL;
-        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n == 1 && d)
+        d = parse_one(blocks, NULL);
+        if (d)
                 ASSERT_STREQ(d[0].node_name, "foreign-cbw");
-        qemu_disks_free(d, n);
+        free_one(d);
 }
 
 static void test_disks_format_node_chosen(void) {
@@ -90,19 +108,19 @@ static void test_disks_format_node_chosen(void) {
                                                 *nodes = load("query-named-block-nodes-chain3.json"),
                                                 *reversed = json_object_new_array(),
                                                 *protocol_only = json_object_new_array();
-        QemuDisk *d = NULL;
-        size_t n = 0, k = json_object_array_length(nodes);
+        QemuDisk *d;
+        size_t k = json_object_array_length(nodes);
 
         /* Protocol nodes listed before their format nodes must not win. */
         for (size_t i = k; i > 0; i--)
                 json_object_array_add(reversed, json_object_get(json_object_array_get_idx(nodes, i - 1)));
-        ASSERT_OK(qemu_parse_disks(blocks, reversed, &d, &n));
-        if (n == 1 && d[0].n_chain == 2) {
+        d = parse_one(blocks, reversed);
+        if (d && d[0].n_chain == 2) {
                 ASSERT_STREQ(d[0].chain[0].node_name, "#block165");
                 ASSERT_STREQ(d[0].chain[1].node_name, "#block354");
         } else
-                TAP_FAIL("unexpected disks: n=%zu", n);
-        qemu_disks_free(d, n);
+                TAP_FAIL("unexpected disks: %s", d ? "a chain not of 2" : "not one disk");
+        free_one(d);
 
         /* Only protocol nodes: no node name rather than the wrong one. */
         for (size_t i = 0; i < k; i++) {
@@ -110,44 +128,38 @@ static void test_disks_format_node_chosen(void) {
                 if (json_object_object_get_ex(o, "drv", &drv) && streq(json_object_get_string(drv), "file"))
                         json_object_array_add(protocol_only, json_object_get(o));
         }
-        d = NULL;
-        n = 0;
-        ASSERT_OK(qemu_parse_disks(blocks, protocol_only, &d, &n));
-        if (n == 1 && d[0].n_chain == 2) {
+        d = parse_one(blocks, protocol_only);
+        if (d && d[0].n_chain == 2) {
                 ASSERT_NULL(d[0].chain[0].node_name);
                 ASSERT_NULL(d[0].chain[1].node_name);
         } else
-                TAP_FAIL("unexpected disks: n=%zu", n);
-        qemu_disks_free(d, n);
+                TAP_FAIL("unexpected disks: %s", d ? "a chain not of 2" : "not one disk");
+        free_one(d);
 
         /* No node list at all. */
-        d = NULL;
-        n = 0;
-        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n == 1 && d[0].n_chain == 2)
+        d = parse_one(blocks, NULL);
+        if (d && d[0].n_chain == 2)
                 ASSERT_NULL(d[0].chain[0].node_name);
-        qemu_disks_free(d, n);
+        free_one(d);
 }
 
 static void test_disks_empty_drive_skipped(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-cdrom.json"),
                                                 *nodes = load("query-named-block-nodes-cdrom.json"),
                                                 *empty = json_object_new_array();
-        QemuDisk *d = NULL;
-        size_t n = 0;
+        QemuDisk *d;
+        size_t n;
 
         /* An empty CD-ROM drive (no "inserted") and a read-only disk without backing. */
-        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n == 1) {
+        d = parse_one(blocks, nodes);
+        if (d) {
                 ASSERT_STREQ(d[0].alias, "vdb");
                 ASSERT_STREQ(d[0].node_name, "b0");
                 ASSERT_STREQ(d[0].filename, "/tmp/exp/base.qcow2");
                 ASSERT_TRUE(d[0].read_only);
                 ASSERT_EQ(d[0].n_chain, 0);
         }
-        qemu_disks_free(d, n);
+        free_one(d);
 
         /* No disks at all. */
         d = NULL;
@@ -159,14 +171,11 @@ static void test_disks_empty_drive_skipped(void) {
 
 static void test_disks_streamed(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-streamed.json");
-        QemuDisk *d = NULL;
-        size_t n = 0;
+        QemuDisk *d = parse_one(blocks, NULL);
 
-        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n == 1)
+        if (d)
                 ASSERT_EQ(d[0].n_chain, 0);
-        qemu_disks_free(d, n);
+        free_one(d);
 }
 
 /* Replace the value at path (under blocks[0]) with the JSON value text; NULL text: remove. */
@@ -276,10 +285,10 @@ static void test_disks_bad_containers(void) {
                 _cleanup_(json_object_putp) json_object *junk = parse(
                         "[42, \"x\", null, {\"node-name\": 1, \"drv\": \"qcow2\", \"file\": \"/tmp/exp/mid.qcow2\"},"
                         " {\"node-name\": \"evil\", \"drv\": [], \"file\": \"/tmp/exp/mid.qcow2\"}]");
-                ASSERT_OK(qemu_parse_disks(blocks, junk, &d, &n));
-                if (n == 1 && d[0].n_chain == 2)
+                d = parse_one(blocks, junk);
+                if (d && d[0].n_chain == 2)
                         ASSERT_NULL(d[0].chain[0].node_name);
-                qemu_disks_free(d, n);
+                free_one(d);
         }
 }
 
@@ -398,14 +407,11 @@ static void test_disks_hostile_names(void) {
                 _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
                                                         *nodes = parse(
                                                                 "[{\"node-name\": \"../evil\", \"drv\": \"qcow2\", \"file\": \"/tmp/exp/mid.qcow2\"}]");
-                QemuDisk *d = NULL;
-                size_t n = 0;
+                QemuDisk *d = parse_one(blocks, nodes);
 
-                ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
-                ASSERT_EQ(n, 1);
-                if (n == 1 && d[0].n_chain == 2)
+                if (d && d[0].n_chain == 2)
                         ASSERT_NULL(d[0].chain[0].node_name);
-                qemu_disks_free(d, n);
+                free_one(d);
         }
 }
 
@@ -415,12 +421,9 @@ static void test_disks_hostile_names(void) {
 static void test_disks_blockdev_file_child(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-blockdev.json"),
                                                 *nodes = load("query-named-block-nodes-blockdev.json");
-        QemuDisk *d = NULL;
-        size_t n = 99;
+        QemuDisk *d = parse_one(blocks, nodes);
 
-        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n != 1 || !d)
+        if (!d)
                 return;
         ASSERT_STREQ(d[0].node_name, "disk0");
         ASSERT_TRUE(strncmp(d[0].filename, "json:{", 6) == 0);
@@ -431,23 +434,23 @@ static void test_disks_blockdev_file_child(void) {
                 ASSERT_STREQ(d[0].chain[1].filename, "/tmp/bd/base.qcow2");
                 ASSERT_STREQ(d[0].chain[1].node_name, "b2");
         }
-        qemu_disks_free(d, n);
+        free_one(d);
 
         /* Without the named nodes, nothing vouches for a "file" node: no file. */
-        ASSERT_OK(qemu_parse_disks(blocks, NULL, &d, &n));
-        if (n == 1)
+        d = parse_one(blocks, NULL);
+        if (d)
                 ASSERT_NULL(d[0].file);
-        qemu_disks_free(d, n);
+        free_one(d);
 
         /* A plain name has no file child to look for. */
         {
                 _cleanup_(json_object_putp) json_object *b3 = load("query-block-chain3.json"),
                                                         *n3 = load("query-named-block-nodes-chain3.json");
 
-                ASSERT_OK(qemu_parse_disks(b3, n3, &d, &n));
-                if (n == 1)
+                d = parse_one(b3, n3);
+                if (d)
                         ASSERT_NULL(d[0].file);
-                qemu_disks_free(d, n);
+                free_one(d);
         }
 }
 
@@ -535,17 +538,15 @@ static json_object *make_chain(size_t depth) {
 static void test_disks_chain_max(void) {
         _cleanup_(json_object_putp) json_object *ok = make_chain(QEMU_CHAIN_MAX),
                                                 *deep = make_chain(QEMU_CHAIN_MAX + 1), *deeper = make_chain(5000);
-        QemuDisk *d = NULL;
+        QemuDisk *d = parse_one(ok, NULL);
         size_t n = 0;
 
-        ASSERT_OK(qemu_parse_disks(ok, NULL, &d, &n));
-        ASSERT_EQ(n, 1);
-        if (n == 1) {
+        if (d) {
                 ASSERT_EQ(d[0].n_chain, QEMU_CHAIN_MAX);
                 ASSERT_STREQ(d[0].chain[0].filename, "/img/1.qcow2");
                 ASSERT_STREQ(d[0].chain[QEMU_CHAIN_MAX - 1].filename, "/img/128.qcow2");
         }
-        qemu_disks_free(d, n);
+        free_one(d);
         ASSERT_ERRNO(qemu_parse_disks(deep, NULL, &d, &n), -E2BIG);
         ASSERT_ERRNO(qemu_parse_disks(deeper, NULL, &d, &n), -E2BIG);
 }
