@@ -524,7 +524,11 @@ int mirror_try_start(
         /* auto: from a remote template too (bench/remote-bench, behind 5 ms of latency: the mirror's
          * parallel reads of the data take a quarter of prefetch's time); prefetch where there is
          * no room. */
-        if (!forced && (!g->engine->config.engine_mirror_auto || base_node || g->offline || strv_isempty(d->chain)))
+        /* The mirror replaces the disk's nodes (and the overlay's inode): by default only where QEMU
+         * named them itself, so that no management layer tracks the names it drops. */
+        if (!forced && (g->engine->config.engine_mirror == ENGINE_MIRROR_NEVER ||
+                               (g->engine->config.engine_mirror == ENGINE_MIRROR_AUTO && !d->names_by_qemu) ||
+                               base_node || g->offline || strv_isempty(d->chain)))
                 return 0;
         if (base_node)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -570,7 +574,10 @@ int mirror_try_start(
                 return 0;
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", path);
-        own_format = r > 0;
+        /* A -drive disk (QEMU named its nodes) has auto-read-only=on, which drive-mirror's new image
+         * would inherit: QEMU cannot open that one read-write from an fd set, so the image is
+         * formatted first and opened as it exists (qemu_drive_mirror_new()). */
+        own_format = r > 0 || d->names_by_qemu;
         r = check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
                 char a[32], b[32];
