@@ -105,6 +105,26 @@ class MirrorBase(h.TestCase):
         self.assertTrue(d.prop('Path').startswith('json:{'), d.prop('Path'))
         return g
 
+    def drive_guest(self):
+        """A running guest started with -drive: QEMU names every node of the chain itself."""
+        name = self.unique_name()
+        chains = self.make_chains(size=SIZE)
+        c = chains['vda']
+        q = self.env.new_qemu(name, [], [
+            '-drive', 'file=%s,format=qcow2,if=none,id=drive-vda' % c.top,
+            '-device', 'virtio-blk-pci,drive=drive-vda,id=vda'])
+        self.addCleanup(q.kill)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        g = h.Guest(self, name, q, chains, path)
+        d = g.disk()
+        h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU')
+        # The premise: every node of the disk is named by QEMU.
+        names = [n['node-name'] for n in q.qmp.cmd('query-named-block-nodes')]
+        self.assertTrue(names and all(n.startswith('#') for n in names), names)
+        self.assertEqual(list(d.prop('BackingChain')), [c.mid, c.base])
+        return g
+
     def assert_untouched(self, c, st):
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
@@ -542,26 +562,6 @@ class MirrorDefaultTest(MirrorBase):
     ("#block123": a -drive guest), as the mirror replaces them (and the overlay's inode) and a
     management layer that gave the names (libvirt's -blockdev node-name=) tracks them."""
 
-    def drive_guest(self):
-        """A running guest started with -drive: QEMU names every node of the chain itself."""
-        name = self.unique_name()
-        chains = self.make_chains(size=SIZE)
-        c = chains['vda']
-        q = self.env.new_qemu(name, [], [
-            '-drive', 'file=%s,format=qcow2,if=none,id=drive-vda' % c.top,
-            '-device', 'virtio-blk-pci,drive=drive-vda,id=vda'])
-        self.addCleanup(q.kill)
-        path = self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
-        g = h.Guest(self, name, q, chains, path)
-        d = g.disk()
-        h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU')
-        # The premise: every node of the disk is named by QEMU.
-        names = [n['node-name'] for n in q.qmp.cmd('query-named-block-nodes')]
-        self.assertTrue(names and all(n.startswith('#') for n in names), names)
-        self.assertEqual(list(d.prop('BackingChain')), [c.mid, c.base])
-        return g
-
     def daemon_with(self, config):
         self.env.stop_daemon()
         self.env.daemon = h.Daemon(self.env, config)
@@ -779,6 +779,27 @@ class MirrorKillTest(MirrorBase):
         self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
         self.assert_completed(d, since)
         self.assertEqual(len(d.finished(restart)), 1)
+        self.assert_standalone(g, c)
+
+
+class MirrorDriveKillTest(MirrorKillTest):
+    """The same kills at each step for a -drive guest (MirrorBase.drive_guest), whose image is
+    formatted first (blockdev-create) and opened as it exists."""
+
+    def guest(self):
+        return self.drive_guest()
+
+    def test_killed_while_qemu_formats_its_image(self):
+        """Killed once QEMU runs the blockdev-create job of the new image (QEMU's default options):
+        the job, the fd set and the image are removed, and the next mirror completes."""
+        g, d, c, since = self.killed_before_the_job('format')
+        h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
+                     'the blockdev-create job to be dismissed')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
         self.assert_standalone(g, c)
 
 
