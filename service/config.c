@@ -13,6 +13,7 @@ void config_init(Config *c) {
                 .map_timeout_usec = MAP_TIMEOUT_DEFAULT_USEC,
                 .helper_uid_min = HELPER_UID_MIN_DEFAULT,
                 .helper_uid_max = HELPER_UID_MAX_DEFAULT,
+                .engine_mirror = ENGINE_MIRROR_AUTO,
         };
 }
 
@@ -324,11 +325,16 @@ int config_parse(Config *c, const char *text, const char *source) {
                                 return log_error_errno(EINVAL, "%s:%u: QMPTimeoutSec= must be 1…3600 seconds, got '%s'.",
                                         source, line, value);
                 } else if (streq(key, "EngineMirror")) {
-                        if (!streq(value, "auto") && !streq(value, "never"))
+                        if (streq(value, "never"))
+                                c->engine_mirror = ENGINE_MIRROR_NEVER;
+                        else if (streq(value, "auto"))
+                                c->engine_mirror = ENGINE_MIRROR_AUTO;
+                        else if (streq(value, "all"))
+                                c->engine_mirror = ENGINE_MIRROR_ALL;
+                        else
                                 return log_error_errno(EINVAL,
-                                        "%s:%u: EngineMirror= must be 'auto' or 'never', got '%s'.", source, line,
-                                        value);
-                        c->engine_mirror_auto = streq(value, "auto");
+                                        "%s:%u: EngineMirror= must be 'auto', 'all' or 'never', got '%s'.", source,
+                                        line, value);
                 } else if (streq(key, "MapTimeoutSec")) {
                         if (parse_seconds(value, &c->map_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",

@@ -29,8 +29,16 @@ typedef struct Config {
         uid_t *qemu_users;         /* QEMUUsers=: uids whose QEMU may serve any user's guest */
         size_t n_qemu_users;
         char **template_url_prefixes; /* TemplateURLPrefixes=: remote templates allowed (none by default) */
-        bool engine_mirror_auto;      /* EngineMirror=auto: "auto" may pick the mirror engine (default: never) */
+        int engine_mirror;            /* EngineMirror=: where Start's engine "auto" may mirror (below) */
 } Config;
+
+/* EngineMirror=: never; auto (the default): disks whose nodes QEMU named itself ("#block…", a
+ * -drive guest: no management layer tracks them); all: also disks with given node names. */
+enum {
+        ENGINE_MIRROR_NEVER,
+        ENGINE_MIRROR_AUTO,
+        ENGINE_MIRROR_ALL,
+};
 
 void config_init(Config *c);
 void config_done(Config *c);

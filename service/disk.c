@@ -163,6 +163,7 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
                 size_changed = true;
         }
         d->cluster_size = q->cluster_size;
+        d->names_by_qemu = q->names_by_qemu;
         if (d->pivot_qemu_name && !pivot_seen) {
                 /* QEMU opened the image anew (by its path): the record has served. */
                 d->pivot_qemu_name = mfree(d->pivot_qemu_name);

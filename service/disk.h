@@ -48,6 +48,8 @@ typedef struct Disk {
         char *node_name;
         char *path;
         char *file_path; /* where QEMU names the top json:{…}: its file child (QemuDisk.file), else NULL */
+        /* QemuDisk.names_by_qemu, as QEMU last listed the disk (false until it did) */
+        bool names_by_qemu;
         char *format;
         char **chain;       /* backing image files, nearest first */
         char **chain_nodes; /* their node names ("" when QEMU has none) */

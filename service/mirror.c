@@ -29,6 +29,7 @@
 #include "guest.h"
 #include "image.h"
 #include "mirror-files.h"
+#include "mirror-format.h"
 #include "mirror.h"
 #include "qemu.h"
 #include "util.h"
@@ -323,24 +324,6 @@ static MirrorCall *mirror_wait_take(Disk *d) {
         return c;
 }
 
-/* Does the image QEMU formatted have the size and options asked for? Read through our own fd. */
-static int check_formatted(MirrorCall *c, Disk *d) {
-        Image img = {};
-        int r;
-
-        r = image_read_header(c->check_fd, "qcow2", d->job.overlay, &img, NULL);
-        if (r >= 0 &&
-                (img.virtual_size != c->format.size || img.cluster_size != c->format.cluster_size ||
-                        img.qcow2_version != c->format.version || img.refcount_bits != c->format.refcount_bits ||
-                        img.lazy_refcounts != c->format.lazy_refcounts || img.extended_l2 != c->format.extended_l2 ||
-                        img.compression_zstd != c->format.zstd || img.backing))
-                r = -EPROTO;
-        free(img.format);
-        free(img.backing);
-        free(img.backing_format);
-        return r;
-}
-
 /* The blockdev-create job concluded (mirror_on_event()): a success shows in the image. */
 static void create_concluded(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
@@ -351,7 +334,7 @@ static void create_concluded(Disk *d) {
                 return;
         if (mirror_names(d, &n) >= 0 && guest_qmp_ready(c->guest))
                 (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
-        r = check_formatted(c, d);
+        r = mirror_format_check(c->check_fd, d->job.overlay, &c->format);
         if (r < 0)
                 prepare_failed(c, d, "format the new image with the overlay's options (blockdev-create)", r,
                         r == -EPROTO ? "QEMU did not write the image asked for" : NULL);
@@ -417,33 +400,6 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         wait->check_fd = TAKE_FD(c->check_fd);
         d->mirror_wait = wait;
         d->mirror_wait_free = mirror_wait_free;
-}
-
-/* The new image takes the overlay's format options, read from the overlay QEMU has open, by our
- * fd. drive-mirror formats with QEMU 7.2's defaults only: returns 1 if the overlay's differ (then
- * blockdev-create formats the image first, and drive-mirror zeroes all of it before it copies: an
- * L2 entry per cluster of the virtual size), 0 if not, -errno. */
-static int overlay_format(int overlay_fd, const char *path, const Disk *d, QemuQcow2Options *ret) {
-        Image img = {};
-        int r;
-
-        r = image_read_format_options(overlay_fd, path, &img, NULL);
-        if (r < 0)
-                return r;
-        *ret = (QemuQcow2Options){
-                .size = d->size,
-                .cluster_size = img.cluster_size,
-                .version = img.qcow2_version,
-                .refcount_bits = img.refcount_bits,
-                .lazy_refcounts = img.lazy_refcounts,
-                .extended_l2 = img.extended_l2,
-                .zstd = img.compression_zstd,
-        };
-        free(img.format);
-        free(img.backing);
-        free(img.backing_format);
-        return !(ret->cluster_size == 65536 && ret->version == 3 && ret->refcount_bits == 16 && !ret->lazy_refcounts &&
-                 !ret->extended_l2 && !ret->zstd);
 }
 
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
@@ -568,7 +524,11 @@ int mirror_try_start(
         /* auto: from a remote template too (bench/remote-bench, behind 5 ms of latency: the mirror's
          * parallel reads of the data take a quarter of prefetch's time); prefetch where there is
          * no room. */
-        if (!forced && (!g->engine->config.engine_mirror_auto || base_node || g->offline || strv_isempty(d->chain)))
+        /* The mirror replaces the disk's nodes (and the overlay's inode): by default only where QEMU
+         * named them itself, so that no management layer tracks the names it drops. */
+        if (!forced && (g->engine->config.engine_mirror == ENGINE_MIRROR_NEVER ||
+                               (g->engine->config.engine_mirror == ENGINE_MIRROR_AUTO && !d->names_by_qemu) ||
+                               base_node || g->offline || strv_isempty(d->chain)))
                 return 0;
         if (base_node)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -609,12 +569,15 @@ int mirror_try_start(
                               : 0;
         /* auto leaves an overlay of other options than QEMU's defaults to the stream engines,
          * which keep it (and its options): the mirror would zero its whole virtual size first. */
-        r = overlay_format(overlay_fd, path, d, &format);
+        r = mirror_format_of_overlay(overlay_fd, path, d->size, &format);
         if (r != 0 && !forced)
                 return 0;
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r, "Engine 'mirror' cannot read the format of %s: %m", path);
-        own_format = r > 0;
+        /* A -drive disk (QEMU named its nodes) has auto-read-only=on, which drive-mirror's new image
+         * would inherit: QEMU cannot open that one read-write from an fd set, so the image is
+         * formatted first and opened as it exists (qemu_drive_mirror_new()). */
+        own_format = r > 0 || d->names_by_qemu;
         r = check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
                 char a[32], b[32];

@@ -383,10 +383,15 @@ static bool format_is_filter(const char *format) {
         return false;
 }
 
+/* QEMU's own names for nodes nobody named ("#block123"); '#' is not valid in a name given by a user. */
+static bool node_name_by_qemu(const char *name) {
+        return name && name[0] == '#';
+}
+
 /* Skip the filters on top of a disk: its image is the first node under them that is not one.
  * Returns that node's image object and sets *node to its name (found among the named nodes);
  * without the named nodes (or a name for it), the top stays as QEMU gave it. */
-static json_object *skip_filters(json_object *image, const NodeIndex *nodes, const char **node) {
+static json_object *skip_filters(json_object *image, const NodeIndex *nodes, const char **node, bool *names_by_qemu) {
         json_object *cur = image;
 
         for (unsigned depth = 0; depth < QEMU_CHAIN_MAX; depth++) {
@@ -404,6 +409,7 @@ static json_object *skip_filters(json_object *image, const NodeIndex *nodes, con
                 if (!nn)
                         break;
                 *node = nn;
+                *names_by_qemu = *names_by_qemu && node_name_by_qemu(nn);
                 cur = below;
         }
         return cur;
@@ -427,7 +433,8 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 return -EBADMSG;
         if (!json_object_object_get_ex(inserted, "image", &image))
                 return -EBADMSG;
-        image = skip_filters(image, nodes, &node);
+        d->names_by_qemu = node_name_by_qemu(node);
+        image = skip_filters(image, nodes, &node, &d->names_by_qemu);
 
         /* Every name QEMU gives is checked here, so that nothing downstream sees one that is not
          * valid: an alias names sockets, object paths, URIs and polkit's details; a node name goes
@@ -475,6 +482,7 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 nn = nodes ? find_node(nodes, c->filename, c->format) : NULL;
                 if (nn && !(c->node_name = strdup(nn)))
                         return -ENOMEM;
+                d->names_by_qemu = d->names_by_qemu && node_name_by_qemu(nn);
         }
         return 1;
 }

@@ -97,6 +97,10 @@ typedef struct QemuDisk {
         char *file;
         uint64_t virtual_size, cluster_size;
         bool read_only;
+        /* Every node QEMU lists for the disk (filters on top, the top, its backing images) has a
+         * name QEMU made itself ('#' + "block…": a -drive guest), none a name given by someone who
+         * may track it (libvirt's -blockdev node-name=); false if a node's name is unknown. */
+        bool names_by_qemu;
         QemuImage *chain; /* backing images, nearest first */
         size_t n_chain;
 } QemuDisk;

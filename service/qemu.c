@@ -571,9 +571,20 @@ int qemu_blockdev_create_qcow2(Qmp *q, const char *job_id, unsigned fdset, const
 int qemu_drive_mirror_new(Qmp *q, const char *job_id, const char *device, unsigned fdset, bool existing,
         const char *node_name, uint64_t speed, uint64_t buf_size, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy) {
-        char target[64];
+        char target[160];
 
-        (void) snprintf(target, sizeof(target), "/dev/fdset/%u", fdset);
+        /* An image formatted first is opened as it exists: its file node read-write from the start.
+         * The target takes the source's open flags, and a -drive disk's have auto-read-only=on, with
+         * which QEMU opens the fd set read-only first and fails to switch (its fds are other open
+         * file descriptions: the read-only one's locks block the "write" lock). QEMU still names the
+         * node /dev/fdset/N. */
+        if (existing)
+                (void) snprintf(target, sizeof(target),
+                        "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"/dev/fdset/%u\","
+                        "\"auto-read-only\":false}}",
+                        fdset);
+        else
+                (void) snprintf(target, sizeof(target), "/dev/fdset/%u", fdset);
         return call(q, "drive-mirror",
                 ARGS(A_STR("job-id", job_id),
                         A_STR("device", device),

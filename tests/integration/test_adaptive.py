@@ -69,7 +69,7 @@ class AdaptiveRefusalTest(h.TestCase):
         self.assertEqual(o.storage_helper_of(self.env, chains['vda'].top), [])
         # 0 is "off", which an offline guest is anyway.
         d.call('SetMaxGuestLatency', 't', T(0))
-        d.start(0, 0, opts(max_guest_latency=T(0)))
+        d.start(0, 0, opts(max_guest_latency=T(0), engine=S('stream')))
         self.assertEqual(str(d.wait_finished(timeout=120)[0]), 'completed')
 
     def test_restart_carries_the_mode_on(self):
@@ -78,7 +78,7 @@ class AdaptiveRefusalTest(h.TestCase):
         one before had set (a crawl, if the guest was busy then)."""
         g = self.new_guest()
         d = g.disk()
-        d.start(0, 0, opts(max_guest_latency=T(2000), bandwidth=T(h.MiB)))
+        d.start(0, 0, opts(max_guest_latency=T(2000), bandwidth=T(h.MiB), engine=S('stream')))
         # The -S guest does no I/O: idle, at the ceiling.
         self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
         self.env.kill_daemon()
@@ -129,7 +129,7 @@ class AdaptiveHostileQemuTest(h.TestCase):
             with fake.lock:
                 return fake.commands.get(cmd, 0)
 
-        d.start(0, 0, opts(max_guest_latency=T(1000)))
+        d.start(0, 0, opts(max_guest_latency=T(1000), engine=S('stream')))
         # A device path that climbs out of /machine/peripheral: never handed back to QEMU.
         self.client.wait_for(lambda: count('query-blockstats') >= 4, 60, 'four windows')
         self.assertEqual(count('block-latency-histogram-set'), 0)

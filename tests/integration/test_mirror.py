@@ -106,6 +106,26 @@ class MirrorBase(h.TestCase):
         self.assertTrue(d.prop('Path').startswith('json:{'), d.prop('Path'))
         return g
 
+    def drive_guest(self):
+        """A running guest started with -drive: QEMU names every node of the chain itself."""
+        name = self.unique_name()
+        chains = self.make_chains(size=SIZE)
+        c = chains['vda']
+        q = self.env.new_qemu(name, [], [
+            '-drive', 'file=%s,format=qcow2,if=none,id=drive-vda' % c.top,
+            '-device', 'virtio-blk-pci,drive=drive-vda,id=vda'])
+        self.addCleanup(q.kill)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        g = h.Guest(self, name, q, chains, path)
+        d = g.disk()
+        h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU')
+        # The premise: every node of the disk is named by QEMU.
+        names = [n['node-name'] for n in q.qmp.cmd('query-named-block-nodes')]
+        self.assertTrue(names and all(n.startswith('#') for n in names), names)
+        self.assertEqual(list(d.prop('BackingChain')), [c.mid, c.base])
+        return g
+
     def assert_untouched(self, c, st):
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
@@ -286,14 +306,15 @@ class MirrorTest(MirrorBase):
     def test_auto_picks_mirror_only_when_configured(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
-        # The default configuration: auto is QEMU's block-stream for a local chain.
+        # The default configuration: auto is QEMU's block-stream for a local chain whose top node
+        # has a name given by someone (the harness's -blockdev node-name=disk0).
         since = time.monotonic()
         d.start(0, 0, opts(bandwidth=T(0)))
         res, done, err = d.wait_finished(60, since)
         self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
-        # EngineMirror=auto: a running guest, a local chain, room beside the overlay: mirror.
+        # EngineMirror=all: a running guest, a local chain, room beside the overlay: mirror.
         self.env.stop_daemon()
-        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=all\n')
         self.addCleanup(self.default_daemon)
         self.env.start_daemon()
         g2 = self.new_guest(size=SIZE)
@@ -335,10 +356,11 @@ class MirrorTest(MirrorBase):
         return top, template, q, h.Disk(self.client, h.disk_path(name, 'vda'))
 
     def test_auto_picks_mirror_for_a_remote_template(self):
-        """EngineMirror=auto and a template behind NBD: the mirror (bench/remote-bench: about a
-        quarter of prefetch's time), when there is room beside the overlay; else prefetch."""
+        """EngineMirror=all and a template behind NBD: the mirror (bench/remote-bench: about a
+        quarter of prefetch's time), when there is room beside the overlay; else prefetch. (all:
+        the harness names the top node; a -drive guest's is MirrorDefaultTest's.)"""
         self.env.stop_daemon()
-        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=all\n')
         self.addCleanup(self.default_daemon)
         self.env.start_daemon()
         tdir = os.path.join(self.env.images, self.unique_name('tmpl'))
@@ -453,10 +475,10 @@ class MirrorBlockdevTest(MirrorBase):
         MirrorTest.path_after_the_pivot(self, self.blockdev_guest())
 
     def test_auto_picks_mirror(self):
-        """EngineMirror=auto: auto mirrors such a guest as it does one opened by its path (it fell
-        back to prefetch, silently, when the overlay had no path)."""
+        """EngineMirror=all: auto mirrors such a guest (its nodes named by someone) as it does one
+        opened by its path (it fell back to prefetch, silently, when the overlay had no path)."""
         self.env.stop_daemon()
-        self.env.daemon = h.Daemon(self.env, 'EngineMirror=auto\n')
+        self.env.daemon = h.Daemon(self.env, 'EngineMirror=all\n')
         self.addCleanup(MirrorTest.default_daemon, self)
         self.env.start_daemon()
         g = self.blockdev_guest()
@@ -507,6 +529,92 @@ class MirrorBlockdevTest(MirrorBase):
         h.qemu_io(want, 'write -P 0x7e %d %d' % (3 * MiB, MiB), fmt='raw')
         res = h.qemu_img('compare', '-f', 'qcow2', '-F', 'raw', c.top, want, check=False)
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+
+
+class MirrorDefaultTest(MirrorBase):
+    """Which engine `auto` runs for a full stream under each EngineMirror= (README, "Which engine
+    runs a full stream"): by default the mirror only where QEMU named the disk's nodes itself
+    ("#block123": a -drive guest), as the mirror replaces them (and the overlay's inode) and a
+    management layer that gave the names (libvirt's -blockdev node-name=) tracks them."""
+
+    def daemon_with(self, config):
+        self.env.stop_daemon()
+        self.env.daemon = h.Daemon(self.env, config)
+        self.addCleanup(MirrorTest.default_daemon, self)
+        self.env.start_daemon()
+
+    def auto_engine(self, g):
+        """A full stream with engine auto (no option) to its end: the engine that ran."""
+        d = g.disk()
+        top = g.chains['vda'].top
+        st = os.stat(top)
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(0)))
+        res, done, err = d.wait_finished(120, since)
+        self.assertEqual((res, err), ('completed', ''), 'Finished%r' % ((res, done, err),))
+        engine = d.prop('Engine')
+        if engine != 'mirror':
+            now = os.stat(top)
+            self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
+            self.assertFalse(os.path.lexists(tmp_of(top)))
+        return engine
+
+    def test_default_mirrors_a_drive_guest(self):
+        """The default configuration, a -drive guest on a local chain with room: auto mirrors; the
+        guest's writes during the copy survive and the image is the flattened chain's."""
+        g = self.drive_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        q = g.qemu
+        u = c.u
+        st = os.stat(c.top)
+        since = time.monotonic()
+        self.assertIsNone(d.start(0, 0, opts(bandwidth=T(4 * MiB))))
+        d.wait_bytes_done(1, 60)
+        self.assertEqual(d.prop('Engine'), 'mirror', 'auto did not pick the mirror for a -drive guest')
+        self.assertEqual(len(self.mirror_jobs(g)), 1)
+        writes = [(0x57, 3 * u, 1 * u), (0x58, 61 * u, 2 * u), (0x59, 129 * u, 1 * u), (0x5a, 181 * u, 1 * u)]
+        for pat, off, ln in writes:
+            q.guest_write('vda', pat, off, ln)
+            c.apply_to_reference(pat, off, ln)
+        self.assertEqual(d.prop('State'), 'running', 'the writes did not land while the job ran')
+        d.set_bandwidth(0)
+        self.assert_completed(d, since)
+        for pat, off, ln in writes:
+            self.assertTrue(q.guest_read('vda', pat, off, ln), 'guest write 0x%02x at %d lost' % (pat, off))
+        self.assertNotEqual(os.stat(c.top).st_ino, st.st_ino, 'the overlay was not replaced by the mirror\'s image')
+        self.assert_standalone(g, c, writes)
+
+    def test_forced_mirror_of_a_drive_guest(self):
+        """engine=mirror on a -drive guest: its nodes' auto-read-only=on, which drive-mirror's new
+        image inherits, made QEMU open the fd set read-only and the Start fail ("Could not dup FD
+        for /dev/fdset/N flags 0"); the image is now formatted first and opened read-write."""
+        g = self.drive_guest()
+        d = g.disk()
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assertEqual(d.prop('Path'), g.chains['vda'].top)
+        self.assert_standalone(g, g.chains['vda'])
+
+    def test_default_leaves_named_nodes_to_the_stream(self):
+        """The default configuration, guests whose nodes someone named: the harness's guest
+        (-blockdev node-name=disk0 over a chain QEMU opened) and one started the libvirt way
+        (every node named, explicit backing nodes): auto runs a stream engine (block-stream, or
+        prefetch where QEMU names the top json:{...}), the overlay keeps its inode."""
+        self.assertEqual(self.auto_engine(self.new_guest(size=SIZE)), 'stream')
+        self.assertEqual(self.auto_engine(self.blockdev_guest()), 'prefetch')
+
+    def test_all_mirrors_named_nodes(self):
+        """EngineMirror=all (what `auto` was before): the libvirt-way guest is mirrored too."""
+        self.daemon_with('EngineMirror=all\n')
+        g = self.blockdev_guest()
+        self.assertEqual(self.auto_engine(g), 'mirror')
+        self.assert_standalone(g, g.chains['vda'])
+
+    def test_never_does_not_mirror(self):
+        """EngineMirror=never: auto never mirrors, not even a -drive guest."""
+        self.daemon_with('EngineMirror=never\n')
+        self.assertEqual(self.auto_engine(self.drive_guest()), 'stream')
 
 
 @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
@@ -645,6 +753,27 @@ class MirrorKillTest(MirrorBase):
         self.assertIsNone(d.call('SetBandwidth', 't', T(0)))
         self.assert_completed(d, since)
         self.assertEqual(len(d.finished(restart)), 1)
+        self.assert_standalone(g, c)
+
+
+class MirrorDriveKillTest(MirrorKillTest):
+    """The same kills at each step for a -drive guest (MirrorBase.drive_guest), whose image is
+    formatted first (blockdev-create) and opened as it exists."""
+
+    def guest(self):
+        return self.drive_guest()
+
+    def test_killed_while_qemu_formats_its_image(self):
+        """Killed once QEMU runs the blockdev-create job of the new image (QEMU's default options):
+        the job, the fd set and the image are removed, and the next mirror completes."""
+        g, d, c, since = self.killed_before_the_job('format')
+        h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
+                     'the blockdev-create job to be dismissed')
+        self.client.pump(0.3)
+        self.assertEqual(d.finished(since), [])
+        self.assertEqual(d.prop('State'), 'idle')
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
         self.assert_standalone(g, c)
 
 

@@ -66,7 +66,7 @@ class RestartTest(h.TestCase):
         d = g.disk()
         ch = g.chains['vda']
         q = g.qemu
-        d.start(0, 0, opts(bandwidth=T(16 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(16 * MiB), engine=S('stream')))
         d.wait_state('running', 10)
         d.wait_bytes_done(2 * MiB, 20)
         total = d.prop('BytesTotal')
@@ -109,7 +109,7 @@ class RestartTest(h.TestCase):
         d = g.disk()
         ch = g.chains['vda']
         q = g.qemu
-        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(2 * MiB), engine=S('stream')))
         d.wait_state('running', 10)
         d.wait_bytes_done(1, 20)
         self.env.kill_daemon()
@@ -147,7 +147,7 @@ class RestartTest(h.TestCase):
         g = self.new_guest(size=SIZE)
         d = g.disk()
         q = g.qemu
-        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(2 * MiB), engine=S('stream')))
         d.wait_state('running', 10)
         d.wait_bytes_done(1, 20)
         self.env.kill_daemon()
@@ -174,7 +174,7 @@ class RestartTest(h.TestCase):
         d = g.disk()
         ch = g.chains['vda']
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         d.wait_state('running', 10)
         d.wait_bytes_done(1 * MiB, 20)
         g.qemu.kill(signal.SIGKILL)

@@ -184,7 +184,7 @@ class StreamTest(h.TestCase):
         q = g.qemu
         u = c.u
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(8 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(8 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d, 1)
         writes = [(0x77, 2 * u, 1 * u),       # near the start: streamed already or about to be
                   (0x78, 60 * u, 1 * u),      # base data ahead of the stream
@@ -221,7 +221,7 @@ class StreamTest(h.TestCase):
         g = self.new_guest(size=SIZE)
         d = g.disk()
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(2 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(2 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d)
         jobs = g.qemu.qmp.jobs()
         for args in ((0, 0, h.no_opts()), (0, 0, opts(bandwidth=T(0))), (0, 0, opts(base=S(g.chains['vda'].base)))):
@@ -279,7 +279,7 @@ class StreamTest(h.TestCase):
         d = g.disk()
         c = g.chains['vda']
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d, 1 * MiB)
         self.assertIsNone(d.cancel())
         res, done, err = d.wait_finished(30, since)
@@ -308,13 +308,13 @@ class StreamTest(h.TestCase):
         d = g.disk()
         c = g.chains['vda']
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d)
         d.cancel()
         self.assertEqual(d.wait_finished(30, since)[0], 'cancelled')
         d.wait_state('cancelled', 5)
         since2 = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(0)))
+        d.start(0, 0, opts(bandwidth=T(0), engine=S('stream')))
         res, done, err = d.wait_finished(60, since2)
         self.assertEqual((res, err), ('completed', ''))
         self.assert_one_finished(d, since2, 'completed')
@@ -332,7 +332,7 @@ class StreamTest(h.TestCase):
         c = g.chains['vda']
         q = g.qemu
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d, 512 * 1024)
         self.assertIsNone(d.pause())
         d.wait_state('paused', 5)
@@ -362,7 +362,7 @@ class StreamTest(h.TestCase):
         g = self.new_guest(size=SIZE)
         d = g.disk()
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(4 * MiB)))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         self.wait_running_with_progress(d)
         d.pause()
         d.wait_state('paused', 5)
@@ -382,7 +382,7 @@ class StreamTest(h.TestCase):
         q = g.qemu
         bw = 4 * MiB
         since = time.monotonic()
-        d.start(0, 0, opts(bandwidth=T(bw)))
+        d.start(0, 0, opts(bandwidth=T(bw), engine=S('stream')))
         self.wait_running_with_progress(d)
         self.assertEqual(d.prop('Bandwidth'), bw)
         self.assertEqual(q.qmp.jobs()[0]['speed'], bw)
@@ -429,7 +429,7 @@ class StreamTest(h.TestCase):
         g = self.new_guest(aliases=('vda', 'vdb'), size=64 * MiB)
         a, b = g.disk('vda'), g.disk('vdb')
         since = time.monotonic()
-        a.start(0, 0, opts(bandwidth=T(1 * MiB)))
+        a.start(0, 0, opts(bandwidth=T(1 * MiB), engine=S('stream')))
         self.wait_running_with_progress(a)
         self.assertEqual(b.prop('State'), 'idle')
         b.start()

@@ -44,19 +44,27 @@ static void test_map_timeout(void) {
 static void test_engine_mirror(void) {
         Config c;
 
-        /* "auto" never mirrors unless told to. */
+        /* "auto" by default: disks whose nodes QEMU named itself; "all" and "never" when told. */
         config_init(&c);
-        ASSERT_FALSE(c.engine_mirror_auto);
+        ASSERT_EQ_U64(c.engine_mirror, ENGINE_MIRROR_AUTO);
         config_done(&c);
-        ASSERT_OK(parse(&c, "EngineMirror=auto\n"));
-        ASSERT_TRUE(c.engine_mirror_auto);
+        ASSERT_OK(parse(&c, "EngineMirror=never\n"));
+        ASSERT_EQ_U64(c.engine_mirror, ENGINE_MIRROR_NEVER);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "EngineMirror=all\n"));
+        ASSERT_EQ_U64(c.engine_mirror, ENGINE_MIRROR_ALL);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "EngineMirror=never\nEngineMirror=auto\n"));
+        ASSERT_EQ_U64(c.engine_mirror, ENGINE_MIRROR_AUTO);
         config_done(&c);
         ASSERT_OK(parse(&c, "EngineMirror=auto\nEngineMirror=never\n"));
-        ASSERT_FALSE(c.engine_mirror_auto);
+        ASSERT_EQ_U64(c.engine_mirror, ENGINE_MIRROR_NEVER);
         config_done(&c);
         ASSERT_NEG(parse(&c, "EngineMirror=always\n"));
         config_done(&c);
         ASSERT_NEG(parse(&c, "EngineMirror=\n"));
+        config_done(&c);
+        ASSERT_NEG(parse(&c, "EngineMirror=All\n"));
         config_done(&c);
 }
 

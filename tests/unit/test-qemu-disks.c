@@ -418,6 +418,58 @@ static void test_disks_hostile_names(void) {
 /* A guest started the libvirt way (-blockdev, each qcow2 node's backing an explicit node; the
  * headers name their backings relatively): QEMU names the top and the mid json:{…}. The top's
  * file is its qcow2 node's "file" child; the chain still finds its nodes by QEMU's names. */
+/* Which disks have only names QEMU made ('#block…', a -drive guest): the default EngineMirror=auto
+ * mirrors only those, as the mirror replaces the disk's nodes and nobody tracks QEMU's names. */
+static void rename_node(json_object *blocks, json_object *nodes, const char *from, const char *to) {
+        static const char *const inserted[] = {"inserted", NULL};
+        json_object *o = block0(blocks, inserted), *name;
+
+        if (o && json_object_object_get_ex(o, "node-name", &name) && streq(json_object_get_string(name), from))
+                json_object_object_add(o, "node-name", json_object_new_string(to));
+        for (size_t i = 0; nodes && i < json_object_array_length(nodes); i++) {
+                o = json_object_array_get_idx(nodes, i);
+                if (json_object_object_get_ex(o, "node-name", &name) && streq(json_object_get_string(name), from))
+                        json_object_object_add(o, "node-name", json_object_new_string(to));
+        }
+}
+
+static bool names_by_qemu(json_object *blocks, json_object *nodes) {
+        QemuDisk *d = NULL;
+        size_t n = 0;
+        bool r = false;
+
+        ASSERT_OK(qemu_parse_disks(blocks, nodes, &d, &n));
+        ASSERT_EQ(n, 1);
+        if (n == 1 && d)
+                r = d[0].names_by_qemu;
+        qemu_disks_free(d, n);
+        return r;
+}
+
+static void test_disks_names_by_qemu(void) {
+        _cleanup_(json_object_putp) json_object *blocks = load("query-block-chain3.json"),
+                                                *nodes = load("query-named-block-nodes-chain3.json"),
+                                                *fb = load("query-block-filter.json"),
+                                                *fn = load("query-named-block-nodes-filter.json"),
+                                                *bb = load("query-block-blockdev.json"),
+                                                *bn = load("query-named-block-nodes-blockdev.json");
+
+        /* -drive node-name=top: a name someone gave, over QEMU's #block165 and #block354. */
+        ASSERT_FALSE(names_by_qemu(blocks, nodes));
+        rename_node(blocks, nodes, "top", "#block042");
+        ASSERT_TRUE(names_by_qemu(blocks, nodes));
+        /* A backing node's name unknown (no node list) is no proof. */
+        ASSERT_FALSE(names_by_qemu(blocks, NULL));
+        /* One given name in the chain is enough to leave the disk alone. */
+        rename_node(blocks, nodes, "#block354", "base-node");
+        ASSERT_FALSE(names_by_qemu(blocks, nodes));
+        /* libvirt's way: -blockdev nodes, all named. */
+        ASSERT_FALSE(names_by_qemu(bb, bn));
+        /* A filter someone named over QEMU-named images: its name is tracked too. */
+        rename_node(fb, fn, "disk0", "#block001");
+        ASSERT_FALSE(names_by_qemu(fb, fn));
+}
+
 static void test_disks_blockdev_file_child(void) {
         _cleanup_(json_object_putp) json_object *blocks = load("query-block-blockdev.json"),
                                                 *nodes = load("query-named-block-nodes-blockdev.json");
@@ -705,6 +757,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_disks_alias_fallbacks);
         TAP_RUN(test_disks_hostile_names);
         TAP_RUN(test_disks_blockdev_file_child);
+        TAP_RUN(test_disks_names_by_qemu);
         TAP_RUN(test_disks_blockdev_file_child_hostile);
         TAP_RUN(test_disks_chain_max);
         TAP_RUN(test_chain_max_fits_qmp_depth);

@@ -523,7 +523,9 @@ static void test_command_builders(void) {
         /* Into an image the daemon formatted first (the overlay's options). */
         ASSERT_OK(qemu_drive_mirror_new(f.q, "m2", "top", 1000000002, true, "mq", 5, 8 << 20, NULL, NULL, NULL));
         expect_command(&f, "drive-mirror",
-                "{\"job-id\":\"m2\",\"device\":\"top\",\"target\":\"\\/dev\\/fdset\\/1000000002\",\"format\":\"qcow2\","
+                "{\"job-id\":\"m2\",\"device\":\"top\",\"target\":\"json:{\\\"driver\\\":\\\"qcow2\\\",\\\"file\\\":{"
+                "\\\"driver\\\":\\\"file\\\",\\\"filename\\\":\\\"\\/dev\\/fdset\\/1000000002\\\","
+                "\\\"auto-read-only\\\":false}}\",\"format\":\"qcow2\","
                 "\"mode\":\"existing\",\"node-name\":\"mq\",\"sync\":\"full\",\"speed\":5,\"buf-size\":8388608,"
                 "\"auto-finalize\":false,\"auto-dismiss\":false}");
 
