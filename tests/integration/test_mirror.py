@@ -53,6 +53,18 @@ class MirrorBase(h.TestCase):
         self.assertEqual(list(p['BackingChain']), [])
         return p
 
+    def writes_during_copy(self, d, g, c, writes, since):
+        """The guest writes these while the (rate-limited) job runs, then the job runs free and
+        completes; each write reads back in the guest."""
+        for pat, off, ln in writes:
+            g.qemu.guest_write('vda', pat, off, ln)
+            c.apply_to_reference(pat, off, ln)
+        self.assertEqual(d.prop('State'), 'running', 'the writes did not land while the job ran')
+        d.set_bandwidth(0)
+        self.assert_completed(d, since)
+        for pat, off, ln in writes:
+            self.assertTrue(g.qemu.guest_read('vda', pat, off, ln), 'guest write 0x%02x at %d lost' % (pat, off))
+
     def assert_standalone(self, g, c, writes=()):
         """The overlay's path holds one image with the chain's data and the writes, checked clean."""
         self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
@@ -143,7 +155,6 @@ class MirrorTest(MirrorBase):
     def guest_writes_during_mirror(self, g):
         d = g.disk()
         c = g.chains['vda']
-        q = g.qemu
         u = c.u
         owner = os.stat(c.top)
         since = self.start(d, bandwidth=T(4 * MiB))
@@ -154,14 +165,7 @@ class MirrorTest(MirrorBase):
         self.assertEqual((new.st_uid, new.st_gid, new.st_mode), (owner.st_uid, owner.st_gid, owner.st_mode))
         writes = [(0x77, 2 * u, 1 * u), (0x78, 60 * u, 1 * u), (0x79, 37 * u, 2 * u), (0x7a, 100 * u, 1 * u),
                   (0x7b, 130 * u, 1 * u), (0x7c, 180 * u, 2 * u), (0x7d, 49 * u, 1 * u)]
-        for pat, off, ln in writes:
-            q.guest_write('vda', pat, off, ln)
-            c.apply_to_reference(pat, off, ln)
-        self.assertEqual(d.prop('State'), 'running', 'the writes did not land while the job ran')
-        d.set_bandwidth(0)
-        self.assert_completed(d, since)
-        for pat, off, ln in writes:
-            self.assertTrue(q.guest_read('vda', pat, off, ln), 'guest write 0x%02x at %d lost' % (pat, off))
+        self.writes_during_copy(d, g, c, writes, since)
         self.assertEqual(self.mirror_jobs(g), [], 'QEMU still has the job after Finished')
         self.assert_standalone(g, c, writes)
 
@@ -565,7 +569,6 @@ class MirrorDefaultTest(MirrorBase):
         g = self.drive_guest()
         d = g.disk()
         c = g.chains['vda']
-        q = g.qemu
         u = c.u
         st = os.stat(c.top)
         since = time.monotonic()
@@ -574,14 +577,7 @@ class MirrorDefaultTest(MirrorBase):
         self.assertEqual(d.prop('Engine'), 'mirror', 'auto did not pick the mirror for a -drive guest')
         self.assertEqual(len(self.mirror_jobs(g)), 1)
         writes = [(0x57, 3 * u, 1 * u), (0x58, 61 * u, 2 * u), (0x59, 129 * u, 1 * u), (0x5a, 181 * u, 1 * u)]
-        for pat, off, ln in writes:
-            q.guest_write('vda', pat, off, ln)
-            c.apply_to_reference(pat, off, ln)
-        self.assertEqual(d.prop('State'), 'running', 'the writes did not land while the job ran')
-        d.set_bandwidth(0)
-        self.assert_completed(d, since)
-        for pat, off, ln in writes:
-            self.assertTrue(q.guest_read('vda', pat, off, ln), 'guest write 0x%02x at %d lost' % (pat, off))
+        self.writes_during_copy(d, g, c, writes, since)
         self.assertNotEqual(os.stat(c.top).st_ino, st.st_ino, 'the overlay was not replaced by the mirror\'s image')
         self.assert_standalone(g, c, writes)
 
