@@ -14,6 +14,7 @@ void config_init(Config *c) {
                 .helper_uid_min = HELPER_UID_MIN_DEFAULT,
                 .helper_uid_max = HELPER_UID_MAX_DEFAULT,
                 .engine_mirror = ENGINE_MIRROR_AUTO,
+                .progress_signals = PROGRESS_SIGNALS_DEFAULT,
         };
 }
 
@@ -284,6 +285,18 @@ static int parse_seconds(const char *value, usec_t *ret) {
         return 0;
 }
 
+static int parse_progress_signals(const char *value, unsigned *ret) {
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(value, &end, 10);
+        if (errno != 0 || end == value || *end || value[0] == '-' || v < 1 || v > PROGRESS_SIGNALS_MAX)
+                return -EINVAL;
+        *ret = (unsigned) v;
+        return 0;
+}
+
 int config_parse(Config *c, const char *text, const char *source) {
         _cleanup_free_ char *copy = strdup(text);
         unsigned line = 0;
@@ -335,6 +348,11 @@ int config_parse(Config *c, const char *text, const char *source) {
                                 return log_error_errno(EINVAL,
                                         "%s:%u: EngineMirror= must be 'auto', 'all' or 'never', got '%s'.", source,
                                         line, value);
+                } else if (streq(key, "ProgressSignalsPerSecond")) {
+                        if (parse_progress_signals(value, &c->progress_signals) < 0)
+                                return log_error_errno(EINVAL,
+                                        "%s:%u: ProgressSignalsPerSecond= must be 1…%u, got '%s'.", source, line,
+                                        PROGRESS_SIGNALS_MAX, value);
                 } else if (streq(key, "MapTimeoutSec")) {
                         if (parse_seconds(value, &c->map_timeout_usec) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",

@@ -30,7 +30,11 @@ typedef struct Config {
         size_t n_qemu_users;
         char **template_url_prefixes; /* TemplateURLPrefixes=: remote templates allowed (none by default) */
         int engine_mirror;            /* EngineMirror=: where Start's engine "auto" may mirror (below) */
+        unsigned progress_signals;    /* ProgressSignalsPerSecond=: all disks' progress signals together */
 } Config;
+
+#define PROGRESS_SIGNALS_DEFAULT 100U
+#define PROGRESS_SIGNALS_MAX 10000U
 
 /* EngineMirror=: never; auto (the default): disks whose nodes QEMU named itself ("#block…", a
  * -drive guest: no management layer tracks them); all: also disks with given node names. */

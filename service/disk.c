@@ -15,6 +15,22 @@
 #include "util.h"
 
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
+/* Progress signals: per disk at most every PROGRESS_MIN_INTERVAL_USEC, and all disks together at
+ * most progress_budget a second: with N disks reporting, each one waits N / progress_budget s.
+ * N is counted over the current and the previous PROGRESS_WINDOW_USEC (a disk counts once a
+ * window, when it has progress to report), so a job that ends or dies leaves no count behind. */
+#define PROGRESS_MIN_INTERVAL_USEC (250 * USEC_PER_MSEC)
+#define PROGRESS_WINDOW_USEC USEC_PER_SEC
+#define PROGRESS_BUDGET_DEFAULT 100U
+
+static unsigned progress_budget = PROGRESS_BUDGET_DEFAULT;
+static uint64_t progress_window;       /* the current window's number (now / window + 1) */
+static unsigned progress_disks_now;    /* disks that reported in it */
+static unsigned progress_disks_before; /* and in the window before */
+
+void disk_set_progress_budget(unsigned per_second) {
+        progress_budget = per_second > 0 ? per_second : PROGRESS_BUDGET_DEFAULT;
+}
 
 int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         Disk *d;
@@ -248,7 +264,46 @@ void disk_release_map_export(Disk *d) {
                 d->map_export_releaser(d);
 }
 
+static usec_t progress_interval(Disk *d, usec_t now) {
+        uint64_t window = now / PROGRESS_WINDOW_USEC + 1;
+        unsigned n;
+
+        if (window != progress_window) {
+                progress_disks_before = window == progress_window + 1 ? progress_disks_now : 0;
+                progress_disks_now = 0;
+                progress_window = window;
+        }
+        if (d->progress_window != window) {
+                d->progress_window = window;
+                progress_disks_now++;
+        }
+        n = MAX(progress_disks_now, progress_disks_before);
+        return MAX(PROGRESS_MIN_INTERVAL_USEC, (usec_t) n * USEC_PER_SEC / progress_budget);
+}
+
+/* BytesDone and the counters that move with it: held back until the disk's turn comes (a Get
+ * reads the current value all the same; a state change or Finished sends all of them at once). */
+static void disk_emit_progress(Disk *d) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (now - d->progress_emitted < progress_interval(d, now)) {
+                d->progress_pending = true;
+                return;
+        }
+        d->progress_pending = false;
+        d->progress_emitted = now;
+        disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
+}
+
+void disk_flush_progress(Disk *d) {
+        if (d->progress_pending)
+                disk_emit_progress(d);
+}
+
 void disk_emit_job(Disk *d) {
+        /* Carries the progress too: whatever was held back is out now. */
+        d->progress_pending = false;
+        d->progress_emitted = now_usec(CLOCK_MONOTONIC);
         disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
                 "StartTime", "ExpectedEndTime", "Error", "Engine", NULL);
 }
@@ -455,7 +510,7 @@ static void apply_job_changes(Disk *d, unsigned changed, bool lazy) {
                 else
                         disk_save(d);
         } else if (changed & JOB_CHANGED_PROGRESS) {
-                disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
+                disk_emit_progress(d);
                 if (now_usec(CLOCK_MONOTONIC) - d->last_saved >= SAVE_PROGRESS_INTERVAL_USEC)
                         disk_save_later(d);
         }

@@ -100,6 +100,11 @@ typedef struct Disk {
         dev_t pin_dev;
         ino_t pin_ino;
         usec_t last_saved;
+        /* Progress signals (disk.c): when the last went out, whether a newer value waits for the
+         * disk's turn, and the budget window in which the disk last counted as reporting. */
+        usec_t progress_emitted;
+        bool progress_pending;
+        uint64_t progress_window;
 } Disk;
 
 int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias);
@@ -121,6 +126,11 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
+/* All disks' progress PropertiesChanged together go out at most per_second times a second (each
+ * disk at most 4 times a second); state changes and the final values are never held back. */
+void disk_set_progress_budget(unsigned per_second);
+/* A poll found no new progress: send the one held back, if the disk's turn has come. */
+void disk_flush_progress(Disk *d);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
  * removed once its maps are done with it. */
 void disk_release_map_export(Disk *d);

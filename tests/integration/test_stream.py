@@ -444,5 +444,80 @@ class StreamTest(h.TestCase):
         self.assertEqual(len(b.finished(since)), 1)
 
 
+class ProgressBudgetTest(h.TestCase):
+    """ProgressSignalsPerSecond=: all disks' progress PropertiesChanged together stay within the
+    budget, while state changes and the final values go out as before."""
+
+    needs_daemon = False           # started below, with a budget that 10 disks exceed at 4 a second
+    BUDGET = 10
+    ALIASES = ('vda', 'vdb', 'vdc', 'vdd', 'vde')
+    SIZE = 64 * MiB
+    SECONDS = 16                   # bandwidth = SIZE / SECONDS: a few seconds a stream
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        env = cls.env
+        with cls.class_setup():
+            env.daemon = h.Daemon(env, config_extra='ProgressSignalsPerSecond=%d\n' % cls.BUDGET)
+            env.daemon.start()
+
+    def test_progress_signals_share_one_budget(self):
+        guests = [self.new_guest(aliases=self.ALIASES, size=self.SIZE) for _ in range(2)]
+        disks = [g.disk(a) for g in guests for a in self.ALIASES]
+        since = time.monotonic()
+        for d in disks:
+            d.start(0, 0, opts(bandwidth=T(self.SIZE // self.SECONDS), engine=S('stream')))
+        for d in disks:
+            d.wait_state('running', timeout=30)
+        # A state change goes out at once, carrying the progress, whatever the budget.
+        paused = disks[0]
+        paused.wait_bytes_done(1, timeout=30)
+        t_pause = time.monotonic()
+        paused.pause()
+        pc = self.client.wait_for(
+            lambda: [ch for _, ch, _ in self.client.props_changed(paused.path, h.IFACE_STREAM, t_pause)
+                     if ch.get('State') == 'paused'], 30, 'PropertiesChanged State "paused"')
+        self.assertIn('BytesDone', pc[0], 'the state change did not carry BytesDone: %r' % pc[0])
+        self.assertGreater(pc[0]['BytesDone'], 0)
+        paused.resume()
+        for d in disks:
+            res, _, err = d.wait_finished(120, since)
+            self.assertEqual((res, err), ('completed', ''))
+        finished_at = max(s['t'] for s in self.client.signals_of('Finished', None, h.IFACE_STREAM, since))
+        duration = finished_at - since
+        # Progress-only signals (a State change carries the progress too, and is not counted).
+        progress = 0
+        for d in disks:
+            mine = [ch for _, ch, _ in self.client.props_changed(d.path, h.IFACE_STREAM, since)
+                    if 'BytesDone' in ch and 'State' not in ch]
+            self.assertTrue(mine, '%s: no progress signal at all' % d.path)
+            progress += len(mine)
+        # Generous: 1.5 x the budget, plus a couple per disk while the count of disks ramps up.
+        # At 4 a second per disk, as before, the 10 disks send about 4 x the budget.
+        limit = 1.5 * self.BUDGET * duration + 2 * len(disks)
+        h.log('%d progress signals in %.1f s (budget %d a second, limit %.0f)' %
+              (progress, duration, self.BUDGET, limit))
+        self.assertLessEqual(progress, limit, '%d progress signals in %.1f s for a budget of %d a second' %
+                             (progress, duration, self.BUDGET))
+        # The final values are signalled before (or with) Finished, never held back.
+        for d in disks:
+            cache = {}
+            for s in self.client.signals:
+                if s['path'] != d.path or s['t'] < since:
+                    continue
+                if s['member'] == 'PropertiesChanged' and s['args'][0] == h.IFACE_STREAM:
+                    cache.update(s['args'][1])
+                elif s['member'] == 'Finished':
+                    self.assertEqual(cache.get('State'), 'completed', d.path)
+                    self.assertGreater(cache.get('BytesTotal', 0), 0, d.path)
+                    self.assertEqual(cache.get('BytesDone'), cache.get('BytesTotal'),
+                                     '%s: final BytesDone not signalled before Finished' % d.path)
+                    self.assertEqual(cache.get('BytesDone'), s['args'][1], d.path)
+                    break
+            else:
+                self.fail('%s: no Finished' % d.path)
+
+
 if __name__ == '__main__':
     h.main()

@@ -41,6 +41,28 @@ static void test_map_timeout(void) {
         config_done(&c);
 }
 
+static void test_progress_signals(void) {
+        Config c;
+
+        config_init(&c);
+        ASSERT_EQ_U64(c.progress_signals, PROGRESS_SIGNALS_DEFAULT);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "ProgressSignalsPerSecond=20\n"));
+        ASSERT_EQ_U64(c.progress_signals, 20);
+        config_done(&c);
+        ASSERT_OK(parse(&c, "ProgressSignalsPerSecond=10000\n"));
+        ASSERT_EQ_U64(c.progress_signals, 10000);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "ProgressSignalsPerSecond=0\n") < 0);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "ProgressSignalsPerSecond=10001\n") < 0);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "ProgressSignalsPerSecond=-1\n") < 0);
+        config_done(&c);
+        ASSERT_TRUE(parse(&c, "ProgressSignalsPerSecond=5x\n") < 0);
+        config_done(&c);
+}
+
 static void test_engine_mirror(void) {
         Config c;
 
@@ -343,6 +365,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_qemu_users);
         TAP_RUN(test_map_timeout);
         TAP_RUN(test_engine_mirror);
+        TAP_RUN(test_progress_signals);
         TAP_RUN(test_unknown_keys_and_sections);
         TAP_RUN(test_load);
         TAP_RUN(test_template_url_prefixes);
