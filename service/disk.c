@@ -12,25 +12,13 @@
 #include "peer.h"
 #include "blockstream-api.h"
 #include "disk.h"
+#include "progress-budget.h"
 #include "util.h"
 
 #define SAVE_PROGRESS_INTERVAL_USEC (5 * USEC_PER_SEC)
-/* Progress signals: per disk at most every PROGRESS_MIN_INTERVAL_USEC, and all disks together at
- * most progress_budget a second: with N disks reporting, each one waits N / progress_budget s.
- * N is counted over the current and the previous PROGRESS_WINDOW_USEC (a disk counts once a
- * window, when it has progress to report), so a job that ends or dies leaves no count behind. */
+/* Progress signals: per disk at most every PROGRESS_MIN_INTERVAL_USEC, and all disks together
+ * within the budget their host keeps (progress-budget.h: ProgressSignalsPerSecond=). */
 #define PROGRESS_MIN_INTERVAL_USEC (250 * USEC_PER_MSEC)
-#define PROGRESS_WINDOW_USEC USEC_PER_SEC
-#define PROGRESS_BUDGET_DEFAULT 100U
-
-static unsigned progress_budget = PROGRESS_BUDGET_DEFAULT;
-static uint64_t progress_window;       /* the current window's number (now / window + 1) */
-static unsigned progress_disks_now;    /* disks that reported in it */
-static unsigned progress_disks_before; /* and in the window before */
-
-void disk_set_progress_budget(unsigned per_second) {
-        progress_budget = per_second > 0 ? per_second : PROGRESS_BUDGET_DEFAULT;
-}
 
 int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         Disk *d;
@@ -264,21 +252,12 @@ void disk_release_map_export(Disk *d) {
                 d->map_export_releaser(d);
 }
 
+/* The budget all disks share, kept by whoever hosts them (no host's budget: the per-disk limit). */
 static usec_t progress_interval(Disk *d, usec_t now) {
-        uint64_t window = now / PROGRESS_WINDOW_USEC + 1;
-        unsigned n;
+        ProgressBudget *b = d->host->progress_budget ? d->host->progress_budget(d->guest) : NULL;
 
-        if (window != progress_window) {
-                progress_disks_before = window == progress_window + 1 ? progress_disks_now : 0;
-                progress_disks_now = 0;
-                progress_window = window;
-        }
-        if (d->progress_window != window) {
-                d->progress_window = window;
-                progress_disks_now++;
-        }
-        n = MAX(progress_disks_now, progress_disks_before);
-        return MAX(PROGRESS_MIN_INTERVAL_USEC, (usec_t) n * USEC_PER_SEC / progress_budget);
+        return b ? progress_budget_interval(b, &d->progress_window, PROGRESS_MIN_INTERVAL_USEC, now)
+                 : PROGRESS_MIN_INTERVAL_USEC;
 }
 
 /* BytesDone and the counters that move with it: held back until the disk's turn comes (a Get

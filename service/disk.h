@@ -31,6 +31,8 @@ typedef struct DiskHost {
         /* Save, and go on in then once it is on disk (guest_save_then()). */
         int (*save_then)(Guest *g, void (*then)(void *userdata), void *userdata, void (*destroy)(void *userdata));
         void (*update_polling)(Guest *g);
+        /* The budget all disks' progress signals share (progress-budget.h); NULL: none. */
+        struct ProgressBudget *(*progress_budget)(Guest *g);
         void (*release_helper_if_idle)(Guest *g);
         Disk *(*find_disk)(Guest *g, const char *alias);
         /* Re-read the guest's disks; handler gets 0 or -errno (see guest_refresh()). */
@@ -126,9 +128,6 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
-/* All disks' progress PropertiesChanged together go out at most per_second times a second (each
- * disk at most 4 times a second); state changes and the final values are never held back. */
-void disk_set_progress_budget(unsigned per_second);
 /* A poll found no new progress: send the one held back, if the disk's turn has come. */
 void disk_flush_progress(Disk *d);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):

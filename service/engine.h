@@ -10,6 +10,7 @@
 #include <systemd/sd-event.h>
 
 #include "config.h"
+#include "progress-budget.h"
 
 typedef struct Guest Guest;
 typedef struct Disk Disk;
@@ -66,6 +67,8 @@ struct Engine {
         unsigned range_seq;
         struct Cache *caches; /* the host template caches (cache.h) */
         unsigned cache_seq;
+
+        ProgressBudget progress; /* all disks' progress signals (ProgressSignalsPerSecond=) */
 
         const EngineRegistry *registry;
 };

@@ -611,6 +611,10 @@ static sd_bus *disk_host_bus(Guest *g) {
         return g->engine->bus;
 }
 
+static ProgressBudget *disk_host_progress_budget(Guest *g) {
+        return &g->engine->progress;
+}
+
 const DiskHost guest_disk_host = {
         .name = disk_host_name,
         .published = disk_host_published,
@@ -622,6 +626,7 @@ const DiskHost guest_disk_host = {
         .save_later = guest_save_later,
         .save_then = guest_save_then,
         .update_polling = guest_update_polling,
+        .progress_budget = disk_host_progress_budget,
         .release_helper_if_idle = guest_release_helper_if_idle,
         .find_disk = guest_find_disk,
         .refresh = guest_refresh,

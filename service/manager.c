@@ -110,7 +110,7 @@ int manager_new(Manager **ret, sd_event *e, const char *config_path, bool config
                 manager_free(m);
                 return r;
         }
-        disk_set_progress_budget(m->engine.config.progress_signals);
+        m->engine.progress.per_second = m->engine.config.progress_signals;
         r = mkdir_p(m->engine.guest_state_dir, 0700);
         if (r < 0) {
                 log_error_errno(r, "Failed to create state directory %s: %m", m->engine.guest_state_dir);
