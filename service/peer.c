@@ -471,18 +471,43 @@ void peer_nbd_drop(Peer *p) {
                 p->nbd_users--;
 }
 
+/* QEMU answered a stop of our server: the record that one of ours may run goes, unless a server of
+ * ours was started since (commands run in order: its start came after this stop). No answer (the
+ * connection lost, the daemon stopped) keeps it: QEMU drops commands it has not dispatched when
+ * its client goes, so the server may still run, and the next connect's cleanup stops it. */
+static void server_stopped(Qmp *q, int error, const char *desc, void *userdata) {
+        Peer *p = userdata;
+
+        if (error < 0 && !desc)
+                return;
+        if (!p->nbd_server && p->owner->nbd_server_started(p->userdata))
+                p->owner->set_nbd_server_started(p->userdata, false);
+}
+
+static void stop_test_hook(Peer *p) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        /* Tests only: SIGSTOP with the stop queued, not yet written, to be killed there. */
+        if (streq_ptr(getenv("BLOCKSTREAM_TEST_NBD_STOP"), "queued")) {
+                log_info("Guest %s: NBD server stop queued (test hook).", p->name);
+                (void) raise(SIGSTOP);
+        }
+#endif
+}
+
 void peer_nbd_server_release_if_unused(Peer *p) {
+        bool sent = false;
+
         if (!p->nbd_server || p->nbd_users > 0 || p->nbd_waiters)
                 return;
         if (peer_ready(p))
-                (void) qemu_nbd_server_stop(p->qmp, NULL, NULL, NULL);
+                sent = qemu_nbd_server_stop(p->qmp, server_stopped, p, NULL) >= 0;
         if (p->nbd_socket)
                 (void) unlink(p->nbd_socket);
         p->nbd_socket = mfree(p->nbd_socket);
         p->nbd_server = p->nbd_confirmed = false;
         p->nbd_generation++;
-        if (p->owner->nbd_server_started(p->userdata))
-                p->owner->set_nbd_server_started(p->userdata, false);
+        if (sent)
+                stop_test_hook(p);
 }
 
 /* Called first after a (re)connect, before anything can start a server: a server of ours that
@@ -492,8 +517,7 @@ void peer_nbd_cleanup_leftovers(Peer *p) {
         if (!p->owner->nbd_server_started(p->userdata) || !peer_ready(p))
                 return;
         log_info("Guest %s: stopping the NBD server left from before.", p->name);
-        (void) qemu_nbd_server_stop(p->qmp, NULL, NULL, NULL);
-        p->owner->set_nbd_server_started(p->userdata, false);
+        (void) qemu_nbd_server_stop(p->qmp, server_stopped, p, NULL);
 }
 
 bool peer_nbd_server_running(Peer *p) {
