@@ -388,6 +388,29 @@ static bool node_name_by_qemu(const char *name) {
         return name && name[0] == '#';
 }
 
+/* Every node QEMU lists over this file (its format node, the protocol node under it, and any
+ * other node of the same file, another disk's over a shared template included) has a name QEMU
+ * made: nobody named a node the mirror would replace or leave behind. No index: not known. */
+static bool file_nodes_by_qemu(const NodeIndex *ix, const char *filename) {
+        size_t lo = 0, hi;
+
+        if (!ix || !filename)
+                return false;
+        hi = ix->n;
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+
+                if (strcmp(ix->refs[mid].file, filename) < 0)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        for (size_t i = lo; i < ix->n && streq(ix->refs[i].file, filename); i++)
+                if (!node_name_by_qemu(ix->refs[i].name))
+                        return false;
+        return true;
+}
+
 /* Skip the filters on top of a disk: its image is the first node under them that is not one.
  * Returns that node's image object and sets *node to its name (found among the named nodes);
  * without the named nodes (or a name for it), the top stays as QEMU gave it. */
@@ -456,6 +479,7 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 return r;
         d->filename = TAKE_PTR(top.filename);
         d->format = TAKE_PTR(top.format);
+        d->names_by_qemu = d->names_by_qemu && file_nodes_by_qemu(nodes, d->filename);
         r = json_name_file(d->filename, d->format, nodes, &d->file);
         if (r < 0)
                 return r;
@@ -482,7 +506,7 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
                 nn = nodes ? find_node(nodes, c->filename, c->format) : NULL;
                 if (nn && !(c->node_name = strdup(nn)))
                         return -ENOMEM;
-                d->names_by_qemu = d->names_by_qemu && node_name_by_qemu(nn);
+                d->names_by_qemu = d->names_by_qemu && node_name_by_qemu(nn) && file_nodes_by_qemu(nodes, c->filename);
         }
         return 1;
 }

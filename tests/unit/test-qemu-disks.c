@@ -456,7 +456,16 @@ static void test_disks_names_by_qemu(void) {
 
         /* -drive node-name=top: a name someone gave, over QEMU's #block165 and #block354. */
         ASSERT_FALSE(names_by_qemu(blocks, nodes));
+        /* The format node QEMU's, but its protocol node named (-drive file=f0): the mirror would
+         * leave f0 behind, so it is someone's too. */
         rename_node(blocks, nodes, "top", "#block042");
+        ASSERT_FALSE(names_by_qemu(blocks, nodes));
+        rename_node(blocks, nodes, "f0", "#block041");
+        ASSERT_TRUE(names_by_qemu(blocks, nodes));
+        /* A backing image's protocol node named (another disk's, over a shared template): left alone. */
+        rename_node(blocks, nodes, "#block231", "shared-base");
+        ASSERT_FALSE(names_by_qemu(blocks, nodes));
+        rename_node(blocks, nodes, "shared-base", "#block231");
         ASSERT_TRUE(names_by_qemu(blocks, nodes));
         /* A backing node's name unknown (no node list) is no proof. */
         ASSERT_FALSE(names_by_qemu(blocks, NULL));
