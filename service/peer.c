@@ -24,6 +24,7 @@ struct PeerNbdWaiter {
         void (*destroy)(void *);
 };
 
+/* A start or stop of the private server, and the server generation it was sent in. */
 typedef struct ServerStart {
         Peer *peer;
         unsigned generation;
@@ -472,16 +473,31 @@ void peer_nbd_drop(Peer *p) {
 }
 
 /* QEMU answered a stop of our server: the record that one of ours may run goes, unless a server of
- * ours was started since (commands run in order: its start came after this stop). No answer (the
- * connection lost, the daemon stopped) keeps it: QEMU drops commands it has not dispatched when
- * its client goes, so the server may still run, and the next connect's cleanup stops it. */
+ * ours was started since (a new generation: its start came after this stop, commands run in
+ * order, and its own stop may not be dispatched yet). No answer (the connection lost, the daemon
+ * stopped) keeps it: QEMU drops commands it has not dispatched when its client goes, so the
+ * server may still run, and the next connect's cleanup stops it. */
 static void server_stopped(Qmp *q, int error, const char *desc, void *userdata) {
-        Peer *p = userdata;
+        ServerStart *s = userdata;
+        Peer *p = s->peer;
 
         if (error < 0 && !desc)
                 return;
-        if (!p->nbd_server && p->owner->nbd_server_started(p->userdata))
+        if (s->generation == p->nbd_generation && !p->nbd_server && p->owner->nbd_server_started(p->userdata))
                 p->owner->set_nbd_server_started(p->userdata, false);
+}
+
+static int server_stop(Peer *p) {
+        ServerStart *s = calloc(1, sizeof(ServerStart));
+        int r;
+
+        if (!s)
+                return -ENOMEM;
+        *s = (ServerStart) { .peer = p, .generation = p->nbd_generation };
+        r = qemu_nbd_server_stop(p->qmp, server_stopped, s, free);
+        if (r < 0)
+                free(s); /* not sent: ours */
+        return r;
 }
 
 static void stop_test_hook(Peer *p) {
@@ -499,13 +515,13 @@ void peer_nbd_server_release_if_unused(Peer *p) {
 
         if (!p->nbd_server || p->nbd_users > 0 || p->nbd_waiters)
                 return;
-        if (peer_ready(p))
-                sent = qemu_nbd_server_stop(p->qmp, server_stopped, p, NULL) >= 0;
         if (p->nbd_socket)
                 (void) unlink(p->nbd_socket);
         p->nbd_socket = mfree(p->nbd_socket);
         p->nbd_server = p->nbd_confirmed = false;
         p->nbd_generation++;
+        if (peer_ready(p))
+                sent = server_stop(p) >= 0;
         if (sent)
                 stop_test_hook(p);
 }
@@ -517,7 +533,7 @@ void peer_nbd_cleanup_leftovers(Peer *p) {
         if (!p->owner->nbd_server_started(p->userdata) || !peer_ready(p))
                 return;
         log_info("Guest %s: stopping the NBD server left from before.", p->name);
-        (void) qemu_nbd_server_stop(p->qmp, server_stopped, p, NULL);
+        (void) server_stop(p);
 }
 
 bool peer_nbd_server_running(Peer *p) {
