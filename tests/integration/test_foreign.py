@@ -225,29 +225,9 @@ class ForeignTest(h.TestCase):
         the disk, the daemon let go: the export now reads through the filter, whose depths are one
         deeper; the map fails with a clear error instead of that map. With the filter there before
         the map, the map reads the disk under it and is right."""
-        self.env.stop_daemon()
-        os.environ['BLOCKSTREAM_TEST_MAP_STOP'] = 'export'
-        try:
-            self.env.start_daemon()
-        finally:
-            del os.environ['BLOCKSTREAM_TEST_MAP_STOP']
-        self.addCleanup(self.default_daemon)
-        g = self.running_guest()
-        c = g.chains['vda']
-        d = g.disk()
-        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
-        p = subprocess.Popen(['busctl', '--system', '--json=short', 'call', h.BUS_NAME, d.path, h.IFACE_STREAM,
-                              'GetAllocationMap', 'tt', '0', '0'],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env)
-        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
-        pid = self.env.daemon.proc.pid
-
-        def stopped():
-            with open('/proc/%d/stat' % pid) as f:
-                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
-        h.wait_until(stopped, 60, 'the daemon to stop at its test hook')
+        g, c, d, p = self.map_until_the_hook('BLOCKSTREAM_TEST_MAP_STOP', 'export')
         self.add_backup_filter(g)
-        os.kill(pid, signal.SIGCONT)
+        os.kill(self.env.daemon.proc.pid, signal.SIGCONT)
         out, err = p.communicate(timeout=60)
         if p.returncode == 0:
             self.fail('the map read through the filter was returned (base depth %r, want [3])'
@@ -270,12 +250,24 @@ class ForeignTest(h.TestCase):
         map and export of the guest ("QEMU already runs an NBD server that blockstreamd did not
         start"); it is now kept until QEMU answered the stop, and the next daemon stops the server
         first. (Found as a flaky ForeignTest: SIGTERM between the stop's queueing and its answer.)"""
+        g, c, d, p = self.map_until_the_hook('BLOCKSTREAM_TEST_NBD_STOP', 'queued')
+        self.env.kill_daemon()
+        self.default_daemon()
+        self.client.wait_for(lambda: self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
+                                                          g.name)[0] == g.path, 30, 'the guest to be republished')
+        self.assertEqual(self.base_depth(d.call('GetAllocationMap', 'tt', h.T(0), h.T(0)), c), [3])
+        self.export_ok(g)
+
+    def map_until_the_hook(self, hook, value):
+        """A daemon with test hook `hook=value`, a running guest, and a GetAllocationMap (busctl, in
+        the background) that runs until the daemon stops itself at the hook (SIGSTOP). Returns the
+        guest, its chain, its disk and the busctl process."""
         self.env.stop_daemon()
-        os.environ['BLOCKSTREAM_TEST_NBD_STOP'] = 'queued'
+        os.environ[hook] = value
         try:
             self.env.start_daemon()
         finally:
-            del os.environ['BLOCKSTREAM_TEST_NBD_STOP']
+            del os.environ[hook]
         self.addCleanup(self.default_daemon)
         g = self.running_guest()
         c = g.chains['vda']
@@ -291,12 +283,7 @@ class ForeignTest(h.TestCase):
             with open('/proc/%d/stat' % pid) as f:
                 return f.read().rsplit(')', 1)[1].split()[0] == 'T'
         h.wait_until(stopped, 60, 'the daemon to stop at its test hook')
-        self.env.kill_daemon()
-        self.default_daemon()
-        self.client.wait_for(lambda: self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
-                                                          g.name)[0] == g.path, 30, 'the guest to be republished')
-        self.assertEqual(self.base_depth(d.call('GetAllocationMap', 'tt', h.T(0), h.T(0)), c), [3])
-        self.export_ok(g)
+        return g, c, d, p
 
     def default_daemon(self):
         self.env.stop_daemon()

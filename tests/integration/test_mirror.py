@@ -765,12 +765,7 @@ class MirrorDriveKillTest(MirrorKillTest):
         g, d, c, since = self.killed_before_the_job('format')
         h.wait_until(lambda: [j for j in g.qemu.qmp.cmd('query-jobs') if j['type'] == 'create'] == [], 30,
                      'the blockdev-create job to be dismissed')
-        self.client.pump(0.3)
-        self.assertEqual(d.finished(since), [])
-        self.assertEqual(d.prop('State'), 'idle')
-        since = self.start(d, bandwidth=T(0))
-        self.assert_completed(d, since)
-        self.assert_standalone(g, c)
+        self.assert_unanswered_then_mirrored(g, d, c, since)
 
 
 class MirrorBlockdevKillTest(MirrorKillTest):
