@@ -18,6 +18,7 @@ Run with /usr/bin/python3 (Debian's python3-dbus and python3-gi are needed).
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import grp
 import hashlib
 import json
@@ -53,6 +54,7 @@ HELPER_DIRECTORY = os.path.dirname(os.path.abspath(BLOCKSTREAMD))
 HELPER_UID_FIRST = 0x7FFF0000     # the daemon's default HelperUIDRange=, 0x7FFF0000-0x7FFFFFFE
 HELPER_UID_SPAN = 256
 HELPER_UID_SLOTS = (0x7FFFFFFE - HELPER_UID_FIRST + 1) // HELPER_UID_SPAN
+HELPER_UID_LOCK_DIR = '/run/lock/blockstream-test-uids'
 BUS_POLICY = os.path.join(SOURCE_ROOT, 'dbus', 'org.blockstream1.conf')
 POLKIT_POLICY = os.path.join(SOURCE_ROOT, 'policy', 'org.blockstream1.policy')
 POLKIT_RULES = os.path.join(SOURCE_ROOT, 'policy', '50-blockstream.rules')
@@ -477,11 +479,9 @@ class Daemon:
             f.write('ImageDirectories=%s\n' % env.images)
             # Its helpers (blockstream-pull, blockstream-nbd-relay) are built beside it.
             f.write('HelperDirectory=%s\n' % HELPER_DIRECTORY)
-            # Helper uids of this daemon only: RLIMIT_NPROC counts a uid's processes (threads too)
-            # machine-wide, and every daemon starts at the first uid of the default range, so a
-            # storage helper of another test run would make our helpers' exec fail with EAGAIN.
-            # A config_extra with HelperUIDRange= comes later and wins.
-            first = HELPER_UID_FIRST + random.randrange(HELPER_UID_SLOTS) * HELPER_UID_SPAN
+            # Helper uids of this daemon only (env.helper_uid_first()). A config_extra with
+            # HelperUIDRange= (inside that slot) comes later and wins.
+            first = env.helper_uid_first()
             f.write('HelperUIDRange=%d-%d\n' % (first, first + HELPER_UID_SPAN - 1))
             f.write(config_extra)
 
@@ -1184,6 +1184,8 @@ class Env:
         self.qemus = []
         self.saved_logs = None
         self.closed = False
+        self.uid_slot_fds = []
+        self.uid_first = None
         if KEEP:
             log('keeping %s' % self.dir)
 
@@ -1199,6 +1201,39 @@ class Env:
         if daemon:
             self.daemon.start()
         return self
+
+    def helper_uid_first(self, n_uids=HELPER_UID_SPAN):
+        """The first of n_uids helper uids that this env's daemon alone uses on this
+        machine while the env is open. Each daemon treats its HelperUIDRange= as its own: one
+        starting a storage helper SIGKILLs every process of that uid it did not start, which would
+        be another test daemon's pull helper (the fleet tests run two daemons; meson runs suites
+        side by side); and RLIMIT_NPROC counts a uid's processes machine-wide. A random slot,
+        held with an flock (per open file, so also against this process's other envs) until
+        close() or our exit (slots of HELPER_UID_SPAN uids, as many in a row as n_uids needs; the
+        first call of an env decides)."""
+        if self.uid_first is not None:
+            return self.uid_first
+        os.makedirs(HELPER_UID_LOCK_DIR, exist_ok=True)
+        n = -(-n_uids // HELPER_UID_SPAN)
+        start = random.randrange(HELPER_UID_SLOTS - n + 1)
+        for i in range(HELPER_UID_SLOTS - n + 1):
+            first_slot = (start + i) % (HELPER_UID_SLOTS - n + 1)
+            fds = []
+            for slot in range(first_slot, first_slot + n):
+                fd = os.open(os.path.join(HELPER_UID_LOCK_DIR, '%d.lock' % slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
+                fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    break
+            else:
+                self.uid_slot_fds = fds
+                self.uid_first = HELPER_UID_FIRST + first_slot * HELPER_UID_SPAN
+                return self.uid_first
+            for fd in fds:
+                os.close(fd)
+        raise AssertionError('no %d free helper uid slots in a row: other test envs hold them' % n)
 
     def start_daemon(self):
         return self.daemon.start()
@@ -1261,6 +1296,9 @@ class Env:
         self.saved_logs = self.logs_text()
         if not KEEP:
             shutil.rmtree(self.dir, ignore_errors=True)
+        for fd in self.uid_slot_fds:
+            os.close(fd)                   # the daemon and its helpers are gone: the uids are free
+        self.uid_slot_fds = []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -427,7 +427,7 @@ class CacheIdentityTest(h.TestCase):
         with cls.class_setup():
             cls.remote = Remote(env.dir, 'ident', free_tcp_port(), SIZE)
             # Four uids: one guest, two caches, and the top one reserved for provisioning.
-            cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
+            cls.first = env.helper_uid_first()
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\nHelperUIDRange=%d-%d\n' % (
                 cls.remote.url, cls.first, cls.first + 3))
             env.daemon.start()

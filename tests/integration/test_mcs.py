@@ -20,8 +20,6 @@ from harness import MiB  # noqa: E402
 N = 1000
 DROP = 100
 WINDOW = 64                        # calls in flight at a time
-UID_FIRST = 2147418112             # the default HelperUIDRange= start
-UID_LAST = UID_FIRST + N           # reserved by the daemon (its top uid): exactly N uids to give out
 MCS_CATEGORIES = 1024
 
 
@@ -36,7 +34,10 @@ class McsTest(h.TestCase):
         super().setUpClass()
         env = cls.env
         with cls.class_setup():
-            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (UID_FIRST, UID_LAST))
+            # Exactly N uids to give out: the top one is reserved by the daemon.
+            cls.uid_first = env.helper_uid_first(N + 1)
+            cls.uid_last = cls.uid_first + N
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.uid_first, cls.uid_last))
             env.daemon.start()
 
     # -- batched calls
@@ -107,8 +108,8 @@ class McsTest(h.TestCase):
         self.assertEqual(len(set(uids)), len(uids), '%s: helper uids shared between guests' % what)
         self.assertEqual(len(set(pairs)), len(pairs), '%s: MCS pairs shared between guests' % what)
         for name, (uid, c1, c2) in ids.items():
-            self.assertTrue(UID_FIRST <= uid < UID_LAST, '%s: %s has helper uid %d outside %d-%d (top reserved)'
-                            % (what, name, uid, UID_FIRST, UID_LAST))
+            self.assertTrue(self.uid_first <= uid < self.uid_last, '%s: %s has helper uid %d outside %d-%d (top '
+                            'reserved)' % (what, name, uid, self.uid_first, self.uid_last))
             self.assertNotEqual(c1, c2, '%s: %s has c1 == c2 (%d)' % (what, name, c1))
             self.assertLess(c1, c2, '%s: %s has c1 > c2' % (what, name))
             self.assertLess(c2, MCS_CATEGORIES, '%s: %s has category %d' % (what, name, c2))
@@ -127,7 +128,7 @@ class McsTest(h.TestCase):
         ids = self.identities()
         self.assertEqual(sorted(ids), names, 'not one state file per guest')
         self.assert_identities_valid(ids, 'after registration')
-        self.assertEqual(sorted(u for u, _, _ in ids.values()), list(range(UID_FIRST, UID_LAST)),
+        self.assertEqual(sorted(u for u, _, _ in ids.values()), list(range(self.uid_first, self.uid_last)),
                          'the %d guests do not use exactly the %d uids of the range' % (N, N))
         self.assertEqual(self.client.get(h.guest_path(names[0]), h.IFACE_GUEST, 'SandboxLabel'), '')
         self.assert_no_selinux_xattrs()

@@ -513,7 +513,7 @@ class StorageIdentityRangeTest(h.TestCase):
         super().setUpClass()
         env = cls.env
         with cls.class_setup():
-            cls.first = h.HELPER_UID_FIRST + h.random.randrange(h.HELPER_UID_SLOTS) * h.HELPER_UID_SPAN
+            cls.first = env.helper_uid_first()
             env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
             env.daemon.start()
 
