@@ -590,8 +590,9 @@ static void export_peer_lost(void *userdata) {
                         r, "Export %u of guest %s: cannot hand it over to the storage helper: %m", e->id, g->name);
         }
         if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
-                export_fail(e, g->offline || e->handed_over ? "the storage helper went away"
-                                                            : "the QMP connection to QEMU was lost");
+                export_fail(e, peer_lost_reason(&g->peer)
+                                       ?: (g->offline || e->handed_over ? "the storage helper went away"
+                                                                        : "the QMP connection to QEMU was lost"));
 }
 
 /* The guest goes away: stop and forget the export. */

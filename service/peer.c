@@ -46,7 +46,9 @@ static void storage_attached(void *userdata) {
 static void storage_failed(void *userdata, const char *why) {
         Peer *p = userdata;
 
+        p->lost_why = why;
         peer_lost(p);
+        p->lost_why = NULL;
         p->owner->helper_failed(p->userdata, why);
         peer_run_waiters(p, -ECONNRESET, why);
 }
@@ -171,6 +173,10 @@ void peer_lost(Peer *p) {
         p->nbd_users = 0;
         /* Whoever still waits for its start (a listener that failed has unwaited). */
         nbd_run_waiters(p, -ENOTCONN, "the QMP connection to QEMU was lost");
+}
+
+const char *peer_lost_reason(const Peer *p) {
+        return p->lost_why;
 }
 
 /* Waiters */

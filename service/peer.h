@@ -94,6 +94,7 @@ struct Peer {
         unsigned nbd_users; /* exports in QEMU using it */
 
         PeerListener *listeners;
+        const char *lost_why; /* while the listeners hear of a storage helper's failure: why */
 };
 
 /* storage: what the storage helper needs of the guest (its identity and disks). */
@@ -112,6 +113,9 @@ void peer_close(Peer *p);
 /* The connection broke: the private server and all that ran in QEMU for us is gone; listeners
  * hear it. */
 void peer_lost(Peer *p);
+/* For a listener told the peer is lost: why, when it is known (the storage helper could not start,
+ * or died), else NULL. */
+const char *peer_lost_reason(const Peer *p);
 
 /* Run handler once the peer is ready: at once for a running guest (or -ENOTCONN), after
  * starting the storage helper for an offline one. destroy(userdata) runs after the handler. */

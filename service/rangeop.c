@@ -137,7 +137,8 @@ static void op_blame_peer(RangeOp *op) {
 
         if (op->ending && op->outcome != STREAM_FAILED)
                 return; /* it completed, or was cancelled, before */
-        why = strdup(op->guest->offline ? "the storage helper went away" : "QEMU went away");
+        why = strdup(peer_lost_reason(&op->guest->peer) ?: op->guest->offline ? "the storage helper went away"
+                                                                               : "QEMU went away");
         if (!why)
                 return; /* the helper's words then */
         free(op->error);

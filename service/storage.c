@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "helper.h"
@@ -110,17 +111,46 @@ void storage_helper_lost(const StorageHost *host, int error) {
 /* Processes of the guest's storage helper uid that are not our children: storage helpers of an
  * earlier daemon (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked
  * until their last thread exited). The uid is this guest's storage helper's alone (HelperUIDRange=
- * is ours), so each is SIGKILLed.
+ * is ours), so each is SIGKILLed; but not a helper of another live daemon of ours (same binary)
+ * given the same HelperUIDRange=: such a daemon's helpers are no leftovers (an earlier daemon's
+ * lost their parent), and its guests would lose them. That is -EUSERS: the range is shared.
  * Returns how many still have a live thread, or -errno. */
 static void closedirp(DIR **d) {
         if (*d)
                 closedir(*d);
 }
 
+/* Is ppid a live process of the binary we run, other than us and our own forks? */
+static bool another_daemon(int proc_fd, long ppid, pid_t self) {
+        char path[64], buf[512], *p;
+        struct stat ours, theirs;
+        _cleanup_close_ int fd = -1;
+        ssize_t k;
+
+        if (ppid <= 1 || ppid == (long) self)
+                return false;
+        snprintf(path, sizeof(path), "%ld/exe", ppid);
+        if (fstatat(proc_fd, "self/exe", &ours, 0) < 0 || fstatat(proc_fd, path, &theirs, 0) < 0 ||
+                ours.st_dev != theirs.st_dev || ours.st_ino != theirs.st_ino)
+                return false;
+        /* A fork of ours (helper_fork()) runs our binary too. */
+        snprintf(path, sizeof(path), "%ld/status", ppid);
+        fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return false; /* gone meanwhile: its children are leftovers now */
+        k = read(fd, buf, sizeof(buf) - 1);
+        if (k <= 0)
+                return false;
+        buf[k] = 0;
+        p = strstr(buf, "\nPPid:\t");
+        return p && strtol(p + 7, NULL, 10) != (long) self;
+}
+
 static int kill_leftovers(uid_t uid) {
         _cleanup_(closedirp) DIR *proc = NULL;
         pid_t self = getpid();
         struct dirent *de;
+        bool shared = false;
         int n = 0;
 
         proc = opendir("/proc");
@@ -160,11 +190,18 @@ static int kill_leftovers(uid_t uid) {
                         continue;
                 if ((state == 'Z' || state == 'X') && threads <= 1)
                         continue; /* exited: holds nothing, only waits to be reaped by its parent */
+                if (another_daemon(dirfd(proc), ppid, self)) {
+                        log_error("Pid %ld of uid " UID_FMT " is a helper of another blockstreamd (pid %ld) whose "
+                                  "HelperUIDRange= overlaps ours; leaving it alone.",
+                                pid, uid, ppid);
+                        shared = true;
+                        continue;
+                }
                 log_info("Killing pid %ld of uid " UID_FMT ", a helper left by an earlier daemon.", pid, uid);
                 (void) kill((pid_t) pid, SIGKILL);
                 n++;
         }
-        return n;
+        return shared ? -EUSERS : n;
 }
 
 static int helper_spawn(StorageHelper *h);
@@ -200,10 +237,16 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
                         return 0; /* it runs: its child handler tells everyone */
         }
         if (r != 0) {
-                _cleanup_free_ char *why = r > 0 ? strdup_printf("Processes of the guest's storage helper uid " UID_FMT
-                                                                 " left by an earlier daemon did not exit.",
-                                                           h->uid)
-                                                 : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
+                _cleanup_free_ char *why =
+                        r > 0 ? strdup_printf("Processes of the guest's storage helper uid " UID_FMT
+                                              " left by an earlier daemon did not exit.",
+                                        h->uid)
+                        : r == -EUSERS
+                                ? strdup_printf("Cannot start the storage helper: its uids (" UID_FMT ", " UID_FMT
+                                                ") are used by helpers of another blockstreamd on this machine. "
+                                                "Each daemon needs a HelperUIDRange= of its own.",
+                                          h->uid, h->earlier_uid)
+                                : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
                 log_error("Guest %s: %s", host->name, why ?: "out of memory");
                 *host->helper = NULL;
                 helper_free(h);
@@ -232,10 +275,11 @@ int storage_helper_start(const StorageHost *host) {
          * still exiting, with the images' locks: wait for it rather than fail on those locks. The
          * predecessor may be older than the storage helper's own identity (earlier_uid). */
         r = kill_helper_leftovers(h);
-        if (r > 0) {
+        if (r > 0 || r == -EUSERS) {
+                /* -EUSERS: leftover_check() finds it again at once and tells the waiters why. */
                 h->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
-                r = sd_event_add_time_relative(host->event, &h->leftover_timer, CLOCK_MONOTONIC, LEFTOVER_POLL_USEC,
-                        0, leftover_check, h);
+                r = sd_event_add_time_relative(host->event, &h->leftover_timer, CLOCK_MONOTONIC,
+                        r > 0 ? LEFTOVER_POLL_USEC : 0, 0, leftover_check, h);
                 if (r >= 0) {
                         *host->helper = h;
                         return 0;

@@ -552,5 +552,59 @@ class StorageIdentityRangeTest(h.TestCase):
         self.assertIn(o.storage_identity(self.env, b)[0], both)
 
 
+class SharedUidRangeTest(h.TestCase):
+    """Two daemons on one machine given the same HelperUIDRange= (a mistake: their helpers could
+    signal each other): the second, starting a storage helper, used to SIGKILL the first daemon's
+    storage helper of the same uid as "a helper left by an earlier daemon", and the first daemon's
+    export lost its backend. A live daemon's helper is not a leftover: the second daemon now leaves
+    it alone and refuses, saying why."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+        env = cls.env
+        with cls.class_setup():
+            first = env.helper_uid_first()
+            shared = 'HelperUIDRange=%d-%d\n' % (first, first + 2)
+            env.daemon = h.Daemon(env, config_extra=shared)
+            env.daemon.start()
+            cls.other = h.Env('other')
+            cls.addClassCleanup(cls.other.close)
+            cls.other.start(daemon=False)
+            cls.other.daemon = h.Daemon(cls.other, config_extra=shared)
+            cls.other.daemon.start()
+
+    def test_other_daemons_helper_left_alone(self):
+        # The first daemon serves its offline guest's disk through its storage helper.
+        a = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        self.register(a, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, a)
+        path_a, uri_a = o.export(h.Disk(self.client, h.disk_path(a, 'vda')))
+        helper = h.wait_until(lambda: o.storage_helper_of(self.env, chains['vda'].top), 10,
+                              'the storage helper of ' + a)[0]
+        # The other daemon's guest gets the same uids; its storage helper must not start.
+        other = self.other.client
+        b = self.unique_name()
+        image = o.raw_image(os.path.join(self.other.images, 'b.raw'))
+        other.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', b, '',
+                   o.offline_options({'vda': image}, {'vda': 'raw'}))
+        self.assertEqual(o.identity(self.other, b)[0], o.identity(self.env, a)[0])
+        e = self.assertDBusError(o.ERR_HELPER_FAILED, o.export, h.Disk(other, h.disk_path(b, 'vda')))
+        self.assertIn('another blockstreamd', e.message)
+        self.assertIn('HelperUIDRange=', e.message)
+        self.assertEqual(o.storage_helpers(self.other), [])
+        self.assertEqual(o.exports_on_bus(other), [])
+        # The first daemon's helper lives on, and its export still serves.
+        self.assertTrue(os.path.exists('/proc/%d' % helper.pid),
+                        "the other daemon killed this daemon's storage helper")
+        self.assertEqual(self.client.get(path_a, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual(o.nbd_size(uri_a), SIZE)
+        self.assertEqual([p.pid for p in o.storage_helper_of(self.env, chains['vda'].top)], [helper.pid])
+
+
 if __name__ == '__main__':
     h.main()
