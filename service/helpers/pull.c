@@ -665,7 +665,8 @@ static int pull_setup(Pull *p, const Args *args) {
                 p->slots = calloc(p->n_slots, sizeof(Slot));
                 if (!p->slots)
                         return helper_fail(ENOMEM, "Out of memory.");
-                for (size_t i = 0; i < p->n_slots; i++) {
+                /* A CACHE moves no data through us: buffers only for reads. */
+                for (size_t i = 0; i < p->n_slots && !p->can_cache; i++) {
                         p->slots[i].buf = malloc(p->chunk);
                         if (!p->slots[i].buf)
                                 return helper_fail(ENOMEM, "Out of memory.");
