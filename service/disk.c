@@ -252,6 +252,13 @@ void disk_release_map_export(Disk *d) {
                 d->map_export_releaser(d);
 }
 
+bool disk_backing_remote(const Disk *d) {
+        for (size_t i = 0; d->chain && d->chain[i]; i++)
+                if (d->chain[i][0] != '/')
+                        return true;
+        return false;
+}
+
 /* The budget all disks share, kept by whoever hosts them (no host's budget: the per-disk limit). */
 static usec_t progress_interval(Disk *d, usec_t now) {
         ProgressBudget *b = d->host->progress_budget ? d->host->progress_budget(d->guest) : NULL;

@@ -133,6 +133,9 @@ void disk_flush_progress(Disk *d);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
  * removed once its maps are done with it. */
 void disk_release_map_export(Disk *d);
+/* Is an image of its backing chain remote (nbd://, http(s)://: QEMU names those by URL or
+ * json:{…}, never by an absolute path)? */
+bool disk_backing_remote(const Disk *d);
 
 /* For stream.c: the job's properties changed; the guest's state written now, or coalesced. */
 void disk_emit_job(Disk *d);

@@ -72,7 +72,9 @@ class PrefetchBase(r.RangeTestCase):
 
     def wait_phase1(self, g, d, at_least=1):
         """Phase 1 runs: a pull helper, no QEMU job, some progress."""
-        h.wait_until(lambda: r.pull_helpers(self.env), 20, 'the pull helper of phase 1')
+        helpers = h.wait_until(lambda: r.pull_helpers(self.env), 20, 'the pull helper of phase 1')
+        # Local images: the helper's own 128 KiB reads (test_auto_picks_prefetch_for_a_remote_...).
+        self.assertEqual([a for a in helpers[0][1] if a.startswith('--chunk')], [])
         d.wait_bytes_done(at_least, 30)
         self.assertEqual(self.qemu_jobs(g), [], 'a QEMU stream job during phase 1')
         self.assertEqual(d.prop('Engine'), 'prefetch')
@@ -171,8 +173,13 @@ class PrefetchTest(PrefetchBase):
         self.addCleanup(self._drop_guest, name, q)
         rd = h.Disk(self.client, h.disk_path(name, 'vda'))
         since = time.monotonic()
-        rd.start(0, 0, h.no_opts())
+        rd.start(0, 0, opts(bandwidth=T(4 * MiB)))     # throttled: its helper lives to be looked at
         self.assertEqual(rd.prop('Engine'), 'prefetch', 'auto did not pick prefetch for a remote template')
+        # From a remote backing the helper reads 2 MiB at a time (each a read of QEMU's NBD client,
+        # which keeps 16 in flight): not the 128 KiB it reads local images with.
+        helpers = h.wait_until(lambda: r.pull_helpers(self.env), 20, 'the pull helper of phase 1')
+        self.assertIn('--chunk=2097152', helpers[0][1])
+        rd.set_bandwidth(0)
         res, done, err = rd.wait_finished(120, since)
         self.assertEqual((res, err), ('completed', ''), 'Finished%r' % ((res, done, err),))
         self.assertEqual(list(rd.prop('BackingChain')), [])
