@@ -323,11 +323,6 @@ static void disk_emit_progress(Disk *d) {
         disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
 }
 
-void disk_flush_progress(Disk *d) {
-        if (d->progress_pending)
-                disk_emit_progress(d);
-}
-
 void disk_emit_job(Disk *d) {
         /* Carries the progress too: whatever was held back is out now. */
         d->progress_pending = false;

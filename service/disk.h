@@ -134,8 +134,6 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
-/* A poll found no new progress: send the one held back, if the disk's turn has come. */
-void disk_flush_progress(Disk *d);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
  * removed once its maps are done with it. */
 void disk_release_map_export(Disk *d);
