@@ -19,6 +19,9 @@
 /* Progress signals: per disk at most every PROGRESS_MIN_INTERVAL_USEC, and all disks together
  * within the budget their host keeps (progress-budget.h: ProgressSignalsPerSecond=). */
 #define PROGRESS_MIN_INTERVAL_USEC (250 * USEC_PER_MSEC)
+/* A held-back value's timer may fire this much after the disk's turn (never before it), so that
+ * many disks' timers share the loop's wake-ups. */
+#define PROGRESS_TIMER_ACCURACY_USEC (50 * USEC_PER_MSEC)
 
 int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         Disk *d;
@@ -51,6 +54,7 @@ Disk *disk_free(Disk *d) {
                 d->adaptive_stopper(d);
         if (d->mirror_wait && d->mirror_wait_free)
                 d->mirror_wait_free(d->mirror_wait);
+        d->progress_timer = sd_event_source_disable_unref(d->progress_timer);
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);
@@ -267,28 +271,69 @@ static usec_t progress_interval(Disk *d, usec_t now) {
                  : PROGRESS_MIN_INTERVAL_USEC;
 }
 
+static void disk_emit_progress(Disk *d);
+
+static int progress_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Disk *d = userdata;
+
+        if (d->progress_pending)
+                disk_emit_progress(d); /* armed again if the turn moved on (more disks report now) */
+        return 0;
+}
+
+static void progress_timer_disarm(Disk *d) {
+        if (d->progress_timer)
+                (void) sd_event_source_set_enabled(d->progress_timer, SD_EVENT_OFF);
+}
+
+/* The held-back value goes out at `when` even if no newer one comes to carry it (a range's
+ * source that stalls, a paused helper's last report). Without a timer (none to be had, or no
+ * loop), as before: the next value, or a state change, carries it. */
+static void progress_timer_arm(Disk *d, usec_t when) {
+        sd_event *e;
+        int enabled = SD_EVENT_OFF, r;
+
+        if (d->progress_timer && sd_event_source_get_enabled(d->progress_timer, &enabled) >= 0 &&
+                enabled != SD_EVENT_OFF)
+                return; /* armed: the handler looks at the turn again when it fires */
+        if (d->progress_timer) {
+                r = sd_event_source_set_time(d->progress_timer, when);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(d->progress_timer, SD_EVENT_ONESHOT);
+        } else {
+                e = d->host->event ? d->host->event(d->guest) : NULL;
+                if (!e)
+                        return;
+                r = sd_event_add_time(e, &d->progress_timer, CLOCK_MONOTONIC, when, PROGRESS_TIMER_ACCURACY_USEC,
+                        progress_timer_handler, d);
+                if (r >= 0)
+                        (void) sd_event_source_set_description(d->progress_timer, "disk-progress");
+        }
+        if (r < 0)
+                log_debug_errno(r, "Guest %s disk %s: no timer for held-back progress, the next value carries it: %m",
+                        d->host->name(d->guest), d->alias);
+}
+
 /* BytesDone and the counters that move with it: held back until the disk's turn comes (a Get
  * reads the current value all the same; a state change or Finished sends all of them at once). */
 static void disk_emit_progress(Disk *d) {
-        usec_t now = now_usec(CLOCK_MONOTONIC);
+        usec_t now = now_usec(CLOCK_MONOTONIC), interval = progress_interval(d, now);
 
-        if (now - d->progress_emitted < progress_interval(d, now)) {
+        if (now - d->progress_emitted < interval) {
                 d->progress_pending = true;
+                progress_timer_arm(d, d->progress_emitted + interval);
                 return;
         }
         d->progress_pending = false;
+        progress_timer_disarm(d);
         d->progress_emitted = now;
         disk_emit_changed(d, "BytesDone", "BytesTotal", "Rate", "ExpectedEndTime", NULL);
-}
-
-void disk_flush_progress(Disk *d) {
-        if (d->progress_pending)
-                disk_emit_progress(d);
 }
 
 void disk_emit_job(Disk *d) {
         /* Carries the progress too: whatever was held back is out now. */
         d->progress_pending = false;
+        progress_timer_disarm(d);
         d->progress_emitted = now_usec(CLOCK_MONOTONIC);
         disk_emit_changed(d, "State", "Mode", "Offset", "Length", "BytesDone", "BytesTotal", "Bandwidth", "Rate",
                 "StartTime", "ExpectedEndTime", "Error", "Engine", NULL);

@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
 
 #include "job.h"
 #include "qemu.h"
@@ -25,6 +26,9 @@ typedef struct DiskHost {
         bool (*offline)(Guest *g);
         Peer *(*peer)(Guest *g);
         sd_bus *(*bus)(Guest *g);
+        /* The loop the disk's own timers run on (NULL: none; a held-back progress signal then
+         * waits for the next value). */
+        sd_event *(*event)(Guest *g);
         bool (*qmp_ready)(Guest *g);
         int (*save)(Guest *g);
         void (*save_later)(Guest *g);
@@ -103,9 +107,11 @@ typedef struct Disk {
         ino_t pin_ino;
         usec_t last_saved;
         /* Progress signals (disk.c): when the last went out, whether a newer value waits for the
-         * disk's turn, and the budget window in which the disk last counted as reporting. */
+         * disk's turn (progress_timer, armed then, sends it in that turn), and the budget window in
+         * which the disk last counted as reporting. */
         usec_t progress_emitted;
         bool progress_pending;
+        sd_event_source *progress_timer;
         uint64_t progress_window;
 } Disk;
 
@@ -128,8 +134,6 @@ void disk_fail_job(Disk *d, const char *error);
  * waited for that. */
 void disk_publish_released(Disk *d);
 void disk_emit_changed(Disk *d, const char *first, ...);
-/* A poll found no new progress: send the one held back, if the disk's turn has come. */
-void disk_flush_progress(Disk *d);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
  * removed once its maps are done with it. */
 void disk_release_map_export(Disk *d);

@@ -205,8 +205,6 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                                 blockjob_finalize(d);
                         if (changed)
                                 disk_apply_qemu_job_changes(d, changed);
-                        else
-                                disk_flush_progress(d); /* one held back goes out in its turn */
                 } else
                         disk_fail_job(d, "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU "
                                          "was restarted.");

@@ -611,6 +611,10 @@ static sd_bus *disk_host_bus(Guest *g) {
         return g->engine->bus;
 }
 
+static sd_event *disk_host_event(Guest *g) {
+        return g->engine->event;
+}
+
 static ProgressBudget *disk_host_progress_budget(Guest *g) {
         return &g->engine->progress;
 }
@@ -621,6 +625,7 @@ const DiskHost guest_disk_host = {
         .offline = disk_host_offline,
         .peer = disk_host_peer,
         .bus = disk_host_bus,
+        .event = disk_host_event,
         .qmp_ready = guest_qmp_ready,
         .save = guest_save,
         .save_later = guest_save_later,

@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A template behind nbdkit, for the integration tests of remote backings (test_mirror.py,
-test_prefetch.py).
+test_prefetch.py, test_range.py).
 
 On top of harness.py: a small raw template with data in a few places, served by nbdkit over a
-unix socket for as long as the test runs (stopped by the test's cleanup)."""
+unix socket for as long as the test runs (stopped by the test's cleanup), and a running guest
+whose disk is a qcow2 overlay over it."""
 
 import os
 
@@ -36,11 +37,50 @@ def serve(test, template, sock):
     return srv
 
 
-def template_behind_nbd(test, tdir, size=SIZE):
-    """write_template() as tdir/template.raw, served on tdir/nbd.sock. Returns (template, sock);
-    an overlay reaches it as nbd+unix:///?socket=SOCK."""
+def _template_served(test, tdir, size):
     template = os.path.join(tdir, 'template.raw')
     write_template(template, size)
     sock = os.path.join(tdir, 'nbd.sock')
-    serve(test, template, sock)
+    return template, sock, serve(test, template, sock)
+
+
+def template_behind_nbd(test, tdir, size=SIZE):
+    """write_template() as tdir/template.raw, served on tdir/nbd.sock. Returns (template, sock);
+    an overlay reaches it as nbd+unix:///?socket=SOCK."""
+    template, sock, _ = _template_served(test, tdir, size)
     return template, sock
+
+
+class OverlayGuest:
+    """What guest_over_template() made: the guest's name, its QEMU, its disk vda (harness.Disk),
+    the overlay, the template file and the nbdkit serving it."""
+
+    def __init__(self, name, qemu, disk, top, template, server):
+        self.name = name
+        self.qemu = qemu
+        self.disk = disk
+        self.top = top
+        self.template = template
+        self.server = server
+
+
+def guest_over_template(test, size=SIZE):
+    """A running guest, registered (dropped at the end of the test), whose disk vda is a qcow2
+    overlay with no data of its own over template_behind_nbd(), opened by QEMU as an NBD node:
+    a template on a remote repository."""
+    name = test.unique_name()
+    tdir = os.path.join(test.env.images, test.unique_name('tmpl'))
+    os.makedirs(tdir)
+    template, sock, srv = _template_served(test, tdir, size)
+    top = os.path.join(tdir, 'top.qcow2')
+    h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
+               str(size))
+    q = test.env.new_qemu(name, [], [
+        '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock,
+        '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,
+        '-blockdev', 'driver=qcow2,file=file0,backing=tmpl,node-name=disk0',
+        '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
+    test.addCleanup(q.kill)
+    test.register(name, q.daemon_socket)
+    test.addCleanup(test._drop_guest, name, q)
+    return OverlayGuest(name, q, h.Disk(test.client, h.disk_path(name, 'vda')), top, template, srv)

@@ -156,22 +156,8 @@ class PrefetchTest(PrefetchBase):
         res, done, err = d.wait_finished(60, since)
         self.assertEqual((res, err, d.prop('Engine')), ('completed', '', 'stream'))
         # A template behind NBD: prefetch, then cut.
-        name = self.unique_name()
-        tdir = os.path.join(self.env.images, self.unique_name('tmpl'))
-        os.makedirs(tdir)
-        template, sock = nbdtemplate.template_behind_nbd(self, tdir)
-        top = os.path.join(tdir, 'top.qcow2')
-        h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
-                   str(nbdtemplate.SIZE))
-        q = self.env.new_qemu(name, [], [
-            '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock,
-            '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,
-            '-blockdev', 'driver=qcow2,file=file0,backing=tmpl,node-name=disk0',
-            '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
-        self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
-        rd = h.Disk(self.client, h.disk_path(name, 'vda'))
+        og = nbdtemplate.guest_over_template(self)
+        q, rd, top, template = og.qemu, og.disk, og.top, og.template
         since = time.monotonic()
         rd.start(0, 0, opts(bandwidth=T(4 * MiB)))     # throttled: its helper lives to be looked at
         self.assertEqual(rd.prop('Engine'), 'prefetch', 'auto did not pick prefetch for a remote template')
