@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #include "helper.h"
@@ -15,6 +16,12 @@
 #include "storage.h"
 #include "util.h"
 
+
+/* A helper of another daemon found on one of our uids. */
+typedef struct StorageShared {
+        uid_t uid;
+        pid_t pid, daemon;
+} StorageShared;
 
 struct StorageHelper {
         const StorageHost *host;
@@ -32,6 +39,7 @@ struct StorageHelper {
         /* pid 0: waiting for an earlier daemon's helpers of this guest to be gone. */
         sd_event_source *leftover_timer;
         usec_t leftover_deadline;
+        StorageShared shared;
 };
 
 #define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
@@ -120,12 +128,28 @@ static void closedirp(DIR **d) {
                 closedir(*d);
 }
 
-/* Is ppid a live process of the binary we run, other than us and our own forks? */
-static bool another_daemon(int proc_fd, long ppid, pid_t self) {
-        char path[64], buf[512], *p;
-        struct stat ours, theirs;
+/* /proc/PID/status into buf (NUL-terminated), or false. */
+static bool read_status(int proc_fd, long pid, char *buf, size_t size) {
         _cleanup_close_ int fd = -1;
+        char path[64];
         ssize_t k;
+
+        snprintf(path, sizeof(path), "%ld/status", pid);
+        fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return false;
+        k = read(fd, buf, size - 1);
+        if (k <= 0)
+                return false;
+        buf[k] = 0;
+        return true;
+}
+
+/* Is ppid a live daemon of ours: our binary, running as root (a helper that execs our binary
+ * cannot be root again: no_new_privs), and not one of our own forks? */
+static bool another_daemon(int proc_fd, long ppid, pid_t self) {
+        char path[64], buf[4096], *p;
+        struct stat ours, theirs;
 
         if (ppid <= 1 || ppid == (long) self)
                 return false;
@@ -133,20 +157,15 @@ static bool another_daemon(int proc_fd, long ppid, pid_t self) {
         if (fstatat(proc_fd, "self/exe", &ours, 0) < 0 || fstatat(proc_fd, path, &theirs, 0) < 0 ||
                 ours.st_dev != theirs.st_dev || ours.st_ino != theirs.st_ino)
                 return false;
-        /* A fork of ours (helper_fork()) runs our binary too. */
-        snprintf(path, sizeof(path), "%ld/status", ppid);
-        fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
+        if (!read_status(proc_fd, ppid, buf, sizeof(buf)))
                 return false; /* gone meanwhile: its children are leftovers now */
-        k = read(fd, buf, sizeof(buf) - 1);
-        if (k <= 0)
+        if (!strstr(buf, "\nUid:\t0\t0\t0\t0\n"))
                 return false;
-        buf[k] = 0;
         p = strstr(buf, "\nPPid:\t");
         return p && strtol(p + 7, NULL, 10) != (long) self;
 }
 
-static int kill_leftovers(uid_t uid) {
+static int kill_leftovers(uid_t uid, StorageShared *ret_shared) {
         _cleanup_(closedirp) DIR *proc = NULL;
         pid_t self = getpid();
         struct dirent *de;
@@ -157,12 +176,11 @@ static int kill_leftovers(uid_t uid) {
         if (!proc)
                 return -errno;
         while ((de = readdir(proc))) {
-                _cleanup_close_ int fd = -1;
-                char buf[4096], path[64], *p, *end;
+                _cleanup_close_ int pidfd = -1;
+                char buf[4096], *p, *end;
                 unsigned long ruid = ULONG_MAX, threads = 0;
                 long ppid = -1, pid;
                 char state = 0;
-                ssize_t k;
 
                 if (de->d_name[0] < '1' || de->d_name[0] > '9')
                         continue;
@@ -170,14 +188,12 @@ static int kill_leftovers(uid_t uid) {
                 pid = strtol(de->d_name, &end, 10);
                 if (errno != 0 || *end || pid <= 0 || pid > INT_MAX)
                         continue;
-                snprintf(path, sizeof(path), "%ld/status", pid);
-                fd = openat(dirfd(proc), path, O_RDONLY | O_CLOEXEC);
-                if (fd < 0)
+                /* The process first, then what it is: a pid reused after our look is never killed. */
+                pidfd = (int) syscall(SYS_pidfd_open, (pid_t) pid, 0);
+                if (pidfd < 0 && errno != ENOSYS)
                         continue; /* gone meanwhile */
-                k = read(fd, buf, sizeof(buf) - 1);
-                if (k <= 0)
-                        continue;
-                buf[k] = 0;
+                if (!read_status(dirfd(proc), pid, buf, sizeof(buf)))
+                        continue; /* gone meanwhile */
                 if ((p = strstr(buf, "\nState:\t")))
                         state = p[8];
                 if ((p = strstr(buf, "\nPPid:\t")))
@@ -191,14 +207,18 @@ static int kill_leftovers(uid_t uid) {
                 if ((state == 'Z' || state == 'X') && threads <= 1)
                         continue; /* exited: holds nothing, only waits to be reaped by its parent */
                 if (another_daemon(dirfd(proc), ppid, self)) {
-                        log_error("Pid %ld of uid " UID_FMT " is a helper of another blockstreamd (pid %ld) whose "
-                                  "HelperUIDRange= overlaps ours; leaving it alone.",
-                                pid, uid, ppid);
+                        /* Told once, by whoever gets -EUSERS. */
+                        log_debug("Pid %ld of uid " UID_FMT " is a helper of another blockstreamd (pid %ld).", pid,
+                                uid, ppid);
+                        *ret_shared = (StorageShared) { .uid = uid, .pid = (pid_t) pid, .daemon = (pid_t) ppid };
                         shared = true;
                         continue;
                 }
                 log_info("Killing pid %ld of uid " UID_FMT ", a helper left by an earlier daemon.", pid, uid);
-                (void) kill((pid_t) pid, SIGKILL);
+                if (pidfd >= 0)
+                        (void) syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+                else
+                        (void) kill((pid_t) pid, SIGKILL); /* no pidfds: the old way */
                 n++;
         }
         return shared ? -EUSERS : n;
@@ -206,13 +226,13 @@ static int kill_leftovers(uid_t uid) {
 
 static int helper_spawn(StorageHelper *h);
 
-/* The leftovers of both of h's identities: how many still live, or -errno. */
-static int kill_helper_leftovers(const StorageHelper *h) {
+/* The leftovers of both of h's identities: how many still live, or -errno (-EUSERS: h->shared). */
+static int kill_helper_leftovers(StorageHelper *h) {
         int r, k = 0;
 
-        r = kill_leftovers(h->uid);
+        r = kill_leftovers(h->uid, &h->shared);
         if (r >= 0 && h->earlier_uid != 0 && h->earlier_uid != h->uid) {
-                k = kill_leftovers(h->earlier_uid);
+                k = kill_leftovers(h->earlier_uid, &h->shared);
                 if (k < 0)
                         r = k;
         }
@@ -242,10 +262,10 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
                                               " left by an earlier daemon did not exit.",
                                         h->uid)
                         : r == -EUSERS
-                                ? strdup_printf("Cannot start the storage helper: its uids (" UID_FMT ", " UID_FMT
-                                                ") are used by helpers of another blockstreamd on this machine. "
-                                                "Each daemon needs a HelperUIDRange= of its own.",
-                                          h->uid, h->earlier_uid)
+                                ? strdup_printf("Cannot start the storage helper: its uid " UID_FMT " is used by pid %i, a "
+                                                "helper of another blockstreamd (pid %i) on this machine. Each daemon "
+                                                "needs a HelperUIDRange= of its own.",
+                                          h->shared.uid, (int) h->shared.pid, (int) h->shared.daemon)
                                 : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
                 log_error("Guest %s: %s", host->name, why ?: "out of memory");
                 *host->helper = NULL;
@@ -279,7 +299,7 @@ int storage_helper_start(const StorageHost *host) {
                 /* -EUSERS: leftover_check() finds it again at once and tells the waiters why. */
                 h->leftover_deadline = now_usec(CLOCK_MONOTONIC) + LEFTOVER_WAIT_USEC;
                 r = sd_event_add_time_relative(host->event, &h->leftover_timer, CLOCK_MONOTONIC,
-                        r > 0 ? LEFTOVER_POLL_USEC : 0, 0, leftover_check, h);
+                        r > 0 ? LEFTOVER_POLL_USEC : 0, 1, leftover_check, h);
                 if (r >= 0) {
                         *host->helper = h;
                         return 0;
@@ -514,5 +534,13 @@ void storage_helper_kill(const StorageHost *host) {
 }
 
 int storage_kill_leftovers(uid_t uid) {
-        return kill_leftovers(uid);
+        StorageShared shared = {};
+        int r;
+
+        r = kill_leftovers(uid, &shared);
+        if (r == -EUSERS)
+                log_error("Uid " UID_FMT " is used by pid %i, a helper of another blockstreamd (pid %i) on this "
+                          "machine: each daemon needs a HelperUIDRange= of its own.",
+                        shared.uid, (int) shared.pid, (int) shared.daemon);
+        return r;
 }

@@ -86,5 +86,6 @@ void storage_helper_kill(const StorageHost *host);
 bool storage_helper_attached(const StorageHost *host);
 
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
- * exiting and holding their images' locks); how many still had a live thread, or -errno. */
+ * exiting and holding their images' locks); how many still had a live thread, or -errno
+ * (-EUSERS: a helper of another live daemon runs as uid, and is left alone). */
 int storage_kill_leftovers(uid_t uid);

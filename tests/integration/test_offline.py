@@ -606,5 +606,63 @@ class SharedUidRangeTest(h.TestCase):
         self.assertEqual([p.pid for p in o.storage_helper_of(self.env, chains['vda'].top)], [helper.pid])
 
 
+SPOOF = '''
+import os, sys
+uid, binary, fifo = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if os.fork() == 0:
+    os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+    os.execvp('sleep', ['sleep', '600'])
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+os.execv(binary, [binary, '--config=' + fifo])
+'''
+
+
+class LeftoverSpoofTest(h.TestCase):
+    """A process of a guest's helper uid whose parent runs the daemon's binary, but not as root, is
+    not another daemon's helper (a real daemon is root; a helper that execs our binary never is):
+    it is killed as a leftover, and the storage helper starts. Otherwise a hostile helper could keep
+    processes alive under the guest's uid and deny the guest its storage helper."""
+
+    needs_daemon = False
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+        env = cls.env
+        with cls.class_setup():
+            cls.first = env.helper_uid_first()
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
+            env.daemon.start()
+
+    def test_nonroot_copy_of_the_daemon_is_no_daemon(self):
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
+        self.addCleanup(self.unregister_quietly, name)
+        uid = o.identity(self.env, name)[0]
+        # A sleep as the guest's helper uid, whose parent is our binary running as nobody (not a
+        # uid the daemon looks at: it is not killed itself), blocked opening a FIFO.
+        fifo = os.path.join(self.env.dir, 'spoof.fifo')
+        os.mkfifo(fifo, 0o666)
+        spoof = h.spawn([sys.executable, '-c', SPOOF, str(uid), h.BLOCKSTREAMD, fifo])
+        self.addCleanup(spoof.kill)
+        daemon_exe = os.stat(h.BLOCKSTREAMD)
+
+        def spoofed():
+            for p in o.processes():
+                if p.uids[0] == uid and p.ppid == spoof.pid:
+                    st = os.stat('/proc/%d/exe' % spoof.pid)
+                    if (st.st_dev, st.st_ino) == (daemon_exe.st_dev, daemon_exe.st_ino):
+                        return p
+            return None
+        child = h.wait_until(spoofed, 10, "a process of the guest's uid under a non-root copy of the daemon")
+        path, uri = o.export(h.Disk(self.client, h.disk_path(name, 'vda')))
+        self.assertEqual(self.client.get(path, o.IFACE_EXPORT, 'State'), 'serving')
+        self.assertEqual(o.nbd_size(uri), SIZE)
+        o.wait_gone(child.pid, 10, 'the leftover under the non-root copy of the daemon to be killed')
+        self.assertIsNone(self.client.call(path, o.IFACE_EXPORT, 'Stop'))
+
+
 if __name__ == '__main__':
     h.main()
