@@ -570,7 +570,7 @@ static void export_peer_lost(void *userdata) {
 
         e->in_qemu = false;
         if (export_helper_restartable(e)) {
-                export_helper_died(e, "the storage helper went away");
+                export_helper_died(e, peer_lost_reason(&g->peer) ?: "the storage helper went away");
                 return;
         }
         /* A running guest's QEMU went away (the source after a migration, say): its clients
