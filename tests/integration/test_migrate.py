@@ -270,7 +270,9 @@ class MigrateTest(h.TestCase):
         q = self.src.new_qemu(r.name, [('vda', r.src_overlay)])
         self.addCleanup(q.kill)
         self.src.client.wait_prop(guest, h.IFACE_GUEST, 'Running', True, 90)
-        self.assertEqual(self.src.client.get(h.disk_path(r.name, 'vda'), h.IFACE_STREAM, 'NodeName'), 'disk0')
+        # Running is "QMP connected"; the disks are read from the new QEMU right after (NodeName
+        # changes then, with its signal): read at once, it could still be the helper's bs-vda.
+        self.src.client.wait_prop(h.disk_path(r.name, 'vda'), h.IFACE_STREAM, 'NodeName', 'disk0', 30)
         self.check_destination(r)
 
     def stream_on(self, r, more=1 * MiB):
