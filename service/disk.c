@@ -256,10 +256,13 @@ void disk_release_map_export(Disk *d) {
                 d->map_export_releaser(d);
 }
 
-bool disk_backing_remote(const Disk *d) {
-        for (size_t i = 0; d->chain && d->chain[i]; i++)
-                if (d->chain[i][0] != '/')
+bool disk_backing_remote(const Disk *d, const char *bottom) {
+        for (size_t i = 0; d->chain && d->chain[i]; i++) {
+                if (qemu_image_name_remote(d->chain[i]))
                         return true;
+                if (bottom && d->chain_nodes && d->chain_nodes[i] && streq(d->chain_nodes[i], bottom))
+                        break;
+        }
         return false;
 }
 

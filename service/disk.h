@@ -137,9 +137,9 @@ void disk_emit_changed(Disk *d, const char *first, ...);
 /* The export the disk's maps share is no longer wanted (the job is over, or the disk goes):
  * removed once its maps are done with it. */
 void disk_release_map_export(Disk *d);
-/* Is an image of its backing chain remote (nbd://, http(s)://: QEMU names those by URL or
- * json:{…}, never by an absolute path)? */
-bool disk_backing_remote(const Disk *d);
+/* Is an image of its backing chain remote (qemu_image_name_remote())? Only those down to the
+ * one whose node is bottom, if bottom is not NULL (what a range that keeps a base copies from). */
+bool disk_backing_remote(const Disk *d, const char *bottom);
 
 /* For stream.c: the job's properties changed; the guest's state written now, or coalesced. */
 void disk_emit_job(Disk *d);

@@ -288,7 +288,7 @@ bool prefetch_wins(Disk *d) {
         /* Measured (README, Performance): from a remote template prefetch takes a fraction of
          * block-stream's time; from local images block-stream is faster, and keeps its pause on a
          * full disk. */
-        return disk_backing_remote(d);
+        return disk_backing_remote(d, NULL);
 }
 
 static int prefetch_resume(Disk *d) {

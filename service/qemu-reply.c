@@ -336,29 +336,40 @@ static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint6
  * Its image file is that "file" child, taken only when it is a plain "file" driver node (no other
  * option, an absolute path) and QEMU lists a "file" node of that path. *ret is NULL otherwise: a
  * name we cannot read is not an error, the disk is just not known by a path. */
-static int json_name_file(const char *name, const char *format, const NodeIndex *nodes, char **ret) {
-        _cleanup_(json_object_putp) json_object *o = NULL;
-        const char *driver = NULL, *filename = NULL, *text;
-        json_object *file;
+/* The options in a "json:" name, or NULL (not one, not valid JSON, or out of memory). */
+static json_object *json_name_parse(const char *name) {
+        json_object *o;
         json_tokener *tok;
+        const char *text;
 
-        *ret = NULL;
-        if (!nodes || strncmp(name, "json:", 5) != 0)
-                return 0;
+        if (strncmp(name, "json:", 5) != 0)
+                return NULL;
         text = name + 5;
         /* The whole chain's options nest in the name: two levels per image, bounded by the length. */
         tok = json_tokener_new_ex(2 * QEMU_CHAIN_MAX + 8);
         if (!tok)
-                return -ENOMEM;
+                return NULL;
         json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
         o = json_tokener_parse_ex(tok, text, (int) strlen(text));
         if (o && (json_tokener_get_error(tok) != json_tokener_success ||
-                         json_tokener_get_parse_end(tok) != strlen(text))) {
+                         json_tokener_get_parse_end(tok) != strlen(text) || !json_object_is_type(o, json_type_object))) {
                 json_object_put(o);
                 o = NULL;
         }
         json_tokener_free(tok);
-        if (!o || !json_object_is_type(o, json_type_object) || json_get_string(o, "driver", true, &driver) < 0 ||
+        return o;
+}
+
+static int json_name_file(const char *name, const char *format, const NodeIndex *nodes, char **ret) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        const char *driver = NULL, *filename = NULL;
+        json_object *file;
+
+        *ret = NULL;
+        if (!nodes || strncmp(name, "json:", 5) != 0)
+                return 0;
+        o = json_name_parse(name);
+        if (!o || json_get_string(o, "driver", true, &driver) < 0 ||
                 !streq(driver, format) || !json_object_object_get_ex(o, "file", &file) ||
                 !json_object_is_type(file, json_type_object) || json_object_object_length(file) != 2 ||
                 json_get_string(file, "driver", true, &driver) < 0 || !streq(driver, "file") ||
@@ -366,6 +377,37 @@ static int json_name_file(const char *name, const char *format, const NodeIndex 
                 !find_node(nodes, filename, "file"))
                 return 0;
         return strdup_checked(filename, ret);
+}
+
+static bool driver_local(const char *driver) {
+        return streq(driver, "file") || streq(driver, "host_device") || streq(driver, "host_cdrom");
+}
+
+bool qemu_image_name_remote(const char *name) {
+        _cleanup_(json_object_putp) json_object *o = NULL;
+        const char *driver = NULL;
+        json_object *file;
+        size_t n;
+
+        if (!name || name[0] == '/')
+                return false;
+        if (strncmp(name, "json:", 5) == 0) {
+                /* The innermost "file" child is the protocol node: a local file, or not. */
+                o = json_name_parse(name);
+                for (json_object *i = o; i; i = file) {
+                        if (json_get_string(i, "driver", true, &driver) < 0)
+                                return false;
+                        if (!json_object_object_get_ex(i, "file", &file) || !json_object_is_type(file, json_type_object))
+                                return !driver_local(driver);
+                }
+                return false; /* not readable: not known to be remote */
+        }
+        /* QEMU's own rule (path_has_protocol()): "proto:" before any '/' is a protocol. */
+        n = strcspn(name, ":/");
+        if (name[n] != ':')
+                return false; /* a relative path */
+        return !((n == 4 && strncmp(name, "file", 4) == 0) || (n == 11 && strncmp(name, "host_device", 11) == 0) ||
+                (n == 10 && strncmp(name, "host_cdrom", 10) == 0));
 }
 
 /* QEMU's filter drivers (is_filter in 7.2): a node of theirs over a disk is someone else's

@@ -17,6 +17,12 @@
 #define QEMU_NODES_MAX 4096
 #define QEMU_STRING_MAX 4096
 
+/* Does QEMU's name of an image say it is not on this machine: a URL (nbd://, http(s)://, …), a
+ * "proto:" name other than a file's, or a json:{…} name whose protocol node (the innermost
+ * "file") is not a local file or device? A path, absolute or relative, is local; a json: name that
+ * cannot be read counts as local (not known to be remote). */
+bool qemu_image_name_remote(const char *name);
+
 typedef enum QemuJobStatus {
         QEMU_JOB_UNKNOWN,
         QEMU_JOB_CREATED,

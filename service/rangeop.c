@@ -24,11 +24,9 @@
  * same template: behind 20 ms, 128 KiB reads took 11.3-11.7 s, 512 KiB 3.3-3.9 s, 2 MiB
  * 1.9-2.0 s, 4-8 MiB 1.7-2.3 s (nbdcopy 1.4 s); behind 5 ms, 128 KiB 3.3-4.5 s, 2 MiB 1.2-2.1 s.
  * Local images keep the helper's 128 KiB (a guest's QEMU maps and unmaps a bounce buffer of
- * 2 MiB for each request: README, Performance). */
+ * 2 MiB for each request: README, Performance). Reads (--no-cache) land in the helper's own
+ * buffers, which it keeps within 32 MiB. */
 #define PULL_CHUNK_REMOTE (UINT64_C(2) << 20)
-/* Reads through a filter (--no-cache) land in the helper's buffers, chunk x parallel of them. */
-#define PULL_READ_BUFFERS_MAX (UINT64_C(32) << 20)
-#define PULL_PARALLEL_DEFAULT 64 /* the helper's own */
 #define EXPORT_GONE_TIMEOUT_USEC (10 * USEC_PER_SEC)
 
 static void op_peer_lost(void *userdata);
@@ -360,24 +358,23 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 static int spawn_helper(RangeOp *op) {
         Engine *m = op->engine;
         Guest *g = op->guest;
-        unsigned parallel = op->parallel;
-        if (op->node && op->chunk > 0)
-                parallel = (unsigned) MIN((uint64_t) (parallel ?: PULL_PARALLEL_DEFAULT),
-                        MAX(PULL_READ_BUFFERS_MAX / op->chunk, UINT64_C(1)));
+        Disk *d = guest_find_disk(g, op->alias);
+        /* Only the images the op copies from count: with a base kept, those above it. */
+        uint64_t chunk = !op->map && d && disk_backing_remote(d, op->bottom) ? PULL_CHUNK_REMOTE : 0;
         _cleanup_free_ char *prefix = strdup_printf("Guest %s %s helper", g->name, op->map ? "map" : "pull"),
                             *a_export = strdup_printf("--export=%s", op->export_id),
                             *a_offset = strdup_printf("--offset=%" PRIu64, op->offset),
                             *a_length = strdup_printf("--length=%" PRIu64, op->length),
                             *a_bw = strdup_printf("--bandwidth=%" PRIu64, op->bandwidth),
-                            *a_parallel = parallel > 0 ? strdup_printf("--parallel=%u", parallel) : NULL,
-                            *a_chunk = op->chunk > 0 ? strdup_printf("--chunk=%" PRIu64, op->chunk) : NULL;
+                            *a_parallel = op->parallel > 0 ? strdup_printf("--parallel=%u", op->parallel) : NULL,
+                            *a_chunk = chunk > 0 ? strdup_printf("--chunk=%" PRIu64, chunk) : NULL;
         _cleanup_close_ int nbd = -1;
         char *argv[6 + 3 + 1];
         size_t n = 0;
         int r;
 
-        if (!prefix || !a_export || !a_offset || !a_length || !a_bw || (parallel > 0 && !a_parallel) ||
-                (op->chunk > 0 && !a_chunk))
+        if (!prefix || !a_export || !a_offset || !a_length || !a_bw || (op->parallel > 0 && !a_parallel) ||
+                (chunk > 0 && !a_chunk))
                 return -ENOMEM;
         argv[n++] = (char *) PULL_BINARY;
         argv[n++] = (char *) (op->map ? "--map" : "--pull");
@@ -538,8 +535,6 @@ int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map
         op->offset = offset;
         op->length = length;
         op->control_fd = -1;
-        if (!map && disk_backing_remote(d))
-                op->chunk = PULL_CHUNK_REMOTE;
         op->alias = strdup(d->alias);
         op->export_id = strdup_printf("%s-%u", map ? "bsm" : "bsr", op->id);
         if (!op->alias || !op->export_id) {

@@ -70,7 +70,6 @@ struct RangeOp {
         char *bottom;
         uint64_t offset, length, bandwidth;  /* what the helper works on */
         unsigned parallel;                   /* its reads in flight (0: its default) */
-        uint64_t chunk;                      /* its largest read (0: its default) */
         uint64_t asked_offset, asked_length; /* what the caller asked for (Offset/Length) */
         sd_bus_message *call;                /* Start or GetAllocationMap, until answered */
 

@@ -38,6 +38,7 @@
 /* Reads are cut to multiples of this where the chunk allows: qcow2's default cluster size, the
  * unit in which QEMU's copy-on-read copies anyway. */
 #define CLUSTER_HINT (64 * KIB)
+#define READ_BUFFERS_MAX (UINT64_C(32) * MIB)
 #define PROGRESS_INTERVAL_USEC (250 * USEC_PER_MSEC)
 
 /* What the loop does next, besides carrying on (0) or failing (-errno). */
@@ -661,7 +662,9 @@ static int pull_setup(Pull *p, const Args *args) {
                 return r;
 
         if (args->mode == MODE_PULL) {
-                p->n_slots = args->parallel;
+                /* Reads land in our buffers: no more than READ_BUFFERS_MAX of them in flight. */
+                p->n_slots = p->can_cache ? args->parallel
+                                          : (size_t) MIN((uint64_t) args->parallel, MAX(READ_BUFFERS_MAX / p->chunk, UINT64_C(1)));
                 p->slots = calloc(p->n_slots, sizeof(Slot));
                 if (!p->slots)
                         return helper_fail(ENOMEM, "Out of memory.");

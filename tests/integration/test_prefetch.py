@@ -174,6 +174,51 @@ class PrefetchTest(PrefetchBase):
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
         self.assertIsNone(h.image_backing(top), 'the overlay stands alone')
 
+    def test_auto_keeps_stream_for_a_local_chain_named_by_options(self):
+        """libvirt's way: every image a -blockdev node, each backing given as a node. QEMU names
+        such an image by its options (json:{…, "file": {"driver": "file", …}}): still a local
+        file, so auto keeps block-stream and a range reads 128 KiB at a time. (A name that did not
+        start with '/' counted as remote: prefetch and 2 MiB reads.)"""
+        name = self.unique_name()
+        d = os.path.join(self.env.images, self.unique_name('img'))
+        os.makedirs(d)
+        base, mid, top = (os.path.join(d, n + '.qcow2') for n in ('base', 'mid', 'top'))
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(SIZE))
+        h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x61 0 %d' % (4 * MiB), base])
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', mid)    # relative names
+        h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x62 %d %d' % (8 * MiB, 4 * MiB), mid])
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top)
+        q = self.env.new_qemu(name, [], [
+            '-blockdev', 'driver=file,filename=%s,node-name=f-base' % base,
+            '-blockdev', '{"driver": "qcow2", "file": "f-base", "backing": null, "node-name": "n-base"}',
+            '-blockdev', 'driver=file,filename=%s,node-name=f-mid' % mid,
+            '-blockdev', 'driver=qcow2,file=f-mid,backing=n-base,node-name=n-mid',
+            '-blockdev', 'driver=file,filename=%s,node-name=f-top' % top,
+            '-blockdev', 'driver=qcow2,file=f-top,backing=n-mid,node-name=n-top',
+            '-device', 'virtio-blk-pci,drive=n-top,id=vda'])
+        self.addCleanup(q.kill)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        disk = h.Disk(self.client, h.disk_path(name, 'vda'))
+        chain = list(disk.prop('BackingChain'))
+        self.assertEqual(len(chain), 2, chain)
+        self.assertTrue(any(c.startswith('json:') for c in chain), 'no image named by its options: %r' % chain)
+        # A range, throttled so that its helper can be looked at: local reads.
+        since = time.monotonic()
+        self.assertIsNone(disk.start(0, 16 * MiB, opts(bandwidth=T(1 * MiB))))
+        helpers = h.wait_until(lambda: r.pull_helpers(self.env), 20, 'the pull helper of the range')
+        self.assertEqual([a for a in helpers[0][1] if a.startswith('--chunk')], [])
+        disk.set_bandwidth(0)
+        res, done, err = disk.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''))
+        # The full stream: auto keeps block-stream.
+        since = time.monotonic()
+        disk.start(0, 0, h.no_opts())
+        self.assertEqual(disk.prop('Engine'), 'stream', 'auto took a local chain named by options for a remote one')
+        res, done, err = disk.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''), 'Finished%r' % ((res, done, err),))
+        self.assertEqual(list(disk.prop('BackingChain')), [])
+
     def test_data_is_the_chain_and_guest_writes_survive(self):
         g = self.guest()
         d = g.disk()

@@ -750,6 +750,42 @@ static void test_disks_many_nodes_linear(void) {
         qemu_disks_free(d, n);
 }
 
+/* Remote or local, by QEMU's name of an image: what decides prefetch and the pull helper's reads. */
+static void test_image_name_remote(void) {
+        static const char *const remote[] = {
+                "nbd+unix:///?socket=/run/t.sock",
+                "nbd://10.0.0.1:10809/vda",
+                "https://templates.example/t.raw",
+                "ssh://h/images/t.qcow2",
+                "rbd:pool/image",
+                "json:{\"driver\": \"nbd\", \"server\": {\"type\": \"unix\", \"path\": \"/run/t.sock\"}}",
+                "json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"http\", \"url\": \"http://h/t\"}}",
+                "json:{\"driver\": \"raw\", \"file\": {\"driver\": \"throttle\", \"file\": {\"driver\": \"nbd\"}}}",
+        };
+        static const char *const local[] = {
+                "/var/lib/images/base.qcow2",
+                "base.qcow2",
+                "images/base.qcow2",
+                "x/dir:base.qcow2", /* "/" before ":": a relative path, as QEMU reads it */
+                "file:/var/lib/images/base.qcow2",
+                "host_device:/dev/vg/base",
+                /* libvirt's -blockdev chains: a local qcow2 QEMU must name by its options */
+                "json:{\"backing\": {\"driver\": \"qcow2\"}, \"driver\": \"qcow2\", \"file\": {\"driver\": "
+                "\"file\", \"filename\": \"/var/lib/images/top.qcow2\"}}",
+                "json:{\"driver\": \"raw\", \"file\": {\"driver\": \"host_device\", \"filename\": \"/dev/sdb\"}}",
+                "json:{not json",
+                "json:[1, 2]",
+                "json:{\"driver\": 7}",
+                "",
+                NULL,
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(remote); i++)
+                ASSERT_TRUE(qemu_image_name_remote(remote[i]));
+        for (size_t i = 0; i < ELEMENTSOF(local); i++)
+                ASSERT_FALSE(qemu_image_name_remote(local[i]));
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
@@ -771,5 +807,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_disks_chain_max);
         TAP_RUN(test_chain_max_fits_qmp_depth);
         TAP_RUN(test_disks_limits);
+        TAP_RUN(test_image_name_remote);
         return tap_finish();
 }
