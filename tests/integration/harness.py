@@ -1218,21 +1218,23 @@ class Env:
         start = random.randrange(HELPER_UID_SLOTS - n + 1)
         for i in range(HELPER_UID_SLOTS - n + 1):
             first_slot = (start + i) % (HELPER_UID_SLOTS - n + 1)
-            fds = []
-            for slot in range(first_slot, first_slot + n):
-                fd = os.open(os.path.join(HELPER_UID_LOCK_DIR, '%d.lock' % slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                             0o600)
-                fds.append(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    break
-            else:
+            fds, got = [], False
+            try:
+                for slot in range(first_slot, first_slot + n):
+                    fds.append(os.open(os.path.join(HELPER_UID_LOCK_DIR, '%d.lock' % slot),
+                                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                    fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got = True
+            except BlockingIOError:
+                pass
+            finally:
+                if not got:
+                    for fd in fds:
+                        os.close(fd)
+            if got:
                 self.uid_slot_fds = fds
                 self.uid_first = HELPER_UID_FIRST + first_slot * HELPER_UID_SPAN
                 return self.uid_first
-            for fd in fds:
-                os.close(fd)
         raise AssertionError('no %d free helper uid slots in a row: other test envs hold them' % n)
 
     def start_daemon(self):
