@@ -872,6 +872,38 @@ class MapTest(OfflineBase):
                 h.wait_until(lambda: r.daemon_children(self.env) == [], 15,
                              'the storage helper to exit after the maps')
 
+    def test_map_of_many_status_windows(self):
+        """A 40 GiB disk: the helper asks block status in windows of 4 GiB - 2 MiB; the map crosses
+        ten windows and must be qemu-img's, in order, an extent that spans a window's end handed
+        on once. (A helper that used windows' answers out of order failed here.)"""
+        window = 4 * h.GiB - 2 * MiB
+        size = 40 * h.GiB
+        dd = os.path.join(self.env.images, 'windows')
+        os.makedirs(dd)
+        base, top = os.path.join(dd, 'base.qcow2'), os.path.join(dd, 'top.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, str(size))
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, str(size))
+        n = size // window
+        self.assertEqual(n, 10)
+        r.script_qemu_io(base, ['write -P 0x42 %d %d' % (i * window + h.GiB, MiB) for i in range(n)])
+        cmds = ['write -P 0x44 %d %d' % (n * window + 4 * MiB, CS)]  # the last window, 20 MiB
+        for i in range(n):
+            cmds.append('write -P 0x%02x %d %d' % (0x11 + i, (i + 1) * window - MiB, 2 * MiB))
+            cmds.append('write -z %d %d' % (i * window + 2 * h.GiB, MiB))
+            if i % 2 == 0:
+                cmds.append('write -P 0x33 %d %d' % (i * window + 3 * h.GiB, CS))
+        r.script_qemu_io(top, cmds)
+        want = r.expected_map(top)
+        self.assertEqual({k for o, l, dep, k in want}, set(r.KINDS))
+        for i in range(1, n + 1):
+            self.assertIn((i * window - MiB, 2 * MiB, 1, 'local'), want)
+        name, d = self.offline_guest(top)
+        self.assertEqual(d.prop('Size'), size)
+        self.assertEqual(self.api_map(d), want, 'GetAllocationMap(0, 0) of 40 GiB differs from qemu-img map')
+        o, ln = window - 5 * MiB - 512, 3 * window + 7 * MiB
+        self.assertEqual(self.api_map(d, o, ln), r.clip(want, o, ln),
+                         'GetAllocationMap(%d, %d) differs from qemu-img map' % (o, ln))
+
     def test_offline_back_to_back_calls(self):
         """Calls that come as soon as the one before was answered: each starts the storage helper
         again if it needs to, none fails because the idle helper is on its way out."""
