@@ -1189,15 +1189,16 @@ class Env:
         if KEEP:
             log('keeping %s' % self.dir)
 
-    def start(self, daemon=True, polkit=False, polkit_rules=None):
-        """polkit=True: run polkitd on the bus (see Polkit) before the daemon starts."""
+    def start(self, daemon=True, polkit=False, polkit_rules=None, daemon_config=''):
+        """polkit=True: run polkitd on the bus (see Polkit) before the daemon starts;
+        daemon_config: lines for its configuration file."""
         self.bus = Bus(self)
         self.bus.start()
         self.client = Client(self.bus.address)
         if polkit:
             self.polkit = Polkit(self, polkit_rules)
             self.polkit.start()
-        self.daemon = Daemon(self)
+        self.daemon = Daemon(self, daemon_config)
         if daemon:
             self.daemon.start()
         return self
@@ -1378,6 +1379,7 @@ class TestCase(unittest.TestCase):
     needs_cli = False
     needs_polkit = False       # polkitd on the private bus, with our actions and rules (see Polkit)
     polkit_rules = None        # {file name: JavaScript}: a test class's own extra polkit rules
+    daemon_config = ''         # lines for the daemon's configuration file (Daemon's config_extra)
     env_per_test = False
     env = None
 
@@ -1387,7 +1389,8 @@ class TestCase(unittest.TestCase):
         if not cls.env_per_test:
             env = Env(cls.__name__)
             try:
-                env.start(daemon=cls.needs_daemon, polkit=cls.needs_polkit, polkit_rules=cls.polkit_rules)
+                env.start(daemon=cls.needs_daemon, polkit=cls.needs_polkit, polkit_rules=cls.polkit_rules,
+                          daemon_config=cls.daemon_config)
             except BaseException:
                 sys.stderr.write(env.logs_text() + '\n')
                 env.close()
@@ -1417,7 +1420,8 @@ class TestCase(unittest.TestCase):
         if self.env_per_test:
             self.env = Env(self._testMethodName)
             self.addCleanup(self.env.close)
-            self.env.start(daemon=self.needs_daemon, polkit=self.needs_polkit, polkit_rules=self.polkit_rules)
+            self.env.start(daemon=self.needs_daemon, polkit=self.needs_polkit, polkit_rules=self.polkit_rules,
+                           daemon_config=self.daemon_config)
 
     def run(self, result=None):
         if result is None:

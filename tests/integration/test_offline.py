@@ -500,10 +500,9 @@ class OfflineTest(h.TestCase):
         self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
 
 
-class StorageIdentityRangeTest(h.TestCase):
-    """A guest's storage helper identity comes from HelperUIDRange= like its helpers' one: taken
-    while the guest is registered (no other guest gets it), released with the guest. The range
-    here has room for exactly one guest and its storage helper (its top uid is reserved)."""
+class OneGuestRangeBase(h.TestCase):
+    """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
+    top uid is reserved); guest(): an offline guest of one disk."""
 
     needs_daemon = False
 
@@ -523,6 +522,11 @@ class StorageIdentityRangeTest(h.TestCase):
         self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
         self.addCleanup(self.unregister_quietly, name)
         return name, chains['vda'].top
+
+
+class StorageIdentityRangeTest(OneGuestRangeBase):
+    """A guest's storage helper identity comes from HelperUIDRange= like its helpers' one: taken
+    while the guest is registered (no other guest gets it), released with the guest."""
 
     def serve(self, name, top):
         """Export its disk, read it, stop: the uids of its relay and of its storage helper."""
@@ -552,40 +556,26 @@ class StorageIdentityRangeTest(h.TestCase):
         self.assertIn(o.storage_identity(self.env, b)[0], both)
 
 
-class SharedUidRangeTest(h.TestCase):
+class SharedUidRangeTest(OneGuestRangeBase):
     """Two daemons on one machine given the same HelperUIDRange= (a mistake: their helpers could
     signal each other): the second, starting a storage helper, used to SIGKILL the first daemon's
     storage helper of the same uid as "a helper left by an earlier daemon", and the first daemon's
     export lost its backend. A live daemon's helper is not a leftover: the second daemon now leaves
     it alone and refuses, saying why."""
 
-    needs_daemon = False
-
     @classmethod
     def setUpClass(cls):
-        o.check_nbd_tools()
         super().setUpClass()
-        env = cls.env
         with cls.class_setup():
-            first = env.helper_uid_first()
-            shared = 'HelperUIDRange=%d-%d\n' % (first, first + 2)
-            env.daemon = h.Daemon(env, config_extra=shared)
-            env.daemon.start()
             cls.other = h.Env('other')
             cls.addClassCleanup(cls.other.close)
-            cls.other.start(daemon=False)
-            cls.other.daemon = h.Daemon(cls.other, config_extra=shared)
-            cls.other.daemon.start()
+            cls.other.start(daemon_config='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
 
     def test_other_daemons_helper_left_alone(self):
         # The first daemon serves its offline guest's disk through its storage helper.
-        a = self.unique_name()
-        chains = self.make_chains(('vda',), SIZE)
-        self.register(a, '', o.offline_options({'vda': chains['vda'].top}))
-        self.addCleanup(self.unregister_quietly, a)
+        a, top = self.guest()
         path_a, uri_a = o.export(h.Disk(self.client, h.disk_path(a, 'vda')))
-        helper = h.wait_until(lambda: o.storage_helper_of(self.env, chains['vda'].top), 10,
-                              'the storage helper of ' + a)[0]
+        helper = h.wait_until(lambda: o.storage_helper_of(self.env, top), 10, 'the storage helper of ' + a)[0]
         # The other daemon's guest gets the same uids; its storage helper must not start.
         other = self.other.client
         b = self.unique_name()
@@ -603,7 +593,7 @@ class SharedUidRangeTest(h.TestCase):
                         "the other daemon killed this daemon's storage helper")
         self.assertEqual(self.client.get(path_a, o.IFACE_EXPORT, 'State'), 'serving')
         self.assertEqual(o.nbd_size(uri_a), SIZE)
-        self.assertEqual([p.pid for p in o.storage_helper_of(self.env, chains['vda'].top)], [helper.pid])
+        self.assertEqual([p.pid for p in o.storage_helper_of(self.env, top)], [helper.pid])
 
 
 SPOOF = '''
@@ -617,29 +607,14 @@ os.execv(binary, [binary, '--config=' + fifo])
 '''
 
 
-class LeftoverSpoofTest(h.TestCase):
+class LeftoverSpoofTest(OneGuestRangeBase):
     """A process of a guest's helper uid whose parent runs the daemon's binary, but not as root, is
     not another daemon's helper (a real daemon is root; a helper that execs our binary never is):
     it is killed as a leftover, and the storage helper starts. Otherwise a hostile helper could keep
     processes alive under the guest's uid and deny the guest its storage helper."""
 
-    needs_daemon = False
-
-    @classmethod
-    def setUpClass(cls):
-        o.check_nbd_tools()
-        super().setUpClass()
-        env = cls.env
-        with cls.class_setup():
-            cls.first = env.helper_uid_first()
-            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
-            env.daemon.start()
-
     def test_nonroot_copy_of_the_daemon_is_no_daemon(self):
-        name = self.unique_name()
-        chains = self.make_chains(('vda',), SIZE)
-        self.register(name, '', o.offline_options({'vda': chains['vda'].top}))
-        self.addCleanup(self.unregister_quietly, name)
+        name, _ = self.guest()
         uid = o.identity(self.env, name)[0]
         # A sleep as the guest's helper uid, whose parent is our binary running as nobody (not a
         # uid the daemon looks at: it is not killed itself), blocked opening a FIFO.

@@ -668,15 +668,7 @@ class HeldBackProgressTest(RangeBase):
     turn, though no newer value follows to carry it: a client that follows the signals must not
     show a BytesDone that Get no longer returns."""
 
-    needs_daemon = False
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        env = cls.env
-        with cls.class_setup():
-            env.daemon = h.Daemon(env, config_extra='ProgressSignalsPerSecond=1\n')
-            env.daemon.start()
+    daemon_config = 'ProgressSignalsPerSecond=1\n'
 
     def cancel_if_running(self, d):
         """A test that failed half-way leaves no job for the checks of leftovers to find."""
@@ -760,16 +752,7 @@ class MapLimitsTest(RangeBase):
     MAPS_MAX = 16              # range.c
     MAPS_PER_GUEST_MAX = 8     # range.c
     MAP_TIMEOUT = 3            # MapTimeoutSec= of this class's daemon
-
-    needs_daemon = False
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        env = cls.env
-        with cls.class_setup():
-            env.daemon = h.Daemon(env, config_extra='MapTimeoutSec=%d\n' % cls.MAP_TIMEOUT)
-            env.daemon.start()
+    daemon_config = 'MapTimeoutSec=%d\n' % MAP_TIMEOUT
 
     def stopped(self, q):
         os.kill(q.proc.pid, signal.SIGSTOP)

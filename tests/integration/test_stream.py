@@ -448,19 +448,11 @@ class ProgressBudgetTest(h.TestCase):
     """ProgressSignalsPerSecond=: all disks' progress PropertiesChanged together stay within the
     budget, while state changes and the final values go out as before."""
 
-    needs_daemon = False           # started below, with a budget that 10 disks exceed at 4 a second
-    BUDGET = 10
+    BUDGET = 10                    # a budget that 10 disks exceed at 4 a second
+    daemon_config = 'ProgressSignalsPerSecond=%d\n' % BUDGET
     ALIASES = ('vda', 'vdb', 'vdc', 'vdd', 'vde')
     SIZE = 64 * MiB
     SECONDS = 16                   # bandwidth = SIZE / SECONDS: a few seconds a stream
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        env = cls.env
-        with cls.class_setup():
-            env.daemon = h.Daemon(env, config_extra='ProgressSignalsPerSecond=%d\n' % cls.BUDGET)
-            env.daemon.start()
 
     def test_progress_signals_share_one_budget(self):
         guests = [self.new_guest(aliases=self.ALIASES, size=self.SIZE) for _ in range(2)]
