@@ -1488,6 +1488,16 @@ class TestCase(unittest.TestCase):
             self.addCleanup(self._drop_guest, name, q)
         return Guest(self, name, q, chains, path)
 
+    def qemu_guest(self, name, qemu_args):
+        """A running guest whose QEMU gets qemu_args (its own -blockdev/-drive and -device) in place
+        of the harness's disks, registered; unregistered and killed at the end of the test.
+        Returns (QEMU, the guest's object path)."""
+        q = self.env.new_qemu(name, [], list(qemu_args))
+        self.addCleanup(q.kill)
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        return q, path
+
     def _drop_guest(self, name, q):
         q.kill()
         if self.env.daemon is not None and self.env.daemon.running():

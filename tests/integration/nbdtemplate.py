@@ -75,12 +75,9 @@ def guest_over_template(test, size=SIZE):
     top = os.path.join(tdir, 'top.qcow2')
     h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', 'nbd+unix:///?socket=' + sock, '-F', 'raw', top,
                str(size))
-    q = test.env.new_qemu(name, [], [
+    q, _ = test.qemu_guest(name, [
         '-blockdev', 'driver=nbd,node-name=tmpl,server.type=unix,server.path=%s,read-only=on' % sock,
         '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,
         '-blockdev', 'driver=qcow2,file=file0,backing=tmpl,node-name=disk0',
         '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
-    test.addCleanup(q.kill)
-    test.register(name, q.daemon_socket)
-    test.addCleanup(test._drop_guest, name, q)
     return OverlayGuest(name, q, h.Disk(test.client, h.disk_path(name, 'vda')), top, template, srv)

@@ -306,10 +306,7 @@ class FaultsTest(h.TestCase):
                  '-blockdev', 'driver=file,filename=%s,node-name=file0' % top,
                  '-blockdev', 'driver=qcow2,file=file0,backing=tmpl,node-name=disk0',
                  '-device', 'virtio-blk-pci,drive=disk0,id=vda']
-        q = self.env.new_qemu(name, [], extra)
-        self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
+        q, _ = self.qemu_guest(name, extra)
         return q, srv, h.Disk(self.client, h.disk_path(name, 'vda')), top, template
 
     def assert_overlay_is_template(self, q, top, template):

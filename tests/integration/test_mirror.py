@@ -107,10 +107,7 @@ class MirrorBase(h.TestCase):
         args += ['-blockdev', 'driver=file,filename=%s,node-name=f0' % c.top,
                  '-blockdev', 'driver=qcow2,file=f0,backing=tmpl,node-name=disk0',
                  '-device', 'virtio-blk-pci,drive=disk0,id=vda']
-        q = self.env.new_qemu(name, [], args)
-        self.addCleanup(q.kill)
-        path = self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
+        q, path = self.qemu_guest(name, args)
         g = h.Guest(self, name, q, {'vda': c}, path)
         d = g.disk()
         h.wait_until(lambda: d.prop('NodeName') == 'disk0', 30, 'the disk to be read from QEMU')
@@ -123,12 +120,9 @@ class MirrorBase(h.TestCase):
         name = self.unique_name()
         chains = self.make_chains(size=SIZE)
         c = chains['vda']
-        q = self.env.new_qemu(name, [], [
+        q, path = self.qemu_guest(name, [
             '-drive', 'file=%s,format=qcow2,if=none,id=drive-vda' % c.top,
             '-device', 'virtio-blk-pci,drive=drive-vda,id=vda'])
-        self.addCleanup(q.kill)
-        path = self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
         g = h.Guest(self, name, q, chains, path)
         d = g.disk()
         h.wait_until(lambda: d.prop('NodeName') != '', 30, 'the disk to be read from QEMU')
@@ -232,15 +226,12 @@ class MirrorTest(MirrorBase):
         for w in base_writes:
             h.qemu_io(base, w)
         h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top)
-        q = self.env.new_qemu(name, [], [
+        q, _ = self.qemu_guest(name, [
             '-blockdev', 'driver=file,filename=%s,node-name=f1,read-only=on' % base,
             '-blockdev', 'driver=qcow2,file=f1,node-name=b1,read-only=on',
             '-blockdev', 'driver=file,filename=%s,node-name=f0' % top,
             '-blockdev', 'driver=qcow2,file=f0,backing=b1,node-name=disk0',
             '-device', 'virtio-blk-pci,drive=disk0,id=vda'])
-        self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
         return mnt, top, q, h.Disk(self.client, h.disk_path(name, 'vda'))
 
     def test_not_enough_space(self):

@@ -188,7 +188,7 @@ class PrefetchTest(PrefetchBase):
         h.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', mid)    # relative names
         h.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x62 %d %d' % (8 * MiB, 4 * MiB), mid])
         h.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top)
-        q = self.env.new_qemu(name, [], [
+        self.qemu_guest(name, [
             '-blockdev', 'driver=file,filename=%s,node-name=f-base' % base,
             '-blockdev', '{"driver": "qcow2", "file": "f-base", "backing": null, "node-name": "n-base"}',
             '-blockdev', 'driver=file,filename=%s,node-name=f-mid' % mid,
@@ -196,9 +196,6 @@ class PrefetchTest(PrefetchBase):
             '-blockdev', 'driver=file,filename=%s,node-name=f-top' % top,
             '-blockdev', 'driver=qcow2,file=f-top,backing=n-mid,node-name=n-top',
             '-device', 'virtio-blk-pci,drive=n-top,id=vda'])
-        self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
-        self.addCleanup(self._drop_guest, name, q)
         disk = h.Disk(self.client, h.disk_path(name, 'vda'))
         chain = list(disk.prop('BackingChain'))
         self.assertEqual(len(chain), 2, chain)
