@@ -16,6 +16,13 @@ bool export_helper_restartable(Export *e) {
         return e->state == EXPORT_SERVING && e->handed_over && e->guest->handoff && e->relay_pid > 0;
 }
 
+bool export_helper_lost_in_call(Export *e, int error, const char *why) {
+        if ((error != -ECONNRESET && error != -ENOTCONN) || !export_helper_restartable(e))
+                return false;
+        export_helper_died(e, why);
+        return true;
+}
+
 static int export_restart_handler(sd_event_source *s, uint64_t usec, void *userdata) {
         Export *e = userdata;
         int r;

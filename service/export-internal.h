@@ -116,6 +116,9 @@ void export_backend_ready(Guest *g, int error, const char *error_text, void *use
  * started again), and the handoff across a daemon restart (the pins in its record). */
 bool export_helper_restartable(Export *e);
 void export_helper_died(Export *e, const char *why);
+/* A command to the storage helper failed as its connection broke (-ECONNRESET, -ENOTCONN): for
+ * a restartable export that is its helper's death, told to export_helper_died(); true then. */
+bool export_helper_lost_in_call(Export *e, int error, const char *why);
 int export_handoff_pins(Export *e, StateExportPin **ret, size_t *ret_n);
 void export_handoff_restore_pins(Export *e, const StateExport *s);
 /* A restored export that was handed over before the restart, its QEMU still gone: the storage

@@ -30,6 +30,10 @@ static void export_server_started(Peer *p, int error, const char *error_text, vo
         int r;
 
         if (error < 0) {
+                /* The helper died under the start: the QMP reply fails before the peer's
+                 * listeners hear of it, and the export must not fail for what a restart covers. */
+                if (export_helper_lost_in_call(e, error, error_text ?: "the storage helper went away"))
+                        return;
                 export_fail_error(e, error == -EBUSY ? BS_ERROR_BUSY : BS_ERROR_HELPER_FAILED,
                         error_text ?: "cannot start QEMU's NBD server");
                 return;

@@ -509,6 +509,8 @@ void export_added(Qmp *q, int error, const char *desc, void *userdata) {
                 _cleanup_free_ char *why = strdup_printf("QEMU refused the export: %s", desc ?: strerror(-error));
                 peer_nbd_drop(&e->guest->peer);
                 e->in_qemu = false;
+                if (export_helper_lost_in_call(e, error, desc ?: "the storage helper went away"))
+                        return; /* it died under the command: a restart covers it */
                 export_fail(e, why ?: "QEMU refused the export");
                 return;
         }
