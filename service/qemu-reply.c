@@ -386,6 +386,7 @@ static bool driver_local(const char *driver) {
 bool qemu_image_name_remote(const char *name) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         const char *driver = NULL;
+        char proto[sizeof("host_device")]; /* the longest local driver's name */
         json_object *file;
         size_t n;
 
@@ -406,8 +407,11 @@ bool qemu_image_name_remote(const char *name) {
         n = strcspn(name, ":/");
         if (name[n] != ':')
                 return false; /* a relative path */
-        return !((n == 4 && strncmp(name, "file", 4) == 0) || (n == 11 && strncmp(name, "host_device", 11) == 0) ||
-                (n == 10 && strncmp(name, "host_cdrom", 10) == 0));
+        if (n >= sizeof(proto))
+                return true; /* longer than any local driver's name */
+        memcpy(proto, name, n);
+        proto[n] = 0;
+        return !driver_local(proto);
 }
 
 /* QEMU's filter drivers (is_filter in 7.2): a node of theirs over a disk is someone else's
