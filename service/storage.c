@@ -224,6 +224,14 @@ static int kill_leftovers(uid_t uid, StorageShared *ret_shared) {
         return shared ? -EUSERS : n;
 }
 
+/* Why a storage helper cannot start on uids another daemon's helper runs as. */
+static char *shared_why(const StorageShared *s) {
+        return strdup_printf("Cannot start the storage helper: its uid " UID_FMT " is used by pid %i, a helper of "
+                             "another blockstreamd (pid %i) on this machine. Each daemon needs a HelperUIDRange= of "
+                             "its own.",
+                s->uid, (int) s->pid, (int) s->daemon);
+}
+
 static int helper_spawn(StorageHelper *h);
 
 /* The leftovers of both of h's identities: how many still live, or -errno (-EUSERS: h->shared). */
@@ -261,12 +269,8 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
                         r > 0 ? strdup_printf("Processes of the guest's storage helper uid " UID_FMT
                                               " left by an earlier daemon did not exit.",
                                         h->uid)
-                        : r == -EUSERS
-                                ? strdup_printf("Cannot start the storage helper: its uid " UID_FMT " is used by pid %i, a "
-                                                "helper of another blockstreamd (pid %i) on this machine. Each daemon "
-                                                "needs a HelperUIDRange= of its own.",
-                                          h->shared.uid, (int) h->shared.pid, (int) h->shared.daemon)
-                                : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
+                        : r == -EUSERS ? shared_why(&h->shared)
+                                       : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
                 log_error("Guest %s: %s", host->name, why ?: "out of memory");
                 *host->helper = NULL;
                 helper_free(h);
@@ -538,9 +542,9 @@ int storage_kill_leftovers(uid_t uid) {
         int r;
 
         r = kill_leftovers(uid, &shared);
-        if (r == -EUSERS)
-                log_error("Uid " UID_FMT " is used by pid %i, a helper of another blockstreamd (pid %i) on this "
-                          "machine: each daemon needs a HelperUIDRange= of its own.",
-                        shared.uid, (int) shared.pid, (int) shared.daemon);
+        if (r == -EUSERS) {
+                _cleanup_free_ char *why = shared_why(&shared);
+                log_error("%s", why ?: "Cannot start the storage helper: its uid is another daemon's helper's.");
+        }
         return r;
 }
