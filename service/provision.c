@@ -31,6 +31,10 @@
 #include "util.h"
 
 #define OUTPUT_MAX (256U * 1024U)
+/* How long a probe may take: `qemu-img info` of a reachable server answers within a second; one
+ * that connects and never answers would otherwise hold the call, the process and its share of the
+ * probes' uid (RLIMIT_NPROC) for ever. */
+#define PROBE_TIMEOUT_SEC 60U
 #define BACKING_NAME_MAX 1023 /* qcow2's limit for the backing file name */
 #define CALLER_GROUPS_MAX 1024
 
@@ -257,12 +261,31 @@ static void provision_finish(Provision *p) {
 
 /* Step 1 for URLs: the size, from a sandboxed qemu-img info. */
 
+static unsigned probe_timeout_sec(void) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        /* Tests only: a shorter deadline. */
+        const char *t = getenv("BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC");
+        unsigned v;
+        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v <= PROBE_TIMEOUT_SEC)
+                return v;
+#endif
+        return PROBE_TIMEOUT_SEC;
+}
+
 static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
         Provision *p = userdata;
         int r;
 
         p->pid = 0;
         out_drain(p);
+        if (si->si_code == CLD_KILLED && si->si_status == SIGKILL) {
+                char text[160];
+                snprintf(text, sizeof(text),
+                        "the server did not tell the template's size within %u s (give option 'size' otherwise)",
+                        probe_timeout_sec());
+                provision_fail(p, BS_ERROR_QEMU_FAILED, text);
+                return 0;
+        }
         if (si->si_code != CLD_EXITED || si->si_status != 0) {
                 provision_fail(p, BS_ERROR_QEMU_FAILED,
                         "qemu-img could not read the template's size (is the server reachable? give option 'size' otherwise)");
@@ -305,6 +328,7 @@ static int run_probe(Provision *p) {
                                 .uid = c->helper_uid_max,
                                 .gid = c->helper_uid_max,
                                 .host_network = true,
+                                .own_pids = true, /* all probes share the uid */
                                 .stdout_fd = out_w,
                                 .stderr_fd = -1,
                                 .argv = argv,
@@ -316,6 +340,9 @@ static int run_probe(Provision *p) {
                         .userdata = p,
                 },
                 &p->pid, &p->child, NULL, NULL);
+        if (r < 0)
+                return r;
+        r = helper_kill_after(p->child, probe_timeout_sec() * USEC_PER_SEC);
         if (r < 0)
                 return r;
         return watch_output(p, TAKE_FD(out_r));

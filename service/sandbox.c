@@ -4,6 +4,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <linux/capability.h>
+#include <poll.h>
 #include <sched.h>
 #include <seccomp.h>
 #include <selinux/selinux.h>
@@ -451,6 +452,18 @@ static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
         return 0;
 }
 
+/* Whether the daemon still lives, once the death signal is set. In a PID namespace of its own the
+ * child's parent has no pid (getppid() is 0): there the error pipe tells, whose read end only the
+ * parent holds (sandbox_spawn() reads it until exec). Its write end polls POLLERR once no reader is
+ * left. */
+static bool parent_alive(const SandboxSpec *s, int errfd, pid_t parent) {
+        struct pollfd p = { .fd = errfd, .events = POLLOUT };
+
+        if (!s->own_pids)
+                return getppid() == parent;
+        return poll(&p, 1, 0) == 1 && !(p.revents & (POLLERR | POLLHUP | POLLNVAL));
+}
+
 static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         char *env[34];
         size_t n_env = 0;
@@ -495,7 +508,7 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
          * parent did not die in between (we would be orphaned and never killed). */
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
                 child_fail(errfd, STEP_PDEATHSIG, errno);
-        if (getppid() != parent)
+        if (!parent_alive(s, errfd, parent))
                 child_fail(errfd, STEP_PDEATHSIG, ESRCH);
         if (s->selinux_label && sandbox_selinux_enabled()) {
                 r = apply_exec_label(s->selinux_label);
@@ -519,8 +532,9 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
 }
 
 int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
-        _cleanup_close_ int rfd = -1, wfd = -1;
+        _cleanup_close_ int rfd = -1, wfd = -1, own_ns = -1;
         SpawnFailure f;
+        int k = 0;
         int pipefd[2];
         pid_t parent = getpid(), pid;
         ssize_t n;
@@ -534,11 +548,25 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
         rfd = pipefd[0];
         wfd = pipefd[1];
 
+        if (s->own_pids) {
+                /* The next child of this thread is PID 1 of a new namespace; setns() below makes
+                 * later children ours again (a second unshare() would fail otherwise). */
+                own_ns = open("/proc/thread-self/ns/pid", O_RDONLY | O_CLOEXEC);
+                if (own_ns < 0 || unshare(CLONE_NEWPID) < 0)
+                        return log_error_errno(errno, "Sandbox for %s: cannot make a PID namespace: %m", s->name);
+        }
         pid = fork();
-        if (pid < 0)
-                return -errno;
         if (pid == 0)
                 child(s, wfd, parent);
+        if (pid < 0)
+                k = -errno;
+        if (own_ns >= 0 && setns(own_ns, CLONE_NEWPID) < 0) {
+                /* Every later fork would land in that namespace, dead once its PID 1 exits. */
+                log_error_errno(errno, "Sandbox for %s: cannot return to our PID namespace: %m", s->name);
+                abort();
+        }
+        if (pid < 0)
+                return k;
 
         closep(&wfd);
         wfd = -1;

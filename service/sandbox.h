@@ -5,7 +5,8 @@
  * in a fixed order, and any failure kills the spawn: a helper never runs half-confined.
  *
  *  1. signals reset, new session, the passed fds moved to 3, 4, …, every other fd closed
- *  2. private mount, IPC and (unless it serves TCP itself) network namespaces
+ *  2. private mount, IPC and (unless it serves TCP itself) network namespaces; a PID namespace
+ *     of its own if asked (own_pids)
  *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only with every mount
  *     below them, /etc/ld.so.cache,
  *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
@@ -14,7 +15,7 @@
  *  5. capabilities: bounding and ambient sets emptied; then the guest's own uid/gid with
  *     supplementary groups cleared (which empties the effective and permitted sets)
  *  6. no_new_privs; PR_SET_PDEATHSIG(SIGKILL) after the uid change (which clears it), then
- *     getppid() re-checked
+ *     the parent's life re-checked
  *  7. SELinux exec label, only where SELinux is enabled
  *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
  *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls;
@@ -55,6 +56,9 @@ typedef struct SandboxSpec {
         gid_t gid;
         const char *runtime_dir; /* its guest's runtime dir, bound read-write at the same path; NULL: none */
         bool host_network;       /* keep the host's network namespace (the helper serves TCP itself) */
+        bool own_pids;           /* PID 1 of a PID namespace of its own: it sees and signals no other
+                                  * process, and what it leaves behind dies with it (for helpers that
+                                  * share a uid: ProvisionDisk's probes) */
         const char *selinux_label; /* exec label; ignored unless SELinux is enabled */
         const int *fds;            /* become fds 3, 4, … in the helper */
         size_t n_fds;

@@ -11,6 +11,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -264,6 +266,162 @@ class ProvisionRemoteTest(ProvisionBase):
         rc, out = h.image_compare(target, c.ref)
         self.assertEqual(rc, 0, out)
 
+
+class GatedRelay:
+    """A TCP listener that holds every connection until released, then relays it to a unix
+    socket: probes that wait on a server for as long as a test needs."""
+
+    def __init__(self, port, upstream):
+        self.upstream = upstream
+        self.released = threading.Event()
+        self.accepted = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(('127.0.0.1', port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn):
+        self.released.wait()
+        with conn, socket.socket(socket.AF_UNIX) as up:
+            try:
+                up.connect(self.upstream)
+            except OSError:
+                return
+            self._pump_both(conn, up)
+
+    def _pump_both(self, conn, up):
+
+        def pump(a, b):
+            try:
+                while True:
+                    data = a.recv(65536)
+                    if not data:
+                        break
+                    b.sendall(data)
+            except OSError:
+                pass
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        back = threading.Thread(target=pump, args=(up, conn), daemon=True)
+        back.start()
+        pump(conn, up)
+        back.join()
+
+    def close(self):
+        self.released.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone would not)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def children_named(ppid, comm):
+    """Pids of ppid's children whose command is comm."""
+    out = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % pid) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index('(') + 1:stat.rindex(')')]
+        fields = stat[stat.rindex(')') + 2:].split()
+        if name == comm and int(fields[1]) == ppid:
+            out.append(int(pid))
+    return sorted(out)
+
+
+class ProvisionProbeTest(ProvisionBase):
+    """The size probes of remote templates: one sandbox uid serves them all, so each runs alone in
+    a PID namespace of its own. A probe taken over by a hostile server must neither see nor signal
+    another caller's probe (same uid: /proc/PID/mem would be writable), and leaves nothing behind."""
+
+    def test_probes_see_no_other_process_and_leave_nothing(self):
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        upstream = os.path.join(self.env.dir, 'probe-upstream.sock')
+        qemu_nbd = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=8', '-f', 'raw', '-k', upstream,
+                            c.ref], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (qemu_nbd.kill(), qemu_nbd.wait(10)))
+        relay = GatedRelay(self.nbd_port, upstream)
+        self.addCleanup(relay.close)
+        h.wait_until(lambda: os.path.exists(upstream), 20, 'qemu-nbd to listen')
+
+        url = self.tcp_url + '/'
+        calls = []
+        for i in range(2):
+            target = os.path.join(d, 'probed-%d.qcow2' % i)
+            p = h.spawn(['busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME,
+                         h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target, '0'],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(lambda p=p: p.poll() is None and (p.kill(), p.wait(10)))
+            calls.append((p, target))
+        daemon = self.env.daemon.proc.pid
+        h.wait_until(lambda: len(children_named(daemon, 'qemu-img')) == 2 and relay.accepted == 2, 30,
+                     'two probes connected to the server')
+        probes = children_named(daemon, 'qemu-img')
+        uids = set(os.stat('/proc/%d' % pid).st_uid for pid in probes)
+        self.assertEqual(len(uids), 1, 'the probes share the reserved uid (this test is about that case)')
+
+        for pid in probes:
+            # What the probe's own /proc shows (read as root: nothing hidden): itself only, as pid 1.
+            seen = sorted(e for e in os.listdir('/proc/%d/root/proc' % pid) if e.isdigit())
+            self.assertEqual(seen, ['1'], 'probe %d sees other processes: %s' % (pid, seen[:20]))
+
+        # A process the first probe left behind (in its PID namespace, its uid) dies with it.
+        uid = uids.pop()
+        leftover = h.spawn(['nsenter', '--target', str(probes[0]), '--pid', '--', 'setpriv', '--reuid=%d' % uid,
+                            '--regid=%d' % uid, '--clear-groups', 'sleep', '600'],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: leftover.poll() is None and (leftover.kill(), leftover.wait(10)))
+        h.wait_until(lambda: any(children_named(leftover.pid, n) for n in ('sleep', 'setpriv')), 20,
+                     'the leftover to start')
+
+        relay.released.set()
+        for p, target in calls:
+            out, err = p.communicate(timeout=120)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertEqual(out.split(), ['t', str(SIZE)])
+            self.assertOverlay(target, url, 'raw', SIZE)
+        h.wait_until(lambda: leftover.poll() is not None, 20, 'the probe\'s leftover to die with it')
+
+    @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                         'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+    def test_probe_of_a_silent_server_ends(self):
+        """A server that takes the connection and never answers: the probe is killed at its deadline
+        (60 s; 2 s by the test hook), the call fails saying so, nothing is made, nothing is left."""
+        self.env.stop_daemon()
+        os.environ['BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC'] = '2'
+        try:
+            self.env.start_daemon()
+        finally:
+            del os.environ['BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC']
+        self.addCleanup(lambda: (self.env.stop_daemon(), self.env.start_daemon()))
+        relay = GatedRelay(self.nbd_port, os.path.join(self.env.dir, 'nobody-there.sock'))
+        self.addCleanup(relay.close)
+        target = os.path.join(os.path.dirname(self.chain().top), 'silent.qcow2')
+        e = self.try_provision(h.ERR_QEMU_FAILED, self.tcp_url + '/', target)
+        self.assertIn('did not tell the template\'s size within 2 s', e.message)
+        self.assertIn("option 'size'", e.message)
+        self.assertEqual(relay.accepted, 1)
+        self.assertFalse(os.path.lexists(target))
+        self.assertEqual(children_named(self.env.daemon.proc.pid, 'qemu-img'), [])
 
 OWNER_MAY_MANAGE = '''// blockstreamd tests only (test_provision.py)
 polkit.addRule(function(action, subject) {
