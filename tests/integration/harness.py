@@ -51,6 +51,11 @@ SOURCE_ROOT = os.path.abspath(os.environ.get('BLOCKSTREAM_SOURCE_ROOT') or os.pa
 BLOCKSTREAMD = os.environ.get('BLOCKSTREAMD') or os.path.join(SOURCE_ROOT, 'build', 'service', 'blockstreamd')
 BLOCKSTREAMCTL = os.environ.get('BLOCKSTREAMCTL') or os.path.join(SOURCE_ROOT, 'build', 'ctl', 'blockstreamctl')
 HELPER_DIRECTORY = os.path.dirname(os.path.abspath(BLOCKSTREAMD))
+# Every daemon runs under the shipped unit's capability, no_new_privs, namespace and address-family
+# restrictions (tests/helpers/as-unit.c), as systemd would start it: systemd is not PID 1 here.
+AS_UNIT = os.environ.get('BLOCKSTREAM_AS_UNIT') or os.path.join(os.path.dirname(HELPER_DIRECTORY), 'tests', 'helpers',
+                                                                  'as-unit')
+UNIT_FILE = os.path.join(SOURCE_ROOT, 'systemd', 'blockstreamd.service.in')
 HELPER_UID_FIRST = 0x7FFF0000     # the daemon's default HelperUIDRange=, 0x7FFF0000-0x7FFFFFFE
 HELPER_UID_SPAN = 256
 HELPER_UID_SLOTS = (0x7FFFFFFE - HELPER_UID_FIRST + 1) // HELPER_UID_SPAN
@@ -486,7 +491,9 @@ class Daemon:
             f.write(config_extra)
 
     def argv(self):
-        return [BLOCKSTREAMD, '--config=' + self.conf, '--state-dir=' + self.state_dir,
+        if not os.access(AS_UNIT, os.X_OK):
+            raise AssertionError('%s is missing: build the project first (ninja -C build)' % AS_UNIT)
+        return [AS_UNIT, UNIT_FILE, BLOCKSTREAMD, '--config=' + self.conf, '--state-dir=' + self.state_dir,
                 '--runtime-dir=' + self.runtime_dir]
 
     def start(self, timeout=60):

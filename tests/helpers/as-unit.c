@@ -1,0 +1,194 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* Run a program under the kernel-side restrictions of a systemd unit file, as systemd would start
+ * it, on machines where systemd is not PID 1 (the test machines): the integration tests start
+ * every daemon through this, with the shipped systemd/blockstreamd.service.in, so that what the
+ * unit forbids fails in the tests too, not first on a user's host.
+ *
+ * Applied, in systemd's order (bounding set, no_new_privs, seccomp, exec):
+ *   CapabilityBoundingSet=   every capability not listed is dropped from the bounding set, so
+ *                            the program (root) starts with only those;
+ *   NoNewPrivileges=yes      PR_SET_NO_NEW_PRIVS;
+ *   RestrictNamespaces=      unshare(), clone() and setns() of a namespace type not listed fail
+ *                            with EPERM, setns() with no type too, clone3() with ENOSYS (as
+ *                            systemd's seccomp_restrict_namespaces());
+ *   RestrictAddressFamilies= socket() of a family not listed fails with EAFNOSUPPORT.
+ * Lists given more than once are merged, as systemd does; a "~" (deny-list) form is refused. Not
+ * applied: the file-system options (ProtectSystem= …) and SystemCallFilter=.
+ *
+ * Usage: as-unit UNIT-FILE PROGRAM [ARG…] */
+
+#include <errno.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+
+static const struct {
+        const char *name;
+        unsigned long flag;
+} namespaces[] = {
+        { "cgroup", CLONE_NEWCGROUP }, { "ipc", CLONE_NEWIPC }, { "net", CLONE_NEWNET }, { "mnt", CLONE_NEWNS },
+        { "pid", CLONE_NEWPID },       { "user", CLONE_NEWUSER }, { "uts", CLONE_NEWUTS }, { "time", CLONE_NEWTIME },
+};
+
+static const struct {
+        const char *name;
+        int family;
+} families[] = {
+        { "AF_UNIX", AF_UNIX }, { "AF_INET", AF_INET }, { "AF_INET6", AF_INET6 }, { "AF_NETLINK", AF_NETLINK },
+        { "AF_PACKET", AF_PACKET }, { "AF_VSOCK", AF_VSOCK },
+};
+
+static _Noreturn void die(const char *what, const char *detail) {
+        fprintf(stderr, "as-unit: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+        exit(127);
+}
+
+typedef struct Unit {
+        bool have_namespaces, have_caps, have_families, nnp;
+        unsigned long namespaces;
+        uint64_t caps;
+        bool families[AF_MAX];
+} Unit;
+
+/* CAP_CHOWN … by the kernel's numbering (linux/capability.h). */
+static int cap_from_name(const char *name) {
+        static const char *const names[] = {
+                "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+                "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+                "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+                "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+                "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+                "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+                "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+                "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+        };
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+                if (strcmp(name, names[i]) == 0)
+                        return (int) i;
+        return -1;
+}
+
+static void parse_list(Unit *u, const char *key, char *value) {
+        for (char *save = NULL, *w = strtok_r(value, " \t", &save); w; w = strtok_r(NULL, " \t", &save)) {
+                bool found = false;
+
+                if (w[0] == '~')
+                        die("deny-lists are not supported", key);
+                if (strcmp(key, "RestrictNamespaces") == 0) {
+                        for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++)
+                                if (strcmp(w, namespaces[i].name) == 0) {
+                                        u->namespaces |= namespaces[i].flag;
+                                        found = true;
+                                }
+                } else if (strcmp(key, "RestrictAddressFamilies") == 0) {
+                        for (size_t i = 0; i < sizeof(families) / sizeof(families[0]); i++)
+                                if (strcmp(w, families[i].name) == 0) {
+                                        u->families[families[i].family] = true;
+                                        found = true;
+                                }
+                } else {
+                        int c = cap_from_name(w);
+                        if (c < 0)
+                                die("unknown capability", w);
+                        u->caps |= UINT64_C(1) << c;
+                        found = true;
+                }
+                if (!found)
+                        die("unknown value", w);
+        }
+}
+
+static void parse_unit(const char *path, Unit *u) {
+        char line[4096];
+        FILE *f = fopen(path, "re");
+
+        if (!f)
+                die("cannot open the unit file", path);
+        while (fgets(line, sizeof(line), f)) {
+                char *eq, *end;
+
+                line[strcspn(line, "\n")] = 0;
+                if (line[0] == '#' || line[0] == ';' || !(eq = strchr(line, '=')))
+                        continue;
+                *eq = 0;
+                for (end = eq - 1; end >= line && (*end == ' ' || *end == '\t'); end--)
+                        *end = 0;
+                if (strcmp(line, "RestrictNamespaces") == 0) {
+                        u->have_namespaces = true;
+                        parse_list(u, line, eq + 1);
+                } else if (strcmp(line, "RestrictAddressFamilies") == 0) {
+                        u->have_families = true;
+                        parse_list(u, line, eq + 1);
+                } else if (strcmp(line, "CapabilityBoundingSet") == 0) {
+                        u->have_caps = true;
+                        parse_list(u, line, eq + 1);
+                } else if (strcmp(line, "NoNewPrivileges") == 0)
+                        u->nnp = strcmp(eq + 1, "yes") == 0 || strcmp(eq + 1, "true") == 0;
+        }
+        fclose(f);
+}
+
+static void rule(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned n, struct scmp_arg_cmp cmp) {
+        int r = n == 0 ? seccomp_rule_add_exact(ctx, action, syscall, 0)
+                       : seccomp_rule_add_exact(ctx, action, syscall, 1, cmp);
+        if (r < 0)
+                die("cannot add a seccomp rule", strerror(-r));
+}
+
+int main(int argc, char **argv) {
+        Unit u = {};
+        scmp_filter_ctx ctx;
+
+        if (argc < 3)
+                die("usage: as-unit UNIT-FILE PROGRAM [ARG...]", NULL);
+        parse_unit(argv[1], &u);
+
+        if (u.have_caps)
+                for (int c = 0; c <= CAP_LAST_CAP; c++)
+                        if (!(u.caps & (UINT64_C(1) << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+                                die("cannot drop a capability from the bounding set", strerror(errno));
+        if (u.nnp && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+                die("cannot set no_new_privs", strerror(errno));
+
+        ctx = seccomp_init(SCMP_ACT_ALLOW);
+        if (!ctx)
+                die("seccomp_init failed", NULL);
+        if (u.have_namespaces) {
+                rule(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0, SCMP_A0(SCMP_CMP_EQ, 0));
+                rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 1, SCMP_A1(SCMP_CMP_EQ, 0));
+                for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
+                        unsigned long f = namespaces[i].flag;
+                        if (u.namespaces & f)
+                                continue;
+                        rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1, SCMP_A0(SCMP_CMP_MASKED_EQ, f, f));
+                        rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1, SCMP_A0(SCMP_CMP_MASKED_EQ, f, f));
+                        rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 1, SCMP_A1(SCMP_CMP_MASKED_EQ, f, f));
+                }
+        }
+        if (u.have_families) {
+                for (int af = 0; af < AF_MAX; af++)
+                        if (!u.families[af])
+                                rule(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
+                                        SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t) af));
+                rule(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_GE, AF_MAX));
+        }
+        if (seccomp_load(ctx) < 0)
+                die("cannot load the seccomp filter", NULL);
+        seccomp_release(ctx);
+
+        execv(argv[2], argv + 2);
+        die("cannot run", argv[2]);
+}
