@@ -55,6 +55,8 @@ typedef struct Provision {
         char *leaf; /* the target's name in it */
         pid_t pid;
         sd_event_source *child;
+        sd_event_source *deadline; /* the probe's */
+        bool timed_out;
         int out_fd; /* the probe's stdout */
         sd_event_source *out_source;
         char *out;
@@ -70,6 +72,7 @@ static Provision *provision_free(Provision *p) {
                 sd_bus_message_unref(p->call);
         }
         helper_release(p->child); /* killed and reaped if still running */
+        sd_event_source_disable_unref(p->deadline);
         sd_event_source_disable_unref(p->out_source);
         closep(&p->out_fd);
         closep(&p->dir_fd);
@@ -272,13 +275,27 @@ static unsigned probe_timeout_sec(void) {
         return PROBE_TIMEOUT_SEC;
 }
 
+/* The probe's time is up: SIGKILL (PID 1 of its namespace ignores SIGTERM), and its end says why. */
+static int probe_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        Provision *p = userdata;
+
+        p->deadline = sd_event_source_disable_unref(p->deadline);
+        p->timed_out = true;
+        log_info("Provisioning %s: the probe of %s did not finish in %u s, killing it.", p->target, p->template,
+                probe_timeout_sec());
+        if (helper_kill(p->child) < 0)
+                provision_fail(p, BS_ERROR_QEMU_FAILED, "the probe of the template could not be stopped");
+        return 0;
+}
+
 static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
         Provision *p = userdata;
         int r;
 
         p->pid = 0;
         out_drain(p);
-        if (si->si_code == CLD_KILLED && si->si_status == SIGKILL) {
+        p->deadline = sd_event_source_disable_unref(p->deadline);
+        if (p->timed_out) {
                 char text[160];
                 snprintf(text, sizeof(text),
                         "the server did not tell the template's size within %u s (give option 'size' otherwise)",
@@ -342,7 +359,8 @@ static int run_probe(Provision *p) {
                 &p->pid, &p->child, NULL, NULL);
         if (r < 0)
                 return r;
-        r = helper_kill_after(p->child, probe_timeout_sec() * USEC_PER_SEC);
+        r = sd_event_add_time_relative(p->event, &p->deadline, CLOCK_MONOTONIC,
+                probe_timeout_sec() * USEC_PER_SEC, 0, probe_deadline, p);
         if (r < 0)
                 return r;
         return watch_output(p, TAKE_FD(out_r));
@@ -597,7 +615,11 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         if (r < 0) {
                 p->call = sd_bus_message_unref(p->call);
                 provision_free(p);
-                return sd_bus_error_set_errnof(error, -r, "Cannot run qemu-img: %m");
+                /* Not the caller's fault: no errno mapping (EPERM would read as AccessDenied). */
+                return sd_bus_error_setf(error, BS_ERROR_HELPER_FAILED,
+                        "Cannot provision %s: the sandboxed qemu-img that asks the server for the template's size "
+                        "could not be started (%s); give option 'size' to do without it.",
+                        target, strerror(-r));
         }
         return 1;
 }

@@ -454,8 +454,8 @@ static int arrange_fds(const SandboxSpec *s, int *errfd, int *exec_fd) {
 
 /* Whether the daemon still lives, once the death signal is set. In a PID namespace of its own the
  * child's parent has no pid (getppid() is 0): there the error pipe tells, whose read end only the
- * parent holds (sandbox_spawn() reads it until exec). Its write end polls POLLERR once no reader is
- * left. */
+ * parent holds (sandbox_spawn() reads it until exec; CLOEXEC, and no other thread of the daemon
+ * forks meanwhile). Its write end polls POLLERR once no reader is left. */
 static bool parent_alive(const SandboxSpec *s, int errfd, pid_t parent) {
         struct pollfd p = { .fd = errfd, .events = POLLOUT };
 
@@ -550,8 +550,10 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
 
         if (s->own_pids) {
                 /* The next child of this thread is PID 1 of a new namespace; setns() below makes
-                 * later children ours again (a second unshare() would fail otherwise). */
-                own_ns = open("/proc/thread-self/ns/pid", O_RDONLY | O_CLOEXEC);
+                 * later children ours again (a second unshare() would fail otherwise). Back through
+                 * a pidfd of ours rather than /proc/…/ns/pid: no nsfs file to be allowed to open.
+                 * Only this thread forks, and it waits below until the child exec'd. */
+                own_ns = (int) syscall(SYS_pidfd_open, getpid(), 0);
                 if (own_ns < 0 || unshare(CLONE_NEWPID) < 0)
                         return log_error_errno(errno, "Sandbox for %s: cannot make a PID namespace: %m", s->name);
         }

@@ -58,7 +58,10 @@ typedef struct SandboxSpec {
         bool host_network;       /* keep the host's network namespace (the helper serves TCP itself) */
         bool own_pids;           /* PID 1 of a PID namespace of its own: it sees and signals no other
                                   * process, and what it leaves behind dies with it (for helpers that
-                                  * share a uid: ProvisionDisk's probes) */
+                                  * share a uid: ProvisionDisk's probes). As PID 1 it ignores every
+                                  * signal it has no handler for but SIGKILL and SIGSTOP (SIGTERM,
+                                  * SIGPIPE, SIGXFSZ: a write then fails instead): stop it with
+                                  * SIGKILL */
         const char *selinux_label; /* exec label; ignored unless SELinux is enabled */
         const int *fds;            /* become fds 3, 4, … in the helper */
         size_t n_fds;

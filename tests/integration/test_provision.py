@@ -400,6 +400,9 @@ class ProvisionProbeTest(ProvisionBase):
             self.assertEqual(out.split(), ['t', str(SIZE)])
             self.assertOverlay(target, url, 'raw', SIZE)
         h.wait_until(lambda: leftover.poll() is not None, 20, 'the probe\'s leftover to die with it')
+        # And the daemon's next children are born in its own PID namespace again.
+        self.assertEqual(os.readlink('/proc/%d/task/%d/ns/pid_for_children' % (daemon, daemon)),
+                         os.readlink('/proc/%d/ns/pid' % daemon))
 
     @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
                          'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
