@@ -470,6 +470,42 @@ class Bus:
 # ---------------------------------------------------------------------------------------------
 # The daemon
 
+_SYSCALL_GROUPS = {}
+
+
+def _syscall_group(name):
+    """The system calls of one SystemCallFilter= item: a name, or a @group expanded (recursively)
+    by systemd-analyze, as systemd itself expands it."""
+    if not name.startswith('@'):
+        return {name}
+    if name not in _SYSCALL_GROUPS:
+        out = subprocess.run(['systemd-analyze', 'syscall-filter', name], check=True, capture_output=True,
+                             text=True).stdout
+        calls = set()
+        for line in out.splitlines()[1:]:
+            item = line.strip()
+            if item and not item.startswith('#'):
+                calls |= _syscall_group(item)
+        _SYSCALL_GROUPS[name] = calls
+    return _SYSCALL_GROUPS[name]
+
+
+def unit_syscalls(unit=None):
+    """What the unit's SystemCallFilter= lines allow: the union of its allow-lists less its deny-lists."""
+    allowed, denied = set(), set()
+    with open(unit or UNIT_FILE) as f:
+        for line in f:
+            if not line.startswith('SystemCallFilter='):
+                continue
+            value = line.split('=', 1)[1].strip()
+            target = denied if value.startswith('~') else allowed
+            for item in value.lstrip('~').split():
+                target |= _syscall_group(item)
+    if not allowed:
+        raise AssertionError('%s has no SystemCallFilter= allow-list' % (unit or UNIT_FILE))
+    return sorted(allowed - denied)
+
+
 class Daemon:
     def __init__(self, env, config_extra=''):
         self.env = env
@@ -493,8 +529,8 @@ class Daemon:
     def argv(self):
         if not os.access(AS_UNIT, os.X_OK):
             raise AssertionError('%s is missing: build the project first (ninja -C build)' % AS_UNIT)
-        return [AS_UNIT, UNIT_FILE, BLOCKSTREAMD, '--config=' + self.conf, '--state-dir=' + self.state_dir,
-                '--runtime-dir=' + self.runtime_dir]
+        return [AS_UNIT, '--syscalls=' + ','.join(unit_syscalls()), UNIT_FILE, BLOCKSTREAMD,
+                '--config=' + self.conf, '--state-dir=' + self.state_dir, '--runtime-dir=' + self.runtime_dir]
 
     def start(self, timeout=60):
         assert self.proc is None or self.proc.poll() is not None, 'daemon already running'
