@@ -35,6 +35,14 @@
  * that connects and never answers would otherwise hold the call, the process and its share of the
  * probes' uid (RLIMIT_NPROC) for ever. */
 #define PROBE_TIMEOUT_SEC 60U
+/* And each lives in the daemon's cgroup: a bounded address space (`qemu-img info` of an NBD, HTTP
+ * or HTTPS template runs in 64 MiB; the rest is room for a large qcow2's tables), and a bounded
+ * number at once, so that hostile servers cannot make the probes take the memory the guests'
+ * storage helpers need. */
+#define PROBE_ADDRESS_SPACE (UINT64_C(512) << 20)
+#define PROBES_MAX 8U
+
+static unsigned probes_running; /* all Provisions' (the daemon has one event loop) */
 #define BACKING_NAME_MAX 1023 /* qcow2's limit for the backing file name */
 #define CALLER_GROUPS_MAX 1024
 
@@ -56,6 +64,7 @@ typedef struct Provision {
         pid_t pid;
         sd_event_source *child;
         sd_event_source *deadline; /* the probe's */
+        bool probing; /* counted in probes_running */
         bool timed_out;
         int out_fd; /* the probe's stdout */
         sd_event_source *out_source;
@@ -63,9 +72,18 @@ typedef struct Provision {
         size_t out_len;
 } Provision;
 
+static void probe_ended(Provision *p) {
+        if (!p->probing)
+                return;
+        p->probing = false;
+        if (probes_running > 0)
+                probes_running--;
+}
+
 static Provision *provision_free(Provision *p) {
         if (!p)
                 return NULL;
+        probe_ended(p);
         if (p->call) {
                 (void) sd_bus_reply_method_errorf(p->call, SD_BUS_ERROR_FAILED, "Provisioning %s was interrupted.",
                         p->target);
@@ -293,6 +311,7 @@ static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
         int r;
 
         p->pid = 0;
+        probe_ended(p);
         out_drain(p);
         p->deadline = sd_event_source_disable_unref(p->deadline);
         if (p->timed_out) {
@@ -351,7 +370,7 @@ static int run_probe(Provision *p) {
                                 .argv = argv,
                                 .exec_fd = -1,
                                 .env = (char *[]) { NULL },
-                                .max_address_space = SANDBOX_ADDRESS_SPACE_QEMU, /* no file writes: the default */
+                                .max_address_space = PROBE_ADDRESS_SPACE, /* no file writes: the default */
                         },
                         .on_exit = probed,
                         .userdata = p,
@@ -359,6 +378,8 @@ static int run_probe(Provision *p) {
                 &p->pid, &p->child, NULL, NULL);
         if (r < 0)
                 return r;
+        p->probing = true;
+        probes_running++;
         r = sd_event_add_time_relative(p->event, &p->deadline, CLOCK_MONOTONIC,
                 probe_timeout_sec() * USEC_PER_SEC, 0, probe_deadline, p);
         if (r < 0)
@@ -610,6 +631,13 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 return sd_bus_reply_method_return(msg, "t", done);
         }
 
+        if (probes_running >= PROBES_MAX) {
+                provision_free(p);
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u templates are being asked for their size already (at most %u at once); try again "
+                        "shortly, or give option 'size'.",
+                        probes_running, PROBES_MAX);
+        }
         p->call = sd_bus_message_ref(msg);
         r = run_probe(p);
         if (r < 0) {

@@ -404,6 +404,40 @@ class ProvisionProbeTest(ProvisionBase):
         self.assertEqual(os.readlink('/proc/%d/task/%d/ns/pid_for_children' % (daemon, daemon)),
                          os.readlink('/proc/%d/ns/pid' % daemon))
 
+    def test_at_most_eight_probes_at_once(self):
+        """Each probe is a qemu-img in the daemon's cgroup: eight at once, the ninth is Busy (nothing
+        made) and says what to do; once they are done a new one runs."""
+        c = self.chain()
+        d = os.path.dirname(c.top)
+        upstream = os.path.join(self.env.dir, 'probe-upstream8.sock')
+        qemu_nbd = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=16', '-f', 'raw', '-k', upstream,
+                            c.ref], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (qemu_nbd.kill(), qemu_nbd.wait(10)))
+        relay = GatedRelay(self.nbd_port, upstream)
+        self.addCleanup(relay.close)
+        h.wait_until(lambda: os.path.exists(upstream), 20, 'qemu-nbd to listen')
+        url = self.tcp_url + '/'
+        calls = []
+        for i in range(8):
+            target = os.path.join(d, 'eight-%d.qcow2' % i)
+            p = h.spawn(['busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME,
+                         h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target, '0'],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(lambda p=p: p.poll() is None and (p.kill(), p.wait(10)))
+            calls.append((p, target))
+        h.wait_until(lambda: relay.accepted == 8, 60, 'eight probes connected to the server')
+        ninth = os.path.join(d, 'ninth.qcow2')
+        e = self.try_provision(h.ERR_BUSY, url, ninth)
+        self.assertIn('at most 8 at once', e.message)
+        self.assertIn("option 'size'", e.message)
+        self.assertFalse(os.path.lexists(ninth))
+        relay.released.set()
+        for p, target in calls:
+            out, err = p.communicate(timeout=120)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertOverlay(target, url, 'raw', SIZE)
+        self.assertEqual(self.provision(url, ninth), SIZE)
+
     @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
                          'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
     def test_probe_of_a_silent_server_ends(self):
