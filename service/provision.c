@@ -365,6 +365,7 @@ static int run_probe(Provision *p) {
                                 .gid = c->helper_uid_max,
                                 .host_network = true,
                                 .own_pids = true, /* all probes share the uid */
+                                .client_only = true,
                                 .stdout_fd = out_w,
                                 .stderr_fd = -1,
                                 .argv = argv,

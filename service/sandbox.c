@@ -304,7 +304,7 @@ static int change_ids(uid_t uid, gid_t gid) {
         return 0;
 }
 
-static int install_denylist(void) {
+static int install_denylist(const SandboxSpec *s) {
         /* Kill on anything a storage or NBD helper never needs and an attacker would love. */
         static const char *const deny[] = {
                 /* mounts and namespaces */
@@ -331,6 +331,7 @@ static int install_denylist(void) {
                 "prof", "profil", "security", "tuxcall", "vserver", "idle",
         };
         static const char *const io_uring[] = { "io_uring_setup", "io_uring_enter", "io_uring_register" };
+        static const char *const listen_calls[] = { "listen", "accept", "accept4" };
         const uint64_t ns_flags = CLONE_NEWNS | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS |
                                   CLONE_NEWIPC | CLONE_NEWCGROUP;
         scmp_filter_ctx ctx;
@@ -383,6 +384,18 @@ static int install_denylist(void) {
                 if (r < 0 && r != -EDOM)
                         goto finish;
         }
+        /* A client in the host's network (the probes): it may connect, never serve. Else it could
+         * take a free port of the host and answer whoever comes there, another caller's probe of
+         * a server that is down included. */
+        if (s->client_only)
+                for (size_t i = 0; i < ELEMENTSOF(listen_calls); i++) {
+                        int nr = seccomp_syscall_resolve_name(listen_calls[i]);
+                        if (nr == __NR_SCMP_ERROR)
+                                continue;
+                        r = seccomp_rule_add(ctx, SCMP_ACT_KILL_PROCESS, nr, 0);
+                        if (r < 0 && r != -EDOM)
+                                goto finish;
+                }
         r = seccomp_load(ctx);
 finish:
         seccomp_release(ctx);
@@ -515,7 +528,7 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
                 if (r < 0)
                         child_fail(errfd, STEP_SELINUX, -r);
         }
-        r = install_denylist();
+        r = install_denylist(s);
         if (r < 0)
                 child_fail(errfd, STEP_SECCOMP, -r);
 

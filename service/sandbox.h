@@ -18,7 +18,8 @@
  *     the parent's life re-checked
  *  7. SELinux exec label, only where SELinux is enabled
  *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
- *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls;
+ *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls (and
+ *     listen/accept for a client_only helper);
  *     io_uring fails with ENOSYS instead (QEMU probes it and falls back to epoll).
  *     Our own helpers install an allow-list on top once they have set up.
  *  9. execve with a minimal environment. */
@@ -62,6 +63,8 @@ typedef struct SandboxSpec {
                                   * signal it has no handler for but SIGKILL and SIGSTOP (SIGTERM,
                                   * SIGPIPE, SIGXFSZ: a write then fails instead): stop it with
                                   * SIGKILL */
+        bool client_only;        /* listen() and accept() kill it: with host_network, it may connect
+                                  * but never take a port of the host (the probes) */
         const char *selinux_label; /* exec label; ignored unless SELinux is enabled */
         const int *fds;            /* become fds 3, 4, … in the helper */
         size_t n_fds;

@@ -394,6 +394,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(what, "connect") && argc == 4) {
                 if (attempt_connect(argv[2], argv[3]) == 2)
                         return 2;
+        } else if (!strcmp(what, "listen")) {
+                int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+                if (fd < 0 || bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                        add("listen: socket or bind %s", errname(errno));
+                else
+                        add("survived listen: %s", outcome(listen(fd, 4)));
         } else if (!strcmp(what, "ptrace-traceme")) {
                 r = ptrace(PTRACE_TRACEME, 0, NULL, NULL);
                 add("survived ptrace(PTRACE_TRACEME): %s", outcome(r));

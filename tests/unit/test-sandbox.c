@@ -57,6 +57,8 @@ typedef struct ProbeOptions {
         uid_t uid;               /* 0: helper_uid */
         const char *runtime_dir; /* NULL: rundir; "" : none */
         bool host_network;
+        bool client_only;
+        bool own_pids;
         uint64_t max_address_space; /* as in SandboxSpec: 0 is the helpers' default */
         uint64_t max_file_size;     /* 0: no file writes (the default of our helpers) */
 } ProbeOptions;
@@ -135,6 +137,8 @@ static int spawn_probe(const ProbeOptions *po, const char *const *args, Outcome 
                         .gid = po && po->uid ? po->uid : helper_uid,
                         .runtime_dir = po && po->runtime_dir ? (po->runtime_dir[0] ? po->runtime_dir : NULL) : rundir,
                         .host_network = po && po->host_network,
+                        .client_only = po && po->client_only,
+                        .own_pids = po && po->own_pids,
                         .max_address_space = po ? po->max_address_space : 0,
                         .max_file_size = po ? po->max_file_size : 0,
                         .fds = fds,
@@ -286,6 +290,17 @@ static void test_no_network(void) {
         /* The control: a helper that serves TCP keeps the host's network, and the probe can tell. */
         RUN_WITH(&host, &o, "connect", "127.0.0.1", port);
         expect_report(&o, fmt("connect 127.0.0.1:%s: socket ok, connect ok", port));
+}
+
+/* A client-only helper in the host's network (the URL probes) connects but never serves. */
+static void test_client_only_cannot_listen(void) {
+        ProbeOptions host = { .host_network = true }, client = { .host_network = true, .client_only = true };
+        Outcome o;
+
+        RUN_WITH(&host, &o, "listen");
+        expect_report(&o, "survived listen: ok");
+        RUN_WITH(&client, &o, "listen");
+        expect_killed(&o, SIGSYS, NULL);
 }
 
 static void test_ptrace_killed(void) {
@@ -550,7 +565,7 @@ static void test_proc_shows_own_processes_only(void) {
                 close(rfd);
 }
 
-static void test_pdeathsig(void) {
+static void pdeathsig_case(bool own_pids) {
         int pid_pipe[2], go_pipe[2], report[2];
         pid_t middle, helper = -1;
         char buf[128] = "";
@@ -572,7 +587,8 @@ static void test_pdeathsig(void) {
                 close(pid_pipe[0]);
                 close(report[0]);
                 if (sandbox_spawn(&(SandboxSpec) { .name = "probe", .uid = helper_uid, .gid = helper_uid,
-                                          .runtime_dir = rundir, .fds = fds, .n_fds = 1, .argv = argv, .exec_fd = exec_fd },
+                                          .runtime_dir = rundir, .fds = fds, .n_fds = 1, .argv = argv, .exec_fd = exec_fd,
+                                          .own_pids = own_pids },
                             &pid) < 0)
                         _exit(1);
                 (void) !write(pid_pipe[1], &pid, sizeof(pid));
@@ -611,6 +627,16 @@ static void test_pdeathsig(void) {
         } else if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
                 TAP_FAIL("the helper ended with status 0x%x, expected SIGKILL", status);
         close(report[0]);
+}
+
+static void test_pdeathsig(void) {
+        pdeathsig_case(false);
+}
+
+/* PID 1 of its own namespace (the URL probes): its parent has no pid there, and it still dies
+ * with it. */
+static void test_pdeathsig_own_pids(void) {
+        pdeathsig_case(true);
 }
 
 /* -- SELinux labels, computed and applied as where SELinux is on (it is off on the test machines) */
@@ -873,6 +899,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_home_and_root_invisible);
         TAP_RUN(test_etc_shadow_invisible);
         TAP_RUN(test_no_network);
+        TAP_RUN(test_client_only_cannot_listen);
         TAP_RUN(test_ptrace_killed);
         TAP_RUN(test_mount_killed);
         TAP_RUN(test_unshare_killed);
@@ -887,6 +914,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_only_given_fds);
         TAP_RUN(test_proc_shows_own_processes_only);
         TAP_RUN(test_pdeathsig);
+        TAP_RUN(test_pdeathsig_own_pids);
         TAP_RUN(test_never_as_root);
         TAP_RUN(test_selinux_label_from_context);
         TAP_RUN(test_sandbox_label_is_the_applied_label);
