@@ -364,6 +364,20 @@ static void server_started(Qmp *q, int error, const char *desc, void *userdata) 
         nbd_run_waiters(p, error, why);
 }
 
+static void start_test_hook(Peer *p) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        static bool fired;
+
+        /* Tests only: SIGSTOP once, with a storage helper's nbd-server-start on its way, for the test
+         * to kill the helper there: the command then fails before the helper's exit is seen. */
+        if (!fired && peer_offline(p) && streq_ptr(getenv("BLOCKSTREAM_TEST_NBD_START"), "offline")) {
+                fired = true;
+                log_info("Guest %s: NBD server start sent to the storage helper (test hook).", p->name);
+                (void) raise(SIGSTOP);
+        }
+#endif
+}
+
 int peer_nbd_server_ensure(Peer *p) {
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
         _cleanup_free_ char *dir = NULL, *path = NULL;
@@ -417,6 +431,7 @@ int peer_nbd_server_ensure(Peer *p) {
         p->nbd_confirmed = false;
         if (!peer_offline(p) && !p->owner->nbd_server_started(p->userdata))
                 p->owner->set_nbd_server_started(p->userdata, true);
+        start_test_hook(p);
         return 0;
 }
 

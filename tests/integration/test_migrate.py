@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fleet  # noqa: E402
@@ -346,6 +347,50 @@ class MigrateTest(h.TestCase):
         # Stop removes the failed export; the guest waits for its QEMU again.
         self.ctl(self.src, 'export-stop', path)
         self.assertNotIn(path, self.src.client.managed_objects())
+
+    @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                         'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+    def test_source_helper_dying_under_its_server_start_is_restarted(self):
+        """The handed-off export's storage helper dies while the daemon's nbd-server-start to it is
+        on its way (test hook: the daemon stops itself right after sending it, the test kills the
+        helper, the daemon goes on). The command's reply fails before the helper's exit is seen:
+        that is the helper's death, restarted once like any other, not the export's failure (it
+        failed with "Connection reset by peer")."""
+        self.src.stop_daemon()
+        os.environ['BLOCKSTREAM_TEST_NBD_START'] = 'offline'
+        try:
+            self.src.start_daemon()
+        finally:
+            del os.environ['BLOCKSTREAM_TEST_NBD_START']
+        daemon = self.src.daemon.proc.pid
+        name = 'vm-start'
+        q, _, _ = self.source_guest(name)
+        out = self.ctl(self.src, 'export', name, 'vda', '--listen=tcp:%s:%d' % (fleet.VETH['src'][2], NBD_PORT))
+        path = out['export']
+        q.quit()
+
+        def stopped():
+            with open('/proc/%d/stat' % daemon) as f:
+                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+        h.wait_until(stopped, 60, 'the daemon to stop at its test hook')
+        first = o.storage_helpers(self.src)
+        self.assertEqual(len(first), 1, 'the handoff\'s storage helper')
+        os.kill(first[0].pid, signal.SIGKILL)
+        h.wait_until(lambda: not os.path.exists('/proc/%d/exe' % first[0].pid) or
+                     open('/proc/%d/stat' % first[0].pid).read().rsplit(')', 1)[1].split()[0] == 'Z', 10,
+                     'the helper to die')
+        os.kill(daemon, signal.SIGCONT)
+
+        c = self.src.client
+
+        def since_hook():
+            with open(self.src.daemon.log) as f:
+                return f.read().split('(test hook)', 1)[-1]
+        c.wait_for(lambda: c.get(path, o.IFACE_EXPORT, 'State') == 'failed' or
+                   'served by the storage helper now' in since_hook(), 60, 'the export served again, or failed')
+        self.assertEqual((c.get(path, o.IFACE_EXPORT, 'State'), c.get(path, o.IFACE_EXPORT, 'Error')), ('serving', ''))
+        self.assertNotIn(first[0].pid, [p.pid for p in o.storage_helpers(self.src)])
+        self.assertEqual(since_hook().count('starting its storage helper again'), 1, since_hook()[-3000:])
 
     def restart_source_daemon(self, sig):
         if sig == signal.SIGKILL:
