@@ -352,26 +352,40 @@ class ProvisionProbeTest(ProvisionBase):
     a PID namespace of its own. A probe taken over by a hostile server must neither see nor signal
     another caller's probe (same uid: /proc/PID/mem would be writable), and leaves nothing behind."""
 
-    def test_probes_see_no_other_process_and_leave_nothing(self):
+    def held_server(self, name):
+        """A template (raw, SIZE) served by qemu-nbd behind a GatedRelay on the allowed TCP port:
+        (its URL, the directory for targets, the relay)."""
         c = self.chain()
-        d = os.path.dirname(c.top)
-        upstream = os.path.join(self.env.dir, 'probe-upstream.sock')
-        qemu_nbd = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=8', '-f', 'raw', '-k', upstream,
+        upstream = os.path.join(self.env.dir, name + '.sock')
+        qemu_nbd = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=16', '-f', 'raw', '-k', upstream,
                             c.ref], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(lambda: (qemu_nbd.kill(), qemu_nbd.wait(10)))
         relay = GatedRelay(self.nbd_port, upstream)
         self.addCleanup(relay.close)
         h.wait_until(lambda: os.path.exists(upstream), 20, 'qemu-nbd to listen')
+        return self.tcp_url + '/', os.path.dirname(c.top), relay
 
-        url = self.tcp_url + '/'
+    def provisions_in_background(self, url, targets):
+        """ProvisionDisk(url, target) for each target, all at once (busctl): [(process, target)]."""
         calls = []
-        for i in range(2):
-            target = os.path.join(d, 'probed-%d.qcow2' % i)
+        for target in targets:
             p = h.spawn(['busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME,
                          h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target, '0'],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self.addCleanup(lambda p=p: p.poll() is None and (p.kill(), p.wait(10)))
             calls.append((p, target))
+        return calls
+
+    def assertProvisioned(self, calls, url):
+        for p, target in calls:
+            out, err = p.communicate(timeout=120)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertEqual(out.split(), ['t', str(SIZE)])
+            self.assertOverlay(target, url, 'raw', SIZE)
+
+    def test_probes_see_no_other_process_and_leave_nothing(self):
+        url, d, relay = self.held_server('probe-upstream')
+        calls = self.provisions_in_background(url, [os.path.join(d, 'probed-%d.qcow2' % i) for i in range(2)])
         daemon = self.env.daemon.proc.pid
         h.wait_until(lambda: len(children_named(daemon, 'qemu-img')) == 2 and relay.accepted == 2, 30,
                      'two probes connected to the server')
@@ -394,11 +408,7 @@ class ProvisionProbeTest(ProvisionBase):
                      'the leftover to start')
 
         relay.released.set()
-        for p, target in calls:
-            out, err = p.communicate(timeout=120)
-            self.assertEqual(p.returncode, 0, err)
-            self.assertEqual(out.split(), ['t', str(SIZE)])
-            self.assertOverlay(target, url, 'raw', SIZE)
+        self.assertProvisioned(calls, url)
         h.wait_until(lambda: leftover.poll() is not None, 20, 'the probe\'s leftover to die with it')
         # And the daemon's next children are born in its own PID namespace again.
         self.assertEqual(os.readlink('/proc/%d/task/%d/ns/pid_for_children' % (daemon, daemon)),
@@ -407,24 +417,8 @@ class ProvisionProbeTest(ProvisionBase):
     def test_at_most_eight_probes_at_once(self):
         """Each probe is a qemu-img in the daemon's cgroup: eight at once, the ninth is Busy (nothing
         made) and says what to do; once they are done a new one runs."""
-        c = self.chain()
-        d = os.path.dirname(c.top)
-        upstream = os.path.join(self.env.dir, 'probe-upstream8.sock')
-        qemu_nbd = h.spawn(['qemu-nbd', '--read-only', '--persistent', '--shared=16', '-f', 'raw', '-k', upstream,
-                            c.ref], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: (qemu_nbd.kill(), qemu_nbd.wait(10)))
-        relay = GatedRelay(self.nbd_port, upstream)
-        self.addCleanup(relay.close)
-        h.wait_until(lambda: os.path.exists(upstream), 20, 'qemu-nbd to listen')
-        url = self.tcp_url + '/'
-        calls = []
-        for i in range(8):
-            target = os.path.join(d, 'eight-%d.qcow2' % i)
-            p = h.spawn(['busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME,
-                         h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target, '0'],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.addCleanup(lambda p=p: p.poll() is None and (p.kill(), p.wait(10)))
-            calls.append((p, target))
+        url, d, relay = self.held_server('probe-upstream8')
+        calls = self.provisions_in_background(url, [os.path.join(d, 'eight-%d.qcow2' % i) for i in range(8)])
         h.wait_until(lambda: relay.accepted == 8, 60, 'eight probes connected to the server')
         ninth = os.path.join(d, 'ninth.qcow2')
         e = self.try_provision(h.ERR_BUSY, url, ninth)
@@ -432,10 +426,7 @@ class ProvisionProbeTest(ProvisionBase):
         self.assertIn("option 'size'", e.message)
         self.assertFalse(os.path.lexists(ninth))
         relay.released.set()
-        for p, target in calls:
-            out, err = p.communicate(timeout=120)
-            self.assertEqual(p.returncode, 0, err)
-            self.assertOverlay(target, url, 'raw', SIZE)
+        self.assertProvisioned(calls, url)
         self.assertEqual(self.provision(url, ninth), SIZE)
 
     @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
