@@ -39,7 +39,7 @@
  * or HTTPS template runs in 64 MiB; the rest is room for a large qcow2's tables), and a bounded
  * number at once, so that hostile servers cannot make the probes take the memory the guests'
  * storage helpers need. */
-#define PROBE_ADDRESS_SPACE (UINT64_C(512) << 20)
+#define PROBE_ADDRESS_SPACE (UINT64_C(256) << 20)
 #define PROBES_MAX 8U
 
 static unsigned probes_running; /* all Provisions' (the daemon has one event loop) */

@@ -1100,9 +1100,10 @@ class ShippedFilesTest(PolkitTestCase):
         self.assertTrue(os.path.exists(unit), 'no generated unit next to the daemon binary: %s' % unit)
         with open(unit) as f:
             text = f.read()
-        for line in ('Type=dbus', 'BusName=org.blockstream1', 'ProtectSystem=strict', 'ProtectHome=yes',
+        # ProtectHome=read-only, not yes: users' QEMUs keep their QMP sockets in /run/user/UID.
+        for line in ('Type=dbus', 'BusName=org.blockstream1', 'ProtectSystem=strict', 'ProtectHome=read-only',
                      'PrivateTmp=yes', 'SystemCallArchitectures=native', 'LockPersonality=yes',
-                     'RestrictRealtime=yes'):
+                     'RestrictRealtime=yes', 'OOMPolicy=continue'):
             self.assertIn('\n' + line + '\n', text)
         self.assertRegex(text, r'\nSystemCallFilter=\S')
         self.assertRegex(text, r'\nRestrictAddressFamilies=AF_UNIX\b')
