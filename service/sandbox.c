@@ -131,6 +131,8 @@ static int mkdir_under(const char *root, const char *path, mode_t mode, char *bu
 static int setup_mounts(const SandboxSpec *s) {
         static const char *const links[] = { "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32" };
         static const char *const devices[] = { "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom" };
+        static const char *const net_files[] = { "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf",
+                "/etc/host.conf", "/etc/gai.conf", "/etc/ssl/certs" };
         const char *root = "/tmp"; /* any directory will do: the tmpfs lives in our namespace only */
         char path[PATH_MAX], target[PATH_MAX], source[64];
         _cleanup_close_ int runtime_fd = -1;
@@ -181,6 +183,30 @@ static int setup_mounts(const SandboxSpec *s) {
                 if ((r = touch(path)) < 0 || (r = bind_mount("/etc/ld.so.cache", path, MS_RDONLY | MS_NODEV)) < 0)
                         return r;
         }
+
+        /* A helper in the host's network (a URL probe, a template cache) resolves names as the host
+         * does and checks TLS servers against the host's authorities: those files of /etc,
+         * read-only, where the host has them. */
+        if (s->host_network)
+                for (size_t i = 0; i < ELEMENTSOF(net_files); i++) {
+                        if (stat(net_files[i], &st) < 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+                                continue;
+                        if (S_ISDIR(st.st_mode))
+                                r = mkdir_under(root, net_files[i], 0755, path, sizeof(path));
+                        else {
+                                char *slash;
+
+                                snprintf(path, sizeof(path), "%s%s", root, net_files[i]);
+                                slash = strrchr(path, '/');
+                                *slash = 0;
+                                r = mkdir_p(path, 0755);
+                                *slash = '/';
+                                if (r >= 0)
+                                        r = touch(path);
+                        }
+                        if (r < 0 || (r = bind_mount(net_files[i], path, MS_RDONLY | MS_NODEV)) < 0)
+                                return r;
+                }
 
         /* A /dev with the harmless character devices only. */
         if ((r = mkdir_under(root, "/dev", 0755, path, sizeof(path))) < 0)

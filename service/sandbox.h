@@ -8,7 +8,8 @@
  *  2. private mount, IPC and (unless it serves TCP itself) network namespaces; a PID namespace
  *     of its own if asked (own_pids)
  *  3. a new root on tmpfs: /usr (and the /lib*, /bin, /sbin links) read-only with every mount
- *     below them, /etc/ld.so.cache,
+ *     below them, /etc/ld.so.cache (with host_network also the name service files and
+ *     /etc/ssl/certs),
  *     a minimal /dev, /proc showing only its own processes, an empty /tmp and its guest's
  *     runtime dir; nothing else (no images: they arrive as fds, no /home, no /root)
  *  4. rlimits: no core dumps, bounded open files, processes, address space and file size

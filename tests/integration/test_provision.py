@@ -42,7 +42,9 @@ class ProvisionBase(h.TestCase):
             cls.nbd_port = free_tcp_port()
             cls.unix_url = 'nbd+unix:///?socket=%s' % cls.nbd_socket
             cls.tcp_url = 'nbd://127.0.0.1:%d' % cls.nbd_port
-            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s %s/\n' % (cls.unix_url, cls.tcp_url))
+            cls.named_url = 'nbd://localhost:%d' % cls.nbd_port
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s %s/ %s/\n' % (
+                cls.unix_url, cls.tcp_url, cls.named_url))
             env.daemon.start()
 
     def provision(self, template, target, options=None):
@@ -266,6 +268,17 @@ class ProvisionRemoteTest(ProvisionBase):
         rc, out = h.image_compare(target, c.ref)
         self.assertEqual(rc, 0, out)
 
+
+    def test_remote_template_named_by_host_name(self):
+        """The probe resolves a server's name as the host does (/etc/hosts, nsswitch.conf and
+        resolv.conf in its view; it had none: 'localhost' did not resolve)."""
+        c = self.chain()
+        self.serve(c.ref, '-b', '127.0.0.1', '-p', str(self.nbd_port))
+        self.wait_connectable(socket.AF_INET, ('127.0.0.1', self.nbd_port))
+        target = os.path.join(os.path.dirname(c.top), 'on-localhost.qcow2')
+        url = self.named_url + '/'
+        self.assertEqual(self.provision(url, target), SIZE)
+        self.assertOverlay(target, url, 'raw', SIZE)
 
 class GatedRelay:
     """A TCP listener that holds every connection until released, then relays it to a unix

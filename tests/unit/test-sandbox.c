@@ -265,6 +265,25 @@ static void test_etc_shadow_invisible(void) {
         expect_report(&o, access("/etc/ld.so.cache", F_OK) == 0 ? "list /etc: ok ld.so.cache" : "list /etc: ok");
 }
 
+/* A helper in the host's network (URL probes, template caches) also sees what resolving names and
+ * checking TLS servers take, read-only, and still no account. */
+static void test_host_network_sees_name_service_files(void) {
+        ProbeOptions host = { .host_network = true };
+        Outcome o;
+
+        ASSERT_TRUE(access("/etc/hosts", F_OK) == 0);
+        RUN_WITH(&host, &o, "open", "/etc/hosts");
+        expect_report(&o, "open /etc/hosts: ok");
+        if (access("/etc/ssl/certs", F_OK) == 0) {
+                RUN_WITH(&host, &o, "write", "/etc/ssl/certs/probe");
+                expect_report(&o, "write /etc/ssl/certs/probe: EROFS");
+        }
+        RUN_WITH(&host, &o, "open", "/etc/shadow");
+        expect_report(&o, "open /etc/shadow: ENOENT");
+        RUN_WITH(&host, &o, "open", "/etc/passwd");
+        expect_report(&o, "open /etc/passwd: ENOENT");
+}
+
 static void test_no_network(void) {
         struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
         socklen_t len = sizeof(sa);
@@ -898,6 +917,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_other_guest_image_invisible);
         TAP_RUN(test_home_and_root_invisible);
         TAP_RUN(test_etc_shadow_invisible);
+        TAP_RUN(test_host_network_sees_name_service_files);
         TAP_RUN(test_no_network);
         TAP_RUN(test_client_only_cannot_listen);
         TAP_RUN(test_ptrace_killed);
