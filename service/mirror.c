@@ -470,7 +470,9 @@ static const char *overlay_path(const Disk *d) {
         return d->path;
 }
 
-/* Is there room beside the overlay for the copy? -ENOSPC if not; *ret_needed, *ret_free. */
+/* Is there room beside the overlay for the copy? -ENOSPC if not, -EROFS if we may not write there
+ * at all (a read-only mount: under the shipped unit, a directory outside ReadWritePaths=);
+ * *ret_needed, *ret_free. */
 static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
         uint64_t needed, avail, alloc, meta, cs;
         struct statvfs sv;
@@ -478,6 +480,8 @@ static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t
 
         if (fstatvfs(dir_fd, &sv) < 0)
                 return -errno;
+        if (sv.f_flag & ST_RDONLY)
+                return -EROFS;
         /* The copy holds the data of the whole chain: at most the virtual size, plus its metadata. */
         if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
                 needed = UINT64_MAX;
@@ -583,7 +587,13 @@ int mirror_try_start(
                 char a[32], b[32];
 
                 if (!forced)
-                        return 0;
+                        return 0; /* auto: no room is a stream */
+                if (r == -EROFS)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
+                                "Engine 'mirror' cannot create its new image beside %s: that file system is read-only "
+                                "to the daemon (under the shipped unit, give the image directory in ReadWritePaths=). "
+                                "Nothing was created; use engine 'stream' or 'prefetch'.",
+                                path);
                 if (r != -ENOSPC)
                         return sd_bus_error_set_errnof(
                                 error, -r, "Engine 'mirror' cannot see the free space beside %s: %m", path);

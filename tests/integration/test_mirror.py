@@ -572,6 +572,26 @@ class MirrorDefaultTest(MirrorBase):
         self.assertNotEqual(os.stat(c.top).st_ino, st.st_ino, 'the overlay was not replaced by the mirror\'s image')
         self.assert_standalone(g, c, writes)
 
+    def test_default_streams_where_the_daemon_may_not_write(self):
+        """The overlay's directory read-only to the daemon (a bind mount here; under the shipped
+        unit, a directory outside ReadWritePaths=): auto streams instead of failing the mirror's
+        new image with EROFS; a forced mirror says why and creates nothing."""
+        g = self.drive_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        # The image directory itself (a mount point below it would be refused as another file
+        # system), after QEMU opened the overlay (its fd stays writable).
+        images = self.env.images
+        h.run(['mount', '--bind', '-o', 'ro', images, images])
+        self.addCleanup(lambda: h.run(['umount', images], check=False))
+        e = self.assertDBusError('org.freedesktop.DBus.Error.Failed', d.start, 0, 0, opts(engine=S('mirror')))
+        self.assertIn('read-only to the daemon', e.message)
+        self.assertIn('ReadWritePaths=', e.message)
+        self.assertFalse(os.path.lexists(tmp_of(c.top)))
+        self.assertEqual(self.auto_engine(g), 'stream')
+        h.run(['umount', images])
+        self.assert_standalone(g, c)
+
     def test_forced_mirror_of_a_drive_guest(self):
         """engine=mirror on a -drive guest: its nodes' auto-read-only=on, which drive-mirror's new
         image inherits, made QEMU open the fd set read-only and the Start fail ("Could not dup FD
