@@ -20,13 +20,15 @@
 
 /* Connections to the socket now: the accepted ends, which carry the listener's path, in our network
  * namespace (the listener is ours); the listener itself has __SO_ACCEPTCON. */
-static unsigned count_clients(Cache *c) {
+static int count_clients(Cache *c, unsigned *ret) {
         _cleanup_free_ char *text = NULL;
         unsigned n = 0;
         char *line, *save = NULL;
+        int r;
 
-        if (read_file_bounded("/proc/self/net/unix", 64U << 20, &text, NULL) < 0)
-                return 0;
+        r = read_file_bounded("/proc/self/net/unix", 64U << 20, &text, NULL);
+        if (r < 0)
+                return r;
         for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
                 unsigned flags;
                 char path[sizeof(((struct sockaddr_un *) NULL)->sun_path) + 1];
@@ -36,7 +38,8 @@ static unsigned count_clients(Cache *c) {
                 if (streq(path, c->socket_path) && !(flags & 0x10000))
                         n++;
         }
-        return n;
+        *ret = n;
+        return 0;
 }
 
 static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
@@ -60,7 +63,12 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                         c->id, c->users, c->users == 1 ? "" : "s", c->n_user_list > 0 ? ", " : "",
                         c->n_user_list > 0 ? c->user_list[0].path : "", c->users == 1 ? "it" : "them",
                         c->users == 1 ? "it" : "them");
-        n = count_clients(c);
+        /* Unknown is not none: a cache whose clients cannot be counted stays. */
+        r = count_clients(c, &n);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r,
+                        "Cannot tell whether cache %u serves connections (/proc/self/net/unix: %m); it was not stopped.",
+                        c->id);
         if (n > 0)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Cache %u serves %u connection%s; stop the guests that use it first.", c->id, n,
@@ -132,7 +140,10 @@ static int property_get_users(sd_bus *bus, const char *path, const char *interfa
 
 static int property_get_clients(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        return sd_bus_message_append(reply, "u", count_clients(userdata));
+        unsigned n = 0;
+
+        (void) count_clients(userdata, &n); /* 0 where unknown, rather than failing every GetAll */
+        return sd_bus_message_append(reply, "u", n);
 }
 
 const sd_bus_vtable cache_vtable[] = {
