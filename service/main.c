@@ -3,9 +3,11 @@
 #include <getopt.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "manager.h"
+#include "sandbox.h"
 #include "util.h"
 
 #define STATE_DIR_DEFAULT "/var/lib/blockstream"
@@ -117,6 +119,11 @@ int main(int argc, char *argv[]) {
         /* Whatever starts us (the unit has UMask=0077, a shell may not): nothing the daemon creates
          * is for others unless it says so with an explicit mode. */
         umask(0077);
+        /* Root may load the filter without no_new_privs; anybody else could not make a set-id file
+         * for anybody but themselves anyway. */
+        r = sandbox_forbid_setid();
+        if (r < 0 && geteuid() == 0)
+                return log_error_errno(r, "Failed to forbid set-id files (seccomp): %m"), 1;
         r = locale_use_c();
         if (r < 0)
                 log_warning_errno(r, "Failed to use the C locale object, JSON parsing will be slower: %m");

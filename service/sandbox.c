@@ -570,6 +570,47 @@ static _Noreturn void child(const SandboxSpec *s, int errfd, pid_t parent) {
         child_fail(errfd, STEP_EXEC, errno);
 }
 
+int sandbox_forbid_setid(void) {
+        static const struct {
+                const char *name;
+                unsigned mode_arg;
+        } calls[] = { { "chmod", 1 }, { "fchmod", 1 }, { "fchmodat", 2 }, { "fchmodat2", 2 }, { "mkdir", 1 },
+                { "mkdirat", 2 }, { "mknod", 1 }, { "mknodat", 2 }, { "creat", 1 } };
+        const scmp_datum_t bits[] = { S_ISUID, S_ISGID };
+        scmp_filter_ctx ctx;
+        int r = 0;
+
+        ctx = seccomp_init(SCMP_ACT_ALLOW);
+        if (!ctx)
+                return -ENOMEM;
+        /* Root has the capability it needs to load a filter: no_new_privs stays the unit's say. */
+        r = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0);
+        for (size_t b = 0; r >= 0 && b < ELEMENTSOF(bits); b++) {
+                scmp_datum_t bit = bits[b];
+
+                for (size_t i = 0; r >= 0 && i < ELEMENTSOF(calls); i++) {
+                        int nr = seccomp_syscall_resolve_name(calls[i].name);
+                        if (nr == __NR_SCMP_ERROR)
+                                continue;
+                        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 1,
+                                (struct scmp_arg_cmp) { .arg = calls[i].mode_arg, .op = SCMP_CMP_MASKED_EQ, .datum_a = bit,
+                                        .datum_b = bit });
+                        if (r == -EDOM)
+                                r = 0;
+                }
+                if (r >= 0)
+                        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(open), 2,
+                                SCMP_A1(SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT), SCMP_A2(SCMP_CMP_MASKED_EQ, bit, bit));
+                if (r >= 0)
+                        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(openat), 2,
+                                SCMP_A2(SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT), SCMP_A3(SCMP_CMP_MASKED_EQ, bit, bit));
+        }
+        if (r >= 0)
+                r = seccomp_load(ctx);
+        seccomp_release(ctx);
+        return r;
+}
+
 int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
         _cleanup_close_ int rfd = -1, wfd = -1, own_ns = -1;
         SpawnFailure f;

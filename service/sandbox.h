@@ -83,6 +83,12 @@ typedef struct SandboxSpec {
                                      * not files; a write past the limit kills with SIGXFSZ) */
 } SandboxSpec;
 
+/* The daemon's own (and so every child's): chmod(), mkdir(), mknod() and open(O_CREAT) with a set-id
+ * bit fail with EPERM. What the unit's RestrictSUIDSGID=yes would do, but for openat2(), which
+ * systemd's filter makes fail whatever it asks (it cannot see the mode), and which is how every
+ * image is opened. Before any thread starts: a filter is per thread. */
+int sandbox_forbid_setid(void);
+
 /* Fork, confine, exec. Returns once the helper exec'd (or failed to: then -errno, with what
  * failed logged, and nothing left running). */
 int sandbox_spawn(const SandboxSpec *spec, pid_t *ret_pid);

@@ -13,11 +13,19 @@
  *                            with EPERM, setns() with no type too, clone3() with ENOSYS (as
  *                            systemd's seccomp_restrict_namespaces());
  *   RestrictAddressFamilies= socket() of a family not listed fails with EAFNOSUPPORT;
+ *   RestrictSUIDSGID=yes     chmod(), mkdir(), mknod(), open(O_CREAT)… with a set-id bit fail with
+ *                            EPERM, and openat2() (whose mode seccomp cannot see) with ENOSYS, as
+ *                            systemd's seccomp_restrict_sxid();
+ *   LockPersonality=yes      personality() other than PER_LINUX fails with EPERM;
+ *   RestrictRealtime=yes     RLIMIT_RTPRIO 0, sched_setscheduler() to a realtime policy EPERM;
  *   SystemCallFilter=        with --syscalls=A,B,…: the allowed system calls, its groups expanded
  *                            by the caller (systemd-analyze syscall-filter); every other call
- *                            fails with EPERM (the unit's SystemCallErrorNumber=).
- * Lists given more than once are merged, as systemd does; a "~" (deny-list) form is refused. Not
- * applied: the file-system options (ProtectSystem= …).
+ *                            fails with the unit's SystemCallErrorNumber= (EPERM).
+ * As systemd, the inheritable and ambient capability sets are emptied too. Lists given more than
+ * once are merged, as systemd does; a "~" (deny-list) form is refused. Any other hardening key
+ * is refused unless it is one known not to be applied here: the file-system and namespace options
+ * (ProtectSystem=, PrivateTmp=, …), whose system-call parts SystemCallFilter= covers for this
+ * unit. So a unit line the tests do not honour fails them instead of passing unseen.
  *
  * Usage: as-unit [--syscalls=NAME,…] UNIT-FILE PROGRAM [ARG…] */
 
@@ -30,7 +38,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -60,7 +72,8 @@ static _Noreturn void die(const char *what, const char *detail) {
 }
 
 typedef struct Unit {
-        bool have_namespaces, have_caps, have_families, nnp;
+        bool have_namespaces, have_caps, have_families, nnp, sxid, personality, realtime;
+        int syscall_errno;
         unsigned long namespaces;
         uint64_t caps;
         bool families[AF_MAX];
@@ -114,6 +127,37 @@ static void parse_list(Unit *u, const char *key, char *value) {
         }
 }
 
+static bool yes(const char *v) {
+        return strcmp(v, "yes") == 0 || strcmp(v, "true") == 0 || strcmp(v, "1") == 0 || strcmp(v, "on") == 0;
+}
+
+/* Keys of systemd.exec(5) that confine the service. */
+static bool is_hardening(const char *key) {
+        static const char *const prefixes[] = { "Restrict", "Protect", "Private", "Lock", "MemoryDeny", "SystemCall",
+                "Capability", "AmbientCapabilities", "SecureBits", "NoNewPrivileges", "ReadWrite", "ReadOnly",
+                "Inaccessible", "DynamicUser", "User", "Group" };
+        for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); i++)
+                if (strncmp(key, prefixes[i], strlen(prefixes[i])) == 0)
+                        return true;
+        return false;
+}
+
+/* What the tests knowingly leave out: the file system's and namespaces' part of these (their
+ * system calls are in SystemCallFilter='s list, which is applied), and "no" values. */
+static bool known_not_applied(const char *key, const char *value) {
+        static const char *const keys[] = { "ProtectSystem", "ProtectHome", "PrivateTmp", "ReadWritePaths",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+                "ProtectClock", "ProtectHostname", "SystemCallArchitectures" };
+        if (strcmp(value, "no") == 0 || strcmp(value, "false") == 0)
+                return true;
+        if (strcmp(key, "SystemCallFilter") == 0)
+                return true; /* the caller expands it into --syscalls= */
+        for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+                if (strcmp(key, keys[i]) == 0)
+                        return true;
+        return false;
+}
+
 static void parse_unit(const char *path, Unit *u) {
         char line[4096];
         FILE *f = fopen(path, "re");
@@ -124,6 +168,8 @@ static void parse_unit(const char *path, Unit *u) {
                 char *eq, *end;
 
                 line[strcspn(line, "\n")] = 0;
+                if (line[0] == ' ' || line[0] == '\t')
+                        die("a unit line that starts with white space (as-unit reads keys at the start)", line);
                 if (line[0] == '#' || line[0] == ';' || !(eq = strchr(line, '=')))
                         continue;
                 *eq = 0;
@@ -139,7 +185,19 @@ static void parse_unit(const char *path, Unit *u) {
                         u->have_caps = true;
                         parse_list(u, line, eq + 1);
                 } else if (strcmp(line, "NoNewPrivileges") == 0)
-                        u->nnp = strcmp(eq + 1, "yes") == 0 || strcmp(eq + 1, "true") == 0;
+                        u->nnp = yes(eq + 1);
+                else if (strcmp(line, "RestrictSUIDSGID") == 0)
+                        u->sxid = yes(eq + 1);
+                else if (strcmp(line, "LockPersonality") == 0)
+                        u->personality = yes(eq + 1);
+                else if (strcmp(line, "RestrictRealtime") == 0)
+                        u->realtime = yes(eq + 1);
+                else if (strcmp(line, "SystemCallErrorNumber") == 0) {
+                        if (strcmp(eq + 1, "EPERM") != 0)
+                                die("only SystemCallErrorNumber=EPERM is supported", eq + 1);
+                        u->syscall_errno = EPERM;
+                } else if (is_hardening(line) && !known_not_applied(line, eq + 1))
+                        die("a hardening option as-unit does not apply (teach it, or list it as not applied)", line);
         }
         fclose(f);
 }
@@ -149,6 +207,36 @@ static void rule(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned n, 
                        : seccomp_rule_add_exact(ctx, action, syscall, 1, cmp);
         if (r < 0)
                 die("cannot add a seccomp rule", strerror(-r));
+}
+
+/* systemd's seccomp_restrict_sxid(), for each of S_ISUID and S_ISGID: the mode argument of the
+ * calls that set one, EPERM; open()/openat() only with O_CREAT; openat2(), whose mode lies in a
+ * struct seccomp cannot read, ENOSYS whatever it asks. */
+static void restrict_sxid(scmp_filter_ctx ctx) {
+        static const struct {
+                const char *name;
+                unsigned mode_arg;
+        } calls[] = { { "chmod", 1 }, { "fchmod", 1 }, { "fchmodat", 2 }, { "fchmodat2", 2 }, { "mkdir", 1 },
+                { "mkdirat", 2 }, { "mknod", 1 }, { "mknodat", 2 }, { "creat", 1 } };
+        const scmp_datum_t bits[] = { S_ISUID, S_ISGID };
+
+        for (size_t b = 0; b < 2; b++) {
+                for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
+                        int nr = seccomp_syscall_resolve_name(calls[i].name);
+                        struct scmp_arg_cmp cmp = { .arg = calls[i].mode_arg, .op = SCMP_CMP_MASKED_EQ,
+                                .datum_a = bits[b], .datum_b = bits[b] };
+                        if (nr == __NR_SCMP_ERROR)
+                                continue;
+                        rule(ctx, SCMP_ACT_ERRNO(EPERM), nr, 1, cmp);
+                }
+                if (seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(open), 2,
+                            SCMP_A1(SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT), SCMP_A2(SCMP_CMP_MASKED_EQ, bits[b], bits[b])) < 0 ||
+                        seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(openat), 2,
+                                SCMP_A2(SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT),
+                                SCMP_A3(SCMP_CMP_MASKED_EQ, bits[b], bits[b])) < 0)
+                        die("cannot add a seccomp rule", "open(O_CREAT)");
+        }
+        rule(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(openat2), 0, SCMP_A0(SCMP_CMP_EQ, 0) /* unused */);
 }
 
 int main(int argc, char **argv) {
@@ -169,14 +257,42 @@ int main(int argc, char **argv) {
                 for (int c = 0; c <= CAP_LAST_CAP; c++)
                         if (!(u.caps & (UINT64_C(1) << c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
                                 die("cannot drop a capability from the bounding set", strerror(errno));
+        if (u.have_caps) {
+                /* systemd empties the inheritable and ambient sets too (capability_ambient_set_apply):
+                 * else a test runner with inheritable capabilities would hand them back at exec. */
+                struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3 };
+                struct __user_cap_data_struct data[2];
+
+                if (syscall(SYS_capget, &hdr, data) < 0)
+                        die("capget failed", strerror(errno));
+                data[0].inheritable = data[1].inheritable = 0;
+                if (syscall(SYS_capset, &hdr, data) < 0 ||
+                        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+                        die("cannot empty the inheritable and ambient capabilities", strerror(errno));
+        }
+        if (u.realtime && setrlimit(RLIMIT_RTPRIO, &(struct rlimit) { 0, 0 }) < 0)
+                die("cannot set RLIMIT_RTPRIO", strerror(errno));
         if (u.nnp && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
                 die("cannot set no_new_privs", strerror(errno));
 
         ctx = seccomp_init(SCMP_ACT_ALLOW);
         if (!ctx)
                 die("seccomp_init failed", NULL);
+        /* no_new_privs only where the unit says (libseccomp would set it). */
+        if (seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) < 0)
+                die("cannot keep libseccomp from setting no_new_privs", NULL);
+        if (u.sxid)
+                restrict_sxid(ctx);
+        if (u.personality)
+                rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(personality), 1, SCMP_A0(SCMP_CMP_NE, 0 /* PER_LINUX */));
+        if (u.realtime)
+                for (int pol = 1; pol <= 6; pol++)
+                        if (pol == 1 || pol == 2 || pol == 6) /* SCHED_FIFO, SCHED_RR, SCHED_DEADLINE */
+                                rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(sched_setscheduler), 1,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, ~(scmp_datum_t) 0x40000000 /* RESET_ON_FORK */,
+                                                (scmp_datum_t) pol));
         if (u.have_namespaces) {
-                rule(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0, SCMP_A0(SCMP_CMP_EQ, 0));
+                rule(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0, SCMP_A0(SCMP_CMP_EQ, 0) /* unused */);
                 rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 1, SCMP_A1(SCMP_CMP_EQ, 0));
                 for (size_t i = 0; i < sizeof(namespaces) / sizeof(namespaces[0]); i++) {
                         unsigned long f = namespaces[i].flag;
@@ -202,8 +318,8 @@ int main(int argc, char **argv) {
         if (syscalls) {
                 unsigned n = 0;
 
-                ctx = seccomp_init(SCMP_ACT_ERRNO(EPERM));
-                if (!ctx)
+                ctx = seccomp_init(SCMP_ACT_ERRNO(u.syscall_errno ?: EPERM));
+                if (!ctx || seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) < 0)
                         die("seccomp_init failed", NULL);
                 for (char *save = NULL, *w = strtok_r(syscalls, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
                         int nr = seccomp_syscall_resolve_name(w);

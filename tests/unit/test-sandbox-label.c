@@ -6,7 +6,6 @@
 
 #include "sandbox-tests.h"
 
-
 #define FAKE_CONTEXT "system_u:system_r:blockstreamd_t:s0-s0:c0.c1023"
 #define LABEL_FD 4 /* in the child: the second fd given, where record_label() writes */
 

@@ -9,6 +9,9 @@
  *
  * The probe's path comes from $SANDBOX_PROBE (meson sets it). */
 
+#include <linux/openat2.h>
+#include <sys/syscall.h>
+
 #include "sandbox-tests.h"
 
 /* -- the attempts */
@@ -451,6 +454,43 @@ static void test_pdeathsig_own_pids(void) {
         pdeathsig_case(true);
 }
 
+/* The daemon's own filter (main.c): no set-id file, yet openat2() (how images are opened) works. */
+static void test_daemon_forbids_setid(void) {
+        char dir[sizeof(base) + 16], file[sizeof(base) + 32];
+        pid_t pid;
+        int status = 0;
+
+        snprintf(dir, sizeof(dir), "%s/setid", base);
+        snprintf(file, sizeof(file), "%s/setid/f", base);
+        pid = fork();
+        ASSERT_TRUE(pid >= 0);
+        if (pid == 0) {
+                struct open_how how = { .flags = O_RDONLY | O_CLOEXEC, .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS };
+                int fd;
+
+                if (sandbox_forbid_setid() < 0)
+                        _exit(10);
+                if (mkdir(dir, 02755) == 0 || errno != EPERM || mkdir(dir, 0755) < 0)
+                        _exit(11);
+                fd = open(file, O_WRONLY | O_CREAT | O_CLOEXEC, 04755);
+                if (fd >= 0 || errno != EPERM)
+                        _exit(12);
+                fd = open(file, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+                if (fd < 0 || fchmod(fd, 04755) == 0 || errno != EPERM || fchmod(fd, 02755) == 0 || errno != EPERM ||
+                        fchmod(fd, 0755) < 0 || chmod(file, 06755) == 0 || errno != EPERM)
+                        _exit(13);
+                close(fd);
+                fd = open(base, O_PATH | O_DIRECTORY | O_CLOEXEC);
+                if (fd < 0 || syscall(SYS_openat2, fd, "setid/f", &how, sizeof(how)) < 0)
+                        _exit(14);
+                _exit(0);
+        }
+        ASSERT_TRUE(waitpid(pid, &status, 0) == pid);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                TAP_FAIL("the filtered child ended with status 0x%x (10: no filter, 11 mkdir, 12 open, 13 chmod, 14 openat2)",
+                        status);
+}
+
 static void test_never_as_root(void) {
         char *argv[] = { (char *) "sandbox-probe", (char *) "status", NULL };
         _cleanup_close_ int exec_fd = open(probe, O_PATH | O_CLOEXEC);
@@ -491,6 +531,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_proc_shows_own_processes_only);
         TAP_RUN(test_pdeathsig);
         TAP_RUN(test_pdeathsig_own_pids);
+        TAP_RUN(test_daemon_forbids_setid);
         TAP_RUN(test_never_as_root);
 
         cleanup();
