@@ -754,8 +754,18 @@ int sandbox_selinux_plain_label(const char *process_type, char **ret) {
 }
 
 int sandbox_selinux_label_fd(int fd, const char *label) {
+        char *now = NULL;
+        bool same;
+
         /* Under the test override no SELinux call is made: only the labels are computed. */
         if (!label || !sandbox_selinux_enabled() || test_context)
+                return 0;
+        /* A file that has the label already is left alone: a shared template on a file system
+         * read-only to the daemon (outside the unit's ReadWritePaths=) labelled once by its
+         * administrator is fine as it is, and a relabel there fails with EROFS. */
+        same = fgetfilecon_raw(fd, &now) >= 0 && streq_ptr(now, label);
+        freecon(now);
+        if (same)
                 return 0;
         if (fsetfilecon_raw(fd, label) < 0)
                 return -errno;
