@@ -209,7 +209,8 @@ static void rule(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned n, 
                 die("cannot add a seccomp rule", strerror(-r));
 }
 
-/* systemd's seccomp_restrict_sxid(), for each of S_ISUID and S_ISGID: the mode argument of the
+/* systemd's seccomp_restrict_sxid() (written apart from the daemon's own sandbox_forbid_setid() on
+ * purpose: this one stands for systemd), for each of S_ISUID and S_ISGID: the mode argument of the
  * calls that set one, EPERM; open()/openat() only with O_CREAT; openat2(), whose mode lies in a
  * struct seccomp cannot read, ENOSYS whatever it asks. */
 static void restrict_sxid(scmp_filter_ctx ctx) {
