@@ -74,7 +74,7 @@ int mirror_copy_identity(int overlay_fd, int fd) {
         if (fstat(overlay_fd, &st) < 0)
                 return -errno;
         /* Permission bits only: a set-id or sticky bit on a disk image is a mistake to drop, and
-         * the unit forbids setting them (RestrictSUIDSGID=yes: EPERM). */
+         * the daemon's own filter refuses set-id bits (sandbox_forbid_setid(): EPERM). */
         if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 0777) < 0)
                 return -errno;
         if (is_selinux_enabled() > 0) {

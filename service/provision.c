@@ -41,10 +41,10 @@
  * storage helpers need. */
 #define PROBE_ADDRESS_SPACE (UINT64_C(256) << 20)
 #define PROBES_MAX 8U
-
-static unsigned probes_running; /* all Provisions' (the daemon has one event loop) */
 #define BACKING_NAME_MAX 1023 /* qcow2's limit for the backing file name */
 #define CALLER_GROUPS_MAX 1024
+
+static unsigned probes_running; /* all Provisions' (the daemon has one event loop) */
 
 typedef struct Provision {
         const Config *config;

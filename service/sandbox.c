@@ -128,6 +128,31 @@ static int mkdir_under(const char *root, const char *path, mode_t mode, char *bu
         return mkdir_p(buf, mode);
 }
 
+/* The host's file or directory src (absolute), read-only at the same path under root, if the host
+ * has it. */
+static int bind_host_path(const char *root, const char *src, char *buf, size_t size) {
+        struct stat st;
+        int n, r;
+
+        if (stat(src, &st) < 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
+                return 0;
+        n = snprintf(buf, size, "%s%s", root, src);
+        if (n < 0 || (size_t) n >= size)
+                return -ENAMETOOLONG;
+        if (S_ISDIR(st.st_mode))
+                r = mkdir_p(buf, 0755);
+        else {
+                char *slash = strrchr(buf, '/'); /* src is absolute: there is one */
+
+                *slash = 0;
+                r = mkdir_p(buf, 0755);
+                *slash = '/';
+                if (r >= 0)
+                        r = touch(buf);
+        }
+        return r < 0 ? r : bind_mount(src, buf, MS_RDONLY | MS_NODEV);
+}
+
 static int setup_mounts(const SandboxSpec *s) {
         static const char *const links[] = { "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32" };
         static const char *const devices[] = { "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom" };
@@ -176,37 +201,16 @@ static int setup_mounts(const SandboxSpec *s) {
         }
 
         /* The dynamic linker's cache: the only file of /etc a helper needs. */
-        if ((r = mkdir_under(root, "/etc", 0755, path, sizeof(path))) < 0)
+        if ((r = mkdir_under(root, "/etc", 0755, path, sizeof(path))) < 0 ||
+                (r = bind_host_path(root, "/etc/ld.so.cache", path, sizeof(path))) < 0)
                 return r;
-        if (access("/etc/ld.so.cache", F_OK) == 0) {
-                snprintf(path, sizeof(path), "%s/etc/ld.so.cache", root);
-                if ((r = touch(path)) < 0 || (r = bind_mount("/etc/ld.so.cache", path, MS_RDONLY | MS_NODEV)) < 0)
-                        return r;
-        }
 
         /* A helper in the host's network (a URL probe, a template cache) resolves names as the host
          * does and checks TLS servers against the host's authorities: those files of /etc,
          * read-only, where the host has them. */
-        if (s->host_network)
-                for (size_t i = 0; i < ELEMENTSOF(net_files); i++) {
-                        if (stat(net_files[i], &st) < 0 || !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)))
-                                continue;
-                        if (S_ISDIR(st.st_mode))
-                                r = mkdir_under(root, net_files[i], 0755, path, sizeof(path));
-                        else {
-                                char *slash;
-
-                                snprintf(path, sizeof(path), "%s%s", root, net_files[i]);
-                                slash = strrchr(path, '/');
-                                *slash = 0;
-                                r = mkdir_p(path, 0755);
-                                *slash = '/';
-                                if (r >= 0)
-                                        r = touch(path);
-                        }
-                        if (r < 0 || (r = bind_mount(net_files[i], path, MS_RDONLY | MS_NODEV)) < 0)
-                                return r;
-                }
+        for (size_t i = 0; s->host_network && i < ELEMENTSOF(net_files); i++)
+                if ((r = bind_host_path(root, net_files[i], path, sizeof(path))) < 0)
+                        return r;
 
         /* A /dev with the harmless character devices only. */
         if ((r = mkdir_under(root, "/dev", 0755, path, sizeof(path))) < 0)
