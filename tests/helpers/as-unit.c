@@ -286,12 +286,13 @@ int main(int argc, char **argv) {
                 restrict_sxid(ctx);
         if (u.personality)
                 rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(personality), 1, SCMP_A0(SCMP_CMP_NE, 0 /* PER_LINUX */));
-        if (u.realtime)
-                for (int pol = 1; pol <= 6; pol++)
-                        if (pol == 1 || pol == 2 || pol == 6) /* SCHED_FIFO, SCHED_RR, SCHED_DEADLINE */
-                                rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(sched_setscheduler), 1,
-                                        SCMP_A1(SCMP_CMP_MASKED_EQ, ~(scmp_datum_t) 0x40000000 /* RESET_ON_FORK */,
-                                                (scmp_datum_t) pol));
+        if (u.realtime) {
+                static const scmp_datum_t realtime[] = { 1, 2, 6 }; /* SCHED_FIFO, SCHED_RR, SCHED_DEADLINE */
+
+                for (size_t i = 0; i < sizeof(realtime) / sizeof(realtime[0]); i++)
+                        rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(sched_setscheduler), 1,
+                                SCMP_A1(SCMP_CMP_MASKED_EQ, ~(scmp_datum_t) 0x40000000 /* RESET_ON_FORK */, realtime[i]));
+        }
         if (u.have_namespaces) {
                 rule(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0, SCMP_A0(SCMP_CMP_EQ, 0) /* unused */);
                 rule(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 1, SCMP_A1(SCMP_CMP_EQ, 0));

@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import functools
 import grp
 import hashlib
 import json
@@ -51,8 +52,9 @@ SOURCE_ROOT = os.path.abspath(os.environ.get('BLOCKSTREAM_SOURCE_ROOT') or os.pa
 BLOCKSTREAMD = os.environ.get('BLOCKSTREAMD') or os.path.join(SOURCE_ROOT, 'build', 'service', 'blockstreamd')
 BLOCKSTREAMCTL = os.environ.get('BLOCKSTREAMCTL') or os.path.join(SOURCE_ROOT, 'build', 'ctl', 'blockstreamctl')
 HELPER_DIRECTORY = os.path.dirname(os.path.abspath(BLOCKSTREAMD))
-# Every daemon runs under the shipped unit's capability, no_new_privs, namespace and address-family
-# restrictions (tests/helpers/as-unit.c), as systemd would start it: systemd is not PID 1 here.
+# Every daemon runs under the shipped unit's kernel-side restrictions (capabilities, no_new_privs,
+# namespace, address-family, set-id, personality and system-call filters: tests/helpers/as-unit.c),
+# as systemd would start it: systemd is not PID 1 here.
 AS_UNIT = os.environ.get('BLOCKSTREAM_AS_UNIT') or os.path.join(os.path.dirname(HELPER_DIRECTORY), 'tests', 'helpers',
                                                                   'as-unit')
 UNIT_FILE = os.path.join(SOURCE_ROOT, 'systemd', 'blockstreamd.service.in')
@@ -490,8 +492,10 @@ def _syscall_group(name):
     return _SYSCALL_GROUPS[name]
 
 
+@functools.lru_cache(maxsize=None)
 def unit_syscalls(unit=None):
-    """What the unit's SystemCallFilter= lines allow: the union of its allow-lists less its deny-lists."""
+    """What the unit's SystemCallFilter= lines allow: the union of its allow-lists less its deny-lists
+    (read once per unit file: every daemon start asks)."""
     allowed, denied = set(), set()
     with open(unit or UNIT_FILE) as f:
         for line in f:
@@ -508,7 +512,7 @@ def unit_syscalls(unit=None):
                 target |= _syscall_group(item)
     if not allowed:
         raise AssertionError('%s has no SystemCallFilter= allow-list' % (unit or UNIT_FILE))
-    return sorted(allowed - denied)
+    return tuple(sorted(allowed - denied))
 
 
 class Daemon:
