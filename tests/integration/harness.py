@@ -1293,6 +1293,16 @@ class Env:
     def start_daemon(self):
         return self.daemon.start()
 
+    def restart_daemon_with(self, name, value):
+        """The daemon stopped and started again with environment variable name=value (a test hook
+        of a -Dtest_hooks=true build); this process's environment as it was."""
+        self.stop_daemon()
+        os.environ[name] = value
+        try:
+            return self.start_daemon()
+        finally:
+            del os.environ[name]
+
     def stop_daemon(self, sig=signal.SIGTERM):
         return self.daemon.stop(sig)
 

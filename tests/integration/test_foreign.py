@@ -262,12 +262,7 @@ class ForeignTest(h.TestCase):
         """A daemon with test hook `hook=value`, a running guest, and a GetAllocationMap (busctl, in
         the background) that runs until the daemon stops itself at the hook (SIGSTOP). Returns the
         guest, its chain, its disk and the busctl process."""
-        self.env.stop_daemon()
-        os.environ[hook] = value
-        try:
-            self.env.start_daemon()
-        finally:
-            del os.environ[hook]
+        self.env.restart_daemon_with(hook, value)
         self.addCleanup(self.default_daemon)
         g = self.running_guest()
         c = g.chains['vda']

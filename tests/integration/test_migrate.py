@@ -356,12 +356,7 @@ class MigrateTest(h.TestCase):
         helper, the daemon goes on). The command's reply fails before the helper's exit is seen:
         that is the helper's death, restarted once like any other, not the export's failure (it
         failed with "Connection reset by peer")."""
-        self.src.stop_daemon()
-        os.environ['BLOCKSTREAM_TEST_NBD_START'] = 'offline'
-        try:
-            self.src.start_daemon()
-        finally:
-            del os.environ['BLOCKSTREAM_TEST_NBD_START']
+        self.src.restart_daemon_with('BLOCKSTREAM_TEST_NBD_START', 'offline')
         daemon = self.src.daemon.proc.pid
         name = 'vm-start'
         q, _, _ = self.source_guest(name)

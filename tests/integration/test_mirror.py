@@ -638,12 +638,7 @@ class MirrorKillTest(MirrorBase):
         return self.new_guest(size=SIZE)
 
     def restart_with_hook(self, step):
-        self.env.stop_daemon()
-        os.environ[self.HOOK] = step
-        try:
-            self.env.start_daemon()
-        finally:
-            del os.environ[self.HOOK]
+        self.env.restart_daemon_with(self.HOOK, step)
 
     def wait_stopped(self):
         pid = self.env.daemon.proc.pid

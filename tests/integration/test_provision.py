@@ -447,12 +447,7 @@ class ProvisionProbeTest(ProvisionBase):
     def test_probe_of_a_silent_server_ends(self):
         """A server that takes the connection and never answers: the probe is killed at its deadline
         (60 s; 2 s by the test hook), the call fails saying so, nothing is made, nothing is left."""
-        self.env.stop_daemon()
-        os.environ['BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC'] = '2'
-        try:
-            self.env.start_daemon()
-        finally:
-            del os.environ['BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC']
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC', '2')
         self.addCleanup(lambda: (self.env.stop_daemon(), self.env.start_daemon()))
         relay = GatedRelay(self.nbd_port, os.path.join(self.env.dir, 'nobody-there.sock'))
         self.addCleanup(relay.close)
