@@ -661,6 +661,35 @@ class SharedMapExportTest(RangeBase):
         h.wait_until(lambda: r.leftovers(g.qemu.qmp) == ([], []), 5, 'the shared export to go after the stream')
 
 
+class RemoteRangeTest(RangeBase):
+    """A range over a template behind NBD: the pull helper's reads are larger there (2 MiB), and
+    its first one larger still (QEMU's largest bounce buffer, 16 MiB): none may reach past the
+    range."""
+
+    def test_remote_range_copies_exactly_its_clusters(self):
+        og = nbdtemplate.guest_over_template(self)
+        self.addCleanup(self.assert_no_leftovers, og)
+        d = og.disk
+        # Unaligned, inside the template's first 4 MiB of 0x60, far shorter than the first read.
+        offset, end = 1 * MiB + 5000, 3 * MiB + 12345
+        a, b = r.widen(offset, end - offset, d.prop('Size'))
+        since = time.monotonic()
+        d.start(offset, end - offset, h.no_opts())
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual((res, err, done), ('completed', '', b - a))
+        top = [(o, ln) for o, ln, depth, kind in r.get_map(d) if depth == 1]
+        self.assertEqual(top, [(a, b - a)], 'the overlay holds other clusters than the range [%d, %d)' % (a, b))
+        self.assertTrue(og.qemu.guest_read('vda', 0x60, a, b - a), 'the range does not read as the template')
+        # The rest of the disk still reads from the template, whole.
+        since = time.monotonic()
+        d.start(0, 0, opts(engine=h.S('prefetch')))
+        res, done, err = d.wait_finished(120, since)
+        self.assertEqual((res, err), ('completed', ''))
+        og.qemu.quit()
+        res = h.qemu_img('compare', '-f', 'qcow2', '-F', 'raw', og.top, og.template, check=False)
+        self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
+
+
 class HeldBackProgressTest(RangeBase):
     """ProgressSignalsPerSecond=1: a disk waits 1 s between two progress signals, and the pull
     helper reports every 250 ms, so most of a range's values are held back for the disk's turn.
