@@ -65,8 +65,8 @@ static uint64_t record_u64(json_object *k, const char *key, uint64_t max) {
 }
 
 /* Kept across restarts: the leftover of the earlier daemon's helper is found by its uid, and the
- * image's label matches. One that is missing, outside HelperUIDRange= (or its reserved top), or a
- * guest's or another cache's (guests are loaded first and keep theirs) is dropped: uid 0, and
+ * image's label matches. One that is missing, outside HelperUIDRange= (or among the probes' top
+ * uids), or a guest's or another cache's (guests are loaded first and keep theirs) is dropped: uid 0, and
  * cache_spawn() allocates a new one once all caches are loaded. The image is root's either way
  * (the helper gets it as an fd): nothing to re-chown. */
 int cache_identity_restore(Cache *c, json_object *k) {

@@ -358,9 +358,17 @@ int config_parse(Config *c, const char *text, const char *source) {
                                 return log_error_errno(EINVAL, "%s:%u: MapTimeoutSec= must be 1…3600 seconds, got '%s'.",
                                         source, line, value);
                 } else if (streq(key, "HelperUIDRange")) {
-                        if (parse_uid_range(value, &c->helper_uid_min, &c->helper_uid_max) < 0)
+                        uint32_t lo, hi;
+
+                        if (parse_uid_range(value, &lo, &hi) < 0)
                                 return log_error_errno(EINVAL, "%s:%u: HelperUIDRange= must be FIRST-LAST with 0 < FIRST <= LAST < 4294967295, got '%s'.",
                                         source, line, value);
+                        if (hi - lo < HELPER_UIDS_PROBES)
+                                return log_error_errno(EINVAL, "%s:%u: HelperUIDRange= must hold more than %u uids (its top %u are "
+                                        "ProvisionDisk's probes'), got '%s'.",
+                                        source, line, HELPER_UIDS_PROBES, HELPER_UIDS_PROBES, value);
+                        c->helper_uid_min = lo;
+                        c->helper_uid_max = hi;
                 } else if (streq(key, "QEMUUsers")) {
                         r = parse_qemu_users(c, value, source, line);
                         if (r < 0)

@@ -14,12 +14,16 @@
 #define MAP_TIMEOUT_DEFAULT_USEC (60 * USEC_PER_SEC)
 #define HELPER_UID_MIN_DEFAULT 2147418112U /* 0x7FFF0000: far from users and container ranges */
 #define HELPER_UID_MAX_DEFAULT 2147483646U
+/* The top uids of HelperUIDRange= are ProvisionDisk's probes', one each (provision.c): a probe
+ * that a hostile server took over shares no uid, and so no RLIMIT_NPROC, with another. */
+#define HELPER_UIDS_PROBES 8U
 
 typedef struct Config {
         char **image_dirs;       /* ImageDirectories=: where images and overlays may live */
         usec_t qmp_timeout_usec; /* QMPTimeoutSec=: how long a QEMU may take to answer */
         usec_t map_timeout_usec; /* MapTimeoutSec=: how long one GetAllocationMap may take */
-        uint32_t helper_uid_min, helper_uid_max; /* HelperUIDRange=: one uid (= gid) per guest */
+        uint32_t helper_uid_min, helper_uid_max; /* HelperUIDRange=: one uid (= gid) per guest; the top
+                                                  * HELPER_UIDS_PROBES are the probes' */
         char *qemu_binary;       /* QEMUBinary=: the storage helper */
         char *selinux_helper_type; /* SELinuxHelperType=: helpers' process type (MCS-confined) */
         char *selinux_image_type;  /* SELinuxImageType=: writable images' type */

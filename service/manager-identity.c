@@ -24,8 +24,8 @@ static bool uid_taken(Manager *m, const void *self, uid_t uid) {
         struct group gr, *grr = NULL;
         char buf[4096];
 
-        if (uid == m->engine.config.helper_uid_max)
-                return true; /* reserved for provisioning's sandbox */
+        if (uid > m->engine.config.helper_uid_max - HELPER_UIDS_PROBES)
+                return true; /* reserved for provisioning's probes */
         for (Guest *g = m->guests; g; g = g->next)
                 if (((const void *) g != self && g->helper_uid == uid) ||
                         (self != g && self != &g->storage_uid && g->storage_uid != 0 && g->storage_uid == uid))
@@ -125,13 +125,13 @@ int manager_identity_allocate(Engine *e, const void *self, uid_t *ret_uid, unsig
 }
 
 bool manager_identity_free(Engine *e, const void *self, uid_t uid, unsigned c1, unsigned c2) {
-        /* A restored record is untrusted: within HelperUIDRange= (the top uid is reserved) too. */
-        return uid >= e->config.helper_uid_min && uid < e->config.helper_uid_max &&
+        /* A restored record is untrusted: within HelperUIDRange= (less the probes' top uids) too. */
+        return uid >= e->config.helper_uid_min && uid <= e->config.helper_uid_max - HELPER_UIDS_PROBES &&
                identity_valid(manager_of(e), self, uid, c1, c2);
 }
 
 /* The storage helper's identity restored from the guest's record (untrusted): kept if it is in
- * HelperUIDRange= (below its reserved top) and nobody else's, the guest's helpers' included;
+ * HelperUIDRange= (below the probes' top uids) and nobody else's, the guest's helpers' included;
  * otherwise dropped, and guest_storage_identity() allocates a fresh one when a storage helper
  * first runs. Returns 1 if it was dropped (the record wants rewriting). */
 int manager_storage_identity_restore(Manager *m, Guest *g) {

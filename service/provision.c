@@ -11,7 +11,7 @@
  *    no symlinks, no other guest's disk), and only if the caller could read every image of the
  *    chain itself (checked by a child with the caller's uid and groups);
  *  - a template behind a URL must match the administrator's TemplateURLPrefixes=, and is asked
- *    for its size by `qemu-img info` in a sandbox with the reserved provisioning uid (a remote
+ *    for its size by `qemu-img info` in a sandbox with a provisioning uid of its own (a remote
  *    server's answers are untrusted). */
 
 #include <fcntl.h>
@@ -32,19 +32,21 @@
 
 #define OUTPUT_MAX (256U * 1024U)
 /* How long a probe may take: `qemu-img info` of a reachable server answers within a second; one
- * that connects and never answers would otherwise hold the call, the process and its share of the
- * probes' uid (RLIMIT_NPROC) for ever. */
+ * that connects and never answers would otherwise hold the call, the process and its uid, one of
+ * the PROBES_MAX, for ever. */
 #define PROBE_TIMEOUT_SEC 60U
 /* And each lives in the daemon's cgroup: a bounded address space (`qemu-img info` of an NBD, HTTP
  * or HTTPS template runs in 64 MiB; the rest is room for a large qcow2's tables), and a bounded
  * number at once, so that hostile servers cannot make the probes take the memory the guests'
  * storage helpers need. */
 #define PROBE_ADDRESS_SPACE (UINT64_C(256) << 20)
-#define PROBES_MAX 8U
+#define PROBES_MAX HELPER_UIDS_PROBES /* one uid each */
 #define BACKING_NAME_MAX 1023 /* qcow2's limit for the backing file name */
 #define CALLER_GROUPS_MAX 1024
 
-static unsigned probes_running; /* all Provisions' (the daemon has one event loop) */
+/* The probes running, all Provisions' (the daemon has one event loop): bit i runs as
+ * HelperUIDRange='s top uid less i, its own until it has exited. */
+static unsigned probe_slots;
 
 typedef struct Provision {
         const Config *config;
@@ -64,7 +66,8 @@ typedef struct Provision {
         pid_t pid;
         sd_event_source *child;
         sd_event_source *deadline; /* the probe's */
-        bool probing; /* counted in probes_running */
+        bool probing; /* holds probe_slots' bit `slot` */
+        unsigned slot;
         bool timed_out;
         int out_fd; /* the probe's stdout */
         sd_event_source *out_source;
@@ -76,8 +79,11 @@ static void probe_ended(Provision *p) {
         if (!p->probing)
                 return;
         p->probing = false;
-        if (probes_running > 0)
-                probes_running--;
+        probe_slots &= ~(1U << p->slot);
+}
+
+static unsigned probes_running(void) {
+        return (unsigned) __builtin_popcount(probe_slots);
 }
 
 static Provision *provision_free(Provision *p) {
@@ -348,9 +354,18 @@ static int run_probe(Provision *p) {
         const Config *c = p->config;
         _cleanup_close_ int out_r = -1, out_w = -1;
         int pipefd[2], r;
+        unsigned slot = 0;
+        uid_t uid;
         char *argv[] = { (char *) "/usr/bin/qemu-img", (char *) "info", (char *) "--output=json", (char *) "-f", p->format,
                 p->template, NULL };
 
+        while (slot < PROBES_MAX && (probe_slots & (1U << slot)))
+                slot++;
+        if (slot >= PROBES_MAX)
+                return -EBUSY; /* the caller checked: cannot happen */
+        /* A uid of its own: a probe taken over shares no process limit, signal or /proc with
+         * another (the PID namespace is for what it starts: it all dies with it). */
+        uid = (uid_t) (c->helper_uid_max - slot);
         if (pipe2(pipefd, O_CLOEXEC) < 0)
                 return -errno;
         out_r = pipefd[0];
@@ -361,10 +376,10 @@ static int run_probe(Provision *p) {
                 &(HelperSpec) {
                         .sandbox = {
                                 .name = "provisioning",
-                                .uid = c->helper_uid_max,
-                                .gid = c->helper_uid_max,
+                                .uid = uid,
+                                .gid = uid,
                                 .host_network = true,
-                                .own_pids = true, /* all probes share the uid */
+                                .own_pids = true, /* nothing it starts outlives it */
                                 .client_only = true,
                                 .stdout_fd = out_w,
                                 .stderr_fd = -1,
@@ -380,7 +395,8 @@ static int run_probe(Provision *p) {
         if (r < 0)
                 return r;
         p->probing = true;
-        probes_running++;
+        p->slot = slot;
+        probe_slots |= 1U << slot;
         r = sd_event_add_time_relative(p->event, &p->deadline, CLOCK_MONOTONIC,
                 probe_timeout_sec() * USEC_PER_SEC, 0, probe_deadline, p);
         if (r < 0)
@@ -632,12 +648,12 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 return sd_bus_reply_method_return(msg, "t", done);
         }
 
-        if (probes_running >= PROBES_MAX) {
+        if (probes_running() >= PROBES_MAX) {
                 provision_free(p);
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "%u templates are being asked for their size already (at most %u at once); try again "
                         "shortly, or give option 'size'.",
-                        probes_running, PROBES_MAX);
+                        probes_running(), PROBES_MAX);
         }
         p->call = sd_bus_message_ref(msg);
         r = run_probe(p);

@@ -60,6 +60,7 @@ AS_UNIT = os.environ.get('BLOCKSTREAM_AS_UNIT') or os.path.join(os.path.dirname(
 UNIT_FILE = os.path.join(SOURCE_ROOT, 'systemd', 'blockstreamd.service.in')
 HELPER_UID_FIRST = 0x7FFF0000     # the daemon's default HelperUIDRange=, 0x7FFF0000-0x7FFFFFFE
 HELPER_UID_SPAN = 256
+PROBE_UIDS = 8                    # the top of HelperUIDRange=: ProvisionDisk's probes', one each
 HELPER_UID_SLOTS = (0x7FFFFFFE - HELPER_UID_FIRST + 1) // HELPER_UID_SPAN
 HELPER_UID_LOCK_DIR = '/run/lock/blockstream-test-uids'
 BUS_POLICY = os.path.join(SOURCE_ROOT, 'dbus', 'org.blockstream1.conf')

@@ -82,11 +82,11 @@ def storage_identity(env, name):
 
 def helper_uid_range(env):
     """The uids the daemon may give out: HelperUIDRange= of its config (the last line wins), less
-    its top uid (reserved for ProvisionDisk's probe)."""
+    its top uids (ProvisionDisk's probes')."""
     with open(env.daemon.conf) as f:
         line = [l for l in f if l.startswith('HelperUIDRange=')][-1]
     lo, hi = [int(x) for x in line.split('=', 1)[1].split('-')]
-    return range(lo, hi)
+    return range(lo, hi + 1 - h.PROBE_UIDS)
 
 
 def raw_image(path, size=1 * MiB):

@@ -426,10 +426,10 @@ class CacheIdentityTest(h.TestCase):
         env = cls.env
         with cls.class_setup():
             cls.remote = Remote(env.dir, 'ident', free_tcp_port(), SIZE)
-            # Four uids: one guest, two caches, and the top one reserved for provisioning.
+            # Three uids to give out: one guest, two caches; the top ones are the probes'.
             cls.first = env.helper_uid_first()
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\nHelperUIDRange=%d-%d\n' % (
-                cls.remote.url, cls.first, cls.first + 3))
+                cls.remote.url, cls.first, cls.first + 2 + h.PROBE_UIDS))
             env.daemon.start()
 
     def provision(self, template, target):
@@ -499,7 +499,7 @@ class CacheIdentityTest(h.TestCase):
         # The test can tell: the helper's own identity reaches its own QEMU.
         self.assertEqual(o.reach_as(self, uid_a, gid_a, pid_a), ['signal', 'write memory'])
 
-        # Each its own uid (= gid), from HelperUIDRange=, none of the guest's, nor the reserved one.
+        # Each its own uid (= gid), from HelperUIDRange=, none of the guest's, nor a probe's.
         self.assertNotEqual(uid_a, uid_b)
         for uid, gid in ((uid_a, gid_a), (uid_b, gid_b)):
             self.assertEqual(uid, gid)
@@ -533,7 +533,8 @@ class CacheIdentityTest(h.TestCase):
             json.dump(state, f)
         self.env.daemon.start()
         uid_b = self.helper(self.cache_of(url_b))[2]
-        self.assertNotIn(uid_b, (guest_uid, uid_a, self.first + 3))
+        self.assertNotIn(uid_b, (guest_uid, uid_a))
+        self.assertIn(uid_b, range(self.first, self.first + 3), 'a probe\'s uid given to a cache')
         self.assertEqual(self.helper(self.cache_of(url_a))[2], uid_a)
         self.assertEqual(o.identity(self.env, 'ident')[0], guest_uid)
         with open(records) as f:

@@ -240,7 +240,7 @@ class ExportTest(h.TestCase):
         self.assertLess(sid[1], sid[2])
         self.assertNotEqual(sid[1:], o.identity(self.env, g.name)[1:], 'one MCS pair for both identities')
         for uid in (ruid, suid):
-            self.assertIn(uid, o.helper_uid_range(self.env), 'uid outside HelperUIDRange= (or its reserved top)')
+            self.assertIn(uid, o.helper_uid_range(self.env), 'uid outside HelperUIDRange= (or in its probes\' top)')
         # Nothing in the guest's runtime dir belongs to either helper uid: the daemon hands the
         # helpers their sockets as fds.
         for d, dirs, files in os.walk(self.env.daemon.runtime_dir):

@@ -34,10 +34,11 @@ class McsTest(h.TestCase):
         super().setUpClass()
         env = cls.env
         with cls.class_setup():
-            # Exactly N uids to give out: the top one is reserved by the daemon.
-            cls.uid_first = env.helper_uid_first(N + 1)
-            cls.uid_last = cls.uid_first + N
-            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.uid_first, cls.uid_last))
+            # Exactly N uids to give out: the top ones are the probes'.
+            cls.uid_first = env.helper_uid_first(N + h.PROBE_UIDS)
+            cls.uid_last = cls.uid_first + N      # the first probe uid: the guests' end
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (
+                cls.uid_first, cls.uid_last + h.PROBE_UIDS - 1))
             env.daemon.start()
 
     # -- batched calls
@@ -108,8 +109,8 @@ class McsTest(h.TestCase):
         self.assertEqual(len(set(uids)), len(uids), '%s: helper uids shared between guests' % what)
         self.assertEqual(len(set(pairs)), len(pairs), '%s: MCS pairs shared between guests' % what)
         for name, (uid, c1, c2) in ids.items():
-            self.assertTrue(self.uid_first <= uid < self.uid_last, '%s: %s has helper uid %d outside %d-%d (top '
-                            'reserved)' % (what, name, uid, self.uid_first, self.uid_last))
+            self.assertTrue(self.uid_first <= uid < self.uid_last, '%s: %s has helper uid %d outside %d-%d (the top '
+                            'ones are the probes\')' % (what, name, uid, self.uid_first, self.uid_last))
             self.assertNotEqual(c1, c2, '%s: %s has c1 == c2 (%d)' % (what, name, c1))
             self.assertLess(c1, c2, '%s: %s has c1 > c2' % (what, name))
             self.assertLess(c2, MCS_CATEGORIES, '%s: %s has category %d' % (what, name, c2))

@@ -361,7 +361,7 @@ class OfflineTest(h.TestCase):
         edits = [('the guest\'s helper uid', {'storage_uid': helper[0]}),
                  ('the guest\'s MCS pair', {'storage_mcs_c1': helper[1], 'storage_mcs_c2': helper[2]}),
                  ('uid 1, outside HelperUIDRange=', {'storage_uid': 1}),
-                 ('the reserved top uid', {'storage_uid': o.helper_uid_range(self.env).stop}),
+                 ('a probe\'s uid, at the top', {'storage_uid': o.helper_uid_range(self.env).stop}),
                  ('a negative uid', {'storage_uid': -5}),
                  ('a string', {'storage_uid': 'x'}),
                  ('no storage identity (an old record)', None)]
@@ -502,7 +502,7 @@ class OfflineTest(h.TestCase):
 
 class OneGuestRangeBase(h.TestCase):
     """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
-    top uid is reserved); guest(): an offline guest of one disk."""
+    top uids are the probes'); guest(): an offline guest of one disk."""
 
     needs_daemon = False
 
@@ -513,7 +513,7 @@ class OneGuestRangeBase(h.TestCase):
         env = cls.env
         with cls.class_setup():
             cls.first = env.helper_uid_first()
-            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
+            env.daemon = h.Daemon(env, config_extra='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 1 + h.PROBE_UIDS))
             env.daemon.start()
 
     def guest(self):
@@ -569,7 +569,7 @@ class SharedUidRangeTest(OneGuestRangeBase):
         with cls.class_setup():
             cls.other = h.Env('other')
             cls.addClassCleanup(cls.other.close)
-            cls.other.start(daemon_config='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 2))
+            cls.other.start(daemon_config='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 1 + h.PROBE_UIDS))
 
     def test_other_daemons_helper_left_alone(self):
         # The first daemon serves its offline guest's disk through its storage helper.

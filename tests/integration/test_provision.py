@@ -361,9 +361,10 @@ def children_named(ppid, comm):
 
 
 class ProvisionProbeTest(ProvisionBase):
-    """The size probes of remote templates: one sandbox uid serves them all, so each runs alone in
-    a PID namespace of its own. A probe taken over by a hostile server must neither see nor signal
-    another caller's probe (same uid: /proc/PID/mem would be writable), and leaves nothing behind."""
+    """The size probes of remote templates: each runs as a uid of its own (the top ones of
+    HelperUIDRange=) and alone in a PID namespace of its own. A probe taken over by a hostile
+    server must neither see nor signal another caller's probe, nor share its process limit
+    (RLIMIT_NPROC counts per uid), and leaves nothing behind."""
 
     def held_server(self, name):
         """A template (raw, SIZE) served by qemu-nbd behind a GatedRelay on the allowed TCP port:
@@ -403,8 +404,12 @@ class ProvisionProbeTest(ProvisionBase):
         h.wait_until(lambda: len(children_named(daemon, 'qemu-img')) == 2 and relay.accepted == 2, 30,
                      'two probes connected to the server')
         probes = children_named(daemon, 'qemu-img')
-        uids = set(os.stat('/proc/%d' % pid).st_uid for pid in probes)
-        self.assertEqual(len(uids), 1, 'the probes share the reserved uid (this test is about that case)')
+        uids = [os.stat('/proc/%d' % pid).st_uid for pid in probes]
+        with open(self.env.daemon.conf) as f:
+            top = int([ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip().split('-')[1])
+        self.assertEqual(len(set(uids)), 2, 'two probes share a uid: %r' % uids)
+        for uid in uids:
+            self.assertIn(uid, range(top + 1 - h.PROBE_UIDS, top + 1), "a probe's uid is not one of the range's top")
 
         for pid in probes:
             # What the probe's own /proc shows (read as root: nothing hidden): itself only, as pid 1.
@@ -412,7 +417,7 @@ class ProvisionProbeTest(ProvisionBase):
             self.assertEqual(seen, ['1'], 'probe %d sees other processes: %s' % (pid, seen[:20]))
 
         # A process the first probe left behind (in its PID namespace, its uid) dies with it.
-        uid = uids.pop()
+        uid = uids[0]
         leftover = h.spawn(['nsenter', '--target', str(probes[0]), '--pid', '--', 'setpriv', '--reuid=%d' % uid,
                             '--regid=%d' % uid, '--clear-groups', 'sleep', '600'],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -428,11 +433,14 @@ class ProvisionProbeTest(ProvisionBase):
                          os.readlink('/proc/%d/ns/pid' % daemon))
 
     def test_at_most_eight_probes_at_once(self):
-        """Each probe is a qemu-img in the daemon's cgroup: eight at once, the ninth is Busy (nothing
-        made) and says what to do; once they are done a new one runs."""
+        """Each probe is a qemu-img in the daemon's cgroup: eight at once, each its own uid, the ninth
+        is Busy (nothing made) and says what to do; once they are done a new one runs."""
         url, d, relay = self.held_server('probe-upstream8')
         calls = self.provisions_in_background(url, [os.path.join(d, 'eight-%d.qcow2' % i) for i in range(8)])
         h.wait_until(lambda: relay.accepted == 8, 60, 'eight probes connected to the server')
+        probes = children_named(self.env.daemon.proc.pid, 'qemu-img')
+        self.assertEqual(len(set(os.stat('/proc/%d' % pid).st_uid for pid in probes)), 8,
+                         'the eight probes do not have a uid each')
         ninth = os.path.join(d, 'ninth.qcow2')
         e = self.try_provision(h.ERR_BUSY, url, ninth)
         self.assertIn('at most 8 at once', e.message)

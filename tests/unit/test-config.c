@@ -90,6 +90,23 @@ static void test_engine_mirror(void) {
         config_done(&c);
 }
 
+/* HelperUIDRange=: FIRST-LAST, with room for a guest beside the probes' top uids. */
+static void test_helper_uid_range(void) {
+        Config c;
+
+        ASSERT_OK(parse(&c, "HelperUIDRange=1000-1008\n"));
+        ASSERT_EQ(c.helper_uid_min, 1000U);
+        ASSERT_EQ(c.helper_uid_max, 1008U);
+        config_done(&c);
+        /* Eight uids are the probes' alone: nothing left for a guest. */
+        ASSERT_NEG(parse(&c, "HelperUIDRange=1000-1007\n"));
+        ASSERT_NEG(parse(&c, "HelperUIDRange=1000-1000\n"));
+        ASSERT_NEG(parse(&c, "HelperUIDRange=0-100\n"));
+        ASSERT_NEG(parse(&c, "HelperUIDRange=100-99\n"));
+        ASSERT_NEG(parse(&c, "HelperUIDRange=1000-4294967295\n"));
+        ASSERT_NEG(parse(&c, "HelperUIDRange=1000\n"));
+}
+
 static void test_valid(void) {
         Config c;
 
@@ -360,6 +377,7 @@ int main(int argc, char **argv) {
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
         TAP_RUN(test_defaults);
         TAP_RUN(test_valid);
+        TAP_RUN(test_helper_uid_range);
         TAP_RUN(test_image_dirs_invalid);
         TAP_RUN(test_timeout_bounds);
         TAP_RUN(test_qemu_users);
