@@ -41,6 +41,27 @@ def drop_caches():
         pass
 
 
+def retire(path):
+    """Delete path, but only at the end of the run (delete_retired()). On a file system mounted with
+    `discard` (this VM's root is), the blocks a deletion frees are discarded at a later journal
+    commit, in the middle of whatever runs then: a timed run must not pay for an earlier one's
+    deletion. The file moves into a directory beside it (a rename frees nothing)."""
+    trash = os.path.join(os.path.dirname(path), '.retired')
+    os.makedirs(trash, exist_ok=True)
+    os.rename(path, os.path.join(trash, '%d-%s' % (len(_RETIRED), os.path.basename(path))))
+    _RETIRED.append(trash)
+
+
+def delete_retired():
+    for trash in set(_RETIRED):
+        for name in os.listdir(trash):
+            os.unlink(os.path.join(trash, name))
+    _RETIRED.clear()
+
+
+_RETIRED = []
+
+
 def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False, options=None):
     top = os.path.join(directory, name)
     if os.path.exists(top):
@@ -62,7 +83,7 @@ def timed_peer(argv, out, timeout=1800):
     h.run(argv, timeout=timeout)
     subprocess.run(['sync', out])
     dt = time.monotonic() - t0
-    os.unlink(out)
+    retire(out)
     return dt
 
 
