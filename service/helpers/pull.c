@@ -140,11 +140,12 @@ static uint64_t read_size(const Pull *p) {
  * threshold those come from mmap, or from a heap glibc trims each time a batch of them is freed
  * (QEMU serves 16 requests at once), so every page of every copy is faulted in anew. glibc raises
  * its thresholds when it frees an mmapped block: to that block's size, trimming only beyond twice
- * it. So where the chunk is above the default threshold, the first CACHE is as large as QEMU's
- * largest bounce buffer, and no more chunks go in flight than that heap holds (pull_setup()):
- * the heap then grows once and stays. Paired runs of a prefetch behind 5 ms (README,
- * Performance): 1.23 s against 1.79 s (medians of 6), page faults 2.9 % of QEMU's profile
- * instead of 12.7 %. Not under a rate: the bucket holds one chunk's worth. */
+ * it. So where the chunk is above the default threshold, one CACHE is as large as QEMU's largest
+ * bounce buffer (the first that finds that much to copy in one piece, with no rate set: the
+ * bucket holds one chunk's worth), and no more chunks go in flight than that heap holds
+ * (pull_setup()): the heap then grows once and stays. Paired runs of a prefetch behind 5 ms
+ * (README, Performance): 1.23 s against 1.79 s (medians of 6), page faults 2.9 % of QEMU's
+ * profile instead of 12.7 %. */
 static uint64_t first_cache_size(const Pull *p, uint64_t maximum) {
         uint64_t n = QEMU_BOUNCE_BUFFER_MAX;
 
@@ -368,11 +369,15 @@ static int pull_issue(Pull *p, usec_t now, usec_t *ret_wait) {
 
         while (p->n_busy < p->n_slots && p->todo_head < p->n_todo) {
                 Range *t = &p->todo[p->todo_head];
-                uint64_t n = MIN(p->first_cache > 0 && p->rate == 0 ? p->first_cache : read_size(p), t->length);
+                uint64_t n = MIN(read_size(p), t->length);
                 Slot *slot;
                 int64_t cookie;
 
-                p->first_cache = 0;
+                /* On the first piece long enough for it, while no rate holds the reads back. */
+                if (p->first_cache > 0 && p->rate == 0 && t->length >= p->first_cache) {
+                        n = p->first_cache;
+                        p->first_cache = 0;
+                }
 
                 if (p->rate > 0) {
                         bucket_refill(p, now);

@@ -227,10 +227,11 @@ class QemuNbd:
 class Qemu:
     """qemu-system-x86_64 with no machine, spoken to over QMP."""
 
-    def __init__(self, d):
+    def __init__(self, d, extra=()):
         self.qmp_path = os.path.join(d, 'qmp.sock')
         self.proc = subprocess.Popen(['qemu-system-x86_64', '-S', '-machine', 'none', '-nodefaults',
-                                      '-display', 'none', '-qmp', 'unix:%s,server=on,wait=off' % self.qmp_path],
+                                      '-display', 'none', '-qmp', 'unix:%s,server=on,wait=off' % self.qmp_path]
+                                     + list(extra),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while True:
@@ -616,6 +617,77 @@ def test_pull_filter_no_cache():
     pull_copy_on_read('filter-read', filter_node=True, extra=['--no-cache'])
 
 
+NBD_CMD_CACHE = 5
+TRACED = ('nbd_co_receive_request_decode_type', 'nbd_receive_request', 'nbd_co_send_simple_reply',
+          'nbd_co_send_structured_done')
+
+
+def traced_caches(log):
+    """From QEMU's trace of its NBD server: the CACHE requests as (offset, length), and the most
+    CACHEs it had in hand at once (decoded, not yet answered)."""
+    caches, open_handles, most = [], set(), 0
+    with open(log) as f:
+        for line in f:
+            if 'nbd_receive_request ' in line and '.type = 0x%x,' % NBD_CMD_CACHE in line:
+                caches.append((int(line.split('from = ')[1].split(',')[0]), int(line.split('len = ')[1].split()[0])))
+            elif 'nbd_co_receive_request_decode_type ' in line and 'type = %d ' % NBD_CMD_CACHE in line:
+                open_handles.add(line.split('handle = ')[1].split(',')[0])
+                most = max(most, len(open_handles))
+            elif 'nbd_co_send_simple_reply ' in line or 'nbd_co_send_structured_done ' in line:
+                open_handles.discard(line.split('handle = ')[1].split(',')[0].split()[0])
+    return caches, most
+
+
+def test_pull_first_cache_large():
+    """With a chunk above glibc's mmap threshold (2 MiB, as from a remote backing), one CACHE is 16 MiB
+    (QEMU's largest bounce buffer: glibc in QEMU then keeps a heap for the rest), on the first piece
+    that long, and fewer requests are in flight than that heap holds; with a bandwidth limit or a
+    small chunk, none is larger than the chunk. Seen from QEMU's side (its NBD server's trace)."""
+    for what, args, big in (('remote', ['--chunk=%d' % (2 * MIB)], True),
+                            ('limited', ['--chunk=%d' % (2 * MIB), '--bandwidth=%d' % (512 * MIB)], False),
+                            ('local', [], False)):
+        d = os.path.join(tmp, 'first-cache-' + what)
+        os.mkdir(d)
+        make_chain(d)
+        img, log, sock = os.path.join(d, 'top.qcow2'), os.path.join(d, 'trace.log'), os.path.join(d, 'nbd.sock')
+        todo = sum(ln for off, ln, dep, k in qemu_img_map(img) if k == 'backing')
+        qemu = Qemu(d, [a for t in TRACED for a in ('-trace', 'enable=' + t)] + ['-D', log])
+        try:
+            # The chain as nodes, base's reads slowed (a throttle under its qcow2: the depths stay),
+            # so that the CACHEs pile up in QEMU as far as the helper lets them.
+            qemu.cmd('object-add', **{'qom-type': 'throttle-group', 'id': 'slow', 'limits': {'bps-read': 32 * MIB}})
+            qemu.cmd('blockdev-add', driver='file', **{'node-name': 'base-file'}, filename=os.path.join(d, 'base.qcow2'))
+            qemu.cmd('blockdev-add', driver='throttle', **{'node-name': 'base-slow', 'throttle-group': 'slow'},
+                     file='base-file')
+            qemu.cmd('blockdev-add', driver='qcow2', **{'node-name': 'base'}, file='base-slow')
+            qemu.cmd('blockdev-add', driver='qcow2', **{'node-name': 'mid'}, backing='base',
+                     file={'driver': 'file', 'filename': os.path.join(d, 'mid.qcow2')})
+            qemu.cmd('blockdev-add', driver='qcow2', **{'node-name': 'top'}, backing='mid',
+                     file={'driver': 'file', 'filename': img})
+            qemu.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            qemu.cmd('block-export-add', type='nbd', id='exp0', **{'node-name': 'top', 'allocation-depth': True},
+                     name='top', writable=False)
+            h, rc = run_helper(['--pull', '--export=top', '--offset=0', '--length=%d' % DISK] + args, sock)
+            check(rc == 0, '%s: exit %d: %s' % (what, rc, h.stderr))
+        finally:
+            qemu.quit()
+        caches, most = traced_caches(log)
+        # The helper's first CACHE (4 KiB, whether the server takes them) is part of the copy.
+        check(caches and caches[0] == (0, 4096), '%s: the first CACHE is %r' % (what, caches[:1]))
+        check(sum(ln for off, ln in caches[1:]) + CLUSTER == todo,
+              '%s: the CACHEs cover %d bytes, the backing clusters %d' % (what, sum(ln for _, ln in caches), todo))
+        large = [(off, ln) for off, ln in caches if ln > 2 * MIB]
+        if big:
+            # The pieces before [32M, 64M) are shorter (make_chain: base's data ends at 20M, 30M).
+            check(large == [(32 * MIB, 16 * MIB)], '%s: CACHEs above 2 MiB: %r' % (what, large))
+            check(most <= 14, '%s: %d CACHEs in QEMU\'s hands at once' % (what, most))
+        else:
+            check(not large, '%s: CACHEs above the chunk: %r' % (what, large))
+            limit = 2 * MIB if what == 'limited' else 128 * KIB
+            check(max(ln for _, ln in caches) <= limit, '%s: a CACHE above %d bytes' % (what, limit))
+        print('# %s: %d CACHEs, %d bytes, at most %d in flight' % (what, len(caches), todo, most))
+
+
 def pull_copy_on_read(name, filter_node, extra):
     d = os.path.join(tmp, name)
     os.mkdir(d)
@@ -693,7 +765,7 @@ def pull_copy_on_read(name, filter_node, extra):
 TESTS = [test_args, test_no_allocation_depth, test_map_whole, test_map_ranges, test_map_max_extents,
          test_small_clusters, test_pull_progress_plain, test_bandwidth, test_bandwidth_change, test_pause_resume_stop,
          test_control_eof, test_control_malformed, test_server_gone, test_fds_closed, test_seccomp_kills,
-         test_valgrind, test_pull_cache_top, test_pull_filter_no_cache]
+         test_valgrind, test_pull_cache_top, test_pull_filter_no_cache, test_pull_first_cache_large]
 
 
 def main():
