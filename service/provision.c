@@ -16,6 +16,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -89,13 +90,13 @@ static unsigned probes_running(void) {
 static Provision *provision_free(Provision *p) {
         if (!p)
                 return NULL;
-        probe_ended(p);
         if (p->call) {
                 (void) sd_bus_reply_method_errorf(p->call, SD_BUS_ERROR_FAILED, "Provisioning %s was interrupted.",
                         p->target);
                 sd_bus_message_unref(p->call);
         }
         helper_release(p->child); /* killed and reaped if still running */
+        probe_ended(p); /* its uid is free once it is gone */
         sd_event_source_disable_unref(p->deadline);
         sd_event_source_disable_unref(p->out_source);
         closep(&p->out_fd);
@@ -350,6 +351,17 @@ static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
         return 0;
 }
 
+/* A uid of HelperUIDRange= that an account (or group) has after all: not the daemon's to run a
+ * probe as. */
+static bool uid_is_account(uid_t uid) {
+        struct passwd pw, *pwr = NULL;
+        struct group gr, *grr = NULL;
+        char buf[4096];
+
+        return (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr) ||
+               (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr);
+}
+
 static int run_probe(Provision *p) {
         const Config *c = p->config;
         _cleanup_close_ int out_r = -1, out_w = -1;
@@ -366,6 +378,12 @@ static int run_probe(Provision *p) {
         /* A uid of its own: a probe taken over shares no process limit, signal or /proc with
          * another (the PID namespace is for what it starts: it all dies with it). */
         uid = (uid_t) (c->helper_uid_max - slot);
+        if (uid_is_account(uid)) {
+                log_error("Uid " UID_FMT " of HelperUIDRange= (one of its top %u, the probes') is an account's or a "
+                          "group's: no probe runs as it. Give the daemon a range of its own.",
+                        uid, PROBES_MAX);
+                return -EADDRINUSE;
+        }
         if (pipe2(pipefd, O_CLOEXEC) < 0)
                 return -errno;
         out_r = pipefd[0];
@@ -664,7 +682,9 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 return sd_bus_error_setf(error, BS_ERROR_HELPER_FAILED,
                         "Cannot provision %s: the sandboxed qemu-img that asks the server for the template's size "
                         "could not be started (%s); give option 'size' to do without it.",
-                        target, strerror(-r));
+                        target,
+                        r == -EADDRINUSE ? "its uid in HelperUIDRange= is an account's, see the daemon's log"
+                                         : strerror(-r));
         }
         return 1;
 }

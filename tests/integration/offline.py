@@ -28,7 +28,7 @@ from harness import MiB
 IFACE_EXPORT = 'org.blockstream1.Export'
 EXPORT_PREFIX = '/org/blockstream1/export/'
 ERR_LIMITS_EXCEEDED = 'org.freedesktop.DBus.Error.LimitsExceeded'
-ERR_HELPER_FAILED = 'org.blockstream1.Error.HelperFailed'
+ERR_HELPER_FAILED = h.ERR_HELPER_FAILED
 RELAY = 'blockstream-nbd-relay'
 
 

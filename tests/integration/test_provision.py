@@ -450,6 +450,23 @@ class ProvisionProbeTest(ProvisionBase):
         self.assertProvisioned(calls, url)
         self.assertEqual(self.provision(url, ninth), SIZE)
 
+    def test_no_probe_as_an_accounts_uid(self):
+        """The probes' uids are the top of HelperUIDRange=; one that a group (or user) has after all is
+        not the daemon's: no probe runs as it, the call says why, nothing is made."""
+        url, d, relay = self.held_server('probe-upstream-acct')
+        relay.released.set()
+        with open(self.env.daemon.conf) as f:
+            top = int([ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip().split('-')[1])
+        name = 'bsprobe%d' % os.getpid()
+        h.run(['groupadd', '-g', str(top), name])
+        self.addCleanup(h.run, ['groupdel', name])
+        target = os.path.join(d, 'as-account.qcow2')
+        e = self.try_provision(h.ERR_HELPER_FAILED, url, target)
+        self.assertIn("an account's", e.message)
+        self.assertIn("option 'size'", e.message)
+        self.assertFalse(os.path.lexists(target))
+        self.assertEqual(relay.accepted, 0)
+
     @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
                          'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
     def test_probe_of_a_silent_server_ends(self):

@@ -25,7 +25,7 @@ from harness import T, S, MiB  # noqa: E402
 
 HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
                                                               'hostile-pull')
-ERR_HELPER_FAILED = 'org.blockstream1.Error.HelperFailed'
+ERR_HELPER_FAILED = h.ERR_HELPER_FAILED
 
 
 def assert_clean_text(test, text, what):
