@@ -116,13 +116,6 @@ void storage_helper_lost(const StorageHost *host, int error) {
         fail_waiters_and_jobs(host, why ?: "The storage helper went away.");
 }
 
-/* Processes of the guest's storage helper uid that are not our children: storage helpers of an
- * earlier daemon (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked
- * until their last thread exited). The uid is this guest's storage helper's alone (HelperUIDRange=
- * is ours), so each is SIGKILLed; but not a helper of another live daemon of ours (same binary)
- * given the same HelperUIDRange=: such a daemon's helpers are no leftovers (an earlier daemon's
- * lost their parent), and its guests would lose them. That is -EUSERS: the range is shared.
- * Returns how many still have a live thread, or -errno. */
 static void closedirp(DIR **d) {
         if (*d)
                 closedir(*d);
@@ -165,7 +158,14 @@ static bool another_daemon(int proc_fd, long ppid, pid_t self) {
         return p && strtol(p + 7, NULL, 10) != (long) self;
 }
 
-static int kill_leftovers(uid_t uid, StorageShared *ret_shared) {
+/* Processes of the uids (the guest's storage helper's, now and before) that are not our children: storage helpers of an
+ * earlier daemon (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked
+ * until their last thread exited). Each uid is this guest's storage helper's alone (HelperUIDRange=
+ * is ours), so each is SIGKILLed; but not a helper of another live daemon of ours (same binary)
+ * given the same HelperUIDRange=: such a daemon's helpers are no leftovers (an earlier daemon's
+ * lost their parent), and its guests would lose them. That is -EUSERS: the range is shared.
+ * One look at /proc for all the uids. Returns how many still have a live thread, or -errno. */
+static int kill_leftovers(const uid_t *uids, size_t n_uids, StorageShared *ret_shared) {
         _cleanup_(closedirp) DIR *proc = NULL;
         pid_t self = getpid();
         struct dirent *de;
@@ -202,7 +202,12 @@ static int kill_leftovers(uid_t uid, StorageShared *ret_shared) {
                         ruid = strtoul(p + 6, NULL, 10);
                 if ((p = strstr(buf, "\nThreads:\t")))
                         threads = strtoul(p + 10, NULL, 10);
-                if (ruid != (unsigned long) uid || ppid == (long) self)
+                uid_t uid = UID_INVALID;
+
+                for (size_t i = 0; i < n_uids; i++)
+                        if (ruid == (unsigned long) uids[i])
+                                uid = uids[i];
+                if (uid == UID_INVALID || ppid == (long) self)
                         continue;
                 if ((state == 'Z' || state == 'X') && threads <= 1)
                         continue; /* exited: holds nothing, only waits to be reaped by its parent */
@@ -236,15 +241,9 @@ static int helper_spawn(StorageHelper *h);
 
 /* The leftovers of both of h's identities: how many still live, or -errno (-EUSERS: h->shared). */
 static int kill_helper_leftovers(StorageHelper *h) {
-        int r, k = 0;
+        uid_t uids[2] = { h->uid, h->earlier_uid };
 
-        r = kill_leftovers(h->uid, &h->shared);
-        if (r >= 0 && h->earlier_uid != 0 && h->earlier_uid != h->uid) {
-                k = kill_leftovers(h->earlier_uid, &h->shared);
-                if (k < 0)
-                        r = k;
-        }
-        return r < 0 ? r : r + k;
+        return kill_leftovers(uids, h->earlier_uid != 0 && h->earlier_uid != h->uid ? 2 : 1, &h->shared);
 }
 
 static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -541,7 +540,7 @@ int storage_kill_leftovers(uid_t uid) {
         StorageShared shared = {};
         int r;
 
-        r = kill_leftovers(uid, &shared);
+        r = kill_leftovers(&uid, 1, &shared);
         if (r == -EUSERS) {
                 _cleanup_free_ char *why = shared_why(&shared);
                 log_error("%s", why ?: "Cannot start the storage helper: its uid is another daemon's helper's.");
