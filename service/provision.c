@@ -29,6 +29,7 @@
 #include "provision.h"
 #include "qemu.h"
 #include "sandbox.h"
+#include "storage.h"
 #include "util.h"
 
 #define OUTPUT_MAX (256U * 1024U)
@@ -384,6 +385,11 @@ static int run_probe(Provision *p) {
                         uid, PROBES_MAX);
                 return -EADDRINUSE;
         }
+        /* Nor another live daemon's (a HelperUIDRange= given twice): that one's probe of this uid
+         * would share our probe's process limit. What an earlier daemon left is killed. */
+        r = storage_kill_leftovers(uid);
+        if (r < 0)
+                return r;
         if (pipe2(pipefd, O_CLOEXEC) < 0)
                 return -errno;
         out_r = pipefd[0];
@@ -684,6 +690,8 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                         "could not be started (%s); give option 'size' to do without it.",
                         target,
                         r == -EADDRINUSE ? "its uid in HelperUIDRange= is an account's, see the daemon's log"
+                        : r == -EUSERS   ? "its uid in HelperUIDRange= is another blockstreamd's helper's: each daemon "
+                                           "needs a range of its own"
                                          : strerror(-r));
         }
         return 1;

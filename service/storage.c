@@ -229,12 +229,11 @@ static int kill_leftovers(const uid_t *uids, size_t n_uids, StorageShared *ret_s
         return shared ? -EUSERS : n;
 }
 
-/* Why a storage helper cannot start on uids another daemon's helper runs as. */
-static char *shared_why(const StorageShared *s) {
-        return strdup_printf("Cannot start the storage helper: its uid " UID_FMT " is used by pid %i, a helper of "
-                             "another blockstreamd (pid %i) on this machine. Each daemon needs a HelperUIDRange= of "
-                             "its own.",
-                s->uid, (int) s->pid, (int) s->daemon);
+/* Why a helper (what) cannot start on uids another daemon's helper runs as. */
+static char *shared_why(const StorageShared *s, const char *what) {
+        return strdup_printf("Cannot start %s: its uid " UID_FMT " is used by pid %i, a helper of another blockstreamd "
+                             "(pid %i) on this machine. Each daemon needs a HelperUIDRange= of its own.",
+                what, s->uid, (int) s->pid, (int) s->daemon);
 }
 
 static int helper_spawn(StorageHelper *h);
@@ -268,7 +267,7 @@ static int leftover_check(sd_event_source *s, uint64_t usec, void *userdata) {
                         r > 0 ? strdup_printf("Processes of the guest's storage helper uid " UID_FMT
                                               " left by an earlier daemon did not exit.",
                                         h->uid)
-                        : r == -EUSERS ? shared_why(&h->shared)
+                        : r == -EUSERS ? shared_why(&h->shared, "the storage helper")
                                        : strdup_printf("Cannot start the storage helper: %s", strerror(-r));
                 log_error("Guest %s: %s", host->name, why ?: "out of memory");
                 *host->helper = NULL;
@@ -542,8 +541,8 @@ int storage_kill_leftovers(uid_t uid) {
 
         r = kill_leftovers(&uid, 1, &shared);
         if (r == -EUSERS) {
-                _cleanup_free_ char *why = shared_why(&shared);
-                log_error("%s", why ?: "Cannot start the storage helper: its uid is another daemon's helper's.");
+                _cleanup_free_ char *why = shared_why(&shared, "a helper");
+                log_error("%s", why ?: "Cannot start a helper: its uid is another daemon's helper's.");
         }
         return r;
 }

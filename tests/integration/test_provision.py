@@ -360,11 +360,8 @@ def children_named(ppid, comm):
     return sorted(out)
 
 
-class ProvisionProbeTest(ProvisionBase):
-    """The size probes of remote templates: each runs as a uid of its own (the top ones of
-    HelperUIDRange=) and alone in a PID namespace of its own. A probe taken over by a hostile
-    server must neither see nor signal another caller's probe, nor share its process limit
-    (RLIMIT_NPROC counts per uid), and leaves nothing behind."""
+class HeldProbes:
+    """Remote templates whose server holds every probe until the test lets it answer."""
 
     def held_server(self, name):
         """A template (raw, SIZE) served by qemu-nbd behind a GatedRelay on the allowed TCP port:
@@ -396,6 +393,12 @@ class ProvisionProbeTest(ProvisionBase):
             self.assertEqual(p.returncode, 0, err)
             self.assertEqual(out.split(), ['t', str(SIZE)])
             self.assertOverlay(target, url, 'raw', SIZE)
+
+class ProvisionProbeTest(HeldProbes, ProvisionBase):
+    """The size probes of remote templates: each runs as a uid of its own (the top ones of
+    HelperUIDRange=) and alone in a PID namespace of its own. A probe taken over by a hostile
+    server must neither see nor signal another caller's probe, nor share its process limit
+    (RLIMIT_NPROC counts per uid), and leaves nothing behind."""
 
     def test_probes_see_no_other_process_and_leave_nothing(self):
         url, d, relay = self.held_server('probe-upstream')
@@ -491,6 +494,39 @@ polkit.addRule(function(action, subject) {
     return polkit.Result.NOT_HANDLED;
 });
 ''' % (h.OWNER, h.MEMBER)
+
+
+class SharedRangeProbeTest(HeldProbes, ProvisionBase):
+    """A second daemon given the same HelperUIDRange= (a mistake the man page warns about): its probe
+    would run as the uid of this daemon's live probe, sharing its process limit. It refuses, saying
+    why, and leaves this daemon's probe alone."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        with cls.class_setup():
+            with open(cls.env.daemon.conf) as f:
+                uids = [ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip()
+            cls.other = h.Env('other')
+            cls.addClassCleanup(cls.other.close)
+            cls.other.start(daemon_config='%s\nTemplateURLPrefixes=%s/\n' % (uids, cls.tcp_url))
+
+    def test_other_daemons_probe_left_alone(self):
+        url, d, relay = self.held_server('probe-upstream-shared')
+        calls = self.provisions_in_background(url, [os.path.join(d, 'first.qcow2')])
+        daemon = self.env.daemon.proc.pid
+        h.wait_until(lambda: len(children_named(daemon, 'qemu-img')) == 1 and relay.accepted == 1, 30,
+                     "this daemon's probe connected to the server")
+        probe = children_named(daemon, 'qemu-img')[0]
+        target = os.path.join(self.other.images, 'second.qcow2')
+        e = self.assertDBusError(h.ERR_HELPER_FAILED, self.other.client.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                                 'ProvisionDisk', 'ssa{sv}', url, target, h.no_opts(), timeout=60)
+        self.assertIn('another blockstreamd', e.message)
+        self.assertFalse(os.path.lexists(target))
+        self.assertEqual(relay.accepted, 1, "the other daemon's probe reached the server")
+        self.assertTrue(os.path.exists('/proc/%d' % probe), "the other daemon killed this daemon's probe")
+        relay.released.set()
+        self.assertProvisioned(calls, url)
 
 
 class ProvisionCallerTest(h.TestCase):
