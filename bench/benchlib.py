@@ -74,6 +74,13 @@ def fresh_overlay(directory, base, name, fmt='qcow2', size=None, unsafe=False, o
     return top
 
 
+def time_convert(directory, top):
+    """The offline peer of a full stream: qemu-img convert of the chain under top into a new qcow2
+    beside it, flushed (timed_peer())."""
+    out = os.path.join(directory, 'flat.qcow2')
+    return timed_peer(['qemu-img', 'convert', '-f', 'qcow2', '-O', 'qcow2', top, out], out, timeout=600)
+
+
 def timed_peer(argv, out, timeout=1800):
     """The peer's wall time, its output flushed to disk (sync) inside the time, caches dropped before."""
     if os.path.exists(out):
