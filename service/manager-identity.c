@@ -2,8 +2,6 @@
 
 /* The manager's sandbox identities for its guests (declared in manager.h). */
 
-#include <grp.h>
-#include <pwd.h>
 #include <sys/random.h>
 
 #include "cache.h"
@@ -20,10 +18,6 @@
  * between the two drops the storage helper's, manager_storage_identity_restore()). */
 
 static bool uid_taken(Manager *m, const void *self, uid_t uid) {
-        struct passwd pw, *pwr = NULL;
-        struct group gr, *grr = NULL;
-        char buf[4096];
-
         if (uid > m->engine.config.helper_uid_max - HELPER_UIDS_PROBES)
                 return true; /* reserved for provisioning's probes */
         for (Guest *g = m->guests; g; g = g->next)
@@ -32,11 +26,7 @@ static bool uid_taken(Manager *m, const void *self, uid_t uid) {
                         return true;
         if (cache_uid_taken(&m->engine, self, uid))
                 return true;
-        if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr)
-                return true;
-        if (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr)
-                return true;
-        return false;
+        return uid_is_account(uid);
 }
 
 static bool mcs_taken(Manager *m, const void *self, unsigned c1, unsigned c2) {

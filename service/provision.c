@@ -16,7 +16,6 @@
 
 #include <fcntl.h>
 #include <grp.h>
-#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -350,17 +349,6 @@ static int probed(sd_event_source *s, const siginfo_t *si, void *userdata) {
         closep(&p->out_fd);
         provision_finish(p);
         return 0;
-}
-
-/* A uid of HelperUIDRange= that an account (or group) has after all: not the daemon's to run a
- * probe as. */
-static bool uid_is_account(uid_t uid) {
-        struct passwd pw, *pwr = NULL;
-        struct group gr, *grr = NULL;
-        char buf[4096];
-
-        return (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr) ||
-               (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr);
 }
 
 static int run_probe(Provision *p) {

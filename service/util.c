@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <ctype.h>
+#include <grp.h>
 #include <inttypes.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <locale.h>
 #include <math.h>
+#include <pwd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -251,6 +253,15 @@ bool qemu_id_is_valid(const char *s) {
 
 bool qemu_node_name_is_valid(const char *s) {
         return qemu_id_is_valid(s && s[0] == '#' ? s + 1 : s);
+}
+
+bool uid_is_account(uid_t uid) {
+        struct passwd pw, *pwr = NULL;
+        struct group gr, *grr = NULL;
+        char buf[4096];
+
+        return (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr) == 0 && pwr) ||
+               (getgrgid_r((gid_t) uid, &gr, buf, sizeof(buf), &grr) == 0 && grr);
 }
 
 bool path_is_safe_absolute(const char *p, size_t max_len) {
