@@ -158,13 +158,14 @@ static bool another_daemon(int proc_fd, long ppid, pid_t self) {
         return p && strtol(p + 7, NULL, 10) != (long) self;
 }
 
-/* Processes of the uids (the guest's storage helper's, now and before) that are not our children: storage helpers of an
- * earlier daemon (killed by PDEATHSIG with it, but perhaps not yet gone: the images stay locked
- * until their last thread exited). Each uid is this guest's storage helper's alone (HelperUIDRange=
- * is ours), so each is SIGKILLed; but not a helper of another live daemon of ours (same binary)
- * given the same HelperUIDRange=: such a daemon's helpers are no leftovers (an earlier daemon's
- * lost their parent), and its guests would lose them. That is -EUSERS: the range is shared.
- * One look at /proc for all the uids. Returns how many still have a live thread, or -errno. */
+/* Processes of the uids that are not our children: helpers an earlier daemon left (killed by
+ * PDEATHSIG with it, but perhaps not yet gone: a storage helper's images stay locked until its
+ * last thread exited). Each uid is one identity's alone (a guest's storage helper, now and before
+ * a restart; a cache's helper; a probe: HelperUIDRange= is ours), so each is SIGKILLed; but not a
+ * helper of another live daemon of ours (same binary) given the same HelperUIDRange=: such a
+ * daemon's helpers are no leftovers (an earlier daemon's lost their parent), and its guests would
+ * lose them. That is -EUSERS: the range is shared. One look at /proc for all the uids. Returns how
+ * many still have a live thread, or -errno. */
 static int kill_leftovers(const uid_t *uids, size_t n_uids, StorageShared *ret_shared) {
         _cleanup_(closedirp) DIR *proc = NULL;
         pid_t self = getpid();
