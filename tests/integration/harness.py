@@ -570,6 +570,13 @@ class Daemon:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def helper_uids(self):
+        """HelperUIDRange= of its config (the last line wins): (first, last)."""
+        with open(self.conf) as f:
+            line = [ln for ln in f if ln.startswith('HelperUIDRange=')][-1]
+        lo, hi = [int(x) for x in line.split('=', 1)[1].split('-')]
+        return lo, hi
+
     def stop(self, sig=signal.SIGTERM, timeout=10):
         """Send `sig`, wait for the exit and for the bus name to go; return the exit status."""
         if not self.running():

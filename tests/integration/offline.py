@@ -83,9 +83,7 @@ def storage_identity(env, name):
 def helper_uid_range(env):
     """The uids the daemon may give out: HelperUIDRange= of its config (the last line wins), less
     its top uids (ProvisionDisk's probes')."""
-    with open(env.daemon.conf) as f:
-        line = [l for l in f if l.startswith('HelperUIDRange=')][-1]
-    lo, hi = [int(x) for x in line.split('=', 1)[1].split('-')]
+    lo, hi = env.daemon.helper_uids()
     return range(lo, hi + 1 - h.PROBE_UIDS)
 
 

@@ -408,8 +408,7 @@ class ProvisionProbeTest(HeldProbes, ProvisionBase):
                      'two probes connected to the server')
         probes = children_named(daemon, 'qemu-img')
         uids = [os.stat('/proc/%d' % pid).st_uid for pid in probes]
-        with open(self.env.daemon.conf) as f:
-            top = int([ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip().split('-')[1])
+        top = self.env.daemon.helper_uids()[1]
         self.assertEqual(len(set(uids)), 2, 'two probes share a uid: %r' % uids)
         for uid in uids:
             self.assertIn(uid, range(top + 1 - h.PROBE_UIDS, top + 1), "a probe's uid is not one of the range's top")
@@ -458,8 +457,7 @@ class ProvisionProbeTest(HeldProbes, ProvisionBase):
         not the daemon's: no probe runs as it, the call says why, nothing is made."""
         url, d, relay = self.held_server('probe-upstream-acct')
         relay.released.set()
-        with open(self.env.daemon.conf) as f:
-            top = int([ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip().split('-')[1])
+        top = self.env.daemon.helper_uids()[1]
         name = 'bsprobe%d' % os.getpid()
         h.run(['groupadd', '-g', str(top), name])
         self.addCleanup(h.run, ['groupdel', name])
@@ -505,11 +503,10 @@ class SharedRangeProbeTest(HeldProbes, ProvisionBase):
     def setUpClass(cls):
         super().setUpClass()
         with cls.class_setup():
-            with open(cls.env.daemon.conf) as f:
-                uids = [ln for ln in f if ln.startswith('HelperUIDRange=')][-1].strip()
             cls.other = h.Env('other')
             cls.addClassCleanup(cls.other.close)
-            cls.other.start(daemon_config='%s\nTemplateURLPrefixes=%s/\n' % (uids, cls.tcp_url))
+            cls.other.start(daemon_config='HelperUIDRange=%d-%d\nTemplateURLPrefixes=%s/\n' % (
+                cls.env.daemon.helper_uids() + (cls.tcp_url,)))
 
     def test_other_daemons_probe_left_alone(self):
         url, d, relay = self.held_server('probe-upstream-shared')
