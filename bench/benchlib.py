@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Shared pieces of bench/remote-bench, bench/sparse-bench and bench/scale-bench: a guest and a
-stream timed from Start to Finished, the peer's fair flush, percentiles and the closing table."""
+"""Shared pieces of the benchmarks in bench/: a guest and a stream timed from Start to Finished,
+the peer's fair flush, fresh overlays, the page cache dropped, files deleted only at the end,
+percentiles and the closing table."""
 
 import os
 import statistics
