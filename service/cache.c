@@ -35,6 +35,12 @@
 #include "storage.h"
 #include "util.h"
 
+/* Connections the cache's QEMU serves at once: one for each guest disk over it. Given, not left to
+ * QEMU, whose default is 100 where it has the fix for CVE-2024-7409 (Debian's 7.2): the 101st
+ * guest started over one template would wait for a free one. Below the helper's RLIMIT_NOFILE
+ * (1024), so that QEMU stops accepting at the limit rather than failing accept() on each. */
+#define CACHE_CLIENTS_MAX 768U
+
 #define CACHES_MAX 64
 #define CACHES_FILE_MAX (256U * 1024U)
 #define CACHE_RESTARTS_MAX 5
@@ -412,7 +418,7 @@ static int cache_setup(Cache *c) {
         if (r < 0)
                 return r;
         c->pending++;
-        r = qemu_nbd_server_start_fd(c->qmp, "nbd", setup_reply, c, NULL);
+        r = qemu_nbd_server_start_fd(c->qmp, "nbd", CACHE_CLIENTS_MAX, setup_reply, c, NULL);
         if (r < 0)
                 return r;
         c->pending++;

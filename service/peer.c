@@ -416,7 +416,12 @@ int peer_nbd_server_ensure(Peer *p) {
                         r = -ENOMEM;
                 else {
                         *s = (ServerStart) { .peer = p, .generation = ++p->nbd_generation };
-                        r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, server_started, s, free);
+                        /* No limit (0): the listener is ours alone (a root-only directory), and
+                         * every connection to it is one the daemon made for a bounded user (a map,
+                         * a range's pull helper, an export's relay, 64 clients each). QEMU's own
+                         * limit, 100 where it has the fix for CVE-2024-7409, would let the clients
+                         * of two exports take the connections the guest's maps and streams need. */
+                        r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, 0, server_started, s, free);
                         if (r < 0)
                                 free(s); /* not sent: ours */
                 }

@@ -304,9 +304,13 @@ int qemu_getfd(Qmp *q, const char *fdname, int fd, qemu_result_handler_t handler
         return call(q, "getfd", ARGS(A_STR("fdname", fdname)), fd, handler, userdata, destroy);
 }
 
-int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, qemu_result_handler_t handler, void *userdata,
-        qemu_destroy_t destroy) {
-        return call(q, "nbd-server-start", ARGS(A_OBJ("addr", A_STR("type", "fd"), A_OBJ("data", A_STR("str", fdname)))),
+int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, unsigned max_connections, qemu_result_handler_t handler,
+        void *userdata, qemu_destroy_t destroy) {
+        /* max-connections always given: QEMU's default is no limit in 7.2, but 100 in QEMUs with the
+         * fix for CVE-2024-7409 (9.1, and Debian's 7.2), which would then decide for us. */
+        return call(q, "nbd-server-start",
+                ARGS(A_OBJ("addr", A_STR("type", "fd"), A_OBJ("data", A_STR("str", fdname))),
+                        A_U64("max-connections", max_connections)),
                 -1, handler, userdata, destroy);
 }
 

@@ -70,8 +70,8 @@ int qemu_quit(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destro
  * and read-only exports on it. */
 int qemu_getfd(Qmp *q, const char *fdname, int fd, qemu_result_handler_t handler, void *userdata,
         qemu_destroy_t destroy);
-int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, qemu_result_handler_t handler, void *userdata,
-        qemu_destroy_t destroy);
+int qemu_nbd_server_start_fd(Qmp *q, const char *fdname, unsigned max_connections, qemu_result_handler_t handler,
+        void *userdata, qemu_destroy_t destroy);
 int qemu_nbd_server_stop(Qmp *q, qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);
 int qemu_block_export_add_nbd(Qmp *q, const char *id, const char *node_name, const char *name,
         qemu_result_handler_t handler, void *userdata, qemu_destroy_t destroy);

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -300,6 +301,45 @@ def exports_on_bus(client):
 def unix_socket_of(uri):
     assert uri.startswith('nbd+unix://') and '?socket=' in uri, uri
     return uri.split('?socket=', 1)[1]
+
+
+NBD_OPTS_MAGIC = 0x49484156454F5054   # "IHAVEOPT"
+NBD_REP_MAGIC = 0x3E889045565A9
+NBD_OPT_GO, NBD_REP_ACK = 7, 1
+
+
+def nbd_hold(path, name=b'', timeout=30):
+    """A client of the NBD server on unix socket path that negotiates export name (NBD_OPT_GO,
+    fixed newstyle; "" is an export relay's own) and then holds its connection, as an idle NBD
+    client does: the socket, in the transmission phase."""
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(timeout)
+    c.connect(path)
+
+    def take(n):
+        b = b''
+        while len(b) < n:
+            more = c.recv(n - len(b))
+            if not more:
+                raise AssertionError('the server closed a client in its handshake (%d of %d bytes)' % (len(b), n))
+            b += more
+        return b
+
+    greeting = take(18)
+    if struct.unpack('>8sQH', greeting)[1] != NBD_OPTS_MAGIC:
+        raise AssertionError('not a newstyle NBD greeting: %r' % greeting)
+    c.sendall(struct.pack('>I', 3))  # NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+    c.sendall(struct.pack('>QII', NBD_OPTS_MAGIC, NBD_OPT_GO, 6 + len(name)) + struct.pack('>I', len(name)) + name
+              + struct.pack('>H', 0))
+    while True:
+        magic, opt, rep, length = struct.unpack('>QIII', take(20))
+        if magic != NBD_REP_MAGIC or opt != NBD_OPT_GO:
+            raise AssertionError('a bad option reply: %x %d' % (magic, opt))
+        take(length)
+        if rep == NBD_REP_ACK:
+            return c
+        if rep & 0x80000000:
+            raise AssertionError('NBD_OPT_GO refused (reply type 0x%x)' % rep)
 
 
 def nbd(argv, check=True, timeout=120):

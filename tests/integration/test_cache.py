@@ -409,6 +409,32 @@ class CacheTest(h.TestCase):
         os.unlink(a)
         self.client.call(path, IFACE_CACHE, 'Stop')
 
+    def test_7_more_guests_than_qemus_default_limit(self):
+        """One connection for each guest disk over the cache: a QEMU with the fix for
+        CVE-2024-7409 (Debian's 7.2) serves 100 at once unless told otherwise, and the 101st
+        guest's QEMU would wait for its backing until one of the others went."""
+        self.serve(self.remote)
+        a = os.path.join(self.env.images, 'many.qcow2')
+        self.provision(self.remote.url + '/', a)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote.url + '/'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket'))
+        held = []
+        try:
+            for _ in range(101):
+                held.append(o.nbd_hold(sock, b'cache', timeout=20))
+            self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 101, 30,
+                                 'Clients to count the 101 connections')
+            self.read_all(a, self.remote.file)
+        finally:
+            for c in held:
+                c.close()
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Clients')) == 0, 30,
+                             'the clients to disconnect')
+        os.unlink(a)
+        self.client.call(path, IFACE_CACHE, 'Stop')
+
 
 class CacheIdentityTest(h.TestCase):
     """Issue 14: each template cache's helper in a sandbox identity of its own. The helper parses

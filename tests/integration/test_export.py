@@ -468,6 +468,38 @@ class ExportTest(h.TestCase):
         self.assert_no_qemu_exports(g)
 
 
+class ExportClientsTest(h.TestCase):
+    """QEMU counts the connections to its NBD server, and a QEMU with the fix for CVE-2024-7409
+    (Debian's 7.2 has it) takes at most 100 unless told otherwise: the exports' clients must not
+    take the connections the daemon needs for the guest's own maps and streams."""
+
+    MAP_TIMEOUT = 20
+    daemon_config = 'MapTimeoutSec=%d\n' % MAP_TIMEOUT
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+
+    def test_export_clients_leave_qemu_room_for_a_map(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        exports = [o.export(d) for _ in range(2)]
+        for path, _ in exports:
+            self.addCleanup(lambda p=path: self.client.try_call(p, o.IFACE_EXPORT, 'Stop', timeout=10))
+        held = []
+        self.addCleanup(lambda: [c.close() for c in held])
+        # 64 on one export (all its relay takes), 36 on the other: 100 connections in QEMU.
+        for k in range(100):
+            held.append(o.nbd_hold(o.unix_socket_of(exports[0 if k < 64 else 1][1])))
+        extents = d.call('GetAllocationMap', 'tt', h.T(0), h.T(0))
+        self.assertTrue(extents, 'no map')
+        self.assertEqual(extents[-1][0] + extents[-1][1], SIZE, extents)
+        # And one client more still reaches the disk.
+        held.append(o.nbd_hold(o.unix_socket_of(exports[1][1])))
+        self.assertEqual(o.nbd_size(exports[1][1]), SIZE)
+
+
 class QemuNbdClient:
     """QEMU's own NBD client (qemu-io's block/nbd.c, as a migration destination's -blockdev uses
     it) with reconnect-delay: one connection, kept open between commands, that re-opens the

@@ -529,8 +529,13 @@ static void test_command_builders(void) {
                 "\"mode\":\"existing\",\"node-name\":\"mq\",\"sync\":\"full\",\"speed\":5,\"buf-size\":8388608,"
                 "\"auto-finalize\":false,\"auto-dismiss\":false}");
 
-        ASSERT_OK(qemu_nbd_server_start_fd(f.q, "nbd0", NULL, NULL, NULL));
-        expect_command(&f, "nbd-server-start", "{\"addr\":{\"type\":\"fd\",\"data\":{\"str\":\"nbd0\"}}}");
+        /* max-connections always sent, 0 (no limit) too: QEMU's default differs between builds. */
+        ASSERT_OK(qemu_nbd_server_start_fd(f.q, "nbd0", 0, NULL, NULL, NULL));
+        expect_command(&f, "nbd-server-start",
+                "{\"addr\":{\"type\":\"fd\",\"data\":{\"str\":\"nbd0\"}},\"max-connections\":0}");
+        ASSERT_OK(qemu_nbd_server_start_fd(f.q, "nbd1", 768, NULL, NULL, NULL));
+        expect_command(&f, "nbd-server-start",
+                "{\"addr\":{\"type\":\"fd\",\"data\":{\"str\":\"nbd1\"}},\"max-connections\":768}");
         ASSERT_OK(qemu_block_export_add_nbd(f.q, "e0", "q0", "disk", NULL, NULL, NULL));
         expect_command(&f, "block-export-add",
                 "{\"type\":\"nbd\",\"id\":\"e0\",\"node-name\":\"q0\",\"name\":\"disk\",\"writable\":false,"
