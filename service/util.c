@@ -139,8 +139,33 @@ int log_get_max_level(void) {
         return log_max_level;
 }
 
+/* One message, one line: its control characters (C0, DEL, and C1 as UTF-8) written as \xNN.
+ * Messages carry names from QEMU, helpers and clients: a newline would start a record of its own
+ * in the journal, with the priority a "<N>" after it says, and an escape sequence would act on
+ * the terminal of whoever reads the log. */
+static void log_escape(const char *in, char *out, size_t size) {
+        size_t n = 0;
+
+        for (const unsigned char *p = (const unsigned char *) in; *p; p++) {
+                bool c1 = p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f;
+
+                if (*p >= 0x20 && *p != 0x7f && !c1) {
+                        if (n + 1 >= size)
+                                break;
+                        out[n++] = (char) *p;
+                        continue;
+                }
+                if (n + 4 * (c1 ? 2 : 1) >= size)
+                        break;
+                n += (size_t) snprintf(out + n, size - n, "\\x%02x", *p);
+                if (c1)
+                        n += (size_t) snprintf(out + n, size - n, "\\x%02x", *++p);
+        }
+        out[n] = 0;
+}
+
 int log_internal(int level, int error, const char *format, ...) {
-        char buf[2048];
+        char buf[2048], line[4 * sizeof(buf)];
         va_list ap;
         int saved = errno;
 
@@ -152,11 +177,12 @@ int log_internal(int level, int error, const char *format, ...) {
         va_start(ap, format);
         vsnprintf(buf, sizeof(buf), format, ap);
         va_end(ap);
+        log_escape(buf, line, sizeof(line));
 
         if (log_prefix_prio)
-                fprintf(stderr, "<%d>%s\n", level, buf);
+                fprintf(stderr, "<%d>%s\n", level, line);
         else
-                fprintf(stderr, "%s: %s\n", log_ident, buf);
+                fprintf(stderr, "%s: %s\n", log_ident, line);
 
         errno = saved;
         return -error;

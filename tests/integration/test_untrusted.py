@@ -190,6 +190,11 @@ def block(node, filename, qdev=None, device='', size=16 * MiB):
     return b
 
 
+def log_text(path):
+    with open(path, errors='replace') as f:
+        return f.read()
+
+
 def offline_disks(disks):
     return h.dbus.Dictionary({'disks': h.dbus.Dictionary(dict(disks), signature='ss')}, signature='sv')
 
@@ -271,6 +276,34 @@ class HostileQemuTest(h.TestCase):
         e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, self.unique_name('late'), '',
                                  offline_disks({'vda': fresh.top}))
         self.assertIn('another guest', e.message)
+
+    def test_qemus_names_never_forge_a_log_line(self):
+        """A file name with a newline, from a QEMU, is one log line of the daemon's, not two: the
+        journal (JOURNAL_STREAM) would read "<N>..." after a newline as a record of priority N."""
+        forged = 'FORGED-%d' % os.getpid()
+        img = os.path.join(self.env.images, 'x\n<0>blockstreamd: %s \x1b[2J.qcow2' % forged)
+        evil = self.unique_name('evil')
+        q = self.fake([block('n1', img, qdev='vda')])
+        self.register(evil, q.path)
+        self.addCleanup(self.unregister_quietly, evil)
+        vda = h.disk_path(evil, 'vda')
+        self.assertEqual(self.client.get(vda, h.IFACE_STREAM, 'Path'), img)
+        # An export, then its QEMU goes: the daemon hands the disk to the storage helper only if
+        # it saw QEMU with the file open, and logs that it did not, naming the file.
+        path, _ = self.client.call(vda, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=30)
+        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        for c in q.conns:
+            c.shutdown(socket.SHUT_RDWR)
+        q.stop()
+        h.wait_until(lambda: 'was never seen with' in log_text(self.env.daemon.log), 30,
+                     'the daemon to log that it did not see QEMU with the file open')
+        with open(self.env.daemon.log, errors='replace') as f:
+            lines = [line for line in f if forged in line]
+        for line in lines:
+            self.assertTrue(line.startswith('blockstreamd: '), 'a log line begun by a QEMU: %r' % line)
+            self.assertNotIn('\x1b', line, 'a terminal escape from a QEMU in the log: %r' % line)
+        self.assertTrue(self.env.daemon.running())
+
 
 if __name__ == '__main__':
     h.main()
