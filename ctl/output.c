@@ -185,23 +185,55 @@ void json_strv(JsonWriter *w, char *const *l) {
         json_close(w, ']');
 }
 
+/* Text for a terminal: what the daemon relays (paths and names from QEMU, which a guest may
+ * own) keeps its control characters (C0, DEL, C1 as UTF-8), newlines too, from the terminal:
+ * written as \xNN. */
+static void fputs_escaped(const char *s, FILE *f) {
+        for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
+                bool c1 = p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f;
+
+                if (*p >= 0x20 && *p != 0x7f && !c1)
+                        fputc(*p, f);
+                else if (c1) {
+                        fprintf(f, "\\x%02x\\x%02x", p[0], p[1]);
+                        p++;
+                } else
+                        fprintf(f, "\\x%02x", *p);
+        }
+}
+
+void print_escaped(const char *s) {
+        fputs_escaped(s, stdout);
+}
+
 _printf_(2, 3) void print_field(const char *label, const char *format, ...) {
+        _cleanup_free_ char *value = NULL;
         va_list ap;
+        int r;
 
         printf("%*s: ", FIELD_WIDTH, label);
         va_start(ap, format);
-        vprintf(format, ap);
+        r = vasprintf(&value, format, ap);
         va_end(ap);
+        if (r < 0)
+                value = NULL;
+        fputs_escaped(value ?: "(out of memory)", stdout);
         putchar('\n');
 }
 
 /* QEMU's messages may span lines: keep the continuation lines in the value column. */
 void print_field_lines(const char *label, const char *text) {
         printf("%*s: ", FIELD_WIDTH, label);
-        for (const char *p = text; *p; p++) {
-                putchar(*p);
-                if (*p == '\n' && p[1])
+        for (const char *p = text; *p;) {
+                size_t n = strcspn(p, "\n");
+                _cleanup_free_ char *line = strndup(p, n);
+
+                fputs_escaped(line ?: "(out of memory)", stdout);
+                p += n;
+                if (*p == '\n' && *++p) {
+                        putchar('\n');
                         printf("%*s  ", FIELD_WIDTH, "");
+                }
         }
         putchar('\n');
 }

@@ -26,6 +26,8 @@ unsigned terminal_columns(int fd);
 /* "      Label: value" */
 _printf_(2, 3) void print_field(const char *label, const char *format, ...);
 void print_field_lines(const char *label, const char *text);
+/* s as it is, but for its control characters, written as \xNN (a daemon's string on a terminal). */
+void print_escaped(const char *s);
 
 /* JSON output, written by hand: the CLI needs only to emit it. */
 typedef struct JsonWriter {

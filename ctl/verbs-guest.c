@@ -147,7 +147,9 @@ static void print_disk(const DiskInfo *d) {
         usec_t now = now_usec(CLOCK_REALTIME);
         bool active = state_is_active(d->state);
 
-        printf("\n%s\n", !isempty(d->device) ? d->device : strempty(d->object));
+        putchar('\n');
+        print_escaped(!isempty(d->device) ? d->device : strempty(d->object));
+        putchar('\n');
         if (!isempty(d->target))
                 print_field("Target", "%s", d->target);
         print_field("Object", "%s", d->object);
@@ -158,8 +160,12 @@ static void print_disk(const DiskInfo *d) {
                 print_field("Backing", "none (independent)");
         else
                 for (char **p = d->backing_chain; *p; p++)
-                        printf("%*s%c %s\n", FIELD_WIDTH, p == d->backing_chain ? "Backing" : "",
-                                p == d->backing_chain ? ':' : ' ', *p);
+                {
+                        printf("%*s%c ", FIELD_WIDTH, p == d->backing_chain ? "Backing" : "",
+                                p == d->backing_chain ? ':' : ' ');
+                        print_escaped(*p);
+                        putchar('\n');
+                }
         print_field("Size", "%s (%" PRIu64 " bytes)", format_bytes(a, sizeof(a), d->size), d->size);
 
         if (streq_ptr(d->mode, BS_MODE_RANGE))

@@ -149,6 +149,26 @@ class CliTest(h.TestCase):
         self.assertDBusError(h.ERR_NO_SUCH_GUEST, c.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)
         self.assertNotIn(name, self.ok('list').stdout)
 
+    def test_status_escapes_names_from_qemu(self):
+        """Paths come from QEMU, which a guest may own: status prints their control characters
+        escaped, so a file name neither moves nor recolours the admin's terminal, nor forges a
+        line (--json escapes them as JSON does)."""
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE, subdir=self.unique_name('esc') + '\x1b]0;owned\x07\n\x1b[31mred')
+        q = self.start_qemu(chains, name=name)
+        self.addCleanup(self.unregister_quietly, name)
+        self.ok('register', name, q.daemon_socket)
+        top = chains['vda'].top
+        self.assertIn('\x1b', self.client.get(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Path'))
+        r = self.ok('status', name)
+        for c in ('\x1b', '\x07'):
+            self.assertNotIn(c, r.stdout, 'a control character from a file name reached the terminal')
+        self.assertIn(top.replace('\x1b', '\\x1b').replace('\x07', '\\x07').replace('\n', '\\x0a'), r.stdout)
+        for line in r.stdout.splitlines():
+            self.assertFalse(line.startswith('\x1b[31mred'), 'a line begun by a file name: %r' % line)
+        j = self.json_of('status', name, 'vda')
+        self.assertEqual(dicts_with(j, 'Device', 'vda')[0].get('Path'), top)
+
     def test_register_options(self):
         name = self.unique_name()
         chains = self.make_chains(('vda',), SIZE)
