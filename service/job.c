@@ -276,6 +276,7 @@ bool job_publish_outcome(Job *j) {
 
 uint64_t job_rate(const Job *j) {
         const JobSample *last, *first = NULL;
+        long double rate;
 
         if (j->state != STREAM_RUNNING || j->n_samples < 2)
                 return 0;
@@ -290,7 +291,9 @@ uint64_t job_rate(const Job *j) {
         }
         if (!first || last->t <= first->t || last->t - first->t < 200 * USEC_PER_MSEC || last->done < first->done)
                 return 0;
-        return (uint64_t) ((long double) (last->done - first->done) * USEC_PER_SEC / (long double) (last->t - first->t));
+        rate = (long double) (last->done - first->done) * USEC_PER_SEC / (long double) (last->t - first->t);
+        /* QEMU's figures, bounded to int64 each: a jump of one across 200 ms still overflows uint64. */
+        return rate >= (long double) UINT64_MAX ? UINT64_MAX : (uint64_t) rate;
 }
 
 usec_t job_expected_end(const Job *j, usec_t realtime_now) {

@@ -57,12 +57,12 @@ int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret) 
                 return required ? -ENODATA : 0;
         if (!json_object_is_type(v, json_type_int))
                 return -EBADMSG;
-        /* json-c keeps values beyond INT64_MAX as uint64 and clamps beyond UINT64_MAX. */
-        if (json_object_get_int64(v) < 0)
+        /* QMP's integers are int64 (sizes and offsets in QEMU too): json-c keeps values beyond
+         * INT64_MAX as uint64, and nothing QEMU sends is one. Refused, so that no sum or product
+         * of them wraps. */
+        if (json_object_get_int64(v) < 0 || json_object_get_uint64(v) > (uint64_t) INT64_MAX)
                 return -EBADMSG;
         *ret = json_object_get_uint64(v);
-        if (*ret == UINT64_MAX)
-                return -EBADMSG; /* saturated: not a value QEMU would send */
         return 1;
 }
 
@@ -320,7 +320,11 @@ static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint6
                 return -EBADMSG;
         if (size && json_get_u64(image, "virtual-size", true, size) < 0)
                 return -EBADMSG;
-        if (cluster && json_get_u64(image, "cluster-size", false, cluster) < 0)
+        /* Ranges are widened to it: a power of two from 512 bytes to 1 GiB (qcow2's are at most
+         * 2 MiB, VHDX blocks 256 MiB), or none. */
+        if (cluster && (json_get_u64(image, "cluster-size", false, cluster) < 0 ||
+                               (*cluster != 0 && (*cluster < 512 || *cluster > (1U << 30) ||
+                                                         (*cluster & (*cluster - 1)) != 0))))
                 return -EBADMSG;
         if (isempty(filename) || isempty(format))
                 return -EBADMSG;

@@ -180,11 +180,11 @@ class FakeQemu:
                 pass
 
 
-def block(node, filename, qdev=None, device='', size=16 * MiB):
+def block(node, filename, qdev=None, device='', size=16 * MiB, cluster=65536):
     b = {'device': device, 'locked': False, 'removable': False, 'type': 'unknown',
          'inserted': {'node-name': node, 'ro': False, 'drv': 'qcow2', 'file': filename, 'backing_file_depth': 0,
                       'image': {'filename': filename, 'format': 'qcow2', 'virtual-size': size,
-                                'cluster-size': 65536}}}
+                                'cluster-size': cluster}}}
     if qdev:
         b['qdev'] = '/machine/peripheral/%s/virtio-backend' % qdev
     return b
@@ -276,6 +276,28 @@ class HostileQemuTest(h.TestCase):
         e = self.assertDBusError(h.ERR_INVALID_ARGS, self.register, self.unique_name('late'), '',
                                  offline_disks({'vda': fresh.top}))
         self.assertIn('another guest', e.message)
+
+    def test_sizes_past_int64_are_refused(self):
+        """QMP's integers are int64, and a range is widened to the disk's cluster size: a QEMU
+        that reports a size beyond 2^63, or a cluster size that is none (2^63: the widened end
+        of a range near the disk's end wrapped below its start), has its reply refused."""
+        img = os.path.join(self.env.images, 'sizes.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', img, '16M')
+        cases = {'cluster size 2^63': block('n1', img, qdev='vda', size=(1 << 63) - 1, cluster=1 << 63),
+                 'cluster size 3 MiB': block('n1', img, qdev='vda', cluster=3 * MiB),
+                 'virtual size 2^63': block('n1', img, qdev='vda', size=1 << 63),
+                 'virtual size 2^64 - 2': block('n1', img, qdev='vda', size=(1 << 64) - 2)}
+        for what, b in cases.items():
+            with self.subTest(what):
+                name = self.unique_name('sizes')
+                q = self.fake([b])
+                _, err = self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name,
+                                              q.path, h.no_opts())
+                if err is None:
+                    self.addCleanup(self.unregister_quietly, name)
+                self.assertIsNotNone(err, 'a guest whose QEMU reports %s was registered' % what)
+                self.assertEqual(err.name, h.ERR_QEMU_FAILED, err.message)
+                self.assertTrue(self.env.daemon.running())
 
     def test_qemus_names_never_forge_a_log_line(self):
         """A file name with a newline, from a QEMU, is one log line of the daemon's, not two: the
