@@ -219,12 +219,18 @@ void qemu_disks_free(QemuDisk *disks, size_t n) {
         free(disks);
 }
 
+/* QEMU's own names for nodes nobody named ("#block123"); '#' is not valid in a name given by a user. */
+static bool node_name_by_qemu(const char *name) {
+        return name && name[0] == '#';
+}
+
 /* query-named-block-nodes, indexed once by (file, drv): a chain image finds its node by binary
  * search. Scanning every node for every image made a QEMU with many disks and deep chains cost
  * the daemon seconds of CPU per reply (256 disks x 128 images x 4096 nodes). */
 typedef struct NodeRef {
         const char *file, *drv, *name; /* borrowed from the reply */
         size_t idx;                    /* position in the reply: the first one listed wins */
+        bool file_by_qemu;             /* on a file's first entry: QEMU named all its nodes */
 } NodeRef;
 
 typedef struct NodeIndex {
@@ -271,6 +277,16 @@ static int node_index_build(NodeIndex *ix, json_object *nodes) {
                 ix->refs[ix->n++] = (NodeRef) { .file = file, .drv = drv, .name = name, .idx = i };
         }
         qsort(ix->refs, ix->n, sizeof(NodeRef), node_ref_cmp);
+        /* Whether every node of a file has a name QEMU made, once per file, on the group's first
+         * entry: asked for each image of each disk, a walk of the group each time would be
+         * quadratic in what a QEMU lists. */
+        for (size_t i = 0, j; i < ix->n; i = j) {
+                bool by_qemu = true;
+
+                for (j = i; j < ix->n && streq(ix->refs[j].file, ix->refs[i].file); j++)
+                        by_qemu = by_qemu && node_name_by_qemu(ix->refs[j].name);
+                ix->refs[i].file_by_qemu = by_qemu;
+        }
         return 0;
 }
 
@@ -433,11 +449,6 @@ static bool format_is_filter(const char *format) {
         return false;
 }
 
-/* QEMU's own names for nodes nobody named ("#block123"); '#' is not valid in a name given by a user. */
-static bool node_name_by_qemu(const char *name) {
-        return name && name[0] == '#';
-}
-
 /* Every node QEMU lists over this file (its format node, the protocol node under it, and any
  * other node of the same file, another disk's over a shared template included) has a name QEMU
  * made: nobody named a node the mirror would replace or leave behind. No index: not known. */
@@ -455,10 +466,8 @@ static bool file_nodes_by_qemu(const NodeIndex *ix, const char *filename) {
                 else
                         hi = mid;
         }
-        for (size_t i = lo; i < ix->n && streq(ix->refs[i].file, filename); i++)
-                if (!node_name_by_qemu(ix->refs[i].name))
-                        return false;
-        return true;
+        /* lo: the first of the file's group, which holds the answer (node_index_build()). */
+        return lo >= ix->n || !streq(ix->refs[lo].file, filename) || ix->refs[lo].file_by_qemu;
 }
 
 /* Skip the filters on top of a disk: its image is the first node under them that is not one.
