@@ -117,6 +117,8 @@ static int bus_drain_handler(sd_event_source *s, uint64_t usec, void *userdata) 
         return 0;
 }
 
+#define MALFORMED_LOG_INTERVAL_USEC (60 * USEC_PER_SEC)
+
 /* After each event: one token spent; out of them, or the bus behind, pause reading QEMU. */
 static void guest_pace_events(Guest *g) {
         int r;
@@ -152,7 +154,17 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                 return;
         r = qemu_parse_job_event(event, data, &ev);
         if (r < 0) {
-                log_warning("Guest %s: ignoring malformed %s event from QEMU.", g->name, event);
+                /* The first, then at most one warning a minute with a count: a QEMU sending 200 a
+                 * second would otherwise exceed journald's rate limit for the whole daemon, and
+                 * the other guests' messages would be dropped with them. */
+                g->malformed_events++;
+                if (g->malformed_logged_at == 0 || mono - g->malformed_logged_at >= MALFORMED_LOG_INTERVAL_USEC) {
+                        log_warning("Guest %s: ignoring malformed %s event from QEMU (%" PRIu64
+                                    " since the last such warning).",
+                                g->name, event, g->malformed_events);
+                        g->malformed_events = 0;
+                        g->malformed_logged_at = mono;
+                }
                 return;
         }
         if (r == 0)

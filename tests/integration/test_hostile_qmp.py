@@ -143,6 +143,23 @@ class HostileQemuTest(h.TestCase):
         # (2401 - 400) / 200 = 10 s at the budget; half of it as the bound.
         self.assertGreaterEqual(took, 5.0, 'the daemon took %d events in %.1f s: not paced' % (len(sent), took))
 
+    def test_malformed_events_do_not_flood_the_log(self):
+        """500 malformed job events: the daemon says so once (then at most once a minute, with a
+        count), not 500 times: journald's rate limit would drop the whole daemon's messages, the
+        other guests' too. The old daemon logged a warning for each."""
+        fake, name, gpath = self.register_fake()
+        bad = b''.join(fake.event('JOB_STATUS_CHANGE', {'id': 'bsd-vda-1', 'status': i})
+                       for i in range(500))
+        fake.send_raw(bad)
+        # A reply comes after the events sent before it, and the daemon reads in order.
+        self.client.call(gpath, h.IFACE_GUEST, 'Refresh', timeout=120)
+        with open(self.env.daemon.log, errors='replace') as f:
+            warnings = [line for line in f if 'ignoring malformed JOB_STATUS_CHANGE' in line]
+        h.log('%d warnings for 500 malformed events' % len(warnings))
+        self.assertTrue(warnings, 'no warning about the malformed events')
+        self.assertLessEqual(len(warnings), 5, warnings[:10])
+        self.assertTrue(self.client.get(gpath, h.IFACE_GUEST, 'Running'))
+
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
         but not one fsync'ed state file per event."""
