@@ -103,6 +103,7 @@ struct Qmp {
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
         unsigned n_calls;
         uint64_t next_id;
+        uint64_t n_expired; /* sent calls given up on (no reply in time): as many late replies taken */
         QmpHandlers h;
         bool detached; /* the owner called qmp_close_unref(): no callback of any kind any more */
         bool draining; /* qmp_close_drained(): waiting for the last answers */
@@ -494,8 +495,15 @@ static int qmp_handle_reply(Qmp *q, json_object *msg, json_object *ret, json_obj
 
         c = qmp_unlink(q, (uint64_t) n);
         if (!c) {
-                /* A reply to a call that timed out, or invented: not fatal, not trusted either. */
-                log_debug("QMP: reply to unknown id %" PRIi64 " ignored.", n);
+                /* A late reply to a call that timed out is taken (and dropped), once for each such
+                 * call; any other costs a QEMU nothing to send and the daemon a parse each, as fast
+                 * as it reads: invented ids and second replies end the connection. */
+                if ((uint64_t) n >= q->next_id)
+                        return qmp_protocol_error(q, "reply to a command never sent");
+                if (q->n_expired == 0)
+                        return qmp_protocol_error(q, "reply to a command already answered");
+                q->n_expired--;
+                log_debug("QMP: late reply to id %" PRIi64 " ignored.", n);
                 return 0;
         }
         if (c->handler) {
@@ -746,6 +754,7 @@ static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) 
                         }
                 if (!c)
                         break;
+                q->n_expired++;
                 log_warning("QMP: command '%s' got no reply in time.", c->command);
                 if (c->handler)
                         c->handler(q, -ETIMEDOUT, NULL, NULL, NULL, c->userdata);

@@ -160,6 +160,19 @@ class HostileQemuTest(h.TestCase):
         self.assertLessEqual(len(warnings), 5, warnings[:10])
         self.assertTrue(self.client.get(gpath, h.IFACE_GUEST, 'Running'))
 
+    def test_replies_never_asked_for_end_the_connection(self):
+        """Replies to ids the daemon never used, sent unasked as fast as a QEMU can, cost it
+        nothing and the daemon a parse each: the first ends the connection (Running false, then
+        a reconnect after a delay). The old daemon read them on, ignoring each."""
+        fake, name, gpath = self.register_fake()
+        first = fake.connections
+        fake.send_raw(b''.join(b'{"return": {}, "id": %d}\r\n' % (10 ** 9 + i) for i in range(1000)))
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, 30)
+        self.client.wait_for(lambda: fake.connections > first, 60, 'a reconnect')
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', True, 30)
+        with open(self.env.daemon.log, errors='replace') as f:
+            self.assertIn('reply to a command never sent', f.read())
+
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
         but not one fsync'ed state file per event."""
