@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -365,6 +367,20 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 }
 
 /* The user's listening socket: unix in the guest's runtime dir, or TCP (numeric, no DNS). */
+/* A client whose host went away (no FIN, no RST) holds one of the relay's 64 places until TCP
+ * notices: with keepalive on the listener (accepted sockets inherit it), after 60 s of silence and
+ * 6 probes 10 s apart. A client that is there but idle keeps its place. */
+static int tcp_keepalive(int fd) {
+        const int one = 1, idle = 60, interval = 10, count = 6;
+
+        if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
+                setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
+                setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0 ||
+                setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count)) < 0)
+                return -errno;
+        return 0;
+}
+
 static int listen_socket(Export *e, const char *spec_listen, char **ret_uri, sd_bus_error *error) {
         Guest *g = e->guest;
         _cleanup_close_ int fd = -1;
@@ -418,7 +434,7 @@ static int listen_socket(Export *e, const char *spec_listen, char **ret_uri, sd_
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Bad listen address '%s': %s", spec_listen,
                                 gai_strerror(r));
                 fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-                if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+                if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 || tcp_keepalive(fd) < 0 ||
                         bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 16) < 0) {
                         r = errno;
                         freeaddrinfo(ai);

@@ -309,12 +309,14 @@ NBD_OPT_GO, NBD_REP_ACK = 7, 1
 
 
 def nbd_hold(path, name=b'', timeout=30):
-    """A client of the NBD server on unix socket path that negotiates export name (NBD_OPT_GO,
-    fixed newstyle; "" is an export relay's own) and then holds its connection, as an idle NBD
-    client does: the socket, in the transmission phase."""
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """A client of the NBD server at path (a unix socket, or a (host, port) pair for TCP) that
+    negotiates export name (NBD_OPT_GO, fixed newstyle; "" is an export relay's own) and then
+    holds its connection, as an idle NBD client does: the socket, in the transmission phase."""
+    c = socket.create_connection(path, timeout) if isinstance(path, tuple) \
+        else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.settimeout(timeout)
-    c.connect(path)
+    if not isinstance(path, tuple):
+        c.connect(path)
 
     def take(n):
         b = b''

@@ -399,6 +399,20 @@ class ExportTest(h.TestCase):
         self.assertNotEqual(r.returncode, 0, 'the TCP port still serves after Stop')
         self.assert_no_qemu_exports(g)
 
+    def test_tcp_clients_are_kept_alive(self):
+        """A TCP client whose host goes away without a word holds one of the relay's 64 places
+        until TCP notices: the relay's connections have keepalive (60 s idle, then 6 probes 10 s
+        apart), which ss shows as their timer. They had none: a vanished client's place was
+        taken for good."""
+        g = self.running_guest()
+        port = o.free_tcp_port()
+        path, uri = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
+        c = o.nbd_hold(('127.0.0.1', port))
+        self.addCleanup(c.close)
+        out = h.run(['ss', '-tnoH', 'state', 'established', '( sport = :%d )' % port]).stdout
+        self.assertTrue(out.strip(), 'no connection on port %d' % port)
+        self.assertIn('timer:(keepalive', out, 'the relay\'s side of a TCP client has no keepalive: %s' % out)
+
     def test_tcp_running_guest(self):
         self._tcp_clients(self.running_guest())
 
