@@ -665,6 +665,29 @@ static void test_disks_limits(void) {
 
 /* Block jobs */
 
+/* Disk i (qdev vd<i>, top node top) over a chain of n qcow2 images, files[0] the top's file name:
+ * query-block's nesting, built from the bottom up. */
+static void add_chain_disk(json_object *blocks, size_t i, const char *top, json_object *const *files, size_t n) {
+        _cleanup_free_ char *qdev = strdup_printf("/machine/peripheral/vd%zu/virtio-backend", i);
+        json_object *image = NULL, *block = json_object_new_object(), *inserted = json_object_new_object();
+
+        for (size_t j = n; j > 0; j--) {
+                json_object *o = json_object_new_object();
+
+                json_object_object_add(o, "filename", json_object_get(files[j - 1]));
+                json_object_object_add(o, "format", json_object_new_string("qcow2"));
+                json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
+                if (image)
+                        json_object_object_add(o, "backing-image", image);
+                image = o;
+        }
+        json_object_object_add(inserted, "node-name", json_object_new_string(top));
+        json_object_object_add(inserted, "image", image);
+        json_object_object_add(block, "qdev", json_object_new_string(qdev));
+        json_object_object_add(block, "inserted", inserted);
+        json_object_array_add(blocks, block);
+}
+
 /* Chain images find their nodes through an index built once: the most a QEMU may send (256 disks,
  * 128 images each, 4096 nodes, names near the string cap) costs one pass over the nodes. Matching
  * by a scan of every node for every image took 32768 x 4096 string checks of 4 KiB: minutes, far
@@ -698,28 +721,16 @@ static void test_disks_many_nodes_linear(void) {
                 json_object_array_add(nodes, node);
         }
         for (size_t i = 0; i < N_DISKS; i++) {
-                _cleanup_free_ char *qdev = strdup_printf("/machine/peripheral/vd%zu/virtio-backend", i);
                 _cleanup_free_ char *top = strdup_printf("top%zu", i);
-                json_object *image = NULL, *block = json_object_new_object(), *inserted = json_object_new_object();
+                json_object *files[DEPTH + 1];
 
-                /* Built from the bottom up; one image in eight is a node QEMU lists. */
-                for (size_t j = DEPTH + 1; j > 0; j--) {
-                        size_t idx = i * (DEPTH + 1) + j - 1;
-                        json_object *o = json_object_new_object();
+                /* One image in eight is a node QEMU lists. */
+                for (size_t j = 0; j <= DEPTH; j++) {
+                        size_t idx = i * (DEPTH + 1) + j;
 
-                        json_object_object_add(o, "filename",
-                                json_object_get(idx % 8 == 0 ? match[(idx / 8) % N_NODES] : miss[idx % N_NODES]));
-                        json_object_object_add(o, "format", json_object_new_string("qcow2"));
-                        json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
-                        if (image)
-                                json_object_object_add(o, "backing-image", image);
-                        image = o;
+                        files[j] = idx % 8 == 0 ? match[(idx / 8) % N_NODES] : miss[idx % N_NODES];
                 }
-                json_object_object_add(inserted, "node-name", json_object_new_string(top));
-                json_object_object_add(inserted, "image", image);
-                json_object_object_add(block, "qdev", json_object_new_string(qdev));
-                json_object_object_add(block, "inserted", inserted);
-                json_object_array_add(blocks, block);
+                add_chain_disk(blocks, i, top, files, DEPTH + 1);
         }
         for (size_t k = 0; k < N_NODES; k++) {
                 json_object_put(match[k]);
@@ -781,25 +792,12 @@ static void test_disks_one_file_many_nodes_linear(void) {
                 json_object_array_add(nodes, node);
         }
         for (size_t i = 0; i < N_DISKS; i++) {
-                _cleanup_free_ char *qdev = strdup_printf("/machine/peripheral/vd%zu/virtio-backend", i);
                 _cleanup_free_ char *top = strdup_printf("#top%zu", i);
-                json_object *image = NULL, *block = json_object_new_object(), *inserted = json_object_new_object();
+                json_object *files[DEPTH + 1];
 
-                for (size_t j = DEPTH + 1; j > 0; j--) {
-                        json_object *o = json_object_new_object();
-
-                        json_object_object_add(o, "filename", json_object_get(name_of_file));
-                        json_object_object_add(o, "format", json_object_new_string("qcow2"));
-                        json_object_object_add(o, "virtual-size", json_object_new_int64(1 << 30));
-                        if (image)
-                                json_object_object_add(o, "backing-image", image);
-                        image = o;
-                }
-                json_object_object_add(inserted, "node-name", json_object_new_string(top));
-                json_object_object_add(inserted, "image", image);
-                json_object_object_add(block, "qdev", json_object_new_string(qdev));
-                json_object_object_add(block, "inserted", inserted);
-                json_object_array_add(blocks, block);
+                for (size_t j = 0; j <= DEPTH; j++)
+                        files[j] = name_of_file;
+                add_chain_disk(blocks, i, top, files, DEPTH + 1);
         }
         json_object_put(name_of_file);
 
