@@ -8,6 +8,14 @@
 #include "qemu.h"
 #include "util.h"
 
+/* Connections QEMU's NBD server takes at once: the listener is ours alone (a root-only directory),
+ * and each connection one the daemon made, for a map, a range's pull helper or a client of an
+ * export's relay (64 each). Given, not left to QEMU: 100 where it has the fix for CVE-2024-7409
+ * (Debian's 7.2), and the clients of two exports took every connection the guest's maps and
+ * streams need. Not unlimited either: below 1024 open files (a storage helper's, and a common
+ * limit of QEMU's), where QEMU would fail accept() over and over rather than stop accepting. */
+#define PEER_NBD_CONNECTIONS_MAX 768U
+
 #define NBD_FDNAME "bsd-nbd"
 
 struct PeerWaiter {
@@ -416,12 +424,8 @@ int peer_nbd_server_ensure(Peer *p) {
                         r = -ENOMEM;
                 else {
                         *s = (ServerStart) { .peer = p, .generation = ++p->nbd_generation };
-                        /* No limit (0): the listener is ours alone (a root-only directory), and
-                         * every connection to it is one the daemon made for a bounded user (a map,
-                         * a range's pull helper, an export's relay, 64 clients each). QEMU's own
-                         * limit, 100 where it has the fix for CVE-2024-7409, would let the clients
-                         * of two exports take the connections the guest's maps and streams need. */
-                        r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, 0, server_started, s, free);
+                        r = qemu_nbd_server_start_fd(p->qmp, NBD_FDNAME, PEER_NBD_CONNECTIONS_MAX,
+                                server_started, s, free);
                         if (r < 0)
                                 free(s); /* not sent: ours */
                 }
