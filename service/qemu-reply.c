@@ -50,19 +50,34 @@ int json_get_string(json_object *o, const char *key, bool required, const char *
         return 1;
 }
 
-int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret) {
+int json_get_uint64(json_object *o, const char *key, bool required, uint64_t *ret) {
         json_object *v;
 
         if (!json_object_object_get_ex(o, key, &v))
                 return required ? -ENODATA : 0;
         if (!json_object_is_type(v, json_type_int))
                 return -EBADMSG;
-        /* QMP's integers are int64 (sizes and offsets in QEMU too): json-c keeps values beyond
-         * INT64_MAX as uint64, and nothing QEMU sends is one. Refused, so that no sum or product
-         * of them wraps. */
-        if (json_object_get_int64(v) < 0 || json_object_get_uint64(v) > (uint64_t) INT64_MAX)
+        /* json-c keeps values beyond INT64_MAX as uint64 and clamps beyond UINT64_MAX. */
+        if (json_object_get_int64(v) < 0)
                 return -EBADMSG;
         *ret = json_object_get_uint64(v);
+        if (*ret == UINT64_MAX)
+                return -EBADMSG; /* saturated */
+        return 1;
+}
+
+int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret) {
+        uint64_t v = 0;
+        int r;
+
+        /* QMP's integers are int64 (sizes and offsets in QEMU too), and nothing QEMU sends is
+         * beyond: refused, so that no sum or product of two of them wraps. */
+        r = json_get_uint64(o, key, required, &v);
+        if (r <= 0)
+                return r;
+        if (v > (uint64_t) INT64_MAX)
+                return -EBADMSG;
+        *ret = v;
         return 1;
 }
 
@@ -336,12 +351,13 @@ static int parse_image(json_object *image, QemuImage *ret, uint64_t *size, uint6
                 return -EBADMSG;
         if (size && json_get_u64(image, "virtual-size", true, size) < 0)
                 return -EBADMSG;
-        /* Ranges are widened to it: a power of two from 512 bytes to 1 GiB (qcow2's are at most
-         * 2 MiB, VHDX blocks 256 MiB), or none. */
-        if (cluster && (json_get_u64(image, "cluster-size", false, cluster) < 0 ||
-                               (*cluster != 0 && (*cluster < 512 || *cluster > (1U << 30) ||
-                                                         (*cluster & (*cluster - 1)) != 0))))
+        if (cluster && json_get_u64(image, "cluster-size", false, cluster) < 0)
                 return -EBADMSG;
+        /* Ranges are widened to it: a power of two from 512 bytes to 1 GiB, or unknown (0: 64 KiB).
+         * Not every format's is one (a Parallels image's is its tracks x 512), and a disk the
+         * daemon does not stream may be of any: such a size is no reason to refuse the guest. */
+        if (cluster && *cluster != 0 && (*cluster < 512 || *cluster > (1U << 30) || (*cluster & (*cluster - 1)) != 0))
+                *cluster = 0;
         if (isempty(filename) || isempty(format))
                 return -EBADMSG;
         if (strdup_checked(filename, &ret->filename) < 0 || strdup_checked(format, &ret->format) < 0)

@@ -125,5 +125,8 @@ int qemu_parse_image_size(const char *text, size_t len, uint64_t *ret);
  * field leaves *ret untouched and returns 0; a present field of the wrong type or range is
  * -EBADMSG; a missing required one -ENODATA. Strings are bounded, NUL-free, borrowed. */
 int json_get_string(json_object *o, const char *key, bool required, const char **ret);
+/* A non-negative integer up to INT64_MAX, as QMP's are. */
 int json_get_u64(json_object *o, const char *key, bool required, uint64_t *ret);
+/* Up to UINT64_MAX - 1: the state file's device and inode numbers (an inode may be beyond 2^63). */
+int json_get_uint64(json_object *o, const char *key, bool required, uint64_t *ret);
 int json_get_bool(json_object *o, const char *key, bool required, bool *ret);

@@ -328,8 +328,8 @@ static int job_from_json(json_object *o, Job *j) {
                 json_get_bool(o, "finished", false, &finished) < 0 ||
                 json_get_bool(o, "cancel_requested", false, &cancel) < 0 ||
                 json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0 ||
-                json_get_u64(o, "overlay_dev", false, &j->overlay_dev) < 0 ||
-                json_get_u64(o, "overlay_ino", false, &j->overlay_ino) < 0)
+                json_get_uint64(o, "overlay_dev", false, &j->overlay_dev) < 0 ||
+                json_get_uint64(o, "overlay_ino", false, &j->overlay_ino) < 0)
                 return -EBADMSG;
         j->state = stream_state_from_string(state);
         j->mode = stream_mode_from_string(mode);
@@ -369,8 +369,8 @@ static int pivot_from_json(json_object *o, StateDisk *d) {
         if (!json_object_object_get_ex(o, "pivot", &v))
                 return 0;
         if (!json_object_is_type(v, json_type_object) || json_get_string(v, "qemu_name", true, &name) < 0 ||
-                json_get_string(v, "path", true, &path) < 0 || json_get_u64(v, "dev", true, &d->pivot_dev) < 0 ||
-                json_get_u64(v, "ino", true, &d->pivot_ino) < 0 || !path_is_safe_absolute(path, 4096) ||
+                json_get_string(v, "path", true, &path) < 0 || json_get_uint64(v, "dev", true, &d->pivot_dev) < 0 ||
+                json_get_uint64(v, "ino", true, &d->pivot_ino) < 0 || !path_is_safe_absolute(path, 4096) ||
                 strlen(name) > 32 || strncmp(name, "/dev/fdset/", strlen("/dev/fdset/")) != 0)
                 return -EBADMSG;
         p = name + strlen("/dev/fdset/");
@@ -462,8 +462,8 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         if (offline != isempty(sock))
                 return -EBADMSG;
         if (json_get_string(o, "qmp_boot_id", false, &boot) < 0 ||
-                json_get_u64(o, "qmp_dir_dev", !!boot, &dir_dev) < 0 ||
-                json_get_u64(o, "qmp_dir_ino", !!boot, &dir_ino) < 0 ||
+                json_get_uint64(o, "qmp_dir_dev", !!boot, &dir_dev) < 0 ||
+                json_get_uint64(o, "qmp_dir_ino", !!boot, &dir_ino) < 0 ||
                 (boot && sd_id128_from_string(boot, &boot_id) < 0) ||
                 json_get_u64(o, "qmp_uid", false, &qmp_uid) < 0 || qmp_uid > UINT32_MAX)
                 return -EBADMSG;
@@ -706,8 +706,8 @@ static int export_pins_from_json(json_object *o, StateExport *e) {
                 e->n_pins = i + 1; /* freed with e from here on */
                 if (r < 0)
                         return r;
-                if (!qemu_id_is_valid(pin->alias) || json_get_u64(p, "dev", true, &pin->dev) < 0 ||
-                        json_get_u64(p, "ino", true, &pin->ino) < 0)
+                if (!qemu_id_is_valid(pin->alias) || json_get_uint64(p, "dev", true, &pin->dev) < 0 ||
+                        json_get_uint64(p, "ino", true, &pin->ino) < 0)
                         return -EBADMSG;
                 for (size_t j = 0; j < i; j++)
                         if (streq(e->pins[j].alias, pin->alias))

@@ -339,6 +339,11 @@ static void test_accessors(void) {
         ASSERT_EQ_U64(u, 9223372036854775807ULL);
         ASSERT_ERRNO(json_get_u64(o, "over", true, &u), -EBADMSG);
         ASSERT_ERRNO(json_get_u64(o, "big", true, &u), -EBADMSG);
+        /* The state file's inode numbers may be beyond 2^63: json_get_uint64() takes them. */
+        ASSERT_EQ(json_get_uint64(o, "big", true, &u), 1);
+        ASSERT_EQ_U64(u, 18446744073709551614ULL);
+        ASSERT_ERRNO(json_get_uint64(o, "sat", true, &u), -EBADMSG);
+        ASSERT_ERRNO(json_get_uint64(o, "neg", true, &u), -EBADMSG);
         u = 7;
         ASSERT_EQ(json_get_u64(o, "missing", false, &u), 0);
         ASSERT_EQ_U64(u, 7);
