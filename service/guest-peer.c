@@ -160,7 +160,7 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                 g->malformed_events++;
                 if (g->malformed_logged_at == 0 || mono - g->malformed_logged_at >= MALFORMED_LOG_INTERVAL_USEC) {
                         log_warning("Guest %s: ignoring malformed %s event from QEMU (%" PRIu64
-                                    " since the last such warning).",
+                                    " ignored since the last such message, which come at most once a minute).",
                                 g->name, event, g->malformed_events);
                         g->malformed_events = 0;
                         g->malformed_logged_at = mono;

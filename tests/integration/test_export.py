@@ -409,9 +409,16 @@ class ExportTest(h.TestCase):
         path, uri = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
         c = o.nbd_hold(('127.0.0.1', port))
         self.addCleanup(c.close)
-        out = h.run(['ss', '-tnoH', 'state', 'established', '( sport = :%d )' % port]).stdout
-        self.assertTrue(out.strip(), 'no connection on port %d' % port)
-        self.assertIn('timer:(keepalive', out, 'the relay\'s side of a TCP client has no keepalive: %s' % out)
+        # Until the last handshake segment is acknowledged, ss shows the retransmission timer.
+        seen = []
+
+        def keepalive():
+            seen[:] = [h.run(['ss', '-tnoH', 'state', 'established', '( sport = :%d )' % port]).stdout]
+            return 'timer:(keepalive' in seen[0]
+        try:
+            h.wait_until(keepalive, 10, 'a keepalive timer on the relay\'s side of a TCP client')
+        except AssertionError as e:
+            raise AssertionError('%s; ss -tno: %r' % (e, seen)) from None
 
     def test_tcp_running_guest(self):
         self._tcp_clients(self.running_guest())
