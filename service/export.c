@@ -366,7 +366,6 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         return 0;
 }
 
-/* The user's listening socket: unix in the guest's runtime dir, or TCP (numeric, no DNS). */
 /* A client whose host went away (no FIN, no RST) holds one of the relay's 64 places until TCP
  * notices: with keepalive on the listener (accepted sockets inherit it), after 60 s of silence and
  * 6 probes 10 s apart. A client that is there but idle keeps its place. */
@@ -381,6 +380,7 @@ static int tcp_keepalive(int fd) {
         return 0;
 }
 
+/* The user's listening socket: unix in the guest's runtime dir, or TCP (numeric, no DNS). */
 static int listen_socket(Export *e, const char *spec_listen, char **ret_uri, sd_bus_error *error) {
         Guest *g = e->guest;
         _cleanup_close_ int fd = -1;
