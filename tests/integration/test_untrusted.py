@@ -25,6 +25,8 @@ from harness import T, S, MiB  # noqa: E402
 
 HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
                                                               'hostile-pull')
+CHATTY_RELAY = os.environ.get('CHATTY_RELAY') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
+                                                              'chatty-relay')
 ERR_HELPER_FAILED = h.ERR_HELPER_FAILED
 
 
@@ -113,6 +115,40 @@ class HostileHelperTest(h.TestCase):
         self.assertIn('\ufffd', e.message)
         objs = self.client.managed_objects()
         self.assertIn(g.disk().path, objs)
+
+
+class ChattyRelayTest(h.TestCase):
+    """blockstream-nbd-relay replaced by tests/helpers/chatty-relay.c: "ready", then 500 error
+    messages. The daemon logs the first and then at most one a minute, with a count: a relay
+    taken over would otherwise fill the journal past its rate limit, which drops every message
+    of the daemon's. The old daemon logged all 500."""
+
+    env_per_test = True
+    needs_daemon = False
+
+    def setUp(self):
+        super().setUp()
+        if not os.path.exists(CHATTY_RELAY):
+            self.fail('%s is not built (ninja -C build)' % CHATTY_RELAY)
+        helpers = os.path.join(self.env.dir, 'chatty-helpers')
+        os.makedirs(helpers)
+        os.chmod(helpers, 0o755)
+        shutil.copy(CHATTY_RELAY, os.path.join(helpers, 'blockstream-nbd-relay'))
+        os.chmod(os.path.join(helpers, 'blockstream-nbd-relay'), 0o755)
+        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
+        self.env.daemon.start()
+
+    def test_relay_errors_do_not_flood_the_log(self):
+        g = self.new_guest(size=16 * MiB)
+        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
+        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        # "clients 1" follows the 500 on one socket, in order: once Clients shows 1, all were read.
+        self.client.wait_prop(path, 'org.blockstream1.Export', 'Clients', 1, 30)
+        lines = [line for line in log_text(self.env.daemon.log).splitlines() if 'relay: flood' in line]
+        h.log('%d log lines for 500 relay errors' % len(lines))
+        self.assertTrue(lines, 'no relay error logged')
+        self.assertLessEqual(len(lines), 5, lines[:10])
+        self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'State'), 'serving')
 
 
 class FakeQemu:

@@ -1,0 +1,30 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can
+ * (tests/integration/test_untrusted.py puts it in a HelperDirectory= of its own): the daemon's
+ * log must not become its megaphone. */
+
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define CONTROL_FD 4
+#define N_ERRORS 500
+
+int main(void) {
+        char buf[64];
+
+        if (send(CONTROL_FD, "ready\n", 6, MSG_NOSIGNAL) < 0)
+                return 1;
+        for (int i = 0; i < N_ERRORS; i++) {
+                int n = snprintf(buf, sizeof(buf), "error flood %d\n", i);
+
+                if (send(CONTROL_FD, buf, (size_t) n, MSG_NOSIGNAL) < 0)
+                        return 1;
+        }
+        /* Then Clients 1: once the daemon shows it, it has read every message before it. */
+        if (send(CONTROL_FD, "clients 1\n", 10, MSG_NOSIGNAL) < 0)
+                return 1;
+        for (;;)
+                pause();
+}
