@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can
- * (tests/integration/test_untrusted.py puts it in a HelperDirectory= of its own): the daemon's
- * log must not become its megaphone. */
+/* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can, and
+ * writes line after line to its stderr (tests/integration/test_untrusted.py puts it in a
+ * HelperDirectory= of its own): the daemon's log must not become its megaphone. */
 
 #include <stdio.h>
 #include <sys/socket.h>
@@ -10,6 +10,7 @@
 
 #define CONTROL_FD 4
 #define N_ERRORS 500
+#define N_LINES 2000
 
 int main(void) {
         char buf[64];
@@ -25,6 +26,13 @@ int main(void) {
         /* Then Clients 1: once the daemon shows it, it has read every message before it. */
         if (send(CONTROL_FD, "clients 1\n", 10, MSG_NOSIGNAL) < 0)
                 return 1;
+        /* And its stderr, which the daemon logs: 2000 lines at once, then one more 2 s later. */
+        for (int i = 0; i < N_LINES; i++)
+                fprintf(stderr, "noise %d\n", i);
+        fflush(stderr);
+        sleep(2);
+        fprintf(stderr, "END\n");
+        fflush(stderr);
         for (;;)
                 pause();
 }

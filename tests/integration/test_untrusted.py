@@ -13,6 +13,7 @@ and 9).
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -149,6 +150,22 @@ class ChattyRelayTest(h.TestCase):
         self.assertTrue(lines, 'no relay error logged')
         self.assertLessEqual(len(lines), 5, lines[:10])
         self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'State'), 'serving')
+
+    def test_relay_stderr_does_not_flood_the_log(self):
+        """2000 lines on the relay's stderr at once, then one more 2 s later: the daemon logs a
+        burst of them (100), then 10 a second, and says how many it left out; the old daemon
+        logged all 2000."""
+        g = self.new_guest(size=16 * MiB)
+        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
+        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        h.wait_until(lambda: re.search(r': END$', log_text(self.env.daemon.log), re.M), 60,
+                     'the relay\'s last line in the daemon\'s log')
+        text = log_text(self.env.daemon.log)
+        noise = [line for line in text.splitlines() if re.search(r': noise \d+$', line)]
+        h.log('%d of 2000 stderr lines logged' % len(noise))
+        self.assertTrue(noise, 'none of the relay\'s lines logged')
+        self.assertLessEqual(len(noise), 500, 'the relay\'s stderr flooded the log')
+        self.assertRegex(text, r'\(\d+ lines not logged: more than 10 a second\)')
 
 
 class FakeQemu:
