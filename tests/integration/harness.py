@@ -1520,6 +1520,20 @@ class TestCase(unittest.TestCase):
     def client(self):
         return self.env.client
 
+    def start_daemon_with_helper(self, binary, name):
+        """This test's daemon (needs_daemon = False, env_per_test = True), with `binary` (a test
+        helper, tests/helpers) in place of its helper `name`: in a HelperDirectory= of its own,
+        which wins over the harness's."""
+        if not os.path.exists(binary):
+            self.fail('%s is not built (ninja -C build)' % binary)
+        helpers = os.path.join(self.env.dir, 'helpers-' + name)
+        os.makedirs(helpers)
+        os.chmod(helpers, 0o755)
+        shutil.copy(binary, os.path.join(helpers, name))
+        os.chmod(os.path.join(helpers, name), 0o755)
+        self.env.daemon = Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
+        self.env.daemon.start()
+
     def unique_name(self, hint=None):
         _guest_counter[0] += 1
         base = re.sub(r'[^A-Za-z0-9_.-]', '-', hint or self._testMethodName.replace('test_', ''))

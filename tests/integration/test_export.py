@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -596,15 +595,7 @@ class SilentRelayTest(h.TestCase):
 
     def setUp(self):
         super().setUp()
-        if not os.path.exists(SILENT_HELPER):
-            self.fail('%s is not built (ninja -C build)' % SILENT_HELPER)
-        helpers = os.path.join(self.env.dir, 'silent-helpers')
-        os.makedirs(helpers)
-        os.chmod(helpers, 0o755)
-        shutil.copy(SILENT_HELPER, os.path.join(helpers, o.RELAY))
-        os.chmod(os.path.join(helpers, o.RELAY), 0o755)
-        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
-        self.env.daemon.start()
+        self.start_daemon_with_helper(SILENT_HELPER, o.RELAY)
 
     def test_silent_relay(self):
         """Export() is answered (HelperFailed) when the relay never says ready, and nothing is left."""

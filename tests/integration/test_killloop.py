@@ -15,7 +15,6 @@ open: it sends those last words before "ready" (so the daemon has read them when
 and exits only when the daemon closes its control socket."""
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -39,15 +38,7 @@ class RangeVictimErrorTest(h.TestCase):
 
     def setUp(self):
         super().setUp()
-        if not os.path.exists(HOSTILE_PULL):
-            self.fail('%s is not built (ninja -C build)' % HOSTILE_PULL)
-        helpers = os.path.join(self.env.dir, 'late-helpers')
-        os.makedirs(helpers)
-        os.chmod(helpers, 0o755)
-        shutil.copy(HOSTILE_PULL, os.path.join(helpers, r.PULL))
-        os.chmod(os.path.join(helpers, r.PULL), 0o755)
-        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
-        self.env.daemon.start()
+        self.start_daemon_with_helper(HOSTILE_PULL, r.PULL)
 
     def start_range(self, d):
         since = time.monotonic()

@@ -14,7 +14,6 @@ and 9).
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -47,16 +46,7 @@ class HostileHelperTest(h.TestCase):
 
     def setUp(self):
         super().setUp()
-        if not os.path.exists(HOSTILE_PULL):
-            self.skipTest('%s is not built' % HOSTILE_PULL)
-        helpers = os.path.join(self.env.dir, 'hostile-helpers')
-        os.makedirs(helpers)
-        os.chmod(helpers, 0o755)
-        shutil.copy(HOSTILE_PULL, os.path.join(helpers, 'blockstream-pull'))
-        os.chmod(os.path.join(helpers, 'blockstream-pull'), 0o755)
-        # A later HelperDirectory= wins over the harness's own.
-        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
-        self.env.daemon.start()
+        self.start_daemon_with_helper(HOSTILE_PULL, 'blockstream-pull')
 
     def state_file(self, name):
         return os.path.join(self.env.daemon.state_dir, 'guests', name + '.json')
@@ -129,15 +119,7 @@ class ChattyRelayTest(h.TestCase):
 
     def setUp(self):
         super().setUp()
-        if not os.path.exists(CHATTY_RELAY):
-            self.fail('%s is not built (ninja -C build)' % CHATTY_RELAY)
-        helpers = os.path.join(self.env.dir, 'chatty-helpers')
-        os.makedirs(helpers)
-        os.chmod(helpers, 0o755)
-        shutil.copy(CHATTY_RELAY, os.path.join(helpers, 'blockstream-nbd-relay'))
-        os.chmod(os.path.join(helpers, 'blockstream-nbd-relay'), 0o755)
-        self.env.daemon = h.Daemon(self.env, config_extra='HelperDirectory=%s\n' % helpers)
-        self.env.daemon.start()
+        self.start_daemon_with_helper(CHATTY_RELAY, 'blockstream-nbd-relay')
 
     def test_relay_errors_do_not_flood_the_log(self):
         g = self.new_guest(size=16 * MiB)
