@@ -6,6 +6,9 @@
 #include "qmp.h"
 #include "util.h"
 
+/* Values in `qemu-img info --output=json` of one image (qemu_parse_image_size()). */
+#define IMAGE_INFO_VALUES_MAX 16384U
+
 static const char *const job_status_table[] = {
         [QEMU_JOB_UNKNOWN] = "unknown",
         [QEMU_JOB_CREATED] = "created",
@@ -634,12 +637,36 @@ int qemu_parse_export_deleted(const char *name, json_object *data, const char **
         return 1;
 }
 
+/* The values a JSON text holds, at most: its commas and openers outside strings, plus one. */
+static size_t json_values_max(const char *text, size_t len) {
+        size_t n = 1;
+        bool in_string = false;
+
+        for (size_t i = 0; i < len; i++) {
+                char c = text[i];
+
+                if (in_string) {
+                        if (c == '\\')
+                                i++;
+                        else if (c == '"')
+                                in_string = false;
+                } else if (c == '"')
+                        in_string = true;
+                else if (c == ',' || c == '[' || c == '{')
+                        n++;
+        }
+        return n;
+}
+
 int qemu_parse_image_size(const char *text, size_t len, uint64_t *ret) {
         _cleanup_(json_object_putp) json_object *o = NULL;
         json_tokener *tok;
         uint64_t size = 0;
 
-        if (len > 1024 * 1024)
+        /* Bounded before json-c builds anything: 256 KiB of "[{},{},…]" from a qemu-img taken
+         * over would be some 70 MB of json-c's objects in the daemon. An image's info, bitmaps
+         * and all, is far below. */
+        if (len > 1024 * 1024 || json_values_max(text, len) > IMAGE_INFO_VALUES_MAX)
                 return -E2BIG;
         tok = json_tokener_new_ex(64);
         if (!tok)

@@ -379,6 +379,51 @@ static void test_accessors(void) {
 
 /* Typed calls against the fake QEMU */
 
+/* ProvisionDisk's size probe: `qemu-img info --output=json` from a sandboxed qemu-img, bounded
+ * before json-c builds anything. */
+static void test_image_size(void) {
+        static const char info[] = "{\"virtual-size\": 1073741824, \"filename\": \"nbd://h:1/a,b[{c\\\"\", "
+                                   "\"format\": \"raw\", \"children\": [{\"name\": \"file\"}]}";
+        _cleanup_free_ char *many = NULL, *nested = NULL;
+        uint64_t size = 0;
+        size_t n = 0;
+
+        ASSERT_OK(qemu_parse_image_size(info, strlen(info), &size));
+        ASSERT_EQ_U64(size, 1073741824ULL);
+        ASSERT_ERRNO(qemu_parse_image_size("[]", 2, &size), -EBADMSG);
+        ASSERT_ERRNO(qemu_parse_image_size("{\"virtual-size\": -1}", 19, &size), -EBADMSG);
+        ASSERT_ERRNO(qemu_parse_image_size("{\"virtual-size\": 9223372036854775808}", 38, &size), -EBADMSG);
+
+        /* 256 KiB of [{},{},...] (what the probe reads at most): some 87000 values, refused unparsed. */
+        many = malloc(256 * 1024 + 1);
+        if (!many) {
+                TAP_FAIL("out of memory");
+                return;
+        }
+        many[n++] = '[';
+        while (n + 4 < 256 * 1024) {
+                memcpy(many + n, "{},", 3);
+                n += 3;
+        }
+        memcpy(many + n, "{}]", 3);
+        n += 3;
+        many[n] = 0;
+        ASSERT_ERRNO(qemu_parse_image_size(many, n, &size), -E2BIG);
+
+        /* Commas and brackets inside strings are no values: a long file name full of them parses. */
+        nested = malloc(64 * 1024);
+        if (!nested) {
+                TAP_FAIL("out of memory");
+                return;
+        }
+        n = (size_t) snprintf(nested, 64 * 1024, "{\"virtual-size\": 5, \"filename\": \"");
+        for (; n < 60 * 1024; n++)
+                nested[n] = n % 2 ? ',' : '[';
+        n += (size_t) snprintf(nested + n, 64 * 1024 - n, "\"}");
+        ASSERT_OK(qemu_parse_image_size(nested, n, &size));
+        ASSERT_EQ_U64(size, 5);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
@@ -391,5 +436,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_job_events_valid);
         TAP_RUN(test_job_events_invalid);
         TAP_RUN(test_accessors);
+        TAP_RUN(test_image_size);
         return tap_finish();
 }
