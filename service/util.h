@@ -154,9 +154,9 @@ const char *disk_names_id_of(char *const *l, const char *name);
 bool qemu_id_is_valid(const char *s);
 /* A node name as QEMU reports it: an identifier, or one QEMU made up itself ("#block123"). */
 bool qemu_node_name_is_valid(const char *s);
-/* An absolute, normalized path without "..", "//", control characters, of bounded length. */
 /* A user or a group has uid (as a gid): not ours to give a sandbox. */
 bool uid_is_account(uid_t uid);
+/* An absolute, normalized path without "..", "//", control characters, of bounded length. */
 bool path_is_safe_absolute(const char *p, size_t max_len);
 /* Is path inside (or equal to) directory dir? Both must be normalized absolute paths. */
 bool path_is_below(const char *path, const char *dir);
