@@ -186,20 +186,17 @@ void json_strv(JsonWriter *w, char *const *l) {
 }
 
 /* Text for a terminal: what the daemon relays (paths and names from QEMU, which a guest may
- * own) keeps its control characters (C0, DEL, C1 as UTF-8), newlines too, from the terminal:
- * written as \xNN. */
+ * own) keeps its control characters from the terminal (escape_controls()). */
 static void fputs_escaped(const char *s, FILE *f) {
-        for (const unsigned char *p = (const unsigned char *) s; *p; p++) {
-                bool c1 = p[0] == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f;
+        size_t size = 4 * strlen(s) + 1;
+        _cleanup_free_ char *out = malloc(size);
 
-                if (*p >= 0x20 && *p != 0x7f && !c1)
-                        fputc(*p, f);
-                else if (c1) {
-                        fprintf(f, "\\x%02x\\x%02x", p[0], p[1]);
-                        p++;
-                } else
-                        fprintf(f, "\\x%02x", *p);
+        if (!out) {
+                fputs("(out of memory)", f);
+                return;
         }
+        escape_controls(s, out, size);
+        fputs(out, f);
 }
 
 void print_escaped(const char *s) {

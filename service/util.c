@@ -139,11 +139,7 @@ int log_get_max_level(void) {
         return log_max_level;
 }
 
-/* One message, one line: its control characters (C0, DEL, and C1 as UTF-8) written as \xNN.
- * Messages carry names from QEMU, helpers and clients: a newline would start a record of its own
- * in the journal, with the priority a "<N>" after it says, and an escape sequence would act on
- * the terminal of whoever reads the log. */
-static void log_escape(const char *in, char *out, size_t size) {
+void escape_controls(const char *in, char *out, size_t size) {
         size_t n = 0;
 
         for (const unsigned char *p = (const unsigned char *) in; *p; p++) {
@@ -177,7 +173,10 @@ int log_internal(int level, int error, const char *format, ...) {
         va_start(ap, format);
         vsnprintf(buf, sizeof(buf), format, ap);
         va_end(ap);
-        log_escape(buf, line, sizeof(line));
+        /* One message, one line: messages carry names from QEMU, helpers and clients, and a
+         * newline would start a record of its own in the journal, with the priority a "<N>"
+         * after it says; an escape sequence would act on the terminal of whoever reads the log. */
+        escape_controls(buf, line, sizeof(line));
 
         if (log_prefix_prio)
                 fprintf(stderr, "<%d>%s\n", level, line);

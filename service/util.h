@@ -154,6 +154,10 @@ const char *disk_names_id_of(char *const *l, const char *name);
 bool qemu_id_is_valid(const char *s);
 /* A node name as QEMU reports it: an identifier, or one QEMU made up itself ("#block123"). */
 bool qemu_node_name_is_valid(const char *s);
+/* in as it is, but for its control characters (C0, DEL, and C1 as UTF-8), written as \xNN: text
+ * from QEMU, a helper or a client, safe on a terminal and on one line. Cut to fit size (at least
+ * 1); 4 x strlen(in) + 1 holds all of it. */
+void escape_controls(const char *in, char *out, size_t size);
 /* A user or a group has uid (as a gid): not ours to give a sandbox. */
 bool uid_is_account(uid_t uid);
 /* An absolute, normalized path without "..", "//", control characters, of bounded length. */

@@ -768,6 +768,19 @@ static void test_locale_use_c(void) {
         ASSERT_TRUE(uselocale(LC_GLOBAL_LOCALE) == cur);
 }
 
+/* The log's and the CLI's one escaping: control characters as \xNN, nothing else touched, and a
+ * cut never inside an escape. */
+static void test_escape_controls(void) {
+        char out[64];
+
+        escape_controls("a\n<0>b\x1b[2J\x7f\xc2\x9b\xc3\xa9/", out, sizeof(out));
+        ASSERT_STREQ(out, "a\\x0a<0>b\\x1b[2J\\x7f\\xc2\\x9b\xc3\xa9/");
+        escape_controls("ab\ncd", out, 6);
+        ASSERT_STREQ(out, "ab");
+        escape_controls("\n\n", out, 9);
+        ASSERT_STREQ(out, "\\x0a\\x0a");
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_parse_size_valid);
@@ -789,5 +802,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_misc);
         TAP_RUN(test_text_sanitize);
         TAP_RUN(test_locale_use_c);
+        TAP_RUN(test_escape_controls);
         return tap_finish();
 }
