@@ -63,8 +63,7 @@ struct Export {
         sd_event_source *restart_source;
         char *error; /* why it failed, for the Error property; NULL while it did not */
         uint32_t clients;
-        uint64_t relay_errors;          /* "error" messages not logged since the last one that was */
-        usec_t relay_error_logged_at;   /* CLOCK_MONOTONIC of that one, 0: none yet */
+        LogLimit relay_errors;          /* the relay's "error" messages in our log */
 
         /* Restored from the state after a restart: waiting for the guest's peer (resuming set
          * once that was asked), and for its address while the old relay holds it. */

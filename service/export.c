@@ -38,7 +38,6 @@
 /* From the relay's spawn to its "ready": it only sets up its sandbox and says so. A relay that
  * hangs there would keep Export()'s caller waiting for ever. */
 #define RELAY_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
-#define RELAY_ERROR_LOG_INTERVAL_USEC (60 * USEC_PER_SEC)
 
 const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
@@ -359,19 +358,15 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 }
         } else if (msg.kind == CONTROL_RELAY_ERROR) {
                 char text[TEXT_SANITIZE_MAX + 1];
-                usec_t now = now_usec(CLOCK_MONOTONIC);
+                uint64_t dropped;
 
                 /* The first, then at most one a minute, with a count: a relay taken over could push
                  * the daemon past journald's rate limit, which drops all the daemon's messages. */
-                if (e->relay_error_logged_at != 0 && now - e->relay_error_logged_at < RELAY_ERROR_LOG_INTERVAL_USEC) {
-                        e->relay_errors++;
+                if (!log_limit_pass(&e->relay_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
                         return 0;
-                }
                 (void) text_sanitize_buf(text, sizeof(text), msg.text, msg.text_len);
                 log_warning("Export %u relay: %s (%" PRIu64 " more in the last minute, not logged)", e->id, text,
-                        e->relay_errors);
-                e->relay_errors = 0;
-                e->relay_error_logged_at = now;
+                        dropped);
         } else
                 export_fail(e, "the NBD relay helper sent an unknown message");
         return 0;

@@ -90,19 +90,12 @@ static uint64_t bus_backlog(Guest *g) {
 }
 
 static void event_tokens_refill(Guest *g) {
-        usec_t now = now_usec(CLOCK_MONOTONIC);
-
-        if (g->event_tokens_at == 0)
-                g->event_tokens = EVENT_BURST;
-        else
-                g->event_tokens = MIN(EVENT_BURST,
-                        g->event_tokens + (double) (now - g->event_tokens_at) * EVENT_RATE / USEC_PER_SEC);
-        g->event_tokens_at = now;
+        token_bucket_refill(&g->events, EVENT_RATE, EVENT_BURST, now_usec(CLOCK_MONOTONIC));
 }
 
 static bool guest_must_wait(Guest *g) {
         event_tokens_refill(g);
-        return g->event_tokens < 1.0 || bus_backlog(g) > BUS_BACKLOG_MAX / 4;
+        return g->events.tokens < 1.0 || bus_backlog(g) > BUS_BACKLOG_MAX / 4;
 }
 
 static int bus_drain_handler(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -117,15 +110,13 @@ static int bus_drain_handler(sd_event_source *s, uint64_t usec, void *userdata) 
         return 0;
 }
 
-#define MALFORMED_LOG_INTERVAL_USEC (60 * USEC_PER_SEC)
-
 /* After each event: one token spent; out of them, or the bus behind, pause reading QEMU. */
 static void guest_pace_events(Guest *g) {
         int r;
 
         event_tokens_refill(g);
-        g->event_tokens -= 1.0;
-        if (!g->peer.qmp || (g->event_tokens >= 0.0 && bus_backlog(g) <= BUS_BACKLOG_MAX))
+        g->events.tokens -= 1.0;
+        if (!g->peer.qmp || (g->events.tokens >= 0.0 && bus_backlog(g) <= BUS_BACKLOG_MAX))
                 return;
         if (!g->bus_drain_timer)
                 r = sd_event_add_time_relative(g->engine->event, &g->bus_drain_timer, CLOCK_MONOTONIC,
@@ -154,17 +145,15 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                 return;
         r = qemu_parse_job_event(event, data, &ev);
         if (r < 0) {
+                uint64_t dropped;
+
                 /* The first, then at most one warning a minute with a count: a QEMU sending 200 a
                  * second would otherwise exceed journald's rate limit for the whole daemon, and
                  * the other guests' messages would be dropped with them. */
-                g->malformed_events++;
-                if (g->malformed_logged_at == 0 || mono - g->malformed_logged_at >= MALFORMED_LOG_INTERVAL_USEC) {
+                if (log_limit_pass(&g->malformed_log, 1.0 / 60, 1.0, mono, &dropped))
                         log_warning("Guest %s: ignoring malformed %s event from QEMU (%" PRIu64
-                                    " ignored since the last such message, which come at most once a minute).",
-                                g->name, event, g->malformed_events);
-                        g->malformed_events = 0;
-                        g->malformed_logged_at = mono;
-                }
+                                    " more ignored since the last such message, which come at most once a minute).",
+                                g->name, event, dropped);
                 return;
         }
         if (r == 0)

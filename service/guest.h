@@ -67,10 +67,8 @@ typedef struct Guest {
         uint64_t last_save;    /* CLOCK_MONOTONIC µs */
         uint64_t connected_at; /* CLOCK_MONOTONIC µs, when QMP got ready */
         sd_event_source *bus_drain_timer; /* QMP reading paused: events over budget, or the bus is behind */
-        double event_tokens;              /* QEMU's event budget (guest_on_event) */
-        uint64_t event_tokens_at;         /* CLOCK_MONOTONIC µs of the last refill */
-        uint64_t malformed_events;        /* ignored since the last warning about them */
-        uint64_t malformed_logged_at;     /* CLOCK_MONOTONIC µs of that warning */
+        TokenBucket events;               /* QEMU's event budget (guest_on_event) */
+        LogLimit malformed_log;           /* warnings about malformed events */
         /* One re-read of the disks in flight at a time; who asks meanwhile waits for the next. */
         struct RefreshCtx *refresh_inflight;
         struct RefreshWaiter *refresh_pending;

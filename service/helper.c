@@ -279,9 +279,7 @@ struct HelperLog {
         char *prefix;
         char line[512];
         size_t len;
-        double tokens;    /* lines that may be logged now */
-        usec_t refilled;  /* CLOCK_MONOTONIC of the last refill */
-        uint64_t dropped; /* lines not logged since the last one that was */
+        LogLimit limit;
 };
 
 HelperLog *helper_log_free(HelperLog *l) {
@@ -297,18 +295,12 @@ HelperLog *helper_log_free(HelperLog *l) {
 static void helper_log_flush(HelperLog *l) {
         char text[sizeof(l->line) * 3]; /* room for a U+FFFD per byte */
         usec_t now = now_usec(CLOCK_MONOTONIC);
+        uint64_t dropped;
 
-        l->tokens = MIN(HELPER_LOG_BURST,
-                l->tokens + (double) (now - l->refilled) * HELPER_LOG_LINES_PER_SEC / (double) USEC_PER_SEC);
-        l->refilled = now;
-        if (l->len > 0 && l->tokens < 1.0)
-                l->dropped++;
-        else if (l->len > 0) {
-                l->tokens -= 1.0;
-                if (l->dropped > 0)
-                        log_info("%s: (%" PRIu64 " lines not logged: more than %.0f a second)", l->prefix, l->dropped,
+        if (l->len > 0 && log_limit_pass(&l->limit, HELPER_LOG_LINES_PER_SEC, HELPER_LOG_BURST, now, &dropped)) {
+                if (dropped > 0)
+                        log_info("%s: (%" PRIu64 " lines not logged: more than %.0f a second)", l->prefix, dropped,
                                 HELPER_LOG_LINES_PER_SEC);
-                l->dropped = 0;
                 (void) text_sanitize_buf(text, sizeof(text), l->line, l->len);
                 log_info("%s: %s", l->prefix, text);
         }
@@ -350,8 +342,6 @@ int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
                 return -ENOMEM;
         }
         l->fd = fd;
-        l->tokens = HELPER_LOG_BURST;
-        l->refilled = now_usec(CLOCK_MONOTONIC);
         l->prefix = strdup(prefix);
         if (!l->prefix || fcntl(fd, F_SETFL, O_NONBLOCK) < 0) {
                 helper_log_free(l);

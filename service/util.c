@@ -139,6 +139,26 @@ int log_get_max_level(void) {
         return log_max_level;
 }
 
+void token_bucket_refill(TokenBucket *b, double rate, double burst, usec_t now) {
+        if (b->at == 0)
+                b->tokens = burst;
+        else
+                b->tokens = MIN(burst, b->tokens + (double) (now - b->at) * rate / (double) USEC_PER_SEC);
+        b->at = now;
+}
+
+bool log_limit_pass(LogLimit *l, double rate, double burst, usec_t now, uint64_t *ret_dropped) {
+        token_bucket_refill(&l->bucket, rate, burst, now);
+        if (l->bucket.tokens < 1.0) {
+                l->dropped++;
+                return false;
+        }
+        l->bucket.tokens -= 1.0;
+        *ret_dropped = l->dropped;
+        l->dropped = 0;
+        return true;
+}
+
 void escape_controls(const char *in, char *out, size_t size) {
         size_t n = 0;
 

@@ -154,6 +154,22 @@ const char *disk_names_id_of(char *const *l, const char *name);
 bool qemu_id_is_valid(const char *s);
 /* A node name as QEMU reports it: an identifier, or one QEMU made up itself ("#block123"). */
 bool qemu_node_name_is_valid(const char *s);
+/* A token bucket: rate tokens a second, at most burst; full when first refilled. */
+typedef struct TokenBucket {
+        double tokens;
+        usec_t at; /* CLOCK_MONOTONIC of the last refill, 0: never */
+} TokenBucket;
+void token_bucket_refill(TokenBucket *b, double rate, double burst, usec_t now);
+
+/* Log lines let through at rate a second after a burst, the others counted: a source of them
+ * (a QEMU, a helper) cannot push the daemon past journald's rate limit, which would drop all its
+ * messages. true: log this one, and *ret_dropped how many were not since the last that was. */
+typedef struct LogLimit {
+        TokenBucket bucket;
+        uint64_t dropped;
+} LogLimit;
+bool log_limit_pass(LogLimit *l, double rate, double burst, usec_t now, uint64_t *ret_dropped);
+
 /* in as it is, but for its control characters (C0, DEL, and C1 as UTF-8), written as \xNN: text
  * from QEMU, a helper or a client, safe on a terminal and on one line. Cut to fit size (at least
  * 1); 4 x strlen(in) + 1 holds all of it. */

@@ -781,6 +781,41 @@ static void test_escape_controls(void) {
         ASSERT_STREQ(out, "\\x0a\\x0a");
 }
 
+/* The rate limit of QEMU's events and of what helpers and QEMUs put in the log: full at first,
+ * then rate a second; what it holds back is counted and told with the next line let through. */
+static void test_log_limit(void) {
+        LogLimit l = {};
+        TokenBucket b = {};
+        uint64_t dropped = 99;
+        usec_t t = 5 * USEC_PER_SEC;
+
+        /* One a minute: the first passes, the next within the minute do not, then one passes
+         * with their count. */
+        ASSERT_TRUE(log_limit_pass(&l, 1.0 / 60, 1.0, t, &dropped));
+        ASSERT_EQ_U64(dropped, 0);
+        for (int i = 0; i < 3; i++)
+                ASSERT_FALSE(log_limit_pass(&l, 1.0 / 60, 1.0, t + (usec_t) i * USEC_PER_SEC, &dropped));
+        ASSERT_FALSE(log_limit_pass(&l, 1.0 / 60, 1.0, t + 59 * USEC_PER_SEC, &dropped));
+        ASSERT_TRUE(log_limit_pass(&l, 1.0 / 60, 1.0, t + 60 * USEC_PER_SEC, &dropped));
+        ASSERT_EQ_U64(dropped, 4);
+
+        /* A burst of 3 at 10 a second: 3 at once, then one per 100 ms; a long pause refills to 3
+         * only. */
+        l = (LogLimit) {};
+        for (int i = 0; i < 3; i++)
+                ASSERT_TRUE(log_limit_pass(&l, 10, 3, t, &dropped));
+        ASSERT_FALSE(log_limit_pass(&l, 10, 3, t, &dropped));
+        ASSERT_TRUE(log_limit_pass(&l, 10, 3, t + USEC_PER_SEC / 10, &dropped));
+        ASSERT_EQ_U64(dropped, 1);
+        for (int i = 0; i < 3; i++)
+                ASSERT_TRUE(log_limit_pass(&l, 10, 3, t + 3600 * USEC_PER_SEC, &dropped));
+        ASSERT_FALSE(log_limit_pass(&l, 10, 3, t + 3600 * USEC_PER_SEC, &dropped));
+
+        /* The bucket alone starts full. */
+        token_bucket_refill(&b, 200, 400, t);
+        ASSERT_TRUE(b.tokens == 400.0);
+}
+
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_parse_size_valid);
@@ -803,5 +838,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_text_sanitize);
         TAP_RUN(test_locale_use_c);
         TAP_RUN(test_escape_controls);
+        TAP_RUN(test_log_limit);
         return tap_finish();
 }
