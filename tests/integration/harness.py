@@ -1520,6 +1520,15 @@ class TestCase(unittest.TestCase):
     def client(self):
         return self.env.client
 
+    @classmethod
+    def start_second_daemon(cls, daemon_config):
+        """Another bus and daemon on this machine beside the class's (in its class_setup()), with
+        daemon_config; closed after the class."""
+        env = Env('other')
+        cls.addClassCleanup(env.close)
+        env.start(daemon_config=daemon_config)
+        return env
+
     def start_daemon_with_helper(self, binary, name):
         """This test's daemon (needs_daemon = False, env_per_test = True), with `binary` (a test
         helper, tests/helpers) in place of its helper `name`: in a HelperDirectory= of its own,

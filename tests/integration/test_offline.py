@@ -567,9 +567,7 @@ class SharedUidRangeTest(OneGuestRangeBase):
     def setUpClass(cls):
         super().setUpClass()
         with cls.class_setup():
-            cls.other = h.Env('other')
-            cls.addClassCleanup(cls.other.close)
-            cls.other.start(daemon_config='HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 1 + h.PROBE_UIDS))
+            cls.other = cls.start_second_daemon('HelperUIDRange=%d-%d\n' % (cls.first, cls.first + 1 + h.PROBE_UIDS))
 
     def test_other_daemons_helper_left_alone(self):
         # The first daemon serves its offline guest's disk through its storage helper.

@@ -503,9 +503,7 @@ class SharedRangeProbeTest(HeldProbes, ProvisionBase):
     def setUpClass(cls):
         super().setUpClass()
         with cls.class_setup():
-            cls.other = h.Env('other')
-            cls.addClassCleanup(cls.other.close)
-            cls.other.start(daemon_config='HelperUIDRange=%d-%d\nTemplateURLPrefixes=%s/\n' % (
+            cls.other = cls.start_second_daemon('HelperUIDRange=%d-%d\nTemplateURLPrefixes=%s/\n' % (
                 cls.env.daemon.helper_uids() + (cls.tcp_url,)))
 
     def test_other_daemons_probe_left_alone(self):
