@@ -4,11 +4,11 @@
  * relay proxies it option by option (nbd-handshake.h). */
 
 #include <assert.h>
-#include <endian.h>
 #include <errno.h>
 #include <sys/socket.h>
 
 #include "nbd-handshake.h"
+#include "nbd-wire.h"
 #include "util.h"
 
 static char export_name[EXPORT_NAME_MAX + 1];
@@ -36,33 +36,6 @@ static void neg_expect(Negotiation *n, NegState state, size_t want) {
 
 void neg_start(Negotiation *n) {
         neg_expect(n, NEG_GREETING, NBD_GREETING_SIZE);
-}
-
-static uint32_t get_be32(const uint8_t *p) {
-        uint32_t v;
-        memcpy(&v, p, sizeof(v));
-        return be32toh(v);
-}
-
-static uint64_t get_be64(const uint8_t *p) {
-        uint64_t v;
-        memcpy(&v, p, sizeof(v));
-        return be64toh(v);
-}
-
-static void put_be16(uint8_t *p, uint16_t v) {
-        v = htobe16(v);
-        memcpy(p, &v, sizeof(v));
-}
-
-static void put_be32(uint8_t *p, uint32_t v) {
-        v = htobe32(v);
-        memcpy(p, &v, sizeof(v));
-}
-
-static void put_be64(uint8_t *p, uint64_t v) {
-        v = htobe64(v);
-        memcpy(p, &v, sizeof(v));
 }
 
 /* An export's transmission flags, read-only whatever the server says: QEMU refuses writes to
