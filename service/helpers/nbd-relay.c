@@ -16,10 +16,12 @@
  * Options longer than NBD_OPT_DATA_MAX get NBD_REP_ERR_TOO_BIG and the connection is closed;
  * the server's replies are checked (magic, option, type, a bounded length) and the export's
  * transmission flags always carry NBD_FLAG_READ_ONLY (QEMU's export is read-only as well).
- * After the final reply of GO, or EXPORT_NAME's, the transmission phase is moved as raw bytes.
- * The handshake is lock-step: one option at a time, exactly the bytes it has, so that nothing
- * is left in our buffers when the splicing starts. The handshake is nbd-handshake.c; the control
- * protocol, shared with the daemon and blockstream-pull, is control.c.
+ * After the final reply of GO, or EXPORT_NAME's, the transmission phase starts: requests are
+ * checked and let in within a budget of reads in flight, replies followed so that the budget
+ * comes back as each ends, payloads spliced (nbd-transmission.c). The handshake is lock-step: one
+ * option at a time, exactly the bytes it has, so that nothing is left in our buffers when the
+ * transmission starts. The handshake is nbd-handshake.c; the control protocol, shared with the
+ * daemon and blockstream-pull, is control.c.
  *
  * fd 3: the listening socket (bound and listening, AF_UNIX/AF_INET/AF_INET6 stream)
  * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes:
@@ -43,6 +45,7 @@
 #include "control.h"
 #include "helper-common.h"
 #include "nbd-handshake.h"
+#include "nbd-transmission.h"
 #include "util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -64,12 +67,7 @@
 #define ACCEPT_BATCH 16
 #define ACCEPT_PAUSE_USEC (1 * USEC_PER_SEC)
 #define REJECT_LOG_INTERVAL_USEC (1 * USEC_PER_SEC)
-/* Asked of each splice into a pipe; the kernel moves no more than the pipe has room for, so
- * the pipe (64 KiB by default) bounds what is buffered per direction. */
-#define SPLICE_MAX (1024 * 1024)
-#define SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
 #define ACCEPT_FLAGS (SOCK_NONBLOCK | SOCK_CLOEXEC)
-#define PIPE_FLAGS (O_NONBLOCK | O_CLOEXEC)
 
 /* What the main loop does next, besides carrying on (0) or failing (-errno). */
 enum {
@@ -83,15 +81,6 @@ typedef enum ClientState {
         CLIENT_RELAYING,
 } ClientState;
 
-/* One direction of a pair: source → pipe → destination. */
-typedef struct Flow {
-        int pipe[2];
-        size_t pending; /* bytes in the pipe */
-        bool pipe_full; /* a splice into the pipe would block: wait until some is drained */
-        bool eof;       /* the source said EOF ... */
-        bool shut;      /* ... and the destination got shutdown(SHUT_WR) */
-} Flow;
-
 typedef struct Client {
         ClientState state;
         uint64_t id;
@@ -99,8 +88,8 @@ typedef struct Client {
         int upstream_fd;
         usec_t deadline;     /* CLIENT_WAITING, CLIENT_NEGOTIATING: close it if not further by then */
         bool connect_queued; /* "connect <id>" not sent yet */
-        Flow flows[2];       /* client → upstream, upstream → client */
         Negotiation neg;
+        Transmission tx; /* CLIENT_RELAYING */
 } Client;
 
 typedef struct Relay {
@@ -136,17 +125,6 @@ static int control_send_message(const ControlRelayMessage *m) {
         return control_send_relay(CONTROL_FD, MSG_DONTWAIT | MSG_NOSIGNAL, m);
 }
 
-static void flow_init(Flow *f) {
-        *f = (Flow) { .pipe = { -1, -1 } };
-}
-
-static void flow_close(Flow *f) {
-        for (size_t i = 0; i < 2; i++)
-                if (f->pipe[i] >= 0)
-                        close(f->pipe[i]);
-        flow_init(f);
-}
-
 static void client_close(Relay *relay, Client *c, const char *why) {
         if (c->state == CLIENT_FREE)
                 return;
@@ -155,8 +133,8 @@ static void client_close(Relay *relay, Client *c, const char *why) {
                 close(c->fd);
         if (c->upstream_fd >= 0)
                 close(c->upstream_fd);
-        for (size_t i = 0; i < ELEMENTSOF(c->flows); i++)
-                flow_close(&c->flows[i]);
+        if (c->state == CLIENT_RELAYING)
+                tx_close(&c->tx);
         *c = (Client) { .state = CLIENT_FREE, .fd = -1, .upstream_fd = -1 };
         relay->n_clients--;
 }
@@ -184,59 +162,14 @@ static int client_start_negotiating(Client *c, int upstream_fd, usec_t now) {
 }
 
 static int client_start_relaying(Client *c) {
-        for (size_t i = 0; i < ELEMENTSOF(c->flows); i++)
-                if (pipe2(c->flows[i].pipe, PIPE_FLAGS) < 0)
-                        return -errno;
+        /* Relaying from here on, set up or not: client_close() undoes what tx_open() did. */
         c->state = CLIENT_RELAYING;
-        return 0;
+        return tx_open(&c->tx);
 }
 
-
-/* Source → pipe. */
-static int flow_fill(Flow *f, int src) {
-        ssize_t n;
-
-        n = splice(src, NULL, f->pipe[1], NULL, SPLICE_MAX, SPLICE_FLAGS);
-        if (n > 0)
-                f->pending += (size_t) n;
-        else if (n == 0)
-                f->eof = true;
-        else if (errno == EAGAIN)
-                /* Either the source is dry or the pipe is full; only draining tells which. */
-                f->pipe_full = f->pending > 0;
-        else if (errno != EINTR)
-                return -errno;
-        return 0;
-}
-
-/* Pipe → destination, then pass on an EOF once everything before it went through. */
-static int flow_drain(Flow *f, int dst) {
-        ssize_t n;
-
-        if (f->pending > 0) {
-                n = splice(f->pipe[0], NULL, dst, NULL, f->pending, SPLICE_FLAGS);
-                if (n > 0) {
-                        f->pending -= (size_t) n;
-                        f->pipe_full = false;
-                } else if (n < 0 && errno != EAGAIN && errno != EINTR)
-                        return -errno;
-        }
-        if (f->eof && f->pending == 0 && !f->shut) {
-                if (shutdown(dst, SHUT_WR) < 0 && errno != ENOTCONN)
-                        return -errno;
-                f->shut = true;
-        }
-        return 0;
-}
-
-static bool flow_wants_fill(const Flow *f) {
-        return !f->eof && !f->pipe_full;
-}
 
 static void client_process(Relay *relay, Client *c, short revents, short upstream_revents) {
         const short trouble = POLLHUP | POLLERR | POLLNVAL;
-        const int fds[2] = { c->fd, c->upstream_fd };
-        const short rev[2] = { revents, upstream_revents };
         int r;
 
         if (c->state == CLIENT_WAITING) {
@@ -273,33 +206,11 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
 
         /* Trouble on an fd is handled by trying what we wanted of it: the read or write says
          * what happened (EOF, EPIPE, ECONNRESET …). */
-        for (size_t i = 0; i < ELEMENTSOF(c->flows); i++) {
-                Flow *f = &c->flows[i];
-                bool filled = false;
-
-                if (flow_wants_fill(f) && (rev[i] & (POLLIN | trouble))) {
-                        r = flow_fill(f, fds[i]);
-                        if (r < 0) {
-                                log_debug_errno(r, "Client %" PRIu64 ": reading from the %s failed: %m", c->id,
-                                        i == 0 ? "client" : "upstream");
-                                client_close(relay, c, "read error");
-                                return;
-                        }
-                        filled = true;
-                }
-                /* Write right after reading, without waiting for POLLOUT: saves a poll round
-                 * trip when the destination has room, costs an EAGAIN when not. */
-                if (filled || (rev[!i] & (POLLOUT | trouble))) {
-                        r = flow_drain(f, fds[!i]);
-                        if (r < 0) {
-                                log_debug_errno(r, "Client %" PRIu64 ": writing to the %s failed: %m", c->id,
-                                        i == 0 ? "upstream" : "client");
-                                client_close(relay, c, "write error");
-                                return;
-                        }
-                }
-        }
-        if (c->flows[0].shut && c->flows[1].shut)
+        r = tx_step(&c->tx, c->id, c->fd, c->upstream_fd);
+        if (r < 0) {
+                log_debug_errno(r, "Client %" PRIu64 ": relaying failed: %m", c->id);
+                client_close(relay, c, "relaying ended");
+        } else if (r > 0)
                 client_close(relay, c, "both directions done");
 }
 
@@ -362,8 +273,6 @@ static int relay_accept(Relay *relay, usec_t now) {
                         .deadline = now + upstream_timeout_usec,
                         .connect_queued = true,
                 };
-                for (size_t j = 0; j < ELEMENTSOF(c->flows); j++)
-                        flow_init(&c->flows[j]);
                 relay->n_clients++;
                 log_debug("Client %" PRIu64 " connected.", c->id);
         }
@@ -548,10 +457,7 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 } else if (c->state == CLIENT_RELAYING) {
                         short ev[2];
 
-                        ev[0] = (flow_wants_fill(&c->flows[0]) ? POLLIN : 0) |
-                                (c->flows[1].pending > 0 ? POLLOUT : 0);
-                        ev[1] = (flow_wants_fill(&c->flows[1]) ? POLLIN : 0) |
-                                (c->flows[0].pending > 0 ? POLLOUT : 0);
+                        tx_events(&c->tx, &ev[0], &ev[1]);
                         /* An fd with nothing wanted is left out, so that a hangup we cannot act
                          * on yet does not wake us in a loop; its error surfaces at the next use. */
                         if (ev[0])
@@ -635,9 +541,10 @@ static int install_allowlist(void) {
                                 SCMP_A5(SCMP_CMP_EQ, 0) } },
                 /* the relaying itself: no file offsets, never blocking */
                 { "splice", 3,
-                        { SCMP_A1(SCMP_CMP_EQ, 0), SCMP_A3(SCMP_CMP_EQ, 0), SCMP_A5(SCMP_CMP_EQ, SPLICE_FLAGS) } },
+                        { SCMP_A1(SCMP_CMP_EQ, 0), SCMP_A3(SCMP_CMP_EQ, 0),
+                                SCMP_A5(SCMP_CMP_EQ, TX_SPLICE_FLAGS) } },
                 /* the two pipes of a new pair */
-                { "pipe2", 1, { SCMP_A1(SCMP_CMP_EQ, PIPE_FLAGS) } },
+                { "pipe2", 1, { SCMP_A1(SCMP_CMP_EQ, TX_PIPE_FLAGS) } },
                 /* O_NONBLOCK on a received upstream socket */
                 { "fcntl", 1, { SCMP_A1(SCMP_CMP_EQ, F_GETFL) } },
                 { "fcntl", 1, { SCMP_A1(SCMP_CMP_EQ, F_SETFL) } },
@@ -767,11 +674,8 @@ int main(int argc, char *argv[]) {
                 return EXIT_FAILURE;
         }
         relay->next_id = 1;
-        for (size_t i = 0; i < CLIENTS_MAX; i++) {
+        for (size_t i = 0; i < CLIENTS_MAX; i++)
                 relay->clients[i].fd = relay->clients[i].upstream_fd = -1;
-                for (size_t j = 0; j < ELEMENTSOF(relay->clients[i].flows); j++)
-                        flow_init(&relay->clients[i].flows[j]);
-        }
 
         r = relay_setup();
         if (r < 0)

@@ -344,6 +344,33 @@ def nbd_hold(path, name=b'', timeout=30):
             raise AssertionError('NBD_OPT_GO refused (reply type 0x%x)' % rep)
 
 
+NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+
+
+def nbd_request(cmd, handle, offset, length, flags=0):
+    """One request of the transmission phase (compact headers)."""
+    return struct.pack('>IHHQQI', NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+
+def recv_exact(c, n):
+    b = bytearray()
+    while len(b) < n:
+        more = c.recv(min(n - len(b), 1 << 20))
+        if not more:
+            raise AssertionError('the server closed the connection (%d of %d bytes)' % (len(b), n))
+        b += more
+    return bytes(b)
+
+
+def nbd_simple_read_reply(c, length):
+    """(handle, data) of the next reply on c, a read of length bytes (no structured replies)."""
+    magic, error, handle = struct.unpack('>IIQ', recv_exact(c, 16))
+    if magic != NBD_SIMPLE_REPLY_MAGIC or error:
+        raise AssertionError('a bad reply: magic 0x%x, error %d' % (magic, error))
+    return handle, recv_exact(c, length)
+
+
 def nbd(argv, check=True, timeout=120):
     return h.run(argv, check=check, timeout=timeout)
 

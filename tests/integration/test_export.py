@@ -8,6 +8,7 @@ makes the export "failed" and leaves the daemon and QEMU clean."""
 
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -518,6 +519,64 @@ class ExportClientsTest(h.TestCase):
         # And one client more still reaches the disk.
         held.append(o.nbd_hold(o.unix_socket_of(exports[1][1])))
         self.assertEqual(o.nbd_size(exports[1][1]), SIZE)
+
+
+def rss_kib(pid):
+    with open('/proc/%d/status' % pid) as f:
+        return int(re.search(r'^VmRSS:\s+(\d+) kB', f.read(), re.M).group(1))
+
+
+def settled_rss_kib(pid, timeout=20):
+    """pid's resident set once it has stopped growing for a second (or after timeout)."""
+    deadline = time.monotonic() + timeout
+    last, still_since = rss_kib(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = rss_kib(pid)
+        if now > last + 1024:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= 1:
+            break
+    return last
+
+
+class ExportReadersTest(h.TestCase):
+    """An export's client is anybody who reaches its address. QEMU reads up to 16 requests of a
+    connection at once and holds a buffer of up to 32 MiB for each until its reply is sent; a
+    client that asks and never reads the answers must not make the guest's QEMU hold that much
+    on each of the relay's connections (64 of them: 32 GiB)."""
+
+    READ = 32 * MiB
+    REQUESTS = 16
+
+    @classmethod
+    def setUpClass(cls):
+        o.check_nbd_tools()
+        super().setUpClass()
+
+    def test_a_client_that_never_reads_cannot_swell_qemu(self):
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        path, uri = o.export(d)
+        self.addCleanup(lambda: self.client.try_call(path, o.IFACE_EXPORT, 'Stop', timeout=10))
+        pid = g.qemu.proc.pid
+        before = settled_rss_kib(pid)
+        conns = [o.nbd_hold(o.unix_socket_of(uri)) for _ in range(2)]
+        self.addCleanup(lambda: [c.close() for c in conns])
+        for c in conns:
+            c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, k, 0, self.READ) for k in range(self.REQUESTS)))
+        grown = (settled_rss_kib(pid) - before) // 1024
+        # Two connections, each with 16 reads of 32 MiB unanswered: 1 GiB in QEMU if all were let in.
+        self.assertLess(grown, 256, 'QEMU grew by %d MiB for two clients that never read' % grown)
+        # All of them are answered once the client reads, in order, with the disk's bytes.
+        with open(g.chains['vda'].ref, 'rb') as f:
+            want = f.read(self.READ)
+        for c in conns:
+            for k in range(self.REQUESTS):
+                handle, data = o.nbd_simple_read_reply(c, self.READ)
+                self.assertEqual(handle, k)
+                self.assertTrue(data == want, 'read %d does not read as the disk' % k)
+        self.assertTrue(g.qemu.running())
 
 
 class QemuNbdClient:

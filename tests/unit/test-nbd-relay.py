@@ -7,8 +7,8 @@ SOCK_SEQPACKET control socket (fd 4), and answers "connect <n>" by connecting to
 server (qemu-nbd on a private unix socket, or a permissive fake server that offers several
 exports) and passing the fd. Real NBD clients (nbdinfo, nbdcopy from libnbd-bin) then read the
 image through the relay; raw sockets check the handshake the relay proxies (only the pinned
-export can be listed or opened, whatever a client sends) and the byte pipe after it
-(half-close, both directions at once, limits, timeouts).
+export can be listed or opened, whatever a client sends) and the transmission phase after it
+(requests checked and let in within a budget, replies followed, half-close, limits, timeouts).
 
 Usage: test-nbd-relay.py RELAY [SELFTEST-RELAY] [--valgrind]
   RELAY           the installed binary
@@ -471,6 +471,61 @@ def client_start(c):
     c.sendall(struct.pack(">I", 3))
 
 
+# ---- the transmission phase, raw ----
+
+REQUEST_MAGIC, SIMPLE_MAGIC, STRUCTURED_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+CHUNK_NONE, CHUNK_OFFSET_DATA = 0, 1
+READ_MAX = 32 << 20  # the protocol's and QEMU's largest read, and the relay's budget per connection
+IN_FLIGHT_MAX = 16   # QEMU's requests per connection, and the relay's
+
+
+def request(cmd, handle, offset=0, length=0, flags=0):
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+
+def read_request(s):
+    """(command, handle, offset, length) of the next request on s."""
+    magic, _, cmd, handle, offset, length = struct.unpack(">IHHQQI", recv_exact(s, 28))
+    check(magic == REQUEST_MAGIC, "request magic %x" % magic)
+    return cmd, handle, offset, length
+
+
+def simple_reply(handle, error=0, data=b""):
+    return struct.pack(">IIQ", SIMPLE_MAGIC, error, handle) + data
+
+
+def chunk(handle, typ, payload=b"", done=False):
+    return struct.pack(">IHHQI", STRUCTURED_MAGIC, 1 if done else 0, typ, handle, len(payload)) + payload
+
+
+def pattern(offset, length):
+    """The bytes the fake server's export holds at offset: each 8-byte word its own offset."""
+    first = offset - offset % 8
+    words = b"".join(struct.pack(">Q", o) for o in range(first, offset + length + 8, 8))
+    return words[offset - first:offset - first + length]
+
+
+def check_reads(c, handle=7, offset=5, length=4000):
+    """A read through the relay: the reply carries the fake server's bytes."""
+    c.sendall(request(CMD_READ, handle, offset, length))
+    check(recv_exact(c, 16 + length) == simple_reply(handle, 0, pattern(offset, length)),
+          "no transmission phase, or the read came back wrong")
+
+
+def nothing_comes(s, what, wait=0.5):
+    """Nothing arrives on s for wait seconds (the relay holds it back: the relay's hold is what
+    is checked, not a race, as everything before it has arrived)."""
+    s.settimeout(wait)
+    try:
+        b = s.recv(1)
+    except socket.timeout:
+        return
+    finally:
+        s.settimeout(TIMEOUT)
+    check(False, "%s: got %r" % (what, b))
+
+
 def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS):
     """Both sides of a fixed-newstyle handshake through the relay, up to the transmission phase."""
     up.sendall(greeting())
@@ -500,7 +555,8 @@ def recv_all(s):
 class FakeServer:
     """A permissive NBD server that offers several exports and opens any name: what QEMU's one
     server per process looks like to the relay. Records every option it gets; after GO or
-    EXPORT_NAME it echoes bytes back. hostile= makes its replies to INFO/GO break the rules."""
+    EXPORT_NAME it answers requests: reads with pattern(), anything else with a bare reply, until
+    DISC. hostile= makes its replies to INFO/GO break the rules."""
 
     EXPORTS = [b"disk", b"other", b"bsm-1"]
     SIZE = 1 << 20
@@ -561,11 +617,11 @@ class FakeServer:
                     return
                 else:
                     s.sendall(reply(opt, ERR_UNSUP))
-            while True:  # transmission: an echo
-                b = s.recv(65536)
-                if not b:
+            while True:  # transmission
+                cmd, handle, offset, length = read_request(s)
+                if cmd == CMD_DISC:
                     return
-                s.sendall(b)
+                s.sendall(simple_reply(handle, 0, pattern(offset, length) if cmd == CMD_READ else b""))
         except (OSError, Failure):
             pass
         finally:
@@ -606,8 +662,7 @@ def check_serves(relay):
     c.sendall(option(OPT_GO, name_data(EXPORT.encode())))
     check(read_reply(c)[1] == REP_INFO, "GO: no INFO")
     check(read_reply(c)[1] == REP_ACK, "GO: no ACK")
-    c.sendall(b"ping")
-    check(recv_exact(c, 4) == b"ping", "no transmission phase after GO")
+    check_reads(c)
     c.close()
 
 
@@ -652,8 +707,7 @@ def test_pinned_other_names():
               "the server saw %r" % server.options())
         c.sendall(option(OPT_GO, name_data(b"")))
         check(read_reply(c)[1] == REP_INFO and read_reply(c)[1] == REP_ACK, "GO for \"\"")
-        c.sendall(b"echo")
-        check(recv_exact(c, 4) == b"echo", "no transmission phase")
+        check_reads(c)
         c.close()
         relay.stop()
 
@@ -672,8 +726,7 @@ def test_export_name_other():
             c.sendall(option(OPT_EXPORT_NAME, name))
             size, flags = struct.unpack(">QH", recv_exact(c, 10))
             check(size == FakeServer.SIZE and flags & FLAG_READ_ONLY, "EXPORT_NAME %r: %r %r" % (name, size, flags))
-            c.sendall(b"echo")
-            check(recv_exact(c, 4) == b"echo", "no transmission phase after EXPORT_NAME")
+            check_reads(c)
             c.close()
         check(server.options() == [(OPT_EXPORT_NAME, EXPORT.encode())] * 2, "the server saw %r" % server.options())
         relay.stop()
@@ -794,47 +847,186 @@ def test_control_backpressure():
 
 
 def test_half_close():
-    """shutdown(SHUT_WR) is passed on each way; data before it arrives complete."""
+    """shutdown(SHUT_WR) is passed on each way once what came before it has gone through; a
+    half-closed pair still gets its replies."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
-        c.sendall(b"request")
+        c.sendall(request(CMD_READ, 1, 0, 5000) + request(CMD_FLUSH, 2))
         c.shutdown(socket.SHUT_WR)
-        check(recv_all(up) == b"request", "upstream did not get the request then EOF")
-        up.sendall(b"reply" * 1000)
+        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + request(CMD_FLUSH, 2),
+              "upstream did not get the requests then EOF")
+        up.sendall(simple_reply(1, 0, b"r" * 5000))
         time.sleep(0.1)
         check(relay.daemon.clients() == 1, "a half-closed pair is still a client")
+        up.sendall(simple_reply(2))
         up.shutdown(socket.SHUT_WR)
-        check(recv_all(c) == b"reply" * 1000, "client did not get the reply then EOF")
+        check(recv_all(c) == simple_reply(1, 0, b"r" * 5000) + simple_reply(2),
+              "client did not get the replies then EOF")
         relay.daemon.wait_clients(0)
         c.close()
         up.close()
         relay.stop()
 
 
-def test_bulk_both_ways():
-    """8 MiB each way at once, through the bounded pipes, byte-exact."""
+def serve_reads(up, n, structured=False):
+    """The test's upstream: answers n requests as they come, reads with random bytes (one
+    OFFSET_DATA chunk, then a bare DONE, if structured); returns {handle: bytes sent}."""
+    sent = {}
+    for _ in range(n):
+        cmd, handle, offset, length = read_request(up)
+        data = os.urandom(length) if cmd == CMD_READ else b""
+        sent[handle] = data
+        if structured:
+            up.sendall(chunk(handle, CHUNK_OFFSET_DATA, struct.pack(">Q", offset) + data)
+                       + chunk(handle, CHUNK_NONE, done=True))
+        else:
+            up.sendall(simple_reply(handle, 0, data))
+    return sent
+
+
+def test_bulk_reads():
+    """Reads of 8 MiB in all, 64 at once from the client, in both reply forms: byte-exact, each
+    reply whole and in the server's order, through the bounded pipe and the budget."""
+    for structured in (False, True):
+        with Relay() as relay:
+            c, up = pair_with_fake_upstream(relay)
+            reads = [(k, k * 131072, 131072) for k in range(64)]
+            result = {}
+            t = threading.Thread(target=lambda: result.update(serve_reads(up, len(reads), structured)))
+            t.start()
+            c.sendall(b"".join(request(CMD_READ, k, off, n) for k, off, n in reads))
+            got = {}
+            for _ in reads:
+                if structured:
+                    magic, flags, typ, handle, n = struct.unpack(">IHHQI", recv_exact(c, 20))
+                    check((magic, flags, typ) == (STRUCTURED_MAGIC, 0, CHUNK_OFFSET_DATA), "chunk %r" % ((magic, flags, typ),))
+                    got[handle] = recv_exact(c, n)[8:]
+                    check(recv_exact(c, 20) == chunk(handle, CHUNK_NONE, done=True), "no DONE chunk")
+                else:
+                    magic, error, handle = struct.unpack(">IIQ", recv_exact(c, 16))
+                    check((magic, error) == (SIMPLE_MAGIC, 0), "reply %r" % ((magic, error),))
+                    got[handle] = recv_exact(c, reads[handle][2])
+            t.join(TIMEOUT * 3)
+            check(got == result, "the replies differ from what the server sent (structured %s)" % structured)
+            c.close()
+            up.close()
+            relay.daemon.wait_clients(0)
+            relay.stop()
+
+
+def test_reads_in_flight_bounded():
+    """The reads let through to the server add up to 32 MiB at most (what QEMU holds for them
+    until each reply is read): the rest wait until replies end, then all go through."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
-        a, b = os.urandom(8 << 20), os.urandom(8 << 20)
-        got = {}
+        size = 8 << 20
+        c.sendall(b"".join(request(CMD_READ, k, 0, size) for k in range(8)))
+        first = [read_request(up)[1] for _ in range(READ_MAX // size)]
+        check(first == [0, 1, 2, 3], "handles %r" % first)
+        nothing_comes(up, "a read over the 32 MiB in flight")
+        # One reply read whole by the relay lets one more in.
+        got = []
 
-        def pump(src, data, dst, key):
-            src.sendall(data)
-            src.shutdown(socket.SHUT_WR)
-            got[key] = None
+        def client_reads():
+            for _ in range(8):
+                got.append(struct.unpack(">IIQ", recv_exact(c, 16))[2])
+                recv_exact(c, size)
+        t = threading.Thread(target=client_reads)
+        t.start()
+        up.sendall(simple_reply(0, 0, bytes(size)))
+        check(read_request(up)[1] == 4, "no read let in after a reply")
+        for k in range(1, 8):
+            up.sendall(simple_reply(k, 0, bytes(size)))
+            if k + 4 < 8:
+                check(read_request(up)[1] == k + 4, "no read let in after reply %d" % k)
+        t.join(TIMEOUT)
+        check(got == list(range(8)), "replies %r" % got)
+        # A failed read has no payload, and ends.
+        c.sendall(request(CMD_READ, 9, 0, READ_MAX))
+        check(read_request(up)[1:] == (9, 0, READ_MAX), "a 32 MiB read not let in")
+        up.sendall(simple_reply(9, 5))
+        check(recv_exact(c, 16) == simple_reply(9, 5), "the error reply")
+        check_reads_through(c, up)
+        relay.stop()
 
-        def sink(s, key):
-            got[key] = recv_all(s)
 
-        ts = [threading.Thread(target=pump, args=(c, a, up, "a")), threading.Thread(target=pump, args=(up, b, c, "b")),
-              threading.Thread(target=sink, args=(up, "ra")), threading.Thread(target=sink, args=(c, "rb"))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(TIMEOUT * 3)
-        check(got.get("ra") == a, "client → upstream bytes differ")
-        check(got.get("rb") == b, "upstream → client bytes differ")
-        relay.daemon.wait_clients(0)
+def check_reads_through(c, up, handle=77):
+    c.sendall(request(CMD_READ, handle, 8, 8))
+    check(read_request(up) == (CMD_READ, handle, 8, 8), "a read not passed on")
+    up.sendall(simple_reply(handle, 0, b"12345678"))
+    check(recv_exact(c, 24) == simple_reply(handle, 0, b"12345678"), "its reply not passed on")
+
+
+def test_requests_in_flight_counted():
+    """At most 16 requests in flight, whatever their size; a structured reply ends with its DONE
+    chunk, a simple one at once."""
+    with Relay() as relay:
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(b"".join(request(CMD_CACHE, k, 0, 1 << 30) for k in range(18)))
+        check([read_request(up)[1] for _ in range(IN_FLIGHT_MAX)] == list(range(16)), "the first 16")
+        nothing_comes(up, "a 17th request in flight")
+        up.sendall(chunk(0, CHUNK_NONE))
+        check(recv_exact(c, 20) == chunk(0, CHUNK_NONE), "a chunk not passed on")
+        nothing_comes(up, "a request let in before its DONE chunk")
+        up.sendall(chunk(0, CHUNK_NONE, done=True))
+        check(recv_exact(c, 20) == chunk(0, CHUNK_NONE, done=True), "DONE not passed on")
+        check(read_request(up)[1] == 16, "no request let in after DONE")
+        up.sendall(simple_reply(1))
+        check(recv_exact(c, 16) == simple_reply(1), "a simple reply not passed on")
+        check(read_request(up)[1] == 17, "no request let in after a simple reply")
+        # DISC goes on, uncounted; nothing may follow it.
+        c.sendall(request(CMD_DISC, 99))
+        check(read_request(up)[:2] == (CMD_DISC, 99), "DISC not passed on")
+        c.sendall(request(CMD_FLUSH, 100))
+        check_closed(c, "a request after DISC")
+        relay.stop()
+
+
+def test_requests_refused():
+    """What a read-only export never does, or no NBD client sends, closes the pair before the
+    server sees it (a write's payload would be read into QEMU's memory first); the relay serves
+    the next client."""
+    bad = [("a write", request(CMD_WRITE, 1, 0, 4096) + b"w" * 4096), ("a trim", request(CMD_TRIM, 1, 0, 4096)),
+           ("write zeroes", request(CMD_WRITE_ZEROES, 1, 0, 4096)), ("an unknown command", request(8, 1)),
+           ("a bad magic", b"GET / HTTP/1.0\r\n\r\n" + b"x" * 10), ("a read over 32 MiB", request(CMD_READ, 1, 0, READ_MAX + 1)),
+           ("a handle in flight", request(CMD_READ, 1000, 512, 512))]
+    with Relay() as relay:
+        for what, data in bad:
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_READ, 1000, 0, 512))
+            check(read_request(up) == (CMD_READ, 1000, 0, 512), "the read before %s" % what)
+            c.sendall(data)
+            check_closed(c, what)
+            seen = recv_all(up)
+            check(seen == b"", "%s: the server saw %r" % (what, seen[:64]))
+            up.close()
+            relay.daemon.wait_clients(0)
+        c, up = pair_with_fake_upstream(relay)
+        check_reads_through(c, up)
+        relay.stop()
+
+
+def test_hostile_replies():
+    """A reply to no request in flight, an oversized chunk or no reply at all costs that pair its
+    connection, nothing more."""
+    bad = [("a reply to no request", simple_reply(5)), ("a second reply", simple_reply(1) + simple_reply(1)),
+           ("a 33 MiB chunk", struct.pack(">IHHQI", STRUCTURED_MAGIC, 1, CHUNK_OFFSET_DATA, 1, READ_MAX + 65537)),
+           ("garbage", b"x" * 100000)]
+    with Relay() as relay:
+        for what, data in bad:
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_READ, 1, 0, 0))
+            check(read_request(up)[1] == 1, "the read")
+            up.sendall(data)
+            try:
+                rest = recv_all(c)
+            except ConnectionResetError:
+                rest = b""
+            check(rest in (b"", simple_reply(1)), "%s: the client got %r" % (what, rest[:64]))
+            relay.daemon.wait_clients(0)
+            up.close()
+        c, up = pair_with_fake_upstream(relay)
+        check_reads_through(c, up)
         relay.stop()
 
 
@@ -849,10 +1041,7 @@ def test_error_closes_pair_only():
         c1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         c1.close()
         relay.daemon.wait_clients(1)
-        c2.sendall(b"ping")
-        check(up2.recv(4) == b"ping", "the other pair stopped")
-        up2.sendall(b"pong")
-        check(c2.recv(4) == b"pong", "the other pair stopped")
+        check_reads_through(c2, up2)
         relay.stop()
         check(c2.recv(1) == b"", "stop did not close the client")
 

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* The relay's side of the NBD transmission phase, after the handshake (nbd-handshake.c).
+ *
+ * QEMU's NBD server reads up to 16 requests of a connection at once and gives each read a buffer
+ * of its length (up to 32 MiB), which it keeps until the whole reply is written: a client that
+ * sends reads and never reads the replies makes QEMU hold 512 MiB per connection. So the relay
+ * lets a request through only while the connection's reads in flight (sent on, reply not yet
+ * fully read from the server) add up to at most TX_READ_BYTES_MAX, and at most TX_IN_FLIGHT_MAX
+ * requests; the rest wait in the client's socket. To know when a reply ends it follows both
+ * directions:
+ *   client → server  request headers (28 bytes, no payload: the export is read-only), read and
+ *                    checked here: READ, FLUSH, CACHE and BLOCK_STATUS pass, DISC passes and
+ *                    ends the requests; WRITE, TRIM, WRITE_ZEROES, unknown commands, a bad
+ *                    magic, a read over NBD_READ_MAX or a handle already in flight close the pair
+ *   server → client  reply headers (simple, 16 bytes; structured, 20) read and passed on here,
+ *                    payloads spliced through a pipe without being looked at; a reply to no
+ *                    request in flight, or a chunk over TX_CHUNK_MAX, closes the pair
+ * Extended headers cannot be negotiated through the relay (NBD_REP_ERR_UNSUP), so these are the
+ * only two forms. tx_step() moves the bytes as far as the sockets let it; tx_events() says what
+ * to poll for. */
+
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define NBD_REQUEST_MAGIC UINT32_C(0x25609513)
+#define NBD_SIMPLE_REPLY_MAGIC UINT32_C(0x67446698)
+#define NBD_STRUCTURED_REPLY_MAGIC UINT32_C(0x668e33ef)
+#define NBD_REQUEST_SIZE 28           /* magic, flags, type, handle, offset, length */
+#define NBD_SIMPLE_REPLY_SIZE 16      /* magic, error, handle */
+#define NBD_STRUCTURED_REPLY_SIZE 20  /* magic, flags, type, handle, length */
+#define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
+#define NBD_CMD_DISC 2
+#define NBD_CMD_FLUSH 3
+#define NBD_CMD_TRIM 4
+#define NBD_CMD_CACHE 5
+#define NBD_CMD_WRITE_ZEROES 6
+#define NBD_CMD_BLOCK_STATUS 7
+#define NBD_REPLY_FLAG_DONE 1
+/* The protocol's largest read unless a smaller one was agreed, and QEMU's (NBD_MAX_BUFFER_SIZE). */
+#define NBD_READ_MAX (UINT32_C(32) << 20)
+
+#define TX_IN_FLIGHT_MAX 16                           /* QEMU's MAX_NBD_REQUESTS */
+#define TX_READ_BYTES_MAX ((uint64_t) NBD_READ_MAX)   /* what QEMU may hold for one connection */
+#define TX_CHUNK_MAX (NBD_READ_MAX + UINT32_C(65536)) /* a structured chunk: data and its offset,
+                                                       * or block status (QEMU: at most 1 MiB) */
+#define TX_REQUEST_BUF ((TX_IN_FLIGHT_MAX + 1) * NBD_REQUEST_SIZE)
+/* What tx_open() asks of pipe2() and tx_step() of splice(), and nothing else: the relay's seccomp
+ * filter allows these only. */
+#define TX_PIPE_FLAGS (O_NONBLOCK | O_CLOEXEC)
+#define TX_SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+
+typedef struct TxRequest {
+        uint64_t handle;
+        uint32_t length;
+        uint16_t type;
+} TxRequest;
+
+typedef enum TxReplyStep {
+        TX_REPLY_HEADER,  /* server → us */
+        TX_REPLY_PASS,    /* us → client, once the pipe has passed on every byte before it */
+        TX_REPLY_PAYLOAD, /* server → pipe → client */
+} TxReplyStep;
+
+typedef struct Transmission {
+        /* client → server: what was read, then the requests let in, to be sent */
+        uint8_t req_in[TX_REQUEST_BUF];
+        size_t req_in_len;
+        uint8_t req_out[TX_REQUEST_BUF];
+        size_t req_out_len, req_out_done;
+        bool client_eof, server_shut, disconnected;
+        /* requests sent on whose replies have not ended */
+        TxRequest in_flight[TX_IN_FLIGHT_MAX];
+        unsigned n_in_flight;
+        uint64_t read_bytes;
+        /* server → client */
+        TxReplyStep reply_step;
+        uint8_t rep[NBD_STRUCTURED_REPLY_SIZE];
+        size_t rep_len, rep_want, rep_sent;
+        uint64_t payload_left;
+        int reply_ends; /* in_flight[] index of the request this reply ends, or -1 */
+        int pipe[2];
+        size_t pipe_pending; /* bytes in the pipe */
+        bool pipe_full, server_eof, client_shut;
+} Transmission;
+
+/* Sets up t (its pipe: 0 or -errno). tx_close() may follow either way. */
+int tx_open(Transmission *t);
+void tx_close(Transmission *t);
+
+/* The requests at the front of req_in that fit go to req_out. 0, or -errno (EPROTO, EROFS,
+ * EFBIG, EEXIST) to close the pair. No I/O. */
+int tx_admit(Transmission *t, uint64_t id);
+
+/* rep has its rep_want bytes (or the first NBD_SIMPLE_REPLY_SIZE): check it. 0, or -EPROTO to
+ * close the pair. No I/O. */
+int tx_reply_header(Transmission *t, uint64_t id);
+
+/* n bytes of the current reply's payload went into the pipe. No I/O. */
+void tx_payload_passed(Transmission *t, size_t n);
+
+/* Moves both directions on as far as the sockets let it. 1 once both are done (each EOF passed
+ * on), 0 to wait, -errno to close the pair. */
+int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd);
+
+/* What to poll each fd for. An fd with nothing wanted gets 0. */
+void tx_events(const Transmission *t, short *client_events, short *server_events);
