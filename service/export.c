@@ -27,6 +27,9 @@
 #include "util.h"
 
 #define RELAY_BINARY "blockstream-nbd-relay"
+/* Each relay serves up to 64 clients, each a connection to the guest's QEMU, whose NBD server
+ * takes 768 (peer.c): 8 exports leave 256 for the guest's own maps, streams and range pulls. */
+#define EXPORTS_PER_GUEST_MAX 8U
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
  * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
 #define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
@@ -675,12 +678,21 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         sd_bus_error *error) {
         Engine *m = g->engine;
         _cleanup_free_ char *uri = NULL;
+        unsigned n = 0;
         Export *e;
         int r;
 
         if (!guest_qmp_ready(g) && !g->offline)
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
+
+        for (Export *x = m->exports; x; x = x->next)
+                n += x->guest == g;
+        if (n >= EXPORTS_PER_GUEST_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "Guest '%s' has %u exports, the most it may have (their clients share the connections of "
+                        "QEMU's NBD server with the guest's own streams and maps); stop one first.",
+                        g->name, n);
 
         r = export_new(g, ++m->export_seq, alias, disk_path, NULL, listen, &e);
         if (r < 0)

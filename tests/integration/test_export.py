@@ -520,6 +520,31 @@ class ExportClientsTest(h.TestCase):
         held.append(o.nbd_hold(o.unix_socket_of(exports[1][1])))
         self.assertEqual(o.nbd_size(exports[1][1]), SIZE)
 
+    def test_exports_per_guest_are_bounded(self):
+        """8 exports of a guest at most: their relays' 64 clients each take 512 of QEMU's 768
+        connections, not all of them. A 9th gets Busy and leaves nothing behind."""
+        g = self.new_guest(aliases=('vda', 'vdb'), size=SIZE)
+        made = []
+        for k in range(8):
+            made.append(o.export(g.disk('vda' if k % 2 else 'vdb')))
+            self.addCleanup(lambda p=made[-1][0]: self.client.try_call(p, o.IFACE_EXPORT, 'Stop', timeout=10))
+        before = self.snapshot()
+        relays = sorted(r.pid for r in o.relays(self.env))
+        self.assertEqual(len(relays), 8)
+        for alias in ('vda', 'vdb'):
+            self.assertDBusError(h.ERR_BUSY, o.export, g.disk(alias))
+        self.assertEqual(o.exports_on_bus(self.client), sorted(p for p, _ in made))
+        self.assertEqual(sorted(r.pid for r in o.relays(self.env)), relays)
+        self.assertSnapshotEqual(before, self.snapshot(), 'a refused 9th Export')
+        # Another guest is not counted with it; one stopped makes room again.
+        other = self.new_guest(size=SIZE)
+        p, _ = o.export(other.disk())
+        self.client.call(p, o.IFACE_EXPORT, 'Stop')
+        self.client.call(made[0][0], o.IFACE_EXPORT, 'Stop')
+        p, u = o.export(g.disk('vdb'))
+        self.addCleanup(lambda: self.client.try_call(p, o.IFACE_EXPORT, 'Stop', timeout=10))
+        self.assertEqual(o.nbd_size(u), SIZE)
+
 
 def rss_kib(pid):
     with open('/proc/%d/status' % pid) as f:
