@@ -41,7 +41,10 @@ void neg_start(Negotiation *n) {
 /* An export's transmission flags, read-only whatever the server says: QEMU refuses writes to
  * our exports anyway, and a client told so does not try. */
 static uint16_t read_only_flags(const uint8_t *p) {
-        return (uint16_t) (((p[0] << 8) | p[1]) | NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY);
+        /* Nor a flush: it would write back the guest's own disk (QEMU offers it on read-only
+         * exports too), and the relay refuses it (nbd-transmission.c). */
+        return (uint16_t) ((((p[0] << 8) | p[1]) | NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY) &
+                ~(NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA));
 }
 
 /* Appends to what goes out next; the callers' sizes are all bounded well below NEG_OUT_MAX. */

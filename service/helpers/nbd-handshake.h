@@ -38,6 +38,8 @@
 #define NBD_INFO_EXPORT 0
 #define NBD_FLAG_HAS_FLAGS (1 << 0)
 #define NBD_FLAG_READ_ONLY (1 << 1)
+#define NBD_FLAG_SEND_FLUSH (1 << 2)
+#define NBD_FLAG_SEND_FUA (1 << 3)
 
 #define NBD_GREETING_SIZE 18     /* NBDMAGIC, IHAVEOPT, 16-bit handshake flags */
 #define NBD_OPT_HEADER_SIZE 16   /* IHAVEOPT, option, length */

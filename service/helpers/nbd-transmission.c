@@ -49,10 +49,6 @@ static int in_flight_find(const Transmission *t, uint64_t handle) {
         return -1;
 }
 
-static uint64_t request_cost(const TxRequest *r) {
-        return r->type == NBD_CMD_READ ? r->length : 0;
-}
-
 int tx_admit(Transmission *t, uint64_t id) {
         size_t off = 0;
 
@@ -65,6 +61,7 @@ int tx_admit(Transmission *t, uint64_t id) {
 
         while (t->req_in_len - off >= NBD_REQUEST_SIZE) {
                 const uint8_t *p = t->req_in + off;
+                uint16_t flags = get_be16(p + 4);
                 TxRequest req = {
                         .type = get_be16(p + 6),
                         .handle = get_be64(p + 8),
@@ -87,21 +84,32 @@ int tx_admit(Transmission *t, uint64_t id) {
                                         id, req.length, NBD_READ_MAX);
                                 return -EFBIG;
                         }
+                        req.cost = req.length;
+                        break;
+                case NBD_CMD_BLOCK_STATUS:
+                        req.cost = flags & NBD_CMD_FLAG_REQ_ONE ? 0 : TX_BLOCK_STATUS_COST;
                         break;
                 case NBD_CMD_DISC:
-                case NBD_CMD_FLUSH:
                 case NBD_CMD_CACHE:
-                case NBD_CMD_BLOCK_STATUS:
                         break;
                 case NBD_CMD_WRITE:
                 case NBD_CMD_TRIM:
                 case NBD_CMD_WRITE_ZEROES:
+                case NBD_CMD_FLUSH:
                         log_debug("Client %" PRIu64 ": command %u on a read-only export.", id, req.type);
                         return -EROFS;
                 default:
                         log_debug("Client %" PRIu64 ": unknown command %u.", id, req.type);
                         return -EPROTO;
                 }
+                if (flags & NBD_CMD_FLAG_FUA) {
+                        log_debug("Client %" PRIu64 ": FUA on a read-only export.", id);
+                        return -EROFS;
+                }
+                /* Never more than fits: with each unsent request in flight (replies come only to
+                 * requests sent), there is always room; this is the bound should that not hold. */
+                if (t->req_out_len + NBD_REQUEST_SIZE > sizeof(t->req_out))
+                        break;
 
                 if (req.type == NBD_CMD_DISC)
                         t->disconnected = true; /* no reply, nothing after it */
@@ -111,15 +119,15 @@ int tx_admit(Transmission *t, uint64_t id) {
                                         req.handle);
                                 return -EEXIST;
                         }
-                        if (t->n_in_flight >= TX_IN_FLIGHT_MAX ||
-                            t->read_bytes + request_cost(&req) > TX_READ_BYTES_MAX)
+                        if (t->n_in_flight >= TX_IN_FLIGHT_MAX || t->cost + req.cost > TX_BUDGET)
                                 break; /* waits for replies to end */
+                        req.end = t->admitted_total + NBD_REQUEST_SIZE;
                         t->in_flight[t->n_in_flight++] = req;
-                        t->read_bytes += request_cost(&req);
+                        t->cost += req.cost;
                 }
-                assert(t->req_out_len + NBD_REQUEST_SIZE <= sizeof(t->req_out));
                 memcpy(t->req_out + t->req_out_len, p, NBD_REQUEST_SIZE);
                 t->req_out_len += NBD_REQUEST_SIZE;
+                t->admitted_total += NBD_REQUEST_SIZE;
                 off += NBD_REQUEST_SIZE;
         }
         if (off > 0) {
@@ -134,7 +142,7 @@ static void reply_end(Transmission *t) {
         if (t->reply_ends >= 0) {
                 TxRequest *r = &t->in_flight[t->reply_ends];
 
-                t->read_bytes -= request_cost(r);
+                t->cost -= r->cost;
                 *r = t->in_flight[--t->n_in_flight];
         }
         reply_expect_header(t);
@@ -154,8 +162,9 @@ int tx_reply_header(Transmission *t, uint64_t id) {
                 return -EPROTO;
         }
         i = in_flight_find(t, handle);
-        if (i < 0) {
-                log_debug("Client %" PRIu64 ": the server replied to handle 0x%" PRIx64 ", not in flight.", id, handle);
+        if (i < 0 || t->in_flight[i].end > t->sent_total) {
+                log_debug("Client %" PRIu64 ": the server replied to handle 0x%" PRIx64 ", %s.", id, handle,
+                        i < 0 ? "not in flight" : "not sent to it yet");
                 return -EPROTO;
         }
         if (magic == NBD_SIMPLE_REPLY_MAGIC) {
@@ -195,6 +204,8 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
         ssize_t n;
         int r;
 
+        if (t->server_eof)
+                return 0; /* nothing more can be answered: see server_gone() */
         if (!t->client_eof && t->req_in_len < sizeof(t->req_in)) {
                 n = io_result(recv(client_fd, t->req_in + t->req_in_len, sizeof(t->req_in) - t->req_in_len,
                         MSG_DONTWAIT));
@@ -214,6 +225,7 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
                         MSG_DONTWAIT | MSG_NOSIGNAL));
                 if (n > 0) {
                         t->req_out_done += (size_t) n;
+                        t->sent_total += (size_t) n;
                         *progress = true;
                 } else if (n != -EAGAIN)
                         return n == 0 ? -EPIPE : (int) n;
@@ -245,6 +257,12 @@ static int drain_pipe(Transmission *t, int client_fd, bool *progress) {
         return 0;
 }
 
+/* The server said EOF: what waits can never be answered. */
+static void server_gone(Transmission *t) {
+        t->server_eof = true;
+        t->req_in_len = t->req_out_len = t->req_out_done = 0;
+}
+
 static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_fd, bool *progress) {
         ssize_t n;
         int r;
@@ -265,7 +283,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                         return (int) n;
                 *progress = true;
                 if (n == 0) {
-                        t->server_eof = true; /* a partial header goes nowhere */
+                        server_gone(t); /* a partial header goes nowhere */
                         break;
                 }
                 t->rep_len += (size_t) n;
@@ -310,7 +328,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                         return (int) n;
                 *progress = true;
                 if (n == 0) {
-                        t->server_eof = true; /* the client gets what came, then EOF */
+                        server_gone(t); /* the client gets what came, then EOF */
                         break;
                 }
                 t->pipe_pending += (size_t) n;
@@ -347,16 +365,18 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
         }
         /* A reply that ended in the last round may have made room for a request that waits:
          * let it in now, so that tx_events() asks to send it. */
-        r = tx_admit(t, id);
-        if (r < 0)
-                return r;
-        return t->server_shut && t->client_shut;
+        if (!t->server_eof) {
+                r = tx_admit(t, id);
+                if (r < 0)
+                        return r;
+        }
+        return (t->server_shut || t->server_eof) && t->client_shut;
 }
 
 void tx_events(const Transmission *t, short *client_events, short *server_events) {
         short c = 0, s = 0;
 
-        if (!t->client_eof && t->req_in_len < sizeof(t->req_in))
+        if (!t->client_eof && !t->server_eof && t->req_in_len < sizeof(t->req_in))
                 c |= POLLIN;
         if (t->pipe_pending > 0 || t->reply_step == TX_REPLY_PASS)
                 c |= POLLOUT;

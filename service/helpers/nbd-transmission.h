@@ -4,19 +4,23 @@
 /* The relay's side of the NBD transmission phase, after the handshake (nbd-handshake.c).
  *
  * QEMU's NBD server reads up to 16 requests of a connection at once and gives each read a buffer
- * of its length (up to 32 MiB), which it keeps until the whole reply is written: a client that
- * sends reads and never reads the replies makes QEMU hold 512 MiB per connection. So the relay
- * lets a request through only while the connection's reads in flight (sent on, reply not yet
- * fully read from the server) add up to at most TX_READ_BYTES_MAX, and at most TX_IN_FLIGHT_MAX
- * requests; the rest wait in the client's socket. To know when a reply ends it follows both
- * directions:
+ * of its length (up to 32 MiB), each block status one of up to 1 MiB, which it keeps until the
+ * whole reply is written: a client that sends reads and never reads the replies makes QEMU hold
+ * 512 MiB per connection. So the relay lets a request through only while what the connection's
+ * requests in flight (sent on, reply not yet fully read from the server) cost QEMU adds up to at
+ * most TX_BUDGET, and at most TX_IN_FLIGHT_MAX requests; the rest wait in the client's socket.
+ * To know when a reply ends it follows both directions:
  *   client → server  request headers (28 bytes, no payload: the export is read-only), read and
- *                    checked here: READ, FLUSH, CACHE and BLOCK_STATUS pass, DISC passes and
- *                    ends the requests; WRITE, TRIM, WRITE_ZEROES, unknown commands, a bad
- *                    magic, a read over NBD_READ_MAX or a handle already in flight close the pair
+ *                    checked here: READ, CACHE and BLOCK_STATUS pass, DISC passes and ends the
+ *                    requests; WRITE, TRIM, WRITE_ZEROES, FLUSH, the FUA flag (a flush of the
+ *                    guest's disk; not offered either), unknown commands, a bad magic, a read
+ *                    over NBD_READ_MAX or a handle already in flight close the pair
  *   server → client  reply headers (simple, 16 bytes; structured, 20) read and passed on here,
  *                    payloads spliced through a pipe without being looked at; a reply to no
- *                    request in flight, or a chunk over TX_CHUNK_MAX, closes the pair
+ *                    request in flight, or to one not wholly sent yet, or a chunk over
+ *                    TX_CHUNK_MAX, closes the pair
+ * Once the server has said EOF nothing more can be answered: what waits is dropped, the client
+ * gets what came and EOF, and the pair ends.
  * Extended headers cannot be negotiated through the relay (NBD_REP_ERR_UNSUP), so these are the
  * only two forms. tx_step() moves the bytes as far as the sockets let it; tx_events() says what
  * to poll for. */
@@ -40,12 +44,15 @@
 #define NBD_CMD_CACHE 5
 #define NBD_CMD_WRITE_ZEROES 6
 #define NBD_CMD_BLOCK_STATUS 7
+#define NBD_CMD_FLAG_FUA (1 << 0)
+#define NBD_CMD_FLAG_REQ_ONE (1 << 3)
 #define NBD_REPLY_FLAG_DONE 1
 /* The protocol's largest read unless a smaller one was agreed, and QEMU's (NBD_MAX_BUFFER_SIZE). */
 #define NBD_READ_MAX (UINT32_C(32) << 20)
 
-#define TX_IN_FLIGHT_MAX 16                           /* QEMU's MAX_NBD_REQUESTS */
-#define TX_READ_BYTES_MAX ((uint64_t) NBD_READ_MAX)   /* what QEMU may hold for one connection */
+#define TX_IN_FLIGHT_MAX 16                    /* QEMU's MAX_NBD_REQUESTS */
+#define TX_BUDGET ((uint64_t) NBD_READ_MAX)    /* what QEMU may hold for one connection */
+#define TX_BLOCK_STATUS_COST (UINT32_C(1) << 20) /* QEMU's extent array, unless REQ_ONE */
 #define TX_CHUNK_MAX (NBD_READ_MAX + UINT32_C(65536)) /* a structured chunk: data and its offset,
                                                        * or block status (QEMU: at most 1 MiB) */
 #define TX_REQUEST_BUF ((TX_IN_FLIGHT_MAX + 1) * NBD_REQUEST_SIZE)
@@ -56,7 +63,8 @@
 
 typedef struct TxRequest {
         uint64_t handle;
-        uint32_t length;
+        uint64_t end; /* where its header ends in the stream of requests sent on */
+        uint32_t length, cost;
         uint16_t type;
 } TxRequest;
 
@@ -73,10 +81,11 @@ typedef struct Transmission {
         uint8_t req_out[TX_REQUEST_BUF];
         size_t req_out_len, req_out_done;
         bool client_eof, server_shut, disconnected;
-        /* requests sent on whose replies have not ended */
+        uint64_t admitted_total, sent_total; /* bytes of requests let in, and sent */
+        /* requests let in whose replies have not ended */
         TxRequest in_flight[TX_IN_FLIGHT_MAX];
         unsigned n_in_flight;
-        uint64_t read_bytes;
+        uint64_t cost; /* theirs, all together */
         /* server → client */
         TxReplyStep reply_step;
         uint8_t rep[NBD_STRUCTURED_REPLY_SIZE];

@@ -418,7 +418,7 @@ OPT_LIST_META, OPT_SET_META = 9, 10
 REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
 ERR = 1 << 31
 ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN, ERR_TOO_BIG = ERR | 1, ERR | 2, ERR | 3, ERR | 6, ERR | 9
-FLAG_HAS_FLAGS, FLAG_READ_ONLY = 1, 2
+FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1, 2, 4, 8
 
 
 def recv_exact(s, n):
@@ -475,6 +475,7 @@ def client_start(c):
 
 REQUEST_MAGIC, SIMPLE_MAGIC, STRUCTURED_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+CMD_FLAG_FUA, CMD_FLAG_REQ_ONE = 1, 8
 CHUNK_NONE, CHUNK_OFFSET_DATA = 0, 1
 READ_MAX = 32 << 20  # the protocol's and QEMU's largest read, and the relay's budget per connection
 IN_FLIGHT_MAX = 16   # QEMU's requests per connection, and the relay's
@@ -526,8 +527,9 @@ def nothing_comes(s, what, wait=0.5):
     check(False, "%s: got %r" % (what, b))
 
 
-def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS):
-    """Both sides of a fixed-newstyle handshake through the relay, up to the transmission phase."""
+def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA):
+    """Both sides of a fixed-newstyle handshake through the relay, up to the transmission phase.
+    QEMU offers flush and FUA on read-only exports too; the relay's clients are told neither."""
     up.sendall(greeting())
     client_start(c)
     check(recv_exact(up, 4) == struct.pack(">I", 3), "client flags not passed on")
@@ -538,8 +540,8 @@ def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS):
     opt, typ, data = read_reply(c)
     check((opt, typ) == (OPT_GO, REP_INFO), "GO's info: %r" % ((opt, typ),))
     _, got_size, got_flags = struct.unpack(">HQH", data)
-    check(got_size == size and got_flags == flags | FLAG_READ_ONLY | FLAG_HAS_FLAGS,
-          "export info %r %r" % (got_size, got_flags))
+    want = (flags | FLAG_READ_ONLY | FLAG_HAS_FLAGS) & ~(FLAG_SEND_FLUSH | FLAG_SEND_FUA)
+    check(got_size == size and got_flags == want, "export info %r %r" % (got_size, got_flags))
     check(read_reply(c)[:2] == (OPT_GO, REP_ACK), "GO's ACK")
 
 
@@ -851,9 +853,9 @@ def test_half_close():
     half-closed pair still gets its replies."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
-        c.sendall(request(CMD_READ, 1, 0, 5000) + request(CMD_FLUSH, 2))
+        c.sendall(request(CMD_READ, 1, 0, 5000) + request(CMD_CACHE, 2))
         c.shutdown(socket.SHUT_WR)
-        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + request(CMD_FLUSH, 2),
+        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + request(CMD_CACHE, 2),
               "upstream did not get the requests then EOF")
         up.sendall(simple_reply(1, 0, b"r" * 5000))
         time.sleep(0.1)
@@ -977,8 +979,72 @@ def test_requests_in_flight_counted():
         # DISC goes on, uncounted; nothing may follow it.
         c.sendall(request(CMD_DISC, 99))
         check(read_request(up)[:2] == (CMD_DISC, 99), "DISC not passed on")
-        c.sendall(request(CMD_FLUSH, 100))
+        c.sendall(request(CMD_CACHE, 100))
         check_closed(c, "a request after DISC")
+        relay.stop()
+
+
+def test_block_status_costs():
+    """A block status request costs 1 MiB of the 32 (QEMU's extent array for it), none with
+    REQ_ONE (one extent)."""
+    with Relay() as relay:
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(request(CMD_READ, 0, 0, READ_MAX - (1 << 20)) + request(CMD_BLOCK_STATUS, 1, 0, 1 << 30)
+                  + request(CMD_BLOCK_STATUS, 2, 0, 1 << 30, CMD_FLAG_REQ_ONE)
+                  + request(CMD_BLOCK_STATUS, 3, 0, 1 << 30))
+        check([read_request(up)[1] for _ in range(3)] == [0, 1, 2], "the first three")
+        nothing_comes(up, "a block status over the budget")
+        up.sendall(simple_reply(1, 22))
+        check(recv_exact(c, 16) == simple_reply(1, 22), "the error reply")
+        check(read_request(up)[1] == 3, "no block status let in after a reply")
+        relay.stop()
+
+
+def test_server_gone_with_requests_waiting():
+    """The server's EOF while requests wait for the budget: they can never be answered, the
+    client gets EOF and its place is free (it was held for good)."""
+    with Relay() as relay:
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(b"".join(request(CMD_READ, k, 0, 8 << 20) for k in range(5)))
+        check([read_request(up)[1] for _ in range(4)] == [0, 1, 2, 3], "the first four")
+        up.close()
+        check_closed(c, "the server gone")
+        relay.daemon.wait_clients(0)
+        relay.stop()
+
+
+def test_reply_to_a_request_not_sent():
+    """A server that answers a request before it has it (it predicts the handles and stops
+    reading) costs its pair the connection: the relay never has more unsent requests than fit."""
+    with Relay() as relay:
+        c, n = connect_announced(relay)
+        up, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's least: a few KiB
+        relay.daemon.send(b"upstream %d\n" % n, [theirs.fileno()])
+        theirs.close()
+        up.settimeout(TIMEOUT)
+        go_through(c, up)
+        c.sendall(b"".join(request(CMD_CACHE, k) for k in range(2000)))
+        ended = []
+
+        def client():
+            try:
+                recv_all(c)
+            except ConnectionResetError:
+                pass  # closed with requests it sent unread: a reset
+            ended.append(True)
+        t = threading.Thread(target=client)
+        t.start()
+        try:
+            for k in range(2000):  # never reading a request
+                up.sendall(simple_reply(k))
+        except OSError:
+            pass  # the relay closed it
+        t.join(TIMEOUT)
+        check(ended, "the pair was not closed")
+        check(relay.alive(), "the relay died")
+        relay.daemon.wait_clients(0)
+        up.close()
         relay.stop()
 
 
@@ -989,7 +1055,8 @@ def test_requests_refused():
     bad = [("a write", request(CMD_WRITE, 1, 0, 4096) + b"w" * 4096), ("a trim", request(CMD_TRIM, 1, 0, 4096)),
            ("write zeroes", request(CMD_WRITE_ZEROES, 1, 0, 4096)), ("an unknown command", request(8, 1)),
            ("a bad magic", b"GET / HTTP/1.0\r\n\r\n" + b"x" * 10), ("a read over 32 MiB", request(CMD_READ, 1, 0, READ_MAX + 1)),
-           ("a handle in flight", request(CMD_READ, 1000, 512, 512))]
+           ("a handle in flight", request(CMD_READ, 1000, 512, 512)), ("a flush", request(CMD_FLUSH, 1)),
+           ("a read with FUA", request(CMD_READ, 1, 0, 512, CMD_FLAG_FUA))]
     with Relay() as relay:
         for what, data in bad:
             c, up = pair_with_fake_upstream(relay)
