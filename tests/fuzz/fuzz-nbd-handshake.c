@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "nbd-handshake.h"
+#include "socket-model.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -52,19 +53,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* What the relay wrote, kept for the checks; an option is amplified at most ~20 times (LIST with
  * the long name), so 64 KiB of input stays well below this. */
 #define SINK_MAX (4 * 1024 * 1024)
-/* A unix stream socket's default send buffer (net.core.wmem_default): the relay's messages
- * (NEG_OUT_MAX) always fit. */
-#define SNDBUF_DEFAULT 212992
+/* The relay's messages (NEG_OUT_MAX) always fit in SNDBUF_DEFAULT (socket-model.h). */
 /* The two fds neg_step() is given: no real fd has these numbers. */
 #define FD_CLIENT (INT_MAX - 1)
 #define FD_UPSTREAM (INT_MAX - 2)
-
-/* A peer's bytes on their way to the relay: data[0, avail) were sent, data[0, pos) read. */
-typedef struct Source {
-        const uint8_t *data;
-        size_t avail, pos;
-        bool eof; /* the peer shut down its side after avail bytes */
-} Source;
 
 /* The relay's bytes to a peer: all of them kept, of which `queued` are still in the socket
  * buffer (cap bytes), not yet read by the peer. */
@@ -84,36 +76,26 @@ ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags);
 
 ssize_t __wrap_recv(int fd, void *buf, size_t len, int flags) {
         Source *s = fd == FD_CLIENT ? &from_client : fd == FD_UPSTREAM ? &from_upstream : NULL;
-        size_t k;
 
         if (!s)
                 return __real_recv(fd, buf, len, flags);
         CHECK(flags & MSG_DONTWAIT);
-        if (s->pos == s->avail) {
-                if (s->eof)
-                        return 0;
-                errno = EAGAIN;
-                return -1;
-        }
-        k = MIN(len, s->avail - s->pos);
-        memcpy(buf, s->data + s->pos, k);
-        s->pos += k;
-        return (ssize_t) k;
+        return source_recv(s, buf, len);
 }
 
 ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags) {
         Sink *s = fd == FD_CLIENT ? &to_client : fd == FD_UPSTREAM ? &to_upstream : NULL;
+        ssize_t r;
         size_t k;
 
         if (!s)
                 return __real_send(fd, buf, len, flags);
         CHECK(flags & MSG_DONTWAIT);
         CHECK(len > 0);
-        if (s->queued >= s->cap) {
-                errno = EAGAIN;
-                return -1;
-        }
-        k = MIN(len, s->cap - s->queued);
+        r = socket_room(s->queued, s->cap, len);
+        if (r < 0)
+                return r;
+        k = (size_t) r;
         CHECK(k <= SINK_MAX - s->len); /* the sink is big enough for any input */
         memcpy(s->buf + s->len, buf, k);
         s->len += k;

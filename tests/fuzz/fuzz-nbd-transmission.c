@@ -40,6 +40,7 @@
 
 #include "nbd-transmission.h"
 #include "nbd-wire.h"
+#include "socket-model.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -55,13 +56,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define FD_PIPE_R (INT_MAX - 3)
 #define FD_PIPE_W (INT_MAX - 4)
 #define PIPE_CAP 65536
-#define SNDBUF_DEFAULT 212992
-
-typedef struct Source {
-        const uint8_t *data;
-        size_t avail, pos, total;
-        bool eof;
-} Source;
 
 typedef struct Sink {
         const uint8_t *want; /* what it must be a prefix of */
@@ -97,24 +91,16 @@ static Sink *sink_of(int fd) {
 
 ssize_t __wrap_recv(int fd, void *buf, size_t len, int flags) {
         Source *s = source_of(fd);
-        size_t k;
+        ssize_t k;
 
         if (!s)
                 return __real_recv(fd, buf, len, flags);
         CHECK(flags & MSG_DONTWAIT);
         CHECK(len > 0);
-        if (s->pos == s->avail) {
-                if (s->eof)
-                        return 0;
-                errno = EAGAIN;
-                return -1;
-        }
-        k = MIN(len, s->avail - s->pos);
-        memcpy(buf, s->data + s->pos, k);
-        s->pos += k;
-        if (s == &from_server)
+        k = source_recv(s, buf, len);
+        if (k > 0 && s == &from_server)
                 model_replies();
-        return (ssize_t) k;
+        return k;
 }
 
 /* k bytes at buf go to sink s: checked against what they must repeat. */
@@ -127,21 +113,19 @@ static void sink_take(Sink *s, const void *buf, size_t k) {
 
 ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags) {
         Sink *s = sink_of(fd);
-        size_t k;
+        ssize_t k;
 
         if (!s)
                 return __real_send(fd, buf, len, flags);
         CHECK(flags & MSG_DONTWAIT);
         CHECK(len > 0);
-        if (s->queued >= s->cap) {
-                errno = EAGAIN;
-                return -1;
-        }
-        k = MIN(len, s->cap - s->queued);
-        sink_take(s, buf, k);
+        k = socket_room(s->queued, s->cap, len);
+        if (k < 0)
+                return k;
+        sink_take(s, buf, (size_t) k);
         if (s == &to_server)
                 model_requests();
-        return (ssize_t) k;
+        return k;
 }
 
 ssize_t __wrap_splice(int in, loff_t *off_in, int out, loff_t *off_out, size_t len, unsigned flags) {
