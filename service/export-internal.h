@@ -8,6 +8,7 @@
 #include <sys/types.h>
 #include <systemd/sd-event.h>
 
+#include "control.h"
 #include "engine.h"
 #include "helper.h"
 #include "peer.h"
@@ -17,6 +18,8 @@ typedef struct Export Export;
 
 /* A relay's client waits while QEMU's NBD listener has a full backlog: at most this many. */
 #define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
+/* Connections to the NBD server a relay may hold at once (export-upstreams.c). */
+#define EXPORT_UPSTREAMS_MAX 64 /* the relay's own client limit */
 /* A handed-over export's storage helper that dies is started again this often in a row, after
  * a back-off doubling from EXPORT_HELPER_BACKOFF_MIN_USEC; then the export fails. */
 #define EXPORT_HELPER_RESTARTS 5
@@ -64,6 +67,7 @@ struct Export {
         char *error; /* why it failed, for the Error property; NULL while it did not */
         uint32_t clients;
         LogLimit relay_errors;          /* the relay's "error" messages in our log */
+        LogLimit upstreams_refused;     /* and our warnings when it asks for too many connections */
 
         /* Restored from the state after a restart: waiting for the guest's peer (resuming set
          * once that was asked), and for its address while the old relay holds it. */
@@ -90,9 +94,29 @@ struct Export {
         } pending[UPSTREAM_PENDING_MAX];
         size_t n_pending;
         sd_event_source *retry_source;
+        /* the sockets handed to the relay, maybe still open there (export-upstreams.c) */
+        struct {
+                dev_t dev;
+                ino_t ino;
+        } upstreams[EXPORT_UPSTREAMS_MAX];
+        size_t n_upstreams;
 
         PeerListener listener; /* on the guest's peer, while listed */
 };
+
+/* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
+int export_relay_send(Export *e, const ControlCommand *c, int pass_fd);
+/* export-upstreams.c: a connection to the guest's NBD server for the relay's client n ("connect
+ * n"), now or, while the server's backlog is full, from a timer until a deadline: never a
+ * blocking connect() to a socket a guest's QEMU owns. Refused once the relay holds
+ * EXPORT_UPSTREAMS_MAX. */
+void export_upstream_connect(Export *e, unsigned long n);
+/* 1 if the relay may have one more connection, 0 if it holds
+ * EXPORT_UPSTREAMS_MAX, -EAGAIN if that cannot be told yet (fds on their way to it: ask again
+ * soon), other -errno if it cannot be told. */
+int export_upstreams_room(Export *e);
+/* The socket fd was handed to the relay. 0, or -errno (not counted). */
+int export_upstreams_add(Export *e, int fd);
 
 /* Fails it: the Export() call, if not answered yet, gets error_name (export_fail: HelperFailed). */
 void export_fail_error(Export *e, const char *error_name, const char *why);

@@ -30,10 +30,6 @@
 /* Each relay serves up to 64 clients, each a connection to the guest's QEMU, whose NBD server
  * takes 768 (peer.c): 8 exports leave 256 for the guest's own maps, streams and range pulls. */
 #define EXPORTS_PER_GUEST_MAX 8U
-/* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
- * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
-#define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
-#define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
 /* A restored export's TCP address may still be held by the relay of the daemon before us, which
  * dies with it (PR_SET_PDEATHSIG) but maybe not yet: bind again this often and for this long. */
 #define REBIND_RETRY_USEC (100 * USEC_PER_MSEC)
@@ -103,7 +99,7 @@ static Export *export_free(Export *e) {
 }
 
 /* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
-static int relay_send(Export *e, const ControlCommand *c, int pass_fd) {
+int export_relay_send(Export *e, const ControlCommand *c, int pass_fd) {
         return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
 }
 
@@ -149,7 +145,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 export_emit(e, "State");
         }
         if (e->control_fd >= 0)
-                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_STOP }, -1);
+                (void) export_relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_STOP }, -1);
         if (e->in_qemu && guest_qmp_ready(g))
                 (void) qemu_block_export_del(g->peer.qmp, e->qemu_id, NULL, NULL, NULL);
         if (e->in_qemu) {
@@ -211,94 +207,6 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
         return 0;
 }
 
-static void upstream_refuse(Export *e, unsigned long n, const char *why) {
-        ControlCommand c = { .kind = CONTROL_COMMAND_REFUSED, .number = n, .text = why };
-
-        /* control.c cuts the reason, never the line: the relay takes a cut line for garbage. A
-         * reason it would not take (not printable ASCII) is left out. */
-        if (relay_send(e, &c, -1) == -EINVAL)
-                (void) relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_REFUSED, .number = n }, -1);
-}
-
-/* Hands a fresh connection to QEMU's NBD server to the relay for its client n. Returns -EAGAIN
- * (and hands nothing) while the server's backlog is full. */
-static int upstream_try(Export *e, unsigned long n) {
-        _cleanup_close_ int up = -1;
-        int r;
-
-        if (e->handing_over)
-                return -EAGAIN;
-        up = peer_nbd_server_connect(&e->guest->peer);
-        if (up == -EAGAIN)
-                return up;
-        if (up < 0) {
-                upstream_refuse(e, n, strerror(-up));
-                return 0;
-        }
-        r = relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = n }, up);
-        if (r < 0) {
-                /* Tell it, or its client waits out the relay's timeout for nothing. */
-                log_debug_errno(r, "Export %u: cannot hand a connection to the relay: %m", e->id);
-                upstream_refuse(e, n, "");
-        }
-        return 0;
-}
-
-static int upstream_retry(sd_event_source *s, uint64_t usec, void *userdata) {
-        Export *e = userdata;
-        usec_t now = now_usec(CLOCK_MONOTONIC);
-        size_t k = 0;
-        int r;
-
-        for (size_t i = 0; i < e->n_pending; i++) {
-                if (upstream_try(e, e->pending[i].id) != -EAGAIN)
-                        continue;
-                if (now >= e->pending[i].deadline) {
-                        log_warning("Guest %s: QEMU's NBD server accepts no connection (its backlog is full); "
-                                    "refused a client of export %u.",
-                                e->guest->name, e->id);
-                        upstream_refuse(e, e->pending[i].id, "QEMU's NBD server does not accept connections");
-                        continue;
-                }
-                e->pending[k++] = e->pending[i];
-        }
-        e->n_pending = k;
-        if (k == 0)
-                return sd_event_source_set_enabled(s, SD_EVENT_OFF);
-        r = sd_event_source_set_time(s, now + UPSTREAM_RETRY_USEC);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
-        return r;
-}
-
-/* A connection for the relay's client n, now or, while QEMU's backlog is full, from a timer
- * until the deadline: never a blocking connect() to a socket a guest's QEMU owns. */
-static void upstream_connect(Export *e, unsigned long n, usec_t deadline) {
-        int r;
-
-        if (upstream_try(e, n) != -EAGAIN)
-                return;
-        if (e->n_pending >= UPSTREAM_PENDING_MAX) {
-                upstream_refuse(e, n, "QEMU's NBD server does not accept connections");
-                return;
-        }
-        e->pending[e->n_pending++] = (typeof(e->pending[0])) { .id = n, .deadline = deadline };
-        if (!e->retry_source)
-                r = sd_event_add_time_relative(e->engine->event, &e->retry_source, CLOCK_MONOTONIC,
-                        UPSTREAM_RETRY_USEC, 0, upstream_retry, e);
-        else if (sd_event_source_get_enabled(e->retry_source, NULL) > 0)
-                r = 0;
-        else {
-                r = sd_event_source_set_time_relative(e->retry_source, UPSTREAM_RETRY_USEC);
-                if (r >= 0)
-                        r = sd_event_source_set_enabled(e->retry_source, SD_EVENT_ONESHOT);
-        }
-        if (r < 0) {
-                e->n_pending--;
-                upstream_refuse(e, n, strerror(-r));
-        }
-}
-
 /* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Export *e = userdata;
@@ -349,7 +257,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         export_fail(e, "the NBD relay helper sent a malformed request");
                         return 0;
                 }
-                upstream_connect(e, msg.number, now_usec(CLOCK_MONOTONIC) + UPSTREAM_DEADLINE_USEC);
+                export_upstream_connect(e, msg.number);
         } else if (msg.kind == CONTROL_RELAY_CLIENTS) {
                 if (r < 0 || msg.number > 1000000) {
                         export_fail(e, "the NBD relay helper sent a malformed count");
@@ -500,6 +408,7 @@ static int spawn_relay(Export *e) {
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);
         if (r < 0)
                 return r;
+        e->n_upstreams = 0; /* a new relay holds none */
         r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, relay_exited, e, &e->relay_pid,
                 &e->relay_child, &e->control_fd, &e->log);
         if (r < 0)

@@ -14,6 +14,7 @@ and 9).
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -21,12 +22,15 @@ import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import offline as o  # noqa: E402
 from harness import T, S, MiB  # noqa: E402
 
 HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
                                                               'hostile-pull')
 CHATTY_RELAY = os.environ.get('CHATTY_RELAY') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
                                                               'chatty-relay')
+GREEDY_RELAY = os.environ.get('GREEDY_RELAY') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
+                                                              'greedy-relay')
 ERR_HELPER_FAILED = h.ERR_HELPER_FAILED
 
 
@@ -148,6 +152,40 @@ class ChattyRelayTest(h.TestCase):
         self.assertTrue(noise, 'none of the relay\'s lines logged')
         self.assertLessEqual(len(noise), 500, 'the relay\'s stderr flooded the log')
         self.assertRegex(text, r'\(\d+ lines not logged: more than 10 a second\)')
+
+
+class GreedyRelayTest(h.TestCase):
+    """blockstream-nbd-relay replaced by tests/helpers/greedy-relay.c, which asks for connections
+    to the guest's NBD server without end and keeps them: it gets 64, as many as a relay has
+    places for clients, and more only as it closes some. The old daemon handed it all it asked
+    for: a few such relays fill the server's 768 connections, and the guest's own maps and
+    streams find it full."""
+
+    env_per_test = True
+    needs_daemon = False
+
+    def setUp(self):
+        super().setUp()
+        self.start_daemon_with_helper(GREEDY_RELAY, 'blockstream-nbd-relay')
+
+    def test_relay_holds_at_most_64_connections(self):
+        g = self.new_guest(size=16 * MiB)
+        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
+        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+
+        def clients():
+            return self.client.get(path, 'org.blockstream1.Export', 'Clients')
+        # It asked for 100 and read every answer.
+        h.wait_until(lambda: clients() != 0, 30, 'the greedy relay\'s count after asking for 100')
+        self.assertEqual(clients(), 64)
+        relays = o.relays(self.env)
+        self.assertEqual(len(relays), 1)
+        os.kill(relays[0].pid, signal.SIGUSR1)
+        # It closed 10 and asked for 20 more: 10 of them.
+        h.wait_until(lambda: clients() >= 1000, 30, 'the greedy relay\'s count after asking for 20 more')
+        self.assertEqual(clients() - 1000, 64)
+        self.assertIn('its NBD relay asks for more connections while it holds 64', log_text(self.env.daemon.log))
+        self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'State'), 'serving')
 
 
 class FakeQemu:
