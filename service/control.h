@@ -21,6 +21,9 @@
 #include <stdint.h>
 
 #define CONTROL_MESSAGE_MAX 256
+/* blockstream-nbd-relay's clients at once, each with one connection ("connect N") that the daemon
+ * hands over: the daemon gives a relay no more than this many (export-upstreams.c). */
+#define RELAY_CLIENTS_MAX 64
 /* Room to see (and close) fds beyond those a message may carry. */
 #define CONTROL_FDS_MAX 8
 /* How long a helper waits for room in the daemon's queue to tell it why it fails. */

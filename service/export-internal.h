@@ -17,9 +17,7 @@
 typedef struct Export Export;
 
 /* A relay's client waits while QEMU's NBD listener has a full backlog: at most this many. */
-#define UPSTREAM_PENDING_MAX 64 /* the relay's own client limit */
-/* Connections to the NBD server a relay may hold at once (export-upstreams.c). */
-#define EXPORT_UPSTREAMS_MAX 64 /* the relay's own client limit */
+#define UPSTREAM_PENDING_MAX RELAY_CLIENTS_MAX
 /* A handed-over export's storage helper that dies is started again this often in a row, after
  * a back-off doubling from EXPORT_HELPER_BACKOFF_MIN_USEC; then the export fails. */
 #define EXPORT_HELPER_RESTARTS 5
@@ -94,12 +92,10 @@ struct Export {
         } pending[UPSTREAM_PENDING_MAX];
         size_t n_pending;
         sd_event_source *retry_source;
-        /* the sockets handed to the relay, maybe still open there (export-upstreams.c) */
-        struct {
-                dev_t dev;
-                ino_t ino;
-        } upstreams[EXPORT_UPSTREAMS_MAX];
-        size_t n_upstreams;
+        /* the sockets handed to the relay, each registered here until its last reference goes
+         * (export-upstreams.c); n_upstreams: how many, at the last count and since */
+        int upstreams_epoll_fd;
+        unsigned n_upstreams;
 
         PeerListener listener; /* on the guest's peer, while listed */
 };
@@ -109,14 +105,10 @@ int export_relay_send(Export *e, const ControlCommand *c, int pass_fd);
 /* export-upstreams.c: a connection to the guest's NBD server for the relay's client n ("connect
  * n"), now or, while the server's backlog is full, from a timer until a deadline: never a
  * blocking connect() to a socket a guest's QEMU owns. Refused once the relay holds
- * EXPORT_UPSTREAMS_MAX. */
+ * RELAY_CLIENTS_MAX. */
 void export_upstream_connect(Export *e, unsigned long n);
-/* 1 if the relay may have one more connection, 0 if it holds
- * EXPORT_UPSTREAMS_MAX, -EAGAIN if that cannot be told yet (fds on their way to it: ask again
- * soon), other -errno if it cannot be told. */
-int export_upstreams_room(Export *e);
-/* The socket fd was handed to the relay. 0, or -errno (not counted). */
-int export_upstreams_add(Export *e, int fd);
+/* Forgets the connections handed to a relay: for a new relay, and at the end. */
+void export_upstreams_reset(Export *e);
 
 /* Fails it: the Export() call, if not answered yet, gets error_name (export_fail: HelperFailed). */
 void export_fail_error(Export *e, const char *error_name, const char *why);

@@ -1,101 +1,84 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* The connections to the guest's NBD server that an export's relay holds: at most as many as it
- * has places for clients. The relay asks for one per client ("connect N") and gets the socket;
- * a relay taken over could ask without end and keep every one (up to its open files), taking
- * the server's connections from the guest's own maps and streams, and from the other exports.
- * Each socket handed over is remembered by its inode; when they add up to the limit, the ones
- * the relay still has are read from /proc/PID/fd (the relay is our child: its pid is its own
- * until we reap it). An fd sent but not yet received is in no table, so that count is exact
- * only once the relay has read everything we sent: until then the caller waits and asks again. */
+/* The connections to the guest's NBD server that an export's relay holds: at most one per client
+ * place it has (RELAY_CLIENTS_MAX). The relay asks for one per new client ("connect N") and gets
+ * the socket; a relay taken over could ask without end and keep every one (up to its open
+ * files), taking the server's connections from the guest's own maps and streams, and from the
+ * other exports.
+ *
+ * Each socket handed over is first registered (for no events) in an epoll instance of the
+ * export's, which nobody waits on: the kernel drops a registration only when the last reference
+ * to its socket goes, wherever that is (in the relay's table, or in an SCM_RIGHTS message on its
+ * way there), so the registrations left, listed in /proc/self/fdinfo/<epoll fd>, are exactly the
+ * connections the relay still has. No look into the relay's process, no privilege, no race.
+ *
+ * Requests are served in the order they came: a relay that keeps to its client places asks only
+ * for a new client, when at most RELAY_CLIENTS_MAX - 1 others hold a connection, so it is never
+ * refused. */
 
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <linux/sockios.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
+#include <string.h>
+#include <sys/epoll.h>
 
 #include "export-internal.h"
 #include "guest.h"
 #include "util.h"
 
-#define RELAY_FDS_MAX 4096 /* a relay has 1024 at most: enough to look through */
+/* /proc/self/fdinfo of an epoll fd: a few lines, and one of about 100 bytes a registration. */
+#define FDINFO_MAX (64U * 1024U)
 /* A relay's client waits while QEMU's NBD listener has a full backlog (a QEMU that stopped
- * accepting), or while the count of what the relay holds cannot be told yet: retried this often
- * and for this long; the relay itself gives up after 10 s. */
+ * accepting), retried this often and for this long; the relay itself gives up after 10 s. */
 #define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
 #define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
 
-/* Marks in alive[] the upstreams the relay still has open. 0 or -errno. */
-static int relay_holds(Export *e, bool *alive) {
-        _cleanup_free_ char *path = strdup_printf("/proc/%d/fd", (int) e->relay_pid);
+/* How many registrations the export's epoll instance has left. */
+static int upstreams_alive(Export *e, unsigned *ret) {
+        _cleanup_free_ char *path = strdup_printf("/proc/self/fdinfo/%d", e->upstreams_epoll_fd), *text = NULL;
         unsigned n = 0;
-        DIR *dir;
-        int r = 0;
+        int r;
 
         if (!path)
                 return -ENOMEM;
-        dir = opendir(path);
-        if (!dir)
-                return -errno;
-        for (;;) {
-                struct dirent *de;
-                struct stat st;
-
-                errno = 0;
-                de = readdir(dir);
-                if (!de) {
-                        r = -errno;
-                        break;
-                }
-                if (++n > RELAY_FDS_MAX) {
-                        r = -E2BIG;
-                        break;
-                }
-                /* fstatat() follows the link to the socket itself; one closed meanwhile is gone. */
-                if (de->d_name[0] == '.' || fstatat(dirfd(dir), de->d_name, &st, 0) < 0 || !S_ISSOCK(st.st_mode))
-                        continue;
-                for (size_t i = 0; i < e->n_upstreams; i++)
-                        if (e->upstreams[i].ino == st.st_ino && e->upstreams[i].dev == st.st_dev)
-                                alive[i] = true;
-        }
-        closedir(dir);
-        return r;
-}
-
-int export_upstreams_room(Export *e) {
-        bool alive[EXPORT_UPSTREAMS_MAX] = {};
-        size_t k = 0;
-        int outq, r;
-
-        if (e->n_upstreams < EXPORT_UPSTREAMS_MAX)
-                return 1;
-        if (e->relay_pid <= 0 || e->control_fd < 0)
-                return -ESRCH;
-        if (ioctl(e->control_fd, SIOCOUTQ, &outq) < 0)
-                return -errno;
-        if (outq > 0)
-                return -EAGAIN; /* fds on their way to it */
-        r = relay_holds(e, alive);
+        r = read_file_bounded(path, FDINFO_MAX, &text, NULL);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < e->n_upstreams; i++)
-                if (alive[i])
-                        e->upstreams[k++] = e->upstreams[i];
-        e->n_upstreams = k;
-        return k < EXPORT_UPSTREAMS_MAX;
+        for (const char *p = text; p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+                n += strncmp(p, "tfd:", 4) == 0;
+        *ret = n;
+        return 0;
 }
 
-int export_upstreams_add(Export *e, int fd) {
-        struct stat st;
+/* 1 if the relay may have one more connection, 0 if not, -errno if that cannot be told. */
+static int upstreams_room(Export *e) {
+        unsigned n;
+        int r;
 
-        if (e->n_upstreams >= EXPORT_UPSTREAMS_MAX)
-                return -ENOSPC;
-        if (fstat(fd, &st) < 0)
+        if (e->upstreams_epoll_fd < 0 || e->n_upstreams < RELAY_CLIENTS_MAX)
+                return 1;
+        r = upstreams_alive(e, &n);
+        if (r < 0)
+                return r;
+        e->n_upstreams = n;
+        return n < RELAY_CLIENTS_MAX;
+}
+
+/* Registers the socket fd, about to be handed to the relay. 0 or -errno. */
+static int upstreams_add(Export *e, int fd) {
+        if (e->upstreams_epoll_fd < 0) {
+                e->upstreams_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+                if (e->upstreams_epoll_fd < 0)
+                        return -errno;
+        }
+        if (epoll_ctl(e->upstreams_epoll_fd, EPOLL_CTL_ADD, fd, &(struct epoll_event) { .events = 0 }) < 0)
                 return -errno;
-        e->upstreams[e->n_upstreams++] = (typeof(e->upstreams[0])) { .dev = st.st_dev, .ino = st.st_ino };
+        e->n_upstreams++;
         return 0;
+}
+
+void export_upstreams_reset(Export *e) {
+        closep(&e->upstreams_epoll_fd);
+        e->upstreams_epoll_fd = -1;
+        e->n_upstreams = 0;
 }
 
 static void upstream_refuse(Export *e, unsigned long n, const char *why) {
@@ -109,16 +92,21 @@ static void upstream_refuse(Export *e, unsigned long n, const char *why) {
 
 /* Hands a fresh connection to QEMU's NBD server to the relay for its client n, or refuses it if
  * the relay holds as many as it may. Returns -EAGAIN (and hands nothing) while the server's
- * backlog is full, or while what the relay holds cannot be told. */
+ * backlog is full. */
 static int upstream_try(Export *e, unsigned long n) {
         _cleanup_close_ int up = -1;
         int r;
 
         if (e->handing_over)
                 return -EAGAIN;
-        r = export_upstreams_room(e);
-        if (r == -EAGAIN)
-                return r;
+        r = upstreams_room(e);
+        if (r < 0) {
+                /* Not a reason to turn a client away, nor to let the relay have more. */
+                log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds: %m",
+                        e->guest->name, e->id);
+                upstream_refuse(e, n, strerror(-r));
+                return 0;
+        }
         if (r == 0) {
                 uint64_t dropped;
 
@@ -126,18 +114,9 @@ static int upstream_try(Export *e, unsigned long n) {
                 if (log_limit_pass(&e->upstreams_refused, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
                         log_warning("Guest %s export %u: its NBD relay asks for more connections while it holds %u; "
                                     "refused (%" PRIu64 " more in the last minute, not logged).",
-                                e->guest->name, e->id, EXPORT_UPSTREAMS_MAX, dropped);
+                                e->guest->name, e->id, RELAY_CLIENTS_MAX, dropped);
                 upstream_refuse(e, n, "too many connections");
                 return 0;
-        }
-        if (r < 0) {
-                uint64_t dropped;
-
-                /* Serving goes on; the limit does not hold meanwhile. */
-                if (log_limit_pass(&e->upstreams_refused, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
-                        log_warning_errno(r, "Guest %s export %u: cannot tell which connections its NBD relay holds "
-                                             "(/proc/%d/fd), not counting them: %m",
-                                e->guest->name, e->id, (int) e->relay_pid);
         }
         up = peer_nbd_server_connect(&e->guest->peer);
         if (up == -EAGAIN)
@@ -146,8 +125,11 @@ static int upstream_try(Export *e, unsigned long n) {
                 upstream_refuse(e, n, strerror(-up));
                 return 0;
         }
-        if (r > 0 && export_upstreams_add(e, up) < 0) {
-                upstream_refuse(e, n, "");
+        r = upstreams_add(e, up);
+        if (r < 0) {
+                log_warning_errno(r, "Guest %s export %u: cannot count a connection for its NBD relay: %m",
+                        e->guest->name, e->id);
+                upstream_refuse(e, n, strerror(-r));
                 return 0;
         }
         r = export_relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = n }, up);
@@ -166,13 +148,13 @@ static int upstream_retry(sd_event_source *s, uint64_t usec, void *userdata) {
         int r;
 
         for (size_t i = 0; i < e->n_pending; i++) {
-                if (upstream_try(e, e->pending[i].id) != -EAGAIN)
+                /* In order: once one waits, the ones after it are not tried (their deadlines hold). */
+                if (k == 0 && upstream_try(e, e->pending[i].id) != -EAGAIN)
                         continue;
                 if (now >= e->pending[i].deadline) {
-                        log_warning("Guest %s: QEMU's NBD server accepts no connection for a client of export %u "
-                                    "within %u s (its backlog is full, or the relay reads nothing we send); "
-                                    "refused it.",
-                                e->guest->name, e->id, (unsigned) (UPSTREAM_DEADLINE_USEC / USEC_PER_SEC));
+                        log_warning("Guest %s: QEMU's NBD server accepts no connection (its backlog is full); "
+                                    "refused a client of export %u.",
+                                e->guest->name, e->id);
                         upstream_refuse(e, e->pending[i].id, "QEMU's NBD server does not accept connections");
                         continue;
                 }
@@ -193,7 +175,8 @@ void export_upstream_connect(Export *e, unsigned long n) {
         usec_t deadline = now_usec(CLOCK_MONOTONIC) + UPSTREAM_DEADLINE_USEC;
         int r;
 
-        if (upstream_try(e, n) != -EAGAIN)
+        /* Behind any that wait: in order. */
+        if (e->n_pending == 0 && upstream_try(e, n) != -EAGAIN)
                 return;
         if (e->n_pending >= UPSTREAM_PENDING_MAX) {
                 upstream_refuse(e, n, "QEMU's NBD server does not accept connections");

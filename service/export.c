@@ -83,6 +83,7 @@ static Export *export_free(Export *e) {
         helper_log_free(e->log);
         closep(&e->control_fd);
         closep(&e->listen_fd);
+        export_upstreams_reset(e);
         if (e->unix_path)
                 (void) unlink(e->unix_path);
         free(e->unix_path);
@@ -408,7 +409,7 @@ static int spawn_relay(Export *e) {
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&m->config), &label);
         if (r < 0)
                 return r;
-        e->n_upstreams = 0; /* a new relay holds none */
+        export_upstreams_reset(e); /* a new relay holds none */
         r = guest_spawn_helper(g, RELAY_BINARY, argv, e->listen_fd, label, prefix, relay_exited, e, &e->relay_pid,
                 &e->relay_child, &e->control_fd, &e->log);
         if (r < 0)
@@ -551,7 +552,7 @@ static int export_new(Guest *g, unsigned id, const char *alias, const char *disk
                 return -ENOMEM;
         e->engine = g->engine;
         e->guest = g;
-        e->listen_fd = e->control_fd = -1;
+        e->listen_fd = e->control_fd = e->upstreams_epoll_fd = -1;
         e->id = id;
         e->alias = strdup(alias);
         e->disk_path = strdup(disk_path);
@@ -595,8 +596,8 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
 
-        for (Export *x = m->exports; x; x = x->next)
-                n += x->guest == g;
+        for (Export *x = m->exports; x; x = x->next) /* a failed one holds no relay: not counted */
+                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING);
         if (n >= EXPORTS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "

@@ -60,7 +60,7 @@
 #endif
 
 #define LISTEN_FD 3
-#define CLIENTS_MAX 64
+#define CLIENTS_MAX RELAY_CLIENTS_MAX /* control.h: the daemon hands over no more */
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
 /* From the upstream's arrival to the transmission phase. */
 #define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)

@@ -520,6 +520,27 @@ class ExportClientsTest(h.TestCase):
         held.append(o.nbd_hold(o.unix_socket_of(exports[1][1])))
         self.assertEqual(o.nbd_size(exports[1][1]), SIZE)
 
+    def test_clients_come_and_go_at_the_relays_limit(self):
+        """A relay at its 64 clients whose clients leave and others come: each new one gets its
+        connection to QEMU (the daemon counts what the relay holds, and a relay that keeps to
+        its places is never refused)."""
+        g = self.new_guest(size=SIZE)
+        path, uri = o.export(g.disk())
+        self.addCleanup(lambda: self.client.try_call(path, o.IFACE_EXPORT, 'Stop', timeout=10))
+        sock = o.unix_socket_of(uri)
+        held = [o.nbd_hold(sock) for _ in range(64)]
+        self.addCleanup(lambda: [c.close() for c in held])
+        for _ in range(3):
+            for c in held[:10]:
+                c.close()
+            self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 54, 10)
+            held[:10] = [o.nbd_hold(sock) for _ in range(10)]
+            self.client.wait_prop(path, o.IFACE_EXPORT, 'Clients', 64, 10)
+            c = held[0]
+            c.sendall(o.nbd_request(o.NBD_CMD_READ, 1, 0, 4096))
+            self.assertEqual(o.nbd_simple_read_reply(c, 4096)[0], 1)
+        self.assertNotIn('asks for more connections', open(self.env.daemon.log, errors='replace').read())
+
     def test_exports_per_guest_are_bounded(self):
         """8 exports of a guest at most: their relays' 64 clients each take 512 of QEMU's 768
         connections, not all of them. A 9th gets Busy and leaves nothing behind."""
@@ -536,7 +557,16 @@ class ExportClientsTest(h.TestCase):
         self.assertEqual(o.exports_on_bus(self.client), sorted(p for p, _ in made))
         self.assertEqual(sorted(r.pid for r in o.relays(self.env)), relays)
         self.assertSnapshotEqual(before, self.snapshot(), 'a refused 9th Export')
-        # Another guest is not counted with it; one stopped makes room again.
+        # A failed export holds no relay and is not counted; another guest's are not either; one
+        # stopped makes room again.
+        os.kill(o.relays(self.env)[0].pid, signal.SIGKILL)
+        h.wait_until(lambda: any(self.client.get(p, o.IFACE_EXPORT, 'State') == 'failed' for p, _ in made), 10,
+                     'an export to fail with its relay')
+        failed = [p for p, _ in made if self.client.get(p, o.IFACE_EXPORT, 'State') == 'failed']
+        p, _ = o.export(g.disk('vda'))
+        self.client.call(p, o.IFACE_EXPORT, 'Stop')
+        self.client.call(failed[0], o.IFACE_EXPORT, 'Stop')
+        made = [m for m in made if m[0] != failed[0]]
         other = self.new_guest(size=SIZE)
         p, _ = o.export(other.disk())
         self.client.call(p, o.IFACE_EXPORT, 'Stop')
