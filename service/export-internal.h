@@ -94,8 +94,10 @@ struct Export {
         sd_event_source *retry_source;
         /* the sockets handed to the relay, each registered here until its last reference goes
          * (export-upstreams.c); n_upstreams: how many, at the last count and since */
-        int upstreams_epoll_fd;
+        int upstreams_epoll_fd, upstreams_sentinel_fd;
         unsigned n_upstreams;
+        usec_t upstreams_full_since; /* counted full, with nothing on its way to the relay */
+        LogLimit upstreams_errors;   /* our warnings when they cannot be counted */
 
         PeerListener listener; /* on the guest's peer, while listed */
 };

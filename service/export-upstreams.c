@@ -10,15 +10,24 @@
  * export's, which nobody waits on: the kernel drops a registration only when the last reference
  * to its socket goes, wherever that is (in the relay's table, or in an SCM_RIGHTS message on its
  * way there), so the registrations left, listed in /proc/self/fdinfo/<epoll fd>, are exactly the
- * connections the relay still has. No look into the relay's process, no privilege, no race.
+ * connections the relay still has. No look into the relay's process, no privilege.
  *
- * Requests are served in the order they came: a relay that keeps to its client places asks only
- * for a new client, when at most RELAY_CLIENTS_MAX - 1 others hold a connection, so it is never
- * refused. */
+ * A socket on its way to the relay is counted, as it should be, also one for a client that left
+ * meanwhile, which the relay closes as it arrives. So the count is taken as full only once it
+ * has been full for UPSTREAM_RETRY_USEC and nothing we sent is still unread (SIOCOUTQ): a relay that
+ * keeps to its client places, asking only for a new client when at most RELAY_CLIENTS_MAX - 1
+ * others hold a connection, is then not refused; until then the request waits. Requests are
+ * served in the order they came.
+ *
+ * An eventfd is registered first and for good: a count without it (an fdinfo that lists no
+ * registrations) is an error, never an empty relay. */
 
 #include <errno.h>
+#include <linux/sockios.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 
 #include "export-internal.h"
 #include "guest.h"
@@ -31,7 +40,7 @@
 #define UPSTREAM_RETRY_USEC (100 * USEC_PER_MSEC)
 #define UPSTREAM_DEADLINE_USEC (5 * USEC_PER_SEC)
 
-/* How many registrations the export's epoll instance has left. */
+/* How many sockets are registered in the export's epoll instance, besides the eventfd. */
 static int upstreams_alive(Export *e, unsigned *ret) {
         _cleanup_free_ char *path = strdup_printf("/proc/self/fdinfo/%d", e->upstreams_epoll_fd), *text = NULL;
         unsigned n = 0;
@@ -44,14 +53,18 @@ static int upstreams_alive(Export *e, unsigned *ret) {
                 return r;
         for (const char *p = text; p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
                 n += strncmp(p, "tfd:", 4) == 0;
-        *ret = n;
+        if (n == 0)
+                return -EIO; /* not even the eventfd: this kernel does not list them */
+        *ret = n - 1;
         return 0;
 }
 
-/* 1 if the relay may have one more connection, 0 if not, -errno if that cannot be told. */
+/* 1 if the relay may have one more connection, 0 if not, -EAGAIN if that is to be asked again
+ * shortly, other -errno if it cannot be told. */
 static int upstreams_room(Export *e) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
         unsigned n;
-        int r;
+        int outq, r;
 
         if (e->upstreams_epoll_fd < 0 || e->n_upstreams < RELAY_CLIENTS_MAX)
                 return 1;
@@ -59,15 +72,32 @@ static int upstreams_room(Export *e) {
         if (r < 0)
                 return r;
         e->n_upstreams = n;
-        return n < RELAY_CLIENTS_MAX;
+        if (n < RELAY_CLIENTS_MAX) {
+                e->upstreams_full_since = 0;
+                return 1;
+        }
+        if (e->upstreams_full_since == 0)
+                e->upstreams_full_since = now;
+        if (ioctl(e->control_fd, SIOCOUTQ, &outq) < 0)
+                return -errno;
+        if (outq > 0 || now < e->upstreams_full_since + UPSTREAM_RETRY_USEC)
+                return -EAGAIN; /* the relay has yet to read (and maybe close) some */
+        return 0;
 }
 
 /* Registers the socket fd, about to be handed to the relay. 0 or -errno. */
 static int upstreams_add(Export *e, int fd) {
         if (e->upstreams_epoll_fd < 0) {
-                e->upstreams_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-                if (e->upstreams_epoll_fd < 0)
+                _cleanup_close_ int epfd = epoll_create1(EPOLL_CLOEXEC), sentinel = eventfd(0, EFD_CLOEXEC);
+
+                if (epfd < 0 || sentinel < 0)
                         return -errno;
+                /* The eventfd stays open as long as the instance (export_upstreams_reset()), so
+                 * its registration is always listed. */
+                if (epoll_ctl(epfd, EPOLL_CTL_ADD, sentinel, &(struct epoll_event) { .events = 0 }) < 0)
+                        return -errno;
+                e->upstreams_epoll_fd = TAKE_FD(epfd);
+                e->upstreams_sentinel_fd = TAKE_FD(sentinel);
         }
         if (epoll_ctl(e->upstreams_epoll_fd, EPOLL_CTL_ADD, fd, &(struct epoll_event) { .events = 0 }) < 0)
                 return -errno;
@@ -77,8 +107,10 @@ static int upstreams_add(Export *e, int fd) {
 
 void export_upstreams_reset(Export *e) {
         closep(&e->upstreams_epoll_fd);
-        e->upstreams_epoll_fd = -1;
+        closep(&e->upstreams_sentinel_fd);
+        e->upstreams_epoll_fd = e->upstreams_sentinel_fd = -1;
         e->n_upstreams = 0;
+        e->upstreams_full_since = 0;
 }
 
 static void upstream_refuse(Export *e, unsigned long n, const char *why) {
@@ -95,21 +127,24 @@ static void upstream_refuse(Export *e, unsigned long n, const char *why) {
  * backlog is full. */
 static int upstream_try(Export *e, unsigned long n) {
         _cleanup_close_ int up = -1;
+        uint64_t dropped;
         int r;
 
         if (e->handing_over)
                 return -EAGAIN;
         r = upstreams_room(e);
+        if (r == -EAGAIN)
+                return r;
         if (r < 0) {
-                /* Not a reason to turn a client away, nor to let the relay have more. */
-                log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds: %m",
-                        e->guest->name, e->id);
+                /* Nor a reason to let the relay have more: this client is refused. */
+                if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+                        log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds "
+                                             "(%" PRIu64 " more in the last minute, not logged): %m",
+                                e->guest->name, e->id, dropped);
                 upstream_refuse(e, n, strerror(-r));
                 return 0;
         }
         if (r == 0) {
-                uint64_t dropped;
-
                 /* A relay keeps to its 64 clients: this one does not. The first, then one a minute. */
                 if (log_limit_pass(&e->upstreams_refused, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
                         log_warning("Guest %s export %u: its NBD relay asks for more connections while it holds %u; "
@@ -127,8 +162,10 @@ static int upstream_try(Export *e, unsigned long n) {
         }
         r = upstreams_add(e, up);
         if (r < 0) {
-                log_warning_errno(r, "Guest %s export %u: cannot count a connection for its NBD relay: %m",
-                        e->guest->name, e->id);
+                if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+                        log_warning_errno(r, "Guest %s export %u: cannot count a connection for its NBD relay "
+                                             "(%" PRIu64 " more in the last minute, not logged): %m",
+                                e->guest->name, e->id, dropped);
                 upstream_refuse(e, n, strerror(-r));
                 return 0;
         }

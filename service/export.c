@@ -37,6 +37,8 @@
 /* From the relay's spawn to its "ready": it only sets up its sandbox and says so. A relay that
  * hangs there would keep Export()'s caller waiting for ever. */
 #define RELAY_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
+/* A failed export's relay has this long to exit after "stop" before it is killed. */
+#define RELAY_STOP_USEC (2 * USEC_PER_SEC)
 
 const char *const export_state_table[] = {
         [EXPORT_STARTING] = "starting",
@@ -165,6 +167,11 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 e->control_fd = -1;
                 closep(&e->listen_fd);
                 e->listen_fd = -1;
+                export_upstreams_reset(e);
+                /* Told to stop, and its control socket closed: a relay still there then is one
+                 * taken over, holding its connections to QEMU. */
+                if (e->relay_child)
+                        (void) helper_kill_after(e->relay_child, RELAY_STOP_USEC);
                 if (e->unix_path)
                         (void) unlink(e->unix_path);
                 peer_nbd_server_release_if_unused(&g->peer);
@@ -552,7 +559,7 @@ static int export_new(Guest *g, unsigned id, const char *alias, const char *disk
                 return -ENOMEM;
         e->engine = g->engine;
         e->guest = g;
-        e->listen_fd = e->control_fd = e->upstreams_epoll_fd = -1;
+        e->listen_fd = e->control_fd = e->upstreams_epoll_fd = e->upstreams_sentinel_fd = -1;
         e->id = id;
         e->alias = strdup(alias);
         e->disk_path = strdup(disk_path);
@@ -596,8 +603,8 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
 
-        for (Export *x = m->exports; x; x = x->next) /* a failed one holds no relay: not counted */
-                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING);
+        for (Export *x = m->exports; x; x = x->next) /* a failed one counts until its relay is gone */
+                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING || x->relay_pid > 0);
         if (n >= EXPORTS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "

@@ -5,7 +5,8 @@
  * HelperDirectory= of its own): a relay may hold as many as it has places for clients (64),
  * or the exports' clients, and then the guest's own maps and streams, find the server full. It
  * says what it got in "clients K" messages: K = the connections it holds after asking for 100;
- * then, on SIGUSR1, it closes 10 of them, asks for 20 more, and says 1000 + what it holds. */
+ * then, on SIGUSR1, it closes 10 of them, asks for 20 more, and says 1000 + what it holds; on a
+ * second SIGUSR1 it says something malformed (the export fails) and stays, holding them all. */
 
 #include <signal.h>
 #include <stdio.h>
@@ -69,6 +70,8 @@ int main(void) {
         for (int i = 0; i < 10 && n_held > 0; i++)
                 close(held[--n_held]);
         if (ask(101, 121) < 0 || say("clients", 1000 + n_held) < 0)
+                return 1;
+        if (sigwait(&usr1, &sig) != 0 || say("hello", -1) < 0)
                 return 1;
         for (;;)
                 pause();

@@ -186,6 +186,12 @@ class GreedyRelayTest(h.TestCase):
         self.assertEqual(clients() - 1000, 64)
         self.assertIn('its NBD relay asks for more connections while it holds 64', log_text(self.env.daemon.log))
         self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'State'), 'serving')
+        # Then it says something malformed: the export fails, and the relay, which stays (with
+        # its 64 connections to QEMU, and not counted among the guest's 8 exports once failed),
+        # is killed.
+        os.kill(relays[0].pid, signal.SIGUSR1)
+        self.client.wait_prop(path, 'org.blockstream1.Export', 'State', 'failed', 30)
+        o.wait_gone(relays[0].pid, 10, 'the failed export\'s relay to be killed')
 
 
 class FakeQemu:
