@@ -122,6 +122,18 @@ static void upstream_refuse(Export *e, unsigned long n, const char *why) {
                 (void) export_relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_REFUSED, .number = n }, -1);
 }
 
+/* The relay's connections cannot be counted (r): no reason to let it have more either, so its
+ * client n is refused. */
+static void refuse_uncounted(Export *e, unsigned long n, int r) {
+        uint64_t dropped;
+
+        if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+                log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds "
+                                     "(%" PRIu64 " more in the last minute, not logged): %m",
+                        e->guest->name, e->id, dropped);
+        upstream_refuse(e, n, strerror(-r));
+}
+
 /* Hands a fresh connection to QEMU's NBD server to the relay for its client n, or refuses it if
  * the relay holds as many as it may. Returns -EAGAIN (and hands nothing) while the server's
  * backlog is full. */
@@ -136,12 +148,7 @@ static int upstream_try(Export *e, unsigned long n) {
         if (r == -EAGAIN)
                 return r;
         if (r < 0) {
-                /* Nor a reason to let the relay have more: this client is refused. */
-                if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
-                        log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds "
-                                             "(%" PRIu64 " more in the last minute, not logged): %m",
-                                e->guest->name, e->id, dropped);
-                upstream_refuse(e, n, strerror(-r));
+                refuse_uncounted(e, n, r);
                 return 0;
         }
         if (r == 0) {
@@ -162,11 +169,7 @@ static int upstream_try(Export *e, unsigned long n) {
         }
         r = upstreams_add(e, up);
         if (r < 0) {
-                if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
-                        log_warning_errno(r, "Guest %s export %u: cannot count a connection for its NBD relay "
-                                             "(%" PRIu64 " more in the last minute, not logged): %m",
-                                e->guest->name, e->id, dropped);
-                upstream_refuse(e, n, strerror(-r));
+                refuse_uncounted(e, n, r);
                 return 0;
         }
         r = export_relay_send(e, &(ControlCommand) { .kind = CONTROL_COMMAND_UPSTREAM, .number = n }, up);
