@@ -127,7 +127,7 @@ static void upstream_refuse(Export *e, unsigned long n, const char *why) {
 static void refuse_uncounted(Export *e, unsigned long n, int r) {
         uint64_t dropped;
 
-        if (log_limit_pass(&e->upstreams_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+        if (log_limit_minutely(&e->upstreams_errors, now_usec(CLOCK_MONOTONIC), &dropped))
                 log_warning_errno(r, "Guest %s export %u: cannot count the connections its NBD relay holds "
                                      "(%" PRIu64 " more in the last minute, not logged): %m",
                         e->guest->name, e->id, dropped);
@@ -153,7 +153,7 @@ static int upstream_try(Export *e, unsigned long n) {
         }
         if (r == 0) {
                 /* A relay keeps to its 64 clients: this one does not. The first, then one a minute. */
-                if (log_limit_pass(&e->upstreams_refused, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+                if (log_limit_minutely(&e->upstreams_refused, now_usec(CLOCK_MONOTONIC), &dropped))
                         log_warning("Guest %s export %u: its NBD relay asks for more connections while it holds %u; "
                                     "refused (%" PRIu64 " more in the last minute, not logged).",
                                 e->guest->name, e->id, RELAY_CLIENTS_MAX, dropped);

@@ -281,7 +281,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 
                 /* The first, then at most one a minute, with a count: a relay taken over could push
                  * the daemon past journald's rate limit, which drops all the daemon's messages. */
-                if (!log_limit_pass(&e->relay_errors, 1.0 / 60, 1.0, now_usec(CLOCK_MONOTONIC), &dropped))
+                if (!log_limit_minutely(&e->relay_errors, now_usec(CLOCK_MONOTONIC), &dropped))
                         return 0;
                 (void) text_sanitize_buf(text, sizeof(text), msg.text, msg.text_len);
                 log_warning("Export %u relay: %s (%" PRIu64 " more in the last minute, not logged)", e->id, text,

@@ -150,7 +150,7 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                 /* The first, then at most one warning a minute with a count: a QEMU sending 200 a
                  * second would otherwise exceed journald's rate limit for the whole daemon, and
                  * the other guests' messages would be dropped with them. */
-                if (log_limit_pass(&g->malformed_log, 1.0 / 60, 1.0, mono, &dropped))
+                if (log_limit_minutely(&g->malformed_log, mono, &dropped))
                         log_warning("Guest %s: ignoring malformed %s event from QEMU (%" PRIu64
                                     " more ignored since the last such message, which come at most once a minute).",
                                 g->name, event, dropped);

@@ -159,6 +159,10 @@ bool log_limit_pass(LogLimit *l, double rate, double burst, usec_t now, uint64_t
         return true;
 }
 
+bool log_limit_minutely(LogLimit *l, usec_t now, uint64_t *ret_dropped) {
+        return log_limit_pass(l, 1.0 / 60, 1.0, now, ret_dropped);
+}
+
 void escape_controls(const char *in, char *out, size_t size) {
         size_t n = 0;
 

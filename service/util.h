@@ -169,6 +169,8 @@ typedef struct LogLimit {
         uint64_t dropped;
 } LogLimit;
 bool log_limit_pass(LogLimit *l, double rate, double burst, usec_t now, uint64_t *ret_dropped);
+/* The first, then at most one a minute: log_limit_pass() at 1/60 a second, a burst of one. */
+bool log_limit_minutely(LogLimit *l, usec_t now, uint64_t *ret_dropped);
 
 /* in as it is, but for its control characters (C0, DEL, and C1 as UTF-8), written as \xNN: text
  * from QEMU, a helper or a client, safe on a terminal and on one line. Cut to fit size (at least

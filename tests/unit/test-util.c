@@ -791,12 +791,12 @@ static void test_log_limit(void) {
 
         /* One a minute: the first passes, the next within the minute do not, then one passes
          * with their count. */
-        ASSERT_TRUE(log_limit_pass(&l, 1.0 / 60, 1.0, t, &dropped));
+        ASSERT_TRUE(log_limit_minutely(&l, t, &dropped));
         ASSERT_EQ_U64(dropped, 0);
         for (int i = 0; i < 3; i++)
-                ASSERT_FALSE(log_limit_pass(&l, 1.0 / 60, 1.0, t + (usec_t) i * USEC_PER_SEC, &dropped));
-        ASSERT_FALSE(log_limit_pass(&l, 1.0 / 60, 1.0, t + 59 * USEC_PER_SEC, &dropped));
-        ASSERT_TRUE(log_limit_pass(&l, 1.0 / 60, 1.0, t + 60 * USEC_PER_SEC, &dropped));
+                ASSERT_FALSE(log_limit_minutely(&l, t + (usec_t) i * USEC_PER_SEC, &dropped));
+        ASSERT_FALSE(log_limit_minutely(&l, t + 59 * USEC_PER_SEC, &dropped));
+        ASSERT_TRUE(log_limit_minutely(&l, t + 60 * USEC_PER_SEC, &dropped));
         ASSERT_EQ_U64(dropped, 4);
 
         /* A burst of 3 at 10 a second: 3 at once, then one per 100 ms; a long pause refills to 3
