@@ -300,6 +300,36 @@ static void test_error_reply(void) {
         fake_call_done(&e);
 }
 
+/* A call, then raw (or, with raw NULL, the call's answer and then a second one): the connection
+ * ends, and the call has heard exactly once, its answer or (with raw) that the connection went. */
+static void check_reply_ends_connection(const char *raw) {
+        Fake f;
+        FakeCall c = {};
+        json_object *cmd;
+
+        if (!setup(&f))
+                return;
+        cmd = call_and_receive(&f, &c, "query-status", NULL);
+        if (raw)
+                ASSERT_OK(fake_send_str(&f, raw));
+        else {
+                ASSERT_OK(fake_reply(&f, cmd, "{\"running\": true}"));
+                fake_run_until(&f, cond_call_done, &c, 3 * SEC);
+                ASSERT_EQ(c.n_handler, 1);
+                ASSERT_EQ(c.error, 0);
+                ASSERT_EQ(f.n_failed, 0);
+                ASSERT_OK(fake_reply(&f, cmd, "{}"));
+        }
+        ASSERT_TRUE(fake_wait_failed(&f, 3 * SEC));
+        ASSERT_EQ(f.n_failed, 1);
+        ASSERT_EQ(c.n_handler, 1);
+        if (raw)
+                ASSERT_NEG(c.error); /* the pending call hears that the connection went */
+        json_object_put(cmd);
+        fake_call_done(&c);
+        fake_free(&f);
+}
+
 /* A reply QEMU was never asked for costs it nothing to send and the daemon a parse each: an
  * invented id, or a second reply to an answered call, ends the connection (a late reply to a
  * call that timed out is taken: test_call_timeout). */
@@ -310,47 +340,9 @@ static void test_unknown_id_ends_connection(void) {
                 "{\"return\": {}, \"id\": 0}\r\n",
         };
 
-        for (size_t i = 0; i < ELEMENTSOF(replies); i++) {
-                Fake f;
-                FakeCall c = {};
-                json_object *cmd;
-
-                if (!setup(&f))
-                        return;
-                cmd = call_and_receive(&f, &c, "query-status", NULL);
-                ASSERT_OK(fake_send_str(&f, replies[i]));
-                ASSERT_TRUE(fake_wait_failed(&f, 3 * SEC));
-                ASSERT_EQ(f.n_failed, 1);
-                /* The pending call hears that the connection went. */
-                ASSERT_EQ(c.n_handler, 1);
-                ASSERT_NEG(c.error);
-                json_object_put(cmd);
-                fake_call_done(&c);
-                fake_free(&f);
-        }
-
-        /* A second reply to the same id. */
-        {
-                Fake f;
-                FakeCall c = {};
-                json_object *cmd;
-
-                if (!setup(&f))
-                        return;
-                cmd = call_and_receive(&f, &c, "query-status", NULL);
-                ASSERT_OK(fake_reply(&f, cmd, "{\"running\": true}"));
-                fake_run_until(&f, cond_call_done, &c, 3 * SEC);
-                ASSERT_EQ(c.n_handler, 1);
-                ASSERT_EQ(c.error, 0);
-                ASSERT_EQ(f.n_failed, 0);
-                ASSERT_OK(fake_reply(&f, cmd, "{}"));
-                ASSERT_TRUE(fake_wait_failed(&f, 3 * SEC));
-                ASSERT_EQ(f.n_failed, 1);
-                ASSERT_EQ(c.n_handler, 1);
-                json_object_put(cmd);
-                fake_call_done(&c);
-                fake_free(&f);
-        }
+        for (size_t i = 0; i < ELEMENTSOF(replies); i++)
+                check_reply_ends_connection(replies[i]);
+        check_reply_ends_connection(NULL); /* a second reply to the same id */
 }
 
 static void test_null_handler(void) {
