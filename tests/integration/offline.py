@@ -308,6 +308,17 @@ NBD_REP_MAGIC = 0x3E889045565A9
 NBD_OPT_GO, NBD_REP_ACK = 7, 1
 
 
+def recv_exact(c, n, what='the connection'):
+    """n bytes from socket c; AssertionError if the server closes what before."""
+    b = bytearray()
+    while len(b) < n:
+        more = c.recv(min(n - len(b), 1 << 20))
+        if not more:
+            raise AssertionError('the server closed %s (%d of %d bytes)' % (what, len(b), n))
+        b += more
+    return bytes(b)
+
+
 def nbd_hold(path, name=b'', timeout=30):
     """A client of the NBD server at path (a unix socket, or a (host, port) pair for TCP) that
     negotiates export name (NBD_OPT_GO, fixed newstyle; "" is an export relay's own) and then
@@ -319,13 +330,7 @@ def nbd_hold(path, name=b'', timeout=30):
         c.connect(path)
 
     def take(n):
-        b = b''
-        while len(b) < n:
-            more = c.recv(n - len(b))
-            if not more:
-                raise AssertionError('the server closed a client in its handshake (%d of %d bytes)' % (len(b), n))
-            b += more
-        return b
+        return recv_exact(c, n, 'a client in its handshake')
 
     greeting = take(18)
     if struct.unpack('>8sQH', greeting)[1] != NBD_OPTS_MAGIC:
@@ -351,16 +356,6 @@ NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
 def nbd_request(cmd, handle, offset, length, flags=0):
     """One request of the transmission phase (compact headers)."""
     return struct.pack('>IHHQQI', NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length)
-
-
-def recv_exact(c, n):
-    b = bytearray()
-    while len(b) < n:
-        more = c.recv(min(n - len(b), 1 << 20))
-        if not more:
-            raise AssertionError('the server closed the connection (%d of %d bytes)' % (len(b), n))
-        b += more
-    return bytes(b)
 
 
 def nbd_simple_read_reply(c, length):
