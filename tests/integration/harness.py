@@ -1632,6 +1632,33 @@ class TestCase(unittest.TestCase):
             snap['graph'] = graphs
         return snap
 
+    def _writer_idle(self):
+        """Every thread of the daemon but its main one waits on a futex: the state writer waits
+        for work only with none queued (service/state-writer.c)."""
+        pid = self.env.daemon.proc.pid
+        try:
+            tids = [t for t in os.listdir('/proc/%d/task' % pid) if int(t) != pid]
+            return all('futex' in open('/proc/%d/task/%s/wchan' % (pid, t)).read() for t in tids)
+        except OSError:
+            return False
+
+    def settled_snapshot(self, quiet=0.5, timeout=30):
+        """snapshot() once the daemon's state files have settled: the daemon writes them from a
+        thread of its own (service/state-writer.h), after the calls that asked for them have been
+        answered. Settled: its writer idle, no write in progress (no .tmp file), and the same
+        quiet seconds later."""
+        deadline = time.monotonic() + timeout
+        last = self.snapshot()
+        while True:
+            time.sleep(quiet)
+            idle = self._writer_idle()
+            snap = self.snapshot()
+            if idle and snap['state'] == last['state'] and not any('.tmp' in p for p in snap['state']):
+                return snap
+            if time.monotonic() > deadline:
+                self.fail('the state directory did not settle within %d s' % timeout)
+            last = snap
+
     def assertSnapshotEqual(self, before, after, what):
         self.assertEqual(before['state'], after['state'], '%s changed the state directory' % what)
         self.assertEqual(before['jobs'], after['jobs'], '%s changed the block jobs in QEMU' % what)

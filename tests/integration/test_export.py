@@ -549,14 +549,16 @@ class ExportClientsTest(h.TestCase):
         for k in range(8):
             made.append(o.export(g.disk('vda' if k % 2 else 'vdb')))
             self.addCleanup(lambda p=made[-1][0]: self.client.try_call(p, o.IFACE_EXPORT, 'Stop', timeout=10))
-        before = self.snapshot()
+        # The exports' state files are written by the daemon's writer thread after Export()
+        # returned: compare once they are on disk.
+        before = self.settled_snapshot()
         relays = sorted(r.pid for r in o.relays(self.env))
         self.assertEqual(len(relays), 8)
         for alias in ('vda', 'vdb'):
             self.assertDBusError(h.ERR_BUSY, o.export, g.disk(alias))
         self.assertEqual(o.exports_on_bus(self.client), sorted(p for p, _ in made))
         self.assertEqual(sorted(r.pid for r in o.relays(self.env)), relays)
-        self.assertSnapshotEqual(before, self.snapshot(), 'a refused 9th Export')
+        self.assertSnapshotEqual(before, self.settled_snapshot(), 'a refused 9th Export')
         # A failed export holds no relay and is not counted; another guest's are not either; one
         # stopped makes room again.
         os.kill(o.relays(self.env)[0].pid, signal.SIGKILL)
