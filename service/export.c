@@ -101,7 +101,6 @@ static Export *export_free(Export *e) {
         return NULL;
 }
 
-/* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
 int export_relay_send(Export *e, const ControlCommand *c, int pass_fd) {
         return control_send_command(e->control_fd, MSG_NOSIGNAL | MSG_DONTWAIT, c, pass_fd);
 }
