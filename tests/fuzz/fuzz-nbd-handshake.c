@@ -44,12 +44,6 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(x) \
-        do { \
-                if (!(x)) \
-                        abort(); \
-        } while (0)
-
 /* What the relay wrote, kept for the checks; an option is amplified at most ~20 times (LIST with
  * the long name), so 64 KiB of input stays well below this. */
 #define SINK_MAX (4 * 1024 * 1024)

@@ -45,12 +45,6 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(x) \
-        do { \
-                if (!(x)) \
-                        abort(); \
-        } while (0)
-
 #define FD_CLIENT (INT_MAX - 1)
 #define FD_SERVER (INT_MAX - 2)
 #define FD_PIPE_R (INT_MAX - 3)

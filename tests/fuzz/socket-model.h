@@ -7,10 +7,18 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 
 #include "util.h"
+
+/* A harness's own checks: abort() is what libFuzzer reports. */
+#define CHECK(x) \
+        do { \
+                if (!(x)) \
+                        abort(); \
+        } while (0)
 
 /* A unix stream socket's default send buffer (net.core.wmem_default). */
 #define SNDBUF_DEFAULT 212992
