@@ -14,6 +14,8 @@ typedef struct WriteOp {
         size_t len;
         mode_t mode;
         uint64_t ticket; /* the first put this op carries out (a later put of the path joins it) */
+        unsigned failures; /* tries that failed: it is tried again, at retry_at (CLOCK_MONOTONIC) */
+        usec_t retry_at;
 } WriteOp;
 
 /* On the loop's side only: what to call once a put is on disk. */
@@ -35,6 +37,7 @@ struct StateWriter {
         char *busy_path;      /* what the thread is writing now, NULL: nothing */
         uint64_t busy_ticket; /* and the ticket of that op */
         bool stopping;
+        LogLimit retry_log; /* the warnings of writes that failed again */
 
         /* The loop's side. */
         uint64_t next_ticket;
@@ -60,10 +63,56 @@ static int op_run(const WriteOp *op) {
         return write_file_atomic(op->path, op->data, op->len, op->mode);
 }
 
-static void op_run_logged(const WriteOp *op) {
-        int r = op_run(op);
-        if (r < 0)
-                log_error_errno(r, "Failed to %s %s: %m", op->data ? "write" : "remove", op->path);
+/* A write that failed (a full or failing disk) is not dropped: what follows it (the next step of a
+ * job, recorded as done) must not act on a state the file does not hold. It goes back to the head
+ * of the queue, to be tried again after 0.1 s, doubling up to 10 s; a later put of its path
+ * replaces its data, and the puts after it wait, in order. Only a writer that stops gives up. */
+#define RETRY_FIRST_USEC (100 * USEC_PER_MSEC)
+#define RETRY_MAX_USEC (10 * USEC_PER_SEC)
+
+/* With the lock held: op failed with r; it goes back to the head (stopping: dropped, returns
+ * NULL). */
+static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
+        usec_t now = now_usec(CLOCK_MONOTONIC), delay = RETRY_FIRST_USEC;
+        uint64_t dropped = 0;
+
+        for (unsigned i = 0; i < op->failures && delay < RETRY_MAX_USEC; i++)
+                delay *= 2;
+        delay = MIN(delay, RETRY_MAX_USEC);
+        if (op->failures == 0)
+                log_error_errno(r, "Failed to %s %s: %m%s", op->data ? "write" : "remove", op->path,
+                        w->stopping ? "" : "; trying again, and what follows it waits");
+        else if (w->stopping || log_limit_minutely(&w->retry_log, now, &dropped))
+                log_error_errno(r, "Failed again to %s %s (%u times, %" PRIu64 " such warnings left out): %m",
+                        op->data ? "write" : "remove", op->path, op->failures + 1, dropped);
+        if (w->stopping)
+                return op_free(op);
+        op->failures++;
+        op->retry_at = now + delay;
+        op->next = w->head;
+        w->head = op;
+        if (!w->tail)
+                w->tail = op;
+        return op;
+}
+
+/* With the lock held: wait for the head to be due, or for stopping. */
+static void wait_for_work(StateWriter *w) {
+        while (!w->stopping) {
+                usec_t now;
+                struct timespec ts;
+
+                if (!w->head) {
+                        pthread_cond_wait(&w->wake, &w->lock);
+                        continue;
+                }
+                now = now_usec(CLOCK_REALTIME);
+                if (w->head->retry_at <= now_usec(CLOCK_MONOTONIC))
+                        return;
+                now += w->head->retry_at - now_usec(CLOCK_MONOTONIC);
+                ts = (struct timespec) { .tv_sec = now / USEC_PER_SEC, .tv_nsec = (now % USEC_PER_SEC) * 1000 };
+                (void) pthread_cond_timedwait(&w->wake, &w->lock, &ts);
+        }
 }
 
 static void *writer_main(void *userdata) {
@@ -72,9 +121,9 @@ static void *writer_main(void *userdata) {
         pthread_mutex_lock(&w->lock);
         for (;;) {
                 WriteOp *op;
+                int r;
 
-                while (!w->head && !w->stopping)
-                        pthread_cond_wait(&w->wake, &w->lock);
+                wait_for_work(w);
                 op = w->head;
                 if (!op)
                         break; /* stopping, and nothing left */
@@ -85,11 +134,14 @@ static void *writer_main(void *userdata) {
                 w->busy_ticket = op->ticket;
                 pthread_mutex_unlock(&w->lock);
 
-                op_run_logged(op);
+                r = op_run(op);
 
                 pthread_mutex_lock(&w->lock);
                 w->busy_path = NULL;
-                op_free(op);
+                if (r < 0)
+                        (void) op_failed(w, op, r);
+                else
+                        op_free(op);
                 pthread_cond_broadcast(&w->idle);
                 if (w->notify_fd >= 0)
                         (void) eventfd_write(w->notify_fd, 1);
@@ -183,15 +235,19 @@ static void then_free(Then *t) {
 }
 
 static void run_thens(StateWriter *w) {
-        uint64_t low;
-
-        pthread_mutex_lock(&w->lock);
-        low = done_below(w);
-        pthread_mutex_unlock(&w->lock);
-        /* One at a time from the head: what a callback adds or forgets is seen. */
-        while (w->thens && w->thens->ticket < low) {
+        /* One at a time from the head: what a callback adds or forgets is seen, and so is what
+         * it puts (a then added by a then waits for its own write). */
+        for (;;) {
                 Then *t = w->thens;
+                uint64_t low;
 
+                if (!t)
+                        return;
+                pthread_mutex_lock(&w->lock);
+                low = done_below(w);
+                pthread_mutex_unlock(&w->lock);
+                if (t->ticket >= low)
+                        return;
                 w->thens = t->next;
                 if (!w->thens)
                         w->thens_tail = NULL;
@@ -218,12 +274,13 @@ int state_writer_attach(StateWriter *w, sd_event *e) {
 static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t mode, bool wait, uint64_t *ret_ticket) {
         _cleanup_free_ char *data_owned = data;
         WriteOp *op, *prev;
-        uint64_t ticket;
+        uint64_t ticket = 0;
         int r;
 
         if (!w || wait) {
                 WriteOp now = { .path = (char *) path, .data = data, .len = len, .mode = mode };
                 bool superseded = false;
+                unsigned failures = 0;
 
                 if (w) {
                         /* Ours supersedes what is queued for path; what the thread is doing to
@@ -238,6 +295,10 @@ static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t 
                                         w->head = op->next;
                                 if (w->tail == op)
                                         w->tail = prev;
+                                /* Should ours fail, it is tried again for those who waited for
+                                 * that one. */
+                                ticket = op->ticket;
+                                failures = op->failures;
                                 op_free(op);
                                 superseded = true;
                         }
@@ -249,6 +310,23 @@ static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t 
                 }
                 /* Only this thread queues: nothing for path can be queued meanwhile. */
                 r = op_run(&now);
+                if (r < 0 && w) {
+                        /* The caller hears of it; the data is still written when it can be. */
+                        op = calloc(1, sizeof(WriteOp));
+                        if (op)
+                                op->path = strdup(path);
+                        if (!op || !op->path) {
+                                op_free(op);
+                                return log_error_errno(r, "Failed to %s %s: %m", data ? "write" : "remove", path);
+                        }
+                        *op = (WriteOp) { .path = op->path, .data = TAKE_PTR(data_owned), .len = len, .mode = mode,
+                                          .ticket = ticket, .failures = failures };
+                        pthread_mutex_lock(&w->lock);
+                        (void) op_failed(w, op, r);
+                        pthread_cond_signal(&w->wake);
+                        pthread_mutex_unlock(&w->lock);
+                        return r;
+                }
                 /* Who waited for the op ours replaced hears it from the loop, not from in here. */
                 if (superseded)
                         (void) eventfd_write(w->notify_fd, 1);

@@ -133,9 +133,9 @@ static void test_errors(void) {
         /* Queued: logged by the thread, nothing to return. Waited: returned. */
         ASSERT_OK(put(w, "no-such-dir/x", "x", false));
         ASSERT_ERRNO(put(w, "no-such-dir/y", "y", true), -ENOENT);
-        state_writer_flush(w);
         /* A removal of what is not there is not an error. */
         ASSERT_OK(put(w, "never-written", NULL, true));
+        /* Both are tried again until they land; a writer that stops gives up. */
         state_writer_free(w);
         /* Without a writer: done in the caller. */
         ASSERT_OK(put(NULL, "direct", "d", false));
@@ -241,6 +241,79 @@ static void test_then_dropped_by_free(void) {
         }
 }
 
+/* A write that failed is tried again, and what follows it waits: nothing goes on as if the state
+ * were on disk. */
+static void test_failed_write_is_tried_again(void) {
+        _cleanup_(sd_event_unrefp) sd_event *e = NULL;
+        _cleanup_free_ char *later = path_of("later");
+        StateWriter *w = NULL;
+        unsigned order = 0;
+        int owner;
+        Seen failing = { .name = "later/a", .expect = "a2", .order = &order };
+        Seen after = { .name = "after", .expect = "b", .order = &order };
+
+        ASSERT_NOT_NULL(later);
+        ASSERT_OK(sd_event_new(&e));
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(state_writer_attach(w, e));
+        ASSERT_OK(put_then(w, &failing, "a1", &owner)); /* no such directory yet */
+        ASSERT_OK(put_then(w, &after, "b", &owner));
+        for (unsigned i = 0; i < 5; i++)
+                ASSERT_OK(sd_event_run(e, 100 * USEC_PER_MSEC));
+        ASSERT_FALSE(failing.called || after.called);
+        {
+                _cleanup_free_ char *c = contents("after");
+                ASSERT_NULL(c); /* in order: not before the one that failed */
+        }
+        /* A waited write of the path fails too, is returned, and takes the queued one's place. */
+        ASSERT_ERRNO(put(w, "later/a", "a2", true), -ENOENT);
+        ASSERT_OK(put(w, "later/c", "c", false));
+        ASSERT_OK(mkdir(later, 0700));
+        run_until(e, &after.called);
+        ASSERT_TRUE(failing.called && failing.at == 1 && after.at == 2);
+        state_writer_flush(w);
+        {
+                _cleanup_free_ char *c = contents("later/c");
+                ASSERT_STREQ(c, "c");
+        }
+        state_writer_free(w);
+}
+
+/* A continuation that puts again and asks to go on after that write: not before it is on disk. */
+typedef struct Chain {
+        StateWriter *w;
+        Seen *next;
+        bool first_called;
+} Chain;
+
+static void chain_then(void *userdata) {
+        Chain *c = userdata;
+
+        c->first_called = true;
+        fill_queue(c->w, "chain", 50);
+        ASSERT_OK(put_then(c->w, c->next, "second", c));
+        ASSERT_FALSE(c->next->called);
+}
+
+static void test_then_from_a_then(void) {
+        _cleanup_(sd_event_unrefp) sd_event *e = NULL;
+        _cleanup_free_ char *p = path_of("chain-first");
+        StateWriter *w = NULL;
+        unsigned order = 0;
+        Seen next = { .name = "chain-second", .expect = "second", .order = &order };
+        Chain c = { .next = &next };
+
+        ASSERT_OK(sd_event_new(&e));
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(state_writer_attach(w, e));
+        c.w = w;
+        ASSERT_NOT_NULL(p);
+        ASSERT_OK(state_writer_put_then(w, p, strdup_printf("first"), 5, 0600, &c, chain_then, &c, NULL));
+        run_until(e, &next.called); /* seen_then checks the file holds "second" */
+        ASSERT_TRUE(c.first_called);
+        state_writer_free(w);
+}
+
 int main(int argc, char **argv) {
         int r;
 
@@ -256,6 +329,8 @@ int main(int argc, char **argv) {
         TAP_RUN(test_errors);
         TAP_RUN(test_then_after_the_write);
         TAP_RUN(test_then_dropped_by_free);
+        TAP_RUN(test_failed_write_is_tried_again);
+        TAP_RUN(test_then_from_a_then);
         r = tap_finish();
         {
                 _cleanup_free_ char *cmd = strdup_printf("rm -rf '%s'", dir);
