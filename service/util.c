@@ -637,9 +637,10 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
                 r = -errno;
                 goto fail;
         }
+        /* The rename is on disk only with the directory: a caller told otherwise may write again. */
         dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0)
-                (void) fsync(dfd);
+        if (dfd < 0 || fsync(dfd) < 0)
+                return -errno;
         return 0;
 
 fail:
