@@ -144,6 +144,8 @@ void guest_pin_disks(Guest *g);
 /* 1 and the (device, inode) of the regular file the guest's running QEMU has open under the name
  * path, 0 if it has none (or is not running), <0 on error. */
 int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino);
+/* 1 if g's QEMU holds the file (dev, ino) open for writing: what it could change itself. */
+int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino);
 /* 0 if every disk's top image, opened as the storage helper will open it, is the file pinned. */
 int guest_check_pins(Guest *g);
 /* A mirror's pivot record (disk.h): path, opened beneath an image directory, is the file (dev,

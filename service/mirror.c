@@ -560,6 +560,14 @@ int mirror_try_start(
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
                                         "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name, path)
                               : 0;
+        /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway.
+         * A QEMU taken over names what it reads (a template shared by every guest) as its disk. */
+        if (guest_qemu_writes(g, pin_dev, pin_ino) <= 0)
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
+                                        "Engine 'mirror': QEMU of guest '%s' does not have %s open for writing; "
+                                        "nothing was created.",
+                                        g->name, path)
+                              : 0;
         r = image_open_beneath(g->engine->config.image_dirs, path, false, &overlay_fd, &err);
         if (r >= 0 && fstat(overlay_fd, &st) < 0)
                 r = -errno;

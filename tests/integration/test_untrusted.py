@@ -356,6 +356,37 @@ class HostileQemuTest(h.TestCase):
                                  offline_disks({'vda': fresh.top}))
         self.assertIn('another guest', e.message)
 
+    def test_mirror_never_replaces_what_qemu_only_reads(self):
+        """The mirror renames a new image, written by QEMU, onto the disk's path. A QEMU taken over
+        names the template it reads (shared by every guest on the host) as its disk: the daemon,
+        root, must not make and hand it an image beside that file to rename over it."""
+        tdir = os.path.join(self.env.images, self.unique_name('templates'))
+        os.mkdir(tdir)
+        base = os.path.join(tdir, 'base.qcow2')
+        template = os.path.join(tdir, 'template.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', base, '16M')
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', template)
+        b = block('n1', template, qdev='vda')
+        b['inserted']['backing_file_depth'] = 1
+        b['inserted']['image']['backing-filename'] = base
+        b['inserted']['image']['backing-image'] = {'filename': base, 'format': 'qcow2', 'virtual-size': 16 * MiB}
+        # What this QEMU has open, as a guest's QEMU has its backing images: read-only.
+        held = os.open(template, os.O_RDONLY)
+        self.addCleanup(os.close, held)
+        evil = self.unique_name('evil')
+        q = self.fake([b])
+        self.register(evil, q.path)
+        self.addCleanup(self.unregister_quietly, evil)
+        d = h.Disk(self.client, h.disk_path(evil, 'vda'))
+        self.assertEqual(d.prop('Path'), template)
+        before = sorted(os.listdir(tdir))
+        e = self.assertDBusError('org.freedesktop.DBus.Error.Failed', d.start, 0, 0,
+                                 h.dbus.Dictionary({'engine': S('mirror')}, signature='sv'))
+        self.assertIn('for writing', e.message)
+        self.assertEqual(sorted(os.listdir(tdir)), before, 'an image was made beside the template')
+        self.assertEqual([c for c in q.commands if c in ('add-fd', 'drive-mirror', 'blockdev-mirror')], [],
+                         'QEMU was given an image to write over the template')
+
     def test_sizes_past_int64_are_refused(self):
         """QMP's integers are int64: a QEMU that reports a size beyond 2^63 has its reply refused
         (a range near the end of such a disk, widened to a cluster of 2^63, wrapped below its

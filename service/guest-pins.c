@@ -1,0 +1,183 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+
+/* Pinning the disks a handoff or the mirror may open: the files a guest's QEMU has open, seen
+ * through /proc/PID/fd, never a path QEMU reported alone (guest.h). */
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include "engine.h"
+#include "guest.h"
+#include "disk.h"
+#include "image.h"
+#include "util.h"
+
+#define PIN_FDS_MAX 65536 /* a QEMU's open files we look through, at most */
+
+/* The (device, inode) of the regular file that process pid has open under the name path. */
+static int open_file_id(pid_t pid, const char *path, struct stat *ret) {
+        _cleanup_free_ char *dir_path = strdup_printf("/proc/%d/fd", (int) pid);
+        DIR *dir;
+        unsigned n = 0;
+        int r = 0;
+
+        if (!dir_path)
+                return -ENOMEM;
+        dir = opendir(dir_path);
+        if (!dir)
+                return -errno;
+        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                char target[4097];
+                ssize_t k;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
+                if (k <= 0 || (size_t) k >= sizeof(target) - 1)
+                        continue;
+                target[k] = 0;
+                /* fstatat() follows the fd's link to the file QEMU has open, whatever its name now. */
+                if (streq(target, path) && fstatat(dirfd(dir), de->d_name, ret, 0) == 0 && S_ISREG(ret->st_mode))
+                        r = 1;
+        }
+        closedir(dir);
+        return r;
+}
+
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
+        struct stat st;
+        int r;
+
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g) || isempty(path))
+                return 0;
+        r = open_file_id(g->qmp_pid, path, &st);
+        if (r <= 0)
+                return r;
+        *ret_dev = st.st_dev;
+        *ret_ino = st.st_ino;
+        return 1;
+}
+
+/* Is the open file description behind /proc/PID/fd/NAME (dir: /proc/PID) open for writing? Its
+ * fdinfo's "flags:" are octal open(2) flags. */
+static bool fd_is_writable(int proc_fd, const char *name) {
+        _cleanup_free_ char *path = strdup_printf("fdinfo/%s", name);
+        _cleanup_close_ int fd = -1;
+        char buf[512];
+        const char *p;
+        unsigned long flags;
+        ssize_t n;
+
+        if (!path)
+                return false;
+        fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+                return false;
+        n = read(fd, buf, sizeof(buf) - 1);
+        if (n <= 0)
+                return false;
+        buf[n] = 0;
+        p = strstr(buf, "flags:");
+        if (!p || sscanf(p + strlen("flags:"), "%lo", &flags) != 1)
+                return false;
+        return (flags & O_ACCMODE) == O_RDWR || (flags & O_ACCMODE) == O_WRONLY;
+}
+
+int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino) {
+        _cleanup_free_ char *proc_path = NULL;
+        _cleanup_close_ int proc_fd = -1;
+        DIR *dir;
+        unsigned n = 0;
+        int fd_dir, r = 0;
+
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+                return 0;
+        proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
+        if (!proc_path)
+                return -ENOMEM;
+        proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (proc_fd < 0)
+                return -errno;
+        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd_dir < 0)
+                return -errno;
+        dir = fdopendir(fd_dir);
+        if (!dir) {
+                r = -errno;
+                close(fd_dir);
+                return r;
+        }
+        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                struct stat st;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                if (fstatat(dirfd(dir), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) && st.st_dev == dev &&
+                    st.st_ino == ino && fd_is_writable(proc_fd, de->d_name))
+                        r = 1;
+        }
+        closedir(dir);
+        return r;
+}
+
+void guest_pin_disks(Guest *g) {
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+                return;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
+                d->pinned = guest_qemu_has_open(g, d->path, &d->pin_dev, &d->pin_ino) > 0;
+        }
+}
+
+bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        struct stat st;
+
+        if (g->offline || g->qmp_pid <= 0 || !path)
+                return false;
+        if (image_open_beneath(g->engine->config.image_dirs, path, false, &fd, &error) < 0 || fstat(fd, &st) < 0 ||
+                (uint64_t) st.st_dev != dev || (uint64_t) st.st_ino != ino)
+                return false;
+        return open_file_id(g->qmp_pid, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
+}
+
+/* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had
+ * open when pinned: a path QEMU reported is never trusted alone. */
+int guest_check_pins(Guest *g) {
+        _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g), **claimed = engine_guest_claims(g->engine, g);
+
+        if (!forbidden || !claimed)
+                return -ENOMEM;
+        for (size_t i = 0; i < g->n_disks; i++) {
+                _cleanup_(image_chain_done) ImageChain chain = {};
+                _cleanup_free_ char *error = NULL;
+                Disk *d = g->disks[i];
+                struct stat st;
+                int r;
+
+                if (!d->pinned) {
+                        log_warning("Guest %s disk %s: its QEMU was never seen with %s open; not handing it over.",
+                                g->name, d->alias, d->path);
+                        return -EPERM;
+                }
+                r = image_chain_open_claimed(
+                        g->engine->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
+                if (r < 0) {
+                        log_warning("Guest %s disk %s: cannot hand over %s: %s", g->name, d->alias, d->path,
+                                error ?: strerror(-r));
+                        return r;
+                }
+                if (fstat(chain.images[0].fd, &st) < 0)
+                        return -errno;
+                if (st.st_dev != d->pin_dev || st.st_ino != d->pin_ino) {
+                        log_warning(
+                                "Guest %s disk %s: %s is no longer the file its QEMU had open; not handing it over.",
+                                g->name, d->alias, d->path);
+                        return -EPERM;
+                }
+        }
+        return 0;
+}
