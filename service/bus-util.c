@@ -36,6 +36,11 @@ static int read_dict(sd_bus_message *m, const BusOption *o, sd_bus_error *error)
                 if (strlen(k) >= PATH_MAX || strlen(v) >= PATH_MAX)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                 "Option '%s' has an entry of %zu bytes or more.", o->name, (size_t) PATH_MAX);
+                /* D-Bus lets a dict repeat a key: two disks of one name would share an object path. */
+                for (size_t i = 0; l && l[i]; i += 2)
+                        if (streq(l[i], k))
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "Option '%s' names '%.64s' twice.", o->name, k);
                 if (strv_push(&l, strdup(k)) < 0 || strv_push(&l, strdup(v)) < 0)
                         return -ENOMEM;
         }

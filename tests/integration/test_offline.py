@@ -459,6 +459,23 @@ class OfflineTest(h.TestCase):
         # The top itself outside.
         self._refused(self.unique_name(), {'vda': '/etc/passwd'}, ['/etc/passwd', 'outside'], {'vda': 'raw'})
 
+    def test_disk_named_twice_refused(self):
+        """A D-Bus dict may repeat a key (dbus-python cannot send one: busctl can). Two disks 'vda'
+        shared one object path, one of them out of reach, and the state file written of them was
+        refused on the next start: the guest was gone."""
+        chains = self.make_chains(('vda', 'vdb'), size=16 * MiB)
+        name = self.unique_name()
+        before = self.snapshot()
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.run(['busctl', '--system', 'call', h.BUS_NAME, h.MANAGER_PATH, h.IFACE_MANAGER,
+                            'RegisterGuest', 'ssa{sv}', name, '', '1', 'disks', 'a{ss}', '2',
+                            'vda', chains['vda'].top, 'vda', chains['vdb'].top],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env,
+                           timeout=60)
+        self.assertNotEqual(p.returncode, 0, 'a guest with two disks vda was registered: %s' % p.stdout)
+        self.assertIn("names 'vda' twice", p.stderr)
+        self.assert_not_registered(name, before, 'a disk named twice')
+
     def test_symlink_in_chain_refused(self):
         chains = self.make_chains(size=16 * MiB)
         c = chains['vda']
