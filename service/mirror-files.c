@@ -40,6 +40,47 @@ int mirror_chain_allocated(char *const *image_dirs, const char *path, const char
         return 0;
 }
 
+/* Our fd sets in the guest's QEMU: this plus a number of the disk's (QEMU's own start at 0). */
+#define MIRROR_FDSET_BASE 1000000000ULL
+#define MIRROR_TMP_SUFFIX ".bs-mirror"
+
+void mirror_names_done(MirrorNames *n) {
+        free(n->file_node), free(n->format_node), free(n->create_job), free(n->tmp);
+        *n = (MirrorNames){};
+}
+
+int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        _cleanup_free_ char *alias = strdup(disk_alias);
+        const char *leaf;
+        uint32_t hash = 2166136261U;
+
+        if (!alias)
+                return -ENOMEM;
+        if (!overlay || !(leaf = strrchr(overlay, '/')))
+                return -EINVAL;
+        leaf++;
+        if (strlen(leaf) + strlen(MIRROR_TMP_SUFFIX) + 1 > 255)
+                return -ENAMETOOLONG;
+        /* A QEMU id whatever the alias, as job ids are made. */
+        for (char *p = alias; *p; p++) {
+                hash = (hash ^ (uint8_t) *p) * 16777619U;
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
+                            *p == '.' || *p == '_'))
+                        *p = '_';
+        }
+        n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
+        n.file_node = strdup_printf("bsmf-%s", alias);
+        n.format_node = strdup_printf("bsmq-%s", alias);
+        n.create_job = strdup_printf("bsmc-%s", alias);
+        n.tmp = strdup_printf(".%s" MIRROR_TMP_SUFFIX, leaf);
+        if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
+                return -ENOMEM;
+        *ret = n;
+        n = (MirrorNames){};
+        return 0;
+}
+
 /* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */
 void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j, const char *tmp) {
         _cleanup_free_ char *error = NULL;

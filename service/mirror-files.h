@@ -8,6 +8,16 @@
 
 #include "job.h"
 
+/* What a step needs; named by the disk (one mirror at a time per disk), not by the job: a job
+ * QEMU lost has no id left, and what its preparation made must still be found, also after a
+ * restart. */
+typedef struct MirrorNames {
+        char *file_node, *format_node, *create_job, *tmp;
+        unsigned fdset;
+} MirrorNames;
+int mirror_names(const char *alias, const char *overlay, MirrorNames *ret);
+void mirror_names_done(MirrorNames *n);
+
 /* The bytes the images of path's chain (format: its top's) take on their file systems, summed:
  * at least the data a flattened copy holds, read from the headers we trust (not QEMU's word).
  * < 0 where that cannot be told: a chain we cannot open (a remote backing), or an image that is

@@ -43,9 +43,6 @@
 #define MIRROR_BUF_SIZE (8ULL << 20)
 /* The new image's metadata and what the guest writes meanwhile: beyond the data itself. */
 #define MIRROR_SPACE_MARGIN (256ULL << 20)
-/* Our fd sets in the guest's QEMU: this plus the job's number (QEMU's own start at 0). */
-#define MIRROR_FDSET_BASE 1000000000ULL
-#define MIRROR_TMP_SUFFIX ".bs-mirror"
 
 /* Tests only (-Dtest_hooks=true): SIGSTOP right before a step, its record on disk, to be killed there. */
 static void test_stop_before(Disk *d, const char *step) {
@@ -58,51 +55,6 @@ static void test_stop_before(Disk *d, const char *step) {
                 (void) raise(SIGSTOP);
         }
 #endif
-}
-
-/* What a step needs; named by the job id, so that a restart finds every name again. */
-typedef struct MirrorNames {
-        char *file_node, *format_node, *create_job, *tmp;
-        unsigned fdset;
-} MirrorNames;
-
-static void mirror_names_done(MirrorNames *n) {
-        free(n->file_node), free(n->format_node), free(n->create_job), free(n->tmp);
-        *n = (MirrorNames){};
-}
-
-/* Named by the disk (one mirror at a time per disk), not by the job: a job QEMU lost has no id
- * left, and what its preparation made must still be found. */
-static int mirror_names(const Disk *d, MirrorNames *ret) {
-        _cleanup_(mirror_names_done) MirrorNames n = {};
-        _cleanup_free_ char *alias = strdup(d->alias);
-        const char *leaf;
-        uint32_t hash = 2166136261U;
-
-        if (!alias)
-                return -ENOMEM;
-        if (!d->job.overlay || !(leaf = strrchr(d->job.overlay, '/')))
-                return -EINVAL;
-        leaf++;
-        if (strlen(leaf) + strlen(MIRROR_TMP_SUFFIX) + 1 > 255)
-                return -ENAMETOOLONG;
-        /* A QEMU id whatever the alias, as job ids are made. */
-        for (char *p = alias; *p; p++) {
-                hash = (hash ^ (uint8_t) *p) * 16777619U;
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                            *p == '.' || *p == '_'))
-                        *p = '_';
-        }
-        n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
-        n.file_node = strdup_printf("bsmf-%s", alias);
-        n.format_node = strdup_printf("bsmq-%s", alias);
-        n.create_job = strdup_printf("bsmc-%s", alias);
-        n.tmp = strdup_printf(".%s" MIRROR_TMP_SUFFIX, leaf);
-        if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
-                return -ENOMEM;
-        *ret = n;
-        n = (MirrorNames){};
-        return 0;
 }
 
 /* The overlay's directory, opened beneath an image directory, and the overlay's leaf in it. */
@@ -177,7 +129,7 @@ static void mirror_cleanup(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         Guest *g = d->guest;
 
-        if (mirror_names(d, &n) < 0) {
+        if (mirror_names(d->alias, d->job.overlay, &n) < 0) {
                 log_warning(
                         "Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name, d->alias);
                 return;
@@ -250,7 +202,7 @@ static void copy_saved(void *userdata) {
 
         if (!d)
                 return;
-        r = mirror_names(d, &n);
+        r = mirror_names(d->alias, d->job.overlay, &n);
         if (r < 0 || !guest_qmp_ready(c->guest)) {
                 d->job.state = STREAM_IDLE;
                 prepare_failed(c, d, "start drive-mirror", r < 0 ? r : -ENOTCONN, NULL);
@@ -332,7 +284,7 @@ static void create_concluded(Disk *d) {
 
         if (!c)
                 return;
-        if (mirror_names(d, &n) >= 0 && guest_qmp_ready(c->guest))
+        if (mirror_names(d->alias, d->job.overlay, &n) >= 0 && guest_qmp_ready(c->guest))
                 (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
         r = mirror_format_check(c->check_fd, d->job.overlay, &c->format);
         if (r < 0)
@@ -378,7 +330,7 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         /* The Start waits on the disk for the job's end (mirror_on_event()). */
-        r = mirror_names(d, &n);
+        r = mirror_names(d->alias, d->job.overlay, &n);
         sent = r >= 0 ? mirror_call_new(d) : NULL;
         wait = sent ? mirror_call_new(d) : NULL;
         if (!wait || d->mirror_wait) {
@@ -411,7 +363,7 @@ static void prepare_saved(void *userdata) {
 
         if (!d || d->job.phase != MIRROR_STEP_PREPARE)
                 return; /* removed meanwhile (mirror_resume_orphans()) */
-        r = mirror_names(d, &n);
+        r = mirror_names(d->alias, d->job.overlay, &n);
         if (r < 0) {
                 prepare_failed(c, d, "name the new image", r, NULL);
                 return;
@@ -633,7 +585,7 @@ int mirror_try_start(
         d->job.overlay = TAKE_PTR(overlay);
         d->job.overlay_dev = st.st_dev;
         d->job.overlay_ino = st.st_ino;
-        r = mirror_names(d, &names);
+        r = mirror_names(d->alias, d->job.overlay, &names);
         if (r < 0) {
                 d->job.phase = 0;
                 return sd_bus_error_set_errnof(
@@ -744,7 +696,7 @@ static void rename_saved(void *userdata) {
         if (!d)
                 return;
         test_stop_before(d, "rename");
-        r = mirror_names(d, &n);
+        r = mirror_names(d->alias, d->job.overlay, &n);
         if (r >= 0)
                 r = mirror_rename_onto_overlay(
                         c->guest->engine->config.image_dirs, c->guest->name, &d->job, n.tmp, &st, &why);
@@ -819,7 +771,7 @@ unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
         if (d->mirror_wait && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_CONCLUDED) {
                 _cleanup_(mirror_names_done) MirrorNames n = {};
 
-                if (mirror_names(d, &n) >= 0 && streq(ev->id, n.create_job)) {
+                if (mirror_names(d->alias, d->job.overlay, &n) >= 0 && streq(ev->id, n.create_job)) {
                         create_concluded(d);
                         return changed;
                 }
