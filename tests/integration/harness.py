@@ -1619,6 +1619,7 @@ class TestCase(unittest.TestCase):
     def snapshot(self, block_graph=False):
         """Everything a client or the disk could see: objects + properties, state dir, QEMU jobs
         (and with block_graph=True QEMU's block nodes, see QMP.block_graph)."""
+        self._wait_writer_idle()
         snap = {'objects': self.client.managed_objects(), 'state': tree_snapshot(self.env.daemon.state_dir)}
         jobs = {}
         graphs = {}
@@ -1635,12 +1636,25 @@ class TestCase(unittest.TestCase):
     def _writer_idle(self):
         """Every thread of the daemon but its main one waits on a futex: the state writer waits
         for work only with none queued (service/state-writer.c)."""
-        pid = self.env.daemon.proc.pid
+        proc = self.env.daemon.proc if self.env.daemon else None
+        if proc is None or proc.poll() is not None:
+            return True
+        pid = proc.pid
         try:
             tids = [t for t in os.listdir('/proc/%d/task' % pid) if int(t) != pid]
             return all('futex' in open('/proc/%d/task/%s/wchan' % (pid, t)).read() for t in tids)
         except OSError:
             return False
+
+    def _wait_writer_idle(self, timeout=10):
+        """Until the state writer has done what it was asked (the calls answered so far queue
+        their writes before replying): idle, and no write in progress (no .tmp file)."""
+        deadline = time.monotonic() + timeout
+        while not (self._writer_idle() and
+                   not any('.tmp' in p for p in tree_snapshot(self.env.daemon.state_dir))):
+            if time.monotonic() > deadline:
+                self.fail('the daemon\'s state writer stayed busy for %d s' % timeout)
+            time.sleep(0.01)
 
     def settled_snapshot(self, quiet=0.5, timeout=30):
         """snapshot() once the daemon's state files have settled: the daemon writes them from a
