@@ -42,6 +42,9 @@ typedef struct EngineRegistry {
          * returns the changes left for the disk. */
         unsigned (*job_event)(Disk *d, const QemuJobEvent *ev, unsigned changed);
         unsigned (*job_info)(Disk *d, const QemuBlockJob *info, unsigned changed);
+        /* d's job is lost with QEMU (gone, or it no longer knows the job): true if an engine
+         * finished it (mirror.c), false if it fails. */
+        bool (*job_lost)(Disk *d);
         /* A template cache's sandbox identity (manager-identity.c): a helper uid (= gid) of
          * HelperUIDRange= and an MCS pair c1 < c2 that no guest and no other cache has (self: the
          * cache asking); and whether a restored one still is such. */

@@ -173,6 +173,12 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
         }
 }
 
+/* d's job went with QEMU: an engine may finish it without QEMU, else it failed. */
+static void guest_job_lost(Guest *g, Disk *d, const char *why) {
+        if (!g->engine->registry->job_lost(d))
+                disk_fail_job(d, why);
+}
+
 /* Apply query-block-jobs to our disks. reconcile: after a (re)connect, jobs QEMU no longer
  * lists are lost, and concluded jobs of ours that no disk claims are dismissed. */
 static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool reconcile) {
@@ -206,8 +212,9 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                         if (changed)
                                 disk_apply_qemu_job_changes(d, changed);
                 } else
-                        disk_fail_job(d, "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU "
-                                         "was restarted.");
+                        guest_job_lost(g, d,
+                                "QEMU no longer knows the job: it was dismissed by another QMP client, or QEMU was "
+                                "restarted.");
         }
 
         if (!reconcile || !guest_qmp_ready(g))
@@ -291,7 +298,7 @@ static void guest_fail_jobs(Guest *g, const char *why) {
                 if (g->engine->registry->range_runs(d) || d->starting)
                         continue; /* a job carried on after the restart, or a Start on its way */
                 if (job_is_active(&d->job) && !d->job.concluded)
-                        disk_fail_job(d, why);
+                        guest_job_lost(g, d, why);
                 else if (d->job.concluded)
                         disk_apply_job_changes(d, JOB_NOW_CONCLUDED);
         }

@@ -5,6 +5,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include "engine.h"
@@ -118,6 +121,58 @@ int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino) {
                         r = 1;
         }
         closedir(dir);
+        return r;
+}
+
+/* Whether the fd directory of /proc/PID (proc_fd) holds (dev, ino). */
+static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino) {
+        DIR *dir;
+        unsigned n = 0;
+        int fd_dir, r = 0;
+
+        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd_dir < 0)
+                return errno == ENOENT || errno == ESRCH || errno == EACCES ? 0 : -errno;
+        dir = fdopendir(fd_dir);
+        if (!dir) {
+                r = -errno;
+                close(fd_dir);
+                return r;
+        }
+        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                struct stat st;
+
+                if (de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 &&
+                        (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino)
+                        r = 1;
+        }
+        closedir(dir);
+        return r;
+}
+
+int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid) {
+        DIR *proc = opendir("/proc");
+        int r = 0;
+
+        if (!proc)
+                return -errno;
+        for (struct dirent *de; r == 0 && (de = readdir(proc));) {
+                _cleanup_close_ int proc_fd = -EBADF;
+                char *end;
+                long pid;
+
+                errno = 0;
+                pid = strtol(de->d_name, &end, 10);
+                if (errno != 0 || *end || end == de->d_name || pid <= 0 || pid > INT_MAX || pid == getpid())
+                        continue;
+                proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (proc_fd < 0)
+                        continue; /* gone */
+                r = pid_holds(proc_fd, dev, ino);
+                if (r > 0)
+                        *ret_pid = (pid_t) pid;
+        }
+        closedir(proc);
         return r;
 }
 

@@ -146,6 +146,9 @@ void guest_pin_disks(Guest *g);
 int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino);
 /* 1 if g's QEMU holds the file (dev, ino) open for writing: what it could change itself. */
 int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino);
+/* 1 if a process on the host but the daemon has the file (dev, ino) open (its pid in *ret_pid),
+ * 0 if none, < 0 if that cannot be told. */
+int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid);
 /* 0 if every disk's top image, opened as the storage helper will open it, is the file pinned. */
 int guest_check_pins(Guest *g);
 /* A mirror's pivot record (disk.h): path, opened beneath an image directory, is the file (dev,

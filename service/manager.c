@@ -79,6 +79,7 @@ static const EngineRegistry manager_registry = {
         .range_runs = registry_range_runs,
         .job_event = mirror_on_event,
         .job_info = mirror_on_info,
+        .job_lost = mirror_on_lost,
         .identity_allocate = manager_identity_allocate,
         .identity_free = manager_identity_free,
 };

@@ -9,6 +9,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "disk.h"
+#include "engine.h"
+#include "guest.h"
 #include "image.h"
 #include "mirror-files.h"
 #include "util.h"
@@ -178,4 +181,50 @@ int mirror_rename_onto_overlay(
         if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
                 return -errno;
         return 0;
+}
+
+/* Finishing a pivot without QEMU (mirror.h) */
+
+bool mirror_on_lost(Disk *d) {
+        _cleanup_(mirror_names_done) MirrorNames n = {};
+        _cleanup_free_ char *text = NULL;
+        Guest *g = d->guest;
+        const char *why = NULL;
+        struct stat st;
+        pid_t holder = 0;
+        int r;
+
+        if (d->job.engine != STREAM_ENGINE_MIRROR || d->job.phase < MIRROR_STEP_FINALIZE ||
+                d->job.phase > MIRROR_STEP_RENAME || d->job.concluded)
+                return false;
+        d->mirror_busy = false;
+        d->job.id = mfree(d->job.id); /* QEMU has it no more */
+        r = mirror_names(d->alias, d->job.overlay, &n);
+        /* QEMU may have pivoted, and the guest written to the new image since: it takes the
+         * overlay's place, unless a process (a QEMU started again on the overlay) reads the old. */
+        if (r >= 0) {
+                r = host_holds_open(d->job.overlay_dev, d->job.overlay_ino, &holder);
+                if (r > 0) {
+                        why = "a process has the old overlay open";
+                        r = -EBUSY;
+                }
+        }
+        if (r >= 0)
+                r = mirror_rename_onto_overlay(g->engine->config.image_dirs, g->name, &d->job, n.tmp, &st, &why);
+        if (r < 0) {
+                text = strdup_printf(
+                        "QEMU was lost after the mirror reached its pivot. The new image %s beside %s holds the disk "
+                        "as of then, with any writes of the guest since, but it could not take the overlay's place: %s "
+                        "(%s%s%.0d). It was kept: once no process uses %s, rename the new image onto it.",
+                        n.tmp ?: "", d->job.overlay, why ?: "the rename failed", strerror(-r), holder > 0 ? ", pid " : "",
+                        (int) holder, d->job.overlay);
+                log_error("Guest %s disk %s: %s", g->name, d->alias, text ?: "the rename failed");
+                disk_apply_job_changes(d, job_conclude(&d->job, STREAM_FAILED, text ?: "the rename failed"));
+                return true;
+        }
+        log_info("Guest %s disk %s: QEMU was lost after the pivot; %s now holds the new image, standing alone.", g->name,
+                d->alias, d->job.overlay);
+        d->job.phase = MIRROR_STEP_DONE;
+        disk_apply_job_changes(d, job_conclude(&d->job, STREAM_COMPLETED, NULL));
+        return true;
 }

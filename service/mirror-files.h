@@ -8,6 +8,18 @@
 
 #include "job.h"
 
+typedef struct Disk Disk;
+
+/* The steps of the mirror's journal, in job.phase (mirror.h says what each means). */
+enum {
+        MIRROR_STEP_PREPARE = 1,
+        MIRROR_STEP_COPY,
+        MIRROR_STEP_PIVOT,
+        MIRROR_STEP_FINALIZE,
+        MIRROR_STEP_RENAME,
+        MIRROR_STEP_DONE,
+};
+
 /* What a step needs; named by the disk (one mirror at a time per disk), not by the job: a job
  * QEMU lost has no id left, and what its preparation made must still be found, also after a
  * restart. */
@@ -33,3 +45,8 @@ int mirror_copy_identity(int overlay_fd, int fd);
  * not the overlay (it is back in place, untouched). */
 int mirror_rename_onto_overlay(
         char *const *image_dirs, const char *guest, const Job *j, const char *tmp, struct stat *ret_new, const char **ret_why);
+
+/* d's job is lost: QEMU went away, or no longer knows it (guest-peer.c). From FINALIZE on the
+ * mirror finishes here, without QEMU (mirror.h), and returns true (the job concluded); false:
+ * the caller fails the job. */
+bool mirror_on_lost(Disk *d);

@@ -23,6 +23,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "bus-error.h"
 #include "disk.h"
 #include "engine.h"
@@ -732,6 +733,42 @@ static void rename_saved(void *userdata) {
         (void) guest_save_then(c->guest, done_saved, next, mirror_call_free);
 }
 
+/* Pending: both images hold the same data, the guest's I/O held. Saved as FINALIZE before QEMU
+ * may pivot: a job lost from here on is finished without QEMU (mirror_on_lost()). */
+
+static void finalize_saved(void *userdata) {
+        MirrorCall *c = userdata;
+        Disk *d = mirror_call_disk(c);
+
+        if (!d)
+                return;
+        d->mirror_busy = false;
+        test_stop_before(d, "finalize");
+        blockjob_finalize(d);
+}
+
+static unsigned mirror_pending(Disk *d, unsigned changed) {
+        MirrorCall *c;
+
+        if (!(changed & JOB_NEEDS_FINALIZE) || d->job.phase > MIRROR_STEP_FINALIZE)
+                return changed;
+        /* Not before its record is on disk; a restart's reconciliation finalizes a FINALIZE. */
+        if (d->job.phase == MIRROR_STEP_FINALIZE)
+                return d->mirror_busy ? changed & ~JOB_NEEDS_FINALIZE : changed;
+        if (d->job.phase != MIRROR_STEP_PIVOT)
+                return changed; /* no pivot asked for: QEMU's finalize only ends the job */
+        c = mirror_call_new(d);
+        if (!c) {
+                log_oom();
+                return changed & ~JOB_NEEDS_FINALIZE; /* the next poll asks again */
+        }
+        d->job.phase = MIRROR_STEP_FINALIZE;
+        d->mirror_busy = true;
+        d->last_saved = now_usec(CLOCK_MONOTONIC);
+        (void) guest_save_then(d->guest, finalize_saved, c, mirror_call_free);
+        return changed & ~JOB_NEEDS_FINALIZE;
+}
+
 /* QEMU concluded the job: hold a completion back until the rename is done; anything else ends
  * the mirror, which leaves the overlay as it was. */
 static unsigned mirror_concluded(Disk *d, unsigned changed) {
@@ -780,6 +817,7 @@ unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
                 return changed;
         if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_READY)
                 mirror_ready(d);
+        changed = mirror_pending(d, changed);
         if (changed & JOB_NOW_CONCLUDED)
                 changed = mirror_concluded(d, changed);
         return changed;
@@ -790,6 +828,7 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
                 return changed;
         if (info->status == QEMU_JOB_READY)
                 mirror_ready(d);
+        changed = mirror_pending(d, changed);
         if (changed & JOB_NOW_CONCLUDED)
                 changed = mirror_concluded(d, changed);
         return changed;
@@ -822,8 +861,9 @@ void mirror_resume_orphans(Guest *g) {
                         (void) guest_save(g);
                         continue;
                 }
-                /* A job that ended (lost by QEMU, failed) before the rename: what it made goes. */
-                if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_RENAME && (d->job.concluded || d->job.finished))
+                /* A job that ended (lost by QEMU, failed) before QEMU could pivot: what it made
+                 * goes. From FINALIZE on, mirror_on_lost() decided, and the new image stays. */
+                if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_FINALIZE && (d->job.concluded || d->job.finished))
                         mirror_cleanup(d);
         }
 }

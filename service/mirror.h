@@ -11,29 +11,28 @@
  *   PREPARE  the new image, its fd set and nodes are being made; no mirror job yet. On restart:
  *            all of it removed; the Start that was never answered is not reported.
  *   COPY     QEMU's mirror job copies. On restart: it goes on (QEMU has it).
- *   PIVOT    it was ready: job-complete, then the flush and job-finalize of every job.
+ *   PIVOT    it was ready: job-complete. QEMU copies what is left, then waits in "pending" with
+ *            the disk's I/O held: both images hold the same data from then on.
+ *   FINALIZE pending: the flush and job-finalize, by which QEMU pivots onto the new image.
  *   RENAME   QEMU runs on the new image: the rename onto the overlay's path. On restart: done
  *            (or finished, if the exchange happened).
  *   DONE     renamed: Finished("completed").
  *
- * A mirror that fails or is cancelled before RENAME leaves the overlay as it was and removes
- * the new image. */
+ * A mirror that fails or is cancelled before FINALIZE, or whose QEMU says it failed before
+ * RENAME, leaves the overlay as it was and removes the new image. From FINALIZE on, a job QEMU
+ * lost (QEMU went away, or was restarted) may have pivoted and the guest written to the new image
+ * since: that image is never removed; it takes the overlay's place unless a process (a new
+ * QEMU) has the old overlay open (mirror_on_lost()). Numbered as before FINALIZE came: an older
+ * journal's RENAME reads FINALIZE, its DONE RENAME; both finish the same way. */
 
 #include <stdbool.h>
 #include <systemd/sd-bus.h>
 
+#include "mirror-files.h"
 #include "qemu-reply.h"
 
 typedef struct Disk Disk;
 typedef struct Guest Guest;
-
-enum {
-        MIRROR_STEP_PREPARE = 1,
-        MIRROR_STEP_COPY,
-        MIRROR_STEP_PIVOT,
-        MIRROR_STEP_RENAME,
-        MIRROR_STEP_DONE,
-};
 
 /* Start's engine choice for a full stream: "mirror" forced, or "auto". Returns 1 when the mirror
  * took the call (answered once the job runs), 0 when "auto" picks another engine, < 0 with error

@@ -338,7 +338,7 @@ static int job_from_json(json_object *o, Job *j) {
                     : j->mode == STREAM_MODE_RANGE ? STREAM_ENGINE_RANGE
                     : j->mode == STREAM_MODE_FULL  ? STREAM_ENGINE_STREAM
                                                    : STREAM_ENGINE_NONE;
-        if (j->engine < 0 || phase > (j->engine == STREAM_ENGINE_MIRROR ? 5 : 2) ||
+        if (j->engine < 0 || phase > (j->engine == STREAM_ENGINE_MIRROR ? 6 : 2) ||
                 (phase > 0 && j->engine != STREAM_ENGINE_PREFETCH && j->engine != STREAM_ENGINE_MIRROR))
                 return -EBADMSG;
         j->phase = (unsigned) phase;

@@ -740,6 +740,79 @@ class MirrorKillTest(MirrorBase):
         """QEMU pivoted, the rename not done: the new daemon does it."""
         self.killed_after_the_copy('rename')
 
+    def test_killed_before_the_finalize(self):
+        """Pending (both images alike, the guest's I/O held), job-finalize not sent: the new daemon
+        finalizes, then renames."""
+        self.killed_after_the_copy('finalize')
+
+    def guest_gone_at(self, step, writes=()):
+        """The daemon stopped before step, the guest's QEMU quits (the guest powered off), the
+        daemon is killed and started again."""
+        self.restart_with_hook(step)
+        g = self.guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        for pat, off, ln in writes:
+            g.qemu.guest_write('vda', pat, off * c.u, ln * c.u)
+            c.apply_to_reference(pat, off * c.u, ln * c.u)
+        st = os.stat(c.top)
+        g.qemu.quit()
+        restart = self.kill_and_restart(g)
+        res, done, err = d.wait_finished(60, since)
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(restart)), 1, d.finished(restart))
+        return c, st, res, err
+
+    def assert_renamed(self, c, res, err):
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertFalse(os.path.lexists(tmp_of(c.top)), 'the mirror\'s image is left beside the overlay')
+        self.assertIsNone(h.image_backing(c.top))
+        rc, out = c.compare()
+        self.assertEqual(rc, 0, 'image differs from the chain plus the guest writes: ' + out)
+        self.assertEqual(h.image_check(c.top)[0], 0)
+
+    def test_guest_gone_before_the_rename(self):
+        """QEMU pivoted and the guest wrote to the new image, then powered off, and the daemon was
+        killed before the rename: the new daemon renames without QEMU. Before, the job failed and
+        the overlay's path kept the image of before the pivot: the next boot lost those writes."""
+        c, _, res, err = self.guest_gone_at('rename', [(0x5b, 3, 1), (0x5c, 90, 2)])
+        self.assert_renamed(c, res, err)
+
+    def test_guest_gone_before_the_finalize(self):
+        """Pending, then QEMU quit (it may or may not have pivoted; both images hold the same
+        data): the new image takes the overlay's place."""
+        c, _, res, err = self.guest_gone_at('finalize')
+        self.assert_renamed(c, res, err)
+
+    def test_guest_started_again_on_the_old_overlay(self):
+        """QEMU pivoted and went away; a process (a QEMU started again) has the old overlay open
+        when the daemon comes back: nothing is renamed under it, the new image is kept, and the
+        job fails saying so."""
+        self.restart_with_hook('rename')
+        g = self.guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        g.qemu.guest_write('vda', 0x5d, 0, c.u)
+        st = os.stat(c.top)
+        g.qemu.quit()
+        holder = os.open(c.top, os.O_RDONLY)
+        self.addCleanup(os.close, holder)
+        restart = self.kill_and_restart(g)
+        res, done, err = d.wait_finished(60, since)
+        self.assertEqual(res, 'failed', (res, done, err))
+        self.assertIn('has the old overlay open', err)
+        self.assertIn(tmp_of(c.top).rsplit('/', 1)[1], err)
+        self.client.pump(0.3)
+        self.assertEqual(len(d.finished(restart)), 1)
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced under its reader')
+        self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image holding the guest\'s writes was removed')
+        self.assertTrue(h.read_matches(tmp_of(c.top), 0x5d, 0, c.u), 'the guest\'s write is not in the new image')
+
     def test_killed_after_the_rename(self):
         """Renamed, the outcome not yet recorded: the new daemon reports it completed."""
         self.killed_after_the_copy('done')
