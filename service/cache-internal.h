@@ -98,6 +98,9 @@ void cache_users_update(Cache *c);
  * (search only); nobody else. Applied again whenever a socket is made or the users change. */
 void cache_access_update(Engine *e);
 
+/* cache-record.c: write caches.json (logged on failure). */
+int caches_save(Engine *e);
+
 /* cache-identity.c: its sandbox identity. allocate: a new one (-ENOSPC: none left); to_json: the
  * record's "helper_uid", "mcs_c1", "mcs_c2"; restore: from the record, or none (uid 0, returns 1)
  * if that is not free, for cache_spawn() to allocate. The SELinux labels follow. */

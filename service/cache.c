@@ -42,6 +42,8 @@
 #define CACHE_CLIENTS_MAX 768U
 
 #define CACHES_MAX 64
+/* Cache numbers: 1 to this, in socket and image names. */
+#define CACHE_ID_MAX 999999U
 #define CACHES_FILE_MAX (256U * 1024U)
 #define CACHE_RESTARTS_MAX 5
 #define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
@@ -183,6 +185,20 @@ void cache_free_all(Engine *e) {
         }
 }
 
+/* Whether id is another cache's, recorded or not: an image or a socket of that number is there.
+ * Overlays name a cache by its socket: an id given twice would give them another template's data
+ * (after a caches.json that could not be read, say). */
+static bool cache_id_left(Engine *e, int dir_fd, unsigned id) {
+        _cleanup_free_ char *image = strdup_printf("%u.qcow2", id),
+                            *sock = strdup_printf("%s/caches/%u.sock", e->runtime_dir, id);
+        struct stat st;
+
+        if (!image || !sock)
+                return true;
+        return fstatat(dir_fd, image, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT ||
+               lstat(sock, &st) == 0 || errno != ENOENT;
+}
+
 static Cache *cache_find_id(Engine *e, unsigned id) {
         for (Cache *c = e->caches; c; c = c->next)
                 if (c->id == id)
@@ -192,44 +208,6 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
 
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
  * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
-
-static int caches_save(Engine *e) {
-        _cleanup_(json_object_putp) json_object *o = json_object_new_object(), *a = json_object_new_array();
-        _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir);
-        const char *text;
-        int r;
-
-        if (!o || !a || !path)
-                return log_oom();
-        for (Cache *c = e->caches; c; c = c->next) {
-                json_object *k;
-
-                if (c->fresh)
-                        continue; /* not yet used by any overlay: not worth keeping */
-                k = json_object_new_object();
-                if (!k || json_object_array_add(a, k) < 0) {
-                        json_object_put(k);
-                        return log_oom();
-                }
-                if (json_object_object_add(k, "id", json_object_new_uint64(c->id)) < 0 ||
-                        json_object_object_add(k, "url", json_object_new_string(c->url)) < 0 ||
-                        json_object_object_add(k, "format", json_object_new_string(c->format)) < 0 ||
-                        json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
-                        json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
-                        json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
-                        cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k) < 0)
-                        return log_oom();
-        }
-        if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
-                return log_oom();
-        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
-        if (!text)
-                return log_oom();
-        r = write_file_atomic(path, text, strlen(text), 0600);
-        if (r < 0)
-                return log_error_errno(r, "Failed to save the template caches to %s: %m", path);
-        return 0;
-}
 
 static bool url_ok(const char *s) {
         if (strncmp(s, "nbd://", 6) != 0 && strncmp(s, "http://", 7) != 0 && strncmp(s, "https://", 8) != 0)
@@ -677,13 +655,26 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
         if (!c) {
                 _cleanup_close_ int fd = -1;
 
+                bool created = false;
+                unsigned tries = 0;
+
                 if (n >= CACHES_MAX)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
                                 "There are %u template caches already; stop one first.", n);
+                dir = caches_dir(e);
+                if (!dir)
+                        return -ENOMEM;
+                r = open_dir(dir, &dir_fd);
+                if (r < 0)
+                        return sd_bus_error_set_errnof(error, -r, "Cannot open %s for a cache of %s: %m", dir, url);
                 id = e->cache_seq;
-                do
-                        id = id >= 999999 ? 1 : id + 1;
-                while (cache_find_id(e, id));
+                do {
+                        if (++tries > CACHE_ID_MAX)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                        "Every cache number is taken by an image or a socket in %s or %s/caches.", dir,
+                                        e->runtime_dir);
+                        id = id >= CACHE_ID_MAX ? 1 : id + 1;
+                } while (cache_find_id(e, id) || cache_id_left(e, dir_fd, id));
                 e->cache_seq = id;
                 r = cache_new(e, id, url, format, size, &c);
                 if (r < 0)
@@ -700,19 +691,9 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                         return sd_bus_error_set_errnof(
                                 error, -r, "Failed to set up the sandbox identity of a cache of %s: %m", url);
                 }
-                dir = caches_dir(e);
-                if (!dir) {
-                        cache_free(c);
-                        return -ENOMEM;
-                }
-                r = open_dir(dir, &dir_fd);
-                if (r >= 0) {
-                        /* A stale image of a cache that is no longer recorded is ours to replace. */
-                        (void) unlinkat(dir_fd, c->image_name, 0);
-                        fd = openat(dir_fd, c->image_name,
-                                O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
-                        r = fd < 0 ? -errno : image_write_qcow2_overlay(fd, size, url, format, &why);
-                }
+                fd = openat(dir_fd, c->image_name, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
+                created = fd >= 0;
+                r = fd < 0 ? -errno : image_write_qcow2_overlay(fd, size, url, format, &why);
                 if (r >= 0) {
                         c->image_fd = TAKE_FD(fd);
                         r = cache_listen(c);
@@ -720,7 +701,7 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (r >= 0)
                         r = cache_spawn(c);
                 if (r < 0) {
-                        if (dir_fd >= 0)
+                        if (created)
                                 (void) unlinkat(dir_fd, c->image_name, 0);
                         (void) unlink(c->socket_path);
                         cache_free(c);
@@ -792,7 +773,7 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         int r;
 
         if (!json_object_is_type(k, json_type_object) || !json_object_object_get_ex(k, "id", &o) ||
-                !json_object_is_type(o, json_type_int) || (id = json_object_get_uint64(o)) == 0 || id > 999999 ||
+                !json_object_is_type(o, json_type_int) || (id = json_object_get_uint64(o)) == 0 || id > CACHE_ID_MAX ||
                 !json_object_object_get_ex(k, "url", &o) || !json_object_is_type(o, json_type_string) ||
                 !url_ok(url = json_object_get_string(o)) || !json_object_object_get_ex(k, "format", &o) ||
                 !json_object_is_type(o, json_type_string) ||
@@ -864,11 +845,22 @@ int cache_load_all(Engine *e) {
         r = read_file_bounded(path, CACHES_FILE_MAX, &text, &len);
         if (r == -ENOENT)
                 return 0;
-        if (r < 0)
-                return log_error_errno(r, "Failed to read %s: %m", path);
-        o = json_tokener_parse(text);
-        if (!o || !json_object_object_get_ex(o, "caches", &a) || !json_object_is_type(a, json_type_array))
-                return log_error_errno(-EINVAL, "%s is malformed, no template cache restored.", path);
+        if (r >= 0) {
+                o = json_tokener_parse(text);
+                if (!o || !json_object_object_get_ex(o, "caches", &a) || !json_object_is_type(a, json_type_array))
+                        r = -EBADMSG;
+        }
+        if (r < 0) {
+                /* Kept for the admin, not overwritten by the next save; new caches take numbers
+                 * no image or socket has (cache_id_left()), so no overlay gets another's data. */
+                _cleanup_free_ char *aside = strdup_printf("%s.unreadable-%" PRIu64, path,
+                        (uint64_t) (now_usec(CLOCK_REALTIME) / USEC_PER_SEC));
+
+                if (!aside || rename(path, aside) < 0)
+                        log_error_errno(aside ? -errno : -ENOMEM, "Failed to move %s aside: %m", path);
+                return log_error_errno(r, "Cannot read %s (%m): no template cache restored; it was moved to %s.", path,
+                        aside ?: "(nowhere)");
+        }
         r = open_dir(dir, &dir_fd);
         if (r < 0)
                 return log_error_errno(r, "Failed to open %s: %m", dir);

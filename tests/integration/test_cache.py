@@ -436,6 +436,33 @@ class CacheTest(h.TestCase):
         self.client.call(path, IFACE_CACHE, 'Stop')
 
 
+    def test_8_an_unreadable_record_gives_no_cache_away(self):
+        """Overlays name their cache by its socket (caches/N.sock). A caches.json that cannot be
+        read after a restart (a crash, a full disk) restores no cache; a new cache then took number
+        1 again, its socket the same path, and the overlays made over the old cache 1 read another
+        template. Now a new cache takes a number no image or socket has, and the unreadable record
+        is kept aside. (Last: the caches of the tests before are not restored.)"""
+        self.serve(self.remote)
+        self.serve(self.remote2)
+        self.provision(self.remote.url + '/rec-a', os.path.join(self.env.images, 'rec-a.qcow2'))
+        before = {h.unwrap(self.client.get(p, IFACE_CACHE, 'Socket')) for p in self.caches()}
+        record = os.path.join(self.env.daemon.state_dir, 'caches.json')
+        self.assertTrue(os.path.exists(record))
+        self.env.daemon.stop()
+        with open(record, 'w') as f:
+            f.write('{"caches": [')
+        self.env.daemon.start()
+        self.assertEqual(self.caches(), [])
+        self.provision(self.remote2.url + '/rec-b', os.path.join(self.env.images, 'rec-b.qcow2'))
+        after = {h.unwrap(self.client.get(p, IFACE_CACHE, 'Socket')) for p in self.caches()}
+        self.assertEqual(len(after), 1)
+        self.assertEqual(after & before, set(), 'a new cache took the socket overlays of an old one still name')
+        aside = [f for f in os.listdir(self.env.daemon.state_dir) if f.startswith('caches.json.unreadable-')]
+        self.assertEqual(len(aside), 1, os.listdir(self.env.daemon.state_dir))
+        with open(os.path.join(self.env.daemon.state_dir, aside[0])) as f:
+            self.assertEqual(f.read(), '{"caches": [')
+
+
 class CacheIdentityTest(h.TestCase):
     """Issue 14: each template cache's helper in a sandbox identity of its own. The helper parses
     what a remote template server sends; one taken over by a hostile server must not reach another
