@@ -44,7 +44,11 @@ static bool identity_valid(Manager *m, const void *self, uid_t uid, unsigned c1,
 }
 
 bool manager_identity_valid(Manager *m, Guest *g) {
-        return identity_valid(m, g, g->helper_uid, g->mcs_c1, g->mcs_c2);
+        /* Within today's HelperUIDRange= too: a uid left from an older range may be another's now
+         * (a container's), and a storage helper's start kills the leftovers of its guest's uid. */
+        return g->helper_uid >= m->engine.config.helper_uid_min &&
+               g->helper_uid <= m->engine.config.helper_uid_max - HELPER_UIDS_PROBES &&
+               identity_valid(m, g, g->helper_uid, g->mcs_c1, g->mcs_c2);
 }
 
 static int identity_allocate(Manager *m, const void *self, uid_t *ret_uid, unsigned *ret_c1, unsigned *ret_c2) {

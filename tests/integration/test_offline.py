@@ -387,6 +387,25 @@ class OfflineTest(h.TestCase):
                 self.assertEqual(hp.uids, [now[0]] * 4, 'the storage helper ran under an identity of the record')
                 self.assertEqual(hp.gids, [now[0]] * 4)
 
+    def test_helper_identity_outside_the_range_is_replaced(self):
+        """A guest's helper uid in its record outside today's HelperUIDRange= (an older range,
+        or a hand-edited file) is another's now, perhaps a container's: a storage helper's start
+        kills every process of its guest's uid. The guest gets a fresh identity in the range."""
+        g = self.new_offline_guest()
+        lo, hi = o.helper_uid_range(self.env).start, o.helper_uid_range(self.env).stop
+        for what, uid in [('below the range', lo - 1), ('a probe\'s, at the top', hi)]:
+            with self.subTest(what):
+                self.env.daemon.stop()
+                s = o.read_state(self.env, g.name)
+                s['helper_uid'] = uid
+                with open(o.state_file(self.env, g.name), 'w') as f:
+                    json.dump(s, f)
+                self.env.daemon.start()
+                self.client.wait_for(lambda: o.identity(self.env, g.name)[0] != uid, 30,
+                                     'the record to name a new helper uid')
+                now = o.identity(self.env, g.name)
+                self.assertIn(now[0], o.helper_uid_range(self.env))
+
     def test_restart_waits_for_an_earlier_helper(self):
         """A daemon restarted at once (SIGKILL, then systemd) may find its predecessor's storage
         helper still exiting, the images still locked. It must wait for that helper to be gone
