@@ -98,6 +98,9 @@ void cache_users_update(Cache *c);
  * (search only); nobody else. Applied again whenever a socket is made or the users change. */
 void cache_access_update(Engine *e);
 
+/* Answer the Warm call waiting (error_name NULL: done), if any. */
+void cache_warm_reply(Cache *c, const char *error_name, const char *why);
+
 /* cache-record.c: write caches.json (logged on failure). */
 int caches_save(Engine *e);
 

@@ -78,6 +78,15 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         return sd_bus_reply_method_return(msg, NULL);
 }
 
+/* QEMU's answer to block-stream: a refusal (a permission conflict, the id in use) brings no job
+ * event, so it is the Warm call's answer. */
+static void warm_started(Qmp *q, int error, json_object *result, const char *cls, const char *desc, void *userdata) {
+        Cache *c = userdata;
+
+        if (error < 0)
+                cache_warm_reply(c, BS_ERROR_QEMU_FAILED, desc ?: strerror(-error));
+}
+
 static int method_warm(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Cache *c = userdata;
         json_object *args;
@@ -90,6 +99,8 @@ static int method_warm(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed already.", c->id);
         if (c->state != CACHE_SERVING || !c->qmp)
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING, "Cache %u is not serving.", c->id);
+        if (c->warmed)
+                return sd_bus_reply_method_return(msg, NULL); /* the image names no backing already */
         /* A block-stream job in the helper: every block of the template into the image, and then
          * the backing dropped from its header, so neither the helper nor a restarted one needs the
          * remote any more. QEMU's defaults finalize and dismiss it; the end comes as an event. */
@@ -99,7 +110,7 @@ static int method_warm(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 json_object_put(args);
                 return -ENOMEM;
         }
-        r = qmp_call(c->qmp, "block-stream", args, -1, NULL, NULL, NULL);
+        r = qmp_call(c->qmp, "block-stream", args, -1, warm_started, c, NULL);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r, "Cannot start warming cache %u: %m", c->id);
         c->warm_call = sd_bus_message_ref(msg);

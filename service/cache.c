@@ -113,7 +113,7 @@ static bool unwanted(Cache *c) {
         return c->fresh && c->users == 0 && c->in_flight == 0 && !c->waiters;
 }
 
-static void warm_reply(Cache *c, const char *error_name, const char *why) {
+void cache_warm_reply(Cache *c, const char *error_name, const char *why) {
         if (!c->warm_call)
                 return;
         if (error_name)
@@ -139,7 +139,7 @@ static Cache *cache_free(Cache *c) {
                 return NULL;
         c->in_flight++; /* nothing a waiter does can free it again */
         flush_waiters(c, -ECANCELED, "the cache went away");
-        warm_reply(c, BS_ERROR_HELPER_FAILED, "the cache went away");
+        cache_warm_reply(c, BS_ERROR_HELPER_FAILED, "the cache went away");
         helper_gone(c);
         closep(&c->image_fd);
         closep(&c->listen_fd);
@@ -279,7 +279,7 @@ static void cache_failed(Cache *c, const char *why) {
         _cleanup_free_ char *text = strdup_printf("the template cache failed: %s", why);
 
         log_error("Template cache %u (%s): %s", c->id, c->url, why);
-        warm_reply(c, BS_ERROR_HELPER_FAILED, why);
+        cache_warm_reply(c, BS_ERROR_HELPER_FAILED, why);
         set_state(c, CACHE_FAILED);
         flush_waiters(c, -EIO, text ?: why);
         if (unwanted(c))
@@ -436,15 +436,15 @@ static void on_qmp_event(Qmp *q, const char *event, json_object *data, void *use
                 !streq(json_object_get_string(o), "warm"))
                 return;
         if (streq(event, "BLOCK_JOB_CANCELLED"))
-                return warm_reply(c, BS_ERROR_QEMU_FAILED, "the job was cancelled");
+                return cache_warm_reply(c, BS_ERROR_QEMU_FAILED, "the job was cancelled");
         if (json_object_object_get_ex(data, "error", &o)) {
                 _cleanup_free_ char *why = text_sanitize(json_object_get_string(o), 1024, 200);
-                return warm_reply(c, BS_ERROR_QEMU_FAILED, why ?: "the job failed");
+                return cache_warm_reply(c, BS_ERROR_QEMU_FAILED, why ?: "the job failed");
         }
         log_info("Template cache %u: warm, %s is no longer needed.", c->id, c->url);
         c->warmed = true;
         (void) caches_save(c->engine);
-        warm_reply(c, NULL, NULL);
+        cache_warm_reply(c, NULL, NULL);
 }
 
 static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata) {
@@ -457,7 +457,7 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
                 return 0;
         log_warning("Template cache %u: storage helper %s %i.", c->id,
                 si->si_code == CLD_EXITED ? "exited with status" : "was killed by signal", si->si_status);
-        warm_reply(c, BS_ERROR_HELPER_FAILED, "its storage helper went away");
+        cache_warm_reply(c, BS_ERROR_HELPER_FAILED, "its storage helper went away");
         /* One that served is brought back on the same socket; one that never did is not retried. */
         if (was_serving && c->restarts++ < CACHE_RESTARTS_MAX) {
                 set_state(c, CACHE_STARTING);
