@@ -132,7 +132,7 @@ static void set_speed_reply(int error, const char *desc, void *userdata) {
                 /* The guest-latency mode keeps below the new ceiling. */
                 adaptive_ceiling_applied(d, c->bandwidth, c->speed);
                 disk_emit_changed(d, "Bandwidth", NULL);
-                disk_save(d);
+                disk_save_later(d);
         }
         call_reply(c, error, desc, "change the bandwidth");
 }
@@ -151,7 +151,7 @@ int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
                         disk_emit_changed(d, "Bandwidth", NULL);
-                        disk_save(d);
+                        disk_save_later(d);
                 }
                 return sd_bus_reply_method_return(msg, NULL);
         }
@@ -171,7 +171,7 @@ static void set_max_guest_latency(Disk *d, uint64_t usec) {
                 return;
         d->max_guest_latency = usec;
         disk_emit_changed(d, "MaxGuestLatency", NULL);
-        disk_save(d);
+        disk_save_later(d);
 }
 
 int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
