@@ -18,6 +18,19 @@
 
 /* D-Bus */
 
+/* A property read may look again at most this often: anyone may call Get in a loop. */
+#define PROPERTY_LOOK_USEC USEC_PER_SEC
+
+static bool look_again(usec_t *at) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (*at != 0 && now - *at < PROPERTY_LOOK_USEC)
+                return false;
+        *at = now;
+        return true;
+}
+
+
 /* Connections to the socket now: the accepted ends, which carry the listener's path, in our network
  * namespace (the listener is ours); the listener itself has __SO_ACCEPTCON. */
 static int count_clients(Cache *c, unsigned *ret) {
@@ -145,16 +158,20 @@ static int property_get_users(sd_bus *bus, const char *path, const char *interfa
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         Cache *c = userdata;
 
-        cache_users_update(c);
+        if (look_again(&c->users_read_at))
+                cache_users_update(c);
         return sd_bus_message_append(reply, "u", c->users);
 }
 
 static int property_get_clients(sd_bus *bus, const char *path, const char *interface, const char *property,
         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Cache *c = userdata;
         unsigned n = 0;
 
-        (void) count_clients(userdata, &n); /* 0 where unknown, rather than failing every GetAll */
-        return sd_bus_message_append(reply, "u", n);
+        /* 0 where unknown, rather than failing every GetAll. */
+        if (look_again(&c->clients_read_at))
+                c->clients = count_clients(c, &n) >= 0 ? n : 0;
+        return sd_bus_message_append(reply, "u", c->clients);
 }
 
 const sd_bus_vtable cache_vtable[] = {
