@@ -135,6 +135,16 @@ int mirror_copy_identity(int overlay_fd, int fd) {
         return 0;
 }
 
+static int fsync_dir_at(int dir_fd, const char **ret_why) {
+        _cleanup_close_ int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+        if (fd < 0 || fsync(fd) < 0) {
+                *ret_why = "the directory could not be synced after the exchange";
+                return -errno;
+        }
+        return 0;
+}
+
 /* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
  * QEMU had open, else swap back. Idempotent for a restart at any point: 0 when the overlay's
  * entry holds the new image and the old one is gone, -EBUSY (why in *ret_why) when the entry
@@ -180,7 +190,9 @@ int mirror_rename_onto_overlay(
         /* What QEMU runs on now, under the overlay's name. */
         if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
                 return -errno;
-        return 0;
+        /* On disk before the journal says DONE: a power loss must not bring the old entry back
+         * with the journal past the rename. dir_fd is an O_PATH fd: fsync needs one opened. */
+        return fsync_dir_at(dir_fd, ret_why);
 }
 
 /* Finishing a pivot without QEMU (mirror.h) */

@@ -528,6 +528,11 @@ int mirror_try_start(
                 r = -ESTALE;
         if (r >= 0)
                 r = open_dir(g, path, &dir_fd, &leaf, err ? NULL : &err);
+        /* The directory opened is the one that holds the overlay (not one renamed into its place
+         * in between): the new image goes beside it, and the rename happens in it. */
+        if (r >= 0 && (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0 || st.st_dev != pin_dev ||
+                              st.st_ino != pin_ino))
+                r = -ESTALE;
         if (r < 0)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
