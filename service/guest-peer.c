@@ -132,6 +132,14 @@ static void guest_pace_events(Guest *g) {
         qmp_set_reading(g->peer.qmp, false);
 }
 
+/* Whether a disk of g has the job id (one of ours, "bsd-"). */
+static bool guest_job_claimed(Guest *g, const char *id) {
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (streq_ptr(g->disks[i]->job.id, id))
+                        return true;
+        return false;
+}
+
 static void guest_on_event(void *userdata, const char *event, json_object *data) {
         Guest *g = userdata;
         usec_t mono = now_usec(CLOCK_MONOTONIC);
@@ -170,6 +178,14 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
                         guest_poll_now(g);
                 if (changed & ~JOB_NEEDS_QUERY)
                         disk_apply_qemu_job_changes(d, changed & ~JOB_NEEDS_QUERY);
+        }
+        /* A leftover of ours that no disk claims (cancelled at a reconnect, or its disk gone)
+         * holds its nodes until dismissed. A Start's job is claimed before its events come: QEMU
+         * answers block-stream before the job can end. */
+        if (ev.kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev.status == QEMU_JOB_CONCLUDED && ev.id &&
+                strncmp(ev.id, "bsd-", 4) == 0 && guest_qmp_ready(g) && !guest_job_claimed(g, ev.id)) {
+                log_info("Guest %s: dismissing leftover job %s.", g->name, ev.id);
+                (void) qemu_job_dismiss(g->peer.qmp, ev.id, NULL, NULL, NULL);
         }
 }
 
@@ -220,15 +236,30 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
         if (!reconcile || !guest_qmp_ready(g))
                 return;
         for (size_t k = 0; k < n; k++) {
-                bool claimed = false;
+                const char *dash = strrchr(jobs[k].id, '-');
+                char *end;
+                unsigned long long seq;
 
-                if (jobs[k].status != QEMU_JOB_CONCLUDED || strncmp(jobs[k].id, "bsd-", 4) != 0)
+                if (strncmp(jobs[k].id, "bsd-", 4) != 0)
                         continue;
-                for (size_t i = 0; i < g->n_disks && !claimed; i++)
-                        claimed = streq_ptr(g->disks[i]->job.id, jobs[k].id);
-                if (!claimed) {
+                /* Our ids go on past every one QEMU still has: a job begun in QEMU whose record a
+                 * crash lost would otherwise hold the next Start's id. */
+                errno = 0;
+                seq = dash ? strtoull(dash + 1, &end, 10) : 0;
+                if (dash && errno == 0 && end != dash + 1 && *end == 0)
+                        g->job_seq = MAX(g->job_seq, (uint64_t) seq);
+                if (guest_job_claimed(g, jobs[k].id))
+                        continue;
+                if (jobs[k].status == QEMU_JOB_CONCLUDED) {
                         log_info("Guest %s: dismissing leftover job %s.", g->name, jobs[k].id);
                         (void) qemu_job_dismiss(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
+                } else {
+                        /* A Start whose job QEMU began but whose record the daemon never wrote
+                         * (killed in between): never answered, so never the caller's. Cancelled
+                         * (what it copied stays valid), dismissed once concluded (guest_on_event). */
+                        log_warning("Guest %s: cancelling job %s, which no record of ours claims.", g->name,
+                                jobs[k].id);
+                        (void) qemu_block_job_cancel(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
                 }
         }
 }

@@ -5,8 +5,10 @@ meanwhile), QEMU killed in the middle of a stream."""
 
 import os
 import signal
+import subprocess
 import sys
 import time
+import unittest
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +100,47 @@ class RestartTest(h.TestCase):
         self.assertEqual(done, p['BytesDone'])
         self.assertEqual(p['BackingChain'], [])
         h.wait_until(lambda: q.qmp.jobs() == [], 5, 'the job to be dismissed')
+        q.quit()
+        self.assertIsNone(h.image_backing(ch.top))
+        rc, out = ch.compare()
+        self.assertEqual(rc, 0, out)
+
+    @unittest.skipUnless(os.environ.get('BLOCKSTREAM_TEST_HOOKS') == '1',
+                         'the daemon is built without its test hooks (meson -Dtest_hooks=true)')
+    def test_sigkill_before_the_job_is_recorded(self):
+        """Killed once QEMU began the job and before the daemon recorded it (its Start never
+        answered): the new daemon cancels and dismisses that job, which nothing claims, and the
+        next Start runs. Before, QEMU kept the job (pending at its end, never finalized) and the
+        next Start was refused: its id was the leftover's."""
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        ch = g.chains['vda']
+        q = g.qemu
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_STREAM_STOP', 'started')
+        self.wait_republished(g)
+        pid = self.env.daemon.proc.pid
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.Popen(['busctl', '--system', 'call', h.BUS_NAME, d.path, h.IFACE_STREAM, 'Start', 'tta{sv}',
+                              '0', '0', '2', 'bandwidth', 't', str(1 * MiB), 'engine', 's', 'stream'],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+
+        def stopped():
+            with open('/proc/%d/stat' % pid) as f:
+                return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+        h.wait_until(stopped, 60, 'the daemon to stop at its test hook')
+        self.assertEqual(len(q.qmp.jobs()), 1, 'QEMU has no job at the hook')
+        self.assertEqual(self.env.kill_daemon(), -signal.SIGKILL)
+        p.communicate(timeout=30)
+        self.env.start_daemon()
+        self.wait_republished(g)
+        h.wait_until(lambda: q.qmp.jobs() == [], 30, 'the unrecorded job to be cancelled and dismissed')
+        self.assertEqual(d.prop('State'), 'idle')
+        self.assertEqual(d.finished(), [], 'a Start never answered was reported')
+        since = time.monotonic()
+        d.start(0, 0, opts(bandwidth=T(0), engine=S('stream')))
+        res, _, err = d.wait_finished(60, since)
+        self.assertEqual((res, err), ('completed', ''))
         q.quit()
         self.assertIsNone(h.image_backing(ch.top))
         rc, out = ch.compare()
