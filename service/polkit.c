@@ -366,10 +366,12 @@ static int owner_name(uid_t uid, char *buf, size_t size) {
 
         if (uid == (uid_t) -1)
                 return snprintf(buf, size, "%s", ""), 0;
+        /* No account, no detail: in digits it would match a login so named (LDAP, --badname) in
+         * a rule's owner == subject.user. */
         if (getpwuid_r(uid, &pw, tmp, sizeof(tmp), &result) == 0 && result)
                 snprintf(buf, size, "%s", result->pw_name);
         else
-                snprintf(buf, size, UID_FMT, (uint32_t) uid);
+                snprintf(buf, size, "%s", "");
         return 0;
 }
 

@@ -22,6 +22,7 @@ Run alone: /usr/bin/python3 tests/integration/test_polkit.py (root; after ninja 
 
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -491,6 +492,22 @@ class PolkitBehaviourTest(PolkitTestCase):
         self.session(STRANGER).call(d.path, h.IFACE_PROPS, 'GetAll', 's', '(%s,)' % gv(h.IFACE_STREAM))
         self.client.pump(0.3)
         self.assertEqual(mon.calls[n:], [], 'root or a read was sent to polkit')
+
+    def test_owner_without_an_account_is_no_detail(self):
+        """A guest's owner that is no account (a uid given at registration, or a user deleted
+        since) passes no 'owner' detail: in digits it would match a user so named in the rules'
+        owner == subject.user (a login "61234" exists with LDAP or --badname)."""
+        uid = next(u for u in range(61234, 65000) if not _has_account(u))
+        g = self.new_guest(size=64 * h.MiB, options=h.opts(owner=h.U(uid)))
+        d = g.disk()
+        mon = PolkitMonitor(self.client)
+        self.addCleanup(mon.close)
+        self.client.pump(0.1)
+        n = len(mon.calls)
+        self.session(MEMBER).call(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1048576,)')
+        calls = mon.wait(n + 1)
+        self.assertEqual(len(calls), n + 1, 'one check per call: %r' % calls[n:])
+        self.assertEqual(calls[n]['args'][2], {'guest': g.name, 'disk': 'vda'})
 
     def test_interactive_flag_without_agent(self):
         """With ALLOW_INTERACTIVE_AUTHORIZATION and no authentication agent: what polkitd answers
@@ -1131,6 +1148,14 @@ class ShippedFilesTest(PolkitTestCase):
         self.assertEqual(kv.get('Name'), 'org.blockstream1')
         self.assertEqual(kv.get('User'), 'root')
         self.assertEqual(kv.get('SystemdService'), 'blockstreamd.service')
+
+
+def _has_account(uid):
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
 
 
 if __name__ == '__main__':
