@@ -57,6 +57,7 @@ struct PolkitQuery {
         sd_bus_message *check;   /* the CheckAuthorization call, until sent (queued) */
         sd_bus_slot *slot;       /* the CheckAuthorization call, while pending */
         char *action;
+        char *details;           /* what was asked about (details_key()): an answer is for it only */
         char *sender;            /* the caller's unique name: if it leaves the bus before the
                                   * answer, the call is dropped (name_owner_changed) */
         uid_t uid;               /* the caller's uid */
@@ -75,9 +76,18 @@ static PolkitQuery *polkit_query_free(PolkitQuery *q) {
         sd_bus_message_unref(q->request);
         sd_bus_error_free(&q->error);
         free(q->action);
+        free(q->details);
         free(q->sender);
         free(q);
         return NULL;
+}
+
+/* The details of a check as one string: guest, disk and owner uid. */
+static char *details_key(const AuthDetails *details) {
+        if (!details)
+                return strdup("");
+        return strdup_printf("%s\x1f%s\x1f" UID_FMT, strempty(details->guest), strempty(details->disk),
+                (uint32_t) details->owner);
 }
 
 static void registry_remove(PolkitRegistry *m, PolkitQuery *q) {
@@ -379,6 +389,7 @@ int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, co
         sd_bus_error *error) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *call = NULL;
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        _cleanup_free_ char *key = NULL;
         PolkitQuery *q;
         RegistryUse use;
         char owner[256];
@@ -388,6 +399,9 @@ int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, co
         uid_t uid;
         int r;
 
+        key = details_key(details);
+        if (!key)
+                return -ENOMEM;
         /* The answer to an earlier question about this very message? */
         for (q = m->queries; q; q = q->next)
                 if (q->request == msg && streq(q->action, action))
@@ -396,11 +410,21 @@ int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, co
                 if (!q->answered)
                         return 0; /* still thinking: should not be dispatched yet */
                 registry_remove(m, q);
-                r = q->result;
-                if (r < 0)
-                        sd_bus_error_move(error, &q->error);
-                polkit_query_free(q);
-                return r;
+                /* Only about what it was asked: the guest may have been registered again meanwhile,
+                 * for another owner, at the same object path. Then polkit is asked again. */
+                if (!streq(q->details, key)) {
+                        log_info("Authorization of %s for %s answered about a guest or owner that changed "
+                                 "meanwhile; asking again.",
+                                action, strempty(q->sender));
+                        polkit_query_free(q);
+                        q = NULL;
+                } else {
+                        r = q->result;
+                        if (r < 0)
+                                sd_bus_error_move(error, &q->error);
+                        polkit_query_free(q);
+                        return r;
+                }
         }
 
         /* Root passes without asking. */
@@ -480,6 +504,7 @@ int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, co
         q->uid = uid;
         q->weight = weight;
         q->action = strdup(action);
+        q->details = TAKE_PTR(key);
         q->sender = strdup(sender);
         if (!q->action || !q->sender) {
                 polkit_query_free(q);

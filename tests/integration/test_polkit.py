@@ -76,6 +76,24 @@ polkit.addRule(function(action, subject) {
 });
 ''' % (SLOW_PREFIX, MEMBER, int(SLOW_SECONDS * 1000))
 
+# Test-only rule: the owner's stream checks on guests named gate-* wait (in polkitd, up to 8 s)
+# until the test makes the gate file, then go on to the shipped rules: an answer held back for
+# as long as the test needs, whatever the machine's speed.
+GATE_PREFIX = 'gate-'
+GATE_FILE = '/tmp/bstest-polkit-gate-%d' % os.getpid()
+GATE_RULES = '''// blockstreamd tests only (test_polkit.py): an answer held until a file exists.
+polkit.addRule(function(action, subject) {
+    var guest = action.lookup("guest");
+    if (action.id == "org.blockstream1.stream" && guest && guest.indexOf("%s") == 0 &&
+        subject.user == "%s") {
+        try {
+            polkit.spawn(["/bin/sh", "-c", "n=0; while [ ! -e %s ] && [ $n -lt 160 ]; do sleep 0.05; n=$((n+1)); done"]);
+        } catch (e) {}
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+''' % (GATE_PREFIX, OWNER, GATE_FILE)
+
 HOST_POLICY = os.path.join(h.Polkit.ACTIONS, os.path.basename(h.POLKIT_POLICY))
 
 
@@ -135,7 +153,7 @@ class PolkitMonitor:
 
 class PolkitTestCase(h.TestCase):
     needs_polkit = True
-    polkit_rules = {'10-bstest-slow.rules': SLOW_RULES}
+    polkit_rules = {'10-bstest-slow.rules': SLOW_RULES, '11-bstest-gate.rules': GATE_RULES}
 
     @classmethod
     def setUpClass(cls):
@@ -492,6 +510,37 @@ class PolkitBehaviourTest(PolkitTestCase):
         self.session(STRANGER).call(d.path, h.IFACE_PROPS, 'GetAll', 's', '(%s,)' % gv(h.IFACE_STREAM))
         self.client.pump(0.3)
         self.assertEqual(mon.calls[n:], [], 'root or a read was sent to polkit')
+
+    def test_answer_for_the_guest_asked_about(self):
+        """The owner's SetBandwidth waits for polkit; meanwhile root unregisters the guest and
+        registers another of the same name (the same object paths) for itself. The answer was
+        about the owner's guest: the call must not act on root's. Before, polkit's yes (the owner
+        rule) was taken for whatever the path named when it came."""
+        if os.path.exists(GATE_FILE):
+            os.unlink(GATE_FILE)
+        self.addCleanup(lambda: os.path.exists(GATE_FILE) and os.unlink(GATE_FILE))
+        name = GATE_PREFIX + self.unique_name()
+        first = self.new_guest(size=64 * h.MiB, name=name, options=h.opts(owner=h.U(self.uid(OWNER))))
+        spare = self.spare_qemu()
+        d = first.disk()
+        s = self.session(OWNER)
+        mon = PolkitMonitor(self.client)
+        self.addCleanup(mon.close)
+        self.client.pump(0.1)
+        n = len(mon.calls)
+        s.send(d.path, h.IFACE_STREAM, 'SetBandwidth', 't', '(1048576,)')
+        self.assertEqual(len(mon.wait(n + 1)), n + 1, 'the check was not sent')
+        self.assertEqual(d.prop('Bandwidth'), 0, 'SetBandwidth acted before its answer')
+        self.assertIsNone(self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', name))
+        self.register(name, spare.daemon_socket)
+        self.addCleanup(self.unregister_quietly, name)
+        self.assertEqual(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'Owner'), 0)
+        with open(GATE_FILE, 'w'):
+            pass
+        r = s.receive(30)
+        self.assertDenied(r, STREAM, "SetBandwidth on root's guest, answered for the owner's",
+                          errors=(h.ERR_INTERACTIVE, h.ERR_ACCESS_DENIED))
+        self.assertEqual(self.client.get(d.path, h.IFACE_STREAM, 'Bandwidth'), 0)
 
     def test_owner_without_an_account_is_no_detail(self):
         """A guest's owner that is no account (a uid given at registration, or a user deleted
