@@ -7,6 +7,7 @@
 #include <selinux/selinux.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "disk.h"
@@ -112,23 +113,52 @@ void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j,
 }
 
 /* The new image as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */
+/* The overlay's access ACL onto the new image, or none: the new file inherited its directory's
+ * default ACL when it was made, and the fchmod() after this would widen that ACL's mask: users
+ * the directory names would read a disk its overlay never let them read. */
+static int copy_access_acl(int overlay_fd, int fd) {
+        static const char name[] = "system.posix_acl_access";
+        _cleanup_free_ void *acl = NULL;
+        ssize_t n;
+
+        n = fgetxattr(overlay_fd, name, NULL, 0);
+        if (n < 0 && errno != ENODATA && errno != EOPNOTSUPP)
+                return -errno;
+        if (n <= 0) {
+                if (fremovexattr(fd, name) < 0 && errno != ENODATA && errno != EOPNOTSUPP)
+                        return -errno;
+                return 0;
+        }
+        if (n > 65536)
+                return -E2BIG;
+        acl = malloc(n);
+        if (!acl)
+                return -ENOMEM;
+        n = fgetxattr(overlay_fd, name, acl, n);
+        if (n < 0)
+                return -errno; /* ERANGE: it grew meanwhile; the caller gives up */
+        return fsetxattr(fd, name, acl, n, 0) < 0 ? -errno : 0;
+}
+
 int mirror_copy_identity(int overlay_fd, int fd) {
         struct stat st;
+        int r;
 
         if (fstat(overlay_fd, &st) < 0)
                 return -errno;
+        r = copy_access_acl(overlay_fd, fd);
+        if (r < 0)
+                return r;
         /* Permission bits only: a set-id or sticky bit on a disk image is a mistake to drop, and
          * the daemon's own filter refuses set-id bits (sandbox_forbid_setid(): EPERM). */
         if (fchown(fd, st.st_uid, st.st_gid) < 0 || fchmod(fd, st.st_mode & 0777) < 0)
                 return -errno;
         if (is_selinux_enabled() > 0) {
                 char *con = NULL;
-                int r = 0;
 
                 if (fgetfilecon(overlay_fd, &con) < 0)
                         return -errno;
-                if (fsetfilecon(fd, con) < 0)
-                        r = -errno;
+                r = fsetfilecon(fd, con) < 0 ? -errno : 0;
                 freecon(con);
                 return r;
         }

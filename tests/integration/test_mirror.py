@@ -163,6 +163,27 @@ class MirrorTest(MirrorBase):
         self.assertEqual(self.mirror_jobs(g), [], 'QEMU still has the job after Finished')
         self.assert_standalone(g, c, writes)
 
+    def test_new_image_keeps_the_overlays_acl(self):
+        """The new image is made in the overlay's directory, so it inherits that directory's
+        default ACL, and taking the overlay's mode widened that ACL's mask: a user the directory
+        names read the guest's disk that its overlay never let them read. It takes the overlay's
+        own access ACL (here: none)."""
+        h.ensure_user(h.STRANGER)
+        g = self.new_guest(size=SIZE)
+        d = g.disk()
+        c = g.chains['vda']
+        os.chmod(c.top, 0o660)
+        h.run(['setfacl', '-d', '-m', 'u:%s:rw' % h.STRANGER, os.path.dirname(c.top)])
+
+        def named_users(path):
+            out = h.run(['getfacl', '-cp', path]).stdout
+            return [l for l in out.splitlines() if l.startswith('user:') and not l.startswith('user::')]
+        self.assertEqual(named_users(c.top), [])
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assertEqual(named_users(c.top), [], 'the new image took the directory\'s default ACL')
+        self.assertEqual(os.stat(c.top).st_mode & 0o777, 0o660)
+
     def test_pause_resume_bandwidth(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
