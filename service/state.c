@@ -722,8 +722,11 @@ int state_export_from_json(json_object *o, const char *file_name, StateExport *r
         uint64_t version = 0, id = 0;
         int r;
 
-        if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0 ||
-                version != STATE_FORMAT_VERSION || json_get_u64(o, "id", true, &id) < 0 || id == 0 || id >= UINT_MAX)
+        if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0)
+                return -EBADMSG;
+        if (version != STATE_FORMAT_VERSION)
+                return -EPROTONOSUPPORT; /* another daemon's format: not ours to judge */
+        if (json_get_u64(o, "id", true, &id) < 0 || id == 0 || id >= UINT_MAX)
                 return -EBADMSG;
         e.id = (unsigned) id;
         expected = strdup_printf("%u.json", e.id);
@@ -761,9 +764,15 @@ static int export_file(const char *path, const char *file_name, json_object *o, 
                 r = state_export_from_json(o, file_name, &e);
         if (r == -ENOMEM)
                 return log_oom();
-        if (r < 0) {
+        /* Only a record that is ours and wrong goes: one that could not be read now (EIO, EMFILE)
+         * or is of another format version (a downgrade) stays for a later start to serve. */
+        if (r == -EBADMSG) {
                 log_error_errno(r, "Export state file %s is invalid, dropping it: %m", path);
                 (void) unlink(path);
+                return 0;
+        }
+        if (r < 0) {
+                log_error_errno(r, "Export state file %s cannot be used now, keeping it: %m", path);
                 return 0;
         }
         return l->handler(&e, l->userdata);

@@ -149,10 +149,11 @@ static void test_hostile_records(void) {
                 -EBADMSG);
         ASSERT_ERRNO(parse("{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\"}", "3.json"),
                 -EBADMSG);
+        /* Another daemon's format (a downgrade): not judged. */
         ASSERT_ERRNO(parse("{\"version\":2,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
                            "\"listen\":\"unix\"}",
                              "3.json"),
-                -EBADMSG);
+                -EPROTONOSUPPORT);
         ASSERT_ERRNO(parse("[]", "3.json"), -EBADMSG);
 }
 
@@ -202,12 +203,14 @@ static void test_handoff_pins(void) {
 }
 
 static void test_bad_file_is_removed(void) {
-        _cleanup_free_ char *dir = make_tmpdir(), *bad = NULL, *good = NULL;
+        _cleanup_free_ char *dir = make_tmpdir(), *bad = NULL, *good = NULL, *newer = NULL;
         StateExport in = { .id = 2, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
                 .listen = (char *) "unix" };
         /* A valid record but for its alias. */
         const char *bad_text = "{\"version\":1,\"id\":5,\"guest\":\"vm1\",\"disk\":\"../x\",\"name\":\"x\","
                                "\"listen\":\"unix\"}";
+        const char *newer_text = "{\"version\":2,\"id\":7,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
+                                 "\"listen\":\"unix\"}";
         Loaded l = {};
 
         ASSERT_NOT_NULL(dir);
@@ -215,7 +218,9 @@ static void test_bad_file_is_removed(void) {
                 return;
         bad = strdup_printf("%s/5.json", dir);
         good = strdup_printf("%s/2.json", dir);
+        newer = strdup_printf("%s/7.json", dir);
         ASSERT_OK(write_file_atomic(bad, bad_text, strlen(bad_text), 0600));
+        ASSERT_OK(write_file_atomic(newer, newer_text, strlen(newer_text), 0600));
         ASSERT_OK(state_export_save(dir, &in));
         ASSERT_OK(state_export_load(dir, take, &l));
         ASSERT_EQ(l.n, 1);
@@ -223,6 +228,8 @@ static void test_bad_file_is_removed(void) {
                 ASSERT_EQ(l.e[0].id, 2);
         ASSERT_ERRNO(access(bad, F_OK) < 0 ? -errno : 0, -ENOENT);
         ASSERT_OK(access(good, F_OK));
+        /* Of another format version: skipped, and kept for the daemon that wrote it. */
+        ASSERT_OK(access(newer, F_OK));
         loaded_done(&l);
         rm_rf_flat(dir);
 }
