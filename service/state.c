@@ -385,7 +385,10 @@ static int disk_from_json(json_object *o, StateDisk *d) {
         const char *alias = NULL;
         json_object *job;
 
-        if (!json_object_is_type(o, json_type_object) || json_get_string(o, "alias", true, &alias) < 0 || isempty(alias))
+        /* The alias names socket files and nodes: checked as where it came from (QEMU, or
+         * RegisterGuest's disks), as is a node name. */
+        if (!json_object_is_type(o, json_type_object) || json_get_string(o, "alias", true, &alias) < 0 ||
+                !qemu_id_is_valid(alias))
                 return -EBADMSG;
         d->alias = strdup(alias);
         if (!d->alias)
@@ -405,7 +408,7 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
                 /* a node name of QEMU's own ("#block123") or one given to it */
                 (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))) ||
-                pivot_from_json(o, d) < 0)
+                pivot_from_json(o, d) < 0 || (!isempty(d->node_name) && !qemu_node_name_is_valid(d->node_name)))
                 return -EBADMSG;
         return 0;
 }

@@ -288,6 +288,38 @@ static void test_pivot_record(void) {
         state_guest_done(&g);
 }
 
+/* A disk's alias and node name in a guest's record: checked as where they came from (QEMU,
+ * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. */
+static int parse_guest_disk(const char *alias, const char *node) {
+        _cleanup_free_ char *json = strdup_printf(
+                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
+                "\"job_seq\":1,\"disks\":[{\"alias\":\"%s\",\"node_name\":\"%s\",\"path\":\"/img/top.qcow2\","
+                "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
+                "\"bandwidth\":0,\"job\":{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,\"length\":0,\"done\":0,"
+                "\"total\":0,\"bandwidth\":0,\"start_time\":0}}]}",
+                alias, node);
+        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+        StateGuest g = {};
+        int r;
+
+        if (!o)
+                return -EINVAL;
+        r = state_guest_from_json(o, "vm1.json", &g);
+        state_guest_done(&g);
+        return r;
+}
+
+static void test_disk_names_record(void) {
+        ASSERT_OK(parse_guest_disk("vda", "n"));
+        ASSERT_OK(parse_guest_disk("virtio-disk0", "#block123"));
+        ASSERT_OK(parse_guest_disk("vda", "")); /* not known yet */
+        ASSERT_ERRNO(parse_guest_disk("../../x", "n"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk("a/b", "n"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk("", "n"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk("vda", "a b"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk("vda", "../n"), -EBADMSG);
+}
+
 /* The storage helper's identity in a guest's record (extra: its fields, or ""): read back as
  * written; a malformed one is dropped (0: a fresh one is allocated when needed), never a reason
  * to lose the guest. */
@@ -341,6 +373,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_handoff_pins);
         TAP_RUN(test_bad_file_is_removed);
         TAP_RUN(test_pivot_record);
+        TAP_RUN(test_disk_names_record);
         TAP_RUN(test_storage_identity_record);
         return tap_finish();
 }
