@@ -99,18 +99,19 @@ static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
 /* With the lock held: wait for the head to be due, or for stopping. */
 static void wait_for_work(StateWriter *w) {
         while (!w->stopping) {
-                usec_t now;
+                usec_t mono, at;
                 struct timespec ts;
 
                 if (!w->head) {
                         pthread_cond_wait(&w->wake, &w->lock);
                         continue;
                 }
-                now = now_usec(CLOCK_REALTIME);
-                if (w->head->retry_at <= now_usec(CLOCK_MONOTONIC))
+                mono = now_usec(CLOCK_MONOTONIC);
+                if (w->head->retry_at <= mono)
                         return;
-                now += w->head->retry_at - now_usec(CLOCK_MONOTONIC);
-                ts = (struct timespec) { .tv_sec = now / USEC_PER_SEC, .tv_nsec = (now % USEC_PER_SEC) * 1000 };
+                /* pthread_cond_timedwait() takes CLOCK_REALTIME. */
+                at = now_usec(CLOCK_REALTIME) + (w->head->retry_at - mono);
+                ts = (struct timespec) { .tv_sec = at / USEC_PER_SEC, .tv_nsec = (at % USEC_PER_SEC) * 1000 };
                 (void) pthread_cond_timedwait(&w->wake, &w->lock, &ts);
         }
 }
