@@ -87,45 +87,8 @@ static bool fd_is_writable(int proc_fd, const char *name) {
         return (flags & O_ACCMODE) == O_RDWR || (flags & O_ACCMODE) == O_WRONLY;
 }
 
-int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino) {
-        _cleanup_free_ char *proc_path = NULL;
-        _cleanup_close_ int proc_fd = -1;
-        DIR *dir;
-        unsigned n = 0;
-        int fd_dir, r = 0;
-
-        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
-                return 0;
-        proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
-        if (!proc_path)
-                return -ENOMEM;
-        proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (proc_fd < 0)
-                return -errno;
-        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd_dir < 0)
-                return -errno;
-        dir = fdopendir(fd_dir);
-        if (!dir) {
-                r = -errno;
-                close(fd_dir);
-                return r;
-        }
-        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
-                struct stat st;
-
-                if (de->d_name[0] == '.')
-                        continue;
-                if (fstatat(dirfd(dir), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) && st.st_dev == dev &&
-                    st.st_ino == ino && fd_is_writable(proc_fd, de->d_name))
-                        r = 1;
-        }
-        closedir(dir);
-        return r;
-}
-
-/* Whether the fd directory of /proc/PID (proc_fd) holds (dev, ino). */
-static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino) {
+/* Whether the fd directory of /proc/PID (proc_fd) holds (dev, ino), open for writing if asked. */
+static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino, bool writing) {
         DIR *dir;
         unsigned n = 0;
         int fd_dir, r = 0;
@@ -142,12 +105,28 @@ static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino) {
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 struct stat st;
 
-                if (de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 &&
-                        (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino)
+                if (de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) &&
+                        (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino &&
+                        (!writing || fd_is_writable(proc_fd, de->d_name)))
                         r = 1;
         }
         closedir(dir);
         return r;
+}
+
+int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino) {
+        _cleanup_free_ char *proc_path = NULL;
+        _cleanup_close_ int proc_fd = -1;
+
+        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+                return 0;
+        proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
+        if (!proc_path)
+                return -ENOMEM;
+        proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (proc_fd < 0)
+                return -errno;
+        return pid_holds(proc_fd, (uint64_t) dev, (uint64_t) ino, true);
 }
 
 int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid) {
@@ -168,7 +147,7 @@ int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, dev, ino);
+                r = pid_holds(proc_fd, dev, ino, false);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
         }

@@ -766,9 +766,9 @@ class MirrorKillTest(MirrorBase):
         finalizes, then renames."""
         self.killed_after_the_copy('finalize')
 
-    def guest_gone_at(self, step, writes=()):
-        """The daemon stopped before step, the guest's QEMU quits (the guest powered off), the
-        daemon is killed and started again."""
+    def guest_gone_at(self, step, writes=(), meanwhile=None):
+        """The daemon stopped before step, the guest writes, its QEMU quits (the guest powered
+        off), meanwhile(chain) runs, the daemon is killed and started again."""
         self.restart_with_hook(step)
         g = self.guest()
         d = g.disk()
@@ -780,6 +780,8 @@ class MirrorKillTest(MirrorBase):
             c.apply_to_reference(pat, off * c.u, ln * c.u)
         st = os.stat(c.top)
         g.qemu.quit()
+        if meanwhile:
+            meanwhile(c)
         restart = self.kill_and_restart(g)
         res, done, err = d.wait_finished(60, since)
         self.client.pump(0.3)
@@ -811,24 +813,13 @@ class MirrorKillTest(MirrorBase):
         """QEMU pivoted and went away; a process (a QEMU started again) has the old overlay open
         when the daemon comes back: nothing is renamed under it, the new image is kept, and the
         job fails saying so."""
-        self.restart_with_hook('rename')
-        g = self.guest()
-        d = g.disk()
-        c = g.chains['vda']
-        since = self.start(d, bandwidth=T(0))
-        self.wait_stopped()
-        g.qemu.guest_write('vda', 0x5d, 0, c.u)
-        st = os.stat(c.top)
-        g.qemu.quit()
-        holder = os.open(c.top, os.O_RDONLY)
-        self.addCleanup(os.close, holder)
-        restart = self.kill_and_restart(g)
-        res, done, err = d.wait_finished(60, since)
-        self.assertEqual(res, 'failed', (res, done, err))
+        def hold(c):
+            holder = os.open(c.top, os.O_RDONLY)
+            self.addCleanup(os.close, holder)
+        c, st, res, err = self.guest_gone_at('rename', [(0x5d, 0, 1)], hold)
+        self.assertEqual(res, 'failed', (res, err))
         self.assertIn('has the old overlay open', err)
         self.assertIn(tmp_of(c.top).rsplit('/', 1)[1], err)
-        self.client.pump(0.3)
-        self.assertEqual(len(d.finished(restart)), 1)
         now = os.stat(c.top)
         self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced under its reader')
         self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image holding the guest\'s writes was removed')
