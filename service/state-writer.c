@@ -63,6 +63,18 @@ static int op_run(const WriteOp *op) {
         return write_file_atomic(op->path, op->data, op->len, op->mode);
 }
 
+/* With the lock held: the queued op for path, and the one before it. */
+static WriteOp *find_queued(StateWriter *w, const char *path, WriteOp **ret_prev) {
+        WriteOp *prev = NULL;
+
+        for (WriteOp *op = w->head; op; prev = op, op = op->next)
+                if (streq(op->path, path)) {
+                        *ret_prev = prev;
+                        return op;
+                }
+        return NULL;
+}
+
 /* A write that failed (a full or failing disk) is not dropped: what follows it (the next step of a
  * job, recorded as done) must not act on a state the file does not hold. It goes back to the head
  * of the queue, to be tried again after 0.1 s, doubling up to 10 s; a later put of its path
@@ -75,6 +87,7 @@ static int op_run(const WriteOp *op) {
 static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
         usec_t now = now_usec(CLOCK_MONOTONIC), delay = RETRY_FIRST_USEC;
         uint64_t dropped = 0;
+        WriteOp *newer, *prev;
 
         for (unsigned i = 0; i < op->failures && delay < RETRY_MAX_USEC; i++)
                 delay *= 2;
@@ -87,6 +100,21 @@ static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
                         op->data ? "write" : "remove", op->path, op->failures + 1, dropped);
         if (w->stopping)
                 return op_free(op);
+        /* A later put of the path, queued meanwhile, holds newer data: it takes this one's place
+         * (and its ticket, for those who wait), never the other way round. */
+        newer = find_queued(w, op->path, &prev);
+        if (newer) {
+                if (prev)
+                        prev->next = newer->next;
+                else
+                        w->head = newer->next;
+                if (w->tail == newer)
+                        w->tail = prev;
+                newer->ticket = MIN(newer->ticket, op->ticket);
+                newer->failures = op->failures;
+                op_free(op);
+                op = newer;
+        }
         op->failures++;
         op->retry_at = now + delay;
         op->next = w->head;
@@ -109,8 +137,8 @@ static void wait_for_work(StateWriter *w) {
                 mono = now_usec(CLOCK_MONOTONIC);
                 if (w->head->retry_at <= mono)
                         return;
-                /* pthread_cond_timedwait() takes CLOCK_REALTIME. */
-                at = now_usec(CLOCK_REALTIME) + (w->head->retry_at - mono);
+                /* wake waits on CLOCK_MONOTONIC (state_writer_new()): a clock step moves nothing. */
+                at = w->head->retry_at;
                 ts = (struct timespec) { .tv_sec = at / USEC_PER_SEC, .tv_nsec = (at % USEC_PER_SEC) * 1000 };
                 (void) pthread_cond_timedwait(&w->wake, &w->lock, &ts);
         }
@@ -166,7 +194,14 @@ int state_writer_new(StateWriter **ret) {
                 return r;
         }
         pthread_mutex_init(&w->lock, NULL);
-        pthread_cond_init(&w->wake, NULL);
+        {
+                pthread_condattr_t attr;
+
+                pthread_condattr_init(&attr);
+                (void) pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+                pthread_cond_init(&w->wake, &attr);
+                pthread_condattr_destroy(&attr);
+        }
         pthread_cond_init(&w->idle, NULL);
         /* The thread takes no signals: the event loop handles them (signalfd). */
         sigfillset(&all);
@@ -208,17 +243,6 @@ StateWriter *state_writer_free(StateWriter *w) {
         return NULL;
 }
 
-/* With the lock held: the queued op for path, and the one before it. */
-static WriteOp *find_queued(StateWriter *w, const char *path, WriteOp **ret_prev) {
-        WriteOp *prev = NULL;
-
-        for (WriteOp *op = w->head; op; prev = op, op = op->next)
-                if (streq(op->path, path)) {
-                        *ret_prev = prev;
-                        return op;
-                }
-        return NULL;
-}
 
 /* With the lock held: every put with a ticket below this is on disk. */
 static uint64_t done_below(StateWriter *w) {
@@ -284,10 +308,12 @@ static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t 
                 unsigned failures = 0;
 
                 if (w) {
-                        /* Ours supersedes what is queued for path; what the thread is doing to
-                         * it now must land first. */
+                        /* What the thread is doing to path now must land (or fail, and be queued
+                         * again) first; then ours supersedes what is queued for path. */
                         pthread_mutex_lock(&w->lock);
                         ticket = ++w->next_ticket;
+                        while (w->busy_path && streq(w->busy_path, path))
+                                pthread_cond_wait(&w->idle, &w->lock);
                         op = find_queued(w, path, &prev);
                         if (op) {
                                 if (prev)
@@ -303,8 +329,6 @@ static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t 
                                 op_free(op);
                                 superseded = true;
                         }
-                        while (w->busy_path && streq(w->busy_path, path))
-                                pthread_cond_wait(&w->idle, &w->lock);
                         pthread_mutex_unlock(&w->lock);
                         if (ret_ticket)
                                 *ret_ticket = ticket;

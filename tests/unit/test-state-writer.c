@@ -279,6 +279,54 @@ static void test_failed_write_is_tried_again(void) {
         state_writer_free(w);
 }
 
+/* A write that fails while later ones of its path wait: the latest data lands, not the oldest.
+ * The path is a directory at first (the rename fails with EISDIR, after a write long enough for
+ * the next puts to come while it runs). */
+static void test_failed_write_never_lands_last(void) {
+        _cleanup_free_ char *path = path_of("order"), *big = NULL;
+        const size_t big_len = 64 << 20;
+        StateWriter *w = NULL;
+
+        ASSERT_NOT_NULL(path);
+        ASSERT_OK(mkdir(path, 0700));
+        big = malloc(big_len);
+        ASSERT_NOT_NULL(big);
+        if (!path || !big)
+                return;
+        memset(big, 'o', big_len);
+        big[big_len - 1] = 0;
+        ASSERT_OK(state_writer_new(&w));
+        ASSERT_OK(state_writer_put(w, path, TAKE_PTR(big), big_len - 1, 0600, false));
+        ASSERT_OK(put(w, "order", "two", false));   /* while the first is written, or joins it */
+        for (unsigned i = 0; i < 200; i++)          /* until the first failed and was queued again */
+                usleep(10000);
+        ASSERT_OK(put(w, "order", "three", false)); /* joins what is queued for the path */
+        ASSERT_OK(rmdir(path));
+        state_writer_flush(w);
+        {
+                _cleanup_free_ char *c = contents("order");
+                ASSERT_STREQ(c, "three");
+        }
+        /* A waited write while a queued one of its path failed: ours is the last word. */
+        ASSERT_OK(unlink(path));
+        ASSERT_OK(mkdir(path, 0700));
+        big = malloc(big_len);
+        ASSERT_NOT_NULL(big);
+        if (big) {
+                memset(big, 'o', big_len);
+                ASSERT_OK(state_writer_put(w, path, TAKE_PTR(big), big_len - 1, 0600, false));
+        }
+        usleep(50000);
+        ASSERT_ERRNO(put(w, "order", "four", true), -EISDIR); /* waits for the first, which failed */
+        ASSERT_OK(rmdir(path));
+        state_writer_flush(w);
+        {
+                _cleanup_free_ char *c = contents("order");
+                ASSERT_STREQ(c, "four");
+        }
+        state_writer_free(w);
+}
+
 /* A continuation that puts again and asks to go on after that write: not before it is on disk. */
 typedef struct Chain {
         StateWriter *w;
@@ -331,6 +379,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_then_dropped_by_free);
         TAP_RUN(test_failed_write_is_tried_again);
         TAP_RUN(test_then_from_a_then);
+        TAP_RUN(test_failed_write_never_lands_last);
         r = tap_finish();
         {
                 _cleanup_free_ char *cmd = strdup_printf("rm -rf '%s'", dir);
