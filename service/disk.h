@@ -91,6 +91,9 @@ typedef struct Disk {
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
         bool mirror_busy; /* mirror.c: a step of its journal is under way */
+        /* mirror.c: FINALIZE is being recorded; no job-finalize until it is on disk (kept across
+         * a reconnect, unlike mirror_busy: the state writer's continuation is not QMP's). */
+        bool mirror_finalize_saving;
         /* mirror.c: its Start waiting for QEMU to format the new image (blockdev-create), freed
          * with mirror_wait_free (the disk calls down into no mirror code). */
         void *mirror_wait;

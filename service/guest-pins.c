@@ -4,6 +4,8 @@
  * through /proc/PID/fd, never a path QEMU reported alone (guest.h). */
 
 #include <dirent.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -62,40 +64,57 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
         return 1;
 }
 
-/* Is the open file description behind /proc/PID/fd/NAME (dir: /proc/PID) open for writing? Its
- * fdinfo's "flags:" are octal open(2) flags. */
-static bool fd_is_writable(int proc_fd, const char *name) {
-        _cleanup_free_ char *path = strdup_printf("fdinfo/%s", name);
-        _cleanup_close_ int fd = -1;
-        char buf[512];
-        const char *p;
+/* What /proc/PID/fdinfo/N says of an open file in one read, taken at once by the kernel: its
+ * open(2) flags, mount and inode. Compared with what it says of an fd of ours on the file, never
+ * by following /proc/PID/fd/N (a QEMU may dup2() another file onto N between two looks; a stat
+ * through the link may hang on a dead network file system). */
+typedef struct FdInfo {
         unsigned long flags;
+        uint64_t mnt_id, ino;
+} FdInfo;
+
+static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
+        _cleanup_close_ int fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        char buf[1024];
+        const char *flags, *mnt, *ino;
         ssize_t n;
 
-        if (!path)
-                return false;
-        fd = openat(proc_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         if (fd < 0)
-                return false;
+                return -errno;
         n = read(fd, buf, sizeof(buf) - 1);
-        if (n <= 0)
-                return false;
+        if (n < 0)
+                return -errno;
         buf[n] = 0;
-        p = strstr(buf, "flags:");
-        if (!p || sscanf(p + strlen("flags:"), "%lo", &flags) != 1)
-                return false;
-        return (flags & O_ACCMODE) == O_RDWR || (flags & O_ACCMODE) == O_WRONLY;
+        flags = strstr(buf, "\nflags:");
+        mnt = strstr(buf, "\nmnt_id:");
+        ino = strstr(buf, "\nino:");
+        if (!flags || !mnt || !ino || sscanf(flags, "\nflags: %lo", &ret->flags) != 1 ||
+                sscanf(mnt, "\nmnt_id: %" SCNu64, &ret->mnt_id) != 1 || sscanf(ino, "\nino: %" SCNu64, &ret->ino) != 1)
+                return -EBADMSG;
+        return 0;
 }
 
-/* Whether the fd directory of /proc/PID (proc_fd) holds (dev, ino), open for writing if asked. */
-static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino, bool writing) {
+/* Of our own fd. */
+static int fdinfo_of_fd(int fd, FdInfo *ret) {
+        _cleanup_close_ int dir_fd = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        char name[32];
+
+        if (dir_fd < 0)
+                return -errno;
+        snprintf(name, sizeof(name), "%d", fd);
+        return fdinfo_read(dir_fd, name, ret);
+}
+
+/* Whether process /proc/PID (proc_fd) has want's file open (for writing, if asked). 0 if the
+ * process is gone; -EACCES if it cannot be looked at: not "no". */
+static int pid_holds(int proc_fd, const FdInfo *want, bool writing) {
         DIR *dir;
         unsigned n = 0;
         int fd_dir, r = 0;
 
-        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        fd_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd_dir < 0)
-                return errno == ENOENT || errno == ESRCH || errno == EACCES ? 0 : -errno;
+                return errno == ENOENT || errno == ESRCH ? 0 : -errno;
         dir = fdopendir(fd_dir);
         if (!dir) {
                 r = -errno;
@@ -103,36 +122,70 @@ static int pid_holds(int proc_fd, uint64_t dev, uint64_t ino, bool writing) {
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
-                struct stat st;
+                FdInfo fi;
 
-                if (de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 && S_ISREG(st.st_mode) &&
-                        (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino &&
-                        (!writing || fd_is_writable(proc_fd, de->d_name)))
+                if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
+                        continue; /* closed meanwhile */
+                if (fi.mnt_id == want->mnt_id && fi.ino == want->ino &&
+                        (!writing || (fi.flags & O_ACCMODE) == O_RDWR || (fi.flags & O_ACCMODE) == O_WRONLY))
                         r = 1;
         }
         closedir(dir);
         return r;
 }
 
-int guest_qemu_writes(Guest *g, dev_t dev, ino_t ino) {
+int guest_qemu_writes(Guest *g, int fd) {
         _cleanup_free_ char *proc_path = NULL;
         _cleanup_close_ int proc_fd = -1;
+        FdInfo want;
+        int r;
 
         if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
                 return 0;
+        r = fdinfo_of_fd(fd, &want);
+        if (r < 0)
+                return r;
         proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
         if (!proc_path)
                 return -ENOMEM;
         proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (proc_fd < 0)
                 return -errno;
-        return pid_holds(proc_fd, (uint64_t) dev, (uint64_t) ino, true);
+        return pid_holds(proc_fd, &want, true);
 }
 
-int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid) {
-        DIR *proc = opendir("/proc");
-        int r = 0;
+/* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission), seen by any
+ * process that holds them, on this host or, over NFSv4, another: 1 if a lock is held there. */
+#define QEMU_LOCK_BYTES_START 100
+#define QEMU_LOCK_BYTES_LEN 200
 
+static int image_locked(int fd) {
+        struct flock fl = {
+                .l_type = F_WRLCK,
+                .l_whence = SEEK_SET,
+                .l_start = QEMU_LOCK_BYTES_START,
+                .l_len = QEMU_LOCK_BYTES_LEN,
+        };
+
+        if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+                return -errno;
+        return fl.l_type != F_UNLCK;
+}
+
+int host_holds_open(int fd, pid_t *ret_pid) {
+        unsigned unseen = 0;
+        FdInfo want;
+        DIR *proc;
+        int r;
+
+        *ret_pid = 0;
+        r = image_locked(fd);
+        if (r != 0)
+                return r;
+        r = fdinfo_of_fd(fd, &want);
+        if (r < 0)
+                return r;
+        proc = opendir("/proc");
         if (!proc)
                 return -errno;
         for (struct dirent *de; r == 0 && (de = readdir(proc));) {
@@ -147,11 +200,19 @@ int host_holds_open(uint64_t dev, uint64_t ino, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, dev, ino, false);
+                r = pid_holds(proc_fd, &want, false);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
+                else if (r == -EACCES) {
+                        /* Another SELinux domain, say: its QEMU would hold the locks above. */
+                        unseen++;
+                        r = 0;
+                }
         }
         closedir(proc);
+        if (r == 0 && unseen > 0)
+                log_info("%u processes could not be looked at for an open file; QEMU's image locks on it are free.",
+                        unseen);
         return r;
 }
 

@@ -165,14 +165,10 @@ int mirror_copy_identity(int overlay_fd, int fd) {
         return 0;
 }
 
-static int fsync_dir_at(int dir_fd, const char **ret_why) {
+static int fsync_dir_at(int dir_fd) {
         _cleanup_close_ int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 
-        if (fd < 0 || fsync(fd) < 0) {
-                *ret_why = "the directory could not be synced after the exchange";
-                return -errno;
-        }
-        return 0;
+        return fd < 0 || fsync(fd) < 0 ? -errno : 0;
 }
 
 /* Swap the new image (tmp) onto the overlay's entry; unlink what came out if it is the overlay
@@ -221,43 +217,89 @@ int mirror_rename_onto_overlay(
         if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
                 return -errno;
         /* On disk before the journal says DONE: a power loss must not bring the old entry back
-         * with the journal past the rename. dir_fd is an O_PATH fd: fsync needs one opened. */
-        return fsync_dir_at(dir_fd, ret_why);
+         * with the journal past the rename. dir_fd is an O_PATH fd: fsync needs one opened. The
+         * exchange is done either way: a failure is only warned of. */
+        r = fsync_dir_at(dir_fd);
+        if (r < 0)
+                log_warning_errno(r, "Guest %s: cannot sync the directory of %s after the rename: %m", guest,
+                        j->overlay);
+        return 0;
 }
 
 /* Finishing a pivot without QEMU (mirror.h) */
+
+/* The old overlay, opened by the directory's fd under its name or under tmp (exchanged, not yet
+ * unlinked); -1 in *ret_fd if it is under neither (gone). */
+static int old_overlay_open(char *const *image_dirs, const Job *j, const char *tmp, int *ret_fd) {
+        _cleanup_free_ char *error = NULL;
+        _cleanup_close_ int dir_fd = -EBADF;
+        const char *leaf, *names[2];
+        int r;
+
+        *ret_fd = -1;
+        r = image_open_parent_beneath(image_dirs, j->overlay, &dir_fd, &leaf, &error);
+        if (r < 0)
+                return r;
+        names[0] = leaf;
+        names[1] = tmp;
+        for (size_t i = 0; i < 2; i++) {
+                _cleanup_close_ int fd = openat(
+                        dir_fd, names[i], O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+                struct stat st;
+
+                if (fd < 0) {
+                        if (errno == ENOENT)
+                                continue;
+                        return -errno;
+                }
+                if (fstat(fd, &st) < 0)
+                        return -errno;
+                if (S_ISREG(st.st_mode) && st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino) {
+                        *ret_fd = TAKE_FD(fd);
+                        return 0;
+                }
+        }
+        return 0;
+}
 
 bool mirror_on_lost(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         _cleanup_free_ char *text = NULL;
         Guest *g = d->guest;
+        _cleanup_close_ int old_fd = -EBADF;
         const char *why = NULL;
         struct stat st;
         pid_t holder = 0;
         int r;
 
+        /* DONE too: renamed, its record on its way; the rename is found done again. */
         if (d->job.engine != STREAM_ENGINE_MIRROR || d->job.phase < MIRROR_STEP_FINALIZE ||
-                d->job.phase > MIRROR_STEP_RENAME || d->job.concluded)
+                d->job.phase > MIRROR_STEP_DONE || d->job.concluded)
                 return false;
         d->mirror_busy = false;
+        d->mirror_finalize_saving = false;
         d->job.id = mfree(d->job.id); /* QEMU has it no more */
         r = mirror_names(d->alias, d->job.overlay, &n);
         /* QEMU may have pivoted, and the guest written to the new image since: it takes the
          * overlay's place, unless a process (a QEMU started again on the overlay) reads the old. */
-        if (r >= 0) {
-                r = host_holds_open(d->job.overlay_dev, d->job.overlay_ino, &holder);
+        if (r >= 0)
+                r = old_overlay_open(g->engine->config.image_dirs, &d->job, n.tmp, &old_fd);
+        if (r >= 0 && old_fd >= 0) {
+                r = host_holds_open(old_fd, &holder);
                 if (r > 0) {
                         why = "a process has the old overlay open";
                         r = -EBUSY;
-                }
+                } else if (r < 0)
+                        why = "the processes that may have the old overlay open cannot all be looked at";
         }
         if (r >= 0)
                 r = mirror_rename_onto_overlay(g->engine->config.image_dirs, g->name, &d->job, n.tmp, &st, &why);
         if (r < 0) {
                 text = strdup_printf(
-                        "QEMU was lost after the mirror reached its pivot. The new image %s beside %s holds the disk "
-                        "as of then, with any writes of the guest since, but it could not take the overlay's place: %s "
-                        "(%s%s%.0d). It was kept: once no process uses %s, rename the new image onto it.",
+                        "QEMU was lost while the mirror pivoted. The new image %s beside %s holds the disk as of the "
+                        "pivot, and the guest's writes since if QEMU had pivoted; it could not take the overlay's place: "
+                        "%s (%s%s%.0d). It was kept. %s holds the writes of any QEMU started on it since: see which "
+                        "holds the guest's latest data before renaming the new image onto it or removing it.",
                         n.tmp ?: "", d->job.overlay, why ?: "the rename failed", strerror(-r), holder > 0 ? ", pid " : "",
                         (int) holder, d->job.overlay);
                 log_error("Guest %s disk %s: %s", g->name, d->alias, text ?: "the rename failed");

@@ -474,7 +474,7 @@ int mirror_try_start(
         bool pinned;
         dev_t pin_dev = 0;
         ino_t pin_ino = 0;
-        struct stat st;
+        struct stat st, st_tmp;
         MirrorCall *c;
         int r;
 
@@ -513,14 +513,6 @@ int mirror_try_start(
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
                                         "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name, path)
                               : 0;
-        /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway.
-         * A QEMU taken over names what it reads (a template shared by every guest) as its disk. */
-        if (guest_qemu_writes(g, pin_dev, pin_ino) <= 0)
-                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
-                                        "Engine 'mirror': QEMU of guest '%s' does not have %s open for writing; "
-                                        "nothing was created.",
-                                        g->name, path)
-                              : 0;
         r = image_open_beneath(g->engine->config.image_dirs, path, false, &overlay_fd, &err);
         if (r >= 0 && fstat(overlay_fd, &st) < 0)
                 r = -errno;
@@ -536,6 +528,14 @@ int mirror_try_start(
         if (r < 0)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
+                              : 0;
+        /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway.
+         * A QEMU taken over names what it reads (a template shared by every guest) as its disk. */
+        if (guest_qemu_writes(g, overlay_fd) <= 0)
+                return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
+                                        "Engine 'mirror': QEMU of guest '%s' does not have %s open for writing; "
+                                        "nothing was created.",
+                                        g->name, path)
                               : 0;
         /* auto leaves an overlay of other options than QEMU's defaults to the stream engines,
          * which keep it (and its options): the mirror would zero its whole virtual size first. */
@@ -579,6 +579,19 @@ int mirror_try_start(
                 if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
                             *p == '.' || *p == '_'))
                         *p = '_';
+        r = mirror_names(d->alias, path, &names);
+        if (r < 0)
+                return sd_bus_error_set_errnof(
+                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", path);
+        /* A new image of an earlier mirror kept there (QEMU was lost while it pivoted: it may hold
+         * the guest's only copy of some writes) is never replaced, nor removed by this one's
+         * clean-up. */
+        if (fstatat(dir_fd, names.tmp, &st_tmp, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+                return forced ? sd_bus_error_setf(error, BS_ERROR_BUSY,
+                                        "Engine 'mirror': %s is there beside %s, kept from an earlier mirror; see the "
+                                        "disk's last Error, then remove it. Nothing was created.",
+                                        names.tmp, path)
+                              : 0;
         /* The journal's first record: the job is not begun (no Finished before it is), but its
          * names are, so that a restart removes what exists of the image. */
         job_done(&d->job);
@@ -591,12 +604,6 @@ int mirror_try_start(
         d->job.overlay = TAKE_PTR(overlay);
         d->job.overlay_dev = st.st_dev;
         d->job.overlay_ino = st.st_ino;
-        r = mirror_names(d->alias, d->job.overlay, &names);
-        if (r < 0) {
-                d->job.phase = 0;
-                return sd_bus_error_set_errnof(
-                        error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", path);
-        }
         c = mirror_call_new(d);
         if (!c)
                 return -ENOMEM;
@@ -748,6 +755,7 @@ static void finalize_saved(void *userdata) {
         if (!d)
                 return;
         d->mirror_busy = false;
+        d->mirror_finalize_saving = false;
         test_stop_before(d, "finalize");
         blockjob_finalize(d);
 }
@@ -759,7 +767,7 @@ static unsigned mirror_pending(Disk *d, unsigned changed) {
                 return changed;
         /* Not before its record is on disk; a restart's reconciliation finalizes a FINALIZE. */
         if (d->job.phase == MIRROR_STEP_FINALIZE)
-                return d->mirror_busy ? changed & ~JOB_NEEDS_FINALIZE : changed;
+                return d->mirror_finalize_saving ? changed & ~JOB_NEEDS_FINALIZE : changed;
         if (d->job.phase != MIRROR_STEP_PIVOT)
                 return changed; /* no pivot asked for: QEMU's finalize only ends the job */
         c = mirror_call_new(d);
@@ -769,6 +777,7 @@ static unsigned mirror_pending(Disk *d, unsigned changed) {
         }
         d->job.phase = MIRROR_STEP_FINALIZE;
         d->mirror_busy = true;
+        d->mirror_finalize_saving = true;
         d->last_saved = now_usec(CLOCK_MONOTONIC);
         (void) guest_save_then(d->guest, finalize_saved, c, mirror_call_free);
         return changed & ~JOB_NEEDS_FINALIZE;

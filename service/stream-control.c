@@ -8,6 +8,7 @@
 #include "bus-error.h"
 #include "guest.h"
 #include "polkit.h"
+#include "mirror.h"
 #include "stream-internal.h"
 #include "util.h"
 
@@ -47,6 +48,13 @@ static int job_method(sd_bus_message *msg, Disk *d, JobControl op, sd_bus_error 
         if (!b->reachable(d))
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.",
+                        d->alias);
+        /* A mirror past FINALIZE is pivoting (both images alike, the guest's I/O held): a cancel
+         * now would send the guest back to the old overlay while the journal says the new image
+         * may be the disk. It ends in a moment. */
+        if (op == JOB_CONTROL_CANCEL && d->job.engine == STREAM_ENGINE_MIRROR && d->job.phase >= MIRROR_STEP_FINALIZE)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "The mirror of disk '%s' is pivoting onto its new image; it cannot be cancelled now.",
                         d->alias);
         /* Already where the caller wants it: nothing to ask QEMU. */
         if ((op == JOB_CONTROL_PAUSE && d->job.state == STREAM_PAUSED) ||

@@ -184,6 +184,28 @@ class MirrorTest(MirrorBase):
         self.assertEqual(named_users(c.top), [], 'the new image took the directory\'s default ACL')
         self.assertEqual(os.stat(c.top).st_mode & 0o777, 0o660)
 
+    def test_an_image_left_beside_the_overlay_is_never_replaced(self):
+        """A new image kept from an earlier mirror (QEMU was lost while it pivoted: it may hold the
+        guest's only copy of some writes) is neither overwritten nor removed by the next Start:
+        engine=mirror is refused (Busy, nothing made), auto streams the disk another way."""
+        g = self.drive_guest()
+        d = g.disk()
+        c = g.chains['vda']
+        kept = tmp_of(c.top)
+        with open(kept, 'wb') as f:
+            f.write(b'the guest\'s writes since the pivot')
+        self.addCleanup(lambda: os.path.exists(kept) and os.unlink(kept))
+        e = self.assertDBusError(h.ERR_BUSY, d.start, 0, 0, opts(engine=S('mirror')))
+        self.assertIn('kept from an earlier mirror', e.message)
+        self.assertEqual(self.mirror_jobs(g), [])
+        since = time.monotonic()
+        self.assertIsNone(d.start(0, 0, opts(bandwidth=T(0))))
+        res, _, err = d.wait_finished(120, since)
+        self.assertEqual((res, err), ('completed', ''))
+        self.assertEqual(d.prop('Engine'), 'stream')
+        with open(kept, 'rb') as f:
+            self.assertEqual(f.read(), b'the guest\'s writes since the pivot')
+
     def test_pause_resume_bandwidth(self):
         g = self.new_guest(size=SIZE)
         d = g.disk()
@@ -765,6 +787,29 @@ class MirrorKillTest(MirrorBase):
         """Pending (both images alike, the guest's I/O held), job-finalize not sent: the new daemon
         finalizes, then renames."""
         self.killed_after_the_copy('finalize')
+
+    def test_cancel_while_pivoting_is_refused(self):
+        """From FINALIZE on (pending: both images alike, the guest's I/O held; job-finalize on its
+        way) a Cancel would send the guest back to the old overlay while the journal says the new
+        image may be the disk: Busy, and the mirror completes."""
+        self.restart_with_hook('finalize')
+        g = self.guest()
+        d = g.disk()
+        c = g.chains['vda']
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        answer = []
+        # Sent (flushed to the bus) before the daemon goes on from its hook.
+        self.client.conn.call_async(h.BUS_NAME, d.path, h.IFACE_STREAM, 'Cancel', '', (),
+                                    lambda *r: answer.append(('ok', r)),
+                                    lambda e: answer.append((e.get_dbus_name(), e.get_dbus_message())))
+        self.client.conn.flush()
+        os.kill(self.env.daemon.proc.pid, signal.SIGCONT)
+        self.client.wait_for(lambda: answer, 60, 'the answer to Cancel')
+        self.assertEqual(answer[0][0], h.ERR_BUSY, 'Cancel while the mirror pivoted: %r' % (answer,))
+        self.assertIn('pivoting', answer[0][1])
+        self.assert_completed(d, since)
+        self.assert_standalone(g, c)
 
     def guest_gone_at(self, step, writes=(), meanwhile=None):
         """The daemon stopped before step, the guest writes, its QEMU quits (the guest powered
