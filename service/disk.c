@@ -55,6 +55,7 @@ Disk *disk_free(Disk *d) {
         if (d->mirror_wait && d->mirror_wait_free)
                 d->mirror_wait_free(d->mirror_wait);
         d->progress_timer = sd_event_source_disable_unref(d->progress_timer);
+        d->mirror_finalize_timer = sd_event_source_disable_unref(d->mirror_finalize_timer);
         job_done(&d->job);
         free(d->range_node);
         free(d->range_export);

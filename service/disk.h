@@ -94,6 +94,8 @@ typedef struct Disk {
         /* mirror.c: FINALIZE is being recorded; no job-finalize until it is on disk (kept across
          * a reconnect, unlike mirror_busy: the state writer's continuation is not QMP's). */
         bool mirror_finalize_saving;
+        /* mirror.c: gives that record up after a while (the guest's I/O is held meanwhile). */
+        sd_event_source *mirror_finalize_timer;
         /* mirror.c: its Start waiting for QEMU to format the new image (blockdev-create), freed
          * with mirror_wait_free (the disk calls down into no mirror code). */
         void *mirror_wait;

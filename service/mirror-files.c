@@ -7,6 +7,7 @@
 #include <selinux/selinux.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -83,6 +84,47 @@ int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) 
         *ret = n;
         n = (MirrorNames){};
         return 0;
+}
+
+/* The new image's metadata and what the guest writes meanwhile: beyond the data itself. */
+#define MIRROR_SPACE_MARGIN (256ULL << 20)
+
+/* Is there room beside the overlay for the copy? -ENOSPC if not, -EROFS if we may not write there
+ * at all (a read-only mount: under the shipped unit, a directory outside ReadWritePaths=);
+ * *ret_needed, *ret_free. */
+int mirror_check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
+        uint64_t needed, avail, alloc, meta, cs;
+        struct statvfs sv;
+        int r;
+
+        if (fstatvfs(dir_fd, &sv) < 0)
+                return -errno;
+        if (sv.f_flag & ST_RDONLY)
+                return -EROFS;
+        /* The copy holds the data of the whole chain: at most the virtual size, plus its metadata. */
+        if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
+                needed = UINT64_MAX;
+        /* At most what the chain's images take, too (a sparse 1 TiB disk holding 1 GiB needs about
+         * 1 GiB): plus the new image's L1/L2 tables for the whole virtual size, its refcounts, and
+         * the margin (what the guest writes meanwhile). */
+        /* The headers' chain is what QEMU reads only when QEMU opened the overlay by its path; with
+         * explicit backing nodes (json:{…}) it may be another: the virtual size then. */
+        r = d->file_path ? -EMEDIUMTYPE
+                         : mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
+        if (r >= 0) {
+                cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
+                meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;
+                if (!add_overflows_u64(alloc, alloc / 64 + meta + MIRROR_SPACE_MARGIN, &alloc))
+                        needed = MIN(needed, alloc);
+        } else
+                log_debug_errno(r, "Guest %s disk %s: the chain's allocation is unknown, counting the virtual size: %m",
+                        d->guest->name, d->alias);
+        avail = (uint64_t) sv.f_bavail * (uint64_t) sv.f_frsize;
+        if (ret_needed)
+                *ret_needed = needed;
+        if (ret_free)
+                *ret_free = avail;
+        return avail >= needed ? 0 : -ENOSPC;
 }
 
 /* The new image's entry, unlinked by the directory's fd if it is a regular file, not the overlay. */

@@ -35,6 +35,10 @@ void mirror_names_done(MirrorNames *n);
  * < 0 where that cannot be told: a chain we cannot open (a remote backing), or an image that is
  * not a regular file (a block device has no st_blocks). */
 int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret);
+/* Is there room beside d's overlay (dir_fd) for the copy? -ENOSPC if not, -EROFS if we may not
+ * write there at all (a read-only mount: under the shipped unit, a directory outside
+ * ReadWritePaths=); *ret_needed, *ret_free. */
+int mirror_check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free);
 /* The new image's entry tmp, unlinked if it is a regular file and not the overlay. */
 void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j, const char *tmp);
 /* The new image (fd) as a non-root QEMU may use it: the overlay's owner, mode and SELinux label. */

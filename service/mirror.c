@@ -20,7 +20,6 @@
 #include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -42,8 +41,6 @@
  * memory per job instead of 128. The granularity stays QEMU's (the target's cluster size): 1 MiB
  * was no faster on either row. */
 #define MIRROR_BUF_SIZE (8ULL << 20)
-/* The new image's metadata and what the guest writes meanwhile: beyond the data itself. */
-#define MIRROR_SPACE_MARGIN (256ULL << 20)
 
 /* Tests only (-Dtest_hooks=true): SIGSTOP right before a step, its record on disk, to be killed there. */
 static void test_stop_before(Disk *d, const char *step) {
@@ -423,44 +420,6 @@ static const char *overlay_path(const Disk *d) {
         return d->path;
 }
 
-/* Is there room beside the overlay for the copy? -ENOSPC if not, -EROFS if we may not write there
- * at all (a read-only mount: under the shipped unit, a directory outside ReadWritePaths=);
- * *ret_needed, *ret_free. */
-static int check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t *ret_free) {
-        uint64_t needed, avail, alloc, meta, cs;
-        struct statvfs sv;
-        int r;
-
-        if (fstatvfs(dir_fd, &sv) < 0)
-                return -errno;
-        if (sv.f_flag & ST_RDONLY)
-                return -EROFS;
-        /* The copy holds the data of the whole chain: at most the virtual size, plus its metadata. */
-        if (add_overflows_u64(d->size, MIRROR_SPACE_MARGIN + d->size / 64, &needed))
-                needed = UINT64_MAX;
-        /* At most what the chain's images take, too (a sparse 1 TiB disk holding 1 GiB needs about
-         * 1 GiB): plus the new image's L1/L2 tables for the whole virtual size, its refcounts, and
-         * the margin (what the guest writes meanwhile). */
-        /* The headers' chain is what QEMU reads only when QEMU opened the overlay by its path; with
-         * explicit backing nodes (json:{…}) it may be another: the virtual size then. */
-        r = d->file_path ? -EMEDIUMTYPE
-                         : mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
-        if (r >= 0) {
-                cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
-                meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;
-                if (!add_overflows_u64(alloc, alloc / 64 + meta + MIRROR_SPACE_MARGIN, &alloc))
-                        needed = MIN(needed, alloc);
-        } else
-                log_debug_errno(r, "Guest %s disk %s: the chain's allocation is unknown, counting the virtual size: %m",
-                        d->guest->name, d->alias);
-        avail = (uint64_t) sv.f_bavail * (uint64_t) sv.f_frsize;
-        if (ret_needed)
-                *ret_needed = needed;
-        if (ret_free)
-                *ret_free = avail;
-        return avail >= needed ? 0 : -ENOSPC;
-}
-
 int mirror_try_start(
         Disk *d, sd_bus_message *msg, bool forced, const char *base_node, uint64_t bandwidth, sd_bus_error *error) {
         _cleanup_free_ char *err = NULL, *overlay = NULL, *id = NULL;
@@ -548,7 +507,7 @@ int mirror_try_start(
          * would inherit: QEMU cannot open that one read-write from an fd set, so the image is
          * formatted first and opened as it exists (qemu_drive_mirror_new()). */
         own_format = r > 0 || d->names_by_qemu;
-        r = check_space(dir_fd, d, &needed, &avail);
+        r = mirror_check_space(dir_fd, d, &needed, &avail);
         if (r < 0) {
                 char a[32], b[32];
 
@@ -752,12 +711,39 @@ static void finalize_saved(void *userdata) {
         MirrorCall *c = userdata;
         Disk *d = mirror_call_disk(c);
 
-        if (!d)
-                return;
+        if (!d || !d->mirror_finalize_saving)
+                return; /* given up meanwhile (finalize_timeout()) */
+        d->mirror_finalize_timer = sd_event_source_disable_unref(d->mirror_finalize_timer);
         d->mirror_busy = false;
         d->mirror_finalize_saving = false;
         test_stop_before(d, "finalize");
         blockjob_finalize(d);
+}
+
+/* FINALIZE could not be recorded in time (the state's file system full or failing): the guest's
+ * I/O on the disk is held while the job waits, so the mirror is given up (no pivot). PIVOT is
+ * queued again: it replaces the FINALIZE still waiting to be written, so the file never says a
+ * pivot may have happened. */
+#define MIRROR_FINALIZE_RECORD_USEC (10 * USEC_PER_SEC)
+
+static int finalize_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        Disk *d = userdata;
+        Guest *g = d->guest;
+
+        d->mirror_finalize_timer = sd_event_source_disable_unref(d->mirror_finalize_timer);
+        if (!d->mirror_finalize_saving || d->job.phase != MIRROR_STEP_FINALIZE)
+                return 0;
+        log_error("Guest %s disk %s: the mirror's FINALIZE step could not be recorded in %u s; giving the mirror up "
+                  "(the guest's I/O on the disk waits meanwhile).",
+                g->name, d->alias, (unsigned) (MIRROR_FINALIZE_RECORD_USEC / USEC_PER_SEC));
+        d->mirror_finalize_saving = false;
+        d->mirror_busy = false;
+        d->job.phase = MIRROR_STEP_PIVOT;
+        d->job.cancel_requested = true;
+        (void) guest_save(g); /* supersedes the queued FINALIZE, failing or not */
+        if (guest_qmp_ready(g) && d->job.id)
+                (void) qemu_block_job_cancel(g->peer.qmp, d->job.id, NULL, NULL, NULL);
+        return 0;
 }
 
 static unsigned mirror_pending(Disk *d, unsigned changed) {
@@ -775,10 +761,16 @@ static unsigned mirror_pending(Disk *d, unsigned changed) {
                 log_oom();
                 return changed & ~JOB_NEEDS_FINALIZE; /* the next poll asks again */
         }
+        test_stop_before(d, "pending");
         d->job.phase = MIRROR_STEP_FINALIZE;
         d->mirror_busy = true;
         d->mirror_finalize_saving = true;
         d->last_saved = now_usec(CLOCK_MONOTONIC);
+        d->mirror_finalize_timer = sd_event_source_disable_unref(d->mirror_finalize_timer);
+        if (sd_event_add_time_relative(d->guest->engine->event, &d->mirror_finalize_timer, CLOCK_MONOTONIC,
+                    MIRROR_FINALIZE_RECORD_USEC, 0, finalize_timeout, d) < 0)
+                log_warning("Guest %s disk %s: no time limit on recording the mirror's FINALIZE step.",
+                        d->guest->name, d->alias);
         (void) guest_save_then(d->guest, finalize_saved, c, mirror_call_free);
         return changed & ~JOB_NEEDS_FINALIZE;
 }

@@ -811,6 +811,37 @@ class MirrorKillTest(MirrorBase):
         self.assert_completed(d, since)
         self.assert_standalone(g, c)
 
+    def test_finalize_that_cannot_be_recorded_gives_up(self):
+        """Pending (the guest's disk I/O held until job-finalize), and FINALIZE cannot be recorded
+        (the guest's state file cannot be replaced: a full or failing disk). The record is tried
+        again, but not for ever: after 10 s the mirror is given up, with no pivot, and the guest's
+        I/O goes on on its overlay. Before, the guest's I/O waited as long as the disk failed."""
+        self.restart_with_hook('pending')
+        g = self.guest()
+        d = g.disk()
+        c = g.chains['vda']
+        st = os.stat(c.top)
+        since = self.start(d, bandwidth=T(0))
+        self.wait_stopped()
+        record = o.state_file(self.env, g.name)
+        os.unlink(record)
+        os.makedirs(os.path.join(record, 'blocked'))  # rename() onto it fails: ENOTEMPTY / EISDIR
+        self.addCleanup(lambda: os.path.isdir(record) and shutil.rmtree(record))
+        os.kill(self.env.daemon.proc.pid, signal.SIGCONT)
+        h.wait_until(lambda: [j for j in self.mirror_jobs(g) if j['status'] == 'pending'] == [], 40,
+                     'the mirror to be given up')
+        g.qemu.guest_write('vda', 0x6e, 0, c.u)  # the guest's I/O goes on
+        # Finished waits for the outcome's record: the disk is mended.
+        shutil.rmtree(record)
+        res, _, err = d.wait_finished(60, since)
+        self.assertIn(res, ('cancelled', 'failed'), (res, err))
+        h.wait_until(lambda: os.path.isfile(record), 30, 'the state file to be written again')
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced')
+        h.wait_until(lambda: not os.path.lexists(tmp_of(c.top)), 30, 'the mirror\'s image to be removed')
+        job = o.read_state(self.env, g.name)['disks'][0].get('job', {})
+        self.assertNotIn(job.get('phase'), (4, 5, 6), 'the record says the guest may run on the new image: %r' % job)
+
     def guest_gone_at(self, step, writes=(), meanwhile=None):
         """The daemon stopped before step, the guest writes, its QEMU quits (the guest powered
         off), meanwhile(chain) runs, the daemon is killed and started again."""
