@@ -645,6 +645,10 @@ int guest_publish(Guest *g) {
         g->published = true;
         r = guest_write_state(g, g->engine->guest_state_dir, true, NULL, NULL, NULL);
         if (r < 0) {
+                /* The caller hears the guest was not registered: the write the state writer would
+                 * try again (or the file, renamed in but not synced) must not bring it back at the
+                 * next start. A removal supersedes it. */
+                (void) guest_remove_state(g, g->engine->guest_state_dir);
                 g->published = false;
                 return r;
         }

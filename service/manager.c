@@ -443,7 +443,8 @@ static int register_offline_guest(Manager *m, Guest *g, const RegisterOptions *o
                 return r;
         r = guest_publish(g);
         if (r < 0)
-                return sd_bus_error_set_errnof(error, -r, "Failed to save guest '%s': %m", g->name);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Failed to save guest '%s' in %s: %s", g->name,
+                        m->engine.guest_state_dir, strerror(-r));
         log_info("Guest %s registered, not running (%zu disk%s, owner uid " UID_FMT ", helper uid " UID_FMT ").",
                 g->name, g->n_disks, g->n_disks == 1 ? "" : "s", g->owner, g->helper_uid);
         return sd_bus_reply_method_return(msg, "o", g->object_path);

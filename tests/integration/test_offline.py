@@ -8,6 +8,7 @@ at registration (backings outside the image directories, symlinks, other guests'
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -494,6 +495,26 @@ class OfflineTest(h.TestCase):
         self.assertNotEqual(p.returncode, 0, 'a guest with two disks vda was registered: %s' % p.stdout)
         self.assertIn("names 'vda' twice", p.stderr)
         self.assert_not_registered(name, before, 'a disk named twice')
+
+    def test_registration_refused_for_its_record_stays_refused(self):
+        """RegisterGuest answers an error when the guest's record cannot be written (a full or
+        failing disk: here its path is a directory). The state writer tries failed writes again;
+        that write must not land once the disk is mended, or the guest the caller was told had
+        failed appears at the next start."""
+        chains = self.make_chains(size=16 * MiB)
+        name = self.unique_name()
+        record = o.state_file(self.env, name)
+        os.makedirs(os.path.join(record, 'blocked'))
+        self.addCleanup(lambda: os.path.isdir(record) and shutil.rmtree(record))
+        self.assertDBusError('org.freedesktop.DBus.Error.Failed', self.register, name, '',
+                             o.offline_options({'vda': chains['vda'].top}))
+        shutil.rmtree(record)
+        time.sleep(1.5)  # past the writer's first retries (0.1 s, doubling)
+        self.assertFalse(os.path.exists(record), 'the refused guest\'s record was written after all')
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest',
+                             's', name)
 
     def test_symlink_in_chain_refused(self):
         chains = self.make_chains(size=16 * MiB)
