@@ -105,6 +105,9 @@ void cache_access_update(Engine *e);
 /* Answer the Warm call waiting (error_name NULL: done), if any. */
 void cache_warm_reply(Cache *c, const char *error_name, const char *why);
 
+/* caches.json's size at most, written and read: 64 caches of 4096 users each, with room. */
+#define CACHES_RECORD_MAX (64U << 20)
+
 /* cache-record.c: write caches.json (logged on failure). */
 int caches_save(Engine *e);
 

@@ -16,6 +16,10 @@ int caches_save(Engine *e) {
 
         if (!o || !a || !path)
                 return log_oom();
+        if (e->caches_record_kept)
+                return log_error_errno(-EBUSY, "Not saving the template caches: %s could not be read at start, and is "
+                                               "kept for the next one.",
+                        path);
         for (Cache *c = e->caches; c; c = c->next) {
                 json_object *k;
 
@@ -40,6 +44,11 @@ int caches_save(Engine *e) {
         text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
         if (!text)
                 return log_oom();
+        /* No more than the next start reads back (cache_load_all()). */
+        if (strlen(text) > CACHES_RECORD_MAX)
+                return log_error_errno(-EFBIG, "The template caches' record would take %zu bytes, more than the %u "
+                                               "read back; not saved.",
+                        strlen(text), (unsigned) CACHES_RECORD_MAX);
         r = write_file_atomic(path, text, strlen(text), 0600);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the template caches to %s: %m", path);

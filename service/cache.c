@@ -44,7 +44,7 @@
 #define CACHES_MAX 64
 /* Cache numbers: 1 to this, in socket and image names. */
 #define CACHE_ID_MAX 999999U
-#define CACHES_FILE_MAX (256U * 1024U)
+#define CACHES_FILE_MAX CACHES_RECORD_MAX
 #define CACHE_RESTARTS_MAX 5
 #define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
 #define LEFTOVER_WAIT_USEC (10 * USEC_PER_SEC)
@@ -850,7 +850,7 @@ int cache_load_all(Engine *e) {
                 if (!o || !json_object_object_get_ex(o, "caches", &a) || !json_object_is_type(a, json_type_array))
                         r = -EBADMSG;
         }
-        if (r < 0) {
+        if (r == -EBADMSG || r == -EFBIG) {
                 /* Kept for the admin, not overwritten by the next save; new caches take numbers
                  * no image or socket has (cache_id_left()), so no overlay gets another's data. */
                 _cleanup_free_ char *aside = strdup_printf("%s.unreadable-%" PRIu64, path,
@@ -860,6 +860,14 @@ int cache_load_all(Engine *e) {
                         log_error_errno(aside ? -errno : -ENOMEM, "Failed to move %s aside: %m", path);
                 return log_error_errno(r, "Cannot read %s (%m): no template cache restored; it was moved to %s.", path,
                         aside ?: "(nowhere)");
+        }
+        if (r < 0) {
+                /* Unreadable now (EIO, EMFILE, ENOMEM): left as it is for the next start, and not
+                 * overwritten by this daemon's saves (caches_save()). */
+                e->caches_record_kept = true;
+                return log_error_errno(r, "Cannot read %s now (%m): no template cache restored; the file is left for "
+                                          "the next start, and new caches are not recorded in it.",
+                        path);
         }
         r = open_dir(dir, &dir_fd);
         if (r < 0)

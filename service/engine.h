@@ -70,6 +70,7 @@ struct Engine {
         unsigned range_seq;
         struct Cache *caches; /* the host template caches (cache.h) */
         unsigned cache_seq;
+        bool caches_record_kept; /* caches.json could not be read at start: not overwritten */
 
         ProgressBudget progress; /* all disks' progress signals (ProgressSignalsPerSecond=) */
 
