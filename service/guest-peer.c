@@ -195,10 +195,34 @@ static void guest_job_lost(Guest *g, Disk *d, const char *why) {
                 disk_fail_job(d, why);
 }
 
+/* Job numbers taken from QEMU's job ids at most this: a QEMU naming one near 2^64 would wrap ours. */
+#define JOB_SEQ_MAX UINT32_MAX
+
+/* Whether id, "bsd-<alias>-<n>" (dash: at "-<n>"), names a disk of g's as job_id_new() makes it. */
+static bool guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                const char *a = g->disks[i]->alias;
+                size_t len = strlen(a);
+                bool same = (size_t) (dash - (id + 4)) == len;
+
+                for (size_t j = 0; same && j < len; j++) {
+                        char c = a[j];
+                        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                                    c == '.' || c == '_'))
+                                c = '_';
+                        same = id[4 + j] == c;
+                }
+                if (same)
+                        return true;
+        }
+        return false;
+}
+
 /* Apply query-block-jobs to our disks. reconcile: after a (re)connect, jobs QEMU no longer
  * lists are lost, and concluded jobs of ours that no disk claims are dismissed. */
 static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool reconcile) {
         usec_t mono = now_usec(CLOCK_MONOTONIC);
+        uint64_t recorded_seq;
 
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
@@ -235,6 +259,7 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
 
         if (!reconcile || !guest_qmp_ready(g))
                 return;
+        recorded_seq = g->job_seq;
         for (size_t k = 0; k < n; k++) {
                 const char *dash = strrchr(jobs[k].id, '-');
                 char *end;
@@ -246,17 +271,19 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                  * crash lost would otherwise hold the next Start's id. */
                 errno = 0;
                 seq = dash ? strtoull(dash + 1, &end, 10) : 0;
-                if (dash && errno == 0 && end != dash + 1 && *end == 0)
-                        g->job_seq = MAX(g->job_seq, (uint64_t) seq);
+                if (!dash || errno != 0 || end == dash + 1 || *end != 0 || seq > JOB_SEQ_MAX)
+                        continue; /* not one of our ids (QEMU's word: bounded, not to wrap ours) */
+                g->job_seq = MAX(g->job_seq, (uint64_t) seq);
                 if (guest_job_claimed(g, jobs[k].id))
                         continue;
                 if (jobs[k].status == QEMU_JOB_CONCLUDED) {
                         log_info("Guest %s: dismissing leftover job %s.", g->name, jobs[k].id);
                         (void) qemu_job_dismiss(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
-                } else {
+                } else if (seq > recorded_seq && guest_job_alias_ours(g, jobs[k].id, dash)) {
                         /* A Start whose job QEMU began but whose record the daemon never wrote
-                         * (killed in between): never answered, so never the caller's. Cancelled
-                         * (what it copied stays valid), dismissed once concluded (guest_on_event). */
+                         * (killed in between: its number is past the recorded one): never
+                         * answered, so never the caller's. Cancelled (what it copied stays
+                         * valid), dismissed once concluded (guest_on_event). */
                         log_warning("Guest %s: cancelling job %s, which no record of ours claims.", g->name,
                                 jobs[k].id);
                         (void) qemu_block_job_cancel(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
