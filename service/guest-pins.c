@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 
 #include "engine.h"
 #include "guest.h"
@@ -65,9 +66,10 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 }
 
 /* What /proc/PID/fdinfo/N says of an open file in one read, taken at once by the kernel: its
- * open(2) flags, mount and inode. Compared with what it says of an fd of ours on the file, never
- * by following /proc/PID/fd/N (a QEMU may dup2() another file onto N between two looks; a stat
- * through the link may hang on a dead network file system). */
+ * open(2) flags, mount and inode. Never found by following /proc/PID/fd/N (a QEMU may dup2()
+ * another file onto N between two looks; a stat through the link may hang on a dead network
+ * file system). The mount id is the process's own mount namespace's: its /proc/PID/mountinfo
+ * tells the device (the daemon runs in a namespace of its own under the shipped unit). */
 typedef struct FdInfo {
         unsigned long flags;
         uint64_t mnt_id, ino;
@@ -85,6 +87,7 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
         if (n < 0)
                 return -errno;
         buf[n] = 0;
+        /* "pos:" comes first: the three are each at the start of a line of their own. */
         flags = strstr(buf, "\nflags:");
         mnt = strstr(buf, "\nmnt_id:");
         ino = strstr(buf, "\nino:");
@@ -94,20 +97,94 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
         return 0;
 }
 
-/* Of our own fd. */
-static int fdinfo_of_fd(int fd, FdInfo *ret) {
-        _cleanup_close_ int dir_fd = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        char name[32];
+/* A process's mounts: id -> device, from /proc/PID/mountinfo ("ID PARENT MAJOR:MINOR ..."). */
+#define MOUNTS_MAX 65536U
+#define MOUNTINFO_MAX (16U << 20)
 
-        if (dir_fd < 0)
-                return -errno;
-        snprintf(name, sizeof(name), "%d", fd);
-        return fdinfo_read(dir_fd, name, ret);
+typedef struct MountDevs {
+        uint64_t ns; /* the mount namespace's inode */
+        size_t n;
+        struct {
+                uint64_t id;
+                dev_t dev;
+        } *m;
+} MountDevs;
+
+static void mount_devs_done(MountDevs *md) {
+        free(md->m);
+        *md = (MountDevs) {};
 }
 
-/* Whether process /proc/PID (proc_fd) has want's file open (for writing, if asked). 0 if the
- * process is gone; -EACCES if it cannot be looked at: not "no". */
-static int pid_holds(int proc_fd, const FdInfo *want, bool writing) {
+static int mount_devs_read(int proc_fd, MountDevs *ret) {
+        _cleanup_close_ int fd = openat(proc_fd, "mountinfo", O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        _cleanup_free_ char *text = NULL;
+        size_t len = 0, size = 0;
+        char *line, *save = NULL;
+        MountDevs md = {};
+
+        if (fd < 0)
+                return -errno;
+        for (;;) {
+                ssize_t k;
+
+                if (size - len < 4096) {
+                        char *t;
+
+                        if (size >= MOUNTINFO_MAX)
+                                return -EFBIG;
+                        size = size ? size * 2 : 16384;
+                        t = realloc(text, size + 1);
+                        if (!t)
+                                return -ENOMEM;
+                        text = t;
+                }
+                k = read(fd, text + len, size - len);
+                if (k < 0)
+                        return -errno;
+                if (k == 0)
+                        break;
+                len += (size_t) k;
+        }
+        if (!text)
+                return -EBADMSG;
+        text[len] = 0;
+        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                uint64_t id;
+                unsigned major, minor;
+                void *t;
+
+                if (sscanf(line, "%" SCNu64 " %*u %u:%u", &id, &major, &minor) != 3)
+                        continue;
+                if (md.n >= MOUNTS_MAX) {
+                        free(md.m);
+                        return -E2BIG;
+                }
+                t = reallocarray(md.m, md.n + 1, sizeof(*md.m));
+                if (!t) {
+                        free(md.m);
+                        return -ENOMEM;
+                }
+                md.m = t;
+                md.m[md.n].id = id;
+                md.m[md.n].dev = makedev(major, minor);
+                md.n++;
+        }
+        *ret = md;
+        return 0;
+}
+
+static bool mount_dev(const MountDevs *md, uint64_t id, dev_t *ret) {
+        for (size_t i = 0; i < md->n; i++)
+                if (md->m[i].id == id) {
+                        *ret = md->m[i].dev;
+                        return true;
+                }
+        return false;
+}
+
+/* Whether process /proc/PID (proc_fd; md: its mounts) has the file (want: fstat of ours) open,
+ * for writing if asked. 0 if the process is gone; -EACCES if it cannot be looked at: not "no". */
+static int pid_holds(int proc_fd, const MountDevs *md, const struct stat *want, bool writing) {
         DIR *dir;
         unsigned n = 0;
         int fd_dir, r = 0;
@@ -122,12 +199,17 @@ static int pid_holds(int proc_fd, const FdInfo *want, bool writing) {
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
-                FdInfo fi;
+                FdInfo fi, again;
+                dev_t dev;
 
                 if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
                         continue; /* closed meanwhile */
-                if (fi.mnt_id == want->mnt_id && fi.ino == want->ino &&
-                        (!writing || (fi.flags & O_ACCMODE) == O_RDWR || (fi.flags & O_ACCMODE) == O_WRONLY))
+                if (fi.ino != (uint64_t) want->st_ino || !mount_dev(md, fi.mnt_id, &dev) || dev != want->st_dev ||
+                        (writing && (fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY))
+                        continue;
+                /* The same open file still (not another dup2()ed there, on a mount made since). */
+                if (fdinfo_read(dirfd(dir), de->d_name, &again) >= 0 && again.flags == fi.flags &&
+                        again.mnt_id == fi.mnt_id && again.ino == fi.ino)
                         r = 1;
         }
         closedir(dir);
@@ -137,27 +219,31 @@ static int pid_holds(int proc_fd, const FdInfo *want, bool writing) {
 int guest_qemu_writes(Guest *g, int fd) {
         _cleanup_free_ char *proc_path = NULL;
         _cleanup_close_ int proc_fd = -1;
-        FdInfo want;
+        _cleanup_(mount_devs_done) MountDevs md = {};
+        struct stat want;
         int r;
 
         if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
                 return 0;
-        r = fdinfo_of_fd(fd, &want);
-        if (r < 0)
-                return r;
+        if (fstat(fd, &want) < 0)
+                return -errno;
         proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
         if (!proc_path)
                 return -ENOMEM;
         proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (proc_fd < 0)
                 return -errno;
-        return pid_holds(proc_fd, &want, true);
+        r = mount_devs_read(proc_fd, &md);
+        if (r < 0)
+                return r;
+        return pid_holds(proc_fd, &md, &want, true);
 }
 
-/* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission), seen by any
- * process that holds them, on this host or, over NFSv4, another: 1 if a lock is held there. */
-#define QEMU_LOCK_BYTES_START 100
-#define QEMU_LOCK_BYTES_LEN 200
+/* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
+ * virtlockd takes byte 0), seen by any process that holds them, on this host or, over NFSv4,
+ * another: 1 if a lock is held there. */
+#define QEMU_LOCK_BYTES_START 0
+#define QEMU_LOCK_BYTES_LEN 300
 
 static int image_locked(int fd) {
         struct flock fl = {
@@ -172,9 +258,40 @@ static int image_locked(int fd) {
         return fl.l_type != F_UNLCK;
 }
 
+/* The mounts of the namespace /proc/PID (proc_fd) is in, read once per namespace (at most
+ * MOUNT_NS_MAX of them kept: beyond, read for each process). */
+#define MOUNT_NS_MAX 64
+
+static int mounts_of(int proc_fd, MountDevs *cache, size_t *n_cache, MountDevs *scratch, const MountDevs **ret) {
+        struct stat ns;
+        int r;
+
+        if (fstatat(proc_fd, "ns/mnt", &ns, 0) < 0)
+                return -errno;
+        for (size_t i = 0; i < *n_cache; i++)
+                if (cache[i].ns == (uint64_t) ns.st_ino) {
+                        *ret = &cache[i];
+                        return 0;
+                }
+        mount_devs_done(scratch);
+        r = mount_devs_read(proc_fd, scratch);
+        if (r < 0)
+                return r;
+        scratch->ns = (uint64_t) ns.st_ino;
+        if (*n_cache < MOUNT_NS_MAX) {
+                cache[(*n_cache)++] = *scratch;
+                *scratch = (MountDevs) {};
+                *ret = &cache[*n_cache - 1];
+        } else
+                *ret = scratch;
+        return 0;
+}
+
 int host_holds_open(int fd, pid_t *ret_pid) {
+        MountDevs cache[MOUNT_NS_MAX] = {}, scratch = {};
+        size_t n_cache = 0;
         unsigned unseen = 0;
-        FdInfo want;
+        struct stat want;
         DIR *proc;
         int r;
 
@@ -182,14 +299,14 @@ int host_holds_open(int fd, pid_t *ret_pid) {
         r = image_locked(fd);
         if (r != 0)
                 return r;
-        r = fdinfo_of_fd(fd, &want);
-        if (r < 0)
-                return r;
+        if (fstat(fd, &want) < 0)
+                return -errno;
         proc = opendir("/proc");
         if (!proc)
                 return -errno;
         for (struct dirent *de; r == 0 && (de = readdir(proc));) {
                 _cleanup_close_ int proc_fd = -EBADF;
+                const MountDevs *md = NULL;
                 char *end;
                 long pid;
 
@@ -200,7 +317,11 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, &want, false);
+                r = mounts_of(proc_fd, cache, &n_cache, &scratch, &md);
+                if (r >= 0)
+                        r = pid_holds(proc_fd, md, &want, false);
+                else if (r == -ENOENT || r == -ESRCH)
+                        r = 0; /* gone meanwhile */
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
                 else if (r == -EACCES) {
@@ -210,6 +331,9 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 }
         }
         closedir(proc);
+        for (size_t i = 0; i < n_cache; i++)
+                mount_devs_done(&cache[i]);
+        mount_devs_done(&scratch);
         if (r == 0 && unseen > 0)
                 log_info("%u processes could not be looked at for an open file; QEMU's image locks on it are free.",
                         unseen);

@@ -184,6 +184,28 @@ class MirrorTest(MirrorBase):
         self.assertEqual(named_users(c.top), [], 'the new image took the directory\'s default ACL')
         self.assertEqual(os.stat(c.top).st_mode & 0o777, 0o660)
 
+    def test_qemu_in_another_mount_namespace(self):
+        """The daemon (under its unit: ProtectSystem=, PrivateTmp=) and a guest's QEMU (libvirt's
+        by default) live in mount namespaces of their own, whose mount ids differ for the same
+        file: the file QEMU has open for writing is told by device and inode, the device read
+        from QEMU's own mountinfo. Before, the mirror refused every such guest."""
+        class NsQemu(h.Qemu):
+            def argv(self):
+                return ['unshare', '--mount', '--propagation', 'private'] + super().argv()
+        name = self.unique_name()
+        chains = self.make_chains(('vda',), SIZE)
+        q = NsQemu(self.env, name, [('vda', chains['vda'].top)])
+        self.addCleanup(q.kill)
+        q.start()
+        path = self.register(name, q.daemon_socket)
+        self.addCleanup(self._drop_guest, name, q)
+        g = h.Guest(self, name, q, chains, path)
+        self.assertNotEqual(os.readlink('/proc/%d/ns/mnt' % q.proc.pid), os.readlink('/proc/self/ns/mnt'))
+        d = g.disk()
+        since = self.start(d, bandwidth=T(0))
+        self.assert_completed(d, since)
+        self.assert_standalone(g, chains['vda'])
+
     def test_an_image_left_beside_the_overlay_is_never_replaced(self):
         """A new image kept from an earlier mirror (QEMU was lost while it pivoted: it may hold the
         guest's only copy of some writes) is neither overwritten nor removed by the next Start:
