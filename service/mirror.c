@@ -740,7 +740,10 @@ static int finalize_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         d->mirror_busy = false;
         d->job.phase = MIRROR_STEP_PIVOT;
         d->job.cancel_requested = true;
-        (void) guest_save(g); /* supersedes the queued FINALIZE, failing or not */
+        /* Queued, not waited for (a hung disk would hold the loop): it replaces the FINALIZE
+         * still queued. Should that one be landing now, the cancel (no pivot) is what counts:
+         * the concluded job's clean-up removes the new image, which then cannot be renamed. */
+        guest_save_later(g);
         if (guest_qmp_ready(g) && d->job.id)
                 (void) qemu_block_job_cancel(g->peer.qmp, d->job.id, NULL, NULL, NULL);
         return 0;
@@ -756,6 +759,13 @@ static unsigned mirror_pending(Disk *d, unsigned changed) {
                 return d->mirror_finalize_saving ? changed & ~JOB_NEEDS_FINALIZE : changed;
         if (d->job.phase != MIRROR_STEP_PIVOT)
                 return changed; /* no pivot asked for: QEMU's finalize only ends the job */
+        if (d->job.cancel_requested) {
+                /* Given up (finalize_timeout(), or a Cancel that crossed job-complete): never
+                 * finalized; the cancel again, in case the connection lost it. */
+                if (guest_qmp_ready(d->guest) && d->job.id)
+                        (void) qemu_block_job_cancel(d->guest->peer.qmp, d->job.id, NULL, NULL, NULL);
+                return changed & ~JOB_NEEDS_FINALIZE;
+        }
         c = mirror_call_new(d);
         if (!c) {
                 log_oom();
