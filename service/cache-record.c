@@ -44,11 +44,19 @@ int caches_save(Engine *e) {
         text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
         if (!text)
                 return log_oom();
-        /* No more than the next start reads back (cache_load_all()). */
-        if (strlen(text) > CACHES_RECORD_MAX)
+        /* No more than the next start reads back (cache_load_all()). The record there is older
+         * (caches and users since are missing from it): moved aside, so that the next start
+         * restores no cache rather than trust it. */
+        if (strlen(text) > CACHES_RECORD_MAX) {
+                _cleanup_free_ char *aside = strdup_printf("%s.stale-%" PRIu64, path,
+                        (uint64_t) (now_usec(CLOCK_REALTIME) / USEC_PER_SEC));
+
+                if (!aside || (rename(path, aside) < 0 && errno != ENOENT))
+                        log_error_errno(aside ? -errno : -ENOMEM, "Failed to move %s aside: %m", path);
                 return log_error_errno(-EFBIG, "The template caches' record would take %zu bytes, more than the %u "
-                                               "read back; not saved.",
+                                               "read back; not saved, and the older one was moved aside.",
                         strlen(text), (unsigned) CACHES_RECORD_MAX);
+        }
         r = write_file_atomic(path, text, strlen(text), 0600);
         if (r < 0)
                 return log_error_errno(r, "Failed to save the template caches to %s: %m", path);

@@ -850,7 +850,7 @@ int cache_load_all(Engine *e) {
                 if (!o || !json_object_object_get_ex(o, "caches", &a) || !json_object_is_type(a, json_type_array))
                         r = -EBADMSG;
         }
-        if (r == -EBADMSG || r == -EFBIG) {
+        if (r == -EBADMSG || r == -EFBIG || r == -EBADF || r == -ELOOP) {
                 /* Kept for the admin, not overwritten by the next save; new caches take numbers
                  * no image or socket has (cache_id_left()), so no overlay gets another's data. */
                 _cleanup_free_ char *aside = strdup_printf("%s.unreadable-%" PRIu64, path,
