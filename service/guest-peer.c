@@ -132,6 +132,26 @@ static void guest_pace_events(Guest *g) {
         qmp_set_reading(g->peer.qmp, false);
 }
 
+/* The disk of g's that id, "bsd-<alias>-<n>" (dash: at "-<n>"), names as job_id_new() makes it. */
+static Disk *guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                const char *a = g->disks[i]->alias;
+                size_t len = strlen(a);
+                bool same = (size_t) (dash - (id + 4)) == len;
+
+                for (size_t j = 0; same && j < len; j++) {
+                        char c = a[j];
+                        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                                    c == '.' || c == '_'))
+                                c = '_';
+                        same = id[4 + j] == c;
+                }
+                if (same)
+                        return g->disks[i];
+        }
+        return NULL;
+}
+
 /* Whether a disk of g has the job id (one of ours, "bsd-"). */
 static bool guest_job_claimed(Guest *g, const char *id) {
         for (size_t i = 0; i < g->n_disks; i++)
@@ -183,7 +203,8 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
          * holds its nodes until dismissed. A Start's job is claimed before its events come: QEMU
          * answers block-stream before the job can end. */
         if (ev.kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev.status == QEMU_JOB_CONCLUDED && ev.id &&
-                strncmp(ev.id, "bsd-", 4) == 0 && guest_qmp_ready(g) && !guest_job_claimed(g, ev.id)) {
+                strncmp(ev.id, "bsd-", 4) == 0 && guest_qmp_ready(g) && !guest_job_claimed(g, ev.id) &&
+                strrchr(ev.id, '-') && guest_job_alias_ours(g, ev.id, strrchr(ev.id, '-'))) {
                 log_info("Guest %s: dismissing leftover job %s.", g->name, ev.id);
                 (void) qemu_job_dismiss(g->peer.qmp, ev.id, NULL, NULL, NULL);
         }
@@ -198,31 +219,11 @@ static void guest_job_lost(Guest *g, Disk *d, const char *why) {
 /* Job numbers taken from QEMU's job ids at most this: a QEMU naming one near 2^64 would wrap ours. */
 #define JOB_SEQ_MAX UINT32_MAX
 
-/* Whether id, "bsd-<alias>-<n>" (dash: at "-<n>"), names a disk of g's as job_id_new() makes it. */
-static bool guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
-        for (size_t i = 0; i < g->n_disks; i++) {
-                const char *a = g->disks[i]->alias;
-                size_t len = strlen(a);
-                bool same = (size_t) (dash - (id + 4)) == len;
-
-                for (size_t j = 0; same && j < len; j++) {
-                        char c = a[j];
-                        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-                                    c == '.' || c == '_'))
-                                c = '_';
-                        same = id[4 + j] == c;
-                }
-                if (same)
-                        return true;
-        }
-        return false;
-}
 
 /* Apply query-block-jobs to our disks. reconcile: after a (re)connect, jobs QEMU no longer
  * lists are lost, and concluded jobs of ours that no disk claims are dismissed. */
 static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool reconcile) {
         usec_t mono = now_usec(CLOCK_MONOTONIC);
-        uint64_t recorded_seq;
 
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
@@ -259,9 +260,9 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
 
         if (!reconcile || !guest_qmp_ready(g))
                 return;
-        recorded_seq = g->job_seq;
         for (size_t k = 0; k < n; k++) {
                 const char *dash = strrchr(jobs[k].id, '-');
+                Disk *owner;
                 char *end;
                 unsigned long long seq;
 
@@ -274,16 +275,19 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 if (!dash || errno != 0 || end == dash + 1 || *end != 0 || seq > JOB_SEQ_MAX)
                         continue; /* not one of our ids (QEMU's word: bounded, not to wrap ours) */
                 g->job_seq = MAX(g->job_seq, (uint64_t) seq);
-                if (guest_job_claimed(g, jobs[k].id))
+                /* Only jobs of this guest's disks (another registration of the same QEMU, over
+                 * another monitor, has its own), and none a Start waits for. */
+                owner = guest_job_alias_ours(g, jobs[k].id, dash);
+                if (!owner || owner->starting || guest_job_claimed(g, jobs[k].id))
                         continue;
                 if (jobs[k].status == QEMU_JOB_CONCLUDED) {
                         log_info("Guest %s: dismissing leftover job %s.", g->name, jobs[k].id);
                         (void) qemu_job_dismiss(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
-                } else if (seq > recorded_seq && guest_job_alias_ours(g, jobs[k].id, dash)) {
+                } else {
                         /* A Start whose job QEMU began but whose record the daemon never wrote
-                         * (killed in between: its number is past the recorded one): never
-                         * answered, so never the caller's. Cancelled (what it copied stays
-                         * valid), dismissed once concluded (guest_on_event). */
+                         * (killed in between), or whose answer a lost connection swallowed (the
+                         * caller heard it failed): never the caller's. Cancelled (what it copied
+                         * stays valid), dismissed once concluded (guest_on_event). */
                         log_warning("Guest %s: cancelling job %s, which no record of ours claims.", g->name,
                                 jobs[k].id);
                         (void) qemu_block_job_cancel(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
