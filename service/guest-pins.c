@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 
 #include "engine.h"
 #include "guest.h"
@@ -65,11 +64,12 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
         return 1;
 }
 
-/* What /proc/PID/fdinfo/N says of an open file in one read, taken at once by the kernel: its
- * open(2) flags, mount and inode. Never found by following /proc/PID/fd/N (a QEMU may dup2()
- * another file onto N between two looks; a stat through the link may hang on a dead network
- * file system). The mount id is the process's own mount namespace's: its /proc/PID/mountinfo
- * tells the device (the daemon runs in a namespace of its own under the shipped unit). */
+/* Whether a process has a file open (for writing), told fd by fd: /proc/PID/fdinfo/N, read once,
+ * gives the open flags and inode number; only a fd whose inode number is the file's is looked
+ * at closer: /proc/PID/fd/N opened O_PATH and fstat()ed gives its device too, as our fstat()
+ * does (whatever the mount namespaces, chroots, btrfs subvolumes or overlays), and fdinfo is read
+ * again, to be the same open file still (a QEMU may dup2() another file onto N meanwhile). No
+ * stat through the link of any other fd (it may hang on a dead network file system). */
 typedef struct FdInfo {
         unsigned long flags;
         uint64_t mnt_id, ino;
@@ -97,117 +97,54 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
         return 0;
 }
 
-/* A process's mounts: id -> device, from /proc/PID/mountinfo ("ID PARENT MAJOR:MINOR ..."). */
-#define MOUNTS_MAX 65536U
-#define MOUNTINFO_MAX (16U << 20)
-
-typedef struct MountDevs {
-        uint64_t ns; /* the mount namespace's inode */
-        size_t n;
-        struct {
-                uint64_t id;
-                dev_t dev;
-        } *m;
-} MountDevs;
-
-static void mount_devs_done(MountDevs *md) {
-        free(md->m);
-        *md = (MountDevs) {};
-}
-
-static int mount_devs_read(int proc_fd, MountDevs *ret) {
-        _cleanup_close_ int fd = openat(proc_fd, "mountinfo", O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        _cleanup_free_ char *text = NULL;
-        size_t len = 0, size = 0;
-        char *line, *save = NULL;
-        MountDevs md = {};
-
-        if (fd < 0)
-                return -errno;
-        for (;;) {
-                ssize_t k;
-
-                if (size - len < 4096) {
-                        char *t;
-
-                        if (size >= MOUNTINFO_MAX)
-                                return -EFBIG;
-                        size = size ? size * 2 : 16384;
-                        t = realloc(text, size + 1);
-                        if (!t)
-                                return -ENOMEM;
-                        text = t;
-                }
-                k = read(fd, text + len, size - len);
-                if (k < 0)
-                        return -errno;
-                if (k == 0)
-                        break;
-                len += (size_t) k;
-        }
-        if (!text)
-                return -EBADMSG;
-        text[len] = 0;
-        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-                uint64_t id;
-                unsigned major, minor;
-                void *t;
-
-                if (sscanf(line, "%" SCNu64 " %*u %u:%u", &id, &major, &minor) != 3)
-                        continue;
-                if (md.n >= MOUNTS_MAX) {
-                        free(md.m);
-                        return -E2BIG;
-                }
-                t = reallocarray(md.m, md.n + 1, sizeof(*md.m));
-                if (!t) {
-                        free(md.m);
-                        return -ENOMEM;
-                }
-                md.m = t;
-                md.m[md.n].id = id;
-                md.m[md.n].dev = makedev(major, minor);
-                md.n++;
-        }
-        *ret = md;
-        return 0;
-}
-
-static bool mount_dev(const MountDevs *md, uint64_t id, dev_t *ret) {
-        for (size_t i = 0; i < md->n; i++)
-                if (md->m[i].id == id) {
-                        *ret = md->m[i].dev;
-                        return true;
-                }
-        return false;
-}
-
-/* Whether process /proc/PID (proc_fd; md: its mounts) has the file (want: fstat of ours) open,
- * for writing if asked. 0 if the process is gone; -EACCES if it cannot be looked at: not "no". */
-static int pid_holds(int proc_fd, const MountDevs *md, const struct stat *want, bool writing) {
+/* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
+ * asked. 0 if not, or if the process is gone; < 0 if it cannot be told, not "no": -EACCES, a
+ * process that may not be looked at; -EBUSY, a fd of the file's inode number that cannot be. */
+static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
+        _cleanup_close_ int fd_dir = -EBADF;
         DIR *dir;
         unsigned n = 0;
-        int fd_dir, r = 0;
+        int info_dir, r = 0;
 
-        fd_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd_dir < 0)
-                return errno == ENOENT || errno == ESRCH ? 0 : -errno;
-        dir = fdopendir(fd_dir);
+        info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (info_dir < 0)
+                return errno == ENOENT || errno == ESRCH || errno == EINVAL ? 0 : -errno;
+        dir = fdopendir(info_dir);
         if (!dir) {
                 r = -errno;
-                close(fd_dir);
+                close(info_dir);
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                _cleanup_close_ int file = -EBADF;
                 FdInfo fi, again;
-                dev_t dev;
+                struct stat st;
 
                 if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
                         continue; /* closed meanwhile */
-                if (fi.ino != (uint64_t) want->st_ino || !mount_dev(md, fi.mnt_id, &dev) || dev != want->st_dev ||
+                if (fi.ino != (uint64_t) want->st_ino ||
                         (writing && (fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY))
                         continue;
-                /* The same open file still (not another dup2()ed there, on a mount made since). */
+                if (fd_dir < 0) {
+                        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                        if (fd_dir < 0) {
+                                r = errno == ENOENT || errno == ESRCH ? 0 : -errno;
+                                break;
+                        }
+                }
+                /* A fd of the file's inode number that cannot be looked at: not "no" (-EBUSY). */
+                file = openat(fd_dir, de->d_name, O_PATH | O_CLOEXEC);
+                if (file < 0) {
+                        if (errno != ENOENT)
+                                r = -EBUSY;
+                        continue;
+                }
+                if (fstat(file, &st) < 0) {
+                        r = -EBUSY;
+                        continue;
+                }
+                if (st.st_dev != want->st_dev || st.st_ino != want->st_ino)
+                        continue;
                 if (fdinfo_read(dirfd(dir), de->d_name, &again) >= 0 && again.flags == fi.flags &&
                         again.mnt_id == fi.mnt_id && again.ino == fi.ino)
                         r = 1;
@@ -219,9 +156,7 @@ static int pid_holds(int proc_fd, const MountDevs *md, const struct stat *want, 
 int guest_qemu_writes(Guest *g, int fd) {
         _cleanup_free_ char *proc_path = NULL;
         _cleanup_close_ int proc_fd = -1;
-        _cleanup_(mount_devs_done) MountDevs md = {};
         struct stat want;
-        int r;
 
         if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
                 return 0;
@@ -233,10 +168,7 @@ int guest_qemu_writes(Guest *g, int fd) {
         proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (proc_fd < 0)
                 return -errno;
-        r = mount_devs_read(proc_fd, &md);
-        if (r < 0)
-                return r;
-        return pid_holds(proc_fd, &md, &want, true);
+        return pid_holds(proc_fd, &want, true);
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -258,38 +190,7 @@ static int image_locked(int fd) {
         return fl.l_type != F_UNLCK;
 }
 
-/* The mounts of the namespace /proc/PID (proc_fd) is in, read once per namespace (at most
- * MOUNT_NS_MAX of them kept: beyond, read for each process). */
-#define MOUNT_NS_MAX 64
-
-static int mounts_of(int proc_fd, MountDevs *cache, size_t *n_cache, MountDevs *scratch, const MountDevs **ret) {
-        struct stat ns;
-        int r;
-
-        if (fstatat(proc_fd, "ns/mnt", &ns, 0) < 0)
-                return -errno;
-        for (size_t i = 0; i < *n_cache; i++)
-                if (cache[i].ns == (uint64_t) ns.st_ino) {
-                        *ret = &cache[i];
-                        return 0;
-                }
-        mount_devs_done(scratch);
-        r = mount_devs_read(proc_fd, scratch);
-        if (r < 0)
-                return r;
-        scratch->ns = (uint64_t) ns.st_ino;
-        if (*n_cache < MOUNT_NS_MAX) {
-                cache[(*n_cache)++] = *scratch;
-                *scratch = (MountDevs) {};
-                *ret = &cache[*n_cache - 1];
-        } else
-                *ret = scratch;
-        return 0;
-}
-
 int host_holds_open(int fd, pid_t *ret_pid) {
-        MountDevs cache[MOUNT_NS_MAX] = {}, scratch = {};
-        size_t n_cache = 0;
         unsigned unseen = 0;
         struct stat want;
         DIR *proc;
@@ -306,7 +207,6 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 return -errno;
         for (struct dirent *de; r == 0 && (de = readdir(proc));) {
                 _cleanup_close_ int proc_fd = -EBADF;
-                const MountDevs *md = NULL;
                 char *end;
                 long pid;
 
@@ -317,11 +217,7 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = mounts_of(proc_fd, cache, &n_cache, &scratch, &md);
-                if (r >= 0)
-                        r = pid_holds(proc_fd, md, &want, false);
-                else if (r == -ENOENT || r == -ESRCH)
-                        r = 0; /* gone meanwhile */
+                r = pid_holds(proc_fd, &want, false);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
                 else if (r == -EACCES) {
@@ -331,9 +227,6 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 }
         }
         closedir(proc);
-        for (size_t i = 0; i < n_cache; i++)
-                mount_devs_done(&cache[i]);
-        mount_devs_done(&scratch);
         if (r == 0 && unseen > 0)
                 log_info("%u processes could not be looked at for an open file; QEMU's image locks on it are free.",
                         unseen);

@@ -923,6 +923,22 @@ class MirrorKillTest(MirrorBase):
         self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image holding the guest\'s writes was removed')
         self.assertTrue(h.read_matches(tmp_of(c.top), 0x5d, 0, c.u), 'the guest\'s write is not in the new image')
 
+    def test_old_overlay_held_from_another_mount_namespace(self):
+        """The same, the old overlay held by a process in a mount namespace of its own (a QEMU
+        started again by libvirt): its mount ids are not ours, the file is told all the same."""
+        def hold(c):
+            p = subprocess.Popen(['unshare', '--mount', '--propagation', 'private', sys.executable, '-c',
+                                  'import os, sys, time; os.open(sys.argv[1], os.O_RDONLY); print(flush=True); '
+                                  'time.sleep(120)', c.top], stdout=subprocess.PIPE)
+            self.addCleanup(lambda: (p.kill(), p.wait(10)))
+            p.stdout.readline()  # the file is open
+        c, st, res, err = self.guest_gone_at('rename', [(0x5d, 0, 1)], hold)
+        self.assertEqual(res, 'failed', (res, err))
+        self.assertIn('has the old overlay open', err)
+        now = os.stat(c.top)
+        self.assertEqual((now.st_dev, now.st_ino), (st.st_dev, st.st_ino), 'the overlay was replaced under its reader')
+        self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image holding the guest\'s writes was removed')
+
     def test_killed_after_the_rename(self):
         """Renamed, the outcome not yet recorded: the new daemon reports it completed."""
         self.killed_after_the_copy('done')
