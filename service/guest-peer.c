@@ -152,11 +152,17 @@ static Disk *guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
         return NULL;
 }
 
-/* Whether a disk of g has the job id (one of ours, "bsd-"). */
+/* Whether a disk of g has the job id (one of ours, "bsd-") as its job: running, being started or
+ * finalized, or concluded and not yet published (an id left on an idle disk, of a Start that
+ * failed, claims nothing). */
 static bool guest_job_claimed(Guest *g, const char *id) {
-        for (size_t i = 0; i < g->n_disks; i++)
-                if (streq_ptr(g->disks[i]->job.id, id))
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
+                if (streq_ptr(d->job.id, id) &&
+                        (job_is_active(&d->job) || d->job.concluded || d->starting || d->finalizing))
                         return true;
+        }
         return false;
 }
 
@@ -203,8 +209,7 @@ static void guest_on_event(void *userdata, const char *event, json_object *data)
          * holds its nodes until dismissed. A Start's job is claimed before its events come: QEMU
          * answers block-stream before the job can end. */
         if (ev.kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev.status == QEMU_JOB_CONCLUDED && ev.id &&
-                strncmp(ev.id, "bsd-", 4) == 0 && guest_qmp_ready(g) && !guest_job_claimed(g, ev.id) &&
-                strrchr(ev.id, '-') && guest_job_alias_ours(g, ev.id, strrchr(ev.id, '-'))) {
+                strncmp(ev.id, "bsd-", 4) == 0 && guest_qmp_ready(g) && !guest_job_claimed(g, ev.id)) {
                 log_info("Guest %s: dismissing leftover job %s.", g->name, ev.id);
                 (void) qemu_job_dismiss(g->peer.qmp, ev.id, NULL, NULL, NULL);
         }
@@ -275,15 +280,14 @@ static void guest_apply_jobs(Guest *g, const QemuBlockJob *jobs, size_t n, bool 
                 if (!dash || errno != 0 || end == dash + 1 || *end != 0 || seq > JOB_SEQ_MAX)
                         continue; /* not one of our ids (QEMU's word: bounded, not to wrap ours) */
                 g->job_seq = MAX(g->job_seq, (uint64_t) seq);
-                /* Only jobs of this guest's disks (another registration of the same QEMU, over
-                 * another monitor, has its own), and none a Start waits for. */
-                owner = guest_job_alias_ours(g, jobs[k].id, dash);
-                if (!owner || owner->starting || guest_job_claimed(g, jobs[k].id))
+                if (guest_job_claimed(g, jobs[k].id))
                         continue;
+                /* Cancelled: only jobs of this guest's disks, and none a Start waits for. */
+                owner = guest_job_alias_ours(g, jobs[k].id, dash);
                 if (jobs[k].status == QEMU_JOB_CONCLUDED) {
                         log_info("Guest %s: dismissing leftover job %s.", g->name, jobs[k].id);
                         (void) qemu_job_dismiss(g->peer.qmp, jobs[k].id, NULL, NULL, NULL);
-                } else {
+                } else if (owner && !owner->starting) {
                         /* A Start whose job QEMU began but whose record the daemon never wrote
                          * (killed in between), or whose answer a lost connection swallowed (the
                          * caller heard it failed): never the caller's. Cancelled (what it copied

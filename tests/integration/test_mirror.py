@@ -923,7 +923,7 @@ class MirrorKillTest(MirrorBase):
         self.assertTrue(os.path.exists(tmp_of(c.top)), 'the image holding the guest\'s writes was removed')
         self.assertTrue(h.read_matches(tmp_of(c.top), 0x5d, 0, c.u), 'the guest\'s write is not in the new image')
 
-    def test_old_overlay_held_from_another_mount_namespace(self):
+    def test_held_in_another_namespace(self):
         """The same, the old overlay held by a process in a mount namespace of its own (a QEMU
         started again by libvirt): its mount ids are not ours, the file is told all the same."""
         def hold(c):
