@@ -784,13 +784,19 @@ class MirrorKillTest(MirrorBase):
         self.client.pump(0.3)
         self.assertEqual(len(d.finished(since)), 1)
 
-    def killed_after_the_copy(self, step):
+    def stopped_at(self, step):
+        """A guest whose mirror (started now, at full speed) stopped the daemon before step.
+        Returns (guest, disk, chain, time of Start)."""
         self.restart_with_hook(step)
         g = self.guest()
         d = g.disk()
         c = g.chains['vda']
         since = self.start(d, bandwidth=T(0))
         self.wait_stopped()
+        return g, d, c, since
+
+    def killed_after_the_copy(self, step):
+        g, d, c, since = self.stopped_at(step)
         restart = self.kill_and_restart(g)
         self.assert_completed(d, since)
         self.assertEqual(len(d.finished(restart)), 1)
@@ -814,12 +820,7 @@ class MirrorKillTest(MirrorBase):
         """From FINALIZE on (pending: both images alike, the guest's I/O held; job-finalize on its
         way) a Cancel would send the guest back to the old overlay while the journal says the new
         image may be the disk: Busy, and the mirror completes."""
-        self.restart_with_hook('finalize')
-        g = self.guest()
-        d = g.disk()
-        c = g.chains['vda']
-        since = self.start(d, bandwidth=T(0))
-        self.wait_stopped()
+        g, d, c, since = self.stopped_at('finalize')
         answer = []
         # Sent (flushed to the bus) before the daemon goes on from its hook.
         self.client.conn.call_async(h.BUS_NAME, d.path, h.IFACE_STREAM, 'Cancel', '', (),
@@ -838,13 +839,8 @@ class MirrorKillTest(MirrorBase):
         (the guest's state file cannot be replaced: a full or failing disk). The record is tried
         again, but not for ever: after 10 s the mirror is given up, with no pivot, and the guest's
         I/O goes on on its overlay. Before, the guest's I/O waited as long as the disk failed."""
-        self.restart_with_hook('pending')
-        g = self.guest()
-        d = g.disk()
-        c = g.chains['vda']
-        st = os.stat(c.top)
-        since = self.start(d, bandwidth=T(0))
-        self.wait_stopped()
+        g, d, c, since = self.stopped_at('pending')
+        st = os.stat(c.top)  # the overlay, not renamed before FINALIZE
         record = o.state_file(self.env, g.name)
         os.unlink(record)
         os.makedirs(os.path.join(record, 'blocked'))  # rename() onto it fails: ENOTEMPTY / EISDIR
@@ -867,12 +863,7 @@ class MirrorKillTest(MirrorBase):
     def guest_gone_at(self, step, writes=(), meanwhile=None):
         """The daemon stopped before step, the guest writes, its QEMU quits (the guest powered
         off), meanwhile(chain) runs, the daemon is killed and started again."""
-        self.restart_with_hook(step)
-        g = self.guest()
-        d = g.disk()
-        c = g.chains['vda']
-        since = self.start(d, bandwidth=T(0))
-        self.wait_stopped()
+        g, d, c, since = self.stopped_at(step)
         for pat, off, ln in writes:
             g.qemu.guest_write('vda', pat, off * c.u, ln * c.u)
             c.apply_to_reference(pat, off * c.u, ln * c.u)
