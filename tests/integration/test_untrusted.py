@@ -126,9 +126,7 @@ class ChattyRelayTest(h.TestCase):
         self.start_daemon_with_helper(CHATTY_RELAY, 'blockstream-nbd-relay')
 
     def test_relay_errors_do_not_flood_the_log(self):
-        g = self.new_guest(size=16 * MiB)
-        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
-        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        path = exported_guest(self)
         # "clients 1" follows the 500 on one socket, in order: once Clients shows 1, all were read.
         self.client.wait_prop(path, 'org.blockstream1.Export', 'Clients', 1, 30)
         lines = [line for line in log_text(self.env.daemon.log).splitlines() if 'relay: flood' in line]
@@ -141,9 +139,7 @@ class ChattyRelayTest(h.TestCase):
         """2000 lines on the relay's stderr at once, then one more 2 s later: the daemon logs a
         burst of them (100), then 10 a second, and says how many it left out; the old daemon
         logged all 2000."""
-        g = self.new_guest(size=16 * MiB)
-        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
-        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        exported_guest(self)
         h.wait_until(lambda: re.search(r': END$', log_text(self.env.daemon.log), re.M), 60,
                      'the relay\'s last line in the daemon\'s log')
         text = log_text(self.env.daemon.log)
@@ -169,9 +165,7 @@ class GreedyRelayTest(h.TestCase):
         self.start_daemon_with_helper(GREEDY_RELAY, 'blockstream-nbd-relay')
 
     def test_relay_holds_at_most_64_connections(self):
-        g = self.new_guest(size=16 * MiB)
-        path, _ = self.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
-        self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+        path = exported_guest(self)
 
         def clients():
             return self.client.get(path, 'org.blockstream1.Export', 'Clients')
@@ -267,6 +261,15 @@ def block(node, filename, qdev=None, device='', size=16 * MiB, cluster=65536):
     if qdev:
         b['qdev'] = '/machine/peripheral/%s/virtio-backend' % qdev
     return b
+
+
+def exported_guest(test):
+    """A new guest's disk exported (its relay is the test's helper); stopped at the end. Returns
+    the Export object's path."""
+    g = test.new_guest(size=16 * MiB)
+    path, _ = test.client.call(g.disk().path, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=60)
+    test.addCleanup(lambda: test.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
+    return path
 
 
 def log_text(path):
