@@ -75,6 +75,22 @@ static WriteOp *find_queued(StateWriter *w, const char *path, WriteOp **ret_prev
         return NULL;
 }
 
+/* With the lock held: the queued op for path, taken out of the queue; NULL if none. */
+static WriteOp *take_queued(StateWriter *w, const char *path) {
+        WriteOp *prev, *op = find_queued(w, path, &prev);
+
+        if (!op)
+                return NULL;
+        if (prev)
+                prev->next = op->next;
+        else
+                w->head = op->next;
+        if (w->tail == op)
+                w->tail = prev;
+        op->next = NULL;
+        return op;
+}
+
 /* A write that failed (a full or failing disk) is not dropped: what follows it (the next step of a
  * job, recorded as done) must not act on a state the file does not hold. It goes back to the head
  * of the queue, to be tried again after 0.1 s, doubling up to 10 s; a later put of its path
@@ -87,7 +103,7 @@ static WriteOp *find_queued(StateWriter *w, const char *path, WriteOp **ret_prev
 static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
         usec_t now = now_usec(CLOCK_MONOTONIC), delay = RETRY_FIRST_USEC;
         uint64_t dropped = 0;
-        WriteOp *newer, *prev;
+        WriteOp *newer;
 
         for (unsigned i = 0; i < op->failures && delay < RETRY_MAX_USEC; i++)
                 delay *= 2;
@@ -102,14 +118,8 @@ static WriteOp *op_failed(StateWriter *w, WriteOp *op, int r) {
                 return op_free(op);
         /* A later put of the path, queued meanwhile, holds newer data: it takes this one's place
          * (and its ticket, for those who wait), never the other way round. */
-        newer = find_queued(w, op->path, &prev);
+        newer = take_queued(w, op->path);
         if (newer) {
-                if (prev)
-                        prev->next = newer->next;
-                else
-                        w->head = newer->next;
-                if (w->tail == newer)
-                        w->tail = prev;
                 newer->ticket = MIN(newer->ticket, op->ticket);
                 newer->failures = op->failures;
                 op_free(op);
@@ -314,14 +324,8 @@ static int put(StateWriter *w, const char *path, char *data, size_t len, mode_t 
                         ticket = ++w->next_ticket;
                         while (w->busy_path && streq(w->busy_path, path))
                                 pthread_cond_wait(&w->idle, &w->lock);
-                        op = find_queued(w, path, &prev);
+                        op = take_queued(w, path);
                         if (op) {
-                                if (prev)
-                                        prev->next = op->next;
-                                else
-                                        w->head = op->next;
-                                if (w->tail == op)
-                                        w->tail = prev;
                                 /* Should ours fail, it is tried again for those who waited for
                                  * that one. */
                                 ticket = op->ticket;
