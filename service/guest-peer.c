@@ -139,13 +139,8 @@ static Disk *guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
                 size_t len = strlen(a);
                 bool same = (size_t) (dash - (id + 4)) == len;
 
-                for (size_t j = 0; same && j < len; j++) {
-                        char c = a[j];
-                        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-                                    c == '.' || c == '_'))
-                                c = '_';
-                        same = id[4 + j] == c;
-                }
+                for (size_t j = 0; same && j < len; j++)
+                        same = id[4 + j] == qemu_id_char(a[j]);
                 if (same)
                         return g->disks[i];
         }

@@ -307,3 +307,12 @@ usec_t job_expected_end(const Job *j, usec_t realtime_now) {
                 return 0;
         return realtime_now + (usec_t) left;
 }
+
+char *job_id_new(const char *alias, uint64_t seq) {
+        char *id = strdup_printf("bsd-%s-%" PRIu64, alias, seq);
+
+        if (id)
+                for (char *p = id; *p; p++)
+                        *p = qemu_id_char(*p);
+        return id;
+}

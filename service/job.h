@@ -119,3 +119,7 @@ bool job_publish_outcome(Job *j);
 
 uint64_t job_rate(const Job *j);
 usec_t job_expected_end(const Job *j, usec_t realtime_now);
+
+/* "bsd-<alias>-<n>": a job id of ours, recognisable as such, unique per guest (n: its job_seq),
+ * and a valid QEMU id whatever the alias (qemu_id_char()). */
+char *job_id_new(const char *alias, uint64_t seq);

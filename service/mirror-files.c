@@ -70,9 +70,7 @@ int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) 
         /* A QEMU id whatever the alias, as job ids are made. */
         for (char *p = alias; *p; p++) {
                 hash = (hash ^ (uint8_t) *p) * 16777619U;
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                            *p == '.' || *p == '_'))
-                        *p = '_';
+                *p = qemu_id_char(*p);
         }
         n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
         n.file_node = strdup_printf("bsmf-%s", alias);

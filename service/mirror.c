@@ -529,15 +529,10 @@ int mirror_try_start(
         }
 
         g->job_seq++;
-        id = strdup_printf("bsd-%s-%" PRIu64, d->alias, g->job_seq);
+        id = job_id_new(d->alias, g->job_seq);
         overlay = strdup(path);
         if (!id || !overlay)
                 return -ENOMEM;
-        /* A QEMU id whatever the alias, as stream.c makes them. */
-        for (char *p = id; *p; p++)
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                            *p == '.' || *p == '_'))
-                        *p = '_';
         r = mirror_names(d->alias, path, &names);
         if (r < 0)
                 return sd_bus_error_set_errnof(

@@ -98,16 +98,11 @@ static int cut_start(Disk *d) {
         g->job_seq++;
         c->guest = g;
         c->alias = strdup(d->alias);
-        c->job_id = strdup_printf("bsd-%s-%" PRIu64, d->alias, g->job_seq);
+        c->job_id = job_id_new(d->alias, g->job_seq);
         if (!c->alias || !c->job_id) {
                 cut_call_free(c);
                 return -ENOMEM;
         }
-        /* A QEMU id whatever the alias, as stream.c makes them. */
-        for (char *p = c->job_id; *p; p++)
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '-' ||
-                            *p == '.' || *p == '_'))
-                        *p = '_';
         free(d->job.id);
         d->job.id = strdup(c->job_id);
         if (!d->job.id) {

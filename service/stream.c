@@ -87,17 +87,6 @@ static int require_running(Disk *d, sd_bus_error *error) {
 
 /* Start */
 
-/* "bsd-<alias>-<n>": recognisable as ours, unique per guest, and a valid QEMU id whatever the alias. */
-static char *job_id_new(const char *alias, uint64_t seq) {
-        char *id = strdup_printf("bsd-%s-%" PRIu64, alias, seq);
-
-        if (id)
-                for (char *p = id; *p; p++)
-                        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-                                    *p == '-' || *p == '.' || *p == '_'))
-                                *p = '_';
-        return id;
-}
 
 int check_bandwidth(uint64_t bw, sd_bus_error *error) {
         if (bw > INT64_MAX)

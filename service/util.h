@@ -85,6 +85,14 @@ static inline bool isempty(const char *s) {
 static inline const char *strempty(const char *s) {
         return s ?: "";
 }
+/* c as it may stand in a QEMU identifier we make of a name (job ids, node names): itself if one
+ * of [A-Za-z0-9._-], else '_'. */
+static inline char qemu_id_char(char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+                               c == '_'
+                       ? c
+                       : '_';
+}
 
 /* NULL-terminated string vectors. */
 char **strv_free(char **l);
