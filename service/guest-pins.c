@@ -20,6 +20,12 @@
 
 #define PIN_FDS_MAX 65536 /* a QEMU's open files we look through, at most */
 
+/* Whether g's QEMU is there to be looked at: running, connected (its pid from the socket), not
+ * being handed over. */
+static bool qemu_seen(Guest *g) {
+        return !g->offline && !g->handoff && g->qmp_pid > 0 && guest_qmp_ready(g);
+}
+
 /* The (device, inode) of the regular file that process pid has open under the name path. */
 static int open_file_id(pid_t pid, const char *path, struct stat *ret) {
         _cleanup_free_ char *dir_path = strdup_printf("/proc/%d/fd", (int) pid);
@@ -54,7 +60,7 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
         struct stat st;
         int r;
 
-        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g) || isempty(path))
+        if (!qemu_seen(g) || isempty(path))
                 return 0;
         r = open_file_id(g->qmp_pid, path, &st);
         if (r <= 0)
@@ -158,7 +164,7 @@ int guest_qemu_writes(Guest *g, int fd) {
         _cleanup_close_ int proc_fd = -1;
         struct stat want;
 
-        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+        if (!qemu_seen(g))
                 return 0;
         if (fstat(fd, &want) < 0)
                 return -errno;
@@ -234,7 +240,7 @@ int host_holds_open(int fd, pid_t *ret_pid) {
 }
 
 void guest_pin_disks(Guest *g) {
-        if (g->offline || g->handoff || g->qmp_pid <= 0 || !guest_qmp_ready(g))
+        if (!qemu_seen(g))
                 return;
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
