@@ -20,6 +20,10 @@
 /* And in all, whatever the number of guests: each map runs a pull helper, and a map of a guest
  * that is not running starts a storage helper (a whole QEMU) too. */
 #define MAPS_MAX 16
+/* And per calling user (root aside): a guest's owner who reads maps of a guest that serves them
+ * slowly, or not at all, holds at most this many of the MAPS_MAX places, and the others stay
+ * for everyone else. */
+#define MAPS_PER_CALLER_MAX 4
 
 /* GetAllocationMap during a full stream. Adding or removing an export attaches a BlockBackend to
  * the top node or detaches it, which drains the node, and QEMU 7.2's stream job, woken from its
@@ -224,16 +228,30 @@ static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
 
 int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
         Engine *m = d->guest->engine;
-        unsigned maps = 0, all = 0;
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        unsigned maps = 0, all = 0, mine = 0;
+        uid_t caller;
         RangeOp *op;
         int r;
 
+        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
+        if (r >= 0)
+                r = sd_bus_creds_get_euid(creds, &caller);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Cannot tell the caller's user: %m");
         for (RangeOp *i = m->range_ops; i; i = i->next)
                 if (i->map) {
                         all++;
                         if (i->guest == d->guest)
                                 maps++;
+                        if (i->map_caller == caller)
+                                mine++;
                 }
+        if (caller != 0 && mine >= MAPS_PER_CALLER_MAX)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "%u allocation maps of yours are being read already (at most %u at once per user); try "
+                        "again shortly.",
+                        mine, MAPS_PER_CALLER_MAX);
         if (maps >= MAPS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "%u allocation maps of guest '%s' are being read already; try again shortly.", maps,
@@ -250,6 +268,7 @@ int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_b
         r = range_op_new(d, &map_kind, msg, true, offset, length, &op);
         if (r < 0)
                 return r;
+        op->map_caller = caller;
         r = sd_event_add_time_relative(m->event, &op->deadline, CLOCK_MONOTONIC, m->config.map_timeout_usec, 0,
                 map_deadline, op);
         if (r < 0) {

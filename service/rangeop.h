@@ -62,6 +62,7 @@ struct RangeOp {
         Guest *guest;
         char *alias;
         bool map;
+        uid_t map_caller;   /* who asked for the map (its share of MAPS_MAX) */
         unsigned id;
         char *node;         /* copy-on-read filter (pull) */
         char *export_id;    /* also the export's name */

@@ -24,6 +24,7 @@ import json
 import os
 import pwd
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -956,6 +957,60 @@ print(json.dumps({"unique_name": conn.get_unique_name(), "uid": os.getuid()}), f
 time.sleep(req["linger"])
 os._exit(0)
 '''
+
+
+class MapShareTest(PolkitTestCase):
+    """Allocation maps are shared out per user as polkit's queries are: a guest's owner may read
+    the maps of their own guest, and maps of a guest whose QEMU serves them slowly, or not at all,
+    wait (each holds a helper and an export until MapTimeoutSec=). One user holds at most
+    MAPS_PER_CALLER of the daemon's MAPS_MAX places; beyond that their maps are refused at once,
+    and the places stay for the others."""
+
+    MAPS_PER_CALLER = 4     # map.c: MAPS_PER_CALLER_MAX
+
+    def answers(self, sessions, n, timeout):
+        """The first n answers among the sessions' calls (one call each), as (session, answer)."""
+        got, deadline = [], time.monotonic() + timeout
+        waiting = {s.proc.stdout: s for s in sessions}
+        while len(got) < n:
+            left = deadline - time.monotonic()
+            ready = select.select(list(waiting), [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                break
+            for f in ready:
+                s = waiting.pop(f)
+                got.append((s, s.receive(1)))
+        return got
+
+    def test_one_user_holds_a_share_of_the_maps(self):
+        g = self.owned_guest(OWNER)
+        other = self.owned_guest(None)
+        # The owner's QEMU answers nothing: the owner's maps wait in their setup.
+        os.kill(g.qemu.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: g.qemu.running() and os.kill(g.qemu.proc.pid, signal.SIGCONT))
+        sessions = []
+        for _ in range(self.MAPS_PER_CALLER + 2):
+            s = h.UserSession(OWNER, self.env.bus.address)
+            self.addCleanup(s.close)
+            sessions.append(s)
+        for s in sessions:
+            s.send(g.disk().path, h.IFACE_STREAM, 'GetAllocationMap', 'tt', '(0, 0)', timeout=120)
+        # While QEMU is stopped, an answer can only be a refusal.
+        refused = self.answers(sessions, 2, 30)
+        self.assertEqual([a['error'] for _, a in refused], [h.ERR_BUSY] * 2,
+                         "the owner's maps beyond their share: %r" % refused)
+        self.assertIn('at most %d at once per user' % self.MAPS_PER_CALLER, refused[0][1]['message'])
+        waiting = [s for s in sessions if s not in [x for x, _ in refused]]
+        self.assertEqual(self.answers(waiting, 1, 1), [], 'a map answered while its QEMU is stopped')
+        # Another user is served meanwhile.
+        self.assertOk(self.session(MEMBER).call(other.disk().path, h.IFACE_STREAM, 'GetAllocationMap', 'tt',
+                                                '(0, 0)'), 'a map as member while the owner holds their share')
+        # QEMU goes on: the owner's maps that were taken complete, and their places are free again.
+        os.kill(g.qemu.proc.pid, signal.SIGCONT)
+        done = self.answers(waiting, len(waiting), 60)
+        self.assertEqual([a['ok'] for _, a in done], [True] * self.MAPS_PER_CALLER, done)
+        self.assertOk(sessions[0].call(g.disk().path, h.IFACE_STREAM, 'GetAllocationMap', 'tt', '(0, 0)'),
+                      "the owner's map after the others ended")
 
 
 class VanishingCallerTest(PolkitTestCase):
