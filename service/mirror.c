@@ -42,17 +42,11 @@
  * was no faster on either row. */
 #define MIRROR_BUF_SIZE (8ULL << 20)
 
-/* Tests only (-Dtest_hooks=true): SIGSTOP right before a step, its record on disk, to be killed there. */
+/* Tests only: SIGSTOP right before a step, its record on disk, to be killed there. */
 static void test_stop_before(Disk *d, const char *step) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
-        const char *e = getenv("BLOCKSTREAM_TEST_MIRROR_STOP");
-
-        if (e && streq(e, step)) {
-                log_info("Guest %s disk %s: mirror stopped before step '%s' (test hook).", d->host->name(d->guest),
-                        d->alias, step);
-                (void) raise(SIGSTOP);
-        }
-#endif
+        (void) test_hook_stop("BLOCKSTREAM_TEST_MIRROR_STOP", step,
+                "Guest %s disk %s: mirror stopped before step '%s' (test hook).", d->host->name(d->guest), d->alias,
+                step);
 }
 
 /* The overlay's directory, opened beneath an image directory, and the overlay's leaf in it. */

@@ -373,17 +373,13 @@ static void server_started(Qmp *q, int error, const char *desc, void *userdata) 
 }
 
 static void start_test_hook(Peer *p) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
         static bool fired;
 
         /* Tests only: SIGSTOP once, with a storage helper's nbd-server-start on its way, for the test
          * to kill the helper there: the command then fails before the helper's exit is seen. */
-        if (!fired && peer_offline(p) && streq_ptr(getenv("BLOCKSTREAM_TEST_NBD_START"), "offline")) {
-                fired = true;
-                log_info("Guest %s: NBD server start sent to the storage helper (test hook).", p->name);
-                (void) raise(SIGSTOP);
-        }
-#endif
+        if (!fired && peer_offline(p))
+                fired = test_hook_stop("BLOCKSTREAM_TEST_NBD_START", "offline",
+                        "Guest %s: NBD server start sent to the storage helper (test hook).", p->name);
 }
 
 int peer_nbd_server_ensure(Peer *p) {
@@ -531,13 +527,9 @@ static int server_stop(Peer *p) {
 }
 
 static void stop_test_hook(Peer *p) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
         /* Tests only: SIGSTOP with the stop queued, not yet written, to be killed there. */
-        if (streq_ptr(getenv("BLOCKSTREAM_TEST_NBD_STOP"), "queued")) {
-                log_info("Guest %s: NBD server stop queued (test hook).", p->name);
-                (void) raise(SIGSTOP);
-        }
-#endif
+        (void) test_hook_stop("BLOCKSTREAM_TEST_NBD_STOP", "queued", "Guest %s: NBD server stop queued (test hook).",
+                p->name);
 }
 
 void peer_nbd_server_release_if_unused(Peer *p) {

@@ -420,14 +420,11 @@ void range_op_setup_done(RangeOp *op) {
                 range_op_end(op, STREAM_FAILED, op->setup_error);
                 return;
         }
-#ifdef BLOCKSTREAM_TEST_HOOKS
         /* Tests only: SIGSTOP once a map's export is there, before its helper reads it. */
-        if (op->map && streq_ptr(getenv("BLOCKSTREAM_TEST_MAP_STOP"), "export")) {
-                log_info("Guest %s disk %s: map stopped with its export %s added (test hook).", op->guest->name,
+        if (op->map)
+                (void) test_hook_stop("BLOCKSTREAM_TEST_MAP_STOP", "export",
+                        "Guest %s disk %s: map stopped with its export %s added (test hook).", op->guest->name,
                         op->alias, op->export_id);
-                (void) raise(SIGSTOP);
-        }
-#endif
         r = spawn_helper(op);
         if (r < 0) {
                 _cleanup_free_ char *why = strdup_printf("cannot start the pull helper: %s", strerror(-r));

@@ -175,23 +175,15 @@ static void start_saved(void *userdata) {
         call_reply(userdata, 0, NULL, NULL);
 }
 
-/* Tests only: SIGSTOP with QEMU's job begun and not yet recorded, to be killed there. */
-static void started_test_hook(void) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
-        if (streq_ptr(getenv("BLOCKSTREAM_TEST_STREAM_STOP"), "started")) {
-                log_info("Stream job begun in QEMU, not yet recorded (test hook).");
-                (void) raise(SIGSTOP);
-        }
-#endif
-}
-
 static void start_reply(Qmp *q, int error, const char *desc, void *userdata) {
         CallCtx *c = userdata, *saved;
         Disk *d = guest_find_disk(c->guest, c->alias);
         int r;
 
+        /* Tests only: SIGSTOP with QEMU's job begun and not yet recorded, to be killed there. */
         if (error >= 0)
-                started_test_hook();
+                (void) test_hook_stop("BLOCKSTREAM_TEST_STREAM_STOP", "started",
+                        "Stream job begun in QEMU, not yet recorded (test hook).");
         if (!d) {
                 c->replied = true;
                 (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NO_SUCH_DISK, "Disk '%s' went away while starting.",

@@ -5,6 +5,7 @@
  * cleanup attributes, logging in systemd's style, name and size parsing. */
 
 #include <errno.h>
+#include <signal.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -131,6 +132,17 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
 #define log_warning_errno(e, ...) log_internal(LOG_LEVEL_WARNING, (e), __VA_ARGS__)
 #define log_error_errno(e, ...) log_internal(LOG_LEVEL_ERR, (e), __VA_ARGS__)
 #define log_oom() log_internal(LOG_LEVEL_ERR, ENOMEM, "Out of memory.")
+
+/* Tests only (a daemon built with -Dtest_hooks=true): when the environment variable var is value,
+ * say so in the log and stop (SIGSTOP) right here, for a test to kill the daemon at this step.
+ * True if it stopped (and was continued since). In other builds it is false, compiled out. */
+#ifdef BLOCKSTREAM_TEST_HOOKS
+#define TEST_HOOKS 1
+#else
+#define TEST_HOOKS 0
+#endif
+#define test_hook_stop(var, value, ...) \
+        (TEST_HOOKS && streq_ptr(getenv(var), (value)) && (log_info(__VA_ARGS__), (void) raise(SIGSTOP), true))
 
 /* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md), but neither "." nor "..": it is a path
  * component. */
