@@ -103,6 +103,12 @@ int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_s
                 fds[sb.n_fds++] = theirs;
         }
         sb.fds = fds;
+        /* Every helper is PID 1 of a PID namespace of its own. The helpers of a guest share its uid,
+         * and one taken over would otherwise see, signal and (through /proc/PID/mem) write into the
+         * others, or stop the next one before its exec, with sandbox_spawn() waiting for that; and
+         * what it forks would outlive it, holding its sockets, until the uid went to another guest.
+         * Now it sees no other process, and what it leaves dies with it. */
+        sb.own_pids = true;
         if (spec->log_prefix) {
                 int pipefd[2];
                 if (pipe2(pipefd, O_CLOEXEC) < 0)

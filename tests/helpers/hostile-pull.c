@@ -13,10 +13,16 @@
  *               NBD server (QEMU) dies, held in the window before its exit, so that the
  *               daemon has read them by the time Start returns (bench/kill-loop's race, made
  *               deterministic)
+ *   --map ... --offset=4096
+ *               forks a process that outlives it, then fails as --map does. What it forked stops
+ *               (SIGSTOP) every process it may signal, ten times a second for 30 s: the guest's
+ *               next helpers, which run as the same uid, the next one before its exec
  */
 
+#include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CONTROL_FD 4
@@ -41,6 +47,16 @@ int main(int argc, char **argv) {
                         while (recv(CONTROL_FD, buf, sizeof(buf), 0) > 0)
                                 ;
                         return 1;
+                }
+
+        for (int i = 1; i < argc && map; i++)
+                if (strcmp(argv[i], "--offset=4096") == 0 && fork() == 0) {
+                        const struct timespec tenth = { .tv_nsec = 100000000 };
+                        for (int k = 0; k < 300; k++) {
+                                (void) kill(-1, SIGSTOP);
+                                (void) nanosleep(&tenth, NULL);
+                        }
+                        _exit(0);
                 }
 
         if (!map)

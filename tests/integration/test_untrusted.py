@@ -111,6 +111,34 @@ class HostileHelperTest(h.TestCase):
         objs = self.client.managed_objects()
         self.assertIn(g.disk().path, objs)
 
+    def survivors(self):
+        """Processes running the hostile helper's binary."""
+        binary = os.path.join(self.env.dir, 'helpers-blockstream-pull', 'blockstream-pull')
+        out = []
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                if os.readlink('/proc/%s/exe' % pid) == binary:
+                    out.append(int(pid))
+            except OSError:
+                pass
+        return out
+
+    def test_what_a_helper_forks_dies_with_it(self):
+        """A helper taken over forks a process that outlives it (it fails the map at once). That
+        process would keep the helper's sockets, and reach the guest's next helpers, which run as
+        the same uid: it stops every process it may signal, and the daemon's next helper, stopped
+        before its exec, held the daemon in its wait for that exec (every guest, every call)."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        self.assertDBusError(ERR_HELPER_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'GetAllocationMap', 'tt',
+                             T(4096), T(4096), timeout=30)
+        h.wait_until(lambda: self.survivors() == [], 10, 'what the helper forked to end with it')
+        # The guest's next helper runs, and the daemon answers.
+        e = self.assertDBusError(ERR_HELPER_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'GetAllocationMap',
+                                 'tt', T(0), T(MiB), timeout=30)
+        self.assertIn('red', e.message)
+        self.assertEqual(self.client.get(g.path, h.IFACE_GUEST, 'Name'), g.name)
+
 
 class ChattyRelayTest(h.TestCase):
     """blockstream-nbd-relay replaced by tests/helpers/chatty-relay.c: "ready", then 500 error
