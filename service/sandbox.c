@@ -16,9 +16,13 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include "sandbox.h"
 #include "util.h"
+
+/* How long sandbox_spawn() waits for the child's exec: it takes milliseconds. */
+#define SANDBOX_SPAWN_TIMEOUT_USEC (10 * USEC_PER_SEC)
 
 /* The child reports a failed step to the parent through a CLOEXEC pipe: exec closes it
  * (success), anything written is the step and errno. */
@@ -656,6 +660,24 @@ int sandbox_spawn(const SandboxSpec *s, pid_t *ret_pid) {
 
         closep(&wfd);
         wfd = -1;
+        /* Until its exec (or failure). Bounded: a child that never gets there (stopped, or stuck in
+         * a mount) must not hold the daemon's only thread; it is killed instead. */
+        for (usec_t until = now_usec(CLOCK_MONOTONIC) + SANDBOX_SPAWN_TIMEOUT_USEC;;) {
+                usec_t now = now_usec(CLOCK_MONOTONIC);
+                struct pollfd p = { .fd = rfd, .events = POLLIN };
+                int ready;
+
+                ready = now < until ? poll(&p, 1, (int) ((until - now + 999) / 1000)) : 0;
+                if (ready < 0 && errno == EINTR)
+                        continue;
+                if (ready <= 0) {
+                        ready = ready < 0 ? -errno : -ETIMEDOUT;
+                        (void) kill(pid, SIGKILL);
+                        (void) waitpid(pid, NULL, 0);
+                        return log_error_errno(ready, "Sandbox for %s: the child did not reach its exec: %m", s->name);
+                }
+                break;
+        }
         do
                 n = read(rfd, &f, sizeof(f));
         while (n < 0 && errno == EINTR);
