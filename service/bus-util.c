@@ -108,13 +108,45 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
         return sd_bus_message_exit_container(m);
 }
 
+int user_groups(uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
+        _cleanup_free_ gid_t *gids = NULL;
+        struct passwd pw, *pwr = NULL;
+        char buf[16384];
+        size_t cap = 64;
+        int r, n;
+
+        if (max > INT_MAX)
+                max = INT_MAX;
+        r = getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr);
+        if (r != 0 || !pwr)
+                return -ESRCH; /* no account: no groups we could vouch for */
+        for (;;) {
+                gid_t *g;
+
+                cap = MIN(cap, max);
+                n = (int) cap;
+                g = reallocarray(gids, cap ?: 1, sizeof(gid_t));
+                if (!g)
+                        return -ENOMEM;
+                gids = g;
+                if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) >= 0)
+                        break;
+                if ((size_t) n <= cap || cap >= max)
+                        return -E2BIG;
+                cap = (size_t) n;
+        }
+        log_debug(
+                "User %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
+        *ret_gid = pw.pw_gid;
+        *ret_n = (size_t) n;
+        *ret_gids = TAKE_PTR(gids);
+        return 0;
+}
+
 int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_free_ gid_t *gids = NULL;
         const gid_t *l = NULL;
-        struct passwd pw, *pwr = NULL;
-        char buf[16384];
-        size_t cap = 64;
         uid_t euid;
         gid_t gid;
         int r, n;
@@ -138,28 +170,5 @@ int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid
                 return 0;
         }
 
-        r = getpwuid_r(uid, &pw, buf, sizeof(buf), &pwr);
-        if (r != 0 || !pwr)
-                return -ESRCH; /* no account: no groups we could vouch for */
-        for (;;) {
-                gid_t *g;
-
-                cap = MIN(cap, max);
-                n = (int) cap;
-                g = reallocarray(gids, cap ?: 1, sizeof(gid_t));
-                if (!g)
-                        return -ENOMEM;
-                gids = g;
-                if (getgrouplist(pw.pw_name, pw.pw_gid, gids, &n) >= 0)
-                        break;
-                if ((size_t) n <= cap || cap >= max)
-                        return -E2BIG;
-                cap = (size_t) n;
-        }
-        log_debug(
-                "Caller uid %u: gid %u and %d groups from the user database.", (unsigned) uid, (unsigned) pw.pw_gid, n);
-        *ret_gid = pw.pw_gid;
-        *ret_n = (size_t) n;
-        *ret_gids = TAKE_PTR(gids);
-        return 0;
+        return user_groups(uid, max, ret_gid, ret_gids, ret_n);
 }

@@ -23,3 +23,5 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
  * where it tells them (for that very uid, at most max groups), else from the user database, as
  * polkit's isInGroup() reads them. -ESRCH: no account for uid; -E2BIG: more than max groups. */
 int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n);
+/* The same from the user database alone. */
+int user_groups(uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n);

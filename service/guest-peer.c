@@ -791,6 +791,7 @@ static int guest_storage_sandbox(void *userdata, StorageSandbox *ret) {
                 .process_label = g->storage_process_label,
                 .image_label = g->storage_image_label,
                 .runtime_dir = g->runtime_dir,
+                .owner = g->owner,
         };
         return 0;
 }

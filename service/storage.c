@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -9,6 +10,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
+#include "bus-util.h"
 #include "helper.h"
 #include "image.h"
 #include "qemu.h"
@@ -415,6 +417,69 @@ static char *node_name(const StorageDisk *d, size_t k, bool file) {
         return strdup_printf(file ? "bsf-%s-%zu" : "bs-%s-%zu", d->alias, k);
 }
 
+#define OWNER_GROUPS_MAX 1024
+#define GID_NOGROUP ((gid_t) 65534)
+
+/* Whether the guest's owner could read the images below the top of the chain themselves. The owner
+ * may write the top image's header, and with it name as its backing any file beneath an image
+ * directory, which we open as root and hand to QEMU: a stream or a map would then copy into their
+ * image, or show them, a file they may not read. A child takes the owner's uid, gid and groups (an
+ * owner without an account: no group but nogroup), and with them loses every capability; it opens
+ * each path beneath its image directory as we did, and checks that it reached the very file we
+ * opened. 0, or -EACCES with *ret_error naming the image, or -errno. As the chain's own opens, it
+ * runs on the loop: it reads no more than they did. */
+static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
+        _cleanup_free_ gid_t *gids = NULL;
+        size_t n_gids = 0;
+        gid_t gid;
+        pid_t pid;
+        int r, status;
+
+        if (owner == 0 || chain->n < 2)
+                return 0;
+        r = user_groups(owner, OWNER_GROUPS_MAX, &gid, &gids, &n_gids);
+        if (r == -ESRCH) {
+                gid = GID_NOGROUP;
+                n_gids = 0;
+        } else if (r < 0)
+                return r;
+
+        pid = fork();
+        if (pid < 0)
+                return -errno;
+        if (pid == 0) {
+                if (setgroups(n_gids, gids) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(owner, owner, owner) < 0 ||
+                        geteuid() != owner || getegid() != gid)
+                        _exit(1);
+                for (size_t i = 1; i < chain->n && i < 200; i++) {
+                        struct stat want, st;
+                        int fd = -1;
+
+                        if (fstat(chain->images[i].fd, &want) < 0)
+                                _exit(1);
+                        if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
+                                st.st_dev != want.st_dev || st.st_ino != want.st_ino)
+                                _exit(10 + (int) i);
+                        (void) close(fd);
+                }
+                _exit(chain->n <= 200 ? 0 : 1);
+        }
+        while (waitpid(pid, &status, 0) < 0)
+                if (errno != EINTR)
+                        return -errno;
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+                return 0;
+        if (!WIFEXITED(status) || WEXITSTATUS(status) < 10) {
+                *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its images",
+                        owner);
+                return -EIO;
+        }
+        *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read %s themselves, so it is not read "
+                                   "for them",
+                owner, chain->images[WEXITSTATUS(status) - 10].path);
+        return -EACCES;
+}
+
 static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const StorageDisk *d, char **forbidden,
         char **claimed, char **ret_error) {
         StorageHelper *h = *host->helper;
@@ -427,6 +492,9 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
                 return -ENOMEM;
         r = image_chain_open_claimed(
                 host->config->image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
+        if (r < 0)
+                return r;
+        r = owner_may_read(host->config->image_dirs, sb->owner, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {

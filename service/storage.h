@@ -31,6 +31,8 @@ typedef struct StorageSandbox {
         const char *process_label;
         const char *image_label;
         const char *runtime_dir;
+        /* The guest's owner: the images below the top must be theirs to read (0: root, anything). */
+        uid_t owner;
 } StorageSandbox;
 
 /* One disk to attach: its alias, image path and format as registered. */

@@ -556,6 +556,43 @@ class OfflineTest(h.TestCase):
         # And the same image twice in one guest.
         self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
 
+    def test_backing_its_owner_may_not_read_is_not_read(self):
+        """The storage helper gets an offline guest's images from us, opened as root. The guest's
+        owner may write the header of their top image, and with it name as its backing any file
+        beneath an image directory: a file they may not read must not reach their image."""
+        owner = h.ensure_test_users()[h.OWNER]
+        chains = self.make_chains(('vda',), 16 * MiB)
+        c = chains['vda']
+        os.chown(c.top, owner, owner)
+        name = self.unique_name()
+        path = self.register(name, '', o.offline_options({'vda': c.top}, owner=h.U(owner)))
+        self.addCleanup(self.unregister_quietly, name)
+        g = h.Guest(self, name, None, chains, path)
+        # Root's file, beside the owner's image; then the owner names it as their backing.
+        secret = os.path.join(os.path.dirname(c.top), 'secret.raw')
+        with open(secret, 'wb') as f:
+            f.write(b'root only' * (MiB // 9))
+            f.truncate(16 * MiB)
+        os.chmod(secret, 0o600)
+        h.qemu_img('rebase', '-u', '-b', secret, '-F', 'raw', c.top)
+        d = g.disk()
+        since = time.monotonic()
+        _, e = d.try_call('Start', 'tta{sv}', T(0), T(0), h.no_opts())
+        if e is None:
+            res, _, err = d.wait_finished(60, since)
+            self.assertEqual(res, 'failed', 'a stream copied a file its owner may not read into their image')
+        else:
+            err = e.message
+        self.assertIn(secret, err)
+        self.assertIn('may not read', err)
+        self.assertEqual(h.image_backing(c.top), secret)
+        # A backing they may read is read.
+        os.chmod(secret, 0o644)
+        since = time.monotonic()
+        self.assertIsNone(d.start(0, 0, h.no_opts()))
+        self.assertEqual(d.wait_finished(60, since)[0], 'completed')
+        self.assertIsNone(h.image_backing(c.top))
+
 
 class OneGuestRangeBase(h.TestCase):
     """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
