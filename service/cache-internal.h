@@ -117,3 +117,17 @@ int caches_save(Engine *e);
 int cache_identity_allocate(Cache *c);
 int cache_identity_to_json(Cache *c, json_object *k);
 int cache_identity_restore(Cache *c, json_object *k);
+
+/* cache-blockdev.c: blockdev-add arguments. A node of driver over file. */
+json_object *cache_blockdev_node(const char *driver, const char *node, const char *file);
+/* The template (unless the image is warmed: it stands alone): its protocol node at url, read-only
+ * (NULL on OOM, or for a URL this cannot give QEMU), then its format node on that, read-only, with
+ * no backing of its own; then the cache image's qcow2 node "cache" over its file node "cf", with
+ * the template's node as its backing. */
+#define CACHE_TEMPLATE_FILE_NODE "tf"
+#define CACHE_TEMPLATE_NODE "tpl"
+json_object *cache_template_file_blockdev(const char *url);
+json_object *cache_template_blockdev(const char *format);
+json_object *cache_image_blockdev(bool warmed);
+/* Whether cache_template_file_blockdev() can give QEMU the template at url. */
+bool cache_template_url_ok(const char *url);

@@ -217,7 +217,7 @@ static bool url_ok(const char *s) {
         for (const char *p = s; *p; p++)
                 if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f)
                         return false;
-        return true;
+        return cache_template_url_ok(s);
 }
 
 static int cache_new(Engine *e, unsigned id, const char *url, const char *format, uint64_t size, Cache **ret) {
@@ -325,50 +325,9 @@ static int call_raw(Cache *c, const char *command, json_object *args) {
         return r;
 }
 
-static json_object *blockdev(const char *driver, const char *node, const char *file) {
-        json_object *o = json_object_new_object();
-
-        if (!o)
-                return NULL;
-        if (json_object_object_add(o, "driver", json_object_new_string(driver)) < 0 ||
-                json_object_object_add(o, "node-name", json_object_new_string(node)) < 0 ||
-                json_object_object_add(o, "file", json_object_new_string(file)) < 0) {
-                json_object_put(o);
-                return NULL;
-        }
-        return o;
-}
-
-/* The image's node. Without a "backing" key QEMU opens the header's: the template URL with its
- * format (or nothing, once warmed). Over HTTP the backing is given, to turn off the curl driver's
- * readahead: each copy-on-read fetches what it copies, and nothing is fetched twice. */
-static json_object *cache_blockdev(Cache *c) {
-        _cleanup_(json_object_putp) json_object *o = blockdev("qcow2", "cache", "cf");
-        json_object *backing, *file;
-        bool https = strncmp(c->url, "https://", 8) == 0;
-
-        if (!o || c->warmed || (!https && strncmp(c->url, "http://", 7) != 0))
-                return TAKE_PTR(o);
-        backing = json_object_new_object();
-        if (!backing || json_object_object_add(o, "backing", backing) < 0) {
-                json_object_put(backing);
-                return NULL;
-        }
-        file = json_object_new_object();
-        if (!file || json_object_object_add(backing, "file", file) < 0) {
-                json_object_put(file);
-                return NULL;
-        }
-        if (json_object_object_add(backing, "driver", json_object_new_string(c->format)) < 0 ||
-                json_object_object_add(file, "driver", json_object_new_string(https ? "https" : "http")) < 0 ||
-                json_object_object_add(file, "url", json_object_new_string(c->url)) < 0 ||
-                json_object_object_add(file, "readahead", json_object_new_int(0)) < 0)
-                return NULL;
-        return TAKE_PTR(o);
-}
-
-/* QMP is up: the image (fd) with its backing from its header (the remote template: opened by QEMU
- * here, in the sandbox), a copy-on-read filter on it, and that served read-only on our socket. */
+/* QMP is up: the image (fd) with the remote template as its backing (opened by QEMU here, in the
+ * sandbox: cache_image_blockdev()), a copy-on-read filter on it, and that served read-only on our
+ * socket. */
 static int cache_setup(Cache *c) {
         int fd, r;
 
@@ -383,10 +342,18 @@ static int cache_setup(Cache *c) {
         if (r < 0)
                 return r;
         c->pending++;
-        r = call_raw(c, "blockdev-add", cache_blockdev(c));
+        if (!c->warmed) {
+                r = call_raw(c, "blockdev-add", cache_template_file_blockdev(c->url));
+                if (r < 0)
+                        return r;
+                r = call_raw(c, "blockdev-add", cache_template_blockdev(c->format));
+                if (r < 0)
+                        return r;
+        }
+        r = call_raw(c, "blockdev-add", cache_image_blockdev(c->warmed));
         if (r < 0)
                 return r;
-        r = call_raw(c, "blockdev-add", blockdev("copy-on-read", "cor", "cache"));
+        r = call_raw(c, "blockdev-add", cache_blockdev_node("copy-on-read", "cor", "cache"));
         if (r < 0)
                 return r;
         fd = fcntl(c->listen_fd, F_DUPFD_CLOEXEC, 3);
@@ -629,7 +596,8 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
 
         if (!url_ok(url))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                        "Option 'cache' is for remote templates (nbd://, http://, https://) only.");
+                        "Option 'cache' is for remote templates only: nbd://HOST[:PORT][/EXPORT] (no query), "
+                        "http:// or https://.");
         if (size == 0 || size > (UINT64_C(1) << 60))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "A template of %" PRIu64 " bytes cannot be cached (at most 1 EiB).", size);

@@ -144,9 +144,14 @@ class CacheTest(h.TestCase):
             cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
             cls.remote2 = Remote(env.dir, 'tpl2', free_tcp_port(), SIZE)
             cls.http = HttpRemote(Remote(env.dir, 'http', 0, SIZE).file)
+            # A qcow2 template whose header names a backing of its own, on a server no prefix allows.
+            cls.secret = Remote(env.dir, 'secret', free_tcp_port(), SIZE)
+            cls.layered = Remote(env.dir, 'layered', free_tcp_port(), SIZE)
+            h.qemu_img('create', '-q', '-u', '-f', 'qcow2', '-b', cls.secret.url + '/', '-F', 'raw', cls.layered.file,
+                       str(SIZE))
             h.ensure_user(QEMU_USER)
-            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/\nQEMUUsers=%s\n' % (
-                cls.remote.url, cls.remote2.url, cls.http.url, QEMU_USER))
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/ %s/ %s/ %s/\nQEMUUsers=%s\n' % (
+                cls.remote.url, cls.remote2.url, cls.http.url, cls.layered.url, QEMU_USER))
             env.daemon.start()
 
     def serve(self, remote):
@@ -466,6 +471,21 @@ class CacheTest(h.TestCase):
         self.assertEqual(len(aside), 1, os.listdir(self.env.daemon.state_dir))
         with open(os.path.join(self.env.daemon.state_dir, aside[0])) as f:
             self.assertEqual(f.read(), '{"caches": [')
+
+    def test_9_a_templates_own_backing_is_never_opened(self):
+        """A qcow2 template's header, the remote server's answer, may name a backing of its own: any
+        protocol, address or file the cache's QEMU reaches, past TemplateURLPrefixes=, and what it
+        read would be served to every guest of the cache. It is never opened: the cache holds the
+        template as it is (here: no data), and the server it names is never read."""
+        self.serve(self.secret)
+        self.serve(self.layered)
+        a = os.path.join(self.env.images, 'layered.qcow2')
+        self.assertEqual(h.unwrap(self.provision(self.layered.url + '/', a, template_format='qcow2')), SIZE)
+        zeros = os.path.join(self.env.dir, 'zeros.raw')
+        with open(zeros, 'wb') as f:
+            f.truncate(SIZE)
+        self.read_all(a, zeros)
+        self.assertEqual(self.secret.bytes_read(), 0, "the template's own backing was read")
 
 
 class CacheIdentityTest(h.TestCase):
