@@ -184,6 +184,14 @@ static bool map_done(RangeOp *op) {
         Guest *g = op->guest;
         int r;
 
+        /* The helper is untrusted: its map covers the range, or stops at the most extents a reply
+         * holds (the caller goes on from the last). */
+        if (op->n_extents < RANGE_EXTENTS_MAX &&
+                (op->n_extents == 0 || op->extents[op->n_extents - 1].offset + op->extents[op->n_extents - 1].length !=
+                                               op->offset + op->length)) {
+                range_op_end(op, STREAM_FAILED, "the pull helper's map does not cover the range");
+                return true;
+        }
         if (!guest_qmp_ready(g))
                 return false; /* QEMU went away: its end says so */
         r = qemu_query_block_export_nodes(g->peer.qmp, map_checked, range_op_ref(op), range_op_unref_void);

@@ -262,7 +262,7 @@ static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata
         op->child = sd_event_source_disable_unref(op->child);
         if (op->ending)
                 return 0;
-        if (op->got_done) {
+        if (op->got_done && si->si_code == CLD_EXITED && si->si_status == 0) {
                 if (!op->kind->done || !op->kind->done(op))
                         range_op_end(op, STREAM_COMPLETED, NULL);
         }

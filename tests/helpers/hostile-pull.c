@@ -17,6 +17,11 @@
  *               forks a process that outlives it, then fails as --map does. What it forked stops
  *               (SIGSTOP) every process it may signal, ten times a second for 30 s: the guest's
  *               next helpers, which run as the same uid, the next one before its exec
+ *   --map ... --offset=8192 --length=65536
+ *               the first 4096 bytes of the range as one extent, then "done", then exit 0: a map
+ *               that stops short, called complete
+ *   --map ... --offset=8192 --length=4096
+ *               the whole range as one extent, then "done", then exit 3
  */
 
 #include <signal.h>
@@ -57,6 +62,18 @@ int main(int argc, char **argv) {
                                 (void) nanosleep(&tenth, NULL);
                         }
                         _exit(0);
+                }
+
+        for (int i = 1; i < argc && map; i++)
+                if (strcmp(argv[i], "--offset=8192") == 0) {
+                        static const char extent[] = "extent 8192 4096 1 local\n";
+                        int whole = 0;
+
+                        for (int k = 1; k < argc; k++)
+                                whole |= strcmp(argv[k], "--length=4096") == 0;
+                        say(extent, sizeof(extent) - 1);
+                        say("done\n", 5);
+                        return whole ? 3 : 0;
                 }
 
         if (!map)

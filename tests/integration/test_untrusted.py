@@ -111,6 +111,19 @@ class HostileHelperTest(h.TestCase):
         objs = self.client.managed_objects()
         self.assertIn(g.disk().path, objs)
 
+    def test_a_map_is_what_the_helper_read(self):
+        """A map the helper calls done must cover the range (or stop at the most extents a reply
+        holds), and the helper must then exit 0: neither a map cut short nor one from a helper that
+        failed is anyone's answer."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        e = self.assertDBusError(ERR_HELPER_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'GetAllocationMap', 'tt',
+                                 T(8192), T(65536), timeout=30)
+        self.assertIn('does not cover', e.message)
+        e = self.assertDBusError(ERR_HELPER_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'GetAllocationMap', 'tt',
+                                 T(8192), T(4096), timeout=30)
+        self.assertIn('status 3', e.message)
+
     def survivors(self):
         """Processes running the hostile helper's binary."""
         binary = os.path.join(self.env.dir, 'helpers-blockstream-pull', 'blockstream-pull')
