@@ -338,6 +338,8 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 if (op->ready)
                         return 1;
                 op->ready = true;
+                if (!op->map)
+                        op->deadline = sd_event_source_disable_unref(op->deadline);
                 if (op->kind->ready)
                         return op->kind->ready(op, d);
         } else if (msg.kind == CONTROL_PULL_PROGRESS && op->kind->progress && op->ready) {
@@ -354,6 +356,26 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         } else
                 range_op_end(op, STREAM_FAILED, "the pull helper sent an unknown message");
         return 1;
+}
+
+/* A range's helper that has not said "ready" (connected, through QEMU's NBD handshake) by then is
+ * killed and the range fails: otherwise the disk would stay "starting", Start Busy and Cancel
+ * with nothing to cancel, for as long as a QEMU that stalls its handshake wants. A map has its
+ * own deadline for the whole (MapTimeoutSec=). */
+#define PULL_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
+
+static int ready_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        RangeOp *op = userdata;
+
+        op->deadline = sd_event_source_disable_unref(op->deadline);
+        if (op->ending || op->ready)
+                return 0;
+        log_warning("Guest %s disk %s: the pull helper did not get through QEMU's NBD handshake within %" PRIu64
+                    " s; stopping it.",
+                op->guest->name, op->alias, PULL_READY_TIMEOUT_USEC / USEC_PER_SEC);
+        (void) helper_kill(op->child); /* its end comes through helper_exited() */
+        range_op_end(op, STREAM_FAILED, "the pull helper did not get through QEMU's NBD handshake within 10 s");
+        return 0;
 }
 
 static int spawn_helper(RangeOp *op) {
@@ -398,6 +420,12 @@ static int spawn_helper(RangeOp *op) {
                 &op->child, &op->control_fd, &op->log);
         if (r < 0)
                 return r;
+        if (!op->map) {
+                r = sd_event_add_time_relative(m->event, &op->deadline, CLOCK_MONOTONIC, PULL_READY_TIMEOUT_USEC, 0,
+                        ready_deadline, op);
+                if (r < 0)
+                        return r;
+        }
         return sd_event_add_io(m->event, &op->control_source, op->control_fd, EPOLLIN, control_handler, op);
 }
 

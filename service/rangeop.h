@@ -94,7 +94,7 @@ struct RangeOp {
         StreamState outcome;
         char *error;
         sd_event_source *cleanup_timer;
-        sd_event_source *deadline; /* a map: MapTimeoutSec= */
+        sd_event_source *deadline; /* a map: MapTimeoutSec=; a range: until its helper is ready */
 
         PeerListener listener; /* on the guest's peer, while listed */
 };

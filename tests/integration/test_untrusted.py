@@ -31,6 +31,8 @@ CHATTY_RELAY = os.environ.get('CHATTY_RELAY') or os.path.join(h.SOURCE_ROOT, 'bu
                                                               'chatty-relay')
 GREEDY_RELAY = os.environ.get('GREEDY_RELAY') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
                                                               'greedy-relay')
+SILENT_HELPER = os.environ.get('SILENT_HELPER') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
+                                                                'silent-helper')
 ERR_HELPER_FAILED = h.ERR_HELPER_FAILED
 
 
@@ -151,6 +153,32 @@ class HostileHelperTest(h.TestCase):
                                  'tt', T(0), T(MiB), timeout=30)
         self.assertIn('red', e.message)
         self.assertEqual(self.client.get(g.path, h.IFACE_GUEST, 'Name'), g.name)
+
+
+class SilentPullTest(h.TestCase):
+    """blockstream-pull replaced by tests/helpers/silent-helper.c, which never says "ready": a
+    helper stuck in QEMU's NBD handshake (a QEMU that stalls it), or taken over."""
+
+    env_per_test = True
+    needs_daemon = False
+
+    def setUp(self):
+        super().setUp()
+        self.start_daemon_with_helper(SILENT_HELPER, 'blockstream-pull')
+
+    def test_a_helper_that_never_gets_ready(self):
+        """Start fails within the helper's 10 s to get ready, the helper is gone, and the disk takes
+        the next Start: it stayed "starting" for good before (Start unanswered, then Busy; Cancel
+        with nothing to cancel)."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        for _ in range(2):
+            e = self.assertDBusError(ERR_HELPER_FAILED, d.call, 'Start', 'tta{sv}', T(0), T(MiB), h.no_opts())
+            self.assertIn('did not get through', e.message)
+            self.assertEqual(d.prop('State'), 'idle', 'a Start that failed left the disk in another state')
+            h.wait_until(lambda: [p for p, argv in o.daemon_children(self.env)
+                                  if argv and os.path.basename(argv[0]) == 'blockstream-pull'] == [], 10,
+                         'the helper to be killed')
 
 
 class ChattyRelayTest(h.TestCase):
