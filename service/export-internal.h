@@ -64,6 +64,8 @@ struct Export {
         sd_event_source *restart_source;
         char *error; /* why it failed, for the Error property; NULL while it did not */
         uint32_t clients;
+        usec_t clients_emitted;          /* when Clients was last announced */
+        sd_event_source *clients_timer;  /* armed: a newer count waits for its turn */
         LogLimit relay_errors;          /* the relay's "error" messages in our log */
         LogLimit upstreams_refused;     /* and our warnings when it asks for too many connections */
 

@@ -55,6 +55,33 @@ static void export_emit(Export *e, const char *property) {
                 (void) sd_bus_emit_properties_changed(e->engine->bus, e->object_path, EXPORT_INTERFACE, property, NULL);
 }
 
+/* Clients goes out at most this often: a relay (taken over by a network client) that sends one
+ * count after another would otherwise make the daemon flood the system bus with signals. The
+ * latest count goes out when its turn comes. */
+#define CLIENTS_EMIT_INTERVAL_USEC (USEC_PER_SEC / 4)
+
+static int clients_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) {
+        Export *e = userdata;
+
+        e->clients_timer = sd_event_source_disable_unref(e->clients_timer);
+        e->clients_emitted = now_usec(CLOCK_MONOTONIC);
+        export_emit(e, "Clients");
+        return 0;
+}
+
+static void export_emit_clients(Export *e) {
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (e->clients_timer)
+                return; /* the timer takes the latest */
+        if (now - e->clients_emitted >= CLIENTS_EMIT_INTERVAL_USEC || e->clients_emitted == 0 ||
+                sd_event_add_time(e->engine->event, &e->clients_timer, CLOCK_MONOTONIC,
+                        e->clients_emitted + CLIENTS_EMIT_INTERVAL_USEC, 0, clients_timer_handler, e) < 0) {
+                e->clients_emitted = now;
+                export_emit(e, "Clients");
+        }
+}
+
 static void export_unlink(Export *e) {
         peer_unlisten(&e->guest->peer, &e->listener);
         for (Export **p = &e->engine->exports; *p; p = &(*p)->next)
@@ -80,6 +107,7 @@ static Export *export_free(Export *e) {
         sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->rebind_source);
         sd_event_source_disable_unref(e->ready_timer);
+        sd_event_source_disable_unref(e->clients_timer);
         sd_event_source_disable_unref(e->restart_source);
         helper_release(e->relay_child); /* killed and reaped if still running */
         helper_log_free(e->log);
@@ -272,7 +300,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 }
                 if (e->clients != (uint32_t) msg.number) {
                         e->clients = (uint32_t) msg.number;
-                        export_emit(e, "Clients");
+                        export_emit_clients(e);
                 }
         } else if (msg.kind == CONTROL_RELAY_ERROR) {
                 char text[TEXT_SANITIZE_MAX + 1];

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can, and
- * writes line after line to its stderr (tests/integration/test_untrusted.py puts it in a
+/* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can, then
+ * "clients 2" and "clients 3" in turn as fast as it can, and writes line after line to its stderr (tests/integration/test_untrusted.py puts it in a
  * HelperDirectory= of its own): the daemon's log must not become its megaphone. */
 
 #include <stdio.h>
@@ -11,6 +11,7 @@
 #define CONTROL_FD 4
 #define N_ERRORS 500
 #define N_LINES 2000
+#define N_COUNTS 500
 
 int main(void) {
         char buf[64];
@@ -23,6 +24,9 @@ int main(void) {
                 if (send(CONTROL_FD, buf, (size_t) n, MSG_NOSIGNAL) < 0)
                         return 1;
         }
+        for (int i = 0; i < N_COUNTS; i++)
+                if (send(CONTROL_FD, i % 2 ? "clients 3\n" : "clients 2\n", 10, MSG_NOSIGNAL) < 0)
+                        return 1;
         /* Then Clients 1: once the daemon shows it, it has read every message before it. */
         if (send(CONTROL_FD, "clients 1\n", 10, MSG_NOSIGNAL) < 0)
                 return 1;

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +204,22 @@ class ChattyRelayTest(h.TestCase):
         self.assertTrue(lines, 'no relay error logged')
         self.assertLessEqual(len(lines), 5, lines[:10])
         self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'State'), 'serving')
+
+    def test_relay_counts_do_not_flood_the_bus(self):
+        """500 client counts, 2 and 3 in turn, as fast as the relay can: Clients is announced a few
+        times a second at most (each one a signal to every client of the system bus), and the last
+        count is the one shown. The old daemon sent 500 signals."""
+        since = time.monotonic()
+        path = exported_guest(self)
+        self.client.wait_prop(path, 'org.blockstream1.Export', 'Clients', 1, 30)
+        self.client.pump(0.6)   # a count held back goes out within 0.25 s
+        counts = [ch['Clients'] for _, ch, _ in self.client.props_changed(path, 'org.blockstream1.Export', since)
+                  if 'Clients' in ch]
+        h.log('%d Clients signals for 501 counts' % len(counts))
+        self.assertTrue(counts, 'Clients was never announced')
+        self.assertLessEqual(len(counts), 10, counts)
+        self.assertEqual(counts[-1], 1)
+        self.assertEqual(self.client.get(path, 'org.blockstream1.Export', 'Clients'), 1)
 
     def test_relay_stderr_does_not_flood_the_log(self):
         """2000 lines on the relay's stderr at once, then one more 2 s later: the daemon logs a
