@@ -39,7 +39,8 @@ int caches_save(Engine *e) {
                         cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k) < 0)
                         return log_oom();
         }
-        if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0)
+        if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0 ||
+                (e->cache_seq > 0 && json_object_object_add(o, "last_id", json_object_new_uint64(e->cache_seq)) < 0))
                 return log_oom();
         text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
         if (!text)

@@ -207,7 +207,7 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
 }
 
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
- * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}]}. */
+ * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}], "last_id"}. */
 
 static bool url_ok(const char *s) {
         if (strncmp(s, "nbd://", 6) != 0 && strncmp(s, "http://", 7) != 0 && strncmp(s, "https://", 8) != 0)
@@ -804,7 +804,7 @@ int cache_load_all(Engine *e) {
         _cleanup_free_ char *path = strdup_printf("%s/caches.json", e->state_dir), *dir = caches_dir(e), *text = NULL;
         _cleanup_(json_object_putp) json_object *o = NULL;
         _cleanup_close_ int dir_fd = -1;
-        json_object *a;
+        json_object *a, *k;
         size_t len;
         int r;
 
@@ -837,6 +837,12 @@ int cache_load_all(Engine *e) {
                                           "the next start, and new caches are not recorded in it.",
                         path);
         }
+        /* The last number handed out: new caches go on from there, never back to one a cache that
+         * was stopped had (its image and socket gone, an overlay nobody told us of may still name
+         * its socket, and would read another template's blocks). */
+        if (json_object_object_get_ex(o, "last_id", &k) && json_object_is_type(k, json_type_int) &&
+                json_object_get_int64(k) >= 1 && json_object_get_int64(k) <= CACHE_ID_MAX)
+                e->cache_seq = MAX(e->cache_seq, (unsigned) json_object_get_int64(k));
         r = open_dir(dir, &dir_fd);
         if (r < 0)
                 return log_error_errno(r, "Failed to open %s: %m", dir);

@@ -487,6 +487,27 @@ class CacheTest(h.TestCase):
         self.read_all(a, zeros)
         self.assertEqual(self.secret.bytes_read(), 0, "the template's own backing was read")
 
+    def test_9_b_a_stopped_caches_number_is_never_handed_out_again(self):
+        """A cache stopped (its image and socket gone) may still be named by an overlay nobody told
+        us of (a copy, a backup put back): after a restart, the next cache took its number, and so
+        its socket, and that overlay read another template's blocks. Numbers now go on from the
+        last one handed out, which the record keeps."""
+        self.serve(self.remote)
+        self.serve(self.remote2)
+        a = os.path.join(self.env.images, 'num-a.qcow2')
+        self.provision(self.remote.url + '/num-a', a)
+        path = [p for p in self.caches() if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')).endswith('/num-a')][0]
+        sock = h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket'))
+        os.unlink(a)
+        self.client.wait_for(lambda: h.unwrap(self.client.get(path, IFACE_CACHE, 'Users')) == 0, 5,
+                             'Users to count the removed overlay out')
+        self.client.call(path, IFACE_CACHE, 'Stop')
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        self.provision(self.remote2.url + '/num-b', os.path.join(self.env.images, 'num-b.qcow2'))
+        socks = {h.unwrap(self.client.get(p, IFACE_CACHE, 'Socket')) for p in self.caches()}
+        self.assertNotIn(sock, socks, 'a new cache took the number of one stopped before the restart')
+
 
 class CacheIdentityTest(h.TestCase):
     """Issue 14: each template cache's helper in a sandbox identity of its own. The helper parses
