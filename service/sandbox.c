@@ -13,6 +13,7 @@
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -418,6 +419,23 @@ static int install_denylist(const SandboxSpec *s) {
                 if (r < 0 && r != -EDOM)
                         goto finish;
         }
+        /* Sockets of the families a helper uses only: unix and IP (in its own empty network
+         * namespace unless it is in the host's), and netlink in the host's network, where the C
+         * library's name lookup asks it. The rest fail as unsupported: vsock, which no network
+         * namespace confines (the host's and every guest's vsock services), and the kernel's
+         * packet, crypto, bluetooth, ... code, which no helper needs. */
+        for (uint64_t family = 0; family < 64; family++) {
+                if (family == AF_UNIX || family == AF_INET || family == AF_INET6 ||
+                        (family == AF_NETLINK && s->host_network))
+                        continue;
+                r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
+                        SCMP_A0(SCMP_CMP_EQ, family));
+                if (r < 0)
+                        goto finish;
+        }
+        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_GE, 64));
+        if (r < 0)
+                goto finish;
         /* A client in the host's network (the probes): it may connect, never serve. Else it could
          * take a free port of the host and answer whoever comes there, another caller's probe of
          * a server that is down included. */

@@ -107,6 +107,26 @@ static void test_no_network(void) {
         expect_report(&o, fmt("connect 127.0.0.1:%s: socket ok, connect ok", port));
 }
 
+/* Sockets of unix and IP only (and netlink in the host's network): vsock, which no network
+ * namespace confines, reached the host's and every guest's vsock services before. */
+static void test_socket_families(void) {
+        ProbeOptions host = { .host_network = true };
+        Outcome o;
+
+        RUN(&o, "socket", "1"); /* AF_UNIX */
+        expect_report(&o, "socket 1: ok");
+        RUN(&o, "socket", "40"); /* AF_VSOCK */
+        expect_report(&o, "socket 40: EAFNOSUPPORT");
+        RUN(&o, "socket", "16"); /* AF_NETLINK */
+        expect_report(&o, "socket 16: EAFNOSUPPORT");
+        RUN(&o, "socket", "1000");
+        expect_report(&o, "socket 1000: EAFNOSUPPORT");
+        RUN_WITH(&host, &o, "socket", "40");
+        expect_report(&o, "socket 40: EAFNOSUPPORT");
+        RUN_WITH(&host, &o, "socket", "2"); /* AF_INET */
+        expect_report(&o, "socket 2: ok");
+}
+
 /* A client-only helper in the host's network (the URL probes) connects but never serves. */
 static void test_client_only_cannot_listen(void) {
         ProbeOptions host = { .host_network = true }, client = { .host_network = true, .client_only = true };
@@ -515,6 +535,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_etc_shadow_invisible);
         TAP_RUN(test_host_network_sees_name_service_files);
         TAP_RUN(test_no_network);
+        TAP_RUN(test_socket_families);
         TAP_RUN(test_client_only_cannot_listen);
         TAP_RUN(test_ptrace_killed);
         TAP_RUN(test_mount_killed);
