@@ -268,7 +268,29 @@ int helper_kill(sd_event_source *child) {
         return send_signal(child, SIGKILL);
 }
 
+static int released_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        /* The loop's reference, taken back (for ours) and dropped: the child has exited, so no kill
+         * and no wait (sd-event reaps the zombie once this returns). */
+        sd_event_source_ref(s);
+        (void) sd_event_source_set_floating(s, false);
+        sd_event_source_disable_unref(s);
+        return 0;
+}
+
 sd_event_source *helper_release(sd_event_source *child) {
+        HelperWatch *w;
+
+        if (!child)
+                return NULL;
+        w = sd_event_source_get_userdata(child);
+        /* Killed now and left to the loop, which reaps it once it is gone. Should any step fail,
+         * dropping the source kills and reaps it at once, as it always did. */
+        if (w && send_signal(child, SIGKILL) >= 0 && sd_event_source_set_floating(child, true) >= 0) {
+                w->deadline = sd_event_source_disable_unref(w->deadline);
+                w->on_exit = released_exited;
+                w->userdata = NULL;
+                return sd_event_source_unref(child);
+        }
         return sd_event_source_disable_unref(child);
 }
 

@@ -50,7 +50,7 @@ struct StorageHelper {
 static void helper_free(StorageHelper *h) {
         if (!h)
                 return;
-        sd_event_source_disable_unref(h->child_source);
+        helper_release(h->child_source);
         sd_event_source_disable_unref(h->leftover_timer);
         helper_log_free(h->log);
         free(h->error);
