@@ -42,7 +42,9 @@ int caches_save(Engine *e) {
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0 ||
                 (e->cache_seq > 0 && json_object_object_add(o, "last_id", json_object_new_uint64(e->cache_seq)) < 0))
                 return log_oom();
-        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
+        /* Compact, and '/' as it is: the overlays' paths are most of it, and the more of them fit
+         * under CACHES_RECORD_MAX the better. */
+        text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
         if (!text)
                 return log_oom();
         /* No more than the next start reads back (cache_load_all()). The record there is older
