@@ -38,21 +38,23 @@ static int hex_digit(char c) {
 static json_object *nbd_file(const char *url) {
         _cleanup_(json_object_putp) json_object *file = NULL, *server = NULL;
         _cleanup_free_ char *host = NULL, *export = NULL;
-        const char *rest, *port = "10809", *colon;
+        const char *rest, *end, *colon;
+        char port[6] = "10809";
         size_t auth, n = 0;
 
         if (strncmp(url, "nbd://", 6) != 0)
                 return NULL;
         rest = url + 6;
         auth = strcspn(rest, "/?#");
-        if (strchr(rest + auth, '?') || strchr(rest + auth, '#'))
+        end = rest + auth;
+        if (strchr(end, '?') || strchr(end, '#'))
                 return NULL;
         if (rest[0] == '[') {
                 const char *close = memchr(rest, ']', auth);
                 if (!close)
                         return NULL;
                 host = strndup(rest + 1, (size_t) (close - rest - 1));
-                colon = close + 1 < rest + auth ? close + 1 : NULL;
+                colon = close + 1 < end ? close + 1 : NULL;
                 if (colon && *colon != ':')
                         return NULL;
         } else {
@@ -61,27 +63,29 @@ static json_object *nbd_file(const char *url) {
         }
         if (!host)
                 return NULL;
-        if (isempty(host) || strchr(host, '@'))
+        /* No user part; and a host as written (QEMU would percent-decode it: refused instead). */
+        if (isempty(host) || strchr(host, '@') || strchr(host, '%'))
                 return NULL;
         if (colon) {
                 unsigned v = 0;
 
-                port = colon + 1;
-                if (port == rest + auth || rest + auth - port > 5)
+                if (end - (colon + 1) > 5)
                         return NULL;
-                for (const char *p = port; p < rest + auth; p++) {
+                for (const char *p = colon + 1; p < end; p++) {
                         if (*p < '0' || *p > '9')
                                 return NULL;
                         v = v * 10 + (unsigned) (*p - '0');
                 }
-                if (v == 0 || v > 65535)
+                if (v > 65535)
                         return NULL;
+                if (v > 0) /* as QEMU: an empty port, or 0, is the default */
+                        (void) snprintf(port, sizeof(port), "%u", v);
         }
         /* The export: what follows the first '/', percent-decoded. */
-        export = malloc(strlen(rest + auth) + 1);
+        export = malloc(strlen(end) + 1);
         if (!export)
                 return NULL;
-        for (const char *p = rest[auth] == '/' ? rest + auth + 1 : rest + auth; *p; p++) {
+        for (const char *p = *end == '/' ? end + 1 : end; *p; p++) {
                 if (*p == '%') {
                         int hi = hex_digit(p[1]), lo = hi >= 0 ? hex_digit(p[2]) : -1;
                         if (lo < 0 || (hi == 0 && lo == 0))
@@ -97,7 +101,7 @@ static json_object *nbd_file(const char *url) {
         file = json_object_new_object();
         if (!server || !file || json_object_object_add(server, "type", json_object_new_string("inet")) < 0 ||
                 json_object_object_add(server, "host", json_object_new_string(host)) < 0 ||
-                json_object_object_add(server, "port", json_object_new_string_len(port, (int) (rest + auth - port))) < 0 ||
+                json_object_object_add(server, "port", json_object_new_string(port)) < 0 ||
                 json_object_object_add(file, "driver", json_object_new_string("nbd")) < 0 ||
                 json_object_object_add(file, "server", TAKE_PTR(server)) < 0 ||
                 json_object_object_add(file, "export", json_object_new_string(export)) < 0)
