@@ -122,6 +122,9 @@ int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data
                                 .n_fds = 1,
                                 .argv = argv,
                                 .exec_fd = exec_fd,
+                                /* Its helpers share its uid: each sees and signals no other
+                                 * process, and what it forks dies with it (sandbox.h). */
+                                .own_pids = true,
                         },
                         .control_type = SOCK_SEQPACKET,
                         .log_prefix = log_prefix,

@@ -103,12 +103,6 @@ int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_s
                 fds[sb.n_fds++] = theirs;
         }
         sb.fds = fds;
-        /* Every helper is PID 1 of a PID namespace of its own. The helpers of a guest share its uid,
-         * and one taken over would otherwise see, signal and (through /proc/PID/mem) write into the
-         * others, or stop the next one before its exec, with sandbox_spawn() waiting for that; and
-         * what it forks would outlive it, holding its sockets, until the uid went to another guest.
-         * Now it sees no other process, and what it leaves dies with it. */
-        sb.own_pids = true;
         if (spec->log_prefix) {
                 int pipefd[2];
                 if (pipe2(pipefd, O_CLOEXEC) < 0)
@@ -277,21 +271,31 @@ static int released_exited(sd_event_source *s, const siginfo_t *si, void *userda
         return 0;
 }
 
+/* How long helper_release() waits for a killed helper to be gone: it takes milliseconds, and
+ * whoever comes next (the guest's own QEMU, the next storage helper) then finds the images'
+ * locks free; one stuck in the kernel is left to the loop after that. */
+#define RELEASE_WAIT_MSEC 1000
+
 sd_event_source *helper_release(sd_event_source *child) {
+        struct pollfd p = { .events = POLLIN };
         HelperWatch *w;
 
         if (!child)
                 return NULL;
         w = sd_event_source_get_userdata(child);
-        /* Killed now and left to the loop, which reaps it once it is gone. Should any step fail,
-         * dropping the source kills and reaps it at once, as it always did. */
-        if (w && send_signal(child, SIGKILL) >= 0 && sd_event_source_set_floating(child, true) >= 0) {
-                w->deadline = sd_event_source_disable_unref(w->deadline);
-                w->on_exit = released_exited;
-                w->userdata = NULL;
-                return sd_event_source_unref(child);
-        }
-        return sd_event_source_disable_unref(child);
+        /* Exited already (ESRCH: its end is reported, or being reported now), or gone within the
+         * wait: dropping the source reaps the zombie at once. */
+        if (!w || sd_event_source_send_child_signal(child, SIGKILL, NULL, 0) < 0 ||
+                (p.fd = sd_event_source_get_child_pidfd(child)) < 0 || poll(&p, 1, RELEASE_WAIT_MSEC) != 0)
+                return sd_event_source_disable_unref(child);
+        /* Still there: left to the loop, which reaps it once it is gone. Should that fail,
+         * dropping the source waits for it, as it always did. */
+        if (sd_event_source_set_floating(child, true) < 0)
+                return sd_event_source_disable_unref(child);
+        w->deadline = sd_event_source_disable_unref(w->deadline);
+        w->on_exit = released_exited;
+        w->userdata = NULL;
+        return sd_event_source_unref(child);
 }
 
 /* Helper logs */

@@ -12,9 +12,9 @@
  *    owner's handler is called once the child exited, and the zombie is reaped after it returns;
  *  - stopped one way: helper_stop() sends SIGTERM and SIGKILL after a deadline, helper_kill()
  *    SIGKILL at once; the child source still reports the end. helper_release() SIGKILLs a child
- *    still running, without calling its owner back, and the loop reaps it once it is gone: no
- *    child outlives its owner by more than its death takes, and the loop never waits for that
- *    (a QEMU stuck in the kernel on a hung file system dies only when the file system answers).
+ *    still running, without calling its owner back, and reaps it once it is gone: at once if it
+ *    is gone within 1 s (as it is, in milliseconds), else by the loop later, which never waits
+ *    longer (a QEMU stuck in the kernel on a hung file system dies only when that answers).
  *    sd_event_source_disable_unref() is for a source whose child has exited (in its handler).
  * Signals go through the source (a pidfd where the kernel has them): never to a recycled pid.
  * SIGCHLD must be blocked (sd-event's rule for child sources). */
@@ -68,5 +68,5 @@ int helper_stop(sd_event_source *child, usec_t timeout);
 int helper_kill_after(sd_event_source *child, usec_t timeout);
 /* SIGKILL now. */
 int helper_kill(sd_event_source *child);
-/* SIGKILL if still running, reaped by the loop once gone, the owner not called back; NULL. */
+/* SIGKILL if still running, reaped once gone (above), the owner not called back; NULL. */
 sd_event_source *helper_release(sd_event_source *child);

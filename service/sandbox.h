@@ -61,7 +61,10 @@ typedef struct SandboxSpec {
         bool host_network;       /* keep the host's network namespace (the helper serves TCP itself) */
         bool own_pids;           /* PID 1 of a PID namespace of its own: it sees and signals no other
                                   * process, and what it leaves behind dies with it (for helpers that
-                                  * share a uid: ProvisionDisk's probes). As PID 1 it ignores every
+                                  * share a uid: ProvisionDisk's probes; a guest's pull, map and relay
+                                  * helpers, one of which, taken over, could otherwise signal or write
+                                  * (/proc/PID/mem) the others, stop the next before its exec, or
+                                  * leave a process holding its sockets). As PID 1 it ignores every
                                   * signal it has no handler for but SIGKILL and SIGSTOP (SIGTERM,
                                   * SIGPIPE, SIGXFSZ: a write then fails instead): stop it with
                                   * SIGKILL */
