@@ -2,7 +2,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <limits.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -420,20 +419,34 @@ static char *node_name(const StorageDisk *d, size_t k, bool file) {
 #define OWNER_GROUPS_MAX 1024
 #define GID_NOGROUP ((gid_t) 65534)
 
+/* This thread's file-system identity (raw system calls: the C library's would change every
+ * thread's): fsuid, fsgid and groups. With an fsuid other than 0 the kernel takes our capabilities
+ * over files away (they come back with 0), so opens are checked as that user's. */
+static int fs_identity_set(uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids) {
+        if (syscall(SYS_setgroups, n_gids, gids) < 0)
+                return -errno;
+        (void) syscall(SYS_setfsgid, gid);
+        (void) syscall(SYS_setfsuid, uid);
+        /* An invalid id changes nothing and returns the current one. */
+        if ((uid_t) syscall(SYS_setfsuid, (uid_t) -1) != uid || (gid_t) syscall(SYS_setfsgid, (gid_t) -1) != gid)
+                return -EPERM;
+        return 0;
+}
+
 /* Whether the guest's owner could read the images below the top of the chain themselves. The owner
  * may write the top image's header, and with it name as its backing any file beneath an image
  * directory, which we open as root and hand to QEMU: a stream or a map would then copy into their
- * image, or show them, a file they may not read. A child takes the owner's uid, gid and groups (an
- * owner without an account: no group but nogroup), and with them loses every capability; it opens
- * each path beneath its image directory as we did, and checks that it reached the very file we
- * opened. 0, or -EACCES with *ret_error naming the image, or -errno. As the chain's own opens, it
- * runs on the loop: it reads no more than they did. */
+ * image, or show them, a file they may not read. So each path is opened again beneath its image
+ * directory as we did, with the owner's uid, gid and groups as this thread's file-system identity
+ * (an owner without an account: no group but nogroup), and must reach the very file we opened.
+ * Done in this thread, as the chain's own opens are: no child the owner could stop while we wait.
+ * 0, or -EACCES with *ret_error naming the image, or -errno. */
 static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
-        _cleanup_free_ gid_t *gids = NULL;
-        size_t n_gids = 0;
+        _cleanup_free_ gid_t *gids = NULL, *ours = NULL;
+        size_t n_gids = 0, failed = 0;
+        long n_ours;
         gid_t gid;
-        pid_t pid;
-        int r, status;
+        int r;
 
         if (owner == 0 || chain->n < 2)
                 return 0;
@@ -443,41 +456,46 @@ static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chai
                 n_gids = 0;
         } else if (r < 0)
                 return r;
-
-        pid = fork();
-        if (pid < 0)
+        n_ours = syscall(SYS_getgroups, 0, NULL);
+        if (n_ours < 0)
                 return -errno;
-        if (pid == 0) {
-                if (setgroups(n_gids, gids) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(owner, owner, owner) < 0 ||
-                        geteuid() != owner || getegid() != gid)
-                        _exit(1);
-                for (size_t i = 1; i < chain->n && i < 200; i++) {
-                        struct stat want, st;
-                        int fd = -1;
+        ours = malloc(sizeof(gid_t) * ((size_t) n_ours + 1));
+        if (!ours)
+                return -ENOMEM;
+        n_ours = syscall(SYS_getgroups, n_ours, ours);
+        if (n_ours < 0)
+                return -errno;
 
-                        if (fstat(chain->images[i].fd, &want) < 0)
-                                _exit(1);
-                        if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
-                                st.st_dev != want.st_dev || st.st_ino != want.st_ino)
-                                _exit(10 + (int) i);
-                        (void) close(fd);
+        r = fs_identity_set(owner, gid, gids, n_gids);
+        for (size_t i = 1; r >= 0 && i < chain->n; i++) {
+                struct stat want, st;
+                int fd = -1;
+
+                if (fstat(chain->images[i].fd, &want) < 0) {
+                        r = -errno;
+                        break;
                 }
-                _exit(chain->n <= 200 ? 0 : 1);
+                if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
+                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
+                        failed = i;
+                        r = -EACCES;
+                }
+                closep(&fd);
         }
-        while (waitpid(pid, &status, 0) < 0)
-                if (errno != EINTR)
-                        return -errno;
-        if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
-                return 0;
-        if (!WIFEXITED(status) || WEXITSTATUS(status) < 10) {
-                *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its images",
-                        owner);
-                return -EIO;
+        if (fs_identity_set(0, 0, ours, (size_t) n_ours) < 0) {
+                /* Never go on as someone else. */
+                log_error("Cannot take back our own file-system identity; aborting.");
+                abort();
         }
-        *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read %s themselves, so it is not read "
-                                   "for them",
-                owner, chain->images[WEXITSTATUS(status) - 10].path);
-        return -EACCES;
+        if (r == -EACCES && failed > 0)
+                *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read %s themselves, so it is "
+                                           "not read for them",
+                        owner, chain->images[failed].path);
+        else if (r < 0)
+                *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
+                                           "images: %s",
+                        owner, strerror(-r));
+        return r;
 }
 
 static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const StorageDisk *d, char **forbidden,
