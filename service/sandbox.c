@@ -14,6 +14,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <linux/netlink.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -425,9 +426,16 @@ static int install_denylist(const SandboxSpec *s) {
          * namespace confines (the host's and every guest's vsock services), and the kernel's
          * packet, crypto, bluetooth, ... code, which no helper needs. */
         for (uint64_t family = 0; family < 64; family++) {
-                if (family == AF_UNIX || family == AF_INET || family == AF_INET6 ||
-                        (family == AF_NETLINK && s->host_network))
+                if (family == AF_UNIX || family == AF_INET || family == AF_INET6)
                         continue;
+                if (family == AF_NETLINK && s->host_network) {
+                        /* Routing only, what the resolver asks; not sock_diag, uevents, audit, ... */
+                        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 2,
+                                SCMP_A0(SCMP_CMP_EQ, family), SCMP_A2(SCMP_CMP_NE, NETLINK_ROUTE));
+                        if (r < 0)
+                                goto finish;
+                        continue;
+                }
                 r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
                         SCMP_A0(SCMP_CMP_EQ, family));
                 if (r < 0)

@@ -14,7 +14,8 @@
  *   list PATH              opendir(PATH): "list PATH: ok NAME NAME ..." (sorted) or "list PATH: ERRNO"
  *   write PATH             create PATH (O_EXCL) and write to it: "write PATH: ok" or "write PATH: ERRNO"
  *   connect ADDR PORT      socket(AF_INET) + connect: "connect ADDR:PORT: socket ok, connect ok|ERRNO"
- *   socket FAMILY          socket(FAMILY, SOCK_STREAM, 0): "socket FAMILY: ok|ERRNO"
+ *   socket FAMILY [TYPE PROTOCOL]
+ *                          socket(FAMILY, TYPE or SOCK_STREAM, PROTOCOL or 0): "socket FAMILY: ok|ERRNO"
  *   ptrace-traceme         ptrace(PTRACE_TRACEME)
  *   ptrace-parent          ptrace(PTRACE_ATTACH, getppid())
  *   mount                  mount tmpfs on /tmp
@@ -392,8 +393,9 @@ int main(int argc, char **argv) {
                 attempt_list(argv[2]);
         else if (!strcmp(what, "write") && argc == 3)
                 attempt_write(argv[2]);
-        else if (!strcmp(what, "socket") && argc == 3) {
-                int fd = socket(atoi(argv[2]), SOCK_STREAM | SOCK_CLOEXEC, 0);
+        else if (!strcmp(what, "socket") && (argc == 3 || argc == 5)) {
+                int fd = socket(atoi(argv[2]), (argc == 5 ? atoi(argv[3]) : SOCK_STREAM) | SOCK_CLOEXEC,
+                        argc == 5 ? atoi(argv[4]) : 0);
                 add("socket %s: %s", argv[2], outcome(fd));
         } else if (!strcmp(what, "connect") && argc == 4) {
                 if (attempt_connect(argv[2], argv[3]) == 2)

@@ -125,6 +125,11 @@ static void test_socket_families(void) {
         expect_report(&o, "socket 40: EAFNOSUPPORT");
         RUN_WITH(&host, &o, "socket", "2"); /* AF_INET */
         expect_report(&o, "socket 2: ok");
+        /* In the host's network, netlink for routing only (the resolver's): not sock_diag (4). */
+        RUN_WITH(&host, &o, "socket", "16", "3", "0"); /* AF_NETLINK, SOCK_RAW, NETLINK_ROUTE */
+        expect_report(&o, "socket 16: ok");
+        RUN_WITH(&host, &o, "socket", "16", "3", "4");
+        expect_report(&o, "socket 16: EAFNOSUPPORT");
 }
 
 /* A client-only helper in the host's network (the URL probes) connects but never serves. */
