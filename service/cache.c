@@ -209,7 +209,10 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
  * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}], "last_id"}. */
 
-static bool url_ok(const char *s) {
+/* A URL as recorded: its scheme, length and characters. A recorded cache whose URL a newer daemon
+ * cannot give QEMU is still restored (its record, number and socket kept; it fails to start, and
+ * says so), not dropped with its overlays' socket. */
+static bool url_recorded_ok(const char *s) {
         if (strncmp(s, "nbd://", 6) != 0 && strncmp(s, "http://", 7) != 0 && strncmp(s, "https://", 8) != 0)
                 return false;
         if (strlen(s) > 1023)
@@ -217,7 +220,12 @@ static bool url_ok(const char *s) {
         for (const char *p = s; *p; p++)
                 if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f)
                         return false;
-        return cache_template_url_ok(s);
+        return true;
+}
+
+/* A URL a new cache may have: one QEMU gets as we read it (cache_template_url_ok()). */
+static bool url_ok(const char *s) {
+        return url_recorded_ok(s) && cache_template_url_ok(s);
 }
 
 static int cache_new(Engine *e, unsigned id, const char *url, const char *format, uint64_t size, Cache **ret) {
@@ -382,7 +390,10 @@ static void on_qmp_state(Qmp *q, int error, void *userdata) {
                 r = cache_setup(c);
                 if (r < 0) {
                         helper_gone(c);
-                        cache_failed(c, "cannot talk to its storage helper");
+                        cache_failed(c, !c->warmed && !cache_template_url_ok(c->url)
+                                                ? "its URL, recorded by an older daemon, is not one this daemon can "
+                                                  "give QEMU"
+                                                : "cannot talk to its storage helper");
                 }
                 return;
         }
@@ -743,7 +754,7 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         if (!json_object_is_type(k, json_type_object) || !json_object_object_get_ex(k, "id", &o) ||
                 !json_object_is_type(o, json_type_int) || (id = json_object_get_uint64(o)) == 0 || id > CACHE_ID_MAX ||
                 !json_object_object_get_ex(k, "url", &o) || !json_object_is_type(o, json_type_string) ||
-                !url_ok(url = json_object_get_string(o)) || !json_object_object_get_ex(k, "format", &o) ||
+                !url_recorded_ok(url = json_object_get_string(o)) || !json_object_object_get_ex(k, "format", &o) ||
                 !json_object_is_type(o, json_type_string) ||
                 (!streq(format = json_object_get_string(o), "raw") && !streq(format, "qcow2")) ||
                 !json_object_object_get_ex(k, "size", &o) || !json_object_is_type(o, json_type_int) ||

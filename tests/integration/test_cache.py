@@ -508,6 +508,31 @@ class CacheTest(h.TestCase):
         socks = {h.unwrap(self.client.get(p, IFACE_CACHE, 'Socket')) for p in self.caches()}
         self.assertNotIn(sock, socks, 'a new cache took the number of one stopped before the restart')
 
+    def test_9_c_a_recorded_url_this_daemon_cannot_open_is_kept(self):
+        """A cache recorded by an older daemon with a URL this one cannot give QEMU (here an nbd://
+        URL with a query) is restored, and fails to start, saying why: dropping it, as the daemon
+        did when its URL check grew, dropped its record, and its overlays' socket with it."""
+        self.serve(self.remote)
+        self.provision(self.remote.url + '/rec-q', os.path.join(self.env.images, 'rec-q.qcow2'))
+        record = os.path.join(self.env.daemon.state_dir, 'caches.json')
+        self.env.daemon.stop()
+        with open(record) as f:
+            data = json.load(f)
+        entry = [c for c in data['caches'] if c['url'].endswith('/rec-q')][0]
+        entry['url'] += '?x=1'
+        with open(record, 'w') as f:
+            json.dump(data, f)
+        self.env.daemon.start()
+        path = [p for p in self.caches() if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == entry['url']]
+        self.assertEqual(len(path), 1, 'the recorded cache was not restored')
+        self.client.wait_prop(path[0], IFACE_CACHE, 'State', 'failed', timeout=30)
+        with open(self.env.daemon.log, errors='replace') as f:
+            self.assertIn('recorded by an older daemon', f.read())
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        with open(record) as f:
+            self.assertIn(entry['url'], [c['url'] for c in json.load(f)['caches']])
+
 
 class CacheIdentityTest(h.TestCase):
     """Issue 14: each template cache's helper in a sandbox identity of its own. The helper parses
