@@ -24,6 +24,7 @@ import unicodedata
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
+import ranges as r  # noqa: E402
 from harness import T, S, MiB  # noqa: E402
 
 HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
@@ -177,9 +178,7 @@ class SilentPullTest(h.TestCase):
             e = self.assertDBusError(ERR_HELPER_FAILED, d.call, 'Start', 'tta{sv}', T(0), T(MiB), h.no_opts())
             self.assertIn('did not get through', e.message)
             self.assertEqual(d.prop('State'), 'idle', 'a Start that failed left the disk in another state')
-            h.wait_until(lambda: [p for p, argv in o.daemon_children(self.env)
-                                  if argv and os.path.basename(argv[0]) == 'blockstream-pull'] == [], 10,
-                         'the helper to be killed')
+            h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the helper to be killed')
 
 
 class ChattyRelayTest(h.TestCase):
