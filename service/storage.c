@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 
 #include "bus-util.h"
+#include "fs-identity.h"
 #include "helper.h"
 #include "image.h"
 #include "qemu.h"
@@ -419,17 +420,27 @@ static char *node_name(const StorageDisk *d, size_t k, bool file) {
 #define OWNER_GROUPS_MAX 1024
 #define GID_NOGROUP ((gid_t) 65534)
 
-/* This thread's file-system identity (raw system calls: the C library's would change every
- * thread's): fsuid, fsgid and groups. With an fsuid other than 0 the kernel takes our capabilities
- * over files away (they come back with 0), so opens are checked as that user's. */
-static int fs_identity_set(uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids) {
-        if (syscall(SYS_setgroups, n_gids, gids) < 0)
-                return -errno;
-        (void) syscall(SYS_setfsgid, gid);
-        (void) syscall(SYS_setfsuid, uid);
-        /* An invalid id changes nothing and returns the current one. */
-        if ((uid_t) syscall(SYS_setfsuid, (uid_t) -1) != uid || (gid_t) syscall(SYS_setfsgid, (gid_t) -1) != gid)
-                return -EPERM;
+typedef struct OwnerRead {
+        char *const *dirs;
+        const ImageChain *chain;
+        size_t failed; /* the image the owner may not read */
+} OwnerRead;
+
+static int owner_reads(void *userdata) {
+        OwnerRead *o = userdata;
+
+        for (size_t i = 1; i < o->chain->n; i++) {
+                _cleanup_close_ int fd = -1;
+                struct stat want, st;
+
+                if (fstat(o->chain->images[i].fd, &want) < 0)
+                        return -errno;
+                if (image_open_beneath(o->dirs, o->chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
+                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
+                        o->failed = i;
+                        return -EACCES;
+                }
+        }
         return 0;
 }
 
@@ -442,9 +453,9 @@ static int fs_identity_set(uid_t uid, gid_t gid, const gid_t *gids, size_t n_gid
  * Done in this thread, as the chain's own opens are: no child the owner could stop while we wait.
  * 0, or -EACCES with *ret_error naming the image, or -errno. */
 static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
-        _cleanup_free_ gid_t *gids = NULL, *ours = NULL;
-        size_t n_gids = 0, failed = 0;
-        long n_ours;
+        _cleanup_free_ gid_t *gids = NULL;
+        OwnerRead o = { .dirs = dirs, .chain = chain };
+        size_t n_gids = 0;
         gid_t gid;
         int r;
 
@@ -456,41 +467,11 @@ static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chai
                 n_gids = 0;
         } else if (r < 0)
                 return r;
-        n_ours = syscall(SYS_getgroups, 0, NULL);
-        if (n_ours < 0)
-                return -errno;
-        ours = malloc(sizeof(gid_t) * ((size_t) n_ours + 1));
-        if (!ours)
-                return -ENOMEM;
-        n_ours = syscall(SYS_getgroups, n_ours, ours);
-        if (n_ours < 0)
-                return -errno;
-
-        r = fs_identity_set(owner, gid, gids, n_gids);
-        for (size_t i = 1; r >= 0 && i < chain->n; i++) {
-                struct stat want, st;
-                int fd = -1;
-
-                if (fstat(chain->images[i].fd, &want) < 0) {
-                        r = -errno;
-                        break;
-                }
-                if (image_open_beneath(dirs, chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
-                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
-                        failed = i;
-                        r = -EACCES;
-                }
-                closep(&fd);
-        }
-        if (fs_identity_set(0, 0, ours, (size_t) n_ours) < 0) {
-                /* Never go on as someone else. */
-                log_error("Cannot take back our own file-system identity; aborting.");
-                abort();
-        }
-        if (r == -EACCES && failed > 0)
+        r = fs_identity_run(owner, gid, gids, n_gids, owner_reads, &o);
+        if (r == -EACCES && o.failed > 0)
                 *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read %s themselves, so it is "
                                            "not read for them",
-                        owner, chain->images[failed].path);
+                        owner, chain->images[o.failed].path);
         else if (r < 0)
                 *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
                                            "images: %s",
