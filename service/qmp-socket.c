@@ -1,24 +1,15 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 #include <fcntl.h>
-#include <grp.h>
 #include <limits.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 
-#include "helper.h"
+#include "fs-identity.h"
 #include "qmp-socket.h"
 #include "util.h"
 
 #define PROC_FD_PATH_MAX 40
-/* The access check resolves a path as the caller, who might make that slow (a FUSE mount of
- * its own): the daemon waits this long at most, then kills the check and refuses. */
-#define ACCESS_CHECK_TIMEOUT_MSEC 5000
 
 static int split_path(const char *path, char **ret_dir, const char **ret_leaf) {
         const char *slash;
@@ -100,55 +91,43 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer) {
         return 0;
 }
 
-/* What the access check's child needs: a copy of it lives in the child. */
 typedef struct AccessCheck {
-        pid_t parent;
         const char *dir;
         int dir_fd, sock_fd;
-        uid_t uid;
-        gid_t gid;
-        const gid_t *gids;
-        size_t n_gids;
 } AccessCheck;
 
-/* In the child, with the caller's credentials: 0 if they may connect, 1 if not, 2 on error. */
-static int check_access_child(void *arg) {
-        const AccessCheck *c = arg;
+/* With the caller's file-system identity (fs-identity.h): 0 if they may connect, -EACCES if not. */
+static int check_access(void *userdata) {
+        const AccessCheck *c = userdata;
+        _cleanup_close_ int fd = -1;
         char p[PROC_FD_PATH_MAX];
         struct stat a, b;
-        int fd;
 
-        if (setgroups(c->n_gids, c->gids) < 0 || setresgid(c->gid, c->gid, c->gid) < 0 ||
-                setresuid(c->uid, c->uid, c->uid) < 0)
-                return 2;
-        if (geteuid() != c->uid || getegid() != c->gid)
-                return 2;
-        /* The uid change cleared the death signal helper_run() set: set it again. */
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != c->parent)
-                return 2;
         /* Search permission down to the directory, as that user resolves it: the same one. */
         fd = open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (fd < 0)
-                return errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? 1 : 2;
+                return errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? -EACCES : -errno;
         if (fstat(fd, &a) < 0 || fstat(c->dir_fd, &b) < 0)
-                return 2;
+                return -errno;
         if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
-                return 1;
-        /* Search permission on the directory itself, write permission on the socket. */
+                return -EACCES;
+        /* Search permission on the directory itself, write permission on the socket (the magic
+         * links of our own fds: /proc lets our own thread group through whoever we are). */
         (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->dir_fd);
         if (faccessat(AT_FDCWD, p, X_OK, AT_EACCESS) < 0)
-                return errno == EACCES ? 1 : 2;
+                return -errno;
         (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->sock_fd);
         if (faccessat(AT_FDCWD, p, W_OK, AT_EACCESS) < 0)
-                return errno == EACCES ? 1 : 2;
+                return -errno;
         return 0;
 }
 
+/* In this thread, as the daemon's own open of the path was: no process of the caller's (who could
+ * stop it) that we wait for. */
 int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
         size_t n_gids) {
         _cleanup_free_ char *dir = NULL;
         const char *leaf;
-        siginfo_t si;
         int r;
 
         r = split_path(path, &dir, &leaf);
@@ -158,35 +137,8 @@ int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid
                 return 0;
         if (dir_fd < 3 || sock_fd < 3 || dir_fd == sock_fd)
                 return -EBADF;
-        r = helper_run("QMP socket access check", check_access_child,
-                &(AccessCheck) {
-                        .parent = getpid(),
-                        .dir = dir,
-                        .dir_fd = dir_fd,
-                        .sock_fd = sock_fd,
-                        .uid = uid,
-                        .gid = gid,
-                        .gids = gids,
-                        .n_gids = n_gids,
-                },
-                (const int[]) { MIN(dir_fd, sock_fd), MAX(dir_fd, sock_fd) }, 2,
-                ACCESS_CHECK_TIMEOUT_MSEC * USEC_PER_MSEC, &si);
-        if (r < 0)
-                return r;
-        if (si.si_code == CLD_KILLED && si.si_status == SIGKILL) {
-                log_warning("Checking whether uid " UID_FMT " may connect to %s took too long; refusing.", uid, path);
-                return -ETIMEDOUT;
-        }
-        if (si.si_code != CLD_EXITED)
-                return -EIO;
-        switch (si.si_status) {
-        case 0:
-                return 0;
-        case 1:
-                return -EACCES;
-        default:
-                return -EIO;
-        }
+        return fs_identity_run(uid, gid, gids, n_gids, check_access,
+                &(AccessCheck) { .dir = dir, .dir_fd = dir_fd, .sock_fd = sock_fd });
 }
 
 const char *qmp_socket_strerror(int error) {

@@ -36,8 +36,8 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer);
 
 /* Could uid/gid/gids connect to that socket themselves: search permission on every directory
  * of path down to the one behind dir_fd (the same one, reached by that user) and write
- * permission on the socket inode behind sock_fd. Evaluated by the kernel in a child that takes
- * those credentials, killed after a few seconds (-ETIMEDOUT). 0: yes, -EACCES: no, other
+ * permission on the socket inode behind sock_fd. Evaluated by the kernel in this thread with
+ * those credentials as its file-system identity (fs-identity.h). 0: yes, -EACCES: no, other
  * -errno: could not tell. */
 int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
         size_t n_gids);

@@ -10,13 +10,15 @@
   - the peer is checked with SO_PEERCRED: a guest registered by a non-root user must be served
     by a QEMU running as that user or as a uid that QEMUUsers= allows, at registration and on a
     reconnect;
-  - a non-root caller may only register a socket it could connect to itself.
+  - a non-root caller may only register a socket it could connect to itself, and that check is
+    never a process the caller could stop while the daemon waits for it.
 
 Run alone: /usr/bin/python3 tests/integration/test_qmpsock.py (root; after ninja -C build).
 """
 
 import os
 import pwd
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -266,6 +268,29 @@ class PeerTest(QmpSocketCase):
         self.assertTrue(r['ok'], r)
         self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True)
 
+    def test_a_caller_cannot_stall_the_access_check(self):
+        """The check that the caller may reach the socket ran in a child with the caller's uid, which
+        the caller may signal: stopped, it held the daemon's only thread until its 5 s deadline, and
+        the registration failed. A caller that stops everything of its own that the daemon starts
+        (tests/helpers/stopper) still registers, and finds nothing to stop."""
+        self.restart_daemon(None)
+        q = self.user_qemu(h.MEMBER)
+        stopper = h.spawn(h.setpriv_argv(h.MEMBER) + [STOPPER, str(self.env.daemon.proc.pid)],
+                          stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stopper.kill)
+        self.assertEqual(stopper.stdout.readline().strip(), 'ready')
+        for _ in range(5):
+            name = PREFIX + self.unique_name()
+            r = self.register_as_member(name, q.daemon_socket)
+            self.assertTrue(r['ok'], r)
+            self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True)
+            self.unregister_quietly(name)
+        stopper.terminate()
+        out, _ = stopper.communicate(timeout=10)
+        self.assertEqual(out.splitlines()[-1:], ['stopped 0'], 'the daemon ran processes of the caller: %r' % out)
+
+
+STOPPER = os.environ.get('STOPPER') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers', 'stopper')
 
 if __name__ == '__main__':
     h.main()
