@@ -9,20 +9,20 @@
  *    written into it by image.c; a failure removes it only if the name still is that file;
  *  - a template that is a file is read by image.c (its whole chain inside the image directories,
  *    no symlinks, no other guest's disk), and only if the caller could read every image of the
- *    chain itself (checked by a child with the caller's uid and groups);
+ *    chain itself (checked in our thread with the caller's uid and groups as its file-system
+ *    identity, fs-identity.h);
  *  - a template behind a URL must match the administrator's TemplateURLPrefixes=, and is asked
  *    for its size by `qemu-img info` in a sandbox with a provisioning uid of its own (a remote
  *    server's answers are untrusted). */
 
 #include <fcntl.h>
-#include <grp.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "bus-error.h"
 #include "bus-util.h"
+#include "fs-identity.h"
 #include "helper.h"
 #include "image.h"
 #include "provision.h"
@@ -61,7 +61,6 @@ typedef struct Provision {
         bool use_cache;
         ProvisionCache cache;
         uint64_t requested; /* with a cache: option 'size' (0: none), the overlay's; p->size is the template's */
-        char **chain_paths; /* a template file's chain, for the caller's read check */
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
         pid_t pid;
@@ -102,7 +101,6 @@ static Provision *provision_free(Provision *p) {
         closep(&p->out_fd);
         closep(&p->dir_fd);
         free(p->leaf);
-        strv_free(p->chain_paths);
         free(p->template);
         free(p->format);
         free(p->target);
@@ -416,101 +414,56 @@ static int run_probe(Provision *p) {
         return watch_output(p, TAKE_FD(out_r));
 }
 
-static int read_checked(sd_event_source *s, const siginfo_t *si, void *userdata) {
-        Provision *p = userdata;
-        char text[512];
-        size_t i;
-
-        p->pid = 0;
-        p->child = sd_event_source_disable_unref(p->child);
-        if (si->si_code == CLD_EXITED && si->si_status == 0) {
-                provision_finish(p);
-                return 0;
-        }
-        if (si->si_code != CLD_EXITED || si->si_status < 10) {
-                provision_fail(p, SD_BUS_ERROR_FAILED, "could not check whether you may read the template");
-                return 0;
-        }
-        i = (size_t) si->si_status - 10;
-        snprintf(text, sizeof(text), "you may not read %.400s yourself, so no overlay on it is made for you",
-                i < strv_length(p->chain_paths) ? p->chain_paths[i] : p->template);
-        provision_fail(p, SD_BUS_ERROR_ACCESS_DENIED, text);
-        return 0;
-}
-
-/* What the read check's child needs: a copy of it lives in the child. */
 typedef struct ReadCheck {
-        pid_t parent;
-        uid_t uid;
-        gid_t gid;
-        const gid_t *gids;
-        size_t n_gids;
         char *const *dirs;
         const ImageChain *chain;
-        const struct stat *want;
+        size_t failed; /* the image the caller may not read */
 } ReadCheck;
 
-static int read_check(void *arg) {
-        const ReadCheck *c = arg;
+static int read_check(void *userdata) {
+        ReadCheck *c = userdata;
 
-        if (setgroups(c->n_gids, c->gids) < 0 || setresgid(c->gid, c->gid, c->gid) < 0 ||
-                setresuid(c->uid, c->uid, c->uid) < 0 || geteuid() != c->uid || getegid() != c->gid)
-                return 1;
-        /* The uid change cleared the death signal helper_fork() set: set it again. */
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != c->parent)
-                return 1;
-        /* The same walk as ours (no symlink, no mount crossed), with the caller's search
-         * and read permissions. */
+        /* The same walk as ours (no symlink, no mount crossed), with the caller's search and read
+         * permissions: it must reach the very files we opened. */
         for (size_t i = 0; i < c->chain->n; i++) {
-                struct stat st;
-                int fd = -1;
+                _cleanup_close_ int fd = -1;
+                struct stat want, st;
+
+                if (fstat(c->chain->images[i].fd, &want) < 0)
+                        return -errno;
                 if (image_open_beneath(c->dirs, c->chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
-                        st.st_dev != c->want[i].st_dev || st.st_ino != c->want[i].st_ino)
-                        return 10 + (int) i;
-                (void) close(fd);
+                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
+                        c->failed = i;
+                        return -EACCES;
+                }
         }
         return 0;
 }
 
-/* Whether the caller could open every image of the chain for reading itself: a child takes the
- * caller's uid, gid and groups (and with them loses every capability), opens each path beneath its
- * image directory as we did and checks that it reached the very file we opened. It exits 0 if so,
- * 10 + i if image i is not readable, 1 if it could not become the caller. Watched like the probe,
- * so a slow file system keeps no other client waiting. */
-static int spawn_read_check(Provision *p, sd_bus_message *msg, const ImageChain *chain) {
+/* Whether the caller could open every image of the chain for reading itself: each path opened
+ * again beneath its image directory, with the caller's uid, gid and groups as this thread's
+ * file-system identity (fs-identity.h). In this thread, as our own opens of the chain were: no
+ * process of the caller's (who could stop it) that we wait for. */
+static int caller_may_read(const Provision *p, sd_bus_message *msg, const ImageChain *chain, sd_bus_error *error) {
         _cleanup_free_ gid_t *gids = NULL;
-        _cleanup_free_ struct stat *want = NULL;
+        ReadCheck c = { .dirs = p->config->image_dirs, .chain = chain };
         size_t n_gids = 0;
         gid_t gid;
         int r;
 
-        if (chain->n > 200)
-                return -E2BIG;
         r = bus_caller_groups(msg, p->caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
-        if (r < 0)
+        if (r >= 0)
+                r = fs_identity_run(p->caller, gid, gids, n_gids, read_check, &c);
+        if (r == -EACCES)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                        "Cannot provision %s: you may not read %s yourself, so no overlay on it is made for you.",
+                        p->target, chain->images[c.failed].path);
+        if (r == -ENOMEM)
                 return r;
-        want = calloc(chain->n, sizeof(struct stat));
-        if (!want)
-                return -ENOMEM;
-        for (size_t i = 0; i < chain->n; i++) {
-                if (fstat(chain->images[i].fd, &want[i]) < 0)
-                        return -errno;
-                r = strv_push(&p->chain_paths, strdup(chain->images[i].path));
-                if (r < 0)
-                        return r;
-        }
-        return helper_fork(p->event, "Provisioning read check", read_check,
-                &(ReadCheck) {
-                        .parent = getpid(),
-                        .uid = p->caller,
-                        .gid = gid,
-                        .gids = gids,
-                        .n_gids = n_gids,
-                        .dirs = p->config->image_dirs,
-                        .chain = chain,
-                        .want = want,
-                },
-                read_checked, p, &p->pid, &p->child);
+        if (r < 0)
+                return sd_bus_error_set_errnof(
+                        error, -r, "Cannot check whether you may read template %s: %m", p->template);
+        return 0;
 }
 
 int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char *template, const char *target, const char *format,
@@ -635,17 +588,11 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 p->size = (p->size + 511) & ~UINT64_C(511);
                 /* Root reads what the caller names: only what the caller could read itself. */
                 if (caller != 0) {
-                        p->call = sd_bus_message_ref(msg);
-                        r = spawn_read_check(p, msg, &chain);
+                        r = caller_may_read(p, msg, &chain, error);
                         if (r < 0) {
-                                p->call = sd_bus_message_unref(p->call);
                                 provision_free(p);
-                                if (r == -ENOMEM)
-                                        return r;
-                                return sd_bus_error_set_errnof(
-                                        error, -r, "Cannot check whether you may read template %s: %m", template);
+                                return r;
                         }
-                        return 1;
                 }
         }
 

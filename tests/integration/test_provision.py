@@ -596,6 +596,32 @@ class ProvisionCallerTest(h.TestCase):
         st = os.lstat(target)
         self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (self.uids[h.MEMBER], 0o600))
 
+    def test_a_caller_cannot_stall_the_read_check(self):
+        """Whether the caller may read the template was checked in a child with the caller's uid, which
+        the caller may signal: stopped, it left the call unanswered for good, the daemon holding the
+        chain's fds and a child for each such call. A caller that stops everything of its own that
+        the daemon starts (tests/helpers/stopper) still provisions, and finds nothing to stop."""
+        c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+        d = os.path.dirname(c.top)
+        os.chmod(d, 0o755)
+        for img in (c.base, c.mid, c.top):
+            os.chmod(img, 0o644)
+        stopper = h.spawn(h.setpriv_argv(h.OWNER) + [STOPPER, str(self.env.daemon.proc.pid)],
+                          stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stopper.kill)
+        self.assertEqual(stopper.stdout.readline().strip(), 'ready')
+        for i in range(5):
+            target = os.path.join(d, 'stopper-%d.qcow2' % i)
+            r = self.provision_as(h.OWNER, c.top, target)
+            self.assertTrue(r['ok'], r)
+            self.assertEqual(os.lstat(target).st_uid, self.uids[h.OWNER])
+        stopper.terminate()
+        out, _ = stopper.communicate(timeout=10)
+        self.assertEqual(out.splitlines()[-1:], ['stopped 0'], 'the daemon ran processes of the caller: %r' % out)
+
+
+STOPPER = os.environ.get('STOPPER') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers', 'stopper')
+
 
 if __name__ == '__main__':
     h.main()
