@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -128,88 +127,6 @@ int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_s
         if (ret_pid)
                 *ret_pid = pid;
         *ret_child = TAKE_PTR(child);
-        return 0;
-}
-
-/* In a forked child: signals reset, every fd from 3 up closed but keep (ascending), the death
- * signal set, then fn(arg)'s value as the exit status. */
-static _Noreturn void fork_child(helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, pid_t parent) {
-        unsigned lo = 3;
-        sigset_t all;
-
-        sigfillset(&all);
-        if (sigprocmask(SIG_UNBLOCK, &all, NULL) < 0)
-                _exit(EXIT_FAILURE);
-        for (int sig = 1; sig < _NSIG; sig++)
-                if (sig != SIGKILL && sig != SIGSTOP)
-                        (void) signal(sig, SIG_DFL);
-        /* Nothing of ours (the bus, QMP connections, images) stays open in it but what it is given. */
-        for (size_t i = 0; i <= n_keep; i++) {
-                unsigned hi = i < n_keep ? (unsigned) keep[i] : ~0U;
-                if (i < n_keep && (keep[i] < (int) lo || (i > 0 && keep[i] <= keep[i - 1])))
-                        _exit(EXIT_FAILURE); /* not ascending, or below 3 */
-                if (hi > lo && syscall(SYS_close_range, lo, hi - 1, 0U) < 0)
-                        _exit(EXIT_FAILURE);
-                lo = hi + 1;
-        }
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
-                _exit(EXIT_FAILURE);
-        _exit(fn(arg) & 0xff);
-}
-
-int helper_fork(sd_event *e, const char *name, helper_fork_fn_t fn, void *arg, sd_event_child_handler_t on_exit,
-        void *userdata, pid_t *ret_pid, sd_event_source **ret_child) {
-        pid_t parent = getpid(), pid;
-        int r;
-
-        if (!e || !fn || !on_exit || !ret_child)
-                return -EINVAL;
-        pid = fork();
-        if (pid < 0)
-                return log_error_errno(errno, "%s: cannot fork: %m", name);
-        if (pid == 0)
-                fork_child(fn, arg, NULL, 0, parent);
-        r = watch(e, pid, name, on_exit, userdata, ret_child);
-        if (r < 0)
-                return r;
-        if (ret_pid)
-                *ret_pid = pid;
-        return 0;
-}
-
-int helper_run(const char *name, helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, usec_t timeout,
-        siginfo_t *ret) {
-        pid_t parent = getpid(), pid;
-        siginfo_t si = {};
-        int pidfd;
-
-        if (!fn || !ret || (n_keep > 0 && !keep))
-                return -EINVAL;
-        pid = fork();
-        if (pid < 0)
-                return log_error_errno(errno, "%s: cannot fork: %m", name);
-        if (pid == 0)
-                fork_child(fn, arg, keep, n_keep, parent);
-        /* Not reaped before waitid() below: pid is ours until then, never another process's. */
-        pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
-        if (pidfd >= 0) {
-                struct pollfd p = { .fd = pidfd, .events = POLLIN };
-                int k;
-
-                do
-                        k = poll(&p, 1, (int) MIN(timeout / USEC_PER_MSEC, (usec_t) INT32_MAX));
-                while (k < 0 && errno == EINTR);
-                if (k <= 0) {
-                        log_warning("%s: did not finish in time, killing it.", name);
-                        (void) kill(pid, SIGKILL);
-                }
-                close(pidfd);
-        } else
-                log_debug_errno(errno, "%s: no pidfd, waiting without a deadline: %m", name);
-        while (waitid(P_PID, (id_t) pid, &si, WEXITED) < 0)
-                if (errno != EINTR)
-                        return -errno;
-        *ret = si;
         return 0;
 }
 

@@ -5,10 +5,7 @@
  *  - helper_start(): an exec'd helper confined by sandbox_spawn(), its fds wired here once: the
  *    data fds first (3, 4, …), then the other end of a control socket of ours if asked for; its
  *    stderr into our log, line by line under a prefix (HelperLog);
- *  - helper_fork(): a child running a function of ours without exec, for a check that must run
- *    with another identity than ours: signals reset, every fd but 0-2 closed, PR_SET_PDEATHSIG;
- *    helper_run() the same, waited for at once with a deadline;
- *  - either is watched by an sd-event child source, which is the handle its owner keeps: the
+ *  - it is watched by an sd-event child source, which is the handle its owner keeps: the
  *    owner's handler is called once the child exited, and the zombie is reaped after it returns;
  *  - stopped one way: helper_stop() sends SIGTERM and SIGKILL after a deadline, helper_kill()
  *    SIGKILL at once; the child source still reports the end. helper_release() SIGKILLs a child
@@ -49,18 +46,6 @@ typedef struct HelperSpec {
  * log_prefix (-EINVAL otherwise). On failure -errno, and nothing is left running. */
 int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
         HelperLog **ret_log);
-
-/* Fork a child that runs fn(arg) and exits with its return value (0-255). The same watch and
- * stop as helper_start(). */
-typedef int (*helper_fork_fn_t)(void *arg);
-int helper_fork(sd_event *e, const char *name, helper_fork_fn_t fn, void *arg, sd_event_child_handler_t on_exit,
-        void *userdata, pid_t *ret_pid, sd_event_source **ret_child);
-
-/* The same child, waited for at once (at most timeout, then SIGKILL): for a check whose answer is
- * needed now. keep: fds (ascending, from 3) left open in it. 0 and how it ended in *ret, or
- * -errno (nothing left running). */
-int helper_run(const char *name, helper_fork_fn_t fn, void *arg, const int *keep, size_t n_keep, usec_t timeout,
-        siginfo_t *ret);
 
 /* SIGTERM now, SIGKILL once timeout has passed without its exit. */
 int helper_stop(sd_event_source *child, usec_t timeout);

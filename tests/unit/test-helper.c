@@ -389,71 +389,6 @@ static void test_start_failure_leaves_nothing(void) {
         ASSERT_EQ(count_fds(), fds_before);
 }
 
-static int fork_fn(void *arg) {
-        int fd = *(int *) arg;
-
-        /* Our open fd did not reach it, and it runs in its own process. */
-        if (fcntl(fd, F_GETFD) >= 0 || errno != EBADF)
-                return 1;
-        return 42;
-}
-
-static void test_fork(void) {
-        sd_event *e = NULL;
-        sd_event_source *child = NULL;
-        int fd = open("/dev/null", O_RDONLY);
-        Exit x = {};
-        pid_t pid = 0;
-
-        ASSERT_OK(sd_event_new(&e));
-        ASSERT_OK(helper_fork(e, "Test fork", fork_fn, &fd, on_exit_cb, &x, &pid, &child));
-        wait_for(e, &x.calls);
-        ASSERT_EQ(x.code, CLD_EXITED);
-        ASSERT_EQ(x.status, 42);
-        (void) sd_event_run(e, 0);
-        ASSERT_TRUE(reaped(pid));
-        helper_release(child);
-        close(fd);
-        sd_event_unref(e);
-}
-
-/* Which of fds[0..1] are open in the child: bit 0 and bit 1, plus 4 if fds[2] is open. */
-static int run_fn(void *arg) {
-        const int *fds = arg;
-        int r = 0;
-
-        for (int i = 0; i < 3; i++)
-                if (fcntl(fds[i], F_GETFD) >= 0)
-                        r |= 1 << i;
-        return r;
-}
-
-static _Noreturn int run_forever(void *arg) {
-        for (;;)
-                pause();
-}
-
-/* helper_run(): waited for at once; only the kept fds reach it; one that does not finish is
- * SIGKILLed at the deadline, however short (it never finishes by itself), and reaped. */
-static void test_run(void) {
-        int fds[3] = {open("/dev/null", O_RDONLY), open("/dev/null", O_RDONLY), open("/dev/null", O_RDONLY)};
-        siginfo_t si = {};
-
-        ASSERT_TRUE(fds[0] >= 3 && fds[1] > fds[0] && fds[2] > fds[1]);
-        ASSERT_OK(helper_run("Test run", run_fn, fds, (const int[]){fds[0], fds[2]}, 2, WAIT_LIMIT_USEC, &si));
-        ASSERT_EQ(si.si_code, CLD_EXITED);
-        ASSERT_EQ(si.si_status, 1 | 4);
-        ASSERT_OK(helper_run("Test run", run_fn, fds, NULL, 0, WAIT_LIMIT_USEC, &si));
-        ASSERT_EQ(si.si_status, 0);
-        ASSERT_OK(helper_run("Test run", run_forever, NULL, NULL, 0, 50 * USEC_PER_MSEC, &si));
-        ASSERT_EQ(si.si_code, CLD_KILLED);
-        ASSERT_EQ(si.si_status, SIGKILL);
-        ASSERT_TRUE(waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD);
-        ASSERT_ERRNO(helper_run("Test run", run_fn, fds, NULL, 0, WAIT_LIMIT_USEC, NULL), -EINVAL);
-        for (int i = 0; i < 3; i++)
-                close(fds[i]);
-}
-
 int main(int argc, char **argv) {
         sigset_t mask;
 
@@ -483,7 +418,5 @@ int main(int argc, char **argv) {
         TAP_RUN(test_release_running);
         TAP_RUN(test_release_exited);
         TAP_RUN(test_start_failure_leaves_nothing);
-        TAP_RUN(test_fork);
-        TAP_RUN(test_run);
         return tap_finish();
 }
