@@ -143,6 +143,16 @@ int user_groups(uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t 
         return 0;
 }
 
+int bus_sender_uid(sd_bus_message *msg, uid_t *ret) {
+        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
+        int r;
+
+        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
+        if (r < 0)
+                return r;
+        return sd_bus_creds_get_euid(creds, ret);
+}
+
 int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
         _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_free_ gid_t *gids = NULL;

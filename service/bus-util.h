@@ -19,6 +19,9 @@ typedef struct BusOption {
 
 int bus_read_options(sd_bus_message *m, const char *method, const BusOption *options, sd_bus_error *error);
 
+/* The effective uid of the caller of msg, as the bus tells it. */
+int bus_sender_uid(sd_bus_message *msg, uid_t *ret);
+
 /* The primary gid and supplementary groups of the caller of msg, whose uid is uid: from the bus
  * where it tells them (for that very uid, at most max groups), else from the user database, as
  * polkit's isInGroup() reads them. -ESRCH: no account for uid; -E2BIG: more than max groups. */

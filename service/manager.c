@@ -294,17 +294,13 @@ static int open_qmp_socket(const char *path, QmpSocketPin *ret_pin, int *ret_dir
  * never reaches a monitor on its behalf that the caller could not. */
 static int check_caller_may_connect(sd_bus_message *msg, const char *path, int dir_fd, int sock_fd,
         sd_bus_error *error) {
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_free_ gid_t *gids = NULL;
         size_t n = 0;
         uid_t uid;
         gid_t gid;
         int r;
 
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
-        if (r < 0)
-                return r;
-        r = sd_bus_creds_get_euid(creds, &uid);
+        r = bus_sender_uid(msg, &uid);
         if (r < 0)
                 return r;
         if (uid == 0)
@@ -451,7 +447,6 @@ static int register_offline_guest(Manager *m, Guest *g, const RegisterOptions *o
 }
 
 static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_(register_options_done) RegisterOptions o = {};
         _cleanup_free_ char *uuid = NULL;
         _cleanup_close_ int dir_fd = -1, sock_fd = -1;
@@ -490,10 +485,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (r < 0)
                 return r;
 
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
-        if (r < 0)
-                return r;
-        r = sd_bus_creds_get_euid(creds, &caller);
+        r = bus_sender_uid(msg, &caller);
         if (r < 0)
                 return r;
         if (o.have_owner && o.owner != caller && caller != 0)
@@ -649,7 +641,6 @@ static void cache_done_hook(void *userdata, void *handle, bool success, const ch
 }
 
 static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_strv_free_ char **forbidden = NULL;
         Manager *m = userdata;
         const char *template, *target, *format = NULL;
@@ -684,9 +675,7 @@ static int method_provision_disk(sd_bus_message *msg, void *userdata, sd_bus_err
                 return r;
         if (r == 0)
                 return 1; /* polkit was asked; the call is dispatched again with its answer */
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
-        if (r >= 0)
-                r = sd_bus_creds_get_euid(creds, &caller);
+        r = bus_sender_uid(msg, &caller);
         if (r < 0)
                 return r;
         forbidden = manager_guest_images(m, NULL);

@@ -7,6 +7,7 @@
 #include <inttypes.h>
 
 #include "bus-error.h"
+#include "bus-util.h"
 #include "guest.h"
 #include "engine.h"
 #include "helper.h"
@@ -236,15 +237,12 @@ static int map_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
 
 int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_bus_error *error) {
         Engine *m = d->guest->engine;
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         unsigned maps = 0, all = 0, mine = 0;
         uid_t caller;
         RangeOp *op;
         int r;
 
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
-        if (r >= 0)
-                r = sd_bus_creds_get_euid(creds, &caller);
+        r = bus_sender_uid(msg, &caller);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r, "Cannot tell the caller's user: %m");
         for (RangeOp *i = m->range_ops; i; i = i->next)

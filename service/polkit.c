@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <pwd.h>
 
+#include "bus-util.h"
 #include "polkit.h"
 #include "util.h"
 
@@ -388,7 +389,6 @@ static int owner_name(uid_t uid, char *buf, size_t size) {
 int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, const AuthDetails *details,
         sd_bus_error *error) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *call = NULL;
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
         _cleanup_free_ char *key = NULL;
         PolkitQuery *q;
         RegistryUse use;
@@ -437,9 +437,7 @@ int bus_authorize(PolkitRegistry *m, sd_bus_message *msg, const char *action, co
         sender = sd_bus_message_get_sender(msg);
         if (!sender)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Access denied: caller has no bus name.");
-        r = sd_bus_query_sender_creds(msg, SD_BUS_CREDS_EUID, &creds);
-        if (r >= 0)
-                r = sd_bus_creds_get_euid(creds, &uid);
+        r = bus_sender_uid(msg, &uid);
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "Access denied: the caller's user cannot be told (%s).", strerror(-r));

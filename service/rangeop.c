@@ -362,7 +362,8 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
  * killed and the range fails: otherwise the disk would stay "starting", Start Busy and Cancel
  * with nothing to cancel, for as long as a QEMU that stalls its handshake wants. A map has its
  * own deadline for the whole (MapTimeoutSec=). */
-#define PULL_READY_TIMEOUT_USEC (10 * USEC_PER_SEC)
+#define PULL_READY_TIMEOUT_SEC 10
+#define PULL_READY_TIMEOUT_USEC (PULL_READY_TIMEOUT_SEC * USEC_PER_SEC)
 
 static int ready_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         RangeOp *op = userdata;
@@ -370,11 +371,11 @@ static int ready_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         op->deadline = sd_event_source_disable_unref(op->deadline);
         if (op->ending || op->ready)
                 return 0;
-        log_warning("Guest %s disk %s: the pull helper did not get through QEMU's NBD handshake within %" PRIu64
-                    " s; stopping it.",
-                op->guest->name, op->alias, PULL_READY_TIMEOUT_USEC / USEC_PER_SEC);
+#define NOT_READY "the pull helper did not get through QEMU's NBD handshake within " STRINGIFY(PULL_READY_TIMEOUT_SEC) " s"
+        log_warning("Guest %s disk %s: " NOT_READY "; stopping it.", op->guest->name, op->alias);
         (void) helper_kill(op->child); /* its end comes through helper_exited() */
-        range_op_end(op, STREAM_FAILED, "the pull helper did not get through QEMU's NBD handshake within 10 s");
+        range_op_end(op, STREAM_FAILED, NOT_READY);
+#undef NOT_READY
         return 0;
 }
 

@@ -18,6 +18,11 @@
 #include <unistd.h>
 
 #define UID_FMT "%" PRIu32
+
+/* A macro's value as a string literal: STRINGIFY(10) is "10". */
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
+
 #define UID_INVALID ((uid_t) -1)
 
 typedef uint64_t usec_t;

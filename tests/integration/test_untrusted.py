@@ -176,7 +176,7 @@ class SilentPullTest(h.TestCase):
         d = g.disk()
         for _ in range(2):
             e = self.assertDBusError(ERR_HELPER_FAILED, d.call, 'Start', 'tta{sv}', T(0), T(MiB), h.no_opts())
-            self.assertIn('did not get through', e.message)
+            self.assertIn("did not get through QEMU's NBD handshake within 10 s", e.message)
             self.assertEqual(d.prop('State'), 'idle', 'a Start that failed left the disk in another state')
             h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the helper to be killed')
 
