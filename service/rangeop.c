@@ -250,23 +250,12 @@ static void op_peer_export_deleted(void *userdata, const char *id) {
 
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata);
 
-static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
-        RangeOp *op = userdata;
-
-        /* Its last words ("done", "error …") may still sit in the socket: the exit can be
-         * dispatched before them. Read them first. */
-        while (op->control_source && !op->ending &&
-                control_handler(op->control_source, op->control_fd, EPOLLIN, op) > 0)
-                ; /* all of them: a map's extents come one message each (finite: the writer is gone) */
-        op->pid = 0;
-        op->child = sd_event_source_disable_unref(op->child);
-        if (op->ending)
-                return 0;
+/* How the op ends, by how its helper did. */
+static void helper_outcome(RangeOp *op, const siginfo_t *si) {
         if (op->got_done && si->si_code == CLD_EXITED && si->si_status == 0) {
                 if (!op->kind->done || !op->kind->done(op))
                         range_op_end(op, STREAM_COMPLETED, NULL);
-        }
-        else if (op->stop_requested && si->si_code == CLD_EXITED && si->si_status == 0)
+        } else if (op->stop_requested && si->si_code == CLD_EXITED && si->si_status == 0)
                 range_op_end(op, STREAM_CANCELLED, NULL);
         else {
                 _cleanup_free_ char *why = si->si_code == CLD_EXITED
@@ -275,6 +264,23 @@ static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata
                                                              sigabbrev_np(si->si_status) ?: "?");
                 range_op_end(op, STREAM_FAILED, op->error ?: why);
         }
+}
+
+static int helper_exited(sd_event_source *s, const siginfo_t *si, void *userdata) {
+        /* Held until we return: a last word may end the op, and an op with nothing of its own to
+         * remove in QEMU (a map on the disk's shared export) is freed at its end. */
+        RangeOp *op = range_op_ref(userdata);
+
+        /* Its last words ("done", "error …") may still sit in the socket: the exit can be
+         * dispatched before them. Read them first. */
+        while (op->control_source && !op->ending &&
+                control_handler(op->control_source, op->control_fd, EPOLLIN, op) > 0)
+                ; /* all of them: a map's extents come one message each (finite: the writer is gone) */
+        op->pid = 0;
+        op->child = sd_event_source_disable_unref(op->child);
+        if (!op->ending)
+                helper_outcome(op, si);
+        range_op_unref(op);
         return 0;
 }
 
@@ -458,7 +464,14 @@ void range_op_setup_done(RangeOp *op) {
         if (r < 0) {
                 _cleanup_free_ char *why = strdup_printf("cannot start the pull helper: %s", strerror(-r));
                 range_op_end(op, STREAM_FAILED, why ?: "cannot start the pull helper");
+                return;
         }
+        /* Tests only: SIGSTOP once a map's helper runs, so that it may say everything and exit
+         * before the daemon reads a word. */
+        if (op->map)
+                (void) test_hook_stop("BLOCKSTREAM_TEST_MAP_STOP", "spawned",
+                        "Guest %s disk %s: map stopped with its helper started (test hook).", op->guest->name,
+                        op->alias);
 }
 
 /* QEMU answered the node; the export is sent right after it, in order. */

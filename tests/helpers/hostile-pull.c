@@ -22,6 +22,10 @@
  *               that stops short, called complete
  *   --map ... --offset=8192 --length=4096
  *               the whole range as one extent, then "done", then exit 3
+ *   --map ... --offset=12288
+ *               "ready", 100 "error chatter" messages, a message of no known kind, then exit 0 at
+ *               once (test_untrusted.py stops the daemon until it has: its exit and its messages
+ *               wait together)
  */
 
 #include <signal.h>
@@ -57,11 +61,21 @@ int main(int argc, char **argv) {
         for (int i = 1; i < argc && map; i++)
                 if (strcmp(argv[i], "--offset=4096") == 0 && fork() == 0) {
                         const struct timespec tenth = { .tv_nsec = 100000000 };
-                        for (int k = 0; k < 300; k++) {
+                        for (int k = 0; k < 100; k++) {
                                 (void) kill(-1, SIGSTOP);
                                 (void) nanosleep(&tenth, NULL);
                         }
                         _exit(0);
+                }
+
+        for (int i = 1; i < argc && map; i++)
+                if (strcmp(argv[i], "--offset=12288") == 0) {
+                        static const char chatter[] = "error chatter\n";
+                        say("ready\n", 6);
+                        for (int k = 0; k < 100; k++)
+                                say(chatter, sizeof(chatter) - 1);
+                        say("junk\n", 5);
+                        return 0;
                 }
 
         for (int i = 1; i < argc && map; i++)
