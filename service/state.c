@@ -404,10 +404,11 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 dup_field(o, "range_node", false, &d->range_node) < 0 ||
                 dup_field(o, "range_export", false, &d->range_export) < 0 ||
                 dup_field(o, "range_bottom", false, &d->range_bottom) < 0 ||
-                dup_field(o, "job_base", false, &d->job_base) < 0 || (d->job_base && !qemu_id_is_valid(d->job_base)) ||
+                dup_field(o, "job_base", false, &d->job_base) < 0 ||
+                /* node names of the chain: QEMU's own ("#block123") or ones given to it */
+                (d->job_base && !qemu_node_name_is_valid(d->job_base)) ||
+                (d->range_bottom && !qemu_node_name_is_valid(d->range_bottom)) ||
                 (d->range_node && !qemu_id_is_valid(d->range_node)) || (d->range_export && !qemu_id_is_valid(d->range_export)) ||
-                /* a node name of QEMU's own ("#block123") or one given to it */
-                (d->range_bottom && !qemu_id_is_valid(d->range_bottom + (d->range_bottom[0] == '#'))) ||
                 pivot_from_json(o, d) < 0 || (!isempty(d->node_name) && !qemu_node_name_is_valid(d->node_name)))
                 return -EBADMSG;
         return 0;

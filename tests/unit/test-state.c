@@ -289,15 +289,16 @@ static void test_pivot_record(void) {
 }
 
 /* A disk's alias and node name in a guest's record: checked as where they came from (QEMU,
- * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. */
-static int parse_guest_disk(const char *alias, const char *node) {
+ * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. extra: more of the
+ * disk's fields (",\"key\":value…"). */
+static int parse_guest_disk_with(const char *alias, const char *node, const char *extra) {
         _cleanup_free_ char *json = strdup_printf(
                 "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
                 "\"job_seq\":1,\"disks\":[{\"alias\":\"%s\",\"node_name\":\"%s\",\"path\":\"/img/top.qcow2\","
                 "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
                 "\"bandwidth\":0,\"job\":{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,\"length\":0,\"done\":0,"
-                "\"total\":0,\"bandwidth\":0,\"start_time\":0}}]}",
-                alias, node);
+                "\"total\":0,\"bandwidth\":0,\"start_time\":0}%s}]}",
+                alias, node, extra);
         _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
         StateGuest g = {};
         int r;
@@ -309,6 +310,10 @@ static int parse_guest_disk(const char *alias, const char *node) {
         return r;
 }
 
+static int parse_guest_disk(const char *alias, const char *node) {
+        return parse_guest_disk_with(alias, node, "");
+}
+
 static void test_disk_names_record(void) {
         ASSERT_OK(parse_guest_disk("vda", "n"));
         ASSERT_OK(parse_guest_disk("virtio-disk0", "#block123"));
@@ -318,6 +323,19 @@ static void test_disk_names_record(void) {
         ASSERT_ERRNO(parse_guest_disk("", "n"), -EBADMSG);
         ASSERT_ERRNO(parse_guest_disk("vda", "a b"), -EBADMSG);
         ASSERT_ERRNO(parse_guest_disk("vda", "../n"), -EBADMSG);
+}
+
+/* A job's base and a range's bottom are node names of the chain, QEMU's own ("#block354" on a
+ * -drive guest) as well as given ones: a guest whose stream kept such a base was dropped at the
+ * next start ("State file … is invalid"). */
+static void test_job_base_record(void) {
+        ASSERT_OK(parse_guest_disk_with("vda", "n", ",\"job_base\":\"#block354\""));
+        ASSERT_OK(parse_guest_disk_with("vda", "n", ",\"job_base\":\"base-node\""));
+        ASSERT_OK(parse_guest_disk_with("vda", "n", ",\"range_bottom\":\"#block12\""));
+        ASSERT_ERRNO(parse_guest_disk_with("vda", "n", ",\"job_base\":\"#\""), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk_with("vda", "n", ",\"job_base\":\"../n\""), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk_with("vda", "n", ",\"job_base\":\"##block1\""), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_disk_with("vda", "n", ",\"range_bottom\":\"a b\""), -EBADMSG);
 }
 
 /* The storage helper's identity in a guest's record (extra: its fields, or ""): read back as
@@ -374,6 +392,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_bad_file_is_removed);
         TAP_RUN(test_pivot_record);
         TAP_RUN(test_disk_names_record);
+        TAP_RUN(test_job_base_record);
         TAP_RUN(test_storage_identity_record);
         return tap_finish();
 }
