@@ -61,6 +61,9 @@ typedef struct Provision {
         bool use_cache;
         ProvisionCache cache;
         uint64_t requested; /* with a cache: option 'size' (0: none), the overlay's; p->size is the template's */
+        gid_t gid;     /* a caller other than root: its gid and groups, for what is done as it */
+        gid_t *gids;
+        size_t n_gids;
         int dir_fd; /* the target's directory, opened beneath its image directory */
         char *leaf; /* the target's name in it */
         pid_t pid;
@@ -100,6 +103,7 @@ static Provision *provision_free(Provision *p) {
         sd_event_source_disable_unref(p->out_source);
         closep(&p->out_fd);
         closep(&p->dir_fd);
+        free(p->gids);
         free(p->leaf);
         free(p->template);
         free(p->format);
@@ -197,26 +201,46 @@ static int create_overlay(Provision *p, sd_bus_error *error) {
         return create_overlay_on(p, p->template, p->format, NULL, error);
 }
 
+typedef struct Create {
+        int dir_fd;
+        const char *leaf;
+        int fd;
+} Create;
+
+static int create_target(void *userdata) {
+        Create *c = userdata;
+
+        c->fd = openat(c->dir_fd, c->leaf, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
+        return c->fd < 0 ? -errno : 0;
+}
+
 static int create_overlay_on(
         Provision *p, const char *backing, const char *backing_format, struct stat *ret_st, sd_bus_error *error) {
-        _cleanup_close_ int fd = -1;
         _cleanup_free_ char *why = NULL;
+        Create c = { .dir_fd = p->dir_fd, .leaf = p->leaf, .fd = -1 };
+        _cleanup_close_ int fd = -1;
         struct stat st;
         int r;
 
-        fd = openat(p->dir_fd, p->leaf, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR | O_CLOEXEC | O_NOCTTY, 0600);
-        if (fd < 0 && errno == EEXIST)
+        /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use, made as
+         * that caller: only where it may create a file itself (write and search permission on the
+         * directory, its sticky bit), and owned by it and its group from the start. */
+        r = p->caller == 0 ? create_target(&c) : fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, create_target, &c);
+        fd = c.fd;
+        if (r == -EEXIST)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
                         "Target %s exists already (or is a symbolic link); refusing to overwrite it.", p->target);
-        if (fd < 0)
-                return sd_bus_error_set_errnof(error, errno, "Cannot create target %s: %m", p->target);
+        if (r == -EACCES || r == -EPERM)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                        "You (uid " UID_FMT ") may not create %s yourself (that needs write and search permission on "
+                        "its directory), so it is not created for you.",
+                        p->caller, p->target);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Cannot create target %s: %m", p->target);
         if (fstat(fd, &st) < 0)
                 return sd_bus_error_set_errnof(error, errno, "Cannot stat the new target %s: %m", p->target);
 
         r = image_write_qcow2_overlay(fd, p->size, backing, backing_format, &why);
-        /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use. */
-        if (r >= 0 && p->caller != 0 && fchown(fd, p->caller, (gid_t) -1) < 0)
-                r = -errno;
         if (r >= 0 && fchmod(fd, 0600) < 0)
                 r = -errno;
         if (r < 0) {
@@ -444,16 +468,11 @@ static int read_check(void *userdata) {
  * again beneath its image directory, with the caller's uid, gid and groups as this thread's
  * file-system identity (fs-identity.h). In this thread, as our own opens of the chain were: no
  * process of the caller's (who could stop it) that we wait for. */
-static int caller_may_read(const Provision *p, sd_bus_message *msg, const ImageChain *chain, sd_bus_error *error) {
-        _cleanup_free_ gid_t *gids = NULL;
+static int caller_may_read(const Provision *p, const ImageChain *chain, sd_bus_error *error) {
         ReadCheck c = { .dirs = p->config->image_dirs, .chain = chain };
-        size_t n_gids = 0;
-        gid_t gid;
         int r;
 
-        r = bus_caller_groups(msg, p->caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
-        if (r >= 0)
-                r = fs_identity_run(p->caller, gid, gids, n_gids, read_check, &c);
+        r = fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, read_check, &c);
         if (r == -EACCES)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "Cannot provision %s: you may not read %s yourself, so no overlay on it is made for you.",
@@ -527,6 +546,19 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 provision_free(p);
                 return -ENOMEM;
         }
+        /* What is done as the caller is done with its groups as the bus (or the user database)
+         * tells them now. */
+        if (caller != 0) {
+                r = bus_caller_groups(msg, caller, CALLER_GROUPS_MAX, &p->gid, &p->gids, &p->n_gids);
+                if (r < 0) {
+                        provision_free(p);
+                        if (r == -ENOMEM)
+                                return r;
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "Cannot tell the groups of uid " UID_FMT " (%s), so nothing is made for it.", caller,
+                                strerror(-r));
+                }
+        }
 
         if (url) {
                 /* A cache is for what crosses the network; a local socket is local already. */
@@ -588,7 +620,7 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 p->size = (p->size + 511) & ~UINT64_C(511);
                 /* Root reads what the caller names: only what the caller could read itself. */
                 if (caller != 0) {
-                        r = caller_may_read(p, msg, &chain, error);
+                        r = caller_may_read(p, &chain, error);
                         if (r < 0) {
                                 provision_free(p);
                                 return r;

@@ -224,6 +224,14 @@ class PolkitTestCase(h.TestCase):
     def assertOk(self, r, what):
         self.assertTrue(r['ok'], '%s was refused: %r' % (what, r))
 
+    def shared_dir(self):
+        """A directory beneath the image directory where anyone may create files, as in /tmp: an
+        overlay is created as its caller (ProvisionDisk)."""
+        d = os.path.join(self.env.images, 'shared')
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o1777)
+        return d
+
     def assertPastAuth(self, r, what):
         """The call got past authorization: success, or an error of the method itself."""
         self.assertTrue(r['ok'] or (r['error'] not in NOT_PAST_AUTH and not r['error'].startswith('local:')),
@@ -347,7 +355,7 @@ class MatrixTest(PolkitTestCase):
             check(EXPORT, 'Export', lambda: do(d.path, h.IFACE_STREAM, 'Export', 'a{sv}', '({},)'), exported)
 
             # manage
-            target = os.path.join(self.env.images, 'provisioned-%s-%s.qcow2' % (caller, g_owner))
+            target = os.path.join(self.shared_dir(), 'provisioned-%s-%s.qcow2' % (caller, g_owner))
 
             def provisioned(r, what, target=target):
                 self.assertPastAuth(r, what)

@@ -7,6 +7,7 @@ through; a caller gets no overlay on a template it may not read; remote template
 the administrator's TemplateURLPrefixes=."""
 
 import os
+import pwd
 import socket
 import stat
 import subprocess
@@ -543,7 +544,7 @@ class ProvisionCallerTest(h.TestCase):
         """Issue 9, item 10: root must not read a template for a caller who may not read it."""
         c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
         d = os.path.dirname(c.top)
-        os.chmod(d, 0o755)
+        os.chmod(d, 0o1777)  # anyone may create files here, as in /tmp
         for img in (c.base, c.mid, c.top):
             os.chmod(img, 0o644)
         for secret in (c.top, c.base):
@@ -582,6 +583,7 @@ class ProvisionCallerTest(h.TestCase):
         bstest-member (in that group) and not by bstest-owner."""
         c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
         d = os.path.dirname(c.top)
+        os.chmod(d, 0o1777)
         gid = h.grp.getgrnam(h.BLOCKSTREAM_GROUP).gr_gid
         for img in (c.base, c.mid, c.top):
             os.chown(img, 0, gid)
@@ -596,6 +598,36 @@ class ProvisionCallerTest(h.TestCase):
         st = os.lstat(target)
         self.assertEqual((st.st_uid, stat.S_IMODE(st.st_mode)), (self.uids[h.MEMBER], 0o600))
 
+    def test_target_only_where_the_caller_may_create_it(self):
+        """The overlay is created as the caller: where it may create a file itself, owned by it and its
+        group. Root created it anywhere beneath an image directory and handed it over, so a caller
+        could put a file of its own in a directory of templates (a name an administrator would later
+        copy a template onto, the file staying the caller's) or in another user's directory."""
+        c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
+        for img in (c.base, c.mid, c.top):
+            os.chmod(img, 0o644)
+        d = os.path.dirname(c.top)
+        os.chmod(d, 0o755)  # root's, as a directory of templates is
+        mine = os.path.join(self.env.images, self.unique_name('mine'))
+        os.makedirs(mine)
+        theirs = os.path.join(self.env.images, self.unique_name('theirs'))
+        os.makedirs(theirs, mode=0o700)
+        os.chown(mine, self.uids[h.OWNER], -1)
+        os.chown(theirs, self.uids[h.MEMBER], -1)
+        for target in (os.path.join(d, 'debian-13.qcow2'), os.path.join(theirs, 'squat.qcow2')):
+            with self.subTest(target=target):
+                r = self.provision_as(h.OWNER, c.top, target)
+                self.assertFalse(r['ok'], 'bstest-owner made %s: %r' % (target, r))
+                self.assertEqual(r['error'], h.ERR_ACCESS_DENIED, r)
+                self.assertFalse(os.path.lexists(target))
+        # In its own directory: made, its own, with its group.
+        target = os.path.join(mine, 'vm.qcow2')
+        r = self.provision_as(h.OWNER, c.top, target)
+        self.assertTrue(r['ok'], r)
+        st = os.lstat(target)
+        owner = pwd.getpwuid(self.uids[h.OWNER])
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (owner.pw_uid, owner.pw_gid, 0o600))
+
     def test_a_caller_cannot_stall_the_read_check(self):
         """Whether the caller may read the template was checked in a child with the caller's uid, which
         the caller may signal: stopped, it left the call unanswered for good, the daemon holding the
@@ -603,7 +635,7 @@ class ProvisionCallerTest(h.TestCase):
         the daemon starts (tests/helpers/stopper) still provisions, and finds nothing to stop."""
         c = h.Chain(os.path.join(self.env.images, self.unique_name('tpl')), SIZE)
         d = os.path.dirname(c.top)
-        os.chmod(d, 0o755)
+        os.chmod(d, 0o1777)
         for img in (c.base, c.mid, c.top):
             os.chmod(img, 0o644)
         stopper = h.spawn(h.setpriv_argv(h.OWNER) + [STOPPER, str(self.env.daemon.proc.pid)],
