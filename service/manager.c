@@ -24,6 +24,7 @@
 #include "provision.h"
 #include "qmp-socket.h"
 #include "state.h"
+#include "storage.h"
 #include "stream.h"
 #include "util.h"
 
@@ -414,6 +415,14 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                 if (r < 0)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s", alias,
                                 why ?: strerror(-r));
+                /* Its owner's own images only: what the owner could not open is not opened for them
+                 * (checked again each time the storage helper takes them). */
+                r = storage_owner_may_use(m->engine.config.image_dirs, g->owner, &chain, &why);
+                if (r == -ENOMEM)
+                        return r;
+                if (r < 0)
+                        return sd_bus_error_setf(error, r == -EACCES ? SD_BUS_ERROR_ACCESS_DENIED : SD_BUS_ERROR_FAILED,
+                                "Disk '%s': %s.", alias, why ?: strerror(-r));
                 r = disk_new(&d, g, &guest_disk_host, alias);
                 if (r < 0)
                         return r;

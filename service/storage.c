@@ -429,13 +429,14 @@ typedef struct OwnerRead {
 static int owner_reads(void *userdata) {
         OwnerRead *o = userdata;
 
-        for (size_t i = 1; i < o->chain->n; i++) {
+        for (size_t i = 0; i < o->chain->n; i++) {
                 _cleanup_close_ int fd = -1;
                 struct stat want, st;
 
                 if (fstat(o->chain->images[i].fd, &want) < 0)
                         return -errno;
-                if (image_open_beneath(o->dirs, o->chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
+                /* The top is written (a stream, an export's writes), the rest only read. */
+                if (image_open_beneath(o->dirs, o->chain->images[i].path, i == 0, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
                         st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
                         o->failed = i;
                         return -EACCES;
@@ -444,22 +445,23 @@ static int owner_reads(void *userdata) {
         return 0;
 }
 
-/* Whether the guest's owner could read the images below the top of the chain themselves. The owner
- * may write the top image's header, and with it name as its backing any file beneath an image
- * directory, which we open as root and hand to QEMU: a stream or a map would then copy into their
- * image, or show them, a file they may not read. So each path is opened again beneath its image
- * directory as we did, with the owner's uid, gid and groups as this thread's file-system identity
- * (an owner without an account: no group but nogroup), and must reach the very file we opened.
- * Done in this thread, as the chain's own opens are: no child the owner could stop while we wait.
- * 0, or -EACCES with *ret_error naming the image, or -errno. */
-static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
+/* Whether the guest's owner could open the chain's images themselves: the top for writing, the rest
+ * for reading. Whoever registers a guest that is not running names its images, and the owner may
+ * write the top image's header, and with it name as its backing any file beneath an image
+ * directory, all of which we open as root and hand to QEMU: a stream or a map would then copy into
+ * their image, or show them, a file they may not read, or write another user's image. So each path
+ * is opened again beneath its image directory as we did, with the owner's uid, gid and groups as
+ * this thread's file-system identity (an owner without an account: no group but nogroup), and
+ * must reach the very file we opened. Done in this thread, as the chain's own opens are: no child
+ * the owner could stop while we wait. 0, or -EACCES with *ret_error naming the image, or -errno. */
+int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
         _cleanup_free_ gid_t *gids = NULL;
         OwnerRead o = { .dirs = dirs, .chain = chain };
         size_t n_gids = 0;
         gid_t gid;
         int r;
 
-        if (owner == 0 || chain->n < 2)
+        if (owner == 0)
                 return 0;
         r = user_groups(owner, OWNER_GROUPS_MAX, &gid, &gids, &n_gids);
         if (r == -ESRCH) {
@@ -468,10 +470,11 @@ static int owner_may_read(char *const *dirs, uid_t owner, const ImageChain *chai
         } else if (r < 0)
                 return r;
         r = fs_identity_run(owner, gid, gids, n_gids, owner_reads, &o);
-        if (r == -EACCES && o.failed > 0)
-                *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read %s themselves, so it is "
-                                           "not read for them",
-                        owner, chain->images[o.failed].path);
+        if (r == -EACCES)
+                *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so it is "
+                                           "not %s for them",
+                        owner, o.failed == 0 ? "write" : "read", chain->images[o.failed].path,
+                        o.failed == 0 ? "used" : "read");
         else if (r < 0)
                 *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
                                            "images: %s",
@@ -493,7 +496,7 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
                 host->config->image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
         if (r < 0)
                 return r;
-        r = owner_may_read(host->config->image_dirs, sb->owner, &chain, ret_error);
+        r = storage_owner_may_use(host->config->image_dirs, sb->owner, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {

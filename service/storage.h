@@ -87,6 +87,11 @@ void storage_helper_stop(const StorageHost *host);
 void storage_helper_kill(const StorageHost *host);
 bool storage_helper_attached(const StorageHost *host);
 
+/* Could owner open chain's images themselves, beneath dirs as we did: the top for writing, the rest
+ * for reading (root: yes)? 0, or -EACCES with *ret_error naming the image, or -errno. */
+typedef struct ImageChain ImageChain;
+int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error);
+
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
  * exiting and holding their images' locks); how many still had a live thread, or -errno
  * (-EUSERS: a helper of another live daemon runs as uid, and is left alone). */

@@ -594,6 +594,39 @@ class OfflineTest(h.TestCase):
         self.assertIsNone(h.image_backing(c.top))
 
 
+    def test_an_image_its_owner_may_not_write_is_not_theirs(self):
+        """Whoever registers a guest that is not running names its images, and the guest's owner then
+        maps, streams and exports them. A user (polkit lets them manage their own guests) named
+        another's image: a map showed them its layout, a stream wrote into it. Its owner must be able
+        to write the top themselves, and read the rest."""
+        owner = h.ensure_test_users()[h.OWNER]
+        c = self.make_chains(('vda',), 16 * MiB)['vda']  # root's, 0644
+        name = self.unique_name()
+        e = self.assertDBusError(h.ERR_ACCESS_DENIED, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER,
+                                 'RegisterGuest', 'ssa{sv}', name, '', o.offline_options({'vda': c.top},
+                                                                                        owner=h.U(owner)))
+        self.assertIn(c.top, e.message)
+        self.assertIn('may not write', e.message)
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
+                             name)
+        # The owner's own top: theirs.
+        os.chown(c.top, owner, owner)
+        self.register(name, '', o.offline_options({'vda': c.top}, owner=h.U(owner)))
+        self.addCleanup(self.unregister_quietly, name)
+        # Theirs no more (given back to root): not streamed for them.
+        os.chown(c.top, 0, 0)
+        d = h.Guest(self, name, None, {'vda': c}, h.guest_path(name)).disk()
+        since = time.monotonic()
+        _, e = d.try_call('Start', 'tta{sv}', T(0), T(0), h.no_opts())
+        if e is None:
+            res, _, err = d.wait_finished(60, since)
+            self.assertEqual(res, 'failed', 'a stream wrote an image its owner may not write')
+        else:
+            err = e.message
+        self.assertIn('may not write', err)
+        self.assertIsNotNone(h.image_backing(c.top))
+
+
 class OneGuestRangeBase(h.TestCase):
     """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
     top uids are the probes'); guest(): an offline guest of one disk."""
