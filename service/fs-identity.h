@@ -7,10 +7,11 @@
  * could have reached it too. That check once ran in a child that took the user's uid: the user may
  * signal such a child, and one stopped held the daemon while it waited. Here the calling thread
  * takes the user's file-system identity instead (fsuid, fsgid and supplementary groups, by raw
- * system calls, which change this thread only), runs the check, and takes its own back. While the
- * fsuid is not 0 the kernel removes our capabilities over files from the effective set (they come
- * back with fsuid 0), so path lookups and opens are checked as the user's. A user's FUSE mount
- * without allow_other answers our euid 0 with EACCES: it cannot hold the lookup either. */
+ * system calls, which change this thread only) and no capability in effect (capset, this thread
+ * too: the kernel takes those over files away with the fsuid, but CAP_SYS_PTRACE would still open
+ * /proc/PID/cwd of any process), runs the check, and takes its own back. Path lookups and opens
+ * are checked as the user's. A user's FUSE mount without allow_other answers our euid 0 with
+ * EACCES: it cannot hold the lookup either. */
 
 #include <sys/types.h>
 

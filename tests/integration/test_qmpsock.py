@@ -268,6 +268,29 @@ class PeerTest(QmpSocketCase):
         self.assertTrue(r['ok'], r)
         self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True)
 
+    def test_no_way_through_another_process(self):
+        """The caller's check kept the daemon's capabilities other than those over files: with
+        CAP_SYS_PTRACE its walk went through /proc/PID/cwd of any process, into a directory the
+        caller may not search, to a QEMU the caller could not reach itself."""
+        self.restart_daemon('root')
+        q = self.start_qemu(self.make_chains(('vda',), 64 * h.MiB))
+        # hidden/ (0700) / vm/ (0755) / qmp.sock (0777): only a directory above it is closed.
+        hidden = os.path.join(self.env.dir, self.unique_name('hidden'))
+        vm = os.path.join(hidden, 'vm')
+        os.makedirs(vm)
+        os.chmod(hidden, 0o700)
+        os.chmod(vm, 0o755)
+        os.rename(q.daemon_socket, os.path.join(vm, 'qmp.sock'))
+        os.chmod(os.path.join(vm, 'qmp.sock'), 0o777)
+        sleeper = h.spawn(['sleep', '600'], cwd=vm)  # root's, its cwd in there
+        self.addCleanup(sleeper.kill)
+        name = PREFIX + self.unique_name()
+        path = '/proc/%d/cwd/qmp.sock' % sleeper.pid
+        r = self.register_as_member(name, path)
+        self.assertFalse(r['ok'], 'bstest-member registered a socket it cannot reach, through %s: %r' % (path, r))
+        self.assertEqual(r['error'], h.ERR_ACCESS_DENIED, r)
+        self.assertNoGuest(name)
+
     def test_a_caller_cannot_stall_the_access_check(self):
         """The check that the caller may reach the socket ran in a child with the caller's uid, which
         the caller may signal: stopped, it held the daemon's only thread until its 5 s deadline, and
