@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 
 #include "fs-identity.h"
@@ -96,12 +97,24 @@ typedef struct AccessCheck {
         int dir_fd, sock_fd;
 } AccessCheck;
 
+/* faccessat2(AT_EACCESS) itself: the permission checked with this thread's fsuid, fsgid and
+ * groups. Where the kernel has no faccessat2 (before 5.8), glibc's faccessat() would check with
+ * the real uid, root's, and grant everything: never taken as a yes. */
+static int access_as_fs_identity(const char *path, int mode) {
+        if (syscall(SYS_faccessat2, AT_FDCWD, path, mode, AT_EACCESS) >= 0)
+                return 0;
+        if (errno == ENOSYS)
+                return -EOPNOTSUPP;
+        return -errno;
+}
+
 /* With the caller's file-system identity (fs-identity.h): 0 if they may connect, -EACCES if not. */
 static int check_access(void *userdata) {
         const AccessCheck *c = userdata;
         _cleanup_close_ int fd = -1;
         char p[PROC_FD_PATH_MAX];
         struct stat a, b;
+        int r;
 
         /* Search permission down to the directory, as that user resolves it: the same one. */
         fd = open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -114,12 +127,11 @@ static int check_access(void *userdata) {
         /* Search permission on the directory itself, write permission on the socket (the magic
          * links of our own fds: /proc lets our own thread group through whoever we are). */
         (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->dir_fd);
-        if (faccessat(AT_FDCWD, p, X_OK, AT_EACCESS) < 0)
-                return -errno;
+        r = access_as_fs_identity(p, X_OK);
+        if (r < 0)
+                return r;
         (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->sock_fd);
-        if (faccessat(AT_FDCWD, p, W_OK, AT_EACCESS) < 0)
-                return -errno;
-        return 0;
+        return access_as_fs_identity(p, W_OK);
 }
 
 /* In this thread, as the daemon's own open of the path was: no process of the caller's (who could
