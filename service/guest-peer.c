@@ -623,7 +623,12 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         }
         log_debug("Guest %s: QMP peer on %s is pid %d, uid " UID_FMT ".", g->name, g->qmp_socket, (int) peer.pid,
                 (uint32_t) peer.uid);
-        g->qmp_pid = peer.pid;
+        /* The process whose open files pin the disks (guest-pins.c): the listener itself, or none. */
+        closep(&g->qmp_proc_fd);
+        if (qmp_socket_peer_proc(fd, &peer, &g->qmp_proc_fd) < 0)
+                log_warning("Guest %s: the process that listens on %s (pid %d) is gone or cannot be vouched for; "
+                            "its disks cannot be pinned (no mirror, no handoff) until it connects again.",
+                        g->name, g->qmp_socket, (int) peer.pid);
         /* Pinned only now that what was found is trusted. */
         if (!g->qmp_pin.set || !sd_id128_equal(g->qmp_pin.boot_id, seen.boot_id)) {
                 g->qmp_pin = seen;
@@ -689,6 +694,7 @@ static bool guest_peer_offline(void *userdata) {
 static void guest_peer_lost(void *userdata) {
         Guest *g = userdata;
 
+        closep(&g->qmp_proc_fd);
         for (size_t i = 0; i < g->n_disks; i++) {
                 g->disks[i]->map_export = mfree(g->disks[i]->map_export);
                 g->disks[i]->map_export_node = mfree(g->disks[i]->map_export_node);

@@ -23,21 +23,25 @@
 /* Whether g's QEMU is there to be looked at: running, connected (its pid from the socket), not
  * being handed over. */
 static bool qemu_seen(Guest *g) {
-        return !g->offline && !g->handoff && g->qmp_pid > 0 && guest_qmp_ready(g);
+        return !g->offline && !g->handoff && g->qmp_proc_fd >= 0 && guest_qmp_ready(g);
 }
 
-/* The (device, inode) of the regular file that process pid has open under the name path. */
-static int open_file_id(pid_t pid, const char *path, struct stat *ret) {
-        _cleanup_free_ char *dir_path = strdup_printf("/proc/%d/fd", (int) pid);
+/* The (device, inode) of the regular file that process /proc/PID (proc_fd) has open under the name
+ * path. */
+static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
+        int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         DIR *dir;
         unsigned n = 0;
         int r = 0;
 
-        if (!dir_path)
-                return -ENOMEM;
-        dir = opendir(dir_path);
-        if (!dir)
+        if (fd_dir < 0)
                 return -errno;
+        dir = fdopendir(fd_dir);
+        if (!dir) {
+                r = -errno;
+                close(fd_dir);
+                return r;
+        }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
                 ssize_t k;
@@ -62,7 +66,7 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 
         if (!qemu_seen(g) || isempty(path))
                 return 0;
-        r = open_file_id(g->qmp_pid, path, &st);
+        r = open_file_id(g->qmp_proc_fd, path, &st);
         if (r <= 0)
                 return r;
         *ret_dev = st.st_dev;
@@ -160,21 +164,13 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
 }
 
 int guest_qemu_writes(Guest *g, int fd) {
-        _cleanup_free_ char *proc_path = NULL;
-        _cleanup_close_ int proc_fd = -1;
         struct stat want;
 
         if (!qemu_seen(g))
                 return 0;
         if (fstat(fd, &want) < 0)
                 return -errno;
-        proc_path = strdup_printf("/proc/%d", (int) g->qmp_pid);
-        if (!proc_path)
-                return -ENOMEM;
-        proc_fd = open(proc_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (proc_fd < 0)
-                return -errno;
-        return pid_holds(proc_fd, &want, true);
+        return pid_holds(g->qmp_proc_fd, &want, true);
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -254,12 +250,12 @@ bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino) {
         _cleanup_close_ int fd = -EBADF;
         struct stat st;
 
-        if (g->offline || g->qmp_pid <= 0 || !path)
+        if (g->offline || g->qmp_proc_fd < 0 || !path)
                 return false;
         if (image_open_beneath(g->engine->config.image_dirs, path, false, &fd, &error) < 0 || fstat(fd, &st) < 0 ||
                 (uint64_t) st.st_dev != dev || (uint64_t) st.st_ino != ino)
                 return false;
-        return open_file_id(g->qmp_pid, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
+        return open_file_id(g->qmp_proc_fd, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
 }
 
 /* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had

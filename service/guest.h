@@ -50,7 +50,7 @@ typedef struct Guest {
         QmpSocketPin qmp_pin;
         uid_t qmp_uid;
         bool qmp_uid_pin_next;
-        pid_t qmp_pid; /* the connected QEMU's (SO_PEERCRED), 0: none */
+        int qmp_proc_fd; /* the connected QEMU's /proc/PID, vouched for (qmp_socket_peer_proc()); -1: none */
         char *connect_error;
 
         /* Its QMP peer (peer.h): the QEMU, or an offline guest's storage helper; the private

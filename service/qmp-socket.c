@@ -92,6 +92,67 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer) {
         return 0;
 }
 
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+/* The effective uid in /proc/PID/status (proc_fd). */
+static int proc_euid(int proc_fd, uid_t *ret) {
+        _cleanup_close_ int fd = openat(proc_fd, "status", O_RDONLY | O_CLOEXEC);
+        char buf[4096];
+        const char *line;
+        unsigned long ruid, euid;
+        ssize_t n;
+
+        if (fd < 0)
+                return -errno;
+        n = read(fd, buf, sizeof(buf) - 1);
+        if (n < 0)
+                return -errno;
+        buf[n] = 0;
+        line = strstr(buf, "\nUid:");
+        if (!line || sscanf(line, "\nUid: %lu %lu", &ruid, &euid) != 2)
+                return -EBADMSG;
+        *ret = (uid_t) euid;
+        return 0;
+}
+
+int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd) {
+        _cleanup_close_ int pidfd = -EBADF, proc_fd = -EBADF;
+        socklen_t sl = sizeof(int);
+        char path[32];
+        uid_t euid;
+        int r;
+
+        if (!peer || peer->pid <= 0)
+                return -EINVAL;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &sl) < 0) {
+                if (errno != ENOPROTOOPT && errno != ENOTSUP)
+                        return -ESRCH; /* the listener is gone */
+                pidfd = (int) syscall(SYS_pidfd_open, peer->pid, 0);
+                if (pidfd < 0)
+                        return -ESRCH;
+                (void) snprintf(path, sizeof(path), "/proc/%d", (int) peer->pid);
+                proc_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (proc_fd < 0 || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)
+                        return -ESRCH;
+                /* Without the socket's own pidfd the pid may have gone to another process before
+                 * we connected: that one at least runs as the listener did. */
+                r = proc_euid(proc_fd, &euid);
+                if (r < 0 || euid != peer->uid)
+                        return -ESRCH;
+        } else {
+                (void) snprintf(path, sizeof(path), "/proc/%d", (int) peer->pid);
+                proc_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                /* Alive after the open: the directory is the listener's (a pid is not given again
+                 * while its process lives). */
+                if (proc_fd < 0 || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)
+                        return -ESRCH;
+        }
+        *ret_proc_fd = TAKE_FD(proc_fd);
+        return 0;
+}
+
 typedef struct AccessCheck {
         const char *dir;
         int dir_fd, sock_fd;

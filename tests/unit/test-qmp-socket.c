@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 
 #include "qmp-socket.h"
 #include "util.h"
@@ -142,6 +143,89 @@ static void test_caller_access(void) {
         ASSERT_OK(chmod(base, 0755));
 }
 
+/* The listener a connection reached, as a /proc/PID directory: this process while it listens; none
+ * once the process that called listen() is gone, even with its pid given to another process. */
+static pid_t fork_listen(int srv) {
+        pid_t pid = fork();
+
+        if (pid == 0)
+                _exit(listen(srv, 4) < 0 ? 1 : 0);
+        return pid;
+}
+
+static void test_peer_proc(void) {
+        _cleanup_free_ char *dir = at("e"), *sock = at("e/qmp.sock"), *sock2 = at("e/gone.sock");
+        _cleanup_close_ int srv = -1, sock_fd = -1, fd = -1, proc_fd = -1, self_fd = -1;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct ucred peer = {};
+        struct stat a, b;
+        int status = 0;
+        pid_t listener, newcomer;
+
+        ASSERT_OK(mkdir(dir, 0755));
+        srv = listen_at(sock);
+        ASSERT_TRUE(srv >= 0);
+        ASSERT_OK(qmp_socket_open(sock, NULL, NULL, NULL, &sock_fd));
+        ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
+        ASSERT_OK(qmp_socket_peer_proc(fd, &peer, &proc_fd));
+        self_fd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        ASSERT_TRUE(self_fd >= 0 && fstat(proc_fd, &a) == 0 && fstat(self_fd, &b) == 0);
+        ASSERT_TRUE(a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+        fd = close_fd(fd), sock_fd = close_fd(sock_fd), srv = close_fd(srv), proc_fd = close_fd(proc_fd);
+
+        /* Bound here, listen() called in a child that is gone before anyone connects: the socket's
+         * credentials name a dead process. */
+        srv = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock2);
+        ASSERT_TRUE(srv >= 0 && bind(srv, (struct sockaddr *) &sa, sizeof(sa)) == 0);
+        listener = fork_listen(srv);
+        ASSERT_TRUE(listener > 0 && waitpid(listener, &status, 0) == listener && status == 0);
+        ASSERT_OK(qmp_socket_open(sock2, NULL, NULL, NULL, &sock_fd));
+        ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
+        ASSERT_EQ(peer.pid, listener);
+        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd), -ESRCH);
+        fd = close_fd(fd);
+
+        /* Its pid given to a new process (root: the kernel's next pid set by hand), of another uid
+         * (before Linux 6.5, without the socket's own pidfd, one of the listener's uid would pass:
+         * SECURITY.md): not the listener. */
+        if (geteuid() == 0) {
+                FILE *f = fopen("/proc/sys/kernel/ns_last_pid", "we");
+                int hold[2], ready[2];
+                char c;
+
+                ASSERT_TRUE(f != NULL && pipe2(hold, O_CLOEXEC) == 0 && pipe2(ready, O_CLOEXEC) == 0);
+                if (f) {
+                        fprintf(f, "%d", (int) listener - 1);
+                        fclose(f);
+                }
+                newcomer = fork();
+                if (newcomer == 0) {
+                        close(hold[1]);
+                        close(ready[0]);
+                        if (setresgid(65534, 65534, 65534) < 0 || setresuid(65534, 65534, 65534) < 0)
+                                _exit(1);
+                        (void) write(ready[1], "x", 1);
+                        (void) read(hold[0], &c, 1); /* until the test is done with its pid */
+                        _exit(0);
+                }
+                close(hold[0]);
+                close(ready[1]);
+                ASSERT_EQ(read(ready[0], &c, 1), 1);
+                if (newcomer != listener)
+                        printf("# pid %d went to another process first; the reuse is not tried\n", (int) listener);
+                else {
+                        ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
+                        ASSERT_EQ(peer.pid, listener);
+                        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd), -ESRCH);
+                        fd = close_fd(fd);
+                }
+                close(hold[1]);
+                close(ready[0]);
+                (void) waitpid(newcomer, NULL, 0);
+        }
+}
+
 int main(int argc, char **argv) {
         _cleanup_free_ char *cmd = NULL;
 
@@ -154,6 +238,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_open_and_connect);
         TAP_RUN(test_directory_pinned);
         TAP_RUN(test_caller_access);
+        TAP_RUN(test_peer_proc);
         cmd = strdup_printf("rm -rf '%s'", base);
         if (cmd)
                 (void) system(cmd);
