@@ -96,60 +96,6 @@ bool guest_qmp_ready(Guest *g) {
         return peer_ready(&g->peer);
 }
 
-int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data_fd, const char *label,
-        const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
-        sd_event_source **ret_child, int *ret_control, HelperLog **ret_log) {
-        Engine *m = g->engine;
-        _cleanup_free_ char *path = strdup_printf("%s/%s", engine_helper_dir(m), binary);
-        _cleanup_close_ int exec_fd = -1;
-        int r;
-
-        if (!path)
-                return -ENOMEM;
-        exec_fd = open(path, O_PATH | O_CLOEXEC);
-        if (exec_fd < 0)
-                return log_error_errno(errno, "Cannot open %s: %m", path);
-        r = guest_ensure_runtime_dir(g);
-        if (r < 0)
-                return r;
-        return helper_start(m->event,
-                &(HelperSpec) {
-                        .sandbox = {
-                                .name = g->name,
-                                .uid = g->helper_uid,
-                                .gid = g->helper_uid,
-                                .runtime_dir = g->runtime_dir,
-                                .selinux_label = label,
-                                .fds = &data_fd,
-                                .n_fds = 1,
-                                .argv = argv,
-                                .exec_fd = exec_fd,
-                                /* Its helpers share its uid: each sees and signals no other
-                                 * process, and what it forks dies with it (sandbox.h). */
-                                .own_pids = true,
-                        },
-                        .control_type = SOCK_SEQPACKET,
-                        .log_prefix = log_prefix,
-                        .on_exit = on_exit,
-                        .userdata = userdata,
-                },
-                ret_pid, ret_child, ret_control, ret_log);
-}
-
-int guest_ensure_runtime_dir(Guest *g) {
-        int r;
-
-        if (!g->runtime_dir) {
-                g->runtime_dir = strdup_printf("%s/guests/%s", g->engine->runtime_dir, g->name);
-                if (!g->runtime_dir)
-                        return -ENOMEM;
-        }
-        r = mkdir_p(g->runtime_dir, 0700); /* root's: helpers get it bound in, they need nothing of it */
-        if (r < 0)
-                return log_error_errno(r, "Failed to create %s: %m", g->runtime_dir);
-        return 0;
-}
-
 /* guest_when_ready(): the peer's waiter, with the guest's handler. */
 typedef struct GuestReadyCtx {
         Guest *guest;
@@ -754,12 +700,14 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
         if (g->runtime_dir)
                 (void) rmdir(g->runtime_dir);
         engine_unlink_guest(m, g);
-        guest_free(g);
+        /* The drain drops the calls' callbacks at once, and their destroy functions point into the
+         * guest (a Refresh waiting for QEMU): before it goes. */
         if (d)
                 qmp_close_drained(d->qmp, MIN(m->config.qmp_timeout_usec, UNREGISTER_DRAIN_MAX_USEC),
                         unregister_drained, d);
         else if (reply_to)
                 (void) sd_bus_reply_method_return(reply_to, NULL);
+        guest_free(g);
 }
 
 /* D-Bus */

@@ -121,6 +121,26 @@ class HostileQemuTest(h.TestCase):
         h.log('%d Refresh calls, %d query-block' % (n, queries))
         self.assertLessEqual(queries, 2)
 
+    def test_unregister_while_a_refresh_waits(self):
+        """Unregister while QEMU sits on a Refresh's query: the connection is drained after the guest
+        is gone, and dropping the Refresh's call then wrote into the freed guest (ASan:
+        heap-use-after-free in refresh_ctx_free). The Refresh is answered, the guest is gone, the
+        daemon serves on."""
+        fake, name, gpath = self.register_fake()
+        fake.hold = {'query-block'}
+        g = h.dbus.Interface(self.client.conn.get_object(h.BUS_NAME, gpath, introspect=False), h.IFACE_GUEST)
+        done = []
+        g.Refresh(reply_handler=lambda: done.append(None), error_handler=done.append, timeout=60)
+        self.client.wait_for(lambda: fake.held, 20, 'the query-block')
+        self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', name)
+        fake.release()
+        self.client.wait_for(lambda: done, 30, 'the Refresh answered')
+        self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest',
+                             's', name)
+        self.assertTrue(self.env.daemon.running())
+        other, _, other_path = self.register_fake_named('after')
+        self.client.wait_prop(other_path, h.IFACE_GUEST, 'Running', True)
+
     def test_event_flood_is_paced(self):
         """A QEMU flapping a job as fast as it can: every state change is still signalled, in
         order, but the daemon reads that QEMU at its own pace (200 events a second after a burst
