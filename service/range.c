@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "bus-error.h"
 #include "guest.h"
+#include "helper.h"
 #include "engine.h"
 #include "qemu.h"
 #include "range.h"
@@ -157,17 +158,23 @@ static int range_pause(Disk *d, bool pause) {
         return 0;
 }
 
+/* A helper told to stop has this long to do so (it takes milliseconds), then it is killed: one taken
+ * over, or not reading its socket, would keep the job running after Cancel answered. */
+#define RANGE_STOP_TIMEOUT_USEC (5 * USEC_PER_SEC)
+
 static int range_cancel(Disk *d) {
         RangeOp *op = range_op_of_disk(d);
 
         if (!op)
                 return -ENOTCONN;
         op->stop_requested = true;
-        if (!op->ready) {
+        if (!op->ready || range_op_send(op, CONTROL_COMMAND_STOP, 0) < 0) {
+                /* Not up yet, or not listening (its socket full): it goes with the op. */
                 range_op_end(op, STREAM_CANCELLED, NULL);
                 return 0;
         }
-        return range_op_send(op, CONTROL_COMMAND_STOP, 0);
+        (void) helper_kill_after(op->child, RANGE_STOP_TIMEOUT_USEC);
+        return 0;
 }
 
 static int range_set_bandwidth(Disk *d, uint64_t bandwidth) {

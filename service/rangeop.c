@@ -255,8 +255,9 @@ static void helper_outcome(RangeOp *op, const siginfo_t *si) {
         if (op->got_done && si->si_code == CLD_EXITED && si->si_status == 0) {
                 if (!op->kind->done || !op->kind->done(op))
                         range_op_end(op, STREAM_COMPLETED, NULL);
-        } else if (op->stop_requested && si->si_code == CLD_EXITED && si->si_status == 0)
-                range_op_end(op, STREAM_CANCELLED, NULL);
+        } else if (op->stop_requested)
+                range_op_end(op, STREAM_CANCELLED, NULL); /* asked to stop: however it went (killed after
+                                                           * not stopping in time, say) */
         else {
                 _cleanup_free_ char *why = si->si_code == CLD_EXITED
                                                    ? strdup_printf("the pull helper exited with status %i", si->si_status)

@@ -22,6 +22,9 @@
  *               that stops short, called complete
  *   --map ... --offset=8192 --length=4096
  *               the whole range as one extent, then "done", then exit 3
+ *   --pull ... --offset=196608
+ *               "ready", then nothing: it never reads its control socket (a STOP goes unheard) and
+ *               never exits
  *   --map ... --offset=12288
  *               "ready", 100 "error chatter" messages, a message of no known kind, then exit 0 at
  *               once (test_untrusted.py stops the daemon until it has: its exit and its messages
@@ -66,6 +69,13 @@ int main(int argc, char **argv) {
                                 (void) nanosleep(&tenth, NULL);
                         }
                         _exit(0);
+                }
+
+        for (int i = 1; i < argc && !map; i++)
+                if (strcmp(argv[i], "--offset=196608") == 0) {
+                        say("ready\n", 6);
+                        for (;;)
+                                pause();
                 }
 
         for (int i = 1; i < argc && map; i++)

@@ -178,6 +178,21 @@ class HostileHelperTest(h.TestCase):
         self.assertEqual(d.prop('State'), 'running')
         d.cancel()
 
+    def test_cancel_of_a_helper_that_does_not_stop(self):
+        """Cancel tells a range's helper to stop; one that never does (taken over, or not reading)
+        kept the job running for good after Cancel had answered. It is killed a few seconds
+        after, and the job ends cancelled."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        since = time.monotonic()
+        d.start(196608, 65536)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running')
+        d.cancel()
+        res, _, _ = d.wait_finished(30, since)
+        self.assertEqual(res, 'cancelled')
+        self.assertEqual(d.prop('State'), 'cancelled')
+        h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the helper to be killed')
+
     def survivors(self):
         """Processes running the hostile helper's binary."""
         binary = os.path.join(self.env.dir, 'helpers-blockstream-pull', 'blockstream-pull')
