@@ -82,11 +82,22 @@ static void range_finish(RangeOp *op, Disk *d) {
         }
 }
 
+/* "done" counts once the helper's own last report said all of the range was copied (an honest one
+ * reports that just before): a helper taken over would call a range complete, its progress set to
+ * the whole, that it never copied. */
+static bool range_done(RangeOp *op) {
+        if (op->copied_all)
+                return false;
+        range_op_end(op, STREAM_FAILED, "the pull helper said it was done before it had copied the whole range");
+        return true;
+}
+
 static const RangeOpKind range_kind = {
         .fail_text = "Cannot stream a range of disk",
         .setup = range_setup,
         .ready = range_ready,
         .progress = range_op_job_progress,
+        .done = range_done,
         .finish = range_finish,
 };
 

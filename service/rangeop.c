@@ -636,6 +636,7 @@ int range_op_job_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, i
                 range_op_end(op, STREAM_FAILED, "the pull helper sent a malformed progress report");
                 return 0;
         }
+        op->copied_all = msg->done == msg->total;
         disk_apply_job_changes(d, job_apply_progress(&d->job, msg->done, msg->total, now_usec(CLOCK_MONOTONIC)));
         return 1;
 }

@@ -84,6 +84,7 @@ struct RangeOp {
         sd_event_source *control_source;
         HelperLog *log;
         bool ready, stop_requested, got_done;
+        bool copied_all; /* its last progress report said all of the range was done */
         bool resume, resume_paused; /* a range job of before a daemon restart, carried on */
         bool bandwidth_changed;     /* SetBandwidth before the helper was ready: tell it then */
 

@@ -25,6 +25,8 @@
  *   --pull ... --offset=196608
  *               "ready", then nothing: it never reads its control socket (a STOP goes unheard) and
  *               never exits
+ *   --pull ... --offset=262144
+ *               "ready", then "done" and exit 0: a range called complete with nothing copied
  *   --map ... --offset=12288
  *               "ready", 100 "error chatter" messages, a message of no known kind, then exit 0 at
  *               once (test_untrusted.py stops the daemon until it has: its exit and its messages
@@ -69,6 +71,13 @@ int main(int argc, char **argv) {
                                 (void) nanosleep(&tenth, NULL);
                         }
                         _exit(0);
+                }
+
+        for (int i = 1; i < argc && !map; i++)
+                if (strcmp(argv[i], "--offset=262144") == 0) {
+                        say("ready\n", 6);
+                        say("done\n", 5);
+                        return 0;
                 }
 
         for (int i = 1; i < argc && !map; i++)

@@ -193,6 +193,17 @@ class HostileHelperTest(h.TestCase):
         self.assertEqual(d.prop('State'), 'cancelled')
         h.wait_until(lambda: r.pull_helpers(self.env) == [], 10, 'the helper to be killed')
 
+    def test_a_range_is_what_the_helper_copied(self):
+        """A range's helper that says "done" and exits 0 without having reported the whole range
+        copied: the range completed before (BytesDone set to the whole), nothing copied."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        since = time.monotonic()
+        d.start(262144, 65536)
+        res, _, err = d.wait_finished(30, since)
+        self.assertEqual(res, 'failed', 'a range nobody copied completed')
+        self.assertIn('before it had copied the whole range', err)
+
     def survivors(self):
         """Processes running the hostile helper's binary."""
         binary = os.path.join(self.env.dir, 'helpers-blockstream-pull', 'blockstream-pull')
