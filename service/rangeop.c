@@ -497,11 +497,11 @@ static void export_added_reply(Qmp *q, int error, const char *desc, void *userda
 static void op_server_started(Peer *p, int error, const char *error_text, void *userdata);
 
 static void op_peer_ready(Guest *g, int error, const char *error_text, void *userdata) {
-        RangeOp *op = userdata;
+        RangeOp *op = userdata; /* a reference of the waiter's */
         Disk *d;
         int r;
 
-        if (!op_listed(g->engine, op))
+        if (op->dead || op->ending)
                 return;
         d = guest_find_disk(g, op->alias);
         if (error < 0 || !d) {
@@ -628,7 +628,14 @@ static bool op_peer_busy(void *userdata) {
 }
 
 int range_op_start(RangeOp *op) {
-        return guest_when_ready_fresh(op->guest, op_peer_ready, op, NULL);
+        int r;
+
+        /* The waiter holds a reference: an op that ended meanwhile (its map's deadline) is still
+         * this op when the guest is ready, never another one at the same address. */
+        r = guest_when_ready_fresh(op->guest, op_peer_ready, range_op_ref(op), range_op_unref_void);
+        if (r < 0)
+                range_op_unref(op);
+        return r;
 }
 
 int range_op_job_progress(RangeOp *op, Disk *d, const ControlPullMessage *msg, int parse_error) {
