@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 
 #include "engine.h"
 #include "guest.h"
@@ -26,57 +27,25 @@ static bool qemu_seen(Guest *g) {
         return !g->offline && !g->handoff && g->qmp_proc_fd >= 0 && guest_qmp_ready(g);
 }
 
-/* The (device, inode) of the regular file that process /proc/PID (proc_fd) has open under the name
- * path. */
-static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
-        int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        DIR *dir;
-        unsigned n = 0;
-        int r = 0;
+/* The type, device and inode of what dir_fd/name (flags: fstatat()'s) leads to, as the kernel holds
+ * them already: a file QEMU has open may be on a FUSE or NFS mount whose server never answers
+ * (FUSE lets root in with allow_other), and a stat that asks it would hold the daemon for good. */
+static int stat_cached(int dir_fd, const char *name, int flags, struct stat *ret) {
+        struct statx sx;
 
-        if (fd_dir < 0)
+        if (statx(dir_fd, name, flags | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO, &sx) < 0)
                 return -errno;
-        dir = fdopendir(fd_dir);
-        if (!dir) {
-                r = -errno;
-                close(fd_dir);
-                return r;
-        }
-        for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
-                char target[4097];
-                ssize_t k;
-
-                if (de->d_name[0] == '.')
-                        continue;
-                k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
-                if (k <= 0 || (size_t) k >= sizeof(target) - 1)
-                        continue;
-                target[k] = 0;
-                /* fstatat() follows the fd's link to the file QEMU has open, whatever its name now. */
-                if (streq(target, path) && fstatat(dirfd(dir), de->d_name, ret, 0) == 0 && S_ISREG(ret->st_mode))
-                        r = 1;
-        }
-        closedir(dir);
-        return r;
-}
-
-int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
-        struct stat st;
-        int r;
-
-        if (!qemu_seen(g) || isempty(path))
-                return 0;
-        r = open_file_id(g->qmp_proc_fd, path, &st);
-        if (r <= 0)
-                return r;
-        *ret_dev = st.st_dev;
-        *ret_ino = st.st_ino;
-        return 1;
+        *ret = (struct stat) {
+                .st_dev = makedev(sx.stx_dev_major, sx.stx_dev_minor),
+                .st_ino = sx.stx_ino,
+                .st_mode = sx.stx_mode,
+        };
+        return 0;
 }
 
 /* Whether a process has a file open (for writing), told fd by fd: /proc/PID/fdinfo/N, read once,
  * gives the open flags and inode number; only a fd whose inode number is the file's is looked
- * at closer: /proc/PID/fd/N opened O_PATH and fstat()ed gives its device too, as our fstat()
+ * at closer: /proc/PID/fd/N opened O_PATH and statx()ed gives its device too, as our fstat()
  * does (whatever the mount namespaces, chroots, btrfs subvolumes or overlays), and fdinfo is read
  * again, to be the same open file still (a QEMU may dup2() another file onto N meanwhile). No
  * stat through the link of any other fd (it may hang on a dead network file system). */
@@ -105,6 +74,80 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
                 sscanf(mnt, "\nmnt_id: %" SCNu64, &ret->mnt_id) != 1 || sscanf(ino, "\nino: %" SCNu64, &ret->ino) != 1)
                 return -EBADMSG;
         return 0;
+}
+
+/* For each of paths[0..n), the (device, inode) of the regular file that process /proc/PID
+ * (proc_fd) has open under that name (for writing, if asked), in ret[i] with found[i] set: one pass
+ * over its fds for all (a QEMU of 256 disks and 65536 fds is 65536 readlinks, not 256 times as
+ * many). How many were found, or -errno. */
+static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, bool writing, struct stat *ret,
+        bool *found) {
+        _cleanup_close_ int info_dir = writing ? openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -EBADF;
+        int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        size_t left = n_paths;
+        DIR *dir;
+        unsigned n = 0;
+        int r = 0;
+
+        if (fd_dir < 0 || (writing && info_dir < 0)) {
+                r = -errno;
+                closep(&fd_dir);
+                return r;
+        }
+        dir = fdopendir(fd_dir);
+        if (!dir) {
+                r = -errno;
+                close(fd_dir);
+                return r;
+        }
+        for (size_t i = 0; i < n_paths; i++)
+                found[i] = false;
+        for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                char target[4097];
+                ssize_t k;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
+                if (k <= 0 || (size_t) k >= sizeof(target) - 1)
+                        continue;
+                target[k] = 0;
+                for (size_t i = 0; i < n_paths; i++) {
+                        FdInfo fi;
+
+                        /* Through the fd's link: the file QEMU has open, whatever its name now. */
+                        if (found[i] || !paths[i] || !streq(target, paths[i]) ||
+                                stat_cached(dirfd(dir), de->d_name, 0, &ret[i]) < 0 || !S_ISREG(ret[i].st_mode))
+                                continue;
+                        if (writing && (fdinfo_read(info_dir, de->d_name, &fi) < 0 ||
+                                               ((fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY)))
+                                continue;
+                        found[i] = true;
+                        left--;
+                }
+        }
+        closedir(dir);
+        return (int) (n_paths - left);
+}
+
+static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
+        bool found;
+
+        return open_file_ids(proc_fd, &path, 1, false, ret, &found);
+}
+
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
+        struct stat st;
+        int r;
+
+        if (!qemu_seen(g) || isempty(path))
+                return 0;
+        r = open_file_id(g->qmp_proc_fd, path, &st);
+        if (r <= 0)
+                return r;
+        *ret_dev = st.st_dev;
+        *ret_ino = st.st_ino;
+        return 1;
 }
 
 /* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
@@ -149,7 +192,7 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
                                 r = -EBUSY;
                         continue;
                 }
-                if (fstat(file, &st) < 0) {
+                if (stat_cached(file, "", AT_EMPTY_PATH, &st) < 0) {
                         r = -EBUSY;
                         continue;
                 }
@@ -236,12 +279,31 @@ int host_holds_open(int fd, pid_t *ret_pid) {
 }
 
 void guest_pin_disks(Guest *g) {
-        if (!qemu_seen(g))
+        _cleanup_free_ const char **paths = NULL;
+        _cleanup_free_ struct stat *st = NULL;
+        _cleanup_free_ bool *found = NULL;
+
+        if (!qemu_seen(g) || g->n_disks == 0)
                 return;
+        paths = calloc(g->n_disks, sizeof(char *));
+        st = calloc(g->n_disks, sizeof(struct stat));
+        found = calloc(g->n_disks, sizeof(bool));
+        if (!paths || !st || !found)
+                return (void) log_oom();
+        for (size_t i = 0; i < g->n_disks; i++)
+                paths[i] = isempty(g->disks[i]->path) ? NULL : g->disks[i]->path;
+        /* A disk is QEMU's to hand over only if QEMU writes it: one it only reads (a template it was
+         * pointed at) would be opened for writing by the storage helper. */
+        if (open_file_ids(g->qmp_proc_fd, paths, g->n_disks, true, st, found) < 0)
+                memset(found, 0, sizeof(bool) * g->n_disks); /* not seen: nothing pinned */
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
 
-                d->pinned = guest_qemu_has_open(g, d->path, &d->pin_dev, &d->pin_ino) > 0;
+                d->pinned = found[i];
+                if (found[i]) {
+                        d->pin_dev = st[i].st_dev;
+                        d->pin_ino = st[i].st_ino;
+                }
         }
 }
 
