@@ -612,6 +612,13 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 }
                 if (p->size == 0)
                         p->size = chain.images[0].virtual_size;
+                if (p->size == 0) {
+                        /* Never the URL's probe, which would open the path in its sandbox. */
+                        provision_free(p);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                "Template %s is empty (a virtual size of 0); give option 'size' for the overlay.",
+                                template);
+                }
                 if (p->size > UINT64_MAX - 511) {
                         provision_free(p);
                         return sd_bus_error_setf(

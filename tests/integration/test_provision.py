@@ -17,7 +17,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from harness import T, MiB  # noqa: E402
+from harness import T, S, MiB  # noqa: E402
 
 SIZE = 32 * MiB
 ERR_FILE_EXISTS = 'org.freedesktop.DBus.Error.FileExists'
@@ -155,8 +155,12 @@ class ProvisionTargetTest(ProvisionBase):
         corrupt = os.path.join(d, 'corrupt.qcow2')
         with open(corrupt, 'wb') as f:
             f.write(b'QFI\xfb' + b'\xff' * 4096)
+        empty = os.path.join(d, 'empty.raw')
+        open(empty, 'wb').close()
         cases = [
             ('corrupt template', corrupt, {}),
+            # Went to the URL's probe before, which failed blaming "the server".
+            ('empty template', empty, {'template_format': S('raw')}),
             ('missing template', os.path.join(d, 'missing.qcow2'), {}),
             ('template outside the image directories', '/usr/bin/qemu-img', {}),
             ('raw template named as qcow2', c.ref, {}),
@@ -169,7 +173,7 @@ class ProvisionTargetTest(ProvisionBase):
                 self.try_provision(h.ERR_INVALID_ARGS, template, target, h.opts(**o) if o else None)
                 self.assertFalse(os.path.lexists(target), '%s left %s behind' % (what, target))
         self.assertEqual(sorted(os.listdir(d)), sorted(['base.qcow2', 'mid.qcow2', 'top.qcow2', 'ref.raw',
-                                                        'corrupt.qcow2']))
+                                                        'corrupt.qcow2', 'empty.raw']))
 
     def test_overlay_is_valid_and_read_by_qemu(self):
         """The header writer's overlay: what qemu-img create -u would make, read through by a real QEMU."""
