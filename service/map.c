@@ -250,7 +250,7 @@ int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_b
                         all++;
                         if (i->guest == d->guest)
                                 maps++;
-                        if (i->map_caller == caller)
+                        if (i->caller == caller)
                                 mine++;
                 }
         if (caller != 0 && mine >= MAPS_PER_CALLER_MAX)
@@ -274,7 +274,7 @@ int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_b
         r = range_op_new(d, &map_kind, msg, true, offset, length, &op);
         if (r < 0)
                 return r;
-        op->map_caller = caller;
+        op->caller = caller;
         r = sd_event_add_time_relative(m->event, &op->deadline, CLOCK_MONOTONIC, m->config.map_timeout_usec, 0,
                 map_deadline, op);
         if (r < 0) {

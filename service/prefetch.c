@@ -240,6 +240,7 @@ int prefetch_start(Disk *d, sd_bus_message *msg, uint64_t bandwidth, const char 
         const char *bottom;
         char *base = NULL;
         RangeOp *op;
+        uid_t caller;
         int r;
 
         if (d->guest->offline)
@@ -256,6 +257,9 @@ int prefetch_start(Disk *d, sd_bus_message *msg, uint64_t bandwidth, const char 
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "'%s' is not in the backing chain of disk '%s'.", base_node, d->alias);
+        r = range_op_caller_may_start(d->guest->engine, msg, &caller, error);
+        if (r < 0)
+                return r;
         if (base_node && !(base = strdup(base_node)))
                 return -ENOMEM;
         /* The base phase 2 keeps, and a restart of phase 1 finds its bottom by. */
@@ -264,6 +268,7 @@ int prefetch_start(Disk *d, sd_bus_message *msg, uint64_t bandwidth, const char 
         r = phase1_new(d, msg, bandwidth, bottom, &op);
         if (r < 0)
                 return r;
+        op->caller = caller;
         d->starting = true;
         r = range_op_start(op);
         if (r < 0) {

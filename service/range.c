@@ -126,11 +126,16 @@ static int op_set_bottom(RangeOp *op, const char *bottom) {
 int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, uint64_t asked_offset,
         uint64_t asked_length, uint64_t bandwidth, const char *bottom, sd_bus_error *error) {
         RangeOp *op;
+        uid_t caller;
         int r;
 
+        r = range_op_caller_may_start(d->guest->engine, msg, &caller, error);
+        if (r < 0)
+                return r;
         r = range_op_new(d, &range_kind, msg, false, offset, length, &op);
         if (r < 0)
                 return r;
+        op->caller = caller;
         op->asked_offset = asked_offset;
         op->asked_length = asked_length;
         op->bandwidth = bandwidth;

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include "bus-error.h"
+#include "bus-util.h"
 #include "control.h"
 #include "guest.h"
 #include "engine.h"
@@ -560,6 +561,26 @@ static void op_server_started(Peer *p, int error, const char *error_text, void *
         op->pending++;
 }
 
+int range_op_caller_may_start(Engine *m, sd_bus_message *msg, uid_t *ret_caller, sd_bus_error *error) {
+        unsigned mine = 0;
+        uid_t caller;
+        int r;
+
+        r = bus_sender_uid(msg, &caller);
+        if (r < 0)
+                return sd_bus_error_set_errnof(error, -r, "Cannot tell the caller's user: %m");
+        for (RangeOp *i = m->range_ops; caller != 0 && i; i = i->next)
+                if (!i->map && !i->ending && i->caller == caller)
+                        mine++;
+        if (caller != 0 && mine >= RANGE_JOBS_PER_CALLER_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "%u range and prefetch jobs of yours are running (at most %u at once per user, each with a "
+                        "helper of its own); wait for one to finish.",
+                        mine, RANGE_JOBS_PER_CALLER_MAX);
+        *ret_caller = caller;
+        return 0;
+}
+
 int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map, uint64_t offset, uint64_t length,
         RangeOp **ret) {
         Engine *m = d->guest->engine;
@@ -576,6 +597,7 @@ int range_op_new(Disk *d, const RangeOpKind *kind, sd_bus_message *msg, bool map
         op->offset = offset;
         op->length = length;
         op->control_fd = -1;
+        op->caller = UID_INVALID;
         op->alias = strdup(d->alias);
         op->export_id = strdup_printf("%s-%u", map ? "bsm" : "bsr", op->id);
         if (!op->alias || !op->export_id) {

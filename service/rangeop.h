@@ -62,7 +62,8 @@ struct RangeOp {
         Guest *guest;
         char *alias;
         bool map;
-        uid_t map_caller;   /* who asked for the map (its share of MAPS_MAX) */
+        uid_t caller;       /* who asked (a share per user: map.c, range_op_caller_may_start()); an op
+                             * carried on after a restart: UID_INVALID */
         unsigned id;
         char *node;         /* copy-on-read filter (pull) */
         char *export_id;    /* also the export's name */
@@ -99,6 +100,14 @@ struct RangeOp {
 
         PeerListener listener; /* on the guest's peer, while listed */
 };
+
+/* A user other than root runs at most this many range jobs (ranges and prefetches) at once: each
+ * runs a pull helper, an export, a filter node, and for a guest that is not running its storage
+ * helper (the guests of one owner, or anyone whom polkit lets stream every guest, could otherwise
+ * use up the unit's tasks and memory). The caller of msg may start one more: 0 with its uid, or
+ * LimitsExceeded. */
+#define RANGE_JOBS_PER_CALLER_MAX 16
+int range_op_caller_may_start(Engine *m, sd_bus_message *msg, uid_t *ret_caller, sd_bus_error *error);
 
 RangeOp *range_op_ref(RangeOp *op);
 RangeOp *range_op_unref(RangeOp *op);

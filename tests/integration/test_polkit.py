@@ -1021,6 +1021,39 @@ class MapShareTest(PolkitTestCase):
                       "the owner's map after the others ended")
 
 
+class RangeShareTest(PolkitTestCase):
+    """Range jobs (ranges, prefetches) are shared out per user too: each runs a pull helper, an
+    export and a filter node (and a storage helper for a guest that is not running), and one
+    user's guests, or anyone polkit lets stream every guest, could run them on every disk at once.
+    One user runs at most RANGES_PER_CALLER; root is not held to it."""
+
+    RANGES_PER_CALLER = 16  # rangeop.h: RANGE_JOBS_PER_CALLER_MAX
+
+    def test_one_user_runs_a_share_of_the_range_jobs(self):
+        aliases = tuple('vd%s' % chr(ord('a') + i) for i in range(self.RANGES_PER_CALLER + 1))
+        g = self.new_guest(aliases=aliases, size=16 * h.MiB, options=h.opts(owner=h.U(self.uid(OWNER))))
+        s = self.session(OWNER)
+        slow = "(0, 4194304, {'bandwidth': <uint64 4096>})"
+        for a in aliases[:-1]:
+            self.assertOk(s.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Start', 'tta{sv}', slow), 'Start %s' % a)
+        last = h.disk_path(g.name, aliases[-1])
+        r = s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', slow)
+        self.assertFalse(r['ok'], 'a range beyond the share of one user: %r' % r)
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        self.assertIn('at most %d at once per user' % self.RANGES_PER_CALLER, r['message'])
+        self.assertEqual(self.client.get(last, h.IFACE_STREAM, 'State'), 'idle')
+        # Root is not held to it; and one of the owner's ended frees a place.
+        self.client.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', h.T(0), h.T(4 * h.MiB),
+                         h.opts(bandwidth=h.T(4096)))
+        self.client.call(last, h.IFACE_STREAM, 'Cancel')
+        first = h.disk_path(g.name, aliases[0])
+        self.assertOk(s.call(first, h.IFACE_STREAM, 'Cancel'), 'Cancel')
+        self.client.wait_prop(first, h.IFACE_STREAM, 'State', 'cancelled')
+        self.assertOk(s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', slow), 'Start after one ended')
+        for a in aliases[1:]:
+            self.client.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Cancel')
+
+
 class VanishingCallerTest(PolkitTestCase):
 
     def measure_reads(self, g, seconds):
