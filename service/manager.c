@@ -29,6 +29,10 @@
 #include "util.h"
 
 #define GUESTS_MAX 4096
+/* A user other than root registers at most this many guests of their own: each holds a sandbox
+ * identity of HelperUIDRange=, a state file, and what its QEMU reports (up to 256 disks of names)
+ * in our memory; one user could otherwise take every identity, or the unit's memory. */
+#define GUESTS_PER_USER_MAX 64
 #define OFFLINE_DISKS_MAX 16
 #define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
 
@@ -512,6 +516,17 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         if (manager_find_guest(m, name))
                 return sd_bus_error_setf(error, BS_ERROR_GUEST_EXISTS,
                         "A guest named '%s' is already registered; unregister it first or pick another name.", name);
+        if (caller != 0) {
+                unsigned mine = 0;
+
+                for (Guest *i = m->guests; i; i = i->next)
+                        mine += i->owner == caller;
+                if (mine >= GUESTS_PER_USER_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                "You (uid " UID_FMT ") have %u guests registered (at most %u per user); unregister "
+                                "one first.",
+                                caller, mine, GUESTS_PER_USER_MAX);
+        }
         if (m->n_guests >= GUESTS_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Too many guests (at most %d).",
                         GUESTS_MAX);

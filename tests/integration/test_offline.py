@@ -627,6 +627,59 @@ class OfflineTest(h.TestCase):
         self.assertIsNotNone(h.image_backing(c.top))
 
 
+OWNER_MANAGES_MINE = '''// blockstreamd tests only (test_offline.py)
+polkit.addRule(function(action, subject) {
+    var guest = action.lookup("guest");
+    if (action.id == "org.blockstream1.manage" && guest && guest.indexOf("mine-") == 0 &&
+        subject.user == "%s") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+''' % h.OWNER
+
+
+class GuestShareTest(h.TestCase):
+    """A user other than root registers at most GUESTS_PER_USER guests of their own: each holds a
+    sandbox identity of HelperUIDRange=, a state file and what its QEMU reports in the daemon's
+    memory, and one user could take them all. Root is not held to it."""
+
+    GUESTS_PER_USER = 64  # manager.c: GUESTS_PER_USER_MAX
+    needs_polkit = True
+    polkit_rules = {'10-bstest-offline.rules': OWNER_MANAGES_MINE}
+
+    def test_one_user_registers_a_share_of_the_guests(self):
+        users = h.ensure_test_users()
+        owner = users[h.OWNER]
+        d = os.path.join(self.env.images, self.unique_name('mine'))
+        os.makedirs(d)
+        os.chown(d, owner, -1)
+        tops = []
+        for i in range(self.GUESTS_PER_USER + 1):
+            p = os.path.join(d, 'g%d.qcow2' % i)
+            h.qemu_img('create', '-q', '-f', 'qcow2', p, str(MiB))
+            os.chown(p, owner, -1)
+            tops.append(p)
+        s = h.UserSession(h.OWNER, self.env.bus.address)
+        self.addCleanup(s.close)
+
+        def register_as_owner(name, top):
+            self.addCleanup(self.unregister_quietly, name)
+            return s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
+                          "('%s', '', {'disks': <{'vda': '%s'}>})" % (name, top))
+        for top in tops[:-1]:
+            r = register_as_owner('mine-' + self.unique_name(), top)
+            self.assertTrue(r['ok'], r)
+        r = register_as_owner('mine-' + self.unique_name(), tops[-1])
+        self.assertFalse(r['ok'], 'guest %d of one user: %r' % (self.GUESTS_PER_USER + 1, r))
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        self.assertIn('at most %d per user' % self.GUESTS_PER_USER, r['message'])
+        # Root registers one more for them.
+        name = 'mine-' + self.unique_name()
+        self.register(name, '', o.offline_options({'vda': tops[-1]}, owner=h.U(owner)))
+        self.addCleanup(self.unregister_quietly, name)
+
+
 class OneGuestRangeBase(h.TestCase):
     """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
     top uids are the probes'); guest(): an offline guest of one disk."""
