@@ -324,6 +324,11 @@ static int range_resume(Disk *d) {
 
         if (d->job.length == 0 || add_overflows_u64(d->job.offset, d->job.length, &end) || end > d->size)
                 return -EINVAL;
+        /* The recorded bottom must still be an image below the top of this disk's chain (QEMU may
+         * have been started anew meanwhile, its "#block" names given out again). */
+        if (d->range_bottom && (!d->chain_nodes || !d->chain_nodes[0] ||
+                                       !strv_contains(d->chain_nodes + 1, d->range_bottom)))
+                return -ESTALE;
         range_widen(d->job.offset, end, d->cluster_size, d->size, &a, &b);
         r = range_op_new(d, &range_kind, NULL, false, a, b - a, &op);
         if (r < 0)
