@@ -394,7 +394,11 @@ int peer_nbd_server_ensure(Peer *p) {
                 return -ENOTCONN;
         dir = strdup_printf("%s/nbd", p->runtime_root);
         /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
-         * back from the socket), which could otherwise be the one we just bound anew. */
+         * back from the socket), which could otherwise be the one we just bound anew; counted
+         * from a random start, so that neither is a name of an earlier daemon's whose server a
+         * restart is still stopping. */
+        if (nbd_seq == 0)
+                nbd_seq = random_u32() >> 8;
         path = strdup_printf("%s/nbd/%s.%u.sock", p->runtime_root, p->name, ++nbd_seq);
         if (!dir || !path)
                 return -ENOMEM;
