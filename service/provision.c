@@ -449,19 +449,7 @@ static int read_check(void *userdata) {
 
         /* The same walk as ours (no symlink, no mount crossed), with the caller's search and read
          * permissions: it must reach the very files we opened. */
-        for (size_t i = 0; i < c->chain->n; i++) {
-                _cleanup_close_ int fd = -1;
-                struct stat want, st;
-
-                if (fstat(c->chain->images[i].fd, &want) < 0)
-                        return -errno;
-                if (image_open_beneath(c->dirs, c->chain->images[i].path, false, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
-                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
-                        c->failed = i;
-                        return -EACCES;
-                }
-        }
-        return 0;
+        return image_chain_reopens(c->dirs, c->chain, false, &c->failed);
 }
 
 /* Whether the caller could open every image of the chain for reading itself: each path opened

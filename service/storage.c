@@ -429,20 +429,8 @@ typedef struct OwnerRead {
 static int owner_reads(void *userdata) {
         OwnerRead *o = userdata;
 
-        for (size_t i = 0; i < o->chain->n; i++) {
-                _cleanup_close_ int fd = -1;
-                struct stat want, st;
-
-                if (fstat(o->chain->images[i].fd, &want) < 0)
-                        return -errno;
-                /* The top is written (a stream, an export's writes), the rest only read. */
-                if (image_open_beneath(o->dirs, o->chain->images[i].path, i == 0, &fd, NULL) < 0 || fstat(fd, &st) < 0 ||
-                        st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
-                        o->failed = i;
-                        return -EACCES;
-                }
-        }
-        return 0;
+        /* The top is written (a stream, an export's writes), the rest only read. */
+        return image_chain_reopens(o->dirs, o->chain, true, &o->failed);
 }
 
 /* Whether the guest's owner could open the chain's images themselves: the top for writing, the rest
