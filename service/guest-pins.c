@@ -55,17 +55,13 @@ typedef struct FdInfo {
 } FdInfo;
 
 static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
-        _cleanup_close_ int fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         char buf[1024];
         const char *flags, *mnt, *ino;
         ssize_t n;
 
-        if (fd < 0)
-                return -errno;
-        n = read(fd, buf, sizeof(buf) - 1);
+        n = read_small_at(dir_fd, name, buf, sizeof(buf));
         if (n < 0)
-                return -errno;
-        buf[n] = 0;
+                return (int) n;
         /* "pos:" comes first: the three are each at the start of a line of their own. */
         flags = strstr(buf, "\nflags:");
         mnt = strstr(buf, "\nmnt_id:");

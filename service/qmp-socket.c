@@ -98,18 +98,14 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer) {
 
 /* The effective uid in /proc/PID/status (proc_fd). */
 static int proc_euid(int proc_fd, uid_t *ret) {
-        _cleanup_close_ int fd = openat(proc_fd, "status", O_RDONLY | O_CLOEXEC);
         char buf[4096];
         const char *line;
         unsigned long ruid, euid;
         ssize_t n;
 
-        if (fd < 0)
-                return -errno;
-        n = read(fd, buf, sizeof(buf) - 1);
+        n = read_small_at(proc_fd, "status", buf, sizeof(buf));
         if (n < 0)
-                return -errno;
-        buf[n] = 0;
+                return (int) n;
         line = strstr(buf, "\nUid:");
         if (!line || sscanf(line, "\nUid: %lu %lu", &ruid, &euid) != 2)
                 return -EBADMSG;

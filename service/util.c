@@ -723,3 +723,19 @@ uint32_t random_u32(void) {
                 return v;
         return (uint32_t) now_usec(CLOCK_MONOTONIC) ^ (uint32_t) now_usec(CLOCK_REALTIME);
 }
+
+ssize_t read_small_at(int dir_fd, const char *name, char *buf, size_t size) {
+        _cleanup_close_ int fd = -EBADF;
+        ssize_t n;
+
+        if (size == 0)
+                return -EINVAL;
+        fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+                return -errno;
+        n = read(fd, buf, size - 1);
+        if (n < 0)
+                return -errno;
+        buf[n] = 0;
+        return n;
+}

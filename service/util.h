@@ -270,3 +270,6 @@ int read_file_bounded(const char *path, size_t max, char **ret, size_t *ret_len)
 
 /* Create a directory and its parents (mode for the ones created). */
 int mkdir_p(const char *path, mode_t mode);
+/* A small file of /proc (status, fdinfo/N) below dir_fd, read with one read() into buf (size bytes
+ * with the NUL that ends it; what does not fit is left out): its length, or -errno. */
+ssize_t read_small_at(int dir_fd, const char *name, char *buf, size_t size);
