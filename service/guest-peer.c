@@ -625,7 +625,10 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
                 (uint32_t) peer.uid);
         /* The process whose open files pin the disks (guest-pins.c): the listener itself, or none. */
         closep(&g->qmp_proc_fd);
-        if (qmp_socket_peer_proc(fd, &peer, &g->qmp_proc_fd) < 0)
+        g->qmp_qemu = (QemuInstance) {};
+        if (qmp_socket_peer_proc(fd, &peer, &g->qmp_proc_fd) >= 0)
+                (void) qmp_socket_instance(g->qmp_proc_fd, peer.pid, &g->qmp_qemu);
+        else
                 log_warning("Guest %s: the process that listens on %s (pid %d) is gone or cannot be vouched for; "
                             "its disks cannot be pinned (no mirror, no handoff) until it connects again.",
                         g->name, g->qmp_socket, (int) peer.pid);
@@ -715,8 +718,19 @@ static void guest_helper_failed(void *userdata, const char *why) {
         guest_update_polling(g);
 }
 
+/* Whether a server of ours may run in QEMU: never in another QEMU than the one it was started in
+ * (QEMU restarted at the same socket, libvirt's pull-mode backup server running there now). */
 static bool guest_nbd_server_started(void *userdata) {
         Guest *g = userdata;
+
+        if (g->nbd_server_started && qemu_instance_known(&g->nbd_server_qemu) && qemu_instance_known(&g->qmp_qemu) &&
+                (g->nbd_server_qemu.pid != g->qmp_qemu.pid || g->nbd_server_qemu.start != g->qmp_qemu.start)) {
+                log_info("Guest %s: our NBD server ran in an earlier QEMU (pid %d); this one (pid %d) has none of ours.",
+                        g->name, (int) g->nbd_server_qemu.pid, (int) g->qmp_qemu.pid);
+                g->nbd_server_started = false;
+                g->nbd_server_qemu = (QemuInstance) {};
+                (void) guest_save(g);
+        }
         return g->nbd_server_started;
 }
 
@@ -724,6 +738,7 @@ static void guest_set_nbd_server_started(void *userdata, bool started) {
         Guest *g = userdata;
 
         g->nbd_server_started = started;
+        g->nbd_server_qemu = started ? g->qmp_qemu : (QemuInstance) {};
         (void) guest_save(g);
 }
 

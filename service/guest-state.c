@@ -53,6 +53,8 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                 .job_seq = g->job_seq,
                 .offline = g->offline,
                 .nbd_server_started = g->nbd_server_started,
+                .nbd_server_qemu_pid = (uint64_t) g->nbd_server_qemu.pid,
+                .nbd_server_qemu_start = g->nbd_server_qemu.start,
                 .helper_uid = g->helper_uid,
                 .mcs_c1 = g->mcs_c1,
                 .mcs_c2 = g->mcs_c2,
@@ -120,6 +122,7 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
         g->job_seq = s->job_seq;
         g->offline = s->offline;
         g->nbd_server_started = s->nbd_server_started;
+        g->nbd_server_qemu = (QemuInstance) { .pid = (pid_t) s->nbd_server_qemu_pid, .start = s->nbd_server_qemu_start };
         g->helper_uid = s->helper_uid;
         g->mcs_c1 = s->mcs_c1;
         g->mcs_c2 = s->mcs_c2;

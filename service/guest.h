@@ -100,6 +100,8 @@ typedef struct Guest {
         bool handoff;
 
         bool nbd_server_started; /* persisted: a server of ours may run in this QEMU (peer.c) */
+        QemuInstance nbd_server_qemu; /* persisted: the QEMU it was started in ({0}: not known) */
+        QemuInstance qmp_qemu;        /* the QEMU of the QMP connection, last seen ({0}: not known) */
 } Guest;
 
 int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);

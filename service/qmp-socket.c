@@ -113,6 +113,25 @@ static int proc_euid(int proc_fd, uid_t *ret) {
         return 0;
 }
 
+int qmp_socket_instance(int proc_fd, pid_t pid, QemuInstance *ret) {
+        char buf[1024];
+        const char *s;
+        unsigned long long start;
+        ssize_t n;
+
+        n = read_small_at(proc_fd, "stat", buf, sizeof(buf));
+        if (n < 0)
+                return (int) n;
+        /* "PID (COMM) STATE PPID …": COMM may hold anything but ends at the last ')'; the start
+         * time is the 22nd field, the 20th after it. */
+        s = strrchr(buf, ')');
+        if (!s || sscanf(s + 1, " %*c" " %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+                          &start) != 1 || start == 0)
+                return -EBADMSG;
+        *ret = (QemuInstance) { .pid = pid, .start = start };
+        return 0;
+}
+
 int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd) {
         _cleanup_close_ int pidfd = -EBADF, proc_fd = -EBADF;
         socklen_t sl = sizeof(int);

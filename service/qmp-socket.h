@@ -17,6 +17,20 @@
 #include <sys/types.h>
 #include <systemd/sd-id128.h>
 
+/* One QEMU process of this boot: its pid and its start time (clock ticks since boot, /proc/PID/stat);
+ * {0}: not known. A pid given to another process later comes with another start time. */
+typedef struct QemuInstance {
+        pid_t pid;
+        uint64_t start;
+} QemuInstance;
+
+/* The instance of the process behind proc_fd (a /proc/PID directory of pid). */
+int qmp_socket_instance(int proc_fd, pid_t pid, QemuInstance *ret);
+
+static inline bool qemu_instance_known(const QemuInstance *i) {
+        return i->pid > 0 && i->start > 0;
+}
+
 typedef struct QmpSocketPin {
         bool set;
         uint64_t dir_dev, dir_ino;

@@ -150,6 +150,8 @@ static int format(const char *dir, const StateGuest *g, char **ret_text, char **
                 add(o, "job_seq", json_object_new_uint64(g->job_seq)) < 0 ||
                 add(o, "offline", json_object_new_boolean(g->offline)) < 0 ||
                 add(o, "nbd_server_started", json_object_new_boolean(g->nbd_server_started)) < 0 ||
+                add(o, "nbd_server_qemu_pid", json_object_new_uint64(g->nbd_server_qemu_pid)) < 0 ||
+                add(o, "nbd_server_qemu_start", json_object_new_uint64(g->nbd_server_qemu_start)) < 0 ||
                 add(o, "helper_uid", json_object_new_uint64(g->helper_uid)) < 0 ||
                 add(o, "mcs_c1", json_object_new_uint64(g->mcs_c1)) < 0 ||
                 add(o, "mcs_c2", json_object_new_uint64(g->mcs_c2)) < 0)
@@ -446,6 +448,7 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         _cleanup_(state_guest_done) StateGuest g = {};
         const char *name = NULL, *uuid = NULL, *sock = NULL, *boot = NULL;
         uint64_t owner = 0, version = 0, seq = 0, helper_uid = 0, c1 = 0, c2 = 0, suid = 0, sc1 = 0, sc2 = 0;
+        uint64_t nbd_pid = 0, nbd_start = 0;
         uint64_t dir_dev = 0, dir_ino = 0, qmp_uid = UID_INVALID;
         sd_id128_t boot_id = {};
         bool offline = false, nbd_started = false;
@@ -461,7 +464,9 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
                 json_object_array_length(disks) > QEMU_DISKS_MAX || json_get_bool(o, "offline", false, &offline) < 0 ||
                 json_get_u64(o, "helper_uid", false, &helper_uid) < 0 || json_get_u64(o, "mcs_c1", false, &c1) < 0 ||
                 json_get_u64(o, "mcs_c2", false, &c2) < 0 || helper_uid >= UINT32_MAX || c1 > 4096 || c2 > 4096 ||
-                json_get_bool(o, "nbd_server_started", false, &nbd_started) < 0)
+                json_get_bool(o, "nbd_server_started", false, &nbd_started) < 0 ||
+                json_get_u64(o, "nbd_server_qemu_pid", false, &nbd_pid) < 0 || nbd_pid > INT32_MAX ||
+                json_get_u64(o, "nbd_server_qemu_start", false, &nbd_start) < 0)
                 return -EBADMSG;
         if (offline != isempty(sock))
                 return -EBADMSG;
@@ -487,6 +492,8 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         g.job_seq = seq;
         g.offline = offline;
         g.nbd_server_started = nbd_started;
+        g.nbd_server_qemu_pid = nbd_pid;
+        g.nbd_server_qemu_start = nbd_start;
         g.helper_uid = (uid_t) helper_uid;
         g.mcs_c1 = (unsigned) c1;
         g.mcs_c2 = (unsigned) c2;

@@ -47,6 +47,7 @@ typedef struct StateGuest {
         uint64_t job_seq;
         bool offline;
         bool nbd_server_started;
+        uint64_t nbd_server_qemu_pid, nbd_server_qemu_start; /* 0: not known */
         uid_t helper_uid;
         unsigned mcs_c1, mcs_c2;
         uid_t storage_uid; /* the storage helper's identity; 0: none yet (or unusable in the file) */

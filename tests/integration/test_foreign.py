@@ -258,6 +258,25 @@ class ForeignTest(h.TestCase):
         self.assertEqual(self.base_depth(d.call('GetAllocationMap', 'tt', h.T(0), h.T(0)), c), [3])
         self.export_ok(g)
 
+    def test_a_server_of_ours_is_stopped_only_in_its_qemu(self):
+        """The record that a server of ours may still run (the daemon killed before its stop went
+        out) is of one QEMU: one started anew at the same socket while the daemon was away runs
+        none of ours, and the server it runs (libvirt's pull-mode backup's) was stopped by the next
+        daemon all the same."""
+        g, c, d, p = self.map_until_the_hook('BLOCKSTREAM_TEST_NBD_STOP', 'queued')
+        self.env.kill_daemon()
+        g.qemu.kill()
+        g.qemu.start()
+        sock = self.start_foreign_server(g)
+        self.default_daemon()
+        self.client.wait_for(lambda: self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's',
+                                                          g.name)[0] == g.path, 30, 'the guest to be republished')
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', True)
+        # Everything the reconnect sends is answered by the time a Refresh is.
+        self.client.call(g.path, h.IFACE_GUEST, 'Refresh')
+        with self.assertRaises(h.QMPError, msg='the foreign NBD server was stopped'):
+            g.qemu.qmp.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock + '.2'}})
+
     def map_until_the_hook(self, hook, value):
         """A daemon with test hook `hook=value`, a running guest, and a GetAllocationMap (busctl, in
         the background) that runs until the daemon stops itself at the hook (SIGSTOP). Returns the
