@@ -183,8 +183,10 @@ static void prefetch_finish(RangeOp *op, Disk *d) {
 
         if (!d)
                 return;
-        d->range_node = mfree(d->range_node);
-        d->range_export = mfree(d->range_export);
+        if (!op->left_in_qemu) { /* else kept for the reconnect's cleanup (range.c) */
+                d->range_node = mfree(d->range_node);
+                d->range_export = mfree(d->range_export);
+        }
         if (!op->ready && !op->resume) {
                 /* It never began: Start gets the failure (rangeop.c answers op->call). */
                 d->starting = false;

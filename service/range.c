@@ -70,8 +70,10 @@ static int range_ready(RangeOp *op, Disk *d) {
 static void range_finish(RangeOp *op, Disk *d) {
         if (!d)
                 return;
-        d->range_node = mfree(d->range_node);
-        d->range_export = mfree(d->range_export);
+        if (!op->left_in_qemu) {
+                d->range_node = mfree(d->range_node);
+                d->range_export = mfree(d->range_export);
+        }
         d->range_bottom = mfree(d->range_bottom);
         if (op->ready || op->resume) {
                 unsigned changed = job_conclude(&d->job, op->outcome, op->error);

@@ -624,6 +624,7 @@ static void op_peer_lost(void *userdata) {
         RangeOp *op = userdata;
         Guest *g = op->guest;
 
+        op->left_in_qemu = op->node_added || op->export_added;
         op->node_added = false;
         if (op->export_added) {
                 op->export_added = false;

@@ -86,6 +86,8 @@ struct RangeOp {
         HelperLog *log;
         bool ready, stop_requested, got_done;
         bool copied_all; /* its last progress report said all of the range was done */
+        bool left_in_qemu; /* the QMP connection went with its filter or export in QEMU, which may
+                            * live on: the disk's record of them stays for the reconnect's cleanup */
         bool resume, resume_paused; /* a range job of before a daemon restart, carried on */
         bool bandwidth_changed;     /* SetBandwidth before the helper was ready: tell it then */
 
