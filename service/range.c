@@ -316,6 +316,15 @@ static void leftover_del(LeftoverNode *l) {
                 leftover_free(l);
 }
 
+static bool bottom_in_chain(Disk *d, const char *bottom) {
+        size_t n = strv_length(d->chain_nodes);
+
+        for (size_t i = 0; i + 1 < n; i++)
+                if (streq(d->chain_nodes[i], bottom))
+                        return true;
+        return false;
+}
+
 /* A range job that was running (or paused) when the daemon went away: its helper died with the
  * daemon, its filter and export are being removed; a new helper carries on from where the image
  * is (what is local already is skipped). The job keeps its identity: one Finished at the end. */
@@ -326,10 +335,11 @@ static int range_resume(Disk *d) {
 
         if (d->job.length == 0 || add_overflows_u64(d->job.offset, d->job.length, &end) || end > d->size)
                 return -EINVAL;
-        /* The recorded bottom must still be an image below the top of this disk's chain (QEMU may
-         * have been started anew meanwhile, its "#block" names given out again). */
-        if (d->range_bottom && (!d->chain_nodes || !d->chain_nodes[0] ||
-                                       !strv_contains(d->chain_nodes + 1, d->range_bottom)))
+        /* The recorded bottom must still be an image of this disk's backing chain with one below it,
+         * the base (QEMU may have been started anew meanwhile, its "#block" names given out again):
+         * chain_nodes[] lists the backing images, nearest first, and the bottom is the one just
+         * above the base. */
+        if (d->range_bottom && !bottom_in_chain(d, d->range_bottom))
                 return -ESTALE;
         range_widen(d->job.offset, end, d->cluster_size, d->size, &a, &b);
         r = range_op_new(d, &range_kind, NULL, false, a, b - a, &op);
