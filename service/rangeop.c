@@ -253,13 +253,14 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 
 /* How the op ends, by how its helper did. */
 static void helper_outcome(RangeOp *op, const siginfo_t *si) {
-        if (op->got_done && si->si_code == CLD_EXITED && si->si_status == 0) {
+        /* Asked to stop: cancelled, however it went (killed after not stopping in time, or done
+         * meanwhile: a prefetch would otherwise go on to its cut after Cancel was answered). */
+        if (op->stop_requested)
+                range_op_end(op, STREAM_CANCELLED, NULL);
+        else if (op->got_done && si->si_code == CLD_EXITED && si->si_status == 0) {
                 if (!op->kind->done || !op->kind->done(op))
                         range_op_end(op, STREAM_COMPLETED, NULL);
-        } else if (op->stop_requested)
-                range_op_end(op, STREAM_CANCELLED, NULL); /* asked to stop: however it went (killed after
-                                                           * not stopping in time, say) */
-        else {
+        } else {
                 _cleanup_free_ char *why = si->si_code == CLD_EXITED
                                                    ? strdup_printf("the pull helper exited with status %i", si->si_status)
                                                    : strdup_printf("the pull helper was killed by signal %s",
@@ -569,8 +570,9 @@ int range_op_caller_may_start(Engine *m, sd_bus_message *msg, uid_t *ret_caller,
         r = bus_sender_uid(msg, &caller);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r, "Cannot tell the caller's user: %m");
+        /* An op ending still counts while its helper lives (until QEMU let its export go). */
         for (RangeOp *i = m->range_ops; caller != 0 && i; i = i->next)
-                if (!i->map && !i->ending && i->caller == caller)
+                if (!i->map && (!i->ending || i->child) && i->caller == caller)
                         mine++;
         if (caller != 0 && mine >= RANGE_JOBS_PER_CALLER_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
