@@ -81,8 +81,10 @@ int fs_identity_run(uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, int 
                 r = caps_set(&none);
         if (r >= 0)
                 r = fn(userdata);
-        /* Capabilities first: setgroups() needs CAP_SETGID. */
-        if (caps_set(&our_caps) < 0 || identity_set(our_uid, our_gid, ours, (size_t) n_ours) < 0) {
+        /* Capabilities first: setgroups() needs CAP_SETGID; and once more after, as an fsuid of 0
+         * raises the file capabilities the permitted set has, in effect or not before. */
+        if (caps_set(&our_caps) < 0 || identity_set(our_uid, our_gid, ours, (size_t) n_ours) < 0 ||
+                caps_set(&our_caps) < 0) {
                 log_error("Cannot take back our own file-system identity; aborting.");
                 abort();
         }
