@@ -141,29 +141,26 @@ int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd) {
 
         if (!peer || peer->pid <= 0)
                 return -EINVAL;
+        /* The socket's own pidfd of the listener (Linux 6.5; from 6.16 also of one already gone);
+         * before, a pidfd of the pid, which may have gone to another process before we connected. */
         if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &sl) < 0) {
                 if (errno != ENOPROTOOPT && errno != ENOTSUP)
                         return -ESRCH; /* the listener is gone */
                 pidfd = (int) syscall(SYS_pidfd_open, peer->pid, 0);
                 if (pidfd < 0)
                         return -ESRCH;
-                (void) snprintf(path, sizeof(path), "/proc/%d", (int) peer->pid);
-                proc_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                if (proc_fd < 0 || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)
-                        return -ESRCH;
-                /* Without the socket's own pidfd the pid may have gone to another process before
-                 * we connected: that one at least runs as the listener did. */
-                r = proc_euid(proc_fd, &euid);
-                if (r < 0 || euid != peer->uid)
-                        return -ESRCH;
-        } else {
-                (void) snprintf(path, sizeof(path), "/proc/%d", (int) peer->pid);
-                proc_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                /* Alive after the open: the directory is the listener's (a pid is not given again
-                 * while its process lives). */
-                if (proc_fd < 0 || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)
-                        return -ESRCH;
         }
+        (void) snprintf(path, sizeof(path), "/proc/%d", (int) peer->pid);
+        proc_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        /* Alive after the open: the directory is the pidfd's process (a pid is not given again
+         * while its process lives). */
+        if (proc_fd < 0 || syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0)
+                return -ESRCH;
+        /* And it runs as the socket said: not a set-id program it went on to exec, nor, without
+         * the socket's pidfd, another user's process that got the pid. */
+        r = proc_euid(proc_fd, &euid);
+        if (r < 0 || euid != peer->uid)
+                return -ESRCH;
         *ret_proc_fd = TAKE_FD(proc_fd);
         return 0;
 }

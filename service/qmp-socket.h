@@ -49,11 +49,11 @@ int qmp_socket_open(const char *path, const QmpSocketPin *pin, QmpSocketPin *ret
 int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer);
 
 /* The listener behind fd (connected by qmp_socket_connect(), peer: what it said) as a /proc/PID
- * directory, checked to be that very process: from Linux 6.5 the socket's own pidfd of it
- * (SO_PEERPIDFD), which fails once the listener is gone (its pid may be anyone's by then); before,
- * a pidfd of the pid, and the process must run as the peer's uid. Taken only while that process
- * lives, so every later look through it is at that process or fails (ESRCH/ENOENT), never at a
- * newcomer with the same pid. -ESRCH if it cannot be vouched for. */
+ * directory, checked to be that very process: from Linux 6.5 through the socket's own pidfd of it
+ * (SO_PEERPIDFD), before through a pidfd of the pid; the directory is taken only while that
+ * pidfd's process lives (so every later look through it is at that process or fails, never at a
+ * newcomer with the same pid), and the process must run as the peer's uid. -ESRCH if it cannot be
+ * vouched for (gone, or another process than the listener). */
 int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd);
 
 /* Could uid/gid/gids connect to that socket themselves: search permission on every directory
