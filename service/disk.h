@@ -108,6 +108,7 @@ typedef struct Disk {
         char *pivot_path;
         uint64_t pivot_dev, pivot_ino;
         bool pinned;     /* its top image as its running QEMU had it open, when an export began */
+        bool pin_writable; /* ... and QEMU had it open for writing (else it is handed over read-only) */
         dev_t pin_dev;
         ino_t pin_ino;
         usec_t last_saved;

@@ -826,7 +826,12 @@ static void guest_storage_disk(void *userdata, size_t i, StorageDisk *ret) {
         Guest *g = userdata;
         Disk *d = g->disks[i];
 
-        *ret = (StorageDisk) { .alias = d->alias, .path = d->path, .format = d->format };
+        *ret = (StorageDisk) {
+                .alias = d->alias,
+                .path = d->path,
+                .format = d->format,
+                .read_only = g->handoff && !d->pin_writable,
+        };
 }
 
 static char **guest_storage_forbidden(void *userdata) {

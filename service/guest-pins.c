@@ -72,20 +72,28 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
         return 0;
 }
 
+static bool fd_writable(const FdInfo *fi) {
+        return (fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_ACCMODE) == O_WRONLY;
+}
+
 /* For each of paths[0..n), the (device, inode) of the regular file that process /proc/PID
- * (proc_fd) has open under that name (for writing, if asked), in ret[i] with found[i] set: one pass
- * over its fds for all (a QEMU of 256 disks and 65536 fds is 65536 readlinks, not 256 times as
- * many). How many were found, or -errno. */
-static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, bool writing, struct stat *ret,
-        bool *found) {
-        _cleanup_close_ int info_dir = writing ? openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -EBADF;
+ * (proc_fd) has open under that name, in ret[i] with found[i] set, and whether that fd is open for
+ * writing (writable[i]; one that is, if any of them). One pass over its fds for all (a QEMU of 256
+ * disks and 65536 fds is 65536 readlinks, not 256 times as many). Each fd is told as pid_holds()
+ * tells one: its fdinfo (flags, inode number) first, then its link and its file's identity, which
+ * must have that inode number, then its fdinfo again, the same: a QEMU that dup2()s another file
+ * onto the fd meanwhile cannot pair one file's identity with another's flags. How many were
+ * found, or -errno. */
+static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, struct stat *ret, bool *found,
+        bool *writable) {
+        _cleanup_close_ int info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        size_t left = n_paths;
+        size_t left = n_paths, n_found = 0; /* left: not found open for writing yet */
         DIR *dir;
         unsigned n = 0;
         int r = 0;
 
-        if (fd_dir < 0 || (writing && info_dir < 0)) {
+        if (fd_dir < 0 || info_dir < 0) {
                 r = -errno;
                 closep(&fd_dir);
                 return r;
@@ -97,39 +105,46 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 return r;
         }
         for (size_t i = 0; i < n_paths; i++)
-                found[i] = false;
+                found[i] = writable[i] = false;
         for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
+                FdInfo fi, again;
                 ssize_t k;
 
-                if (de->d_name[0] == '.')
+                if (de->d_name[0] == '.' || fdinfo_read(info_dir, de->d_name, &fi) < 0)
                         continue;
                 k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
                 if (k <= 0 || (size_t) k >= sizeof(target) - 1)
                         continue;
                 target[k] = 0;
                 for (size_t i = 0; i < n_paths; i++) {
-                        FdInfo fi;
+                        struct stat st;
 
+                        if (!paths[i] || !streq(target, paths[i]) || (found[i] && (writable[i] || !fd_writable(&fi))))
+                                continue;
                         /* Through the fd's link: the file QEMU has open, whatever its name now. */
-                        if (found[i] || !paths[i] || !streq(target, paths[i]) ||
-                                stat_cached(dirfd(dir), de->d_name, 0, &ret[i]) < 0 || !S_ISREG(ret[i].st_mode))
+                        if (stat_cached(dirfd(dir), de->d_name, 0, &st) < 0 || !S_ISREG(st.st_mode) ||
+                                (uint64_t) st.st_ino != fi.ino || fdinfo_read(info_dir, de->d_name, &again) < 0 ||
+                                again.flags != fi.flags || again.mnt_id != fi.mnt_id || again.ino != fi.ino)
                                 continue;
-                        if (writing && (fdinfo_read(info_dir, de->d_name, &fi) < 0 ||
-                                               ((fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY)))
-                                continue;
+                        if (!found[i])
+                                n_found++;
                         found[i] = true;
-                        left--;
+                        ret[i] = st;
+                        if (fd_writable(&fi)) {
+                                writable[i] = true;
+                                left--;
+                        }
                 }
         }
         closedir(dir);
-        return (int) (n_paths - left);
+        return (int) n_found;
 }
 
 static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
-        bool found;
+        bool found, writable;
 
-        return open_file_ids(proc_fd, &path, 1, false, ret, &found);
+        return open_file_ids(proc_fd, &path, 1, ret, &found, &writable);
 }
 
 int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
@@ -277,25 +292,27 @@ int host_holds_open(int fd, pid_t *ret_pid) {
 void guest_pin_disks(Guest *g) {
         _cleanup_free_ const char **paths = NULL;
         _cleanup_free_ struct stat *st = NULL;
-        _cleanup_free_ bool *found = NULL;
+        _cleanup_free_ bool *found = NULL, *writable = NULL;
 
         if (!qemu_seen(g) || g->n_disks == 0)
                 return;
         paths = calloc(g->n_disks, sizeof(char *));
         st = calloc(g->n_disks, sizeof(struct stat));
         found = calloc(g->n_disks, sizeof(bool));
-        if (!paths || !st || !found)
+        writable = calloc(g->n_disks, sizeof(bool));
+        if (!paths || !st || !found || !writable)
                 return (void) log_oom();
         for (size_t i = 0; i < g->n_disks; i++)
                 paths[i] = isempty(g->disks[i]->path) ? NULL : g->disks[i]->path;
-        /* A disk is QEMU's to hand over only if QEMU writes it: one it only reads (a template it was
-         * pointed at) would be opened for writing by the storage helper. */
-        if (open_file_ids(g->qmp_proc_fd, paths, g->n_disks, true, st, found) < 0)
+        if (open_file_ids(g->qmp_proc_fd, paths, g->n_disks, st, found, writable) < 0)
                 memset(found, 0, sizeof(bool) * g->n_disks); /* not seen: nothing pinned */
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
 
                 d->pinned = found[i];
+                /* A file QEMU only reads (a CD-ROM image, a disk given read-only, or a template a
+                 * hostile QEMU names as its disk) is handed over read-only. */
+                d->pin_writable = found[i] && writable[i];
                 if (found[i]) {
                         d->pin_dev = st[i].st_dev;
                         d->pin_ino = st[i].st_ino;

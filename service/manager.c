@@ -421,7 +421,7 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                                 why ?: strerror(-r));
                 /* Its owner's own images only: what the owner could not open is not opened for them
                  * (checked again each time the storage helper takes them). */
-                r = storage_owner_may_use(m->engine.config.image_dirs, g->owner, &chain, &why);
+                r = storage_owner_may_use(m->engine.config.image_dirs, g->owner, &chain, true, &why);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)

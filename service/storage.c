@@ -423,14 +423,15 @@ static char *node_name(const StorageDisk *d, size_t k, bool file) {
 typedef struct OwnerRead {
         char *const *dirs;
         const ImageChain *chain;
-        size_t failed; /* the image the owner may not read */
+        bool top_writable;
+        size_t failed; /* the image the owner may not open */
 } OwnerRead;
 
 static int owner_reads(void *userdata) {
         OwnerRead *o = userdata;
 
         /* The top is written (a stream, an export's writes), the rest only read. */
-        return image_chain_reopens(o->dirs, o->chain, true, &o->failed);
+        return image_chain_reopens(o->dirs, o->chain, o->top_writable, &o->failed);
 }
 
 /* Whether the guest's owner could open the chain's images themselves: the top for writing, the rest
@@ -442,9 +443,10 @@ static int owner_reads(void *userdata) {
  * this thread's file-system identity (an owner without an account: no group but nogroup), and
  * must reach the very file we opened. Done in this thread, as the chain's own opens are: no child
  * the owner could stop while we wait. 0, or -EACCES with *ret_error naming the image, or -errno. */
-int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error) {
+int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
+        char **ret_error) {
         _cleanup_free_ gid_t *gids = NULL;
-        OwnerRead o = { .dirs = dirs, .chain = chain };
+        OwnerRead o = { .dirs = dirs, .chain = chain, .top_writable = top_writable };
         size_t n_gids = 0;
         gid_t gid;
         int r;
@@ -461,8 +463,8 @@ int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chai
         if (r == -EACCES)
                 *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so it is "
                                            "not %s for them",
-                        owner, o.failed == 0 ? "write" : "read", chain->images[o.failed].path,
-                        o.failed == 0 ? "used" : "read");
+                        owner, o.failed == 0 && top_writable ? "write" : "read", chain->images[o.failed].path,
+                        o.failed == 0 && top_writable ? "used" : "read");
         else if (r < 0)
                 *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
                                            "images: %s",
@@ -481,10 +483,10 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
         r = image_chain_open_claimed(
-                host->config->image_dirs, d->path, d->format, true, forbidden, claimed, &chain, ret_error);
+                host->config->image_dirs, d->path, d->format, !d->read_only, forbidden, claimed, &chain, ret_error);
         if (r < 0)
                 return r;
-        r = storage_owner_may_use(host->config->image_dirs, sb->owner, &chain, ret_error);
+        r = storage_owner_may_use(host->config->image_dirs, sb->owner, &chain, !d->read_only, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {
@@ -508,12 +510,13 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
                 if (r < 0)
                         return r;
                 h->pending++;
-                r = qemu_blockdev_add_file(*host->qmp, file, fdset, k > 0, attach_reply, (void *) host, NULL);
+                r = qemu_blockdev_add_file(*host->qmp, file, fdset, k > 0 || d->read_only, attach_reply, (void *) host,
+                        NULL);
                 if (r < 0)
                         return r;
                 h->pending++;
-                r = qemu_blockdev_add_format(*host->qmp, im->format, fmt, file, backing, k > 0, attach_reply, (void *) host,
-                        NULL);
+                r = qemu_blockdev_add_format(*host->qmp, im->format, fmt, file, backing, k > 0 || d->read_only, attach_reply,
+                        (void *) host, NULL);
                 if (r < 0)
                         return r;
                 h->pending++;

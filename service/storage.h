@@ -40,6 +40,7 @@ typedef struct StorageDisk {
         const char *alias;
         const char *path;
         const char *format;
+        bool read_only; /* the top too (a handoff of a disk its QEMU only read) */
 } StorageDisk;
 
 /* What the helper needs of the guest, asked when needed. */
@@ -87,10 +88,12 @@ void storage_helper_stop(const StorageHost *host);
 void storage_helper_kill(const StorageHost *host);
 bool storage_helper_attached(const StorageHost *host);
 
-/* Could owner open chain's images themselves, beneath dirs as we did: the top for writing, the rest
- * for reading (root: yes)? 0, or -EACCES with *ret_error naming the image, or -errno. */
+/* Could owner open chain's images themselves, beneath dirs as we did: the top for writing if
+ * top_writable, the rest for reading (root: yes)? 0, or -EACCES with *ret_error naming the image,
+ * or -errno. */
 typedef struct ImageChain ImageChain;
-int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, char **ret_error);
+int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
+        char **ret_error);
 
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
  * exiting and holding their images' locks); how many still had a live thread, or -errno
