@@ -473,15 +473,46 @@ static int caller_may_read(const Provision *p, const ImageChain *chain, sd_bus_e
         return 0;
 }
 
+/* The target's directory, opened beneath its image directory, and whether the name is free in it:
+ * done as the caller (a caller other than root), so that neither the walk nor the answer reaches
+ * past what they may search themselves. */
+typedef struct TargetLookup {
+        char *const *dirs;
+        const char *target;
+        int dir_fd;
+        const char *leaf;
+        char *why;
+        bool exists;
+} TargetLookup;
+
+static int target_lookup(void *userdata) {
+        TargetLookup *t = userdata;
+        struct stat st;
+        int r;
+
+        /* From the image directory down through fds: no symlink, no "..", no other mount. */
+        r = image_open_parent_beneath(t->dirs, t->target, &t->dir_fd, &t->leaf, &t->why);
+        if (r < 0)
+                return r;
+        if (fstatat(t->dir_fd, t->leaf, &st, AT_SYMLINK_NOFOLLOW) == 0)
+                t->exists = true;
+        else if (errno != ENOENT)
+                return -errno; /* EACCES: the caller may not search the directory itself */
+        return 0;
+}
+
 int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char *template, const char *target, const char *format,
         uint64_t size, uid_t caller, sd_bus_error *error) {
+        _cleanup_free_ gid_t *gids = NULL;
         _cleanup_free_ char *why = NULL;
         _cleanup_close_ int dir_fd = -1;
         const char *leaf;
         Provision *p;
-        struct stat st;
         const Config *c = ctx->config;
+        TargetLookup t = { .dirs = c->image_dirs, .target = target, .dir_fd = -EBADF };
         bool url = is_url(template);
+        size_t n_gids = 0;
+        gid_t gid = 0;
         int r;
 
         if (strv_isempty(c->image_dirs))
@@ -490,17 +521,35 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         if (!path_is_safe_absolute(target, 4000))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target '%.200s' must be a normalized absolute path.", target);
-        /* From the image directory down through fds: no symlink, no "..", no other mount. */
-        r = image_open_parent_beneath(c->image_dirs, target, &dir_fd, &leaf, &why);
+        /* What is done as the caller is done with its groups as the bus (or the user database)
+         * tells them now. */
+        if (caller != 0) {
+                r = bus_caller_groups(msg, caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
+                if (r == -ENOMEM)
+                        return r;
+                if (r < 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "Cannot tell the groups of uid " UID_FMT " (%s), so nothing is made for it.", caller,
+                                strerror(-r));
+        }
+        r = caller == 0 ? target_lookup(&t) : fs_identity_run(caller, gid, gids, n_gids, target_lookup, &t);
+        dir_fd = t.dir_fd;
+        leaf = t.leaf;
+        why = t.why;
         if (r == -ENOMEM)
                 return r;
         if (r == -EPERM)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target %s lies outside the image directories; pick a path in one of them.", target);
+        if (r == -EACCES)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                        "You (uid " UID_FMT ") may not reach the directory of %s yourself, so nothing is made there "
+                        "for you.",
+                        caller, target);
         if (r < 0)
                 return sd_bus_error_setf(
                         error, SD_BUS_ERROR_INVALID_ARGS, "Target %s: %s", target, why ?: strerror(-r));
-        if (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+        if (t.exists)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
                         "Target %s exists already (or is a symbolic link); refusing to overwrite it.", target);
         if (format && !streq(format, "qcow2") && !streq(format, "raw"))
@@ -517,6 +566,9 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         p->out_fd = -1;
         p->dir_fd = TAKE_FD(dir_fd);
         p->caller = caller;
+        p->gid = gid;
+        p->gids = TAKE_PTR(gids);
+        p->n_gids = n_gids;
         p->size = size;
         if (ctx->cache) {
                 /* The cache is everyone's: its size is the template's, asked of the server, never
@@ -534,20 +586,6 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 provision_free(p);
                 return -ENOMEM;
         }
-        /* What is done as the caller is done with its groups as the bus (or the user database)
-         * tells them now. */
-        if (caller != 0) {
-                r = bus_caller_groups(msg, caller, CALLER_GROUPS_MAX, &p->gid, &p->gids, &p->n_gids);
-                if (r < 0) {
-                        provision_free(p);
-                        if (r == -ENOMEM)
-                                return r;
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                                "Cannot tell the groups of uid " UID_FMT " (%s), so nothing is made for it.", caller,
-                                strerror(-r));
-                }
-        }
-
         if (url) {
                 /* A cache is for what crosses the network; a local socket is local already. */
                 if (p->use_cache && strncmp(template, "nbd+unix://", 11) == 0) {

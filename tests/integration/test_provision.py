@@ -618,7 +618,12 @@ class ProvisionCallerTest(h.TestCase):
         os.makedirs(theirs, mode=0o700)
         os.chown(mine, self.uids[h.OWNER], -1)
         os.chown(theirs, self.uids[h.MEMBER], -1)
-        for target in (os.path.join(d, 'debian-13.qcow2'), os.path.join(theirs, 'squat.qcow2')):
+        # A directory anyone may write, inside one the caller may not search.
+        drop = os.path.join(theirs, 'drop')
+        os.makedirs(drop)
+        os.chmod(drop, 0o1777)
+        for target in (os.path.join(d, 'debian-13.qcow2'), os.path.join(theirs, 'squat.qcow2'),
+                       os.path.join(drop, 'inside.qcow2')):
             with self.subTest(target=target):
                 r = self.provision_as(h.OWNER, c.top, target)
                 self.assertFalse(r['ok'], 'bstest-owner made %s: %r' % (target, r))
