@@ -152,33 +152,3 @@ int bus_sender_uid(sd_bus_message *msg, uid_t *ret) {
                 return r;
         return sd_bus_creds_get_euid(creds, ret);
 }
-
-int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n) {
-        _cleanup_(sd_bus_creds_unrefp) sd_bus_creds *creds = NULL;
-        _cleanup_free_ gid_t *gids = NULL;
-        const gid_t *l = NULL;
-        uid_t euid;
-        gid_t gid;
-        int r, n;
-
-        if (max > INT_MAX)
-                max = INT_MAX;
-        r = sd_bus_query_sender_creds(
-                msg, SD_BUS_CREDS_EUID | SD_BUS_CREDS_EGID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS, &creds);
-        if (r >= 0 && sd_bus_creds_get_euid(creds, &euid) >= 0 && euid == uid &&
-                sd_bus_creds_get_egid(creds, &gid) >= 0 && (n = sd_bus_creds_get_supplementary_gids(creds, &l)) >= 0 &&
-                (size_t) n <= max) {
-                gids = malloc(sizeof(gid_t) * ((size_t) n + 1));
-                if (!gids)
-                        return -ENOMEM;
-                if (n > 0)
-                        memcpy(gids, l, sizeof(gid_t) * (size_t) n);
-                log_debug("Caller uid %u: gid %u and %d groups from the bus.", (unsigned) uid, (unsigned) gid, n);
-                *ret_gid = gid;
-                *ret_n = (size_t) n;
-                *ret_gids = TAKE_PTR(gids);
-                return 0;
-        }
-
-        return user_groups(uid, max, ret_gid, ret_gids, ret_n);
-}

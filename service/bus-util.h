@@ -22,9 +22,8 @@ int bus_read_options(sd_bus_message *m, const char *method, const BusOption *opt
 /* The effective uid of the caller of msg, as the bus tells it. */
 int bus_sender_uid(sd_bus_message *msg, uid_t *ret);
 
-/* The primary gid and supplementary groups of the caller of msg, whose uid is uid: from the bus
- * where it tells them (for that very uid, at most max groups), else from the user database, as
- * polkit's isInGroup() reads them. -ESRCH: no account for uid; -E2BIG: more than max groups. */
-int bus_caller_groups(sd_bus_message *msg, uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n);
-/* The same from the user database alone. */
+/* The primary gid and supplementary groups of uid (at most max) from the user database, as polkit's
+ * isInGroup() reads them: what a check made as a caller or an owner uses. (The bus does not tell
+ * a caller's groups on Debian 12's sd-bus, and a process's own, read from /proc, could be a
+ * set-id program's it ran since.) -ESRCH: no account for uid; -E2BIG: more than max groups. */
 int user_groups(uid_t uid, size_t max, gid_t *ret_gid, gid_t **ret_gids, size_t *ret_n);

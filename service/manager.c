@@ -310,7 +310,7 @@ static int check_caller_may_connect(sd_bus_message *msg, const char *path, int d
                 return r;
         if (uid == 0)
                 return 0;
-        r = bus_caller_groups(msg, uid, NGROUPS_MAX, &gid, &gids, &n);
+        r = user_groups(uid, NGROUPS_MAX, &gid, &gids, &n);
         if (r == -ESRCH)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                         "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", uid, path);

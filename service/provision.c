@@ -521,10 +521,9 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
         if (!path_is_safe_absolute(target, 4000))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "Target '%.200s' must be a normalized absolute path.", target);
-        /* What is done as the caller is done with its groups as the bus (or the user database)
-         * tells them now. */
+        /* What is done as the caller is done with its groups as the user database tells them now. */
         if (caller != 0) {
-                r = bus_caller_groups(msg, caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
+                r = user_groups(caller, CALLER_GROUPS_MAX, &gid, &gids, &n_gids);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)
