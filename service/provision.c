@@ -9,8 +9,8 @@
  *    written into it by image.c; a failure removes it only if the name still is that file;
  *  - a template that is a file is read by image.c (its whole chain inside the image directories,
  *    no symlinks, no other guest's disk), and only if the caller could read every image of the
- *    chain itself (checked in our thread with the caller's uid and groups as its file-system
- *    identity, fs-identity.h);
+ *    chain itself (the chain is opened in our thread with the caller's uid and groups as its
+ *    file-system identity, fs-identity.h, as are the target's directory and the target);
  *  - a template behind a URL must match the administrator's TemplateURLPrefixes=, and is asked
  *    for its size by `qemu-img info` in a sandbox with a provisioning uid of its own (a remote
  *    server's answers are untrusted). */
@@ -438,39 +438,21 @@ static int run_probe(Provision *p) {
         return watch_output(p, TAKE_FD(out_r));
 }
 
-typedef struct ReadCheck {
+/* A template file's chain, opened as image.c opens it: as the caller (a caller other than root),
+ * so that root reads for them only what they could read themselves, and what is refused or
+ * told of a template (its header, its backing's name) is only what they could read. */
+typedef struct ChainOpen {
         char *const *dirs;
-        const ImageChain *chain;
-        size_t failed; /* the image the caller may not read */
-} ReadCheck;
+        const char *path, *format;
+        char **forbidden;
+        ImageChain *chain;
+        char *why;
+} ChainOpen;
 
-static int read_check(void *userdata) {
-        ReadCheck *c = userdata;
+static int chain_open(void *userdata) {
+        ChainOpen *c = userdata;
 
-        /* The same walk as ours (no symlink, no mount crossed), with the caller's search and read
-         * permissions: it must reach the very files we opened. */
-        return image_chain_reopens(c->dirs, c->chain, false, &c->failed);
-}
-
-/* Whether the caller could open every image of the chain for reading itself: each path opened
- * again beneath its image directory, with the caller's uid, gid and groups as this thread's
- * file-system identity (fs-identity.h). In this thread, as our own opens of the chain were: no
- * process of the caller's (who could stop it) that we wait for. */
-static int caller_may_read(const Provision *p, const ImageChain *chain, sd_bus_error *error) {
-        ReadCheck c = { .dirs = p->config->image_dirs, .chain = chain };
-        int r;
-
-        r = fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, read_check, &c);
-        if (r == -EACCES)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                        "Cannot provision %s: you may not read %s yourself, so no overlay on it is made for you.",
-                        p->target, chain->images[c.failed].path);
-        if (r == -ENOMEM)
-                return r;
-        if (r < 0)
-                return sd_bus_error_set_errnof(
-                        error, -r, "Cannot check whether you may read template %s: %m", p->template);
-        return 0;
+        return image_chain_open(c->dirs, c->path, c->format, false, c->forbidden, c->chain, &c->why);
 }
 
 /* The target's directory, opened beneath its image directory, and whether the name is free in it:
@@ -626,12 +608,26 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                                 "nbd+unix://, http:// or https:// URL.",
                                 template, BACKING_NAME_MAX);
                 }
-                why = mfree(why);
-                r = image_chain_open(c->image_dirs, template, format, false, ctx->forbidden_images, &chain, &why);
+                ChainOpen co = {
+                        .dirs = c->image_dirs,
+                        .path = template,
+                        .format = format,
+                        .forbidden = ctx->forbidden_images,
+                        .chain = &chain,
+                };
+
+                r = caller == 0 ? chain_open(&co) : fs_identity_run(caller, p->gid, p->gids, p->n_gids, chain_open, &co);
+                free(why);
+                why = co.why;
                 if (r < 0) {
                         provision_free(p);
                         if (r == -ENOMEM)
                                 return r;
+                        if (r == -EACCES)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                        "Template %s: %s (you may not read it yourself, so no overlay on it is made "
+                                        "for you).",
+                                        template, why ?: strerror(-r));
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Template %s: %s", template,
                                 why ?: strerror(-r));
                 }
@@ -650,14 +646,6 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                                 error, SD_BUS_ERROR_INVALID_ARGS, "The template's size is not usable.");
                 }
                 p->size = (p->size + 511) & ~UINT64_C(511);
-                /* Root reads what the caller names: only what the caller could read itself. */
-                if (caller != 0) {
-                        r = caller_may_read(p, &chain, error);
-                        if (r < 0) {
-                                provision_free(p);
-                                return r;
-                        }
-                }
         }
 
         /* Option 'size' is a multiple of 512 already; a template's size was rounded up above. */
