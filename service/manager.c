@@ -278,54 +278,41 @@ static int check_qmp_socket_path(const char *path, sd_bus_error *error) {
         return 0;
 }
 
-/* The socket as the registration found it: its directory pinned, the leaf a socket (no symlink). */
-static int open_qmp_socket(const char *path, QmpSocketPin *ret_pin, int *ret_dir_fd, int *ret_sock_fd,
+/* The socket as the registration found it: its directory pinned, the leaf a socket (no symlink).
+ * A caller other than root registers only a socket it could connect to itself, found as it would
+ * find it: the path is resolved with its identity (fs-identity.h), and what fails tells only what
+ * it could see; the daemon never reaches a monitor on its behalf that it could not. */
+static int open_qmp_socket(const char *path, uid_t caller, QmpSocketPin *ret_pin, int *ret_dir_fd, int *ret_sock_fd,
         sd_bus_error *error) {
+        _cleanup_free_ gid_t *gids = NULL;
+        size_t n = 0;
+        gid_t gid;
         int r;
 
         r = check_qmp_socket_path(path, error);
         if (r < 0)
                 return r;
-        r = qmp_socket_open(path, NULL, ret_pin, ret_dir_fd, ret_sock_fd);
+        if (caller != 0) {
+                r = user_groups(caller, NGROUPS_MAX, &gid, &gids, &n);
+                if (r == -ESRCH)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", caller, path);
+                if (r < 0)
+                        return r;
+                r = qmp_socket_open_as(path, caller, gid, gids, n, ret_pin, ret_dir_fd, ret_sock_fd);
+                if (r == -EACCES)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search "
+                                "permission on its directories and write permission on the socket), so blockstreamd "
+                                "will not connect to it for you.",
+                                caller, path);
+        } else
+                r = qmp_socket_open(path, NULL, ret_pin, ret_dir_fd, ret_sock_fd);
         if (r == -ENOMEM)
                 return r;
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "QMP socket '%s' cannot be used: %s.", path,
                         qmp_socket_strerror(r));
-        return 0;
-}
-
-/* A caller other than root registers only a socket it could connect to itself: the daemon
- * never reaches a monitor on its behalf that the caller could not. */
-static int check_caller_may_connect(sd_bus_message *msg, const char *path, int dir_fd, int sock_fd,
-        sd_bus_error *error) {
-        _cleanup_free_ gid_t *gids = NULL;
-        size_t n = 0;
-        uid_t uid;
-        gid_t gid;
-        int r;
-
-        r = bus_sender_uid(msg, &uid);
-        if (r < 0)
-                return r;
-        if (uid == 0)
-                return 0;
-        r = user_groups(uid, NGROUPS_MAX, &gid, &gids, &n);
-        if (r == -ESRCH)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                        "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", uid, path);
-        if (r < 0)
-                return r;
-        r = qmp_socket_check_access(path, dir_fd, sock_fd, uid, gid, gids, n);
-        if (r == -EACCES)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
-                        "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search permission "
-                        "on its directories and write permission on the socket), so blockstreamd will not connect "
-                        "to it for you.",
-                        uid, path);
-        if (r < 0)
-                return sd_bus_error_set_errnof(error, -r,
-                        "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s: %m", uid, path);
         return 0;
 }
 
@@ -531,10 +518,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Too many guests (at most %d).",
                         GUESTS_MAX);
         if (!isempty(socket_path)) {
-                r = open_qmp_socket(socket_path, &pin, &dir_fd, &sock_fd, error);
-                if (r < 0)
-                        return r;
-                r = check_caller_may_connect(msg, socket_path, dir_fd, sock_fd, error);
+                r = open_qmp_socket(socket_path, caller, &pin, &dir_fd, &sock_fd, error);
                 if (r < 0)
                         return r;
         }

@@ -165,11 +165,6 @@ int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd) {
         return 0;
 }
 
-typedef struct AccessCheck {
-        const char *dir;
-        int dir_fd, sock_fd;
-} AccessCheck;
-
 /* faccessat2(AT_EACCESS) itself: the permission checked with this thread's fsuid, fsgid and
  * groups. Where the kernel has no faccessat2 (before 5.8), glibc's faccessat() would check with
  * the real uid, root's, and grant everything: never taken as a yes. */
@@ -181,49 +176,53 @@ static int access_as_fs_identity(const char *path, int mode) {
         return -errno;
 }
 
-/* With the caller's file-system identity (fs-identity.h): 0 if they may connect, -EACCES if not. */
-static int check_access(void *userdata) {
-        const AccessCheck *c = userdata;
-        _cleanup_close_ int fd = -1;
+typedef struct OpenAs {
+        const char *path;
+        QmpSocketPin seen;
+        int dir_fd, sock_fd;
+} OpenAs;
+
+/* With the caller's file-system identity (fs-identity.h): the socket opened as qmp_socket_open()
+ * opens it (search permission down to its directory, as that user resolves the path), then
+ * search permission on the directory itself and write permission on the socket (the magic links
+ * of our own fds: /proc lets our own thread group through whoever we are). */
+static int open_as(void *userdata) {
+        OpenAs *o = userdata;
         char p[PROC_FD_PATH_MAX];
-        struct stat a, b;
         int r;
 
-        /* Search permission down to the directory, as that user resolves it: the same one. */
-        fd = open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (fd < 0)
-                return errno == EACCES || errno == ENOENT || errno == ENOTDIR || errno == ELOOP ? -EACCES : -errno;
-        if (fstat(fd, &a) < 0 || fstat(c->dir_fd, &b) < 0)
-                return -errno;
-        if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
-                return -EACCES;
-        /* Search permission on the directory itself, write permission on the socket (the magic
-         * links of our own fds: /proc lets our own thread group through whoever we are). */
-        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->dir_fd);
+        r = qmp_socket_open(o->path, NULL, &o->seen, &o->dir_fd, &o->sock_fd);
+        if (r < 0)
+                return r;
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", o->dir_fd);
         r = access_as_fs_identity(p, X_OK);
         if (r < 0)
                 return r;
-        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", c->sock_fd);
+        (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", o->sock_fd);
         return access_as_fs_identity(p, W_OK);
 }
 
-/* In this thread, as the daemon's own open of the path was: no process of the caller's (who could
- * stop it) that we wait for. */
-int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
-        size_t n_gids) {
-        _cleanup_free_ char *dir = NULL;
-        const char *leaf;
+/* In this thread, as the daemon's own opens are: no process of the caller's (who could stop it)
+ * that we wait for. */
+int qmp_socket_open_as(const char *path, uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, QmpSocketPin *ret_seen,
+        int *ret_dir_fd, int *ret_sock_fd) {
+        OpenAs o = { .path = path, .dir_fd = -EBADF, .sock_fd = -EBADF };
         int r;
 
-        r = split_path(path, &dir, &leaf);
-        if (r < 0)
+        r = fs_identity_run(uid, gid, gids, n_gids, open_as, &o);
+        if (r < 0) {
+                closep(&o.dir_fd);
+                closep(&o.sock_fd);
                 return r;
-        if (uid == 0)
-                return 0;
-        if (dir_fd < 3 || sock_fd < 3 || dir_fd == sock_fd)
-                return -EBADF;
-        return fs_identity_run(uid, gid, gids, n_gids, check_access,
-                &(AccessCheck) { .dir = dir, .dir_fd = dir_fd, .sock_fd = sock_fd });
+        }
+        if (ret_seen)
+                *ret_seen = o.seen;
+        if (ret_dir_fd)
+                *ret_dir_fd = o.dir_fd;
+        else
+                closep(&o.dir_fd);
+        *ret_sock_fd = o.sock_fd;
+        return 0;
 }
 
 const char *qmp_socket_strerror(int error) {

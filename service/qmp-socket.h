@@ -56,13 +56,12 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer);
  * vouched for (gone, or another process than the listener). */
 int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd);
 
-/* Could uid/gid/gids connect to that socket themselves: search permission on every directory
- * of path down to the one behind dir_fd (the same one, reached by that user) and write
- * permission on the socket inode behind sock_fd. Evaluated by the kernel in this thread with
- * those credentials as its file-system identity (fs-identity.h). 0: yes, -EACCES: no, other
- * -errno: could not tell. */
-int qmp_socket_check_access(const char *path, int dir_fd, int sock_fd, uid_t uid, gid_t gid, const gid_t *gids,
-        size_t n_gids);
+/* qmp_socket_open() done as uid/gid/gids (this thread's file-system identity, fs-identity.h),
+ * and then whether they could connect to the socket themselves: search permission on its
+ * directory and write permission on it (-EACCES if not). What fails tells only what that user
+ * could see: -EACCES, -ENOENT, -ELOOP, -ENOTSOCK as qmp_socket_open(). */
+int qmp_socket_open_as(const char *path, uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, QmpSocketPin *ret_seen,
+        int *ret_dir_fd, int *ret_sock_fd);
 
 /* What a refusal of qmp_socket_open() or _connect() means, for logs and D-Bus errors. */
 const char *qmp_socket_strerror(int error);

@@ -108,9 +108,24 @@ static void test_directory_pinned(void) {
         ASSERT_FALSE(seen.dir_ino == pin.dir_ino && seen.dir_dev == pin.dir_dev);
 }
 
+/* Opened as another user: only a socket they could connect to themselves, and what fails tells
+ * them only what they could see. */
+static int open_as(const char *sock, uid_t uid, gid_t gid, const gid_t *gids, size_t n) {
+        int dir_fd = -1, sock_fd = -1, r;
+
+        r = qmp_socket_open_as(sock, uid, gid, gids, n, NULL, &dir_fd, &sock_fd);
+        if (r >= 0) {
+                close(dir_fd);
+                close(sock_fd);
+        }
+        return r;
+}
+
 static void test_caller_access(void) {
-        _cleanup_free_ char *dir = at("d"), *sock = at("d/qmp.sock");
-        _cleanup_close_ int srv = -1, dir_fd = -1, sock_fd = -1;
+        _cleanup_free_ char *dir = at("d"), *sock = at("d/qmp.sock"), *missing = at("d/missing.sock"),
+                                *hidden = at("h"), *hidden_sock = at("h/x/qmp.sock"), *hidden_missing = at("h/x/none.sock"),
+                                *hidden_dir = at("h/x");
+        _cleanup_close_ int srv = -1, srv2 = -1;
         const uid_t nobody = 65534;
         const gid_t group = 65534;
 
@@ -123,24 +138,32 @@ static void test_caller_access(void) {
         srv = listen_at(sock);
         ASSERT_TRUE(srv >= 0);
         ASSERT_OK(chmod(sock, 0600));
-        ASSERT_OK(qmp_socket_open(sock, NULL, NULL, &dir_fd, &sock_fd));
-        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, 0, 0, NULL, 0));
-        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
+        ASSERT_OK(open_as(sock, 0, 0, NULL, 0));
+        ASSERT_ERRNO(open_as(sock, nobody, group, NULL, 0), -EACCES);
         ASSERT_OK(chmod(dir, 0755));
-        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
+        ASSERT_ERRNO(open_as(sock, nobody, group, NULL, 0), -EACCES);
         ASSERT_OK(chmod(sock, 0666));
-        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0));
+        ASSERT_OK(open_as(sock, nobody, group, NULL, 0));
+        ASSERT_ERRNO(open_as(missing, nobody, group, NULL, 0), -ENOENT);
         /* Through a group: the socket writable by group 4242 only, which nobody gets as a
          * supplementary group. */
         ASSERT_OK(chown(sock, 0, 4242));
         ASSERT_OK(chmod(sock, 0660));
-        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, NULL, 0), -EACCES);
-        ASSERT_OK(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, (const gid_t[]) { 4242 }, 1));
+        ASSERT_ERRNO(open_as(sock, nobody, group, NULL, 0), -EACCES);
+        ASSERT_OK(open_as(sock, nobody, group, (const gid_t[]) { 4242 }, 1));
         /* Search permission on a parent directory counts too. */
         ASSERT_OK(chmod(base, 0700));
-        ASSERT_ERRNO(qmp_socket_check_access(sock, dir_fd, sock_fd, nobody, group, (const gid_t[]) { 4242 }, 1),
-                -EACCES);
+        ASSERT_ERRNO(open_as(sock, nobody, group, (const gid_t[]) { 4242 }, 1), -EACCES);
         ASSERT_OK(chmod(base, 0755));
+        /* Below a directory they may not search, a socket and a name that does not exist answer
+         * alike: what is there is not told. */
+        ASSERT_OK(mkdir(hidden, 0700));
+        ASSERT_OK(mkdir(hidden_dir, 0755));
+        srv2 = listen_at(hidden_sock);
+        ASSERT_TRUE(srv2 >= 0);
+        ASSERT_OK(chmod(hidden_sock, 0666));
+        ASSERT_ERRNO(open_as(hidden_sock, nobody, group, NULL, 0), -EACCES);
+        ASSERT_ERRNO(open_as(hidden_missing, nobody, group, NULL, 0), -EACCES);
 }
 
 /* The listener a connection reached, as a /proc/PID directory: this process while it listens; none
