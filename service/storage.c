@@ -498,7 +498,9 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
 
                 if (!file || !fmt || (k + 1 < chain.n && !backing))
                         return -ENOMEM;
-                r = sandbox_selinux_label_fd(im->fd, k == 0 ? sb->image_label : content_label);
+                /* The guest's own categories only on a top it writes: one it only reads (a shared
+                 * CD-ROM image or template) keeps a label every guest may read. */
+                r = sandbox_selinux_label_fd(im->fd, k == 0 && !d->read_only ? sb->image_label : content_label);
                 if (r < 0) {
                         *ret_error = strdup_printf("Cannot label %s for the sandbox: %s", im->path, strerror(-r));
                         return r;
