@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -41,8 +42,11 @@ int qmp_socket_open(const char *path, const QmpSocketPin *pin, QmpSocketPin *ret
         if (r < 0)
                 return r;
         /* The directory part is resolved like any path (the registrant's symlinks included) and
-         * then known by its identity only. */
-        dir_fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+         * then known by its identity only; never through /proc's magic links (/proc/self/fd/N is
+         * one of the daemon's own directories, reached without a search of its parents). */
+        dir_fd = (int) syscall(SYS_openat2, AT_FDCWD, dir,
+                &(struct open_how) { .flags = O_PATH | O_DIRECTORY | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS },
+                sizeof(struct open_how));
         if (dir_fd < 0)
                 return -errno;
         if (fstat(dir_fd, &st) < 0)

@@ -65,6 +65,16 @@ static void test_open_and_connect(void) {
         ASSERT_ERRNO(qmp_socket_open(dir, NULL, NULL, NULL, &sock_fd), -ENOTSOCK);
         ASSERT_ERRNO(qmp_socket_connect(-1, &fd, &peer), -ENOENT);
 
+        /* Through /proc's magic links (one of our own directories by its fd): refused. */
+        {
+                _cleanup_free_ char *magic = NULL;
+                _cleanup_close_ int dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+
+                ASSERT_TRUE(dfd >= 0);
+                magic = strdup_printf("/proc/self/fd/%d/qmp.sock", dfd);
+                ASSERT_ERRNO(qmp_socket_open(magic, NULL, NULL, NULL, &sock_fd), -ELOOP);
+        }
+
         /* Not normalized, relative, "/": refused before anything is opened. */
         ASSERT_ERRNO(qmp_socket_open("relative.sock", NULL, NULL, NULL, &sock_fd), -EINVAL);
         ASSERT_ERRNO(qmp_socket_open("/", NULL, NULL, NULL, &sock_fd), -EINVAL);
