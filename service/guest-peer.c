@@ -5,11 +5,13 @@
  * the guest. The Guest object itself and its D-Bus face are guest.c's. */
 
 #include <inttypes.h>
+#include <limits.h>
 #include <sys/stat.h>
 
 #include "backend.h"
 #include "bus-error.h"
 #include "disk.h"
+#include "bus-util.h"
 #include "guest.h"
 #include "engine.h"
 #include "image.h"
@@ -585,6 +587,18 @@ static bool guest_peer_allowed(Guest *g, uid_t uid) {
                (g->qmp_uid != UID_INVALID && uid == g->qmp_uid) || g->qmp_uid_pin_next;
 }
 
+static int open_as_owner(Guest *g, QmpSocketPin *ret_seen, int *ret_sock_fd) {
+        _cleanup_free_ gid_t *gids = NULL;
+        size_t n = 0;
+        gid_t gid;
+        int r;
+
+        r = user_groups(g->owner, NGROUPS_MAX, &gid, &gids, &n);
+        if (r < 0)
+                return r == -ESRCH ? -EACCES : r; /* no account: nothing of theirs is reached */
+        return qmp_socket_open_as(g->qmp_socket, &g->qmp_pin, g->owner, gid, gids, n, ret_seen, NULL, ret_sock_fd);
+}
+
 /* Connect to the guest's QMP socket as pinned at registration, and check who listens. On
  * failure g->connect_error says why. */
 static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_seen, int *ret_fd) {
@@ -597,6 +611,10 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         g->connect_error = mfree(g->connect_error);
         if (opened_fd >= 0)
                 seen = *opened_seen;
+        else if (g->owner != 0 && g->qmp_uid == UID_INVALID && !g->qmp_uid_pin_next)
+                /* Registered by its owner: found as they would find it, every time (the directory's
+                 * pin holds for one boot only, and after a reboot the path is followed anew). */
+                r = open_as_owner(g, &seen, &sock_fd);
         else
                 r = qmp_socket_open(g->qmp_socket, &g->qmp_pin, &seen, NULL, &sock_fd);
         if (r >= 0)

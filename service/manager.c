@@ -299,7 +299,7 @@ static int open_qmp_socket(const char *path, uid_t caller, QmpSocketPin *ret_pin
                                 "Cannot tell whether uid " UID_FMT " may connect to QMP socket %s.", caller, path);
                 if (r < 0)
                         return r;
-                r = qmp_socket_open_as(path, caller, gid, gids, n, ret_pin, ret_dir_fd, ret_sock_fd);
+                r = qmp_socket_open_as(path, NULL, caller, gid, gids, n, ret_pin, ret_dir_fd, ret_sock_fd);
                 if (r == -EACCES)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                                 "You (uid " UID_FMT ") cannot connect to QMP socket %s yourself (that needs search "

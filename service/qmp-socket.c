@@ -183,6 +183,7 @@ static int access_as_fs_identity(const char *path, int mode) {
 
 typedef struct OpenAs {
         const char *path;
+        const QmpSocketPin *pin;
         QmpSocketPin seen;
         int dir_fd, sock_fd;
 } OpenAs;
@@ -196,7 +197,7 @@ static int open_as(void *userdata) {
         char p[PROC_FD_PATH_MAX];
         int r;
 
-        r = qmp_socket_open(o->path, NULL, &o->seen, &o->dir_fd, &o->sock_fd);
+        r = qmp_socket_open(o->path, o->pin, &o->seen, &o->dir_fd, &o->sock_fd);
         if (r < 0)
                 return r;
         (void) snprintf(p, sizeof(p), "/proc/self/fd/%d", o->dir_fd);
@@ -209,9 +210,9 @@ static int open_as(void *userdata) {
 
 /* In this thread, as the daemon's own opens are: no process of the caller's (who could stop it)
  * that we wait for. */
-int qmp_socket_open_as(const char *path, uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, QmpSocketPin *ret_seen,
-        int *ret_dir_fd, int *ret_sock_fd) {
-        OpenAs o = { .path = path, .dir_fd = -EBADF, .sock_fd = -EBADF };
+int qmp_socket_open_as(const char *path, const QmpSocketPin *pin, uid_t uid, gid_t gid, const gid_t *gids,
+        size_t n_gids, QmpSocketPin *ret_seen, int *ret_dir_fd, int *ret_sock_fd) {
+        OpenAs o = { .path = path, .pin = pin, .dir_fd = -EBADF, .sock_fd = -EBADF };
         int r;
 
         r = fs_identity_run(uid, gid, gids, n_gids, open_as, &o);

@@ -60,8 +60,8 @@ int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd, int
  * and then whether they could connect to the socket themselves: search permission on its
  * directory and write permission on it (-EACCES if not). What fails tells only what that user
  * could see: -EACCES, -ENOENT, -ELOOP, -ENOTSOCK as qmp_socket_open(). */
-int qmp_socket_open_as(const char *path, uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, QmpSocketPin *ret_seen,
-        int *ret_dir_fd, int *ret_sock_fd);
+int qmp_socket_open_as(const char *path, const QmpSocketPin *pin, uid_t uid, gid_t gid, const gid_t *gids,
+        size_t n_gids, QmpSocketPin *ret_seen, int *ret_dir_fd, int *ret_sock_fd);
 
 /* What a refusal of qmp_socket_open() or _connect() means, for logs and D-Bus errors. */
 const char *qmp_socket_strerror(int error);

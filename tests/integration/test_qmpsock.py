@@ -16,6 +16,7 @@
 Run alone: /usr/bin/python3 tests/integration/test_qmpsock.py (root; after ninja -C build).
 """
 
+import json
 import os
 import pwd
 import subprocess
@@ -267,6 +268,42 @@ class PeerTest(QmpSocketCase):
         r = self.register_as_member(name, q.daemon_socket)
         self.assertTrue(r['ok'], r)
         self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True)
+
+    def test_after_a_reboot_the_owner_finds_the_socket(self):
+        """The socket's directory is pinned for one boot: after a reboot the path is followed anew.
+        It was followed as root: a member who, meanwhile, made their socket's directory a symlink
+        to a directory they may not search, holding another QEMU's monitor (root's, allowed by
+        QEMUUsers=), had the daemon drive that QEMU for them. A guest a user registered is now
+        found as that user finds it, at every connect."""
+        self.restart_daemon('root')
+        mine = self.user_qemu(h.MEMBER)
+        other = self.start_qemu(self.make_chains(('vda',), 64 * h.MiB))  # root's
+        os.chmod(other.dir, 0o700)
+        os.chmod(other.daemon_socket, 0o777)
+        name = PREFIX + self.unique_name()
+        r = self.register_as_member(name, mine.daemon_socket)
+        self.assertTrue(r['ok'], r)
+        self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', True)
+        # The daemon goes; the machine "reboots" (the pin's boot id is another); the member's
+        # directory becomes a symlink to the other QEMU's.
+        self.env.daemon.stop()
+        state = os.path.join(self.env.daemon.state_dir, 'guests', name + '.json')
+        with open(state) as f:
+            rec = json.load(f)
+        self.assertIn('qmp_boot_id', rec)
+        rec['qmp_boot_id'] = '0123456789abcdef0123456789abcdef'
+        with open(state, 'w') as f:
+            json.dump(rec, f)
+        mine.kill()
+        os.rename(mine.dir, mine.dir + '.old')
+        os.symlink(other.dir, mine.dir)
+        self.env.daemon.start()
+        self.client.wait_prop(h.guest_path(name), h.IFACE_GUEST, 'Running', False)
+        _, err = self.refresh(name)
+        self.assertIsNotNone(err, 'the guest runs on the other QEMU')
+        self.assertFalse(self.client.get(h.guest_path(name), h.IFACE_GUEST, 'Running'))
+        self.assertFalse(daemon_monitor_connected(other, other.daemon_socket),
+                         "the daemon connected to a QEMU the guest's owner cannot reach")
 
     def test_no_way_through_another_process(self):
         """The caller's check kept the daemon's capabilities other than those over files: with

@@ -123,7 +123,7 @@ static void test_directory_pinned(void) {
 static int open_as(const char *sock, uid_t uid, gid_t gid, const gid_t *gids, size_t n) {
         int dir_fd = -1, sock_fd = -1, r;
 
-        r = qmp_socket_open_as(sock, uid, gid, gids, n, NULL, &dir_fd, &sock_fd);
+        r = qmp_socket_open_as(sock, NULL, uid, gid, gids, n, NULL, &dir_fd, &sock_fd);
         if (r >= 0) {
                 close(dir_fd);
                 close(sock_fd);
