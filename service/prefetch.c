@@ -136,7 +136,8 @@ static int cut_start(Disk *d) {
 
 static int prefetch_setup(RangeOp *op, Disk *d) {
         /* Recorded before QEMU has them, so that a restart can always clean up (range.c's
-         * range_cleanup_leftovers() removes them). */
+         * range_cleanup_leftovers() removes them); what an op of before left goes first. */
+        range_drop_leftovers(d);
         free(d->range_node);
         free(d->range_export);
         d->range_node = op->node ? strdup(op->node) : NULL;

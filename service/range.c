@@ -19,6 +19,8 @@
 #include "util.h"
 
 static int range_setup(RangeOp *op, Disk *d) {
+        /* What an op of before left (a lost QMP connection's) goes first: its record is replaced. */
+        range_drop_leftovers(d);
         /* Recorded before QEMU has them, so that a restart can always clean up. */
         free(d->range_node);
         free(d->range_export);
@@ -377,30 +379,38 @@ static bool range_record_in_use(Disk *d) {
 /* After a restart or a reconnect: the filter and export a range job of ours left behind
  * (recorded before QEMU got them). The job itself, which died with its helper, is resumed by
  * range_resume_orphans() once the disks are known again. */
+/* What an op of before left recorded on d (its filter, its export), not a live op's: removed from
+ * QEMU, which may still have them, and the record dropped. 1 if there was one. */
+static bool drop_leftovers(Disk *d) {
+        Guest *g = d->guest;
+
+        if (range_record_in_use(d) || (!d->range_node && !d->range_export))
+                return false;
+        if (d->range_export && guest_qmp_ready(g))
+                (void) qemu_block_export_del(g->peer.qmp, d->range_export, NULL, NULL, NULL);
+        if (d->range_node && guest_qmp_ready(g)) {
+                LeftoverNode *l = calloc(1, sizeof(LeftoverNode));
+                if (l && (l->node = strdup(d->range_node)) && (l->guest = strdup(g->name))) {
+                        l->engine = g->engine;
+                        leftover_del(l);
+                } else
+                        leftover_free(l);
+        }
+        d->range_node = mfree(d->range_node);
+        d->range_export = mfree(d->range_export);
+        return true;
+}
+
+void range_drop_leftovers(Disk *d) {
+        if (drop_leftovers(d))
+                (void) guest_save(d->guest);
+}
+
 void range_cleanup_leftovers(Guest *g) {
         bool changed = false;
 
-        for (size_t i = 0; i < g->n_disks; i++) {
-                Disk *d = g->disks[i];
-
-                if (range_record_in_use(d))
-                        continue;
-                if (d->range_export && guest_qmp_ready(g))
-                        (void) qemu_block_export_del(g->peer.qmp, d->range_export, NULL, NULL, NULL);
-                if (d->range_node && guest_qmp_ready(g)) {
-                        LeftoverNode *l = calloc(1, sizeof(LeftoverNode));
-                        if (l && (l->node = strdup(d->range_node)) && (l->guest = strdup(g->name))) {
-                                l->engine = g->engine;
-                                leftover_del(l);
-                        } else
-                                leftover_free(l);
-                }
-                if (d->range_node || d->range_export) {
-                        d->range_node = mfree(d->range_node);
-                        d->range_export = mfree(d->range_export);
-                        changed = true;
-                }
-        }
+        for (size_t i = 0; i < g->n_disks; i++)
+                changed |= drop_leftovers(g->disks[i]);
         if (changed)
                 (void) guest_save(g);
 }

@@ -30,6 +30,8 @@ void range_free_all(Engine *m);
 
 /* After a (re)connect: remove what a range job of ours left in QEMU before a restart. */
 void range_cleanup_leftovers(Guest *g);
+/* The same for one disk, before a new range or prefetch records its own. */
+void range_drop_leftovers(Disk *d);
 /* Then, with the disks re-read: range jobs that were running when the daemon went away go on
  * with new helpers (or fail, saying why). */
 void range_resume_orphans(Guest *g);

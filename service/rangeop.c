@@ -161,6 +161,9 @@ static void node_deleted(Qmp *q, int error, const char *desc, void *userdata) {
 
         if (op->dead)
                 return;
+        /* Not removed (the connection went, or QEMU refused): it may be there still. */
+        if (error < 0)
+                op->left_in_qemu = true;
         if (error == -ECONNRESET)
                 op_blame_peer(op);
         if (error < 0)
@@ -183,7 +186,9 @@ static void op_export_gone(RangeOp *op) {
                 if (qemu_blockdev_del(g->peer.qmp, op->node, node_deleted, range_op_ref(op), range_op_unref_void) >= 0)
                         return;
                 range_op_unref(op);
-        }
+                op->left_in_qemu = true;
+        } else if (op->node_added)
+                op->left_in_qemu = true; /* no connection to remove it over: QEMU may have it still */
         op_finish(op);
 }
 
@@ -202,9 +207,11 @@ static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata
         if (op->dead)
                 return;
         /* The connection broke under the op's end (qmp_fail() tells pending calls before the
-         * peer's listeners): QEMU took the export with it. */
-        if (error == -ECONNRESET)
+         * peer's listeners): a QEMU that lives on may have the export still. */
+        if (error == -ECONNRESET) {
                 op_blame_peer(op);
+                op->left_in_qemu = true;
+        }
         /* Refused (already gone): no event will come. */
         if (error < 0 && op->export_added)
                 op_export_gone(op);
