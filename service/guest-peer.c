@@ -643,9 +643,8 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
                 (uint32_t) peer.uid);
         /* The process whose open files pin the disks (guest-pins.c): the listener itself, or none. */
         closep(&g->qmp_proc_fd);
-        closep(&g->qmp_pidfd);
         g->qmp_qemu = (QemuInstance) {};
-        if (qmp_socket_peer_proc(fd, &peer, &g->qmp_proc_fd, &g->qmp_pidfd) >= 0)
+        if (qmp_socket_peer_proc(fd, &peer, &g->qmp_proc_fd) >= 0)
                 (void) qmp_socket_instance(g->qmp_proc_fd, peer.pid, &g->qmp_qemu);
         else
                 log_warning("Guest %s: the process that listens on %s (pid %d) is gone or cannot be vouched for; "
@@ -717,7 +716,6 @@ static void guest_peer_lost(void *userdata) {
         Guest *g = userdata;
 
         closep(&g->qmp_proc_fd);
-        closep(&g->qmp_pidfd);
         for (size_t i = 0; i < g->n_disks; i++) {
                 g->disks[i]->map_export = mfree(g->disks[i]->map_export);
                 g->disks[i]->map_export_node = mfree(g->disks[i]->map_export_node);

@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 
 #include "engine.h"
@@ -73,53 +72,32 @@ static int fdinfo_read(int dir_fd, const char *name, FdInfo *ret) {
         return 0;
 }
 
-/* The open file behind fd `name` (a decimal number) of the process of pidfd, taken as our own for a
- * moment (pidfd_getfd()): its open flags and its identity are that one open file's, whatever the
- * process dup2()s onto that number meanwhile; the identity as the kernel holds it (stat_cached()).
- * -errno if it cannot be taken (gone, or not ours to look at). */
-static int fd_of_process(int pidfd, const char *name, int *ret_flags, struct stat *ret) {
-        _cleanup_close_ int fd = -EBADF;
-        char *end;
-        long n;
-        int fl;
-
-        errno = 0;
-        n = strtol(name, &end, 10);
-        if (errno != 0 || *end || end == name || n < 0 || n > INT_MAX)
-                return -EINVAL;
-        fd = (int) syscall(SYS_pidfd_getfd, pidfd, (int) n, 0);
-        if (fd < 0)
-                return -errno;
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0)
-                return -errno;
-        *ret_flags = fl;
-        return stat_cached(fd, "", AT_EMPTY_PATH, ret);
+static bool fd_writable(const FdInfo *fi) {
+        return (fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_ACCMODE) == O_WRONLY;
 }
 
-static bool flags_writable(int flags) {
-        return (flags & O_PATH) == 0 && ((flags & O_ACCMODE) == O_RDWR || (flags & O_ACCMODE) == O_WRONLY);
-}
-
-/* For each of paths[0..n), the (device, inode) of the regular file that the process (/proc/PID:
- * proc_fd, its pidfd: pidfd) has open under that name, in ret[i] with found[i] set, and whether it
- * has it open for writing (writable[i]; by an fd that is, if any). One pass over its fds for all
- * (a QEMU of 256 disks and 65536 fds is 65536 readlinks, not 256 times as many). The link only
- * chooses the fds: what is recorded (identity, flags) is the open file taken from the process by
- * that fd (fd_of_process()), one file, so a QEMU that swaps files on an fd cannot pair one's
- * identity with another's flags; and a path matched to a file that is not the path's file is told
- * apart by the callers, who compare the identity with the file at the path. How many were found,
- * or -errno. */
-static int open_file_ids(int proc_fd, int pidfd, const char *const *paths, size_t n_paths, struct stat *ret,
-        bool *found, bool *writable) {
+/* For each of paths[0..n), the (device, inode) of the regular file that process /proc/PID
+ * (proc_fd) has open under that name, in ret[i] with found[i] set, and whether that fd is open for
+ * writing (writable[i]; one that is, if any of them). One pass over its fds for all (a QEMU of 256
+ * disks and 65536 fds is 65536 readlinks, not 256 times as many). Each fd is told as pid_holds()
+ * tells one: its fdinfo (flags, inode number) first, then its link and its file's identity, which
+ * must have that inode number, then its fdinfo again, the same: a QEMU that dup2()s another file
+ * onto the fd meanwhile cannot pair one file's identity with another's flags. How many were
+ * found, or -errno. */
+static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, struct stat *ret, bool *found,
+        bool *writable) {
+        _cleanup_close_ int info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         size_t left = n_paths, n_found = 0; /* left: not found open for writing yet */
         DIR *dir;
         unsigned n = 0;
         int r = 0;
 
-        if (fd_dir < 0)
-                return -errno;
+        if (fd_dir < 0 || info_dir < 0) {
+                r = -errno;
+                closep(&fd_dir);
+                return r;
+        }
         dir = fdopendir(fd_dir);
         if (!dir) {
                 r = -errno;
@@ -130,32 +108,30 @@ static int open_file_ids(int proc_fd, int pidfd, const char *const *paths, size_
                 found[i] = writable[i] = false;
         for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
-                struct stat st;
-                bool taken = false;
-                int flags = 0;
+                FdInfo fi, again;
                 ssize_t k;
 
-                if (de->d_name[0] == '.')
+                if (de->d_name[0] == '.' || fdinfo_read(info_dir, de->d_name, &fi) < 0)
                         continue;
                 k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
                 if (k <= 0 || (size_t) k >= sizeof(target) - 1)
                         continue;
                 target[k] = 0;
                 for (size_t i = 0; i < n_paths; i++) {
-                        if (!paths[i] || !streq(target, paths[i]) || writable[i])
+                        struct stat st;
+
+                        if (!paths[i] || !streq(target, paths[i]) || (found[i] && (writable[i] || !fd_writable(&fi))))
                                 continue;
-                        if (!taken) {
-                                if (fd_of_process(pidfd, de->d_name, &flags, &st) < 0 || !S_ISREG(st.st_mode))
-                                        break;
-                                taken = true;
-                        }
-                        if (found[i] && !flags_writable(flags))
+                        /* Through the fd's link: the file QEMU has open, whatever its name now. */
+                        if (stat_cached(dirfd(dir), de->d_name, 0, &st) < 0 || !S_ISREG(st.st_mode) ||
+                                (uint64_t) st.st_ino != fi.ino || fdinfo_read(info_dir, de->d_name, &again) < 0 ||
+                                again.flags != fi.flags || again.mnt_id != fi.mnt_id || again.ino != fi.ino)
                                 continue;
                         if (!found[i])
                                 n_found++;
                         found[i] = true;
                         ret[i] = st;
-                        if (flags_writable(flags)) {
+                        if (fd_writable(&fi)) {
                                 writable[i] = true;
                                 left--;
                         }
@@ -165,10 +141,10 @@ static int open_file_ids(int proc_fd, int pidfd, const char *const *paths, size_
         return (int) n_found;
 }
 
-static int open_file_id(int proc_fd, int pidfd, const char *path, struct stat *ret) {
+static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
         bool found, writable;
 
-        return open_file_ids(proc_fd, pidfd, &path, 1, ret, &found, &writable);
+        return open_file_ids(proc_fd, &path, 1, ret, &found, &writable);
 }
 
 int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
@@ -177,7 +153,7 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 
         if (!qemu_seen(g) || isempty(path))
                 return 0;
-        r = open_file_id(g->qmp_proc_fd, g->qmp_pidfd, path, &st);
+        r = open_file_id(g->qmp_proc_fd, path, &st);
         if (r <= 0)
                 return r;
         *ret_dev = st.st_dev;
@@ -188,8 +164,8 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 /* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
  * asked. 0 if not, or if the process is gone; < 0 if it cannot be told, not "no": -EACCES, a
  * process that may not be looked at; -EBUSY, a fd of the file's inode number that cannot be. */
-static int pid_holds(int proc_fd, pid_t pid, int pidfd, const struct stat *want, bool writing) {
-        _cleanup_close_ int own_pidfd = -EBADF;
+static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
+        _cleanup_close_ int fd_dir = -EBADF;
         DIR *dir;
         unsigned n = 0;
         int info_dir, r = 0;
@@ -204,36 +180,37 @@ static int pid_holds(int proc_fd, pid_t pid, int pidfd, const struct stat *want,
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
+                _cleanup_close_ int file = -EBADF;
+                FdInfo fi, again;
                 struct stat st;
-                FdInfo fi;
-                int flags;
 
-                /* fdinfo's inode number only chooses the fds worth a look. */
-                if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0 ||
-                        fi.ino != (uint64_t) want->st_ino)
+                if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
+                        continue; /* closed meanwhile */
+                if (fi.ino != (uint64_t) want->st_ino ||
+                        (writing && (fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY))
                         continue;
-                if (pidfd < 0) {
-                        /* A process of the host (host_holds_open()): its pidfd now. Should its pid
-                         * be another process's by then, what is found is still a file open by a
-                         * process of the host, told by the file itself. */
-                        own_pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
-                        if (own_pidfd < 0) {
-                                r = errno == ESRCH ? 0 : -EBUSY;
+                if (fd_dir < 0) {
+                        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                        if (fd_dir < 0) {
+                                r = errno == ENOENT || errno == ESRCH ? 0 : -errno;
                                 break;
                         }
-                        pidfd = own_pidfd;
                 }
                 /* A fd of the file's inode number that cannot be looked at: not "no" (-EBUSY). */
-                r = fd_of_process(pidfd, de->d_name, &flags, &st);
-                if (r == -EBADF || r == -ESRCH) {
-                        r = 0; /* closed, or the process gone, meanwhile */
+                file = openat(fd_dir, de->d_name, O_PATH | O_CLOEXEC);
+                if (file < 0) {
+                        if (errno != ENOENT)
+                                r = -EBUSY;
                         continue;
                 }
-                if (r < 0) {
+                if (stat_cached(file, "", AT_EMPTY_PATH, &st) < 0) {
                         r = -EBUSY;
                         continue;
                 }
-                if (st.st_dev == want->st_dev && st.st_ino == want->st_ino && (!writing || flags_writable(flags)))
+                if (st.st_dev != want->st_dev || st.st_ino != want->st_ino)
+                        continue;
+                if (fdinfo_read(dirfd(dir), de->d_name, &again) >= 0 && again.flags == fi.flags &&
+                        again.mnt_id == fi.mnt_id && again.ino == fi.ino)
                         r = 1;
         }
         closedir(dir);
@@ -247,7 +224,7 @@ int guest_qemu_writes(Guest *g, int fd) {
                 return 0;
         if (fstat(fd, &want) < 0)
                 return -errno;
-        return pid_holds(g->qmp_proc_fd, 0, g->qmp_pidfd, &want, true);
+        return pid_holds(g->qmp_proc_fd, &want, true);
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -296,7 +273,7 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, (pid_t) pid, -EBADF, &want, false);
+                r = pid_holds(proc_fd, &want, false);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
                 else if (r == -EACCES) {
@@ -327,7 +304,7 @@ void guest_pin_disks(Guest *g) {
                 return (void) log_oom();
         for (size_t i = 0; i < g->n_disks; i++)
                 paths[i] = isempty(g->disks[i]->path) ? NULL : g->disks[i]->path;
-        if (open_file_ids(g->qmp_proc_fd, g->qmp_pidfd, paths, g->n_disks, st, found, writable) < 0)
+        if (open_file_ids(g->qmp_proc_fd, paths, g->n_disks, st, found, writable) < 0)
                 memset(found, 0, sizeof(bool) * g->n_disks); /* not seen: nothing pinned */
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
@@ -353,8 +330,7 @@ bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino) {
         if (image_open_beneath(g->engine->config.image_dirs, path, false, &fd, &error) < 0 || fstat(fd, &st) < 0 ||
                 (uint64_t) st.st_dev != dev || (uint64_t) st.st_ino != ino)
                 return false;
-        return open_file_id(g->qmp_proc_fd, g->qmp_pidfd, path, &st) > 0 && (uint64_t) st.st_dev == dev &&
-               (uint64_t) st.st_ino == ino;
+        return open_file_id(g->qmp_proc_fd, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
 }
 
 /* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had

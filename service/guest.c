@@ -26,7 +26,7 @@ int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, 
         g->engine = m;
         g->owner = owner;
         g->qmp_uid = UID_INVALID;
-        g->qmp_proc_fd = g->qmp_pidfd = -EBADF;
+        g->qmp_proc_fd = -EBADF;
         g->name = strdup(name);
         g->qmp_socket = strdup(qmp_socket);
         if (!g->name || !g->qmp_socket || sd_bus_path_encode(GUEST_PATH_PREFIX, name, &g->object_path) < 0)
@@ -76,7 +76,6 @@ Guest *guest_free(Guest *g) {
         for (size_t i = 0; i < g->n_disks; i++)
                 disk_free(g->disks[i]);
         closep(&g->qmp_proc_fd);
-        closep(&g->qmp_pidfd);
         free(g->disks);
         free(g->name);
         free(g->uuid);

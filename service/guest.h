@@ -51,7 +51,6 @@ typedef struct Guest {
         uid_t qmp_uid;
         bool qmp_uid_pin_next;
         int qmp_proc_fd; /* the connected QEMU's /proc/PID, vouched for (qmp_socket_peer_proc()); -1: none */
-        int qmp_pidfd;   /* ... and its pidfd, whose fds guest-pins.c takes to look at */
         char *connect_error;
 
         /* Its QMP peer (peer.h): the QEMU, or an offline guest's storage helper; the private

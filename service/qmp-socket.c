@@ -136,7 +136,7 @@ int qmp_socket_instance(int proc_fd, pid_t pid, QemuInstance *ret) {
         return 0;
 }
 
-int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd, int *ret_pidfd) {
+int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd) {
         _cleanup_close_ int pidfd = -EBADF, proc_fd = -EBADF;
         socklen_t sl = sizeof(int);
         char path[32];
@@ -166,7 +166,6 @@ int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd, int
         if (r < 0 || euid != peer->uid)
                 return -ESRCH;
         *ret_proc_fd = TAKE_FD(proc_fd);
-        *ret_pidfd = TAKE_FD(pidfd);
         return 0;
 }
 

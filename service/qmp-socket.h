@@ -54,7 +54,7 @@ int qmp_socket_connect(int sock_fd, int *ret_fd, struct ucred *ret_peer);
  * pidfd's process lives (so every later look through it is at that process or fails, never at a
  * newcomer with the same pid), and the process must run as the peer's uid. -ESRCH if it cannot be
  * vouched for (gone, or another process than the listener). */
-int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd, int *ret_pidfd);
+int qmp_socket_peer_proc(int fd, const struct ucred *peer, int *ret_proc_fd);
 
 /* qmp_socket_open() done as uid/gid/gids (this thread's file-system identity, fs-identity.h),
  * and then whether they could connect to the socket themselves: search permission on its

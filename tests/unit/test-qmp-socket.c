@@ -188,7 +188,7 @@ static pid_t fork_listen(int srv) {
 
 static void test_peer_proc(void) {
         _cleanup_free_ char *dir = at("e"), *sock = at("e/qmp.sock"), *sock2 = at("e/gone.sock");
-        _cleanup_close_ int srv = -1, sock_fd = -1, fd = -1, proc_fd = -1, self_fd = -1, pidfd = -1;
+        _cleanup_close_ int srv = -1, sock_fd = -1, fd = -1, proc_fd = -1, self_fd = -1;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         struct ucred peer = {};
         struct stat a, b;
@@ -200,12 +200,11 @@ static void test_peer_proc(void) {
         ASSERT_TRUE(srv >= 0);
         ASSERT_OK(qmp_socket_open(sock, NULL, NULL, NULL, &sock_fd));
         ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
-        ASSERT_OK(qmp_socket_peer_proc(fd, &peer, &proc_fd, &pidfd));
+        ASSERT_OK(qmp_socket_peer_proc(fd, &peer, &proc_fd));
         self_fd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         ASSERT_TRUE(self_fd >= 0 && fstat(proc_fd, &a) == 0 && fstat(self_fd, &b) == 0);
         ASSERT_TRUE(a.st_dev == b.st_dev && a.st_ino == b.st_ino);
         fd = close_fd(fd), sock_fd = close_fd(sock_fd), srv = close_fd(srv), proc_fd = close_fd(proc_fd);
-        pidfd = close_fd(pidfd);
 
         /* Bound here, listen() called in a child that is gone before anyone connects: the socket's
          * credentials name a dead process. */
@@ -217,7 +216,7 @@ static void test_peer_proc(void) {
         ASSERT_OK(qmp_socket_open(sock2, NULL, NULL, NULL, &sock_fd));
         ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
         ASSERT_EQ(peer.pid, listener);
-        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd, &pidfd), -ESRCH);
+        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd), -ESRCH);
         fd = close_fd(fd);
 
         /* Its pid given to a new process (root: the kernel's next pid set by hand), of another uid
@@ -251,7 +250,7 @@ static void test_peer_proc(void) {
                 else {
                         ASSERT_OK(qmp_socket_connect(sock_fd, &fd, &peer));
                         ASSERT_EQ(peer.pid, listener);
-                        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd, &pidfd), -ESRCH);
+                        ASSERT_ERRNO(qmp_socket_peer_proc(fd, &peer, &proc_fd), -ESRCH);
                         fd = close_fd(fd);
                 }
                 close(hold[1]);
