@@ -27,28 +27,35 @@ static bool qemu_seen(Guest *g) {
         return !g->offline && !g->handoff && g->qmp_proc_fd >= 0 && guest_qmp_ready(g);
 }
 
-/* The type, device and inode of what dir_fd/name (flags: fstatat()'s) leads to, as the kernel holds
- * them already: a file QEMU has open may be on a FUSE or NFS mount whose server never answers
- * (FUSE lets root in with allow_other), and a stat that asks it would hold the daemon for good. */
-static int stat_cached(int dir_fd, const char *name, int flags, struct stat *ret) {
+/* The type, device, inode and mount id of what dir_fd/name (flags: fstatat()'s) leads to, as the
+ * kernel holds them already: a file QEMU has open may be on a FUSE or NFS mount whose server never
+ * answers (FUSE lets root in with allow_other), and a stat that asks it would hold the daemon for
+ * good. No mount id (before Linux 5.8): -EOPNOTSUPP. */
+static int stat_cached(int dir_fd, const char *name, int flags, struct stat *ret, uint64_t *ret_mnt_id) {
         struct statx sx;
 
-        if (statx(dir_fd, name, flags | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO, &sx) < 0)
+        if (statx(dir_fd, name, flags | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO | STATX_MNT_ID, &sx) < 0)
                 return -errno;
+        if (!(sx.stx_mask & STATX_MNT_ID))
+                return -EOPNOTSUPP;
         *ret = (struct stat) {
                 .st_dev = makedev(sx.stx_dev_major, sx.stx_dev_minor),
                 .st_ino = sx.stx_ino,
                 .st_mode = sx.stx_mode,
         };
+        *ret_mnt_id = sx.stx_mnt_id;
         return 0;
 }
 
 /* Whether a process has a file open (for writing), told fd by fd: /proc/PID/fdinfo/N, read once,
  * gives the open flags and inode number; only a fd whose inode number is the file's is looked
  * at closer: /proc/PID/fd/N opened O_PATH and statx()ed gives its device too, as our fstat()
- * does (whatever the mount namespaces, chroots, btrfs subvolumes or overlays), and fdinfo is read
- * again, to be the same open file still (a QEMU may dup2() another file onto N meanwhile). No
- * stat through the link of any other fd (it may hang on a dead network file system). */
+ * does (whatever the mount namespaces, chroots, btrfs subvolumes or overlays), and its mount id,
+ * which must be fdinfo's (inode numbers repeat across file systems), and fdinfo is read again, to
+ * be the same open file still (a QEMU may dup2() another file onto N meanwhile). No stat through
+ * the link of any other fd (it may hang on a dead network file system), and no fd of QEMU's is
+ * ever taken into the daemon (its close could wait on a FUSE server's flush for good). Left: two
+ * btrfs subvolumes on one mount number their inodes alike (SECURITY.md). */
 typedef struct FdInfo {
         unsigned long flags;
         uint64_t mnt_id, ino;
@@ -119,12 +126,16 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 target[k] = 0;
                 for (size_t i = 0; i < n_paths; i++) {
                         struct stat st;
+                        uint64_t mnt;
 
                         if (!paths[i] || !streq(target, paths[i]) || (found[i] && (writable[i] || !fd_writable(&fi))))
                                 continue;
-                        /* Through the fd's link: the file QEMU has open, whatever its name now. */
-                        if (stat_cached(dirfd(dir), de->d_name, 0, &st) < 0 || !S_ISREG(st.st_mode) ||
-                                (uint64_t) st.st_ino != fi.ino || fdinfo_read(info_dir, de->d_name, &again) < 0 ||
+                        /* Through the fd's link: the file QEMU has open, whatever its name now; of the
+                         * fdinfo's inode number on the fdinfo's mount (inode numbers repeat across
+                         * file systems: a memfd of the template's number swapped on the fd). */
+                        if (stat_cached(dirfd(dir), de->d_name, 0, &st, &mnt) < 0 || !S_ISREG(st.st_mode) ||
+                                (uint64_t) st.st_ino != fi.ino || mnt != fi.mnt_id ||
+                                fdinfo_read(info_dir, de->d_name, &again) < 0 ||
                                 again.flags != fi.flags || again.mnt_id != fi.mnt_id || again.ino != fi.ino)
                                 continue;
                         if (!found[i])
@@ -183,6 +194,7 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
                 _cleanup_close_ int file = -EBADF;
                 FdInfo fi, again;
                 struct stat st;
+                uint64_t mnt;
 
                 if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
                         continue; /* closed meanwhile */
@@ -203,11 +215,11 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
                                 r = -EBUSY;
                         continue;
                 }
-                if (stat_cached(file, "", AT_EMPTY_PATH, &st) < 0) {
+                if (stat_cached(file, "", AT_EMPTY_PATH, &st, &mnt) < 0) {
                         r = -EBUSY;
                         continue;
                 }
-                if (st.st_dev != want->st_dev || st.st_ino != want->st_ino)
+                if (st.st_dev != want->st_dev || st.st_ino != want->st_ino || mnt != fi.mnt_id)
                         continue;
                 if (fdinfo_read(dirfd(dir), de->d_name, &again) >= 0 && again.flags == fi.flags &&
                         again.mnt_id == fi.mnt_id && again.ino == fi.ino)
