@@ -208,10 +208,10 @@ static void export_del_reply(Qmp *q, int error, const char *desc, void *userdata
                 return;
         /* The connection broke under the op's end (qmp_fail() tells pending calls before the
          * peer's listeners): a QEMU that lives on may have the export still. */
-        if (error == -ECONNRESET) {
+        if (error == -ECONNRESET)
                 op_blame_peer(op);
+        if (error < 0 && error != -EREMOTEIO)
                 op->left_in_qemu = true;
-        }
         /* Refused (already gone): no event will come. */
         if (error < 0 && op->export_added)
                 op_export_gone(op);
@@ -488,8 +488,13 @@ void range_op_setup_done(RangeOp *op) {
 static void node_added_reply(Qmp *q, int error, const char *desc, void *userdata) {
         RangeOp *op = userdata;
 
-        if (!op->dead && error < 0)
+        if (!op->dead && error < 0) {
                 op->node_added = false;
+                /* Only QEMU's own refusal says it is not there: a broken or timed-out call may
+                 * have been carried out. */
+                if (error != -EREMOTEIO)
+                        op->left_in_qemu = true;
+        }
         setup_reply(q, error, desc, userdata);
 }
 
@@ -499,6 +504,8 @@ static void export_added_reply(Qmp *q, int error, const char *desc, void *userda
         if (!op->dead && error < 0 && op->export_added) {
                 op->export_added = false;
                 peer_nbd_drop(&op->guest->peer);
+                if (error != -EREMOTEIO)
+                        op->left_in_qemu = true; /* as node_added_reply() */
         }
         setup_reply(q, error, desc, userdata);
 }
