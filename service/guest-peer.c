@@ -611,7 +611,7 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         g->connect_error = mfree(g->connect_error);
         if (opened_fd >= 0)
                 seen = *opened_seen;
-        else if (g->owner != 0 && g->qmp_uid == UID_INVALID && !g->qmp_uid_pin_next)
+        else if (g->qmp_as_owner && g->owner != 0)
                 /* Registered by its owner: found as they would find it, every time (the directory's
                  * pin holds for one boot only, and after a reboot the path is followed anew). */
                 r = open_as_owner(g, &seen, &sock_fd);

@@ -63,6 +63,7 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                 .storage_mcs_c2 = g->storage_mcs_c2,
                 .qmp_pin = g->qmp_pin,
                 .qmp_uid = g->qmp_uid,
+                .qmp_as_owner = g->qmp_as_owner,
                 .disk_names = g->disk_names,
                 .disks = disks,
                 .n_disks = g->n_disks,
@@ -132,6 +133,7 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
         g->qmp_pin = s->qmp_pin;
         g->qmp_uid = s->qmp_uid;
         g->qmp_uid_pin_next = s->qmp_uid_pin_next;
+        g->qmp_as_owner = s->qmp_as_owner;
         g->disk_names = TAKE_PTR(s->disk_names);
         g->disks = calloc(s->n_disks ?: 1, sizeof(Disk *));
         if (!g->disks) {

@@ -548,6 +548,7 @@ static int method_register_guest(sd_bus_message *msg, void *userdata, sd_bus_err
         g->register_call = sd_bus_message_ref(msg);
         /* A registration by root vouches for the QEMU it finds: its uid is pinned. */
         g->qmp_uid_pin_next = caller == 0;
+        g->qmp_as_owner = caller != 0;
         r = guest_connect_opened(g, sock_fd, &pin);
         if (r < 0) {
                 r = sd_bus_error_setf(error, r == -EPERM ? SD_BUS_ERROR_ACCESS_DENIED : BS_ERROR_QEMU_FAILED,

@@ -170,6 +170,8 @@ static int format(const char *dir, const StateGuest *g, char **ret_text, char **
         }
         if (g->qmp_uid != UID_INVALID && add(o, "qmp_uid", json_object_new_uint64(g->qmp_uid)) < 0)
                 return -ENOMEM;
+        if (g->qmp_as_owner && add(o, "qmp_as_owner", json_object_new_boolean(true)) < 0)
+                return -ENOMEM;
         if (!strv_isempty(g->disk_names) && add(o, "disk_names", pairs_to_json(g->disk_names)) < 0)
                 return -ENOMEM;
         for (size_t i = 0; i < g->n_disks; i++) {
@@ -512,6 +514,9 @@ int state_guest_from_json(json_object *o, const char *file_name, StateGuest *ret
         /* A state file from before peers were checked: a root-owned guest's QEMU is pinned at the
          * first connect; any other owner's must be the owner's own or allowed by QEMUUsers=. */
         g.qmp_uid_pin_next = !offline && !json_object_object_get_ex(o, "qmp_uid", NULL) && owner == 0;
+        /* Absent (a file from before it was written): opened as root, as then. */
+        if (json_get_bool(o, "qmp_as_owner", false, &g.qmp_as_owner) < 0)
+                return -EBADMSG;
         r = disk_names_from_json(o, &g.disk_names);
         if (r < 0)
                 return r;

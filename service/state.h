@@ -55,6 +55,7 @@ typedef struct StateGuest {
         QmpSocketPin qmp_pin;
         uid_t qmp_uid;          /* UID_INVALID: none pinned */
         bool qmp_uid_pin_next;  /* loaded only: a file from before peers were checked */
+        bool qmp_as_owner;      /* registered by its owner: its socket is opened as the owner */
         char **disk_names;      /* alias, name, … (util.h's disk_names_check()); NULL: none */
         StateDisk *disks;
         size_t n_disks;
