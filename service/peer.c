@@ -393,15 +393,24 @@ int peer_nbd_server_ensure(Peer *p) {
         if (!peer_ready(p))
                 return -ENOTCONN;
         dir = strdup_printf("%s/nbd", p->runtime_root);
-        /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
-         * back from the socket), which could otherwise be the one we just bound anew; counted
-         * from a random start, so that neither is a name of an earlier daemon's whose server a
-         * restart is still stopping. */
-        if (nbd_seq == 0)
-                nbd_seq = random_u32() >> 8;
-        path = strdup_printf("%s/nbd/%s.%u.sock", p->runtime_root, p->name, ++nbd_seq);
-        if (!dir || !path)
+        if (!dir)
                 return -ENOMEM;
+        /* A new name for every server: QEMU unlinks a closing listener's path (as it reads it
+         * back from the socket), which could otherwise be the one we just bound anew; and never
+         * a name still there (an earlier daemon's server, which a restart may still be stopping):
+         * short names (socket paths have 107 bytes), counted, those taken skipped. */
+        for (unsigned tries = 0;; tries++) {
+                struct stat st;
+
+                free(path);
+                path = strdup_printf("%s/nbd/%s.%u.sock", p->runtime_root, p->name, ++nbd_seq);
+                if (!path)
+                        return -ENOMEM;
+                if (lstat(path, &st) < 0 && errno == ENOENT)
+                        break;
+                if (tries >= 1000)
+                        return -EADDRINUSE;
+        }
         if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
         r = mkdir_p(dir, 0700); /* only root reaches the private servers */
@@ -412,7 +421,6 @@ int peer_nbd_server_ensure(Peer *p) {
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        (void) unlink(path);
         if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
                 return -errno;
         /* Commands run in order: the exports added after this find the server running. */
