@@ -17,6 +17,7 @@
 
 /* Run fn(userdata) with uid, gid and gids (n_gids of them) as this thread's file-system identity;
  * returns what fn returns, or -errno if the identity could not be taken (fn not run). Aborts if
- * ours cannot be taken back: the daemon never goes on as someone else. */
+ * ours cannot be taken back: the daemon never goes on as someone else. uid 0 (a caller or owner
+ * that is root): fn runs as we are. */
 int fs_identity_run(uid_t uid, gid_t gid, const gid_t *gids, size_t n_gids, int (*fn)(void *userdata),
         void *userdata);

@@ -225,7 +225,7 @@ static int create_overlay_on(
         /* An unprivileged caller (authorized by polkit) gets the overlay its VM will use, made as
          * that caller: only where it may create a file itself (write and search permission on the
          * directory, its sticky bit), and owned by it and its group from the start. */
-        r = p->caller == 0 ? create_target(&c) : fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, create_target, &c);
+        r = fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, create_target, &c);
         fd = c.fd;
         if (r == -EEXIST)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_FILE_EXISTS,
@@ -513,7 +513,7 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                                 "Cannot tell the groups of uid " UID_FMT " (%s), so nothing is made for it.", caller,
                                 strerror(-r));
         }
-        r = caller == 0 ? target_lookup(&t) : fs_identity_run(caller, gid, gids, n_gids, target_lookup, &t);
+        r = fs_identity_run(caller, gid, gids, n_gids, target_lookup, &t);
         dir_fd = t.dir_fd;
         leaf = t.leaf;
         why = t.why;
@@ -616,7 +616,7 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                         .chain = &chain,
                 };
 
-                r = caller == 0 ? chain_open(&co) : fs_identity_run(caller, p->gid, p->gids, p->n_gids, chain_open, &co);
+                r = fs_identity_run(caller, p->gid, p->gids, p->n_gids, chain_open, &co);
                 free(why);
                 why = co.why;
                 if (r < 0) {

@@ -90,6 +90,16 @@ static void test_main_thread_untouched(void) {
         ASSERT_EQ(during.n_groups, before.n_groups);
 }
 
+/* Root (a caller or owner that is root): as we are, capabilities and all. */
+static void test_root_as_we_are(void) {
+        Seen before = seen_now(), inside = {};
+
+        ASSERT_EQ(fs_identity_run(0, 0, NULL, 0, look, &inside), 7);
+        ASSERT_EQ(inside.fsuid, before.fsuid);
+        ASSERT_EQ(inside.n_groups, before.n_groups);
+        ASSERT_EQ(inside.cap_eff, before.cap_eff);
+}
+
 static void test_bad_arguments(void) {
         Seen s;
 
@@ -105,6 +115,7 @@ int main(int argc, char **argv) {
         }
         TAP_RUN(test_run_as_user);
         TAP_RUN(test_main_thread_untouched);
+        TAP_RUN(test_root_as_we_are);
         TAP_RUN(test_bad_arguments);
         return tap_finish();
 }
