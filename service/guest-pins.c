@@ -49,7 +49,7 @@ static int stat_cached(int dir_fd, const char *name, int flags, struct stat *ret
 
 /* Whether a process has a file open (for writing), told fd by fd: /proc/PID/fdinfo/N, read once,
  * gives the open flags and inode number; only a fd whose inode number is the file's is looked
- * at closer: /proc/PID/fd/N opened O_PATH and statx()ed gives its device too, as our fstat()
+ * at closer: /proc/PID/fd/N statx()ed through its link gives its device too, as our fstat()
  * does (whatever the mount namespaces, chroots, btrfs subvolumes or overlays), and its mount id,
  * which must be fdinfo's (inode numbers repeat across file systems), and fdinfo is read again, to
  * be the same open file still (a QEMU may dup2() another file onto N meanwhile). No stat through
@@ -83,14 +83,34 @@ static bool fd_writable(const FdInfo *fi) {
         return (fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_ACCMODE) == O_WRONLY;
 }
 
+/* The file a process's fd `name` (in fd_dir, its fdinfo in info_dir) leads to, told against fi,
+ * that fd's fdinfo as read before: through the fd's link, the file QEMU has open, whatever its
+ * name now, which must have fi's inode number on fi's mount (inode numbers repeat across file
+ * systems: a memfd of the template's number swapped on the fd); then its fdinfo again, to be fi
+ * still (a QEMU that dup2()s another file onto the fd meanwhile cannot pair one file's identity
+ * with another's flags). 1 and the file's type, device and inode in ret; 0 if the fd is not that
+ * file (closed or replaced meanwhile); -EBUSY if its link cannot be looked at. */
+static int fd_file(int fd_dir, int info_dir, const char *name, const FdInfo *fi, struct stat *ret) {
+        uint64_t mnt = 0;
+        FdInfo again;
+        int r;
+
+        r = stat_cached(fd_dir, name, 0, ret, &mnt);
+        if (r < 0)
+                return r == -ENOENT ? 0 : -EBUSY;
+        if ((uint64_t) ret->st_ino != fi->ino || mnt != fi->mnt_id)
+                return 0;
+        if (fdinfo_read(info_dir, name, &again) < 0 || again.flags != fi->flags || again.mnt_id != fi->mnt_id ||
+                again.ino != fi->ino)
+                return 0;
+        return 1;
+}
+
 /* For each of paths[0..n), the (device, inode) of the regular file that process /proc/PID
  * (proc_fd) has open under that name, in ret[i] with found[i] set, and whether that fd is open for
  * writing (writable[i]; one that is, if any of them). One pass over its fds for all (a QEMU of 256
- * disks and 65536 fds is 65536 readlinks, not 256 times as many). Each fd is told as pid_holds()
- * tells one: its fdinfo (flags, inode number) first, then its link and its file's identity, which
- * must have that inode number, then its fdinfo again, the same: a QEMU that dup2()s another file
- * onto the fd meanwhile cannot pair one file's identity with another's flags. How many were
- * found, or -errno. */
+ * disks and 65536 fds is 65536 readlinks, not 256 times as many); each fd whose link names one is
+ * told by fd_file(). How many were found, or -errno. */
 static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, struct stat *ret, bool *found,
         bool *writable) {
         _cleanup_close_ int info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -115,8 +135,8 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 found[i] = writable[i] = false;
         for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
-                FdInfo fi, again;
                 ssize_t k;
+                FdInfo fi;
 
                 if (de->d_name[0] == '.' || fdinfo_read(info_dir, de->d_name, &fi) < 0)
                         continue;
@@ -126,17 +146,10 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 target[k] = 0;
                 for (size_t i = 0; i < n_paths; i++) {
                         struct stat st;
-                        uint64_t mnt;
 
                         if (!paths[i] || !streq(target, paths[i]) || (found[i] && (writable[i] || !fd_writable(&fi))))
                                 continue;
-                        /* Through the fd's link: the file QEMU has open, whatever its name now; of the
-                         * fdinfo's inode number on the fdinfo's mount (inode numbers repeat across
-                         * file systems: a memfd of the template's number swapped on the fd). */
-                        if (stat_cached(dirfd(dir), de->d_name, 0, &st, &mnt) < 0 || !S_ISREG(st.st_mode) ||
-                                (uint64_t) st.st_ino != fi.ino || mnt != fi.mnt_id ||
-                                fdinfo_read(info_dir, de->d_name, &again) < 0 ||
-                                again.flags != fi.flags || again.mnt_id != fi.mnt_id || again.ino != fi.ino)
+                        if (fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st) <= 0 || !S_ISREG(st.st_mode))
                                 continue;
                         if (!found[i])
                                 n_found++;
@@ -191,15 +204,13 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
-                _cleanup_close_ int file = -EBADF;
-                FdInfo fi, again;
                 struct stat st;
-                uint64_t mnt;
+                FdInfo fi;
+                int k;
 
                 if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
                         continue; /* closed meanwhile */
-                if (fi.ino != (uint64_t) want->st_ino ||
-                        (writing && (fi.flags & O_ACCMODE) != O_RDWR && (fi.flags & O_ACCMODE) != O_WRONLY))
+                if (fi.ino != (uint64_t) want->st_ino || (writing && !fd_writable(&fi)))
                         continue;
                 if (fd_dir < 0) {
                         fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -209,20 +220,10 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
                         }
                 }
                 /* A fd of the file's inode number that cannot be looked at: not "no" (-EBUSY). */
-                file = openat(fd_dir, de->d_name, O_PATH | O_CLOEXEC);
-                if (file < 0) {
-                        if (errno != ENOENT)
-                                r = -EBUSY;
-                        continue;
-                }
-                if (stat_cached(file, "", AT_EMPTY_PATH, &st, &mnt) < 0) {
-                        r = -EBUSY;
-                        continue;
-                }
-                if (st.st_dev != want->st_dev || st.st_ino != want->st_ino || mnt != fi.mnt_id)
-                        continue;
-                if (fdinfo_read(dirfd(dir), de->d_name, &again) >= 0 && again.flags == fi.flags &&
-                        again.mnt_id == fi.mnt_id && again.ino == fi.ino)
+                k = fd_file(fd_dir, dirfd(dir), de->d_name, &fi, &st);
+                if (k < 0)
+                        r = k;
+                else if (k > 0 && st.st_dev == want->st_dev && st.st_ino == want->st_ino)
                         r = 1;
         }
         closedir(dir);
