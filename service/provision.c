@@ -6,7 +6,8 @@
  *  - the target is created through file descriptors from its image directory down: the parent
  *    directory opened with openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_XDEV), the file
  *    with openat(O_CREAT|O_EXCL|O_NOFOLLOW), owner and mode set on that fd, the qcow2 header
- *    written into it by image.c; a failure removes it only if the name still is that file;
+ *    written into it by image.c; a failure removes it, as the caller, only if the name still is
+ *    that file;
  *  - a template that is a file is read by image.c (its whole chain inside the image directories,
  *    no symlinks, no other guest's disk), and only if the caller could read every image of the
  *    chain itself (the chain is opened in our thread with the caller's uid and groups as its
@@ -181,17 +182,36 @@ static int watch_output(Provision *p, int out_fd) {
 
 /* Step 2: the overlay, created and written through file descriptors only. */
 
-/* Remove what we created, if the name still is that file (someone may have renamed it away and
- * put something else there: that is not ours to remove). */
-static void remove_created(Provision *p, const struct stat *created) {
+typedef struct Remove {
+        int dir_fd;
+        const char *leaf;
+        const struct stat *created;
+} Remove;
+
+static int remove_target(void *userdata) {
+        Remove *rm = userdata;
         struct stat st;
 
-        if (fstatat(p->dir_fd, p->leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                return;
-        if (st.st_dev != created->st_dev || st.st_ino != created->st_ino)
-                return (void) log_warning("%s was replaced after we created it; leaving it alone.", p->target);
-        if (unlinkat(p->dir_fd, p->leaf, 0) < 0)
-                log_warning_errno(errno, "Failed to remove %s after a failed provisioning: %m", p->target);
+        if (fstatat(rm->dir_fd, rm->leaf, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                return -errno;
+        if (st.st_dev != rm->created->st_dev || st.st_ino != rm->created->st_ino)
+                return -ESTALE;
+        return unlinkat(rm->dir_fd, rm->leaf, 0) < 0 ? -errno : 0;
+}
+
+/* Remove what we created, if the name still is that file (someone may have renamed it away and
+ * put something else there: that is not ours to remove), and as the caller, as it was created: a
+ * name the caller swaps in between our look and the unlink is then one they could remove
+ * themselves. */
+static void remove_created(Provision *p, const struct stat *created) {
+        Remove rm = { .dir_fd = p->dir_fd, .leaf = p->leaf, .created = created };
+        int r;
+
+        r = fs_identity_run(p->caller, p->gid, p->gids, p->n_gids, remove_target, &rm);
+        if (r == -ESTALE)
+                log_warning("%s was replaced after we created it; leaving it alone.", p->target);
+        else if (r < 0 && r != -ENOENT)
+                log_warning_errno(r, "Failed to remove %s after a failed provisioning: %m", p->target);
 }
 
 static int create_overlay_on(

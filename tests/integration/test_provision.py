@@ -540,9 +540,9 @@ class ProvisionCallerTest(h.TestCase):
         cls.uids = h.ensure_test_users()
         super().setUpClass()
 
-    def provision_as(self, user, template, target):
+    def provision_as(self, user, template, target, options='{}'):
         return h.call_as(user, self.env.bus.address, h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
-                         '(%r, %r, {})' % (template, target))
+                         '(%r, %r, %s)' % (template, target, options))
 
     def test_unreadable_template_is_refused(self):
         """Issue 9, item 10: root must not read a template for a caller who may not read it."""
@@ -636,6 +636,11 @@ class ProvisionCallerTest(h.TestCase):
         st = os.lstat(target)
         owner = pwd.getpwuid(self.uids[h.OWNER])
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (owner.pw_uid, owner.pw_gid, 0o600))
+        # Created, then refused while writing (more than QEMU opens): removed, as the caller.
+        target = os.path.join(mine, 'too-large.qcow2')
+        r = self.provision_as(h.OWNER, c.top, target, "{'size': dbus.UInt64(1 << 60, variant_level=1)}")
+        self.assertEqual(r.get('error'), h.ERR_INVALID_ARGS, r)
+        self.assertFalse(os.path.lexists(target))
 
     def test_a_caller_cannot_stall_the_read_check(self):
         """Whether the caller may read the template was checked in a child with the caller's uid, which
