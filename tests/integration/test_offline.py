@@ -57,6 +57,17 @@ class OfflineTest(h.TestCase):
         h.wait_until(lambda: not o.storage_helpers(self.env, uid), timeout,
                      'the storage helper of %s to exit after its job' % g.name)
 
+    def stream_refused(self, d, what):
+        """The error of a full stream of d that must not run: refused at Start, or Finished as failed
+        (what: the assertion's message if it completed)."""
+        since = time.monotonic()
+        _, e = d.try_call('Start', 'tta{sv}', T(0), T(0), h.no_opts())
+        if e is not None:
+            return e.message
+        res, _, err = d.wait_finished(60, since)
+        self.assertEqual(res, 'failed', what)
+        return err
+
     def assert_one_finished(self, d, since, result, settle=1.0):
         self.client.pump(settle)
         f = d.finished(since)
@@ -576,13 +587,7 @@ class OfflineTest(h.TestCase):
         os.chmod(secret, 0o600)
         h.qemu_img('rebase', '-u', '-b', secret, '-F', 'raw', c.top)
         d = g.disk()
-        since = time.monotonic()
-        _, e = d.try_call('Start', 'tta{sv}', T(0), T(0), h.no_opts())
-        if e is None:
-            res, _, err = d.wait_finished(60, since)
-            self.assertEqual(res, 'failed', 'a stream copied a file its owner may not read into their image')
-        else:
-            err = e.message
+        err = self.stream_refused(d, 'a stream copied a file its owner may not read into their image')
         self.assertIn(secret, err)
         self.assertIn('may not read', err)
         self.assertEqual(h.image_backing(c.top), secret)
@@ -616,13 +621,7 @@ class OfflineTest(h.TestCase):
         # Theirs no more (given back to root): not streamed for them.
         os.chown(c.top, 0, 0)
         d = h.Guest(self, name, None, {'vda': c}, h.guest_path(name)).disk()
-        since = time.monotonic()
-        _, e = d.try_call('Start', 'tta{sv}', T(0), T(0), h.no_opts())
-        if e is None:
-            res, _, err = d.wait_finished(60, since)
-            self.assertEqual(res, 'failed', 'a stream wrote an image its owner may not write')
-        else:
-            err = e.message
+        err = self.stream_refused(d, 'a stream wrote an image its owner may not write')
         self.assertIn('may not write', err)
         self.assertIsNotNone(h.image_backing(c.top))
 
