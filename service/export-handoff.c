@@ -94,7 +94,8 @@ int export_handoff_pins(Export *e, StateExportPin **ret, size_t *ret_n) {
                 if (g->disks[i]->pinned)
                         pins[n++] = (StateExportPin) { .alias = g->disks[i]->alias,
                                 .dev = (uint64_t) g->disks[i]->pin_dev,
-                                .ino = (uint64_t) g->disks[i]->pin_ino };
+                                .ino = (uint64_t) g->disks[i]->pin_ino,
+                                .writable = g->disks[i]->pin_writable };
         *ret = pins;
         *ret_n = n;
         return 0;
@@ -115,6 +116,7 @@ void export_handoff_restore_pins(Export *e, const StateExport *s) {
                                 g->disks[j]->pinned = true;
                                 g->disks[j]->pin_dev = (dev_t) s->pins[i].dev;
                                 g->disks[j]->pin_ino = (ino_t) s->pins[i].ino;
+                                g->disks[j]->pin_writable = s->pins[i].writable;
                         }
 }
 

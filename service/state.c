@@ -660,7 +660,8 @@ int state_export_save(const char *dir, const StateExport *e) {
                         }
                         if (add(p, "disk", json_object_new_string(e->pins[i].alias)) < 0 ||
                                 add(p, "dev", json_object_new_uint64(e->pins[i].dev)) < 0 ||
-                                add(p, "ino", json_object_new_uint64(e->pins[i].ino)) < 0)
+                                add(p, "ino", json_object_new_uint64(e->pins[i].ino)) < 0 ||
+                                (e->pins[i].writable && add(p, "writable", json_object_new_boolean(true)) < 0))
                                 return -ENOMEM;
                 }
         }
@@ -696,7 +697,8 @@ static int printable_field(json_object *o, const char *key, size_t max, char **r
         return *ret ? 0 : -ENOMEM;
 }
 
-/* "handoff_pins": [{"disk": ALIAS, "dev": N, "ino": N}, …], optional, bounded, each alias once. */
+/* "handoff_pins": [{"disk": ALIAS, "dev": N, "ino": N, "writable": true}, …], optional, bounded, each alias
+ * once; "writable" optional. */
 static int export_pins_from_json(json_object *o, StateExport *e) {
         json_object *pins;
         size_t n;
@@ -722,8 +724,10 @@ static int export_pins_from_json(json_object *o, StateExport *e) {
                 e->n_pins = i + 1; /* freed with e from here on */
                 if (r < 0)
                         return r;
+                /* "writable" absent (a record from before it was kept): read-only, the safe side. */
                 if (!qemu_id_is_valid(pin->alias) || json_get_uint64(p, "dev", true, &pin->dev) < 0 ||
-                        json_get_uint64(p, "ino", true, &pin->ino) < 0)
+                        json_get_uint64(p, "ino", true, &pin->ino) < 0 ||
+                        json_get_bool(p, "writable", false, &pin->writable) < 0)
                         return -EBADMSG;
                 for (size_t j = 0; j < i; j++)
                         if (streq(e->pins[j].alias, pin->alias))

@@ -91,6 +91,7 @@ typedef struct StateExportPin {
         char *alias;
         uint64_t dev;
         uint64_t ino;
+        bool writable; /* that QEMU had it open for writing: handed over read-write (else read-only) */
 } StateExportPin;
 
 typedef struct StateExport {

@@ -161,7 +161,7 @@ static void test_hostile_records(void) {
  * the files the guest's QEMU had open. */
 static void test_handoff_pins(void) {
         _cleanup_free_ char *dir = make_tmpdir();
-        StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567 },
+        StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567, .writable = true },
                 { .alias = (char *) "vdb", .dev = UINT64_C(1) << 40, .ino = 1 } };
         StateExport in = { .id = 9, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
                 .listen = (char *) "unix", .pins = pins, .n_pins = ELEMENTSOF(pins) };
@@ -179,8 +179,10 @@ static void test_handoff_pins(void) {
                         ASSERT_STREQ(l.e[0].pins[0].alias, "vda");
                         ASSERT_EQ(l.e[0].pins[0].dev, 2049);
                         ASSERT_EQ(l.e[0].pins[0].ino, 1234567);
+                        ASSERT_TRUE(l.e[0].pins[0].writable);
                         ASSERT_STREQ(l.e[0].pins[1].alias, "vdb");
                         ASSERT_EQ(l.e[0].pins[1].dev, UINT64_C(1) << 40);
+                        ASSERT_FALSE(l.e[0].pins[1].writable);
                 }
         }
         loaded_done(&l);
@@ -190,6 +192,8 @@ static void test_handoff_pins(void) {
         "{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\",\"listen\":\"unix\"," \
         "\"handoff_pins\":" pins "}"
         ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2}]"), "3.json"));
+        ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"writable\":false}]"), "3.json"));
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"writable\":1}]"), "3.json"), -EBADMSG);
         ASSERT_ERRNO(parse(PINNED("[]"), "3.json"), -EBADMSG);
         ASSERT_ERRNO(parse(PINNED("{}"), "3.json"), -EBADMSG);
         ASSERT_ERRNO(parse(PINNED("[1]"), "3.json"), -EBADMSG);
