@@ -655,7 +655,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 e->create_call = sd_bus_message_unref(e->create_call);
                 export_unlink(e);
                 export_free(e);
-                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
+                return guest_ready_error(g, r, error);
         }
         return 1;
 }

@@ -119,9 +119,15 @@ static void guest_ready(Peer *p, int error, const char *error_text, void *userda
 }
 
 int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *)) {
-        GuestReadyCtx *c = calloc(1, sizeof(GuestReadyCtx));
+        GuestReadyCtx *c;
         int r;
 
+        /* A user's guests run at most so many storage helpers (each a QEMU of 50-100 MiB in the
+         * daemon's own cgroup) at once; the handoff of an export (root's) is not held to it. */
+        if (g->offline && !peer_has_helper(&g->peer) && g->owner != 0 &&
+                engine_owner_storage_helpers(g->engine, g->owner) >= GUEST_STORAGE_HELPERS_PER_OWNER_MAX)
+                return -EDQUOT;
+        c = calloc(1, sizeof(GuestReadyCtx));
         if (!c)
                 return -ENOMEM;
         *c = (GuestReadyCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
@@ -152,6 +158,16 @@ int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userda
         if (r < 0)
                 free(c); /* not queued: the caller keeps userdata */
         return r;
+}
+
+int guest_ready_error(Guest *g, int r, sd_bus_error *error) {
+        if (r == -EDQUOT)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "The guests of uid " UID_FMT " that are not running have %u storage helpers already (at "
+                        "most %u at once per user, each a QEMU of its own); wait for a job, map or export of "
+                        "one to end.",
+                        g->owner, GUEST_STORAGE_HELPERS_PER_OWNER_MAX, GUEST_STORAGE_HELPERS_PER_OWNER_MAX);
+        return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
 }
 
 void guest_release_helper_if_idle(Guest *g) {

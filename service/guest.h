@@ -138,6 +138,11 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
  * names a node uses the one QEMU has now (another manager of the QEMU may have put a filter over
  * the disk, or pivoted it to a copy), never one remembered. */
 int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
+/* A user's guests that are not running have at most this many storage helpers at once:
+ * guest_when_ready() of one more fails with -EDQUOT. */
+#define GUEST_STORAGE_HELPERS_PER_OWNER_MAX 8
+/* The method error for r, guest_when_ready()'s failure: LimitsExceeded for -EDQUOT. */
+int guest_ready_error(Guest *g, int r, sd_bus_error *error);
 /* The guest's QEMU is gone and an export must go on: serve its disks from the storage helper,
  * read from the image headers as for an offline guest (idempotent). */
 int guest_begin_handoff(Guest *g);

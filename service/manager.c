@@ -58,6 +58,14 @@ static void registry_unlink_guest(Engine *e, Guest *g) {
         manager_unlink_guest(manager_of(e), g);
 }
 
+static unsigned registry_owner_storage_helpers(Engine *e, uid_t owner) {
+        unsigned n = 0;
+
+        for (Guest *g = manager_of(e)->guests; g; g = g->next)
+                n += g->owner == owner && peer_has_helper(&g->peer);
+        return n;
+}
+
 
 static bool registry_range_runs(Disk *d) {
         return range_backend.runs(d);
@@ -77,6 +85,7 @@ static const EngineRegistry manager_registry = {
         .guest_images = registry_guest_images,
         .guest_claims = registry_guest_claims,
         .unlink_guest = registry_unlink_guest,
+        .owner_storage_helpers = registry_owner_storage_helpers,
         .cleanup_leftovers = range_cleanup_leftovers,
         .resume_orphans = registry_resume_orphans,
         .unreachable = export_guest_unreachable,

@@ -286,7 +286,7 @@ int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_b
         if (r < 0) {
                 op->call = sd_bus_message_unref(op->call);
                 range_op_kill(op);
-                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
+                return guest_ready_error(d->guest, r, error);
         }
         return 1;
 }

@@ -154,7 +154,7 @@ int range_start(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, 
                 d->starting = false;
                 op->call = sd_bus_message_unref(op->call);
                 range_op_kill(op);
-                return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper: %m");
+                return guest_ready_error(d->guest, r, error);
         }
         return 1;
 }

@@ -494,7 +494,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                 adaptive_stop(d);
                 c->replied = true;
                 call_ctx_free(c);
-                return sd_bus_error_set_errnof(error, -r, "Failed to start the storage helper of guest '%s': %m", g->name);
+                return guest_ready_error(g, r, error);
         }
         return 1;
 }

@@ -679,6 +679,59 @@ class GuestShareTest(h.TestCase):
         self.addCleanup(self.unregister_quietly, name)
 
 
+class StorageHelperShareTest(h.TestCase):
+    """A user's guests that are not running keep at most HELPERS_PER_USER storage helpers at once:
+    each is a QEMU of 50-100 MiB in the daemon's own cgroup (MemoryMax=2G holds about 16), and one
+    user with 64 guests, each streamed slowly or paused, took them all and then the memory."""
+
+    HELPERS_PER_USER = 8  # guest.h: GUEST_STORAGE_HELPERS_PER_OWNER_MAX
+    needs_polkit = True
+    polkit_rules = {'10-bstest-offline.rules': OWNER_MANAGES_MINE}
+
+    def test_one_user_runs_a_share_of_the_storage_helpers(self):
+        owner = h.ensure_test_users()[h.OWNER]
+        d = os.path.join(self.env.images, self.unique_name('mine'))
+        os.makedirs(d)
+        os.chown(d, owner, -1)
+        base = os.path.join(d, 'base.raw')
+        h.qemu_img('create', '-q', '-f', 'raw', base, str(8 * MiB))
+        h.qemu_io(base, 'write -P 0x5a 0 %d' % (8 * MiB), fmt='raw')
+        os.chmod(base, 0o644)
+        s = h.UserSession(h.OWNER, self.env.bus.address)
+        self.addCleanup(s.close)
+        disks = []
+        for i in range(self.HELPERS_PER_USER + 1):
+            top = os.path.join(d, 'g%d.qcow2' % i)
+            h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', top)
+            os.chown(top, owner, -1)
+            name = 'mine-' + self.unique_name()
+            self.addCleanup(self.unregister_quietly, name)
+            r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
+                       "('%s', '', {'disks': <{'vda': '%s'}>})" % (name, top))
+            self.assertTrue(r['ok'], r)
+            disks.append(h.disk_path(name, 'vda'))
+
+        def start(path):
+            # 64 KiB/s: 8 MiB keeps each job, and its storage helper, for two minutes.
+            return s.call(path, h.IFACE_STREAM, 'Start', 'tta{sv}', "(0, 0, {'bandwidth': <uint64 65536>})")
+        for path in disks[:-1]:
+            r = start(path)
+            self.assertTrue(r['ok'], r)
+        self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_PER_USER)
+        r = start(disks[-1])
+        self.assertFalse(r['ok'], 'storage helper %d of one user: %r' % (self.HELPERS_PER_USER + 1, r))
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        self.assertIn('at most %d at once per user' % self.HELPERS_PER_USER, r['message'])
+        self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_PER_USER)
+        # One ends (its helper goes): the next one runs.
+        r = s.call(disks[0], h.IFACE_STREAM, 'Cancel', '', '()')
+        self.assertTrue(r['ok'], r)
+        h.wait_until(lambda: len(o.storage_helpers(self.env)) < self.HELPERS_PER_USER, 30,
+                     "the cancelled job's storage helper to exit")
+        r = start(disks[-1])
+        self.assertTrue(r['ok'], r)
+
+
 class OneGuestRangeBase(h.TestCase):
     """A daemon whose HelperUIDRange= has room for exactly one guest and its storage helper (its
     top uids are the probes'); guest(): an offline guest of one disk."""
