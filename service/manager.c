@@ -408,8 +408,15 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                 const char *format = lookup_pair(o->formats, alias) ?: "qcow2";
                 Disk *d, **l;
 
-                r = image_chain_open_claimed(
-                        m->engine.config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
+                /* Asked as the owner first: what root's open would say of a path they may not reach
+                 * (whether it exists, its header's backing) is not theirs to learn. */
+                r = storage_owner_opens(m->engine.config.image_dirs, g->owner, path, format, true, &why);
+                if (r == -EACCES)
+                        return sd_bus_error_setf(
+                                error, SD_BUS_ERROR_ACCESS_DENIED, "Disk '%s': %s.", alias, why ?: strerror(-r));
+                if (r >= 0)
+                        r = image_chain_open_claimed(
+                                m->engine.config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)

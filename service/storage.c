@@ -443,23 +443,31 @@ static int owner_reads(void *userdata) {
  * this thread's file-system identity (an owner without an account: no group but nogroup), and
  * must reach the very file we opened. Done in this thread, as the chain's own opens are: no child
  * the owner could stop while we wait. 0, or -EACCES with *ret_error naming the image, or -errno. */
-int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
-        char **ret_error) {
+/* Run fn with owner's uid, gid and groups as this thread's file-system identity (an owner without
+ * an account: no group but nogroup). */
+static int as_owner(uid_t owner, int (*fn)(void *), void *userdata) {
         _cleanup_free_ gid_t *gids = NULL;
-        OwnerRead o = { .dirs = dirs, .chain = chain, .top_writable = top_writable };
         size_t n_gids = 0;
         gid_t gid;
         int r;
 
-        if (owner == 0)
-                return 0;
         r = user_groups(owner, OWNER_GROUPS_MAX, &gid, &gids, &n_gids);
         if (r == -ESRCH) {
                 gid = GID_NOGROUP;
                 n_gids = 0;
         } else if (r < 0)
                 return r;
-        r = fs_identity_run(owner, gid, gids, n_gids, owner_reads, &o);
+        return fs_identity_run(owner, gid, gids, n_gids, fn, userdata);
+}
+
+int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
+        char **ret_error) {
+        OwnerRead o = { .dirs = dirs, .chain = chain, .top_writable = top_writable };
+        int r;
+
+        if (owner == 0)
+                return 0;
+        r = as_owner(owner, owner_reads, &o);
         if (r == -EACCES)
                 *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so it is "
                                            "not %s for them",
@@ -469,6 +477,55 @@ int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chai
                 *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
                                            "images: %s",
                         owner, strerror(-r));
+        return r;
+}
+
+typedef struct OwnerOpen {
+        char *const *dirs;
+        const char *path, *format;
+        bool top_writable;
+        bool top_denied; /* the top itself, not a backing image */
+        char *why;
+} OwnerOpen;
+
+static int owner_opens(void *userdata) {
+        _cleanup_(image_chain_done) ImageChain chain = {};
+        _cleanup_close_ int fd = -EBADF;
+        OwnerOpen *o = userdata;
+        int r;
+
+        r = image_open_beneath(o->dirs, o->path, o->top_writable, &fd, &o->why);
+        o->top_denied = r == -EACCES;
+        if (r < 0)
+                return r;
+        return image_chain_open(o->dirs, o->path, o->format, o->top_writable, NULL, &chain, &o->why);
+}
+
+int storage_owner_opens(char *const *dirs, uid_t owner, const char *path, const char *format, bool top_writable,
+        char **ret_error) {
+        OwnerOpen o = { .dirs = dirs, .path = path, .format = format, .top_writable = top_writable };
+        int r;
+
+        if (owner == 0)
+                return 0;
+        r = as_owner(owner, owner_opens, &o);
+        if (r >= 0 || r == -ENOMEM) {
+                free(o.why);
+                return r;
+        }
+        if (r == -EACCES) {
+                if (o.top_denied)
+                        *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so "
+                                                   "it is not %s for them",
+                                owner, top_writable ? "write" : "read", path, top_writable ? "used" : "read");
+                else
+                        *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read its backing "
+                                                   "chain themselves, so it is not read for them: %s",
+                                owner, o.why ?: strerror(-r));
+                free(o.why);
+                return r;
+        }
+        *ret_error = o.why ?: strdup(strerror(-r));
         return r;
 }
 
@@ -482,8 +539,11 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
-        r = image_chain_open_claimed(
-                host->config->image_dirs, d->path, d->format, !d->read_only, forbidden, claimed, &chain, ret_error);
+        /* Asked as the owner first: root's errors would tell them what they may not know. */
+        r = storage_owner_opens(host->config->image_dirs, sb->owner, d->path, d->format, !d->read_only, ret_error);
+        if (r >= 0)
+                r = image_chain_open_claimed(host->config->image_dirs, d->path, d->format, !d->read_only, forbidden,
+                        claimed, &chain, ret_error);
         if (r < 0)
                 return r;
         r = storage_owner_may_use(host->config->image_dirs, sb->owner, &chain, !d->read_only, ret_error);

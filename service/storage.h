@@ -94,6 +94,13 @@ bool storage_helper_attached(const StorageHost *host);
 typedef struct ImageChain ImageChain;
 int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
         char **ret_error);
+/* Open the chain at path as owner would themselves (as image_chain_open(), the top for writing if
+ * top_writable), only to tell why they could not: to be asked before we open it as root, whose
+ * errors would tell the owner what lies where they may not look (whether a name exists, a header's
+ * backing name and format). 0 (root: at once), or -errno with *ret_error saying why (-EACCES:
+ * they may not). */
+int storage_owner_opens(char *const *dirs, uid_t owner, const char *path, const char *format, bool top_writable,
+        char **ret_error);
 
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
  * exiting and holding their images' locks); how many still had a live thread, or -errno

@@ -679,6 +679,39 @@ class GuestShareTest(h.TestCase):
         self.addCleanup(self.unregister_quietly, name)
 
 
+class OwnerRegistrationTest(h.TestCase):
+    """A user registering a guest that is not running names its images. Root opened them first and
+    answered with what it found: whether a name exists in a directory the user may not search, the
+    backing file and format a header they may not read records. They are opened as the user first."""
+
+    needs_polkit = True
+    polkit_rules = {'10-bstest-offline.rules': OWNER_MANAGES_MINE}
+
+    def test_root_tells_nothing_of_what_the_owner_may_not_reach(self):
+        users = h.ensure_test_users()
+        theirs = os.path.join(self.env.images, self.unique_name('theirs'))
+        os.makedirs(theirs, mode=0o700)
+        os.chown(theirs, users[h.MEMBER], -1)
+        there = os.path.join(theirs, 'p.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-u', '-b', os.path.join(theirs, 'hidden-backing-name.raw'),
+                   '-F', 'raw', there, str(MiB))
+        os.chown(there, users[h.MEMBER], -1)
+        s = h.UserSession(h.OWNER, self.env.bus.address)
+        self.addCleanup(s.close)
+        answers = {}
+        for what, top in (('there', there), ('missing', os.path.join(theirs, 'missing.qcow2'))):
+            name = 'mine-' + self.unique_name()
+            self.addCleanup(self.unregister_quietly, name)
+            r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
+                       "('%s', '', {'disks': <{'vda': '%s'}>})" % (name, top))
+            self.assertFalse(r['ok'], r)
+            answers[what] = (r['error'], r['message'].replace(top, 'PATH'))
+            self.assertNotIn('hidden-backing-name', r['message'])
+            self.assertNotIn('exist', r['message'])
+        self.assertEqual(answers['there'], answers['missing'])
+        self.assertEqual(answers['there'][0], h.ERR_ACCESS_DENIED)
+
+
 class StorageHelperShareTest(h.TestCase):
     """A user's guests that are not running keep at most HELPERS_PER_USER storage helpers at once:
     each is a QEMU of 50-100 MiB in the daemon's own cgroup (MemoryMax=2G holds about 16), and one
