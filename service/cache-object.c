@@ -61,6 +61,8 @@ static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
 
 static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Cache *c = userdata;
+        uid_t caller = UID_INVALID;
+        bool named;
         unsigned n;
         int r;
 
@@ -70,11 +72,14 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         if (c->warm_call)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed.", c->id);
         cache_users_update(c);
+        /* The overlay is named to root only: it may be another user's, in a directory the caller
+         * may not look into. */
+        named = c->n_user_list > 0 && bus_sender_uid(msg, &caller) >= 0 && caller == 0;
         if (c->users > 0)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Cache %u is the backing of %u overlay%s%s%s; stream %s to the end (or remove %s) first.",
-                        c->id, c->users, c->users == 1 ? "" : "s", c->n_user_list > 0 ? ", " : "",
-                        c->n_user_list > 0 ? c->user_list[0].path : "", c->users == 1 ? "it" : "them",
+                        c->id, c->users, c->users == 1 ? "" : "s", named ? ", " : "",
+                        named ? c->user_list[0].path : "", c->users == 1 ? "it" : "them",
                         c->users == 1 ? "it" : "them");
         /* Unknown is not none: a cache whose clients cannot be counted stays. */
         r = count_clients(c, &n);
