@@ -47,11 +47,15 @@ int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias) {
         return 0;
 }
 
+void disk_stop_latency_mode(Disk *d) {
+        if (d->adaptive && d->adaptive_stopper)
+                d->adaptive_stopper(d);
+}
+
 Disk *disk_free(Disk *d) {
         if (!d)
                 return NULL;
-        if (d->adaptive && d->adaptive_stopper)
-                d->adaptive_stopper(d);
+        disk_stop_latency_mode(d);
         if (d->mirror_wait && d->mirror_wait_free)
                 d->mirror_wait_free(d->mirror_wait);
         d->progress_timer = sd_event_source_disable_unref(d->progress_timer);
@@ -515,8 +519,7 @@ static void disk_finalize(Disk *d) {
                 return;
         d->finalizing = true;
         disk_release_map_export(d); /* the job no longer runs: maps may drain the node again */
-        if (d->adaptive && d->adaptive_stopper)
-                d->adaptive_stopper(d); /* the guest-latency mode ends with the job */
+        disk_stop_latency_mode(d); /* the guest-latency mode ends with the job */
         d->host->update_polling(d->guest);
         /* The outcome is written before the job is dismissed in QEMU, by the state writer: the
          * loop serves other calls meanwhile (Start gets Busy while finalizing). */

@@ -123,6 +123,8 @@ typedef struct Disk {
 
 int disk_new(Disk **ret, Guest *g, const DiskHost *host, const char *alias);
 Disk *disk_free(Disk *d);
+/* End the guest-latency mode, if on: the histogram it set is removed while QEMU is still ours. */
+void disk_stop_latency_mode(Disk *d);
 /* Take QEMU's view of the disk; returns true if a published property changed. */
 int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
 /* Record that QEMU names the file (dev, ino) at path qemu_name (a mirror's fd set), and show path

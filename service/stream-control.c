@@ -210,8 +210,12 @@ int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_err
                 set_max_guest_latency(d, 0);
                 return sd_bus_reply_method_return(msg, NULL);
         }
-        /* Off: the job runs at its fixed Bandwidth again. */
+        /* Off: the job runs at its fixed Bandwidth again. The mode ends once that is on its way (a
+         * speed that cannot be sent leaves it on, as it was); nothing it sends can come after. */
+        r = send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
+        if (r < 0)
+                return r;
         adaptive_stop(d);
         set_max_guest_latency(d, 0);
-        return send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
+        return r;
 }

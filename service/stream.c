@@ -338,6 +338,14 @@ int stream_resume_offline(Disk *d) {
         return 0;
 }
 
+/* After an engine's start (r: what it answered the call with): the guest-latency mode, if asked. */
+static int start_latency_mode(Disk *d, int r, uint64_t max_latency, uint64_t bandwidth) {
+        if (r >= 0 && max_latency > 0 && adaptive_start(d, max_latency, bandwidth) < 0)
+                log_warning("Guest %s disk %s: out of memory: the job runs without its max_guest_latency.",
+                        d->guest->name, d->alias);
+        return r;
+}
+
 static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Disk *d = userdata;
         Guest *g = d->guest;
@@ -418,16 +426,21 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
 
+        /* No job runs: a mode left by a Start that failed before its job began is not this job's
+         * (its target, its ceiling). */
+        adaptive_stop(d);
+
         /* A full stream: QEMU's block-stream, mirror and pivot where there is room (mirror.c), or
-         * prefetch then cut where that wins (prefetch.c). */
+         * prefetch then cut where that wins (prefetch.c). Each in the guest-latency mode if asked:
+         * it waits for the job, and follows it across the engine's steps (backend.h). */
         if (offset == 0 && length == 0 && (streq(engine, BS_ENGINE_MIRROR) || streq(engine, BS_ENGINE_AUTO)) &&
                 (r = mirror_try_start(d, msg, streq(engine, BS_ENGINE_MIRROR), base_node, bandwidth, error)) != 0)
-                return r;
+                return start_latency_mode(d, r, max_latency, bandwidth);
         if (offset == 0 && length == 0 &&
                 (streq(engine, BS_ENGINE_PREFETCH) ||
                         (streq(engine, BS_ENGINE_AUTO) && prefetch_wins(d) &&
                                 (!base_node || !streq_ptr(d->chain_nodes[0], base_node)))))
-                return prefetch_start(d, msg, bandwidth, base_node, error);
+                return start_latency_mode(d, prefetch_start(d, msg, bandwidth, base_node, error), max_latency, bandwidth);
 
         if (offset != 0 || length != 0) {
                 /* A range: widened to whole clusters; the filter copies from the images above base. */
@@ -449,10 +462,7 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                  * covers whole clusters. */
                 r = range_start(d, msg, start, stop - start, offset, (length == 0 ? d->size : end) - offset, bandwidth,
                         bottom, error);
-                if (r >= 0 && max_latency > 0 && adaptive_start(d, max_latency, bandwidth) < 0)
-                        log_warning("Guest %s disk %s: out of memory: the range runs without its max_guest_latency.",
-                                g->name, d->alias);
-                return r;
+                return start_latency_mode(d, r, max_latency, bandwidth);
         }
 
         g->job_seq++;

@@ -97,6 +97,28 @@ class AdaptiveRefusalTest(h.TestCase):
         d.wait_finished(60)
 
 
+class AdaptiveEnginesTest(h.TestCase):
+
+    def test_every_engine_runs_in_the_mode(self):
+        """max_guest_latency holds for the mirror and for prefetch too: Start answered as for
+        block-stream, and the job then ran at its bandwidth with the mode off (review 30a), though
+        auto picks the mirror for a -drive guest and prefetch for a remote template."""
+        for engine in ('mirror', 'prefetch'):
+            with self.subTest(engine=engine):
+                g = self.new_guest()
+                d = g.disk()
+                d.start(0, 0, opts(max_guest_latency=T(2000), bandwidth=T(h.MiB), engine=S(engine)))
+                self.assertEqual(d.prop('Engine'), engine)
+                # The -S guest does no I/O: idle, at the ceiling.
+                self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+                self.assertEqual(d.prop('MaxGuestLatency'), 2000)
+                h.wait_until(lambda: histogram_of(g.qemu) is not None, 10, 'the mode to set its histogram')
+                d.cancel()
+                d.wait_finished(60)
+                self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'off', 30)
+                self.assertIsNone(histogram_of(g.qemu))
+
+
 class AdaptiveHostileQemuTest(h.TestCase):
     """A guest's QEMU is untrusted (a compromised guest may own it): what it says in
     query-blockstats steers nothing it should not."""
