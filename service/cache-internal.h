@@ -54,6 +54,7 @@ struct Cache {
         char *socket_path;
         char *image_name; /* in state_dir/caches */
         uid_t uid;        /* its helper's sandbox identity (uid = gid), its own: no guest's, no other cache's */
+        uid_t creator;    /* whose ProvisionDisk made it (0: root's, or a record from before) */
         unsigned mcs_c1, mcs_c2;
         char *process_label; /* SELinux, where enabled: its helper's, and its image's (same MCS pair) */
         char *image_label;

@@ -36,6 +36,8 @@ int caches_save(Engine *e) {
                         json_object_object_add(k, "size", json_object_new_uint64(c->size)) < 0 ||
                         json_object_object_add(k, "users", json_object_new_uint64(c->users)) < 0 ||
                         json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
+                        (c->creator != 0 &&
+                                json_object_object_add(k, "creator", json_object_new_uint64(c->creator)) < 0) ||
                         cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k) < 0)
                         return log_oom();
         }

@@ -207,7 +207,7 @@ static Cache *cache_find_id(Engine *e, unsigned id) {
 }
 
 /* Persistence: state_dir/caches.json, {"caches": [{"id", "url", "format", "size", "users", "overlays",
- * "warmed", "helper_uid", "mcs_c1", "mcs_c2"}], "last_id"}. */
+ * "warmed", "creator", "helper_uid", "mcs_c1", "mcs_c2"}], "last_id"}. */
 
 /* A URL as recorded: its scheme, length and characters. A recorded cache whose URL a newer daemon
  * cannot give QEMU is still restored (its record, number and socket kept; it fails to start, and
@@ -596,12 +596,12 @@ static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
         return 0;
 }
 
-int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
-        void *provision, sd_bus_error *error) {
+int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, uint64_t size,
+        provision_cache_ready_t ready, void *provision, sd_bus_error *error) {
         _cleanup_free_ char *dir = NULL;
         _cleanup_free_ char *why = NULL;
         _cleanup_close_ int dir_fd = -1;
-        unsigned n = 0, id;
+        unsigned n = 0, mine = 0, id;
         Cache *c = NULL;
         int r;
 
@@ -612,9 +612,11 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
         if (size == 0 || size > (UINT64_C(1) << 60))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                         "A template of %" PRIu64 " bytes cannot be cached (at most 1 EiB).", size);
-        for (Cache *k = e->caches; k; k = k->next, n++)
+        for (Cache *k = e->caches; k; k = k->next, n++) {
                 if (!c && streq(k->url, url) && streq(k->format, format))
                         c = k;
+                mine += caller != 0 && k->creator == caller;
+        }
         if (c && c->size != size)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "The template %s has %" PRIu64 " bytes now, its cache %u was made for %" PRIu64
@@ -640,6 +642,14 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (n >= CACHES_MAX)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
                                 "There are %u template caches already; stop one first.", n);
+                /* Each is a QEMU of its own in the daemon's cgroup, for as long as an overlay uses it:
+                 * one user may not take them all (URLs that differ only in an export name or a
+                 * query are different templates). */
+                if (caller != 0 && mine >= CACHES_PER_USER_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                "You (uid " UID_FMT ") made %u template caches already (at most %u per user); "
+                                "provision over one of them, or without 'cache'.",
+                                caller, mine, CACHES_PER_USER_MAX);
                 dir = caches_dir(e);
                 if (!dir)
                         return -ENOMEM;
@@ -659,6 +669,7 @@ int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size,
                 if (r < 0)
                         return r;
                 c->fresh = true;
+                c->creator = caller;
                 r = cache_identity_allocate(c);
                 if (r < 0) {
                         cache_free(c);
@@ -778,6 +789,9 @@ static int load_one(Engine *e, int dir_fd, json_object *k) {
         }
         c->warmed = json_object_object_get_ex(k, "warmed", &o) && json_object_is_type(o, json_type_boolean) &&
                     json_object_get_boolean(o);
+        if (json_object_object_get_ex(k, "creator", &o) && json_object_is_type(o, json_type_int) &&
+                json_object_get_uint64(o) < UID_INVALID)
+                c->creator = (uid_t) json_object_get_uint64(o);
         c->image_fd = openat(dir_fd, c->image_name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
         if (c->image_fd < 0 || fstat(c->image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
                 log_error(

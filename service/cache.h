@@ -21,9 +21,11 @@ typedef struct Cache Cache;
 
 /* ProvisionDisk's hooks (provision.h's ProvisionCache): the cache of url, made and started if there
  * is none (or started again if it failed); ready() once it serves, with the URL an overlay's header
- * names to use it and the handle for cache_provisioned(). */
-int cache_acquire(Engine *e, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
-        void *provision, sd_bus_error *error);
+ * names to use it and the handle for cache_provisioned(). A caller other than root makes at most
+ * CACHES_PER_USER_MAX caches (LimitsExceeded). */
+#define CACHES_PER_USER_MAX 4
+int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, uint64_t size,
+        provision_cache_ready_t ready, void *provision, sd_bus_error *error);
 /* The overlay over handle's cache was made (success) or not: a cache made for it alone goes away. */
 struct stat;
 void cache_provisioned(Engine *e, void *handle, bool success, const char *target, const struct stat *st);

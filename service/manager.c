@@ -656,9 +656,9 @@ char **manager_guest_claims(Manager *m, Guest *except) {
         return guest_images(m, except, false);
 }
 
-static int cache_acquire_hook(void *userdata, const char *url, const char *format, uint64_t size,
+static int cache_acquire_hook(void *userdata, uid_t caller, const char *url, const char *format, uint64_t size,
         provision_cache_ready_t ready, void *provision, sd_bus_error *error) {
-        return cache_acquire(userdata, url, format, size, ready, provision, error);
+        return cache_acquire(userdata, caller, url, format, size, ready, provision, error);
 }
 
 static void cache_done_hook(void *userdata, void *handle, bool success, const char *target, const struct stat *st) {

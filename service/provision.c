@@ -308,7 +308,7 @@ static void provision_finish(Provision *p) {
         int r;
 
         if (p->use_cache) {
-                r = p->cache.acquire(p->cache.userdata, p->template, p->format, p->size, cache_ready, p, &error);
+                r = p->cache.acquire(p->cache.userdata, p->caller, p->template, p->format, p->size, cache_ready, p, &error);
                 if (r < 0) {
                         if (!sd_bus_error_is_set(&error))
                                 (void) sd_bus_error_set_errnof(&error, -r, "Cannot provision %s: %m", p->target);

@@ -20,8 +20,8 @@
  * provisionings that all failed goes away). */
 typedef void (*provision_cache_ready_t)(void *provision, int error, const char *why, const char *backing, void *handle);
 typedef struct ProvisionCache {
-        int (*acquire)(void *userdata, const char *url, const char *format, uint64_t size, provision_cache_ready_t ready,
-                void *provision, sd_bus_error *error);
+        int (*acquire)(void *userdata, uid_t caller, const char *url, const char *format, uint64_t size,
+                provision_cache_ready_t ready, void *provision, sd_bus_error *error);
         /* The overlay at target (st: its fstat) was made over the cache, or not (!success). */
         void (*done)(void *userdata, void *handle, bool success, const char *target, const struct stat *st);
         void *userdata; /* outlives every provisioning */

@@ -559,6 +559,11 @@ class CacheIdentityTest(h.TestCase):
     def provision(self, template, target):
         return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,
                                 dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+        # Who made which is kept across a restart.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        r = provision('e-more', 'more.qcow2')
+        self.assertEqual(r.get('error'), h.ERR_LIMITS_EXCEEDED, r)
 
     def cache_of(self, url):
         paths = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
@@ -677,6 +682,67 @@ class CacheIdentityTest(h.TestCase):
         self.provision(url_c, os.path.join(images, 'c.qcow2'))
         self.assertEqual(self.helper(self.cache_of(url_c))[2], uid_a)
 
+
+
+OWNER_MANAGES = '''// blockstreamd tests only (test_cache.py)
+polkit.addRule(function(action, subject) {
+    if (action.id == "org.blockstream1.manage" && subject.user == "%s") {
+        return polkit.Result.YES;
+    }
+    return polkit.Result.NOT_HANDLED;
+});
+''' % h.OWNER
+
+
+class CacheShareTest(h.TestCase):
+    """A user other than root makes at most CACHES_PER_USER template caches: each is a QEMU in the
+    daemon's own cgroup for as long as an overlay uses it, and URLs that differ only in an export
+    name are different templates, so one user with ProvisionDisk took all 64 (review 30b)."""
+
+    CACHES_PER_USER = 4  # cache.h: CACHES_PER_USER_MAX
+    needs_daemon = False
+    needs_polkit = True
+    polkit_rules = {'10-bstest-cache.rules': OWNER_MANAGES}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        with cls.class_setup() as env:
+            cls.remote = Remote(env.dir, 'tpl', free_tcp_port(), SIZE)
+            env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\n' % cls.remote.url)
+            env.daemon.start()
+
+    def test_one_user_makes_a_share_of_the_caches(self):
+        self.remote.start()
+        self.addCleanup(self.remote.stop)
+        owner = h.ensure_test_users()[h.OWNER]
+        d = os.path.join(self.env.images, 'mine')
+        os.makedirs(d)
+        os.chown(d, owner, -1)
+        s = h.UserSession(h.OWNER, self.env.bus.address)
+        self.addCleanup(s.close)
+
+        def provision(export, target):
+            return s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+                          "('%s/%s', '%s', {'cache': <true>})" % (self.remote.url, export, os.path.join(d, target)),
+                          timeout=120)
+        for i in range(self.CACHES_PER_USER):
+            r = provision('e%d' % i, 'o%d.qcow2' % i)
+            self.assertTrue(r['ok'], r)
+        r = provision('e-more', 'more.qcow2')
+        self.assertFalse(r['ok'], 'cache %d of one user: %r' % (self.CACHES_PER_USER + 1, r))
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        self.assertIn('at most %d per user' % self.CACHES_PER_USER, r['message'])
+        self.assertFalse(os.path.lexists(os.path.join(d, 'more.qcow2')))
+        self.assertEqual(len([p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX)]),
+                         self.CACHES_PER_USER)
+        # Over one of their caches: made.
+        r = provision('e0', 'again.qcow2')
+        self.assertTrue(r['ok'], r)
+        # Root is not held to it.
+        self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', self.remote.url + '/e-root',
+                         os.path.join(self.env.images, 'root.qcow2'),
+                         dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
 
 if __name__ == '__main__':
     h.main()
