@@ -632,9 +632,26 @@ typedef struct UnregisterDrain {
         Qmp *qmp;
         sd_bus_message *reply_to;
         char *name;
+        uid_t owner;
 } UnregisterDrain;
 
 #define UNREGISTER_DRAIN_MAX_USEC (10ULL * USEC_PER_SEC)
+/* Each holds a QEMU's socket and the call's reply for up to UNREGISTER_DRAIN_MAX_USEC: a user who
+ * registers guests on a QEMU of their own that never answers, and unregisters them in a loop,
+ * would otherwise run the daemon out of fds. Beyond these, the connection is closed at once. */
+#define UNREGISTER_DRAINS_MAX 256
+#define UNREGISTER_DRAINS_PER_OWNER_MAX 16
+
+/* Whether one more drain of owner's fits. */
+static bool unregister_drain_fits(Engine *m, uid_t owner) {
+        unsigned all = 0, mine = 0;
+
+        for (UnregisterDrain *d = m->unregister_drains; d; d = d->next) {
+                all++;
+                mine += d->owner == owner;
+        }
+        return all < UNREGISTER_DRAINS_MAX && (owner == 0 || mine < UNREGISTER_DRAINS_PER_OWNER_MAX);
+}
 
 static void unregister_drain_free(UnregisterDrain *d) {
         UnregisterDrain **p;
@@ -692,7 +709,7 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
          * connection (bounded) until it answered them. An offline guest's storage helper is
          * killed below, and everything it served with it. */
         if (g->peer.qmp && !g->offline && guest_qmp_ready(g)) {
-                d = calloc(1, sizeof(*d));
+                d = unregister_drain_fits(m, g->owner) ? calloc(1, sizeof(*d)) : NULL;
                 if (d) {
                         d->name = strdup(g->name);
                         if (!d->name)
@@ -700,6 +717,7 @@ void guest_unregister(Guest *g, sd_bus_message *reply_to) {
                 }
                 if (d) {
                         d->engine = m;
+                        d->owner = g->owner;
                         d->reply_to = sd_bus_message_ref(reply_to);
                         d->qmp = TAKE_PTR(g->peer.qmp);
                         d->next = m->unregister_drains;

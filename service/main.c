@@ -2,6 +2,7 @@
 
 #include <getopt.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -108,6 +109,7 @@ int main(int argc, char *argv[]) {
         };
         _cleanup_(sd_event_unrefp) sd_event *e = NULL;
         Manager *m = NULL;
+        struct rlimit nofile;
         sigset_t mask;
         int r;
 
@@ -119,6 +121,14 @@ int main(int argc, char *argv[]) {
         /* Whatever starts us (the unit has UMask=0077, a shell may not): nothing the daemon creates
          * is for others unless it says so with an explicit mode. */
         umask(0077);
+        /* Every guest's connection, drain, helper and export holds fds, and sd-event needs no
+         * select(): the soft limit goes up to the hard one (systemd's default soft limit of 1024 is
+         * for select()'s sake). Our helpers get limits of their own (sandbox.c). */
+        if (getrlimit(RLIMIT_NOFILE, &nofile) >= 0 && nofile.rlim_cur < nofile.rlim_max) {
+                nofile.rlim_cur = nofile.rlim_max;
+                if (setrlimit(RLIMIT_NOFILE, &nofile) < 0)
+                        log_warning_errno(errno, "Failed to raise the file descriptor limit: %m");
+        }
         /* Root may load the filter without no_new_privs; anybody else could not make a set-id file
          * for anybody but themselves anyway. */
         r = sandbox_forbid_setid();

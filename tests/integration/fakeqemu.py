@@ -32,6 +32,7 @@ class FakeQemu:
         self.conn = None             # the current connection
         self.connections = 0         # accepted so far
         self.connect_times = []      # time.monotonic() of each accept
+        self.hangup_times = []       # time.monotonic() of each connection the daemon closed
         self.commands = {}           # name -> count
         self.jobs = {}               # job id -> status
         self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
@@ -133,6 +134,8 @@ class FakeQemu:
             while not self._done.is_set():
                 line = f.readline()
                 if not line:
+                    with self.lock:
+                        self.hangup_times.append(time.monotonic())
                     return
                 cmd = json.loads(line)
                 name = cmd.get('execute')

@@ -141,6 +141,36 @@ class HostileQemuTest(h.TestCase):
         other, _, other_path = self.register_fake_named('after')
         self.client.wait_prop(other_path, h.IFACE_GUEST, 'Running', True)
 
+    def test_unregister_drains_are_bounded(self):
+        """An unregistered guest's connection is kept until QEMU answered (at most 10 s), with the
+        call's reply: a user's QEMU that never answers, registered and unregistered in a loop, ran
+        the daemon out of fds (review 30b). A user's guests keep 16 such drains; the 17th closes at
+        once, before any of them. Told by order, not by time: the first 16 end at their deadline."""
+        owner = h.ensure_test_users()[h.OWNER]
+        n = 17  # guest.c: UNREGISTER_DRAINS_PER_OWNER_MAX + 1
+        fakes = []
+        for i in range(n):
+            name = self.unique_name('drain')
+            path = os.path.join(self.env.dir, '%s.sock' % name)
+            fake = FakeQemu(path, os.path.join(self.env.images, name))
+            self.addCleanup(fake.close)
+            gpath = self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, path,
+                                     h.opts(owner=h.U(owner)))
+            fake.hold = {'query-block'}
+            g = h.dbus.Interface(self.client.conn.get_object(h.BUS_NAME, gpath, introspect=False), h.IFACE_GUEST)
+            g.Refresh(reply_handler=lambda: None, error_handler=lambda e: None, timeout=60)
+            self.client.wait_for(lambda: fake.held, 20, 'the query-block of %s' % name)
+            fakes.append((name, fake))
+        answered = []
+        for name, _ in fakes:
+            self.client.conn.call_async(h.BUS_NAME, h.MANAGER_PATH, h.IFACE_MANAGER, 'UnregisterGuest', 's', (name,),
+                                        lambda *a: answered.append(a), lambda e: answered.append(e), timeout=60)
+        self.client.wait_for(lambda: all(f.hangup_times for _, f in fakes), 60, 'every connection closed')
+        self.client.wait_for(lambda: len(answered) == n, 30, 'every UnregisterGuest answered')
+        last = fakes[-1][1].hangup_times[0]
+        first = min(f.hangup_times[0] for _, f in fakes[:-1])
+        self.assertLess(last, first, 'the 17th drain of one user was kept like the others')
+
     def test_event_flood_is_paced(self):
         """A QEMU flapping a job as fast as it can: every state change is still signalled, in
         order, but the daemon reads that QEMU at its own pace (200 events a second after a burst
