@@ -77,7 +77,7 @@ struct Cache {
         usec_t leftover_deadline;
         sd_bus_message *warm_call; /* Warm() waiting for its job */
         /* The properties anyone may read, Users and Clients, each looked at once a second at
-         * most (image opens, /proc/self/net/unix): CLOCK_MONOTONIC of the last look, and its count. */
+         * most (image opens, a sock_diag dump of the unix sockets): CLOCK_MONOTONIC of the last look, and its count. */
         usec_t users_read_at, clients_read_at;
         unsigned clients;
 };

@@ -6,7 +6,13 @@
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/un.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
+#include <netinet/tcp.h>
 
 #include "blockstream-api.h"
 #include "bus-error.h"
@@ -31,28 +37,88 @@ static bool look_again(usec_t *at) {
 }
 
 
-/* Connections to the socket now: the accepted ends, which carry the listener's path, in our network
- * namespace (the listener is ours); the listener itself has __SO_ACCEPTCON. */
+/* Connections to the socket now: the accepted ends, which the kernel ties to the listener's
+ * socket file, in our network namespace (NETLINK_SOCK_DIAG, the bound file's device and inode of
+ * each connected unix socket). A path is not enough: /proc/net/unix shows any socket bound at that
+ * path in any mount namespace of ours, and a user who mounts a tmpfs over /run in a user namespace
+ * of their own binds one there, connects to it and holds Stop Busy for everyone. */
+#define DIAG_BUFFER (64U * 1024U)
+#define DIAG_BYTES_MAX (64U << 20) /* a host's sockets read at most: beyond, "cannot tell" */
+
+static bool kernel_dev_is(uint32_t kdev, dev_t dev) {
+        /* The kernel's own dev_t (the super block's s_dev, as sock_diag gives it): 12 bits of
+         * major over 20 of minor. */
+        return (kdev >> 20) == major(dev) && (kdev & 0xfffffU) == minor(dev);
+}
+
 static int count_clients(Cache *c, unsigned *ret) {
-        _cleanup_free_ char *text = NULL;
+        struct {
+                struct nlmsghdr nlh;
+                struct unix_diag_req req;
+        } request = {
+                .nlh = { .nlmsg_len = sizeof(request), .nlmsg_type = SOCK_DIAG_BY_FAMILY,
+                        .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP },
+                .req = { .sdiag_family = AF_UNIX, .udiag_states = 1U << TCP_ESTABLISHED, .udiag_show = UDIAG_SHOW_VFS },
+        };
+        _cleanup_free_ uint8_t *buf = malloc(DIAG_BUFFER);
+        _cleanup_close_ int fd = -EBADF;
+        size_t total = 0;
         unsigned n = 0;
-        char *line, *save = NULL;
-        int r;
+        struct stat st;
 
-        r = read_file_bounded("/proc/self/net/unix", 64U << 20, &text, NULL);
-        if (r < 0)
-                return r;
-        for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-                unsigned flags;
-                char path[sizeof(((struct sockaddr_un *) NULL)->sun_path) + 1];
+        if (!buf)
+                return -ENOMEM;
+        if (lstat(c->socket_path, &st) < 0)
+                return -errno;
+        if (!S_ISSOCK(st.st_mode))
+                return -ENOTSOCK;
+        fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+        if (fd < 0)
+                return -errno;
+        if (send(fd, &request, sizeof(request), 0) < 0)
+                return -errno;
+        for (;;) {
+                ssize_t k = recv(fd, buf, DIAG_BUFFER, MSG_TRUNC);
+                int left;
 
-                if (sscanf(line, "%*s %*s %*s %x %*s %*s %*s %108s", &flags, path) != 2)
+                if (k < 0 && errno == EINTR)
                         continue;
-                if (streq(path, c->socket_path) && !(flags & 0x10000))
-                        n++;
+                if (k < 0)
+                        return -errno;
+                if (k == 0 || (size_t) k > DIAG_BUFFER)
+                        return -EIO;
+                total += (size_t) k;
+                if (total > DIAG_BYTES_MAX)
+                        return -E2BIG;
+                left = (int) k;
+                for (struct nlmsghdr *h = (struct nlmsghdr *) buf; NLMSG_OK(h, left); h = NLMSG_NEXT(h, left)) {
+                        const struct unix_diag_msg *m = NLMSG_DATA(h);
+                        int len;
+
+                        if (h->nlmsg_type == NLMSG_DONE) {
+                                *ret = n;
+                                return 0;
+                        }
+                        if (h->nlmsg_type == NLMSG_ERROR) {
+                                const struct nlmsgerr *e = NLMSG_DATA(h);
+
+                                return h->nlmsg_len >= NLMSG_LENGTH(sizeof(*e)) && e->error < 0 ? e->error : -EIO;
+                        }
+                        if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY || h->nlmsg_len < NLMSG_LENGTH(sizeof(*m)))
+                                continue;
+                        len = (int) (h->nlmsg_len - NLMSG_LENGTH(sizeof(*m)));
+                        for (const struct rtattr *a = (const struct rtattr *) (m + 1); RTA_OK(a, len);
+                                a = RTA_NEXT(a, len)) {
+                                struct unix_diag_vfs v;
+
+                                if (a->rta_type != UNIX_DIAG_VFS || RTA_PAYLOAD(a) < sizeof(v))
+                                        continue;
+                                memcpy(&v, RTA_DATA(a), sizeof(v));
+                                if (v.udiag_vfs_ino == st.st_ino && kernel_dev_is(v.udiag_vfs_dev, st.st_dev))
+                                        n++;
+                        }
+                }
         }
-        *ret = n;
-        return 0;
 }
 
 static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
@@ -85,7 +151,7 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         r = count_clients(c, &n);
         if (r < 0)
                 return sd_bus_error_set_errnof(error, -r,
-                        "Cannot tell whether cache %u serves connections (/proc/self/net/unix: %m); it was not stopped.",
+                        "Cannot tell whether cache %u serves connections (sock_diag: %m); it was not stopped.",
                         c->id);
         if (n > 0)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,

@@ -559,11 +559,6 @@ class CacheIdentityTest(h.TestCase):
     def provision(self, template, target):
         return self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', template, target,
                                 dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
-        # Who made which is kept across a restart.
-        self.env.daemon.stop()
-        self.env.daemon.start()
-        r = provision('e-more', 'more.qcow2')
-        self.assertEqual(r.get('error'), h.ERR_LIMITS_EXCEEDED, r)
 
     def cache_of(self, url):
         paths = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
@@ -712,6 +707,43 @@ class CacheShareTest(h.TestCase):
             env.daemon = h.Daemon(env, config_extra='TemplateURLPrefixes=%s/\n' % cls.remote.url)
             env.daemon.start()
 
+    def test_a_client_elsewhere_at_the_socket_path_is_not_counted(self):
+        """Clients (and Stop's check) counted every socket /proc/net/unix showed at the cache's
+        path. A user mounts a tmpfs over its top directory in a user namespace of their own, binds a
+        socket at the same path there and connects to it: Stop was Busy for everyone, root too, for
+        as long as they liked (review 30b). Only connections to the cache's own socket count."""
+        self.remote.start()
+        self.addCleanup(self.remote.stop)
+        target = os.path.join(self.env.images, 'elsewhere.qcow2')
+        url = self.remote.url + '/e-elsewhere'
+        self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target,
+                         dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+        path = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
+                self.client.get(p, IFACE_CACHE, 'URL') == url][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = str(self.client.get(path, IFACE_CACHE, 'Socket'))
+        os.unlink(target)  # no overlay over it any more
+        top = '/' + sock.split('/')[1]
+        script = ('import os, socket, sys, time\n'
+                  'p = sys.argv[1]\n'
+                  'os.makedirs(os.path.dirname(p))\n'
+                  'l = socket.socket(socket.AF_UNIX)\n'
+                  'l.bind(p)\n'
+                  'l.listen(1)\n'
+                  'c = socket.socket(socket.AF_UNIX)\n'
+                  'c.connect(p)\n'
+                  'a = l.accept()\n'
+                  'print("ready", flush=True)\n'
+                  'time.sleep(600)\n')
+        fake = h.spawn(h.setpriv_argv(h.OWNER) + ['unshare', '-Urm', 'sh', '-c',
+                                                 'mount -t tmpfs tmpfs "$0" && exec python3 -c "$1" "$2"',
+                                                 top, script, sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (fake.kill(), fake.wait(10)))
+        self.assertEqual(fake.stdout.readline().strip(), b'ready', fake.stderr.read() if fake.poll() else '')
+        time.sleep(1.1)  # Clients is looked at again once a second at most
+        self.assertEqual(self.client.get(path, IFACE_CACHE, 'Clients'), 0)
+        self.client.call(path, IFACE_CACHE, 'Stop')
+
     def test_one_user_makes_a_share_of_the_caches(self):
         self.remote.start()
         self.addCleanup(self.remote.stop)
@@ -743,6 +775,11 @@ class CacheShareTest(h.TestCase):
         self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', self.remote.url + '/e-root',
                          os.path.join(self.env.images, 'root.qcow2'),
                          dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+        # Who made which is kept across a restart.
+        self.env.daemon.stop()
+        self.env.daemon.start()
+        r = provision('e-more', 'more.qcow2')
+        self.assertEqual(r.get('error'), h.ERR_LIMITS_EXCEEDED, r)
 
 if __name__ == '__main__':
     h.main()
