@@ -226,22 +226,6 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
         return image_chain_open_claimed(dirs, path, format, writable, forbidden, NULL, ret, ret_error);
 }
 
-int image_chain_reopens(char *const *dirs, const ImageChain *chain, bool top_writable, size_t *ret_failed) {
-        for (size_t i = 0; i < chain->n; i++) {
-                _cleanup_close_ int fd = -1;
-                struct stat want, st;
-
-                if (fstat(chain->images[i].fd, &want) < 0)
-                        return -errno;
-                if (image_open_beneath(dirs, chain->images[i].path, top_writable && i == 0, &fd, NULL) < 0 ||
-                        fstat(fd, &st) < 0 || st.st_dev != want.st_dev || st.st_ino != want.st_ino) {
-                        *ret_failed = i;
-                        return -EACCES;
-                }
-        }
-        return 0;
-}
-
 int image_chain_open_claimed(char *const *dirs, const char *path, const char *format, bool writable,
         char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error) {
         _cleanup_(image_chain_done) ImageChain c = {};

@@ -55,12 +55,6 @@ int image_open_beneath(char *const *dirs, const char *path, bool writable, int *
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error);
 
-/* Each image of chain, opened again beneath dirs as image_chain_open() opens it (the top for
- * writing if top_writable, the rest for reading), is the very file the chain holds: 0, or -EACCES
- * with *ret_failed the first that is not, or -errno. Run as a user (fs-identity.h), it tells
- * whether that user could have opened the chain themselves. */
-int image_chain_reopens(char *const *dirs, const ImageChain *chain, bool top_writable, size_t *ret_failed);
-
 /* The directory that is to hold a new file path, opened (O_PATH) beneath one of dirs exactly as
  * image_open_beneath() opens images: no symlink, no "..", no mount crossed below the directory.
  * *ret_leaf points into path: the last component, to be created with openat(*ret_dir_fd, leaf,

@@ -408,28 +408,16 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                 const char *format = lookup_pair(o->formats, alias) ?: "qcow2";
                 Disk *d, **l;
 
-                /* Asked as the owner first: what root's open would say of a path they may not reach
-                 * (whether it exists, its header's backing) is not theirs to learn. */
-                r = storage_owner_opens(m->engine.config.image_dirs, g->owner, path, format, true, &why);
-                if (r == -EACCES)
-                        return sd_bus_error_setf(
-                                error, SD_BUS_ERROR_ACCESS_DENIED, "Disk '%s': %s.", alias, why ?: strerror(-r));
-                if (r >= 0)
-                        r = image_chain_open_claimed(
-                                m->engine.config.image_dirs, path, format, false, forbidden, claimed, &chain, &why);
+                /* Opened as the owner: what root would find (whether a name exists where they may
+                 * not look, a header's backing) is not theirs to learn, nor to use. */
+                r = storage_chain_open_owned(m->engine.config.image_dirs, g->owner, path, format, g->owner != 0,
+                        forbidden, claimed, &chain, &why);
                 if (r == -ENOMEM)
                         return r;
                 if (r < 0)
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s", alias,
-                                why ?: strerror(-r));
-                /* Its owner's own images only: what the owner could not open is not opened for them
-                 * (checked again each time the storage helper takes them). */
-                r = storage_owner_may_use(m->engine.config.image_dirs, g->owner, &chain, true, &why);
-                if (r == -ENOMEM)
-                        return r;
-                if (r < 0)
-                        return sd_bus_error_setf(error, r == -EACCES ? SD_BUS_ERROR_ACCESS_DENIED : SD_BUS_ERROR_FAILED,
-                                "Disk '%s': %s.", alias, why ?: strerror(-r));
+                        return sd_bus_error_setf(error,
+                                r == -EACCES ? SD_BUS_ERROR_ACCESS_DENIED : SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s",
+                                alias, why ?: strerror(-r));
                 r = disk_new(&d, g, &guest_disk_host, alias);
                 if (r < 0)
                         return r;

@@ -420,112 +420,63 @@ static char *node_name(const StorageDisk *d, size_t k, bool file) {
 #define OWNER_GROUPS_MAX 1024
 #define GID_NOGROUP ((gid_t) 65534)
 
-typedef struct OwnerRead {
+typedef struct OwnerOpen {
         char *const *dirs;
-        const ImageChain *chain;
-        bool top_writable;
-        size_t failed; /* the image the owner may not open */
-} OwnerRead;
+        const char *path, *format;
+        bool writable;
+        char *const *forbidden, *const *claimed;
+        ImageChain *chain;
+        bool top_denied; /* the top itself, not a backing image */
+        char *why;
+} OwnerOpen;
 
-static int owner_reads(void *userdata) {
-        OwnerRead *o = userdata;
+static int owner_opens(void *userdata) {
+        _cleanup_close_ int fd = -EBADF;
+        OwnerOpen *o = userdata;
+        int r;
 
-        /* The top is written (a stream, an export's writes), the rest only read. */
-        return image_chain_reopens(o->dirs, o->chain, o->top_writable, &o->failed);
+        /* The top alone first, only to tell which the owner may not open. */
+        r = image_open_beneath(o->dirs, o->path, o->writable, &fd, &o->why);
+        o->top_denied = r == -EACCES;
+        if (r < 0)
+                return r;
+        return image_chain_open_claimed(
+                o->dirs, o->path, o->format, o->writable, o->forbidden, o->claimed, o->chain, &o->why);
 }
 
-/* Whether the guest's owner could open the chain's images themselves: the top for writing, the rest
- * for reading. Whoever registers a guest that is not running names its images, and the owner may
- * write the top image's header, and with it name as its backing any file beneath an image
- * directory, all of which we open as root and hand to QEMU: a stream or a map would then copy into
- * their image, or show them, a file they may not read, or write another user's image. So each path
- * is opened again beneath its image directory as we did, with the owner's uid, gid and groups as
- * this thread's file-system identity (an owner without an account: no group but nogroup), and
- * must reach the very file we opened. Done in this thread, as the chain's own opens are: no child
- * the owner could stop while we wait. 0, or -EACCES with *ret_error naming the image, or -errno. */
-/* Run fn with owner's uid, gid and groups as this thread's file-system identity (an owner without
- * an account: no group but nogroup). */
-static int as_owner(uid_t owner, int (*fn)(void *), void *userdata) {
+int storage_chain_open_owned(char *const *dirs, uid_t owner, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error) {
+        OwnerOpen o = { .dirs = dirs, .path = path, .format = format, .writable = writable, .forbidden = forbidden,
+                .claimed = claimed, .chain = ret };
         _cleanup_free_ gid_t *gids = NULL;
         size_t n_gids = 0;
         gid_t gid;
         int r;
 
+        if (owner == 0)
+                return image_chain_open_claimed(dirs, path, format, writable, forbidden, claimed, ret, ret_error);
+        /* An owner without an account: no group but nogroup. */
         r = user_groups(owner, OWNER_GROUPS_MAX, &gid, &gids, &n_gids);
         if (r == -ESRCH) {
                 gid = GID_NOGROUP;
                 n_gids = 0;
         } else if (r < 0)
                 return r;
-        return fs_identity_run(owner, gid, gids, n_gids, fn, userdata);
-}
-
-int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
-        char **ret_error) {
-        OwnerRead o = { .dirs = dirs, .chain = chain, .top_writable = top_writable };
-        int r;
-
-        if (owner == 0)
-                return 0;
-        r = as_owner(owner, owner_reads, &o);
-        if (r == -EACCES)
-                *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so it is "
-                                           "not %s for them",
-                        owner, o.failed == 0 && top_writable ? "write" : "read", chain->images[o.failed].path,
-                        o.failed == 0 && top_writable ? "used" : "read");
-        else if (r < 0)
-                *ret_error = strdup_printf("Cannot check whether the guest's owner (uid " UID_FMT ") may read its "
-                                           "images: %s",
-                        owner, strerror(-r));
-        return r;
-}
-
-typedef struct OwnerOpen {
-        char *const *dirs;
-        const char *path, *format;
-        bool top_writable;
-        bool top_denied; /* the top itself, not a backing image */
-        char *why;
-} OwnerOpen;
-
-static int owner_opens(void *userdata) {
-        _cleanup_(image_chain_done) ImageChain chain = {};
-        _cleanup_close_ int fd = -EBADF;
-        OwnerOpen *o = userdata;
-        int r;
-
-        r = image_open_beneath(o->dirs, o->path, o->top_writable, &fd, &o->why);
-        o->top_denied = r == -EACCES;
-        if (r < 0)
-                return r;
-        return image_chain_open(o->dirs, o->path, o->format, o->top_writable, NULL, &chain, &o->why);
-}
-
-int storage_owner_opens(char *const *dirs, uid_t owner, const char *path, const char *format, bool top_writable,
-        char **ret_error) {
-        OwnerOpen o = { .dirs = dirs, .path = path, .format = format, .top_writable = top_writable };
-        int r;
-
-        if (owner == 0)
-                return 0;
-        r = as_owner(owner, owner_opens, &o);
-        if (r >= 0 || r == -ENOMEM) {
-                free(o.why);
-                return r;
-        }
+        r = fs_identity_run(owner, gid, gids, n_gids, owner_opens, &o);
         if (r == -EACCES) {
                 if (o.top_denied)
                         *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not %s %s themselves, so "
                                                    "it is not %s for them",
-                                owner, top_writable ? "write" : "read", path, top_writable ? "used" : "read");
+                                owner, writable ? "write" : "read", path, writable ? "used" : "read");
                 else
                         *ret_error = strdup_printf("The guest's owner (uid " UID_FMT ") may not read its backing "
                                                    "chain themselves, so it is not read for them: %s",
                                 owner, o.why ?: strerror(-r));
                 free(o.why);
-                return r;
-        }
-        *ret_error = o.why ?: strdup(strerror(-r));
+        } else if (r < 0)
+                *ret_error = o.why ?: strdup(strerror(-r));
+        else
+                free(o.why);
         return r;
 }
 
@@ -539,14 +490,8 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
-        /* Asked as the owner first: root's errors would tell them what they may not know. */
-        r = storage_owner_opens(host->config->image_dirs, sb->owner, d->path, d->format, !d->read_only, ret_error);
-        if (r >= 0)
-                r = image_chain_open_claimed(host->config->image_dirs, d->path, d->format, !d->read_only, forbidden,
-                        claimed, &chain, ret_error);
-        if (r < 0)
-                return r;
-        r = storage_owner_may_use(host->config->image_dirs, sb->owner, &chain, !d->read_only, ret_error);
+        r = storage_chain_open_owned(host->config->image_dirs, sb->owner, d->path, d->format, !d->read_only, forbidden,
+                claimed, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {

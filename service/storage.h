@@ -88,19 +88,19 @@ void storage_helper_stop(const StorageHost *host);
 void storage_helper_kill(const StorageHost *host);
 bool storage_helper_attached(const StorageHost *host);
 
-/* Could owner open chain's images themselves, beneath dirs as we did: the top for writing if
- * top_writable, the rest for reading (root: yes)? 0, or -EACCES with *ret_error naming the image,
- * or -errno. */
+/* The chain at path, opened as its guest's owner opens it themselves (image_chain_open_claimed(),
+ * the top for writing if writable, with the owner's uid, gid and groups as this thread's file-system
+ * identity; root: as we are). Whoever registers a guest that is not running names its images, and
+ * the owner may write the top image's header, and with it name as its backing any file beneath an
+ * image directory: opened as root, a stream or a map would copy into their image, or show them, a
+ * file they may not read, or write another user's image, and root's errors would tell them what lies
+ * where they may not look (whether a name exists, a header's backing name and format). One open,
+ * the owner's, whose fds are the chain: root never reads a header the owner could rewrite between
+ * two reads. In this thread: no child the owner could stop while we wait. 0 and *ret, or -errno
+ * with *ret_error saying why (-EACCES: the owner may not). */
 typedef struct ImageChain ImageChain;
-int storage_owner_may_use(char *const *dirs, uid_t owner, const ImageChain *chain, bool top_writable,
-        char **ret_error);
-/* Open the chain at path as owner would themselves (as image_chain_open(), the top for writing if
- * top_writable), only to tell why they could not: to be asked before we open it as root, whose
- * errors would tell the owner what lies where they may not look (whether a name exists, a header's
- * backing name and format). 0 (root: at once), or -errno with *ret_error saying why (-EACCES:
- * they may not). */
-int storage_owner_opens(char *const *dirs, uid_t owner, const char *path, const char *format, bool top_writable,
-        char **ret_error);
+int storage_chain_open_owned(char *const *dirs, uid_t owner, const char *path, const char *format, bool writable,
+        char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error);
 
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
  * exiting and holding their images' locks); how many still had a live thread, or -errno
