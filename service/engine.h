@@ -27,8 +27,9 @@ typedef struct EngineRegistry {
         char **(*guest_images)(Engine *e, Guest *except);
         char **(*guest_claims)(Engine *e, Guest *except);
         void (*unlink_guest)(Engine *e, Guest *g);
-        /* How many guests of this owner have a storage helper running now. */
-        unsigned (*owner_storage_helpers)(Engine *e, uid_t owner);
+        /* The guests that are not running whose storage helper runs now: of this owner, and of
+         * every owner but root. */
+        void (*storage_helpers)(Engine *e, uid_t owner, unsigned *ret_owner, unsigned *ret_users);
         /* What a guest's (re)connect asks of the job layers above it (range.c, stream.c), wired by
          * manager.c, which sits above them all: remove what range jobs of before left in QEMU;
          * carry on the range jobs of before; carry on an offline guest's full stream in a new
@@ -96,8 +97,8 @@ static inline char **engine_guest_claims(Engine *e, Guest *except) {
         return e->registry->guest_claims(e, except);
 }
 
-static inline unsigned engine_owner_storage_helpers(Engine *e, uid_t owner) {
-        return e->registry->owner_storage_helpers(e, owner);
+static inline void engine_storage_helpers(Engine *e, uid_t owner, unsigned *ret_owner, unsigned *ret_users) {
+        e->registry->storage_helpers(e, owner, ret_owner, ret_users);
 }
 
 static inline void engine_unlink_guest(Engine *e, Guest *g) {

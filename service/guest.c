@@ -122,11 +122,6 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
         GuestReadyCtx *c;
         int r;
 
-        /* A user's guests run at most so many storage helpers (each a QEMU of 50-100 MiB in the
-         * daemon's own cgroup) at once; the handoff of an export (root's) is not held to it. */
-        if (g->offline && !peer_has_helper(&g->peer) && g->owner != 0 &&
-                engine_owner_storage_helpers(g->engine, g->owner) >= GUEST_STORAGE_HELPERS_PER_OWNER_MAX)
-                return -EDQUOT;
         c = calloc(1, sizeof(GuestReadyCtx));
         if (!c)
                 return -ENOMEM;
@@ -160,13 +155,26 @@ int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userda
         return r;
 }
 
-int guest_ready_error(Guest *g, int r, sd_bus_error *error) {
-        if (r == -EDQUOT)
+int guest_helper_share(Guest *g, sd_bus_error *error) {
+        unsigned mine, users;
+
+        if (!g->offline || g->owner == 0 || peer_has_helper(&g->peer))
+                return 0;
+        engine_storage_helpers(g->engine, g->owner, &mine, &users);
+        if (mine >= GUEST_STORAGE_HELPERS_PER_OWNER_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
                         "The guests of uid " UID_FMT " that are not running have %u storage helpers already (at "
-                        "most %u at once per user, each a QEMU of its own); wait for a job, map or export of "
-                        "one to end.",
-                        g->owner, GUEST_STORAGE_HELPERS_PER_OWNER_MAX, GUEST_STORAGE_HELPERS_PER_OWNER_MAX);
+                        "most %u at once per user, each a QEMU of its own); wait for a job or map of one to end.",
+                        g->owner, mine, GUEST_STORAGE_HELPERS_PER_OWNER_MAX);
+        if (users >= GUEST_STORAGE_HELPERS_USERS_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "Guests of users other than root have %u storage helpers running (at most %u at once, "
+                        "each a QEMU of its own); wait for a job or map to end.",
+                        users, GUEST_STORAGE_HELPERS_USERS_MAX);
+        return 0;
+}
+
+int guest_ready_error(Guest *g, int r, sd_bus_error *error) {
         return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
 }
 

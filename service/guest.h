@@ -138,10 +138,15 @@ int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, vo
  * names a node uses the one QEMU has now (another manager of the QEMU may have put a filter over
  * the disk, or pivoted it to a copy), never one remembered. */
 int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *));
-/* A user's guests that are not running have at most this many storage helpers at once:
- * guest_when_ready() of one more fails with -EDQUOT. */
+/* The guests that are not running of a user other than root have at most this many storage helpers
+ * at once (each a QEMU of 50-100 MiB in the daemon's own cgroup), those of all such users at most
+ * USERS_MAX: whether a caller's job or map of g, which starts g's helper if it has none, may
+ * begin (< 0 and LimitsExceeded if not). Root's guests, a handoff for root's export, and work
+ * carried on after a restart are not held to it. */
 #define GUEST_STORAGE_HELPERS_PER_OWNER_MAX 8
-/* The method error for r, guest_when_ready()'s failure: LimitsExceeded for -EDQUOT. */
+#define GUEST_STORAGE_HELPERS_USERS_MAX 16
+int guest_helper_share(Guest *g, sd_bus_error *error);
+/* The method error for r, guest_when_ready()'s failure. */
 int guest_ready_error(Guest *g, int r, sd_bus_error *error);
 /* The guest's QEMU is gone and an export must go on: serve its disks from the storage helper,
  * read from the image headers as for an offline guest (idempotent). */

@@ -58,12 +58,18 @@ static void registry_unlink_guest(Engine *e, Guest *g) {
         manager_unlink_guest(manager_of(e), g);
 }
 
-static unsigned registry_owner_storage_helpers(Engine *e, uid_t owner) {
-        unsigned n = 0;
+static void registry_storage_helpers(Engine *e, uid_t owner, unsigned *ret_owner, unsigned *ret_users) {
+        unsigned mine = 0, users = 0;
 
+        /* A handoff (a running guest's disks served after its QEMU went, for root's export) is not
+         * counted. */
         for (Guest *g = manager_of(e)->guests; g; g = g->next)
-                n += g->owner == owner && peer_has_helper(&g->peer);
-        return n;
+                if (g->offline && peer_has_helper(&g->peer)) {
+                        mine += g->owner == owner;
+                        users += g->owner != 0;
+                }
+        *ret_owner = mine;
+        *ret_users = users;
 }
 
 
@@ -85,7 +91,7 @@ static const EngineRegistry manager_registry = {
         .guest_images = registry_guest_images,
         .guest_claims = registry_guest_claims,
         .unlink_guest = registry_unlink_guest,
-        .owner_storage_helpers = registry_owner_storage_helpers,
+        .storage_helpers = registry_storage_helpers,
         .cleanup_leftovers = range_cleanup_leftovers,
         .resume_orphans = registry_resume_orphans,
         .unreachable = export_guest_unreachable,

@@ -271,6 +271,9 @@ int map_get(Disk *d, sd_bus_message *msg, uint64_t offset, uint64_t length, sd_b
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its allocation map cannot be read now.",
                         d->guest->name);
+        r = guest_helper_share(d->guest, error);
+        if (r < 0)
+                return r;
         r = range_op_new(d, &map_kind, msg, true, offset, length, &op);
         if (r < 0)
                 return r;

@@ -278,7 +278,7 @@ int prefetch_start(Disk *d, sd_bus_message *msg, uint64_t bandwidth, const char 
                 d->starting = false;
                 op->call = sd_bus_message_unref(op->call);
                 range_op_kill(op);
-                return guest_ready_error(d->guest, r, error);
+                return sd_bus_error_set_errnof(error, -r, "Cannot start the pull helper: %m");
         }
         return 1;
 }

@@ -426,6 +426,10 @@ static int method_start(sd_bus_message *msg, void *userdata, sd_bus_error *error
                                 "QEMU reports no block node for '%s'; cannot use it as base.", base);
         }
 
+        /* An offline guest's job starts its storage helper: within its owner's share. */
+        r = guest_helper_share(g, error);
+        if (r < 0)
+                return r;
         /* No job runs: a mode left by a Start that failed before its job began is not this job's
          * (its target, its ceiling). */
         adaptive_stop(d);

@@ -713,11 +713,13 @@ class OwnerRegistrationTest(h.TestCase):
 
 
 class StorageHelperShareTest(h.TestCase):
-    """A user's guests that are not running keep at most HELPERS_PER_USER storage helpers at once:
-    each is a QEMU of 50-100 MiB in the daemon's own cgroup (MemoryMax=2G holds about 16), and one
-    user with 64 guests, each streamed slowly or paused, took them all and then the memory."""
+    """A user's guests that are not running keep at most HELPERS_PER_USER storage helpers at once,
+    those of all users but root HELPERS_IN_ALL: each is a QEMU of 50-100 MiB in the daemon's own
+    cgroup (MemoryMax=2G holds about 16), and one user with 64 guests, each streamed slowly or
+    paused, took them all and then the memory (reviews 30b, 30c)."""
 
     HELPERS_PER_USER = 8  # guest.h: GUEST_STORAGE_HELPERS_PER_OWNER_MAX
+    HELPERS_IN_ALL = 16   # guest.h: GUEST_STORAGE_HELPERS_USERS_MAX
     needs_polkit = True
     polkit_rules = {'10-bstest-offline.rules': OWNER_MANAGES_MINE}
 
@@ -763,6 +765,33 @@ class StorageHelperShareTest(h.TestCase):
                      "the cancelled job's storage helper to exit")
         r = start(disks[-1])
         self.assertTrue(r['ok'], r)
+
+        # Those of all users but root: USERS_MAX in all, whoever asks (root here, for two others).
+        users = h.ensure_test_users()
+
+        def guest_of(user, i):
+            top = os.path.join(d, '%s-%d.qcow2' % (user, i))
+            h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', top)
+            os.chown(top, users[user], -1)
+            name = self.unique_name(user)
+            self.register(name, '', o.offline_options({'vda': top}, owner=h.U(users[user])))
+            self.addCleanup(self.unregister_quietly, name)
+            return h.Disk(self.client, h.disk_path(name, 'vda'))
+        os.chmod(d, 0o777)
+        for i in range(self.HELPERS_IN_ALL - self.HELPERS_PER_USER):
+            guest_of(h.MEMBER, i).start(0, 0, h.opts(bandwidth=T(65536)))
+        self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_IN_ALL)
+        e = self.assertDBusError(h.ERR_LIMITS_EXCEEDED, guest_of(h.STRANGER, 0).start, 0, 0,
+                                 h.opts(bandwidth=T(65536)))
+        self.assertIn('at most %d at once' % self.HELPERS_IN_ALL, e.message)
+        self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_IN_ALL)
+        # Root's own guests are not held to it.
+        root_top = os.path.join(d, 'root.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', root_top)
+        name = self.unique_name('root')
+        self.register(name, '', o.offline_options({'vda': root_top}))
+        self.addCleanup(self.unregister_quietly, name)
+        h.Disk(self.client, h.disk_path(name, 'vda')).start(0, 0, h.opts(bandwidth=T(65536)))
 
 
 class OneGuestRangeBase(h.TestCase):
