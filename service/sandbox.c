@@ -14,7 +14,6 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <linux/netlink.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -421,21 +420,15 @@ static int install_denylist(const SandboxSpec *s) {
                         goto finish;
         }
         /* Sockets of the families a helper uses only: unix and IP (in its own empty network
-         * namespace unless it is in the host's), and netlink in the host's network, where the C
-         * library's name lookup asks it. The rest fail as unsupported: vsock, which no network
-         * namespace confines (the host's and every guest's vsock services), and the kernel's
-         * packet, crypto, bluetooth, ... code, which no helper needs. */
+         * namespace unless it is in the host's). The rest fail as unsupported: vsock, which no
+         * network namespace confines (the host's and every guest's vsock services), netlink (the
+         * host's links, addresses and routes, for a helper in the host's network; the C library's
+         * name lookup does without it, as it did under the unit's RestrictAddressFamilies= before
+         * the daemon needed sock_diag), and the kernel's packet, crypto, bluetooth, ... code,
+         * which no helper needs. */
         for (uint64_t family = 0; family < 64; family++) {
                 if (family == AF_UNIX || family == AF_INET || family == AF_INET6)
                         continue;
-                if (family == AF_NETLINK && s->host_network) {
-                        /* Routing only, what the resolver asks; not sock_diag, uevents, audit, ... */
-                        r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 2,
-                                SCMP_A0(SCMP_CMP_EQ, family), SCMP_A2(SCMP_CMP_NE, NETLINK_ROUTE));
-                        if (r < 0)
-                                goto finish;
-                        continue;
-                }
                 r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
                         SCMP_A0(SCMP_CMP_EQ, family));
                 if (r < 0)
