@@ -34,6 +34,7 @@ int guest_write_state(Guest *g, const char *dir, bool wait, state_writer_then_t 
                         .cluster_size = d->cluster_size,
                         .bandwidth = d->bandwidth,
                         .max_guest_latency = d->max_guest_latency,
+                        .job_latency_mode = job_is_active(&d->job) ? d->adaptive != NULL : -1,
                         .job = d->job,
                         .range_node = d->range_node,
                         .range_export = d->range_export,
@@ -99,6 +100,7 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         d->bandwidth = s->bandwidth;
         /* Out of range (a hand-edited file): off, not a refused guest. */
         d->max_guest_latency = s->max_guest_latency <= THROTTLE_TARGET_MAX_US ? s->max_guest_latency : 0;
+        d->resume_latency_mode = s->job_latency_mode > 0 || (s->job_latency_mode < 0 && d->max_guest_latency > 0);
         d->job = s->job;
         s->job = (Job) {};
         d->range_node = TAKE_PTR(s->range_node);
@@ -152,8 +154,10 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
                 Disk *d = g->disks[i];
 
                 /* A job that ran in the guest-latency mode goes on in it (from its ceiling: the
-                 * limit the controller last set is not known). */
-                if (!g->offline && d->max_guest_latency > 0 && job_is_active(&d->job) && !d->job.concluded &&
+                 * limit the controller last set is not known); one that ran without it, though the
+                 * disk's default is on (Start's max_guest_latency 0), does not. */
+                if (!g->offline && d->resume_latency_mode && d->max_guest_latency > 0 && job_is_active(&d->job) &&
+                        !d->job.concluded &&
                         adaptive_resume(d, d->max_guest_latency, d->bandwidth) < 0)
                         log_warning("Guest %s disk %s: cannot carry on the guest-latency mode; the job runs at its "
                                     "last speed.",

@@ -124,6 +124,8 @@ static json_object *disk_to_json(const StateDisk *d) {
                 (d->job_base && add(o, "job_base", json_object_new_string(d->job_base)) < 0) ||
                 (d->max_guest_latency > 0 &&
                         add(o, "max_guest_latency", json_object_new_uint64(d->max_guest_latency)) < 0) ||
+                (d->job_latency_mode >= 0 &&
+                        add(o, "job_latency_mode", json_object_new_boolean(d->job_latency_mode > 0)) < 0) ||
                 (d->pivot_qemu_name && d->pivot_path && add(o, "pivot", pivot_to_json(d)) < 0)) {
                 json_object_put(o);
                 return NULL;
@@ -385,6 +387,21 @@ static int pivot_from_json(json_object *o, StateDisk *d) {
         return d->pivot_qemu_name && d->pivot_path ? 0 : -ENOMEM;
 }
 
+/* An optional boolean as 1 or 0, -1 if absent. */
+static int get_tristate(json_object *o, const char *key, int *ret) {
+        bool b = false;
+        int r;
+
+        *ret = -1;
+        if (!json_object_object_get_ex(o, key, NULL))
+                return 0;
+        r = json_get_bool(o, key, true, &b);
+        if (r < 0)
+                return r;
+        *ret = b;
+        return 0;
+}
+
 static int disk_from_json(json_object *o, StateDisk *d) {
         const char *alias = NULL;
         json_object *job;
@@ -404,6 +421,7 @@ static int disk_from_json(json_object *o, StateDisk *d) {
                 json_get_u64(o, "cluster_size", true, &d->cluster_size) < 0 ||
                 json_get_u64(o, "bandwidth", true, &d->bandwidth) < 0 || d->bandwidth > INT64_MAX ||
                 json_get_u64(o, "max_guest_latency", false, &d->max_guest_latency) < 0 ||
+                get_tristate(o, "job_latency_mode", &d->job_latency_mode) < 0 ||
                 !json_object_object_get_ex(o, "job", &job) || job_from_json(job, &d->job) < 0 ||
                 dup_field(o, "range_node", false, &d->range_node) < 0 ||
                 dup_field(o, "range_export", false, &d->range_export) < 0 ||

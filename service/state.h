@@ -29,6 +29,9 @@ typedef struct StateDisk {
         uint64_t cluster_size;
         uint64_t bandwidth;
         uint64_t max_guest_latency; /* µs, 0: off (absent in files of before) */
+        /* Whether the running job runs in the guest-latency mode (at max_guest_latency): 1 or 0;
+         * -1: not recorded (no job, or a file from before: as max_guest_latency says). */
+        int job_latency_mode;
         Job job;
         char *range_node; /* NULL: none (as the job_base and range_* fields below) */
         char *range_export;

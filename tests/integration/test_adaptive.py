@@ -7,6 +7,7 @@ state. The mode at work under a real guest is test_guest.py's."""
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -117,6 +118,26 @@ class AdaptiveEnginesTest(h.TestCase):
                 d.wait_finished(60)
                 self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'off', 30)
                 self.assertIsNone(histogram_of(g.qemu))
+
+
+    def test_restart_keeps_a_job_out_of_the_mode(self):
+        """A job started with max_guest_latency 0 while the disk's default is on runs without the
+        mode; a restarted daemon put it in the mode, as the default said (review 30a). Whether the job
+        runs in it is kept with the job."""
+        g = self.new_guest()
+        d = g.disk()
+        d.call('SetMaxGuestLatency', 't', T(2000))  # no job: the default for the next
+        d.start(0, 0, opts(max_guest_latency=T(0), bandwidth=T(h.MiB), engine=S('stream')))
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        self.env.kill_daemon()
+        self.env.start_daemon()
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        # The mode sets its histogram and its reason at its first window (0.5 s) with the job running.
+        time.sleep(3)
+        self.assertEqual(d.prop('ThrottleReason'), 'off')
+        self.assertIsNone(histogram_of(g.qemu))
+        d.cancel()
+        d.wait_finished(60)
 
 
 class AdaptiveHostileQemuTest(h.TestCase):
