@@ -83,6 +83,7 @@ int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t
                 .total = total,
                 .bandwidth = bandwidth,
                 .start_time = realtime,
+                .caller = (uid_t) -1,
         };
         return 0;
 }

@@ -72,6 +72,9 @@ typedef struct Job {
         uint64_t done, total;
         uint64_t bandwidth;
         usec_t start_time; /* CLOCK_REALTIME */
+        /* Who started a range or prefetch job, whose share of those it counts in (persisted: a
+         * restart carries it on in the same share); UID_INVALID: not known, or another engine. */
+        uid_t caller;
         char *error;       /* why it failed; while active, why QEMU paused it on an error (NULL: it did not) */
 
         /* QEMU concluded the job: the outcome is known, but not yet published. */

@@ -168,6 +168,7 @@ static int prefetch_ready(RangeOp *op, Disk *d) {
                 return 0;
         }
         d->job.id = mfree(d->job.id); /* no QEMU job in phase 1 */
+        d->job.caller = op->caller;
         d->job.engine = STREAM_ENGINE_PREFETCH;
         d->job.phase = 1;
         d->starting = false;
@@ -305,6 +306,8 @@ static int prefetch_resume(Disk *d) {
         r = phase1_new(d, NULL, d->job.bandwidth, bottom, &op);
         if (r < 0)
                 return r;
+        /* In the share of who started it (a record from before says not: its owner's). */
+        op->caller = d->job.caller != (uid_t) -1 ? d->job.caller : d->guest->owner;
         op->resume = true;
         op->resume_paused = d->job.state == STREAM_PAUSED;
         r = range_op_start(op);

@@ -58,6 +58,7 @@ static int range_ready(RangeOp *op, Disk *d) {
                 return 0;
         }
         d->job.id = mfree(d->job.id); /* no QEMU job behind a range stream */
+        d->job.caller = op->caller;
         d->starting = false;
         d->bandwidth = op->bandwidth;
         log_info("Guest %s disk %s: range stream of [%" PRIu64 ", +%" PRIu64 ") started.", g->name, d->alias,
@@ -350,6 +351,8 @@ static int range_resume(Disk *d) {
         op->asked_offset = d->job.offset;
         op->asked_length = d->job.length;
         op->bandwidth = d->job.bandwidth;
+        /* In the share of who started it (a record from before says not: its owner's). */
+        op->caller = d->job.caller != (uid_t) -1 ? d->job.caller : d->guest->owner;
         op->resume = true;
         op->resume_paused = d->job.state == STREAM_PAUSED;
         if (op_set_bottom(op, d->range_bottom) < 0) {

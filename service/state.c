@@ -78,6 +78,7 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "total", json_object_new_uint64(j->total)) < 0 ||
                 add(o, "bandwidth", json_object_new_uint64(j->bandwidth)) < 0 ||
                 add(o, "start_time", json_object_new_uint64(j->start_time)) < 0 ||
+                (j->caller != (uid_t) -1 && add(o, "caller", json_object_new_uint64(j->caller)) < 0) ||
                 (j->error && add(o, "error", json_object_new_string(j->error)) < 0) ||
                 add(o, "concluded", json_object_new_boolean(j->concluded)) < 0 ||
                 add(o, "outcome",
@@ -319,7 +320,7 @@ static int disk_names_from_json(json_object *o, char ***ret) {
 
 static int job_from_json(json_object *o, Job *j) {
         const char *state = NULL, *mode = NULL, *outcome = NULL, *engine = NULL;
-        uint64_t phase = 0;
+        uint64_t phase = 0, caller = UINT32_MAX;
         bool concluded = false, finished = false, cancel = false;
 
         if (!json_object_is_type(o, json_type_object))
@@ -335,8 +336,10 @@ static int job_from_json(json_object *o, Job *j) {
                 json_get_bool(o, "cancel_requested", false, &cancel) < 0 ||
                 json_get_string(o, "engine", false, &engine) < 0 || json_get_u64(o, "phase", false, &phase) < 0 ||
                 json_get_uint64(o, "overlay_dev", false, &j->overlay_dev) < 0 ||
-                json_get_uint64(o, "overlay_ino", false, &j->overlay_ino) < 0)
+                json_get_uint64(o, "overlay_ino", false, &j->overlay_ino) < 0 ||
+                json_get_u64(o, "caller", false, &caller) < 0 || caller > UINT32_MAX)
                 return -EBADMSG;
+        j->caller = (uid_t) caller; /* absent: not known */
         j->state = stream_state_from_string(state);
         j->mode = stream_mode_from_string(mode);
         /* Files from before engines were recorded: the mode says which ran. */

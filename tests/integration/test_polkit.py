@@ -1054,6 +1054,27 @@ class RangeShareTest(PolkitTestCase):
             self.client.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Cancel')
 
 
+    def test_a_restart_keeps_the_share(self):
+        """A job carried on after a restart counts in the share of who started it: the resumed ones
+        were no one's, and each restart let a user start RANGES_PER_CALLER more (review 30d)."""
+        aliases = tuple('vd%s' % chr(ord('a') + i) for i in range(self.RANGES_PER_CALLER + 1))
+        g = self.new_guest(aliases=aliases, size=16 * h.MiB, options=h.opts(owner=h.U(self.uid(OWNER))))
+        s = self.session(OWNER)
+        slow = "(0, 4194304, {'bandwidth': <uint64 4096>})"
+        for a in aliases[:-1]:
+            self.assertOk(s.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Start', 'tta{sv}', slow), 'Start %s' % a)
+        self.env.kill_daemon()
+        self.env.start_daemon()
+        for a in aliases[:-1]:
+            self.client.wait_prop(h.disk_path(g.name, a), h.IFACE_STREAM, 'State', 'running', 60)
+        last = h.disk_path(g.name, aliases[-1])
+        r = s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', slow)
+        self.assertFalse(r['ok'], 'a range beyond the share of one user after a restart: %r' % r)
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        for a in aliases[:-1]:
+            self.client.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Cancel')
+
+
 class VanishingCallerTest(PolkitTestCase):
 
     def measure_reads(self, g, seconds):
