@@ -137,13 +137,10 @@ static void guest_pace_events(Guest *g) {
 /* The disk of g's that id, "bsd-<alias>-<n>" (dash: at "-<n>"), names as job_id_new() makes it. */
 static Disk *guest_job_alias_ours(Guest *g, const char *id, const char *dash) {
         for (size_t i = 0; i < g->n_disks; i++) {
-                const char *a = g->disks[i]->alias;
-                size_t len = strlen(a);
-                bool same = (size_t) (dash - (id + 4)) == len;
+                char a[JOB_ID_ALIAS_MAX + 1];
 
-                for (size_t j = 0; same && j < len; j++)
-                        same = id[4 + j] == qemu_id_char(a[j]);
-                if (same)
+                job_id_alias(g->disks[i]->alias, a);
+                if ((size_t) (dash - (id + 4)) == strlen(a) && memcmp(id + 4, a, strlen(a)) == 0)
                         return g->disks[i];
         }
         return NULL;

@@ -309,11 +309,27 @@ usec_t job_expected_end(const Job *j, usec_t realtime_now) {
         return realtime_now + (usec_t) left;
 }
 
-char *job_id_new(const char *alias, uint64_t seq) {
-        char *id = strdup_printf("bsd-%s-%" PRIu64, alias, seq);
+void job_id_alias(const char *alias, char ret[static JOB_ID_ALIAS_MAX + 1]) {
+        size_t len = strlen(alias);
+        uint32_t hash = 2166136261U;
 
-        if (id)
-                for (char *p = id; *p; p++)
-                        *p = qemu_id_char(*p);
-        return id;
+        for (const char *p = alias; *p; p++)
+                hash = (hash ^ (uint8_t) *p) * 16777619U;
+        if (len <= JOB_ID_ALIAS_MAX) {
+                for (size_t i = 0; i <= len; i++)
+                        ret[i] = alias[i] ? qemu_id_char(alias[i]) : 0;
+                return;
+        }
+        /* A long alias: its start and a hash of the whole, so that the id stays one QEMU and our
+         * state take (at most 128 characters). */
+        for (size_t i = 0; i < JOB_ID_ALIAS_MAX - 9; i++)
+                ret[i] = qemu_id_char(alias[i]);
+        (void) snprintf(ret + JOB_ID_ALIAS_MAX - 9, 10, ".%08" PRIx32, hash);
+}
+
+char *job_id_new(const char *alias, uint64_t seq) {
+        char a[JOB_ID_ALIAS_MAX + 1];
+
+        job_id_alias(alias, a);
+        return strdup_printf("bsd-%s-%" PRIu64, a, seq);
 }

@@ -124,5 +124,9 @@ uint64_t job_rate(const Job *j);
 usec_t job_expected_end(const Job *j, usec_t realtime_now);
 
 /* "bsd-<alias>-<n>": a job id of ours, recognisable as such, unique per guest (n: its job_seq),
- * and a valid QEMU id whatever the alias (qemu_id_char()). */
+ * and a valid QEMU id of at most 128 characters whatever the alias (job_id_alias()). */
 char *job_id_new(const char *alias, uint64_t seq);
+/* The alias as a job id names it: QEMU id characters, and an alias longer than
+ * JOB_ID_ALIAS_MAX shortened (its start and a hash), so that "bsd-<alias>-<seq>" is at most 128. */
+#define JOB_ID_ALIAS_MAX 100
+void job_id_alias(const char *alias, char ret[static JOB_ID_ALIAS_MAX + 1]);

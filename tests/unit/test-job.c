@@ -59,6 +59,28 @@ static void test_strings(void) {
         ASSERT_EQ(stream_mode_from_string(NULL), _STREAM_MODE_INVALID);
 }
 
+/* A job id is at most 128 characters whatever the alias (QEMU's ids and our state take no more):
+ * a 128-character alias made a longer one, which a restarted daemon refused with its guest. */
+static void test_id_of_a_long_alias(void) {
+        char a[129], b[129];
+        _cleanup_free_ char *short_id = job_id_new("virtio-disk0", 3), *ida = NULL, *idb = NULL;
+
+        ASSERT_STREQ(short_id, "bsd-virtio-disk0-3");
+        memset(a, 'a', 128);
+        a[128] = 0;
+        memcpy(b, a, sizeof(b));
+        b[127] = 'b';
+        ida = job_id_new(a, UINT64_MAX);
+        idb = job_id_new(b, UINT64_MAX);
+        ASSERT_NOT_NULL(ida);
+        ASSERT_NOT_NULL(idb);
+        if (!ida || !idb)
+                return;
+        ASSERT_TRUE(strlen(ida) <= 128);
+        ASSERT_TRUE(qemu_id_is_valid(ida));
+        ASSERT_TRUE(!streq(ida, idb));
+}
+
 static void test_begin(void) {
         Job j;
 
@@ -623,6 +645,7 @@ static void test_paused_on_error(void) {
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         TAP_RUN(test_strings);
+        TAP_RUN(test_id_of_a_long_alias);
         TAP_RUN(test_begin);
         TAP_RUN(test_early_zero_progress);
         TAP_RUN(test_progress_monotonic);
