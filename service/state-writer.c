@@ -59,7 +59,7 @@ static WriteOp *op_free(WriteOp *op) {
 
 static int op_run(const WriteOp *op) {
         if (!op->data)
-                return unlink(op->path) < 0 && errno != ENOENT ? -errno : 0;
+                return unlink_durable(op->path);
         return write_file_atomic(op->path, op->data, op->len, op->mode);
 }
 

@@ -701,9 +701,7 @@ int state_export_remove(const char *dir, unsigned id) {
 
         if (!path)
                 return -ENOMEM;
-        if (unlink(path) < 0 && errno != ENOENT)
-                return -errno;
-        return 0;
+        return unlink_durable(path);
 }
 
 static int printable_field(json_object *o, const char *key, size_t max, char **ret) {

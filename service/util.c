@@ -601,23 +601,58 @@ int connect_unix_nonblock(const char *path) {
         return TAKE_FD(fd);
 }
 
-int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
-        _cleanup_free_ char *tmp = NULL, *dir = NULL;
-        _cleanup_close_ int fd = -1, dfd = -1;
-        char *slash;
-        int r;
+/* path's directory, in a new string. */
+static int dir_of(const char *path, char **ret) {
+        char *dir = strdup(path), *slash;
 
-        tmp = strdup_printf("%s.tmpXXXXXX", path);
-        dir = strdup(path);
-        if (!tmp || !dir)
+        if (!dir)
                 return -ENOMEM;
         slash = strrchr(dir, '/');
-        if (!slash)
+        if (!slash) {
+                free(dir);
                 return -EINVAL;
+        }
         if (slash == dir)
                 slash[1] = 0;
         else
                 *slash = 0;
+        *ret = dir;
+        return 0;
+}
+
+static int fsync_dir(const char *dir) {
+        _cleanup_close_ int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+        if (dfd < 0 || fsync(dfd) < 0)
+                return -errno;
+        return 0;
+}
+
+int unlink_durable(const char *path) {
+        _cleanup_free_ char *dir = NULL;
+        int r;
+
+        r = dir_of(path, &dir);
+        if (r < 0)
+                return r;
+        if (unlink(path) < 0)
+                return errno == ENOENT ? 0 : -errno;
+        /* The removal is on disk only with the directory: a record that comes back after a crash
+         * would bring back what the caller was told is gone. */
+        return fsync_dir(dir);
+}
+
+int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
+        _cleanup_free_ char *tmp = NULL, *dir = NULL;
+        _cleanup_close_ int fd = -1;
+        int r;
+
+        tmp = strdup_printf("%s.tmpXXXXXX", path);
+        if (!tmp)
+                return -ENOMEM;
+        r = dir_of(path, &dir);
+        if (r < 0)
+                return r;
 
         fd = mkostemp(tmp, O_CLOEXEC);
         if (fd < 0)
@@ -638,10 +673,7 @@ int write_file_atomic(const char *path, const void *data, size_t len, mode_t mod
                 goto fail;
         }
         /* The rename is on disk only with the directory: a caller told otherwise may write again. */
-        dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0 || fsync(dfd) < 0)
-                return -errno;
-        return 0;
+        return fsync_dir(dir);
 
 fail:
         (void) unlink(tmp);

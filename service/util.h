@@ -260,6 +260,8 @@ int connect_unix_nonblock(const char *path);
 
 /* Write a file atomically: temp file in the same directory, fsync, rename, fsync dir. */
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode);
+/* unlink(path), and its directory synced: gone for good once it returns 0 (also if it was not there). */
+int unlink_durable(const char *path);
 
 /* Read up to len bytes (at offset off with pread(), or from the file position if off < 0), retrying
  * on EINTR; fewer only at the end of the file. The count, or -errno. */
