@@ -144,7 +144,8 @@ void export_save(Export *e) {
         _cleanup_free_ char *dir = export_state_dir(e->engine);
         _cleanup_free_ StateExportPin *pins = NULL;
         StateExport s = {
-                .id = e->id, .guest = e->guest->name, .alias = e->alias, .name = e->name, .listen = e->listen
+                .id = e->id, .guest = e->guest->name, .guest_uuid = e->guest->uuid, .guest_owner = e->guest->owner,
+                .alias = e->alias, .name = e->name, .listen = e->listen
         };
         int r;
 
@@ -729,6 +730,13 @@ static int export_restore_one(StateExport *s, void *userdata) {
         g = engine_find_guest(m, s->guest);
         if (!g) {
                 export_drop_record(m, NULL, s, "its guest is not registered");
+                return 0;
+        }
+        /* Of that guest, not of another registered later under its name (a record from before
+         * these were kept: by the name). */
+        if ((s->guest_uuid && !streq(s->guest_uuid, g->uuid)) ||
+                (s->guest_owner != UID_INVALID && s->guest_owner != g->owner)) {
+                export_drop_record(m, NULL, s, "its guest was unregistered and another registered under its name");
                 return 0;
         }
         for (size_t i = 0; i < g->n_disks; i++)

@@ -644,6 +644,7 @@ static char *state_export_path(const char *dir, unsigned id) {
 
 void state_export_done(StateExport *e) {
         free(e->guest);
+        free(e->guest_uuid);
         free(e->alias);
         free(e->name);
         free(e->listen);
@@ -665,7 +666,9 @@ int state_export_save(const char *dir, const StateExport *e) {
         if (add(o, "version", json_object_new_int(STATE_FORMAT_VERSION)) < 0 ||
                 add(o, "id", json_object_new_uint64(e->id)) < 0 || add(o, "guest", json_object_new_string(e->guest)) < 0 ||
                 add(o, "disk", json_object_new_string(e->alias)) < 0 || add(o, "name", json_object_new_string(e->name)) < 0 ||
-                add(o, "listen", json_object_new_string(e->listen)) < 0)
+                add(o, "listen", json_object_new_string(e->listen)) < 0 ||
+                (e->guest_uuid && add(o, "guest_uuid", json_object_new_string(e->guest_uuid)) < 0) ||
+                (e->guest_owner != UID_INVALID && add(o, "guest_owner", json_object_new_uint64(e->guest_owner)) < 0))
                 return -ENOMEM;
         if (e->n_pins > 0) {
                 json_object *pins = json_object_new_array();
@@ -758,7 +761,7 @@ static int export_pins_from_json(json_object *o, StateExport *e) {
 int state_export_from_json(json_object *o, const char *file_name, StateExport *ret) {
         _cleanup_(state_export_done) StateExport e = {};
         _cleanup_free_ char *expected = NULL;
-        uint64_t version = 0, id = 0;
+        uint64_t version = 0, id = 0, owner = UINT32_MAX;
         int r;
 
         if (!json_object_is_type(o, json_type_object) || json_get_u64(o, "version", true, &version) < 0)
@@ -781,6 +784,13 @@ int state_export_from_json(json_object *o, const char *file_name, StateExport *r
         /* The disk's alias names a socket file: an identifier as QEMU's are, nothing else. */
         if (!guest_name_is_valid(e.guest) || !qemu_id_is_valid(e.alias))
                 return -EBADMSG;
+        e.guest_owner = UID_INVALID;
+        if (json_object_object_get_ex(o, "guest_uuid", NULL) &&
+                (r = printable_field(o, "guest_uuid", QEMU_STRING_MAX, &e.guest_uuid)) < 0)
+                return r;
+        if (json_get_u64(o, "guest_owner", false, &owner) < 0 || owner > UINT32_MAX)
+                return -EBADMSG;
+        e.guest_owner = (uid_t) owner;
         r = export_pins_from_json(o, &e);
         if (r < 0)
                 return r;

@@ -100,6 +100,10 @@ typedef struct StateExportPin {
 typedef struct StateExport {
         unsigned id;
         char *guest;
+        /* The guest's uuid and owner: a record is of that guest only, not of another registered
+         * later under its name (NULL, UID_INVALID: a record from before). */
+        char *guest_uuid;
+        uid_t guest_owner;
         char *alias;  /* the disk */
         char *name;   /* the NBD export name */
         char *listen; /* "unix" or "tcp:ADDR:PORT", as the Export() call gave it */

@@ -163,8 +163,9 @@ static void test_handoff_pins(void) {
         _cleanup_free_ char *dir = make_tmpdir();
         StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567, .writable = true },
                 { .alias = (char *) "vdb", .dev = UINT64_C(1) << 40, .ino = 1 } };
-        StateExport in = { .id = 9, .guest = (char *) "vm1", .alias = (char *) "vda", .name = (char *) "vda",
-                .listen = (char *) "unix", .pins = pins, .n_pins = ELEMENTSOF(pins) };
+        StateExport in = { .id = 9, .guest = (char *) "vm1", .guest_uuid = (char *) "5d1c7f0e-aaaa-4bbb-8ccc-0123456789ab",
+                .guest_owner = 1001, .alias = (char *) "vda", .name = (char *) "vda", .listen = (char *) "unix",
+                .pins = pins, .n_pins = ELEMENTSOF(pins) };
         Loaded l = {};
 
         ASSERT_NOT_NULL(dir);
@@ -174,6 +175,9 @@ static void test_handoff_pins(void) {
         ASSERT_OK(state_export_load(dir, take, &l));
         ASSERT_EQ(l.n, 1);
         if (l.n == 1) {
+                /* Whose guest it was: a guest registered later under its name is not it. */
+                ASSERT_STREQ(l.e[0].guest_uuid, "5d1c7f0e-aaaa-4bbb-8ccc-0123456789ab");
+                ASSERT_EQ(l.e[0].guest_owner, 1001);
                 ASSERT_EQ(l.e[0].n_pins, 2);
                 if (l.e[0].n_pins == 2) {
                         ASSERT_STREQ(l.e[0].pins[0].alias, "vda");
@@ -192,6 +196,8 @@ static void test_handoff_pins(void) {
         "{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\",\"listen\":\"unix\"," \
         "\"handoff_pins\":" pins "}"
         ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2}]"), "3.json"));
+        ASSERT_ERRNO(parse("{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
+                           "\"listen\":\"unix\",\"guest_owner\":\"0\"}", "3.json"), -EBADMSG);
         ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"writable\":false}]"), "3.json"));
         ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"writable\":1}]"), "3.json"), -EBADMSG);
         ASSERT_ERRNO(parse(PINNED("[]"), "3.json"), -EBADMSG);
