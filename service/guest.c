@@ -464,6 +464,12 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
 
         c->answered = true;
         g->refresh_inflight = NULL;
+        /* No more than the guest's record can keep and a start read back: else the guest would be
+         * dropped at the next start. */
+        if (r >= 0 && qemu_disks_text(disks, n) > QEMU_DISKS_TEXT_MAX) {
+                r = -E2BIG;
+                desc = "QEMU reports more text of its disks (names, paths, backing chains) than is kept of a guest";
+        }
         if (r >= 0) {
                 r = guest_apply_disks(g, disks, n);
                 if (r < 0)

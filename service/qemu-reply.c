@@ -589,10 +589,27 @@ static int parse_disk(json_object *block, const NodeIndex *nodes, QemuDisk *d) {
         return 1;
 }
 
+static size_t len0(const char *s) {
+        return s ? strlen(s) : 0;
+}
+
+size_t qemu_disks_text(const QemuDisk *disks, size_t n_disks) {
+        size_t n = 0;
+
+        for (size_t k = 0; k < n_disks; k++) {
+                const QemuDisk *d = &disks[k];
+
+                n += len0(d->alias) + len0(d->node_name) + len0(d->filename) + len0(d->format) + len0(d->file);
+                for (size_t i = 0; i < d->n_chain; i++)
+                        n += len0(d->chain[i].filename) + len0(d->chain[i].format) + len0(d->chain[i].node_name);
+        }
+        return n;
+}
+
 int qemu_parse_disks(json_object *blocks, json_object *nodes, QemuDisk **ret, size_t *n_ret) {
         _cleanup_(node_index_done) NodeIndex ix = {};
-        QemuDisk *l;
         size_t n, k = 0;
+        QemuDisk *l;
         int r;
 
         if (!json_object_is_type(blocks, json_type_array))

@@ -16,6 +16,10 @@
 #define QEMU_JOBS_MAX 1024
 #define QEMU_NODES_MAX 4096
 #define QEMU_STRING_MAX 4096
+/* The text of all a guest's disks together (names, paths, chains), at most: what we keep of them
+ * goes into the guest's state record, which a start reads up to 4 MiB of (JSON may escape a byte
+ * as six). */
+#define QEMU_DISKS_TEXT_MAX (512U * 1024U)
 
 /* Does QEMU's name of an image say it is not on this machine: a URL (nbd://, http(s)://, …), a
  * "proto:" name other than a file's, or a json:{…} name whose protocol node (the innermost
@@ -112,6 +116,10 @@ typedef struct QemuDisk {
 } QemuDisk;
 
 void qemu_disks_free(QemuDisk *disks, size_t n);
+/* The text of disks (names, paths, formats, chains), in bytes: at most QEMU_DISKS_TEXT_MAX is
+ * kept of a guest (a chain's node may be named once per image, so the text grows far beyond the
+ * reply's size). */
+size_t qemu_disks_text(const QemuDisk *disks, size_t n_disks);
 /* query-block's reply and query-named-block-nodes (flat)'s reply → disks with their chains. */
 int qemu_parse_disks(json_object *blocks, json_object *nodes, QemuDisk **ret, size_t *n_ret);
 

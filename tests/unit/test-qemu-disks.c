@@ -74,6 +74,11 @@ static void test_disks_chain3(void) {
                 ASSERT_STREQ(d[0].chain[1].format, "qcow2");
                 ASSERT_STREQ(d[0].chain[1].node_name, "#block354");
         }
+        /* What a guest keeps of it, counted: alias, node, file, format; the chain's files,
+         * formats and nodes. */
+        ASSERT_EQ_U64(qemu_disks_text(d, 1), strlen("vda") + strlen("top") + strlen("/tmp/exp/top.qcow2") +
+                        strlen("qcow2") + strlen("/tmp/exp/mid.qcow2") + strlen("qcow2") + strlen("#block165") +
+                        strlen("/tmp/exp/base.qcow2") + strlen("qcow2") + strlen("#block354"));
         free_one(d);
 }
 
