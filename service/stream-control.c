@@ -204,6 +204,7 @@ int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_err
                 if (r < 0)
                         return r;
                 set_max_guest_latency(d, usec);
+                disk_save_later(d); /* the job runs in the mode now (its record says), if the value did not change */
                 return sd_bus_reply_method_return(msg, NULL);
         }
         if (!d->adaptive) {
@@ -217,5 +218,6 @@ int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_err
                 return r;
         adaptive_stop(d);
         set_max_guest_latency(d, 0);
+        disk_save_later(d); /* the job runs without the mode now */
         return r;
 }

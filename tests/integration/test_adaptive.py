@@ -140,6 +140,39 @@ class AdaptiveEnginesTest(h.TestCase):
         d.wait_finished(60)
 
 
+    def test_restart_keeps_a_job_put_in_the_mode(self):
+        """The other way: a job started out of the mode, then put in it at the disk's default target
+        (the value unchanged), was not saved as in the mode, and a paused one (no progress to save)
+        came back without it (review 30e)."""
+        g = self.new_guest()
+        d = g.disk()
+        d.call('SetMaxGuestLatency', 't', T(2000))
+        d.start(0, 0, opts(max_guest_latency=T(0), bandwidth=T(h.MiB), engine=S('stream')))
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        d.call('Pause')
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'paused', 30)
+        record = os.path.join(self.env.daemon.state_dir, 'guests', g.name + '.json')
+
+        def recorded():
+            with open(record) as f:
+                return [(x['job']['state'], x.get('job_latency_mode')) for x in json.load(f)['disks']]
+        # Nothing waits to be written any more: the pause is on disk, out of the mode.
+        h.wait_until(lambda: recorded() == [('paused', False)], 10, 'the pause recorded')
+        d.call('SetMaxGuestLatency', 't', T(2000))
+
+        def in_the_mode():
+            return recorded() == [('paused', True)]
+        # Written within the state writer's coalescing (0.1 s), or never: then a crash loses it.
+        h.wait_until(in_the_mode, 10, "the job's record to say it runs in the mode")
+        self.env.kill_daemon()
+        self.env.start_daemon()
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'paused', 30)
+        d.call('Resume')
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        d.cancel()
+        d.wait_finished(60)
+
+
 class AdaptiveHostileQemuTest(h.TestCase):
     """A guest's QEMU is untrusted (a compromised guest may own it): what it says in
     query-blockstats steers nothing it should not."""
