@@ -635,8 +635,9 @@ int unlink_durable(const char *path) {
         r = dir_of(path, &dir);
         if (r < 0)
                 return r;
-        if (unlink(path) < 0)
-                return errno == ENOENT ? 0 : -errno;
+        /* Gone already is synced too: an earlier try may have unlinked it and failed to sync. */
+        if (unlink(path) < 0 && errno != ENOENT)
+                return -errno;
         /* The removal is on disk only with the directory: a record that comes back after a crash
          * would bring back what the caller was told is gone. */
         return fsync_dir(dir);
