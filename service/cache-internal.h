@@ -50,6 +50,10 @@ struct Cache {
         CacheUser *user_list;
         size_t n_user_list;
         unsigned users_untracked; /* beyond the list, or from an older record: never counted down */
+        /* The uids of those untracked users, as far as a record kept them: their QEMUs may still
+         * reach the cache (its socket's ACL), never taken back. */
+        uid_t *untracked_uids;
+        size_t n_untracked_uids;
         char *object_path;
         char *socket_path;
         char *image_name; /* in state_dir/caches */
@@ -93,7 +97,8 @@ void cache_destroy(Cache *c);
 struct stat;
 int cache_user_add(Cache *c, const char *path, const struct stat *st);
 bool cache_users_refresh(Cache *c);
-int cache_users_to_json(Cache *c, json_object *k);
+/* overlays: with each overlay's path (else their owners' uids only, a record too large). */
+int cache_users_to_json(Cache *c, json_object *k, bool overlays);
 int cache_users_from_json(Cache *c, json_object *k, unsigned count);
 void cache_users_free(Cache *c);
 /* Refresh the users, and tell the bus if their count changed. */

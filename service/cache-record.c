@@ -33,7 +33,7 @@ static int caches_format(Engine *e, bool overlays, json_object **ret_o, const ch
                         json_object_object_add(k, "warmed", json_object_new_boolean(c->warmed)) < 0 ||
                         (c->creator != 0 &&
                                 json_object_object_add(k, "creator", json_object_new_uint64(c->creator)) < 0) ||
-                        cache_identity_to_json(c, k) < 0 || (overlays && cache_users_to_json(c, k) < 0))
+                        cache_identity_to_json(c, k) < 0 || cache_users_to_json(c, k, overlays) < 0)
                         return -ENOMEM;
         }
         if (json_object_object_add(o, "caches", TAKE_PTR(a)) < 0 ||

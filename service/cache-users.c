@@ -35,11 +35,33 @@ static uint64_t be64(const uint8_t *p) {
         return (uint64_t) be32(p) << 32 | be32(p + 4);
 }
 
+#define UNTRACKED_UIDS_MAX 256
+
 void cache_users_free(Cache *c) {
         for (size_t i = 0; i < c->n_user_list; i++)
                 free(c->user_list[i].path);
         c->user_list = mfree(c->user_list);
         c->n_user_list = 0;
+        c->untracked_uids = mfree(c->untracked_uids);
+        c->n_untracked_uids = 0;
+}
+
+static int untracked_uid_add(Cache *c, uid_t uid) {
+        uid_t *l;
+
+        if (uid == 0)
+                return 0; /* root's QEMU needs no ACL */
+        for (size_t i = 0; i < c->n_untracked_uids; i++)
+                if (c->untracked_uids[i] == uid)
+                        return 0;
+        if (c->n_untracked_uids >= UNTRACKED_UIDS_MAX)
+                return 0;
+        l = reallocarray(c->untracked_uids, c->n_untracked_uids + 1, sizeof(uid_t));
+        if (!l)
+                return -ENOMEM;
+        c->untracked_uids = l;
+        c->untracked_uids[c->n_untracked_uids++] = uid;
+        return 0;
 }
 
 static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino, uid_t uid) {
@@ -129,9 +151,38 @@ bool cache_users_refresh(Cache *c) {
 
 /* "users": the count, as before; "overlays": [{"path", "dev", "ino"}]. A record without
  * "overlays" (an older daemon's) keeps its count, never counted down. */
-int cache_users_to_json(Cache *c, json_object *k) {
+static int uids_to_json(json_object *k, const uid_t *uids, size_t n, const CacheUser *users, size_t n_users) {
         json_object *a = json_object_new_array();
 
+        if (!a || json_object_object_add(k, "overlay_uids", a) < 0) {
+                json_object_put(a);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < n + n_users; i++) {
+                uid_t uid = i < n ? uids[i] : users[i - n].uid;
+                bool seen = false;
+
+                for (size_t j = 0; j < json_object_array_length(a) && !seen; j++)
+                        seen = json_object_get_uint64(json_object_array_get_idx(a, j)) == uid;
+                if (seen || uid == 0)
+                        continue;
+                if (json_object_array_length(a) >= UNTRACKED_UIDS_MAX)
+                        break;
+                if (json_object_array_add(a, json_object_new_uint64(uid)) < 0)
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
+int cache_users_to_json(Cache *c, json_object *k, bool overlays) {
+        json_object *a;
+
+        /* Without the overlays' paths, their owners at least: their QEMUs must still reach it. */
+        if (!overlays)
+                return uids_to_json(k, c->untracked_uids, c->n_untracked_uids, c->user_list, c->n_user_list);
+        if (c->n_untracked_uids > 0 && uids_to_json(k, c->untracked_uids, c->n_untracked_uids, NULL, 0) < 0)
+                return -ENOMEM;
+        a = json_object_new_array();
         if (!a || json_object_object_add(k, "overlays", a) < 0) {
                 json_object_put(a);
                 return -ENOMEM;
@@ -157,6 +208,14 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count) {
         size_t n;
         int r;
 
+        if (json_object_object_get_ex(k, "overlay_uids", &a) && json_object_is_type(a, json_type_array))
+                for (size_t i = 0; i < json_object_array_length(a); i++) {
+                        json_object *u = json_object_array_get_idx(a, i);
+
+                        if (json_object_is_type(u, json_type_int) && json_object_get_uint64(u) < UINT32_MAX &&
+                                untracked_uid_add(c, (uid_t) json_object_get_uint64(u)) < 0)
+                                return -ENOMEM;
+                }
         if (!json_object_object_get_ex(k, "overlays", &a) || !json_object_is_type(a, json_type_array)) {
                 c->users_untracked = count;
                 c->users = count;
@@ -254,8 +313,9 @@ static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
                 uids[n++] = e->config.qemu_users[i];
         for (Cache *c = e->caches; c; c = c->next)
                 if (!only || c == only)
-                        for (size_t i = 0; i < c->n_user_list && n < ACL_UIDS_MAX; i++)
-                                uids[n++] = c->user_list[i].uid;
+                        for (size_t i = 0; i < c->n_user_list + c->n_untracked_uids && n < ACL_UIDS_MAX; i++)
+                                uids[n++] = i < c->n_user_list ? c->user_list[i].uid
+                                                                : c->untracked_uids[i - c->n_user_list];
         qsort(uids, n, sizeof(uid_t), uid_cmp);
         for (size_t i = 0; i < n; i++)
                 if (uids[i] != 0 && (k == 0 || uids[k - 1] != uids[i]))

@@ -681,12 +681,12 @@ class CacheIdentityTest(h.TestCase):
 
 OWNER_MANAGES = '''// blockstreamd tests only (test_cache.py)
 polkit.addRule(function(action, subject) {
-    if (action.id == "org.blockstream1.manage" && subject.user == "%s") {
+    if (action.id == "org.blockstream1.manage" && (subject.user == "%s" || subject.user == "%s")) {
         return polkit.Result.YES;
     }
     return polkit.Result.NOT_HANDLED;
 });
-''' % h.OWNER
+''' % (h.OWNER, h.MEMBER)
 
 
 class CacheShareTest(h.TestCase):
@@ -748,15 +748,22 @@ class CacheShareTest(h.TestCase):
         """caches.json beyond what a start reads back (64 MiB) was moved aside, and the next start
         restored no cache: every overlay over one lost its backing. One user's overlays with long
         paths could do it (review 30d). Beyond the bound the caches are kept without their overlays'
-        paths (a test hook makes the bound small)."""
+        paths, and with their owners, whose QEMUs must still reach the cache's socket (review 30e)
+        (a test hook makes the bound small)."""
         self.remote.start()
         self.addCleanup(self.remote.stop)
+        owner = h.ensure_test_users()[h.MEMBER]
+        d = os.path.join(self.env.images, 'record')
+        os.makedirs(d)
+        os.chown(d, owner, -1)
         self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHES_RECORD_MAX', '200')
         url = self.remote.url + '/e-record'
+        s = h.UserSession(h.MEMBER, self.env.bus.address)
+        self.addCleanup(s.close)
         for i in range(2):
-            self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url,
-                             os.path.join(self.env.images, 'record-%d.qcow2' % i),
-                             dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+            r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+                       "('%s', '%s', {'cache': <true>})" % (url, os.path.join(d, 'record-%d.qcow2' % i)), timeout=120)
+            self.assertTrue(r['ok'], r)
         self.env.daemon.stop()
         self.env.daemon.start()
         paths = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
@@ -764,6 +771,10 @@ class CacheShareTest(h.TestCase):
         self.assertEqual(len(paths), 1, 'the cache of %s after the restart' % url)
         self.assertEqual(self.client.get(paths[0], IFACE_CACHE, 'Users'), 2)
         self.client.wait_prop(paths[0], IFACE_CACHE, 'State', 'serving', timeout=60)
+        sock = str(self.client.get(paths[0], IFACE_CACHE, 'Socket'))
+        r = h.run_as(h.MEMBER, ['python3', '-c', 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])',
+                               sock])
+        self.assertEqual(r.returncode, 0, "the overlays' owner cannot reach the cache: %s" % r.stderr)
 
     def test_one_user_makes_a_share_of_the_caches(self):
         self.remote.start()
