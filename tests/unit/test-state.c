@@ -348,6 +348,55 @@ static void test_job_base_record(void) {
         ASSERT_ERRNO(parse_guest_disk_with("vda", "n", ",\"range_bottom\":\"a b\""), -EBADMSG);
 }
 
+/* Who started a range or prefetch job (their share), and whether it ran in the guest-latency mode:
+ * read back; absent (a record from before) as "not known"; anything else refused. */
+static int parse_job_fields(const char *job_extra, const char *disk_extra, StateGuest *ret) {
+        _cleanup_free_ char *json = strdup_printf(
+                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
+                "\"job_seq\":1,\"disks\":[{\"alias\":\"vda\",\"node_name\":\"n\",\"path\":\"/img/top.qcow2\","
+                "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
+                "\"bandwidth\":0,\"job\":{\"state\":\"running\",\"mode\":\"range\",\"offset\":0,\"length\":65536,"
+                "\"done\":0,\"total\":65536,\"bandwidth\":0,\"start_time\":1%s}%s}]}",
+                job_extra, disk_extra);
+        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+
+        if (!o)
+                return -EINVAL;
+        return state_guest_from_json(o, "vm1.json", ret);
+}
+
+static void test_job_caller_and_latency_mode(void) {
+        StateGuest g = {};
+
+        ASSERT_OK(parse_job_fields(",\"caller\":1002", ",\"job_latency_mode\":true", &g));
+        if (g.n_disks == 1) {
+                ASSERT_EQ(g.disks[0].job.caller, 1002);
+                ASSERT_EQ(g.disks[0].job_latency_mode, 1);
+        }
+        state_guest_done(&g);
+        g = (StateGuest) {};
+        ASSERT_OK(parse_job_fields("", ",\"job_latency_mode\":false", &g));
+        if (g.n_disks == 1) {
+                ASSERT_EQ(g.disks[0].job.caller, (uid_t) -1);
+                ASSERT_EQ(g.disks[0].job_latency_mode, 0);
+        }
+        state_guest_done(&g);
+        g = (StateGuest) {};
+        ASSERT_OK(parse_job_fields("", "", &g));
+        if (g.n_disks == 1)
+                ASSERT_EQ(g.disks[0].job_latency_mode, -1);
+        state_guest_done(&g);
+        g = (StateGuest) {};
+        ASSERT_ERRNO(parse_job_fields(",\"caller\":4294967296", "", &g), -EBADMSG);
+        state_guest_done(&g);
+        g = (StateGuest) {};
+        ASSERT_ERRNO(parse_job_fields(",\"caller\":\"0\"", "", &g), -EBADMSG);
+        state_guest_done(&g);
+        g = (StateGuest) {};
+        ASSERT_ERRNO(parse_job_fields("", ",\"job_latency_mode\":1", &g), -EBADMSG);
+        state_guest_done(&g);
+}
+
 /* The storage helper's identity in a guest's record (extra: its fields, or ""): read back as
  * written; a malformed one is dropped (0: a fresh one is allocated when needed), never a reason
  * to lose the guest. */
@@ -403,6 +452,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_pivot_record);
         TAP_RUN(test_disk_names_record);
         TAP_RUN(test_job_base_record);
+        TAP_RUN(test_job_caller_and_latency_mode);
         TAP_RUN(test_storage_identity_record);
         return tap_finish();
 }
