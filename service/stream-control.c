@@ -185,7 +185,7 @@ static void set_max_guest_latency(Disk *d, uint64_t usec) {
 int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         const JobBackend *b;
         Disk *d = userdata;
-        uint64_t usec;
+        uint64_t usec, target;
         int r;
 
         r = job_setting_begin(msg, d, check_max_guest_latency, &usec, &b, error);
@@ -211,12 +211,19 @@ int method_set_max_guest_latency(sd_bus_message *msg, void *userdata, sd_bus_err
                 set_max_guest_latency(d, 0);
                 return sd_bus_reply_method_return(msg, NULL);
         }
-        /* Off: the job runs at its fixed Bandwidth again. The mode ends once that is on its way (a
-         * speed that cannot be sent leaves it on, as it was); nothing it sends can come after. */
-        r = send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
-        if (r < 0)
-                return r;
+        /* Off: the job runs at its fixed Bandwidth again. The mode ends first (its histogram's
+         * removal goes to QEMU before the speed, so both are done when the call is answered, and
+         * nothing the mode sends comes after); a speed that cannot be sent turns it on again, as
+         * it was, rather than leave the job at the mode's last limit with no mode. */
+        target = d->max_guest_latency;
         adaptive_stop(d);
+        r = send_speed(d, msg, b, d->bandwidth, d->bandwidth, latency_off_reply, error);
+        if (r < 0) {
+                if (target > 0 && adaptive_start(d, target, d->bandwidth) < 0)
+                        log_warning("Guest %s disk %s: the guest-latency mode is off, the fixed bandwidth not sent.",
+                                d->guest->name, d->alias);
+                return r;
+        }
         set_max_guest_latency(d, 0);
         disk_save_later(d); /* the job runs without the mode now */
         return r;
