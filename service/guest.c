@@ -501,8 +501,10 @@ static int guest_refresh_offline(Guest *g) {
                 _cleanup_free_ char *error = NULL;
                 Disk *d = g->disks[i];
 
-                r = image_chain_open_claimed(
-                        g->engine->config.image_dirs, d->path, d->format, false, forbidden, claimed, &chain, &error);
+                /* As its owner opens it: the chain is published (BackingChain), and the owner may
+                 * have written the top's header to name what only root could read. */
+                r = storage_chain_open_owned(g->engine->config.image_dirs, g->owner, d->path, d->format, false,
+                        forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));
@@ -523,6 +525,13 @@ int guest_begin_handoff(Guest *g) {
                 return -EINVAL;
         if (g->handoff)
                 return 0;
+        /* The storage helper names its nodes after the aliases, within QEMU's 31 characters. */
+        for (size_t i = 0; i < g->n_disks; i++)
+                if (strlen(g->disks[i]->alias) > GUEST_OFFLINE_ALIAS_MAX) {
+                        log_warning("Guest %s disk %s: an alias longer than %d characters cannot be handed over.",
+                                g->name, g->disks[i]->alias, GUEST_OFFLINE_ALIAS_MAX);
+                        return -ENAMETOOLONG;
+                }
         r = guest_check_pins(g);
         if (r < 0)
                 return r;

@@ -34,7 +34,6 @@
  * in our memory; one user could otherwise take every identity, or the unit's memory. */
 #define GUESTS_PER_USER_MAX 64
 #define OFFLINE_DISKS_MAX 16
-#define OFFLINE_ALIAS_MAX 16 /* node names derived from it must fit QEMU's 31 characters */
 
 /* The registry as the objects below see it (engine.h). */
 
@@ -350,10 +349,10 @@ static int check_offline_disks(Manager *m, const RegisterOptions *o, sd_bus_erro
                         "configuration file.");
         for (size_t i = 0; i < n; i++) {
                 const char *alias = o->disks[2 * i], *path = o->disks[2 * i + 1];
-                if (!qemu_id_is_valid(alias) || strlen(alias) > OFFLINE_ALIAS_MAX)
+                if (!qemu_id_is_valid(alias) || strlen(alias) > GUEST_OFFLINE_ALIAS_MAX)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                 "Invalid disk alias '%.64s': a letter, then up to %d letters, digits, '-', '.', '_'.", alias,
-                                OFFLINE_ALIAS_MAX - 1);
+                                GUEST_OFFLINE_ALIAS_MAX - 1);
                 if (!path_is_safe_absolute(path, PATH_MAX - 1))
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                 "Disk '%s': '%.200s' is not a normalized absolute path.", alias, path);
