@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
-/* A guest's helpers (guest.h): where they run, the guest's runtime directory, and how each is
- * started, in the guest's sandbox identity. */
+/* A guest's helpers (guest.h): where they run, the guest's runtime directory, how each is
+ * started, in the guest's sandbox identity, and the share of storage helpers a user's guests take. */
 
 #include <fcntl.h>
 
+#include "bus-error.h"
 #include "engine.h"
 #include "guest.h"
 #include "helper.h"
@@ -62,4 +63,27 @@ int guest_ensure_runtime_dir(Guest *g) {
         if (r < 0)
                 return log_error_errno(r, "Failed to create %s: %m", g->runtime_dir);
         return 0;
+}
+
+int guest_helper_share(Guest *g, sd_bus_error *error) {
+        unsigned mine, users;
+
+        if (!g->offline || g->owner == 0 || peer_has_helper(&g->peer))
+                return 0;
+        engine_storage_helpers(g->engine, g->owner, &mine, &users);
+        if (mine >= GUEST_STORAGE_HELPERS_PER_OWNER_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "The guests of uid " UID_FMT " that are not running have %u storage helpers already (at "
+                        "most %u at once per user, each a QEMU of its own); wait for a job or map of one to end.",
+                        g->owner, mine, GUEST_STORAGE_HELPERS_PER_OWNER_MAX);
+        if (users >= GUEST_STORAGE_HELPERS_USERS_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "Guests of users other than root have %u storage helpers running (at most %u at once, "
+                        "each a QEMU of its own); wait for a job or map to end.",
+                        users, GUEST_STORAGE_HELPERS_USERS_MAX);
+        return 0;
+}
+
+int guest_ready_error(Guest *g, int r, sd_bus_error *error) {
+        return sd_bus_error_set_errnof(error, -r, "Cannot start the storage helper of guest '%s': %m", g->name);
 }

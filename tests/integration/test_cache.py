@@ -750,16 +750,9 @@ class CacheShareTest(h.TestCase):
         paths could do it (review 30d). Beyond the bound the caches are kept without their overlays'
         paths, and with their owners, whose QEMUs must still reach the cache's socket (review 30e)
         (a test hook makes the bound small)."""
-        self.remote.start()
-        self.addCleanup(self.remote.stop)
-        owner = h.ensure_test_users()[h.MEMBER]
-        d = os.path.join(self.env.images, 'record')
-        os.makedirs(d)
-        os.chown(d, owner, -1)
         self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHES_RECORD_MAX', '200')
+        d, s = self.user_dir_and_session(h.MEMBER, 'record')
         url = self.remote.url + '/e-record'
-        s = h.UserSession(h.MEMBER, self.env.bus.address)
-        self.addCleanup(s.close)
         for i in range(2):
             r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
                        "('%s', '%s', {'cache': <true>})" % (url, os.path.join(d, 'record-%d.qcow2' % i)), timeout=120)
@@ -776,15 +769,19 @@ class CacheShareTest(h.TestCase):
                                sock])
         self.assertEqual(r.returncode, 0, "the overlays' owner cannot reach the cache: %s" % r.stderr)
 
-    def test_one_user_makes_a_share_of_the_caches(self):
+    def user_dir_and_session(self, user, name):
+        """The remote served, a directory of user's beneath the images, and user's session."""
         self.remote.start()
         self.addCleanup(self.remote.stop)
-        owner = h.ensure_test_users()[h.OWNER]
-        d = os.path.join(self.env.images, 'mine')
+        d = os.path.join(self.env.images, name)
         os.makedirs(d)
-        os.chown(d, owner, -1)
-        s = h.UserSession(h.OWNER, self.env.bus.address)
+        os.chown(d, h.ensure_test_users()[user], -1)
+        s = h.UserSession(user, self.env.bus.address)
         self.addCleanup(s.close)
+        return d, s
+
+    def test_one_user_makes_a_share_of_the_caches(self):
+        d, s = self.user_dir_and_session(h.OWNER, 'mine')
 
         def provision(export, target):
             return s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',

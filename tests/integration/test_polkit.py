@@ -1029,13 +1029,22 @@ class RangeShareTest(PolkitTestCase):
 
     RANGES_PER_CALLER = 16  # rangeop.h: RANGE_JOBS_PER_CALLER_MAX
 
-    def test_one_user_runs_a_share_of_the_range_jobs(self):
+    SLOW = "(0, 4194304, {'bandwidth': <uint64 4096>})"
+
+    def share_taken(self, user):
+        """A guest of the owner's with one disk more than the share, and user's session that has
+        started a slow range on every disk but the last."""
         aliases = tuple('vd%s' % chr(ord('a') + i) for i in range(self.RANGES_PER_CALLER + 1))
         g = self.new_guest(aliases=aliases, size=16 * h.MiB, options=h.opts(owner=h.U(self.uid(OWNER))))
-        s = self.session(OWNER)
-        slow = "(0, 4194304, {'bandwidth': <uint64 4096>})"
+        s = self.session(user)
         for a in aliases[:-1]:
-            self.assertOk(s.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Start', 'tta{sv}', slow), 'Start %s' % a)
+            self.assertOk(s.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Start', 'tta{sv}', self.SLOW),
+                          'Start %s' % a)
+        return g, aliases, s
+
+    def test_one_user_runs_a_share_of_the_range_jobs(self):
+        g, aliases, s = self.share_taken(OWNER)
+        slow = self.SLOW
         last = h.disk_path(g.name, aliases[-1])
         r = s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', slow)
         self.assertFalse(r['ok'], 'a range beyond the share of one user: %r' % r)
@@ -1053,24 +1062,18 @@ class RangeShareTest(PolkitTestCase):
         for a in aliases[1:]:
             self.client.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Cancel')
 
-
     def test_a_restart_keeps_the_share(self):
         """A job carried on after a restart counts in the share of who started it: the resumed ones
         were no one's, and each restart let a user start RANGES_PER_CALLER more (review 30d). Who
         started them is kept, not guessed: here a member of the blockstream group, on a guest of
         another user (review 30e)."""
-        aliases = tuple('vd%s' % chr(ord('a') + i) for i in range(self.RANGES_PER_CALLER + 1))
-        g = self.new_guest(aliases=aliases, size=16 * h.MiB, options=h.opts(owner=h.U(self.uid(OWNER))))
-        s = self.session(MEMBER)
-        slow = "(0, 4194304, {'bandwidth': <uint64 4096>})"
-        for a in aliases[:-1]:
-            self.assertOk(s.call(h.disk_path(g.name, a), h.IFACE_STREAM, 'Start', 'tta{sv}', slow), 'Start %s' % a)
+        g, aliases, s = self.share_taken(MEMBER)
         self.env.kill_daemon()
         self.env.start_daemon()
         for a in aliases[:-1]:
             self.client.wait_prop(h.disk_path(g.name, a), h.IFACE_STREAM, 'State', 'running', 60)
         last = h.disk_path(g.name, aliases[-1])
-        r = s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', slow)
+        r = s.call(last, h.IFACE_STREAM, 'Start', 'tta{sv}', self.SLOW)
         self.assertFalse(r['ok'], 'a range beyond the share of one user after a restart: %r' % r)
         self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
         for a in aliases[:-1]:
