@@ -505,9 +505,9 @@ int guest_begin_handoff(Guest *g) {
                 return 0;
         /* The storage helper names its nodes after the aliases, within QEMU's 31 characters. */
         for (size_t i = 0; i < g->n_disks; i++)
-                if (strlen(g->disks[i]->alias) > GUEST_OFFLINE_ALIAS_MAX) {
+                if (strlen(g->disks[i]->alias) > GUEST_HANDOFF_ALIAS_MAX) {
                         log_warning("Guest %s disk %s: an alias longer than %d characters cannot be handed over.",
-                                g->name, g->disks[i]->alias, GUEST_OFFLINE_ALIAS_MAX);
+                                g->name, g->disks[i]->alias, GUEST_HANDOFF_ALIAS_MAX);
                         return -ENAMETOOLONG;
                 }
         r = guest_check_pins(g);

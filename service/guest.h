@@ -144,9 +144,11 @@ int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userda
  * begin (< 0 and LimitsExceeded if not). Root's guests, a handoff for root's export, and work
  * carried on after a restart are not held to it. */
 #define GUEST_STORAGE_HELPERS_PER_OWNER_MAX 8
-/* The disk aliases the storage helper takes (an offline guest's, a handoff's): its node names,
- * made from them, must fit QEMU's 31 characters. */
+/* The disk aliases the storage helper takes: its node names, made from them ("bsf-<alias>-<k>",
+ * k below 100), must fit QEMU's 31 characters. An offline guest's are held to 16 at registration;
+ * a handoff takes what fits. */
 #define GUEST_OFFLINE_ALIAS_MAX 16
+#define GUEST_HANDOFF_ALIAS_MAX 24
 #define GUEST_STORAGE_HELPERS_USERS_MAX 16
 int guest_helper_share(Guest *g, sd_bus_error *error);
 /* The method error for r, guest_when_ready()'s failure. */
