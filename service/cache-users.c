@@ -35,7 +35,7 @@ static uint64_t be64(const uint8_t *p) {
         return (uint64_t) be32(p) << 32 | be32(p + 4);
 }
 
-#define UNTRACKED_UIDS_MAX 256
+#define UNTRACKED_UIDS_MAX CACHE_USERS_MAX
 
 void cache_users_free(Cache *c) {
         for (size_t i = 0; i < c->n_user_list; i++)
@@ -54,8 +54,11 @@ static int untracked_uid_add(Cache *c, uid_t uid) {
         for (size_t i = 0; i < c->n_untracked_uids; i++)
                 if (c->untracked_uids[i] == uid)
                         return 0;
-        if (c->n_untracked_uids >= UNTRACKED_UIDS_MAX)
+        if (c->n_untracked_uids >= UNTRACKED_UIDS_MAX) {
+                log_warning("Template cache %u: more than %u users untracked; the QEMUs of the rest cannot reach it.",
+                        c->id, (unsigned) UNTRACKED_UIDS_MAX);
                 return 0;
+        }
         l = reallocarray(c->untracked_uids, c->n_untracked_uids + 1, sizeof(uid_t));
         if (!l)
                 return -ENOMEM;
@@ -305,20 +308,52 @@ static int uid_cmp(const void *a, const void *b) {
         return x < y ? -1 : x > y;
 }
 
-/* The uids for c (NULL: all caches), sorted, once each, root left out (it needs no entry). */
+/* The uids for c (NULL: all caches), sorted, once each, root left out (it needs no entry), at
+ * most ACL_UIDS_MAX of them into uids: told apart before any is left out, so that one user's many
+ * overlays cannot push the others out (QEMUUsers= first among those kept). */
 static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
-        size_t n = 0, k = 0;
+        _cleanup_free_ uid_t *all = NULL;
+        size_t total = e->config.n_qemu_users, n = 0, k = 0;
 
-        for (size_t i = 0; i < e->config.n_qemu_users && n < ACL_UIDS_MAX; i++)
-                uids[n++] = e->config.qemu_users[i];
         for (Cache *c = e->caches; c; c = c->next)
                 if (!only || c == only)
-                        for (size_t i = 0; i < c->n_user_list + c->n_untracked_uids && n < ACL_UIDS_MAX; i++)
-                                uids[n++] = i < c->n_user_list ? c->user_list[i].uid
-                                                                : c->untracked_uids[i - c->n_user_list];
-        qsort(uids, n, sizeof(uid_t), uid_cmp);
+                        total += c->n_user_list + c->n_untracked_uids;
+        all = malloc(MAX(total, (size_t) 1) * sizeof(uid_t));
+        if (!all) {
+                log_oom();
+                return 0;
+        }
+        for (Cache *c = e->caches; c; c = c->next)
+                if (!only || c == only)
+                        for (size_t i = 0; i < c->n_user_list + c->n_untracked_uids; i++)
+                                all[n++] = i < c->n_user_list ? c->user_list[i].uid
+                                                              : c->untracked_uids[i - c->n_user_list];
+        qsort(all, n, sizeof(uid_t), uid_cmp);
+        for (size_t i = 0; i < e->config.n_qemu_users && k < ACL_UIDS_MAX; i++)
+                if (e->config.qemu_users[i] != 0)
+                        uids[k++] = e->config.qemu_users[i];
+        for (size_t i = 0; i < n; i++) {
+                bool seen = false;
+
+                if (all[i] == 0 || (i > 0 && all[i - 1] == all[i]))
+                        continue;
+                for (size_t j = 0; j < e->config.n_qemu_users && !seen; j++)
+                        seen = e->config.qemu_users[j] == all[i];
+                if (seen)
+                        continue;
+                if (k >= ACL_UIDS_MAX) {
+                        log_warning("Template caches: more than %u users' QEMUs would reach them; the rest cannot.",
+                                (unsigned) ACL_UIDS_MAX);
+                        break;
+                }
+                uids[k++] = all[i];
+        }
+        qsort(uids, k, sizeof(uid_t), uid_cmp);
+        /* QEMUUsers= may name a uid twice. */
+        n = k;
+        k = 0;
         for (size_t i = 0; i < n; i++)
-                if (uids[i] != 0 && (k == 0 || uids[k - 1] != uids[i]))
+                if (k == 0 || uids[k - 1] != uids[i])
                         uids[k++] = uids[i];
         return k;
 }
@@ -364,4 +399,16 @@ void cache_access_update(Engine *e) {
                         log_warning_errno(r, "Template cache %u: cannot let its users' QEMUs reach %s: %m", c->id,
                                 c->socket_path);
         }
+}
+
+unsigned cache_user_overlays(Engine *e, uid_t uid, bool update) {
+        unsigned n = 0;
+
+        for (Cache *c = e->caches; c; c = c->next) {
+                if (update)
+                        cache_users_update(c);
+                for (size_t i = 0; i < c->n_user_list; i++)
+                        n += c->user_list[i].uid == uid;
+        }
+        return n;
 }

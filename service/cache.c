@@ -622,6 +622,15 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
                         "The template %s has %" PRIu64 " bytes now, its cache %u was made for %" PRIu64
                         " bytes: templates must not change; stop the cache first.",
                         url, size, c->id, c->size);
+        /* The overlays over caches are kept by path in the caches' record, which a start reads up to
+         * 64 MiB of: one user's may not fill it (nor a cache's list, and its socket's ACL). Looked
+         * at again only when the share seems used up. */
+        if (caller != 0 && cache_user_overlays(e, caller, false) >= CACHE_OVERLAYS_PER_USER_MAX &&
+                cache_user_overlays(e, caller, true) >= CACHE_OVERLAYS_PER_USER_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "You (uid " UID_FMT ") have %u overlays over template caches already (at most %u per user); "
+                        "remove or stream one to the end first.",
+                        caller, CACHE_OVERLAYS_PER_USER_MAX, CACHE_OVERLAYS_PER_USER_MAX);
         if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
                 /* Asked for again: another try, on the same socket. */
                 log_info("Template cache %u: starting its storage helper again.", c->id);
