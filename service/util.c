@@ -639,8 +639,9 @@ int unlink_durable(const char *path) {
         if (unlink(path) < 0 && errno != ENOENT)
                 return -errno;
         /* The removal is on disk only with the directory: a record that comes back after a crash
-         * would bring back what the caller was told is gone. */
-        return fsync_dir(dir);
+         * would bring back what the caller was told is gone. No directory: nothing was there. */
+        r = fsync_dir(dir);
+        return r == -ENOENT ? 0 : r;
 }
 
 int write_file_atomic(const char *path, const void *data, size_t len, mode_t mode) {
