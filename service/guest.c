@@ -470,6 +470,7 @@ static void refresh_reply(Qmp *q, int error, const char *desc, QemuDisk *disks, 
 static int guest_refresh_offline(Guest *g) {
         _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g),
                                  **claimed = engine_guest_claims(g->engine, g);
+        size_t text = 0;
         int r;
 
         if (!forbidden || !claimed)
@@ -487,6 +488,16 @@ static int guest_refresh_offline(Guest *g) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));
                         continue;
+                }
+                /* No more than a QEMU's report of its disks is kept (the guest's record must stay
+                 * what a start reads back): the paths, and a node name and a format for each. */
+                for (size_t k = 0; k < chain.n; k++)
+                        text += strlen(chain.images[k].path) + strlen(d->alias) + 16;
+                if (text > QEMU_DISKS_TEXT_MAX) {
+                        log_warning("Guest %s: its disks' backing chains hold more text than is kept of a guest "
+                                    "(%u bytes); not read again from disk %s on.",
+                                g->name, QEMU_DISKS_TEXT_MAX, d->alias);
+                        return -E2BIG;
                 }
                 r = disk_update_from_chain(d, &chain, true);
                 if (r < 0)
