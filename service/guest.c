@@ -119,10 +119,9 @@ static void guest_ready(Peer *p, int error, const char *error_text, void *userda
 }
 
 int guest_when_ready(Guest *g, guest_ready_handler_t handler, void *userdata, void (*destroy)(void *)) {
-        GuestReadyCtx *c;
+        GuestReadyCtx *c = calloc(1, sizeof(GuestReadyCtx));
         int r;
 
-        c = calloc(1, sizeof(GuestReadyCtx));
         if (!c)
                 return -ENOMEM;
         *c = (GuestReadyCtx) { .guest = g, .handler = handler, .userdata = userdata, .destroy = destroy };
