@@ -46,25 +46,20 @@ void cache_users_free(Cache *c) {
         c->n_untracked_uids = 0;
 }
 
-static int untracked_uid_add(Cache *c, uid_t uid) {
-        uid_t *l;
+static int uid_cmp(const void *a, const void *b) {
+        uid_t x = *(const uid_t *) a, y = *(const uid_t *) b;
+        return x < y ? -1 : x > y;
+}
 
-        if (uid == 0)
-                return 0; /* root's QEMU needs no ACL */
-        for (size_t i = 0; i < c->n_untracked_uids; i++)
-                if (c->untracked_uids[i] == uid)
-                        return 0;
-        if (c->n_untracked_uids >= UNTRACKED_UIDS_MAX) {
-                log_warning("Template cache %u: more than %u users untracked; the QEMUs of the rest cannot reach it.",
-                        c->id, (unsigned) UNTRACKED_UIDS_MAX);
-                return 0;
-        }
-        l = reallocarray(c->untracked_uids, c->n_untracked_uids + 1, sizeof(uid_t));
-        if (!l)
-                return -ENOMEM;
-        c->untracked_uids = l;
-        c->untracked_uids[c->n_untracked_uids++] = uid;
-        return 0;
+/* a[0..n) sorted, each uid once, root left out (its QEMU needs no ACL entry): the new count. */
+static size_t uids_sorted_unique(uid_t *a, size_t n) {
+        size_t k = 0;
+
+        qsort(a, n, sizeof(uid_t), uid_cmp);
+        for (size_t i = 0; i < n; i++)
+                if (a[i] != 0 && (k == 0 || a[k - 1] != a[i]))
+                        a[k++] = a[i];
+        return k;
 }
 
 static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino, uid_t uid) {
@@ -155,25 +150,19 @@ bool cache_users_refresh(Cache *c) {
 /* "users": the count, as before; "overlays": [{"path", "dev", "ino"}]. A record without
  * "overlays" (an older daemon's) keeps its count, never counted down. */
 static int uids_to_json(json_object *k, const uid_t *uids, size_t n, const CacheUser *users, size_t n_users) {
+        _cleanup_free_ uid_t *all = malloc(MAX(n + n_users, (size_t) 1) * sizeof(uid_t));
         json_object *a = json_object_new_array();
 
-        if (!a || json_object_object_add(k, "overlay_uids", a) < 0) {
+        if (!all || !a || json_object_object_add(k, "overlay_uids", a) < 0) {
                 json_object_put(a);
                 return -ENOMEM;
         }
-        for (size_t i = 0; i < n + n_users; i++) {
-                uid_t uid = i < n ? uids[i] : users[i - n].uid;
-                bool seen = false;
-
-                for (size_t j = 0; j < json_object_array_length(a) && !seen; j++)
-                        seen = json_object_get_uint64(json_object_array_get_idx(a, j)) == uid;
-                if (seen || uid == 0)
-                        continue;
-                if (json_object_array_length(a) >= UNTRACKED_UIDS_MAX)
-                        break;
-                if (json_object_array_add(a, json_object_new_uint64(uid)) < 0)
+        for (size_t i = 0; i < n + n_users; i++)
+                all[i] = i < n ? uids[i] : users[i - n].uid;
+        n = MIN(uids_sorted_unique(all, n + n_users), (size_t) UNTRACKED_UIDS_MAX);
+        for (size_t i = 0; i < n; i++)
+                if (json_object_array_add(a, json_object_new_uint64(all[i])) < 0)
                         return -ENOMEM;
-        }
         return 0;
 }
 
@@ -211,14 +200,30 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count) {
         size_t n;
         int r;
 
-        if (json_object_object_get_ex(k, "overlay_uids", &a) && json_object_is_type(a, json_type_array))
-                for (size_t i = 0; i < json_object_array_length(a); i++) {
+        if (json_object_object_get_ex(k, "overlay_uids", &a) && json_object_is_type(a, json_type_array) &&
+                (n = json_object_array_length(a)) > 0) {
+                uid_t *l = reallocarray(NULL, n, sizeof(uid_t));
+                size_t m = 0;
+
+                if (!l)
+                        return -ENOMEM;
+                for (size_t i = 0; i < n; i++) {
                         json_object *u = json_object_array_get_idx(a, i);
 
-                        if (json_object_is_type(u, json_type_int) && json_object_get_uint64(u) < UINT32_MAX &&
-                                untracked_uid_add(c, (uid_t) json_object_get_uint64(u)) < 0)
-                                return -ENOMEM;
+                        if (json_object_is_type(u, json_type_int) && json_object_get_uint64(u) < UINT32_MAX)
+                                l[m++] = (uid_t) json_object_get_uint64(u);
                 }
+                m = uids_sorted_unique(l, m);
+                if (m > UNTRACKED_UIDS_MAX) {
+                        log_warning("Template cache %u: more than %u users untracked; the QEMUs of the rest cannot "
+                                    "reach it.",
+                                c->id, (unsigned) UNTRACKED_UIDS_MAX);
+                        m = UNTRACKED_UIDS_MAX;
+                }
+                free(c->untracked_uids);
+                c->untracked_uids = l;
+                c->n_untracked_uids = m;
+        }
         if (!json_object_object_get_ex(k, "overlays", &a) || !json_object_is_type(a, json_type_array)) {
                 c->users_untracked = count;
                 c->users = count;
@@ -303,17 +308,12 @@ static int fd_set_acl(int fd, unsigned owner_perm, const uid_t *uids, size_t n, 
         return 0;
 }
 
-static int uid_cmp(const void *a, const void *b) {
-        uid_t x = *(const uid_t *) a, y = *(const uid_t *) b;
-        return x < y ? -1 : x > y;
-}
-
 /* The uids for c (NULL: all caches), sorted, once each, root left out (it needs no entry), at
  * most ACL_UIDS_MAX of them into uids: told apart before any is left out, so that one user's many
  * overlays cannot push the others out (QEMUUsers= first among those kept). */
 static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
         _cleanup_free_ uid_t *all = NULL;
-        size_t total = e->config.n_qemu_users, n = 0, k = 0;
+        size_t total = 0, n = 0, q, k;
 
         for (Cache *c = e->caches; c; c = c->next)
                 if (!only || c == only)
@@ -328,18 +328,13 @@ static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
                         for (size_t i = 0; i < c->n_user_list + c->n_untracked_uids; i++)
                                 all[n++] = i < c->n_user_list ? c->user_list[i].uid
                                                               : c->untracked_uids[i - c->n_user_list];
-        qsort(all, n, sizeof(uid_t), uid_cmp);
-        for (size_t i = 0; i < e->config.n_qemu_users && k < ACL_UIDS_MAX; i++)
-                if (e->config.qemu_users[i] != 0)
-                        uids[k++] = e->config.qemu_users[i];
+        n = uids_sorted_unique(all, n);
+        for (q = 0; q < e->config.n_qemu_users && q < ACL_UIDS_MAX; q++)
+                uids[q] = e->config.qemu_users[q];
+        q = uids_sorted_unique(uids, q);
+        k = q;
         for (size_t i = 0; i < n; i++) {
-                bool seen = false;
-
-                if (all[i] == 0 || (i > 0 && all[i - 1] == all[i]))
-                        continue;
-                for (size_t j = 0; j < e->config.n_qemu_users && !seen; j++)
-                        seen = e->config.qemu_users[j] == all[i];
-                if (seen)
+                if (bsearch(&all[i], uids, q, sizeof(uid_t), uid_cmp))
                         continue;
                 if (k >= ACL_UIDS_MAX) {
                         log_warning("Template caches: more than %u users' QEMUs would reach them; the rest cannot.",
@@ -349,12 +344,6 @@ static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
                 uids[k++] = all[i];
         }
         qsort(uids, k, sizeof(uid_t), uid_cmp);
-        /* QEMUUsers= may name a uid twice. */
-        n = k;
-        k = 0;
-        for (size_t i = 0; i < n; i++)
-                if (k == 0 || uids[k - 1] != uids[i])
-                        uids[k++] = uids[i];
         return k;
 }
 
