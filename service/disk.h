@@ -90,7 +90,6 @@ typedef struct Disk {
         bool starting;   /* Start sent to QEMU, no answer yet */
         bool finalizing; /* the job concluded: dismissing and re-reading before Finished */
         bool releasing;  /* offline: the outcome waits for the storage helper to let go of the images */
-        bool resume_latency_mode; /* read from the state: the job ran in the guest-latency mode */
         bool mirror_busy; /* mirror.c: a step of its journal is under way */
         /* mirror.c: FINALIZE is being recorded; no job-finalize until it is on disk (kept across
          * a reconnect, unlike mirror_busy: the state writer's continuation is not QMP's). */

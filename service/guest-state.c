@@ -100,7 +100,6 @@ static int disk_from_state(Guest *g, StateDisk *s, Disk **ret) {
         d->bandwidth = s->bandwidth;
         /* Out of range (a hand-edited file): off, not a refused guest. */
         d->max_guest_latency = s->max_guest_latency <= THROTTLE_TARGET_MAX_US ? s->max_guest_latency : 0;
-        d->resume_latency_mode = s->job_latency_mode > 0 || (s->job_latency_mode < 0 && d->max_guest_latency > 0);
         d->job = s->job;
         s->job = (Job) {};
         d->range_node = TAKE_PTR(s->range_node);
@@ -152,11 +151,13 @@ int guest_from_state(Engine *m, StateGuest *s, Guest **ret) {
         }
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
+                /* A record from before says nothing: as the disk's default does. */
+                int in_mode = s->disks[i].job_latency_mode;
 
                 /* A job that ran in the guest-latency mode goes on in it (from its ceiling: the
                  * limit the controller last set is not known); one that ran without it, though the
                  * disk's default is on (Start's max_guest_latency 0), does not. */
-                if (!g->offline && d->resume_latency_mode && d->max_guest_latency > 0 && job_is_active(&d->job) &&
+                if (!g->offline && in_mode != 0 && d->max_guest_latency > 0 && job_is_active(&d->job) &&
                         !d->job.concluded &&
                         adaptive_resume(d, d->max_guest_latency, d->bandwidth) < 0)
                         log_warning("Guest %s disk %s: cannot carry on the guest-latency mode; the job runs at its "
