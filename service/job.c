@@ -83,7 +83,7 @@ int job_begin(Job *j, const char *id, StreamMode mode, uint64_t offset, uint64_t
                 .total = total,
                 .bandwidth = bandwidth,
                 .start_time = realtime,
-                .caller = (uid_t) -1,
+                .caller = UID_INVALID,
         };
         return 0;
 }
@@ -311,10 +311,7 @@ usec_t job_expected_end(const Job *j, usec_t realtime_now) {
 
 void job_id_alias(const char *alias, char ret[static JOB_ID_ALIAS_MAX + 1]) {
         size_t len = strlen(alias);
-        uint32_t hash = 2166136261U;
 
-        for (const char *p = alias; *p; p++)
-                hash = (hash ^ (uint8_t) *p) * 16777619U;
         if (len <= JOB_ID_ALIAS_MAX) {
                 for (size_t i = 0; i <= len; i++)
                         ret[i] = alias[i] ? qemu_id_char(alias[i]) : 0;
@@ -324,7 +321,7 @@ void job_id_alias(const char *alias, char ret[static JOB_ID_ALIAS_MAX + 1]) {
          * state take (at most 128 characters). */
         for (size_t i = 0; i < JOB_ID_ALIAS_MAX - 9; i++)
                 ret[i] = qemu_id_char(alias[i]);
-        (void) snprintf(ret + JOB_ID_ALIAS_MAX - 9, 10, ".%08" PRIx32, hash);
+        (void) snprintf(ret + JOB_ID_ALIAS_MAX - 9, 10, ".%08" PRIx32, fnv1a32(alias));
 }
 
 char *job_id_new(const char *alias, uint64_t seq) {

@@ -58,7 +58,6 @@ int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) 
         _cleanup_(mirror_names_done) MirrorNames n = {};
         _cleanup_free_ char *alias = strdup(disk_alias);
         const char *leaf;
-        uint32_t hash = 2166136261U;
 
         if (!alias)
                 return -ENOMEM;
@@ -68,11 +67,9 @@ int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) 
         if (strlen(leaf) + strlen(MIRROR_TMP_SUFFIX) + 1 > 255)
                 return -ENAMETOOLONG;
         /* A QEMU id whatever the alias, as job ids are made. */
-        for (char *p = alias; *p; p++) {
-                hash = (hash ^ (uint8_t) *p) * 16777619U;
+        for (char *p = alias; *p; p++)
                 *p = qemu_id_char(*p);
-        }
-        n.fdset = (unsigned) (MIRROR_FDSET_BASE + hash % 1000000000U);
+        n.fdset = (unsigned) (MIRROR_FDSET_BASE + fnv1a32(disk_alias) % 1000000000U);
         n.file_node = strdup_printf("bsmf-%s", alias);
         n.format_node = strdup_printf("bsmq-%s", alias);
         n.create_job = strdup_printf("bsmc-%s", alias);

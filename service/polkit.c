@@ -375,7 +375,7 @@ static int owner_name(uid_t uid, char *buf, size_t size) {
         struct passwd pw, *result = NULL;
         char tmp[4096];
 
-        if (uid == (uid_t) -1)
+        if (uid == UID_INVALID)
                 return snprintf(buf, size, "%s", ""), 0;
         /* No account, no detail: in digits it would match a login so named (LDAP, --badname) in
          * a rule's owner == subject.user. */

@@ -307,7 +307,7 @@ static int prefetch_resume(Disk *d) {
         if (r < 0)
                 return r;
         /* In the share of who started it (a record from before says not: its owner's). */
-        op->caller = d->job.caller != (uid_t) -1 ? d->job.caller : d->guest->owner;
+        op->caller = d->job.caller != UID_INVALID ? d->job.caller : d->guest->owner;
         op->resume = true;
         op->resume_paused = d->job.state == STREAM_PAUSED;
         r = range_op_start(op);

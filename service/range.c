@@ -352,7 +352,7 @@ static int range_resume(Disk *d) {
         op->asked_length = d->job.length;
         op->bandwidth = d->job.bandwidth;
         /* In the share of who started it (a record from before says not: its owner's). */
-        op->caller = d->job.caller != (uid_t) -1 ? d->job.caller : d->guest->owner;
+        op->caller = d->job.caller != UID_INVALID ? d->job.caller : d->guest->owner;
         op->resume = true;
         op->resume_paused = d->job.state == STREAM_PAUSED;
         if (op_set_bottom(op, d->range_bottom) < 0) {

@@ -78,7 +78,7 @@ static json_object *job_to_json(const Job *j) {
                 add(o, "total", json_object_new_uint64(j->total)) < 0 ||
                 add(o, "bandwidth", json_object_new_uint64(j->bandwidth)) < 0 ||
                 add(o, "start_time", json_object_new_uint64(j->start_time)) < 0 ||
-                (j->caller != (uid_t) -1 && add(o, "caller", json_object_new_uint64(j->caller)) < 0) ||
+                (j->caller != UID_INVALID && add(o, "caller", json_object_new_uint64(j->caller)) < 0) ||
                 (j->error && add(o, "error", json_object_new_string(j->error)) < 0) ||
                 add(o, "concluded", json_object_new_boolean(j->concluded)) < 0 ||
                 add(o, "outcome",

@@ -100,6 +100,16 @@ static inline char qemu_id_char(char c) {
                        : '_';
 }
 
+/* The 32-bit FNV-1a hash of a string: what a name too long for a QEMU id or an fd set number is
+ * told apart by (not for anything a client could collide on purpose to its gain). */
+static inline uint32_t fnv1a32(const char *s) {
+        uint32_t hash = 2166136261U;
+
+        for (; *s; s++)
+                hash = (hash ^ (uint8_t) *s) * 16777619U;
+        return hash;
+}
+
 /* NULL-terminated string vectors. */
 char **strv_free(char **l);
 static inline void strv_freep(char ***l) {
