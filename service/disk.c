@@ -196,6 +196,14 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit) {
         return node_changed || path_changed || chain_changed || size_changed;
 }
 
+size_t disk_chain_text(const char *alias, const ImageChain *c) {
+        size_t n = 0;
+
+        for (size_t k = 0; k < c->n; k++)
+                n += strlen(c->images[k].path) + strlen(alias) + 16;
+        return n;
+}
+
 int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit) {
         _cleanup_free_ char *node = strdup_printf("bs-%s", d->alias);
         QemuDisk q = {

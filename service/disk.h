@@ -132,6 +132,10 @@ int disk_update_from_qemu(Disk *d, const QemuDisk *q, bool emit);
 int disk_set_pivot(Disk *d, const char *qemu_name, const char *path, uint64_t dev, uint64_t ino);
 /* Take an offline disk's chain as read from the image headers. */
 int disk_update_from_chain(Disk *d, const ImageChain *c, bool emit);
+/* What the guest's record keeps of disk alias over chain c, in bytes of text (the paths, and a node
+ * name and a format for each), as qemu_disks_text() counts a QEMU's report: an offline guest's disks
+ * are held to the same QEMU_DISKS_TEXT_MAX, or a start would not read the record back. */
+size_t disk_chain_text(const char *alias, const ImageChain *c);
 
 /* Job plumbing, called by guest.c as QEMU reports. */
 void disk_apply_job_changes(Disk *d, unsigned changed);

@@ -488,10 +488,7 @@ static int guest_refresh_offline(Guest *g) {
                                 error ?: strerror(-r));
                         continue;
                 }
-                /* No more than a QEMU's report of its disks is kept (the guest's record must stay
-                 * what a start reads back): the paths, and a node name and a format for each. */
-                for (size_t k = 0; k < chain.n; k++)
-                        text += strlen(chain.images[k].path) + strlen(d->alias) + 16;
+                text += disk_chain_text(d->alias, &chain);
                 if (text > QEMU_DISKS_TEXT_MAX) {
                         log_warning("Guest %s: its disks' backing chains hold more text than is kept of a guest "
                                     "(%u bytes); not read again from disk %s on.",

@@ -401,7 +401,7 @@ static int check_disk_names(const RegisterOptions *o, sd_bus_error *error) {
 /* Read every chain now, as untrusted headers, and refuse the registration if one is unsafe. */
 static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_bus_error *error) {
         _cleanup_strv_free_ char **forbidden = guest_forbidden_images(g), **claimed = manager_guest_claims(m, g);
-        size_t n = strv_length(o->disks) / 2;
+        size_t n = strv_length(o->disks) / 2, text = 0;
         int r;
 
         if (!forbidden || !claimed)
@@ -423,6 +423,11 @@ static int add_offline_disks(Manager *m, Guest *g, const RegisterOptions *o, sd_
                         return sd_bus_error_setf(error,
                                 r == -EACCES ? SD_BUS_ERROR_ACCESS_DENIED : SD_BUS_ERROR_INVALID_ARGS, "Disk '%s': %s",
                                 alias, why ?: strerror(-r));
+                text += disk_chain_text(alias, &chain);
+                if (text > QEMU_DISKS_TEXT_MAX)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                "Disk '%s': the disks' backing chains hold more than %u bytes of paths, more than "
+                                "is kept of a guest.", alias, QEMU_DISKS_TEXT_MAX);
                 r = disk_new(&d, g, &guest_disk_host, alias);
                 if (r < 0)
                         return r;

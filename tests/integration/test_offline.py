@@ -527,6 +527,32 @@ class OfflineTest(h.TestCase):
         self.assertDBusError(h.ERR_NO_SUCH_GUEST, self.client.call, h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest',
                              's', name)
 
+    def test_registration_past_what_a_start_reads_is_refused(self):
+        """A guest's record keeps its disks' chains, and a start reads back at most 512 KiB of their
+        text (what a QEMU's report of its disks is held to). 16 disks over one chain of 11 images
+        whose paths are 3.7 KiB long are 650 KiB: the registration was answered, and the next start
+        dropped the guest. Refused now, with nothing left behind; and 3 such disks still register."""
+        deep = os.path.join(self.env.images, self.unique_name('deep'), *(['d' * 200] * 18))
+        os.makedirs(deep)
+        h.qemu_img('create', '-q', '-f', 'qcow2', os.path.join(deep, 'l0'), '1M')
+        for k in range(1, 11):
+            h.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', 'l%d' % (k - 1), '-F', 'qcow2', 'l%d' % k],
+                  cwd=deep)
+        tops = {}
+        for i in range(16):
+            h.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', 'l10', '-F', 'qcow2', 't%d' % i], cwd=deep)
+            tops['vd%d' % i] = os.path.join(deep, 't%d' % i)
+        name = self.unique_name()
+        before = self.snapshot()
+        e = self.assertDBusError(h.ERR_LIMITS_EXCEEDED, self.register, name, '', o.offline_options(tops))
+        self.assertIn('bytes of paths', e.message)
+        self.assert_not_registered(name, before, 'a registration past the bound')
+        # Below the bound: registered, and still there after a restart.
+        self.register(name, '', o.offline_options({a: tops[a] for a in ('vd0', 'vd1', 'vd2')}))
+        self.addCleanup(self.unregister_quietly, name)
+        self.env.stop_daemon()
+        self.env.start_daemon()
+        self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'GetGuest', 's', name)
     def test_symlink_in_chain_refused(self):
         chains = self.make_chains(size=16 * MiB)
         c = chains['vda']
