@@ -44,10 +44,11 @@ static void op_release(RangeOp *op) {
         }
         helper_release(op->child); /* killed and reaped if still running */
         sd_event_source_disable_unref(op->control_source);
+        sd_event_source_disable_unref(op->control_resume);
         sd_event_source_disable_unref(op->cleanup_timer);
         sd_event_source_disable_unref(op->deadline);
         op->child = NULL;
-        op->control_source = op->cleanup_timer = op->deadline = NULL;
+        op->control_source = op->control_resume = op->cleanup_timer = op->deadline = NULL;
         op->call = NULL;
         op->pid = 0;
         closep(&op->control_fd);
@@ -299,8 +300,10 @@ static int handle_extent(RangeOp *op, const ControlPullMessage *msg) {
         ControlExtentKind k = msg->extent_kind;
         Extent *e, *l;
 
-        /* In order, contiguous, inside the range, sane: the helper is untrusted too. */
-        if (len == 0 || depth > 4096 || op->n_extents >= RANGE_EXTENTS_MAX)
+        /* In order, contiguous, inside the range, sane: the helper is untrusted too. An honest one
+         * sends no more extents than that (its --max-extents), merged: so many messages at most. */
+        if (len == 0 || depth > 4096 || op->n_extents >= RANGE_EXTENTS_MAX ||
+                ++op->n_extent_messages > RANGE_EXTENTS_MAX)
                 return -EBADMSG;
         if (off != (op->n_extents > 0 ? op->extents[op->n_extents - 1].offset + op->extents[op->n_extents - 1].length
                                       : op->offset) ||
@@ -319,6 +322,46 @@ static int handle_extent(RangeOp *op, const ControlPullMessage *msg) {
         }
         op->extents[op->n_extents++] = (Extent) { .offset = off, .length = len, .depth = (uint32_t) depth, .kind = (uint8_t) k };
         return 0;
+}
+
+/* A helper's messages other than a map's extents (bounded in number: handle_extent()) are read
+ * at most this fast after a burst. An honest helper says "ready", a progress report 4 times a
+ * second, then "done" or "error"; one taken over that floods them finds its socket read no faster
+ * (its sends then block), rather than the daemon spending its time on them. */
+#define CONTROL_RATE 50.0
+#define CONTROL_BURST 50.0
+
+static int control_resume(sd_event_source *s, uint64_t usec, void *userdata) {
+        RangeOp *op = userdata;
+
+        if (op->control_source)
+                (void) sd_event_source_set_enabled(op->control_source, SD_EVENT_ON);
+        return 0;
+}
+
+/* One message's token; none left: reading pauses until there is one. 0, or < 0: the op cannot be
+ * paced (it ends). */
+static int control_pace(RangeOp *op) {
+        TokenBucket *b = &op->control_tokens;
+        usec_t wait;
+        int r;
+
+        token_bucket_refill(b, CONTROL_RATE, CONTROL_BURST, now_usec(CLOCK_MONOTONIC));
+        b->tokens -= 1.0;
+        if (b->tokens >= 1.0 || !op->control_source)
+                return 0;
+        wait = (usec_t) ((1.0 - b->tokens) * (double) USEC_PER_SEC / CONTROL_RATE) + 1;
+        if (!op->control_resume)
+                r = sd_event_add_time_relative(sd_event_source_get_event(op->control_source), &op->control_resume,
+                        CLOCK_MONOTONIC, wait, 0, control_resume, op);
+        else {
+                r = sd_event_source_set_time_relative(op->control_resume, wait);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(op->control_resume, SD_EVENT_ONESHOT);
+        }
+        if (r >= 0)
+                r = sd_event_source_set_enabled(op->control_source, SD_EVENT_OFF);
+        return r;
 }
 
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -344,6 +387,10 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         r = control_parse_pull(buf, &msg);
+        if (msg.kind != CONTROL_PULL_EXTENT && control_pace(op) < 0) {
+                range_op_end(op, STREAM_FAILED, "the pull helper's messages could not be paced");
+                return 0;
+        }
         d = guest_find_disk(g, op->alias);
         if (!d) {
                 range_op_end(op, STREAM_FAILED, "the disk went away");

@@ -17,6 +17,7 @@
 #include "job.h"
 #include "peer.h"
 #include "helper.h"
+#include "util.h"
 
 typedef struct Disk Disk;
 typedef struct Guest Guest;
@@ -83,6 +84,9 @@ struct RangeOp {
         sd_event_source *child;
         int control_fd;
         sd_event_source *control_source;
+        sd_event_source *control_resume; /* reading paused: its messages came too fast */
+        TokenBucket control_tokens;      /* its messages but a map's extents */
+        size_t n_extent_messages;
         HelperLog *log;
         bool ready, stop_requested, got_done;
         bool copied_all; /* its last progress report said all of the range was done */

@@ -27,6 +27,10 @@
  *               never exits
  *   --pull ... --offset=262144
  *               "ready", then "done" and exit 0: a range called complete with nothing copied
+ *   --pull ... --offset=327680 --length=N
+ *               "ready", then "progress K N" for K = 1, 2, ... as fast as the daemon takes them
+ *               (blocking sends): a flood of well-formed messages, each of which the daemon
+ *               would apply
  *   --map ... --offset=12288
  *               "ready", 100 "error chatter" messages, a message of no known kind, then exit 0 at
  *               once (test_untrusted.py stops the daemon until it has: its exit and its messages
@@ -34,6 +38,8 @@
  */
 
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -78,6 +84,23 @@ int main(int argc, char **argv) {
                         say("ready\n", 6);
                         say("done\n", 5);
                         return 0;
+                }
+
+        for (int i = 1; i < argc && !map; i++)
+                if (strcmp(argv[i], "--offset=327680") == 0) {
+                        unsigned long long total = 0;
+                        char line[64];
+
+                        for (int k = 1; k < argc; k++)
+                                if (strncmp(argv[k], "--length=", 9) == 0)
+                                        total = strtoull(argv[k] + 9, NULL, 10);
+                        say("ready\n", 6);
+                        for (unsigned long long k = 1; k < total; k++) {
+                                int n = snprintf(line, sizeof(line), "progress %llu %llu\n", k, total);
+                                if (send(CONTROL_FD, line, (size_t) n, MSG_NOSIGNAL) < 0)
+                                        return 1;
+                        }
+                        return 1;
                 }
 
         for (int i = 1; i < argc && !map; i++)

@@ -107,6 +107,25 @@ class HostileHelperTest(h.TestCase):
         self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed')
         self.check_disk_error(g, 'Error loaded from an old state file')
 
+    def test_a_message_flood_is_paced(self):
+        """A helper taken over that sends well-formed progress reports as fast as it can
+        (hostile-pull.c, --offset=327680: "progress K TOTAL" for K = 1, 2, ...) had each one
+        received, parsed and applied, as fast as it sent them: the daemon's time went to it.
+        Its messages other than a map's extents are read at most 50 a second after a burst of
+        50 now (its sends block meanwhile): BytesDone, the last K applied, says how many were."""
+        g = self.new_guest(size=64 * MiB)
+        d = g.disk()
+        t0 = time.monotonic()
+        d.start(327680, 32 * MiB)
+        h.wait_until(lambda: d.prop('BytesDone') > 0, 20, 'the first progress report')
+        time.sleep(2)
+        done, elapsed = d.prop('BytesDone'), time.monotonic() - t0
+        self.assertEqual(d.prop('State'), 'running')
+        self.assertLessEqual(done, 50 + 50 * elapsed + 1,
+                             '%d progress reports applied in %.1f s' % (done, elapsed))
+        self.client.call(d.path, h.IFACE_STREAM, 'Cancel')
+        self.assertEqual(d.wait_finished(timeout=30)[0], 'cancelled')
+
     def test_map_error_not_utf8(self):
         g = self.new_guest(size=64 * MiB)
         e = self.assertDBusError(ERR_HELPER_FAILED, self.client.call, g.disk().path, h.IFACE_STREAM,
