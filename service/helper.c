@@ -304,3 +304,24 @@ int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
         *ret = l;
         return 0;
 }
+
+int helper_control_pace(TokenBucket *b, double rate, double burst, sd_event_source *source,
+        sd_event_source **resume, sd_event_time_handler_t handler, void *userdata) {
+        usec_t wait;
+        int r;
+
+        token_bucket_refill(b, rate, burst, now_usec(CLOCK_MONOTONIC));
+        b->tokens -= 1.0;
+        if (b->tokens >= 1.0 || !source)
+                return 0;
+        wait = (usec_t) ((1.0 - b->tokens) * (double) USEC_PER_SEC / rate) + 1;
+        if (!*resume)
+                r = sd_event_add_time_relative(sd_event_source_get_event(source), resume, CLOCK_MONOTONIC, wait, 0,
+                        handler, userdata);
+        else {
+                r = sd_event_source_set_time_relative(*resume, wait);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(*resume, SD_EVENT_ONESHOT);
+        }
+        return r < 0 ? r : sd_event_source_set_enabled(source, SD_EVENT_OFF);
+}

@@ -28,6 +28,14 @@ typedef struct HelperLog HelperLog;
 int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
 HelperLog *helper_log_free(HelperLog *l);
 
+/* A helper's control socket read no faster than rate messages a second after burst: call for each
+ * message read from source. A token is spent; none left, source is turned off and *resume (made if
+ * NULL) armed to call handler once one is back, which turns the owner's source on again if it
+ * still has it (so a helper that floods finds its sends blocked, not the daemon busy). 0, or < 0
+ * if it could not be paced: the owner ends the helper's work. */
+int helper_control_pace(TokenBucket *b, double rate, double burst, sd_event_source *source,
+        sd_event_source **resume, sd_event_time_handler_t handler, void *userdata);
+
 #define HELPER_FDS_MAX 8
 
 typedef struct HelperSpec {

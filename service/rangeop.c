@@ -339,31 +339,6 @@ static int control_resume(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* One message's token; none left: reading pauses until there is one. 0, or < 0: the op cannot be
- * paced (it ends). */
-static int control_pace(RangeOp *op) {
-        TokenBucket *b = &op->control_tokens;
-        usec_t wait;
-        int r;
-
-        token_bucket_refill(b, CONTROL_RATE, CONTROL_BURST, now_usec(CLOCK_MONOTONIC));
-        b->tokens -= 1.0;
-        if (b->tokens >= 1.0 || !op->control_source)
-                return 0;
-        wait = (usec_t) ((1.0 - b->tokens) * (double) USEC_PER_SEC / CONTROL_RATE) + 1;
-        if (!op->control_resume)
-                r = sd_event_add_time_relative(sd_event_source_get_event(op->control_source), &op->control_resume,
-                        CLOCK_MONOTONIC, wait, 0, control_resume, op);
-        else {
-                r = sd_event_source_set_time_relative(op->control_resume, wait);
-                if (r >= 0)
-                        r = sd_event_source_set_enabled(op->control_resume, SD_EVENT_ONESHOT);
-        }
-        if (r >= 0)
-                r = sd_event_source_set_enabled(op->control_source, SD_EVENT_OFF);
-        return r;
-}
-
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         RangeOp *op = userdata;
         Guest *g = op->guest;
@@ -387,7 +362,9 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         r = control_parse_pull(buf, &msg);
-        if (msg.kind != CONTROL_PULL_EXTENT && control_pace(op) < 0) {
+        if (msg.kind != CONTROL_PULL_EXTENT &&
+                helper_control_pace(&op->control_tokens, CONTROL_RATE, CONTROL_BURST, op->control_source,
+                        &op->control_resume, control_resume, op) < 0) {
                 range_op_end(op, STREAM_FAILED, "the pull helper's messages could not be paced");
                 return 0;
         }
