@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
 /* A compromised blockstream-nbd-relay that says "ready", then "error …" as fast as it can, then
- * "clients 2" and "clients 3" in turn as fast as it can, and writes line after line to its stderr (tests/integration/test_untrusted.py puts it in a
- * HelperDirectory= of its own): the daemon's log must not become its megaphone. */
+ * "clients 2" and "clients 3" in turn as fast as it can, then "clients 1", and writes line after
+ * line to its stderr (tests/integration/test_untrusted.py puts it in a HelperDirectory= of its
+ * own): the daemon's log must not become its megaphone. On SIGUSR2 it sends counts as fast as it
+ * can: the daemon must not spend its time on them. */
 
+#include <signal.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -14,7 +17,14 @@
 #define N_COUNTS 500
 
 int main(void) {
+        sigset_t usr2;
         char buf[64];
+
+        /* Held until it is waited for below: the test may send it before. */
+        sigemptyset(&usr2);
+        sigaddset(&usr2, SIGUSR2);
+        if (sigprocmask(SIG_BLOCK, &usr2, NULL) < 0)
+                return 1;
 
         if (send(CONTROL_FD, "ready\n", 6, MSG_NOSIGNAL) < 0)
                 return 1;
@@ -37,6 +47,18 @@ int main(void) {
         sleep(2);
         fprintf(stderr, "END\n");
         fflush(stderr);
-        for (;;)
-                pause();
+        /* On SIGUSR2: "clients K" for K = 2, 3, ... as fast as the daemon takes them (blocking
+         * sends), each one well-formed and a change the daemon would apply. */
+        for (;;) {
+                int sig;
+
+                if (sigwait(&usr2, &sig) != 0)
+                        return 1;
+                for (int k = 2; k < 1000000; k++) {
+                        int n = snprintf(buf, sizeof(buf), "clients %d\n", k);
+
+                        if (send(CONTROL_FD, buf, (size_t) n, MSG_NOSIGNAL) < 0)
+                                return 1;
+                }
+        }
 }
