@@ -101,8 +101,16 @@ static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t
         if (r <= 0)
                 return r;
         *ret_backend = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing || !(*ret_backend)->runs(d) || !(*ret_backend)->reachable(d))
+        if (!job_is_active(&d->job) || d->finalizing || !(*ret_backend)->runs(d)) {
                 *ret_backend = NULL;
+                return 1;
+        }
+        /* A job runs that cannot be told: as Cancel, Pause and Resume, refused with nothing changed
+         * (a new default alone, answered as success, would leave the job at its old speed). */
+        if (!(*ret_backend)->reachable(d))
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.",
+                        d->alias);
         return 1;
 }
 

@@ -9,6 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+from fakeqemu import FakeQemu  # noqa: E402
 from harness import T, S, opts, MiB  # noqa: E402
 
 SIZE = 256 * MiB
@@ -442,6 +443,35 @@ class StreamTest(h.TestCase):
         a.cancel()
         self.assertEqual(a.wait_finished(30, since)[0], 'cancelled')
         self.assertEqual(len(b.finished(since)), 1)
+
+
+class UnreachableQemuTest(h.TestCase):
+    """A job whose QEMU the daemon cannot reach: a fake QEMU that broke the protocol (the daemon
+    hangs up, and keeps its jobs as they were until a connection tells) and hangs up on every
+    reconnect."""
+
+    def test_settings_of_a_job_out_of_reach_are_refused(self):
+        """SetBandwidth and SetMaxGuestLatency answered success and set only the next job's
+        default: the running job went on at its old speed. Refused now, as Cancel, Pause and
+        Resume are, with nothing changed."""
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
+        self.addCleanup(fake.close)
+        gpath = self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        fake.hang_up_after_caps = True
+        fake.send_raw(b'{"not QMP"\r\n')
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, 30)
+        self.assertEqual(d.prop('State'), 'running')
+        for method, value, prop, before in (('SetBandwidth', 8 * MiB, 'Bandwidth', 4 * MiB),
+                                            ('SetMaxGuestLatency', 5000, 'MaxGuestLatency', 0)):
+            e = self.assertDBusError(h.ERR_NOT_RUNNING, d.call, method, 't', T(value))
+            self.assertIn('cannot be changed now', e.message)
+            self.assertEqual(d.prop(prop), before, '%s changed %s' % (method, prop))
 
 
 class ProgressBudgetTest(h.TestCase):
