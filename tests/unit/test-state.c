@@ -298,24 +298,32 @@ static void test_pivot_record(void) {
         state_guest_done(&g);
 }
 
-/* A disk's alias and node name in a guest's record: checked as where they came from (QEMU,
- * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. extra: more of the
- * disk's fields (",\"key\":value…"). */
-static int parse_guest_disk_with(const char *alias, const char *node, const char *extra) {
+/* A guest record of one disk, alias over node, with job (a job object's JSON) and the disk's other
+ * fields extra (",\"key\":value..."), loaded into *ret. */
+static int parse_record(const char *alias, const char *node, const char *job, const char *extra, StateGuest *ret) {
         _cleanup_free_ char *json = strdup_printf(
                 "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
                 "\"job_seq\":1,\"disks\":[{\"alias\":\"%s\",\"node_name\":\"%s\",\"path\":\"/img/top.qcow2\","
                 "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
-                "\"bandwidth\":0,\"job\":{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,\"length\":0,\"done\":0,"
-                "\"total\":0,\"bandwidth\":0,\"start_time\":0}%s}]}",
-                alias, node, extra);
+                "\"bandwidth\":0,\"job\":%s%s}]}",
+                alias, node, job, extra);
         _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
-        StateGuest g = {};
-        int r;
 
         if (!o)
                 return -EINVAL;
-        r = state_guest_from_json(o, "vm1.json", &g);
+        return state_guest_from_json(o, "vm1.json", ret);
+}
+
+/* A disk's alias and node name in a guest's record: checked as where they came from (QEMU,
+ * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. An idle job. */
+static int parse_guest_disk_with(const char *alias, const char *node, const char *extra) {
+        StateGuest g = {};
+        int r;
+
+        r = parse_record(alias, node,
+                "{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,\"length\":0,\"done\":0,\"total\":0,"
+                "\"bandwidth\":0,\"start_time\":0}",
+                extra, &g);
         state_guest_done(&g);
         return r;
 }
@@ -350,19 +358,14 @@ static void test_job_base_record(void) {
 
 /* Who started a range or prefetch job (their share), and whether it ran in the guest-latency mode:
  * read back; absent (a record from before) as "not known"; anything else refused. */
+/* A running range job with job_extra among its fields. */
 static int parse_job_fields(const char *job_extra, const char *disk_extra, StateGuest *ret) {
-        _cleanup_free_ char *json = strdup_printf(
-                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
-                "\"job_seq\":1,\"disks\":[{\"alias\":\"vda\",\"node_name\":\"n\",\"path\":\"/img/top.qcow2\","
-                "\"format\":\"qcow2\",\"chain\":[],\"chain_nodes\":[],\"size\":1048576,\"cluster_size\":65536,"
-                "\"bandwidth\":0,\"job\":{\"state\":\"running\",\"mode\":\"range\",\"offset\":0,\"length\":65536,"
-                "\"done\":0,\"total\":65536,\"bandwidth\":0,\"start_time\":1%s}%s}]}",
-                job_extra, disk_extra);
-        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+        _cleanup_free_ char *job = strdup_printf(
+                "{\"state\":\"running\",\"mode\":\"range\",\"offset\":0,\"length\":65536,\"done\":0,"
+                "\"total\":65536,\"bandwidth\":0,\"start_time\":1%s}",
+                job_extra);
 
-        if (!o)
-                return -EINVAL;
-        return state_guest_from_json(o, "vm1.json", ret);
+        return job ? parse_record("vda", "n", job, disk_extra, ret) : -ENOMEM;
 }
 
 static void test_job_caller_and_latency_mode(void) {
@@ -377,7 +380,7 @@ static void test_job_caller_and_latency_mode(void) {
         g = (StateGuest) {};
         ASSERT_OK(parse_job_fields("", ",\"job_latency_mode\":false", &g));
         if (g.n_disks == 1) {
-                ASSERT_EQ(g.disks[0].job.caller, (uid_t) -1);
+                ASSERT_EQ(g.disks[0].job.caller, UID_INVALID);
                 ASSERT_EQ(g.disks[0].job_latency_mode, 0);
         }
         state_guest_done(&g);
