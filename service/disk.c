@@ -67,6 +67,7 @@ Disk *disk_free(Disk *d) {
         free(d->job_base);
         free(d->map_export);
         free(d->map_export_node);
+        free(d->histogram_left);
         free(d->alias);
         free(d->object_path);
         free(d->node_name);

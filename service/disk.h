@@ -11,6 +11,7 @@
 
 #include "job.h"
 #include "qemu.h"
+#include "qmp-socket.h"
 
 typedef struct Guest Guest;
 typedef struct ImageChain ImageChain;
@@ -30,6 +31,8 @@ typedef struct DiskHost {
          * waits for the next value). */
         sd_event *(*event)(Guest *g);
         bool (*qmp_ready)(Guest *g);
+        /* The QEMU process of the QMP connection, last seen ({0}: not known). */
+        QemuInstance (*qemu)(Guest *g);
         int (*save)(Guest *g);
         void (*save_later)(Guest *g);
         /* Save, and go on in then once it is on disk (guest_save_then()). */
@@ -74,6 +77,11 @@ typedef struct Disk {
         char *map_export;
         char *map_export_node;
         unsigned map_export_users;
+        /* The read-latency histogram the guest-latency mode set on the device histogram_left (a
+         * qdev path) of QEMU histogram_left_qemu, left as the mode ended without a QMP connection:
+         * removed at the next connection if it is to that QEMU, else forgotten (guest-peer.c). */
+        char *histogram_left;
+        QemuInstance histogram_left_qemu;
         /* Removes map_export once unused: set by map.c along with it (the disk calls down into
          * no map code). */
         void (*map_export_releaser)(struct Disk *d);

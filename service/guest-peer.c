@@ -15,6 +15,7 @@
 #include "guest.h"
 #include "engine.h"
 #include "image.h"
+#include "qemu-stats.h"
 #include "sandbox.h"
 #include "util.h"
 #define POLL_INTERVAL_USEC (250 * USEC_PER_MSEC) /* progress at most 4 times a second */
@@ -551,6 +552,23 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
 
 /* A running guest's QEMU connected, or its connection broke (an offline guest's storage helper is
  * the peer's). */
+/* Histograms the guest-latency mode left as it ended without a connection: removed from the QEMU
+ * they were set on, if this is it; forgotten otherwise (a QEMU since started at the socket may
+ * have one of someone else's on a device of that name). */
+static void guest_histograms_cleanup(Guest *g) {
+        for (size_t i = 0; i < g->n_disks; i++) {
+                Disk *d = g->disks[i];
+
+                if (!d->histogram_left)
+                        continue;
+                if (qemu_instance_same(&d->histogram_left_qemu, &g->qmp_qemu) &&
+                        qemu_block_latency_histogram_clear(g->peer.qmp, d->histogram_left, NULL, NULL, NULL) < 0)
+                        log_warning("Guest %s disk %s: cannot remove the latency histogram of %s.", g->name, d->alias,
+                                d->histogram_left);
+                d->histogram_left = mfree(d->histogram_left);
+        }
+}
+
 static void guest_on_state(void *userdata, int error) {
         Guest *g = userdata;
         Qmp *q = g->peer.qmp;
@@ -568,6 +586,7 @@ static void guest_on_state(void *userdata, int error) {
         /* reconnect_attempts is reset only once this connection proved stable (above). */
         guest_emit_changed(g, "Running");
         peer_nbd_cleanup_leftovers(&g->peer); /* first: commands run in order */
+        guest_histograms_cleanup(g);
         r = qemu_query_block_jobs(q, connect_jobs_reply, g, NULL);
         if (r < 0) {
                 if (g->register_call)

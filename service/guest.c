@@ -590,6 +590,10 @@ static sd_event *disk_host_event(Guest *g) {
         return g->engine->event;
 }
 
+static QemuInstance disk_host_qemu(Guest *g) {
+        return g->qmp_qemu;
+}
+
 static ProgressBudget *disk_host_progress_budget(Guest *g) {
         return &g->engine->progress;
 }
@@ -602,6 +606,7 @@ const DiskHost guest_disk_host = {
         .bus = disk_host_bus,
         .event = disk_host_event,
         .qmp_ready = guest_qmp_ready,
+        .qemu = disk_host_qemu,
         .save = guest_save,
         .save_later = guest_save_later,
         .save_then = guest_save_then,

@@ -30,6 +30,10 @@ int qmp_socket_instance(int proc_fd, pid_t pid, QemuInstance *ret);
 static inline bool qemu_instance_known(const QemuInstance *i) {
         return i->pid > 0 && i->start > 0;
 }
+/* Known to be one process: both known, and alike. */
+static inline bool qemu_instance_same(const QemuInstance *a, const QemuInstance *b) {
+        return qemu_instance_known(a) && qemu_instance_known(b) && a->pid == b->pid && a->start == b->start;
+}
 
 typedef struct QmpSocketPin {
         bool set;

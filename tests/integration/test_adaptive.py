@@ -173,6 +173,65 @@ class AdaptiveEnginesTest(h.TestCase):
         d.wait_finished(60)
 
 
+class AdaptiveLeftHistogramTest(h.TestCase):
+    """The mode ends while the daemon has no QMP connection to the guest's QEMU."""
+
+    def fake_with_stats(self, path, name, sets):
+        """A fake QEMU whose device reports read statistics, and our histogram once one was set;
+        each block-latency-histogram-set's arguments go to sets."""
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
+        self.addCleanup(fake.close)
+        n = [0]
+
+        def replies(cmd):
+            if cmd.get('execute') == 'block-latency-histogram-set':
+                sets.append(cmd.get('arguments'))
+                return None
+            if cmd.get('execute') != 'query-blockstats':
+                return None
+            n[0] += 1
+            stats = {'rd_operations': n[0], 'wr_operations': 0, 'flush_operations': 0, 'rd_bytes': n[0] * 4096,
+                     'wr_bytes': 0}
+            if sets and 'boundaries-read' in sets[-1]:
+                stats['rd_latency_histogram'] = {'boundaries': BOUNDARIES, 'bins': [n[0]] + [0] * len(BOUNDARIES)}
+            return json.dumps({'return': [{'device': '', 'qdev': QDEV, 'stats': stats}],
+                               'id': cmd.get('id')}).encode() + b'\r\n'
+        fake.hostile_replies = replies
+        return fake
+
+    def test_a_histogram_left_is_removed_at_the_next_connection(self):
+        """The mode's histogram was removed only over a working connection: a job that failed
+        with its QEMU out of reach left it on the device for good, and the next mode there took it
+        for someone else's. It is removed at the next connection to that QEMU now (here the same
+        process listens again at the socket; a QEMU started anew there is not touched)."""
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        sets = []
+        fake = self.fake_with_stats(path, name, sets)
+        gpath = self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        d.start(0, 0, opts(max_guest_latency=T(2000), engine=S('stream')))
+        h.wait_until(lambda: sets, 30, 'the mode to set its histogram')
+        self.assertEqual(sets, [{'id': QDEV, 'boundaries-read': BOUNDARIES}])
+        # The connection breaks (a protocol error), and the socket is gone when the daemon tries
+        # again: the job fails, and the mode ends, with no connection.
+        fake.hang_up_after_caps = True
+        fake.close()
+        fake._srv.close()
+        os.unlink(path)
+        fake.send_raw(b'{"not QMP"\r\n')
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, 30)
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'failed', 60)
+        # Back at the socket: the histogram goes at the next connection.
+        again = []
+        self.fake_with_stats(path, name, again)
+        self.client.try_call(gpath, h.IFACE_GUEST, 'Refresh', timeout=30)
+        self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', True, 60)
+        h.wait_until(lambda: again, 30, 'the histogram left to be removed')
+        self.assertEqual(again, [{'id': QDEV}])
+
+
 class AdaptiveHostileQemuTest(h.TestCase):
     """A guest's QEMU is untrusted (a compromised guest may own it): what it says in
     query-blockstats steers nothing it should not."""
