@@ -84,8 +84,7 @@ struct Export {
         sd_event_source *ready_timer; /* the relay must say "ready" by then */
         int control_fd;
         sd_event_source *control_source;
-        sd_event_source *control_resume; /* reading paused: its messages came too fast */
-        TokenBucket control_tokens;
+        HelperPace control_pace;
         HelperLog *log;
         sd_bus_message *create_call; /* the Export() call, answered once the relay is ready */
 

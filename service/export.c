@@ -104,7 +104,7 @@ static Export *export_free(Export *e) {
                 sd_bus_message_unref(e->create_call);
         }
         sd_event_source_disable_unref(e->control_source);
-        sd_event_source_disable_unref(e->control_resume);
+        helper_pace_done(&e->control_pace);
         sd_event_source_disable_unref(e->retry_source);
         sd_event_source_disable_unref(e->rebind_source);
         sd_event_source_disable_unref(e->ready_timer);
@@ -187,7 +187,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         if (!remove_object) {
                 /* A failed export stays visible until Stop(): clean up everything but the object. */
                 e->control_source = sd_event_source_disable_unref(e->control_source);
-                e->control_resume = sd_event_source_disable_unref(e->control_resume);
+                helper_pace_done(&e->control_pace);
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
                 e->rebind_source = sd_event_source_disable_unref(e->rebind_source);
                 e->ready_timer = sd_event_source_disable_unref(e->ready_timer);
@@ -245,7 +245,6 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
         return 0;
 }
 
-/* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
 /* A relay's messages are read at most this fast after a burst: an honest one says "ready", then a
  * "connect" and a "clients" count for each client that comes (64 at once) and a count for each
  * that goes; one taken over by an NBD client must not keep the daemon (and the bus, with Clients)
@@ -253,13 +252,7 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 #define CONTROL_RATE 128.0
 #define CONTROL_BURST 256.0
 
-static int control_resume(sd_event_source *s, uint64_t usec, void *userdata) {
-        Export *e = userdata;
-
-        if (e->control_source)
-                (void) sd_event_source_set_enabled(e->control_source, SD_EVENT_ON);
-        return 0;
-}
+/* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
 
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Export *e = userdata;
@@ -285,8 +278,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         r = control_parse_relay(buf, &msg);
-        if (helper_control_pace(&e->control_tokens, CONTROL_RATE, CONTROL_BURST, e->control_source, &e->control_resume,
-                    control_resume, e) < 0) {
+        if (helper_pace(&e->control_pace, &e->control_source, CONTROL_RATE, CONTROL_BURST) < 0) {
                 export_fail(e, "the NBD relay helper's messages could not be paced");
                 return 0;
         }

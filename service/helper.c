@@ -305,23 +305,35 @@ int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix) {
         return 0;
 }
 
-int helper_control_pace(TokenBucket *b, double rate, double burst, sd_event_source *source,
-        sd_event_source **resume, sd_event_time_handler_t handler, void *userdata) {
+static int pace_resume(sd_event_source *s, uint64_t usec, void *userdata) {
+        HelperPace *p = userdata;
+
+        if (*p->source)
+                (void) sd_event_source_set_enabled(*p->source, SD_EVENT_ON);
+        return 0;
+}
+
+int helper_pace(HelperPace *p, sd_event_source **source, double rate, double burst) {
         usec_t wait;
         int r;
 
-        token_bucket_refill(b, rate, burst, now_usec(CLOCK_MONOTONIC));
-        b->tokens -= 1.0;
-        if (b->tokens >= 1.0 || !source)
+        p->source = source;
+        token_bucket_refill(&p->tokens, rate, burst, now_usec(CLOCK_MONOTONIC));
+        p->tokens.tokens -= 1.0;
+        if (p->tokens.tokens >= 1.0 || !*source)
                 return 0;
-        wait = (usec_t) ((1.0 - b->tokens) * (double) USEC_PER_SEC / rate) + 1;
-        if (!*resume)
-                r = sd_event_add_time_relative(sd_event_source_get_event(source), resume, CLOCK_MONOTONIC, wait, 0,
-                        handler, userdata);
+        wait = (usec_t) ((1.0 - p->tokens.tokens) * (double) USEC_PER_SEC / rate) + 1;
+        if (!p->resume)
+                r = sd_event_add_time_relative(sd_event_source_get_event(*source), &p->resume, CLOCK_MONOTONIC, wait, 0,
+                        pace_resume, p);
         else {
-                r = sd_event_source_set_time_relative(*resume, wait);
+                r = sd_event_source_set_time_relative(p->resume, wait);
                 if (r >= 0)
-                        r = sd_event_source_set_enabled(*resume, SD_EVENT_ONESHOT);
+                        r = sd_event_source_set_enabled(p->resume, SD_EVENT_ONESHOT);
         }
-        return r < 0 ? r : sd_event_source_set_enabled(source, SD_EVENT_OFF);
+        return r < 0 ? r : sd_event_source_set_enabled(*source, SD_EVENT_OFF);
+}
+
+void helper_pace_done(HelperPace *p) {
+        p->resume = sd_event_source_disable_unref(p->resume);
 }

@@ -28,13 +28,19 @@ typedef struct HelperLog HelperLog;
 int helper_log_new(HelperLog **ret, sd_event *e, int fd, const char *prefix);
 HelperLog *helper_log_free(HelperLog *l);
 
-/* A helper's control socket read no faster than rate messages a second after burst: call for each
- * message read from source. A token is spent; none left, source is turned off and *resume (made if
- * NULL) armed to call handler once one is back, which turns the owner's source on again if it
- * still has it (so a helper that floods finds its sends blocked, not the daemon busy). 0, or < 0
- * if it could not be paced: the owner ends the helper's work. */
-int helper_control_pace(TokenBucket *b, double rate, double burst, sd_event_source *source,
-        sd_event_source **resume, sd_event_time_handler_t handler, void *userdata);
+/* A helper's control socket read no faster than rate messages a second after burst, so that a
+ * helper that floods finds its sends blocked rather than the daemon busy. Kept in the struct that
+ * owns the socket's source; helper_pace_done() when that lets go of it. */
+typedef struct HelperPace {
+        TokenBucket tokens;
+        sd_event_source **source; /* the owner's source of the socket (set by helper_pace()) */
+        sd_event_source *resume;  /* armed while reading is paused */
+} HelperPace;
+/* Call for each message read from *source. A token is spent; none left, *source is turned off until
+ * one is back (and on again then if the owner still has a source there). 0, or < 0 if it could
+ * not be paced: the owner ends the helper's work. */
+int helper_pace(HelperPace *p, sd_event_source **source, double rate, double burst);
+void helper_pace_done(HelperPace *p);
 
 #define HELPER_FDS_MAX 8
 

@@ -44,11 +44,11 @@ static void op_release(RangeOp *op) {
         }
         helper_release(op->child); /* killed and reaped if still running */
         sd_event_source_disable_unref(op->control_source);
-        sd_event_source_disable_unref(op->control_resume);
+        helper_pace_done(&op->control_pace);
         sd_event_source_disable_unref(op->cleanup_timer);
         sd_event_source_disable_unref(op->deadline);
         op->child = NULL;
-        op->control_source = op->control_resume = op->cleanup_timer = op->deadline = NULL;
+        op->control_source = op->cleanup_timer = op->deadline = NULL;
         op->call = NULL;
         op->pid = 0;
         closep(&op->control_fd);
@@ -331,14 +331,6 @@ static int handle_extent(RangeOp *op, const ControlPullMessage *msg) {
 #define CONTROL_RATE 50.0
 #define CONTROL_BURST 50.0
 
-static int control_resume(sd_event_source *s, uint64_t usec, void *userdata) {
-        RangeOp *op = userdata;
-
-        if (op->control_source)
-                (void) sd_event_source_set_enabled(op->control_source, SD_EVENT_ON);
-        return 0;
-}
-
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         RangeOp *op = userdata;
         Guest *g = op->guest;
@@ -363,8 +355,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         }
         r = control_parse_pull(buf, &msg);
         if (msg.kind != CONTROL_PULL_EXTENT &&
-                helper_control_pace(&op->control_tokens, CONTROL_RATE, CONTROL_BURST, op->control_source,
-                        &op->control_resume, control_resume, op) < 0) {
+                helper_pace(&op->control_pace, &op->control_source, CONTROL_RATE, CONTROL_BURST) < 0) {
                 range_op_end(op, STREAM_FAILED, "the pull helper's messages could not be paced");
                 return 0;
         }

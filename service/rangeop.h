@@ -84,8 +84,7 @@ struct RangeOp {
         sd_event_source *child;
         int control_fd;
         sd_event_source *control_source;
-        sd_event_source *control_resume; /* reading paused: its messages came too fast */
-        TokenBucket control_tokens;      /* its messages but a map's extents */
+        HelperPace control_pace; /* its messages but a map's extents */
         size_t n_extent_messages;
         HelperLog *log;
         bool ready, stop_requested, got_done;

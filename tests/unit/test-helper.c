@@ -389,6 +389,51 @@ static void test_start_failure_leaves_nothing(void) {
         ASSERT_EQ(count_fds(), fds_before);
 }
 
+static int pace_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        return 0;
+}
+
+/* helper_pace(): after the burst the source is turned off, and on again once a token is back; a
+ * source its owner dropped meanwhile is not touched (the owner's pointer is NULL then). */
+static void test_pace(void) {
+        sd_event *e = NULL;
+        sd_event_source *source = NULL;
+        HelperPace p = {};
+        int pair[2], enabled = -1;
+        usec_t deadline;
+
+        ASSERT_OK(sd_event_new(&e));
+        ASSERT_OK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair));
+        ASSERT_OK(sd_event_add_io(e, &source, pair[0], EPOLLIN, pace_io, NULL));
+        for (int i = 0; i < 3; i++)
+                ASSERT_OK(helper_pace(&p, &source, 1000.0, 4.0));
+        ASSERT_OK(sd_event_source_get_enabled(source, &enabled));
+        ASSERT_EQ(enabled, SD_EVENT_ON);
+        ASSERT_OK(helper_pace(&p, &source, 1000.0, 4.0)); /* the burst spent */
+        ASSERT_OK(sd_event_source_get_enabled(source, &enabled));
+        ASSERT_EQ(enabled, SD_EVENT_OFF);
+        ASSERT_NOT_NULL(p.resume);
+        deadline = now_usec(CLOCK_MONOTONIC) + WAIT_LIMIT_USEC;
+        while (enabled == SD_EVENT_OFF && now_usec(CLOCK_MONOTONIC) < deadline) {
+                ASSERT_OK(sd_event_run(e, 100 * USEC_PER_MSEC));
+                ASSERT_OK(sd_event_source_get_enabled(source, &enabled));
+        }
+        ASSERT_EQ(enabled, SD_EVENT_ON);
+
+        /* Paused again, then the owner drops its source: the resume finds nothing to turn on. */
+        while (sd_event_source_get_enabled(source, &enabled) >= 0 && enabled == SD_EVENT_ON)
+                ASSERT_OK(helper_pace(&p, &source, 1000.0, 4.0));
+        source = sd_event_source_disable_unref(source);
+        deadline = now_usec(CLOCK_MONOTONIC) + 50 * USEC_PER_MSEC;
+        while (now_usec(CLOCK_MONOTONIC) < deadline)
+                ASSERT_OK(sd_event_run(e, 10 * USEC_PER_MSEC));
+        helper_pace_done(&p);
+        ASSERT_NULL(p.resume);
+        close(pair[0]);
+        close(pair[1]);
+        sd_event_unref(e);
+}
+
 int main(int argc, char **argv) {
         sigset_t mask;
 
@@ -418,5 +463,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_release_running);
         TAP_RUN(test_release_exited);
         TAP_RUN(test_start_failure_leaves_nothing);
+        TAP_RUN(test_pace);
         return tap_finish();
 }
