@@ -101,12 +101,19 @@ static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t
         if (r <= 0)
                 return r;
         *ret_backend = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing || !(*ret_backend)->runs(d)) {
+        if (!job_is_active(&d->job) || d->finalizing) {
                 *ret_backend = NULL;
                 return 1;
         }
-        /* A job runs that cannot be told: as Cancel, Pause and Resume, refused with nothing changed
-         * (a new default alone, answered as success, would leave the job at its old speed). */
+        /* A job that cannot be told: refused with nothing changed (a new default alone, answered as
+         * success, would leave the job at its old speed when it goes on). As Cancel, Pause and
+         * Resume: one carried on after a restart whose helper or QEMU job is not back yet, */
+        if (!(*ret_backend)->runs(d))
+                return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
+                        "The job of disk '%s' has no helper or QEMU job running now (it is being carried on after a "
+                        "restart); it cannot be changed until it runs again.",
+                        d->alias);
+        /* or one in a QEMU the daemon has no QMP connection to. */
         if (!(*ret_backend)->reachable(d))
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "No QMP connection to the QEMU running the job of disk '%s'; it cannot be changed now.",

@@ -3,6 +3,7 @@
 """org.blockstream1.BlockStream: full-device streaming through D-Bus against the real daemon
 and a real QEMU, checked on the images afterwards."""
 
+import json
 import os
 import sys
 import time
@@ -450,28 +451,54 @@ class UnreachableQemuTest(h.TestCase):
     hangs up, and keeps its jobs as they were until a connection tells) and hangs up on every
     reconnect."""
 
-    def test_settings_of_a_job_out_of_reach_are_refused(self):
-        """SetBandwidth and SetMaxGuestLatency answered success and set only the next job's
-        default: the running job went on at its old speed. Refused now, as Cancel, Pause and
-        Resume are, with nothing changed."""
+    def fake_guest(self):
         name = self.unique_name()
         path = os.path.join(self.env.dir, '%s.sock' % name)
         fake = FakeQemu(path, os.path.join(self.env.images, name))
         self.addCleanup(fake.close)
         gpath = self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
-        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        return name, fake, gpath, h.Disk(self.client, h.disk_path(name, 'vda'))
+
+    def assert_settings_refused(self, d, text):
+        for method, value, prop, before in (('SetBandwidth', 8 * MiB, 'Bandwidth', 4 * MiB),
+                                            ('SetMaxGuestLatency', 5000, 'MaxGuestLatency', 0)):
+            e = self.assertDBusError(h.ERR_NOT_RUNNING, d.call, method, 't', T(value))
+            self.assertIn(text, e.message)
+            self.assertEqual(d.prop(prop), before, '%s changed %s' % (method, prop))
+
+    def test_settings_of_a_job_out_of_reach_are_refused(self):
+        """SetBandwidth and SetMaxGuestLatency answered success and set only the next job's
+        default: the running job went on at its old speed. Refused now, as Cancel, Pause and
+        Resume are, with nothing changed."""
+        name, fake, gpath, d = self.fake_guest()
         d.start(0, 0, opts(bandwidth=T(4 * MiB), engine=S('stream')))
         self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
         fake.hang_up_after_caps = True
         fake.send_raw(b'{"not QMP"\r\n')
         self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, 30)
         self.assertEqual(d.prop('State'), 'running')
-        for method, value, prop, before in (('SetBandwidth', 8 * MiB, 'Bandwidth', 4 * MiB),
-                                            ('SetMaxGuestLatency', 5000, 'MaxGuestLatency', 0)):
-            e = self.assertDBusError(h.ERR_NOT_RUNNING, d.call, method, 't', T(value))
-            self.assertIn('cannot be changed now', e.message)
-            self.assertEqual(d.prop(prop), before, '%s changed %s' % (method, prop))
+        self.assert_settings_refused(d, 'cannot be changed now')
+
+    def test_settings_of_a_job_not_yet_carried_on_are_refused(self):
+        """A range job of before a restart goes on (its helper starts) once its QEMU is connected
+        again, at the bandwidth its record holds: both calls answered success meanwhile and changed
+        only the next job's default (review 31a). Refused as well now."""
+        name, fake, gpath, d = self.fake_guest()
+        record = os.path.join(self.env.daemon.state_dir, 'guests', name + '.json')
+        self.env.stop_daemon()
+        with open(record) as f:
+            rec = json.load(f)
+        rec['disks'][0]['bandwidth'] = 4 * MiB
+        rec['disks'][0]['job'] = {'state': 'running', 'mode': 'range', 'offset': 0, 'length': 65536, 'done': 0,
+                                  'total': 65536, 'bandwidth': 4 * MiB, 'start_time': 1}
+        with open(record, 'w') as f:
+            json.dump(rec, f)
+        fake.hang_up_after_caps = True
+        self.env.start_daemon()
+        self.assertEqual(d.prop('State'), 'running')
+        self.assertEqual(d.prop('Mode'), 'range')
+        self.assert_settings_refused(d, 'carried on after a restart')
 
 
 class ProgressBudgetTest(h.TestCase):
