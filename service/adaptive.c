@@ -37,7 +37,8 @@ typedef struct Adaptive {
         bool stats_in_flight; /* query-blockstats or the histogram's set sent, no answer yet */
         bool speed_in_flight; /* a set_speed sent, no answer yet */
         bool histogram_ours;  /* we set the device's histogram: removed when the mode ends */
-        QemuInstance qemu;    /* the QEMU whose device it is on (histogram_ours) */
+        QemuInstance qemu;    /* the QEMU whose device it is on (histogram_ours), */
+        uint64_t connection;  /* over which QMP connection it was set */
         bool warned;          /* a failure was logged once */
         bool adopt;           /* carried on after a restart: a histogram of our boundaries is ours (the daemon
                                * of before set it) */
@@ -174,7 +175,7 @@ static void stats_reply(Qmp *q, int error, const char *desc, const QemuBlockStat
                         sizeof(uint64_t) * qemu_latency_boundaries_default_n) == 0) {
                 strcpy(a->qdev, stats->qdev); /* bounded and checked by qemu_parse_blockstats() */
                 a->histogram_ours = true;
-                a->qemu = d->host->qemu(d->guest);
+                a->qemu = d->host->qemu(d->guest, &a->connection);
         }
         a->adopt = false;
         if (stats->rd_histogram.n_bins == 0) {
@@ -183,7 +184,7 @@ static void stats_reply(Qmp *q, int error, const char *desc, const QemuBlockStat
                         return;               /* sent, not yet in force (a refusal clears the flag: asked again) */
                 strcpy(a->qdev, stats->qdev); /* bounded and checked by qemu_parse_blockstats() */
                 a->histogram_ours = true;
-                a->qemu = d->host->qemu(d->guest);
+                a->qemu = d->host->qemu(d->guest, &a->connection);
                 r = qemu_block_latency_histogram_set(q, a->qdev, qemu_latency_boundaries_default,
                         qemu_latency_boundaries_default_n, histogram_set_reply, adaptive_ref(a), stats_done);
                 if (r < 0) {
@@ -358,13 +359,16 @@ void adaptive_stop(Disk *d) {
                 d->histogram_left = strdup(a->qdev);
                 d->histogram_left_qemu = a->qemu;
         } else if (a->histogram_ours) {
-                QemuInstance now = d->host->qemu(d->guest);
+                uint64_t connection;
+                QemuInstance now = d->host->qemu(d->guest, &connection);
 
-                /* Leave the guest as found: but a QEMU started since at the same socket may have a
-                 * histogram of someone else's on a device of that name. */
-                r = qemu_instance_same(&a->qemu, &now) ? qemu_block_latency_histogram_clear(d->host->peer(d->guest)->qmp,
-                                                                 a->qdev, cleared_reply, NULL, NULL)
-                                                       : 0;
+                /* Leave the guest as found: over the connection it was set on, or one to the same
+                 * process (a QEMU started since at the same socket may have a histogram of someone
+                 * else's on a device of that name). */
+                r = connection == a->connection || qemu_instance_same(&a->qemu, &now)
+                            ? qemu_block_latency_histogram_clear(
+                                      d->host->peer(d->guest)->qmp, a->qdev, cleared_reply, NULL, NULL)
+                            : 0;
                 if (r < 0)
                         log_warning_errno(r, "Guest %s disk %s: cannot remove the latency histogram of %s: %m",
                                 d->host->name(d->guest), d->alias, a->qdev);

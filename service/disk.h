@@ -31,8 +31,9 @@ typedef struct DiskHost {
          * waits for the next value). */
         sd_event *(*event)(Guest *g);
         bool (*qmp_ready)(Guest *g);
-        /* The QEMU process of the QMP connection, last seen ({0}: not known). */
-        QemuInstance (*qemu)(Guest *g);
+        /* The QEMU process of the QMP connection, last seen ({0}: not known), and which connection
+         * that is (a count). */
+        QemuInstance (*qemu)(Guest *g, uint64_t *ret_connection);
         int (*save)(Guest *g);
         void (*save_later)(Guest *g);
         /* Save, and go on in then once it is on disk (guest_save_then()). */

@@ -583,6 +583,7 @@ static void guest_on_state(void *userdata, int error) {
         g->running = true;
         g->had_connection = true;
         g->connected_at = now_usec(CLOCK_MONOTONIC);
+        g->qmp_connection++;
         /* reconnect_attempts is reset only once this connection proved stable (above). */
         guest_emit_changed(g, "Running");
         peer_nbd_cleanup_leftovers(&g->peer); /* first: commands run in order */

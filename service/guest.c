@@ -590,7 +590,8 @@ static sd_event *disk_host_event(Guest *g) {
         return g->engine->event;
 }
 
-static QemuInstance disk_host_qemu(Guest *g) {
+static QemuInstance disk_host_qemu(Guest *g, uint64_t *ret_connection) {
+        *ret_connection = g->qmp_connection;
         return g->qmp_qemu;
 }
 

@@ -103,6 +103,7 @@ typedef struct Guest {
         bool nbd_server_started; /* persisted: a server of ours may run in this QEMU (peer.c) */
         QemuInstance nbd_server_qemu; /* persisted: the QEMU it was started in ({0}: not known) */
         QemuInstance qmp_qemu;        /* the QEMU of the QMP connection, last seen ({0}: not known) */
+        uint64_t qmp_connection;      /* counts the QMP connections made: which one is up now */
 } Guest;
 
 int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, uid_t owner, const char *uuid);

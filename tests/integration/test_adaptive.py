@@ -6,6 +6,9 @@ InvalidArgs and nothing half-done: no job, no histogram on the device, the same 
 state. The mode at work under a real guest is test_guest.py's."""
 
 import os
+import pwd
+import select
+import subprocess
 import sys
 import time
 
@@ -173,31 +176,83 @@ class AdaptiveEnginesTest(h.TestCase):
         d.wait_finished(60)
 
 
+def stats_replies(sets):
+    """A fake QEMU's answers (FakeQemu.hostile_replies): its device reports read statistics, and
+    our histogram once one was set; each block-latency-histogram-set's arguments go to sets."""
+    n = [0]
+
+    def replies(cmd):
+        if cmd.get('execute') == 'block-latency-histogram-set':
+            sets.append(cmd.get('arguments'))
+            return None
+        if cmd.get('execute') != 'query-blockstats':
+            return None
+        n[0] += 1
+        stats = {'rd_operations': n[0], 'wr_operations': 0, 'flush_operations': 0, 'rd_bytes': n[0] * 4096,
+                 'wr_bytes': 0}
+        if sets and 'boundaries-read' in sets[-1]:
+            stats['rd_latency_histogram'] = {'boundaries': BOUNDARIES, 'bins': [n[0]] + [0] * len(BOUNDARIES)}
+        return json.dumps({'return': [{'device': '', 'qdev': QDEV, 'stats': stats}],
+                           'id': cmd.get('id')}).encode() + b'\r\n'
+    return replies
+
+
+class PrintedSets(list):
+    """The histogram sets of a fake QEMU in another process, one JSON line each on its stdout."""
+
+    def append(self, args):
+        super().append(args)
+        print(json.dumps(args), flush=True)
+
+
+def fake_qemu_main(path, image_dir, user):
+    """A fake QEMU (stats_replies()) that listens as root, then runs as user: its listener's
+    credentials (SO_PEERCRED, taken at listen()) say uid 0, its process another uid, so the daemon
+    cannot vouch for the process (no pid and start time known), as for a QEMU started by root with
+    -runas. Prints "ready", then the histogram sets; runs until stdin closes."""
+    fake = FakeQemu(path, image_dir)
+    fake.hostile_replies = stats_replies(PrintedSets())
+    uid = pwd.getpwnam(user).pw_uid
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    print('ready', flush=True)
+    sys.stdin.read()
+    fake.close()
+
+
 class AdaptiveLeftHistogramTest(h.TestCase):
-    """The mode ends while the daemon has no QMP connection to the guest's QEMU."""
+    """The mode ends while the daemon has no QMP connection to the guest's QEMU, or with one to a
+    QEMU it cannot tell apart from another."""
 
     def fake_with_stats(self, path, name, sets):
-        """A fake QEMU whose device reports read statistics, and our histogram once one was set;
-        each block-latency-histogram-set's arguments go to sets."""
         fake = FakeQemu(path, os.path.join(self.env.images, name))
         self.addCleanup(fake.close)
-        n = [0]
-
-        def replies(cmd):
-            if cmd.get('execute') == 'block-latency-histogram-set':
-                sets.append(cmd.get('arguments'))
-                return None
-            if cmd.get('execute') != 'query-blockstats':
-                return None
-            n[0] += 1
-            stats = {'rd_operations': n[0], 'wr_operations': 0, 'flush_operations': 0, 'rd_bytes': n[0] * 4096,
-                     'wr_bytes': 0}
-            if sets and 'boundaries-read' in sets[-1]:
-                stats['rd_latency_histogram'] = {'boundaries': BOUNDARIES, 'bins': [n[0]] + [0] * len(BOUNDARIES)}
-            return json.dumps({'return': [{'device': '', 'qdev': QDEV, 'stats': stats}],
-                               'id': cmd.get('id')}).encode() + b'\r\n'
-        fake.hostile_replies = replies
+        fake.hostile_replies = stats_replies(sets)
         return fake
+
+    def test_a_histogram_is_removed_over_the_connection_it_was_set_on(self):
+        """A QEMU whose process the daemon cannot vouch for (root's, with -runas: here a fake
+        one that drops to another uid after it listens) is no known process: 4977c25 removed the
+        mode's histogram only from a known process that is the same, so this one's stayed for
+        good (review 31a). Over the connection it was set on, it is removed."""
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        h.ensure_user()
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--fake-qemu', path,
+                              os.path.join(self.env.images, name), h.STRANGER],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: (p.stdin.close(), p.wait(10)))
+        self.assertEqual(p.stdout.readline().strip(), 'ready')
+        self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        d.start(0, 0, opts(max_guest_latency=T(2000), engine=S('stream')))
+        self.assertEqual(json.loads(p.stdout.readline()), {'id': QDEV, 'boundaries-read': BOUNDARIES})
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'ThrottleReason', 'idle', 30)
+        d.call('SetMaxGuestLatency', 't', T(0))
+        ready = select.select([p.stdout], [], [], 30)[0]
+        self.assertTrue(ready, 'the histogram was not removed')
+        self.assertEqual(json.loads(p.stdout.readline()), {'id': QDEV})
 
     def test_a_histogram_left_is_removed_at_the_next_connection(self):
         """The mode's histogram was removed only over a working connection: a job that failed
@@ -288,4 +343,7 @@ class AdaptiveHostileQemuTest(h.TestCase):
 
 
 if __name__ == '__main__':
-    h.main()
+    if sys.argv[1:2] == ['--fake-qemu']:
+        fake_qemu_main(*sys.argv[2:5])
+    else:
+        h.main()
