@@ -11,6 +11,8 @@
 #include "nbd-wire.h"
 #include "util.h"
 
+#define NEG_STEP_ROUNDS 64 /* steps (a read or a write) in one turn */
+
 static char export_name[EXPORT_NAME_MAX + 1];
 static size_t export_name_len;
 
@@ -42,9 +44,11 @@ void neg_start(Negotiation *n) {
  * our exports anyway, and a client told so does not try. */
 static uint16_t read_only_flags(const uint8_t *p) {
         /* Nor a flush: it would write back the guest's own disk (QEMU offers it on read-only
-         * exports too), and the relay refuses it (nbd-transmission.c). */
+         * exports too); nor a cache request: QEMU serves it with its copy-on-read, a write of the
+         * backing chain's data into the guest's top image, read-only export or not. The relay
+         * refuses both (nbd-transmission.c). */
         return (uint16_t) ((((p[0] << 8) | p[1]) | NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY) &
-                ~(NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA));
+                ~(NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE));
 }
 
 /* Appends to what goes out next; the callers' sizes are all bounded well below NEG_OUT_MAX. */
@@ -278,6 +282,7 @@ int neg_input_done(Negotiation *n, uint64_t id) {
                 return 0;
 
         case NEG_CLIENT_FLAGS:
+                n->no_zeroes = get_be32(n->in) & NBD_FLAG_C_NO_ZEROES;
                 n->out_len = 0;
                 neg_put(n, n->in, n->in_len);
                 neg_write(n, true, NEG_OPT_HEADER);
@@ -290,6 +295,10 @@ int neg_input_done(Negotiation *n, uint64_t id) {
                 }
                 n->option = get_be32(n->in + 8);
                 len = get_be32(n->in + 12);
+                if (++n->options > NEG_OPTIONS_MAX) {
+                        log_debug("Client %" PRIu64 ": more than %d options.", id, NEG_OPTIONS_MAX);
+                        return -EPROTO;
+                }
                 if (len > NBD_OPT_DATA_MAX) {
                         log_debug("Client %" PRIu64 ": option %" PRIu32 " of %" PRIu32 " bytes.", id, n->option,
                                 len);
@@ -323,7 +332,7 @@ int neg_input_done(Negotiation *n, uint64_t id) {
                 return 0;
 
         case NEG_EXPORT_REPLY:
-                /* size, flags: read-only whatever the server says */
+                /* size, flags (read-only whatever the server says), and the zeroes if asked for */
                 put_be16(n->in + 8, read_only_flags(n->in + 8));
                 n->out_len = 0;
                 neg_put(n, n->in, n->in_len);
@@ -348,7 +357,10 @@ int neg_step(Negotiation *n, uint64_t id, int client_fd, int upstream_fd) {
         ssize_t k;
         int r;
 
-        for (;;) {
+        /* A bounded turn: a client that keeps the sockets busy (options sent as fast as the relay
+         * answers them) must not hold up the relay's other clients, its deadlines and its daemon;
+         * poll() is level-triggered, so the rest is done on the next turn. */
+        for (unsigned round = 0; round < NEG_STEP_ROUNDS; round++) {
                 switch (n->state) {
 
                 case NEG_DONE:
@@ -383,7 +395,8 @@ int neg_step(Negotiation *n, uint64_t id, int client_fd, int upstream_fd) {
                                 neg_expect(n, NEG_REP_HEADER, NBD_REP_HEADER_SIZE);
                                 break;
                         case NEG_EXPORT_REPLY:
-                                neg_expect(n, NEG_EXPORT_REPLY, NBD_EXPORT_REPLY_SIZE);
+                                neg_expect(n, NEG_EXPORT_REPLY,
+                                        NBD_EXPORT_REPLY_SIZE + (n->no_zeroes ? 0 : NBD_EXPORT_REPLY_ZEROES));
                                 break;
                         default:
                                 n->state = n->after_write;
@@ -414,4 +427,5 @@ int neg_step(Negotiation *n, uint64_t id, int client_fd, int upstream_fd) {
                                 return r;
                 }
         }
+        return 0;
 }

@@ -40,15 +40,22 @@
 #define NBD_FLAG_READ_ONLY (1 << 1)
 #define NBD_FLAG_SEND_FLUSH (1 << 2)
 #define NBD_FLAG_SEND_FUA (1 << 3)
+#define NBD_FLAG_SEND_CACHE (1 << 10)
+#define NBD_FLAG_C_NO_ZEROES (1 << 1) /* a client's flag: no 124 zeroes after EXPORT_NAME's answer */
 
 #define NBD_GREETING_SIZE 18     /* NBDMAGIC, IHAVEOPT, 16-bit handshake flags */
 #define NBD_OPT_HEADER_SIZE 16   /* IHAVEOPT, option, length */
 #define NBD_REP_HEADER_SIZE 20   /* magic, option, type, length */
-#define NBD_EXPORT_REPLY_SIZE 10 /* EXPORT_NAME: size, flags (the zeroes after them pass as data) */
+#define NBD_EXPORT_REPLY_SIZE 10 /* EXPORT_NAME: size, flags, */
+#define NBD_EXPORT_REPLY_ZEROES 124 /* then these zeroes, unless the client set NBD_FLAG_C_NO_ZEROES */
 #define NBD_OPT_DATA_MAX 4096    /* a client's option: the protocol's longest name, and room */
 #define NBD_REP_DATA_MAX 4160    /* the server's reply: a name or context of 4 KiB, and room */
 #define EXPORT_NAME_MAX 256      /* the pinned name */
 #define NEG_IN_MAX (NBD_REP_HEADER_SIZE + NBD_REP_DATA_MAX)
+/* Options a client may send in one handshake: an honest one sends a handful (structured replies,
+ * meta contexts, a list, info, go); each one more the relay answers itself costs it a round trip
+ * that holds up its other clients. */
+#define NEG_OPTIONS_MAX 64
 #define NEG_OUT_MAX (NBD_OPT_HEADER_SIZE + NBD_OPT_DATA_MAX + EXPORT_NAME_MAX + 256)
 
 /* The handshake step: what is read (and from whom) or written next. */
@@ -69,6 +76,8 @@ typedef struct Negotiation {
         NegState state, after_write;
         bool to_upstream;
         uint32_t option; /* the option being answered */
+        unsigned options; /* the client's so far */
+        bool no_zeroes;   /* the client set NBD_FLAG_C_NO_ZEROES */
         size_t in_len, in_want;
         size_t out_len, out_done;
         uint8_t in[NEG_IN_MAX];

@@ -90,12 +90,12 @@ int tx_admit(Transmission *t, uint64_t id) {
                         req.cost = flags & NBD_CMD_FLAG_REQ_ONE ? 0 : TX_BLOCK_STATUS_COST;
                         break;
                 case NBD_CMD_DISC:
-                case NBD_CMD_CACHE:
                         break;
                 case NBD_CMD_WRITE:
                 case NBD_CMD_TRIM:
                 case NBD_CMD_WRITE_ZEROES:
                 case NBD_CMD_FLUSH:
+                case NBD_CMD_CACHE: /* QEMU's copy-on-read: a write into the guest's top image */
                         log_debug("Client %" PRIu64 ": command %u on a read-only export.", id, req.type);
                         return -EROFS;
                 default:

@@ -418,7 +418,7 @@ OPT_LIST_META, OPT_SET_META = 9, 10
 REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
 ERR = 1 << 31
 ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN, ERR_TOO_BIG = ERR | 1, ERR | 2, ERR | 3, ERR | 6, ERR | 9
-FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1, 2, 4, 8
+FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_CACHE = 1, 2, 4, 8, 1 << 10
 
 
 def recv_exact(s, n):
@@ -465,10 +465,11 @@ def read_option(s):
     return opt, recv_exact(s, n)
 
 
-def client_start(c):
-    """The client's side of the greeting: returns once options can be sent."""
+def client_start(c, flags=3):
+    """The client's side of the greeting: returns once options can be sent. flags 3: fixed
+    newstyle, no zeroes after EXPORT_NAME's answer."""
     check(recv_exact(c, 18)[:16] == greeting()[:16], "no NBD greeting")
-    c.sendall(struct.pack(">I", 3))
+    c.sendall(struct.pack(">I", flags))
 
 
 # ---- the transmission phase, raw ----
@@ -483,6 +484,12 @@ IN_FLIGHT_MAX = 16   # QEMU's requests per connection, and the relay's
 
 def request(cmd, handle, offset=0, length=0, flags=0):
     return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+
+def free_request(handle, length=0):
+    """A request that costs nothing of the relay's budget and has no payload either way: a block
+    status of one extent."""
+    return request(CMD_BLOCK_STATUS, handle, 0, length, CMD_FLAG_REQ_ONE)
 
 
 def read_request(s):
@@ -527,9 +534,10 @@ def nothing_comes(s, what, wait=0.5):
     check(False, "%s: got %r" % (what, b))
 
 
-def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA):
+def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE):
     """Both sides of a fixed-newstyle handshake through the relay, up to the transmission phase.
-    QEMU offers flush and FUA on read-only exports too; the relay's clients are told neither."""
+    QEMU offers flush, FUA and cache requests on read-only exports too; the relay's clients are
+    told of none."""
     up.sendall(greeting())
     client_start(c)
     check(recv_exact(up, 4) == struct.pack(">I", 3), "client flags not passed on")
@@ -540,7 +548,7 @@ def go_through(c, up, size=1 << 20, flags=FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLA
     opt, typ, data = read_reply(c)
     check((opt, typ) == (OPT_GO, REP_INFO), "GO's info: %r" % ((opt, typ),))
     _, got_size, got_flags = struct.unpack(">HQH", data)
-    want = (flags | FLAG_READ_ONLY | FLAG_HAS_FLAGS) & ~(FLAG_SEND_FLUSH | FLAG_SEND_FUA)
+    want = (flags | FLAG_READ_ONLY | FLAG_HAS_FLAGS) & ~(FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE)
     check(got_size == size and got_flags == want, "export info %r %r" % (got_size, got_flags))
     check(read_reply(c)[:2] == (OPT_GO, REP_ACK), "GO's ACK")
 
@@ -730,7 +738,16 @@ def test_export_name_other():
             check(size == FakeServer.SIZE and flags & FLAG_READ_ONLY, "EXPORT_NAME %r: %r %r" % (name, size, flags))
             check_reads(c)
             c.close()
-        check(server.options() == [(OPT_EXPORT_NAME, EXPORT.encode())] * 2, "the server saw %r" % server.options())
+        # A client that did not ask for no zeroes gets the server's 124 after the flags (they were
+        # read as a reply, and the pair closed: review 31b).
+        c = relay.connect()
+        client_start(c, flags=1)
+        c.sendall(option(OPT_EXPORT_NAME, EXPORT.encode()))
+        size, flags, zeroes = struct.unpack(">QH124s", recv_exact(c, 134))
+        check(size == FakeServer.SIZE and zeroes == b"\0" * 124, "EXPORT_NAME without no-zeroes: %r %r" % (size, zeroes))
+        check_reads(c)
+        c.close()
+        check(server.options() == [(OPT_EXPORT_NAME, EXPORT.encode())] * 3, "the server saw %r" % server.options())
         relay.stop()
 
 
@@ -766,6 +783,14 @@ def test_hostile_options():
         c.sendall(option(OPT_ABORT))
         check(read_reply(c)[:2] == (OPT_ABORT, REP_ACK), "ABORT not acknowledged")
         check_closed(c, "ABORT")
+        # Options without end, each answered by the relay itself: closed after 64 (the relay's
+        # other clients waited while it answered them: review 31b).
+        c = started_client(relay)
+        c.sendall(b"".join(option(99) for _ in range(64)))
+        for k in range(64):
+            check(read_reply(c)[:2] == (99, ERR_UNSUP), "option %d not answered" % k)
+        c.sendall(option(99))
+        check_closed(c, "a 65th option")
         # A client that leaves halfway through an option.
         c = started_client(relay)
         c.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 100) + b"x")
@@ -853,9 +878,9 @@ def test_half_close():
     half-closed pair still gets its replies."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
-        c.sendall(request(CMD_READ, 1, 0, 5000) + request(CMD_CACHE, 2))
+        c.sendall(request(CMD_READ, 1, 0, 5000) + free_request(2))
         c.shutdown(socket.SHUT_WR)
-        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + request(CMD_CACHE, 2),
+        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + free_request(2),
               "upstream did not get the requests then EOF")
         up.sendall(simple_reply(1, 0, b"r" * 5000))
         time.sleep(0.1)
@@ -964,7 +989,7 @@ def test_requests_in_flight_counted():
     chunk, a simple one at once."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
-        c.sendall(b"".join(request(CMD_CACHE, k, 0, 1 << 30) for k in range(18)))
+        c.sendall(b"".join(free_request(k, 1 << 30) for k in range(18)))
         check([read_request(up)[1] for _ in range(IN_FLIGHT_MAX)] == list(range(16)), "the first 16")
         nothing_comes(up, "a 17th request in flight")
         up.sendall(chunk(0, CHUNK_NONE))
@@ -979,7 +1004,7 @@ def test_requests_in_flight_counted():
         # DISC goes on, uncounted; nothing may follow it.
         c.sendall(request(CMD_DISC, 99))
         check(read_request(up)[:2] == (CMD_DISC, 99), "DISC not passed on")
-        c.sendall(request(CMD_CACHE, 100))
+        c.sendall(free_request(100))
         check_closed(c, "a request after DISC")
         relay.stop()
 
@@ -1024,7 +1049,7 @@ def test_reply_to_a_request_not_sent():
         theirs.close()
         up.settimeout(TIMEOUT)
         go_through(c, up)
-        c.sendall(b"".join(request(CMD_CACHE, k) for k in range(2000)))
+        c.sendall(b"".join(free_request(k) for k in range(2000)))
         ended = []
 
         def client():
@@ -1056,7 +1081,8 @@ def test_requests_refused():
            ("write zeroes", request(CMD_WRITE_ZEROES, 1, 0, 4096)), ("an unknown command", request(8, 1)),
            ("a bad magic", b"GET / HTTP/1.0\r\n\r\n" + b"x" * 10), ("a read over 32 MiB", request(CMD_READ, 1, 0, READ_MAX + 1)),
            ("a handle in flight", request(CMD_READ, 1000, 512, 512)), ("a flush", request(CMD_FLUSH, 1)),
-           ("a read with FUA", request(CMD_READ, 1, 0, 512, CMD_FLAG_FUA))]
+           ("a read with FUA", request(CMD_READ, 1, 0, 512, CMD_FLAG_FUA)),
+           ("a cache request (QEMU's copy-on-read: a write into the guest's image)", request(CMD_CACHE, 1, 0, 4096))]
     with Relay() as relay:
         for what, data in bad:
             c, up = pair_with_fake_upstream(relay)
