@@ -333,6 +333,7 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         }
         r = qemu_blockdev_create_qcow2(q, n.create_job, n.fdset, &c->format, create_sent, sent, mirror_call_free);
         if (r < 0) {
+                mirror_call_free(sent); /* not taken on failure (qemu.c) */
                 mirror_call_free(wait);
                 prepare_failed(c, d, "send blockdev-create", r, NULL);
                 return;
