@@ -20,6 +20,10 @@
 #include "util.h"
 
 #define PIN_FDS_MAX 65536 /* a QEMU's open files we look through, at most */
+/* How long one look through a process's files (or, for host_holds_open(), every process's) may
+ * hold the daemon: a fd's fdinfo is formatted whole at each read, and a process can make one long
+ * (an epoll set watching many fds, many locks on a file). Past it: cannot tell (-EBUSY). */
+#define PIN_SCAN_USEC (2 * USEC_PER_SEC)
 
 /* Whether g's QEMU is there to be looked at: running, connected (its pid from the socket), not
  * being handed over. */
@@ -83,6 +87,14 @@ static bool fd_writable(const FdInfo *fi) {
         return (fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_ACCMODE) == O_WRONLY;
 }
 
+/* Whether a fd may be open for writing, from its /proc/PID/fd/N link's own mode (procfs gives it
+ * the fd's access mode: no fdinfo read, nothing followed). Only to pass fds over: fdinfo decides. */
+static bool fd_link_writable(int fd_dir, const char *name) {
+        struct stat st;
+
+        return fstatat(fd_dir, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || (st.st_mode & S_IWUSR);
+}
+
 /* The file a process's fd `name` (in fd_dir, its fdinfo in info_dir) leads to, told against fi,
  * that fd's fdinfo as read before: through the fd's link, the file QEMU has open, whatever its
  * name now, which must have fi's inode number on fi's mount (inode numbers repeat across file
@@ -116,6 +128,7 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
         _cleanup_close_ int info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         size_t left = n_paths, n_found = 0; /* left: not found open for writing yet */
+        usec_t deadline = now_usec(CLOCK_MONOTONIC) + PIN_SCAN_USEC;
         DIR *dir;
         unsigned n = 0;
         int r = 0;
@@ -133,23 +146,35 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
         }
         for (size_t i = 0; i < n_paths; i++)
                 found[i] = writable[i] = false;
+        /* By the link's text first (a readlink formats a path, nothing more): fdinfo is read only
+         * of a fd that names a disk. */
         for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
+                bool have_fi = false;
                 ssize_t k;
                 FdInfo fi;
 
-                if (de->d_name[0] == '.' || fdinfo_read(info_dir, de->d_name, &fi) < 0)
+                if (de->d_name[0] == '.')
                         continue;
+                if (now_usec(CLOCK_MONOTONIC) > deadline) {
+                        r = -EBUSY;
+                        break;
+                }
                 k = readlinkat(dirfd(dir), de->d_name, target, sizeof(target) - 1);
-                if (k <= 0 || (size_t) k >= sizeof(target) - 1)
+                if (k <= 0 || (size_t) k >= sizeof(target) - 1 || target[0] != '/')
                         continue;
                 target[k] = 0;
                 for (size_t i = 0; i < n_paths; i++) {
                         struct stat st;
 
-                        if (!paths[i] || !streq(target, paths[i]) || (found[i] && (writable[i] || !fd_writable(&fi))))
+                        if (!paths[i] || !streq(target, paths[i]) || (found[i] && writable[i]) ||
+                                (found[i] && !fd_link_writable(dirfd(dir), de->d_name)))
                                 continue;
-                        if (fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st) <= 0 || !S_ISREG(st.st_mode))
+                        if (!have_fi && fdinfo_read(info_dir, de->d_name, &fi) < 0)
+                                break;
+                        have_fi = true;
+                        if ((found[i] && !fd_writable(&fi)) || fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st) <= 0 ||
+                                !S_ISREG(st.st_mode))
                                 continue;
                         if (!found[i])
                                 n_found++;
@@ -162,7 +187,7 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 }
         }
         closedir(dir);
-        return (int) n_found;
+        return r < 0 ? r : (int) n_found;
 }
 
 static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
@@ -187,40 +212,56 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 
 /* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
  * asked. 0 if not, or if the process is gone; < 0 if it cannot be told, not "no": -EACCES, a
- * process that may not be looked at; -EBUSY, a fd of the file's inode number that cannot be. */
-static int pid_holds(int proc_fd, const struct stat *want, bool writing) {
-        _cleanup_close_ int fd_dir = -EBADF;
+ * process that may not be looked at; -EBUSY, a fd of the file that cannot be, or the look took
+ * past deadline. Each fd is passed over by what the kernel holds of the file it leads to
+ * (stat_cached(): asks no file system) and by its link's mode; fdinfo is read only of a fd of
+ * the file. */
+static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t deadline) {
+        _cleanup_close_ int info_dir = -EBADF;
         DIR *dir;
         unsigned n = 0;
-        int info_dir, r = 0;
+        int fd_dir, r = 0;
 
-        info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (info_dir < 0)
+        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd_dir < 0)
                 return errno == ENOENT || errno == ESRCH || errno == EINVAL ? 0 : -errno;
-        dir = fdopendir(info_dir);
+        dir = fdopendir(fd_dir);
         if (!dir) {
                 r = -errno;
-                close(info_dir);
+                close(fd_dir);
                 return r;
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 struct stat st;
+                uint64_t mnt;
                 FdInfo fi;
                 int k;
 
-                if (de->d_name[0] == '.' || fdinfo_read(dirfd(dir), de->d_name, &fi) < 0)
-                        continue; /* closed meanwhile */
-                if (fi.ino != (uint64_t) want->st_ino || (writing && !fd_writable(&fi)))
+                if (de->d_name[0] == '.')
                         continue;
-                if (fd_dir < 0) {
-                        fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                        if (fd_dir < 0) {
+                if (now_usec(CLOCK_MONOTONIC) > deadline) {
+                        r = -EBUSY;
+                        break;
+                }
+                k = stat_cached(dirfd(dir), de->d_name, 0, &st, &mnt);
+                if (k == -ENOENT)
+                        continue; /* closed meanwhile */
+                if (k >= 0 && (st.st_dev != want->st_dev || st.st_ino != want->st_ino))
+                        continue;
+                if (writing && !fd_link_writable(dirfd(dir), de->d_name))
+                        continue;
+                if (info_dir < 0) {
+                        info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                        if (info_dir < 0) {
                                 r = errno == ENOENT || errno == ESRCH ? 0 : -errno;
                                 break;
                         }
                 }
-                /* A fd of the file's inode number that cannot be looked at: not "no" (-EBUSY). */
-                k = fd_file(fd_dir, dirfd(dir), de->d_name, &fi, &st);
+                if (fdinfo_read(info_dir, de->d_name, &fi) < 0 || fi.ino != (uint64_t) want->st_ino ||
+                        (writing && !fd_writable(&fi)))
+                        continue; /* closed or replaced meanwhile */
+                /* A fd of the file that cannot be looked at: not "no" (-EBUSY). */
+                k = fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st);
                 if (k < 0)
                         r = k;
                 else if (k > 0 && st.st_dev == want->st_dev && st.st_ino == want->st_ino)
@@ -237,7 +278,7 @@ int guest_qemu_writes(Guest *g, int fd) {
                 return 0;
         if (fstat(fd, &want) < 0)
                 return -errno;
-        return pid_holds(g->qmp_proc_fd, &want, true);
+        return pid_holds(g->qmp_proc_fd, &want, true, now_usec(CLOCK_MONOTONIC) + PIN_SCAN_USEC);
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -260,6 +301,7 @@ static int image_locked(int fd) {
 }
 
 int host_holds_open(int fd, pid_t *ret_pid) {
+        usec_t deadline = now_usec(CLOCK_MONOTONIC) + PIN_SCAN_USEC;
         unsigned unseen = 0;
         struct stat want;
         DIR *proc;
@@ -286,7 +328,7 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, &want, false);
+                r = pid_holds(proc_fd, &want, false, deadline);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
                 else if (r == -EACCES) {

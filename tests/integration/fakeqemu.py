@@ -216,3 +216,37 @@ class FakeQemu:
                 conn.close()
             except OSError:
                 pass
+
+
+def main(argv):
+    """python3 fakeqemu.py SOCKET IMAGE_DIR [WATCHES DUPS]: a fake QEMU in a process of its own
+    (the daemon then looks through that process's open files, as through a QEMU's), until its
+    standard input closes. With WATCHES and DUPS it first holds an epoll set watching WATCHES
+    eventfds, dup'd into DUPS more fds (fewer if its fd limit is lower): each of those fds' /proc
+    fdinfo lists every watch, and the kernel formats it whole at each read. Prints how many."""
+    import resource
+    import select
+    import sys
+    keep = []
+    if len(argv) > 3:
+        watches, dups = int(argv[3]), int(argv[4])
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        dups = min(dups, hard - watches - 256)
+        ep = select.epoll()
+        keep.append(ep)
+        for _ in range(watches):
+            e = os.eventfd(0)
+            ep.register(e, select.EPOLLIN)
+            keep.append(e)
+        keep += [os.dup(ep.fileno()) for _ in range(dups)]
+        print('%d watches, %d fds of them' % (watches, dups + 1), flush=True)
+    fake = FakeQemu(argv[1], argv[2])
+    print('ready', flush=True)
+    sys.stdin.read()
+    fake.close()
+
+
+if __name__ == '__main__':
+    import sys
+    main(sys.argv)

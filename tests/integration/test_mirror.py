@@ -22,6 +22,8 @@ import offline as o  # noqa: E402
 import ranges as r  # noqa: E402
 from harness import MiB, S, T, opts  # noqa: E402
 
+FAKEQEMU = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fakeqemu.py')]
+
 SIZE = 256 * MiB
 ERR_NO_SPACE = 'org.blockstream1.Error.NoSpace'
 
@@ -971,6 +973,32 @@ class MirrorBlockdevKillTest(MirrorKillTest):
 
     def guest(self):
         return self.blockdev_guest()
+
+
+class MirrorPinScanTest(h.TestCase):
+    """What the daemon reads of a QEMU's open files to pin its disks is bounded by what the QEMU
+    cannot blow up."""
+
+    def test_a_qemu_with_a_huge_fdinfo_does_not_hold_the_daemon(self):
+        """A QEMU (here a fake one in a process of its own) holding an epoll set of 8,000 watches
+        dup'd into about 10,000 fds: the daemon read every fd's fdinfo, which the kernel formats
+        whole (640 KB here) at each read, so Start(engine=mirror) held its one thread for a long
+        while (review 31c: a bigger set, or a file with many locks, for hours). Only a fd whose
+        link names a disk has its fdinfo read now: the Start is answered at once (the call's 10 s
+        are a hang's bound, not a speed's: the scan itself gives up after 2 s)."""
+        name = self.unique_name()
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FAKEQEMU + [path, os.path.join(self.env.images, name), '8000', '12000']
+        p = subprocess.Popen(fake, stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: (p.stdin.close(), p.wait(30)))
+        h.log(p.stdout.readline().strip())
+        self.assertEqual(p.stdout.readline().strip(), 'ready')
+        self.register(name, path)
+        self.addCleanup(self.unregister_quietly, name)
+        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        e = self.assertDBusError('org.freedesktop.DBus.Error.Failed', self.client.call, d.path, h.IFACE_STREAM,
+                                 'Start', 'tta{sv}', T(0), T(0), opts(engine=S('mirror')), timeout=10)
+        self.assertIn('is not seen with', e.message)
 
 
 if __name__ == '__main__':
