@@ -64,6 +64,20 @@ static int openat2_beneath(int dfd, const char *rel, uint64_t flags) {
         }
 }
 
+int image_entry_open(int dir_fd, const char *name, int flags) {
+        if (isempty(name) || strchr(name, '/'))
+                return -EINVAL;
+        return openat2_beneath(dir_fd, name, (uint64_t) (flags | O_NOFOLLOW | O_CLOEXEC));
+}
+
+int image_entry_stat(int dir_fd, const char *name, struct stat *ret) {
+        _cleanup_close_ int fd = image_entry_open(dir_fd, name, O_PATH);
+
+        if (fd < 0)
+                return fd;
+        return fstat(fd, ret) < 0 ? -errno : 0;
+}
+
 static int open_error(char **ret_error, int r, const char *path, const char *dir) {
         switch (r) {
         case -ELOOP:

@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 
 #include "image-format.h"
 
@@ -54,6 +55,13 @@ int image_open_beneath(char *const *dirs, const char *path, bool writable, int *
  * untouched. */
 int image_chain_open(char *const *dirs, const char *path, const char *format, bool writable, char *const *forbidden,
         ImageChain *ret, char **ret_error);
+
+/* An entry of a directory opened by image_open_parent_beneath(), opened (flags: open()'s, with
+ * O_NOFOLLOW implied) or stat()ed without following it or crossing a mount: a FUSE file system
+ * mounted on the name would be asked, and might never answer. A symlink there is -ELOOP, a mount
+ * point -EXDEV. A fd or -errno; 0 or -errno. */
+int image_entry_open(int dir_fd, const char *name, int flags);
+int image_entry_stat(int dir_fd, const char *name, struct stat *ret);
 
 /* The directory that is to hold a new file path, opened (O_PATH) beneath one of dirs exactly as
  * image_open_beneath() opens images: no symlink, no "..", no mount crossed below the directory.

@@ -136,9 +136,10 @@ void mirror_unlink_tmp(char *const *image_dirs, const char *guest, const Job *j,
                         j->overlay, error ?: strerror(-r));
                 return;
         }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        log_warning_errno(errno, "Guest %s: cannot look at %s: %m", guest, tmp);
+        r = image_entry_stat(dir_fd, tmp, &st);
+        if (r < 0) {
+                if (r != -ENOENT)
+                        log_warning_errno(r, "Guest %s: cannot look at %s: %m", guest, tmp);
                 return;
         }
         if (!S_ISREG(st.st_mode) || (st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
@@ -225,12 +226,14 @@ int mirror_rename_onto_overlay(
                 *ret_why = "the overlay's directory cannot be opened";
                 return r;
         }
-        if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-                if (errno != ENOENT)
-                        return -errno;
+        r = image_entry_stat(dir_fd, tmp, &st);
+        if (r < 0) {
+                if (r != -ENOENT)
+                        return r;
                 /* Nothing under the temporary name: exchanged and unlinked before a restart. */
-                if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
+                r = image_entry_stat(dir_fd, leaf, ret_new);
+                if (r < 0)
+                        return r;
                 return ret_new->st_dev == j->overlay_dev && ret_new->st_ino == j->overlay_ino ? -ENOENT : 0;
         }
         if (!(st.st_dev == j->overlay_dev && st.st_ino == j->overlay_ino)) {
@@ -238,9 +241,8 @@ int mirror_rename_onto_overlay(
                         *ret_why = "the exchange of the directory entries failed";
                         return -errno;
                 }
-                if (fstatat(dir_fd, tmp, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                        return -errno;
-                if (!S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
+                r = image_entry_stat(dir_fd, tmp, &st);
+                if (r < 0 || !S_ISREG(st.st_mode) || st.st_dev != j->overlay_dev || st.st_ino != j->overlay_ino) {
                         /* Someone put another file at the overlay's path: it goes back, untouched. */
                         if (renameat2(dir_fd, tmp, dir_fd, leaf, RENAME_EXCHANGE) < 0)
                                 log_error_errno(errno, "Guest %s: cannot swap %s back: %m", guest, j->overlay);
@@ -251,8 +253,9 @@ int mirror_rename_onto_overlay(
         if (unlinkat(dir_fd, tmp, 0) < 0)
                 return -errno;
         /* What QEMU runs on now, under the overlay's name. */
-        if (fstatat(dir_fd, leaf, ret_new, AT_SYMLINK_NOFOLLOW) < 0)
-                return -errno;
+        r = image_entry_stat(dir_fd, leaf, ret_new);
+        if (r < 0)
+                return r;
         /* On disk before the journal says DONE: a power loss must not bring the old entry back
          * with the journal past the rename. dir_fd is an O_PATH fd: fsync needs one opened. The
          * exchange is done either way: a failure is only warned of. */
@@ -280,14 +283,13 @@ static int old_overlay_open(char *const *image_dirs, const Job *j, const char *t
         names[0] = leaf;
         names[1] = tmp;
         for (size_t i = 0; i < 2; i++) {
-                _cleanup_close_ int fd = openat(
-                        dir_fd, names[i], O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+                _cleanup_close_ int fd = image_entry_open(dir_fd, names[i], O_RDONLY | O_NONBLOCK | O_NOCTTY);
                 struct stat st;
 
                 if (fd < 0) {
-                        if (errno == ENOENT)
+                        if (fd == -ENOENT)
                                 continue;
-                        return -errno;
+                        return fd;
                 }
                 if (fstat(fd, &st) < 0)
                         return -errno;

@@ -476,8 +476,7 @@ int mirror_try_start(
                 r = open_dir(g, path, &dir_fd, &leaf, err ? NULL : &err);
         /* The directory opened is the one that holds the overlay (not one renamed into its place
          * in between): the new image goes beside it, and the rename happens in it. */
-        if (r >= 0 && (fstatat(dir_fd, leaf, &st, AT_SYMLINK_NOFOLLOW) < 0 || st.st_dev != pin_dev ||
-                              st.st_ino != pin_ino))
+        if (r >= 0 && (image_entry_stat(dir_fd, leaf, &st) < 0 || st.st_dev != pin_dev || st.st_ino != pin_ino))
                 r = -ESTALE;
         if (r < 0)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", path,
@@ -535,7 +534,7 @@ int mirror_try_start(
         /* A new image of an earlier mirror kept there (QEMU was lost while it pivoted: it may hold
          * the guest's only copy of some writes) is never replaced, nor removed by this one's
          * clean-up. */
-        if (fstatat(dir_fd, names.tmp, &st_tmp, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+        if (image_entry_stat(dir_fd, names.tmp, &st_tmp) != -ENOENT)
                 return forced ? sd_bus_error_setf(error, BS_ERROR_BUSY,
                                         "Engine 'mirror': %s is there beside %s, kept from an earlier mirror; see the "
                                         "disk's last Error, then remove it. Nothing was created.",

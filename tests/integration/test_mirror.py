@@ -7,6 +7,7 @@ copy survive, the data is the flattened chain's, a cancel or a refusal leaves th
 new file, a swapped overlay is swapped back, and a daemon killed at each step of the journal
 recovers. Nothing here is timed: each step waits for its event (a log line, a property)."""
 
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,23 @@ ERR_NO_SPACE = 'org.blockstream1.Error.NoSpace'
 
 def tmp_of(path):
     return os.path.join(os.path.dirname(path), '.%s.bs-mirror' % os.path.basename(path))
+
+
+def unanswered_fuse(target):
+    """A FUSE file system mounted on target whose server never answers (nobody reads /dev/fuse):
+    whatever asks it waits until the returned function ends it (closes the connection, unmounts)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open('/dev/fuse', os.O_RDWR | os.O_CLOEXEC)
+    data = 'fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other' % fd
+    if libc.mount(b'blockstream-test', target.encode(), b'fuse', 0, data.encode()) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise unittest.SkipTest('cannot mount FUSE: %s' % os.strerror(err))
+
+    def end():
+        os.close(fd)
+        libc.umount2(target.encode(), 2)  # MNT_DETACH
+    return end
 
 
 class MirrorBase(h.TestCase):
@@ -207,6 +225,23 @@ class MirrorTest(MirrorBase):
         since = self.start(d, bandwidth=T(0))
         self.assert_completed(d, since)
         self.assert_standalone(g, chains['vda'])
+
+    def test_a_file_system_that_never_answers_beside_the_overlay_holds_nothing(self):
+        """The guest's owner may mount a FUSE file system (with allow_other) at the new image's
+        name beside their overlay, whose server never answers: the daemon looked the name up
+        following the mount, and its one thread waited on the server for good (review 31c). An
+        entry beside the overlay is looked at without crossing a mount now: Busy, at once."""
+        g = self.drive_guest()
+        d = g.disk()
+        kept = tmp_of(g.chains['vda'].top)
+        os.mkdir(kept)
+        self.addCleanup(os.rmdir, kept)
+        fuse = unanswered_fuse(kept)
+        self.addCleanup(fuse)
+        e = self.assertDBusError(h.ERR_BUSY, self.client.call, d.path, h.IFACE_STREAM, 'Start', 'tta{sv}', T(0), T(0),
+                                 opts(engine=S('mirror')), timeout=20)
+        self.assertIn('kept from an earlier mirror', e.message)
+        self.assertEqual(self.mirror_jobs(g), [])
 
     def test_an_image_left_beside_the_overlay_is_never_replaced(self):
         """A new image kept from an earlier mirror (QEMU was lost while it pivoted: it may hold the
