@@ -16,19 +16,22 @@
 #include "guest.h"
 #include "image.h"
 #include "mirror-files.h"
+#include "storage.h"
 #include "util.h"
 
 #ifndef RENAME_EXCHANGE
 #define RENAME_EXCHANGE (1 << 1)
 #endif
 
-int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret) {
+int mirror_chain_allocated(char *const *image_dirs, uid_t owner, const char *path, const char *format, uint64_t *ret) {
         _cleanup_(image_chain_done) ImageChain chain = {};
         _cleanup_free_ char *error = NULL;
         uint64_t sum = 0;
         int r;
 
-        r = image_chain_open(image_dirs, path, format, false, NULL, &chain, &error);
+        /* As the owner opens it: what their header names (rewritten after QEMU opened it) is read
+         * only if they could read it, else its size would tell them of a file they may not see. */
+        r = storage_chain_open_owned(image_dirs, owner, path, format, false, NULL, NULL, &chain, &error);
         if (r < 0)
                 return r;
         for (size_t i = 0; i < chain.n; i++) {
@@ -105,7 +108,8 @@ int mirror_check_space(int dir_fd, const Disk *d, uint64_t *ret_needed, uint64_t
         /* The headers' chain is what QEMU reads only when QEMU opened the overlay by its path; with
          * explicit backing nodes (json:{…}) it may be another: the virtual size then. */
         r = d->file_path ? -EMEDIUMTYPE
-                         : mirror_chain_allocated(d->guest->engine->config.image_dirs, d->path, d->format, &alloc);
+                         : mirror_chain_allocated(d->guest->engine->config.image_dirs, d->guest->owner, d->path,
+                                   d->format, &alloc);
         if (r >= 0) {
                 cs = d->cluster_size >= 512 && d->cluster_size <= (2U << 20) ? d->cluster_size : 65536;
                 meta = d->size / cs * 8 + alloc / cs * 2 + 4 * cs;

@@ -31,10 +31,11 @@ int mirror_names(const char *alias, const char *overlay, MirrorNames *ret);
 void mirror_names_done(MirrorNames *n);
 
 /* The bytes the images of path's chain (format: its top's) take on their file systems, summed:
- * at least the data a flattened copy holds, read from the headers we trust (not QEMU's word).
- * < 0 where that cannot be told: a chain we cannot open (a remote backing), or an image that is
- * not a regular file (a block device has no st_blocks). */
-int mirror_chain_allocated(char *const *image_dirs, const char *path, const char *format, uint64_t *ret);
+ * at least the data a flattened copy holds, read from the headers we trust (not QEMU's word),
+ * opened as owner would (storage_chain_open_owned()). < 0 where that cannot be told: a chain we
+ * cannot open (a remote backing, one the owner may not read), or an image that is not a regular
+ * file (a block device has no st_blocks). */
+int mirror_chain_allocated(char *const *image_dirs, uid_t owner, const char *path, const char *format, uint64_t *ret);
 /* Is there room beside d's overlay (dir_fd) for the copy? -ENOSPC if not, -EROFS if we may not
  * write there at all (a read-only mount: under the shipped unit, a directory outside
  * ReadWritePaths=); *ret_needed, *ret_free. */
