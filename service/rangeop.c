@@ -106,11 +106,19 @@ static bool op_listed(Engine *m, RangeOp *op) {
         return false;
 }
 
-RangeOp *range_op_of_disk(Disk *d) {
+static RangeOp *range_op_find(Disk *d, bool ending) {
         for (RangeOp *op = d->guest->engine->range_ops; op; op = op->next)
-                if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && !op->ending)
+                if (!op->map && op->guest == d->guest && streq(op->alias, d->alias) && op->ending == ending)
                         return op;
         return NULL;
+}
+
+RangeOp *range_op_of_disk(Disk *d) {
+        return range_op_find(d, false);
+}
+
+bool range_op_ending_on(Disk *d) {
+        return range_op_find(d, true);
 }
 
 int range_op_send(RangeOp *op, ControlCommandKind kind, uint64_t number) {

@@ -121,6 +121,8 @@ void range_op_unref_void(void *p);
 void range_op_kill(RangeOp *op);
 /* The disk's running range op (not a map), if any. */
 RangeOp *range_op_of_disk(Disk *d);
+/* Whether d's range job (or prefetch's phase 1) has ended, its export and filter still going. */
+bool range_op_ending_on(Disk *d);
 /* A command to the pull helper (control.c builds it); number: the bandwidth's. */
 int range_op_send(RangeOp *op, ControlCommandKind kind, uint64_t number);
 /* The end: helper stopped, export and filter out of QEMU, then the outcome is told. */

@@ -8,6 +8,7 @@
 #include "bus-error.h"
 #include "guest.h"
 #include "polkit.h"
+#include "rangeop.h"
 #include "mirror.h"
 #include "stream-internal.h"
 #include "util.h"
@@ -100,8 +101,14 @@ static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t
                 r = disk_authorize(d, msg, ACTION_STREAM, error);
         if (r <= 0)
                 return r;
+        /* A Start in flight takes the values it was given when its job begins. */
+        if (d->starting)
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "A job of disk '%s' is starting; it can be changed once it runs.", d->alias);
         *ret_backend = job_backend_of(d);
-        if (!job_is_active(&d->job) || d->finalizing) {
+        /* No job to tell: the value is the next one's (and a prefetch's cut's, after its first
+         * phase ended). */
+        if (!job_is_active(&d->job) || d->finalizing || range_op_ending_on(d)) {
                 *ret_backend = NULL;
                 return 1;
         }
@@ -170,7 +177,10 @@ int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r <= 0)
                 return r < 0 ? r : 1;
         if (!b) {
-                /* No job to tell: it becomes the default of the next one. */
+                /* No job to tell: it becomes the default of the next one, and the speed of a
+                 * prefetch's cut that has yet to start. */
+                if (job_is_active(&d->job))
+                        d->job.bandwidth = bw;
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
                         disk_emit_changed(d, "Bandwidth", NULL);

@@ -5,6 +5,7 @@ and a real QEMU, checked on the images afterwards."""
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -479,6 +480,27 @@ class UnreachableQemuTest(h.TestCase):
         self.client.wait_prop(gpath, h.IFACE_GUEST, 'Running', False, 30)
         self.assertEqual(d.prop('State'), 'running')
         self.assert_settings_refused(d, 'cannot be changed now')
+
+    def test_settings_while_a_start_is_in_flight_are_refused(self):
+        """While a Start waits for QEMU (here its block-stream is held unanswered), the job has not
+        begun: both calls answered success and the job then began at the Start's values (review
+        31d). Busy now, nothing changed; once the job runs they reach it."""
+        name, fake, gpath, d = self.fake_guest()
+        fake.hold = {'block-stream'}
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.env.bus.address)
+        p = subprocess.Popen(['busctl', '--system', 'call', h.BUS_NAME, d.path, h.IFACE_STREAM, 'Start', 'tta{sv}',
+                              '0', '0', '2', 'engine', 's', 'stream', 'bandwidth', 't', str(4 * MiB)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+        h.wait_until(lambda: fake.commands.get('block-stream'), 30, 'the Start to reach QEMU')
+        for method, value in (('SetBandwidth', 8 * MiB), ('SetMaxGuestLatency', 0)):
+            e = self.assertDBusError(h.ERR_BUSY, d.call, method, 't', T(value))
+            self.assertIn('is starting', e.message)
+        fake.release()
+        self.assertEqual(p.wait(30), 0, p.stderr.read())
+        self.client.wait_prop(d.path, h.IFACE_STREAM, 'State', 'running', 30)
+        d.call('SetBandwidth', 't', T(8 * MiB))
+        self.assertEqual(d.prop('Bandwidth'), 8 * MiB)
 
     def test_settings_of_a_job_not_yet_carried_on_are_refused(self):
         """A range job of before a restart goes on (its helper starts) once its QEMU is connected
