@@ -213,9 +213,10 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
 /* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
  * asked. 0 if not, or if the process is gone; < 0 if it cannot be told, not "no": -EACCES, a
  * process that may not be looked at; -EBUSY, a fd of the file that cannot be, or the look took
- * past deadline. Each fd is passed over by what the kernel holds of the file it leads to
- * (stat_cached(): asks no file system) and by its link's mode; fdinfo is read only of a fd of
- * the file. */
+ * past deadline. A fd is passed over by its link's text (not a path: an epoll set, a socket, a
+ * pipe) and mode, which ask nothing of the file system it leads to; then by its fdinfo's inode
+ * number. (The file's name is no filter: the process may have it open under another, in another
+ * mount namespace or through a hard link.) */
 static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t deadline) {
         _cleanup_close_ int info_dir = -EBADF;
         DIR *dir;
@@ -233,7 +234,7 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t 
         }
         for (struct dirent *de; r == 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 struct stat st;
-                uint64_t mnt;
+                char target[2];
                 FdInfo fi;
                 int k;
 
@@ -243,11 +244,8 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t 
                         r = -EBUSY;
                         break;
                 }
-                k = stat_cached(dirfd(dir), de->d_name, 0, &st, &mnt);
-                if (k == -ENOENT)
-                        continue; /* closed meanwhile */
-                if (k >= 0 && (st.st_dev != want->st_dev || st.st_ino != want->st_ino))
-                        continue;
+                if (readlinkat(dirfd(dir), de->d_name, target, sizeof(target)) <= 0 || target[0] != '/')
+                        continue; /* closed meanwhile, or no file of a path */
                 if (writing && !fd_link_writable(dirfd(dir), de->d_name))
                         continue;
                 if (info_dir < 0) {

@@ -58,8 +58,8 @@ int image_chain_open(char *const *dirs, const char *path, const char *format, bo
 
 /* An entry of a directory opened by image_open_parent_beneath(), opened (flags: open()'s, with
  * O_NOFOLLOW implied) or stat()ed without following it or crossing a mount: a FUSE file system
- * mounted on the name would be asked, and might never answer. A symlink there is -ELOOP, a mount
- * point -EXDEV. A fd or -errno; 0 or -errno. */
+ * mounted on the name would be asked, and might never answer. A mount point is -EXDEV; a symlink
+ * is -ELOOP to open, and stat()s as the link itself. A fd or -errno; 0 or -errno. */
 int image_entry_open(int dir_fd, const char *name, int flags);
 int image_entry_stat(int dir_fd, const char *name, struct stat *ret);
 
