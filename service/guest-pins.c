@@ -210,14 +210,14 @@ int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_i
         return 1;
 }
 
-/* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open, for writing if
- * asked. 0 if not, or if the process is gone; < 0 if it cannot be told, not "no": -EACCES, a
- * process that may not be looked at; -EBUSY, a fd of the file that cannot be, or the look took
- * past deadline. A fd is passed over by its link's text (not a path: an epoll set, a socket, a
- * pipe) and mode, which ask nothing of the file system it leads to; then by its fdinfo's inode
- * number. (The file's name is no filter: the process may have it open under another, in another
- * mount namespace or through a hard link.) */
-static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t deadline) {
+/* Whether process /proc/PID (proc_fd) has the file (want: fstat of ours) open. 0 if not, or if
+ * the process is gone; < 0 if it cannot be told, not "no": -EACCES, a process that may not be
+ * looked at; -EBUSY, a fd of the file that cannot be, or the look took past deadline. A fd is
+ * passed over by its link's text (not a path: an epoll set, a socket, a pipe), which asks nothing
+ * of the file system it leads to; then by its fdinfo's inode number. (The file's name is no
+ * filter: the process may have it open under another, in another mount namespace or through a
+ * hard link.) */
+static int pid_holds(int proc_fd, const struct stat *want, usec_t deadline) {
         _cleanup_close_ int info_dir = -EBADF;
         DIR *dir;
         unsigned n = 0;
@@ -244,10 +244,10 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t 
                         r = -EBUSY;
                         break;
                 }
-                if (readlinkat(dirfd(dir), de->d_name, target, sizeof(target)) <= 0 || target[0] != '/')
-                        continue; /* closed meanwhile, or no file of a path */
-                if (writing && !fd_link_writable(dirfd(dir), de->d_name))
-                        continue;
+                k = (int) readlinkat(dirfd(dir), de->d_name, target, sizeof(target));
+                if ((k < 0 && errno == ENOENT) || (k > 0 && target[0] != '/'))
+                        continue; /* closed meanwhile, or no file of a path (a path too long to tell:
+                                   * looked at) */
                 if (info_dir < 0) {
                         info_dir = openat(proc_fd, "fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                         if (info_dir < 0) {
@@ -255,8 +255,7 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t 
                                 break;
                         }
                 }
-                if (fdinfo_read(info_dir, de->d_name, &fi) < 0 || fi.ino != (uint64_t) want->st_ino ||
-                        (writing && !fd_writable(&fi)))
+                if (fdinfo_read(info_dir, de->d_name, &fi) < 0 || fi.ino != (uint64_t) want->st_ino)
                         continue; /* closed or replaced meanwhile */
                 /* A fd of the file that cannot be looked at: not "no" (-EBUSY). */
                 k = fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st);
@@ -269,14 +268,20 @@ static int pid_holds(int proc_fd, const struct stat *want, bool writing, usec_t 
         return r;
 }
 
-int guest_qemu_writes(Guest *g, int fd) {
-        struct stat want;
+int guest_qemu_writes(Guest *g, const char *path, int fd) {
+        struct stat want, st;
+        bool found, writable;
+        int r;
 
-        if (!qemu_seen(g))
+        if (!qemu_seen(g) || isempty(path))
                 return 0;
         if (fstat(fd, &want) < 0)
                 return -errno;
-        return pid_holds(g->qmp_proc_fd, &want, true, now_usec(CLOCK_MONOTONIC) + PIN_SCAN_USEC);
+        /* By the name QEMU has it under: only its fds of that name have their fdinfo read. */
+        r = open_file_ids(g->qmp_proc_fd, &path, 1, &st, &found, &writable);
+        if (r <= 0)
+                return r;
+        return writable && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -326,7 +331,7 @@ int host_holds_open(int fd, pid_t *ret_pid) {
                 proc_fd = openat(dirfd(proc), de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (proc_fd < 0)
                         continue; /* gone */
-                r = pid_holds(proc_fd, &want, false, deadline);
+                r = pid_holds(proc_fd, &want, deadline);
                 if (r > 0)
                         *ret_pid = (pid_t) pid;
                 else if (r == -EACCES) {

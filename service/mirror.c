@@ -484,7 +484,7 @@ int mirror_try_start(
                               : 0;
         /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway.
          * A QEMU taken over names what it reads (a template shared by every guest) as its disk. */
-        if (guest_qemu_writes(g, overlay_fd) <= 0)
+        if (guest_qemu_writes(g, path, overlay_fd) <= 0)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
                                         "Engine 'mirror': QEMU of guest '%s' does not have %s open for writing; "
                                         "nothing was created.",
