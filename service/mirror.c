@@ -166,8 +166,14 @@ static void mirror_started(Qmp *q, int error, const char *desc, void *userdata) 
         MirrorCall *c = userdata;
         Disk *d = mirror_call_disk(c);
 
-        if (!d)
+        if (!d) {
+                /* Its job ended before QEMU answered for it (a QEMU out of order): the start is
+                 * over all the same (no other start begins while this one is: Start is Busy). */
+                d = guest_find_disk(c->guest, c->alias);
+                if (d && d->starting && !streq_ptr(d->job.id, c->job_id))
+                        d->starting = d->mirror_busy = false;
                 return;
+        }
         if (error < 0) {
                 /* The job never ran: no Finished, the caller hears why. */
                 d->job.state = STREAM_IDLE;

@@ -64,9 +64,13 @@ static void cut_reply(Qmp *q, int error, const char *desc, void *userdata) {
         CutCall *c = userdata;
         Disk *d = guest_find_disk(c->guest, c->alias);
 
-        if (!d || !streq_ptr(d->job.id, c->job_id))
+        if (!d)
                 return;
+        /* The cut's start is over, also if its job ended before QEMU answered for it (a QEMU out of
+         * order): no other start begins while this one is (Start is Busy). */
         d->starting = false;
+        if (!streq_ptr(d->job.id, c->job_id))
+                return;
         if (error < 0) {
                 _cleanup_free_ char *why = strdup_printf(
                         "The backing chain's data was copied, but QEMU refused to drop the backing link (block-stream: "

@@ -101,14 +101,15 @@ static int job_setting_begin(sd_bus_message *msg, Disk *d, int (*check)(uint64_t
                 r = disk_authorize(d, msg, ACTION_STREAM, error);
         if (r <= 0)
                 return r;
-        /* A Start in flight takes the values it was given when its job begins. */
-        if (d->starting)
+        /* A job starting (a Start in flight, a job carried on whose helper starts, a prefetch's cut
+         * being sent) takes the values it was given, and one whose helper has ended (a range's end,
+         * a prefetch between its phases) has nothing to tell: try again in a moment. */
+        if (d->starting || range_op_ending_on(d))
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
-                        "A job of disk '%s' is starting; it can be changed once it runs.", d->alias);
+                        "The job of disk '%s' is starting or between its phases; it can be changed in a moment.",
+                        d->alias);
         *ret_backend = job_backend_of(d);
-        /* No job to tell: the value is the next one's (and a prefetch's cut's, after its first
-         * phase ended). */
-        if (!job_is_active(&d->job) || d->finalizing || range_op_ending_on(d)) {
+        if (!job_is_active(&d->job) || d->finalizing) {
                 *ret_backend = NULL;
                 return 1;
         }
@@ -177,10 +178,7 @@ int method_set_bandwidth(sd_bus_message *msg, void *userdata, sd_bus_error *erro
         if (r <= 0)
                 return r < 0 ? r : 1;
         if (!b) {
-                /* No job to tell: it becomes the default of the next one, and the speed of a
-                 * prefetch's cut that has yet to start. */
-                if (job_is_active(&d->job))
-                        d->job.bandwidth = bw;
+                /* No job to tell: it becomes the default of the next one. */
                 if (d->bandwidth != bw) {
                         d->bandwidth = bw;
                         disk_emit_changed(d, "Bandwidth", NULL);
