@@ -145,7 +145,10 @@ static unsigned job_set_status(Job *j, QemuJobStatus status) {
         StreamState s = j->state;
         unsigned changed = 0;
 
-        if (j->concluded)
+        /* Only a job the daemon began (and has not ended) changes with what QEMU says of it: a
+         * QEMU that speaks of a job whose id it guessed while the daemon still prepares it (a
+         * mirror's image), or of one ended, would make it active, and its end would never come. */
+        if (j->concluded || !job_is_active(j))
                 return 0;
         switch (status) {
         case QEMU_JOB_PAUSED:

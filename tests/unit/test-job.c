@@ -199,6 +199,36 @@ static void test_prefetch_progress(void) {
         job_done(&j);
 }
 
+/* A job not begun (a mirror prepares its image with the job's id set, state idle) or ended is
+ * not made active by what QEMU says of its id: a QEMU that sent "running", then "cancelled", for a
+ * mirror still preparing left the disk starting for good (review 31f). */
+static void test_status_of_a_job_not_running_is_ignored(void) {
+        Job j = {.state = STREAM_IDLE};
+        QemuJobEvent e;
+        QemuBlockJob i;
+
+        ASSERT_NOT_NULL(j.id = strdup("bsd-vda-1"));
+        e = status_event("bsd-vda-1", QEMU_JOB_RUNNING);
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        i = info("bsd-vda-1", QEMU_JOB_PAUSED, DISK, MiB, NULL);
+        ASSERT_EQ(job_apply_info(&j, &i, T0), 0);
+        e = end_event(QEMU_EVENT_BLOCK_JOB_CANCELLED, "bsd-vda-1", DISK, MiB, NULL);
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        ASSERT_EQ(j.state, STREAM_IDLE);
+        ASSERT_FALSE(j.concluded);
+        job_done(&j);
+
+        /* Ended and published, its id not yet let go: it stays ended. */
+        begin(&j);
+        e = end_event(QEMU_EVENT_BLOCK_JOB_COMPLETED, "bsd-vda-1", DISK, DISK, NULL);
+        ASSERT_TRUE(job_apply_event(&j, &e, T0) & JOB_NOW_CONCLUDED);
+        ASSERT_TRUE(job_publish_outcome(&j));
+        e = status_event("bsd-vda-1", QEMU_JOB_RUNNING);
+        ASSERT_EQ(job_apply_event(&j, &e, T0), 0);
+        ASSERT_EQ(j.state, STREAM_COMPLETED);
+        job_done(&j);
+}
+
 static void test_pause_resume(void) {
         Job j;
         QemuJobEvent e;
@@ -650,6 +680,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_early_zero_progress);
         TAP_RUN(test_progress_monotonic);
         TAP_RUN(test_prefetch_progress);
+        TAP_RUN(test_status_of_a_job_not_running_is_ignored);
         TAP_RUN(test_pause_resume);
         TAP_RUN(test_paused_on_error);
         TAP_RUN(test_completed_event);
