@@ -24,6 +24,9 @@
  * hold the daemon: a fd's fdinfo is formatted whole at each read, and a process can make one long
  * (an epoll set watching many fds, many locks on a file). Past it: cannot tell (-EBUSY). */
 #define PIN_SCAN_USEC (2 * USEC_PER_SEC)
+/* A QEMU's fds of one disk's name that are looked at closer, at most: an honest one has one or two
+ * (read-only, read-write); the name is QEMU's to choose, and so are the files it opens under it. */
+#define PIN_LOOKS_PER_PATH 8
 
 /* Whether g's QEMU is there to be looked at: running, connected (its pid from the socket), not
  * being handed over. */
@@ -129,6 +132,7 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
         int fd_dir = openat(proc_fd, "fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         size_t left = n_paths, n_found = 0; /* left: not found open for writing yet */
         usec_t deadline = now_usec(CLOCK_MONOTONIC) + PIN_SCAN_USEC;
+        _cleanup_free_ unsigned *looks = NULL; /* fds of each name looked at closer */
         DIR *dir;
         unsigned n = 0;
         int r = 0;
@@ -144,10 +148,16 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                 close(fd_dir);
                 return r;
         }
+        looks = calloc(n_paths, sizeof(unsigned));
+        if (!looks) {
+                closedir(dir);
+                return -ENOMEM;
+        }
         for (size_t i = 0; i < n_paths; i++)
                 found[i] = writable[i] = false;
         /* By the link's text first (a readlink formats a path, nothing more): fdinfo is read only
-         * of a fd that names a disk. */
+         * of a fd that names a disk, a few of them, and none more of a name whose file is not a
+         * regular one. */
         for (struct dirent *de; left > 0 && n < PIN_FDS_MAX && (de = readdir(dir)); n++) {
                 char target[4097];
                 bool have_fi = false;
@@ -168,14 +178,18 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
                         struct stat st;
 
                         if (!paths[i] || !streq(target, paths[i]) || (found[i] && writable[i]) ||
-                                (found[i] && !fd_link_writable(dirfd(dir), de->d_name)))
+                                looks[i] >= PIN_LOOKS_PER_PATH || (found[i] && !fd_link_writable(dirfd(dir), de->d_name)))
                                 continue;
+                        looks[i]++;
                         if (!have_fi && fdinfo_read(info_dir, de->d_name, &fi) < 0)
                                 break;
                         have_fi = true;
-                        if ((found[i] && !fd_writable(&fi)) || fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st) <= 0 ||
-                                !S_ISREG(st.st_mode))
+                        if ((found[i] && !fd_writable(&fi)) || fd_file(dirfd(dir), info_dir, de->d_name, &fi, &st) <= 0)
                                 continue;
+                        if (!S_ISREG(st.st_mode)) {
+                                looks[i] = PIN_LOOKS_PER_PATH; /* no disk of ours */
+                                continue;
+                        }
                         if (!found[i])
                                 n_found++;
                         found[i] = true;
