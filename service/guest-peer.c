@@ -356,8 +356,14 @@ void guest_update_polling(Guest *g) {
 static void guest_fail_jobs(Guest *g, const char *why) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];
-                if (g->engine->registry->range_runs(d) || d->starting)
-                        continue; /* a job carried on after the restart, or a Start on its way */
+                if (d->starting) {
+                        /* A Start on its way: one that waits for QEMU's answer gets it (the
+                         * connection's end); one that waits for an event of QEMU fails now. */
+                        g->engine->registry->start_lost(d);
+                        continue;
+                }
+                if (g->engine->registry->range_runs(d))
+                        continue; /* a job carried on after the restart */
                 if (job_is_active(&d->job) && !d->job.concluded)
                         guest_job_lost(g, d, why);
                 else if (d->job.concluded)

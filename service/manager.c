@@ -99,6 +99,7 @@ static const EngineRegistry manager_registry = {
         .job_event = mirror_on_event,
         .job_info = mirror_on_info,
         .job_lost = mirror_on_lost,
+        .start_lost = mirror_start_lost,
         .identity_allocate = manager_identity_allocate,
         .identity_free = manager_identity_free,
 };

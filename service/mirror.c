@@ -845,6 +845,15 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
         return changed;
 }
 
+void mirror_start_lost(Disk *d) {
+        MirrorCall *c = mirror_wait_take(d);
+
+        if (!c)
+                return;
+        prepare_failed(c, d, "format the new image before QEMU went away", -ECONNRESET, NULL);
+        mirror_call_free(c);
+}
+
 void mirror_resume_orphans(Guest *g) {
         for (size_t i = 0; i < g->n_disks; i++) {
                 Disk *d = g->disks[i];

@@ -48,3 +48,6 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed);
 
 /* After a (re)connect, the jobs applied: the journal's leftovers of a mirror (see above). */
 void mirror_resume_orphans(Guest *g);
+/* QEMU is gone (its socket cannot be reached): a Start waiting for its new image to be formatted
+ * fails, and what it made goes. */
+void mirror_start_lost(Disk *d);
