@@ -163,8 +163,15 @@ static bool check_upstream(const uint8_t *client, size_t client_len, const char 
         return export_name;
 }
 
-/* What went to the client. */
-static void check_client(const uint8_t *up, size_t up_len, bool export_reply) {
+/* EXPORT_NAME's answer as the client asked for it: size, flags, and the zeroes unless it set
+ * NBD_FLAG_C_NO_ZEROES. */
+static size_t export_reply_size(const uint8_t *client, size_t client_len) {
+        return NBD_EXPORT_REPLY_SIZE +
+               (client_len >= 4 && (be32(client) & NBD_FLAG_C_NO_ZEROES) ? 0 : NBD_EXPORT_REPLY_ZEROES);
+}
+
+/* What went to the client; export_reply: the size of EXPORT_NAME's answer at its end, or 0. */
+static void check_client(const uint8_t *up, size_t up_len, size_t export_reply) {
         const uint8_t *b = to_client.buf;
         size_t len = to_client.len, end, p;
 
@@ -173,9 +180,9 @@ static void check_client(const uint8_t *up, size_t up_len, bool export_reply) {
         CHECK(len >= NBD_GREETING_SIZE && up_len >= NBD_GREETING_SIZE && memcmp(b, up, NBD_GREETING_SIZE) == 0);
         end = len;
         if (export_reply) {
-                /* size, flags */
-                CHECK(len >= NBD_GREETING_SIZE + NBD_EXPORT_REPLY_SIZE);
-                end = len - NBD_EXPORT_REPLY_SIZE;
+                /* size, flags (then the zeroes, passed on as they came) */
+                CHECK(len >= NBD_GREETING_SIZE + export_reply);
+                end = len - export_reply;
                 CHECK((b[end + 9] & (NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY)) ==
                         (NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY));
         }
@@ -198,7 +205,7 @@ static void check_client(const uint8_t *up, size_t up_len, bool export_reply) {
 
 /* The transmission phase started: the relay read exactly whole messages of each side. */
 static void check_boundaries(
-        const uint8_t *client, size_t client_consumed, const uint8_t *up, size_t up_consumed, bool export_reply) {
+        const uint8_t *client, size_t client_consumed, const uint8_t *up, size_t up_consumed, size_t export_reply) {
         size_t p, end;
 
         for (p = 4; p < client_consumed;) {
@@ -207,8 +214,8 @@ static void check_boundaries(
         }
         CHECK(p == client_consumed);
 
-        CHECK(up_consumed >= NBD_GREETING_SIZE + (export_reply ? NBD_EXPORT_REPLY_SIZE : 0));
-        end = up_consumed - (export_reply ? NBD_EXPORT_REPLY_SIZE : 0);
+        CHECK(up_consumed >= NBD_GREETING_SIZE + export_reply);
+        end = up_consumed - export_reply;
         for (p = NBD_GREETING_SIZE; p < end;) {
                 CHECK(end - p >= NBD_REP_HEADER_SIZE);
                 p += NBD_REP_HEADER_SIZE + be32(up + p + 16);
@@ -287,14 +294,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
         neg_start(&n);
         for (;;) {
-                size_t next;
+                size_t next, before = from_client.pos + from_upstream.pos + to_client.len + to_upstream.len;
 
                 r = neg_step(&n, 1, FD_CLIENT, FD_UPSTREAM);
                 if (r != 0)
                         break;
-                /* A full socket buffer, or it waits for the client: the upstream's bytes are all
-                 * there, and its EOF. */
-                if (drain(&to_client) + drain(&to_upstream) > 0)
+                /* A full socket buffer, a turn's bound reached (poll() would call again at once),
+                 * or it waits for the client: the upstream's bytes are all there, and its EOF. */
+                if (drain(&to_client) + drain(&to_upstream) > 0 ||
+                        from_client.pos + from_upstream.pos + to_client.len + to_upstream.len != before)
                         continue;
                 CHECK(!shut && !neg_waits_upstream(&n));
                 /* The last option is done with: what did it send on? */
@@ -321,10 +329,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
 
         export_name = check_upstream(client, client_len, pinned);
-        check_client(up, up_len, r == 1 && export_name);
+        check_client(up, up_len, r == 1 && export_name ? export_reply_size(client, client_len) : 0);
         if (r == 1) {
                 CHECK(n.state == NEG_DONE);
-                check_boundaries(client, from_client.pos, up, from_upstream.pos, export_name);
+                check_boundaries(client, from_client.pos, up, from_upstream.pos,
+                        export_name ? export_reply_size(client, client_len) : 0);
         } else
                 CHECK(r < 0);
         /* The option it ended on: GO or EXPORT_NAME sent on, or one that closed the pair. */

@@ -19,7 +19,8 @@
  *   the rest      client → relay (requests), all there at once, then its EOF
  * Besides the sanitizers, what nbd-transmission.h promises is checked:
  *   - what went to the server is a prefix of what the client sent, of whole requests only, each
- *     a READ of at most 32 MiB, CACHE, BLOCK_STATUS or DISC, without FUA, nothing after DISC;
+ *     a READ of at most 32 MiB, BLOCK_STATUS or DISC, without FUA, nothing after DISC (never a
+ *     CACHE: QEMU's copy-on-read writes the guest's image);
  *   - a model of QEMU's side, kept here from the bytes as they move (requests sent, replies read
  *     to their end): never more than 16 requests in flight, nor more than 32 MiB of cost (reads,
  *     1 MiB a block status without REQ_ONE); a reply the model cannot place (no such request
@@ -220,8 +221,6 @@ static void model_requests(void) {
                         break;
                 case NBD_CMD_BLOCK_STATUS:
                         cost = flags & NBD_CMD_FLAG_REQ_ONE ? 0 : 1U << 20;
-                        break;
-                case NBD_CMD_CACHE:
                         break;
                 case NBD_CMD_DISC:
                         model.disc = true;
