@@ -204,19 +204,19 @@ static int open_file_ids(int proc_fd, const char *const *paths, size_t n_paths, 
         return r < 0 ? r : (int) n_found;
 }
 
-static int open_file_id(int proc_fd, const char *path, struct stat *ret) {
-        bool found, writable;
+static int open_file_id(int proc_fd, const char *path, struct stat *ret, bool *ret_writable) {
+        bool found;
 
-        return open_file_ids(proc_fd, &path, 1, ret, &found, &writable);
+        return open_file_ids(proc_fd, &path, 1, ret, &found, ret_writable);
 }
 
-int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino) {
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino, bool *ret_writable) {
         struct stat st;
         int r;
 
         if (!qemu_seen(g) || isempty(path))
                 return 0;
-        r = open_file_id(g->qmp_proc_fd, path, &st);
+        r = open_file_id(g->qmp_proc_fd, path, &st, ret_writable);
         if (r <= 0)
                 return r;
         *ret_dev = st.st_dev;
@@ -280,22 +280,6 @@ static int pid_holds(int proc_fd, const struct stat *want, usec_t deadline) {
         }
         closedir(dir);
         return r;
-}
-
-int guest_qemu_writes(Guest *g, const char *path, int fd) {
-        struct stat want, st;
-        bool found, writable;
-        int r;
-
-        if (!qemu_seen(g) || isempty(path))
-                return 0;
-        if (fstat(fd, &want) < 0)
-                return -errno;
-        /* By the name QEMU has it under: only its fds of that name have their fdinfo read. */
-        r = open_file_ids(g->qmp_proc_fd, &path, 1, &st, &found, &writable);
-        if (r <= 0)
-                return r;
-        return writable && st.st_dev == want.st_dev && st.st_ino == want.st_ino;
 }
 
 /* QEMU's image locks (file-posix: bytes 100 + permission, 200 + shared permission; libvirt's
@@ -396,13 +380,15 @@ bool guest_pivot_check(Guest *g, const char *path, uint64_t dev, uint64_t ino) {
         _cleanup_free_ char *error = NULL;
         _cleanup_close_ int fd = -EBADF;
         struct stat st;
+        bool writable;
 
         if (g->offline || g->qmp_proc_fd < 0 || !path)
                 return false;
         if (image_open_beneath(g->engine->config.image_dirs, path, false, &fd, &error) < 0 || fstat(fd, &st) < 0 ||
                 (uint64_t) st.st_dev != dev || (uint64_t) st.st_ino != ino)
                 return false;
-        return open_file_id(g->qmp_proc_fd, path, &st) > 0 && (uint64_t) st.st_dev == dev && (uint64_t) st.st_ino == ino;
+        return open_file_id(g->qmp_proc_fd, path, &st, &writable) > 0 && (uint64_t) st.st_dev == dev &&
+               (uint64_t) st.st_ino == ino;
 }
 
 /* Every disk's top image, opened as the storage helper will open it, is the file its QEMU had

@@ -161,11 +161,9 @@ int guest_begin_handoff(Guest *g);
  * opens a path QEMU reported only if it still is the file QEMU had open. */
 void guest_pin_disks(Guest *g);
 /* 1 and the (device, inode) of the regular file the guest's running QEMU has open under the name
- * path, 0 if it has none (or is not running), <0 on error. */
-int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino);
-/* 1 if g's QEMU holds the file that fd (ours) is open on, under path, open for writing: what it
- * could change itself. */
-int guest_qemu_writes(Guest *g, const char *path, int fd);
+ * path, and whether open for writing (that file then: what QEMU could change itself), 0 if it has
+ * none (or is not running), <0 on error. */
+int guest_qemu_has_open(Guest *g, const char *path, dev_t *ret_dev, ino_t *ret_ino, bool *ret_writable);
 /* 1 if a process but the daemon has the file fd (ours, not O_PATH) is open on open: one that
  * holds QEMU's image locks on it (on any host that shares them), or one of this host's with an
  * fd on it that the daemon may look at (its pid in *ret_pid); 0 if none; < 0 on errors. */

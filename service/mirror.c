@@ -431,7 +431,7 @@ int mirror_try_start(
         QemuQcow2Options format;
         bool own_format;
         const char *leaf, *path = overlay_path(d);
-        bool pinned;
+        bool pinned, pin_writable = false;
         dev_t pin_dev = 0;
         ino_t pin_ino = 0;
         struct stat st, st_tmp;
@@ -465,10 +465,11 @@ int mirror_try_start(
         guest_pin_disks(g);
         if (path == d->path) {
                 pinned = d->pinned;
+                pin_writable = d->pin_writable;
                 pin_dev = d->pin_dev;
                 pin_ino = d->pin_ino;
         } else
-                pinned = guest_qemu_has_open(g, path, &pin_dev, &pin_ino) > 0;
+                pinned = guest_qemu_has_open(g, path, &pin_dev, &pin_ino, &pin_writable) > 0;
         if (!pinned)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
                                         "Engine 'mirror': QEMU of guest '%s' is not seen with %s open.", g->name, path)
@@ -488,9 +489,10 @@ int mirror_try_start(
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED, "Engine 'mirror' cannot use %s: %s", path,
                                         r == -ESTALE ? "it is no longer the file QEMU has open" : err ?: strerror(-r))
                               : 0;
-        /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway.
-         * A QEMU taken over names what it reads (a template shared by every guest) as its disk. */
-        if (guest_qemu_writes(g, path, overlay_fd) <= 0)
+        /* The rename replaces that file with one QEMU wrote: only where QEMU could write it anyway
+         * (the pin says, of the very file opened above). A QEMU taken over names what it reads (a
+         * template shared by every guest) as its disk. */
+        if (!pin_writable)
                 return forced ? sd_bus_error_setf(error, SD_BUS_ERROR_FAILED,
                                         "Engine 'mirror': QEMU of guest '%s' does not have %s open for writing; "
                                         "nothing was created.",
