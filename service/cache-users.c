@@ -147,32 +147,44 @@ bool cache_users_refresh(Cache *c) {
         return c->users != before;
 }
 
-/* "users": the count, as before; "overlays": [{"path", "dev", "ino"}]. A record without
- * "overlays" (an older daemon's) keeps its count, never counted down. */
-static int uids_to_json(json_object *k, const uid_t *uids, size_t n, const CacheUser *users, size_t n_users) {
-        _cleanup_free_ uid_t *all = malloc(MAX(n + n_users, (size_t) 1) * sizeof(uid_t));
+/* The uids of c's users into out (room for c->n_untracked_uids + c->n_user_list): the untracked
+ * ones, and the overlays' owners if tracked. How many (repeats and root not taken out). */
+static size_t cache_uids(const Cache *c, bool tracked, uid_t *out) {
+        size_t n = 0;
+
+        for (size_t i = 0; i < c->n_untracked_uids; i++)
+                out[n++] = c->untracked_uids[i];
+        for (size_t i = 0; tracked && i < c->n_user_list; i++)
+                out[n++] = c->user_list[i].uid;
+        return n;
+}
+
+/* "overlay_uids": the untracked users' uids, and the overlays' owners if tracked. */
+static int uids_to_json(json_object *k, const Cache *c, bool tracked) {
+        _cleanup_free_ uid_t *all = malloc(MAX(c->n_untracked_uids + c->n_user_list, (size_t) 1) * sizeof(uid_t));
         json_object *a = json_object_new_array();
+        size_t n;
 
         if (!all || !a || json_object_object_add(k, "overlay_uids", a) < 0) {
                 json_object_put(a);
                 return -ENOMEM;
         }
-        for (size_t i = 0; i < n + n_users; i++)
-                all[i] = i < n ? uids[i] : users[i - n].uid;
-        n = MIN(uids_sorted_unique(all, n + n_users), (size_t) UNTRACKED_UIDS_MAX);
+        n = MIN(uids_sorted_unique(all, cache_uids(c, tracked, all)), (size_t) UNTRACKED_UIDS_MAX);
         for (size_t i = 0; i < n; i++)
                 if (json_object_array_add(a, json_object_new_uint64(all[i])) < 0)
                         return -ENOMEM;
         return 0;
 }
 
+/* "users": the count, as before; "overlays": [{"path", "dev", "ino"}]. A record without
+ * "overlays" (an older daemon's) keeps its count, never counted down. */
 int cache_users_to_json(Cache *c, json_object *k, bool overlays) {
         json_object *a;
 
         /* Without the overlays' paths, their owners at least: their QEMUs must still reach it. */
         if (!overlays)
-                return uids_to_json(k, c->untracked_uids, c->n_untracked_uids, c->user_list, c->n_user_list);
-        if (c->n_untracked_uids > 0 && uids_to_json(k, c->untracked_uids, c->n_untracked_uids, NULL, 0) < 0)
+                return uids_to_json(k, c, true);
+        if (c->n_untracked_uids > 0 && uids_to_json(k, c, false) < 0)
                 return -ENOMEM;
         a = json_object_new_array();
         if (!a || json_object_object_add(k, "overlays", a) < 0) {
@@ -325,9 +337,7 @@ static size_t access_uids(Engine *e, Cache *only, uid_t *uids) {
         }
         for (Cache *c = e->caches; c; c = c->next)
                 if (!only || c == only)
-                        for (size_t i = 0; i < c->n_user_list + c->n_untracked_uids; i++)
-                                all[n++] = i < c->n_user_list ? c->user_list[i].uid
-                                                              : c->untracked_uids[i - c->n_user_list];
+                        n += cache_uids(c, true, all + n);
         n = uids_sorted_unique(all, n);
         for (q = 0; q < e->config.n_qemu_users && q < ACL_UIDS_MAX; q++)
                 uids[q] = e->config.qemu_users[q];
