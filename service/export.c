@@ -253,7 +253,6 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 #define CONTROL_BURST 256.0
 
 /* The relay's control messages: "ready", "connect N", "clients K", "error TEXT". */
-
 static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Export *e = userdata;
         char buf[CONTROL_MESSAGE_MAX + 1];

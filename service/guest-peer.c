@@ -556,8 +556,6 @@ static void connect_jobs_reply(Qmp *q, int error, const char *desc, QemuBlockJob
         }
 }
 
-/* A running guest's QEMU connected, or its connection broke (an offline guest's storage helper is
- * the peer's). */
 /* Histograms the guest-latency mode left as it ended without a connection: removed from the QEMU
  * they were set on, if this is it; forgotten otherwise (a QEMU since started at the socket may
  * have one of someone else's on a device of that name). */
@@ -575,6 +573,8 @@ static void guest_histograms_cleanup(Guest *g) {
         }
 }
 
+/* A running guest's QEMU connected, or its connection broke (an offline guest's storage helper is
+ * the peer's). */
 static void guest_on_state(void *userdata, int error) {
         Guest *g = userdata;
         Qmp *q = g->peer.qmp;

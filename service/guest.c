@@ -154,7 +154,6 @@ int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userda
         return r;
 }
 
-
 void guest_release_helper_if_idle(Guest *g) {
         peer_release_helper_if_idle(&g->peer);
 }

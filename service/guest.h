@@ -145,15 +145,15 @@ int guest_when_ready_fresh(Guest *g, guest_ready_handler_t handler, void *userda
  * begin (< 0 and LimitsExceeded if not). Root's guests, a handoff for root's export, and work
  * carried on after a restart are not held to it. */
 #define GUEST_STORAGE_HELPERS_PER_OWNER_MAX 8
+#define GUEST_STORAGE_HELPERS_USERS_MAX 16
+int guest_helper_share(Guest *g, sd_bus_error *error);
+/* The method error for r, guest_when_ready()'s failure. */
+int guest_ready_error(Guest *g, int r, sd_bus_error *error);
 /* The disk aliases the storage helper takes: its node names, made from them ("bsf-<alias>-<k>",
  * k below 100), must fit QEMU's 31 characters. An offline guest's are held to 16 at registration;
  * a handoff takes what fits. */
 #define GUEST_OFFLINE_ALIAS_MAX 16
 #define GUEST_HANDOFF_ALIAS_MAX 24
-#define GUEST_STORAGE_HELPERS_USERS_MAX 16
-int guest_helper_share(Guest *g, sd_bus_error *error);
-/* The method error for r, guest_when_ready()'s failure. */
-int guest_ready_error(Guest *g, int r, sd_bus_error *error);
 /* The guest's QEMU is gone and an export must go on: serve its disks from the storage helper,
  * read from the image headers as for an offline guest (idempotent). */
 int guest_begin_handoff(Guest *g);
