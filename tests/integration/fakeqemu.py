@@ -3,10 +3,12 @@
 
 Used by test_hostile_qmp.py and bench/hostile-qmp-bench. It answers what blockstreamd asks on a
 (re)connect (query-block-jobs, query-block, query-named-block-nodes) from the real QEMU 7.2
-replies captured in tests/unit/data, with `n_disks` disks, and accepts block-stream. Hostile
-behaviours, each a method: flap() a job between paused and running, huge-value replies, many
-nodes, dropping every connection. Everything it saw is counted (connections, commands)."""
+replies captured in tests/unit/data, with `n_disks` disks, and accepts block-stream. It keeps the
+fds passed to it (add-fd, getfd), as QEMU does. Hostile behaviours, each a method: flap() a job
+between paused and running, huge-value replies, many nodes, dropping every connection, commands
+held unanswered. Everything it saw is counted (connections, commands)."""
 
+import array
 import copy
 import json
 import os
@@ -39,6 +41,7 @@ class FakeQemu:
         self.hang_up_after_caps = False
         self.hold = set()            # command names left unanswered until release()
         self.held = []
+        self.fds = []                # passed to it with a command (SCM_RIGHTS), kept until close()
         self._done = threading.Event()
         self._send_lock = threading.Lock()
         self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
@@ -122,18 +125,36 @@ class FakeQemu:
             return []
         return {}
 
+    def _lines(self, conn):
+        """The connection's lines, read with recvmsg(): the fds sent with them are kept."""
+        buf = b''
+        while True:
+            while b'\n' in buf:
+                line, buf = buf.split(b'\n', 1)
+                yield line
+            data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array('i')
+                    fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+                    with self.lock:
+                        self.fds.extend(fds)
+            if not data:
+                return
+            buf += data
+
     def _handle(self, conn):
-        f = conn.makefile('rb')
+        lines = self._lines(conn)
         try:
             self._send(conn, GREETING)
-            first = json.loads(f.readline())
+            first = json.loads(next(lines))
             self._send(conn, {'return': {}, 'id': first.get('id')})
             if self.hang_up_after_caps:
                 conn.shutdown(socket.SHUT_RDWR)
                 return
             while not self._done.is_set():
-                line = f.readline()
-                if not line:
+                line = next(lines, None)
+                if line is None:
                     with self.lock:
                         self.hangup_times.append(time.monotonic())
                     return
@@ -211,9 +232,15 @@ class FakeQemu:
         self._srv.close()
         with self.lock:
             conn = self.conn
+            fds, self.fds = self.fds, []
         if conn:
             try:
                 conn.close()
+            except OSError:
+                pass
+        for fd in fds:
+            try:
+                os.close(fd)
             except OSError:
                 pass
 

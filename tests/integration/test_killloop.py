@@ -18,12 +18,12 @@ import os
 import signal
 import sys
 import time
-import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
 import ranges as r  # noqa: E402
+from fakeqemu import FakeQemu  # noqa: E402
 from harness import MiB, T, opts  # noqa: E402
 
 SIZE = 64 * MiB
@@ -67,7 +67,7 @@ class RangeVictimErrorTest(h.TestCase):
         helper (plain --pull) says "ready", an error, and exits."""
         name = self.unique_name('order')
         path = os.path.join(self.env.dir, '%s.sock' % name)
-        fake = FdKeepingFakeQemu(path, os.path.join(self.env.images, name))
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
         self.addCleanup(fake.close)
         gpath = self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
@@ -137,63 +137,6 @@ class CompletedStreamDurableTest(h.TestCase):
         self.assertEqual(rc, 0, 'the overlay lost data a completed stream had copied: ' + out)
 
 
-def _fd_keeping_fake():
-    import array
-    import json
-    import socket
-    from fakeqemu import FakeQemu, GREETING
-
-    class FdKeepingFakeQemu(FakeQemu):
-        """FakeQemu that reads with recvmsg() and keeps the fds passed to it (getfd), as QEMU does."""
-
-        def __init__(self, *a, **kw):
-            self.fds = []
-            super().__init__(*a, **kw)
-
-        def _lines(self, conn):
-            buf = b''
-            while True:
-                while b'\n' in buf:
-                    line, buf = buf.split(b'\n', 1)
-                    yield line
-                data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
-                for level, kind, cdata in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fds = array.array('i')
-                        fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-                        self.fds.extend(fds)
-                if not data:
-                    return
-                buf += data
-
-        def _handle(self, conn):
-            lines = self._lines(conn)
-            try:
-                self._send(conn, GREETING)
-                first = json.loads(next(lines))
-                self._send(conn, {'return': {}, 'id': first.get('id')})
-                for line in lines:
-                    cmd = json.loads(line)
-                    name = cmd.get('execute')
-                    with self.lock:
-                        self.commands[name] = self.commands.get(name, 0) + 1
-                        if name in self.hold:
-                            self.held.append((conn, cmd))
-                            continue
-                    self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
-            except (OSError, ValueError, StopIteration):
-                pass
-
-        def close(self):
-            super().close()
-            for fd in self.fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-    return FdKeepingFakeQemu
-
-
 class ReconnectCleanupTest(h.TestCase):
     """bench/kill-loop, range x qemu (trial 78, --replay=65917893 of --seed=11): after QEMU came
     back (Refresh), a new range Start failed with HelperFailed "server has no export named
@@ -216,7 +159,7 @@ class ReconnectCleanupTest(h.TestCase):
     def test_reconnect_cleanup_spares_a_range_started_meanwhile(self):
         name = self.unique_name('recon')
         path = os.path.join(self.env.dir, '%s.sock' % name)
-        fake = FdKeepingFakeQemu(path, os.path.join(self.env.images, name))
+        fake = FakeQemu(path, os.path.join(self.env.images, name))
         self.addCleanup(fake.close)
         gpath = self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
@@ -252,8 +195,6 @@ class ReconnectCleanupTest(h.TestCase):
         self.assertEqual(fake.commands.get('block-export-del', 0), 0,
                          'the reconnect deleted the export of a range started after it (Running was %r)' % running)
 
-
-FdKeepingFakeQemu = _fd_keeping_fake()
 
 
 if __name__ == '__main__':
