@@ -49,11 +49,6 @@ static void test_stop_before(Disk *d, const char *step) {
                 step);
 }
 
-/* The overlay's directory, opened beneath an image directory, and the overlay's leaf in it. */
-static int open_dir(Guest *g, const char *overlay, int *ret_fd, const char **ret_leaf, char **ret_error) {
-        return image_open_parent_beneath(g->engine->config.image_dirs, overlay, ret_fd, ret_leaf, ret_error);
-}
-
 /* A step's context: the Guest outlives QMP callbacks, the Disk may not. */
 typedef struct MirrorCall {
         Guest *guest;
@@ -68,6 +63,7 @@ typedef struct MirrorCall {
         QemuQcow2Options format;
         bool own_format;
         int check_fd;
+        sd_event_source *timer; /* a Start waiting for blockdev-create: how long it may wait */
 } MirrorCall;
 
 static void mirror_call_free(void *p) {
@@ -79,6 +75,7 @@ static void mirror_call_free(void *p) {
                 (void) sd_bus_reply_method_errorf(c->msg, BS_ERROR_NOT_RUNNING,
                         "The connection to QEMU closed while the mirror was being prepared.");
         sd_bus_message_unref(c->msg);
+        sd_event_source_disable_unref(c->timer);
         closep(&c->dir_fd);
         closep(&c->image_fd);
         closep(&c->overlay_fd);
@@ -261,10 +258,6 @@ static void image_ready(MirrorCall *c, Disk *d) {
         (void) guest_save_then(c->guest, copy_saved, next, mirror_call_free);
 }
 
-static void mirror_wait_free(void *p) {
-        mirror_call_free(p);
-}
-
 /* The Start waiting for blockdev-create, if it still waits. */
 static MirrorCall *mirror_wait_take(Disk *d) {
         MirrorCall *c = d->mirror_wait;
@@ -272,6 +265,15 @@ static MirrorCall *mirror_wait_take(Disk *d) {
         d->mirror_wait = NULL;
         d->mirror_wait_free = NULL;
         return c;
+}
+
+/* That Start, if it still waits, fails. */
+static void wait_failed(Disk *d, const char *what, int error, const char *desc) {
+        MirrorCall *c = mirror_wait_take(d);
+
+        if (c)
+                prepare_failed(c, d, what, error, desc);
+        mirror_call_free(c);
 }
 
 /* The blockdev-create job concluded (mirror_on_event()): a success shows in the image. */
@@ -295,7 +297,7 @@ static void create_concluded(Disk *d) {
 
 /* blockdev-create refused: the Start waiting for its job fails. */
 static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
-        MirrorCall *c = userdata, *wait;
+        MirrorCall *c = userdata;
         Disk *d = mirror_call_disk(c);
 
         if (!d)
@@ -304,11 +306,19 @@ static void create_sent(Qmp *q, int error, const char *desc, void *userdata) {
                 test_stop_before(d, "format");
                 return; /* the job runs; its end comes as an event */
         }
-        wait = mirror_wait_take(d);
-        if (!wait)
-                return;
-        prepare_failed(wait, d, "format the new image with the overlay's options (blockdev-create)", error, desc);
-        mirror_call_free(wait);
+        wait_failed(d, "format the new image with the overlay's options (blockdev-create)", error, desc);
+}
+
+/* QEMU took blockdev-create but does not end its job: the Start fails after QMPTimeoutSec=, as
+ * for a command never answered, instead of the disk "starting" for as long as QEMU stays. */
+static int create_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        MirrorCall *c = userdata;
+        Disk *d = mirror_call_disk(c);
+
+        if (d && d->mirror_wait == c)
+                wait_failed(d, "format the new image with the overlay's options (blockdev-create)", -EREMOTEIO,
+                        "QEMU did not end its job within QMPTimeoutSec=");
+        return 0;
 }
 
 static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
@@ -349,8 +359,11 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         wait->format = c->format;
         wait->own_format = true;
         wait->check_fd = TAKE_FD(c->check_fd);
+        if (sd_event_add_time_relative(d->guest->engine->event, &wait->timer, CLOCK_MONOTONIC,
+                    d->guest->engine->config.qmp_timeout_usec, 0, create_timeout, wait) < 0)
+                log_warning("Guest %s disk %s: no time limit on formatting the image.", d->guest->name, d->alias);
         d->mirror_wait = wait;
-        d->mirror_wait_free = mirror_wait_free;
+        d->mirror_wait_free = mirror_call_free;
 }
 
 /* Saved as PREPARE: a restart removes whatever of the image exists. Now create it. */
@@ -480,7 +493,8 @@ int mirror_try_start(
         if (r >= 0 && (st.st_dev != pin_dev || st.st_ino != pin_ino))
                 r = -ESTALE;
         if (r >= 0)
-                r = open_dir(g, path, &dir_fd, &leaf, err ? NULL : &err);
+                /* The overlay's directory, opened beneath an image directory, and its leaf there. */
+                r = image_open_parent_beneath(g->engine->config.image_dirs, path, &dir_fd, &leaf, err ? NULL : &err);
         /* The directory opened is the one that holds the overlay (not one renamed into its place
          * in between): the new image goes beside it, and the rename happens in it. */
         if (r >= 0 && (image_entry_stat(dir_fd, leaf, &st) < 0 || st.st_dev != pin_dev || st.st_ino != pin_ino))
@@ -818,11 +832,14 @@ static unsigned mirror_concluded(Disk *d, unsigned changed) {
 unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
         if (d->job.engine != STREAM_ENGINE_MIRROR || !ev->id)
                 return changed;
-        if (d->mirror_wait && ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_CONCLUDED) {
+        if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_CONCLUDED && d->job.overlay) {
                 _cleanup_(mirror_names_done) MirrorNames n = {};
 
                 if (mirror_names(d->alias, d->job.overlay, &n) >= 0 && streq(ev->id, n.create_job)) {
-                        create_concluded(d);
+                        if (d->mirror_wait)
+                                create_concluded(d);
+                        else if (guest_qmp_ready(d->guest)) /* given up (create_timeout()) */
+                                (void) qemu_job_dismiss(d->guest->peer.qmp, ev->id, NULL, NULL, NULL);
                         return changed;
                 }
         }
@@ -848,12 +865,7 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
 }
 
 void mirror_start_lost(Disk *d) {
-        MirrorCall *c = mirror_wait_take(d);
-
-        if (!c)
-                return;
-        prepare_failed(c, d, "format the new image before QEMU went away", -ECONNRESET, NULL);
-        mirror_call_free(c);
+        wait_failed(d, "format the new image before QEMU went away", -ECONNRESET, NULL);
 }
 
 void mirror_resume_orphans(Guest *g) {
@@ -866,11 +878,7 @@ void mirror_resume_orphans(Guest *g) {
                 d->mirror_busy = false;
                 /* A Start waiting for blockdev-create: its job went with the connection. */
                 if (d->mirror_wait) {
-                        MirrorCall *c = mirror_wait_take(d);
-
-                        prepare_failed(
-                                c, d, "format the new image before the connection to QEMU closed", -ECONNRESET, NULL);
-                        mirror_call_free(c);
+                        wait_failed(d, "format the new image before the connection to QEMU closed", -ECONNRESET, NULL);
                         continue;
                 }
                 /* A preparation the connection (or the daemon) lost: its Start was never answered

@@ -246,15 +246,23 @@ class FakeQemu:
 
 
 def main(argv):
-    """python3 fakeqemu.py SOCKET IMAGE_DIR [WATCHES DUPS]: a fake QEMU in a process of its own
-    (the daemon then looks through that process's open files, as through a QEMU's), until its
-    standard input closes. With WATCHES and DUPS it first holds an epoll set watching WATCHES
-    eventfds, dup'd into DUPS more fds (fewer if its fd limit is lower): each of those fds' /proc
-    fdinfo lists every watch, and the kernel formats it whole at each read. Prints how many."""
+    """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [WATCHES DUPS]: a fake QEMU in a process
+    of its own (the daemon then looks through that process's open files, as through a QEMU's),
+    until its standard input closes. --open-disks: it holds its first disk's images open as QEMU
+    does (the top read-write, its backing read-only), those that exist in IMAGE_DIR. With WATCHES
+    and DUPS it first holds an epoll set watching WATCHES eventfds, dup'd into DUPS more fds (fewer
+    if its fd limit is lower): each of those fds' /proc fdinfo lists every watch, and the kernel
+    formats it whole at each read. Prints how many."""
     import resource
     import select
     import sys
     keep = []
+    if '--open-disks' in argv:
+        argv = [a for a in argv if a != '--open-disks']
+        for level in range(3):
+            image = os.path.join(argv[2], 'vda-%d.qcow2' % level)
+            if os.path.exists(image):
+                keep.append(os.open(image, (os.O_RDWR if level == 0 else os.O_RDONLY) | os.O_CLOEXEC))
     if len(argv) > 3:
         watches, dups = int(argv[3]), int(argv[4])
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
