@@ -143,8 +143,10 @@ static void prepare_failed(MirrorCall *c, Disk *d, const char *what, int error, 
         log_warning("Guest %s disk %s: the mirror could not %s: %s", c->guest->name, c->alias, what,
                 desc ?: strerror(-error));
         if (c->msg) {
+                bool gone = error == -ECONNRESET || error == -ENOTCONN;
+
                 (void) sd_bus_reply_method_errorf(c->msg,
-                        error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : SD_BUS_ERROR_FAILED,
+                        error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : gone ? BS_ERROR_NOT_RUNNING : SD_BUS_ERROR_FAILED,
                         "The mirror could not %s: %s. Nothing was changed.", what, desc ?: strerror(-error));
                 c->msg = sd_bus_message_unref(c->msg);
         }
@@ -442,20 +444,18 @@ int mirror_try_start(
         Guest *g = d->guest;
         uint64_t needed = 0, avail = 0;
         QemuQcow2Options format;
-        bool own_format;
         const char *leaf, *path = overlay_path(d);
-        bool pinned, pin_writable = false;
+        bool own_format, pinned, pin_writable = false;
         dev_t pin_dev = 0;
         ino_t pin_ino = 0;
         struct stat st, st_tmp;
         MirrorCall *c;
         int r;
 
-        /* auto: from a remote template too (bench/remote-bench, behind 5 ms of latency: the mirror's
-         * parallel reads of the data take a quarter of prefetch's time); prefetch where there is
-         * no room. */
-        /* The mirror replaces the disk's nodes (and the overlay's inode): by default only where QEMU
-         * named them itself, so that no management layer tracks the names it drops. */
+        /* auto: also from a remote template (bench/remote-bench: behind 5 ms, the mirror's parallel
+         * reads take a quarter of prefetch's time); prefetch where there is no room. The mirror
+         * replaces the disk's nodes (and the overlay's inode): by default only where QEMU named
+         * them itself, so that no management layer tracks the names it drops. */
         if (!forced && (g->engine->config.engine_mirror == ENGINE_MIRROR_NEVER ||
                                (g->engine->config.engine_mirror == ENGINE_MIRROR_AUTO && !d->names_by_qemu) ||
                                base_node || g->offline || strv_isempty(d->chain)))

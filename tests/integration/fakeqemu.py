@@ -42,6 +42,7 @@ class FakeQemu:
         self.hold = set()            # command names left unanswered until release()
         self.held = []
         self.fds = []                # passed to it with a command (SCM_RIGHTS), kept until close()
+        self.exit_after = set()      # command names: the process exits once it has answered one
         self._done = threading.Event()
         self._send_lock = threading.Lock()
         self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
@@ -171,6 +172,8 @@ class FakeQemu:
                     self._send(conn, hostile)
                     continue
                 self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
+                if name in self.exit_after:
+                    os._exit(0)
         except (OSError, ValueError):
             pass
         finally:
@@ -246,10 +249,11 @@ class FakeQemu:
 
 
 def main(argv):
-    """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [WATCHES DUPS]: a fake QEMU in a process
-    of its own (the daemon then looks through that process's open files, as through a QEMU's),
-    until its standard input closes. --open-disks: it holds its first disk's images open as QEMU
-    does (the top read-write, its backing read-only), those that exist in IMAGE_DIR. With WATCHES
+    """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [--exit-after=NAME] [WATCHES DUPS]: a fake
+    QEMU in a process of its own (the daemon then looks through that process's open files, as
+    through a QEMU's), until its standard input closes, or until it has answered command NAME.
+    --open-disks: it holds its first disk's images open as QEMU does (the top read-write, its
+    backing read-only), those that exist in IMAGE_DIR. With WATCHES
     and DUPS it first holds an epoll set watching WATCHES eventfds, dup'd into DUPS more fds (fewer
     if its fd limit is lower): each of those fds' /proc fdinfo lists every watch, and the kernel
     formats it whole at each read. Prints how many."""
@@ -257,6 +261,8 @@ def main(argv):
     import select
     import sys
     keep = []
+    exit_after = [a.split('=', 1)[1] for a in argv if a.startswith('--exit-after=')]
+    argv = [a for a in argv if not a.startswith('--exit-after=')]
     if '--open-disks' in argv:
         argv = [a for a in argv if a != '--open-disks']
         for level in range(3):
@@ -277,6 +283,7 @@ def main(argv):
         keep += [os.dup(ep.fileno()) for _ in range(dups)]
         print('%d watches, %d fds of them' % (watches, dups + 1), flush=True)
     fake = FakeQemu(argv[1], argv[2])
+    fake.exit_after = set(exit_after)
     print('ready', flush=True)
     sys.stdin.read()
     fake.close()

@@ -1040,14 +1040,10 @@ class MirrorFormatJobTest(h.TestCase):
     """A QEMU that takes the new image's formatting job (blockdev-create) and never ends it."""
     daemon_config = 'QMPTimeoutSec=3\n'
 
-    def test_a_formatting_job_that_never_ends_fails_the_start(self):
-        """The mirror of an overlay of other options than QEMU's defaults (128 KiB clusters) has
-        the new image formatted first, and its Start waits for QEMU's job to end. A fake QEMU (in
-        a process of its own, holding the chain open as QEMU does) answers blockdev-create and
-        never ends the job: the Start was never answered, and the disk stayed "starting" (every
-        Start Busy) for as long as that QEMU stayed connected. It fails after QMPTimeoutSec= now,
-        as a command never answered does, with nothing left beside the overlay, and the disk can
-        be started again."""
+    def fake_guest(self, *fake_args):
+        """A guest whose QEMU is fakeqemu.py in a process of its own, holding open a chain whose
+        overlay has 128 KiB clusters (not QEMU's default: the new image is formatted first).
+        Returns (process, disk, the chain's directory, the files there)."""
         name = self.unique_name()
         images = os.path.join(self.env.images, name)
         os.makedirs(images)
@@ -1057,20 +1053,39 @@ class MirrorFormatJobTest(h.TestCase):
         h.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=128k', '-F', 'qcow2', '-b', files[1],
                    files[0])
         path = os.path.join(self.env.dir, '%s.sock' % name)
-        p = subprocess.Popen(FAKEQEMU + [path, images, '--open-disks'], stdin=subprocess.PIPE,
+        p = subprocess.Popen(FAKEQEMU + [path, images, '--open-disks'] + list(fake_args), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, universal_newlines=True)
-        self.addCleanup(lambda: (p.stdin.close(), p.wait(30)))
+        self.addCleanup(lambda: (p.stdin.close(), p.stdout.close(), p.wait(30)))
         self.assertEqual(p.stdout.readline().strip(), 'ready')
         self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
-        d = h.Disk(self.client, h.disk_path(name, 'vda'))
+        return p, h.Disk(self.client, h.disk_path(name, 'vda')), images, sorted(os.listdir(images))
+
+    def test_a_formatting_job_that_never_ends_fails_the_start(self):
+        """The mirror of an overlay of other options than QEMU's defaults (128 KiB clusters) has
+        the new image formatted first, and its Start waits for QEMU's job to end. A fake QEMU (in
+        a process of its own, holding the chain open as QEMU does) answers blockdev-create and
+        never ends the job: the Start was never answered, and the disk stayed "starting" (every
+        Start Busy) for as long as that QEMU stayed connected. It fails after QMPTimeoutSec= now,
+        as a command never answered does, with nothing left beside the overlay, and the disk can
+        be started again."""
+        _, d, images, files = self.fake_guest()
         for attempt in range(2):
             e = self.assertDBusError(h.ERR_QEMU_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'Start',
                                      'tta{sv}', T(0), T(0), opts(engine=S('mirror')), timeout=20)
             self.assertIn('QMPTimeoutSec', e.message)
-            self.assertEqual(sorted(os.listdir(images)), sorted(os.path.basename(f) for f in files),
-                             'the new image was left beside the overlay')
+            self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
         self.assertEqual(d.prop('State'), 'idle')
+
+    def test_a_qemu_gone_while_the_image_is_formatted_fails_the_start(self):
+        """The fake QEMU answers blockdev-create and exits: the Start waiting for the job's end
+        fails at once (NotRunning), and the new image is removed."""
+        p, d, images, files = self.fake_guest('--exit-after=blockdev-create')
+        e = self.assertDBusError(h.ERR_NOT_RUNNING, self.client.call, d.path, h.IFACE_STREAM, 'Start', 'tta{sv}',
+                                 T(0), T(0), opts(engine=S('mirror')), timeout=20)
+        self.assertIn('QEMU went away', e.message)
+        self.assertEqual(p.wait(10), 0)
+        self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
 
 
 if __name__ == '__main__':
