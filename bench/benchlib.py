@@ -116,6 +116,7 @@ class Run:
         drop_caches()
         since = time.monotonic()
         t0 = time.monotonic()
+        self.wall = [time.time(), None]  # Start and Finished, on the clock of QEMU's event timestamps
         self.disk.start(offset, length, options)
         self.fraction = 1.0
         while not self.disk.finished(since):
@@ -127,11 +128,25 @@ class Run:
                 self.disk.wait_finished(timeout=120, since=since)
                 return time.monotonic() - t0, False
         dt = time.monotonic() - t0
+        self.wall[1] = time.time()
         res = self.disk.finished(since)[-1]
         if res[0] != 'completed':
             raise RuntimeError('stream of %s ended %s: %s' % (self.name, res[0], res[2]))
         self.props = self.disk.props()
         return dt, True
+
+    def steps(self):
+        """Where the last stream's time went: [(step, seconds)] from Start to Finished, cut at each
+        status change of a job QEMU ran for it (created, ready, concluded), from the events the
+        bench's own monitor of that QEMU received."""
+        self.q.qmp.cmd('query-status')  # collects the events queued on the bench's monitor
+        marks = [(e['timestamp']['seconds'] + e['timestamp']['microseconds'] / 1e6,
+                  '%s %s' % (e['data']['id'], e['data']['status']))
+                 for e in self.q.qmp.events if e.get('event') == 'JOB_STATUS_CHANGE'
+                 and e['data']['status'] in ('created', 'ready', 'concluded')]
+        self.q.qmp.events = []
+        marks = [(self.wall[0], 'Start')] + sorted(marks) + [(self.wall[1], 'Finished')]
+        return [('%s -> %s' % (a[1], b[1]), b[0] - a[0]) for a, b in zip(marks, marks[1:])]
 
     def close(self):
         self.q.quit()
