@@ -309,6 +309,56 @@ static void test_hostile_server(void) {
         }
 }
 
+/* Replies the relay wrote to the client so far, each read whole. */
+static unsigned take_replies(int fd, uint32_t option, uint32_t type) {
+        uint8_t b[NBD_OPT_DATA_MAX + 64];
+        unsigned n = 0;
+        uint32_t len;
+
+        for (;;) {
+                uint8_t peek[20];
+
+                if (recv(fd, peek, sizeof(peek), MSG_DONTWAIT | MSG_PEEK) <= 0)
+                        return n;
+                expect_reply(fd, option, type, &len);
+                ASSERT_LE_U64(len, sizeof(b));
+                ASSERT_EQ(take(fd, b, MIN(len, sizeof(b))), (ssize_t) len);
+                n++;
+        }
+}
+
+/* A client that sends options as fast as they are answered gets a bounded turn (review 31b: it
+ * held the relay's one thread, every other client and deadline waiting), and no more than
+ * NEG_OPTIONS_MAX options a handshake. */
+static void test_bounded(void) {
+        uint8_t b[64];
+        unsigned answered;
+        int r;
+        Pair p;
+
+        pair_open(&p);
+        greet(&p);
+        for (unsigned i = 0; i < NEG_OPTIONS_MAX; i++)
+                send_option(p.client, 99, "junk", 4);
+        ASSERT_EQ(step(&p), 0);
+        answered = take_replies(p.client, 99, NBD_REP_ERR_UNSUP);
+        ASSERT_TRUE(answered > 0);
+        ASSERT_TRUE(answered < NEG_OPTIONS_MAX);
+        for (unsigned turn = 0; turn < NEG_OPTIONS_MAX && answered < NEG_OPTIONS_MAX; turn++) {
+                ASSERT_EQ(step(&p), 0);
+                answered += take_replies(p.client, 99, NBD_REP_ERR_UNSUP);
+        }
+        ASSERT_EQ(answered, NEG_OPTIONS_MAX);
+
+        /* One more is too many: the pair closes, unanswered. */
+        send_option(p.client, 99, "junk", 4);
+        r = step(&p);
+        ASSERT_ERRNO(r, -EPROTO);
+        ASSERT_EQ(take(p.client, b, sizeof(b)), -EAGAIN);
+        ASSERT_EQ(take(p.up, b, sizeof(b)), -EAGAIN);
+        pair_close(&p);
+}
+
 int main(int argc, char **argv) {
         log_set_max_level(LOG_LEVEL_ERR);
         tap_init(argc, argv);
@@ -317,5 +367,6 @@ int main(int argc, char **argv) {
         TAP_RUN(test_answered_here);
         TAP_RUN(test_closing);
         TAP_RUN(test_hostile_server);
+        TAP_RUN(test_bounded);
         return tap_finish();
 }
