@@ -22,30 +22,42 @@ GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
             b'"capabilities": ["oob"]}}\r\n')
 
 
+class QmpError(Exception):
+    """answer() raises it for a command QEMU refuses: the reply is {"error": ...} with its text."""
+
+
 def _load(name):
     with open(os.path.join(DATA, name)) as f:
         return json.load(f)
 
 
 class FakeQemu:
-    def __init__(self, path, image_dir, n_disks=1, chain_depth=2):
+    def __init__(self, path, image_dir=None, n_disks=1, chain_depth=2, blocks=None):
+        """blocks: query-block's entries as given (a guest that owns its QEMU says what it likes),
+        instead of n_disks chains of chain_depth images in image_dir; no named nodes then, and
+        an empty list for every other query."""
         self.path = path
         self.lock = threading.Lock()
         self.conn = None             # the current connection
+        self.conns = []              # every connection accepted (close() shuts them all)
         self.connections = 0         # accepted so far
         self.connect_times = []      # time.monotonic() of each accept
         self.hangup_times = []       # time.monotonic() of each connection the daemon closed
         self.commands = {}           # name -> count
+        self.sequence = []           # names, in the order they came
         self.jobs = {}               # job id -> status
+        self.create_jobs = set()     # blockdev-create's jobs: they run for ever here
         self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
         self.hang_up_after_caps = False
         self.hold = set()            # command names left unanswered until release()
         self.held = []
         self.fds = []                # passed to it with a command (SCM_RIGHTS), kept until close()
         self.exit_after = set()      # command names: the process exits once it has answered one
+        self.drop_after = set()      # command names: once one is answered, there are no disks
         self._done = threading.Event()
         self._send_lock = threading.Lock()
-        self._blocks, self._nodes = self._disks(image_dir, n_disks, chain_depth)
+        self._given = blocks is not None
+        self._blocks, self._nodes = (blocks, []) if self._given else self._disks(image_dir, n_disks, chain_depth)
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._srv.bind(path)
         self._srv.listen(16)
@@ -122,7 +134,16 @@ class FakeQemu:
             with self.lock:
                 self.jobs[args.get('job-id')] = 'running'
             return {}
-        if name in ('query-block-exports',):
+        if name == 'blockdev-create':
+            # As QEMU: a job id in use is refused (its jobs never end here).
+            with self.lock:
+                if args.get('job-id') in self.create_jobs:
+                    raise QmpError("Job ID '%s' already in use" % args.get('job-id'))
+                self.create_jobs.add(args.get('job-id'))
+            return {}
+        if name == 'job-dismiss' and args.get('id') in self.create_jobs:
+            raise QmpError("Job '%s' in state 'running' cannot accept command verb 'dismiss'" % args.get('id'))
+        if name in ('query-block-exports',) or (self._given and name.startswith('query-')):
             return []
         return {}
 
@@ -163,6 +184,7 @@ class FakeQemu:
                 name = cmd.get('execute')
                 with self.lock:
                     self.commands[name] = self.commands.get(name, 0) + 1
+                    self.sequence.append(name)
                 with self.lock:
                     if name in self.hold:
                         self.held.append((conn, cmd))
@@ -171,10 +193,17 @@ class FakeQemu:
                 if hostile is not None:
                     self._send(conn, hostile)
                     continue
-                self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
+                try:
+                    self._send(conn, {'return': self.answer(cmd), 'id': cmd.get('id')})
+                except QmpError as e:
+                    self._send(conn, {'error': {'class': 'GenericError', 'desc': str(e)}, 'id': cmd.get('id')})
                 if name in self.exit_after:
                     os._exit(0)
-        except (OSError, ValueError):
+                if name in self.drop_after:
+                    with self.lock:
+                        self._blocks, self._nodes = [], []
+                    print('dropped the disks after %s' % name, flush=True)
+        except (OSError, ValueError, StopIteration):
             pass
         finally:
             try:
@@ -194,6 +223,7 @@ class FakeQemu:
                 self.connections += 1
                 self.connect_times.append(time.monotonic())
                 self.conn = conn
+                self.conns.append(conn)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def event(self, name, data):
@@ -234,10 +264,13 @@ class FakeQemu:
         self._thread.join(2)
         self._srv.close()
         with self.lock:
-            conn = self.conn
+            conns, self.conns = self.conns, []
             fds, self.fds = self.fds, []
-        if conn:
+        for conn in conns:
+            # Shut down, not only closed: the connection's thread may be reading from it, and
+            # the peer sees the end only once the last reference goes.
             try:
+                conn.shutdown(socket.SHUT_RDWR)
                 conn.close()
             except OSError:
                 pass
@@ -249,9 +282,11 @@ class FakeQemu:
 
 
 def main(argv):
-    """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [--exit-after=NAME] [WATCHES DUPS]: a fake
-    QEMU in a process of its own (the daemon then looks through that process's open files, as
-    through a QEMU's), until its standard input closes, or until it has answered command NAME.
+    """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [--exit-after=NAME] [--drop-disks-after=NAME]
+    [WATCHES DUPS]: a fake QEMU in a process of its own (the daemon then looks through that
+    process's open files, as through a QEMU's), until its standard input closes, or until it has
+    answered command NAME (--exit-after); --drop-disks-after: it has no disks once it answered
+    NAME, and prints so.
     --open-disks: it holds its first disk's images open as QEMU does (the top read-write, its
     backing read-only), those that exist in IMAGE_DIR. With WATCHES
     and DUPS it first holds an epoll set watching WATCHES eventfds, dup'd into DUPS more fds (fewer
@@ -262,7 +297,8 @@ def main(argv):
     import sys
     keep = []
     exit_after = [a.split('=', 1)[1] for a in argv if a.startswith('--exit-after=')]
-    argv = [a for a in argv if not a.startswith('--exit-after=')]
+    drop_after = [a.split('=', 1)[1] for a in argv if a.startswith('--drop-disks-after=')]
+    argv = [a for a in argv if not a.startswith(('--exit-after=', '--drop-disks-after='))]
     if '--open-disks' in argv:
         argv = [a for a in argv if a != '--open-disks']
         for level in range(3):
@@ -284,6 +320,7 @@ def main(argv):
         print('%d watches, %d fds of them' % (watches, dups + 1), flush=True)
     fake = FakeQemu(argv[1], argv[2])
     fake.exit_after = set(exit_after)
+    fake.drop_after = set(drop_after)
     print('ready', flush=True)
     sys.stdin.read()
     fake.close()

@@ -15,10 +15,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import unicodedata
 
@@ -26,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
 import ranges as r  # noqa: E402
+from fakeqemu import FakeQemu  # noqa: E402
 from harness import T, S, MiB, opts  # noqa: E402
 
 HOSTILE_PULL = os.environ.get('HOSTILE_PULL') or os.path.join(h.SOURCE_ROOT, 'build', 'tests', 'helpers',
@@ -390,71 +389,6 @@ class GreedyRelayTest(h.TestCase):
         o.wait_gone(relays[0].pid, 10, 'the failed export\'s relay to be killed')
 
 
-class FakeQemu:
-    """A QMP peer that plays QEMU with the disks it is given (query-block's entries) and says yes
-    to everything else: a guest that owns its QEMU."""
-
-    GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, ' \
-               b'"capabilities": []}}\r\n'
-
-    def __init__(self, test, path, blocks):
-        self.blocks = blocks
-        self.commands = []
-        self.done = threading.Event()
-        self.conns = []
-        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.srv.bind(path)
-        self.srv.listen(4)
-        self.srv.settimeout(0.2)
-        self.path = path
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        test.addCleanup(self.stop)
-
-    def _answer(self, cmd):
-        name = cmd.get('execute', '')
-        self.commands.append(name)
-        if name == 'query-block':
-            return self.blocks
-        if name.startswith('query-'):
-            return []
-        return {}
-
-    def _handle(self, conn):
-        f = conn.makefile('rb')
-        try:
-            conn.sendall(self.GREETING)
-            while not self.done.is_set():
-                line = f.readline()
-                if not line:
-                    return
-                cmd = json.loads(line)
-                conn.sendall(json.dumps({'return': self._answer(cmd), 'id': cmd.get('id')}).encode() + b'\r\n')
-        except (OSError, ValueError):
-            pass
-
-    def _loop(self):
-        while not self.done.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def stop(self):
-        self.done.set()
-        self.thread.join(2)
-        self.srv.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
-
-
 def block(node, filename, qdev=None, device='', size=16 * MiB, cluster=65536):
     b = {'device': device, 'locked': False, 'removable': False, 'type': 'unknown',
          'inserted': {'node-name': node, 'ro': False, 'drv': 'qcow2', 'file': filename, 'backing_file_depth': 0,
@@ -488,7 +422,9 @@ class HostileQemuTest(h.TestCase):
 
     def fake(self, blocks):
         path = os.path.join(self.env.dir, self.unique_name('fake') + '.sock')
-        return FakeQemu(self, path, blocks)
+        fake = FakeQemu(path, blocks=blocks)
+        self.addCleanup(fake.close)
+        return fake
 
     def escaped(self):
         return sorted(f for f in os.listdir(self.env.dir) if f.startswith('escaped'))
@@ -589,7 +525,7 @@ class HostileQemuTest(h.TestCase):
                                  h.dbus.Dictionary({'engine': S('mirror')}, signature='sv'))
         self.assertIn('for writing', e.message)
         self.assertEqual(sorted(os.listdir(tdir)), before, 'an image was made beside the template')
-        self.assertEqual([c for c in q.commands if c in ('add-fd', 'drive-mirror', 'blockdev-mirror')], [],
+        self.assertEqual([c for c in q.sequence if c in ('add-fd', 'drive-mirror', 'blockdev-mirror')], [],
                          'QEMU was given an image to write over the template')
 
     def test_sizes_past_int64_are_refused(self):
@@ -637,9 +573,7 @@ class HostileQemuTest(h.TestCase):
         # it saw QEMU with the file open, and logs that it did not, naming the file.
         path, _ = self.client.call(vda, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=30)
         self.addCleanup(lambda: self.client.try_call(path, 'org.blockstream1.Export', 'Stop', timeout=10))
-        for c in q.conns:
-            c.shutdown(socket.SHUT_RDWR)
-        q.stop()
+        q.close()
         h.wait_until(lambda: 'was never seen with' in log_text(self.env.daemon.log), 30,
                      'the daemon to log that it did not see QEMU with the file open')
         with open(self.env.daemon.log, errors='replace') as f:
