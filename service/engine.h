@@ -48,7 +48,8 @@ typedef struct EngineRegistry {
         /* d's job is lost with QEMU (gone, or it no longer knows the job): true if an engine
          * finished it (mirror.c), false if it fails. */
         bool (*job_lost)(Disk *d);
-        /* QEMU is gone while d's Start waits for an event of it (mirror.c): it fails. */
+        /* QEMU is gone, or no longer has d, while d's Start waits for an event of it (mirror.c):
+         * it fails, and what it made is removed. */
         void (*start_lost)(Disk *d);
         /* A template cache's sandbox identity (manager-identity.c): a helper uid (= gid) of
          * HelperUIDRange= and an MCS pair c1 < c2 that no guest and no other cache has (self: the

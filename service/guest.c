@@ -353,6 +353,8 @@ static int guest_apply_disks(Guest *g, const QemuDisk *qd, size_t n) {
                 if (present)
                         continue;
                 log_info("Guest %s: disk %s is gone from QEMU.", g->name, d->alias);
+                if (d->starting)
+                        g->engine->registry->start_lost(d);
                 if (job_is_active(&d->job) || d->finalizing) {
                         /* Let clients hear how it ended before the object goes. */
                         disk_fail_job(d, "The disk was removed from the guest during the job.");

@@ -57,7 +57,7 @@ void mirror_names_done(MirrorNames *n) {
         *n = (MirrorNames){};
 }
 
-int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) {
+int mirror_names(const char *disk_alias, const char *job_id, const char *overlay, MirrorNames *ret) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         _cleanup_free_ char *alias = strdup(disk_alias);
         const char *leaf;
@@ -75,7 +75,7 @@ int mirror_names(const char *disk_alias, const char *overlay, MirrorNames *ret) 
         n.fdset = (unsigned) (MIRROR_FDSET_BASE + fnv1a32(disk_alias) % 1000000000U);
         n.file_node = strdup_printf("bsmf-%s", alias);
         n.format_node = strdup_printf("bsmq-%s", alias);
-        n.create_job = strdup_printf("bsmc-%s", alias);
+        n.create_job = strdup_printf("bsmc-%s", job_id ?: alias);
         n.tmp = strdup_printf(".%s" MIRROR_TMP_SUFFIX, leaf);
         if (!n.file_node || !n.format_node || !n.create_job || !n.tmp)
                 return -ENOMEM;
@@ -322,7 +322,7 @@ bool mirror_on_lost(Disk *d) {
         d->mirror_busy = false;
         d->mirror_finalize_saving = false;
         d->job.id = mfree(d->job.id); /* QEMU has it no more */
-        r = mirror_names(d->alias, d->job.overlay, &n);
+        r = mirror_names(d->alias, d->job.id, d->job.overlay, &n);
         /* QEMU may have pivoted, and the guest written to the new image since: it takes the
          * overlay's place, unless a process (a QEMU started again on the overlay) reads the old. */
         if (r >= 0)

@@ -22,12 +22,13 @@ enum {
 
 /* What a step needs; named by the disk (one mirror at a time per disk), not by the job: a job
  * QEMU lost has no id left, and what its preparation made must still be found, also after a
- * restart. */
+ * restart. But the formatting job by the Start's job id (job_id; the disk's if NULL): one QEMU
+ * still runs after its Start gave up must neither block the next Start's nor pass for it. */
 typedef struct MirrorNames {
         char *file_node, *format_node, *create_job, *tmp;
         unsigned fdset;
 } MirrorNames;
-int mirror_names(const char *alias, const char *overlay, MirrorNames *ret);
+int mirror_names(const char *alias, const char *job_id, const char *overlay, MirrorNames *ret);
 void mirror_names_done(MirrorNames *n);
 
 /* The bytes the images of path's chain (format: its top's) take on their file systems, summed:

@@ -118,7 +118,7 @@ static void mirror_cleanup(Disk *d) {
         _cleanup_(mirror_names_done) MirrorNames n = {};
         Guest *g = d->guest;
 
-        if (mirror_names(d->alias, d->job.overlay, &n) < 0) {
+        if (mirror_names(d->alias, d->job.id, d->job.overlay, &n) < 0) {
                 log_warning(
                         "Guest %s disk %s: the mirror's journal names no image; nothing to remove.", g->name, d->alias);
                 return;
@@ -140,23 +140,22 @@ static void mirror_cleanup(Disk *d) {
 
 /* A Start that fails before the job began: nothing is reported but the caller's error. */
 static void prepare_failed(MirrorCall *c, Disk *d, const char *what, int error, const char *desc) {
+        bool gone = error == -ECONNRESET || error == -ENOTCONN;
+
         log_warning("Guest %s disk %s: the mirror could not %s: %s", c->guest->name, c->alias, what,
                 desc ?: strerror(-error));
-        if (c->msg) {
-                bool gone = error == -ECONNRESET || error == -ENOTCONN;
-
+        if (d) { /* before the answer, which says that nothing was changed */
+                mirror_cleanup(d);
+                d->starting = false;
+                d->mirror_busy = false;
+                d->job.phase = 0;
+                (void) guest_save(c->guest);
+        }
+        if (c->msg)
                 (void) sd_bus_reply_method_errorf(c->msg,
                         error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : gone ? BS_ERROR_NOT_RUNNING : SD_BUS_ERROR_FAILED,
                         "The mirror could not %s: %s. Nothing was changed.", what, desc ?: strerror(-error));
-                c->msg = sd_bus_message_unref(c->msg);
-        }
-        if (!d)
-                return;
-        mirror_cleanup(d);
-        d->starting = false;
-        d->mirror_busy = false;
-        d->job.phase = 0;
-        (void) guest_save(c->guest);
+        c->msg = sd_bus_message_unref(c->msg);
 }
 
 /* Preparing: the image, its fd set, its nodes, then QEMU's mirror job. */
@@ -199,7 +198,7 @@ static void copy_saved(void *userdata) {
 
         if (!d)
                 return;
-        r = mirror_names(d->alias, d->job.overlay, &n);
+        r = mirror_names(d->alias, d->job.id, d->job.overlay, &n);
         if (r < 0 || !guest_qmp_ready(c->guest)) {
                 d->job.state = STREAM_IDLE;
                 prepare_failed(c, d, "start drive-mirror", r < 0 ? r : -ENOTCONN, NULL);
@@ -287,7 +286,7 @@ static void create_concluded(Disk *d) {
 
         if (!c)
                 return;
-        if (mirror_names(d->alias, d->job.overlay, &n) >= 0 && guest_qmp_ready(c->guest))
+        if (mirror_names(d->alias, d->job.id, d->job.overlay, &n) >= 0 && guest_qmp_ready(c->guest))
                 (void) qemu_job_dismiss(c->guest->peer.qmp, n.create_job, NULL, NULL, NULL);
         r = mirror_format_check(c->check_fd, d->job.overlay, &c->format);
         if (r < 0)
@@ -319,7 +318,7 @@ static int create_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         Disk *d = mirror_call_disk(c);
 
         if (d && d->mirror_wait == c)
-                wait_failed(d, "format the new image with the overlay's options (blockdev-create)", -EREMOTEIO,
+                wait_failed(d, "format the new image with the overlay's options (blockdev-create)", -ETIMEDOUT,
                         "QEMU did not end its job within QMPTimeoutSec=");
         return 0;
 }
@@ -341,7 +340,7 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
                 return;
         }
         /* The Start waits on the disk for the job's end (mirror_on_event()). */
-        r = mirror_names(d->alias, d->job.overlay, &n);
+        r = mirror_names(d->alias, d->job.id, d->job.overlay, &n);
         sent = r >= 0 ? mirror_call_new(d) : NULL;
         wait = sent ? mirror_call_new(d) : NULL;
         if (!wait || d->mirror_wait) {
@@ -378,7 +377,7 @@ static void prepare_saved(void *userdata) {
 
         if (!d || d->job.phase != MIRROR_STEP_PREPARE)
                 return; /* removed meanwhile (mirror_resume_orphans()) */
-        r = mirror_names(d->alias, d->job.overlay, &n);
+        r = mirror_names(d->alias, d->job.id, d->job.overlay, &n);
         if (r < 0) {
                 prepare_failed(c, d, "name the new image", r, NULL);
                 return;
@@ -550,7 +549,7 @@ int mirror_try_start(
         overlay = strdup(path);
         if (!id || !overlay)
                 return -ENOMEM;
-        r = mirror_names(d->alias, path, &names);
+        r = mirror_names(d->alias, id, path, &names);
         if (r < 0)
                 return sd_bus_error_set_errnof(
                         error, -r, "Engine 'mirror' cannot name the new image beside %s: %m", path);
@@ -680,7 +679,7 @@ static void rename_saved(void *userdata) {
         if (!d)
                 return;
         test_stop_before(d, "rename");
-        r = mirror_names(d->alias, d->job.overlay, &n);
+        r = mirror_names(d->alias, d->job.id, d->job.overlay, &n);
         if (r >= 0)
                 r = mirror_rename_onto_overlay(
                         c->guest->engine->config.image_dirs, c->guest->name, &d->job, n.tmp, &st, &why);
@@ -836,7 +835,7 @@ unsigned mirror_on_event(Disk *d, const QemuJobEvent *ev, unsigned changed) {
         if (ev->kind == QEMU_EVENT_JOB_STATUS_CHANGE && ev->status == QEMU_JOB_CONCLUDED && d->job.overlay) {
                 _cleanup_(mirror_names_done) MirrorNames n = {};
 
-                if (mirror_names(d->alias, d->job.overlay, &n) >= 0 && streq(ev->id, n.create_job)) {
+                if (mirror_names(d->alias, d->job.id, d->job.overlay, &n) >= 0 && streq(ev->id, n.create_job)) {
                         if (d->mirror_wait)
                                 create_concluded(d);
                         else if (guest_qmp_ready(d->guest)) /* given up (create_timeout()) */
@@ -866,7 +865,7 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
 }
 
 void mirror_start_lost(Disk *d) {
-        wait_failed(d, "format the new image before QEMU went away", -ECONNRESET, NULL);
+        wait_failed(d, "format the new image before QEMU went away or dropped the disk", -ECONNRESET, NULL);
 }
 
 void mirror_resume_orphans(Guest *g) {

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unittest
 
@@ -1068,11 +1069,13 @@ class MirrorFormatJobTest(h.TestCase):
         never ends the job: the Start was never answered, and the disk stayed "starting" (every
         Start Busy) for as long as that QEMU stayed connected. It fails after QMPTimeoutSec= now,
         as a command never answered does, with nothing left beside the overlay, and the disk can
-        be started again."""
+        be started again: its job has a name of its own, so the first one's, which QEMU still runs
+        (and refuses to dismiss), neither blocks it nor passes for it (review 32a: the second Start
+        failed at once, "already in use")."""
         _, d, images, files = self.fake_guest()
         for attempt in range(2):
-            e = self.assertDBusError(h.ERR_QEMU_FAILED, self.client.call, d.path, h.IFACE_STREAM, 'Start',
-                                     'tta{sv}', T(0), T(0), opts(engine=S('mirror')), timeout=20)
+            e = self.assertDBusError('org.freedesktop.DBus.Error.Failed', self.client.call, d.path, h.IFACE_STREAM,
+                                     'Start', 'tta{sv}', T(0), T(0), opts(engine=S('mirror')), timeout=20)
             self.assertIn('QMPTimeoutSec', e.message)
             self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
         self.assertEqual(d.prop('State'), 'idle')
@@ -1083,8 +1086,34 @@ class MirrorFormatJobTest(h.TestCase):
         p, d, images, files = self.fake_guest('--exit-after=blockdev-create')
         e = self.assertDBusError(h.ERR_NOT_RUNNING, self.client.call, d.path, h.IFACE_STREAM, 'Start', 'tta{sv}',
                                  T(0), T(0), opts(engine=S('mirror')), timeout=20)
-        self.assertIn('QEMU went away', e.message)
+        self.assertIn('QEMU went away or dropped the disk', e.message)
         self.assertEqual(p.wait(10), 0)
+        self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
+
+    def test_a_disk_dropped_while_the_image_is_formatted_fails_the_start(self):
+        """The fake QEMU answers blockdev-create and no longer has the disk when the guest is
+        refreshed: the Start fails, and the new image is removed (review 32a: the disk's end freed
+        the waiting Start without its clean-up, and the image left beside the overlay made every
+        later mirror Start of that disk Busy)."""
+        p, d, images, files = self.fake_guest('--drop-disks-after=blockdev-create')
+        box = {}
+
+        def start():
+            c = h.Client(self.env.bus.address)
+            try:
+                box['reply'] = c.try_call(d.path, h.IFACE_STREAM, 'Start', 'tta{sv}', T(0), T(0),
+                                          opts(engine=S('mirror')), timeout=20)
+            finally:
+                c.close()
+        t = threading.Thread(target=start)
+        t.start()
+        self.assertEqual(p.stdout.readline().strip(), 'dropped the disks after blockdev-create')
+        guest = h.guest_path(os.path.basename(images))
+        self.client.call(guest, h.IFACE_GUEST, 'Refresh', timeout=20)
+        t.join(30)
+        _, e = box['reply']
+        self.assertEqual(e.name, h.ERR_NOT_RUNNING, e.message)
+        self.assertIn('QEMU went away or dropped the disk', e.message)
         self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
 
 
