@@ -29,7 +29,7 @@ static int export_restart_handler(sd_event_source *s, uint64_t usec, void *userd
 
         e->restart_source = sd_event_source_disable_unref(e->restart_source);
         log_info("Export %u of guest %s disk %s: starting its storage helper again.", e->id, e->guest->name, e->alias);
-        r = guest_when_ready(e->guest, export_backend_ready, e, NULL);
+        r = guest_when_ready(e->guest, export_backend_ready, EXPORT_REF(e), NULL);
         if (r < 0) {
                 _cleanup_free_ char *why = strdup_printf("cannot start the storage helper: %s", strerror(-r));
                 export_helper_died(e, why ?: "cannot start the storage helper");
@@ -129,5 +129,5 @@ int export_handoff_resume(Export *e) {
                 return r;
         e->handed_over = true;
         e->resuming = true;
-        return guest_when_ready(g, export_backend_ready, e, NULL);
+        return guest_when_ready(g, export_backend_ready, EXPORT_REF(e), NULL);
 }

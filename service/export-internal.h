@@ -132,7 +132,12 @@ void export_end(Export *e, ExportState final, bool remove_object);
 
 /* export.c, for export-handoff.c */
 void export_save(Export *e);
+/* The guest's backend (QEMU, or its storage helper) is there for the export whose id the
+ * userdata holds (EXPORT_REF()): by id, as such a wait cannot be cancelled, and the export may
+ * have failed or gone (its address taken by another) meanwhile. */
+#define EXPORT_REF(e) ((void *) (uintptr_t) (e)->id)
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
+Export *export_by_id(Engine *m, unsigned id);
 
 /* export-handoff.c: a handed-over export's storage helper that died (restartable: it may be
  * started again), and the handoff across a daemon restart (the pins in its record). */

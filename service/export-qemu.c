@@ -14,13 +14,6 @@
 #define UINT_TO_PTR(u) ((void *) (uintptr_t) (u))
 #define PTR_TO_UINT(p) ((unsigned) (uintptr_t) (p))
 
-static Export *export_by_id(Engine *m, unsigned id) {
-        for (Export *i = m->exports; i; i = i->next)
-                if (i->id == id)
-                        return i;
-        return NULL;
-}
-
 /* QEMU runs our NBD server (confirmed): add the export to it, on the disk's node as QEMU names
  * it now (a filter another manager put on top, then took away, is not remembered). */
 static void export_server_started(Peer *p, int error, const char *error_text, void *userdata) {
@@ -28,6 +21,9 @@ static void export_server_started(Peer *p, int error, const char *error_text, vo
         Guest *g = e->guest;
         const char *node;
         int r;
+
+        if (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING)
+                return; /* ended meanwhile (export_end() takes the wait back too) */
 
         if (error < 0) {
                 /* The helper died under the start: the QMP reply fails before the peer's

@@ -186,6 +186,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         }
         if (!remove_object) {
                 /* A failed export stays visible until Stop(): clean up everything but the object. */
+                peer_nbd_unwait(&g->peer, e);
                 e->control_source = sd_event_source_disable_unref(e->control_source);
                 helper_pace_done(&e->control_pace);
                 e->retry_source = sd_event_source_disable_unref(e->retry_source);
@@ -512,16 +513,24 @@ void export_added(Qmp *q, int error, const char *desc, void *userdata) {
         /* Answered when the relay says "ready" (control_handler) or dies. */
 }
 
-void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
-        Engine *m = g->engine;
-        Export *e = NULL;
-
-        /* The export may have been dropped while the storage helper started. */
+Export *export_by_id(Engine *m, unsigned id) {
         for (Export *i = m->exports; i; i = i->next)
-                if (i == userdata)
-                        e = i;
-        if (!e)
+                if (i->id == id)
+                        return i;
+        return NULL;
+}
+
+void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
+        Export *e = export_by_id(g->engine, (unsigned) (uintptr_t) userdata);
+
+        /* The export may have been dropped while the storage helper started; or it failed (its
+         * relay died), and the helper started for it must not be kept (nor the handoff). */
+        if (!e || e->guest != g)
                 return;
+        if (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING) {
+                peer_release_helper_if_idle(&g->peer);
+                return;
+        }
         if (error < 0) {
                 if (export_helper_restartable(e)) {
                         export_helper_died(e, error_text ?: "the storage helper could not take the disks");
@@ -566,7 +575,7 @@ static void export_peer_lost(void *userdata) {
                 r = guest_begin_handoff(g);
                 if (r >= 0) {
                         export_save(e); /* a restarted daemon hands it over again */
-                        r = guest_when_ready(g, export_backend_ready, e, NULL);
+                        r = guest_when_ready(g, export_backend_ready, EXPORT_REF(e), NULL);
                 }
                 if (r >= 0)
                         return;
@@ -664,7 +673,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         e->create_call = sd_bus_message_ref(msg);
         export_link(e);
 
-        r = guest_when_ready(g, export_backend_ready, e, NULL);
+        r = guest_when_ready(g, export_backend_ready, EXPORT_REF(e), NULL);
         if (r < 0) {
                 e->create_call = sd_bus_message_unref(e->create_call);
                 export_unlink(e);
@@ -825,7 +834,7 @@ void export_resume(Guest *g) {
                 int r;
 
                 e->resuming = true;
-                r = guest_when_ready(g, export_backend_ready, e, NULL);
+                r = guest_when_ready(g, export_backend_ready, EXPORT_REF(e), NULL);
                 if (r < 0) {
                         _cleanup_free_ char *why = strdup_printf("cannot start the storage helper: %s", strerror(-r));
                         export_fail(e, why ?: "cannot start the storage helper");

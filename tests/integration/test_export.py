@@ -462,6 +462,32 @@ class ExportTest(h.TestCase):
         self._kill_relay(g)
         self.assertTrue(g.qemu.running())
 
+    def test_relay_killed_while_the_storage_helper_takes_over(self):
+        """The guest's QEMU goes while its disk is exported: the guest's storage helper starts to
+        serve the export (a handoff). The relay is killed meanwhile, and the export fails. The
+        helper, once it was there, was still given the export (review 32c: the wait for it was
+        keyed by the export's address and looked at no state), so it held the disks, and the
+        handoff never ended, until someone called Stop() on the failed export. It is let go now,
+        and the guest waits for its QEMU again."""
+        g = self.running_guest()
+        path, _ = self.new_export(g)
+        relay = self.the_relay(g)
+        g.qemu.kill()
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', False, 30)
+        os.kill(relay.pid, signal.SIGKILL)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'failed', 30)
+        self.assertIn('the NBD relay helper', self.client.get(path, o.IFACE_EXPORT, 'Error'))
+        released = 'Guest %s: the storage helper let go of the disks; waiting for QEMU again.' % g.name
+
+        def log():
+            with open(self.env.daemon.log, errors='replace') as f:
+                return f.read()
+        h.wait_until(lambda: released in log(), 30, 'the storage helper to let go: the export it started for failed')
+        self.assertEqual(o.guest_storage_helpers(self.env, g.name), [])
+        q = self.env.new_qemu(g.name, [('vda', g.chains['vda'].top)])
+        self.addCleanup(q.kill)
+        self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', True, 90)
+
     def test_kill_relay_offline_guest(self):
         g = self.offline_guest()
         self._kill_relay(g)
