@@ -660,6 +660,11 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "
                         "QEMU's NBD server with the guest's own streams and maps); stop one first.",
                         g->name, n);
+        /* An offline guest's export starts its storage helper, and keeps it while it serves:
+         * within its owner's share, as a job's or a map's. */
+        r = guest_helper_share(g, error);
+        if (r < 0)
+                return r;
 
         r = export_new(g, ++m->export_seq, alias, disk_path, NULL, listen, &e);
         if (r < 0)

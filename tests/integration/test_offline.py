@@ -726,7 +726,7 @@ class OwnerRegistrationTest(h.TestCase):
         self.addCleanup(s.close)
         answers = {}
         for what, top in (('there', there), ('missing', os.path.join(theirs, 'missing.qcow2'))):
-            name = 'mine-' + self.unique_name()
+            name = self.unique_name('mine')  # short: an export's socket is named after it
             self.addCleanup(self.unregister_quietly, name)
             r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
                        "('%s', '', {'disks': <{'vda': '%s'}>})" % (name, top))
@@ -765,7 +765,7 @@ class StorageHelperShareTest(h.TestCase):
             top = os.path.join(d, 'g%d.qcow2' % i)
             h.qemu_img('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', top)
             os.chown(top, owner, -1)
-            name = 'mine-' + self.unique_name()
+            name = self.unique_name('mine')  # short: an export's socket is named after it
             self.addCleanup(self.unregister_quietly, name)
             r = s.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}',
                        "('%s', '', {'disks': <{'vda': '%s'}>})" % (name, top))
@@ -783,6 +783,12 @@ class StorageHelperShareTest(h.TestCase):
         self.assertFalse(r['ok'], 'storage helper %d of one user: %r' % (self.HELPERS_PER_USER + 1, r))
         self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
         self.assertIn('at most %d at once per user' % self.HELPERS_PER_USER, r['message'])
+        self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_PER_USER)
+        # An export of one starts (and keeps) its storage helper too: the same share, whoever asks
+        # (review 32c: an Export by anyone allowed to export started one more).
+        e = self.assertDBusError(h.ERR_LIMITS_EXCEEDED, self.client.call, disks[-1], h.IFACE_STREAM, 'Export',
+                                 'a{sv}', h.no_opts(), timeout=30)
+        self.assertIn('at most %d at once per user' % self.HELPERS_PER_USER, e.message)
         self.assertEqual(len(o.storage_helpers(self.env)), self.HELPERS_PER_USER)
         # One ends (its helper goes): the next one runs.
         r = s.call(disks[0], h.IFACE_STREAM, 'Cancel', '', '()')
