@@ -196,8 +196,13 @@ void export_end(Export *e, ExportState final, bool remove_object) {
                 e->n_pending = 0;
                 closep(&e->control_fd);
                 e->control_fd = -1;
-                closep(&e->listen_fd);
-                e->listen_fd = -1;
+                /* A TCP address stays ours until Stop(): were it let go when the relay goes, any
+                 * local user could bind it and answer the export's clients (a migration's
+                 * destination reconnecting) with data of their own. A unix socket's path goes. */
+                if (e->unix_path) {
+                        closep(&e->listen_fd);
+                        e->listen_fd = -1;
+                }
                 export_upstreams_reset(e);
                 /* Told to stop, and its control socket closed: a relay still there then is one
                  * taken over, holding its connections to QEMU. */
@@ -298,9 +303,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                         (void) sd_bus_reply_method_return(e->create_call, "os", e->object_path, e->uri);
                         e->create_call = sd_bus_message_unref(e->create_call);
                 }
-                /* The relay holds the listener now. */
-                closep(&e->listen_fd);
-                e->listen_fd = -1;
+                /* The relay accepts on the listener now; ours stays bound until Stop() (below). */
                 export_save(e);
         } else if (msg.kind == CONTROL_RELAY_CONNECT) {
                 if (r < 0) {

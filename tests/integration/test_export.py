@@ -6,6 +6,7 @@ sandboxed blockstream-nbd-relay. Real NBD clients (nbdinfo, nbdcopy, qemu-io) re
 disk's content and cannot write; Clients counts them; Stop closes everything; a killed relay
 makes the export "failed" and leaves the daemon and QEMU clean."""
 
+import errno
 import json
 import os
 import re
@@ -487,6 +488,27 @@ class ExportTest(h.TestCase):
         q = self.env.new_qemu(g.name, [('vda', g.chains['vda'].top)])
         self.addCleanup(q.kill)
         self.client.wait_prop(g.path, h.IFACE_GUEST, 'Running', True, 90)
+
+    def test_a_tcp_address_stays_taken_until_stop(self):
+        """A TCP export whose relay died (failed) keeps its address until Stop(): the daemon let go
+        of it when the relay said "ready", so the relay's death freed the port, and any local user
+        could bind it and answer the export's clients (review 32c: a migration's destination,
+        reconnecting, would copy their data into the guest)."""
+        g = self.running_guest()
+        port = o.free_tcp_port()
+        path, _ = self.new_export(g, 'tcp:127.0.0.1:%d' % port)
+        relay = self.the_relay(g)
+        os.kill(relay.pid, signal.SIGKILL)
+        self.client.wait_prop(path, o.IFACE_EXPORT, 'State', 'failed', 10)
+        o.wait_gone(relay.pid, 5, 'the killed relay to be reaped')
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(squatter.close)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with self.assertRaises(OSError) as cm:
+            squatter.bind(('127.0.0.1', port))
+        self.assertEqual(cm.exception.errno, errno.EADDRINUSE)
+        self.client.call(path, o.IFACE_EXPORT, 'Stop')
+        squatter.bind(('127.0.0.1', port))
 
     def test_kill_relay_offline_guest(self):
         g = self.offline_guest()
