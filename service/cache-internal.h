@@ -97,6 +97,9 @@ void cache_destroy(Cache *c);
 struct stat;
 int cache_user_add(Cache *c, const char *path, const struct stat *st);
 bool cache_users_refresh(Cache *c);
+/* No room for one more overlay in c's list (those being made counted): its owner would be left
+ * out of the socket's ACL. */
+bool cache_users_full(const Cache *c);
 /* overlays: with each overlay's path (else their owners' uids only, a record too large). */
 int cache_users_to_json(Cache *c, json_object *k, bool overlays);
 int cache_users_from_json(Cache *c, json_object *k, unsigned count);

@@ -62,11 +62,26 @@ static size_t uids_sorted_unique(uid_t *a, size_t n) {
         return k;
 }
 
+static size_t users_max(void) {
+#ifdef BLOCKSTREAM_TEST_HOOKS
+        /* Tests only: a smaller list is full. */
+        const char *t = getenv("BLOCKSTREAM_TEST_CACHE_USERS_MAX");
+        unsigned v;
+        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v < CACHE_USERS_MAX)
+                return v;
+#endif
+        return CACHE_USERS_MAX;
+}
+
+bool cache_users_full(const Cache *c) {
+        return c->n_user_list + c->in_flight >= users_max();
+}
+
 static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino, uid_t uid) {
         CacheUser *l;
         char *p;
 
-        if (c->n_user_list >= CACHE_USERS_MAX) {
+        if (c->n_user_list >= users_max()) {
                 /* Counted, never counted down: Stop() stays refused rather than break it. */
                 c->users_untracked++;
                 return 0;

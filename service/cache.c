@@ -631,6 +631,14 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
                         "You (uid " UID_FMT ") have %u overlays over template caches already (at most %u per user); "
                         "remove or stream one to the end first.",
                         caller, CACHE_OVERLAYS_PER_USER_MAX, CACHE_OVERLAYS_PER_USER_MAX);
+        /* An overlay the list has no room for would have its owner left out of the socket's ACL
+         * (its QEMU could not read the template) and could never be let go of. Those gone since are
+         * looked for first. */
+        if (c && cache_users_full(c) && (cache_users_update(c), cache_users_full(c)))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                        "Template cache %u keeps track of %u overlays, the most it can; provision without 'cache', "
+                        "or remove or stream to the end an overlay over it first.",
+                        c->id, (unsigned) c->n_user_list);
         if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
                 /* Asked for again: another try, on the same socket. */
                 log_info("Template cache %u: starting its storage helper again.", c->id);

@@ -780,6 +780,35 @@ class CacheShareTest(h.TestCase):
         self.addCleanup(s.close)
         return d, s
 
+    def test_a_cache_with_no_room_for_another_overlay_refuses_it(self):
+        """A cache keeps track of its overlays, whose owners its socket's ACL lets in. Past its list
+        (4,096; 2 here, a test hook), the next ProvisionDisk(cache) was made all the same, only
+        counted: its owner was left out of the ACL (their QEMU could not read the template), and
+        the cache could never be stopped (review 32b). It is refused now, and nothing is made."""
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHE_USERS_MAX', '2')
+        self.addCleanup(lambda: (self.env.daemon.stop(), self.env.daemon.start()))
+        # MEMBER makes the cache (OWNER's share of caches is another test's).
+        d, s = self.user_dir_and_session(h.MEMBER, 'full')
+        other = os.path.join(self.env.images, 'full-other')
+        os.makedirs(other)
+        os.chown(other, h.ensure_test_users()[h.OWNER], -1)
+        s2 = h.UserSession(h.OWNER, self.env.bus.address)
+        self.addCleanup(s2.close)
+        url = self.remote.url + '/e-full'
+
+        def provision(session, target):
+            return session.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}',
+                                "('%s', '%s', {'cache': <true>})" % (url, target), timeout=120)
+        for i in range(2):
+            r = provision(s, os.path.join(d, 'o%d.qcow2' % i))
+            self.assertTrue(r['ok'], r)
+        third = os.path.join(other, 'third.qcow2')
+        r = provision(s2, third)
+        self.assertFalse(r['ok'], 'a third overlay over a cache that keeps track of 2: %r' % r)
+        self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
+        self.assertIn('keeps track of 2 overlays', r['message'])
+        self.assertFalse(os.path.lexists(third))
+
     def test_one_user_makes_a_share_of_the_caches(self):
         d, s = self.user_dir_and_session(h.OWNER, 'mine')
 
