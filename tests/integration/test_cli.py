@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from harness import T, opts, MiB  # noqa: E402
+from harness import MiB  # noqa: E402
 
 SIZE = 64 * MiB
 

@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
-from harness import MiB, opts  # noqa: E402
+from harness import MiB  # noqa: E402
 
 SMALL_FS = 48 * MiB        # the tmpfs the overlays live on
 CHAIN_SIZE = 32 * MiB      # a Chain of this size copies 13.5 MiB in a full stream

@@ -7,7 +7,6 @@ of QEMU 7.2, then hostile ones."""
 import ctypes
 import os
 import struct
-import unittest
 
 import harness as h
 from fakeqemu import FakeQemu

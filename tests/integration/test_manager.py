@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
-from harness import T, U, S, opts  # noqa: E402
+from harness import U, S, opts  # noqa: E402
 
 UUID_RE = re.compile(r'^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32})$')
 

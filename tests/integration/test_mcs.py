@@ -10,8 +10,6 @@ import os
 import sys
 import time
 
-import dbus
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import offline as o  # noqa: E402
