@@ -138,6 +138,14 @@ void export_save(Export *e);
 #define EXPORT_REF(e) ((void *) (uintptr_t) (e)->id)
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
 Export *export_by_id(Engine *m, unsigned id);
+/* The same for a QMP call's userdata, which has no engine to look in (freed with free()). */
+typedef struct ExportRef {
+        Engine *engine;
+        unsigned id;
+} ExportRef;
+ExportRef *export_ref_new(const Export *e);
+/* Its export, if it is still there and starting or serving. */
+Export *export_ref_live(const ExportRef *ref);
 
 /* export-handoff.c: a handed-over export's storage helper that died (restartable: it may be
  * started again), and the handoff across a daemon restart (the pins in its record). */

@@ -19,6 +19,7 @@
 static void export_server_started(Peer *p, int error, const char *error_text, void *userdata) {
         Export *e = userdata;
         Guest *g = e->guest;
+        ExportRef *ref;
         const char *node;
         int r;
 
@@ -39,8 +40,11 @@ static void export_server_started(Peer *p, int error, const char *error_text, vo
                 export_fail(e, "the disk went away");
                 return;
         }
-        r = qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, e, NULL);
+        /* By id: the export may fail and go before QEMU answers (which it may do out of order). */
+        ref = export_ref_new(e);
+        r = ref ? qemu_block_export_add_nbd(g->peer.qmp, e->qemu_id, node, e->name, export_added, ref, free) : -ENOMEM;
         if (r < 0) {
+                free(ref); /* not taken on failure (qemu.c) */
                 export_fail(e, "cannot send block-export-add");
                 return;
         }
@@ -69,11 +73,6 @@ static void export_disks_read(Guest *g, int error, const char *desc, void *userd
         export_to_server(e);
 }
 
-typedef struct ExportRef {
-        Engine *engine;
-        unsigned id;
-} ExportRef;
-
 static void export_gone_checked(Qmp *q, int error, const char *desc, char **ids, void *userdata) {
         ExportRef *ref = userdata;
         Export *e = export_by_id(ref->engine, ref->id);
@@ -101,12 +100,11 @@ void export_qemu_export_deleted(void *userdata, const char *id) {
 
         if (!e->in_qemu || !streq(id, e->qemu_id) || e->deleted_in_qemu || !guest_qmp_ready(e->guest))
                 return;
-        ref = malloc(sizeof(ExportRef));
+        ref = export_ref_new(e);
         if (!ref) {
                 log_oom();
                 return;
         }
-        *ref = (ExportRef) { .engine = e->engine, .id = e->id };
         r = qemu_query_block_exports(e->guest->peer.qmp, export_gone_checked, ref, free);
         if (r < 0) {
                 log_warning_errno(r, "Export %u: cannot ask QEMU whether it still serves it: %m", e->id);

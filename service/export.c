@@ -490,8 +490,12 @@ static void export_start_relay(Export *e) {
 }
 
 void export_added(Qmp *q, int error, const char *desc, void *userdata) {
-        Export *e = userdata;
+        Export *e = export_ref_live(userdata);
 
+        /* Failed (its hold on the server dropped, block-export-del sent), or gone, meanwhile: no
+         * relay for it, nor another drop. */
+        if (!e || !e->in_qemu)
+                return;
         if (error < 0) {
                 _cleanup_free_ char *why = strdup_printf("QEMU refused the export: %s", desc ?: strerror(-error));
                 peer_nbd_drop(&e->guest->peer);
@@ -523,14 +527,26 @@ Export *export_by_id(Engine *m, unsigned id) {
         return NULL;
 }
 
+ExportRef *export_ref_new(const Export *e) {
+        ExportRef *ref = malloc(sizeof(ExportRef));
+
+        if (ref)
+                *ref = (ExportRef) { .engine = e->engine, .id = e->id };
+        return ref;
+}
+
+Export *export_ref_live(const ExportRef *ref) {
+        Export *e = export_by_id(ref->engine, ref->id);
+
+        return e && (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING) ? e : NULL;
+}
+
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
         Export *e = export_by_id(g->engine, (unsigned) (uintptr_t) userdata);
 
         /* The export may have been dropped while the storage helper started; or it failed (its
          * relay died), and the helper started for it must not be kept (nor the handoff). */
-        if (!e || e->guest != g)
-                return;
-        if (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING) {
+        if (!e || e->guest != g || (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING)) {
                 peer_release_helper_if_idle(&g->peer);
                 return;
         }

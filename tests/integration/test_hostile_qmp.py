@@ -7,8 +7,10 @@ of QEMU 7.2, then hostile ones."""
 import ctypes
 import os
 import struct
+import threading
 
 import harness as h
+import offline as o
 from fakeqemu import FakeQemu
 
 IN_CREATE = 0x100
@@ -69,6 +71,40 @@ class HostileQemuTest(h.TestCase):
                 if line.startswith('VmHWM:'):
                     return int(line.split()[1]) * 1024
         return 0
+
+    def test_an_export_answered_after_it_failed_is_left_alone(self):
+        """A QEMU answers out of order: while block-export-add waits for its answer, it says the
+        export was deleted (BLOCK_EXPORT_DELETED, and query-block-exports without it), so the
+        export fails and, never published, is freed; then it answers the add. The answer's
+        callback held the export's address and used it (review 32d: a use-after-free in the
+        daemon, which ASan shows on the code before; a plain build wrote into freed memory
+        quietly). It looks the export up by id now, and finds nothing to do."""
+        fake, name, gpath = self.register_fake_named('exp')  # short: the export's socket is named after it
+        fake.hold = {'block-export-add'}
+        disk = h.disk_path(name, 'vda')
+        box = {}
+
+        def export():
+            c = h.Client(self.env.bus.address)
+            try:
+                box['reply'] = c.try_call(disk, h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(), timeout=30)
+            finally:
+                c.close()
+        t = threading.Thread(target=export)
+        t.start()
+        h.wait_until(lambda: fake.held, 30, 'block-export-add')
+        qemu_id = fake.held[0][1]['arguments']['id']
+        fake.send_raw(fake.event('BLOCK_EXPORT_DELETED', {'id': qemu_id}))
+        t.join(30)
+        _, e = box['reply']
+        self.assertIsNotNone(e, 'Export succeeded')
+        self.assertIn('QEMU removed the export', e.message)
+        fake.release()
+        # Answered after the add's answer: the daemon has handled it.
+        self.client.call(gpath, h.IFACE_GUEST, 'Refresh', timeout=30)
+        self.assertTrue(self.env.daemon.running())
+        self.assertEqual(o.relays(self.env), [])
+        self.assertNotIn('/org/blockstream1/export/', ' '.join(str(p) for p in self.client.managed_objects()))
 
     def test_many_values_message(self):
         """1 MB of [{},{},...] (json-c: ~270 MB of heap) from a guest's QEMU, and the same again
