@@ -67,6 +67,7 @@ struct Cache {
         CacheState state;
         bool fresh;           /* made for provisionings none of which has finished yet: no object */
         CacheWaiter *waiters; /* provisionings waiting for it to serve */
+        unsigned n_waiters;
         unsigned in_flight;   /* provisionings told to go on, whose overlay is not yet made */
         bool stopping;        /* its helper is being stopped for good */
         bool warmed;          /* Warm() completed: the image holds all and names no backing */
@@ -97,8 +98,8 @@ void cache_destroy(Cache *c);
 struct stat;
 int cache_user_add(Cache *c, const char *path, const struct stat *st);
 bool cache_users_refresh(Cache *c);
-/* No room for one more overlay in c's list (those being made counted): its owner would be left
- * out of the socket's ACL. */
+/* No room for one more overlay in c's list (those being made, and those waiting for the cache to
+ * serve, counted): its owner would be left out of the socket's ACL. */
 bool cache_users_full(const Cache *c);
 /* overlays: with each overlay's path (else their owners' uids only, a record too large). */
 int cache_users_to_json(Cache *c, json_object *k, bool overlays);

@@ -74,7 +74,7 @@ static size_t users_max(void) {
 }
 
 bool cache_users_full(const Cache *c) {
-        return c->n_user_list + c->in_flight >= users_max();
+        return c->n_user_list + c->in_flight + c->n_waiters >= users_max();
 }
 
 static int user_push(Cache *c, const char *path, uint64_t dev, uint64_t ino, uid_t uid) {

@@ -96,6 +96,7 @@ static void flush_waiters(Cache *c, int error, const char *why) {
         CacheWaiter *l = c->waiters;
 
         c->waiters = NULL;
+        c->n_waiters = 0;
         if (error == 0 && !(backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path)))
                 error = -ENOMEM, why = "out of memory";
         while (l) {
@@ -593,6 +594,7 @@ static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
         w->provision = provision;
         w->next = c->waiters;
         c->waiters = w;
+        c->n_waiters++;
         return 0;
 }
 

@@ -809,6 +809,30 @@ class CacheShareTest(h.TestCase):
         self.assertIn('keeps track of 2 overlays', r['message'])
         self.assertFalse(os.path.lexists(third))
 
+    def test_provisionings_waiting_for_a_cache_count_toward_its_list(self):
+        """Two ProvisionDisk(cache) at once of a template no cache serves yet: both wait while the
+        cache starts, and were not counted against its list until it served (review 32d), so both
+        were made past a list with room for one (a test hook). One is refused now, whatever the
+        order, and nothing of it is made."""
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHE_USERS_MAX', '1')
+        self.addCleanup(lambda: (self.env.daemon.stop(), self.env.daemon.start()))
+        self.remote.start()
+        self.addCleanup(self.remote.stop)
+        d = os.path.join(self.env.images, 'waiters')
+        os.makedirs(d)
+        targets = [os.path.join(d, 'w%d.qcow2' % i) for i in range(2)]
+        calls = [h.spawn(['busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME,
+                          h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', self.remote.url + '/e-waiters',
+                          t, '1', 'cache', 'b', 'true'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for t in targets]
+        results = [c.communicate(timeout=120) + (c.returncode,) for c in calls]
+        made = [t for t, (_, _, rc) in zip(targets, results) if rc == 0]
+        refused = [err for _, err, rc in results if rc != 0]
+        self.assertEqual(len(made), 1, results)
+        self.assertEqual(len(refused), 1, results)
+        self.assertIn('keeps track of', refused[0])
+        self.assertEqual([t for t in targets if os.path.lexists(t)], made)
+
     def test_one_user_makes_a_share_of_the_caches(self):
         d, s = self.user_dir_and_session(h.OWNER, 'mine')
 
