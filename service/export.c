@@ -672,8 +672,10 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
                 return sd_bus_error_setf(error, BS_ERROR_NOT_RUNNING,
                         "Guest '%s' is not running (no QMP connection); its disks cannot be exported now.", g->name);
 
-        for (Export *x = m->exports; x; x = x->next) /* a failed one counts until its relay is gone */
-                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING || x->relay_pid > 0);
+        /* A failed one counts while its relay is there, or its TCP address is held (until Stop()). */
+        for (Export *x = m->exports; x; x = x->next)
+                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING || x->relay_pid > 0 ||
+                                              x->listen_fd >= 0);
         if (n >= EXPORTS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "
