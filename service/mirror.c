@@ -34,11 +34,10 @@
 #include "qemu.h"
 #include "util.h"
 
-/* QEMU's mirror keeps at most this much (in 16 requests) in flight, one buffer; its default is
- * 16 MiB. Local: 8 MiB as fast as 32 or 64 (bench/stream-bench), 128 slower. Behind 5 ms
- * (bench/remote-bench, 2 x 3 rounds): 8 MiB 1.22-1.37x nbdcopy, 16 1.30, 32 1.09, 64 1.05, as the
- * reads wait on the server, not on QEMU (0.4 s of CPU in a 1.2 s copy). Granularity: QEMU's (the
- * target's cluster size); 1 MiB was no faster. */
+/* QEMU's mirror keeps at most this much (16 requests) in flight, one buffer (default 16 MiB).
+ * Local: 8 MiB as fast as 32 or 64 (bench/stream-bench), 128 slower. Behind 5 ms (remote-bench,
+ * 2 x 3 rounds): 8 MiB 1.22-1.37x nbdcopy, 16 1.30, 32 1.09, 64 1.05: the reads wait on the server,
+ * not on QEMU (0.4 s of CPU in 1.2 s). Granularity: QEMU's (the target's clusters; 1 MiB no faster). */
 #define MIRROR_BUF_SIZE_LOCAL (8ULL << 20)
 #define MIRROR_BUF_SIZE_REMOTE (32ULL << 20)
 
@@ -260,7 +259,7 @@ static void image_ready(MirrorCall *c, Disk *d) {
         (void) guest_save_then(c->guest, copy_saved, next, mirror_call_free);
 }
 
-/* The Start waiting for blockdev-create, if it still waits. */
+/* The Start waiting for blockdev-create, if it still waits (wait_failed(): it fails). */
 static MirrorCall *mirror_wait_take(Disk *d) {
         MirrorCall *c = d->mirror_wait;
 
@@ -269,7 +268,6 @@ static MirrorCall *mirror_wait_take(Disk *d) {
         return c;
 }
 
-/* That Start, if it still waits, fails. */
 static void wait_failed(Disk *d, const char *what, int error, const char *desc) {
         MirrorCall *c = mirror_wait_take(d);
 
@@ -864,8 +862,24 @@ unsigned mirror_on_info(Disk *d, const QemuBlockJob *info, unsigned changed) {
         return changed;
 }
 
+/* A preparation cut short (connection, QEMU's disk or daemon lost): what exists of it goes. */
+static bool prepare_cut_short(Disk *d, const char *wait_why) {
+        if (d->job.engine != STREAM_ENGINE_MIRROR || d->job.phase != MIRROR_STEP_PREPARE || job_is_active(&d->job))
+                return false;
+        if (d->mirror_wait) { /* waiting for blockdev-create: the Start fails now */
+                wait_failed(d, wait_why, -ECONNRESET, NULL);
+                return true;
+        }
+        log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", d->guest->name, d->alias);
+        mirror_cleanup(d);
+        d->starting = d->mirror_busy = false;
+        d->job.phase = 0;
+        (void) guest_save(d->guest);
+        return true;
+}
+
 void mirror_start_lost(Disk *d) {
-        wait_failed(d, "format the new image before QEMU went away or dropped the disk", -ECONNRESET, NULL);
+        (void) prepare_cut_short(d, "format the new image before QEMU went away or dropped the disk");
 }
 
 void mirror_resume_orphans(Guest *g) {
@@ -876,21 +890,8 @@ void mirror_resume_orphans(Guest *g) {
                         continue;
                 /* The old connection's calls are gone: a step waiting for one goes again. */
                 d->mirror_busy = false;
-                /* A Start waiting for blockdev-create: its job went with the connection. */
-                if (d->mirror_wait) {
-                        wait_failed(d, "format the new image before the connection to QEMU closed", -ECONNRESET, NULL);
+                if (prepare_cut_short(d, "format the new image before the connection to QEMU closed"))
                         continue;
-                }
-                /* A preparation the connection (or the daemon) lost: its Start was never answered
-                 * with a job, and nothing of it stays. */
-                if (d->job.phase == MIRROR_STEP_PREPARE && !job_is_active(&d->job)) {
-                        log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", g->name, d->alias);
-                        mirror_cleanup(d);
-                        d->starting = false;
-                        d->job.phase = 0;
-                        (void) guest_save(g);
-                        continue;
-                }
                 /* A job that ended (lost by QEMU, failed) before QEMU could pivot: what it made
                  * goes. From FINALIZE on, mirror_on_lost() decided, and the new image stays. */
                 if (d->job.phase > 0 && d->job.phase < MIRROR_STEP_FINALIZE && (d->job.concluded || d->job.finished))

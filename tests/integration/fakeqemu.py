@@ -186,9 +186,12 @@ class FakeQemu:
                     self.commands[name] = self.commands.get(name, 0) + 1
                     self.sequence.append(name)
                 with self.lock:
-                    if name in self.hold:
+                    held = name in self.hold
+                    if held:
                         self.held.append((conn, cmd))
-                        continue
+                if held:
+                    self._drop_after(name)
+                    continue
                 hostile = self.hostile_replies(cmd) if self.hostile_replies else None
                 if hostile is not None:
                     self._send(conn, hostile)
@@ -199,10 +202,7 @@ class FakeQemu:
                     self._send(conn, {'error': {'class': 'GenericError', 'desc': str(e)}, 'id': cmd.get('id')})
                 if name in self.exit_after:
                     os._exit(0)
-                if name in self.drop_after:
-                    with self.lock:
-                        self._blocks, self._nodes = [], []
-                    print('dropped the disks after %s' % name, flush=True)
+                self._drop_after(name)
         except (OSError, ValueError, StopIteration):
             pass
         finally:
@@ -210,6 +210,12 @@ class FakeQemu:
                 conn.close()
             except OSError:
                 pass
+
+    def _drop_after(self, name):
+        if name in self.drop_after:
+            with self.lock:
+                self._blocks, self._nodes = [], []
+            print('dropped the disks after %s' % name, flush=True)
 
     def _loop(self):
         while not self._done.is_set():
@@ -283,10 +289,10 @@ class FakeQemu:
 
 def main(argv):
     """python3 fakeqemu.py SOCKET IMAGE_DIR [--open-disks] [--exit-after=NAME] [--drop-disks-after=NAME]
-    [WATCHES DUPS]: a fake QEMU in a process of its own (the daemon then looks through that
-    process's open files, as through a QEMU's), until its standard input closes, or until it has
-    answered command NAME (--exit-after); --drop-disks-after: it has no disks once it answered
-    NAME, and prints so.
+    [--hold=NAME] [WATCHES DUPS]: a fake QEMU in a process of its own (the daemon then looks through
+    that process's open files, as through a QEMU's), until its standard input closes, or until it
+    has answered command NAME (--exit-after); --drop-disks-after: it has no disks once it answered
+    (or held) NAME, and prints so; --hold: it never answers NAME.
     --open-disks: it holds its first disk's images open as QEMU does (the top read-write, its
     backing read-only), those that exist in IMAGE_DIR. With WATCHES
     and DUPS it first holds an epoll set watching WATCHES eventfds, dup'd into DUPS more fds (fewer
@@ -298,7 +304,8 @@ def main(argv):
     keep = []
     exit_after = [a.split('=', 1)[1] for a in argv if a.startswith('--exit-after=')]
     drop_after = [a.split('=', 1)[1] for a in argv if a.startswith('--drop-disks-after=')]
-    argv = [a for a in argv if not a.startswith(('--exit-after=', '--drop-disks-after='))]
+    hold = [a.split('=', 1)[1] for a in argv if a.startswith('--hold=')]
+    argv = [a for a in argv if not a.startswith(('--exit-after=', '--drop-disks-after=', '--hold='))]
     if '--open-disks' in argv:
         argv = [a for a in argv if a != '--open-disks']
         for level in range(3):
@@ -321,6 +328,7 @@ def main(argv):
     fake = FakeQemu(argv[1], argv[2])
     fake.exit_after = set(exit_after)
     fake.drop_after = set(drop_after)
+    fake.hold = set(hold)
     print('ready', flush=True)
     sys.stdin.read()
     fake.close()
