@@ -46,7 +46,8 @@ class FakeQemu:
         self.commands = {}           # name -> count
         self.sequence = []           # names, in the order they came
         self.jobs = {}               # job id -> status
-        self.create_jobs = set()     # blockdev-create's jobs: they run for ever here
+        self.create_jobs = set()     # blockdev-create's jobs: they run until conclude_create_jobs()
+        self.concluded = set()       # and then wait to be dismissed
         self.hostile_replies = None  # callable(cmd) -> bytes or None: replaces the honest answer
         self.hang_up_after_caps = False
         self.hold = set()            # command names left unanswered until release()
@@ -135,14 +136,19 @@ class FakeQemu:
                 self.jobs[args.get('job-id')] = 'running'
             return {}
         if name == 'blockdev-create':
-            # As QEMU: a job id in use is refused (its jobs never end here).
+            # As QEMU: a job id in use (running, or concluded and not dismissed) is refused.
             with self.lock:
-                if args.get('job-id') in self.create_jobs:
+                if args.get('job-id') in self.create_jobs | self.concluded:
                     raise QmpError("Job ID '%s' already in use" % args.get('job-id'))
                 self.create_jobs.add(args.get('job-id'))
             return {}
         if name == 'job-dismiss' and args.get('id') in self.create_jobs:
             raise QmpError("Job '%s' in state 'running' cannot accept command verb 'dismiss'" % args.get('id'))
+        if name == 'job-dismiss' and args.get('id') in self.concluded:
+            with self.lock:
+                self.concluded.discard(args.get('id'))
+            print('dismissed %s' % args.get('id'), flush=True)
+            return {}
         if name in ('query-block-exports',) or (self._given and name.startswith('query-')):
             return []
         return {}
@@ -232,6 +238,14 @@ class FakeQemu:
                 self.conns.append(conn)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
+    def conclude_create_jobs(self):
+        """Every blockdev-create job ends now (concluded, waiting to be dismissed)."""
+        with self.lock:
+            ended, self.create_jobs = self.create_jobs, set()
+            self.concluded |= ended
+        for job in sorted(ended):
+            self.send_raw(self.event('JOB_STATUS_CHANGE', {'id': job, 'status': 'concluded'}))
+
     def event(self, name, data):
         return (json.dumps({'timestamp': {'seconds': 1, 'microseconds': 0}, 'event': name, 'data': data})
                 + '\r\n').encode()
@@ -292,7 +306,8 @@ def main(argv):
     [--hold=NAME] [WATCHES DUPS]: a fake QEMU in a process of its own (the daemon then looks through
     that process's open files, as through a QEMU's), until its standard input closes, or until it
     has answered command NAME (--exit-after); --drop-disks-after: it has no disks once it answered
-    (or held) NAME, and prints so; --hold: it never answers NAME.
+    (or held) NAME, and prints so; --hold: it never answers NAME. A line "conclude-create-jobs" on
+    its standard input ends its blockdev-create jobs; it prints "dismissed ID" for each dismissed.
     --open-disks: it holds its first disk's images open as QEMU does (the top read-write, its
     backing read-only), those that exist in IMAGE_DIR. With WATCHES
     and DUPS it first holds an epoll set watching WATCHES eventfds, dup'd into DUPS more fds (fewer
@@ -330,7 +345,9 @@ def main(argv):
     fake.drop_after = set(drop_after)
     fake.hold = set(hold)
     print('ready', flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:  # commands, one a line
+        if line.strip() == 'conclude-create-jobs':
+            fake.conclude_create_jobs()
     fake.close()
 
 

@@ -1056,7 +1056,7 @@ class MirrorFormatJobTest(h.TestCase):
         path = os.path.join(self.env.dir, '%s.sock' % name)
         p = subprocess.Popen(FAKEQEMU + [path, images, '--open-disks'] + list(fake_args), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, universal_newlines=True)
-        self.addCleanup(lambda: (p.stdin.close(), p.stdout.close(), p.wait(30)))
+        self.addCleanup(lambda: (p.stdin.close(), p.wait(30), p.stdout.close()))
         self.assertEqual(p.stdout.readline().strip(), 'ready')
         self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
@@ -1072,13 +1072,21 @@ class MirrorFormatJobTest(h.TestCase):
         be started again: its job has a name of its own, so the first one's, which QEMU still runs
         (and refuses to dismiss), neither blocks it nor passes for it (review 32a: the second Start
         failed at once, "already in use")."""
-        _, d, images, files = self.fake_guest()
+        p, d, images, files = self.fake_guest()
         for attempt in range(2):
             e = self.assertDBusError('org.freedesktop.DBus.Error.Failed', self.client.call, d.path, h.IFACE_STREAM,
                                      'Start', 'tta{sv}', T(0), T(0), opts(engine=S('mirror')), timeout=20)
             self.assertIn('QMPTimeoutSec', e.message)
             self.assertEqual(sorted(os.listdir(images)), files, 'the new image was left beside the overlay')
         self.assertEqual(d.prop('State'), 'idle')
+        # QEMU ends the two jobs at last: the daemon dismisses the last Start's (the first's name
+        # it no longer knows: it stays in QEMU's list).
+        lines = []
+        threading.Thread(target=lambda: lines.extend(line.strip() for line in p.stdout), daemon=True).start()
+        p.stdin.write('conclude-create-jobs\n')
+        p.stdin.flush()
+        h.wait_until(lambda: lines, 20, 'the job that ended late to be dismissed')
+        self.assertRegex(lines[0], r'^dismissed bsmc-bsd-vda-\d+$')
 
     def test_a_qemu_gone_while_the_image_is_formatted_fails_the_start(self):
         """The fake QEMU answers blockdev-create and exits: the Start waiting for the job's end
