@@ -327,8 +327,8 @@ static void fd_added(Qmp *q, int error, const char *desc, void *userdata) {
         Disk *d = mirror_call_disk(c);
         int r;
 
-        if (!d)
-                return;
+        if (!d || d->job.phase != MIRROR_STEP_PREPARE)
+                return; /* cut short meanwhile (prepare_cut_short()): its image is gone */
         if (error < 0) {
                 prepare_failed(c, d, "hand the new image to QEMU (add-fd)", error, desc);
                 return;
