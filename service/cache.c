@@ -638,9 +638,9 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
          * looked for first. */
         if (c && cache_users_full(c) && (cache_users_update(c), cache_users_full(c)))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
-                        "Template cache %u keeps track of %u overlays, the most it can; provision without 'cache', "
-                        "or remove or stream to the end an overlay over it first.",
-                        c->id, (unsigned) c->n_user_list);
+                        "Template cache %u keeps track of as many overlays as it can (%u, and %u being made); "
+                        "provision without 'cache', or remove or stream to the end an overlay over it first.",
+                        c->id, (unsigned) c->n_user_list, c->in_flight + c->n_waiters);
         if (c && c->state == CACHE_FAILED && !c->child && !c->leftover_timer) {
                 /* Asked for again: another try, on the same socket. */
                 log_info("Template cache %u: starting its storage helper again.", c->id);

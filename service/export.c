@@ -679,7 +679,8 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
         if (n >= EXPORTS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "
-                        "QEMU's NBD server with the guest's own streams and maps); stop one first.",
+                        "QEMU's NBD server with the guest's own streams and maps; a failed one counts until its "
+                        "relay is gone, or until Stop() if it holds a TCP address); stop one first.",
                         g->name, n);
         /* An offline guest's export starts its storage helper, and keeps it while it serves:
          * within its owner's share, as a job's or a map's. */

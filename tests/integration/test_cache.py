@@ -806,7 +806,7 @@ class CacheShareTest(h.TestCase):
         r = provision(s2, third)
         self.assertFalse(r['ok'], 'a third overlay over a cache that keeps track of 2: %r' % r)
         self.assertEqual(r['error'], h.ERR_LIMITS_EXCEEDED, r)
-        self.assertIn('keeps track of 2 overlays', r['message'])
+        self.assertIn('keeps track of as many overlays as it can (2, and 0 being made)', r['message'])
         self.assertFalse(os.path.lexists(third))
 
     def test_provisionings_waiting_for_a_cache_count_toward_its_list(self):
