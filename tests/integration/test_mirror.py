@@ -1037,9 +1037,8 @@ class MirrorPinScanTest(h.TestCase):
         self.assertIn('is not seen with', e.message)
 
 
-class MirrorFormatJobTest(h.TestCase):
-    """A QEMU that takes the new image's formatting job (blockdev-create) and never ends it."""
-    daemon_config = 'QMPTimeoutSec=3\n'
+class FakeMirrorGuest:
+    """A mirror's Start against a fake QEMU in a process of its own."""
 
     def fake_guest(self, *fake_args):
         """A guest whose QEMU is fakeqemu.py in a process of its own, holding open a chain whose
@@ -1061,6 +1060,11 @@ class MirrorFormatJobTest(h.TestCase):
         self.register(name, path)
         self.addCleanup(self.unregister_quietly, name)
         return p, h.Disk(self.client, h.disk_path(name, 'vda')), images, sorted(os.listdir(images))
+
+
+class MirrorFormatJobTest(FakeMirrorGuest, h.TestCase):
+    """A QEMU that takes the new image's formatting job (blockdev-create) and never ends it."""
+    daemon_config = 'QMPTimeoutSec=3\n'
 
     def test_a_formatting_job_that_never_ends_fails_the_start(self):
         """The mirror of an overlay of other options than QEMU's defaults (128 KiB clusters) has
@@ -1087,6 +1091,13 @@ class MirrorFormatJobTest(h.TestCase):
         p.stdin.flush()
         h.wait_until(lambda: lines, 20, 'the job that ended late to be dismissed')
         self.assertRegex(lines[0], r'^dismissed bsmc-bsd-vda-\d+$')
+
+
+class MirrorPrepareCutShortTest(FakeMirrorGuest, h.TestCase):
+    """A mirror's preparation that QEMU cuts short. QMPTimeoutSec=10: a Start whose add-fd QEMU
+    never answers is answered when that command times out (its MirrorCall is the command's), and
+    a test's Refresh has that long to come first."""
+    daemon_config = 'QMPTimeoutSec=10\n'
 
     def test_a_qemu_gone_while_the_image_is_formatted_fails_the_start(self):
         """The fake QEMU answers blockdev-create and exits: the Start waiting for the job's end
