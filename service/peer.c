@@ -349,8 +349,17 @@ static void server_started(Qmp *q, int error, const char *desc, void *userdata) 
         if (s->generation != p->nbd_generation)
                 return; /* a server stopped or lost since: its waiters heard */
         if (error >= 0) {
+                unsigned generation = p->nbd_generation;
+
+                /* Held while the waiters run: one that fails (an export whose disk went) must not
+                 * stop the server under those after it, which were told it runs. */
                 p->nbd_confirmed = true;
+                peer_nbd_hold(p);
                 nbd_run_waiters(p, 0, NULL);
+                if (p->nbd_generation == generation) {
+                        peer_nbd_drop(p);
+                        peer_nbd_server_release_if_unused(p);
+                }
                 return;
         }
         /* QEMU runs one NBD server: an export added now would land on whoever's runs. */

@@ -106,6 +106,40 @@ class HostileQemuTest(h.TestCase):
         self.assertEqual(o.relays(self.env), [])
         self.assertNotIn('/org/blockstream1/export/', ' '.join(str(p) for p in self.client.managed_objects()))
 
+    def test_an_export_that_fails_as_the_server_starts_leaves_it_to_the_others(self):
+        """Two exports of a guest wait for QEMU's NBD server to start; meanwhile QEMU drops the
+        first one's disk. When the server runs, the first fails (no node), and its end found no
+        user and no waiter (their list was being run) and stopped the server under the second,
+        which was told it runs (review 32e). The second is served now, and the server stays."""
+        fake, name, gpath = self.register_fake_named('two', n_disks=2)
+        fake.hold = {'nbd-server-start'}
+        replies = {}
+
+        def export(alias):
+            c = h.Client(self.env.bus.address)
+            try:
+                replies[alias] = c.try_call(h.disk_path(name, alias), h.IFACE_STREAM, 'Export', 'a{sv}',
+                                            h.no_opts(), timeout=30)
+            finally:
+                c.close()
+        threads = [threading.Thread(target=export, args=(alias,)) for alias in ('vda', 'vdb')]
+        threads[0].start()
+        h.wait_until(lambda: fake.held, 30, 'nbd-server-start')
+        threads[1].start()
+        # The second waits too (one server): it asked for the disks again first.
+        h.wait_until(lambda: fake.sequence.count('query-named-block-nodes') >= 3, 30,
+                     'the second export to read the disks')
+        with fake.lock:
+            fake._blocks = fake._blocks[1:]
+        self.client.call(gpath, h.IFACE_GUEST, 'Refresh', timeout=30)
+        fake.release()
+        for t in threads:
+            t.join(40)
+        self.assertIsNotNone(replies['vda'][1], 'the export of a disk QEMU dropped was made')
+        self.assertIsNone(replies['vdb'][1], replies['vdb'][1])
+        self.assertNotIn('nbd-server-stop', fake.sequence, 'the server was stopped under the second export')
+        self.client.call(replies['vdb'][0][0], 'org.blockstream1.Export', 'Stop')
+
     def test_many_values_message(self):
         """1 MB of [{},{},...] (json-c: ~270 MB of heap) from a guest's QEMU, and the same again
         on every reconnect: the daemon refuses it unparsed, drops the connection (Running goes
