@@ -47,8 +47,12 @@
 #define CALLER_GROUPS_MAX 1024
 
 /* The probes running, all Provisions' (the daemon has one event loop): bit i runs as
- * HelperUIDRange='s top uid less i, its own until it has exited. */
+ * HelperUIDRange='s top uid less i, its own until it has exited; for probe_callers[i]. */
 static unsigned probe_slots;
+static uid_t probe_callers[PROBES_MAX];
+/* A caller other than root has this many at once: one (a loop of calls at a server that never
+ * answers) may not keep everyone else's URL provisioning Busy. */
+#define PROBES_PER_CALLER_MAX 2U
 
 typedef struct Provision {
         const Config *config;
@@ -88,6 +92,14 @@ static void probe_ended(Provision *p) {
 
 static unsigned probes_running(void) {
         return (unsigned) __builtin_popcount(probe_slots);
+}
+
+static unsigned probes_of(uid_t caller) {
+        unsigned n = 0;
+
+        for (unsigned slot = 0; slot < PROBES_MAX; slot++)
+                n += (probe_slots & (1U << slot)) && probe_callers[slot] == caller;
+        return n;
 }
 
 static Provision *provision_free(Provision *p) {
@@ -451,6 +463,7 @@ static int run_probe(Provision *p) {
         p->probing = true;
         p->slot = slot;
         probe_slots |= 1U << slot;
+        probe_callers[slot] = p->caller;
         r = sd_event_add_time_relative(p->event, &p->deadline, CLOCK_MONOTONIC,
                 probe_timeout_sec() * USEC_PER_SEC, 0, probe_deadline, p);
         if (r < 0)
@@ -679,6 +692,15 @@ int provision_disk(const ProvisionContext *ctx, sd_bus_message *msg, const char 
                 return sd_bus_reply_method_return(msg, "t", done);
         }
 
+        if (p->caller != 0 && probes_of(p->caller) >= PROBES_PER_CALLER_MAX) {
+                unsigned mine = probes_of(p->caller);
+
+                provision_free(p);
+                return sd_bus_error_setf(error, BS_ERROR_BUSY,
+                        "You have %u templates being asked for their size already (at most %u at once per user); "
+                        "try again shortly, or give option 'size'.",
+                        mine, PROBES_PER_CALLER_MAX);
+        }
         if (probes_running() >= PROBES_MAX) {
                 provision_free(p);
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,

@@ -499,6 +499,43 @@ polkit.addRule(function(action, subject) {
 ''' % (h.OWNER, h.MEMBER)
 
 
+class ProvisionProbeShareTest(HeldProbes, ProvisionBase):
+    """A caller other than root has 2 of the 8 probes at once (review 32c: one caller's calls at a
+    server that never answers kept everyone else's URL provisioning Busy)."""
+
+    needs_polkit = True
+    polkit_rules = {'10-bstest-provision.rules': OWNER_MAY_MANAGE}
+
+    def test_one_caller_has_a_share_of_the_probes(self):
+        url, _, relay = self.held_server('probe-share')
+        mine = os.path.join(self.env.images, self.unique_name('share'))
+        os.makedirs(mine)
+        os.chown(mine, h.ensure_test_users()[h.OWNER], -1)
+
+        def as_owner(target):
+            p = h.spawn(h.setpriv_argv(h.OWNER) + [
+                'busctl', '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME, h.MANAGER_PATH,
+                h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, target, '0'],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait(10)))
+            return p
+        calls = [as_owner(os.path.join(mine, 'p%d.qcow2' % i)) for i in range(2)]
+        h.wait_until(lambda: relay.accepted == 2, 60, "the owner's two probes to connect to the server")
+        third = os.path.join(mine, 'p2.qcow2')
+        out, err = as_owner(third).communicate(timeout=60)
+        self.assertIn('at most 2 at once per user', err, out)
+        self.assertIn("option 'size'", err)
+        self.assertFalse(os.path.lexists(third))
+        # Another caller still gets one.
+        others = self.provisions_in_background(url, [os.path.join(self.env.images, self.unique_name('root'))])
+        h.wait_until(lambda: relay.accepted == 3, 60, "root's probe to connect to the server")
+        relay.released.set()
+        for p in calls:
+            out, err = p.communicate(timeout=120)
+            self.assertEqual(p.returncode, 0, err)
+        self.assertProvisioned(others, url)
+
+
 class SharedRangeProbeTest(HeldProbes, ProvisionBase):
     """A second daemon given the same HelperUIDRange= (a mistake the man page warns about): its probe
     would run as the uid of this daemon's live probe, sharing its process limit. It refuses, saying
