@@ -105,6 +105,11 @@ struct Export {
         PeerListener listener; /* on the guest's peer, while listed */
 };
 
+/* Starting or serving: not ended (stopped or failed). */
+static inline bool export_live(const Export *e) {
+        return e->state == EXPORT_STARTING || e->state == EXPORT_SERVING;
+}
+
 /* A command to the relay (control.c builds it), with an fd to pass (upstream) or -1. */
 int export_relay_send(Export *e, const ControlCommand *c, int pass_fd);
 /* export-upstreams.c: a connection to the guest's NBD server for the relay's client n ("connect
@@ -136,6 +141,7 @@ void export_save(Export *e);
  * userdata holds (EXPORT_REF()): by id, as such a wait cannot be cancelled, and the export may
  * have failed or gone (its address taken by another) meanwhile. */
 #define EXPORT_REF(e) ((void *) (uintptr_t) (e)->id)
+#define EXPORT_REF_ID(p) ((unsigned) (uintptr_t) (p))
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata);
 Export *export_by_id(Engine *m, unsigned id);
 /* The same for a QMP call's userdata, which has no engine to look in (freed with free()). */

@@ -11,9 +11,6 @@
 #include "qemu.h"
 #include "util.h"
 
-#define UINT_TO_PTR(u) ((void *) (uintptr_t) (u))
-#define PTR_TO_UINT(p) ((unsigned) (uintptr_t) (p))
-
 /* QEMU runs our NBD server (confirmed): add the export to it, on the disk's node as QEMU names
  * it now (a filter another manager put on top, then took away, is not remembered). */
 static void export_server_started(Peer *p, int error, const char *error_text, void *userdata) {
@@ -23,7 +20,7 @@ static void export_server_started(Peer *p, int error, const char *error_text, vo
         const char *node;
         int r;
 
-        if (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING)
+        if (!export_live(e))
                 return; /* ended meanwhile (export_end() takes the wait back too) */
 
         if (error < 0) {
@@ -61,7 +58,7 @@ static void export_to_server(Export *e) {
 }
 
 static void export_disks_read(Guest *g, int error, const char *desc, void *userdata) {
-        Export *e = export_by_id(g->engine, PTR_TO_UINT(userdata));
+        Export *e = export_by_id(g->engine, EXPORT_REF_ID(userdata));
 
         if (!e || e->guest != g || e->state != EXPORT_STARTING)
                 return; /* dropped meanwhile */
@@ -83,7 +80,7 @@ static void export_gone_checked(Qmp *q, int error, const char *desc, char **ids,
         /* No answer (QEMU quitting: the handoff is export_peer_lost's) or ours is still there. */
         if (error < 0 || strv_contains(ids, e->qemu_id))
                 return;
-        if (!e->in_qemu || (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING))
+        if (!e->in_qemu || !export_live(e))
                 return;
         e->in_qemu = false;
         peer_nbd_drop(&e->guest->peer);
@@ -120,7 +117,7 @@ void export_qemu_add(Export *e, bool fresh_disks) {
                 export_to_server(e);
                 return;
         }
-        r = guest_refresh(e->guest, export_disks_read, UINT_TO_PTR(e->id), NULL);
+        r = guest_refresh(e->guest, export_disks_read, EXPORT_REF(e), NULL);
         if (r < 0)
                 export_fail(e, "cannot read the guest's disks");
 }

@@ -172,7 +172,7 @@ void export_end(Export *e, ExportState final, bool remove_object) {
         Guest *g = e->guest;
 
         export_forget(e);
-        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING) {
+        if (export_live(e)) {
                 e->state = final;
                 export_emit(e, "State");
         }
@@ -246,7 +246,7 @@ static int relay_exited(sd_event_source *s, const siginfo_t *si, void *userdata)
 
         e->relay_pid = 0;
         e->relay_child = sd_event_source_disable_unref(e->relay_child);
-        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+        if (export_live(e))
                 export_fail(e, si->si_code == CLD_EXITED ? "the NBD relay helper exited" : "the NBD relay helper was killed");
         return 0;
 }
@@ -274,7 +274,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
                 return 0;
         }
         if (k == 0) {
-                if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+                if (export_live(e))
                         export_fail(e, "the NBD relay helper went away");
                 return 0;
         }
@@ -538,15 +538,15 @@ ExportRef *export_ref_new(const Export *e) {
 Export *export_ref_live(const ExportRef *ref) {
         Export *e = export_by_id(ref->engine, ref->id);
 
-        return e && (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING) ? e : NULL;
+        return e && export_live(e) ? e : NULL;
 }
 
 void export_backend_ready(Guest *g, int error, const char *error_text, void *userdata) {
-        Export *e = export_by_id(g->engine, (unsigned) (uintptr_t) userdata);
+        Export *e = export_by_id(g->engine, EXPORT_REF_ID(userdata));
 
         /* The export may have been dropped while the storage helper started; or it failed (its
          * relay died), and the helper started for it must not be kept (nor the handoff). */
-        if (!e || e->guest != g || (e->state != EXPORT_STARTING && e->state != EXPORT_SERVING)) {
+        if (!e || e->guest != g || !export_live(e)) {
                 peer_release_helper_if_idle(&g->peer);
                 return;
         }
@@ -602,7 +602,7 @@ static void export_peer_lost(void *userdata) {
                 log_warning_errno(
                         r, "Export %u of guest %s: cannot hand it over to the storage helper: %m", e->id, g->name);
         }
-        if (e->state == EXPORT_STARTING || e->state == EXPORT_SERVING)
+        if (export_live(e))
                 export_fail(e, peer_lost_reason(&g->peer)
                                        ?: (g->offline || e->handed_over ? "the storage helper went away"
                                                                         : "the QMP connection to QEMU was lost"));
@@ -616,7 +616,7 @@ static void export_peer_removed(void *userdata) {
 /* An export keeps an offline guest's storage helper while it serves. */
 static bool export_peer_busy(void *userdata) {
         Export *e = userdata;
-        return e->state == EXPORT_STARTING || e->state == EXPORT_SERVING;
+        return export_live(e);
 }
 
 static int export_new(Guest *g, unsigned id, const char *alias, const char *disk_path, const char *name,
@@ -674,8 +674,7 @@ int export_create(Guest *g, const char *alias, const char *disk_path, sd_bus_mes
 
         /* A failed one counts while its relay is there, or its TCP address is held (until Stop()). */
         for (Export *x = m->exports; x; x = x->next)
-                n += x->guest == g && (x->state == EXPORT_STARTING || x->state == EXPORT_SERVING || x->relay_pid > 0 ||
-                                              x->listen_fd >= 0);
+                n += x->guest == g && (export_live(x) || x->relay_pid > 0 || x->listen_fd >= 0);
         if (n >= EXPORTS_PER_GUEST_MAX)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
                         "Guest '%s' has %u exports, the most it may have (their clients share the connections of "
