@@ -48,15 +48,9 @@ static int caches_format(Engine *e, bool overlays, json_object **ret_o, const ch
         return 0;
 }
 
+/* Tests only: a smaller record is "too large". */
 static size_t record_max(void) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
-        /* Tests only: a smaller record is "too large". */
-        const char *t = getenv("BLOCKSTREAM_TEST_CACHES_RECORD_MAX");
-        unsigned v;
-        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v < CACHES_RECORD_MAX)
-                return v;
-#endif
-        return CACHES_RECORD_MAX;
+        return test_hook_bound("BLOCKSTREAM_TEST_CACHES_RECORD_MAX", CACHES_RECORD_MAX);
 }
 
 int caches_save(Engine *e) {

@@ -63,14 +63,7 @@ static size_t uids_sorted_unique(uid_t *a, size_t n) {
 }
 
 static size_t users_max(void) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
-        /* Tests only: a smaller list is full. */
-        const char *t = getenv("BLOCKSTREAM_TEST_CACHE_USERS_MAX");
-        unsigned v;
-        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v < CACHE_USERS_MAX)
-                return v;
-#endif
-        return CACHE_USERS_MAX;
+        return test_hook_bound("BLOCKSTREAM_TEST_CACHE_USERS_MAX", CACHE_USERS_MAX); /* a smaller list is full */
 }
 
 bool cache_users_full(const Cache *c) {

@@ -344,14 +344,7 @@ static void provision_finish(Provision *p) {
 /* Step 1 for URLs: the size, from a sandboxed qemu-img info. */
 
 static unsigned probe_timeout_sec(void) {
-#ifdef BLOCKSTREAM_TEST_HOOKS
-        /* Tests only: a shorter deadline. */
-        const char *t = getenv("BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC");
-        unsigned v;
-        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v <= PROBE_TIMEOUT_SEC)
-                return v;
-#endif
-        return PROBE_TIMEOUT_SEC;
+        return test_hook_bound("BLOCKSTREAM_TEST_PROBE_TIMEOUT_SEC", PROBE_TIMEOUT_SEC); /* a shorter deadline */
 }
 
 /* The probe's time is up: SIGKILL (PID 1 of its namespace ignores SIGTERM), and its end says why. */

@@ -158,6 +158,16 @@ int log_internal(int level, int error, const char *format, ...) _printf_(3, 4);
 #endif
 #define test_hook_stop(var, value, ...) \
         (TEST_HOOKS && streq_ptr(getenv(var), (value)) && (log_info(__VA_ARGS__), (void) raise(SIGSTOP), true))
+/* Tests only, likewise: the environment variable var's value if it is a number in 1…bound (a
+ * smaller limit, a shorter deadline), else bound. Inline, as the hooks are the caller's build's. */
+static inline unsigned test_hook_bound(const char *var, unsigned bound) {
+        const char *t = TEST_HOOKS ? getenv(var) : NULL;
+        unsigned v;
+
+        if (t && sscanf(t, "%u", &v) == 1 && v > 0 && v <= bound)
+                return v;
+        return bound;
+}
 
 /* Names. A guest name is [A-Za-z0-9_.-]{1,64} (api.md), but neither "." nor "..": it is a path
  * component. */
