@@ -137,19 +137,22 @@ static void mirror_cleanup(Disk *d) {
                 d->job.overlay);
 }
 
+/* What a preparation made goes, and the disk is no longer starting. */
+static void prepare_undo(Disk *d) {
+        mirror_cleanup(d);
+        d->starting = d->mirror_busy = false;
+        d->job.phase = 0;
+        (void) guest_save(d->guest);
+}
+
 /* A Start that fails before the job began: nothing is reported but the caller's error. */
 static void prepare_failed(MirrorCall *c, Disk *d, const char *what, int error, const char *desc) {
         bool gone = error == -ECONNRESET || error == -ENOTCONN;
 
         log_warning("Guest %s disk %s: the mirror could not %s: %s", c->guest->name, c->alias, what,
                 desc ?: strerror(-error));
-        if (d) { /* before the answer, which says that nothing was changed */
-                mirror_cleanup(d);
-                d->starting = false;
-                d->mirror_busy = false;
-                d->job.phase = 0;
-                (void) guest_save(c->guest);
-        }
+        if (d)
+                prepare_undo(d); /* before the answer, which says that nothing was changed */
         if (c->msg)
                 (void) sd_bus_reply_method_errorf(c->msg,
                         error == -EREMOTEIO ? BS_ERROR_QEMU_FAILED : gone ? BS_ERROR_NOT_RUNNING : SD_BUS_ERROR_FAILED,
@@ -871,10 +874,7 @@ static bool prepare_cut_short(Disk *d, const char *wait_why) {
                 return true;
         }
         log_info("Guest %s disk %s: preparing a mirror was cut short; removing it.", d->guest->name, d->alias);
-        mirror_cleanup(d);
-        d->starting = d->mirror_busy = false;
-        d->job.phase = 0;
-        (void) guest_save(d->guest);
+        prepare_undo(d);
         return true;
 }
 
