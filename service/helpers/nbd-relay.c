@@ -23,6 +23,11 @@
  * transmission starts. The handshake is nbd-handshake.c; the control protocol, shared with the
  * daemon and blockstream-pull, is control.c.
  *
+ * With --budget, what the requests in flight of all its clients together may cost QEMU is bounded
+ * as well as each one's (a template cache's relay: hundreds of clients of one QEMU). A client that
+ * holds part of that budget with replies it does not read for STALL_USEC, while another's request
+ * waits for room in it, is closed: it could otherwise keep the budget from everyone.
+ *
  * fd 3: the listening socket (bound and listening, AF_UNIX/AF_INET/AF_INET6 stream)
  * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes:
  *   relay → daemon: "ready", "connect <n>", "clients <k>", "error <text>"
@@ -60,7 +65,11 @@
 #endif
 
 #define LISTEN_FD 3
-#define CLIENTS_MAX RELAY_CLIENTS_MAX /* control.h: the daemon hands over no more */
+#define CLIENTS_DEFAULT RELAY_CLIENTS_MAX /* control.h: an export's relay */
+#define CLIENTS_MAX 1024U                  /* --clients at most: four fds each */
+/* A client that holds part of the shared budget and reads none of its replies for this long, while
+ * another waits for the budget, is closed. */
+#define STALL_USEC (5 * USEC_PER_SEC)
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
 /* From the upstream's arrival to the transmission phase. */
 #define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)
@@ -90,11 +99,18 @@ typedef struct Client {
         bool connect_queued; /* "connect <id>" not sent yet */
         Negotiation neg;
         Transmission tx; /* CLIENT_RELAYING */
+        /* CLIENT_RELAYING: since when replies wait for it that it does not read (0: none), and how
+         * much it had read by then */
+        usec_t stuck_since;
+        uint64_t stuck_total;
 } Client;
 
 typedef struct Relay {
-        Client clients[CLIENTS_MAX];
+        Client *clients;
+        unsigned n_slots; /* --clients */
         unsigned n_clients;
+        TxShared shared; /* --budget; max 0: none */
+        unsigned next_waiter; /* where the next look for requests waiting on the budget starts */
         unsigned n_clients_reported;
         uint64_t next_id;
         bool control_blocked; /* the daemon's queue was full: wait for POLLOUT */
@@ -102,7 +118,7 @@ typedef struct Relay {
         uint64_t n_rejected;
         usec_t rejected_logged;
         /* [0] the listening socket, [1] the daemon, then two per client slot */
-        struct pollfd pollfds[2 + 2 * CLIENTS_MAX];
+        struct pollfd *pollfds;
 } Relay;
 
 static usec_t upstream_timeout_usec = UPSTREAM_TIMEOUT_USEC;
@@ -140,7 +156,7 @@ static void client_close(Relay *relay, Client *c, const char *why) {
 }
 
 static Client *client_find(Relay *relay, uint64_t id) {
-        for (size_t i = 0; i < CLIENTS_MAX; i++)
+        for (size_t i = 0; i < relay->n_slots; i++)
                 if (relay->clients[i].state != CLIENT_FREE && relay->clients[i].id == id)
                         return &relay->clients[i];
         return NULL;
@@ -161,10 +177,23 @@ static int client_start_negotiating(Client *c, int upstream_fd, usec_t now) {
         return 0;
 }
 
-static int client_start_relaying(Client *c) {
+static int client_start_relaying(Relay *relay, Client *c) {
         /* Relaying from here on, set up or not: client_close() undoes what tx_open() did. */
         c->state = CLIENT_RELAYING;
-        return tx_open(&c->tx);
+        return tx_open(&c->tx, relay->shared.max > 0 ? &relay->shared : NULL);
+}
+
+static void client_relay(Relay *relay, Client *c) {
+        int r;
+
+        /* Trouble on an fd is handled by trying what we wanted of it: the read or write says
+         * what happened (EOF, EPIPE, ECONNRESET …). */
+        r = tx_step(&c->tx, c->id, c->fd, c->upstream_fd);
+        if (r < 0) {
+                log_debug_errno(r, "Client %" PRIu64 ": relaying failed: %m", c->id);
+                client_close(relay, c, "relaying ended");
+        } else if (r > 0)
+                client_close(relay, c, "both directions done");
 }
 
 
@@ -192,7 +221,7 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
                         client_close(relay, c, "handshake ended");
                         return;
                 }
-                r = client_start_relaying(c);
+                r = client_start_relaying(relay, c);
                 if (r < 0) {
                         log_warning_errno(r, "Client %" PRIu64 ": failed to set up relaying: %m", c->id);
                         client_close(relay, c, "setup failed");
@@ -201,17 +230,25 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
                 log_debug("Client %" PRIu64 ": handshake done, relaying.", c->id);
                 return;
         }
-        if (c->state != CLIENT_RELAYING || (revents | upstream_revents) == 0)
-                return;
+        if (c->state == CLIENT_RELAYING && (revents | upstream_revents) != 0)
+                client_relay(relay, c);
+}
 
-        /* Trouble on an fd is handled by trying what we wanted of it: the read or write says
-         * what happened (EOF, EPIPE, ECONNRESET …). */
-        r = tx_step(&c->tx, c->id, c->fd, c->upstream_fd);
-        if (r < 0) {
-                log_debug_errno(r, "Client %" PRIu64 ": relaying failed: %m", c->id);
-                client_close(relay, c, "relaying ended");
-        } else if (r > 0)
-                client_close(relay, c, "both directions done");
+/* Requests that waited for the shared budget: room may have come, from any client's reply. They
+ * get their turns in rotation, so that the first slots do not take every bit of room. */
+static void relay_admit_waiting(Relay *relay) {
+        unsigned start = relay->next_waiter;
+
+        if (relay->shared.max == 0)
+                return;
+        for (unsigned k = 0; k < relay->n_slots && relay->shared.used < relay->shared.max; k++) {
+                Client *c = &relay->clients[(start + k) % relay->n_slots];
+
+                if (c->state == CLIENT_RELAYING && c->tx.shared_wait) {
+                        client_relay(relay, c);
+                        relay->next_waiter = (start + k + 1) % relay->n_slots;
+                }
+        }
 }
 
 static int relay_accept(Relay *relay, usec_t now) {
@@ -249,7 +286,7 @@ static int relay_accept(Relay *relay, usec_t now) {
                                 return helper_fail(errno, "Failed to accept a connection: %m");
                         }
 
-                for (size_t j = 0; j < CLIENTS_MAX; j++)
+                for (size_t j = 0; j < relay->n_slots; j++)
                         if (relay->clients[j].state == CLIENT_FREE) {
                                 c = &relay->clients[j];
                                 break;
@@ -259,7 +296,7 @@ static int relay_accept(Relay *relay, usec_t now) {
                         relay->n_rejected++;
                         if (relay->rejected_logged == 0 || now - relay->rejected_logged >= REJECT_LOG_INTERVAL_USEC) {
                                 log_warning("Too many clients (%u), closed a new connection (%" PRIu64 " so far).",
-                                        CLIENTS_MAX, relay->n_rejected);
+                                        relay->n_slots, relay->n_rejected);
                                 relay->rejected_logged = now;
                         }
                         continue;
@@ -374,7 +411,7 @@ static int control_flush(Relay *relay) {
         for (;;) {
                 Client *next = NULL;
 
-                for (size_t i = 0; i < CLIENTS_MAX; i++) {
+                for (size_t i = 0; i < relay->n_slots; i++) {
                         Client *c = &relay->clients[i];
                         if (c->state != CLIENT_FREE && c->connect_queued && (!next || c->id < next->id))
                                 next = c;
@@ -410,10 +447,33 @@ fail:
         return helper_fail(r, "Failed to send to the daemon: %m");
 }
 
+/* A relaying client with replies waiting that it reads none of: since when. */
+static void client_follow_stuck(Client *c, usec_t now) {
+        if (!tx_owes_client(&c->tx))
+                c->stuck_since = 0;
+        else if (c->stuck_since == 0 || c->tx.to_client_total != c->stuck_total) {
+                c->stuck_since = now;
+                c->stuck_total = c->tx.to_client_total;
+        }
+}
+
 static void relay_expire(Relay *relay, usec_t now) {
-        for (size_t i = 0; i < CLIENTS_MAX; i++) {
+        bool waiting = false;
+
+        for (size_t i = 0; i < relay->n_slots; i++)
+                if (relay->clients[i].state == CLIENT_RELAYING) {
+                        client_follow_stuck(&relay->clients[i], now);
+                        waiting |= relay->clients[i].tx.shared_wait;
+                }
+        for (size_t i = 0; i < relay->n_slots; i++) {
                 Client *c = &relay->clients[i];
-                if (c->state == CLIENT_WAITING && now >= c->deadline) {
+                if (c->state == CLIENT_RELAYING && waiting && c->tx.cost > 0 && c->stuck_since > 0 &&
+                    now - c->stuck_since >= STALL_USEC) {
+                        log_info("Client %" PRIu64 ": holds %" PRIu64 " bytes of the budget others wait for, "
+                                 "and read none of its replies for %" PRIu64 " s.",
+                                c->id, c->tx.cost, STALL_USEC / USEC_PER_SEC);
+                        client_close(relay, c, "stuck");
+                } else if (c->state == CLIENT_WAITING && now >= c->deadline) {
                         log_info("Client %" PRIu64 ": no upstream within %" PRIu64 " s.", c->id,
                                 upstream_timeout_usec / USEC_PER_SEC);
                         client_close(relay, c, "timed out");
@@ -434,7 +494,11 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 next = relay->accept_paused_until;
         relay->pollfds[1] = (struct pollfd) { .fd = CONTROL_FD, .events = POLLIN | (relay->control_blocked ? POLLOUT : 0) };
 
-        for (size_t i = 0; i < CLIENTS_MAX; i++) {
+        bool waiting = false;
+        for (size_t i = 0; i < relay->n_slots; i++)
+                waiting |= relay->clients[i].state == CLIENT_RELAYING && relay->clients[i].tx.shared_wait;
+
+        for (size_t i = 0; i < relay->n_slots; i++) {
                 Client *c = &relay->clients[i];
                 struct pollfd *p = &relay->pollfds[2 + 2 * i];
 
@@ -464,6 +528,9 @@ static int relay_prepare(Relay *relay, usec_t now) {
                                 p[0] = (struct pollfd) { .fd = c->fd, .events = ev[0] };
                         if (ev[1])
                                 p[1] = (struct pollfd) { .fd = c->upstream_fd, .events = ev[1] };
+                        /* relay_expire() has a look once it has been stuck long enough */
+                        if (waiting && c->tx.cost > 0 && c->stuck_since > 0)
+                                next = MIN(next, c->stuck_since + STALL_USEC);
                 }
         }
 
@@ -481,7 +548,7 @@ static int relay_run(Relay *relay) {
                 usec_t now = now_usec(CLOCK_MONOTONIC);
                 int timeout = relay_prepare(relay, now);
 
-                if (poll(relay->pollfds, ELEMENTSOF(relay->pollfds), timeout) < 0) {
+                if (poll(relay->pollfds, 2 + 2 * (nfds_t) relay->n_slots, timeout) < 0) {
                         if (errno == EINTR)
                                 continue;
                         return helper_fail(errno, "poll() failed: %m");
@@ -490,7 +557,7 @@ static int relay_run(Relay *relay) {
 
                 /* Clients first: the daemon's messages and new connections change the table the
                  * poll results refer to. */
-                for (size_t i = 0; i < CLIENTS_MAX; i++)
+                for (size_t i = 0; i < relay->n_slots; i++)
                         client_process(relay, &relay->clients[i], relay->pollfds[2 + 2 * i].revents,
                                 relay->pollfds[3 + 2 * i].revents);
 
@@ -508,6 +575,9 @@ static int relay_run(Relay *relay) {
                                 return r;
                 }
                 relay_expire(relay, now);
+                /* After everything that may have given room back: replies that ended, clients
+                 * closed. */
+                relay_admit_waiting(relay);
 
                 r = control_flush(relay);
                 if (r != 0)
@@ -516,7 +586,7 @@ static int relay_run(Relay *relay) {
 }
 
 static void relay_close_all(Relay *relay) {
-        for (size_t i = 0; i < CLIENTS_MAX; i++)
+        for (size_t i = 0; i < relay->n_slots; i++)
                 client_close(relay, &relay->clients[i], "shutting down");
 }
 
@@ -632,16 +702,60 @@ static void help(void) {
                "Relays the clients of a listening socket (fd 3) to upstream NBD connections handed\n"
                "over by blockstreamd on a control socket (fd 4), for one export only. Started by\n"
                "blockstreamd only.\n\n"
-               "     --export=NAME  The only export its clients may list, open and read\n"
-               "  -h --help     Show this help\n"
-               "     --version  Show the version\n",
-                program_invocation_short_name);
+               "     --export=NAME   The only export its clients may list, open and read\n"
+               "     --clients=N     Clients at once, 1-%u (default %u); each takes four fds\n"
+               "     --budget=BYTES  What the reads in flight of all clients together may make\n"
+               "                     the server hold: %u (32 MiB, one read) to 2^40 (default:\n"
+               "                     no bound but each client's 32 MiB)\n"
+               "  -h --help          Show this help\n"
+               "     --version       Show the version\n",
+                program_invocation_short_name, CLIENTS_MAX, CLIENTS_DEFAULT, NBD_READ_MAX);
+}
+
+/* --name=VALUE: its value, else NULL. */
+static const char *arg_value(const char *arg, const char *name) {
+        size_t n = strlen(name);
+
+        return strncmp(arg, name, n) == 0 && arg[n] == '=' ? arg + n + 1 : NULL;
+}
+
+static int parse_args(int argc, char *argv[], unsigned *ret_clients, uint64_t *ret_budget) {
+        const char *export = NULL, *v;
+        uint64_t n;
+
+        *ret_clients = CLIENTS_DEFAULT;
+        *ret_budget = 0;
+        for (int i = 1; i < argc; i++) {
+                if ((v = arg_value(argv[i], "--export")) && !export)
+                        export = v;
+                else if ((v = arg_value(argv[i], "--clients")) && control_parse_u64(v, &n) == 0 && n >= 1 &&
+                         n <= CLIENTS_MAX)
+                        *ret_clients = (unsigned) n;
+                else if ((v = arg_value(argv[i], "--budget")) && control_parse_u64(v, &n) == 0 &&
+                         n >= NBD_READ_MAX && n <= (UINT64_C(1) << 40))
+                        *ret_budget = n;
+                else {
+                        log_error("Invalid argument: %s (see --help).", argv[i]);
+                        return -EINVAL;
+                }
+        }
+        if (!export) {
+                log_error("This program needs --export=NAME (see --help).");
+                return -EINVAL;
+        }
+        if (neg_pin_export(export) < 0) {
+                log_error("Invalid export name: 1-%u printable ASCII characters, no space.", EXPORT_NAME_MAX);
+                return -EINVAL;
+        }
+        return 0;
 }
 
 int main(int argc, char *argv[]) {
         /* On the heap, allocated before the filter: a global this large would make
          * AddressSanitizer's destructors mmap() its shadow at exit, which the filter kills. */
         static Relay *relay;
+        unsigned n_slots;
+        uint64_t budget;
         int r;
 
         log_setup("blockstream-nbd-relay");
@@ -653,15 +767,8 @@ int main(int argc, char *argv[]) {
                 printf("blockstream-nbd-relay %s\n", VERSION);
                 return EXIT_SUCCESS;
         }
-        if (argc != 2 || strncmp(argv[1], "--export=", 9) != 0) {
-                log_error("This program takes one argument, --export=NAME (see --help).");
+        if (parse_args(argc, argv, &n_slots, &budget) < 0)
                 return EXIT_FAILURE;
-        }
-        r = neg_pin_export(argv[1] + 9);
-        if (r < 0) {
-                log_error_errno(r, "Invalid export name: 1-%u printable ASCII characters, no space.", EXPORT_NAME_MAX);
-                return EXIT_FAILURE;
-        }
 
 #ifdef RELAY_SELFTEST
         if (selftest_has("timeout"))
@@ -669,12 +776,18 @@ int main(int argc, char *argv[]) {
 #endif
 
         relay = calloc(1, sizeof(Relay));
-        if (!relay) {
+        if (relay) {
+                relay->clients = calloc(n_slots, sizeof(Client));
+                relay->pollfds = calloc(2 + 2 * (size_t) n_slots, sizeof(struct pollfd));
+        }
+        if (!relay || !relay->clients || !relay->pollfds) {
                 log_error("Out of memory.");
                 return EXIT_FAILURE;
         }
+        relay->n_slots = n_slots;
+        relay->shared.max = budget;
         relay->next_id = 1;
-        for (size_t i = 0; i < CLIENTS_MAX; i++)
+        for (size_t i = 0; i < n_slots; i++)
                 relay->clients[i].fd = relay->clients[i].upstream_fd = -1;
 
         r = relay_setup();

@@ -27,15 +27,33 @@ static void reply_expect_header(Transmission *t) {
         t->reply_ends = -1;
 }
 
-int tx_open(Transmission *t) {
-        *t = (Transmission) { .pipe = { -1, -1 } };
+int tx_open(Transmission *t, TxShared *shared) {
+        *t = (Transmission) { .pipe = { -1, -1 }, .shared = shared };
         reply_expect_header(t);
         if (pipe2(t->pipe, TX_PIPE_FLAGS) < 0)
                 return -errno;
         return 0;
 }
 
+static void shared_wait_set(Transmission *t, bool wait) {
+        if (t->shared_wait == wait)
+                return;
+        t->shared_wait = wait;
+        if (t->shared) {
+                assert(wait || t->shared->n_waiting > 0);
+                t->shared->n_waiting += wait ? 1 : -1;
+        }
+}
+
 void tx_close(Transmission *t) {
+        shared_wait_set(t, false);
+        if (t->shared) {
+                assert(t->shared->used >= t->cost);
+                t->shared->used -= t->cost;
+                t->shared = NULL;
+        }
+        t->cost = 0;
+        t->n_in_flight = 0;
         for (size_t i = 0; i < ELEMENTSOF(t->pipe); i++)
                 if (t->pipe[i] >= 0)
                         close(t->pipe[i]);
@@ -50,8 +68,10 @@ static int in_flight_find(const Transmission *t, uint64_t handle) {
 }
 
 int tx_admit(Transmission *t, uint64_t id) {
+        bool was_waiting = t->shared_wait;
         size_t off = 0;
 
+        shared_wait_set(t, false);
         /* Only what is unsent stays in req_out: each of it in flight, or the one DISC. */
         if (t->req_out_done > 0) {
                 memmove(t->req_out, t->req_out + t->req_out_done, t->req_out_len - t->req_out_done);
@@ -121,9 +141,17 @@ int tx_admit(Transmission *t, uint64_t id) {
                         }
                         if (t->n_in_flight >= TX_IN_FLIGHT_MAX || t->cost + req.cost > TX_BUDGET)
                                 break; /* waits for replies to end */
+                        /* for replies to end, of any connection; behind those that wait already */
+                        if (t->shared && (t->shared->used + req.cost > t->shared->max ||
+                                                 (!was_waiting && t->shared->n_waiting > 0))) {
+                                shared_wait_set(t, true);
+                                break;
+                        }
                         req.end = t->admitted_total + NBD_REQUEST_SIZE;
                         t->in_flight[t->n_in_flight++] = req;
                         t->cost += req.cost;
+                        if (t->shared)
+                                t->shared->used += req.cost;
                 }
                 memcpy(t->req_out + t->req_out_len, p, NBD_REQUEST_SIZE);
                 t->req_out_len += NBD_REQUEST_SIZE;
@@ -143,6 +171,8 @@ static void reply_end(Transmission *t) {
                 TxRequest *r = &t->in_flight[t->reply_ends];
 
                 t->cost -= r->cost;
+                if (t->shared)
+                        t->shared->used -= r->cost;
                 *r = t->in_flight[--t->n_in_flight];
         }
         reply_expect_header(t);
@@ -250,6 +280,7 @@ static int drain_pipe(Transmission *t, int client_fd, bool *progress) {
         n = io_result(splice(t->pipe[0], NULL, client_fd, NULL, t->pipe_pending, TX_SPLICE_FLAGS));
         if (n > 0) {
                 t->pipe_pending -= (size_t) n;
+                t->to_client_total += (size_t) n;
                 t->pipe_full = false;
                 *progress = true;
         } else if (n != -EAGAIN)
@@ -306,6 +337,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                         return n == 0 ? -EPIPE : (int) n;
                 *progress = true;
                 t->rep_sent += (size_t) n;
+                t->to_client_total += (size_t) n;
                 if (t->rep_sent < t->rep_len)
                         break;
                 if (t->payload_left == 0)
@@ -373,12 +405,16 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
         return (t->server_shut || t->server_eof) && t->client_shut;
 }
 
+bool tx_owes_client(const Transmission *t) {
+        return t->pipe_pending > 0 || t->reply_step == TX_REPLY_PASS;
+}
+
 void tx_events(const Transmission *t, short *client_events, short *server_events) {
         short c = 0, s = 0;
 
         if (!t->client_eof && !t->server_eof && t->req_in_len < sizeof(t->req_in))
                 c |= POLLIN;
-        if (t->pipe_pending > 0 || t->reply_step == TX_REPLY_PASS)
+        if (tx_owes_client(t))
                 c |= POLLOUT;
         if (t->req_out_done < t->req_out_len)
                 s |= POLLOUT;

@@ -21,6 +21,10 @@
  *                    TX_CHUNK_MAX, closes the pair
  * Once the server has said EOF nothing more can be answered: what waits is dropped, the client
  * gets what came and EOF, and the pair ends.
+ * A relay of many connections can also share one budget among them all (TxShared): a request
+ * that the connection's own budget lets in still waits while the requests of every connection
+ * together would cost more than the shared maximum, or others wait already (shared_wait set),
+ * until some reply ends.
  * Extended headers cannot be negotiated through the relay (NBD_REP_ERR_UNSUP), so these are the
  * only two forms. tx_step() moves the bytes as far as the sockets let it; tx_events() says what
  * to poll for. */
@@ -61,6 +65,15 @@
 #define TX_PIPE_FLAGS (O_NONBLOCK | O_CLOEXEC)
 #define TX_SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
 
+/* What the connections of a relay may cost QEMU all together, what their requests in flight cost
+ * now, and how many connections have a request waiting for room in it. While any waits, the
+ * others' new requests wait behind them: room that comes goes to those waiting (the relay gives
+ * them their turns), so that busy connections cannot starve one. */
+typedef struct TxShared {
+        uint64_t used, max;
+        unsigned n_waiting;
+} TxShared;
+
 typedef struct TxRequest {
         uint64_t handle;
         uint64_t end; /* where its header ends in the stream of requests sent on */
@@ -86,6 +99,8 @@ typedef struct Transmission {
         TxRequest in_flight[TX_IN_FLIGHT_MAX];
         unsigned n_in_flight;
         uint64_t cost; /* theirs, all together */
+        TxShared *shared; /* NULL: this connection's budget only */
+        bool shared_wait; /* a request waits for the shared budget (tx_admit()) */
         /* server → client */
         TxReplyStep reply_step;
         uint8_t rep[NBD_STRUCTURED_REPLY_SIZE];
@@ -95,10 +110,12 @@ typedef struct Transmission {
         int pipe[2];
         size_t pipe_pending; /* bytes in the pipe */
         bool pipe_full, server_eof, client_shut;
+        uint64_t to_client_total; /* bytes of replies the client took */
 } Transmission;
 
-/* Sets up t (its pipe: 0 or -errno). tx_close() may follow either way. */
-int tx_open(Transmission *t);
+/* Sets up t (its pipe: 0 or -errno), counting its requests in shared as well (NULL: none).
+ * tx_close() may follow either way, and gives back to shared what is still in flight. */
+int tx_open(Transmission *t, TxShared *shared);
 void tx_close(Transmission *t);
 
 /* The requests at the front of req_in that fit go to req_out. 0, or -errno (EPROTO, EROFS,
@@ -115,6 +132,9 @@ void tx_payload_passed(Transmission *t, size_t n);
 /* Moves both directions on as far as the sockets let it. 1 once both are done (each EOF passed
  * on), 0 to wait, -errno to close the pair. */
 int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd);
+
+/* Replies wait for the client to read them. */
+bool tx_owes_client(const Transmission *t);
 
 /* What to poll each fd for. An fd with nothing wanted gets 0. */
 void tx_events(const Transmission *t, short *client_events, short *server_events);

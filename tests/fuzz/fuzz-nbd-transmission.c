@@ -313,6 +313,8 @@ static size_t moved(void) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         static Transmission t;
+        /* Shared by this one connection only, with room for it: its count follows t's cost. */
+        static TxShared shared;
         size_t server_len, client_len, release;
         bool lazy_server;
         int r;
@@ -333,7 +335,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         pipe_len = 0;
         model_reset();
 
-        CHECK(tx_open(&t) == 0);
+        shared = (TxShared) { .max = UINT64_MAX / 2 };
+        CHECK(tx_open(&t, &shared) == 0);
         for (unsigned steps = 0;; steps++) {
                 size_t before = moved();
                 short ce, se;
@@ -345,6 +348,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         to_server.queued = 0;
                 r = tx_step(&t, 1, FD_CLIENT, FD_SERVER);
                 check_in_flight(&t);
+                CHECK(shared.used == t.cost && !t.shared_wait && shared.n_waiting == 0);
                 if (model.broken)
                         CHECK(r < 0);
                 if (r != 0)
@@ -373,5 +377,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (r == 1)
                 CHECK(to_client.shut);
         tx_close(&t);
+        CHECK(shared.used == 0 && shared.n_waiting == 0);
         return 0;
 }

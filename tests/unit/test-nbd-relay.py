@@ -841,9 +841,13 @@ def test_client_gone_while_server_silent():
         relay.stop()
 
 
-def test_bad_export_names():
+def test_bad_arguments():
     for a in (["--export="], ["--export=a b"], ["--export=" + "x" * 257], ["--export=\x7f"], [],
-              ["--export=disk", "--export=disk"]):
+              ["--export=disk", "--export=disk"], ["--export=disk", "--clients=0"],
+              ["--export=disk", "--clients=1025"], ["--export=disk", "--clients=-1"],
+              ["--export=disk", "--clients="], ["--export=disk", "--budget=33554431"],
+              ["--export=disk", "--budget=1099511627777"], ["--export=disk", "--budget=1e9"],
+              ["--export=disk", "--budget"], ["--clients=8"], ["--export=disk", "--verbose"]):
         r = subprocess.run([RELAY] + a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
         check(r.returncode == 1, "%r must fail: %r" % (a, r))
 
