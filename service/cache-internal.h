@@ -16,6 +16,12 @@
 #include "qmp.h"
 
 #define CACHE_EXPORT_NAME "cache"
+/* Connections the cache's QEMU serves at once, and its relay: one for each guest disk over it.
+ * Given, not left to QEMU, whose default is 100 where it has the fix for CVE-2024-7409 (Debian's
+ * 7.2): the 101st guest started over one template would wait for a free one. Below QEMU's
+ * RLIMIT_NOFILE (1024), so that it stops accepting at the limit rather than failing accept() on
+ * each. */
+#define CACHE_CLIENTS_MAX 768U
 
 typedef struct Cache Cache;
 
@@ -63,7 +69,17 @@ struct Cache {
         char *process_label; /* SELinux, where enabled: its helper's, and its image's (same MCS pair) */
         char *image_label;
         int image_fd;
-        int listen_fd;
+        int listen_fd;      /* socket_path's: the relay accepts on it */
+        char *upstream_path; /* QEMU's own socket, root's only: the relay's upstreams */
+        int upstream_fd;
+        /* its NBD relay (cache-relay.c), started and stopped with the helper */
+        pid_t relay_pid;
+        sd_event_source *relay_child;
+        int relay_control_fd;
+        sd_event_source *relay_source;
+        HelperPace relay_pace;
+        HelperLog *relay_log;
+        LogLimit relay_errors;
         CacheState state;
         bool fresh;           /* made for provisionings none of which has finished yet: no object */
         CacheWaiter *waiters; /* provisionings waiting for it to serve */
@@ -115,6 +131,13 @@ unsigned cache_user_overlays(Engine *e, uid_t uid, bool update);
  * QEMUUsers= uids, by POSIX ACLs on each socket (read-write) and on the directories above it
  * (search only); nobody else. Applied again whenever a socket is made or the users change. */
 void cache_access_update(Engine *e);
+
+/* cache-relay.c: the relay between the cache's clients and its QEMU. listen: the clients' socket
+ * (listen_fd, at socket_path) and QEMU's own (upstream_fd, at upstream_path); relay_start: the
+ * relay, accepting on listen_fd; relay_stop: it goes (killed and reaped), if it runs. */
+int cache_listen(Cache *c);
+int cache_relay_start(Cache *c);
+void cache_relay_stop(Cache *c);
 
 /* Answer the Warm call waiting (error_name NULL: done), if any. */
 void cache_warm_reply(Cache *c, const char *error_name, const char *why);

@@ -35,12 +35,6 @@
 #include "storage.h"
 #include "util.h"
 
-/* Connections the cache's QEMU serves at once: one for each guest disk over it. Given, not left to
- * QEMU, whose default is 100 where it has the fix for CVE-2024-7409 (Debian's 7.2): the 101st
- * guest started over one template would wait for a free one. Below the helper's RLIMIT_NOFILE
- * (1024), so that QEMU stops accepting at the limit rather than failing accept() on each. */
-#define CACHE_CLIENTS_MAX 768U
-
 #define CACHES_MAX 64
 /* Cache numbers: 1 to this, in socket and image names. */
 #define CACHE_ID_MAX 999999U
@@ -126,6 +120,7 @@ void cache_warm_reply(Cache *c, const char *error_name, const char *why) {
 
 /* The helper goes (killed and reaped at once); the cache stays unless the caller frees it. */
 static void helper_gone(Cache *c) {
+        cache_relay_stop(c);
         c->qmp = qmp_close_unref(c->qmp);
         c->child = helper_release(c->child);
         c->log = helper_log_free(c->log);
@@ -144,11 +139,13 @@ static Cache *cache_free(Cache *c) {
         helper_gone(c);
         closep(&c->image_fd);
         closep(&c->listen_fd);
+        closep(&c->upstream_fd);
         cache_users_free(c);
         free(c->url);
         free(c->format);
         free(c->object_path);
         free(c->socket_path);
+        free(c->upstream_path);
         free(c->image_name);
         free(c->process_label);
         free(c->image_label);
@@ -240,44 +237,19 @@ static int cache_new(Engine *e, unsigned id, const char *url, const char *format
         c->size = size;
         c->image_fd = -1;
         c->listen_fd = -1;
+        c->upstream_fd = -1;
+        c->relay_control_fd = -1;
         c->url = strdup(url);
         c->format = strdup(format);
         c->object_path = strdup_printf("%s/%u", CACHE_PATH_PREFIX, id);
         c->socket_path = strdup_printf("%s/caches/%u.sock", e->runtime_dir, id);
+        c->upstream_path = strdup_printf("%s/cache-upstreams/%u.sock", e->runtime_dir, id);
         c->image_name = strdup_printf("%u.qcow2", id);
-        if (!c->url || !c->format || !c->object_path || !c->socket_path || !c->image_name) {
+        if (!c->url || !c->format || !c->object_path || !c->socket_path || !c->upstream_path || !c->image_name) {
                 cache_free(c);
                 return -ENOMEM;
         }
         *ret = c;
-        return 0;
-}
-
-/* The listening socket, made by us (a stale one of an earlier daemon replaced): overlays' NBD
- * clients find the cache at the same path after a restart. */
-static int cache_listen(Cache *c) {
-        struct sockaddr_un sa = {.sun_family = AF_UNIX};
-        _cleanup_free_ char *dir = strdup_printf("%s/caches", c->engine->runtime_dir);
-        _cleanup_close_ int fd = -1;
-        int r;
-
-        if (!dir)
-                return -ENOMEM;
-        if (strlen(c->socket_path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        r = mkdir_p(dir, 0755);
-        if (r < 0)
-                return r;
-        strcpy(sa.sun_path, c->socket_path);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (unlink(c->socket_path) < 0 && errno != ENOENT)
-                return -errno;
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 64) < 0)
-                return -errno;
-        closep(&c->listen_fd);
-        c->listen_fd = TAKE_FD(fd);
         return 0;
 }
 
@@ -365,7 +337,8 @@ static int cache_setup(Cache *c) {
         r = call_raw(c, "blockdev-add", cache_blockdev_node("copy-on-read", "cor", "cache"));
         if (r < 0)
                 return r;
-        fd = fcntl(c->listen_fd, F_DUPFD_CLOEXEC, 3);
+        /* Its own socket: its clients are the relay's upstreams (cache-relay.c). */
+        fd = fcntl(c->upstream_fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0)
                 return -errno;
         r = qemu_getfd(c->qmp, "nbd", fd, setup_reply, c, NULL);
@@ -519,7 +492,14 @@ static int helper_spawn_now(Cache *c) {
         }
         TAKE_FD(qmp_ours);
         qmp_set_timeout(c->qmp, cfg->qmp_timeout_usec);
-        log_info("Template cache %u: storage helper started (pid %i).", c->id, c->pid);
+        /* Its clients reach it through the relay only (cache-relay.c). */
+        r = cache_relay_start(c);
+        if (r < 0) {
+                helper_gone(c);
+                return r;
+        }
+        log_info("Template cache %u: storage helper started (pid %i), its relay (pid %i).", c->id, c->pid,
+                c->relay_pid);
         return 0;
 }
 
@@ -573,6 +553,7 @@ void cache_destroy(Cache *c) {
         c->stopping = true;
         helper_gone(c);
         (void) unlink(c->socket_path);
+        (void) unlink(c->upstream_path);
         if (dir && open_dir(dir, &dir_fd) >= 0 && unlinkat(dir_fd, c->image_name, 0) < 0 && errno != ENOENT)
                 log_warning_errno(errno, "Failed to remove template cache image %s/%s: %m", dir, c->image_name);
         cache_unlink(c);

@@ -24,6 +24,8 @@
 /* blockstream-nbd-relay's clients at once, each with one connection ("connect N") that the daemon
  * hands over: the daemon gives a relay no more than this many (export-upstreams.c). */
 #define RELAY_CLIENTS_MAX 64
+/* Its binary, in the helper directory. */
+#define RELAY_BINARY "blockstream-nbd-relay"
 /* Room to see (and close) fds beyond those a message may carry. */
 #define CONTROL_FDS_MAX 8
 /* How long a helper waits for room in the daemon's queue to tell it why it fails. */

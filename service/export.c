@@ -26,7 +26,6 @@
 #include "state.h"
 #include "util.h"
 
-#define RELAY_BINARY "blockstream-nbd-relay"
 /* Each relay serves up to 64 clients, each a connection to the guest's QEMU, whose NBD server
  * takes 768 (peer.c): 8 exports leave 256 for the guest's own maps, streams and range pulls. */
 #define EXPORTS_PER_GUEST_MAX 8U

@@ -13,6 +13,7 @@ machine) allocate helper uids from the same default range."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -347,6 +348,25 @@ def nbd_hold(path, name=b'', timeout=30):
             return c
         if rep & 0x80000000:
             raise AssertionError('NBD_OPT_GO refused (reply type 0x%x)' % rep)
+
+
+def rss_kib(pid):
+    with open('/proc/%d/status' % pid) as f:
+        return int(re.search(r'^VmRSS:\s+(\d+) kB', f.read(), re.M).group(1))
+
+
+def settled_rss_kib(pid, timeout=20):
+    """pid's resident set once it has stopped growing for a second (or after timeout)."""
+    deadline = time.monotonic() + timeout
+    last, still_since = rss_kib(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = rss_kib(pid)
+        if now > last + 1024:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= 1:
+            break
+    return last
 
 
 NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698

@@ -133,6 +133,22 @@ class HttpRemote:
 QEMU_USER = 'bstest-cacheqemu'     # QEMUUsers= of the daemon: a non-root QEMU user
 
 
+def cache_helpers(env, path):
+    """The cache's image, and (pid, image fd, uids, gids) of each of the daemon's children that
+    hold it open: its helper."""
+    image = os.path.join(env.daemon.state_dir, 'caches', path.rsplit('/', 1)[1] + '.qcow2')
+    found = []
+    for p in o.storage_helpers(env):
+        try:
+            for fd in os.listdir('/proc/%d/fd' % p.pid):
+                if os.readlink('/proc/%d/fd/%s' % (p.pid, fd)) == image:
+                    found.append((p.pid, int(fd), p.uids, p.gids))
+                    break
+        except OSError:
+            pass     # gone meanwhile
+    return image, found
+
+
 class CacheTest(h.TestCase):
     needs_daemon = False
 
@@ -446,6 +462,89 @@ class CacheTest(h.TestCase):
         self.client.call(path, IFACE_CACHE, 'Stop')
 
 
+    def serving_cache(self, name):
+        """A cache of self.remote with an overlay over it: (object path, socket, helper pid)."""
+        self.serve(self.remote)
+        a = os.path.join(self.env.images, name)
+        self.provision(self.remote.url + '/', a)
+        self.addCleanup(os.unlink, a)
+        path = [p for p in self.caches()
+                if h.unwrap(self.client.get(p, IFACE_CACHE, 'URL')) == self.remote.url + '/'][0]
+        self.client.wait_prop(path, IFACE_CACHE, 'State', 'serving', timeout=60)
+        _, found = cache_helpers(self.env, path)
+        self.assertEqual(len(found), 1)
+        return path, h.unwrap(self.client.get(path, IFACE_CACHE, 'Socket')), found[0][0]
+
+    def greedy_clients(self, sock, n):
+        """n clients of the cache that each ask READS reads of the whole template and read none of
+        the answers; returned once each has an answer waiting (its reads were let in)."""
+        conns = [o.nbd_hold(sock, b'cache', timeout=30) for _ in range(n)]
+        self.addCleanup(lambda: [c.close() for c in conns])
+        for c in conns:
+            c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, k, 0, SIZE) for k in range(self.READS)))
+        for c in conns:
+            self.assertTrue(c.recv(1, socket.MSG_PEEK), 'no answer')
+        return conns
+
+    READS = 16  # QEMU's MAX_NBD_REQUESTS
+    # What the relay lets QEMU hold for one connection, and for all of them (cache-relay.c).
+    CONNECTION_BUDGET = 32 * MiB
+    CACHE_BUDGET = 64 * MiB
+
+    def test_9_d_a_client_that_never_reads_cannot_swell_the_caches_qemu(self):
+        """Review 32b: the cache's clients are the QEMUs of every overlay over it, of several
+        users. QEMU reads up to 16 requests of a connection at once and keeps a buffer of each
+        read's length until its reply is read: two clients that asked for the whole template 16
+        times and never read made the cache's QEMU hold 512 MiB here (1 GiB with reads of 32 MiB;
+        four took the service's MemoryMax=2G, and the cache's QEMU, killed, cut every guest over
+        the template). Through the relay a connection costs QEMU two such reads at most."""
+        path, sock, pid = self.serving_cache('greedy.qcow2')
+        before = o.settled_rss_kib(pid)
+        conns = self.greedy_clients(sock, 2)
+        grown = (o.settled_rss_kib(pid) - before) // 1024
+        self.assertLess(grown, 2 * self.CONNECTION_BUDGET // MiB + 64,
+                        "the cache's QEMU grew by %d MiB for two clients that never read" % grown)
+        # All are answered once the clients read, in order, with the template's bytes.
+        with open(self.remote.file, 'rb') as f:
+            want = f.read()
+        for c in conns:
+            for k in range(self.READS):
+                handle, data = o.nbd_simple_read_reply(c, SIZE)
+                self.assertEqual(handle, k)
+                self.assertTrue(data == want, 'read %d does not read as the template' % k)
+        self.assertEqual(cache_helpers(self.env, path)[1][0][0], pid, "the cache's QEMU is the same")
+
+    def test_9_e_clients_that_hold_the_caches_budget_are_closed_for_one_that_waits(self):
+        """What the reads in flight of all the cache's clients cost its QEMU is bounded too (768
+        clients of 32 MiB would be 24 GiB): clients that fill that budget and never read must not
+        keep it from the others. One that read nothing of its answers for a few seconds while
+        another's read waits for the budget is closed, and that read is answered."""
+        path, sock, pid = self.serving_cache('fair.qcow2')
+        greedy = self.greedy_clients(sock, self.CACHE_BUDGET // self.CONNECTION_BUDGET)
+        honest = o.nbd_hold(sock, b'cache', timeout=60)
+        self.addCleanup(honest.close)
+        honest.sendall(o.nbd_request(o.NBD_CMD_READ, 7, 4096, 4096))
+        handle, data = o.nbd_simple_read_reply(honest, 4096)
+        self.assertEqual(handle, 7)
+        with open(self.remote.file, 'rb') as f:
+            f.seek(4096)
+            self.assertTrue(data == f.read(4096), 'the read does not read as the template')
+        # As many greedy ones as that took were closed (the one stuck longest first): each gets what
+        # was on its way, then EOF, short of its answers; the others are answered in full as they
+        # read.
+        closed = 0
+        for c in greedy:
+            c.settimeout(60)
+            got, want = 0, self.READS * (16 + SIZE)
+            while got < want:
+                more = c.recv(min(want - got, 1 << 20))
+                if not more:
+                    closed += 1
+                    break
+                got += len(more)
+        self.assertGreater(closed, 0, 'every client holding the budget was answered in full')
+        self.assertEqual(cache_helpers(self.env, path)[1][0][0], pid, "the cache's QEMU is the same")
+
     def test_8_an_unreadable_record_gives_no_cache_away(self):
         """Overlays name their cache by its socket (caches/N.sock). A caches.json that cannot be
         read after a restart (a crash, a full disk) restores no cache; a new cache then took number
@@ -569,16 +668,7 @@ class CacheIdentityTest(h.TestCase):
 
     def helper(self, path):
         """(pid, image fd, uid, gid) of the cache's helper: the daemon's child holding its image open."""
-        image = os.path.join(self.env.daemon.state_dir, 'caches', path.rsplit('/', 1)[1] + '.qcow2')
-        found = []
-        for p in o.storage_helpers(self.env):
-            try:
-                for fd in os.listdir('/proc/%d/fd' % p.pid):
-                    if os.readlink('/proc/%d/fd/%s' % (p.pid, fd)) == image:
-                        found.append((p.pid, int(fd), p.uids, p.gids))
-                        break
-            except OSError:
-                pass     # gone meanwhile
+        image, found = cache_helpers(self.env, path)
         self.assertEqual(len(found), 1, 'one helper holds %s: %s' % (image, found))
         pid, fd, uids, gids = found[0]
         self.assertEqual(len(set(uids)), 1, 'real, effective, saved and fs uids of %d' % pid)

@@ -9,7 +9,6 @@ makes the export "failed" and leaves the daemon and QEMU clean."""
 import errno
 import json
 import os
-import re
 import resource
 import select
 import signal
@@ -635,25 +634,6 @@ class ExportClientsTest(h.TestCase):
         self.assertEqual(o.nbd_size(u), SIZE)
 
 
-def rss_kib(pid):
-    with open('/proc/%d/status' % pid) as f:
-        return int(re.search(r'^VmRSS:\s+(\d+) kB', f.read(), re.M).group(1))
-
-
-def settled_rss_kib(pid, timeout=20):
-    """pid's resident set once it has stopped growing for a second (or after timeout)."""
-    deadline = time.monotonic() + timeout
-    last, still_since = rss_kib(pid), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = rss_kib(pid)
-        if now > last + 1024:
-            last, still_since = now, time.monotonic()
-        elif time.monotonic() - still_since >= 1:
-            break
-    return last
-
-
 class ExportReadersTest(h.TestCase):
     """An export's client is anybody who reaches its address. QEMU reads up to 16 requests of a
     connection at once and holds a buffer of up to 32 MiB for each until its reply is sent; a
@@ -674,7 +654,7 @@ class ExportReadersTest(h.TestCase):
         path, uri = o.export(d)
         self.addCleanup(lambda: self.client.try_call(path, o.IFACE_EXPORT, 'Stop', timeout=10))
         pid = g.qemu.proc.pid
-        before = settled_rss_kib(pid)
+        before = o.settled_rss_kib(pid)
         conns = [o.nbd_hold(o.unix_socket_of(uri)) for _ in range(2)]
         self.addCleanup(lambda: [c.close() for c in conns])
         for c in conns:
@@ -682,7 +662,7 @@ class ExportReadersTest(h.TestCase):
         # QEMU answers on each (it has taken reads in), then its size settles.
         for c in conns:
             self.assertTrue(c.recv(1, socket.MSG_PEEK), 'no answer')
-        grown = (settled_rss_kib(pid) - before) // 1024
+        grown = (o.settled_rss_kib(pid) - before) // 1024
         # Two connections, each with 16 reads of 32 MiB unanswered: 1 GiB in QEMU if all were let in.
         self.assertLess(grown, 256, 'QEMU grew by %d MiB for two clients that never read' % grown)
         # All of them are answered once the client reads, in order, with the disk's bytes.
