@@ -43,6 +43,7 @@ typedef struct CacheWaiter {
         struct CacheWaiter *next;
         provision_cache_ready_t ready;
         void *provision;
+        uid_t caller; /* whose ProvisionDisk: counted in their share meanwhile */
 } CacheWaiter;
 
 struct Cache {
@@ -123,9 +124,10 @@ int cache_users_from_json(Cache *c, json_object *k, unsigned count);
 void cache_users_free(Cache *c);
 /* Refresh the users, and tell the bus if their count changed. */
 void cache_users_update(Cache *c);
-/* How many overlays over any cache uid made (each cache's users looked at again first if
- * update). */
+/* How many overlays over any cache uid made, or waits to make (each cache's users looked at again
+ * first if update); at most cache_overlays_per_user_max() for a user other than root. */
 #define CACHE_OVERLAYS_PER_USER_MAX 1024U
+unsigned cache_overlays_per_user_max(void);
 unsigned cache_user_overlays(Engine *e, uid_t uid, bool update);
 /* Who may connect to the caches' sockets (cache-users.c): the owners of their overlays and the
  * QEMUUsers= uids, by POSIX ACLs on each socket (read-write) and on the directories above it

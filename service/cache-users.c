@@ -408,6 +408,10 @@ void cache_access_update(Engine *e) {
         }
 }
 
+unsigned cache_overlays_per_user_max(void) {
+        return test_hook_bound("BLOCKSTREAM_TEST_CACHE_OVERLAYS_PER_USER_MAX", CACHE_OVERLAYS_PER_USER_MAX);
+}
+
 unsigned cache_user_overlays(Engine *e, uid_t uid, bool update) {
         unsigned n = 0;
 
@@ -416,6 +420,8 @@ unsigned cache_user_overlays(Engine *e, uid_t uid, bool update) {
                         cache_users_update(c);
                 for (size_t i = 0; i < c->n_user_list; i++)
                         n += c->user_list[i].uid == uid;
+                for (CacheWaiter *w = c->waiters; w; w = w->next)
+                        n += w->caller == uid;
         }
         return n;
 }

@@ -565,7 +565,7 @@ void cache_destroy(Cache *c) {
 
 /* ProvisionDisk's hooks */
 
-static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
+static int wait_for(Cache *c, uid_t caller, provision_cache_ready_t ready, void *provision) {
         CacheWaiter *w;
 
         w = calloc(1, sizeof(CacheWaiter));
@@ -573,6 +573,7 @@ static int wait_for(Cache *c, provision_cache_ready_t ready, void *provision) {
                 return -ENOMEM;
         w->ready = ready;
         w->provision = provision;
+        w->caller = caller;
         w->next = c->waiters;
         c->waiters = w;
         c->n_waiters++;
@@ -606,14 +607,15 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
                         " bytes: templates must not change; stop the cache first.",
                         url, size, c->id, c->size);
         /* The overlays over caches are kept by path in the caches' record, which a start reads up to
-         * 64 MiB of: one user's may not fill it (nor a cache's list, and its socket's ACL). Looked
-         * at again only when the share seems used up. */
-        if (caller != 0 && cache_user_overlays(e, caller, false) >= CACHE_OVERLAYS_PER_USER_MAX &&
-                cache_user_overlays(e, caller, true) >= CACHE_OVERLAYS_PER_USER_MAX)
+         * 64 MiB of: one user's may not fill it (nor a cache's list, and its socket's ACL). Their
+         * provisionings waiting for a cache to serve count. Looked at again only when the share
+         * seems used up. */
+        if (caller != 0 && cache_user_overlays(e, caller, false) >= cache_overlays_per_user_max() &&
+                cache_user_overlays(e, caller, true) >= cache_overlays_per_user_max())
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
-                        "You (uid " UID_FMT ") have %u overlays over template caches already (at most %u per user); "
-                        "remove or stream one to the end first.",
-                        caller, CACHE_OVERLAYS_PER_USER_MAX, CACHE_OVERLAYS_PER_USER_MAX);
+                        "You (uid " UID_FMT ") have %u overlays over template caches already, or being made "
+                        "(at most %u per user); remove or stream one to the end first.",
+                        caller, cache_overlays_per_user_max(), cache_overlays_per_user_max());
         /* An overlay the list has no room for would have its owner left out of the socket's ACL
          * (its QEMU could not read the template) and could never be let go of. Those gone since are
          * looked for first. */
@@ -715,7 +717,7 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
                 ready(provision, 0, NULL, backing, c);
                 return 0;
         }
-        r = wait_for(c, ready, provision);
+        r = wait_for(c, caller, ready, provision);
         if (r < 0 && unwanted(c))
                 cache_destroy(c);
         return r;

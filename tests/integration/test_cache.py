@@ -923,6 +923,31 @@ class CacheShareTest(h.TestCase):
         self.assertIn('keeps track of', refused[0])
         self.assertEqual([t for t in targets if os.path.lexists(t)], made)
 
+    def test_a_users_provisionings_waiting_for_a_cache_count_toward_their_share(self):
+        """A user's share of overlays over caches counted only the overlays made: several
+        ProvisionDisk(cache) of theirs at once, of a template no cache serves yet, all wait while
+        it starts, and all were made past a share with room for one (a test hook). One is made
+        now, the other is refused, and nothing of it is made."""
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHE_OVERLAYS_PER_USER_MAX', '1')
+        self.addCleanup(lambda: (self.env.daemon.stop(), self.env.daemon.start()))
+        d, _ = self.user_dir_and_session(h.OWNER, 'share')
+        uid, gid = h.ensure_user(h.OWNER)
+        # Two: a user's third at once would wait for its template's size behind the first two
+        # (PROBES_PER_CALLER_MAX), refused for that.
+        targets = [os.path.join(d, 's%d.qcow2' % i) for i in range(2)]
+        calls = [h.spawn(['setpriv', '--reuid=%d' % uid, '--regid=%d' % gid, '--init-groups', 'busctl',
+                          '--address=' + self.env.bus.address, '--timeout=120', 'call', h.BUS_NAME, h.MANAGER_PATH,
+                          h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', self.remote.url + '/e-share', t, '1', 'cache',
+                          'b', 'true'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for t in targets]
+        results = [c.communicate(timeout=120) + (c.returncode,) for c in calls]
+        made = [t for t, (_, _, rc) in zip(targets, results) if rc == 0]
+        refused = [err for _, err, rc in results if rc != 0]
+        self.assertEqual(len(made), 1, results)
+        self.assertEqual(len(refused), 1, results)
+        self.assertIn('at most 1 per user', refused[0])
+        self.assertEqual([t for t in targets if os.path.lexists(t)], made)
+
     def test_one_user_makes_a_share_of_the_caches(self):
         d, s = self.user_dir_and_session(h.OWNER, 'mine')
 
