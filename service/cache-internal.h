@@ -114,7 +114,7 @@ void cache_destroy(Cache *c);
  * "overlays" (count: its "users"). */
 struct stat;
 int cache_user_add(Cache *c, const char *path, const struct stat *st);
-bool cache_users_refresh(Cache *c);
+int cache_users_refresh(Cache *c);
 /* No room for one more overlay in c's list (those being made, and those waiting for the cache to
  * serve, counted): its owner would be left out of the socket's ACL. */
 bool cache_users_full(const Cache *c);
@@ -122,8 +122,9 @@ bool cache_users_full(const Cache *c);
 int cache_users_to_json(Cache *c, json_object *k, bool overlays);
 int cache_users_from_json(Cache *c, json_object *k, unsigned count);
 void cache_users_free(Cache *c);
-/* Refresh the users, and tell the bus if their count changed. */
-void cache_users_update(Cache *c);
+/* Refresh the users, and tell the bus if their count changed. false: not looked at now (paced,
+ * see cache-users.c), the count is the last one. */
+bool cache_users_update(Cache *c);
 /* How many overlays over any cache uid made, or waits to make (each cache's users looked at again
  * first if update); at most cache_overlays_per_user_max() for a user other than root. */
 #define CACHE_OVERLAYS_PER_USER_MAX 1024U

@@ -128,7 +128,7 @@ static int authorize(Cache *c, sd_bus_message *msg, sd_bus_error *error) {
 static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         Cache *c = userdata;
         uid_t caller = UID_INVALID;
-        bool named;
+        bool named, looked;
         unsigned n;
         int r;
 
@@ -137,7 +137,7 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
                 return r < 0 ? r : 1;
         if (c->warm_call)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY, "Cache %u is being warmed.", c->id);
-        cache_users_update(c);
+        looked = cache_users_update(c);
         /* The overlay is named to root only: it may be another user's, in a directory the caller
          * may not look into. */
         if (bus_sender_uid(msg, &caller) < 0)
@@ -145,10 +145,12 @@ static int method_stop(sd_bus_message *msg, void *userdata, sd_bus_error *error)
         named = c->n_user_list > 0 && caller == 0;
         if (c->users > 0)
                 return sd_bus_error_setf(error, BS_ERROR_BUSY,
-                        "Cache %u is the backing of %u overlay%s%s%s; stream %s to the end (or remove %s) first.",
+                        "Cache %u is the backing of %u overlay%s%s%s; stream %s to the end (or remove %s) first%s.",
                         c->id, c->users, c->users == 1 ? "" : "s", named ? ", " : "",
                         named ? c->user_list[0].path : "", c->users == 1 ? "it" : "them",
-                        c->users == 1 ? "it" : "them");
+                        c->users == 1 ? "it" : "them",
+                        looked ? "" : " (as last counted: overlays are looked at again only so often; try again in a "
+                                      "few seconds)");
         /* Unknown is not none: a cache whose clients cannot be counted stays, but for root, who
          * may know better (a kernel without unix_diag, a policy that forbids loading it). */
         r = count_clients(c, &n);

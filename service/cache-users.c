@@ -133,16 +133,43 @@ static int user_check(Cache *c, const CacheUser *u, const char *backing) {
         return memcmp(name, backing, len) == 0;
 }
 
-bool cache_users_refresh(Cache *c) {
+/* Looking at the overlays again by path takes the daemon's one thread a time that follows the
+ * paths (up to 4,000 bytes each, 4,096 overlays a cache, 64 caches), and anyone may ask for it:
+ * Users, Stop(), a ProvisionDisk at its share. So those looks are paced daemon-wide, in units of
+ * one open and 64 bytes of path: CHECK_RATE a second after a burst of CHECK_BURST. A refresh that
+ * finds none left is skipped (the counts stand until a later one); one that starts goes on to
+ * its end, into debt if it must, which the next ones wait out: a few per cent of the thread's
+ * time on average. */
+#define CHECK_RATE 20000.0
+#define CHECK_BURST 300000.0
+#define CHECK_PATH_BYTES 64U
+
+/* A test hook makes both smaller: N a second after a burst of N. */
+static double check_rate(void) {
+        return (double) test_hook_bound("BLOCKSTREAM_TEST_CACHE_CHECKS", (unsigned) CHECK_RATE);
+}
+
+static double check_burst(void) {
+        return (double) test_hook_bound("BLOCKSTREAM_TEST_CACHE_CHECKS", (unsigned) CHECK_BURST);
+}
+
+int cache_users_refresh(Cache *c) {
         _cleanup_free_ char *backing = strdup_printf("nbd+unix:///%s?socket=%s", CACHE_EXPORT_NAME, c->socket_path);
+        TokenBucket *budget = &c->engine->cache_checks;
         unsigned before = c->users;
         size_t k = 0;
 
         if (!backing)
-                return false;
+                return -ENOMEM;
+        token_bucket_refill(budget, check_rate(), check_burst(), now_usec(CLOCK_MONOTONIC));
+        if (budget->tokens <= 0) {
+                log_debug("Template cache %u: its overlays are not looked at again now (the looks are paced).", c->id);
+                return -EAGAIN;
+        }
         for (size_t i = 0; i < c->n_user_list; i++) {
                 CacheUser *u = &c->user_list[i];
 
+                budget->tokens -= 1.0 + (double) (strlen(u->path) / CHECK_PATH_BYTES);
                 if (user_check(c, u, backing) == 0) {
                         log_info("Template cache %u: %s no longer is an overlay over it.", c->id, u->path);
                         free(u->path);

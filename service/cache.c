@@ -723,12 +723,15 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
         return r;
 }
 
-void cache_users_update(Cache *c) {
-        if (!cache_users_refresh(c))
-                return;
+bool cache_users_update(Cache *c) {
+        int r = cache_users_refresh(c);
+
+        if (r <= 0)
+                return r != -EAGAIN;
         emit_changed(c, BS_CACHE_PROPERTY_USERS);
         (void) caches_save(c->engine);
         cache_access_update(c->engine);
+        return true;
 }
 
 void cache_provisioned(Engine *e, void *handle, bool success, const char *target, const struct stat *st) {

@@ -76,6 +76,7 @@ struct Engine {
         unsigned range_seq;
         struct Cache *caches; /* the host template caches (cache.h) */
         unsigned cache_seq;
+        TokenBucket cache_checks; /* looks at caches' overlays by path (cache-users.c) */
         bool caches_record_kept; /* caches.json could not be read at start: not overwritten */
 
         ProgressBudget progress; /* all disks' progress signals (ProgressSignalsPerSecond=) */

@@ -923,6 +923,15 @@ class CacheShareTest(h.TestCase):
         self.assertIn('keeps track of', refused[0])
         self.assertEqual([t for t in targets if os.path.lexists(t)], made)
 
+    def stop_cache_of(self, url, overlays):
+        """The overlays removed and the cache of url stopped: its maker's share of caches back."""
+        for t in overlays:
+            os.unlink(t)
+        for p in self.client.managed_objects():
+            if str(p).startswith(CACHE_PREFIX) and self.client.get(p, IFACE_CACHE, 'URL') == url:
+                self.client.wait_for(lambda: self.client.try_call(p, IFACE_CACHE, 'Stop')[1] is None, 60,
+                                     'the cache of %s to stop' % url)
+
     def test_a_users_provisionings_waiting_for_a_cache_count_toward_their_share(self):
         """A user's share of overlays over caches counted only the overlays made: several
         ProvisionDisk(cache) of theirs at once, of a template no cache serves yet, all wait while
@@ -943,10 +952,48 @@ class CacheShareTest(h.TestCase):
         results = [c.communicate(timeout=120) + (c.returncode,) for c in calls]
         made = [t for t, (_, _, rc) in zip(targets, results) if rc == 0]
         refused = [err for _, err, rc in results if rc != 0]
+        self.addCleanup(self.stop_cache_of, self.remote.url + '/e-share', made)
         self.assertEqual(len(made), 1, results)
         self.assertEqual(len(refused), 1, results)
         self.assertIn('at most 1 per user', refused[0])
         self.assertEqual([t for t in targets if os.path.lexists(t)], made)
+
+    def test_looks_at_the_overlays_by_path_are_paced(self):
+        """Review 32b: Stop(), Users and a ProvisionDisk at its user's share look at every overlay
+        of the cache again, by its path (up to 4,000 bytes each, 4,096 a cache, 64 caches), as
+        often as they are asked: callers could keep the daemon's one thread at it. The looks are
+        paced daemon-wide now (a test hook: one overlay a second). A Stop() right after one that
+        looked goes by the count that one found, and says so; the next look comes once the pace
+        allows it."""
+        self.env.restart_daemon_with('BLOCKSTREAM_TEST_CACHE_CHECKS', '1')
+        self.addCleanup(lambda: (self.env.daemon.stop(), self.env.daemon.start()))
+        self.remote.start()
+        self.addCleanup(self.remote.stop)
+        d = os.path.join(self.env.images, 'paced')
+        os.makedirs(d)
+        url = self.remote.url + '/e-paced'
+        overlays = [os.path.join(d, 'p%d.qcow2' % i) for i in range(3)]
+        for t in overlays:
+            self.client.call(h.MANAGER_PATH, h.IFACE_MANAGER, 'ProvisionDisk', 'ssa{sv}', url, t,
+                             dbus.Dictionary({'cache': dbus.Boolean(True)}, signature='sv'), timeout=120)
+        path = [p for p in self.client.managed_objects() if str(p).startswith(CACHE_PREFIX) and
+                self.client.get(p, IFACE_CACHE, 'URL') == url][0]
+        def stop():
+            """None once stopped, else the Busy error's message."""
+            _, e = self.client.try_call(path, IFACE_CACHE, 'Stop')
+            self.assertTrue(e is None or e.name == h.ERR_BUSY, e)
+            return e and e.message
+        # Reading the objects looked at every cache's overlays (Users): a Stop() that looks comes
+        # once the pace allows, and finds the 3 (a debt of some seconds at this pace).
+        self.client.wait_for(lambda: 'as last counted' not in stop(), 60, 'a Stop() that looks')
+        for t in overlays:
+            os.unlink(t)
+        message = stop()
+        self.assertIsNotNone(message, 'Stop() looked at the overlays again at once')
+        self.assertIn('as last counted', message)
+        self.assertIn('3 overlays', message)
+        # Once the pace allows, the overlays are found gone.
+        self.client.wait_for(lambda: stop() is None, 60, 'Stop() to find the overlays gone')
 
     def test_one_user_makes_a_share_of_the_caches(self):
         d, s = self.user_dir_and_session(h.OWNER, 'mine')
