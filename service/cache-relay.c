@@ -134,23 +134,15 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         Cache *c = userdata;
         char buf[CONTROL_MESSAGE_MAX + 1];
         ControlRelayMessage msg;
-        ssize_t k;
-        int r;
+        const char *why;
+        int r, k;
 
-        k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (k < 0 && (errno == EAGAIN || errno == EINTR))
+        k = helper_relay_receive(fd, &c->relay_pace, &c->relay_source, CONTROL_RATE, CONTROL_BURST, buf, &msg, &r,
+                &why);
+        if (k == 0)
                 return 0;
-        if (k <= 0) {
-                relay_lost(c, "the control connection to its NBD relay broke");
-                return 0;
-        }
-        if (control_frame(buf, (size_t) k) < 0) {
-                relay_lost(c, "its NBD relay sent a malformed message");
-                return 0;
-        }
-        r = control_parse_relay(buf, &msg);
-        if (helper_pace(&c->relay_pace, &c->relay_source, CONTROL_RATE, CONTROL_BURST) < 0) {
-                relay_lost(c, "its NBD relay's messages could not be paced");
+        if (k < 0) {
+                relay_lost(c, why);
                 return 0;
         }
         switch (msg.kind) {

@@ -262,28 +262,16 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
         Export *e = userdata;
         char buf[CONTROL_MESSAGE_MAX + 1];
         ControlRelayMessage msg;
-        ssize_t k;
-        int r;
+        const char *why;
+        int r, k;
 
-        k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        k = helper_relay_receive(fd, &e->control_pace, &e->control_source, CONTROL_RATE, CONTROL_BURST, buf, &msg,
+                &r, &why);
+        if (k == 0)
+                return 0;
         if (k < 0) {
-                if (errno == EAGAIN || errno == EINTR)
-                        return 0;
-                export_fail(e, "the control connection to the NBD relay broke");
-                return 0;
-        }
-        if (k == 0) {
-                if (export_live(e))
-                        export_fail(e, "the NBD relay helper went away");
-                return 0;
-        }
-        if (control_frame(buf, (size_t) k) < 0) {
-                export_fail(e, "the NBD relay helper sent a malformed message");
-                return 0;
-        }
-        r = control_parse_relay(buf, &msg);
-        if (helper_pace(&e->control_pace, &e->control_source, CONTROL_RATE, CONTROL_BURST) < 0) {
-                export_fail(e, "the NBD relay helper's messages could not be paced");
+                if (k != -ECONNRESET || export_live(e))
+                        export_fail(e, why);
                 return 0;
         }
 

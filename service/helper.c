@@ -337,3 +337,30 @@ int helper_pace(HelperPace *p, sd_event_source **source, double rate, double bur
 void helper_pace_done(HelperPace *p) {
         p->resume = sd_event_source_disable_unref(p->resume);
 }
+
+int helper_relay_receive(int fd, HelperPace *pace, sd_event_source **source, double rate, double burst,
+        char buf[static CONTROL_MESSAGE_MAX + 1], ControlRelayMessage *ret, int *ret_parse, const char **ret_why) {
+        ssize_t k;
+
+        k = recv(fd, buf, CONTROL_MESSAGE_MAX + 1, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (k < 0 && (errno == EAGAIN || errno == EINTR))
+                return 0;
+        if (k < 0) {
+                *ret_why = "the control connection to the NBD relay broke";
+                return -errno;
+        }
+        if (k == 0) {
+                *ret_why = "the NBD relay helper went away";
+                return -ECONNRESET;
+        }
+        if (control_frame(buf, (size_t) k) < 0) {
+                *ret_why = "the NBD relay helper sent a malformed message";
+                return -EBADMSG;
+        }
+        *ret_parse = control_parse_relay(buf, ret);
+        if (helper_pace(pace, source, rate, burst) < 0) {
+                *ret_why = "the NBD relay helper's messages could not be paced";
+                return -ENOMEM;
+        }
+        return 1;
+}

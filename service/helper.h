@@ -20,6 +20,7 @@
 #include <sys/types.h>
 #include <systemd/sd-event.h>
 
+#include "control.h"
 #include "sandbox.h"
 #include "util.h"
 
@@ -41,6 +42,13 @@ typedef struct HelperPace {
  * not be paced: the owner ends the helper's work. */
 int helper_pace(HelperPace *p, sd_event_source **source, double rate, double burst);
 void helper_pace_done(HelperPace *p);
+
+/* One message of an NBD relay's control socket fd (blockstream-nbd-relay), framed (in buf, which
+ * ret's text points into), parsed, and paced as helper_pace() does. 1: *ret has it, and
+ * *ret_parse what control_parse_relay() said of its arguments; 0: nothing to read now; < 0: the
+ * relay is lost, *ret_why says how (-ECONNRESET: it closed the socket). */
+int helper_relay_receive(int fd, HelperPace *pace, sd_event_source **source, double rate, double burst,
+        char buf[static CONTROL_MESSAGE_MAX + 1], ControlRelayMessage *ret, int *ret_parse, const char **ret_why);
 
 #define HELPER_FDS_MAX 8
 
