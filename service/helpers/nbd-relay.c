@@ -25,8 +25,9 @@
  *
  * With --budget, what the requests in flight of all its clients together may cost QEMU is bounded
  * as well as each one's (a template cache's relay: hundreds of clients of one QEMU). A client that
- * holds part of that budget with replies it does not read for STALL_USEC, while another's request
- * waits for room in it, is closed: it could otherwise keep the budget from everyone.
+ * holds part of that budget and reads its replies slower than STALL_BYTES in STALL_USEC, while
+ * another's request waits for room in it, is closed: it could otherwise keep the budget from
+ * everyone.
  *
  * fd 3: the listening socket (bound and listening, AF_UNIX/AF_INET/AF_INET6 stream)
  * fd 4: the daemon (AF_UNIX SOCK_SEQPACKET), one line of ASCII per message, at most 256 bytes:
@@ -67,9 +68,12 @@
 #define LISTEN_FD 3
 #define CLIENTS_DEFAULT RELAY_CLIENTS_MAX /* control.h: an export's relay */
 #define CLIENTS_MAX 1024U                  /* --clients at most: four fds each */
-/* A client that holds part of the shared budget and reads none of its replies for this long, while
- * another waits for the budget, is closed. */
+/* A client that holds part of the shared budget and reads less than STALL_BYTES of its replies in
+ * STALL_USEC (200 KiB/s: a reader that trickles holds the budget as surely as one that stops),
+ * while another waits for the budget, is closed: the one stuck longest first, one at a time while
+ * any still waits. */
 #define STALL_USEC (5 * USEC_PER_SEC)
+#define STALL_BYTES (UINT64_C(1) << 20)
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
 /* From the upstream's arrival to the transmission phase. */
 #define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)
@@ -99,8 +103,8 @@ typedef struct Client {
         bool connect_queued; /* "connect <id>" not sent yet */
         Negotiation neg;
         Transmission tx; /* CLIENT_RELAYING */
-        /* CLIENT_RELAYING: since when replies wait for it that it does not read (0: none), and how
-         * much it had read by then */
+        /* CLIENT_RELAYING: since when replies wait for it that it reads less than STALL_BYTES of
+         * (0: none), and how much it had read by then */
         usec_t stuck_since;
         uint64_t stuck_total;
 } Client;
@@ -234,20 +238,35 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
                 client_relay(relay, c);
 }
 
-/* Requests that waited for the shared budget: room may have come, from any client's reply. They
- * get their turns in rotation, so that the first slots do not take every bit of room. */
+/* Requests that waited for the shared budget: room may have come, from any client's reply. The
+ * waiting clients get a turn each (one request) in rotation, round after round while there is
+ * room and a turn was taken, starting after the last that took one: no slot is served first. */
+#define ADMIT_ROUNDS_MAX 64U
+
 static void relay_admit_waiting(Relay *relay) {
-        unsigned start = relay->next_waiter;
+        TxShared *s = &relay->shared;
 
-        if (relay->shared.max == 0)
-                return;
-        for (unsigned k = 0; k < relay->n_slots && relay->shared.used < relay->shared.max; k++) {
-                Client *c = &relay->clients[(start + k) % relay->n_slots];
+        for (unsigned round = 0; round < ADMIT_ROUNDS_MAX && s->n_waiting > 0 && s->used < s->max; round++) {
+                unsigned start = relay->next_waiter;
+                bool taken = false;
 
-                if (c->state == CLIENT_RELAYING && c->tx.shared_wait) {
+                for (unsigned k = 0; k < relay->n_slots && s->n_waiting > 0 && s->used < s->max; k++) {
+                        unsigned i = (start + k) % relay->n_slots;
+                        Client *c = &relay->clients[i];
+                        uint64_t before = c->tx.admitted_total;
+
+                        if (c->state != CLIENT_RELAYING || !c->tx.shared_wait)
+                                continue;
+                        c->tx.turn = true;
                         client_relay(relay, c);
-                        relay->next_waiter = (start + k + 1) % relay->n_slots;
+                        if (c->state != CLIENT_RELAYING || c->tx.admitted_total != before) {
+                                taken = true;
+                                relay->next_waiter = (i + 1) % relay->n_slots;
+                        }
+                        c->tx.turn = false;
                 }
+                if (!taken)
+                        break;
         }
 }
 
@@ -447,33 +466,42 @@ fail:
         return helper_fail(r, "Failed to send to the daemon: %m");
 }
 
-/* A relaying client with replies waiting that it reads none of: since when. */
+/* A relaying client with replies waiting that it reads less than STALL_BYTES of: since when. */
 static void client_follow_stuck(Client *c, usec_t now) {
         if (!tx_owes_client(&c->tx))
                 c->stuck_since = 0;
-        else if (c->stuck_since == 0 || c->tx.to_client_total != c->stuck_total) {
+        else if (c->stuck_since == 0 || c->tx.to_client_total - c->stuck_total >= STALL_BYTES) {
                 c->stuck_since = now;
                 c->stuck_total = c->tx.to_client_total;
         }
 }
 
+static bool client_stuck(const Client *c, usec_t now) {
+        return c->state == CLIENT_RELAYING && c->tx.cost > 0 && c->stuck_since > 0 && now - c->stuck_since >= STALL_USEC;
+}
+
 static void relay_expire(Relay *relay, usec_t now) {
-        bool waiting = false;
+        Client *stuck = NULL;
 
         for (size_t i = 0; i < relay->n_slots; i++)
-                if (relay->clients[i].state == CLIENT_RELAYING) {
+                if (relay->clients[i].state == CLIENT_RELAYING)
                         client_follow_stuck(&relay->clients[i], now);
-                        waiting |= relay->clients[i].tx.shared_wait;
-                }
+        /* One at a time: relay_admit_waiting() comes next, and the next is closed only if a
+         * request still waits then. */
+        if (relay->shared.n_waiting > 0)
+                for (size_t i = 0; i < relay->n_slots; i++)
+                        if (client_stuck(&relay->clients[i], now) &&
+                            (!stuck || relay->clients[i].stuck_since < stuck->stuck_since))
+                                stuck = &relay->clients[i];
+        if (stuck) {
+                log_info("Client %" PRIu64 ": holds %" PRIu64 " bytes of the budget others wait for, and read "
+                         "less than %" PRIu64 " bytes of its replies in %" PRIu64 " s.",
+                        stuck->id, stuck->tx.cost, STALL_BYTES, STALL_USEC / USEC_PER_SEC);
+                client_close(relay, stuck, "stuck");
+        }
         for (size_t i = 0; i < relay->n_slots; i++) {
                 Client *c = &relay->clients[i];
-                if (c->state == CLIENT_RELAYING && waiting && c->tx.cost > 0 && c->stuck_since > 0 &&
-                    now - c->stuck_since >= STALL_USEC) {
-                        log_info("Client %" PRIu64 ": holds %" PRIu64 " bytes of the budget others wait for, "
-                                 "and read none of its replies for %" PRIu64 " s.",
-                                c->id, c->tx.cost, STALL_USEC / USEC_PER_SEC);
-                        client_close(relay, c, "stuck");
-                } else if (c->state == CLIENT_WAITING && now >= c->deadline) {
+                if (c->state == CLIENT_WAITING && now >= c->deadline) {
                         log_info("Client %" PRIu64 ": no upstream within %" PRIu64 " s.", c->id,
                                 upstream_timeout_usec / USEC_PER_SEC);
                         client_close(relay, c, "timed out");
@@ -494,9 +522,7 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 next = relay->accept_paused_until;
         relay->pollfds[1] = (struct pollfd) { .fd = CONTROL_FD, .events = POLLIN | (relay->control_blocked ? POLLOUT : 0) };
 
-        bool waiting = false;
-        for (size_t i = 0; i < relay->n_slots; i++)
-                waiting |= relay->clients[i].state == CLIENT_RELAYING && relay->clients[i].tx.shared_wait;
+        bool waiting = relay->shared.n_waiting > 0;
 
         for (size_t i = 0; i < relay->n_slots; i++) {
                 Client *c = &relay->clients[i];

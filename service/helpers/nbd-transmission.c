@@ -68,10 +68,9 @@ static int in_flight_find(const Transmission *t, uint64_t handle) {
 }
 
 int tx_admit(Transmission *t, uint64_t id) {
-        bool was_waiting = t->shared_wait;
         size_t off = 0;
 
-        shared_wait_set(t, false);
+        shared_wait_set(t, false); /* n_waiting counts the others now */
         /* Only what is unsent stays in req_out: each of it in flight, or the one DISC. */
         if (t->req_out_done > 0) {
                 memmove(t->req_out, t->req_out + t->req_out_done, t->req_out_len - t->req_out_done);
@@ -141,12 +140,14 @@ int tx_admit(Transmission *t, uint64_t id) {
                         }
                         if (t->n_in_flight >= TX_IN_FLIGHT_MAX || t->cost + req.cost > TX_BUDGET)
                                 break; /* waits for replies to end */
-                        /* for replies to end, of any connection; behind those that wait already */
+                        /* for replies to end, of any connection; and while others wait, for its turn */
                         if (t->shared && (t->shared->used + req.cost > t->shared->max ||
-                                                 (!was_waiting && t->shared->n_waiting > 0))) {
+                                                 (t->shared->n_waiting > 0 && !t->turn))) {
                                 shared_wait_set(t, true);
                                 break;
                         }
+                        if (t->shared && t->shared->n_waiting > 0)
+                                t->turn = false; /* used */
                         req.end = t->admitted_total + NBD_REQUEST_SIZE;
                         t->in_flight[t->n_in_flight++] = req;
                         t->cost += req.cost;
@@ -290,6 +291,7 @@ static int drain_pipe(Transmission *t, int client_fd, bool *progress) {
 
 /* The server said EOF: what waits can never be answered. */
 static void server_gone(Transmission *t) {
+        shared_wait_set(t, false); /* no request goes in any more */
         t->server_eof = true;
         t->req_in_len = t->req_out_len = t->req_out_done = 0;
 }

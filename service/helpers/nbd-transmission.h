@@ -24,7 +24,7 @@
  * A relay of many connections can also share one budget among them all (TxShared): a request
  * that the connection's own budget lets in still waits while the requests of every connection
  * together would cost more than the shared maximum, or others wait already (shared_wait set),
- * until some reply ends.
+ * until it has its turn.
  * Extended headers cannot be negotiated through the relay (NBD_REP_ERR_UNSUP), so these are the
  * only two forms. tx_step() moves the bytes as far as the sockets let it; tx_events() says what
  * to poll for. */
@@ -66,9 +66,10 @@
 #define TX_SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
 
 /* What the connections of a relay may cost QEMU all together, what their requests in flight cost
- * now, and how many connections have a request waiting for room in it. While any waits, the
- * others' new requests wait behind them: room that comes goes to those waiting (the relay gives
- * them their turns), so that busy connections cannot starve one. */
+ * now, and how many connections have a request waiting for room in it. While any waits, no
+ * connection's new request goes in but on its turn (Transmission.turn: one request), which the
+ * relay gives the waiting ones in rotation: room that a reply gives back cannot be taken again at
+ * once by the connection whose reply it was, and busy connections cannot starve one. */
 typedef struct TxShared {
         uint64_t used, max;
         unsigned n_waiting;
@@ -101,6 +102,7 @@ typedef struct Transmission {
         uint64_t cost; /* theirs, all together */
         TxShared *shared; /* NULL: this connection's budget only */
         bool shared_wait; /* a request waits for the shared budget (tx_admit()) */
+        bool turn;        /* the relay's: one request may go in though others wait */
         /* server → client */
         TxReplyStep reply_step;
         uint8_t rep[NBD_STRUCTURED_REPLY_SIZE];

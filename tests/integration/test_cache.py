@@ -545,6 +545,79 @@ class CacheTest(h.TestCase):
         self.assertGreater(closed, 0, 'every client holding the budget was answered in full')
         self.assertEqual(cache_helpers(self.env, path)[1][0][0], pid, "the cache's QEMU is the same")
 
+    def test_9_f_busy_clients_cannot_starve_one_that_waits_for_the_budget(self):
+        """Review 33a: a client that keeps more reads queued than the budget holds, and reads its
+        answers as fast as they come, is never stuck; but the room each of its answers gave back
+        went straight to its own next read, before the relay looked at those waiting: two such
+        clients kept every other guest over the template waiting for as long as they went on.
+        While a request waits, the others' go in only on their turn now, in rotation."""
+        path, sock, pid = self.serving_cache('busy.qcow2')
+        reads, length = 400, 2 * MiB
+        busy = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(self.CACHE_BUDGET // self.CONNECTION_BUDGET)]
+        self.addCleanup(lambda: [c.close() for c in busy])
+        left = [reads] * len(busy)
+
+        def drain(k):
+            c = busy[k]
+            while left[k] > 0:
+                o.nbd_simple_read_reply(c, length)
+                left[k] -= 1
+        for c in busy:
+            c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, j, (j * length) % SIZE, length) for j in range(reads)))
+        threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(busy))]
+        for t in threads:
+            t.start()
+        try:
+            honest = o.nbd_hold(sock, b'cache', timeout=120)
+            self.addCleanup(honest.close)
+            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 9, 0, 4096))
+            handle, _ = o.nbd_simple_read_reply(honest, 4096)
+            self.assertEqual(handle, 9)
+            still = list(left)
+            h.log('busy reads left when the read was answered: %s' % still)
+        finally:
+            for t in threads:
+                t.join(300)
+        # Before: once their last 16 reads were in flight, nothing more of theirs to let in (15
+        # and 30 of 400 left, 15 and 57 in a second run). Now: at once (399 and 399).
+        self.assertTrue(all(n > reads // 2 for n in still),
+                        'the read waited for the busy clients to run out of reads (%s of %d left)' % (still, reads))
+        self.assertEqual(left, [0] * len(busy), 'a busy client was not answered in full')
+
+    def test_9_g_a_client_that_reads_a_trickle_is_closed_for_one_that_waits(self):
+        """Review 33a: a client counted as stuck only while it read nothing at all: one that read
+        a few KiB every few seconds held its share of the budget for as long as its answers took
+        at that pace (here minutes). Below 1 MiB in 5 s, while another waits, it is closed
+        as one that reads nothing is."""
+        path, sock, pid = self.serving_cache('trickle.qcow2')
+        greedy = self.greedy_clients(sock, self.CACHE_BUDGET // self.CONNECTION_BUDGET)
+        stop = threading.Event()
+        ended = [False] * len(greedy)
+
+        def trickle(k):
+            while not stop.wait(1):
+                try:
+                    if not greedy[k].recv(64 * 1024):
+                        ended[k] = True
+                        return
+                except OSError:
+                    ended[k] = True
+                    return
+        threads = [threading.Thread(target=trickle, args=(k,)) for k in range(len(greedy))]
+        for t in threads:
+            t.start()
+        try:
+            honest = o.nbd_hold(sock, b'cache', timeout=60)
+            self.addCleanup(honest.close)
+            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 5, 0, 4096))
+            handle, _ = o.nbd_simple_read_reply(honest, 4096)
+            self.assertEqual(handle, 5)
+            self.client.wait_for(lambda: any(ended), 30, 'a trickling client to be closed')
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+
     def test_8_an_unreadable_record_gives_no_cache_away(self):
         """Overlays name their cache by its socket (caches/N.sock). A caches.json that cannot be
         read after a restart (a crash, a full disk) restores no cache; a new cache then took number
