@@ -44,7 +44,7 @@
 
 /* A listening socket at path, in dir (made with mode if it is not there), in *fd: a stale one of an
  * earlier daemon replaced. */
-static int listen_at(const char *dir, mode_t mode, const char *path, int *fd) {
+static int listen_at(const char *dir, mode_t mode, const char *path, int backlog, int *fd) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int s = -1;
         int r;
@@ -62,7 +62,7 @@ static int listen_at(const char *dir, mode_t mode, const char *path, int *fd) {
                 return -errno;
         if (unlink(path) < 0 && errno != ENOENT)
                 return -errno;
-        if (bind(s, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(s, 64) < 0)
+        if (bind(s, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(s, backlog) < 0)
                 return -errno;
         closep(fd);
         *fd = TAKE_FD(s);
@@ -75,13 +75,15 @@ int cache_listen(Cache *c) {
         int r;
 
         /* The clients' (the overlays name it): at the same path after a restart. */
-        r = listen_at(dir, 0755, c->socket_path, &c->listen_fd);
+        r = listen_at(dir, 0755, c->socket_path, 64, &c->listen_fd);
         if (r < 0)
                 return r;
-        /* QEMU's, in a directory of root's only: nobody reaches QEMU past the relay. */
+        /* QEMU's, in a directory of root's only: nobody reaches QEMU past the relay. Room in its
+         * backlog for an upstream of each of the relay's clients: they come back at once after a
+         * restart, while QEMU, opening the template, accepts none yet; one past it is refused. */
         if (!up_dir)
                 return -ENOMEM;
-        r = listen_at(up_dir, 0700, c->upstream_path, &c->upstream_fd);
+        r = listen_at(up_dir, 0700, c->upstream_path, (int) CACHE_CLIENTS_MAX, &c->upstream_fd);
         if (r < 0)
                 return r;
         return chmod(up_dir, 0700) < 0 ? -errno : 0;
