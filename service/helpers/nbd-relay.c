@@ -240,7 +240,9 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
 
 /* Requests that waited for the shared budget: room may have come, from any client's reply. The
  * waiting clients get a turn each (one request) in rotation, round after round while there is
- * room and a turn was taken, starting after the last that took one: no slot is served first. */
+ * room and a turn was taken, starting after the last that took one: no slot is served first. One
+ * whose request does not fit yet ends the rotation and starts the next: nobody passes it, so the
+ * room it needs (a read of 32 MiB among many small ones) comes. */
 #define ADMIT_ROUNDS_MAX 64U
 
 static void relay_admit_waiting(Relay *relay) {
@@ -264,6 +266,10 @@ static void relay_admit_waiting(Relay *relay) {
                                 relay->next_waiter = (i + 1) % relay->n_slots;
                         }
                         c->tx.turn = false;
+                        if (c->state == CLIENT_RELAYING && c->tx.admitted_total == before && c->tx.shared_wait) {
+                                relay->next_waiter = i;
+                                return;
+                        }
                 }
                 if (!taken)
                         break;

@@ -550,7 +550,9 @@ class CacheTest(h.TestCase):
         answers as fast as they come, is never stuck; but the room each of its answers gave back
         went straight to its own next read, before the relay looked at those waiting: two such
         clients kept every other guest over the template waiting for as long as they went on.
-        While a request waits, the others' go in only on their turn now, in rotation."""
+        While a request waits, the others' go in only on their turn now, in rotation; and a turn
+        whose read does not fit yet holds the rotation until it does: a read of 16 MiB waited
+        behind the busy clients' 2 MiB ones until they ran out (0 and 14 of 400 left)."""
         path, sock, pid = self.serving_cache('busy.qcow2')
         reads, length = 400, 2 * MiB
         busy = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(self.CACHE_BUDGET // self.CONNECTION_BUDGET)]
@@ -574,7 +576,12 @@ class CacheTest(h.TestCase):
             handle, _ = o.nbd_simple_read_reply(honest, 4096)
             self.assertEqual(handle, 9)
             still = list(left)
-            h.log('busy reads left when the read was answered: %s' % still)
+            # A large read too, which needs a quarter of the budget free at once.
+            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 10, 0, SIZE))
+            handle, _ = o.nbd_simple_read_reply(honest, SIZE)
+            self.assertEqual(handle, 10)
+            still_large = list(left)
+            h.log('busy reads left when the reads were answered: %s, %s' % (still, still_large))
         finally:
             for t in threads:
                 t.join(300)
@@ -582,6 +589,9 @@ class CacheTest(h.TestCase):
         # and 30 of 400 left, 15 and 57 in a second run). Now: at once (399 and 399).
         self.assertTrue(all(n > reads // 2 for n in still),
                         'the read waited for the busy clients to run out of reads (%s of %d left)' % (still, reads))
+        self.assertTrue(all(n > reads // 2 for n in still_large),
+                        'the large read waited for the busy clients to run out of reads (%s of %d left)'
+                        % (still_large, reads))
         self.assertEqual(left, [0] * len(busy), 'a busy client was not answered in full')
 
     def test_9_g_a_client_that_reads_a_trickle_is_closed_for_one_that_waits(self):
