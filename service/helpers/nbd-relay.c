@@ -68,12 +68,14 @@
 #define LISTEN_FD 3
 #define CLIENTS_DEFAULT RELAY_CLIENTS_MAX /* control.h: an export's relay */
 #define CLIENTS_MAX 1024U                  /* --clients at most: four fds each */
-/* A client that holds part of the shared budget and reads less than STALL_BYTES of its replies in
- * STALL_USEC (200 KiB/s: a reader that trickles holds the budget as surely as one that stops),
- * while another waits for the budget, is closed: the one stuck longest first, one at a time while
- * any still waits. */
+/* A client that holds part of the shared budget and, owing replies all along, reads less than
+ * STALL_BYTES of them in STALL_USEC (3.2 MiB/s: a reader that trickles holds the budget as surely
+ * as one that stops; one slower than that held a read of 32 MiB for 10 s and more), while another
+ * waits for the budget, is closed: the one stuck longest first, one at a time while any still
+ * waits. A client that has read all it was owed is not stuck, whatever its pace; QEMU's NBD
+ * client reads a reply as it comes. */
 #define STALL_USEC (5 * USEC_PER_SEC)
-#define STALL_BYTES (UINT64_C(1) << 20)
+#define STALL_BYTES (UINT64_C(16) << 20)
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
 /* From the upstream's arrival to the transmission phase. */
 #define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)

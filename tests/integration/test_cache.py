@@ -597,22 +597,27 @@ class CacheTest(h.TestCase):
     def test_9_g_a_client_that_reads_a_trickle_is_closed_for_one_that_waits(self):
         """Review 33a: a client counted as stuck only while it read nothing at all: one that read
         a few KiB every few seconds held its share of the budget for as long as its answers took
-        at that pace (here minutes). Below 1 MiB in 5 s, while another waits, it is closed
-        as one that reads nothing is."""
+        at that pace (here minutes); review 33b: and then while it read more than 1 MiB in 5 s.
+        Below 16 MiB in 5 s, owed answers all along, while another waits, it is closed as one
+        that reads nothing is."""
         path, sock, pid = self.serving_cache('trickle.qcow2')
         greedy = self.greedy_clients(sock, self.CACHE_BUDGET // self.CONNECTION_BUDGET)
         stop = threading.Event()
         ended = [False] * len(greedy)
 
         def trickle(k):
+            # 320 KiB a second: 1.6 MiB in 5 s, which passed the first threshold (1 MiB)
             while not stop.wait(1):
-                try:
-                    if not greedy[k].recv(64 * 1024):
+                got = 0
+                while got < 320 * 1024:
+                    try:
+                        more = greedy[k].recv(320 * 1024 - got)
+                    except OSError:
+                        more = b''
+                    if not more:
                         ended[k] = True
                         return
-                except OSError:
-                    ended[k] = True
-                    return
+                    got += len(more)
         threads = [threading.Thread(target=trickle, args=(k,)) for k in range(len(greedy))]
         for t in threads:
             t.start()
