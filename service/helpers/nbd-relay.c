@@ -76,6 +76,8 @@
  * client reads a reply as it comes. */
 #define STALL_USEC (5 * USEC_PER_SEC)
 #define STALL_BYTES (UINT64_C(16) << 20)
+/* A client gone with requests in flight: their replies are drained this long at most. */
+#define DRAIN_TIMEOUT_USEC (30 * USEC_PER_SEC)
 #define UPSTREAM_TIMEOUT_USEC (10 * USEC_PER_SEC)
 /* From the upstream's arrival to the transmission phase. */
 #define NEGOTIATION_TIMEOUT_USEC (30 * USEC_PER_SEC)
@@ -147,7 +149,8 @@ static int control_send_message(const ControlRelayMessage *m) {
         return control_send_relay(CONTROL_FD, MSG_DONTWAIT | MSG_NOSIGNAL, m);
 }
 
-static void client_close(Relay *relay, Client *c, const char *why) {
+/* Its slot is free again, whatever it was doing. */
+static void client_free(Relay *relay, Client *c, const char *why) {
         if (c->state == CLIENT_FREE)
                 return;
         log_debug("Client %" PRIu64 ": %s, closing.", c->id, why);
@@ -159,6 +162,21 @@ static void client_close(Relay *relay, Client *c, const char *why) {
                 tx_close(&c->tx);
         *c = (Client) { .state = CLIENT_FREE, .fd = -1, .upstream_fd = -1 };
         relay->n_clients--;
+}
+
+/* The client goes. Reads it had sent on are drained first (tx_client_gone()): the server holds
+ * their buffers until it has read the data, so they stay in the budget, and the slot taken, until
+ * their replies are read and dropped (or DRAIN_TIMEOUT_USEC passes). */
+static void client_close(Relay *relay, Client *c, const char *why) {
+        if (c->state != CLIENT_RELAYING || c->tx.client_gone || !tx_client_gone(&c->tx)) {
+                client_free(relay, c, why);
+                return;
+        }
+        log_debug("Client %" PRIu64 ": %s, draining its %u requests in flight.", c->id, why, c->tx.n_in_flight);
+        close(c->fd);
+        c->fd = -1;
+        c->deadline = now_usec(CLOCK_MONOTONIC) + DRAIN_TIMEOUT_USEC;
+        c->stuck_since = 0;
 }
 
 static Client *client_find(Relay *relay, uint64_t id) {
@@ -509,7 +527,11 @@ static void relay_expire(Relay *relay, usec_t now) {
         }
         for (size_t i = 0; i < relay->n_slots; i++) {
                 Client *c = &relay->clients[i];
-                if (c->state == CLIENT_WAITING && now >= c->deadline) {
+                if (c->state == CLIENT_RELAYING && c->tx.client_gone && now >= c->deadline) {
+                        log_info("Client %" PRIu64 ": its %u requests in flight not answered within %" PRIu64 " s "
+                                 "of its leaving.", c->id, c->tx.n_in_flight, DRAIN_TIMEOUT_USEC / USEC_PER_SEC);
+                        client_free(relay, c, "drain timed out");
+                } else if (c->state == CLIENT_WAITING && now >= c->deadline) {
                         log_info("Client %" PRIu64 ": no upstream within %" PRIu64 " s.", c->id,
                                 upstream_timeout_usec / USEC_PER_SEC);
                         client_close(relay, c, "timed out");
@@ -565,6 +587,8 @@ static int relay_prepare(Relay *relay, usec_t now) {
                         /* relay_expire() has a look once it has been stuck long enough */
                         if (waiting && c->tx.cost > 0 && c->stuck_since > 0)
                                 next = MIN(next, c->stuck_since + STALL_USEC);
+                        if (c->tx.client_gone)
+                                next = MIN(next, c->deadline);
                 }
         }
 
@@ -621,7 +645,7 @@ static int relay_run(Relay *relay) {
 
 static void relay_close_all(Relay *relay) {
         for (size_t i = 0; i < relay->n_slots; i++)
-                client_close(relay, &relay->clients[i], "shutting down");
+                client_free(relay, &relay->clients[i], "shutting down");
 }
 
 /* Everything the loop needs and nothing else. No open, no socket, no connect, no exec: even

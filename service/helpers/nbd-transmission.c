@@ -16,6 +16,9 @@
 /* Asked of each splice into the pipe; the kernel moves no more than the pipe has room for, so
  * the pipe (64 KiB by default) bounds what is buffered. */
 #define SPLICE_MAX (1024 * 1024)
+/* A draining pair's replies are read into this and dropped (one thread). */
+#define DRAIN_BUF (64 * 1024)
+static uint8_t drain_buf[DRAIN_BUF];
 /* Rounds of tx_step() for one wakeup: the other pairs get their turn after that many. */
 #define TX_STEP_ROUNDS 16
 
@@ -58,6 +61,12 @@ void tx_close(Transmission *t) {
                 if (t->pipe[i] >= 0)
                         close(t->pipe[i]);
         t->pipe[0] = t->pipe[1] = -1;
+}
+
+/* The server's side failed (r < 0): nothing is to be drained from it. */
+static int server_failed(Transmission *t, int r) {
+        t->server_broken = true;
+        return r;
 }
 
 static int in_flight_find(const Transmission *t, uint64_t handle) {
@@ -130,9 +139,13 @@ int tx_admit(Transmission *t, uint64_t id) {
                 if (t->req_out_len + NBD_REQUEST_SIZE > sizeof(t->req_out))
                         break;
 
-                if (req.type == NBD_CMD_DISC)
+                if (req.type == NBD_CMD_DISC) {
+                        /* Once every reply came: QEMU closes at a DISC and keeps the buffers of
+                         * the reads it has until it has read their data, out of the budget. */
+                        if (t->n_in_flight > 0)
+                                break;
                         t->disconnected = true; /* no reply, nothing after it */
-                else {
+                } else {
                         if (in_flight_find(t, req.handle) >= 0) {
                                 log_debug("Client %" PRIu64 ": handle 0x%" PRIx64 " is in flight already.", id,
                                         req.handle);
@@ -235,8 +248,8 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
         ssize_t n;
         int r;
 
-        if (t->server_eof)
-                return 0; /* nothing more can be answered: see server_gone() */
+        if (t->server_eof || t->client_gone)
+                return 0; /* nothing more can be answered (server_gone()), or asked (tx_client_gone()) */
         if (!t->client_eof && t->req_in_len < sizeof(t->req_in)) {
                 n = io_result(recv(client_fd, t->req_in + t->req_in_len, sizeof(t->req_in) - t->req_in_len,
                         MSG_DONTWAIT));
@@ -259,12 +272,12 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
                         t->sent_total += (size_t) n;
                         *progress = true;
                 } else if (n != -EAGAIN)
-                        return n == 0 ? -EPIPE : (int) n;
+                        return server_failed(t, n == 0 ? -EPIPE : (int) n);
         }
         /* The client's EOF goes on once every whole request before it has (a partial one
          * cannot be answered: it goes nowhere). */
         if (t->client_eof && !t->server_shut && t->req_out_done == t->req_out_len &&
-            t->req_in_len < NBD_REQUEST_SIZE) {
+            t->req_in_len < NBD_REQUEST_SIZE && t->n_in_flight == 0) {
                 if (shutdown(server_fd, SHUT_WR) < 0 && errno != ENOTCONN)
                         return -errno;
                 t->server_shut = true;
@@ -276,7 +289,7 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
 static int drain_pipe(Transmission *t, int client_fd, bool *progress) {
         ssize_t n;
 
-        if (t->pipe_pending == 0)
+        if (t->pipe_pending == 0 || t->client_gone)
                 return 0;
         n = io_result(splice(t->pipe[0], NULL, client_fd, NULL, t->pipe_pending, TX_SPLICE_FLAGS));
         if (n > 0) {
@@ -313,7 +326,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                 if (n == -EAGAIN)
                         break;
                 if (n < 0)
-                        return (int) n;
+                        return server_failed(t, (int) n);
                 *progress = true;
                 if (n == 0) {
                         server_gone(t); /* a partial header goes nowhere */
@@ -323,11 +336,20 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                 if (t->rep_len == t->rep_want) {
                         r = tx_reply_header(t, id);
                         if (r < 0)
-                                return r;
+                                return server_failed(t, r);
                 }
                 break;
 
         case TX_REPLY_PASS:
+                if (t->client_gone) {
+                        t->rep_sent = t->rep_len; /* to nobody */
+                        *progress = true;
+                        if (t->payload_left == 0)
+                                reply_end(t);
+                        else
+                                t->reply_step = TX_REPLY_PAYLOAD;
+                        break;
+                }
                 /* After every byte of the payload before it. */
                 if (t->pipe_pending > 0)
                         break;
@@ -349,6 +371,19 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                 break;
 
         case TX_REPLY_PAYLOAD:
+                if (t->client_gone && !t->server_eof) {
+                        n = io_result(recv(server_fd, drain_buf, (size_t) MIN(t->payload_left, DRAIN_BUF), MSG_DONTWAIT));
+                        if (n == -EAGAIN)
+                                break;
+                        if (n < 0)
+                                return server_failed(t, (int) n);
+                        *progress = true;
+                        if (n == 0)
+                                server_gone(t);
+                        else
+                                tx_payload_passed(t, (size_t) n);
+                        break;
+                }
                 if (t->server_eof || t->pipe_full)
                         break;
                 n = io_result(splice(server_fd, NULL, t->pipe[1], NULL, (size_t) MIN(t->payload_left, SPLICE_MAX),
@@ -359,7 +394,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                         break;
                 }
                 if (n < 0)
-                        return (int) n;
+                        return server_failed(t, (int) n);
                 *progress = true;
                 if (n == 0) {
                         server_gone(t); /* the client gets what came, then EOF */
@@ -373,13 +408,50 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
         r = drain_pipe(t, client_fd, progress);
         if (r < 0)
                 return r;
-        if (t->server_eof && !t->client_shut && t->pipe_pending == 0) {
+        if (t->server_eof && !t->client_shut && t->pipe_pending == 0 && !t->client_gone) {
                 if (shutdown(client_fd, SHUT_WR) < 0 && errno != ENOTCONN)
                         return -errno;
                 t->client_shut = true;
                 *progress = true;
         }
         return 0;
+}
+
+bool tx_client_gone(Transmission *t) {
+        unsigned k = 0;
+
+        t->client_gone = t->client_eof = true;
+        t->req_in_len = 0;
+        /* What QEMU has not wholly received it holds nothing for: out of the flight at once. */
+        for (unsigned i = 0; i < t->n_in_flight; i++) {
+                TxRequest *r = &t->in_flight[i];
+
+                if (r->end <= t->sent_total) {
+                        t->in_flight[k++] = *r;
+                        continue;
+                }
+                t->cost -= r->cost;
+                if (t->shared)
+                        t->shared->used -= r->cost;
+        }
+        /* reply_ends indexes in_flight: keep it pointing at the same request */
+        if (t->reply_ends >= 0)
+                for (unsigned i = 0; i < k; i++)
+                        if (t->in_flight[i].handle == get_be64(t->rep + 8)) {
+                                t->reply_ends = (int) i;
+                                break;
+                        }
+        t->n_in_flight = k;
+        t->req_out_len = t->req_out_done;
+        shared_wait_set(t, false);
+        /* What waits in the pipe was the client's: dropped with it. */
+        for (size_t i = 0; i < ELEMENTSOF(t->pipe); i++)
+                if (t->pipe[i] >= 0)
+                        close(t->pipe[i]);
+        t->pipe[0] = t->pipe[1] = -1;
+        t->pipe_pending = 0;
+        t->pipe_full = false;
+        return !t->server_eof && !t->server_broken && (t->n_in_flight > 0 || t->reply_step != TX_REPLY_HEADER);
 }
 
 int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
@@ -397,6 +469,9 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
                 if (!progress)
                         break;
         }
+        if (t->client_gone)
+                /* Drained: every reply read (the last one whole), or QEMU's side ended. */
+                return t->server_eof || (t->n_in_flight == 0 && t->reply_step == TX_REPLY_HEADER && t->rep_len == 0);
         /* A reply that ended in the last round may have made room for a request that waits:
          * let it in now, so that tx_events() asks to send it. */
         if (!t->server_eof) {
@@ -408,7 +483,7 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
 }
 
 bool tx_owes_client(const Transmission *t) {
-        return t->pipe_pending > 0 || t->reply_step == TX_REPLY_PASS;
+        return !t->client_gone && (t->pipe_pending > 0 || t->reply_step == TX_REPLY_PASS);
 }
 
 void tx_events(const Transmission *t, short *client_events, short *server_events) {

@@ -11,8 +11,8 @@
  * most TX_BUDGET, and at most TX_IN_FLIGHT_MAX requests; the rest wait in the client's socket.
  * To know when a reply ends it follows both directions:
  *   client → server  request headers (28 bytes, no payload: the export is read-only), read and
- *                    checked here: READ, CACHE and BLOCK_STATUS pass, DISC passes and ends the
- *                    requests; WRITE, TRIM, WRITE_ZEROES, FLUSH, the FUA flag (a flush of the
+ *                    checked here: READ, CACHE and BLOCK_STATUS pass, DISC passes once every
+ *                    reply came (as does the client's EOF) and ends the requests; WRITE, TRIM, WRITE_ZEROES, FLUSH, the FUA flag (a flush of the
  *                    guest's disk; not offered either), unknown commands, a bad magic, a read
  *                    over NBD_READ_MAX or a handle already in flight close the pair
  *   server → client  reply headers (simple, 16 bytes; structured, 20) read and passed on here,
@@ -21,6 +21,11 @@
  *                    TX_CHUNK_MAX, closes the pair
  * Once the server has said EOF nothing more can be answered: what waits is dropped, the client
  * gets what came and EOF, and the pair ends.
+ * A client that goes (or is sent away) with requests in flight leaves them to be drained
+ * (tx_client_gone()): QEMU keeps each request's buffer until it has read the data, whatever
+ * happens to the connection, so the budget comes back reply by reply as the relay reads and drops
+ * them, not when the client went; requests not wholly sent yet are dropped at once. Nothing more
+ * goes to the server meanwhile, not even EOF.
  * A relay of many connections can also share one budget among them all (TxShared): a request
  * that the connection's own budget lets in still waits while the requests of every connection
  * together would cost more than the shared maximum, or others wait already (shared_wait set),
@@ -113,6 +118,8 @@ typedef struct Transmission {
         size_t pipe_pending; /* bytes in the pipe */
         bool pipe_full, server_eof, client_shut;
         uint64_t to_client_total; /* bytes of replies the client took */
+        bool client_gone;         /* draining: replies are read and dropped (tx_client_gone()) */
+        bool server_broken;       /* the server's side failed: nothing to drain */
 } Transmission;
 
 /* Sets up t (its pipe: 0 or -errno), counting its requests in shared as well (NULL: none).
@@ -137,6 +144,11 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd);
 
 /* Replies wait for the client to read them. */
 bool tx_owes_client(const Transmission *t);
+
+/* The client went: true if requests sent to the server are still in flight, which tx_step()
+ * (called with client_fd -1 from now on) drains before it says the pair is done; false if the
+ * pair can end now. */
+bool tx_client_gone(Transmission *t);
 
 /* What to poll each fd for. An fd with nothing wanted gets 0. */
 void tx_events(const Transmission *t, short *client_events, short *server_events);

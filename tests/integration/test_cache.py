@@ -51,10 +51,12 @@ class Remote:
             f.write(os.urandom(size))
         self.proc = None
         self.start_argv = []
+        self.params = []
 
     def start(self):
         self.proc = h.spawn(['nbdkit', '-f', '-r', '--exit-with-parent', '-p', str(self.port), '-i', '127.0.0.1']
-                            + self.start_argv + ['--filter=log', 'file', self.file, 'logfile=' + self.logfile],
+                            + self.start_argv + ['--filter=log', 'file', self.file, 'logfile=' + self.logfile]
+                            + self.params,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def up():
@@ -632,6 +634,46 @@ class CacheTest(h.TestCase):
             stop.set()
             for t in threads:
                 t.join(30)
+
+    def test_9_h_a_client_gone_with_reads_in_flight_keeps_them_in_the_budget(self):
+        """Review 33c: QEMU keeps a read's buffer until it has read the data, whatever becomes of
+        the connection, and the relay gave the budget back as soon as it closed one. Clients that
+        each sent a read of what the cache had yet to fetch (from a remote 1 s away here) and,
+        right behind it, a write (refused: the connection closed) made the cache's QEMU take all
+        their reads in at once, a buffer for each, past the budget. Their reads are drained now,
+        and count until their replies are read."""
+        self.remote.start_argv = ['--filter=delay']
+        self.remote.params = ['rdelay=1']
+        self.addCleanup(setattr, self.remote, 'start_argv', [])
+        self.addCleanup(setattr, self.remote, 'params', [])
+        path, sock, pid = self.serving_cache('gone.qcow2')
+
+        def vm_kib():
+            with open('/proc/%d/status' % pid) as f:
+                return int(re.search(r'^VmData:\s+(\d+) kB', f.read(), re.M).group(1))
+        before = vm_kib()
+        conns = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(12)]
+        self.addCleanup(lambda: [c.close() for c in conns])
+        for k, c in enumerate(conns):
+            c.sendall(o.nbd_request(o.NBD_CMD_READ, k, 0, SIZE))
+        time.sleep(0.3)  # the reads the budget lets in are on their way to QEMU
+        for k, c in enumerate(conns):
+            c.sendall(o.nbd_request(o.NBD_CMD_WRITE, k + 100, 0, 512))
+            time.sleep(0.05)  # the next read goes in, and on
+        peak, deadline = before, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            peak = max(peak, vm_kib())
+            time.sleep(0.02)
+        grown = (peak - before) // 1024
+        # 12 reads of 16 MiB, each with copy-on-read's bounce buffer (as large, up to 16 MiB) while
+        # it fetches: 264 MiB at once before (VmData: taken, touched or not; what RLIMIT_AS counts);
+        # the budget's 64 MiB and their bounces, 128 MiB, now.
+        self.assertLess(grown, 192, "the cache's QEMU took %d MiB for clients that were gone" % grown)
+        for c in conns:  # each is closed once the relay saw its write
+            c.settimeout(60)
+            while c.recv(1 << 20):
+                pass
+        self.assertEqual(cache_helpers(self.env, path)[1][0][0], pid, "the cache's QEMU is the same")
 
     def test_8_an_unreadable_record_gives_no_cache_away(self):
         """Overlays name their cache by its socket (caches/N.sock). A caches.json that cannot be

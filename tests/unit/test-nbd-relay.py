@@ -878,18 +878,21 @@ def test_control_backpressure():
 
 
 def test_half_close():
-    """shutdown(SHUT_WR) is passed on each way once what came before it has gone through; a
-    half-closed pair still gets its replies."""
+    """shutdown(SHUT_WR) is passed on each way once what came before it has gone through, and
+    to the server once every reply came too (QEMU closes at EOF, and keeps the buffers of the
+    reads it has until it has read their data, out of the budget); a half-closed pair still gets
+    its replies."""
     with Relay() as relay:
         c, up = pair_with_fake_upstream(relay)
         c.sendall(request(CMD_READ, 1, 0, 5000) + free_request(2))
         c.shutdown(socket.SHUT_WR)
-        check(recv_all(up) == request(CMD_READ, 1, 0, 5000) + free_request(2),
-              "upstream did not get the requests then EOF")
+        check(read_request(up) == (CMD_READ, 1, 0, 5000) and read_request(up)[1] == 2, "upstream got the requests")
+        nothing_comes(up, "EOF before the replies")
         up.sendall(simple_reply(1, 0, b"r" * 5000))
         time.sleep(0.1)
         check(relay.daemon.clients() == 1, "a half-closed pair is still a client")
         up.sendall(simple_reply(2))
+        check(recv_all(up) == b"", "upstream did not get EOF after the replies")
         up.shutdown(socket.SHUT_WR)
         check(recv_all(c) == simple_reply(1, 0, b"r" * 5000) + simple_reply(2),
               "client did not get the replies then EOF")
@@ -1005,8 +1008,12 @@ def test_requests_in_flight_counted():
         up.sendall(simple_reply(1))
         check(recv_exact(c, 16) == simple_reply(1), "a simple reply not passed on")
         check(read_request(up)[1] == 17, "no request let in after a simple reply")
-        # DISC goes on, uncounted; nothing may follow it.
+        # DISC goes on, uncounted, once every reply came (QEMU closes at it, and keeps the buffers
+        # of the reads it has until it has read their data); nothing may follow it.
         c.sendall(request(CMD_DISC, 99))
+        nothing_comes(up, "DISC before the replies")
+        up.sendall(b"".join(simple_reply(k) for k in range(2, 18)))
+        check(recv_exact(c, 16 * 16) == b"".join(simple_reply(k) for k in range(2, 18)), "the replies")
         check(read_request(up)[:2] == (CMD_DISC, 99), "DISC not passed on")
         c.sendall(free_request(100))
         check_closed(c, "a request after DISC")
@@ -1078,9 +1085,11 @@ def test_reply_to_a_request_not_sent():
 
 
 def test_requests_refused():
-    """What a read-only export never does, or no NBD client sends, closes the pair before the
-    server sees it (a write's payload would be read into QEMU's memory first); the relay serves
-    the next client."""
+    """What a read-only export never does, or no NBD client sends, closes the client before the
+    server sees it (a write's payload would be read into QEMU's memory first). The read it had
+    sent on is drained first (QEMU keeps its buffer until it has read the data, whatever becomes
+    of the connection): the server's side is closed once its reply came, and dropped. The relay
+    serves the next client."""
     bad = [("a write", request(CMD_WRITE, 1, 0, 4096) + b"w" * 4096), ("a trim", request(CMD_TRIM, 1, 0, 4096)),
            ("write zeroes", request(CMD_WRITE_ZEROES, 1, 0, 4096)), ("an unknown command", request(8, 1)),
            ("a bad magic", b"GET / HTTP/1.0\r\n\r\n" + b"x" * 10), ("a read over 32 MiB", request(CMD_READ, 1, 0, READ_MAX + 1)),
@@ -1094,6 +1103,8 @@ def test_requests_refused():
             check(read_request(up) == (CMD_READ, 1000, 0, 512), "the read before %s" % what)
             c.sendall(data)
             check_closed(c, what)
+            nothing_comes(up, "%s: bytes or EOF to the server with a read in flight" % what)
+            up.sendall(simple_reply(1000, data=b"r" * 512))
             seen = recv_all(up)
             check(seen == b"", "%s: the server saw %r" % (what, seen[:64]))
             up.close()
