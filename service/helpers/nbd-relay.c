@@ -111,6 +111,7 @@ typedef struct Client {
          * (0: none), and how much it had read by then */
         usec_t stuck_since;
         uint64_t stuck_total;
+        uint32_t peer_uid; /* SO_PEERCRED's, for turns by user; UINT32_MAX: none (TCP) */
 } Client;
 
 typedef struct Relay {
@@ -118,7 +119,7 @@ typedef struct Relay {
         unsigned n_slots; /* --clients */
         unsigned n_clients;
         TxShared shared; /* --budget; max 0: none */
-        unsigned next_waiter; /* where the next look for requests waiting on the budget starts */
+        uint32_t last_uid; /* whose request went in on the last turn */
         unsigned n_clients_reported;
         uint64_t next_id;
         bool control_blocked; /* the daemon's queue was full: wait for POLLOUT */
@@ -258,42 +259,64 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
                 client_relay(relay, c);
 }
 
-/* Requests that waited for the shared budget: room may have come, from any client's reply. The
- * waiting clients get a turn each (one request) in rotation, round after round while there is
- * room and a turn was taken, starting after the last that took one: no slot is served first. One
- * whose request does not fit yet ends the rotation and starts the next: nobody passes it, so the
- * room it needs (a read of 32 MiB among many small ones) comes. */
-#define ADMIT_ROUNDS_MAX 64U
+/* Requests that waited for the shared budget: room may have come, from any client's reply. Turns
+ * (one request each) go by user, in rotation: the next uid after the last served, and of its
+ * clients the one waiting longest. So a user's many connections get no more turns than another
+ * user's one, and a client that got a turn waits behind that user's others. One whose request
+ * does not fit yet ends the look and is the next turn again: nobody passes it, so the room it
+ * needs (a read of 32 MiB among many small ones) comes. Each turn taken puts a request in
+ * flight, whose reply wakes the loop: a look cut short at ADMIT_TURNS_MAX goes on then. */
+#define ADMIT_TURNS_MAX 64U
+
+static Client *next_turn(Relay *relay) {
+        Client *best = NULL;
+        uint32_t best_key = 0;
+
+        for (size_t i = 0; i < relay->n_slots; i++) {
+                Client *c = &relay->clients[i];
+                uint32_t key = c->peer_uid - relay->last_uid - 1; /* the next uid after it first */
+
+                if (c->state != CLIENT_RELAYING || !c->tx.shared_wait)
+                        continue;
+                if (!best || key < best_key || (key == best_key && c->tx.wait_seq < best->tx.wait_seq)) {
+                        best = c;
+                        best_key = key;
+                }
+        }
+        return best;
+}
 
 static void relay_admit_waiting(Relay *relay) {
         TxShared *s = &relay->shared;
 
-        for (unsigned round = 0; round < ADMIT_ROUNDS_MAX && s->n_waiting > 0 && s->used < s->max; round++) {
-                unsigned start = relay->next_waiter;
-                bool taken = false;
+        for (unsigned n = 0; n < ADMIT_TURNS_MAX && s->n_waiting > 0 && s->used < s->max; n++) {
+                Client *c = next_turn(relay);
+                uint64_t before;
+                uint32_t uid;
 
-                for (unsigned k = 0; k < relay->n_slots && s->n_waiting > 0 && s->used < s->max; k++) {
-                        unsigned i = (start + k) % relay->n_slots;
-                        Client *c = &relay->clients[i];
-                        uint64_t before = c->tx.admitted_total;
-
-                        if (c->state != CLIENT_RELAYING || !c->tx.shared_wait)
-                                continue;
-                        c->tx.turn = true;
-                        client_relay(relay, c);
-                        if (c->state != CLIENT_RELAYING || c->tx.admitted_total != before) {
-                                taken = true;
-                                relay->next_waiter = (i + 1) % relay->n_slots;
-                        }
-                        c->tx.turn = false;
-                        if (c->state == CLIENT_RELAYING && c->tx.admitted_total == before && c->tx.shared_wait) {
-                                relay->next_waiter = i;
-                                return;
-                        }
-                }
-                if (!taken)
+                if (!c)
                         break;
+                before = c->tx.admitted_total;
+                uid = c->peer_uid;
+                c->tx.turn = true;
+                client_relay(relay, c);
+                if (c->state == CLIENT_RELAYING) {
+                        c->tx.turn = false;
+                        if (c->tx.admitted_total == before && c->tx.shared_wait)
+                                return; /* it does not fit yet: the next turn is its own again */
+                }
+                relay->last_uid = uid;
         }
+}
+
+/* The uid of the process that connected (AF_UNIX), else UINT32_MAX: one user for turns. */
+static uint32_t peer_uid(int fd) {
+        struct ucred cred;
+        socklen_t l = sizeof(cred);
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &l) < 0 || l != sizeof(cred))
+                return UINT32_MAX;
+        return (uint32_t) cred.uid;
 }
 
 static int relay_accept(Relay *relay, usec_t now) {
@@ -354,6 +377,7 @@ static int relay_accept(Relay *relay, usec_t now) {
                         .upstream_fd = -1,
                         .deadline = now + upstream_timeout_usec,
                         .connect_queued = true,
+                        .peer_uid = peer_uid(fd),
                 };
                 relay->n_clients++;
                 log_debug("Client %" PRIu64 " connected.", c->id);
@@ -678,6 +702,8 @@ static int install_allowlist(void) {
                 { "fcntl", 1, { SCMP_A1(SCMP_CMP_EQ, F_SETFL) } },
                 { "fcntl64", 1, { SCMP_A1(SCMP_CMP_EQ, F_GETFL) } },
                 { "fcntl64", 1, { SCMP_A1(SCMP_CMP_EQ, F_SETFL) } },
+                /* a client's uid, for turns by user */
+                { "getsockopt", 2, { SCMP_A1(SCMP_CMP_EQ, SOL_SOCKET), SCMP_A2(SCMP_CMP_EQ, SO_PEERCRED) } },
                 /* passing on a half-close */
                 { "shutdown", 1, { SCMP_A1(SCMP_CMP_EQ, SHUT_WR) } },
                 /* ending a pair */
@@ -844,6 +870,7 @@ int main(int argc, char *argv[]) {
         }
         relay->n_slots = n_slots;
         relay->shared.max = budget;
+        relay->last_uid = UINT32_MAX;
         relay->next_id = 1;
         for (size_t i = 0; i < n_slots; i++)
                 relay->clients[i].fd = relay->clients[i].upstream_fd = -1;

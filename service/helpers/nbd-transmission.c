@@ -45,6 +45,8 @@ static void shared_wait_set(Transmission *t, bool wait) {
         if (t->shared) {
                 assert(wait || t->shared->n_waiting > 0);
                 t->shared->n_waiting += wait ? 1 : -1;
+                if (wait)
+                        t->wait_seq = ++t->shared->wait_seq;
         }
 }
 
@@ -77,6 +79,8 @@ static int in_flight_find(const Transmission *t, uint64_t handle) {
 }
 
 int tx_admit(Transmission *t, uint64_t id) {
+        bool was_waiting = t->shared_wait, admitted = false;
+        uint64_t since = t->wait_seq;
         size_t off = 0;
 
         shared_wait_set(t, false); /* n_waiting counts the others now */
@@ -157,10 +161,13 @@ int tx_admit(Transmission *t, uint64_t id) {
                         if (t->shared && (t->shared->used + req.cost > t->shared->max ||
                                                  (t->shared->n_waiting > 0 && !t->turn))) {
                                 shared_wait_set(t, true);
+                                if (was_waiting && !admitted)
+                                        t->wait_seq = since; /* still waiting: its place kept */
                                 break;
                         }
                         if (t->shared && t->shared->n_waiting > 0)
                                 t->turn = false; /* used */
+                        admitted = true;
                         req.end = t->admitted_total + NBD_REQUEST_SIZE;
                         t->in_flight[t->n_in_flight++] = req;
                         t->cost += req.cost;

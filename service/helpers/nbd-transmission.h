@@ -78,6 +78,7 @@
 typedef struct TxShared {
         uint64_t used, max;
         unsigned n_waiting;
+        uint64_t wait_seq; /* the last Transmission.wait_seq given */
 } TxShared;
 
 typedef struct TxRequest {
@@ -108,6 +109,7 @@ typedef struct Transmission {
         TxShared *shared; /* NULL: this connection's budget only */
         bool shared_wait; /* a request waits for the shared budget (tx_admit()) */
         bool turn;        /* the relay's: one request may go in though others wait */
+        uint64_t wait_seq; /* while shared_wait: when it began to wait (TxShared.wait_seq) */
         /* server → client */
         TxReplyStep reply_step;
         uint8_t rep[NBD_STRUCTURED_REPLY_SIZE];

@@ -329,7 +329,11 @@ def nbd_hold(path, name=b'', timeout=30):
     c.settimeout(timeout)
     if not isinstance(path, tuple):
         c.connect(path)
+    return nbd_go(c, name)
 
+
+def nbd_go(c, name=b''):
+    """The handshake of nbd_hold() on connected socket c, which is returned."""
     def take(n):
         return recv_exact(c, n, 'a client in its handshake')
 

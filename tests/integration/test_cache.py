@@ -675,6 +675,68 @@ class CacheTest(h.TestCase):
                 pass
         self.assertEqual(cache_helpers(self.env, path)[1][0][0], pid, "the cache's QEMU is the same")
 
+    def connect_as(self, user, sock):
+        """A connection to sock that a process of user's made (its uid is the one the relay sees),
+        handed back over a socket pair."""
+        pw = pwd.getpwnam(user)
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            code = ('import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); '
+                    'socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"x"], [s.fileno()])')
+            r = subprocess.run(['setpriv', '--reuid=%d' % pw.pw_uid, '--regid=%d' % pw.pw_gid, '--clear-groups',
+                                sys.executable, '-c', code, sock, str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               timeout=60)
+            self.assertEqual(r.returncode, 0, r.stdout)
+            _, fds, _, _ = socket.recv_fds(mine, 1, 1)
+        c = socket.socket(fileno=fds[0])
+        c.settimeout(60)
+        return c
+
+    def test_9_i_turns_go_by_user_not_by_connection(self):
+        """Review 33c: turns went by connection, so a user with many connections got a turn on
+        each for every one of another user's: eight busy connections of one user (root here)
+        and a QEMU user's one with 16 reads queued, all waiting, let the busy ones through about
+        eight reads for each of the other's. Turns go by user now, in rotation: one each."""
+        path, sock, pid = self.serving_cache('turns.qcow2')
+        reads, length = 2000, 2 * MiB
+        busy = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(8)]
+        self.addCleanup(lambda: [c.close() for c in busy])
+        honest = o.nbd_go(self.connect_as(QEMU_USER, sock), b'cache')
+        self.addCleanup(honest.close)
+        done = [0] * len(busy)
+        stop = threading.Event()
+
+        def drain(k):
+            try:
+                while done[k] < reads and not stop.is_set():
+                    o.nbd_simple_read_reply(busy[k], length)
+                    done[k] += 1
+            except (OSError, AssertionError):
+                pass
+        for c in busy:
+            c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, j, (j * length) % SIZE, length) for j in range(reads)))
+        threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(busy))]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)  # all busy, the budget taken
+            before = sum(done)
+            honest.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, j, j * 4096, 4096) for j in range(16)))
+            for j in range(16):
+                handle, _ = o.nbd_simple_read_reply(honest, 4096)
+            busy_reads = sum(done) - before
+            self.assertTrue(all(n < reads for n in done), 'the busy clients ran out of reads first: %s' % done)
+        finally:
+            stop.set()
+            for c in busy:
+                c.shutdown(socket.SHUT_RDWR)
+            for t in threads:
+                t.join(60)
+        # One turn each: about 16 of theirs for the 16 reads (17, 19 and 21 in three runs); by
+        # connection, about 8 for each (123, 124 and 127 before).
+        self.assertLess(busy_reads, 64, 'the busy user got %d reads in for 16 of the other' % busy_reads)
+
     def test_8_an_unreadable_record_gives_no_cache_away(self):
         """Overlays name their cache by its socket (caches/N.sock). A caches.json that cannot be
         read after a restart (a crash, a full disk) restores no cache; a new cache then took number
