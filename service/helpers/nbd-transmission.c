@@ -449,6 +449,15 @@ bool tx_client_gone(Transmission *t) {
                                 break;
                         }
         t->n_in_flight = k;
+        /* A reply header that waited for the client goes to nobody: the drain reads on from the
+         * server (nothing would call tx_step() for a pair that waits on no fd). */
+        if (t->reply_step == TX_REPLY_PASS) {
+                t->rep_sent = t->rep_len;
+                if (t->payload_left == 0)
+                        reply_end(t);
+                else
+                        t->reply_step = TX_REPLY_PAYLOAD;
+        }
         t->req_out_len = t->req_out_done;
         shared_wait_set(t, false);
         /* What waits in the pipe was the client's: dropped with it. */

@@ -877,6 +877,24 @@ def test_control_backpressure():
         relay.stop()
 
 
+def test_client_gone_with_a_read_in_flight():
+    """A client that closes with a read sent on leaves it to be drained: the server's side stays
+    open until its reply came (read and dropped at once, also when its header had come before the
+    relay saw the client go), then closes; the slot is free again."""
+    with Relay() as relay:
+        for data in (b"", b"r" * 5000):
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_READ, 1, 0, len(data)))
+            check(read_request(up) == (CMD_READ, 1, 0, len(data)), "the read")
+            c.close()
+            nothing_comes(up, "EOF to the server with a read in flight")
+            up.sendall(simple_reply(1, 0, data))
+            check(recv_all(up) == b"", "the server's side not closed once the reply came")
+            relay.daemon.wait_clients(0)
+            up.close()
+        relay.stop()
+
+
 def test_half_close():
     """shutdown(SHUT_WR) is passed on each way once what came before it has gone through, and
     to the server once every reply came too (QEMU closes at EOF, and keeps the buffers of the
