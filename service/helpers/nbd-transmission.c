@@ -199,6 +199,18 @@ static void reply_end(Transmission *t) {
         reply_expect_header(t);
 }
 
+/* A draining pair's reply header, read whole, goes to nobody at once: PASS would wait on the
+ * client, which is gone, and no fd event would come to end it. */
+static void pass_to_nobody(Transmission *t) {
+        if (t->reply_step != TX_REPLY_PASS)
+                return;
+        t->rep_sent = t->rep_len;
+        if (t->payload_left == 0)
+                reply_end(t);
+        else
+                t->reply_step = TX_REPLY_PAYLOAD;
+}
+
 int tx_reply_header(Transmission *t, uint64_t id) {
         uint32_t magic = get_be32(t->rep);
         uint64_t handle = get_be64(t->rep + 8);
@@ -251,6 +263,20 @@ static ssize_t io_result(ssize_t n) {
         return errno == EINTR ? -EAGAIN : -errno;
 }
 
+/* The client's EOF goes on once every whole request before it has (a partial one cannot be
+ * answered: it goes nowhere), and every reply came (QEMU closes at EOF, and keeps the buffers of
+ * the reads it has until it has read their data). */
+static int pass_eof(Transmission *t, int server_fd, bool *progress) {
+        if (t->client_eof && !t->client_gone && !t->server_eof && !t->server_shut &&
+            t->req_out_done == t->req_out_len && t->req_in_len < NBD_REQUEST_SIZE && t->n_in_flight == 0) {
+                if (shutdown(server_fd, SHUT_WR) < 0 && errno != ENOTCONN)
+                        return -errno;
+                t->server_shut = true;
+                *progress = true;
+        }
+        return 0;
+}
+
 static int step_requests(Transmission *t, uint64_t id, int client_fd, int server_fd, bool *progress) {
         ssize_t n;
         int r;
@@ -281,16 +307,7 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
                 } else if (n != -EAGAIN)
                         return server_failed(t, n == 0 ? -EPIPE : (int) n);
         }
-        /* The client's EOF goes on once every whole request before it has (a partial one
-         * cannot be answered: it goes nowhere). */
-        if (t->client_eof && !t->server_shut && t->req_out_done == t->req_out_len &&
-            t->req_in_len < NBD_REQUEST_SIZE && t->n_in_flight == 0) {
-                if (shutdown(server_fd, SHUT_WR) < 0 && errno != ENOTCONN)
-                        return -errno;
-                t->server_shut = true;
-                *progress = true;
-        }
-        return 0;
+        return pass_eof(t, server_fd, progress);
 }
 
 static int drain_pipe(Transmission *t, int client_fd, bool *progress) {
@@ -344,17 +361,15 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                         r = tx_reply_header(t, id);
                         if (r < 0)
                                 return server_failed(t, r);
+                        if (t->client_gone)
+                                pass_to_nobody(t);
                 }
                 break;
 
         case TX_REPLY_PASS:
-                if (t->client_gone) {
-                        t->rep_sent = t->rep_len; /* to nobody */
+                if (t->client_gone) { /* not reached: pass_to_nobody() came first */
+                        pass_to_nobody(t);
                         *progress = true;
-                        if (t->payload_left == 0)
-                                reply_end(t);
-                        else
-                                t->reply_step = TX_REPLY_PAYLOAD;
                         break;
                 }
                 /* After every byte of the payload before it. */
@@ -451,13 +466,7 @@ bool tx_client_gone(Transmission *t) {
         t->n_in_flight = k;
         /* A reply header that waited for the client goes to nobody: the drain reads on from the
          * server (nothing would call tx_step() for a pair that waits on no fd). */
-        if (t->reply_step == TX_REPLY_PASS) {
-                t->rep_sent = t->rep_len;
-                if (t->payload_left == 0)
-                        reply_end(t);
-                else
-                        t->reply_step = TX_REPLY_PAYLOAD;
-        }
+        pass_to_nobody(t);
         t->req_out_len = t->req_out_done;
         shared_wait_set(t, false);
         /* What waits in the pipe was the client's: dropped with it. */
@@ -485,6 +494,10 @@ int tx_step(Transmission *t, uint64_t id, int client_fd, int server_fd) {
                 if (!progress)
                         break;
         }
+        /* A reply that ended in the last round may have let the client's EOF go on. */
+        r = pass_eof(t, server_fd, &(bool) { false });
+        if (r < 0)
+                return r;
         if (t->client_gone)
                 /* Drained: every reply read (the last one whole), or QEMU's side ended. */
                 return t->server_eof || (t->n_in_flight == 0 && t->reply_step == TX_REPLY_HEADER && t->rep_len == 0);

@@ -895,6 +895,43 @@ def test_client_gone_with_a_read_in_flight():
         relay.stop()
 
 
+def test_drains_and_eofs_at_any_round():
+    """tx_step() stops after 16 rounds a wakeup. A reply header that the 16th round of a drain
+    completed waited for a client that was gone, and no fd event came to end it (the drain sat
+    until its 30 s deadline); a half-closed client whose last reply ended in the 16th round never
+    had its EOF passed on (the pair stayed for good). With n replies buffered at once, one of the
+    n below ends on the 16th round for each case."""
+    with Relay() as relay:
+        for n in range(1, 12):
+            # A client gone with a 4 KiB read and n empty ones in flight.
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_READ, 0, 0, 4096) + b"".join(request(CMD_READ, k, 0, 0) for k in range(1, n + 1)))
+            for _ in range(n + 1):
+                read_request(up)
+            c.close()
+            time.sleep(0.05)  # the relay sees the client go before the replies come
+            up.sendall(simple_reply(0, 0, b"r" * 4096) + b"".join(simple_reply(k) for k in range(1, n + 1)))
+            check(recv_all(up) == b"", "%d replies drained: the server's side not closed" % (n + 1))
+            up.close()
+            relay.daemon.wait_clients(0)
+            # A half-closed client with n empty reads in flight, all answered at once.
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(b"".join(request(CMD_READ, k, 0, 0) for k in range(1, n + 1)))
+            c.shutdown(socket.SHUT_WR)
+            for _ in range(n):
+                read_request(up)
+            time.sleep(0.05)  # the relay has the client's EOF
+            up.sendall(b"".join(simple_reply(k) for k in range(1, n + 1)))
+            check(recv_exact(c, 16 * n) == b"".join(simple_reply(k) for k in range(1, n + 1)), "the replies")
+            check(recv_all(up) == b"", "%d replies: the client's EOF not passed on" % n)
+            up.shutdown(socket.SHUT_WR)
+            check(recv_all(c) == b"", "no EOF to the client")
+            c.close()
+            up.close()
+            relay.daemon.wait_clients(0)
+        relay.stop()
+
+
 def test_half_close():
     """shutdown(SHUT_WR) is passed on each way once what came before it has gone through, and
     to the server once every reply came too (QEMU closes at EOF, and keeps the buffers of the
