@@ -265,7 +265,7 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
  * user's one, and a client that got a turn waits behind that user's others. One whose request
  * does not fit yet ends the look and is the next turn again: nobody passes it, so the room it
  * needs (a read of 32 MiB among many small ones) comes. Each turn taken puts a request in
- * flight, whose reply wakes the loop: a look cut short at ADMIT_TURNS_MAX goes on then. */
+ * flight, whose reply wakes the loop: a look cut short at ADMIT_TURNS_MAX taken goes on then. */
 #define ADMIT_TURNS_MAX 64U
 
 static Client *next_turn(Relay *relay) {
@@ -288,8 +288,14 @@ static Client *next_turn(Relay *relay) {
 
 static void relay_admit_waiting(Relay *relay) {
         TxShared *s = &relay->shared;
+        unsigned taken = 0;
 
-        for (unsigned n = 0; n < ADMIT_TURNS_MAX && s->n_waiting > 0 && s->used < s->max; n++) {
+        /* A turn whose client is closed in it (a refused request behind its read) puts nothing in
+         * flight, and is not counted: each counted one is a reply that will wake the loop. Closed
+         * ones are bounded by the slots. */
+        for (unsigned k = 0; taken < ADMIT_TURNS_MAX && k <= relay->n_slots + ADMIT_TURNS_MAX && s->n_waiting > 0 &&
+             s->used < s->max;
+             k++) {
                 Client *c = next_turn(relay);
                 uint64_t before;
                 uint32_t uid;
@@ -304,6 +310,7 @@ static void relay_admit_waiting(Relay *relay) {
                         c->tx.turn = false;
                         if (c->tx.admitted_total == before && c->tx.shared_wait)
                                 return; /* it does not fit yet: the next turn is its own again */
+                        taken += c->tx.admitted_total != before;
                 }
                 relay->last_uid = uid;
         }

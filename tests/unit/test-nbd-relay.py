@@ -143,7 +143,7 @@ class Relay:
     """A relay on a listening socket, with the test as its daemon."""
 
     def __init__(self, listener=None, upstream=None, selftest=None, wait_ready=True, fd3=None, fd4=None,
-                 extra_fds=(), ctrl_sndbuf=None, export=EXPORT):
+                 extra_fds=(), ctrl_sndbuf=None, export=EXPORT, args=()):
         exe = RELAY
         env = {"PATH": "/usr/bin:/bin", "BLOCKSTREAM_LOG_LEVEL": "debug"}
         words = list(selftest or [])
@@ -171,7 +171,7 @@ class Relay:
             child_ctrl.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ctrl_sndbuf)
         self.log_r, log_w = os.pipe()
 
-        argv = [exe, "--export=" + export]
+        argv = [exe, "--export=" + export] + list(args)
         if VALGRIND:
             argv = ["valgrind", "-q", "--vgdb=no", "--error-exitcode=%d" % VALGRIND_ERROR, "--leak-check=full",
                     "--show-leak-kinds=definite,indirect", "--errors-for-leak-kinds=definite,indirect",
@@ -929,6 +929,37 @@ def test_drains_and_eofs_at_any_round():
             c.close()
             up.close()
             relay.daemon.wait_clients(0)
+        relay.stop()
+
+
+def test_turns_of_refused_clients_do_not_use_up_the_look():
+    """With --budget, a look at the waiting requests gave at most 64 turns, counting on each to
+    put a request in flight whose reply would wake the relay for the next. A client refused in its
+    turn (a write behind its read) puts nothing in flight: 200 of them waiting ahead of a read of
+    the same user used up the look that room made, and with nothing in flight and no timer that
+    read waited for good (review 33f)."""
+    with Relay(args=["--budget=%d" % (2 * READ_MAX), "--clients=300"]) as relay:
+        big = [pair_with_fake_upstream(relay) for _ in range(2)]
+        for c, up in big:  # the budget taken, the replies held
+            c.sendall(request(CMD_READ, 1, 0, READ_MAX))
+            check(read_request(up)[1] == 1, "a big read")
+        refused = []
+        for k in range(200):
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_READ, 2, 0, 4096) + request(CMD_WRITE, 3, 0, 512))
+            refused.append((c, up))
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(request(CMD_READ, 5, 0, 4096))
+        nothing_comes(up, "a read let in past the budget")
+        for _, bup in big:  # room for every read that waits, at one wakeup
+            bup.sendall(simple_reply(1, 5))
+        check(read_request(up)[1] == 5, "the read waiting behind the refused ones")
+        for rc, rup in refused:
+            check_closed(rc, "a client refused in its turn")
+            rup.close()
+        for bc, bup in big:
+            bc.close()
+            bup.close()
         relay.stop()
 
 
