@@ -120,6 +120,7 @@ typedef struct Relay {
         unsigned n_clients;
         TxShared shared; /* --budget; max 0: none */
         uint32_t last_uid; /* whose request went in on the last turn */
+        bool admit_again;  /* a look stopped at ADMIT_TURNS_MAX with room and requests waiting */
         unsigned n_clients_reported;
         uint64_t next_id;
         bool control_blocked; /* the daemon's queue was full: wait for POLLOUT */
@@ -264,8 +265,9 @@ static void client_process(Relay *relay, Client *c, short revents, short upstrea
  * clients the one waiting longest. So a user's many connections get no more turns than another
  * user's one, and a client that got a turn waits behind that user's others. One whose request
  * does not fit yet ends the look and is the next turn again: nobody passes it, so the room it
- * needs (a read of 32 MiB among many small ones) comes. Each turn taken puts a request in
- * flight, whose reply wakes the loop: a look cut short at ADMIT_TURNS_MAX taken goes on then. */
+ * needs (a read of 32 MiB among many small ones) comes. A look cut short at ADMIT_TURNS_MAX turns
+ * taken goes on at the loop's next turn, at once: the replies of those it let in may not come
+ * (their clients need not read them). */
 #define ADMIT_TURNS_MAX 64U
 
 static Client *next_turn(Relay *relay) {
@@ -290,6 +292,7 @@ static void relay_admit_waiting(Relay *relay) {
         TxShared *s = &relay->shared;
         unsigned taken = 0;
 
+        relay->admit_again = false;
         /* A turn whose client is closed in it (a refused request behind its read) puts nothing in
          * flight, and is not counted: each counted one is a reply that will wake the loop. Closed
          * ones are bounded by the slots. */
@@ -314,6 +317,7 @@ static void relay_admit_waiting(Relay *relay) {
                 }
                 relay->last_uid = uid;
         }
+        relay->admit_again = taken >= ADMIT_TURNS_MAX && s->n_waiting > 0 && s->used < s->max;
 }
 
 /* The uid of the process that connected (AF_UNIX), else UINT32_MAX: one user for turns. */
@@ -623,6 +627,8 @@ static int relay_prepare(Relay *relay, usec_t now) {
                 }
         }
 
+        if (relay->admit_again)
+                next = now; /* the rest of a look cut short */
         if (next == USEC_INFINITY)
                 return -1;
         if (next <= now)

@@ -963,6 +963,36 @@ def test_turns_of_refused_clients_do_not_use_up_the_look():
         relay.stop()
 
 
+def test_a_look_cut_short_goes_on():
+    """A look at the waiting requests stops after 64 turns that let a request in, counting on
+    their replies to wake the relay; but their clients need not read them, and a free block
+    status (REQ_ONE, no budget) waits only behind others. 70 such turns ahead of a read left it
+    waiting for good, with room, nothing that would come and no timer (review 33g). The rest of
+    the look comes at once now."""
+    with Relay(args=["--budget=%d" % (2 * READ_MAX), "--clients=300"]) as relay:
+        big = [pair_with_fake_upstream(relay) for _ in range(2)]
+        for c, up in big:  # the budget taken, the replies held
+            c.sendall(request(CMD_READ, 1, 0, READ_MAX))
+            check(read_request(up)[1] == 1, "a big read")
+        first = pair_with_fake_upstream(relay)
+        first[0].sendall(request(CMD_READ, 2, 0, 4096))  # waits: the others queue behind it
+        nothing_comes(first[1], "a read let in past the budget")
+        free = []
+        for k in range(70):
+            c, up = pair_with_fake_upstream(relay)
+            c.sendall(request(CMD_BLOCK_STATUS, 3, 0, 4096, CMD_FLAG_REQ_ONE))
+            free.append((c, up))
+        c, up = pair_with_fake_upstream(relay)
+        c.sendall(request(CMD_READ, 5, 0, 4096))
+        for _, bup in big:  # room, at one wakeup; none of the replies after it will come
+            bup.sendall(simple_reply(1, 5))
+        check(read_request(up)[1] == 5, "the read waiting behind 70 free turns")
+        for fc, fup in free + [first] + big:
+            fc.close()
+            fup.close()
+        relay.stop()
+
+
 def test_half_close():
     """shutdown(SHUT_WR) is passed on each way once what came before it has gone through, and
     to the server once every reply came too (QEMU closes at EOF, and keeps the buffers of the
