@@ -50,19 +50,29 @@ static void shared_wait_set(Transmission *t, bool wait) {
         }
 }
 
-void tx_close(Transmission *t) {
-        shared_wait_set(t, false);
-        if (t->shared) {
-                assert(t->shared->used >= t->cost);
-                t->shared->used -= t->cost;
-                t->shared = NULL;
-        }
-        t->cost = 0;
-        t->n_in_flight = 0;
+/* Requests that cost this left the flight: their budget back, the shared one's too. */
+static void cost_drop(Transmission *t, uint64_t cost) {
+        assert(t->cost >= cost && (!t->shared || t->shared->used >= cost));
+        t->cost -= cost;
+        if (t->shared)
+                t->shared->used -= cost;
+}
+
+static void pipe_close(Transmission *t) {
         for (size_t i = 0; i < ELEMENTSOF(t->pipe); i++)
                 if (t->pipe[i] >= 0)
                         close(t->pipe[i]);
         t->pipe[0] = t->pipe[1] = -1;
+        t->pipe_pending = 0;
+        t->pipe_full = false;
+}
+
+void tx_close(Transmission *t) {
+        shared_wait_set(t, false);
+        cost_drop(t, t->cost);
+        t->shared = NULL;
+        t->n_in_flight = 0;
+        pipe_close(t);
 }
 
 /* The server's side failed (r < 0): nothing is to be drained from it. */
@@ -191,9 +201,7 @@ static void reply_end(Transmission *t) {
         if (t->reply_ends >= 0) {
                 TxRequest *r = &t->in_flight[t->reply_ends];
 
-                t->cost -= r->cost;
-                if (t->shared)
-                        t->shared->used -= r->cost;
+                cost_drop(t, r->cost);
                 *r = t->in_flight[--t->n_in_flight];
         }
         reply_expect_header(t);
@@ -366,12 +374,7 @@ static int step_replies(Transmission *t, uint64_t id, int client_fd, int server_
                 }
                 break;
 
-        case TX_REPLY_PASS:
-                if (t->client_gone) { /* not reached: pass_to_nobody() came first */
-                        pass_to_nobody(t);
-                        *progress = true;
-                        break;
-                }
+        case TX_REPLY_PASS: /* never with the client gone: pass_to_nobody() */
                 /* After every byte of the payload before it. */
                 if (t->pipe_pending > 0)
                         break;
@@ -448,34 +451,22 @@ bool tx_client_gone(Transmission *t) {
         for (unsigned i = 0; i < t->n_in_flight; i++) {
                 TxRequest *r = &t->in_flight[i];
 
-                if (r->end <= t->sent_total) {
+                if (r->end <= t->sent_total)
                         t->in_flight[k++] = *r;
-                        continue;
-                }
-                t->cost -= r->cost;
-                if (t->shared)
-                        t->shared->used -= r->cost;
+                else
+                        cost_drop(t, r->cost);
         }
-        /* reply_ends indexes in_flight: keep it pointing at the same request */
-        if (t->reply_ends >= 0)
-                for (unsigned i = 0; i < k; i++)
-                        if (t->in_flight[i].handle == get_be64(t->rep + 8)) {
-                                t->reply_ends = (int) i;
-                                break;
-                        }
         t->n_in_flight = k;
+        /* reply_ends indexes in_flight: the same request, at its new place (a reply comes only to
+         * a request sent, which stays) */
+        if (t->reply_ends >= 0)
+                t->reply_ends = in_flight_find(t, get_be64(t->rep + 8));
         /* A reply header that waited for the client goes to nobody: the drain reads on from the
          * server (nothing would call tx_step() for a pair that waits on no fd). */
         pass_to_nobody(t);
         t->req_out_len = t->req_out_done;
         shared_wait_set(t, false);
-        /* What waits in the pipe was the client's: dropped with it. */
-        for (size_t i = 0; i < ELEMENTSOF(t->pipe); i++)
-                if (t->pipe[i] >= 0)
-                        close(t->pipe[i]);
-        t->pipe[0] = t->pipe[1] = -1;
-        t->pipe_pending = 0;
-        t->pipe_full = false;
+        pipe_close(t); /* what waits in it was the client's: dropped with it */
         return !t->server_eof && !t->server_broken && (t->n_in_flight > 0 || t->reply_step != TX_REPLY_HEADER);
 }
 

@@ -12,8 +12,9 @@
  * To know when a reply ends it follows both directions:
  *   client → server  request headers (28 bytes, no payload: the export is read-only), read and
  *                    checked here: READ, CACHE and BLOCK_STATUS pass, DISC passes once every
- *                    reply came (as does the client's EOF) and ends the requests; WRITE, TRIM, WRITE_ZEROES, FLUSH, the FUA flag (a flush of the
- *                    guest's disk; not offered either), unknown commands, a bad magic, a read
+ *                    reply came (as does the client's EOF) and ends the requests; WRITE, TRIM,
+ *                    WRITE_ZEROES, FLUSH, the FUA flag (a flush of the guest's disk; not offered
+ *                    either), unknown commands, a bad magic, a read
  *                    over NBD_READ_MAX or a handle already in flight close the pair
  *   server → client  reply headers (simple, 16 bytes; structured, 20) read and passed on here,
  *                    payloads spliced through a pipe without being looked at; a reply to no
