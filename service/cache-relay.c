@@ -21,7 +21,6 @@
  * the helper go too, which cache.c restarts as it does a helper that died (CACHE_RESTARTS_MAX). */
 
 #include <errno.h>
-#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -183,8 +182,7 @@ static int control_handler(sd_event_source *s, int fd, uint32_t revents, void *u
 
 int cache_relay_start(Cache *c) {
         Engine *e = c->engine;
-        _cleanup_free_ char *path = strdup_printf("%s/%s", engine_helper_dir(e), RELAY_BINARY),
-                            *prefix = strdup_printf("Template cache %u relay", c->id),
+        _cleanup_free_ char *prefix = strdup_printf("Template cache %u relay", c->id),
                             *name = strdup_printf("cache-%u-relay", c->id), *label = NULL,
                             *a_clients = strdup_printf("--clients=%u", CACHE_CLIENTS_MAX),
                             *a_budget = strdup_printf("--budget=%" PRIu64, CACHE_RELAY_BUDGET);
@@ -192,11 +190,11 @@ int cache_relay_start(Cache *c) {
         _cleanup_close_ int exec_fd = -1;
         int r;
 
-        if (!path || !prefix || !name || !a_clients || !a_budget)
+        if (!prefix || !name || !a_clients || !a_budget)
                 return -ENOMEM;
-        exec_fd = open(path, O_PATH | O_CLOEXEC);
+        exec_fd = helper_open_binary(engine_helper_dir(e), RELAY_BINARY);
         if (exec_fd < 0)
-                return log_error_errno(errno, "Cannot open %s: %m", path);
+                return exec_fd;
         /* It touches no image: a plain s0 type, as an export's relay. */
         r = sandbox_selinux_plain_label(config_selinux_relay_type(&e->config), &label);
         if (r < 0)

@@ -3,7 +3,6 @@
 /* A guest's helpers (guest.h): where they run, the guest's runtime directory, how each is
  * started, in the guest's sandbox identity, and the share of storage helpers a user's guests take. */
 
-#include <fcntl.h>
 
 #include "bus-error.h"
 #include "engine.h"
@@ -15,15 +14,12 @@ int guest_spawn_helper(Guest *g, const char *binary, char *const *argv, int data
         const char *log_prefix, sd_event_child_handler_t on_exit, void *userdata, pid_t *ret_pid,
         sd_event_source **ret_child, int *ret_control, HelperLog **ret_log) {
         Engine *m = g->engine;
-        _cleanup_free_ char *path = strdup_printf("%s/%s", engine_helper_dir(m), binary);
         _cleanup_close_ int exec_fd = -1;
         int r;
 
-        if (!path)
-                return -ENOMEM;
-        exec_fd = open(path, O_PATH | O_CLOEXEC);
+        exec_fd = helper_open_binary(engine_helper_dir(m), binary);
         if (exec_fd < 0)
-                return log_error_errno(errno, "Cannot open %s: %m", path);
+                return exec_fd;
         r = guest_ensure_runtime_dir(g);
         if (r < 0)
                 return r;

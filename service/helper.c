@@ -77,6 +77,18 @@ fail:
         return log_error_errno(r, "%s: cannot watch the child (pid %i): %m", name, (int) pid);
 }
 
+int helper_open_binary(const char *dir, const char *binary) {
+        _cleanup_free_ char *path = strdup_printf("%s/%s", dir, binary);
+        int fd;
+
+        if (!path)
+                return -ENOMEM;
+        fd = open(path, O_PATH | O_CLOEXEC);
+        if (fd < 0)
+                return log_error_errno(errno, "Cannot open %s: %m", path);
+        return fd;
+}
+
 int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
         HelperLog **ret_log) {
         _cleanup_close_ int ours = -1, theirs = -1, log_r = -1, log_w = -1;

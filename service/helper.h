@@ -66,6 +66,10 @@ typedef struct HelperSpec {
  * socket (if asked for), *ret_log its log (NULL if that could not be set up: a warning is logged,
  * the helper runs). ret_pid may be NULL, ret_control without a control socket, ret_log without a
  * log_prefix (-EINVAL otherwise). On failure -errno, and nothing is left running. */
+/* The helper program binary in dir, opened O_PATH for HelperSpec's exec_fd: the fd, or -errno
+ * (logged). */
+int helper_open_binary(const char *dir, const char *binary);
+
 int helper_start(sd_event *e, const HelperSpec *spec, pid_t *ret_pid, sd_event_source **ret_child, int *ret_control,
         HelperLog **ret_log);
 
