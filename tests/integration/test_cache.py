@@ -480,13 +480,33 @@ class CacheTest(h.TestCase):
     def greedy_clients(self, sock, n):
         """n clients of the cache that each ask READS reads of the whole template and read none of
         the answers; returned once each has an answer waiting (its reads were let in)."""
-        conns = [o.nbd_hold(sock, b'cache', timeout=30) for _ in range(n)]
-        self.addCleanup(lambda: [c.close() for c in conns])
+        conns = self.clients(sock, n, timeout=30)
         for c in conns:
             c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, k, 0, SIZE) for k in range(self.READS)))
         for c in conns:
             self.assertTrue(c.recv(1, socket.MSG_PEEK), 'no answer')
         return conns
+
+    def clients(self, sock, n, timeout=60):
+        """n clients of the cache at sock, through the handshake, closed at the test's end."""
+        conns = [o.nbd_hold(sock, b'cache', timeout=timeout) for _ in range(n)]
+        self.addCleanup(lambda: [c.close() for c in conns])
+        return conns
+
+    @staticmethod
+    def started(target, n):
+        """n threads of target(k), k = 0..n-1, started."""
+        threads = [threading.Thread(target=target, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def answered(self, c, handle, offset, length):
+        """The data of one read of length at offset on c, once its answer (to that handle) came."""
+        c.sendall(o.nbd_request(o.NBD_CMD_READ, handle, offset, length))
+        got, data = o.nbd_simple_read_reply(c, length)
+        self.assertEqual(got, handle)
+        return data
 
     READS = 16  # QEMU's MAX_NBD_REQUESTS
     # What the relay lets QEMU hold for one connection, and for all of them (cache-relay.c).
@@ -523,11 +543,8 @@ class CacheTest(h.TestCase):
         another's read waits for the budget is closed, and that read is answered."""
         path, sock, pid = self.serving_cache('fair.qcow2')
         greedy = self.greedy_clients(sock, self.CACHE_BUDGET // self.CONNECTION_BUDGET)
-        honest = o.nbd_hold(sock, b'cache', timeout=60)
-        self.addCleanup(honest.close)
-        honest.sendall(o.nbd_request(o.NBD_CMD_READ, 7, 4096, 4096))
-        handle, data = o.nbd_simple_read_reply(honest, 4096)
-        self.assertEqual(handle, 7)
+        honest, = self.clients(sock, 1)
+        data = self.answered(honest, 7, 4096, 4096)
         with open(self.remote.file, 'rb') as f:
             f.seek(4096)
             self.assertTrue(data == f.read(4096), 'the read does not read as the template')
@@ -557,8 +574,7 @@ class CacheTest(h.TestCase):
         behind the busy clients' 2 MiB ones until they ran out (0 and 14 of 400 left)."""
         path, sock, pid = self.serving_cache('busy.qcow2')
         reads, length = 400, 2 * MiB
-        busy = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(self.CACHE_BUDGET // self.CONNECTION_BUDGET)]
-        self.addCleanup(lambda: [c.close() for c in busy])
+        busy = self.clients(sock, self.CACHE_BUDGET // self.CONNECTION_BUDGET)
         left = [reads] * len(busy)
 
         def drain(k):
@@ -568,20 +584,13 @@ class CacheTest(h.TestCase):
                 left[k] -= 1
         for c in busy:
             c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, j, (j * length) % SIZE, length) for j in range(reads)))
-        threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(busy))]
-        for t in threads:
-            t.start()
+        threads = self.started(drain, len(busy))
         try:
-            honest = o.nbd_hold(sock, b'cache', timeout=120)
-            self.addCleanup(honest.close)
-            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 9, 0, 4096))
-            handle, _ = o.nbd_simple_read_reply(honest, 4096)
-            self.assertEqual(handle, 9)
+            honest, = self.clients(sock, 1, timeout=120)
+            self.answered(honest, 9, 0, 4096)
             still = list(left)
             # A large read too, which needs a quarter of the budget free at once.
-            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 10, 0, SIZE))
-            handle, _ = o.nbd_simple_read_reply(honest, SIZE)
-            self.assertEqual(handle, 10)
+            self.answered(honest, 10, 0, SIZE)
             still_large = list(left)
             h.log('busy reads left when the reads were answered: %s, %s' % (still, still_large))
         finally:
@@ -620,15 +629,10 @@ class CacheTest(h.TestCase):
                         ended[k] = True
                         return
                     got += len(more)
-        threads = [threading.Thread(target=trickle, args=(k,)) for k in range(len(greedy))]
-        for t in threads:
-            t.start()
+        threads = self.started(trickle, len(greedy))
         try:
-            honest = o.nbd_hold(sock, b'cache', timeout=60)
-            self.addCleanup(honest.close)
-            honest.sendall(o.nbd_request(o.NBD_CMD_READ, 5, 0, 4096))
-            handle, _ = o.nbd_simple_read_reply(honest, 4096)
-            self.assertEqual(handle, 5)
+            honest, = self.clients(sock, 1)
+            self.answered(honest, 5, 0, 4096)
             self.client.wait_for(lambda: any(ended), 30, 'a trickling client to be closed')
         finally:
             stop.set()
@@ -652,8 +656,7 @@ class CacheTest(h.TestCase):
             with open('/proc/%d/status' % pid) as f:
                 return int(re.search(r'^VmData:\s+(\d+) kB', f.read(), re.M).group(1))
         before = vm_kib()
-        conns = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(12)]
-        self.addCleanup(lambda: [c.close() for c in conns])
+        conns = self.clients(sock, 12)
         for k, c in enumerate(conns):
             c.sendall(o.nbd_request(o.NBD_CMD_READ, k, 0, SIZE))
         time.sleep(0.3)  # the reads the budget lets in are on their way to QEMU
@@ -700,8 +703,7 @@ class CacheTest(h.TestCase):
         eight reads for each of the other's. Turns go by user now, in rotation: one each."""
         path, sock, pid = self.serving_cache('turns.qcow2')
         reads, length = 2000, 2 * MiB
-        busy = [o.nbd_hold(sock, b'cache', timeout=60) for _ in range(8)]
-        self.addCleanup(lambda: [c.close() for c in busy])
+        busy = self.clients(sock, 8)
         honest = o.nbd_go(self.connect_as(QEMU_USER, sock), b'cache')
         self.addCleanup(honest.close)
         done = [0] * len(busy)
@@ -716,9 +718,7 @@ class CacheTest(h.TestCase):
                 pass
         for c in busy:
             c.sendall(b''.join(o.nbd_request(o.NBD_CMD_READ, j, (j * length) % SIZE, length) for j in range(reads)))
-        threads = [threading.Thread(target=drain, args=(k,)) for k in range(len(busy))]
-        for t in threads:
-            t.start()
+        threads = self.started(drain, len(busy))
         try:
             time.sleep(0.5)  # all busy, the budget taken
             before = sum(done)
