@@ -585,7 +585,7 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
         _cleanup_free_ char *dir = NULL;
         _cleanup_free_ char *why = NULL;
         _cleanup_close_ int dir_fd = -1;
-        unsigned n = 0, mine = 0, id;
+        unsigned n = 0, mine = 0, have, id;
         Cache *c = NULL;
         int r;
 
@@ -611,11 +611,11 @@ int cache_acquire(Engine *e, uid_t caller, const char *url, const char *format, 
          * provisionings waiting for a cache to serve count. Looked at again only when the share
          * seems used up. */
         if (caller != 0 && cache_user_overlays(e, caller, false) >= cache_overlays_per_user_max() &&
-                cache_user_overlays(e, caller, true) >= cache_overlays_per_user_max())
+                (have = cache_user_overlays(e, caller, true)) >= cache_overlays_per_user_max())
                 return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
                         "You (uid " UID_FMT ") have %u overlays over template caches already, or being made "
                         "(at most %u per user); remove or stream one to the end first.",
-                        caller, cache_overlays_per_user_max(), cache_overlays_per_user_max());
+                        caller, have, cache_overlays_per_user_max());
         /* An overlay the list has no room for would have its owner left out of the socket's ACL
          * (its QEMU could not read the template) and could never be let go of. Those gone since are
          * looked for first. */
