@@ -296,9 +296,11 @@ static int step_requests(Transmission *t, uint64_t id, int client_fd, int server
                         MSG_DONTWAIT));
                 if (n > 0)
                         t->req_in_len += (size_t) n;
-                else if (n == 0)
+                else if (n == 0) {
                         t->client_eof = true;
-                else if (n != -EAGAIN)
+                        log_debug("Client %" PRIu64 ": EOF, passed on once %u requests in flight are answered.", id,
+                                t->n_in_flight);
+                } else if (n != -EAGAIN)
                         return (int) n;
                 *progress |= n >= 0;
         }

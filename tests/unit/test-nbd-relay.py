@@ -252,6 +252,13 @@ class Relay:
         if VALGRIND and self.status == VALGRIND_ERROR:
             raise Failure("memcheck found errors:\n" + self.log.decode(errors="replace"))
 
+    def log_lines(self, what):
+        """How many lines of its log so far have `what` in them."""
+        return sum(what in line for line in self.log.decode(errors="replace").splitlines())
+
+    def wait_log_lines(self, what, n):
+        wait_until(lambda: self.log_lines(what) >= n, "%d log lines with %r" % (n, what))
+
     def stop(self):
         """Ask it to stop; it must exit 0 (and, under valgrind, without memcheck errors)."""
         self.daemon.send(b"stop\n")
@@ -900,7 +907,8 @@ def test_drains_and_eofs_at_any_round():
     completed waited for a client that was gone, and no fd event came to end it (the drain sat
     until its 30 s deadline); a half-closed client whose last reply ended in the 16th round never
     had its EOF passed on (the pair stayed for good). With n replies buffered at once, one of the
-    n below ends on the 16th round for each case."""
+    n below ends on the 16th round for each case. Each case waits for the relay's log to say it read
+    the client's EOF before the replies come (it finds the client gone when it passes them on)."""
     with Relay() as relay:
         for n in range(1, 12):
             # A client gone with a 4 KiB read and n empty ones in flight.
@@ -908,8 +916,9 @@ def test_drains_and_eofs_at_any_round():
             c.sendall(request(CMD_READ, 0, 0, 4096) + b"".join(request(CMD_READ, k, 0, 0) for k in range(1, n + 1)))
             for _ in range(n + 1):
                 read_request(up)
+            eofs = relay.log_lines(": EOF, passed on once")
             c.close()
-            time.sleep(0.05)  # the relay sees the client go before the replies come
+            relay.wait_log_lines(": EOF, passed on once", eofs + 1)  # before the replies come
             up.sendall(simple_reply(0, 0, b"r" * 4096) + b"".join(simple_reply(k) for k in range(1, n + 1)))
             check(recv_all(up) == b"", "%d replies drained: the server's side not closed" % (n + 1))
             up.close()
@@ -917,10 +926,11 @@ def test_drains_and_eofs_at_any_round():
             # A half-closed client with n empty reads in flight, all answered at once.
             c, up = pair_with_fake_upstream(relay)
             c.sendall(b"".join(request(CMD_READ, k, 0, 0) for k in range(1, n + 1)))
+            eofs = relay.log_lines(": EOF, passed on once")
             c.shutdown(socket.SHUT_WR)
             for _ in range(n):
                 read_request(up)
-            time.sleep(0.05)  # the relay has the client's EOF
+            relay.wait_log_lines(": EOF, passed on once", eofs + 1)  # before the replies come
             up.sendall(b"".join(simple_reply(k) for k in range(1, n + 1)))
             check(recv_exact(c, 16 * n) == b"".join(simple_reply(k) for k in range(1, n + 1)), "the replies")
             check(recv_all(up) == b"", "%d replies: the client's EOF not passed on" % n)
