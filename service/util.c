@@ -350,6 +350,13 @@ bool path_is_below(const char *path, const char *dir) {
 
 /* UTF-8 */
 
+/* What sd-bus refuses in a string besides broken UTF-8: the noncharacters U+FDD0..U+FDEF and
+ * U+xxFFFE, U+xxFFFF (systemd's unichar_is_valid()). One string it refuses fails the whole
+ * GetManagedObjects, for every client. */
+static bool unichar_is_noncharacter(uint32_t cp) {
+        return (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE;
+}
+
 bool utf8_feed(Utf8State *s, const void *buf, size_t len) {
         const uint8_t *p = buf;
 
@@ -359,15 +366,19 @@ bool utf8_feed(Utf8State *s, const void *buf, size_t len) {
                 if (s->need > 0) {
                         if (c < s->lo || c > s->hi)
                                 return false;
+                        s->cp = s->cp << 6 | (c & 0x3F);
                         s->need--;
                         s->lo = 0x80;
                         s->hi = 0xBF;
+                        if (s->need == 0 && unichar_is_noncharacter(s->cp))
+                                return false;
                         continue;
                 }
                 if (c < 0x80)
                         continue;
                 s->lo = 0x80;
                 s->hi = 0xBF;
+                s->cp = c & (c >= 0xF0 ? 0x07 : c >= 0xE0 ? 0x0F : 0x1F);
                 if (c >= 0xC2 && c <= 0xDF)
                         s->need = 1;
                 else if (c == 0xE0) {

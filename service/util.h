@@ -233,6 +233,7 @@ bool path_is_below(const char *path, const char *dir);
 typedef struct Utf8State {
         uint8_t need;   /* continuation bytes still expected */
         uint8_t lo, hi; /* allowed range of the next one */
+        uint32_t cp;    /* the code point so far */
 } Utf8State;
 bool utf8_feed(Utf8State *s, const void *buf, size_t len);
 bool utf8_is_valid(const char *s);

@@ -292,6 +292,40 @@ class HostileQemuTest(h.TestCase):
         with open(self.env.daemon.log, errors='replace') as f:
             self.assertIn('reply to a command never sent', f.read())
 
+    def test_noncharacters_never_break_the_object_tree(self):
+        """sd-bus refuses a string with a Unicode noncharacter (U+FDD0..U+FDEF, U+xxFFFE/F), and
+        one such property fails the whole GetManagedObjects, for every client. The daemon's own
+        UTF-8 check let them through (review 34a): a QEMU that named its image
+        '.../a\uffff/vda-0.qcow2' broke the object tree for everyone, and an error QEMU answered
+        a Start with left the caller with no reply. A path with one is refused with QEMU's reply
+        now, and an error text has them replaced."""
+        name = self.unique_name('nonchar')
+        path = os.path.join(self.env.dir, '%s.sock' % name)
+        fake = FakeQemu(path, os.path.join(self.env.images, name + '\uffff'))
+        self.addCleanup(fake.close)
+        _, err = self.client.try_call(h.MANAGER_PATH, h.IFACE_MANAGER, 'RegisterGuest', 'ssa{sv}', name, path,
+                                      h.no_opts())
+        if err is None:
+            self.addCleanup(lambda: self.client.try_call(h.guest_path(name), h.IFACE_GUEST, 'Unregister'))
+        other = h.Client(self.env.bus.address)
+        self.addCleanup(other.close)
+        other.managed_objects()  # raises if one string in the tree is one sd-bus refuses
+        self.assertIsNotNone(err, 'a guest whose disk is named with U+FFFF was registered')
+        self.assertEqual(err.name, h.ERR_QEMU_FAILED, err.message)
+
+        # An error QEMU answers a command with: the caller's error reply could not be sent.
+        bad = 'no \ufdd0 \uffff \U0001fffe'
+        fake, name, _ = self.register_fake()
+        vda = h.disk_path(name, 'vda')
+        fake.hostile_replies = lambda cmd: ((h.json.dumps({'error': {'class': 'GenericError', 'desc': bad},
+                                                           'id': cmd.get('id')}) + '\r\n').encode()
+                                            if cmd.get('execute') == 'block-stream' else None)
+        e = self.assertDBusError(h.ERR_QEMU_FAILED, self.client.call, vda, h.IFACE_STREAM, 'Start', 'tta{sv}',
+                                 h.T(0), h.T(0), h.no_opts(), timeout=30)
+        self.assertIn('no \ufffd', e.message)
+        self.assertIn(vda, other.managed_objects())
+        self.assertTrue(self.env.daemon.running())
+
     def test_flapping_job_coalesces_state_saves(self):
         """A job flapping paused/running: one PropertiesChanged per state change, as the API says,
         but not one fsync'ed state file per event."""

@@ -706,6 +706,14 @@ static void test_text_sanitize(void) {
                 {"\xC2\x9B" "1m", 4, " 1m"},                              /* C1 CSI */
                 {"\xC2\xA0nbsp", 6, "\xC2\xA0nbsp"},
                 {"ab\0cd", 5, "ab"},                                       /* NUL ends it */
+                /* Noncharacters, which sd-bus refuses in a string (one fails GetManagedObjects). */
+                {"\xEF\xBF\xBF", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"},             /* U+FFFF */
+                {"\xEF\xBF\xBE", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"},             /* U+FFFE */
+                {"\xEF\xB7\x90", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"},             /* U+FDD0 */
+                {"\xEF\xB7\xAF", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"},             /* U+FDEF */
+                {"\xF0\x9F\xBF\xBE", 4, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"}, /* U+1FFFE */
+                {"\xF4\x8F\xBF\xBF", 4, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"}, /* U+10FFFF */
+                {"\xEF\xB7\x8F\xEF\xB7\xB0\xEF\xBF\xBD", 9, "\xEF\xB7\x8F\xEF\xB7\xB0\xEF\xBF\xBD"}, /* U+FDCF, U+FDF0, U+FFFD */
         };
         char buf[8];
 
