@@ -59,6 +59,9 @@ static QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *r
                 case ',':
                         s->cost += QMP_COST_VALUE;
                         break;
+                case ':':
+                        s->cost += QMP_COST_MEMBER;
+                        break;
                 case '}':
                 case ']':
                         /* A stray closer at the top is json-c's to refuse: end the scan there. */
@@ -98,6 +101,7 @@ struct Qmp {
         enum QmpState state;
         json_tokener *tok;
         size_t msg_bytes;
+        usec_t msg_deadline;         /* a message begun: its end must come by then (USEC_INFINITY: none) */
         QmpScan scan;                /* the message json-c is being fed, pre-scanned */
         Utf8State utf8;              /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
@@ -620,6 +624,11 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                         q->msg_bytes += chunk;
                         buf += chunk;
                         len -= chunk;
+                        /* json-c holds what it built of it meanwhile: the rest comes in time. */
+                        if (q->msg_deadline == USEC_INFINITY) {
+                                usec_t now = now_usec(CLOCK_MONOTONIC);
+                                q->msg_deadline = q->timeout > USEC_INFINITY - now ? USEC_INFINITY : now + q->timeout;
+                        }
                         if (q->msg_bytes > QMP_MESSAGE_MAX) {
                                 log_warning("QMP: message from QEMU exceeds %u bytes.", QMP_MESSAGE_MAX);
                                 r = -EMSGSIZE;
@@ -637,6 +646,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 len -= used;
                 size = q->msg_bytes + used;
                 q->msg_bytes = 0;
+                q->msg_deadline = USEC_INFINITY;
                 q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 
@@ -735,6 +745,13 @@ static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) 
                 qmp_fail(q, -ETIMEDOUT);
                 goto finish;
         }
+        if (now >= q->msg_deadline) {
+                log_warning("QMP: QEMU began a message (%zu bytes so far) and did not end it within %" PRIu64
+                            " s; closing the connection.",
+                        q->msg_bytes, q->timeout / USEC_PER_SEC);
+                qmp_fail(q, -ETIMEDOUT);
+                goto finish;
+        }
         /* A call QEMU did not even read in time: it no longer reads its monitor, and half a
          * command may be on the wire. Nothing more can be said on this connection. */
         for (QmpCall *i = q->calls; i; i = i->next)
@@ -773,7 +790,7 @@ finish:
 }
 
 static int qmp_update_timer(Qmp *q) {
-        usec_t next = q->setup_deadline;
+        usec_t next = MIN(q->setup_deadline, q->msg_deadline);
 
         for (QmpCall *c = q->calls; c; c = c->next)
                 next = MIN(next, c->deadline);
@@ -842,6 +859,7 @@ static int qmp_new(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
          * checked on the raw stream by us: json-c's check misses characters split across reads. */
         json_tokener_set_flags(q->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
         q->setup_deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
+        q->msg_deadline = USEC_INFINITY;
         if (fd >= 0) {
                 r = sd_event_add_io(e, &q->io, fd, EPOLLIN, qmp_io_handler, q);
                 if (r < 0) {
