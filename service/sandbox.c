@@ -234,10 +234,12 @@ static int setup_mounts(const SandboxSpec *s) {
         if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible,subset=pid") < 0)
                 return -errno;
 
-        /* An empty, private /tmp. */
+        /* An empty, private /tmp, of 16 MiB and 1024 files at most: a file's inode is kernel memory
+         * charged to the service's cgroup and to no process, so a helper taken over that made
+         * millions of empty ones would not be the one the kernel kills for it (review 34b). */
         if ((r = mkdir_under(root, "/tmp", 01777, path, sizeof(path))) < 0)
                 return r;
-        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=16m") < 0)
+        if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=16m,nr_inodes=1024") < 0)
                 return -errno;
 
         if (s->runtime_dir) {
@@ -437,6 +439,15 @@ static int install_denylist(const SandboxSpec *s) {
         r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_GE, 64));
         if (r < 0)
                 goto finish;
+        /* In the host's network nothing binds: a template cache's QEMU is handed its listening
+         * socket (and must listen and accept on it), and no probe or QEMU client binds before it
+         * connects. Taken over, it could otherwise take a free port of the host, a template
+         * server's that is down, and answer whoever comes there (review 34b). */
+        if (s->host_network) {
+                r = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EACCES), SCMP_SYS(bind), 0);
+                if (r < 0)
+                        goto finish;
+        }
         /* A client in the host's network (the probes): it may connect, never serve. Else it could
          * take a free port of the host and answer whoever comes there, another caller's probe of
          * a server that is down included. */

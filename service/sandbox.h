@@ -21,7 +21,8 @@
  *  8. a seccomp deny-list (KILL_PROCESS): mount, modules, reboot, swap, raw I/O, clock, ptrace
  *     and process_vm_*, kexec, bpf, keyrings, namespace changes, set*id, obsolete calls (and
  *     listen/accept for a client_only helper); sockets of families but unix, IP (and netlink
- *     with host_network) fail with EAFNOSUPPORT;
+ *     with host_network) fail with EAFNOSUPPORT; bind fails with EACCES
+ *     with host_network;
  *     io_uring fails with ENOSYS instead (QEMU probes it and falls back to epoll).
  *     Our own helpers install an allow-list on top once they have set up.
  *  9. execve with a minimal environment. */

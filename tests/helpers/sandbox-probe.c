@@ -407,6 +407,26 @@ int main(int argc, char **argv) {
                         add("listen: socket or bind %s", errname(errno));
                 else
                         add("survived listen: %s", outcome(listen(fd, 4)));
+        } else if (!strcmp(what, "listen-unbound")) {
+                /* No bind: the kernel gives it a port of its own choosing. */
+                int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                if (fd < 0)
+                        add("listen-unbound: socket %s", errname(errno));
+                else
+                        add("survived listen-unbound: %s", outcome(listen(fd, 4)));
+        } else if (!strcmp(what, "mkdirs") && argc == 4) {
+                /* n empty directories below a directory: how many were made, and why not more. */
+                long n = atol(argv[3]), made = 0;
+                char name[PATH_MAX];
+                int err = 0;
+                for (; made < n; made++) {
+                        snprintf(name, sizeof(name), "%s/d%ld", argv[2], made);
+                        if (mkdir(name, 0700) < 0) {
+                                err = errno;
+                                break;
+                        }
+                }
+                add("mkdirs %s: %ld%s%s", argv[2], made, err ? " then " : "", err ? errname(err) : "");
         } else if (!strcmp(what, "ptrace-traceme")) {
                 r = ptrace(PTRACE_TRACEME, 0, NULL, NULL);
                 add("survived ptrace(PTRACE_TRACEME): %s", outcome(r));

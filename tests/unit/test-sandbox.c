@@ -132,15 +132,32 @@ static void test_socket_families(void) {
         expect_report(&o, "socket 16: EAFNOSUPPORT");
 }
 
-/* A client-only helper in the host's network (the URL probes) connects but never serves. */
+/* A client-only helper in the host's network (the URL probes) connects but never serves. No
+ * helper there binds a port of its choosing (review 34b): a template cache's QEMU, taken over,
+ * could take a template server's port while it is down. It listens on the socket it is given. */
 static void test_client_only_cannot_listen(void) {
         ProbeOptions host = { .host_network = true }, client = { .host_network = true, .client_only = true };
         Outcome o;
 
-        RUN_WITH(&host, &o, "listen");
+        RUN(&o, "listen");
         expect_report(&o, "survived listen: ok");
+        RUN_WITH(&host, &o, "listen");
+        expect_report(&o, "listen: socket or bind EACCES");
+        RUN_WITH(&host, &o, "listen-unbound");
+        expect_report(&o, "survived listen-unbound: ok");
         RUN_WITH(&client, &o, "listen");
+        expect_report(&o, "listen: socket or bind EACCES");
+        RUN_WITH(&client, &o, "listen-unbound");
         expect_killed(&o, SIGSYS, NULL);
+}
+
+/* Its /tmp holds 1024 files at most: each one's inode is memory charged to the service and to no
+ * process (review 34b). */
+static void test_tmp_files_bounded(void) {
+        Outcome o;
+
+        RUN(&o, "mkdirs", "/tmp", "4000");
+        expect_report(&o, "mkdirs /tmp: 1023 then ENOSPC");
 }
 
 static void test_ptrace_killed(void) {
@@ -542,6 +559,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_no_network);
         TAP_RUN(test_socket_families);
         TAP_RUN(test_client_only_cannot_listen);
+        TAP_RUN(test_tmp_files_bounded);
         TAP_RUN(test_ptrace_killed);
         TAP_RUN(test_mount_killed);
         TAP_RUN(test_unshare_killed);
