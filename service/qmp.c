@@ -15,71 +15,6 @@ enum QmpState {
         QMP_CLOSED,
 };
 
-/* A lexical pass over the bytes of one message before json-c sees them: where the message ends
- * (a top-level container closes) and what json-c's tree of it will cost. Strings are skipped
- * (escapes included); their bytes count like any byte. */
-typedef struct QmpScan {
-        size_t depth;
-        uint64_t cost;
-        bool in_string, escape;
-} QmpScan;
-
-typedef enum QmpScanResult {
-        QMP_SCAN_MORE, /* all bytes belong to the message, which goes on */
-        QMP_SCAN_END,  /* the message ends at *ret_used bytes */
-        QMP_SCAN_OVER, /* the message costs more than QMP_MESSAGE_COST_MAX */
-} QmpScanResult;
-
-static QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used) {
-        for (size_t i = 0; i < len; i++) {
-                char c = buf[i];
-
-                s->cost++;
-                if (s->in_string) {
-                        if (s->escape)
-                                s->escape = false;
-                        else if (c == '\\')
-                                s->escape = true;
-                        else if (c == '"')
-                                s->in_string = false;
-                        continue;
-                }
-                switch (c) {
-                case '"':
-                        s->in_string = true;
-                        break;
-                case '{':
-                        s->cost += QMP_COST_OBJECT + QMP_COST_VALUE;
-                        s->depth++;
-                        break;
-                case '[':
-                        s->cost += QMP_COST_ARRAY + QMP_COST_VALUE;
-                        s->depth++;
-                        break;
-                case ',':
-                        s->cost += QMP_COST_VALUE;
-                        break;
-                case ':':
-                        s->cost += QMP_COST_MEMBER;
-                        break;
-                case '}':
-                case ']':
-                        /* A stray closer at the top is json-c's to refuse: end the scan there. */
-                        if (s->depth <= 1) {
-                                s->depth = 0;
-                                *ret_used = i + 1;
-                                return s->cost > QMP_MESSAGE_COST_MAX ? QMP_SCAN_OVER : QMP_SCAN_END;
-                        }
-                        s->depth--;
-                        break;
-                }
-                if (s->cost > QMP_MESSAGE_COST_MAX)
-                        return QMP_SCAN_OVER;
-        }
-        *ret_used = len;
-        return QMP_SCAN_MORE;
-}
-
 typedef struct QmpCall {
         struct QmpCall *next;
         uint64_t id;
@@ -102,6 +37,7 @@ struct Qmp {
         json_tokener *tok;
         size_t msg_bytes;
         usec_t msg_deadline;         /* a message begun: its end must come by then (USEC_INFINITY: none) */
+        uint64_t charged;            /* its cost so far, in unfinished_cost */
         QmpScan scan;                /* the message json-c is being fed, pre-scanned */
         Utf8State utf8;              /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
@@ -143,6 +79,10 @@ Qmp *qmp_ref(Qmp *q) {
 }
 
 static void qmp_disconnect(Qmp *q) {
+        /* What json-c built of a message begun goes now, not when the owner lets go. */
+        if (q->tok)
+                json_tokener_reset(q->tok);
+        qmp_cost_charge(&q->charged, 0);
         q->io = sd_event_source_disable_unref(q->io);
         q->timer = sd_event_source_disable_unref(q->timer);
         closep(&q->fd);
@@ -624,6 +564,14 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                         q->msg_bytes += chunk;
                         buf += chunk;
                         len -= chunk;
+                        if (!qmp_cost_may_hold(q->charged, q->scan.cost)) {
+                                log_warning("QMP: QEMU's message begun, and those of other QEMUs, would take more than "
+                                            "%u MiB of memory to hold; closing the connection.",
+                                        QMP_UNFINISHED_COST_MAX >> 20);
+                                r = -E2BIG;
+                                break;
+                        }
+                        qmp_cost_charge(&q->charged, q->scan.cost);
                         /* json-c holds what it built of it meanwhile: the rest comes in time. */
                         if (q->msg_deadline == USEC_INFINITY) {
                                 usec_t now = now_usec(CLOCK_MONOTONIC);
@@ -647,6 +595,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 size = q->msg_bytes + used;
                 q->msg_bytes = 0;
                 q->msg_deadline = USEC_INFINITY;
+                qmp_cost_charge(&q->charged, 0);
                 q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 

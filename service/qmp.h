@@ -15,26 +15,12 @@
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
+#include "qmp-cost.h"
+
 /* The bytes of one message. The largest reply we ask for, query-named-block-nodes (flat) of
  * 256 disks with 3-image chains (1536 nodes of ~700 bytes), is about 1.1 MiB; 4 MiB leaves room. */
 #define QMP_MESSAGE_MAX (4U * 1024U * 1024U)
 #define QMP_DEPTH_MAX 256 /* backing chains nest two levels per image */
-/* What json-c's tree of one message may cost, estimated before json-c sees it (see qmp.c): the
- * bytes are not the limit, the values are. json-c 0.16 spends ~800 bytes on an object, ~150 on
- * an array, ~90 on a scalar: 1 MB of [{},{},...] became 270 MB. An object's members cost more
- * than an array's elements: its hash table doubles past two-thirds full (40 bytes a slot, the old
- * table freed only after the new one is filled), and each key is copied: an object of 173k short
- * keys took 46 MiB, 278 bytes a member just after a doubling (review 34a; the estimate had 137).
- * Now 233 a member: the most members let through (~107k) took 23.5 MiB. The
- * largest reply above is estimated at ~17 MiB (256 disks' 1536 nodes, tests/unit/data); 24 MiB
- * leaves 1.4 times that, and refuses [{},{},...] after its first 24k objects (~72 KiB of text).
- * A message begun must end within the connection's timeout (QMPTimeoutSec=): what json-c built
- * of it is held meanwhile. */
-#define QMP_MESSAGE_COST_MAX (24U * 1024U * 1024U)
-#define QMP_COST_OBJECT 1024U /* an object: its hash table (16 entries) and the object */
-#define QMP_COST_ARRAY 192U   /* an array: its 32 slots and the object */
-#define QMP_COST_VALUE 128U   /* any member or element: its json_object (and key, if any) */
-#define QMP_COST_MEMBER 96U   /* and a member (a ':'): its share of the hash table, its key's copy */
 #define QMP_TIMEOUT_DEFAULT_USEC (60ULL * 1000000ULL)
 #define QMP_PENDING_MAX 1024
 
