@@ -20,6 +20,7 @@ typedef struct Request {
         void *userdata;
         qemu_destroy_t destroy;
         json_object *blocks; /* query_disks: query-block's reply, kept for the node names */
+        uint64_t blocks_cost; /* and what it costs, charged to the daemon-wide budget (qmp-cost.h) */
         bool skip_nodes;     /* query_disks: asking for node names now would crash QEMU */
 } Request;
 
@@ -43,6 +44,7 @@ static void request_unref(void *p) {
                 r->destroy(r->userdata);
         if (r->blocks)
                 json_object_put(r->blocks);
+        qmp_cost_charge(&r->blocks_cost, 0);
         free(r);
 }
 
@@ -476,6 +478,19 @@ static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls
                 req->handler.disks(q, error, desc, NULL, 0, req->userdata);
                 return;
         }
+        /* Kept until QEMU answers the next call, which it may take its time over: it counts with the
+         * messages every QEMU has begun and not ended. */
+        if (!qmp_cost_may_hold(0, qmp_message_cost(q))) {
+                char why[128];
+
+                (void) snprintf(why, sizeof(why),
+                        "QEMU's query-block reply, with other QEMUs' messages held, would take more than %u MiB "
+                        "of memory to keep",
+                        QMP_UNFINISHED_COST_MAX >> 20);
+                req->handler.disks(q, -E2BIG, why, NULL, 0, req->userdata);
+                return;
+        }
+        qmp_cost_charge(&req->blocks_cost, qmp_message_cost(q));
         req->blocks = json_object_get(result);
         if (req->skip_nodes) {
                 nodes_reply(q, 0, NULL, NULL, NULL, req); /* disks without node names for the chain */

@@ -37,7 +37,8 @@ struct Qmp {
         json_tokener *tok;
         size_t msg_bytes;
         usec_t msg_deadline;         /* a message begun: its end must come by then (USEC_INFINITY: none) */
-        uint64_t charged;            /* its cost so far, in unfinished_cost */
+        uint64_t charged;            /* its cost so far, in qmp-cost.c's budget */
+        uint64_t last_cost;          /* the last whole message's, as the pre-scan estimated it */
         QmpScan scan;                /* the message json-c is being fed, pre-scanned */
         Utf8State utf8;              /* across reads: a character may straddle two */
         QmpCall *calls, *calls_tail; /* in submission order: unsent ones follow sent ones */
@@ -213,6 +214,10 @@ void qmp_set_timeout(Qmp *q, uint64_t usec) {
         for (QmpCall *c = q->calls; c; c = c->next)
                 c->deadline = MIN(c->deadline, now + usec);
         (void) qmp_update_timer(q);
+}
+
+uint64_t qmp_message_cost(Qmp *q) {
+        return q->last_cost;
 }
 
 unsigned qmp_qemu_version(Qmp *q) {
@@ -596,6 +601,7 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 q->msg_bytes = 0;
                 q->msg_deadline = USEC_INFINITY;
                 qmp_cost_charge(&q->charged, 0);
+                q->last_cost = q->scan.cost;
                 q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);
 

@@ -92,6 +92,9 @@ bool qmp_is_ready(Qmp *q);
 void qmp_flush(Qmp *q);
 void qmp_set_timeout(Qmp *q, uint64_t usec);
 /* QEMU's version from the greeting, 0 before. major*10000 + minor*100 + micro. */
+/* What the message a handler is called for costs, as the pre-scan estimated it (qmp-cost.h): one
+ * who keeps its tree charges it to qmp_cost_charge(). */
+uint64_t qmp_message_cost(Qmp *q);
 unsigned qmp_qemu_version(Qmp *q);
 
 /* Send a command. args (may be NULL) and fd (may be -1; passed with SCM_RIGHTS, for add-fd and

@@ -209,6 +209,50 @@ static void test_query_disks_call(void) {
         }
 }
 
+/* query-block's reply is kept until QEMU answers query-named-block-nodes, which it may take its
+ * time over: a QEMU per guest, 64 guests of one user, each holding a reply of up to 24 MiB went
+ * past the daemon-wide budget of messages held (review 34a). It counts with them now: with 11
+ * QEMUs holding ~22 MiB each of messages begun, a 12th's reply of ~22 MiB is refused. */
+static void test_query_block_reply_held_counts(void) {
+        enum { N = 11, OBJECTS = 18000 };
+        static const char head[] = "{\"event\": \"X\", \"data\": {\"a\": [{}";
+        _cleanup_free_ char *msg = malloc(sizeof(head) + 3 * OBJECTS), *big = malloc(3 * OBJECTS + 2);
+        Result r = {};
+        DisksScript s;
+        Fake held[N], f;
+        size_t p;
+
+        if (!msg || !big)
+                return;
+        p = strlen(strcpy(msg, head));
+        for (unsigned i = 1; i < OBJECTS; i++, p += 3)
+                memcpy(msg + p, ",{}", 3);
+        memcpy(big, "[{}", 3);
+        for (unsigned i = 1; i < OBJECTS; i++)
+                memcpy(big + 3 * i, ",{}", 3);
+        memcpy(big + 3 * OBJECTS, "]", 2);
+        for (size_t i = 0; i < N; i++) {
+                if (!setup(&held[i]))
+                        return;
+                ASSERT_OK(fake_send(&held[i], msg, p));
+                fake_run(&held[i], 100 * MSEC);
+                ASSERT_EQ(held[i].n_failed, 0);
+        }
+        if (setup(&f)) {
+                s = (DisksScript){ .jobs = "[]", .blocks = big, .nodes = "[]", .stop_after = "query-named-block-nodes" };
+                ASSERT_OK(qemu_query_disks(f.q, on_disks, &r, on_destroy));
+                serve_disks(&f, &r, &s);
+                ASSERT_EQ(r.n_handler, 1);
+                ASSERT_ERRNO(r.error, -E2BIG);
+                ASSERT_EQ(s.n_nodes, 0);
+                ASSERT_EQ(r.n_destroy, 1);
+                result_free(&r);
+                fake_free(&f);
+        }
+        for (size_t i = 0; i < N; i++)
+                fake_free(&held[i]);
+}
+
 /* QEMU 7.2 crashes in query-named-block-nodes while a finished job awaits dismissal (commit
  * abf16a0): then the disks come without node names for the chain, and the command is not sent. */
 static void test_query_disks_with_finished_job(void) {
@@ -555,6 +599,7 @@ int main(int argc, char **argv) {
 
         TAP_RUN(test_query_disks_call);
         TAP_RUN(test_query_disks_with_finished_job);
+        TAP_RUN(test_query_block_reply_held_counts);
         TAP_RUN(test_query_jobs_call);
         TAP_RUN(test_job_commands);
         TAP_RUN(test_flush_node_and_finalize);
