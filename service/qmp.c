@@ -51,6 +51,10 @@ struct Qmp {
         qmp_drained_handler_t drained;
         void *drained_userdata;
         bool paused;   /* qmp_set_reading(false) */
+        bool gone;     /* QEMU hung up: what it sent last is taken at once, paused or not */
+        char *held;    /* read, and left while paused: fed first once reading resumes */
+        size_t n_held;
+        sd_event_source *resume; /* feeds them when reading resumes */
         usec_t timeout;
         usec_t setup_deadline;
         unsigned version;
@@ -84,6 +88,9 @@ static void qmp_disconnect(Qmp *q) {
         if (q->tok)
                 json_tokener_reset(q->tok);
         qmp_cost_charge(&q->charged, 0);
+        q->held = mfree(q->held);
+        q->n_held = 0;
+        q->resume = sd_event_source_disable_unref(q->resume);
         q->io = sd_event_source_disable_unref(q->io);
         q->timer = sd_event_source_disable_unref(q->timer);
         closep(&q->fd);
@@ -524,16 +531,11 @@ static int qmp_dispatch(Qmp *q, json_object *msg) {
         return qmp_handle_reply(q, msg, ret, err);
 }
 
-int qmp_feed(Qmp *q, const char *buf, size_t len) {
-        int r = 0;
-
+/* The messages in these bytes, one after the other, as long as reading is not paused: the rest is
+ * held until it resumes (an event's handler pauses it to pace a QEMU, and a read holds ~900). */
+static int qmp_parse(Qmp *q, const char *buf, size_t len, int r) {
         qmp_ref(q);
-        if (!utf8_feed(&q->utf8, buf, len)) {
-                log_warning("QMP: QEMU sent bytes that are not UTF-8.");
-                r = -EBADMSG;
-                len = 0;
-        }
-        while (len > 0 && q->state != QMP_CLOSED) {
+        while (len > 0 && q->state != QMP_CLOSED && r >= 0) {
                 _cleanup_(json_object_putp) json_object *msg = NULL;
                 enum json_tokener_error jerr;
                 size_t chunk, used, size;
@@ -615,6 +617,16 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
                 r = qmp_dispatch(q, msg);
                 if (r < 0)
                         break;
+                if (q->paused && !q->gone && len > 0 && q->state != QMP_CLOSED) {
+                        q->held = malloc(len);
+                        if (!q->held) {
+                                r = -ENOMEM;
+                                break;
+                        }
+                        memcpy(q->held, buf, len);
+                        q->n_held = len;
+                        break;
+                }
         }
         if (r < 0 && q->state != QMP_CLOSED)
                 qmp_fail(q, r);
@@ -622,9 +634,43 @@ int qmp_feed(Qmp *q, const char *buf, size_t len) {
         return r;
 }
 
+int qmp_feed(Qmp *q, const char *buf, size_t len) {
+        int r = 0;
+
+        if (!utf8_feed(&q->utf8, buf, len)) {
+                log_warning("QMP: QEMU sent bytes that are not UTF-8.");
+                r = -EBADMSG;
+        }
+        return qmp_parse(q, buf, len, r);
+}
+
+/* What was held while reading was paused, before anything read since. */
+static int qmp_feed_held(Qmp *q) {
+        _cleanup_free_ char *held = TAKE_PTR(q->held);
+        size_t n = q->n_held;
+
+        q->n_held = 0;
+        return held ? qmp_parse(q, held, n, 0) : 0;
+}
+
+static int qmp_resume_handler(sd_event_source *s, void *userdata) {
+        Qmp *q = userdata;
+
+        qmp_ref(q);
+        if (!q->paused && q->state != QMP_CLOSED && qmp_feed_held(q) >= 0 && q->state != QMP_CLOSED)
+                (void) qmp_update_timer(q);
+        qmp_unref(q);
+        return 0;
+}
+
 static int qmp_read(Qmp *q, bool hangup) {
         char buf[65536];
 
+        q->gone |= hangup;
+        if (q->held && (!q->paused || hangup) && qmp_feed_held(q) < 0)
+                return 0; /* qmp_parse() already failed the connection */
+        if (q->held)
+                return 0; /* still paused: what comes next waits behind them */
         /* Bounded work per wakeup so that an event flood cannot starve other clients. */
         for (unsigned i = 0; i < 4 && q->state != QMP_CLOSED && (!q->paused || hangup); i++) {
                 ssize_t k = recv(q->fd, buf, sizeof(buf), MSG_DONTWAIT);
@@ -638,7 +684,7 @@ static int qmp_read(Qmp *q, bool hangup) {
                         return -ECONNRESET;
                 }
                 if (qmp_feed(q, buf, (size_t) k) < 0)
-                        return 0; /* qmp_feed already failed the connection */
+                        return 0; /* qmp_parse() already failed the connection */
         }
         return 0;
 }
@@ -675,8 +721,12 @@ void qmp_set_reading(Qmp *q, bool reading) {
         if (!q || q->paused == !reading)
                 return;
         q->paused = !reading;
-        if (q->state != QMP_CLOSED)
-                (void) qmp_update_io(q);
+        if (q->state == QMP_CLOSED)
+                return;
+        (void) qmp_update_io(q);
+        /* What was held goes first, also if QEMU sends nothing more (else the next read feeds it). */
+        if (reading && q->held && (q->resume || sd_event_add_defer(q->event, &q->resume, qmp_resume_handler, q) >= 0))
+                (void) sd_event_source_set_enabled(q->resume, SD_EVENT_ONESHOT);
 }
 
 static int qmp_update_io(Qmp *q) {

@@ -44,6 +44,8 @@ static void on_event(Qmp *q, const char *event, json_object *data, void *userdat
                 f->last_event = strdup(event);
                 f->last_data = data ? strdup(json_object_to_json_string_ext(data, JSON_C_TO_STRING_PLAIN)) : NULL;
         }
+        if (f->pause_after_events && f->n_events == f->pause_after_events)
+                qmp_set_reading(q, false);
         if (f->close_on_event)
                 fake_close(f);
 }

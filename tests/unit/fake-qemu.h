@@ -57,6 +57,7 @@ struct Fake {
         char *last_data;
         bool keep_events; /* record name and data of every event (off for floods) */
         bool close_on_event;
+        unsigned pause_after_events; /* qmp_set_reading(false) from the handler of the event of that count */
 
         bool closed; /* the test (or a callback) called qmp_close_unref */
         unsigned seq;
