@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 
 #include "control.h"
@@ -77,6 +78,11 @@ int helper_install_allowlist(const SyscallRule *rules, size_t n_rules, bool valg
         scmp_filter_ctx ctx;
         int r;
 
+        /* Not dumpable: a process of the same uid may signal it, but neither trace it nor open its
+         * /proc/PID/mem. A template cache's QEMU runs as its relay's uid, in the PID namespace the
+         * relay's is nested in, so it sees the relay (review 34b). */
+        if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+                return -errno;
         ctx = seccomp_init(deny);
         if (!ctx)
                 return -ENOMEM;

@@ -639,6 +639,30 @@ class CacheTest(h.TestCase):
             for t in threads:
                 t.join(30)
 
+    def test_9_k_the_caches_qemu_cannot_write_into_its_relay(self):
+        """The cache's relay runs as the cache's uid, in a PID namespace nested in the one its QEMU
+        runs in: a QEMU taken over by the remote saw the relay and could open its /proc/PID/mem
+        for writing (review 34b), i.e. run code in the process that bounds what the cache's
+        clients may make it hold. The relay is not dumpable now: a signal is all it can send
+        (which ends the cache as its own exit would)."""
+        _, _, pid = self.serving_cache('relayed.qcow2')
+
+        def ids(p):
+            try:
+                with open('/proc/%s/status' % p) as f:
+                    text = f.read()
+                return (int(re.search(r'^Uid:\s+(\d+)', text, re.M).group(1)),
+                        int(re.search(r'^Gid:\s+(\d+)', text, re.M).group(1)))
+            except (OSError, AttributeError):
+                return None
+        uid, gid = ids(pid)
+        relays = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != pid and ids(p) == (uid, gid)]
+        self.assertEqual(len(relays), 1, "the cache's relay, the other process of its uid: %s" % relays)
+        self.assertEqual(o.reach_as(self, uid, gid, relays[0]), ['signal'],
+                         "the cache's QEMU's identity reaches into its relay")
+        # The test can tell: that identity reaches into its own QEMU.
+        self.assertEqual(o.reach_as(self, uid, gid, pid), ['signal', 'write memory'])
+
     def test_9_h_a_client_gone_with_reads_in_flight_keeps_them_in_the_budget(self):
         """Review 33c: QEMU keeps a read's buffer until it has read the data, whatever becomes of
         the connection, and the relay gave the budget back as soon as it closed one. Clients that
