@@ -88,7 +88,8 @@ struct Cache {
         unsigned in_flight;   /* provisionings told to go on, whose overlay is not yet made */
         bool stopping;        /* its helper is being stopped for good */
         bool warmed;          /* Warm() completed: the image holds all and names no backing */
-        unsigned restarts;
+        unsigned restarts;    /* of a helper that died serving, since one served CACHE_SERVED_USEC */
+        usec_t serving_since; /* CLOCK_MONOTONIC */
         pid_t pid;
         sd_event_source *child;
         HelperLog *log;

@@ -40,6 +40,10 @@
 #define CACHE_ID_MAX 999999U
 #define CACHES_FILE_MAX CACHES_RECORD_MAX
 #define CACHE_RESTARTS_MAX 5
+/* A helper that served this long before it died has its restarts counted from naught again. One
+ * that dies as soon as it serves (a remote that kills it with its first reply) is restarted
+ * CACHE_RESTARTS_MAX times, not forever: each restart holds the daemon's thread for two spawns. */
+#define CACHE_SERVED_USEC (60 * USEC_PER_SEC)
 #define LEFTOVER_POLL_USEC (20 * USEC_PER_MSEC)
 #define LEFTOVER_WAIT_USEC (10 * USEC_PER_SEC)
 
@@ -281,7 +285,7 @@ static void setup_reply(Qmp *q, int error, const char *desc, void *userdata) {
                 cache_failed(c, "its storage helper could not open the cache image or serve it");
                 return;
         }
-        c->restarts = 0;
+        c->serving_since = now_usec(CLOCK_MONOTONIC);
         log_info("Template cache %u: serving %s on %s.", c->id, c->url, c->socket_path);
         set_state(c, CACHE_SERVING);
         c->in_flight++; /* held while the waiters make their overlays */
@@ -411,6 +415,8 @@ static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata
                 si->si_code == CLD_EXITED ? "exited with status" : "was killed by signal", si->si_status);
         cache_warm_reply(c, BS_ERROR_HELPER_FAILED, "its storage helper went away");
         /* One that served is brought back on the same socket; one that never did is not retried. */
+        if (was_serving && now_usec(CLOCK_MONOTONIC) - c->serving_since >= CACHE_SERVED_USEC)
+                c->restarts = 0;
         if (was_serving && c->restarts++ < CACHE_RESTARTS_MAX) {
                 set_state(c, CACHE_STARTING);
                 if (cache_spawn(c) >= 0)

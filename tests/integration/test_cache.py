@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -662,6 +663,31 @@ class CacheTest(h.TestCase):
                          "the cache's QEMU's identity reaches into its relay")
         # The test can tell: that identity reaches into its own QEMU.
         self.assertEqual(o.reach_as(self, uid, gid, pid), ['signal', 'write memory'])
+
+    def test_9_l_a_helper_that_dies_as_it_serves_is_not_restarted_forever(self):
+        """A cache's helper that dies while it serves is started again, at most 5 times; but the
+        count went back to naught each time one came to serve, so one killed as soon as it served
+        (by a remote that makes it crash with its first reply) was restarted forever, each restart
+        two spawns on the daemon's thread (review 34b). The count goes back to naught only once a
+        helper served a minute now."""
+        path, _, pid = self.serving_cache('dies.qcow2')
+        kills = 0
+        while kills < 8 and h.unwrap(self.client.get(path, IFACE_CACHE, 'State')) != 'failed':
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+
+            def next_helper():
+                state = h.unwrap(self.client.get(path, IFACE_CACHE, 'State'))
+                found = cache_helpers(self.env, path)[1]
+                if state == 'failed' or (state == 'serving' and found and found[0][0] != pid):
+                    return state, found
+                return None
+            state, found = self.client.wait_for(next_helper, 60, 'the cache to serve again or fail')
+            if state == 'serving':
+                pid = found[0][0]
+        self.assertEqual(h.unwrap(self.client.get(path, IFACE_CACHE, 'State')), 'failed',
+                         'a helper killed as soon as it served %d times still served' % kills)
+        self.assertEqual(kills, 6, 'restarted %d times' % (kills - 1))
 
     def test_9_h_a_client_gone_with_reads_in_flight_keeps_them_in_the_budget(self):
         """Review 33c: QEMU keeps a read's buffer until it has read the data, whatever becomes of
