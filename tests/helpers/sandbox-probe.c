@@ -31,6 +31,9 @@
  *   limits                 "AS=SOFT/HARD DATA=SOFT/HARD FSIZE=SOFT/HARD" from getrlimit(), "inf" for
  *                          RLIM_INFINITY
  *   io_uring               io_uring_setup(): "io_uring_setup: ok" or "io_uring_setup: ERRNO"
+ *   unseen-memory          memfd_create, shmget, msgget, mq_open: "memfd_create ERRNO, shmget ERRNO, ..."
+ *   mkdirs DIR N           N empty directories in DIR: "mkdirs DIR: MADE" or "mkdirs DIR: MADE then ERRNO"
+ *   listen-unbound         listen() on a TCP socket never bound: "survived listen-unbound: ok|ERRNO"
  *   status                 "uid=R,E,S,F gid=R,E,S,F groups=[...] CapInh=... CapPrm=... CapEff=...
  *                          CapBnd=... CapAmb=... NoNewPrivs=N Seccomp=N" from /proc/self/status
  *   fds                    the open fds from /proc/self/fd, without the listing's own: "fds: 0 1 2 3"
@@ -43,6 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/ipc.h>
 #include <seccomp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -278,6 +282,15 @@ static int attempt_io_uring(void) {
         return 0;
 }
 
+static int attempt_unseen_memory(void) {
+        long fd = syscall(__NR_memfd_create, "probe", 0), shm = syscall(__NR_shmget, IPC_PRIVATE, 4096, 0600),
+             msg = syscall(__NR_msgget, IPC_PRIVATE, 0600),
+             mq = syscall(__NR_mq_open, "probe", O_RDWR | O_CREAT, 0600, NULL);
+
+        add("memfd_create %s, shmget %s, msgget %s, mq_open %s", outcome(fd), outcome(shm), outcome(msg), outcome(mq));
+        return 0;
+}
+
 static int attempt_status(void) {
         static const char *const keys[] = { "Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:",
                                             "CapAmb:", "NoNewPrivs:", "Seccomp:" };
@@ -468,6 +481,8 @@ int main(int argc, char **argv) {
                 attempt_limits();
         else if (!strcmp(what, "io_uring"))
                 attempt_io_uring();
+        else if (!strcmp(what, "unseen-memory"))
+                attempt_unseen_memory();
         else if (!strcmp(what, "fds"))
                 attempt_fds();
         else if (!strcmp(what, "procs"))
