@@ -15,9 +15,9 @@
  * and then stops accepting; beyond that connect() finds the backlog full and the client is
  * refused. Nothing the relay says is used as a path, and it holds no connection but those.
  *
- * The relay runs with the cache's sandbox identity, in a PID namespace of its own (so the cache's
- * QEMU, taken over by a hostile remote, cannot see it, nor it the QEMU), without network, with no
- * file access (seccomp). It lives and dies with the cache's storage helper: one that exits makes
+ * The relay runs with the cache's sandbox identity, in a PID namespace of its own (it cannot see
+ * the cache's QEMU; that QEMU, not PID 1 of its own, sees it and may signal it, but cannot write
+ * into it: the relay is not dumpable), without network, with no file access (seccomp). It lives and dies with the cache's storage helper: one that exits makes
  * the helper go too, which cache.c restarts as it does a helper that died (CACHE_RESTARTS_MAX). */
 
 #include <errno.h>
