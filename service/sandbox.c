@@ -372,7 +372,7 @@ static int install_denylist(const SandboxSpec *s) {
          * Then memory no process's RSS shows, charged to the service's cgroup: the kernel would
          * kill another process for it (review 34b); no helper uses them. */
         static const char *const missing[] = { "io_uring_setup", "io_uring_enter", "io_uring_register", "shmget",
-                "msgget", "mq_open", "memfd_create", "memfd_secret" };
+                "msgget", "semget", "mq_open", "memfd_create", "memfd_secret" };
         static const char *const listen_calls[] = { "listen", "accept", "accept4" };
         const uint64_t ns_flags = CLONE_NEWNS | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS |
                                   CLONE_NEWIPC | CLONE_NEWCGROUP;

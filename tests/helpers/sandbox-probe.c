@@ -31,7 +31,7 @@
  *   limits                 "AS=SOFT/HARD DATA=SOFT/HARD FSIZE=SOFT/HARD" from getrlimit(), "inf" for
  *                          RLIM_INFINITY
  *   io_uring               io_uring_setup(): "io_uring_setup: ok" or "io_uring_setup: ERRNO"
- *   unseen-memory          memfd_create, shmget, msgget, mq_open: "memfd_create ERRNO, shmget ERRNO, ..."
+ *   unseen-memory          memfd_create, shmget, msgget, semget, mq_open: "memfd_create ERRNO, ..."
  *   mkdirs DIR N           N empty directories in DIR: "mkdirs DIR: MADE" or "mkdirs DIR: MADE then ERRNO"
  *   listen-unbound         listen() on a TCP socket never bound: "survived listen-unbound: ok|ERRNO"
  *   status                 "uid=R,E,S,F gid=R,E,S,F groups=[...] CapInh=... CapPrm=... CapEff=...
@@ -284,10 +284,11 @@ static int attempt_io_uring(void) {
 
 static int attempt_unseen_memory(void) {
         long fd = syscall(__NR_memfd_create, "probe", 0), shm = syscall(__NR_shmget, IPC_PRIVATE, 4096, 0600),
-             msg = syscall(__NR_msgget, IPC_PRIVATE, 0600),
+             msg = syscall(__NR_msgget, IPC_PRIVATE, 0600), sem = syscall(__NR_semget, IPC_PRIVATE, 32, 0600),
              mq = syscall(__NR_mq_open, "probe", O_RDWR | O_CREAT, 0600, NULL);
 
-        add("memfd_create %s, shmget %s, msgget %s, mq_open %s", outcome(fd), outcome(shm), outcome(msg), outcome(mq));
+        add("memfd_create %s, shmget %s, msgget %s, semget %s, mq_open %s", outcome(fd), outcome(shm), outcome(msg),
+                outcome(sem), outcome(mq));
         return 0;
 }
 

@@ -280,7 +280,7 @@ static void test_unseen_memory_denied(void) {
         Outcome o;
 
         RUN(&o, "unseen-memory");
-        expect_report(&o, "memfd_create ENOSYS, shmget ENOSYS, msgget ENOSYS, mq_open ENOSYS");
+        expect_report(&o, "memfd_create ENOSYS, shmget ENOSYS, msgget ENOSYS, semget ENOSYS, mq_open ENOSYS");
 }
 
 static void test_exec_under_allowlist_killed(void) {
