@@ -196,11 +196,11 @@ void qmp_close_drained(Qmp *q, uint64_t timeout, qmp_drained_handler_t done, voi
         q->draining = true;
         q->drained = done;
         q->drained_userdata = userdata;
-        q->paused = false; /* nobody paces it any more: its answers are read at once */
         if (q->state != QMP_READY || !q->calls) {
                 qmp_drain_finish(q, q->state == QMP_READY ? 0 : -ENOTCONN);
                 return;
         }
+        qmp_set_reading(q, true); /* nobody paces it any more: its answers, held ones first, at once */
         r = qmp_update_io(q);
         if (r >= 0)
                 r = qmp_update_timer(q);

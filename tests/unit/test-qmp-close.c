@@ -325,6 +325,30 @@ static void test_close_drained(void) {
                 fake_call_done(&c[0]);
         }
 
+        /* Reading paused by an event's handler (the guest's pacing) with the answer read behind the
+         * event: held, it came only once reading resumed, which nothing did, so the drain waited
+         * for its deadline (review 34c). It is read at once now. */
+        memset(c, 0, sizeof(c));
+        d = (Drained) {};
+        if (setup(&f)) {
+                cmd = call_and_receive(&f, &c[0], "nbd-server-stop", NULL);
+                f.pause_after_events = 1;
+                ASSERT_OK(fake_sendf(&f, "{\"event\": \"X\"}\r\n{\"return\": {}, \"id\": %" PRIi64 "}\r\n",
+                        fake_command_id(cmd)));
+                fake_run(&f, 200 * MSEC);
+                ASSERT_EQ(f.n_events, 1);
+                ASSERT_EQ(c[0].n_handler, 0);
+                qmp_close_drained(TAKE_PTR(f.q), 5 * SEC, drained_handler, &d);
+                f.closed = true;
+                fake_run_until(&f, cond_drained, &d, SEC);
+                ASSERT_EQ(d.n, 1);
+                ASSERT_EQ(d.error, 0);
+                ASSERT_TRUE(fake_wait_peer_eof(&f, 3 * SEC));
+                json_object_put(cmd);
+                fake_free(&f);
+                fake_call_done(&c[0]);
+        }
+
         /* Nothing pending: done(0) at once. */
         d = (Drained) {};
         if (setup(&f)) {
