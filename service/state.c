@@ -246,7 +246,8 @@ static int get_strv(json_object *o, const char *key, size_t max, char ***ret) {
                 json_object *s = json_object_array_get_idx(a, i);
                 if (!json_object_is_type(s, json_type_string) ||
                         (size_t) json_object_get_string_len(s) != strlen(json_object_get_string(s)) ||
-                        strlen(json_object_get_string(s)) > QEMU_STRING_MAX)
+                        strlen(json_object_get_string(s)) > QEMU_STRING_MAX ||
+                        !utf8_is_valid(json_object_get_string(s)))
                         return -EBADMSG;
                 l[i] = strdup(json_object_get_string(s));
                 if (!l[i])

@@ -314,6 +314,36 @@ static int parse_record(const char *alias, const char *node, const char *job, co
         return state_guest_from_json(o, "vm1.json", ret);
 }
 
+/* A disk's backing chain in a guest's record is checked as QEMU's reply was: a name with a byte
+ * sd-bus refuses (an older daemon took U+FFFF from QEMU) made BackingChain, and GetManagedObjects
+ * for everyone, fail from the restart on (review 34c). */
+static int parse_guest_chain(const char *chain) {
+        _cleanup_free_ char *json = strdup_printf(
+                "{\"version\":1,\"name\":\"vm1\",\"uuid\":\"\",\"qmp_socket\":\"/run/vm1/qmp.sock\",\"owner\":0,"
+                "\"job_seq\":1,\"disks\":[{\"alias\":\"vda\",\"node_name\":\"n\",\"path\":\"/img/top.qcow2\","
+                "\"format\":\"qcow2\",\"chain\":[\"%s\"],\"chain_nodes\":[\"n1\"],\"size\":1048576,"
+                "\"cluster_size\":65536,\"bandwidth\":0,\"job\":{\"state\":\"idle\",\"mode\":\"\",\"offset\":0,"
+                "\"length\":0,\"done\":0,\"total\":0,\"bandwidth\":0,\"start_time\":0}}]}",
+                chain);
+        _cleanup_(json_object_putp) json_object *o = json ? json_tokener_parse(json) : NULL;
+        StateGuest g = {};
+        int r;
+
+        if (!o)
+                return -EINVAL;
+        r = state_guest_from_json(o, "vm1.json", &g);
+        state_guest_done(&g);
+        return r;
+}
+
+static void test_chain_record(void) {
+        ASSERT_OK(parse_guest_chain("/img/base.qcow2"));
+        ASSERT_OK(parse_guest_chain("/img/caf\\u00e9 \\ufffd.qcow2"));
+        ASSERT_ERRNO(parse_guest_chain("/img/a\\uffff.qcow2"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_chain("/img/a\\ufdd0.qcow2"), -EBADMSG);
+        ASSERT_ERRNO(parse_guest_chain("/img/a\\u0000b.qcow2"), -EBADMSG);
+}
+
 /* A disk's alias and node name in a guest's record: checked as where they came from (QEMU,
  * RegisterGuest): the alias names socket files ("%s/%s-%u.nbd") and nodes. An idle job. */
 static int parse_guest_disk_with(const char *alias, const char *node, const char *extra) {
@@ -454,6 +484,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_bad_file_is_removed);
         TAP_RUN(test_pivot_record);
         TAP_RUN(test_disk_names_record);
+        TAP_RUN(test_chain_record);
         TAP_RUN(test_job_base_record);
         TAP_RUN(test_job_caller_and_latency_mode);
         TAP_RUN(test_storage_identity_record);
