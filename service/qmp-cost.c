@@ -65,6 +65,10 @@ void qmp_cost_charge(uint64_t *charged, uint64_t cost) {
 
 bool qmp_cost_may_hold(uint64_t charged, uint64_t cost) {
         unsigned n = unfinished_n + (charged == 0);
+        uint64_t total = unfinished_cost - charged + cost;
 
-        return unfinished_cost - charged + cost <= QMP_UNFINISHED_COST_MAX || cost <= QMP_UNFINISHED_COST_MAX / n;
+        /* Twice the budget is a hard bound: shares given one after another add up past it (review
+         * 34c). */
+        return total <= QMP_UNFINISHED_COST_MAX ||
+               (cost <= QMP_UNFINISHED_COST_MAX / n && total <= 2 * (uint64_t) QMP_UNFINISHED_COST_MAX);
 }

@@ -53,6 +53,6 @@ void qmp_cost_charge(uint64_t *charged, uint64_t cost);
 
 /* Whether a connection whose unfinished message is charged at charged may hold one of this cost:
  * within the daemon-wide budget, or within its share of it. Those under their share may go on
- * past it (to twice the budget at most), so that a QEMU that sends its reply while others hold
- * the budget is not refused for them. */
+ * past it (to twice the budget, a hard bound), so that a QEMU that sends its reply while others
+ * hold the budget is not refused for them (up to its share: review 34c). */
 bool qmp_cost_may_hold(uint64_t charged, uint64_t cost);

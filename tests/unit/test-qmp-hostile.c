@@ -531,6 +531,30 @@ static void test_unfinished_messages_share_a_budget(void) {
                 fake_free(&f[i]);
 }
 
+/* The shared budget's accounting alone: messages that each ask for their share as they come (the
+ * budget over how many are held) added up to the budget times the harmonic number of their count
+ * (review 34c: ~700 MiB for 64); twice the budget is a hard bound now. */
+static void test_unfinished_budget_bounded(void) {
+        enum { N = 200 };
+        uint64_t charged[N] = {}, total = 0;
+        size_t k;
+
+        for (k = 0; k < N; k++) {
+                uint64_t want = QMP_UNFINISHED_COST_MAX / (k + 1);
+
+                if (!qmp_cost_may_hold(0, want))
+                        break;
+                qmp_cost_charge(&charged[k], want);
+                total += want;
+        }
+        ASSERT_TRUE(k < N);
+        if (total > 2 * (uint64_t) QMP_UNFINISHED_COST_MAX)
+                TAP_FAIL("%zu messages each within their share hold %" PRIu64 " MiB", k, total >> 20);
+        for (size_t i = 0; i < k; i++)
+                qmp_cost_charge(&charged[i], 0);
+        ASSERT_TRUE(qmp_cost_may_hold(0, QMP_UNFINISHED_COST_MAX)); /* all given back */
+}
+
 /* Reading paused by an event's handler (the daemon paces each guest's events) stopped at the next
  * read only: the ~900 events of one 64 KiB read all went out (review 34a). The rest of a read
  * waits now, in order, until reading resumes, also if QEMU sends nothing more. */
@@ -862,6 +886,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_message_left_unfinished);
         TAP_RUN(test_unfinished_messages_share_a_budget);
         TAP_RUN(test_pause_stops_within_a_read);
+        TAP_RUN(test_unfinished_budget_bounded);
         TAP_RUN(test_pending_max);
         TAP_RUN(test_event_flood);
         TAP_RUN(test_disconnect_every_offset);
