@@ -217,16 +217,16 @@ typedef struct FileId {
 } FileId;
 
 /* Other guests' disks, by identity: a hardlink or another name of the same file is the same disk.
- * forbidden holds paths we checked ourselves, and is stat()ed; claimed holds what QEMUs report,
- * looked up like an image, beneath an image directory and through fds only: a path outside them
- * cannot be the same file as an image inside but for a hard link across, which only who may write
- * there can make. */
+ * forbidden holds paths we checked at registration, claimed what QEMUs report; both are looked up
+ * like an image, beneath an image directory and through fds only (an owner may have made their
+ * disk a symlink to a template since: review 34d): a path outside them cannot be the same file as
+ * an image inside but for a hard link across, which only who may write there can make. */
 static void add_file_ids(char *const *dirs, char *const *paths, bool claimed, FileId *ids, size_t *n) {
         for (char *const *f = paths; f && *f; f++) {
                 struct stat st;
                 int r;
 
-                r = claimed ? file_id_beneath(dirs, *f, &st) : (stat(*f, &st) < 0 ? -errno : 0);
+                r = file_id_beneath(dirs, *f, &st);
                 if (r < 0) {
                         log_debug_errno(r, "Cannot look up %s, not comparing against it: %m", image_printable(*f));
                         continue;

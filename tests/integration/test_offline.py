@@ -593,6 +593,22 @@ class OfflineTest(h.TestCase):
         # And the same image twice in one guest.
         self._refused(self.unique_name(), {'vda': other.mid, 'vdb': other.mid}, [other.mid])
 
+    def test_a_disk_made_a_symlink_forbids_nothing_else(self):
+        """Other offline guests' disks are no one else's backing, compared by identity. Their paths
+        were stat()ed by name, following symlinks: an owner who replaced their disk with a symlink
+        to a template had every chain through that template refused as another guest's disk
+        (review 34d). They are looked up as images now, beneath the image directories with no
+        symlink followed."""
+        a = self.new_offline_guest(size=16 * MiB)
+        other = self.make_chains(size=16 * MiB)['vda']
+        template = other.mid
+        os.unlink(a.chains['vda'].top)
+        os.symlink(template, a.chains['vda'].top)
+        name = self.unique_name()
+        self.register(name, '', o.offline_options({'vda': other.top}))
+        self.addCleanup(self.unregister_quietly, name)
+        self.assertEqual(self.client.get(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'BackingChain')[0], template)
+
     def test_backing_its_owner_may_not_read_is_not_read(self):
         """The storage helper gets an offline guest's images from us, opened as root. The guest's
         owner may write the header of their top image, and with it name as its backing any file
