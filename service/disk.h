@@ -120,6 +120,10 @@ typedef struct Disk {
         bool pin_writable; /* ... and QEMU had it open for writing (else it is handed over read-only) */
         dev_t pin_dev;
         ino_t pin_ino;
+        /* ... and the uid that QEMU ran as: a handoff reads the chain below the top with that
+         * uid's rights, not the owner's (root's, for a guest root registered): the header is the
+         * QEMU's to write, and it may name what only they could read (review 34d). */
+        uid_t pin_uid;
         usec_t last_saved;
         /* Progress signals (disk.c): when the last went out, whether a newer value waits for the
          * disk's turn (progress_timer, armed then, sends it in that turn), and the budget window in

@@ -95,6 +95,7 @@ int export_handoff_pins(Export *e, StateExportPin **ret, size_t *ret_n) {
                         pins[n++] = (StateExportPin) { .alias = g->disks[i]->alias,
                                 .dev = (uint64_t) g->disks[i]->pin_dev,
                                 .ino = (uint64_t) g->disks[i]->pin_ino,
+                                .uid = (uint32_t) g->disks[i]->pin_uid,
                                 .writable = g->disks[i]->pin_writable };
         *ret = pins;
         *ret_n = n;
@@ -116,6 +117,7 @@ void export_handoff_restore_pins(Export *e, const StateExport *s) {
                                 g->disks[j]->pinned = true;
                                 g->disks[j]->pin_dev = (dev_t) s->pins[i].dev;
                                 g->disks[j]->pin_ino = (ino_t) s->pins[i].ino;
+                                g->disks[j]->pin_uid = (uid_t) s->pins[i].uid;
                                 g->disks[j]->pin_writable = s->pins[i].writable;
                         }
 }

@@ -664,6 +664,7 @@ static int guest_open_qmp(Guest *g, int opened_fd, const QmpSocketPin *opened_se
         }
         log_debug("Guest %s: QMP peer on %s is pid %d, uid " UID_FMT ".", g->name, g->qmp_socket, (int) peer.pid,
                 (uint32_t) peer.uid);
+        g->qmp_peer_uid = peer.uid;
         /* The process whose open files pin the disks (guest-pins.c): the listener itself, or none. */
         closep(&g->qmp_proc_fd);
         g->qmp_qemu = (QemuInstance) {};
@@ -853,7 +854,6 @@ static int guest_storage_sandbox(void *userdata, StorageSandbox *ret) {
                 .process_label = g->storage_process_label,
                 .image_label = g->storage_image_label,
                 .runtime_dir = g->runtime_dir,
-                .owner = g->owner,
         };
         return 0;
 }
@@ -872,6 +872,7 @@ static void guest_storage_disk(void *userdata, size_t i, StorageDisk *ret) {
                 .path = d->path,
                 .format = d->format,
                 .read_only = g->handoff && !d->pin_writable,
+                .owner = g->handoff ? d->pin_uid : g->owner,
         };
 }
 

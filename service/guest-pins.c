@@ -372,6 +372,7 @@ void guest_pin_disks(Guest *g) {
                 if (found[i]) {
                         d->pin_dev = st[i].st_dev;
                         d->pin_ino = st[i].st_ino;
+                        d->pin_uid = g->qmp_peer_uid;
                 }
         }
 }
@@ -410,7 +411,7 @@ int guest_check_pins(Guest *g) {
                                 g->name, d->alias, d->path);
                         return -EPERM;
                 }
-                r = storage_chain_open_owned(g->engine->config.image_dirs, g->owner, d->path, d->format, false,
+                r = storage_chain_open_owned(g->engine->config.image_dirs, d->pin_uid, d->path, d->format, false,
                         forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot hand over %s: %s", g->name, d->alias, d->path,

@@ -26,6 +26,7 @@ int guest_new(Guest **ret, Engine *m, const char *name, const char *qmp_socket, 
         g->engine = m;
         g->owner = owner;
         g->qmp_uid = UID_INVALID;
+        g->qmp_peer_uid = UID_INVALID;
         g->qmp_proc_fd = -EBADF;
         g->name = strdup(name);
         g->qmp_socket = strdup(qmp_socket);
@@ -480,10 +481,10 @@ static int guest_refresh_offline(Guest *g) {
                 _cleanup_free_ char *error = NULL;
                 Disk *d = g->disks[i];
 
-                /* As its owner opens it: the chain is published (BackingChain), and the owner may
-                 * have written the top's header to name what only root could read. */
-                r = storage_chain_open_owned(g->engine->config.image_dirs, g->owner, d->path, d->format, false,
-                        forbidden, claimed, &chain, &error);
+                /* As its owner opens it (in a handoff, the QEMU that wrote it last): the chain is
+                 * published, and they may have written the header to name what only root could read. */
+                r = storage_chain_open_owned(g->engine->config.image_dirs, g->handoff ? d->pin_uid : g->owner,
+                        d->path, d->format, false, forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));

@@ -50,6 +50,7 @@ typedef struct Guest {
         QmpSocketPin qmp_pin;
         uid_t qmp_uid;
         bool qmp_uid_pin_next;
+        uid_t qmp_peer_uid; /* the uid of the QEMU connected last (UID_INVALID: none yet) */
         bool qmp_as_owner; /* persisted: registered by its owner, whose view of the socket path counts */
         int qmp_proc_fd; /* the connected QEMU's /proc/PID, vouched for (qmp_socket_peer_proc()); -1: none */
         char *connect_error;

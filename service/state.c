@@ -686,6 +686,7 @@ int state_export_save(const char *dir, const StateExport *e) {
                         if (add(p, "disk", json_object_new_string(e->pins[i].alias)) < 0 ||
                                 add(p, "dev", json_object_new_uint64(e->pins[i].dev)) < 0 ||
                                 add(p, "ino", json_object_new_uint64(e->pins[i].ino)) < 0 ||
+                                add(p, "uid", json_object_new_uint64(e->pins[i].uid)) < 0 ||
                                 (e->pins[i].writable && add(p, "writable", json_object_new_boolean(true)) < 0))
                                 return -ENOMEM;
                 }
@@ -720,10 +721,11 @@ static int printable_field(json_object *o, const char *key, size_t max, char **r
         return *ret ? 0 : -ENOMEM;
 }
 
-/* "handoff_pins": [{"disk": ALIAS, "dev": N, "ino": N, "writable": true}, …], optional, bounded, each alias
- * once; "writable" optional. */
+/* "handoff_pins": [{"disk": ALIAS, "dev": N, "ino": N, "writable": true, "uid": N}, …], optional, bounded,
+ * each alias once; "writable" and "uid" optional. */
 static int export_pins_from_json(json_object *o, StateExport *e) {
         json_object *pins;
+        uint64_t uid;
         size_t n;
         int r;
 
@@ -747,11 +749,15 @@ static int export_pins_from_json(json_object *o, StateExport *e) {
                 e->n_pins = i + 1; /* freed with e from here on */
                 if (r < 0)
                         return r;
-                /* "writable" absent (a record from before it was kept): read-only, the safe side. */
+                /* "writable" and "uid" absent (a record from before they were kept): read-only, and
+                 * nobody's rights, the safe side. */
+                uid = STATE_PIN_UID_UNKNOWN;
                 if (!qemu_id_is_valid(pin->alias) || json_get_uint64(p, "dev", true, &pin->dev) < 0 ||
                         json_get_uint64(p, "ino", true, &pin->ino) < 0 ||
-                        json_get_bool(p, "writable", false, &pin->writable) < 0)
+                        json_get_bool(p, "writable", false, &pin->writable) < 0 ||
+                        json_get_uint64(p, "uid", false, &uid) < 0 || uid >= UINT32_MAX)
                         return -EBADMSG;
+                pin->uid = (uint32_t) uid;
                 for (size_t j = 0; j < i; j++)
                         if (streq(e->pins[j].alias, pin->alias))
                                 return -EBADMSG;

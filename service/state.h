@@ -95,7 +95,10 @@ typedef struct StateExportPin {
         uint64_t dev;
         uint64_t ino;
         bool writable; /* that QEMU had it open for writing: handed over read-write (else read-only) */
+        uint32_t uid;  /* that QEMU's uid, whose rights the handoff reads the chain with */
 } StateExportPin;
+/* A pin's uid in a record from before it was kept: nobody's rights, the safe side. */
+#define STATE_PIN_UID_UNKNOWN UINT32_C(65534)
 
 typedef struct StateExport {
         unsigned id;

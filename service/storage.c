@@ -490,7 +490,7 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
-        r = storage_chain_open_owned(host->config->image_dirs, sb->owner, d->path, d->format, !d->read_only, forbidden,
+        r = storage_chain_open_owned(host->config->image_dirs, d->owner, d->path, d->format, !d->read_only, forbidden,
                 claimed, &chain, ret_error);
         if (r < 0)
                 return r;

@@ -31,8 +31,6 @@ typedef struct StorageSandbox {
         const char *process_label;
         const char *image_label;
         const char *runtime_dir;
-        /* The guest's owner: the images below the top must be theirs to read (0: root, anything). */
-        uid_t owner;
 } StorageSandbox;
 
 /* One disk to attach: its alias, image path and format as registered. */
@@ -41,6 +39,8 @@ typedef struct StorageDisk {
         const char *path;
         const char *format;
         bool read_only; /* the top too (a handoff of a disk its QEMU only read) */
+        uid_t owner;    /* whose rights its chain is opened with: the guest's owner's, or in a handoff
+                         * the uid of the QEMU that had it open (0: root, anything) */
 } StorageDisk;
 
 /* What the helper needs of the guest, asked when needed. */

@@ -528,6 +528,55 @@ class HostileQemuTest(h.TestCase):
         self.assertEqual([c for c in q.sequence if c in ('add-fd', 'drive-mirror', 'blockdev-mirror')], [],
                          'QEMU was given an image to write over the template')
 
+    def test_a_handoff_reads_the_chain_with_the_rights_of_the_qemu_that_wrote_it(self):
+        """A handoff serves the export from the image headers once the guest's QEMU is gone. The
+        top image is the file that QEMU had open (pinned), but its header is QEMU's to write, and
+        the chain was read with the guest owner's rights: root's, for a guest root registered. A
+        QEMU of another uid that named a file only root may read as its backing, then went away,
+        had the storage helper serve that file's data (review 34d). The chain is read with the
+        QEMU's uid's rights now: no more than it could read itself. An honest one's is served."""
+        h.ensure_user(h.STRANGER)
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False), ('serving', 1))
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True), ('failed', 0),
+                         'the handoff served a chain through a root-only file')
+        with open(self.env.daemon.log, errors='replace') as f:
+            self.assertIn('may not read its backing', f.read())
+
+    def handoff_of_a_strangers_qemu(self, tamper):
+        """A guest registered by root whose QEMU runs as the stranger, exported; its QEMU, having
+        named (tamper) a root-only file as its image's backing, quits: (export State, storage
+        helpers) once the handoff was refused or served."""
+        d = os.path.join(self.env.images, self.unique_name('handoff'))
+        os.mkdir(d)
+        os.chmod(d, 0o755)
+        tmpl, scrt, top = (os.path.join(d, n) for n in ('tmpl.qcow2', 'scrt.qcow2', 'top.qcow2'))
+        for image in (tmpl, scrt):
+            h.qemu_img('create', '-q', '-f', 'qcow2', image, '16M')
+        h.qemu_io(scrt, 'write -P 0x5e 0 %d' % MiB)
+        os.chmod(tmpl, 0o644)
+        os.chmod(scrt, 0o600)    # root's alone
+        h.qemu_img('create', '-q', '-f', 'qcow2', '-b', tmpl, '-F', 'qcow2', top)
+        name = self.unique_name('handoff')
+        q = self.env.new_qemu(name, [('vda', top)], user=h.STRANGER)
+        self.addCleanup(q.kill)
+        self.register(name, q.daemon_socket)
+        self.addCleanup(self.unregister_quietly, name)
+        export, _ = self.client.call(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(),
+                                     timeout=60)
+        self.addCleanup(lambda: self.client.try_call(export, o.IFACE_EXPORT, 'Stop', timeout=10))
+        if tamper:    # what that QEMU may write: its own image's header
+            with open(top, 'r+b') as f:
+                head = f.read(65536)
+                f.seek(head.index(tmpl.encode()))
+                f.write(scrt.encode())
+        q.quit()
+
+        def outcome():
+            state = self.client.get(export, o.IFACE_EXPORT, 'State')
+            helpers = o.guest_storage_helpers(self.env, name)
+            return (state, len(helpers)) if state == 'failed' or helpers else None
+        return h.wait_until(outcome, 60, 'the handoff to be refused or served')
+
     def test_sizes_past_int64_are_refused(self):
         """QMP's integers are int64: a QEMU that reports a size beyond 2^63 has its reply refused
         (a range near the end of such a disk, widened to a cluster of 2^63, wrapped below its

@@ -161,7 +161,7 @@ static void test_hostile_records(void) {
  * the files the guest's QEMU had open. */
 static void test_handoff_pins(void) {
         _cleanup_free_ char *dir = make_tmpdir();
-        StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567, .writable = true },
+        StateExportPin pins[] = { { .alias = (char *) "vda", .dev = 2049, .ino = 1234567, .writable = true, .uid = 107 },
                 { .alias = (char *) "vdb", .dev = UINT64_C(1) << 40, .ino = 1 } };
         StateExport in = { .id = 9, .guest = (char *) "vm1", .guest_uuid = (char *) "5d1c7f0e-aaaa-4bbb-8ccc-0123456789ab",
                 .guest_owner = 1001, .alias = (char *) "vda", .name = (char *) "vda", .listen = (char *) "unix",
@@ -184,6 +184,8 @@ static void test_handoff_pins(void) {
                         ASSERT_EQ(l.e[0].pins[0].dev, 2049);
                         ASSERT_EQ(l.e[0].pins[0].ino, 1234567);
                         ASSERT_TRUE(l.e[0].pins[0].writable);
+                        ASSERT_EQ(l.e[0].pins[0].uid, 107); /* the QEMU's, whose rights read the chain */
+                        ASSERT_EQ(l.e[0].pins[1].uid, 0);
                         ASSERT_STREQ(l.e[0].pins[1].alias, "vdb");
                         ASSERT_EQ(l.e[0].pins[1].dev, UINT64_C(1) << 40);
                         ASSERT_FALSE(l.e[0].pins[1].writable);
@@ -196,6 +198,10 @@ static void test_handoff_pins(void) {
         "{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\",\"listen\":\"unix\"," \
         "\"handoff_pins\":" pins "}"
         ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2}]"), "3.json"));
+        ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"uid\":4294967294}]"), "3.json"));
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"uid\":4294967295}]"), "3.json"),
+                -EBADMSG);
+        ASSERT_ERRNO(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"uid\":-1}]"), "3.json"), -EBADMSG);
         ASSERT_ERRNO(parse("{\"version\":1,\"id\":3,\"guest\":\"vm1\",\"disk\":\"vda\",\"name\":\"vda\","
                            "\"listen\":\"unix\",\"guest_owner\":\"0\"}", "3.json"), -EBADMSG);
         ASSERT_OK(parse(PINNED("[{\"disk\":\"vda\",\"dev\":1,\"ino\":2,\"writable\":false}]"), "3.json"));
