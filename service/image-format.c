@@ -26,6 +26,9 @@
 #define QCOW2_REFCOUNT_ORDER_MAX 6U
 
 #define QCOW2_EXT_END 0x00000000U
+/* QEMU writes a handful (backing format, feature names, bitmaps); the first cluster of 2 MiB holds
+ * 262,144 empty ones, walked per image of a chain of 32 at every open (review 34d). */
+#define QCOW2_EXTENSIONS_MAX 1024U
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
 
 #define QCOW2_INCOMPAT_DIRTY (UINT64_C(1) << 0)
@@ -376,7 +379,7 @@ static int qcow2_read_header(int fd, const char *image_path, bool protocol_backi
         /* Header extensions: 8-byte aligned {type, length, data}, ended by type 0, never past the backing
          * file name or the first cluster. */
         area_end = backing_offset != 0 ? backing_offset : cluster_size;
-        for (uint64_t off = header_length; off < area_end;) {
+        for (uint64_t off = header_length, n = 0; off < area_end;) {
                 uint32_t type, len;
 
                 if (area_end - off < 8)
@@ -391,6 +394,9 @@ static int qcow2_read_header(int fd, const char *image_path, bool protocol_backi
                 off += 8;
                 if (type == QCOW2_EXT_END)
                         break;
+                if (++n > QCOW2_EXTENSIONS_MAX)
+                        return image_error(ret_error, -EBADMSG, "%s has more than %u header extensions.", image_path,
+                                QCOW2_EXTENSIONS_MAX);
                 if (len > area_end - off)
                         return image_error(ret_error, -EBADMSG,
                                 "The header extension 0x%08" PRIx32 " of %s at offset %" PRIu64 " (length %" PRIu32

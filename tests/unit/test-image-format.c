@@ -174,6 +174,23 @@ static void test_header_hostile(void) {
                 err = mfree(err);
         }
         {
+                /* Empty unknown extensions, then the end marker: 1024 are walked, not 1025 (review
+                 * 34d: the 262,144 a 2 MiB cluster holds, per image of a chain). */
+                for (unsigned n = 1024; n <= 1025; n++) {
+                        craft(&cr, &(Craft){});
+                        for (unsigned i = 0; i < n; i++)
+                                put_be32(cr.buf + 112 + 8 * i, 0x12345678U);
+                        put_be32(cr.buf + 112 + 8 * n, 0);
+                        if (n == 1024) {
+                                if (read_crafted("/srv/img/a.qcow2", "qcow2", &img, &err) < 0)
+                                        TAP_FAIL("1024 extensions refused: %s", strempty(err));
+                                image_free(&img);
+                                err = mfree(err);
+                        } else
+                                HEADER(-EBADMSG, "more than 1024 header extensions");
+                }
+        }
+        {
                 /* A truncated file cuts the extensions. */
                 craft(&cr, &(Craft){});
                 put_be32(cr.buf + 112, 0x6803f857U);
