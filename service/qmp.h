@@ -16,47 +16,8 @@
 #include <systemd/sd-event.h>
 
 #include "qmp-cost.h"
+#include "qmp-types.h"
 
-/* The bytes of one message. The largest reply we ask for, query-named-block-nodes (flat) of
- * 256 disks with 3-image chains (1536 nodes of ~700 bytes), is about 1.1 MiB; 4 MiB leaves room. */
-#define QMP_MESSAGE_MAX (4U * 1024U * 1024U)
-#define QMP_DEPTH_MAX 256 /* backing chains nest two levels per image */
-#define QMP_TIMEOUT_DEFAULT_USEC (60ULL * 1000000ULL)
-#define QMP_PENDING_MAX 1024
-
-typedef struct Qmp Qmp;
-
-/* The errors with which the client closes a connection whose peer broke the protocol (bad JSON,
- * over a bound, not QMP), as opposed to one that went away. */
-static inline bool qmp_error_is_protocol(int error) {
-        return error == -EPROTO || error == -EBADMSG || error == -EMSGSIZE || error == -E2BIG;
-}
-
-static inline void json_object_putp(json_object **o) {
-        if (*o)
-                json_object_put(*o);
-}
-
-/* A reply. error == 0: "result" is the command's "return" value (borrowed, valid during the
- * call). error == -EREMOTEIO: QEMU refused; error_desc holds QEMU's "desc" text (bounded,
- * printable) and error_class its "class". Any other negative errno: the command never got an
- * answer (-ECONNRESET: connection lost, -ETIMEDOUT, -ECANCELED: client closed). */
-typedef void (*qmp_reply_handler_t)(Qmp *q, int error, json_object *result, const char *error_class,
-        const char *error_desc, void *userdata);
-
-/* An event: name and its "data" object (borrowed; an empty object if QEMU sent none). */
-typedef void (*qmp_event_handler_t)(Qmp *q, const char *event, json_object *data, void *userdata);
-
-/* The connection's fate: error == 0 once the greeting and qmp_capabilities went through
- * (the client is ready), a negative errno once when it is gone; after that nothing else is
- * called. */
-typedef void (*qmp_state_handler_t)(Qmp *q, int error, void *userdata);
-
-typedef struct QmpHandlers {
-        qmp_state_handler_t on_state;
-        qmp_event_handler_t on_event;
-        void *userdata;
-} QmpHandlers;
 
 /* Take over an already connected socket: a guest's QEMU reached through qmp-socket.h, the
  * storage helper's end of a socketpair. The returned object holds one reference. */
@@ -66,8 +27,6 @@ int qmp_new_from_fd(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h);
  * messages cause (signals on the bus) piles up faster than it drains. Writing goes on. */
 void qmp_set_reading(Qmp *q, bool reading);
 
-Qmp *qmp_ref(Qmp *q);
-Qmp *qmp_unref(Qmp *q);
 /* Drop all handlers and pending callbacks (their destroy functions run), close the socket and
  * drop the caller's reference. Safe from inside any callback of the same object. */
 Qmp *qmp_close_unref(Qmp *q);
@@ -83,7 +42,6 @@ static inline void qmp_close_unrefp(Qmp **q) {
  * once (their destroy functions run now). done (may be NULL) runs exactly once, possibly from
  * within this call: with 0 once every call was answered, -ETIMEDOUT when QEMU did not answer
  * within timeout, or another negative errno when the connection failed first. */
-typedef void (*qmp_drained_handler_t)(int error, void *userdata);
 void qmp_close_drained(Qmp *q, uint64_t timeout, qmp_drained_handler_t done, void *userdata);
 
 bool qmp_is_ready(Qmp *q);
