@@ -20,15 +20,25 @@ typedef struct Request {
         void *userdata;
         qemu_destroy_t destroy;
         json_object *blocks; /* query_disks: query-block's reply, kept for the node names */
-        uint64_t blocks_cost; /* and what it costs, charged to the daemon-wide budget (qmp-cost.h) */
+        QmpCharge blocks_charge; /* and what it costs, charged to the daemon-wide budget (qmp-cost.h) */
         bool skip_nodes;     /* query_disks: asking for node names now would crash QEMU */
 } Request;
+
+/* The budget needs the room of the query-block reply kept for more than a second while QEMU put
+ * off its node names (qmp-cost.h): dropped; the node names, when they come, end in an error. */
+static void request_evict(QmpCharge *c) {
+        Request *r = (Request *) (void *) ((char *) c - offsetof(Request, blocks_charge));
+
+        json_object_put(r->blocks);
+        r->blocks = NULL;
+}
 
 static Request *request_new(void *userdata, qemu_destroy_t destroy) {
         Request *r = calloc(1, sizeof(Request));
 
         if (!r)
                 return NULL;
+        r->blocks_charge.evict = request_evict;
         r->n_ref = 1;
         r->userdata = userdata;
         r->destroy = destroy;
@@ -44,7 +54,7 @@ static void request_unref(void *p) {
                 r->destroy(r->userdata);
         if (r->blocks)
                 json_object_put(r->blocks);
-        qmp_cost_charge(&r->blocks_cost, 0);
+        qmp_cost_charge(&r->blocks_charge, 0);
         free(r);
 }
 
@@ -459,6 +469,13 @@ static void nodes_reply(Qmp *q, int error, json_object *result, const char *cls,
                 req->handler.disks(q, error, desc, NULL, 0, req->userdata);
                 return;
         }
+        if (req->blocks_charge.evicted) {
+                req->handler.disks(q, -E2BIG,
+                        "QEMU's query-block reply, kept while it put off its node names, gave way to others in the "
+                        "memory the daemon holds for QEMUs' messages",
+                        NULL, 0, req->userdata);
+                return;
+        }
         r = qemu_parse_disks(req->blocks, result, &disks, &n);
         if (r < 0) {
                 req->handler.disks(q, r, "QEMU sent a malformed query-block or query-named-block-nodes reply", NULL, 0,
@@ -480,7 +497,7 @@ static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls
         }
         /* Kept until QEMU answers the next call, which it may take its time over: it counts with the
          * messages every QEMU has begun and not ended. */
-        if (!qmp_cost_may_hold(0, qmp_message_cost(q))) {
+        if (!qmp_cost_may_hold(&req->blocks_charge, qmp_message_cost(q))) {
                 char why[128];
 
                 (void) snprintf(why, sizeof(why),
@@ -490,7 +507,7 @@ static void blocks_reply(Qmp *q, int error, json_object *result, const char *cls
                 req->handler.disks(q, -E2BIG, why, NULL, 0, req->userdata);
                 return;
         }
-        qmp_cost_charge(&req->blocks_cost, qmp_message_cost(q));
+        qmp_cost_charge(&req->blocks_charge, qmp_message_cost(q));
         req->blocks = json_object_get(result);
         if (req->skip_nodes) {
                 nodes_reply(q, 0, NULL, NULL, NULL, req); /* disks without node names for the chain */

@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 
+#include <time.h>
+
 #include "qmp-cost.h"
 
 QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used) {
@@ -52,23 +54,58 @@ QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used
         return QMP_SCAN_MORE;
 }
 
-/* What the messages begun and not yet ended cost, on every connection, and on how many. The
- * daemon has one thread. */
+/* What every holder holds, how many there are, and the holders, the longest held first (each new
+ * one goes last). The daemon has one thread. */
 static uint64_t unfinished_cost;
 static unsigned unfinished_n;
+static QmpCharge *holders_first, *holders_last;
+static uint64_t grace = QMP_HOLD_GRACE_USEC;
 
-void qmp_cost_charge(uint64_t *charged, uint64_t cost) {
-        unfinished_cost = unfinished_cost - *charged + cost;
-        unfinished_n = unfinished_n - (*charged > 0) + (cost > 0);
-        *charged = cost;
+void qmp_cost_set_grace(uint64_t usec) {
+        grace = usec;
 }
 
-bool qmp_cost_may_hold(uint64_t charged, uint64_t cost) {
-        unsigned n = unfinished_n + (charged == 0);
-        uint64_t total = unfinished_cost - charged + cost;
+void qmp_cost_charge(QmpCharge *c, uint64_t cost) {
+        if (c->cost == 0 && cost > 0) {
+                struct timespec ts;
 
+                (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+                c->since = (uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U;
+                c->prev = holders_last;
+                c->next = NULL;
+                *(holders_last ? &holders_last->next : &holders_first) = c;
+                holders_last = c;
+        } else if (c->cost > 0 && cost == 0) {
+                *(c->prev ? &c->prev->next : &holders_first) = c->next;
+                *(c->next ? &c->next->prev : &holders_last) = c->prev;
+                c->prev = c->next = NULL;
+        }
+        unfinished_cost = unfinished_cost - c->cost + cost;
+        unfinished_n = unfinished_n - (c->cost > 0) + (cost > 0);
+        c->cost = cost;
+}
+
+bool qmp_cost_may_hold(QmpCharge *c, uint64_t cost) {
+        struct timespec ts;
+        uint64_t now;
+
+        if (c->evicted)
+                return false;
+        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+        now = (uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U;
+        while (unfinished_cost - c->cost + cost > QMP_UNFINISHED_COST_MAX) {
+                QmpCharge *oldest = holders_first == c ? c->next : holders_first;
+
+                if (!oldest || now - oldest->since < grace)
+                        break;
+                oldest->evicted = true;
+                qmp_cost_charge(oldest, 0);
+                oldest->evict(oldest);
+        }
+        if (unfinished_cost - c->cost + cost <= QMP_UNFINISHED_COST_MAX)
+                return true;
         /* Twice the budget is a hard bound: shares given one after another add up past it (review
          * 34c). */
-        return total <= QMP_UNFINISHED_COST_MAX ||
-               (cost <= QMP_UNFINISHED_COST_MAX / n && total <= 2 * (uint64_t) QMP_UNFINISHED_COST_MAX);
+        return cost <= QMP_UNFINISHED_COST_MAX / (unfinished_n + (c->cost == 0)) &&
+               unfinished_cost - c->cost + cost <= 2 * (uint64_t) QMP_UNFINISHED_COST_MAX;
 }

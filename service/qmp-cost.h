@@ -48,11 +48,31 @@ typedef enum QmpScanResult {
 
 QmpScanResult qmp_scan(QmpScan *s, const char *buf, size_t len, size_t *ret_used);
 
-/* A connection's unfinished message now costs this (0: none), where it cost *charged. */
-void qmp_cost_charge(uint64_t *charged, uint64_t cost);
+/* How long a holder may keep its memory before it gives way to others that need the budget: an
+ * honest QEMU sends a message in milliseconds; one left unfinished, or a reply kept while QEMU
+ * puts off the next, for seconds, is what fills it (review 34c). */
+#define QMP_HOLD_GRACE_USEC (1ULL * 1000000ULL)
 
-/* Whether a connection whose unfinished message is charged at charged may hold one of this cost:
- * within the daemon-wide budget, or within its share of it. Those under their share may go on
- * past it (to twice the budget, a hard bound), so that a QEMU that sends its reply while others
- * hold the budget is not refused for them (up to its share: review 34c). */
-bool qmp_cost_may_hold(uint64_t charged, uint64_t cost);
+/* One holder of memory in the budget: a connection's unfinished message, or a reply kept. */
+typedef struct QmpCharge QmpCharge;
+struct QmpCharge {
+        uint64_t cost;
+        uint64_t since; /* CLOCK_MONOTONIC µs: since when it holds (cost > 0) */
+        bool evicted;   /* it gave way: it may hold nothing more */
+        /* Give way: drop what it holds, or let it go at once (the connection closes at the next
+         * turn of the loop); the budget takes its charge back itself. */
+        void (*evict)(QmpCharge *c);
+        QmpCharge *prev, *next; /* the holders, longest first */
+};
+
+/* Its charge now (0: none). */
+void qmp_cost_charge(QmpCharge *c, uint64_t cost);
+
+/* Whether c may hold this much now: within the daemon-wide budget, after those that have held for
+ * more than QMP_HOLD_GRACE_USEC gave way, the longest first; or within its share of it (the budget
+ * over the number of holders), to twice the budget at most, a hard bound. A holder that gave way
+ * may not. */
+bool qmp_cost_may_hold(QmpCharge *c, uint64_t cost);
+
+/* Tests only: how long a holder keeps its memory before it gives way (QMP_HOLD_GRACE_USEC). */
+void qmp_cost_set_grace(uint64_t usec);

@@ -45,7 +45,7 @@ struct Qmp {
         json_tokener *tok;
         size_t msg_bytes;
         usec_t msg_deadline;         /* a message begun: its end must come by then (USEC_INFINITY: none) */
-        uint64_t charged;            /* its cost so far, in qmp-cost.c's budget */
+        QmpCharge charge;            /* its cost so far, in qmp-cost.c's budget */
         uint64_t last_cost;          /* the last whole message's, as the pre-scan estimated it */
         QmpScan scan;                /* the message json-c is being fed, pre-scanned */
         Utf8State utf8;              /* across reads: a character may straddle two */

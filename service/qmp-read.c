@@ -157,6 +157,8 @@ static int qmp_dispatch(Qmp *q, json_object *msg) {
  * held until it resumes (an event's handler pauses it to pace a QEMU, and a read holds ~900). */
 static int qmp_parse(Qmp *q, const char *buf, size_t len, int r) {
         qmp_ref(q);
+        if (q->charge.evicted && r >= 0)
+                r = -E2BIG; /* its message gave way to others (qmp_evict()): nothing more of it */
         while (len > 0 && q->state != QMP_CLOSED && r >= 0) {
                 _cleanup_(json_object_putp) json_object *msg = NULL;
                 enum json_tokener_error jerr;
@@ -193,14 +195,14 @@ static int qmp_parse(Qmp *q, const char *buf, size_t len, int r) {
                         q->msg_bytes += chunk;
                         buf += chunk;
                         len -= chunk;
-                        if (!qmp_cost_may_hold(q->charged, q->scan.cost)) {
+                        if (!qmp_cost_may_hold(&q->charge, q->scan.cost)) {
                                 log_warning("QMP: QEMU's message begun, and those of other QEMUs, would take more than "
                                             "%u MiB of memory to hold; closing the connection.",
                                         QMP_UNFINISHED_COST_MAX >> 20);
                                 r = -E2BIG;
                                 break;
                         }
-                        qmp_cost_charge(&q->charged, q->scan.cost);
+                        qmp_cost_charge(&q->charge, q->scan.cost);
                         /* json-c holds what it built of it meanwhile: the rest comes in time. */
                         if (q->msg_deadline == USEC_INFINITY) {
                                 usec_t now = now_usec(CLOCK_MONOTONIC);
@@ -224,7 +226,7 @@ static int qmp_parse(Qmp *q, const char *buf, size_t len, int r) {
                 size = q->msg_bytes + used;
                 q->msg_bytes = 0;
                 q->msg_deadline = USEC_INFINITY;
-                qmp_cost_charge(&q->charged, 0);
+                qmp_cost_charge(&q->charge, 0);
                 q->last_cost = q->scan.cost;
                 q->scan = (QmpScan) {};
                 json_tokener_reset(q->tok);

@@ -22,6 +22,15 @@ void qmp_call_free(QmpCall *c) {
 
 static int qmp_update_io(Qmp *q);
 
+/* The budget needs the room of this connection's message, begun more than a second ago
+ * (qmp-cost.h): the connection goes at the loop's next turn. */
+static void qmp_evict(QmpCharge *c) {
+        Qmp *q = (Qmp *) (void *) ((char *) c - offsetof(Qmp, charge));
+
+        q->msg_deadline = 0;
+        (void) qmp_update_timer(q);
+}
+
 Qmp *qmp_ref(Qmp *q) {
         if (q)
                 q->n_ref++;
@@ -32,7 +41,7 @@ static void qmp_disconnect(Qmp *q) {
         /* What json-c built of a message begun goes now, not when the owner lets go. */
         if (q->tok)
                 json_tokener_reset(q->tok);
-        qmp_cost_charge(&q->charged, 0);
+        qmp_cost_charge(&q->charge, 0);
         q->held = mfree(q->held);
         q->n_held = 0;
         q->resume = sd_event_source_disable_unref(q->resume);
@@ -399,10 +408,15 @@ static int qmp_timer_handler(sd_event_source *s, uint64_t usec, void *userdata) 
                 goto finish;
         }
         if (now >= q->msg_deadline) {
-                log_warning("QMP: QEMU began a message (%zu bytes so far) and did not end it within %" PRIu64
-                            " s; closing the connection.",
-                        q->msg_bytes, q->timeout / USEC_PER_SEC);
-                qmp_fail(q, -ETIMEDOUT);
+                if (q->charge.evicted)
+                        log_warning("QMP: QEMU began a message (%zu bytes so far) and held it unfinished while the "
+                                    "daemon needed its memory; closing the connection.",
+                                q->msg_bytes);
+                else
+                        log_warning("QMP: QEMU began a message (%zu bytes so far) and did not end it within %" PRIu64
+                                    " s; closing the connection.",
+                                q->msg_bytes, q->timeout / USEC_PER_SEC);
+                qmp_fail(q, q->charge.evicted ? -E2BIG : -ETIMEDOUT);
                 goto finish;
         }
         /* A call QEMU did not even read in time: it no longer reads its monitor, and half a
@@ -513,6 +527,7 @@ static int qmp_new(Qmp **ret, sd_event *e, int fd, const QmpHandlers *h) {
         json_tokener_set_flags(q->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
         q->setup_deadline = now_usec(CLOCK_MONOTONIC) + q->timeout;
         q->msg_deadline = USEC_INFINITY;
+        q->charge.evict = qmp_evict;
         if (fd >= 0) {
                 r = sd_event_add_io(e, &q->io, fd, EPOLLIN, qmp_io_handler, q);
                 if (r < 0) {

@@ -231,6 +231,7 @@ static void test_query_block_reply_held_counts(void) {
         for (unsigned i = 1; i < OBJECTS; i++)
                 memcpy(big + 3 * i, ",{}", 3);
         memcpy(big + 3 * OBJECTS, "]", 2);
+        qmp_cost_set_grace(UINT64_MAX); /* none gives way: the shares alone */
         for (size_t i = 0; i < N; i++) {
                 if (!setup(&held[i]))
                         return;
@@ -249,8 +250,27 @@ static void test_query_block_reply_held_counts(void) {
                 result_free(&r);
                 fake_free(&f);
         }
+
+        /* Those held past the grace give way, the longest first: the reply is kept and the node
+         * names asked for, and the first QEMU's unfinished message closes its connection. */
+        qmp_cost_set_grace(0);
+        if (setup(&f)) {
+                s = (DisksScript){ .jobs = "[]", .blocks = big, .nodes = "[]", .stop_after = "query-named-block-nodes" };
+                ASSERT_OK(qemu_query_disks(f.q, on_disks, &r, on_destroy));
+                serve_disks(&f, &r, &s);
+                ASSERT_EQ(r.n_handler, 0);
+                ASSERT_EQ(s.n_nodes, 1);
+                ASSERT_TRUE(fake_wait_failed(&held[0], 3 * SEC));
+                ASSERT_ERRNO(held[0].fail_error, -E2BIG);
+                for (size_t i = 1; i < N; i++)
+                        ASSERT_EQ(held[i].n_failed, 0);
+                fake_free(&f);
+                ASSERT_EQ(r.n_destroy, 1);
+                result_free(&r);
+        }
         for (size_t i = 0; i < N; i++)
                 fake_free(&held[i]);
+        qmp_cost_set_grace(QMP_HOLD_GRACE_USEC);
 }
 
 /* QEMU 7.2 crashes in query-named-block-nodes while a finished job awaits dismissal (commit

@@ -490,71 +490,6 @@ static void test_message_left_unfinished(void) {
         fake_free(&f);
 }
 
-/* Messages begun and not ended are held by every connection at once: each under its own budget,
- * 64 guests' QEMUs of one user took 64 times that (review 34a). All together hold 256 MiB at most
- * (estimated); one that would go past that and its share is closed, and the others, and a new
- * QEMU's messages, go on. */
-static void test_unfinished_messages_share_a_budget(void) {
-        enum { N = 12, OBJECTS = 18000 }; /* each ~22 MiB estimated: 11 fit in 256 MiB, 12 do not */
-        static const char head[] = "{\"event\": \"X\", \"data\": {\"a\": [{}";
-        _cleanup_free_ char *msg = malloc(sizeof(head) + 3 * OBJECTS);
-        Fake f[N + 1];
-        size_t p;
-        unsigned one = 1;
-
-        if (!msg)
-                return;
-        p = strlen(strcpy(msg, head));
-        for (unsigned i = 1; i < OBJECTS; i++, p += 3)
-                memcpy(msg + p, ",{}", 3);
-        for (size_t i = 0; i < N; i++) {
-                if (!setup(&f[i]))
-                        return;
-                ASSERT_OK(fake_send(&f[i], msg, p));
-                fake_run(&f[i], 100 * MSEC);
-        }
-        for (size_t i = 0; i + 1 < N; i++)
-                if (f[i].n_failed != 0)
-                        TAP_FAIL("connection %zu closed, within the budget", i);
-        if (!fake_wait_failed(&f[N - 1], 3 * SEC))
-                TAP_FAIL("the 12th message begun (~264 MiB in all) did not close its connection");
-        ASSERT_ERRNO(f[N - 1].fail_error, -E2BIG);
-        /* A QEMU that comes now is heard. */
-        if (setup(&f[N])) {
-                ASSERT_OK(fake_send_str(&f[N], "{\"event\": \"Y\"}\r\n"));
-                fake_run_until(&f[N], cond_events, &one, 3 * SEC);
-                ASSERT_EQ(f[N].n_events, 1);
-                ASSERT_EQ(f[N].n_failed, 0);
-                fake_free(&f[N]);
-        }
-        for (size_t i = 0; i < N; i++)
-                fake_free(&f[i]);
-}
-
-/* The shared budget's accounting alone: messages that each ask for their share as they come (the
- * budget over how many are held) added up to the budget times the harmonic number of their count
- * (review 34c: ~700 MiB for 64); twice the budget is a hard bound now. */
-static void test_unfinished_budget_bounded(void) {
-        enum { N = 200 };
-        uint64_t charged[N] = {}, total = 0;
-        size_t k;
-
-        for (k = 0; k < N; k++) {
-                uint64_t want = QMP_UNFINISHED_COST_MAX / (k + 1);
-
-                if (!qmp_cost_may_hold(0, want))
-                        break;
-                qmp_cost_charge(&charged[k], want);
-                total += want;
-        }
-        ASSERT_TRUE(k < N);
-        if (total > 2 * (uint64_t) QMP_UNFINISHED_COST_MAX)
-                TAP_FAIL("%zu messages each within their share hold %" PRIu64 " MiB", k, total >> 20);
-        for (size_t i = 0; i < k; i++)
-                qmp_cost_charge(&charged[i], 0);
-        ASSERT_TRUE(qmp_cost_may_hold(0, QMP_UNFINISHED_COST_MAX)); /* all given back */
-}
-
 /* Reading paused by an event's handler (the daemon paces each guest's events) stopped at the next
  * read only: the ~900 events of one 64 KiB read all went out (review 34a). The rest of a read
  * waits now, in order, until reading resumes, also if QEMU sends nothing more. */
@@ -884,9 +819,7 @@ int main(int argc, char **argv) {
         TAP_RUN(test_message_cost_legitimate);
         TAP_RUN(test_object_members_cost);
         TAP_RUN(test_message_left_unfinished);
-        TAP_RUN(test_unfinished_messages_share_a_budget);
         TAP_RUN(test_pause_stops_within_a_read);
-        TAP_RUN(test_unfinished_budget_bounded);
         TAP_RUN(test_pending_max);
         TAP_RUN(test_event_flood);
         TAP_RUN(test_disconnect_every_offset);
