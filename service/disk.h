@@ -121,8 +121,8 @@ typedef struct Disk {
         dev_t pin_dev;
         ino_t pin_ino;
         /* ... and the uid that QEMU ran as: a handoff reads the chain below the top with that
-         * uid's rights, not the owner's (root's, for a guest root registered): the header is the
-         * QEMU's to write, and it may name what only they could read (review 34d). */
+         * uid's rights as well as the owner's (root's, for a guest root registered): the header is
+         * the QEMU's to write as much as the owner's (reviews 34d, 34e). */
         uid_t pin_uid;
         usec_t last_saved;
         /* Progress signals (disk.c): when the last went out, whether a newer value waits for the

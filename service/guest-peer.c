@@ -872,7 +872,8 @@ static void guest_storage_disk(void *userdata, size_t i, StorageDisk *ret) {
                 .path = d->path,
                 .format = d->format,
                 .read_only = g->handoff && !d->pin_writable,
-                .owner = g->handoff ? d->pin_uid : g->owner,
+                .owner = g->owner,
+                .qemu_uid = g->handoff ? d->pin_uid : UID_INVALID,
         };
 }
 

@@ -411,8 +411,8 @@ int guest_check_pins(Guest *g) {
                                 g->name, d->alias, d->path);
                         return -EPERM;
                 }
-                r = storage_chain_open_owned(g->engine->config.image_dirs, d->pin_uid, d->path, d->format, false,
-                        forbidden, claimed, &chain, &error);
+                r = storage_chain_open_handed_over(g->engine->config.image_dirs, g->owner, d->pin_uid, d->path,
+                        d->format, false, forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot hand over %s: %s", g->name, d->alias, d->path,
                                 error ?: strerror(-r));

@@ -481,10 +481,10 @@ static int guest_refresh_offline(Guest *g) {
                 _cleanup_free_ char *error = NULL;
                 Disk *d = g->disks[i];
 
-                /* As its owner opens it (in a handoff, the QEMU that wrote it last): the chain is
-                 * published, and they may have written the header to name what only root could read. */
-                r = storage_chain_open_owned(g->engine->config.image_dirs, g->handoff ? d->pin_uid : g->owner,
-                        d->path, d->format, false, forbidden, claimed, &chain, &error);
+                /* As its owner (in a handoff, and its last QEMU) opens it: they may have named what only root reads. */
+                r = storage_chain_open_handed_over(g->engine->config.image_dirs, g->owner,
+                        g->handoff ? d->pin_uid : UID_INVALID, d->path, d->format, false, forbidden, claimed, &chain,
+                        &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));

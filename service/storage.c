@@ -480,6 +480,34 @@ int storage_chain_open_owned(char *const *dirs, uid_t owner, const char *path, c
         return r;
 }
 
+int storage_chain_open_handed_over(char *const *dirs, uid_t owner, uid_t qemu_uid, const char *path,
+        const char *format, bool writable, char *const *forbidden, char *const *claimed, ImageChain *ret,
+        char **ret_error) {
+        _cleanup_(image_chain_done) ImageChain as_qemu = {};
+        _cleanup_free_ char *why = NULL;
+        int r;
+
+        r = storage_chain_open_owned(dirs, owner, path, format, writable, forbidden, claimed, ret, ret_error);
+        if (r < 0 || qemu_uid == 0 || qemu_uid == owner || qemu_uid == UID_INVALID)
+                return r;
+        r = storage_chain_open_owned(dirs, qemu_uid, path, format, false, forbidden, claimed, &as_qemu, &why);
+        for (size_t i = 0; r >= 0 && i < MAX(ret->n, as_qemu.n); i++) {
+                struct stat a, b;
+
+                if (i >= ret->n || i >= as_qemu.n || fstat(ret->images[i].fd, &a) < 0 ||
+                        fstat(as_qemu.images[i].fd, &b) < 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+                        r = -ESTALE;
+        }
+        if (r >= 0)
+                return 0;
+        image_chain_done(ret);
+        *ret_error = r == -ESTALE ? strdup_printf("The backing chain of %s changed while it was read", path)
+                                  : strdup_printf("The uid its QEMU ran as (" UID_FMT ") may not read its backing chain, "
+                                                  "so it is not read for it: %s",
+                                            qemu_uid, why ?: strerror(-r));
+        return r;
+}
+
 static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const StorageDisk *d, char **forbidden,
         char **claimed, char **ret_error) {
         StorageHelper *h = *host->helper;
@@ -490,7 +518,8 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
-        r = storage_chain_open_owned(host->config->image_dirs, d->owner, d->path, d->format, !d->read_only, forbidden,
+        r = storage_chain_open_handed_over(host->config->image_dirs, d->owner, d->qemu_uid, d->path, d->format,
+                !d->read_only, forbidden,
                 claimed, &chain, ret_error);
         if (r < 0)
                 return r;

@@ -534,18 +534,25 @@ class HostileQemuTest(h.TestCase):
         the chain was read with the guest owner's rights: root's, for a guest root registered. A
         QEMU of another uid that named a file only root may read as its backing, then went away,
         had the storage helper serve that file's data (review 34d). The chain is read with the
-        QEMU's uid's rights now: no more than it could read itself. An honest one's is served."""
+        QEMU's uid's rights now, and the owner's: read with the QEMU's alone, an owner's header
+        naming what only the QEMU's shared uid (QEMUUsers=, libvirt's) may read was served in turn
+        (review 34e). An honest one's is served."""
         h.ensure_user(h.STRANGER)
+        owner = h.ensure_user(h.OWNER)[0]
         self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False), ('serving', 1))
         self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True), ('failed', 0),
                          'the handoff served a chain through a root-only file')
         with open(self.env.daemon.log, errors='replace') as f:
             self.assertIn('may not read its backing', f.read())
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False, owner=owner), ('serving', 1))
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True, owner=owner, secret_of=h.STRANGER),
+                         ('failed', 0), "the handoff served a chain through a file the owner may not read")
 
-    def handoff_of_a_strangers_qemu(self, tamper):
-        """A guest registered by root whose QEMU runs as the stranger, exported; its QEMU, having
-        named (tamper) a root-only file as its image's backing, quits: (export State, storage
-        helpers) once the handoff was refused or served."""
+    def handoff_of_a_strangers_qemu(self, tamper, owner=None, secret_of=None):
+        """A guest registered by root (for owner, if given) whose QEMU runs as the stranger,
+        exported; its QEMU, having named (tamper) as its image's backing a file only secret_of (or
+        root) may read, quits: (export State, storage helpers) once the handoff was refused or
+        served."""
         d = os.path.join(self.env.images, self.unique_name('handoff'))
         os.mkdir(d)
         os.chmod(d, 0o755)
@@ -554,17 +561,23 @@ class HostileQemuTest(h.TestCase):
             h.qemu_img('create', '-q', '-f', 'qcow2', image, '16M')
         h.qemu_io(scrt, 'write -P 0x5e 0 %d' % MiB)
         os.chmod(tmpl, 0o644)
-        os.chmod(scrt, 0o600)    # root's alone
+        os.chmod(scrt, 0o600)
+        if secret_of:
+            os.chown(scrt, *h.ensure_user(secret_of))
         h.qemu_img('create', '-q', '-f', 'qcow2', '-b', tmpl, '-F', 'qcow2', top)
         name = self.unique_name('handoff')
         q = self.env.new_qemu(name, [('vda', top)], user=h.STRANGER)
         self.addCleanup(q.kill)
-        self.register(name, q.daemon_socket)
+        if owner is not None:     # the owner's file, which the QEMU's uid may write too
+            os.chown(top, owner, owner)
+            os.chmod(top, 0o666)
+        self.register(name, q.daemon_socket, h.dbus.Dictionary({'owner': h.dbus.UInt32(owner)}, signature='sv')
+                      if owner is not None else None)
         self.addCleanup(self.unregister_quietly, name)
         export, _ = self.client.call(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(),
                                      timeout=60)
         self.addCleanup(lambda: self.client.try_call(export, o.IFACE_EXPORT, 'Stop', timeout=10))
-        if tamper:    # what that QEMU may write: its own image's header
+        if tamper:    # what that QEMU, or the owner, may write: the image's header
             with open(top, 'r+b') as f:
                 head = f.read(65536)
                 f.seek(head.index(tmpl.encode()))
