@@ -23,10 +23,12 @@ void qmp_call_free(QmpCall *c) {
 static int qmp_update_io(Qmp *q);
 
 /* The budget needs the room of this connection's message, begun more than a second ago
- * (qmp-cost.h): the connection goes at the loop's next turn. */
+ * (qmp-cost.h): what json-c built of it goes now (another connection is being read: never this
+ * one), the connection at the loop's next turn. */
 static void qmp_evict(QmpCharge *c) {
         Qmp *q = (Qmp *) (void *) ((char *) c - offsetof(Qmp, charge));
 
+        json_tokener_reset(q->tok);
         q->msg_deadline = 0;
         (void) qmp_update_timer(q);
 }
