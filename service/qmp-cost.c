@@ -61,32 +61,16 @@ static unsigned unfinished_n;
 static QmpCharge *holders_first, *holders_last;
 static uint64_t grace = QMP_HOLD_GRACE_USEC;
 
-static uint64_t monotonic_now(void) {
-        struct timespec ts;
-
-        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U;
-}
-
-static uint64_t (*clock_now)(void) = monotonic_now;
-
 void qmp_cost_set_grace(uint64_t usec) {
         grace = usec;
 }
 
-void qmp_cost_set_clock(uint64_t (*now)(void)) {
-        clock_now = now ?: monotonic_now;
-}
-
 void qmp_cost_charge(QmpCharge *c, uint64_t cost) {
-        uint64_t now = clock_now();
-
         if (c->cost == 0 && cost > 0) {
-                /* A holder that begins again within the grace of its last end holds on since
-                 * then: a QEMU that ends each message and begins the next at once holds all along
-                 * (review 34e). */
-                if (c->since == 0 || now - c->ended >= grace)
-                        c->since = now;
+                struct timespec ts;
+
+                (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+                c->since = (uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U;
                 c->prev = holders_last;
                 c->next = NULL;
                 *(holders_last ? &holders_last->next : &holders_first) = c;
@@ -95,30 +79,22 @@ void qmp_cost_charge(QmpCharge *c, uint64_t cost) {
                 *(c->prev ? &c->prev->next : &holders_first) = c->next;
                 *(c->next ? &c->next->prev : &holders_last) = c->prev;
                 c->prev = c->next = NULL;
-                c->ended = now;
         }
         unfinished_cost = unfinished_cost - c->cost + cost;
         unfinished_n = unfinished_n - (c->cost > 0) + (cost > 0);
         c->cost = cost;
 }
 
-/* The holder but c that has held longest; NULL if none. */
-static QmpCharge *longest_held(const QmpCharge *c) {
-        QmpCharge *best = NULL;
-
-        for (QmpCharge *h = holders_first; h; h = h->next)
-                if (h != c && (!best || h->since < best->since))
-                        best = h;
-        return best;
-}
-
 bool qmp_cost_may_hold(QmpCharge *c, uint64_t cost) {
-        uint64_t now = clock_now();
+        struct timespec ts;
+        uint64_t now;
 
         if (c->evicted)
                 return false;
+        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+        now = (uint64_t) ts.tv_sec * 1000000U + (uint64_t) ts.tv_nsec / 1000U;
         while (unfinished_cost - c->cost + cost > QMP_UNFINISHED_COST_MAX) {
-                QmpCharge *oldest = longest_held(c);
+                QmpCharge *oldest = holders_first == c ? c->next : holders_first;
 
                 if (!oldest || now - oldest->since < grace)
                         break;

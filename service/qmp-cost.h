@@ -58,25 +58,21 @@ typedef struct QmpCharge QmpCharge;
 struct QmpCharge {
         uint64_t cost;
         uint64_t since; /* CLOCK_MONOTONIC µs: since when it holds (cost > 0) */
-        uint64_t ended; /* ... and when it last held nothing again */
         bool evicted;   /* it gave way: it may hold nothing more */
         /* Give way: drop what it holds, or let it go at once (the connection closes at the next
          * turn of the loop); the budget takes its charge back itself. */
         void (*evict)(QmpCharge *c);
-        QmpCharge *prev, *next; /* the holders */
+        QmpCharge *prev, *next; /* the holders, longest first */
 };
 
 /* Its charge now (0: none). */
 void qmp_cost_charge(QmpCharge *c, uint64_t cost);
 
 /* Whether c may hold this much now: within the daemon-wide budget, after those that have held for
- * more than QMP_HOLD_GRACE_USEC (messages one right after another count as one) gave way, the
- * longest first; or within its share of it (the budget
+ * more than QMP_HOLD_GRACE_USEC gave way, the longest first; or within its share of it (the budget
  * over the number of holders), to twice the budget at most, a hard bound. A holder that gave way
  * may not. */
 bool qmp_cost_may_hold(QmpCharge *c, uint64_t cost);
 
-/* Tests only: how long a holder keeps its memory before it gives way (QMP_HOLD_GRACE_USEC); the
- * clock (µs; NULL: CLOCK_MONOTONIC's). */
+/* Tests only: how long a holder keeps its memory before it gives way (QMP_HOLD_GRACE_USEC). */
 void qmp_cost_set_grace(uint64_t usec);
-void qmp_cost_set_clock(uint64_t (*now)(void));

@@ -130,57 +130,6 @@ static void test_unfinished_budget_bounded(void) {
         qmp_cost_set_grace(QMP_HOLD_GRACE_USEC);
 }
 
-static uint64_t fake_now;
-
-static uint64_t fake_clock(void) {
-        return fake_now;
-}
-
-static unsigned n_evicted;
-
-static void evict_count(QmpCharge *c) {
-        n_evicted++;
-}
-
-/* A holder's age runs from its first message of a run: one that ends each message and begins the
- * next at once held the budget all along while each message was young, so nothing gave way to an
- * honest QEMU's larger reply (review 34e). A quiet pause of the grace begins a new run. The clock
- * is the test's. */
-static void test_age_runs_across_messages(void) {
-        QmpCharge a = { .evict = evict_count }, b = { .evict = evict_count }, c = { .evict = evict_count };
-        const uint64_t big = QMP_UNFINISHED_COST_MAX - 1024, s = 1000000;
-
-        qmp_cost_set_clock(fake_clock);
-        qmp_cost_set_grace(s);
-        fake_now = 10 * s;
-        qmp_cost_charge(&a, big);             /* a message at 10 s */
-        fake_now += s / 2;
-        qmp_cost_charge(&a, 0);               /* ended at 10.5 s, and the next begun at once */
-        qmp_cost_charge(&a, big);
-        fake_now += s * 7 / 10;               /* 11.2 s: the second message is 0.7 s old, the run 1.2 s */
-        n_evicted = 0;
-        ASSERT_TRUE(qmp_cost_may_hold(&b, 4096));
-        ASSERT_EQ(n_evicted, 1);
-        ASSERT_TRUE(a.evicted);
-        ASSERT_FALSE(qmp_cost_may_hold(&a, big)); /* gave way: holds nothing more */
-        qmp_cost_charge(&b, 0);
-
-        /* A pause of the grace: a new run, young again. */
-        fake_now += s;
-        qmp_cost_charge(&c, big);             /* 12.2 s */
-        fake_now += s / 2;
-        qmp_cost_charge(&c, 0);
-        fake_now += s;                        /* 13.7 s: quiet for 1 s */
-        qmp_cost_charge(&c, big);
-        fake_now += s / 2;                    /* 14.2 s: the run is 0.5 s old */
-        n_evicted = 0;
-        ASSERT_FALSE(qmp_cost_may_hold(&b, QMP_UNFINISHED_COST_MAX / 2 + 1)); /* past its share */
-        ASSERT_EQ(n_evicted, 0);
-        qmp_cost_charge(&c, 0);
-        qmp_cost_set_clock(NULL);
-        qmp_cost_set_grace(QMP_HOLD_GRACE_USEC);
-}
-
 int main(int argc, char **argv) {
         tap_init(argc, argv);
         log_set_max_level(getenv("BSD_UNIT_DEBUG") ? LOG_LEVEL_DEBUG : -1);
@@ -188,6 +137,5 @@ int main(int argc, char **argv) {
         TAP_RUN(test_unfinished_messages_share_a_budget);
         TAP_RUN(test_unfinished_messages_give_way_oldest_first);
         TAP_RUN(test_unfinished_budget_bounded);
-        TAP_RUN(test_age_runs_across_messages);
         return tap_finish();
 }
