@@ -874,6 +874,8 @@ static void guest_storage_disk(void *userdata, size_t i, StorageDisk *ret) {
                 .read_only = g->handoff && !d->pin_writable,
                 .owner = g->owner,
                 .qemu_uid = g->handoff ? d->pin_uid : UID_INVALID,
+                .pin_dev = d->pin_dev,
+                .pin_ino = d->pin_ino,
         };
 }
 

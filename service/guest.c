@@ -483,8 +483,8 @@ static int guest_refresh_offline(Guest *g) {
 
                 /* As its owner (in a handoff, and its last QEMU) opens it: they may have named what only root reads. */
                 r = storage_chain_open_handed_over(g->engine->config.image_dirs, g->owner,
-                        g->handoff ? d->pin_uid : UID_INVALID, d->path, d->format, false, forbidden, claimed, &chain,
-                        &error);
+                        g->handoff ? d->pin_uid : UID_INVALID, d->pin_dev, d->pin_ino, d->path, d->format, false,
+                        forbidden, claimed, &chain, &error);
                 if (r < 0) {
                         log_warning("Guest %s disk %s: cannot read the image chain: %s", g->name, d->alias,
                                 error ?: strerror(-r));

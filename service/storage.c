@@ -480,15 +480,23 @@ int storage_chain_open_owned(char *const *dirs, uid_t owner, const char *path, c
         return r;
 }
 
-int storage_chain_open_handed_over(char *const *dirs, uid_t owner, uid_t qemu_uid, const char *path,
-        const char *format, bool writable, char *const *forbidden, char *const *claimed, ImageChain *ret,
-        char **ret_error) {
+int storage_chain_open_handed_over(char *const *dirs, uid_t owner, uid_t qemu_uid, dev_t pin_dev, ino_t pin_ino,
+        const char *path, const char *format, bool writable, char *const *forbidden, char *const *claimed,
+        ImageChain *ret, char **ret_error) {
         _cleanup_(image_chain_done) ImageChain as_qemu = {};
         _cleanup_free_ char *why = NULL;
+        struct stat st;
         int r;
 
         r = storage_chain_open_owned(dirs, owner, path, format, writable, forbidden, claimed, ret, ret_error);
-        if (r < 0 || qemu_uid == 0 || qemu_uid == owner || qemu_uid == UID_INVALID)
+        if (r < 0 || qemu_uid == UID_INVALID)
+                return r;
+        if (fstat(ret->images[0].fd, &st) < 0 || st.st_dev != pin_dev || st.st_ino != pin_ino) {
+                image_chain_done(ret);
+                *ret_error = strdup_printf("%s is no longer the file its QEMU had open", path);
+                return -EPERM;
+        }
+        if (qemu_uid == 0 || qemu_uid == owner)
                 return r;
         r = storage_chain_open_owned(dirs, qemu_uid, path, format, false, forbidden, claimed, &as_qemu, &why);
         for (size_t i = 0; r >= 0 && i < MAX(ret->n, as_qemu.n); i++) {
@@ -518,9 +526,8 @@ static int attach_disk(const StorageHost *host, const StorageSandbox *sb, const 
         if (sandbox_selinux_enabled() &&
                 !(content_label = strdup_printf("system_u:object_r:%s:s0", config_selinux_content_type(host->config))))
                 return -ENOMEM;
-        r = storage_chain_open_handed_over(host->config->image_dirs, d->owner, d->qemu_uid, d->path, d->format,
-                !d->read_only, forbidden,
-                claimed, &chain, ret_error);
+        r = storage_chain_open_handed_over(host->config->image_dirs, d->owner, d->qemu_uid, d->pin_dev, d->pin_ino,
+                d->path, d->format, !d->read_only, forbidden, claimed, &chain, ret_error);
         if (r < 0)
                 return r;
         for (size_t k = chain.n; k-- > 0;) {

@@ -41,6 +41,8 @@ typedef struct StorageDisk {
         bool read_only; /* the top too (a handoff of a disk its QEMU only read) */
         uid_t owner;    /* whose rights its chain is opened with: the guest's owner's (0: root, anything) */
         uid_t qemu_uid; /* and in a handoff, the uid of the QEMU that had it open, too (UID_INVALID: not) */
+        dev_t pin_dev;  /* ... and the top it had open */
+        ino_t pin_ino;
 } StorageDisk;
 
 /* What the helper needs of the guest, asked when needed. */
@@ -101,13 +103,15 @@ bool storage_helper_attached(const StorageHost *host);
 typedef struct ImageChain ImageChain;
 int storage_chain_open_owned(char *const *dirs, uid_t owner, const char *path, const char *format, bool writable,
         char *const *forbidden, char *const *claimed, ImageChain *ret, char **ret_error);
-/* The same for a disk handed over from its QEMU (a handoff): its header was that QEMU's to write as
- * much as the owner's, so the chain is what both may read: opened as the owner (the chain
- * returned), then read as qemu_uid, the uid that QEMU ran as, which must find the same files
- * (reviews 34d, 34e). qemu_uid 0 or the owner's: the owner's open alone. */
-int storage_chain_open_handed_over(char *const *dirs, uid_t owner, uid_t qemu_uid, const char *path,
-        const char *format, bool writable, char *const *forbidden, char *const *claimed, ImageChain *ret,
-        char **ret_error);
+/* The same for a disk handed over from its QEMU (a handoff; qemu_uid UID_INVALID: not): its top
+ * must be the file that QEMU had open (pin_dev, pin_ino), at every open, and its header was that
+ * QEMU's to write as much as the owner's, so the chain is what both may read: opened as the owner
+ * (the chain returned), then read as qemu_uid, the uid that QEMU ran as, which must find the same
+ * files (reviews 34d, 34e, 34f). qemu_uid 0 or the owner's: the owner's open alone. -EPERM: the top
+ * is another file now. */
+int storage_chain_open_handed_over(char *const *dirs, uid_t owner, uid_t qemu_uid, dev_t pin_dev, ino_t pin_ino,
+        const char *path, const char *format, bool writable, char *const *forbidden, char *const *claimed,
+        ImageChain *ret, char **ret_error);
 
 /* SIGKILL the processes of uid that are not our children (helpers an earlier daemon left, still
  * exiting and holding their images' locks); how many still had a live thread, or -errno

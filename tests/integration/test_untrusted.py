@@ -539,20 +539,42 @@ class HostileQemuTest(h.TestCase):
         (review 34e). An honest one's is served."""
         h.ensure_user(h.STRANGER)
         owner = h.ensure_user(h.OWNER)[0]
-        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False), ('serving', 1))
-        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True), ('failed', 0),
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False)[0], ('serving', 1))
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True)[0], ('failed', 0),
                          'the handoff served a chain through a root-only file')
         with open(self.env.daemon.log, errors='replace') as f:
             self.assertIn('may not read its backing', f.read())
-        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False, owner=owner), ('serving', 1))
-        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True, owner=owner, secret_of=h.STRANGER),
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=False, owner=owner)[0], ('serving', 1))
+        self.assertEqual(self.handoff_of_a_strangers_qemu(tamper=True, owner=owner, secret_of=h.STRANGER)[0],
                          ('failed', 0), "the handoff served a chain through a file the owner may not read")
+
+    def test_a_handed_over_top_is_the_pinned_file_at_every_open(self):
+        """The pin (the file the QEMU had open) was compared once, when the handoff began; the
+        storage helper's attach, and each of its restarts, opened the top again by its path, as
+        root for a guest root registered: a file renamed over it meanwhile (one the QEMU's uid may
+        only read) was handed to the helper read-write (review 34f). Every open compares it now."""
+        h.ensure_user(h.STRANGER)
+        outcome, name, export, top = self.handoff_of_a_strangers_qemu(tamper=False)
+        self.assertEqual(outcome, ('serving', 1))
+        other = os.path.join(os.path.dirname(top), 'other.qcow2')
+        h.qemu_img('create', '-q', '-f', 'qcow2', other, '16M')
+        os.chmod(other, 0o644)
+        os.rename(other, top)
+        helper = o.guest_storage_helpers(self.env, name)[0]
+        os.kill(helper.pid, signal.SIGKILL)
+
+        # Each restart of the helper finds another file at the top's path; after the last the
+        # export fails. (It served on, from the renamed file, before.)
+        h.wait_until(lambda: self.client.get(export, o.IFACE_EXPORT, 'State') == 'failed', 60,
+                     'the export to fail rather than serve a file renamed over the pinned top')
+        with open(self.env.daemon.log, errors='replace') as f:
+            self.assertIn('is no longer the file its QEMU had open', f.read())
 
     def handoff_of_a_strangers_qemu(self, tamper, owner=None, secret_of=None):
         """A guest registered by root (for owner, if given) whose QEMU runs as the stranger,
         exported; its QEMU, having named (tamper) as its image's backing a file only secret_of (or
-        root) may read, quits: (export State, storage helpers) once the handoff was refused or
-        served."""
+        root) may read, quits: ((export State, storage helpers) once the handoff was refused or
+        served, the guest's name, the export, the top image)."""
         d = os.path.join(self.env.images, self.unique_name('handoff'))
         os.mkdir(d)
         os.chmod(d, 0o755)
@@ -588,7 +610,7 @@ class HostileQemuTest(h.TestCase):
             state = self.client.get(export, o.IFACE_EXPORT, 'State')
             helpers = o.guest_storage_helpers(self.env, name)
             return (state, len(helpers)) if state == 'failed' or helpers else None
-        return h.wait_until(outcome, 60, 'the handoff to be refused or served')
+        return h.wait_until(outcome, 60, 'the handoff to be refused or served'), name, export, top
 
     def test_sizes_past_int64_are_refused(self):
         """QMP's integers are int64: a QEMU that reports a size beyond 2^63 has its reply refused
