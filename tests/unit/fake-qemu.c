@@ -420,3 +420,17 @@ json_object *fake_load_json(const char *name) {
 
         return text ? json_tokener_parse(text) : NULL;
 }
+
+char *fake_unfinished_message(unsigned n, size_t *ret_len) {
+        static const char head[] = "{\"event\": \"X\", \"data\": {\"a\": [{}";
+        char *msg = malloc(sizeof(head) + 3 * (size_t) n);
+        size_t p;
+
+        if (!msg)
+                return NULL;
+        p = strlen(strcpy(msg, head));
+        for (unsigned i = 1; i < n; i++, p += 3)
+                memcpy(msg + p, ",{}", 3);
+        *ret_len = p;
+        return msg;
+}

@@ -72,6 +72,9 @@ void fake_free(Fake *f);
 /* Send raw bytes as QEMU, running the loop whenever the socket is full. -EPIPE/-ECONNRESET
  * once the client has hung up. */
 int fake_send(Fake *f, const void *data, size_t len);
+/* {"event": "X", "data": {"a": [{},{},... n objects, never ended (malloc'd; NULL on OOM); its
+ * length in *ret_len. What a QEMU sends to hold the daemon's parser memory (qmp-cost.h). */
+char *fake_unfinished_message(unsigned n, size_t *ret_len);
 int fake_send_str(Fake *f, const char *s);
 int fake_sendf(Fake *f, const char *format, ...) _printf_(2, 3);
 void fake_hangup(Fake *f);

@@ -215,18 +215,14 @@ static void test_query_disks_call(void) {
  * QEMUs holding ~22 MiB each of messages begun, a 12th's reply of ~22 MiB is refused. */
 static void test_query_block_reply_held_counts(void) {
         enum { N = 11, OBJECTS = 18000 };
-        static const char head[] = "{\"event\": \"X\", \"data\": {\"a\": [{}";
-        _cleanup_free_ char *msg = malloc(sizeof(head) + 3 * OBJECTS), *big = malloc(3 * OBJECTS + 2);
+        size_t p;
+        _cleanup_free_ char *msg = fake_unfinished_message(OBJECTS, &p), *big = malloc(3 * OBJECTS + 2);
         Result r = {};
         DisksScript s;
         Fake held[N], f;
-        size_t p;
 
         if (!msg || !big)
                 return;
-        p = strlen(strcpy(msg, head));
-        for (unsigned i = 1; i < OBJECTS; i++, p += 3)
-                memcpy(msg + p, ",{}", 3);
         memcpy(big, "[{}", 3);
         for (unsigned i = 1; i < OBJECTS; i++)
                 memcpy(big + 3 * i, ",{}", 3);

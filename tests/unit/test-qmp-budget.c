@@ -13,21 +13,6 @@
 
 enum { N = 12, OBJECTS = 18000 }; /* each ~22 MiB estimated: 11 fit in 256 MiB, 12 do not */
 
-/* {"event": "X", "data": {"a": [{},{},... OBJECTS of them, never ended; its length in *ret_len. */
-static char *unfinished_message(size_t *ret_len) {
-        static const char head[] = "{\"event\": \"X\", \"data\": {\"a\": [{}";
-        char *msg = malloc(sizeof(head) + 3 * OBJECTS);
-        size_t p;
-
-        if (!msg)
-                return NULL;
-        p = strlen(strcpy(msg, head));
-        for (unsigned i = 1; i < OBJECTS; i++, p += 3)
-                memcpy(msg + p, ",{}", 3);
-        *ret_len = p;
-        return msg;
-}
-
 /* Messages begun and not ended are held by every connection at once: each under its own budget,
  * 64 guests' QEMUs of one user took 64 times that (review 34a). All together hold 256 MiB at most
  * (estimated); one that would go past that and its share is closed, and the others, and a new
@@ -35,7 +20,7 @@ static char *unfinished_message(size_t *ret_len) {
 static void test_unfinished_messages_share_a_budget(void) {
         Fake f[N + 1];
         size_t p;
-        _cleanup_free_ char *msg = unfinished_message(&p);
+        _cleanup_free_ char *msg = fake_unfinished_message(OBJECTS, &p);
         unsigned one = 1;
 
         if (!msg)
@@ -73,7 +58,7 @@ static void test_unfinished_messages_share_a_budget(void) {
 static void test_unfinished_messages_give_way_oldest_first(void) {
         Fake f[N];
         size_t p;
-        _cleanup_free_ char *msg = unfinished_message(&p);
+        _cleanup_free_ char *msg = fake_unfinished_message(OBJECTS, &p);
 
         if (!msg)
                 return;
