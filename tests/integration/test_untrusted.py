@@ -554,8 +554,9 @@ class HostileQemuTest(h.TestCase):
         root for a guest root registered: a file renamed over it meanwhile (one the QEMU's uid may
         only read) was handed to the helper read-write (review 34f). Every open compares it now."""
         h.ensure_user(h.STRANGER)
-        outcome, name, export, top = self.handoff_of_a_strangers_qemu(tamper=False)
+        outcome, name, export, uri, top = self.handoff_of_a_strangers_qemu(tamper=False)
         self.assertEqual(outcome, ('serving', 1))
+        o.nbd_sha256(uri)  # served: the helper has the disk (a helper that runs need not have it yet)
         other = os.path.join(os.path.dirname(top), 'other.qcow2')
         h.qemu_img('create', '-q', '-f', 'qcow2', other, '16M')
         os.chmod(other, 0o644)
@@ -574,7 +575,7 @@ class HostileQemuTest(h.TestCase):
         """A guest registered by root (for owner, if given) whose QEMU runs as the stranger,
         exported; its QEMU, having named (tamper) as its image's backing a file only secret_of (or
         root) may read, quits: ((export State, storage helpers) once the handoff was refused or
-        served, the guest's name, the export, the top image)."""
+        served, the guest's name, the export and its URI, the top image)."""
         d = os.path.join(self.env.images, self.unique_name('handoff'))
         os.mkdir(d)
         os.chmod(d, 0o755)
@@ -596,8 +597,8 @@ class HostileQemuTest(h.TestCase):
         self.register(name, q.daemon_socket, h.dbus.Dictionary({'owner': h.dbus.UInt32(owner)}, signature='sv')
                       if owner is not None else None)
         self.addCleanup(self.unregister_quietly, name)
-        export, _ = self.client.call(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(),
-                                     timeout=60)
+        export, uri = self.client.call(h.disk_path(name, 'vda'), h.IFACE_STREAM, 'Export', 'a{sv}', h.no_opts(),
+                                       timeout=60)
         self.addCleanup(lambda: self.client.try_call(export, o.IFACE_EXPORT, 'Stop', timeout=10))
         if tamper:    # what that QEMU, or the owner, may write: the image's header
             with open(top, 'r+b') as f:
@@ -610,7 +611,7 @@ class HostileQemuTest(h.TestCase):
             state = self.client.get(export, o.IFACE_EXPORT, 'State')
             helpers = o.guest_storage_helpers(self.env, name)
             return (state, len(helpers)) if state == 'failed' or helpers else None
-        return h.wait_until(outcome, 60, 'the handoff to be refused or served'), name, export, top
+        return h.wait_until(outcome, 60, 'the handoff to be refused or served'), name, export, uri, top
 
     def test_sizes_past_int64_are_refused(self):
         """QMP's integers are int64: a QEMU that reports a size beyond 2^63 has its reply refused
